@@ -1,0 +1,158 @@
+"""The composition root: `Daemon` builds every part from the configuration, starts them
+all-or-nothing and stops them in stages, each with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Coroutine
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any
+
+from agentd import __version__
+from agentd.bus import Bus
+from agentd.config import Config, check_serving_rules
+from agentd.db import Store
+from agentd.health import LagMonitor
+from agentd.log import get_logger
+from agentd.plugins import PluginManager
+from agentd.spawn import Spawner
+from agentd.systemd import Notifier
+from agentd.web import system
+from agentd.web.server import HttpServer, build_app
+
+
+class Daemon:
+    """One agentd process: store → bus → handlers → plugins → HTTP server.
+
+    Use as `async with Daemon(config) as daemon: await daemon.wait_stopped()`. Entering
+    starts everything or, if any part fails, stops what had started and re-raises.
+    Leaving runs the staged stop.
+    """
+
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+        check_serving_rules(config)
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.store = Store(config.database_path, config.store)
+        self.bus = Bus()
+        self.spawner = Spawner(
+            self.bus, config.daemon.handler_concurrency, config.daemon.handler_backlog
+        )
+        self.plugins = PluginManager(config, self.bus, self.spawner)
+        self.lag = LagMonitor()
+        self.server: HttpServer | None = None
+        self.stopping = False
+        self.plugins_started = False
+        self.started_monotonic = time.monotonic()
+        self._stop_requested = asyncio.Event()
+        self._service_tasks: list[asyncio.Task[None]] = []
+        self._log = get_logger("daemon")
+
+    @property
+    def port(self) -> int:
+        """The bound HTTP port (differs from the configured one when that is 0)."""
+        if self.server is None:
+            raise RuntimeError("the daemon is not serving")
+        return self.server.port
+
+    async def __aenter__(self) -> Daemon:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start every part in dependency order; on any failure undo what started and raise."""
+        async with AsyncExitStack() as rollback:
+            await self.store.open()
+            rollback.push_async_callback(self.store.close)
+            self._start_service(self.lag.run(), "lag-monitor")
+            rollback.push_async_callback(self._stop_services)
+            await self.plugins.start_all(self.config.daemon.stop_timeout)
+            rollback.push_async_callback(self.plugins.stop_all, self.config.daemon.stop_timeout)
+            self.plugins_started = True
+            server = HttpServer(
+                build_app(self, system.routes), self.config.server.host, self.config.server.port
+            )
+            await server.start()
+            self.server = server
+            rollback.pop_all()
+        if self.notifier.watchdog_interval:
+            self._start_service(self._watchdog(self.notifier.watchdog_interval), "watchdog")
+        self.bus.publish("daemon.started", {"version": __version__, "port": self.port})
+        self._log.info("daemon.started", version=__version__, host=self.config.server.host,
+                       port=self.port, database=str(self.store.path))
+        self.notifier.ready(f"serving on {self.config.server.host}:{self.port}")
+
+    def request_stop(self) -> None:
+        """Ask the daemon to stop (signal handlers call this; it only sets a flag)."""
+        self._stop_requested.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once a stop was requested."""
+        await self._stop_requested.wait()
+
+    async def stop(self) -> None:
+        """Stop in stages, each bounded by `[daemon] stop_timeout`. Idempotent."""
+        if self.stopping:
+            return
+        self.stopping = True  # stage 1: intake closed (HTTP refuses new work)
+        self._stop_requested.set()
+        deadline = self.config.daemon.stop_timeout
+        self.notifier.stopping("stopping")
+        self._log.info("daemon.stopping")
+        self.bus.publish("daemon.stopping", {})
+        await self._stage("drain handlers", self.spawner.drain(deadline), deadline)
+        await self._stage("stop plugins", self.plugins.stop_all(deadline), deadline * 2)
+        if self.server is not None:
+            await self._stage("close server", self.server.close(), deadline)
+        await self._stop_services()
+        self.bus.close()
+        await self._stage("close store", self.store.close(), deadline)
+        self._log.info("daemon.stopped")
+
+    async def _stage(self, name: str, work: Awaitable[Any], deadline: float) -> None:
+        try:
+            await asyncio.wait_for(work, deadline)
+        except TimeoutError:
+            self._log.warning("daemon.stop_stage_timed_out", stage=name, deadline=deadline)
+        except Exception:
+            self._log.exception("daemon.stop_stage_failed", stage=name)
+
+    def _start_service(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._service_tasks.append(task)
+
+    async def _stop_services(self) -> None:
+        for task in self._service_tasks:
+            task.cancel()
+        await asyncio.gather(*self._service_tasks, return_exceptions=True)
+        self._service_tasks.clear()
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+
+async def serve(config: Config) -> None:
+    """Run a daemon until SIGTERM or SIGINT, then stop it in stages."""
+    loop = asyncio.get_running_loop()
+    daemon = Daemon(config)
+    async with daemon:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, daemon.request_stop)
+        try:
+            await daemon.wait_stopped()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(signum)

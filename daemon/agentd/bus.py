@@ -1,0 +1,218 @@
+"""In-process pub/sub: publish never blocks, every subscriber has a bounded buffer.
+
+Delivery is in memory and at most once; anything that must not be lost is a durable task.
+
+A subscription is either a *callback* (called synchronously inside `publish`, so it must be
+quick; async work belongs in `Spawner.spawn`) or an *iterator* with its own buffer of
+`maxsize` events. When an iterator's buffer is full, the oldest buffered event is dropped
+and counted; the consumer then receives one `bus.lagged` event, before the events that
+are still buffered, whose data says how many were dropped and the id of the last one
+(`resume_after`), so it can re-read them from the event log. The publisher is never
+blocked and the buffer never grows past `maxsize`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from agentd.events import LAGGED_TOPIC, Event, TopicPattern, validate_topic
+from agentd.log import get_logger
+
+Callback = Callable[[Event], None]
+
+DEFAULT_BUFFER = 1000
+
+
+class Subscription:
+    """A handle on one subscription: `unsubscribe()`, `async for event in sub`, `await sub.get()`."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        pattern: TopicPattern,
+        name: str,
+        callback: Callback | None,
+        maxsize: int,
+    ) -> None:
+        self.bus = bus
+        self.pattern = pattern
+        self.name = name
+        self.callback = callback
+        self.maxsize = maxsize
+        self.dropped = 0
+        self.closed = False
+        self._buffer: deque[Event] = deque()
+        self._lag = 0
+        self._last_dropped_id = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    def unsubscribe(self) -> None:
+        """Stop receiving; a waiting iterator ends once its buffer is drained. Idempotent."""
+        if not self.closed:
+            self.closed = True
+            self.bus._remove(self)
+            self._wake()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.unsubscribe()
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def deliver(self, event: Event) -> None:
+        """Called by the bus. Never blocks, never grows past `maxsize`."""
+        if self.callback is not None:
+            self.callback(event)
+            return
+        if len(self._buffer) >= self.maxsize:
+            dropped = self._buffer.popleft()
+            self.dropped += 1
+            self._lag += 1
+            self._last_dropped_id = dropped.id
+        self._buffer.append(event)
+        self._wake()
+
+    def get_nowait(self) -> Event | None:
+        """The next event (or the lagged marker), or None when nothing is buffered."""
+        if self._lag:
+            marker = Event(
+                id=self._last_dropped_id,
+                topic=LAGGED_TOPIC,
+                data={"dropped": self._lag, "resume_after": self._last_dropped_id,
+                      "subscription": self.name},
+            )
+            self._lag = 0
+            return marker
+        return self._buffer.popleft() if self._buffer else None
+
+    async def get(self) -> Event:
+        """Wait for the next event. Raises StopAsyncIteration once unsubscribed and drained."""
+        while True:
+            event = self.get_nowait()
+            if event is not None:
+                return event
+            if self.closed:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self.get()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class Bus:
+    """Topic pub/sub for one process. See the module docstring for the delivery policy."""
+
+    def __init__(self, last_id: int = 0) -> None:
+        self._last_id = last_id
+        # A dict as an ordered set: O(1) removal with thousands of stream clients.
+        self._subscriptions: dict[Subscription, None] = {}
+        self._by_topic: dict[str, tuple[Subscription, ...]] = {}
+        self._log = get_logger("bus")
+        self.published = 0
+
+    @property
+    def last_id(self) -> int:
+        return self._last_id
+
+    def next_id(self) -> int:
+        """A new event id: strictly increasing, and close to the wall clock in microseconds,
+        so ids stay monotonic across restarts without storing a counter."""
+        self._last_id = max(self._last_id + 1, time.time_ns() // 1000)
+        return self._last_id
+
+    def subscribe(
+        self,
+        pattern: str,
+        callback: Callback | None = None,
+        *,
+        name: str | None = None,
+        maxsize: int = DEFAULT_BUFFER,
+    ) -> Subscription:
+        """Subscribe to topics matching `pattern`.
+
+        Args:
+            pattern: a topic pattern (`*` one segment, `**` any number).
+            callback: called with each event inside `publish`; None for an iterator.
+            name: shown in logs and lag markers; defaults to the callback's name.
+            maxsize: the iterator's buffer bound (ignored for callbacks).
+
+        Raises:
+            PatternError: the pattern is malformed.
+        """
+        compiled = TopicPattern.parse(pattern)
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be at least 1, got {maxsize}")
+        label = name or getattr(callback, "__qualname__", None) or f"subscriber:{pattern}"
+        sub = Subscription(self, compiled, label, callback, maxsize)
+        self._subscriptions[sub] = None
+        self._by_topic.clear()
+        return sub
+
+    def publish(
+        self,
+        topic: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Event:
+        """Deliver an event to every matching subscriber now; return it. Never blocks."""
+        validate_topic(topic)
+        event = Event(
+            id=self.next_id(),
+            topic=topic,
+            data=data if data is not None else {},
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
+        self.dispatch(event)
+        return event
+
+    def dispatch(self, event: Event) -> None:
+        """Deliver an already-built event (used by `publish` and by replaying components)."""
+        self.published += 1
+        subscribers = self._by_topic.get(event.topic)
+        if subscribers is None:
+            subscribers = tuple(s for s in self._subscriptions if s.pattern.matches(event.topic))
+            self._by_topic[event.topic] = subscribers
+        for sub in subscribers:
+            try:
+                sub.deliver(event)
+            except Exception:
+                self._log.exception(
+                    "bus.callback_failed", subscriber=sub.name, topic=event.topic, event_id=event.id
+                )
+
+    def close(self) -> None:
+        """End every subscription; iterators finish after draining their buffers."""
+        for sub in list(self._subscriptions):
+            sub.unsubscribe()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "subscriptions": len(self._subscriptions),
+            "published": self.published,
+            "dropped": sum(s.dropped for s in self._subscriptions),
+        }
+
+    def _remove(self, sub: Subscription) -> None:
+        if self._subscriptions.pop(sub, 0) is None:
+            self._by_topic.clear()

@@ -1,0 +1,258 @@
+"""agentd.toml and `AGENTD_<SECTION>_<KEY>` overrides, read once into frozen dataclasses.
+
+Configuration flows one way: `load_config()` → `Config` → each component gets its own
+section. Every error names where the bad value came from (the file or the environment
+variable), the key, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from agentd.errors import ConfigError
+
+CONFIG_ENV = "AGENTD_CONFIG"
+DEFAULT_CONFIG_NAME = "agentd.toml"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """[daemon]: where state lives, how long stopping may take, fire-and-forget bounds."""
+
+    data_dir: str = "data"
+    stop_timeout: float = 10.0
+    handler_concurrency: int = 100
+    handler_backlog: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """[server]: the HTTP listener."""
+
+    host: str = "127.0.0.1"
+    port: int = 8470
+    token: str = ""
+    token_file: str = ""
+    max_body_bytes: int = 1_048_576
+    max_loop_lag: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """[store]: the one SQLite file."""
+
+    path: str = "agentd.db"
+    synchronous: Literal["full", "normal"] = "normal"
+    busy_timeout_ms: int = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class PluginsConfig:
+    """[plugins]: where plugins are found, which run, and their own tables."""
+
+    paths: tuple[str, ...] = ("plugins",)
+    enabled: tuple[str, ...] = ()
+    disabled: tuple[str, ...] = ()
+    entry_points: bool = True
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """[log]: level and format (auto = JSON off a TTY, console on one)."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration. Relative paths resolve against `base_dir`."""
+
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = "<defaults>"
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def resolve(self, path: str) -> Path:
+        """Return `path` made absolute against the configuration's directory."""
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else (self.base_dir / candidate)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.resolve(self.daemon.data_dir)
+
+    @property
+    def database_path(self) -> Path:
+        candidate = Path(self.store.path).expanduser()
+        return candidate if candidate.is_absolute() else self.data_dir / candidate
+
+    @property
+    def plugin_dirs(self) -> tuple[Path, ...]:
+        return tuple(self.resolve(p) for p in self.plugins.paths)
+
+    def api_token(self) -> str:
+        """The bearer token in force: `token`, else the first line of `token_file`, else ''."""
+        if self.server.token:
+            return self.server.token
+        if self.server.token_file:
+            path = self.resolve(self.server.token_file)
+            try:
+                return path.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"{self.source}: [server] token_file: cannot read {path}: {exc.strerror}"
+                ) from exc
+        return ""
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    f.name: typing.get_type_hints(Config)[f.name]
+    for f in dataclasses.fields(Config)
+    if f.name not in ("source", "base_dir")
+}
+
+
+def find_config_path(explicit: str | None) -> Path | None:
+    """The file to read: `--config`, else `$AGENTD_CONFIG`, else ./agentd.toml if present."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    local = Path.cwd() / DEFAULT_CONFIG_NAME
+    return local if local.is_file() else None
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Read the file at `path` (or the defaults when None), then apply environment overrides.
+
+    Args:
+        path: the TOML file; None means built-in defaults with paths relative to the cwd.
+        env: the environment to read `AGENTD_*` overrides from (default `os.environ`).
+        overrides: extra tables merged over the file, as if written in it (for tests).
+
+    Raises:
+        ConfigError: the file is missing or unparsable, or a key is unknown or ill-typed.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path).resolve()
+        source = str(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: configuration file not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        base_dir = path.parent
+    else:
+        source, base_dir = "<defaults>", Path.cwd()
+    for section, table in (overrides or {}).items():
+        raw.setdefault(section, {}).update(table)
+
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}]; known: {', '.join(_SECTIONS)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        sections[name] = _build_section(name, _SECTIONS[name], value, source)
+    config = Config(source=source, base_dir=base_dir, **sections)
+    return _apply_env(config, os.environ if env is None else env)
+
+
+def _build_section(name: str, cls: type[Any], table: dict[str, Any], source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in table.items():
+        if cls is PluginsConfig and key not in known and isinstance(value, dict):
+            extra[key] = value  # a [plugins.<name>] table
+            continue
+        if key not in known or key == "settings":
+            raise ConfigError(
+                f"{source}: [{name}] unknown key {key!r}; known: {', '.join(sorted(known - {'settings'}))}"
+            )
+        values[key] = _coerce(value, hints[key], f"{source}: [{name}] {key}")
+    if extra:
+        values["settings"] = extra
+    return cls(**values)
+
+
+def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
+    replaced: dict[str, Any] = {}
+    for var in sorted(env):
+        if not var.startswith("AGENTD_") or var == CONFIG_ENV:
+            continue
+        rest = var.removeprefix("AGENTD_").lower()
+        section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
+        if section is None:
+            raise ConfigError(f"environment {var}: no section {rest.split('_')[0]!r}")
+        key = rest.removeprefix(section + "_")
+        current = replaced.get(section, getattr(config, section))
+        hints = typing.get_type_hints(type(current))
+        if key not in hints or key == "settings":
+            raise ConfigError(f"environment {var}: [{section}] has no key {key!r}")
+        value = _coerce(_parse_env(env[var], hints[key]), hints[key], f"environment {var}")
+        replaced[section] = dataclasses.replace(current, **{key: value})
+    return dataclasses.replace(config, **replaced) if replaced else config
+
+
+def _parse_env(text: str, hint: Any) -> Any:
+    if hint is str or typing.get_origin(hint) is Literal:
+        return text
+    if typing.get_origin(hint) is tuple:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # _coerce reports the type mismatch with the original text
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[hint]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}")
+    if hint in (int, float) and value < 0:
+        raise ConfigError(f"{where}: expected a non-negative number, got {value!r}")
+    return value
+
+
+def check_serving_rules(config: Config) -> None:
+    """Refuse a configuration that would expose the API beyond loopback without a token."""
+    if config.server.host not in LOOPBACK_HOSTS and not config.api_token():
+        raise ConfigError(
+            f"{config.source}: [server] host = {config.server.host!r} is not a loopback address; "
+            "set [server] token or token_file before listening beyond this machine"
+        )
+    if not 0 <= config.server.port <= 65535:
+        raise ConfigError(f"{config.source}: [server] port: expected 0..65535, got {config.server.port}")

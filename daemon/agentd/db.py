@@ -1,0 +1,313 @@
+"""The SQLite file: driver choice, pragmas, sqlite-vec, migrations, the lock and the one writer.
+
+Driver. sqlite-vec is a loadable extension and many Python builds (pyenv, some macOS) ship a
+`sqlite3` that cannot load extensions. The driver is picked once, in this order: `sqlean`
+(a dependency, wheels everywhere) → the stdlib when it can load extensions → `pysqlite3`.
+Use `Row` and `Error` from this module: `sqlite3.Row` raises TypeError on a sqlean
+connection, and sqlean's errors are not `sqlite3.Error`.
+
+Writes. Every write is a synchronous function of the write connection, handed to
+`Store.write`. Writes submitted in the same event-loop tick share one transaction (group
+commit), so the cost of a commit is paid once per batch, not once per task. With
+`synchronous = "normal"` a WAL commit does not fsync, so batches run on the loop itself:
+a thread hop costs 0.3 to 0.5 ms on the reference machine, more than the commit. With
+`synchronous = "full"` the fsync can take milliseconds, so batches run in a writer thread.
+
+Reads that are not part of a write go through an aiosqlite connection, off the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import aiosqlite
+import sqlite_vec
+
+from agentd.config import StoreConfig
+from agentd.errors import StoreError, StoreLockedError
+from agentd.log import get_logger
+
+T = TypeVar("T")
+Connection = sqlite3.Connection  # the driver's connection class has the same interface
+WriteOp = Callable[[Connection], T]
+
+_MAX_OPS_PER_TRANSACTION = 512
+
+
+def _pick_driver() -> ModuleType:
+    try:
+        import sqlean
+
+        module: ModuleType = sqlean
+        return module
+    except ImportError:
+        pass
+    if hasattr(sqlite3.Connection, "enable_load_extension"):
+        return sqlite3
+    try:
+        import pysqlite3.dbapi2
+
+        fallback: ModuleType = pysqlite3.dbapi2
+        return fallback
+    except ImportError as exc:
+        raise ImportError(
+            "agentd needs an SQLite driver that can load extensions: "
+            "pip install sqlean.py (or pysqlite3-binary)"
+        ) from exc
+
+
+driver: ModuleType = _pick_driver()
+if TYPE_CHECKING:
+    Row = sqlite3.Row
+else:
+    Row = driver.Row
+Error: type[Exception] = driver.Error
+IntegrityError: type[Exception] = driver.IntegrityError
+
+
+def connect(path: Path, config: StoreConfig) -> Connection:
+    """Open `path` with WAL, busy_timeout, foreign keys, the configured durability and sqlite-vec.
+
+    The connection is in autocommit mode: callers write `BEGIN`/`COMMIT` themselves.
+    """
+    conn: Connection = driver.connect(str(path), isolation_level=None, check_same_thread=False)
+    conn.row_factory = Row
+    conn.enable_load_extension(True)
+    sqlite_vec.load(conn)
+    conn.enable_load_extension(False)
+    conn.execute(f"PRAGMA busy_timeout = {int(config.busy_timeout_ms)}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {config.synchronous.upper()}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    found = []
+    for entry in resources.files("agentd").joinpath("sql").iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append((int(name[:4]), name, entry.read_text()))
+    return sorted(found)
+
+
+MIGRATIONS = _migrations()
+SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 0
+
+
+def migrate(conn: Connection, path: Path) -> int:
+    """Apply the numbered `sql/NNNN_*.sql` files not yet recorded; return the schema version.
+
+    Raises:
+        StoreError: the database was written by a newer agentd.
+    """
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+    )
+    current: int = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+    if current > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: database schema version {current} is newer than this agentd knows "
+            f"({SCHEMA_VERSION}); run a newer agentd or restore a backup"
+        )
+    for version, name, script in MIGRATIONS:
+        if version <= current:
+            continue
+        try:
+            conn.executescript(
+                f"BEGIN IMMEDIATE;\n{script}\n;"
+                f"INSERT INTO schema_version VALUES ({version}, '{name}', {time.time()});\nCOMMIT;"
+            )
+        except Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"{path}: migration {name} failed: {exc}") from exc
+    return max(current, SCHEMA_VERSION)
+
+
+class _FileLock:
+    """An exclusive `flock` on `<database>.lock`, holding the owner's pid for the error message."""
+
+    def __init__(self, database: Path) -> None:
+        self.path = database.with_name(database.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLockedError(
+                f"{self.path.with_suffix('')} is in use by another agentd process (pid {holder}); "
+                "stop it or set a different [store] path"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Store:
+    """The daemon's database: one owner process, one writer connection, one reader connection."""
+
+    def __init__(self, path: Path, config: StoreConfig) -> None:
+        self.path = path
+        self.config = config
+        self.schema_version = 0
+        self._log = get_logger("store")
+        self._lock = _FileLock(path)
+        self._conn: Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._pending: list[tuple[WriteOp[Any], asyncio.Future[Any]]] = []
+        self._flush_scheduled = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        """Take the lock, open the connections and migrate. Raises StoreError."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the data directory {self.path.parent}: {exc}") from exc
+        self._lock.acquire()
+        try:
+            self._conn = connect(self.path, self.config)
+            self.schema_version = migrate(self._conn, self.path)
+            self._reader = aiosqlite.Connection(
+                lambda: connect(self.path, self.config), iter_chunk_size=256
+            )
+            await self._reader
+        except BaseException:
+            await self.close()
+            raise
+        if self.config.synchronous == "full":
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="agentd-writer")
+        self._log.info("store.opened", path=str(self.path), schema=self.schema_version,
+                       driver=driver.__name__, synchronous=self.config.synchronous)
+
+    async def close(self) -> None:
+        """Finish pending writes, then close the connections and release the lock."""
+        if self._flushing is not None:
+            await self._flushing
+        while self._pending and self._executor is None:
+            self._flush_inline()
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._lock.release()
+
+    def write(self, op: WriteOp[T]) -> asyncio.Future[T]:
+        """Run `op(connection)` inside a grouped write transaction; resolve to its return value.
+
+        The future resolves after the transaction commits. `op` must act only on the
+        connection: if another op of its batch fails, the batch is rolled back and each op
+        is run again in a transaction of its own, so only the failing one fails.
+        """
+        if self._conn is None:
+            raise StoreError(f"{self.path}: the store is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            if self._executor is None:
+                asyncio.get_running_loop().call_soon(self._flush_inline)
+            elif self._flushing is None:
+                self._flushing = asyncio.get_running_loop().create_task(self._flush_threaded())
+        return future
+
+    async def read(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
+        """Rows of a read-only query, run off the event loop."""
+        if self._reader is None:
+            raise StoreError(f"{self.path}: the store is closed")
+        return list(await self._reader.execute_fetchall(sql, params))
+
+    async def read_one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Row | None:
+        rows = await self.read(sql, params)
+        return rows[0] if rows else None
+
+    async def check_writable(self) -> None:
+        """Raise StoreError unless a write transaction can be taken and committed now."""
+        await self.write(lambda conn: conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('last_write_check', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(time.time()),)))
+
+    def _take_batch(self) -> list[tuple[WriteOp[Any], asyncio.Future[Any]]]:
+        batch = self._pending[:_MAX_OPS_PER_TRANSACTION]
+        del self._pending[:_MAX_OPS_PER_TRANSACTION]
+        return batch
+
+    def _flush_inline(self) -> None:
+        self._flush_scheduled = False
+        batch = self._take_batch()
+        if self._pending:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_inline)
+        _settle(batch, self._run_batch([op for op, _ in batch]))
+
+    async def _flush_threaded(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                self._flush_scheduled = False
+                batch = self._take_batch()
+                outcomes = await loop.run_in_executor(
+                    self._executor, self._run_batch, [op for op, _ in batch]
+                )
+                _settle(batch, outcomes)
+        finally:
+            self._flush_scheduled = False
+            self._flushing = None
+
+    def _run_batch(self, ops: list[WriteOp[Any]]) -> list[tuple[bool, Any]]:
+        conn = self._conn
+        if not ops:
+            return []
+        if conn is None:
+            return [(False, StoreError(f"{self.path}: the store is closed"))] * len(ops)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [op(conn) for op in ops]
+            conn.execute("COMMIT")
+            return [(True, result) for result in results]
+        except Exception as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if len(ops) == 1:
+                return [(False, exc)]
+        # One op failed the batch: run each alone so the others still commit.
+        return [self._run_batch([op])[0] for op in ops]
+
+
+def _settle(
+    batch: list[tuple[WriteOp[Any], asyncio.Future[Any]]], outcomes: list[tuple[bool, Any]]
+) -> None:
+    for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)

@@ -1,0 +1,106 @@
+"""The event: what every component reports on the bus, and the topic grammar.
+
+Topics are dotted names: one or more segments of letters, digits, `_` and `-`
+(`task.succeeded`, `hook.github`, `news.new`). Patterns are topics in which a segment may be
+`*` (exactly one segment) or `**` (zero or more segments): `task.*` matches
+`task.started` but not `task.a.b`; `task.**` matches `task`, `task.started` and
+`task.a.b`; `**` matches every topic.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from agentd.errors import PatternError
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+
+# The marker an iterating subscriber receives in place of events its full buffer dropped.
+LAGGED_TOPIC = "bus.lagged"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """A fact that happened: immutable, with a globally monotonic id.
+
+    `correlation_id` ties together everything done for one request or root task;
+    `causation_id` names the direct cause (a parent task, the event a handler reacted to).
+    """
+
+    id: int
+    topic: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+    correlation_id: str | None = None
+    causation_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape used by the HTTP API, streams and the event log."""
+        return {
+            "id": self.id,
+            "topic": self.topic,
+            "time": self.time,
+            "data": dict(self.data),
+            "correlation_id": self.correlation_id,
+            "causation_id": self.causation_id,
+        }
+
+
+def validate_topic(topic: object) -> str:
+    """Return `topic` if it follows the grammar; raise PatternError naming the fault otherwise."""
+    if not isinstance(topic, str) or not topic:
+        raise PatternError(f"topic must be a non-empty string, got {topic!r}")
+    return _validate_topic_text(topic)
+
+
+@lru_cache(maxsize=4096)
+def _validate_topic_text(topic: str) -> str:
+    for segment in topic.split("."):
+        if not _SEGMENT.fullmatch(segment):
+            raise PatternError(
+                f"topic {topic!r}: segment {segment!r} must be letters, digits, '_' or '-'"
+            )
+    return topic
+
+
+@dataclass(frozen=True, slots=True)
+class TopicPattern:
+    """A compiled topic pattern (see the module docstring for the grammar)."""
+
+    text: str
+    segments: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> TopicPattern:
+        if not isinstance(text, str) or not text:
+            raise PatternError(f"pattern must be a non-empty string, got {text!r}")
+        segments = tuple(text.split("."))
+        for segment in segments:
+            if segment not in ("*", "**") and not _SEGMENT.fullmatch(segment):
+                raise PatternError(
+                    f"pattern {text!r}: segment {segment!r} must be a name, '*' or '**'"
+                )
+        return cls(text, segments)
+
+    @property
+    def is_exact(self) -> bool:
+        return not any(s in ("*", "**") for s in self.segments)
+
+    def matches(self, topic: str) -> bool:
+        return _match(self.segments, tuple(topic.split(".")))
+
+
+def _match(pattern: tuple[str, ...], topic: tuple[str, ...]) -> bool:
+    if not pattern:
+        return not topic
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_match(rest, topic[i:]) for i in range(len(topic) + 1))
+    if not topic:
+        return False
+    return (head == "*" or head == topic[0]) and _match(rest, topic[1:])

@@ -1,0 +1,99 @@
+"""`Plugin`: what a plugin module declares. The loader (plugins.py) wires it into the daemon.
+
+    from agentd import Plugin
+    plugin = Plugin("news")
+
+    @plugin.on("user.clicked")          # fire-and-forget: async def fn(ctx, event)
+    @plugin.startup / @plugin.shutdown  # fn(ctx), sync or async
+    plugin.config                       # the [plugins.news] table of agentd.toml
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from agentd.errors import PluginError
+from agentd.events import Event, TopicPattern
+
+if TYPE_CHECKING:
+    from agentd.plugins import PluginContext
+
+EventHandler = Callable[["PluginContext", Event], Coroutine[Any, Any, None]]
+Hook = Callable[["PluginContext"], Awaitable[None] | None]
+F = TypeVar("F", bound=Callable[..., Any])
+
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    """One `@plugin.on(...)` declaration."""
+
+    pattern: str
+    fn: EventHandler
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+
+class Plugin:
+    """A plugin's declarations. Create one at module level, named like the module.
+
+    Args:
+        name: lower-case letters, digits and `_`; it prefixes the plugin's task names and
+            names its `[plugins.<name>]` table.
+    """
+
+    def __init__(self, name: str, *, description: str = "") -> None:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise PluginError(f"plugin name {name!r} must match [a-z][a-z0-9_]*")
+        self.name = name
+        self.description = description
+        self.handlers: list[HandlerSpec] = []
+        self.startup_hooks: list[Hook] = []
+        self.shutdown_hooks: list[Hook] = []
+        self._config: Mapping[str, Any] = MappingProxyType({})
+
+    def __repr__(self) -> str:
+        return f"Plugin({self.name!r})"
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """The `[plugins.<name>]` table (read-only); empty until the plugin is loaded."""
+        return self._config
+
+    def bind_config(self, table: Mapping[str, Any]) -> None:
+        """Called by the loader when the plugin is loaded."""
+        self._config = MappingProxyType(dict(table))
+
+    def on(self, pattern: str) -> Callable[[EventHandler], EventHandler]:
+        """Run the decorated `async def fn(ctx, event)` for each event matching `pattern`.
+
+        Each run is fire-and-forget (tracked by the daemon's spawner): the publisher does not
+        wait, a failure is logged with the plugin's name and published as `handler.failed`.
+        """
+        TopicPattern.parse(pattern)
+
+        def register(fn: EventHandler) -> EventHandler:
+            if not inspect.iscoroutinefunction(fn):
+                raise PluginError(f"plugin {self.name}: @on handler {fn.__name__} must be async def")
+            self.handlers.append(HandlerSpec(pattern, fn))
+            return fn
+
+        return register
+
+    def startup(self, fn: F) -> F:
+        """Run `fn(ctx)` when the plugin starts; if it raises, the plugin is failed and unloaded."""
+        self.startup_hooks.append(fn)
+        return fn
+
+    def shutdown(self, fn: F) -> F:
+        """Run `fn(ctx)` when the plugin stops (in reverse order of declaration)."""
+        self.shutdown_hooks.append(fn)
+        return fn

@@ -1,0 +1,257 @@
+"""Discovering, loading, starting and unloading plugins, each isolated from the others.
+
+Sources, in this order: every `*.py` module and every package (a folder with
+`__init__.py`) in the configured plugin directories, then the `agentd.plugins`
+entry-point group. A module declares `plugin = Plugin("name")`. `[plugins] enabled`
+(when not empty) and `disabled` filter by plugin name and, before import, by module name.
+
+A plugin that fails to import or to start is recorded as `failed` with its error, its
+registrations are removed, and the daemon runs on. Everything a plugin registers is
+undone when it is unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import importlib.util
+import inspect
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+import structlog
+
+from agentd.bus import Bus
+from agentd.config import Config
+from agentd.errors import PluginError
+from agentd.events import Event
+from agentd.log import get_logger
+from agentd.plugin import HandlerSpec, Hook, Plugin
+from agentd.spawn import Spawner
+
+ENTRY_POINT_GROUP = "agentd.plugins"
+_MODULE_PREFIX = "agentd_plugins"
+
+State = Literal["loaded", "started", "failed", "stopped"]
+
+
+@dataclass(slots=True)
+class PluginContext:
+    """What a plugin's handlers and hooks receive as `ctx`."""
+
+    plugin: Plugin
+    bus: Bus
+    spawner: Spawner
+    log: structlog.stdlib.BoundLogger
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        return self.plugin.config
+
+    def emit(self, topic: str, data: Mapping[str, Any] | None = None) -> Event:
+        """Publish an event on the bus."""
+        return self.bus.publish(topic, data)
+
+
+@dataclass(slots=True)
+class LoadedPlugin:
+    """One plugin's record: where it came from, its state, and how to undo its registrations."""
+
+    name: str
+    source: str
+    state: State
+    error: str | None = None
+    plugin: Plugin | None = None
+    registrations: ExitStack = field(default_factory=ExitStack)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "state": self.state, "error": self.error}
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    module_name: str
+    source: str
+    load: Callable[[], Any]
+
+
+class PluginManager:
+    """Loads the configured plugins and owns their lifecycles."""
+
+    def __init__(self, config: Config, bus: Bus, spawner: Spawner) -> None:
+        self._config = config
+        self._bus = bus
+        self._spawner = spawner
+        self._log = get_logger("plugins")
+        self.plugins: dict[str, LoadedPlugin] = {}
+
+    def states(self) -> list[dict[str, Any]]:
+        return [p.to_dict() for p in self.plugins.values()]
+
+    @property
+    def failed(self) -> list[str]:
+        return [p.name for p in self.plugins.values() if p.state == "failed"]
+
+    async def start_all(self, deadline: float) -> None:
+        """Import and start every enabled plugin. Failures are recorded, never raised."""
+        for candidate in self._discover():
+            record = self._import(candidate)
+            if record is not None and record.state == "loaded":
+                await self._start(record, deadline)
+
+    async def stop_all(self, deadline: float) -> None:
+        """Run shutdown hooks of started plugins, last started first, then unload them all."""
+        for record in reversed(list(self.plugins.values())):
+            if record.state == "started" and record.plugin is not None:
+                ctx = self.context(record.plugin)
+                for hook in reversed(record.plugin.shutdown_hooks):
+                    try:
+                        await asyncio.wait_for(_call_hook(hook, ctx), deadline)
+                    except Exception as exc:
+                        self._log.error("plugin.shutdown_failed", plugin=record.name,
+                                        error=_describe(exc))
+                record.state = "stopped"
+            record.registrations.close()
+
+    def unload(self, name: str) -> None:
+        """Remove everything `name` registered; its record stays, marked stopped."""
+        record = self.plugins[name]
+        record.registrations.close()
+        if record.state != "failed":
+            record.state = "stopped"
+
+    def context(self, plugin: Plugin) -> PluginContext:
+        return PluginContext(plugin, self._bus, self._spawner, get_logger("plugin", plugin=plugin.name))
+
+    def _discover(self) -> Iterator[_Candidate]:
+        for directory in self._config.plugin_dirs:
+            if not directory.is_dir():
+                self._log.info("plugins.directory_missing", path=str(directory))
+                continue
+            for path in sorted(directory.iterdir()):
+                if path.name.startswith(("_", ".")):
+                    continue
+                if path.suffix == ".py" and path.is_file():
+                    yield _Candidate(path.stem, str(path), _path_loader(path.stem, path, None))
+                elif path.is_dir() and (path / "__init__.py").is_file():
+                    yield _Candidate(
+                        path.name, str(path), _path_loader(path.name, path / "__init__.py", path)
+                    )
+        if self._config.plugins.entry_points:
+            for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+                yield _Candidate(ep.name, f"entry point {ep.value}", ep.load)
+
+    def _wanted(self, name: str) -> bool:
+        enabled, disabled = self._config.plugins.enabled, self._config.plugins.disabled
+        return name not in disabled and (not enabled or name in enabled)
+
+    def _import(self, candidate: _Candidate) -> LoadedPlugin | None:
+        if not self._wanted(candidate.module_name):
+            return None
+        try:
+            loaded = candidate.load()
+            plugin = loaded if isinstance(loaded, Plugin) else getattr(loaded, "plugin", None)
+            if not isinstance(plugin, Plugin):
+                raise PluginError(f"{candidate.source} defines no `plugin = Plugin(...)`")
+        except Exception as exc:
+            return self._record_failure(candidate.module_name, candidate.source, exc)
+        if not self._wanted(plugin.name):
+            return None
+        if plugin.name in self.plugins:
+            return self._record_failure(
+                plugin.name, candidate.source,
+                PluginError(f"plugin name {plugin.name!r} is already used by "
+                            f"{self.plugins[plugin.name].source}"),
+                register_as=f"{plugin.name}@{candidate.source}",
+            )
+        plugin.bind_config(self._config.plugins.settings.get(plugin.name, {}))
+        record = LoadedPlugin(plugin.name, candidate.source, "loaded", plugin=plugin)
+        self.plugins[plugin.name] = record
+        self._log.info("plugin.loaded", plugin=plugin.name, source=candidate.source)
+        return record
+
+    def _record_failure(
+        self, name: str, source: str, exc: BaseException, register_as: str | None = None
+    ) -> LoadedPlugin:
+        record = LoadedPlugin(name, source, "failed", error=_describe(exc))
+        self.plugins[register_as or name] = record
+        self._log.error("plugin.failed", plugin=name, source=source, error=record.error,
+                        traceback="".join(traceback.format_exception(exc)[-3:]))
+        self._bus.publish("plugin.failed", {"plugin": name, "error": record.error})
+        return record
+
+    async def _start(self, record: LoadedPlugin, deadline: float) -> None:
+        plugin = record.plugin
+        if plugin is None:
+            return
+        ctx = self.context(plugin)
+        for spec in plugin.handlers:
+            sub = self._bus.subscribe(
+                spec.pattern, self._handler_callback(ctx, spec), name=f"{plugin.name}.{spec.name}"
+            )
+            record.registrations.callback(sub.unsubscribe)
+        try:
+            for hook in plugin.startup_hooks:
+                await asyncio.wait_for(_call_hook(hook, ctx), deadline)
+        except Exception as exc:
+            record.registrations.close()
+            record.state, record.error = "failed", _describe(exc)
+            self._log.error("plugin.failed", plugin=plugin.name, stage="startup", error=record.error)
+            self._bus.publish("plugin.failed", {"plugin": plugin.name, "error": record.error})
+            return
+        record.state = "started"
+        self._bus.publish("plugin.started", {"plugin": plugin.name})
+
+    def _handler_callback(self, ctx: PluginContext, spec: HandlerSpec) -> Callable[[Event], None]:
+        handler_name = f"{ctx.plugin.name}.{spec.name}"
+
+        def on_event(event: Event) -> None:
+            # A handler that fails on its own failure event would loop forever.
+            if event.topic == "handler.failed" and event.data.get("handler") == handler_name:
+                return
+            self._spawner.spawn(
+                spec.fn(ctx, event),
+                name=handler_name,
+                context={"plugin": ctx.plugin.name, "topic": event.topic, "event_id": event.id},
+            )
+
+        return on_event
+
+
+def _path_loader(module_name: str, path: Path, package_dir: Path | None) -> Callable[[], ModuleType]:
+    def load() -> ModuleType:
+        qualified = f"{_MODULE_PREFIX}.{module_name}"
+        spec = importlib.util.spec_from_file_location(
+            qualified, path,
+            submodule_search_locations=[str(package_dir)] if package_dir else None,
+        )
+        if spec is None or spec.loader is None:
+            raise PluginError(f"{path}: not importable")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[qualified] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(qualified, None)
+            raise
+        return module
+
+    return load
+
+
+async def _call_hook(hook: Hook, ctx: PluginContext) -> None:
+    result = hook(ctx)
+    if inspect.isawaitable(result):
+        await result
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "TimeoutError: did not finish in time"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,49 @@
+"""sd_notify without a dependency: READY, STATUS, WATCHDOG and STOPPING datagrams.
+
+Everything here is a no-op when the process was not started by systemd with
+`NotifyAccess`/`Type=notify` (no `$NOTIFY_SOCKET`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+
+
+class Notifier:
+    """Sends state lines to the socket named by `NOTIFY_SOCKET` in `env`."""
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        address = env.get("NOTIFY_SOCKET", "")
+        # An address starting with "@" is in the abstract namespace.
+        self._address = "\0" + address[1:] if address.startswith("@") else address
+        watchdog_usec = env.get("WATCHDOG_USEC", "")
+        watchdog_pid = env.get("WATCHDOG_PID", "")
+        applies = not watchdog_pid or watchdog_pid == str(os.getpid())
+        self.watchdog_interval: float | None = (
+            int(watchdog_usec) / 1_000_000 / 2 if watchdog_usec.isdigit() and applies else None
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._address)
+
+    def notify(self, **state: str) -> None:
+        """Send `KEY=value` lines, e.g. `notify(READY="1", STATUS="serving")`."""
+        if not self._address:
+            return
+        payload = "\n".join(f"{key}={value}" for key, value in state.items()).encode()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(self._address)
+            sock.sendall(payload)
+
+    def ready(self, status: str) -> None:
+        self.notify(READY="1", STATUS=status)
+
+    def stopping(self, status: str) -> None:
+        self.notify(STOPPING="1", STATUS=status)
+
+    def watchdog(self) -> None:
+        self.notify(WATCHDOG="1")

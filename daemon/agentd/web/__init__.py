@@ -1,0 +1,1 @@
+"""The HTTP surface: the aiohttp application, its middlewares and its routes."""

@@ -1,0 +1,48 @@
+"""JSON errors for every HTTP failure: `{"error": {"code": ..., "message": ...}}`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+
+class ApiError(Exception):
+    """An error the API reports to its client with a status, a stable code and a message."""
+
+    def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **details: Any
+) -> web.Response:
+    body: dict[str, Any] = {"code": code, "message": message, **details}
+    return web.json_response({"error": body}, status=status, headers=headers)
+
+
+def bad_request(message: str, **details: Any) -> ApiError:
+    return ApiError(400, "bad_request", message, **details)
+
+
+def not_found(message: str, **details: Any) -> ApiError:
+    return ApiError(404, "not_found", message, **details)
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 ApiError saying what is wrong with it."""
+    text = await request.text()
+    if not text.strip():
+        raise bad_request("the request body is empty; expected a JSON object")
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise bad_request(f"expected a JSON object, got {type(body).__name__}")
+    return body

@@ -1,0 +1,75 @@
+"""System routes: liveness, readiness, status and the OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from aiohttp import web
+
+from agentd import __version__
+from agentd.web.openapi import build_document, doc
+from agentd.web.server import DAEMON
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/healthz")
+@doc("Liveness, with the state of every plugin", tag="system", public=True,
+     responses={200: "The process is alive; `status` is degraded when a plugin failed"})
+async def healthz(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    plugins = daemon.plugins.states()
+    degraded = any(p["state"] == "failed" for p in plugins)
+    return web.json_response({
+        "status": "degraded" if degraded else "ok",
+        "version": __version__,
+        "uptime": round(time.monotonic() - daemon.started_monotonic, 3),
+        "plugins": plugins,
+    })
+
+
+@routes.get("/readyz")
+@doc("Readiness: store writable, plugins started, event-loop lag bounded", tag="system",
+     responses={200: "Ready", 503: "Not ready; `checks` says which check failed"})
+async def readyz(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    checks: dict[str, dict[str, object]] = {}
+    try:
+        await asyncio.wait_for(daemon.store.check_writable(), timeout=2.0)
+        checks["store"] = {"ok": True}
+    except Exception as exc:
+        checks["store"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    checks["plugins"] = {"ok": daemon.plugins_started, "failed": daemon.plugins.failed}
+    lag, bound = daemon.lag.lag, daemon.config.server.max_loop_lag
+    checks["loop_lag"] = {"ok": lag <= bound, "seconds": round(lag, 4), "bound": bound}
+    checks["intake"] = {"ok": not daemon.stopping}
+    ready = all(check["ok"] for check in checks.values())
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+@routes.get("/v1/status")
+@doc("What the running daemon is doing: process, store, bus, handlers and plugins", tag="system")
+async def status(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    return web.json_response({
+        "version": __version__,
+        "pid": os.getpid(),
+        "config": daemon.config.source,
+        "uptime": round(time.monotonic() - daemon.started_monotonic, 3),
+        "stopping": daemon.stopping,
+        "store": {"path": str(daemon.store.path), "schema_version": daemon.store.schema_version,
+                  "synchronous": daemon.store.config.synchronous},
+        "bus": daemon.bus.stats(),
+        "handlers": {"running": len(daemon.spawner), "failed": daemon.spawner.failed,
+                     "dropped": daemon.spawner.dropped},
+        "loop_lag": round(daemon.lag.lag, 4),
+        "plugins": daemon.plugins.states(),
+    })
+
+
+@routes.get("/v1/openapi.json")
+@doc("This OpenAPI 3 document", tag="system", public=True)
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(build_document(request.app, __version__))
