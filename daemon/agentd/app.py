@@ -21,12 +21,15 @@ from agentd.log import get_logger
 from agentd.plugins import PluginManager
 from agentd.spawn import Spawner
 from agentd.systemd import Notifier
-from agentd.web import system
+from agentd.taskdef import TaskRegistry
+from agentd.taskqueue import TaskQueue
+from agentd.web import system, tasks_api
 from agentd.web.server import HttpServer, build_app
+from agentd.worker import WorkerPool
 
 
 class Daemon:
-    """One agentd process: store → bus → handlers → plugins → HTTP server.
+    """One agentd process: store → bus → handlers → plugins → workers → HTTP server.
 
     Use as `async with Daemon(config) as daemon: await daemon.wait_stopped()`. Entering
     starts everything or, if any part fails, stops what had started and re-raises.
@@ -42,7 +45,12 @@ class Daemon:
         self.spawner = Spawner(
             self.bus, config.daemon.handler_concurrency, config.daemon.handler_backlog
         )
-        self.plugins = PluginManager(config, self.bus, self.spawner)
+        self.registry = TaskRegistry()
+        self.queue = TaskQueue(self.store, self.bus, self.registry, config.tasks)
+        self.workers = WorkerPool(
+            self.store, self.queue, self.registry, config.tasks, config.plugins.settings
+        )
+        self.plugins = PluginManager(config, self.bus, self.spawner, self.queue)
         self.lag = LagMonitor()
         self.server: HttpServer | None = None
         self.stopping = False
@@ -79,8 +87,11 @@ class Daemon:
             await self.plugins.start_all(self.config.daemon.stop_timeout)
             rollback.push_async_callback(self.plugins.stop_all, self.config.daemon.stop_timeout)
             self.plugins_started = True
+            await self.workers.start()
+            rollback.push_async_callback(self.workers.stop, self.config.daemon.stop_timeout)
             server = HttpServer(
-                build_app(self, system.routes), self.config.server.host, self.config.server.port
+                build_app(self, system.routes, tasks_api.routes),
+                self.config.server.host, self.config.server.port,
             )
             await server.start()
             self.server = server
@@ -111,6 +122,7 @@ class Daemon:
         self._log.info("daemon.stopping")
         self.bus.publish("daemon.stopping", {})
         await self._stage("drain handlers", self.spawner.drain(deadline), deadline)
+        await self._stage("stop workers", self.workers.stop(deadline), deadline * 2)
         await self._stage("stop plugins", self.plugins.stop_all(deadline), deadline * 2)
         if self.server is not None:
             await self._stage("close server", self.server.close(), deadline)

@@ -36,6 +36,30 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
     sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
     sub.add_parser("status", parents=[common], help="ask the running daemon how it is")
+
+    submit = sub.add_parser("submit", parents=[common], help="enqueue a task on the running daemon")
+    submit.add_argument("name", help="a registered task name, e.g. news.refresh")
+    submit.add_argument("--args", default="{}", metavar="JSON", help="keyword arguments as a JSON object")
+    submit.add_argument("--queue")
+    submit.add_argument("--priority", type=int)
+    submit.add_argument("--delay", type=float, metavar="SECONDS")
+    submit.add_argument("--key", dest="idempotency_key", metavar="IDEMPOTENCY_KEY")
+    submit.add_argument("--max-attempts", type=int)
+    submit.add_argument("--timeout", type=float, metavar="SECONDS")
+    submit.add_argument("--wait", action="store_true",
+                        help="wait for the result; exit 1 if the task does not succeed")
+
+    tasks = sub.add_parser("tasks", parents=[common], help="inspect and manage tasks")
+    actions = tasks.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", parents=[common], help="newest first")
+    listing.add_argument("--status")
+    listing.add_argument("--name")
+    listing.add_argument("--queue")
+    listing.add_argument("--limit", type=int, default=20)
+    for action, text in (("show", "one task with its children"), ("cancel", "cancel a task and its children"),
+                         ("requeue", "run a dead, failed or cancelled task again"),
+                         ("delete", "delete a finished task")):
+        actions.add_parser(action, parents=[common], help=text).add_argument("id", type=int)
     return parser
 
 
@@ -51,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return _run(config)
-        return asyncio.run(_status(config))
+        return asyncio.run(_remote(config, args))
     except ConfigError as exc:
         print(f"agentd: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -71,25 +95,92 @@ def _run(config: Config) -> int:
     return 0
 
 
-async def _api_get(config: Config, path: str) -> tuple[int, Any]:
-    host = config.server.host if config.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    token = config.api_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(
-        f"http://{host}:{config.server.port}{path}", headers=headers
-    ) as response:
-        return response.status, await response.json()
+class _ApiError(Exception):
+    """The daemon answered with an error (its message is printed) or did not answer."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
-async def _status(config: Config) -> int:
+class _Api:
+    """A small client of the running daemon's HTTP API."""
+
+    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+        host = config.server.host if config.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        self.base = f"http://{f'[{host}]' if ':' in host else host}:{config.server.port}"
+        token = config.api_token()
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.session = session
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            async with self.session.request(
+                method, self.base + path, json=body, headers=self.headers
+            ) as response:
+                payload = await response.json() if response.status != 204 else None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _ApiError(f"no daemon answers at {self.base}: {exc}", EXIT_FAILED) from exc
+        if response.status >= 400:
+            error = (payload or {}).get("error", {})
+            code = EXIT_USAGE if response.status in (400, 404, 409) else EXIT_FAILED
+            raise _ApiError(f"{error.get('message', response.reason)} (HTTP {response.status})", code)
+        return payload
+
+
+async def _remote(config: Config, args: argparse.Namespace) -> int:
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        api = _Api(config, session)
+        try:
+            if args.command == "status":
+                _print(await api.call("GET", "/v1/status"))
+                return 0
+            if args.command == "submit":
+                return await _submit(api, args)
+            return await _tasks(api, args)
+        except _ApiError as exc:
+            print(f"agentd: {exc}", file=sys.stderr)
+            return exc.exit_code
+
+
+async def _submit(api: _Api, args: argparse.Namespace) -> int:
     try:
-        status, body = await _api_get(config, "/v1/status")
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        print(f"agentd: no daemon answers on {config.server.host}:{config.server.port}: {exc}",
-              file=sys.stderr)
-        return EXIT_FAILED
-    print(json.dumps(body, indent=2))
-    return 0 if status == 200 else EXIT_FAILED
+        task_args = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        raise _ApiError(f"--args is not valid JSON: {exc}", EXIT_USAGE) from exc
+    body = {"name": args.name, "args": task_args}
+    for option in ("queue", "priority", "delay", "idempotency_key", "max_attempts", "timeout"):
+        if getattr(args, option) is not None:
+            body[option] = getattr(args, option)
+    task = await api.call("POST", "/v1/tasks", body)
+    if not args.wait:
+        _print(task)
+        return 0
+    while task["status"] not in ("succeeded", "failed", "dead", "cancelled"):
+        task = await api.call("GET", f"/v1/tasks/{task['id']}?wait=60")
+    _print(task)
+    return 0 if task["status"] == "succeeded" else EXIT_FAILED
+
+
+async def _tasks(api: _Api, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        query = {k: v for k in ("status", "name", "queue") if (v := getattr(args, k)) is not None}
+        query["limit"] = str(args.limit)
+        page = await api.call("GET", "/v1/tasks?" + "&".join(f"{k}={v}" for k, v in query.items()))
+        for task in page["tasks"]:
+            print(f"{task['id']:>8}  {task['status']:<10} {task['name']:<30} "
+                  f"attempts {task['attempts']}/{task['max_attempts']}")
+        return 0
+    method, path = {
+        "show": ("GET", "/v1/tasks/{}"), "cancel": ("POST", "/v1/tasks/{}/cancel"),
+        "requeue": ("POST", "/v1/tasks/{}/requeue"), "delete": ("DELETE", "/v1/tasks/{}"),
+    }[args.action]
+    result = await api.call(method, path.format(args.id))
+    if result is not None:
+        _print(result)
+    return 0
+
+
+def _print(payload: Any) -> None:
+    print(json.dumps(payload, indent=2))

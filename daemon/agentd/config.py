@@ -55,6 +55,20 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TasksConfig:
+    """[tasks]: the durable queue: queues and their workers, retries, leases, results."""
+
+    queues: Mapping[str, int] = field(default_factory=lambda: {"default": 8})
+    max_attempts: int = 3
+    retry_base: float = 2.0
+    retry_max: float = 600.0
+    lease: float = 60.0
+    result_ttl: float = 604800.0
+    idempotency_window: float = 86400.0
+    purge_interval: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class PluginsConfig:
     """[plugins]: where plugins are found, which run, and their own tables."""
 
@@ -80,6 +94,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "<defaults>"
@@ -237,6 +252,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
         return tuple(value)
+    if origin is Mapping:  # name -> positive count, e.g. queues = { default = 8 }
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            for k, v in value.items()
+        ):
+            raise ConfigError(f"{where}: expected a table of names to whole numbers >= 1, got {value!r}")
+        return dict(value)
     expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[hint]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -233,7 +233,10 @@ class Store:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             if self._executor is None:
-                asyncio.get_running_loop().call_soon(self._flush_inline)
+                # Two ticks: writes made by callbacks that this tick's writes wake up (a
+                # worker claiming after an ack) still join the same transaction.
+                loop = asyncio.get_running_loop()
+                loop.call_soon(loop.call_soon, self._flush_inline)
             elif self._flushing is None:
                 self._flushing = asyncio.get_running_loop().create_task(self._flush_threaded())
         return future

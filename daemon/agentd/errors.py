@@ -25,3 +25,52 @@ class PluginError(AgentdError):
 
 class PatternError(AgentdError, ValueError):
     """A topic or topic pattern does not follow the bus grammar."""
+
+
+class TaskError(AgentdError):
+    """Base of the task queue's errors."""
+
+
+class UnknownTaskError(TaskError, LookupError):
+    """No task of that name is registered (the plugin that declared it is not loaded)."""
+
+
+class TaskNotFoundError(TaskError, LookupError):
+    """No task has that id (it never existed or was deleted)."""
+
+
+class InvalidTaskError(TaskError, ValueError):
+    """An enqueue request is malformed; the message names the field."""
+
+
+class TaskStateError(TaskError):
+    """The operation does not apply to the task in its current state."""
+
+
+class TaskFailedError(TaskError):
+    """The awaited task ended without a result: failed, dead or cancelled.
+
+    `status` is the final status and `error` the task's own error text.
+    """
+
+    def __init__(self, task_id: int, name: str, status: str, error: str | None) -> None:
+        super().__init__(f"task {task_id} ({name}) ended {status}: {error or 'no error recorded'}")
+        self.task_id = task_id
+        self.name = name
+        self.status = status
+        self.error = error
+
+
+class Retry(Exception):  # noqa: N818 - a control-flow signal, named as the verb it asks for
+    """Raise inside a task to ask for another attempt after `delay` seconds.
+
+    The attempt counts against `max_attempts`; with none left the task goes dead.
+    """
+
+    def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class Fail(Exception):  # noqa: N818 - a control-flow signal
+    """Raise inside a task to fail it now, without retrying (status `failed`)."""

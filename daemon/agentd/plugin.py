@@ -3,6 +3,7 @@
     from agentd import Plugin
     plugin = Plugin("news")
 
+    @plugin.task(max_attempts=3)        # durable: async def fn(ctx, **args), or a sync def
     @plugin.on("user.clicked")          # fire-and-forget: async def fn(ctx, event)
     @plugin.startup / @plugin.shutdown  # fn(ctx), sync or async
     plugin.config                       # the [plugins.news] table of agentd.toml
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from agentd.errors import PluginError
 from agentd.events import Event, TopicPattern
+from agentd.taskdef import TaskDef, TokenBucket
 
 if TYPE_CHECKING:
     from agentd.plugins import PluginContext
@@ -56,6 +58,7 @@ class Plugin:
         self.name = name
         self.description = description
         self.handlers: list[HandlerSpec] = []
+        self.tasks: list[TaskDef] = []
         self.startup_hooks: list[Hook] = []
         self.shutdown_hooks: list[Hook] = []
         self._config: Mapping[str, Any] = MappingProxyType({})
@@ -84,6 +87,40 @@ class Plugin:
             if not inspect.iscoroutinefunction(fn):
                 raise PluginError(f"plugin {self.name}: @on handler {fn.__name__} must be async def")
             self.handlers.append(HandlerSpec(pattern, fn))
+            return fn
+
+        return register
+
+    def task(
+        self,
+        name: str | None = None,
+        *,
+        queue: str = "default",
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        priority: int = 0,
+        concurrency: int | None = None,
+        rate: str | None = None,
+    ) -> Callable[[F], F]:
+        """Declare a durable task `fn(ctx, **args)`: async, or sync (run in a thread).
+
+        Args:
+            name: the task's name; default `<plugin>.<function name>`.
+            queue: the named queue whose workers run it (see `[tasks] queues`).
+            max_attempts: attempts before it goes dead; default `[tasks] max_attempts`.
+            timeout: seconds an attempt may take; a timeout is a failed attempt.
+            priority: higher runs first within its queue.
+            concurrency: at most this many of it run at once.
+            rate: a token bucket, e.g. "10/s", "100/m", "5/10s".
+        """
+
+        def register(fn: F) -> F:
+            self.tasks.append(TaskDef(
+                name=name or f"{self.name}.{fn.__name__}", fn=fn, queue=queue,
+                max_attempts=max_attempts, timeout=timeout, priority=priority,
+                concurrency=concurrency, rate=TokenBucket.parse(rate) if rate else None,
+                plugin=self.name,
+            ))
             return fn
 
         return register

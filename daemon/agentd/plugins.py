@@ -34,6 +34,7 @@ from agentd.events import Event
 from agentd.log import get_logger
 from agentd.plugin import HandlerSpec, Hook, Plugin
 from agentd.spawn import Spawner
+from agentd.taskqueue import TaskQueue
 
 ENTRY_POINT_GROUP = "agentd.plugins"
 _MODULE_PREFIX = "agentd_plugins"
@@ -48,6 +49,7 @@ class PluginContext:
     plugin: Plugin
     bus: Bus
     spawner: Spawner
+    queue: TaskQueue
     log: structlog.stdlib.BoundLogger
 
     @property
@@ -84,10 +86,11 @@ class _Candidate:
 class PluginManager:
     """Loads the configured plugins and owns their lifecycles."""
 
-    def __init__(self, config: Config, bus: Bus, spawner: Spawner) -> None:
+    def __init__(self, config: Config, bus: Bus, spawner: Spawner, queue: TaskQueue) -> None:
         self._config = config
         self._bus = bus
         self._spawner = spawner
+        self._queue = queue
         self._log = get_logger("plugins")
         self.plugins: dict[str, LoadedPlugin] = {}
 
@@ -127,7 +130,9 @@ class PluginManager:
             record.state = "stopped"
 
     def context(self, plugin: Plugin) -> PluginContext:
-        return PluginContext(plugin, self._bus, self._spawner, get_logger("plugin", plugin=plugin.name))
+        return PluginContext(
+            plugin, self._bus, self._spawner, self._queue, get_logger("plugin", plugin=plugin.name)
+        )
 
     def _discover(self) -> Iterator[_Candidate]:
         for directory in self._config.plugin_dirs:
@@ -191,6 +196,12 @@ class PluginManager:
         if plugin is None:
             return
         ctx = self.context(plugin)
+        try:
+            for definition in plugin.tasks:
+                record.registrations.callback(self._queue.registry.add(definition))
+        except Exception as exc:
+            self._fail_started(record, exc)
+            return
         for spec in plugin.handlers:
             sub = self._bus.subscribe(
                 spec.pattern, self._handler_callback(ctx, spec), name=f"{plugin.name}.{spec.name}"
@@ -200,13 +211,16 @@ class PluginManager:
             for hook in plugin.startup_hooks:
                 await asyncio.wait_for(_call_hook(hook, ctx), deadline)
         except Exception as exc:
-            record.registrations.close()
-            record.state, record.error = "failed", _describe(exc)
-            self._log.error("plugin.failed", plugin=plugin.name, stage="startup", error=record.error)
-            self._bus.publish("plugin.failed", {"plugin": plugin.name, "error": record.error})
+            self._fail_started(record, exc)
             return
         record.state = "started"
         self._bus.publish("plugin.started", {"plugin": plugin.name})
+
+    def _fail_started(self, record: LoadedPlugin, exc: BaseException) -> None:
+        record.registrations.close()
+        record.state, record.error = "failed", _describe(exc)
+        self._log.error("plugin.failed", plugin=record.name, stage="startup", error=record.error)
+        self._bus.publish("plugin.failed", {"plugin": record.name, "error": record.error})
 
     def _handler_callback(self, ctx: PluginContext, spec: HandlerSpec) -> Callable[[Event], None]:
         handler_name = f"{ctx.plugin.name}.{spec.name}"

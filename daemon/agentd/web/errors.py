@@ -7,6 +7,24 @@ from typing import Any
 
 from aiohttp import web
 
+from agentd.errors import (
+    AgentdError,
+    InvalidTaskError,
+    PatternError,
+    TaskNotFoundError,
+    TaskStateError,
+    UnknownTaskError,
+)
+
+# How the daemon's own errors reach HTTP clients: (status, code).
+_STATUS_OF: list[tuple[type[AgentdError], int, str]] = [
+    (UnknownTaskError, 404, "unknown_task"),
+    (TaskNotFoundError, 404, "task_not_found"),
+    (InvalidTaskError, 400, "invalid_task"),
+    (PatternError, 400, "bad_pattern"),
+    (TaskStateError, 409, "conflict"),
+]
+
 
 class ApiError(Exception):
     """An error the API reports to its client with a status, a stable code and a message."""
@@ -17,6 +35,14 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.details = details
+
+
+def from_agentd_error(exc: AgentdError) -> ApiError | None:
+    """The API error for a daemon error a client caused, or None if it is the server's fault."""
+    for kind, status, code in _STATUS_OF:
+        if isinstance(exc, kind):
+            return ApiError(status, code, str(exc))
+    return None
 
 
 def error_response(

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from agentd.errors import AgentdError
 from agentd.log import get_logger
-from agentd.web.errors import ApiError, error_response
+from agentd.web.errors import ApiError, error_response, from_agentd_error
 
 if TYPE_CHECKING:
     from agentd.app import Daemon
@@ -29,6 +30,11 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message, **exc.details)
+    except AgentdError as exc:
+        api_error = from_agentd_error(exc)
+        if api_error is None:
+            raise
+        return error_response(api_error.status, api_error.code, api_error.message)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -1,0 +1,144 @@
+"""`Context`: what a running task receives as `ctx`: who it is, a logger, its plugin's
+configuration, progress events, durable children (`call`, `gather`) and memoized steps."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from agentd.errors import TaskFailedError
+from agentd.log import get_logger
+from agentd.taskdef import encode_json
+from agentd.taskqueue import TaskQueue, TaskRecord
+
+if TYPE_CHECKING:
+    from agentd.worker import Slots
+
+_INFINITE = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """Who the running task is."""
+
+    id: int
+    name: str
+    attempt: int
+    max_attempts: int
+    queue: str
+    parent_id: int | None
+    correlation_id: str
+
+
+class Context:
+    """The running task's handle on the daemon. Created by the worker for each attempt."""
+
+    def __init__(self, record: TaskRecord, queue: TaskQueue, slots: Slots,
+                 config: Mapping[str, Any]) -> None:
+        self.task = TaskInfo(record.id, record.name, record.attempts, record.max_attempts,
+                             record.queue, record.parent_id, record.correlation_id)
+        self.config = config
+        self._log: structlog.stdlib.BoundLogger | None = None
+        self._record = record
+        self._queue = queue
+        self._slots = slots
+        self._calls = 0
+        self._waiting = 0
+        self._closed = False
+        self.holds_slot = True
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+
+    @property
+    def log(self) -> structlog.stdlib.BoundLogger:
+        """A logger bound to this task's id, name and attempt."""
+        if self._log is None:  # built on first use: binding costs more than a no-op task
+            self._log = get_logger(
+                "task", task_id=self.task.id, task=self.task.name, attempt=self.task.attempt)
+        return self._log
+
+    def emit(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
+        """Publish `task.progress` with this kind and data. Safe from a sync task's thread."""
+        payload = {"kind": kind, "data": dict(data or {}), "attempt": self.task.attempt}
+        if threading.get_ident() == self._loop_thread:
+            self._queue.publish("task.progress", self._record, **payload)
+        else:
+            self._loop.call_soon_threadsafe(
+                lambda: self._queue.publish("task.progress", self._record, **payload))
+
+    def call(self, name: str, /, **args: Any) -> Awaitable[Any]:
+        """Run task `name` as a durable child and return (an awaitable of) its result.
+
+        The child's idempotency key is `<this task's id>:<call number>`, numbered in the
+        order of `call()`s, so a retried parent gets the same children back instead of
+        running them again. A child that ends failed, dead or cancelled raises
+        TaskFailedError here. While it waits, this task gives its worker slot back.
+        """
+        self._calls += 1
+        key = f"{self.task.id}:{self._calls}"
+        return self._call(key, name, args)
+
+    async def _call(self, key: str, name: str, args: dict[str, Any]) -> Any:
+        child = await self._queue.enqueue(
+            name, args, idempotency_key=key, parent_id=self.task.id,
+            correlation_id=self.task.correlation_id, dedupe_window=_INFINITE)
+        async with self._slot_given_back():
+            final = await self._queue.wait(child.id)
+        if final.status != "succeeded":
+            raise TaskFailedError(final.id, final.name, final.status, final.error)
+        return final.result
+
+    async def gather(self, *calls: Awaitable[Any]) -> list[Any]:
+        """Await several `call()`s at once; results in order. If one fails, the others are
+        no longer awaited (the children themselves keep their own lifecycle)."""
+        futures = [asyncio.ensure_future(call) for call in calls]
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            await asyncio.gather(*futures, return_exceptions=True)
+            raise
+
+    async def step(self, key: str, fn: Callable[[], Any]) -> Any:
+        """Run `fn()` (sync or async) once for this task: its JSON result is stored, and a
+        retried attempt gets the stored result back instead of running `fn` again."""
+        row = await self._queue.store.read_one(
+            "SELECT result FROM task_steps WHERE task_id = ? AND key = ?", (self.task.id, key))
+        if row is not None:
+            return json.loads(row["result"])
+        value = fn()
+        if inspect.isawaitable(value):
+            value = await value
+        encoded = encode_json(value, f"the result of step {key!r}")
+        await self._queue.store.write(lambda conn: conn.execute(
+            "INSERT INTO task_steps (task_id, key, result) VALUES (?, ?, ?) "
+            "ON CONFLICT (task_id, key) DO UPDATE SET result = excluded.result",
+            (self.task.id, key, encoded)))
+        return value
+
+    def close(self) -> None:
+        """Called by the worker when the attempt is over: orphaned waits take no slot back."""
+        self._closed = True
+
+    @asynccontextmanager
+    async def _slot_given_back(self) -> AsyncIterator[None]:
+        self._waiting += 1
+        if self._waiting == 1 and self.holds_slot:
+            self.holds_slot = False
+            self._slots.release()
+        try:
+            yield
+        finally:
+            self._waiting -= 1
+            if self._waiting == 0 and not self.holds_slot and not self._closed:
+                await self._slots.retake()
+                self.holds_slot = True

@@ -1,0 +1,136 @@
+"""What a task is before it runs: its definition, the registry of definitions, and the
+per-name limits (concurrency cap, token-bucket rate) the workers enforce."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentd.errors import InvalidTaskError, UnknownTaskError
+
+TaskFunction = Callable[..., Any]
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*(s|sec|m|min|h|hour)\s*$")
+_UNIT_SECONDS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """`capacity` tokens refilled at `per_second`; a claim takes one. Burst = capacity."""
+
+    per_second: float
+    capacity: float
+    tokens: float = field(init=False)
+    updated: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.capacity
+
+    @classmethod
+    def parse(cls, text: str) -> TokenBucket:
+        """`"10/s"`, `"100/m"`, `"5/10s"` (5 per 10 seconds), `"1000/h"`."""
+        match = _RATE.match(text) if isinstance(text, str) else None
+        if not match or float(match.group(1)) <= 0:
+            raise InvalidTaskError(f"rate {text!r} must look like '10/s', '100/m', '5/10s' or '1000/h'")
+        count, span, unit = float(match.group(1)), match.group(2), match.group(3)
+        seconds = (float(span) if span else 1.0) * _UNIT_SECONDS[unit]
+        return cls(per_second=count / seconds, capacity=max(1.0, count))
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.per_second)
+        self.updated = now
+
+    def available(self, now: float | None = None) -> int:
+        self._refill(time.monotonic() if now is None else now)
+        return int(self.tokens)
+
+    def take(self, count: int = 1) -> None:
+        self.tokens -= count
+
+    def seconds_until_token(self) -> float:
+        self._refill(time.monotonic())
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.per_second
+
+
+@dataclass(slots=True)
+class TaskDef:
+    """A registered task: the function and its defaults."""
+
+    name: str
+    fn: TaskFunction
+    queue: str = "default"
+    max_attempts: int | None = None
+    timeout: float | None = None
+    priority: int = 0
+    concurrency: int | None = None
+    rate: TokenBucket | None = None
+    plugin: str | None = None
+    signature: inspect.Signature = field(init=False)
+    is_async: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.signature = inspect.signature(self.fn)
+        self.is_async = inspect.iscoroutinefunction(self.fn)
+        if not _NAME.fullmatch(self.name):
+            raise InvalidTaskError(f"task name {self.name!r} must be letters, digits, '_', '.', '-'")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise InvalidTaskError(f"task {self.name}: concurrency must be at least 1")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise InvalidTaskError(f"task {self.name}: max_attempts must be at least 1")
+
+    def check_args(self, args: Mapping[str, Any]) -> None:
+        """Raise InvalidTaskError unless `fn(ctx, **args)` would bind."""
+        try:
+            self.signature.bind(None, **args)
+        except TypeError as exc:
+            raise InvalidTaskError(
+                f"args do not fit task {self.name}{self.signature}: {exc}", ) from exc
+
+
+# One encoder: json.dumps with non-default options builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def encode_json(value: Any, what: str) -> str:
+    """`value` as compact JSON, or InvalidTaskError naming `what` when it is not JSON."""
+    if value is None:
+        return "null"
+    try:
+        return _ENCODER.encode(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidTaskError(f"{what} must be JSON-serialisable: {exc}") from exc
+
+
+class TaskRegistry:
+    """Task definitions by name; plugins add theirs at start and remove them when unloaded."""
+
+    def __init__(self) -> None:
+        self._defs: dict[str, TaskDef] = {}
+
+    def add(self, definition: TaskDef) -> Callable[[], None]:
+        """Register; return the function that removes it again."""
+        if definition.name in self._defs:
+            raise InvalidTaskError(f"task {definition.name!r} is already registered")
+        self._defs[definition.name] = definition
+        return lambda: self.remove(definition.name)
+
+    def remove(self, name: str) -> None:
+        self._defs.pop(name, None)
+
+    def get(self, name: str) -> TaskDef:
+        try:
+            return self._defs[name]
+        except KeyError:
+            raise UnknownTaskError(f"no task named {name!r} is registered") from None
+
+    def find(self, name: str) -> TaskDef | None:
+        return self._defs.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._defs)

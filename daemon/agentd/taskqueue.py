@@ -1,0 +1,439 @@
+"""The durable queue's records and operations: enqueue, read, list, cancel, requeue, delete,
+and waiting for a result. Workers (worker.py) claim and settle tasks through it.
+
+Every operation is one grouped write (see `Store.write`), so it returns only once committed,
+and every state change is published on the bus after its commit:
+
+    task.queued      enqueued, retried by hand (requeue) or recovered after a crash
+    task.started     an attempt began                      (data: attempt)
+    task.progress    the task reported progress            (data: kind, data)
+    task.retrying    an attempt failed, another will run   (data: attempt, error, delay)
+    task.succeeded   finished with a result
+    task.failed      finished with an error, no retry      (Fail raised, unknown task, bad result)
+    task.dead        an attempt failed and none is left    (the dead-letter state)
+    task.cancelled   cancelled while queued or running
+
+Each event's data has `task_id`, `name`, `queue` and `status`; its `correlation_id` is the
+root task's id and its `causation_id` the parent task's id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from agentd.bus import Bus
+from agentd.config import TasksConfig
+from agentd.db import Connection, Row, Store
+from agentd.errors import (
+    InvalidTaskError,
+    TaskFailedError,
+    TaskNotFoundError,
+    TaskStateError,
+)
+from agentd.taskdef import TaskRegistry, encode_json
+
+FINAL_STATES = frozenset({"succeeded", "failed", "dead", "cancelled"})
+STATES = frozenset({"queued", "running"}) | FINAL_STATES
+REQUEUEABLE = frozenset({"failed", "dead", "cancelled"})
+
+_COLUMNS = (
+    "queue, name, args, status, priority, run_at, max_attempts, timeout, "
+    "idempotency_key, parent_id, correlation_id, created_at"
+)
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """One row of the tasks table, decoded.
+
+    Not frozen: the worker that claimed a task owns its record and updates it in place as
+    the attempt ends (a frozen copy per state change was a measurable share of a no-op
+    task's cost). Everyone else treats records as values."""
+
+    id: int
+    queue: str
+    name: str
+    args: dict[str, Any]
+    status: str
+    priority: int
+    run_at: float
+    attempts: int
+    max_attempts: int
+    timeout: float | None
+    idempotency_key: str | None
+    parent_id: int | None
+    correlation_id: str
+    cancel_requested: bool
+    result: Any
+    error: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    expires_at: float | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> TaskRecord:
+        args = row["args"]
+        return cls(
+            id=row["id"], queue=row["queue"], name=row["name"],
+            args={} if args == "{}" else json.loads(args),
+            status=row["status"], priority=row["priority"], run_at=row["run_at"],
+            attempts=row["attempts"], max_attempts=row["max_attempts"], timeout=row["timeout"],
+            idempotency_key=row["idempotency_key"], parent_id=row["parent_id"],
+            correlation_id=row["correlation_id"] or str(row["id"]),
+            cancel_requested=bool(row["cancel_requested"]),
+            result=None if row["result"] is None else json.loads(row["result"]),
+            error=row["error"], created_at=row["created_at"], started_at=row["started_at"],
+            finished_at=row["finished_at"], expires_at=row["expires_at"],
+        )
+
+    @classmethod
+    def queued(cls, task_id: int, values: tuple[Any, ...], args: dict[str, Any]) -> TaskRecord:
+        """The record of a row just inserted from `values` (in `_COLUMNS` order)."""
+        (queue, name, _, status, priority, run_at, max_attempts, timeout, key, parent_id,
+         correlation_id, created_at) = values
+        return cls(
+            id=task_id, queue=queue, name=name, args=args, status=status, priority=priority,
+            run_at=run_at, attempts=0, max_attempts=max_attempts, timeout=timeout,
+            idempotency_key=key, parent_id=parent_id, correlation_id=correlation_id or str(task_id),
+            cancel_requested=False, result=None, error=None, created_at=created_at,
+            started_at=None, finished_at=None, expires_at=None,
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "name": self.name, "queue": self.queue, "status": self.status,
+            "args": self.args, "priority": self.priority, "run_at": self.run_at,
+            "attempts": self.attempts, "max_attempts": self.max_attempts, "timeout": self.timeout,
+            "idempotency_key": self.idempotency_key, "parent_id": self.parent_id,
+            "correlation_id": self.correlation_id, "cancel_requested": self.cancel_requested,
+            "result": self.result, "error": self.error, "created_at": self.created_at,
+            "started_at": self.started_at, "finished_at": self.finished_at,
+            "expires_at": self.expires_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRequest:
+    """What to enqueue. Unset options take the task definition's, then `[tasks]` defaults.
+
+    `dedupe_window`: how many seconds an idempotency key keeps returning the task it made
+    (None: `[tasks] idempotency_window`; `float("inf")`: forever).
+    """
+
+    name: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+    queue: str | None = None
+    priority: int | None = None
+    delay: float | None = None
+    run_at: float | None = None
+    idempotency_key: str | None = None
+    max_attempts: int | None = None
+    timeout: float | None = None
+    parent_id: int | None = None
+    correlation_id: str | None = None
+    dedupe_window: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """An enqueue's outcome: the task, and whether this call created it (False: deduplicated)."""
+
+    task: TaskRecord
+    created: bool
+
+
+class TaskQueue:
+    """The queue's API for everything that is not a worker: HTTP, CLI, plugins, `ctx.call`."""
+
+    def __init__(self, store: Store, bus: Bus, registry: TaskRegistry, config: TasksConfig) -> None:
+        self.store = store
+        self.bus = bus
+        self.registry = registry
+        self.config = config
+        self._waiters: dict[int, list[asyncio.Future[TaskRecord]]] = {}
+        self._work_listeners: list[Callable[[str], None]] = []
+        self._cancel_listeners: list[Callable[[int], None]] = []
+
+    def on_work(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(queue)` whenever a queue may have new claimable work."""
+        self._work_listeners.append(listener)
+
+    def on_cancel(self, listener: Callable[[int], None]) -> None:
+        """Call `listener(task_id)` when a running task must be cancelled."""
+        self._cancel_listeners.append(listener)
+
+    def notify_work(self, queue: str) -> None:
+        for listener in self._work_listeners:
+            listener(queue)
+
+    # -- enqueue ---------------------------------------------------------------------------
+
+    async def enqueue(self, name: str, args: Mapping[str, Any] | None = None, **options: Any) -> TaskRecord:
+        """Enqueue one task; return it once committed (the existing one for a known key).
+
+        Raises:
+            UnknownTaskError: no task of that name is registered.
+            InvalidTaskError: an argument or option is wrong; the message names it.
+        """
+        (outcome,) = await self.enqueue_many([TaskRequest(name, args or {}, **options)])
+        return outcome.task
+
+    async def enqueue_many(self, requests: Sequence[TaskRequest]) -> list[Enqueued]:
+        """Enqueue several tasks in one transaction: all are validated first, then all commit."""
+        now = time.time()
+        prepared = [self._prepare(request, now) for request in requests]
+        windows = [
+            self.config.idempotency_window if r.dedupe_window is None else r.dedupe_window
+            for r in requests
+        ]
+        inserted = await self.store.write(lambda conn: _insert_tasks(conn, prepared, windows, now))
+        outcomes = [
+            Enqueued(TaskRecord.queued(found, values, dict(request.args)), True)
+            if isinstance(found, int) else Enqueued(TaskRecord.from_row(found), False)
+            for found, values, request in zip(inserted, prepared, requests, strict=True)
+        ]
+        queues: set[str] = set()
+        for outcome in outcomes:
+            if outcome.created:
+                self.publish("task.queued", outcome.task)
+                queues.add(outcome.task.queue)
+        for queue in queues:
+            self.notify_work(queue)
+        return outcomes
+
+    def _prepare(self, request: TaskRequest, now: float) -> tuple[Any, ...]:
+        definition = self.registry.get(request.name)
+        if not isinstance(request.args, Mapping):
+            raise InvalidTaskError(f"args must be a JSON object, got {type(request.args).__name__}")
+        definition.check_args(request.args)
+        if request.delay is not None and request.run_at is not None:
+            raise InvalidTaskError("give either delay or run_at, not both")
+        run_at = request.run_at if request.run_at is not None else now + (request.delay or 0.0)
+        max_attempts = request.max_attempts or definition.max_attempts or self.config.max_attempts
+        if max_attempts < 1:
+            raise InvalidTaskError(f"max_attempts must be at least 1, got {max_attempts}")
+        timeout = request.timeout if request.timeout is not None else definition.timeout
+        if timeout is not None and timeout <= 0:
+            raise InvalidTaskError(f"timeout must be positive, got {timeout}")
+        queue = request.queue or definition.queue
+        if queue not in self.config.queues:
+            raise InvalidTaskError(
+                f"queue {queue!r} has no workers; configured queues: {', '.join(self.config.queues)}"
+            )
+        priority = request.priority if request.priority is not None else definition.priority
+        return (
+            queue, request.name, encode_json(dict(request.args), "args"), "queued", priority,
+            run_at, max_attempts, timeout, request.idempotency_key, request.parent_id,
+            request.correlation_id, now,
+        )
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def get(self, task_id: int) -> TaskRecord:
+        row = await self.store.read_one("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        if row is None:
+            raise TaskNotFoundError(f"no task with id {task_id}")
+        return TaskRecord.from_row(row)
+
+    async def children(self, task_id: int) -> list[int]:
+        rows = await self.store.read("SELECT id FROM tasks WHERE parent_id = ? ORDER BY id", (task_id,))
+        return [row["id"] for row in rows]
+
+    async def list(
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        queue: str | None = None,
+        before_id: int | None = None,
+        limit: int = 50,
+    ) -> list[TaskRecord]:
+        """Newest first; page with `before_id` = the last id of the previous page."""
+        if status is not None and status not in STATES:
+            raise InvalidTaskError(f"status must be one of {', '.join(sorted(STATES))}, got {status!r}")
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (("status", status), ("name", name), ("queue", queue)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if before_id is not None:
+            clauses.append("id < ?")
+            params.append(before_id)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = await self.store.read(
+            f"SELECT * FROM tasks {where} ORDER BY id DESC LIMIT ?", (*params, limit)
+        )
+        return [TaskRecord.from_row(row) for row in rows]
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self.store.read("SELECT status, count(*) AS n FROM tasks GROUP BY status")
+        return {row["status"]: row["n"] for row in rows}
+
+    # -- changing --------------------------------------------------------------------------
+
+    async def cancel(self, task_id: int) -> TaskRecord:
+        """Cancel a task and its unfinished descendants. Queued ones end now; running ones are
+        marked (so a restart never runs them) and their coroutines cancelled."""
+        now = time.time()
+        ttl = self.config.result_ttl
+
+        def op(conn: Connection) -> tuple[list[Row], list[int]]:
+            if conn.execute("SELECT 1 FROM tasks WHERE id = ?", (task_id,)).fetchone() is None:
+                raise TaskNotFoundError(f"no task with id {task_id}")
+            tree = [row[0] for row in conn.execute(_DESCENDANTS, (task_id,))]
+            marks = ",".join("?" * len(tree))
+            ended = conn.execute(
+                f"UPDATE tasks SET status = 'cancelled', cancel_requested = 1, finished_at = ?, "
+                f"expires_at = ?, error = 'cancelled' WHERE id IN ({marks}) AND status = 'queued' "
+                "RETURNING *", (now, now + ttl, *tree)).fetchall()
+            running = conn.execute(
+                f"UPDATE tasks SET cancel_requested = 1 WHERE id IN ({marks}) AND status = 'running' "
+                "RETURNING id", tree).fetchall()
+            return ended, [row[0] for row in running]
+
+        ended, running = await self.store.write(op)
+        for row in ended:
+            self.settle(TaskRecord.from_row(row), "task.cancelled")
+        for running_id in running:
+            for listener in self._cancel_listeners:
+                listener(running_id)
+        return await self.get(task_id)
+
+    async def requeue(self, task_id: int) -> TaskRecord:
+        """Run a dead, failed or cancelled task again from a fresh attempt count."""
+        now = time.time()
+
+        def op(conn: Connection) -> Row:
+            row: Row | None = conn.execute(
+                "UPDATE tasks SET status = 'queued', attempts = 0, run_at = ?, error = NULL, "
+                "result = NULL, cancel_requested = 0, finished_at = NULL, expires_at = NULL, "
+                "lease_until = NULL WHERE id = ? AND status IN ('failed', 'dead', 'cancelled') "
+                "RETURNING *", (now, task_id)).fetchone()
+            if row is None:
+                _raise_state(conn, task_id, "requeue", "dead, failed or cancelled")
+            return row
+
+        record = TaskRecord.from_row(await self.store.write(op))
+        self.publish("task.queued", record, requeued=True)
+        self.notify_work(record.queue)
+        return record
+
+    async def delete(self, task_id: int) -> None:
+        """Delete a finished task (and its steps)."""
+
+        def op(conn: Connection) -> None:
+            deleted = conn.execute(
+                "DELETE FROM tasks WHERE id = ? AND status IN "
+                "('succeeded', 'failed', 'dead', 'cancelled') RETURNING id", (task_id,)).fetchone()
+            if deleted is None:
+                _raise_state(conn, task_id, "delete", "finished")
+
+        await self.store.write(op)
+
+    async def purge_expired(self) -> int:
+        """Delete finished tasks whose result TTL has passed; return how many."""
+        now = time.time()
+        return await self.store.write(lambda conn: conn.execute(
+            "DELETE FROM tasks WHERE expires_at < ? AND status IN "
+            "('succeeded', 'failed', 'dead', 'cancelled')", (now,)).rowcount)
+
+    # -- results ---------------------------------------------------------------------------
+
+    async def wait(self, task_id: int, timeout: float | None = None) -> TaskRecord:
+        """The task once it is finished. Wakes on completion, no polling.
+
+        Raises:
+            TaskNotFoundError: no such task.
+            TimeoutError: not finished within `timeout` seconds.
+        """
+        future: asyncio.Future[TaskRecord] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(task_id, []).append(future)
+        try:
+            record = await self.get(task_id)
+            if record.finished:
+                return record
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            waiters = self._waiters.get(task_id, [])
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._waiters.pop(task_id, None)
+
+    async def result(self, task_id: int, timeout: float | None = None) -> Any:
+        """The task's result once it succeeds.
+
+        Raises:
+            TaskFailedError: it ended failed, dead or cancelled.
+            TimeoutError: not finished within `timeout` seconds.
+        """
+        record = await self.wait(task_id, timeout)
+        if record.status != "succeeded":
+            raise TaskFailedError(record.id, record.name, record.status, record.error)
+        return record.result
+
+    # -- used by workers -------------------------------------------------------------------
+
+    def settle(self, record: TaskRecord, topic: str, **extra: Any) -> None:
+        """Publish a final state and wake everyone waiting for this task."""
+        self.publish(topic, record, **extra)
+        for future in self._waiters.pop(record.id, []):
+            if not future.done():
+                future.set_result(record)
+
+    def publish(self, topic: str, record: TaskRecord, **extra: Any) -> None:
+        self.bus.publish(
+            topic,
+            {"task_id": record.id, "name": record.name, "queue": record.queue,
+             "status": record.status, **extra},
+            correlation_id=record.correlation_id,
+            causation_id=None if record.parent_id is None else str(record.parent_id),
+        )
+
+
+_DESCENDANTS = """
+WITH RECURSIVE tree(id) AS (
+    SELECT ? UNION SELECT tasks.id FROM tasks JOIN tree ON tasks.parent_id = tree.id
+) SELECT id FROM tree
+"""
+
+
+def _insert_tasks(
+    conn: Connection, prepared: list[tuple[Any, ...]], windows: list[float], now: float
+) -> list[int | Row]:
+    """Insert each row; return its new id, or the existing row its idempotency key names."""
+    out: list[int | Row] = []
+    insert = f"INSERT INTO tasks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+    for values, window in zip(prepared, windows, strict=True):
+        key = values[8]
+        if key is not None:
+            existing = conn.execute("SELECT * FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
+            if existing is not None:
+                if existing["created_at"] >= now - window:
+                    out.append(existing)
+                    continue
+                # Past its window the key is free again; the old task keeps its history.
+                conn.execute("UPDATE tasks SET idempotency_key = NULL WHERE id = ?", (existing["id"],))
+        task_id = conn.execute(insert, values).lastrowid
+        if task_id is None:
+            raise RuntimeError("SQLite returned no id for an inserted task")
+        out.append(task_id)
+    return out
+
+
+def _raise_state(conn: Connection, task_id: int, action: str, allowed: str) -> NoReturn:
+    row = conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    if row is None:
+        raise TaskNotFoundError(f"no task with id {task_id}")
+    raise TaskStateError(f"cannot {action} task {task_id}: it is {row[0]}, not {allowed}")

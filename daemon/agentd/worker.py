@@ -1,0 +1,397 @@
+"""Running tasks: one claim loop per named queue, a coroutine per claimed task, leases
+renewed by a heartbeat, retries with full-jitter backoff, recovery after a crash.
+
+Slots. A queue has `workers` slots. A claim takes as many queued tasks as there are free
+slots in one transaction. A task waiting for its children (`ctx.call`) gives its slot back
+and takes one again, ahead of new claims, once they are done: one worker is enough for a
+parent and its children.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from agentd.config import TasksConfig
+from agentd.context import Context
+from agentd.db import Connection, Row, Store
+from agentd.errors import Fail, InvalidTaskError, Retry
+from agentd.log import get_logger
+from agentd.taskdef import TaskDef, TaskRegistry, encode_json
+from agentd.taskqueue import TaskQueue, TaskRecord
+
+_LOG = get_logger("worker")
+
+
+class Slots:
+    """A queue's worker slots; waiters to re-take a slot go before new claims."""
+
+    def __init__(self, capacity: int, wake: asyncio.Event) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._retakers: deque[asyncio.Future[None]] = deque()
+        self._wake = wake
+
+    @property
+    def free(self) -> int:
+        return 0 if self._retakers else max(0, self.capacity - self.used)
+
+    def release(self) -> None:
+        while self._retakers:
+            retaker = self._retakers.popleft()
+            if not retaker.done():
+                retaker.set_result(None)  # the slot passes straight to a waiting parent
+                return
+        self.used -= 1
+        self._wake.set()
+
+    async def retake(self) -> None:
+        if self.used < self.capacity and not self._retakers:
+            self.used += 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._retakers.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # granted just as we were cancelled: give it back
+            raise
+
+
+class WorkerPool:
+    """Claims and runs tasks for every configured queue; see the module docstring."""
+
+    def __init__(self, store: Store, queue: TaskQueue, registry: TaskRegistry, config: TasksConfig,
+                 plugin_configs: Mapping[str, Mapping[str, Any]]) -> None:
+        self.store = store
+        self.queue = queue
+        self.registry = registry
+        self.config = config
+        self._plugin_configs = plugin_configs
+        self._wakes = {name: asyncio.Event() for name in config.queues}
+        self._slots = {name: Slots(n, self._wakes[name]) for name, n in config.queues.items()}
+        self.running: dict[int, asyncio.Task[None]] = {}
+        self._running_by_name: dict[str, int] = {}
+        self._cancelling: set[int] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopping = False
+        queue.on_work(self.wake)
+        queue.on_cancel(self._cancel_running)
+
+    async def start(self) -> None:
+        """Recover what a dead process left running, then start claiming."""
+        await self._recover()
+        loop = asyncio.get_running_loop()
+        for name in self.config.queues:
+            self._loops.append(loop.create_task(self._claim_loop(name), name=f"claim:{name}"))
+        self._loops.append(loop.create_task(self._heartbeat(), name="task-heartbeat"))
+        self._loops.append(loop.create_task(self._purge_loop(), name="task-purge"))
+
+    async def stop(self, deadline: float) -> None:
+        """Stop claiming; let running tasks finish for `deadline` s, then requeue the rest."""
+        self._stopping = True
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops.clear()
+        if self.running:
+            _, pending = await asyncio.wait(set(self.running.values()), timeout=deadline)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def wake(self, queue: str) -> None:
+        wake = self._wakes.get(queue)
+        if wake is not None:
+            wake.set()
+
+    def _cancel_running(self, task_id: int) -> None:
+        task = self.running.get(task_id)
+        if task is not None:
+            self._cancelling.add(task_id)
+            task.cancel()
+
+    # -- claiming --------------------------------------------------------------------------
+
+    async def _claim_loop(self, queue: str) -> None:
+        wake, slots = self._wakes[queue], self._slots[queue]
+        while True:
+            wake.clear()
+            next_at: float | None = None
+            if slots.free:
+                blocked, budgets = self._limits()
+                rows, next_at = await self.store.write(partial(
+                    _claim, queue=queue, wanted=slots.free, blocked=blocked, budgets=budgets,
+                    lease=self.config.lease))
+                for row in rows:
+                    self._start(TaskRecord.from_row(row), slots)
+                if rows and slots.free:
+                    continue  # there may be more claimable work right now
+            timeout = None if next_at is None else max(0.0, next_at - time.time())
+            rate_wait = self._rate_wait()
+            if rate_wait is not None:
+                timeout = rate_wait if timeout is None else min(timeout, rate_wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout)
+
+    def _limits(self) -> tuple[set[str], dict[str, int]]:
+        """Names that may not start now, and how many more of each limited name may."""
+        blocked: set[str] = set()
+        budgets: dict[str, int] = {}
+        for name in self.registry.names():
+            definition = self.registry.get(name)
+            budget: int | None = None
+            if definition.concurrency is not None:
+                budget = definition.concurrency - self._running_by_name.get(name, 0)
+            if definition.rate is not None:
+                tokens = definition.rate.available()
+                budget = tokens if budget is None else min(budget, tokens)
+            if budget is not None:
+                if budget <= 0:
+                    blocked.add(name)
+                else:
+                    budgets[name] = budget
+        return blocked, budgets
+
+    def _rate_wait(self) -> float | None:
+        waits = [d.rate.seconds_until_token() for d in map(self.registry.get, self.registry.names())
+                 if d.rate is not None and d.rate.available() < 1]
+        return min(waits) if waits else None
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _start(self, record: TaskRecord, slots: Slots) -> None:
+        slots.used += 1
+        definition = self.registry.find(record.name)
+        if definition is not None and definition.rate is not None:
+            definition.rate.take()
+        self._running_by_name[record.name] = self._running_by_name.get(record.name, 0) + 1
+        task = asyncio.get_running_loop().create_task(
+            self._run(record, definition, slots), name=f"task:{record.name}:{record.id}")
+        self.running[record.id] = task
+
+    async def _run(self, record: TaskRecord, definition: TaskDef | None, slots: Slots) -> None:
+        plugin_config = self._plugin_configs.get(definition.plugin or "", {}) if definition else {}
+        ctx = Context(record, self.queue, slots, plugin_config)
+        self.queue.publish("task.started", record, attempt=record.attempts)
+        try:
+            outcome = await self._execute(record, definition, ctx)
+            # Free the slot before the acknowledgement commits, so the next claim shares
+            # its transaction. The row stays `running` until then: nothing can be lost.
+            ctx.close()
+            if ctx.holds_slot:
+                ctx.holds_slot = False
+                slots.release()
+            await self._settle(record, outcome)
+        finally:
+            ctx.close()
+            if ctx.holds_slot:
+                slots.release()
+            self.running.pop(record.id, None)
+            self._cancelling.discard(record.id)
+            self._running_by_name[record.name] -= 1
+            if definition is not None and definition.concurrency is not None:
+                self.wake(record.queue)
+
+    async def _execute(self, record: TaskRecord, definition: TaskDef | None, ctx: Context) -> _Outcome:
+        try:
+            if definition is None:
+                raise Fail(f"no task named {record.name!r} is registered")
+            value = await _call_task(definition, record, ctx)
+            encoded = encode_json(value, f"the result of {record.name}")
+            # Waiters get what a later reader of the row gets: the JSON round trip
+            # (a tuple becomes a list, int keys become strings). Scalars survive it as they are.
+            if not isinstance(value, str | int | bool | None):
+                value = json.loads(encoded)
+            return _Outcome("succeeded", result=encoded, value=value)
+        except asyncio.CancelledError:
+            if record.id in self._cancelling:
+                return _Outcome("cancelled", error="cancelled")
+            if self._stopping:
+                return _Outcome("interrupted", error="interrupted by daemon stop")
+            raise
+        except Retry as exc:
+            return _Outcome("retry", error=f"Retry: {exc}", delay=exc.delay)
+        except (Fail, InvalidTaskError) as exc:
+            return _Outcome("failed", error=f"{type(exc).__name__}: {exc}")
+        except TimeoutError:
+            return _Outcome("retry", error=f"TimeoutError: no result after {record.timeout} s")
+        except Exception as exc:
+            ctx.log.warning("task.attempt_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+            return _Outcome("retry", error=f"{type(exc).__name__}: {exc}")
+
+    async def _settle(self, record: TaskRecord, outcome: _Outcome) -> None:
+        now = time.time()
+        ttl_until = now + self.config.result_ttl
+        status, delay = outcome.status, 0.0
+        if status == "retry":
+            if record.attempts >= record.max_attempts:
+                status = "dead"
+            else:
+                status = "queued"
+                delay = outcome.delay if outcome.delay is not None else self._backoff(record.attempts)
+        if status in ("queued", "interrupted"):
+            undo_attempt = 1 if status == "interrupted" else 0
+            run_at = now + delay
+            await self.store.write(lambda conn: conn.execute(
+                "UPDATE tasks SET status = 'queued', run_at = ?, error = ?, lease_until = NULL, "
+                "attempts = attempts - ? WHERE id = ?", (run_at, outcome.error, undo_attempt, record.id)))
+            if status == "queued":
+                record.status, record.run_at, record.error = "queued", run_at, outcome.error
+                self.queue.publish("task.retrying", record, attempt=record.attempts,
+                                   error=outcome.error, delay=round(delay, 3))
+            self.wake(record.queue)
+            return
+        await self.store.write(lambda conn: conn.execute(
+            "UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?, expires_at = ?, "
+            "lease_until = NULL WHERE id = ?",
+            (status, outcome.result, outcome.error, now, ttl_until, record.id)))
+        record.status, record.result, record.error = status, outcome.value, outcome.error
+        record.finished_at, record.expires_at = now, ttl_until
+        extra: dict[str, Any] = {"attempt": record.attempts}
+        if outcome.error:
+            extra["error"] = outcome.error
+        self.queue.settle(record, f"task.{status}", **extra)
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter: uniform in [0, min(max, base * 2^(attempt-1))]."""
+        ceiling = min(self.config.retry_max, self.config.retry_base * 2 ** (attempt - 1))
+        return random.uniform(0, ceiling)
+
+    # -- leases and recovery ---------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        interval = self.config.lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            recovered = await self.store.write(partial(
+                _renew, running=list(self.running), lease_until=time.time() + self.config.lease,
+                ttl=self.config.result_ttl, expired_only=True))
+            self._publish_recovered(recovered)
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.purge_interval)
+            purged = await self.queue.purge_expired()
+            if purged:
+                _LOG.info("tasks.purged", count=purged)
+
+    async def _recover(self) -> None:
+        recovered = await self.store.write(partial(
+            _renew, running=[], lease_until=0.0, ttl=self.config.result_ttl, expired_only=False))
+        self._publish_recovered(recovered)
+        if recovered:
+            _LOG.warning("tasks.recovered", count=len(recovered))
+
+    def _publish_recovered(self, rows: list[Row]) -> None:
+        for row in rows:
+            record = TaskRecord.from_row(row)
+            if record.finished:
+                self.queue.settle(record, f"task.{record.status}", error=record.error)
+            else:
+                self.queue.publish("task.queued", record, recovered=True)
+                self.wake(record.queue)
+
+
+async def _call_task(definition: TaskDef, record: TaskRecord, ctx: Context) -> Any:
+    """Run the task's function (sync ones in a thread) within its timeout."""
+    if definition.is_async:
+        call = definition.fn(ctx, **record.args)
+    else:
+        call = asyncio.to_thread(definition.fn, ctx, **record.args)
+    if record.timeout is None:
+        return await call
+    async with asyncio.timeout(record.timeout):
+        return await call
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """How an attempt ended: succeeded, failed, retry, cancelled or interrupted (by a stop)."""
+
+    status: str
+    result: str | None = None
+    error: str | None = None
+    delay: float | None = None
+    value: Any = None
+
+
+def _claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budgets: dict[str, int],
+           lease: float) -> tuple[list[Row], float | None]:
+    now = time.time()
+    exclude = f"AND name NOT IN ({','.join('?' * len(blocked))})" if blocked else ""
+    candidates = conn.execute(
+        # INDEXED BY: without ANALYZE statistics SQLite prefers tasks_due and sorts every row.
+        f"SELECT id, name FROM tasks INDEXED BY tasks_claim WHERE status = 'queued' AND queue = ? "
+        f"AND run_at <= ? {exclude} "
+        "ORDER BY priority DESC, run_at, id LIMIT ?",
+        (queue, now, *blocked, wanted + len(budgets) * wanted)).fetchall()
+    picked: list[int] = []
+    for task_id, name in candidates:
+        if len(picked) == wanted:
+            break
+        if name in budgets:
+            if budgets[name] <= 0:
+                continue
+            budgets[name] -= 1
+        picked.append(task_id)
+    rows: list[Row] = []
+    if picked:
+        rows = conn.execute(
+            f"UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?, "
+            f"lease_until = ? WHERE id IN ({','.join('?' * len(picked))}) RETURNING *",
+            (now, now + lease, *picked)).fetchall()
+        rows.sort(key=lambda r: (-r["priority"], r["run_at"], r["id"]))
+    if len(rows) == wanted:
+        return rows, None  # every free slot was filled; the loop claims again when one frees
+    exhausted = blocked | {name for name, left in budgets.items() if left <= 0}
+    exclude = f"AND name NOT IN ({','.join('?' * len(exhausted))})" if exhausted else ""
+    next_at = conn.execute(
+        f"SELECT min(run_at) FROM tasks INDEXED BY tasks_due WHERE status = 'queued' AND queue = ? "
+        f"{exclude}",
+        (queue, *exhausted)).fetchone()[0]
+    return rows, next_at
+
+
+def _renew(conn: Connection, *, running: list[int], lease_until: float, ttl: float,
+           expired_only: bool) -> list[Row]:
+    """Extend our leases; requeue (or end) the `running` rows nobody runs any more.
+
+    At start (`expired_only=False`) every running row was left by a dead process: we hold
+    the database lock. Later only rows whose lease has expired are taken back; a row
+    claimed after `running` was listed has a fresh lease and is left alone.
+    """
+    now = time.time()
+    marks = ",".join("?" * len(running))
+    if running:
+        conn.execute(f"UPDATE tasks SET lease_until = ? WHERE id IN ({marks})", (lease_until, *running))
+    others = f"AND id NOT IN ({marks})" if running else ""
+    expired = "AND lease_until < ?" if expired_only else ""
+    params = (*running, now) if expired_only else tuple(running)
+    orphans = conn.execute(
+        f"SELECT * FROM tasks WHERE status = 'running' {others} {expired}", params).fetchall()
+    changed: list[Row] = []
+    for row in orphans:
+        if row["cancel_requested"]:
+            status, error = "cancelled", "cancelled"
+        elif row["attempts"] >= row["max_attempts"]:
+            status = "dead"
+            error = f"the process died during attempt {row['attempts']} of {row['max_attempts']}"
+        else:
+            status, error = "queued", f"the process died during attempt {row['attempts']}"
+        final = status != "queued"
+        changed.append(conn.execute(
+            "UPDATE tasks SET status = ?, error = ?, lease_until = NULL, run_at = ?, "
+            "finished_at = ?, expires_at = ? WHERE id = ? RETURNING *",
+            (status, error, now, now if final else None, now + ttl if final else None,
+             row["id"])).fetchone())
+    return changed
