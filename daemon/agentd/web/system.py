@@ -50,7 +50,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/status")
-@doc("What the running daemon is doing: process, store, bus, handlers and plugins", tag="system")
+@doc("What the running daemon is doing: process, store, bus, handlers, tasks and plugins",
+     tag="system")
 async def status(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     return web.json_response({
@@ -64,6 +65,8 @@ async def status(request: web.Request) -> web.Response:
         "bus": daemon.bus.stats(),
         "handlers": {"running": len(daemon.spawner), "failed": daemon.spawner.failed,
                      "dropped": daemon.spawner.dropped},
+        "tasks": {"by_status": await daemon.queue.counts(), "running_here": len(daemon.workers.running),
+                  "registered": daemon.registry.names()},
         "loop_lag": round(daemon.lag.lag, 4),
         "plugins": daemon.plugins.states(),
     })
