@@ -159,12 +159,13 @@ async def serve(config: Config) -> None:
     """Run a daemon until SIGTERM or SIGINT, then stop it in stages."""
     loop = asyncio.get_running_loop()
     daemon = Daemon(config)
-    async with daemon:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, daemon.request_stop)
-        try:
+    # Installed before the start: READY=1 and the "daemon.started" line may be acted on at once.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, daemon.request_stop)
+    try:
+        async with daemon:
             await daemon.wait_stopped()
-        finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(Exception):
-                    loop.remove_signal_handler(signum)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)

@@ -107,7 +107,7 @@ class HttpServer:
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._requested_port, shutdown_timeout=5.0)
+        site = web.TCPSite(self._runner, self._host, self._requested_port)
         try:
             await site.start()
         except OSError:

@@ -1,0 +1,140 @@
+"""The plugin the queue tests load (copied into each test's plugin directory).
+
+Tasks record what they did in module-level state the tests read through `sys.modules`,
+and block on named gates the tests open, so no test needs to sleep.
+"""
+
+import asyncio
+import threading
+
+from agentd import Plugin
+from agentd.errors import Fail, Retry
+
+plugin = Plugin("qt")
+
+GATES: dict[str, asyncio.Event] = {}
+STARTED: list[tuple[str, int]] = []
+STEP_RUNS: dict[str, int] = {}
+CANCELLED: list[int] = []
+RUNNING = {"now": 0, "max": 0}
+THREADS: list[int] = []
+
+
+def gate(name: str) -> asyncio.Event:
+    return GATES.setdefault(name, asyncio.Event())
+
+
+@plugin.task()
+async def echo(ctx, value=None):
+    STARTED.append(("echo", ctx.task.id))
+    return value
+
+
+@plugin.task()
+async def info(ctx):
+    ctx.emit("looked", {"at": "myself"})
+    return {"id": ctx.task.id, "name": ctx.task.name, "attempt": ctx.task.attempt,
+            "parent": ctx.task.parent_id, "config": dict(ctx.config)}
+
+
+@plugin.task()
+async def wait_gate(ctx, name: str, result=None):
+    STARTED.append((name, ctx.task.id))
+    gate(f"started:{name}").set()
+    try:
+        await gate(name).wait()
+    except asyncio.CancelledError:
+        CANCELLED.append(ctx.task.id)
+        raise
+    return result
+
+
+@plugin.task(max_attempts=3)
+async def always_fails(ctx):
+    raise RuntimeError(f"attempt {ctx.task.attempt} failed")
+
+
+@plugin.task(max_attempts=3)
+async def retry_later(ctx, delay: float):
+    if ctx.task.attempt == 1:
+        raise Retry(delay=delay)
+    return ctx.task.attempt
+
+
+@plugin.task()
+async def fail_now(ctx):
+    raise Fail("no point retrying")
+
+
+@plugin.task()
+async def not_json(ctx):
+    return {1, 2}
+
+
+@plugin.task(max_attempts=1, timeout=0.2)
+async def too_slow(ctx):
+    await gate("never").wait()
+
+
+@plugin.task(max_attempts=3)
+async def steps_then_fail_once(ctx):
+    def count(key):
+        STEP_RUNS[key] = STEP_RUNS.get(key, 0) + 1
+        return {"ran": key}
+
+    first = await ctx.step("first", lambda: count("first"))
+    if ctx.task.attempt == 1:
+        raise RuntimeError("crash after the first step")
+    second = await ctx.step("second", lambda: count("second"))
+    return [first, second]
+
+
+@plugin.task()
+async def parent(ctx, values: list):
+    results = await ctx.gather(*(ctx.call("qt.echo", value=v) for v in values))
+    return sum(results)
+
+
+@plugin.task()
+async def serial_parent(ctx):
+    first = await ctx.call("qt.echo", value=1)
+    second = await ctx.call("qt.echo", value=2)
+    return [first, second]
+
+
+@plugin.task(max_attempts=1)
+async def parent_of_failure(ctx):
+    await ctx.call("qt.fail_now")
+
+
+@plugin.task()
+async def parent_of_waiter(ctx, name: str):
+    return await ctx.call("qt.wait_gate", name=name)
+
+
+@plugin.task(concurrency=2)
+async def limited(ctx, name: str):
+    RUNNING["now"] += 1
+    RUNNING["max"] = max(RUNNING["max"], RUNNING["now"])
+    gate(f"running:{RUNNING['now']}").set()
+    try:
+        await gate(name).wait()
+    finally:
+        RUNNING["now"] -= 1
+
+
+@plugin.task(rate="4/s")
+async def rated(ctx):
+    STARTED.append(("rated", ctx.task.id))
+
+
+@plugin.task(queue="reports")
+async def report(ctx):
+    return "report done"
+
+
+@plugin.task()
+def blocking(ctx, x: int):
+    THREADS.append(threading.get_ident())
+    ctx.emit("from-thread", {"x": x})
+    return x * 2

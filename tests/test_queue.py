@@ -1,0 +1,343 @@
+"""The durable queue against the real daemon: semantics, retries, limits, cancellation,
+results, the task context and the events every state change publishes."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from agentd.errors import InvalidTaskError, TaskFailedError, TaskNotFoundError, UnknownTaskError
+from agentd.taskqueue import TaskRequest
+
+PLUGIN_SOURCE = Path(__file__).with_name("queue_plugin.py")
+FAST_RETRIES = {"retry_base": 0.01, "retry_max": 0.02}
+
+
+@pytest.fixture
+def qt_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "qt_plugins"
+    directory.mkdir()
+    shutil.copy(PLUGIN_SOURCE, directory / "qt.py")
+    return directory
+
+
+@pytest.fixture
+async def qt(start_daemon: Any, qt_dir: Path) -> Any:
+    """`daemon, events, module = await qt(workers={"default": 4}, **tasks_options)`."""
+
+    async def start(workers: dict[str, int] | None = None, plugin_table: dict[str, Any] | None = None,
+                    state_dir: Path | None = None, stop_timeout: float = 5.0,
+                    **tasks: Any) -> tuple[Any, Any, ModuleType]:
+        overrides: dict[str, dict[str, Any]] = {
+            "tasks": {"queues": workers or {"default": 4}, **FAST_RETRIES, **tasks},
+            "daemon": {"stop_timeout": stop_timeout}}
+        if plugin_table is not None:
+            overrides["plugins"] = {"qt": plugin_table}
+        daemon, events = await start_daemon(plugin_dirs=[qt_dir], overrides=overrides,
+                                            state_dir=state_dir)
+        return daemon, events, sys.modules["agentd_plugins.qt"]
+
+    return start
+
+
+async def test_enqueue_returns_after_the_row_is_committed(qt: Any) -> None:
+    daemon, _, _ = await qt()
+    record = await daemon.queue.enqueue("qt.echo", {"value": 1}, delay=60)
+    # A separate connection sees the row as soon as enqueue returns: it was committed.
+    with sqlite3.connect(daemon.store.path) as other:
+        row = other.execute("SELECT name, status, args FROM tasks WHERE id = ?", (record.id,)).fetchone()
+    assert row == ("qt.echo", "queued", '{"value":1}')
+
+
+async def test_bad_enqueues_are_refused_with_the_reason(qt: Any) -> None:
+    daemon, _, _ = await qt()
+    with pytest.raises(UnknownTaskError, match=r"qt\.missing"):
+        await daemon.queue.enqueue("qt.missing")
+    with pytest.raises(InvalidTaskError, match="args must be JSON-serialisable"):
+        await daemon.queue.enqueue("qt.echo", {"value": {1, 2}})
+    with pytest.raises(InvalidTaskError, match="unexpected keyword argument 'nope'"):
+        await daemon.queue.enqueue("qt.echo", {"nope": 1})
+    with pytest.raises(InvalidTaskError, match="queue 'elsewhere' has no workers"):
+        await daemon.queue.enqueue("qt.echo", queue="elsewhere")
+    with pytest.raises(InvalidTaskError, match="either delay or run_at"):
+        await daemon.queue.enqueue("qt.echo", delay=1, run_at=time.time())
+    assert await daemon.queue.counts() == {}
+
+
+async def test_a_task_runs_and_its_result_wakes_the_waiter(qt: Any) -> None:
+    daemon, events, _ = await qt()
+    record = await daemon.queue.enqueue("qt.echo", {"value": {"answer": 42}})
+    assert await daemon.queue.result(record.id, timeout=5) == {"answer": 42}
+    final = await daemon.queue.get(record.id)
+    assert (final.status, final.attempts, final.result) == ("succeeded", 1, {"answer": 42})
+    assert final.expires_at == pytest.approx(final.finished_at + daemon.config.tasks.result_ttl)
+    topics = [e.topic for e in events.events if e.data.get("task_id") == record.id]
+    assert topics == ["task.queued", "task.started", "task.succeeded"]
+    for event in events.events:
+        if event.topic.startswith("task."):
+            assert event.data["name"] and event.data["task_id"]
+
+
+async def test_failing_attempts_back_off_then_go_dead_and_can_be_requeued(qt: Any) -> None:
+    daemon, events, _ = await qt()
+    record = await daemon.queue.enqueue("qt.always_fails")
+    final = await daemon.queue.wait(record.id, timeout=5)
+    assert (final.status, final.attempts) == ("dead", 3)
+    assert final.error == "RuntimeError: attempt 3 failed"
+    retries = [e for e in events.events if e.topic == "task.retrying" and e.data["task_id"] == record.id]
+    assert [e.data["attempt"] for e in retries] == [1, 2]
+    assert all(0 <= e.data["delay"] <= FAST_RETRIES["retry_max"] for e in retries)
+    await events.wait_for("task.dead", task_id=record.id)
+    with pytest.raises(TaskFailedError, match="ended dead: RuntimeError: attempt 3 failed"):
+        await daemon.queue.result(record.id)
+    dead = await daemon.queue.list(status="dead")
+    assert [t.id for t in dead] == [record.id]
+
+    requeued = await daemon.queue.requeue(record.id)
+    assert (requeued.status, requeued.attempts, requeued.error) == ("queued", 0, None)
+    assert (await daemon.queue.wait(record.id, timeout=5)).attempts == 3
+
+
+async def test_retry_raised_by_the_task_waits_its_delay(qt: Any) -> None:
+    daemon, events, _ = await qt()
+    record = await daemon.queue.enqueue("qt.retry_later", {"delay": 0.3})
+    assert await daemon.queue.result(record.id, timeout=5) == 2
+    retry = await events.wait_for("task.retrying", task_id=record.id)
+    second_start = await events.wait_for("task.started", task_id=record.id, attempt=2)
+    assert second_start.time - retry.time >= 0.29
+    assert retry.data["delay"] == 0.3
+
+
+async def test_fail_and_a_non_json_result_end_the_task_without_retry(qt: Any) -> None:
+    daemon, _, _ = await qt()
+    failed = await daemon.queue.wait((await daemon.queue.enqueue("qt.fail_now")).id, timeout=5)
+    assert (failed.status, failed.attempts, failed.error) == ("failed", 1, "Fail: no point retrying")
+    odd = await daemon.queue.wait((await daemon.queue.enqueue("qt.not_json")).id, timeout=5)
+    assert odd.status == "failed"
+    assert "the result of qt.not_json must be JSON-serialisable" in (odd.error or "")
+
+
+async def test_a_timed_out_attempt_is_a_failed_attempt(qt: Any) -> None:
+    daemon, _, _ = await qt()
+    final = await daemon.queue.wait((await daemon.queue.enqueue("qt.too_slow")).id, timeout=5)
+    assert final.status == "dead"
+    assert final.error == "TimeoutError: no result after 0.2 s"
+
+
+async def test_delayed_tasks_start_when_due_and_not_before(qt: Any) -> None:
+    daemon, _, _ = await qt()
+    record = await daemon.queue.enqueue("qt.echo", {"value": "late"}, delay=0.4)
+    final = await daemon.queue.wait(record.id, timeout=5)
+    assert final.started_at is not None
+    assert final.started_at - record.created_at >= 0.4
+    # Woken by its own timer, not a poll interval: it starts promptly once due.
+    assert final.started_at - record.run_at < 0.25
+
+
+async def test_higher_priority_runs_first(qt: Any) -> None:
+    daemon, _, module = await qt(workers={"default": 1})
+    await daemon.queue.enqueue("qt.wait_gate", {"name": "hold"})
+    low = await daemon.queue.enqueue("qt.echo", {"value": "low"}, priority=0)
+    high = await daemon.queue.enqueue("qt.echo", {"value": "high"}, priority=10)
+    await asyncio.wait_for(module.gate("started:hold").wait(), 5)
+    module.gate("hold").set()
+    await daemon.queue.wait(low.id, timeout=5)
+    order = [task_id for kind, task_id in module.STARTED if kind == "echo"]
+    assert order == [high.id, low.id]
+
+
+async def test_each_named_queue_has_its_own_workers(qt: Any) -> None:
+    daemon, _, module = await qt(workers={"default": 1, "reports": 1})
+    await daemon.queue.enqueue("qt.wait_gate", {"name": "busy"})
+    report = await daemon.queue.enqueue("qt.report")
+    assert report.queue == "reports"
+    # The default queue's only worker is busy; the reports queue runs anyway.
+    assert await daemon.queue.result(report.id, timeout=5) == "report done"
+    module.gate("busy").set()
+
+
+async def test_concurrency_limit_per_task_name(qt: Any) -> None:
+    daemon, _, module = await qt(workers={"default": 8})
+    ids = [(await daemon.queue.enqueue("qt.limited", {"name": "lim"})).id for _ in range(5)]
+    await asyncio.wait_for(module.gate("running:2").wait(), 5)
+    running = await daemon.queue.list(status="running")
+    assert len(running) == 2
+    module.gate("lim").set()
+    for task_id in ids:
+        await daemon.queue.wait(task_id, timeout=5)
+    assert module.RUNNING["max"] == 2
+
+
+async def test_rate_limit_is_a_token_bucket(qt: Any) -> None:
+    daemon, _, _ = await qt(workers={"default": 8})
+    ids = [(await daemon.queue.enqueue("qt.rated")).id for _ in range(6)]
+    finals = [await daemon.queue.wait(task_id, timeout=5) for task_id in ids]
+    starts = sorted(f.started_at for f in finals if f.started_at is not None)
+    # 4 tokens at once (the burst), then one every 0.25 s.
+    assert starts[3] - starts[0] < 0.2
+    assert starts[4] - starts[0] >= 0.2
+    assert starts[5] - starts[0] >= 0.45
+
+
+async def test_idempotency_key_returns_the_existing_task_within_the_window(qt: Any) -> None:
+    daemon, _, _ = await qt()
+    first = await daemon.queue.enqueue_many([TaskRequest("qt.echo", {"value": 1}, idempotency_key="k1")])
+    again = await daemon.queue.enqueue_many([TaskRequest("qt.echo", {"value": 2}, idempotency_key="k1")])
+    assert first[0].created and not again[0].created
+    assert again[0].task.id == first[0].task.id
+    assert again[0].task.args == {"value": 1}
+    # Past the window the key makes a new task.
+    late = await daemon.queue.enqueue_many(
+        [TaskRequest("qt.echo", {"value": 3}, idempotency_key="k1", dedupe_window=0.0)])
+    assert late[0].created and late[0].task.id != first[0].task.id
+
+
+async def test_cancel_a_queued_task_and_it_never_runs_even_after_a_restart(
+    qt: Any, tmp_path: Path
+) -> None:
+    daemon, events, module = await qt(state_dir=tmp_path / "one")
+    record = await daemon.queue.enqueue("qt.echo", {"value": 1}, delay=0.3)
+    cancelled = await daemon.queue.cancel(record.id)
+    assert (cancelled.status, cancelled.cancel_requested) == ("cancelled", True)
+    await events.wait_for("task.cancelled", task_id=record.id)
+    await daemon.stop()
+    daemon, _, module = await qt(state_dir=tmp_path / "one")
+    later = await daemon.queue.enqueue("qt.echo", {"value": 2}, delay=0.35)
+    await daemon.queue.wait(later.id, timeout=5)
+    assert (await daemon.queue.get(record.id)).status == "cancelled"
+    assert ("echo", record.id) not in module.STARTED
+
+
+async def test_cancel_a_running_task_cancels_its_coroutine_and_its_children(qt: Any) -> None:
+    daemon, events, module = await qt()
+    parent = await daemon.queue.enqueue("qt.parent_of_waiter", {"name": "child-gate"})
+    await asyncio.wait_for(module.gate("started:child-gate").wait(), 5)
+    (child_id,) = await daemon.queue.children(parent.id)
+    await daemon.queue.cancel(parent.id)
+    assert (await daemon.queue.wait(parent.id, timeout=5)).status == "cancelled"
+    assert (await daemon.queue.wait(child_id, timeout=5)).status == "cancelled"
+    assert child_id in module.CANCELLED
+    await events.wait_for("task.cancelled", task_id=child_id)
+
+
+async def test_a_restart_requeues_what_a_dead_process_left_running(qt: Any, tmp_path: Path) -> None:
+    daemon, _, _ = await qt(state_dir=tmp_path / "s")
+    fresh = await daemon.queue.enqueue("qt.echo", {"value": "again"}, delay=3600)
+    last_try = await daemon.queue.enqueue("qt.echo", {"value": "x"}, delay=3600, max_attempts=2)
+    doomed = await daemon.queue.enqueue("qt.echo", {"value": "y"}, delay=3600)
+    await daemon.stop()
+    # What a process killed mid-attempt leaves behind: rows still `running`.
+    with sqlite3.connect(daemon.store.path) as conn:
+        conn.execute("UPDATE tasks SET status = 'running', attempts = 1, run_at = 0 WHERE id = ?",
+                     (fresh.id,))
+        conn.execute("UPDATE tasks SET status = 'running', attempts = 2 WHERE id = ?", (last_try.id,))
+        conn.execute("UPDATE tasks SET status = 'running', attempts = 1, cancel_requested = 1 "
+                     "WHERE id = ?", (doomed.id,))
+    daemon, _, _ = await qt(state_dir=tmp_path / "s")
+    assert await daemon.queue.result(fresh.id, timeout=5) == "again"
+    assert (await daemon.queue.get(fresh.id)).attempts == 2  # the interrupted attempt counts
+    dead = await daemon.queue.get(last_try.id)
+    assert dead.status == "dead" and "died during attempt 2 of 2" in (dead.error or "")
+    assert (await daemon.queue.get(doomed.id)).status == "cancelled"
+
+
+async def test_results_expire_after_their_ttl(qt: Any) -> None:
+    daemon, _, _ = await qt(result_ttl=0.0)
+    record = await daemon.queue.enqueue("qt.echo", {"value": 1})
+    await daemon.queue.wait(record.id, timeout=5)
+    assert await daemon.queue.purge_expired() == 1
+    with pytest.raises(TaskNotFoundError):
+        await daemon.queue.get(record.id)
+
+
+async def test_wait_times_out_and_unknown_ids_are_named(qt: Any) -> None:
+    daemon, _, module = await qt()
+    record = await daemon.queue.enqueue("qt.wait_gate", {"name": "slow"})
+    with pytest.raises(TimeoutError):
+        await daemon.queue.wait(record.id, timeout=0.05)
+    module.gate("slow").set()
+    with pytest.raises(TaskNotFoundError, match="no task with id 999999"):
+        await daemon.queue.wait(999999, timeout=1)
+
+
+async def test_context_identity_config_and_progress_events(qt: Any) -> None:
+    daemon, events, _ = await qt(plugin_table={"greeting": "hi"})
+    record = await daemon.queue.enqueue("qt.info")
+    info = await daemon.queue.result(record.id, timeout=5)
+    assert info == {"id": record.id, "name": "qt.info", "attempt": 1, "parent": None,
+                    "config": {"greeting": "hi"}}
+    progress = await events.wait_for("task.progress", task_id=record.id)
+    assert progress.data["kind"] == "looked" and progress.data["data"] == {"at": "myself"}
+    assert progress.correlation_id == str(record.id)
+
+
+async def test_sync_tasks_run_in_a_thread_and_can_emit(qt: Any) -> None:
+    daemon, events, module = await qt()
+    record = await daemon.queue.enqueue("qt.blocking", {"x": 21})
+    assert await daemon.queue.result(record.id, timeout=5) == 42
+    assert module.THREADS and module.THREADS[0] != __import__("threading").get_ident()
+    progress = await events.wait_for("task.progress", task_id=record.id)
+    assert progress.data["data"] == {"x": 21}
+
+
+async def test_children_are_durable_linked_and_fan_in(qt: Any) -> None:
+    daemon, events, _ = await qt()
+    parent = await daemon.queue.enqueue("qt.parent", {"values": [1, 2, 3]})
+    assert await daemon.queue.result(parent.id, timeout=5) == 6
+    children = [await daemon.queue.get(i) for i in await daemon.queue.children(parent.id)]
+    assert [c.idempotency_key for c in children] == [f"{parent.id}:{n}" for n in (1, 2, 3)]
+    assert all(c.parent_id == parent.id and c.correlation_id == str(parent.id) for c in children)
+    child_events = [e for e in events.events if e.data.get("task_id") == children[0].id]
+    assert child_events and all(e.causation_id == str(parent.id) for e in child_events)
+
+
+async def test_one_worker_is_enough_for_a_parent_and_its_children(qt: Any) -> None:
+    daemon, _, _ = await qt(workers={"default": 1})
+    parent = await daemon.queue.enqueue("qt.serial_parent")
+    assert await daemon.queue.result(parent.id, timeout=5) == [1, 2]
+    fan = await daemon.queue.enqueue("qt.parent", {"values": [5, 6]})
+    assert await daemon.queue.result(fan.id, timeout=5) == 11
+
+
+async def test_a_failed_child_raises_in_the_parent(qt: Any) -> None:
+    daemon, _, _ = await qt()
+    parent = await daemon.queue.enqueue("qt.parent_of_failure")
+    final = await daemon.queue.wait(parent.id, timeout=5)
+    assert final.status == "dead"
+    assert "ended failed: Fail: no point retrying" in (final.error or "")
+
+
+async def test_steps_are_not_redone_by_a_retried_attempt(qt: Any) -> None:
+    daemon, _, module = await qt()
+    record = await daemon.queue.enqueue("qt.steps_then_fail_once")
+    assert await daemon.queue.result(record.id, timeout=5) == [{"ran": "first"}, {"ran": "second"}]
+    assert (await daemon.queue.get(record.id)).attempts == 2
+    assert module.STEP_RUNS == {"first": 1, "second": 1}
+
+
+async def test_a_task_whose_plugin_is_gone_fails_clearly(qt: Any) -> None:
+    daemon, _, _ = await qt()
+    record = await daemon.queue.enqueue("qt.echo", {"value": 1}, delay=0.2)
+    daemon.plugins.unload("qt")
+    final = await daemon.queue.wait(record.id, timeout=5)
+    assert final.status == "failed"
+    assert final.error == "Fail: no task named 'qt.echo' is registered"
+
+
+async def test_stopping_requeues_running_tasks_without_spending_an_attempt(qt: Any, tmp_path: Path) -> None:
+    daemon, _, module = await qt(state_dir=tmp_path / "stop", stop_timeout=0.2)
+    record = await daemon.queue.enqueue("qt.wait_gate", {"name": "forever"})
+    await asyncio.wait_for(module.gate("started:forever").wait(), 5)
+    await daemon.stop()
+    with sqlite3.connect(daemon.store.path) as conn:
+        status, attempts = conn.execute(
+            "SELECT status, attempts FROM tasks WHERE id = ?", (record.id,)).fetchone()
+    assert (status, attempts) == ("queued", 0)
