@@ -199,6 +199,10 @@ class PluginManager:
         try:
             for definition in plugin.tasks:
                 record.registrations.callback(self._queue.registry.add(definition))
+                if definition.queue not in self._config.tasks.queues:
+                    self._log.warning(
+                        "plugin.task_queue_unconfigured", plugin=plugin.name, task=definition.name,
+                        queue=definition.queue, hint=f"add {definition.queue} to [tasks] queues")
         except Exception as exc:
             self._fail_started(record, exc)
             return

@@ -219,7 +219,10 @@ class TaskQueue:
         if request.delay is not None and request.run_at is not None:
             raise InvalidTaskError("give either delay or run_at, not both")
         run_at = request.run_at if request.run_at is not None else now + (request.delay or 0.0)
-        max_attempts = request.max_attempts or definition.max_attempts or self.config.max_attempts
+        max_attempts = next(
+            (m for m in (request.max_attempts, definition.max_attempts) if m is not None),
+            self.config.max_attempts,
+        )
         if max_attempts < 1:
             raise InvalidTaskError(f"max_attempts must be at least 1, got {max_attempts}")
         timeout = request.timeout if request.timeout is not None else definition.timeout
