@@ -125,7 +125,7 @@ class Config:
         if self.server.token_file:
             path = self.resolve(self.server.token_file)
             try:
-                return path.read_text().strip()
+                return next(iter(path.read_text().splitlines()), "").strip()
             except OSError as exc:
                 raise ConfigError(
                     f"{self.source}: [server] token_file: cannot read {path}: {exc.strerror}"
@@ -261,7 +261,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return dict(value)
     expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[hint]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {expected}, got {value!r}")
     if hint in (int, float) and value < 0:

@@ -116,7 +116,7 @@ class PluginManager:
                 for hook in reversed(record.plugin.shutdown_hooks):
                     try:
                         await asyncio.wait_for(_call_hook(hook, ctx), deadline)
-                    except Exception as exc:
+                    except (Exception, SystemExit) as exc:
                         self._log.error("plugin.shutdown_failed", plugin=record.name,
                                         error=_describe(exc))
                 record.state = "stopped"
@@ -164,7 +164,7 @@ class PluginManager:
             plugin = loaded if isinstance(loaded, Plugin) else getattr(loaded, "plugin", None)
             if not isinstance(plugin, Plugin):
                 raise PluginError(f"{candidate.source} defines no `plugin = Plugin(...)`")
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit("pip install x") is a common idiom
             return self._record_failure(candidate.module_name, candidate.source, exc)
         if not self._wanted(plugin.name):
             return None
@@ -214,7 +214,7 @@ class PluginManager:
         try:
             for hook in plugin.startup_hooks:
                 await asyncio.wait_for(_call_hook(hook, ctx), deadline)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             self._fail_started(record, exc)
             return
         record.state = "started"
@@ -230,8 +230,10 @@ class PluginManager:
         handler_name = f"{ctx.plugin.name}.{spec.name}"
 
         def on_event(event: Event) -> None:
-            # A handler that fails on its own failure event would loop forever.
-            if event.topic == "handler.failed" and event.data.get("handler") == handler_name:
+            # A handler reacting to its own failure or drop would loop forever.
+            if event.topic in ("handler.failed", "handler.dropped") and (
+                event.data.get("handler") == handler_name
+            ):
                 return
             self._spawner.spawn(
                 spec.fn(ctx, event),

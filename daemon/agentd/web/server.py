@@ -69,7 +69,10 @@ def make_auth_middleware(token: str) -> Middleware:
         if not _is_public(request):
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
-                raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' is required")
+                raise web.HTTPUnauthorized(
+                    text="a valid 'Authorization: Bearer <token>' is required",
+                    headers={"WWW-Authenticate": 'Bearer realm="agentd"'},
+                )
         return await handler(request)
 
     return bearer_auth

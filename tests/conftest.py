@@ -1,0 +1,250 @@
+"""Shared fixtures: a clean environment, plugin directories, HTTP clients, daemons and
+`agentd` subprocesses. Everything is real: files under tmp_path, sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import pytest
+
+if TYPE_CHECKING:
+    from agentd.app import Daemon
+
+REPO = Path(__file__).resolve().parent.parent
+# A subprocess must be up within this many seconds (imports + store + HTTP take well under 1 s).
+PROCESS_TIMEOUT = 15.0
+_OUR_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")
+
+
+def _is_ours(name: str) -> bool:
+    return name.startswith("AGENTD_") or name in _OUR_ENV
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No AGENTD_* override or systemd variable of the caller's shell leaks into a test."""
+    for name in list(os.environ):
+        if _is_ours(name):
+            monkeypatch.delenv(name)
+
+
+# --------------------------------------------------------------------------- plugins
+
+
+PluginDirFactory = Callable[..., Path]
+
+
+@pytest.fixture
+def plugin_dir(tmp_path: Path) -> PluginDirFactory:
+    """`plugin_dir({"hello.py": "...", "pkg/__init__.py": "..."}, name="plugins")` writes the
+    files (dedented) into tmp_path/<name> and returns that directory."""
+
+    def make(files: Mapping[str, str], name: str = "plugins") -> Path:
+        root = tmp_path / name
+        root.mkdir(parents=True, exist_ok=True)
+        for relative, text in files.items():
+            target = root / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(textwrap.dedent(text).lstrip())
+        return root
+
+    return make
+
+
+# --------------------------------------------------------------------------- daemons & HTTP
+
+
+@pytest.fixture
+async def start_daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """`daemon, events = await start_daemon(plugin_dirs=[...], overrides={...})`: a real daemon
+    on 127.0.0.1 with an OS-chosen port, its bus captured from before the start (so plugin
+    startup events are seen), stopped at teardown unless the test stopped it."""
+    from agentd.app import Daemon
+    from agentd.testing import EventCapture, make_config
+
+    async with AsyncExitStack() as stack:
+
+        async def start(
+            plugin_dirs: Sequence[Path] = (),
+            overrides: Mapping[str, Mapping[str, Any]] | None = None,
+            state_dir: Path | None = None,
+        ) -> tuple[Daemon, EventCapture]:
+            daemon = Daemon(make_config(state_dir or tmp_path, plugin_dirs, overrides))
+            events = EventCapture(daemon.bus)
+            await stack.enter_async_context(daemon)
+            return daemon, events
+
+        yield start
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[Callable[..., aiohttp.ClientSession]]:
+    """`client = http(daemon, token=None)`: an aiohttp session on the daemon's URL."""
+    from agentd.testing import daemon_url
+
+    sessions: list[aiohttp.ClientSession] = []
+
+    def open_session(daemon: Daemon, token: str | None = None) -> aiohttp.ClientSession:
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        session = aiohttp.ClientSession(
+            daemon_url(daemon), headers=headers, timeout=aiohttp.ClientTimeout(total=10)
+        )
+        sessions.append(session)
+        return session
+
+    yield open_session
+    for session in sessions:
+        await session.close()
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+def _process_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without AGENTD_*/systemd variables, with port 0, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not _is_ours(k)}
+    env["AGENTD_SERVER_PORT"] = "0"
+    env.update(extra)
+    return env
+
+
+def _write_config(directory: Path, extra: str = "", name: str = "agentd.toml") -> Path:
+    """A config file keeping all state under `directory`, without plugins."""
+    path = directory / name
+    path.write_text(
+        textwrap.dedent(
+            """
+            [daemon]
+            data_dir = "data"
+            stop_timeout = 5.0
+
+            [plugins]
+            paths = []
+            entry_points = false
+            """
+        )
+        + textwrap.dedent(extra)
+    )
+    return path
+
+
+@pytest.fixture
+def process_env() -> Callable[..., dict[str, str]]:
+    """`process_env(NOTIFY_SOCKET=...)`: a clean environment for a child agentd (port 0)."""
+    return _process_env
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Callable[..., Path]:
+    """`config_file(extra_toml="", name="agentd.toml", directory=tmp_path)` → the written path."""
+
+    def make(extra: str = "", name: str = "agentd.toml", directory: Path | None = None) -> Path:
+        return _write_config(directory or tmp_path, extra, name)
+
+    return make
+
+
+class AgentdProcess:
+    """`python -m agentd <args>` as a real child process, its stdout read line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []  # every stdout line read so far
+        self.stderr = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines]
+
+    async def wait_for_log(self, event: str, timeout: float = PROCESS_TIMEOUT) -> dict[str, Any]:
+        """Read stdout until a JSON line with this `event`; fail if the process ends first."""
+
+        async def scan() -> dict[str, Any]:
+            assert self.proc.stdout is not None
+            while True:
+                raw = await self.proc.stdout.readline()
+                if not raw:
+                    await self.proc.wait()
+                    assert self.proc.stderr is not None
+                    self.stderr += (await self.proc.stderr.read()).decode()
+                    raise AssertionError(
+                        f"agentd exited with {self.proc.returncode} before logging {event!r}; "
+                        f"stdout: {self.lines}; stderr: {self.stderr}"
+                    )
+                line = raw.decode().rstrip("\n")
+                self.lines.append(line)
+                record = json.loads(line)
+                if record.get("event") == event:
+                    return record
+
+        return await asyncio.wait_for(scan(), timeout)
+
+    async def started(self) -> int:
+        """Wait for `daemon.started` and check it serves /healthz; return the bound port."""
+        port = int((await self.wait_for_log("daemon.started"))["port"])
+        timeout = aiohttp.ClientTimeout(total=PROCESS_TIMEOUT)
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(
+            f"http://127.0.0.1:{port}/healthz"
+        ) as response:
+            assert response.status == 200
+        return port
+
+    async def finish(self, sig: signal.Signals | None = None, timeout: float = PROCESS_TIMEOUT) -> int:
+        """Optionally send `sig`, then read the rest of stdout/stderr and return the exit code."""
+        if sig is not None:
+            self.proc.send_signal(sig)
+        out, err = await asyncio.wait_for(self.proc.communicate(), timeout)
+        self.lines.extend(out.decode().splitlines())
+        self.stderr += err.decode()
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+
+@pytest.fixture
+async def agentd_process(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """`p = await agentd_process("run", "--config", path, env=...)`; killed at teardown if alive."""
+    started: list[AgentdProcess] = []
+
+    async def spawn(*args: str, env: Mapping[str, str] | None = None) -> AgentdProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentd", *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(env) if env is not None else _process_env(),
+            cwd=tmp_path,
+        )
+        child = AgentdProcess(proc)
+        started.append(child)
+        return child
+
+    yield spawn
+    for child in started:
+        if child.proc.returncode is None:
+            child.proc.kill()
+            await child.proc.communicate()
+
+
+@pytest.fixture
+def run_cli(agentd_process: Callable[..., Any]) -> Callable[..., Any]:
+    """`code, out, err = await run_cli("check-config", "--config", p)` for short commands."""
+
+    async def run(*args: str, env: Mapping[str, str] | None = None) -> tuple[int, str, str]:
+        child: AgentdProcess = await agentd_process(*args, env=env)
+        code = await child.finish()
+        return code, "\n".join(child.lines), child.stderr
+
+    return run

@@ -1,0 +1,270 @@
+"""agentd.toml, AGENTD_* overrides, error messages, and the check-config / run exit codes."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from agentd.cli import main
+from agentd.config import Config, check_serving_rules, load_config
+from agentd.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name not in ("source", "base_dir")]
+
+
+def write(tmp_path: Path, text: str, name: str = "agentd.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# --------------------------------------------------------------------------- the shipped file
+
+
+def test_repo_agentd_toml_equals_the_dataclass_defaults() -> None:
+    config = load_config(REPO / "agentd.toml", env={})
+    defaults = Config()
+    assert config.source == str((REPO / "agentd.toml").resolve())
+    assert config.base_dir == REPO
+    for section in SECTIONS:
+        assert getattr(config, section) == getattr(defaults, section), f"[{section}] differs"
+
+
+def test_repo_agentd_toml_shows_every_key() -> None:
+    """The file promises 'every key is shown with its default value'."""
+    raw = tomllib.loads((REPO / "agentd.toml").read_text())
+    for section in SECTIONS:
+        cls = type(getattr(Config(), section))
+        keys = {f.name for f in dataclasses.fields(cls)} - {"settings"}
+        assert section in raw, f"[{section}] is missing from agentd.toml"
+        missing = keys - set(raw[section])
+        assert not missing, f"[{section}] keys missing from agentd.toml: {sorted(missing)}"
+
+
+def test_defaults_without_a_file_resolve_paths_against_cwd() -> None:
+    config = load_config(None, env={})
+    assert config.source == "<defaults>"
+    assert config.data_dir == Path.cwd() / "data"
+    assert config.database_path == Path.cwd() / "data" / "agentd.db"
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        [daemon]
+        data_dir = "state"
+        [store]
+        path = "x.db"
+        [plugins]
+        paths = ["p1", "/abs/p2"]
+    """)
+    config = load_config(path, env={})
+    assert config.data_dir == tmp_path / "state"
+    assert config.database_path == tmp_path / "state" / "x.db"
+    assert config.plugin_dirs == (tmp_path / "p1", Path("/abs/p2"))
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def test_env_overrides_each_type(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        [server]
+        port = 1234
+    """)
+    config = load_config(path, env={
+        "AGENTD_SERVER_PORT": "9000",                 # int, over the file's value
+        "AGENTD_SERVER_HOST": "::1",                  # str
+        "AGENTD_DAEMON_STOP_TIMEOUT": "2.5",          # float
+        "AGENTD_PLUGINS_ENTRY_POINTS": "false",       # bool
+        "AGENTD_PLUGINS_DISABLED": "news, chat,",     # list, comma-separated
+        "AGENTD_STORE_SYNCHRONOUS": "full",           # Literal
+        "AGENTD_LOG_LEVEL": "debug",                  # Literal
+        "AGENTD_SERVER_TOKEN": "123",                 # a str that looks like an int stays a str
+        "AGENTD_CONFIG": "ignored: names the file, not a key",
+        "OTHER": "ignored",
+    })
+    assert config.server.port == 9000
+    assert config.server.host == "::1"
+    assert config.daemon.stop_timeout == 2.5
+    assert config.plugins.entry_points is False
+    assert config.plugins.disabled == ("news", "chat")
+    assert config.store.synchronous == "full"
+    assert config.log.level == "debug"
+    assert config.server.token == "123"
+
+
+def test_env_overrides_keep_plugin_tables(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        [plugins.hello]
+        greeting = "hi"
+    """)
+    config = load_config(path, env={"AGENTD_PLUGINS_ENABLED": "hello"})
+    assert config.plugins.enabled == ("hello",)
+    assert config.plugins.settings == {"hello": {"greeting": "hi"}}
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "fragments"),
+    [
+        ("AGENTD_SERVER_PORT", "eighty", ["AGENTD_SERVER_PORT", "expected an integer", "'eighty'"]),
+        ("AGENTD_SERVER_PORT", "-1", ["AGENTD_SERVER_PORT", "non-negative"]),
+        ("AGENTD_PLUGINS_ENTRY_POINTS", "yes", ["AGENTD_PLUGINS_ENTRY_POINTS", "expected a boolean"]),
+        ("AGENTD_STORE_SYNCHRONOUS", "off", ["AGENTD_STORE_SYNCHRONOUS", "'full'", "'normal'", "'off'"]),
+        ("AGENTD_NOPE_KEY", "1", ["AGENTD_NOPE_KEY", "no section 'nope'"]),
+        ("AGENTD_SERVER_NOPE", "1", ["AGENTD_SERVER_NOPE", "[server]", "'nope'"]),
+        ("AGENTD_PLUGINS_SETTINGS", "x", ["AGENTD_PLUGINS_SETTINGS", "'settings'"]),
+    ],
+)
+def test_env_errors_name_the_variable(var: str, value: str, fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, env={var: value})
+    message = str(caught.value)
+    assert message.startswith(f"environment {var}:")
+    for fragment in fragments:
+        assert fragment in message
+
+
+# --------------------------------------------------------------------------- file errors
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("[nope]\nx = 1\n", ["unknown section [nope]"]),
+        ("[server]\nprot = 80\n", ["[server] unknown key 'prot'", "port"]),
+        ('[server]\nport = "80"\n', ["[server] port", "expected an integer", "'80'"]),
+        ("[server]\nport = true\n", ["[server] port", "expected an integer"]),
+        ("[daemon]\nstop_timeout = -1.5\n", ["[daemon] stop_timeout", "non-negative"]),
+        # An int given for a float key must be range-checked like a float.
+        ("[daemon]\nstop_timeout = -1\n", ["[daemon] stop_timeout", "non-negative"]),
+        ('[daemon]\nstop_timeout = "soon"\n', ["[daemon] stop_timeout", "expected a number"]),
+        ('[plugins]\nentry_points = "no"\n', ["[plugins] entry_points", "expected a boolean"]),
+        ('[plugins]\npaths = "plugins"\n', ["[plugins] paths", "expected a list of strings"]),
+        ('[plugins]\npaths = [1]\n', ["[plugins] paths", "expected a list of strings"]),
+        ('[store]\nsynchronous = "off"\n', ["[store] synchronous", "'full'", "'normal'", "'off'"]),
+        ('[log]\nformat = "xml"\n', ["[log] format", "'json'", "'xml'"]),
+        ("daemon = 3\n", ["[daemon] must be a table"]),
+        ("[server\n", ["not valid TOML"]),
+    ],
+)
+def test_file_errors_name_the_file_and_the_key(tmp_path: Path, text: str, fragments: list[str]) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    message = str(caught.value)
+    assert message.startswith(f"{path}:")
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="configuration file not found") as caught:
+        load_config(tmp_path / "absent.toml", env={})
+    assert str(tmp_path / "absent.toml") in str(caught.value)
+
+
+def test_int_is_accepted_for_a_float_key(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "[daemon]\nstop_timeout = 3\n"), env={})
+    assert config.daemon.stop_timeout == 3.0
+    assert isinstance(config.daemon.stop_timeout, float)
+
+
+def test_plugin_tables_land_in_settings(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        [plugins]
+        disabled = ["chat"]
+
+        [plugins.hello]
+        greeting = "hi"
+        times = 3
+
+        [plugins.news.feeds]
+        hn = "https://news.ycombinator.com/rss"
+    """)
+    config = load_config(path, env={})
+    assert config.plugins.disabled == ("chat",)
+    assert dict(config.plugins.settings) == {
+        "hello": {"greeting": "hi", "times": 3},
+        "news": {"feeds": {"hn": "https://news.ycombinator.com/rss"}},
+    }
+
+
+def test_plugins_settings_key_cannot_be_set_directly(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[plugins\] unknown key 'settings'"):
+        load_config(write(tmp_path, "[plugins]\nsettings = 1\n"), env={})
+
+
+# --------------------------------------------------------------------------- serving rules
+
+
+def test_non_loopback_host_needs_a_token(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nhost = "0.0.0.0"\n')
+    config = load_config(path, env={})
+    with pytest.raises(ConfigError) as caught:
+        check_serving_rules(config)
+    assert str(path) in str(caught.value)
+    assert "'0.0.0.0' is not a loopback address" in str(caught.value)
+    check_serving_rules(load_config(path, env={"AGENTD_SERVER_TOKEN": "s3cret"}))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_loopback_hosts_need_no_token(host: str) -> None:
+    check_serving_rules(load_config(None, env={"AGENTD_SERVER_HOST": host}))
+
+
+def test_port_out_of_range_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"\[server\] port: expected 0..65535, got 70000"):
+        check_serving_rules(load_config(None, env={"AGENTD_SERVER_PORT": "70000"}))
+
+
+def test_unreadable_token_file_names_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\ntoken_file = "missing-token"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={}).api_token()
+    assert str(path) in str(caught.value)
+    assert "[server] token_file" in str(caught.value)
+    assert str(tmp_path / "missing-token") in str(caught.value)
+
+
+# --------------------------------------------------------------------------- the CLI, in process
+
+
+def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "[server]\nport = 9123\n")
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: ok" in out
+    assert "127.0.0.1:9123" in out
+    assert str(tmp_path / "data" / "agentd.db") in out
+
+
+def test_check_config_accepts_config_before_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "[server]\nport = 9124\n")
+    assert main(["--config", str(path), "check-config"]) == 0
+    assert f"{path}: ok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[server]\nprot = 80\n", "[server] unknown key 'prot'"),
+        ('[server]\nhost = "0.0.0.0"\n', "is not a loopback address"),
+        ('[server]\ntoken_file = "nope.txt"\n', "[server] token_file"),
+    ],
+)
+def test_check_config_bad(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, fragment: str
+) -> None:
+    path = write(tmp_path, text)
+    assert main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("agentd: configuration error: ")
+    assert str(path) in err
+    assert fragment in err

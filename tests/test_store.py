@@ -1,0 +1,271 @@
+"""The SQLite store: pragmas, sqlite-vec, migrations, the lock, and grouped writes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentd import db
+from agentd.config import StoreConfig
+from agentd.db import MIGRATIONS, SCHEMA_VERSION, Store
+from agentd.errors import StoreError, StoreLockedError
+
+
+@pytest.fixture(params=["normal", "full"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    opened = Store(tmp_path / "data" / "agentd.db", StoreConfig(synchronous=request.param))
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+def raw_connection(path: Path) -> Any:
+    """A plain driver connection with none of agentd's pragmas: sees only committed data."""
+    return db.driver.connect(str(path), isolation_level=None, check_same_thread=False)
+
+
+async def create_table(store: Store) -> None:
+    await store.write(lambda c: c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)"))
+
+
+async def count(store: Store) -> int:
+    row = await store.read_one("SELECT count(*) AS n FROM t")
+    assert row is not None
+    return int(row["n"])
+
+
+# --------------------------------------------------------------------------- pragmas & extension
+
+
+async def test_file_is_in_wal_mode(store: Store) -> None:
+    conn = raw_connection(store.path)
+    try:
+        # journal_mode=WAL is a property of the file: a fresh connection sees it.
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+
+
+async def test_reader_and_writer_pragmas(store: Store) -> None:
+    expected_sync = {"normal": 1, "full": 2}[store.config.synchronous]
+
+    def writer_pragmas(conn: db.Connection) -> tuple[int, int, int]:
+        return tuple(  # type: ignore[return-value]
+            conn.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("foreign_keys", "synchronous", "busy_timeout")
+        )
+
+    assert await store.write(writer_pragmas) == (1, expected_sync, 5000)
+    for name, value in (("foreign_keys", 1), ("synchronous", expected_sync), ("busy_timeout", 5000)):
+        row = await store.read_one(f"PRAGMA {name}")
+        assert row is not None
+        assert row[0] == value, name
+
+
+async def test_connect_applies_the_configured_settings(tmp_path: Path) -> None:
+    conn = db.connect(tmp_path / "x.db", StoreConfig(synchronous="full", busy_timeout_ms=1234))
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 1234
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert conn.in_transaction is False  # autocommit: callers BEGIN themselves
+    finally:
+        conn.close()
+
+
+async def test_foreign_keys_are_enforced(store: Store) -> None:
+    def schema(conn: db.Connection) -> None:
+        conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        conn.execute("CREATE TABLE child (id INTEGER PRIMARY KEY, parent INTEGER REFERENCES parent(id))")
+
+    await store.write(schema)
+    with pytest.raises(db.IntegrityError, match="FOREIGN KEY"):
+        await store.write(lambda c: c.execute("INSERT INTO child VALUES (1, 42)"))
+
+
+async def test_sqlite_vec_is_loaded_on_both_connections(store: Store) -> None:
+    row = await store.read_one("SELECT vec_version() AS v, vec_length('[1, 2, 3]') AS n")
+    assert row is not None
+    assert row["v"].startswith("v")
+    assert row["n"] == 3
+    assert await store.write(lambda c: c.execute("SELECT vec_length('[1, 2]')").fetchone()[0]) == 2
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+async def test_migrations_are_recorded(store: Store) -> None:
+    assert SCHEMA_VERSION == MIGRATIONS[-1][0] >= 1
+    assert store.schema_version == SCHEMA_VERSION
+    rows = await store.read("SELECT version, name FROM schema_version ORDER BY version")
+    assert [(r["version"], r["name"]) for r in rows] == [(v, name) for v, name, _ in MIGRATIONS]
+    assert await store.read_one("SELECT name FROM sqlite_master WHERE name = 'meta'") is not None
+
+
+async def test_reopening_applies_nothing_twice(tmp_path: Path) -> None:
+    path = tmp_path / "agentd.db"
+    first = Store(path, StoreConfig())
+    await first.open()
+    before = [tuple(r) for r in await first.read("SELECT * FROM schema_version ORDER BY version")]
+    await first.close()
+    second = Store(path, StoreConfig())
+    await second.open()
+    try:
+        after = [tuple(r) for r in await second.read("SELECT * FROM schema_version ORDER BY version")]
+        assert after == before
+        assert second.schema_version == SCHEMA_VERSION
+    finally:
+        await second.close()
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "agentd.db"
+    first = Store(path, StoreConfig())
+    await first.open()
+    await first.write(lambda c: c.execute(
+        "INSERT INTO schema_version VALUES (?, 'from-the-future.sql', 0)", (SCHEMA_VERSION + 1,)
+    ))
+    await first.close()
+
+    for _ in range(2):  # the failed open released the lock: the second attempt is not "locked"
+        newer = Store(path, StoreConfig())
+        with pytest.raises(StoreError) as caught:
+            await newer.open()
+        assert not isinstance(caught.value, StoreLockedError)
+        message = str(caught.value)
+        assert str(path) in message
+        assert f"schema version {SCHEMA_VERSION + 1} is newer" in message
+        assert f"({SCHEMA_VERSION})" in message
+
+
+async def test_uncreatable_data_dir_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(StoreError, match="cannot create the data directory"):
+        await Store(tmp_path / "file" / "sub" / "agentd.db", StoreConfig()).open()
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+async def test_second_store_on_the_same_file_is_locked_out(tmp_path: Path) -> None:
+    path = tmp_path / "agentd.db"
+    first = Store(path, StoreConfig())
+    await first.open()
+    second = Store(path, StoreConfig())
+    try:
+        with pytest.raises(StoreLockedError) as caught:
+            await second.open()
+        assert f"pid {os.getpid()}" in str(caught.value)
+        assert str(path) in str(caught.value)
+    finally:
+        await first.close()
+    await second.open()  # released by close()
+    await second.close()
+
+
+# --------------------------------------------------------------------------- grouped writes
+
+
+async def test_writes_of_one_tick_share_one_transaction(store: Store) -> None:
+    await create_table(store)
+    observer = raw_connection(store.path)  # sees committed rows only
+
+    def insert(i: int) -> Any:
+        def op(conn: db.Connection) -> tuple[int, int]:
+            conn.execute("INSERT INTO t (id, v) VALUES (?, ?)", (i, f"v{i}"))
+            return i, observer.execute("SELECT count(*) FROM t").fetchone()[0]
+        return op
+
+    try:
+        results = await asyncio.gather(*(store.write(insert(i)) for i in range(50)))
+        # All 50 ran before any commit: one transaction, committed once.
+        assert results == [(i, 0) for i in range(50)]
+        assert await count(store) == 50
+        # A write of a later tick is a new transaction and sees the committed 50.
+        assert await store.write(insert(50)) == (50, 50)
+    finally:
+        observer.close()
+
+
+async def test_a_failing_op_fails_alone(store: Store) -> None:
+    await create_table(store)
+
+    def insert(i: int) -> Any:
+        def op(conn: db.Connection) -> int:
+            conn.execute("INSERT INTO t (id) VALUES (?)", (i,))
+            if i == 5:
+                raise ValueError("op 5 refuses")
+            return i
+        return op
+
+    futures = [store.write(insert(i)) for i in range(10)]
+    futures.append(store.write(lambda c: c.execute("INSERT INTO t (id) VALUES (3)")))  # duplicate
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert outcomes[:5] == [0, 1, 2, 3, 4]
+    assert isinstance(outcomes[5], ValueError)
+    assert str(outcomes[5]) == "op 5 refuses"
+    assert outcomes[6:10] == [6, 7, 8, 9]
+    assert isinstance(outcomes[10], db.IntegrityError)
+    rows = await store.read("SELECT id FROM t ORDER BY id")
+    # The failed batch was rolled back before the ops were re-run alone: no duplicates, no 5.
+    assert [r["id"] for r in rows] == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+
+
+async def test_more_writes_than_one_batch_holds(store: Store) -> None:
+    await create_table(store)
+    results = await asyncio.gather(*(
+        store.write(lambda c, i=i: c.execute("INSERT INTO t (id) VALUES (?)", (i,)).lastrowid)
+        for i in range(1, 1201)
+    ))
+    assert results == list(range(1, 1201))
+    assert await count(store) == 1200
+
+
+async def test_writes_submitted_during_a_flush_are_not_lost(store: Store) -> None:
+    await create_table(store)
+    first = [store.write(lambda c, i=i: c.execute("INSERT INTO t (id) VALUES (?)", (i,))) for i in range(5)]
+    await asyncio.gather(*first[:1])
+    second = [store.write(lambda c, i=i: c.execute("INSERT INTO t (id) VALUES (?)", (i,)))
+              for i in range(5, 10)]
+    await asyncio.gather(*first, *second)
+    assert await count(store) == 10
+
+
+async def test_close_finishes_pending_writes(tmp_path: Path) -> None:
+    for mode in ("normal", "full"):
+        path = tmp_path / mode / "agentd.db"
+        opened = Store(path, StoreConfig(synchronous=mode))  # type: ignore[arg-type]
+        await opened.open()
+        await create_table(opened)
+        pending = [opened.write(lambda c, i=i: c.execute("INSERT INTO t (id) VALUES (?)", (i,)))
+                   for i in range(20)]
+        await opened.close()
+        assert all(f.done() and f.exception() is None for f in pending), mode
+        conn = raw_connection(path)
+        try:
+            assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 20, mode
+        finally:
+            conn.close()
+
+
+async def test_closed_store_refuses_reads_and_writes(tmp_path: Path) -> None:
+    closed = Store(tmp_path / "agentd.db", StoreConfig())
+    await closed.open()
+    await closed.close()
+    with pytest.raises(StoreError, match="the store is closed"):
+        closed.write(lambda c: None)
+    with pytest.raises(StoreError, match="the store is closed"):
+        await closed.read("SELECT 1")
+
+
+async def test_check_writable_records_the_check(store: Store) -> None:
+    await store.check_writable()
+    row = await store.read_one("SELECT value FROM meta WHERE key = 'last_write_check'")
+    assert row is not None
+    assert float(row["value"]) > 0
