@@ -341,3 +341,35 @@ async def test_stopping_requeues_running_tasks_without_spending_an_attempt(qt: A
         status, attempts = conn.execute(
             "SELECT status, attempts FROM tasks WHERE id = ?", (record.id,)).fetchone()
     assert (status, attempts) == ("queued", 0)
+
+
+async def test_a_running_task_s_lease_is_renewed_by_the_heartbeat(qt: Any) -> None:
+    daemon, _, module = await qt(lease=0.3)
+    record = await daemon.queue.enqueue("qt.wait_gate", {"name": "long"})
+    await asyncio.wait_for(module.gate("started:long").wait(), 5)
+    first = (await daemon.queue.get(record.id)).started_at
+    assert first is not None
+
+    async def renewed_past(limit: float) -> None:
+        while True:
+            row = await daemon.store.read_one("SELECT lease_until FROM tasks WHERE id = ?", (record.id,))
+            if row is not None and row["lease_until"] > limit:
+                return
+            await asyncio.sleep(0)  # yield; the heartbeat (every lease/3) advances it
+
+    # The claim leased it until first + 0.3; only a renewal can push the lease beyond that.
+    await asyncio.wait_for(renewed_past(first + 0.35), 5)
+    module.gate("long").set()
+    assert (await daemon.queue.wait(record.id, timeout=5)).status == "succeeded"
+
+
+async def test_an_expired_lease_nobody_renews_is_taken_back(qt: Any) -> None:
+    daemon, events, _ = await qt(lease=0.3)
+    record = await daemon.queue.enqueue("qt.echo", {"value": "orphan"}, delay=3600)
+    # A row claimed by nobody in this process, its lease long gone (as after a stalled worker).
+    await daemon.store.write(lambda conn: conn.execute(
+        "UPDATE tasks SET status = 'running', attempts = 1, lease_until = 1, run_at = 0 WHERE id = ?",
+        (record.id,)))
+    recovered = await events.wait_for("task.queued", task_id=record.id, recovered=True)
+    assert recovered.data["status"] == "queued"
+    assert await daemon.queue.result(record.id, timeout=5) == "orphan"
