@@ -3,9 +3,22 @@
 The names here are the plugin-facing API.
 """
 
-from agentd.events import Event
-from agentd.plugin import Plugin
-
+# Defined before the imports below: submodules (web.system) read it while agentd loads.
 __version__ = "0.1.0"
 
-__all__ = ["Event", "Plugin", "__version__"]
+from agentd.context import Context
+from agentd.errors import Fail, Retry, TaskFailedError
+from agentd.events import Event
+from agentd.plugin import Plugin
+from agentd.plugins import PluginContext
+
+__all__ = [
+    "Context",
+    "Event",
+    "Fail",
+    "Plugin",
+    "PluginContext",
+    "Retry",
+    "TaskFailedError",
+    "__version__",
+]
