@@ -83,6 +83,7 @@ class Daemon:
             await self.store.open()
             rollback.push_async_callback(self.store.close)
             self._start_service(self.lag.run(), "lag-monitor")
+            self._start_service(self.store.run_checkpoints(), "wal-checkpoints")
             rollback.push_async_callback(self._stop_services)
             await self.plugins.start_all(self.config.daemon.stop_timeout)
             rollback.push_async_callback(self.plugins.stop_all, self.config.daemon.stop_timeout)

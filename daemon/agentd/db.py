@@ -14,6 +14,10 @@ a thread hop costs 0.3 to 0.5 ms on the reference machine, more than the commit.
 `synchronous = "full"` the fsync can take milliseconds, so batches run in a writer thread.
 
 Reads that are not part of a write go through an aiosqlite connection, off the loop.
+
+Checkpoints. The writer never checkpoints (`wal_autocheckpoint = 0`): a checkpoint fsyncs
+and would stall the loop for milliseconds. `run_checkpoints` copies the WAL back into the
+database from the reader connection, in its thread, once the WAL has grown.
 """
 
 from __future__ import annotations
@@ -189,6 +193,7 @@ class Store:
         self._lock.acquire()
         try:
             self._conn = connect(self.path, self.config)
+            self._conn.execute("PRAGMA wal_autocheckpoint = 0")
             self.schema_version = migrate(self._conn, self.path)
             self._reader = aiosqlite.Connection(
                 lambda: connect(self.path, self.config), iter_chunk_size=256
@@ -250,6 +255,25 @@ class Store:
     async def read_one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Row | None:
         rows = await self.read(sql, params)
         return rows[0] if rows else None
+
+    async def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
+        """Run `PRAGMA wal_checkpoint(mode)` off the loop: (busy, WAL pages, pages copied)."""
+        if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+            raise ValueError(f"unknown checkpoint mode {mode!r}")
+        row = await self.read_one(f"PRAGMA wal_checkpoint({mode})")
+        return (row[0], row[1], row[2]) if row is not None else (0, 0, 0)
+
+    async def run_checkpoints(self, interval: float = 1.0, wal_limit: int = 4 << 20) -> None:
+        """Forever: every `interval` s, checkpoint once the WAL file is past `wal_limit` bytes."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                size = wal.stat().st_size
+            except FileNotFoundError:
+                continue
+            if size > wal_limit:
+                await self.checkpoint("PASSIVE")
 
     async def check_writable(self) -> None:
         """Raise StoreError unless a write transaction can be taken and committed now."""
