@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any
@@ -16,6 +16,8 @@ from agentd import __version__
 from agentd.bus import Bus
 from agentd.config import Config, check_serving_rules
 from agentd.db import Store
+from agentd.eventlog import EventLog
+from agentd.events import Event
 from agentd.health import LagMonitor
 from agentd.log import get_logger
 from agentd.plugins import PluginManager
@@ -23,7 +25,7 @@ from agentd.spawn import Spawner
 from agentd.systemd import Notifier
 from agentd.taskdef import TaskRegistry
 from agentd.taskqueue import TaskQueue
-from agentd.web import system, tasks_api
+from agentd.web import events_api, streams, system, tasks_api, ws
 from agentd.web.server import HttpServer, build_app
 from agentd.worker import WorkerPool
 
@@ -51,6 +53,7 @@ class Daemon:
             self.store, self.queue, self.registry, config.tasks, config.plugins.settings
         )
         self.plugins = PluginManager(config, self.bus, self.spawner, self.queue)
+        self.eventlog = EventLog(self.store, self.bus, config.events)
         self.lag = LagMonitor()
         self.server: HttpServer | None = None
         self.stopping = False
@@ -84,6 +87,9 @@ class Daemon:
             rollback.push_async_callback(self.store.close)
             self._start_service(self.lag.run(), "lag-monitor")
             self._start_service(self.store.run_checkpoints(), "wal-checkpoints")
+            await self.eventlog.start()
+            rollback.push_async_callback(self.eventlog.stop)
+            self._start_service(self.eventlog.run_sweeper(), "eventlog-sweeper")
             rollback.push_async_callback(self._stop_services)
             await self.plugins.start_all(self.config.daemon.stop_timeout)
             rollback.push_async_callback(self.plugins.stop_all, self.config.daemon.stop_timeout)
@@ -91,7 +97,8 @@ class Daemon:
             await self.workers.start()
             rollback.push_async_callback(self.workers.stop, self.config.daemon.stop_timeout)
             server = HttpServer(
-                build_app(self, system.routes, tasks_api.routes),
+                build_app(self, system.routes, tasks_api.routes, events_api.routes, streams.routes,
+                          ws.routes),
                 self.config.server.host, self.config.server.port,
             )
             await server.start()
@@ -103,6 +110,14 @@ class Daemon:
         self._log.info("daemon.started", version=__version__, host=self.config.server.host,
                        port=self.port, database=str(self.store.path))
         self.notifier.ready(f"serving on {self.config.server.host}:{self.port}")
+
+    async def publish_durably(self, topic: str, data: Mapping[str, Any]) -> Event:
+        """Publish, after committing the tasks of the durable handlers the event triggers:
+        what the caller is told was published cannot be lost by a crash."""
+        event = self.bus.make_event(topic, data)
+        await self.plugins.enqueue_triggers(event)
+        self.bus.dispatch(event)
+        return event
 
     def request_stop(self) -> None:
         """Ask the daemon to stop (signal handlers call this; it only sets a flag)."""
@@ -128,6 +143,7 @@ class Daemon:
         if self.server is not None:
             await self._stage("close server", self.server.close(), deadline)
         await self._stop_services()
+        await self._stage("flush event log", self.eventlog.stop(), deadline)
         self.bus.close()
         await self._stage("close store", self.store.close(), deadline)
         self._log.info("daemon.stopped")

@@ -16,13 +16,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
-from agentd.events import LAGGED_TOPIC, Event, TopicPattern, validate_topic
+from agentd.events import LAGGED_TOPIC, Event, TopicFilter, validate_topic
 from agentd.log import get_logger
 
 Callback = Callable[[Event], None]
+# Given the newest buffered event and a new one, the one event standing for both, or None.
+Merge = Callable[[Event, Event], Event | None]
 
 DEFAULT_BUFFER = 1000
 
@@ -33,13 +35,16 @@ class Subscription:
     def __init__(
         self,
         bus: Bus,
-        pattern: TopicPattern,
+        pattern: TopicFilter,
+        *,
         name: str,
         callback: Callback | None,
         maxsize: int,
+        merge: Merge | None = None,
     ) -> None:
         self.bus = bus
         self.pattern = pattern
+        self.merge = merge
         self.name = name
         self.callback = callback
         self.maxsize = maxsize
@@ -71,6 +76,13 @@ class Subscription:
         if self.callback is not None:
             self.callback(event)
             return
+        if self.merge is not None and len(self._buffer) * 2 >= self.maxsize:
+            # Half full: fold the new event into the newest one where they combine (tokens),
+            # so a slow reader loses granularity before it loses events.
+            merged = self.merge(self._buffer[-1], event)
+            if merged is not None:
+                self._buffer[-1] = merged
+                return
         if len(self._buffer) >= self.maxsize:
             dropped = self._buffer.popleft()
             self.dropped += 1
@@ -140,28 +152,32 @@ class Bus:
 
     def subscribe(
         self,
-        pattern: str,
+        pattern: str | Sequence[str],
         callback: Callback | None = None,
         *,
         name: str | None = None,
         maxsize: int = DEFAULT_BUFFER,
+        merge: Merge | None = None,
     ) -> Subscription:
         """Subscribe to topics matching `pattern`.
 
         Args:
-            pattern: a topic pattern (`*` one segment, `**` any number).
+            pattern: a topic pattern (`*` one segment, `**` any number), a comma-separated
+                string of them, or a list.
             callback: called with each event inside `publish`; None for an iterator.
             name: shown in logs and lag markers; defaults to the callback's name.
             maxsize: the iterator's buffer bound (ignored for callbacks).
+            merge: folds a new event into the newest buffered one once the buffer is half
+                full (e.g. consecutive LLM tokens), before anything is dropped.
 
         Raises:
             PatternError: the pattern is malformed.
         """
-        compiled = TopicPattern.parse(pattern)
+        compiled = TopicFilter.parse(pattern)
         if maxsize < 1:
             raise ValueError(f"maxsize must be at least 1, got {maxsize}")
-        label = name or getattr(callback, "__qualname__", None) or f"subscriber:{pattern}"
-        sub = Subscription(self, compiled, label, callback, maxsize)
+        label = name or getattr(callback, "__qualname__", None) or f"subscriber:{compiled.text}"
+        sub = Subscription(self, compiled, name=label, callback=callback, maxsize=maxsize, merge=merge)
         self._subscriptions[sub] = None
         self._by_topic.clear()
         return sub
@@ -175,16 +191,33 @@ class Bus:
         causation_id: str | None = None,
     ) -> Event:
         """Deliver an event to every matching subscriber now; return it. Never blocks."""
+        event = self.make_event(
+            topic, data, correlation_id=correlation_id, causation_id=causation_id
+        )
+        self.dispatch(event)
+        return event
+
+    def make_event(
+        self,
+        topic: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Event:
+        """An event with the next id, not yet delivered (`dispatch` delivers it)."""
         validate_topic(topic)
-        event = Event(
+        return Event(
             id=self.next_id(),
             topic=topic,
             data=data if data is not None else {},
             correlation_id=correlation_id,
             causation_id=causation_id,
         )
-        self.dispatch(event)
-        return event
+
+    def advance_to(self, last_id: int) -> None:
+        """Never hand out an id at or below `last_id` (the newest id stored before a restart)."""
+        self._last_id = max(self._last_id, last_id)
 
     def dispatch(self, event: Event) -> None:
         """Deliver an already-built event (used by `publish` and by replaying components)."""

@@ -43,6 +43,7 @@ class ServerConfig:
     token_file: str = ""
     max_body_bytes: int = 1_048_576
     max_loop_lag: float = 0.5
+    allowed_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,44 @@ class TasksConfig:
     result_ttl: float = 604800.0
     idempotency_window: float = 86400.0
     purge_interval: float = 300.0
+
+
+PERSISTENCE_CLASSES = ("ephemeral", "ring", "durable")
+
+
+@dataclass(frozen=True, slots=True)
+class EventsConfig:
+    """[events]: which events the event log keeps (first matching rule wins) and how long."""
+
+    persistence: tuple[str, ...] = (
+        "*.token=ephemeral", "task.progress=ring", "task.**=durable", "**=ring",
+    )
+    ring_size: int = 10_000
+    ring_seconds: float = 3600.0
+    retention: float = 604800.0
+    sweep_interval: float = 60.0
+
+    def rules(self) -> list[tuple[str, str]]:
+        """(pattern, class) pairs in order; validated when the configuration is loaded."""
+        return [(rule.partition("=")[0], rule.partition("=")[2]) for rule in self.persistence]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamsConfig:
+    """[streams]: SSE and WebSocket clients."""
+
+    keepalive: float = 15.0
+    retry_ms: int = 3000
+    client_buffer: int = 1000
+    send_timeout: float = 10.0
+    token_ttl: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class HooksConfig:
+    """[hooks.<name>]: inbound webhooks, each with its HMAC secret (or secret_file)."""
+
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +134,9 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    streams: StreamsConfig = field(default_factory=StreamsConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "<defaults>"
@@ -117,6 +159,19 @@ class Config:
     @property
     def plugin_dirs(self) -> tuple[Path, ...]:
         return tuple(self.resolve(p) for p in self.plugins.paths)
+
+    def hook_secret(self, name: str) -> bytes | None:
+        """The HMAC secret of inbound webhook `name`, or None when no such hook is configured."""
+        table = self.hooks.settings.get(name)
+        if table is None:
+            return None
+        if table.get("secret"):
+            return str(table["secret"]).encode()
+        path = self.resolve(str(table["secret_file"]))
+        try:
+            return next(iter(path.read_text().splitlines()), "").strip().encode()
+        except OSError as exc:
+            raise ConfigError(f"{self.source}: [hooks.{name}] secret_file: cannot read {path}") from exc
 
     def api_token(self) -> str:
         """The bearer token in force: `token`, else the first line of `token_file`, else ''."""
@@ -188,8 +243,34 @@ def load_config(
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
         sections[name] = _build_section(name, _SECTIONS[name], value, source)
-    config = Config(source=source, base_dir=base_dir, **sections)
-    return _apply_env(config, os.environ if env is None else env)
+    config = _apply_env(
+        Config(source=source, base_dir=base_dir, **sections), os.environ if env is None else env
+    )
+    _check_rules(config)
+    return config
+
+
+def _check_rules(config: Config) -> None:
+    from agentd.events import TopicPattern
+
+    for rule in config.events.persistence:
+        pattern, _, kind = rule.partition("=")
+        where = f"{config.source}: [events] persistence: rule {rule!r}"
+        if kind not in PERSISTENCE_CLASSES:
+            raise ConfigError(f"{where}: expected 'pattern=class' with class one of "
+                              f"{', '.join(PERSISTENCE_CLASSES)}")
+        try:
+            TopicPattern.parse(pattern)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+    for name, table in config.hooks.settings.items():
+        unknown = set(table) - {"secret", "secret_file"}
+        if unknown or not all(isinstance(v, str) for v in table.values()):
+            raise ConfigError(f"{config.source}: [hooks.{name}] takes only secret and secret_file (strings)")
+        if not table.get("secret") and not table.get("secret_file"):
+            raise ConfigError(f"{config.source}: [hooks.{name}] needs a secret or a secret_file")
+    if config.streams.client_buffer < 2:
+        raise ConfigError(f"{config.source}: [streams] client_buffer: expected at least 2")
 
 
 def _build_section(name: str, cls: type[Any], table: dict[str, Any], source: str) -> Any:
@@ -198,7 +279,7 @@ def _build_section(name: str, cls: type[Any], table: dict[str, Any], source: str
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for key, value in table.items():
-        if cls is PluginsConfig and key not in known and isinstance(value, dict):
+        if cls in (PluginsConfig, HooksConfig) and key not in known and isinstance(value, dict):
             extra[key] = value  # a [plugins.<name>] table
             continue
         if key not in known or key == "settings":

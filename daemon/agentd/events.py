@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -76,7 +76,7 @@ class TopicPattern:
     segments: tuple[str, ...]
 
     @classmethod
-    def parse(cls, text: str) -> TopicPattern:
+    def parse(cls, text: object) -> TopicPattern:
         if not isinstance(text, str) or not text:
             raise PatternError(f"pattern must be a non-empty string, got {text!r}")
         segments = tuple(text.split("."))
@@ -93,6 +93,34 @@ class TopicPattern:
 
     def matches(self, topic: str) -> bool:
         return _match(self.segments, tuple(topic.split(".")))
+
+
+@dataclass(frozen=True, slots=True)
+class TopicFilter:
+    """Several patterns; a topic passes when any of them matches it."""
+
+    patterns: tuple[TopicPattern, ...]
+
+    @classmethod
+    def parse(cls, patterns: str | Sequence[str]) -> TopicFilter:
+        """From one pattern, a comma-separated string of them, or a list of them."""
+        if isinstance(patterns, str):
+            items: list[object] = list(patterns.split(","))
+        elif isinstance(patterns, list | tuple):
+            items = list(patterns)
+        else:
+            raise PatternError(f"patterns must be a string or a list of strings, got {patterns!r}")
+        parsed = tuple(TopicPattern.parse(p.strip() if isinstance(p, str) else p) for p in items)
+        if not parsed:
+            raise PatternError("at least one topic pattern is needed")
+        return cls(parsed)
+
+    @property
+    def text(self) -> str:
+        return ",".join(p.text for p in self.patterns)
+
+    def matches(self, topic: str) -> bool:
+        return any(p.matches(topic) for p in self.patterns)
 
 
 def _match(pattern: tuple[str, ...], topic: tuple[str, ...]) -> bool:

@@ -38,6 +38,8 @@ class HandlerSpec:
 
     pattern: str
     fn: EventHandler
+    durable: bool = False
+    max_attempts: int | None = None
 
     @property
     def name(self) -> str:
@@ -75,18 +77,26 @@ class Plugin:
         """Called by the loader when the plugin is loaded."""
         self._config = MappingProxyType(dict(table))
 
-    def on(self, pattern: str) -> Callable[[EventHandler], EventHandler]:
+    def on(
+        self, pattern: str, *, durable: bool = False, max_attempts: int | None = None
+    ) -> Callable[[EventHandler], EventHandler]:
         """Run the decorated `async def fn(ctx, event)` for each event matching `pattern`.
 
-        Each run is fire-and-forget (tracked by the daemon's spawner): the publisher does not
-        wait, a failure is logged with the plugin's name and published as `handler.failed`.
+        By default each run is fire-and-forget (tracked by the daemon's spawner): the
+        publisher does not wait; a failure is logged with the plugin's name and published as
+        `handler.failed`; `ctx` is the plugin's context. Delivery is at most once.
+
+        With `durable=True` each matching event becomes a task named `<plugin>.<fn>` (a
+        trigger): at least once, retried up to `max_attempts`, surviving restarts; `ctx` is
+        the task's context. Events published over HTTP have their trigger tasks committed
+        before the request is answered.
         """
         TopicPattern.parse(pattern)
 
         def register(fn: EventHandler) -> EventHandler:
             if not inspect.iscoroutinefunction(fn):
                 raise PluginError(f"plugin {self.name}: @on handler {fn.__name__} must be async def")
-            self.handlers.append(HandlerSpec(pattern, fn))
+            self.handlers.append(HandlerSpec(pattern, fn, durable, max_attempts))
             return fn
 
         return register

@@ -30,11 +30,12 @@ import structlog
 from agentd.bus import Bus
 from agentd.config import Config
 from agentd.errors import PluginError
-from agentd.events import Event
+from agentd.events import Event, TopicPattern
 from agentd.log import get_logger
 from agentd.plugin import HandlerSpec, Hook, Plugin
 from agentd.spawn import Spawner
-from agentd.taskqueue import TaskQueue
+from agentd.taskdef import TaskDef
+from agentd.taskqueue import TaskQueue, TaskRequest
 
 ENTRY_POINT_GROUP = "agentd.plugins"
 _MODULE_PREFIX = "agentd_plugins"
@@ -93,6 +94,8 @@ class PluginManager:
         self._queue = queue
         self._log = get_logger("plugins")
         self.plugins: dict[str, LoadedPlugin] = {}
+        self._triggers: list[tuple[TopicPattern, str]] = []
+        self._enqueued: set[tuple[int, str]] = set()
 
     def states(self) -> list[dict[str, Any]]:
         return [p.to_dict() for p in self.plugins.values()]
@@ -206,11 +209,15 @@ class PluginManager:
         except Exception as exc:
             self._fail_started(record, exc)
             return
-        for spec in plugin.handlers:
-            sub = self._bus.subscribe(
-                spec.pattern, self._handler_callback(ctx, spec), name=f"{plugin.name}.{spec.name}"
-            )
-            record.registrations.callback(sub.unsubscribe)
+        try:
+            for spec in plugin.handlers:
+                callback = (self._trigger(record, spec) if spec.durable
+                            else self._handler_callback(ctx, spec))
+                sub = self._bus.subscribe(spec.pattern, callback, name=f"{plugin.name}.{spec.name}")
+                record.registrations.callback(sub.unsubscribe)
+        except Exception as exc:
+            self._fail_started(record, exc)
+            return
         try:
             for hook in plugin.startup_hooks:
                 await asyncio.wait_for(_call_hook(hook, ctx), deadline)
@@ -225,6 +232,39 @@ class PluginManager:
         record.state, record.error = "failed", _describe(exc)
         self._log.error("plugin.failed", plugin=record.name, stage="startup", error=record.error)
         self._bus.publish("plugin.failed", {"plugin": record.name, "error": record.error})
+
+    def _trigger(self, record: LoadedPlugin, spec: HandlerSpec) -> Callable[[Event], None]:
+        """Register the task behind a durable handler; return the bus callback that enqueues it."""
+        task_name = f"{record.name}.{spec.name}"
+        handler = spec.fn
+
+        async def run_trigger(ctx: Any, event: dict[str, Any]) -> None:
+            await handler(ctx, Event(**event))
+
+        run_trigger.__name__ = spec.name
+        record.registrations.callback(self._queue.registry.add(TaskDef(
+            name=task_name, fn=run_trigger, max_attempts=spec.max_attempts, plugin=record.name)))
+        pattern = TopicPattern.parse(spec.pattern)
+        trigger = (pattern, task_name)
+        self._triggers.append(trigger)
+        record.registrations.callback(lambda: self._triggers.remove(trigger))
+
+        def on_event(event: Event) -> None:
+            if (event.id, task_name) in self._enqueued:
+                self._enqueued.discard((event.id, task_name))  # publish_durably committed it
+                return
+            self._spawner.spawn(
+                self._queue.enqueue_many([_trigger_request(task_name, event)]),
+                name=f"trigger:{task_name}", context={"plugin": record.name, "event_id": event.id})
+
+        return on_event
+
+    async def enqueue_triggers(self, event: Event) -> None:
+        """Commit the tasks of every durable handler `event` matches (before it is published)."""
+        names = [name for pattern, name in self._triggers if pattern.matches(event.topic)]
+        if names:
+            await self._queue.enqueue_many([_trigger_request(name, event) for name in names])
+            self._enqueued.update((event.id, name) for name in names)
 
     def _handler_callback(self, ctx: PluginContext, spec: HandlerSpec) -> Callable[[Event], None]:
         handler_name = f"{ctx.plugin.name}.{spec.name}"
@@ -242,6 +282,12 @@ class PluginManager:
             )
 
         return on_event
+
+
+def _trigger_request(task_name: str, event: Event) -> TaskRequest:
+    return TaskRequest(
+        task_name, {"event": event.to_dict()}, idempotency_key=f"event:{event.id}:{task_name}",
+        correlation_id=event.correlation_id)
 
 
 def _path_loader(module_name: str, path: Path, package_dir: Path | None) -> Callable[[], ModuleType]:

@@ -252,6 +252,11 @@ class TaskQueue:
         rows = await self.store.read("SELECT id FROM tasks WHERE parent_id = ? ORDER BY id", (task_id,))
         return [row["id"] for row in rows]
 
+    async def descendants(self, task_id: int) -> list[int]:
+        """Ids of the task's children, their children, and so on."""
+        rows = await self.store.read(_DESCENDANTS, (task_id,))
+        return [row[0] for row in rows if row[0] != task_id]
+
     async def list(
         self,
         *,

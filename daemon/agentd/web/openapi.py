@@ -35,6 +35,7 @@ class RouteDoc:
     request_body: dict[str, Any] | None = None
     parameters: list[dict[str, Any]] = field(default_factory=list)
     public: bool = False
+    stream: bool = False
 
 
 def doc(
@@ -45,6 +46,7 @@ def doc(
     body: dict[str, Any] | None = None,
     query: dict[str, str] | None = None,
     public: bool = False,
+    stream: bool = False,
 ) -> Callable[[H], H]:
     """Attach OpenAPI documentation to a handler.
 
@@ -55,6 +57,7 @@ def doc(
         body: the JSON schema of the request body, if any.
         query: query parameter → description.
         public: True when the route needs no bearer token.
+        stream: True when the route also accepts a stream token as `?token=`.
     """
 
     def attach(handler: H) -> H:
@@ -69,6 +72,7 @@ def doc(
                 for name, text in (query or {}).items()
             ],
             public=public,
+            stream=stream,
         )
         return handler
 

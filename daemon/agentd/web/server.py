@@ -1,8 +1,7 @@
-"""The aiohttp application: middlewares (JSON errors, bearer auth, intake) and the listener."""
+"""The aiohttp application: its middlewares (JSON errors, origin, auth, intake) and the listener."""
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -11,12 +10,16 @@ from aiohttp.typedefs import Middleware
 
 from agentd.errors import AgentdError
 from agentd.log import get_logger
+from agentd.web.auth import STREAM_TOKENS, StreamTokens, make_auth_middleware, make_origin_middleware
 from agentd.web.errors import ApiError, error_response, from_agentd_error
 
 if TYPE_CHECKING:
     from agentd.app import Daemon
+    from agentd.bus import Subscription
 
 DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+# The bus subscriptions of open SSE and WebSocket streams, ended at shutdown.
+STREAMS: web.AppKey[set[Subscription]] = web.AppKey("streams")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -55,29 +58,6 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(500, "internal_error", "the server failed to handle this request")
 
 
-def _is_public(request: web.Request) -> bool:
-    route_doc = getattr(request.match_info.route.handler, "__openapi__", None)
-    return bool(route_doc is not None and route_doc.public)
-
-
-def make_auth_middleware(token: str) -> Middleware:
-    """Require `Authorization: Bearer <token>` on every route not documented as public."""
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not _is_public(request):
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                raise web.HTTPUnauthorized(
-                    text="a valid 'Authorization: Bearer <token>' is required",
-                    headers={"WWW-Authenticate": 'Bearer realm="agentd"'},
-                )
-        return await handler(request)
-
-    return bearer_auth
-
-
 @web.middleware
 async def intake(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Once the daemon is stopping, refuse new work but keep answering reads and health."""
@@ -87,16 +67,29 @@ async def intake(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def build_app(daemon: Daemon, *route_tables: web.RouteTableDef) -> web.Application:
-    token = daemon.config.api_token()
-    middlewares: list[Middleware] = [json_errors]
+    """The application with its middlewares: JSON errors, origin check, auth, intake."""
+    config = daemon.config
+    stream_tokens = StreamTokens(config.streams.token_ttl)
+    middlewares: list[Middleware] = [json_errors, make_origin_middleware(config.server.allowed_origins)]
+    token = config.api_token()
     if token:
-        middlewares.append(make_auth_middleware(token))
+        middlewares.append(make_auth_middleware(token, stream_tokens))
     middlewares.append(intake)
-    app = web.Application(middlewares=middlewares, client_max_size=daemon.config.server.max_body_bytes)
+    app = web.Application(middlewares=middlewares, client_max_size=config.server.max_body_bytes)
     app[DAEMON] = daemon
+    app[STREAM_TOKENS] = stream_tokens
+    app[STREAMS] = set()
+    app.on_shutdown.append(close_streams)
     for table in route_tables:
         app.add_routes(table)
     return app
+
+
+async def close_streams(app: web.Application) -> None:
+    """At shutdown: end every stream, so closing the server need not wait for them."""
+    streams: set[Subscription] = app[STREAMS]
+    for sub in list(streams):
+        sub.unsubscribe()
 
 
 class HttpServer:

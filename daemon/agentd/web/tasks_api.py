@@ -47,7 +47,8 @@ TASK_REQUEST_SCHEMA: dict[str, Any] = {
 }
 
 
-def _task_request(body: dict[str, Any], where: str = "") -> TaskRequest:
+def task_request(body: dict[str, Any], where: str = "") -> TaskRequest:
+    """A TaskRequest from a JSON body, or a 400 naming the field that is wrong."""
     unknown = sorted(set(body) - set(_FIELDS))
     if unknown:
         raise bad_request(f"{where}unknown field(s): {', '.join(unknown)}; known: {', '.join(_FIELDS)}")
@@ -84,7 +85,7 @@ async def _with_children(queue: TaskQueue, record: TaskRecord) -> dict[str, Any]
     400: "A field is missing or wrong", 404: "No task of that name is registered"})
 async def enqueue(request: web.Request) -> web.Response:
     queue = request.app[DAEMON].queue
-    (outcome,) = await queue.enqueue_many([_task_request(await read_json_object(request))])
+    (outcome,) = await queue.enqueue_many([task_request(await read_json_object(request))])
     return web.json_response(outcome.task.to_dict(), status=201 if outcome.created else 200)
 
 
@@ -106,7 +107,7 @@ async def enqueue_batch(request: web.Request) -> web.Response:
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             raise bad_request(f"tasks[{index}] must be a JSON object")
-        requests.append(_task_request(item, where=f"tasks[{index}]: "))
+        requests.append(task_request(item, where=f"tasks[{index}]: "))
     outcomes = await request.app[DAEMON].queue.enqueue_many(requests)
     return web.json_response(
         {"tasks": [{**o.task.to_dict(), "created": o.created} for o in outcomes]}, status=201)

@@ -1,0 +1,186 @@
+"""The event log: bus events kept in SQLite so a stream client can resume where it left off.
+
+Each topic has a persistence class, given by the first matching `[events] persistence`
+rule: `ephemeral` events (LLM tokens) are never stored, `ring` events are kept while they
+are among the last `ring_size` and younger than `ring_seconds`, `durable` events for
+`retention` seconds. Events are appended in batches through the store's grouped writes.
+`horizon` is the newest id the sweeper has deleted: a client asking for events after an
+older id may have missed some, and is told so with a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agentd.bus import Bus, Subscription
+from agentd.config import EventsConfig
+from agentd.db import Connection, Row, Store
+from agentd.events import Event, TopicPattern
+from agentd.log import get_logger
+
+_INSERT = (
+    "INSERT OR IGNORE INTO events (id, topic, time, data, correlation_id, causation_id, durable) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_PAGE = 1000
+
+
+def event_from_row(row: Row) -> Event:
+    return Event(id=row["id"], topic=row["topic"], time=row["time"], data=json.loads(row["data"]),
+                 correlation_id=row["correlation_id"], causation_id=row["causation_id"])
+
+
+class EventLog:
+    """Appends matching bus events to the `events` table; replays them; sweeps old ones."""
+
+    def __init__(self, store: Store, bus: Bus, config: EventsConfig) -> None:
+        self.store = store
+        self.bus = bus
+        self.config = config
+        self.horizon = 0
+        self.lost = 0
+        self._rules = [(TopicPattern.parse(pattern), kind) for pattern, kind in config.rules()]
+        self._class_of: dict[str, str] = {}
+        self._pending: list[Event] = []
+        self._in_flight: list[Event] = []
+        self._writing = False
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._subscription: Subscription | None = None
+        self._log = get_logger("eventlog")
+
+    async def start(self) -> None:
+        """Continue the id sequence after the newest stored event, then start recording."""
+        row = await self.store.read_one("SELECT max(id) AS id FROM events")
+        if row is not None and row["id"] is not None:
+            self.bus.advance_to(row["id"])
+        horizon = await self.store.read_one("SELECT value FROM meta WHERE key = 'events_horizon'")
+        self.horizon = int(horizon["value"]) if horizon is not None else 0
+        self._subscription = self.bus.subscribe("**", self._record, name="event-log")
+
+    async def stop(self) -> None:
+        """Stop recording and wait until everything recorded is committed."""
+        if self._subscription is not None:
+            self._subscription.unsubscribe()
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Return once every event recorded so far is committed."""
+        await self._drained.wait()
+
+    def persistence(self, topic: str) -> str:
+        """The class of `topic`: ephemeral, ring or durable (ring when no rule matches)."""
+        kind = self._class_of.get(topic)
+        if kind is None:
+            kind = next((k for pattern, k in self._rules if pattern.matches(topic)), "ring")
+            self._class_of[topic] = kind
+        return kind
+
+    def _record(self, event: Event) -> None:
+        if self.persistence(event.topic) == "ephemeral":
+            return
+        self._pending.append(event)
+        if not self._writing:
+            self._writing = True
+            self._drained.clear()
+            asyncio.get_running_loop().call_soon(self._submit)
+
+    def _submit(self) -> None:
+        batch, self._pending = self._pending, []
+        self._in_flight = batch
+        rows = [
+            (e.id, e.topic, e.time, json.dumps(e.data, separators=(",", ":"), default=str),
+             e.correlation_id, e.causation_id, int(self.persistence(e.topic) == "durable"))
+            for e in batch
+        ]
+        self.store.write(lambda conn: conn.executemany(_INSERT, rows)).add_done_callback(self._written)
+
+    def _written(self, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.lost += len(self._in_flight)
+            self._log.error("eventlog.write_failed", events=len(self._in_flight),
+                            error=str(future.exception()))
+        self._in_flight = []
+        if self._pending:
+            self._submit()
+        else:
+            self._writing = False
+            self._drained.set()
+
+    async def replay(self, after: int, accept: Callable[[Event], bool]) -> list[Event]:
+        """Every kept event with id > `after` that `accept`s, in id order, the ones not yet
+        committed included. Subscribe before calling it, then skip live events with an id
+        at or below the last replayed one: together they miss nothing and repeat nothing."""
+        unflushed = [e for e in (*self._in_flight, *self._pending) if e.id > after and accept(e)]
+        found: dict[int, Event] = {e.id: e for e in unflushed}
+        cursor = after
+        while True:
+            rows = await self.store.read(
+                "SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (cursor, _PAGE))
+            for row in rows:
+                event = event_from_row(row)
+                if accept(event):
+                    found[event.id] = event
+            if len(rows) < _PAGE:
+                break
+            cursor = rows[-1]["id"]
+        return [found[i] for i in sorted(found)]
+
+    async def replay_correlation(self, correlation_id: str, after: int = 0) -> list[Event]:
+        """The kept events of one correlation (a root task and its descendants), in id order."""
+        unflushed = [e for e in (*self._in_flight, *self._pending)
+                     if e.id > after and e.correlation_id == correlation_id]
+        rows = await self.store.read(
+            "SELECT * FROM events WHERE correlation_id = ? AND id > ? ORDER BY id",
+            (correlation_id, after))
+        found = {e.id: e for e in map(event_from_row, rows)}
+        found.update({e.id: e for e in unflushed})
+        return [found[i] for i in sorted(found)]
+
+    async def sweep(self) -> int:
+        """Apply the retention rules; return how many events were deleted."""
+        now = time.time()
+        config = self.config
+
+        def op(conn: Connection) -> tuple[int, int]:
+            # Ids are at least the wall clock in microseconds, so an id below a time's
+            # microseconds belongs to an event older than that time.
+            ring_by_age = int((now - config.ring_seconds) * 1_000_000)
+            row = conn.execute(
+                "SELECT id FROM events WHERE durable = 0 ORDER BY id DESC LIMIT 1 OFFSET ?",
+                (config.ring_size,)).fetchone()
+            ring_cutoff = max(ring_by_age, row[0] if row is not None else 0)
+            durable_cutoff = int((now - config.retention) * 1_000_000)
+            deleted = conn.execute(
+                "DELETE FROM events WHERE (durable = 0 AND id <= ?) OR (durable = 1 AND id <= ?) "
+                "RETURNING id", (ring_cutoff, durable_cutoff)).fetchall()
+            newest = max((r[0] for r in deleted), default=0)
+            if newest:
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('events_horizon', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = max(CAST(value AS INTEGER), excluded.value)",
+                    (str(newest),))
+            return len(deleted), newest
+
+        count, newest = await self.store.write(op)
+        self.horizon = max(self.horizon, newest)
+        return count
+
+    async def run_sweeper(self) -> None:
+        """Forever: sweep every `[events] sweep_interval` seconds."""
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            deleted = await self.sweep()
+            if deleted:
+                self._log.info("eventlog.swept", deleted=deleted, horizon=self.horizon)
+
+    async def stats(self) -> dict[str, int]:
+        row = await self.store.read_one(
+            "SELECT count(*) AS n, coalesce(sum(durable), 0) AS durable FROM events")
+        total, durable = (row["n"], row["durable"]) if row is not None else (0, 0)
+        return {"stored": total, "durable": durable, "ring": total - durable,
+                "horizon": self.horizon, "lost": self.lost}

@@ -1,0 +1,201 @@
+"""`/v1/ws`: one WebSocket for everything live. JSON messages, each request with a client id:
+
+    {"id": 1, "type": "subscribe", "patterns": ["task.*"], "since": 123}
+        → {"id": 1, "ok": true, "subscription": "s1"}, then
+          {"type": "event", "subscription": "s1", "event": {...}} for each event
+    {"id": 2, "type": "unsubscribe", "subscription": "s1"}  → {"id": 2, "ok": true}
+    {"id": 3, "type": "publish", "topic": "user.clicked", "data": {}}
+        → {"id": 3, "ok": true, "event_id": ...}
+    {"id": 4, "type": "submit", "name": "hello.greet", "args": {...}}
+        → {"id": 4, "ok": true, "task": {...}, "created": true}
+    {"id": 5, "type": "cancel", "task_id": 7}  → {"id": 5, "ok": true, "task": {...}}
+    {"id": 6, "type": "result", "task_id": 7, "timeout": 30}
+        → {"id": 6, "ok": true, "task": {...}} once it is finished
+    {"id": 7, "type": "ping"}  → {"id": 7, "ok": true, "type": "pong"}
+
+A failed request answers `{"id", "ok": false, "error": {"code", "message"}}`. Subscriptions
+follow the SSE policy: bounded buffers, tokens folded first, then `{"type": "lagged",
+"subscription", "resume_after"}` and the socket is closed (code 4000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+from aiohttp import WSMsgType, web
+
+from agentd.bus import Subscription
+from agentd.errors import AgentdError
+from agentd.events import LAGGED_TOPIC, TopicFilter, validate_topic
+from agentd.web.errors import ApiError, bad_request, from_agentd_error
+from agentd.web.openapi import doc
+from agentd.web.server import DAEMON, STREAMS
+from agentd.web.streams import coalesce_tokens
+from agentd.web.tasks_api import task_request
+
+routes = web.RouteTableDef()
+
+CLOSE_LAGGED = 4000
+MAX_RESULT_WAIT = 300.0
+
+
+class _Session:
+    """One connection: its subscriptions, its pending requests, and a send lock."""
+
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        self.request = request
+        self.daemon = request.app[DAEMON]
+        self.ws = ws
+        self.subscriptions: dict[str, tuple[Subscription, asyncio.Task[None]]] = {}
+        self.requests: set[asyncio.Task[None]] = set()
+        self._counter = 0
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await asyncio.wait_for(self.ws.send_json(message), self.daemon.config.streams.send_timeout)
+
+    async def handle(self, message: Any) -> None:
+        request_id = message.get("id") if isinstance(message, dict) else None
+        try:
+            if not isinstance(message, dict):
+                raise bad_request("each message must be a JSON object")
+            kind = message.get("type")
+            handler = self._HANDLERS.get(kind) if isinstance(kind, str) else None
+            if handler is None:
+                raise bad_request(f"unknown type {kind!r}; known: {', '.join(self._HANDLERS)}")
+            reply = await handler(self, message)
+            await self.send({"id": request_id, "ok": True, **reply})
+        except (ApiError, AgentdError) as exc:
+            error = exc if isinstance(exc, ApiError) else from_agentd_error(exc)
+            if error is None:
+                raise
+            await self.send({"id": request_id, "ok": False,
+                             "error": {"code": error.code, "message": error.message}})
+
+    async def subscribe(self, message: dict[str, Any]) -> dict[str, Any]:
+        patterns = TopicFilter.parse(message.get("patterns", "**"))
+        since = message.get("since")
+        if since is not None and (not isinstance(since, int) or isinstance(since, bool)):
+            raise bad_request(f"'since' must be an event id (an integer), got {since!r}")
+        self._counter += 1
+        name = f"s{self._counter}"
+        sub = self.daemon.bus.subscribe(
+            patterns.text, name=f"ws:{name}", maxsize=self.daemon.config.streams.client_buffer,
+            merge=coalesce_tokens)
+        self.request.app[STREAMS].add(sub)
+        pump = asyncio.get_running_loop().create_task(self._pump(name, sub, patterns, since))
+        self.subscriptions[name] = (sub, pump)
+        return {"subscription": name}
+
+    async def _pump(self, name: str, sub: Subscription, patterns: TopicFilter, since: int | None) -> None:
+        last = 0
+        if since is not None:
+            log = self.daemon.eventlog
+            if since < log.horizon:
+                await self.send({"type": "gap", "subscription": name, "requested_after": since,
+                                 "kept_after": log.horizon})
+            for event in await log.replay(since, lambda e: patterns.matches(e.topic)):
+                await self.send({"type": "event", "subscription": name, "event": event.to_dict()})
+                last = event.id
+            last = max(last, since)
+        async for event in sub:
+            if event.topic == LAGGED_TOPIC:
+                await self.send({"type": "lagged", "subscription": name, "resume_after": last})
+                await self.ws.close(code=CLOSE_LAGGED, message=b"lagged")
+                return
+            if event.id <= last:
+                continue
+            await self.send({"type": "event", "subscription": name, "event": event.to_dict()})
+            last = event.id
+
+    async def unsubscribe(self, message: dict[str, Any]) -> dict[str, Any]:
+        name = message.get("subscription")
+        if not isinstance(name, str) or name not in self.subscriptions:
+            raise bad_request(f"no subscription {name!r} on this connection")
+        self._drop(name)
+        return {}
+
+    async def publish(self, message: dict[str, Any]) -> dict[str, Any]:
+        data = message.get("data", {})
+        if not isinstance(data, dict):
+            raise bad_request("'data' must be a JSON object")
+        event = await self.daemon.publish_durably(validate_topic(message.get("topic")), data)
+        return {"event_id": event.id}
+
+    async def submit(self, message: dict[str, Any]) -> dict[str, Any]:
+        fields = {k: v for k, v in message.items() if k not in ("id", "type")}
+        (outcome,) = await self.daemon.queue.enqueue_many([task_request(fields)])
+        return {"task": outcome.task.to_dict(), "created": outcome.created}
+
+    async def cancel(self, message: dict[str, Any]) -> dict[str, Any]:
+        return {"task": (await self.daemon.queue.cancel(_task_id(message))).to_dict()}
+
+    async def result(self, message: dict[str, Any]) -> dict[str, Any]:
+        timeout = message.get("timeout", MAX_RESULT_WAIT)
+        if not isinstance(timeout, int | float) or not 0 <= timeout <= MAX_RESULT_WAIT:
+            raise bad_request(f"'timeout' must be a number of seconds up to {MAX_RESULT_WAIT:g}")
+        try:
+            record = await self.daemon.queue.wait(_task_id(message), float(timeout))
+        except TimeoutError:
+            raise ApiError(408, "timeout", f"the task did not finish within {timeout} s") from None
+        return {"task": record.to_dict()}
+
+    async def ping(self, message: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "pong"}
+
+    _HANDLERS: ClassVar[dict[str, Callable[[_Session, dict[str, Any]], Awaitable[dict[str, Any]]]]] = {
+        "subscribe": subscribe, "unsubscribe": unsubscribe, "publish": publish, "submit": submit,
+        "cancel": cancel, "result": result, "ping": ping,
+    }
+
+    def _drop(self, name: str) -> None:
+        sub, pump = self.subscriptions.pop(name)
+        sub.unsubscribe()
+        self.request.app[STREAMS].discard(sub)
+        pump.cancel()
+
+    async def close(self) -> None:
+        for name in list(self.subscriptions):
+            self._drop(name)
+        for task in self.requests:
+            task.cancel()
+        await asyncio.gather(*self.requests, return_exceptions=True)
+
+
+def _task_id(message: dict[str, Any]) -> int:
+    task_id = message.get("task_id")
+    if not isinstance(task_id, int) or isinstance(task_id, bool):
+        raise bad_request(f"'task_id' must be an integer, got {task_id!r}")
+    return task_id
+
+
+@routes.get("/v1/ws")
+@doc("WebSocket: subscribe (with resume), publish, submit, cancel, result, ping; the "
+     "protocol is in the README", tag="streams", stream=True,
+     query={"token": "a stream token from POST /v1/stream-tokens (for browsers)"},
+     responses={101: "Switching to the WebSocket protocol"})
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=request.app[DAEMON].config.server.max_body_bytes)
+    await ws.prepare(request)
+    session = _Session(request, ws)
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            try:
+                message = msg.json()
+            except ValueError:
+                await session.send({"id": None, "ok": False,
+                                    "error": {"code": "invalid_json", "message": "not valid JSON"}})
+                continue
+            # Each request runs on its own, so a long `result` does not hold up the others.
+            task = asyncio.get_running_loop().create_task(session.handle(message))
+            session.requests.add(task)
+            task.add_done_callback(session.requests.discard)
+    finally:
+        await session.close()
+        with contextlib.suppress(Exception):
+            await ws.close()
+    return ws
