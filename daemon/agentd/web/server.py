@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from aiohttp.typedefs import Middleware
 
 from agentd.errors import AgentdError
@@ -18,8 +18,10 @@ if TYPE_CHECKING:
     from agentd.bus import Subscription
 
 DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
-# The bus subscriptions of open SSE and WebSocket streams, ended at shutdown.
+# The bus subscriptions of open SSE and WebSocket streams, and the open WebSockets:
+# ended at shutdown so closing the server does not wait for them.
 STREAMS: web.AppKey[set[Subscription]] = web.AppKey("streams")
+SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -79,6 +81,7 @@ def build_app(daemon: Daemon, *route_tables: web.RouteTableDef) -> web.Applicati
     app[DAEMON] = daemon
     app[STREAM_TOKENS] = stream_tokens
     app[STREAMS] = set()
+    app[SOCKETS] = set()
     app.on_shutdown.append(close_streams)
     for table in route_tables:
         app.add_routes(table)
@@ -90,6 +93,9 @@ async def close_streams(app: web.Application) -> None:
     streams: set[Subscription] = app[STREAMS]
     for sub in list(streams):
         sub.unsubscribe()
+    sockets: set[web.WebSocketResponse] = app[SOCKETS]
+    for ws in list(sockets):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"agentd is stopping")
 
 
 class HttpServer:

@@ -32,7 +32,7 @@ from agentd.errors import AgentdError
 from agentd.events import LAGGED_TOPIC, TopicFilter, validate_topic
 from agentd.web.errors import ApiError, bad_request, from_agentd_error
 from agentd.web.openapi import doc
-from agentd.web.server import DAEMON, STREAMS
+from agentd.web.server import DAEMON, SOCKETS, STREAMS
 from agentd.web.streams import coalesce_tokens
 from agentd.web.tasks_api import task_request
 
@@ -177,9 +177,11 @@ def _task_id(message: dict[str, Any]) -> int:
      query={"token": "a stream token from POST /v1/stream-tokens (for browsers)"},
      responses={101: "Switching to the WebSocket protocol"})
 async def websocket(request: web.Request) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=request.app[DAEMON].config.server.max_body_bytes)
+    max_size = request.app[DAEMON].config.server.max_body_bytes
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=max_size)
     await ws.prepare(request)
     session = _Session(request, ws)
+    request.app[SOCKETS].add(ws)
     try:
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
@@ -195,6 +197,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             session.requests.add(task)
             task.add_done_callback(session.requests.discard)
     finally:
+        request.app[SOCKETS].discard(ws)
         await session.close()
         with contextlib.suppress(Exception):
             await ws.close()
