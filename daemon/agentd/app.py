@@ -12,20 +12,23 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any
 
-from agentd import __version__
+from agentd import __version__, maintenance
 from agentd.bus import Bus
 from agentd.config import Config, check_serving_rules
 from agentd.db import Store
+from agentd.errors import ConfigError, InvalidScheduleError
 from agentd.eventlog import EventLog
 from agentd.events import Event
 from agentd.health import LagMonitor
 from agentd.log import get_logger
 from agentd.plugins import PluginManager
+from agentd.schedule import ScheduleSpec
+from agentd.scheduler import Clock, Scheduler
 from agentd.spawn import Spawner
 from agentd.systemd import Notifier
 from agentd.taskdef import TaskRegistry
 from agentd.taskqueue import TaskQueue
-from agentd.web import events_api, streams, system, tasks_api, ws
+from agentd.web import events_api, schedules_api, streams, system, tasks_api, ws
 from agentd.web.server import HttpServer, build_app
 from agentd.worker import WorkerPool
 
@@ -38,7 +41,8 @@ class Daemon:
     Leaving runs the staged stop.
     """
 
-    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+    def __init__(self, config: Config, notifier: Notifier | None = None,
+                 clock: Clock | None = None) -> None:
         check_serving_rules(config)
         self.config = config
         self.notifier = notifier or Notifier()
@@ -54,6 +58,9 @@ class Daemon:
         )
         self.plugins = PluginManager(config, self.bus, self.spawner, self.queue)
         self.eventlog = EventLog(self.store, self.bus, config.events)
+        self.scheduler = Scheduler(self.store, self.queue, self.bus, self.registry, clock)
+        self._maintenance = maintenance.register(
+            self.registry, config, self.store, self.queue, self.eventlog)
         self.lag = LagMonitor()
         self.server: HttpServer | None = None
         self.stopping = False
@@ -89,16 +96,18 @@ class Daemon:
             self._start_service(self.store.run_checkpoints(), "wal-checkpoints")
             await self.eventlog.start()
             rollback.push_async_callback(self.eventlog.stop)
-            self._start_service(self.eventlog.run_sweeper(), "eventlog-sweeper")
             rollback.push_async_callback(self._stop_services)
             await self.plugins.start_all(self.config.daemon.stop_timeout)
             rollback.push_async_callback(self.plugins.stop_all, self.config.daemon.stop_timeout)
             self.plugins_started = True
             await self.workers.start()
             rollback.push_async_callback(self.workers.stop, self.config.daemon.stop_timeout)
+            await self._start_scheduler()
+            rollback.push_async_callback(self.scheduler.stop)
+            self._start_service(self.scheduler.run(), "scheduler")
             server = HttpServer(
                 build_app(self, system.routes, tasks_api.routes, events_api.routes, streams.routes,
-                          ws.routes),
+                          ws.routes, schedules_api.routes),
                 self.config.server.host, self.config.server.port,
             )
             await server.start()
@@ -110,6 +119,27 @@ class Daemon:
         self._log.info("daemon.started", version=__version__, host=self.config.server.host,
                        port=self.port, database=str(self.store.path))
         self.notifier.ready(f"serving on {self.config.server.host}:{self.port}")
+
+    async def _start_scheduler(self) -> None:
+        """Start the scheduler with the built-in, agentd.toml and plugin schedules (re-synced
+        at every start). A plugin schedule naming an unknown task fails its plugin; an
+        agentd.toml one stops the start as a configuration error."""
+        declared = [(spec, maintenance.SOURCE) for spec in self._maintenance]
+        declared += [(ScheduleSpec.from_mapping(table), "config") for table in self.config.schedules]
+        for record in list(self.plugins.plugins.values()):
+            if record.state != "started" or record.plugin is None:
+                continue
+            unknown = [s.task for s in record.plugin.schedules
+                       if s.task is not None and self.registry.find(s.task) is None]
+            if unknown:
+                self.plugins.fail(record.name, InvalidScheduleError(
+                    f"schedule task: no task named {unknown[0]!r} is registered"))
+                continue
+            declared += [(spec, "plugin") for spec in record.plugin.schedules]
+        try:
+            await self.scheduler.start(declared)
+        except InvalidScheduleError as exc:
+            raise ConfigError(f"{self.config.source}: {exc}") from None
 
     async def publish_durably(self, topic: str, data: Mapping[str, Any]) -> Event:
         """Publish, after committing the tasks of the durable handlers the event triggers:
@@ -138,11 +168,12 @@ class Daemon:
         self._log.info("daemon.stopping")
         self.bus.publish("daemon.stopping", {})
         await self._stage("drain handlers", self.spawner.drain(deadline), deadline)
+        await self._stop_services()  # the scheduler fires nothing more
         await self._stage("stop workers", self.workers.stop(deadline), deadline * 2)
+        await self._stage("stop scheduler", self.scheduler.stop(), deadline)
         await self._stage("stop plugins", self.plugins.stop_all(deadline), deadline * 2)
         if self.server is not None:
             await self._stage("close server", self.server.close(), deadline)
-        await self._stop_services()
         await self._stage("flush event log", self.eventlog.stop(), deadline)
         self.bus.close()
         await self._stage("close store", self.store.close(), deadline)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import sys
 from collections.abc import Sequence
@@ -60,6 +61,29 @@ def _parser() -> argparse.ArgumentParser:
                          ("requeue", "run a dead, failed or cancelled task again"),
                          ("delete", "delete a finished task")):
         actions.add_parser(action, parents=[common], help=text).add_argument("id", type=int)
+    schedules = sub.add_parser("schedules", parents=[common], help="inspect and manage schedules")
+    verbs = schedules.add_subparsers(dest="action", required=True)
+    verbs.add_parser("list", parents=[common], help="every schedule with its record")
+    add = verbs.add_parser("add", parents=[common], help="create a schedule (kept across restarts)")
+    add.add_argument("id")
+    when = add.add_mutually_exclusive_group(required=True)
+    when.add_argument("--every", help="an interval: 30s, 30m, 1h30m, 2d")
+    when.add_argument("--cron", help="5 fields, e.g. '0 9 * * 1-5'")
+    when.add_argument("--at", help="once, at an ISO 8601 date and time")
+    add.add_argument("--timezone")
+    what = add.add_mutually_exclusive_group(required=True)
+    what.add_argument("--task", help="the task to enqueue")
+    what.add_argument("--event", help="the event topic to publish")
+    add.add_argument("--args", metavar="JSON", help="the task's arguments")
+    add.add_argument("--data", metavar="JSON", help="the event's data")
+    add.add_argument("--catch-up", choices=["skip", "once", "all"])
+    add.add_argument("--overlap", choices=["allow", "skip", "queue_one", "cancel_previous"])
+    add.add_argument("--grace")
+    add.add_argument("--jitter")
+    add.add_argument("--pause-after-failures", type=int)
+    for action, text in (("pause", "stop firing"), ("resume", "fire again from now on"),
+                         ("run", "fire once now"), ("rm", "delete a schedule made over the API")):
+        verbs.add_parser(action, parents=[common], help=text).add_argument("id")
     return parser
 
 
@@ -138,6 +162,8 @@ async def _remote(config: Config, args: argparse.Namespace) -> int:
                 return 0
             if args.command == "submit":
                 return await _submit(api, args)
+            if args.command == "schedules":
+                return await _schedules(api, args)
             return await _tasks(api, args)
         except _ApiError as exc:
             print(f"agentd: {exc}", file=sys.stderr)
@@ -180,6 +206,46 @@ async def _tasks(api: _Api, args: argparse.Namespace) -> int:
     if result is not None:
         _print(result)
     return 0
+
+
+async def _schedules(api: _Api, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for item in (await api.call("GET", "/v1/schedules"))["schedules"]:
+            trigger = item.get("cron") or (f"every {item['every']:g}s" if "every" in item else
+                                           f"at {item.get('at')}")
+            action = item.get("task") or f"event {item.get('event')}"
+            state = "paused" if item["paused"] else f"next {_when(item['next_fire'])}"
+            print(f"{item['id']:<28} {item['source']:<8} {trigger:<18} {action:<24} {state}  "
+                  f"fires {item['fires']} misses {item['misses']} last {item['last_outcome'] or '-'}")
+        return 0
+    if args.action == "add":
+        body: dict[str, Any] = {"id": args.id}
+        for option in ("every", "cron", "at", "timezone", "task", "event", "catch_up", "overlap",
+                       "grace", "jitter", "pause_after_failures"):
+            if getattr(args, option) is not None:
+                body[option] = getattr(args, option)
+        for option in ("args", "data"):
+            if getattr(args, option) is not None:
+                try:
+                    body[option] = json.loads(getattr(args, option))
+                except json.JSONDecodeError as exc:
+                    raise _ApiError(f"--{option} is not valid JSON: {exc}", EXIT_USAGE) from exc
+        _print(await api.call("POST", "/v1/schedules", body))
+        return 0
+    method, path = {
+        "pause": ("POST", "/v1/schedules/{}/pause"), "resume": ("POST", "/v1/schedules/{}/resume"),
+        "run": ("POST", "/v1/schedules/{}/run"), "rm": ("DELETE", "/v1/schedules/{}"),
+    }[args.action]
+    result = await api.call(method, path.format(args.id))
+    if result is not None:
+        _print(result)
+    return 0
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "never"
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _print(payload: Any) -> None:

@@ -53,6 +53,7 @@ class StoreConfig:
     path: str = "agentd.db"
     synchronous: Literal["full", "normal"] = "normal"
     busy_timeout_ms: int = 5000
+    maintenance_interval: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,7 @@ class Config:
     hooks: HooksConfig = field(default_factory=HooksConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    schedules: tuple[Mapping[str, Any], ...] = ()
     source: str = "<defaults>"
     base_dir: Path = field(default_factory=Path.cwd)
 
@@ -191,7 +193,7 @@ class Config:
 _SECTIONS: dict[str, type[Any]] = {
     f.name: typing.get_type_hints(Config)[f.name]
     for f in dataclasses.fields(Config)
-    if f.name not in ("source", "base_dir")
+    if f.name not in ("source", "base_dir", "schedules")
 }
 
 
@@ -237,6 +239,9 @@ def load_config(
         raw.setdefault(section, {}).update(table)
 
     sections: dict[str, Any] = {}
+    schedules = raw.pop("schedules", [])
+    if not isinstance(schedules, list) or not all(isinstance(t, dict) for t in schedules):
+        raise ConfigError(f"{source}: schedules must be written as [[schedules]] tables")
     for name, value in raw.items():
         if name not in _SECTIONS:
             raise ConfigError(f"{source}: unknown section [{name}]; known: {', '.join(_SECTIONS)}")
@@ -244,7 +249,8 @@ def load_config(
             raise ConfigError(f"{source}: [{name}] must be a table")
         sections[name] = _build_section(name, _SECTIONS[name], value, source)
     config = _apply_env(
-        Config(source=source, base_dir=base_dir, **sections), os.environ if env is None else env
+        Config(source=source, base_dir=base_dir, schedules=tuple(schedules), **sections),
+        os.environ if env is None else env,
     )
     _check_rules(config)
     return config
@@ -252,6 +258,7 @@ def load_config(
 
 def _check_rules(config: Config) -> None:
     from agentd.events import TopicPattern
+    from agentd.schedule import ScheduleSpec
 
     for rule in config.events.persistence:
         pattern, _, kind = rule.partition("=")
@@ -269,6 +276,12 @@ def _check_rules(config: Config) -> None:
             raise ConfigError(f"{config.source}: [hooks.{name}] takes only secret and secret_file (strings)")
         if not table.get("secret") and not table.get("secret_file"):
             raise ConfigError(f"{config.source}: [hooks.{name}] needs a secret or a secret_file")
+    for number, table in enumerate(config.schedules, start=1):
+        try:
+            ScheduleSpec.from_mapping(table)
+        except ValueError as exc:
+            label = f" ({table['id']})" if isinstance(table.get("id"), str) else ""
+            raise ConfigError(f"{config.source}: [[schedules]] #{number}{label}: {exc}") from None
     if config.streams.client_buffer < 2:
         raise ConfigError(f"{config.source}: [streams] client_buffer: expected at least 2")
 

@@ -115,6 +115,9 @@ def migrate(conn: Connection, path: Path) -> int:
     Raises:
         StoreError: the database was written by a newer agentd.
     """
+    if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+        # Only a new, empty file can take this: it lets maintenance hand free pages back.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_version ("
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
@@ -275,6 +278,31 @@ class Store:
             if size > wal_limit:
                 await self.checkpoint("PASSIVE")
 
+    async def maintain(self) -> dict[str, int]:
+        """Fold the WAL into the database and truncate it, and give free pages back to the
+        file system; return what it did."""
+        busy, wal_pages, copied = await self.checkpoint("TRUNCATE")
+        freed = await self.write(_incremental_vacuum)
+        return {"checkpoint_busy": busy, "wal_pages": wal_pages, "pages_copied": copied,
+                "pages_freed": freed}
+
+    async def stats(self, tables: tuple[str, ...]) -> dict[str, int]:
+        """The database's size on disk and the row count of each table in `tables`."""
+        row = await self.read_one(
+            "SELECT (SELECT page_count FROM pragma_page_count) AS pages, "
+            "(SELECT page_size FROM pragma_page_size) AS page_size, "
+            "(SELECT freelist_count FROM pragma_freelist_count) AS free")
+        wal = self.path.with_name(self.path.name + "-wal")
+        out = {
+            "bytes": row["pages"] * row["page_size"] if row is not None else 0,
+            "free_pages": row["free"] if row is not None else 0,
+            "wal_bytes": wal.stat().st_size if wal.exists() else 0,
+        }
+        for table in tables:
+            counted = await self.read_one(f"SELECT count(*) AS n FROM {table}")
+            out[f"{table}_rows"] = counted["n"] if counted is not None else 0
+        return out
+
     async def check_writable(self) -> None:
         """Raise StoreError unless a write transaction can be taken and committed now."""
         await self.write(lambda conn: conn.execute(
@@ -326,6 +354,12 @@ class Store:
                 return [(False, exc)]
         # One op failed the batch: run each alone so the others still commit.
         return [self._run_batch([op])[0] for op in ops]
+
+
+def _incremental_vacuum(conn: Connection) -> int:
+    before = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    conn.execute("PRAGMA incremental_vacuum").fetchall()
+    return before - int(conn.execute("PRAGMA freelist_count").fetchone()[0])
 
 
 def _settle(

@@ -74,3 +74,11 @@ class Retry(Exception):  # noqa: N818 - a control-flow signal, named as the verb
 
 class Fail(Exception):  # noqa: N818 - a control-flow signal
     """Raise inside a task to fail it now, without retrying (status `failed`)."""
+
+
+class InvalidScheduleError(AgentdError, ValueError):
+    """A schedule's definition is invalid; the message names the field and the value."""
+
+
+class ScheduleNotFoundError(AgentdError, LookupError):
+    """No schedule has that id."""

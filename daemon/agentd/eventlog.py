@@ -170,14 +170,6 @@ class EventLog:
         self.horizon = max(self.horizon, newest)
         return count
 
-    async def run_sweeper(self) -> None:
-        """Forever: sweep every `[events] sweep_interval` seconds."""
-        while True:
-            await asyncio.sleep(self.config.sweep_interval)
-            deleted = await self.sweep()
-            if deleted:
-                self._log.info("eventlog.swept", deleted=deleted, horizon=self.horizon)
-
     async def stats(self) -> dict[str, int]:
         row = await self.store.read_one(
             "SELECT count(*) AS n, coalesce(sum(durable), 0) AS durable FROM events")

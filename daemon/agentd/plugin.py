@@ -4,6 +4,7 @@
     plugin = Plugin("news")
 
     @plugin.task(max_attempts=3)        # durable: async def fn(ctx, **args), or a sync def
+    @plugin.schedule(every="30m")       # runs the task below every 30 minutes
     @plugin.on("user.clicked")          # fire-and-forget: async def fn(ctx, event)
     @plugin.startup / @plugin.shutdown  # fn(ctx), sync or async
     plugin.config                       # the [plugins.news] table of agentd.toml
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from agentd.errors import PluginError
 from agentd.events import Event, TopicPattern
+from agentd.schedule import ScheduleSpec
 from agentd.taskdef import TaskDef, TokenBucket
 
 if TYPE_CHECKING:
@@ -61,6 +63,7 @@ class Plugin:
         self.description = description
         self.handlers: list[HandlerSpec] = []
         self.tasks: list[TaskDef] = []
+        self.schedules: list[ScheduleSpec] = []
         self.startup_hooks: list[Hook] = []
         self.shutdown_hooks: list[Hook] = []
         self._config: Mapping[str, Any] = MappingProxyType({})
@@ -134,6 +137,36 @@ class Plugin:
             return fn
 
         return register
+
+    def schedule(self, name: str | None = None, **definition: Any) -> Callable[[F], F]:
+        """Declare a schedule: a trigger (`every="30m"`, `cron="0 9 * * 1-5"` with `timezone`,
+        or `at=` an ISO date), an action (`task=` with `args=`, or `event=` with `data=`) and
+        policies (`catch_up`, `catch_up_limit`, `grace`, `overlap`, `jitter`,
+        `pause_after_failures`). Without `task` or `event` it decorates a task function and
+        runs that task. Its id is `<plugin>.<name>` (name defaults to the task or event).
+
+        Raises:
+            InvalidScheduleError: naming the field and the value, when the plugin is imported.
+        """
+
+        def declare(table: dict[str, Any], default: str) -> None:
+            schedule_id = f"{self.name}.{name or default.removeprefix(self.name + '.')}"
+            spec = ScheduleSpec.from_mapping({**table, "id": schedule_id})
+            if any(s.id == spec.id for s in self.schedules):
+                raise PluginError(f"plugin {self.name}: two schedules are named {spec.id!r}; "
+                                  "give each a distinct name=")
+            self.schedules.append(spec)
+
+        if definition.get("task") is not None or definition.get("event") is not None:
+            declare(definition, str(definition.get("task") or definition.get("event")))
+            return lambda fn: fn
+
+        def decorate(fn: F) -> F:
+            task_name = f"{self.name}.{fn.__name__}"
+            declare({**definition, "task": task_name}, task_name)
+            return fn
+
+        return decorate
 
     def startup(self, fn: F) -> F:
         """Run `fn(ctx)` when the plugin starts; if it raises, the plugin is failed and unloaded."""

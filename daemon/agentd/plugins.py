@@ -227,6 +227,10 @@ class PluginManager:
         record.state = "started"
         self._bus.publish("plugin.started", {"plugin": plugin.name})
 
+    def fail(self, name: str, exc: BaseException) -> None:
+        """Mark a started plugin failed (a problem found after its start) and unload it."""
+        self._fail_started(self.plugins[name], exc)
+
     def _fail_started(self, record: LoadedPlugin, exc: BaseException) -> None:
         record.registrations.close()
         record.state, record.error = "failed", _describe(exc)

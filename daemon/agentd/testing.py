@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -39,10 +40,45 @@ async def running_daemon(
     tmp_path: Path,
     plugin_dirs: Sequence[Path] = (),
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    clock: ManualClock | None = None,
 ) -> AsyncIterator[Daemon]:
-    """Start a real daemon (store, bus, plugins, HTTP on 127.0.0.1) and stop it afterwards."""
-    async with Daemon(make_config(tmp_path, plugin_dirs, overrides)) as daemon:
+    """Start a real daemon (store, bus, plugins, HTTP on 127.0.0.1) and stop it afterwards.
+    With `clock`, the scheduler runs on that clock instead of the system's."""
+    async with Daemon(make_config(tmp_path, plugin_dirs, overrides), clock=clock) as daemon:
         yield daemon
+
+
+class ManualClock:
+    """A scheduler clock that moves only when told: `advance(seconds)` or `set(timestamp)`.
+
+    Schedules then fire as if that much time had passed, at once, so tests of intervals,
+    cron and missed fires need not wait.
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self._now = time.time() if start is None else start
+        self._moved = asyncio.Event()
+
+    def now(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        self.set(self._now + seconds)
+
+    def set(self, timestamp: float) -> None:
+        self._now = timestamp
+        self._moved.set()
+
+    async def sleep_until(self, deadline: float | None, wake: asyncio.Event) -> None:
+        while (deadline is None or self._now < deadline) and not wake.is_set():
+            self._moved.clear()
+            moved = asyncio.ensure_future(self._moved.wait())
+            woken = asyncio.ensure_future(wake.wait())
+            try:
+                await asyncio.wait({moved, woken}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                moved.cancel()
+                woken.cancel()
 
 
 def daemon_url(daemon: Daemon) -> str:

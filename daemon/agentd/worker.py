@@ -94,7 +94,6 @@ class WorkerPool:
         for name in self.config.queues:
             self._loops.append(loop.create_task(self._claim_loop(name), name=f"claim:{name}"))
         self._loops.append(loop.create_task(self._heartbeat(), name="task-heartbeat"))
-        self._loops.append(loop.create_task(self._purge_loop(), name="task-purge"))
 
     async def stop(self, deadline: float) -> None:
         """Stop claiming; let running tasks finish for `deadline` s, then requeue the rest."""
@@ -277,13 +276,6 @@ class WorkerPool:
                 _renew, running=list(self.running), lease_until=time.time() + self.config.lease,
                 ttl=self.config.result_ttl, expired_only=True))
             self._publish_recovered(recovered)
-
-    async def _purge_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.purge_interval)
-            purged = await self.queue.purge_expired()
-            if purged:
-                _LOG.info("tasks.purged", count=purged)
 
     async def _recover(self) -> None:
         recovered = await self.store.write(partial(

@@ -9,8 +9,10 @@ from aiohttp import web
 
 from agentd.errors import (
     AgentdError,
+    InvalidScheduleError,
     InvalidTaskError,
     PatternError,
+    ScheduleNotFoundError,
     TaskNotFoundError,
     TaskStateError,
     UnknownTaskError,
@@ -23,6 +25,8 @@ _STATUS_OF: list[tuple[type[AgentdError], int, str]] = [
     (InvalidTaskError, 400, "invalid_task"),
     (PatternError, 400, "bad_pattern"),
     (TaskStateError, 409, "conflict"),
+    (InvalidScheduleError, 400, "invalid_schedule"),
+    (ScheduleNotFoundError, 404, "schedule_not_found"),
 ]
 
 

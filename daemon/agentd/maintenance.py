@@ -1,0 +1,45 @@
+"""The daemon's own periodic work, run as ordinary tasks on ordinary schedules (so it shows
+in the API, retries, and is never missed silently): purge expired tasks, sweep the event
+log, checkpoint and vacuum the database."""
+
+from __future__ import annotations
+
+from agentd.config import Config
+from agentd.context import Context
+from agentd.db import Store
+from agentd.eventlog import EventLog
+from agentd.schedule import ScheduleSpec
+from agentd.taskdef import TaskDef, TaskRegistry
+from agentd.taskqueue import TaskQueue
+
+SOURCE = "builtin"
+
+
+def register(registry: TaskRegistry, config: Config, store: Store, queue: TaskQueue,
+             eventlog: EventLog) -> list[ScheduleSpec]:
+    """Register the maintenance tasks; return their schedules (intervals from agentd.toml)."""
+
+    async def purge_tasks(ctx: Context) -> dict[str, int]:
+        return {"deleted": await queue.purge_expired()}
+
+    async def sweep_events(ctx: Context) -> dict[str, int]:
+        return {"deleted": await eventlog.sweep()}
+
+    async def maintain_store(ctx: Context) -> dict[str, int]:
+        return await store.maintain()
+
+    jobs = (
+        ("agentd.purge_tasks", purge_tasks, config.tasks.purge_interval),
+        ("agentd.sweep_events", sweep_events, config.events.sweep_interval),
+        ("agentd.maintain_store", maintain_store, config.store.maintenance_interval),
+    )
+    specs = []
+    for name, fn, interval in jobs:
+        registry.add(TaskDef(name=name, fn=fn, max_attempts=3, queue=_queue(config)))
+        specs.append(ScheduleSpec(id=name, every=interval, task=name, catch_up="once",
+                                  overlap="skip", queue=_queue(config)))
+    return specs
+
+
+def _queue(config: Config) -> str:
+    return "default" if "default" in config.tasks.queues else next(iter(config.tasks.queues))

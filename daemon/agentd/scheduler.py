@@ -1,0 +1,401 @@
+"""The scheduler: fires schedules into the durable queue (or onto the bus) exactly once per
+fire time, handles missed fires by policy, and keeps each schedule's record.
+
+Exactly once. A task fire is enqueued with the idempotency key `schedule:<id>:<fire time>`
+(kept forever), and the schedule's `next_fire` only moves past a fire time after that.
+A crash between the two re-computes the same fire time at the next start, and the key
+returns the task already made: no fire time is ever enqueued twice, across restarts,
+reloads and retries.
+
+Missed fires. A fire handled more than `grace` seconds after its time (the daemon was down,
+or the loop stalled) is late. `catch_up = "skip"` fires none of the late ones, `"once"`
+fires the latest of them once, `"all"` fires up to `catch_up_limit` of the latest; every
+late fire not fired publishes `schedule.missed`.
+
+Overlap, when the last run is still unfinished: `allow` runs anyway; `skip` misses this
+fire; `queue_one` keeps one owed fire and runs it as soon as the last run ends; and
+`cancel_previous` cancels the last run, then fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from agentd.bus import Bus
+from agentd.db import Connection, Row, Store
+from agentd.errors import InvalidScheduleError, ScheduleNotFoundError, TaskStateError
+from agentd.events import Event
+from agentd.log import get_logger
+from agentd.schedule import ScheduleSpec
+from agentd.taskdef import TaskRegistry
+from agentd.taskqueue import TaskQueue, TaskRequest
+
+_MAX_ENUMERATED = 1000
+_FINAL_TOPICS = "task.succeeded,task.failed,task.dead,task.cancelled"
+
+
+class Clock(Protocol):
+    """Time for the scheduler; tests swap in a clock they move by hand."""
+
+    def now(self) -> float: ...
+
+    async def sleep_until(self, deadline: float | None, wake: asyncio.Event) -> None: ...
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.time()
+
+    async def sleep_until(self, deadline: float | None, wake: asyncio.Event) -> None:
+        timeout = None if deadline is None else max(0.0, deadline - time.time())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout)
+
+
+@dataclass(slots=True)
+class ScheduleState:
+    """A schedule and its record, as kept in the `schedules` table."""
+
+    spec: ScheduleSpec
+    source: str
+    paused: bool = False
+    next_fire: float | None = None
+    last_fire: float | None = None
+    last_task_id: int | None = None
+    last_outcome: str | None = None
+    fires: int = 0
+    misses: int = 0
+    failures_in_row: int = 0
+    owed_fire: float | None = None
+    created_at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.spec.to_dict(), "source": self.source, "paused": self.paused,
+            "next_fire": self.next_fire, "last_fire": self.last_fire,
+            "last_task_id": self.last_task_id, "last_outcome": self.last_outcome,
+            "fires": self.fires, "misses": self.misses, "failures_in_row": self.failures_in_row,
+            "owed_fire": self.owed_fire,
+        }
+
+    @classmethod
+    def from_row(cls, row: Row) -> ScheduleState:
+        return cls(
+            spec=ScheduleSpec(**json.loads(row["spec"])), source=row["source"],
+            paused=bool(row["paused"]), next_fire=row["next_fire"], last_fire=row["last_fire"],
+            last_task_id=row["last_task_id"], last_outcome=row["last_outcome"], fires=row["fires"],
+            misses=row["misses"], failures_in_row=row["failures_in_row"],
+            owed_fire=row["owed_fire"], created_at=row["created_at"],
+        )
+
+
+class Scheduler:
+    """Owns every schedule; see the module docstring for its guarantees."""
+
+    def __init__(self, store: Store, queue: TaskQueue, bus: Bus, registry: TaskRegistry,
+                 clock: Clock | None = None) -> None:
+        self.store = store
+        self.queue = queue
+        self.bus = bus
+        self.registry = registry
+        self.clock: Clock = clock or SystemClock()
+        self.schedules: dict[str, ScheduleState] = {}
+        self._by_task: dict[int, str] = {}
+        self._wake = asyncio.Event()
+        self._outcomes: set[asyncio.Task[None]] = set()
+        self._log = get_logger("scheduler")
+        self._subscription = bus.subscribe(_FINAL_TOPICS, self._on_task_final, name="scheduler")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, declared: list[tuple[ScheduleSpec, str]]) -> None:
+        """Load the stored schedules and re-sync the declared ones (plugin, config, built-in):
+        new ones are added, changed ones replaced (keeping their record), missing ones removed.
+
+        Raises:
+            InvalidScheduleError: a declared schedule names an unknown task.
+        """
+        for spec, source in declared:
+            self._check_action(spec, f"{source} schedule {spec.id!r}: ")
+        now = self.clock.now()
+        rows = await self.store.read("SELECT * FROM schedules")
+        stored = {row["id"]: ScheduleState.from_row(row) for row in rows}
+        wanted = {spec.id: (spec, source) for spec, source in declared}
+        for schedule_id, state in stored.items():
+            if state.source != "api" and schedule_id not in wanted:
+                await self.store.write(_delete(schedule_id))
+                continue
+            self.schedules[schedule_id] = state
+        for schedule_id, (spec, source) in wanted.items():
+            known = self.schedules.get(schedule_id)
+            if known is None:
+                known = ScheduleState(spec, source, next_fire=_first_fire(spec, now), created_at=now)
+            elif known.spec != spec or known.source != source:
+                # Changed definition: keep the record, restart the timing from now.
+                known.spec, known.source = spec, source
+                known.next_fire = _first_fire(spec, now)
+            else:
+                continue
+            self.schedules[schedule_id] = known
+            await self._save(known)
+        for schedule_id, state in self.schedules.items():
+            if state.last_task_id is not None:
+                self._by_task[state.last_task_id] = schedule_id
+
+    async def stop(self) -> None:
+        """Stop following task outcomes; finish recording the ones already seen."""
+        self._subscription.unsubscribe()
+        await asyncio.gather(*self._outcomes, return_exceptions=True)
+
+    async def run(self) -> None:
+        """Forever: handle due schedules, then sleep until the next one (or a change)."""
+        while True:
+            self._wake.clear()
+            now = self.clock.now()
+            for state in list(self.schedules.values()):
+                if not state.paused and state.next_fire is not None and state.next_fire <= now:
+                    try:
+                        await self._process(state, now)
+                    except Exception:
+                        self._log.exception("schedule.process_failed", schedule=state.spec.id)
+            pending = [s.next_fire for s in self.schedules.values()
+                       if not s.paused and s.next_fire is not None]
+            await self.clock.sleep_until(min(pending) if pending else None, self._wake)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- the API -----------------------------------------------------------------------------
+
+    def get(self, schedule_id: str) -> ScheduleState:
+        try:
+            return self.schedules[schedule_id]
+        except KeyError:
+            raise ScheduleNotFoundError(f"no schedule with id {schedule_id!r}") from None
+
+    async def create(self, spec: ScheduleSpec, paused: bool = False) -> ScheduleState:
+        if spec.id in self.schedules:
+            raise TaskStateError(f"a schedule with id {spec.id!r} already exists")
+        self._check_action(spec, "")
+        now = self.clock.now()
+        state = ScheduleState(spec, "api", paused=paused, next_fire=_first_fire(spec, now),
+                              created_at=now)
+        self.schedules[spec.id] = state
+        await self._save(state)
+        self.wake()
+        return state
+
+    async def update(self, schedule_id: str, changes: dict[str, Any]) -> ScheduleState:
+        state = self._editable(schedule_id, "change")
+        merged = {**state.spec.to_dict(), **changes}
+        for trigger in ("every", "cron", "at"):
+            if changes.get(trigger) is not None:  # a new trigger replaces the old kind
+                merged = {k: v for k, v in merged.items()
+                          if k not in {"every", "cron", "at"} - {trigger}}
+        for action, other in (("task", ("event", "data")), ("event", ("task", "args", "queue"))):
+            if changes.get(action) is not None:
+                merged = {k: v for k, v in merged.items() if k not in other}
+        spec = ScheduleSpec.from_mapping(merged)
+        if spec.id != schedule_id:
+            raise InvalidScheduleError("id: a schedule's id cannot be changed")
+        self._check_action(spec, "")
+        timing_changed = any(getattr(spec, k) != getattr(state.spec, k)
+                             for k in ("every", "cron", "at", "timezone"))
+        state.spec = spec
+        if timing_changed:
+            state.next_fire = _first_fire(spec, self.clock.now())
+        await self._save(state)
+        self.wake()
+        return state
+
+    async def delete(self, schedule_id: str) -> None:
+        self._editable(schedule_id, "delete")
+        del self.schedules[schedule_id]
+        await self.store.write(_delete(schedule_id))
+        self.wake()
+
+    async def set_paused(self, schedule_id: str, paused: bool) -> ScheduleState:
+        """Pause, or resume: a resumed schedule goes on from now (fires due while it was
+        paused are not made up)."""
+        state = self.get(schedule_id)
+        if state.paused != paused:
+            state.paused = paused
+            if not paused:
+                state.failures_in_row = 0
+                state.next_fire = _first_fire(state.spec, self.clock.now(), state.last_fire)
+            await self._save(state)
+            self.bus.publish("schedule.paused" if paused else "schedule.resumed",
+                             {"schedule_id": schedule_id})
+            self.wake()
+        return state
+
+    async def run_now(self, schedule_id: str) -> ScheduleState:
+        """Fire once now, outside the timetable (overlap policy applies)."""
+        state = self.get(schedule_id)
+        await self._fire(state, self.clock.now(), manual=True)
+        await self._save(state)
+        return state
+
+    # -- firing ------------------------------------------------------------------------------
+
+    async def _process(self, state: ScheduleState, now: float) -> None:
+        spec, trigger = state.spec, state.spec.trigger()
+        fires: list[float] = []
+        cursor = state.next_fire
+        while cursor is not None and cursor <= now and len(fires) < _MAX_ENUMERATED:
+            fires.append(cursor)
+            cursor = _next_after(trigger, cursor)
+        uncounted = 0
+        if cursor is not None and cursor <= now:
+            # Too many missed to list one by one (a long outage of a frequent schedule).
+            following = _next_after(trigger, now)
+            if spec.every:
+                uncounted = int((now - cursor) // spec.every) + 1
+            cursor = following
+        on_time = [f for f in fires if now - f <= spec.grace]
+        late = [f for f in fires if now - f > spec.grace]
+        to_fire, missed = list(on_time), list(late)
+        if late and spec.catch_up == "once" and not on_time:
+            to_fire, missed = [late[-1]], late[:-1]
+        elif late and spec.catch_up == "all":
+            to_fire, missed = late[-spec.catch_up_limit:] + on_time, late[:-spec.catch_up_limit]
+        for fire_time in missed:
+            self._missed(state, fire_time, "late")
+        if uncounted:
+            state.misses += uncounted
+            self.bus.publish("schedule.missed", {"schedule_id": spec.id, "reason": "late",
+                                                  "count": uncounted})
+        for fire_time in to_fire:
+            await self._fire(state, fire_time)
+        state.next_fire = cursor
+        await self._save(state)
+
+    async def _fire(self, state: ScheduleState, fire_time: float, manual: bool = False) -> None:
+        spec = state.spec
+        if spec.task is None:
+            state.last_fire, state.fires = fire_time, state.fires + 1
+            event = self.bus.publish(spec.event or "", {**spec.data, "schedule_id": spec.id,
+                                                        "fire_time": fire_time})
+            self.bus.publish("schedule.fired", {"schedule_id": spec.id, "fire_time": fire_time,
+                                                "event_id": event.id, "manual": manual})
+            return
+        if not await self._overlap_allows(state, fire_time):
+            return
+        delay = random.uniform(0, spec.jitter) if spec.jitter else 0.0
+        key = f"schedule:{spec.id}:{'manual:' if manual else ''}{fire_time:.6f}"
+        (outcome,) = await self.queue.enqueue_many([TaskRequest(
+            spec.task, spec.args, queue=spec.queue, delay=delay or None,
+            idempotency_key=key, dedupe_window=float("inf"))])
+        task = outcome.task
+        state.last_fire, state.last_task_id, state.fires = fire_time, task.id, state.fires + 1
+        self._by_task[task.id] = spec.id
+        self.bus.publish("schedule.fired", {"schedule_id": spec.id, "fire_time": fire_time,
+                                            "task_id": task.id, "created": outcome.created,
+                                            "manual": manual})
+
+    async def _overlap_allows(self, state: ScheduleState, fire_time: float) -> bool:
+        policy = state.spec.overlap
+        if policy == "allow" or state.last_task_id is None:
+            return True
+        try:
+            last = await self.queue.get(state.last_task_id)
+        except LookupError:
+            return True
+        if last.finished:
+            return True
+        if policy == "cancel_previous":
+            await self.queue.cancel(last.id)
+            return True
+        if policy == "queue_one" and state.owed_fire is None:
+            state.owed_fire = fire_time
+            return False
+        self._missed(state, fire_time, "overlap")
+        return False
+
+    def _missed(self, state: ScheduleState, fire_time: float, reason: str) -> None:
+        state.misses += 1
+        self.bus.publish("schedule.missed", {"schedule_id": state.spec.id, "fire_time": fire_time,
+                                              "reason": reason})
+
+    def _on_task_final(self, event: Event) -> None:
+        schedule_id = self._by_task.pop(event.data.get("task_id", -1), None)
+        state = self.schedules.get(schedule_id) if schedule_id else None
+        if state is None or state.last_task_id != event.data.get("task_id"):
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._record_outcome(state, event.topic.removeprefix("task.")),
+            name=f"schedule-outcome:{state.spec.id}")
+        self._outcomes.add(task)
+        task.add_done_callback(self._outcomes.discard)
+
+    async def _record_outcome(self, state: ScheduleState, outcome: str) -> None:
+        state.last_outcome = outcome
+        limit = state.spec.pause_after_failures
+        if outcome == "succeeded":
+            state.failures_in_row = 0
+        else:
+            state.failures_in_row += 1
+            if limit and state.failures_in_row >= limit and not state.paused:
+                state.paused = True
+                self.bus.publish("schedule.paused", {"schedule_id": state.spec.id,
+                                                     "reason": f"{limit} failures in a row"})
+        owed, state.owed_fire = state.owed_fire, None
+        if owed is not None and not state.paused:
+            await self._fire(state, owed)
+        await self._save(state)
+
+    def _check_action(self, spec: ScheduleSpec, where: str) -> None:
+        if spec.task is not None and self.registry.find(spec.task) is None:
+            raise InvalidScheduleError(f"{where}task: no task named {spec.task!r} is registered")
+
+    def _editable(self, schedule_id: str, action: str) -> ScheduleState:
+        state = self.get(schedule_id)
+        if state.source != "api":
+            raise TaskStateError(
+                f"cannot {action} schedule {schedule_id!r}: it is defined by its {state.source}; "
+                "change it there (pause and resume work on every schedule)")
+        return state
+
+    async def _save(self, state: ScheduleState) -> None:
+        now = time.time()
+        values = (state.spec.id, state.source, json.dumps(state.spec.to_dict()), int(state.paused),
+                  state.next_fire, state.last_fire, state.last_task_id, state.last_outcome,
+                  state.fires, state.misses, state.failures_in_row, state.owed_fire,
+                  state.created_at or now, now)
+        await self.store.write(lambda conn: conn.execute(
+            "INSERT INTO schedules (id, source, spec, paused, next_fire, last_fire, last_task_id, "
+            "last_outcome, fires, misses, failures_in_row, owed_fire, created_at, updated_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
+            "source = excluded.source, spec = excluded.spec, paused = excluded.paused, "
+            "next_fire = excluded.next_fire, last_fire = excluded.last_fire, "
+            "last_task_id = excluded.last_task_id, last_outcome = excluded.last_outcome, "
+            "fires = excluded.fires, misses = excluded.misses, "
+            "failures_in_row = excluded.failures_in_row, owed_fire = excluded.owed_fire, "
+            "updated_at = excluded.updated_at", values))
+
+
+def _delete(schedule_id: str) -> Callable[[Connection], Any]:
+    return lambda conn: conn.execute("DELETE FROM schedules WHERE id = ?", (schedule_id,))
+
+
+def _first_fire(spec: ScheduleSpec, now: float, fired_at: float | None = None) -> float | None:
+    """The first fire time at or after `now`. A date's is the date itself, even when past, so
+    a missed one-off is handled by the catch-up policy, unless it has fired (`fired_at`)."""
+    if spec.at is not None:
+        return None if fired_at is not None and fired_at >= spec.at else spec.at
+    moment = spec.trigger().get_next_fire_time(None, dt.datetime.fromtimestamp(now, dt.UTC))
+    return None if moment is None else moment.timestamp()
+
+
+def _next_after(trigger: Any, fire_time: float) -> float | None:
+    moment = dt.datetime.fromtimestamp(fire_time, dt.UTC)
+    following = trigger.get_next_fire_time(moment, moment)
+    return None if following is None else following.timestamp()
