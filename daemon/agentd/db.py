@@ -186,6 +186,7 @@ class Store:
         self._flush_scheduled = False
         self._executor: ThreadPoolExecutor | None = None
         self._flushing: asyncio.Task[None] | None = None
+        self._riders: list[Callable[[], None]] = []
 
     async def open(self) -> None:
         """Take the lock, open the connections and migrate. Raises StoreError."""
@@ -309,7 +310,20 @@ class Store:
             "INSERT INTO meta(key, value) VALUES ('last_write_check', ?) "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(time.time()),)))
 
+    def add_rider(self, rider: Callable[[], None]) -> None:
+        """Call `rider()` just before each batch is taken, so it can add writes of its own
+        with `join_batch` that share the batch's transaction instead of making their own."""
+        self._riders.append(rider)
+
+    def join_batch(self, op: WriteOp[T]) -> asyncio.Future[T]:
+        """Like `write`, but only joins the next batch: it never starts one by itself."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        return future
+
     def _take_batch(self) -> list[tuple[WriteOp[Any], asyncio.Future[Any]]]:
+        for rider in self._riders:
+            rider()
         batch = self._pending[:_MAX_OPS_PER_TRANSACTION]
         del self._pending[:_MAX_OPS_PER_TRANSACTION]
         return batch

@@ -18,7 +18,7 @@ from typing import Any
 
 from agentd.bus import Bus, Subscription
 from agentd.config import EventsConfig
-from agentd.db import Connection, Row, Store
+from agentd.db import Connection, Row, Store, WriteOp
 from agentd.events import Event, TopicPattern
 from agentd.log import get_logger
 
@@ -27,6 +27,8 @@ _INSERT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _PAGE = 1000
+# Pending events wait at most this long for another write to ride along with.
+_ALONE_AFTER = 0.02
 
 
 def event_from_row(row: Row) -> Event:
@@ -48,6 +50,7 @@ class EventLog:
         self._pending: list[Event] = []
         self._in_flight: list[Event] = []
         self._writing = False
+        self._timer: asyncio.TimerHandle | None = None
         self._drained = asyncio.Event()
         self._drained.set()
         self._subscription: Subscription | None = None
@@ -61,6 +64,7 @@ class EventLog:
         horizon = await self.store.read_one("SELECT value FROM meta WHERE key = 'events_horizon'")
         self.horizon = int(horizon["value"]) if horizon is not None else 0
         self._subscription = self.bus.subscribe("**", self._record, name="event-log")
+        self.store.add_rider(self._ride)
 
     async def stop(self) -> None:
         """Stop recording and wait until everything recorded is committed."""
@@ -70,6 +74,8 @@ class EventLog:
 
     async def flush(self) -> None:
         """Return once every event recorded so far is committed."""
+        if self._pending and not self._writing:
+            self._submit(self.store.write)
         await self._drained.wait()
 
     def persistence(self, topic: str) -> str:
@@ -84,20 +90,35 @@ class EventLog:
         if self.persistence(event.topic) == "ephemeral":
             return
         self._pending.append(event)
-        if not self._writing:
-            self._writing = True
+        if not self._writing and self._timer is None:
             self._drained.clear()
-            asyncio.get_running_loop().call_soon(self._submit)
+            # Events ride along with the next batch of other writes (see `_ride`); this timer
+            # writes them on their own only when no other write comes in time.
+            self._timer = asyncio.get_running_loop().call_later(_ALONE_AFTER, self._submit_alone)
 
-    def _submit(self) -> None:
+    def _ride(self) -> None:
+        """Store rider: put the pending events into the batch about to be written."""
+        if self._pending and not self._writing:
+            self._submit(self.store.join_batch)
+
+    def _submit_alone(self) -> None:
+        self._timer = None
+        if self._pending and not self._writing:
+            self._submit(self.store.write)
+
+    def _submit(self, write: Callable[[WriteOp[Any]], asyncio.Future[Any]]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         batch, self._pending = self._pending, []
         self._in_flight = batch
+        self._writing = True
         rows = [
             (e.id, e.topic, e.time, json.dumps(e.data, separators=(",", ":"), default=str),
              e.correlation_id, e.causation_id, int(self.persistence(e.topic) == "durable"))
             for e in batch
         ]
-        self.store.write(lambda conn: conn.executemany(_INSERT, rows)).add_done_callback(self._written)
+        write(lambda conn: conn.executemany(_INSERT, rows)).add_done_callback(self._written)
 
     def _written(self, future: asyncio.Future[Any]) -> None:
         if not future.cancelled() and future.exception() is not None:
@@ -105,10 +126,10 @@ class EventLog:
             self._log.error("eventlog.write_failed", events=len(self._in_flight),
                             error=str(future.exception()))
         self._in_flight = []
+        self._writing = False
         if self._pending:
-            self._submit()
+            self._timer = asyncio.get_running_loop().call_later(_ALONE_AFTER, self._submit_alone)
         else:
-            self._writing = False
             self._drained.set()
 
     async def replay(self, after: int, accept: Callable[[Event], bool]) -> list[Event]:

@@ -9,5 +9,4 @@ CREATE TABLE events (
     causation_id   TEXT,
     durable        INTEGER NOT NULL
 );
-CREATE INDEX events_class ON events (durable, id);
 CREATE INDEX events_correlation ON events (correlation_id, id) WHERE correlation_id IS NOT NULL;
