@@ -21,9 +21,9 @@ _SYSLOG_PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug":
 
 def get_logger(component: str, **context: Any) -> structlog.stdlib.BoundLogger:
     """A logger whose every line carries `component` and the given context."""
-    logger: structlog.stdlib.BoundLogger = structlog.get_logger("agentd").bind(
-        component=component, **context
-    )
+    # Initial values, not .bind(): a lazy logger made at import time must pick up the
+    # configuration that configure_logging() installs later.
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger("agentd", component=component, **context)
     return logger
 
 
