@@ -54,7 +54,7 @@ def resume_point(request: web.Request) -> int | None:
     raw = request.headers.get("Last-Event-ID") or request.query.get("since")
     if raw is None or raw == "":
         return None
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):  # "²".isdigit() is True
         raise bad_request(f"Last-Event-ID / since must be an event id (digits), got {raw!r}")
     return int(raw)
 
@@ -189,7 +189,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
             return True
         parent = event.causation_id
         if (event.topic == "task.queued" and isinstance(owner, int) and parent is not None
-                and parent.isdigit() and int(parent) in tree):
+                and parent.isascii() and parent.isdigit() and int(parent) in tree):
             tree.add(owner)
             return True
         return False
