@@ -22,9 +22,8 @@ class Notifier:
         watchdog_usec = env.get("WATCHDOG_USEC", "")
         watchdog_pid = env.get("WATCHDOG_PID", "")
         applies = not watchdog_pid or watchdog_pid == str(os.getpid())
-        self.watchdog_interval: float | None = (
-            int(watchdog_usec) / 1_000_000 / 2 if watchdog_usec.isascii() and watchdog_usec.isdigit() and applies else None
-        )
+        usable = watchdog_usec.isascii() and watchdog_usec.isdigit() and applies
+        self.watchdog_interval: float | None = int(watchdog_usec) / 1_000_000 / 2 if usable else None
 
     @property
     def enabled(self) -> bool:

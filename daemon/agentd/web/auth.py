@@ -43,7 +43,9 @@ class StreamTokens:
 
     def valid(self, token: str) -> bool:
         expiry, _, signature = token.partition(".")
-        if not (expiry.isascii() and expiry.isdigit()) or not hmac.compare_digest(signature, self._sign(expiry)):
+        if not (expiry.isascii() and expiry.isdigit()):
+            return False
+        if not hmac.compare_digest(signature, self._sign(expiry)):
             return False
         return int(expiry) > time.time()
 
