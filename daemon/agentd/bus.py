@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
-from agentd.events import LAGGED_TOPIC, Event, TopicFilter, validate_topic
+from agentd.events import LAGGED_TOPIC, Event, Lagged, TopicFilter, validate_topic
 from agentd.log import get_logger
 
 Callback = Callable[[Event], None]
@@ -94,7 +94,7 @@ class Subscription:
     def get_nowait(self) -> Event | None:
         """The next event (or the lagged marker), or None when nothing is buffered."""
         if self._lag:
-            marker = Event(
+            marker = Lagged(
                 id=self._last_dropped_id,
                 topic=LAGGED_TOPIC,
                 data={"dropped": self._lag, "resume_after": self._last_dropped_id,
@@ -139,6 +139,7 @@ class Bus:
         self._by_topic: dict[str, tuple[Subscription, ...]] = {}
         self._log = get_logger("bus")
         self.published = 0
+        self._dropped_by_gone = 0
 
     @property
     def last_id(self) -> int:
@@ -243,9 +244,10 @@ class Bus:
         return {
             "subscriptions": len(self._subscriptions),
             "published": self.published,
-            "dropped": sum(s.dropped for s in self._subscriptions),
+            "dropped": self._dropped_by_gone + sum(s.dropped for s in self._subscriptions),
         }
 
     def _remove(self, sub: Subscription) -> None:
         if self._subscriptions.pop(sub, 0) is None:
             self._by_topic.clear()
+            self._dropped_by_gone += sub.dropped

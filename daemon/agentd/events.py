@@ -58,6 +58,25 @@ def validate_topic(topic: object) -> str:
     return _validate_topic_text(topic)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lagged(Event):
+    """The marker a subscriber receives in place of events its full buffer dropped. Told
+    apart by its type: anyone may publish an event whose topic is `bus.lagged`."""
+
+
+RESERVED_PREFIXES = ("bus.", "task.", "schedule.", "daemon.", "plugin.", "handler.")
+
+
+def check_publishable(topic: object) -> str:
+    """A topic a client may publish: valid, and not one of the daemon's own (`task.*`, ...),
+    which streams and schedules rely on. Raises PatternError naming the fault."""
+    text = validate_topic(topic)
+    if text.startswith(RESERVED_PREFIXES) or text in {p.rstrip(".") for p in RESERVED_PREFIXES}:
+        raise PatternError(f"topic {text!r} is reserved for the daemon's own events "
+                           f"({', '.join(p + '*' for p in RESERVED_PREFIXES)})")
+    return text
+
+
 @lru_cache(maxsize=4096)
 def _validate_topic_text(topic: str) -> str:
     for segment in topic.split("."):

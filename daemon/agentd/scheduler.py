@@ -25,8 +25,10 @@ import datetime as dt
 import json
 import random
 import time
+import uuid
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agentd.bus import Bus
@@ -38,7 +40,10 @@ from agentd.schedule import ScheduleSpec
 from agentd.taskdef import TaskRegistry
 from agentd.taskqueue import TaskQueue, TaskRequest
 
-_MAX_ENUMERATED = 1000
+# Fires walked one by one before a long outage is crossed by estimate (cron only; interval
+# schedules are crossed exactly by arithmetic), and missed fires reported one event each.
+_MAX_WALKED = 2000
+_MAX_MISSED_EVENTS = 100
 _FINAL_TOPICS = "task.succeeded,task.failed,task.dead,task.cancelled"
 
 
@@ -247,35 +252,32 @@ class Scheduler:
     # -- firing ------------------------------------------------------------------------------
 
     async def _process(self, state: ScheduleState, now: float) -> None:
-        spec, trigger = state.spec, state.spec.trigger()
-        fires: list[float] = []
-        cursor = state.next_fire
-        while cursor is not None and cursor <= now and len(fires) < _MAX_ENUMERATED:
-            fires.append(cursor)
-            cursor = _next_after(trigger, cursor)
-        uncounted = 0
-        if cursor is not None and cursor <= now:
-            # Too many missed to list one by one (a long outage of a frequent schedule).
-            following = _next_after(trigger, now)
-            if spec.every:
-                uncounted = int((now - cursor) // spec.every) + 1
-            cursor = following
-        on_time = [f for f in fires if now - f <= spec.grace]
-        late = [f for f in fires if now - f > spec.grace]
-        to_fire, missed = list(on_time), list(late)
-        if late and spec.catch_up == "once" and not on_time:
-            to_fire, missed = [late[-1]], late[:-1]
-        elif late and spec.catch_up == "all":
-            to_fire, missed = late[-spec.catch_up_limit:] + on_time, late[:-spec.catch_up_limit]
-        for fire_time in missed:
+        spec = state.spec
+        keep = {"skip": 0, "once": 1, "all": spec.catch_up_limit}[spec.catch_up]
+        due = _due(spec, state.next_fire, now, max(keep, _MAX_MISSED_EVENTS))
+        to_fire = list(due.on_time)
+        if keep and (spec.catch_up == "all" or not due.on_time):
+            to_fire = due.late_tail[-keep:] + to_fire
+        fired_late = len(to_fire) - len(due.on_time)
+        missed_late = due.late_count - fired_late
+        listed = [f for f in due.late_tail if f not in to_fire][-_MAX_MISSED_EVENTS:]
+        for fire_time in listed:
             self._missed(state, fire_time, "late")
-        if uncounted:
-            state.misses += uncounted
+        if missed_late > len(listed):
+            # Too many to report one by one (a long outage of a frequent schedule).
+            rest = missed_late - len(listed)
+            state.misses += rest
             self.bus.publish("schedule.missed", {"schedule_id": spec.id, "reason": "late",
-                                                  "count": uncounted})
+                                                  "count": rest, "approximate": due.approximate})
         for fire_time in to_fire:
-            await self._fire(state, fire_time)
-        state.next_fire = cursor
+            try:
+                await self._fire(state, fire_time)
+            except Exception as exc:
+                # A fire that cannot be enqueued (its task is gone, its arguments no longer
+                # fit) is reported and passed over, never retried in a loop.
+                self._log.error("schedule.fire_failed", schedule=spec.id, error=str(exc))
+                self._missed(state, fire_time, "error", error=f"{type(exc).__name__}: {exc}")
+        state.next_fire = due.next_fire
         await self._save(state)
 
     async def _fire(self, state: ScheduleState, fire_time: float, manual: bool = False) -> None:
@@ -290,7 +292,9 @@ class Scheduler:
         if not await self._overlap_allows(state, fire_time):
             return
         delay = random.uniform(0, spec.jitter) if spec.jitter else 0.0
-        key = f"schedule:{spec.id}:{'manual:' if manual else ''}{fire_time:.6f}"
+        # A manual run is its own fire; the scheduled ones are keyed by their fire time.
+        key = f"schedule:{spec.id}:manual:{uuid.uuid4().hex}" if manual else \
+            f"schedule:{spec.id}:{fire_time:.6f}"
         (outcome,) = await self.queue.enqueue_many([TaskRequest(
             spec.task, spec.args, queue=spec.queue, delay=delay or None,
             idempotency_key=key, dedupe_window=float("inf"))])
@@ -320,10 +324,10 @@ class Scheduler:
         self._missed(state, fire_time, "overlap")
         return False
 
-    def _missed(self, state: ScheduleState, fire_time: float, reason: str) -> None:
+    def _missed(self, state: ScheduleState, fire_time: float, reason: str, **extra: Any) -> None:
         state.misses += 1
         self.bus.publish("schedule.missed", {"schedule_id": state.spec.id, "fire_time": fire_time,
-                                              "reason": reason})
+                                              "reason": reason, **extra})
 
     def _on_task_final(self, event: Event) -> None:
         schedule_id = self._by_task.pop(event.data.get("task_id", -1), None)
@@ -353,8 +357,21 @@ class Scheduler:
         await self._save(state)
 
     def _check_action(self, spec: ScheduleSpec, where: str) -> None:
-        if spec.task is not None and self.registry.find(spec.task) is None:
+        """Refuse now what would fail at every fire: an unknown task, args that do not fit
+        it, a queue without workers."""
+        if spec.task is None:
+            return
+        definition = self.registry.find(spec.task)
+        if definition is None:
             raise InvalidScheduleError(f"{where}task: no task named {spec.task!r} is registered")
+        try:
+            definition.check_args(spec.args)
+        except ValueError as exc:
+            raise InvalidScheduleError(f"{where}args: {exc}") from None
+        queue = spec.queue or definition.queue
+        if queue not in self.queue.config.queues:
+            raise InvalidScheduleError(f"{where}queue: {queue!r} has no workers; configured: "
+                                       f"{', '.join(self.queue.config.queues)}")
 
     def _editable(self, schedule_id: str, action: str) -> ScheduleState:
         state = self.get(schedule_id)
@@ -380,6 +397,56 @@ class Scheduler:
             "fires = excluded.fires, misses = excluded.misses, "
             "failures_in_row = excluded.failures_in_row, owed_fire = excluded.owed_fire, "
             "updated_at = excluded.updated_at", values))
+
+
+@dataclass(slots=True)
+class _Due:
+    """The fires from a schedule's `next_fire` up to now, sorted into on time and late."""
+
+    on_time: list[float] = field(default_factory=list)
+    late_tail: list[float] = field(default_factory=list)  # the latest late ones, in order
+    late_count: int = 0
+    next_fire: float | None = None
+    approximate: bool = False
+
+
+def _due(spec: ScheduleSpec, start: float | None, now: float, keep: int) -> _Due:
+    """Sort the fires in [start, now] by lateness, keeping the latest `keep` (>= 1) late ones.
+
+    A late fire is one more than `grace` seconds old. Long stretches of late fires are
+    crossed without listing them: exactly for interval schedules, by estimate for cron
+    ones (then `approximate`)."""
+    trigger, cutoff = spec.trigger(), now - spec.grace
+    due, tail = _Due(), deque[float](maxlen=keep)
+    cursor = start
+    if spec.every and cursor is not None and cursor < cutoff:
+        jump = int((cutoff - cursor) // spec.every) - keep - 1
+        if jump > 0:
+            cursor, due.late_count = cursor + jump * spec.every, jump
+    walked = 0
+    while cursor is not None and cursor <= now:
+        if cursor < cutoff:
+            due.late_count += 1
+            tail.append(cursor)
+        else:
+            due.on_time.append(cursor)
+        cursor, walked = _next_after(trigger, cursor), walked + 1
+        if walked == _MAX_WALKED and cursor is not None and cursor < cutoff and start is not None:
+            gap = max((cursor - start) / walked, 1e-3)
+            probe = cutoff - 2 * (keep + 1) * gap
+            if probe > cursor:
+                jumped = _first_at_or_after(trigger, probe)
+                if jumped is not None:
+                    due.late_count += int((jumped - cursor) / gap)
+                    cursor, due.approximate = jumped, True
+    due.late_tail = list(tail)
+    due.next_fire = cursor
+    return due
+
+
+def _first_at_or_after(trigger: Any, moment: float) -> float | None:
+    found = trigger.get_next_fire_time(None, dt.datetime.fromtimestamp(moment, dt.UTC))
+    return None if found is None else found.timestamp()
 
 
 def _delete(schedule_id: str) -> Callable[[Connection], Any]:

@@ -243,17 +243,20 @@ class TaskQueue:
     # -- reading ---------------------------------------------------------------------------
 
     async def get(self, task_id: int) -> TaskRecord:
+        _check_id(task_id)
         row = await self.store.read_one("SELECT * FROM tasks WHERE id = ?", (task_id,))
         if row is None:
             raise TaskNotFoundError(f"no task with id {task_id}")
         return TaskRecord.from_row(row)
 
     async def children(self, task_id: int) -> list[int]:
+        _check_id(task_id)
         rows = await self.store.read("SELECT id FROM tasks WHERE parent_id = ? ORDER BY id", (task_id,))
         return [row["id"] for row in rows]
 
     async def descendants(self, task_id: int) -> list[int]:
         """Ids of the task's children, their children, and so on."""
+        _check_id(task_id)
         rows = await self.store.read(_DESCENDANTS, (task_id,))
         return [row[0] for row in rows if row[0] != task_id]
 
@@ -293,6 +296,7 @@ class TaskQueue:
     async def cancel(self, task_id: int) -> TaskRecord:
         """Cancel a task and its unfinished descendants. Queued ones end now; running ones are
         marked (so a restart never runs them) and their coroutines cancelled."""
+        _check_id(task_id)
         now = time.time()
         ttl = self.config.result_ttl
 
@@ -320,6 +324,7 @@ class TaskQueue:
 
     async def requeue(self, task_id: int) -> TaskRecord:
         """Run a dead, failed or cancelled task again from a fresh attempt count."""
+        _check_id(task_id)
         now = time.time()
 
         def op(conn: Connection) -> Row:
@@ -339,6 +344,7 @@ class TaskQueue:
 
     async def delete(self, task_id: int) -> None:
         """Delete a finished task (and its steps)."""
+        _check_id(task_id)
 
         def op(conn: Connection) -> None:
             deleted = conn.execute(
@@ -365,6 +371,7 @@ class TaskQueue:
             TaskNotFoundError: no such task.
             TimeoutError: not finished within `timeout` seconds.
         """
+        _check_id(task_id)
         future: asyncio.Future[TaskRecord] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(task_id, []).append(future)
         try:
@@ -438,6 +445,12 @@ def _insert_tasks(
             raise RuntimeError("SQLite returned no id for an inserted task")
         out.append(task_id)
     return out
+
+
+def _check_id(task_id: int) -> None:
+    """An id no task can have (SQLite integers stop at 2**63 - 1) is simply not found."""
+    if not 0 < task_id < 2**63:
+        raise TaskNotFoundError(f"no task with id {task_id}")
 
 
 def _raise_state(conn: Connection, task_id: int, action: str, allowed: str) -> NoReturn:

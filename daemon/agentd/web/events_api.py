@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agentd.events import validate_topic
+from agentd.events import check_publishable
 from agentd.web.auth import STREAM_TOKENS
 from agentd.web.errors import ApiError, bad_request, read_json_object
 from agentd.web.openapi import doc
@@ -32,7 +32,7 @@ async def publish(request: web.Request) -> web.Response:
     unknown = sorted(set(body) - {"topic", "data"})
     if unknown:
         raise bad_request(f"unknown field(s): {', '.join(unknown)}; known: topic, data")
-    topic = validate_topic(body.get("topic"))
+    topic = check_publishable(body.get("topic"))
     data = body.get("data", {})
     if not isinstance(data, dict):
         raise bad_request(f"field 'data' must be a JSON object, got {type(data).__name__}")

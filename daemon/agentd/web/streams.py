@@ -21,7 +21,7 @@ from aiohttp import web
 
 from agentd.bus import Subscription
 from agentd.config import StreamsConfig
-from agentd.events import LAGGED_TOPIC, Event, TopicFilter
+from agentd.events import Event, Lagged, TopicFilter
 from agentd.taskqueue import FINAL_STATES
 from agentd.web.errors import bad_request
 from agentd.web.openapi import doc
@@ -31,6 +31,7 @@ routes = web.RouteTableDef()
 
 FINAL_TOPICS = frozenset(f"task.{state}" for state in FINAL_STATES)
 TOKEN_SEGMENT = "token"
+MAX_ID = 2**63 - 1  # SQLite's INTEGER
 
 
 def coalesce_tokens(last: Event, new: Event) -> Event | None:
@@ -54,7 +55,7 @@ def resume_point(request: web.Request) -> int | None:
     raw = request.headers.get("Last-Event-ID") or request.query.get("since")
     if raw is None or raw == "":
         return None
-    if not (raw.isascii() and raw.isdigit()):  # "²".isdigit() is True
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_ID:  # "²".isdigit() is True
         raise bad_request(f"Last-Event-ID / since must be an event id (digits), got {raw!r}")
     return int(raw)
 
@@ -114,7 +115,7 @@ class SseStream:
                     continue
                 except StopAsyncIteration:
                     return False
-            if event.topic == LAGGED_TOPIC:
+            if isinstance(event, Lagged):
                 await self.control("lagged", {"resume_after": self.last_sent,
                                               "dropped": event.data.get("dropped")})
                 return False
@@ -152,8 +153,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
     patterns = TopicFilter.parse(request.query.get("topics") or "**")
     after = resume_point(request)
     sub = _subscribe(request, patterns, f"sse:{patterns.text}")
+    sse = SseStream(request, daemon.config.streams)
+    # Live-only, a lag resumes after what existed when it subscribed, not the whole log.
+    sse.last_sent = daemon.bus.last_id if after is None else 0
     try:
-        sse = SseStream(request, daemon.config.streams)
         await sse.open()
         if after is not None:
             if after < daemon.eventlog.horizon:
@@ -163,11 +166,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 await sse.send(event)
             sse.last_sent = max(sse.last_sent, after)
         await sse.pump(sub)
-        return sse.response
     except (ConnectionResetError, TimeoutError):
-        return web.Response(status=499)  # the client went away or stopped reading
+        pass  # the client went away or stopped reading: the stream just ends
     finally:
         _release(request, sub)
+    return sse.response
 
 
 @routes.get(r"/v1/tasks/{id:\d+}/stream")
@@ -179,7 +182,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
 async def task_stream(request: web.Request) -> web.StreamResponse:
     daemon = request.app[DAEMON]
     task_id = int(request.match_info["id"])
-    record = await daemon.queue.get(task_id)
+    record = await daemon.queue.get(task_id)  # TaskNotFoundError (404) for any unknown id
     tree = {task_id, *await daemon.queue.descendants(task_id)}
     after = resume_point(request) or 0
 
@@ -198,9 +201,11 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
         return event.topic in FINAL_TOPICS and event.data.get("task_id") == task_id
 
     sub = _subscribe(request, "task.**", f"sse:task:{task_id}")
+    sse = SseStream(request, daemon.config.streams)
     try:
-        sse = SseStream(request, daemon.config.streams)
         await sse.open()
+        if after and after < daemon.eventlog.horizon:
+            await sse.control("gap", {"requested_after": after, "kept_after": daemon.eventlog.horizon})
         ended = False
         for event in await daemon.eventlog.replay_correlation(record.correlation_id, after):
             if in_tree(event):
@@ -216,8 +221,8 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
         if ended:
             final = await daemon.queue.get(task_id)
             await sse.control("end", {"task": final.to_dict()})
-        return sse.response
     except (ConnectionResetError, TimeoutError):
-        return web.Response(status=499)
+        pass
     finally:
         _release(request, sub)
+    return sse.response

@@ -29,7 +29,7 @@ from aiohttp import WSMsgType, web
 
 from agentd.bus import Subscription
 from agentd.errors import AgentdError
-from agentd.events import LAGGED_TOPIC, TopicFilter, validate_topic
+from agentd.events import Lagged, TopicFilter, check_publishable
 from agentd.web.errors import ApiError, bad_request, from_agentd_error
 from agentd.web.openapi import doc
 from agentd.web.server import DAEMON, SOCKETS, STREAMS
@@ -77,7 +77,9 @@ class _Session:
     async def subscribe(self, message: dict[str, Any]) -> dict[str, Any]:
         patterns = TopicFilter.parse(message.get("patterns", "**"))
         since = message.get("since")
-        if since is not None and (not isinstance(since, int) or isinstance(since, bool)):
+        if since is not None and (
+            not isinstance(since, int) or isinstance(since, bool) or not 0 <= since < 2**63
+        ):
             raise bad_request(f"'since' must be an event id (an integer), got {since!r}")
         self._counter += 1
         name = f"s{self._counter}"
@@ -85,23 +87,26 @@ class _Session:
             patterns.text, name=f"ws:{name}", maxsize=self.daemon.config.streams.client_buffer,
             merge=coalesce_tokens)
         self.request.app[STREAMS].add(sub)
-        pump = asyncio.get_running_loop().create_task(self._pump(name, sub, patterns, since))
+        # Live-only, a lag resumes after what existed when it subscribed, not the whole log.
+        after = self.daemon.bus.last_id if since is None else since
+        pump = asyncio.get_running_loop().create_task(
+            self._pump(name, sub, patterns, after, replay=since is not None))
         self.subscriptions[name] = (sub, pump)
         return {"subscription": name}
 
-    async def _pump(self, name: str, sub: Subscription, patterns: TopicFilter, since: int | None) -> None:
-        last = 0
-        if since is not None:
+    async def _pump(self, name: str, sub: Subscription, patterns: TopicFilter, after: int,
+                    replay: bool) -> None:
+        last = after
+        if replay:
             log = self.daemon.eventlog
-            if since < log.horizon:
-                await self.send({"type": "gap", "subscription": name, "requested_after": since,
+            if after < log.horizon:
+                await self.send({"type": "gap", "subscription": name, "requested_after": after,
                                  "kept_after": log.horizon})
-            for event in await log.replay(since, lambda e: patterns.matches(e.topic)):
+            for event in await log.replay(after, lambda e: patterns.matches(e.topic)):
                 await self.send({"type": "event", "subscription": name, "event": event.to_dict()})
                 last = event.id
-            last = max(last, since)
         async for event in sub:
-            if event.topic == LAGGED_TOPIC:
+            if isinstance(event, Lagged):
                 await self.send({"type": "lagged", "subscription": name, "resume_after": last})
                 await self.ws.close(code=CLOSE_LAGGED, message=b"lagged")
                 return
@@ -121,7 +126,7 @@ class _Session:
         data = message.get("data", {})
         if not isinstance(data, dict):
             raise bad_request("'data' must be a JSON object")
-        event = await self.daemon.publish_durably(validate_topic(message.get("topic")), data)
+        event = await self.daemon.publish_durably(check_publishable(message.get("topic")), data)
         return {"event_id": event.id}
 
     async def submit(self, message: dict[str, Any]) -> dict[str, Any]:

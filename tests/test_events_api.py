@@ -1,0 +1,463 @@
+"""Publishing over HTTP (`POST /v1/events`), durable triggers, inbound webhooks, stream
+tokens, the Origin allowlist, the body limit and the OpenAPI entries of the live surface,
+against the real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+PLUGIN_SOURCE = Path(__file__).with_name("stream_plugin.py")
+TIMEOUT = 2.0
+TOKEN = "t0ken-for-tests"
+SECRET = "s3cret"
+
+
+def assert_error(body: Any, code: str) -> str:
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    return str(body["error"]["message"])
+
+
+def sign(body: bytes, secret: str = SECRET) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+async def post(client: aiohttp.ClientSession, path: str, **kwargs: Any) -> tuple[int, Any]:
+    """POST, bounded by TIMEOUT; the status and the JSON body."""
+
+    async def send() -> tuple[int, Any]:
+        async with client.post(path, **kwargs) as response:
+            if response.content_type == "application/json":
+                return response.status, await response.json()
+            return response.status, await response.text()
+
+    return await asyncio.wait_for(send(), TIMEOUT)
+
+
+async def first_line(response: aiohttp.ClientResponse) -> bytes:
+    return await asyncio.wait_for(response.content.readline(), TIMEOUT)
+
+
+@pytest.fixture
+def st_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "st_plugins"
+    directory.mkdir()
+    shutil.copy(PLUGIN_SOURCE, directory / "st.py")
+    return directory
+
+
+@pytest.fixture
+async def st(start_daemon: Any, st_dir: Path) -> Any:
+    """`daemon, events, module = await st(overrides)` with the stream test plugin loaded."""
+
+    async def start(overrides: dict[str, dict[str, Any]] | None = None) -> tuple[Any, Any, Any]:
+        tables: dict[str, dict[str, Any]] = {"tasks": {"retry_base": 0.01, "retry_max": 0.02}}
+        for section, table in (overrides or {}).items():
+            tables.setdefault(section, {}).update(table)
+        daemon, events = await start_daemon(plugin_dirs=[st_dir], overrides=tables)
+        return daemon, events, sys.modules["agentd_plugins.st"]
+
+    return start
+
+
+async def trigger_rows(daemon: Any, name: str) -> list[Any]:
+    return await daemon.store.read(
+        "SELECT id, args, idempotency_key, status FROM tasks WHERE name = ? ORDER BY id", (name,))
+
+
+# --------------------------------------------------------------------------- POST /v1/events
+
+
+async def test_post_event_is_published_and_answered_202_with_its_id(start_daemon: Any, http: Any) -> None:
+    daemon, events = await start_daemon()
+    client = http(daemon)
+    status, body = await post(client, "/v1/events", json={"topic": "user.clicked", "data": {"x": [1, 2]}})
+    assert status == 202
+    assert set(body) == {"id", "topic"}
+    assert body["topic"] == "user.clicked"
+    event = await events.wait_for("user.clicked")
+    assert (event.id, dict(event.data)) == (body["id"], {"x": [1, 2]})
+
+    status, body = await post(client, "/v1/events", json={"topic": "user.no_data"})
+    assert status == 202
+    assert dict((await events.wait_for("user.no_data")).data) == {}
+    assert body["id"] > event.id
+
+
+async def test_fire_and_forget_handlers_do_not_delay_the_answer(st: Any, http: Any) -> None:
+    daemon, _, module = await st()
+    status, body = await post(http(daemon), "/v1/events", json={"topic": "slow.go"})
+    assert status == 202
+    # The handler started but is still blocked: the answer did not wait for it.
+    await asyncio.wait_for(module.gate("slow.started").wait(), TIMEOUT)
+    handled = module.HANDLED
+    assert handled == []
+    module.gate("slow.release").set()
+    await asyncio.wait_for(daemon.spawner.idle(), TIMEOUT)
+    assert handled == [body["id"]]
+
+
+@pytest.mark.parametrize(("body", "code", "mentions"), [
+    (b'{"topic": "a..b"}', "bad_pattern", "a..b"),
+    (b'{"topic": "has space"}', "bad_pattern", "has space"),
+    (b'{"topic": 5}', "bad_pattern", "topic"),
+    (b'{"data": {}}', "bad_pattern", "topic"),
+    (b'{"topic": "bad.data", "data": [1]}', "bad_request", "data"),
+    (b'{"topic": "bad.data", "data": "text"}', "bad_request", "data"),
+    (b'{"topic": "bad.field", "extra": 1}', "bad_request", "extra"),
+    (b'{"topic": ', "invalid_json", "JSON"),
+    (b"", "bad_request", "empty"),
+    (b'["bad.list"]', "bad_request", "object"),
+])
+async def test_a_bad_event_is_a_400_and_publishes_nothing(
+    start_daemon: Any, http: Any, body: bytes, code: str, mentions: str,
+) -> None:
+    daemon, _ = await start_daemon()
+    published = daemon.bus.published
+    status, answer = await post(http(daemon), "/v1/events", data=body,
+                                headers={"Content-Type": "application/json"})
+    assert status == 400
+    assert mentions in assert_error(answer, code)
+    assert daemon.bus.published == published
+
+
+async def test_a_body_over_the_limit_is_a_413(start_daemon: Any, http: Any) -> None:
+    daemon, _ = await start_daemon(overrides={
+        "server": {"max_body_bytes": 1024}, "hooks": {"github": {"secret": SECRET}}})
+    published = daemon.bus.published
+    client = http(daemon)
+    status, body = await post(client, "/v1/events", json={"topic": "big", "data": {"pad": "x" * 2048}})
+    assert status == 413
+    assert "1024 bytes" in assert_error(body, "request_entity_too_large")
+    raw = json.dumps({"pad": "x" * 2048}).encode()
+    status, body = await post(client, "/hooks/github", data=raw, headers={"X-Agentd-Signature": sign(raw)})
+    assert status == 413
+    assert_error(body, "request_entity_too_large")
+    assert daemon.bus.published == published
+    status, _ = await post(client, "/v1/events", json={"topic": "small", "data": {"pad": "x" * 512}})
+    assert status == 202
+
+
+# --------------------------------------------------------------------------- durable triggers
+
+
+async def test_a_durable_trigger_is_committed_before_the_202(st: Any, http: Any) -> None:
+    # One handler slot, held by a blocked fire-and-forget handler: a trigger that went
+    # through the handler spawner could not be enqueued before the slot frees.
+    daemon, events, module = await st({"daemon": {"handler_concurrency": 1}})
+    client = http(daemon)
+    assert (await post(client, "/v1/events", json={"topic": "slow.hold"}))[0] == 202
+    await asyncio.wait_for(module.gate("slow.started").wait(), TIMEOUT)
+
+    status, body = await post(client, "/v1/events", json={"topic": "order.placed", "data": {"sku": "a1"}})
+    assert status == 202
+    rows = await trigger_rows(daemon, "st.on_order")
+    assert len(rows) == 1
+    args = json.loads(rows[0]["args"])
+    assert set(args) == {"event"}
+    assert (args["event"]["id"], args["event"]["topic"], args["event"]["data"]) == (
+        body["id"], "order.placed", {"sku": "a1"})
+    assert rows[0]["idempotency_key"] == f"event:{body['id']}:st.on_order"
+
+    done = await events.wait_for("task.succeeded", name="st.on_order")
+    assert done.data["task_id"] == rows[0]["id"]
+    triggered = module.TRIGGERED
+    assert triggered == [{
+        "task_id": rows[0]["id"], "task_name": "st.on_order", "attempt": 1, "event_type": "Event",
+        "event_id": body["id"], "topic": "order.placed", "data": {"sku": "a1"},
+    }]
+    module.gate("slow.release").set()
+    await asyncio.wait_for(daemon.spawner.idle(), TIMEOUT)
+    assert len(await trigger_rows(daemon, "st.on_order")) == 1  # no second task for the event
+    assert "handler.dropped" not in events.topics()
+
+
+async def test_an_in_process_publish_also_enqueues_the_trigger_once(st: Any) -> None:
+    daemon, events, module = await st()
+    event = daemon.bus.publish("order.local", {"sku": "b2"})
+    done = await events.wait_for("task.succeeded", name="st.on_order")
+    await asyncio.wait_for(daemon.spawner.idle(), TIMEOUT)
+    (row,) = await trigger_rows(daemon, "st.on_order")
+    assert row["id"] == done.data["task_id"]
+    assert row["idempotency_key"] == f"event:{event.id}:st.on_order"
+    assert [t["event_id"] for t in module.TRIGGERED] == [event.id]
+    # Committing the triggers of the same event again finds the same task.
+    await daemon.plugins.enqueue_triggers(event)
+    assert len(await trigger_rows(daemon, "st.on_order")) == 1
+    # Events the pattern does not match enqueue nothing.
+    daemon.bus.publish("order.local.nested", {})
+    daemon.bus.publish("orders.local", {})
+    await asyncio.wait_for(daemon.spawner.idle(), TIMEOUT)
+    assert len(await trigger_rows(daemon, "st.on_order")) == 1
+
+
+async def test_a_failing_durable_handler_is_retried_like_a_task(st: Any, http: Any) -> None:
+    daemon, events, module = await st()
+    status, body = await post(http(daemon), "/v1/events", json={"topic": "flaky.thing"})
+    assert status == 202
+    done = await events.wait_for("task.succeeded", name="st.flaky")
+    task_id = done.data["task_id"]
+    retry = await events.wait_for("task.retrying", task_id=task_id)
+    assert "the first attempt of a durable handler fails" in retry.data["error"]
+    attempts = module.FLAKY_ATTEMPTS
+    assert attempts == [(task_id, 1), (task_id, 2)]
+    final = await daemon.queue.get(task_id)
+    assert (final.status, final.attempts, final.max_attempts) == ("succeeded", 2, 3)
+    assert final.args["event"]["id"] == body["id"]
+
+
+# --------------------------------------------------------------------------- inbound webhooks
+
+
+async def test_a_signed_hook_is_published(start_daemon: Any, http: Any) -> None:
+    daemon, events = await start_daemon(overrides={"hooks": {"github": {"secret": SECRET}}})
+    payload = {"action": "opened", "number": 7}
+    raw = json.dumps(payload).encode()
+    headers = {"X-Agentd-Signature": sign(raw), "Content-Type": "application/json",
+               "X-GitHub-Event": "pull_request", "X-Unrelated": "dropped"}
+    status, body = await post(http(daemon), "/hooks/github", data=raw, headers=headers)
+    assert status == 202
+    assert body["topic"] == "hook.github"
+    event = await events.wait_for("hook.github")
+    assert event.id == body["id"]
+    assert event.data["body"] == payload
+    assert event.data["headers"]["X-GitHub-Event"] == "pull_request"
+    assert "X-Unrelated" not in event.data["headers"]
+
+
+async def test_githubs_signature_header_is_accepted_and_a_non_json_body_kept_as_text(
+    start_daemon: Any, http: Any,
+) -> None:
+    daemon, events = await start_daemon(overrides={"hooks": {"github": {"secret": SECRET}}})
+    raw = b"plain text, not JSON"
+    status, _ = await post(http(daemon), "/hooks/github", data=raw,
+                           headers={"X-Hub-Signature-256": sign(raw)})
+    assert status == 202
+    assert (await events.wait_for("hook.github")).data["body"] == "plain text, not JSON"
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"X-Agentd-Signature": "sha256=" + "0" * 64},
+    {"X-Agentd-Signature": sign(b'{"a": 1}', secret="wrong")},
+    {"X-Agentd-Signature": hmac.new(SECRET.encode(), b'{"a": 1}', hashlib.sha256).hexdigest()},
+    {"X-Hub-Signature-256": sign(b'{"a": 2}')},  # signs another body
+])
+async def test_a_badly_signed_hook_is_a_401_and_publishes_nothing(
+    start_daemon: Any, http: Any, headers: dict[str, str],
+) -> None:
+    daemon, events = await start_daemon(overrides={"hooks": {"github": {"secret": SECRET}}})
+    status, body = await post(http(daemon), "/hooks/github", data=b'{"a": 1}', headers=headers)
+    assert status == 401
+    assert "X-Agentd-Signature" in assert_error(body, "bad_signature")
+    daemon.bus.publish("sentinel", {})
+    await events.wait_for("sentinel")
+    assert not [e for e in events.events if e.topic.startswith("hook.")]
+
+
+async def test_an_unknown_hook_is_a_404(start_daemon: Any, http: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"hooks": {"github": {"secret": SECRET}}})
+    raw = b"{}"
+    status, body = await post(http(daemon), "/hooks/gitlab", data=raw,
+                              headers={"X-Agentd-Signature": sign(raw)})
+    assert status == 404
+    assert "gitlab" in assert_error(body, "unknown_hook")
+
+
+async def test_hooks_need_no_bearer_token_and_take_a_secret_file(
+    start_daemon: Any, http: Any, tmp_path: Path,
+) -> None:
+    secret_file = tmp_path / "ci-secret"
+    secret_file.write_text("from-a-file\nignored second line\n")
+    daemon, events = await start_daemon(overrides={
+        "server": {"token": TOKEN},
+        "hooks": {"github": {"secret": SECRET}, "ci": {"secret_file": str(secret_file)}},
+    })
+    client = http(daemon)  # no Authorization header
+    raw = b'{"build": 1}'
+    status, _ = await post(client, "/hooks/ci", data=raw,
+                           headers={"X-Agentd-Signature": sign(raw, "from-a-file")})
+    assert status == 202
+    assert (await events.wait_for("hook.ci")).data["body"] == {"build": 1}
+    status, _ = await post(client, "/hooks/github", data=raw, headers={"X-Agentd-Signature": sign(raw)})
+    assert status == 202
+    # The same client is refused everywhere else.
+    status, body = await post(client, "/v1/events", json={"topic": "x"})
+    assert status == 401
+    assert_error(body, "unauthorized")
+    # A signature made with the file's whole content (second line included) is wrong.
+    status, _ = await post(client, "/hooks/ci", data=raw,
+                           headers={"X-Agentd-Signature": sign(raw, secret_file.read_text())})
+    assert status == 401
+
+
+# --------------------------------------------------------------------------- stream tokens
+
+
+async def test_stream_tokens_open_stream_routes_and_only_them(start_daemon: Any, http: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"server": {"token": TOKEN}})
+    anonymous = http(daemon)
+    async with anonymous.get("/v1/stream") as response:
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert "stream-tokens" in assert_error(await response.json(), "unauthorized")
+    assert (await post(anonymous, "/v1/stream-tokens"))[0] == 401
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await anonymous.ws_connect("/v1/ws")
+    assert refused.value.status == 401
+
+    before = time.time()
+    status, issued = await post(http(daemon, token=TOKEN), "/v1/stream-tokens")
+    assert status == 201
+    assert set(issued) == {"token", "expires_at"}
+    assert before + 299 <= issued["expires_at"] <= time.time() + 300
+    token = issued["token"]
+
+    async with anonymous.get("/v1/stream", params={"token": token}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/event-stream"
+        assert (await first_line(response)).startswith(b"retry: ")
+    async with anonymous.get("/v1/tasks/31337/stream", params={"token": token}) as response:
+        assert response.status == 404  # past auth: there is no such task
+    ws = await anonymous.ws_connect("/v1/ws", params={"token": token})
+    await ws.send_json({"id": 1, "type": "ping"})
+    assert await ws.receive_json(timeout=TIMEOUT) == {"id": 1, "ok": True, "type": "pong"}
+    await ws.close()
+
+    for path in ("/v1/status", "/v1/tasks"):
+        async with anonymous.get(path, params={"token": token}) as response:
+            assert response.status == 401, path
+            assert_error(await response.json(), "unauthorized")
+    status, _ = await post(anonymous, "/v1/events", params={"token": token}, json={"topic": "x"})
+    assert status == 401
+
+
+@pytest.mark.parametrize("forge", [
+    lambda token: token[:-1] + ("0" if token[-1] != "0" else "1"),  # signature altered
+    lambda token: str(int(token.split(".")[0]) + 3600) + "." + token.split(".")[1],  # expiry moved
+    lambda token: "9999999999." + "0" * 64,
+    lambda token: "not-a-token",
+    lambda token: TOKEN,  # the bearer token itself is no stream token
+], ids=["signature-altered", "expiry-moved", "made-up", "garbage", "bearer-token"])
+async def test_a_forged_stream_token_is_a_401(start_daemon: Any, http: Any, forge: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"server": {"token": TOKEN}})
+    _, issued = await post(http(daemon, token=TOKEN), "/v1/stream-tokens")
+    async with http(daemon).get("/v1/stream", params={"token": forge(issued["token"])}) as response:
+        assert response.status == 401
+        assert_error(await response.json(), "unauthorized")
+
+
+async def test_an_expired_stream_token_is_a_401(start_daemon: Any, http: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"server": {"token": TOKEN}, "streams": {"token_ttl": 0}})
+    _, issued = await post(http(daemon, token=TOKEN), "/v1/stream-tokens")
+    async with http(daemon).get("/v1/stream", params={"token": issued["token"]}) as response:
+        assert response.status == 401
+        assert_error(await response.json(), "unauthorized")
+
+
+async def test_a_stream_token_of_another_daemon_is_refused(
+    start_daemon: Any, http: Any, tmp_path: Path,
+) -> None:
+    overrides = {"server": {"token": TOKEN}}
+    one, _ = await start_daemon(overrides=overrides, state_dir=tmp_path / "one")
+    two, _ = await start_daemon(overrides=overrides, state_dir=tmp_path / "two")
+    _, issued = await post(http(one, token=TOKEN), "/v1/stream-tokens")
+    async with http(two).get("/v1/stream", params={"token": issued["token"]}) as response:
+        assert response.status == 401
+
+
+# --------------------------------------------------------------------------- origins
+
+
+EVIL = "http://evil.example"
+
+
+async def test_a_foreign_origin_is_refused_everywhere(start_daemon: Any, http: Any) -> None:
+    daemon, events = await start_daemon(overrides={"hooks": {"github": {"secret": SECRET}}})
+    client = http(daemon)
+    origin = {"Origin": EVIL}
+    async with client.get("/v1/stream", headers=origin) as response:
+        assert response.status == 403
+        assert EVIL in assert_error(await response.json(), "origin_not_allowed")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect("/v1/ws", origin=EVIL)
+    assert refused.value.status == 403
+    status, body = await post(client, "/v1/events", headers=origin, json={"topic": "from.evil"})
+    assert status == 403
+    assert_error(body, "origin_not_allowed")
+    raw = b"{}"
+    status, _ = await post(client, "/hooks/github", data=raw,
+                           headers={**origin, "X-Agentd-Signature": sign(raw)})
+    assert status == 403
+    for spoof in ("http://127.0.0.1.evil.example", "http://localhost.evil.example", "null",
+                  "http://evil.example/http://127.0.0.1"):
+        status, _ = await post(client, "/v1/events", headers={"Origin": spoof}, json={"topic": "from.evil"})
+        assert status == 403, spoof
+    daemon.bus.publish("sentinel", {})
+    await events.wait_for("sentinel")
+    assert "from.evil" not in events.topics()
+    assert "hook.github" not in events.topics()
+
+
+async def test_loopback_and_listed_origins_are_allowed(start_daemon: Any, http: Any) -> None:
+    allowed = "https://app.example.com"
+    daemon, events = await start_daemon(overrides={"server": {"allowed_origins": [allowed]}})
+    client = http(daemon)
+    for origin in (f"http://127.0.0.1:{daemon.port}", "http://localhost:3000", "http://[::1]:8080",
+                   allowed, allowed + "/"):
+        status, body = await post(client, "/v1/events", headers={"Origin": origin},
+                                  json={"topic": "ok.origin"})
+        assert status == 202, (origin, body)
+    async with client.get("/v1/stream", headers={"Origin": allowed}) as response:
+        assert response.status == 200
+        assert (await first_line(response)).startswith(b"retry: ")
+    ws = await client.ws_connect("/v1/ws", origin=allowed)
+    await ws.send_json({"id": 1, "type": "ping"})
+    assert (await ws.receive_json(timeout=TIMEOUT))["type"] == "pong"
+    await ws.close()
+    for refused in ("http://app.example.com", "https://app.example.com:8443",
+                    "https://app.example.com.evil.example"):
+        status, _ = await post(client, "/v1/events", headers={"Origin": refused}, json={"topic": "no"})
+        assert status == 403, refused
+    assert events.topics().count("ok.origin") == 5
+
+
+# --------------------------------------------------------------------------- OpenAPI
+
+
+async def test_the_live_routes_are_documented(start_daemon: Any, http: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"server": {"token": TOKEN}})
+    async with http(daemon).get("/v1/openapi.json") as response:
+        assert response.status == 200  # public, even with a token
+        document = await response.json()
+    paths = document["paths"]
+    expected = {
+        "/v1/stream": "get", "/v1/tasks/{id}/stream": "get", "/v1/ws": "get",
+        "/v1/events": "post", "/v1/stream-tokens": "post", "/hooks/{name}": "post",
+    }
+    for path, method in expected.items():
+        assert path in paths, path
+        operation = paths[path][method]
+        assert operation["summary"], path
+        assert operation["responses"], path
+    assert paths["/hooks/{name}"]["post"]["security"] == []
+    assert "security" not in paths["/v1/events"]["post"]
+    assert "401" in paths["/hooks/{name}"]["post"]["responses"]
+    stream_params = {p["name"] for p in paths["/v1/stream"]["get"]["parameters"]}
+    assert {"topics", "since", "token"} <= stream_params
+    task_params = {p["name"]: p["in"] for p in paths["/v1/tasks/{id}/stream"]["get"]["parameters"]}
+    assert task_params["id"] == "path"
+    assert paths["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+        "required"] == ["topic"]

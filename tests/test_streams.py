@@ -1,0 +1,667 @@
+"""Live streams against the real daemon: the event log (persistence classes, sweeping, ids
+across restarts) and SSE (`/v1/stream`, `/v1/tasks/{id}/stream`): framing, filtering,
+keepalives, resume without gap or duplicate, gaps past the horizon, slow clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agentd.errors import ConfigError
+from agentd.testing import make_config
+from agentd.web.server import STREAMS
+
+PLUGIN_SOURCE = Path(__file__).with_name("stream_plugin.py")
+FRAME_TIMEOUT = 2.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Frame:
+    """One SSE frame: its fields, and the comment lines that came with it."""
+
+    id: int | None = None
+    event: str | None = None
+    data: Any = None
+    retry: int | None = None
+    comments: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return self == Frame()
+
+
+class Sse:
+    """Reads SSE frames from a streaming aiohttp response, each read bounded by a timeout."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+
+    async def frame(self, timeout: float = FRAME_TIMEOUT) -> Frame | None:
+        """The next frame (a blank line ends it); None at the end of the stream."""
+
+        async def read() -> Frame | None:
+            frame = Frame()
+            data: list[str] = []
+            while True:
+                raw = await self.response.content.readline()
+                if not raw:
+                    assert frame.empty and not data, f"the stream ended inside a frame: {frame}"
+                    return None
+                line = raw.decode().rstrip("\r\n")
+                if line == "":
+                    if data:
+                        frame.data = json.loads("\n".join(data))
+                    if not frame.empty:
+                        return frame
+                    continue
+                if line.startswith(":"):
+                    frame.comments.append(line[1:].strip())
+                    continue
+                name, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                if name == "data":
+                    data.append(value)
+                elif name in ("id", "retry"):
+                    setattr(frame, name, int(value))
+                elif name == "event":
+                    frame.event = value
+                else:
+                    raise AssertionError(f"unexpected SSE field {line!r}")
+
+        return await asyncio.wait_for(read(), timeout)
+
+    async def next_event(self, timeout: float = FRAME_TIMEOUT) -> Frame:
+        """The next frame carrying an event (keepalive comments are skipped)."""
+        while True:
+            frame = await self.frame(timeout)
+            assert frame is not None, "the stream ended"
+            if frame.event is not None:
+                return frame
+
+    async def events(self, count: int) -> list[Frame]:
+        return [await self.next_event() for _ in range(count)]
+
+    async def opened(self) -> Frame:
+        """The first frame: the reconnect delay and a comment, sent before any event."""
+        frame = await self.frame()
+        assert frame is not None
+        assert frame.retry is not None and frame.event is None and frame.id is None
+        return frame
+
+    async def until(self, name: str) -> list[Frame]:
+        """Every event frame up to and including the first one named `name`."""
+        frames = [await self.next_event()]
+        while frames[-1].event != name:
+            frames.append(await self.next_event())
+        return frames
+
+
+async def stored_events(daemon: Any) -> dict[int, tuple[str, int]]:
+    """id → (topic, durable) of every row of the events table, after a flush."""
+    await daemon.eventlog.flush()
+    rows = await daemon.store.read("SELECT id, topic, durable FROM events ORDER BY id")
+    return {row["id"]: (row["topic"], row["durable"]) for row in rows}
+
+
+def stream_subscriptions(daemon: Any) -> list[Any]:
+    """The bus subscriptions of the open SSE/WebSocket streams (the app's STREAMS set)."""
+    assert daemon.server is not None
+    return list(daemon.server._runner.app[STREAMS])
+
+
+def assert_error(body: Any, code: str) -> str:
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    return str(body["error"]["message"])
+
+
+@pytest.fixture
+def st_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "st_plugins"
+    directory.mkdir()
+    shutil.copy(PLUGIN_SOURCE, directory / "st.py")
+    return directory
+
+
+@pytest.fixture
+async def st(start_daemon: Any, st_dir: Path) -> Any:
+    """`daemon, events, module = await st(overrides)` with the stream test plugin loaded."""
+
+    async def start(overrides: dict[str, dict[str, Any]] | None = None) -> tuple[Any, Any, Any]:
+        tables: dict[str, dict[str, Any]] = {"tasks": {"retry_base": 0.01, "retry_max": 0.02}}
+        for section, table in (overrides or {}).items():
+            tables.setdefault(section, {}).update(table)
+        daemon, events = await start_daemon(plugin_dirs=[st_dir], overrides=tables)
+        return daemon, events, sys.modules["agentd_plugins.st"]
+
+    return start
+
+
+# --------------------------------------------------------------------------- the event log
+
+
+async def test_default_rules_keep_tokens_out_and_task_events_durable(start_daemon: Any) -> None:
+    daemon, _ = await start_daemon()
+    bus = daemon.bus
+    token = bus.publish("x.token", {"task_id": 1, "text": "a"})
+    llm_token = bus.publish("llm.token", {"task_id": 1, "text": "b"})
+    progress = bus.publish("task.progress", {"task_id": 1})
+    finished = bus.publish("task.succeeded", {"task_id": 1})
+    nested = bus.publish("task.child.queued", {"task_id": 2})
+    other = bus.publish("news.new", {"title": "t"})
+    stored = await stored_events(daemon)
+    assert token.id not in stored
+    assert llm_token.id not in stored
+    assert stored[progress.id] == ("task.progress", 0)
+    assert stored[finished.id] == ("task.succeeded", 1)
+    assert stored[nested.id] == ("task.child.queued", 1)
+    assert stored[other.id] == ("news.new", 0)
+    assert [daemon.eventlog.persistence(t) for t in ("a.token", "task.progress", "task.x", "zzz")] == [
+        "ephemeral", "ring", "durable", "ring"]
+    row = await daemon.store.read_one("SELECT * FROM events WHERE id = ?", (finished.id,))
+    assert row is not None
+    assert json.loads(row["data"]) == {"task_id": 1}
+    assert row["time"] == finished.time
+
+
+async def test_custom_persistence_rules_replace_the_defaults(start_daemon: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"events": {"persistence": [
+        "audit.**=durable", "noise.*=ephemeral", "**=ring"]}})
+    bus = daemon.bus
+    audit = bus.publish("audit.login.ok", {"user": "ann"})
+    noise = bus.publish("noise.tick")
+    task_event = bus.publish("task.succeeded", {"task_id": 1})
+    token = bus.publish("llm.token", {"text": "x"})
+    stored = await stored_events(daemon)
+    assert stored[audit.id] == ("audit.login.ok", 1)
+    assert noise.id not in stored
+    assert stored[task_event.id] == ("task.succeeded", 0)  # no task.** rule any more: ring
+    assert stored[token.id] == ("llm.token", 0)  # nor *.token: kept as ring
+
+
+@pytest.mark.parametrize("rules", [["task.*"], ["task.*=forever"], ["task..x=ring"], ["=ring"]])
+def test_a_bad_persistence_rule_is_a_config_error(tmp_path: Path, rules: list[str]) -> None:
+    with pytest.raises(ConfigError, match=r"\[events\] persistence") as caught:
+        make_config(tmp_path, overrides={"events": {"persistence": rules}})
+    assert repr(rules[0]) in str(caught.value)
+
+
+async def test_sweep_keeps_the_newest_ring_size_ring_events_and_raises_the_horizon(
+    start_daemon: Any,
+) -> None:
+    daemon, _ = await start_daemon(overrides={"events": {"ring_size": 3}})
+    before = await stored_events(daemon)
+    assert before  # daemon.started at least
+    ring = [daemon.bus.publish("demo.ring", {"n": n}) for n in range(6)]
+    durable = [daemon.bus.publish("task.demo", {"n": n}) for n in range(2)]
+    assert daemon.eventlog.horizon == 0
+    await daemon.eventlog.flush()
+
+    deleted = await daemon.eventlog.sweep()
+
+    stored = await stored_events(daemon)
+    assert sorted(i for i, (_, kind) in stored.items() if kind == 0) == [e.id for e in ring[3:]]
+    assert sorted(i for i, (_, kind) in stored.items() if kind == 1) == [e.id for e in durable]
+    assert deleted == len(before) + 3
+    assert daemon.eventlog.horizon == ring[2].id
+    meta = await daemon.store.read_one("SELECT value FROM meta WHERE key = 'events_horizon'")
+    assert meta is not None and int(meta["value"]) == ring[2].id
+    stats = await daemon.eventlog.stats()
+    assert (stats["ring"], stats["durable"], stats["horizon"]) == (3, 2, ring[2].id)
+    # A second sweep has nothing to do and never lowers the horizon.
+    assert await daemon.eventlog.sweep() == 0
+    assert daemon.eventlog.horizon == ring[2].id
+
+
+async def test_sweep_drops_ring_events_older_than_ring_seconds(start_daemon: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"events": {"ring_seconds": 0}})
+    ring = [daemon.bus.publish("demo.ring", {"n": n}) for n in range(3)]
+    durable = daemon.bus.publish("task.demo", {})
+    await daemon.eventlog.flush()
+    assert await daemon.eventlog.sweep() >= 3
+    stored = await stored_events(daemon)
+    assert list(stored) == [durable.id]
+    assert daemon.eventlog.horizon == ring[-1].id
+
+
+async def test_sweep_drops_durable_events_past_retention(start_daemon: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"events": {"retention": 0}})
+    durable = [daemon.bus.publish("task.demo", {"n": n}) for n in range(2)]
+    ring = daemon.bus.publish("demo.ring", {})
+    await daemon.eventlog.flush()
+    assert await daemon.eventlog.sweep() == 2
+    stored = await stored_events(daemon)
+    assert ring.id in stored
+    assert not {e.id for e in durable} & set(stored)
+    assert daemon.eventlog.horizon == durable[-1].id
+
+
+async def test_ids_and_the_horizon_continue_after_a_restart(start_daemon: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"events": {"ring_size": 1}})
+    # Move the id sequence far past the wall clock: only the stored ids can carry it on.
+    daemon.bus.advance_to((time.time_ns() // 1000) + 10**10)
+    first = daemon.bus.publish("demo.before", {})
+    last = daemon.bus.publish("demo.before", {})
+    await daemon.eventlog.flush()
+    await daemon.eventlog.sweep()
+    assert daemon.eventlog.horizon == first.id
+    await daemon.stop()
+
+    daemon, events = await start_daemon(overrides={"events": {"ring_size": 1}})
+    assert daemon.eventlog.horizon == first.id
+    assert events.events, "the restarted daemon published nothing"
+    assert events.events[0].id > last.id
+    after = daemon.bus.publish("demo.after", {})
+    assert after.id > last.id
+    stored = await stored_events(daemon)
+    assert last.id in stored and after.id in stored
+
+
+# --------------------------------------------------------------------------- /v1/stream
+
+
+async def test_sse_headers_and_the_first_bytes_come_at_once(start_daemon: Any, http: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"streams": {"retry_ms": 1234}})
+    published_before = daemon.bus.published
+    async with http(daemon).get("/v1/stream", headers={"Accept-Encoding": "gzip"}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/event-stream"
+        assert response.headers["Cache-Control"] == "no-cache, no-transform"
+        assert response.headers["X-Accel-Buffering"] == "no"
+        assert "Content-Encoding" not in response.headers
+        first = await Sse(response).opened()
+        assert daemon.bus.published == published_before  # nothing was published to prompt it
+    assert first.retry == 1234
+    assert first.comments == ["connected"]
+
+
+async def test_events_carry_id_topic_and_json_data_filtered_by_topics(
+    start_daemon: Any, http: Any,
+) -> None:
+    daemon, _ = await start_daemon()
+    client = http(daemon)
+    async with client.get("/v1/stream", params={"topics": "demo.a, other.*"}) as response:
+        sse = Sse(response)
+        await sse.opened()
+        bus = daemon.bus
+        wanted = [bus.publish("demo.a", {"n": 1})]
+        bus.publish("demo.b", {"n": 2})
+        bus.publish("other.x.y", {"n": 3})
+        async with client.post("/v1/events", json={"topic": "other.x", "data": {"n": 4}}) as posted:
+            assert posted.status == 202
+            via_http = (await posted.json())["id"]
+        bus.publish("demo", {"n": 5})
+        wanted.append(bus.publish("demo.a", {"n": 6}, correlation_id="c1", causation_id="7"))
+        frames = await sse.events(3)
+    assert [f.event for f in frames] == ["demo.a", "other.x", "demo.a"]
+    assert [f.id for f in frames] == [wanted[0].id, via_http, wanted[1].id]
+    for frame in frames:
+        assert frame.data["id"] == frame.id
+        assert frame.data["topic"] == frame.event
+    assert [f.data["data"]["n"] for f in frames] == [1, 4, 6]
+    assert frames[2].data == wanted[1].to_dict()
+    assert (frames[2].data["correlation_id"], frames[2].data["causation_id"]) == ("c1", "7")
+
+
+@pytest.mark.parametrize("topics", ["demo..a", "demo.a*", "demo,", "demo.a/b"])
+async def test_a_bad_topic_pattern_is_a_400_before_streaming(
+    start_daemon: Any, http: Any, topics: str,
+) -> None:
+    daemon, _ = await start_daemon()
+    async with http(daemon).get("/v1/stream", params={"topics": topics}) as response:
+        assert response.status == 400
+        assert response.content_type == "application/json"
+        assert_error(await response.json(), "bad_pattern")
+    assert not stream_subscriptions(daemon)
+
+
+async def test_an_idle_stream_gets_keepalive_comments(start_daemon: Any, http: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"streams": {"keepalive": 0.2}})
+    async with http(daemon).get("/v1/stream", params={"topics": "nothing.here"}) as response:
+        sse = Sse(response)
+        await sse.opened()
+        for _ in range(2):
+            frame = await sse.frame(timeout=1.0)
+            assert frame == Frame(comments=["keepalive"])
+        daemon.bus.publish("nothing.here", {"still": "live"})
+        assert (await sse.next_event()).data["data"] == {"still": "live"}
+
+
+async def test_resume_with_last_event_id_gets_exactly_the_missed_events_then_live_ones(
+    start_daemon: Any, http: Any,
+) -> None:
+    daemon, _ = await start_daemon()
+    client = http(daemon)
+    bus = daemon.bus
+    async with client.get("/v1/stream", params={"topics": "demo.**"}) as response:
+        sse = Sse(response)
+        await sse.opened()
+        seen = [bus.publish("demo.n", {"n": n}) for n in range(3)]
+        received = await sse.events(3)
+    assert [f.id for f in received] == [e.id for e in seen]
+
+    bus.publish("unrelated.topic", {})
+    missed = [bus.publish("demo.n", {"n": n}) for n in range(3, 6)]
+    headers = {"Last-Event-ID": str(received[-1].id)}
+    async with client.get("/v1/stream", params={"topics": "demo.**"}, headers=headers) as response:
+        sse = Sse(response)
+        await sse.opened()
+        replayed = await sse.events(3)
+        live = [bus.publish("demo.n", {"n": 6}), bus.publish("demo.deep.n", {"n": 7})]
+        after = await sse.events(2)
+    assert [f.id for f in replayed] == [e.id for e in missed]
+    assert [f.data["data"]["n"] for f in replayed] == [3, 4, 5]
+    assert [f.id for f in after] == [e.id for e in live]
+
+
+async def test_resume_with_since_reads_from_the_committed_log(start_daemon: Any, http: Any) -> None:
+    daemon, _ = await start_daemon()
+    marker = daemon.bus.publish("demo.mark", {})
+    missed = [daemon.bus.publish("demo.n", {"n": n}) for n in range(4)]
+    await daemon.eventlog.flush()  # replayed from SQLite, not from the unflushed batch
+    params = {"topics": "demo.n", "since": str(marker.id)}
+    async with http(daemon).get("/v1/stream", params=params) as response:
+        sse = Sse(response)
+        await sse.opened()
+        replayed = await sse.events(4)
+        live = daemon.bus.publish("demo.n", {"n": 4})
+        assert (await sse.next_event()).id == live.id
+    assert [f.id for f in replayed] == [e.id for e in missed]
+
+
+async def test_resume_has_no_gap_and_no_duplicate_while_events_keep_coming(
+    start_daemon: Any, http: Any,
+) -> None:
+    """Events are published on the daemon's loop on every turn while the stream subscribes,
+    replays and goes live: each arrives exactly once, in order, whichever side carried it."""
+    daemon, _ = await start_daemon()
+    client = http(daemon)
+    bus = daemon.bus
+    start = bus.publish("seam.start", {})
+    published = [bus.publish("seam.n", {"n": n}) for n in range(5)]
+    baseline = bus.stats()["subscriptions"]
+
+    async def connect() -> list[Frame]:
+        headers = {"Last-Event-ID": str(start.id)}
+        async with client.get("/v1/stream", params={"topics": "seam.n"}, headers=headers) as response:
+            sse = Sse(response)
+            await sse.opened()
+            frames = await sse.until("seam.n")  # at least one
+            while frames[-1].data["data"]["n"] != "last":
+                frames.append(await sse.next_event())
+            return frames
+
+    reader = asyncio.ensure_future(connect())
+    after_subscribe = 0
+    for n in range(5, 2000):
+        published.append(bus.publish("seam.n", {"n": n}))
+        await asyncio.sleep(0)
+        if bus.stats()["subscriptions"] > baseline:
+            after_subscribe += 1
+            if after_subscribe == 50:
+                break
+    assert after_subscribe == 50, "the stream never subscribed"
+    published.append(bus.publish("seam.n", {"n": "last"}))
+    frames = await asyncio.wait_for(reader, FRAME_TIMEOUT)
+    assert [f.id for f in frames] == [e.id for e in published]
+
+
+async def test_resuming_from_before_the_horizon_starts_with_a_gap(start_daemon: Any, http: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"events": {"ring_size": 2}})
+    events = [daemon.bus.publish("demo.n", {"n": n}) for n in range(5)]
+    await daemon.eventlog.flush()
+    await daemon.eventlog.sweep()
+    assert daemon.eventlog.horizon == events[2].id
+    client = http(daemon)
+
+    headers = {"Last-Event-ID": str(events[0].id)}
+    async with client.get("/v1/stream", params={"topics": "demo.n"}, headers=headers) as response:
+        sse = Sse(response)
+        await sse.opened()
+        gap = await sse.next_event()
+        kept = await sse.events(2)
+    assert gap.event == "gap"
+    assert gap.id is None  # a control event never moves the client's resume point
+    assert gap.data == {"requested_after": events[0].id, "kept_after": events[2].id}
+    assert [f.id for f in kept] == [events[3].id, events[4].id]
+
+    # From the horizon itself nothing was lost: no gap.
+    headers = {"Last-Event-ID": str(events[2].id)}
+    async with client.get("/v1/stream", params={"topics": "demo.n"}, headers=headers) as response:
+        sse = Sse(response)
+        await sse.opened()
+        assert [f.id for f in await sse.events(2)] == [events[3].id, events[4].id]
+
+
+@pytest.mark.parametrize(("header", "since"), [
+    ("abc", None), ("-5", None), ("12x", None), (None, "1.5"), (None, "\u00b2"),
+    (None, str(2**63)),
+])
+async def test_a_bad_resume_id_is_a_400(st: Any, http: Any, header: str | None, since: str | None) -> None:
+    daemon, _, _ = await st()
+    record = await daemon.queue.enqueue("st.echo", {"value": 1})
+    headers = {"Last-Event-ID": header} if header is not None else {}
+    params = {"since": since} if since is not None else {}
+    for path in ("/v1/stream", f"/v1/tasks/{record.id}/stream"):
+        async with http(daemon).get(path, headers=headers, params=params) as response:
+            # An id beyond SQLite's INTEGER range is no event id either: refused up front,
+            # not a 200 stream whose replay then fails.
+            assert response.status == 400, f"{path}: {response.status}"
+            assert_error(await response.json(), "bad_request")
+
+
+# --------------------------------------------------------------------------- slow clients
+
+
+async def test_a_client_that_stops_reading_gets_lagged_and_its_stream_ends(
+    start_daemon: Any, http: Any,
+) -> None:
+    daemon, _ = await start_daemon(overrides={"streams": {"client_buffer": 8}})
+    client = http(daemon)
+    async with client.get("/v1/stream", params={"topics": "flood.*"}) as response:
+        sse = Sse(response)
+        await sse.opened()
+        first = daemon.bus.publish("flood.x", {"n": -1})
+        assert (await sse.next_event()).id == first.id
+        (sub,) = stream_subscriptions(daemon)
+        # Published on the daemon's loop without yielding: the stream cannot send any of them.
+        flood = [daemon.bus.publish("flood.x", {"n": n, "pad": "x" * 1000}) for n in range(200)]
+        assert len(sub) == 8
+        assert sub.dropped == 192
+        assert daemon.bus.stats()["dropped"] == 192
+        lagged = await sse.next_event()
+        assert lagged.event == "lagged"
+        assert lagged.id is None
+        assert lagged.data == {"resume_after": first.id, "dropped": 192}
+        assert await sse.frame() is None  # the stream ended
+    assert not stream_subscriptions(daemon)
+
+    # The client resumes where it was told and gets everything from the log.
+    headers = {"Last-Event-ID": str(lagged.data["resume_after"])}
+    async with client.get("/v1/stream", params={"topics": "flood.*"}, headers=headers) as response:
+        sse = Sse(response)
+        await sse.opened()
+        assert [f.id for f in await sse.events(200)] == [e.id for e in flood]
+
+
+async def test_a_slow_client_gets_token_events_folded_before_anything_is_dropped(
+    start_daemon: Any, http: Any,
+) -> None:
+    daemon, _ = await start_daemon(overrides={"streams": {"client_buffer": 8}})
+    async with http(daemon).get("/v1/stream", params={"topics": "llm.token,done"}) as response:
+        sse = Sse(response)
+        await sse.opened()
+        texts = [chr(ord("a") + n % 26) for n in range(100)]
+        tokens = [daemon.bus.publish("llm.token", {"task_id": 1, "text": t}) for t in texts]
+        done = daemon.bus.publish("done", {})
+        assert daemon.bus.stats()["dropped"] == 0
+        frames = await sse.until("done")
+    token_frames = frames[:-1]
+    assert all(f.event == "llm.token" for f in token_frames)
+    assert len(token_frames) < 8
+    assert "".join(f.data["data"]["text"] for f in token_frames) == "".join(texts)
+    merged = [f.data["data"].get("merged", 1) for f in token_frames]
+    assert sum(merged) == 100
+    assert max(merged) > 1
+    assert token_frames[-1].id == tokens[-1].id
+    assert frames[-1].id == done.id
+
+
+async def test_tokens_of_different_tasks_are_not_folded_together(start_daemon: Any, http: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"streams": {"client_buffer": 8}})
+    async with http(daemon).get("/v1/stream", params={"topics": "llm.token"}) as response:
+        sse = Sse(response)
+        await sse.opened()
+        for n in range(3):
+            daemon.bus.publish("llm.token", {"task_id": 1, "text": f"a{n}"})
+        for n in range(30):  # alternate tasks: nothing folds, so the buffer overflows
+            daemon.bus.publish("llm.token", {"task_id": 1 + n % 2, "text": f"b{n}"})
+        frames = await sse.until("lagged")
+        assert await sse.frame() is None
+    assert [f.event for f in frames] == ["lagged"]
+    assert frames[0].data["dropped"] > 0
+
+
+# --------------------------------------------------------------------------- task streams
+
+
+async def test_a_run_does_not_depend_on_its_stream_connection(st: Any, http: Any) -> None:
+    daemon, events, module = await st()
+    record = await daemon.queue.enqueue("st.wait_gate", {"name": "conn", "result": "finished"})
+    async with http(daemon).get(f"/v1/tasks/{record.id}/stream") as response:
+        sse = Sse(response)
+        await sse.opened()
+        await asyncio.wait_for(module.gate("started:conn").wait(), FRAME_TIMEOUT)
+        frames = await sse.until("task.started")
+        assert [f.event for f in frames] == ["task.queued", "task.started"]
+    # The client is gone; the task is not.
+    module.gate("conn").set()
+    final = await daemon.queue.wait(record.id, timeout=FRAME_TIMEOUT)
+    assert (final.status, final.result) == ("succeeded", "finished")
+    await events.wait_for("task.succeeded", task_id=record.id)
+
+
+async def test_a_task_stream_has_its_children_and_ends_after_its_final_event(st: Any, http: Any) -> None:
+    daemon, _, module = await st()
+    client = http(daemon)
+    record = await daemon.queue.enqueue("st.parent", {"name": "kid"})
+    async with client.get(f"/v1/tasks/{record.id}/stream") as response:
+        sse = Sse(response)
+        await sse.opened()
+        await asyncio.wait_for(module.gate("started:kid").wait(), FRAME_TIMEOUT)
+        # Another task's events pass by while the stream is open: they are not its.
+        other = await daemon.queue.enqueue("st.echo", {"value": 1})
+        await daemon.queue.wait(other.id, timeout=FRAME_TIMEOUT)
+        daemon.bus.publish("task.progress", {"task_id": other.id}, correlation_id=str(record.id))
+        module.gate("kid").set()
+        frames = await sse.until("end")
+        assert await sse.frame() is None
+    (child_id,) = await daemon.queue.children(record.id)
+    events, end = frames[:-1], frames[-1]
+    ids = [f.id for f in events]
+    assert ids == sorted(set(ids))
+    assert {f.data["data"]["task_id"] for f in events} == {record.id, child_id}
+    by_task = {
+        task_id: [(f.event, f.data["data"].get("kind")) for f in events
+                  if f.data["data"]["task_id"] == task_id]
+        for task_id in (record.id, child_id)
+    }
+    assert by_task[record.id] == [("task.queued", None), ("task.started", None),
+                                  ("task.progress", "parent.before"), ("task.succeeded", None)]
+    assert by_task[child_id] == [("task.queued", None), ("task.started", None),
+                                 ("task.progress", "child.working"), ("task.succeeded", None)]
+    assert all(f.data["correlation_id"] == str(record.id) for f in events)
+    assert all(f.data["causation_id"] == str(record.id) for f in events
+               if f.data["data"]["task_id"] == child_id)
+    assert (events[-1].event, events[-1].data["data"]["task_id"]) == ("task.succeeded", record.id)
+    assert end.id is None
+    assert end.data["task"]["id"] == record.id
+    assert end.data["task"]["status"] == "succeeded"
+    assert end.data["task"]["result"] == {"child": "child kid done"}
+
+    # A finished task's stream replays what the log kept, then ends at once.
+    async with client.get(f"/v1/tasks/{record.id}/stream") as response:
+        sse = Sse(response)
+        await sse.opened()
+        replay = await sse.until("end")
+        assert await sse.frame() is None
+    assert [f.id for f in replay[:-1]] == ids
+    assert replay[-1].data == end.data
+
+    # Resumed part-way, it sends only the rest.
+    headers = {"Last-Event-ID": str(ids[3])}
+    async with client.get(f"/v1/tasks/{record.id}/stream", headers=headers) as response:
+        sse = Sse(response)
+        await sse.opened()
+        rest = await sse.until("end")
+    assert [f.id for f in rest[:-1]] == ids[4:]
+
+
+@pytest.mark.parametrize("task_id", ["424242", str(2**63)])
+async def test_a_task_stream_of_an_unknown_task_is_a_404(start_daemon: Any, http: Any, task_id: str) -> None:
+    daemon, _ = await start_daemon()
+    async with http(daemon).get(f"/v1/tasks/{task_id}/stream") as response:
+        assert response.status == 404
+        assert response.content_type == "application/json"
+        assert task_id in assert_error(await response.json(), "task_not_found")
+    assert not stream_subscriptions(daemon)
+
+
+async def test_a_task_stream_resumed_from_before_the_horizon_starts_with_a_gap(st: Any, http: Any) -> None:
+    daemon, _, _ = await st({"events": {"retention": 0}})
+    record = await daemon.queue.enqueue("st.echo", {"value": 1})
+    await daemon.queue.wait(record.id, timeout=FRAME_TIMEOUT)
+    client = http(daemon)
+    async with client.get(f"/v1/tasks/{record.id}/stream") as response:
+        sse = Sse(response)
+        await sse.opened()
+        frames = await sse.until("end")
+    queued = frames[0]
+    assert queued.event == "task.queued"
+    await daemon.eventlog.flush()
+    await daemon.eventlog.sweep()  # retention 0: the task's events are gone
+    assert daemon.eventlog.horizon >= frames[-2].id
+
+    headers = {"Last-Event-ID": str(queued.id)}
+    async with client.get(f"/v1/tasks/{record.id}/stream", headers=headers) as response:
+        sse = Sse(response)
+        await sse.opened()
+        resumed = await sse.until("end")
+    assert [f.event for f in resumed] == ["gap", "end"]
+    assert resumed[0].data == {"requested_after": queued.id, "kept_after": daemon.eventlog.horizon}
+    assert resumed[1].data["task"]["status"] == "succeeded"
+
+
+async def test_a_published_bus_lagged_event_does_not_end_other_streams(start_daemon: Any, http: Any) -> None:
+    """`bus.lagged` is the name of the bus's overflow marker, but anyone may publish an event
+    with that topic: it must not pass for the marker and end the streams that match it."""
+    daemon, _ = await start_daemon()
+    client = http(daemon)
+    async with client.get("/v1/stream") as response:  # every topic
+        sse = Sse(response)
+        await sse.opened()
+        async with client.post("/v1/events", json={"topic": "bus.lagged", "data": {}}) as posted:
+            accepted = posted.status == 202  # refusing the reserved topic would do as well
+        after = daemon.bus.publish("after.it", {})
+        names: list[str | None] = []
+        while not names or names[-1] not in ("after.it", "lagged"):
+            frame = await sse.frame()
+            assert frame is not None, f"the stream ended after {names}"
+            if frame.event is not None:
+                names.append(frame.event)
+                last = frame
+    assert names == (["bus.lagged", "after.it"] if accepted else ["after.it"])
+    assert last.id == after.id

@@ -1,0 +1,375 @@
+"""`/v1/ws` against the real daemon with a real aiohttp WebSocket client: subscriptions
+(live and resumed), publish, submit, cancel, result, ping, errors that leave the socket
+usable, and the lagged policy for a client that stops reading."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agentd.web.server import STREAMS
+
+PLUGIN_SOURCE = Path(__file__).with_name("stream_plugin.py")
+TIMEOUT = 2.0
+
+
+class Ws:
+    """A WebSocket client speaking the daemon's JSON protocol; every wait is bounded."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self._next_id = 0
+        self.received: list[dict[str, Any]] = []  # every message read, in order
+
+    async def receive(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        msg = await self.ws.receive(timeout=timeout)
+        assert msg.type == aiohttp.WSMsgType.TEXT, f"expected a text message, got {msg}"
+        message = msg.json()
+        self.received.append(message)
+        return message
+
+    async def send(self, message: dict[str, Any]) -> int:
+        self._next_id += 1
+        await self.ws.send_json({"id": self._next_id, **message})
+        return self._next_id
+
+    async def reply(self, request_id: int | None) -> dict[str, Any]:
+        """Read until the reply to `request_id`; other messages are kept in `received`."""
+        while True:
+            message = await self.receive()
+            if "ok" in message and message.get("id") == request_id:
+                return message
+
+    async def request(self, **message: Any) -> dict[str, Any]:
+        return await self.reply(await self.send(message))
+
+    async def event(self, subscription: str | None = None) -> dict[str, Any]:
+        """The next `event` message (of `subscription`, when given)."""
+        while True:
+            message = await self.receive()
+            if message.get("type") == "event" and subscription in (None, message["subscription"]):
+                return message
+
+
+async def connect(daemon: Any, http: Any, **kwargs: Any) -> Ws:
+    return Ws(await http(daemon).ws_connect("/v1/ws", **kwargs))
+
+
+@pytest.fixture
+def st_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "st_plugins"
+    directory.mkdir()
+    shutil.copy(PLUGIN_SOURCE, directory / "st.py")
+    return directory
+
+
+@pytest.fixture
+async def st(start_daemon: Any, st_dir: Path) -> Any:
+    """`daemon, events, module = await st(overrides)` with the stream test plugin loaded."""
+
+    async def start(overrides: dict[str, dict[str, Any]] | None = None) -> tuple[Any, Any, Any]:
+        daemon, events = await start_daemon(plugin_dirs=[st_dir], overrides=overrides)
+        return daemon, events, sys.modules["agentd_plugins.st"]
+
+    return start
+
+
+async def test_subscribe_replies_with_an_id_then_sends_matching_events(st: Any, http: Any) -> None:
+    daemon, _, _ = await st()
+    ws = await connect(daemon, http)
+    reply = await ws.request(type="subscribe", patterns=["demo.*", "other.x"])
+    assert reply == {"id": 1, "ok": True, "subscription": "s1"}
+    second = await ws.request(type="subscribe", patterns="solo")
+    assert second == {"id": 2, "ok": True, "subscription": "s2"}
+
+    daemon.bus.publish("demo.deep.no", {})
+    daemon.bus.publish("unrelated", {})
+    wanted = [daemon.bus.publish("demo.a", {"n": 1}, correlation_id="c"),
+              daemon.bus.publish("other.x", {"n": 2})]
+    solo = daemon.bus.publish("solo", {"n": 3})
+    messages = [await ws.event() for _ in range(3)]
+    s1 = [m for m in messages if m["subscription"] == "s1"]
+    assert [m["event"] for m in s1] == [e.to_dict() for e in wanted]
+    assert [m for m in messages if m["subscription"] == "s2"] == [
+        {"type": "event", "subscription": "s2", "event": solo.to_dict()}]
+    await ws.ws.close()
+
+
+async def test_subscribe_with_since_replays_from_the_log_then_goes_live(st: Any, http: Any) -> None:
+    daemon, _, _ = await st()
+    mark = daemon.bus.publish("hist.mark", {})
+    missed = [daemon.bus.publish("hist.n", {"n": n}) for n in range(3)]
+    daemon.bus.publish("elsewhere", {})
+    await daemon.eventlog.flush()
+    ws = await connect(daemon, http)
+    reply = await ws.request(type="subscribe", patterns=["hist.n"], since=mark.id)
+    assert reply["ok"] is True
+    replayed = [await ws.event(reply["subscription"]) for _ in range(3)]
+    live = daemon.bus.publish("hist.n", {"n": 3})
+    assert (await ws.event())["event"]["id"] == live.id
+    assert [m["event"]["id"] for m in replayed] == [e.id for e in missed]
+    events = [m for m in ws.received if m.get("type") == "event"]
+    assert len(events) == 4  # nothing twice
+
+
+async def test_a_resumed_subscription_has_no_gap_and_no_duplicate_while_events_keep_coming(
+    st: Any, http: Any,
+) -> None:
+    """Events are published on the daemon's loop on every turn while the subscription is
+    made, replays and goes live: each arrives exactly once, in order."""
+    daemon, _, _ = await st()
+    bus = daemon.bus
+    start = bus.publish("seam.start", {})
+    published = [bus.publish("seam.n", {"n": n}) for n in range(5)]
+    ws = await connect(daemon, http)
+    baseline = bus.stats()["subscriptions"]
+
+    async def read_all() -> list[dict[str, Any]]:
+        events = [await ws.event()]
+        while events[-1]["event"]["data"]["n"] != "last":
+            events.append(await ws.event())
+        return events
+
+    await ws.send({"type": "subscribe", "patterns": ["seam.n"], "since": start.id})
+    reader = asyncio.ensure_future(read_all())
+    after_subscribe = 0
+    for n in range(5, 2000):
+        published.append(bus.publish("seam.n", {"n": n}))
+        await asyncio.sleep(0)
+        if bus.stats()["subscriptions"] > baseline:
+            after_subscribe += 1
+            if after_subscribe == 50:
+                break
+    assert after_subscribe == 50, "the subscription was never made"
+    published.append(bus.publish("seam.n", {"n": "last"}))
+    events = await asyncio.wait_for(reader, TIMEOUT)
+    assert [m["event"]["id"] for m in events] == [e.id for e in published]
+
+
+async def test_subscribe_from_before_the_horizon_says_there_is_a_gap(st: Any, http: Any) -> None:
+    daemon, _, _ = await st({"events": {"ring_size": 1}})
+    events = [daemon.bus.publish("hist.n", {"n": n}) for n in range(3)]
+    await daemon.eventlog.flush()
+    await daemon.eventlog.sweep()
+    ws = await connect(daemon, http)
+    reply = await ws.request(type="subscribe", patterns=["hist.n"], since=events[0].id)
+    gap = await ws.receive()
+    assert gap == {"type": "gap", "subscription": reply["subscription"],
+                   "requested_after": events[0].id, "kept_after": events[1].id}
+    assert (await ws.event())["event"]["id"] == events[2].id
+
+
+async def test_unsubscribe_stops_delivery(st: Any, http: Any) -> None:
+    daemon, _, _ = await st()
+    ws = await connect(daemon, http)
+    first = (await ws.request(type="subscribe", patterns=["demo.*"]))["subscription"]
+    sentinel = (await ws.request(type="subscribe", patterns=["sentinel"]))["subscription"]
+    daemon.bus.publish("demo.before", {})
+    assert (await ws.event(first))["event"]["topic"] == "demo.before"
+
+    assert await ws.request(type="unsubscribe", subscription=first) == {"id": 3, "ok": True}
+    daemon.bus.publish("demo.after", {})
+    daemon.bus.publish("sentinel", {})
+    assert (await ws.event())["subscription"] == sentinel
+    topics = [m["event"]["topic"] for m in ws.received if m.get("type") == "event"]
+    assert topics == ["demo.before", "sentinel"]
+    assert len([s for s in daemon.server._runner.app[STREAMS] if s.name.startswith("ws:")]) == 1
+
+    again = await ws.request(type="unsubscribe", subscription=first)
+    assert again["ok"] is False
+    assert again["error"]["code"] == "bad_request"
+    assert first in again["error"]["message"]
+
+
+async def test_publish_reaches_the_bus_and_other_clients(st: Any, http: Any) -> None:
+    daemon, events, _ = await st()
+    listener = await connect(daemon, http)
+    await listener.request(type="subscribe", patterns=["ws.*"])
+    ws = await connect(daemon, http)
+    reply = await ws.request(type="publish", topic="ws.said", data={"text": "hi"})
+    assert reply["ok"] is True and set(reply) == {"id", "ok", "event_id"}
+    captured = await events.wait_for("ws.said")
+    assert (captured.id, dict(captured.data)) == (reply["event_id"], {"text": "hi"})
+    heard = await listener.event()
+    assert heard["event"]["id"] == reply["event_id"]
+    assert heard["event"]["data"] == {"text": "hi"}
+
+    bad_topic = await ws.request(type="publish", topic="ws..said", data={})
+    assert (bad_topic["ok"], bad_topic["error"]["code"]) == (False, "bad_pattern")
+    bad_data = await ws.request(type="publish", topic="ws.said", data=[1])
+    assert (bad_data["ok"], bad_data["error"]["code"]) == (False, "bad_request")
+    assert [e.topic for e in events.events].count("ws.said") == 1
+
+
+async def test_a_durable_trigger_is_committed_before_a_ws_publish_is_answered(st: Any, http: Any) -> None:
+    daemon, events, module = await st()
+    ws = await connect(daemon, http)
+    reply = await ws.request(type="publish", topic="order.placed", data={"sku": "a1"})
+    rows = await daemon.store.read("SELECT id, args FROM tasks WHERE name = 'st.on_order'")
+    assert len(rows) == 1
+    done = await events.wait_for("task.succeeded", name="st.on_order")
+    assert done.data["task_id"] == rows[0]["id"]
+    assert module.TRIGGERED[0]["event_id"] == reply["event_id"]
+
+
+async def test_submit_then_result(st: Any, http: Any) -> None:
+    daemon, _, _ = await st()
+    ws = await connect(daemon, http)
+    reply = await ws.request(type="submit", name="st.echo", args={"value": {"x": 5}},
+                             idempotency_key="ws-1")
+    assert reply["ok"] is True and reply["created"] is True
+    task = reply["task"]
+    assert (task["name"], task["args"], task["idempotency_key"]) == ("st.echo", {"value": {"x": 5}}, "ws-1")
+    result = await ws.request(type="result", task_id=task["id"], timeout=TIMEOUT)
+    assert result["ok"] is True
+    assert (result["task"]["status"], result["task"]["result"]) == ("succeeded", {"x": 5})
+    assert (await daemon.queue.get(task["id"])).status == "succeeded"
+
+    again = await ws.request(type="submit", name="st.echo", args={"value": 6}, idempotency_key="ws-1")
+    assert (again["created"], again["task"]["id"]) == (False, task["id"])
+
+
+async def test_a_long_result_wait_does_not_hold_up_other_requests(st: Any, http: Any) -> None:
+    daemon, _, module = await st()
+    ws = await connect(daemon, http)
+    task = (await ws.request(type="submit", name="st.wait_gate", args={"name": "ws", "result": 7}))["task"]
+    waiting = await ws.send({"type": "result", "task_id": task["id"], "timeout": TIMEOUT})
+    assert (await ws.request(type="ping"))["type"] == "pong"
+    module.gate("ws").set()
+    result = await ws.reply(waiting)
+    assert (result["task"]["status"], result["task"]["result"]) == ("succeeded", 7)
+
+
+async def test_a_result_that_does_not_come_in_time_is_a_timeout_error(st: Any, http: Any) -> None:
+    daemon, _, module = await st()
+    ws = await connect(daemon, http)
+    task = (await ws.request(type="submit", name="st.wait_gate", args={"name": "late"}))["task"]
+    reply = await ws.request(type="result", task_id=task["id"], timeout=0.05)
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == "timeout"
+    module.gate("late").set()
+    assert (await ws.request(type="result", task_id=task["id"], timeout=TIMEOUT))["ok"] is True
+
+
+async def test_cancel(st: Any, http: Any) -> None:
+    daemon, events, _ = await st()
+    ws = await connect(daemon, http)
+    task = (await ws.request(type="submit", name="st.echo", args={"value": 1}, delay=60))["task"]
+    assert task["status"] == "queued"
+    reply = await ws.request(type="cancel", task_id=task["id"])
+    assert reply["ok"] is True
+    assert (reply["task"]["id"], reply["task"]["status"]) == (task["id"], "cancelled")
+    await events.wait_for("task.cancelled", task_id=task["id"])
+    result = await ws.request(type="result", task_id=task["id"], timeout=TIMEOUT)
+    assert result["task"]["status"] == "cancelled"
+    conflict = await ws.request(type="cancel", task_id=task["id"] + 1000)
+    assert (conflict["ok"], conflict["error"]["code"]) == (False, "task_not_found")
+
+
+@pytest.mark.parametrize(("message", "code", "mentions"), [
+    ({"type": "nope"}, "bad_request", "nope"),
+    ({}, "bad_request", "unknown type"),
+    ({"type": "cancel", "task_id": "7"}, "bad_request", "task_id"),
+    ({"type": "cancel", "task_id": True}, "bad_request", "task_id"),
+    ({"type": "result"}, "bad_request", "task_id"),
+    ({"type": "result", "task_id": 1, "timeout": 10_000}, "bad_request", "timeout"),
+    ({"type": "subscribe", "patterns": ["a..b"]}, "bad_pattern", "a..b"),
+    ({"type": "subscribe", "patterns": 5}, "bad_pattern", "5"),
+    ({"type": "subscribe", "since": "12"}, "bad_request", "since"),
+    # An id beyond SQLite's INTEGER range is no event id: refused, not a dead subscription.
+    ({"type": "subscribe", "since": 2**63}, "bad_request", "since"),
+    ({"type": "submit", "name": "st.missing"}, "unknown_task", "st.missing"),
+    ({"type": "submit", "name": "st.echo", "args": {"nope": 1}}, "invalid_task", "nope"),
+    ({"type": "submit", "name": "st.echo", "bogus": 1}, "bad_request", "bogus"),
+])
+async def test_a_bad_request_is_answered_with_an_error_and_the_socket_stays_usable(
+    st: Any, http: Any, message: dict[str, Any], code: str, mentions: str,
+) -> None:
+    daemon, _, _ = await st()
+    ws = await connect(daemon, http)
+    reply = await ws.request(**message)
+    assert reply["ok"] is False, reply
+    assert set(reply) == {"id", "ok", "error"}
+    assert reply["error"]["code"] == code
+    assert mentions in reply["error"]["message"]
+    assert await ws.request(type="ping") == {"id": 2, "ok": True, "type": "pong"}
+
+
+async def test_bad_json_and_non_objects_are_answered_and_the_socket_stays_usable(
+    st: Any, http: Any,
+) -> None:
+    daemon, _, _ = await st()
+    ws = await connect(daemon, http)
+    await ws.ws.send_str("{not json")
+    assert await ws.receive() == {"id": None, "ok": False,
+                                  "error": {"code": "invalid_json", "message": "not valid JSON"}}
+    await ws.ws.send_str("[1, 2]")
+    reply = await ws.receive()
+    assert (reply["id"], reply["ok"], reply["error"]["code"]) == (None, False, "bad_request")
+    await ws.ws.send_bytes(b'{"id": 1, "type": "ping"}')  # binary frames are ignored
+    assert await ws.request(type="ping") == {"id": 1, "ok": True, "type": "pong"}
+    assert len(ws.received) == 3
+
+
+async def test_a_client_that_stops_reading_gets_lagged_then_close_4000(st: Any, http: Any) -> None:
+    daemon, _, _ = await st({"streams": {"client_buffer": 8}})
+    ws = await connect(daemon, http)
+    name = (await ws.request(type="subscribe", patterns=["flood.*"]))["subscription"]
+    first = daemon.bus.publish("flood.x", {"n": -1})
+    assert (await ws.event())["event"]["id"] == first.id
+    (sub,) = [s for s in daemon.server._runner.app[STREAMS] if s.name == f"ws:{name}"]
+    # Published on the daemon's loop without yielding: the pump cannot send any of them.
+    for n in range(100):
+        daemon.bus.publish("flood.x", {"n": n})
+    assert len(sub) == 8
+    assert daemon.bus.stats()["dropped"] == 92
+    lagged = await ws.receive()
+    assert lagged == {"type": "lagged", "subscription": name, "resume_after": first.id}
+    closing = await ws.ws.receive(timeout=TIMEOUT)
+    assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert ws.ws.close_code == 4000
+    assert ws.ws.closed
+    assert not [s for s in daemon.server._runner.app[STREAMS] if s.name.startswith("ws:")]
+
+
+async def test_a_published_bus_lagged_event_does_not_close_other_sockets(st: Any, http: Any) -> None:
+    """`bus.lagged` is the name of the bus's overflow marker, but a client may publish an event
+    with that topic: it must not pass for the marker and close the sockets that match it."""
+    daemon, _, _ = await st()
+    listener = await connect(daemon, http)
+    name = (await listener.request(type="subscribe", patterns=["**"]))["subscription"]
+    ws = await connect(daemon, http)
+    reply = await ws.request(type="publish", topic="bus.lagged", data={})
+    after = daemon.bus.publish("after.it", {})
+    message = await listener.receive()
+    if reply["ok"]:  # refusing the reserved topic would do as well
+        assert (message["type"], message["subscription"]) == ("event", name), message
+        assert (message["event"]["topic"], message["event"]["id"]) == ("bus.lagged", reply["event_id"])
+        message = await listener.receive()
+    assert (message["type"], message["subscription"]) == ("event", name), message
+    assert message["event"]["id"] == after.id
+    assert not listener.ws.closed
+
+
+async def test_tokens_are_folded_for_a_slow_ws_client(st: Any, http: Any) -> None:
+    daemon, _, _ = await st({"streams": {"client_buffer": 8}})
+    ws = await connect(daemon, http)
+    await ws.request(type="subscribe", patterns=["llm.token", "done"])
+    texts = [str(n % 10) for n in range(50)]
+    for text in texts:
+        daemon.bus.publish("llm.token", {"task_id": 9, "text": text})
+    daemon.bus.publish("done", {})
+    messages = [await ws.event()]
+    while messages[-1]["event"]["topic"] != "done":
+        messages.append(await ws.event())
+    tokens = [m["event"]["data"] for m in messages[:-1]]
+    assert len(tokens) < 8
+    assert "".join(t["text"] for t in tokens) == "".join(texts)
+    assert sum(t.get("merged", 1) for t in tokens) == 50
+    assert daemon.bus.stats()["dropped"] == 0
