@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sys
 import textwrap
@@ -248,3 +249,30 @@ def run_cli(agentd_process: Callable[..., Any]) -> Callable[..., Any]:
         return code, "\n".join(child.lines), child.stderr
 
     return run
+
+
+# --------------------------------------------------------------------------- the stream plugin
+
+
+@pytest.fixture
+def st_dir(tmp_path: Path) -> Path:
+    """A plugin directory holding tests/stream_plugin.py as the plugin `st`."""
+    directory = tmp_path / "st_plugins"
+    directory.mkdir()
+    shutil.copy(REPO / "tests" / "stream_plugin.py", directory / "st.py")
+    return directory
+
+
+@pytest.fixture
+async def st(start_daemon: Any, st_dir: Path) -> Any:
+    """`daemon, events, module = await st(overrides)` with the stream test plugin loaded
+    (and fast task retries)."""
+
+    async def start(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Any, Any, Any]:
+        tables: dict[str, dict[str, Any]] = {"tasks": {"retry_base": 0.01, "retry_max": 0.02}}
+        for section, table in (overrides or {}).items():
+            tables.setdefault(section, {}).update(table)
+        daemon, events = await start_daemon(plugin_dirs=[st_dir], overrides=tables)
+        return daemon, events, sys.modules["agentd_plugins.st"]
+
+    return start

@@ -8,8 +8,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -48,28 +46,6 @@ async def post(client: aiohttp.ClientSession, path: str, **kwargs: Any) -> tuple
 
 async def first_line(response: aiohttp.ClientResponse) -> bytes:
     return await asyncio.wait_for(response.content.readline(), TIMEOUT)
-
-
-@pytest.fixture
-def st_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "st_plugins"
-    directory.mkdir()
-    shutil.copy(PLUGIN_SOURCE, directory / "st.py")
-    return directory
-
-
-@pytest.fixture
-async def st(start_daemon: Any, st_dir: Path) -> Any:
-    """`daemon, events, module = await st(overrides)` with the stream test plugin loaded."""
-
-    async def start(overrides: dict[str, dict[str, Any]] | None = None) -> tuple[Any, Any, Any]:
-        tables: dict[str, dict[str, Any]] = {"tasks": {"retry_base": 0.01, "retry_max": 0.02}}
-        for section, table in (overrides or {}).items():
-            tables.setdefault(section, {}).update(table)
-        daemon, events = await start_daemon(plugin_dirs=[st_dir], overrides=tables)
-        return daemon, events, sys.modules["agentd_plugins.st"]
-
-    return start
 
 
 async def trigger_rows(daemon: Any, name: str) -> list[Any]:

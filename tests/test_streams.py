@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,28 +124,6 @@ def assert_error(body: Any, code: str) -> str:
     assert body["error"]["code"] == code
     assert body["error"]["message"]
     return str(body["error"]["message"])
-
-
-@pytest.fixture
-def st_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "st_plugins"
-    directory.mkdir()
-    shutil.copy(PLUGIN_SOURCE, directory / "st.py")
-    return directory
-
-
-@pytest.fixture
-async def st(start_daemon: Any, st_dir: Path) -> Any:
-    """`daemon, events, module = await st(overrides)` with the stream test plugin loaded."""
-
-    async def start(overrides: dict[str, dict[str, Any]] | None = None) -> tuple[Any, Any, Any]:
-        tables: dict[str, dict[str, Any]] = {"tasks": {"retry_base": 0.01, "retry_max": 0.02}}
-        for section, table in (overrides or {}).items():
-            tables.setdefault(section, {}).update(table)
-        daemon, events = await start_daemon(plugin_dirs=[st_dir], overrides=tables)
-        return daemon, events, sys.modules["agentd_plugins.st"]
-
-    return start
 
 
 # --------------------------------------------------------------------------- the event log

@@ -5,8 +5,6 @@ usable, and the lagged policy for a client that stops reading."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,25 +57,6 @@ class Ws:
 
 async def connect(daemon: Any, http: Any, **kwargs: Any) -> Ws:
     return Ws(await http(daemon).ws_connect("/v1/ws", **kwargs))
-
-
-@pytest.fixture
-def st_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "st_plugins"
-    directory.mkdir()
-    shutil.copy(PLUGIN_SOURCE, directory / "st.py")
-    return directory
-
-
-@pytest.fixture
-async def st(start_daemon: Any, st_dir: Path) -> Any:
-    """`daemon, events, module = await st(overrides)` with the stream test plugin loaded."""
-
-    async def start(overrides: dict[str, dict[str, Any]] | None = None) -> tuple[Any, Any, Any]:
-        daemon, events = await start_daemon(plugin_dirs=[st_dir], overrides=overrides)
-        return daemon, events, sys.modules["agentd_plugins.st"]
-
-    return start
 
 
 async def test_subscribe_replies_with_an_id_then_sends_matching_events(st: Any, http: Any) -> None:
