@@ -15,7 +15,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-PLUGIN_SOURCE = Path(__file__).with_name("stream_plugin.py")
 TIMEOUT = 2.0
 TOKEN = "t0ken-for-tests"
 SECRET = "s3cret"

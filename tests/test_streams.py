@@ -18,7 +18,6 @@ from agentd.errors import ConfigError
 from agentd.testing import make_config
 from agentd.web.server import STREAMS
 
-PLUGIN_SOURCE = Path(__file__).with_name("stream_plugin.py")
 FRAME_TIMEOUT = 2.0
 
 

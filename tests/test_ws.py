@@ -5,7 +5,6 @@ usable, and the lagged policy for a client that stops reading."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,7 +12,6 @@ import pytest
 
 from agentd.web.server import STREAMS
 
-PLUGIN_SOURCE = Path(__file__).with_name("stream_plugin.py")
 TIMEOUT = 2.0
 
 
