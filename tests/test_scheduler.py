@@ -38,13 +38,14 @@ BASE = 1_800_864_000.0
 # schedules of those fire at once; the plugin's 30m / 1h / 2h schedules are due later.
 START = BASE + 600
 MINUTE = 60.0
-BUILTINS = ("agentd.maintain_store", "agentd.purge_tasks", "agentd.sweep_events")
+BUILTINS = ("agentd.maintain_store", "agentd.purge_memory", "agentd.purge_tasks", "agentd.sweep_events")
 # The built-in schedules far away (multiples of 1e8 s: never near START), so they stay quiet.
 QUIET: dict[str, dict[str, Any]] = {
     "tasks": {"queues": {"default": 4}, "retry_base": 0.01, "retry_max": 0.02,
               "purge_interval": 1e8},
     "events": {"sweep_interval": 1e8},
     "store": {"maintenance_interval": 1e8},
+    "memory": {"purge_interval": 1e8},
 }
 WAIT = 5.0
 
@@ -206,6 +207,9 @@ async def test_config_schedules_come_from_agentd_toml(sched: Start, tmp_path: Pa
 
         [store]
         maintenance_interval = 100000000.0
+
+        [memory]
+        purge_interval = 100000000.0
 
         [[schedules]]
         id = "morning"
@@ -752,13 +756,15 @@ async def test_each_schedule_keeps_a_record_and_streams_its_fires_and_misses(sch
 async def test_builtin_maintenance_schedules_run_on_demand_and_cannot_be_deleted(sched: Start) -> None:
     r = await sched(overrides={"tasks": {"purge_interval": 7200.0, "result_ttl": 0.0},
                                "events": {"sweep_interval": 5400.0},
-                               "store": {"maintenance_interval": 86400.0}})
+                               "store": {"maintenance_interval": 86400.0},
+                               "memory": {"purge_interval": 3600.0}})
     schedules = {s["id"]: s for s in (await call(r, "GET", "/v1/schedules"))["schedules"]}
     every = {name: (schedules[name]["source"], schedules[name]["every"], schedules[name]["task"])
              for name in BUILTINS}
     assert every == {"agentd.purge_tasks": ("builtin", 7200.0, "agentd.purge_tasks"),
                      "agentd.sweep_events": ("builtin", 5400.0, "agentd.sweep_events"),
-                     "agentd.maintain_store": ("builtin", 86400.0, "agentd.maintain_store")}
+                     "agentd.maintain_store": ("builtin", 86400.0, "agentd.maintain_store"),
+                     "agentd.purge_memory": ("builtin", 3600.0, "agentd.purge_memory")}
     assert {schedules[name]["next_fire"] for name in BUILTINS} == {START + 6600, START + 3000, START + 57000}
 
     old = await r.daemon.queue.enqueue("sched.work", {"label": "old"})
@@ -772,6 +778,7 @@ async def test_builtin_maintenance_schedules_run_on_demand_and_cannot_be_deleted
     assert results["agentd.maintain_store"]["checkpoint_busy"] == 0
     assert isinstance(results["agentd.sweep_events"]["deleted"], int)
     assert results["agentd.purge_tasks"]["deleted"] >= 1
+    assert results["agentd.purge_memory"] == {"memories": 0, "sessions": 0}
     with pytest.raises(TaskNotFoundError):
         await r.daemon.queue.get(old.id)
 
@@ -780,7 +787,7 @@ async def test_builtin_maintenance_schedules_run_on_demand_and_cannot_be_deleted
         assert "builtin" in refused["error"]["message"]
     status = await call(r, "GET", "/v1/status")
     store = status["store"]
-    assert store["bytes"] > 0 and store["schedules_rows"] == 6
+    assert store["bytes"] > 0 and store["schedules_rows"] == 7
     assert isinstance(store["tasks_rows"], int) and isinstance(store["events_rows"], int)
 
 

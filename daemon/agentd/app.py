@@ -16,11 +16,13 @@ from agentd import __version__, maintenance
 from agentd.bus import Bus
 from agentd.config import Config, check_serving_rules
 from agentd.db import Store
+from agentd.embed import build_embedder
 from agentd.errors import ConfigError, InvalidScheduleError
 from agentd.eventlog import EventLog
 from agentd.events import Event
 from agentd.health import LagMonitor
 from agentd.log import get_logger
+from agentd.memory import MemoryStore
 from agentd.plugins import PluginManager
 from agentd.schedule import ScheduleSpec
 from agentd.scheduler import Clock, Scheduler
@@ -28,7 +30,7 @@ from agentd.spawn import Spawner
 from agentd.systemd import Notifier
 from agentd.taskdef import TaskRegistry
 from agentd.taskqueue import TaskQueue
-from agentd.web import events_api, schedules_api, streams, system, tasks_api, ws
+from agentd.web import events_api, memory_api, schedules_api, streams, system, tasks_api, ws
 from agentd.web.server import HttpServer, build_app
 from agentd.worker import WorkerPool
 
@@ -59,8 +61,10 @@ class Daemon:
         self.plugins = PluginManager(config, self.bus, self.spawner, self.queue)
         self.eventlog = EventLog(self.store, self.bus, config.events)
         self.scheduler = Scheduler(self.store, self.queue, self.bus, self.registry, clock)
+        self.memory: MemoryStore | None = None  # opened once plugins (and their embedders) are in
         self._maintenance = maintenance.register(
-            self.registry, config, self.store, self.queue, self.eventlog)
+            self.registry, config, store=self.store, queue=self.queue, eventlog=self.eventlog,
+            memory=lambda: self.memory)
         self.lag = LagMonitor()
         self.server: HttpServer | None = None
         self.stopping = False
@@ -100,6 +104,12 @@ class Daemon:
             await self.plugins.start_all(self.config.daemon.stop_timeout)
             rollback.push_async_callback(self.plugins.stop_all, self.config.daemon.stop_timeout)
             self.plugins_started = True
+            embedder = build_embedder(self.config, self.plugins.embedders())
+            memory = MemoryStore(self.config.memory, self.config.store, self.config.memory_path,
+                                 embedder)
+            await memory.open()
+            rollback.push_async_callback(memory.close)
+            self.memory = self.workers.memory = self.plugins.memory = memory
             await self.workers.start()
             rollback.push_async_callback(self.workers.stop, self.config.daemon.stop_timeout)
             await self._start_scheduler()
@@ -107,7 +117,7 @@ class Daemon:
             self._start_service(self.scheduler.run(), "scheduler")
             server = HttpServer(
                 build_app(self, system.routes, tasks_api.routes, events_api.routes, streams.routes,
-                          ws.routes, schedules_api.routes),
+                          ws.routes, schedules_api.routes, memory_api.routes),
                 self.config.server.host, self.config.server.port,
             )
             await server.start()
@@ -176,6 +186,8 @@ class Daemon:
             await self._stage("close server", self.server.close(), deadline)
         await self._stage("flush event log", self.eventlog.stop(), deadline)
         self.bus.close()
+        if self.memory is not None:
+            await self._stage("close memory", self.memory.close(), deadline)
         await self._stage("close store", self.store.close(), deadline)
         self._log.info("daemon.stopped")
 

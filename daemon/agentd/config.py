@@ -102,6 +102,23 @@ class StreamsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MemoryConfig:
+    """[memory]: short-term sessions and long-term semantic memory (in a second file)."""
+
+    path: str = "memory.db"
+    session_ttl: float = 86400.0
+    purge_interval: float = 3600.0
+    embedder: str = "minilm"
+    http_url: str = ""
+    http_model: str = ""
+    http_dimension: int = 0
+    http_key_file: str = ""
+    http_key_env: str = ""
+    dedupe_threshold: float = 0.95
+    filter_fields: tuple[str, ...] = ("kind", "source", "agent")
+
+
+@dataclass(frozen=True, slots=True)
 class HooksConfig:
     """[hooks.<name>]: inbound webhooks, each with its HMAC secret (or secret_file)."""
 
@@ -138,6 +155,7 @@ class Config:
     events: EventsConfig = field(default_factory=EventsConfig)
     streams: StreamsConfig = field(default_factory=StreamsConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     schedules: tuple[Mapping[str, Any], ...] = ()
@@ -156,6 +174,11 @@ class Config:
     @property
     def database_path(self) -> Path:
         candidate = Path(self.store.path).expanduser()
+        return candidate if candidate.is_absolute() else self.data_dir / candidate
+
+    @property
+    def memory_path(self) -> Path:
+        candidate = Path(self.memory.path).expanduser()
         return candidate if candidate.is_absolute() else self.data_dir / candidate
 
     @property
@@ -256,6 +279,14 @@ def load_config(
     return config
 
 
+def _check_memory(config: Config) -> None:
+    for name in config.memory.filter_fields:
+        if not name.isidentifier() or not name.isascii():
+            raise ConfigError(f"{config.source}: [memory] filter_fields: {name!r} is not a plain name")
+    if not 0 < config.memory.dedupe_threshold <= 1:
+        raise ConfigError(f"{config.source}: [memory] dedupe_threshold: expected 0 < x <= 1")
+
+
 def _check_rules(config: Config) -> None:
     from agentd.events import TopicPattern
     from agentd.schedule import ScheduleSpec
@@ -282,6 +313,7 @@ def _check_rules(config: Config) -> None:
         except ValueError as exc:
             label = f" ({table['id']})" if isinstance(table.get("id"), str) else ""
             raise ConfigError(f"{config.source}: [[schedules]] #{number}{label}: {exc}") from None
+    _check_memory(config)
     if config.streams.client_buffer < 2:
         raise ConfigError(f"{config.source}: [streams] client_buffer: expected at least 2")
 

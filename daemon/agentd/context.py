@@ -20,6 +20,7 @@ from agentd.taskdef import encode_json
 from agentd.taskqueue import TaskQueue, TaskRecord
 
 if TYPE_CHECKING:
+    from agentd.memory import MemoryStore
     from agentd.worker import Slots
 
 _INFINITE = float("inf")
@@ -42,10 +43,11 @@ class Context:
     """The running task's handle on the daemon. Created by the worker for each attempt."""
 
     def __init__(self, record: TaskRecord, queue: TaskQueue, slots: Slots,
-                 config: Mapping[str, Any]) -> None:
+                 config: Mapping[str, Any], memory: MemoryStore | None = None) -> None:
         self.task = TaskInfo(record.id, record.name, record.attempts, record.max_attempts,
                              record.queue, record.parent_id, record.correlation_id)
         self.config = config
+        self._memory = memory
         self._log: structlog.stdlib.BoundLogger | None = None
         self._record = record
         self._queue = queue
@@ -64,6 +66,14 @@ class Context:
             self._log = get_logger(
                 "task", task_id=self.task.id, task=self.task.name, attempt=self.task.attempt)
         return self._log
+
+    @property
+    def memory(self) -> MemoryStore:
+        """Short-term sessions (`ctx.memory.session(id)`) and long-term memory
+        (`remember`, `recall`, `get`, `update`, `forget`)."""
+        if self._memory is None:
+            raise RuntimeError("memory is not available to this task")
+        return self._memory
 
     def emit(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
         """Publish `task.progress` with this kind and data. Safe from a sync task's thread."""

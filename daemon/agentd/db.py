@@ -96,9 +96,9 @@ def connect(path: Path, config: StoreConfig) -> Connection:
     return conn
 
 
-def _migrations() -> list[tuple[int, str, str]]:
+def _migrations(folder: str = "sql") -> list[tuple[int, str, str]]:
     found = []
-    for entry in resources.files("agentd").joinpath("sql").iterdir():
+    for entry in resources.files("agentd").joinpath(folder).iterdir():
         name = entry.name
         if name.endswith(".sql") and name[:4].isdigit():
             found.append((int(name[:4]), name, entry.read_text()))
@@ -109,7 +109,7 @@ MIGRATIONS = _migrations()
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 0
 
 
-def migrate(conn: Connection, path: Path) -> int:
+def migrate(conn: Connection, path: Path, migrations: list[tuple[int, str, str]] | None = None) -> int:
     """Apply the numbered `sql/NNNN_*.sql` files not yet recorded; return the schema version.
 
     Raises:
@@ -122,13 +122,15 @@ def migrate(conn: Connection, path: Path) -> int:
         "CREATE TABLE IF NOT EXISTS schema_version ("
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
     )
+    migrations = MIGRATIONS if migrations is None else migrations
+    latest = migrations[-1][0] if migrations else 0
     current: int = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
-    if current > SCHEMA_VERSION:
+    if current > latest:
         raise StoreError(
             f"{path}: database schema version {current} is newer than this agentd knows "
-            f"({SCHEMA_VERSION}); run a newer agentd or restore a backup"
+            f"({latest}); run a newer agentd or restore a backup"
         )
-    for version, name, script in MIGRATIONS:
+    for version, name, script in migrations:
         if version <= current:
             continue
         try:
@@ -140,7 +142,7 @@ def migrate(conn: Connection, path: Path) -> int:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise StoreError(f"{path}: migration {name} failed: {exc}") from exc
-    return max(current, SCHEMA_VERSION)
+    return max(current, latest)
 
 
 class _FileLock:
@@ -174,9 +176,13 @@ class _FileLock:
 class Store:
     """The daemon's database: one owner process, one writer connection, one reader connection."""
 
-    def __init__(self, path: Path, config: StoreConfig) -> None:
+    def __init__(self, path: Path, config: StoreConfig, migrations: str = "sql",
+                 writes_in_thread: bool = False) -> None:
         self.path = path
         self.config = config
+        self._migrations = MIGRATIONS if migrations == "sql" else _migrations(migrations)
+        # Slow writes (sqlite-vec inserts) go to the writer thread whatever the durability.
+        self._writes_in_thread = writes_in_thread
         self.schema_version = 0
         self._log = get_logger("store")
         self._lock = _FileLock(path)
@@ -198,7 +204,7 @@ class Store:
         try:
             self._conn = connect(self.path, self.config)
             self._conn.execute("PRAGMA wal_autocheckpoint = 0")
-            self.schema_version = migrate(self._conn, self.path)
+            self.schema_version = migrate(self._conn, self.path, self._migrations)
             self._reader = aiosqlite.Connection(
                 lambda: connect(self.path, self.config), iter_chunk_size=256
             )
@@ -206,7 +212,7 @@ class Store:
         except BaseException:
             await self.close()
             raise
-        if self.config.synchronous == "full":
+        if self.config.synchronous == "full" or self._writes_in_thread:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="agentd-writer")
         self._log.info("store.opened", path=str(self.path), schema=self.schema_version,
                        driver=driver.__name__, synchronous=self.config.synchronous)

@@ -82,3 +82,15 @@ class InvalidScheduleError(AgentdError, ValueError):
 
 class ScheduleNotFoundError(AgentdError, LookupError):
     """No schedule has that id."""
+
+
+class EmbedderError(AgentdError):
+    """An embedder could not produce vectors (model missing, endpoint failing)."""
+
+
+class MemoryNotFoundError(AgentdError, LookupError):
+    """No memory has that id."""
+
+
+class EmbedderMismatchError(AgentdError):
+    """The database's vectors were made by another embedder (id or dimension differ)."""

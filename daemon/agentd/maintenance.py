@@ -1,13 +1,16 @@
 """The daemon's own periodic work, run as ordinary tasks on ordinary schedules (so it shows
 in the API, retries, and is never missed silently): purge expired tasks, sweep the event
-log, checkpoint and vacuum the database."""
+log, checkpoint and vacuum the database, purge expired sessions and memories."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from agentd.config import Config
 from agentd.context import Context
 from agentd.db import Store
 from agentd.eventlog import EventLog
+from agentd.memory import MemoryStore
 from agentd.schedule import ScheduleSpec
 from agentd.taskdef import TaskDef, TaskRegistry
 from agentd.taskqueue import TaskQueue
@@ -15,8 +18,8 @@ from agentd.taskqueue import TaskQueue
 SOURCE = "builtin"
 
 
-def register(registry: TaskRegistry, config: Config, store: Store, queue: TaskQueue,
-             eventlog: EventLog) -> list[ScheduleSpec]:
+def register(registry: TaskRegistry, config: Config, *, store: Store, queue: TaskQueue,
+             eventlog: EventLog, memory: Callable[[], MemoryStore | None]) -> list[ScheduleSpec]:
     """Register the maintenance tasks; return their schedules (intervals from agentd.toml)."""
 
     async def purge_tasks(ctx: Context) -> dict[str, int]:
@@ -28,10 +31,15 @@ def register(registry: TaskRegistry, config: Config, store: Store, queue: TaskQu
     async def maintain_store(ctx: Context) -> dict[str, int]:
         return await store.maintain()
 
+    async def purge_memory(ctx: Context) -> dict[str, int]:
+        current = memory()
+        return await current.purge_expired() if current is not None else {}
+
     jobs = (
         ("agentd.purge_tasks", purge_tasks, config.tasks.purge_interval),
         ("agentd.sweep_events", sweep_events, config.events.sweep_interval),
         ("agentd.maintain_store", maintain_store, config.store.maintenance_interval),
+        ("agentd.purge_memory", purge_memory, config.memory.purge_interval),
     )
     specs = []
     for name, fn, interval in jobs:

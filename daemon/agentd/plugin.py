@@ -64,6 +64,7 @@ class Plugin:
         self.handlers: list[HandlerSpec] = []
         self.tasks: list[TaskDef] = []
         self.schedules: list[ScheduleSpec] = []
+        self.embedders: dict[str, Callable[[Any], Any]] = {}
         self.startup_hooks: list[Hook] = []
         self.shutdown_hooks: list[Hook] = []
         self._config: Mapping[str, Any] = MappingProxyType({})
@@ -114,6 +115,7 @@ class Plugin:
         priority: int = 0,
         concurrency: int | None = None,
         rate: str | None = None,
+        remember: bool | str = False,
     ) -> Callable[[F], F]:
         """Declare a durable task `fn(ctx, **args)`: async, or sync (run in a thread).
 
@@ -125,6 +127,8 @@ class Plugin:
             priority: higher runs first within its queue.
             concurrency: at most this many of it run at once.
             rate: a token bucket, e.g. "10/s", "100/m", "5/10s".
+            remember: keep each result in long-term memory (True: in the plugin's
+                namespace; a string: in that namespace), with the task's name and id.
         """
 
         def register(fn: F) -> F:
@@ -132,7 +136,7 @@ class Plugin:
                 name=name or f"{self.name}.{fn.__name__}", fn=fn, queue=queue,
                 max_attempts=max_attempts, timeout=timeout, priority=priority,
                 concurrency=concurrency, rate=TokenBucket.parse(rate) if rate else None,
-                plugin=self.name,
+                plugin=self.name, remember=remember,
             ))
             return fn
 
@@ -167,6 +171,16 @@ class Plugin:
             return fn
 
         return decorate
+
+    def embedder(self, name: str) -> Callable[[F], F]:
+        """Register `fn(config) -> Embedder` under `name`, for `[memory] embedder = "<name>"`.
+        An embedder has `id`, `dimension` and `async embed(texts) -> list[list[float]]`."""
+
+        def register(fn: F) -> F:
+            self.embedders[name] = fn
+            return fn
+
+        return register
 
     def startup(self, fn: F) -> F:
         """Run `fn(ctx)` when the plugin starts; if it raises, the plugin is failed and unloaded."""

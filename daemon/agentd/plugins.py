@@ -32,6 +32,7 @@ from agentd.config import Config
 from agentd.errors import PluginError
 from agentd.events import Event, TopicPattern
 from agentd.log import get_logger
+from agentd.memory import MemoryStore
 from agentd.plugin import HandlerSpec, Hook, Plugin
 from agentd.spawn import Spawner
 from agentd.taskdef import TaskDef
@@ -52,6 +53,14 @@ class PluginContext:
     spawner: Spawner
     queue: TaskQueue
     log: structlog.stdlib.BoundLogger
+    manager: PluginManager
+
+    @property
+    def memory(self) -> MemoryStore:
+        """The daemon's memory (available once plugins have started)."""
+        if self.manager.memory is None:
+            raise RuntimeError("memory is not open yet (it opens after plugin startup hooks)")
+        return self.manager.memory
 
     @property
     def config(self) -> Mapping[str, Any]:
@@ -94,6 +103,7 @@ class PluginManager:
         self._queue = queue
         self._log = get_logger("plugins")
         self.plugins: dict[str, LoadedPlugin] = {}
+        self.memory: MemoryStore | None = None
         self._triggers: list[tuple[TopicPattern, str]] = []
         self._enqueued: set[tuple[int, str]] = set()
 
@@ -125,6 +135,14 @@ class PluginManager:
                 record.state = "stopped"
             record.registrations.close()
 
+    def embedders(self) -> dict[str, Callable[[Config], Any]]:
+        """The embedder factories registered by started plugins, by name."""
+        found: dict[str, Callable[[Config], Any]] = {}
+        for record in self.plugins.values():
+            if record.state == "started" and record.plugin is not None:
+                found.update(record.plugin.embedders)
+        return found
+
     def unload(self, name: str) -> None:
         """Remove everything `name` registered; its record stays, marked stopped."""
         record = self.plugins[name]
@@ -134,7 +152,8 @@ class PluginManager:
 
     def context(self, plugin: Plugin) -> PluginContext:
         return PluginContext(
-            plugin, self._bus, self._spawner, self._queue, get_logger("plugin", plugin=plugin.name)
+            plugin, self._bus, self._spawner, self._queue, get_logger("plugin", plugin=plugin.name),
+            self,
         )
 
     def _discover(self) -> Iterator[_Candidate]:

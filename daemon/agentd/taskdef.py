@@ -71,6 +71,7 @@ class TaskDef:
     concurrency: int | None = None
     rate: TokenBucket | None = None
     plugin: str | None = None
+    remember: bool | str = False
     signature: inspect.Signature = field(init=False)
     is_async: bool = field(init=False)
 

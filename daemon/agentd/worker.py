@@ -25,6 +25,7 @@ from agentd.context import Context
 from agentd.db import Connection, Row, Store
 from agentd.errors import Fail, InvalidTaskError, Retry
 from agentd.log import get_logger
+from agentd.memory import MemoryStore
 from agentd.taskdef import TaskDef, TaskRegistry, encode_json
 from agentd.taskqueue import TaskQueue, TaskRecord
 
@@ -79,6 +80,7 @@ class WorkerPool:
         self._plugin_configs = plugin_configs
         self._wakes = {name: asyncio.Event() for name in config.queues}
         self._slots = {name: Slots(n, self._wakes[name]) for name, n in config.queues.items()}
+        self.memory: MemoryStore | None = None  # set by the daemon once memory is open
         self.running: dict[int, asyncio.Task[None]] = {}
         self._running_by_name: dict[str, int] = {}
         self._cancelling: set[int] = set()
@@ -180,7 +182,7 @@ class WorkerPool:
 
     async def _run(self, record: TaskRecord, definition: TaskDef | None, slots: Slots) -> None:
         plugin_config = self._plugin_configs.get(definition.plugin or "", {}) if definition else {}
-        ctx = Context(record, self.queue, slots, plugin_config)
+        ctx = Context(record, self.queue, slots, plugin_config, self.memory)
         self.queue.publish("task.started", record, attempt=record.attempts)
         try:
             outcome = await self._execute(record, definition, ctx)
@@ -206,6 +208,8 @@ class WorkerPool:
             if definition is None:
                 raise Fail(f"no task named {record.name!r} is registered")
             value = await _call_task(definition, record, ctx)
+            if definition.remember and value is not None:
+                await self._remember(definition, record, value)
             encoded = encode_json(value, f"the result of {record.name}")
             # Waiters get what a later reader of the row gets: the JSON round trip
             # (a tuple becomes a list, int keys become strings). Scalars survive it as they are.
@@ -260,6 +264,16 @@ class WorkerPool:
         if outcome.error:
             extra["error"] = outcome.error
         self.queue.settle(record, f"task.{status}", **extra)
+
+    async def _remember(self, definition: TaskDef, record: TaskRecord, value: Any) -> None:
+        """`@plugin.task(remember=...)`: keep the result in long-term memory."""
+        if self.memory is None:
+            raise Fail("remember= needs memory, which is not available")
+        namespace = definition.remember if isinstance(definition.remember, str) else (
+            definition.plugin or "default")
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        await self.memory.remember(text, namespace=namespace,
+                                   metadata={"task": record.name, "task_id": record.id})
 
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(max, base * 2^(attempt-1))]."""

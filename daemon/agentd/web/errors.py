@@ -9,8 +9,10 @@ from aiohttp import web
 
 from agentd.errors import (
     AgentdError,
+    EmbedderError,
     InvalidScheduleError,
     InvalidTaskError,
+    MemoryNotFoundError,
     PatternError,
     ScheduleNotFoundError,
     TaskNotFoundError,
@@ -27,6 +29,8 @@ _STATUS_OF: list[tuple[type[AgentdError], int, str]] = [
     (TaskStateError, 409, "conflict"),
     (InvalidScheduleError, 400, "invalid_schedule"),
     (ScheduleNotFoundError, 404, "schedule_not_found"),
+    (MemoryNotFoundError, 404, "memory_not_found"),
+    (EmbedderError, 503, "embedder_unavailable"),
 ]
 
 

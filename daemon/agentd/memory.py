@@ -1,0 +1,446 @@
+"""Agent memory: short-term sessions (messages with a TTL) and long-term semantic memory
+(texts with vectors in sqlite-vec and keywords in FTS5), in their own SQLite file.
+
+Long-term memories live in a namespace (the vec0 partition key, so a search within one
+costs a fraction of a full scan). `[memory] filter_fields` are vec0 metadata columns:
+filters on them apply inside the KNN, so k results come back even when most rows are
+filtered out; filters on other metadata keys apply after it, on an over-fetched set.
+Writing an exact duplicate (same text) or a near duplicate (cosine similarity at least
+`dedupe_threshold`) in the same namespace returns the existing memory. `supersedes=` links
+a correction to what it replaces; the replaced one leaves the search index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlite_vec import serialize_float32
+
+from agentd.config import MemoryConfig, StoreConfig
+from agentd.db import Connection, Row, Store
+from agentd.embed import Embedder
+from agentd.errors import EmbedderMismatchError, MemoryNotFoundError
+from agentd.log import get_logger
+
+DEFAULT_NAMESPACE = "default"
+_RRF_K = 60
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """One long-term memory."""
+
+    id: int
+    namespace: str
+    text: str
+    metadata: dict[str, Any]
+    created_at: float
+    updated_at: float
+    expires_at: float | None
+    supersedes: int | None
+    superseded_by: int | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> Memory:
+        return cls(id=row["id"], namespace=row["namespace"], text=row["text"],
+                   metadata=json.loads(row["metadata"]), created_at=row["created_at"],
+                   updated_at=row["updated_at"], expires_at=row["expires_at"],
+                   supersedes=row["supersedes"], superseded_by=row["superseded_by"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "namespace": self.namespace, "text": self.text,
+                "metadata": self.metadata, "created_at": self.created_at,
+                "updated_at": self.updated_at, "expires_at": self.expires_at,
+                "supersedes": self.supersedes, "superseded_by": self.superseded_by}
+
+
+@dataclass(frozen=True, slots=True)
+class Recalled:
+    """A memory found by `recall`, with its rank score and (vector) distance."""
+
+    memory: Memory
+    score: float
+    distance: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.memory.to_dict(), "score": self.score, "distance": self.distance}
+
+
+class Session:
+    """The messages of one conversation; the session expires `ttl` seconds after its last
+    message and is purged by the built-in `agentd.purge_memory` schedule."""
+
+    def __init__(self, memory: MemoryStore, session_id: str) -> None:
+        self._memory = memory
+        self.id = _check_name(session_id, "session id")
+
+    async def append(self, role: str, content: str, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        if not isinstance(role, str) or not role or not isinstance(content, str):
+            raise ValueError("role must be a non-empty string and content a string")
+        now = time.time()
+        expires = now + self._memory.config.session_ttl
+        meta_json = _json(meta or {}, "meta")
+
+        def op(conn: Connection) -> int:
+            conn.execute(
+                "INSERT INTO sessions (id, expires_at, updated_at) VALUES (?, ?, ?) ON CONFLICT (id) "
+                "DO UPDATE SET expires_at = excluded.expires_at, updated_at = excluded.updated_at",
+                (self.id, expires, now))
+            return int(conn.execute(
+                "INSERT INTO messages (session_id, role, content, meta, created_at) "
+                "VALUES (?, ?, ?, ?, ?)", (self.id, role, content, meta_json, now)).lastrowid or 0)
+
+        message_id = await self._memory.store.write(op)
+        return {"id": message_id, "session_id": self.id, "role": role, "content": content,
+                "meta": dict(meta or {}), "created_at": now}
+
+    async def history(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The last `limit` messages, oldest first (none once the session has expired)."""
+        rows = await self._memory.store.read(
+            "SELECT m.* FROM messages m JOIN sessions s ON s.id = m.session_id "
+            "WHERE m.session_id = ? AND s.expires_at > ? ORDER BY m.id DESC LIMIT ?",
+            (self.id, time.time(), limit))
+        return [{"id": r["id"], "session_id": r["session_id"], "role": r["role"],
+                 "content": r["content"], "meta": json.loads(r["meta"]), "created_at": r["created_at"]}
+                for r in reversed(rows)]
+
+    async def clear(self) -> int:
+        """Delete the session and its messages; return how many messages there were."""
+        def op(conn: Connection) -> int:
+            count = conn.execute(
+                "SELECT count(*) FROM messages WHERE session_id = ?", (self.id,)).fetchone()[0]
+            conn.execute("DELETE FROM sessions WHERE id = ?", (self.id,))
+            return int(count)
+
+        return await self._memory.store.write(op)
+
+
+class MemoryStore:
+    """Both kinds of memory, over `memory.db` and an embedder."""
+
+    def __init__(self, config: MemoryConfig, store_config: StoreConfig, path: Any,
+                 embedder: Embedder) -> None:
+        self.config = config
+        self.embedder = embedder
+        self.store = Store(path, store_config, migrations="sql/memory", writes_in_thread=True)
+        self._fields = tuple(config.filter_fields)
+        self._log = get_logger("memory")
+
+    async def open(self) -> None:
+        """Open the file and check it holds vectors of this embedder.
+
+        Raises:
+            EmbedderMismatchError: the stored vectors were made by another embedder.
+        """
+        await self.store.open()
+        try:
+            await self._check_embedder()
+        except BaseException:
+            await self.store.close()
+            raise
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    async def _check_embedder(self) -> None:
+        rows = await self.store.read("SELECT key, value FROM meta")
+        meta = {r["key"]: r["value"] for r in rows}
+        wanted = {"embedder": self.embedder.id, "dimension": str(self.embedder.dimension),
+                  "filter_fields": ",".join(self._fields)}
+        if not meta:
+            await self.store.write(lambda conn: self._create_vectors(conn, wanted))
+            return
+        different = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
+        if different:
+            held = ", ".join(f"{k} {a!r} (configured: {b!r})" for k, (a, b) in different.items())
+            raise EmbedderMismatchError(
+                f"{self.store.path} holds vectors made with {held}; stop the daemon and run "
+                "`agentd memory reembed` to rebuild them with the configured embedder")
+
+    def _create_vectors(self, conn: Connection, meta: Mapping[str, str]) -> None:
+        columns = "".join(f", {name} TEXT" for name in self._fields)
+        conn.execute("DROP TABLE IF EXISTS memory_vectors")
+        conn.execute(
+            f"CREATE VIRTUAL TABLE memory_vectors USING vec0(id INTEGER PRIMARY KEY, "
+            f"embedding float[{self.embedder.dimension}] distance_metric=cosine, "
+            f"namespace TEXT PARTITION KEY{columns})")
+        conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+                         "SET value = excluded.value", list(meta.items()))
+
+    def session(self, session_id: str) -> Session:
+        return Session(self, session_id)
+
+    # -- long-term ---------------------------------------------------------------------------
+
+    async def remember(self, text: str, namespace: str = DEFAULT_NAMESPACE,
+                       metadata: Mapping[str, Any] | None = None, expires_at: float | None = None,
+                       supersedes: int | None = None) -> tuple[Memory, bool]:
+        """Store `text`; return the memory and whether it is new (False: a duplicate's)."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("text must be a non-empty string")
+        namespace = _check_name(namespace, "namespace")
+        metadata = dict(metadata or {})
+        metadata_json = _json(metadata, "metadata")
+        digest = _digest(text)
+        if supersedes is None:
+            existing = await self.store.read_one(
+                "SELECT * FROM memories WHERE namespace = ? AND hash = ? AND superseded_by IS NULL "
+                "AND (expires_at IS NULL OR expires_at > ?)", (namespace, digest, time.time()))
+            if existing is not None:
+                return Memory.from_row(existing), False
+        (vector,) = await self.embedder.embed([text])
+        if supersedes is None:
+            near = await self._nearest(vector, namespace)
+            if near is not None:
+                return near, False
+        now = time.time()
+        filters = self._filter_values(metadata)
+
+        def op(conn: Connection) -> Row:
+            if supersedes is not None:
+                old = conn.execute("SELECT namespace FROM memories WHERE id = ?", (supersedes,)).fetchone()
+                if old is None or old[0] != namespace:
+                    raise MemoryNotFoundError(
+                        f"supersedes: no memory {supersedes} in namespace {namespace!r}")
+            row: Row = conn.execute(
+                "INSERT INTO memories (namespace, text, metadata, hash, created_at, updated_at, "
+                "expires_at, supersedes) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                (namespace, text, metadata_json, digest, now, now, expires_at, supersedes)).fetchone()
+            self._index(conn, row["id"], namespace, text, vector=vector, filters=filters)
+            if supersedes is not None:
+                conn.execute("UPDATE memories SET superseded_by = ? WHERE id = ?", (row["id"], supersedes))
+                self._unindex(conn, supersedes)
+            return row
+
+        return Memory.from_row(await self.store.write(op)), True
+
+    async def recall(self, query: str, namespace: str = DEFAULT_NAMESPACE, k: int = 10,
+                     where: Mapping[str, Any] | None = None, hybrid: bool = False) -> list[Recalled]:
+        """The `k` memories nearest `query` in meaning within `namespace`, newest corrections
+        only; `hybrid` fuses the vector ranking with FTS5 keyword ranking (reciprocal rank
+        fusion). `where`: {field: value or [values]}."""
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("query must be a non-empty string")
+        if not 1 <= k <= 1000:
+            raise ValueError(f"k must be between 1 and 1000, got {k}")
+        namespace = _check_name(namespace, "namespace")
+        inside, after = self._split_filters(where or {})
+        (vector,) = await self.embedder.embed([query])
+        fetch = k if not after else k * 4
+        clauses = "".join(f" AND {name} IN ({','.join('?' * len(values))})" for name, values in inside)
+        params: list[Any] = [serialize_float32(vector), fetch + 8, namespace]
+        for _, values in inside:
+            params.extend(values)
+        knn = await self.store.read(
+            f"SELECT id, distance FROM memory_vectors WHERE embedding MATCH ? AND k = ? "
+            f"AND namespace = ?{clauses} ORDER BY distance", tuple(params))
+        distances = {r["id"]: r["distance"] for r in knn}
+        vector_ranked = await self._live(list(distances), after)
+        ranked: dict[int, float] = {m.id: 1.0 / (_RRF_K + i + 1) for i, m in enumerate(vector_ranked)}
+        found = {m.id: m for m in vector_ranked}
+        if hybrid:
+            for i, memory in enumerate(await self._keyword(query, namespace, fetch + 8, inside, after)):
+                found.setdefault(memory.id, memory)
+                ranked[memory.id] = ranked.get(memory.id, 0.0) + 1.0 / (_RRF_K + i + 1)
+        order = sorted(ranked, key=lambda i: ranked[i], reverse=True)[:k]
+        return [Recalled(found[i], round(ranked[i], 6), distances.get(i)) for i in order]
+
+    async def get(self, memory_id: int) -> Memory:
+        row = await self.store.read_one("SELECT * FROM memories WHERE id = ?", (memory_id,))
+        if row is None:
+            raise MemoryNotFoundError(f"no memory with id {memory_id}")
+        return Memory.from_row(row)
+
+    async def update(self, memory_id: int, text: str | None = None,
+                     metadata: Mapping[str, Any] | None = None,
+                     expires_at: float | None = None) -> Memory:
+        """Change a memory in place (its namespace stays); a new text is embedded again."""
+        current = await self.get(memory_id)
+        new_text = current.text if text is None else text
+        if not new_text.strip():
+            raise ValueError("text must be a non-empty string")
+        new_meta = current.metadata if metadata is None else dict(metadata)
+        vector = (await self.embedder.embed([new_text]))[0] if text is not None else None
+        filters = self._filter_values(new_meta)
+        now = time.time()
+
+        def op(conn: Connection) -> Row:
+            row: Row = conn.execute(
+                "UPDATE memories SET text = ?, metadata = ?, hash = ?, updated_at = ?, "
+                "expires_at = coalesce(?, expires_at) WHERE id = ? RETURNING *",
+                (new_text, _json(new_meta, "metadata"), _digest(new_text), now, expires_at,
+                 memory_id)).fetchone()
+            if row["superseded_by"] is None:
+                if vector is not None:
+                    self._unindex(conn, memory_id)
+                    self._index(conn, memory_id, current.namespace, new_text, vector=vector, filters=filters)
+                elif self._fields:
+                    sets = ", ".join(f"{name} = ?" for name in self._fields)
+                    conn.execute(f"UPDATE memory_vectors SET {sets} WHERE id = ?",
+                                 (*filters, memory_id))
+            return row
+
+        return Memory.from_row(await self.store.write(op))
+
+    async def forget(self, memory_id: int | None = None, namespace: str | None = None,
+                     where: Mapping[str, Any] | None = None) -> int:
+        """Delete one memory by id, or every memory of a namespace matching `where`."""
+        if memory_id is None and namespace is None:
+            raise ValueError("give a memory id, or a namespace (with an optional where)")
+        if memory_id is not None:
+            ids = [memory_id]
+            await self.get(memory_id)
+        else:
+            rows = await self.store.read("SELECT * FROM memories WHERE namespace = ?",
+                                         (_check_name(namespace or "", "namespace"),))
+            ids = [r["id"] for r in rows if _matches(json.loads(r["metadata"]), where or {})]
+
+        def op(conn: Connection) -> int:
+            for one in ids:
+                self._unindex(conn, one)
+                conn.execute("DELETE FROM memories WHERE id = ?", (one,))
+            return len(ids)
+
+        return await self.store.write(op)
+
+    async def purge_expired(self) -> dict[str, int]:
+        """Delete expired memories and expired sessions (with their messages)."""
+        now = time.time()
+
+        def op(conn: Connection) -> dict[str, int]:
+            expired = [r[0] for r in conn.execute(
+                "SELECT id FROM memories WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))]
+            for one in expired:
+                self._unindex(conn, one)
+                conn.execute("DELETE FROM memories WHERE id = ?", (one,))
+            sessions = conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,)).rowcount
+            return {"memories": len(expired), "sessions": sessions}
+
+        return await self.store.write(op)
+
+    async def stats(self) -> dict[str, Any]:
+        rows = await self.store.read(
+            "SELECT namespace, count(*) AS n FROM memories WHERE superseded_by IS NULL GROUP BY namespace")
+        counts = await self.store.read_one(
+            "SELECT (SELECT count(*) FROM sessions) AS sessions, (SELECT count(*) FROM messages) AS messages")
+        return {"embedder": self.embedder.id, "dimension": self.embedder.dimension,
+                "namespaces": {r["namespace"]: r["n"] for r in rows},
+                "sessions": counts["sessions"] if counts else 0,
+                "messages": counts["messages"] if counts else 0}
+
+    async def reembed(self, batch: int = 64) -> int:
+        """Rebuild every vector with the current embedder (after `[memory] embedder` changed)."""
+        rows = await self.store.read("SELECT * FROM memories WHERE superseded_by IS NULL ORDER BY id")
+        memories = [Memory.from_row(r) for r in rows]
+        vectors: list[list[float]] = []
+        for start in range(0, len(memories), batch):
+            vectors.extend(await self.embedder.embed([m.text for m in memories[start:start + batch]]))
+        wanted = {"embedder": self.embedder.id, "dimension": str(self.embedder.dimension),
+                  "filter_fields": ",".join(self._fields)}
+
+        def op(conn: Connection) -> int:
+            self._create_vectors(conn, wanted)
+            conn.execute("DELETE FROM memories_fts")
+            for memory, vector in zip(memories, vectors, strict=True):
+                self._index(conn, memory.id, memory.namespace, memory.text, vector=vector,
+                            filters=self._filter_values(memory.metadata))
+            return len(memories)
+
+        return await self.store.write(op)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _index(self, conn: Connection, memory_id: int, namespace: str, text: str, *,
+               vector: Sequence[float], filters: tuple[str, ...]) -> None:
+        if len(vector) != self.embedder.dimension:
+            raise EmbedderMismatchError(
+                f"the embedder returned {len(vector)} dimensions, not {self.embedder.dimension}")
+        names = "".join(f", {name}" for name in self._fields)
+        conn.execute(
+            f"INSERT INTO memory_vectors (id, embedding, namespace{names}) "
+            f"VALUES (?, ?, ?{', ?' * len(self._fields)})",
+            (memory_id, serialize_float32(list(vector)), namespace, *filters))
+        conn.execute("INSERT INTO memories_fts (rowid, text) VALUES (?, ?)", (memory_id, text))
+
+    @staticmethod
+    def _unindex(conn: Connection, memory_id: int) -> None:
+        conn.execute("DELETE FROM memory_vectors WHERE id = ?", (memory_id,))
+        conn.execute("DELETE FROM memories_fts WHERE rowid = ?", (memory_id,))
+
+    def _filter_values(self, metadata: Mapping[str, Any]) -> tuple[str, ...]:
+        # vec0 metadata columns reject NULL: an absent value is stored as ''.
+        return tuple("" if metadata.get(name) is None else str(metadata[name]) for name in self._fields)
+
+    def _split_filters(self, where: Mapping[str, Any]) -> tuple[list[tuple[str, list[str]]], dict[str, Any]]:
+        if not isinstance(where, Mapping):
+            raise ValueError("where must be an object of field: value")
+        inside = [(name, [str(v) for v in (value if isinstance(value, list) else [value])])
+                  for name, value in where.items() if name in self._fields]
+        after = {name: value for name, value in where.items() if name not in self._fields}
+        return inside, after
+
+    async def _live(self, ids: list[int], after: Mapping[str, Any]) -> list[Memory]:
+        if not ids:
+            return []
+        rows = await self.store.read(
+            f"SELECT * FROM memories WHERE id IN ({','.join('?' * len(ids))}) "
+            "AND superseded_by IS NULL AND (expires_at IS NULL OR expires_at > ?)", (*ids, time.time()))
+        by_id = {r["id"]: Memory.from_row(r) for r in rows}
+        return [by_id[i] for i in ids if i in by_id and _matches(by_id[i].metadata, after)]
+
+    async def _nearest(self, vector: list[float], namespace: str) -> Memory | None:
+        rows = await self.store.read(
+            "SELECT id, distance FROM memory_vectors WHERE embedding MATCH ? AND k = 1 AND namespace = ?",
+            (serialize_float32(vector), namespace))
+        if not rows or 1.0 - rows[0]["distance"] < self.config.dedupe_threshold:
+            return None
+        live = await self._live([rows[0]["id"]], {})
+        return live[0] if live else None
+
+    async def _keyword(self, query: str, namespace: str, limit: int,
+                       inside: list[tuple[str, list[str]]], after: Mapping[str, Any]) -> list[Memory]:
+        terms = [t for t in re.findall(r"\w+", query) if t]
+        if not terms:
+            return []
+        match = " OR ".join(f'"{t}"' for t in terms)
+        rows = await self.store.read(
+            "SELECT m.* FROM memories_fts f JOIN memories m ON m.id = f.rowid WHERE memories_fts MATCH ? "
+            "AND m.namespace = ? AND m.superseded_by IS NULL AND (m.expires_at IS NULL OR m.expires_at > ?) "
+            "ORDER BY bm25(memories_fts) LIMIT ?", (match, namespace, time.time(), limit))
+        memories = [Memory.from_row(r) for r in rows]
+        wanted = {**after, **{name: values for name, values in inside}}
+        return [m for m in memories if _matches(m.metadata, wanted)]
+
+
+def _matches(metadata: Mapping[str, Any], where: Mapping[str, Any]) -> bool:
+    for name, value in where.items():
+        allowed = value if isinstance(value, list) else [value]
+        if metadata.get(name) not in allowed and str(metadata.get(name)) not in map(str, allowed):
+            return False
+    return True
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(" ".join(text.split()).encode()).hexdigest()
+
+
+def _json(value: Any, what: str) -> str:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} must be an object")
+    try:
+        return json.dumps(dict(value), separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be JSON: {exc}") from exc
+
+
+def _check_name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _NAMESPACE.fullmatch(value):
+        raise ValueError(f"{what} {value!r} must be 1-128 letters, digits or _ . : -")
+    return value
