@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import urllib.parse
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -81,6 +82,23 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--grace")
     add.add_argument("--jitter")
     add.add_argument("--pause-after-failures", type=int)
+    memory = sub.add_parser("memory", parents=[common], help="long-term memory")
+    memory_verbs = memory.add_subparsers(dest="action", required=True)
+    add_memory = memory_verbs.add_parser("add", parents=[common], help="remember a text")
+    add_memory.add_argument("text")
+    add_memory.add_argument("--namespace", default="default")
+    add_memory.add_argument("--metadata", metavar="JSON")
+    add_memory.add_argument("--ttl", type=float, metavar="SECONDS")
+    find = memory_verbs.add_parser("search", parents=[common], help="recall by meaning")
+    find.add_argument("query")
+    find.add_argument("--namespace", default="default")
+    find.add_argument("-k", type=int, default=5)
+    find.add_argument("--where", metavar="JSON")
+    find.add_argument("--hybrid", action="store_true", help="fuse with keyword ranking")
+    memory_verbs.add_parser("forget", parents=[common], help="forget a memory").add_argument("id", type=int)
+    memory_verbs.add_parser("stats", parents=[common], help="memories per namespace, sessions")
+    memory_verbs.add_parser("reembed", parents=[common],
+                            help="rebuild every vector with the configured embedder (daemon stopped)")
     for action, text in (("pause", "stop firing"), ("resume", "fire again from now on"),
                          ("run", "fire once now"), ("rm", "delete a schedule made over the API")):
         verbs.add_parser(action, parents=[common], help=text).add_argument("id")
@@ -99,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return _run(config)
+        if args.command == "memory" and args.action == "reembed":
+            return asyncio.run(_reembed(config))
         return asyncio.run(_remote(config, args))
     except ConfigError as exc:
         print(f"agentd: configuration error: {exc}", file=sys.stderr)
@@ -164,6 +184,8 @@ async def _remote(config: Config, args: argparse.Namespace) -> int:
                 return await _submit(api, args)
             if args.command == "schedules":
                 return await _schedules(api, args)
+            if args.command == "memory":
+                return await _memory(api, args)
             return await _tasks(api, args)
         except _ApiError as exc:
             print(f"agentd: {exc}", file=sys.stderr)
@@ -239,6 +261,59 @@ async def _schedules(api: _Api, args: argparse.Namespace) -> int:
     result = await api.call(method, path.format(args.id))
     if result is not None:
         _print(result)
+    return 0
+
+
+async def _memory(api: _Api, args: argparse.Namespace) -> int:
+    if args.action == "add":
+        body: dict[str, Any] = {"text": args.text, "namespace": args.namespace}
+        if args.metadata:
+            body["metadata"] = _json_option(args.metadata, "--metadata")
+        if args.ttl is not None:
+            body["ttl"] = args.ttl
+        _print(await api.call("POST", "/v1/memory", body))
+    elif args.action == "search":
+        query = {"q": args.query, "namespace": args.namespace, "k": str(args.k),
+                 "hybrid": "true" if args.hybrid else "false"}
+        if args.where:
+            query["where"] = json.dumps(_json_option(args.where, "--where"))
+        found = await api.call("GET", "/v1/memory/search?" + urllib.parse.urlencode(query))
+        for item in found["results"]:
+            print(f"{item['id']:>6}  {item['score']:.4f}  {item['text']}")
+    elif args.action == "forget":
+        await api.call("DELETE", f"/v1/memory/{args.id}")
+    else:
+        _print(await api.call("GET", "/v1/memory/stats"))
+    return 0
+
+
+def _json_option(text: str, option: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _ApiError(f"{option} is not valid JSON: {exc}", EXIT_USAGE) from exc
+
+
+async def _reembed(config: Config) -> int:
+    """Rebuild memory.db's vectors in this process: the daemon must be stopped (it holds
+    the file), which is also when a changed embedder stops it from starting."""
+    from agentd.embed import build_embedder
+    from agentd.memory import MemoryStore
+
+    configure_logging(config.log.level, config.log.format, sys.stderr)
+    # Built-in embedders only: a plugin's embedder exists once its plugin is loaded.
+    embedder = build_embedder(config, {})
+    memory = MemoryStore(config.memory, config.store, config.memory_path, embedder)
+    try:
+        await memory.store.open()
+    except AgentdError as exc:
+        print(f"agentd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        count = await memory.reembed()
+    finally:
+        await memory.store.close()
+    print(f"re-embedded {count} memories with {embedder.id} ({embedder.dimension} dimensions)")
     return 0
 
 
