@@ -10,8 +10,8 @@ import argparse
 import asyncio
 import datetime
 import json
-import urllib.parse
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
     sub.add_parser("status", parents=[common], help="ask the running daemon how it is")
 
+    _task_commands(sub, common)
+    _schedule_commands(sub, common)
+    _memory_commands(sub, common)
+    return parser
+
+
+def _task_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`agentd submit` and `agentd tasks ...`."""
     submit = sub.add_parser("submit", parents=[common], help="enqueue a task on the running daemon")
     submit.add_argument("name", help="a registered task name, e.g. news.refresh")
     submit.add_argument("--args", default="{}", metavar="JSON", help="keyword arguments as a JSON object")
@@ -62,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                          ("requeue", "run a dead, failed or cancelled task again"),
                          ("delete", "delete a finished task")):
         actions.add_parser(action, parents=[common], help=text).add_argument("id", type=int)
+
+
+def _schedule_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`agentd schedules ...`."""
     schedules = sub.add_parser("schedules", parents=[common], help="inspect and manage schedules")
     verbs = schedules.add_subparsers(dest="action", required=True)
     verbs.add_parser("list", parents=[common], help="every schedule with its record")
@@ -82,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--grace")
     add.add_argument("--jitter")
     add.add_argument("--pause-after-failures", type=int)
+    for action, text in (("pause", "stop firing"), ("resume", "fire again from now on"),
+                         ("run", "fire once now"), ("rm", "delete a schedule made over the API")):
+        verbs.add_parser(action, parents=[common], help=text).add_argument("id")
+
+
+def _memory_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`agentd memory ...`."""
     memory = sub.add_parser("memory", parents=[common], help="long-term memory")
     memory_verbs = memory.add_subparsers(dest="action", required=True)
     add_memory = memory_verbs.add_parser("add", parents=[common], help="remember a text")
@@ -99,10 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     memory_verbs.add_parser("stats", parents=[common], help="memories per namespace, sessions")
     memory_verbs.add_parser("reembed", parents=[common],
                             help="rebuild every vector with the configured embedder (daemon stopped)")
-    for action, text in (("pause", "stop firing"), ("resume", "fire again from now on"),
-                         ("run", "fire once now"), ("rm", "delete a schedule made over the API")):
-        verbs.add_parser(action, parents=[common], help=text).add_argument("id")
-    return parser
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:
