@@ -120,8 +120,7 @@ async def test_bodies_over_max_body_bytes_are_a_json_413(start_daemon: Any, http
         for method, operation in operations.items()
         if "requestBody" in operation
     ]
-    if not targets:
-        pytest.skip("no route accepts a request body yet")
+    assert targets, "the OpenAPI document lists no route with a request body"
     oversized = b'{"pad": "' + b"x" * limit + b'"}'
     for method, path in targets:
         async with client.request(
