@@ -1,0 +1,905 @@
+"""Memory benchmark: agentd's long-term memory (sqlite-vec + FTS5 in memory.db) against numpy
+brute force on the same vectors, same run, same machine; and what memory writes do to the
+task queue's dispatch latency, with memory in its second file (as built) and, for
+comparison, with the same inserts run on the main database's writer.
+
+    python3 bench/memory_bench.py [--sizes 10000,100000] [--queries 100] [--quick]
+                                  [--only embed,sizes,dispatch]
+
+Prints one JSON line per figure set on stdout, then markdown tables on stderr.
+See bench/README.md ("memory_bench.py") for what each figure means and how it is measured.
+
+Phases (each on a fresh daemon from agentd.testing.running_daemon, in this process):
+  embed     the real embedder (MiniLM, the default): texts/s in batches of 32, one-text
+            latency, remember() one by one and from 64 concurrent callers (embedding
+            included), recall() with the query embedded; then task dispatch latency while
+            8 callers remember() (embedding runs in a thread beside the loop).
+  sizes     for each size N (x 384 dimensions, seeded random unit vectors, 10 namespaces,
+            metadata kind fact/event/preference/alert = 49/25/25/1 %), with a bench-only
+            embedder (`precomputed`, a plugin this script writes to a temp dir) so no model
+            runs: bulk insert through memory.store.write ops of 1,000 rows calling
+            MemoryStore._index (the helper remember() uses), remember() one by one and from
+            64 concurrent callers at ~N memories (embedding excluded), then recall latency
+            p50/p99 (k = 10) through the API (namespace, + kind filter, hybrid) and through
+            SQL on memory_vectors (no namespace, namespace, kind), and numpy brute force on
+            the same vectors in RAM; again after checkpointing memory.db's WAL.
+  dispatch  enqueue -> start latency of a task (like queue_bench's dispatch workload) while
+            memories are written in bulk (ops of 500 rows back to back) or by 64 callers
+            (ops of 1 row), with the writes on memory.db's writer thread (as built), on the
+            main database's writer (scratch copies of the memory tables in agentd.db, the
+            same ops), and, as a what-if, on the main database with its writer in a thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+TASK_PLUGINS = HERE / "plugins"  # bench.stamp, shared with queue_bench.py
+PHASES = ("embed", "sizes", "dispatch")
+DIM = 384
+NAMESPACES = tuple(f"ns{i}" for i in range(10))
+KINDS = ("fact", "event", "preference", "alert")
+KIND_SHARE = (0.49, 0.25, 0.25, 0.01)
+K = 10
+CALLERS = 64  # concurrent remember() callers / one-row write ops in flight
+BULK_ROWS = 1000  # rows per write op when loading a size
+LOAD_BULK_ROWS = 500  # rows per write op in the dispatch phase's bulk load
+WARMUP = 10  # recall queries / dispatch tasks run and not counted
+SEED = 20261124
+
+EMBEDDER_PLUGIN = '''"""memory_bench's embedder (written by memory_bench.py): precomputed vectors."""
+
+import hashlib
+
+import numpy as np
+
+from agentd import Plugin
+
+plugin = Plugin("membench", description="memory benchmark: precomputed vectors")
+
+
+class Precomputed:
+    """`vectors[text]` when the bench registered the text, else a unit vector seeded by its hash."""
+
+    id = "bench-precomputed-__DIM__"
+    dimension = __DIM__
+
+    def __init__(self):
+        self.vectors = {}
+
+    async def embed(self, texts):
+        return [self._one(text) for text in texts]
+
+    def _one(self, text):
+        vector = self.vectors.get(text)
+        if vector is None:
+            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+            vector = np.random.default_rng(seed).standard_normal(self.dimension, dtype=np.float32)
+            vector /= np.linalg.norm(vector)
+        return vector.tolist()
+
+
+@plugin.embedder("precomputed")
+def precomputed(config):
+    return Precomputed()
+'''.replace("__DIM__", str(DIM))
+
+
+def main() -> int:
+    args = parse_args()
+    quiet_logging()
+    rows: list[dict[str, Any]] = []
+
+    def emit(row: dict[str, Any]) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    started = time.monotonic()
+    revision = agentd_revision()
+    load = CpuWatch()
+    if load.loadavg_start > 0.5:
+        print(f"memory_bench: the 1-minute load average is {load.loadavg_start:.2f} before the run: "
+              "other processes will skew the figures", file=sys.stderr)
+    phases: list[tuple[str, Callable[[], Any]]] = []
+    if "embed" in args.only:
+        phases.append(("embed", lambda: run_phase(embed_phase(args, emit), args.timeout)))
+    if "sizes" in args.only:
+        for n in args.sizes:
+            phases.append((f"size {n}", lambda n=n: run_phase(size_phase(n, args, emit), args.timeout)))
+    if "dispatch" in args.only:
+        phases.append(("dispatch", lambda: run_phase(dispatch_phase(args, emit), args.timeout)))
+    for name, phase in phases:
+        try:
+            phase()
+        except Exception as exc:
+            emit({"bench": "memory", "phase": name, "error": f"{type(exc).__name__}: {exc}"})
+    print(markdown(rows, args, time.monotonic() - started, revision, load.report()), file=sys.stderr)
+    return 1 if any("error" in row for row in rows) else 0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", help="memory counts to measure (default 10000,100000)")
+    parser.add_argument("--queries", type=int, help="measured recall queries per configuration (default 100)")
+    parser.add_argument("--api-inserts", type=int,
+                        help="remember() calls per size: half one by one, half from 64 callers "
+                             "(default 1000; each half also stops after --api-seconds)")
+    parser.add_argument("--api-seconds", type=float, default=20.0,
+                        help="time limit of each remember() run (default 20)")
+    parser.add_argument("--embed-texts", type=int,
+                        help="texts embedded by the real model in the embed phase (default 1000)")
+    parser.add_argument("--dispatch-tasks", type=int,
+                        help="measured dispatch tasks per load (default 300)")
+    parser.add_argument("--dispatch-min-seconds", type=float,
+                        help="least time each dispatch run measures (default 5; 2 with --quick)")
+    parser.add_argument("--dispatch-seconds", type=float,
+                        help="time limit of each dispatch run (default 25; 8 with --quick)")
+    parser.add_argument("--only", default=",".join(PHASES),
+                        help="comma-separated subset of embed,sizes,dispatch (default all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2,000 memories, 30 queries, 200 remember() calls, 200 "
+                             "embedded texts, 50 dispatch tasks per load, unless given")
+    parser.add_argument("--timeout", type=float, default=420.0,
+                        help="seconds one phase may take before it is abandoned (default 420)")
+    args = parser.parse_args()
+    args.sizes = [int(s) for s in (args.sizes or ("2000" if args.quick else "10000,100000")).split(",")
+                  if s.strip()]
+    args.queries = args.queries or (30 if args.quick else 100)
+    args.api_inserts = args.api_inserts or (200 if args.quick else 1000)
+    args.embed_texts = args.embed_texts or (200 if args.quick else 1000)
+    args.dispatch_tasks = args.dispatch_tasks or (50 if args.quick else 300)
+    args.dispatch_seconds = args.dispatch_seconds or (8.0 if args.quick else 25.0)
+    args.dispatch_min_seconds = args.dispatch_min_seconds or (2.0 if args.quick else 5.0)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(args.only) - set(PHASES)
+    if unknown or not args.only:
+        parser.error(f"--only takes a subset of {','.join(PHASES)}; got {','.join(sorted(unknown))}")
+    if not args.sizes or min(args.sizes) < 100 or args.queries < 1 or args.embed_texts < 2:
+        parser.error("--sizes must be at least 100 each; --queries and --embed-texts positive")
+    return args
+
+
+def quiet_logging() -> None:
+    from agentd.log import configure_logging
+
+    configure_logging("warning", "json", stream=sys.stderr)
+
+
+def run_phase(coro: Any, timeout: float) -> Any:
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+def base_row(phase: str, **extra: Any) -> dict[str, Any]:
+    return {"bench": "memory", "phase": phase, **extra}
+
+
+def latency_figures(samples: Sequence[float]) -> dict[str, Any]:
+    ordered = sorted(samples)
+    if not ordered:
+        return {"p50_ms": None, "p90_ms": None, "p99_ms": None, "mean_ms": None, "max_ms": None}
+
+    def pct(p: float) -> float:
+        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+    return {"p50_ms": round(pct(50) * 1e3, 3), "p90_ms": round(pct(90) * 1e3, 3),
+            "p99_ms": round(pct(99) * 1e3, 3), "mean_ms": round(statistics.fmean(ordered) * 1e3, 3),
+            "max_ms": round(ordered[-1] * 1e3, 3)}
+
+
+# -- the data set -----------------------------------------------------------------------------
+
+SUBJECTS = ("the nightly backup", "the billing job", "the deploy pipeline", "the search index",
+            "the mail relay", "the payment service", "the staging cluster", "the weekly report",
+            "the auth proxy", "the image resizer", "the cache warmer", "the metrics exporter",
+            "Ada's laptop", "the build farm", "the customer import", "the invoice mailer")
+EVENTS = ("failed", "ran slowly", "finished early", "was restarted", "ran out of memory",
+          "timed out", "was rolled back", "succeeded after a retry", "lost its lock",
+          "paged the on-call", "skipped a run", "reported stale data")
+CAUSES = ("a full disk", "an expired certificate", "a DNS outage", "a schema migration",
+          "a memory leak", "a network partition", "a bad config push", "an API quota",
+          "a clock skew", "a stuck lock file", "a slow replica", "a vendor outage")
+WHENS = ("on Monday", "on Tuesday", "on Wednesday", "on Thursday", "on Friday", "last night",
+         "during the release", "after the upgrade", "at midnight", "in the morning rush")
+QUESTIONS = ("why did {s} fail {w}?", "what happened to {s} {w}?", "has {s} had trouble with {c}?",
+             "when was {s} last affected by {c}?")
+
+
+def sentence(i: int) -> str:
+    """Memory text number i: a real sentence from the templates, unique by its note number."""
+    rng = np.random.default_rng([SEED, i])
+    s, e, c, w = (int(rng.integers(len(x))) for x in (SUBJECTS, EVENTS, CAUSES, WHENS))
+    return f"{SUBJECTS[s]} {EVENTS[e]} {WHENS[w]} because of {CAUSES[c]} (note {i})."
+
+
+def question(i: int) -> str:
+    """Query number i: a natural question (FTS5 ORs every word of it, stop words too)."""
+    rng = np.random.default_rng([SEED, 1, i])
+    template = QUESTIONS[int(rng.integers(len(QUESTIONS)))]
+    return template.format(s=SUBJECTS[int(rng.integers(len(SUBJECTS)))],
+                           w=WHENS[int(rng.integers(len(WHENS)))],
+                           c=CAUSES[int(rng.integers(len(CAUSES)))]) + f" [q{i}]"
+
+
+def keywords(i: int) -> str:
+    """Query number i as three content words."""
+    rng = np.random.default_rng([SEED, 2, i])
+    subject = SUBJECTS[int(rng.integers(len(SUBJECTS)))].split()[-1]
+    cause = CAUSES[int(rng.integers(len(CAUSES)))].split()[-1]
+    event = EVENTS[int(rng.integers(len(EVENTS)))].split()[0]
+    return f"{subject} {cause} {event} [k{i}]"
+
+
+def unit_vectors(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, DIM), dtype=np.float32)
+    for start in range(0, n, 20000):
+        block = rng.standard_normal((min(20000, n - start), DIM), dtype=np.float32)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        out[start:start + len(block)] = block
+    return out
+
+
+class DataSet:
+    """N memories: vectors (seeded unit float32), namespace and kind per row, texts on demand."""
+
+    def __init__(self, n: int, seed: int = SEED) -> None:
+        self.n = n
+        self.vectors = unit_vectors(n, seed)
+        rng = np.random.default_rng(seed + 1)
+        self.namespace = rng.integers(0, len(NAMESPACES), n).astype(np.int8)
+        self.kind = rng.choice(len(KINDS), n, p=KIND_SHARE).astype(np.int8)
+        self.ids = np.zeros(n, dtype=np.int64)  # memories.id of each row once stored
+
+    def metadata(self, i: int) -> dict[str, Any]:
+        return {"kind": KINDS[self.kind[i]], "source": "bench", "agent": f"agent{i % 7}"}
+
+
+Item = tuple[str, str, dict[str, Any], np.ndarray]  # text, namespace, metadata, vector
+
+
+def insert_op(memory: Any, items: list[Item]) -> Callable[[Any], list[int]]:
+    """A write op storing `items` (text, namespace, metadata, vector) the way remember()'s op
+    does: a `memories` row, then MemoryStore._index (the vec0 row and the FTS5 row). Runs on
+    whatever connection its store hands it: memory.db's, or agentd.db's scratch copy."""
+    from agentd.memory import _digest
+
+    def op(conn: Any) -> list[int]:
+        now = time.time()
+        ids = []
+        for text, namespace, metadata, vector in items:
+            memory_id = conn.execute(
+                "INSERT INTO memories (namespace, text, metadata, hash, created_at, updated_at, "
+                "expires_at, supersedes) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL) RETURNING id",
+                (namespace, text, json.dumps(metadata, separators=(",", ":")), _digest(text), now,
+                 now)).fetchone()[0]
+            memory._index(conn, memory_id, namespace, text, vector=vector.tolist(),
+                          filters=memory._filter_values(metadata))
+            ids.append(memory_id)
+        return ids
+
+    return op
+
+
+def item(data: DataSet, i: int) -> Item:
+    return sentence(i), NAMESPACES[data.namespace[i]], data.metadata(i), data.vectors[i]
+
+
+async def bulk_load(memory: Any, data: DataSet, rows: range, deadline: float) -> int:
+    """Store `rows` of `data` with write ops of BULK_ROWS rows, one in flight; return the count."""
+    done = 0
+    for start in range(rows.start, rows.stop, BULK_ROWS):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"bulk load passed its deadline after {done} rows")
+        chunk = range(start, min(start + BULK_ROWS, rows.stop))
+        ids = await memory.store.write(insert_op(memory, [item(data, i) for i in chunk]))
+        data.ids[chunk.start:chunk.stop] = ids
+        done += len(chunk)
+    return done
+
+
+def write_plugin(folder: Path) -> Path:
+    plugin_dir = folder / "plugins"
+    plugin_dir.mkdir()
+    (plugin_dir / "membench.py").write_text(EMBEDDER_PLUGIN)
+    return plugin_dir
+
+
+def check_plugins(daemon: Any) -> None:
+    bad = [p for p in daemon.plugins.states() if p["state"] != "started"]
+    if bad:
+        raise RuntimeError(f"bench plugin did not start: {bad}")
+
+
+# -- the sizes phase --------------------------------------------------------------------------
+
+
+async def size_phase(n: int, args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> None:
+    from agentd.testing import running_daemon
+
+    with tempfile.TemporaryDirectory(prefix="agentd-membench-") as tmp:
+        plugin_dir = write_plugin(Path(tmp))
+        async with running_daemon(Path(tmp), plugin_dirs=[plugin_dir],
+                                  overrides={"memory": {"embedder": "precomputed"}}) as daemon:
+            check_plugins(daemon)
+            memory = daemon.memory
+            data = DataSet(n)
+            await insert_figures(memory, data, args, emit)
+            files = memory_files(memory.store.path)
+            emit(base_row("storage", memories=n, wal="as left by the daemon", **files))
+            await recall_figures(memory, data, args, emit, wal="uncheckpointed")
+            t0 = time.perf_counter()
+            busy, _, _ = await memory.store.checkpoint("TRUNCATE")
+            emit(base_row("storage", memories=n, wal="after wal_checkpoint(TRUNCATE)",
+                          checkpoint_s=round(time.perf_counter() - t0, 3), checkpoint_busy=busy,
+                          **memory_files(memory.store.path)))
+            await recall_figures(memory, data, args, emit, wal="checkpointed")
+
+
+def memory_files(path: Path) -> dict[str, int]:
+    wal = path.with_name(path.name + "-wal")
+    return {"db_bytes": path.stat().st_size, "wal_bytes": wal.stat().st_size if wal.exists() else 0}
+
+
+async def insert_figures(memory: Any, data: DataSet, args: argparse.Namespace,
+                         emit: Callable[[dict[str, Any]], None]) -> None:
+    n = data.n
+    half = max(1, min(args.api_inserts // 2, n // 10))
+    first_api = n - 2 * half
+    row = base_row("insert", memories=n, method=f"bulk write op x {BULK_ROWS}", embedding="excluded")
+    t0 = time.perf_counter()
+    done = await bulk_load(memory, data, range(0, first_api), time.monotonic() + args.timeout)
+    elapsed = time.perf_counter() - t0
+    emit({**row, "rows": done, "seconds": round(elapsed, 3), "rate": round(done / elapsed),
+          "at_memories": f"0 to {done}"})
+    for i in range(first_api, n):
+        memory.embedder.vectors[sentence(i)] = data.vectors[i]
+    pending: list[int] = []
+    for callers, rows in ((1, range(first_api, first_api + half)), (CALLERS, range(first_api + half, n))):
+        stored, dups, elapsed = await remember_run(memory, data, rows, callers, args.api_seconds)
+        pending.extend(i for i in rows if data.ids[i] == 0)
+        emit(base_row("insert", memories=n,
+                      method="remember() one by one" if callers == 1 else f"remember() x {callers} callers",
+                      embedding="excluded", rows=stored, duplicates=dups, seconds=round(elapsed, 3),
+                      rate=round(stored / elapsed) if elapsed else None,
+                      at_memories=f"{rows.start} to {rows.start + stored}"))
+    for start in range(0, len(pending), BULK_ROWS):  # what the time limit left: bulk, not measured
+        chunk = pending[start:start + BULK_ROWS]
+        ids = await memory.store.write(insert_op(memory, [item(data, i) for i in chunk]))
+        data.ids[chunk] = ids
+    if (data.ids == 0).any():
+        raise RuntimeError(f"{int((data.ids == 0).sum())} of {n} memories were not stored")
+
+
+async def remember_run(memory: Any, data: DataSet, rows: range, callers: int,
+                       seconds: float) -> tuple[int, int, float]:
+    """remember() every row of `rows` from `callers` concurrent callers, for at most `seconds`;
+    return (stored, duplicates, elapsed)."""
+    todo = iter(rows)
+    deadline = time.perf_counter() + seconds
+    counts = {"stored": 0, "dups": 0}
+
+    async def caller() -> None:
+        for i in todo:
+            if time.perf_counter() > deadline:
+                return
+            text, namespace, metadata, _ = item(data, i)
+            stored, new = await memory.remember(text, namespace=namespace, metadata=metadata)
+            data.ids[i] = stored.id if new else 0
+            counts["stored" if new else "dups"] += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return counts["stored"], counts["dups"], time.perf_counter() - t0
+
+
+class Query:
+    """One recall query: its text (the embedder maps it to `vector`) and its namespace."""
+
+    def __init__(self, text: str, vector: np.ndarray, namespace: int) -> None:
+        self.text, self.vector, self.namespace = text, vector, namespace
+
+
+def make_queries(memory: Any, count: int, words: Callable[[int], str], seed: int) -> list[Query]:
+    vectors = unit_vectors(count, seed)
+    queries = []
+    for i in range(count):
+        text = words(i)
+        memory.embedder.vectors[text] = vectors[i]
+        queries.append(Query(text, vectors[i], i % len(NAMESPACES)))
+    return queries
+
+
+class Reference:
+    """numpy brute force over the same vectors: all rows, per namespace (split once, like a
+    partition), per namespace with a kind mask."""
+
+    def __init__(self, data: DataSet) -> None:
+        self.data = data
+        self.rows_of = [np.flatnonzero(data.namespace == ns) for ns in range(len(NAMESPACES))]
+        self.block_of = [np.ascontiguousarray(data.vectors[rows]) for rows in self.rows_of]
+        self.kind_of = [data.kind[rows] for rows in self.rows_of]
+
+    def top(self, query: np.ndarray, namespace: int | None, kind: int | None) -> np.ndarray:
+        """memories.id of the k nearest rows (descending cosine similarity)."""
+        if namespace is None:
+            block, rows, kinds = self.data.vectors, None, self.data.kind
+        else:
+            block, rows, kinds = self.block_of[namespace], self.rows_of[namespace], self.kind_of[namespace]
+        scores = block @ query
+        if kind is not None:
+            scores[kinds != kind] = -np.inf
+            available = int((kinds == kind).sum())
+        else:
+            available = len(scores)
+        k = min(K, available)
+        if k == 0:
+            return np.empty(0, dtype=np.int64)
+        best = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        best = best[np.argsort(-scores[best])]
+        return self.data.ids[best if rows is None else rows[best]]
+
+
+async def recall_figures(memory: Any, data: DataSet, args: argparse.Namespace,
+                         emit: Callable[[dict[str, Any]], None], *, wal: str) -> None:
+    """Recall latency per configuration: `args.queries` queries after WARMUP, k = 10."""
+    total = WARMUP + args.queries
+    questions = make_queries(memory, total, question, SEED + 10)
+    short = make_queries(memory, total, keywords, SEED + 11)
+    ref = Reference(data)
+    event, alert = KINDS.index("event"), KINDS.index("alert")
+    share = {kind: float((data.kind == kind).mean()) for kind in (event, alert)}
+    full = wal == "uncheckpointed"
+
+    def api(hybrid: bool, kind: int | None) -> Callable[[Query], Any]:
+        where = {"kind": KINDS[kind]} if kind is not None else None
+
+        async def run(q: Query) -> list[int]:
+            found = await memory.recall(q.text, namespace=NAMESPACES[q.namespace], k=K, where=where,
+                                        hybrid=hybrid)
+            return [r.memory.id for r in found]
+
+        return run
+
+    def sql(namespace: bool, kind: int | None) -> Callable[[Query], Any]:
+        from sqlite_vec import serialize_float32
+
+        clauses = (" AND namespace = ?" if namespace else "") + (" AND kind = ?" if kind is not None else "")
+
+        async def run(q: Query) -> list[int]:
+            params: list[Any] = [serialize_float32(q.vector.tolist()), K]
+            if namespace:
+                params.append(NAMESPACES[q.namespace])
+            if kind is not None:
+                params.append(KINDS[kind])
+            found = await memory.store.read(
+                "SELECT id, distance FROM memory_vectors WHERE embedding MATCH ? AND k = ?"
+                f"{clauses} ORDER BY distance", tuple(params))
+            return [r["id"] for r in found]
+
+        return run
+
+    def scope(namespace: bool, kind: int | None) -> str:
+        parts = ["namespace (10%)" if namespace else "all memories"]
+        if kind is not None:
+            parts.append(f"kind={KINDS[kind]} ({share[kind] * (0.1 if namespace else 1):.1%} of all)")
+        return ", ".join(parts)
+
+    # (path, mode, namespace?, kind, queries, runner); reference checked for vector modes
+    configs: list[tuple[str, str, bool, int | None, list[Query], Callable[[Query], Any]]] = [
+        ("sql", "vector", False, None, questions, sql(False, None)),
+        ("sql", "vector", True, None, questions, sql(True, None)),
+        ("api", "vector", True, None, questions, api(False, None)),
+    ]
+    if full:
+        configs += [
+            ("sql", "vector", False, event, questions, sql(False, event)),
+            ("api", "vector", True, event, questions, api(False, event)),
+            ("api", "vector", True, alert, questions, api(False, alert)),
+            ("api", "hybrid, question", True, None, questions, api(True, None)),
+            ("api", "hybrid, 3 keywords", True, None, short, api(True, None)),
+            ("api", "hybrid, question", True, event, questions, api(True, event)),
+        ]
+    for path, mode, namespace, kind, queries, runner in configs:
+        latencies, agree = [], []
+        for i, q in enumerate(queries):
+            t0 = time.perf_counter()
+            ids = await runner(q)
+            elapsed = time.perf_counter() - t0
+            if i < WARMUP:
+                continue
+            latencies.append(elapsed)
+            if mode == "vector":
+                expected = ref.top(q.vector, q.namespace if namespace else None, kind)
+                agree.append(len(set(ids) & set(expected.tolist())) / len(expected) if len(expected) else 1.0)
+        emit(base_row("recall", memories=data.n, path=path, mode=mode, scope=scope(namespace, kind),
+                      k=K, queries=len(latencies), wal=wal, **latency_figures(latencies),
+                      agree_at_10=round(statistics.fmean(agree), 4) if agree else None))
+    if full:
+        await concurrent_recall(memory, data, questions, emit)
+        for namespace, kind in ((False, None), (True, None), (True, event), (False, event)):
+            latencies = []
+            for i, q in enumerate(questions):
+                t0 = time.perf_counter()
+                ref.top(q.vector, q.namespace if namespace else None, kind)
+                if i >= WARMUP:
+                    latencies.append(time.perf_counter() - t0)
+            emit(base_row("recall", memories=data.n, path="numpy", mode="vector",
+                          scope=scope(namespace, kind), k=K, queries=len(latencies), wal="in RAM",
+                          **latency_figures(latencies), agree_at_10=1.0))
+
+
+async def concurrent_recall(memory: Any, data: DataSet, queries: list[Query],
+                            emit: Callable[[dict[str, Any]], None], callers: int = 8) -> None:
+    """recall() in a namespace from `callers` concurrent callers: throughput and latency."""
+    todo = iter(queries[WARMUP:])
+    latencies: list[float] = []
+
+    async def caller() -> None:
+        for q in todo:
+            t0 = time.perf_counter()
+            await memory.recall(q.text, namespace=NAMESPACES[q.namespace], k=K)
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    elapsed = time.perf_counter() - t0
+    emit(base_row("recall", memories=data.n, path=f"api x {callers} callers", mode="vector",
+                  scope="namespace (10%)", k=K, queries=len(latencies), wal="uncheckpointed",
+                  qps=round(len(latencies) / elapsed, 1), **latency_figures(latencies)))
+
+
+# -- the embed phase (the real model) ---------------------------------------------------------
+
+
+async def embed_phase(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> None:
+    from agentd.testing import running_daemon
+
+    n = args.embed_texts
+    texts = [sentence(i) for i in range(n)]
+    with tempfile.TemporaryDirectory(prefix="agentd-membench-") as tmp:
+        async with running_daemon(Path(tmp), plugin_dirs=[TASK_PLUGINS]) as daemon:
+            check_plugins(daemon)
+            memory = daemon.memory
+            embedder = memory.embedder
+            await embedder.embed(["load the model first"])
+            deadline = time.perf_counter() + 60.0
+            t0 = time.perf_counter()
+            done = 0
+            for start in range(0, n, 32):
+                if time.perf_counter() > deadline:
+                    break
+                done += len(await embedder.embed(texts[start:start + 32]))
+            elapsed = time.perf_counter() - t0
+            singles = []
+            for text in texts[:50]:
+                t1 = time.perf_counter()
+                await embedder.embed([text])
+                singles.append(time.perf_counter() - t1)
+            emit(base_row("embed", embedder=embedder.id, dim=embedder.dimension, texts=done,
+                          batch=32, texts_per_s=round(done / elapsed, 1),
+                          one_text=latency_figures(singles)))
+            data = DataSet(n)  # namespaces and kinds only; the model makes the vectors
+            half = n // 2
+            for callers, rows in ((1, range(0, half)), (CALLERS, range(half, n))):
+                stored, dups, elapsed = await remember_run(memory, data, rows, callers, 60.0)
+                emit(base_row("insert", memories=n,
+                              method="remember() one by one" if callers == 1
+                              else f"remember() x {callers} callers",
+                              embedding=f"included ({embedder.id})", rows=stored, duplicates=dups,
+                              seconds=round(elapsed, 3),
+                              rate=round((stored + dups) / elapsed, 1) if elapsed else None,
+                              at_memories=f"{rows.start} to {rows.start + stored + dups}"))
+            latencies = []
+            for i in range(WARMUP + min(args.queries, 50)):
+                q = question(i)
+                t1 = time.perf_counter()
+                await memory.recall(q, namespace=NAMESPACES[i % len(NAMESPACES)], k=K)
+                if i >= WARMUP:
+                    latencies.append(time.perf_counter() - t1)
+            emit(base_row("recall", memories=n, path="api", mode="vector, query embedded",
+                          scope="namespace (10%)", k=K, queries=len(latencies), wal="uncheckpointed",
+                          embedder=embedder.id, **latency_figures(latencies)))
+            counter = itertools.count(n)
+
+            async def remember_load(stop: asyncio.Event, stored: list[int]) -> None:
+                while not stop.is_set():
+                    i = next(counter)
+                    await memory.remember(sentence(i), namespace=NAMESPACES[i % len(NAMESPACES)],
+                                          metadata=data.metadata(i % n))
+                    stored[0] += 1
+
+            await dispatch_run(daemon, args, emit, load="remember() x 8, MiniLM embedding",
+                               target="memory.db, writer thread (as built)",
+                               loaders=[remember_load] * 8)
+
+
+# -- the dispatch phase -----------------------------------------------------------------------
+
+
+Loader = Callable[[asyncio.Event, list[int]], Any]
+
+
+async def dispatch_phase(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> None:
+    from agentd.testing import running_daemon
+
+    pool = DataSet(20000, seed=SEED + 20)  # vectors reused round-robin by the loads
+    serial = itertools.count()
+
+    def next_items(memory: Any, count: int) -> list[Item]:
+        out = []
+        for _ in range(count):
+            i = next(serial)
+            j = i % pool.n
+            out.append((f"{sentence(i)} [load {i}]", NAMESPACES[pool.namespace[j]], pool.metadata(j),
+                        pool.vectors[j]))
+        return out
+
+    def loaders(memory: Any, store: Any, shape: str) -> list[Loader]:
+        rows = LOAD_BULK_ROWS if shape == "bulk" else 1
+
+        async def load(stop: asyncio.Event, stored: list[int]) -> None:
+            while not stop.is_set():
+                ids = await store.write(insert_op(memory, next_items(memory, rows)))
+                stored[0] += len(ids)  # not `+= len(await ...)`: that reads stored[0] before awaiting
+
+        return [load] if shape == "bulk" else [load] * CALLERS
+
+    with tempfile.TemporaryDirectory(prefix="agentd-membench-") as tmp:
+        plugin_dir = write_plugin(Path(tmp))
+        async with running_daemon(Path(tmp), plugin_dirs=[TASK_PLUGINS, plugin_dir],
+                                  overrides={"memory": {"embedder": "precomputed"}}) as daemon:
+            check_plugins(daemon)
+            memory = daemon.memory
+            await namespace_cost(memory, emit)
+            await daemon.store.write(lambda conn: create_scratch_memory(conn, memory))
+            shapes = (("bulk", f"write ops of {LOAD_BULK_ROWS} memories, back to back"),
+                      ("single", f"{CALLERS} callers, write ops of 1 memory"))
+            await dispatch_run(daemon, args, emit, load="none", target="-", loaders=[])
+            for store, target in ((memory.store, "memory.db, writer thread (as built)"),
+                                  (daemon.store, "agentd.db, main writer (on the loop)")):
+                for shape, text in shapes:
+                    await dispatch_run(daemon, args, emit, load=text, target=target,
+                                       loaders=loaders(memory, store, shape))
+            # What-if: the main database with its writer in a thread, as memory.db's is.
+            await asyncio.sleep(0.1)
+            if daemon.store._executor is None and not daemon.store._pending:
+                daemon.store._executor = ThreadPoolExecutor(1, thread_name_prefix="agentd-writer")
+                target = "agentd.db, main writer in a thread (what-if)"
+                await dispatch_run(daemon, args, emit, load="none", target=target, loaders=[])
+                for shape, text in shapes:
+                    await dispatch_run(daemon, args, emit, load=text, target=target,
+                                       loaders=loaders(memory, daemon.store, shape))
+
+
+async def namespace_cost(memory: Any, emit: Callable[[dict[str, Any]], None], count: int = 20) -> None:
+    """What a namespace costs on disk: one memory in each of `count` new namespaces (vec0
+    gives each partition chunks of its own), measured after a TRUNCATE checkpoint."""
+    await memory.store.checkpoint("TRUNCATE")
+    before = memory_files(memory.store.path)["db_bytes"]
+    for i in range(count):
+        await memory.remember(f"the only memory of namespace solo{i}", namespace=f"solo{i}")
+    await memory.store.checkpoint("TRUNCATE")
+    after = memory_files(memory.store.path)
+    emit(base_row("storage", memories=count, namespaces=count, wal="after wal_checkpoint(TRUNCATE)",
+                  bytes_per_namespace=round((after["db_bytes"] - before) / count), **after))
+
+
+def create_scratch_memory(conn: Any, memory: Any) -> None:
+    """memory.db's tables, made in agentd.db by the same DDL (its `meta` renamed, since agentd.db
+    has one): the `memories` table and FTS5 from the migration, the vec0 table by
+    MemoryStore._create_vectors (given no meta rows to write)."""
+    script = resources.files("agentd").joinpath("sql/memory/0001_memory.sql").read_text()
+    script = re.sub(r"\bmeta\b", "bench_scratch_meta", re.sub(r"--[^\n]*", "", script))
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    memory._create_vectors(conn, {})
+
+
+async def dispatch_run(daemon: Any, args: argparse.Namespace, emit: Callable[[dict[str, Any]], None],
+                       *, load: str, target: str, loaders: list[Loader]) -> None:
+    """Dispatch latency (enqueue -> start of bench.stamp, one task at a time, each awaited) while
+    `loaders` write memories, for at least --dispatch-tasks tasks and --dispatch-min-seconds (so
+    the samples span many of the load's transactions), at most --dispatch-seconds; also the
+    event loop's lag meanwhile (how late a 5 ms sleep wakes up)."""
+
+    async def stamp() -> float:
+        t0 = time.perf_counter()
+        record = await daemon.queue.enqueue("bench.stamp", {"t0": t0})
+        latency: float = await daemon.queue.result(record.id, 30.0)
+        return latency
+
+    for _ in range(WARMUP):  # before the load starts
+        await stamp()
+    stop = asyncio.Event()
+    measuring = asyncio.Event()
+    stored = [0]
+    lags: list[float] = []
+
+    async def probe() -> None:
+        await measuring.wait()
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lags.append(time.perf_counter() - t0 - 0.005)
+
+    row = base_row("dispatch", load=load, target=target)
+    background = [asyncio.ensure_future(loader(stop, stored)) for loader in loaders]
+    background.append(asyncio.ensure_future(probe()))
+    latencies: list[float] = []
+    try:
+        await asyncio.sleep(0.5 if loaders else 0.0)  # let the load reach its steady state
+        measuring.set()
+        stored0, t_start = stored[0], time.perf_counter()
+        while True:
+            elapsed = time.perf_counter() - t_start
+            if elapsed >= args.dispatch_seconds or (
+                    len(latencies) >= args.dispatch_tasks and elapsed >= args.dispatch_min_seconds):
+                break
+            latencies.append(await stamp())
+        row.update(tasks=len(latencies), seconds=round(elapsed, 2), **latency_figures(latencies),
+                   load_rows=stored[0] - stored0, load_rate=round((stored[0] - stored0) / elapsed),
+                   loop_lag=latency_figures(lags))
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        stop.set()
+        measuring.set()
+        done, pending = await asyncio.wait(background, timeout=30.0)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception() is not None and "error" not in row:
+                row["error"] = f"load: {type(task.exception()).__name__}: {task.exception()}"
+    emit(row)
+
+
+# -- the machine ------------------------------------------------------------------------------
+
+
+class CpuWatch:
+    """How much CPU processes other than this one used meanwhile (the machine may be shared)."""
+
+    def __init__(self) -> None:
+        self.loadavg_start = os.getloadavg()[0]
+        self.busy0, self.own0, self.t0 = machine_busy(), own_cpu(), time.monotonic()
+
+    def report(self) -> str:
+        wall = time.monotonic() - self.t0
+        others = max(0.0, (machine_busy() - self.busy0) - (own_cpu() - self.own0))
+        share = others / (wall * (os.cpu_count() or 1))
+        return (f"Other processes used about {others:.0f} CPU-s ({share:.0%} of the machine) during "
+                f"the run; 1-minute load average {self.loadavg_start:.2f} at its start.")
+
+
+def machine_busy() -> float:
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def agentd_revision() -> str:
+    import agentd
+
+    source = Path(agentd.__file__).resolve().parent
+    repo = HERE.parent
+    if not source.is_relative_to(repo):
+        return f"imported from {source}"
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], check=True,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "daemon"], check=True,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "an unknown commit"
+    return f"commit {head} with uncommitted changes in daemon/" if dirty else f"commit {head}"
+
+
+def versions() -> str:
+    import sqlite_vec
+
+    from agentd.db import driver
+
+    return (f"SQLite {driver.sqlite_version} ({driver.__name__}), sqlite-vec {sqlite_vec.__version__}, "
+            f"numpy {np.__version__}")
+
+
+# -- the tables -------------------------------------------------------------------------------
+
+
+def ms(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    return "" if value is None else f"{value:,.2f} ms"
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, elapsed: float,
+             revision: str, load: str) -> str:
+    today = datetime.date.today().isoformat()
+    lines = ["", "---- markdown ----",
+             f"Measured {today} on {os.cpu_count()} cores, Python {platform.python_version()}, "
+             f"{versions()}; {DIM} dimensions, k = {K}, {args.queries} queries per recall row "
+             f"({elapsed:.0f} s in all); agentd: {revision}. {load}", ""]
+    errors = [r for r in rows if "error" in r]
+    for row in errors:
+        lines.append(f"- error in {row.get('phase')} {row.get('load', '')} {row.get('target', '')}: "
+                     f"{row['error'][:200]}")
+    embed = [r for r in rows if r["phase"] == "embed"]
+    for row in embed:
+        lines.append(f"Embedder {row['embedder']}: {row['texts_per_s']:,.0f} texts/s in batches of "
+                     f"{row['batch']}; one text {row['one_text']['p50_ms']:.1f} ms p50, "
+                     f"{row['one_text']['p99_ms']:.1f} ms p99.")
+    lines += ["", "| memories | insert | embedding | rows | rows/s | duplicates | table size during |",
+              "| ---: | --- | --- | ---: | ---: | ---: | --- |"]
+    for row in rows:
+        if row["phase"] == "insert" and "error" not in row:
+            lines.append(f"| {row['memories']:,} | {row['method']} | {row['embedding']} | {row['rows']:,} "
+                         f"| {row['rate']:,} | {row.get('duplicates', 0)} | {row['at_memories']} |")
+    storage = [r for r in rows if r["phase"] == "storage"]
+    if storage:
+        lines.append("")
+        for row in storage:
+            if "bytes_per_namespace" in row:
+                lines.append(f"- {row['namespaces']} new namespaces with one memory each: "
+                             f"{row['bytes_per_namespace'] / 1e6:,.2f} MB of memory.db per namespace")
+                continue
+            took = f" (checkpoint took {row['checkpoint_s']:.2f} s)" if "checkpoint_s" in row else ""
+            per = (f", {row['db_bytes'] / row['memories'] / 1e3:,.1f} kB per memory"
+                   if "checkpoint_s" in row else "")
+            lines.append(f"- {row['memories']:,} memories, {row['wal']}: memory.db "
+                         f"{row['db_bytes'] / 1e6:,.0f} MB, WAL {row['wal_bytes'] / 1e6:,.0f} MB{took}{per}")
+    lines += ["", "| memories | path | mode | scope | WAL | p50 | p99 | mean | agree@10 | qps |",
+              "| ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        if row["phase"] == "recall" and "error" not in row:
+            agree = "" if row.get("agree_at_10") is None else f"{row['agree_at_10']:.2f}"
+            qps = "" if row.get("qps") is None else f"{row['qps']:,.0f}"
+            lines.append(f"| {row['memories']:,} | {row['path']} | {row['mode']} | {row['scope']} "
+                         f"| {row['wal']} | {ms(row, 'p50_ms')} | {ms(row, 'p99_ms')} | {ms(row, 'mean_ms')} "
+                         f"| {agree} | {qps} |")
+    lines += ["", "| memory writes | where they run | memories/s written | dispatch p50 | dispatch p99 "
+              "| dispatch max | loop lag p99 | loop lag max | tasks |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        if row["phase"] == "dispatch" and "error" not in row:
+            lag = row["loop_lag"]
+            lines.append(f"| {row['load']} | {row['target']} | {row['load_rate']:,} | {ms(row, 'p50_ms')} "
+                         f"| {ms(row, 'p99_ms')} | {ms(row, 'max_ms')} | {ms(lag, 'p99_ms')} "
+                         f"| {ms(lag, 'max_ms')} | {row['tasks']} |")
+    lines.append("---- end ----")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
