@@ -110,6 +110,10 @@ class Daemon:
             await memory.open()
             rollback.push_async_callback(memory.close)
             self.memory = self.workers.memory = self.plugins.memory = memory
+            # memory.db's WAL grows like the main file's (to hundreds of MB under bulk
+            # remember(), with recall three times slower) unless it is checkpointed too.
+            self._start_service(memory.store.run_checkpoints(), "memory-wal-checkpoints")
+            rollback.push_async_callback(self._stop_services)
             await self.workers.start()
             rollback.push_async_callback(self.workers.stop, self.config.daemon.stop_timeout)
             await self._start_scheduler()

@@ -28,8 +28,12 @@ def register(registry: TaskRegistry, config: Config, *, store: Store, queue: Tas
     async def sweep_events(ctx: Context) -> dict[str, int]:
         return {"deleted": await eventlog.sweep()}
 
-    async def maintain_store(ctx: Context) -> dict[str, int]:
-        return await store.maintain()
+    async def maintain_store(ctx: Context) -> dict[str, dict[str, int]]:
+        done = {store.path.name: await store.maintain()}
+        current = memory()
+        if current is not None:
+            done[current.store.path.name] = await current.store.maintain()
+        return done
 
     async def purge_memory(ctx: Context) -> dict[str, int]:
         current = memory()

@@ -89,6 +89,9 @@ class Session:
         meta_json = _json(meta or {}, "meta")
 
         def op(conn: Connection) -> int:
+            # An expired session the purge has not reached yet is gone all the same: the new
+            # message starts a fresh conversation instead of reviving the old one.
+            conn.execute("DELETE FROM sessions WHERE id = ? AND expires_at <= ?", (self.id, now))
             conn.execute(
                 "INSERT INTO sessions (id, expires_at, updated_at) VALUES (?, ?, ?) ON CONFLICT (id) "
                 "DO UPDATE SET expires_at = excluded.expires_at, updated_at = excluded.updated_at",
@@ -186,8 +189,8 @@ class MemoryStore:
         if not isinstance(text, str) or not text.strip():
             raise ValueError("text must be a non-empty string")
         namespace = _check_name(namespace, "namespace")
+        metadata_json = _json(metadata or {}, "metadata")
         metadata = dict(metadata or {})
-        metadata_json = _json(metadata, "metadata")
         digest = _digest(text)
         if supersedes is None:
             existing = await self.store.read_one(
@@ -266,7 +269,8 @@ class MemoryStore:
         new_text = current.text if text is None else text
         if not new_text.strip():
             raise ValueError("text must be a non-empty string")
-        new_meta = current.metadata if metadata is None else dict(metadata)
+        new_meta_json = _json(current.metadata if metadata is None else metadata, "metadata")
+        new_meta = json.loads(new_meta_json)
         vector = (await self.embedder.embed([new_text]))[0] if text is not None else None
         filters = self._filter_values(new_meta)
         now = time.time()
@@ -275,7 +279,7 @@ class MemoryStore:
             row: Row = conn.execute(
                 "UPDATE memories SET text = ?, metadata = ?, hash = ?, updated_at = ?, "
                 "expires_at = coalesce(?, expires_at) WHERE id = ? RETURNING *",
-                (new_text, _json(new_meta, "metadata"), _digest(new_text), now, expires_at,
+                (new_text, new_meta_json, _digest(new_text), now, expires_at,
                  memory_id)).fetchone()
             if row["superseded_by"] is None:
                 if vector is not None:
@@ -302,26 +306,65 @@ class MemoryStore:
                                          (_check_name(namespace or "", "namespace"),))
             ids = [r["id"] for r in rows if _matches(json.loads(r["metadata"]), where or {})]
 
-        def op(conn: Connection) -> int:
-            for one in ids:
-                self._unindex(conn, one)
-                conn.execute("DELETE FROM memories WHERE id = ?", (one,))
-            return len(ids)
-
-        return await self.store.write(op)
+        return await self._delete(ids)
 
     async def purge_expired(self) -> dict[str, int]:
         """Delete expired memories and expired sessions (with their messages)."""
         now = time.time()
+        expired = [r["id"] for r in await self.store.read(
+            "SELECT id FROM memories WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))]
+        memories = await self._delete(expired)
+        sessions = await self.store.write(
+            lambda conn: conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,)).rowcount)
+        return {"memories": memories, "sessions": sessions}
 
-        def op(conn: Connection) -> dict[str, int]:
-            expired = [r[0] for r in conn.execute(
-                "SELECT id FROM memories WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))]
-            for one in expired:
+    async def _delete(self, ids: Sequence[int]) -> int:
+        """Delete memories and keep their correction chains whole: what a deleted memory
+        superseded is linked to the deleted one's successor, or, when the deleted one was
+        the newest, becomes the newest again (back in the search index)."""
+        if not ids:
+            return 0
+        doomed = set(ids)
+        rows = {r["id"]: r for r in await self.store.read(
+            f"SELECT id, supersedes, superseded_by FROM memories WHERE id IN ({','.join('?' * len(doomed))})",
+            tuple(doomed))}
+
+        def outside(start: int | None, link: str) -> int | None:
+            while start is not None and start in doomed:
+                start = rows[start][link] if start in rows else None
+            return start
+
+        relinks: dict[int, int] = {}  # surviving original -> surviving correction
+        revive: set[int] = set()
+        for row in rows.values():
+            original = outside(row["supersedes"], "supersedes")
+            if original is None:
+                continue
+            successor = outside(row["superseded_by"], "superseded_by")
+            if successor is None:
+                revive.add(original)
+            else:
+                relinks[original] = successor
+        revived = [Memory.from_row(r) for r in await self.store.read(
+            f"SELECT * FROM memories WHERE id IN ({','.join('?' * len(revive))})", tuple(revive))]
+        vectors = await self.embedder.embed([m.text for m in revived]) if revived else []
+
+        def op(conn: Connection) -> int:
+            deleted = 0
+            for one in doomed:
                 self._unindex(conn, one)
-                conn.execute("DELETE FROM memories WHERE id = ?", (one,))
-            sessions = conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,)).rowcount
-            return {"memories": len(expired), "sessions": sessions}
+                deleted += conn.execute("DELETE FROM memories WHERE id = ?", (one,)).rowcount
+            for original, successor in relinks.items():
+                conn.execute("UPDATE memories SET superseded_by = ? WHERE id = ?", (successor, original))
+                conn.execute("UPDATE memories SET supersedes = ? WHERE id = ?", (original, successor))
+            for memory, vector in zip(revived, vectors, strict=True):
+                still_live = conn.execute(
+                    "SELECT 1 FROM memories WHERE id = ? AND superseded_by IS NULL", (memory.id,)).fetchone()
+                if still_live:
+                    self._unindex(conn, memory.id)
+                    self._index(conn, memory.id, memory.namespace, memory.text, vector=vector,
+                                filters=self._filter_values(memory.metadata))
+            return deleted
 
         return await self.store.write(op)
 

@@ -272,6 +272,8 @@ class WorkerPool:
         namespace = definition.remember if isinstance(definition.remember, str) else (
             definition.plugin or "default")
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        if not text.strip():  # nothing to remember is not a failed task
+            return
         await self.memory.remember(text, namespace=namespace,
                                    metadata={"task": record.name, "task_id": record.id})
 

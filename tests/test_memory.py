@@ -1,0 +1,932 @@
+"""Agent memory against the real daemon: short-term sessions, long-term memories in
+memory.db (sqlite-vec + FTS5), the real MiniLM embedder, an OpenAI-compatible HTTP embedder
+served by the test, a plugin's embedder, the HTTP API, the CLI, and tasks that remember.
+
+Each test starts at most a few daemons; each daemon that embeds loads the real model once
+(~1 s), so related checks share a daemon. Nothing sleeps: expiry is an `expires_at` in the
+past or a TTL of 0, and purging runs through the built-in schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from agentd.embed import MiniLMEmbedder, build_embedder
+from agentd.errors import EmbedderError, EmbedderMismatchError, MemoryNotFoundError
+from agentd.testing import make_config
+
+# Daemons started by this module; every one that embeds loads the model (~1 s).
+DAEMON_BUDGET = 20
+STARTED = {"daemons": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _daemon_budget() -> Iterator[None]:
+    yield
+    assert STARTED["daemons"] <= DAEMON_BUDGET, f"{STARTED['daemons']} daemons started: too slow"
+
+
+@pytest.fixture
+def start(start_daemon: Any) -> Any:
+    """`daemon, events = await start(plugin_dirs=..., overrides=..., state_dir=...)`, counted."""
+
+    async def run(**kwargs: Any) -> Any:
+        STARTED["daemons"] += 1
+        return await start_daemon(**kwargs)
+
+    return run
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def word_vector(text: str, dimension: int) -> list[float]:
+    """A deterministic bag-of-words vector: each word adds ±1 in the bucket of its hash."""
+    vector = [0.0] * dimension
+    for word in re.findall(r"\w+", text.lower()):
+        digest = hashlib.sha256(word.encode()).digest()
+        vector[int.from_bytes(digest[:4], "big") % dimension] += 1.0 if digest[4] & 1 else -1.0
+    if not any(vector):
+        vector[0] = 1.0
+    return vector
+
+
+def unit(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector]
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(unit(a), unit(b), strict=True))
+
+
+async def call(client: Any, method: str, path: str, body: Any = None, *, status: int = 200,
+               params: dict[str, str] | None = None) -> Any:
+    """One API call; asserts the status and returns the JSON body (None for 204)."""
+    async with client.request(method, path, json=body, params=params) as response:
+        text = await response.text()
+        assert response.status == status, f"{method} {path}: {response.status} {text}"
+        if response.status == 204:
+            return None
+        assert response.content_type == "application/json", text
+        return json.loads(text)
+
+
+async def search(client: Any, q: str, **params: Any) -> list[dict[str, Any]]:
+    query = {"q": q, **{k: (json.dumps(v) if k == "where" else str(v)) for k, v in params.items()}}
+    return (await call(client, "GET", "/v1/memory/search", params=query))["results"]
+
+
+async def rows(daemon: Any, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of memory.db, read through the daemon's own reader connection."""
+    return [tuple(r) for r in await daemon.memory.store.read(sql, params)]
+
+
+async def run_purge_schedule(daemon: Any, client: Any) -> Any:
+    """Fire the built-in `agentd.purge_memory` schedule now and return its task's result."""
+    ran = await call(client, "POST", "/v1/schedules/agentd.purge_memory/run")
+    return await daemon.queue.result(ran["last_task_id"], timeout=10)
+
+
+def bad(error: dict[str, Any], code: str, *needles: str) -> None:
+    assert error["error"]["code"] == code, error
+    for needle in needles:
+        assert needle in error["error"]["message"], (needle, error)
+
+
+# A plugin whose tasks use ctx.memory, and remember their results.
+MEM_PLUGIN = """
+    from agentd import Plugin
+
+    plugin = Plugin("mem")
+
+
+    @plugin.task()
+    async def chat(ctx, session, content):
+        conversation = ctx.memory.session(session)
+        await conversation.append("user", content, {"task_id": ctx.task.id})
+        return await conversation.history()
+
+
+    @plugin.task(remember=True)
+    async def summarize(ctx, topic):
+        return f"Summary: the {topic} project ships its first release in March."
+
+
+    @plugin.task(remember="notes")
+    async def note(ctx, city):
+        return {"city": city, "fact": f"{city} has the largest harbour in the region"}
+
+
+    @plugin.task(remember=True)
+    async def nothing(ctx):
+        return None
+
+
+    @plugin.task(remember=True)
+    async def blank(ctx):
+        return ""
+
+
+    @plugin.task()
+    async def learn(ctx, text):
+        memory, created = await ctx.memory.remember(
+            text, namespace="learned",
+            metadata={"task": ctx.task.name, "task_id": ctx.task.id, "kind": "lesson"})
+        found = await ctx.memory.recall(text, namespace="learned", k=1, where={"kind": "lesson"})
+        return {"id": memory.id, "created": created, "recalled": found[0].memory.id}
+"""
+
+# A plugin registering an embedder: deterministic bag-of-words vectors of 8 dimensions.
+TOY_PLUGIN = """
+    import hashlib
+    import re
+
+    from agentd import Plugin
+
+    plugin = Plugin("toy")
+    CALLS = []
+
+
+    def vector(text):
+        values = [0.0] * 8
+        for word in re.findall(r"\\w+", text.lower()):
+            values[hashlib.sha256(word.encode()).digest()[0] % 8] += 1.0
+        norm = sum(x * x for x in values) ** 0.5 or 1.0
+        return [x / norm for x in values]
+
+
+    class ToyEmbedder:
+        id = "toy-8"
+        dimension = 8
+
+        async def embed(self, texts):
+            CALLS.append(list(texts))
+            return [vector(t) for t in texts]
+
+
+    @plugin.embedder("toy")
+    def make(config):
+        return ToyEmbedder()
+"""
+
+
+@pytest.fixture
+def mem_dir(plugin_dir: Any) -> Path:
+    return plugin_dir({"mem.py": MEM_PLUGIN}, name="mem_plugins")
+
+
+# --------------------------------------------------------------------------- an embeddings server
+
+
+class EmbeddingServer:
+    """An OpenAI-compatible `POST /v1/embeddings` on 127.0.0.1: word-hash vectors, answered
+    in reverse order (clients must sort by index); `fail_next` queues error answers first."""
+
+    def __init__(self, dimension: int = 64) -> None:
+        self.dimension = dimension
+        self.requests: list[dict[str, Any]] = []
+        self.failures: list[tuple[int, dict[str, str]]] = []
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    def fail_next(self, status: int, headers: dict[str, str] | None = None) -> None:
+        self.failures.append((status, headers or {}))
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append({"authorization": request.headers.get("Authorization"),
+                              "model": body.get("model"), "input": body.get("input")})
+        if self.failures:
+            status, headers = self.failures.pop(0)
+            return web.json_response({"error": {"message": f"answering {status}"}}, status=status,
+                                     headers=headers)
+        data = [{"object": "embedding", "index": i, "embedding": word_vector(text, self.dimension)}
+                for i, text in enumerate(body["input"])]
+        return web.json_response({"object": "list", "model": body.get("model"), "data": data[::-1]})
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture
+async def embedding_server() -> AsyncIterator[EmbeddingServer]:
+    server = EmbeddingServer()
+    await server.start()
+    yield server
+    await server.close()
+
+
+def http_embedder_table(server: EmbeddingServer, **extra: Any) -> dict[str, Any]:
+    return {"embedder": "http", "http_url": server.url, "http_model": "hash-64",
+            "http_dimension": server.dimension, **extra}
+
+
+# --------------------------------------------------------------------------- short-term sessions
+
+
+async def test_sessions_over_http_and_inside_a_task(start: Any, http: Any, mem_dir: Path) -> None:
+    daemon, _ = await start(plugin_dirs=[mem_dir])
+    client = http(daemon)
+    first = await call(client, "POST", "/v1/sessions/chat-1/messages",
+                       {"role": "user", "content": "hello", "meta": {"lang": "en"}}, status=201)
+    assert (first["session_id"], first["role"], first["content"], first["meta"]) == (
+        "chat-1", "user", "hello", {"lang": "en"})
+    await call(client, "POST", "/v1/sessions/chat-1/messages",
+               {"role": "assistant", "content": "hi, how can I help?"}, status=201)
+    await call(client, "POST", "/v1/sessions/other/messages", {"role": "user", "content": "elsewhere"},
+               status=201)
+
+    # A task appends through ctx.memory and sees the whole conversation, oldest first.
+    task = await daemon.queue.enqueue("mem.chat", {"session": "chat-1", "content": "from a task"})
+    history = await daemon.queue.result(task.id, timeout=10)
+    assert [(m["role"], m["content"]) for m in history] == [
+        ("user", "hello"), ("assistant", "hi, how can I help?"), ("user", "from a task")]
+    assert history[0]["meta"] == {"lang": "en"} and history[2]["meta"] == {"task_id": task.id}
+    assert history[0]["id"] == first["id"]
+
+    listed = await call(client, "GET", "/v1/sessions/chat-1/messages")
+    assert listed["session_id"] == "chat-1"
+    assert [m["content"] for m in listed["messages"]] == ["hello", "hi, how can I help?", "from a task"]
+    last_two = await call(client, "GET", "/v1/sessions/chat-1/messages", params={"limit": "2"})
+    assert [m["content"] for m in last_two["messages"]] == ["hi, how can I help?", "from a task"]
+    session = daemon.memory.session("chat-1")
+    assert [m["content"] for m in await session.history(limit=1)] == ["from a task"]
+    await session.append("assistant", "noted", {"tokens": 3})
+    assert [m["content"] for m in await session.history()][-2:] == ["from a task", "noted"]
+    stats = await call(client, "GET", "/v1/memory/stats")
+    assert (stats["sessions"], stats["messages"]) == (2, 5)
+
+    # The session lives for session_ttl after its last message (the default: a day).
+    (expires_at,) = (await rows(daemon, "SELECT expires_at FROM sessions WHERE id = 'chat-1'"))[0]
+    assert expires_at == pytest.approx(time.time() + daemon.config.memory.session_ttl, abs=5)
+
+    cleared = await call(client, "DELETE", "/v1/sessions/chat-1/messages")
+    assert cleared == {"deleted": 4}
+    assert (await call(client, "GET", "/v1/sessions/chat-1/messages"))["messages"] == []
+    assert await rows(daemon, "SELECT count(*) FROM messages WHERE session_id = 'chat-1'") == [(0,)]
+    assert await rows(daemon, "SELECT count(*) FROM sessions WHERE id = 'chat-1'") == [(0,)]
+    assert await session.clear() == 0
+    # The other conversation is untouched.
+    other = await call(client, "GET", "/v1/sessions/other/messages")
+    assert [m["content"] for m in other["messages"]] == ["elsewhere"]
+
+
+async def test_bad_session_requests_are_400_naming_the_problem(start: Any, http: Any) -> None:
+    daemon, _ = await start()
+    client = http(daemon)
+    path = "/v1/sessions/s/messages"
+    bad(await call(client, "GET", path, params={"limit": "0"}, status=400), "bad_request",
+        "limit must be between 1 and 1000, got 0")
+    bad(await call(client, "GET", path, params={"limit": "many"}, status=400), "bad_request",
+        "limit must be an integer")
+    bad(await call(client, "POST", path, {"content": "no role"}, status=400), "bad_request",
+        "role must be a non-empty string")
+    bad(await call(client, "POST", path, {"role": "user", "content": 5}, status=400), "bad_request",
+        "content a string")
+    bad(await call(client, "POST", path, {"role": "user", "content": "x", "meta": [1]}, status=400),
+        "bad_request", "meta must be an object")
+    bad(await call(client, "POST", "/v1/sessions/not%20ok/messages", {"role": "user", "content": "x"},
+                   status=400), "bad_request", "session id 'not ok'")
+    with pytest.raises(ValueError, match="session id"):
+        daemon.memory.session("")
+    assert await rows(daemon, "SELECT count(*) FROM messages") == [(0,)]
+
+
+async def test_expired_sessions_and_memories_are_hidden_then_purged_by_the_builtin_schedule(
+    start: Any, http: Any
+) -> None:
+    # session_ttl 0: a session expires as soon as its message is written.
+    daemon, _ = await start(overrides={"memory": {"session_ttl": 0.0}})
+    client = http(daemon)
+    await call(client, "POST", "/v1/sessions/brief/messages", {"role": "user", "content": "gone soon"},
+               status=201)
+    assert (await call(client, "GET", "/v1/sessions/brief/messages"))["messages"] == []
+    assert await daemon.memory.session("brief").history() == []
+    assert await rows(daemon, "SELECT count(*) FROM messages WHERE session_id = 'brief'") == [(1,)]
+
+    memory = daemon.memory
+    kept, _ = await memory.remember("The backup job runs every night at two.", namespace="ops")
+    by_ttl = await call(client, "POST", "/v1/memory", {
+        "text": "The VPN certificate expires next week.", "namespace": "ops", "ttl": 0}, status=201)
+    assert by_ttl["expires_at"] <= time.time()
+    by_time, created = await memory.remember("Deploys are frozen until Monday.", namespace="ops",
+                                             expires_at=time.time() - 60)
+    assert created
+    # Expired memories are never recalled (vector or keyword), though their rows remain...
+    for query in ("VPN certificate expiry", "deploy freeze Monday"):
+        for hybrid in (False, True):
+            found = await memory.recall(query, namespace="ops", k=10, hybrid=hybrid)
+            assert [r.memory.id for r in found] == [kept.id], (query, hybrid)
+    assert (await call(client, "GET", f"/v1/memory/{by_time.id}"))["id"] == by_time.id
+    expired_ids = (by_ttl["id"], by_time.id)
+    assert await rows(daemon, "SELECT count(*) FROM memory_vectors WHERE id IN (?, ?)", expired_ids) == [(2,)]
+
+    # ...until the built-in schedule purges them, with the expired session and its messages.
+    assert await run_purge_schedule(daemon, client) == {"memories": 2, "sessions": 1}
+    assert await rows(daemon, "SELECT id FROM memories") == [(kept.id,)]
+    assert await rows(daemon, "SELECT id FROM memory_vectors") == [(kept.id,)]
+    assert await rows(daemon, "SELECT rowid FROM memories_fts") == [(kept.id,)]
+    assert await rows(daemon, "SELECT count(*) FROM sessions") == [(0,)]
+    assert await rows(daemon, "SELECT count(*) FROM messages") == [(0,)]
+    bad(await call(client, "GET", f"/v1/memory/{by_time.id}", status=404), "memory_not_found",
+        f"no memory with id {by_time.id}")
+    assert await memory.purge_expired() == {"memories": 0, "sessions": 0}
+    assert (await memory.stats())["namespaces"] == {"ops": 1}
+
+
+async def test_an_expired_session_does_not_come_back_when_a_message_is_added(start: Any) -> None:
+    """Once a session's expiry has passed its history is gone; a new message must start a
+    fresh conversation, not revive the expired messages (which would otherwise depend on
+    whether the purge schedule happened to run in between)."""
+    daemon, _ = await start()
+    session = daemon.memory.session("stale")
+    await session.append("user", "an old secret")
+    # The session's expiry passes (as if session_ttl elapsed before the hourly purge).
+    await daemon.memory.store.write(lambda conn: conn.execute(
+        "UPDATE sessions SET expires_at = ? WHERE id = 'stale'", (time.time() - 1,)))
+    assert await session.history() == []
+    await session.append("user", "a new conversation")
+    assert [m["content"] for m in await session.history()] == ["a new conversation"]
+
+
+# --------------------------------------------------------------------------- long-term memory
+
+
+async def test_long_term_memory_over_http(start: Any, http: Any) -> None:
+    daemon, _ = await start(overrides={"memory": {"dedupe_threshold": 0.9}})
+    client = http(daemon)
+    dark = "The user prefers dark mode in the editor."
+    first = await call(client, "POST", "/v1/memory", {
+        "text": dark, "namespace": "prefs", "metadata": {"kind": "preference", "source": "chat"}},
+        status=201)
+    assert first["created"] is True
+    assert (first["namespace"], first["text"], first["metadata"]) == (
+        "prefs", dark, {"kind": "preference", "source": "chat"})
+    assert (first["supersedes"], first["superseded_by"], first["expires_at"]) == (None, None, None)
+
+    # The row in memories, its vector in vec0 (partition: the namespace; filter columns) and
+    # its keywords in FTS5.
+    row = (await rows(daemon, "SELECT namespace, text, metadata, hash, created_at, updated_at, expires_at, "
+                              "supersedes, superseded_by FROM memories WHERE id = ?", (first["id"],)))[0]
+    assert row[:4] == ("prefs", dark, '{"kind":"preference","source":"chat"}',
+                       hashlib.sha256(dark.encode()).hexdigest())
+    assert row[4] == row[5] == first["created_at"] and row[6:] == (None, None, None)
+    assert await rows(daemon, "SELECT namespace, kind, source, agent FROM memory_vectors WHERE id = ?",
+                      (first["id"],)) == [("prefs", "preference", "chat", "")]
+    assert await rows(daemon, "SELECT text FROM memories_fts WHERE rowid = ?", (first["id"],)) == [(dark,)]
+    assert await call(client, "GET", f"/v1/memory/{first['id']}") == {
+        k: v for k, v in first.items() if k != "created"}
+
+    # An exact duplicate (whitespace aside) and a near duplicate return the existing memory.
+    same = await call(client, "POST", "/v1/memory",
+                      {"text": "  The user prefers   dark mode\nin the editor. ", "namespace": "prefs"})
+    assert (same["id"], same["created"]) == (first["id"], False)
+    paraphrase = "The user likes dark mode in the editor."
+    blue = "The user's favourite colour is blue."
+    a, b, c = await daemon.memory.embedder.embed([dark, paraphrase, blue])
+    assert cosine(a, b) >= 0.9 > cosine(a, c)
+    near = await call(client, "POST", "/v1/memory", {"text": paraphrase, "namespace": "prefs"})
+    assert (near["id"], near["created"], near["text"]) == (first["id"], False, dark)
+    colour = await call(client, "POST", "/v1/memory", {"text": blue, "namespace": "prefs"}, status=201)
+    # Namespaces are separate: the same text elsewhere is a new memory.
+    elsewhere = await call(client, "POST", "/v1/memory", {"text": dark, "namespace": "team"}, status=201)
+    assert elsewhere["id"] != first["id"]
+
+    # A correction supersedes what it replaces: recall returns the new one only.
+    green = await call(client, "POST", "/v1/memory", {
+        "text": "The user's favourite colour is green.", "namespace": "prefs", "supersedes": colour["id"]},
+        status=201)
+    assert green["supersedes"] == colour["id"]
+    old = await call(client, "GET", f"/v1/memory/{colour['id']}")
+    assert old["superseded_by"] == green["id"]
+    found = await search(client, "Which colour does the user like best?", namespace="prefs", k=10)
+    ids = [r["id"] for r in found]
+    assert ids[0] == green["id"] and colour["id"] not in ids
+    assert [r["score"] for r in found] == sorted((r["score"] for r in found), reverse=True)
+    assert colour["id"] not in [r["id"] for r in await search(
+        client, "favourite colour is blue", namespace="prefs", hybrid="true")]
+    bad(await call(client, "POST", "/v1/memory", {"text": "A correction of nothing.", "namespace": "prefs",
+                                                   "supersedes": 999999}, status=404),
+        "memory_not_found", "supersedes: no memory 999999 in namespace 'prefs'")
+    bad(await call(client, "POST", "/v1/memory", {"text": "A correction across namespaces.",
+                                                   "namespace": "team", "supersedes": green["id"]},
+                   status=404), "memory_not_found", f"no memory {green['id']} in namespace 'team'")
+
+    # An update with a new text embeds it again: recall by the new meaning finds it.
+    wifi = await call(client, "POST", "/v1/memory", {"text": "The guest wifi password is hunter2.",
+                                                      "namespace": "prefs"}, status=201)
+    changed = await call(client, "PATCH", f"/v1/memory/{wifi['id']}", {
+        "text": "The office printer is on the third floor.", "metadata": {"kind": "fact"}})
+    assert (changed["id"], changed["text"], changed["metadata"]) == (
+        wifi["id"], "The office printer is on the third floor.", {"kind": "fact"})
+    assert changed["updated_at"] > changed["created_at"]
+    top = await search(client, "Where can I find the printer?", namespace="prefs", k=1)
+    assert [r["id"] for r in top] == [wifi["id"]]
+    assert [r["id"] for r in await search(client, "printer", namespace="prefs", where={"kind": "fact"})] == [
+        wifi["id"]]
+    # A metadata-only update moves the filter columns too.
+    await call(client, "PATCH", f"/v1/memory/{wifi['id']}", {"metadata": {"kind": "location"}})
+    assert [r["id"] for r in await search(client, "printer", namespace="prefs",
+                                          where={"kind": "location"})] == [wifi["id"]]
+    assert await search(client, "printer", namespace="prefs", where={"kind": "fact"}) == []
+    bad(await call(client, "PATCH", f"/v1/memory/{wifi['id']}", {"text": "  "}, status=400),
+        "bad_request", "text must be a non-empty string")
+
+    # Stats count live memories per namespace (not the superseded one).
+    stats = await call(client, "GET", "/v1/memory/stats")
+    assert stats["namespaces"] == {"prefs": 3, "team": 1}
+    assert (stats["embedder"], stats["dimension"]) == ("minilm-l6-v2-int8", 384)
+
+    # Forget by id: gone from every table; a second time, 404.
+    await call(client, "DELETE", f"/v1/memory/{wifi['id']}", status=204)
+    for table, key in (("memories", "id"), ("memory_vectors", "id"), ("memories_fts", "rowid")):
+        assert await rows(daemon, f"SELECT count(*) FROM {table} WHERE {key} = ?", (wifi["id"],)) == [(0,)]
+    for method in ("GET", "DELETE"):
+        bad(await call(client, method, f"/v1/memory/{wifi['id']}", status=404), "memory_not_found",
+            f"no memory with id {wifi['id']}")
+    bad(await call(client, "PATCH", f"/v1/memory/{wifi['id']}", {"text": "x"}, status=404),
+        "memory_not_found")
+    assert wifi["id"] not in [r["id"] for r in await search(client, "printer", namespace="prefs")]
+
+
+async def test_bad_memory_requests_are_400_naming_the_problem(start: Any, http: Any) -> None:
+    daemon, _ = await start()
+    client = http(daemon)
+    posts = [
+        ({"text": ""}, "bad_request", "text must be a non-empty string"),
+        ({"text": " \n "}, "bad_request", "text must be a non-empty string"),
+        ({"namespace": "x"}, "bad_request", "text: expected a string, got None"),
+        ({"text": 42}, "bad_request", "text: expected a string, got 42"),
+        ({"text": "x", "colour": "red"}, "bad_request", "unknown field(s): colour"),
+        ({"text": "x", "namespace": "no spaces"}, "bad_request", "namespace 'no spaces' must be"),
+        ({"text": "x", "namespace": ""}, "bad_request", "namespace '' must be"),
+        ({"text": "x", "ttl": "soon"}, "bad_request", "ttl: expected a number, got 'soon'"),
+        ({"text": "x", "expires_at": True}, "bad_request", "expires_at: expected a number"),
+        ({"text": "x", "supersedes": "7"}, "bad_request", "supersedes: expected a memory id"),
+        ([1, 2], "bad_request", "expected a JSON object, got list"),
+    ]
+    for body, code, needle in posts:
+        bad(await call(client, "POST", "/v1/memory", body, status=400), code, needle)
+    async with client.post("/v1/memory", data="{nope", headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 400
+        bad(await r.json(), "invalid_json", "not valid JSON")
+
+    searches = [
+        ({}, "query must be a non-empty string"),
+        ({"q": "  "}, "query must be a non-empty string"),
+        ({"q": "x", "k": "0"}, "k must be between 1 and 1000, got 0"),
+        ({"q": "x", "k": "1001"}, "k must be between 1 and 1000, got 1001"),
+        ({"q": "x", "k": "ten"}, "k must be an integer"),
+        ({"q": "x", "where": "{kind: fact}"}, "where a JSON object"),
+        ({"q": "x", "where": "[1]"}, "where must be an object"),
+        ({"q": "x", "hybrid": "maybe"}, "hybrid must be true or false, got 'maybe'"),
+        ({"q": "x", "namespace": "a/b"}, "namespace 'a/b' must be"),
+    ]
+    for params, needle in searches:
+        bad(await call(client, "GET", "/v1/memory/search", params=params, status=400), "bad_request", needle)
+
+    bad(await call(client, "PATCH", "/v1/memory/1", {"colour": "red"}, status=400), "bad_request",
+        "unknown field(s): colour; known: text, metadata, expires_at")
+    bad(await call(client, "PATCH", "/v1/memory/1", {"text": 5}, status=400), "bad_request",
+        "text: expected a string")
+    bad(await call(client, "PATCH", "/v1/memory/1", {"expires_at": "later"}, status=400), "bad_request",
+        "expires_at: expected a number")
+    for method in ("GET", "PATCH", "DELETE"):
+        body = {"text": "x"} if method == "PATCH" else None
+        bad(await call(client, method, "/v1/memory/424242", body, status=404), "memory_not_found",
+            "no memory with id 424242")
+    bad(await call(client, "GET", f"/v1/memory/{2**64}", status=404), "memory_not_found")
+    bad(await call(client, "GET", "/v1/memory/abc", status=404), "not_found", "no route")
+
+    # The same rules in Python.
+    memory = daemon.memory
+    with pytest.raises(ValueError, match="text must be a non-empty string"):
+        await memory.remember("   ")
+    with pytest.raises(ValueError, match="k must be between 1 and 1000"):
+        await memory.recall("x", k=0)
+    with pytest.raises(ValueError, match="where must be an object"):
+        await memory.recall("x", where=["kind"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="give a memory id, or a namespace"):
+        await memory.forget()
+    with pytest.raises(MemoryNotFoundError, match="no memory with id 5"):
+        await memory.get(5)
+    with pytest.raises(MemoryNotFoundError):
+        await memory.forget(5)
+    assert (await memory.stats())["namespaces"] == {}
+
+
+async def test_metadata_that_is_not_an_object_is_a_400_naming_metadata(start: Any, http: Any) -> None:
+    daemon, _ = await start()
+    client = http(daemon)
+    for metadata in ([1], "kind=fact", [["kind", "fact"]]):
+        error = await call(client, "POST", "/v1/memory", {"text": "a fact", "metadata": metadata}, status=400)
+        bad(error, "bad_request", "metadata must be an object")
+    assert (await daemon.memory.stats())["namespaces"] == {}
+    saved = await call(client, "POST", "/v1/memory", {"text": "a fact"}, status=201)
+    bad(await call(client, "PATCH", f"/v1/memory/{saved['id']}", {"metadata": [1]}, status=400),
+        "bad_request", "metadata must be an object")
+
+
+CITIES = ["Oslo", "Lisbon", "Nairobi", "Lima", "Hanoi", "Quebec", "Perth", "Tbilisi", "Dakar", "Bergen",
+          "Cusco", "Kyoto", "Porto", "Accra"]
+WEATHER = ["heavy rain is expected", "a heatwave is forecast", "snow will fall overnight",
+           "strong winds are coming", "thick fog is likely"]
+DAYS = ["Monday", "Thursday", "the weekend"]
+RECIPES = ["Knead the bread dough for ten minutes before it rises.",
+           "Simmer the tomato sauce with basil and garlic.",
+           "Whisk the eggs and sugar until pale for the sponge cake.",
+           "Marinate the chicken in yogurt and cumin overnight.",
+           "Toast the sesame seeds in a dry pan."]
+
+
+async def test_filters_apply_inside_the_knn_and_namespaces_isolate(start: Any) -> None:
+    daemon, _ = await start()
+    memory = daemon.memory
+    common = []
+    for i in range(35):
+        city = CITIES[i % len(CITIES)]
+        text = f"In {city}, {WEATHER[i % len(WEATHER)]} on {DAYS[i % len(DAYS)]}."
+        saved, created = await memory.remember(text, namespace="kb",
+                                               metadata={"kind": "common", "city": city})
+        assert created, text
+        common.append(saved)
+    rare = []
+    for text in RECIPES:
+        saved, created = await memory.remember(text, namespace="kb", metadata={"kind": "rare"})
+        assert created, text
+        rare.append(saved)
+    query = "Will it rain tomorrow in the city?"
+
+    # Unfiltered, the nearest 13 are all weather: filtering those afterwards would find none.
+    nearest = await memory.recall(query, namespace="kb", k=13)
+    assert {r.memory.metadata["kind"] for r in nearest} == {"common"}
+    # Inside the KNN, the filter still gives k rows: exactly the 5 rare ones.
+    found = await memory.recall(query, namespace="kb", k=5, where={"kind": "rare"})
+    assert sorted(r.memory.id for r in found) == [m.id for m in rare]
+    assert all(r.distance is not None for r in found)
+    assert [r.score for r in found] == sorted((r.score for r in found), reverse=True)
+    either = await memory.recall(query, namespace="kb", k=40, where={"kind": ["rare", "common"]})
+    assert len(either) == 40
+    # A key that is not a filter field is applied after the search, on an over-fetched set.
+    assert "city" not in daemon.config.memory.filter_fields
+    oslo = await memory.recall("What is the weather like in Oslo?", namespace="kb", k=2,
+                               where={"city": "Oslo"})
+    assert len(oslo) == 2 and {r.memory.metadata["city"] for r in oslo} == {"Oslo"}
+    lima = await memory.recall("Is it going to snow in Lima?", namespace="kb", k=3,
+                               where={"kind": "common", "city": "Lima"})
+    assert len(lima) == 3 and {r.memory.metadata["city"] for r in lima} == {"Lima"}
+    assert await memory.recall(query, namespace="kb", where={"city": "Atlantis"}) == []
+
+    # Namespaces: vec0 partitions; nothing crosses them, duplicates included.
+    twin, created = await memory.remember(common[0].text, namespace="kb-copy")
+    assert created and twin.id != common[0].id
+    assert [r.memory.id for r in await memory.recall(common[0].text, namespace="kb-copy")] == [twin.id]
+    assert twin.id not in [r.memory.id for r in await memory.recall(common[0].text, namespace="kb", k=50)]
+    assert await memory.recall(query, namespace="empty") == []
+    assert await rows(daemon, "SELECT namespace FROM memory_vectors WHERE id = ?", (twin.id,)) == [
+        ("kb-copy",)]
+
+    # Python get and update: new metadata moves the memory between filters.
+    moved = await memory.update(common[1].id, metadata={"kind": "rare", "city": "Lisbon"})
+    assert (await memory.get(common[1].id)).metadata == moved.metadata == {"kind": "rare", "city": "Lisbon"}
+    found = await memory.recall(query, namespace="kb", k=10, where={"kind": "rare"})
+    assert sorted(r.memory.id for r in found) == sorted([common[1].id, *(m.id for m in rare)])
+    await memory.update(common[1].id, metadata={"kind": "common", "city": "Lisbon"})
+
+    # Forget by namespace and filter, then by namespace alone.
+    assert await memory.forget(namespace="kb", where={"kind": "rare"}) == 5
+    assert await memory.recall(query, namespace="kb", k=5, where={"kind": "rare"}) == []
+    assert await memory.forget(namespace="kb", where={"city": "Oslo"}) == 3
+    assert (await memory.stats())["namespaces"] == {"kb": 32, "kb-copy": 1}
+    assert await memory.forget(namespace="kb-copy") == 1
+    assert await rows(daemon, "SELECT count(*) FROM memories WHERE namespace = 'kb-copy'") == [(0,)]
+    assert await rows(daemon, "SELECT count(*) FROM memory_vectors") == [(32,)]
+    assert await rows(daemon, "SELECT count(*) FROM memories_fts") == [(32,)]
+
+
+SHIPPING = [
+    "The delivery of order 1182 is delayed by the storm.",
+    "Shipment status: the parcel left the Hamburg depot this morning.",
+    "The courier delivers the package between nine and noon.",
+    "Order 5530 has been delivered to the front desk.",
+    "Customs cleared the container of spare parts on Tuesday.",
+    "The supplier confirmed the delivery date for next week.",
+    "ZX-4471 is the catalogue code of the blue ceramic teapot.",
+    "The warehouse inventory count is scheduled for Friday.",
+]
+
+
+async def test_hybrid_recall_fuses_keyword_matches(start: Any, http: Any) -> None:
+    daemon, _ = await start()
+    client = http(daemon)
+    ids = []
+    for text in SHIPPING:
+        ids.append((await call(client, "POST", "/v1/memory", {"text": text, "namespace": "orders"},
+                               status=201))["id"])
+    teapot = ids[SHIPPING.index("ZX-4471 is the catalogue code of the blue ceramic teapot.")]
+    query = "When will ZX-4471 arrive?"
+    vector_only = [r["id"] for r in await search(client, query, namespace="orders", k=8)]
+    hybrid = await search(client, query, namespace="orders", k=8, hybrid="true")
+    hybrid_ids = [r["id"] for r in hybrid]
+    # The product code matches one memory by keyword, not by meaning: hybrid ranks it first.
+    assert vector_only[0] != teapot and hybrid_ids[0] == teapot
+    assert hybrid_ids.index(teapot) < vector_only.index(teapot)
+    # Reciprocal rank fusion: scores add 1/(60 + rank) per ranking.
+    assert hybrid[0]["score"] > 1 / 61 and [r["score"] for r in hybrid] == sorted(
+        (r["score"] for r in hybrid), reverse=True)
+    assert sorted(hybrid_ids) == sorted(ids)
+    for flag in ("1", "TRUE"):
+        again = await search(client, query, namespace="orders", k=8, hybrid=flag)
+        assert [r["id"] for r in again] == hybrid_ids
+
+
+# --------------------------------------------------------------------------- embedders
+
+
+async def test_minilm_ranks_a_paraphrase_first_and_embeds_off_the_event_loop(start: Any, http: Any) -> None:
+    daemon, _ = await start()
+    client = http(daemon)
+    assert isinstance(daemon.memory.embedder, MiniLMEmbedder)
+    texts = ["The cat sleeps on the sofa", "Quarterly revenue grew 12%", "The train to Berlin leaves at nine"]
+    ids = [(await daemon.memory.remember(t, namespace="house"))[0].id for t in texts]
+    found = await search(client, "a kitten napping on the couch", namespace="house", k=3)
+    assert found[0]["id"] == ids[0]
+    assert found[0]["distance"] < min(r["distance"] for r in found[1:])
+    vector = (await daemon.memory.embedder.embed(["a kitten napping on the couch"]))[0]
+    assert len(vector) == 384 and math.sqrt(sum(x * x for x in vector)) == pytest.approx(1.0, abs=1e-4)
+
+    # A large batch runs in a thread: the loop keeps running callbacks and serving HTTP.
+    batch = [f"Paragraph {i}: " + " ".join(["the quick brown fox jumps over the lazy dog"] * 4)
+             for i in range(64)]
+    loop = asyncio.get_running_loop()
+    ran: list[float] = []
+    loop.call_soon(lambda: ran.append(time.perf_counter()))
+    embedding = asyncio.ensure_future(daemon.memory.embedder.embed(batch))
+    async with client.get("/healthz") as response:
+        assert response.status == 200
+    served = time.perf_counter()
+    assert not embedding.done(), "the batch finished before /healthz answered: make it larger"
+    vectors = await embedding
+    finished = time.perf_counter()
+    assert len(vectors) == 64
+    assert ran and ran[0] < served < finished
+    assert daemon.lag.lag < 0.25
+
+
+async def test_http_embedder_batches_retries_and_sends_the_key(
+    start: Any, http: Any, embedding_server: EmbeddingServer, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path
+) -> None:
+    server = embedding_server
+    monkeypatch.setenv("MEMTEST_EMBED_KEY", "sk-from-env")
+    table = http_embedder_table(server, http_key_env="MEMTEST_EMBED_KEY")
+    daemon, _ = await start(overrides={"memory": table})
+    client = http(daemon)
+    assert (daemon.memory.embedder.id, daemon.memory.embedder.dimension) == ("http:hash-64", 64)
+
+    # A 500, then a 429 with Retry-After: 0: retried until it answers.
+    server.fail_next(500)
+    server.fail_next(429, {"Retry-After": "0"})
+    text = "The nightly export writes to the archive bucket."
+    saved = await call(client, "POST", "/v1/memory", {"text": text, "namespace": "ops"}, status=201)
+    assert [r["input"] for r in server.requests] == [[text]] * 3
+    assert {r["authorization"] for r in server.requests} == {"Bearer sk-from-env"}
+    assert {r["model"] for r in server.requests} == {"hash-64"}
+    found = await search(client, "nightly export archive", namespace="ops")
+    assert found[0]["id"] == saved["id"]
+    assert (await search(client, text, namespace="ops"))[0]["distance"] == pytest.approx(0.0, abs=1e-5)
+
+    # Many texts go in batches of 64 per request, vectors back in the texts' order.
+    server.requests.clear()
+    texts = [f"log line {i} from host{i % 7}" for i in range(70)]
+    vectors = await daemon.memory.embedder.embed(texts)
+    assert [len(r["input"]) for r in server.requests] == [64, 6]
+    assert [r["input"] for r in server.requests] == [texts[:64], texts[64:]]
+    for got, source in zip(vectors, texts, strict=True):
+        assert got == pytest.approx(unit(word_vector(source, 64)), abs=1e-6)
+
+    # A request the server refuses (400) is not retried: the API answers 503.
+    server.requests.clear()
+    server.fail_next(400)
+    refused = await call(client, "POST", "/v1/memory", {"text": "never stored", "namespace": "ops"},
+                         status=503)
+    bad(refused, "embedder_unavailable", "HTTP 400")
+    assert len(server.requests) == 1
+    stats = await call(client, "GET", "/v1/memory/stats")
+    assert (stats["embedder"], stats["dimension"], stats["namespaces"]) == ("http:hash-64", 64, {"ops": 1})
+    assert await rows(daemon, "SELECT key, value FROM meta ORDER BY key") == [
+        ("dimension", "64"), ("embedder", "http:hash-64"), ("filter_fields", "kind,source,agent")]
+
+    # The key can come from a file (first line); a wrong dimension is an EmbedderError.
+    key_file = tmp_path / "embed.key"
+    key_file.write_text("sk-from-file\nignored\n")
+    config = make_config(tmp_path / "other", overrides={
+        "memory": http_embedder_table(server, http_key_file=str(key_file))})
+    server.requests.clear()
+    await build_embedder(config, {}).embed(["one", "two"])
+    assert [(r["authorization"], r["input"]) for r in server.requests] == [
+        ("Bearer sk-from-file", ["one", "two"])]
+    wrong = make_config(tmp_path / "other", overrides={"memory": {**http_embedder_table(server),
+                                                                   "http_dimension": 32}})
+    with pytest.raises(EmbedderError, match="expected 1 vectors of 32 dimensions, got 1 of 64"):
+        await build_embedder(wrong, {}).embed(["one"])
+
+
+async def test_plugin_embedder_mismatch_refuses_to_start_until_reembed(
+    start: Any, http: Any, plugin_dir: Any, embedding_server: EmbeddingServer, run_cli: Any,
+    config_file: Any, process_env: Any
+) -> None:
+    toy_dir = plugin_dir({"toy.py": TOY_PLUGIN}, name="toy_plugins")
+    daemon, _ = await start(plugin_dirs=[toy_dir], overrides={"memory": {"embedder": "toy"}})
+    toy = sys.modules["agentd_plugins.toy"]
+    client = http(daemon)
+    assert (daemon.memory.embedder.id, daemon.memory.embedder.dimension) == ("toy-8", 8)
+    texts = ["alpha beta gamma", "delta epsilon zeta", "theta iota kappa"]
+    ids = [(await call(client, "POST", "/v1/memory", {"text": t, "namespace": "greek"}, status=201))["id"]
+           for t in texts]
+    assert (await search(client, "delta epsilon zeta", namespace="greek", k=1))[0]["id"] == ids[1]
+    assert ["delta epsilon zeta"] in toy.CALLS
+    assert await rows(daemon, "SELECT key, value FROM meta ORDER BY key") == [
+        ("dimension", "8"), ("embedder", "toy-8"), ("filter_fields", "kind,source,agent")]
+    await daemon.stop()
+
+    # Another embedder on the same memory.db: the daemon refuses to start, naming both.
+    with pytest.raises(EmbedderMismatchError) as refused:
+        await start()
+    message = str(refused.value)
+    for needle in ("'toy-8'", "'minilm-l6-v2-int8'", "'8'", "'384'", "agentd memory reembed"):
+        assert needle in message
+
+    # `agentd memory reembed` (daemon stopped) rebuilds the vectors with the configured one.
+    path = config_file(f"""
+        [memory]
+        embedder = "http"
+        http_url = "{embedding_server.url}"
+        http_model = "hash-64"
+        http_dimension = 64
+        """)
+    code, out, err = await run_cli("memory", "reembed", "--config", str(path), env=process_env())
+    assert code == 0, err
+    assert "re-embedded 3 memories with http:hash-64 (64 dimensions)" in out
+    assert [r["input"] for r in embedding_server.requests] == [texts]  # one batch
+
+    daemon, _ = await start(overrides={"memory": http_embedder_table(embedding_server)})
+    client = http(daemon)
+    found = await search(client, "theta iota kappa", namespace="greek", k=3)
+    assert found[0]["id"] == ids[2] and found[0]["distance"] == pytest.approx(0.0, abs=1e-5)
+    assert await rows(daemon, "SELECT key, value FROM meta ORDER BY key") == [
+        ("dimension", "64"), ("embedder", "http:hash-64"), ("filter_fields", "kind,source,agent")]
+    assert await rows(daemon, "SELECT count(*) FROM memory_vectors") == [(3,)]
+
+
+# --------------------------------------------------------------------------- tasks that remember
+
+
+async def test_tasks_remember_their_results(start: Any, http: Any, mem_dir: Path) -> None:
+    daemon, _ = await start(plugin_dirs=[mem_dir])
+    client = http(daemon)
+    queue = daemon.queue
+    summary = await queue.enqueue("mem.summarize", {"topic": "Atlas"})
+    assert await queue.result(summary.id, timeout=10) == (
+        "Summary: the Atlas project ships its first release in March.")
+    note = await queue.enqueue("mem.note", {"city": "Valparaiso"})
+    await queue.result(note.id, timeout=10)
+    nothing = await queue.enqueue("mem.nothing")
+    assert await queue.result(nothing.id, timeout=10) is None
+
+    # remember=True: the plugin's namespace; metadata names the task.
+    found = await search(client, "When does Atlas ship?", namespace="mem", k=5)
+    assert len(found) == 1
+    assert found[0]["text"] == "Summary: the Atlas project ships its first release in March."
+    assert found[0]["metadata"] == {"task": "mem.summarize", "task_id": summary.id}
+    # remember="notes": that namespace; a JSON result is stored as its JSON text.
+    noted = await search(client, "harbour in Valparaiso", namespace="notes", k=5)
+    assert len(noted) == 1 and noted[0]["metadata"] == {"task": "mem.note", "task_id": note.id}
+    assert json.loads(noted[0]["text"]) == {"city": "Valparaiso",
+                                            "fact": "Valparaiso has the largest harbour in the region"}
+    assert (await call(client, "GET", "/v1/memory/stats"))["namespaces"] == {"mem": 1, "notes": 1}
+
+    # ctx.memory.remember / recall inside a task.
+    learn = await queue.enqueue("mem.learn", {"text": "Always pin dependency versions in production."})
+    learned = await queue.result(learn.id, timeout=10)
+    assert learned["created"] is True and learned["recalled"] == learned["id"]
+    again = await queue.enqueue("mem.learn", {"text": "Always pin dependency versions in production."})
+    assert (await queue.result(again.id, timeout=10))["created"] is False
+    stored = await daemon.memory.get(learned["id"])
+    assert (stored.namespace, stored.metadata) == (
+        "learned", {"task": "mem.learn", "task_id": learn.id, "kind": "lesson"})
+
+
+async def test_a_remember_task_whose_result_is_an_empty_string_still_succeeds(
+    start: Any, mem_dir: Path
+) -> None:
+    """Nothing to remember is not a reason to fail the task (and re-run it until it is dead)."""
+    daemon, _ = await start(plugin_dirs=[mem_dir],
+                            overrides={"tasks": {"retry_base": 0.01, "retry_max": 0.02}})
+    record = await daemon.queue.enqueue("mem.blank")
+    final = await daemon.queue.wait(record.id, timeout=10)
+    assert (final.status, final.attempts, final.error) == ("succeeded", 1, None)
+
+
+async def test_forgetting_or_purging_a_correction_keeps_the_chain_whole(start: Any, http: Any) -> None:
+    """A correction chain stays whole when one of its links goes: forgetting the newest makes
+    the one it replaced the newest again (recalled, deduplicated, counted); forgetting one in
+    the middle links its neighbours; an expired correction purged by the schedule revives
+    what it replaced."""
+    daemon, _ = await start()
+    client = http(daemon)
+    original = await call(client, "POST", "/v1/memory", {"text": "The standup is at 9:30.",
+                                                          "namespace": "team"}, status=201)
+    correction = await call(client, "POST", "/v1/memory", {
+        "text": "The standup moved to 10:00.", "namespace": "team", "supersedes": original["id"]}, status=201)
+    await call(client, "DELETE", f"/v1/memory/{correction['id']}", status=204)
+    again = await call(client, "POST", "/v1/memory", {"text": "The standup is at 9:30.", "namespace": "team"})
+    assert (again["id"], again["created"], again["superseded_by"]) == (original["id"], False, None)
+    found = [r["id"] for r in await search(client, "When is the standup?", namespace="team")]
+    assert found == [original["id"]]
+    assert (await call(client, "GET", "/v1/memory/stats"))["namespaces"] == {"team": 1}
+
+    memory = daemon.memory
+    first, _ = await memory.remember("The office wifi is called Atlas.", namespace="office")
+    second, _ = await memory.remember("The office wifi is now called Boreas.", namespace="office",
+                                      supersedes=first.id)
+    third, _ = await memory.remember("The office wifi was renamed Cygnus.", namespace="office",
+                                     supersedes=second.id)
+    assert await memory.forget(second.id) == 1
+    assert ((await memory.get(first.id)).superseded_by, (await memory.get(third.id)).supersedes) == (
+        third.id, first.id)
+    assert [r.memory.id for r in await memory.recall("wifi name", namespace="office")] == [third.id]
+
+    expiring, _ = await memory.remember("The wifi is Draco for today only.", namespace="office",
+                                        supersedes=third.id, expires_at=time.time() - 1)
+    assert await run_purge_schedule(daemon, client) == {"memories": 1, "sessions": 0}
+    assert (await memory.get(third.id)).superseded_by is None
+    assert [r.memory.id for r in await memory.recall("wifi name", namespace="office")] == [third.id]
+    assert await rows(daemon, "SELECT count(*) FROM memory_vectors WHERE id = ?", (third.id,)) == [(1,)]
+    with pytest.raises(MemoryNotFoundError):
+        await memory.get(expiring.id)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+async def test_cli_memory_commands_against_a_running_daemon(
+    start: Any, run_cli: Any, config_file: Any, process_env: Any
+) -> None:
+    daemon, _ = await start()
+    path = config_file()
+    env = process_env(AGENTD_SERVER_PORT=str(daemon.port))
+
+    async def cli(action: str, *args: str) -> tuple[int, str, str]:
+        return await run_cli("memory", action, "--config", str(path), *args, env=env)
+
+    (code, out, err), (reembed_code, _, reembed_err), (bad_code, _, bad_err), (gone_code, _, gone_err) = (
+        await asyncio.gather(
+            cli("add", "The staging server is called orion.", "--namespace", "ops",
+                "--metadata", '{"kind": "fact"}'),
+            cli("reembed"), cli("add", "x", "--metadata", "{oops"), cli("forget", "424242")))
+    assert code == 0, err
+    added = json.loads(out)
+    assert (added["created"], added["namespace"], added["metadata"]) == (True, "ops", {"kind": "fact"})
+    # reembed needs the daemon stopped: memory.db is locked by it.
+    assert reembed_code == 1 and "in use by another agentd process" in reembed_err
+    assert bad_code == 2 and "--metadata is not valid JSON" in bad_err
+    assert gone_code == 2 and "no memory with id 424242" in gone_err
+
+    (code, out, err), (stats_code, stats_out, _) = await asyncio.gather(
+        cli("search", "What is the name of the staging machine?", "--namespace", "ops", "-k", "3",
+            "--where", '{"kind": "fact"}', "--hybrid"),
+        cli("stats"))
+    assert code == 0, err
+    assert out.split()[0] == str(added["id"]) and out.endswith("The staging server is called orion.")
+    assert stats_code == 0
+    stats = json.loads(stats_out)
+    assert (stats["namespaces"], stats["embedder"]) == ({"ops": 1}, "minilm-l6-v2-int8")
+
+    code, out, err = await cli("forget", str(added["id"]))
+    assert (code, out) == (0, ""), err
+    assert (await daemon.memory.stats())["namespaces"] == {}
