@@ -16,6 +16,7 @@ from agentd import __version__, maintenance
 from agentd.bus import Bus
 from agentd.config import Config, check_serving_rules
 from agentd.db import Store
+from agentd.digests import Digests, DigestSpec
 from agentd.embed import build_embedder
 from agentd.errors import ConfigError, InvalidScheduleError
 from agentd.eventlog import EventLog
@@ -26,6 +27,7 @@ from agentd.memory import MemoryStore
 from agentd.plugins import PluginManager
 from agentd.schedule import ScheduleSpec
 from agentd.scheduler import Clock, Scheduler
+from agentd.services import Services
 from agentd.spawn import Spawner
 from agentd.systemd import Notifier
 from agentd.taskdef import TaskRegistry
@@ -55,16 +57,28 @@ class Daemon:
         )
         self.registry = TaskRegistry()
         self.queue = TaskQueue(self.store, self.bus, self.registry, config.tasks)
+        self.services = Services.from_config(config)
         self.workers = WorkerPool(
-            self.store, self.queue, self.registry, config.tasks, config.plugins.settings
-        )
-        self.plugins = PluginManager(config, self.bus, self.spawner, self.queue)
+            self.store, self.queue, self.registry, config.tasks, config.plugins.settings,
+            services=self.services)
+        self.plugins = PluginManager(config, self.bus, self.spawner, self.queue, self.services)
         self.eventlog = EventLog(self.store, self.bus, config.events)
         self.scheduler = Scheduler(self.store, self.queue, self.bus, self.registry, clock)
-        self.memory: MemoryStore | None = None  # opened once plugins (and their embedders) are in
+        builtin_queue = maintenance.builtin_queue(config)
         self._maintenance = maintenance.register(
             self.registry, config, store=self.store, queue=self.queue, eventlog=self.eventlog,
-            memory=lambda: self.memory)
+            memory=lambda: self.services.memory)
+        self.services.mailer.register(self.registry, builtin_queue)
+        self.services.webhooks.register(self.registry, builtin_queue)
+        self.digests = Digests(
+            {name: DigestSpec.from_mapping(name, table) for name, table in config.digests.settings.items()},
+            store=self.store, bus=self.bus, queue=self.queue, eventlog=self.eventlog,
+            mailer=self.services.mailer, spawner=self.spawner)
+        try:
+            self.digests.check_persistence()
+        except ValueError as exc:
+            raise ConfigError(f"{config.source}: {exc}") from None
+        self._maintenance += self.digests.register(self.registry, builtin_queue)
         self.lag = LagMonitor()
         self.server: HttpServer | None = None
         self.stopping = False
@@ -100,6 +114,9 @@ class Daemon:
             self._start_service(self.store.run_checkpoints(), "wal-checkpoints")
             await self.eventlog.start()
             rollback.push_async_callback(self.eventlog.stop)
+            rollback.push_async_callback(self.services.close)
+            await self.digests.start()
+            rollback.callback(self.digests.stop)
             rollback.push_async_callback(self._stop_services)
             await self.plugins.start_all(self.config.daemon.stop_timeout)
             rollback.push_async_callback(self.plugins.stop_all, self.config.daemon.stop_timeout)
@@ -109,7 +126,7 @@ class Daemon:
                                  embedder)
             await memory.open()
             rollback.push_async_callback(memory.close)
-            self.memory = self.workers.memory = self.plugins.memory = memory
+            self.services.memory = memory
             # memory.db's WAL grows like the main file's (to hundreds of MB under bulk
             # remember(), with recall three times slower) unless it is checkpointed too.
             self._start_service(memory.store.run_checkpoints(), "memory-wal-checkpoints")
@@ -181,11 +198,13 @@ class Daemon:
         self.notifier.stopping("stopping")
         self._log.info("daemon.stopping")
         self.bus.publish("daemon.stopping", {})
+        self.digests.stop()
         await self._stage("drain handlers", self.spawner.drain(deadline), deadline)
         await self._stop_services()  # the scheduler fires nothing more
         await self._stage("stop workers", self.workers.stop(deadline), deadline * 2)
         await self._stage("stop scheduler", self.scheduler.stop(), deadline)
         await self._stage("stop plugins", self.plugins.stop_all(deadline), deadline * 2)
+        await self._stage("close HTTP clients", self.services.close(), deadline)
         if self.server is not None:
             await self._stage("close server", self.server.close(), deadline)
         await self._stage("flush event log", self.eventlog.stop(), deadline)
@@ -194,6 +213,11 @@ class Daemon:
             await self._stage("close memory", self.memory.close(), deadline)
         await self._stage("close store", self.store.close(), deadline)
         self._log.info("daemon.stopped")
+
+    @property
+    def memory(self) -> MemoryStore | None:
+        """Sessions and long-term memory; None until it opens (after plugins start)."""
+        return self.services.memory
 
     async def _stage(self, name: str, work: Awaitable[Any], deadline: float) -> None:
         try:

@@ -126,6 +126,49 @@ class HooksConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MailConfig:
+    """[mail]: outgoing mail over SMTP; mail is off while `host` is empty."""
+
+    host: str = ""
+    port: int = 587
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    user: str = ""
+    password_file: str = ""
+    password_env: str = ""
+    sender: str = "agentd@localhost"
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class DigestsConfig:
+    """[digests.<name>]: events matching a pattern, collected and mailed together."""
+
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LlmConfig:
+    """[llm]: an OpenAI-compatible chat endpoint; the LLM is off while `base_url` is empty."""
+
+    base_url: str = ""
+    model: str = ""
+    key_file: str = ""
+    key_env: str = ""
+    connect_timeout: float = 10.0
+    read_timeout: float = 120.0
+    token_budget: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WebhooksConfig:
+    """[webhooks]: outgoing webhooks (`ctx.webhook.post`), signed with this secret."""
+
+    secret: str = ""
+    secret_file: str = ""
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class PluginsConfig:
     """[plugins]: where plugins are found, which run, and their own tables."""
 
@@ -156,6 +199,10 @@ class Config:
     streams: StreamsConfig = field(default_factory=StreamsConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    mail: MailConfig = field(default_factory=MailConfig)
+    digests: DigestsConfig = field(default_factory=DigestsConfig)
+    llm: LlmConfig = field(default_factory=LlmConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     schedules: tuple[Mapping[str, Any], ...] = ()
@@ -190,27 +237,38 @@ class Config:
         table = self.hooks.settings.get(name)
         if table is None:
             return None
-        if table.get("secret"):
-            return str(table["secret"]).encode()
-        path = self.resolve(str(table["secret_file"]))
-        try:
-            return next(iter(path.read_text().splitlines()), "").strip().encode()
-        except OSError as exc:
-            raise ConfigError(f"{self.source}: [hooks.{name}] secret_file: cannot read {path}") from exc
+        return self.secret(f"hooks.{name}", table, "secret").encode()
 
-    def api_token(self) -> str:
-        """The bearer token in force: `token`, else the first line of `token_file`, else ''."""
-        if self.server.token:
-            return self.server.token
-        if self.server.token_file:
-            path = self.resolve(self.server.token_file)
+    def secret(self, section: str, table: Mapping[str, Any] | Any, key: str) -> str:
+        """The secret `key` of a section: given inline (`<key>`), as the first line of the
+        file `<key>_file`, or in the environment variable named by `<key>_env`, in that
+        order; '' when none is set. `table` is a section's dataclass or a mapping.
+
+        Raises:
+            ConfigError: naming the section and key, when the file cannot be read or the
+                variable is not set.
+        """
+        values = table if isinstance(table, Mapping) else dataclasses.asdict(table)
+        if values.get(key):
+            return str(values[key])
+        if values.get(f"{key}_file"):
+            path = self.resolve(str(values[f"{key}_file"]))
             try:
                 return next(iter(path.read_text().splitlines()), "").strip()
             except OSError as exc:
-                raise ConfigError(
-                    f"{self.source}: [server] token_file: cannot read {path}: {exc.strerror}"
-                ) from exc
+                raise ConfigError(f"{self.source}: [{section}] {key}_file: cannot read {path}: "
+                                  f"{exc.strerror}") from exc
+        if values.get(f"{key}_env"):
+            name = str(values[f"{key}_env"])
+            if not os.environ.get(name):
+                raise ConfigError(f"{self.source}: [{section}] {key}_env: the environment variable "
+                                  f"{name} is not set")
+            return os.environ[name]
         return ""
+
+    def api_token(self) -> str:
+        """The bearer token in force: `token`, else the first line of `token_file`, else ''."""
+        return self.secret("server", self.server, "token")
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -287,6 +345,21 @@ def _check_memory(config: Config) -> None:
         raise ConfigError(f"{config.source}: [memory] dedupe_threshold: expected 0 < x <= 1")
 
 
+def _check_outbound(config: Config) -> None:
+    from agentd.digests import DigestSpec
+
+    if config.mail.port > 65535:
+        raise ConfigError(f"{config.source}: [mail] port: expected 0..65535, got {config.mail.port}")
+    if config.llm.base_url and not config.llm.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{config.source}: [llm] base_url: expected an http:// or https:// URL, "
+                          f"got {config.llm.base_url!r}")
+    for name, table in config.digests.settings.items():
+        try:
+            DigestSpec.from_mapping(name, table)
+        except ValueError as exc:
+            raise ConfigError(f"{config.source}: [digests.{name}] {exc}") from None
+
+
 def _check_rules(config: Config) -> None:
     from agentd.events import TopicPattern
     from agentd.schedule import ScheduleSpec
@@ -314,8 +387,12 @@ def _check_rules(config: Config) -> None:
             label = f" ({table['id']})" if isinstance(table.get("id"), str) else ""
             raise ConfigError(f"{config.source}: [[schedules]] #{number}{label}: {exc}") from None
     _check_memory(config)
+    _check_outbound(config)
     if config.streams.client_buffer < 2:
         raise ConfigError(f"{config.source}: [streams] client_buffer: expected at least 2")
+
+
+_NAMED_TABLES = (PluginsConfig, HooksConfig, DigestsConfig)
 
 
 def _build_section(name: str, cls: type[Any], table: dict[str, Any], source: str) -> Any:
@@ -324,7 +401,7 @@ def _build_section(name: str, cls: type[Any], table: dict[str, Any], source: str
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for key, value in table.items():
-        if cls in (PluginsConfig, HooksConfig) and key not in known and isinstance(value, dict):
+        if cls in _NAMED_TABLES and key not in known and isinstance(value, dict):
             extra[key] = value  # a [plugins.<name>] table
             continue
         if key not in known or key == "settings":

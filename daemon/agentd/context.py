@@ -1,5 +1,6 @@
 """`Context`: what a running task receives as `ctx`: who it is, a logger, its plugin's
-configuration, progress events, durable children (`call`, `gather`) and memoized steps."""
+configuration, progress events, durable children (`call`, `gather`, `submit`), memoized
+steps, and the daemon's services: memory, mail, outgoing webhooks and the LLM."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from agentd.errors import TaskFailedError
+from agentd.llm import TaskLlm
 from agentd.log import get_logger
+from agentd.mail import MailSender
 from agentd.taskdef import encode_json
 from agentd.taskqueue import TaskQueue, TaskRecord
+from agentd.webhooks import WebhookSender
 
 if TYPE_CHECKING:
     from agentd.memory import MemoryStore
+    from agentd.services import Services
     from agentd.worker import Slots
 
 _INFINITE = float("inf")
@@ -43,11 +48,14 @@ class Context:
     """The running task's handle on the daemon. Created by the worker for each attempt."""
 
     def __init__(self, record: TaskRecord, queue: TaskQueue, slots: Slots,
-                 config: Mapping[str, Any], memory: MemoryStore | None = None) -> None:
+                 config: Mapping[str, Any], services: Services, *, token_budget: int = 0) -> None:
         self.task = TaskInfo(record.id, record.name, record.attempts, record.max_attempts,
                              record.queue, record.parent_id, record.correlation_id)
         self.config = config
-        self._memory = memory
+        self._services = services
+        self._token_budget = token_budget
+        self._llm: TaskLlm | None = None
+        self._submits: dict[str, int] = {}
         self._log: structlog.stdlib.BoundLogger | None = None
         self._record = record
         self._queue = queue
@@ -71,9 +79,29 @@ class Context:
     def memory(self) -> MemoryStore:
         """Short-term sessions (`ctx.memory.session(id)`) and long-term memory
         (`remember`, `recall`, `get`, `update`, `forget`)."""
-        if self._memory is None:
+        if self._services.memory is None:
             raise RuntimeError("memory is not available to this task")
-        return self._memory
+        return self._services.memory
+
+    @property
+    def mail(self) -> MailSender:
+        """`await ctx.mail.send(to, subject, text, html=None)`: a durable child task per
+        mail, keyed so that a retried task does not send it again."""
+        return MailSender(self._services.mailer, self._submit_keyed)
+
+    @property
+    def webhook(self) -> WebhookSender:
+        """`await ctx.webhook.post(url, json)`: a signed POST as a durable child task,
+        keyed so that a retried task does not post it again."""
+        return WebhookSender(self._submit_keyed)
+
+    @property
+    def llm(self) -> TaskLlm:
+        """`await ctx.llm.chat(messages, model=, tools=, stream=True)`: tokens stream to the
+        task's SSE/WebSocket clients, usage is counted, the token budget enforced."""
+        if self._llm is None:
+            self._llm = TaskLlm(self._services.llm, self._queue, self._record, self._token_budget)
+        return self._llm
 
     def emit(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
         """Publish `task.progress` with this kind and data. Safe from a sync task's thread."""
@@ -105,6 +133,24 @@ class Context:
         if final.status != "succeeded":
             raise TaskFailedError(final.id, final.name, final.status, final.error)
         return final.result
+
+    async def submit(self, name: str, args: Mapping[str, Any] | None = None, *,
+                     idempotency_key: str | None = None) -> TaskRecord:
+        """Enqueue task `name` as a durable child and return it without waiting.
+
+        Its idempotency key is `idempotency_key`, else `<this task's id>:<name>:<n>`,
+        numbered per name in the order of `submit()`s, so a retried parent gets its
+        earlier children back instead of enqueueing them again.
+        """
+        return await self._submit_keyed(name, args or {}, idempotency_key)
+
+    async def _submit_keyed(self, name: str, args: Mapping[str, Any], key: str | None) -> TaskRecord:
+        if key is None:
+            self._submits[name] = self._submits.get(name, 0) + 1
+            key = f"{self.task.id}:{name}:{self._submits[name]}"
+        return await self._queue.enqueue(
+            name, args, idempotency_key=key, parent_id=self.task.id,
+            correlation_id=self.task.correlation_id, dedupe_window=_INFINITE)
 
     async def gather(self, *calls: Awaitable[Any]) -> list[Any]:
         """Await several `call()`s at once; results in order. If one fails, the others are

@@ -71,6 +71,16 @@ class Retry(Exception):  # noqa: N818 - a control-flow signal, named as the verb
         super().__init__(reason)
         self.delay = delay
 
+    @classmethod
+    def after(cls, retry_after: str | None, reason: str) -> Retry:
+        """A retry after an HTTP `Retry-After` header's seconds (the backoff when the header
+        is absent or in the rarely used date form)."""
+        try:
+            delay = max(0.0, float(retry_after)) if retry_after is not None else None
+        except ValueError:
+            delay = None
+        return cls(delay=delay, reason=reason)
+
 
 class Fail(Exception):  # noqa: N818 - a control-flow signal
     """Raise inside a task to fail it now, without retrying (status `failed`)."""

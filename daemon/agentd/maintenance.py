@@ -47,11 +47,12 @@ def register(registry: TaskRegistry, config: Config, *, store: Store, queue: Tas
     )
     specs = []
     for name, fn, interval in jobs:
-        registry.add(TaskDef(name=name, fn=fn, max_attempts=3, queue=_queue(config)))
+        registry.add(TaskDef(name=name, fn=fn, max_attempts=3, queue=builtin_queue(config)))
         specs.append(ScheduleSpec(id=name, every=interval, task=name, catch_up="once",
-                                  overlap="skip", queue=_queue(config)))
+                                  overlap="skip", queue=builtin_queue(config)))
     return specs
 
 
-def _queue(config: Config) -> str:
+def builtin_queue(config: Config) -> str:
+    """The queue the daemon's own tasks (maintenance, mail, webhooks, digests) run on."""
     return "default" if "default" in config.tasks.queues else next(iter(config.tasks.queues))

@@ -116,6 +116,7 @@ class Plugin:
         concurrency: int | None = None,
         rate: str | None = None,
         remember: bool | str = False,
+        token_budget: int | None = None,
     ) -> Callable[[F], F]:
         """Declare a durable task `fn(ctx, **args)`: async, or sync (run in a thread).
 
@@ -129,6 +130,8 @@ class Plugin:
             rate: a token bucket, e.g. "10/s", "100/m", "5/10s".
             remember: keep each result in long-term memory (True: in the plugin's
                 namespace; a string: in that namespace), with the task's name and id.
+            token_budget: LLM tokens (`ctx.llm`) the task may use over all its attempts;
+                default `[llm] token_budget`; 0 means no limit.
         """
 
         def register(fn: F) -> F:
@@ -136,7 +139,7 @@ class Plugin:
                 name=name or f"{self.name}.{fn.__name__}", fn=fn, queue=queue,
                 max_attempts=max_attempts, timeout=timeout, priority=priority,
                 concurrency=concurrency, rate=TokenBucket.parse(rate) if rate else None,
-                plugin=self.name, remember=remember,
+                plugin=self.name, remember=remember, token_budget=token_budget,
             ))
             return fn
 

@@ -32,11 +32,14 @@ from agentd.config import Config
 from agentd.errors import PluginError
 from agentd.events import Event, TopicPattern
 from agentd.log import get_logger
+from agentd.mail import MailSender
 from agentd.memory import MemoryStore
 from agentd.plugin import HandlerSpec, Hook, Plugin
+from agentd.services import Services
 from agentd.spawn import Spawner
 from agentd.taskdef import TaskDef
-from agentd.taskqueue import TaskQueue, TaskRequest
+from agentd.taskqueue import TaskQueue, TaskRecord, TaskRequest
+from agentd.webhooks import WebhookSender
 
 ENTRY_POINT_GROUP = "agentd.plugins"
 _MODULE_PREFIX = "agentd_plugins"
@@ -58,9 +61,24 @@ class PluginContext:
     @property
     def memory(self) -> MemoryStore:
         """The daemon's memory (available once plugins have started)."""
-        if self.manager.memory is None:
+        memory = self.manager.services.memory
+        if memory is None:
             raise RuntimeError("memory is not open yet (it opens after plugin startup hooks)")
-        return self.manager.memory
+        return memory
+
+    @property
+    def mail(self) -> MailSender:
+        """`await ctx.mail.send(to, subject, text, html=None, idempotency_key=None)`, as a
+        durable task (give a key, e.g. from the event id, to send once per event)."""
+        return MailSender(self.manager.services.mailer, self._enqueue)
+
+    @property
+    def webhook(self) -> WebhookSender:
+        """`await ctx.webhook.post(url, json, idempotency_key=None)`, as a durable task."""
+        return WebhookSender(self._enqueue)
+
+    async def _enqueue(self, name: str, args: Mapping[str, Any], key: str | None) -> TaskRecord:
+        return await self.queue.enqueue(name, args, idempotency_key=key)
 
     @property
     def config(self) -> Mapping[str, Any]:
@@ -96,14 +114,15 @@ class _Candidate:
 class PluginManager:
     """Loads the configured plugins and owns their lifecycles."""
 
-    def __init__(self, config: Config, bus: Bus, spawner: Spawner, queue: TaskQueue) -> None:
+    def __init__(self, config: Config, bus: Bus, spawner: Spawner, queue: TaskQueue,
+                 services: Services) -> None:
         self._config = config
         self._bus = bus
         self._spawner = spawner
         self._queue = queue
         self._log = get_logger("plugins")
         self.plugins: dict[str, LoadedPlugin] = {}
-        self.memory: MemoryStore | None = None
+        self.services = services
         self._triggers: list[tuple[TopicPattern, str]] = []
         self._enqueued: set[tuple[int, str]] = set()
 

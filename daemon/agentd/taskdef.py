@@ -72,6 +72,7 @@ class TaskDef:
     rate: TokenBucket | None = None
     plugin: str | None = None
     remember: bool | str = False
+    token_budget: int | None = None
     signature: inspect.Signature = field(init=False)
     is_async: bool = field(init=False)
 
@@ -84,6 +85,8 @@ class TaskDef:
             raise InvalidTaskError(f"task {self.name}: concurrency must be at least 1")
         if self.max_attempts is not None and self.max_attempts < 1:
             raise InvalidTaskError(f"task {self.name}: max_attempts must be at least 1")
+        if self.token_budget is not None and self.token_budget < 0:
+            raise InvalidTaskError(f"task {self.name}: token_budget must be 0 (none) or more")
 
     def check_args(self, args: Mapping[str, Any]) -> None:
         """Raise InvalidTaskError unless `fn(ctx, **args)` would bind."""

@@ -75,6 +75,7 @@ class TaskRecord:
     started_at: float | None
     finished_at: float | None
     expires_at: float | None
+    usage: dict[str, int] | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> TaskRecord:
@@ -90,6 +91,7 @@ class TaskRecord:
             result=None if row["result"] is None else json.loads(row["result"]),
             error=row["error"], created_at=row["created_at"], started_at=row["started_at"],
             finished_at=row["finished_at"], expires_at=row["expires_at"],
+            usage=None if row["usage"] is None else json.loads(row["usage"]),
         )
 
     @classmethod
@@ -118,7 +120,7 @@ class TaskRecord:
             "correlation_id": self.correlation_id, "cancel_requested": self.cancel_requested,
             "result": self.result, "error": self.error, "created_at": self.created_at,
             "started_at": self.started_at, "finished_at": self.finished_at,
-            "expires_at": self.expires_at,
+            "expires_at": self.expires_at, "usage": self.usage,
         }
 
 
@@ -248,6 +250,21 @@ class TaskQueue:
         if row is None:
             raise TaskNotFoundError(f"no task with id {task_id}")
         return TaskRecord.from_row(row)
+
+    async def add_usage(self, task_id: int, usage: Mapping[str, int]) -> dict[str, int]:
+        """Add one LLM call's token counts to the task's usage; return the new totals."""
+
+        def op(conn: Connection) -> dict[str, int]:
+            row = conn.execute("SELECT usage FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if row is None:
+                raise TaskNotFoundError(f"no task with id {task_id}")
+            totals: dict[str, int] = {} if row[0] is None else json.loads(row[0])
+            for key, count in usage.items():
+                totals[key] = totals.get(key, 0) + int(count)
+            conn.execute("UPDATE tasks SET usage = ? WHERE id = ?", (json.dumps(totals), task_id))
+            return totals
+
+        return await self.store.write(op)
 
     async def children(self, task_id: int) -> list[int]:
         _check_id(task_id)

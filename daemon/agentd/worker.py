@@ -25,7 +25,7 @@ from agentd.context import Context
 from agentd.db import Connection, Row, Store
 from agentd.errors import Fail, InvalidTaskError, Retry
 from agentd.log import get_logger
-from agentd.memory import MemoryStore
+from agentd.services import Services
 from agentd.taskdef import TaskDef, TaskRegistry, encode_json
 from agentd.taskqueue import TaskQueue, TaskRecord
 
@@ -72,7 +72,7 @@ class WorkerPool:
     """Claims and runs tasks for every configured queue; see the module docstring."""
 
     def __init__(self, store: Store, queue: TaskQueue, registry: TaskRegistry, config: TasksConfig,
-                 plugin_configs: Mapping[str, Mapping[str, Any]]) -> None:
+                 plugin_configs: Mapping[str, Mapping[str, Any]], *, services: Services) -> None:
         self.store = store
         self.queue = queue
         self.registry = registry
@@ -80,7 +80,7 @@ class WorkerPool:
         self._plugin_configs = plugin_configs
         self._wakes = {name: asyncio.Event() for name in config.queues}
         self._slots = {name: Slots(n, self._wakes[name]) for name, n in config.queues.items()}
-        self.memory: MemoryStore | None = None  # set by the daemon once memory is open
+        self.services = services
         self.running: dict[int, asyncio.Task[None]] = {}
         self._running_by_name: dict[str, int] = {}
         self._cancelling: set[int] = set()
@@ -182,7 +182,9 @@ class WorkerPool:
 
     async def _run(self, record: TaskRecord, definition: TaskDef | None, slots: Slots) -> None:
         plugin_config = self._plugin_configs.get(definition.plugin or "", {}) if definition else {}
-        ctx = Context(record, self.queue, slots, plugin_config, self.memory)
+        budget = (definition.token_budget if definition is not None and definition.token_budget is not None
+                  else self.services.llm.config.token_budget)
+        ctx = Context(record, self.queue, slots, plugin_config, self.services, token_budget=budget)
         self.queue.publish("task.started", record, attempt=record.attempts)
         try:
             outcome = await self._execute(record, definition, ctx)
@@ -267,14 +269,15 @@ class WorkerPool:
 
     async def _remember(self, definition: TaskDef, record: TaskRecord, value: Any) -> None:
         """`@plugin.task(remember=...)`: keep the result in long-term memory."""
-        if self.memory is None:
+        memory = self.services.memory
+        if memory is None:
             raise Fail("remember= needs memory, which is not available")
         namespace = definition.remember if isinstance(definition.remember, str) else (
             definition.plugin or "default")
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         if not text.strip():  # nothing to remember is not a failed task
             return
-        await self.memory.remember(text, namespace=namespace,
+        await memory.remember(text, namespace=namespace,
                                    metadata={"task": record.name, "task_id": record.id})
 
     def _backoff(self, attempt: int) -> float:

@@ -1,0 +1,171 @@
+"""Mail digests: the events of a topic pattern, collected and mailed together, on a
+schedule (`every = "1h"`) or as soon as `count` have gathered, as configured in
+`[digests.<name>]` tables.
+
+A digest reads the event log, not a buffer of its own: what it mails survives restarts,
+and its cursor (the last event id mailed) advances only after the mail went out. Its
+pattern's events must therefore be kept by the event log (`ring` or `durable`, for at
+least `every`); a pattern whose events are `ephemeral` is refused at start. A retried
+digest mail carries the same Message-ID (made from the digest and its first event), so a
+repeat after a crash can be dropped by the receiving mail system.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from agentd.bus import Bus, Subscription
+from agentd.db import Connection, Store
+from agentd.errors import Fail
+from agentd.eventlog import EventLog
+from agentd.events import Event, TopicFilter
+from agentd.mail import Mailer, message_args
+from agentd.schedule import ScheduleSpec, parse_duration
+from agentd.spawn import Spawner
+from agentd.taskdef import TaskDef, TaskRegistry
+from agentd.taskqueue import TaskQueue
+
+if TYPE_CHECKING:
+    from agentd.context import Context
+
+SEND_DIGEST_TASK = "agentd.send_digest"
+_KEYS = {"pattern", "to", "subject", "every", "count", "limit"}
+
+
+@dataclass(frozen=True, slots=True)
+class DigestSpec:
+    """One `[digests.<name>]` table: which events, to whom, and when."""
+
+    name: str
+    pattern: str
+    to: tuple[str, ...]
+    subject: str
+    every: float | None
+    count: int | None
+    limit: int = 200
+
+    @classmethod
+    def from_mapping(cls, name: str, table: Mapping[str, Any]) -> DigestSpec:
+        """Raises ValueError naming the key that is wrong."""
+        unknown = set(table) - _KEYS
+        if unknown:
+            raise ValueError(f"unknown key {sorted(unknown)[0]!r}; known: {', '.join(sorted(_KEYS))}")
+        pattern = table.get("pattern")
+        if not isinstance(pattern, str):
+            raise ValueError("pattern: expected a topic pattern such as 'news.*'")
+        TopicFilter.parse(pattern)
+        to = table.get("to")
+        recipients = tuple([to] if isinstance(to, str) else to) if isinstance(to, str | list) else ()
+        subject = table.get("subject", f"agentd digest: {name}")
+        message_args(list(recipients), subject, "", None)  # ValueError names to or subject
+        every = parse_duration(table["every"], "every") if "every" in table else None
+        count = table.get("count")
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
+            raise ValueError(f"count: expected a whole number >= 1, got {count!r}")
+        if every is None and count is None:
+            raise ValueError("give every (a duration) or count (a number of events), or both")
+        limit = table.get("limit", 200)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"limit: expected a whole number >= 1, got {limit!r}")
+        return cls(name, pattern, recipients, subject, every, count, limit)
+
+
+class Digests:
+    """The configured digests: their task, their schedules and their counters."""
+
+    def __init__(self, specs: Mapping[str, DigestSpec], *, store: Store, bus: Bus, queue: TaskQueue,
+                 eventlog: EventLog, mailer: Mailer, spawner: Spawner) -> None:
+        self.specs = dict(specs)
+        self._store = store
+        self._bus = bus
+        self._queue = queue
+        self._eventlog = eventlog
+        self._mailer = mailer
+        self._spawner = spawner
+        self._subscriptions: list[Subscription] = []
+        self._gathered: dict[str, int] = {}
+
+    def register(self, registry: TaskRegistry, queue: str) -> list[ScheduleSpec]:
+        """Add the `agentd.send_digest` task; return the schedules of the timed digests."""
+        registry.add(TaskDef(name=SEND_DIGEST_TASK, fn=self._send_task, queue=queue, max_attempts=5))
+        return [ScheduleSpec(id=f"agentd.digest.{spec.name}", every=spec.every, task=SEND_DIGEST_TASK,
+                             args={"digest": spec.name}, catch_up="once", overlap="skip", queue=queue)
+                for spec in self.specs.values() if spec.every is not None]
+
+    def check_persistence(self) -> None:
+        """Raise ValueError for a digest whose events the event log would not keep."""
+        for spec in self.specs.values():
+            for part in spec.pattern.split(","):
+                # A topic the pattern matches stands for it: the rules are patterns too.
+                topic = ".".join("x" if s in ("*", "**") else s for s in part.strip().split("."))
+                if self._eventlog.persistence(topic) == "ephemeral":
+                    raise ValueError(f"[digests.{spec.name}] pattern {spec.pattern!r}: its events are "
+                                     "ephemeral in [events] persistence; a digest reads them from the log")
+
+    async def start(self) -> None:
+        """Start each digest's cursor at the present (a new digest mails only what comes
+        after it) and count events for the digests sent by count."""
+        now, last = time.time(), self._bus.last_id
+
+        def op(conn: Connection) -> None:
+            conn.executemany(
+                "INSERT INTO digest_cursors (name, last_event_id, sent_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO NOTHING", [(name, last, now) for name in self.specs])
+
+        await self._store.write(op)
+        for spec in self.specs.values():
+            if spec.count is not None:
+                self._subscriptions.append(self._bus.subscribe(
+                    spec.pattern, functools.partial(self._gather, spec), name=f"digest:{spec.name}"))
+                # Events gathered before a restart are still in the log: check them now.
+                await self._queue.enqueue(SEND_DIGEST_TASK, {"digest": spec.name, "at_least": spec.count})
+
+    def stop(self) -> None:
+        for subscription in self._subscriptions:
+            subscription.unsubscribe()
+        self._subscriptions.clear()
+
+    def _gather(self, spec: DigestSpec, event: Event) -> None:
+        assert spec.count is not None
+        gathered = self._gathered.get(spec.name, 0) + 1
+        if gathered < spec.count:
+            self._gathered[spec.name] = gathered
+            return
+        self._gathered[spec.name] = 0
+        self._spawner.spawn(
+            self._queue.enqueue(SEND_DIGEST_TASK, {"digest": spec.name, "at_least": spec.count}),
+            name=f"digest:{spec.name}")
+
+    async def _send_task(self, ctx: Context, digest: str, at_least: int = 1) -> dict[str, Any]:
+        spec = self.specs.get(digest)
+        if spec is None:
+            raise Fail(f"no digest {digest!r} is configured")
+        return await self.send(spec, at_least)
+
+    async def send(self, spec: DigestSpec, at_least: int = 1) -> dict[str, Any]:
+        """Mail the events after the digest's cursor when there are at least `at_least`."""
+        row = await self._store.read_one(
+            "SELECT last_event_id FROM digest_cursors WHERE name = ?", (spec.name,))
+        cursor = row["last_event_id"] if row is not None else 0
+        matches = TopicFilter.parse(spec.pattern).matches
+        events = (await self._eventlog.replay(cursor, lambda e: matches(e.topic)))[:spec.limit]
+        if len(events) < at_least:
+            return {"sent": 0, "pending": len(events)}
+        text = "\n".join(_line(e) for e in events)
+        args = message_args(list(spec.to), f"{spec.subject} ({len(events)} events)", text, None)
+        await self._mailer.deliver(args, f"digest-{spec.name}-{events[0].id}")
+        last = events[-1].id
+        await self._store.write(lambda conn: conn.execute(
+            "UPDATE digest_cursors SET last_event_id = ?, sent_at = ? WHERE name = ?",
+            (last, time.time(), spec.name)))
+        return {"sent": len(events), "first_event_id": events[0].id, "last_event_id": last}
+
+
+def _line(event: Event) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(event.time))
+    return f"{stamp}Z  {event.topic}  {json.dumps(event.data, ensure_ascii=False, sort_keys=True)}"

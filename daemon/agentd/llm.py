@@ -1,0 +1,334 @@
+"""Chat completions from an OpenAI-compatible endpoint (OpenAI, Ollama, vLLM, llama.cpp,
+litellm), streamed: `LlmClient.chat` reads the server-sent chunks, hands each content
+delta to a callback as it arrives, and assembles tool calls tolerantly.
+
+Servers disagree on how tool-call deltas are numbered: OpenAI sends an `index` on every
+delta and the `id` and name only on the first; Ollama sends each call whole without an
+`index`; some proxies send `index` 0 for every call. A delta joins the call its `index`
+names unless it carries a different `id` (then it starts a new call); without an `index`
+it joins the call of its `id`, or the last call when it has none.
+
+Errors map onto the queue's semantics: 429 and 503 become `Retry` (after `Retry-After`
+seconds when the server says), other 4xx a `Fail` (retrying the same request cannot
+help), 5xx and connection errors an `LlmError`, which the worker retries with backoff.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from agentd.config import LlmConfig
+from agentd.errors import AgentdError, Fail, Retry
+from agentd.taskqueue import TaskQueue, TaskRecord
+
+_RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+class LlmError(AgentdError):
+    """The LLM endpoint failed in a way another attempt may not (5xx, connection lost)."""
+
+
+class LlmUnavailableError(Fail):
+    """No LLM is configured (`[llm] base_url` is empty)."""
+
+
+class TokenBudgetExceededError(Fail):
+    """The task used more LLM tokens than its budget allows; it fails without retrying."""
+
+
+@dataclass(slots=True)
+class ChatResult:
+    """One completed chat: the text, the assembled tool calls, and the token usage
+    (`estimated` when the server sent none and the counts are approximations)."""
+
+    content: str
+    tool_calls: list[dict[str, Any]]
+    finish_reason: str | None
+    model: str
+    usage: dict[str, int]
+    estimated: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"content": self.content, "tool_calls": self.tool_calls,
+                "finish_reason": self.finish_reason, "model": self.model, "usage": self.usage}
+
+
+@dataclass(slots=True)
+class ToolCallAssembler:
+    """Builds whole tool calls out of streamed deltas, however the server numbers them."""
+
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    _by_index: dict[int, int] = field(default_factory=dict)
+
+    def add(self, delta: Mapping[str, Any]) -> None:
+        call_id = delta.get("id") or None
+        index = delta.get("index")
+        function = delta.get("function") or {}
+        name = function.get("name")
+        position = self._position(index if isinstance(index, int) else None, call_id, name)
+        if position is None:
+            self.calls.append({"id": call_id, "type": "function",
+                               "function": {"name": "", "arguments": ""}})
+            position = len(self.calls) - 1
+            if isinstance(index, int):
+                self._by_index[index] = position
+        call = self.calls[position]
+        if call_id and not call["id"]:
+            call["id"] = call_id
+        # Some proxies repeat the whole name on every delta: a name equal to the one held
+        # is a repeat, not a continuation.
+        if isinstance(name, str) and name and name != call["function"]["name"]:
+            call["function"]["name"] += name
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            call["function"]["arguments"] += arguments
+        elif isinstance(arguments, Mapping):  # Ollama sends the arguments as an object
+            call["function"]["arguments"] = json.dumps(arguments)
+
+    def _position(self, index: int | None, call_id: str | None, name: Any) -> int | None:
+        if index is not None and index in self._by_index:
+            held = self.calls[self._by_index[index]]
+            if call_id is None or held["id"] in (None, call_id):
+                return self._by_index[index]
+            return None  # the same index again with a new id: another call
+        if index is not None:
+            return None
+        if call_id is not None:
+            return next((i for i, c in enumerate(self.calls) if c["id"] == call_id), None)
+        # No index and no id (Ollama): a name starts a call; arguments alone continue one.
+        return len(self.calls) - 1 if self.calls and not name else None
+
+    def result(self) -> list[dict[str, Any]]:
+        """The calls, each with an id (made up when the server sent none)."""
+        for number, call in enumerate(self.calls):
+            call["id"] = call["id"] or f"call_{number}"
+        return self.calls
+
+
+class LlmClient:
+    """The configured chat endpoint. One HTTP session, opened on first use."""
+
+    def __init__(self, config: LlmConfig, api_key: str) -> None:
+        self.config = config
+        self._api_key = api_key
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.config.base_url)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        model: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        stream: bool = True,
+        on_token: Callable[[str], None] | None = None,
+        **params: Any,
+    ) -> ChatResult:
+        """Send one chat completion request; call `on_token(text)` for each content delta.
+
+        Raises:
+            LlmUnavailableError: no LLM is configured.
+            Retry: 429/503 (with the server's Retry-After as the delay when it gave one).
+            Fail: any other 4xx: the request itself is wrong.
+            LlmError: 5xx, a broken stream, or the connection failed.
+            ValueError: `messages` is not a list of {role, content} objects.
+        """
+        if not self.enabled:
+            raise LlmUnavailableError("no LLM is configured: set [llm] base_url in agentd.toml")
+        _check_messages(messages)
+        body: dict[str, Any] = {"model": model or self.config.model, "messages": list(messages),
+                                "stream": stream, **params}
+        if tools:
+            body["tools"] = list(tools)
+        if stream:
+            body.setdefault("stream_options", {"include_usage": True})
+        url = self.config.base_url.rstrip("/") + "/chat/completions"
+        try:
+            async with self._client().post(url, json=body, headers=self._headers()) as response:
+                await _raise_for_status(response)
+                if not stream:
+                    return _from_message(await response.json(), body["model"], messages)
+                return await _read_stream(response, body["model"], messages, on_token)
+        except aiohttp.ClientError as exc:
+            raise LlmError(f"the LLM endpoint {url} failed: {type(exc).__name__}: {exc}") from exc
+        except TimeoutError as exc:
+            raise LlmError(f"the LLM endpoint {url} sent nothing for {self.config.read_timeout} s") from exc
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+                total=None, connect=self.config.connect_timeout, sock_read=self.config.read_timeout))
+        return self._session
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+
+
+class TaskLlm:
+    """`ctx.llm`: chats on behalf of one running task. Content tokens are published as
+    `task.token` events (the task's SSE and WebSocket streams carry them as they come),
+    each call's usage is added to the task's (`usage` in the task API, summed over
+    attempts), and a task past its token budget (`@plugin.task(token_budget=)`, else
+    `[llm] token_budget`; 0 is none) is stopped mid-stream with a `task.budget_exceeded`
+    event and fails."""
+
+    def __init__(self, client: LlmClient, queue: TaskQueue, record: TaskRecord, budget: int) -> None:
+        self.client = client
+        self._queue = queue
+        self._record = record
+        self._budget = budget
+        self._used = (record.usage or {}).get("total_tokens", 0)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether an LLM is configured; without one `chat` fails the task."""
+        return self.client.enabled
+
+    @property
+    def used(self) -> int:
+        """Tokens this task has used so far, over all its attempts."""
+        return self._used
+
+    async def chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = None,
+                   tools: Sequence[Mapping[str, Any]] | None = None, stream: bool = True,
+                   **params: Any) -> ChatResult:
+        """`LlmClient.chat` for this task: streamed tokens become events, usage is counted.
+
+        Raises:
+            TokenBudgetExceededError: the task's tokens passed its budget.
+            and what `LlmClient.chat` raises.
+        """
+        self._check_budget(0)
+        prompt = estimate_usage(messages, "", 0)["prompt_tokens"]
+        streamed = 0
+
+        def on_token(text: str) -> None:
+            nonlocal streamed
+            streamed += 1
+            self._queue.publish("task.token", self._record, text=text)
+            self._check_budget(prompt + streamed)
+
+        try:
+            result = await self.client.chat(messages, model=model, tools=tools, stream=stream,
+                                            on_token=on_token, **params)
+        except TokenBudgetExceededError:
+            await self._count({"prompt_tokens": prompt, "completion_tokens": streamed,
+                               "total_tokens": prompt + streamed})
+            raise
+        await self._count(result.usage)
+        self._check_budget(0)
+        return result
+
+    async def _count(self, usage: Mapping[str, int]) -> None:
+        totals = await self._queue.add_usage(self._record.id, {**usage, "calls": 1})
+        self._used = totals.get("total_tokens", 0)
+        self._record.usage = totals
+
+    def _check_budget(self, pending: int) -> None:
+        if not self._budget or self._used + pending <= self._budget:
+            return
+        used = self._used + pending
+        self._queue.publish("task.budget_exceeded", self._record, budget=self._budget, used=used)
+        raise TokenBudgetExceededError(
+            f"token budget exceeded: the task used {used} tokens of its budget of {self._budget}")
+
+
+def _check_messages(messages: Sequence[Mapping[str, Any]]) -> None:
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content} objects")
+    for number, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise ValueError(f"messages[{number}] must be an object with a role, got {message!r}")
+
+
+async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
+    if response.status < 400:
+        return
+    detail = (await response.text())[:500]
+    where = f"the LLM endpoint answered {response.status}: {detail}"
+    if response.status in (429, 503):
+        raise Retry.after(response.headers.get("Retry-After"), where)
+    if response.status in _RETRY_STATUSES:
+        raise LlmError(where)
+    raise Fail(where)
+
+
+async def _read_stream(response: aiohttp.ClientResponse, model: str,
+                       messages: Sequence[Mapping[str, Any]],
+                       on_token: Callable[[str], None] | None) -> ChatResult:
+    content: list[str] = []
+    tools = ToolCallAssembler()
+    finish: str | None = None
+    usage: dict[str, int] | None = None
+    done = False
+    async for raw in response.content:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data:"):
+            continue  # comments, event names, blank separators
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            done = True
+            break
+        chunk = json.loads(payload)
+        if chunk.get("error"):
+            raise LlmError(f"the LLM endpoint sent an error mid-stream: {chunk['error']}")
+        model = chunk.get("model") or model
+        if chunk.get("usage"):
+            usage = _usage(chunk["usage"])
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if isinstance(text, str) and text:
+                content.append(text)
+                if on_token is not None:
+                    on_token(text)
+            for call in delta.get("tool_calls") or []:
+                tools.add(call)
+            finish = choice.get("finish_reason") or finish
+    if not done and finish is None:
+        raise LlmError("the LLM stream ended before its last chunk")
+    text = "".join(content)
+    estimated = usage is None
+    return ChatResult(text, tools.result(), finish, model,
+                      usage or estimate_usage(messages, text, len(content)), estimated)
+
+
+def _from_message(body: Mapping[str, Any], model: str, messages: Sequence[Mapping[str, Any]]) -> ChatResult:
+    choice = (body.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    tools = ToolCallAssembler()
+    for call in message.get("tool_calls") or []:
+        tools.add(call)
+    text = message.get("content") or ""
+    usage = _usage(body["usage"]) if body.get("usage") else None
+    return ChatResult(text, tools.result(), choice.get("finish_reason"), body.get("model") or model,
+                      usage or estimate_usage(messages, text, None), usage is None)
+
+
+def _usage(raw: Mapping[str, Any]) -> dict[str, int]:
+    prompt = int(raw.get("prompt_tokens") or 0)
+    completion = int(raw.get("completion_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": int(raw.get("total_tokens") or prompt + completion)}
+
+
+def estimate_usage(messages: Sequence[Mapping[str, Any]], completion: str,
+                   chunks: int | None) -> dict[str, int]:
+    """Token counts for a server that reports none: about four characters a token, and at
+    least one token per streamed chunk."""
+    prompt = sum(len(str(m.get("content") or "")) for m in messages) // 4 + 1
+    produced = max(len(completion) // 4, chunks or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": produced, "total_tokens": prompt + produced}

@@ -1,0 +1,41 @@
+"""What the daemon lends to running tasks (`ctx`) and plugin handlers: memory, mail,
+outgoing webhooks and the LLM. One object, made by the daemon and shared by the worker
+pool and the plugin manager; memory is filled in once it opens (after plugin startup)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agentd.config import Config
+from agentd.llm import LlmClient
+from agentd.mail import Mailer
+from agentd.memory import MemoryStore
+from agentd.webhooks import WebhookPoster
+
+
+@dataclass(slots=True)
+class Services:
+    """The daemon's outward-facing parts, as tasks and handlers reach them."""
+
+    mailer: Mailer
+    webhooks: WebhookPoster
+    llm: LlmClient
+    memory: MemoryStore | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> Services:
+        """Build them, reading their secrets now.
+
+        Raises:
+            ConfigError: a password, key or secret file cannot be read, naming the key.
+        """
+        return cls(
+            mailer=Mailer(config.mail, config.secret("mail", config.mail, "password")),
+            webhooks=WebhookPoster(config.webhooks, config.secret("webhooks", config.webhooks, "secret")),
+            llm=LlmClient(config.llm, config.secret("llm", config.llm, "key")),
+        )
+
+    async def close(self) -> None:
+        """Close the HTTP sessions of the LLM and webhook clients."""
+        await self.llm.close()
+        await self.webhooks.close()
