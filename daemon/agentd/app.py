@@ -160,13 +160,17 @@ class Daemon:
         for record in list(self.plugins.plugins.values()):
             if record.state != "started" or record.plugin is None:
                 continue
-            unknown = [s.task for s in record.plugin.schedules
-                       if s.task is not None and self.registry.find(s.task) is None]
+            try:
+                specs = record.plugin.configured_schedules()
+            except InvalidScheduleError as exc:
+                self.plugins.fail(record.name, exc)
+                continue
+            unknown = [s.task for s in specs if s.task is not None and self.registry.find(s.task) is None]
             if unknown:
                 self.plugins.fail(record.name, InvalidScheduleError(
                     f"schedule task: no task named {unknown[0]!r} is registered"))
                 continue
-            declared += [(spec, "plugin") for spec in record.plugin.schedules]
+            declared += [(spec, "plugin") for spec in specs]
         try:
             await self.scheduler.start(declared)
         except InvalidScheduleError as exc:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from agentd.errors import TaskFailedError
+from agentd.events import Event, check_publishable
 from agentd.llm import TaskLlm
 from agentd.log import get_logger
 from agentd.mail import MailSender
@@ -100,7 +101,8 @@ class Context:
         """`await ctx.llm.chat(messages, model=, tools=, stream=True)`: tokens stream to the
         task's SSE/WebSocket clients, usage is counted, the token budget enforced."""
         if self._llm is None:
-            self._llm = TaskLlm(self._services.llm, self._queue, self._record, self._token_budget)
+            self._llm = TaskLlm(self._services.llm, self._queue, self._record, self._token_budget,
+                                self.token)
         return self._llm
 
     def emit(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
@@ -111,6 +113,26 @@ class Context:
         else:
             self._loop.call_soon_threadsafe(
                 lambda: self._queue.publish("task.progress", self._record, **payload))
+
+    def publish(self, topic: str, data: Mapping[str, Any] | None = None) -> Event:
+        """Publish an event of this task's correlation (not a daemon topic: `task.*`...).
+
+        Raises:
+            PatternError: the topic is malformed or reserved.
+        """
+        return self._queue.bus.publish(check_publishable(topic), data,
+                                       correlation_id=self.task.correlation_id,
+                                       causation_id=str(self.task.id))
+
+    def token(self, text: str) -> None:
+        """Publish a `task.token` event: text as it is produced, for the task's stream
+        clients (`ctx.llm` does this for every streamed token; agents that write their own
+        text can stream it the same way). Safe from a sync task's thread."""
+        if threading.get_ident() == self._loop_thread:
+            self._queue.publish("task.token", self._record, text=text)
+        else:
+            self._loop.call_soon_threadsafe(
+                lambda: self._queue.publish("task.token", self._record, text=text))
 
     def call(self, name: str, /, **args: Any) -> Awaitable[Any]:
         """Run task `name` as a durable child and return (an awaitable of) its result.

@@ -185,10 +185,12 @@ class TaskLlm:
     `[llm] token_budget`; 0 is none) is stopped mid-stream with a `task.budget_exceeded`
     event and fails."""
 
-    def __init__(self, client: LlmClient, queue: TaskQueue, record: TaskRecord, budget: int) -> None:
+    def __init__(self, client: LlmClient, queue: TaskQueue, record: TaskRecord, budget: int,
+                 on_token: Callable[[str], None]) -> None:
         self.client = client
         self._queue = queue
         self._record = record
+        self._on_token = on_token
         self._budget = budget
         self._used = (record.usage or {}).get("total_tokens", 0)
 
@@ -218,7 +220,7 @@ class TaskLlm:
         def on_token(text: str) -> None:
             nonlocal streamed
             streamed += 1
-            self._queue.publish("task.token", self._record, text=text)
+            self._on_token(text)
             self._check_budget(prompt + streamed)
 
         try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from agentd.errors import PluginError
+from agentd.errors import InvalidScheduleError, PluginError
 from agentd.events import Event, TopicPattern
 from agentd.schedule import ScheduleSpec
 from agentd.taskdef import TaskDef, TokenBucket
@@ -80,6 +80,40 @@ class Plugin:
     def bind_config(self, table: Mapping[str, Any]) -> None:
         """Called by the loader when the plugin is loaded."""
         self._config = MappingProxyType(dict(table))
+
+    def configured_schedules(self) -> list[ScheduleSpec]:
+        """The plugin's schedules as `[plugins.<name>.schedules.<schedule name>]` tables in
+        agentd.toml retime them: their keys replace the declared ones (a new trigger, e.g.
+        `every`, replaces the declared `every`/`cron`/`at`).
+
+        Raises:
+            InvalidScheduleError: an override is malformed or names no schedule.
+        """
+        overrides = self.config.get("schedules", {})
+        if not isinstance(overrides, Mapping):
+            raise InvalidScheduleError(f"[plugins.{self.name}] schedules must be a table of tables")
+        by_name = {spec.id.removeprefix(f"{self.name}."): spec for spec in self.schedules}
+        unknown = sorted(set(overrides) - set(by_name))
+        if unknown:
+            raise InvalidScheduleError(f"[plugins.{self.name}.schedules.{unknown[0]}]: plugin {self.name} "
+                                       f"has no such schedule; it has {', '.join(sorted(by_name)) or 'none'}")
+        specs = []
+        for name, spec in by_name.items():
+            override = overrides.get(name)
+            if override is None:
+                specs.append(spec)
+                continue
+            if not isinstance(override, Mapping):
+                raise InvalidScheduleError(f"[plugins.{self.name}.schedules.{name}] must be a table")
+            base = spec.to_dict()
+            if {"every", "cron", "at"} & set(override):
+                for trigger in ("every", "cron", "at"):
+                    base.pop(trigger, None)
+            try:
+                specs.append(ScheduleSpec.from_mapping({**base, **override, "id": spec.id}))
+            except InvalidScheduleError as exc:
+                raise InvalidScheduleError(f"[plugins.{self.name}.schedules.{name}] {exc}") from None
+        return specs
 
     def on(
         self, pattern: str, *, durable: bool = False, max_attempts: int | None = None
