@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlean
+import sqlite_vec
 from aiohttp import web
 
 from agentd.embed import MiniLMEmbedder, build_embedder
@@ -662,6 +664,33 @@ async def test_hybrid_recall_fuses_keyword_matches(start: Any, http: Any) -> Non
     for flag in ("1", "TRUE"):
         again = await search(client, query, namespace="orders", k=8, hybrid=flag)
         assert [r["id"] for r in again] == hybrid_ids
+
+
+async def test_a_memory_file_from_before_namespaced_keywords_is_migrated(start: Any, http: Any) -> None:
+    """memory.db schema 1 kept keywords without their namespace; opening it rebuilds the
+    keyword index per namespace (sql/memory/0002), and hybrid recall finds them again."""
+    daemon, _ = await start()
+    client = http(daemon)
+    code = await call(client, "POST", "/v1/memory", {"text": "Order QX-7781 left the warehouse.",
+                                                     "namespace": "orders-b"}, status=201)
+    await call(client, "POST", "/v1/memory", {"text": "QX-7781 is also a bus line.", "namespace": "orders.b"},
+               status=201)
+    path = daemon.memory.store.path
+    await daemon.stop()
+    # The daemon's own driver: it loads sqlite-vec, which the vec0 table needs.
+    conn = sqlean.connect(str(path), isolation_level=None)
+    conn.enable_load_extension(True)
+    sqlite_vec.load(conn)
+    conn.executescript("DROP TABLE memories_fts; CREATE VIRTUAL TABLE memories_fts USING fts5 (text);"
+                       "INSERT INTO memories_fts (rowid, text) SELECT id, text FROM memories;"
+                       "DELETE FROM schema_version WHERE version > 1;")
+    conn.close()
+
+    daemon, _ = await start(state_dir=path.parent.parent)
+    client = http(daemon)
+    assert daemon.memory.store.schema_version == 2
+    found = await search(client, "QX-7781", namespace="orders-b", k=5, hybrid="true")
+    assert [r["id"] for r in found] == [code["id"]]  # orders.b tokenises alike but stays apart
 
 
 # --------------------------------------------------------------------------- embedders

@@ -410,7 +410,8 @@ class MemoryStore:
             f"INSERT INTO memory_vectors (id, embedding, namespace{names}) "
             f"VALUES (?, ?, ?{', ?' * len(self._fields)})",
             (memory_id, serialize_float32(list(vector)), namespace, *filters))
-        conn.execute("INSERT INTO memories_fts (rowid, text) VALUES (?, ?)", (memory_id, text))
+        conn.execute("INSERT INTO memories_fts (rowid, text, namespace) VALUES (?, ?, ?)",
+                     (memory_id, text, _namespace_token(namespace)))
 
     @staticmethod
     def _unindex(conn: Connection, memory_id: int) -> None:
@@ -452,11 +453,12 @@ class MemoryStore:
         terms = [t for t in re.findall(r"\w+", query) if t]
         if not terms:
             return []
-        match = " OR ".join(f'"{t}"' for t in terms)
+        words = " OR ".join(f'"{t}"' for t in terms)
+        match = f"namespace:{_namespace_token(namespace)} AND text:({words})"
         rows = await self.store.read(
             "SELECT m.* FROM memories_fts f JOIN memories m ON m.id = f.rowid WHERE memories_fts MATCH ? "
             "AND m.namespace = ? AND m.superseded_by IS NULL AND (m.expires_at IS NULL OR m.expires_at > ?) "
-            "ORDER BY bm25(memories_fts) LIMIT ?", (match, namespace, time.time(), limit))
+            "ORDER BY bm25(memories_fts, 1.0, 0.0) LIMIT ?", (match, namespace, time.time(), limit))
         memories = [Memory.from_row(r) for r in rows]
         wanted = {**after, **{name: values for name, values in inside}}
         return [m for m in memories if _matches(m.metadata, wanted)]
@@ -468,6 +470,11 @@ def _matches(metadata: Mapping[str, Any], where: Mapping[str, Any]) -> bool:
         if metadata.get(name) not in allowed and str(metadata.get(name)) not in map(str, allowed):
             return False
     return True
+
+
+def _namespace_token(namespace: str) -> str:
+    """The namespace as one FTS5 token, whatever punctuation it holds (see sql/memory/0002)."""
+    return "n" + namespace.encode().hex().upper()
 
 
 def _digest(text: str) -> str:
