@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from agentd import __version__
-from agentd.config import Config, check_serving_rules, find_config_path, load_config
+from agentd.config import Config, find_config_path, load_config
 from agentd.errors import AgentdError, ConfigError
 from agentd.log import configure_logging
 
@@ -126,7 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(find_config_path(args.config))
         if args.command == "check-config":
-            check_serving_rules(config)
+            from agentd.app import Daemon
+
+            # Building the daemon (without starting it) checks what only it checks: the
+            # secrets of [mail], [llm] and [webhooks], and what digests can read.
+            Daemon(config)
             config.api_token()
             print(f"{config.source}: ok (database {config.database_path}, "
                   f"listening on {config.server.host}:{config.server.port})")
