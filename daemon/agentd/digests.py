@@ -6,12 +6,14 @@ A digest reads the event log, not a buffer of its own: what it mails survives re
 and its cursor (the last event id mailed) advances only after the mail went out. Its
 pattern's events must therefore be kept by the event log (`ring` or `durable`, for at
 least `every`); a pattern whose events are `ephemeral` is refused at start. A retried
-digest mail carries the same Message-ID (made from the digest and its first event), so a
-repeat after a crash can be dropped by the receiving mail system.
+digest mail carries the same Message-ID (made from the digest and its event range), so a
+repeat after a crash can be dropped by the receiving mail system. Sends of one digest
+never overlap (a lock per digest), so no event is mailed twice by two sends at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import time
@@ -89,6 +91,8 @@ class Digests:
         self._spawner = spawner
         self._subscriptions: list[Subscription] = []
         self._gathered: dict[str, int] = {}
+        # One send of a digest at a time: two would read the same cursor and mail twice.
+        self._sending = {name: asyncio.Lock() for name in self.specs}
 
     def register(self, registry: TaskRegistry, queue: str) -> list[ScheduleSpec]:
         """Add the `agentd.send_digest` task; return the schedules of the timed digests."""
@@ -149,6 +153,10 @@ class Digests:
 
     async def send(self, spec: DigestSpec, at_least: int = 1) -> dict[str, Any]:
         """Mail the events after the digest's cursor when there are at least `at_least`."""
+        async with self._sending[spec.name]:
+            return await self._send(spec, at_least)
+
+    async def _send(self, spec: DigestSpec, at_least: int) -> dict[str, Any]:
         row = await self._store.read_one(
             "SELECT last_event_id FROM digest_cursors WHERE name = ?", (spec.name,))
         cursor = row["last_event_id"] if row is not None else 0
@@ -158,7 +166,7 @@ class Digests:
             return {"sent": 0, "pending": len(events)}
         text = "\n".join(_line(e) for e in events)
         args = message_args(list(spec.to), f"{spec.subject} ({len(events)} events)", text, None)
-        await self._mailer.deliver(args, f"digest-{spec.name}-{events[0].id}")
+        await self._mailer.deliver(args, f"digest-{spec.name}-{events[0].id}-{events[-1].id}")
         last = events[-1].id
         await self._store.write(lambda conn: conn.execute(
             "UPDATE digest_cursors SET last_event_id = ?, sent_at = ? WHERE name = ?",

@@ -76,7 +76,9 @@ class Mailer:
                 use_tls=security == "tls", start_tls=security == "starttls",
                 timeout=self.config.timeout)
         except aiosmtplib.SMTPRecipientsRefused as exc:
-            raise Fail(f"every recipient was refused: {exc}") from exc
+            if all(refusal.code >= 500 for refusal in exc.recipients):
+                raise Fail(f"every recipient was refused: {exc}") from exc
+            raise  # a 4xx among them ("try later"): another attempt may get through
         except aiosmtplib.SMTPResponseException as exc:
             if exc.code >= 500:
                 raise Fail(f"the mail server refused the message: {exc.code} {exc.message}") from exc

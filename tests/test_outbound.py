@@ -1,0 +1,767 @@
+"""Outbound services against the real daemon and real peers: mail through an aiosmtpd SMTP
+server, digests mailed from the event log, signed webhooks to an aiohttp receiver, and
+the LLM (`ctx.llm`) against the FakeOpenAI server.
+
+The SMTP server and the webhook receiver run on the test's own event loop (127.0.0.1,
+OS-chosen ports) and record what they got; tests wait on their records, on task results
+and on bus events, never on the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email
+import email.policy
+import hashlib
+import hmac
+import json
+import re
+import shutil
+import sys
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from agentd.config import load_config
+from agentd.errors import ConfigError
+from agentd.llm import ToolCallAssembler
+from fake_openai import FakeOpenAI
+
+PLUGIN_SOURCE = Path(__file__).with_name("outbound_plugin.py")
+FAST_RETRIES = {"retry_base": 0.01, "retry_max": 0.05}
+SENDER = "agentd@example.org"
+WAIT = 5.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def until(predicate: Callable[[], bool], changed: asyncio.Event, timeout: float = WAIT) -> None:
+    """Wait until `predicate()` holds, re-checking each time `changed` is set."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            changed.clear()
+            await changed.wait()
+
+
+async def call(client: aiohttp.ClientSession, method: str, path: str, body: Any = None, *,
+               status: int = 200) -> Any:
+    """One API call; asserts the status and returns the JSON body."""
+    async with client.request(method, path, json=body) as response:
+        text = await response.text()
+        assert response.status == status, f"{method} {path}: {response.status} {text}"
+        return json.loads(text) if text else None
+
+
+def merged(*tables: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for table in tables:
+        for section, values in table.items():
+            out.setdefault(section, {}).update(values)
+    return out
+
+
+@dataclass
+class Delivered:
+    """One message the SMTP server accepted."""
+
+    mail_from: str | None
+    rcpt_tos: list[str]
+    message: EmailMessage
+
+    def part(self, subtype: str) -> str:
+        body = self.message.get_body((subtype,))
+        assert body is not None, f"no text/{subtype} part"
+        return str(body.get_content())
+
+
+@dataclass
+class SmtpServer:
+    """A real SMTP server (aiosmtpd) whose handler records envelopes and answers RCPT and
+    DATA as scripted (a reply string refuses; None accepts)."""
+
+    port: int = 0
+    messages: list[Delivered] = field(default_factory=list)
+    rcpt_attempts: list[str] = field(default_factory=list)
+    rcpt_replies: deque[str | None] = field(default_factory=deque)
+    data_replies: deque[str | None] = field(default_factory=deque)
+    hold_data: asyncio.Event | None = None  # DATA waits for it (then clears it) when set
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+            self, server: SMTP, session: Session, envelope: Envelope, address: str,
+            rcpt_options: list[str]) -> str:
+        self.rcpt_attempts.append(address)
+        self.changed.set()
+        reply = self.rcpt_replies.popleft() if self.rcpt_replies else None
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
+            self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.hold_data is not None:
+            hold, self.hold_data = self.hold_data, None
+            await hold.wait()
+        reply = self.data_replies.popleft() if self.data_replies else None
+        if reply is not None:
+            return reply
+        assert isinstance(envelope.content, bytes)
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        assert isinstance(message, EmailMessage)
+        self.messages.append(Delivered(envelope.mail_from, list(envelope.rcpt_tos), message))
+        self.changed.set()
+        return "250 Message accepted for delivery"
+
+    async def wait_messages(self, count: int) -> list[Delivered]:
+        await until(lambda: len(self.messages) >= count, self.changed)
+        return self.messages
+
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        return {"mail": {"host": "127.0.0.1", "port": self.port, "security": "none",
+                         "sender": SENDER, "timeout": 5.0}}
+
+
+@pytest.fixture
+async def smtp() -> AsyncIterator[SmtpServer]:
+    handler = SmtpServer()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTP(handler, hostname="smtp.test"), "127.0.0.1", 0)
+    handler.port = server.sockets[0].getsockname()[1]
+    yield handler
+    server.close()
+    await server.wait_closed()
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    raw: bytes
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver: records each POST, answers with the scripted (status, headers)
+    in order, then 200."""
+
+    url: str = ""
+    requests: list[Received] = field(default_factory=list)
+    script: deque[tuple[int, dict[str, str]]] = field(default_factory=deque)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append(Received(dict(request.headers), await request.read()))
+        self.changed.set()
+        status, headers = self.script.popleft() if self.script else (200, {})
+        return web.Response(status=status, headers=headers, text=f"answered {status}")
+
+    async def wait_requests(self, count: int) -> list[Received]:
+        await until(lambda: len(self.requests) >= count, self.changed)
+        return self.requests
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    hook = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", hook.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    hook.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    yield hook
+    await runner.cleanup()
+
+
+@pytest.fixture
+def ob_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "ob_plugins"
+    directory.mkdir()
+    shutil.copy(PLUGIN_SOURCE, directory / "ob.py")
+    return directory
+
+
+@pytest.fixture
+async def ob(start_daemon: Any, ob_dir: Path) -> Any:
+    """`daemon, events, module = await ob(overrides, state_dir=None)`: the ob plugin loaded,
+    retries fast."""
+
+    async def start(overrides: dict[str, dict[str, Any]] | None = None,
+                    state_dir: Path | None = None) -> tuple[Any, Any, ModuleType]:
+        tables = merged({"tasks": FAST_RETRIES}, overrides or {})
+        daemon, events = await start_daemon(plugin_dirs=[ob_dir], overrides=tables, state_dir=state_dir)
+        return daemon, events, sys.modules["agentd_plugins.ob"]
+
+    return start
+
+
+async def finished(daemon: Any, task_id: int) -> Any:
+    return await daemon.queue.wait(task_id, timeout=WAIT)
+
+
+async def tasks_named(daemon: Any, name: str) -> list[Any]:
+    return list(await daemon.queue.list(name=name))
+
+
+# --------------------------------------------------------------------------- mail
+
+
+async def test_a_task_mails_sender_recipient_subject_parts_and_message_id(
+        ob: Any, smtp: SmtpServer) -> None:
+    daemon, _, _ = await ob(smtp.overrides())
+    parent = await daemon.queue.enqueue("ob.mail", {
+        "to": "Ann <ann@example.com>", "subject": "Rapport d'été", "text": "Plain body, déjà vu.",
+        "html": "<p>HTML <b>body</b></p>"})
+    mail_id = await daemon.queue.result(parent.id, timeout=WAIT)
+    mail_task = await finished(daemon, mail_id)
+    assert (mail_task.name, mail_task.status, mail_task.parent_id) == (
+        "agentd.send_mail", "succeeded", parent.id)
+    message_id = f"<agentd-task-{mail_id}@example.org>"
+    assert mail_task.result == {"message_id": message_id, "to": ["Ann <ann@example.com>"], "refused": []}
+
+    [delivered] = await smtp.wait_messages(1)
+    assert delivered.mail_from == SENDER
+    assert delivered.rcpt_tos == ["ann@example.com"]
+    message = delivered.message
+    assert message["From"] == SENDER
+    assert message["To"] == "Ann <ann@example.com>"
+    assert message["Subject"] == "Rapport d'été"
+    assert message["Message-ID"] == message_id
+    assert message.get_content_type() == "multipart/alternative"
+    assert delivered.part("plain").strip() == "Plain body, déjà vu."
+    assert delivered.part("html").strip() == "<p>HTML <b>body</b></p>"
+
+
+async def test_a_sender_with_a_display_name_still_gives_a_well_formed_message_id(
+        ob: Any, smtp: SmtpServer) -> None:
+    daemon, _, _ = await ob(merged(smtp.overrides(), {"mail": {"sender": "Agentd Bot <bot@example.org>"}}))
+    parent = await daemon.queue.enqueue("ob.mail", {"to": "ann@example.com", "subject": "s", "text": "t"})
+    mail_id = await daemon.queue.result(parent.id, timeout=WAIT)
+    [delivered] = await smtp.wait_messages(1)
+    assert delivered.mail_from == "bot@example.org"
+    assert delivered.message["From"] == "Agentd Bot <bot@example.org>"
+    assert delivered.message["Message-ID"] == f"<agentd-task-{mail_id}@example.org>"
+
+
+async def test_a_task_retried_after_sending_delivers_one_mail(ob: Any, smtp: SmtpServer) -> None:
+    daemon, events, _ = await ob(smtp.overrides())
+    parent = await daemon.queue.enqueue("ob.mail", {
+        "to": ["ann@example.com", "bob@example.com"], "subject": "once", "text": "only once",
+        "fail_first": True})
+    mail_id = await daemon.queue.result(parent.id, timeout=WAIT)
+    assert (await daemon.queue.get(parent.id)).attempts == 2
+    await events.wait_for("task.retrying", task_id=parent.id)
+    mails = await tasks_named(daemon, "agentd.send_mail")
+    assert [t.id for t in mails] == [mail_id]
+    assert (await finished(daemon, mail_id)).status == "succeeded"
+    [delivered] = await smtp.wait_messages(1)
+    assert delivered.rcpt_tos == ["ann@example.com", "bob@example.com"]
+    assert delivered.message["Message-ID"] == f"<agentd-task-{mail_id}@example.org>"
+
+
+async def test_a_bad_address_is_a_value_error_naming_to(ob: Any, smtp: SmtpServer) -> None:
+    daemon, _, _ = await ob(smtp.overrides())
+    for to in ("not-an-address", ["ann@example.com", "bob"], [], "evil@example.com\r\nBcc: x@y.z"):
+        record = await daemon.queue.enqueue("ob.bad_mail", {"to": to})
+        error = await daemon.queue.result(record.id, timeout=WAIT)
+        assert error.startswith("ValueError: to: "), (to, error)
+    assert await tasks_named(daemon, "agentd.send_mail") == []
+    assert smtp.rcpt_attempts == []
+
+
+async def test_without_a_mail_host_the_task_fails_saying_to_set_it(ob: Any) -> None:
+    daemon, _, _ = await ob()
+    record = await daemon.queue.enqueue("ob.mail", {"to": "ann@example.com", "subject": "s", "text": "t"})
+    final = await finished(daemon, record.id)
+    assert (final.status, final.attempts) == ("failed", 1)
+    assert final.error.startswith("MailUnavailableError: ")
+    assert "set [mail] host" in final.error
+    assert await tasks_named(daemon, "agentd.send_mail") == []
+
+
+async def test_a_5xx_refusal_fails_the_mail_task_without_retry(ob: Any, smtp: SmtpServer) -> None:
+    daemon, _, _ = await ob(smtp.overrides())
+    smtp.rcpt_replies.append("550 no such user")
+    parent = await daemon.queue.enqueue("ob.mail", {"to": "nobody@example.com", "subject": "s", "text": "t"})
+    mail_id = await daemon.queue.result(parent.id, timeout=WAIT)
+    final = await finished(daemon, mail_id)
+    assert (final.status, final.attempts) == ("failed", 1)
+    assert "550" in final.error and "no such user" in final.error
+    assert smtp.rcpt_attempts == ["nobody@example.com"]
+    assert smtp.messages == []
+
+
+async def test_a_4xx_answer_to_data_is_retried_and_delivered_once(ob: Any, smtp: SmtpServer) -> None:
+    daemon, events, _ = await ob(smtp.overrides())
+    smtp.data_replies.append("451 try later")
+    parent = await daemon.queue.enqueue("ob.mail", {"to": "ann@example.com", "subject": "s", "text": "t"})
+    mail_id = await daemon.queue.result(parent.id, timeout=WAIT)
+    final = await finished(daemon, mail_id)
+    assert (final.status, final.attempts) == ("succeeded", 2)
+    retry = await events.wait_for("task.retrying", task_id=mail_id)
+    assert "451" in retry.data["error"]
+    assert len(await smtp.wait_messages(1)) == 1
+    assert smtp.rcpt_attempts == ["ann@example.com", "ann@example.com"]
+
+
+async def test_a_4xx_refusal_of_the_recipient_is_retried_and_delivered_once(
+        ob: Any, smtp: SmtpServer) -> None:
+    """451 is "try again later" whichever command it answers: RCPT included."""
+    daemon, _, _ = await ob(smtp.overrides())
+    smtp.rcpt_replies.append("451 try later")
+    parent = await daemon.queue.enqueue("ob.mail", {"to": "ann@example.com", "subject": "s", "text": "t"})
+    mail_id = await daemon.queue.result(parent.id, timeout=WAIT)
+    final = await finished(daemon, mail_id)
+    assert (final.status, final.attempts, final.error) == ("succeeded", 2, None), final.error
+    assert len(await smtp.wait_messages(1)) == 1
+
+
+# --------------------------------------------------------------------------- digests
+
+
+def digest(**table: Any) -> dict[str, dict[str, Any]]:
+    return {"digests": {"news": {"pattern": "news.new", "to": ["me@example.com"],
+                                 "subject": "What agentd found", **table}}}
+
+
+def digest_lines(delivered: Delivered) -> list[dict[str, Any]]:
+    """The data of each event a digest mail lists (one line per event, JSON last)."""
+    lines = delivered.part("plain").strip().splitlines()
+    for line in lines:
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ  news\.new  \{", line), line
+    return [json.loads(line.split("  ", 2)[2]) for line in lines]
+
+
+async def test_a_count_digest_mails_what_gathered_after_it_started(
+        start_daemon: Any, smtp: SmtpServer, tmp_path: Path, http: Any) -> None:
+    state = tmp_path / "state"
+    before, _ = await start_daemon(state_dir=state, overrides=merged({"tasks": FAST_RETRIES},
+                                                                     smtp.overrides()))
+    for n in (1, 2):
+        before.bus.publish("news.new", {"n": n, "when": "before the digest"})
+    await before.stop()
+
+    daemon, events = await start_daemon(state_dir=state, overrides=merged(
+        {"tasks": FAST_RETRIES}, smtp.overrides(), digest(count=3)))
+    # At start the digest checks the log for events gathered before a restart: none are its.
+    started = await events.wait_for("task.succeeded", name="agentd.send_digest")
+    assert (await daemon.queue.get(started.data["task_id"])).result == {"sent": 0, "pending": 0}
+
+    client = http(daemon)
+    daemon.bus.publish("news.other", {"n": 0})
+    ids = [(await call(client, "POST", "/v1/events", {"topic": "news.new", "data": {"n": n}},
+                       status=202))["id"] for n in (3, 4, 5)]
+    [delivered] = await smtp.wait_messages(1)
+    assert delivered.rcpt_tos == ["me@example.com"]
+    assert delivered.message["Subject"] == "What agentd found (3 events)"
+    assert digest_lines(delivered) == [{"n": 3}, {"n": 4}, {"n": 5}]
+    assert delivered.message["Message-ID"] == f"<agentd-digest-news-{ids[0]}-{ids[2]}@example.org>"
+    [sent] = [t for t in await tasks_named(daemon, "agentd.send_digest") if t.id != started.data["task_id"]]
+    assert (await finished(daemon, sent.id)).result == {
+        "sent": 3, "first_event_id": ids[0], "last_event_id": ids[2]}
+    # Two more are not yet a digest: the next mail comes with the third, and lists all three.
+    for n in (6, 7, 8):
+        daemon.bus.publish("news.new", {"n": n})
+    assert digest_lines((await smtp.wait_messages(2))[1]) == [{"n": 6}, {"n": 7}, {"n": 8}]
+    sends = await tasks_named(daemon, "agentd.send_digest")
+    assert len(sends) == 3
+    for task in sends:
+        await finished(daemon, task.id)
+    assert len(smtp.messages) == 2
+
+
+async def test_an_every_digest_is_a_schedule_whose_run_mails_pending_events_once(
+        start_daemon: Any, smtp: SmtpServer, http: Any) -> None:
+    daemon, _ = await start_daemon(overrides=merged(
+        {"tasks": FAST_RETRIES}, smtp.overrides(), digest(every="1h", limit=2)))
+    client = http(daemon)
+    schedules = {s["id"]: s for s in (await call(client, "GET", "/v1/schedules"))["schedules"]}
+    schedule = schedules["agentd.digest.news"]
+    assert (schedule["task"], schedule["args"], schedule["every"]) == (
+        "agentd.send_digest", {"digest": "news"}, 3600.0)
+
+    async def run() -> Any:
+        fired = await call(client, "POST", "/v1/schedules/agentd.digest.news/run")
+        return await daemon.queue.result(fired["last_task_id"], timeout=WAIT)
+
+    for n in (1, 2, 3):
+        daemon.bus.publish("news.new", {"n": n})
+    daemon.bus.publish("other.new", {"n": 99})
+    first = await run()
+    assert first["sent"] == 2  # limit = 2 per mail
+    [delivered] = await smtp.wait_messages(1)
+    assert digest_lines(delivered) == [{"n": 1}, {"n": 2}]
+    assert (await run())["sent"] == 1
+    assert digest_lines((await smtp.wait_messages(2))[1]) == [{"n": 3}]
+    assert await run() == {"sent": 0, "pending": 0}
+    assert len(smtp.messages) == 2
+    assert len(smtp.rcpt_attempts) == 2
+
+
+async def test_digest_sends_that_overlap_mail_each_event_once(
+        start_daemon: Any, smtp: SmtpServer) -> None:
+    """A burst of events triggers a second send while the first is still in SMTP: the two
+    mails must not list the same events (nor carry the same Message-ID for different
+    contents, which lets the receiving system drop the second)."""
+    daemon, events = await start_daemon(overrides=merged(
+        {"tasks": FAST_RETRIES}, smtp.overrides(), digest(count=2)))
+    await events.wait_for("task.succeeded", name="agentd.send_digest")  # the check at start
+    hold = asyncio.Event()
+    smtp.hold_data = hold
+    for n in (1, 2):
+        daemon.bus.publish("news.new", {"n": n})
+    await until(lambda: len(smtp.rcpt_attempts) == 1, smtp.changed)  # the first send is in DATA
+    for n in (3, 4):
+        daemon.bus.publish("news.new", {"n": n})
+    # Release the first DATA when a second send reaches the server, or after 1 s if a
+    # correct daemon keeps the second send from starting while the first is out.
+    with contextlib.suppress(TimeoutError):
+        await until(lambda: len(smtp.rcpt_attempts) == 2, smtp.changed, timeout=1.0)
+    hold.set()
+    sends = await tasks_named(daemon, "agentd.send_digest")
+    for task in sends:
+        assert (await finished(daemon, task.id)).status == "succeeded"
+    await until(lambda: sum(len(digest_lines(m)) for m in smtp.messages) >= 4, smtp.changed)
+    mailed = [line["n"] for m in smtp.messages for line in digest_lines(m)]
+    assert sorted(mailed) == [1, 2, 3, 4], f"events mailed: {mailed}"
+    message_ids = [m.message["Message-ID"] for m in smtp.messages]
+    assert len(set(message_ids)) == len(message_ids), message_ids
+
+
+async def test_a_digest_of_ephemeral_events_refuses_to_start(start_daemon: Any, smtp: SmtpServer) -> None:
+    with pytest.raises(ConfigError, match=r"\[digests\.tokens\] pattern 'x\.token'.*ephemeral"):
+        await start_daemon(overrides=merged(smtp.overrides(), {"digests": {"tokens": {
+            "pattern": "x.token", "to": "me@example.com", "count": 5}}}))
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"pattern": "news.new", "to": "me@example.com"}, r"give every .* or count"),
+    ({"pattern": "news.new", "to": "not an address", "count": 3}, r"to: 'not an address'"),
+    ({"pattern": "news.new", "count": 3}, r"to: give at least one address"),
+    ({"pattern": "news.new", "to": "me@example.com", "count": 0}, r"count: expected a whole number"),
+    ({"pattern": "news.new", "to": "me@example.com", "every": "soon"}, r"every: 'soon' is not a duration"),
+    ({"pattern": "news.new", "to": "me@example.com", "count": 3, "cc": "x"}, r"unknown key 'cc'"),
+    ({"to": "me@example.com", "count": 3}, r"pattern: expected a topic pattern"),
+])
+def test_bad_digest_tables_are_config_errors_naming_the_digest_and_key(
+        table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=r"\[digests\.news\] " + message):
+        load_config(None, env={}, overrides={"digests": {"news": table}})
+
+
+# --------------------------------------------------------------------------- webhooks
+
+
+async def test_a_task_posts_a_signed_webhook_with_the_exact_body(ob: Any, receiver: Receiver) -> None:
+    daemon, _, _ = await ob({"webhooks": {"secret": "s3cret"}})
+    body = {"a": 1, "text": "héllo", "list": [1, 2]}
+    parent = await daemon.queue.enqueue("ob.post", {"url": receiver.url, "body": body})
+    hook_id = await daemon.queue.result(parent.id, timeout=WAIT)
+    final = await finished(daemon, hook_id)
+    assert (final.name, final.status, final.parent_id) == ("agentd.post_webhook", "succeeded", parent.id)
+    assert final.result == {"status": 200, "url": receiver.url}
+    [got] = await receiver.wait_requests(1)
+    assert json.loads(got.raw) == body
+    assert got.headers["Content-Type"] == "application/json"
+    expected = "sha256=" + hmac.new(b"s3cret", got.raw, hashlib.sha256).hexdigest()
+    assert got.headers["X-Agentd-Signature"] == expected
+    assert got.headers["X-Agentd-Delivery"] == str(hook_id)
+    assert got.headers["Idempotency-Key"] == f"agentd-webhook-{hook_id}"
+
+
+async def test_without_a_secret_a_webhook_is_not_signed(ob: Any, receiver: Receiver) -> None:
+    daemon, _, _ = await ob()
+    parent = await daemon.queue.enqueue("ob.post", {"url": receiver.url, "body": [1, None]})
+    await finished(daemon, await daemon.queue.result(parent.id, timeout=WAIT))
+    [got] = await receiver.wait_requests(1)
+    assert got.raw == b"[1,null]"
+    assert "X-Agentd-Signature" not in got.headers
+
+
+async def test_a_5xx_is_retried_with_the_same_delivery_headers(ob: Any, receiver: Receiver) -> None:
+    daemon, events, _ = await ob({"webhooks": {"secret": "s3cret"}})
+    receiver.script.append((500, {}))
+    parent = await daemon.queue.enqueue("ob.post", {"url": receiver.url, "body": {"a": 1}})
+    hook_id = await daemon.queue.result(parent.id, timeout=WAIT)
+    final = await finished(daemon, hook_id)
+    assert (final.status, final.attempts) == ("succeeded", 2)
+    assert "answered 500" in (await events.wait_for("task.retrying", task_id=hook_id)).data["error"]
+    first, second = await receiver.wait_requests(2)
+    assert len(receiver.requests) == 2
+    assert first.raw == second.raw == b'{"a":1}'
+    for name in ("X-Agentd-Delivery", "Idempotency-Key", "X-Agentd-Signature"):
+        assert first.headers[name] == second.headers[name], name
+    assert first.headers["X-Agentd-Delivery"] == str(hook_id)
+
+
+async def test_a_429_with_retry_after_is_retried(ob: Any, receiver: Receiver) -> None:
+    daemon, events, _ = await ob()
+    receiver.script.append((429, {"Retry-After": "0"}))
+    parent = await daemon.queue.enqueue("ob.post", {"url": receiver.url, "body": {"a": 1}})
+    hook_id = await daemon.queue.result(parent.id, timeout=WAIT)
+    final = await finished(daemon, hook_id)
+    assert (final.status, final.attempts) == ("succeeded", 2)
+    retry = await events.wait_for("task.retrying", task_id=hook_id)
+    assert retry.data["delay"] == 0
+    assert len(await receiver.wait_requests(2)) == 2
+
+
+async def test_a_404_fails_the_webhook_without_retry(ob: Any, receiver: Receiver) -> None:
+    daemon, _, _ = await ob()
+    receiver.script.append((404, {}))
+    parent = await daemon.queue.enqueue("ob.post", {"url": receiver.url, "body": {"a": 1}})
+    hook_id = await daemon.queue.result(parent.id, timeout=WAIT)
+    final = await finished(daemon, hook_id)
+    assert (final.status, final.attempts) == ("failed", 1)
+    assert final.error == f"Fail: {receiver.url} answered 404: answered 404"
+    assert len(receiver.requests) == 1
+
+
+async def test_a_task_retried_after_posting_posts_once(ob: Any, receiver: Receiver) -> None:
+    daemon, _, _ = await ob()
+    parent = await daemon.queue.enqueue("ob.post", {"url": receiver.url, "body": {"a": 1},
+                                                    "fail_first": True})
+    hook_id = await daemon.queue.result(parent.id, timeout=WAIT)
+    assert (await daemon.queue.get(parent.id)).attempts == 2
+    assert [t.id for t in await tasks_named(daemon, "agentd.post_webhook")] == [hook_id]
+    assert (await finished(daemon, hook_id)).status == "succeeded"
+    assert len(await receiver.wait_requests(1)) == 1
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "/relative/path", "http://", "localhost:8080/hook"])
+async def test_a_bad_url_is_a_value_error_naming_url(ob: Any, url: str) -> None:
+    daemon, _, _ = await ob()
+    record = await daemon.queue.enqueue("ob.bad_post", {"url": url})
+    error = await daemon.queue.result(record.id, timeout=WAIT)
+    assert error == f"ValueError: url: expected an absolute http:// or https:// URL, got {url!r}"
+    assert await tasks_named(daemon, "agentd.post_webhook") == []
+
+
+async def test_a_handler_posts_once_per_event_with_its_key(ob: Any, receiver: Receiver) -> None:
+    daemon, _, module = await ob({"plugins": {"ob": {"url": receiver.url}}})
+    published = [daemon.bus.publish("ob.ping", {"n": n}).id for n in (1, 2)]
+    await until(lambda: len(module.POSTED) == 2, module.CHANGED)
+    by_event = {event_id: (first, second) for event_id, first, second in module.POSTED}
+    assert sorted(by_event) == sorted(published)
+    for first, second in by_event.values():
+        assert first == second  # the same key gave the same delivery task
+        assert (await finished(daemon, first)).status == "succeeded"
+    assert len(await tasks_named(daemon, "agentd.post_webhook")) == 2
+    got = await receiver.wait_requests(2)
+    assert sorted(json.loads(r.raw)["event_id"] for r in got) == sorted(published)
+    assert len(receiver.requests) == 2
+
+
+# --------------------------------------------------------------------------- LLM
+
+
+def llm_config(llm: FakeOpenAI, **extra: Any) -> dict[str, dict[str, Any]]:
+    return {"llm": {"base_url": llm.url, "model": "test-model", **extra}}
+
+
+async def read_sse(response: aiohttp.ClientResponse, last: str) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, data) of each SSE frame up to and including the event named `last`."""
+    frames: list[tuple[str, dict[str, Any]]] = []
+    name: str | None = None
+    data: list[str] = []
+    async with asyncio.timeout(WAIT):
+        while True:
+            raw = await response.content.readline()
+            assert raw, f"the stream ended before {last!r}: {frames}"
+            line = raw.decode().rstrip("\r\n")
+            if line == "":
+                if name is not None:
+                    frames.append((name, json.loads("\n".join(data))))
+                    if name == last:
+                        return frames
+                name, data = None, []
+            elif not line.startswith(":"):
+                key, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                if key == "event":
+                    name = value
+                elif key == "data":
+                    data.append(value)
+
+
+async def test_a_chat_streams_its_tokens_to_the_task_stream_and_returns_the_reply(
+        ob: Any, http: Any) -> None:
+    reply = "Hello brave new world"
+    async with FakeOpenAI() as llm:
+        daemon, _, module = await ob(llm_config(llm))
+        llm.reply(reply)
+        record = await daemon.queue.enqueue("ob.chat", {"wait": "go"})
+        async with http(daemon).get(f"/v1/tasks/{record.id}/stream") as response:
+            assert response.status == 200
+            opened = await response.content.readuntil(b"\n\n")
+            assert b": connected" in opened
+            module.gate("go").set()
+            frames = await read_sse(response, "end")
+        result = await daemon.queue.result(record.id, timeout=WAIT)
+        assert result["content"] == reply
+        assert result["finish_reason"] == "stop"
+        assert result["model"] == "test-model"
+        [request] = llm.requests
+        assert request["model"] == "test-model"
+        assert request["messages"] == [{"role": "user", "content": "hi"}]
+        assert request["stream"] is True
+
+    topics = [name for name, _ in frames]
+    tokens = [data["data"]["text"] for name, data in frames if name == "task.token"]
+    assert "".join(tokens) == reply
+    assert all(data["data"]["task_id"] == record.id for name, data in frames if name == "task.token")
+    last_token = max(i for i, name in enumerate(topics) if name == "task.token")
+    assert topics.index("task.succeeded") > last_token
+    assert topics[-2:] == ["task.succeeded", "end"]
+    assert frames[-1][1]["task"]["usage"] == {"prompt_tokens": 10, "completion_tokens": 4,
+                                              "total_tokens": 14, "calls": 1}
+
+
+async def test_usage_is_summed_over_the_calls_of_a_task(ob: Any, http: Any) -> None:
+    async with FakeOpenAI() as llm:
+        daemon, _, _ = await ob(llm_config(llm))
+        llm.reply("Hello brave new world")
+        llm.reply("ok then", usage={"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9})
+        record = await daemon.queue.enqueue("ob.chat", {"calls": 2})
+        result = await daemon.queue.result(record.id, timeout=WAIT)
+        assert result["contents"] == ["Hello brave new world", "ok then"]
+        assert len(llm.requests) == 2
+    task = await call(http(daemon), "GET", f"/v1/tasks/{record.id}")
+    assert task["usage"] == {"prompt_tokens": 17, "completion_tokens": 6, "total_tokens": 23, "calls": 2}
+
+
+def weather_call(call_id: str, city: str) -> dict[str, Any]:
+    return {"id": call_id, "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+
+
+TOOL_DELTAS: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
+    "openai_index_then_fragments": ([
+        {"index": 0, "id": "call_a", "type": "function",
+         "function": {"name": "get_weather", "arguments": ""}},
+        {"index": 0, "function": {"arguments": '{"city": '}},
+        {"index": 1, "id": "call_b", "type": "function",
+         "function": {"name": "get_weather", "arguments": ""}},
+        {"index": 0, "function": {"arguments": '"Paris"}'}},
+        {"index": 1, "function": {"arguments": '{"city": "Oslo"}'}},
+    ], [weather_call("call_a", "Paris"), weather_call("call_b", "Oslo")]),
+    "ollama_whole_calls_without_index_or_id": ([
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
+    ], [weather_call("call_0", "Paris"), weather_call("call_1", "Oslo")]),
+    "index_0_repeated_with_new_ids": ([
+        {"index": 0, "id": "call_a", "function": {"name": "get_weather", "arguments": '{"city"'}},
+        {"index": 0, "function": {"arguments": ': "Paris"}'}},
+        {"index": 0, "id": "call_b", "function": {"name": "get_weather", "arguments": '{"city": '}},
+        {"index": 0, "function": {"arguments": '"Oslo"}'}},
+    ], [weather_call("call_a", "Paris"), weather_call("call_b", "Oslo")]),
+    "proxy_repeating_the_name": ([
+        {"index": 0, "id": "call_a", "function": {"name": "get_weather", "arguments": '{"ci'}},
+        {"index": 0, "id": "call_a", "function": {"name": "get_weather", "arguments": 'ty": "Par'}},
+        {"index": 0, "id": "call_a", "function": {"name": "get_weather", "arguments": 'is"}'}},
+    ], [weather_call("call_a", "Paris")]),
+}
+
+
+@pytest.mark.parametrize("shape", list(TOOL_DELTAS))
+def test_tool_call_deltas_are_assembled_however_the_server_numbers_them(shape: str) -> None:
+    deltas, expected = TOOL_DELTAS[shape]
+    assembler = ToolCallAssembler()
+    for delta in deltas:
+        assembler.add(delta)
+    calls = assembler.result()
+    # Arguments are compared as JSON: Ollama's object is re-serialised.
+    assert [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+            for c in calls] == [
+        {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+        for c in expected]
+    assert all(isinstance(c["function"]["arguments"], str) for c in calls)
+
+
+async def test_tool_calls_stream_end_to_end_through_ctx_llm(ob: Any) -> None:
+    deltas, expected = TOOL_DELTAS["openai_index_then_fragments"]
+    async with FakeOpenAI() as llm:
+        daemon, _, _ = await ob(llm_config(llm))
+        llm.chunks([{"role": "assistant", "content": None, "tool_calls": [d]} for d in deltas])
+        record = await daemon.queue.enqueue("ob.use_tools")
+        result = await daemon.queue.result(record.id, timeout=WAIT)
+        [request] = llm.requests
+        assert request["tools"][0]["function"]["name"] == "get_weather"
+    assert result["tool_calls"] == expected
+    assert (result["content"], result["finish_reason"]) == ("", "tool_calls")
+
+
+async def test_a_429_with_retry_after_retries_the_task_and_a_400_fails_it(ob: Any) -> None:
+    async with FakeOpenAI() as llm:
+        daemon, events, _ = await ob(llm_config(llm))
+        llm.fail(429, retry_after="0")
+        llm.reply("second time lucky")
+        record = await daemon.queue.enqueue("ob.chat")
+        assert (await daemon.queue.result(record.id, timeout=WAIT))["content"] == "second time lucky"
+        final = await daemon.queue.get(record.id)
+        assert (final.status, final.attempts) == ("succeeded", 2)
+        retry = await events.wait_for("task.retrying", task_id=record.id)
+        assert retry.data["delay"] == 0 and "429" in retry.data["error"]
+
+        llm.fail(400)
+        record = await daemon.queue.enqueue("ob.chat")
+        final = await finished(daemon, record.id)
+        assert (final.status, final.attempts) == ("failed", 1)
+        assert final.error.startswith("Fail: the LLM endpoint answered 400")
+        assert len(llm.requests) == 3
+
+
+async def test_a_task_past_its_token_budget_is_stopped_mid_stream(ob: Any) -> None:
+    reply = " ".join(f"word{n}" for n in range(40))
+    async with FakeOpenAI() as llm:
+        daemon, events, _ = await ob(llm_config(llm))
+        llm.reply(reply)
+        record = await daemon.queue.enqueue("ob.budgeted")
+        final = await finished(daemon, record.id)
+        assert (final.status, final.attempts) == ("failed", 1)
+        assert "token budget exceeded" in final.error
+        assert final.error.startswith("TokenBudgetExceededError: ")
+        exceeded = await events.wait_for("task.budget_exceeded", task_id=record.id)
+        assert exceeded.data["budget"] == 5 and exceeded.data["used"] > 5
+        tokens = [e for e in events.events if e.topic == "task.token" and e.data["task_id"] == record.id]
+        assert 0 < len(tokens) < 40
+        assert reply.startswith("".join(e.data["text"] for e in tokens))
+        assert final.usage is not None and final.usage["total_tokens"] == exceeded.data["used"]
+        assert len(llm.requests) == 1
+
+
+async def test_key_env_puts_the_key_from_the_environment_in_the_authorization_header(
+        ob: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OB_TEST_LLM_KEY", "sk-from-env")
+    async with FakeOpenAI(key="sk-from-env") as llm:
+        daemon, _, _ = await ob(llm_config(llm, key_env="OB_TEST_LLM_KEY"))
+        record = await daemon.queue.enqueue("ob.chat")
+        assert (await daemon.queue.result(record.id, timeout=WAIT))["content"] == "ok"
+        assert llm.headers[0]["Authorization"] == "Bearer sk-from-env"
+
+
+async def test_a_key_env_naming_an_unset_variable_stops_the_start(
+        ob: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OB_TEST_UNSET_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"\[llm\] key_env: the environment variable OB_TEST_UNSET_KEY"):
+        await ob({"llm": {"base_url": "http://127.0.0.1:9/v1", "key_env": "OB_TEST_UNSET_KEY"}})
+
+
+async def test_without_an_llm_the_task_fails_naming_base_url(ob: Any) -> None:
+    daemon, _, _ = await ob()
+    record = await daemon.queue.enqueue("ob.chat")
+    final = await finished(daemon, record.id)
+    assert (final.status, final.attempts) == ("failed", 1)
+    assert final.error.startswith("LlmUnavailableError: ")
+    assert "[llm] base_url" in final.error
