@@ -42,7 +42,8 @@ class Item:
 
     @property
     def text(self) -> str:
-        return f"{self.title}. {self.summary}".strip() if self.summary else self.title
+        """What is remembered: the title and the summary, whichever are there."""
+        return ". ".join(part for part in (self.title.strip(), self.summary.strip()) if part)
 
 
 @plugin.schedule(every="30m", catch_up="once", overlap="skip")
@@ -109,13 +110,15 @@ def parse_feed(body: bytes) -> list[Item]:
     except ElementTree.ParseError as exc:
         raise ValueError(f"not a feed: {exc}") from exc
     if root.tag == f"{_ATOM}feed":
-        return [Item(_text(e, f"{_ATOM}title"), _atom_link(e),
-                     _text(e, f"{_ATOM}summary") or _text(e, f"{_ATOM}content"))
-                for e in root.iter(f"{_ATOM}entry")]
-    if root.tag == "rss":
-        return [Item(_text(e, "title"), _text(e, "link"), _text(e, "description"))
-                for e in root.iter("item")]
-    raise ValueError(f"not a feed: the document is <{root.tag}>, not RSS or Atom")
+        items = [Item(_text(e, f"{_ATOM}title"), _atom_link(e),
+                      _text(e, f"{_ATOM}summary") or _text(e, f"{_ATOM}content"))
+                 for e in root.iter(f"{_ATOM}entry")]
+    elif root.tag == "rss":
+        items = [Item(_text(e, "title"), _text(e, "link"), _text(e, "description"))
+                 for e in root.iter("item")]
+    else:
+        raise ValueError(f"not a feed: the document is <{root.tag}>, not RSS or Atom")
+    return [item for item in items if item.text]  # an entry with no words has nothing to remember
 
 
 def _parse_json(document: Any) -> list[Item]:
@@ -124,10 +127,14 @@ def _parse_json(document: Any) -> list[Item]:
         raise ValueError("not a feed: JSON without a list of items")
     items = []
     for entry in entries:
-        if isinstance(entry, dict) and entry.get("title"):
-            summary = entry.get("summary") or entry.get("content_text") or entry.get("description") or ""
-            items.append(Item(str(entry["title"]), str(entry.get("url") or entry.get("link") or ""),
-                              str(summary)))
+        if not isinstance(entry, dict):
+            continue
+        summary = str(entry.get("summary") or entry.get("content_text") or entry.get("description") or "")
+        # JSON Feed 1.1 items may have no title: their text stands alone.
+        item = Item(str(entry.get("title") or ""), str(entry.get("url") or entry.get("link") or ""),
+                    summary.strip())
+        if item.text:
+            items.append(item)
     return items
 
 
