@@ -34,6 +34,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from agentd.testing import EventCapture
 from fake_openai import FakeOpenAI
+from sse_client import Sse
 
 REPO_PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 WAIT = 10.0  # seconds any single wait may take before the test fails
@@ -89,64 +90,6 @@ async def until(check: Callable[[], Awaitable[bool]], wake: Callable[[], Awaitab
             return
         await asyncio.wait_for(wake(), WAIT)
     raise AssertionError(f"the condition did not hold after {rounds} rounds")
-
-
-@dataclass
-class Frame:
-    """One SSE frame."""
-
-    id: int | None = None
-    event: str | None = None
-    data: Any = None
-    retry: int | None = None
-
-
-class Sse:
-    """Reads SSE frames from a streaming response; every read is bounded."""
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self.response = response
-
-    async def frame(self) -> Frame | None:
-        async def read() -> Frame | None:
-            frame, data = Frame(), []
-            while True:
-                raw = await self.response.content.readline()
-                if not raw:
-                    return None
-                line = raw.decode().rstrip("\r\n")
-                if line == "":
-                    if data:
-                        frame.data = json.loads("\n".join(data))
-                    if frame != Frame():
-                        return frame
-                    continue
-                if line.startswith(":"):
-                    continue  # the connected comment, keepalives
-                name, _, value = line.partition(":")
-                value = value.removeprefix(" ")
-                if name == "data":
-                    data.append(value)
-                elif name in ("id", "retry"):
-                    setattr(frame, name, int(value))
-                elif name == "event":
-                    frame.event = value
-
-        return await asyncio.wait_for(read(), WAIT)
-
-    async def opened(self) -> None:
-        """The first frame (the reconnect delay): the server is subscribed from here on."""
-        first = await self.frame()
-        assert first is not None and first.retry is not None and first.event is None, first
-
-    async def until_end(self) -> list[Frame]:
-        """Every event frame up to and including the task stream's closing `end` event."""
-        frames: list[Frame] = []
-        while not frames or frames[-1].event != "end":
-            frame = await self.frame()
-            assert frame is not None, f"the stream ended without `end` after {frames}"
-            frames.append(frame)
-        return frames
 
 
 @dataclass
@@ -422,7 +365,7 @@ async def test_deep_search_delegates_merges_streams_remembers_and_mails(start_da
                 await sse.opened()
                 assert (await call(client, "GET", f"/v1/tasks/{run['id']}"))["status"] == "queued"
                 release.set()
-                frames = await sse.until_end()
+                frames = await sse.until("end")
 
         done = await succeeded(client, run["id"])
         result = done["result"]
@@ -546,7 +489,7 @@ async def test_chat_streams_replies_keeps_the_conversation_and_sends_it_to_the_m
             await sse.opened()
             assert (await call(client, "GET", f"/v1/tasks/{task['id']}"))["status"] == "queued"
             release.set()
-            frames = await sse.until_end()
+            frames = await sse.until("end")
     first = (await succeeded(client, task["id"]))["result"]
     assert (first["session"], first["messages"]) == ("ada", 2)
     assert "no LLM is configured" in first["answer"] and "'Hello there!'" in first["answer"]

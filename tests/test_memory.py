@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +27,7 @@ from aiohttp import web
 from agentd.embed import MiniLMEmbedder, build_embedder
 from agentd.errors import EmbedderError, EmbedderMismatchError, MemoryNotFoundError
 from agentd.testing import make_config
+from fake_openai import word_vector
 
 # Daemons started by this module; every one that embeds loads the model (~1 s).
 DAEMON_BUDGET = 20
@@ -52,17 +52,6 @@ def start(start_daemon: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def word_vector(text: str, dimension: int) -> list[float]:
-    """A deterministic bag-of-words vector: each word adds ±1 in the bucket of its hash."""
-    vector = [0.0] * dimension
-    for word in re.findall(r"\w+", text.lower()):
-        digest = hashlib.sha256(word.encode()).digest()
-        vector[int.from_bytes(digest[:4], "big") % dimension] += 1.0 if digest[4] & 1 else -1.0
-    if not any(vector):
-        vector[0] = 1.0
-    return vector
 
 
 def unit(vector: list[float]) -> list[float]:

@@ -1,0 +1,94 @@
+"""A strict SSE client for tests: reads frames from a streaming aiohttp response, each
+read bounded by a timeout, and fails on anything that is not SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+FRAME_TIMEOUT = 2.0
+
+
+@dataclass
+class Frame:
+    """One SSE frame: its fields, and the comment lines that came with it."""
+
+    id: int | None = None
+    event: str | None = None
+    data: Any = None
+    retry: int | None = None
+    comments: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return self == Frame()
+
+
+class Sse:
+    """Reads SSE frames from a streaming aiohttp response, each read bounded by a timeout."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+
+    async def frame(self, timeout: float = FRAME_TIMEOUT) -> Frame | None:
+        """The next frame (a blank line ends it); None at the end of the stream."""
+
+        async def read() -> Frame | None:
+            frame = Frame()
+            data: list[str] = []
+            while True:
+                raw = await self.response.content.readline()
+                if not raw:
+                    assert frame.empty and not data, f"the stream ended inside a frame: {frame}"
+                    return None
+                line = raw.decode().rstrip("\r\n")
+                if line == "":
+                    if data:
+                        frame.data = json.loads("\n".join(data))
+                    if not frame.empty:
+                        return frame
+                    continue
+                if line.startswith(":"):
+                    frame.comments.append(line[1:].strip())
+                    continue
+                name, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                if name == "data":
+                    data.append(value)
+                elif name in ("id", "retry"):
+                    setattr(frame, name, int(value))
+                elif name == "event":
+                    frame.event = value
+                else:
+                    raise AssertionError(f"unexpected SSE field {line!r}")
+
+        return await asyncio.wait_for(read(), timeout)
+
+    async def next_event(self, timeout: float = FRAME_TIMEOUT) -> Frame:
+        """The next frame carrying an event (keepalive comments are skipped)."""
+        while True:
+            frame = await self.frame(timeout)
+            assert frame is not None, "the stream ended"
+            if frame.event is not None:
+                return frame
+
+    async def events(self, count: int) -> list[Frame]:
+        return [await self.next_event() for _ in range(count)]
+
+    async def opened(self) -> Frame:
+        """The first frame: the reconnect delay and a comment, sent before any event."""
+        frame = await self.frame()
+        assert frame is not None
+        assert frame.retry is not None and frame.event is None and frame.id is None
+        return frame
+
+    async def until(self, name: str) -> list[Frame]:
+        """Every event frame up to and including the first one named `name`."""
+        frames = [await self.next_event()]
+        while frames[-1].event != name:
+            frames.append(await self.next_event())
+        return frames
