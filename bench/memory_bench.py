@@ -42,7 +42,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import CpuWatch, agentd_revision
 
 HERE = Path(__file__).resolve().parent
 TASK_PLUGINS = HERE / "plugins"  # bench.stamp, shared with queue_bench.py
@@ -779,52 +779,6 @@ async def dispatch_run(daemon: Any, args: argparse.Namespace, emit: Callable[[di
 
 
 # -- the machine ------------------------------------------------------------------------------
-
-
-class CpuWatch:
-    """How much CPU processes other than this one used meanwhile (the machine may be shared)."""
-
-    def __init__(self) -> None:
-        self.loadavg_start = os.getloadavg()[0]
-        self.busy0, self.own0, self.t0 = machine_busy(), own_cpu(), time.monotonic()
-
-    def report(self) -> str:
-        wall = time.monotonic() - self.t0
-        others = max(0.0, (machine_busy() - self.busy0) - (own_cpu() - self.own0))
-        share = others / (wall * (os.cpu_count() or 1))
-        return (f"Other processes used about {others:.0f} CPU-s ({share:.0%} of the machine) during "
-                f"the run; 1-minute load average {self.loadavg_start:.2f} at its start.")
-
-
-def machine_busy() -> float:
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def agentd_revision() -> str:
-    import agentd
-
-    source = Path(agentd.__file__).resolve().parent
-    repo = HERE.parent
-    if not source.is_relative_to(repo):
-        return f"imported from {source}"
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], check=True,
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "daemon"], check=True,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "an unknown commit"
-    return f"commit {head} with uncommitted changes in daemon/" if dirty else f"commit {head}"
 
 
 def versions() -> str:

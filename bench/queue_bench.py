@@ -45,6 +45,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from machine import CpuWatch, agentd_revision
+
 HERE = Path(__file__).resolve().parent
 PLUGINS = HERE / "plugins"
 PEERS = HERE / "peers"
@@ -71,7 +73,7 @@ def main() -> int:
 
     started = time.monotonic()
     revision = agentd_revision()  # before the runs: daemon/ may be edited while they go on
-    load = CpuWatch()
+    load = CpuWatch(ours=redis_cpu)
     if load.loadavg_start > 0.5:
         print(f"queue_bench: the 1-minute load average is {load.loadavg_start:.2f} before the run: "
               "other processes will skew the figures", file=sys.stderr)
@@ -414,40 +416,6 @@ def kill_group(pgid: int) -> None:
 # -- the machine ------------------------------------------------------------------------------
 
 
-class CpuWatch:
-    """How much CPU processes other than this run (and the local Redis) used meanwhile: on a
-    shared 2-core machine a test suite running alongside moves every figure."""
-
-    def __init__(self) -> None:
-        self.loadavg_start = os.getloadavg()[0]
-        self.busy0, self.own0, self.redis0 = machine_busy(), own_cpu(), redis_cpu()
-        self.t0 = time.monotonic()
-
-    def report(self) -> str:
-        wall = time.monotonic() - self.t0
-        others = ((machine_busy() - self.busy0) - (own_cpu() - self.own0)
-                  - (redis_cpu() - self.redis0))
-        share = max(0.0, others) / (wall * (os.cpu_count() or 1))
-        return (f"Other processes used about {max(0.0, others):.0f} CPU-s ({share:.0%} of the "
-                f"machine) during the run; 1-minute load average {self.loadavg_start:.2f} at its start.")
-
-
-def machine_busy() -> float:
-    """CPU-seconds the whole machine has spent busy since boot (/proc/stat)."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu() -> float:
-    """This process's CPU and its reaped descendants' (the peers' drivers and workers)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
 def redis_cpu() -> float:
     ticks = 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -501,26 +469,6 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, elapsed: floa
         lines.append(f"| {system} | {variant} | " + " | ".join(cells) + " |")
     lines.append("---- end ----")
     return "\n".join(lines)
-
-
-def agentd_revision() -> str:
-    """Which agentd was measured: the repo's commit (and whether daemon/ differed from it),
-    or the directory it was imported from when that is not this repo (e.g. an exported
-    commit put first on PYTHONPATH)."""
-    import agentd
-
-    source = Path(agentd.__file__).resolve().parent
-    repo = HERE.parent
-    if not source.is_relative_to(repo):
-        return f"imported from {source}"
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], check=True,
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "daemon"], check=True,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "an unknown commit"
-    return f"commit {head} with uncommitted changes in daemon/" if dirty else f"commit {head}"
 
 
 def variant_text(row: dict[str, Any]) -> str:

@@ -1,0 +1,66 @@
+"""What every benchmark here reports besides its figures: how busy the rest of the machine
+was while it ran (these machines are shared), and which agentd it measured."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class CpuWatch:
+    """How much CPU processes other than this run used meanwhile. `ours` counts CPU-seconds
+    of helper processes that belong to the run (e.g. the local Redis a peer uses)."""
+
+    def __init__(self, ours: Callable[[], float] = lambda: 0.0) -> None:
+        self.loadavg_start = os.getloadavg()[0]
+        self._ours = ours
+        self.busy0, self.own0, self.ours0 = machine_busy(), own_cpu(), ours()
+        self.t0 = time.monotonic()
+
+    def report(self) -> str:
+        wall = time.monotonic() - self.t0
+        others = ((machine_busy() - self.busy0) - (own_cpu() - self.own0)
+                  - (self._ours() - self.ours0))
+        share = max(0.0, others) / (wall * (os.cpu_count() or 1))
+        return (f"Other processes used about {max(0.0, others):.0f} CPU-s ({share:.0%} of the "
+                f"machine) during the run; 1-minute load average {self.loadavg_start:.2f} at its start.")
+
+
+def machine_busy() -> float:
+    """CPU-seconds the whole machine has spent busy since boot (/proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu() -> float:
+    """This process's CPU and its reaped descendants' (drivers, workers, daemons)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def agentd_revision() -> str:
+    """Which agentd was measured: the repo's commit (and whether daemon/ differed from it),
+    or the directory it was imported from when that is not this repo (e.g. an exported
+    commit put first on PYTHONPATH)."""
+    import agentd
+
+    source = Path(agentd.__file__).resolve().parent
+    if not source.is_relative_to(REPO):
+        return f"imported from {source}"
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=True,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "daemon"], check=True,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "an unknown commit"
+    return f"commit {head} with uncommitted changes in daemon/" if dirty else f"commit {head}"
