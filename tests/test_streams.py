@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -555,3 +556,26 @@ async def test_a_published_bus_lagged_event_does_not_end_other_streams(start_dae
                 last = frame
     assert names == (["bus.lagged", "after.it"] if accepted else ["after.it"])
     assert last.id == after.id
+
+
+async def test_a_client_that_takes_nothing_is_dropped_after_send_timeout(st: Any) -> None:
+    """An SSE client that stops reading altogether is disconnected once a write waits
+    `send_timeout`; the server keeps no subscription or buffer for it."""
+    daemon, _, _ = await st({"streams": {"send_timeout": 0.2, "client_buffer": 5000}})
+    streams = daemon.server._runner.app[STREAMS]
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer.write(b"GET /v1/stream?topics=bulk.* HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await asyncio.wait_for(reader.readuntil(b": connected\n\n"), FRAME_TIMEOUT)  # never read again
+    assert [s.name for s in streams] == ["sse:bulk.*"]
+    big = "x" * 65536
+    async with asyncio.timeout(10):
+        for n in range(2000):  # at most 128 MB; the socket buffers fill within a few MB
+            daemon.bus.publish("bulk.x", {"n": n, "pad": big})
+            await asyncio.sleep(0)  # let the stream write (a yield, not a wait)
+            if not streams:
+                break
+        # No event marks the drop: poll the condition itself, bounded by the timeout above.
+        while streams:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    writer.close()

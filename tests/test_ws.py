@@ -5,12 +5,15 @@ usable, and the lagged policy for a client that stops reading."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import socket
 from typing import Any
 
 import aiohttp
 import pytest
 
-from agentd.web.server import STREAMS
+from agentd.web.server import SOCKETS, STREAMS
 
 TIMEOUT = 2.0
 
@@ -350,3 +353,47 @@ async def test_tokens_are_folded_for_a_slow_ws_client(st: Any, http: Any) -> Non
     assert "".join(t["text"] for t in tokens) == "".join(texts)
     assert sum(t.get("merged", 1) for t in tokens) == 50
     assert daemon.bus.stats()["dropped"] == 0
+
+
+async def _raw_ws_subscribe(port: int, pattern: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket client on a bare socket with a small receive buffer, subscribed to
+    `pattern`, that will never read again (aiohttp's client would keep reading)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer.write(b"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 b"Sec-WebSocket-Version: 13\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    payload = json.dumps({"id": 1, "type": "subscribe", "patterns": [pattern]}).encode()
+    mask = os.urandom(4)
+    writer.write(bytes([0x81, 0x80 | len(payload)]) + mask
+                 + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+    await writer.drain()
+    reply = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)  # the reply frame's header
+    body = await asyncio.wait_for(reader.readexactly(reply[1] & 0x7F), TIMEOUT)
+    assert json.loads(body)["ok"] is True
+    return reader, writer
+
+
+async def test_a_client_that_takes_nothing_is_dropped_after_send_timeout(st: Any, http: Any) -> None:
+    """A client that stops reading altogether (its socket buffers full, so no lagged message
+    or close frame could reach it) is disconnected once a send waits `send_timeout`: its
+    subscription, task and buffer are gone and the server holds nothing for it."""
+    daemon, _, _ = await st({"streams": {"send_timeout": 0.2, "client_buffer": 5000}})
+    app = daemon.server._runner.app
+    _, writer = await _raw_ws_subscribe(daemon.port, "bulk.*")
+    assert len(app[SOCKETS]) == 1
+    big = "x" * 65536
+    async with asyncio.timeout(10):
+        for n in range(2000):  # at most 128 MB; the socket buffers fill within a few MB
+            daemon.bus.publish("bulk.x", {"n": n, "pad": big})
+            await asyncio.sleep(0)  # let the pump write (a yield, not a wait)
+            if not app[SOCKETS]:
+                break
+        # No event marks the drop: poll the condition itself, bounded by the timeout above.
+        while app[SOCKETS]:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    assert not [s for s in app[STREAMS] if s.name.startswith("ws:")]
+    writer.close()

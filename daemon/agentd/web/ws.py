@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
@@ -30,20 +31,22 @@ from aiohttp import WSMsgType, web
 from agentd.bus import Subscription
 from agentd.errors import AgentdError
 from agentd.events import Lagged, TopicFilter, check_publishable
+from agentd.log import get_logger
 from agentd.web.errors import ApiError, bad_request, from_agentd_error
 from agentd.web.openapi import doc
 from agentd.web.server import DAEMON, SOCKETS, STREAMS
-from agentd.web.streams import coalesce_tokens
+from agentd.web.streams import ENCODED, coalesce_tokens, event_json, writes_at_once
 from agentd.web.tasks_api import task_request
 
 routes = web.RouteTableDef()
 
 CLOSE_LAGGED = 4000
 MAX_RESULT_WAIT = 300.0
+REPLAY_YIELD_EVERY = 256
 
 
 class _Session:
-    """One connection: its subscriptions, its pending requests, and a send lock."""
+    """One connection: its subscriptions and its pending requests."""
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
         self.request = request
@@ -54,7 +57,19 @@ class _Session:
         self._counter = 0
 
     async def send(self, message: dict[str, Any]) -> None:
-        await asyncio.wait_for(self.ws.send_json(message), self.daemon.config.streams.send_timeout)
+        await self.send_text(json.dumps(message))
+
+    async def send_text(self, text: str) -> None:
+        """Send one JSON message; a client that does not take it within `send_timeout` is
+        a TimeoutError."""
+        data = text.encode()
+        if writes_at_once(self.request.transport, len(data)):
+            # The send cannot wait on the client, so it needs no timer (`wait_for` around every
+            # message cost a task and a timer each).
+            await self.ws.send_frame(data, WSMsgType.TEXT)
+            return
+        async with asyncio.timeout(self.daemon.config.streams.send_timeout):
+            await self.ws.send_frame(data, WSMsgType.TEXT)
 
     async def handle(self, message: Any) -> None:
         request_id = message.get("id") if isinstance(message, dict) else None
@@ -96,15 +111,34 @@ class _Session:
 
     async def _pump(self, name: str, sub: Subscription, patterns: TopicFilter, after: int,
                     replay: bool) -> None:
+        try:
+            await self._forward(name, sub, patterns, after, replay)
+        except (TimeoutError, ConnectionResetError) as exc:
+            # A client that takes nothing for `send_timeout` is gone or stuck: drop the
+            # connection (a close frame could not get through its full buffer either), so
+            # it holds no subscription, task or buffer any longer.
+            get_logger("ws").info("ws.dropped", subscription=name, reason=type(exc).__name__)
+            if self.request.transport is not None:
+                self.request.transport.abort()
+
+    async def _forward(self, name: str, sub: Subscription, patterns: TopicFilter, after: int,
+                       replay: bool) -> None:
         last = after
+        # The message is built around the event's JSON, which the cache shares with every
+        # other client (the same object as `{"type": "event", "subscription", "event"}`).
+        prefix = f'{{"type":"event","subscription":{json.dumps(name)},"event":'
         if replay:
             log = self.daemon.eventlog
             if after < log.horizon:
                 await self.send({"type": "gap", "subscription": name, "requested_after": after,
                                  "kept_after": log.horizon})
-            for event in await log.replay(after, lambda e: patterns.matches(e.topic)):
-                await self.send({"type": "event", "subscription": name, "event": event.to_dict()})
+            for n, event in enumerate(await log.replay(after, lambda e: patterns.matches(e.topic)), 1):
+                # The log's copies, one per client: encoded here, not through the cache.
+                await self.send_text(f"{prefix}{event_json(event)}}}")
                 last = event.id
+                if n % REPLAY_YIELD_EVERY == 0:
+                    # Sends that do not wait never yield: a long replay must not hold the loop.
+                    await asyncio.sleep(0)
         async for event in sub:
             if isinstance(event, Lagged):
                 await self.send({"type": "lagged", "subscription": name, "resume_after": last})
@@ -112,7 +146,7 @@ class _Session:
                 return
             if event.id <= last:
                 continue
-            await self.send({"type": "event", "subscription": name, "event": event.to_dict()})
+            await self.send_text(f"{prefix}{ENCODED.body(event)}}}")
             last = event.id
 
     async def unsubscribe(self, message: dict[str, Any]) -> dict[str, Any]:
