@@ -710,13 +710,16 @@ async def namespace_cost(memory: Any, emit: Callable[[dict[str, Any]], None], co
 
 def create_scratch_memory(conn: Any, memory: Any) -> None:
     """memory.db's tables, made in agentd.db by the same DDL (its `meta` renamed, since agentd.db
-    has one): the `memories` table and FTS5 from the migration, the vec0 table by
+    has one): the `memories` table and FTS5 from the migrations, the vec0 table by
     MemoryStore._create_vectors (given no meta rows to write)."""
-    script = resources.files("agentd").joinpath("sql/memory/0001_memory.sql").read_text()
-    script = re.sub(r"\bmeta\b", "bench_scratch_meta", re.sub(r"--[^\n]*", "", script))
-    for statement in script.split(";"):
-        if statement.strip():
-            conn.execute(statement)
+    migrations = sorted(resources.files("agentd").joinpath("sql/memory").iterdir(), key=lambda f: f.name)
+    for migration in migrations:
+        if not migration.name.endswith(".sql"):
+            continue
+        script = re.sub(r"\bmeta\b", "bench_scratch_meta", re.sub(r"--[^\n]*", "", migration.read_text()))
+        for statement in script.split(";"):
+            if statement.strip():
+                conn.execute(statement)
     memory._create_vectors(conn, {})
 
 
