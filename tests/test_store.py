@@ -12,7 +12,7 @@ import pytest
 
 from agentd import db
 from agentd.config import StoreConfig
-from agentd.db import MIGRATIONS, SCHEMA_VERSION, Store
+from agentd.db import MIGRATIONS, SCHEMA_VERSION, WAL_SIZE_LIMIT, Store
 from agentd.errors import StoreError, StoreLockedError
 
 
@@ -269,3 +269,22 @@ async def test_check_writable_records_the_check(store: Store) -> None:
     row = await store.read_one("SELECT value FROM meta WHERE key = 'last_write_check'")
     assert row is not None
     assert float(row["value"]) > 0
+
+
+async def test_the_wal_file_is_cut_back_once_a_checkpoint_resets_it(tmp_path: Path) -> None:
+    """A write burst grows the WAL file; checkpoints reuse it from the start but would never
+    shrink it. journal_size_limit cuts it back to WAL_SIZE_LIMIT when it is next reset."""
+    store = Store(tmp_path / "burst.db", StoreConfig())
+    await store.open()
+    try:
+        await store.write(lambda conn: conn.execute("CREATE TABLE blob (b BLOB)"))
+        chunk = b"x" * (1 << 20)
+        for _ in range(80):  # 80 MB of WAL, past the limit
+            await store.write(lambda conn: conn.execute("INSERT INTO blob VALUES (?)", (chunk,)))
+        wal = tmp_path / "burst.db-wal"
+        assert wal.stat().st_size > WAL_SIZE_LIMIT
+        await store.checkpoint("PASSIVE")
+        await store.write(lambda conn: conn.execute("DELETE FROM blob"))  # restarts the WAL
+        assert wal.stat().st_size <= WAL_SIZE_LIMIT
+    finally:
+        await store.close()

@@ -79,6 +79,9 @@ Error: type[Exception] = driver.Error
 IntegrityError: type[Exception] = driver.IntegrityError
 
 
+WAL_SIZE_LIMIT = 64 << 20  # bytes of WAL file kept after a checkpoint resets it
+
+
 def connect(path: Path, config: StoreConfig) -> Connection:
     """Open `path` with WAL, busy_timeout, foreign keys, the configured durability and sqlite-vec.
 
@@ -93,6 +96,10 @@ def connect(path: Path, config: StoreConfig) -> Connection:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {config.synchronous.upper()}")
     conn.execute("PRAGMA foreign_keys = ON")
+    # Checkpoints reuse the WAL file from its start but never shrink it: without a limit a
+    # burst of writes (bulk remember()) leaves hundreds of MB on disk until the next
+    # TRUNCATE. With one, SQLite cuts the file back to 64 MB each time it is reset.
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
     return conn
 
 
