@@ -98,6 +98,9 @@ def parse_args() -> argparse.Namespace:
                         help="smoke run: 2000 tasks and 100 dispatch tasks unless given")
     parser.add_argument("--workers", type=int, default=8,
                         help="peers' worker threads (default 8, agentd's default slot count)")
+    parser.add_argument("--agentd-workers", type=int, default=None,
+                        help="agentd's workers on the default queue (default: agentd's default "
+                             "configuration, 8); more workers put more tasks in each transaction")
     parser.add_argument("--dramatiq-processes", type=int, default=os.cpu_count() or 1,
                         help="Dramatiq worker processes, each with --workers threads (default: "
                              "one per core, Dramatiq's own default)")
@@ -181,21 +184,23 @@ def run_agentd(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None])
     from agentd.config import TasksConfig
 
     n, m = args.tasks, args.latency_tasks
-    workers = TasksConfig().queues.get("default")  # the default configuration is measured
+    # The default configuration is measured unless --agentd-workers says otherwise.
+    workers = args.agentd_workers or TasksConfig().queues["default"]
     variants = [("batch", "normal"), ("single", "normal"), ("batch", "full")]
     for enqueue, synchronous in variants:
         row = base_row("agentd", "noop", n, enqueue=describe_enqueue(enqueue),
                        synchronous=synchronous, workers=workers)
         try:
-            concurrent = agentd_run(agentd_noop(n, enqueue, hold=False), synchronous, args.timeout)
-            backlog = agentd_run(agentd_noop(n, enqueue, hold=True), synchronous, args.timeout)
+            concurrent = agentd_run(agentd_noop(n, enqueue, hold=False), synchronous, workers,
+                                    args.timeout)
+            backlog = agentd_run(agentd_noop(n, enqueue, hold=True), synchronous, workers, args.timeout)
             row.update(noop_figures(n, concurrent, backlog))
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
         emit({**row, "tasks": n})
     row = base_row("agentd", "dispatch", m, enqueue="single", synchronous="normal", workers=workers)
     try:
-        latencies = agentd_run(agentd_dispatch(m), "normal", args.timeout)
+        latencies = agentd_run(agentd_dispatch(m), "normal", workers, args.timeout)
         row.update(latency_figures(latencies))
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"
@@ -209,14 +214,14 @@ def describe_enqueue(kind: str) -> str:
 Scenario = Callable[[Any], Awaitable[Any]]
 
 
-def agentd_run(scenario: Scenario, synchronous: str, timeout: float) -> Any:
+def agentd_run(scenario: Scenario, synchronous: str, workers: int, timeout: float) -> Any:
     """Run `scenario(daemon)` against a fresh daemon on a temp dir, bounded by `timeout`."""
     from agentd.testing import running_daemon
 
     async def go() -> Any:
         with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
-            async with running_daemon(Path(tmp), plugin_dirs=[PLUGINS],
-                                      overrides={"store": {"synchronous": synchronous}}) as daemon:
+            overrides = {"store": {"synchronous": synchronous}, "tasks": {"queues": {"default": workers}}}
+            async with running_daemon(Path(tmp), plugin_dirs=[PLUGINS], overrides=overrides) as daemon:
                 if any(p["state"] != "started" for p in daemon.plugins.states()):
                     raise RuntimeError(f"bench plugin did not start: {daemon.plugins.states()}")
                 return await asyncio.wait_for(scenario(daemon), timeout)
