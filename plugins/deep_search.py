@@ -20,6 +20,7 @@ import re
 from typing import Any
 
 from agentd import Context, Plugin
+from agentd.mail import message_args
 
 plugin = Plugin("deep_search", description="orchestrates a search agent and a sentiment agent")
 
@@ -37,6 +38,8 @@ _NEGATIVE = frozenset({
 @plugin.task(max_attempts=3, timeout=600)
 async def run(ctx: Context, topic: str, email: str | None = None) -> dict[str, Any]:
     """Agent A: delegate, merge, remember, mail."""
+    if email:
+        message_args(email, "deep_search", "", None)  # a bad address fails now, not after the work
     ctx.emit("delegating", {"topic": topic, "to": ["deep_search.search", "deep_search.sentiment"]})
     found, mood = await ctx.gather(ctx.call("deep_search.search", query=topic),
                                    ctx.call("deep_search.sentiment", topic=topic))

@@ -32,6 +32,8 @@ class Scripted:
     usage: dict[str, int] | None = None
     finish_reason: str = "stop"
     hold: asyncio.Event | None = None  # streaming pauses before the last delta until set
+    raw: list[str] | None = None  # the `data:` payloads to stream instead, and nothing more
+    whole: bool = False  # one JSON completion even when a stream was asked for
 
 
 class FakeOpenAI:
@@ -78,6 +80,16 @@ class FakeOpenAI:
         """The next chat answer: exactly these deltas (e.g. tool-call fragments)."""
         self._script.append(Scripted(deltas=deltas, finish_reason=finish_reason))
 
+    def raw(self, payloads: list[str]) -> None:
+        """The next chat answer streams exactly these `data:` payloads (no final chunk, no
+        usage, no [DONE] unless given): for broken streams and error chunks."""
+        self._script.append(Scripted(raw=payloads))
+
+    def whole(self, text: str) -> None:
+        """The next chat answer is one JSON completion of `text`, even to a stream request."""
+        self._script.append(Scripted(deltas=[{"content": text}], whole=True,
+                                     usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}))
+
     def fail(self, status: int, *, retry_after: str | None = None) -> None:
         """The next chat request is answered with `status` (and Retry-After when given)."""
         headers = {"Retry-After": retry_after} if retry_after is not None else {}
@@ -112,10 +124,15 @@ class FakeOpenAI:
             return web.json_response({"error": {"message": f"scripted {scripted.status}"}},
                                      status=scripted.status, headers=scripted.headers)
         model = body.get("model") or "fake"
-        if not body.get("stream"):
+        if not body.get("stream") or scripted.whole:
             return web.json_response(_whole(scripted, model))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if scripted.raw is not None:
+            for payload in scripted.raw:
+                await response.write(f"data: {payload}\n\n".encode())
+            await response.write_eof()
+            return response
         for number, delta in enumerate(scripted.deltas):
             if scripted.hold is not None and number == len(scripted.deltas) - 1:
                 await scripted.hold.wait()

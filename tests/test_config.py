@@ -259,15 +259,22 @@ def test_check_config_accepts_config_before_the_command(
         ('[server]\nhost = "0.0.0.0"\n', "is not a loopback address"),
         ('[server]\ntoken_file = "nope.txt"\n', "[server] token_file"),
         ('[llm]\nbase_url = "localhost:11434"\n', "[llm] base_url: expected an http:// or https:// URL"),
-        ('[llm]\nbase_url = "http://127.0.0.1:9/v1"\nkey_env = "AGENTD_TEST_NO_SUCH_KEY"\n',
+        ('[llm]\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "m"\nkey_env = "AGENTD_TEST_NO_SUCH_KEY"\n',
          "[llm] key_env: the environment variable AGENTD_TEST_NO_SUCH_KEY is not set"),
+        ('[llm]\nbase_url = "http://127.0.0.1:9/v1"\n', "[llm] model: name the model to ask"),
+        ('[mail]\nsender = "agentd"\n', "[mail] sender: expected a mail address, got 'agentd'"),
+        ('[mail]\ntimeout = 0\n', "[mail] timeout: expected a positive number of seconds"),
+        ('[digests.news]\npattern = "news.*"\nto = "me@example.com"\nevery = "1h"\n',
+         "[digests.news] mails its events: set [mail] host"),
+        ('[mail]\nhost = "127.0.0.1"\n[digests.news]\npattern = "news.*"\nto = "me@example.com"\n'
+         'count = 500\nlimit = 200\n', "[digests.news] count: 500 is more than limit (200)"),
         ('[mail]\nsecurity = "ssl"\n', "[mail] security: expected one of 'starttls', 'tls', 'none'"),
         ('[mail]\npassword_file = "nope.txt"\n', "[mail] password_file: cannot read"),
         ('[webhooks]\nsecret_file = "nope.txt"\n', "[webhooks] secret_file: cannot read"),
-        ('[digests.news]\npattern = "news.*"\nto = "me@example.com"\n',
+        ('[mail]\nhost = "127.0.0.1"\n[digests.news]\npattern = "news.*"\nto = "me@example.com"\n',
          "[digests.news] give every (a duration) or count"),
-        ('[digests.tokens]\npattern = "chat.token"\nto = "me@example.com"\ncount = 5\n',
-         "[digests.tokens] pattern 'chat.token': its events are ephemeral"),
+        ('[mail]\nhost = "127.0.0.1"\n[digests.tokens]\npattern = "chat.token"\nto = "me@example.com"\n'
+         'count = 5\n', "[digests.tokens] pattern 'chat.token': its events are ephemeral"),
     ],
 )
 def test_check_config_bad(

@@ -228,7 +228,8 @@ async def test_a_task_mails_sender_recipient_subject_parts_and_message_id(
     assert (mail_task.name, mail_task.status, mail_task.parent_id) == (
         "agentd.send_mail", "succeeded", parent.id)
     message_id = f"<agentd-task-{mail_id}@example.org>"
-    assert mail_task.result == {"message_id": message_id, "to": ["Ann <ann@example.com>"], "refused": []}
+    assert mail_task.result == {"message_id": message_id, "to": ["Ann <ann@example.com>"], "refused": [],
+                                "try_later": []}
 
     [delivered] = await smtp.wait_messages(1)
     assert delivered.mail_from == SENDER
@@ -325,6 +326,24 @@ async def test_a_4xx_refusal_of_the_recipient_is_retried_and_delivered_once(
     final = await finished(daemon, mail_id)
     assert (final.status, final.attempts, final.error) == ("succeeded", 2, None), final.error
     assert len(await smtp.wait_messages(1)) == 1
+
+
+async def test_recipients_refused_for_now_get_the_mail_later_the_others_once(
+        ob: Any, smtp: SmtpServer) -> None:
+    """Some recipients accepted, one refused with 451: aiosmtplib does not raise, so the mail
+    task sends the one that was refused again as a child task; nobody gets it twice."""
+    daemon, _, _ = await ob(smtp.overrides())
+    smtp.rcpt_replies.extend([None, "451 try later"])  # ann accepted, bob "later"
+    parent = await daemon.queue.enqueue(
+        "ob.mail", {"to": ["ann@example.com", "bob@example.com"], "subject": "s", "text": "t"})
+    mail_id = await daemon.queue.result(parent.id, timeout=WAIT)
+    first = await finished(daemon, mail_id)
+    assert (first.status, first.result["try_later"], first.result["refused"]) == (
+        "succeeded", ["bob@example.com"], [])
+    retry = await finished(daemon, first.result["retry_task_id"])
+    assert (retry.status, retry.parent_id, retry.args["to"]) == ("succeeded", mail_id, ["bob@example.com"])
+    delivered = await smtp.wait_messages(2)
+    assert [d.rcpt_tos for d in delivered] == [["ann@example.com"], ["bob@example.com"]]
 
 
 # --------------------------------------------------------------------------- digests
@@ -702,6 +721,35 @@ async def test_tool_calls_stream_end_to_end_through_ctx_llm(ob: Any) -> None:
     assert (result["content"], result["finish_reason"]) == ("", "tool_calls")
 
 
+async def test_a_json_answer_to_a_streamed_request_is_taken_whole(ob: Any) -> None:
+    async with FakeOpenAI() as llm:
+        daemon, _, _ = await ob(llm_config(llm))
+        llm.whole("All in one piece")
+        record = await daemon.queue.enqueue("ob.chat")
+        result = await daemon.queue.result(record.id, timeout=WAIT)
+        assert (result["content"], result["usage"]["total_tokens"]) == ("All in one piece", 5)
+        assert (await finished(daemon, record.id)).attempts == 1
+
+
+async def test_an_error_chunk_or_a_broken_stream_is_retried_and_its_tokens_are_counted(ob: Any) -> None:
+    """A 200 stream that carries an error object, or that ends before its last chunk, is an
+    error worth another attempt; tokens it already streamed count towards the task's usage."""
+    async with FakeOpenAI() as llm:
+        daemon, _, _ = await ob(llm_config(llm))
+        delta = json.dumps({"choices": [{"index": 0, "delta": {"content": "half "}}]})
+        llm.raw([delta, delta])  # two tokens, then the connection ends
+        llm.raw([json.dumps({"object": "error", "message": "model overloaded"}), "[DONE]"])
+        llm.raw(["{not json"])
+        llm.reply("Whole now")
+        record = await daemon.queue.enqueue("ob.chat", max_attempts=5)
+        assert (await daemon.queue.result(record.id, timeout=WAIT))["content"] == "Whole now"
+        final = await finished(daemon, record.id)
+        assert final.attempts == 4
+        # The broken stream's 2 tokens (estimated, with its prompt) plus the full reply's usage.
+        assert final.usage is not None and final.usage["calls"] == 2
+        assert final.usage["completion_tokens"] == 2 + 2
+
+
 async def test_a_429_with_retry_after_retries_the_task_and_a_400_fails_it(ob: Any) -> None:
     async with FakeOpenAI() as llm:
         daemon, events, _ = await ob(llm_config(llm))
@@ -755,7 +803,7 @@ async def test_a_key_env_naming_an_unset_variable_stops_the_start(
         ob: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OB_TEST_UNSET_KEY", raising=False)
     with pytest.raises(ConfigError, match=r"\[llm\] key_env: the environment variable OB_TEST_UNSET_KEY"):
-        await ob({"llm": {"base_url": "http://127.0.0.1:9/v1", "key_env": "OB_TEST_UNSET_KEY"}})
+        await ob({"llm": {"base_url": "http://127.0.0.1:9/v1", "model": "m", "key_env": "OB_TEST_UNSET_KEY"}})
 
 
 async def test_without_an_llm_the_task_fails_naming_base_url(ob: Any) -> None:

@@ -348,16 +348,27 @@ def _check_memory(config: Config) -> None:
 def _check_outbound(config: Config) -> None:
     from agentd.digests import DigestSpec
 
+    where = config.source
     if config.mail.port > 65535:
-        raise ConfigError(f"{config.source}: [mail] port: expected 0..65535, got {config.mail.port}")
+        raise ConfigError(f"{where}: [mail] port: expected 0..65535, got {config.mail.port}")
+    if "@" not in config.mail.sender:
+        raise ConfigError(f"{where}: [mail] sender: expected a mail address, got {config.mail.sender!r}")
+    if config.mail.timeout <= 0:
+        raise ConfigError(f"{where}: [mail] timeout: expected a positive number of seconds")
     if config.llm.base_url and not config.llm.base_url.startswith(("http://", "https://")):
-        raise ConfigError(f"{config.source}: [llm] base_url: expected an http:// or https:// URL, "
+        raise ConfigError(f"{where}: [llm] base_url: expected an http:// or https:// URL, "
                           f"got {config.llm.base_url!r}")
+    if config.llm.base_url and not config.llm.model:
+        raise ConfigError(f"{where}: [llm] model: name the model to ask (e.g. \"llama3.2\"); "
+                          "[llm] base_url is set")
     for name, table in config.digests.settings.items():
         try:
             DigestSpec.from_mapping(name, table)
         except ValueError as exc:
             raise ConfigError(f"{config.source}: [digests.{name}] {exc}") from None
+    if config.digests.settings and not config.mail.host:
+        raise ConfigError(f"{where}: [digests.{next(iter(config.digests.settings))}] mails its events: "
+                          "set [mail] host")
 
 
 def _check_rules(config: Config) -> None:

@@ -74,6 +74,8 @@ class DigestSpec:
         limit = table.get("limit", 200)
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise ValueError(f"limit: expected a whole number >= 1, got {limit!r}")
+        if count is not None and count > limit:
+            raise ValueError(f"count: {count} is more than limit ({limit}), the events one mail holds")
         return cls(name, pattern, recipients, subject, every, count, limit)
 
 

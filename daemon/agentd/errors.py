@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class AgentdError(Exception):
     """Base of every error agentd raises for a reason it can name."""
@@ -71,15 +73,22 @@ class Retry(Exception):  # noqa: N818 - a control-flow signal, named as the verb
         super().__init__(reason)
         self.delay = delay
 
+    # A server asking for more than this is capped: a typo or a hostile header must not park
+    # a task for days.
+    MAX_RETRY_AFTER = 3600.0
+
     @classmethod
     def after(cls, retry_after: str | None, reason: str) -> Retry:
-        """A retry after an HTTP `Retry-After` header's seconds (the backoff when the header
-        is absent or in the rarely used date form)."""
+        """A retry after an HTTP `Retry-After` header's seconds, at most MAX_RETRY_AFTER (the
+        backoff when the header is absent or in the rarely used date form)."""
         try:
-            delay = max(0.0, float(retry_after)) if retry_after is not None else None
+            delay = float(retry_after) if retry_after is not None else None
         except ValueError:
             delay = None
-        return cls(delay=delay, reason=reason)
+        if delay is not None and math.isnan(delay):
+            delay = None
+        return cls(delay=None if delay is None else min(max(0.0, delay), cls.MAX_RETRY_AFTER),
+                   reason=reason)
 
 
 class Fail(Exception):  # noqa: N818 - a control-flow signal

@@ -15,6 +15,7 @@ help), 5xx and connection errors an `LlmError`, which the worker retries with ba
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any
 import aiohttp
 
 from agentd.config import LlmConfig
-from agentd.errors import AgentdError, Fail, Retry
+from agentd.errors import AgentdError, Fail, InvalidTaskError, Retry
 from agentd.taskqueue import TaskQueue, TaskRecord
 
 _RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -144,7 +145,7 @@ class LlmClient:
             Retry: 429/503 (with the server's Retry-After as the delay when it gave one).
             Fail: any other 4xx: the request itself is wrong.
             LlmError: 5xx, a broken stream, or the connection failed.
-            ValueError: `messages` is not a list of {role, content} objects.
+            InvalidTaskError: `messages` is not a list of {role, content} objects.
         """
         if not self.enabled:
             raise LlmUnavailableError("no LLM is configured: set [llm] base_url in agentd.toml")
@@ -159,7 +160,8 @@ class LlmClient:
         try:
             async with self._client().post(url, json=body, headers=self._headers()) as response:
                 await _raise_for_status(response)
-                if not stream:
+                # Some servers answer a streamed request with one JSON completion.
+                if not stream or response.content_type == "application/json":
                     return _from_message(await response.json(), body["model"], messages)
                 return await _read_stream(response, body["model"], messages, on_token)
         except aiohttp.ClientError as exc:
@@ -226,9 +228,14 @@ class TaskLlm:
         try:
             result = await self.client.chat(messages, model=model, tools=tools, stream=stream,
                                             on_token=on_token, **params)
-        except TokenBudgetExceededError:
-            await self._count({"prompt_tokens": prompt, "completion_tokens": streamed,
-                               "total_tokens": prompt + streamed})
+        except BaseException:
+            # Tokens already streamed were spent, whatever ended the call (the budget, a
+            # broken stream, a timeout, a cancel): count them, estimated, so the usage and the
+            # budget hold across attempts. A call that produced nothing is not counted.
+            if streamed:
+                await asyncio.shield(self._count({
+                    "prompt_tokens": prompt, "completion_tokens": streamed,
+                    "total_tokens": prompt + streamed}))
             raise
         await self._count(result.usage)
         self._check_budget(0)
@@ -249,11 +256,12 @@ class TaskLlm:
 
 
 def _check_messages(messages: Sequence[Mapping[str, Any]]) -> None:
+    """Raise InvalidTaskError (a ValueError: it fails a task at once) for malformed messages."""
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence) or not messages:
-        raise ValueError("messages must be a non-empty list of {role, content} objects")
+        raise InvalidTaskError("messages must be a non-empty list of {role, content} objects")
     for number, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
-            raise ValueError(f"messages[{number}] must be an object with a role, got {message!r}")
+            raise InvalidTaskError(f"messages[{number}] must be an object with a role, got {message!r}")
 
 
 async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
@@ -284,9 +292,11 @@ async def _read_stream(response: aiohttp.ClientResponse, model: str,
         if payload == "[DONE]":
             done = True
             break
-        chunk = json.loads(payload)
-        if chunk.get("error"):
-            raise LlmError(f"the LLM endpoint sent an error mid-stream: {chunk['error']}")
+        try:
+            chunk = json.loads(payload)
+        except ValueError as exc:
+            raise LlmError(f"the LLM endpoint sent a chunk that is not JSON: {payload[:200]!r}") from exc
+        _raise_for_error(chunk)
         model = chunk.get("model") or model
         if chunk.get("usage"):
             usage = _usage(chunk["usage"])
@@ -302,14 +312,28 @@ async def _read_stream(response: aiohttp.ClientResponse, model: str,
             finish = choice.get("finish_reason") or finish
     if not done and finish is None:
         raise LlmError("the LLM stream ended before its last chunk")
+    if finish is None and not content and not tools.calls:
+        raise LlmError("the LLM stream ended without a completion (no content, no finish reason)")
     text = "".join(content)
     estimated = usage is None
     return ChatResult(text, tools.result(), finish, model,
                       usage or estimate_usage(messages, text, len(content)), estimated)
 
 
+def _raise_for_error(body: Mapping[str, Any]) -> None:
+    """An answer that is an error object ({"error": ...} or {"object": "error"}) despite a
+    200 status (vLLM and some proxies send these mid-stream) is an LlmError."""
+    if not isinstance(body, Mapping):
+        raise LlmError(f"the LLM endpoint sent {type(body).__name__} JSON, not an object")
+    if body.get("error") or body.get("object") == "error":
+        raise LlmError(f"the LLM endpoint sent an error: {body.get('error') or body.get('message')}")
+
+
 def _from_message(body: Mapping[str, Any], model: str, messages: Sequence[Mapping[str, Any]]) -> ChatResult:
-    choice = (body.get("choices") or [{}])[0]
+    _raise_for_error(body)
+    if not body.get("choices"):
+        raise LlmError("the LLM endpoint answered without choices")
+    choice = body["choices"][0]
     message = choice.get("message") or {}
     tools = ToolCallAssembler()
     for call in message.get("tool_calls") or []:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import aiosmtplib
 
 from agentd.config import MailConfig
-from agentd.errors import Fail
+from agentd.errors import Fail, InvalidTaskError
 from agentd.taskdef import TaskDef, TaskRegistry
 from agentd.taskqueue import TaskRecord
 
@@ -51,14 +51,19 @@ class Mailer:
 
     async def _deliver_task(self, ctx: Context, to: list[str], subject: str, text: str,
                             html: str | None = None) -> dict[str, Any]:
-        try:
-            args = message_args(to, subject, text, html)
-        except ValueError as exc:  # submitted by hand, unchecked: no attempt can fix it
-            raise Fail(str(exc)) from exc
-        return await self.deliver(args, f"task-{ctx.task.id}")
+        args = message_args(to, subject, text, html)  # submitted by hand it may be unchecked
+        sent = await self.deliver(args, f"task-{ctx.task.id}")
+        if sent["try_later"]:
+            # Refused for now ("451 try later") while the others took it: only they are tried
+            # again, as a child of this send, so nobody gets the mail twice.
+            retry = await ctx.submit(SEND_MAIL_TASK, {**args, "to": sent["try_later"]},
+                                     idempotency_key=f"{ctx.task.id}:try-later")
+            sent["retry_task_id"] = retry.id
+        return sent
 
     async def deliver(self, args: Mapping[str, Any], mail_id: str) -> dict[str, Any]:
-        """Send one message now; return its Message-ID and recipients.
+        """Send one message now; return its Message-ID, its recipients, those refused for
+        good (`refused`, 5xx) and those refused for now (`try_later`, 4xx).
 
         Raises:
             MailUnavailableError: mail is not configured.
@@ -84,7 +89,8 @@ class Mailer:
                 raise Fail(f"the mail server refused the message: {exc.code} {exc.message}") from exc
             raise
         return {"message_id": message["Message-ID"], "to": args["to"],
-                "refused": sorted(refused)}
+                "refused": sorted(a for a, answer in refused.items() if answer.code >= 500),
+                "try_later": sorted(a for a, answer in refused.items() if answer.code < 500)}
 
     def build(self, args: Mapping[str, Any], mail_id: str) -> EmailMessage:
         """The message for `args` (from `message_args`); its Message-ID depends only on
@@ -123,7 +129,7 @@ class MailSender:
 
         Raises:
             MailUnavailableError: mail is not configured.
-            ValueError: an address, the subject or the body is malformed.
+            InvalidTaskError: (a ValueError) an address, the subject or the body is malformed.
         """
         if not self.enabled:
             raise MailUnavailableError("mail is off: set [mail] host in agentd.toml")
@@ -134,19 +140,20 @@ def message_args(to: str | Sequence[str], subject: str, text: str, html: str | N
     """The `agentd.send_mail` arguments, checked.
 
     Raises:
-        ValueError: naming the field that is wrong.
+        InvalidTaskError: (a ValueError) naming the field that is wrong; raised in a task it
+            fails the task at once, since no retry can fix it.
     """
     recipients = [to] if isinstance(to, str) else list(to)
     if not recipients:
-        raise ValueError("to: give at least one address")
+        raise InvalidTaskError("to: give at least one address")
     for address in recipients:
         if (not isinstance(address, str) or "@" not in email.utils.parseaddr(address)[1]
                 or any(c in address for c in "\r\n")):
-            raise ValueError(f"to: {address!r} is not a mail address")
+            raise InvalidTaskError(f"to: {address!r} is not a mail address")
     if not isinstance(subject, str) or any(c in subject for c in "\r\n"):
-        raise ValueError("subject must be one line of text")
+        raise InvalidTaskError("subject must be one line of text")
     if not isinstance(text, str):
-        raise ValueError("text must be a string")
+        raise InvalidTaskError("text must be a string")
     if html is not None and not isinstance(html, str):
-        raise ValueError("html must be a string")
+        raise InvalidTaskError("html must be a string")
     return {"to": recipients, "subject": subject, "text": text, "html": html}

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from agentd.config import WebhooksConfig
-from agentd.errors import Fail, Retry
+from agentd.errors import Fail, InvalidTaskError, Retry
 from agentd.taskdef import TaskDef, TaskRegistry
 from agentd.taskqueue import TaskRecord
 
@@ -58,19 +58,16 @@ class WebhookPoster:
             self._session = None
 
     async def _deliver_task(self, ctx: Context, url: str, body: Any) -> dict[str, Any]:
-        try:
-            check_url(url)
-        except ValueError as exc:
-            raise Fail(str(exc)) from exc
+        check_url(url)  # submitted by hand it may be unchecked
         return await self.deliver(url, body, ctx.task.id)
 
     async def deliver(self, url: str, body: Any, delivery_id: int) -> dict[str, Any]:
         """POST `body` as JSON to `url` once; return the receiver's status.
 
         Raises:
-            Retry: 408/425/429/503 (after Retry-After when given).
+            Retry: 408/425/429 and 5xx (after Retry-After when given, else the backoff).
             Fail: another 4xx, or a 3xx: the receiver will not take it.
-            aiohttp.ClientError, TimeoutError, WebhookError: worth another attempt.
+            aiohttp.ClientError, TimeoutError: worth another attempt.
         """
         payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         headers = {"Content-Type": "application/json", DELIVERY_HEADER: str(delivery_id),
@@ -83,20 +80,14 @@ class WebhookPoster:
             if 200 <= status < 300:
                 return {"status": status, "url": url}
             detail = f"{url} answered {status}: {(await response.text())[:300]}"
-            if status in _RETRY_STATUSES or status == 503:
+            if status in _RETRY_STATUSES or status >= 500:
                 raise Retry.after(response.headers.get("Retry-After"), detail)
-            if status >= 500:
-                raise WebhookError(detail)
             raise Fail(detail)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout))
         return self._session
-
-
-class WebhookError(Exception):
-    """The receiver failed (5xx); another attempt may succeed."""
 
 
 class WebhookSender:
@@ -112,14 +103,15 @@ class WebhookSender:
         post again.
 
         Raises:
-            ValueError: the URL is not http(s) or the body is not JSON.
+            InvalidTaskError: (a ValueError) the URL is not http(s) or the body is not JSON.
         """
         check_url(url)
         return await self._enqueue(POST_WEBHOOK_TASK, {"url": url, "body": json}, idempotency_key)
 
 
 def check_url(url: str) -> None:
-    """Raise ValueError unless `url` is an absolute http(s) URL."""
+    """Raise InvalidTaskError (a ValueError: in a task it fails the task at once) unless
+    `url` is an absolute http(s) URL."""
     parts = urlsplit(url) if isinstance(url, str) else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"url: expected an absolute http:// or https:// URL, got {url!r}")
+        raise InvalidTaskError(f"url: expected an absolute http:// or https:// URL, got {url!r}")
