@@ -75,10 +75,22 @@ class TaskDef:
     token_budget: int | None = None
     signature: inspect.Signature = field(init=False)
     is_async: bool = field(init=False)
+    # For the common shapes (keyword parameters, maybe **kwargs) `check_args` compares names
+    # instead of binding: binding was a tenth of an enqueue's cost.
+    _names: frozenset[str] | None = field(init=False, default=None)
+    _required: frozenset[str] = field(init=False, default=frozenset())
+    _any_keyword: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.signature = inspect.signature(self.fn)
         self.is_async = inspect.iscoroutinefunction(self.fn)
+        params = list(self.signature.parameters.values())[1:]  # after ctx
+        simple = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        named = [p for p in params if p.kind in simple]
+        if all(p.kind in simple or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            self._names = frozenset(p.name for p in named)
+            self._required = frozenset(p.name for p in named if p.default is inspect.Parameter.empty)
+            self._any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         if not _NAME.fullmatch(self.name):
             raise InvalidTaskError(f"task name {self.name!r} must be letters, digits, '_', '.', '-'")
         if self.concurrency is not None and self.concurrency < 1:
@@ -90,6 +102,9 @@ class TaskDef:
 
     def check_args(self, args: Mapping[str, Any]) -> None:
         """Raise InvalidTaskError unless `fn(ctx, **args)` would bind."""
+        if (self._names is not None and self._required.issubset(args)
+                and (self._any_keyword or self._names.issuperset(args))):
+            return
         try:
             self.signature.bind(None, **args)
         except TypeError as exc:

@@ -445,6 +445,8 @@ def _insert_tasks(
     conn: Connection, prepared: list[tuple[Any, ...]], windows: list[float], now: float
 ) -> list[int | Row]:
     """Insert each row; return its new id, or the existing row its idempotency key names."""
+    if len(prepared) > 1 and all(values[8] is None for values in prepared):
+        return _insert_many(conn, prepared)
     out: list[int | Row] = []
     insert = f"INSERT INTO tasks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
     for values, window in zip(prepared, windows, strict=True):
@@ -461,6 +463,24 @@ def _insert_tasks(
         if task_id is None:
             raise RuntimeError("SQLite returned no id for an inserted task")
         out.append(task_id)
+    return out
+
+
+_ROW = "(?,?,?,?,?,?,?,?,?,?,?,?)"
+_ROWS_PER_INSERT = 500  # 6,000 parameters, well under SQLite's limit of 32,766
+
+
+def _insert_many(conn: Connection, prepared: list[tuple[Any, ...]]) -> list[int | Row]:
+    """Rows without idempotency keys, many per INSERT statement (a statement per row was a
+    fifth of an enqueue's cost). AUTOINCREMENT hands out increasing ids in VALUES order, so
+    the sorted returned ids are the rows' ids in order."""
+    out: list[int | Row] = []
+    for start in range(0, len(prepared), _ROWS_PER_INSERT):
+        chunk = prepared[start:start + _ROWS_PER_INSERT]
+        rows = conn.execute(
+            f"INSERT INTO tasks ({_COLUMNS}) VALUES {','.join([_ROW] * len(chunk))} RETURNING id",
+            [value for values in chunk for value in values]).fetchall()
+        out.extend(sorted(row[0] for row in rows))
     return out
 
 
