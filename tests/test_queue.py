@@ -200,6 +200,21 @@ async def test_idempotency_key_returns_the_existing_task_within_the_window(qt: A
     assert late[0].created and late[0].task.id != first[0].task.id
 
 
+async def test_a_large_batch_gets_each_row_its_own_id_with_or_without_keys(qt: Any) -> None:
+    """Batches without idempotency keys are inserted many rows per statement: every returned
+    task's id must still name the row holding its own arguments."""
+    daemon, _, _ = await qt()
+    plain = await daemon.queue.enqueue_many(
+        [TaskRequest("qt.echo", {"value": i}, delay=60) for i in range(1201)])  # > 2 statements
+    keyed = await daemon.queue.enqueue_many(
+        [TaskRequest("qt.echo", {"value": -i}, delay=60, idempotency_key=f"b{i}") for i in range(3)])
+    for outcome in (*plain, *keyed):
+        stored = await daemon.queue.get(outcome.task.id)
+        assert (stored.args, outcome.created) == (outcome.task.args, True)
+    ids = [o.task.id for o in (*plain, *keyed)]
+    assert ids == sorted(set(ids))
+
+
 async def test_cancel_a_queued_task_and_it_never_runs_even_after_a_restart(
     qt: Any, tmp_path: Path
 ) -> None:
