@@ -1,0 +1,96 @@
+"""What SQLite itself costs per task in the queue's processing loop, outside the daemon.
+
+    python3 bench/queue_sql_cost.py [--tasks 20000] [--batch 8] [--drop-index NAME ...]
+
+Builds agentd's schema (its own migrations) in a temporary file, queues `--tasks` rows, then
+replays the processing loop's statements as the daemon issues them in one transaction per
+batch: the claim (a SELECT on tasks_claim and an UPDATE ... RETURNING of `--batch` rows),
+one ack UPDATE per task, the event log's three rows per task (queued, started, succeeded),
+and the commit (synchronous = NORMAL, WAL). Prints µs per task for each part, so a schema
+change (e.g. `--drop-index tasks_running`) can be weighed before it is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+from agentd.db import driver
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--batch", type=int, default=8, help="tasks per transaction (worker slots)")
+    parser.add_argument("--drop-index", action="append", default=[], metavar="NAME")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="agentd-sqlcost-") as tmp:
+        print(json.dumps({"bench": "queue_sql_cost", "tasks": args.tasks, "batch": args.batch,
+                          "dropped": args.drop_index, **measure(Path(tmp) / "t.db", args)}))
+
+
+def measure(path: Path, args: argparse.Namespace) -> dict[str, float]:
+    conn = driver.connect(str(path), isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")  # as the daemon: checkpoints are its own
+    migrations = sorted(resources.files("agentd").joinpath("sql").iterdir(), key=lambda f: f.name)
+    for migration in migrations:
+        if migration.name.endswith(".sql"):
+            conn.executescript(migration.read_text())
+    for name in args.drop_index:
+        conn.execute(f"DROP INDEX {name}")
+    now = time.time()
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO tasks (queue, name, args, status, priority, run_at, max_attempts, created_at) "
+        "VALUES ('default', 'bench.noop', '{}', 'queued', 0, ?, 3, ?)", [(now, now)] * args.tasks)
+    conn.execute("COMMIT")
+    spent = {"claim": 0.0, "ack": 0.0, "event_log": 0.0, "commit": 0.0}
+    event_id, done, batches = 10**15, 0, 0
+    while done < args.tasks:
+        conn.execute("BEGIN")
+        t0 = time.perf_counter()
+        ids = [row[0] for row in conn.execute(
+            "SELECT id FROM tasks INDEXED BY tasks_claim WHERE status = 'queued' AND queue = ? "
+            "AND run_at <= ? ORDER BY priority DESC, run_at, id LIMIT ?",
+            ("default", time.time(), args.batch)).fetchall()]
+        conn.execute(
+            f"UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?, "
+            f"lease_until = ? WHERE id IN ({','.join('?' * len(ids))}) RETURNING *",
+            (now, now + 60, *ids)).fetchall()
+        t1 = time.perf_counter()
+        for task_id in ids:
+            conn.execute(
+                "UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?, expires_at = ?, "
+                "lease_until = NULL WHERE id = ?", ("succeeded", "null", None, now, now + 3600, task_id))
+        t2 = time.perf_counter()
+        rows = []
+        for task_id in ids:
+            for topic in ("task.queued", "task.started", "task.succeeded"):
+                event_id += 1
+                data = {"task_id": task_id, "name": "bench.noop", "queue": "default", "status": topic[5:]}
+                rows.append((event_id, topic, now, json.dumps(data, separators=(",", ":")),
+                             str(task_id), None, 1))
+        conn.executemany("INSERT INTO events (id, topic, time, data, correlation_id, causation_id, "
+                         "durable) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        t3 = time.perf_counter()
+        conn.execute("COMMIT")
+        t4 = time.perf_counter()
+        for part, seconds in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            spent[part] += seconds
+        done += len(ids)
+        batches += 1
+        if batches % 500 == 0:  # the daemon checkpoints once the WAL passes 4 MB
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    conn.close()
+    per_task = {f"{part}_us": round(seconds / args.tasks * 1e6, 1) for part, seconds in spent.items()}
+    return {**per_task, "total_us": round(sum(spent.values()) / args.tasks * 1e6, 1)}
+
+
+if __name__ == "__main__":
+    main()
