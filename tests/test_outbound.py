@@ -400,6 +400,32 @@ async def test_a_count_digest_mails_what_gathered_after_it_started(
     assert len(smtp.messages) == 2
 
 
+async def test_a_digest_cut_short_by_a_crash_mails_the_same_range_again(
+        start_daemon: Any, smtp: SmtpServer, http: Any) -> None:
+    """A send records its range before mailing. Left as a crash after the mail would leave
+    it (range recorded, cursor not moved), the next send mails that same range with the
+    same Message-ID (so the receiver can drop the repeat), not the events that came since;
+    those go in the send after."""
+    daemon, _ = await start_daemon(overrides=merged(
+        {"tasks": FAST_RETRIES}, smtp.overrides(), digest(every="1h")))
+    client = http(daemon)
+    early = [daemon.bus.publish("news.new", {"n": n}) for n in (1, 2)]
+    await daemon.eventlog.flush()
+    await daemon.store.write(lambda conn: conn.execute(
+        "UPDATE digest_cursors SET pending_last_id = ? WHERE name = 'news'", (early[-1].id,)))
+    late = daemon.bus.publish("news.new", {"n": 3})
+
+    async def run() -> Any:
+        fired = await call(client, "POST", "/v1/schedules/agentd.digest.news/run")
+        return await daemon.queue.result(fired["last_task_id"], timeout=WAIT)
+
+    assert await run() == {"sent": 2, "first_event_id": early[0].id, "last_event_id": early[-1].id}
+    assert await run() == {"sent": 1, "first_event_id": late.id, "last_event_id": late.id}
+    first, second = await smtp.wait_messages(2)
+    assert digest_lines(first) == [{"n": 1}, {"n": 2}] and digest_lines(second) == [{"n": 3}]
+    assert first.message["Message-ID"] == f"<agentd-digest-news-{early[0].id}-{early[-1].id}@example.org>"
+
+
 async def test_an_every_digest_is_a_schedule_whose_run_mails_pending_events_once(
         start_daemon: Any, smtp: SmtpServer, http: Any) -> None:
     daemon, _ = await start_daemon(overrides=merged(

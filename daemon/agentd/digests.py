@@ -6,8 +6,8 @@ A digest reads the event log, not a buffer of its own: what it mails survives re
 and its cursor (the last event id mailed) advances only after the mail went out. Its
 pattern's events must therefore be kept by the event log (`ring` or `durable`, for at
 least `every`); a pattern whose events are `ephemeral` is refused at start. A retried
-digest mail carries the same Message-ID (made from the digest and its event range), so a
-repeat after a crash can be dropped by the receiving mail system. Sends of one digest
+digest mail carries the same Message-ID and the same events: the range is recorded before
+the mail goes out, so a repeat after a crash can be dropped by the receiving mail system. Sends of one digest
 never overlap (a lock per digest), so no event is mailed twice by two sends at once.
 """
 
@@ -160,20 +160,31 @@ class Digests:
 
     async def _send(self, spec: DigestSpec, at_least: int) -> dict[str, Any]:
         row = await self._store.read_one(
-            "SELECT last_event_id FROM digest_cursors WHERE name = ?", (spec.name,))
+            "SELECT last_event_id, pending_last_id FROM digest_cursors WHERE name = ?", (spec.name,))
         cursor = row["last_event_id"] if row is not None else 0
+        pending: int | None = row["pending_last_id"] if row is not None else None
         matches = TopicFilter.parse(spec.pattern).matches
-        events = (await self._eventlog.replay(cursor, lambda e: matches(e.topic)))[:spec.limit]
-        if len(events) < at_least:
-            return {"sent": 0, "pending": len(events)}
-        text = "\n".join(_line(e) for e in events)
-        args = message_args(list(spec.to), f"{spec.subject} ({len(events)} events)", text, None)
-        await self._mailer.deliver(args, f"digest-{spec.name}-{events[0].id}-{events[-1].id}")
-        last = events[-1].id
+        if pending is not None:
+            # A send that may have gone out before a crash: the same range again, so the
+            # repeat has the same Message-ID and content.
+            last = pending
+            events = await self._eventlog.replay(cursor, lambda e: e.id <= last and matches(e.topic))
+        else:
+            events = (await self._eventlog.replay(cursor, lambda e: matches(e.topic)))[:spec.limit]
+            if len(events) < at_least:
+                return {"sent": 0, "pending": len(events)}
+            pending = events[-1].id
+            await self._store.write(lambda conn: conn.execute(
+                "UPDATE digest_cursors SET pending_last_id = ? WHERE name = ?", (pending, spec.name)))
+        if events:
+            text = "\n".join(_line(e) for e in events)
+            args = message_args(list(spec.to), f"{spec.subject} ({len(events)} events)", text, None)
+            await self._mailer.deliver(args, f"digest-{spec.name}-{events[0].id}-{pending}")
         await self._store.write(lambda conn: conn.execute(
-            "UPDATE digest_cursors SET last_event_id = ?, sent_at = ? WHERE name = ?",
-            (last, time.time(), spec.name)))
-        return {"sent": len(events), "first_event_id": events[0].id, "last_event_id": last}
+            "UPDATE digest_cursors SET last_event_id = ?, pending_last_id = NULL, sent_at = ? "
+            "WHERE name = ?", (pending, time.time(), spec.name)))
+        first = events[0].id if events else None
+        return {"sent": len(events), "first_event_id": first, "last_event_id": pending}
 
 
 def _line(event: Event) -> str:
