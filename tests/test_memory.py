@@ -909,6 +909,44 @@ async def test_forgetting_or_purging_a_correction_keeps_the_chain_whole(start: A
         await memory.get(expiring.id)
 
 
+GATED_PLUGIN = TOY_PLUGIN.replace('plugin = Plugin("toy")', '''plugin = Plugin("toy")
+    import asyncio
+    GATE = asyncio.Event()   # once ARMED, embedding a text that starts with "HOLD" waits for it
+    HELD = asyncio.Event()   # set once such an embedding is waiting
+    ARMED = []''').replace(
+    "            CALLS.append(list(texts))", '''            CALLS.append(list(texts))
+            if ARMED and any(t.startswith("HOLD") for t in texts):
+                HELD.set()
+                await GATE.wait()''')
+
+
+async def test_a_correction_landing_while_its_original_is_forgotten_keeps_one_chain(
+    start: Any, plugin_dir: Any
+) -> None:
+    """forget(B) plans to revive A (B's original) and embeds A again; a correction of B that
+    commits meanwhile must not leave two newest memories: the delete re-plans and links A
+    to the new correction instead."""
+    toy_dir = plugin_dir({"toy.py": GATED_PLUGIN}, name="gated_plugins")
+    daemon, _ = await start(plugin_dirs=[toy_dir], overrides={"memory": {"embedder": "toy"}})
+    toy = sys.modules["agentd_plugins.toy"]
+    memory = daemon.memory
+    original, _ = await memory.remember("HOLD the office opens at eight", namespace="office")
+    correction, _ = await memory.remember("the office opens at nine", namespace="office",
+                                          supersedes=original.id)
+    toy.ARMED.append(True)
+    forgetting = asyncio.ensure_future(memory.forget(correction.id))
+    await asyncio.wait_for(toy.HELD.wait(), 5)  # forget is re-embedding the original
+    newest, _ = await memory.remember("the office opens at ten now", namespace="office",
+                                      supersedes=correction.id)
+    toy.GATE.set()
+    assert await asyncio.wait_for(forgetting, 5) == 1
+    assert ((await memory.get(original.id)).superseded_by, (await memory.get(newest.id)).supersedes) == (
+        newest.id, original.id)
+    found = await memory.recall("when does the office open", namespace="office", k=5)
+    assert [r.memory.id for r in found] == [newest.id]
+    assert (await memory.stats())["namespaces"] == {"office": 1}
+
+
 # --------------------------------------------------------------------------- the CLI
 
 

@@ -111,5 +111,9 @@ class MemoryNotFoundError(AgentdError, LookupError):
     """No memory has that id."""
 
 
+class MemoryBusyError(AgentdError):
+    """Memories kept changing under an operation that needs them still; try it again."""
+
+
 class EmbedderMismatchError(AgentdError):
     """The database's vectors were made by another embedder (id or dimension differ)."""

@@ -25,11 +25,16 @@ from sqlite_vec import serialize_float32
 from agentd.config import MemoryConfig, StoreConfig
 from agentd.db import Connection, Row, Store
 from agentd.embed import Embedder
-from agentd.errors import EmbedderMismatchError, MemoryNotFoundError
+from agentd.errors import EmbedderMismatchError, MemoryBusyError, MemoryNotFoundError
 from agentd.log import get_logger
 
 DEFAULT_NAMESPACE = "default"
 _RRF_K = 60
+_REPLANS = 5  # times a delete re-plans when correction chains change under it
+
+
+class _ChainChangedError(Exception):
+    """Raised inside a delete's write when its chains changed since it planned."""
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
@@ -321,13 +326,26 @@ class MemoryStore:
     async def _delete(self, ids: Sequence[int]) -> int:
         """Delete memories and keep their correction chains whole: what a deleted memory
         superseded is linked to the deleted one's successor, or, when the deleted one was
-        the newest, becomes the newest again (back in the search index)."""
+        the newest, becomes the newest again (back in the search index).
+
+        The plan is made from a read and the revived memories embedded before the write;
+        should a chain change in between (a correction landing meanwhile), the write notices
+        and the plan is made again."""
         if not ids:
             return 0
         doomed = set(ids)
-        rows = {r["id"]: r for r in await self.store.read(
-            f"SELECT id, supersedes, superseded_by FROM memories WHERE id IN ({','.join('?' * len(doomed))})",
-            tuple(doomed))}
+        for _ in range(_REPLANS):
+            try:
+                return await self._delete_once(doomed)
+            except _ChainChangedError:
+                continue
+        raise MemoryBusyError(f"the correction chains of {sorted(doomed)} kept changing; try again")
+
+    async def _delete_once(self, doomed: set[int]) -> int:
+        marks = ",".join("?" * len(doomed))
+        chain_sql = f"SELECT id, supersedes, superseded_by FROM memories WHERE id IN ({marks}) ORDER BY id"
+        rows = {r["id"]: r for r in await self.store.read(chain_sql, tuple(doomed))}
+        seen = [tuple(r) for r in rows.values()]
 
         def outside(start: int | None, link: str) -> int | None:
             while start is not None and start in doomed:
@@ -350,6 +368,8 @@ class MemoryStore:
         vectors = await self.embedder.embed([m.text for m in revived]) if revived else []
 
         def op(conn: Connection) -> int:
+            if [tuple(r) for r in conn.execute(chain_sql, tuple(doomed))] != seen:
+                raise _ChainChangedError
             deleted = 0
             for one in doomed:
                 self._unindex(conn, one)
