@@ -30,7 +30,7 @@ from agentd.testing import make_config
 from fake_openai import word_vector
 
 # Daemons started by this module; every one that embeds loads the model (~1 s).
-DAEMON_BUDGET = 20
+DAEMON_BUDGET = 24  # 21 today; the file runs in about 8 s
 STARTED = {"daemons": 0}
 
 
