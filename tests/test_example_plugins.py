@@ -20,6 +20,7 @@ import email.policy
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -558,3 +559,20 @@ async def test_chat_sessions_expire_and_the_purge_removes_them(
     assert await messages(client, "brief") == []
     stats = await call(client, "GET", "/v1/memory/stats")
     assert (stats["sessions"], stats["messages"]) == (0, 0)
+
+
+async def test_the_readme_one_file_plugin_loads_and_runs(
+        start_daemon: Any, http: Any, tmp_path: Path) -> None:
+    """The README's "your own plugin, in one file" works as printed."""
+    readme = (REPO_PLUGINS.parent / "README.md").read_text()
+    found = re.search(r"```python\n# plugins/standup\.py\n(.*?)```", readme, re.S)
+    assert found, "the README no longer shows plugins/standup.py"
+    directory = tmp_path / "readme_plugins"
+    directory.mkdir()
+    (directory / "standup.py").write_text(found.group(1))
+    daemon, _ = await start_daemon(plugin_dirs=[directory])
+    client = http(daemon)
+    schedule = await call(client, "GET", "/v1/schedules/standup.remind")
+    assert (schedule["cron"], schedule["timezone"]) == ("0 9 * * 1-5", "Europe/Paris")
+    fired = await call(client, "POST", "/v1/schedules/standup.remind/run")
+    assert await daemon.queue.result(fired["last_task_id"], timeout=WAIT) == "nothing noted"
