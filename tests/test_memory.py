@@ -446,6 +446,12 @@ async def test_long_term_memory_over_http(start: Any, http: Any) -> None:
     assert await search(client, "printer", namespace="prefs", where={"kind": "fact"}) == []
     bad(await call(client, "PATCH", f"/v1/memory/{wifi['id']}", {"text": "  "}, status=400),
         "bad_request", "text must be a non-empty string")
+    # The expiry: set, kept when the field is left out, removed with null.
+    soon, path = time.time() + 3600, f"/v1/memory/{wifi['id']}"
+    assert (await call(client, "PATCH", path, {"expires_at": soon}))["expires_at"] == soon
+    kept = await call(client, "PATCH", path, {"metadata": {"kind": "location"}})
+    assert kept["expires_at"] == soon
+    assert (await call(client, "PATCH", path, {"expires_at": None}))["expires_at"] is None
 
     # Stats count live memories per namespace (not the superseded one).
     stats = await call(client, "GET", "/v1/memory/stats")

@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Any
 
 from sqlite_vec import serialize_float32
@@ -268,8 +269,10 @@ class MemoryStore:
 
     async def update(self, memory_id: int, text: str | None = None,
                      metadata: Mapping[str, Any] | None = None,
-                     expires_at: float | None = None) -> Memory:
-        """Change a memory in place (its namespace stays); a new text is embedded again."""
+                     expires_at: float | EllipsisType | None = ...) -> Memory:
+        """Change a memory in place (its namespace stays); a new text is embedded again.
+        `expires_at`: a new expiry, None to keep the memory for good, or left out (`...`)
+        to keep its expiry as it is."""
         current = await self.get(memory_id)
         new_text = current.text if text is None else text
         if not new_text.strip():
@@ -283,9 +286,9 @@ class MemoryStore:
         def op(conn: Connection) -> Row:
             row: Row = conn.execute(
                 "UPDATE memories SET text = ?, metadata = ?, hash = ?, updated_at = ?, "
-                "expires_at = coalesce(?, expires_at) WHERE id = ? RETURNING *",
-                (new_text, new_meta_json, _digest(new_text), now, expires_at,
-                 memory_id)).fetchone()
+                "expires_at = CASE WHEN ? THEN expires_at ELSE ? END WHERE id = ? RETURNING *",
+                (new_text, new_meta_json, _digest(new_text), now, expires_at is ...,
+                 None if expires_at is ... else expires_at, memory_id)).fetchone()
             if row["superseded_by"] is None:
                 if vector is not None:
                     self._unindex(conn, memory_id)

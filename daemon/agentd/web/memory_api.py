@@ -119,9 +119,10 @@ async def get_memory(request: web.Request) -> web.Response:
 
 
 @routes.patch(r"/v1/memory/{id:\d+}")
-@doc("Change a memory's text (embedded again), metadata or expiry", tag="memory",
+@doc("Change a memory's text (embedded again), metadata or expiry (null: never expires)",
+     tag="memory",
      body={"type": "object", "properties": {"text": {"type": "string"}, "metadata": {"type": "object"},
-                                            "expires_at": {"type": "number"}}},
+                                            "expires_at": {"type": ["number", "null"]}}},
      responses={200: "The memory", 400: "A bad field", 404: "No such memory"})
 async def update_memory(request: web.Request) -> web.Response:
     body = await read_json_object(request)
@@ -133,7 +134,7 @@ async def update_memory(request: web.Request) -> web.Response:
         raise bad_request("text: expected a string")
     memory = await _checked(_memory(request).update(
         _memory_id(request), text=text, metadata=body.get("metadata"),
-        expires_at=_number(body, "expires_at")))
+        expires_at=_number(body, "expires_at") if "expires_at" in body else ...))
     return web.json_response(memory.to_dict())
 
 
