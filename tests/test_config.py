@@ -15,7 +15,8 @@ from agentd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 # [[schedules]] is a list of tables, not a section with keys: tests of its own cover it.
-SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name not in ("source", "base_dir", "schedules")]
+SECTIONS = [f.name for f in dataclasses.fields(Config)
+            if f.name not in ("source", "base_dir", "schedules", "from_env")]
 
 
 def write(tmp_path: Path, text: str, name: str = "agentd.toml") -> Path:
@@ -128,6 +129,27 @@ def test_env_errors_name_the_variable(var: str, value: str, fragments: list[str]
     assert message.startswith(f"environment {var}:")
     for fragment in fragments:
         assert fragment in message
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"AGENTD_SERVER_PORT": "99999"}, "[server] port: expected 0..65535, got 99999"),
+        ({"AGENTD_SERVER_HOST": "0.0.0.0"}, "[server] host = '0.0.0.0' is not a loopback address"),
+        ({"AGENTD_MAIL_SENDER": "agentd"}, "[mail] sender: expected a mail address"),
+        ({"AGENTD_MAIL_TIMEOUT": "0"}, "[mail] timeout: expected a positive number"),
+    ],
+)
+def test_a_bad_value_from_the_environment_names_the_variable_not_the_file(
+    tmp_path: Path, env: dict[str, str], fragment: str
+) -> None:
+    """Range and policy checks run after the overrides: they too name where the value came from."""
+    path = write(tmp_path, "[server]\nport = 8470\n")
+    with pytest.raises(ConfigError) as caught:
+        check_serving_rules(load_config(path, env=env))
+    (var,) = env
+    assert str(caught.value).startswith(f"environment {var}: "), caught.value
+    assert fragment in str(caught.value)
 
 
 # --------------------------------------------------------------------------- file errors

@@ -418,6 +418,9 @@ async def test_long_term_memory_over_http(start: Any, http: Any) -> None:
     ids = [r["id"] for r in found]
     assert ids[0] == green["id"] and colour["id"] not in ids
     assert [r["score"] for r in found] == sorted((r["score"] for r in found), reverse=True)
+    # A vector recall's score is the cosine similarity: it says how good the match is.
+    assert all(r["score"] == round(1 - r["distance"], 6) for r in found)
+    assert 0.5 < found[0]["score"] <= 1
     assert colour["id"] not in [r["id"] for r in await search(
         client, "favourite colour is blue", namespace="prefs", hybrid="true")]
     bad(await call(client, "POST", "/v1/memory", {"text": "A correction of nothing.", "namespace": "prefs",

@@ -240,6 +240,17 @@ async def test_disabled_skips_by_module_and_by_plugin_name(
     ]
 
 
+async def test_a_name_in_enabled_or_disabled_that_matches_no_plugin_is_warned_about(
+    start_daemon: Any, good_plugins: Path
+) -> None:
+    """A misspelt name would otherwise do nothing, silently (`news` for `news_watch`)."""
+    with capture_logs() as logs:
+        daemon, _ = await start_daemon([good_plugins], overrides={"plugins": {"disabled": ["helo", "hello"]}})
+    warned = [e for e in logs if e["event"] == "plugins.unknown_names"]
+    assert [e["names"] for e in warned] == [["helo"]]
+    assert "hello" not in [p["name"] for p in daemon.plugins.states()]
+
+
 async def test_missing_plugin_directory_is_not_an_error(start_daemon: Any, tmp_path: Path) -> None:
     daemon, _ = await start_daemon([tmp_path / "does-not-exist"])
     assert daemon.plugins.states() == []

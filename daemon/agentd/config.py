@@ -208,6 +208,14 @@ class Config:
     schedules: tuple[Mapping[str, Any], ...] = ()
     source: str = "<defaults>"
     base_dir: Path = field(default_factory=Path.cwd)
+    from_env: frozenset[tuple[str, str]] = frozenset()  # (section, key) set by AGENTD_* variables
+
+    def origin(self, section: str, key: str) -> str:
+        """Where `[section] key` came from, for error messages: its environment variable
+        when one set it, else the file."""
+        if (section, key) in self.from_env:
+            return f"environment AGENTD_{section.upper()}_{key.upper()}"
+        return self.source
 
     def resolve(self, path: str) -> Path:
         """Return `path` made absolute against the configuration's directory."""
@@ -274,7 +282,7 @@ class Config:
 _SECTIONS: dict[str, type[Any]] = {
     f.name: typing.get_type_hints(Config)[f.name]
     for f in dataclasses.fields(Config)
-    if f.name not in ("source", "base_dir", "schedules")
+    if f.name not in ("source", "base_dir", "schedules", "from_env")
 }
 
 
@@ -340,26 +348,30 @@ def load_config(
 def _check_memory(config: Config) -> None:
     for name in config.memory.filter_fields:
         if not name.isidentifier() or not name.isascii():
-            raise ConfigError(f"{config.source}: [memory] filter_fields: {name!r} is not a plain name")
+            raise ConfigError(f"{config.origin('memory', 'filter_fields')}: [memory] filter_fields: "
+                              f"{name!r} is not a plain name")
     if not 0 < config.memory.dedupe_threshold <= 1:
-        raise ConfigError(f"{config.source}: [memory] dedupe_threshold: expected 0 < x <= 1")
+        raise ConfigError(f"{config.origin('memory', 'dedupe_threshold')}: [memory] dedupe_threshold: "
+                          "expected 0 < x <= 1")
 
 
 def _check_outbound(config: Config) -> None:
     from agentd.digests import DigestSpec
 
-    where = config.source
+    where = config.origin
     if config.mail.port > 65535:
-        raise ConfigError(f"{where}: [mail] port: expected 0..65535, got {config.mail.port}")
+        raise ConfigError(f"{where('mail', 'port')}: [mail] port: expected 0..65535, got {config.mail.port}")
     if "@" not in config.mail.sender:
-        raise ConfigError(f"{where}: [mail] sender: expected a mail address, got {config.mail.sender!r}")
+        raise ConfigError(f"{where('mail', 'sender')}: [mail] sender: expected a mail address, "
+                          f"got {config.mail.sender!r}")
     if config.mail.timeout <= 0:
-        raise ConfigError(f"{where}: [mail] timeout: expected a positive number of seconds")
+        raise ConfigError(f"{where('mail', 'timeout')}: [mail] timeout: expected a positive number "
+                          "of seconds")
     if config.llm.base_url and not config.llm.base_url.startswith(("http://", "https://")):
-        raise ConfigError(f"{where}: [llm] base_url: expected an http:// or https:// URL, "
-                          f"got {config.llm.base_url!r}")
+        raise ConfigError(f"{where('llm', 'base_url')}: [llm] base_url: expected an http:// or https:// "
+                          f"URL, got {config.llm.base_url!r}")
     if config.llm.base_url and not config.llm.model:
-        raise ConfigError(f"{where}: [llm] model: name the model to ask (e.g. \"llama3.2\"); "
+        raise ConfigError(f"{where('llm', 'model')}: [llm] model: name the model to ask (e.g. \"llama3.2\"); "
                           "[llm] base_url is set")
     for name, table in config.digests.settings.items():
         try:
@@ -367,8 +379,8 @@ def _check_outbound(config: Config) -> None:
         except ValueError as exc:
             raise ConfigError(f"{config.source}: [digests.{name}] {exc}") from None
     if config.digests.settings and not config.mail.host:
-        raise ConfigError(f"{where}: [digests.{next(iter(config.digests.settings))}] mails its events: "
-                          "set [mail] host")
+        first = next(iter(config.digests.settings))
+        raise ConfigError(f"{config.source}: [digests.{first}] mails its events: set [mail] host")
 
 
 def _check_rules(config: Config) -> None:
@@ -377,7 +389,7 @@ def _check_rules(config: Config) -> None:
 
     for rule in config.events.persistence:
         pattern, _, kind = rule.partition("=")
-        where = f"{config.source}: [events] persistence: rule {rule!r}"
+        where = f"{config.origin('events', 'persistence')}: [events] persistence: rule {rule!r}"
         if kind not in PERSISTENCE_CLASSES:
             raise ConfigError(f"{where}: expected 'pattern=class' with class one of "
                               f"{', '.join(PERSISTENCE_CLASSES)}")
@@ -400,7 +412,8 @@ def _check_rules(config: Config) -> None:
     _check_memory(config)
     _check_outbound(config)
     if config.streams.client_buffer < 2:
-        raise ConfigError(f"{config.source}: [streams] client_buffer: expected at least 2")
+        raise ConfigError(f"{config.origin('streams', 'client_buffer')}: [streams] client_buffer: "
+                          "expected at least 2")
 
 
 _NAMED_TABLES = (PluginsConfig, HooksConfig, DigestsConfig)
@@ -427,6 +440,7 @@ def _build_section(name: str, cls: type[Any], table: dict[str, Any], source: str
 
 def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
     replaced: dict[str, Any] = {}
+    overridden: set[tuple[str, str]] = set()
     for var in sorted(env):
         if not var.startswith("AGENTD_") or var == CONFIG_ENV:
             continue
@@ -441,7 +455,10 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
             raise ConfigError(f"environment {var}: [{section}] has no key {key!r}")
         value = _coerce(_parse_env(env[var], hints[key]), hints[key], f"environment {var}")
         replaced[section] = dataclasses.replace(current, **{key: value})
-    return dataclasses.replace(config, **replaced) if replaced else config
+        overridden.add((section, key))
+    if not replaced:
+        return config
+    return dataclasses.replace(config, **replaced, from_env=frozenset(overridden))
 
 
 def _parse_env(text: str, hint: Any) -> Any:
@@ -487,8 +504,9 @@ def check_serving_rules(config: Config) -> None:
     """Refuse a configuration that would expose the API beyond loopback without a token."""
     if config.server.host not in LOOPBACK_HOSTS and not config.api_token():
         raise ConfigError(
-            f"{config.source}: [server] host = {config.server.host!r} is not a loopback address; "
-            "set [server] token or token_file before listening beyond this machine"
+            f"{config.origin('server', 'host')}: [server] host = {config.server.host!r} is not a "
+            "loopback address; set [server] token or token_file before listening beyond this machine"
         )
     if not 0 <= config.server.port <= 65535:
-        raise ConfigError(f"{config.source}: [server] port: expected 0..65535, got {config.server.port}")
+        raise ConfigError(f"{config.origin('server', 'port')}: [server] port: expected 0..65535, "
+                          f"got {config.server.port}")

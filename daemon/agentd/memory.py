@@ -69,7 +69,9 @@ class Memory:
 
 @dataclass(frozen=True, slots=True)
 class Recalled:
-    """A memory found by `recall`, with its rank score and (vector) distance."""
+    """A memory found by `recall`: `score` is its cosine similarity to the query (1 is the
+    same meaning) for a vector recall, its reciprocal-rank-fusion score for a hybrid one;
+    `distance` is the cosine distance (None for a keyword-only hybrid match)."""
 
     memory: Memory
     score: float
@@ -259,7 +261,10 @@ class MemoryStore:
                 found.setdefault(memory.id, memory)
                 ranked[memory.id] = ranked.get(memory.id, 0.0) + 1.0 / (_RRF_K + i + 1)
         order = sorted(ranked, key=lambda i: ranked[i], reverse=True)[:k]
-        return [Recalled(found[i], round(ranked[i], 6), distances.get(i)) for i in order]
+        if hybrid:
+            return [Recalled(found[i], round(ranked[i], 6), distances.get(i)) for i in order]
+        # Vector only: the cosine similarity says how good a match is, not just its place.
+        return [Recalled(found[i], round(1.0 - distances[i], 6), distances[i]) for i in order]
 
     async def get(self, memory_id: int) -> Memory:
         row = await self.store.read_one("SELECT * FROM memories WHERE id = ?", (memory_id,))

@@ -123,6 +123,7 @@ class PluginManager:
         self._log = get_logger("plugins")
         self.plugins: dict[str, LoadedPlugin] = {}
         self.services = services
+        self._seen_names: set[str] = set()  # module and plugin names found, for enabled/disabled
         self._triggers: list[tuple[TopicPattern, str]] = []
         self._enqueued: set[tuple[int, str]] = set()
 
@@ -139,6 +140,12 @@ class PluginManager:
             record = self._import(candidate)
             if record is not None and record.state == "loaded":
                 await self._start(record, deadline)
+        named = {*self._config.plugins.enabled, *self._config.plugins.disabled}
+        found = self._seen_names
+        if named - found:
+            # A misspelt name in enabled/disabled silently does nothing otherwise.
+            self._log.warning("plugins.unknown_names", names=sorted(named - found),
+                              found=sorted(found))
 
     async def stop_all(self, deadline: float) -> None:
         """Run shutdown hooks of started plugins, last started first, then unload them all."""
@@ -198,6 +205,7 @@ class PluginManager:
         return name not in disabled and (not enabled or name in enabled)
 
     def _import(self, candidate: _Candidate) -> LoadedPlugin | None:
+        self._seen_names.add(candidate.module_name)
         if not self._wanted(candidate.module_name):
             return None
         try:
@@ -207,6 +215,7 @@ class PluginManager:
                 raise PluginError(f"{candidate.source} defines no `plugin = Plugin(...)`")
         except (Exception, SystemExit) as exc:  # sys.exit("pip install x") is a common idiom
             return self._record_failure(candidate.module_name, candidate.source, exc)
+        self._seen_names.add(plugin.name)
         if not self._wanted(plugin.name):
             return None
         if plugin.name in self.plugins:
