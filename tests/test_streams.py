@@ -482,6 +482,7 @@ async def test_a_task_stream_has_its_children_and_ends_after_its_final_event(st:
     assert end.data["task"]["id"] == record.id
     assert end.data["task"]["status"] == "succeeded"
     assert end.data["task"]["result"] == {"child": "child kid done"}
+    assert end.data["task"]["children"] == [child_id]  # as GET /v1/tasks/{id} has it
 
     # A finished task's stream replays what the log kept, then ends at once.
     async with client.get(f"/v1/tasks/{record.id}/stream") as response:

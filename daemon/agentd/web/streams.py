@@ -433,7 +433,9 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
             ended = ended or finished
         if ended:
             final = await daemon.queue.get(task_id)
-            await sse.control("end", {"task": final.to_dict()})
+            # The task as GET /v1/tasks/{id} shows it, children included.
+            await sse.control("end", {"task": {**final.to_dict(),
+                                               "children": await daemon.queue.children(task_id)}})
     except (ConnectionResetError, TimeoutError):
         pass
     finally:
