@@ -426,6 +426,23 @@ async def test_a_digest_cut_short_by_a_crash_mails_the_same_range_again(
     assert first.message["Message-ID"] == f"<agentd-digest-news-{early[0].id}-{early[-1].id}@example.org>"
 
 
+async def test_a_digest_recipient_refused_for_now_gets_it_from_a_mail_task(
+        start_daemon: Any, smtp: SmtpServer, http: Any) -> None:
+    daemon, _ = await start_daemon(overrides=merged(
+        {"tasks": FAST_RETRIES}, smtp.overrides(),
+        digest(every="1h", to=["me@example.com", "later@example.com"])))
+    client = http(daemon)
+    daemon.bus.publish("news.new", {"n": 1})
+    smtp.rcpt_replies.extend([None, "451 try later"])
+    fired = await call(client, "POST", "/v1/schedules/agentd.digest.news/run")
+    assert (await daemon.queue.result(fired["last_task_id"], timeout=WAIT))["sent"] == 1
+    [retry] = await tasks_named(daemon, "agentd.send_mail")
+    assert (await finished(daemon, retry.id)).status == "succeeded"
+    first, second = await smtp.wait_messages(2)
+    assert (first.rcpt_tos, second.rcpt_tos) == (["me@example.com"], ["later@example.com"])
+    assert digest_lines(second) == [{"n": 1}]
+
+
 async def test_an_every_digest_is_a_schedule_whose_run_mails_pending_events_once(
         start_daemon: Any, smtp: SmtpServer, http: Any) -> None:
     daemon, _ = await start_daemon(overrides=merged(

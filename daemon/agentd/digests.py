@@ -26,7 +26,7 @@ from agentd.db import Connection, Store
 from agentd.errors import Fail
 from agentd.eventlog import EventLog
 from agentd.events import Event, TopicFilter
-from agentd.mail import Mailer, message_args
+from agentd.mail import SEND_MAIL_TASK, Mailer, message_args
 from agentd.schedule import ScheduleSpec, parse_duration
 from agentd.spawn import Spawner
 from agentd.taskdef import TaskDef, TaskRegistry
@@ -179,7 +179,10 @@ class Digests:
         if events:
             text = "\n".join(_line(e) for e in events)
             args = message_args(list(spec.to), f"{spec.subject} ({len(events)} events)", text, None)
-            await self._mailer.deliver(args, f"digest-{spec.name}-{events[0].id}-{pending}")
+            sent = await self._mailer.deliver(args, f"digest-{spec.name}-{events[0].id}-{pending}")
+            if sent["try_later"]:  # refused for now while others took it: a mail task for them
+                await self._queue.enqueue(SEND_MAIL_TASK, {**args, "to": sent["try_later"]},
+                                          idempotency_key=f"digest:{spec.name}:{pending}:try-later")
         await self._store.write(lambda conn: conn.execute(
             "UPDATE digest_cursors SET last_event_id = ?, pending_last_id = NULL, sent_at = ? "
             "WHERE name = ?", (pending, time.time(), spec.name)))
