@@ -288,3 +288,28 @@ async def test_the_wal_file_is_cut_back_once_a_checkpoint_resets_it(tmp_path: Pa
         assert wal.stat().st_size <= WAL_SIZE_LIMIT
     finally:
         await store.close()
+
+
+async def test_with_two_readers_a_quick_read_does_not_wait_for_a_slow_one(tmp_path: Path) -> None:
+    """Reads go to the least busy reader: with two, a quick query is answered while a slow
+    one runs; with one, it waits its turn behind it."""
+    slow_sql = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000000) "
+                "SELECT count(*) FROM n")
+
+    async def first_done(readers: int) -> str:
+        store = Store(tmp_path / f"r{readers}.db", StoreConfig(), readers=readers)
+        await store.open()
+        try:
+            finished: list[str] = []
+            slow = asyncio.ensure_future(store.read(slow_sql))
+            slow.add_done_callback(lambda _: finished.append("slow"))
+            await asyncio.sleep(0)  # the slow read is handed to its reader first
+            quick = asyncio.ensure_future(store.read("SELECT 1"))
+            quick.add_done_callback(lambda _: finished.append("quick"))
+            await asyncio.wait_for(asyncio.gather(slow, quick), 10)
+            return finished[0]
+        finally:
+            await store.close()
+
+    assert await first_done(2) == "quick"
+    assert await first_done(1) == "slow"

@@ -181,10 +181,12 @@ class _FileLock:
 
 
 class Store:
-    """The daemon's database: one owner process, one writer connection, one reader connection."""
+    """The daemon's database: one owner process, one writer connection, and `readers`
+    reader connections (each its own thread: SQLite runs queries without the GIL, so two
+    readers use two cores for slow reads such as vector searches)."""
 
     def __init__(self, path: Path, config: StoreConfig, migrations: str = "sql",
-                 writes_in_thread: bool = False) -> None:
+                 writes_in_thread: bool = False, readers: int = 1) -> None:
         self.path = path
         self.config = config
         self._migrations = MIGRATIONS if migrations == "sql" else _migrations(migrations)
@@ -194,7 +196,9 @@ class Store:
         self._log = get_logger("store")
         self._lock = _FileLock(path)
         self._conn: Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
+        self._reader_count = max(1, readers)
+        self._readers: list[aiosqlite.Connection] = []
+        self._reads_in_flight: list[int] = []
         self._pending: list[tuple[WriteOp[Any], asyncio.Future[Any]]] = []
         self._flush_scheduled = False
         self._executor: ThreadPoolExecutor | None = None
@@ -212,10 +216,11 @@ class Store:
             self._conn = connect(self.path, self.config)
             self._conn.execute("PRAGMA wal_autocheckpoint = 0")
             self.schema_version = migrate(self._conn, self.path, self._migrations)
-            self._reader = aiosqlite.Connection(
-                lambda: connect(self.path, self.config), iter_chunk_size=256
-            )
-            await self._reader
+            for _ in range(self._reader_count):
+                reader = aiosqlite.Connection(lambda: connect(self.path, self.config), iter_chunk_size=256)
+                await reader
+                self._readers.append(reader)
+                self._reads_in_flight.append(0)
         except BaseException:
             await self.close()
             raise
@@ -230,9 +235,9 @@ class Store:
             await self._flushing
         while self._pending and self._executor is None:
             self._flush_inline()
-        if self._reader is not None:
-            await self._reader.close()
-            self._reader = None
+        readers, self._readers, self._reads_in_flight = self._readers, [], []
+        for reader in readers:
+            await reader.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -264,10 +269,17 @@ class Store:
         return future
 
     async def read(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
-        """Rows of a read-only query, run off the event loop."""
-        if self._reader is None:
+        """Rows of a read-only query, run off the event loop on the least busy reader."""
+        if not self._readers:
             raise StoreError(f"{self.path}: the store is closed")
-        return list(await self._reader.execute_fetchall(sql, params))
+        index = self._reads_in_flight.index(min(self._reads_in_flight))
+        reader = self._readers[index]
+        self._reads_in_flight[index] += 1
+        try:
+            return list(await reader.execute_fetchall(sql, params))
+        finally:
+            if index < len(self._reads_in_flight) and self._readers[index] is reader:
+                self._reads_in_flight[index] -= 1
 
     async def read_one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Row | None:
         rows = await self.read(sql, params)

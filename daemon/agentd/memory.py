@@ -31,6 +31,7 @@ from agentd.log import get_logger
 
 DEFAULT_NAMESPACE = "default"
 _RRF_K = 60
+_READERS = 2
 _REPLANS = 5  # times a delete re-plans when correction chains change under it
 
 
@@ -140,7 +141,10 @@ class MemoryStore:
                  embedder: Embedder) -> None:
         self.config = config
         self.embedder = embedder
-        self.store = Store(path, store_config, migrations="sql/memory", writes_in_thread=True)
+        # Two readers: recalls are vector searches that SQLite runs without the GIL, so two
+        # agents recalling at once use two cores instead of queueing on one connection.
+        self.store = Store(path, store_config, migrations="sql/memory", writes_in_thread=True,
+                           readers=_READERS)
         self._fields = tuple(config.filter_fields)
         self._log = get_logger("memory")
 
