@@ -293,7 +293,14 @@ class Store:
         return (row[0], row[1], row[2]) if row is not None else (0, 0, 0)
 
     async def run_checkpoints(self, interval: float = 1.0, wal_limit: int = 4 << 20) -> None:
-        """Forever: every `interval` s, checkpoint once the WAL file is past `wal_limit` bytes."""
+        """Forever: every `interval` s, checkpoint once the WAL file is past `wal_limit` bytes.
+
+        PASSIVE never waits, so under writes that never pause it never catches up and the
+        WAL only grows (786 MB after 100,000 bulk remember()s). When writes run in a thread,
+        past WAL_SIZE_LIMIT it runs a RESTART checkpoint instead, which holds the writer
+        thread (up to busy_timeout) and makes the next write start the WAL over, cut back
+        to WAL_SIZE_LIMIT. Writes on the loop stay PASSIVE: holding them would stall the
+        loop; `maintain()`'s TRUNCATE bounds their WAL."""
         wal = self.path.with_name(self.path.name + "-wal")
         while True:
             await asyncio.sleep(interval)
@@ -301,7 +308,9 @@ class Store:
                 size = wal.stat().st_size
             except FileNotFoundError:
                 continue
-            if size > wal_limit:
+            if size > WAL_SIZE_LIMIT and self._executor is not None:
+                await self.checkpoint("RESTART")
+            elif size > wal_limit:
                 await self.checkpoint("PASSIVE")
 
     async def maintain(self) -> dict[str, int]:
