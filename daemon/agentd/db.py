@@ -296,11 +296,12 @@ class Store:
         """Forever: every `interval` s, checkpoint once the WAL file is past `wal_limit` bytes.
 
         PASSIVE never waits, so under writes that never pause it never catches up and the
-        WAL only grows (786 MB after 100,000 bulk remember()s). When writes run in a thread,
-        past WAL_SIZE_LIMIT it runs a RESTART checkpoint instead, which holds the writer
-        thread (up to busy_timeout) and makes the next write start the WAL over, cut back
-        to WAL_SIZE_LIMIT. Writes on the loop stay PASSIVE: holding them would stall the
-        loop; `maintain()`'s TRUNCATE bounds their WAL."""
+        WAL only grows (786 MB after 100,000 bulk remember()s). For a store of slow writes
+        (`writes_in_thread`: memory.db), past WAL_SIZE_LIMIT it runs a RESTART checkpoint
+        instead, which holds the writer thread (up to busy_timeout) and makes the next write
+        start the WAL over, cut back to WAL_SIZE_LIMIT. The queue's store stays PASSIVE:
+        holding its writer would hold claims and acks (up to a second, measured), so its
+        WAL is bounded by `maintain()`'s TRUNCATE."""
         wal = self.path.with_name(self.path.name + "-wal")
         while True:
             await asyncio.sleep(interval)
@@ -308,7 +309,7 @@ class Store:
                 size = wal.stat().st_size
             except FileNotFoundError:
                 continue
-            if size > WAL_SIZE_LIMIT and self._executor is not None:
+            if size > WAL_SIZE_LIMIT and self._writes_in_thread:
                 await self.checkpoint("RESTART")
             elif size > wal_limit:
                 await self.checkpoint("PASSIVE")
