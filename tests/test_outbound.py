@@ -36,6 +36,7 @@ from agentd.config import load_config
 from agentd.errors import ConfigError
 from agentd.llm import ToolCallAssembler
 from fake_openai import FakeOpenAI
+from sse_client import Sse
 
 PLUGIN_SOURCE = Path(__file__).with_name("outbound_plugin.py")
 FAST_RETRIES = {"retry_base": 0.01, "retry_max": 0.05}
@@ -632,31 +633,6 @@ def llm_config(llm: FakeOpenAI, **extra: Any) -> dict[str, dict[str, Any]]:
     return {"llm": {"base_url": llm.url, "model": "test-model", **extra}}
 
 
-async def read_sse(response: aiohttp.ClientResponse, last: str) -> list[tuple[str, dict[str, Any]]]:
-    """(event name, data) of each SSE frame up to and including the event named `last`."""
-    frames: list[tuple[str, dict[str, Any]]] = []
-    name: str | None = None
-    data: list[str] = []
-    async with asyncio.timeout(WAIT):
-        while True:
-            raw = await response.content.readline()
-            assert raw, f"the stream ended before {last!r}: {frames}"
-            line = raw.decode().rstrip("\r\n")
-            if line == "":
-                if name is not None:
-                    frames.append((name, json.loads("\n".join(data))))
-                    if name == last:
-                        return frames
-                name, data = None, []
-            elif not line.startswith(":"):
-                key, _, value = line.partition(":")
-                value = value.removeprefix(" ")
-                if key == "event":
-                    name = value
-                elif key == "data":
-                    data.append(value)
-
-
 async def test_a_chat_streams_its_tokens_to_the_task_stream_and_returns_the_reply(
         ob: Any, http: Any) -> None:
     reply = "Hello brave new world"
@@ -666,10 +642,10 @@ async def test_a_chat_streams_its_tokens_to_the_task_stream_and_returns_the_repl
         record = await daemon.queue.enqueue("ob.chat", {"wait": "go"})
         async with http(daemon).get(f"/v1/tasks/{record.id}/stream") as response:
             assert response.status == 200
-            opened = await response.content.readuntil(b"\n\n")
-            assert b": connected" in opened
+            sse = Sse(response)
+            assert "connected" in (await sse.opened()).comments
             module.gate("go").set()
-            frames = await read_sse(response, "end")
+            frames = [(f.event, f.data) for f in await sse.until("end")]
         result = await daemon.queue.result(record.id, timeout=WAIT)
         assert result["content"] == reply
         assert result["finish_reason"] == "stop"

@@ -130,6 +130,7 @@ class Daemon:
             # memory.db's WAL grows like the main file's (to hundreds of MB under bulk
             # remember(), with recall three times slower) unless it is checkpointed too.
             self._start_service(memory.store.run_checkpoints(), "memory-wal-checkpoints")
+            # Undone first on a failed start: the checkpoint loop must stop before memory closes.
             rollback.push_async_callback(self._stop_services)
             await self.workers.start()
             rollback.push_async_callback(self.workers.stop, self.config.daemon.stop_timeout)

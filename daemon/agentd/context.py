@@ -107,12 +107,8 @@ class Context:
 
     def emit(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
         """Publish `task.progress` with this kind and data. Safe from a sync task's thread."""
-        payload = {"kind": kind, "data": dict(data or {}), "attempt": self.task.attempt}
-        if threading.get_ident() == self._loop_thread:
-            self._queue.publish("task.progress", self._record, **payload)
-        else:
-            self._loop.call_soon_threadsafe(
-                lambda: self._queue.publish("task.progress", self._record, **payload))
+        self._publish_task_event("task.progress", kind=kind, data=dict(data or {}),
+                                 attempt=self.task.attempt)
 
     def publish(self, topic: str, data: Mapping[str, Any] | None = None) -> Event:
         """Publish an event of this task's correlation (not a daemon topic: `task.*`...).
@@ -128,11 +124,14 @@ class Context:
         """Publish a `task.token` event: text as it is produced, for the task's stream
         clients (`ctx.llm` does this for every streamed token; agents that write their own
         text can stream it the same way). Safe from a sync task's thread."""
+        self._publish_task_event("task.token", text=text)
+
+    def _publish_task_event(self, topic: str, **data: Any) -> None:
+        # Sync tasks run in a thread; the bus belongs to the loop.
         if threading.get_ident() == self._loop_thread:
-            self._queue.publish("task.token", self._record, text=text)
+            self._queue.publish(topic, self._record, **data)
         else:
-            self._loop.call_soon_threadsafe(
-                lambda: self._queue.publish("task.token", self._record, text=text))
+            self._loop.call_soon_threadsafe(lambda: self._queue.publish(topic, self._record, **data))
 
     def call(self, name: str, /, **args: Any) -> Awaitable[Any]:
         """Run task `name` as a durable child and return (an awaitable of) its result.

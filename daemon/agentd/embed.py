@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import os
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from agentd.config import Config, MemoryConfig
-from agentd.errors import ConfigError, EmbedderError
+from agentd.errors import ConfigError, EmbedderError, Retry
 
 MINILM_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
 
@@ -154,13 +153,8 @@ def _unit(vector: list[float]) -> list[float]:
 
 
 def _retry_after(header: str | None, attempt: int) -> float:
-    if header is not None:
-        try:
-            seconds = float(header)
-            return min(60.0, max(0.0, seconds))
-        except ValueError:
-            pass
-    return min(10.0, 0.25 * 2.0 ** (attempt - 1))
+    asked = Retry.after(header, "").delay
+    return min(60.0, asked) if asked is not None else min(10.0, 0.25 * 2.0 ** (attempt - 1))
 
 
 def build_embedder(config: Config, plugin_embedders: dict[str, EmbedderFactory]) -> Embedder:
@@ -174,22 +168,9 @@ def build_embedder(config: Config, plugin_embedders: dict[str, EmbedderFactory])
             raise ConfigError(f"{config.source}: [memory] embedder = \"http\" needs http_url, "
                               "http_model and http_dimension")
         return HttpEmbedder(memory.http_url, memory.http_model, memory.http_dimension,
-                            api_key=_api_key(config))
+                            api_key=config.secret("memory", memory, "http_key"))
     factory = plugin_embedders.get(name)
     if factory is None:
         known = ", ".join(["minilm", "http", *sorted(plugin_embedders)])
         raise ConfigError(f"{config.source}: [memory] embedder: no embedder {name!r}; known: {known}")
     return factory(config)
-
-
-def _api_key(config: Config) -> str:
-    memory = config.memory
-    if memory.http_key_env and os.environ.get(memory.http_key_env):
-        return os.environ[memory.http_key_env]
-    if memory.http_key_file:
-        path = config.resolve(memory.http_key_file)
-        try:
-            return next(iter(path.read_text().splitlines()), "").strip()
-        except OSError as exc:
-            raise ConfigError(f"{config.source}: [memory] http_key_file: cannot read {path}") from exc
-    return ""

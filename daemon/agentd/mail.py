@@ -11,7 +11,7 @@ systems use to drop duplicates.
 from __future__ import annotations
 
 import email.utils
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any
 
@@ -20,15 +20,12 @@ import aiosmtplib
 from agentd.config import MailConfig
 from agentd.errors import Fail, InvalidTaskError
 from agentd.taskdef import TaskDef, TaskRegistry
-from agentd.taskqueue import TaskRecord
+from agentd.taskqueue import Enqueue, TaskRecord
 
 if TYPE_CHECKING:
     from agentd.context import Context
 
 SEND_MAIL_TASK = "agentd.send_mail"
-
-Enqueue = Callable[[str, Mapping[str, Any], str | None], Awaitable[TaskRecord]]
-
 
 class MailUnavailableError(Fail):
     """No mail server is configured (`[mail] host` is empty)."""

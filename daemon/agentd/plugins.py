@@ -140,12 +140,11 @@ class PluginManager:
             record = self._import(candidate)
             if record is not None and record.state == "loaded":
                 await self._start(record, deadline)
-        named = {*self._config.plugins.enabled, *self._config.plugins.disabled}
-        found = self._seen_names
-        if named - found:
+        unknown = {*self._config.plugins.enabled, *self._config.plugins.disabled} - self._seen_names
+        if unknown:
             # A misspelt name in enabled/disabled silently does nothing otherwise.
-            self._log.warning("plugins.unknown_names", names=sorted(named - found),
-                              found=sorted(found))
+            self._log.warning("plugins.unknown_names", names=sorted(unknown),
+                              found=sorted(self._seen_names))
 
     async def stop_all(self, deadline: float) -> None:
         """Run shutdown hooks of started plugins, last started first, then unload them all."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -122,6 +122,12 @@ class TaskRecord:
             "started_at": self.started_at, "finished_at": self.finished_at,
             "expires_at": self.expires_at, "usage": self.usage,
         }
+
+
+# Enqueue task `name` with these args under this idempotency key (None: no key): what
+# ctx.mail / ctx.webhook are given, so a task's sends are its keyed children and a
+# handler's are plain tasks.
+Enqueue = Callable[[str, Mapping[str, Any], str | None], Awaitable[TaskRecord]]
 
 
 @dataclass(frozen=True, slots=True)

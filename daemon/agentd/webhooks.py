@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -23,7 +22,7 @@ import aiohttp
 from agentd.config import WebhooksConfig
 from agentd.errors import Fail, InvalidTaskError, Retry
 from agentd.taskdef import TaskDef, TaskRegistry
-from agentd.taskqueue import TaskRecord
+from agentd.taskqueue import Enqueue, TaskRecord
 
 if TYPE_CHECKING:
     from agentd.context import Context
@@ -32,9 +31,6 @@ POST_WEBHOOK_TASK = "agentd.post_webhook"
 SIGNATURE_HEADER = "X-Agentd-Signature"
 DELIVERY_HEADER = "X-Agentd-Delivery"
 _RETRY_STATUSES = frozenset({408, 425, 429})
-
-Enqueue = Callable[[str, Mapping[str, Any], str | None], Awaitable[TaskRecord]]
-
 
 def sign(secret: bytes, body: bytes) -> str:
     """The signature header's value for `body`: `sha256=<hex HMAC-SHA256>`."""
