@@ -22,12 +22,12 @@ from typing import Any
 
 from agentd.config import TasksConfig
 from agentd.context import Context
-from agentd.db import Connection, Row, Store
+from agentd.db import BatchedWrite, Connection, Row, Store
 from agentd.errors import Fail, InvalidTaskError, Retry
 from agentd.log import get_logger
 from agentd.services import Services
 from agentd.taskdef import TaskDef, TaskRegistry, encode_json
-from agentd.taskqueue import TaskQueue, TaskRecord
+from agentd.taskqueue import RECORD_COLUMNS, TaskQueue, TaskRecord
 
 _LOG = get_logger("worker")
 
@@ -86,6 +86,7 @@ class WorkerPool:
         self._cancelling: set[int] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._acks = BatchedWrite(store, _write_acks)
         queue.on_work(self.wake)
         queue.on_cancel(self._cancel_running)
 
@@ -133,8 +134,8 @@ class WorkerPool:
                 rows, next_at = await self.store.write(partial(
                     _claim, queue=queue, wanted=slots.free, blocked=blocked, budgets=budgets,
                     lease=self.config.lease))
-                for row in rows:
-                    self._start(TaskRecord.from_row(row), slots)
+                for values in rows:
+                    self._start(TaskRecord.from_values(values), slots)
                 if rows and slots.free:
                     continue  # there may be more claimable work right now
             timeout = None if next_at is None else max(0.0, next_at - time.time())
@@ -256,10 +257,7 @@ class WorkerPool:
                                    error=outcome.error, delay=round(delay, 3))
             self.wake(record.queue)
             return
-        await self.store.write(lambda conn: conn.execute(
-            "UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?, expires_at = ?, "
-            "lease_until = NULL WHERE id = ?",
-            (status, outcome.result, outcome.error, now, ttl_until, record.id)))
+        await self._acks.add((status, outcome.result, outcome.error, now, ttl_until, record.id))
         record.status, record.result, record.error = status, outcome.value, outcome.error
         record.finished_at, record.expires_at = now, ttl_until
         extra: dict[str, Any] = {"attempt": record.attempts}
@@ -336,8 +334,20 @@ class _Outcome:
     value: Any = None
 
 
+_ACK = ("UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?, expires_at = ?, "
+        "lease_until = NULL WHERE id = ?")
+
+
+def _write_acks(conn: Connection, acks: list[tuple[Any, ...]]) -> None:
+    """The final states of the attempts that ended since the last transaction: one
+    statement for all of them."""
+    conn.executemany(_ACK, acks)
+
+
 def _claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budgets: dict[str, int],
-           lease: float) -> tuple[list[Row], float | None]:
+           lease: float) -> tuple[list[tuple[Any, ...]], float | None]:
+    """Mark up to `wanted` due tasks of `queue` running; return their `RECORD_COLUMNS` rows in
+    claim order, and when the next queued task comes due if not every slot was filled."""
     now = time.time()
     exclude = f"AND name NOT IN ({','.join('?' * len(blocked))})" if blocked else ""
     candidates = conn.execute(
@@ -355,13 +365,16 @@ def _claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budg
                 continue
             budgets[name] -= 1
         picked.append(task_id)
-    rows: list[Row] = []
+    rows: list[tuple[Any, ...]] = []
     if picked:
-        rows = conn.execute(
+        cursor = conn.cursor()
+        cursor.row_factory = None
+        rows = cursor.execute(
             f"UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?, "
-            f"lease_until = ? WHERE id IN ({','.join('?' * len(picked))}) RETURNING *",
+            f"lease_until = ? WHERE id IN ({','.join('?' * len(picked))}) RETURNING {RECORD_COLUMNS}",
             (now, now + lease, *picked)).fetchall()
-        rows.sort(key=lambda r: (-r["priority"], r["run_at"], r["id"]))
+        order = {task_id: position for position, task_id in enumerate(picked)}
+        rows.sort(key=lambda values: order[values[0]])
     if len(rows) == wanted:
         return rows, None  # every free slot was filled; the loop claims again when one frees
     exhausted = blocked | {name for name, left in budgets.items() if left <= 0}
