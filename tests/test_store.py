@@ -16,9 +16,14 @@ from agentd.db import MIGRATIONS, SCHEMA_VERSION, WAL_SIZE_LIMIT, Store
 from agentd.errors import StoreError, StoreLockedError
 
 
-@pytest.fixture(params=["normal", "full"])
+# (synchronous, extensions): agentd.db is opened without extensions (the stdlib driver
+# where its SQLite is new enough), memory.db with them (sqlean).
+@pytest.fixture(params=[("normal", False), ("full", False), ("normal", True)],
+                ids=["normal-plain", "full-plain", "normal-extensions"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened = Store(tmp_path / "data" / "agentd.db", StoreConfig(synchronous=request.param))
+    synchronous, extensions = request.param
+    opened = Store(tmp_path / "data" / "agentd.db", StoreConfig(synchronous=synchronous),
+                   extensions=extensions)
     await opened.open()
     yield opened
     await opened.close()
@@ -90,6 +95,10 @@ async def test_foreign_keys_are_enforced(store: Store) -> None:
 
 
 async def test_sqlite_vec_is_loaded_on_both_connections(store: Store) -> None:
+    if not store.extensions:
+        with pytest.raises(db.Error, match="vec_version"):
+            await store.read_one("SELECT vec_version()")
+        return
     row = await store.read_one("SELECT vec_version() AS v, vec_length('[1, 2, 3]') AS n")
     assert row is not None
     assert row["v"].startswith("v")

@@ -47,6 +47,18 @@ def assert_error(body: Any, code: str) -> str:
 async def test_default_rules_keep_tokens_out_and_task_events_durable(start_daemon: Any) -> None:
     daemon, _ = await start_daemon()
     bus = daemon.bus
+    live = bus.subscribe("task.**", name="test.live")
+    # A task's queued and started events reach live subscribers but are not stored: its row
+    # holds the same facts. Its end is stored.
+    record = await daemon.queue.enqueue("agentd.purge_tasks")
+    final = await daemon.queue.wait(record.id, timeout=10)
+    assert final.status == "succeeded"
+    seen = [(await live.get()).topic for _ in range(3)]
+    assert seen == ["task.queued", "task.started", "task.succeeded"]
+    await daemon.eventlog.flush()
+    kept = await daemon.store.read(
+        "SELECT topic FROM events WHERE correlation_id = ? ORDER BY id", (str(record.id),))
+    assert [row["topic"] for row in kept] == ["task.succeeded"]
     token = bus.publish("x.token", {"task_id": 1, "text": "a"})
     llm_token = bus.publish("llm.token", {"task_id": 1, "text": "b"})
     progress = bus.publish("task.progress", {"task_id": 1})
@@ -60,8 +72,9 @@ async def test_default_rules_keep_tokens_out_and_task_events_durable(start_daemo
     assert stored[finished.id] == ("task.succeeded", 1)
     assert stored[nested.id] == ("task.child.queued", 1)
     assert stored[other.id] == ("news.new", 0)
-    assert [daemon.eventlog.persistence(t) for t in ("a.token", "task.progress", "task.x", "zzz")] == [
-        "ephemeral", "ring", "durable", "ring"]
+    assert [daemon.eventlog.persistence(t) for t in (
+        "a.token", "task.queued", "task.started", "task.progress", "task.x", "zzz")] == [
+        "ephemeral", "ephemeral", "ephemeral", "ring", "durable", "ring"]
     row = await daemon.store.read_one("SELECT * FROM events WHERE id = ?", (finished.id,))
     assert row is not None
     assert json.loads(row["data"]) == {"task_id": 1}
@@ -429,8 +442,13 @@ async def test_tokens_of_different_tasks_are_not_folded_together(start_daemon: A
 # --------------------------------------------------------------------------- task streams
 
 
+# Stores every task event, queued and started too (the default does not): what the replay
+# tests below replay.
+LOG_ALL_TASK_EVENTS = {"events": {"persistence": ["task.progress=ring", "task.**=durable", "**=ring"]}}
+
+
 async def test_a_run_does_not_depend_on_its_stream_connection(st: Any, http: Any) -> None:
-    daemon, events, module = await st()
+    daemon, events, module = await st(LOG_ALL_TASK_EVENTS)
     record = await daemon.queue.enqueue("st.wait_gate", {"name": "conn", "result": "finished"})
     async with http(daemon).get(f"/v1/tasks/{record.id}/stream") as response:
         sse = Sse(response)
@@ -446,7 +464,7 @@ async def test_a_run_does_not_depend_on_its_stream_connection(st: Any, http: Any
 
 
 async def test_a_task_stream_has_its_children_and_ends_after_its_final_event(st: Any, http: Any) -> None:
-    daemon, _, module = await st()
+    daemon, _, module = await st(LOG_ALL_TASK_EVENTS)
     client = http(daemon)
     record = await daemon.queue.enqueue("st.parent", {"name": "kid"})
     async with client.get(f"/v1/tasks/{record.id}/stream") as response:
@@ -513,7 +531,7 @@ async def test_a_task_stream_of_an_unknown_task_is_a_404(start_daemon: Any, http
 
 
 async def test_a_task_stream_resumed_from_before_the_horizon_starts_with_a_gap(st: Any, http: Any) -> None:
-    daemon, _, _ = await st({"events": {"retention": 0}})
+    daemon, _, _ = await st({"events": {**LOG_ALL_TASK_EVENTS["events"], "retention": 0}})
     record = await daemon.queue.enqueue("st.echo", {"value": 1})
     await daemon.queue.wait(record.id, timeout=FRAME_TIMEOUT)
     client = http(daemon)

@@ -50,7 +50,7 @@ class Daemon:
         check_serving_rules(config)
         self.config = config
         self.notifier = notifier or Notifier()
-        self.store = Store(config.database_path, config.store)
+        self.store = Store(config.database_path, config.store, extensions=False)
         self.bus = Bus()
         self.spawner = Spawner(
             self.bus, config.daemon.handler_concurrency, config.daemon.handler_backlog

@@ -77,8 +77,11 @@ PERSISTENCE_CLASSES = ("ephemeral", "ring", "durable")
 class EventsConfig:
     """[events]: which events the event log keeps (first matching rule wins) and how long."""
 
+    # task.queued and task.started repeat what the task's row records (created_at,
+    # started_at, attempts); logging them was two of the three event rows every task wrote.
     persistence: tuple[str, ...] = (
-        "*.token=ephemeral", "task.progress=ring", "task.**=durable", "**=ring",
+        "*.token=ephemeral", "task.queued=ephemeral", "task.started=ephemeral",
+        "task.progress=ring", "task.**=durable", "**=ring",
     )
     ring_size: int = 10_000
     ring_seconds: float = 3600.0
