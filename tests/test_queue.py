@@ -106,6 +106,35 @@ async def test_failing_attempts_back_off_then_go_dead_and_can_be_requeued(qt: An
     assert (await daemon.queue.wait(record.id, timeout=5)).attempts == 3
 
 
+async def test_every_status_is_listed_and_counted_through_an_index(qt: Any) -> None:
+    daemon, _, module = await qt()
+    ok = await daemon.queue.enqueue("qt.echo", {"value": 1})
+    failed = await daemon.queue.enqueue("qt.fail_now")
+    dead = await daemon.queue.enqueue("qt.always_fails")
+    running = await daemon.queue.enqueue("qt.wait_gate", {"name": "listed"})
+    queued = await daemon.queue.enqueue("qt.echo", delay=3600)
+    cancelled = await daemon.queue.enqueue("qt.echo", delay=3600)
+    await daemon.queue.cancel(cancelled.id)
+    for record in (ok, failed, dead):
+        await daemon.queue.wait(record.id, timeout=5)
+    await asyncio.wait_for(module.gate("started:listed").wait(), 5)
+    expected = {"succeeded": ok, "failed": failed, "dead": dead, "running": running,
+                "queued": queued, "cancelled": cancelled}
+    for status, record in expected.items():
+        assert [t.id for t in await daemon.queue.list(status=status)] == [record.id], status
+        assert [t.id for t in await daemon.queue.list(status=status, name=record.name)] == [record.id]
+        assert await daemon.queue.list(status=status, before_id=record.id) == []
+    assert await daemon.queue.counts() == dict.fromkeys(expected, 1)
+    # The rare statuses are found through an index, not by reading every task.
+    for sql in ("SELECT id FROM tasks WHERE status IN ('failed', 'dead', 'cancelled') AND status = ? "
+                "ORDER BY id DESC", "SELECT id FROM tasks INDEXED BY tasks_running "
+                "WHERE status = 'running' AND status = ? ORDER BY id DESC"):
+        plan = " ".join(row[3] for row in await daemon.store.read(f"EXPLAIN QUERY PLAN {sql}", ("dead",)))
+        assert "USING INDEX" in plan or "USING COVERING INDEX" in plan, plan
+    module.gate("listed").set()
+    await daemon.queue.wait(running.id, timeout=5)
+
+
 async def test_retry_raised_by_the_task_waits_its_delay(qt: Any) -> None:
     daemon, events, _ = await qt()
     record = await daemon.queue.enqueue("qt.retry_later", {"delay": 0.3})
