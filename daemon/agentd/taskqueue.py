@@ -40,7 +40,8 @@ from agentd.taskdef import TaskRegistry, encode_json
 FINAL_STATES = frozenset({"succeeded", "failed", "dead", "cancelled"})
 STATES = frozenset({"queued", "running"}) | FINAL_STATES
 REQUEUEABLE = frozenset({"failed", "dead", "cancelled"})
-UNSUCCESSFUL = frozenset({"failed", "dead", "cancelled"})  # the statuses tasks_unsuccessful holds
+# Final states that always carry an error: listed through tasks_unsuccessful.
+UNSUCCESSFUL = frozenset({"failed", "dead", "cancelled"})
 
 _COLUMNS = (
     "queue, name, args, status, priority, run_at, max_attempts, timeout, "
@@ -327,7 +328,7 @@ class TaskQueue:
         clauses: list[str] = []
         params: list[Any] = []
         if status in UNSUCCESSFUL:
-            clauses.append("status IN ('failed', 'dead', 'cancelled')")
+            clauses.append("error IS NOT NULL")
         elif status == "running":
             indexed_by = "INDEXED BY tasks_running"
             clauses.append("status = 'running'")
@@ -484,7 +485,7 @@ _COUNTS = """
 SELECT 'queued', count(*) FROM tasks INDEXED BY tasks_claim WHERE status = 'queued'
 UNION ALL SELECT 'running', count(*) FROM tasks INDEXED BY tasks_running WHERE status = 'running'
 UNION ALL SELECT status, count(*) FROM tasks INDEXED BY tasks_unsuccessful
-    WHERE status IN ('failed', 'dead', 'cancelled') GROUP BY status
+    WHERE error IS NOT NULL AND status IN ('failed', 'dead', 'cancelled') GROUP BY status
 UNION ALL SELECT 'all', count(*) FROM tasks
 """
 
