@@ -417,3 +417,142 @@ async def test_an_expired_lease_nobody_renews_is_taken_back(qt: Any) -> None:
     recovered = await events.wait_for("task.queued", task_id=record.id, recovered=True)
     assert recovered.data["status"] == "queued"
     assert await daemon.queue.result(record.id, timeout=5) == "orphan"
+
+
+# --------------------------------------------------------------------------- claiming ahead
+
+
+async def until(condition: Any, timeout: float = 5.0) -> None:
+    """Wait for `await condition()` to be true: a claim ahead publishes no event."""
+
+    async def poll() -> None:
+        while not await condition():  # noqa: ASYNC110 - a claim publishes no event to wait on
+            await asyncio.sleep(0)  # yield to the claim loop and the store's flush
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def hold_one_worker_with_quick_tasks_waiting(
+    qt: Any, **options: Any
+) -> tuple[Any, Any, Any, list[int]]:
+    """One worker, made to see short tasks, then held by a gated task while five quick
+    tasks are queued; returns the daemon, its events, the plugin and the quick tasks' ids."""
+    daemon, events, module = await qt(workers={"default": 1}, **options)
+    warm = await daemon.queue.enqueue_many([TaskRequest("qt.echo", {"value": i}) for i in range(10)])
+    for outcome in warm:
+        await daemon.queue.wait(outcome.task.id, timeout=5)
+    await daemon.queue.enqueue("qt.wait_gate", {"name": "hold"})
+    await asyncio.wait_for(module.gate("started:hold").wait(), 5)
+    quick = await daemon.queue.enqueue_many([TaskRequest("qt.echo", {"value": i}) for i in range(5)])
+    return daemon, events, module, [outcome.task.id for outcome in quick]
+
+
+async def running_ids(daemon: Any, ids: list[int]) -> set[int]:
+    return {t.id for t in await daemon.queue.list(status="running", limit=100) if t.id in ids}
+
+
+async def test_short_tasks_are_claimed_ahead_of_free_slots_and_run_in_order(qt: Any) -> None:
+    daemon, events, module, quick = await hold_one_worker_with_quick_tasks_waiting(qt, claim_ahead=3)
+
+    async def three_claimed() -> bool:
+        return await running_ids(daemon, quick) == set(quick[:3])
+
+    # One worker, claim_ahead 3: three more are claimed (leased, running) though none started.
+    await until(three_claimed)
+    assert daemon.workers.claimed_ahead == 3
+    assert not [e for e in events.events if e.topic == "task.started" and e.data["task_id"] in quick]
+    module.gate("hold").set()
+    for task_id in quick:
+        assert (await daemon.queue.wait(task_id, timeout=5)).attempts == 1
+    started = [e.data["task_id"] for e in events.events
+               if e.topic == "task.started" and e.data["task_id"] in quick]
+    assert started == quick  # claim order is kept
+
+
+async def test_long_tasks_are_never_claimed_ahead(qt: Any) -> None:
+    daemon, _, module = await qt(workers={"default": 1}, claim_ahead=3)
+
+    async def nothing_claimed_ahead(ids: list[int]) -> None:
+        # A barrier: the claim loop, woken by the enqueue, has claimed by the time two more
+        # transactions have committed; the tasks must still be queued.
+        await daemon.store.write(lambda conn: None)
+        await daemon.store.write(lambda conn: None)
+        assert await running_ids(daemon, ids) == set()
+        assert daemon.workers.claimed_ahead == 0
+
+    async def held_while_queued(name: str) -> list[int]:
+        await daemon.queue.enqueue("qt.wait_gate", {"name": name})
+        await asyncio.wait_for(module.gate(f"started:{name}").wait(), 5)
+        waiting = await daemon.queue.enqueue_many([TaskRequest("qt.echo", {"value": i}) for i in range(3)])
+        ids = [outcome.task.id for outcome in waiting]
+        await nothing_claimed_ahead(ids)
+        module.gate(name).set()
+        for task_id in ids:
+            await daemon.queue.wait(task_id, timeout=5)
+        return ids
+
+    # A queue that has not yet run a task does not know its tasks are short.
+    await held_while_queued("unproven")
+    # Short tasks turn claiming ahead on (the tests above); one run of 0.4 s turns it off.
+    warm = await daemon.queue.enqueue_many([TaskRequest("qt.echo", {"value": i}) for i in range(10)])
+    for outcome in warm:
+        await daemon.queue.wait(outcome.task.id, timeout=5)
+    slow = await daemon.queue.enqueue("qt.too_slow", timeout=0.4)
+    assert (await daemon.queue.wait(slow.id, timeout=5)).status == "dead"
+    await held_while_queued("after-a-long-one")
+
+
+async def test_a_task_claimed_ahead_can_be_cancelled_and_never_runs(qt: Any) -> None:
+    daemon, events, module, quick = await hold_one_worker_with_quick_tasks_waiting(qt, claim_ahead=3)
+
+    async def claimed() -> bool:
+        return quick[1] in await running_ids(daemon, quick)
+
+    await until(claimed)
+    await daemon.queue.cancel(quick[1])
+    final = await daemon.queue.wait(quick[1], timeout=5)
+    assert (final.status, final.error) == ("cancelled", "cancelled")
+    module.gate("hold").set()
+    for task_id in quick:
+        await daemon.queue.wait(task_id, timeout=5)
+    assert ("echo", quick[1]) not in module.STARTED
+    assert daemon.workers.claimed_ahead == 0
+    await events.wait_for("task.cancelled", task_id=quick[1])
+
+
+async def test_stopping_puts_tasks_claimed_ahead_back_with_their_attempt_unspent(
+    qt: Any, tmp_path: Path
+) -> None:
+    daemon, _, _, quick = await hold_one_worker_with_quick_tasks_waiting(
+        qt, claim_ahead=3, state_dir=tmp_path / "ahead", stop_timeout=0.2)
+
+    async def three_claimed() -> bool:
+        return len(await running_ids(daemon, quick)) == 3
+
+    await until(three_claimed)
+    await daemon.stop()
+    with sqlite3.connect(daemon.store.path) as conn:
+        rows = conn.execute(
+            f"SELECT status, attempts, lease_until FROM tasks WHERE id IN ({','.join('?' * len(quick))})",
+            quick).fetchall()
+    assert rows == [("queued", 0, None)] * len(quick)
+
+
+async def test_the_heartbeat_renews_the_leases_of_tasks_claimed_ahead(qt: Any) -> None:
+    daemon, _, module, quick = await hold_one_worker_with_quick_tasks_waiting(qt, claim_ahead=3, lease=0.3)
+
+    async def three_claimed() -> bool:
+        return len(await running_ids(daemon, quick)) == 3
+
+    await until(three_claimed)
+    first = (await daemon.queue.get(quick[0])).started_at
+    assert first is not None
+
+    async def renewed() -> bool:
+        row = await daemon.store.read_one("SELECT lease_until FROM tasks WHERE id = ?", (quick[0],))
+        return row is not None and row["lease_until"] > first + 0.35
+
+    # Renewed, not taken back as an orphan: it runs once, in its first attempt.
+    await until(renewed)
+    module.gate("hold").set()
+    assert (await daemon.queue.wait(quick[0], timeout=5)).attempts == 1

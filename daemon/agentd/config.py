@@ -65,6 +65,7 @@ class TasksConfig:
     retry_base: float = 2.0
     retry_max: float = 600.0
     lease: float = 60.0
+    claim_ahead: int = 3
     result_ttl: float = 604800.0
     idempotency_window: float = 86400.0
     purge_interval: float = 300.0

@@ -5,6 +5,14 @@ Slots. A queue has `workers` slots. A claim takes as many queued tasks as there 
 slots in one transaction. A task waiting for its children (`ctx.call`) gives its slot back
 and takes one again, ahead of new claims, once they are done: one worker is enough for a
 parent and its children.
+
+Claiming ahead. A claim, an acknowledgement and a commit cost per transaction, and a
+transaction holds what is in flight: with 8 slots, 8 tasks. While a queue's tasks run
+shorter than `SHORT_TASK` on average, a claim also takes up to `claim_ahead` x workers
+tasks beyond its free slots; they wait in memory (leased, `running` in the table, no
+`task.started` yet) and start as slots free, without waiting for a claim. Long tasks are
+never claimed ahead: a claimed task would show as running while it waits behind them,
+and would wait long (Celery's prefetch problem).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import json
 import random
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -31,15 +39,21 @@ from agentd.taskqueue import RECORD_COLUMNS, TaskQueue, TaskRecord
 
 _LOG = get_logger("worker")
 
+# A queue claims ahead while its tasks' average run (an exponential moving average,
+# weight `_RUN_WEIGHT` on the newest) is below this many seconds.
+SHORT_TASK = 0.05
+_RUN_WEIGHT = 0.2
+
 
 class Slots:
     """A queue's worker slots; waiters to re-take a slot go before new claims."""
 
-    def __init__(self, capacity: int, wake: asyncio.Event) -> None:
+    def __init__(self, capacity: int, wake: asyncio.Event, hand_on: Callable[[Slots], bool]) -> None:
         self.capacity = capacity
         self.used = 0
         self._retakers: deque[asyncio.Future[None]] = deque()
         self._wake = wake
+        self._hand_on = hand_on  # starts a task claimed ahead in a freed slot; False if none
 
     @property
     def free(self) -> int:
@@ -51,6 +65,8 @@ class Slots:
             if not retaker.done():
                 retaker.set_result(None)  # the slot passes straight to a waiting parent
                 return
+        if self._hand_on(self):
+            return  # a task claimed ahead took the slot over
         self.used -= 1
         self._wake.set()
 
@@ -79,11 +95,15 @@ class WorkerPool:
         self.config = config
         self._plugin_configs = plugin_configs
         self._wakes = {name: asyncio.Event() for name in config.queues}
-        self._slots = {name: Slots(n, self._wakes[name]) for name, n in config.queues.items()}
+        self._slots = {name: Slots(n, self._wakes[name], partial(self._hand_on, name))
+                       for name, n in config.queues.items()}
+        self._ahead: dict[str, deque[TaskRecord]] = {name: deque() for name in config.queues}
+        self._mean_run = dict.fromkeys(config.queues, SHORT_TASK * 2)  # unproven: not short
         self.services = services
         self.running: dict[int, asyncio.Task[None]] = {}
         self._running_by_name: dict[str, int] = {}
         self._cancelling: set[int] = set()
+        self._settling: set[asyncio.Task[None]] = set()  # cancellations of tasks claimed ahead
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
         self._acks = BatchedWrite(store, _write_acks)
@@ -99,7 +119,8 @@ class WorkerPool:
         self._loops.append(loop.create_task(self._heartbeat(), name="task-heartbeat"))
 
     async def stop(self, deadline: float) -> None:
-        """Stop claiming; let running tasks finish for `deadline` s, then requeue the rest."""
+        """Stop claiming; let running tasks finish for `deadline` s, then requeue the rest.
+        Tasks claimed ahead go back to the queue as they were, their attempt not spent."""
         self._stopping = True
         for task in self._loops:
             task.cancel()
@@ -110,6 +131,17 @@ class WorkerPool:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*self._settling, return_exceptions=True)
+        unstarted = [record.id for ahead in self._ahead.values() for record in ahead]
+        for ahead in self._ahead.values():
+            ahead.clear()
+        if unstarted:
+            await self.store.write(partial(_unclaim, task_ids=unstarted))
+
+    @property
+    def claimed_ahead(self) -> int:
+        """Tasks claimed and waiting in memory for a slot."""
+        return sum(map(len, self._ahead.values()))
 
     def wake(self, queue: str) -> None:
         wake = self._wakes.get(queue)
@@ -121,21 +153,45 @@ class WorkerPool:
         if task is not None:
             self._cancelling.add(task_id)
             task.cancel()
+            return
+        for ahead in self._ahead.values():
+            record = next((r for r in ahead if r.id == task_id), None)
+            if record is not None:
+                ahead.remove(record)
+                self._release_name(record)
+                task = asyncio.get_running_loop().create_task(
+                    self._settle(record, _Outcome("cancelled", error="cancelled")),
+                    name=f"cancel:{record.name}:{record.id}")
+                self._settling.add(task)
+                task.add_done_callback(self._settling.discard)
+                return
 
     # -- claiming --------------------------------------------------------------------------
 
     async def _claim_loop(self, queue: str) -> None:
-        wake, slots = self._wakes[queue], self._slots[queue]
+        wake, slots, ahead = self._wakes[queue], self._slots[queue], self._ahead[queue]
         while True:
             wake.clear()
             next_at: float | None = None
-            if slots.free:
+            room = 0
+            if self._mean_run[queue] < SHORT_TASK:
+                room = max(0, self.config.claim_ahead * slots.capacity - len(ahead))
+            if slots.free + room:
                 blocked, budgets = self._limits()
                 rows, next_at = await self.store.write(partial(
-                    _claim, queue=queue, wanted=slots.free, blocked=blocked, budgets=budgets,
+                    _claim, queue=queue, wanted=slots.free + room, blocked=blocked, budgets=budgets,
                     lease=self.config.lease))
                 for values in rows:
-                    self._start(TaskRecord.from_values(values), slots)
+                    record = TaskRecord.from_values(values)
+                    definition = self._take_name(record)
+                    if slots.free and not ahead:
+                        slots.used += 1
+                        self._start(record, definition, slots)
+                    else:
+                        ahead.append(record)
+                while slots.free and ahead:  # slots freed while the claim was committing
+                    slots.used += 1
+                    self._hand_on_one(queue, slots)
                 if rows and slots.free:
                     continue  # there may be more claimable work right now
             timeout = None if next_at is None else max(0.0, next_at - time.time())
@@ -171,15 +227,37 @@ class WorkerPool:
 
     # -- running ---------------------------------------------------------------------------
 
-    def _start(self, record: TaskRecord, slots: Slots) -> None:
-        slots.used += 1
+    def _take_name(self, record: TaskRecord) -> TaskDef | None:
+        """Count a claimed task against its name's concurrency and rate limits."""
         definition = self.registry.find(record.name)
         if definition is not None and definition.rate is not None:
             definition.rate.take()
         self._running_by_name[record.name] = self._running_by_name.get(record.name, 0) + 1
+        return definition
+
+    def _release_name(self, record: TaskRecord) -> None:
+        self._running_by_name[record.name] -= 1
+        definition = self.registry.find(record.name)
+        if definition is not None and definition.concurrency is not None:
+            self.wake(record.queue)
+
+    def _start(self, record: TaskRecord, definition: TaskDef | None, slots: Slots) -> None:
+        """Run `record` in a slot already counted as used."""
         task = asyncio.get_running_loop().create_task(
             self._run(record, definition, slots), name=f"task:{record.name}:{record.id}")
         self.running[record.id] = task
+
+    def _hand_on(self, queue: str, slots: Slots) -> bool:
+        """Slots.release hook: start the next task claimed ahead in the slot being freed."""
+        if self._stopping or not self._ahead[queue]:
+            return False
+        self._hand_on_one(queue, slots)
+        return True
+
+    def _hand_on_one(self, queue: str, slots: Slots) -> None:
+        record = self._ahead[queue].popleft()
+        self._start(record, self.registry.find(record.name), slots)
+        self._wakes[queue].set()  # claim again: what was ahead is shrinking
 
     async def _run(self, record: TaskRecord, definition: TaskDef | None, slots: Slots) -> None:
         plugin_config = self._plugin_configs.get(definition.plugin or "", {}) if definition else {}
@@ -187,8 +265,11 @@ class WorkerPool:
                   else self.services.llm.config.token_budget)
         ctx = Context(record, self.queue, slots, plugin_config, self.services, token_budget=budget)
         self.queue.publish("task.started", record, attempt=record.attempts)
+        began = time.monotonic()
         try:
             outcome = await self._execute(record, definition, ctx)
+            mean = self._mean_run[record.queue]
+            self._mean_run[record.queue] = mean + _RUN_WEIGHT * (time.monotonic() - began - mean)
             # Free the slot before the acknowledgement commits, so the next claim shares
             # its transaction. The row stays `running` until then: nothing can be lost.
             ctx.close()
@@ -202,9 +283,7 @@ class WorkerPool:
                 slots.release()
             self.running.pop(record.id, None)
             self._cancelling.discard(record.id)
-            self._running_by_name[record.name] -= 1
-            if definition is not None and definition.concurrency is not None:
-                self.wake(record.queue)
+            self._release_name(record)
 
     async def _execute(self, record: TaskRecord, definition: TaskDef | None, ctx: Context) -> _Outcome:
         try:
@@ -289,8 +368,9 @@ class WorkerPool:
         interval = self.config.lease / 3
         while True:
             await asyncio.sleep(interval)
+            ours = [*self.running, *(record.id for ahead in self._ahead.values() for record in ahead)]
             recovered = await self.store.write(partial(
-                _renew, running=list(self.running), lease_until=time.time() + self.config.lease,
+                _renew, running=ours, lease_until=time.time() + self.config.lease,
                 ttl=self.config.result_ttl, expired_only=True))
             self._publish_recovered(recovered)
 
@@ -384,6 +464,14 @@ def _claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budg
         f"{exclude}",
         (queue, *exhausted)).fetchone()[0]
     return rows, next_at
+
+
+def _unclaim(conn: Connection, *, task_ids: list[int]) -> None:
+    """Put tasks claimed ahead but never started back in the queue, their attempt unspent."""
+    conn.execute(
+        f"UPDATE tasks SET status = 'queued', attempts = attempts - 1, started_at = NULL, "
+        f"lease_until = NULL WHERE status = 'running' AND id IN ({','.join('?' * len(task_ids))})",
+        task_ids)
 
 
 def _renew(conn: Connection, *, running: list[int], lease_until: float, ttl: float,
