@@ -105,6 +105,7 @@ class WorkerPool:
         self._cancelling: set[int] = set()
         self._settling: set[asyncio.Task[None]] = set()  # cancellations of tasks claimed ahead
         self._loops: list[asyncio.Task[None]] = []
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._acks = BatchedWrite(store, _write_acks)
         queue.on_work(self.wake)
@@ -116,14 +117,19 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         for name in self.config.queues:
             self._loops.append(loop.create_task(self._claim_loop(name), name=f"claim:{name}"))
-        self._loops.append(loop.create_task(self._heartbeat(), name="task-heartbeat"))
+        self._heartbeat_task = loop.create_task(self._heartbeat(), name="task-heartbeat")
+        self._loops.append(self._heartbeat_task)
 
     async def stop(self, deadline: float) -> None:
         """Stop claiming; let running tasks finish for `deadline` s, then requeue the rest.
         Tasks claimed ahead go back to the queue as they were, their attempt not spent."""
         self._stopping = True
-        for task in self._loops:
-            task.cancel()
+        # Claim loops are woken to end rather than cancelled: a claim already submitted
+        # commits whatever happens to its caller, and its rows must not be left running.
+        for wake in self._wakes.values():
+            wake.set()
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops.clear()
         if self.running:
@@ -170,7 +176,7 @@ class WorkerPool:
 
     async def _claim_loop(self, queue: str) -> None:
         wake, slots, ahead = self._wakes[queue], self._slots[queue], self._ahead[queue]
-        while True:
+        while not self._stopping:
             wake.clear()
             next_at: float | None = None
             room = 0
@@ -184,11 +190,13 @@ class WorkerPool:
                 for values in rows:
                     record = TaskRecord.from_values(values)
                     definition = self._take_name(record)
-                    if slots.free and not ahead:
+                    if slots.free and not ahead and not self._stopping:
                         slots.used += 1
                         self._start(record, definition, slots)
                     else:
                         ahead.append(record)
+                if self._stopping:
+                    return  # what this claim took goes back to the queue with the rest of `ahead`
                 while slots.free and ahead:  # slots freed while the claim was committing
                     slots.used += 1
                     self._hand_on_one(queue, slots)
