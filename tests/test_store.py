@@ -202,6 +202,35 @@ async def test_writes_of_one_tick_share_one_transaction(store: Store) -> None:
         observer.close()
 
 
+async def test_batched_values_are_written_by_one_op_per_transaction(store: Store) -> None:
+    await create_table(store)
+    calls: list[list[int]] = []
+
+    def write_values(conn: db.Connection, values: list[int]) -> None:
+        calls.append(list(values))
+        conn.executemany("INSERT INTO t (id) VALUES (?)", [(v,) for v in values])
+
+    batched: db.BatchedWrite[int] = db.BatchedWrite(store, write_values)
+    first = [batched.add(i) for i in range(5)]
+    assert len(set(map(id, first))) == 1  # one future for the batch
+    await asyncio.gather(*first)
+    # Added after that batch was taken: the next transaction, its own future.
+    later = batched.add(5)
+    assert later is not first[0]
+    await later
+    assert calls == [[0, 1, 2, 3, 4], [5]]
+    assert await count(store) == 6
+    # A batch that fails fails every value's future, and nothing of it is written.
+    doomed = [batched.add(7), batched.add(7)]
+    with pytest.raises(db.IntegrityError):
+        await doomed[0]
+    assert await count(store) == 6
+    # Values held when the store closes are written before it does.
+    pending = batched.add(8)
+    await store.close()
+    assert pending.done() and pending.exception() is None
+
+
 async def test_a_failing_op_fails_alone(store: Store) -> None:
     await create_table(store)
 

@@ -246,7 +246,7 @@ class Store:
             await self._flushing
         for rider in self._riders:  # values riders hold join the last batch
             rider()
-        if self._executor is not None and self._pending:
+        if self._executor is not None:
             await self._flush_threaded()
         while self._pending and self._executor is None:
             self._flush_inline()
@@ -394,9 +394,11 @@ class Store:
     async def _flush_threaded(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while self._pending:
+            while True:
                 self._flush_scheduled = False
-                batch = self._take_batch()
+                batch = self._take_batch()  # riders add theirs here: `_pending` may be empty before
+                if not batch:
+                    break
                 outcomes = await loop.run_in_executor(
                     self._executor, self._run_batch, [op for op, _ in batch]
                 )
