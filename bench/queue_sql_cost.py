@@ -1,13 +1,16 @@
 """What SQLite itself costs per task in the queue's processing loop, outside the daemon.
 
-    python3 bench/queue_sql_cost.py [--tasks 20000] [--batch 8] [--drop-index NAME ...]
+    python3 bench/queue_sql_cost.py [--tasks 20000] [--batch 16] [--events final|all]
+                                    [--drop-index NAME ...]
 
-Builds agentd's schema (its own migrations) in a temporary file, queues `--tasks` rows, then
-replays the processing loop's statements as the daemon issues them in one transaction per
-batch: the claim (a SELECT on tasks_claim and an UPDATE ... RETURNING of `--batch` rows),
-one ack UPDATE per task, the event log's three rows per task (queued, started, succeeded),
-and the commit (synchronous = NORMAL, WAL). Prints µs per task for each part, so a schema
-change (e.g. `--drop-index tasks_running`) can be weighed before it is made.
+Builds agentd's schema (its own migrations) in a temporary file with the driver agentd.db
+uses, queues `--tasks` rows, then replays the processing loop's statements as the daemon
+issues them in one transaction per batch: the claim (a SELECT on tasks_claim and an UPDATE
+... RETURNING of `--batch` rows), the batch's acks (one executemany), the event log's rows
+(by default one per task, its final event; `--events all`: queued, started and final),
+and the commit (synchronous = NORMAL, WAL). `--batch` 16 is what a claim with 8 workers and
+claim-ahead puts in a transaction on the reference machine. Prints µs per task for each
+part, so a schema change (e.g. `--drop-index tasks_running`) can be weighed before it is made.
 """
 
 from __future__ import annotations
@@ -19,22 +22,27 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from agentd.db import driver
+from agentd.db import plain_driver
+from agentd.taskqueue import RECORD_COLUMNS
+from agentd.worker import ACK_STATEMENT
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=20_000)
-    parser.add_argument("--batch", type=int, default=8, help="tasks per transaction (worker slots)")
+    parser.add_argument("--batch", type=int, default=16, help="tasks per transaction")
+    parser.add_argument("--events", choices=("final", "all"), default="final",
+                        help="event-log rows per task: the final event (default) or all three")
     parser.add_argument("--drop-index", action="append", default=[], metavar="NAME")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="agentd-sqlcost-") as tmp:
-        print(json.dumps({"bench": "queue_sql_cost", "tasks": args.tasks, "batch": args.batch,
-                          "dropped": args.drop_index, **measure(Path(tmp) / "t.db", args)}))
+        figures = measure(Path(tmp) / "t.db", args)
+    print(json.dumps({"bench": "queue_sql_cost", "tasks": args.tasks, "batch": args.batch,
+                      "events": args.events, "dropped": args.drop_index, **figures}))
 
 
 def measure(path: Path, args: argparse.Namespace) -> dict[str, float]:
-    conn = driver.connect(str(path), isolation_level=None)
+    conn = plain_driver.connect(str(path), isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA wal_autocheckpoint = 0")  # as the daemon: checkpoints are its own
@@ -52,6 +60,9 @@ def measure(path: Path, args: argparse.Namespace) -> dict[str, float]:
     conn.execute("COMMIT")
     spent = {"claim": 0.0, "ack": 0.0, "event_log": 0.0, "commit": 0.0}
     event_id, done, batches = 10**15, 0, 0
+    topics = ("task.succeeded",)
+    if args.events == "all":
+        topics = ("task.queued", "task.started", "task.succeeded")
     while done < args.tasks:
         conn.execute("BEGIN")
         t0 = time.perf_counter()
@@ -59,19 +70,19 @@ def measure(path: Path, args: argparse.Namespace) -> dict[str, float]:
             "SELECT id FROM tasks INDEXED BY tasks_claim WHERE status = 'queued' AND queue = ? "
             "AND run_at <= ? ORDER BY priority DESC, run_at, id LIMIT ?",
             ("default", time.time(), args.batch)).fetchall()]
-        conn.execute(
+        claim = conn.cursor()
+        claim.row_factory = None
+        claim.execute(
             f"UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?, "
-            f"lease_until = ? WHERE id IN ({','.join('?' * len(ids))}) RETURNING *",
+            f"lease_until = ? WHERE id IN ({','.join('?' * len(ids))}) RETURNING {RECORD_COLUMNS}",
             (now, now + 60, *ids)).fetchall()
         t1 = time.perf_counter()
-        for task_id in ids:
-            conn.execute(
-                "UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?, expires_at = ?, "
-                "lease_until = NULL WHERE id = ?", ("succeeded", "null", None, now, now + 3600, task_id))
+        conn.executemany(ACK_STATEMENT, [("succeeded", "null", None, now, now + 3600, task_id)
+                                         for task_id in ids])
         t2 = time.perf_counter()
         rows = []
         for task_id in ids:
-            for topic in ("task.queued", "task.started", "task.succeeded"):
+            for topic in topics:
                 event_id += 1
                 data = {"task_id": task_id, "name": "bench.noop", "queue": "default", "status": topic[5:]}
                 rows.append((event_id, topic, now, json.dumps(data, separators=(",", ":")),

@@ -422,14 +422,14 @@ class _Outcome:
     value: Any = None
 
 
-_ACK = ("UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?, expires_at = ?, "
+ACK_STATEMENT = ("UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?, expires_at = ?, "
         "lease_until = NULL WHERE id = ?")
 
 
 def _write_acks(conn: Connection, acks: list[tuple[Any, ...]]) -> None:
     """The final states of the attempts that ended since the last transaction: one
     statement for all of them."""
-    conn.executemany(_ACK, acks)
+    conn.executemany(ACK_STATEMENT, acks)
 
 
 def _claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budgets: dict[str, int],
