@@ -159,6 +159,8 @@ def noop_figures(n: int, concurrent: dict[str, Any], backlog: dict[str, Any]) ->
         "tail_s": round(concurrent["last_done"] - concurrent["all_enqueued"], 3),
         "enqueue_rate_idle": round(n / idle_enqueue_s),
         "cpu_us_per_task": round(cpu_s / n * 1e6, 1),
+        **({"tasks_per_transaction": round(n / concurrent["transactions"], 1)}
+           if concurrent.get("transactions") else {}),
     }
 
 
@@ -262,6 +264,7 @@ def agentd_noop(n: int, enqueue: str, *, hold: bool) -> Scenario:
         subs += [daemon.bus.subscribe(t, finished, name="bench.finished")
                  for t in ("task.succeeded", "task.failed", "task.dead", "task.cancelled")]
         delay = HOLD if hold else None
+        transactions0 = getattr(daemon.store, "transactions", None)  # None: an agentd before it
         cpu0 = time.process_time()
         first_enqueue = time.perf_counter()
         if enqueue == "batch":
@@ -283,12 +286,14 @@ def agentd_noop(n: int, enqueue: str, *, hold: bool) -> Scenario:
             daemon.queue.notify_work("default")
         await done.wait()
         cpu_s = time.process_time() - cpu0
+        transactions = None if transactions0 is None else daemon.store.transactions - transactions0
         for sub in subs:
             sub.unsubscribe()
         if state["bad"]:
             raise RuntimeError(f"{state['bad']} of {n} no-op tasks did not succeed")
         return {"first_enqueue": first_enqueue, "all_enqueued": all_enqueued,
-                "first_start": state["first_start"], "last_done": state["last_done"], "cpu_s": cpu_s}
+                "first_start": state["first_start"], "last_done": state["last_done"], "cpu_s": cpu_s,
+                "transactions": transactions}
 
     return scenario
 

@@ -71,6 +71,7 @@ async def test_status(start_daemon: Any, http: Any, tmp_path: Path) -> None:
     assert (store["path"], store["schema_version"], store["synchronous"]) == (
         str(tmp_path / "data" / "agentd.db"), SCHEMA_VERSION, "normal")
     assert store["bytes"] >= 4096 and store["wal_bytes"] >= 0  # pages may still be in the WAL
+    assert store["transactions"] >= 1  # at least the schedules' registration
     # Four rows: the built-in maintenance schedules.
     assert store["tasks_rows"] == 0 and store["events_rows"] >= 0 and store["schedules_rows"] == 4
     assert body["bus"]["published"] >= 2  # daemon.started and some.event

@@ -213,6 +213,7 @@ class Store:
         self._executor: ThreadPoolExecutor | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._riders: list[Callable[[], None]] = []
+        self.transactions = 0  # write transactions committed since open: how well writes group
 
     async def open(self) -> None:
         """Take the lock, open the connections and migrate. Raises StoreError."""
@@ -348,6 +349,7 @@ class Store:
             "(SELECT freelist_count FROM pragma_freelist_count) AS free")
         wal = self.path.with_name(self.path.name + "-wal")
         out = {
+            "transactions": self.transactions,
             "bytes": row["pages"] * row["page_size"] if row is not None else 0,
             "free_pages": row["free"] if row is not None else 0,
             "wal_bytes": wal.stat().st_size if wal.exists() else 0,
@@ -417,6 +419,7 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             results = [op(conn) for op in ops]
             conn.execute("COMMIT")
+            self.transactions += 1
             return [(True, result) for result in results]
         except Exception as exc:
             if conn.in_transaction:
