@@ -7,6 +7,7 @@ import asyncio
 import shutil
 import sqlite3
 import sys
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -556,3 +557,42 @@ async def test_the_heartbeat_renews_the_leases_of_tasks_claimed_ahead(qt: Any) -
     await until(renewed)
     module.gate("hold").set()
     assert (await daemon.queue.wait(quick[0], timeout=5)).attempts == 1
+
+
+async def test_a_claim_committing_as_the_workers_stop_is_put_back(
+    start_daemon: Any, qt_dir: Path
+) -> None:
+    """Stop used to cancel a claim loop waiting for its claim to commit: the claim committed
+    anyway and its rows stayed `running`, with an attempt spent, until the next start."""
+    daemon, _ = await start_daemon(plugin_dirs=[qt_dir], overrides={
+        "store": {"synchronous": "full"},  # writes run in a thread the test can hold
+        "tasks": {"queues": {"default": 1}, "claim_ahead": 0}})
+    record = await daemon.queue.enqueue("qt.echo", {"value": 1}, delay=3600)
+    # A trigger records every status the row takes, so the claim is seen to have happened.
+    await daemon.store.write(lambda conn: conn.execute("CREATE TABLE seen (status TEXT)"))
+    await daemon.store.write(lambda conn: conn.execute(
+        "CREATE TRIGGER seen_status AFTER UPDATE OF status ON tasks "
+        "BEGIN INSERT INTO seen VALUES (new.status); END"))
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_writer(conn: Any) -> None:
+        held.set()
+        release.wait(5)
+
+    holding = daemon.store.write(hold_the_writer)
+    await asyncio.get_running_loop().run_in_executor(None, held.wait, 5)
+    # Queued behind the held transaction: the task comes due, and the woken claim loop's claim.
+    due = daemon.store.write(lambda conn: conn.execute(
+        "UPDATE tasks SET run_at = 0 WHERE id = ?", (record.id,)))
+    daemon.queue.notify_work("default")
+    for _ in range(20):  # yields, no time: the claim loop wakes and submits its claim
+        await asyncio.sleep(0)
+    stopping = asyncio.create_task(daemon.workers.stop(1.0))
+    release.set()
+    await asyncio.gather(holding, due, stopping)
+    row = await daemon.store.read_one("SELECT status, attempts, lease_until FROM tasks WHERE id = ?",
+                                      (record.id,))
+    assert row is not None
+    assert (row["status"], row["attempts"], row["lease_until"]) == ("queued", 0, None)
+    seen = [r["status"] for r in await daemon.store.read("SELECT status FROM seen ORDER BY rowid")]
+    assert seen == ["running", "queued"]  # it was claimed, then put back
