@@ -596,3 +596,33 @@ async def test_a_claim_committing_as_the_workers_stop_is_put_back(
     assert (row["status"], row["attempts"], row["lease_until"]) == ("queued", 0, None)
     seen = [r["status"] for r in await daemon.store.read("SELECT status FROM seen ORDER BY rowid")]
     assert seen == ["running", "queued"]  # it was claimed, then put back
+
+
+async def test_short_tasks_share_write_transactions_by_the_dozen(qt: Any) -> None:
+    daemon, _, _ = await qt(workers={"default": 8}, claim_ahead=3)
+    warm = await daemon.queue.enqueue_many([TaskRequest("qt.echo", {"value": i}) for i in range(20)])
+    for outcome in warm:
+        await daemon.queue.wait(outcome.task.id, timeout=5)
+    backlog = await daemon.queue.enqueue_many(
+        [TaskRequest("qt.echo", {"value": i}, delay=3600) for i in range(1000)])
+    ids = [outcome.task.id for outcome in backlog]
+    done = asyncio.Event()
+    finished: set[int] = set()
+
+    def count(event: Any) -> None:
+        if event.data["task_id"] in ids:
+            finished.add(event.data["task_id"])
+            if len(finished) == len(ids):
+                done.set()
+
+    with daemon.bus.subscribe("task.succeeded", count, name="test.count"):
+        before = daemon.store.transactions
+        await daemon.store.write(lambda conn: conn.execute(
+            "UPDATE tasks SET run_at = 0 WHERE status = 'queued'"))
+        daemon.queue.notify_work("default")
+        await asyncio.wait_for(done.wait(), 30)
+    spent = daemon.store.transactions - before
+    # 8 slots and 24 claimed ahead: a claim sized when its transaction is taken fills all
+    # 32, and the acks of the tasks run meanwhile share it (a claim sized when asked for
+    # filled only what was free then: 16 tasks per transaction).
+    assert spent <= len(ids) / 24, f"{spent} transactions for {len(ids)} tasks"

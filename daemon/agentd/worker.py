@@ -108,6 +108,8 @@ class WorkerPool:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._acks = BatchedWrite(store, _write_acks)
+        self._claims: dict[str, asyncio.Future[tuple[list[tuple[Any, ...]], float | None]]] = {}
+        store.add_rider(self._ride_claims)
         queue.on_work(self.wake)
         queue.on_cancel(self._cancel_running)
 
@@ -179,14 +181,8 @@ class WorkerPool:
         while not self._stopping:
             wake.clear()
             next_at: float | None = None
-            room = 0
-            if self._mean_run[queue] < SHORT_TASK:
-                room = max(0, self.config.claim_ahead * slots.capacity - len(ahead))
-            if slots.free + room:
-                blocked, budgets = self._limits()
-                rows, next_at = await self.store.write(partial(
-                    _claim, queue=queue, wanted=slots.free + room, blocked=blocked, budgets=budgets,
-                    lease=self.config.lease))
+            if self._wanted(queue):
+                rows, next_at = await self._claim_in_next_batch(queue)
                 for values in rows:
                     record = TaskRecord.from_values(values)
                     definition = self._take_name(record)
@@ -208,6 +204,32 @@ class WorkerPool:
                 timeout = rate_wait if timeout is None else min(timeout, rate_wait)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout)
+
+    def _wanted(self, queue: str) -> int:
+        """How many tasks a claim for `queue` would take now: its free slots, and the room
+        left ahead of them while its tasks are short."""
+        slots, room = self._slots[queue], 0
+        if self._mean_run[queue] < SHORT_TASK:
+            room = max(0, self.config.claim_ahead * slots.capacity - len(self._ahead[queue]))
+        return slots.free + room
+
+    def _claim_in_next_batch(self, queue: str) -> asyncio.Future[tuple[list[tuple[Any, ...]], float | None]]:
+        """A claim for `queue` in the next write transaction, sized when that batch is taken
+        (`_ride_claims`): tasks handed freed slots meanwhile leave room that it then fills."""
+        future: asyncio.Future[tuple[list[tuple[Any, ...]], float | None]] = (
+            asyncio.get_running_loop().create_future())
+        self._claims[queue] = future
+        self.store.request_flush()
+        return future
+
+    def _ride_claims(self) -> None:
+        """Store rider: put the claims asked for into the batch being taken."""
+        for queue, future in self._claims.items():
+            blocked, budgets = self._limits()
+            self.store.join_batch(partial(
+                _claim, queue=queue, wanted=self._wanted(queue), blocked=blocked, budgets=budgets,
+                lease=self.config.lease), future)
+        self._claims.clear()
 
     def _limits(self) -> tuple[set[str], dict[str, int]]:
         """Names that may not start now, and how many more of each limited name may."""
