@@ -626,3 +626,17 @@ async def test_short_tasks_share_write_transactions_by_the_dozen(qt: Any) -> Non
     # 32, and the acks of the tasks run meanwhile share it (a claim sized when asked for
     # filled only what was free then: 16 tasks per transaction).
     assert spent <= len(ids) / 24, f"{spent} transactions for {len(ids)} tasks"
+
+
+async def test_single_enqueues_of_one_tick_share_a_transaction_and_keep_their_rows(qt: Any) -> None:
+    daemon, _, _ = await qt()
+    before = daemon.store.transactions
+    records = await asyncio.gather(*(
+        daemon.queue.enqueue("qt.echo", {"value": i}, delay=3600) for i in range(50)))
+    assert daemon.store.transactions - before == 1
+    # Each caller got the row made from its own arguments.
+    assert [r.args for r in records] == [{"value": i} for i in range(50)]
+    assert len({r.id for r in records}) == 50
+    for record in records:
+        stored = await daemon.queue.get(record.id)
+        assert (stored.args, stored.status) == (record.args, "queued")

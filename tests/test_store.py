@@ -206,25 +206,29 @@ async def test_batched_values_are_written_by_one_op_per_transaction(store: Store
     await create_table(store)
     calls: list[list[int]] = []
 
-    def write_values(conn: db.Connection, values: list[int]) -> None:
+    def write_values(conn: db.Connection, values: list[int]) -> list[int]:
         calls.append(list(values))
         conn.executemany("INSERT INTO t (id) VALUES (?)", [(v,) for v in values])
+        return [v * 10 for v in values]
 
-    batched: db.BatchedWrite[int] = db.BatchedWrite(store, write_values)
+    batched: db.BatchedWrite[int, int] = db.BatchedWrite(store, write_values)
     first = [batched.add(i) for i in range(5)]
     assert len(set(map(id, first))) == 1  # one future for the batch
-    await asyncio.gather(*first)
-    # Added after that batch was taken: the next transaction, its own future.
+    assert await first[0] == [0, 10, 20, 30, 40]
+    # Added after that batch was taken: the next transaction, its own future; `submit`
+    # gives each value its own result.
     later = batched.add(5)
     assert later is not first[0]
-    await later
-    assert calls == [[0, 1, 2, 3, 4], [5]]
-    assert await count(store) == 6
+    assert await asyncio.gather(batched.submit(6), batched.submit(9)) == [60, 90]
+    assert (await later)[0] == 50  # its batch's results, in the order the values came
+    assert calls[0] == [0, 1, 2, 3, 4]
+    assert sorted(v for call in calls[1:] for v in call) == [5, 6, 9]
+    assert await count(store) == 8
     # A batch that fails fails every value's future, and nothing of it is written.
     doomed = [batched.add(7), batched.add(7)]
     with pytest.raises(db.IntegrityError):
         await doomed[0]
-    assert await count(store) == 6
+    assert await count(store) == 8
     # Values held when the store closes are written before it does.
     pending = batched.add(8)
     await store.close()

@@ -49,6 +49,7 @@ from agentd.log import get_logger
 
 T = TypeVar("T")
 V = TypeVar("V")
+R = TypeVar("R")
 Connection = sqlite3.Connection  # the driver's connection class has the same interface
 WriteOp = Callable[[Connection], T]
 
@@ -449,28 +450,36 @@ class Store:
         return [self._run_batch([op])[0] for op in ops]
 
 
-class BatchedWrite(Generic[V]):
+class BatchedWrite(Generic[V, R]):
     """Values added between two transactions, written by one op in the next one.
 
-    For a statement run once per value at a high rate (a task's acknowledgement): one
-    `executemany` per transaction costs a fraction of one `execute` per value. `add`
-    returns a future shared by every value of the batch; it resolves once the batch
-    commits, or fails with the batch. The values are taken on the event loop when the
-    store takes its batch, so a writer thread never sees the list change under it."""
+    For a statement run once per value at a high rate (a task's acknowledgement, a single
+    enqueue): one `executemany` or multi-row statement per transaction costs a fraction of
+    one `execute` per value. `write_values(conn, values)` returns one result per value (or
+    an empty list when there are none to give). `add` returns a future shared by every
+    value of the batch, resolved with those results once the batch commits or failed with
+    the batch; `submit` awaits one value's own result. The values are taken on the event
+    loop when the store takes its batch, so a writer thread never sees the list change."""
 
-    def __init__(self, store: Store, write_values: Callable[[Connection, list[V]], object]) -> None:
+    def __init__(self, store: Store,
+                 write_values: Callable[[Connection, list[V]], list[R]]) -> None:
         self._store = store
         self._write_values = write_values
         self._values: list[V] = []
-        self._future: asyncio.Future[None] | None = None
+        self._future: asyncio.Future[list[R]] | None = None
         store.add_rider(self._ride)
 
-    def add(self, value: V) -> asyncio.Future[None]:
+    def add(self, value: V) -> asyncio.Future[list[R]]:
         if self._future is None:
             self._future = asyncio.get_running_loop().create_future()
         self._store.request_flush()
         self._values.append(value)
         return self._future
+
+    async def submit(self, value: V) -> R:
+        """Write `value` with its batch; return its own result."""
+        position = len(self._values)
+        return (await self.add(value))[position]
 
     def _ride(self) -> None:
         if self._future is None:
@@ -478,11 +487,7 @@ class BatchedWrite(Generic[V]):
         values, self._values = self._values, []
         future, self._future = self._future, None
         write_values = self._write_values
-
-        def write(conn: Connection) -> None:
-            write_values(conn, values)
-
-        self._store.join_batch(write, future)
+        self._store.join_batch(lambda conn: write_values(conn, values), future)
 
 
 def _incremental_vacuum(conn: Connection) -> int:

@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 from agentd.bus import Bus
 from agentd.config import TasksConfig
-from agentd.db import Connection, Row, Store
+from agentd.db import BatchedWrite, Connection, Row, Store
 from agentd.errors import (
     InvalidTaskError,
     TaskFailedError,
@@ -196,6 +196,7 @@ class TaskQueue:
         self.registry = registry
         self.config = config
         self._waiters: dict[int, list[asyncio.Future[TaskRecord]]] = {}
+        self._single_inserts = BatchedWrite(store, _insert_many)
         self._work_listeners: list[Callable[[str], None]] = []
         self._cancel_listeners: list[Callable[[int], None]] = []
 
@@ -231,7 +232,12 @@ class TaskQueue:
             self.config.idempotency_window if r.dedupe_window is None else r.dedupe_window
             for r in requests
         ]
-        inserted = await self.store.write(lambda conn: _insert_tasks(conn, prepared, windows, now))
+        if len(prepared) == 1 and prepared[0][8] is None:
+            # One task, no idempotency key (an HTTP POST, ctx.call's siblings, a handler):
+            # the single enqueues of a tick become one multi-row INSERT.
+            inserted = [await self._single_inserts.submit(prepared[0])]
+        else:
+            inserted = await self.store.write(lambda conn: _insert_tasks(conn, prepared, windows, now))
         outcomes = [
             Enqueued(TaskRecord.queued(found, values, dict(request.args)), True)
             if isinstance(found, int) else Enqueued(TaskRecord.from_row(found), False)

@@ -448,10 +448,11 @@ ACK_STATEMENT = ("UPDATE tasks SET status = ?, result = ?, error = ?, finished_a
         "lease_until = NULL WHERE id = ?")
 
 
-def _write_acks(conn: Connection, acks: list[tuple[Any, ...]]) -> None:
+def _write_acks(conn: Connection, acks: list[tuple[Any, ...]]) -> list[None]:
     """The final states of the attempts that ended since the last transaction: one
     statement for all of them."""
     conn.executemany(ACK_STATEMENT, acks)
+    return []
 
 
 def _claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budgets: dict[str, int],
