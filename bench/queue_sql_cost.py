@@ -1,6 +1,6 @@
 """What SQLite itself costs per task in the queue's processing loop, outside the daemon.
 
-    python3 bench/queue_sql_cost.py [--tasks 20000] [--batch 16] [--events final|all]
+    python3 bench/queue_sql_cost.py [--tasks 20000] [--batch 32] [--events final|all]
                                     [--drop-index NAME ...]
 
 Builds agentd's schema (its own migrations) in a temporary file with the driver agentd.db
@@ -8,9 +8,10 @@ uses, queues `--tasks` rows, then replays the processing loop's statements as th
 issues them in one transaction per batch: the claim (a SELECT on tasks_claim and an UPDATE
 ... RETURNING of `--batch` rows), the batch's acks (one executemany), the event log's rows
 (by default one per task, its final event; `--events all`: queued, started and final),
-and the commit (synchronous = NORMAL, WAL). `--batch` 16 is what a claim with 8 workers and
-claim-ahead puts in a transaction on the reference machine. Prints µs per task for each
-part, so a schema change (e.g. `--drop-index tasks_running`) can be weighed before it is made.
+and the commit (synchronous = NORMAL, WAL). `--batch` 32 is about what a transaction holds
+with 8 workers and claim-ahead (`tasks_per_transaction` in queue_bench.py's figures).
+Prints µs per task for each part, so a schema change (e.g. `--drop-index tasks_running`)
+can be weighed before it is made.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from agentd.worker import ACK_STATEMENT
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=20_000)
-    parser.add_argument("--batch", type=int, default=16, help="tasks per transaction")
+    parser.add_argument("--batch", type=int, default=32, help="tasks per transaction")
     parser.add_argument("--events", choices=("final", "all"), default="final",
                         help="event-log rows per task: the final event (default) or all three")
     parser.add_argument("--drop-index", action="append", default=[], metavar="NAME")
