@@ -233,8 +233,8 @@ class TaskQueue:
             for r in requests
         ]
         if len(prepared) == 1 and prepared[0][8] is None:
-            # One task, no idempotency key (an HTTP POST, ctx.call's siblings, a handler):
-            # the single enqueues of a tick become one multi-row INSERT.
+            # One task without an idempotency key (an HTTP POST, a handler's or a plugin's
+            # enqueue): the single enqueues of a tick become one multi-row INSERT.
             inserted = [await self._single_inserts.submit(prepared[0])]
         else:
             inserted = await self.store.write(lambda conn: _insert_tasks(conn, prepared, windows, now))
