@@ -3,11 +3,14 @@ was while it ran (these machines are shared), and which agentd it measured."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,6 +32,37 @@ class CpuWatch:
         share = max(0.0, others) / (wall * (os.cpu_count() or 1))
         return (f"Other processes used about {max(0.0, others):.0f} CPU-s ({share:.0%} of the "
                 f"machine) during the run; 1-minute load average {self.loadavg_start:.2f} at its start.")
+
+
+class BenchRun:
+    """A benchmark run's bookkeeping: agentd's logs kept off stdout, each figure row printed
+    as a JSON line and kept for the markdown table, the agentd measured (read before the
+    runs: daemon/ may be edited while they go on), how busy the machine is, the wall time."""
+
+    def __init__(self, name: str, ours: Callable[[], float] = lambda: 0.0) -> None:
+        from agentd.log import configure_logging
+
+        configure_logging("warning", "json", stream=sys.stderr)
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+        self.revision = agentd_revision()
+        self.load = CpuWatch(ours)
+        if self.load.loadavg_start > 0.5:
+            print(f"{name}: the 1-minute load average is {self.load.loadavg_start:.2f} before the "
+                  "run: other processes will skew the figures", file=sys.stderr)
+
+    def emit(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def exit_code(self) -> int:
+        """1 when a row reports an error, else 0."""
+        return 1 if any("error" in row for row in self.rows) else 0
 
 
 def machine_busy() -> float:
@@ -56,6 +90,11 @@ def agentd_revision() -> str:
     source = Path(agentd.__file__).resolve().parent
     if not source.is_relative_to(REPO):
         return f"imported from {source}"
+    return repo_revision()
+
+
+def repo_revision() -> str:
+    """This checkout's commit, and whether daemon/ differs from it."""
     try:
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=True,
                               capture_output=True, text=True, timeout=10).stdout.strip()

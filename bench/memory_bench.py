@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import CpuWatch, agentd_revision
+from machine import BenchRun
 
 HERE = Path(__file__).resolve().parent
 TASK_PLUGINS = HERE / "plugins"  # bench.stamp, shared with queue_bench.py
@@ -108,19 +108,8 @@ def precomputed(config):
 
 def main() -> int:
     args = parse_args()
-    quiet_logging()
-    rows: list[dict[str, Any]] = []
-
-    def emit(row: dict[str, Any]) -> None:
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-    started = time.monotonic()
-    revision = agentd_revision()
-    load = CpuWatch()
-    if load.loadavg_start > 0.5:
-        print(f"memory_bench: the 1-minute load average is {load.loadavg_start:.2f} before the run: "
-              "other processes will skew the figures", file=sys.stderr)
+    run = BenchRun("memory_bench")
+    emit = run.emit
     phases: list[tuple[str, Callable[[], Any]]] = []
     if "embed" in args.only:
         phases.append(("embed", lambda: run_phase(embed_phase(args, emit), args.timeout)))
@@ -134,8 +123,8 @@ def main() -> int:
             phase()
         except Exception as exc:
             emit({"bench": "memory", "phase": name, "error": f"{type(exc).__name__}: {exc}"})
-    print(markdown(rows, args, time.monotonic() - started, revision, load.report()), file=sys.stderr)
-    return 1 if any("error" in row for row in rows) else 0
+    print(markdown(run.rows, args, run.elapsed, run.revision, run.load.report()), file=sys.stderr)
+    return run.exit_code
 
 
 def parse_args() -> argparse.Namespace:
@@ -178,12 +167,6 @@ def parse_args() -> argparse.Namespace:
     if not args.sizes or min(args.sizes) < 100 or args.queries < 1 or args.embed_texts < 2:
         parser.error("--sizes must be at least 100 each; --queries and --embed-texts positive")
     return args
-
-
-def quiet_logging() -> None:
-    from agentd.log import configure_logging
-
-    configure_logging("warning", "json", stream=sys.stderr)
 
 
 def run_phase(coro: Any, timeout: float) -> Any:

@@ -45,7 +45,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from machine import CpuWatch, agentd_revision
+from machine import BenchRun
 
 HERE = Path(__file__).resolve().parent
 PLUGINS = HERE / "plugins"
@@ -64,28 +64,16 @@ HOLD = 3600.0  # agentd backlog runs enqueue with this delay, then make them due
 
 def main() -> int:
     args = parse_args()
-    quiet_logging()
-    rows: list[dict[str, Any]] = []
-
-    def emit(row: dict[str, Any]) -> None:
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-    started = time.monotonic()
-    revision = agentd_revision()  # before the runs: daemon/ may be edited while they go on
-    load = CpuWatch(ours=redis_cpu)
-    if load.loadavg_start > 0.5:
-        print(f"queue_bench: the 1-minute load average is {load.loadavg_start:.2f} before the run: "
-              "other processes will skew the figures", file=sys.stderr)
+    run = BenchRun("queue_bench", ours=redis_cpu)
     if "agentd" in args.only:
-        run_agentd(args, emit)
+        run_agentd(args, run.emit)
     peers = [s for s in ("huey", "dramatiq") if s in args.only]
     if peers:
         python, problem = ensure_venv()
         for system in peers:
-            run_peer(args, system, python, problem, emit)
-    print(markdown(rows, args, time.monotonic() - started, revision, load.report()), file=sys.stderr)
-    return 1 if any("error" in row for row in rows) else 0
+            run_peer(args, system, python, problem, run.emit)
+    print(markdown(run.rows, args, run.elapsed, run.revision, run.load.report()), file=sys.stderr)
+    return run.exit_code
 
 
 def parse_args() -> argparse.Namespace:
@@ -121,13 +109,6 @@ def parse_args() -> argparse.Namespace:
     if host not in ("127.0.0.1", "localhost", "[::1]"):
         parser.error("--redis-url must point to a loopback address")
     return args
-
-
-def quiet_logging() -> None:
-    """agentd logs at warning (to stderr, off stdout's JSON lines); peers log to their files."""
-    from agentd.log import configure_logging
-
-    configure_logging("warning", "json", stream=sys.stderr)
 
 
 def label(n: int) -> str:

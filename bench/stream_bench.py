@@ -66,6 +66,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from machine import repo_revision
+
 SCRIPT = Path(__file__).resolve()
 HERE = SCRIPT.parent
 REPO = HERE.parent
@@ -829,19 +831,8 @@ def agentd_origin(agentd_src: Path | None) -> str:
     spec = importlib.util.find_spec("agentd")
     origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
     if origin is not None and origin.is_relative_to(REPO):
-        return agentd_revision()
+        return repo_revision()
     return str(origin.parent if origin is not None else "not importable")
-
-
-def agentd_revision() -> str:
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "daemon"],
-                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head}{' + uncommitted daemon/ changes' if dirty else ''}" if head else "unknown"
 
 
 def print_profiles(profile: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import sys
 import textwrap
@@ -255,12 +254,20 @@ def run_cli(agentd_process: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @pytest.fixture
-def st_dir(tmp_path: Path) -> Path:
+def copied_plugin(plugin_dir: PluginDirFactory) -> Callable[[str, str], Path]:
+    """`copied_plugin("queue_plugin.py", "qt")`: a plugin directory holding that file of
+    tests/ as the plugin `qt`."""
+
+    def make(source: str, name: str) -> Path:
+        return plugin_dir({f"{name}.py": (REPO / "tests" / source).read_text()}, name=f"{name}_plugins")
+
+    return make
+
+
+@pytest.fixture
+def st_dir(copied_plugin: Callable[[str, str], Path]) -> Path:
     """A plugin directory holding tests/stream_plugin.py as the plugin `st`."""
-    directory = tmp_path / "st_plugins"
-    directory.mkdir()
-    shutil.copy(REPO / "tests" / "stream_plugin.py", directory / "st.py")
-    return directory
+    return copied_plugin("stream_plugin.py", "st")
 
 
 @pytest.fixture

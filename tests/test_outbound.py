@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import json
 import re
-import shutil
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -38,7 +37,6 @@ from agentd.llm import ToolCallAssembler
 from fake_openai import FakeOpenAI
 from sse_client import Sse
 
-PLUGIN_SOURCE = Path(__file__).with_name("outbound_plugin.py")
 FAST_RETRIES = {"retry_base": 0.01, "retry_max": 0.05}
 SENDER = "agentd@example.org"
 WAIT = 5.0
@@ -186,11 +184,8 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 @pytest.fixture
-def ob_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "ob_plugins"
-    directory.mkdir()
-    shutil.copy(PLUGIN_SOURCE, directory / "ob.py")
-    return directory
+def ob_dir(copied_plugin: Any) -> Path:
+    return copied_plugin("outbound_plugin.py", "ob")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ results, the task context and the events every state change publishes."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import sqlite3
 import sys
 import threading
@@ -18,16 +17,12 @@ import pytest
 from agentd.errors import InvalidTaskError, TaskFailedError, TaskNotFoundError, UnknownTaskError
 from agentd.taskqueue import TaskRequest
 
-PLUGIN_SOURCE = Path(__file__).with_name("queue_plugin.py")
 FAST_RETRIES = {"retry_base": 0.01, "retry_max": 0.02}
 
 
 @pytest.fixture
-def qt_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "qt_plugins"
-    directory.mkdir()
-    shutil.copy(PLUGIN_SOURCE, directory / "qt.py")
-    return directory
+def qt_dir(copied_plugin: Any) -> Path:
+    return copied_plugin("queue_plugin.py", "qt")
 
 
 @pytest.fixture

@@ -5,23 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-PLUGIN_SOURCE = Path(__file__).with_name("queue_plugin.py")
-
 
 @pytest.fixture
-async def served(start_daemon: Any, http: Any, tmp_path: Path) -> Any:
-    directory = tmp_path / "qt_plugins"
-    directory.mkdir()
-    shutil.copy(PLUGIN_SOURCE, directory / "qt.py")
+async def served(start_daemon: Any, http: Any, copied_plugin: Any) -> Any:
     daemon, events = await start_daemon(
-        plugin_dirs=[directory],
+        plugin_dirs=[copied_plugin("queue_plugin.py", "qt")],
         overrides={"tasks": {"retry_base": 0.01, "retry_max": 0.02, "queues": {"default": 4, "reports": 1}}})
     return daemon, events, http(daemon), sys.modules["agentd_plugins.qt"]
 

@@ -39,7 +39,6 @@ from agentd.taskdef import TaskRegistry, encode_json
 
 FINAL_STATES = frozenset({"succeeded", "failed", "dead", "cancelled"})
 STATES = frozenset({"queued", "running"}) | FINAL_STATES
-REQUEUEABLE = frozenset({"failed", "dead", "cancelled"})
 # Final states that always carry an error: listed through tasks_unsuccessful.
 UNSUCCESSFUL = frozenset({"failed", "dead", "cancelled"})
 
@@ -81,20 +80,8 @@ class TaskRecord:
 
     @classmethod
     def from_row(cls, row: Row) -> TaskRecord:
-        args = row["args"]
-        return cls(
-            id=row["id"], queue=row["queue"], name=row["name"],
-            args={} if args == "{}" else json.loads(args),
-            status=row["status"], priority=row["priority"], run_at=row["run_at"],
-            attempts=row["attempts"], max_attempts=row["max_attempts"], timeout=row["timeout"],
-            idempotency_key=row["idempotency_key"], parent_id=row["parent_id"],
-            correlation_id=row["correlation_id"] or str(row["id"]),
-            cancel_requested=bool(row["cancel_requested"]),
-            result=None if row["result"] is None else json.loads(row["result"]),
-            error=row["error"], created_at=row["created_at"], started_at=row["started_at"],
-            finished_at=row["finished_at"], expires_at=row["expires_at"],
-            usage=None if row["usage"] is None else json.loads(row["usage"]),
-        )
+        """A record from a row that has the record's columns by name (`SELECT *`)."""
+        return cls.from_values([row[column] for column in _RECORD_NAMES])
 
     @classmethod
     def from_values(cls, values: Sequence[Any]) -> TaskRecord:
@@ -149,6 +136,7 @@ RECORD_COLUMNS = (
     "idempotency_key, parent_id, correlation_id, cancel_requested, result, error, created_at, "
     "started_at, finished_at, expires_at, usage"
 )
+_RECORD_NAMES = tuple(RECORD_COLUMNS.split(", "))
 
 
 # Enqueue task `name` with these args under this idempotency key (None: no key): what
@@ -228,15 +216,15 @@ class TaskQueue:
         """Enqueue several tasks in one transaction: all are validated first, then all commit."""
         now = time.time()
         prepared = [self._prepare(request, now) for request in requests]
-        windows = [
-            self.config.idempotency_window if r.dedupe_window is None else r.dedupe_window
-            for r in requests
-        ]
         if len(prepared) == 1 and prepared[0][8] is None:
             # One task without an idempotency key (an HTTP POST, a handler's or a plugin's
             # enqueue): the single enqueues of a tick become one multi-row INSERT.
             inserted = [await self._single_inserts.submit(prepared[0])]
         else:
+            windows = [
+                self.config.idempotency_window if r.dedupe_window is None else r.dedupe_window
+                for r in requests
+            ]
             inserted = await self.store.write(lambda conn: _insert_tasks(conn, prepared, windows, now))
         outcomes = [
             Enqueued(TaskRecord.queued(found, values, dict(request.args)), True)
