@@ -185,15 +185,11 @@ class WorkerPool:
                 rows, next_at = await self._claim_in_next_batch(queue)
                 for values in rows:
                     record = TaskRecord.from_values(values)
-                    definition = self._take_name(record)
-                    if slots.free and not ahead and not self._stopping:
-                        slots.used += 1
-                        self._start(record, definition, slots)
-                    else:
-                        ahead.append(record)
+                    self._take_name(record)
+                    ahead.append(record)
                 if self._stopping:
                     return  # what this claim took goes back to the queue with the rest of `ahead`
-                while slots.free and ahead:  # slots freed while the claim was committing
+                while slots.free and ahead:  # in claim order, after any claimed earlier
                     slots.used += 1
                     self._hand_on_one(queue, slots)
                 if rows and slots.free:
@@ -224,8 +220,11 @@ class WorkerPool:
 
     def _ride_claims(self) -> None:
         """Store rider: put the claims asked for into the batch being taken."""
+        if not self._claims:
+            return
+        # One budget for the batch's claims: they run in order and spend it together.
+        blocked, budgets = self._limits()
         for queue, future in self._claims.items():
-            blocked, budgets = self._limits()
             self.store.join_batch(partial(
                 _claim, queue=queue, wanted=self._wanted(queue), blocked=blocked, budgets=budgets,
                 lease=self.config.lease), future)
@@ -257,25 +256,18 @@ class WorkerPool:
 
     # -- running ---------------------------------------------------------------------------
 
-    def _take_name(self, record: TaskRecord) -> TaskDef | None:
+    def _take_name(self, record: TaskRecord) -> None:
         """Count a claimed task against its name's concurrency and rate limits."""
         definition = self.registry.find(record.name)
         if definition is not None and definition.rate is not None:
             definition.rate.take()
         self._running_by_name[record.name] = self._running_by_name.get(record.name, 0) + 1
-        return definition
 
     def _release_name(self, record: TaskRecord) -> None:
         self._running_by_name[record.name] -= 1
         definition = self.registry.find(record.name)
         if definition is not None and definition.concurrency is not None:
             self.wake(record.queue)
-
-    def _start(self, record: TaskRecord, definition: TaskDef | None, slots: Slots) -> None:
-        """Run `record` in a slot already counted as used."""
-        task = asyncio.get_running_loop().create_task(
-            self._run(record, definition, slots), name=f"task:{record.name}:{record.id}")
-        self.running[record.id] = task
 
     def _hand_on(self, queue: str, slots: Slots) -> bool:
         """Slots.release hook: start the next task claimed ahead in the slot being freed."""
@@ -285,8 +277,11 @@ class WorkerPool:
         return True
 
     def _hand_on_one(self, queue: str, slots: Slots) -> None:
+        """Run the next claimed task in a slot already counted as used."""
         record = self._ahead[queue].popleft()
-        self._start(record, self.registry.find(record.name), slots)
+        self.running[record.id] = asyncio.get_running_loop().create_task(
+            self._run(record, self.registry.find(record.name), slots),
+            name=f"task:{record.name}:{record.id}")
         self._wakes[queue].set()  # claim again: what was ahead is shrinking
 
     async def _run(self, record: TaskRecord, definition: TaskDef | None, slots: Slots) -> None:
