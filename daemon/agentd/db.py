@@ -293,7 +293,8 @@ class Store:
                 # Two ticks at least: writes made by callbacks that this tick's writes wake
                 # up (a worker claiming after an ack) still join the same transaction.
                 loop = asyncio.get_running_loop()
-                loop.call_soon(loop.call_soon, self._flush_when_quiet, _MAX_DEFERRED_TICKS, -1)
+                loop.call_soon(loop.call_soon, self._flush_when_quiet, _MAX_DEFERRED_TICKS,
+                               self._submitted)
             elif self._flushing is None:
                 self._flushing = asyncio.get_running_loop().create_task(self._flush_threaded())
 
