@@ -191,6 +191,8 @@ async def test_a_signal_during_start_stops_the_daemon_once_started(
             await writer.drain()
         code = await child.finish()
         writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
     finally:
         server.close()
         await server.wait_closed()

@@ -146,6 +146,14 @@ class EncodedEvents:
 ENCODED = EncodedEvents()
 
 
+def drop_connection(request: web.Request) -> None:
+    """End the connection of a client that went away or stopped reading. Aborted, not
+    closed: a close waits until the write buffer drains, which a client that reads nothing
+    never lets happen, so its socket and buffer would be held until the daemon stops."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
 def writes_at_once(transport: asyncio.Transport | None, size: int) -> bool:
     """Whether `size` more bytes can be handed to `transport` without aiohttp waiting for the
     client: its writing is not paused, and these bytes cannot take its buffer past the
@@ -381,7 +389,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
             sse.last_sent = max(sse.last_sent, after)
         await sse.pump(sub)
     except (ConnectionResetError, TimeoutError):
-        pass  # the client went away or stopped reading: the stream just ends
+        drop_connection(request)
     finally:
         _release(request, sub)
     return sse.response
@@ -437,7 +445,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
             await sse.control("end", {"task": {**final.to_dict(),
                                                "children": await daemon.queue.children(task_id)}})
     except (ConnectionResetError, TimeoutError):
-        pass
+        drop_connection(request)
     finally:
         _release(request, sub)
     return sse.response

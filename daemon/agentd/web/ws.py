@@ -35,7 +35,7 @@ from agentd.log import get_logger
 from agentd.web.errors import ApiError, bad_request, from_agentd_error
 from agentd.web.openapi import doc
 from agentd.web.server import DAEMON, SOCKETS, STREAMS
-from agentd.web.streams import ENCODED, coalesce_tokens, event_json, writes_at_once
+from agentd.web.streams import ENCODED, coalesce_tokens, drop_connection, event_json, writes_at_once
 from agentd.web.tasks_api import task_request
 
 routes = web.RouteTableDef()
@@ -118,8 +118,7 @@ class _Session:
             # connection (a close frame could not get through its full buffer either), so
             # it holds no subscription, task or buffer any longer.
             get_logger("ws").info("ws.dropped", subscription=name, reason=type(exc).__name__)
-            if self.request.transport is not None:
-                self.request.transport.abort()
+            drop_connection(self.request)
 
     async def _forward(self, name: str, sub: Subscription, patterns: TopicFilter, after: int,
                        replay: bool) -> None:
