@@ -145,6 +145,23 @@ def test_subscribing_after_a_publish_invalidates_the_cache() -> None:
     assert got == ["a"]
 
 
+def test_the_per_topic_cache_stays_bounded_when_topics_are_made_per_item() -> None:
+    bus = Bus()
+    got: list[str] = []
+    bus.subscribe("news.*", lambda e: got.append(e.topic))
+    for n in range(5000):
+        bus.publish(f"news.item{n}")
+    assert len(got) == 5000
+    assert len(bus._by_topic) <= 4096  # one entry per topic ever published, without the bound
+
+
+def test_events_are_immutable() -> None:
+    event = Bus().publish("a", {"n": 1})
+    with pytest.raises(AttributeError):
+        event.topic = "b"  # type: ignore[misc]
+    assert event.topic == "a"
+
+
 def test_callbacks_receive_in_publish_order() -> None:
     bus = Bus()
     got: list[int] = []

@@ -82,6 +82,33 @@ async def test_a_task_runs_and_its_result_wakes_the_waiter(qt: Any) -> None:
             assert event.data["name"] and event.data["task_id"]
 
 
+async def test_every_record_field_holds_its_own_column(qt: Any) -> None:
+    """Records are built positionally; a field read from the wrong column fails here."""
+    daemon, _, _ = await qt()
+    parent = await daemon.queue.enqueue("qt.echo", {"value": 0})
+    await daemon.queue.result(parent.id, timeout=5)
+    queued = await daemon.queue.enqueue(
+        "qt.echo", {"value": [7]}, priority=3, max_attempts=5, timeout=9.5, idempotency_key="k-1",
+        parent_id=parent.id, correlation_id="corr-1")
+    await daemon.queue.result(queued.id, timeout=5)
+    await daemon.queue.add_usage(queued.id, {"total_tokens": 11})
+    finished = await daemon.queue.get(queued.id)
+    with sqlite3.connect(daemon.store.path) as other:
+        cursor = other.execute("SELECT * FROM tasks WHERE id = ?", (queued.id,))
+        row = dict(zip([d[0] for d in cursor.description], cursor.fetchone(), strict=True))
+    decoded = {"args": {"value": [7]}, "result": [7], "usage": {"total_tokens": 11},
+               "cancel_requested": False}
+    for column, value in row.items():
+        if column != "lease_until":  # not a record field: the worker's business
+            assert getattr(finished, column) == decoded.get(column, value), column
+    assert len({row["created_at"], row["started_at"], row["finished_at"], row["expires_at"]}) == 4
+    # The record enqueue returns is built from the inserted values, not read back.
+    for column in ("id", "queue", "name", "priority", "max_attempts", "timeout", "idempotency_key",
+                   "parent_id", "correlation_id", "created_at", "run_at"):
+        assert getattr(queued, column) == row[column], column
+    assert (queued.status, queued.attempts, queued.args) == ("queued", 0, {"value": [7]})
+
+
 async def test_failing_attempts_back_off_then_go_dead_and_can_be_requeued(qt: Any) -> None:
     daemon, events, _ = await qt()
     record = await daemon.queue.enqueue("qt.always_fails")

@@ -27,6 +27,8 @@ Callback = Callable[[Event], None]
 Merge = Callable[[Event, Event], Event | None]
 
 DEFAULT_BUFFER = 1000
+# Topics whose matching subscribers are remembered; the cache starts over past this many.
+_TOPICS_CACHED = 4096
 
 
 class Subscription:
@@ -99,6 +101,7 @@ class Subscription:
                 topic=LAGGED_TOPIC,
                 data={"dropped": self._lag, "resume_after": self._last_dropped_id,
                       "subscription": self.name},
+                time=time.time(),
             )
             self._lag = 0
             return marker
@@ -145,10 +148,11 @@ class Bus:
     def last_id(self) -> int:
         return self._last_id
 
-    def next_id(self) -> int:
-        """A new event id: strictly increasing, and close to the wall clock in microseconds,
-        so ids stay monotonic across restarts without storing a counter."""
-        self._last_id = max(self._last_id + 1, time.time_ns() // 1000)
+    def _next_id(self, now: float) -> int:
+        """A new event id: strictly increasing, and close to the wall clock (`now`) in
+        microseconds, so ids stay monotonic across restarts without storing a counter."""
+        stamp = int(now * 1_000_000)
+        self._last_id = stamp if stamp > self._last_id else self._last_id + 1
         return self._last_id
 
     def subscribe(
@@ -208,13 +212,9 @@ class Bus:
     ) -> Event:
         """An event with the next id, not yet delivered (`dispatch` delivers it)."""
         validate_topic(topic)
-        return Event(
-            id=self.next_id(),
-            topic=topic,
-            data=data if data is not None else {},
-            correlation_id=correlation_id,
-            causation_id=causation_id,
-        )
+        now = time.time()  # one clock reading for the event's time and its id
+        return Event(self._next_id(now), topic, data if data is not None else {}, now,
+                     correlation_id, causation_id)
 
     def advance_to(self, last_id: int) -> None:
         """Never hand out an id at or below `last_id` (the newest id stored before a restart)."""
@@ -226,6 +226,8 @@ class Bus:
         subscribers = self._by_topic.get(event.topic)
         if subscribers is None:
             subscribers = tuple(s for s in self._subscriptions if s.pattern.matches(event.topic))
+            if len(self._by_topic) >= _TOPICS_CACHED:
+                self._by_topic.clear()  # topics made per item (`news.<id>`) must not pile up
             self._by_topic[event.topic] = subscribers
         for sub in subscribers:
             try:

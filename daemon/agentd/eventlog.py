@@ -50,6 +50,7 @@ class EventLog:
         self._rules = [(TopicPattern.parse(pattern), kind) for pattern, kind in config.rules()]
         self._class_of: dict[str, str] = {}
         self._pending: list[Event] = []
+        self._durable: list[bool] = []  # per pending event: durable (else ring)
         self._in_flight: list[Event] = []
         self._writing = False
         self._timer: asyncio.TimerHandle | None = None
@@ -89,9 +90,11 @@ class EventLog:
         return kind
 
     def _record(self, event: Event) -> None:
-        if self.persistence(event.topic) == "ephemeral":
+        kind = self.persistence(event.topic)
+        if kind == "ephemeral":
             return
         self._pending.append(event)
+        self._durable.append(kind == "durable")
         if not self._writing and self._timer is None:
             self._drained.clear()
             # Events ride along with the next batch of other writes (see `_ride`); this timer
@@ -113,12 +116,12 @@ class EventLog:
             self._timer.cancel()
             self._timer = None
         batch, self._pending = self._pending, []
+        durable, self._durable = self._durable, []
         self._in_flight = batch
         self._writing = True
         rows = [
-            (e.id, e.topic, e.time, _ENCODE(e.data),
-             e.correlation_id, e.causation_id, int(self.persistence(e.topic) == "durable"))
-            for e in batch
+            (e.id, e.topic, e.time, _ENCODE(e.data), e.correlation_id, e.causation_id, keep)
+            for e, keep in zip(batch, durable, strict=True)
         ]
         write(lambda conn: conn.executemany(_INSERT, rows)).add_done_callback(self._written)
 

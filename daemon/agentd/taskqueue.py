@@ -24,7 +24,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from agentd.bus import Bus
 from agentd.config import TasksConfig
@@ -90,14 +90,13 @@ class TaskRecord:
         (task_id, queue, name, args, status, priority, run_at, attempts, max_attempts, timeout,
          key, parent_id, correlation_id, cancel_requested, result, error, created_at,
          started_at, finished_at, expires_at, usage) = values
+        # Positional, in field order: binding 21 keywords cost more than the rest of this.
         return cls(
-            id=task_id, queue=queue, name=name, args={} if args == "{}" else json.loads(args),
-            status=status, priority=priority, run_at=run_at, attempts=attempts,
-            max_attempts=max_attempts, timeout=timeout, idempotency_key=key, parent_id=parent_id,
-            correlation_id=correlation_id or str(task_id), cancel_requested=bool(cancel_requested),
-            result=None if result is None else json.loads(result), error=error,
-            created_at=created_at, started_at=started_at, finished_at=finished_at,
-            expires_at=expires_at, usage=None if usage is None else json.loads(usage),
+            task_id, queue, name, {} if args == "{}" else json.loads(args), status, priority,
+            run_at, attempts, max_attempts, timeout, key, parent_id, correlation_id or str(task_id),
+            bool(cancel_requested), None if result is None else json.loads(result), error,
+            created_at, started_at, finished_at, expires_at,
+            None if usage is None else json.loads(usage),
         )
 
     @classmethod
@@ -106,11 +105,9 @@ class TaskRecord:
         (queue, name, _, status, priority, run_at, max_attempts, timeout, key, parent_id,
          correlation_id, created_at) = values
         return cls(
-            id=task_id, queue=queue, name=name, args=args, status=status, priority=priority,
-            run_at=run_at, attempts=0, max_attempts=max_attempts, timeout=timeout,
-            idempotency_key=key, parent_id=parent_id, correlation_id=correlation_id or str(task_id),
-            cancel_requested=False, result=None, error=None, created_at=created_at,
-            started_at=None, finished_at=None, expires_at=None,
+            task_id, queue, name, args, status, priority, run_at, 0, max_attempts, timeout, key,
+            parent_id, correlation_id or str(task_id), False, None, None, created_at, None, None,
+            None,
         )
 
     @property
@@ -130,7 +127,7 @@ class TaskRecord:
         }
 
 
-# The columns `TaskRecord.from_values` reads, in its order.
+# The columns `TaskRecord.from_values` reads: the record's fields, in their order.
 RECORD_COLUMNS = (
     "id, queue, name, args, status, priority, run_at, attempts, max_attempts, timeout, "
     "idempotency_key, parent_id, correlation_id, cancel_requested, result, error, created_at, "
@@ -167,8 +164,7 @@ class TaskRequest:
     dedupe_window: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Enqueued:
+class Enqueued(NamedTuple):
     """An enqueue's outcome: the task, and whether this call created it (False: deduplicated)."""
 
     task: TaskRecord
@@ -248,10 +244,10 @@ class TaskQueue:
         if request.delay is not None and request.run_at is not None:
             raise InvalidTaskError("give either delay or run_at, not both")
         run_at = request.run_at if request.run_at is not None else now + (request.delay or 0.0)
-        max_attempts = next(
-            (m for m in (request.max_attempts, definition.max_attempts) if m is not None),
-            self.config.max_attempts,
-        )
+        max_attempts = request.max_attempts
+        if max_attempts is None:
+            max_attempts = (definition.max_attempts if definition.max_attempts is not None
+                            else self.config.max_attempts)
         if max_attempts < 1:
             raise InvalidTaskError(f"max_attempts must be at least 1, got {max_attempts}")
         timeout = request.timeout if request.timeout is not None else definition.timeout
@@ -264,7 +260,8 @@ class TaskQueue:
             )
         priority = request.priority if request.priority is not None else definition.priority
         return (
-            queue, request.name, encode_json(dict(request.args), "args"), "queued", priority,
+            queue, request.name, encode_json(dict(request.args), "args") if request.args else "{}",
+            "queued", priority,
             run_at, max_attempts, timeout, request.idempotency_key, request.parent_id,
             request.correlation_id, now,
         )

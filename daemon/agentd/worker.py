@@ -24,9 +24,8 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from agentd.config import TasksConfig
 from agentd.context import Context
@@ -428,8 +427,7 @@ async def _call_task(definition: TaskDef, record: TaskRecord, ctx: Context) -> A
         return await call
 
 
-@dataclass(frozen=True, slots=True)
-class _Outcome:
+class _Outcome(NamedTuple):
     """How an attempt ended: succeeded, failed, retry, cancelled or interrupted (by a stop)."""
 
     status: str
