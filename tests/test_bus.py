@@ -155,6 +155,25 @@ def test_the_per_topic_cache_stays_bounded_when_topics_are_made_per_item() -> No
     assert len(bus._by_topic) <= 4096  # one entry per topic ever published, without the bound
 
 
+def test_accepts_narrows_a_pattern_and_is_asked_once_per_topic() -> None:
+    bus = Bus()
+    asked: list[str] = []
+    got: list[str] = []
+
+    def accepts(topic: str) -> bool:
+        asked.append(topic)
+        return topic != "a.skip"
+
+    bus.subscribe("a.*", lambda e: got.append(e.topic), accepts=accepts)
+    for _ in range(3):
+        bus.publish("a.keep")
+        bus.publish("a.skip")
+    assert got == ["a.keep"] * 3
+    assert sorted(asked) == ["a.keep", "a.skip"]
+    assert bus.has_subscribers("a.keep")
+    assert not bus.has_subscribers("a.skip") and not bus.has_subscribers("b")
+
+
 def test_events_are_immutable() -> None:
     event = Bus().publish("a", {"n": 1})
     with pytest.raises(AttributeError):

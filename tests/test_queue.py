@@ -82,6 +82,20 @@ async def test_a_task_runs_and_its_result_wakes_the_waiter(qt: Any) -> None:
             assert event.data["name"] and event.data["task_id"]
 
 
+async def test_task_events_nobody_takes_are_not_built(qt: Any) -> None:
+    daemon, events, _ = await qt()
+    events.close()  # the test's own capture takes every topic
+    # By default the event log keeps no task.queued: with no other subscriber, none is made.
+    published = daemon.bus.published
+    await daemon.queue.enqueue("qt.echo", {"value": 1}, delay=60)
+    assert daemon.bus.published == published
+    seen: list[Any] = []
+    with daemon.bus.subscribe("task.queued", seen.append):
+        record = await daemon.queue.enqueue("qt.echo", {"value": 2}, delay=60)
+    assert [(e.topic, e.data["task_id"]) for e in seen] == [("task.queued", record.id)]
+    assert daemon.bus.published == published + 1
+
+
 async def test_every_record_field_holds_its_own_column(qt: Any) -> None:
     """Records are built positionally; a field read from the wrong column fails here."""
     daemon, _, _ = await qt()

@@ -43,9 +43,11 @@ class Subscription:
         callback: Callback | None,
         maxsize: int,
         merge: Merge | None = None,
+        accepts: Callable[[str], bool] | None = None,
     ) -> None:
         self.bus = bus
         self.pattern = pattern
+        self.accepts = accepts
         self.merge = merge
         self.name = name
         self.callback = callback
@@ -63,6 +65,10 @@ class Subscription:
             self.closed = True
             self.bus._remove(self)
             self._wake()
+
+    def wants(self, topic: str) -> bool:
+        """Whether events of `topic` are delivered to this subscription."""
+        return self.pattern.matches(topic) and (self.accepts is None or self.accepts(topic))
 
     def __enter__(self) -> Subscription:
         return self
@@ -163,6 +169,7 @@ class Bus:
         name: str | None = None,
         maxsize: int = DEFAULT_BUFFER,
         merge: Merge | None = None,
+        accepts: Callable[[str], bool] | None = None,
     ) -> Subscription:
         """Subscribe to topics matching `pattern`.
 
@@ -174,6 +181,8 @@ class Bus:
             maxsize: the iterator's buffer bound (ignored for callbacks).
             merge: folds a new event into the newest buffered one once the buffer is half
                 full (e.g. consecutive LLM tokens), before anything is dropped.
+            accepts: a further test of a topic the pattern matches (asked once per topic,
+                its answer remembered), for what a pattern cannot say: "all but these".
 
         Raises:
             PatternError: the pattern is malformed.
@@ -182,7 +191,8 @@ class Bus:
         if maxsize < 1:
             raise ValueError(f"maxsize must be at least 1, got {maxsize}")
         label = name or getattr(callback, "__qualname__", None) or f"subscriber:{compiled.text}"
-        sub = Subscription(self, compiled, name=label, callback=callback, maxsize=maxsize, merge=merge)
+        sub = Subscription(self, compiled, name=label, callback=callback, maxsize=maxsize, merge=merge,
+                           accepts=accepts)
         self._subscriptions[sub] = None
         self._by_topic.clear()
         return sub
@@ -220,22 +230,30 @@ class Bus:
         """Never hand out an id at or below `last_id` (the newest id stored before a restart)."""
         self._last_id = max(self._last_id, last_id)
 
+    def has_subscribers(self, topic: str) -> bool:
+        """Whether an event of `topic` published now would reach anyone: a publisher may skip
+        building the events of a busy topic that nobody takes."""
+        return bool(self._subscribers(topic))
+
     def dispatch(self, event: Event) -> None:
         """Deliver an already-built event (used by `publish` and by replaying components)."""
         self.published += 1
-        subscribers = self._by_topic.get(event.topic)
-        if subscribers is None:
-            subscribers = tuple(s for s in self._subscriptions if s.pattern.matches(event.topic))
-            if len(self._by_topic) >= _TOPICS_CACHED:
-                self._by_topic.clear()  # topics made per item (`news.<id>`) must not pile up
-            self._by_topic[event.topic] = subscribers
-        for sub in subscribers:
+        for sub in self._subscribers(event.topic):
             try:
                 sub.deliver(event)
             except Exception:
                 self._log.exception(
                     "bus.callback_failed", subscriber=sub.name, topic=event.topic, event_id=event.id
                 )
+
+    def _subscribers(self, topic: str) -> tuple[Subscription, ...]:
+        subscribers = self._by_topic.get(topic)
+        if subscribers is None:
+            subscribers = tuple(s for s in self._subscriptions if s.wants(topic))
+            if len(self._by_topic) >= _TOPICS_CACHED:
+                self._by_topic.clear()  # topics made per item (`news.<id>`) must not pile up
+            self._by_topic[topic] = subscribers
+        return subscribers
 
     def close(self) -> None:
         """End every subscription; iterators finish after draining their buffers."""

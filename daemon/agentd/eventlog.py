@@ -66,7 +66,9 @@ class EventLog:
             self.bus.advance_to(row["id"])
         horizon = await self.store.read_one("SELECT value FROM meta WHERE key = 'events_horizon'")
         self.horizon = int(horizon["value"]) if horizon is not None else 0
-        self._subscription = self.bus.subscribe("**", self._record, name="event-log")
+        self._subscription = self.bus.subscribe(
+            "**", self._record, name="event-log",
+            accepts=lambda topic: self.persistence(topic) != "ephemeral")
         self.store.add_rider(self._ride)
 
     async def stop(self) -> None:
@@ -90,11 +92,9 @@ class EventLog:
         return kind
 
     def _record(self, event: Event) -> None:
-        kind = self.persistence(event.topic)
-        if kind == "ephemeral":
-            return
+        """Bus callback, for topics that are not ephemeral (see `start`)."""
         self._pending.append(event)
-        self._durable.append(kind == "durable")
+        self._durable.append(self.persistence(event.topic) == "durable")
         if not self._writing and self._timer is None:
             self._drained.clear()
             # Events ride along with the next batch of other writes (see `_ride`); this timer
