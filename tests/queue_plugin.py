@@ -46,6 +46,7 @@ async def wait_gate(ctx, name: str, result=None):
     except asyncio.CancelledError:
         CANCELLED.append(ctx.task.id)
         raise
+    gate(f"done:{name}").set()
     return result
 
 

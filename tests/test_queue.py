@@ -634,6 +634,68 @@ async def test_a_claim_committing_as_the_workers_stop_is_put_back(
     assert seen == ["running", "queued"]  # it was claimed, then put back
 
 
+async def test_a_cancel_racing_a_finished_task_s_ack_does_not_lose_its_announcement(
+    start_daemon: Any, qt_dir: Path
+) -> None:
+    """A task finished; its ack and a cancel of it commit in one transaction, the cancel
+    first. The task must still be announced as succeeded (its waiters woken, its final event
+    published): it used to be cancelled while waiting to be told its ack had committed."""
+    daemon, events = await start_daemon(plugin_dirs=[qt_dir], overrides={
+        "store": {"synchronous": "full"},  # writes run in a thread the test can hold
+        "tasks": {"queues": {"default": 2}}})
+    module = sys.modules["agentd_plugins.qt"]
+    record = await daemon.queue.enqueue("qt.wait_gate", {"name": "a", "result": "A"})
+    await asyncio.wait_for(module.gate("started:a").wait(), 5)
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_writer(conn: Any) -> None:
+        held.set()
+        release.wait(5)
+
+    holding = daemon.store.write(hold_the_writer)
+    await asyncio.get_running_loop().run_in_executor(None, held.wait, 5)
+    cancelling = asyncio.create_task(daemon.queue.cancel(record.id))  # queued behind the hold
+    for _ in range(20):  # yields, no time: the cancel submits its write
+        await asyncio.sleep(0)
+    module.gate("a").set()
+    await asyncio.wait_for(module.gate("done:a").wait(), 5)  # its ack waits behind the cancel
+    release.set()
+    await asyncio.gather(holding, cancelling)
+    event = await events.wait_for("task.succeeded", task_id=record.id)
+    assert event.data["attempt"] == 1
+    final = await daemon.queue.get(record.id)
+    assert (final.status, final.result) == ("succeeded", "A")
+
+
+async def test_stopping_returns_once_the_tasks_that_finished_are_announced(
+    start_daemon: Any, qt_dir: Path
+) -> None:
+    daemon, events = await start_daemon(plugin_dirs=[qt_dir], overrides={
+        "store": {"synchronous": "full"},  # writes run in a thread the test can hold
+        "tasks": {"queues": {"default": 1}}})
+    module = sys.modules["agentd_plugins.qt"]
+    record = await daemon.queue.enqueue("qt.wait_gate", {"name": "last", "result": 1})
+    await asyncio.wait_for(module.gate("started:last").wait(), 5)
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_writer(conn: Any) -> None:
+        held.set()
+        release.wait(5)
+
+    holding = daemon.store.write(hold_the_writer)
+    await asyncio.get_running_loop().run_in_executor(None, held.wait, 5)
+    stopping = asyncio.create_task(daemon.workers.stop(5.0))
+    module.gate("last").set()
+    await asyncio.wait_for(module.gate("done:last").wait(), 5)  # its ack waits behind the hold
+    for _ in range(20):  # yields, no time: a stop that did not wait for the ack returns now
+        await asyncio.sleep(0)
+    assert not stopping.done()
+    release.set()
+    await asyncio.gather(holding, stopping)
+    # Announced before stop returned: whatever stops listening after the workers hears it.
+    assert [e.data["task_id"] for e in events.events if e.topic == "task.succeeded"] == [record.id]
+
+
 async def test_short_tasks_share_write_transactions_by_the_dozen(qt: Any) -> None:
     daemon, _, _ = await qt(workers={"default": 8}, claim_ahead=3)
     warm = await daemon.queue.enqueue_many([TaskRequest("qt.echo", {"value": i}) for i in range(20)])

@@ -99,7 +99,7 @@ class WorkerPool:
         self._ahead: dict[str, deque[TaskRecord]] = {name: deque() for name in config.queues}
         self._mean_run = dict.fromkeys(config.queues, SHORT_TASK * 2)  # unproven: not short
         self.services = services
-        self.running: dict[int, asyncio.Task[None]] = {}
+        self.running: dict[int, asyncio.Task[None]] = {}  # attempts whose code has not ended
         self._running_by_name: dict[str, int] = {}
         self._cancelling: set[int] = set()
         self._settling: set[asyncio.Task[None]] = set()  # cancellations of tasks claimed ahead
@@ -107,6 +107,10 @@ class WorkerPool:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._acks = BatchedWrite(store, _write_acks)
+        # The acks of the transaction being gathered (`_settle`), announced when it commits.
+        self._acks_batch: asyncio.Future[list[None]] | None = None
+        self._acked: list[TaskRecord] = []
+        self._acks_in_flight: set[asyncio.Future[list[None]]] = set()
         self._claims: dict[str, asyncio.Future[tuple[list[tuple[Any, ...]], float | None]]] = {}
         store.add_rider(self._ride_claims)
         queue.on_work(self.wake)
@@ -139,6 +143,10 @@ class WorkerPool:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*self._settling, return_exceptions=True)
+        if self._acks_in_flight:
+            # Finished tasks are announced when their acks commit: before anything stops
+            # listening. `wait`, not `gather`: cancelling a gather would cancel the batches.
+            await asyncio.wait(set(self._acks_in_flight))
         unstarted = [record.id for ahead in self._ahead.values() for record in ahead]
         for ahead in self._ahead.values():
             ahead.clear()
@@ -295,7 +303,8 @@ class WorkerPool:
             mean = self._mean_run[record.queue]
             self._mean_run[record.queue] = mean + _RUN_WEIGHT * (time.monotonic() - began - mean)
             # Free the slot before the acknowledgement commits, so the next claim shares
-            # its transaction. The row stays `running` until then: nothing can be lost.
+            # its transaction. The row stays `running` until then: nothing can be lost, and
+            # the task's waiters and final event follow the commit (`_announce_acks`).
             ctx.close()
             if ctx.holds_slot:
                 ctx.holds_slot = False
@@ -339,6 +348,8 @@ class WorkerPool:
             return _Outcome("retry", error=f"{type(exc).__name__}: {exc}")
 
     async def _settle(self, record: TaskRecord, outcome: _Outcome) -> None:
+        """Record how the attempt ended. A retry or an interruption is written and awaited; a
+        final state joins the next transaction's acks and is announced when that commits."""
         now = time.time()
         ttl_until = now + self.config.result_ttl
         status, delay = outcome.status, 0.0
@@ -360,13 +371,32 @@ class WorkerPool:
                                    error=outcome.error, delay=round(delay, 3))
             self.wake(record.queue)
             return
-        await self._acks.add((status, outcome.result, outcome.error, now, ttl_until, record.id))
+        batch = self._acks.add((status, outcome.result, outcome.error, now, ttl_until, record.id))
+        if batch is not self._acks_batch:
+            # The first ack of a transaction: its commit announces every ack it carries.
+            self._acks_batch, self._acked = batch, []
+            self._acks_in_flight.add(batch)
+            batch.add_done_callback(partial(self._announce_acks, self._acked))
         record.status, record.result, record.error = status, outcome.value, outcome.error
         record.finished_at, record.expires_at = now, ttl_until
-        extra: dict[str, Any] = {"attempt": record.attempts}
-        if outcome.error:
-            extra["error"] = outcome.error
-        self.queue.settle(record, f"task.{status}", **extra)
+        self._acked.append(record)
+
+    def _announce_acks(self, records: list[TaskRecord], batch: asyncio.Future[list[None]]) -> None:
+        """Once a transaction's acks commit, publish each task's final state and wake its
+        waiters. A callback rather than each task awaiting the commit: no task wakes up
+        only to publish, and no cancelled task can cancel the future its batch shares."""
+        self._acks_in_flight.discard(batch)
+        if batch.cancelled() or batch.exception() is not None:
+            # The rows stay `running`; their leases run out and the heartbeat or the next
+            # start settles them as a crash would.
+            _LOG.error("tasks.ack_failed", tasks=len(records),
+                       error="cancelled" if batch.cancelled() else str(batch.exception()))
+            return
+        for record in records:
+            extra: dict[str, Any] = {"attempt": record.attempts}
+            if record.error:
+                extra["error"] = record.error
+            self.queue.settle(record, f"task.{record.status}", **extra)
 
     async def _remember(self, definition: TaskDef, record: TaskRecord, value: Any) -> None:
         """`@plugin.task(remember=...)`: keep the result in long-term memory."""
