@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import pytest
 from structlog.testing import capture_logs
@@ -179,6 +180,14 @@ def test_events_are_immutable() -> None:
     with pytest.raises(AttributeError):
         event.topic = "b"  # type: ignore[misc]
     assert event.topic == "a"
+
+
+def test_an_event_built_by_hand_defaults_its_data_and_time() -> None:
+    before = time.time()
+    event = Event(id=7, topic="plugin.made")
+    assert (event.data, event.correlation_id, event.causation_id) == ({}, None, None)
+    assert before <= event.time <= time.time()
+    assert Event(id=8, topic="x", time=5.0).time == 5.0
 
 
 def test_callbacks_receive_in_publish_order() -> None:

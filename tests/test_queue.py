@@ -667,6 +667,39 @@ async def test_a_cancel_racing_a_finished_task_s_ack_does_not_lose_its_announcem
     assert (final.status, final.result) == ("succeeded", "A")
 
 
+async def test_a_finished_task_keeps_its_lease_until_its_ack_commits(
+    start_daemon: Any, qt_dir: Path
+) -> None:
+    """Its row stays `running` until the ack commits: were its lease left to run out
+    meanwhile (the writer slow or held), the heartbeat would take it back as an orphan, and
+    a task that succeeded could be announced dead."""
+    daemon, events = await start_daemon(plugin_dirs=[qt_dir], overrides={
+        "store": {"synchronous": "full"},  # writes run in a thread the test can hold
+        "tasks": {"queues": {"default": 1}}})
+    module = sys.modules["agentd_plugins.qt"]
+    record = await daemon.queue.enqueue("qt.wait_gate", {"name": "a", "result": "A"})
+    await asyncio.wait_for(module.gate("started:a").wait(), 5)
+    assert record.id in daemon.workers.leased
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_writer(conn: Any) -> None:
+        held.set()
+        release.wait(5)
+
+    holding = daemon.store.write(hold_the_writer)
+    await asyncio.get_running_loop().run_in_executor(None, held.wait, 5)
+    module.gate("a").set()
+    await asyncio.wait_for(module.gate("done:a").wait(), 5)
+    for _ in range(5):  # yields, no time: the attempt ends, its ack waits behind the hold
+        await asyncio.sleep(0)
+    assert record.id not in daemon.workers.running
+    assert record.id in daemon.workers.leased  # the heartbeat renews it still
+    release.set()
+    await holding
+    await events.wait_for("task.succeeded", task_id=record.id)
+    assert record.id not in daemon.workers.leased
+
+
 async def test_stopping_returns_once_the_tasks_that_finished_are_announced(
     start_daemon: Any, qt_dir: Path
 ) -> None:

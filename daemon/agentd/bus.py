@@ -107,7 +107,6 @@ class Subscription:
                 topic=LAGGED_TOPIC,
                 data={"dropped": self._lag, "resume_after": self._last_dropped_id,
                       "subscription": self.name},
-                time=time.time(),
             )
             self._lag = 0
             return marker

@@ -50,7 +50,7 @@ class EventLog:
         self._rules = [(TopicPattern.parse(pattern), kind) for pattern, kind in config.rules()]
         self._class_of: dict[str, str] = {}
         self._pending: list[Event] = []
-        self._durable: list[bool] = []  # per pending event: durable (else ring)
+        self._durable: list[int] = []  # per pending event: 1 durable, 0 ring
         self._in_flight: list[Event] = []
         self._writing = False
         self._timer: asyncio.TimerHandle | None = None
@@ -94,7 +94,7 @@ class EventLog:
     def _record(self, event: Event) -> None:
         """Bus callback, for topics that are not ephemeral (see `start`)."""
         self._pending.append(event)
-        self._durable.append(self.persistence(event.topic) == "durable")
+        self._durable.append(int(self.persistence(event.topic) == "durable"))
         if not self._writing and self._timer is None:
             self._drained.clear()
             # Events ride along with the next batch of other writes (see `_ride`); this timer

@@ -110,7 +110,7 @@ class WorkerPool:
         # The acks of the transaction being gathered (`_settle`), announced when it commits.
         self._acks_batch: asyncio.Future[list[None]] | None = None
         self._acked: list[TaskRecord] = []
-        self._acks_in_flight: set[asyncio.Future[list[None]]] = set()
+        self._acks_in_flight: dict[asyncio.Future[list[None]], list[TaskRecord]] = {}
         self._claims: dict[str, asyncio.Future[tuple[list[tuple[Any, ...]], float | None]]] = {}
         store.add_rider(self._ride_claims)
         queue.on_work(self.wake)
@@ -152,6 +152,14 @@ class WorkerPool:
             ahead.clear()
         if unstarted:
             await self.store.write(partial(_unclaim, task_ids=unstarted))
+
+    @property
+    def leased(self) -> list[int]:
+        """Ids of the tasks whose leases the heartbeat renews: running, claimed ahead, and
+        finished but not yet acknowledged (their rows stay `running` until the ack commits,
+        and a lease run out meanwhile would have them taken back as orphans)."""
+        return [*self.running, *(record.id for ahead in self._ahead.values() for record in ahead),
+                *(record.id for acked in self._acks_in_flight.values() for record in acked)]
 
     @property
     def claimed_ahead(self) -> int:
@@ -375,7 +383,7 @@ class WorkerPool:
         if batch is not self._acks_batch:
             # The first ack of a transaction: its commit announces every ack it carries.
             self._acks_batch, self._acked = batch, []
-            self._acks_in_flight.add(batch)
+            self._acks_in_flight[batch] = self._acked
             batch.add_done_callback(partial(self._announce_acks, self._acked))
         record.status, record.result, record.error = status, outcome.value, outcome.error
         record.finished_at, record.expires_at = now, ttl_until
@@ -385,7 +393,7 @@ class WorkerPool:
         """Once a transaction's acks commit, publish each task's final state and wake its
         waiters. A callback rather than each task awaiting the commit: no task wakes up
         only to publish, and no cancelled task can cancel the future its batch shares."""
-        self._acks_in_flight.discard(batch)
+        del self._acks_in_flight[batch]
         if batch.cancelled() or batch.exception() is not None:
             # The rows stay `running`; their leases run out and the heartbeat or the next
             # start settles them as a crash would.
@@ -422,9 +430,8 @@ class WorkerPool:
         interval = self.config.lease / 3
         while True:
             await asyncio.sleep(interval)
-            ours = [*self.running, *(record.id for ahead in self._ahead.values() for record in ahead)]
             recovered = await self.store.write(partial(
-                _renew, running=ours, lease_until=time.time() + self.config.lease,
+                _renew, running=self.leased, lease_until=time.time() + self.config.lease,
                 ttl=self.config.result_ttl, expired_only=True))
             self._publish_recovered(recovered)
 
