@@ -6,7 +6,7 @@ saying what it would have done, so the whole path can be tried on the defaults.
 
     curl -s -XPOST localhost:8470/v1/tasks \\
          -d '{"name": "chat.reply", "args": {"session": "ada", "prompt": "Hello!"}}'
-    curl -sN localhost:8470/v1/tasks/<id>/stream          # task.token events, then task.succeeded
+    curl -sN localhost:8470/v1/tasks/<id>/stream          # the task, task.token events, task.succeeded
     curl -s localhost:8470/v1/sessions/ada/messages
 """
 

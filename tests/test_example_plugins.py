@@ -408,7 +408,8 @@ async def test_deep_search_delegates_merges_streams_remembers_and_mails(start_da
         assert own[-1].event == "task.succeeded" and frames[-1].event == "end"
         child_ids = {c["id"] for c in children.values() if c["name"] != "agentd.send_mail"}
         assert child_ids <= {f.data["data"].get("task_id") for f in frames if f.event == "task.succeeded"}
-        assert all(f.id is not None and f.id > 0 for f in frames[:-1])
+        assert frames[0].event == "task" and frames[0].data["task"]["status"] == "queued"
+        assert all(f.id is not None and f.id > 0 for f in frames[1:-1])
 
         # Exactly one mail, to the address given, about the topic.
         await succeeded(client, result["mail_task_id"])

@@ -455,12 +455,33 @@ async def test_a_run_does_not_depend_on_its_stream_connection(st: Any, http: Any
         await sse.opened()
         await asyncio.wait_for(module.gate("started:conn").wait(), FRAME_TIMEOUT)
         frames = await sse.until("task.started")
-        assert [f.event for f in frames] == ["task.queued", "task.started"]
+        assert [f.event for f in frames] == ["task", "task.queued", "task.started"]
+        assert frames[0].data["task"]["id"] == record.id
     # The client is gone; the task is not.
     module.gate("conn").set()
     final = await daemon.queue.wait(record.id, timeout=FRAME_TIMEOUT)
     assert (final.status, final.result) == ("succeeded", "finished")
     await events.wait_for("task.succeeded", task_id=record.id)
+
+
+async def test_a_task_stream_opened_late_starts_with_where_the_task_stands(st: Any, http: Any) -> None:
+    """By default the event log keeps no task.queued or task.started: a client that joins a
+    running task learns it is running, and since when, from the `task` event it gets first."""
+    daemon, _, module = await st()
+    record = await daemon.queue.enqueue("st.wait_gate", {"name": "late", "result": "done"})
+    await asyncio.wait_for(module.gate("started:late").wait(), FRAME_TIMEOUT)
+    async with http(daemon).get(f"/v1/tasks/{record.id}/stream") as response:
+        sse = Sse(response)
+        await sse.opened()
+        first = await sse.next_event()
+        assert (first.event, first.id) == ("task", None)  # no id: it moves no resume point
+        task = first.data["task"]
+        assert (task["id"], task["status"], task["attempts"], task["children"]) == (
+            record.id, "running", 1, [])
+        assert task["started_at"] is not None
+        module.gate("late").set()
+        rest = await sse.until("end")
+    assert [f.event for f in rest] == ["task.succeeded", "end"]
 
 
 async def test_a_task_stream_has_its_children_and_ends_after_its_final_event(st: Any, http: Any) -> None:
@@ -479,7 +500,9 @@ async def test_a_task_stream_has_its_children_and_ends_after_its_final_event(st:
         frames = await sse.until("end")
         assert await sse.frame() is None
     (child_id,) = await daemon.queue.children(record.id)
-    events, end = frames[:-1], frames[-1]
+    snapshot, events, end = frames[0], frames[1:-1], frames[-1]
+    assert (snapshot.event, snapshot.id) == ("task", None)
+    assert snapshot.data["task"]["id"] == record.id
     ids = [f.id for f in events]
     assert ids == sorted(set(ids))
     assert {f.data["data"]["task_id"] for f in events} == {record.id, child_id}
@@ -508,7 +531,8 @@ async def test_a_task_stream_has_its_children_and_ends_after_its_final_event(st:
         await sse.opened()
         replay = await sse.until("end")
         assert await sse.frame() is None
-    assert [f.id for f in replay[:-1]] == ids
+    assert replay[0].data == end.data  # the snapshot of a finished task is its end
+    assert [f.id for f in replay[1:-1]] == ids
     assert replay[-1].data == end.data
 
     # Resumed part-way, it sends only the rest.
@@ -517,7 +541,7 @@ async def test_a_task_stream_has_its_children_and_ends_after_its_final_event(st:
         sse = Sse(response)
         await sse.opened()
         rest = await sse.until("end")
-    assert [f.id for f in rest[:-1]] == ids[4:]
+    assert [f.id for f in rest[1:-1]] == ids[4:]
 
 
 @pytest.mark.parametrize("task_id", ["424242", str(2**63)])
@@ -539,7 +563,7 @@ async def test_a_task_stream_resumed_from_before_the_horizon_starts_with_a_gap(s
         sse = Sse(response)
         await sse.opened()
         frames = await sse.until("end")
-    queued = frames[0]
+    queued = frames[1]
     assert queued.event == "task.queued"
     await daemon.eventlog.flush()
     await daemon.eventlog.sweep()  # retention 0: the task's events are gone
@@ -550,9 +574,9 @@ async def test_a_task_stream_resumed_from_before_the_horizon_starts_with_a_gap(s
         sse = Sse(response)
         await sse.opened()
         resumed = await sse.until("end")
-    assert [f.event for f in resumed] == ["gap", "end"]
-    assert resumed[0].data == {"requested_after": queued.id, "kept_after": daemon.eventlog.horizon}
-    assert resumed[1].data["task"]["status"] == "succeeded"
+    assert [f.event for f in resumed] == ["task", "gap", "end"]
+    assert resumed[1].data == {"requested_after": queued.id, "kept_after": daemon.eventlog.horizon}
+    assert resumed[2].data["task"]["status"] == "succeeded"
 
 
 async def test_a_published_bus_lagged_event_does_not_end_other_streams(start_daemon: Any, http: Any) -> None:

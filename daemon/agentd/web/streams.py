@@ -396,15 +396,20 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get(r"/v1/tasks/{id:\d+}/stream")
-@doc("Server-sent events of one task and its descendants; ends after the task's final event. "
+@doc("Server-sent events of one task and its descendants: first a `task` event with the task "
+     "as GET /v1/tasks/{id} shows it, then its task.* events; ends after the task's final event. "
      "A finished task's stream replays what the log kept, then ends", tag="streams", stream=True,
      query={"since": "resume after this event id (as Last-Event-ID)",
             "token": "a stream token from POST /v1/stream-tokens"},
-     responses={200: "text/event-stream of task.* events, then an `end` event", 404: "No such task"})
+     responses={200: "text/event-stream: a `task` event, task.* events, then an `end` event",
+                404: "No such task"})
 async def task_stream(request: web.Request) -> web.StreamResponse:
     daemon = request.app[DAEMON]
     task_id = int(request.match_info["id"])
     record = await daemon.queue.get(task_id)  # TaskNotFoundError (404) for any unknown id
+    # Where the task stands when the client joins: the event log keeps no task.queued or
+    # task.started by default, so a late or resumed stream would not replay them.
+    snapshot = {**record.to_dict(), "children": await daemon.queue.children(task_id)}
     tree = {task_id, *await daemon.queue.descendants(task_id)}
     after = resume_point(request) or 0
 
@@ -426,6 +431,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     sse = SseStream(request, daemon.config.streams)
     try:
         await sse.open()
+        await sse.control("task", {"task": snapshot})
         if after and after < daemon.eventlog.horizon:
             await sse.control("gap", {"requested_after": after, "kept_after": daemon.eventlog.horizon})
         replayed = [event for event in await daemon.eventlog.replay_correlation(record.correlation_id, after)
