@@ -4,10 +4,12 @@ results, the task context and the events every state change publishes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -595,20 +597,23 @@ async def test_the_heartbeat_renews_the_leases_of_tasks_claimed_ahead(qt: Any) -
     assert (await daemon.queue.wait(quick[0], timeout=5)).attempts == 1
 
 
-async def test_a_claim_committing_as_the_workers_stop_is_put_back(
-    start_daemon: Any, qt_dir: Path
-) -> None:
-    """Stop used to cancel a claim loop waiting for its claim to commit: the claim committed
-    anyway and its rows stayed `running`, with an attempt spent, until the next start."""
-    daemon, _ = await start_daemon(plugin_dirs=[qt_dir], overrides={
-        "store": {"synchronous": "full"},  # writes run in a thread the test can hold
-        "tasks": {"queues": {"default": 1}, "claim_ahead": 0}})
-    record = await daemon.queue.enqueue("qt.echo", {"value": 1}, delay=3600)
-    # A trigger records every status the row takes, so the claim is seen to have happened.
-    await daemon.store.write(lambda conn: conn.execute("CREATE TABLE seen (status TEXT)"))
-    await daemon.store.write(lambda conn: conn.execute(
-        "CREATE TRIGGER seen_status AFTER UPDATE OF status ON tasks "
-        "BEGIN INSERT INTO seen VALUES (new.status); END"))
+@pytest.fixture
+async def held_writer_daemon(start_daemon: Any, qt_dir: Path) -> Any:
+    """`daemon, events, module = await held_writer_daemon(workers, **tasks_options)`: the
+    store at `synchronous = "full"`, whose writes run in a thread `writer_held` can hold."""
+
+    async def start(workers: int, **tasks: Any) -> tuple[Any, Any, ModuleType]:
+        daemon, events = await start_daemon(plugin_dirs=[qt_dir], overrides={
+            "store": {"synchronous": "full"}, "tasks": {"queues": {"default": workers}, **tasks}})
+        return daemon, events, sys.modules["agentd_plugins.qt"]
+
+    return start
+
+
+@contextlib.asynccontextmanager
+async def writer_held(daemon: Any) -> AsyncIterator[None]:
+    """Hold the store's writer thread until the block ends: writes submitted meanwhile
+    (claims, acks, cancels) queue behind it and commit together once it lets go."""
     held, release = threading.Event(), threading.Event()
 
     def hold_the_writer(conn: Any) -> None:
@@ -617,15 +622,32 @@ async def test_a_claim_committing_as_the_workers_stop_is_put_back(
 
     holding = daemon.store.write(hold_the_writer)
     await asyncio.get_running_loop().run_in_executor(None, held.wait, 5)
-    # Queued behind the held transaction: the task comes due, and the woken claim loop's claim.
-    due = daemon.store.write(lambda conn: conn.execute(
-        "UPDATE tasks SET run_at = 0 WHERE id = ?", (record.id,)))
-    daemon.queue.notify_work("default")
-    for _ in range(20):  # yields, no time: the claim loop wakes and submits its claim
-        await asyncio.sleep(0)
-    stopping = asyncio.create_task(daemon.workers.stop(1.0))
-    release.set()
-    await asyncio.gather(holding, due, stopping)
+    try:
+        yield
+    finally:
+        release.set()
+        await holding
+
+
+async def test_a_claim_committing_as_the_workers_stop_is_put_back(held_writer_daemon: Any) -> None:
+    """Stop used to cancel a claim loop waiting for its claim to commit: the claim committed
+    anyway and its rows stayed `running`, with an attempt spent, until the next start."""
+    daemon, _, _ = await held_writer_daemon(1, claim_ahead=0)
+    record = await daemon.queue.enqueue("qt.echo", {"value": 1}, delay=3600)
+    # A trigger records every status the row takes, so the claim is seen to have happened.
+    await daemon.store.write(lambda conn: conn.execute("CREATE TABLE seen (status TEXT)"))
+    await daemon.store.write(lambda conn: conn.execute(
+        "CREATE TRIGGER seen_status AFTER UPDATE OF status ON tasks "
+        "BEGIN INSERT INTO seen VALUES (new.status); END"))
+    async with writer_held(daemon):
+        # Queued behind the held transaction: the task comes due, and the woken claim loop's claim.
+        due = daemon.store.write(lambda conn: conn.execute(
+            "UPDATE tasks SET run_at = 0 WHERE id = ?", (record.id,)))
+        daemon.queue.notify_work("default")
+        for _ in range(20):  # yields, no time: the claim loop wakes and submits its claim
+            await asyncio.sleep(0)
+        stopping = asyncio.create_task(daemon.workers.stop(1.0))
+    await asyncio.gather(due, stopping)
     row = await daemon.store.read_one("SELECT status, attempts, lease_until FROM tasks WHERE id = ?",
                                       (record.id,))
     assert row is not None
@@ -635,96 +657,58 @@ async def test_a_claim_committing_as_the_workers_stop_is_put_back(
 
 
 async def test_a_cancel_racing_a_finished_task_s_ack_does_not_lose_its_announcement(
-    start_daemon: Any, qt_dir: Path
+    held_writer_daemon: Any
 ) -> None:
     """A task finished; its ack and a cancel of it commit in one transaction, the cancel
     first. The task must still be announced as succeeded (its waiters woken, its final event
     published): it used to be cancelled while waiting to be told its ack had committed."""
-    daemon, events = await start_daemon(plugin_dirs=[qt_dir], overrides={
-        "store": {"synchronous": "full"},  # writes run in a thread the test can hold
-        "tasks": {"queues": {"default": 2}}})
-    module = sys.modules["agentd_plugins.qt"]
+    daemon, events, module = await held_writer_daemon(2)
     record = await daemon.queue.enqueue("qt.wait_gate", {"name": "a", "result": "A"})
     await asyncio.wait_for(module.gate("started:a").wait(), 5)
-    held, release = threading.Event(), threading.Event()
-
-    def hold_the_writer(conn: Any) -> None:
-        held.set()
-        release.wait(5)
-
-    holding = daemon.store.write(hold_the_writer)
-    await asyncio.get_running_loop().run_in_executor(None, held.wait, 5)
-    cancelling = asyncio.create_task(daemon.queue.cancel(record.id))  # queued behind the hold
-    for _ in range(20):  # yields, no time: the cancel submits its write
-        await asyncio.sleep(0)
-    module.gate("a").set()
-    await asyncio.wait_for(module.gate("done:a").wait(), 5)  # its ack waits behind the cancel
-    release.set()
-    await asyncio.gather(holding, cancelling)
+    async with writer_held(daemon):
+        cancelling = asyncio.create_task(daemon.queue.cancel(record.id))  # queued behind the hold
+        for _ in range(20):  # yields, no time: the cancel submits its write
+            await asyncio.sleep(0)
+        module.gate("a").set()
+        await asyncio.wait_for(module.gate("done:a").wait(), 5)  # its ack waits behind the cancel
+    await cancelling
     event = await events.wait_for("task.succeeded", task_id=record.id)
     assert event.data["attempt"] == 1
     final = await daemon.queue.get(record.id)
     assert (final.status, final.result) == ("succeeded", "A")
 
 
-async def test_a_finished_task_keeps_its_lease_until_its_ack_commits(
-    start_daemon: Any, qt_dir: Path
-) -> None:
+async def test_a_finished_task_keeps_its_lease_until_its_ack_commits(held_writer_daemon: Any) -> None:
     """Its row stays `running` until the ack commits: were its lease left to run out
     meanwhile (the writer slow or held), the heartbeat would take it back as an orphan, and
     a task that succeeded could be announced dead."""
-    daemon, events = await start_daemon(plugin_dirs=[qt_dir], overrides={
-        "store": {"synchronous": "full"},  # writes run in a thread the test can hold
-        "tasks": {"queues": {"default": 1}}})
-    module = sys.modules["agentd_plugins.qt"]
+    daemon, events, module = await held_writer_daemon(1)
     record = await daemon.queue.enqueue("qt.wait_gate", {"name": "a", "result": "A"})
     await asyncio.wait_for(module.gate("started:a").wait(), 5)
     assert record.id in daemon.workers.leased
-    held, release = threading.Event(), threading.Event()
-
-    def hold_the_writer(conn: Any) -> None:
-        held.set()
-        release.wait(5)
-
-    holding = daemon.store.write(hold_the_writer)
-    await asyncio.get_running_loop().run_in_executor(None, held.wait, 5)
-    module.gate("a").set()
-    await asyncio.wait_for(module.gate("done:a").wait(), 5)
-    for _ in range(5):  # yields, no time: the attempt ends, its ack waits behind the hold
-        await asyncio.sleep(0)
-    assert record.id not in daemon.workers.running
-    assert record.id in daemon.workers.leased  # the heartbeat renews it still
-    release.set()
-    await holding
+    async with writer_held(daemon):
+        module.gate("a").set()
+        await asyncio.wait_for(module.gate("done:a").wait(), 5)
+        for _ in range(5):  # yields, no time: the attempt ends, its ack waits behind the hold
+            await asyncio.sleep(0)
+        assert record.id not in daemon.workers.running
+        assert record.id in daemon.workers.leased  # the heartbeat renews it still
     await events.wait_for("task.succeeded", task_id=record.id)
     assert record.id not in daemon.workers.leased
 
 
-async def test_stopping_returns_once_the_tasks_that_finished_are_announced(
-    start_daemon: Any, qt_dir: Path
-) -> None:
-    daemon, events = await start_daemon(plugin_dirs=[qt_dir], overrides={
-        "store": {"synchronous": "full"},  # writes run in a thread the test can hold
-        "tasks": {"queues": {"default": 1}}})
-    module = sys.modules["agentd_plugins.qt"]
+async def test_stopping_returns_once_the_tasks_that_finished_are_announced(held_writer_daemon: Any) -> None:
+    daemon, events, module = await held_writer_daemon(1)
     record = await daemon.queue.enqueue("qt.wait_gate", {"name": "last", "result": 1})
     await asyncio.wait_for(module.gate("started:last").wait(), 5)
-    held, release = threading.Event(), threading.Event()
-
-    def hold_the_writer(conn: Any) -> None:
-        held.set()
-        release.wait(5)
-
-    holding = daemon.store.write(hold_the_writer)
-    await asyncio.get_running_loop().run_in_executor(None, held.wait, 5)
-    stopping = asyncio.create_task(daemon.workers.stop(5.0))
-    module.gate("last").set()
-    await asyncio.wait_for(module.gate("done:last").wait(), 5)  # its ack waits behind the hold
-    for _ in range(20):  # yields, no time: a stop that did not wait for the ack returns now
-        await asyncio.sleep(0)
-    assert not stopping.done()
-    release.set()
-    await asyncio.gather(holding, stopping)
+    async with writer_held(daemon):
+        stopping = asyncio.create_task(daemon.workers.stop(5.0))
+        module.gate("last").set()
+        await asyncio.wait_for(module.gate("done:last").wait(), 5)  # its ack waits behind the hold
+        for _ in range(20):  # yields, no time: a stop that did not wait for the ack returns now
+            await asyncio.sleep(0)
+        assert not stopping.done()
+    await stopping
     # Announced before stop returned: whatever stops listening after the workers hears it.
     assert [e.data["task_id"] for e in events.events if e.topic == "task.succeeded"] == [record.id]
 
