@@ -23,7 +23,8 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, NamedTuple, NoReturn
 
 from agentd.bus import Bus
@@ -136,22 +137,24 @@ RECORD_COLUMNS = (
 _RECORD_NAMES = tuple(RECORD_COLUMNS.split(", "))
 
 
+_NO_ARGS: Mapping[str, Any] = MappingProxyType({})  # read-only: shared by every request
+
 # Enqueue task `name` with these args under this idempotency key (None: no key): what
 # ctx.mail / ctx.webhook are given, so a task's sends are its keyed children and a
 # handler's are plain tasks.
 Enqueue = Callable[[str, Mapping[str, Any], str | None], Awaitable[TaskRecord]]
 
 
-@dataclass(frozen=True, slots=True)
-class TaskRequest:
+class TaskRequest(NamedTuple):
     """What to enqueue. Unset options take the task definition's, then `[tasks]` defaults.
 
     `dedupe_window`: how many seconds an idempotency key keeps returning the task it made
-    (None: `[tasks] idempotency_window`; `float("inf")`: forever).
+    (None: `[tasks] idempotency_window`; `float("inf")`: forever). A named tuple: one is
+    built per enqueue, and a frozen dataclass's fields are set the slow way.
     """
 
     name: str
-    args: Mapping[str, Any] = field(default_factory=dict)
+    args: Mapping[str, Any] = _NO_ARGS
     queue: str | None = None
     priority: int | None = None
     delay: float | None = None
