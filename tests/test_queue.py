@@ -541,6 +541,33 @@ async def test_long_tasks_are_never_claimed_ahead(qt: Any) -> None:
     await held_while_queued("after-a-long-one")
 
 
+async def test_a_more_urgent_task_claimed_later_starts_before_those_waiting_ahead(qt: Any) -> None:
+    daemon, events, module = await qt(workers={"default": 1}, claim_ahead=3)
+    warm = await daemon.queue.enqueue_many([TaskRequest("qt.echo", {"value": i}) for i in range(10)])
+    for outcome in warm:
+        await daemon.queue.wait(outcome.task.id, timeout=5)
+    batch = await daemon.queue.enqueue_many(
+        [TaskRequest("qt.wait_gate", {"name": "first"})]
+        + [TaskRequest("qt.echo", {"value": i}) for i in range(3)])
+    low = [outcome.task.id for outcome in batch][1:]  # after the gated one, which runs
+
+    async def claimed(ids: list[int]) -> bool:
+        return await running_ids(daemon, ids) == set(ids)
+
+    await asyncio.wait_for(module.gate("started:first").wait(), 5)
+    await until(lambda: claimed(low))  # one running, three waiting ahead: no room left
+    urgent = await daemon.queue.enqueue("qt.echo", {"value": "urgent"}, priority=9)
+    # Cancelling one that waits ahead leaves room: the next claim takes the urgent task.
+    await daemon.queue.cancel(low[-1])
+    await until(lambda: claimed([urgent.id]))
+    module.gate("first").set()
+    for task_id in (urgent.id, *low[:-1]):
+        await daemon.queue.wait(task_id, timeout=5)
+    started = [e.data["task_id"] for e in events.events if e.topic == "task.started"
+               and e.data["task_id"] in (urgent.id, *low)]
+    assert started == [urgent.id, *low[:-1]]
+
+
 async def test_a_task_claimed_ahead_can_be_cancelled_and_never_runs(qt: Any) -> None:
     daemon, events, module, quick = await hold_one_worker_with_quick_tasks_waiting(qt, claim_ahead=3)
 

@@ -10,9 +10,9 @@ Claiming ahead. A claim, an acknowledgement and a commit cost per transaction, a
 transaction holds what is in flight: with 8 slots, 8 tasks. While a queue's tasks run
 shorter than `SHORT_TASK` on average, a claim also takes up to `claim_ahead` x workers
 tasks beyond its free slots; they wait in memory (leased, `running` in the table, no
-`task.started` yet) and start as slots free, without waiting for a claim. Long tasks are
-never claimed ahead: a claimed task would show as running while it waits behind them,
-and would wait long (Celery's prefetch problem).
+`task.started` yet), in priority order, and start as slots free, without waiting for a
+claim. Long tasks are never claimed ahead: a claimed task would show as running while it
+waits behind them, and would wait long (Celery's prefetch problem).
 """
 
 from __future__ import annotations
@@ -182,6 +182,7 @@ class WorkerPool:
             if record is not None:
                 ahead.remove(record)
                 self._release_name(record)
+                self.wake(record.queue)  # it leaves room ahead: claim again
                 task = asyncio.get_running_loop().create_task(
                     self._settle(record, _Outcome("cancelled", error="cancelled")),
                     name=f"cancel:{record.name}:{record.id}")
@@ -201,7 +202,7 @@ class WorkerPool:
                 for values in rows:
                     record = TaskRecord.from_values(values)
                     self._take_name(record)
-                    ahead.append(record)
+                    _wait_ahead(ahead, record)
                 if self._stopping:
                     return  # what this claim took goes back to the queue with the rest of `ahead`
                 while slots.free and ahead:  # in claim order, after any claimed earlier
@@ -450,6 +451,17 @@ class WorkerPool:
             else:
                 self.queue.publish("task.queued", record, recovered=True)
                 self.wake(record.queue)
+
+
+def _wait_ahead(ahead: deque[TaskRecord], record: TaskRecord) -> None:
+    """Queue a claimed task to start: after those waiting of its priority or higher, before
+    any of lower. A claim's rows come in priority order; a later claim may hold a more
+    urgent task than the ones an earlier claim left waiting."""
+    if not ahead or ahead[-1].priority >= record.priority:
+        ahead.append(record)
+        return
+    position = next(i for i, waiting in enumerate(ahead) if waiting.priority < record.priority)
+    ahead.insert(position, record)
 
 
 async def _call_task(definition: TaskDef, record: TaskRecord, ctx: Context) -> Any:
