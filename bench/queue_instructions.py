@@ -55,8 +55,12 @@ def main() -> int:
               file=sys.stderr)
         return 1
     small, large = args.tasks
-    sources: list[tuple[str, Path | None]] = [(repo_revision(), None)]
     with tempfile.TemporaryDirectory(prefix="agentd-instr-") as tmp:
+        # Every agentd measured is a copy imported through PYTHONPATH, the working tree's too,
+        # so that all are imported the same way.
+        working_tree = Path(tmp) / "src-0" / "daemon"
+        shutil.copytree(REPO / "daemon", working_tree, ignore=shutil.ignore_patterns("__pycache__"))
+        sources: list[tuple[str, Path]] = [(repo_revision(), working_tree)]
         for rev in args.against:
             export = Path(tmp) / f"src-{len(sources)}"
             export.mkdir()
@@ -104,12 +108,12 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def count(tasks: int, enqueue: str, source: Path | None, tmp: Path) -> tuple[int, int] | None:
-    """(all instructions, memset's) of one run under callgrind, or None if it failed."""
+def count(tasks: int, enqueue: str, source: Path, tmp: Path) -> tuple[int, int] | None:
+    """(all instructions, memset's) of one run under callgrind with the agentd in `source`
+    first on the path, or None if it failed."""
     out = tmp / f"callgrind-{os.getpid()}-{tasks}-{abs(hash(source))}.out"
     env = dict(os.environ)
-    if source is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
     run = subprocess.run(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-c",
          DRIVER.format(bench=str(HERE)), str(tasks), enqueue],

@@ -226,7 +226,7 @@ class TaskQueue:
             ]
             inserted = await self.store.write(lambda conn: _insert_tasks(conn, prepared, windows, now))
         outcomes = [
-            Enqueued(TaskRecord.queued(found, values, dict(request.args)), True)
+            Enqueued(TaskRecord.queued(found, values, dict(request.args) if request.args else {}), True)
             if isinstance(found, int) else Enqueued(TaskRecord.from_row(found), False)
             for found, values, request in zip(inserted, prepared, requests, strict=True)
         ]
@@ -240,33 +240,38 @@ class TaskQueue:
         return outcomes
 
     def _prepare(self, request: TaskRequest, now: float) -> tuple[Any, ...]:
-        definition = self.registry.get(request.name)
-        if not isinstance(request.args, Mapping):
-            raise InvalidTaskError(f"args must be a JSON object, got {type(request.args).__name__}")
-        definition.check_args(request.args)
-        if request.delay is not None and request.run_at is not None:
+        """The row to insert for `request` (in `_COLUMNS` order), or InvalidTaskError."""
+        # One unpacking instead of a score of attribute reads: this runs for every task.
+        (name, args, queue, priority, delay, run_at, key, max_attempts, timeout, parent_id,
+         correlation_id, _) = request
+        definition = self.registry.get(name)
+        # `type(...) is dict` first: an ABC isinstance check costs 0.45 µs, a tenth of an enqueue.
+        if type(args) is not dict and not isinstance(args, Mapping):
+            raise InvalidTaskError(f"args must be a JSON object, got {type(args).__name__}")
+        definition.check_args(args)
+        if delay is not None and run_at is not None:
             raise InvalidTaskError("give either delay or run_at, not both")
-        run_at = request.run_at if request.run_at is not None else now + (request.delay or 0.0)
-        max_attempts = request.max_attempts
+        if run_at is None:
+            run_at = now + (delay or 0.0)
         if max_attempts is None:
             max_attempts = (definition.max_attempts if definition.max_attempts is not None
                             else self.config.max_attempts)
         if max_attempts < 1:
             raise InvalidTaskError(f"max_attempts must be at least 1, got {max_attempts}")
-        timeout = request.timeout if request.timeout is not None else definition.timeout
+        if timeout is None:
+            timeout = definition.timeout
         if timeout is not None and timeout <= 0:
             raise InvalidTaskError(f"timeout must be positive, got {timeout}")
-        queue = request.queue or definition.queue
+        queue = queue or definition.queue
         if queue not in self.config.queues:
             raise InvalidTaskError(
                 f"queue {queue!r} has no workers; configured queues: {', '.join(self.config.queues)}"
             )
-        priority = request.priority if request.priority is not None else definition.priority
+        if priority is None:
+            priority = definition.priority
         return (
-            queue, request.name, encode_json(dict(request.args), "args") if request.args else "{}",
-            "queued", priority,
-            run_at, max_attempts, timeout, request.idempotency_key, request.parent_id,
-            request.correlation_id, now,
+            queue, name, encode_json(dict(args), "args") if args else "{}", "queued", priority,
+            run_at, max_attempts, timeout, key, parent_id, correlation_id, now,
         )
 
     # -- reading ---------------------------------------------------------------------------
