@@ -471,15 +471,21 @@ async def until(condition: Any, timeout: float = 5.0) -> None:
     await asyncio.wait_for(poll(), timeout)
 
 
+async def run_short_tasks(daemon: Any, count: int) -> None:
+    """Run `count` no-op tasks to the end: the queue has then proven its tasks short, which
+    turns claiming ahead on."""
+    warm = await daemon.queue.enqueue_many([TaskRequest("qt.echo", {"value": i}) for i in range(count)])
+    for outcome in warm:
+        await daemon.queue.wait(outcome.task.id, timeout=5)
+
+
 async def hold_one_worker_with_quick_tasks_waiting(
     qt: Any, **options: Any
 ) -> tuple[Any, Any, Any, list[int]]:
     """One worker, made to see short tasks, then held by a gated task while five quick
     tasks are queued; returns the daemon, its events, the plugin and the quick tasks' ids."""
     daemon, events, module = await qt(workers={"default": 1}, **options)
-    warm = await daemon.queue.enqueue_many([TaskRequest("qt.echo", {"value": i}) for i in range(10)])
-    for outcome in warm:
-        await daemon.queue.wait(outcome.task.id, timeout=5)
+    await run_short_tasks(daemon, 10)
     await daemon.queue.enqueue("qt.wait_gate", {"name": "hold"})
     await asyncio.wait_for(module.gate("started:hold").wait(), 5)
     quick = await daemon.queue.enqueue_many([TaskRequest("qt.echo", {"value": i}) for i in range(5)])
@@ -533,9 +539,7 @@ async def test_long_tasks_are_never_claimed_ahead(qt: Any) -> None:
     # A queue that has not yet run a task does not know its tasks are short.
     await held_while_queued("unproven")
     # Short tasks turn claiming ahead on (the tests above); one run of 0.4 s turns it off.
-    warm = await daemon.queue.enqueue_many([TaskRequest("qt.echo", {"value": i}) for i in range(10)])
-    for outcome in warm:
-        await daemon.queue.wait(outcome.task.id, timeout=5)
+    await run_short_tasks(daemon, 10)
     slow = await daemon.queue.enqueue("qt.too_slow", timeout=0.4)
     assert (await daemon.queue.wait(slow.id, timeout=5)).status == "dead"
     await held_while_queued("after-a-long-one")
@@ -543,9 +547,7 @@ async def test_long_tasks_are_never_claimed_ahead(qt: Any) -> None:
 
 async def test_a_more_urgent_task_claimed_later_starts_before_those_waiting_ahead(qt: Any) -> None:
     daemon, events, module = await qt(workers={"default": 1}, claim_ahead=3)
-    warm = await daemon.queue.enqueue_many([TaskRequest("qt.echo", {"value": i}) for i in range(10)])
-    for outcome in warm:
-        await daemon.queue.wait(outcome.task.id, timeout=5)
+    await run_short_tasks(daemon, 10)
     batch = await daemon.queue.enqueue_many(
         [TaskRequest("qt.wait_gate", {"name": "first"})]
         + [TaskRequest("qt.echo", {"value": i}) for i in range(3)])
@@ -742,9 +744,7 @@ async def test_stopping_returns_once_the_tasks_that_finished_are_announced(held_
 
 async def test_short_tasks_share_write_transactions_by_the_dozen(qt: Any) -> None:
     daemon, _, _ = await qt(workers={"default": 8}, claim_ahead=3)
-    warm = await daemon.queue.enqueue_many([TaskRequest("qt.echo", {"value": i}) for i in range(20)])
-    for outcome in warm:
-        await daemon.queue.wait(outcome.task.id, timeout=5)
+    await run_short_tasks(daemon, 20)
     backlog = await daemon.queue.enqueue_many(
         [TaskRequest("qt.echo", {"value": i}, delay=3600) for i in range(1000)])
     ids = [outcome.task.id for outcome in backlog]

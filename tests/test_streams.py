@@ -620,11 +620,11 @@ async def test_a_client_that_takes_nothing_is_dropped_after_send_timeout(st: Any
                 break
         # No event marks the drop: poll the condition itself, bounded by the timeout above.
         while streams:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # a poll, bounded: no event marks the drop
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the drop
         # The server lets go of the connection too, though the client still reads nothing
         # (a close would wait for its full buffer to drain: the socket would stay open).
         server = daemon.server._runner.server
         while server.connections:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # a poll, bounded: no event marks the release
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
     writer.close()
     await writer.wait_closed()

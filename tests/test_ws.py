@@ -394,7 +394,7 @@ async def test_a_client_that_takes_nothing_is_dropped_after_send_timeout(st: Any
                 break
         # No event marks the drop: poll the condition itself, bounded by the timeout above.
         while app[SOCKETS]:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # a poll, bounded: no event marks the drop
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the drop
     assert not [s for s in app[STREAMS] if s.name.startswith("ws:")]
     writer.close()
     await writer.wait_closed()

@@ -50,7 +50,6 @@ class EventLog:
         self._rules = [(TopicPattern.parse(pattern), kind) for pattern, kind in config.rules()]
         self._class_of: dict[str, str] = {}
         self._pending: list[Event] = []
-        self._durable: list[int] = []  # per pending event: 1 durable, 0 ring
         self._in_flight: list[Event] = []
         self._writing = False
         self._timer: asyncio.TimerHandle | None = None
@@ -94,7 +93,6 @@ class EventLog:
     def _record(self, event: Event) -> None:
         """Bus callback, for topics that are not ephemeral (see `start`)."""
         self._pending.append(event)
-        self._durable.append(int(self.persistence(event.topic) == "durable"))
         if not self._writing and self._timer is None:
             self._drained.clear()
             # Events ride along with the next batch of other writes (see `_ride`); this timer
@@ -116,12 +114,12 @@ class EventLog:
             self._timer.cancel()
             self._timer = None
         batch, self._pending = self._pending, []
-        durable, self._durable = self._durable, []
         self._in_flight = batch
         self._writing = True
         rows = [
-            (e.id, e.topic, e.time, _ENCODE(e.data), e.correlation_id, e.causation_id, keep)
-            for e, keep in zip(batch, durable, strict=True)
+            (e.id, e.topic, e.time, _ENCODE(e.data), e.correlation_id, e.causation_id,
+             int(self.persistence(e.topic) == "durable"))
+            for e in batch
         ]
         write(lambda conn: conn.executemany(_INSERT, rows)).add_done_callback(self._written)
 

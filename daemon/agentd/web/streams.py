@@ -27,6 +27,7 @@ from agentd.taskqueue import FINAL_STATES
 from agentd.web.errors import bad_request
 from agentd.web.openapi import doc
 from agentd.web.server import DAEMON, STREAMS
+from agentd.web.tasks_api import with_children
 
 routes = web.RouteTableDef()
 
@@ -409,7 +410,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     record = await daemon.queue.get(task_id)  # TaskNotFoundError (404) for any unknown id
     # Where the task stands when the client joins: the event log keeps no task.queued or
     # task.started by default, so a late or resumed stream would not replay them.
-    snapshot = {**record.to_dict(), "children": await daemon.queue.children(task_id)}
+    snapshot = await with_children(daemon.queue, record)
     tree = {task_id, *await daemon.queue.descendants(task_id)}
     after = resume_point(request) or 0
 
@@ -447,9 +448,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
             ended = ended or finished
         if ended:
             final = await daemon.queue.get(task_id)
-            # The task as GET /v1/tasks/{id} shows it, children included.
-            await sse.control("end", {"task": {**final.to_dict(),
-                                               "children": await daemon.queue.children(task_id)}})
+            await sse.control("end", {"task": await with_children(daemon.queue, final)})
     except (ConnectionResetError, TimeoutError):
         drop_connection(request)
     finally:

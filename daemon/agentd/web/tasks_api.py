@@ -75,7 +75,8 @@ def _task_id(request: web.Request) -> int:
     return int(request.match_info["id"])
 
 
-async def _with_children(queue: TaskQueue, record: TaskRecord) -> dict[str, Any]:
+async def with_children(queue: TaskQueue, record: TaskRecord) -> dict[str, Any]:
+    """The task as GET /v1/tasks/{id} shows it: its record and its children's ids."""
     return {**record.to_dict(), "children": await queue.children(record.id)}
 
 
@@ -157,7 +158,7 @@ async def get_task(request: web.Request) -> web.Response:
             record = await queue.wait(task_id, seconds)
         except TimeoutError:
             record = await queue.get(task_id)
-    return web.json_response(await _with_children(queue, record))
+    return web.json_response(await with_children(queue, record))
 
 
 @routes.post(r"/v1/tasks/{id:\d+}/cancel")
@@ -173,7 +174,7 @@ async def cancel_task(request: web.Request) -> web.Response:
             record = await queue.wait(record.id, 1.0)
         except TimeoutError:
             record = await queue.get(record.id)
-    return web.json_response(await _with_children(queue, record))
+    return web.json_response(await with_children(queue, record))
 
 
 @routes.post(r"/v1/tasks/{id:\d+}/requeue")
