@@ -5,6 +5,7 @@ and block on named gates the tests open, so no test needs to sleep.
 """
 
 import asyncio
+import contextvars
 import threading
 
 from agentd import Plugin
@@ -18,6 +19,8 @@ STEP_RUNS: dict[str, int] = {}
 CANCELLED: list[int] = []
 RUNNING = {"now": 0, "max": 0}
 THREADS: list[int] = []
+TAG: contextvars.ContextVar[str] = contextvars.ContextVar("qt_tag", default="untouched")
+TAGS_SEEN: list[str] = []
 
 
 def gate(name: str) -> asyncio.Event:
@@ -28,6 +31,13 @@ def gate(name: str) -> asyncio.Event:
 async def echo(ctx, value=None):
     STARTED.append(("echo", ctx.task.id))
     return value
+
+
+@plugin.task()
+async def tag_context(ctx, tag: str):
+    """What a task that binds context (structlog's bind_contextvars) leaves behind."""
+    TAGS_SEEN.append(TAG.get())
+    TAG.set(tag)
 
 
 @plugin.task()

@@ -570,6 +570,18 @@ async def test_a_more_urgent_task_claimed_later_starts_before_those_waiting_ahea
     assert started == [urgent.id, *low[:-1]]
 
 
+async def test_each_task_starts_in_a_fresh_context_of_its_own(qt: Any) -> None:
+    # A task binding context variables (structlog's bind_contextvars, a request id) must
+    # not hand them to the next task, least of all the one that takes over its slot.
+    daemon, _, module = await qt(workers={"default": 1}, claim_ahead=3)
+    await run_short_tasks(daemon, 10)  # claiming ahead on: tasks start in freed slots
+    outcomes = await daemon.queue.enqueue_many(
+        [TaskRequest("qt.tag_context", {"tag": f"task {i}"}) for i in range(6)])
+    for outcome in outcomes:
+        await daemon.queue.wait(outcome.task.id, timeout=5)
+    assert module.TAGS_SEEN == ["untouched"] * 6
+
+
 async def test_a_task_claimed_ahead_can_be_cancelled_and_never_runs(qt: Any) -> None:
     daemon, events, module, quick = await hold_one_worker_with_quick_tasks_waiting(qt, claim_ahead=3)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import random
 import time
@@ -106,6 +107,9 @@ class WorkerPool:
         self._loops: list[asyncio.Task[None]] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._stopping = False
+        # What each task's context variables start as: the daemon's, as it was built. Not
+        # the context of the task whose slot it takes over (its `structlog` bindings...).
+        self._task_context = contextvars.copy_context()
         self._acks = BatchedWrite(store, _write_acks)
         # The acks of the transaction being gathered (`_settle`), announced when it commits.
         self._acks_batch: asyncio.Future[list[None]] | None = None
@@ -297,7 +301,7 @@ class WorkerPool:
         record = self._ahead[queue].popleft()
         self.running[record.id] = asyncio.get_running_loop().create_task(
             self._run(record, self.registry.find(record.name), slots),
-            name=f"task:{record.name}:{record.id}")
+            name=f"task:{record.name}:{record.id}", context=self._task_context.copy())
         self._wakes[queue].set()  # claim again: what was ahead is shrinking
 
     async def _run(self, record: TaskRecord, definition: TaskDef | None, slots: Slots) -> None:
