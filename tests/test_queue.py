@@ -61,6 +61,10 @@ async def test_bad_enqueues_are_refused_with_the_reason(qt: Any) -> None:
         await daemon.queue.enqueue("qt.missing")
     with pytest.raises(InvalidTaskError, match="args must be JSON-serialisable"):
         await daemon.queue.enqueue("qt.echo", {"value": {1, 2}})
+    contains_itself: list[Any] = []
+    contains_itself.append(contains_itself)
+    with pytest.raises(InvalidTaskError, match="args must be JSON-serialisable: it contains itself"):
+        await daemon.queue.enqueue("qt.echo", {"value": contains_itself})
     with pytest.raises(InvalidTaskError, match="unexpected keyword argument 'nope'"):
         await daemon.queue.enqueue("qt.echo", {"nope": 1})
     with pytest.raises(InvalidTaskError, match="queue 'elsewhere' has no workers"):

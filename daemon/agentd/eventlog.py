@@ -20,6 +20,7 @@ from agentd.bus import Bus, Subscription
 from agentd.config import EventsConfig
 from agentd.db import Connection, Row, Store, WriteOp
 from agentd.events import Event, TopicPattern
+from agentd.jsontext import compact_encoder
 from agentd.log import get_logger
 
 _INSERT = (
@@ -29,8 +30,7 @@ _INSERT = (
 _PAGE = 1000
 # Pending events wait at most this long for another write to ride along with.
 _ALONE_AFTER = 0.02
-# One encoder: json.dumps with options builds a new one per call, three times per task.
-_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_ENCODE = compact_encoder(default=str)
 
 
 def event_from_row(row: Row) -> Event:

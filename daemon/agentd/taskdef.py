@@ -4,7 +4,6 @@ per-name limits (concurrency cap, token-bucket rate) the workers enforce."""
 from __future__ import annotations
 
 import inspect
-import json
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentd.errors import InvalidTaskError, UnknownTaskError
+from agentd.jsontext import compact_encoder
 
 TaskFunction = Callable[..., Any]
 
@@ -112,8 +112,7 @@ class TaskDef:
                 f"args do not fit task {self.name}{self.signature}: {exc}", ) from exc
 
 
-# One encoder: json.dumps with non-default options builds a new encoder on every call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_ENCODE = compact_encoder(allow_nan=False)
 
 
 def encode_json(value: Any, what: str) -> str:
@@ -121,9 +120,12 @@ def encode_json(value: Any, what: str) -> str:
     if value is None:
         return "null"
     try:
-        return _ENCODER.encode(value)
+        return _ENCODE(value)
     except (TypeError, ValueError) as exc:
         raise InvalidTaskError(f"{what} must be JSON-serialisable: {exc}") from exc
+    except RecursionError:
+        raise InvalidTaskError(f"{what} must be JSON-serialisable: it contains itself, or is "
+                               "nested too deeply") from None
 
 
 class TaskRegistry:

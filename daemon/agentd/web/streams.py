@@ -23,6 +23,7 @@ from aiohttp import web
 from agentd.bus import Subscription
 from agentd.config import StreamsConfig
 from agentd.events import Event, Lagged, TopicFilter
+from agentd.jsontext import compact_encoder
 from agentd.taskqueue import FINAL_STATES
 from agentd.web.errors import bad_request
 from agentd.web.openapi import doc
@@ -68,9 +69,12 @@ def resume_point(request: web.Request) -> int | None:
     return int(raw)
 
 
+_ENCODE = compact_encoder(default=str)
+
+
 def event_json(event: Event) -> str:
     """The event as the JSON object streams send (`Event.to_dict`), compact."""
-    return json.dumps(event.to_dict(), separators=(",", ":"), default=str)
+    return _ENCODE(event.to_dict())
 
 
 def sse_frame(event: Event, body: str) -> bytes:

@@ -1,0 +1,46 @@
+"""The compact encoder gives what `json.dumps` gives, text and errors, without its cost."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+
+from agentd.jsontext import compact_encoder
+
+VALUES: list[Any] = [
+    None, True, False, 0, -7, 2**70, 1.5, 1e-300, "", "plain", "é ☃ \x00 \" \\ \n", [], {},
+    {"task_id": 123, "name": "bench.noop", "status": "succeeded", "attempt": 1},
+    {"nested": [1, {"a": [None, 2.25, "x"]}], 3: "int key", 1.5: "float key", None: "null key",
+     True: "bool key"},
+    (1, 2, ("tuple", "in", "tuple")),
+]
+
+
+@pytest.mark.parametrize("value", VALUES)
+def test_the_text_is_json_dumps_compact(value: Any) -> None:
+    assert compact_encoder()(value) == json.dumps(value, separators=(",", ":"))
+
+
+def test_default_is_applied_to_what_json_cannot_encode() -> None:
+    value = {"when": object.__new__(type("Stamp", (), {"__str__": lambda self: "noon"}))}
+    assert compact_encoder(default=str)(value) == '{"when":"noon"}'
+
+
+def test_what_is_not_json_raises_as_json_dumps_does() -> None:
+    encode = compact_encoder()
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        encode({"set": {1, 2}})
+    assert encode({"after": "a failure"}) == '{"after":"a failure"}'  # nothing left behind
+    with pytest.raises(ValueError, match="Out of range float"):
+        compact_encoder(allow_nan=False)([math.nan])
+    assert compact_encoder()([math.inf]) == "[Infinity]"
+
+
+def test_a_value_that_contains_itself_raises_instead_of_looping() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(RecursionError):
+        compact_encoder()(loop)
