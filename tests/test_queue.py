@@ -518,6 +518,29 @@ async def test_short_tasks_are_claimed_ahead_of_free_slots_and_run_in_order(qt: 
     assert started == quick  # claim order is kept
 
 
+async def test_tasks_claimed_together_start_by_priority_then_due_time(qt: Any) -> None:
+    daemon, _, module = await qt(workers={"default": 1}, claim_ahead=3)
+    await run_short_tasks(daemon, 10)
+    await daemon.queue.enqueue("qt.wait_gate", {"name": "hold"})
+    await asyncio.wait_for(module.gate("started:hold").wait(), 5)
+    now = time.time()
+    # One claim takes all three: the later rows were due earlier, or are more urgent.
+    batch = await daemon.queue.enqueue_many([
+        TaskRequest("qt.echo", {"value": "due last"}, run_at=now - 1),
+        TaskRequest("qt.echo", {"value": "due first"}, run_at=now - 5),
+        TaskRequest("qt.echo", {"value": "urgent"}, run_at=now, priority=1)])
+    ids = [outcome.task.id for outcome in batch]
+
+    async def all_claimed() -> bool:
+        return await running_ids(daemon, ids) == set(ids)
+
+    await until(all_claimed)
+    module.gate("hold").set()
+    for task_id in ids:
+        await daemon.queue.wait(task_id, timeout=5)
+    assert [task_id for kind, task_id in module.STARTED if task_id in ids] == [ids[2], ids[1], ids[0]]
+
+
 async def test_long_tasks_are_never_claimed_ahead(qt: Any) -> None:
     daemon, _, module = await qt(workers={"default": 1}, claim_ahead=3)
 

@@ -507,31 +507,33 @@ def _claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budg
     claim order, and when the next queued task comes due if not every slot was filled."""
     now = time.time()
     exclude = f"AND name NOT IN ({','.join('?' * len(blocked))})" if blocked else ""
-    candidates = conn.execute(
-        # INDEXED BY: without ANALYZE statistics SQLite prefers tasks_due and sorts every row.
-        f"SELECT id, name FROM tasks INDEXED BY tasks_claim WHERE status = 'queued' AND queue = ? "
-        f"AND run_at <= ? {exclude} "
-        "ORDER BY priority DESC, run_at, id LIMIT ?",
-        (queue, now, *blocked, wanted + len(budgets) * wanted)).fetchall()
-    picked: list[int] = []
-    for task_id, name in candidates:
-        if len(picked) == wanted:
-            break
-        if name in budgets:
-            if budgets[name] <= 0:
-                continue
-            budgets[name] -= 1
-        picked.append(task_id)
-    rows: list[tuple[Any, ...]] = []
-    if picked:
-        cursor = conn.cursor()
-        cursor.row_factory = None
-        rows = cursor.execute(
-            f"UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?, "
-            f"lease_until = ? WHERE id IN ({','.join('?' * len(picked))}) RETURNING {RECORD_COLUMNS}",
-            (now, now + lease, *picked)).fetchall()
-        order = {task_id: position for position, task_id in enumerate(picked)}
-        rows.sort(key=lambda values: order[values[0]])
+    # INDEXED BY: without ANALYZE statistics SQLite prefers tasks_due and sorts every row.
+    due = (f"FROM tasks INDEXED BY tasks_claim WHERE status = 'queued' AND queue = ? "
+           f"AND run_at <= ? {exclude} ORDER BY priority DESC, run_at, id LIMIT ?")
+    claim = ("UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?, "
+             "lease_until = ? WHERE id IN ({}) RETURNING " + RECORD_COLUMNS)
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    if budgets:
+        # Some names may start only so many more: pick in Python, then claim what was picked.
+        candidates = cursor.execute(
+            f"SELECT id, name {due}", (queue, now, *blocked, wanted + len(budgets) * wanted)).fetchall()
+        picked: list[int] = []
+        for task_id, name in candidates:
+            if len(picked) == wanted:
+                break
+            if name in budgets:
+                if budgets[name] <= 0:
+                    continue
+                budgets[name] -= 1
+            picked.append(task_id)
+        rows = cursor.execute(claim.format(",".join("?" * len(picked))),
+                              (now, now + lease, *picked)).fetchall() if picked else []
+    else:
+        # One statement: the usual case costs one execute and one fetch less.
+        rows = cursor.execute(claim.format(f"SELECT id {due}"),
+                              (now, now + lease, queue, now, *blocked, wanted)).fetchall()
+    rows.sort(key=_claim_order)  # RETURNING gives no particular order
     if len(rows) == wanted:
         return rows, None  # every free slot was filled; the loop claims again when one frees
     exhausted = blocked | {name for name, left in budgets.items() if left <= 0}
@@ -541,6 +543,12 @@ def _claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budg
         f"{exclude}",
         (queue, *exhausted)).fetchone()[0]
     return rows, next_at
+
+
+def _claim_order(values: tuple[Any, ...]) -> tuple[int, float, int]:
+    """The order tasks are claimed and started in: priority (highest first), due time, id."""
+    task_id, _, _, _, _, priority, run_at = values[:7]
+    return -priority, run_at, task_id
 
 
 def _unclaim(conn: Connection, *, task_ids: list[int]) -> None:
