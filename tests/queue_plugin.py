@@ -61,6 +61,15 @@ async def wait_gate(ctx, name: str, result=None):
 
 
 @plugin.task(max_attempts=3)
+async def fail_after_gate(ctx, name: str):
+    STARTED.append((name, ctx.task.id))
+    gate(f"started:{name}").set()
+    await gate(name).wait()
+    gate(f"done:{name}").set()
+    raise RuntimeError(f"{name} failed")
+
+
+@plugin.task(max_attempts=3)
 async def always_fails(ctx):
     raise RuntimeError(f"attempt {ctx.task.attempt} failed")
 

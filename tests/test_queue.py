@@ -746,6 +746,28 @@ async def test_a_cancel_racing_a_finished_task_s_ack_does_not_lose_its_announcem
     assert (final.status, final.result) == ("succeeded", "A")
 
 
+async def test_a_cancel_racing_a_failed_attempt_s_retry_ends_the_task(held_writer_daemon: Any) -> None:
+    """An attempt failed; its retry and a cancel of the task commit in one transaction, the
+    cancel first. The task must end cancelled, be announced so, and never run again: the
+    retry used to queue it with the cancel stored on it, and it ran on until dead."""
+    daemon, events, module = await held_writer_daemon(1, **FAST_RETRIES)
+    record = await daemon.queue.enqueue("qt.fail_after_gate", {"name": "f"})
+    await asyncio.wait_for(module.gate("started:f").wait(), 5)
+    async with writer_held(daemon):
+        cancelling = asyncio.create_task(daemon.queue.cancel(record.id))  # queued behind the hold
+        for _ in range(20):  # yields, no time: the cancel submits its write
+            await asyncio.sleep(0)
+        module.gate("f").set()
+        await asyncio.wait_for(module.gate("done:f").wait(), 5)  # its retry waits behind the cancel
+    await cancelling
+    final = await daemon.queue.wait(record.id, timeout=5)
+    assert (final.status, final.error, final.attempts) == ("cancelled", "cancelled", 1)
+    event = await events.wait_for("task.cancelled", task_id=record.id)
+    assert event.data["error"] == "cancelled"
+    assert not [e for e in events.events if e.topic == "task.retrying"]
+    assert [task_id for name, task_id in module.STARTED if name == "f"] == [record.id]
+
+
 async def test_a_finished_task_keeps_its_lease_until_its_ack_commits(held_writer_daemon: Any) -> None:
     """Its row stays `running` until the ack commits: were its lease left to run out
     meanwhile (the writer slow or held), the heartbeat would take it back as an orphan, and

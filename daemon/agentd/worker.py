@@ -103,6 +103,9 @@ class WorkerPool:
         self.running: dict[int, asyncio.Task[None]] = {}  # attempts whose code has not ended
         self._running_by_name: dict[str, int] = {}
         self._cancelling: set[int] = set()
+        # Attempts that have ended, their outcome being written: a cancel no longer
+        # interrupts them (the retry's write turns into the cancel itself, `_requeue`).
+        self._ended: set[int] = set()
         self._settling: set[asyncio.Task[None]] = set()  # cancellations of tasks claimed ahead
         self._loops: list[asyncio.Task[None]] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -178,6 +181,8 @@ class WorkerPool:
     def _cancel_running(self, task_id: int) -> None:
         task = self.running.get(task_id)
         if task is not None:
+            if task_id in self._ended:
+                return
             self._cancelling.add(task_id)
             task.cancel()
             return
@@ -313,6 +318,7 @@ class WorkerPool:
         began = time.monotonic()
         try:
             outcome = await self._execute(record, definition, ctx)
+            self._ended.add(record.id)
             mean = self._mean_run[record.queue]
             self._mean_run[record.queue] = mean + _RUN_WEIGHT * (time.monotonic() - began - mean)
             # Free the slot before the acknowledgement commits, so the next claim shares
@@ -329,6 +335,7 @@ class WorkerPool:
                 slots.release()
             self.running.pop(record.id, None)
             self._cancelling.discard(record.id)
+            self._ended.discard(record.id)
             self._release_name(record)
 
     async def _execute(self, record: TaskRecord, definition: TaskDef | None, ctx: Context) -> _Outcome:
@@ -375,9 +382,14 @@ class WorkerPool:
         if status in ("queued", "interrupted"):
             undo_attempt = 1 if status == "interrupted" else 0
             run_at = now + delay
-            await self.store.write(lambda conn: conn.execute(
-                "UPDATE tasks SET status = 'queued', run_at = ?, error = ?, lease_until = NULL, "
-                "attempts = attempts - ? WHERE id = ?", (run_at, outcome.error, undo_attempt, record.id)))
+            stored = await self.store.write(partial(
+                _requeue, task_id=record.id, run_at=run_at, error=outcome.error,
+                undo_attempt=undo_attempt, finished_at=now, expires_at=ttl_until))
+            if stored == "cancelled":  # a cancel came in as the attempt ended
+                record.status, record.error = "cancelled", "cancelled"
+                record.finished_at, record.expires_at = now, ttl_until
+                self.queue.settle(record, "task.cancelled", attempt=record.attempts, error="cancelled")
+                return
             if status == "queued":
                 record.status, record.run_at, record.error = "queued", run_at, outcome.error
                 self.queue.publish("task.retrying", record, attempt=record.attempts,
@@ -549,6 +561,21 @@ def _claim_order(values: tuple[Any, ...]) -> tuple[int, float, int]:
     """The order tasks are claimed and started in: priority (highest first), due time, id."""
     task_id, _, _, _, _, priority, run_at = values[:7]
     return -priority, run_at, task_id
+
+
+def _requeue(conn: Connection, *, task_id: int, run_at: float, error: str | None,
+             undo_attempt: int, finished_at: float, expires_at: float) -> str:
+    """Queue a task again after an attempt that did not end it (a retry, or a stop that
+    interrupted it, `undo_attempt` 1); return its status. A cancel stored on it meanwhile
+    ends it `cancelled` instead: a cancel is never undone by a retry."""
+    status: str = conn.execute(
+        "UPDATE tasks SET status = iif(cancel_requested, 'cancelled', 'queued'), run_at = ?, "
+        "error = iif(cancel_requested, 'cancelled', ?), "
+        "finished_at = iif(cancel_requested, ?, NULL), expires_at = iif(cancel_requested, ?, NULL), "
+        "lease_until = NULL, attempts = attempts - iif(cancel_requested, 0, ?) WHERE id = ? "
+        "RETURNING status",
+        (run_at, error, finished_at, expires_at, undo_attempt, task_id)).fetchone()[0]
+    return status
 
 
 def _unclaim(conn: Connection, *, task_ids: list[int]) -> None:
