@@ -768,6 +768,20 @@ async def test_a_cancel_racing_a_failed_attempt_s_retry_ends_the_task(held_write
     assert [task_id for name, task_id in module.STARTED if name == "f"] == [record.id]
 
 
+async def test_a_queued_task_with_a_stored_cancel_is_ended_not_run(qt: Any) -> None:
+    """What a cancel racing a stop leaves behind (the stop puts the tasks it had claimed
+    ahead back in the queue, the cancel marked one of them): the claim ends it cancelled."""
+    daemon, events, module = await qt(workers={"default": 1})
+    record = await daemon.queue.enqueue("qt.echo", {"value": 1}, delay=3600)
+    await daemon.store.write(lambda conn: conn.execute(
+        "UPDATE tasks SET cancel_requested = 1, run_at = 0 WHERE id = ?", (record.id,)))
+    daemon.queue.notify_work("default")
+    final = await daemon.queue.wait(record.id, timeout=5)
+    assert (final.status, final.error) == ("cancelled", "cancelled")
+    await events.wait_for("task.cancelled", task_id=record.id)
+    assert ("echo", record.id) not in module.STARTED
+
+
 async def test_a_finished_task_keeps_its_lease_until_its_ack_commits(held_writer_daemon: Any) -> None:
     """Its row stays `running` until the ack commits: were its lease left to run out
     meanwhile (the writer slow or held), the heartbeat would take it back as an orphan, and

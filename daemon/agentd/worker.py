@@ -192,12 +192,17 @@ class WorkerPool:
                 ahead.remove(record)
                 self._release_name(record)
                 self.wake(record.queue)  # it leaves room ahead: claim again
-                task = asyncio.get_running_loop().create_task(
-                    self._settle(record, _Outcome("cancelled", error="cancelled")),
-                    name=f"cancel:{record.name}:{record.id}")
-                self._settling.add(task)
-                task.add_done_callback(self._settling.discard)
+                self._cancel_unstarted(record)
                 return
+
+    def _cancel_unstarted(self, record: TaskRecord) -> None:
+        """End a claimed task that never started as cancelled; its ack joins the next
+        transaction."""
+        task = asyncio.get_running_loop().create_task(
+            self._settle(record, _Outcome("cancelled", error="cancelled")),
+            name=f"cancel:{record.name}:{record.id}")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     # -- claiming --------------------------------------------------------------------------
 
@@ -210,6 +215,11 @@ class WorkerPool:
                 rows, next_at = await self._claim_in_next_batch(queue)
                 for values in rows:
                     record = TaskRecord.from_values(values)
+                    if record.cancel_requested:
+                        # Cancelled as it went back to the queue (a stop putting back what it
+                        # had claimed ahead): a stored cancel is never run.
+                        self._cancel_unstarted(record)
+                        continue
                     self._take_name(record)
                     _wait_ahead(ahead, record)
                 if self._stopping:
