@@ -5,9 +5,10 @@
 
 Builds agentd's schema (its own migrations) in a temporary file with the driver agentd.db
 uses, queues `--tasks` rows, then replays the processing loop's statements as the daemon
-issues them in one transaction per batch: the claim (a SELECT on tasks_claim and an UPDATE
-... RETURNING of `--batch` rows), the batch's acks (one executemany), the event log's rows
-(by default one per task, its final event; `--events all`: queued, started and final),
+issues them in one transaction per batch: the claim (one UPDATE ... WHERE id IN (SELECT
+... on tasks_claim) RETURNING of `--batch` rows), the batch's acks (one executemany), the
+event log's rows (by default one per task, its final event; `--events all`: queued,
+started and final),
 and the commit (synchronous = NORMAL, WAL). `--batch` 32 is about what a transaction holds
 with 8 workers and claim-ahead (`tasks_per_transaction` in queue_bench.py's figures).
 Prints µs per task for each part, so a schema change (e.g. `--drop-index tasks_running`)
@@ -24,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 
 from agentd.db import plain_driver
-from agentd.taskqueue import RECORD_COLUMNS
+from agentd.taskqueue import CLAIMED_COLUMNS
 from agentd.worker import ACK_STATEMENT
 
 
@@ -67,16 +68,14 @@ def measure(path: Path, args: argparse.Namespace) -> dict[str, float]:
     while done < args.tasks:
         conn.execute("BEGIN")
         t0 = time.perf_counter()
-        ids = [row[0] for row in conn.execute(
-            "SELECT id FROM tasks INDEXED BY tasks_claim WHERE status = 'queued' AND queue = ? "
-            "AND run_at <= ? ORDER BY priority DESC, run_at, id LIMIT ?",
-            ("default", time.time(), args.batch)).fetchall()]
         claim = conn.cursor()
         claim.row_factory = None
-        claim.execute(
-            f"UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?, "
-            f"lease_until = ? WHERE id IN ({','.join('?' * len(ids))}) RETURNING {RECORD_COLUMNS}",
-            (now, now + 60, *ids)).fetchall()
+        ids = [row[0] for row in claim.execute(
+            "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?, "
+            "lease_until = ? WHERE id IN (SELECT id FROM tasks INDEXED BY tasks_claim "
+            "WHERE status = 'queued' AND queue = ? AND run_at <= ? "
+            f"ORDER BY priority DESC, run_at, id LIMIT ?) RETURNING {CLAIMED_COLUMNS}",
+            (now, now + 60, "default", time.time(), args.batch)).fetchall()]
         t1 = time.perf_counter()
         conn.executemany(ACK_STATEMENT, [("succeeded", "null", None, now, now + 3600, task_id)
                                          for task_id in ids])

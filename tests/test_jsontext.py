@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agentd.jsontext import compact_encoder
+from agentd.jsontext import compact_encoder, lenient_encoder
 
 VALUES: list[Any] = [
     None, True, False, 0, -7, 2**70, 1.5, 1e-300, "", "plain", "é ☃ \x00 \" \\ \n", [], {},
@@ -44,3 +44,22 @@ def test_a_value_that_contains_itself_raises_instead_of_looping() -> None:
     loop.append(loop)
     with pytest.raises(RecursionError):
         compact_encoder()(loop)
+
+
+@pytest.mark.parametrize("value", VALUES)
+def test_the_lenient_text_reads_back_as_json_dumps_would(value: Any) -> None:
+    assert json.loads(lenient_encoder()(value)) == json.loads(json.dumps(value))
+
+
+def test_the_lenient_encoder_always_gives_valid_json() -> None:
+    encode = lenient_encoder()
+    stamp = object.__new__(type("Stamp", (), {"__str__": lambda self: "noon"}))
+    assert json.loads(encode({"when": stamp, "set": {1}})) == {"when": "noon", "set": "{1}"}
+    assert encode([math.nan, math.inf]) == "[null,null]"
+    assert encode("é ☃") == '"é ☃"'
+    # What orjson refuses goes through the stdlib: integers past 64 bits, deep nesting.
+    assert encode({"big": 2**70}) == '{"big":1180591620717411303424}'
+    deep: Any = "bottom"
+    for _ in range(300):
+        deep = [deep]
+    assert json.loads(encode(deep)) == deep

@@ -129,6 +129,32 @@ async def test_every_record_field_holds_its_own_column(qt: Any) -> None:
     assert (queued.status, queued.attempts, queued.args) == ("queued", 0, {"value": [7]})
 
 
+async def test_the_record_a_worker_builds_from_its_claim_holds_each_column(qt: Any) -> None:
+    """The worker reads a claimed row positionally and fills in what the claim set; its
+    record is what waiters receive. A field read from the wrong column fails here."""
+    daemon, _, module = await qt()
+    parent = await daemon.queue.enqueue("qt.echo", {"value": 0})
+    await daemon.queue.result(parent.id, timeout=5)
+    record = await daemon.queue.enqueue(
+        "qt.wait_gate", {"name": "columns", "result": [7]}, priority=3, max_attempts=5, timeout=9.5,
+        idempotency_key="k-2", parent_id=parent.id, correlation_id="corr-2")
+    await asyncio.wait_for(module.gate("started:columns").wait(), 5)
+    waiting = asyncio.create_task(daemon.queue.wait(record.id, timeout=5))
+    # agentd.db has one reader, which answers in order: once this read is back, the wait's
+    # own read has found the task running, and the wait is for the worker's record.
+    assert (await daemon.queue.get(record.id)).status == "running"
+    module.gate("columns").set()
+    settled = await waiting
+    with sqlite3.connect(daemon.store.path) as other:
+        cursor = other.execute("SELECT * FROM tasks WHERE id = ?", (record.id,))
+        row = dict(zip([d[0] for d in cursor.description], cursor.fetchone(), strict=True))
+    decoded = {"args": {"name": "columns", "result": [7]}, "result": [7], "cancel_requested": False}
+    for column, value in row.items():
+        if column != "lease_until":  # not a record field: the worker's business
+            assert getattr(settled, column) == decoded.get(column, value), column
+    assert len({row["created_at"], row["started_at"], row["finished_at"], row["expires_at"]}) == 4
+
+
 async def test_failing_attempts_back_off_then_go_dead_and_can_be_requeued(qt: Any) -> None:
     daemon, events, _ = await qt()
     record = await daemon.queue.enqueue("qt.always_fails")

@@ -20,7 +20,7 @@ from agentd.bus import Bus, Subscription
 from agentd.config import EventsConfig
 from agentd.db import Connection, Row, Store, WriteOp
 from agentd.events import Event, TopicPattern
-from agentd.jsontext import compact_encoder
+from agentd.jsontext import lenient_encoder
 from agentd.log import get_logger
 
 _INSERT = (
@@ -30,7 +30,7 @@ _INSERT = (
 _PAGE = 1000
 # Pending events wait at most this long for another write to ride along with.
 _ALONE_AFTER = 0.02
-_ENCODE = compact_encoder(default=str)
+_ENCODE = lenient_encoder()
 
 
 def event_from_row(row: Row) -> Event:

@@ -1,6 +1,12 @@
 """Compact JSON text, for what is encoded once per task or per event (arguments, results,
 event data written to the log and to streams).
 
+Two kinds. `compact_encoder` is exactly the stdlib's `json.dumps` (compact), refusing what
+is not JSON: task arguments and results, whose contract is "JSON or a clear error".
+`lenient_encoder` always gives text: event data, where a value that is not JSON is written
+as its `str()`; it uses orjson, four times as fast for a task event's data (0.35 against
+1.3 µs), the event log's share of a no-op task.
+
 `json.JSONEncoder.encode` and `json.dumps` with any option build the stdlib's C encoder
 again on every call: for the small objects written per task that construction was most of
 the cost (1.0 against 0.25 µs for `{}`, 2.4 against 1.6 µs for a task event's data). An
@@ -15,6 +21,8 @@ import json
 from collections.abc import Callable
 from json import encoder as _stdlib
 from typing import Any
+
+import orjson
 
 
 def compact_encoder(*, default: Callable[[Any], Any] | None = None,
@@ -36,5 +44,24 @@ def compact_encoder(*, default: Callable[[Any], Any] | None = None,
 
     def encode(value: Any) -> str:
         return "".join(chunks(value, 0))
+
+    return encode
+
+
+def lenient_encoder() -> Callable[[Any], str]:
+    """A function giving compact JSON text for any value: what JSON cannot hold becomes its
+    `str()` (orjson's own form for datetimes, UUIDs, enums and dataclasses: ISO 8601, the
+    value, an object). Text is UTF-8 rather than `\\u` escapes, and NaN and infinities are
+    written as null, so the text is always valid JSON. Integers past 64 bits and nesting
+    past orjson's 254 levels go through the stdlib instead; a value that contains itself
+    raises RecursionError."""
+    stdlib = compact_encoder(default=str)
+    dumps, options, refused = orjson.dumps, orjson.OPT_NON_STR_KEYS, orjson.JSONEncodeError
+
+    def encode(value: Any) -> str:
+        try:
+            return dumps(value, default=str, option=options).decode()
+        except refused:
+            return stdlib(value)
 
     return encode

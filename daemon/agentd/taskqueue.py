@@ -101,6 +101,20 @@ class TaskRecord:
         )
 
     @classmethod
+    def claimed(cls, values: Sequence[Any], started_at: float) -> TaskRecord:
+        """The record of a row a claim has just set running, from its `CLAIMED_COLUMNS`.
+        What the claim set (status, start) and what a queued row never holds (a result, an
+        end, an expiry) are not read back: each column read costs the driver several calls."""
+        (task_id, queue, name, args, priority, run_at, attempts, max_attempts, timeout, key,
+         parent_id, correlation_id, cancel_requested, error, created_at, usage) = values
+        return cls(
+            task_id, queue, name, {} if args == "{}" else json.loads(args), "running", priority,
+            run_at, attempts, max_attempts, timeout, key, parent_id, correlation_id or str(task_id),
+            bool(cancel_requested), None, error, created_at, started_at, None, None,
+            None if usage is None else json.loads(usage),
+        )
+
+    @classmethod
     def queued(cls, task_id: int, values: tuple[Any, ...], args: dict[str, Any]) -> TaskRecord:
         """The record of a row just inserted from `values` (in `_COLUMNS` order)."""
         (queue, name, _, status, priority, run_at, max_attempts, timeout, key, parent_id,
@@ -135,6 +149,11 @@ RECORD_COLUMNS = (
     "started_at, finished_at, expires_at, usage"
 )
 _RECORD_NAMES = tuple(RECORD_COLUMNS.split(", "))
+# The columns `TaskRecord.claimed` reads.
+CLAIMED_COLUMNS = (
+    "id, queue, name, args, priority, run_at, attempts, max_attempts, timeout, idempotency_key, "
+    "parent_id, correlation_id, cancel_requested, error, created_at, usage"
+)
 
 
 _NO_ARGS: Mapping[str, Any] = MappingProxyType({})  # read-only: shared by every request

@@ -35,7 +35,7 @@ from agentd.errors import Fail, InvalidTaskError, Retry
 from agentd.log import get_logger
 from agentd.services import Services
 from agentd.taskdef import TaskDef, TaskRegistry, encode_json
-from agentd.taskqueue import RECORD_COLUMNS, TaskQueue, TaskRecord
+from agentd.taskqueue import CLAIMED_COLUMNS, TaskQueue, TaskRecord
 
 _LOG = get_logger("worker")
 
@@ -118,7 +118,7 @@ class WorkerPool:
         self._acks_batch: asyncio.Future[list[None]] | None = None
         self._acked: list[TaskRecord] = []
         self._acks_in_flight: dict[asyncio.Future[list[None]], list[TaskRecord]] = {}
-        self._claims: dict[str, asyncio.Future[tuple[list[tuple[Any, ...]], float | None]]] = {}
+        self._claims: dict[str, asyncio.Future[tuple[list[TaskRecord], float | None]]] = {}
         store.add_rider(self._ride_claims)
         queue.on_work(self.wake)
         queue.on_cancel(self._cancel_running)
@@ -212,9 +212,8 @@ class WorkerPool:
             wake.clear()
             next_at: float | None = None
             if self._wanted(queue):
-                rows, next_at = await self._claim_in_next_batch(queue)
-                for values in rows:
-                    record = TaskRecord.from_values(values)
+                records, next_at = await self._claim_in_next_batch(queue)
+                for record in records:
                     if record.cancel_requested:
                         # Cancelled as it went back to the queue (a stop putting back what it
                         # had claimed ahead): a stored cancel is never run.
@@ -227,7 +226,7 @@ class WorkerPool:
                 while slots.free and ahead:  # in claim order, after any claimed earlier
                     slots.used += 1
                     self._hand_on_one(queue, slots)
-                if rows and slots.free:
+                if records and slots.free:
                     continue  # there may be more claimable work right now
             timeout = None if next_at is None else max(0.0, next_at - time.time())
             rate_wait = self._rate_wait()
@@ -244,10 +243,10 @@ class WorkerPool:
             room = max(0, self.config.claim_ahead * slots.capacity - len(self._ahead[queue]))
         return slots.free + room
 
-    def _claim_in_next_batch(self, queue: str) -> asyncio.Future[tuple[list[tuple[Any, ...]], float | None]]:
+    def _claim_in_next_batch(self, queue: str) -> asyncio.Future[tuple[list[TaskRecord], float | None]]:
         """A claim for `queue` in the next write transaction, sized when that batch is taken
         (`_ride_claims`): tasks handed freed slots meanwhile leave room that it then fills."""
-        future: asyncio.Future[tuple[list[tuple[Any, ...]], float | None]] = (
+        future: asyncio.Future[tuple[list[TaskRecord], float | None]] = (
             asyncio.get_running_loop().create_future())
         self._claims[queue] = future
         self.store.request_flush()
@@ -524,16 +523,16 @@ def _write_acks(conn: Connection, acks: list[tuple[Any, ...]]) -> list[None]:
 
 
 def _claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budgets: dict[str, int],
-           lease: float) -> tuple[list[tuple[Any, ...]], float | None]:
-    """Mark up to `wanted` due tasks of `queue` running; return their `RECORD_COLUMNS` rows in
-    claim order, and when the next queued task comes due if not every slot was filled."""
+           lease: float) -> tuple[list[TaskRecord], float | None]:
+    """Mark up to `wanted` due tasks of `queue` running; return their records in claim
+    order, and when the next queued task comes due if not every slot was filled."""
     now = time.time()
     exclude = f"AND name NOT IN ({','.join('?' * len(blocked))})" if blocked else ""
     # INDEXED BY: without ANALYZE statistics SQLite prefers tasks_due and sorts every row.
     due = (f"FROM tasks INDEXED BY tasks_claim WHERE status = 'queued' AND queue = ? "
            f"AND run_at <= ? {exclude} ORDER BY priority DESC, run_at, id LIMIT ?")
     claim = ("UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?, "
-             "lease_until = ? WHERE id IN ({}) RETURNING " + RECORD_COLUMNS)
+             "lease_until = ? WHERE id IN ({}) RETURNING " + CLAIMED_COLUMNS)
     cursor = conn.cursor()
     cursor.row_factory = None
     if budgets:
@@ -555,22 +554,22 @@ def _claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budg
         # One statement: the usual case costs one execute and one fetch less.
         rows = cursor.execute(claim.format(f"SELECT id {due}"),
                               (now, now + lease, queue, now, *blocked, wanted)).fetchall()
-    rows.sort(key=_claim_order)  # RETURNING gives no particular order
-    if len(rows) == wanted:
-        return rows, None  # every free slot was filled; the loop claims again when one frees
+    records = [TaskRecord.claimed(values, now) for values in rows]
+    records.sort(key=_claim_order)  # RETURNING gives no particular order
+    if len(records) == wanted:
+        return records, None  # every free slot was filled; the loop claims again when one frees
     exhausted = blocked | {name for name, left in budgets.items() if left <= 0}
     exclude = f"AND name NOT IN ({','.join('?' * len(exhausted))})" if exhausted else ""
     next_at = conn.execute(
         f"SELECT min(run_at) FROM tasks INDEXED BY tasks_due WHERE status = 'queued' AND queue = ? "
         f"{exclude}",
         (queue, *exhausted)).fetchone()[0]
-    return rows, next_at
+    return records, next_at
 
 
-def _claim_order(values: tuple[Any, ...]) -> tuple[int, float, int]:
+def _claim_order(record: TaskRecord) -> tuple[int, float, int]:
     """The order tasks are claimed and started in: priority (highest first), due time, id."""
-    task_id, _, _, _, _, priority, run_at = values[:7]
-    return -priority, run_at, task_id
+    return -record.priority, record.run_at, record.id
 
 
 def _requeue(conn: Connection, *, task_id: int, run_at: float, error: str | None,

@@ -23,7 +23,7 @@ from aiohttp import web
 from agentd.bus import Subscription
 from agentd.config import StreamsConfig
 from agentd.events import Event, Lagged, TopicFilter
-from agentd.jsontext import compact_encoder
+from agentd.jsontext import lenient_encoder
 from agentd.taskqueue import FINAL_STATES
 from agentd.web.errors import bad_request
 from agentd.web.openapi import doc
@@ -69,7 +69,7 @@ def resume_point(request: web.Request) -> int | None:
     return int(raw)
 
 
-_ENCODE = compact_encoder(default=str)
+_ENCODE = lenient_encoder()
 
 
 def event_json(event: Event) -> str:
