@@ -60,6 +60,22 @@ async def wait_gate(ctx, name: str, result=None):
     return result
 
 
+@plugin.task()
+async def gate_then_step(ctx, name: str):
+    STARTED.append((name, ctx.task.id))
+    gate(f"started:{name}").set()
+    await gate(name).wait()
+    return await ctx.step("after the gate", lambda: name)
+
+
+@plugin.task()
+async def gate_then_call(ctx, name: str):
+    STARTED.append((name, ctx.task.id))
+    gate(f"started:{name}").set()
+    await gate(name).wait()
+    return await ctx.call("qt.echo", value=f"child of {name}")
+
+
 @plugin.task(max_attempts=3)
 async def fail_after_gate(ctx, name: str):
     STARTED.append((name, ctx.task.id))

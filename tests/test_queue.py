@@ -808,6 +808,40 @@ async def test_a_queued_task_with_a_stored_cancel_is_ended_not_run(qt: Any) -> N
     assert ("echo", record.id) not in module.STARTED
 
 
+async def test_a_task_cancelled_as_it_is_handed_a_slot_ends_and_the_queue_goes_on(
+    held_writer_daemon: Any
+) -> None:
+    """A task claimed ahead is handed the slot of one that finishes, and cancelled in the
+    same tick, before its first step: cancelling its asyncio task then skipped `_run`
+    whole, so it stayed running forever, holding the slot, and the queue stopped."""
+    daemon, _, module = await held_writer_daemon(1, claim_ahead=3)
+    await run_short_tasks(daemon, 10)
+    first = await daemon.queue.enqueue("qt.gate_then_step", {"name": "first"})
+    await asyncio.wait_for(module.gate("started:first").wait(), 5)
+    ahead = await daemon.queue.enqueue("qt.echo", {"value": "ahead"})
+
+    async def claimed_ahead() -> bool:
+        return daemon.workers.claimed_ahead == 1
+
+    await until(claimed_ahead)
+    async with writer_held(daemon):
+        module.gate("first").set()  # its step's write waits behind the hold
+        for _ in range(50):  # yields, no time: the step is submitted
+            await asyncio.sleep(0)
+        # Queued behind the step: it commits with it, and is told in the same tick in
+        # which the step's end hands the slot to the task waiting ahead.
+        cancelling = asyncio.create_task(daemon.queue.cancel(ahead.id))
+        for _ in range(20):
+            await asyncio.sleep(0)
+    await cancelling
+    assert (await daemon.queue.wait(first.id, timeout=5)).status == "succeeded"
+    final = await daemon.queue.wait(ahead.id, timeout=5)
+    assert (final.status, final.error) == ("cancelled", "cancelled")
+    assert ("echo", ahead.id) not in module.STARTED
+    later = await daemon.queue.enqueue("qt.echo", {"value": "later"})
+    assert await daemon.queue.result(later.id, timeout=5) == "later"
+
+
 async def test_a_finished_task_keeps_its_lease_until_its_ack_commits(held_writer_daemon: Any) -> None:
     """Its row stays `running` until the ack commits: were its lease left to run out
     meanwhile (the writer slow or held), the heartbeat would take it back as an orphan, and

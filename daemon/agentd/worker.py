@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import inspect
 import json
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -184,7 +185,11 @@ class WorkerPool:
             if task_id in self._ended:
                 return
             self._cancelling.add(task_id)
-            task.cancel()
+            # One handed a slot this very tick has not taken its first step: cancelled now,
+            # its `_run` would never run, nor its bookkeeping. It sees `_cancelling` instead.
+            coro = task.get_coro()
+            if not isinstance(coro, Coroutine) or inspect.getcoroutinestate(coro) != inspect.CORO_CREATED:
+                task.cancel()
             return
         for ahead in self._ahead.values():
             record = next((r for r in ahead if r.id == task_id), None)
@@ -323,7 +328,8 @@ class WorkerPool:
         budget = (definition.token_budget if definition is not None and definition.token_budget is not None
                   else self.services.llm.config.token_budget)
         ctx = Context(record, self.queue, slots, plugin_config, self.services, token_budget=budget)
-        self.queue.publish("task.started", record, attempt=record.attempts)
+        if record.id not in self._cancelling:
+            self.queue.publish("task.started", record, attempt=record.attempts)
         began = time.monotonic()
         try:
             outcome = await self._execute(record, definition, ctx)
@@ -349,6 +355,8 @@ class WorkerPool:
 
     async def _execute(self, record: TaskRecord, definition: TaskDef | None, ctx: Context) -> _Outcome:
         try:
+            if record.id in self._cancelling:  # cancelled before it started (`_cancel_running`)
+                return _Outcome("cancelled", error="cancelled")
             if definition is None:
                 raise Fail(f"no task named {record.name!r} is registered")
             value = await _call_task(definition, record, ctx)
