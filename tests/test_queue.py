@@ -842,6 +842,27 @@ async def test_a_task_cancelled_as_it_is_handed_a_slot_ends_and_the_queue_goes_o
     assert await daemon.queue.result(later.id, timeout=5) == "later"
 
 
+async def test_a_claim_whose_transaction_fails_is_tried_again(start_daemon: Any, qt_dir: Path) -> None:
+    """Another program holding the file's write lock past busy_timeout (a backup, the sqlite3
+    shell) fails a claim's transaction: the queue's claim loop used to die of it, and nothing
+    on that queue ran again until a restart."""
+    daemon, _ = await start_daemon(plugin_dirs=[qt_dir], overrides={
+        "store": {"busy_timeout_ms": 50}, "tasks": {"queues": {"default": 1}}})
+    record = await daemon.queue.enqueue("qt.echo", {"value": "early"}, delay=3600)
+    other = sqlite3.connect(daemon.store.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        daemon.queue.notify_work("default")  # the claim loop asks for a claim
+        # Joins the claim's transaction (and then, alone, fails just before the claim does).
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await daemon.store.write(lambda conn: conn.execute(
+                "UPDATE tasks SET run_at = 0 WHERE id = ?", (record.id,)))
+    finally:
+        other.close()
+    later = await daemon.queue.enqueue("qt.echo", {"value": "later"})
+    assert await daemon.queue.result(later.id, timeout=5) == "later"
+
+
 async def test_a_finished_task_keeps_its_lease_until_its_ack_commits(held_writer_daemon: Any) -> None:
     """Its row stays `running` until the ack commits: were its lease left to run out
     meanwhile (the writer slow or held), the heartbeat would take it back as an orphan, and

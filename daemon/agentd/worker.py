@@ -44,6 +44,8 @@ _LOG = get_logger("worker")
 # weight `_RUN_WEIGHT` on the newest) is below this many seconds.
 SHORT_TASK = 0.05
 _RUN_WEIGHT = 0.2
+# Seconds before a queue claims again after a claim's transaction failed (unless woken).
+CLAIM_RETRY = 1.0
 
 
 class Slots:
@@ -217,7 +219,13 @@ class WorkerPool:
             wake.clear()
             next_at: float | None = None
             if self._wanted(queue):
-                records, next_at = await self._claim_in_next_batch(queue)
+                try:
+                    records, next_at = await self._claim_in_next_batch(queue)
+                except Exception as exc:  # the loop must outlive any failed write
+                    # Its transaction failed (the file locked by another program past
+                    # busy_timeout, a full disk): nothing was claimed. Try again later.
+                    _LOG.error("tasks.claim_failed", queue=queue, error=f"{type(exc).__name__}: {exc}")
+                    records, next_at = [], time.time() + CLAIM_RETRY
                 for record in records:
                     if record.cancel_requested:
                         # Cancelled as it went back to the queue (a stop putting back what it
@@ -464,9 +472,13 @@ class WorkerPool:
         interval = self.config.lease / 3
         while True:
             await asyncio.sleep(interval)
-            recovered = await self.store.write(partial(
-                _renew, running=self.leased, lease_until=time.time() + self.config.lease,
-                ttl=self.config.result_ttl, expired_only=True))
+            try:
+                recovered = await self.store.write(partial(
+                    _renew, running=self.leased, lease_until=time.time() + self.config.lease,
+                    ttl=self.config.result_ttl, expired_only=True))
+            except Exception as exc:  # as a claim's: renew at the next beat
+                _LOG.error("tasks.renew_failed", error=f"{type(exc).__name__}: {exc}")
+                continue
             self._publish_recovered(recovered)
 
     async def _recover(self) -> None:
