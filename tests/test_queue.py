@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from agentd.errors import InvalidTaskError, TaskFailedError, TaskNotFoundError, UnknownTaskError
-from agentd.taskqueue import TaskRequest
+from agentd.taskqueue import TaskRecord, TaskRequest
 
 FAST_RETRIES = {"retry_base": 0.01, "retry_max": 0.02}
 
@@ -65,13 +65,22 @@ async def test_bad_enqueues_are_refused_with_the_reason(qt: Any) -> None:
     contains_itself.append(contains_itself)
     with pytest.raises(InvalidTaskError, match="args must be JSON-serialisable: it contains itself"):
         await daemon.queue.enqueue("qt.echo", {"value": contains_itself})
+    # Refused before the insert they would share: their neighbours are still enqueued.
+    good, too_big, not_int = await asyncio.gather(
+        daemon.queue.enqueue("qt.echo", {"value": "good"}, delay=3600),
+        daemon.queue.enqueue("qt.echo", priority=2**63, delay=3600),
+        daemon.queue.enqueue("qt.echo", max_attempts="3", delay=3600), return_exceptions=True)
+    assert isinstance(too_big, InvalidTaskError) and "priority must be an integer" in str(too_big)
+    assert isinstance(not_int, InvalidTaskError) and "max_attempts must be an integer" in str(not_int)
+    assert isinstance(good, TaskRecord)
+    await daemon.queue.cancel(good.id)
     with pytest.raises(InvalidTaskError, match="unexpected keyword argument 'nope'"):
         await daemon.queue.enqueue("qt.echo", {"nope": 1})
     with pytest.raises(InvalidTaskError, match="queue 'elsewhere' has no workers"):
         await daemon.queue.enqueue("qt.echo", queue="elsewhere")
     with pytest.raises(InvalidTaskError, match="either delay or run_at"):
         await daemon.queue.enqueue("qt.echo", delay=1, run_at=time.time())
-    assert await daemon.queue.counts() == {}
+    assert await daemon.queue.counts() == {"cancelled": 1}
 
 
 async def test_a_task_runs_and_its_result_wakes_the_waiter(qt: Any) -> None:

@@ -59,6 +59,7 @@ async def test_long_poll_returns_the_current_state_when_the_wait_runs_out(served
         ({"name": "qt.echo", "args": {"nope": 1}}, 400, "unexpected keyword argument 'nope'"),
         ({"name": "qt.echo", "delay": 1, "run_at": 2}, 400, "either delay or run_at"),
         ({"name": "qt.echo", "max_attempts": 0}, 400, "max_attempts must be at least 1"),
+        ({"name": "qt.echo", "priority": 2**63}, 400, "priority must be an integer from -2**63"),
         ({"name": "qt.echo", "queue": "gpu"}, 400, "queue 'gpu' has no workers"),
     ],
 )

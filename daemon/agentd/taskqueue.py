@@ -275,6 +275,7 @@ class TaskQueue:
         if max_attempts is None:
             max_attempts = (definition.max_attempts if definition.max_attempts is not None
                             else self.config.max_attempts)
+        _check_integer("max_attempts", max_attempts)
         if max_attempts < 1:
             raise InvalidTaskError(f"max_attempts must be at least 1, got {max_attempts}")
         if timeout is None:
@@ -288,6 +289,7 @@ class TaskQueue:
             )
         if priority is None:
             priority = definition.priority
+        _check_integer("priority", priority)
         return (
             queue, name, encode_json(dict(args), "args") if args else "{}", "queued", priority,
             run_at, max_attempts, timeout, key, parent_id, correlation_id, now,
@@ -560,6 +562,17 @@ def _insert_many(conn: Connection, prepared: list[tuple[Any, ...]]) -> list[int 
             [value for values in chunk for value in values]).fetchall()
         out.extend(sorted(row[0] for row in rows))
     return out
+
+
+_INTEGERS = range(-(2**63), 2**63)  # what an SQLite INTEGER holds
+
+
+def _check_integer(field: str, value: Any) -> None:
+    """InvalidTaskError unless `value` is an integer SQLite can store. Checked before the
+    insert: single enqueues share one INSERT, and a value the driver cannot bind would fail
+    every enqueue of the tick with it."""
+    if not isinstance(value, int) or isinstance(value, bool) or value not in _INTEGERS:
+        raise InvalidTaskError(f"{field} must be an integer from -2**63 to 2**63-1, got {value!r}")
 
 
 def _check_id(task_id: int) -> None:
