@@ -283,6 +283,26 @@ async def test_concurrency_limit_per_task_name(qt: Any) -> None:
     assert module.RUNNING["max"] == 2
 
 
+async def test_a_limited_name_waiting_on_another_queue_starts_when_one_ends(qt: Any) -> None:
+    """The limit is per name, across queues: a task of the name waiting on another queue
+    must be woken when one of the name ends (only the ending task's queue was)."""
+    daemon, events, module = await qt(workers={"default": 2, "reports": 1})
+    await daemon.queue.enqueue("qt.limited", {"name": "first"})
+    await daemon.queue.enqueue("qt.limited", {"name": "second"})
+    await asyncio.wait_for(module.gate("running:2").wait(), 5)
+    waiting = await daemon.queue.enqueue("qt.limited", {"name": "third"}, queue="reports")
+    # A barrier: the reports queue has tried its claim by the time two more commits are done.
+    await daemon.store.write(lambda conn: None)
+    await daemon.store.write(lambda conn: None)
+    assert (await daemon.queue.get(waiting.id)).status == "queued"
+    module.gate("first").set()
+    await events.wait_for("task.started", task_id=waiting.id)
+    module.gate("second").set()
+    module.gate("third").set()
+    assert (await daemon.queue.wait(waiting.id, timeout=5)).status == "succeeded"
+    assert module.RUNNING["max"] == 2
+
+
 async def test_rate_limit_is_a_token_bucket(qt: Any) -> None:
     daemon, _, _ = await qt(workers={"default": 8})
     ids = [(await daemon.queue.enqueue("qt.rated")).id for _ in range(6)]

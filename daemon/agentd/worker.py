@@ -314,7 +314,9 @@ class WorkerPool:
         self._running_by_name[record.name] -= 1
         definition = self.registry.find(record.name)
         if definition is not None and definition.concurrency is not None:
-            self.wake(record.queue)
+            # Every queue: one of the name may wait on another queue than this task's.
+            for wake in self._wakes.values():
+                wake.set()
 
     def _hand_on(self, queue: str, slots: Slots) -> bool:
         """Slots.release hook: start the next task claimed ahead in the slot being freed."""
