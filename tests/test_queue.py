@@ -303,6 +303,21 @@ async def test_a_limited_name_waiting_on_another_queue_starts_when_one_ends(qt: 
     assert module.RUNNING["max"] == 2
 
 
+async def test_a_parent_waiting_for_its_child_ends_at_once_when_cancelled(qt: Any) -> None:
+    """Its slot, given back while it waited, went to another task: cancelled, the parent
+    used to wait for a slot before it could end, until that other task finished."""
+    daemon, _, module = await qt(workers={"default": 1})
+    parent = await daemon.queue.enqueue("qt.gate_then_call", {"name": "parent"})
+    await asyncio.wait_for(module.gate("started:parent").wait(), 5)
+    await daemon.queue.enqueue("qt.wait_gate", {"name": "urgent"}, priority=10)
+    module.gate("parent").set()  # it calls its child and gives its slot back...
+    await asyncio.wait_for(module.gate("started:urgent").wait(), 5)  # ...to the urgent task
+    await daemon.queue.cancel(parent.id)
+    final = await daemon.queue.wait(parent.id, timeout=5)
+    assert final.status == "cancelled"
+    module.gate("urgent").set()
+
+
 async def test_rate_limit_is_a_token_bucket(qt: Any) -> None:
     daemon, _, _ = await qt(workers={"default": 8})
     ids = [(await daemon.queue.enqueue("qt.rated")).id for _ in range(6)]

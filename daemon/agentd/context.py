@@ -210,10 +210,20 @@ class Context:
         if self._waiting == 1 and self.holds_slot:
             self.holds_slot = False
             self._slots.release()
+        cancelled = False
         try:
             yield
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
             self._waiting -= 1
             if self._waiting == 0 and not self.holds_slot and not self._closed:
-                await self._slots.retake()
-                self.holds_slot = True
+                if cancelled:
+                    # The task is being cancelled or timed out: waiting for a slot here
+                    # would hold that up until some other task ends. A task that catches
+                    # it and goes on runs without one until its next call.
+                    self.holds_slot = self._slots.take_if_free()
+                else:
+                    await self._slots.retake()
+                    self.holds_slot = True

@@ -73,9 +73,15 @@ class Slots:
         self.used -= 1
         self._wake.set()
 
-    async def retake(self) -> None:
+    def take_if_free(self) -> bool:
+        """Take a slot if one is free now, without waiting; whether one was taken."""
         if self.used < self.capacity and not self._retakers:
             self.used += 1
+            return True
+        return False
+
+    async def retake(self) -> None:
+        if self.take_if_free():
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._retakers.append(future)
