@@ -907,6 +907,29 @@ async def test_a_claim_whose_transaction_fails_is_tried_again(start_daemon: Any,
     assert await daemon.queue.result(later.id, timeout=5) == "later"
 
 
+async def test_a_child_asked_for_as_its_parent_is_cancelled_is_cancelled_too(
+    held_writer_daemon: Any
+) -> None:
+    """The cancel of a running parent and its `ctx.call` of a child commit in one
+    transaction, the cancel first: the cancel found no children, and the child used to run."""
+    daemon, _, module = await held_writer_daemon(2)
+    parent = await daemon.queue.enqueue("qt.gate_then_call", {"name": "parent"})
+    await asyncio.wait_for(module.gate("started:parent").wait(), 5)
+    async with writer_held(daemon):
+        cancelling = asyncio.create_task(daemon.queue.cancel(parent.id))  # queued behind the hold
+        for _ in range(20):  # yields, no time: the cancel submits its write
+            await asyncio.sleep(0)
+        module.gate("parent").set()  # the parent's call: its insert queued after the cancel
+        for _ in range(20):
+            await asyncio.sleep(0)
+    await cancelling
+    assert (await daemon.queue.wait(parent.id, timeout=5)).status == "cancelled"
+    (child_id,) = await daemon.queue.children(parent.id)
+    child = await daemon.queue.wait(child_id, timeout=5)
+    assert (child.status, child.error, child.attempts) == ("cancelled", "cancelled", 0)
+    assert ("echo", child_id) not in module.STARTED
+
+
 async def test_a_finished_task_keeps_its_lease_until_its_ack_commits(held_writer_daemon: Any) -> None:
     """Its row stays `running` until the ack commits: were its lease left to run out
     meanwhile (the writer slow or held), the heartbeat would take it back as an orphan, and

@@ -234,16 +234,18 @@ class TaskQueue:
         """Enqueue several tasks in one transaction: all are validated first, then all commit."""
         now = time.time()
         prepared = [self._prepare(request, now) for request in requests]
-        if len(prepared) == 1 and prepared[0][8] is None:
-            # One task without an idempotency key (an HTTP POST, a handler's or a plugin's
-            # enqueue): the single enqueues of a tick become one multi-row INSERT.
+        if len(prepared) == 1 and prepared[0][8] is None and prepared[0][9] is None:
+            # One task without an idempotency key or parent (an HTTP POST, a handler's or a
+            # plugin's enqueue): the single enqueues of a tick become one multi-row INSERT.
             inserted = [await self._single_inserts.submit(prepared[0])]
         else:
             windows = [
                 self.config.idempotency_window if r.dedupe_window is None else r.dedupe_window
                 for r in requests
             ]
-            inserted = await self.store.write(lambda conn: _insert_tasks(conn, prepared, windows, now))
+            ttl = self.config.result_ttl
+            inserted = await self.store.write(
+                lambda conn: _insert_tasks(conn, prepared, windows, now, ttl))
         outcomes = [
             Enqueued(TaskRecord.queued(found, values, dict(request.args) if request.args else {}), True)
             if isinstance(found, int) else Enqueued(TaskRecord.from_row(found), False)
@@ -522,15 +524,18 @@ WITH RECURSIVE tree(id) AS (
 
 
 def _insert_tasks(
-    conn: Connection, prepared: list[tuple[Any, ...]], windows: list[float], now: float
+    conn: Connection, prepared: list[tuple[Any, ...]], windows: list[float], now: float, ttl: float
 ) -> list[int | Row]:
-    """Insert each row; return its new id, or the existing row its idempotency key names."""
-    if len(prepared) > 1 and all(values[8] is None for values in prepared):
+    """Insert each row; return its new id, or the row as stored when it is not a new queued
+    task: the existing one its idempotency key names, or a child of a parent being
+    cancelled, stored cancelled (a parent's cancel ends the children it has, and this one
+    was asked for as the cancel committed)."""
+    if len(prepared) > 1 and all(values[8] is None and values[9] is None for values in prepared):
         return _insert_many(conn, prepared)
     out: list[int | Row] = []
     insert = f"INSERT INTO tasks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
     for values, window in zip(prepared, windows, strict=True):
-        key = values[8]
+        key, parent_id = values[8], values[9]
         if key is not None:
             existing = conn.execute("SELECT * FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
             if existing is not None:
@@ -539,6 +544,13 @@ def _insert_tasks(
                     continue
                 # Past its window the key is free again; the old task keeps its history.
                 conn.execute("UPDATE tasks SET idempotency_key = NULL WHERE id = ?", (existing["id"],))
+        if parent_id is not None and conn.execute(
+                "SELECT 1 FROM tasks WHERE id = ? AND cancel_requested", (parent_id,)).fetchone():
+            out.append(conn.execute(
+                f"INSERT INTO tasks ({_COLUMNS}, cancel_requested, error, finished_at, expires_at) "
+                "VALUES (?,?,?,'cancelled',?,?,?,?,?,?,?,?, 1, 'cancelled', ?, ?) RETURNING *",
+                (*values[:3], *values[4:], now, now + ttl)).fetchone())
+            continue
         task_id = conn.execute(insert, values).lastrowid
         if task_id is None:
             raise RuntimeError("SQLite returned no id for an inserted task")
