@@ -159,6 +159,20 @@ async def limited(ctx, name: str):
         RUNNING["now"] -= 1
 
 
+SOLO = {"now": 0, "max": 0}
+
+
+@plugin.task(concurrency=1)
+async def solo(ctx, name: str):
+    SOLO["now"] += 1
+    SOLO["max"] = max(SOLO["max"], SOLO["now"])
+    gate(f"started:{name}").set()
+    try:
+        await gate(name).wait()
+    finally:
+        SOLO["now"] -= 1
+
+
 @plugin.task(rate="4/s")
 async def rated(ctx):
     STARTED.append(("rated", ctx.task.id))

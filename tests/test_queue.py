@@ -930,6 +930,49 @@ async def test_a_child_asked_for_as_its_parent_is_cancelled_is_cancelled_too(
     assert ("echo", child_id) not in module.STARTED
 
 
+async def test_claims_of_two_queues_in_successive_transactions_keep_a_name_s_limit(
+    held_writer_daemon: Any
+) -> None:
+    """With the writer thread, the next transaction's claims were sized before the claim
+    just committed had been counted: a name limited to one ran on two queues at once."""
+    daemon, _, module = await held_writer_daemon(2, queues={"default": 2, "other": 2})
+    first = await daemon.queue.enqueue("qt.solo", {"name": "first"}, delay=3600)
+    second = await daemon.queue.enqueue("qt.solo", {"name": "second"}, delay=3600, queue="other")
+    in_thread, release = threading.Event(), threading.Event()
+
+    def hold(conn: Any) -> None:
+        in_thread.set()
+        release.wait(5)
+
+    async with writer_held(daemon):
+        due = daemon.store.write(lambda conn: conn.execute("UPDATE tasks SET run_at = 0"))
+        holding = daemon.store.write(hold)  # in the same transaction as the claim below
+        daemon.queue.notify_work("default")
+        for _ in range(20):  # yields, no time: the default queue's claim joins them
+            await asyncio.sleep(0)
+    await asyncio.get_running_loop().run_in_executor(None, in_thread.wait, 5)
+    daemon.queue.notify_work("other")  # its claim waits for the next transaction
+    for _ in range(20):
+        await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(due, holding)
+    started = {name: asyncio.ensure_future(module.gate(f"started:{name}").wait())
+               for name in ("first", "second")}
+    done, _ = await asyncio.wait(started.values(), timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    (running,) = [name for name, waiter in started.items() if waiter in done]
+    # A barrier: both queues have claimed (and committed) by the time two more writes have.
+    await daemon.store.write(lambda conn: None)
+    await daemon.store.write(lambda conn: None)
+    assert module.SOLO["now"] == 1
+    module.gate(running).set()
+    waiting = "second" if running == "first" else "first"
+    await asyncio.wait_for(started[waiting], 5)
+    module.gate(waiting).set()
+    for task in (first, second):
+        assert (await daemon.queue.wait(task.id, timeout=5)).status == "succeeded"
+    assert module.SOLO["max"] == 1
+
+
 async def test_a_finished_task_keeps_its_lease_until_its_ack_commits(held_writer_daemon: Any) -> None:
     """Its row stays `running` until the ack commits: were its lease left to run out
     meanwhile (the writer slow or held), the heartbeat would take it back as an orphan, and

@@ -441,6 +441,10 @@ class Store:
                     self._executor, self._run_batch, [op for op, _ in batch]
                 )
                 _settle(batch, outcomes)
+                # One turn of the loop before the next batch is taken: those woken by this
+                # one act first (a claim loop counts what it claimed before the riders size
+                # the next claims against the same limits).
+                await asyncio.sleep(0)
         finally:
             self._flush_scheduled = False
             self._flushing = None
