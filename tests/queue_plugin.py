@@ -138,6 +138,24 @@ async def serial_parent(ctx):
     return [first, second]
 
 
+FAILS_LEFT = {"child": 1}
+
+
+@plugin.task(max_attempts=1)
+async def fails_the_first_time(ctx):
+    if FAILS_LEFT["child"] > 0:
+        FAILS_LEFT["child"] -= 1
+        raise Fail("not this time")
+    return "second time lucky"
+
+
+@plugin.task(max_attempts=1)
+async def parent_of_flaky(ctx):
+    done_before = await ctx.step("before", lambda: STEP_RUNS.setdefault("before", 0) + 1)
+    STEP_RUNS["before"] = done_before
+    return await ctx.call("qt.fails_the_first_time")
+
+
 @plugin.task(max_attempts=1)
 async def parent_of_failure(ctx):
     await ctx.call("qt.fail_now")

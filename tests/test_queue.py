@@ -318,6 +318,20 @@ async def test_a_parent_waiting_for_its_child_ends_at_once_when_cancelled(qt: An
     module.gate("urgent").set()
 
 
+async def test_a_requeued_parent_runs_its_failed_children_again_and_keeps_its_steps(qt: Any) -> None:
+    daemon, _, module = await qt()
+    parent = await daemon.queue.enqueue("qt.parent_of_flaky")
+    assert (await daemon.queue.wait(parent.id, timeout=5)).status == "dead"
+    (failed_child,) = await daemon.queue.children(parent.id)
+    await daemon.queue.requeue(parent.id)
+    # The child's failure used to come back through its key: the parent could never succeed.
+    assert await daemon.queue.result(parent.id, timeout=5) == "second time lucky"
+    children = await daemon.queue.children(parent.id)
+    assert len(children) == 2 and failed_child in children
+    assert (await daemon.queue.get(failed_child)).status == "failed"  # its history is kept
+    assert module.STEP_RUNS["before"] == 1  # the step it had done is not done again
+
+
 async def test_rate_limit_is_a_token_bucket(qt: Any) -> None:
     daemon, _, _ = await qt(workers={"default": 8})
     ids = [(await daemon.queue.enqueue("qt.rated")).id for _ in range(6)]

@@ -409,7 +409,11 @@ class TaskQueue:
         return await self.get(task_id)
 
     async def requeue(self, task_id: int) -> TaskRecord:
-        """Run a dead, failed or cancelled task again from a fresh attempt count."""
+        """Run a dead, failed or cancelled task again from a fresh attempt count.
+
+        What it did that succeeded is kept: its memoized steps and its children that
+        succeeded come back to it as on a retry. Its children that did not succeed give up
+        their keys, so its calls run them again instead of getting their failure back."""
         _check_id(task_id)
         now = time.time()
 
@@ -421,6 +425,10 @@ class TaskQueue:
                 "RETURNING *", (now, task_id)).fetchone()
             if row is None:
                 _raise_state(conn, task_id, "requeue", "dead, failed or cancelled")
+            conn.execute(
+                "UPDATE tasks SET idempotency_key = NULL WHERE parent_id = ? "
+                "AND status IN ('failed', 'dead', 'cancelled') AND idempotency_key IS NOT NULL",
+                (task_id,))
             return row
 
         record = TaskRecord.from_row(await self.store.write(op))
