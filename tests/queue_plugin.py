@@ -166,15 +166,20 @@ async def parent_of_waiter(ctx, name: str):
     return await ctx.call("qt.wait_gate", name=name)
 
 
-@plugin.task(concurrency=2)
-async def limited(ctx, name: str):
-    RUNNING["now"] += 1
-    RUNNING["max"] = max(RUNNING["max"], RUNNING["now"])
-    gate(f"running:{RUNNING['now']}").set()
+async def run_counted(count: dict, started: str, name: str) -> None:
+    """Wait for gate `name`, counted as running in `count` (now, max); open `started` first."""
+    count["now"] += 1
+    count["max"] = max(count["max"], count["now"])
+    gate(started).set()
     try:
         await gate(name).wait()
     finally:
-        RUNNING["now"] -= 1
+        count["now"] -= 1
+
+
+@plugin.task(concurrency=2)
+async def limited(ctx, name: str):
+    await run_counted(RUNNING, f"running:{RUNNING['now'] + 1}", name)
 
 
 SOLO = {"now": 0, "max": 0}
@@ -182,13 +187,7 @@ SOLO = {"now": 0, "max": 0}
 
 @plugin.task(concurrency=1)
 async def solo(ctx, name: str):
-    SOLO["now"] += 1
-    SOLO["max"] = max(SOLO["max"], SOLO["now"])
-    gate(f"started:{name}").set()
-    try:
-        await gate(name).wait()
-    finally:
-        SOLO["now"] -= 1
+    await run_counted(SOLO, f"started:{name}", name)
 
 
 @plugin.task(rate="4/s")

@@ -781,6 +781,19 @@ async def writer_held(daemon: Any) -> AsyncIterator[None]:
         await holding
 
 
+async def cancel_as_the_attempt_ends(daemon: Any, module: Any, task_id: int, name: str) -> None:
+    """Commit a cancel of a running task in one transaction with what its attempt writes as
+    it ends (its ack, or its retry), the cancel first. The task waits for gate `name`, then
+    opens `done:<name>`."""
+    async with writer_held(daemon):
+        cancelling = asyncio.create_task(daemon.queue.cancel(task_id))  # queued behind the hold
+        for _ in range(20):  # yields, no time: the cancel submits its write
+            await asyncio.sleep(0)
+        module.gate(name).set()
+        await asyncio.wait_for(module.gate(f"done:{name}").wait(), 5)  # its write waits behind
+    await cancelling
+
+
 async def test_a_claim_committing_as_the_workers_stop_is_put_back(held_writer_daemon: Any) -> None:
     """Stop used to cancel a claim loop waiting for its claim to commit: the claim committed
     anyway and its rows stayed `running`, with an attempt spent, until the next start."""
@@ -817,13 +830,7 @@ async def test_a_cancel_racing_a_finished_task_s_ack_does_not_lose_its_announcem
     daemon, events, module = await held_writer_daemon(2)
     record = await daemon.queue.enqueue("qt.wait_gate", {"name": "a", "result": "A"})
     await asyncio.wait_for(module.gate("started:a").wait(), 5)
-    async with writer_held(daemon):
-        cancelling = asyncio.create_task(daemon.queue.cancel(record.id))  # queued behind the hold
-        for _ in range(20):  # yields, no time: the cancel submits its write
-            await asyncio.sleep(0)
-        module.gate("a").set()
-        await asyncio.wait_for(module.gate("done:a").wait(), 5)  # its ack waits behind the cancel
-    await cancelling
+    await cancel_as_the_attempt_ends(daemon, module, record.id, "a")
     event = await events.wait_for("task.succeeded", task_id=record.id)
     assert event.data["attempt"] == 1
     final = await daemon.queue.get(record.id)
@@ -837,13 +844,7 @@ async def test_a_cancel_racing_a_failed_attempt_s_retry_ends_the_task(held_write
     daemon, events, module = await held_writer_daemon(1, **FAST_RETRIES)
     record = await daemon.queue.enqueue("qt.fail_after_gate", {"name": "f"})
     await asyncio.wait_for(module.gate("started:f").wait(), 5)
-    async with writer_held(daemon):
-        cancelling = asyncio.create_task(daemon.queue.cancel(record.id))  # queued behind the hold
-        for _ in range(20):  # yields, no time: the cancel submits its write
-            await asyncio.sleep(0)
-        module.gate("f").set()
-        await asyncio.wait_for(module.gate("done:f").wait(), 5)  # its retry waits behind the cancel
-    await cancelling
+    await cancel_as_the_attempt_ends(daemon, module, record.id, "f")
     final = await daemon.queue.wait(record.id, timeout=5)
     assert (final.status, final.error, final.attempts) == ("cancelled", "cancelled", 1)
     event = await events.wait_for("task.cancelled", task_id=record.id)
