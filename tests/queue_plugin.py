@@ -112,6 +112,11 @@ async def too_slow(ctx):
     await gate("never").wait()
 
 
+@plugin.task(max_attempts=1, timeout=30)
+async def upstream_timeout(ctx):
+    raise TimeoutError("the upstream API took too long")
+
+
 @plugin.task(max_attempts=3)
 async def steps_then_fail_once(ctx):
     def count(key):

@@ -237,6 +237,9 @@ async def test_a_timed_out_attempt_is_a_failed_attempt(qt: Any) -> None:
     final = await daemon.queue.wait((await daemon.queue.enqueue("qt.too_slow")).id, timeout=5)
     assert final.status == "dead"
     assert final.error == "TimeoutError: no result after 0.2 s"
+    # A TimeoutError of the task's own (a client's) is told as it is, not as the task's.
+    own = await daemon.queue.wait((await daemon.queue.enqueue("qt.upstream_timeout")).id, timeout=5)
+    assert own.error == "TimeoutError: the upstream API took too long"
 
 
 async def test_delayed_tasks_start_when_due_and_not_before(qt: Any) -> None:

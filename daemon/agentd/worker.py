@@ -25,7 +25,7 @@ import json
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -115,7 +115,6 @@ class WorkerPool:
         # Attempts that have ended, their outcome being written: a cancel no longer
         # interrupts them (the retry's write turns into the cancel itself, `_requeue`).
         self._ended: set[int] = set()
-        self._settling: set[asyncio.Task[None]] = set()  # cancellations of tasks claimed ahead
         self._loops: list[asyncio.Task[None]] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -158,7 +157,6 @@ class WorkerPool:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        await asyncio.gather(*self._settling, return_exceptions=True)
         if self._acks_in_flight:
             # Finished tasks are announced when their acks commit: before anything stops
             # listening. `wait`, not `gather`: cancelling a gather would cancel the batches.
@@ -211,11 +209,8 @@ class WorkerPool:
     def _cancel_unstarted(self, record: TaskRecord) -> None:
         """End a claimed task that never started as cancelled; its ack joins the next
         transaction."""
-        task = asyncio.get_running_loop().create_task(
-            self._settle(record, _Outcome("cancelled", error="cancelled")),
-            name=f"cancel:{record.name}:{record.id}")
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        putting_back = self._settle(record, _CANCELLED)
+        assert putting_back is None  # a final state: nothing to await
 
     # -- claiming --------------------------------------------------------------------------
 
@@ -359,7 +354,9 @@ class WorkerPool:
             if ctx.holds_slot:
                 ctx.holds_slot = False
                 slots.release()
-            await self._settle(record, outcome)
+            putting_back = self._settle(record, outcome)
+            if putting_back is not None:
+                await putting_back
         finally:
             ctx.close()
             if ctx.holds_slot:
@@ -372,10 +369,15 @@ class WorkerPool:
     async def _execute(self, record: TaskRecord, definition: TaskDef | None, ctx: Context) -> _Outcome:
         try:
             if record.id in self._cancelling:  # cancelled before it started (`_cancel_running`)
-                return _Outcome("cancelled", error="cancelled")
+                return _CANCELLED
             if definition is None:
                 raise Fail(f"no task named {record.name!r} is registered")
-            value = await _call_task(definition, record, ctx)
+            call = _task_call(definition, record, ctx)
+            if record.timeout is None:
+                value = await call
+            else:
+                async with asyncio.timeout(record.timeout):
+                    value = await call
             if definition.remember and value is not None:
                 await self._remember(definition, record, value)
             encoded = encode_json(value, f"the result of {record.name}")
@@ -386,23 +388,17 @@ class WorkerPool:
             return _Outcome("succeeded", result=encoded, value=value)
         except asyncio.CancelledError:
             if record.id in self._cancelling:
-                return _Outcome("cancelled", error="cancelled")
+                return _CANCELLED
             if self._stopping:
                 return _Outcome("interrupted", error="interrupted by daemon stop")
             raise
-        except Retry as exc:
-            return _Outcome("retry", error=f"Retry: {exc}", delay=exc.delay)
-        except (Fail, InvalidTaskError) as exc:
-            return _Outcome("failed", error=f"{type(exc).__name__}: {exc}")
-        except TimeoutError:
-            return _Outcome("retry", error=f"TimeoutError: no result after {record.timeout} s")
         except Exception as exc:
-            ctx.log.warning("task.attempt_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
-            return _Outcome("retry", error=f"{type(exc).__name__}: {exc}")
+            return _failure(exc, record, ctx)
 
-    async def _settle(self, record: TaskRecord, outcome: _Outcome) -> None:
-        """Record how the attempt ended. A retry or an interruption is written and awaited; a
-        final state joins the next transaction's acks and is announced when that commits."""
+    def _settle(self, record: TaskRecord, outcome: _Outcome) -> Coroutine[Any, Any, None] | None:
+        """Record how the attempt ended. A final state joins the next transaction's acks and
+        is announced when that commits. A retry or an interruption is to be written first:
+        the coroutine returned writes it, and the caller awaits it."""
         now = time.time()
         ttl_until = now + self.config.result_ttl
         status, delay = outcome.status, 0.0
@@ -413,22 +409,8 @@ class WorkerPool:
                 status = "queued"
                 delay = outcome.delay if outcome.delay is not None else self._backoff(record.attempts)
         if status in ("queued", "interrupted"):
-            undo_attempt = 1 if status == "interrupted" else 0
-            run_at = now + delay
-            stored = await self.store.write(partial(
-                _requeue, task_id=record.id, run_at=run_at, error=outcome.error,
-                undo_attempt=undo_attempt, finished_at=now, expires_at=ttl_until))
-            if stored == "cancelled":  # a cancel came in as the attempt ended
-                record.status, record.error = "cancelled", "cancelled"
-                record.finished_at, record.expires_at = now, ttl_until
-                self.queue.settle(record, "task.cancelled", attempt=record.attempts, error="cancelled")
-                return
-            if status == "queued":
-                record.status, record.run_at, record.error = "queued", run_at, outcome.error
-                self.queue.publish("task.retrying", record, attempt=record.attempts,
-                                   error=outcome.error, delay=round(delay, 3))
-            self.wake(record.queue)
-            return
+            return self._put_back(record, outcome.error, interrupted=status == "interrupted",
+                                  delay=delay, now=now, ttl_until=ttl_until)
         batch = self._acks.add((status, outcome.result, outcome.error, now, ttl_until, record.id))
         if batch is not self._acks_batch:
             # The first ack of a transaction: its commit announces every ack it carries.
@@ -438,6 +420,26 @@ class WorkerPool:
         record.status, record.result, record.error = status, outcome.value, outcome.error
         record.finished_at, record.expires_at = now, ttl_until
         self._acked.append(record)
+        return None
+
+    async def _put_back(self, record: TaskRecord, error: str | None, *, interrupted: bool,
+                        delay: float, now: float, ttl_until: float) -> None:
+        """Queue the task again after an attempt that did not end it: a retry in `delay` s,
+        or, `interrupted` by a stop, at once with its attempt unspent."""
+        run_at = now + delay
+        stored = await self.store.write(partial(
+            _requeue, task_id=record.id, run_at=run_at, error=error,
+            undo_attempt=1 if interrupted else 0, finished_at=now, expires_at=ttl_until))
+        if stored == "cancelled":  # a cancel came in as the attempt ended
+            record.status, record.error = "cancelled", "cancelled"
+            record.finished_at, record.expires_at = now, ttl_until
+            self.queue.settle(record, "task.cancelled", attempt=record.attempts, error="cancelled")
+            return
+        if not interrupted:
+            record.status, record.run_at, record.error = "queued", run_at, error
+            self.queue.publish("task.retrying", record, attempt=record.attempts,
+                               error=error, delay=round(delay, 3))
+        self.wake(record.queue)
 
     def _announce_acks(self, records: list[TaskRecord], batch: asyncio.Future[list[None]]) -> None:
         """Once a transaction's acks commit, publish each task's final state and wake its
@@ -517,16 +519,25 @@ def _wait_ahead(ahead: deque[TaskRecord], record: TaskRecord) -> None:
     ahead.insert(position, record)
 
 
-async def _call_task(definition: TaskDef, record: TaskRecord, ctx: Context) -> Any:
-    """Run the task's function (sync ones in a thread) within its timeout."""
+def _task_call(definition: TaskDef, record: TaskRecord, ctx: Context) -> Awaitable[Any]:
+    """The task's function called with its arguments; a sync one runs in a thread."""
     if definition.is_async:
-        call = definition.fn(ctx, **record.args)
-    else:
-        call = asyncio.to_thread(definition.fn, ctx, **record.args)
-    if record.timeout is None:
-        return await call
-    async with asyncio.timeout(record.timeout):
-        return await call
+        call: Awaitable[Any] = definition.fn(ctx, **record.args)
+        return call
+    return asyncio.to_thread(definition.fn, ctx, **record.args)
+
+
+def _failure(exc: Exception, record: TaskRecord, ctx: Context) -> _Outcome:
+    """How an attempt that raised `exc` ended: `Retry` and any other exception retry (a
+    timeout too), `Fail` and refused arguments or results fail the task at once."""
+    if isinstance(exc, Retry):
+        return _Outcome("retry", error=f"Retry: {exc}", delay=exc.delay)
+    if isinstance(exc, Fail | InvalidTaskError):
+        return _Outcome("failed", error=f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, TimeoutError) and record.timeout is not None and not str(exc):
+        return _Outcome("retry", error=f"TimeoutError: no result after {record.timeout} s")
+    ctx.log.warning("task.attempt_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+    return _Outcome("retry", error=f"{type(exc).__name__}: {exc}")
 
 
 class _Outcome(NamedTuple):
@@ -537,6 +548,9 @@ class _Outcome(NamedTuple):
     error: str | None = None
     delay: float | None = None
     value: Any = None
+
+
+_CANCELLED = _Outcome("cancelled", error="cancelled")
 
 
 ACK_STATEMENT = ("UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?, expires_at = ?, "
