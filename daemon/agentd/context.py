@@ -48,8 +48,7 @@ class Context:
 
     def __init__(self, record: TaskRecord, queue: TaskQueue, slots: Slots,
                  config: Mapping[str, Any], services: Services, *, token_budget: int = 0) -> None:
-        self.task = TaskInfo(record.id, record.name, record.attempts, record.max_attempts,
-                             record.queue, record.parent_id, record.correlation_id)
+        self._task: TaskInfo | None = None
         self.config = config
         self._services = services
         self._token_budget = token_budget
@@ -65,6 +64,16 @@ class Context:
         self.holds_slot = True
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+
+    @property
+    def task(self) -> TaskInfo:
+        """Who the running task is: id, name, attempt, max_attempts, queue, parent_id,
+        correlation_id."""
+        if self._task is None:  # built on first use: a no-op task never asks
+            record = self._record
+            self._task = TaskInfo(record.id, record.name, record.attempts, record.max_attempts,
+                                  record.queue, record.parent_id, record.correlation_id)
+        return self._task
 
     @property
     def log(self) -> structlog.stdlib.BoundLogger:
