@@ -41,6 +41,11 @@ async def tag_context(ctx, tag: str):
 
 
 @plugin.task()
+async def any_keywords(ctx, **kwargs):
+    return kwargs
+
+
+@plugin.task()
 async def info(ctx):
     ctx.emit("looked", {"at": "myself"})
     return {"id": ctx.task.id, "name": ctx.task.name, "attempt": ctx.task.attempt,

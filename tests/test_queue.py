@@ -76,6 +76,9 @@ async def test_bad_enqueues_are_refused_with_the_reason(qt: Any) -> None:
     await daemon.queue.cancel(good.id)
     with pytest.raises(InvalidTaskError, match="unexpected keyword argument 'nope'"):
         await daemon.queue.enqueue("qt.echo", {"nope": 1})
+    # Any keyword goes, except the context's own name.
+    with pytest.raises(InvalidTaskError, match="multiple values for argument 'ctx'"):
+        await daemon.queue.enqueue("qt.any_keywords", {"ctx": 1})
     with pytest.raises(InvalidTaskError, match="queue 'elsewhere' has no workers"):
         await daemon.queue.enqueue("qt.echo", queue="elsewhere")
     with pytest.raises(InvalidTaskError, match="either delay or run_at"):

@@ -15,7 +15,7 @@ import pytest
 async def served(start_daemon: Any, http: Any, copied_plugin: Any) -> Any:
     daemon, events = await start_daemon(
         plugin_dirs=[copied_plugin("queue_plugin.py", "qt")],
-        overrides={"tasks": {"retry_base": 0.01, "retry_max": 0.02, "queues": {"default": 4, "reports": 1}}})
+        overrides={"tasks": {"retry_base": 0.01, "retry_max": 0.02, "queues": {"default": 4, "reports": 1, "a+b&c": 1}}})
     return daemon, events, http(daemon), sys.modules["agentd_plugins.qt"]
 
 
@@ -52,6 +52,7 @@ async def test_long_poll_returns_the_current_state_when_the_wait_runs_out(served
     [
         ({"name": "qt.nothing"}, 404, "qt.nothing"),
         ({"args": {}}, 400, "'name' is required"),
+        ({"name": None}, 400, "'name' is required"),
         ({"name": "qt.echo", "priority": "high"}, 400, "'priority' must be an integer"),
         ({"name": "qt.echo", "delay": True}, 400, "'delay' must be a number of seconds"),
         ({"name": "qt.echo", "colour": "red"}, 400, "unknown field(s): colour"),
@@ -241,6 +242,10 @@ async def test_tasks_commands(served: Any, cli: Any) -> None:
     assert code == 0 and json.loads(out)["status"] == "queued"
     code, _, err = await cli("tasks", "show", "424242")
     assert code == 2 and "no task with id 424242" in err
+    # A filter is sent as a value, whatever it holds ('+' read as a space, '&' as a split).
+    odd = await daemon.queue.enqueue("qt.echo", {"value": 4}, delay=60, queue="a+b&c")
+    code, out, _ = await cli("tasks", "list", "--queue", "a+b&c")
+    assert code == 0 and f"{odd.id}" in out and f"{task.id}" not in out
 
 
 async def test_cli_without_a_daemon_exits_1(run_cli: Any, config_file: Any, process_env: Any) -> None:

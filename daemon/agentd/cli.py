@@ -235,7 +235,7 @@ async def _tasks(api: _Api, args: argparse.Namespace) -> int:
     if args.action == "list":
         query = {k: v for k in ("status", "name", "queue") if (v := getattr(args, k)) is not None}
         query["limit"] = str(args.limit)
-        page = await api.call("GET", "/v1/tasks?" + "&".join(f"{k}={v}" for k, v in query.items()))
+        page = await api.call("GET", "/v1/tasks?" + urllib.parse.urlencode(query))
         for task in page["tasks"]:
             print(f"{task['id']:>8}  {task['status']:<10} {task['name']:<30} "
                   f"attempts {task['attempts']}/{task['max_attempts']}")

@@ -80,11 +80,15 @@ class TaskDef:
     _names: frozenset[str] | None = field(init=False, default=None)
     _required: frozenset[str] = field(init=False, default=frozenset())
     _any_keyword: bool = field(init=False, default=False)
+    _context_name: str = field(init=False, default="ctx")
 
     def __post_init__(self) -> None:
         self.signature = inspect.signature(self.fn)
         self.is_async = inspect.iscoroutinefunction(self.fn)
-        params = list(self.signature.parameters.values())[1:]  # after ctx
+        every = list(self.signature.parameters.values())
+        if every:
+            self._context_name = every[0].name
+        params = every[1:]  # after ctx
         simple = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         named = [p for p in params if p.kind in simple]
         if all(p.kind in simple or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
@@ -103,7 +107,8 @@ class TaskDef:
     def check_args(self, args: Mapping[str, Any]) -> None:
         """Raise InvalidTaskError unless `fn(ctx, **args)` would bind."""
         if (self._names is not None and self._required.issubset(args)
-                and (self._any_keyword or self._names.issuperset(args))):
+                and (self._names.issuperset(args)
+                     or (self._any_keyword and self._context_name not in args))):
             return
         try:
             self.signature.bind(None, **args)

@@ -52,7 +52,7 @@ def task_request(body: dict[str, Any], where: str = "") -> TaskRequest:
     unknown = sorted(set(body) - set(_FIELDS))
     if unknown:
         raise bad_request(f"{where}unknown field(s): {', '.join(unknown)}; known: {', '.join(_FIELDS)}")
-    if "name" not in body:
+    if body.get("name") is None:
         raise bad_request(f"{where}field 'name' is required")
     for field, (kind, expected) in _FIELDS.items():
         value = body.get(field)
