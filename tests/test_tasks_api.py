@@ -15,7 +15,8 @@ import pytest
 async def served(start_daemon: Any, http: Any, copied_plugin: Any) -> Any:
     daemon, events = await start_daemon(
         plugin_dirs=[copied_plugin("queue_plugin.py", "qt")],
-        overrides={"tasks": {"retry_base": 0.01, "retry_max": 0.02, "queues": {"default": 4, "reports": 1, "a+b&c": 1}}})
+        overrides={"tasks": {"retry_base": 0.01, "retry_max": 0.02,
+                             "queues": {"default": 4, "reports": 1, "a+b&c": 1}}})
     return daemon, events, http(daemon), sys.modules["agentd_plugins.qt"]
 
 
