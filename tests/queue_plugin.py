@@ -9,7 +9,7 @@ import contextvars
 import threading
 
 from agentd import Plugin
-from agentd.errors import Fail, Retry
+from agentd.errors import Fail, Retry, TaskFailedError
 
 plugin = Plugin("qt")
 
@@ -146,6 +146,48 @@ async def serial_parent(ctx):
     first = await ctx.call("qt.echo", value=1)
     second = await ctx.call("qt.echo", value=2)
     return [first, second]
+
+
+STEP_VALUES: list = []
+
+
+@plugin.task(max_attempts=2)
+async def step_then_retry(ctx):
+    value = await ctx.step("numbers", lambda: {1: "one", "pair": (1, 2)})
+    STEP_VALUES.append(value)
+    if ctx.task.attempt == 1:
+        raise RuntimeError("once more")
+    return value
+
+
+@plugin.task(max_attempts=1)
+async def gather_with_a_failure(ctx):
+    try:
+        await ctx.gather(ctx.call("qt.fail_now"), ctx.call("qt.wait_gate", name="sibling"))
+    except TaskFailedError:
+        gate("after the gather").set()
+    return "went on"
+
+
+@plugin.task()
+async def submit_keyed(ctx, key: str):
+    return (await ctx.submit("qt.echo", {"value": key}, idempotency_key=key)).id
+
+
+@plugin.task()
+async def slow_to_cancel(ctx, name: str):
+    gate(f"started:{name}").set()
+    try:
+        await gate(name).wait()
+    except asyncio.CancelledError:
+        await gate(f"cleanup:{name}").wait()
+        raise
+    return f"{name} done"
+
+
+@plugin.task()
+async def parent_of_slow(ctx):
+    return await ctx.call("qt.slow_to_cancel", name="slow child")
 
 
 FAILS_LEFT = {"child": 1}

@@ -338,6 +338,51 @@ async def test_a_requeued_parent_runs_its_failed_children_again_and_keeps_its_st
     assert module.STEP_RUNS["before"] == 1  # the step it had done is not done again
 
 
+async def test_a_step_gives_every_attempt_the_same_value(qt: Any) -> None:
+    daemon, _, module = await qt()
+    record = await daemon.queue.enqueue("qt.step_then_retry")
+    expected = {"1": "one", "pair": [1, 2]}  # as JSON keeps it, from the first attempt on
+    assert await daemon.queue.result(record.id, timeout=5) == expected
+    assert [expected, expected] == module.STEP_VALUES
+
+
+async def test_a_parent_that_goes_on_after_a_failed_gather_waits_for_its_slot(qt: Any) -> None:
+    daemon, _, module = await qt(workers={"default": 1})
+    parent = await daemon.queue.enqueue("qt.gather_with_a_failure")
+    await asyncio.wait_for(module.gate("started:sibling").wait(), 5)
+    # A barrier: the parent, told its first child failed, has gone as far as it can.
+    await daemon.store.write(lambda conn: None)
+    await daemon.store.write(lambda conn: None)
+    # One worker, held by the sibling: the parent used to go on without a slot.
+    assert not module.gate("after the gather").is_set()
+    module.gate("sibling").set()
+    assert await daemon.queue.result(parent.id, timeout=5) == "went on"
+
+
+async def test_a_key_given_to_ctx_submit_lasts_the_configured_window(qt: Any) -> None:
+    daemon, _, _ = await qt(idempotency_window=0)
+    first = await daemon.queue.result((await daemon.queue.enqueue("qt.submit_keyed", {"key": "daily"})).id,
+                                      timeout=5)
+    second = await daemon.queue.result((await daemon.queue.enqueue("qt.submit_keyed", {"key": "daily"})).id,
+                                       timeout=5)
+    assert first != second  # past the window (0 s), the key makes a new child
+
+
+async def test_a_requeued_parent_does_not_get_back_a_child_still_being_cancelled(qt: Any) -> None:
+    daemon, _, module = await qt(workers={"default": 2})
+    parent = await daemon.queue.enqueue("qt.parent_of_slow")
+    await asyncio.wait_for(module.gate("started:slow child").wait(), 5)
+    await daemon.queue.cancel(parent.id)
+    assert (await daemon.queue.wait(parent.id, timeout=5)).status == "cancelled"
+    (cancelling,) = await daemon.queue.children(parent.id)
+    assert (await daemon.queue.get(cancelling)).status == "running"  # its cleanup waits
+    await daemon.queue.requeue(parent.id)
+    module.gate("slow child").set()  # the new child's wait
+    module.gate("cleanup:slow child").set()
+    assert await daemon.queue.result(parent.id, timeout=5) == "slow child done"
+    assert (await daemon.queue.wait(cancelling, timeout=5)).status == "cancelled"
+
+
 async def test_rate_limit_is_a_token_bucket(qt: Any) -> None:
     daemon, _, _ = await qt(workers={"default": 8})
     ids = [(await daemon.queue.enqueue("qt.rated")).id for _ in range(6)]

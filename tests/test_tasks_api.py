@@ -107,6 +107,14 @@ async def test_batch_enqueue_is_all_or_nothing(served: Any) -> None:
     async with client.post("/v1/tasks/batch", json={"tasks": bad}) as r:
         assert r.status == 400
         assert "tasks[3]: field 'priority'" in (await _json(r))["error"]["message"]
+    # What only the queue can tell (limits, names, queues) names the item too.
+    for item, status, message in [
+            ({"name": "qt.echo", "max_attempts": 0}, 400, "tasks[2]: max_attempts must be at least 1"),
+            ({"name": "qt.echo", "queue": "gpu"}, 400, "tasks[2]: queue 'gpu' has no workers"),
+            ({"name": "qt.ghost"}, 404, "tasks[2]: no task named 'qt.ghost'")]:
+        async with client.post("/v1/tasks/batch", json={"tasks": [*tasks[:2], item]}) as r:
+            assert r.status == status
+            assert message in (await _json(r))["error"]["message"]
     assert sum((await daemon.queue.counts()).values()) == 50
 
 

@@ -166,13 +166,20 @@ class Context:
                      idempotency_key: str | None = None) -> TaskRecord:
         """Enqueue task `name` as a durable child and return it without waiting.
 
-        Its idempotency key is `idempotency_key`, else `<this task's id>:<name>:<n>`,
-        numbered per name in the order of `submit()`s, so a retried parent gets its
-        earlier children back instead of enqueueing them again.
+        Its idempotency key is `<this task's id>:<name>:<n>`, numbered per name in the
+        order of `submit()`s and kept for good, so a retried parent gets its earlier
+        children back instead of enqueueing them again. An `idempotency_key` of the
+        caller's own is kept like any other: `[tasks] idempotency_window`.
         """
-        return await self._submit_keyed(name, args or {}, idempotency_key)
+        if idempotency_key is not None:  # the caller's key: it lasts `[tasks] idempotency_window`
+            return await self._queue.enqueue(
+                name, args or {}, idempotency_key=idempotency_key, parent_id=self.task.id,
+                correlation_id=self.task.correlation_id)
+        return await self._submit_keyed(name, args or {}, None)
 
     async def _submit_keyed(self, name: str, args: Mapping[str, Any], key: str | None) -> TaskRecord:
+        """Enqueue a child under a key made from this task's id (by this task's `n`th
+        submit of `name` when `key` is None), kept for good: a retry finds its children."""
         if key is None:
             self._submits[name] = self._submits.get(name, 0) + 1
             key = f"{self.task.id}:{name}:{self._submits[name]}"
@@ -186,10 +193,15 @@ class Context:
         futures = [asyncio.ensure_future(call) for call in calls]
         try:
             return list(await asyncio.gather(*futures))
-        except BaseException:
+        except BaseException as exc:
             for future in futures:
                 future.cancel()
             await asyncio.gather(*futures, return_exceptions=True)
+            if not isinstance(exc, asyncio.CancelledError) and not self.holds_slot and not self._closed:
+                # The calls cancelled here took no slot back (they leave as cancelled waits
+                # do); the parent goes on, with its slot.
+                await self._slots.retake()
+                self.holds_slot = True
             raise
 
     async def step(self, key: str, fn: Callable[[], Any]) -> Any:
@@ -207,7 +219,9 @@ class Context:
             "INSERT INTO task_steps (task_id, key, result) VALUES (?, ?, ?) "
             "ON CONFLICT (task_id, key) DO UPDATE SET result = excluded.result",
             (self.task.id, key, encoded)))
-        return value
+        # What a retry will read back: the JSON round trip (a tuple becomes a list, int keys
+        # strings), so that every attempt sees the same value.
+        return value if isinstance(value, str | int | bool | None) else json.loads(encoded)
 
     def close(self) -> None:
         """Called by the worker when the attempt is over: orphaned waits take no slot back."""

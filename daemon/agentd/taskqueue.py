@@ -35,6 +35,7 @@ from agentd.errors import (
     TaskFailedError,
     TaskNotFoundError,
     TaskStateError,
+    UnknownTaskError,
 )
 from agentd.taskdef import TaskRegistry, encode_json
 
@@ -233,7 +234,14 @@ class TaskQueue:
     async def enqueue_many(self, requests: Sequence[TaskRequest]) -> list[Enqueued]:
         """Enqueue several tasks in one transaction: all are validated first, then all commit."""
         now = time.time()
-        prepared = [self._prepare(request, now) for request in requests]
+        prepared: list[tuple[Any, ...]] = []
+        try:
+            for request in requests:
+                prepared.append(self._prepare(request, now))
+        except (InvalidTaskError, UnknownTaskError) as exc:
+            if len(requests) == 1:
+                raise
+            raise type(exc)(f"tasks[{len(prepared)}]: {exc}") from exc  # which one of the batch
         if len(prepared) == 1 and prepared[0][8] is None and prepared[0][9] is None:
             # One task without an idempotency key or parent (an HTTP POST, a handler's or a
             # plugin's enqueue): the single enqueues of a tick become one multi-row INSERT.
@@ -427,8 +435,8 @@ class TaskQueue:
                 _raise_state(conn, task_id, "requeue", "dead, failed or cancelled")
             conn.execute(
                 "UPDATE tasks SET idempotency_key = NULL WHERE parent_id = ? "
-                "AND status IN ('failed', 'dead', 'cancelled') AND idempotency_key IS NOT NULL",
-                (task_id,))
+                "AND (status IN ('failed', 'dead', 'cancelled') OR cancel_requested) "
+                "AND idempotency_key IS NOT NULL", (task_id,))
             return row
 
         record = TaskRecord.from_row(await self.store.write(op))
