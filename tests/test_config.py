@@ -138,6 +138,7 @@ def test_env_errors_name_the_variable(var: str, value: str, fragments: list[str]
         ({"AGENTD_SERVER_HOST": "0.0.0.0"}, "[server] host = '0.0.0.0' is not a loopback address"),
         ({"AGENTD_MAIL_SENDER": "agentd"}, "[mail] sender: expected a mail address"),
         ({"AGENTD_MAIL_TIMEOUT": "0"}, "[mail] timeout: expected a positive number"),
+        ({"AGENTD_TASKS_LEASE": "0"}, "[tasks] lease: expected a positive number of seconds"),
     ],
 )
 def test_a_bad_value_from_the_environment_names_the_variable_not_the_file(

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 
 @pytest.fixture
@@ -255,6 +256,25 @@ async def test_tasks_commands(served: Any, cli: Any) -> None:
     odd = await daemon.queue.enqueue("qt.echo", {"value": 4}, delay=60, queue="a+b&c")
     code, out, _ = await cli("tasks", "list", "--queue", "a+b&c")
     assert code == 0 and f"{odd.id}" in out and f"{task.id}" not in out
+
+
+async def test_cli_says_when_something_else_answers(run_cli: Any, config_file: Any,
+                                                    process_env: Any) -> None:
+    async def bad_gateway(_: web.Request) -> web.Response:
+        return web.Response(status=502, text="<html>Bad Gateway</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", bad_gateway)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        port = runner.addresses[0][1]
+        code, _, err = await run_cli("submit", "qt.echo", "--config", str(config_file()),
+                                     env=process_env(AGENTD_SERVER_PORT=str(port)))
+    finally:
+        await runner.cleanup()
+    assert code == 1 and "answered HTTP 502 with text/html" in err
 
 
 async def test_cli_without_a_daemon_exits_1(run_cli: Any, config_file: Any, process_env: Any) -> None:

@@ -182,6 +182,11 @@ class _Api:
             async with self.session.request(
                 method, self.base + path, json=body, headers=self.headers
             ) as response:
+                if response.status != 204 and response.content_type != "application/json":
+                    # Something else answers there (a proxy's error page, another server).
+                    raise _ApiError(f"{self.base} answered HTTP {response.status} with "
+                                    f"{response.content_type or 'no content type'}, not agentd's "
+                                    "JSON: is the daemon behind it running?", EXIT_FAILED)
                 payload = await response.json() if response.status != 204 else None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _ApiError(f"no daemon answers at {self.base}: {exc}", EXIT_FAILED) from exc

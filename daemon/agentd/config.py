@@ -415,6 +415,9 @@ def _check_rules(config: Config) -> None:
             raise ConfigError(f"{config.source}: [[schedules]] #{number}{label}: {exc}") from None
     _check_memory(config)
     _check_outbound(config)
+    if config.tasks.lease <= 0:  # the heartbeat renews every lease / 3 seconds
+        raise ConfigError(f"{config.origin('tasks', 'lease')}: [tasks] lease: expected a positive "
+                          "number of seconds")
     if config.streams.client_buffer < 2:
         raise ConfigError(f"{config.origin('streams', 'client_buffer')}: [streams] client_buffer: "
                           "expected at least 2")
