@@ -274,8 +274,9 @@ class TaskQueue:
         (name, args, queue, priority, delay, run_at, key, max_attempts, timeout, parent_id,
          correlation_id, _) = request
         definition = self.registry.get(name)
-        # `type(...) is dict` first: an ABC isinstance check costs 0.45 µs, a tenth of an enqueue.
-        if type(args) is not dict and not isinstance(args, Mapping):
+        # Exact types first: an ABC isinstance check costs 0.45 µs, a tenth of an enqueue
+        # (and `TaskRequest`'s default args, a mappingproxy, took it every time).
+        if type(args) is not dict and args is not _NO_ARGS and not isinstance(args, Mapping):
             raise InvalidTaskError(f"args must be a JSON object, got {type(args).__name__}")
         definition.check_args(args)
         if delay is not None and run_at is not None:

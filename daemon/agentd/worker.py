@@ -36,7 +36,7 @@ from agentd.errors import Fail, InvalidTaskError, Retry
 from agentd.log import get_logger
 from agentd.services import Services
 from agentd.taskdef import TaskDef, TaskRegistry, encode_json
-from agentd.taskqueue import CLAIMED_COLUMNS, TaskQueue, TaskRecord
+from agentd.taskqueue import CLAIMED_COLUMNS, FINAL_STATES, TaskQueue, TaskRecord
 
 _LOG = get_logger("worker")
 
@@ -380,7 +380,7 @@ class WorkerPool:
                     value = await call
             if definition.remember and value is not None:
                 await self._remember(definition, record, value)
-            encoded = encode_json(value, f"the result of {record.name}")
+            encoded = "null" if value is None else encode_json(value, f"the result of {record.name}")
             # Waiters get what a later reader of the row gets: the JSON round trip
             # (a tuple becomes a list, int keys become strings). Scalars survive it as they are.
             if not isinstance(value, str | int | bool | None):
@@ -452,11 +452,12 @@ class WorkerPool:
             _LOG.error("tasks.ack_failed", tasks=len(records),
                        error="cancelled" if batch.cancelled() else str(batch.exception()))
             return
+        settle = self.queue.settle
         for record in records:
-            extra: dict[str, Any] = {"attempt": record.attempts}
             if record.error:
-                extra["error"] = record.error
-            self.queue.settle(record, f"task.{record.status}", **extra)
+                settle(record, _FINAL_TOPICS[record.status], attempt=record.attempts, error=record.error)
+            else:
+                settle(record, _FINAL_TOPICS[record.status], attempt=record.attempts)
 
     async def _remember(self, definition: TaskDef, record: TaskRecord, value: Any) -> None:
         """`@plugin.task(remember=...)`: keep the result in long-term memory."""
@@ -551,6 +552,7 @@ class _Outcome(NamedTuple):
 
 
 _CANCELLED = _Outcome("cancelled", error="cancelled")
+_FINAL_TOPICS = {status: f"task.{status}" for status in FINAL_STATES}
 
 
 ACK_STATEMENT = ("UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?, expires_at = ?, "
