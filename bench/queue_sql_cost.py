@@ -6,10 +6,9 @@
 Builds agentd's schema (its own migrations) in a temporary file with the driver agentd.db
 uses, queues `--tasks` rows, then replays the processing loop's statements as the daemon
 issues them in one transaction per batch: the claim (one UPDATE ... WHERE id IN (SELECT
-... on tasks_claim) RETURNING of `--batch` rows), the batch's acks (one executemany), the
-event log's rows (by default one per task, its final event; `--events all`: queued,
-started and final),
-and the commit (synchronous = NORMAL, WAL). `--batch` 32 is about what a transaction holds
+... on tasks_claim) RETURNING of `--batch` rows), the batch's acks (an UPDATE ... FROM
+(VALUES ...) of many rows), the event log's rows (many per INSERT; by default one per
+task, its final event; `--events all`: queued, started and final), and the commit (synchronous = NORMAL, WAL). `--batch` 32 is about what a transaction holds
 with 8 workers and claim-ahead (`tasks_per_transaction` in queue_bench.py's figures).
 Prints µs per task for each part, so a schema change (e.g. `--drop-index tasks_running`)
 can be weighed before it is made.
@@ -24,9 +23,11 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from agentd.db import plain_driver
+from agentd.db import execute_rows, plain_driver
+from agentd.eventlog import INSERT_EVENTS
+from agentd.jsontext import lenient_encoder
 from agentd.taskqueue import CLAIMED_COLUMNS
-from agentd.worker import ACK_STATEMENT
+from agentd.worker import ACK_ROW, ACK_STATEMENT
 
 
 def main() -> None:
@@ -60,6 +61,7 @@ def measure(path: Path, args: argparse.Namespace) -> dict[str, float]:
         "INSERT INTO tasks (queue, name, args, status, priority, run_at, max_attempts, created_at) "
         "VALUES ('default', 'bench.noop', '{}', 'queued', 0, ?, 3, ?)", [(now, now)] * args.tasks)
     conn.execute("COMMIT")
+    encode = lenient_encoder()
     spent = {"claim": 0.0, "ack": 0.0, "event_log": 0.0, "commit": 0.0}
     event_id, done, batches = 10**15, 0, 0
     topics = ("task.succeeded",)
@@ -77,18 +79,16 @@ def measure(path: Path, args: argparse.Namespace) -> dict[str, float]:
             f"ORDER BY priority DESC, run_at, id LIMIT ?) RETURNING {CLAIMED_COLUMNS}",
             (now, now + 60, "default", time.time(), args.batch)).fetchall()]
         t1 = time.perf_counter()
-        conn.executemany(ACK_STATEMENT, [("succeeded", "null", None, now, now + 3600, task_id)
-                                         for task_id in ids])
+        execute_rows(conn, ACK_STATEMENT, ACK_ROW,
+                     [("succeeded", "null", None, now, now + 3600, task_id) for task_id in ids])
         t2 = time.perf_counter()
         rows = []
         for task_id in ids:
             for topic in topics:
                 event_id += 1
                 data = {"task_id": task_id, "name": "bench.noop", "queue": "default", "status": topic[5:]}
-                rows.append((event_id, topic, now, json.dumps(data, separators=(",", ":")),
-                             str(task_id), None, 1))
-        conn.executemany("INSERT INTO events (id, topic, time, data, correlation_id, causation_id, "
-                         "durable) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                rows.append((event_id, topic, now, encode(data), str(task_id), None, 1))
+        execute_rows(conn, INSERT_EVENTS, "(?,?,?,?,?,?,?)", rows)
         t3 = time.perf_counter()
         conn.execute("COMMIT")
         t4 = time.perf_counter()

@@ -286,6 +286,16 @@ async def test_resume_with_since_reads_from_the_committed_log(start_daemon: Any,
     assert [f.id for f in replayed] == [e.id for e in missed]
 
 
+async def test_the_log_keeps_every_event_of_a_large_batch_in_order(start_daemon: Any) -> None:
+    # 301 events in one batch: written as statements of 256, 32, 8, 4 and 1 rows.
+    daemon, _ = await start_daemon()
+    marker = daemon.bus.publish("bulk.mark", {})
+    published = [daemon.bus.publish("bulk.n", {"n": n, "text": f"é {n}"}) for n in range(300)]
+    await daemon.eventlog.flush()
+    stored = await daemon.eventlog.replay(marker.id, lambda event: event.topic == "bulk.n")
+    assert [(e.id, e.data) for e in stored] == [(e.id, e.data) for e in published]
+
+
 async def test_resume_has_no_gap_and_no_duplicate_while_events_keep_coming(
     start_daemon: Any, http: Any,
 ) -> None:

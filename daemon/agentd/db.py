@@ -510,6 +510,22 @@ class BatchedWrite(Generic[V, R]):
         self._store.join_batch(lambda conn: write_values(conn, values), future)
 
 
+def execute_rows(conn: Connection, template: str, row: str, rows: list[tuple[Any, ...]],
+                 most: int = 256) -> None:
+    """Run `template` with `{rows}` replaced by `row` (placeholders for one row, e.g.
+    "(?,?,?)") once per row: several rows per statement, not a statement per row
+    (`executemany` pays a statement run, its setup and a GIL release per row). Statements
+    hold a power of two of rows, at most `most`, so a handful of statement texts serve every
+    batch size (each compiled once and kept in the driver's statement cache)."""
+    start = 0
+    while start < len(rows):
+        size = min(most, 1 << ((len(rows) - start).bit_length() - 1))
+        chunk = rows[start:start + size]
+        conn.execute(template.format(rows=",".join([row] * size)),
+                     [value for values in chunk for value in values])
+        start += size
+
+
 def _incremental_vacuum(conn: Connection) -> int:
     before = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
     conn.execute("PRAGMA incremental_vacuum").fetchall()

@@ -18,14 +18,14 @@ from typing import Any
 
 from agentd.bus import Bus, Subscription
 from agentd.config import EventsConfig
-from agentd.db import Connection, Row, Store, WriteOp
+from agentd.db import Connection, Row, Store, WriteOp, execute_rows
 from agentd.events import Event, TopicPattern
 from agentd.jsontext import lenient_encoder
 from agentd.log import get_logger
 
-_INSERT = (
+INSERT_EVENTS = (
     "INSERT OR IGNORE INTO events (id, topic, time, data, correlation_id, causation_id, durable) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "VALUES {rows}"
 )
 _PAGE = 1000
 # Pending events wait at most this long for another write to ride along with.
@@ -121,7 +121,8 @@ class EventLog:
              int(self.persistence(e.topic) == "durable"))
             for e in batch
         ]
-        write(lambda conn: conn.executemany(_INSERT, rows)).add_done_callback(self._written)
+        write(lambda conn: execute_rows(conn, INSERT_EVENTS, "(?,?,?,?,?,?,?)", rows)).add_done_callback(
+            self._written)
 
     def _written(self, future: asyncio.Future[Any]) -> None:
         if not future.cancelled() and future.exception() is not None:
@@ -200,3 +201,4 @@ class EventLog:
         total, durable = (row["n"], row["durable"]) if row is not None else (0, 0)
         return {"stored": total, "durable": durable, "ring": total - durable,
                 "horizon": self.horizon, "lost": self.lost}
+

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 from agentd.config import TasksConfig
 from agentd.context import Context
-from agentd.db import BatchedWrite, Connection, Row, Store
+from agentd.db import BatchedWrite, Connection, Row, Store, execute_rows
 from agentd.errors import Fail, InvalidTaskError, Retry
 from agentd.log import get_logger
 from agentd.services import Services
@@ -555,14 +555,17 @@ _CANCELLED = _Outcome("cancelled", error="cancelled")
 _FINAL_TOPICS = {status: f"task.{status}" for status in FINAL_STATES}
 
 
-ACK_STATEMENT = ("UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?, expires_at = ?, "
-        "lease_until = NULL WHERE id = ?")
+# One row per ack: (status, result, error, finished_at, expires_at, id).
+ACK_STATEMENT = ("UPDATE tasks SET status = v.column1, result = v.column2, error = v.column3, "
+                 "finished_at = v.column4, expires_at = v.column5, lease_until = NULL "
+                 "FROM (VALUES {rows}) AS v WHERE tasks.id = v.column6")
+ACK_ROW = "(?,?,?,?,?,?)"
 
 
 def _write_acks(conn: Connection, acks: list[tuple[Any, ...]]) -> list[None]:
-    """The final states of the attempts that ended since the last transaction: one
-    statement for all of them."""
-    conn.executemany(ACK_STATEMENT, acks)
+    """The final states of the attempts that ended since the last transaction, many per
+    statement."""
+    execute_rows(conn, ACK_STATEMENT, ACK_ROW, acks)
     return []
 
 
