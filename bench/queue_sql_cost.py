@@ -8,8 +8,9 @@ uses, queues `--tasks` rows, then replays the processing loop's statements as th
 issues them in one transaction per batch: the claim (one UPDATE ... WHERE id IN (SELECT
 ... on tasks_claim) RETURNING of `--batch` rows), the batch's acks (an UPDATE ... FROM
 (VALUES ...) of many rows), the event log's rows (many per INSERT; by default one per
-task, its final event; `--events all`: queued, started and final), and the commit (synchronous = NORMAL, WAL). `--batch` 32 is about what a transaction holds
-with 8 workers and claim-ahead (`tasks_per_transaction` in queue_bench.py's figures).
+task, its final event; `--events all`: queued, started and final), and the commit
+(synchronous = NORMAL, WAL). `--batch` 32 is about what a transaction holds with 8 workers
+and claim-ahead (`tasks_per_transaction` in queue_bench.py's figures).
 Prints µs per task for each part, so a schema change (e.g. `--drop-index tasks_running`)
 can be weighed before it is made.
 """
