@@ -15,6 +15,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from sse_client import Sse
+from test_ws import connect
+
 TIMEOUT = 2.0
 TOKEN = "t0ken-for-tests"
 SECRET = "s3cret"
@@ -157,6 +160,31 @@ async def test_a_durable_trigger_is_committed_before_the_202(st: Any, http: Any)
     await asyncio.wait_for(daemon.spawner.idle(), TIMEOUT)
     assert len(await trigger_rows(daemon, "st.on_order")) == 1  # no second task for the event
     assert "handler.dropped" not in events.topics()
+
+
+async def test_a_durably_published_event_reaches_live_streams(st: Any, http: Any) -> None:
+    """Its id is taken before its handler's task commits; the task's own events (higher ids)
+    go out first. Streams skipped it as already sent: live clients never saw it."""
+    daemon, _, _ = await st()
+    client = http(daemon)
+    ws = await connect(daemon, http)
+    assert (await ws.request(type="subscribe", patterns=["order.*", "task.*"]))["ok"]
+    async with client.get("/v1/stream", params={"topics": "order.*,task.*"}) as response:
+        sse = Sse(response)
+        await sse.opened()
+        status, body = await post(client, "/v1/events", json={"topic": "order.created", "data": {}})
+        assert status == 202
+        seen: list[tuple[str, int]] = []
+        while "task.succeeded" not in [topic for topic, _ in seen]:
+            frame = await sse.next_event()
+            seen.append((frame.event, frame.id))
+    assert ("order.created", body["id"]) in seen
+    assert seen[0][0] == "task.queued"  # the seam the stream has to cross
+    got: list[tuple[str, int]] = []
+    while "task.succeeded" not in [topic for topic, _ in got]:
+        event = (await ws.event())["event"]
+        got.append((event["topic"], event["id"]))
+    assert ("order.created", body["id"]) in got
 
 
 async def test_an_in_process_publish_also_enqueues_the_trigger_once(st: Any) -> None:

@@ -2,12 +2,15 @@
 and its children), both resumable with `Last-Event-ID` (or `?since=`).
 
 A stream subscribes to the bus first, then replays what the client missed from the event
-log, then continues live, skipping live events at or below the last replayed id: no gap
-and no duplicate across the seam. If the client asks for events older than the log keeps,
-the stream starts with a `gap` event. Each client has a bounded buffer: consecutive token
-events are folded together first; if it still overflows, the client receives a `lagged`
-event naming the id to resume after, and the stream ends. A write that the client does not
-take within `[streams] send_timeout` ends the stream too. Memory per client is bounded.
+log, then continues live, skipping the live events the replay sent (by id: ids are not
+dispatched in order, an event published durably gets its id before its handlers' tasks
+commit and announce themselves): no gap and no duplicate across the seam. If the client
+asks for events older than the log keeps, the stream starts with a `gap` event. Each
+client has a bounded buffer: consecutive token events are folded together first; if it
+still overflows, the client receives a `lagged` event naming the id to resume after, and
+the stream ends. A write that the client does not
+take within `[streams] send_timeout` ends the stream too. Memory per client is bounded
+(a resumed stream also keeps the ids its replay sent: at most what the log holds).
 """
 
 from __future__ import annotations
@@ -236,7 +239,8 @@ class SseStream:
     def __init__(self, request: web.Request, config: StreamsConfig) -> None:
         self.request = request
         self.config = config
-        self.last_sent = 0
+        self.last_sent = 0  # the highest id sent: where a lagged client resumes
+        self.replayed: set[int] = set()  # ids the replay sent, skipped when they come live
         self.idle = IdleWait(config.keepalive)
         self.response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream",
@@ -260,6 +264,7 @@ class SseStream:
             batch.append(frame)
             size += len(frame)
             self.last_sent = max(self.last_sent, event.id)
+            self.replayed.add(event.id)
             if size >= MAX_BATCH_BYTES:
                 await self._write(b"".join(batch))
                 batch, size = [], 0
@@ -337,11 +342,11 @@ class SseStream:
                                                             "dropped": event.data.get("dropped")}))
                 outcome = False
                 break
-            if event.id > self.last_sent and (accept is None or accept(event)):
+            if event.id not in self.replayed and (accept is None or accept(event)):
                 frame = ENCODED.sse_frame(event)
                 batch.append(frame)
                 size += len(frame)
-                self.last_sent = event.id
+                self.last_sent = max(self.last_sent, event.id)
                 if stop is not None and stop(event):
                     outcome = True
                     break

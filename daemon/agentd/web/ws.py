@@ -123,6 +123,10 @@ class _Session:
     async def _forward(self, name: str, sub: Subscription, patterns: TopicFilter, after: int,
                        replay: bool) -> None:
         last = after
+        # Live events the replay also sent are skipped, by id. Not by "id <= last": ids are
+        # not dispatched in order (an event published durably gets its id before its
+        # handlers' tasks commit, and their task.queued goes out first).
+        replayed: set[int] = set()
         # The message is built around the event's JSON, which the cache shares with every
         # other client (the same object as `{"type": "event", "subscription", "event"}`).
         prefix = f'{{"type":"event","subscription":{json.dumps(name)},"event":'
@@ -134,7 +138,8 @@ class _Session:
             for n, event in enumerate(await log.replay(after, lambda e: patterns.matches(e.topic)), 1):
                 # The log's copies, one per client: encoded here, not through the cache.
                 await self.send_text(f"{prefix}{event_json(event)}}}")
-                last = event.id
+                replayed.add(event.id)
+                last = max(last, event.id)
                 if n % REPLAY_YIELD_EVERY == 0:
                     # Sends that do not wait never yield: a long replay must not hold the loop.
                     await asyncio.sleep(0)
@@ -143,10 +148,10 @@ class _Session:
                 await self.send({"type": "lagged", "subscription": name, "resume_after": last})
                 await self.ws.close(code=CLOSE_LAGGED, message=b"lagged")
                 return
-            if event.id <= last:
+            if event.id in replayed:
                 continue
             await self.send_text(f"{prefix}{ENCODED.body(event)}}}")
-            last = event.id
+            last = max(last, event.id)
 
     async def unsubscribe(self, message: dict[str, Any]) -> dict[str, Any]:
         name = message.get("subscription")
