@@ -26,6 +26,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agentd.app import Daemon
+from test_queue import writer_held
 from agentd.config import Config, load_config
 from agentd.errors import ConfigError, TaskNotFoundError
 from agentd.events import Event
@@ -307,6 +308,26 @@ async def test_the_api_creates_inspects_changes_pauses_runs_and_deletes(sched: S
     assert missing["error"]["code"] == "schedule_not_found"
     await call(r, "POST", "/v1/schedules/api-work/run", status=404)
     assert "api-work" not in {s["id"] for s in (await call(r, "GET", "/v1/schedules"))["schedules"]}
+
+
+async def test_a_schedule_deleted_while_it_fires_stays_deleted(sched: Start) -> None:
+    """The fire's last write stored the schedule's state again, after the delete: gone from
+    the API, it came back at the next start."""
+    r = await sched(overrides={"store": {"synchronous": "full"}})  # writes a test can hold
+    await create(r, id="gone", every="10m", task="sched.work", args={"label": "x"})
+    await fired(r, "gone", START)
+    async with writer_held(r.daemon):
+        r.clock.advance(10 * MINUTE)  # due again: this fire's enqueue waits behind the hold
+        for _ in range(20):  # yields, no time: the run loop is inside the fire
+            await asyncio.sleep(0)
+        deleting = asyncio.ensure_future(call(r, "DELETE", "/v1/schedules/gone", status=204))
+        for _ in range(20):
+            await asyncio.sleep(0)
+    await deleting
+    await fired(r, "gone", START + 10 * MINUTE)
+    await r.daemon.store.write(lambda conn: None)  # the fire's last write, if any, is in
+    with sqlite3.connect(r.daemon.store.path) as db:
+        assert db.execute("SELECT id FROM schedules WHERE id = 'gone'").fetchall() == []
 
 
 async def test_every_start_resyncs_declared_schedules_and_keeps_api_ones(
@@ -651,6 +672,30 @@ async def test_overlap_cancel_previous_cancels_the_last_run_then_fires(sched: St
     assert await r.daemon.queue.result(second, timeout=WAIT) == "g"
 
 
+async def test_cancel_previous_is_not_counted_as_a_failure_of_the_schedule(sched: Start) -> None:
+    r = await sched()
+    # Jitter: the first run waits queued; the next fire cancels it, and that cancel (published
+    # as the fire happens) used to be recorded as the run's outcome: a failure, a pause.
+    await create(r, id="cp", every="1m", overlap="cancel_previous", jitter="1h",
+                 pause_after_failures=1, task="sched.work", args={"label": "cp"})
+    first = (await fired(r, "cp", START)).data["task_id"]
+    r.clock.advance(MINUTE)
+    await fired(r, "cp", START + MINUTE)
+    assert (await r.daemon.queue.get(first)).status == "cancelled"
+    await outcomes_recorded(r)
+    after = await record(r, "cp")
+    assert (after["paused"], after["failures_in_row"]) == (False, 0)
+
+
+async def test_a_patch_refused_for_one_field_changes_nothing(sched: Start) -> None:
+    r = await sched(plugin=False)
+    await create(r, id="p", every="10m", event="p.ping", paused=True)
+    error = (await call(r, "PATCH", "/v1/schedules/p", {"every": "1h", "paused": "yes"},
+                        status=400))["error"]
+    assert "paused: expected true or false" in error["message"]
+    assert (await record(r, "p"))["every"] == 600.0
+
+
 # --------------------------------------------------------------------------- jitter, failures
 
 
@@ -810,9 +855,12 @@ async def test_builtin_maintenance_schedules_run_on_demand_and_cannot_be_deleted
         ({"every": "1h", "task": "sched.work", "colour": "red"}, ["unknown field(s): colour"]),
         ({"every": "1h", "task": "sched.work", "args": {"bogus": 1}}, ["args", "'bogus'"]),
         ({"every": "1h", "task": "sched.work", "queue": "gpu"}, ["queue", "'gpu'"]),
+        # Dates Python cannot hold: a 500, or a schedule that failed on every turn of the loop.
+        ({"every": "1000000000d", "event": "x.y"}, ["every: '1000000000d' is out of the range"]),
+        ({"at": -1e12, "event": "x.y"}, ["at: -1000000000000.0 is out of the range"]),
     ],
     ids=["cron", "interval", "timezone", "task", "two-triggers", "no-action", "unknown-field",
-         "task-args", "queue"],
+         "task-args", "queue", "huge-interval", "year-zero"],
 )
 async def test_bad_schedules_over_the_api_are_400_naming_the_field(
     sched: Start, body: dict[str, Any], needles: list[str]

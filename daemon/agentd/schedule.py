@@ -121,7 +121,13 @@ class ScheduleSpec:
             values["at"] = _parse_at(table["at"], timezone)
         _action(table, values)
         _policies(table, values)
-        return cls(**values)
+        spec = cls(**values)
+        try:  # a trigger of dates Python cannot hold (year 0, a billion days) fails here, not later
+            spec.trigger().get_next_fire_time(None, dt.datetime.now(dt.UTC))
+        except (OverflowError, ValueError, OSError) as exc:
+            raise InvalidScheduleError(
+                f"{triggers[0]}: {table[triggers[0]]!r} is out of the range of dates ({exc})") from None
+        return spec
 
 
 def _check_cron(expr: object, timezone: str) -> str:

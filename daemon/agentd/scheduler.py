@@ -45,6 +45,8 @@ from agentd.taskqueue import TaskQueue, TaskRequest
 _MAX_WALKED = 2000
 _MAX_MISSED_EVENTS = 100
 _FINAL_TOPICS = "task.succeeded,task.failed,task.dead,task.cancelled"
+# Seconds before a schedule whose processing failed (not a fire: its state) is tried again.
+_RETRY_FAILED = 60.0
 
 
 class Clock(Protocol):
@@ -171,6 +173,8 @@ class Scheduler:
                         await self._process(state, now)
                     except Exception:
                         self._log.exception("schedule.process_failed", schedule=state.spec.id)
+                        # Tried again later, not at once: a fault that stays would spin.
+                        state.next_fire = now + _RETRY_FAILED
             pending = [s.next_fire for s in self.schedules.values()
                        if not s.paused and s.next_fire is not None]
             await self.clock.sleep_until(min(pending) if pending else None, self._wake)
@@ -316,6 +320,8 @@ class Scheduler:
         if last.finished:
             return True
         if policy == "cancel_previous":
+            # Forgotten first: this cancel is the schedule's doing, not an outcome of its run.
+            self._by_task.pop(last.id, None)
             await self.queue.cancel(last.id)
             return True
         if policy == "queue_one" and state.owed_fire is None:
@@ -382,6 +388,8 @@ class Scheduler:
         return state
 
     async def _save(self, state: ScheduleState) -> None:
+        if self.schedules.get(state.spec.id) is not state:
+            return  # deleted (or replaced) while this was being worked out: not written back
         now = time.time()
         values = (state.spec.id, state.source, json.dumps(state.spec.to_dict()), int(state.paused),
                   state.next_fire, state.last_fire, state.last_task_id, state.last_outcome,

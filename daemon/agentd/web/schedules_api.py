@@ -73,10 +73,10 @@ async def update_schedule(request: web.Request) -> web.Response:
     body = await read_json_object(request)
     scheduler = request.app[DAEMON].scheduler
     paused = body.pop("paused", None)
+    if paused is not None and not isinstance(paused, bool):  # before anything changes
+        raise bad_request(f"paused: expected true or false, got {paused!r}")
     state = await scheduler.update(_id(request), body) if body else scheduler.get(_id(request))
     if paused is not None:
-        if not isinstance(paused, bool):
-            raise bad_request(f"paused: expected true or false, got {paused!r}")
         state = await scheduler.set_paused(_id(request), paused)
     return web.json_response(state.to_dict())
 
