@@ -26,11 +26,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from agentd.app import Daemon
-from test_queue import writer_held
 from agentd.config import Config, load_config
 from agentd.errors import ConfigError, TaskNotFoundError
 from agentd.events import Event
 from agentd.testing import EventCapture, ManualClock, daemon_url, make_config
+from test_queue import writer_held
 
 PLUGIN_SOURCE = Path(__file__).with_name("sched_plugin.py")
 # 2027-01-25 08:00:00 UTC (winter in Paris), a multiple of 3600 and 7200.
