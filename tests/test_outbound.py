@@ -597,7 +597,8 @@ async def test_a_task_retried_after_posting_posts_once(ob: Any, receiver: Receiv
     assert len(await receiver.wait_requests(1)) == 1
 
 
-@pytest.mark.parametrize("url", ["ftp://x", "/relative/path", "http://", "localhost:8080/hook"])
+@pytest.mark.parametrize("url", ["ftp://x", "/relative/path", "http://", "localhost:8080/hook",
+                                 "http://[::1/hook", "http://example.test:99999/hook"])
 async def test_a_bad_url_is_a_value_error_naming_url(ob: Any, url: str) -> None:
     daemon, _, _ = await ob()
     record = await daemon.queue.enqueue("ob.bad_post", {"url": url})

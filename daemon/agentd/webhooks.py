@@ -108,6 +108,11 @@ class WebhookSender:
 def check_url(url: str) -> None:
     """Raise InvalidTaskError (a ValueError: in a task it fails the task at once) unless
     `url` is an absolute http(s) URL."""
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        usable = (parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname)
+                  and (parts.port is None or parts.port > 0))
+    except ValueError:  # a malformed IPv6 host, a port out of range: no use retrying either
+        usable = False
+    if not usable:
         raise InvalidTaskError(f"url: expected an absolute http:// or https:// URL, got {url!r}")
