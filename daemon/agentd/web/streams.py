@@ -417,11 +417,8 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     daemon = request.app[DAEMON]
     task_id = int(request.match_info["id"])
     record = await daemon.queue.get(task_id)  # TaskNotFoundError (404) for any unknown id
-    # Where the task stands when the client joins: the event log keeps no task.queued or
-    # task.started by default, so a late or resumed stream would not replay them.
-    snapshot = await with_children(daemon.queue, record)
-    tree = {task_id, *await daemon.queue.descendants(task_id)}
     after = resume_point(request) or 0
+    tree = {task_id}
 
     def in_tree(event: Event) -> bool:
         owner = event.data.get("task_id")
@@ -437,9 +434,16 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     def is_end(event: Event) -> bool:
         return event.topic in FINAL_TOPICS and event.data.get("task_id") == task_id
 
+    # Subscribed before the tree is read: a child enqueued meanwhile is then seen queued live
+    # (read first, its task.queued could go out in between, and its events be taken as
+    # another tree's).
     sub = _subscribe(request, "task.**", f"sse:task:{task_id}")
     sse = SseStream(request, daemon.config.streams)
     try:
+        # Where the task stands when the client joins: the event log keeps no task.queued or
+        # task.started by default, so a late or resumed stream would not replay them.
+        snapshot = await with_children(daemon.queue, record)
+        tree.update(await daemon.queue.descendants(task_id))
         await sse.open()
         await sse.control("task", {"task": snapshot})
         if after and after < daemon.eventlog.horizon:
