@@ -858,9 +858,12 @@ async def test_builtin_maintenance_schedules_run_on_demand_and_cannot_be_deleted
         # Dates Python cannot hold: a 500, or a schedule that failed on every turn of the loop.
         ({"every": "1000000000d", "event": "x.y"}, ["every: '1000000000d' is out of the range"]),
         ({"at": -1e12, "event": "x.y"}, ["at: -1000000000000.0 is out of the range"]),
+        # The other action's fields were dropped without a word.
+        ({"every": "1h", "event": "x.y", "queue": "default"}, ["queue: an event schedule"]),
+        ({"every": "1h", "task": "sched.work", "data": {"a": 1}}, ["data: a task schedule"]),
     ],
     ids=["cron", "interval", "timezone", "task", "two-triggers", "no-action", "unknown-field",
-         "task-args", "queue", "huge-interval", "year-zero"],
+         "task-args", "queue", "huge-interval", "year-zero", "event-with-queue", "task-with-data"],
 )
 async def test_bad_schedules_over_the_api_are_400_naming_the_field(
     sched: Start, body: dict[str, Any], needles: list[str]

@@ -162,6 +162,8 @@ def _action(table: Mapping[str, Any], values: dict[str, Any]) -> None:
     if (task is None) == (event is None):
         raise InvalidScheduleError("give exactly one action: task (with args) or event (with data)")
     if task is not None:
+        if table.get("data"):
+            raise InvalidScheduleError("data: a task schedule passes args to its task, not data")
         if not isinstance(task, str) or not task:
             raise InvalidScheduleError(f"task: expected a task name, got {task!r}")
         values["task"] = task
@@ -174,6 +176,11 @@ def _action(table: Mapping[str, Any], values: dict[str, Any]) -> None:
             raise InvalidScheduleError(f"queue: expected a queue name, got {queue!r}")
         values["queue"] = queue
     else:
+        for field_name in ("args", "queue"):
+            if table.get(field_name):
+                raise InvalidScheduleError(
+                    f"{field_name}: an event schedule publishes its event with data; it has no "
+                    f"{field_name}")
         try:
             values["event"] = validate_topic(event)
         except ValueError as exc:
