@@ -657,6 +657,24 @@ async def test_overlap_queue_one_keeps_one_owed_fire_for_when_the_run_ends(sched
     assert (await record(r, "slow"))["owed_fire"] is None
 
 
+async def test_an_owed_fire_is_reported_missed_when_the_run_s_failure_pauses(sched: Start) -> None:
+    r = await sched()
+    await create(r, id="slow", every="1m", overlap="queue_one", pause_after_failures=1,
+                 task="sched.block", args={"name": "g"})
+    first = (await fired(r, "slow", START)).data["task_id"]
+    await gate_opened(r.module, f"started:{first}")
+    r.clock.advance(MINUTE)  # owed, for when the run ends
+    r.clock.advance(MINUTE)  # one is owed already: missed, which tells the first is owed
+    await r.events.wait_for("schedule.missed", WAIT, schedule_id="slow", reason="overlap")
+    assert (await record(r, "slow"))["owed_fire"] == START + MINUTE
+    await r.daemon.queue.cancel(first)  # the run fails: the schedule pauses
+    missed = await r.events.wait_for("schedule.missed", WAIT, schedule_id="slow", reason="paused")
+    assert missed.data["fire_time"] == START + MINUTE  # used to be dropped without a word
+    await outcomes_recorded(r)
+    after = await record(r, "slow")
+    assert (after["paused"], after["owed_fire"], after["misses"]) == (True, None, 2)
+
+
 async def test_overlap_cancel_previous_cancels_the_last_run_then_fires(sched: Start) -> None:
     r = await sched()
     first = await blocking_schedule(r, "cancel_previous")

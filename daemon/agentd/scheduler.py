@@ -358,8 +358,14 @@ class Scheduler:
                 self.bus.publish("schedule.paused", {"schedule_id": state.spec.id,
                                                      "reason": f"{limit} failures in a row"})
         owed, state.owed_fire = state.owed_fire, None
-        if owed is not None and not state.paused:
-            await self._fire(state, owed)
+        if owed is not None and state.paused:
+            self._missed(state, owed, "paused")  # the failure just paused it: said, not dropped
+        elif owed is not None:
+            try:
+                await self._fire(state, owed)
+            except Exception as exc:  # as in `_process`: reported, and the state still saved
+                self._log.error("schedule.fire_failed", schedule=state.spec.id, error=str(exc))
+                self._missed(state, owed, "error", error=f"{type(exc).__name__}: {exc}")
         await self._save(state)
 
     def _check_action(self, spec: ScheduleSpec, where: str) -> None:
