@@ -121,8 +121,8 @@ class EventLog:
              int(self.persistence(e.topic) == "durable"))
             for e in batch
         ]
-        write(lambda conn: execute_rows(conn, INSERT_EVENTS, "(?,?,?,?,?,?,?)", rows)).add_done_callback(
-            self._written)
+        written = write(lambda conn: execute_rows(conn, INSERT_EVENTS, "(?,?,?,?,?,?,?)", rows))
+        written.add_done_callback(self._written)
 
     def _written(self, future: asyncio.Future[Any]) -> None:
         if not future.cancelled() and future.exception() is not None:
@@ -201,4 +201,3 @@ class EventLog:
         total, durable = (row["n"], row["durable"]) if row is not None else (0, 0)
         return {"stored": total, "durable": durable, "ring": total - durable,
                 "horizon": self.horizon, "lost": self.lost}
-

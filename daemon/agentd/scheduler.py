@@ -38,13 +38,13 @@ from agentd.events import Event
 from agentd.log import get_logger
 from agentd.schedule import ScheduleSpec
 from agentd.taskdef import TaskRegistry
-from agentd.taskqueue import TaskQueue, TaskRequest
+from agentd.taskqueue import FINAL_TOPIC, TaskQueue, TaskRequest
 
 # Fires walked one by one before a long outage is crossed by estimate (cron only; interval
 # schedules are crossed exactly by arithmetic), and missed fires reported one event each.
 _MAX_WALKED = 2000
 _MAX_MISSED_EVENTS = 100
-_FINAL_TOPICS = "task.succeeded,task.failed,task.dead,task.cancelled"
+_FINAL_TOPICS = ",".join(sorted(FINAL_TOPIC.values()))
 # Seconds before a schedule whose processing failed (not a fire: its state) is tried again.
 _RETRY_FAILED = 60.0
 

@@ -41,6 +41,8 @@ from agentd.taskdef import TaskRegistry, encode_json
 
 FINAL_STATES = frozenset({"succeeded", "failed", "dead", "cancelled"})
 STATES = frozenset({"queued", "running"}) | FINAL_STATES
+# The event each final state is announced with.
+FINAL_TOPIC = {state: f"task.{state}" for state in FINAL_STATES}
 # Final states that always carry an error: listed through tasks_unsuccessful.
 UNSUCCESSFUL = frozenset({"failed", "dead", "cancelled"})
 

@@ -36,7 +36,7 @@ from agentd.errors import Fail, InvalidTaskError, Retry
 from agentd.log import get_logger
 from agentd.services import Services
 from agentd.taskdef import TaskDef, TaskRegistry, encode_json
-from agentd.taskqueue import CLAIMED_COLUMNS, FINAL_STATES, TaskQueue, TaskRecord
+from agentd.taskqueue import CLAIMED_COLUMNS, FINAL_TOPIC, TaskQueue, TaskRecord
 
 _LOG = get_logger("worker")
 
@@ -455,9 +455,9 @@ class WorkerPool:
         settle = self.queue.settle
         for record in records:
             if record.error:
-                settle(record, _FINAL_TOPICS[record.status], attempt=record.attempts, error=record.error)
+                settle(record, FINAL_TOPIC[record.status], attempt=record.attempts, error=record.error)
             else:
-                settle(record, _FINAL_TOPICS[record.status], attempt=record.attempts)
+                settle(record, FINAL_TOPIC[record.status], attempt=record.attempts)
 
     async def _remember(self, definition: TaskDef, record: TaskRecord, value: Any) -> None:
         """`@plugin.task(remember=...)`: keep the result in long-term memory."""
@@ -552,7 +552,6 @@ class _Outcome(NamedTuple):
 
 
 _CANCELLED = _Outcome("cancelled", error="cancelled")
-_FINAL_TOPICS = {status: f"task.{status}" for status in FINAL_STATES}
 
 
 # One row per ack: (status, result, error, finished_at, expires_at, id).

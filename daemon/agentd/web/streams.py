@@ -8,9 +8,9 @@ commit and announce themselves): no gap and no duplicate across the seam. If the
 asks for events older than the log keeps, the stream starts with a `gap` event. Each
 client has a bounded buffer: consecutive token events are folded together first; if it
 still overflows, the client receives a `lagged` event naming the id to resume after, and
-the stream ends. A write that the client does not
-take within `[streams] send_timeout` ends the stream too. Memory per client is bounded
-(a resumed stream also keeps the ids its replay sent: at most what the log holds).
+the stream ends. A write that the client does not take within `[streams] send_timeout`
+ends the stream too. Memory per client is bounded (a resumed stream also keeps the ids its
+replay sent: at most what the log holds).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from agentd.bus import Subscription
 from agentd.config import StreamsConfig
 from agentd.events import Event, Lagged, TopicFilter
 from agentd.jsontext import lenient_encoder
-from agentd.taskqueue import FINAL_STATES
+from agentd.taskqueue import FINAL_TOPIC
 from agentd.web.errors import bad_request
 from agentd.web.openapi import doc
 from agentd.web.server import DAEMON, STREAMS
@@ -35,7 +35,7 @@ from agentd.web.tasks_api import with_children
 
 routes = web.RouteTableDef()
 
-FINAL_TOPICS = frozenset(f"task.{state}" for state in FINAL_STATES)
+FINAL_TOPICS = frozenset(FINAL_TOPIC.values())
 TOKEN_SEGMENT = "token"
 MAX_ID = 2**63 - 1  # SQLite's INTEGER
 # Most bytes one write gathers from a stream's buffer or a replay: the transport's default
