@@ -63,7 +63,8 @@ class Daemon:
             services=self.services)
         self.plugins = PluginManager(config, self.bus, self.spawner, self.queue, self.services)
         self.eventlog = EventLog(self.store, self.bus, config.events)
-        self.scheduler = Scheduler(self.store, self.queue, self.bus, self.registry, clock)
+        self.scheduler = Scheduler(self.store, self.queue, self.bus, self.registry,
+                                   self.plugins.enqueue_triggers, clock=clock)
         builtin_queue = maintenance.builtin_queue(config)
         self._maintenance = maintenance.register(
             self.registry, config, store=self.store, queue=self.queue, eventlog=self.eventlog,

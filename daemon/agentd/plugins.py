@@ -309,11 +309,13 @@ class PluginManager:
 
         return on_event
 
-    async def enqueue_triggers(self, event: Event) -> None:
-        """Commit the tasks of every durable handler `event` matches (before it is published)."""
+    async def enqueue_triggers(self, event: Event, key: str | None = None) -> None:
+        """Commit the tasks of every durable handler `event` matches (before it is published).
+        With `key`, each task's idempotency key is `<key>:<task name>`, kept for good: the
+        same key finds the tasks already committed instead of making more."""
         names = [name for pattern, name in self._triggers if pattern.matches(event.topic)]
         if names:
-            await self._queue.enqueue_many([_trigger_request(name, event) for name in names])
+            await self._queue.enqueue_many([_trigger_request(name, event, key) for name in names])
             self._enqueued.update((event.id, name) for name in names)
 
     def _handler_callback(self, ctx: PluginContext, spec: HandlerSpec) -> Callable[[Event], None]:
@@ -334,10 +336,11 @@ class PluginManager:
         return on_event
 
 
-def _trigger_request(task_name: str, event: Event) -> TaskRequest:
+def _trigger_request(task_name: str, event: Event, key: str | None = None) -> TaskRequest:
     return TaskRequest(
-        task_name, {"event": event.to_dict()}, idempotency_key=f"event:{event.id}:{task_name}",
-        correlation_id=event.correlation_id)
+        task_name, {"event": event.to_dict()},
+        idempotency_key=f"event:{event.id}:{task_name}" if key is None else f"{key}:{task_name}",
+        correlation_id=event.correlation_id, dedupe_window=None if key is None else float("inf"))
 
 
 def _path_loader(module_name: str, path: Path, package_dir: Path | None) -> Callable[[], ModuleType]:
