@@ -258,6 +258,7 @@ def test_unreadable_token_file_names_the_key(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the CLI, in process
 
 
+@pytest.mark.usefixtures("logging_restored")
 def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "[server]\nport = 9123\n")
     assert main(["check-config", "--config", str(path)]) == 0
@@ -267,6 +268,7 @@ def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert str(tmp_path / "data" / "agentd.db") in out
 
 
+@pytest.mark.usefixtures("logging_restored")
 def test_check_config_accepts_config_before_the_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -167,15 +167,7 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         config = load_config(find_config_path(args.config))
         if args.command == "check-config":
-            from agentd.app import Daemon
-
-            # Building the daemon (without starting it) checks what only it checks: the
-            # secrets of [mail], [llm] and [webhooks], and what digests can read.
-            Daemon(config)
-            config.api_token()
-            print(f"{config.source}: ok (database {config.database_path}, "
-                  f"listening on {config.server.host}:{config.server.port})")
-            return 0
+            return asyncio.run(_check_config(config))
         if args.command == "run":
             return _run(config)
         if args.command == "memory" and args.action == "reembed":
@@ -184,6 +176,32 @@ def _main(argv: Sequence[str] | None) -> int:
     except ConfigError as exc:
         print(f"agentd: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+async def _check_config(config: Config) -> int:
+    """Build what `agentd run` builds, short of serving (see `Daemon.check`): exit 2 for
+    what `run` would refuse (a ConfigError, raised), 1 for plugins `run` would fail, each
+    named with its file; a missing plugin directory is only a warning."""
+    from agentd.app import Daemon
+
+    daemon = Daemon(config)
+    config.api_token()
+    # Warnings and errors (a plugin's import traceback) go to stderr; stdout keeps the verdict.
+    configure_logging("warning", config.log.format, sys.stderr)
+    await daemon.check()
+    for warning in daemon.plugins.warnings:
+        print(f"agentd: warning: {warning['message']}", file=sys.stderr)
+    failed = [p for p in daemon.plugins.plugins.values() if p.state == "failed"]
+    for record in failed:
+        print(f"agentd: plugin {record.name} ({record.source}) would fail: {record.error}",
+              file=sys.stderr)
+    if failed:
+        print(f"{config.source}: {len(failed)} plugin(s) would fail; the daemon would run "
+              "without them", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{config.source}: ok (database {config.database_path}, "
+          f"listening on {config.server.host}:{config.server.port})")
+    return 0
 
 
 def _run(config: Config) -> int:
