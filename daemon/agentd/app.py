@@ -79,7 +79,8 @@ class Daemon:
         except ValueError as exc:
             raise ConfigError(f"{config.source}: {exc}") from None
         self._maintenance += self.digests.register(self.registry, builtin_queue)
-        self.lag = LagMonitor()
+        self.lag = LagMonitor(stall_warning=config.daemon.stall_warning,
+                              owner_of=self.plugins.owner_of)
         self.server: HttpServer | None = None
         self.stopping = False
         self.plugins_started = False

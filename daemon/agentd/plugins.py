@@ -100,6 +100,7 @@ class LoadedPlugin:
     source: str
     state: State
     error: str | None = None
+    module: str = ""  # the Python module it was imported as ("" when its import failed)
     plugin: Plugin | None = None
     registrations: ExitStack = field(default_factory=ExitStack)
 
@@ -112,6 +113,7 @@ class _Candidate:
     module_name: str
     source: str
     load: Callable[[], Any]
+    module: str  # the name it is imported as
 
 
 class PluginManager:
@@ -181,6 +183,14 @@ class PluginManager:
                 found.update(record.plugin.embedders)
         return found
 
+    def owner_of(self, module: str) -> str | None:
+        """The plugin whose code `module` is (its module or one inside its package), or
+        None. Safe to call from another thread: the stall watch does, to name a culprit."""
+        for record in list(self.plugins.values()):
+            if record.module and (module == record.module or module.startswith(record.module + ".")):
+                return record.name
+        return None
+
     def unload(self, name: str) -> None:
         """Remove everything `name` registered; its record stays, marked stopped."""
         record = self.plugins[name]
@@ -205,14 +215,15 @@ class PluginManager:
                 if path.name.startswith(("_", ".")):
                     continue
                 if path.suffix == ".py" and path.is_file():
-                    yield _Candidate(path.stem, str(path), _path_loader(path.stem, path, None))
+                    yield _Candidate(path.stem, str(path), _path_loader(path.stem, path, None),
+                                     f"{_MODULE_PREFIX}.{path.stem}")
                 elif path.is_dir() and (path / "__init__.py").is_file():
                     yield _Candidate(
-                        path.name, str(path), _path_loader(path.name, path / "__init__.py", path)
-                    )
+                        path.name, str(path), _path_loader(path.name, path / "__init__.py", path),
+                        f"{_MODULE_PREFIX}.{path.name}")
         if self._config.plugins.entry_points:
             for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-                yield _Candidate(ep.name, f"entry point {ep.value}", ep.load)
+                yield _Candidate(ep.name, f"entry point {ep.value}", ep.load, ep.module)
 
     def _wanted(self, name: str) -> bool:
         enabled, disabled = self._config.plugins.enabled, self._config.plugins.disabled
@@ -240,7 +251,8 @@ class PluginManager:
                 register_as=f"{plugin.name}@{candidate.source}",
             )
         plugin.bind_config(self._config.plugins.settings.get(plugin.name, {}))
-        record = LoadedPlugin(plugin.name, candidate.source, "loaded", plugin=plugin)
+        record = LoadedPlugin(plugin.name, candidate.source, "loaded", plugin=plugin,
+                              module=candidate.module)
         self.plugins[plugin.name] = record
         self._log.info("plugin.loaded", plugin=plugin.name, source=candidate.source)
         return record
