@@ -281,7 +281,7 @@ def test_check_config_accepts_config_before_the_command(
     ("text", "fragment"),
     [
         ("[server]\nprot = 80\n", "[server] unknown key 'prot'"),
-        ("[daemon]\nstall_warning = -1\n", "[daemon] stall_warning: expected seconds (0 turns"),
+        ("[daemon]\nstall_warning = -1\n", "[daemon] stall_warning: expected a non-negative number"),
         ('[server]\nhost = "0.0.0.0"\n', "is not a loopback address"),
         ('[server]\ntoken_file = "nope.txt"\n', "[server] token_file"),
         ('[llm]\nbase_url = "localhost:11434"\n', "[llm] base_url: expected an http:// or https:// URL"),

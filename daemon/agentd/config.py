@@ -419,9 +419,6 @@ def _check_rules(config: Config) -> None:
     if config.tasks.lease <= 0:  # the heartbeat renews every lease / 3 seconds
         raise ConfigError(f"{config.origin('tasks', 'lease')}: [tasks] lease: expected a positive "
                           "number of seconds")
-    if config.daemon.stall_warning < 0:
-        raise ConfigError(f"{config.origin('daemon', 'stall_warning')}: [daemon] stall_warning: "
-                          "expected seconds (0 turns the warning off)")
     if config.streams.client_buffer < 2:
         raise ConfigError(f"{config.origin('streams', 'client_buffer')}: [streams] client_buffer: "
                           "expected at least 2")
