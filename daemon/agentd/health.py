@@ -62,7 +62,8 @@ class StallWatch:
     def _watch(self, loop: asyncio.AbstractEventLoop, loop_thread: int) -> None:
         stalled_since: float | None = None  # the last beat before the current stall
         culprit: dict[str, Any] = {}
-        # Checked four times per threshold: a stall is reported at most a quarter late.
+        # Checked four times per beat interval (or per threshold, when shorter): a stall is
+        # reported at most a quarter of that after it passes the threshold.
         while not self._stopped.wait(min(self.threshold, self.interval) / 4):
             last_beat = self._last_beat
             if stalled_since is None:
