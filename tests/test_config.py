@@ -258,6 +258,7 @@ def test_unreadable_token_file_names_the_key(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the CLI, in process
 
 
+@pytest.mark.usefixtures("logging_restored")
 def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "[server]\nport = 9123\n")
     assert main(["check-config", "--config", str(path)]) == 0
@@ -267,6 +268,7 @@ def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert str(tmp_path / "data" / "agentd.db") in out
 
 
+@pytest.mark.usefixtures("logging_restored")
 def test_check_config_accepts_config_before_the_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -279,6 +281,7 @@ def test_check_config_accepts_config_before_the_command(
     ("text", "fragment"),
     [
         ("[server]\nprot = 80\n", "[server] unknown key 'prot'"),
+        ("[daemon]\nstall_warning = -1\n", "[daemon] stall_warning: expected a non-negative number"),
         ('[server]\nhost = "0.0.0.0"\n', "is not a loopback address"),
         ('[server]\ntoken_file = "nope.txt"\n', "[server] token_file"),
         ('[llm]\nbase_url = "localhost:11434"\n', "[llm] base_url: expected an http:// or https:// URL"),

@@ -978,14 +978,16 @@ async def test_check_config_exits_2_on_a_bad_schedule(run_cli: Any, config_file:
     assert f"{path.resolve()}: [[schedules]] #2 (bad): every: 'soon' is not a duration" in err
 
 
-async def test_run_exits_2_when_a_config_schedule_names_an_unknown_task(
-    agentd_process: Any, config_file: Any
+@pytest.mark.parametrize("command", ["run", "check-config"])
+async def test_a_config_schedule_naming_an_unknown_task_exits_2(
+    run_cli: Any, config_file: Any, command: str
 ) -> None:
+    """check-config refuses what run refuses: it checks schedules against the tasks."""
     path = config_file('\n[[schedules]]\nid = "ghostly"\nevery = "1h"\ntask = "ghost.haunt"\n')
-    child = await agentd_process("run", "--config", str(path))
-    assert await child.finish() == 2
-    assert "configuration error" in child.stderr
-    assert "config schedule 'ghostly'" in child.stderr and "no task named 'ghost.haunt'" in child.stderr
+    code, _, err = await run_cli(command, "--config", str(path))
+    assert code == 2
+    assert f"configuration error: {path.resolve()}: config schedule 'ghostly': " in err
+    assert "no task named 'ghost.haunt'" in err
 
 
 async def test_a_plugin_schedule_naming_an_unknown_task_fails_only_that_plugin(

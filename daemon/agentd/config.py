@@ -31,6 +31,7 @@ class DaemonConfig:
     stop_timeout: float = 10.0
     handler_concurrency: int = 100
     handler_backlog: int = 1000
+    stall_warning: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

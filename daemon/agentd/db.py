@@ -184,8 +184,9 @@ def migrate(conn: Connection, path: Path, migrations: list[tuple[int, str, str]]
 class _FileLock:
     """An exclusive `flock` on `<database>.lock`, holding the owner's pid for the error message."""
 
-    def __init__(self, database: Path) -> None:
+    def __init__(self, database: Path, setting: str) -> None:
         self.path = database.with_name(database.name + ".lock")
+        self._setting = setting
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -197,7 +198,7 @@ class _FileLock:
             os.close(fd)
             raise StoreLockedError(
                 f"{self.path.with_suffix('')} is in use by another agentd process (pid {holder}); "
-                "stop it or set a different [store] path"
+                f"stop it or set a different {self._setting}"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -212,10 +213,12 @@ class _FileLock:
 class Store:
     """The daemon's database: one owner process, one writer connection, and `readers`
     reader connections (each its own thread: SQLite runs queries without the GIL, so two
-    readers use two cores for slow reads such as vector searches)."""
+    readers use two cores for slow reads such as vector searches). `setting` is the
+    agentd.toml key that names `path`, for error messages."""
 
     def __init__(self, path: Path, config: StoreConfig, *, migrations: str = "sql",
-                 writes_in_thread: bool = False, readers: int = 1, extensions: bool = True) -> None:
+                 writes_in_thread: bool = False, readers: int = 1, extensions: bool = True,
+                 setting: str = "[store] path") -> None:
         self.path = path
         self.config = config
         self.extensions = extensions
@@ -224,7 +227,7 @@ class Store:
         self._writes_in_thread = writes_in_thread
         self.schema_version = 0
         self._log = get_logger("store")
-        self._lock = _FileLock(path)
+        self._lock = _FileLock(path, setting)
         self._conn: Connection | None = None
         self._reader_count = max(1, readers)
         self._readers: list[aiosqlite.Connection] = []

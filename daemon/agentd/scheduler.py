@@ -168,6 +168,14 @@ class Scheduler:
             if state.last_task_id is not None:
                 self._by_task[state.last_task_id] = schedule_id
 
+    def check(self, spec: ScheduleSpec, source: str) -> None:
+        """Refuse, as `start` would, a declared schedule that would fail at every fire.
+
+        Raises:
+            InvalidScheduleError: naming the source, the schedule and what is wrong.
+        """
+        self._check_action(spec, f"{source} schedule {spec.id!r}: ")
+
     async def stop(self) -> None:
         """Stop following task outcomes; finish recording the ones already seen."""
         self._subscription.unsubscribe()

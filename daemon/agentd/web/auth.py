@@ -53,6 +53,19 @@ class StreamTokens:
 STREAM_TOKENS: web.AppKey[StreamTokens] = web.AppKey("stream_tokens", StreamTokens)
 
 
+# Set on a public route's request when a token is configured: whether the caller gave it.
+# Public routes show details (plugin files, errors) only to such a caller.
+_TOKEN_GIVEN: web.RequestKey[bool] = web.RequestKey("token_given", bool)
+
+
+def may_see_details(request: web.Request) -> bool:
+    """True when the caller gave the bearer token, or when none is configured (then the
+    daemon listens on loopback only, and browsers' pages are kept out by the Host and
+    Origin checks)."""
+    given: bool = request.get(_TOKEN_GIVEN, True)
+    return given
+
+
 def _route_doc(request: web.Request) -> object:
     return getattr(request.match_info.route.handler, "__openapi__", None)
 
@@ -65,9 +78,10 @@ def make_auth_middleware(token: str, stream_tokens: StreamTokens) -> Middleware:
     @web.middleware
     async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         route_doc = _route_doc(request)
-        if route_doc is not None and getattr(route_doc, "public", False):
-            return await handler(request)
         given = request.headers.get("Authorization", "").encode()
+        if route_doc is not None and getattr(route_doc, "public", False):
+            request[_TOKEN_GIVEN] = hmac.compare_digest(given, expected)
+            return await handler(request)
         if hmac.compare_digest(given, expected):
             return await handler(request)
         query_token = request.query.get("token")
