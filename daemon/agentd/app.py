@@ -34,6 +34,7 @@ from agentd.taskdef import TaskRegistry
 from agentd.taskqueue import TaskQueue
 from agentd.web import events_api, memory_api, schedules_api, streams, system, tasks_api, ws
 from agentd.web.server import HttpServer, build_app
+from agentd.webhooks import InboundHooks
 from agentd.worker import WorkerPool
 
 
@@ -58,6 +59,7 @@ class Daemon:
         self.registry = TaskRegistry()
         self.queue = TaskQueue(self.store, self.bus, self.registry, config.tasks)
         self.services = Services.from_config(config)
+        self.hooks = InboundHooks.from_config(config, self.store)
         self.workers = WorkerPool(
             self.store, self.queue, self.registry, config.tasks, config.plugins.settings,
             services=self.services)
