@@ -22,6 +22,7 @@ from agentd.errors import ConfigError, InvalidScheduleError
 from agentd.eventlog import EventLog
 from agentd.events import Event
 from agentd.health import LagMonitor
+from agentd.hooks import InboundHooks
 from agentd.log import get_logger
 from agentd.memory import MemoryStore
 from agentd.plugins import PluginManager
@@ -34,7 +35,6 @@ from agentd.taskdef import TaskRegistry
 from agentd.taskqueue import TaskQueue
 from agentd.web import events_api, memory_api, schedules_api, streams, system, tasks_api, ws
 from agentd.web.server import HttpServer, build_app
-from agentd.webhooks import InboundHooks
 from agentd.worker import WorkerPool
 
 

@@ -1,15 +1,12 @@
-"""Webhooks in and out: the signature schemes, inbound `/hooks/<name>` verification with
-replay refusal, and outgoing delivery (`ctx.webhook.post`) to checked addresses only.
+"""Outgoing webhooks and the signature schemes webhooks use both ways.
 
 Signatures. The scheme is Standard Webhooks (standardwebhooks.com): the headers
 `webhook-id`, `webhook-timestamp` (Unix seconds) and `webhook-signature: v1,<base64>`, the
 HMAC-SHA256 of `{id}.{timestamp}.{body}`. A secret written `whsec_<base64>` (as Standard
 Webhooks libraries make them) signs with its decoded bytes; any other secret with its
-UTF-8 bytes, so `openssl dgst -hmac "$SECRET"` makes the same signature. Two older schemes
-sign the body alone, hex, with the secret's text: GitHub's `X-Hub-Signature-256:
-sha256=<hex>` and agentd's own `X-Agentd-Signature: sha256=<hex>`. Having no timestamp,
-a hook takes them only when its configuration lists them, and refuses a repeat of their
-delivery header (`X-GitHub-Delivery`, `X-Agentd-Delivery`), which nothing signs.
+UTF-8 bytes, so `openssl dgst -hmac "$SECRET"` makes the same signature. The hex schemes
+sign the body alone with the secret's text: `sha256=<hex>` (GitHub's, and agentd's own
+before Standard Webhooks). hooks.py checks them on the way in.
 
 Outgoing. `ctx.webhook.post(url, json)` enqueues the durable task `agentd.post_webhook`.
 Each attempt carries `webhook-id` (the same on every attempt), a fresh `webhook-timestamp`
@@ -30,13 +27,9 @@ import hashlib
 import hmac
 import ipaddress
 import json
-import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -44,7 +37,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from agentd.config import Config, WebhooksConfig
-from agentd.errors import AgentdError, ConfigError, Fail, InvalidTaskError, Retry
+from agentd.errors import ConfigError, Fail, InvalidTaskError, Retry
 from agentd.log import get_logger
 from agentd.taskdef import TaskDef, TaskRegistry
 from agentd.taskqueue import Enqueue, TaskRecord
@@ -53,16 +46,12 @@ if TYPE_CHECKING:
     from aiohappyeyeballs import AddrInfoType
 
     from agentd.context import Context
-    from agentd.db import Connection, Store
 
 POST_WEBHOOK_TASK = "agentd.post_webhook"
 SIGNATURE_HEADER = "X-Agentd-Signature"
 DELIVERY_HEADER = "X-Agentd-Delivery"
 _RETRY_STATUSES = frozenset({408, 425, 429})
 _SECRET_PREFIX = "whsec_"
-# A delivery id is kept as text and signed as ASCII: printable, no spaces, bounded.
-_DELIVERY_ID = re.compile(r"[\x21-\x7e]{1,256}")
-_TIMESTAMP = re.compile(r"[0-9]{1,12}")
 
 _log = get_logger("webhooks")
 
@@ -97,185 +86,6 @@ def standard_signature(key: bytes, webhook_id: str, timestamp: int, body: bytes)
 def sign(secret: bytes, body: bytes) -> str:
     """The hex schemes' header value for `body`: `sha256=<hex HMAC-SHA256>`."""
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
-
-
-def _header_bytes(value: str) -> bytes:
-    # aiohttp decodes header bytes with surrogateescape: a plain encode() raises on them.
-    return value.encode("utf-8", "surrogatepass")
-
-
-# --------------------------------------------------------------------------- inbound
-
-
-class HookSignatureError(AgentdError):
-    """An inbound hook request is not signed as its hook requires (answered 401).
-
-    `code` is `bad_signature` or `stale_timestamp`."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class ReplayedDeliveryError(AgentdError):
-    """An inbound hook request repeats a delivery id the hook has already taken (409)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """A verified inbound request: its delivery id, and until when a repeat of it must be
-    refused (past then its signature no longer passes, or the replay window is over)."""
-
-    id: str
-    refuse_repeats_until: float
-
-
-@dataclass(frozen=True, slots=True)
-class _HexScheme:
-    signature_header: str
-    delivery_header: str
-
-
-_HEX_SCHEMES = {"github": _HexScheme("X-Hub-Signature-256", "X-GitHub-Delivery"),
-                "agentd": _HexScheme(SIGNATURE_HEADER, DELIVERY_HEADER)}
-_STANDARD_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
-
-
-@dataclass(frozen=True, slots=True)
-class InboundHook:
-    """One `[hooks.<name>]`: its secret, the schemes it takes and their windows."""
-
-    name: str
-    secret: str
-    schemes: tuple[str, ...]
-    tolerance: float
-    replay_window: float
-
-    def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> Delivery:
-        """Check the request's signature by the first scheme whose signature header it
-        carries; return its delivery.
-
-        Raises:
-            HookSignatureError: no signature, one this hook does not take, a wrong one, a
-                missing delivery id, or a timestamp outside `tolerance`.
-        """
-        if "webhook-signature" in headers:
-            scheme = "standard"
-        else:
-            scheme = next((name for name, hex_scheme in _HEX_SCHEMES.items()
-                           if hex_scheme.signature_header in headers), "")
-        if scheme not in self.schemes:
-            given = f"not {_describe((scheme,))}" if scheme else "and this request carries no signature"
-            raise HookSignatureError("bad_signature", f"hook {self.name!r} takes requests signed "
-                                     f"by {_describe(self.schemes)}, {given}")
-        if scheme == "standard":
-            return self._verify_standard(headers, body, now)
-        return self._verify_hex(_HEX_SCHEMES[scheme], headers, body, now)
-
-    def _verify_standard(self, headers: Mapping[str, str], body: bytes, now: float) -> Delivery:
-        webhook_id, stamp, signatures = (headers.get(name, "") for name in _STANDARD_HEADERS)
-        if not _DELIVERY_ID.fullmatch(webhook_id):
-            raise HookSignatureError("bad_signature", "webhook-id: expected 1 to 256 printable "
-                                     "ASCII characters (the message's id)")
-        if not _TIMESTAMP.fullmatch(stamp):
-            raise HookSignatureError("bad_signature", "webhook-timestamp: expected whole seconds "
-                                     "since the Unix epoch")
-        timestamp = int(stamp)
-        if abs(now - timestamp) > self.tolerance:
-            raise HookSignatureError("stale_timestamp", f"webhook-timestamp {timestamp} is "
-                                     f"{now - timestamp:+.0f} s from this server's clock; "
-                                     f"hook {self.name!r} takes at most {self.tolerance:g} s either way")
-        expected = _header_bytes(standard_signature(signing_key(self.secret), webhook_id, timestamp, body))
-        if not any(hmac.compare_digest(_header_bytes(given), expected)
-                   for given in signatures.split() if given.startswith("v1,")):
-            raise HookSignatureError("bad_signature", "webhook-signature: expected v1,<base64 "
-                                     "HMAC-SHA256 of \"{webhook-id}.{webhook-timestamp}.{body}\">")
-        return Delivery(webhook_id, timestamp + self.tolerance)
-
-    def _verify_hex(self, scheme: _HexScheme, headers: Mapping[str, str], body: bytes,
-                    now: float) -> Delivery:
-        expected = _header_bytes(sign(self.secret.encode(), body))
-        if not hmac.compare_digest(_header_bytes(headers[scheme.signature_header]), expected):
-            raise HookSignatureError("bad_signature", f"{scheme.signature_header}: expected "
-                                     "sha256=<hex HMAC-SHA256 of the body>")
-        delivery_id = headers.get(scheme.delivery_header, "")
-        if not _DELIVERY_ID.fullmatch(delivery_id):
-            raise HookSignatureError("bad_signature", f"{scheme.delivery_header}: expected the "
-                                     "delivery's id (1 to 256 printable ASCII characters)")
-        return Delivery(delivery_id, now + self.replay_window)
-
-
-def _describe(schemes: tuple[str, ...]) -> str:
-    names = {"standard": "Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature)",
-             **{name: f"{scheme.signature_header} with {scheme.delivery_header}"
-                for name, scheme in _HEX_SCHEMES.items()}}
-    return " or ".join(names[scheme] for scheme in schemes)
-
-
-class InboundHooks:
-    """The configured inbound hooks, their secrets read once, and the delivery ids each has
-    taken: kept in the database (table `hook_deliveries`), so a restart forgets none."""
-
-    def __init__(self, hooks: Mapping[str, InboundHook], store: Store) -> None:
-        self._hooks = dict(hooks)
-        self._store = store
-        self._in_flight: set[tuple[str, str]] = set()
-
-    @classmethod
-    def from_config(cls, config: Config, store: Store) -> InboundHooks:
-        """Build the hooks, reading their secrets now.
-
-        Raises:
-            ConfigError: a secret file or variable cannot be read, or a `whsec_` secret is
-                not base64, naming the hook.
-        """
-        hooks = {}
-        for name, table in config.hooks.settings.items():
-            secret = config.secret(f"hooks.{name}", table, "secret")
-            try:
-                signing_key(secret)
-            except ValueError as exc:
-                raise ConfigError(f"{config.source}: [hooks.{name}] secret: {exc}") from None
-            hooks[name] = InboundHook(
-                name=name, secret=secret, schemes=tuple(table.get("schemes", ("standard",))),
-                tolerance=float(table.get("tolerance", config.hooks.tolerance)),
-                replay_window=config.hooks.replay_window)
-        return cls(hooks, store)
-
-    def get(self, name: str) -> InboundHook | None:
-        return self._hooks.get(name)
-
-    @asynccontextmanager
-    async def taking(self, hook: str, delivery: Delivery) -> AsyncIterator[None]:
-        """Hold `delivery` of `hook` while the block publishes it; record it once the block
-        is done. A delivery recorded before, or held by a request in flight, is refused.
-
-        The id is recorded after the block, not before: a crash between the two lets the
-        sender's retry through again (a repeat), where the other order would refuse it
-        and lose the event.
-
-        Raises:
-            ReplayedDeliveryError: the id was taken (or is being taken) already.
-        """
-        key = (hook, delivery.id)
-        seen = await self._store.read_one(
-            "SELECT 1 FROM hook_deliveries WHERE hook = ? AND delivery_id = ? AND refuse_until >= ?",
-            (*key, time.time()))
-        if seen is not None or key in self._in_flight:
-            raise ReplayedDeliveryError(f"hook {hook!r} has already taken delivery {delivery.id!r}")
-        self._in_flight.add(key)
-        try:
-            yield
-            now = time.time()
-
-            def record(conn: Connection) -> None:
-                conn.execute("DELETE FROM hook_deliveries WHERE refuse_until < ?", (now,))
-                conn.execute("INSERT OR REPLACE INTO hook_deliveries (hook, delivery_id, refuse_until) "
-                             "VALUES (?, ?, ?)", (*key, delivery.refuse_repeats_until))
-
-            await self._store.write(record)
-        finally:
-            self._in_flight.discard(key)
 
 
 # --------------------------------------------------------------------------- addresses

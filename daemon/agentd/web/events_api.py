@@ -9,11 +9,11 @@ from typing import Any
 from aiohttp import web
 
 from agentd.events import check_publishable
+from agentd.hooks import HookSignatureError, ReplayedDeliveryError
 from agentd.web.auth import STREAM_TOKENS
 from agentd.web.errors import ApiError, bad_request, read_json_object
 from agentd.web.openapi import doc
 from agentd.web.server import DAEMON
-from agentd.webhooks import HookSignatureError, ReplayedDeliveryError
 
 routes = web.RouteTableDef()
 
