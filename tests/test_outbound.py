@@ -564,6 +564,19 @@ async def test_the_reference_library_verifies_a_webhook_signed_with_a_whsec_secr
         Webhook("whsec_" + base64.b64encode(b"another key").decode()).verify(got.raw, got.headers)
 
 
+async def test_a_webhook_from_one_daemon_is_taken_by_the_hook_of_another(
+    ob: Any, start_daemon: Any, tmp_path: Path,
+) -> None:
+    peer, peer_events = await start_daemon(overrides={"hooks": {"peer": {"secret": "shared"}}},
+                                           state_dir=tmp_path / "peer")
+    daemon, _, _ = await ob({"webhooks": {"secret": "shared"}})
+    url = f"http://127.0.0.1:{peer.port}/hooks/peer"
+    parent = await daemon.queue.enqueue("ob.post", {"url": url, "body": {"n": 1}})
+    final = await finished(daemon, await daemon.queue.result(parent.id, timeout=WAIT))
+    assert (final.status, final.result) == ("succeeded", {"status": 202, "url": url})
+    assert (await peer_events.wait_for("hook.peer")).data["body"] == {"n": 1}
+
+
 async def test_without_a_secret_a_webhook_is_not_signed(ob: Any, receiver: Receiver) -> None:
     daemon, _, _ = await ob()
     parent = await daemon.queue.enqueue("ob.post", {"url": receiver.url, "body": [1, None]})
@@ -701,6 +714,18 @@ async def test_an_allowed_network_lets_a_webhook_through(ob: Any, receiver: Rece
     parent = await daemon.queue.enqueue("ob.post", {"url": url, "body": {"a": 1}})
     assert (await finished(daemon, await daemon.queue.result(parent.id, timeout=WAIT))).status == "succeeded"
     assert len(await receiver.wait_requests(1)) == 1
+
+
+async def test_a_redirect_is_not_followed_and_fails_the_webhook(
+    ob: Any, receiver: Receiver, listener: Listener,
+) -> None:
+    daemon, _, _ = await ob()
+    receiver.script.append((307, {"Location": f"http://127.0.0.1:{listener.port}/elsewhere"}))
+    parent = await daemon.queue.enqueue("ob.post", {"url": receiver.url, "body": {"a": 1}})
+    final = await finished(daemon, await daemon.queue.result(parent.id, timeout=WAIT))
+    assert (final.status, final.attempts) == ("failed", 1)
+    assert "answered 307" in final.error
+    assert listener.connections == 0
 
 
 @pytest.mark.parametrize(("address", "reason"), [
