@@ -133,7 +133,7 @@ class HooksConfig:
     settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
-# The signature schemes a hook may take (see webhooks.py); "standard" is the default.
+# The signature schemes a hook may take (see hooks.py); "standard" is the default.
 HOOK_SCHEMES = ("standard", "github", "agentd")
 _HOOK_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "secret": (str, "a string"), "secret_file": (str, "a string"), "secret_env": (str, "a string"),

@@ -82,6 +82,6 @@ async def inbound_hook(request: web.Request) -> web.Response:
 
 
 def _text(header: str) -> str:
-    """A header value as text: aiohttp keeps bytes that are not UTF-8 as surrogates, which
-    nothing downstream can encode."""
+    """A header value as text: aiohttp keeps the bytes of a value that is not UTF-8 as lone
+    surrogates (not text a client can take); they become U+FFFD, as in a body kept as text."""
     return header.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
