@@ -189,13 +189,17 @@ class InboundHooks:
             ReplayedDeliveryError: the id was taken (or is being taken) already.
         """
         key = (hook, delivery.id)
-        seen = await self._store.read_one(
-            "SELECT 1 FROM hook_deliveries WHERE hook = ? AND delivery_id = ? AND refuse_until >= ?",
-            (*key, time.time()))
-        if seen is not None or key in self._in_flight:
-            raise ReplayedDeliveryError(f"hook {hook!r} has already taken delivery {delivery.id!r}")
+        refused = ReplayedDeliveryError(f"hook {hook!r} has already taken delivery {delivery.id!r}")
+        # Held from before the read until the record has committed: a copy is refused as
+        # held, or its read starts after the commit and finds the record; never neither.
+        if key in self._in_flight:
+            raise refused
         self._in_flight.add(key)
         try:
+            if await self._store.read_one(
+                    "SELECT 1 FROM hook_deliveries WHERE hook = ? AND delivery_id = ? AND refuse_until >= ?",
+                    (*key, time.time())) is not None:
+                raise refused
             yield
             now = time.time()
 
