@@ -22,6 +22,7 @@ from agentd.errors import ConfigError, InvalidScheduleError
 from agentd.eventlog import EventLog
 from agentd.events import Event
 from agentd.health import LagMonitor
+from agentd.hooks import InboundHooks
 from agentd.log import get_logger
 from agentd.memory import MemoryStore
 from agentd.plugins import PluginManager
@@ -58,6 +59,7 @@ class Daemon:
         self.registry = TaskRegistry()
         self.queue = TaskQueue(self.store, self.bus, self.registry, config.tasks)
         self.services = Services.from_config(config)
+        self.hooks = InboundHooks.from_config(config, self.store)
         self.workers = WorkerPool(
             self.store, self.queue, self.registry, config.tasks, config.plugins.settings,
             services=self.services)

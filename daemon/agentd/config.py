@@ -8,6 +8,7 @@ variable), the key, what was expected and what was found.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import typing
@@ -125,9 +126,20 @@ class MemoryConfig:
 
 @dataclass(frozen=True, slots=True)
 class HooksConfig:
-    """[hooks.<name>]: inbound webhooks, each with its HMAC secret (or secret_file)."""
+    """[hooks]: how far a signed timestamp may be off and how long delivery ids are kept;
+    [hooks.<name>]: one inbound webhook each, with its secret and the schemes it takes."""
 
+    tolerance: float = 300.0
+    replay_window: float = 604800.0
     settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+# The signature schemes a hook may take (see hooks.py); "standard" is the default.
+HOOK_SCHEMES = ("standard", "github", "agentd")
+_HOOK_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "secret": (str, "a string"), "secret_file": (str, "a string"), "secret_env": (str, "a string"),
+    "schemes": (list, "a list"), "tolerance": ((int, float), "a number of seconds"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,11 +178,13 @@ class LlmConfig:
 
 @dataclass(frozen=True, slots=True)
 class WebhooksConfig:
-    """[webhooks]: outgoing webhooks (`ctx.webhook.post`), signed with this secret."""
+    """[webhooks]: outgoing webhooks (`ctx.webhook.post`), signed with this secret, sent
+    only to public addresses and those in `allow_networks`."""
 
     secret: str = ""
     secret_file: str = ""
     timeout: float = 10.0
+    allow_networks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,13 +258,6 @@ class Config:
     @property
     def plugin_dirs(self) -> tuple[Path, ...]:
         return tuple(self.resolve(p) for p in self.plugins.paths)
-
-    def hook_secret(self, name: str) -> bytes | None:
-        """The HMAC secret of inbound webhook `name`, or None when no such hook is configured."""
-        table = self.hooks.settings.get(name)
-        if table is None:
-            return None
-        return self.secret(f"hooks.{name}", table, "secret").encode()
 
     def secret(self, section: str, table: Mapping[str, Any] | Any, key: str) -> str:
         """The secret `key` of a section: given inline (`<key>`), as the first line of the
@@ -360,6 +367,28 @@ def _check_memory(config: Config) -> None:
                           "expected 0 < x <= 1")
 
 
+def _check_hooks(config: Config) -> None:
+    for name, table in config.hooks.settings.items():
+        where = f"{config.source}: [hooks.{name}]"
+        for key, value in table.items():
+            if key not in _HOOK_KEYS:
+                raise ConfigError(f"{where} unknown key {key!r}; known: {', '.join(_HOOK_KEYS)}")
+            kind, expected = _HOOK_KEYS[key]
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ConfigError(f"{where} {key}: expected {expected}, got {value!r}")
+        if not any(table.get(key) for key in ("secret", "secret_file", "secret_env")):
+            raise ConfigError(f"{where} needs a secret, secret_file or secret_env")
+        schemes = table.get("schemes", ["standard"])
+        if not schemes or not all(scheme in HOOK_SCHEMES for scheme in schemes):
+            raise ConfigError(f"{where} schemes: expected a list of {', '.join(HOOK_SCHEMES)}, "
+                              f"got {schemes!r}")
+        if table.get("tolerance", 1) <= 0:
+            raise ConfigError(f"{where} tolerance: expected a positive number of seconds")
+    if config.hooks.tolerance <= 0:
+        raise ConfigError(f"{config.origin('hooks', 'tolerance')}: [hooks] tolerance: expected a "
+                          "positive number of seconds")
+
+
 def _check_outbound(config: Config) -> None:
     from agentd.digests import DigestSpec
 
@@ -372,6 +401,12 @@ def _check_outbound(config: Config) -> None:
     if config.mail.timeout <= 0:
         raise ConfigError(f"{where('mail', 'timeout')}: [mail] timeout: expected a positive number "
                           "of seconds")
+    for network in config.webhooks.allow_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"{where('webhooks', 'allow_networks')}: [webhooks] allow_networks: "
+                              f"{network!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
     if config.llm.base_url and not config.llm.base_url.startswith(("http://", "https://")):
         raise ConfigError(f"{where('llm', 'base_url')}: [llm] base_url: expected an http:// or https:// "
                           f"URL, got {config.llm.base_url!r}")
@@ -402,12 +437,7 @@ def _check_rules(config: Config) -> None:
             TopicPattern.parse(pattern)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
-    for name, table in config.hooks.settings.items():
-        unknown = set(table) - {"secret", "secret_file"}
-        if unknown or not all(isinstance(v, str) for v in table.values()):
-            raise ConfigError(f"{config.source}: [hooks.{name}] takes only secret and secret_file (strings)")
-        if not table.get("secret") and not table.get("secret_file"):
-            raise ConfigError(f"{config.source}: [hooks.{name}] needs a secret or a secret_file")
+    _check_hooks(config)
     for number, table in enumerate(config.schedules, start=1):
         try:
             ScheduleSpec.from_mapping(table)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
+import time
 from typing import Any
 
 from aiohttp import web
 
 from agentd.events import check_publishable
+from agentd.hooks import HookSignatureError, ReplayedDeliveryError
 from agentd.web.auth import STREAM_TOKENS
 from agentd.web.errors import ApiError, bad_request, read_json_object
 from agentd.web.openapi import doc
@@ -17,8 +17,7 @@ from agentd.web.server import DAEMON
 
 routes = web.RouteTableDef()
 
-SIGNATURE_HEADERS = ("X-Agentd-Signature", "X-Hub-Signature-256")
-_FORWARDED_HEADERS = ("Content-Type", "User-Agent", "X-GitHub-Event", "X-GitHub-Delivery")
+_FORWARDED_HEADERS = ("Content-Type", "User-Agent", "X-GitHub-Event", "X-GitHub-Delivery", "webhook-id")
 
 
 @routes.post("/v1/events")
@@ -50,28 +49,39 @@ async def stream_token(request: web.Request) -> web.Response:
 
 
 @routes.post("/hooks/{name}")
-@doc("Inbound webhook: an HMAC-SHA256 of the raw body with the hook's secret, hex, in "
-     "`X-Agentd-Signature: sha256=<hex>` (or GitHub's X-Hub-Signature-256); published as "
-     "`hook.<name>`", tag="events", public=True,
-     responses={202: "Published", 401: "Missing or bad signature: nothing published",
-                404: "No hook of that name is configured"})
+@doc("Inbound webhook, signed by Standard Webhooks: `webhook-id`, `webhook-timestamp` (Unix "
+     "seconds, within `[hooks] tolerance`) and `webhook-signature: v1,<base64 HMAC-SHA256 of "
+     "\"{id}.{timestamp}.{body}\">`; GitHub's `X-Hub-Signature-256` or `X-Agentd-Signature` "
+     "only where the hook lists them. Published as `hook.<name>`", tag="events", public=True,
+     responses={202: "Published", 401: "Missing, bad or stale signature: nothing published",
+                404: "No hook of that name is configured",
+                409: "A delivery id this hook has taken already: nothing published"})
 async def inbound_hook(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     name = request.match_info["name"]
-    secret = daemon.config.hook_secret(name)
-    if secret is None:
+    hook = daemon.hooks.get(name)
+    if hook is None:
         raise ApiError(404, "unknown_hook", f"no hook named {name!r}; configure [hooks.{name}]")
     raw = await request.read()
-    given = next((request.headers[h] for h in SIGNATURE_HEADERS if h in request.headers), "")
-    expected = "sha256=" + hmac.new(secret, raw, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise ApiError(401, "bad_signature",
-                       f"{SIGNATURE_HEADERS[0]} must be sha256=<hex HMAC-SHA256 of the body>")
+    try:
+        delivery = hook.verify(request.headers, raw, time.time())
+    except HookSignatureError as exc:
+        raise ApiError(401, exc.code, str(exc)) from None
     payload: Any
     try:
         payload = json.loads(raw) if raw else None
     except ValueError:
         payload = raw.decode(errors="replace")
-    headers = {h: request.headers[h] for h in _FORWARDED_HEADERS if h in request.headers}
-    event = await daemon.publish_durably(f"hook.{name}", {"body": payload, "headers": headers})
+    headers = {h: _text(request.headers[h]) for h in _FORWARDED_HEADERS if h in request.headers}
+    try:
+        async with daemon.hooks.taking(name, delivery):
+            event = await daemon.publish_durably(f"hook.{name}", {"body": payload, "headers": headers})
+    except ReplayedDeliveryError as exc:
+        raise ApiError(409, "duplicate_delivery", str(exc)) from None
     return web.json_response({"id": event.id, "topic": event.topic}, status=202)
+
+
+def _text(header: str) -> str:
+    """A header value as text: aiohttp keeps the bytes of a value that is not UTF-8 as lone
+    surrogates (not text a client can take); they become U+FFFD, as in a body kept as text."""
+    return header.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
