@@ -102,11 +102,11 @@ async def test_allowed_hosts_adds_names(start_daemon: Any, http: Any) -> None:
 
 
 def test_allowed_hosts_entries_are_checked() -> None:
-    for entry in ("http://agentd.lan", "agentd.lan:8470", "agentd.lan/x", ""):
+    for entry in ("http://agentd.lan", "agentd.lan:8470", "abc.de:80", "agentd.lan/x", "[::1]:80", ""):
         with pytest.raises(ConfigError, match=r"\[server\] allowed_hosts"):
             check_serving_rules(load_config(None, overrides={"server": {"allowed_hosts": [entry]}}, env={}))
-    check_serving_rules(load_config(None, overrides={"server": {"allowed_hosts": ["*", "::1", "a.b"]}},
-                                    env={}))
+    good = ["*", "::1", "[fd00::7]", "a.b", "agentd.lan."]
+    check_serving_rules(load_config(None, overrides={"server": {"allowed_hosts": good}}, env={}))
 
 
 # --------------------------------------------------------------------------- CORS
@@ -289,6 +289,16 @@ def test_a_token_file_open_to_others_or_empty_is_refused(tmp_path: Path) -> None
             config.api_token()
     token_file.chmod(0o600)
     assert config.api_token() == TOKEN
+    if os.geteuid() == 0:
+        # Handed over by another user through the group, as systemd/README.md installs
+        # secrets: group-readable is fine, world-readable is not.
+        os.chown(token_file, 65534, os.getegid())
+        token_file.chmod(0o640)
+        assert config.api_token() == TOKEN
+        token_file.chmod(0o644)
+        with pytest.raises(ConfigError, match=r"\(mode 0644\)"):
+            config.api_token()
+        token_file.chmod(0o600)
     token_file.write_text("\n" + TOKEN)
     with pytest.raises(ConfigError, match=r"\[server\] token_file: the first line .* is empty"):
         config.api_token()

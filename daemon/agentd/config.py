@@ -8,6 +8,7 @@ variable), the key, what was expected and what was found.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -23,8 +24,7 @@ CONFIG_ENV = "AGENTD_CONFIG"
 DEFAULT_CONFIG_NAME = "agentd.toml"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 _TOKEN = re.compile(r"[!-~]+")  # what an Authorization header can carry as one word
-# A host name or address as [server] allowed_hosts lists it (IPv6 with or without brackets).
-_HOST_ENTRY = re.compile(r"\*|\[?[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]?|[A-Za-z0-9_.-]+")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,10 +296,15 @@ class Config:
         if self.server.token_file and not self.server.token:
             where = f"{self.origin('server', 'token_file')}: [server] token_file"
             path = self.resolve(self.server.token_file)
-            mode = path.stat().st_mode & 0o777
-            if mode & 0o077:
+            info = path.stat()
+            mode = info.st_mode & 0o777
+            # A file of our own is ours alone; one another user (root) hands us through our
+            # group, as systemd/README.md installs secrets (0640, group agentd), may be
+            # group-readable.
+            shared = info.st_uid != os.geteuid()
+            if mode & (0o027 if shared else 0o077):
                 raise ConfigError(f"{where}: {path} is open to other users (mode {mode:04o}); "
-                                  f"chmod 600 {path}")
+                                  f"chmod 600 {path} (or 640, owned by root, group of the daemon's user)")
             if not token:
                 raise ConfigError(f"{where}: the first line of {path} is empty; write the token there")
         if token and not _TOKEN.fullmatch(token):
@@ -532,6 +537,17 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+def _is_host_entry(entry: str) -> bool:
+    """A host name, an address (IPv6 with or without brackets) or "*", without port."""
+    if entry == "*" or _HOST_NAME.fullmatch(entry):
+        return True
+    try:
+        ipaddress.IPv6Address(entry.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
+
+
 def check_serving_rules(config: Config) -> None:
     """Refuse a configuration that would expose the API beyond loopback without a token, a
     bad token, port or `allowed_hosts` entry."""
@@ -541,7 +557,7 @@ def check_serving_rules(config: Config) -> None:
             "loopback address; set [server] token or token_file before listening beyond this machine"
         )
     for entry in config.server.allowed_hosts:
-        if not _HOST_ENTRY.fullmatch(entry):
+        if not _is_host_entry(entry):
             raise ConfigError(f"{config.origin('server', 'allowed_hosts')}: [server] allowed_hosts: "
                               f"expected host names or addresses without scheme or port (or \"*\"), "
                               f"got {entry!r}")
