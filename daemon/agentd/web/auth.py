@@ -166,13 +166,12 @@ def stream_scope(app: web.Application, path: str | None, topics: str | None) -> 
     Raises:
         ApiError: 400 naming what is wrong.
     """
-    if path is not None:
-        route = next((r for r in app.router.routes() if r.method == "GET" and r.resource is not None
-                      and getattr(_doc(r.handler), "stream", False)
-                      and _resource_matches(r.resource, path)), None)
-        if route is None:
-            raise ApiError(400, "bad_request", f"'path' must be the path of a stream route "
-                           f"(/v1/stream, /v1/tasks/<id>/stream, /v1/ws), got {path!r}")
+    if path is not None and not any(
+        r.method == "GET" and r.resource is not None and getattr(_doc(r.handler), "stream", False)
+        and _resource_matches(r.resource, path) for r in app.router.routes()
+    ):
+        raise ApiError(400, "bad_request", f"'path' must be the path of a stream route "
+                       f"(/v1/stream, /v1/tasks/<id>/stream, /v1/ws), got {path!r}")
     if topics is not None:
         if path != "/v1/stream":
             raise ApiError(400, "bad_request", "'topics' binds a token of path '/v1/stream' only")
