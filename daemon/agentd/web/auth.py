@@ -108,7 +108,9 @@ class StreamTokens:
     def _sign(self, payload: str) -> bytes:
         if not self._key:
             raise RuntimeError("StreamTokens.load() has not run")
-        return hmac.new(self._key, f"stream:{payload}".encode(), hashlib.sha256).digest()
+        # A payload from a request may hold undecodable bytes (as surrogates): kept as they came.
+        message = f"stream:{payload}".encode("utf-8", "surrogateescape")
+        return hmac.new(self._key, message, hashlib.sha256).digest()
 
     def issue(self, path: str | None = None, topics: str | None = None) -> tuple[str, StreamGrant]:
         grant = StreamGrant(int(time.time()), path, topics)
@@ -118,12 +120,14 @@ class StreamTokens:
     def grant(self, token: str) -> StreamGrant | None:
         """The grant a token signed with the current key carries, or None."""
         payload, _, signature = token.rpartition(".")
+        # Compared as text: base64 has several spellings of the same last bits, and a token
+        # with a character changed must not still pass.
+        expected = _b64(self._sign(payload)).encode()
+        if not hmac.compare_digest(signature.encode("utf-8", "surrogateescape"), expected):
+            return None
         try:
-            given = _unb64(signature)
             issued, path, topics = json.loads(_unb64(payload))
         except (ValueError, TypeError, binascii.Error):
-            return None
-        if not hmac.compare_digest(given, self._sign(payload)):
             return None
         if not (isinstance(issued, int) and isinstance(path, str | None) and isinstance(topics, str | None)):
             return None
