@@ -271,11 +271,12 @@ def open_umask() -> Iterator[None]:
 async def test_the_data_directory_and_its_files_are_private(start_daemon: Any, tmp_path: Path) -> None:
     daemon, _ = await start_daemon()
     await daemon.publish_durably("some.event", {})
-    await daemon.stop()
+    await daemon.eventlog.flush()
     data = tmp_path / "data"
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     files = sorted(data.iterdir())
-    assert {f.name for f in files} >= {"agentd.db", "agentd.db.lock", "memory.db"}
+    assert {f.name for f in files} >= {"agentd.db", "agentd.db-wal", "agentd.db-shm", "agentd.db.lock",
+                                       "memory.db", "memory.db-wal"}
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
