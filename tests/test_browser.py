@@ -22,7 +22,7 @@ from agentd.testing import daemon_url, make_config
 
 CHROMIUM = "/usr/bin/chromium"
 TOKEN = "t0ken-for-browsers"
-WAIT_MS = 10_000  # the longest a page condition may take to hold
+WAIT_MS = 20_000  # the longest a page condition may take to hold (2 shared cores)
 
 pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
