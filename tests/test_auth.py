@@ -306,8 +306,9 @@ def test_a_token_file_open_to_others_or_empty_is_refused(tmp_path: Path) -> None
         config.api_token()
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])
 @pytest.mark.parametrize("token", [" ", "\t", "two words", "tökén"])
-def test_a_blank_or_unsendable_token_is_refused(token: str) -> None:
-    config = load_config(None, env={"AGENTD_SERVER_TOKEN": token, "AGENTD_SERVER_HOST": "0.0.0.0"})
+def test_a_blank_or_unsendable_token_is_refused(token: str, host: str) -> None:
+    config = load_config(None, env={"AGENTD_SERVER_TOKEN": token, "AGENTD_SERVER_HOST": host})
     with pytest.raises(ConfigError, match=r"environment AGENTD_SERVER_TOKEN: \[server\] token: expected"):
         check_serving_rules(config)

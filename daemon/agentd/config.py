@@ -551,7 +551,8 @@ def _is_host_entry(entry: str) -> bool:
 def check_serving_rules(config: Config) -> None:
     """Refuse a configuration that would expose the API beyond loopback without a token, a
     bad token, port or `allowed_hosts` entry."""
-    if config.server.host not in LOOPBACK_HOSTS and not config.api_token():
+    token = config.api_token()  # checked wherever it listens
+    if config.server.host not in LOOPBACK_HOSTS and not token:
         raise ConfigError(
             f"{config.origin('server', 'host')}: [server] host = {config.server.host!r} is not a "
             "loopback address; set [server] token or token_file before listening beyond this machine"
