@@ -530,14 +530,16 @@ async def test_stream_tokens_open_stream_routes_and_only_them(start_daemon: Any,
     before = time.time()
     status, issued = await post(http(daemon, token=TOKEN), "/v1/stream-tokens")
     assert status == 201
-    assert set(issued) == {"token", "expires_at"}
-    assert before + 299 <= issued["expires_at"] <= time.time() + 300
+    assert set(issued) == {"token", "open_until", "expires_at", "path", "topics"}
+    assert before + 299 <= issued["open_until"] <= time.time() + 300
+    assert before + 86399 <= issued["expires_at"] <= time.time() + 86400
+    assert issued["path"] is None and issued["topics"] is None  # any stream route
     token = issued["token"]
 
     async with anonymous.get("/v1/stream", params={"token": token}) as response:
         assert response.status == 200
         assert response.headers["Content-Type"] == "text/event-stream"
-        assert (await first_line(response)).startswith(b"retry: ")
+        assert (await first_line(response)).startswith(b"id: ")
     async with anonymous.get("/v1/tasks/31337/stream", params={"token": token}) as response:
         assert response.status == 404  # past auth: there is no such task
     ws = await anonymous.ws_connect("/v1/ws", params={"token": token})
@@ -553,13 +555,26 @@ async def test_stream_tokens_open_stream_routes_and_only_them(start_daemon: Any,
     assert status == 401
 
 
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _reissued(token: str, change: Any) -> str:
+    """`token` with its issue time changed and its signature kept."""
+    payload, _, signature = token.partition(".")
+    issued, path, topics = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    forged = json.dumps([change(issued), path, topics], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(forged).decode().rstrip("=") + "." + signature
+
+
 @pytest.mark.parametrize("forge", [
     lambda token: token[:-1] + ("0" if token[-1] != "0" else "1"),  # signature altered
-    lambda token: str(int(token.split(".")[0]) + 3600) + "." + token.split(".")[1],  # expiry moved
+    # The last character's two low bits are padding in base64: flipped, it decodes the same.
+    lambda token: token[:-1] + _B64[_B64.index(token[-1]) ^ 1],
+    lambda token: _reissued(token, lambda issued: issued + 3600),  # issue time moved
     lambda token: "9999999999." + "0" * 64,
     lambda token: "not-a-token",
     lambda token: TOKEN,  # the bearer token itself is no stream token
-], ids=["signature-altered", "expiry-moved", "made-up", "garbage", "bearer-token"])
+], ids=["signature-altered", "signature-respelt", "issue-time-moved", "made-up", "garbage", "bearer-token"])
 async def test_a_forged_stream_token_is_a_401(start_daemon: Any, http: Any, forge: Any) -> None:
     daemon, _ = await start_daemon(overrides={"server": {"token": TOKEN}})
     _, issued = await post(http(daemon, token=TOKEN), "/v1/stream-tokens")
@@ -631,7 +646,7 @@ async def test_loopback_and_listed_origins_are_allowed(start_daemon: Any, http: 
         assert status == 202, (origin, body)
     async with client.get("/v1/stream", headers={"Origin": allowed}) as response:
         assert response.status == 200
-        assert (await first_line(response)).startswith(b"retry: ")
+        assert (await first_line(response)).startswith(b"id: ")
     ws = await client.ws_connect("/v1/ws", origin=allowed)
     await ws.send_json({"id": 1, "type": "ping"})
     assert (await ws.receive_json(timeout=TIMEOUT))["type"] == "pong"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -22,6 +23,8 @@ from agentd.errors import ConfigError
 CONFIG_ENV = "AGENTD_CONFIG"
 DEFAULT_CONFIG_NAME = "agentd.toml"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+_TOKEN = re.compile(r"[!-~]+")  # what an Authorization header can carry as one word
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,7 @@ class ServerConfig:
     max_body_bytes: int = 1_048_576
     max_loop_lag: float = 0.5
     allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,7 @@ class StreamsConfig:
     client_buffer: int = 1000
     send_timeout: float = 10.0
     token_ttl: float = 300.0
+    token_resume_ttl: float = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,8 +292,32 @@ class Config:
         return ""
 
     def api_token(self) -> str:
-        """The bearer token in force: `token`, else the first line of `token_file`, else ''."""
-        return self.secret("server", self.server, "token")
+        """The bearer token in force: `token`, else the first line of `token_file`, else ''.
+
+        Raises:
+            ConfigError: the token is blank or not one word of visible ASCII (it could not
+                be sent, or would look set while protecting nothing), or `token_file` is
+                empty or open to other users.
+        """
+        token = self.secret("server", self.server, "token")
+        if self.server.token_file and not self.server.token:
+            where = f"{self.origin('server', 'token_file')}: [server] token_file"
+            path = self.resolve(self.server.token_file)
+            info = path.stat()
+            mode = info.st_mode & 0o777
+            # A file of our own is ours alone; one another user (root) hands us through our
+            # group, as systemd/README.md installs secrets (0640, group agentd), may be
+            # group-readable.
+            shared = info.st_uid != os.geteuid()
+            if mode & (0o027 if shared else 0o077):
+                raise ConfigError(f"{where}: {path} is open to other users (mode {mode:04o}); "
+                                  f"chmod 600 {path} (or 640, owned by root, group of the daemon's user)")
+            if not token:
+                raise ConfigError(f"{where}: the first line of {path} is empty; write the token there")
+        if token and not _TOKEN.fullmatch(token):
+            raise ConfigError(f"{self.origin('server', 'token')}: [server] token: expected visible "
+                              "ASCII characters without spaces (the token goes into an HTTP header)")
+        return token
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -538,13 +567,31 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+def _is_host_entry(entry: str) -> bool:
+    """A host name, an address (IPv6 with or without brackets) or "*", without port."""
+    if entry == "*" or _HOST_NAME.fullmatch(entry):
+        return True
+    try:
+        ipaddress.IPv6Address(entry.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
+
+
 def check_serving_rules(config: Config) -> None:
-    """Refuse a configuration that would expose the API beyond loopback without a token."""
-    if config.server.host not in LOOPBACK_HOSTS and not config.api_token():
+    """Refuse a configuration that would expose the API beyond loopback without a token, a
+    bad token, port or `allowed_hosts` entry."""
+    token = config.api_token()  # checked wherever it listens
+    if config.server.host not in LOOPBACK_HOSTS and not token:
         raise ConfigError(
             f"{config.origin('server', 'host')}: [server] host = {config.server.host!r} is not a "
             "loopback address; set [server] token or token_file before listening beyond this machine"
         )
+    for entry in config.server.allowed_hosts:
+        if not _is_host_entry(entry):
+            raise ConfigError(f"{config.origin('server', 'allowed_hosts')}: [server] allowed_hosts: "
+                              f"expected host names or addresses without scheme or port (or \"*\"), "
+                              f"got {entry!r}")
     if not 0 <= config.server.port <= 65535:
         raise ConfigError(f"{config.origin('server', 'port')}: [server] port: expected 0..65535, "
                           f"got {config.server.port}")

@@ -190,7 +190,7 @@ class _FileLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -243,7 +243,10 @@ class Store:
     async def open(self) -> None:
         """Take the lock, open the connections and migrate. Raises StoreError."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Private from the start (0700, 0600), whatever the umask: the database holds
+            # task arguments, results and the stream tokens' signing key.
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite's -wal/-shm copy its mode
         except OSError as exc:
             raise StoreError(f"cannot create the data directory {self.path.parent}: {exc}") from exc
         self._lock.acquire()

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from agentd.events import check_publishable
 from agentd.hooks import HookSignatureError, ReplayedDeliveryError
-from agentd.web.auth import STREAM_TOKENS
+from agentd.web.auth import STREAM_TOKENS, stream_scope
 from agentd.web.errors import ApiError, bad_request, read_json_object
 from agentd.web.openapi import doc
 from agentd.web.server import DAEMON
@@ -40,12 +40,35 @@ async def publish(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/stream-tokens")
-@doc("A short-lived token a browser's EventSource or WebSocket passes as `?token=` on stream "
-     "routes (they cannot send an Authorization header)", tag="streams",
-     responses={201: "`token` and `expires_at` (Unix time)"})
+@doc("A token a browser's EventSource or WebSocket passes as `?token=` on stream routes (they "
+     "cannot send an Authorization header). It only reads: GET on stream routes, and on /v1/ws "
+     "subscribe, unsubscribe, result and ping. It opens a stream until `open_until` ([streams] "
+     "token_ttl) and resumes one (a request with Last-Event-ID) until `expires_at` "
+     "([streams] token_resume_ttl). The body is optional: `path` binds the token to one stream "
+     "route, `topics` (with path /v1/stream) to one `topics` value", tag="streams",
+     body={"type": "object", "properties": {"path": {"type": "string"}, "topics": {"type": "string"}}},
+     responses={201: "`token`, `open_until`, `expires_at` (Unix times), `path`, `topics`",
+                400: "A path that is no stream route, or bad topics"})
 async def stream_token(request: web.Request) -> web.Response:
-    token, expires_at = request.app[STREAM_TOKENS].issue()
-    return web.json_response({"token": token, "expires_at": expires_at}, status=201)
+    body = await read_json_object(request) if (await request.read()).strip() else {}
+    unknown = sorted(set(body) - {"path", "topics"})
+    if unknown:
+        raise bad_request(f"unknown field(s): {', '.join(unknown)}; known: path, topics")
+    path, topics = body.get("path"), body.get("topics")
+    if not isinstance(path, str | None) or not isinstance(topics, str | None):
+        raise bad_request("'path' and 'topics' must be strings")
+    tokens = request.app[STREAM_TOKENS]
+    token, grant = tokens.issue(*stream_scope(request.app, path, topics))
+    return web.json_response({"token": token, **grant.to_dict(tokens.config)}, status=201)
+
+
+@routes.delete("/v1/stream-tokens")
+@doc("Revoke every stream token: the signing key is replaced. Streams already open go on "
+     "until they end; none opens or resumes with an older token", tag="streams",
+     responses={204: "Revoked"})
+async def revoke_stream_tokens(request: web.Request) -> web.Response:
+    await request.app[STREAM_TOKENS].rotate(request.app[DAEMON].store)
+    return web.Response(status=204)
 
 
 @routes.post("/hooks/{name}")
