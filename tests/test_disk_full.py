@@ -13,6 +13,7 @@ tests make the refused writes large (more than a page).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import sys
 import time
@@ -208,10 +209,11 @@ async def test_memory_writes_on_a_full_memory_db_are_refused_with_store_full(df:
 # --------------------------------------------------------------------------- task outcomes
 
 
+@pytest.mark.parametrize("synchronous", ["normal", "full"])  # writes on the loop; in a thread
 async def test_a_task_finishing_on_a_full_disk_is_acknowledged_once_there_is_room_and_runs_once(
-    df: Any,
+    df: Any, synchronous: str
 ) -> None:
-    daemon, events, module = await df()
+    daemon, events, module = await df(store={"synchronous": synchronous})
     tasks = await asyncio.gather(*(daemon.queue.enqueue("df.produce", {"name": name, "size": BIG})
                                    for name in ("a", "b")))
     for name in ("a", "b"):
@@ -264,6 +266,58 @@ async def test_a_retry_the_full_disk_refuses_is_written_once_there_is_room(df: A
     retrying = await events.wait_for("task.retrying", task_id=task.id)
     assert retrying.data["error"] == "Retry: " + "y" * BIG  # the attempt's own error, not a crash's
     assert module.RUNS == [("r", 1), ("r", 2)]
+
+
+async def test_a_stop_on_a_full_disk_ends_in_time_and_the_next_start_runs_the_task_again(
+    df: Any,
+) -> None:
+    """What could not be written by the stop is lost as a crash would lose it: the task's
+    outcome (its row stays running, and the next start runs it again: at least once) and
+    the events the log held."""
+    daemon, _, module = await df(daemon={"stop_timeout": 0.2})
+    task = await daemon.queue.enqueue("df.produce", {"name": "s", "size": BIG})
+    await asyncio.wait_for(module.gate("started:s").wait(), 5)
+    await fill(daemon.store)
+    with capture_logs() as logs:
+        module.gate("s").set()
+        daemon.bus.publish("disk.held", {"pad": "p" * BIG})
+
+        async def both_refused() -> bool:
+            return {"tasks.ack_failed", "eventlog.write_refused"} <= {log["event"] for log in logs}
+
+        await until(both_refused)
+        await asyncio.wait_for(daemon.stop(), 5)  # stages bounded by stop_timeout
+
+        async def held_events_given_up() -> bool:  # by the log's next try, the store closed
+            return daemon.eventlog.lost >= 1  # with those held behind it (daemon.stopping)
+
+        await until(held_events_given_up)
+    with contextlib.closing(sqlite3.connect(daemon.store.path)) as conn:
+        assert conn.execute("SELECT status FROM tasks WHERE id = ?", (task.id,)).fetchone() == ("running",)
+
+    again, events, module = await df()
+    module.gate("s").set()
+    assert await again.queue.result(task.id, timeout=10) == "x" * BIG
+    assert (await events.wait_for("task.queued", task_id=task.id)).data["recovered"] is True
+
+
+async def test_events_the_log_could_not_store_are_stored_once_there_is_room(df: Any) -> None:
+    daemon, _, _ = await df()
+    await fill(daemon.store)
+    with capture_logs() as logs:
+        held = daemon.bus.publish("disk.later", {"pad": "p" * BIG})
+
+        async def refused_twice() -> bool:
+            return sum(log["event"] == "eventlog.write_refused" for log in logs) >= 2
+
+        await until(refused_twice)
+    # Kept in memory meanwhile: a stream resuming now still gets it.
+    assert [e.id for e in await daemon.eventlog.replay(0, lambda e: e.topic == "disk.later")] == [held.id]
+    await make_room(daemon.store)
+    await daemon.eventlog.flush()
+    stored = await daemon.store.read("SELECT id FROM events WHERE topic = 'disk.later'")
+    assert [row["id"] for row in stored] == [held.id]
+    assert (await daemon.eventlog.stats())["lost"] == 0
 
 
 # --------------------------------------------------------------------------- readiness

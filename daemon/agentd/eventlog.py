@@ -145,6 +145,13 @@ class EventLog:
     def _submit_alone(self) -> None:
         self._timer = None
         if self._pending and not self._writing:
+            if self.store.closed:  # refused until the daemon stopped: never stored
+                self.lost += len(self._pending)
+                self._log.error("eventlog.write_failed", events=len(self._pending),
+                                error="the store closed before they could be written")
+                self._pending = []
+                self._drained.set()
+                return
             self._submit(self.store.write)
 
     def _submit(self, write: Callable[[WriteOp[Any]], asyncio.Future[Any]]) -> None:
