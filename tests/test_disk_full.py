@@ -383,7 +383,7 @@ async def test_a_read_only_store_is_store_read_only(df: Any, http: Any) -> None:
     client = http(daemon)
     conn = await writer_connection(daemon.store)
     conn.execute("PRAGMA query_only = 1")  # SQLite answers writes as on a read-only file
-    body = {"name": "df.produce", "args": {"name": "ro", "size": 1}}
+    body = {"name": "df.produce", "args": {"name": "ro", "size": 1}, "delay": 60}
     try:
         refused(await call(client, "POST", "/v1/tasks", body, status=503), "store_read_only",
                 daemon.store)
