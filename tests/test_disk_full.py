@@ -7,17 +7,21 @@ A full disk is SQLite's own: `PRAGMA max_page_count` set on the store's writer c
 (through `Store.write`) to the pages the file has, after giving its free pages back, makes
 every write that needs a new page fail with "database or disk is full", exactly as a full
 disk does. Writes that fit in the pages the file has still commit, as on a real disk: the
-tests make the refused writes large (more than a page).
+tests make the refused writes large (more than a page). A failing disk is the process's
+file size limit (RLIMIT_FSIZE): SQLite's writes to the WAL at commit, or to the database
+file in a checkpoint, fail with an I/O error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
+import signal
 import sqlite3
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,6 +29,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from agentd.config import StoreConfig
 from agentd.db import Connection, Store
 from agentd.errors import StoreBusyError, StoreFullError, StoreIOError, StoreReadOnlyError
 
@@ -135,6 +140,19 @@ def refused(answer: dict[str, Any], code: str, store: Store) -> None:
     assert answer["error"]["code"] == code, answer
     assert str(store.path) in answer["error"]["message"]
     assert "nothing of this write was stored" in answer["error"]["message"]
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Writes past `limit` bytes of any file of this process fail (EFBIG) until the end."""
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills us
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
 
 
 async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
@@ -392,6 +410,57 @@ async def test_a_read_only_store_is_store_read_only(df: Any, http: Any) -> None:
     await call(client, "POST", "/v1/tasks", body, status=201)
 
 
+async def test_a_commit_the_disk_fails_is_store_io_error_and_the_ack_waits_it_out(df: Any) -> None:
+    """Here the WAL cannot grow: the transaction fails at its commit, not at a statement."""
+    daemon, _, module = await df()
+    size = 2_000_000  # the result: the WAL must grow by that much to take the ack
+    task = await daemon.queue.enqueue("df.produce", {"name": "io", "size": size})
+    await asyncio.wait_for(module.gate("started:io").wait(), 5)
+    wal = daemon.store.path.with_name(daemon.store.path.name + "-wal")
+    with capture_logs() as logs, file_size_limit(wal.stat().st_size + 1_000_000):
+        module.gate("io").set()
+
+        async def ack_refused() -> bool:
+            return any(log["event"] == "tasks.ack_failed" for log in logs)
+
+        await until(ack_refused)
+        assert isinstance(daemon.store.failure, StoreIOError)
+    assert await daemon.queue.result(task.id, timeout=10) == "x" * size
+    assert module.RUNS == [("io", 1)]
+
+
+async def test_checkpoints_go_on_after_one_fails(tmp_path: Path) -> None:
+    """A checkpoint that cannot write the database file (it must grow) used to end the
+    checkpoint loop for good: the WAL then grew until the next maintenance."""
+    store = Store(tmp_path / "x.db", StoreConfig())
+    await store.open()
+    checkpoints: asyncio.Task[None] | None = None
+    try:
+        await store.write(lambda conn: conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('pad', zeroblob(100000))"))
+        size = store.path.stat().st_size
+        with capture_logs() as logs:
+            with file_size_limit(size):
+                checkpoints = asyncio.create_task(store.run_checkpoints(interval=0.01, wal_limit=0))
+
+                async def failed() -> bool:
+                    return any(log["event"] == "store.checkpoint_failed" for log in logs)
+
+                await until(failed)
+
+            async def copied() -> bool:  # the pages are in the database file at last
+                return store.path.stat().st_size > size
+
+            await until(copied)
+        assert [log["event"] for log in logs] == ["store.checkpoint_failed", "store.checkpoint_recovered"]
+    finally:
+        if checkpoints is not None:
+            checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checkpoints
+        await store.close()
+
+
 @pytest.mark.parametrize(("code", "message", "kind"), [
     (778, "disk I/O error", StoreIOError),  # SQLITE_IOERR_WRITE: the primary code is in its low byte
     (13, "database or disk is full", StoreFullError),
@@ -402,8 +471,6 @@ async def test_a_read_only_store_is_store_read_only(df: Any, http: Any) -> None:
 async def test_storage_errors_are_named_by_their_cause(
     tmp_path: Path, code: int | None, message: str, kind: type[Exception]
 ) -> None:
-    from agentd.config import StoreConfig
-
     store = Store(tmp_path / "x.db", StoreConfig())
     await store.open()
     try:

@@ -391,8 +391,12 @@ class Store:
         instead, which holds the writer thread (up to busy_timeout) and makes the next write
         start the WAL over, cut back to WAL_SIZE_LIMIT. The queue's store stays PASSIVE:
         holding its writer would hold claims and acks (up to a second, measured), so its
-        WAL is bounded by `maintain()`'s TRUNCATE."""
+        WAL is bounded by `maintain()`'s TRUNCATE.
+
+        A checkpoint that fails (the database file cannot grow on a full disk) is logged
+        once and tried again every `interval` s: the WAL keeps its pages meanwhile."""
         wal = self.path.with_name(self.path.name + "-wal")
+        failing = False
         while True:
             await asyncio.sleep(interval)
             try:
@@ -400,9 +404,21 @@ class Store:
             except FileNotFoundError:
                 continue
             if size > WAL_SIZE_LIMIT and self._writes_in_thread:
-                await self.checkpoint("RESTART")
+                mode = "RESTART"
             elif size > wal_limit:
-                await self.checkpoint("PASSIVE")
+                mode = "PASSIVE"
+            else:
+                continue
+            try:
+                await self.checkpoint(mode)
+            except Error as exc:
+                if not failing:
+                    self._log.error("store.checkpoint_failed", path=str(self.path), error=str(exc))
+                failing = True
+                continue
+            if failing:
+                self._log.warning("store.checkpoint_recovered", path=str(self.path))
+                failing = False
 
     async def maintain(self) -> dict[str, int]:
         """Fold the WAL into the database and truncate it, and give free pages back to the
