@@ -70,7 +70,6 @@ class EventLog:
         # While set, the storage refused the last batch: nothing rides along with other
         # writes (each would fail its batch) until this wait is over.
         self._refused_wait: float | None = None
-        self._stored_ahead: set[int] = set()  # ids `append` stored, not to be stored again
         self._drained = asyncio.Event()
         self._drained.set()
         self._subscription: Subscription | None = None
@@ -102,20 +101,15 @@ class EventLog:
 
     async def append(self, event: Event) -> None:
         """Store `event` (unless its topic is ephemeral) before it is dispatched; return once
-        committed. The log then does not store it again when it is dispatched.
+        committed. Its row written again when it is dispatched changes nothing (an event's
+        id is its key: INSERT OR IGNORE).
 
         Raises:
             StoreWriteError: the storage refused the write; the event is not stored.
         """
-        if self.persistence(event.topic) == "ephemeral":
-            return
-        row = self._row(event)
-        self._stored_ahead.add(event.id)
-        try:
+        if self.persistence(event.topic) != "ephemeral":
+            row = self._row(event)
             await self.store.write(lambda conn: execute_rows(conn, INSERT_EVENTS, _ROW, [row]))
-        except BaseException:
-            self._stored_ahead.discard(event.id)
-            raise
 
     def persistence(self, topic: str) -> str:
         """The class of `topic`: ephemeral, ring or durable (ring when no rule matches)."""
@@ -127,9 +121,6 @@ class EventLog:
 
     def _record(self, event: Event) -> None:
         """Bus callback, for topics that are not ephemeral (see `start`)."""
-        if self._stored_ahead and event.id in self._stored_ahead:
-            self._stored_ahead.discard(event.id)
-            return
         self._pending.append(event)
         if not self._writing and self._timer is None and self._refused_wait is None:
             self._drained.clear()
