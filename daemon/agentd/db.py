@@ -326,6 +326,7 @@ class Store:
 
     @property
     def closed(self) -> bool:
+        """Whether `close` has run: writes are refused with a StoreError."""
         return self._conn is None
 
     def write(self, op: WriteOp[T]) -> asyncio.Future[T]:

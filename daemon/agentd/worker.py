@@ -17,8 +17,9 @@ waits behind them, and would wait long (Celery's prefetch problem).
 Writes the storage refuses. A task's outcome is not lost to a full disk: an acknowledgement
 or a retry that fails with a `StoreWriteError` is written again, after `WRITE_RETRY_FIRST`
 s doubling up to `WRITE_RETRY_MAX`, until it commits. Meanwhile the row stays `running`
-under this process's lease, so the task never runs twice, and its waiters and final event
-wait for the commit.
+under this process's lease, so the task does not run again, and its waiters and final
+event wait for the commit. (A stop that cannot write it leaves the row to the next start,
+which runs the task again, as after a crash.)
 """
 
 from __future__ import annotations
@@ -515,6 +516,7 @@ class WorkerPool:
         batch.add_done_callback(partial(self._acked_again, retrying))
 
     def _acked_again(self, records: list[TaskRecord], batch: asyncio.Future[list[None]]) -> None:
+        """Done callback of a transaction carrying owed acks."""
         if batch.cancelled() or batch.exception() is not None:
             self._ack_failed(records, batch)
             return
@@ -535,6 +537,7 @@ class WorkerPool:
         return paid
 
     def _announce(self, records: list[TaskRecord]) -> None:
+        """Publish each task's final state and wake its waiters: its ack has committed."""
         settle = self.queue.settle
         for record in records:
             if record.error:
