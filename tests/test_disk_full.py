@@ -461,6 +461,18 @@ async def test_checkpoints_go_on_after_one_fails(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_a_store_closed_as_its_writes_start_failing_leaves_no_check_running(tmp_path: Path) -> None:
+    store = Store(tmp_path / "x.db", StoreConfig())
+    await store.open()
+    await fill(store)
+    refused_last = store.write(lambda conn: conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('pad', zeroblob(100000))"))
+    await store.close()  # the write is refused as the store closes, which starts a check
+    with pytest.raises(StoreFullError):
+        await refused_last
+    assert [t for t in asyncio.all_tasks() if t.get_name().startswith("store-check")] == []
+
+
 @pytest.mark.parametrize(("code", "message", "kind"), [
     (778, "disk I/O error", StoreIOError),  # SQLITE_IOERR_WRITE: the primary code is in its low byte
     (13, "database or disk is full", StoreFullError),

@@ -303,8 +303,6 @@ class Store:
 
     async def close(self) -> None:
         """Finish pending writes, then close the connections and release the lock."""
-        if self._prober is not None:
-            self._prober.cancel()
         if self._flushing is not None:
             await self._flushing
         for rider in self._riders:  # values riders hold join the last batch
@@ -313,6 +311,8 @@ class Store:
             await self._flush_threaded()
         while self._pending and self._executor is None:
             self._flush_inline()
+        if self._prober is not None:  # after the last writes: their failure may start one
+            self._prober.cancel()
         readers, self._readers, self._reads_in_flight = self._readers, [], []
         for reader in readers:
             await reader.close()
