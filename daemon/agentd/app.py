@@ -204,10 +204,12 @@ class Daemon:
         build_embedder(self.config, self.plugins.embedders())
 
     async def publish_durably(self, topic: str, data: Mapping[str, Any]) -> Event:
-        """Publish, after committing the tasks of the durable handlers the event triggers:
-        what the caller is told was published cannot be lost by a crash."""
+        """Publish, after committing the event to the log and the tasks of the durable
+        handlers it triggers (one transaction while the store takes both): what the caller
+        is told was published cannot be lost by a crash, and a write the store refuses
+        (StoreWriteError) refuses the publish before anyone sees the event."""
         event = self.bus.make_event(topic, data)
-        await self.plugins.enqueue_triggers(event)
+        await asyncio.gather(self.eventlog.append(event), self.plugins.enqueue_triggers(event))
         self.bus.dispatch(event)
         return event
 

@@ -15,6 +15,10 @@ from agentd.errors import (
     MemoryNotFoundError,
     PatternError,
     ScheduleNotFoundError,
+    StoreBusyError,
+    StoreFullError,
+    StoreIOError,
+    StoreReadOnlyError,
     TaskNotFoundError,
     TaskStateError,
     UnknownTaskError,
@@ -31,6 +35,10 @@ _STATUS_OF: list[tuple[type[AgentdError], int, str]] = [
     (ScheduleNotFoundError, 404, "schedule_not_found"),
     (MemoryNotFoundError, 404, "memory_not_found"),
     (EmbedderError, 503, "embedder_unavailable"),
+    (StoreFullError, 503, "store_full"),
+    (StoreBusyError, 503, "store_busy"),
+    (StoreIOError, 503, "store_io_error"),
+    (StoreReadOnlyError, 503, "store_read_only"),
 ]
 
 

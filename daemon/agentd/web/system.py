@@ -48,8 +48,9 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         await asyncio.wait_for(daemon.store.check_writable(), timeout=2.0)
         checks["store"] = {"ok": True}
-    except Exception as exc:
-        checks["store"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    except Exception as exc:  # a StoreWriteError names its cause: store_full, store_busy...
+        checks["store"] = {"ok": False, "code": getattr(exc, "code", "store_unavailable"),
+                           "error": f"{type(exc).__name__}: {exc}"}
     failed = daemon.plugins.failed
     checks["plugins"] = {"ok": daemon.plugins_started and not failed, "failed": failed}
     lag, bound = daemon.lag.lag, daemon.config.server.max_loop_lag
