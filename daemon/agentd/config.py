@@ -25,6 +25,8 @@ DEFAULT_CONFIG_NAME = "agentd.toml"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 _TOKEN = re.compile(r"[!-~]+")  # what an Authorization header can carry as one word
 _HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# An origin as browsers send it in `Origin` (lower case, no path); a final "/" is tolerated.
+_ORIGIN = re.compile(r"https?://(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?/?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -580,7 +582,7 @@ def _is_host_entry(entry: str) -> bool:
 
 def check_serving_rules(config: Config) -> None:
     """Refuse a configuration that would expose the API beyond loopback without a token, a
-    bad token, port or `allowed_hosts` entry."""
+    bad token, port, `allowed_hosts` or `allowed_origins` entry."""
     token = config.api_token()  # checked wherever it listens
     if config.server.host not in LOOPBACK_HOSTS and not token:
         raise ConfigError(
@@ -592,6 +594,17 @@ def check_serving_rules(config: Config) -> None:
             raise ConfigError(f"{config.origin('server', 'allowed_hosts')}: [server] allowed_hosts: "
                               f"expected host names or addresses without scheme or port (or \"*\"), "
                               f"got {entry!r}")
+    for entry in config.server.allowed_origins:
+        # An entry that is no origin would never match: its pages would get 403 unexplained.
+        if entry != "*" and not _ORIGIN.fullmatch(entry):
+            raise ConfigError(f"{config.origin('server', 'allowed_origins')}: [server] allowed_origins: "
+                              "expected origins as browsers send them, scheme://host[:port] in "
+                              f"lower case (e.g. \"https://app.example.com\"), or \"*\"; got {entry!r}")
+    if "*" in config.server.allowed_origins and not token:
+        # Without a token, CORS for every origin lets any web page a user visits drive the API.
+        raise ConfigError(f"{config.origin('server', 'allowed_origins')}: [server] allowed_origins = "
+                          "[\"*\"] lets every web page call the API; set [server] token or token_file "
+                          "first, or list the origins")
     if not 0 <= config.server.port <= 65535:
         raise ConfigError(f"{config.origin('server', 'port')}: [server] port: expected 0..65535, "
                           f"got {config.server.port}")
