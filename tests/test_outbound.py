@@ -728,6 +728,44 @@ async def test_a_redirect_is_not_followed_and_fails_the_webhook(
     assert listener.connections == 0
 
 
+async def test_a_refusal_with_an_endless_or_undecodable_body_fails_the_webhook_at_once(
+        ob: Any) -> None:
+    """Found by review: the whole body of a refusing answer was read, then decoded strictly,
+    to keep 300 characters of it. An endless body held the delivery until the timeout (in
+    memory all along) and bytes not in the named charset raised UnicodeDecodeError: either
+    way a 400 was retried instead of failing the task."""
+    released = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=400)
+        await response.prepare(request)
+        await response.write(b"x" * 65536)
+        await released.wait()  # never more, and never the end, until the test is over
+        return response
+
+    async def undecodable(request: web.Request) -> web.Response:
+        return web.Response(status=400, body=b"\xff\xfe not utf-8", content_type="text/plain",
+                            charset="utf-8")
+
+    app = web.Application()
+    app.router.add_post("/endless", endless)
+    app.router.add_post("/undecodable", undecodable)
+    runner = web.AppRunner(app, shutdown_timeout=0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        daemon, _, _ = await ob({"webhooks": {"timeout": 30}})
+        for path, start in (("/endless", "x" * 300), ("/undecodable", "\ufffd\ufffd not utf-8")):
+            parent = await daemon.queue.enqueue("ob.post", {"url": base + path, "body": {"a": 1}})
+            final = await finished(daemon, await daemon.queue.result(parent.id, timeout=WAIT))
+            assert (final.status, final.attempts) == ("failed", 1), (path, final.error)
+            assert final.error == f"Fail: {base}{path} answered 400: {start}"
+    finally:
+        released.set()
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize(("address", "reason"), [
     ("10.1.2.3", "private"), ("172.31.255.1", "private"), ("192.168.0.1", "private"),
     ("100.64.0.1", "shared (CGNAT)"), ("100.100.100.200", "cloud metadata"),

@@ -52,6 +52,7 @@ SIGNATURE_HEADER = "X-Agentd-Signature"
 DELIVERY_HEADER = "X-Agentd-Delivery"
 _RETRY_STATUSES = frozenset({408, 425, 429})
 _SECRET_PREFIX = "whsec_"
+_DETAIL_BYTES = 300  # of a refusing receiver's answer, kept in the task's error
 
 _log = get_logger("webhooks")
 
@@ -256,7 +257,13 @@ class WebhookPoster:
                 status = response.status
                 if 200 <= status < 300:
                     return {"status": status, "url": url}
-                detail = f"{url} answered {status}: {(await response.text())[:300]}"
+                # The start of the answer is enough to say why: a receiver's body may be
+                # endless, or not in the charset it names.
+                start = b""
+                while len(start) < _DETAIL_BYTES and (
+                        chunk := await response.content.read(_DETAIL_BYTES - len(start))):
+                    start += chunk
+                detail = f"{url} answered {status}: {start.decode(errors='replace')}"
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, AddressRefusedError):
                 _log.warning("webhook.refused", url=url, delivery_id=delivery_id, reason=str(exc.os_error))
