@@ -728,6 +728,18 @@ async def test_a_redirect_is_not_followed_and_fails_the_webhook(
     assert listener.connections == 0
 
 
+@pytest.mark.parametrize("url", ["http://127.1/hook", "http://a..b/hook"])
+async def test_a_url_no_connection_can_be_made_to_fails_the_webhook_at_once(ob: Any, url: str) -> None:
+    """Found by review: URLs that pass check_url but that aiohttp refuses to connect to (an
+    IPv4 address in a short form, a host with an empty label) were retried to the last
+    attempt, the same refusal each time."""
+    daemon, _, _ = await ob()
+    parent = await daemon.queue.enqueue("ob.post", {"url": url, "body": {"a": 1}})
+    final = await finished(daemon, await daemon.queue.result(parent.id, timeout=WAIT))
+    assert (final.status, final.attempts) == ("failed", 1), final.error
+    assert final.error.startswith(f"Fail: {url}: not a URL a webhook can be posted to: ")
+
+
 async def test_a_refusal_with_an_endless_or_undecodable_body_fails_the_webhook_at_once(
         ob: Any) -> None:
     """Found by review: the whole body of a refusing answer was read, then decoded strictly,

@@ -238,8 +238,9 @@ class WebhookPoster:
 
         Raises:
             Retry: 408/425/429 and 5xx (after Retry-After when given, else the backoff).
-            Fail: another 4xx, a 3xx (the receiver will not take it), or a refused address
-                (logged as `webhook.refused`; no connection was made).
+            Fail: another 4xx, a 3xx (the receiver will not take it), a refused address
+                (logged as `webhook.refused`; no connection was made), or a host no
+                connection can be made to ("127.1").
             aiohttp.ClientError, TimeoutError: worth another attempt.
         """
         payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
@@ -269,6 +270,9 @@ class WebhookPoster:
                 _log.warning("webhook.refused", url=url, delivery_id=delivery_id, reason=str(exc.os_error))
                 raise Fail(f"{url}: refused: {exc.os_error}") from None
             raise
+        except (aiohttp.InvalidURL, UnicodeError) as exc:
+            # A host aiohttp will not connect to ("127.1", "a..b"): no attempt would do better.
+            raise Fail(f"{url}: not a URL a webhook can be posted to: {exc}") from None
         if status in _RETRY_STATUSES or status >= 500:
             raise Retry.after(response.headers.get("Retry-After"), detail)
         raise Fail(detail)
