@@ -319,6 +319,11 @@ def test_a_token_file_open_to_others_or_empty_is_refused(tmp_path: Path) -> None
     token_file.write_text("\n" + TOKEN)
     with pytest.raises(ConfigError, match=r"\[server\] token_file: the first line .* is empty"):
         config.api_token()
+    # Found by review: a token file's unsendable token was blamed on [server] token.
+    token_file.write_text("two words\n")
+    with pytest.raises(ConfigError, match=r"\[server\] token_file: expected visible ASCII characters "
+                       r"without spaces in the first line of .*token \("):
+        config.api_token()
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])

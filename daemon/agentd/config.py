@@ -317,8 +317,11 @@ class Config:
             if not token:
                 raise ConfigError(f"{where}: the first line of {path} is empty; write the token there")
         if token and not _TOKEN.fullmatch(token):
-            raise ConfigError(f"{self.origin('server', 'token')}: [server] token: expected visible "
-                              "ASCII characters without spaces (the token goes into an HTTP header)")
+            key = "token" if self.server.token else "token_file"
+            given = ("" if self.server.token
+                     else f" in the first line of {self.resolve(self.server.token_file)}")
+            raise ConfigError(f"{self.origin('server', key)}: [server] {key}: expected visible ASCII "
+                              f"characters without spaces{given} (the token goes into an HTTP header)")
         return token
 
 
