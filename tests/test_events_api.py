@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 from standardwebhooks import Webhook
+from structlog.testing import capture_logs
 
 from sse_client import Sse
 from test_ws import connect
@@ -405,6 +406,34 @@ async def test_two_copies_of_a_delivery_at_once_publish_it_once(start_daemon: An
     daemon.bus.publish("sentinel", {})
     await events.wait_for("sentinel")
     assert len([e for e in events.events if e.topic == "hook.github"]) == 1
+
+
+async def test_a_delivery_published_but_not_recorded_is_answered_202_and_still_refused_as_a_repeat(
+    start_daemon: Any, http: Any,
+) -> None:
+    """Found by review: when the storage refused to record the delivery id after the event
+    was published (on a full disk a small event row can still fit while the next insert
+    needs a page), the sender got 503 for an event already out, and its retry published it
+    again. Here the storage refuses only that insert, with SQLite's own message."""
+    daemon, events = await start_daemon(overrides=hooks())
+    await daemon.store.write(lambda conn: conn.execute(
+        "CREATE TEMP TRIGGER refuse_records BEFORE INSERT ON main.hook_deliveries "
+        "BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END"))
+    client = http(daemon)
+    raw = b'{"n": 1}'
+    headers = signed(raw)
+    with capture_logs() as logs:
+        status, first = await post(client, "/hooks/github", data=raw, headers=headers)
+    assert status == 202, first
+    assert [log["delivery_id"] for log in logs if log["event"] == "hooks.record_failed"] == [
+        headers["webhook-id"]]
+    status, body = await post(client, "/hooks/github", data=raw, headers=headers)
+    assert status == 409
+    assert_error(body, "duplicate_delivery")
+    daemon.bus.publish("sentinel", {})
+    await events.wait_for("sentinel")
+    assert [e.id for e in events.events if e.topic == "hook.github"] == [first["id"]]
+    assert await daemon.store.read("SELECT * FROM hook_deliveries") == []
 
 
 @pytest.mark.parametrize(("scheme", "signature", "delivery"), [

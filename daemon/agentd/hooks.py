@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agentd.config import Config
-from agentd.errors import AgentdError, ConfigError
+from agentd.errors import AgentdError, ConfigError, StoreWriteError
+from agentd.log import get_logger
 from agentd.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, sign, signing_key, standard_signature
 
 if TYPE_CHECKING:
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 # A delivery id is kept as text and signed as ASCII: printable, no spaces, bounded.
 _DELIVERY_ID = re.compile(r"[\x21-\x7e]{1,256}")
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
+
+_log = get_logger("hooks")
 
 
 def _header_bytes(value: str) -> bytes:
@@ -183,7 +186,9 @@ class InboundHooks:
 
         The id is recorded after the block, not before: a crash between the two lets the
         sender's retry through again (a repeat), where the other order would refuse it
-        and lose the event.
+        and lose the event. A record the storage refuses (a full disk) is logged, not
+        raised: the event is out, and a refusal would make the sender send it again. The
+        id then stays held, so this process refuses repeats until it stops.
 
         Raises:
             ReplayedDeliveryError: the id was taken (or is being taken) already.
@@ -195,6 +200,7 @@ class InboundHooks:
         if key in self._in_flight:
             raise refused
         self._in_flight.add(key)
+        held_for_good = False
         try:
             if await self._store.read_one(
                     "SELECT 1 FROM hook_deliveries WHERE hook = ? AND delivery_id = ? AND refuse_until >= ?",
@@ -208,6 +214,11 @@ class InboundHooks:
                 conn.execute("INSERT OR REPLACE INTO hook_deliveries (hook, delivery_id, refuse_until) "
                              "VALUES (?, ?, ?)", (*key, delivery.refuse_repeats_until))
 
-            await self._store.write(record)
+            try:
+                await self._store.write(record)
+            except StoreWriteError as exc:
+                held_for_good = True
+                _log.error("hooks.record_failed", hook=hook, delivery_id=delivery.id, error=str(exc))
         finally:
-            self._in_flight.discard(key)
+            if not held_for_good:
+                self._in_flight.discard(key)
