@@ -167,6 +167,8 @@ def test_a_bad_value_from_the_environment_names_the_variable_not_the_file(
         # An int given for a float key must be range-checked like a float.
         ("[daemon]\nstop_timeout = -1\n", ["[daemon] stop_timeout", "non-negative"]),
         ('[daemon]\nstop_timeout = "soon"\n', ["[daemon] stop_timeout", "expected a number"]),
+        # Found by review: a tiny stall_warning started, its watch thread busy and crying wolf.
+        ("[daemon]\nstall_warning = 0.0001\n", ["[daemon] stall_warning", "0 (off) or at least 0.1"]),
         ('[plugins]\nentry_points = "no"\n', ["[plugins] entry_points", "expected a boolean"]),
         ('[plugins]\npaths = "plugins"\n', ["[plugins] paths", "expected a list of strings"]),
         ('[plugins]\npaths = [1]\n', ["[plugins] paths", "expected a list of strings"]),

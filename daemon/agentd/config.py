@@ -23,6 +23,7 @@ from agentd.errors import ConfigError
 CONFIG_ENV = "AGENTD_CONFIG"
 DEFAULT_CONFIG_NAME = "agentd.toml"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+MIN_STALL_WARNING = 0.1  # seconds: [daemon] stall_warning, when on
 _TOKEN = re.compile(r"[!-~]+")  # what an Authorization header can carry as one word
 _HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # An origin as browsers send it in `Origin` (lower case, no path); a final "/" is tolerated.
@@ -480,6 +481,12 @@ def _check_rules(config: Config) -> None:
             raise ConfigError(f"{config.source}: [[schedules]] #{number}{label}: {exc}") from None
     _check_memory(config)
     _check_outbound(config)
+    if 0 < config.daemon.stall_warning < MIN_STALL_WARNING:
+        # The watch thread wakes four times per stall_warning: far below the loop's own
+        # timer jitter it takes a share of a core and reports stalls that are not.
+        raise ConfigError(f"{config.origin('daemon', 'stall_warning')}: [daemon] stall_warning: "
+                          f"expected 0 (off) or at least {MIN_STALL_WARNING} seconds, "
+                          f"got {config.daemon.stall_warning}")
     if config.tasks.lease <= 0:  # the heartbeat renews every lease / 3 seconds
         raise ConfigError(f"{config.origin('tasks', 'lease')}: [tasks] lease: expected a positive "
                           "number of seconds")
