@@ -30,6 +30,7 @@ from agentd.config import Config, load_config
 from agentd.errors import ConfigError, TaskNotFoundError
 from agentd.events import Event
 from agentd.testing import EventCapture, ManualClock, daemon_url, make_config
+from test_disk_full import BIG, fill, make_room, until
 from test_queue import writer_held
 
 PLUGIN_SOURCE = Path(__file__).with_name("sched_plugin.py")
@@ -308,6 +309,31 @@ async def test_the_api_creates_inspects_changes_pauses_runs_and_deletes(sched: S
     assert missing["error"]["code"] == "schedule_not_found"
     await call(r, "POST", "/v1/schedules/api-work/run", status=404)
     assert "api-work" not in {s["id"] for s in (await call(r, "GET", "/v1/schedules"))["schedules"]}
+
+
+async def test_a_fire_the_store_refuses_is_fired_once_there_is_room(sched: Start) -> None:
+    """Found by review: a fire whose task the store refused (a full disk) was reported
+    missed with reason "error" and passed over for good, where a daemon down as long would
+    have caught it up. It stays due and is tried again, once, with its own key."""
+    r = await sched()
+    await create(r, id="big", every="10m", task="sched.work", args={"label": "x" * BIG})
+    await fired(r, "big", START)
+    await fill(r.daemon.store)
+    with capture_logs() as logs:
+        r.clock.advance(10 * MINUTE)
+
+        async def refused() -> bool:
+            return any(log["event"] == "schedule.fire_refused" for log in logs)
+
+        await until(refused)
+    assert seen(r, "schedule.missed", "big") == []
+    await make_room(r.daemon.store)
+    r.clock.advance(MINUTE)  # past the retry's wait, within the schedule's grace
+    event = await fired(r, "big", START + 10 * MINUTE)
+    assert event.data["created"] is True
+    assert (await r.daemon.queue.result(event.data["task_id"], timeout=WAIT)) == "x" * BIG
+    state = await record(r, "big")
+    assert (state["fires"], state["misses"], state["next_fire"]) == (2, 0, START + 20 * MINUTE)
 
 
 async def test_a_schedule_deleted_while_it_fires_stays_deleted(sched: Start) -> None:

@@ -12,9 +12,10 @@ after it never publishes the event twice (the bus is at-most-once; the durable h
 tasks are exactly-once).
 
 Missed fires. A fire handled more than `grace` seconds after its time (the daemon was down,
-or the loop stalled) is late. `catch_up = "skip"` fires none of the late ones, `"once"`
-fires the latest of them once, `"all"` fires up to `catch_up_limit` of the latest; every
-late fire not fired publishes `schedule.missed`.
+the loop stalled, or the store refused the fire's writes and it was tried again) is late.
+`catch_up = "skip"` fires none of the late ones, `"once"` fires the latest of them once,
+`"all"` fires up to `catch_up_limit` of the latest; every late fire not fired publishes
+`schedule.missed`.
 
 Overlap, when the last run is still unfinished: `allow` runs anyway; `skip` misses this
 fire; `queue_one` keeps one owed fire and runs it as soon as the last run ends; and
@@ -37,7 +38,7 @@ from typing import Any, Protocol
 
 from agentd.bus import Bus
 from agentd.db import Connection, Row, Store
-from agentd.errors import InvalidScheduleError, ScheduleNotFoundError, TaskStateError
+from agentd.errors import InvalidScheduleError, ScheduleNotFoundError, StoreWriteError, TaskStateError
 from agentd.events import Event
 from agentd.log import get_logger
 from agentd.schedule import ScheduleSpec
@@ -51,6 +52,8 @@ _MAX_MISSED_EVENTS = 100
 _FINAL_TOPICS = ",".join(sorted(FINAL_TOPIC.values()))
 # Seconds before a schedule whose processing failed (not a fire: its state) is tried again.
 _RETRY_FAILED = 60.0
+# Seconds before a fire the store refused (a full disk) is tried again.
+_RETRY_REFUSED = 5.0
 
 
 class Clock(Protocol):
@@ -129,6 +132,7 @@ class Scheduler:
         self._by_task: dict[int, str] = {}
         self._wake = asyncio.Event()
         self._outcomes: set[asyncio.Task[None]] = set()
+        self._refused_until: dict[str, float] = {}  # schedule id -> when to try its fire again
         self._log = get_logger("scheduler")
         self._subscription = bus.subscribe(_FINAL_TOPICS, self._on_task_final, name="scheduler")
 
@@ -187,15 +191,21 @@ class Scheduler:
             self._wake.clear()
             now = self.clock.now()
             for state in list(self.schedules.values()):
-                if not state.paused and state.next_fire is not None and state.next_fire <= now:
+                if (not state.paused and state.next_fire is not None and state.next_fire <= now
+                        and self._refused_until.get(state.spec.id, now) <= now):
                     try:
                         await self._process(state, now)
+                        self._refused_until.pop(state.spec.id, None)
+                    except StoreWriteError as exc:
+                        self._log.error("schedule.fire_refused", schedule=state.spec.id,
+                                        error=str(exc), retry_in=_RETRY_REFUSED)
+                        self._refused_until[state.spec.id] = now + _RETRY_REFUSED
                     except Exception:
                         self._log.exception("schedule.process_failed", schedule=state.spec.id)
                         # Tried again later, not at once: a fault that stays would spin.
                         state.next_fire = now + _RETRY_FAILED
-            pending = [s.next_fire for s in self.schedules.values()
-                       if not s.paused and s.next_fire is not None]
+            pending = [max(s.next_fire, self._refused_until.get(s.spec.id, s.next_fire))
+                       for s in self.schedules.values() if not s.paused and s.next_fire is not None]
             await self.clock.sleep_until(min(pending) if pending else None, self._wake)
 
     def wake(self) -> None:
@@ -294,8 +304,16 @@ class Scheduler:
                                                   "count": rest, "approximate": due.approximate})
         for index, fire_time in enumerate(to_fire):
             following = to_fire[index + 1] if index + 1 < len(to_fire) else due.next_fire
+            record = state.last_fire, state.fires
             try:
                 await self._fire(state, fire_time, following=following)
+            except StoreWriteError:
+                # The store refuses writes (a full disk), not this fire: it stays due and is
+                # tried again, late as after the daemon was down (catch_up decides then).
+                # Its triggers and task are keyed by its time: a retry makes no second one.
+                state.next_fire = fire_time
+                state.last_fire, state.fires = record
+                raise
             except Exception as exc:
                 # A fire that cannot be enqueued (its task is gone, its arguments no longer
                 # fit) is reported and passed over, never retried in a loop.
