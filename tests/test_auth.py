@@ -107,7 +107,11 @@ def test_allowed_hosts_entries_are_checked() -> None:
         with pytest.raises(ConfigError, match=r"\[server\] allowed_hosts"):
             check_serving_rules(load_config(None, overrides={"server": {"allowed_hosts": [entry]}}, env={}))
     good = ["*", "::1", "[fd00::7]", "a.b", "agentd.lan."]
-    check_serving_rules(load_config(None, overrides={"server": {"allowed_hosts": good}}, env={}))
+    check_serving_rules(load_config(None, overrides={"server": {"allowed_hosts": good, "token": TOKEN}},
+                                    env={}))
+    # Found by review: "*" without a token left nothing to keep a rebound page (DNS rebinding) out.
+    with pytest.raises(ConfigError, match=r"allowed_hosts = \[\"\*\"\] lets a web page"):
+        check_serving_rules(load_config(None, overrides={"server": {"allowed_hosts": ["*"]}}, env={}))
 
 
 def test_allowed_origins_entries_are_origins_and_star_needs_a_token() -> None:

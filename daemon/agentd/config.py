@@ -615,6 +615,11 @@ def check_serving_rules(config: Config) -> None:
         raise ConfigError(f"{config.origin('server', 'allowed_origins')}: [server] allowed_origins = "
                           "[\"*\"] lets every web page call the API; set [server] token or token_file "
                           "first, or list the origins")
+    if "*" in config.server.allowed_hosts and not token:
+        # Without a token the Host check is all that keeps a rebound page (DNS rebinding) out.
+        raise ConfigError(f"{config.origin('server', 'allowed_hosts')}: [server] allowed_hosts = "
+                          "[\"*\"] lets a web page whose name was rebound to this machine call the "
+                          "API; set [server] token or token_file first, or list the names")
     if not 0 <= config.server.port <= 65535:
         raise ConfigError(f"{config.origin('server', 'port')}: [server] port: expected 0..65535, "
                           f"got {config.server.port}")
