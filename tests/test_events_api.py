@@ -409,6 +409,23 @@ async def test_two_copies_of_a_delivery_at_once_publish_it_once(start_daemon: An
     assert len([e for e in events.events if e.topic == "hook.github"]) == 1
 
 
+@pytest.mark.parametrize("depth", [33, 950, 100_000])
+async def test_a_signed_body_nested_too_deep_is_published_as_text_not_a_500(
+    start_daemon: Any, http: Any, depth: int,
+) -> None:
+    """Found by review: a signed JSON body nested near or past Python's recursion limit
+    failed to decode or to encode again (RecursionError): a 500 for a well-signed request."""
+    daemon, events = await start_daemon(overrides=hooks())
+    raw = b"[" * depth + b"]" * depth
+    status, body = await post(http(daemon), "/hooks/github", data=raw, headers=signed(raw))
+    assert status == 202, body
+    assert (await events.wait_for("hook.github")).data["body"] == raw.decode()
+    shallow = b'{"a": [[1]]}'
+    status, _ = await post(http(daemon), "/hooks/github", data=shallow, headers=signed(shallow))
+    assert status == 202
+    assert [e.data["body"] for e in events.events if e.topic == "hook.github"][-1] == {"a": [[1]]}
+
+
 async def test_a_delivery_published_but_not_recorded_is_answered_202_and_still_refused_as_a_repeat(
     start_daemon: Any, http: Any,
 ) -> None:

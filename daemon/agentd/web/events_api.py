@@ -17,6 +17,8 @@ from agentd.web.server import DAEMON
 
 routes = web.RouteTableDef()
 
+# Nesting a hook's JSON body may have and still be published as JSON (deeper: as text).
+_MAX_BODY_DEPTH = 32
 _FORWARDED_HEADERS = ("Content-Type", "User-Agent", "X-GitHub-Event", "X-GitHub-Delivery", "webhook-id")
 
 
@@ -90,11 +92,7 @@ async def inbound_hook(request: web.Request) -> web.Response:
         delivery = hook.verify(request.headers, raw, time.time())
     except HookSignatureError as exc:
         raise ApiError(401, exc.code, str(exc)) from None
-    payload: Any
-    try:
-        payload = json.loads(raw) if raw else None
-    except ValueError:
-        payload = raw.decode(errors="replace")
+    payload = _hook_body(raw)
     headers = {h: _text(request.headers[h]) for h in _FORWARDED_HEADERS if h in request.headers}
     try:
         async with daemon.hooks.taking(name, delivery):
@@ -102,6 +100,31 @@ async def inbound_hook(request: web.Request) -> web.Response:
     except ReplayedDeliveryError as exc:
         raise ApiError(409, "duplicate_delivery", str(exc)) from None
     return web.json_response({"id": event.id, "topic": event.topic}, status=202)
+
+
+def _hook_body(raw: bytes) -> Any:
+    """A hook's body as published: its JSON, or its text when it is not JSON or nests
+    deeper than `_MAX_BODY_DEPTH` (such a value fails to decode or to encode again wherever
+    the event goes: Python's recursion limit)."""
+    if not raw:
+        return None
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return raw.decode(errors="replace")
+    return body if _nests_within(body, _MAX_BODY_DEPTH) else raw.decode(errors="replace")
+
+
+def _nests_within(value: Any, limit: int) -> bool:
+    """Whether JSON `value` nests at most `limit` arrays or objects deep."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return False
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return True
 
 
 def _text(header: str) -> str:
