@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,3 +120,125 @@ async def test_no_signal_is_lost_under_a_flood(
         stopping = next(r for r in child.records() if r["event"] == "daemon.stopping")
         assert stopping["reason"] == "SIGTERM"
         assert stopping["bound"] == bound
+
+
+# --------------------------------------------------------------------------- a bounded stop
+
+BLOCKER = '''
+import time
+from pathlib import Path
+
+from agentd import Plugin
+
+plugin = Plugin("blocker")
+
+
+@plugin.task()
+def hold(ctx, marker):
+    """The first run blocks its thread for ten minutes; a run after that returns at once."""
+    if Path(marker).exists():
+        return "done"
+    Path(marker).touch()
+    ctx.log.info("blocker.holding")
+    time.sleep(600)
+'''
+
+
+async def test_a_sync_task_stuck_in_its_thread_neither_holds_the_stop_nor_is_lost(
+    agentd_process: Callable[..., Any], config_file: Callable[..., Path],
+    plugin_dir: Callable[..., Path], tmp_path: Path,
+) -> None:
+    """A sync task blocked far longer than the stop's deadline held the process 27-37 s
+    after `daemon.stopped`. Now the process exits within the stop's bound, the task goes
+    back to the queue with its attempt unspent, and it runs at the next start."""
+    plugins = plugin_dir({"blocker.py": BLOCKER})
+    config = config_file()
+    config.write_text(config.read_text().replace("stop_timeout = 5.0", "stop_timeout = 0.5")
+                      .replace("paths = []", f"paths = [{str(plugins)!r}]"))
+    bound = stop_bound(load_config(config).daemon)
+    child = await agentd_process("run", "--config", str(config))
+    port = await child.started()
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async with http.post(f"{base}/v1/tasks", json={
+            "name": "blocker.hold", "args": {"marker": str(tmp_path / "held")}}) as response:
+            assert response.status == 201, await response.text()
+            task_id = (await response.json())["id"]
+        await child.wait_for_log("blocker.holding")
+        signalled = time.monotonic()
+        child.proc.send_signal(signal.SIGTERM)
+        code = await child.finish(timeout=bound + EXIT_MARGIN)
+    took = time.monotonic() - signalled
+    assert code == 0, child.stderr
+    assert took < bound
+    by_event = {r["event"]: r for r in child.records()}
+    assert "daemon.stop_overran" not in by_event
+    workers_stage = next(r for r in child.records()
+                         if r["event"] == "daemon.stop_stage" and r["stage"] == "stop workers")
+    assert "1 running tasks" in workers_stage["waits_for"]
+    assert "1 of them in threads" in workers_stage["waits_for"]
+    assert by_event["tasks.stopped"]["put_back"] == 1
+    assert by_event["tasks.stopped"]["threads_left"] == [f"task:blocker.hold:{task_id}"]
+    assert by_event["daemon.stopped"]["put_back"] == 1
+
+    again = await agentd_process("run", "--config", str(config))
+    port = await again.started()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, http.get(
+            f"http://127.0.0.1:{port}/v1/tasks/{task_id}?wait=20") as response:
+        task = await response.json()
+    assert (task["status"], task["result"], task["attempts"]) == ("succeeded", "done", 1)
+    assert await again.finish(signal.SIGTERM) == 0
+
+
+async def test_a_second_sigterm_hurries_the_stop(
+    agentd_process: Callable[..., Any], config_file: Callable[..., Path],
+    plugin_dir: Callable[..., Path], tmp_path: Path,
+) -> None:
+    """With a long stop_timeout the stop would wait a minute for the running task; the
+    second SIGTERM ends that wait at once, and the task is put back all the same."""
+    plugins = plugin_dir({"blocker.py": BLOCKER})
+    config = config_file()
+    config.write_text(config.read_text().replace("stop_timeout = 5.0", "stop_timeout = 60.0")
+                      .replace("paths = []", f"paths = [{str(plugins)!r}]"))
+    child = await agentd_process("run", "--config", str(config))
+    port = await child.started()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, http.post(
+            f"http://127.0.0.1:{port}/v1/tasks",
+            json={"name": "blocker.hold", "args": {"marker": str(tmp_path / "held")}}) as response:
+        assert response.status == 201, await response.text()
+    await child.wait_for_log("blocker.holding")
+    child.proc.send_signal(signal.SIGTERM)
+    await child.wait_for_log("daemon.stop_stage")
+    child.proc.send_signal(signal.SIGTERM)
+    assert (await child.wait_for_log("daemon.stop_hurried"))["reason"] == "SIGTERM"
+    assert await child.finish(timeout=15) == 0, child.stderr
+    by_event = {r["event"]: r for r in child.records()}
+    assert by_event["tasks.stopped"]["put_back"] == 1
+    assert by_event["daemon.stopped"]["timed_out"] == []
+    assert by_event["daemon.stopped"]["took"] < 10
+
+
+STUCK_PROCESS = '''
+import threading, time
+from agentd.log import configure_logging
+from agentd.shutdown import ExitDeadline
+
+configure_logging("info", "json")
+threading.Thread(target=time.sleep, args=(600,), name="stuck-in-a-call").start()
+ExitDeadline(0.5, 1).arm()
+'''
+
+
+async def test_a_process_held_past_its_stop_bound_ends_itself(tmp_path: Path) -> None:
+    """The last resort of a stop: whatever holds the process (here a non-daemon thread,
+    which the interpreter waits for at exit), it ends at its deadline, saying what held
+    it, with exit code 1."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", STUCK_PROCESS, cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 1, err
+    (record,) = [json.loads(line) for line in out.decode().splitlines()]
+    assert record["event"] == "daemon.stop_overran"
+    assert record["level"] == "critical"
+    assert "stuck-in-a-call" in record["threads"]
