@@ -204,6 +204,7 @@ class Daemon:
 
     @property
     def stop_requested(self) -> bool:
+        """Whether a stop was asked for (it may not have begun: the start finishes first)."""
         return self._stop_requested.is_set()
 
     def hurry(self, reason: str = "requested again") -> None:
@@ -222,7 +223,7 @@ class Daemon:
         """Stop in the stages of `STOP_STAGES`, each within its deadline, so that the whole
         stop takes at most `stop_bound(config.daemon)`. Each stage logs what it waits for;
         `daemon.stopped` says how long it all took and how many tasks went back to the
-        queue. Idempotent."""
+        queue (null if the workers' stage ran out of time). Idempotent."""
         if self.stopping:
             return
         self.stopping = True  # stage 1: intake closed (HTTP refuses new work)
@@ -264,18 +265,18 @@ class Daemon:
         await self._stage("close store", self.store.close(), timed_out,
                           "agentd.db's last writes and connections")
         self._log.info("daemon.stopped", took=round(time.monotonic() - began, 3),
-                       put_back=put_back or 0, timed_out=timed_out)
+                       put_back=put_back, timed_out=timed_out)
 
     async def _drain_handlers(self, timeout: float) -> None:
         """Let running handlers finish for `timeout` s, or until `hurry()`; cancel the rest."""
         draining = asyncio.ensure_future(self.spawner.drain(timeout))
         hurried = asyncio.ensure_future(self._hurried.wait())
         try:
-            await asyncio.wait({draining, hurried}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({draining, hurried}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             hurried.cancel()
-        if not draining.done():
-            draining.cancel()
+            draining.cancel()  # a no-op once drained; else hurried, or the stage ran out of time
+        if draining not in done:  # hurried: cancel the handlers now
             await asyncio.gather(draining, return_exceptions=True)
             await self.spawner.drain(0)
 
