@@ -1,7 +1,7 @@
 """The `agentd` command: parse arguments, call into the daemon or its HTTP API, set the exit code.
 
-Exit codes: 0 success, 1 the operation failed (daemon unreachable, start failed),
-2 bad configuration or usage.
+Exit codes: 0 success (for `run`: a completed stop), 1 the operation failed (daemon
+unreachable, start failed, a stop that overran its bound), 2 bad configuration or usage.
 """
 
 from __future__ import annotations
