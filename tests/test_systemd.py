@@ -102,7 +102,8 @@ async def test_daemon_notifies_ready_watchdog_and_stopping(
     async with Daemon(make_config(tmp_path), notifier=notifier) as daemon:
         assert await receive() == f"READY=1\nSTATUS=serving on 127.0.0.1:{daemon.port}".encode()
         assert await receive() == b"WATCHDOG=1"  # the first ping goes out at once
-    assert await receive() == b"STOPPING=1\nSTATUS=stopping"
+    # 12 stages of 5 s at most, 5 s more before agentd ends itself: systemd is told so.
+    assert await receive() == b"STOPPING=1\nSTATUS=stopping (within 60 s)\nEXTEND_TIMEOUT_USEC=65000000"
 
 
 async def test_daemon_without_watchdog_sends_no_pings(

@@ -230,9 +230,10 @@ class Daemon:
         self._stop_requested.set()
         began = time.monotonic()
         timeout = self.config.daemon.stop_timeout
-        self.notifier.stopping("stopping")
-        self._log.info("daemon.stopping", reason=self._stop_reason or "requested",
-                       bound=stop_bound(self.config.daemon))
+        bound = stop_bound(self.config.daemon)
+        # systemd then waits as long as agentd may take, whatever TimeoutStopSec says.
+        self.notifier.stopping(f"stopping (within {bound:g} s)", within=bound + EXIT_MARGIN)
+        self._log.info("daemon.stopping", reason=self._stop_reason or "requested", bound=bound)
         self.bus.publish("daemon.stopping", {})
         self.digests.stop()
         timed_out: list[str] = []
