@@ -218,6 +218,49 @@ async def test_a_second_sigterm_hurries_the_stop(
     assert by_event["daemon.stopped"]["took"] < 10
 
 
+FREEZER = '''
+import time
+
+from agentd import Plugin
+
+plugin = Plugin("freezer")
+
+
+@plugin.shutdown
+def freeze(ctx):
+    """Blocks the event loop itself: no stage deadline can fire any more."""
+    ctx.log.info("freezer.freezing")
+    time.sleep(600)
+'''
+
+
+async def test_a_stop_whose_loop_is_blocked_still_ends_within_its_bound(
+    agentd_process: Callable[..., Any], config_file: Callable[..., Path],
+    plugin_dir: Callable[..., Path],
+) -> None:
+    """A plugin's sync shutdown hook blocks the loop for ten minutes: the stop cannot go
+    on, but the process still ends EXIT_MARGIN s past the stop's bound, saying so, with
+    exit code 1. (The test's longest wait: 15 s.)"""
+    plugins = plugin_dir({"freezer.py": FREEZER})
+    config = config_file()
+    config.write_text(config.read_text().replace("stop_timeout = 5.0", "stop_timeout = 0.1")
+                      .replace("paths = []", f"paths = [{str(plugins)!r}]"))
+    bound = stop_bound(load_config(config).daemon)
+    child = await agentd_process("run", "--config", str(config))
+    await child.started()
+    signalled = time.monotonic()
+    child.proc.send_signal(signal.SIGTERM)
+    await child.wait_for_log("freezer.freezing")
+    code = await child.finish(timeout=bound + EXIT_MARGIN + 10)
+    took = time.monotonic() - signalled
+    assert code == 1, child.stderr
+    assert bound + EXIT_MARGIN <= took < bound + EXIT_MARGIN + 5
+    overran = child.records()[-1]
+    assert overran["event"] == "daemon.stop_overran"
+    assert overran["bound"] == bound + EXIT_MARGIN
+    assert "MainThread" in overran["threads"]
+
+
 STUCK_PROCESS = '''
 import threading, time
 from agentd.log import configure_logging
