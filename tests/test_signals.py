@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -285,3 +286,57 @@ async def test_a_process_held_past_its_stop_bound_ends_itself(tmp_path: Path) ->
     assert record["event"] == "daemon.stop_overran"
     assert record["level"] == "critical"
     assert "stuck-in-a-call" in record["threads"]
+
+
+HANGER = '''
+import asyncio
+
+from agentd import Plugin
+
+plugin = Plugin("hanger")
+STARTED = {"handler": asyncio.Event(), "task": asyncio.Event()}
+CANCELLED = []
+
+
+@plugin.on("hang.now")
+async def hang_handler(ctx, event):
+    STARTED["handler"].set()
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        CANCELLED.append("handler")
+        raise
+
+
+@plugin.task()
+async def hang(ctx):
+    STARTED["task"].set()
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        CANCELLED.append("task")
+        raise
+'''
+
+
+async def test_hurry_ends_the_wait_for_handlers_and_tasks_at_once(
+    start_daemon: Callable[..., Any], plugin_dir: Callable[..., Path]
+) -> None:
+    """In process: a handler and a task that would each be waited for a minute are
+    cancelled as soon as the stop under way is hurried; the task goes back to the queue."""
+    daemon, events = await start_daemon(plugin_dirs=[plugin_dir({"hanger.py": HANGER})],
+                                        overrides={"daemon": {"stop_timeout": 60.0}})
+    module = sys.modules["agentd_plugins.hanger"]
+    daemon.bus.publish("hang.now", {})
+    task = await daemon.queue.enqueue("hanger.hang", {})
+    await asyncio.wait_for(module.STARTED["handler"].wait(), 5)
+    await asyncio.wait_for(module.STARTED["task"].wait(), 5)
+    stopping = asyncio.create_task(daemon.stop())
+    await events.wait_for("daemon.stopping")
+    daemon.hurry()
+    await asyncio.wait_for(stopping, 10)
+    assert module.CANCELLED == ["handler", "task"]
+    assert daemon.workers.leased == []
+    with contextlib.closing(sqlite3.connect(daemon.config.database_path)) as db:
+        row = db.execute("SELECT status, attempts FROM tasks WHERE id = ?", (task.id,)).fetchone()
+    assert row == ("queued", 0)  # back in the queue, its attempt unspent
