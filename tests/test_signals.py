@@ -2,8 +2,9 @@
 is; SIGHUP is logged and ignored; a stop is bounded as a whole, even by a sync task stuck in
 its thread, whose task goes back to the queue and runs at the next start.
 
-Every daemon here is a real `agentd run` process; the load is real WebSocket requests from
-the test, answered by the daemon out of its SQLite file.
+The daemons signalled are real `agentd run` processes; the load is real WebSocket requests
+from the test, answered by the daemon out of its SQLite file. Only hurrying a stop is
+tested in process, where the moment of the hurry can be chosen.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from agentd.shutdown import EXIT_MARGIN, STOP_STAGES, stop_bound
 # The flood: this many WebSockets, each keeping this many `result` requests in flight.
 # Each request is a read in an aiosqlite thread, whose answer reaches the loop through its
 # self-pipe: the load that made the loop drop signals (asyncio's handlers, at this load,
-# lost one of the first ten signals in six runs out of six).
+# lost a signal in each of six runs, in three measured among the first three signals).
 FLOOD_SOCKETS = 16
 FLOOD_DEPTH = 100
 # Answers to wait for before signalling: the flood is at full strength by then.
