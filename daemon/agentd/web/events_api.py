@@ -11,8 +11,9 @@ from aiohttp import web
 
 from agentd.events import check_publishable
 from agentd.web.auth import STREAM_TOKENS
-from agentd.web.errors import ApiError, bad_request, read_json_object
+from agentd.web.errors import ApiError, read_body
 from agentd.web.openapi import doc
+from agentd.web.schemas import EventBody
 from agentd.web.server import DAEMON
 
 routes = web.RouteTableDef()
@@ -24,19 +25,10 @@ _FORWARDED_HEADERS = ("Content-Type", "User-Agent", "X-GitHub-Event", "X-GitHub-
 @routes.post("/v1/events")
 @doc("Publish an event; answered at once while handlers run fire-and-forget. Durable "
      "handlers' tasks are committed before the answer", tag="events",
-     body={"type": "object", "required": ["topic"],
-           "properties": {"topic": {"type": "string"}, "data": {"type": "object"}}},
-     responses={202: "Published: `id` and `topic`", 400: "A bad topic or data"})
+     body=EventBody, responses={202: "Published: `id` and `topic`"})
 async def publish(request: web.Request) -> web.Response:
-    body = await read_json_object(request)
-    unknown = sorted(set(body) - {"topic", "data"})
-    if unknown:
-        raise bad_request(f"unknown field(s): {', '.join(unknown)}; known: topic, data")
-    topic = check_publishable(body.get("topic"))
-    data = body.get("data", {})
-    if not isinstance(data, dict):
-        raise bad_request(f"field 'data' must be a JSON object, got {type(data).__name__}")
-    event = await request.app[DAEMON].publish_durably(topic, data)
+    body = await read_body(request, EventBody)
+    event = await request.app[DAEMON].publish_durably(check_publishable(body.topic), body.data)
     return web.json_response({"id": event.id, "topic": event.topic}, status=202)
 
 
