@@ -28,6 +28,7 @@ from agentd.web.server import DAEMON
 
 routes = web.RouteTableDef()
 T = TypeVar("T")
+_UNAVAILABLE = {503: "Memory is not open or its embedder does not answer (or the daemon is stopping)"}
 
 # `where`, a JSON object in a query parameter: no Struct field can state that, so it is
 # described here and decoded by `_where`, both from `JsonObject`.
@@ -63,7 +64,7 @@ def _memory_id(request: web.Request) -> int:
 @routes.post("/v1/memory")
 @doc("Remember a text; an exact or near duplicate in the namespace returns the existing memory",
      tag="memory", body=MemoryItem,
-     responses={201: "A new memory", 200: "A duplicate: the existing memory",
+     responses={**_UNAVAILABLE, 201: "A new memory", 200: "A duplicate: the existing memory",
                 404: "`supersedes` names no memory"})
 async def remember(request: web.Request) -> web.Response:
     body = await read_body(request, MemoryBody)
@@ -76,7 +77,7 @@ async def remember(request: web.Request) -> web.Response:
 @routes.get("/v1/memory/search")
 @doc("Recall: the memories nearest a query in meaning", tag="memory", query=SearchQuery,
      extra_query=(_WHERE_PARAMETER,),
-     responses={200: "`results`, best first, each with score and distance"})
+     responses={**_UNAVAILABLE, 200: "`results`, best first, each with score and distance"})
 async def search(request: web.Request) -> web.Response:
     query = read_query(request, SearchQuery)
     results = await _checked(_memory(request).recall(
@@ -97,13 +98,14 @@ def _where(request: web.Request) -> dict[str, Any] | None:
 
 
 @routes.get("/v1/memory/stats")
-@doc("The embedder, and memories per namespace, sessions and messages", tag="memory")
+@doc("The embedder, and memories per namespace, sessions and messages", tag="memory",
+     responses={**_UNAVAILABLE, 200: "OK"})
 async def stats(request: web.Request) -> web.Response:
     return web.json_response(await _memory(request).stats())
 
 
 @routes.get(r"/v1/memory/{id:\d+}")
-@doc("One memory", tag="memory", responses={200: "The memory", 404: "No such memory"})
+@doc("One memory", tag="memory", responses={**_UNAVAILABLE, 200: "The memory", 404: "No such memory"})
 async def get_memory(request: web.Request) -> web.Response:
     return web.json_response((await _memory(request).get(_memory_id(request))).to_dict())
 
@@ -111,7 +113,7 @@ async def get_memory(request: web.Request) -> web.Response:
 @routes.patch(r"/v1/memory/{id:\d+}")
 @doc("Change a memory's text (embedded again), metadata or expiry (null: never expires)",
      tag="memory",
-     body=MemoryPatch, responses={200: "The memory", 404: "No such memory"})
+     body=MemoryPatch, responses={**_UNAVAILABLE, 200: "The memory", 404: "No such memory"})
 async def update_memory(request: web.Request) -> web.Response:
     body = await read_body(request, MemoryPatch)
     memory = await _checked(_memory(request).update(
@@ -122,7 +124,8 @@ async def update_memory(request: web.Request) -> web.Response:
 
 
 @routes.delete(r"/v1/memory/{id:\d+}")
-@doc("Forget a memory", tag="memory", responses={204: "Forgotten", 404: "No such memory"})
+@doc("Forget a memory", tag="memory",
+     responses={**_UNAVAILABLE, 204: "Forgotten", 404: "No such memory"})
 async def forget(request: web.Request) -> web.Response:
     await _memory(request).forget(_memory_id(request))
     return web.Response(status=204)
@@ -130,7 +133,7 @@ async def forget(request: web.Request) -> web.Response:
 
 @routes.get("/v1/sessions/{id}/messages")
 @doc("A conversation's messages, oldest first", tag="memory",
-     query=HistoryQuery, path=SessionPath, responses={200: "`messages`"})
+     query=HistoryQuery, path=SessionPath, responses={**_UNAVAILABLE, 200: "`messages`"})
 async def history(request: web.Request) -> web.Response:
     limit = read_query(request, HistoryQuery).limit
     session = _session(request)
@@ -139,7 +142,7 @@ async def history(request: web.Request) -> web.Response:
 
 @routes.post("/v1/sessions/{id}/messages")
 @doc("Add a message to a conversation (it keeps the session alive for [memory] session_ttl)",
-     tag="memory", body=MessageBody, path=SessionPath, responses={201: "The message"})
+     tag="memory", body=MessageBody, path=SessionPath, responses={**_UNAVAILABLE, 201: "The message"})
 async def append(request: web.Request) -> web.Response:
     body = await read_body(request, MessageBody)
     message = await _checked(_session(request).append(body.role, body.content, body.meta))
@@ -147,7 +150,8 @@ async def append(request: web.Request) -> web.Response:
 
 
 @routes.delete("/v1/sessions/{id}/messages")
-@doc("Clear a conversation", tag="memory", path=SessionPath, responses={200: "`deleted`: how many messages"})
+@doc("Clear a conversation", tag="memory", path=SessionPath,
+     responses={**_UNAVAILABLE, 200: "`deleted`: how many messages"})
 async def clear(request: web.Request) -> web.Response:
     return web.json_response({"deleted": await _session(request).clear()})
 
