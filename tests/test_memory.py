@@ -513,7 +513,7 @@ async def test_bad_memory_requests_are_400_naming_the_problem(start: Any, http: 
     bad(await call(client, "PATCH", "/v1/memory/1", {"colour": "red"}, status=400), "bad_request",
         "unknown field `colour`")
     bad(await call(client, "PATCH", "/v1/memory/1", {"text": 5}, status=400), "bad_request",
-        "text: expected `str`, got `int`")
+        "text: expected `str | null`, got `int`")
     bad(await call(client, "PATCH", "/v1/memory/1", {"expires_at": "later"}, status=400), "bad_request",
         "expires_at: expected `float | null`, got `str`")
     for method in ("GET", "PATCH", "DELETE"):
@@ -549,7 +549,7 @@ async def test_metadata_that_is_not_an_object_is_a_400_naming_metadata(start: An
     assert (await daemon.memory.stats())["namespaces"] == {}
     saved = await call(client, "POST", "/v1/memory", {"text": "a fact"}, status=201)
     bad(await call(client, "PATCH", f"/v1/memory/{saved['id']}", {"metadata": [1]}, status=400),
-        "bad_request", "metadata: expected `object`, got `array`")
+        "bad_request", "metadata: expected `object | null`, got `array`")
 
 
 CITIES = ["Oslo", "Lisbon", "Nairobi", "Lima", "Hanoi", "Quebec", "Perth", "Tbilisi", "Dakar", "Bergen",

@@ -58,7 +58,7 @@ async def test_long_poll_returns_the_current_state_when_the_wait_runs_out(served
         ({"name": "qt.echo", "priority": "high"}, 400, "priority: expected `int"),
         ({"name": "qt.echo", "delay": True}, 400, "delay: expected `float | null`, got `bool`"),
         ({"name": "qt.echo", "colour": "red"}, 400, "unknown field `colour`"),
-        ({"name": "qt.echo", "args": [1]}, 400, "args: expected `object`, got `array`"),
+        ({"name": "qt.echo", "args": [1]}, 400, "args: expected `object | null`, got `array`"),
         ({"name": "qt.echo", "args": {"nope": 1}}, 400, "unexpected keyword argument 'nope'"),
         ({"name": "qt.echo", "delay": 1, "run_at": 2}, 400, "either delay or run_at"),
         ({"name": "qt.echo", "max_attempts": 0}, 400, "max_attempts: expected `int` >= 1"),

@@ -117,8 +117,8 @@ async def get_memory(request: web.Request) -> web.Response:
 async def update_memory(request: web.Request) -> web.Response:
     body = await read_body(request, MemoryPatch)
     memory = await _checked(_memory(request).update(
-        _memory_id(request), text=None if body.text is UNSET else body.text,
-        metadata=None if body.metadata is UNSET else body.metadata,
+        _memory_id(request), text=body.text if isinstance(body.text, str) else None,
+        metadata=body.metadata if isinstance(body.metadata, dict) else None,
         expires_at=... if body.expires_at is UNSET else body.expires_at))
     return web.json_response(memory.to_dict())
 

@@ -136,7 +136,7 @@ class TaskBody(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """POST /v1/tasks, an item of POST /v1/tasks/batch, a WebSocket `submit`."""
 
     name: TaskName
-    args: JsonObject = {}
+    args: JsonObject | None = None
     queue: QueueName | None = None
     priority: Annotated[Int64, Meta(description="higher runs first")] | Int64Whole | None = None
     delay: Delay | None = None
@@ -215,14 +215,14 @@ MemoryItem = Annotated[MemoryBody, Meta(extra_json_schema={"not": {"required": [
 class MemoryPatch(Struct, forbid_unknown_fields=True):
     """PATCH /v1/memory/{id}: the fields given change; `expires_at: null` keeps it for good."""
 
-    text: NonBlank | UnsetType = UNSET
-    metadata: JsonObject | UnsetType = UNSET
+    text: NonBlank | UnsetType | None = UNSET  # None, as left out: unchanged
+    metadata: JsonObject | UnsetType | None = UNSET
     expires_at: UnixTime | UnsetType | None = UNSET
 
     def __post_init__(self) -> None:
-        if self.metadata is not UNSET:
+        if isinstance(self.metadata, dict):
             check_json(self.metadata, "metadata")
-        if self.text is not UNSET:
+        if isinstance(self.text, str):
             _check_text(self.text, "text")
 
 

@@ -34,7 +34,7 @@ def _request(body: TaskBody, where: str = "") -> TaskRequest:
         raise ApiError(403, "internal_task", f"{where}task {body.name!r} is one of agentd's own; "
                        "plugins enqueue it, the API does not")
     return TaskRequest(
-        name=body.name, args=body.args, queue=body.queue, priority=whole(body.priority),
+        name=body.name, args=body.args or {}, queue=body.queue, priority=whole(body.priority),
         delay=body.delay, run_at=body.run_at, idempotency_key=body.idempotency_key,
         max_attempts=whole(body.max_attempts), timeout=body.timeout,
     )
