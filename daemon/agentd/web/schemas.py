@@ -26,7 +26,7 @@ from agentd.taskqueue import STATES
 # How deep objects and arrays may nest inside a free-form JSON value: deep enough for any
 # real payload, shallow enough that no encoder or decoder of the daemon recurses too far.
 MAX_DEPTH = 32
-# What an SQLite INTEGER (and orjson) holds: a larger integer would not round-trip.
+# What an SQLite INTEGER holds: the bounds of the integer fields (priority, ids, counts).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # The latest Unix time accepted for a task's run_at or a memory's expiry (2100-01-01 UTC),
 # and so the longest delay: further out, a task would never run in the daemon's lifetime.
