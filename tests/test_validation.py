@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from agentd.errors import InvalidTaskError
 from agentd.web.errors import ApiError
 from agentd.web.schemas import MAX_DEPTH
 from agentd.web.tasks_api import task_request
@@ -123,6 +124,14 @@ async def test_values_that_could_not_be_kept_are_refused_naming_the_field(edge: 
         assert needle in error_of(body, "bad_request"), (payload, body)
     assert await daemon.queue.counts() == {}
     assert (await daemon.memory.stats())["namespaces"] == {}
+
+
+async def test_a_plugin_cannot_enqueue_a_task_that_would_never_run(edge: tuple[Any, Any]) -> None:
+    daemon, _ = edge
+    for options in ({"delay": 1e308}, {"delay": float("nan")}, {"run_at": -1e18}, {"run_at": 1e12}):
+        with pytest.raises(InvalidTaskError, match="run_at must be a Unix time from 0 to"):
+            await daemon.queue.enqueue("edge.echo", **options)
+    assert await daemon.queue.counts() == {}
 
 
 async def test_query_parameters_out_of_range_are_400(edge: tuple[Any, Any]) -> None:

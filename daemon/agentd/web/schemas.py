@@ -21,16 +21,16 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from agentd.events import MAX_TOPIC_LENGTH, RESERVED_PREFIXES, TOPIC_PATTERN
 from agentd.memory import NAME_PATTERN
 from agentd.taskdef import TASK_NAME_PATTERN
-from agentd.taskqueue import STATES
+from agentd.taskqueue import LATEST_RUN_AT, STATES
 
 # How deep objects and arrays may nest inside a free-form JSON value: deep enough for any
 # real payload, shallow enough that no encoder or decoder of the daemon recurses too far.
 MAX_DEPTH = 32
 # What an SQLite INTEGER holds: the bounds of the integer fields (priority, ids, counts).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-# The latest Unix time accepted for a task's run_at or a memory's expiry (2100-01-01 UTC),
-# and so the longest delay: further out, a task would never run in the daemon's lifetime.
-LATEST_TIME = 4_102_444_800.0
+# The latest Unix time accepted for a task's run_at (the queue's own bound) or a memory's
+# expiry: further out is a mistake, a task that would never run.
+LATEST_TIME = LATEST_RUN_AT
 MAX_DELAY = 10 * 366 * 86_400.0  # ten years
 MAX_TIMEOUT = 7 * 86_400.0  # a week per attempt
 MAX_ATTEMPTS = 1_000
