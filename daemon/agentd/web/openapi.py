@@ -116,7 +116,10 @@ def _operation(path: str, method: str, route_doc: RouteDoc, schema_of: dict[Any,
                token_required: bool) -> dict[str, Any]:
     params = _path_parameters(path, route_doc.path) + _struct_parameters(route_doc.query, "query")
     params += list(route_doc.extra_query)
-    responses = _errors(route_doc, params, method, token_required) | route_doc.responses
+    responses = _errors(route_doc, params, method, token_required)
+    for status, text in route_doc.responses.items():
+        # A route's own 403 has another cause than a refused Origin: both are listed.
+        responses[status] = f"{text}; or: {responses[403]}" if status == 403 else text
     operation: dict[str, Any] = {
         "summary": route_doc.summary,
         "tags": [route_doc.tag],
