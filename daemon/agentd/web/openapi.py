@@ -158,7 +158,7 @@ def _errors(route_doc: RouteDoc, params: list[dict[str, Any]], method: str,
         errors[413] = "The body is larger than [server] max_body_bytes"
         errors[415] = "The body is not JSON in UTF-8"
     if method != "get":
-        errors[503] = "The daemon is stopping and takes no new work"
+        errors[503] = "The daemon takes no new work: it is stopping, or its store cannot write"
     return errors
 
 
