@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
+import structlog
 
 if TYPE_CHECKING:
     from agentd.app import Daemon
@@ -105,6 +107,21 @@ async def http() -> AsyncIterator[Callable[..., aiohttp.ClientSession]]:
     yield open_session
     for session in sessions:
         await session.close()
+
+
+@pytest.fixture
+def logging_restored() -> Iterator[None]:
+    """For a test whose code calls `configure_logging` (the CLI run in process): its global
+    changes are undone afterwards, so later tests do not log into a closed capture."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    access = logging.getLogger("aiohttp.access")
+    access_level = access.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    access.setLevel(access_level)
 
 
 # --------------------------------------------------------------------------- subprocesses

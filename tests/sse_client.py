@@ -80,10 +80,12 @@ class Sse:
         return [await self.next_event() for _ in range(count)]
 
     async def opened(self) -> Frame:
-        """The first frame: the reconnect delay and a comment, sent before any event."""
+        """The first frame, sent before any event: the resume point (an id with no event),
+        the reconnect delay and a comment."""
         frame = await self.frame()
         assert frame is not None
-        assert frame.retry is not None and frame.event is None and frame.id is None
+        assert frame.retry is not None and frame.id is not None
+        assert frame.event is None and frame.data is None
         return frame
 
     async def until(self, name: str) -> list[Frame]:

@@ -258,6 +258,7 @@ def test_unreadable_token_file_names_the_key(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the CLI, in process
 
 
+@pytest.mark.usefixtures("logging_restored")
 def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "[server]\nport = 9123\n")
     assert main(["check-config", "--config", str(path)]) == 0
@@ -267,6 +268,7 @@ def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert str(tmp_path / "data" / "agentd.db") in out
 
 
+@pytest.mark.usefixtures("logging_restored")
 def test_check_config_accepts_config_before_the_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -279,6 +281,7 @@ def test_check_config_accepts_config_before_the_command(
     ("text", "fragment"),
     [
         ("[server]\nprot = 80\n", "[server] unknown key 'prot'"),
+        ("[daemon]\nstall_warning = -1\n", "[daemon] stall_warning: expected a non-negative number"),
         ('[server]\nhost = "0.0.0.0"\n', "is not a loopback address"),
         ('[server]\ntoken_file = "nope.txt"\n', "[server] token_file"),
         ('[llm]\nbase_url = "localhost:11434"\n', "[llm] base_url: expected an http:// or https:// URL"),
@@ -294,6 +297,17 @@ def test_check_config_accepts_config_before_the_command(
         ('[mail]\nsecurity = "ssl"\n', "[mail] security: expected one of 'starttls', 'tls', 'none'"),
         ('[mail]\npassword_file = "nope.txt"\n', "[mail] password_file: cannot read"),
         ('[webhooks]\nsecret_file = "nope.txt"\n', "[webhooks] secret_file: cannot read"),
+        ('[webhooks]\nsecret = "whsec_not base64"\n', "[webhooks] secret: a secret starting whsec_"),
+        ('[webhooks]\nallow_networks = ["intranet"]\n',
+         "[webhooks] allow_networks: 'intranet' is not an IP address or network"),
+        ('[hooks.ci]\nsecrte = "s"\n', "[hooks.ci] unknown key 'secrte'"),
+        ('[hooks.ci]\nschemes = ["github"]\n', "[hooks.ci] needs a secret, secret_file or secret_env"),
+        ('[hooks.ci]\nsecret = "s"\nschemes = ["gitlab"]\n',
+         "[hooks.ci] schemes: expected a list of standard, github, agentd"),
+        ('[hooks.ci]\nsecret = "s"\ntolerance = "5m"\n', "[hooks.ci] tolerance: expected a number"),
+        ('[hooks.ci]\nsecret_file = "nope.txt"\n', "[hooks.ci] secret_file: cannot read"),
+        ('[hooks.ci]\nsecret = "whsec_!!"\n', "[hooks.ci] secret: a secret starting whsec_"),
+        ('[hooks]\ntolerance = 0\n', "[hooks] tolerance: expected a positive number"),
         ('[mail]\nhost = "127.0.0.1"\n[digests.news]\npattern = "news.*"\nto = "me@example.com"\n',
          "[digests.news] give every (a duration) or count"),
         ('[mail]\nhost = "127.0.0.1"\n[digests.tokens]\npattern = "chat.token"\nto = "me@example.com"\n'

@@ -5,15 +5,23 @@ against the real daemon."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
+import os
+import re
 import time
+import tomllib
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from standardwebhooks import Webhook
 
 from sse_client import Sse
 from test_ws import connect
@@ -30,7 +38,8 @@ def assert_error(body: Any, code: str) -> str:
     return str(body["error"]["message"])
 
 
-def sign(body: bytes, secret: str = SECRET) -> str:
+def hmac_hex(body: bytes, secret: str = SECRET) -> str:
+    """The hex schemes' signature (GitHub's, agentd's before Standard Webhooks)."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
@@ -122,7 +131,7 @@ async def test_a_body_over_the_limit_is_a_413(start_daemon: Any, http: Any) -> N
     assert status == 413
     assert "1024 bytes" in assert_error(body, "request_entity_too_large")
     raw = json.dumps({"pad": "x" * 2048}).encode()
-    status, body = await post(client, "/hooks/github", data=raw, headers={"X-Agentd-Signature": sign(raw)})
+    status, body = await post(client, "/hooks/github", data=raw, headers=signed(raw))
     assert status == 413
     assert_error(body, "request_entity_too_large")
     assert daemon.bus.published == published
@@ -226,11 +235,47 @@ async def test_a_failing_durable_handler_is_retried_like_a_task(st: Any, http: A
 # --------------------------------------------------------------------------- inbound webhooks
 
 
+def signed(body: bytes, secret: str = SECRET, *, webhook_id: str | None = None,
+           timestamp: int | None = None) -> dict[str, str]:
+    """Standard Webhooks headers for `body`, computed here from the specification."""
+    webhook_id = webhook_id or f"msg_{uuid.uuid4().hex}"
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    mac = hmac.new(secret.encode(), f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256)
+    return {"webhook-id": webhook_id, "webhook-timestamp": str(timestamp),
+            "webhook-signature": "v1," + base64.b64encode(mac.digest()).decode()}
+
+
+def hooks(**tables: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {"hooks": tables or {"github": {"secret": SECRET}}}
+
+
+async def no_hook_events(daemon: Any, events: Any) -> None:
+    """Assert nothing was published as hook.*, once everything published before has been seen."""
+    daemon.bus.publish("sentinel", {})
+    await events.wait_for("sentinel")
+    assert not [e for e in events.events if e.topic.startswith("hook.")]
+
+
+async def raw_post(daemon: Any, path: str, body: bytes,
+                   headers: list[tuple[bytes, bytes]]) -> tuple[int, Any]:
+    """A POST written byte for byte (header values aiohttp's client would not send)."""
+    async with asyncio.timeout(TIMEOUT):
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        head = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: %d\r\n" % (
+            path.encode(), len(body))
+        writer.write(head + b"".join(k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n" + body)
+        answer = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
 async def test_a_signed_hook_is_published(start_daemon: Any, http: Any) -> None:
-    daemon, events = await start_daemon(overrides={"hooks": {"github": {"secret": SECRET}}})
+    daemon, events = await start_daemon(overrides=hooks())
     payload = {"action": "opened", "number": 7}
     raw = json.dumps(payload).encode()
-    headers = {"X-Agentd-Signature": sign(raw), "Content-Type": "application/json",
+    headers = {**signed(raw, webhook_id="msg_1"), "Content-Type": "application/json",
                "X-GitHub-Event": "pull_request", "X-Unrelated": "dropped"}
     status, body = await post(http(daemon), "/hooks/github", data=raw, headers=headers)
     assert status == 202
@@ -239,73 +284,234 @@ async def test_a_signed_hook_is_published(start_daemon: Any, http: Any) -> None:
     assert event.id == body["id"]
     assert event.data["body"] == payload
     assert event.data["headers"]["X-GitHub-Event"] == "pull_request"
+    assert event.data["headers"]["webhook-id"] == "msg_1"
     assert "X-Unrelated" not in event.data["headers"]
 
 
-async def test_githubs_signature_header_is_accepted_and_a_non_json_body_kept_as_text(
+async def test_the_reference_library_signs_what_a_hook_takes(start_daemon: Any, http: Any) -> None:
+    """A sender using the Standard Webhooks library, with a whsec_ secret, is understood."""
+    secret = "whsec_" + base64.b64encode(b"sixteen byte key").decode()
+    daemon, events = await start_daemon(overrides=hooks(deploy={"secret": secret}))
+    raw = b'{"env": "prod"}'
+    now = datetime.now(tz=UTC)
+    headers = {"webhook-id": "msg_lib", "webhook-timestamp": str(int(now.timestamp())),
+               "webhook-signature": "v1,bogus " + Webhook(secret).sign("msg_lib", now, raw.decode())}
+    status, _ = await post(http(daemon), "/hooks/deploy", data=raw, headers=headers)
+    assert status == 202
+    assert (await events.wait_for("hook.deploy")).data["body"] == {"env": "prod"}
+
+
+BODY = b'{"a": 1}'
+# Made when the test runs (a timestamp made at collection could be stale by then).
+BAD_SIGNATURES: dict[str, Callable[[], dict[str, str]]] = {
+    "none": dict,
+    "wrong-secret": lambda: signed(BODY, secret="wrong"),
+    "other-body": lambda: signed(b'{"a": 2}'),
+    "other-id": lambda: {**signed(BODY), "webhook-id": "msg_other"},
+    "other-timestamp": lambda: {**signed(BODY, timestamp=int(time.time()) - 1),
+                                "webhook-timestamp": str(int(time.time()))},
+    "v2-only": lambda: {**signed(BODY), "webhook-signature": "v2," + signed(BODY)["webhook-signature"][3:]},
+    "no-id": lambda: {k: v for k, v in signed(BODY).items() if k != "webhook-id"},
+    "id-with-spaces": lambda: signed(BODY, webhook_id="msg with spaces"),
+    "timestamp-not-a-number": lambda: {**signed(BODY), "webhook-timestamp": "soon"},
+    "empty-v1": lambda: {**signed(BODY), "webhook-signature": "v1,"},
+    # The hex schemes, which this hook does not list.
+    "agentd-unlisted": lambda: {"X-Agentd-Signature": hmac_hex(BODY), "X-Agentd-Delivery": "1"},
+    "github-unlisted": lambda: {"X-Hub-Signature-256": hmac_hex(BODY), "X-GitHub-Delivery": "1"},
+}
+
+
+@pytest.mark.parametrize("case", BAD_SIGNATURES)
+async def test_a_badly_signed_hook_is_a_401_and_publishes_nothing(
+    start_daemon: Any, http: Any, case: str,
+) -> None:
+    daemon, events = await start_daemon(overrides=hooks())
+    status, body = await post(http(daemon), "/hooks/github", data=BODY, headers=BAD_SIGNATURES[case]())
+    assert status == 401
+    assert "webhook-" in assert_error(body, "bad_signature")
+    await no_hook_events(daemon, events)
+
+
+@pytest.mark.parametrize("header", [b"webhook-signature", b"X-Hub-Signature-256", b"X-Agentd-Signature"])
+async def test_a_signature_header_that_is_not_text_is_a_401(start_daemon: Any, header: bytes) -> None:
+    daemon, events = await start_daemon(overrides=hooks(
+        github={"secret": SECRET, "schemes": ["standard", "github", "agentd"]}))
+    ids = [(b"webhook-id", b"msg_1"), (b"webhook-timestamp", str(int(time.time())).encode()),
+           (b"X-GitHub-Delivery", b"1"), (b"X-Agentd-Delivery", b"1")]
+    status, body = await raw_post(daemon, "/hooks/github", b"{}", [(header, b"sha256=\xff"), *ids])
+    assert status == 401
+    assert_error(body, "bad_signature")
+    status, body = await raw_post(daemon, "/hooks/github", b"{}", [(header, b"v1,\xff\xfe"), *ids])
+    assert status == 401
+    await no_hook_events(daemon, events)
+
+
+async def test_a_forwarded_header_that_is_not_text_arrives_with_replacement_characters(
+    start_daemon: Any,
+) -> None:
+    daemon, events = await start_daemon(overrides=hooks())
+    headers = [(k.encode(), v.encode()) for k, v in signed(b"{}").items()]
+    status, _ = await raw_post(daemon, "/hooks/github", b"{}", [*headers, (b"User-Agent", b"bot\xff")])
+    assert status == 202
+    assert (await events.wait_for("hook.github")).data["headers"]["User-Agent"] == "bot\ufffd"
+
+
+@pytest.mark.parametrize("offset", [-301, 301])
+async def test_a_timestamp_outside_the_tolerance_is_a_401_unless_the_hook_allows_more(
+    start_daemon: Any, http: Any, offset: int,
+) -> None:
+    daemon, events = await start_daemon(overrides=hooks(
+        github={"secret": SECRET}, patient={"secret": SECRET, "tolerance": 600}))
+    raw = b"{}"
+    headers = signed(raw, timestamp=int(time.time()) + offset)
+    status, body = await post(http(daemon), "/hooks/github", data=raw, headers=headers)
+    assert status == 401
+    assert "at most 300 s" in assert_error(body, "stale_timestamp")
+    await no_hook_events(daemon, events)
+    status, _ = await post(http(daemon), "/hooks/patient", data=raw, headers=headers)
+    assert status == 202
+
+
+async def test_a_repeated_delivery_is_a_409_even_after_a_restart(
     start_daemon: Any, http: Any,
 ) -> None:
-    daemon, events = await start_daemon(overrides={"hooks": {"github": {"secret": SECRET}}})
-    raw = b"plain text, not JSON"
-    status, _ = await post(http(daemon), "/hooks/github", data=raw,
-                           headers={"X-Hub-Signature-256": sign(raw)})
+    daemon, events = await start_daemon(overrides=hooks())
+    raw = b'{"n": 1}'
+    headers = signed(raw)
+    status, first = await post(http(daemon), "/hooks/github", data=raw, headers=headers)
     assert status == 202
-    assert (await events.wait_for("hook.github")).data["body"] == "plain text, not JSON"
-
-
-@pytest.mark.parametrize("headers", [
-    {},
-    {"X-Agentd-Signature": "sha256=" + "0" * 64},
-    {"X-Agentd-Signature": sign(b'{"a": 1}', secret="wrong")},
-    {"X-Agentd-Signature": hmac.new(SECRET.encode(), b'{"a": 1}', hashlib.sha256).hexdigest()},
-    {"X-Hub-Signature-256": sign(b'{"a": 2}')},  # signs another body
-])
-async def test_a_badly_signed_hook_is_a_401_and_publishes_nothing(
-    start_daemon: Any, http: Any, headers: dict[str, str],
-) -> None:
-    daemon, events = await start_daemon(overrides={"hooks": {"github": {"secret": SECRET}}})
-    status, body = await post(http(daemon), "/hooks/github", data=b'{"a": 1}', headers=headers)
-    assert status == 401
-    assert "X-Agentd-Signature" in assert_error(body, "bad_signature")
+    status, body = await post(http(daemon), "/hooks/github", data=raw, headers=headers)
+    assert status == 409
+    assert headers["webhook-id"] in assert_error(body, "duplicate_delivery")
     daemon.bus.publish("sentinel", {})
     await events.wait_for("sentinel")
-    assert not [e for e in events.events if e.topic.startswith("hook.")]
+    assert [e.id for e in events.events if e.topic == "hook.github"] == [first["id"]]
+    await daemon.stop()
+
+    daemon, events = await start_daemon(overrides=hooks())
+    status, _ = await post(http(daemon), "/hooks/github", data=raw, headers=headers)
+    assert status == 409
+    await no_hook_events(daemon, events)
+    status, _ = await post(http(daemon), "/hooks/github", data=raw, headers=signed(raw))
+    assert status == 202  # the same body under a new id is a new delivery
+
+
+async def test_two_copies_of_a_delivery_at_once_publish_it_once(start_daemon: Any, http: Any) -> None:
+    daemon, events = await start_daemon(overrides=hooks())
+    raw = b"{}"
+    headers = signed(raw)
+    client = http(daemon)
+    answers = await asyncio.gather(*(post(client, "/hooks/github", data=raw, headers=headers)
+                                     for _ in range(2)))
+    assert sorted(status for status, _ in answers) == [202, 409]
+    daemon.bus.publish("sentinel", {})
+    await events.wait_for("sentinel")
+    assert len([e for e in events.events if e.topic == "hook.github"]) == 1
+
+
+@pytest.mark.parametrize(("scheme", "signature", "delivery"), [
+    ("github", "X-Hub-Signature-256", "X-GitHub-Delivery"),
+    ("agentd", "X-Agentd-Signature", "X-Agentd-Delivery"),
+])
+async def test_a_hex_scheme_the_hook_lists_is_taken_once_per_delivery_id(
+    start_daemon: Any, http: Any, scheme: str, signature: str, delivery: str,
+) -> None:
+    daemon, events = await start_daemon(overrides=hooks(github={"secret": SECRET, "schemes": [scheme]}))
+    client = http(daemon)
+    raw = b"plain text, not JSON"
+    headers = {signature: hmac_hex(raw), delivery: "72d3162e-cc78-11e3-81ab-4c9367dc0958"}
+    status, _ = await post(client, "/hooks/github", data=raw, headers=headers)
+    assert status == 202
+    assert (await events.wait_for("hook.github")).data["body"] == "plain text, not JSON"
+    status, body = await post(client, "/hooks/github", data=raw, headers=headers)
+    assert status == 409
+    assert_error(body, "duplicate_delivery")
+    status, body = await post(client, "/hooks/github", data=raw, headers={signature: hmac_hex(raw)})
+    assert status == 401
+    assert delivery in assert_error(body, "bad_signature")
+    status, body = await post(client, "/hooks/github", data=raw, headers=signed(raw))
+    assert status == 401  # Standard Webhooks is not listed for this hook
+    assert signature in assert_error(body, "bad_signature")
+
+
+async def test_delivery_ids_are_forgotten_past_the_replay_window(start_daemon: Any, http: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"hooks": {
+        "replay_window": 0, "github": {"secret": SECRET, "schemes": ["github"]}}})
+    client = http(daemon)
+    raw = b"{}"
+    for delivery in ("a", "b", "a"):
+        status, _ = await post(client, "/hooks/github", data=raw,
+                               headers={"X-Hub-Signature-256": hmac_hex(raw), "X-GitHub-Delivery": delivery})
+        assert status == 202, delivery
+    rows = await daemon.store.read("SELECT delivery_id FROM hook_deliveries")
+    assert [row["delivery_id"] for row in rows] == ["a"]  # each taken delivery purges the expired
 
 
 async def test_an_unknown_hook_is_a_404(start_daemon: Any, http: Any) -> None:
-    daemon, _ = await start_daemon(overrides={"hooks": {"github": {"secret": SECRET}}})
+    daemon, _ = await start_daemon(overrides=hooks())
     raw = b"{}"
-    status, body = await post(http(daemon), "/hooks/gitlab", data=raw,
-                              headers={"X-Agentd-Signature": sign(raw)})
+    status, body = await post(http(daemon), "/hooks/gitlab", data=raw, headers=signed(raw))
     assert status == 404
     assert "gitlab" in assert_error(body, "unknown_hook")
 
 
-async def test_hooks_need_no_bearer_token_and_take_a_secret_file(
-    start_daemon: Any, http: Any, tmp_path: Path,
+async def test_hooks_need_no_bearer_token_and_take_a_secret_file_or_variable(
+    start_daemon: Any, http: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     secret_file = tmp_path / "ci-secret"
     secret_file.write_text("from-a-file\nignored second line\n")
+    monkeypatch.setenv("DEPLOY_HOOK_SECRET", "from-the-environment")
     daemon, events = await start_daemon(overrides={
         "server": {"token": TOKEN},
-        "hooks": {"github": {"secret": SECRET}, "ci": {"secret_file": str(secret_file)}},
+        "hooks": {"github": {"secret": SECRET}, "ci": {"secret_file": str(secret_file)},
+                  "deploy": {"secret_env": "DEPLOY_HOOK_SECRET"}},
     })
     client = http(daemon)  # no Authorization header
     raw = b'{"build": 1}'
-    status, _ = await post(client, "/hooks/ci", data=raw,
-                           headers={"X-Agentd-Signature": sign(raw, "from-a-file")})
+    status, _ = await post(client, "/hooks/ci", data=raw, headers=signed(raw, "from-a-file"))
     assert status == 202
     assert (await events.wait_for("hook.ci")).data["body"] == {"build": 1}
-    status, _ = await post(client, "/hooks/github", data=raw, headers={"X-Agentd-Signature": sign(raw)})
+    status, _ = await post(client, "/hooks/github", data=raw, headers=signed(raw))
+    assert status == 202
+    status, _ = await post(client, "/hooks/deploy", data=raw, headers=signed(raw, "from-the-environment"))
     assert status == 202
     # The same client is refused everywhere else.
     status, body = await post(client, "/v1/events", json={"topic": "x"})
     assert status == 401
     assert_error(body, "unauthorized")
     # A signature made with the file's whole content (second line included) is wrong.
-    status, _ = await post(client, "/hooks/ci", data=raw,
-                           headers={"X-Agentd-Signature": sign(raw, secret_file.read_text())})
+    status, _ = await post(client, "/hooks/ci", data=raw, headers=signed(raw, secret_file.read_text()))
     assert status == 401
+
+
+def readme_hook_example() -> tuple[str, str]:
+    """The README's inbound-hook example: its agentd.toml table and its shell script."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("**Inbound webhooks.**"):]
+    table = re.search(r"```toml\n(.*?)```", section, re.S)
+    script = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert table and script, "the README no longer shows the hook's table and its curl"
+    return table.group(1), script.group(1)
+
+
+async def test_the_readme_hook_example_runs_as_written(start_daemon: Any) -> None:
+    """README "Inbound webhooks": its agentd.toml table, its secret and its curl, run by sh."""
+    table, script = readme_hook_example()
+    secret = "0123456789abcdef0123456789abcdef"
+    hooks_table = tomllib.loads(table)["hooks"]
+    env_name = hooks_table["deploy"]["secret_env"]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(env_name, secret)
+        daemon, events = await start_daemon(overrides={"hooks": hooks_table})
+    commands = script.replace("localhost:8470", f"127.0.0.1:{daemon.port}")
+    process = await asyncio.create_subprocess_exec(
+        "sh", "-eu", "-c", commands, env={"PATH": os.environ["PATH"], env_name: secret},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(TIMEOUT * 5):
+        out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    assert json.loads(out)["topic"] == "hook.deploy", out
+    assert (await events.wait_for("hook.deploy")).data["body"]
 
 
 # --------------------------------------------------------------------------- stream tokens
@@ -326,14 +532,16 @@ async def test_stream_tokens_open_stream_routes_and_only_them(start_daemon: Any,
     before = time.time()
     status, issued = await post(http(daemon, token=TOKEN), "/v1/stream-tokens")
     assert status == 201
-    assert set(issued) == {"token", "expires_at"}
-    assert before + 299 <= issued["expires_at"] <= time.time() + 300
+    assert set(issued) == {"token", "open_until", "expires_at", "path", "topics"}
+    assert before + 299 <= issued["open_until"] <= time.time() + 300
+    assert before + 86399 <= issued["expires_at"] <= time.time() + 86400
+    assert issued["path"] is None and issued["topics"] is None  # any stream route
     token = issued["token"]
 
     async with anonymous.get("/v1/stream", params={"token": token}) as response:
         assert response.status == 200
         assert response.headers["Content-Type"] == "text/event-stream"
-        assert (await first_line(response)).startswith(b"retry: ")
+        assert (await first_line(response)).startswith(b"id: ")
     async with anonymous.get("/v1/tasks/31337/stream", params={"token": token}) as response:
         assert response.status == 404  # past auth: there is no such task
     ws = await anonymous.ws_connect("/v1/ws", params={"token": token})
@@ -349,13 +557,26 @@ async def test_stream_tokens_open_stream_routes_and_only_them(start_daemon: Any,
     assert status == 401
 
 
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _reissued(token: str, change: Any) -> str:
+    """`token` with its issue time changed and its signature kept."""
+    payload, _, signature = token.partition(".")
+    issued, path, topics = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    forged = json.dumps([change(issued), path, topics], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(forged).decode().rstrip("=") + "." + signature
+
+
 @pytest.mark.parametrize("forge", [
     lambda token: token[:-1] + ("0" if token[-1] != "0" else "1"),  # signature altered
-    lambda token: str(int(token.split(".")[0]) + 3600) + "." + token.split(".")[1],  # expiry moved
+    # The last character's two low bits are padding in base64: flipped, it decodes the same.
+    lambda token: token[:-1] + _B64[_B64.index(token[-1]) ^ 1],
+    lambda token: _reissued(token, lambda issued: issued + 3600),  # issue time moved
     lambda token: "9999999999." + "0" * 64,
     lambda token: "not-a-token",
     lambda token: TOKEN,  # the bearer token itself is no stream token
-], ids=["signature-altered", "expiry-moved", "made-up", "garbage", "bearer-token"])
+], ids=["signature-altered", "signature-respelt", "issue-time-moved", "made-up", "garbage", "bearer-token"])
 async def test_a_forged_stream_token_is_a_401(start_daemon: Any, http: Any, forge: Any) -> None:
     daemon, _ = await start_daemon(overrides={"server": {"token": TOKEN}})
     _, issued = await post(http(daemon, token=TOKEN), "/v1/stream-tokens")
@@ -404,7 +625,7 @@ async def test_a_foreign_origin_is_refused_everywhere(start_daemon: Any, http: A
     assert_error(body, "origin_not_allowed")
     raw = b"{}"
     status, _ = await post(client, "/hooks/github", data=raw,
-                           headers={**origin, "X-Agentd-Signature": sign(raw)})
+                           headers={**origin, **signed(raw)})
     assert status == 403
     for spoof in ("http://127.0.0.1.evil.example", "http://localhost.evil.example", "null",
                   "http://evil.example/http://127.0.0.1"):
@@ -427,7 +648,7 @@ async def test_loopback_and_listed_origins_are_allowed(start_daemon: Any, http: 
         assert status == 202, (origin, body)
     async with client.get("/v1/stream", headers={"Origin": allowed}) as response:
         assert response.status == 200
-        assert (await first_line(response)).startswith(b"retry: ")
+        assert (await first_line(response)).startswith(b"id: ")
     ws = await client.ws_connect("/v1/ws", origin=allowed)
     await ws.send_json({"id": 1, "type": "ping"})
     assert (await ws.receive_json(timeout=TIMEOUT))["type"] == "pong"

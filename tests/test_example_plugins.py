@@ -41,6 +41,8 @@ from sse_client import Sse
 REPO_PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 WAIT = 10.0  # seconds any single wait may take before the test fails
 ONE_WORKER = {"queues": {"default": 1}}
+# The peers here listen on loopback, which webhooks may reach only if allowed.
+LOOPBACK_WEBHOOKS = {"allow_networks": ["127.0.0.0/8"]}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -355,7 +357,7 @@ async def test_deep_search_delegates_merges_streams_remembers_and_mails(start_da
     async with smtp_server() as (inbox, port):
         daemon, _ = await start_daemon(plugin_dirs=[REPO_PLUGINS], overrides={
             "mail": {"host": "127.0.0.1", "port": port, "security": "none", "sender": "agentd@test.org"},
-            "tasks": ONE_WORKER})
+            "tasks": ONE_WORKER, "webhooks": LOOPBACK_WEBHOOKS})
         client = http(daemon)
         for text in ROVER_MEMORIES:
             await call(client, "POST", "/v1/memory", {"text": text, "namespace": "news"}, status=201)
@@ -437,7 +439,7 @@ async def test_event_log_records_ui_events_and_forwards_the_chosen_ones_signed(
         daemon, _ = await start_daemon(plugin_dirs=[REPO_PLUGINS], overrides={
             "plugins": {"event_log": {"notify_url": receiver.url("/agentd"),
                                       "notify_topics": ["ui.purchase"]}},
-            "webhooks": {"secret": secret}})
+            "webhooks": {"secret": secret, **LOOPBACK_WEBHOOKS}})
         client = http(daemon)
 
         click = await call(client, "POST", "/v1/events",
@@ -484,7 +486,8 @@ async def test_chat_streams_replies_keeps_the_conversation_and_sends_it_to_the_m
     start_daemon: Any, http: Any,
 ) -> None:
     # Without an LLM: the reply says what it would do, streamed as tokens on the task's SSE.
-    daemon, _ = await start_daemon(plugin_dirs=[REPO_PLUGINS], overrides={"tasks": ONE_WORKER})
+    daemon, _ = await start_daemon(plugin_dirs=[REPO_PLUGINS], overrides={
+        "tasks": ONE_WORKER, "webhooks": LOOPBACK_WEBHOOKS})
     client = http(daemon)
     async with busy_worker(daemon, client) as release:
         task = await submit(client, "chat.reply", {"session": "ada", "prompt": "Hello there!"})

@@ -142,6 +142,7 @@ async def test_bearer_token(start_daemon: Any, http: Any, tmp_path: Path, source
     else:
         token_file = tmp_path / "token"
         token_file.write_text(TOKEN + "\n")
+        token_file.chmod(0o600)
         server = {"token_file": str(token_file)}
     daemon, _ = await start_daemon(overrides={"server": server})
 
@@ -170,6 +171,7 @@ async def test_token_file_uses_its_first_line(start_daemon: Any, http: Any, tmp_
     """agentd.toml: 'Prefer token_file (first line is used)'."""
     token_file = tmp_path / "token"
     token_file.write_text(f"{TOKEN}\n# rotated 2024-01-01 by ops\n")
+    token_file.chmod(0o600)
     daemon, _ = await start_daemon(overrides={"server": {"token_file": str(token_file)}})
     async with http(daemon, token=TOKEN).get("/v1/status") as response:
         assert response.status == 200

@@ -980,6 +980,7 @@ async def test_cli_memory_commands_against_a_running_daemon(
     assert (added["created"], added["namespace"], added["metadata"]) == (True, "ops", {"kind": "fact"})
     # reembed needs the daemon stopped: memory.db is locked by it.
     assert reembed_code == 1 and "in use by another agentd process" in reembed_err
+    assert reembed_err.rstrip().endswith("stop it or set a different [memory] path")
     assert bad_code == 2 and "--metadata is not valid JSON" in bad_err
     assert gone_code == 2 and "no memory with id 424242" in gone_err
 

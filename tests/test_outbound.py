@@ -10,14 +10,17 @@ and on bus events, never on the clock.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email
 import email.policy
 import hashlib
 import hmac
+import ipaddress
 import json
 import re
 import sys
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -30,14 +33,19 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from standardwebhooks import Webhook, WebhookVerificationError
+from structlog.testing import capture_logs
 
 from agentd.config import load_config
 from agentd.errors import ConfigError
 from agentd.llm import ToolCallAssembler
+from agentd.webhooks import refusal_reason
 from fake_openai import FakeOpenAI
 from sse_client import Sse
 
 FAST_RETRIES = {"retry_base": 0.01, "retry_max": 0.05}
+# The receivers of these tests listen on loopback, which webhooks may reach only if allowed.
+LOOPBACK_ALLOWED = {"allow_networks": ["127.0.0.0/8", "::1"]}
 SENDER = "agentd@example.org"
 WAIT = 5.0
 
@@ -195,7 +203,7 @@ async def ob(start_daemon: Any, ob_dir: Path) -> Any:
 
     async def start(overrides: dict[str, dict[str, Any]] | None = None,
                     state_dir: Path | None = None) -> tuple[Any, Any, ModuleType]:
-        tables = merged({"tasks": FAST_RETRIES}, overrides or {})
+        tables = merged({"tasks": FAST_RETRIES, "webhooks": LOOPBACK_ALLOWED}, overrides or {})
         daemon, events = await start_daemon(plugin_dirs=[ob_dir], overrides=tables, state_dir=state_dir)
         return daemon, events, sys.modules["agentd_plugins.ob"]
 
@@ -536,6 +544,37 @@ async def test_a_task_posts_a_signed_webhook_with_the_exact_body(ob: Any, receiv
     assert got.headers["X-Agentd-Signature"] == expected
     assert got.headers["X-Agentd-Delivery"] == str(hook_id)
     assert got.headers["Idempotency-Key"] == f"agentd-webhook-{hook_id}"
+    webhook_id, stamp = got.headers["webhook-id"], got.headers["webhook-timestamp"]
+    assert re.fullmatch(r"msg_[0-9a-f]{32}", webhook_id)
+    assert abs(int(stamp) - time.time()) < WAIT
+    mac = hmac.new(b"s3cret", f"{webhook_id}.{stamp}.".encode() + got.raw, hashlib.sha256).digest()
+    assert got.headers["webhook-signature"] == "v1," + base64.b64encode(mac).decode()
+
+
+async def test_the_reference_library_verifies_a_webhook_signed_with_a_whsec_secret(
+    ob: Any, receiver: Receiver,
+) -> None:
+    secret = "whsec_" + base64.b64encode(b"a key of 24 random bytes").decode()
+    daemon, _, _ = await ob({"webhooks": {"secret": secret}})
+    parent = await daemon.queue.enqueue("ob.post", {"url": receiver.url, "body": {"é": [1]}})
+    await finished(daemon, await daemon.queue.result(parent.id, timeout=WAIT))
+    [got] = await receiver.wait_requests(1)
+    assert Webhook(secret).verify(got.raw, got.headers) == {"é": [1]}
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_" + base64.b64encode(b"another key").decode()).verify(got.raw, got.headers)
+
+
+async def test_a_webhook_from_one_daemon_is_taken_by_the_hook_of_another(
+    ob: Any, start_daemon: Any, tmp_path: Path,
+) -> None:
+    peer, peer_events = await start_daemon(overrides={"hooks": {"peer": {"secret": "shared"}}},
+                                           state_dir=tmp_path / "peer")
+    daemon, _, _ = await ob({"webhooks": {"secret": "shared"}})
+    url = f"http://127.0.0.1:{peer.port}/hooks/peer"
+    parent = await daemon.queue.enqueue("ob.post", {"url": url, "body": {"n": 1}})
+    final = await finished(daemon, await daemon.queue.result(parent.id, timeout=WAIT))
+    assert (final.status, final.result) == ("succeeded", {"status": 202, "url": url})
+    assert (await peer_events.wait_for("hook.peer")).data["body"] == {"n": 1}
 
 
 async def test_without_a_secret_a_webhook_is_not_signed(ob: Any, receiver: Receiver) -> None:
@@ -545,6 +584,8 @@ async def test_without_a_secret_a_webhook_is_not_signed(ob: Any, receiver: Recei
     [got] = await receiver.wait_requests(1)
     assert got.raw == b"[1,null]"
     assert "X-Agentd-Signature" not in got.headers
+    assert "webhook-signature" not in got.headers
+    assert got.headers["webhook-id"]  # receivers still drop repeats by it
 
 
 async def test_a_5xx_is_retried_with_the_same_delivery_headers(ob: Any, receiver: Receiver) -> None:
@@ -558,7 +599,7 @@ async def test_a_5xx_is_retried_with_the_same_delivery_headers(ob: Any, receiver
     first, second = await receiver.wait_requests(2)
     assert len(receiver.requests) == 2
     assert first.raw == second.raw == b'{"a":1}'
-    for name in ("X-Agentd-Delivery", "Idempotency-Key", "X-Agentd-Signature"):
+    for name in ("X-Agentd-Delivery", "Idempotency-Key", "X-Agentd-Signature", "webhook-id"):
         assert first.headers[name] == second.headers[name], name
     assert first.headers["X-Agentd-Delivery"] == str(hook_id)
 
@@ -620,6 +661,91 @@ async def test_a_handler_posts_once_per_event_with_its_key(ob: Any, receiver: Re
     got = await receiver.wait_requests(2)
     assert sorted(json.loads(r.raw)["event_id"] for r in got) == sorted(published)
     assert len(receiver.requests) == 2
+
+
+@dataclass
+class Listener:
+    """A TCP listener on loopback that only counts the connections it is offered."""
+
+    port: int = 0
+    connections: int = 0
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[Listener]:
+    counted = Listener()
+
+    def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        counted.connections += 1
+        writer.close()
+
+    server = await asyncio.start_server(connected, "127.0.0.1", 0)
+    counted.port = server.sockets[0].getsockname()[1]
+    yield counted
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.mark.parametrize(("host", "refused"), [
+    ("127.0.0.1", "127.0.0.1, a loopback address"),
+    ("localhost", "localhost resolves to 127.0.0.1, a loopback address"),
+    ("0.0.0.0", "0.0.0.0, an unspecified address"),
+    ("[::ffff:127.0.0.1]", "::ffff:7f00:1 (that is 127.0.0.1), a loopback address"),
+    ("169.254.169.254", "169.254.169.254, a cloud metadata address"),
+])
+async def test_by_default_a_webhook_to_a_local_address_fails_at_once_without_connecting(
+    ob: Any, listener: Listener, host: str, refused: str,
+) -> None:
+    daemon, _, _ = await ob({"webhooks": {"allow_networks": []}})
+    url = f"http://{host}:{listener.port}/hook"
+    with capture_logs() as logs:
+        parent = await daemon.queue.enqueue("ob.post", {"url": url, "body": {"a": 1}})
+        final = await finished(daemon, await daemon.queue.result(parent.id, timeout=WAIT))
+    assert (final.status, final.attempts) == ("failed", 1)
+    assert refused in final.error
+    assert "[webhooks] allow_networks" in final.error
+    assert [log["url"] for log in logs if log["event"] == "webhook.refused"] == [url]
+    assert listener.connections == 0
+
+
+async def test_an_allowed_network_lets_a_webhook_through(ob: Any, receiver: Receiver) -> None:
+    daemon, _, _ = await ob({"webhooks": {"allow_networks": ["127.0.0.1"]}})
+    url = receiver.url.replace("127.0.0.1", "localhost")
+    parent = await daemon.queue.enqueue("ob.post", {"url": url, "body": {"a": 1}})
+    assert (await finished(daemon, await daemon.queue.result(parent.id, timeout=WAIT))).status == "succeeded"
+    assert len(await receiver.wait_requests(1)) == 1
+
+
+async def test_a_redirect_is_not_followed_and_fails_the_webhook(
+    ob: Any, receiver: Receiver, listener: Listener,
+) -> None:
+    daemon, _, _ = await ob()
+    receiver.script.append((307, {"Location": f"http://127.0.0.1:{listener.port}/elsewhere"}))
+    parent = await daemon.queue.enqueue("ob.post", {"url": receiver.url, "body": {"a": 1}})
+    final = await finished(daemon, await daemon.queue.result(parent.id, timeout=WAIT))
+    assert (final.status, final.attempts) == ("failed", 1)
+    assert "answered 307" in final.error
+    assert listener.connections == 0
+
+
+@pytest.mark.parametrize(("address", "reason"), [
+    ("10.1.2.3", "private"), ("172.31.255.1", "private"), ("192.168.0.1", "private"),
+    ("100.64.0.1", "shared (CGNAT)"), ("100.100.100.200", "cloud metadata"),
+    ("169.254.0.9", "link-local"), ("168.63.129.16", "cloud metadata"), ("224.0.0.251", "multicast"),
+    ("255.255.255.255", "reserved"), ("0.1.2.3", "unspecified"), ("198.18.0.1", "benchmarking"),
+    ("::", "unspecified"), ("::1", "loopback"), ("fd00:ec2::254", "cloud metadata"),
+    ("fc00::1", "private (unique local)"), ("fe80::1", "link-local"), ("ff02::1", "multicast"),
+    ("::ffff:10.0.0.1", "private"), ("64:ff9b::a9fe:a9fe", "cloud metadata"),
+    ("2002:c0a8:1::", "private"), ("::127.0.0.1", "reserved"), ("2001:db8::1", "documentation"),
+    ("8.8.8.8", None), ("2606:4700:4700::1111", None), ("::ffff:1.1.1.1", None),
+])
+def test_addresses_webhooks_may_not_reach_are_named(address: str, reason: str | None) -> None:
+    assert refusal_reason(ipaddress.ip_address(address)) == reason
+
+
+def test_allow_networks_must_be_addresses_or_networks() -> None:
+    with pytest.raises(ConfigError, match=r"\[webhooks\] allow_networks: 'intranet' is not an IP"):
+        load_config(None, env={}, overrides={"webhooks": {"allow_networks": ["10.0.0.0/8", "intranet"]}})
 
 
 # --------------------------------------------------------------------------- LLM

@@ -171,8 +171,10 @@ async def test_broken_plugins_are_failed_and_the_daemon_runs_on(
     assert status["plugins"] == health["plugins"]
 
     async with client.get("/readyz") as response:
+        assert response.status == 503  # a deployment with failed plugins is not ready
         ready = await response.json()
-    assert ready["checks"]["plugins"]["ok"] is True
+    assert ready["ready"] is False
+    assert ready["checks"]["plugins"]["ok"] is False
     assert sorted(ready["checks"]["plugins"]["failed"]) == sorted(expected_errors)
 
 
@@ -251,9 +253,135 @@ async def test_a_name_in_enabled_or_disabled_that_matches_no_plugin_is_warned_ab
     assert "hello" not in [p["name"] for p in daemon.plugins.states()]
 
 
-async def test_missing_plugin_directory_is_not_an_error(start_daemon: Any, tmp_path: Path) -> None:
-    daemon, _ = await start_daemon([tmp_path / "does-not-exist"])
+async def test_missing_plugin_directory_is_a_warning_that_healthz_shows(
+    start_daemon: Any, tmp_path: Path, http: Any
+) -> None:
+    missing = tmp_path / "does-not-exist"
+    with capture_logs() as logs:
+        daemon, _ = await start_daemon([missing])
     assert daemon.plugins.states() == []
+    assert {"event": "plugins.directory_missing", "log_level": "warning", "component": "plugins",
+            "path": str(missing)} in logs
+    async with http(daemon).get("/healthz") as response:
+        health = await response.json()
+    assert health["status"] == "ok"
+    assert health["warnings"] == [{"warning": "plugin_directory_missing", "path": str(missing),
+                                   "message": f"plugin directory {missing} does not exist"}]
+
+
+async def test_healthz_shows_plugin_files_and_errors_only_with_the_token(
+    start_daemon: Any, plugin_dir: Callable[..., Path], good_plugins: Path, http: Any,
+    tmp_path: Path,
+) -> None:
+    """/healthz is public: without the token it says which plugins run and which failed, not
+    where their files are nor what went wrong (paths, messages from a traceback)."""
+    broken = plugin_dir({"raises_on_import.py": BROKEN["raises_on_import.py"]}, name="broken")
+    missing = tmp_path / "missing"
+    daemon, _ = await start_daemon([good_plugins, broken, missing],
+                                   overrides={"server": {"token": "s3cret"}})
+    for token in (None, "wrong"):
+        async with http(daemon, token=token).get("/healthz") as response:
+            assert response.status == 200
+            anonymous = await response.json()
+        assert anonymous["status"] == "degraded"
+        assert anonymous["plugins"] == [
+            {"name": "hello", "state": "started"}, {"name": "pkgplug", "state": "started"},
+            {"name": "raises_on_import", "state": "failed"}]
+        assert anonymous["warnings"] == [{"warning": "plugin_directory_missing"}]
+    async with http(daemon, token="s3cret").get("/healthz") as response:
+        detailed = await response.json()
+    assert detailed["plugins"] == daemon.plugins.states()
+    assert detailed["plugins"][2] == {
+        "name": "raises_on_import", "source": str(broken / "raises_on_import.py"),
+        "state": "failed", "error": "RuntimeError: import went wrong"}
+    assert detailed["warnings"][0]["path"] == str(missing)
+
+
+async def test_a_bad_plugin_schedule_fails_that_plugin_alone_naming_its_file(
+    start_daemon: Any, plugin_dir: Callable[..., Path], good_plugins: Path
+) -> None:
+    """Only an agentd.toml schedule stops the start; a plugin's is the plugin's problem."""
+    bad = plugin_dir({"badqueue.py": """
+        from agentd import Plugin
+
+        plugin = Plugin("badqueue")
+
+        @plugin.schedule(every="1h", queue="nowhere")
+        @plugin.task()
+        async def work(ctx):
+            pass
+    """}, name="bad")
+    with capture_logs() as logs:
+        daemon, _ = await start_daemon([good_plugins, bad])
+    record = daemon.plugins.plugins["badqueue"]
+    assert record.state == "failed"
+    assert record.error == ("InvalidScheduleError: plugin schedule 'badqueue.work': queue: "
+                            "'nowhere' has no workers; configured: default")
+    failed = [e for e in logs if e["event"] == "plugin.failed"]
+    assert [(e["plugin"], e["source"]) for e in failed] == [("badqueue", str(bad / "badqueue.py"))]
+    assert daemon.registry.find("badqueue.work") is None  # unloaded
+    assert "badqueue.work" not in daemon.scheduler.schedules
+    assert daemon.plugins.plugins["hello"].state == "started"
+
+
+# --------------------------------------------------------------------------- check-config
+
+WORKER = """
+    from agentd import Plugin
+
+    plugin = Plugin("worker")
+
+    @plugin.task()
+    async def work(ctx):
+        pass
+"""
+
+
+async def test_check_config_loads_plugins_and_checks_schedules_against_their_tasks(
+    run_cli: Any, config_file: Callable[..., Path], plugin_dir: Callable[..., Path],
+    process_env: Callable[..., dict[str, str]], tmp_path: Path,
+) -> None:
+    """A config schedule may name a plugin's task; check-config says ok as run would start;
+    a missing plugin directory is a warning; no startup hook runs and no state is made."""
+    plugins = plugin_dir({"worker.py": WORKER + """
+    @plugin.startup
+    def start(ctx):
+        raise RuntimeError("check-config must not run startup hooks")
+    """})
+    missing = tmp_path / "missing"
+    path = config_file('\n[[schedules]]\nid = "hourly"\nevery = "1h"\ntask = "worker.work"\n')
+    env = process_env(AGENTD_PLUGINS_PATHS=f"{plugins},{missing}")
+    code, out, err = await run_cli("check-config", "--config", str(path), env=env)
+    assert code == 0, err
+    assert out.startswith(f"{path}: ok")
+    assert f"agentd: warning: plugin directory {missing} does not exist" in err
+    assert not (tmp_path / "data").exists()
+
+
+async def test_check_config_names_the_file_of_each_plugin_that_would_fail(
+    run_cli: Any, config_file: Callable[..., Path], plugin_dir: Callable[..., Path],
+    process_env: Callable[..., dict[str, str]],
+) -> None:
+    plugins = plugin_dir({
+        "worker.py": WORKER,
+        "raises_on_import.py": BROKEN["raises_on_import.py"],
+        "badsched.py": """
+            from agentd import Plugin
+
+            plugin = Plugin("badsched")
+            plugin.schedule(every="1h", task="worker.work", args={"unexpected": 1})
+        """,
+    })
+    env = process_env(AGENTD_PLUGINS_PATHS=str(plugins))
+    code, out, err = await run_cli("check-config", "--config", str(config_file()), env=env)
+    assert code == 1, err
+    assert out == ""
+    assert (f"agentd: plugin raises_on_import ({plugins / 'raises_on_import.py'}) would fail: "
+            "RuntimeError: import went wrong") in err
+    assert (f"agentd: plugin badsched ({plugins / 'badsched.py'}) would fail: "
+            "InvalidScheduleError: plugin schedule 'badsched.worker.work': args: ") in err
+    assert "2 plugin(s) would fail; the daemon would run without them" in err
+    assert "worker (" not in err
 
 
 # --------------------------------------------------------------------------- handlers

@@ -16,7 +16,13 @@ from typing import Any
 
 import pytest
 
-from agentd.errors import InvalidTaskError, TaskFailedError, TaskNotFoundError, UnknownTaskError
+from agentd.errors import (
+    InvalidTaskError,
+    StoreBusyError,
+    TaskFailedError,
+    TaskNotFoundError,
+    UnknownTaskError,
+)
 from agentd.taskqueue import TaskRecord, TaskRequest
 
 FAST_RETRIES = {"retry_base": 0.01, "retry_max": 0.02}
@@ -963,8 +969,8 @@ async def test_a_claim_whose_transaction_fails_is_tried_again(start_daemon: Any,
     try:
         other.execute("BEGIN IMMEDIATE")
         daemon.queue.notify_work("default")  # the claim loop asks for a claim
-        # Joins the claim's transaction (and then, alone, fails just before the claim does).
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
+        # Joins the claim's transaction, and fails with it.
+        with pytest.raises(StoreBusyError, match="locked"):
             await daemon.store.write(lambda conn: conn.execute(
                 "UPDATE tasks SET run_at = 0 WHERE id = ?", (record.id,)))
     finally:

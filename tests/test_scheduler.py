@@ -503,6 +503,57 @@ async def test_a_crash_between_enqueue_and_record_does_not_duplicate_the_task(sc
     assert (after["fires"], after["last_task_id"], after["next_fire"]) == (1, task_id, START + MINUTE)
 
 
+TRIGGERED_PLUGIN = textwrap.dedent("""
+    from agentd import Plugin
+
+    plugin = Plugin("sched")
+    HANDLED = []
+
+
+    @plugin.on("ev.tick", durable=True)
+    async def on_tick(ctx, event):
+        HANDLED.append(event.data["fire_time"])
+""")
+
+
+async def test_an_event_fire_is_recorded_before_its_event_goes_out(sched: Start) -> None:
+    r = await sched(plugin=False)
+    seen_at_delivery: list[tuple[Any, ...]] = []
+
+    def read_record(event: Event) -> None:
+        # Synchronous, so it runs as the event is delivered: what would a crash now leave?
+        with sqlite3.connect(r.daemon.store.path) as db:
+            seen_at_delivery.append(db.execute(
+                "SELECT last_fire, fires, next_fire FROM schedules WHERE id = 'beat'").fetchone())
+
+    r.daemon.bus.subscribe("ev.beat", read_record, name="test:read-record")
+    await create(r, id="beat", every="1m", event="ev.beat")
+    await fired(r, "beat", START)
+    assert seen_at_delivery == [(START, 1, START + MINUTE)]
+
+
+async def test_a_crash_between_an_event_fire_s_triggers_and_its_record_triggers_once(
+    sched: Start, tmp_path: Path,
+) -> None:
+    plugins = copy_plugin(tmp_path / "trigger_plugins", TRIGGERED_PLUGIN)
+    r = await sched(plugin_dirs=[plugins])
+    await create(r, id="ticker", every="1m", event="ev.tick")
+    await fired(r, "ticker", START)
+    (trigger,) = await r.daemon.queue.list(name="sched.on_tick")
+    assert (await r.daemon.queue.wait(trigger.id, timeout=WAIT)).status == "succeeded"
+    await r.daemon.stop()
+    # As if the process died once the trigger's task committed, before the record did.
+    with sqlite3.connect(r.daemon.store.path) as db:
+        db.execute("UPDATE schedules SET next_fire = ?, last_fire = NULL, fires = 0 "
+                   "WHERE id = 'ticker'", (START,))
+
+    again = await sched(ManualClock(START), plugin_dirs=[plugins])
+    await fired(again, "ticker", START)
+    assert [t.id for t in await again.daemon.queue.list(name="sched.on_tick")] == [trigger.id]
+    after = await record(again, "ticker")
+    assert (after["fires"], after["last_fire"], after["next_fire"]) == (1, START, START + MINUTE)
+
+
 # --------------------------------------------------------------------------- missed fires
 
 
@@ -934,14 +985,16 @@ async def test_check_config_exits_2_on_a_bad_schedule(run_cli: Any, config_file:
     assert f"{path.resolve()}: [[schedules]] #2 (bad): every: 'soon' is not a duration" in err
 
 
-async def test_run_exits_2_when_a_config_schedule_names_an_unknown_task(
-    agentd_process: Any, config_file: Any
+@pytest.mark.parametrize("command", ["run", "check-config"])
+async def test_a_config_schedule_naming_an_unknown_task_exits_2(
+    run_cli: Any, config_file: Any, command: str
 ) -> None:
+    """check-config refuses what run refuses: it checks schedules against the tasks."""
     path = config_file('\n[[schedules]]\nid = "ghostly"\nevery = "1h"\ntask = "ghost.haunt"\n')
-    child = await agentd_process("run", "--config", str(path))
-    assert await child.finish() == 2
-    assert "configuration error" in child.stderr
-    assert "config schedule 'ghostly'" in child.stderr and "no task named 'ghost.haunt'" in child.stderr
+    code, _, err = await run_cli(command, "--config", str(path))
+    assert code == 2
+    assert f"configuration error: {path.resolve()}: config schedule 'ghostly': " in err
+    assert "no task named 'ghost.haunt'" in err
 
 
 async def test_a_plugin_schedule_naming_an_unknown_task_fails_only_that_plugin(

@@ -22,6 +22,7 @@ from agentd.errors import ConfigError, InvalidScheduleError
 from agentd.eventlog import EventLog
 from agentd.events import Event
 from agentd.health import LagMonitor
+from agentd.hooks import InboundHooks
 from agentd.log import get_logger
 from agentd.memory import MemoryStore
 from agentd.plugins import PluginManager
@@ -58,12 +59,14 @@ class Daemon:
         self.registry = TaskRegistry()
         self.queue = TaskQueue(self.store, self.bus, self.registry, config.tasks)
         self.services = Services.from_config(config)
+        self.hooks = InboundHooks.from_config(config, self.store)
         self.workers = WorkerPool(
             self.store, self.queue, self.registry, config.tasks, config.plugins.settings,
             services=self.services)
         self.plugins = PluginManager(config, self.bus, self.spawner, self.queue, self.services)
         self.eventlog = EventLog(self.store, self.bus, config.events)
-        self.scheduler = Scheduler(self.store, self.queue, self.bus, self.registry, clock)
+        self.scheduler = Scheduler(self.store, self.queue, self.bus, self.registry,
+                                   self.plugins.enqueue_triggers, clock=clock)
         builtin_queue = maintenance.builtin_queue(config)
         self._maintenance = maintenance.register(
             self.registry, config, store=self.store, queue=self.queue, eventlog=self.eventlog,
@@ -79,7 +82,8 @@ class Daemon:
         except ValueError as exc:
             raise ConfigError(f"{config.source}: {exc}") from None
         self._maintenance += self.digests.register(self.registry, builtin_queue)
-        self.lag = LagMonitor()
+        self.lag = LagMonitor(stall_warning=config.daemon.stall_warning,
+                              owner_of=self.plugins.owner_of)
         self.server: HttpServer | None = None
         self.stopping = False
         self.plugins_started = False
@@ -154,34 +158,58 @@ class Daemon:
 
     async def _start_scheduler(self) -> None:
         """Start the scheduler with the built-in, agentd.toml and plugin schedules (re-synced
-        at every start). A plugin schedule naming an unknown task fails its plugin; an
-        agentd.toml one stops the start as a configuration error."""
+        at every start)."""
+        await self.scheduler.start(self._declared_schedules())
+
+    def _declared_schedules(self) -> list[tuple[ScheduleSpec, str]]:
+        """The built-in, plugin and agentd.toml schedules, each checked against the registered
+        tasks. A bad plugin schedule fails its plugin alone, and the daemon runs on.
+
+        Raises:
+            ConfigError: an agentd.toml schedule would fail at every fire (checked after the
+                plugins, so a task of a plugin that failed counts as missing).
+        """
         declared = [(spec, maintenance.SOURCE) for spec in self._maintenance]
-        declared += [(ScheduleSpec.from_mapping(table), "config") for table in self.config.schedules]
         for record in list(self.plugins.plugins.values()):
-            if record.state != "started" or record.plugin is None:
+            if record.state not in ("loaded", "started") or record.plugin is None:
                 continue
             try:
                 specs = record.plugin.configured_schedules()
+                for spec in specs:
+                    self.scheduler.check(spec, "plugin")
             except InvalidScheduleError as exc:
                 self.plugins.fail(record.name, exc)
                 continue
-            unknown = [s.task for s in specs if s.task is not None and self.registry.find(s.task) is None]
-            if unknown:
-                self.plugins.fail(record.name, InvalidScheduleError(
-                    f"schedule task: no task named {unknown[0]!r} is registered"))
-                continue
             declared += [(spec, "plugin") for spec in specs]
-        try:
-            await self.scheduler.start(declared)
-        except InvalidScheduleError as exc:
-            raise ConfigError(f"{self.config.source}: {exc}") from None
+        for table in self.config.schedules:
+            spec = ScheduleSpec.from_mapping(table)
+            try:
+                self.scheduler.check(spec, "config")
+            except InvalidScheduleError as exc:
+                raise ConfigError(f"{self.config.source}: {exc}") from None
+            declared.append((spec, "config"))
+        return declared
+
+    async def check(self) -> None:
+        """What `agentd check-config` runs: build what `start` builds, short of opening the
+        store, running plugin startup hooks, starting loops and serving. It loads the
+        plugins (their failures are recorded in `plugins`, as `run` records them), checks
+        every schedule against the registered tasks and builds the memory embedder.
+
+        Raises:
+            ConfigError: what would stop `agentd run`, naming the file and key.
+        """
+        self.plugins.load_all()
+        self._declared_schedules()
+        build_embedder(self.config, self.plugins.embedders())
 
     async def publish_durably(self, topic: str, data: Mapping[str, Any]) -> Event:
-        """Publish, after committing the tasks of the durable handlers the event triggers:
-        what the caller is told was published cannot be lost by a crash."""
+        """Publish, after committing the event to the log and the tasks of the durable
+        handlers it triggers (one transaction while the store takes both): what the caller
+        is told was published cannot be lost by a crash, and a write the store refuses
+        (StoreWriteError) refuses the publish before anyone sees the event."""
         event = self.bus.make_event(topic, data)
-        await self.plugins.enqueue_triggers(event)
+        await asyncio.gather(self.eventlog.append(event), self.plugins.enqueue_triggers(event))
         self.bus.dispatch(event)
         return event
 

@@ -1,7 +1,7 @@
 """The `agentd` command: parse arguments, call into the daemon or its HTTP API, set the exit code.
 
 Exit codes: 0 success, 1 the operation failed (daemon unreachable, start failed),
-2 bad configuration or usage.
+2 bad configuration or usage, 141 the reader of stdout went away (`agentd tasks list | head`).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import os
 import sys
 import urllib.parse
 from collections.abc import Sequence
@@ -24,19 +25,43 @@ from agentd.log import configure_logging
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool killed by SIGPIPE
+
+_DESCRIPTION = """\
+agentd runs AI agents and their background work (schedules, a durable task queue, event
+handlers, long-term memory) in one process with one SQLite file. `agentd run` starts the
+daemon; the other commands ask a running daemon over its HTTP API, at the address and
+with the token of the same configuration."""
+
+_EPILOG = """\
+examples:
+  agentd check-config                   would `agentd run` start cleanly?
+  agentd run                            run the daemon in the foreground (Ctrl-C stops it)
+  agentd submit hello.greet --args '{"name": "Ada"}' --wait
+  agentd tasks list --status failed | head
+  agentd schedules add nightly --cron '0 3 * * *' --task reports.build
+
+configuration: --config PATH, else $AGENTD_CONFIG, else ./agentd.toml, else the built-in
+defaults; any key can be overridden as AGENTD_<SECTION>_<KEY> (e.g. AGENTD_SERVER_PORT=9000).
+
+exit codes: 0 success, 1 the operation failed, 2 bad configuration or usage.
+`agentd COMMAND --help` describes one command."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="agentd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="agentd", description=_DESCRIPTION, epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"agentd {__version__}")
     config_help = "agentd.toml to use (default: $AGENTD_CONFIG, else ./agentd.toml)"
     parser.add_argument("--config", metavar="PATH", help=config_help)
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS keeps a --config given before the command when none is given after it.
     common.add_argument("--config", metavar="PATH", help=config_help, default=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
-    sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
+    sub.add_parser("check-config", parents=[common],
+                   help="build what `run` would (plugins, schedules), without serving")
     sub.add_parser("status", parents=[common], help="ask the running daemon how it is")
 
     _task_commands(sub, common)
@@ -122,19 +147,27 @@ def _memory_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `agentd` command; returns the exit code."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, where a closed pipe can still be handled (--help too)
+    except BrokenPipeError:
+        # The reader went away (`agentd tasks list | head`): stop without a traceback, as a
+        # tool killed by SIGPIPE would. stdout now points at /dev/null, or Python's own
+        # flush at exit would fail again (the Python docs' recipe, "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load_config(find_config_path(args.config))
         if args.command == "check-config":
-            from agentd.app import Daemon
-
-            # Building the daemon (without starting it) checks what only it checks: the
-            # secrets of [mail], [llm] and [webhooks], and what digests can read.
-            Daemon(config)
-            config.api_token()
-            print(f"{config.source}: ok (database {config.database_path}, "
-                  f"listening on {config.server.host}:{config.server.port})")
-            return 0
+            return asyncio.run(_check_config(config))
         if args.command == "run":
             return _run(config)
         if args.command == "memory" and args.action == "reembed":
@@ -143,6 +176,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"agentd: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+async def _check_config(config: Config) -> int:
+    """Build what `agentd run` builds, short of serving (see `Daemon.check`): exit 2 for
+    what `run` would refuse (a ConfigError, raised), 1 for plugins `run` would fail, each
+    named with its file; a missing plugin directory is only a warning."""
+    from agentd.app import Daemon
+
+    daemon = Daemon(config)
+    config.api_token()
+    # Warnings and errors (a plugin's import traceback) go to stderr; stdout keeps the verdict.
+    configure_logging("warning", config.log.format, sys.stderr)
+    await daemon.check()
+    for warning in daemon.plugins.warnings:
+        print(f"agentd: warning: {warning['message']}", file=sys.stderr)
+    failed = [p for p in daemon.plugins.plugins.values() if p.state == "failed"]
+    for record in failed:
+        print(f"agentd: plugin {record.name} ({record.source}) would fail: {record.error}",
+              file=sys.stderr)
+    if failed:
+        print(f"{config.source}: {len(failed)} plugin(s) would fail; the daemon would run "
+              "without them", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{config.source}: ok (database {config.database_path}, "
+          f"listening on {config.server.host}:{config.server.port})")
+    return 0
 
 
 def _run(config: Config) -> int:

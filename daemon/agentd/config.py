@@ -8,7 +8,9 @@ variable), the key, what was expected and what was found.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -21,6 +23,8 @@ from agentd.errors import ConfigError
 CONFIG_ENV = "AGENTD_CONFIG"
 DEFAULT_CONFIG_NAME = "agentd.toml"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+_TOKEN = re.compile(r"[!-~]+")  # what an Authorization header can carry as one word
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +35,7 @@ class DaemonConfig:
     stop_timeout: float = 10.0
     handler_concurrency: int = 100
     handler_backlog: int = 1000
+    stall_warning: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +49,7 @@ class ServerConfig:
     max_body_bytes: int = 1_048_576
     max_loop_lag: float = 0.5
     allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +109,7 @@ class StreamsConfig:
     client_buffer: int = 1000
     send_timeout: float = 10.0
     token_ttl: float = 300.0
+    token_resume_ttl: float = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +131,20 @@ class MemoryConfig:
 
 @dataclass(frozen=True, slots=True)
 class HooksConfig:
-    """[hooks.<name>]: inbound webhooks, each with its HMAC secret (or secret_file)."""
+    """[hooks]: how far a signed timestamp may be off and how long delivery ids are kept;
+    [hooks.<name>]: one inbound webhook each, with its secret and the schemes it takes."""
 
+    tolerance: float = 300.0
+    replay_window: float = 604800.0
     settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+# The signature schemes a hook may take (see hooks.py); "standard" is the default.
+HOOK_SCHEMES = ("standard", "github", "agentd")
+_HOOK_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "secret": (str, "a string"), "secret_file": (str, "a string"), "secret_env": (str, "a string"),
+    "schemes": (list, "a list"), "tolerance": ((int, float), "a number of seconds"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,11 +183,13 @@ class LlmConfig:
 
 @dataclass(frozen=True, slots=True)
 class WebhooksConfig:
-    """[webhooks]: outgoing webhooks (`ctx.webhook.post`), signed with this secret."""
+    """[webhooks]: outgoing webhooks (`ctx.webhook.post`), signed with this secret, sent
+    only to public addresses and those in `allow_networks`."""
 
     secret: str = ""
     secret_file: str = ""
     timeout: float = 10.0
+    allow_networks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,13 +264,6 @@ class Config:
     def plugin_dirs(self) -> tuple[Path, ...]:
         return tuple(self.resolve(p) for p in self.plugins.paths)
 
-    def hook_secret(self, name: str) -> bytes | None:
-        """The HMAC secret of inbound webhook `name`, or None when no such hook is configured."""
-        table = self.hooks.settings.get(name)
-        if table is None:
-            return None
-        return self.secret(f"hooks.{name}", table, "secret").encode()
-
     def secret(self, section: str, table: Mapping[str, Any] | Any, key: str) -> str:
         """The secret `key` of a section: given inline (`<key>`), as the first line of the
         file `<key>_file`, or in the environment variable named by `<key>_env`, in that
@@ -279,8 +292,32 @@ class Config:
         return ""
 
     def api_token(self) -> str:
-        """The bearer token in force: `token`, else the first line of `token_file`, else ''."""
-        return self.secret("server", self.server, "token")
+        """The bearer token in force: `token`, else the first line of `token_file`, else ''.
+
+        Raises:
+            ConfigError: the token is blank or not one word of visible ASCII (it could not
+                be sent, or would look set while protecting nothing), or `token_file` is
+                empty or open to other users.
+        """
+        token = self.secret("server", self.server, "token")
+        if self.server.token_file and not self.server.token:
+            where = f"{self.origin('server', 'token_file')}: [server] token_file"
+            path = self.resolve(self.server.token_file)
+            info = path.stat()
+            mode = info.st_mode & 0o777
+            # A file of our own is ours alone; one another user (root) hands us through our
+            # group, as systemd/README.md installs secrets (0640, group agentd), may be
+            # group-readable.
+            shared = info.st_uid != os.geteuid()
+            if mode & (0o027 if shared else 0o077):
+                raise ConfigError(f"{where}: {path} is open to other users (mode {mode:04o}); "
+                                  f"chmod 600 {path} (or 640, owned by root, group of the daemon's user)")
+            if not token:
+                raise ConfigError(f"{where}: the first line of {path} is empty; write the token there")
+        if token and not _TOKEN.fullmatch(token):
+            raise ConfigError(f"{self.origin('server', 'token')}: [server] token: expected visible "
+                              "ASCII characters without spaces (the token goes into an HTTP header)")
+        return token
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -359,6 +396,28 @@ def _check_memory(config: Config) -> None:
                           "expected 0 < x <= 1")
 
 
+def _check_hooks(config: Config) -> None:
+    for name, table in config.hooks.settings.items():
+        where = f"{config.source}: [hooks.{name}]"
+        for key, value in table.items():
+            if key not in _HOOK_KEYS:
+                raise ConfigError(f"{where} unknown key {key!r}; known: {', '.join(_HOOK_KEYS)}")
+            kind, expected = _HOOK_KEYS[key]
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ConfigError(f"{where} {key}: expected {expected}, got {value!r}")
+        if not any(table.get(key) for key in ("secret", "secret_file", "secret_env")):
+            raise ConfigError(f"{where} needs a secret, secret_file or secret_env")
+        schemes = table.get("schemes", ["standard"])
+        if not schemes or not all(scheme in HOOK_SCHEMES for scheme in schemes):
+            raise ConfigError(f"{where} schemes: expected a list of {', '.join(HOOK_SCHEMES)}, "
+                              f"got {schemes!r}")
+        if table.get("tolerance", 1) <= 0:
+            raise ConfigError(f"{where} tolerance: expected a positive number of seconds")
+    if config.hooks.tolerance <= 0:
+        raise ConfigError(f"{config.origin('hooks', 'tolerance')}: [hooks] tolerance: expected a "
+                          "positive number of seconds")
+
+
 def _check_outbound(config: Config) -> None:
     from agentd.digests import DigestSpec
 
@@ -371,6 +430,12 @@ def _check_outbound(config: Config) -> None:
     if config.mail.timeout <= 0:
         raise ConfigError(f"{where('mail', 'timeout')}: [mail] timeout: expected a positive number "
                           "of seconds")
+    for network in config.webhooks.allow_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"{where('webhooks', 'allow_networks')}: [webhooks] allow_networks: "
+                              f"{network!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
     if config.llm.base_url and not config.llm.base_url.startswith(("http://", "https://")):
         raise ConfigError(f"{where('llm', 'base_url')}: [llm] base_url: expected an http:// or https:// "
                           f"URL, got {config.llm.base_url!r}")
@@ -401,12 +466,7 @@ def _check_rules(config: Config) -> None:
             TopicPattern.parse(pattern)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
-    for name, table in config.hooks.settings.items():
-        unknown = set(table) - {"secret", "secret_file"}
-        if unknown or not all(isinstance(v, str) for v in table.values()):
-            raise ConfigError(f"{config.source}: [hooks.{name}] takes only secret and secret_file (strings)")
-        if not table.get("secret") and not table.get("secret_file"):
-            raise ConfigError(f"{config.source}: [hooks.{name}] needs a secret or a secret_file")
+    _check_hooks(config)
     for number, table in enumerate(config.schedules, start=1):
         try:
             ScheduleSpec.from_mapping(table)
@@ -507,13 +567,31 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+def _is_host_entry(entry: str) -> bool:
+    """A host name, an address (IPv6 with or without brackets) or "*", without port."""
+    if entry == "*" or _HOST_NAME.fullmatch(entry):
+        return True
+    try:
+        ipaddress.IPv6Address(entry.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
+
+
 def check_serving_rules(config: Config) -> None:
-    """Refuse a configuration that would expose the API beyond loopback without a token."""
-    if config.server.host not in LOOPBACK_HOSTS and not config.api_token():
+    """Refuse a configuration that would expose the API beyond loopback without a token, a
+    bad token, port or `allowed_hosts` entry."""
+    token = config.api_token()  # checked wherever it listens
+    if config.server.host not in LOOPBACK_HOSTS and not token:
         raise ConfigError(
             f"{config.origin('server', 'host')}: [server] host = {config.server.host!r} is not a "
             "loopback address; set [server] token or token_file before listening beyond this machine"
         )
+    for entry in config.server.allowed_hosts:
+        if not _is_host_entry(entry):
+            raise ConfigError(f"{config.origin('server', 'allowed_hosts')}: [server] allowed_hosts: "
+                              f"expected host names or addresses without scheme or port (or \"*\"), "
+                              f"got {entry!r}")
     if not 0 <= config.server.port <= 65535:
         raise ConfigError(f"{config.origin('server', 'port')}: [server] port: expected 0..65535, "
                           f"got {config.server.port}")

@@ -21,6 +21,13 @@ a thread hop costs 0.3 to 0.5 ms on the reference machine, more than the commit.
 
 Reads that are not part of a write go through an aiosqlite connection, off the loop.
 
+Failed writes. A write the storage refuses (a full disk or `max_page_count`, an I/O error,
+a read-only file, a lock held past busy_timeout) fails with a `StoreWriteError` naming the
+cause, and nothing of it is stored; the store keeps running and the same write succeeds
+once the cause is gone. `failure` is the last such error until a write check
+(`check_writable`, a write that needs room) commits: the store runs one every
+`_PROBE_INTERVAL` s while writes fail, and logs when they start failing and recover.
+
 Checkpoints. The writer never checkpoints (`wal_autocheckpoint = 0`): a checkpoint fsyncs
 and would stall the loop for milliseconds. `run_checkpoints` copies the WAL back into the
 database from the reader connection, in its thread, once the WAL has grown.
@@ -29,6 +36,7 @@ database from the reader connection, in its thread, once the WAL has grown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -44,7 +52,15 @@ import aiosqlite
 import sqlite_vec
 
 from agentd.config import StoreConfig
-from agentd.errors import StoreError, StoreLockedError
+from agentd.errors import (
+    StoreBusyError,
+    StoreError,
+    StoreFullError,
+    StoreIOError,
+    StoreLockedError,
+    StoreReadOnlyError,
+    StoreWriteError,
+)
 from agentd.log import get_logger
 
 T = TypeVar("T")
@@ -54,6 +70,8 @@ Connection = sqlite3.Connection  # the driver's connection class has the same in
 WriteOp = Callable[[Connection], T]
 
 _MAX_OPS_PER_TRANSACTION = 512
+# Seconds between the store's own write checks while its writes fail.
+_PROBE_INTERVAL = 1.0
 # Ticks a flush may wait past the first two while every tick brings more writes.
 _MAX_DEFERRED_TICKS = 6
 
@@ -106,6 +124,20 @@ IntegrityError: tuple[type[Exception], ...] = (driver.IntegrityError, sqlite3.In
 
 
 WAL_SIZE_LIMIT = 64 << 20  # bytes of WAL file kept after a checkpoint resets it
+
+# The storage failures a write can meet, by SQLite's primary result code (the low byte of
+# the extended code the driver reports), and what each tells the client.
+_WRITE_ERRORS: dict[int, tuple[type[StoreWriteError], str]] = {
+    5: (StoreBusyError, "the database stayed locked by another connection past busy_timeout_ms"),
+    6: (StoreBusyError, "the database stayed locked by another connection past busy_timeout_ms"),
+    8: (StoreReadOnlyError, "the database files cannot be written (permissions, a read-only mount)"),
+    10: (StoreIOError, "the disk failed a read or a write of the database files"),
+    13: (StoreFullError, "the disk (or the database's max_page_count) is full"),
+}
+# The same causes by SQLite's message, for errors that come without a code: sqlite-vec
+# reports a failed write of its own as an error of its own that quotes SQLite's message.
+_WRITE_MESSAGES = {"database is locked": 5, "attempt to write a readonly database": 8,
+                   "disk I/O error": 10, "database or disk is full": 13}
 
 
 def connect(path: Path, config: StoreConfig, extensions: bool = True) -> Connection:
@@ -184,12 +216,13 @@ def migrate(conn: Connection, path: Path, migrations: list[tuple[int, str, str]]
 class _FileLock:
     """An exclusive `flock` on `<database>.lock`, holding the owner's pid for the error message."""
 
-    def __init__(self, database: Path) -> None:
+    def __init__(self, database: Path, setting: str) -> None:
         self.path = database.with_name(database.name + ".lock")
+        self._setting = setting
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -197,7 +230,7 @@ class _FileLock:
             os.close(fd)
             raise StoreLockedError(
                 f"{self.path.with_suffix('')} is in use by another agentd process (pid {holder}); "
-                "stop it or set a different [store] path"
+                f"stop it or set a different {self._setting}"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -212,10 +245,12 @@ class _FileLock:
 class Store:
     """The daemon's database: one owner process, one writer connection, and `readers`
     reader connections (each its own thread: SQLite runs queries without the GIL, so two
-    readers use two cores for slow reads such as vector searches)."""
+    readers use two cores for slow reads such as vector searches). `setting` is the
+    agentd.toml key that names `path`, for error messages."""
 
     def __init__(self, path: Path, config: StoreConfig, *, migrations: str = "sql",
-                 writes_in_thread: bool = False, readers: int = 1, extensions: bool = True) -> None:
+                 writes_in_thread: bool = False, readers: int = 1, extensions: bool = True,
+                 setting: str = "[store] path") -> None:
         self.path = path
         self.config = config
         self.extensions = extensions
@@ -224,7 +259,7 @@ class Store:
         self._writes_in_thread = writes_in_thread
         self.schema_version = 0
         self._log = get_logger("store")
-        self._lock = _FileLock(path)
+        self._lock = _FileLock(path, setting)
         self._conn: Connection | None = None
         self._reader_count = max(1, readers)
         self._readers: list[aiosqlite.Connection] = []
@@ -235,12 +270,21 @@ class Store:
         self._flushing: asyncio.Task[None] | None = None
         self._riders: list[Callable[[], None]] = []
         self.transactions = 0  # write transactions committed since open: how well writes group
+        # The storage error of the last failed transaction, None once a write check commits
+        # (set by the writer, read on the loop). Not any commit: on a full disk the writes
+        # that fit in pages the file has commit while the rest fail.
+        self.failure: StoreWriteError | None = None
+        self._reported: StoreWriteError | None = None  # the failure last logged
+        self._prober: asyncio.Task[None] | None = None
         self._submitted = 0  # writes and batched values handed in: tells a quiet tick
 
     async def open(self) -> None:
         """Take the lock, open the connections and migrate. Raises StoreError."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Private from the start (0700, 0600), whatever the umask: the database holds
+            # task arguments, results and the stream tokens' signing key.
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite's -wal/-shm copy its mode
         except OSError as exc:
             raise StoreError(f"cannot create the data directory {self.path.parent}: {exc}") from exc
         self._lock.acquire()
@@ -273,6 +317,8 @@ class Store:
             await self._flush_threaded()
         while self._pending and self._executor is None:
             self._flush_inline()
+        if self._prober is not None:  # after the last writes: their failure may start one
+            self._prober.cancel()
         readers, self._readers, self._reads_in_flight = self._readers, [], []
         for reader in readers:
             await reader.close()
@@ -284,12 +330,18 @@ class Store:
             self._conn = None
         self._lock.release()
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close` has run: writes are refused with a StoreError."""
+        return self._conn is None
+
     def write(self, op: WriteOp[T]) -> asyncio.Future[T]:
         """Run `op(connection)` inside a grouped write transaction; resolve to its return value.
 
         The future resolves after the transaction commits. `op` must act only on the
         connection: if another op of its batch fails, the batch is rolled back and each op
-        is run again in a transaction of its own, so only the failing one fails.
+        is run again in a transaction of its own, so only the failing one fails. A write
+        the storage refuses fails with a `StoreWriteError` (see the module docstring).
         """
         if self._conn is None:
             raise StoreError(f"{self.path}: the store is closed")
@@ -346,8 +398,12 @@ class Store:
         instead, which holds the writer thread (up to busy_timeout) and makes the next write
         start the WAL over, cut back to WAL_SIZE_LIMIT. The queue's store stays PASSIVE:
         holding its writer would hold claims and acks (up to a second, measured), so its
-        WAL is bounded by `maintain()`'s TRUNCATE."""
+        WAL is bounded by `maintain()`'s TRUNCATE.
+
+        A checkpoint that fails (the database file cannot grow on a full disk) is logged
+        once and tried again every `interval` s: the WAL keeps its pages meanwhile."""
         wal = self.path.with_name(self.path.name + "-wal")
+        failing = False
         while True:
             await asyncio.sleep(interval)
             try:
@@ -355,9 +411,21 @@ class Store:
             except FileNotFoundError:
                 continue
             if size > WAL_SIZE_LIMIT and self._writes_in_thread:
-                await self.checkpoint("RESTART")
+                mode = "RESTART"
             elif size > wal_limit:
-                await self.checkpoint("PASSIVE")
+                mode = "PASSIVE"
+            else:
+                continue
+            try:
+                await self.checkpoint(mode)
+            except Error as exc:
+                if not failing:
+                    self._log.error("store.checkpoint_failed", path=str(self.path), error=str(exc))
+                failing = True
+                continue
+            if failing:
+                self._log.warning("store.checkpoint_recovered", path=str(self.path))
+                failing = False
 
     async def maintain(self) -> dict[str, int]:
         """Fold the WAL into the database and truncate it, and give free pages back to the
@@ -367,14 +435,16 @@ class Store:
         return {"checkpoint_busy": busy, "wal_pages": wal_pages, "pages_copied": copied,
                 "pages_freed": freed}
 
-    async def stats(self, tables: tuple[str, ...]) -> dict[str, int]:
-        """The database's size on disk and the row count of each table in `tables`."""
+    async def stats(self, tables: tuple[str, ...]) -> dict[str, int | str | None]:
+        """The database's size on disk, the row count of each table in `tables`, and the
+        code of the storage failure writes meet now (None while they commit)."""
         row = await self.read_one(
             "SELECT (SELECT page_count FROM pragma_page_count) AS pages, "
             "(SELECT page_size FROM pragma_page_size) AS page_size, "
             "(SELECT freelist_count FROM pragma_freelist_count) AS free")
         wal = self.path.with_name(self.path.name + "-wal")
-        out = {
+        out: dict[str, int | str | None] = {
+            "write_failure": None if self.failure is None else self.failure.code,
             "transactions": self.transactions,
             "bytes": row["pages"] * row["page_size"] if row is not None else 0,
             "free_pages": row["free"] if row is not None else 0,
@@ -386,10 +456,13 @@ class Store:
         return out
 
     async def check_writable(self) -> None:
-        """Raise StoreError unless a write transaction can be taken and committed now."""
-        await self.write(lambda conn: conn.execute(
-            "INSERT INTO meta(key, value) VALUES ('last_write_check', ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(time.time()),)))
+        """Raise StoreError (`StoreWriteError` naming the cause) unless a write that needs
+        room commits now. The check takes two pages and gives them back in its transaction:
+        a write that only rewrites pages the file has commits on a full disk while every
+        insert fails."""
+        await self.write(_write_check)
+        self.failure = None
+        self._report()
 
     def add_rider(self, rider: Callable[[], None]) -> None:
         """Call `rider()` just before each batch is taken, so it can add writes of its own
@@ -428,6 +501,7 @@ class Store:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_inline)
         _settle(batch, self._run_batch([op for op, _ in batch]))
+        self._report()
 
     async def _flush_threaded(self) -> None:
         loop = asyncio.get_running_loop()
@@ -441,6 +515,7 @@ class Store:
                     self._executor, self._run_batch, [op for op, _ in batch]
                 )
                 _settle(batch, outcomes)
+                self._report()
                 # One turn of the loop before the next batch is taken: those woken by this
                 # one act first (a claim loop counts what it claimed before the riders size
                 # the next claims against the same limits).
@@ -450,6 +525,8 @@ class Store:
             self._flushing = None
 
     def _run_batch(self, ops: list[WriteOp[Any]]) -> list[tuple[bool, Any]]:
+        """Each op's outcome, (True, its result) or (False, its error); never raises: a
+        batch's futures are settled whatever happens to it."""
         conn = self._conn
         if not ops:
             return []
@@ -459,15 +536,65 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             results = [op(conn) for op in ops]
             conn.execute("COMMIT")
+        except Exception as exc:
+            error = self._write_error(exc) or exc
+            if conn.in_transaction:  # SQLite rolls back by itself after some failures
+                # A failing rollback (the disk gone) changes nothing: `exc` is the error.
+                with contextlib.suppress(Exception):
+                    conn.execute("ROLLBACK")
+            if isinstance(error, StoreWriteError):
+                self.failure = error
+            if len(ops) == 1 or isinstance(error, StoreBusyError):
+                # Alone, each op would wait out busy_timeout again: they all fail with it.
+                return [(False, error)] * len(ops)
+        else:
             self.transactions += 1
             return [(True, result) for result in results]
-        except Exception as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if len(ops) == 1:
-                return [(False, exc)]
-        # One op failed the batch: run each alone so the others still commit.
+        # One op failed the batch: run each alone so the others still commit (on a full
+        # disk, the writes that need no new room).
         return [self._run_batch([op])[0] for op in ops]
+
+    def _write_error(self, exc: Exception) -> StoreWriteError | None:
+        """The `StoreWriteError` an SQLite error stands for, or None if it is not one."""
+        if not isinstance(exc, Error):
+            return None
+        code: int | None = getattr(exc, "sqlite_errorcode", None)
+        text = str(exc)
+        if code is None or code & 0xFF not in _WRITE_ERRORS:
+            code = next((c for message, c in _WRITE_MESSAGES.items() if message in text), None)
+            if code is None:
+                return None
+        kind, cause = _WRITE_ERRORS[code & 0xFF]
+        error = kind(f"{self.path}: {cause}; nothing of this write was stored (SQLite: {text})")
+        error.__cause__ = exc
+        return error
+
+    def _report(self) -> None:
+        """Log when writes start failing, change cause, and recover: once each, not once
+        per write (on a full disk every write fails). Start checking for the recovery."""
+        failure, reported = self.failure, self._reported
+        if type(failure) is type(reported):
+            return
+        self._reported = failure
+        if failure is None:
+            self._log.warning("store.writes_recovered", path=str(self.path))
+            return
+        self._log.error("store.writes_failing", path=str(self.path), code=failure.code,
+                        error=str(failure))
+        if self._prober is None:
+            self._prober = asyncio.get_running_loop().create_task(
+                self._check_until_writable(), name=f"store-check:{self.path.name}")
+
+    async def _check_until_writable(self) -> None:
+        """While writes fail, run a write check every `_PROBE_INTERVAL` s: the first that
+        commits clears `failure` (nothing else would once writes stop coming)."""
+        try:
+            while self.failure is not None and not self.closed:
+                await asyncio.sleep(_PROBE_INTERVAL)
+                with contextlib.suppress(StoreError):  # still failing: check again later
+                    await self.check_writable()
+        finally:
+            self._prober = None
 
 
 class BatchedWrite(Generic[V, R]):
@@ -524,6 +651,18 @@ def execute_rows(conn: Connection, template: str, row: str, rows: list[tuple[Any
         conn.execute(template.format(rows=",".join([row] * size)),
                      [value for values in chunk for value in values])
         start += size
+
+
+def _write_check(conn: Connection) -> None:
+    """`Store.check_writable`'s write: records the check, and takes two pages' worth of
+    room (a row of zeros) that it gives back before it commits."""
+    conn.execute(
+        "INSERT INTO meta(key, value) VALUES ('last_write_check', ?) "
+        "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(time.time()),))
+    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    conn.execute("INSERT INTO meta(key, value) VALUES ('write_check_room', zeroblob(?))",
+                 (2 * page_size,))
+    conn.execute("DELETE FROM meta WHERE key = 'write_check_room'")
 
 
 def _incremental_vacuum(conn: Connection) -> int:

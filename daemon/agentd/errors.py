@@ -21,6 +21,38 @@ class StoreLockedError(StoreError):
     """Another agentd process owns the database file."""
 
 
+class StoreWriteError(StoreError):
+    """A write was not committed for a reason of the storage, not of what was written:
+    nothing of it is stored, and the same write can succeed once the cause is gone. The
+    subclasses name the cause; `code` is how the HTTP API names it."""
+
+    code = "store_unavailable"
+
+
+class StoreFullError(StoreWriteError):
+    """The disk, or the database's `max_page_count`, has no room for the write."""
+
+    code = "store_full"
+
+
+class StoreBusyError(StoreWriteError):
+    """Another connection held the database locked for longer than `busy_timeout_ms`."""
+
+    code = "store_busy"
+
+
+class StoreIOError(StoreWriteError):
+    """The operating system failed a read or a write of the database's files."""
+
+    code = "store_io_error"
+
+
+class StoreReadOnlyError(StoreWriteError):
+    """The database's files cannot be written (permissions, a read-only mount)."""
+
+    code = "store_read_only"
+
+
 class PluginError(AgentdError):
     """A plugin could not be imported, declared itself wrongly, or failed to start."""
 

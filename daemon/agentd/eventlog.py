@@ -6,6 +6,12 @@ are among the last `ring_size` and younger than `ring_seconds`, `durable` events
 `retention` seconds. Events are appended in batches through the store's grouped writes.
 `horizon` is the newest id the sweeper has deleted: a client asking for events after an
 older id may have missed some, and is told so with a gap.
+
+A batch the storage refuses (`StoreWriteError`: a full disk...) is kept and written again,
+after `_RETRY_FIRST` s doubling up to `_RETRY_MAX`, until it commits; meanwhile the events
+stay in memory (replays see them), at most `_KEPT_WHILE_REFUSED` of them (the oldest beyond
+are dropped and counted in `lost`). `append` stores an event before it is dispatched, for
+publishers that must hear of a refusal.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from typing import Any
 from agentd.bus import Bus, Subscription
 from agentd.config import EventsConfig
 from agentd.db import Connection, Row, Store, WriteOp, execute_rows
+from agentd.errors import StoreWriteError
 from agentd.events import Event, TopicPattern
 from agentd.jsontext import lenient_encoder
 from agentd.log import get_logger
 
+_ROW = "(?,?,?,?,?,?,?)"
 INSERT_EVENTS = (
     "INSERT OR IGNORE INTO events (id, topic, time, data, correlation_id, causation_id, durable) "
     "VALUES {rows}"
@@ -30,6 +38,12 @@ INSERT_EVENTS = (
 _PAGE = 1000
 # Pending events wait at most this long for another write to ride along with.
 _ALONE_AFTER = 0.02
+# Seconds before a batch the storage refused is written again: the first wait, doubled
+# after each refusal up to the last.
+_RETRY_FIRST = 0.05
+_RETRY_MAX = 1.0
+# Events kept in memory while the storage refuses them (a few MB).
+_KEPT_WHILE_REFUSED = 10_000
 _ENCODE = lenient_encoder()
 
 
@@ -53,6 +67,9 @@ class EventLog:
         self._in_flight: list[Event] = []
         self._writing = False
         self._timer: asyncio.TimerHandle | None = None
+        # While set, the storage refused the last batch: nothing rides along with other
+        # writes (each would fail its batch) until this wait is over.
+        self._refused_wait: float | None = None
         self._drained = asyncio.Event()
         self._drained.set()
         self._subscription: Subscription | None = None
@@ -82,6 +99,18 @@ class EventLog:
             self._submit(self.store.write)
         await self._drained.wait()
 
+    async def append(self, event: Event) -> None:
+        """Store `event` (unless its topic is ephemeral) before it is dispatched; return once
+        committed. Its row written again when it is dispatched changes nothing (an event's
+        id is its key: INSERT OR IGNORE).
+
+        Raises:
+            StoreWriteError: the storage refused the write; the event is not stored.
+        """
+        if self.persistence(event.topic) != "ephemeral":
+            row = self._row(event)
+            await self.store.write(lambda conn: execute_rows(conn, INSERT_EVENTS, _ROW, [row]))
+
     def persistence(self, topic: str) -> str:
         """The class of `topic`: ephemeral, ring or durable (ring when no rule matches)."""
         kind = self._class_of.get(topic)
@@ -93,7 +122,7 @@ class EventLog:
     def _record(self, event: Event) -> None:
         """Bus callback, for topics that are not ephemeral (see `start`)."""
         self._pending.append(event)
-        if not self._writing and self._timer is None:
+        if not self._writing and self._timer is None and self._refused_wait is None:
             self._drained.clear()
             # Events ride along with the next batch of other writes (see `_ride`); this timer
             # writes them on their own only when no other write comes in time.
@@ -101,12 +130,19 @@ class EventLog:
 
     def _ride(self) -> None:
         """Store rider: put the pending events into the batch about to be written."""
-        if self._pending and not self._writing:
+        if self._pending and not self._writing and self._refused_wait is None:
             self._submit(self.store.join_batch)
 
     def _submit_alone(self) -> None:
         self._timer = None
         if self._pending and not self._writing:
+            if self.store.closed:  # refused until the daemon stopped: never stored
+                self.lost += len(self._pending)
+                self._log.error("eventlog.write_failed", events=len(self._pending),
+                                error="the store closed before they could be written")
+                self._pending = []
+                self._drained.set()
+                return
             self._submit(self.store.write)
 
     def _submit(self, write: Callable[[WriteOp[Any]], asyncio.Future[Any]]) -> None:
@@ -116,25 +152,44 @@ class EventLog:
         batch, self._pending = self._pending, []
         self._in_flight = batch
         self._writing = True
-        rows = [
-            (e.id, e.topic, e.time, _ENCODE(e.data), e.correlation_id, e.causation_id,
-             int(self.persistence(e.topic) == "durable"))
-            for e in batch
-        ]
-        written = write(lambda conn: execute_rows(conn, INSERT_EVENTS, "(?,?,?,?,?,?,?)", rows))
+        rows = [self._row(e) for e in batch]
+        written = write(lambda conn: execute_rows(conn, INSERT_EVENTS, _ROW, rows))
         written.add_done_callback(self._written)
 
+    def _row(self, e: Event) -> tuple[Any, ...]:
+        return (e.id, e.topic, e.time, _ENCODE(e.data), e.correlation_id, e.causation_id,
+                int(self.persistence(e.topic) == "durable"))
+
     def _written(self, future: asyncio.Future[Any]) -> None:
-        if not future.cancelled() and future.exception() is not None:
+        error = None if future.cancelled() else future.exception()
+        wait = _ALONE_AFTER
+        if isinstance(error, StoreWriteError) and not self.store.closed:
+            wait = self._keep_refused(error)
+        elif error is not None:
             self.lost += len(self._in_flight)
-            self._log.error("eventlog.write_failed", events=len(self._in_flight),
-                            error=str(future.exception()))
+            self._log.error("eventlog.write_failed", events=len(self._in_flight), error=str(error))
+        else:
+            self._refused_wait = None
         self._in_flight = []
         self._writing = False
         if self._pending:
-            self._timer = asyncio.get_running_loop().call_later(_ALONE_AFTER, self._submit_alone)
+            self._timer = asyncio.get_running_loop().call_later(wait, self._submit_alone)
         else:
             self._drained.set()
+
+    def _keep_refused(self, error: StoreWriteError) -> float:
+        """Put a refused batch back in front of the pending events, to be written again
+        after the wait this returns."""
+        self._pending[:0] = self._in_flight
+        dropped = len(self._pending) - _KEPT_WHILE_REFUSED
+        if dropped > 0:
+            del self._pending[:dropped]
+            self.lost += dropped
+        wait = self._refused_wait or _RETRY_FIRST
+        self._refused_wait = min(wait * 2, _RETRY_MAX)
+        self._log.error("eventlog.write_refused", events=len(self._pending), error=str(error),
+                        dropped=max(0, dropped), retry_in=wait)
+        return wait
 
     async def replay(self, after: int, accept: Callable[[Event], bool]) -> list[Event]:
         """Every kept event with id > `after` that `accept`s, in id order, the ones not yet

@@ -5,9 +5,12 @@ Sources, in this order: every `*.py` module and every package (a folder with
 entry-point group. A module declares `plugin = Plugin("name")`. `[plugins] enabled`
 (when not empty) and `disabled` filter by plugin name and, before import, by module name.
 
+Loading (import, then registering the plugin's tasks) is what `agentd check-config`
+checks too; starting (subscribing its handlers, running its startup hooks) is `run`'s alone.
 A plugin that fails to import or to start is recorded as `failed` with its error, its
 registrations are removed, and the daemon runs on. Everything a plugin registers is
-undone when it is unloaded.
+undone when it is unloaded. A configured plugin directory that does not exist is a
+warning (in `warnings`, shown by `/healthz`), not an error.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ class LoadedPlugin:
     source: str
     state: State
     error: str | None = None
+    module: str = ""  # the Python module it was imported as ("" when its import failed)
     plugin: Plugin | None = None
     registrations: ExitStack = field(default_factory=ExitStack)
 
@@ -109,6 +113,7 @@ class _Candidate:
     module_name: str
     source: str
     load: Callable[[], Any]
+    module: str  # the name it is imported as
 
 
 class PluginManager:
@@ -123,6 +128,7 @@ class PluginManager:
         self._log = get_logger("plugins")
         self.plugins: dict[str, LoadedPlugin] = {}
         self.services = services
+        self.warnings: list[dict[str, str]] = []
         self._seen_names: set[str] = set()  # module and plugin names found, for enabled/disabled
         self._triggers: list[tuple[TopicPattern, str]] = []
         self._enqueued: set[tuple[int, str]] = set()
@@ -134,17 +140,26 @@ class PluginManager:
     def failed(self) -> list[str]:
         return [p.name for p in self.plugins.values() if p.state == "failed"]
 
-    async def start_all(self, deadline: float) -> None:
-        """Import and start every enabled plugin. Failures are recorded, never raised."""
+    def load_all(self) -> None:
+        """Import every enabled plugin and register its tasks (the durable handlers' too),
+        without starting anything. Failures are recorded, never raised."""
         for candidate in self._discover():
             record = self._import(candidate)
             if record is not None and record.state == "loaded":
-                await self._start(record, deadline)
+                self._register_tasks(record)
         unknown = {*self._config.plugins.enabled, *self._config.plugins.disabled} - self._seen_names
         if unknown:
             # A misspelt name in enabled/disabled silently does nothing otherwise.
             self._log.warning("plugins.unknown_names", names=sorted(unknown),
                               found=sorted(self._seen_names))
+
+    async def start_all(self, deadline: float) -> None:
+        """Load every enabled plugin, then start each: subscribe its handlers, run its
+        startup hooks. Failures are recorded, never raised."""
+        self.load_all()
+        for record in list(self.plugins.values()):
+            if record.state == "loaded":
+                await self._start(record, deadline)
 
     async def stop_all(self, deadline: float) -> None:
         """Run shutdown hooks of started plugins, last started first, then unload them all."""
@@ -161,12 +176,20 @@ class PluginManager:
             record.registrations.close()
 
     def embedders(self) -> dict[str, Callable[[Config], Any]]:
-        """The embedder factories registered by started plugins, by name."""
+        """The embedder factories registered by loaded or started plugins, by name."""
         found: dict[str, Callable[[Config], Any]] = {}
         for record in self.plugins.values():
-            if record.state == "started" and record.plugin is not None:
+            if record.state in ("loaded", "started") and record.plugin is not None:
                 found.update(record.plugin.embedders)
         return found
+
+    def owner_of(self, module: str) -> str | None:
+        """The plugin whose code `module` is (its module or one inside its package), or
+        None. Safe to call from another thread: the stall watch does, to name a culprit."""
+        for record in list(self.plugins.values()):
+            if record.module and (module == record.module or module.startswith(record.module + ".")):
+                return record.name
+        return None
 
     def unload(self, name: str) -> None:
         """Remove everything `name` registered; its record stays, marked stopped."""
@@ -184,20 +207,23 @@ class PluginManager:
     def _discover(self) -> Iterator[_Candidate]:
         for directory in self._config.plugin_dirs:
             if not directory.is_dir():
-                self._log.info("plugins.directory_missing", path=str(directory))
+                self._log.warning("plugins.directory_missing", path=str(directory))
+                self.warnings.append({"warning": "plugin_directory_missing", "path": str(directory),
+                                      "message": f"plugin directory {directory} does not exist"})
                 continue
             for path in sorted(directory.iterdir()):
                 if path.name.startswith(("_", ".")):
                     continue
                 if path.suffix == ".py" and path.is_file():
-                    yield _Candidate(path.stem, str(path), _path_loader(path.stem, path, None))
+                    yield _Candidate(path.stem, str(path), _path_loader(path.stem, path, None),
+                                     f"{_MODULE_PREFIX}.{path.stem}")
                 elif path.is_dir() and (path / "__init__.py").is_file():
                     yield _Candidate(
-                        path.name, str(path), _path_loader(path.name, path / "__init__.py", path)
-                    )
+                        path.name, str(path), _path_loader(path.name, path / "__init__.py", path),
+                        f"{_MODULE_PREFIX}.{path.name}")
         if self._config.plugins.entry_points:
             for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-                yield _Candidate(ep.name, f"entry point {ep.value}", ep.load)
+                yield _Candidate(ep.name, f"entry point {ep.value}", ep.load, ep.module)
 
     def _wanted(self, name: str) -> bool:
         enabled, disabled = self._config.plugins.enabled, self._config.plugins.disabled
@@ -225,7 +251,8 @@ class PluginManager:
                 register_as=f"{plugin.name}@{candidate.source}",
             )
         plugin.bind_config(self._config.plugins.settings.get(plugin.name, {}))
-        record = LoadedPlugin(plugin.name, candidate.source, "loaded", plugin=plugin)
+        record = LoadedPlugin(plugin.name, candidate.source, "loaded", plugin=plugin,
+                              module=candidate.module)
         self.plugins[plugin.name] = record
         self._log.info("plugin.loaded", plugin=plugin.name, source=candidate.source)
         return record
@@ -240,11 +267,11 @@ class PluginManager:
         self._bus.publish("plugin.failed", {"plugin": name, "error": record.error})
         return record
 
-    async def _start(self, record: LoadedPlugin, deadline: float) -> None:
+    def _register_tasks(self, record: LoadedPlugin) -> None:
+        """Register the plugin's tasks and its durable handlers' tasks; fail it on a clash."""
         plugin = record.plugin
         if plugin is None:
             return
-        ctx = self.context(plugin)
         try:
             for definition in plugin.tasks:
                 record.registrations.callback(self._queue.registry.add(definition))
@@ -252,9 +279,18 @@ class PluginManager:
                     self._log.warning(
                         "plugin.task_queue_unconfigured", plugin=plugin.name, task=definition.name,
                         queue=definition.queue, hint=f"add {definition.queue} to [tasks] queues")
+            for spec in plugin.handlers:
+                if spec.durable:
+                    record.registrations.callback(
+                        self._queue.registry.add(_trigger_task(record.name, spec)))
         except Exception as exc:
             self._fail_started(record, exc)
+
+    async def _start(self, record: LoadedPlugin, deadline: float) -> None:
+        plugin = record.plugin
+        if plugin is None:
             return
+        ctx = self.context(plugin)
         try:
             for spec in plugin.handlers:
                 callback = (self._trigger(record, spec) if spec.durable
@@ -274,26 +310,20 @@ class PluginManager:
         self._bus.publish("plugin.started", {"plugin": plugin.name})
 
     def fail(self, name: str, exc: BaseException) -> None:
-        """Mark a started plugin failed (a problem found after its start) and unload it."""
+        """Mark a loaded or started plugin failed (a problem found after its start, such as
+        a bad schedule) and unload it."""
         self._fail_started(self.plugins[name], exc)
 
     def _fail_started(self, record: LoadedPlugin, exc: BaseException) -> None:
         record.registrations.close()
         record.state, record.error = "failed", _describe(exc)
-        self._log.error("plugin.failed", plugin=record.name, stage="startup", error=record.error)
+        self._log.error("plugin.failed", plugin=record.name, source=record.source, stage="startup",
+                        error=record.error)
         self._bus.publish("plugin.failed", {"plugin": record.name, "error": record.error})
 
     def _trigger(self, record: LoadedPlugin, spec: HandlerSpec) -> Callable[[Event], None]:
-        """Register the task behind a durable handler; return the bus callback that enqueues it."""
+        """The bus callback that enqueues a durable handler's task (registered at load)."""
         task_name = f"{record.name}.{spec.name}"
-        handler = spec.fn
-
-        async def run_trigger(ctx: Any, event: dict[str, Any]) -> None:
-            await handler(ctx, Event(**event))
-
-        run_trigger.__name__ = spec.name
-        record.registrations.callback(self._queue.registry.add(TaskDef(
-            name=task_name, fn=run_trigger, max_attempts=spec.max_attempts, plugin=record.name)))
         pattern = TopicPattern.parse(spec.pattern)
         trigger = (pattern, task_name)
         self._triggers.append(trigger)
@@ -309,11 +339,13 @@ class PluginManager:
 
         return on_event
 
-    async def enqueue_triggers(self, event: Event) -> None:
-        """Commit the tasks of every durable handler `event` matches (before it is published)."""
+    async def enqueue_triggers(self, event: Event, key: str | None = None) -> None:
+        """Commit the tasks of every durable handler `event` matches (before it is published).
+        With `key`, each task's idempotency key is `<key>:<task name>`, kept for good: the
+        same key finds the tasks already committed instead of making more."""
         names = [name for pattern, name in self._triggers if pattern.matches(event.topic)]
         if names:
-            await self._queue.enqueue_many([_trigger_request(name, event) for name in names])
+            await self._queue.enqueue_many([_trigger_request(name, event, key) for name in names])
             self._enqueued.update((event.id, name) for name in names)
 
     def _handler_callback(self, ctx: PluginContext, spec: HandlerSpec) -> Callable[[Event], None]:
@@ -334,10 +366,23 @@ class PluginManager:
         return on_event
 
 
-def _trigger_request(task_name: str, event: Event) -> TaskRequest:
+def _trigger_task(plugin_name: str, spec: HandlerSpec) -> TaskDef:
+    """The task that runs a durable handler with the event it was enqueued for."""
+    handler = spec.fn
+
+    async def run_trigger(ctx: Any, event: dict[str, Any]) -> None:
+        await handler(ctx, Event(**event))
+
+    run_trigger.__name__ = spec.name
+    return TaskDef(name=f"{plugin_name}.{spec.name}", fn=run_trigger,
+                   max_attempts=spec.max_attempts, plugin=plugin_name)
+
+
+def _trigger_request(task_name: str, event: Event, key: str | None = None) -> TaskRequest:
     return TaskRequest(
-        task_name, {"event": event.to_dict()}, idempotency_key=f"event:{event.id}:{task_name}",
-        correlation_id=event.correlation_id)
+        task_name, {"event": event.to_dict()},
+        idempotency_key=f"event:{event.id}:{task_name}" if key is None else f"{key}:{task_name}",
+        correlation_id=event.correlation_id, dedupe_window=None if key is None else float("inf"))
 
 
 def _path_loader(module_name: str, path: Path, package_dir: Path | None) -> Callable[[], ModuleType]:

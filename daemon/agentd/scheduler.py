@@ -5,7 +5,11 @@ Exactly once. A task fire is enqueued with the idempotency key `schedule:<id>:<f
 (kept forever), and the schedule's `next_fire` only moves past a fire time after that.
 A crash between the two re-computes the same fire time at the next start, and the key
 returns the task already made: no fire time is ever enqueued twice, across restarts,
-reloads and retries.
+reloads and retries. An event fire commits the tasks of the durable handlers it triggers
+(keyed the same way), then the schedule's state, and only then delivers the event: a crash
+before the state commits fires that time again without a second trigger task, and a crash
+after it never publishes the event twice (the bus is at-most-once; the durable handlers'
+tasks are exactly-once).
 
 Missed fires. A fire handled more than `grace` seconds after its time (the daemon was down,
 or the loop stalled) is late. `catch_up = "skip"` fires none of the late ones, `"once"`
@@ -27,7 +31,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,6 +59,12 @@ class Clock(Protocol):
     def now(self) -> float: ...
 
     async def sleep_until(self, deadline: float | None, wake: asyncio.Event) -> None: ...
+
+
+# Commit the tasks of the durable handlers an event triggers, before it is delivered; with a
+# key (a scheduled fire's), each handler's task is keyed by it, so a fire repeated after a
+# crash finds the tasks its first try committed.
+CommitTriggers = Callable[[Event, str | None], Awaitable[None]]
 
 
 class SystemClock:
@@ -108,11 +118,12 @@ class Scheduler:
     """Owns every schedule; see the module docstring for its guarantees."""
 
     def __init__(self, store: Store, queue: TaskQueue, bus: Bus, registry: TaskRegistry,
-                 clock: Clock | None = None) -> None:
+                 commit_triggers: CommitTriggers, *, clock: Clock | None = None) -> None:
         self.store = store
         self.queue = queue
         self.bus = bus
         self.registry = registry
+        self._commit_triggers = commit_triggers
         self.clock: Clock = clock or SystemClock()
         self.schedules: dict[str, ScheduleState] = {}
         self._by_task: dict[int, str] = {}
@@ -156,6 +167,14 @@ class Scheduler:
         for schedule_id, state in self.schedules.items():
             if state.last_task_id is not None:
                 self._by_task[state.last_task_id] = schedule_id
+
+    def check(self, spec: ScheduleSpec, source: str) -> None:
+        """Refuse, as `start` would, a declared schedule that would fail at every fire.
+
+        Raises:
+            InvalidScheduleError: naming the source, the schedule and what is wrong.
+        """
+        self._check_action(spec, f"{source} schedule {spec.id!r}: ")
 
     async def stop(self) -> None:
         """Stop following task outcomes; finish recording the ones already seen."""
@@ -273,9 +292,10 @@ class Scheduler:
             state.misses += rest
             self.bus.publish("schedule.missed", {"schedule_id": spec.id, "reason": "late",
                                                   "count": rest, "approximate": due.approximate})
-        for fire_time in to_fire:
+        for index, fire_time in enumerate(to_fire):
+            following = to_fire[index + 1] if index + 1 < len(to_fire) else due.next_fire
             try:
-                await self._fire(state, fire_time)
+                await self._fire(state, fire_time, following=following)
             except Exception as exc:
                 # A fire that cannot be enqueued (its task is gone, its arguments no longer
                 # fit) is reported and passed over, never retried in a loop.
@@ -284,14 +304,13 @@ class Scheduler:
         state.next_fire = due.next_fire
         await self._save(state)
 
-    async def _fire(self, state: ScheduleState, fire_time: float, manual: bool = False) -> None:
+    async def _fire(self, state: ScheduleState, fire_time: float, manual: bool = False,
+                    following: float | None = None) -> None:
+        """Fire once. `following` is the schedule's next fire time once this one is done
+        (a scheduled event fire saves it before the event goes out)."""
         spec = state.spec
         if spec.task is None:
-            state.last_fire, state.fires = fire_time, state.fires + 1
-            event = self.bus.publish(spec.event or "", {**spec.data, "schedule_id": spec.id,
-                                                        "fire_time": fire_time})
-            self.bus.publish("schedule.fired", {"schedule_id": spec.id, "fire_time": fire_time,
-                                                "event_id": event.id, "manual": manual})
+            await self._fire_event(state, fire_time, manual, following)
             return
         if not await self._overlap_allows(state, fire_time):
             return
@@ -308,6 +327,21 @@ class Scheduler:
         self.bus.publish("schedule.fired", {"schedule_id": spec.id, "fire_time": fire_time,
                                             "task_id": task.id, "created": outcome.created,
                                             "manual": manual})
+
+    async def _fire_event(self, state: ScheduleState, fire_time: float, manual: bool,
+                          following: float | None) -> None:
+        """Commit the triggered tasks, then the state, then deliver (see the module docstring)."""
+        spec = state.spec
+        event = self.bus.make_event(spec.event or "", {**spec.data, "schedule_id": spec.id,
+                                                       "fire_time": fire_time})
+        await self._commit_triggers(event, None if manual else f"schedule:{spec.id}:{fire_time:.6f}")
+        state.last_fire, state.fires = fire_time, state.fires + 1
+        if not manual:
+            state.next_fire = following
+        await self._save(state)
+        self.bus.dispatch(event)
+        self.bus.publish("schedule.fired", {"schedule_id": spec.id, "fire_time": fire_time,
+                                            "event_id": event.id, "manual": manual})
 
     async def _overlap_allows(self, state: ScheduleState, fire_time: float) -> bool:
         policy = state.spec.overlap

@@ -31,7 +31,7 @@ class Services:
         """
         return cls(
             mailer=Mailer(config.mail, config.secret("mail", config.mail, "password")),
-            webhooks=WebhookPoster(config.webhooks, config.secret("webhooks", config.webhooks, "secret")),
+            webhooks=WebhookPoster.from_config(config),
             llm=LlmClient(config.llm, config.secret("llm", config.llm, "key")),
         )
 

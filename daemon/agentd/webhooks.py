@@ -1,40 +1,198 @@
-"""Outgoing webhooks. `ctx.webhook.post(url, json)` enqueues the durable task
-`agentd.post_webhook`, which POSTs the JSON body with the queue's retries.
+"""Outgoing webhooks and the signature schemes webhooks use both ways.
 
-Each request carries `X-Agentd-Signature: sha256=<hex>`, the HMAC-SHA256 of the exact body
-bytes under `[webhooks] secret` (the scheme inbound `/hooks/<name>` checks, so two agentd
-daemons can talk to each other), and `X-Agentd-Delivery: <task id>` / `Idempotency-Key`,
-the same on every attempt, for receivers to drop repeats. 2xx is delivered; 408, 425,
-429 and 5xx are retried (after `Retry-After` seconds when the receiver says); any other
-answer fails the task.
+Signatures. The scheme is Standard Webhooks (standardwebhooks.com): the headers
+`webhook-id`, `webhook-timestamp` (Unix seconds) and `webhook-signature: v1,<base64>`, the
+HMAC-SHA256 of `{id}.{timestamp}.{body}`. A secret written `whsec_<base64>` (as Standard
+Webhooks libraries make them) signs with its decoded bytes; any other secret with its
+UTF-8 bytes, so `openssl dgst -hmac "$SECRET"` makes the same signature. The hex schemes
+sign the body alone with the secret's text: `sha256=<hex>` (GitHub's, and agentd's own
+before Standard Webhooks). hooks.py checks them on the way in.
+
+Outgoing. `ctx.webhook.post(url, json)` enqueues the durable task `agentd.post_webhook`.
+Each attempt carries `webhook-id` (the same on every attempt), a fresh `webhook-timestamp`
+and its `webhook-signature` under `[webhooks] secret`, plus `X-Agentd-Signature`,
+`X-Agentd-Delivery: <task id>` and `Idempotency-Key` as before. 2xx is delivered; 408,
+425, 429 and 5xx are retried (after `Retry-After` seconds when the receiver says); any
+other answer fails the task. Before connecting, the host's addresses are resolved and
+checked: loopback, private, link-local, shared (CGNAT), multicast, reserved and cloud
+metadata addresses are refused unless `[webhooks] allow_networks` lists them; the
+connection goes to the checked address only, and redirects are not followed.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
+import ipaddress
 import json
+import socket
+import time
+import uuid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 
-from agentd.config import WebhooksConfig
-from agentd.errors import Fail, InvalidTaskError, Retry
+from agentd.config import Config, WebhooksConfig
+from agentd.errors import ConfigError, Fail, InvalidTaskError, Retry
+from agentd.log import get_logger
 from agentd.taskdef import TaskDef, TaskRegistry
 from agentd.taskqueue import Enqueue, TaskRecord
 
 if TYPE_CHECKING:
+    from aiohappyeyeballs import AddrInfoType
+
     from agentd.context import Context
 
 POST_WEBHOOK_TASK = "agentd.post_webhook"
 SIGNATURE_HEADER = "X-Agentd-Signature"
 DELIVERY_HEADER = "X-Agentd-Delivery"
 _RETRY_STATUSES = frozenset({408, 425, 429})
+_SECRET_PREFIX = "whsec_"
+
+_log = get_logger("webhooks")
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+def signing_key(secret: str) -> bytes:
+    """The Standard Webhooks HMAC key of `secret`: the decoded bytes of `whsec_<base64>`,
+    else the secret's UTF-8 bytes.
+
+    Raises:
+        ValueError: a `whsec_` secret whose rest is not base64.
+    """
+    if not secret.startswith(_SECRET_PREFIX):
+        return secret.encode()
+    try:
+        key = base64.b64decode(secret.removeprefix(_SECRET_PREFIX), validate=True)
+    except binascii.Error:
+        key = b""
+    if not key:
+        raise ValueError("a secret starting whsec_ must go on with its key in base64")
+    return key
+
+
+def standard_signature(key: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` value: `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`."""
+    signed = f"{webhook_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.digest(key, signed, hashlib.sha256)).decode()
+
 
 def sign(secret: bytes, body: bytes) -> str:
-    """The signature header's value for `body`: `sha256=<hex HMAC-SHA256>`."""
+    """The hex schemes' header value for `body`: `sha256=<hex HMAC-SHA256>`."""
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+# --------------------------------------------------------------------------- addresses
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(*pairs: tuple[str, str]) -> tuple[tuple[Network, str], ...]:
+    return tuple((ipaddress.ip_network(network), name) for network, name in pairs)
+
+
+# What a webhook may not reach unless allowed, first match named. Cloud metadata services
+# come first: most lie inside a wider range, and their name says more.
+_REFUSED = _networks(
+    ("169.254.169.254/32", "cloud metadata"), ("169.254.170.2/32", "cloud metadata"),
+    ("168.63.129.16/32", "cloud metadata"), ("100.100.100.200/32", "cloud metadata"),
+    ("192.0.0.192/32", "cloud metadata"), ("fd00:ec2::254/128", "cloud metadata"),
+    ("0.0.0.0/8", "unspecified"), ("10.0.0.0/8", "private"), ("100.64.0.0/10", "shared (CGNAT)"),
+    ("127.0.0.0/8", "loopback"), ("169.254.0.0/16", "link-local"), ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "reserved"), ("192.0.2.0/24", "documentation"), ("192.88.99.0/24", "reserved"),
+    ("192.168.0.0/16", "private"), ("198.18.0.0/15", "benchmarking"),
+    ("198.51.100.0/24", "documentation"), ("203.0.113.0/24", "documentation"),
+    ("224.0.0.0/4", "multicast"), ("240.0.0.0/4", "reserved"),
+    ("::/128", "unspecified"), ("::1/128", "loopback"), ("fc00::/7", "private (unique local)"),
+    ("fe80::/10", "link-local"), ("fec0::/10", "site-local"), ("ff00::/8", "multicast"),
+    ("64:ff9b:1::/48", "private (local NAT64)"), ("2001::/32", "Teredo"),
+    ("2001:db8::/32", "documentation"),
+)
+_GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one leads to: mapped (::ffff:a.b.c.d), 6to4 or NAT64."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def refusal_reason(address: Address, allowed: tuple[Network, ...] = ()) -> str | None:
+    """Why a webhook may not go to `address` ("loopback", "private", "cloud metadata"...),
+    or None when it may: a global unicast address, or one inside a network of `allowed`.
+    An IPv6 address that leads to an IPv4 one (mapped, 6to4, NAT64) is judged by it."""
+    if any(address in network for network in allowed):
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            return refusal_reason(embedded, allowed)
+    reason = next((name for network, name in _REFUSED if address in network), None)
+    if reason is None and isinstance(address, ipaddress.IPv6Address) and address not in _GLOBAL_UNICAST_V6:
+        reason = "reserved"
+    return reason
+
+
+class AddressRefusedError(OSError):
+    """A webhook's host is (or resolves to) an address it may not reach.
+
+    An OSError, as aiohttp expects of resolvers and socket factories: it comes back as the
+    `os_error` of the ClientConnectorError the request raises."""
+
+
+class _AddressGuard(AbstractResolver):
+    """Resolves a webhook's host and refuses it when any of its addresses is refused: the
+    connector then connects to exactly the addresses checked (no second lookup a DNS
+    rebind could answer differently). Its `socket` checks each address again as it is
+    connected to, which covers URLs that name an IP address (never resolved)."""
+
+    def __init__(self, allowed: tuple[Network, ...]) -> None:
+        self._allowed = allowed
+        self._resolver = aiohttp.ThreadedResolver()
+
+    def check(self, host: str, name: str | None = None) -> None:
+        """Raise AddressRefusedError if `host` (an IP address, which `name` resolved to
+        when given) is refused."""
+        address = ipaddress.ip_address(host.partition("%")[0])  # a link-local scope is not part of it
+        reason = refusal_reason(address, self._allowed)
+        if reason is not None:
+            embedded = _embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else None
+            shown = f"{address} (that is {embedded})" if embedded else str(address)
+            where = f"{name} resolves to {shown}" if name else shown
+            article = "an" if reason[0] in "aeiou" else "a"
+            raise AddressRefusedError(f"{where}, {article} {reason} address: webhooks go there only "
+                                      "if [webhooks] allow_networks lists it")
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self._resolver.resolve(host, port, family)
+        for result in results:
+            self.check(result["host"], host)
+        return results
+
+    def socket(self, addr_info: AddrInfoType) -> socket.socket:
+        family, kind, proto, _, sockaddr = addr_info
+        self.check(str(sockaddr[0]))
+        return socket.socket(family, kind, proto)
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
+# --------------------------------------------------------------------------- outgoing
 
 
 class WebhookPoster:
@@ -42,8 +200,23 @@ class WebhookPoster:
 
     def __init__(self, config: WebhooksConfig, secret: str) -> None:
         self.config = config
-        self._secret = secret.encode()
+        self._secret = secret
+        self._key = signing_key(secret)
+        self._allowed = tuple(ipaddress.ip_network(n, strict=False) for n in config.allow_networks)
         self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> WebhookPoster:
+        """The poster of `[webhooks]`, its secret read now.
+
+        Raises:
+            ConfigError: the secret file cannot be read, or a `whsec_` secret is not base64.
+        """
+        secret = config.secret("webhooks", config.webhooks, "secret")
+        try:
+            return cls(config.webhooks, secret)
+        except ValueError as exc:
+            raise ConfigError(f"{config.origin('webhooks', 'secret')}: [webhooks] secret: {exc}") from None
 
     def register(self, registry: TaskRegistry, queue: str) -> None:
         registry.add(TaskDef(name=POST_WEBHOOK_TASK, fn=self._deliver_task, queue=queue, max_attempts=8))
@@ -53,36 +226,52 @@ class WebhookPoster:
             await self._session.close()
             self._session = None
 
-    async def _deliver_task(self, ctx: Context, url: str, body: Any) -> dict[str, Any]:
+    async def _deliver_task(self, ctx: Context, url: str, body: Any,
+                            webhook_id: str | None = None) -> dict[str, Any]:
         check_url(url)  # submitted by hand it may be unchecked
-        return await self.deliver(url, body, ctx.task.id)
+        # A delivery enqueued without an id (by ctx.submit) takes one from its task.
+        return await self.deliver(url, body, ctx.task.id, webhook_id or f"msg_agentd_{ctx.task.id}")
 
-    async def deliver(self, url: str, body: Any, delivery_id: int) -> dict[str, Any]:
+    async def deliver(self, url: str, body: Any, delivery_id: int, webhook_id: str) -> dict[str, Any]:
         """POST `body` as JSON to `url` once; return the receiver's status.
 
         Raises:
             Retry: 408/425/429 and 5xx (after Retry-After when given, else the backoff).
-            Fail: another 4xx, or a 3xx: the receiver will not take it.
+            Fail: another 4xx, a 3xx (the receiver will not take it), or a refused address
+                (logged as `webhook.refused`; no connection was made).
             aiohttp.ClientError, TimeoutError: worth another attempt.
         """
         payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        timestamp = int(time.time())
         headers = {"Content-Type": "application/json", DELIVERY_HEADER: str(delivery_id),
                    "Idempotency-Key": f"agentd-webhook-{delivery_id}",
-                   "User-Agent": "agentd-webhook"}
+                   "User-Agent": "agentd-webhook", "webhook-id": webhook_id,
+                   "webhook-timestamp": str(timestamp)}
         if self._secret:
-            headers[SIGNATURE_HEADER] = sign(self._secret, payload)
-        async with self._client().post(url, data=payload, headers=headers, allow_redirects=False) as response:
-            status = response.status
-            if 200 <= status < 300:
-                return {"status": status, "url": url}
-            detail = f"{url} answered {status}: {(await response.text())[:300]}"
-            if status in _RETRY_STATUSES or status >= 500:
-                raise Retry.after(response.headers.get("Retry-After"), detail)
-            raise Fail(detail)
+            headers["webhook-signature"] = standard_signature(self._key, webhook_id, timestamp, payload)
+            headers[SIGNATURE_HEADER] = sign(self._secret.encode(), payload)
+        try:
+            async with self._client().post(url, data=payload, headers=headers,
+                                           allow_redirects=False) as response:
+                status = response.status
+                if 200 <= status < 300:
+                    return {"status": status, "url": url}
+                detail = f"{url} answered {status}: {(await response.text())[:300]}"
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, AddressRefusedError):
+                _log.warning("webhook.refused", url=url, delivery_id=delivery_id, reason=str(exc.os_error))
+                raise Fail(f"{url}: refused: {exc.os_error}") from None
+            raise
+        if status in _RETRY_STATUSES or status >= 500:
+            raise Retry.after(response.headers.get("Retry-After"), detail)
+        raise Fail(detail)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout))
+            guard = _AddressGuard(self._allowed)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(resolver=guard, socket_factory=guard.socket),
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout))
         return self._session
 
 
@@ -96,13 +285,14 @@ class WebhookSender:
         """Check the URL and the body and enqueue the delivery; return its task.
 
         In a task, the key defaults to one numbered per task, so a retried task does not
-        post again.
+        post again. The delivery's `webhook-id` is made here, unique across daemons.
 
         Raises:
             InvalidTaskError: (a ValueError) the URL is not http(s) or the body is not JSON.
         """
         check_url(url)
-        return await self._enqueue(POST_WEBHOOK_TASK, {"url": url, "body": json}, idempotency_key)
+        args = {"url": url, "body": json, "webhook_id": f"msg_{uuid.uuid4().hex}"}
+        return await self._enqueue(POST_WEBHOOK_TASK, args, idempotency_key)
 
 
 def check_url(url: str) -> None:
@@ -116,3 +306,4 @@ def check_url(url: str) -> None:
         usable = False
     if not usable:
         raise InvalidTaskError(f"url: expected an absolute http:// or https:// URL, got {url!r}")
+

@@ -13,6 +13,13 @@ tasks beyond its free slots; they wait in memory (leased, `running` in the table
 `task.started` yet), in priority order, and start as slots free, without waiting for a
 claim. Long tasks are never claimed ahead: a claimed task would show as running while it
 waits behind them, and would wait long (Celery's prefetch problem).
+
+Writes the storage refuses. A task's outcome is not lost to a full disk: an acknowledgement
+or a retry that fails with a `StoreWriteError` is written again, after `WRITE_RETRY_FIRST`
+s doubling up to `WRITE_RETRY_MAX`, until it commits. Meanwhile the row stays `running`
+under this process's lease, so the task does not run again, and its waiters and final
+event wait for the commit. (A stop that cannot write it leaves the row to the next start,
+which runs the task again, as after a crash.)
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import Any, NamedTuple
 from agentd.config import TasksConfig
 from agentd.context import Context
 from agentd.db import BatchedWrite, Connection, Row, Store, execute_rows
-from agentd.errors import Fail, InvalidTaskError, Retry
+from agentd.errors import Fail, InvalidTaskError, Retry, StoreWriteError
 from agentd.log import get_logger
 from agentd.services import Services
 from agentd.taskdef import TaskDef, TaskRegistry, encode_json
@@ -46,6 +53,10 @@ SHORT_TASK = 0.05
 _RUN_WEIGHT = 0.2
 # Seconds before a queue claims again after a claim's transaction failed (unless woken).
 CLAIM_RETRY = 1.0
+# Seconds before an outcome the storage refused is written again: the first wait, doubled
+# after each failure up to the last.
+WRITE_RETRY_FIRST = 0.05
+WRITE_RETRY_MAX = 1.0
 
 
 class Slots:
@@ -126,6 +137,12 @@ class WorkerPool:
         self._acks_batch: asyncio.Future[list[None]] | None = None
         self._acked: list[TaskRecord] = []
         self._acks_in_flight: dict[asyncio.Future[list[None]], list[TaskRecord]] = {}
+        # Acks whose transaction the storage refused, to be written again (`_owe`); while
+        # there are some, `_owed_done` stands for them among the acks in flight.
+        self._owed: list[TaskRecord] = []
+        self._owed_done: asyncio.Future[list[None]] | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._ack_retry = WRITE_RETRY_FIRST
         self._claims: dict[str, asyncio.Future[tuple[list[TaskRecord], float | None]]] = {}
         store.add_rider(self._ride_claims)
         queue.on_work(self.wake)
@@ -413,23 +430,36 @@ class WorkerPool:
                                   delay=delay, now=now, ttl_until=ttl_until)
         batch = self._acks.add((status, outcome.result, outcome.error, now, ttl_until, record.id))
         if batch is not self._acks_batch:
-            # The first ack of a transaction: its commit announces every ack it carries.
-            self._acks_batch, self._acked = batch, []
-            self._acks_in_flight[batch] = self._acked
-            batch.add_done_callback(partial(self._announce_acks, self._acked))
+            self._gather_acks(batch)
         record.status, record.result, record.error = status, outcome.value, outcome.error
         record.finished_at, record.expires_at = now, ttl_until
         self._acked.append(record)
         return None
 
+    def _gather_acks(self, batch: asyncio.Future[list[None]]) -> None:
+        """Start gathering the acks of a new transaction: its commit announces them all."""
+        self._acks_batch, self._acked = batch, []
+        self._acks_in_flight[batch] = self._acked
+        batch.add_done_callback(partial(self._announce_acks, self._acked))
+
     async def _put_back(self, record: TaskRecord, error: str | None, *, interrupted: bool,
                         delay: float, now: float, ttl_until: float) -> None:
         """Queue the task again after an attempt that did not end it: a retry in `delay` s,
-        or, `interrupted` by a stop, at once with its attempt unspent."""
+        or, `interrupted` by a stop, at once with its attempt unspent. Written again until
+        it commits while the storage refuses it (a stop's deadline cancels that wait: the
+        row stays `running` and the next start requeues it)."""
         run_at = now + delay
-        stored = await self.store.write(partial(
-            _requeue, task_id=record.id, run_at=run_at, error=error,
-            undo_attempt=1 if interrupted else 0, finished_at=now, expires_at=ttl_until))
+        requeue = partial(_requeue, task_id=record.id, run_at=run_at, error=error,
+                          undo_attempt=1 if interrupted else 0, finished_at=now, expires_at=ttl_until)
+        wait = WRITE_RETRY_FIRST
+        while True:
+            try:
+                stored = await self.store.write(requeue)
+                break
+            except StoreWriteError as exc:
+                _LOG.error("tasks.requeue_failed", task_id=record.id, error=str(exc), retry_in=wait)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, WRITE_RETRY_MAX)
         if stored == "cancelled":  # a cancel came in as the attempt ended
             record.status, record.error = "cancelled", "cancelled"
             record.finished_at, record.expires_at = now, ttl_until
@@ -447,11 +477,67 @@ class WorkerPool:
         only to publish, and no cancelled task can cancel the future its batch shares."""
         del self._acks_in_flight[batch]
         if batch.cancelled() or batch.exception() is not None:
-            # The rows stay `running`; their leases run out and the heartbeat or the next
-            # start settles them as a crash would.
-            _LOG.error("tasks.ack_failed", tasks=len(records),
-                       error="cancelled" if batch.cancelled() else str(batch.exception()))
+            self._ack_failed(records, batch)
             return
+        self._announce(records)
+
+    def _ack_failed(self, records: list[TaskRecord], batch: asyncio.Future[list[None]]) -> None:
+        """Acks whose transaction failed: owed when the storage refused it, else (the store
+        closed, a bug) given up: the rows stay `running` until the next start requeues them."""
+        error = None if batch.cancelled() else batch.exception()
+        if isinstance(error, StoreWriteError) and not self.store.closed:
+            self._owe(records, error)
+            return
+        _LOG.error("tasks.ack_failed", tasks=len(records),
+                   error="cancelled" if error is None else f"{type(error).__name__}: {error}")
+        self._paid({record.id for record in records})
+
+    def _owe(self, records: list[TaskRecord], error: StoreWriteError) -> None:
+        """Write these acks again after a wait (see the module docstring). They stay among
+        the acks in flight: listed as leased, and waited for by a stop."""
+        owed = {record.id for record in self._owed}
+        self._owed.extend(record for record in records if record.id not in owed)
+        if self._owed_done is None:
+            self._owed_done = asyncio.get_running_loop().create_future()
+            self._acks_in_flight[self._owed_done] = self._owed
+        if self._ack_timer is None:
+            wait, self._ack_retry = self._ack_retry, min(self._ack_retry * 2, WRITE_RETRY_MAX)
+            _LOG.error("tasks.ack_failed", tasks=len(self._owed), error=str(error), retry_in=wait)
+            self._ack_timer = asyncio.get_running_loop().call_later(wait, self._ack_again)
+
+    def _ack_again(self) -> None:
+        """Timer: put every owed ack into the next transaction."""
+        self._ack_timer = None
+        retrying = list(self._owed)
+        if not retrying:
+            return
+        for record in retrying:
+            batch = self._acks.add(_ack_row(record))
+        batch.add_done_callback(partial(self._acked_again, retrying))
+
+    def _acked_again(self, records: list[TaskRecord], batch: asyncio.Future[list[None]]) -> None:
+        """Done callback of a transaction carrying owed acks."""
+        if batch.cancelled() or batch.exception() is not None:
+            self._ack_failed(records, batch)
+            return
+        self._ack_retry = WRITE_RETRY_FIRST
+        _LOG.warning("tasks.acks_committed", tasks=len(records))
+        # Announced once: an ack retried twice (its first retry's commit on its way as the
+        # timer fired again) is announced by the commit that finds it still owed.
+        self._announce(self._paid({record.id for record in records}))
+
+    def _paid(self, ids: set[int]) -> list[TaskRecord]:
+        """Take these tasks out of the owed acks; return the ones that were owed."""
+        paid = [record for record in self._owed if record.id in ids]
+        self._owed[:] = [record for record in self._owed if record.id not in ids]
+        if not self._owed and self._owed_done is not None:
+            del self._acks_in_flight[self._owed_done]
+            self._owed_done.set_result([])
+            self._owed_done = None
+        return paid
+
+    def _announce(self, records: list[TaskRecord]) -> None:
+        """Publish each task's final state and wake its waiters: its ack has committed."""
         settle = self.queue.settle
         for record in records:
             if record.error:
@@ -552,6 +638,14 @@ class _Outcome(NamedTuple):
 
 
 _CANCELLED = _Outcome("cancelled", error="cancelled")
+
+
+def _ack_row(record: TaskRecord) -> tuple[Any, ...]:
+    """The ack of a settled record, as `_settle` first wrote it."""
+    result = None
+    if record.status == "succeeded":
+        result = "null" if record.result is None else encode_json(record.result, "the result")
+    return record.status, result, record.error, record.finished_at, record.expires_at, record.id
 
 
 # One row per ack: (status, result, error, finished_at, expires_at, id).

@@ -16,6 +16,10 @@ from agentd.errors import (
     MemoryNotFoundError,
     PatternError,
     ScheduleNotFoundError,
+    StoreBusyError,
+    StoreFullError,
+    StoreIOError,
+    StoreReadOnlyError,
     TaskNotFoundError,
     TaskStateError,
     UnknownTaskError,
@@ -37,6 +41,10 @@ _STATUS_OF: list[tuple[type[AgentdError], int, str]] = [
     (ScheduleNotFoundError, 404, "schedule_not_found"),
     (MemoryNotFoundError, 404, "memory_not_found"),
     (EmbedderError, 503, "embedder_unavailable"),
+    (StoreFullError, 503, "store_full"),
+    (StoreBusyError, 503, "store_busy"),
+    (StoreIOError, 503, "store_io_error"),
+    (StoreReadOnlyError, 503, "store_read_only"),
 ]
 
 
@@ -138,15 +146,18 @@ def _decoder(kind: type[T]) -> msgspec.json.Decoder[T]:
     return decoder
 
 
-async def read_body(request: web.Request, kind: type[T]) -> T:
-    """The request body decoded and validated as `kind` (a Struct of web/schemas.py).
+async def read_body(request: web.Request, kind: type[T], optional: bool = False) -> T:
+    """The request body decoded and validated as `kind` (a Struct of web/schemas.py); with
+    `optional`, no body at all is `kind()`, the Struct's defaults.
 
     Raises:
         ApiError: 415 for a body that is not declared JSON in UTF-8; 400 for an empty body,
             text that is not JSON in UTF-8, or a value `kind` refuses (the field is named).
     """
-    _check_media_type(request)
     raw = await request.read()
+    if optional and not raw:
+        return kind()
+    _check_media_type(request)
     if not raw.strip():
         raise bad_request("the request body is empty; expected a JSON object")
     try:

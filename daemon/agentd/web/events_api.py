@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
+import time
 from typing import Any
 
 from aiohttp import web
 
 from agentd.events import check_publishable
-from agentd.web.auth import STREAM_TOKENS
+from agentd.hooks import HookSignatureError, ReplayedDeliveryError
+from agentd.web.auth import STREAM_TOKENS, stream_scope
 from agentd.web.errors import ApiError, read_body
 from agentd.web.openapi import doc
-from agentd.web.schemas import EventBody
+from agentd.web.schemas import EventBody, StreamTokenBody, StreamTokenItem
 from agentd.web.server import DAEMON
 
 routes = web.RouteTableDef()
 
-SIGNATURE_HEADERS = ("X-Agentd-Signature", "X-Hub-Signature-256")
-_FORWARDED_HEADERS = ("Content-Type", "User-Agent", "X-GitHub-Event", "X-GitHub-Delivery")
+_FORWARDED_HEADERS = ("Content-Type", "User-Agent", "X-GitHub-Event", "X-GitHub-Delivery", "webhook-id")
 
 
 @routes.post("/v1/events")
@@ -33,37 +32,65 @@ async def publish(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/stream-tokens")
-@doc("A short-lived token a browser's EventSource or WebSocket passes as `?token=` on stream "
-     "routes (they cannot send an Authorization header)", tag="streams",
-     responses={201: "`token` and `expires_at` (Unix time)"})
+@doc("A token a browser's EventSource or WebSocket passes as `?token=` on stream routes (they "
+     "cannot send an Authorization header). It only reads: GET on stream routes, and on /v1/ws "
+     "subscribe, unsubscribe, result and ping. It opens a stream until `open_until` ([streams] "
+     "token_ttl) and resumes one (a request with Last-Event-ID) until `expires_at` "
+     "([streams] token_resume_ttl). The body is optional: `path` binds the token to one stream "
+     "route, `topics` (with path /v1/stream) to one `topics` value", tag="streams",
+     body=StreamTokenItem, optional_body=True,
+     responses={201: "`token`, `open_until`, `expires_at` (Unix times), `path`, `topics`",
+                400: "A path that is no stream route, or bad topics"})
 async def stream_token(request: web.Request) -> web.Response:
-    token, expires_at = request.app[STREAM_TOKENS].issue()
-    return web.json_response({"token": token, "expires_at": expires_at}, status=201)
+    body = await read_body(request, StreamTokenBody, optional=True)
+    tokens = request.app[STREAM_TOKENS]
+    token, grant = tokens.issue(*stream_scope(request.app, body.path, body.topics))
+    return web.json_response({"token": token, **grant.to_dict(tokens.config)}, status=201)
+
+
+@routes.delete("/v1/stream-tokens")
+@doc("Revoke every stream token: the signing key is replaced. Streams already open go on "
+     "until they end; none opens or resumes with an older token", tag="streams",
+     responses={204: "Revoked"})
+async def revoke_stream_tokens(request: web.Request) -> web.Response:
+    await request.app[STREAM_TOKENS].rotate(request.app[DAEMON].store)
+    return web.Response(status=204)
 
 
 @routes.post("/hooks/{name}")
-@doc("Inbound webhook: an HMAC-SHA256 of the raw body with the hook's secret, hex, in "
-     "`X-Agentd-Signature: sha256=<hex>` (or GitHub's X-Hub-Signature-256); published as "
-     "`hook.<name>`", tag="events", public=True,
-     responses={202: "Published", 401: "Missing or bad signature: nothing published",
-                404: "No hook of that name is configured"})
+@doc("Inbound webhook, signed by Standard Webhooks: `webhook-id`, `webhook-timestamp` (Unix "
+     "seconds, within `[hooks] tolerance`) and `webhook-signature: v1,<base64 HMAC-SHA256 of "
+     "\"{id}.{timestamp}.{body}\">`; GitHub's `X-Hub-Signature-256` or `X-Agentd-Signature` "
+     "only where the hook lists them. Published as `hook.<name>`", tag="events", public=True,
+     responses={202: "Published", 401: "Missing, bad or stale signature: nothing published",
+                404: "No hook of that name is configured",
+                409: "A delivery id this hook has taken already: nothing published"})
 async def inbound_hook(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     name = request.match_info["name"]
-    secret = daemon.config.hook_secret(name)
-    if secret is None:
+    hook = daemon.hooks.get(name)
+    if hook is None:
         raise ApiError(404, "unknown_hook", f"no hook named {name!r}; configure [hooks.{name}]")
     raw = await request.read()
-    given = next((request.headers[h] for h in SIGNATURE_HEADERS if h in request.headers), "")
-    expected = "sha256=" + hmac.new(secret, raw, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise ApiError(401, "bad_signature",
-                       f"{SIGNATURE_HEADERS[0]} must be sha256=<hex HMAC-SHA256 of the body>")
+    try:
+        delivery = hook.verify(request.headers, raw, time.time())
+    except HookSignatureError as exc:
+        raise ApiError(401, exc.code, str(exc)) from None
     payload: Any
     try:
         payload = json.loads(raw) if raw else None
     except ValueError:
         payload = raw.decode(errors="replace")
-    headers = {h: request.headers[h] for h in _FORWARDED_HEADERS if h in request.headers}
-    event = await daemon.publish_durably(f"hook.{name}", {"body": payload, "headers": headers})
+    headers = {h: _text(request.headers[h]) for h in _FORWARDED_HEADERS if h in request.headers}
+    try:
+        async with daemon.hooks.taking(name, delivery):
+            event = await daemon.publish_durably(f"hook.{name}", {"body": payload, "headers": headers})
+    except ReplayedDeliveryError as exc:
+        raise ApiError(409, "duplicate_delivery", str(exc)) from None
     return web.json_response({"id": event.id, "topic": event.topic}, status=202)
+
+
+def _text(header: str) -> str:
+    """A header value as text: aiohttp keeps the bytes of a value that is not UTF-8 as lone
+    surrogates (not text a client can take); they become U+FFFD, as in a body kept as text."""
+    return header.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

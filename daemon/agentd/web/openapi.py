@@ -39,6 +39,7 @@ class RouteDoc:
     tag: str
     responses: dict[int, str]
     body: Any = None
+    optional_body: bool = False
     query: type[msgspec.Struct] | dict[str, str] | None = None
     path: type[msgspec.Struct] | None = None
     extra_query: tuple[dict[str, Any], ...] = ()
@@ -52,6 +53,7 @@ def doc(
     tag: str,
     responses: dict[int, str] | None = None,
     body: Any = None,
+    optional_body: bool = False,
     query: type[msgspec.Struct] | dict[str, str] | None = None,
     path: type[msgspec.Struct] | None = None,
     extra_query: tuple[dict[str, Any], ...] = (),
@@ -66,6 +68,7 @@ def doc(
         responses: status → description, for the route's own answers; the errors every
             route of its kind gives (400, 401, 403, 404, 413, 415, 503) are added.
         body: the type (a Struct, maybe Annotated) the JSON body is decoded as.
+        optional_body: True when the route also takes no body at all.
         query: the Struct the query parameters are validated with (or, for a route that
             reads them itself, parameter → description: text parameters).
         path: the Struct describing path parameters that are not plain digits.
@@ -77,7 +80,8 @@ def doc(
     def attach(handler: H) -> H:
         handler.__openapi__ = RouteDoc(  # type: ignore[attr-defined]
             summary=summary, tag=tag, responses=responses or {200: "OK"}, body=body,
-            query=query, path=path, extra_query=extra_query, public=public, stream=stream)
+            optional_body=optional_body, query=query, path=path, extra_query=extra_query,
+            public=public, stream=stream)
         return handler
 
     return attach
@@ -136,7 +140,7 @@ def _operation(path: str, method: str, route_doc: RouteDoc, schema_of: dict[Any,
     }
     if route_doc.body is not None:
         operation["requestBody"] = {
-            "required": True,
+            "required": not route_doc.optional_body,
             "content": {"application/json": {"schema": schema_of[route_doc.body]}},
         }
     if route_doc.public:
@@ -147,7 +151,8 @@ def _operation(path: str, method: str, route_doc: RouteDoc, schema_of: dict[Any,
 def _errors(route_doc: RouteDoc, params: list[dict[str, Any]], method: str,
             token_required: bool) -> dict[int, str]:
     """The error answers that follow from what the route is."""
-    errors: dict[int, str] = {403: "The request's Origin is not allowed"}
+    errors: dict[int, str] = {403: "The request's Origin is not allowed",
+                              421: "The Host header names no address of this daemon"}
     if route_doc.body is not None or params:
         errors[400] = "A parameter or field is wrong; the message names it"
     if token_required and not route_doc.public:

@@ -251,6 +251,27 @@ class SessionPath(Struct):
     id: Annotated[Namespace, Meta(description="the session (conversation) id")]
 
 
+_TOPIC_SEGMENTS = r"([A-Za-z0-9_-]+|\*\*?)(\.([A-Za-z0-9_-]+|\*\*?))*"
+
+
+class StreamTokenBody(Struct, forbid_unknown_fields=True):
+    """POST /v1/stream-tokens (the body is optional): what the token is bound to."""
+
+    path: Annotated[str, _text(r"^/v1/(stream|ws|tasks/[0-9]+/stream)$",
+                               "a stream route: /v1/stream, /v1/tasks/<id>/stream or /v1/ws")] | None = None
+    topics: Annotated[str, _text(f"^ *{_TOPIC_SEGMENTS} *(, *{_TOPIC_SEGMENTS} *)*$",
+                                 "topic patterns separated by commas, e.g. 'task.*,hook.**'",
+                                 max_length=4096)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.topics is not None and self.path != "/v1/stream":
+            raise ValueError("'topics' binds a token of path '/v1/stream' only")
+
+
+StreamTokenItem = Annotated[StreamTokenBody, Meta(extra_json_schema={"dependentSchemas": {
+    "topics": {"required": ["path"], "properties": {"path": {"const": "/v1/stream"}}}}})]
+
+
 class HistoryQuery(Struct):
     limit: Annotated[int, Meta(ge=1, le=1000, description="the last N messages")] = 50
 

@@ -1,4 +1,4 @@
-"""The aiohttp application: its middlewares (JSON errors, origin, auth, intake) and the listener."""
+"""The aiohttp application: its middlewares (JSON errors, Host, origin, auth, intake) and the listener."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from aiohttp.typedefs import Middleware
 
 from agentd.errors import AgentdError
 from agentd.log import get_logger
-from agentd.web.auth import STREAM_TOKENS, StreamTokens, make_auth_middleware, make_origin_middleware
+from agentd.web.auth import (
+    STREAM_TOKENS,
+    StreamTokens,
+    make_auth_middleware,
+    make_cors_signal,
+    make_host_middleware,
+    make_origin_middleware,
+)
 from agentd.web.errors import ApiError, error_response, from_agentd_error
 
 if TYPE_CHECKING:
@@ -69,10 +76,16 @@ async def intake(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def build_app(daemon: Daemon, *route_tables: web.RouteTableDef) -> web.Application:
-    """The application with its middlewares: JSON errors, origin check, auth, intake."""
+    """The application with its middlewares: JSON errors, then the Host check, the origin
+    check (which answers CORS preflights), auth and intake, each only for what passed the
+    ones before it; responses to listed origins carry CORS headers."""
     config = daemon.config
-    stream_tokens = StreamTokens(config.streams.token_ttl)
-    middlewares: list[Middleware] = [json_errors, make_origin_middleware(config.server.allowed_origins)]
+    stream_tokens = StreamTokens(config.streams)
+    middlewares: list[Middleware] = [
+        json_errors,
+        make_host_middleware(config.server.host, config.server.allowed_hosts),
+        make_origin_middleware(config.server.allowed_origins),
+    ]
     token = config.api_token()
     if token:
         middlewares.append(make_auth_middleware(token, stream_tokens))
@@ -82,10 +95,18 @@ def build_app(daemon: Daemon, *route_tables: web.RouteTableDef) -> web.Applicati
     app[STREAM_TOKENS] = stream_tokens
     app[STREAMS] = set()
     app[SOCKETS] = set()
+    app.on_startup.append(load_stream_key)
+    if config.server.allowed_origins:
+        app.on_response_prepare.append(make_cors_signal(config.server.allowed_origins))
     app.on_shutdown.append(close_streams)
     for table in route_tables:
         app.add_routes(table)
     return app
+
+
+async def load_stream_key(app: web.Application) -> None:
+    """At startup: the stream tokens' signing key, from the database (made there once)."""
+    await app[STREAM_TOKENS].load(app[DAEMON].store)
 
 
 async def close_streams(app: web.Application) -> None:

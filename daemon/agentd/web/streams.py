@@ -251,8 +251,11 @@ class SseStream:
 
     async def open(self) -> None:
         await self.response.prepare(self.request)
-        # The first bytes go out at once: proxies and browsers see the stream is live.
-        await self._write(f"retry: {self.config.retry_ms}\n: connected\n\n".encode())
+        # The first bytes go out at once: proxies and browsers see the stream is live. The id
+        # (of no event: nothing is dispatched) is where a reconnect resumes, so even a stream
+        # that saw no event yet reconnects with Last-Event-ID: nothing missed, and a stream
+        # token past its opening window still lets it back in.
+        await self._write(f"id: {self.last_sent}\nretry: {self.config.retry_ms}\n: connected\n\n".encode())
 
     async def send_all(self, events: Iterable[Event]) -> None:
         """Send events read back from the log, several per write."""
@@ -388,7 +391,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     sub = _subscribe(request, patterns, f"sse:{patterns.text}")
     sse = SseStream(request, daemon.config.streams)
     # Live-only, a lag resumes after what existed when it subscribed, not the whole log.
-    sse.last_sent = daemon.bus.last_id if after is None else 0
+    sse.last_sent = daemon.bus.last_id if after is None else after
     try:
         await sse.open()
         if after is not None:
@@ -396,7 +399,6 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 await sse.control("gap", {"requested_after": after,
                                           "kept_after": daemon.eventlog.horizon})
             await sse.send_all(await daemon.eventlog.replay(after, lambda e: patterns.matches(e.topic)))
-            sse.last_sent = max(sse.last_sent, after)
         await sse.pump(sub)
     except (ConnectionResetError, TimeoutError):
         drop_connection(request)
@@ -439,6 +441,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     # another tree's).
     sub = _subscribe(request, "task.**", f"sse:task:{task_id}")
     sse = SseStream(request, daemon.config.streams)
+    sse.last_sent = after
     try:
         # Where the task stands when the client joins: the event log keeps no task.queued or
         # task.started by default, so a late or resumed stream would not replay them.
@@ -452,7 +455,6 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
                     if in_tree(event)]
         await sse.send_all(replayed)
         ended = any(is_end(event) for event in replayed)
-        sse.last_sent = max(sse.last_sent, after)
         if not ended:
             # Already finished: its last events are buffered (published after we subscribed)
             # or were in the replay; send what is buffered and end either way.

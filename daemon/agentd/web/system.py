@@ -9,6 +9,7 @@ import time
 from aiohttp import web
 
 from agentd import __version__
+from agentd.web.auth import may_see_details
 from agentd.web.openapi import build_document, doc
 from agentd.web.server import DAEMON
 
@@ -16,22 +17,30 @@ routes = web.RouteTableDef()
 
 
 @routes.get("/healthz")
-@doc("Liveness, with the state of every plugin", tag="system", public=True,
+@doc("Liveness, with the state of every plugin and any warning (plugin files and errors "
+     "only for a caller with the token, when one is configured)", tag="system", public=True,
      responses={200: "The process is alive; `status` is degraded when a plugin failed"})
 async def healthz(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     plugins = daemon.plugins.states()
+    warnings = daemon.plugins.warnings
     degraded = any(p["state"] == "failed" for p in plugins)
+    if not may_see_details(request):
+        # Paths and error texts tell an outsider how the host is laid out.
+        plugins = [{"name": p["name"], "state": p["state"]} for p in plugins]
+        warnings = [{"warning": w["warning"]} for w in warnings]
     return web.json_response({
         "status": "degraded" if degraded else "ok",
         "version": __version__,
         "uptime": round(time.monotonic() - daemon.started_monotonic, 3),
         "plugins": plugins,
+        "warnings": warnings,
     })
 
 
 @routes.get("/readyz")
-@doc("Readiness: store writable, plugins started, event-loop lag bounded", tag="system",
+@doc("Readiness: store writable, plugins started and none failed, event-loop lag bounded",
+     tag="system",
      responses={200: "Ready", 503: "Not ready; `checks` says which check failed"})
 async def readyz(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
@@ -39,9 +48,11 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         await asyncio.wait_for(daemon.store.check_writable(), timeout=2.0)
         checks["store"] = {"ok": True}
-    except Exception as exc:
-        checks["store"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    checks["plugins"] = {"ok": daemon.plugins_started, "failed": daemon.plugins.failed}
+    except Exception as exc:  # a StoreWriteError names its cause: store_full, store_busy...
+        checks["store"] = {"ok": False, "code": getattr(exc, "code", "store_unavailable"),
+                           "error": f"{type(exc).__name__}: {exc}"}
+    failed = daemon.plugins.failed
+    checks["plugins"] = {"ok": daemon.plugins_started and not failed, "failed": failed}
     lag, bound = daemon.lag.lag, daemon.config.server.max_loop_lag
     checks["loop_lag"] = {"ok": lag <= bound, "seconds": round(lag, 4), "bound": bound}
     checks["intake"] = {"ok": not daemon.stopping}

@@ -32,6 +32,7 @@ from agentd.bus import Subscription
 from agentd.errors import AgentdError
 from agentd.events import Lagged, TopicFilter, check_publishable
 from agentd.log import get_logger
+from agentd.web.auth import READ_ONLY
 from agentd.web.errors import ApiError, bad_request, from_agentd_error
 from agentd.web.openapi import doc
 from agentd.web.server import DAEMON, SOCKETS, STREAMS
@@ -43,6 +44,7 @@ routes = web.RouteTableDef()
 CLOSE_LAGGED = 4000
 MAX_RESULT_WAIT = 300.0
 REPLAY_YIELD_EVERY = 256
+_WRITES = frozenset({"publish", "submit", "cancel"})  # what a socket opened with a stream token cannot do
 
 
 class _Session:
@@ -80,6 +82,9 @@ class _Session:
             handler = self._HANDLERS.get(kind) if isinstance(kind, str) else None
             if handler is None:
                 raise bad_request(f"unknown type {kind!r}; known: {', '.join(self._HANDLERS)}")
+            if kind in _WRITES and self.request.get(READ_ONLY, False):
+                raise ApiError(403, "read_only", f"{kind!r} needs the bearer token: this socket "
+                               "was opened with a stream token, which only reads")
             reply = await handler(self, message)
             await self.send({"id": request_id, "ok": True, **reply})
         except (ApiError, AgentdError) as exc:

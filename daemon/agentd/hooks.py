@@ -1,0 +1,213 @@
+"""Inbound webhooks: `POST /hooks/<name>` requests verified by their hook's scheme, and
+the delivery ids each hook has taken, so a replayed request is refused.
+
+Standard Webhooks requests (`webhook-id`, `webhook-timestamp`, `webhook-signature`) are
+taken within `tolerance` seconds of their timestamp, each id once. The hex schemes sign
+no time and no id: a hook takes them only when its configuration lists them (`github`:
+`X-Hub-Signature-256` with `X-GitHub-Delivery`; `agentd`: `X-Agentd-Signature` with
+`X-Agentd-Delivery`), and refuses a repeat of the delivery id for `replay_window` seconds.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from agentd.config import Config
+from agentd.errors import AgentdError, ConfigError
+from agentd.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, sign, signing_key, standard_signature
+
+if TYPE_CHECKING:
+    from agentd.db import Connection, Store
+
+# A delivery id is kept as text and signed as ASCII: printable, no spaces, bounded.
+_DELIVERY_ID = re.compile(r"[\x21-\x7e]{1,256}")
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+
+
+def _header_bytes(value: str) -> bytes:
+    # aiohttp decodes header bytes with surrogateescape: a plain encode() raises on them.
+    return value.encode("utf-8", "surrogatepass")
+
+
+class HookSignatureError(AgentdError):
+    """An inbound hook request is not signed as its hook requires (answered 401).
+
+    `code` is `bad_signature` or `stale_timestamp`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ReplayedDeliveryError(AgentdError):
+    """An inbound hook request repeats a delivery id the hook has already taken (409)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A verified inbound request: its delivery id, and until when a repeat of it must be
+    refused (past then its signature no longer passes, or the replay window is over)."""
+
+    id: str
+    refuse_repeats_until: float
+
+
+@dataclass(frozen=True, slots=True)
+class _HexScheme:
+    signature_header: str
+    delivery_header: str
+
+
+_HEX_SCHEMES = {"github": _HexScheme("X-Hub-Signature-256", "X-GitHub-Delivery"),
+                "agentd": _HexScheme(SIGNATURE_HEADER, DELIVERY_HEADER)}
+_STANDARD_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
+
+
+@dataclass(frozen=True, slots=True)
+class InboundHook:
+    """One `[hooks.<name>]`: its keys (the secret as each scheme uses it), the schemes it
+    takes and their windows."""
+
+    name: str
+    standard_key: bytes
+    hex_key: bytes
+    schemes: tuple[str, ...]
+    tolerance: float
+    replay_window: float
+
+    def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> Delivery:
+        """Check the request's signature by the first scheme whose signature header it
+        carries; return its delivery.
+
+        Raises:
+            HookSignatureError: no signature, one this hook does not take, a wrong one, a
+                missing delivery id, or a timestamp outside `tolerance`.
+        """
+        if "webhook-signature" in headers:
+            scheme = "standard"
+        else:
+            scheme = next((name for name, hex_scheme in _HEX_SCHEMES.items()
+                           if hex_scheme.signature_header in headers), "")
+        if scheme not in self.schemes:
+            given = f"not {_describe((scheme,))}" if scheme else "and this request carries no signature"
+            raise HookSignatureError("bad_signature", f"hook {self.name!r} takes requests signed "
+                                     f"by {_describe(self.schemes)}, {given}")
+        if scheme == "standard":
+            return self._verify_standard(headers, body, now)
+        return self._verify_hex(_HEX_SCHEMES[scheme], headers, body, now)
+
+    def _verify_standard(self, headers: Mapping[str, str], body: bytes, now: float) -> Delivery:
+        webhook_id, stamp, signatures = (headers.get(name, "") for name in _STANDARD_HEADERS)
+        if not _DELIVERY_ID.fullmatch(webhook_id):
+            raise HookSignatureError("bad_signature", "webhook-id: expected 1 to 256 printable "
+                                     "ASCII characters (the message's id)")
+        if not _TIMESTAMP.fullmatch(stamp):
+            raise HookSignatureError("bad_signature", "webhook-timestamp: expected whole seconds "
+                                     "since the Unix epoch")
+        timestamp = int(stamp)
+        if abs(now - timestamp) > self.tolerance:
+            raise HookSignatureError("stale_timestamp", f"webhook-timestamp {timestamp} is "
+                                     f"{now - timestamp:+.0f} s from this server's clock; "
+                                     f"hook {self.name!r} takes at most {self.tolerance:g} s either way")
+        expected = _header_bytes(standard_signature(self.standard_key, webhook_id, timestamp, body))
+        if not any(hmac.compare_digest(_header_bytes(given), expected)
+                   for given in signatures.split() if given.startswith("v1,")):
+            raise HookSignatureError("bad_signature", "webhook-signature: expected v1,<base64 "
+                                     "HMAC-SHA256 of \"{webhook-id}.{webhook-timestamp}.{body}\">")
+        return Delivery(webhook_id, timestamp + self.tolerance)
+
+    def _verify_hex(self, scheme: _HexScheme, headers: Mapping[str, str], body: bytes,
+                    now: float) -> Delivery:
+        expected = _header_bytes(sign(self.hex_key, body))
+        if not hmac.compare_digest(_header_bytes(headers[scheme.signature_header]), expected):
+            raise HookSignatureError("bad_signature", f"{scheme.signature_header}: expected "
+                                     "sha256=<hex HMAC-SHA256 of the body>")
+        delivery_id = headers.get(scheme.delivery_header, "")
+        if not _DELIVERY_ID.fullmatch(delivery_id):
+            raise HookSignatureError("bad_signature", f"{scheme.delivery_header}: expected the "
+                                     "delivery's id (1 to 256 printable ASCII characters)")
+        return Delivery(delivery_id, now + self.replay_window)
+
+
+def _describe(schemes: tuple[str, ...]) -> str:
+    names = {"standard": "Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature)",
+             **{name: f"{scheme.signature_header} with {scheme.delivery_header}"
+                for name, scheme in _HEX_SCHEMES.items()}}
+    return " or ".join(names[scheme] for scheme in schemes)
+
+
+class InboundHooks:
+    """The configured inbound hooks, their secrets read once, and the delivery ids each has
+    taken: kept in the database (table `hook_deliveries`), so a restart forgets none."""
+
+    def __init__(self, hooks: Mapping[str, InboundHook], store: Store) -> None:
+        self._hooks = dict(hooks)
+        self._store = store
+        self._in_flight: set[tuple[str, str]] = set()
+
+    @classmethod
+    def from_config(cls, config: Config, store: Store) -> InboundHooks:
+        """Build the hooks, reading their secrets now.
+
+        Raises:
+            ConfigError: a secret file or variable cannot be read, or a `whsec_` secret is
+                not base64, naming the hook.
+        """
+        hooks = {}
+        for name, table in config.hooks.settings.items():
+            secret = config.secret(f"hooks.{name}", table, "secret")
+            try:
+                standard_key = signing_key(secret)
+            except ValueError as exc:
+                raise ConfigError(f"{config.source}: [hooks.{name}] secret: {exc}") from None
+            hooks[name] = InboundHook(
+                name=name, standard_key=standard_key, hex_key=secret.encode(),
+                schemes=tuple(table.get("schemes", ("standard",))),
+                tolerance=float(table.get("tolerance", config.hooks.tolerance)),
+                replay_window=config.hooks.replay_window)
+        return cls(hooks, store)
+
+    def get(self, name: str) -> InboundHook | None:
+        return self._hooks.get(name)
+
+    @asynccontextmanager
+    async def taking(self, hook: str, delivery: Delivery) -> AsyncIterator[None]:
+        """Hold `delivery` of `hook` while the block publishes it; record it once the block
+        is done. A delivery recorded before, or held by a request in flight, is refused.
+
+        The id is recorded after the block, not before: a crash between the two lets the
+        sender's retry through again (a repeat), where the other order would refuse it
+        and lose the event.
+
+        Raises:
+            ReplayedDeliveryError: the id was taken (or is being taken) already.
+        """
+        key = (hook, delivery.id)
+        refused = ReplayedDeliveryError(f"hook {hook!r} has already taken delivery {delivery.id!r}")
+        # Held from before the read until the record has committed: a copy is refused as
+        # held, or its read starts after the commit and finds the record; never neither.
+        if key in self._in_flight:
+            raise refused
+        self._in_flight.add(key)
+        try:
+            if await self._store.read_one(
+                    "SELECT 1 FROM hook_deliveries WHERE hook = ? AND delivery_id = ? AND refuse_until >= ?",
+                    (*key, time.time())) is not None:
+                raise refused
+            yield
+            now = time.time()
+
+            def record(conn: Connection) -> None:
+                conn.execute("DELETE FROM hook_deliveries WHERE refuse_until < ?", (now,))
+                conn.execute("INSERT OR REPLACE INTO hook_deliveries (hook, delivery_id, refuse_until) "
+                             "VALUES (?, ?, ?)", (*key, delivery.refuse_repeats_until))
+
+            await self._store.write(record)
+        finally:
+            self._in_flight.discard(key)

@@ -1,0 +1,76 @@
+"""The `agentd` command as its users meet it: the top-level help, and output into a pipe
+whose reader has gone away."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentd.cli import EXIT_BROKEN_PIPE, main
+
+TIMEOUT = 30.0
+
+
+def test_the_top_level_help_speaks_to_users(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: agentd ")
+    assert "agentd runs AI agents and their background work" in out
+    assert "parse arguments" not in out  # the module docstring is for developers
+    commands = {"run": "run the daemon in the foreground",
+                "check-config": "build what `run` would",
+                "status": "ask the running daemon how it is",
+                "submit": "enqueue a task", "tasks": "inspect and manage tasks",
+                "schedules": "inspect and manage schedules", "memory": "long-term memory"}
+    for command, summary in commands.items():
+        assert f"    {command}" in out and summary in out, command
+    assert "examples:\n  agentd check-config" in out
+    assert "agentd submit hello.greet --args '{\"name\": \"Ada\"}' --wait" in out
+    assert "configuration: --config PATH, else $AGENTD_CONFIG, else ./agentd.toml" in out
+
+
+async def _run_into_closed_pipe(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    """Run `python -m agentd *args` with stdout a pipe whose read end is already closed, as
+    after `| head` has read its lines and exited; return the exit code and stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentd", *args, stdin=asyncio.subprocess.DEVNULL,
+            stdout=write_end, stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd)
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+async def test_a_listing_into_a_closed_pipe_exits_quietly(
+    start_daemon: Any, config_file: Callable[..., Path], process_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    """`agentd tasks list | head`: once head has gone, agentd stops without a traceback and
+    exits 141, as a tool killed by SIGPIPE does."""
+    daemon, _ = await start_daemon()
+    await daemon.queue.enqueue("agentd.purge_tasks", {}, delay=3600)
+    env = process_env(AGENTD_SERVER_PORT=str(daemon.port))
+    code, err = await _run_into_closed_pipe("tasks", "list", "--config", str(config_file()),
+                                            env=env, cwd=tmp_path)
+    assert (code, err) == (EXIT_BROKEN_PIPE, "")
+
+
+async def test_a_report_into_a_closed_pipe_exits_quietly(
+    config_file: Callable[..., Path], process_env: Callable[..., dict[str, str]], tmp_path: Path,
+) -> None:
+    """Output that fits the buffer fails only when Python flushes it at exit: handled too."""
+    code, err = await _run_into_closed_pipe("check-config", "--config", str(config_file()),
+                                            env=process_env(), cwd=tmp_path)
+    assert (code, err) == (EXIT_BROKEN_PIPE, "")
