@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from machine import REPO, repo_revision
+from machine import source_trees
 
 HERE = Path(__file__).resolve().parent
 
@@ -82,16 +81,7 @@ asyncio.run(main(int(sys.argv[1])))
 def main() -> int:
     args = parse_args()
     with tempfile.TemporaryDirectory(prefix="agentd-http-") as tmp:
-        working_tree = Path(tmp) / "src-0" / "daemon"
-        shutil.copytree(REPO / "daemon", working_tree, ignore=shutil.ignore_patterns("__pycache__"))
-        sources: list[tuple[str, Path]] = [(repo_revision(), working_tree)]
-        for rev in args.against:
-            export = Path(tmp) / f"src-{len(sources)}"
-            export.mkdir()
-            archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "daemon"],
-                                     check=True, capture_output=True, timeout=60).stdout
-            subprocess.run(["tar", "-x", "-C", str(export)], input=archive, check=True, timeout=60)
-            sources.append((f"commit {rev}", export / "daemon"))
+        sources = source_trees(Path(tmp), args.against)
         best: dict[str, dict[str, float]] = {}
         for _ in range(args.rounds):
             for label, source in sources:
