@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -103,3 +104,20 @@ def repo_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return "an unknown commit"
     return f"commit {head} with uncommitted changes in daemon/" if dirty else f"commit {head}"
+
+
+def source_trees(tmp: Path, revisions: list[str]) -> list[tuple[str, Path]]:
+    """(label, `daemon/` folder) for the working tree and each of `revisions`, copied or
+    exported under `tmp`: every agentd a bench compares is imported through PYTHONPATH from
+    such a copy, the working tree's too, so that all are imported the same way."""
+    working_tree = tmp / "src-0" / "daemon"
+    shutil.copytree(REPO / "daemon", working_tree, ignore=shutil.ignore_patterns("__pycache__"))
+    sources: list[tuple[str, Path]] = [(repo_revision(), working_tree)]
+    for rev in revisions:
+        export = tmp / f"src-{len(sources)}"
+        export.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "daemon"],
+                                 check=True, capture_output=True, timeout=60).stdout
+        subprocess.run(["tar", "-x", "-C", str(export)], input=archive, check=True, timeout=60)
+        sources.append((f"commit {rev}", export / "daemon"))
+    return sources

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from machine import REPO, repo_revision
+from machine import source_trees
 
 HERE = Path(__file__).resolve().parent
 
@@ -56,18 +56,7 @@ def main() -> int:
         return 1
     small, large = args.tasks
     with tempfile.TemporaryDirectory(prefix="agentd-instr-") as tmp:
-        # Every agentd measured is a copy imported through PYTHONPATH, the working tree's too,
-        # so that all are imported the same way.
-        working_tree = Path(tmp) / "src-0" / "daemon"
-        shutil.copytree(REPO / "daemon", working_tree, ignore=shutil.ignore_patterns("__pycache__"))
-        sources: list[tuple[str, Path]] = [(repo_revision(), working_tree)]
-        for rev in args.against:
-            export = Path(tmp) / f"src-{len(sources)}"
-            export.mkdir()
-            archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "daemon"],
-                                     check=True, capture_output=True, timeout=60).stdout
-            subprocess.run(["tar", "-x", "-C", str(export)], input=archive, check=True, timeout=60)
-            sources.append((f"commit {rev}", export / "daemon"))
+        sources = source_trees(Path(tmp), args.against)
         rows: list[dict[str, Any]] = []
         for label, source in sources:
             # The two sizes at once, one per core: callgrind runs a program on one.

@@ -99,10 +99,12 @@ async def test_fire_and_forget_handlers_do_not_delay_the_answer(st: Any, http: A
 
 
 @pytest.mark.parametrize(("body", "code", "mentions"), [
-    (b'{"topic": "a..b"}', "bad_pattern", "a..b"),
-    (b'{"topic": "has space"}', "bad_pattern", "has space"),
-    (b'{"topic": 5}', "bad_pattern", "topic"),
-    (b'{"data": {}}', "bad_pattern", "topic"),
+    (b'{"topic": "a..b"}', "bad_request", "topic: expected a topic: dot-separated names of letters, "
+                                          "digits, '_', '-', got 'a..b'"),
+    (b'{"topic": "has space"}', "bad_request", "has space"),
+    (b'{"topic": 5}', "bad_request", "topic: expected `str`, got `int`"),
+    (b'{"data": {}}', "bad_request", "missing required field `topic`"),
+    (b'{"topic": "task.done"}', "bad_pattern", "reserved"),
     (b'{"topic": "bad.data", "data": [1]}', "bad_request", "data"),
     (b'{"topic": "bad.data", "data": "text"}', "bad_request", "data"),
     (b'{"topic": "bad.field", "extra": 1}', "bad_request", "extra"),
@@ -730,8 +732,8 @@ async def test_the_live_routes_are_documented(start_daemon: Any, http: Any) -> N
     assert {"topics", "since", "token"} <= stream_params
     task_params = {p["name"]: p["in"] for p in paths["/v1/tasks/{id}/stream"]["get"]["parameters"]}
     assert task_params["id"] == "path"
-    assert paths["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["schema"][
-        "required"] == ["topic"]
+    body_schema = paths["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert document["components"]["schemas"][body_schema["$ref"].rsplit("/", 1)[1]]["required"] == ["topic"]
 
 
 @pytest.mark.xfail(reason="found by review, not fixed: a durable publish takes its id before its "

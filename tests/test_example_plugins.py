@@ -33,6 +33,7 @@ import aiohttp
 from aiohttp import web
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from agentd.app import Daemon
 from agentd.testing import EventCapture
 from fake_openai import FakeOpenAI
 from sse_client import Sse
@@ -154,17 +155,18 @@ async def serve(peer: Peer) -> AsyncIterator[Peer]:
 
 
 @asynccontextmanager
-async def busy_worker(client: aiohttp.ClientSession) -> AsyncIterator[asyncio.Event]:
+async def busy_worker(daemon: Daemon, client: aiohttp.ClientSession) -> AsyncIterator[asyncio.Event]:
     """Occupy the daemon's single worker (`ONE_WORKER`) with a webhook delivery (the
-    built-in `agentd.post_webhook`) that a receiver holds until the yielded event is set:
-    tasks submitted meanwhile stay queued, so a stream can be opened before they run."""
+    built-in `agentd.post_webhook`, enqueued inside the daemon as `ctx.webhook` does: the API
+    refuses agentd's own tasks) that a receiver holds until the yielded event is set: tasks
+    submitted meanwhile stay queued, so a stream can be opened before they run."""
     async with serve(Peer(hold=asyncio.Event())) as blocker:
         assert blocker.hold is not None
-        task = await submit(client, "agentd.post_webhook", {"url": blocker.url("/hold"), "body": {}})
+        task = await daemon.queue.enqueue("agentd.post_webhook", {"url": blocker.url("/hold"), "body": {}})
         await blocker.wait_posts(1)  # the worker is in the delivery now
         yield blocker.hold
         blocker.hold.set()
-        await succeeded(client, task["id"])
+        await succeeded(client, task.id)
 
 
 @dataclass
@@ -360,7 +362,7 @@ async def test_deep_search_delegates_merges_streams_remembers_and_mails(start_da
         for text in ROVER_MEMORIES:
             await call(client, "POST", "/v1/memory", {"text": text, "namespace": "news"}, status=201)
 
-        async with busy_worker(client) as release:
+        async with busy_worker(daemon, client) as release:
             run = await submit(client, "deep_search.run", {"topic": "Mars rover", "email": "ada@example.com"})
             async with client.get(f"/v1/tasks/{run['id']}/stream") as response:
                 assert response.status == 200
@@ -487,7 +489,7 @@ async def test_chat_streams_replies_keeps_the_conversation_and_sends_it_to_the_m
     daemon, _ = await start_daemon(plugin_dirs=[REPO_PLUGINS], overrides={
         "tasks": ONE_WORKER, "webhooks": LOOPBACK_WEBHOOKS})
     client = http(daemon)
-    async with busy_worker(client) as release:
+    async with busy_worker(daemon, client) as release:
         task = await submit(client, "chat.reply", {"session": "ada", "prompt": "Hello there!"})
         async with client.get(f"/v1/tasks/{task['id']}/stream") as response:
             sse = Sse(response)

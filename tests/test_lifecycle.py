@@ -150,7 +150,9 @@ async def test_sd_notify_ready_and_stopping(
     # READY means serving: the API answers now.
     assert (await get_json(port, "/readyz"))[0] == 200
     child.proc.send_signal(signal.SIGTERM)
-    assert (await receive(sock)).splitlines() == ["STOPPING=1", "STATUS=stopping"]
+    # stop_timeout = 5: 12 stages of 5 s at most, 5 s more before agentd ends itself.
+    assert (await receive(sock)).splitlines() == [
+        "STOPPING=1", "STATUS=stopping (within 60 s)", "EXTEND_TIMEOUT_USEC=65000000"]
     assert await child.finish() == 0
 
 

@@ -479,7 +479,7 @@ async def test_cli_add_with_a_bad_interval_exits_2_with_the_message(cli_daemon: 
     r, run = cli_daemon
     code, _, err = await run("add", "x", "--every", "soon", "--task", "t")
     assert code == 2
-    assert "every: 'soon' is not a duration" in err and "HTTP 400" in err
+    assert "every:" in err and "got 'soon'" in err and "HTTP 400" in err
     await call(r, "GET", "/v1/schedules/x", status=404)
 
 
@@ -787,7 +787,7 @@ async def test_a_patch_refused_for_one_field_changes_nothing(sched: Start) -> No
     await create(r, id="p", every="10m", event="p.ping", paused=True)
     error = (await call(r, "PATCH", "/v1/schedules/p", {"every": "1h", "paused": "yes"},
                         status=400))["error"]
-    assert "paused: expected true or false" in error["message"]
+    assert "paused: expected `bool`, got `str`" in error["message"]
     assert (await record(r, "p"))["every"] == 600.0
 
 
@@ -936,38 +936,45 @@ async def test_builtin_maintenance_schedules_run_on_demand_and_cannot_be_deleted
 # --------------------------------------------------------------------------- bad input
 
 
+# 400: the body breaks the form /v1/openapi.json states; 404: no such task; 422: well-formed,
+# but the trigger or the task cannot use it.
 @pytest.mark.parametrize(
-    ("body", "needles"),
+    ("body", "status", "code", "needles"),
     [
-        ({"cron": "61 * * * *", "task": "sched.work"}, ["cron: '61 * * * *' is not a valid expression"]),
-        ({"every": "soon", "task": "sched.work"}, ["every: 'soon' is not a duration"]),
-        ({"cron": "0 9 * * *", "timezone": "Mars/Olympus", "event": "x.y"},
-         ["timezone: 'Mars/Olympus' is not a known time zone"]),
-        ({"every": "1h", "task": "sched.nothing"}, ["task: no task named 'sched.nothing'"]),
-        ({"every": "1h", "cron": "* * * * *", "task": "sched.work"},
+        ({"cron": "61 * * * *", "task": "sched.work"}, 422, "invalid_schedule",
+         ["cron: '61 * * * *' is not a valid expression"]),
+        ({"every": "soon", "task": "sched.work"}, 400, "bad_request", ["every:", "got 'soon'"]),
+        ({"cron": "0 9 * * *", "timezone": "Mars/Olympus", "event": "x.y"}, 400, "bad_request",
+         ["timezone: invalid enum value 'Mars/Olympus'"]),
+        ({"every": "1h", "task": "sched.nothing"}, 404, "unknown_task", ["no task named 'sched.nothing'"]),
+        ({"every": "1h", "cron": "* * * * *", "task": "sched.work"}, 400, "bad_request",
          ["exactly one trigger", "every", "cron"]),
-        ({"every": "1h"}, ["exactly one action", "task", "event"]),
-        ({"every": "1h", "task": "sched.work", "colour": "red"}, ["unknown field(s): colour"]),
-        ({"every": "1h", "task": "sched.work", "args": {"bogus": 1}}, ["args", "'bogus'"]),
-        ({"every": "1h", "task": "sched.work", "queue": "gpu"}, ["queue", "'gpu'"]),
+        ({"every": "1h"}, 400, "bad_request", ["exactly one action", "task", "event"]),
+        ({"every": "1h", "task": "sched.work", "colour": "red"}, 400, "bad_request",
+         ["unknown field `colour`"]),
+        ({"every": "1h", "task": "sched.work", "args": {"bogus": 1}}, 422, "invalid_schedule",
+         ["args", "'bogus'"]),
+        ({"every": "1h", "task": "sched.work", "queue": "gpu"}, 422, "invalid_schedule", ["queue", "'gpu'"]),
         # Dates Python cannot hold: a 500, or a schedule that failed on every turn of the loop.
-        ({"every": "1000000000d", "event": "x.y"}, ["every: '1000000000d' is out of the range"]),
-        ({"at": -1e12, "event": "x.y"}, ["at: -1000000000000.0 is out of the range"]),
+        ({"every": "1000000000d", "event": "x.y"}, 400, "bad_request", ["every:", "'1000000000d'"]),
+        ({"at": -1e12, "event": "x.y"}, 400, "bad_request", ["at:", "-1000000000000.0"]),
         # The other action's fields were dropped without a word.
-        ({"every": "1h", "event": "x.y", "queue": "default"}, ["queue: an event schedule"]),
-        ({"every": "1h", "task": "sched.work", "data": {"a": 1}}, ["data: a task schedule"]),
+        ({"every": "1h", "event": "x.y", "queue": "default"}, 422, "invalid_schedule",
+         ["queue: an event schedule"]),
+        ({"every": "1h", "task": "sched.work", "data": {"a": 1}}, 422, "invalid_schedule",
+         ["data: a task schedule"]),
     ],
     ids=["cron", "interval", "timezone", "task", "two-triggers", "no-action", "unknown-field",
          "task-args", "queue", "huge-interval", "year-zero", "event-with-queue", "task-with-data"],
 )
-async def test_bad_schedules_over_the_api_are_400_naming_the_field(
-    sched: Start, body: dict[str, Any], needles: list[str]
+async def test_bad_schedules_over_the_api_are_refused_naming_the_field(
+    sched: Start, body: dict[str, Any], status: int, code: str, needles: list[str]
 ) -> None:
     r = await sched()
     # Paused: were it accepted, its fire could not freeze the test (see the orphan test).
     body = {"id": "bad", "paused": True, **body}
-    error = (await call(r, "POST", "/v1/schedules", body, status=400))["error"]
-    assert error["code"] == "invalid_schedule"
+    error = (await call(r, "POST", "/v1/schedules", body, status=status))["error"]
+    assert error["code"] == code
     for needle in needles:
         assert needle in error["message"]
     await call(r, "GET", "/v1/schedules/bad", status=404)

@@ -1,9 +1,12 @@
-"""sd_notify: datagrams to a path or an abstract socket, no-op without systemd, watchdog."""
+"""sd_notify: datagrams to a path or an abstract socket, no-op without systemd, watchdog;
+and the unit file agrees with the daemon (systemd waits longer for a stop than agentd can
+take, so a stop is never cut short by SIGKILL)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import uuid
 from collections.abc import Iterator
@@ -12,8 +15,12 @@ from pathlib import Path
 import pytest
 
 from agentd.app import Daemon
+from agentd.config import DaemonConfig, load_config
+from agentd.shutdown import EXIT_MARGIN, stop_bound
 from agentd.systemd import Notifier
 from agentd.testing import make_config
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -95,7 +102,8 @@ async def test_daemon_notifies_ready_watchdog_and_stopping(
     async with Daemon(make_config(tmp_path), notifier=notifier) as daemon:
         assert await receive() == f"READY=1\nSTATUS=serving on 127.0.0.1:{daemon.port}".encode()
         assert await receive() == b"WATCHDOG=1"  # the first ping goes out at once
-    assert await receive() == b"STOPPING=1\nSTATUS=stopping"
+    # 12 stages of 5 s at most, 5 s more before agentd ends itself: systemd is told so.
+    assert await receive() == b"STOPPING=1\nSTATUS=stopping (within 60 s)\nEXTEND_TIMEOUT_USEC=65000000"
 
 
 async def test_daemon_without_watchdog_sends_no_pings(
@@ -112,3 +120,27 @@ async def test_daemon_without_watchdog_sends_no_pings(
         except BlockingIOError:
             break
     assert [r.split(b"\n")[0] for r in received] == [b"READY=1", b"STOPPING=1"]
+
+
+# --------------------------------------------------------------------------- the unit file
+
+
+def _unit_setting(name: str) -> str:
+    text = (REPO / "systemd" / "agentd.service").read_text()
+    (value,) = re.findall(rf"^{name}=(.*)$", text, flags=re.MULTILINE)
+    return value.strip()
+
+
+def test_timeout_stop_sec_exceeds_the_longest_stop_of_the_default_config() -> None:
+    """The longest stop is the staged stop's bound, then EXIT_MARGIN s before agentd ends
+    itself; the shipped agentd.toml and the built-in defaults give the same one."""
+    timeout_stop = float(_unit_setting("TimeoutStopSec"))
+    shipped = load_config(REPO / "agentd.toml", env={}).daemon
+    assert shipped.stop_timeout == DaemonConfig().stop_timeout
+    longest = stop_bound(shipped) + EXIT_MARGIN
+    assert timeout_stop > longest, f"TimeoutStopSec={timeout_stop:g} but a stop may take {longest:g} s"
+
+
+def test_the_unit_has_no_reload() -> None:
+    """SIGHUP reloads nothing (it is logged and ignored), so the unit offers no reload."""
+    assert "ExecReload" not in (REPO / "systemd" / "agentd.service").read_text()

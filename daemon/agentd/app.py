@@ -4,13 +4,12 @@ all-or-nothing and stops them in stages, each with a deadline."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import time
 from collections.abc import Awaitable, Coroutine, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from agentd import __version__, maintenance
 from agentd.bus import Bus
@@ -29,6 +28,14 @@ from agentd.plugins import PluginManager
 from agentd.schedule import ScheduleSpec
 from agentd.scheduler import Clock, Scheduler
 from agentd.services import Services
+from agentd.shutdown import (
+    EXIT_MARGIN,
+    EXIT_STOP_OVERRAN,
+    ExitDeadline,
+    SignalRelay,
+    stage_deadline,
+    stop_bound,
+)
 from agentd.spawn import Spawner
 from agentd.systemd import Notifier
 from agentd.taskdef import TaskRegistry
@@ -36,6 +43,8 @@ from agentd.taskqueue import TaskQueue
 from agentd.web import events_api, memory_api, schedules_api, streams, system, tasks_api, ws
 from agentd.web.server import HttpServer, build_app
 from agentd.worker import WorkerPool
+
+T = TypeVar("T")
 
 
 class Daemon:
@@ -89,6 +98,8 @@ class Daemon:
         self.plugins_started = False
         self.started_monotonic = time.monotonic()
         self._stop_requested = asyncio.Event()
+        self._stop_reason: str | None = None
+        self._hurried = asyncio.Event()
         self._service_tasks: list[asyncio.Task[None]] = []
         self._log = get_logger("daemon")
 
@@ -213,52 +224,110 @@ class Daemon:
         self.bus.dispatch(event)
         return event
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str = "requested") -> None:
         """Ask the daemon to stop (signal handlers call this; it only sets a flag)."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
         self._stop_requested.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a stop was asked for (it may not have begun: the start finishes first)."""
+        return self._stop_requested.is_set()
+
+    def hurry(self, reason: str = "requested again") -> None:
+        """Ask a stop under way (or to come) to stop waiting for running handlers and
+        tasks: they are cancelled at once, the tasks put back. The stages that close
+        things still run, each within its deadline."""
+        if not self._hurried.is_set():
+            self._log.warning("daemon.stop_hurried", reason=reason)
+        self._hurried.set()
 
     async def wait_stopped(self) -> None:
         """Return once a stop was requested."""
         await self._stop_requested.wait()
 
     async def stop(self) -> None:
-        """Stop in stages, each bounded by `[daemon] stop_timeout`. Idempotent."""
+        """Stop in the stages of `STOP_STAGES`, each within its deadline, so that the whole
+        stop takes at most `stop_bound(config.daemon)`. Each stage logs what it waits for;
+        `daemon.stopped` says how long it all took and how many tasks went back to the
+        queue (null if the workers' stage ran out of time). Idempotent."""
         if self.stopping:
             return
         self.stopping = True  # stage 1: intake closed (HTTP refuses new work)
         self._stop_requested.set()
-        deadline = self.config.daemon.stop_timeout
-        self.notifier.stopping("stopping")
-        self._log.info("daemon.stopping")
+        began = time.monotonic()
+        timeout = self.config.daemon.stop_timeout
+        bound = stop_bound(self.config.daemon)
+        # systemd then waits as long as agentd may take, whatever TimeoutStopSec says.
+        self.notifier.stopping(f"stopping (within {bound:g} s)", within=bound + EXIT_MARGIN)
+        self._log.info("daemon.stopping", reason=self._stop_reason or "requested", bound=bound)
         self.bus.publish("daemon.stopping", {})
         self.digests.stop()
-        await self._stage("drain handlers", self.spawner.drain(deadline), deadline)
-        await self._stop_services()  # the scheduler fires nothing more
-        await self._stage("stop workers", self.workers.stop(deadline), deadline * 2)
-        await self._stage("stop scheduler", self.scheduler.stop(), deadline)
-        await self._stage("stop plugins", self.plugins.stop_all(deadline), deadline * 2)
-        await self._stage("close HTTP clients", self.services.close(), deadline)
+        timed_out: list[str] = []
+        await self._stage("drain handlers", self._drain_handlers(timeout), timed_out,
+                          f"{len(self.spawner)} handlers running or waiting")
+        # The scheduler fires nothing more.
+        await self._stage("stop background loops", self._stop_services(), timed_out,
+                          ", ".join(task.get_name() for task in self._service_tasks))
+        put_back = await self._stage(
+            "stop workers", self.workers.stop(timeout, self._hurried), timed_out,
+            self.workers.describe_running())
+        await self._stage("stop scheduler", self.scheduler.stop(), timed_out,
+                          "the schedule outcomes being recorded")
+        hooked = [name for name, record in self.plugins.plugins.items()
+                  if record.state == "started" and record.plugin is not None
+                  and record.plugin.shutdown_hooks]
+        await self._stage("stop plugins", self.plugins.stop_all(timeout), timed_out,
+                          f"shutdown hooks of {', '.join(hooked) or 'no plugin'}")
+        await self._stage("close HTTP clients", self.services.close(), timed_out,
+                          "outbound connections (LLM, mail, webhooks)")
         if self.server is not None:
-            await self._stage("close server", self.server.close(), deadline)
-        await self._stage("flush event log", self.eventlog.stop(), deadline)
+            await self._stage("close server", self.server.close(), timed_out,
+                              "open HTTP requests, streams and WebSockets")
+        await self._stage("flush event log", self.eventlog.stop(), timed_out,
+                          "events recorded but not yet committed")
         self.bus.close()
         if self.memory is not None:
-            await self._stage("close memory", self.memory.close(), deadline)
-        await self._stage("close store", self.store.close(), deadline)
-        self._log.info("daemon.stopped")
+            await self._stage("close memory", self.memory.close(), timed_out,
+                              "memory.db's last writes and connections")
+        await self._stage("close store", self.store.close(), timed_out,
+                          "agentd.db's last writes and connections")
+        self._log.info("daemon.stopped", took=round(time.monotonic() - began, 3),
+                       put_back=put_back, timed_out=timed_out)
+
+    async def _drain_handlers(self, timeout: float) -> None:
+        """Let running handlers finish for `timeout` s, or until `hurry()`; cancel the rest."""
+        draining = asyncio.ensure_future(self.spawner.drain(timeout))
+        hurried = asyncio.ensure_future(self._hurried.wait())
+        try:
+            done, _ = await asyncio.wait({draining, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurried.cancel()
+            draining.cancel()  # a no-op once drained; else hurried, or the stage ran out of time
+        if draining not in done:  # hurried: cancel the handlers now
+            await asyncio.gather(draining, return_exceptions=True)
+            await self.spawner.drain(0)
 
     @property
     def memory(self) -> MemoryStore | None:
         """Sessions and long-term memory; None until it opens (after plugins start)."""
         return self.services.memory
 
-    async def _stage(self, name: str, work: Awaitable[Any], deadline: float) -> None:
+    async def _stage(self, name: str, work: Awaitable[T], timed_out: list[str],
+                     waits_for: str) -> T | None:
+        """Run one stop stage within its deadline (`stage_deadline`); its result, or None
+        when it timed out (its name then added to `timed_out`) or failed."""
+        deadline = stage_deadline(name, self.config.daemon.stop_timeout)
+        self._log.info("daemon.stop_stage", stage=name, deadline=deadline, waits_for=waits_for)
         try:
-            await asyncio.wait_for(work, deadline)
+            return await asyncio.wait_for(work, deadline)
         except TimeoutError:
             self._log.warning("daemon.stop_stage_timed_out", stage=name, deadline=deadline)
+            timed_out.append(name)
         except Exception:
             self._log.exception("daemon.stop_stage_failed", stage=name)
+        return None
 
     def _start_service(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -277,16 +346,27 @@ class Daemon:
 
 
 async def serve(config: Config) -> None:
-    """Run a daemon until SIGTERM or SIGINT, then stop it in stages."""
-    loop = asyncio.get_running_loop()
+    """Run a daemon until SIGTERM or SIGINT, then stop it in stages; log and ignore SIGHUP.
+    A second SIGTERM or SIGINT hurries the stop (`Daemon.hurry`).
+
+    For the process's main thread: once the stop begins, the process ends within
+    `stop_bound` + `EXIT_MARGIN` s, by `os._exit` if anything still holds it then.
+    """
     daemon = Daemon(config)
-    # Installed before the start: READY=1 and the "daemon.started" line may be acted on at once.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, daemon.request_stop)
-    try:
+    log = get_logger("daemon")
+
+    def on_signal(signum: signal.Signals) -> None:
+        if signum is signal.SIGHUP:
+            log.warning("daemon.sighup_ignored",
+                        reason="agentd cannot reload its configuration: restart it to apply changes")
+        elif daemon.stop_requested:
+            daemon.hurry(signum.name)
+        else:
+            daemon.request_stop(signum.name)
+
+    # Relayed from before the start: READY=1 and "daemon.started" may be acted on at once.
+    with SignalRelay(on_signal):
         async with daemon:
             await daemon.wait_stopped()
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(signum)
+            ExitDeadline(stop_bound(config.daemon) + EXIT_MARGIN, EXIT_STOP_OVERRAN).arm()
+

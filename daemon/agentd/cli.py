@@ -1,7 +1,8 @@
 """The `agentd` command: parse arguments, call into the daemon or its HTTP API, set the exit code.
 
-Exit codes: 0 success, 1 the operation failed (daemon unreachable, start failed),
-2 bad configuration or usage, 141 the reader of stdout went away (`agentd tasks list | head`).
+Exit codes: 0 success (for `run`: a completed stop), 1 the operation failed (daemon
+unreachable, start failed, a stop that overran its bound), 2 bad configuration or usage,
+141 the reader of stdout went away (`agentd tasks list | head`).
 """
 
 from __future__ import annotations

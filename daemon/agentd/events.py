@@ -19,6 +19,10 @@ from typing import Any, NamedTuple
 from agentd.errors import PatternError
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+# A whole topic, for documents (the HTTP API's schemas); `validate_topic` says which segment is wrong.
+TOPIC_PATTERN = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
+# Longer topics are refused: a topic is a name, kept with every event and matched per subscriber.
+MAX_TOPIC_LENGTH = 255
 
 # The marker an iterating subscriber receives in place of events its full buffer dropped.
 LAGGED_TOPIC = "bus.lagged"
@@ -69,6 +73,8 @@ def validate_topic(topic: object) -> str:
     """Return `topic` if it follows the grammar; raise PatternError naming the fault otherwise."""
     if not isinstance(topic, str) or not topic:
         raise PatternError(f"topic must be a non-empty string, got {topic!r}")
+    if len(topic) > MAX_TOPIC_LENGTH:
+        raise PatternError(f"topic is {len(topic)} characters long; at most {MAX_TOPIC_LENGTH}")
     return _validate_topic_text(topic)
 
 

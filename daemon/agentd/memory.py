@@ -37,7 +37,8 @@ _REPLANS = 5  # times a delete re-plans when correction chains change under it
 
 class _ChainChangedError(Exception):
     """Raised inside a delete's write when its chains changed since it planned."""
-_NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+NAME_PATTERN = r"[A-Za-z0-9_.:-]{1,128}"  # a namespace or a session id
+_NAMESPACE = re.compile(NAME_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)

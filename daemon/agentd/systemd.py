@@ -41,8 +41,13 @@ class Notifier:
     def ready(self, status: str) -> None:
         self.notify(READY="1", STATUS=status)
 
-    def stopping(self, status: str) -> None:
-        self.notify(STOPPING="1", STATUS=status)
+    def stopping(self, status: str, within: float | None = None) -> None:
+        """STOPPING=1; with `within`, ask systemd to wait that many seconds for the stop
+        even past `TimeoutStopSec` (EXTEND_TIMEOUT_USEC, systemd 236 and later)."""
+        if within is None:
+            self.notify(STOPPING="1", STATUS=status)
+        else:
+            self.notify(STOPPING="1", STATUS=status, EXTEND_TIMEOUT_USEC=str(round(within * 1_000_000)))
 
     def watchdog(self) -> None:
         self.notify(WATCHDOG="1")

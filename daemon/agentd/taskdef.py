@@ -17,7 +17,11 @@ TaskFunction = Callable[..., Any]
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*(s|sec|m|min|h|hour)\s*$")
 _UNIT_SECONDS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+TASK_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+_NAME = re.compile(TASK_NAME_PATTERN)
+# The daemon's own tasks (webhook and mail delivery, maintenance, digests): plugins and tasks
+# enqueue them through ctx; the public API refuses them.
+INTERNAL_PREFIX = "agentd."
 
 
 @dataclass(slots=True)

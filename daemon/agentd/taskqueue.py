@@ -46,6 +46,11 @@ FINAL_TOPIC = {state: f"task.{state}" for state in FINAL_STATES}
 # Final states that always carry an error: listed through tasks_unsuccessful.
 UNSUCCESSFUL = frozenset({"failed", "dead", "cancelled"})
 
+# The latest time a task may be due (2100-01-01 UTC): a later run_at, or a delay that reaches
+# past it (1e308), is a mistake, and would leave a task that never runs. The HTTP API's
+# bounds on run_at and delay come from here.
+LATEST_RUN_AT = 4_102_444_800.0
+
 _COLUMNS = (
     "queue, name, args, status, priority, run_at, max_attempts, timeout, "
     "idempotency_key, parent_id, correlation_id, created_at"
@@ -285,6 +290,9 @@ class TaskQueue:
             raise InvalidTaskError("give either delay or run_at, not both")
         if run_at is None:
             run_at = now + (delay or 0.0)
+        if not 0.0 <= run_at <= LATEST_RUN_AT:  # NaN too
+            raise InvalidTaskError(f"run_at must be a Unix time from 0 to {LATEST_RUN_AT:.0f} "
+                                   f"(2100-01-01), got {run_at!r}")
         if max_attempts is None:
             max_attempts = (definition.max_attempts if definition.max_attempts is not None
                             else self.config.max_attempts)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
+import re
+from typing import Any, TypeVar
 
-from aiohttp import web
+import msgspec
+from aiohttp import hdrs, web
 
 from agentd.errors import (
     AgentdError,
@@ -23,6 +24,9 @@ from agentd.errors import (
     TaskStateError,
     UnknownTaskError,
 )
+from agentd.web.schemas import PATTERN_MEANINGS
+
+T = TypeVar("T")
 
 # How the daemon's own errors reach HTTP clients: (status, code).
 _STATUS_OF: list[tuple[type[AgentdError], int, str]] = [
@@ -31,7 +35,9 @@ _STATUS_OF: list[tuple[type[AgentdError], int, str]] = [
     (InvalidTaskError, 400, "invalid_task"),
     (PatternError, 400, "bad_pattern"),
     (TaskStateError, 409, "conflict"),
-    (InvalidScheduleError, 400, "invalid_schedule"),
+    # The body's form is checked first (400); what is left is a well-formed schedule whose
+    # meaning cannot be used: an impossible date, a cron expression the trigger refuses.
+    (InvalidScheduleError, 422, "invalid_schedule"),
     (ScheduleNotFoundError, 404, "schedule_not_found"),
     (MemoryNotFoundError, 404, "memory_not_found"),
     (EmbedderError, 503, "embedder_unavailable"),
@@ -76,15 +82,112 @@ def not_found(message: str, **details: Any) -> ApiError:
     return ApiError(404, "not_found", message, **details)
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 ApiError saying what is wrong with it."""
-    text = await request.text()
-    if not text.strip():
+# Media types read as JSON. curl's `-d` sends a form type: its body is read as JSON all the same.
+_JSON_TYPES = frozenset({"application/json", "application/x-www-form-urlencoded"})
+_UTF8 = frozenset({"utf-8", "utf8"})
+
+
+def _check_media_type(request: web.Request) -> None:
+    """415 unless the body is declared JSON in UTF-8 (or not declared at all)."""
+    if hdrs.CONTENT_TYPE not in request.headers:
+        return
+    media_type = request.content_type
+    if media_type not in _JSON_TYPES and not (
+            media_type.startswith("application/") and media_type.endswith("+json")):
+        raise ApiError(415, "unsupported_media_type",
+                       f"the body must be JSON (Content-Type: application/json), not {media_type}")
+    charset = request.charset
+    if charset is not None and charset.lower() not in _UTF8:
+        raise ApiError(415, "unsupported_media_type",
+                       f"JSON bodies are UTF-8; charset {charset!r} is not supported")
+
+
+_REGEX = re.compile(r"`str` matching regex '(.*)'")
+# A pattern as msgspec's messages show it (backslashes doubled) → what it means.
+_MEANINGS = {pattern.replace("\\", "\\\\"): meaning for pattern, meaning in PATTERN_MEANINGS.items()}
+_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+_NOTHING = object()
+
+
+def invalid(exc: msgspec.ValidationError, given: Any = _NOTHING, where: str = "") -> ApiError:
+    """The 400 for a value a Struct of web/schemas.py refused: `field: what was expected, got
+    the value` (the value found in `given`, the decoded request, when it can be; a field's
+    pattern is in /v1/openapi.json: repeated here it would bury the message)."""
+    message, _, path = str(exc).rpartition(" - at `")
+    if not message:
+        return bad_request(f"{where}{exc}")
+    path = path.rstrip("`")
+    message = _REGEX.sub(lambda m: _MEANINGS.get(m[1], "the form /v1/openapi.json gives"), message)
+    value = _value_at(given, path)
+    if value is not _NOTHING and ", got " not in message:
+        shown = repr(value)
+        message += f", got {shown if len(shown) <= 80 else shown[:77] + '...'}"
+    field = path.removeprefix("$").removeprefix(".")
+    return bad_request(f"{where}{field}: {message[0].lower()}{message[1:]}")
+
+
+def _value_at(document: Any, path: str) -> Any:
+    """What `path` (`$.tasks[3].priority`) names in `document`, or _NOTHING."""
+    for key, index in _STEP.findall(path):
+        try:
+            document = document[int(index)] if index else document[key]
+        except (KeyError, IndexError, TypeError):
+            return _NOTHING
+    return document
+
+
+_DECODERS: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def _decoder(kind: type[T]) -> msgspec.json.Decoder[T]:
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        decoder = _DECODERS[kind] = msgspec.json.Decoder(kind)
+    return decoder
+
+
+async def read_body(request: web.Request, kind: type[T], optional: bool = False) -> T:
+    """The request body decoded and validated as `kind` (a Struct of web/schemas.py); with
+    `optional`, no body at all is `kind()`, the Struct's defaults.
+
+    Raises:
+        ApiError: 415 for a body that is not declared JSON in UTF-8; 400 for an empty body,
+            text that is not JSON in UTF-8, or a value `kind` refuses (the field is named).
+    """
+    raw = await request.read()
+    if optional and not raw:
+        return kind()
+    _check_media_type(request)
+    if not raw.strip():
         raise bad_request("the request body is empty; expected a JSON object")
     try:
-        body = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise bad_request(f"expected a JSON object, got {type(body).__name__}")
-    return body
+        return _decoder(kind).decode(raw)
+    except msgspec.ValidationError as exc:
+        raise invalid(exc, _decoded(raw)) from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "invalid_json", f"the request body is not JSON in UTF-8: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the request body is nested too deeply") from None
+
+
+def _decoded(raw: bytes) -> Any:
+    """The body as plain JSON values, to show the one a Struct refused (_NOTHING if that
+    cannot be had: a Struct can refuse a body at its top before meeting its nesting)."""
+    try:
+        return msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return _NOTHING
+
+
+def read_query(request: web.Request, kind: type[T]) -> T:
+    """The query string validated as `kind` (a Struct whose fields are the parameters; text is
+    converted to the fields' types). Unknown parameters are ignored.
+
+    Raises:
+        ApiError: 400 naming the parameter that is wrong.
+    """
+    given = dict(request.query)
+    try:
+        return msgspec.convert(given, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        raise invalid(exc, given, "query parameter ") from None

@@ -11,8 +11,9 @@ from aiohttp import web
 from agentd.events import check_publishable
 from agentd.hooks import HookSignatureError, ReplayedDeliveryError
 from agentd.web.auth import STREAM_TOKENS, stream_scope
-from agentd.web.errors import ApiError, bad_request, read_json_object
+from agentd.web.errors import ApiError, read_body
 from agentd.web.openapi import doc
+from agentd.web.schemas import EventBody, StreamTokenBody, StreamTokenItem
 from agentd.web.server import DAEMON
 
 routes = web.RouteTableDef()
@@ -25,19 +26,10 @@ _FORWARDED_HEADERS = ("Content-Type", "User-Agent", "X-GitHub-Event", "X-GitHub-
 @routes.post("/v1/events")
 @doc("Publish an event; answered at once while handlers run fire-and-forget. Durable "
      "handlers' tasks are committed before the answer", tag="events",
-     body={"type": "object", "required": ["topic"],
-           "properties": {"topic": {"type": "string"}, "data": {"type": "object"}}},
-     responses={202: "Published: `id` and `topic`", 400: "A bad topic or data"})
+     body=EventBody, responses={202: "Published: `id` and `topic`"})
 async def publish(request: web.Request) -> web.Response:
-    body = await read_json_object(request)
-    unknown = sorted(set(body) - {"topic", "data"})
-    if unknown:
-        raise bad_request(f"unknown field(s): {', '.join(unknown)}; known: topic, data")
-    topic = check_publishable(body.get("topic"))
-    data = body.get("data", {})
-    if not isinstance(data, dict):
-        raise bad_request(f"field 'data' must be a JSON object, got {type(data).__name__}")
-    event = await request.app[DAEMON].publish_durably(topic, data)
+    body = await read_body(request, EventBody)
+    event = await request.app[DAEMON].publish_durably(check_publishable(body.topic), body.data)
     return web.json_response({"id": event.id, "topic": event.topic}, status=202)
 
 
@@ -48,19 +40,13 @@ async def publish(request: web.Request) -> web.Response:
      "token_ttl) and resumes one (a request with Last-Event-ID) until `expires_at` "
      "([streams] token_resume_ttl). The body is optional: `path` binds the token to one stream "
      "route, `topics` (with path /v1/stream) to one `topics` value", tag="streams",
-     body={"type": "object", "properties": {"path": {"type": "string"}, "topics": {"type": "string"}}},
+     body=StreamTokenItem, optional_body=True,
      responses={201: "`token`, `open_until`, `expires_at` (Unix times), `path`, `topics`",
                 400: "A path that is no stream route, or bad topics"})
 async def stream_token(request: web.Request) -> web.Response:
-    body = await read_json_object(request) if (await request.read()).strip() else {}
-    unknown = sorted(set(body) - {"path", "topics"})
-    if unknown:
-        raise bad_request(f"unknown field(s): {', '.join(unknown)}; known: path, topics")
-    path, topics = body.get("path"), body.get("topics")
-    if not isinstance(path, str | None) or not isinstance(topics, str | None):
-        raise bad_request("'path' and 'topics' must be strings")
+    body = await read_body(request, StreamTokenBody, optional=True)
     tokens = request.app[STREAM_TOKENS]
-    token, grant = tokens.issue(*stream_scope(request.app, path, topics))
+    token, grant = tokens.issue(*stream_scope(request.app, body.path, body.topics))
     return web.json_response({"token": token, **grant.to_dict(tokens.config)}, status=201)
 
 

@@ -1,15 +1,20 @@
-"""The OpenAPI 3 document at `/v1/openapi.json`, built from the routes actually mounted.
+"""The OpenAPI 3.1 document at `/v1/openapi.json`, built from the routes actually mounted.
 
-Each handler declares its documentation with `@doc(...)`; a route without it still
-appears (so the document can never miss a route) and the test suite fails on it.
+Each handler declares its documentation with `@doc(...)`, naming the Structs of
+web/schemas.py that its body and query are validated with: the document's schemas are
+generated from those same types. The error answers every route can give (a bad body, a
+missing token, a daemon that is stopping, ...) are added here from what the route is, so no
+operation can forget them. A route without `@doc` still appears (so the document can never
+miss a route) and the test suite fails on it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import msgspec
 from aiohttp import web
 
 H = TypeVar("H", bound=Callable[..., Any])
@@ -25,6 +30,7 @@ ERROR_SCHEMA = {
         }
     },
 }
+_REF = "#/components/schemas/{name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +38,11 @@ class RouteDoc:
     summary: str
     tag: str
     responses: dict[int, str]
-    request_body: dict[str, Any] | None = None
-    parameters: list[dict[str, Any]] = field(default_factory=list)
+    body: Any = None
+    optional_body: bool = False
+    query: type[msgspec.Struct] | dict[str, str] | None = None
+    path: type[msgspec.Struct] | None = None
+    extra_query: tuple[dict[str, Any], ...] = ()
     public: bool = False
     stream: bool = False
 
@@ -43,8 +52,11 @@ def doc(
     *,
     tag: str,
     responses: dict[int, str] | None = None,
-    body: dict[str, Any] | None = None,
-    query: dict[str, str] | None = None,
+    body: Any = None,
+    optional_body: bool = False,
+    query: type[msgspec.Struct] | dict[str, str] | None = None,
+    path: type[msgspec.Struct] | None = None,
+    extra_query: tuple[dict[str, Any], ...] = (),
     public: bool = False,
     stream: bool = False,
 ) -> Callable[[H], H]:
@@ -53,69 +65,69 @@ def doc(
     Args:
         summary: one line on what the route does.
         tag: the group it is listed under.
-        responses: status → description (error statuses use the shared error schema).
-        body: the JSON schema of the request body, if any.
-        query: query parameter → description.
+        responses: status → description, for the route's own answers; the errors every
+            route of its kind gives (400, 401, 403, 404, 413, 415, 503) are added.
+        body: the type (a Struct, maybe Annotated) the JSON body is decoded as.
+        optional_body: True when the route also takes no body at all.
+        query: the Struct the query parameters are validated with (or, for a route that
+            reads them itself, parameter → description: text parameters).
+        path: the Struct describing path parameters that are not plain digits.
+        extra_query: OpenAPI parameter objects no Struct can state (a JSON-valued parameter).
         public: True when the route needs no bearer token.
         stream: True when the route also accepts a stream token as `?token=`.
     """
 
     def attach(handler: H) -> H:
         handler.__openapi__ = RouteDoc(  # type: ignore[attr-defined]
-            summary=summary,
-            tag=tag,
-            responses=responses or {200: "OK"},
-            request_body=body,
-            parameters=[
-                {"name": name, "in": "query", "required": False, "description": text,
-                 "schema": {"type": "string"}}
-                for name, text in (query or {}).items()
-            ],
-            public=public,
-            stream=stream,
-        )
+            summary=summary, tag=tag, responses=responses or {200: "OK"}, body=body,
+            optional_body=optional_body, query=query, path=path, extra_query=extra_query,
+            public=public, stream=stream)
         return handler
 
     return attach
 
 
-def build_document(app: web.Application, version: str) -> dict[str, Any]:
-    """The OpenAPI document for every method and path routed by `app`."""
-    paths: dict[str, dict[str, Any]] = {}
+def build_document(app: web.Application, version: str, token_required: bool) -> dict[str, Any]:
+    """The OpenAPI document for every method and path routed by `app`. `token_required`:
+    a bearer token is configured, so every non-public route may answer 401."""
+    routes: list[tuple[str, str, RouteDoc | None]] = []
     for route in app.router.routes():
         method = route.method.lower()
-        if method in ("head", "*"):
-            continue
         path = route.resource.canonical if route.resource else ""
-        if not path:
-            continue
-        handler_doc: RouteDoc | None = getattr(route.handler, "__openapi__", None)
-        paths.setdefault(path, {})[method] = _operation(path, handler_doc)
+        if method not in ("head", "*") and path:
+            routes.append((path, method, getattr(route.handler, "__openapi__", None)))
+    bodies = sorted({d.body for _, _, d in routes if d is not None and d.body is not None}, key=repr)
+    body_schemas, components = msgspec.json.schema_components(bodies, ref_template=_REF)
+    schema_of = dict(zip(bodies, body_schemas, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for path, method, route_doc in routes:
+        operation = (_operation(path, method, route_doc, schema_of, token_required) if route_doc
+                     else {"summary": "", "responses": {"default": {"description": "undocumented"}}})
+        paths.setdefault(path, {})[method] = operation
     return {
         "openapi": "3.1.0",
         "info": {"title": "agentd", "version": version},
         "components": {
-            "schemas": {"Error": ERROR_SCHEMA},
+            "schemas": {"Error": ERROR_SCHEMA, **components},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}] if token_required else [],
         "paths": dict(sorted(paths.items())),
     }
 
 
-def _operation(path: str, route_doc: RouteDoc | None) -> dict[str, Any]:
-    if route_doc is None:
-        return {"summary": "", "responses": {"default": {"description": "undocumented"}}}
-    params = [
-        {"name": part[1:-1].split(":")[0], "in": "path", "required": True,
-         "schema": {"type": "string"}}
-        for part in path.split("/")
-        if part.startswith("{")
-    ]
+def _operation(path: str, method: str, route_doc: RouteDoc, schema_of: dict[Any, Any],
+               token_required: bool) -> dict[str, Any]:
+    params = _path_parameters(path, route_doc.path) + _struct_parameters(route_doc.query, "query")
+    params += list(route_doc.extra_query)
+    responses = _errors(route_doc, params, method, token_required)
+    for status, text in route_doc.responses.items():
+        # A route's own 403 has another cause than a refused Origin: both are listed.
+        responses[status] = f"{text}; or: {responses[403]}" if status == 403 else text
     operation: dict[str, Any] = {
         "summary": route_doc.summary,
         "tags": [route_doc.tag],
-        "parameters": params + route_doc.parameters,
+        "parameters": params,
         "responses": {
             str(status): (
                 {"description": text,
@@ -123,14 +135,70 @@ def _operation(path: str, route_doc: RouteDoc | None) -> dict[str, Any]:
                 if status >= 400
                 else {"description": text}
             )
-            for status, text in route_doc.responses.items()
+            for status, text in sorted(responses.items())
         },
     }
-    if route_doc.request_body is not None:
+    if route_doc.body is not None:
         operation["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": route_doc.request_body}},
+            "required": not route_doc.optional_body,
+            "content": {"application/json": {"schema": schema_of[route_doc.body]}},
         }
     if route_doc.public:
         operation["security"] = []
     return operation
+
+
+def _errors(route_doc: RouteDoc, params: list[dict[str, Any]], method: str,
+            token_required: bool) -> dict[int, str]:
+    """The error answers that follow from what the route is."""
+    errors: dict[int, str] = {403: "The request's Origin is not allowed",
+                              421: "The Host header names no address of this daemon"}
+    if route_doc.body is not None or params:
+        errors[400] = "A parameter or field is wrong; the message names it"
+    if token_required and not route_doc.public:
+        errors[401] = "A valid 'Authorization: Bearer <token>' is required"
+    if any(p["in"] == "path" for p in params):
+        errors[404] = "Nothing has that id"
+    if route_doc.body is not None:
+        errors[413] = "The body is larger than [server] max_body_bytes"
+        errors[415] = "The body is not JSON in UTF-8"
+    if method != "get":
+        errors[503] = "The daemon takes no new work: it is stopping, or its store cannot write"
+    return errors
+
+
+def _path_parameters(path: str, described: type[msgspec.Struct] | None) -> list[dict[str, Any]]:
+    named = {p["name"]: p for p in _struct_parameters(described, "path")}
+    params = []
+    for part in path.split("/"):
+        if part.startswith("{"):
+            name, _, regex = part[1:-1].partition(":")
+            schema = {"type": "integer", "minimum": 0} if regex == r"\d+" else {"type": "string"}
+            params.append(named.get(name) or {"name": name, "in": "path", "required": True,
+                                               "schema": schema})
+    return params
+
+
+def _struct_parameters(kind: type[msgspec.Struct] | dict[str, str] | None,
+                       where: str) -> list[dict[str, Any]]:
+    """One parameter per field of `kind`, its schema generated from the field's type."""
+    if kind is None:
+        return []
+    if isinstance(kind, dict):
+        return [{"name": name, "in": where, "required": False, "description": text,
+                 "schema": {"type": "string"}} for name, text in kind.items()]
+    (_,), components = msgspec.json.schema_components([kind], ref_template=_REF)
+    properties = components[kind.__name__]["properties"]
+    params = []
+    for field in msgspec.structs.fields(kind):
+        schema = dict(properties[field.encode_name])
+        schema.pop("default", None)
+        schema.pop("title", None)
+        if "anyOf" in schema:  # `X | None = None`: absent is how a query says None
+            schema = next(s for s in schema["anyOf"] if s.get("type") != "null")
+        param: dict[str, Any] = {"name": field.encode_name, "in": where,
+                                 "required": field.required or where == "path", "schema": schema}
+        if "description" in schema:
+            param["description"] = schema["description"]
+        params.append(param)
+    return params

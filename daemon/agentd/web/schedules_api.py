@@ -5,38 +5,35 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from msgspec import UNSET
 
 from agentd.schedule import ScheduleSpec
-from agentd.web.errors import bad_request, read_json_object
+from agentd.taskdef import INTERNAL_PREFIX
+from agentd.web.errors import ApiError, read_body
 from agentd.web.openapi import doc
+from agentd.web.schemas import ScheduleBody, ScheduleItem, SchedulePatch
 from agentd.web.server import DAEMON
 
 routes = web.RouteTableDef()
 
-SCHEDULE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": "exactly one of every / cron / at, and exactly one of task / event",
-    "properties": {
-        "id": {"type": "string"},
-        "every": {"type": ["string", "number"], "description": "'30s', '30m', '1h30m', '2d' or seconds"},
-        "cron": {"type": "string", "description": "5 fields, e.g. '0 9 * * 1-5'"},
-        "at": {"type": ["string", "number"], "description": "ISO 8601 date and time, once"},
-        "timezone": {"type": "string", "description": "for cron and naive dates (default UTC)"},
-        "task": {"type": "string"}, "args": {"type": "object"}, "queue": {"type": "string"},
-        "event": {"type": "string"}, "data": {"type": "object"},
-        "catch_up": {"enum": ["skip", "once", "all"]},
-        "catch_up_limit": {"type": "integer", "minimum": 1},
-        "grace": {"type": ["string", "number"], "description": "how late a fire may still run"},
-        "overlap": {"enum": ["allow", "skip", "queue_one", "cancel_previous"]},
-        "jitter": {"type": ["string", "number"]},
-        "pause_after_failures": {"type": "integer", "minimum": 0},
-        "paused": {"type": "boolean"},
-    },
-}
+_UNUSABLE = ("Well-formed but unusable: a date out of range, a cron expression or time the "
+             "trigger refuses, args that do not fit the task, a queue without workers")
 
 
 def _id(request: web.Request) -> str:
     return request.match_info["id"]
+
+
+def _check_task(request: web.Request, fields: dict[str, Any]) -> None:
+    """403 for a schedule of the API naming one of agentd's own tasks; 404 for a task no
+    plugin registers (as POST /v1/tasks answers)."""
+    task = fields.get("task")
+    if task is None:
+        return
+    if task.startswith(INTERNAL_PREFIX):
+        raise ApiError(403, "internal_task", f"task {task!r} is one of agentd's own; a schedule "
+                       "of the API cannot run it")
+    request.app[DAEMON].registry.get(task)
 
 
 @routes.get("/v1/schedules")
@@ -48,14 +45,16 @@ async def list_schedules(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/schedules")
-@doc("Create a schedule (kept across restarts)", tag="schedules", body=SCHEDULE_SCHEMA,
-     responses={201: "The schedule", 400: "A field is wrong (it is named)", 409: "The id is taken"})
+@doc("Create a schedule (kept across restarts)", tag="schedules", body=ScheduleItem,
+     responses={201: "The schedule", 403: "The task is one of agentd's own (agentd.*)",
+                404: "No task of that name is registered", 409: "The id is taken",
+                422: _UNUSABLE})
 async def create_schedule(request: web.Request) -> web.Response:
-    body = await read_json_object(request)
-    paused = body.pop("paused", False)
-    if not isinstance(paused, bool):
-        raise bad_request(f"paused: expected true or false, got {paused!r}")
-    state = await request.app[DAEMON].scheduler.create(ScheduleSpec.from_mapping(body), paused)
+    body = await read_body(request, ScheduleBody)
+    fields = body.fields()
+    _check_task(request, fields)
+    state = await request.app[DAEMON].scheduler.create(ScheduleSpec.from_mapping(fields),
+                                                       body.paused is True)
     return web.json_response(state.to_dict(), status=201)
 
 
@@ -66,18 +65,18 @@ async def get_schedule(request: web.Request) -> web.Response:
 
 
 @routes.patch("/v1/schedules/{id}")
-@doc("Change fields of a schedule created over the API", tag="schedules", body=SCHEDULE_SCHEMA,
-     responses={200: "The schedule", 400: "A field is wrong", 404: "No such schedule",
-                409: "Defined by a plugin or agentd.toml: change it there"})
+@doc("Change fields of a schedule created over the API", tag="schedules", body=SchedulePatch,
+     responses={200: "The schedule", 403: "The task is one of agentd's own (agentd.*)",
+                404: "No such schedule, or no task of that name is registered",
+                409: "Defined by a plugin or agentd.toml: change it there", 422: _UNUSABLE})
 async def update_schedule(request: web.Request) -> web.Response:
-    body = await read_json_object(request)
+    body = await read_body(request, SchedulePatch)
     scheduler = request.app[DAEMON].scheduler
-    paused = body.pop("paused", None)
-    if paused is not None and not isinstance(paused, bool):  # before anything changes
-        raise bad_request(f"paused: expected true or false, got {paused!r}")
-    state = await scheduler.update(_id(request), body) if body else scheduler.get(_id(request))
-    if paused is not None:
-        state = await scheduler.set_paused(_id(request), paused)
+    changes = body.fields()
+    _check_task(request, changes)
+    state = await scheduler.update(_id(request), changes) if changes else scheduler.get(_id(request))
+    if body.paused is not UNSET:
+        state = await scheduler.set_paused(_id(request), body.paused)
     return web.json_response(state.to_dict())
 
 

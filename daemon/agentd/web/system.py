@@ -88,4 +88,5 @@ async def status(request: web.Request) -> web.Response:
 @routes.get("/v1/openapi.json")
 @doc("This OpenAPI 3 document", tag="system", public=True)
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(build_document(request.app, __version__))
+    token_required = bool(request.app[DAEMON].config.api_token())
+    return web.json_response(build_document(request.app, __version__, token_required))

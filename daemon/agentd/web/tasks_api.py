@@ -2,73 +2,46 @@
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 from aiohttp import web
+from msgspec import UNSET, UnsetType
 
+from agentd.taskdef import INTERNAL_PREFIX
 from agentd.taskqueue import FINAL_STATES, TaskQueue, TaskRecord, TaskRequest
-from agentd.web.errors import bad_request, read_json_object
+from agentd.web.errors import ApiError, invalid, read_body, read_query
 from agentd.web.openapi import doc
+from agentd.web.schemas import TaskBatch, TaskBody, TaskItem, TaskListQuery, TaskWaitQuery, whole
 from agentd.web.server import DAEMON
 
 routes = web.RouteTableDef()
-
-MAX_WAIT = 300.0
-MAX_BATCH = 10_000
-
-_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
-    "name": (str, "a string"),
-    "args": (dict, "a JSON object"),
-    "queue": (str, "a string"),
-    "priority": (int, "an integer"),
-    "delay": ((int, float), "a number of seconds"),
-    "run_at": ((int, float), "a Unix time in seconds"),
-    "idempotency_key": (str, "a string"),
-    "max_attempts": (int, "an integer"),
-    "timeout": ((int, float), "a number of seconds"),
-}
-
-TASK_REQUEST_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["name"],
-    "additionalProperties": False,
-    "properties": {
-        "name": {"type": "string", "description": "a registered task name"},
-        "args": {"type": "object", "description": "keyword arguments, JSON"},
-        "queue": {"type": "string"},
-        "priority": {"type": "integer", "description": "higher runs first"},
-        "delay": {"type": "number", "description": "seconds from now"},
-        "run_at": {"type": "number", "description": "Unix time; not with delay"},
-        "idempotency_key": {"type": "string", "description": "the same key returns the same task"},
-        "max_attempts": {"type": "integer", "minimum": 1},
-        "timeout": {"type": "number", "description": "seconds per attempt"},
-    },
-}
+T = TypeVar("T")
 
 
-def task_request(body: dict[str, Any], where: str = "") -> TaskRequest:
-    """A TaskRequest from a JSON body, or a 400 naming the field that is wrong."""
-    unknown = sorted(set(body) - set(_FIELDS))
-    if unknown:
-        raise bad_request(f"{where}unknown field(s): {', '.join(unknown)}; known: {', '.join(_FIELDS)}")
-    if body.get("name") is None:
-        raise bad_request(f"{where}field 'name' is required")
-    for field, (kind, expected) in _FIELDS.items():
-        value = body.get(field)
-        if value is None:
-            continue
-        numeric = kind in (int, (int, float))
-        if not isinstance(value, kind) or (numeric and isinstance(value, bool)):
-            raise bad_request(f"{where}field {field!r} must be {expected}, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise bad_request(f"{where}field {field!r} must be finite, got {value!r}")
+def task_request(fields: dict[str, Any]) -> TaskRequest:
+    """A TaskRequest from a decoded JSON object (a WebSocket `submit`'s fields), or a 400
+    naming the field that is wrong (403 for one of the daemon's own tasks)."""
+    try:
+        body = msgspec.convert(fields, TaskBody)
+    except msgspec.ValidationError as exc:
+        raise invalid(exc, fields) from None
+    return _request(body)
+
+
+def _request(body: TaskBody, where: str = "") -> TaskRequest:
+    if body.name.startswith(INTERNAL_PREFIX):
+        raise ApiError(403, "internal_task", f"{where}task {body.name!r} is one of agentd's own; "
+                       "plugins enqueue it, the API does not")
     return TaskRequest(
-        name=body["name"], args=body.get("args") or {}, queue=body.get("queue"),
-        priority=body.get("priority"), delay=body.get("delay"), run_at=body.get("run_at"),
-        idempotency_key=body.get("idempotency_key"), max_attempts=body.get("max_attempts"),
-        timeout=body.get("timeout"),
+        name=body.name, args=body.args or {}, queue=body.queue, priority=whole(body.priority),
+        delay=body.delay, run_at=body.run_at, idempotency_key=body.idempotency_key,
+        max_attempts=whole(body.max_attempts), timeout=body.timeout,
     )
+
+
+def _given(value: T | UnsetType) -> T | None:
+    return None if value is UNSET else value
 
 
 def _task_id(request: web.Request) -> int:
@@ -81,81 +54,54 @@ async def with_children(queue: TaskQueue, record: TaskRecord) -> dict[str, Any]:
 
 
 @routes.post("/v1/tasks")
-@doc("Enqueue a task", tag="tasks", body=TASK_REQUEST_SCHEMA, responses={
+@doc("Enqueue a task", tag="tasks", body=TaskItem, responses={
     201: "Created; the task", 200: "An idempotency key matched: the existing task",
-    400: "A field is missing or wrong", 404: "No task of that name is registered"})
+    403: "The task is one of agentd's own (agentd.*)", 404: "No task of that name is registered"})
 async def enqueue(request: web.Request) -> web.Response:
     queue = request.app[DAEMON].queue
-    (outcome,) = await queue.enqueue_many([task_request(await read_json_object(request))])
+    (outcome,) = await queue.enqueue_many([_request(await read_body(request, TaskBody))])
     return web.json_response(outcome.task.to_dict(), status=201 if outcome.created else 200)
 
 
 @routes.post("/v1/tasks/batch")
 @doc("Enqueue many tasks in one transaction: all are validated, then all are committed",
-     tag="tasks",
-     body={"type": "object", "required": ["tasks"],
-           "properties": {"tasks": {"type": "array", "items": TASK_REQUEST_SCHEMA}}},
+     tag="tasks", body=TaskBatch,
      responses={201: "The tasks, in order, each with `created`", 400: "A task is invalid (its index "
-                "is named)", 404: "A task name is not registered"})
+                "is named)", 403: "A task is one of agentd's own (agentd.*)",
+                404: "A task name is not registered"})
 async def enqueue_batch(request: web.Request) -> web.Response:
-    body = await read_json_object(request)
-    items = body.get("tasks")
-    if not isinstance(items, list) or not items:
-        raise bad_request("field 'tasks' must be a non-empty list of task objects")
-    if len(items) > MAX_BATCH:
-        raise bad_request(f"field 'tasks' holds {len(items)} tasks; at most {MAX_BATCH} per batch")
-    requests = []
-    for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise bad_request(f"tasks[{index}] must be a JSON object")
-        requests.append(task_request(item, where=f"tasks[{index}]: "))
+    batch = await read_body(request, TaskBatch)
+    requests = [_request(item, where=f"tasks[{index}]: ") for index, item in enumerate(batch.tasks)]
     outcomes = await request.app[DAEMON].queue.enqueue_many(requests)
     return web.json_response(
         {"tasks": [{**o.task.to_dict(), "created": o.created} for o in outcomes]}, status=201)
 
 
 @routes.get("/v1/tasks")
-@doc("List tasks, newest first", tag="tasks", query={
-    "status": "queued, running, succeeded, failed, dead or cancelled", "name": "task name",
-    "queue": "queue name", "limit": "page size, 1..500 (default 50)",
-    "before": "the `next` value of the previous page"},
-    responses={200: "`tasks` and `next` (null on the last page)", 400: "A bad filter"})
+@doc("List tasks, newest first", tag="tasks", query=TaskListQuery,
+     responses={200: "`tasks` and `next` (null on the last page)"})
 async def list_tasks(request: web.Request) -> web.Response:
-    query = request.query
-    try:
-        limit = int(query.get("limit", "50"))
-        before = int(query["before"]) if "before" in query else None
-    except ValueError:
-        raise bad_request("limit and before must be integers") from None
-    if not 1 <= limit <= 500:
-        raise bad_request(f"limit must be between 1 and 500, got {limit}")
+    query = read_query(request, TaskListQuery)
     records = await request.app[DAEMON].queue.list(
-        status=query.get("status"), name=query.get("name"), queue=query.get("queue"),
-        before_id=before, limit=limit)
-    next_page = records[-1].id if len(records) == limit else None
+        status=_given(query.status), name=_given(query.name), queue=_given(query.queue),
+        before_id=_given(query.before), limit=query.limit)
+    next_page = records[-1].id if len(records) == query.limit else None
     return web.json_response({"tasks": [r.to_dict() for r in records], "next": next_page})
 
 
 @routes.get(r"/v1/tasks/{id:\d+}")
 @doc("A task with its children; `?wait=SECONDS` long-polls until it is finished", tag="tasks",
-     query={"wait": f"seconds to wait for a final state (max {MAX_WAIT:g})"},
-     responses={200: "The task (finished, or as it is when the wait ran out)",
-                404: "No such task", 400: "A bad wait value"})
+     query=TaskWaitQuery,
+     responses={200: "The task (finished, or as it is when the wait ran out)", 404: "No such task"})
 async def get_task(request: web.Request) -> web.Response:
     queue = request.app[DAEMON].queue
     task_id = _task_id(request)
-    wait = request.query.get("wait")
-    if wait is None:
+    wait = read_query(request, TaskWaitQuery).wait
+    if wait is UNSET:
         record = await queue.get(task_id)
     else:
         try:
-            seconds = float(wait)
-        except ValueError:
-            raise bad_request(f"wait must be a number of seconds, got {wait!r}") from None
-        if not 0 <= seconds <= MAX_WAIT:
-            raise bad_request(f"wait must be between 0 and {MAX_WAIT:g} seconds, got {wait}")
-        try:
-            record = await queue.wait(task_id, seconds)
+            record = await queue.wait(task_id, wait)
         except TimeoutError:
             record = await queue.get(task_id)
     return web.json_response(await with_children(queue, record))

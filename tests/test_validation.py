@@ -1,0 +1,272 @@
+"""The edge of the HTTP API: whatever a client sends, a bad request is a 4xx naming what is
+wrong, never a 5xx; what is accepted can be stored and given back unchanged; the daemon's own
+tasks cannot be enqueued from outside; the OpenAPI document lists every error answer."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from agentd.errors import InvalidTaskError
+from agentd.web.errors import ApiError
+from agentd.web.schemas import MAX_DEPTH
+from agentd.web.tasks_api import task_request
+
+TOKEN = "edge-token"
+JSON = {"Content-Type": "application/json"}
+
+PLUGIN = """
+    from agentd import Plugin
+
+    plugin = Plugin("edge")
+
+    @plugin.task()
+    async def echo(ctx, **fields):
+        return fields
+"""
+
+# Every route that reads a JSON body, with a body it accepts.
+BODY_ROUTES = [
+    ("POST", "/v1/tasks", {"name": "edge.echo"}),
+    ("POST", "/v1/tasks/batch", {"tasks": [{"name": "edge.echo"}]}),
+    ("POST", "/v1/events", {"topic": "edge.ping"}),
+    ("POST", "/v1/memory", {"text": "a fact"}),
+    ("PATCH", "/v1/memory/1", {"text": "a fact"}),
+    ("POST", "/v1/sessions/s/messages", {"role": "user", "content": "hi"}),
+    ("POST", "/v1/schedules", {"id": "s", "every": "1h", "event": "edge.tick"}),
+    ("PATCH", "/v1/schedules/s", {"every": "2h"}),
+]
+
+
+@pytest.fixture
+async def edge(start_daemon: Any, http: Any, plugin_dir: Any) -> tuple[Any, Any]:
+    daemon, _ = await start_daemon(plugin_dirs=[plugin_dir({"edge.py": PLUGIN})])
+    return daemon, http(daemon)
+
+
+async def send(client: Any, method: str, path: str, data: bytes | str,
+               headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    async with client.request(method, path, data=data, headers=headers or JSON) as response:
+        return response.status, await response.json()
+
+
+def error_of(body: dict[str, Any], code: str) -> str:
+    assert body["error"]["code"] == code, body
+    return str(body["error"]["message"])
+
+
+@pytest.mark.parametrize(("method", "path", "_"), BODY_ROUTES)
+async def test_a_body_that_is_not_utf8_json_is_a_400_on_every_route(
+        edge: tuple[Any, Any], method: str, path: str, _: Any) -> None:
+    daemon, client = edge
+    cases = [
+        b"\xff",  # printf '\xff' | curl --data-binary @-
+        b'{"name": "\xff"}',
+        b'{"x": "\\ud800"}',  # a lone surrogate: SQLite stores UTF-8
+        b"[" * 5_000 + b"]" * 5_000,
+        b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"a": ' + b"1" * 5_000 + b"}",
+        b'{"a": NaN}',
+    ]
+    for raw in cases:
+        status, body = await send(client, method, path, raw)
+        assert status == 400, (raw[:20], body)
+        assert body["error"]["code"] in ("invalid_json", "bad_request"), body
+    assert await daemon.queue.counts() == {}
+
+
+@pytest.mark.parametrize(("method", "path", "sample"), BODY_ROUTES)
+async def test_a_body_that_is_not_json_in_utf8_is_a_415_on_every_route(
+        edge: tuple[Any, Any], method: str, path: str, sample: dict[str, Any]) -> None:
+    _, client = edge
+    raw = json.dumps(sample)
+    for content_type, needle in [("text/plain", "not text/plain"),
+                                 ("application/json; charset=no-such-codec", "no-such-codec"),
+                                 ("application/json; charset=latin-1", "latin-1"),
+                                 ("multipart/form-data; boundary=x", "not multipart/form-data")]:
+        status, body = await send(client, method, path, raw, {"Content-Type": content_type})
+        assert status == 415, (content_type, body)
+        assert needle in error_of(body, "unsupported_media_type")
+
+
+async def test_json_media_types_and_curl_defaults_are_read_as_json(edge: tuple[Any, Any]) -> None:
+    _, client = edge
+    for content_type in ("application/json", "application/json; charset=UTF-8",
+                         "application/problem+json", "application/x-www-form-urlencoded"):
+        status, body = await send(client, "POST", "/v1/events", '{"topic": "edge.ping"}',
+                                  {"Content-Type": content_type})
+        assert status == 202, (content_type, body)
+
+
+async def test_values_that_could_not_be_kept_are_refused_naming_the_field(edge: tuple[Any, Any]) -> None:
+    daemon, client = edge
+    cases = [
+        ("/v1/tasks", {"name": "edge.echo", "delay": 1e308}, "delay: expected `float` <= "),
+        ("/v1/tasks", {"name": "edge.echo", "delay": -1}, "delay: expected `float` >= 0"),
+        ("/v1/tasks", {"name": "edge.echo", "run_at": -1e18}, "run_at: expected `float` >= 0"),
+        ("/v1/tasks", {"name": "edge.echo", "run_at": 1e18}, "run_at: expected `float` <= "),
+        ("/v1/tasks", {"name": "edge.echo", "timeout": 0}, "timeout: expected `float` > 0"),
+        ("/v1/tasks", {"name": "edge.echo", "priority": 2**64}, "priority: expected `int` <= "),
+        ("/v1/tasks", {"name": "edge.echo", "args": {"a": 1}, "delay": 1, "run_at": 2},
+         "either delay or run_at"),
+        ("/v1/tasks", {"name": "x" * 300}, "name: expected `str` of length <= 255"),
+        ("/v1/tasks", {"name": "edge.echo", "args": {"a": _nested(MAX_DEPTH)}},
+         f"more than {MAX_DEPTH} deep"),
+        ("/v1/events", {"topic": "t" * 100_000}, "topic: expected `str` of length <= 255"),
+        ("/v1/memory", {"text": "a fact", "ttl": -5}, "ttl: expected `float` >= 0"),
+        ("/v1/memory", {"text": "a fact", "expires_at": 1e300}, "expires_at: expected `float` <= "),
+    ]
+    for path, payload, needle in cases:
+        status, body = await send(client, "POST", path, json.dumps(payload))
+        assert status == 400, (payload, body)
+        assert needle in error_of(body, "bad_request"), (payload, body)
+    assert await daemon.queue.counts() == {}
+    assert (await daemon.memory.stats())["namespaces"] == {}
+
+
+async def test_a_plugin_cannot_enqueue_a_task_that_would_never_run(edge: tuple[Any, Any]) -> None:
+    daemon, _ = edge
+    for options in ({"delay": 1e308}, {"delay": float("nan")}, {"run_at": -1e18}, {"run_at": 1e12}):
+        with pytest.raises(InvalidTaskError, match="run_at must be a Unix time from 0 to"):
+            await daemon.queue.enqueue("edge.echo", **options)
+    assert await daemon.queue.counts() == {}
+
+
+async def test_query_parameters_out_of_range_are_400(edge: tuple[Any, Any]) -> None:
+    _, client = edge
+    for query, needle in [("before=1e30", "before: expected `int`"),
+                          ("before=" + "9" * 30, "before: expected `int` <= 9223372036854775807"),
+                          ("limit=", "limit: expected `int`"), ("status=null", "status: invalid enum"),
+                          ("limit=0", "limit: expected `int` >= 1")]:
+        async with client.get(f"/v1/tasks?{query}") as response:
+            assert response.status == 400, query
+            assert needle in error_of(await response.json(), "bad_request"), query
+    async with client.get("/v1/tasks/1?wait=1e400") as response:
+        assert response.status == 400
+    async with client.get("/v1/memory/search?q=x&k=") as response:
+        assert response.status == 400
+
+
+async def test_integers_past_64_bits_in_free_form_json_round_trip_exactly(edge: tuple[Any, Any]) -> None:
+    daemon, client = edge
+    big = {"big": 2**70, "small": -(2**100), "list": [10**30]}
+    async with client.post("/v1/tasks", json={"name": "edge.echo", "args": big}) as response:
+        assert response.status == 201
+        task = await response.json()
+    assert task["args"] == big
+    async with client.get(f"/v1/tasks/{task['id']}?wait=10") as response:
+        done = await response.json()
+    assert (done["status"], done["args"], done["result"]) == ("succeeded", big, big)
+    async with client.post("/v1/memory", json={"text": "numbers", "metadata": big}) as response:
+        assert response.status == 201
+        memory = await response.json()
+    async with client.get(f"/v1/memory/{memory['id']}") as response:
+        assert (await response.json())["metadata"] == big
+    async with client.post("/v1/events", json={"topic": "edge.big", "data": big}) as response:
+        assert response.status == 202
+        event_id = (await response.json())["id"]
+    await daemon.eventlog.flush()
+    (stored,) = await daemon.eventlog.replay(event_id - 1, lambda event: event.id == event_id)
+    assert dict(stored.data) == big
+
+
+async def test_args_nested_up_to_the_limit_are_taken(edge: tuple[Any, Any]) -> None:
+    _, client = edge
+    deepest = {"name": "edge.echo", "args": {"a": _nested(MAX_DEPTH - 1)}, "delay": 60}
+    async with client.post("/v1/tasks", json=deepest) as response:
+        assert response.status == 201
+        assert (await response.json())["args"] == deepest["args"]
+
+
+async def test_a_whole_float_is_taken_for_an_integer_field(edge: tuple[Any, Any]) -> None:
+    _, client = edge
+    async with client.post("/v1/tasks", json={"name": "edge.echo", "priority": 5.0, "max_attempts": 2.0,
+                                              "delay": 60}) as response:
+        assert response.status == 201
+        task = await response.json()
+    assert (task["priority"], task["max_attempts"]) == (5, 2)
+    assert type(task["priority"]) is int
+    async with client.post("/v1/tasks", json={"name": "edge.echo", "priority": 5.5}) as response:
+        assert response.status == 400
+
+
+def test_the_websocket_submit_validation_refuses_what_json_loads_lets_through() -> None:
+    """`task_request` gets what the WebSocket decoded with the stdlib: lone surrogates, NaN."""
+    for fields, needle in [({"name": "edge.echo", "args": {"a": "\ud800"}}, "lone surrogate"),
+                           ({"name": "edge.echo", "idempotency_key": "k\udc00"}, "lone surrogate"),
+                           ({"name": "edge.echo", "args": {"a": float("nan")}}, "not a JSON number"),
+                           ({"name": "edge.echo", "delay": float("inf")}, "delay"),
+                           ({"name": "edge.echo", "priority": True}, "priority"),
+                           ({"name": "edge.echo", "colour": 1}, "colour")]:
+        with pytest.raises(ApiError) as raised:
+            task_request(fields)
+        assert raised.value.status == 400
+        assert needle in raised.value.message, fields
+    assert task_request({"name": "edge.echo", "args": {"n": 1}}).args == {"n": 1}
+
+
+@pytest.mark.parametrize("name", ["agentd.post_webhook", "agentd.send_mail", "agentd.purge_tasks"])
+async def test_the_daemons_own_tasks_cannot_be_enqueued_over_the_api(
+        edge: tuple[Any, Any], name: str) -> None:
+    daemon, client = edge
+    attempts = [
+        ("POST", "/v1/tasks", {"name": name, "args": {}}),
+        ("POST", "/v1/tasks/batch", {"tasks": [{"name": "edge.echo"}, {"name": name}]}),
+        ("POST", "/v1/schedules", {"id": "sneaky", "every": "1h", "task": name}),
+    ]
+    for method, path, payload in attempts:
+        async with client.request(method, path, json=payload) as response:
+            assert response.status == 403, (path, await response.text())
+            assert name in error_of(await response.json(), "internal_task")
+    async with client.post("/v1/schedules", json={"id": "mine", "every": "1h", "task": "edge.echo",
+                                                  "paused": True}) as response:
+        assert response.status == 201
+    async with client.patch("/v1/schedules/mine", json={"task": name}) as response:
+        assert response.status == 403
+        assert name in error_of(await response.json(), "internal_task")
+    with pytest.raises(ApiError) as raised:  # the WebSocket's submit
+        task_request({"name": name})
+    assert raised.value.status == 403
+    assert await daemon.queue.counts() == {}
+    assert daemon.scheduler.get("mine").spec.task == "edge.echo"
+    # Inside the daemon they are enqueued as before.
+    record = await daemon.queue.enqueue("agentd.purge_tasks")
+    assert record.name == "agentd.purge_tasks"
+
+
+async def test_the_document_lists_every_error_answer(start_daemon: Any, http: Any, tmp_path: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"server": {"token": TOKEN}})
+    async with http(daemon).get("/v1/openapi.json") as response:
+        document = await response.json()
+    for path, methods in document["paths"].items():
+        for method, operation in methods.items():
+            answers = set(operation["responses"])
+            where = f"{method.upper()} {path}"
+            if operation.get("security") != []:
+                assert "401" in answers, where
+            if "requestBody" in operation:
+                assert {"400", "413", "415"} <= answers, where
+            if method != "get":
+                assert "503" in answers, where
+            if "{" in path:
+                assert "404" in answers, where
+            for status, answer in operation["responses"].items():
+                if int(status) >= 400:
+                    assert answer["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/Error"}, where
+    async with http(daemon, token=TOKEN).get("/v1/openapi.json") as response:
+        assert (await response.json())["security"] == [{"bearer": []}]
+    untokened, _ = await start_daemon(state_dir=tmp_path / "other")
+    async with http(untokened).get("/v1/openapi.json") as response:
+        open_document = await response.json()
+    assert open_document["security"] == []
+    assert "401" not in open_document["paths"]["/v1/tasks"]["post"]["responses"]
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
