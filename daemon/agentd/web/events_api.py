@@ -13,13 +13,11 @@ from agentd.hooks import HookSignatureError, ReplayedDeliveryError
 from agentd.web.auth import STREAM_TOKENS, stream_scope
 from agentd.web.errors import ApiError, read_body
 from agentd.web.openapi import doc
-from agentd.web.schemas import EventBody, StreamTokenBody, StreamTokenItem
+from agentd.web.schemas import MAX_DEPTH, EventBody, StreamTokenBody, StreamTokenItem
 from agentd.web.server import DAEMON
 
 routes = web.RouteTableDef()
 
-# Nesting a hook's JSON body may have and still be published as JSON (deeper: as text).
-_MAX_BODY_DEPTH = 32
 _FORWARDED_HEADERS = ("Content-Type", "User-Agent", "X-GitHub-Event", "X-GitHub-Delivery", "webhook-id")
 
 
@@ -90,15 +88,15 @@ async def inbound_hook(request: web.Request) -> web.Response:
 
 def _hook_body(raw: bytes) -> Any:
     """A hook's body as published: its JSON, or its text when it is not JSON or nests
-    deeper than `_MAX_BODY_DEPTH` (such a value fails to decode or to encode again wherever
-    the event goes: Python's recursion limit)."""
+    deeper than the API's JSON values may (`MAX_DEPTH`): a much deeper value fails to decode
+    or to encode again wherever the event goes (Python's recursion limit)."""
     if not raw:
         return None
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
         return raw.decode(errors="replace")
-    return body if _nests_within(body, _MAX_BODY_DEPTH) else raw.decode(errors="replace")
+    return body if _nests_within(body, MAX_DEPTH) else raw.decode(errors="replace")
 
 
 def _nests_within(value: Any, limit: int) -> bool:
