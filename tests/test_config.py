@@ -169,6 +169,8 @@ def test_a_bad_value_from_the_environment_names_the_variable_not_the_file(
         ('[daemon]\nstop_timeout = "soon"\n', ["[daemon] stop_timeout", "expected a number"]),
         # Found by review: a tiny stall_warning started, its watch thread busy and crying wolf.
         ("[daemon]\nstall_warning = 0.0001\n", ["[daemon] stall_warning", "0 (off) or at least 0.1"]),
+        # Found by review: a hook no URL could reach started silently.
+        ('[hooks."a/b"]\nsecret = "s"\n', ["[hooks.a/b]", "URL /hooks/<name>", "no '/'"]),
         ('[plugins]\nentry_points = "no"\n', ["[plugins] entry_points", "expected a boolean"]),
         ('[plugins]\npaths = "plugins"\n', ["[plugins] paths", "expected a list of strings"]),
         ('[plugins]\npaths = [1]\n', ["[plugins] paths", "expected a list of strings"]),

@@ -26,6 +26,7 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 MIN_STALL_WARNING = 0.1  # seconds: [daemon] stall_warning, when on
 _TOKEN = re.compile(r"[!-~]+")  # what an Authorization header can carry as one word
 _HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_HOOK_NAME = re.compile(r"[^{}/]+")  # what aiohttp's {name} in /hooks/{name} matches
 # An origin as browsers send it in `Origin` (lower case, no path); a final "/" is tolerated.
 _ORIGIN = re.compile(r"https?://(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?/?")
 
@@ -405,6 +406,9 @@ def _check_memory(config: Config) -> None:
 def _check_hooks(config: Config) -> None:
     for name, table in config.hooks.settings.items():
         where = f"{config.source}: [hooks.{name}]"
+        if not _HOOK_NAME.fullmatch(name):  # the route's {name} takes no other
+            raise ConfigError(f"{where} the name goes into the URL /hooks/<name>: expected at least "
+                              "one character and no '/', '{' or '}'")
         for key, value in table.items():
             if key not in _HOOK_KEYS:
                 raise ConfigError(f"{where} unknown key {key!r}; known: {', '.join(_HOOK_KEYS)}")
