@@ -192,6 +192,27 @@ async def test_a_whole_float_is_taken_for_an_integer_field(edge: tuple[Any, Any]
         assert response.status == 400
 
 
+async def test_a_whole_float_past_int64_is_a_400_on_every_integer_field(edge: tuple[Any, Any]) -> None:
+    """9.223372036854775807e18 is INT64_MAX written as a float: it decodes to 2**63, one
+    past it, which SQLite cannot store (POST /v1/memory answered 500) and a schedule kept."""
+    daemon, client = edge
+    past = "9.223372036854775807e18"
+    cases = [
+        ("/v1/tasks", '{"name": "edge.echo", "priority": %s}', "priority"),
+        ("/v1/memory", '{"text": "a fact", "supersedes": %s}', "supersedes"),
+        ("/v1/schedules", '{"id": "s", "every": "1h", "event": "e.x", "catch_up_limit": %s}',
+         "catch_up_limit"),
+        ("/v1/schedules", '{"id": "s", "every": "1h", "event": "e.x", "pause_after_failures": %s}',
+         "pause_after_failures"),
+    ]
+    for path, template, field in cases:
+        status, body = await send(client, "POST", path, template % past)
+        assert status == 400, (path, field, body)
+        assert error_of(body, "bad_request").startswith(f"{field}: "), body
+    assert await daemon.queue.counts() == {}
+    assert "s" not in daemon.scheduler.schedules
+
+
 def test_the_websocket_submit_validation_refuses_what_json_loads_lets_through() -> None:
     """`task_request` gets what the WebSocket decoded with the stdlib: lone surrogates, NaN."""
     for fields, needle in [({"name": "edge.echo", "args": {"a": "\ud800"}}, "lone surrogate"),

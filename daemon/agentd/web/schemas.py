@@ -38,14 +38,17 @@ MAX_BATCH = 10_000
 MAX_KEY = 255  # an idempotency key or a name of anything
 MAX_WAIT = 300.0  # seconds GET /v1/tasks/{id}?wait= may hold a request
 
+# The largest float an INT64 holds: INT64_MAX is no float, and a float bounded by it (as
+# `le=INT64_MAX`) lets 2**63 in, which 9.223372036854775807e18 decodes to.
+WHOLE_FLOAT_MAX = 2.0**63 - 1024
 # Integers. JSON Schema counts 5.0 as the integer 5, so each integer field also takes a
 # whole float (the `...Whole` half of its union), which `whole` turns back into an int.
 Int64 = Annotated[int, Meta(ge=INT64_MIN, le=INT64_MAX)]
-Int64Whole = Annotated[float, Meta(ge=INT64_MIN, le=INT64_MAX, multiple_of=1)]
+Int64Whole = Annotated[float, Meta(ge=INT64_MIN, le=WHOLE_FLOAT_MAX, multiple_of=1)]
 Id = Annotated[int, Meta(ge=1, le=INT64_MAX)]
-IdWhole = Annotated[float, Meta(ge=1, le=INT64_MAX, multiple_of=1)]
+IdWhole = Annotated[float, Meta(ge=1, le=WHOLE_FLOAT_MAX, multiple_of=1)]
 Count = Annotated[int, Meta(ge=0, le=INT64_MAX)]
-CountWhole = Annotated[float, Meta(ge=0, le=INT64_MAX, multiple_of=1)]
+CountWhole = Annotated[float, Meta(ge=0, le=WHOLE_FLOAT_MAX, multiple_of=1)]
 Attempts = Annotated[int, Meta(ge=1, le=MAX_ATTEMPTS)]
 AttemptsWhole = Annotated[float, Meta(ge=1, le=MAX_ATTEMPTS, multiple_of=1)]
 # What each pattern below means, in words: error messages show it instead of the regex.
