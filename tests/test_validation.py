@@ -134,6 +134,17 @@ async def test_a_plugin_cannot_enqueue_a_task_that_would_never_run(edge: tuple[A
     assert await daemon.queue.counts() == {}
 
 
+async def test_a_plugin_cannot_enqueue_a_timeout_that_is_no_number_of_seconds(
+        edge: tuple[Any, Any]) -> None:
+    """An infinite timeout was stored, and GET /v1/tasks/{id} then answered `"timeout":
+    Infinity`, which is not JSON; NaN was stored as none."""
+    daemon, _ = edge
+    for timeout in (float("inf"), float("nan"), -1.0, 0):
+        with pytest.raises(InvalidTaskError, match="timeout must be"):
+            await daemon.queue.enqueue("edge.echo", timeout=timeout)
+    assert await daemon.queue.counts() == {}
+
+
 async def test_query_parameters_out_of_range_are_400(edge: tuple[Any, Any]) -> None:
     _, client = edge
     for query, needle in [("before=1e30", "before: expected `int`"),
