@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from agentd.errors import InvalidTaskError
+from agentd.errors import InvalidScheduleError, InvalidTaskError
+from agentd.schedule import ScheduleSpec
 from agentd.web.errors import ApiError
 from agentd.web.schemas import MAX_DEPTH
 from agentd.web.tasks_api import task_request
@@ -143,6 +144,23 @@ async def test_a_plugin_cannot_enqueue_a_timeout_that_is_no_number_of_seconds(
         with pytest.raises(InvalidTaskError, match="timeout must be"):
             await daemon.queue.enqueue("edge.echo", timeout=timeout)
     assert await daemon.queue.counts() == {}
+
+
+async def test_a_schedule_whose_every_fire_would_fail_is_refused(edge: tuple[Any, Any]) -> None:
+    """A jitter of 6 x 9999 weeks (the form allows it; numbers stop at ten years) was taken,
+    and every fire then failed: its task would be due past the queue's last run_at."""
+    daemon, client = edge
+    for field in ("jitter", "grace", "every"):
+        payload = {"id": "far", "cron": "* * * * *", "task": "edge.echo", field: "9999w" * 6}
+        if field == "every":
+            del payload["cron"]
+        status, body = await send(client, "POST", "/v1/schedules", json.dumps(payload))
+        assert status == 422, body
+        assert error_of(body, "invalid_schedule").startswith(f"{field}: must be at most ten years")
+    assert "far" not in daemon.scheduler.schedules
+    with pytest.raises(InvalidScheduleError, match="jitter: must be at most ten years"):
+        ScheduleSpec.from_mapping({"id": "far", "every": "1h", "task": "edge.echo",
+                                   "jitter": 11 * 366 * 86_400})
 
 
 async def test_query_parameters_out_of_range_are_400(edge: tuple[Any, Any]) -> None:

@@ -20,6 +20,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from agentd.events import MAX_TOPIC_LENGTH, RESERVED_PREFIXES, TOPIC_PATTERN
 from agentd.memory import NAME_PATTERN
+from agentd.schedule import MAX_DURATION
 from agentd.taskdef import TASK_NAME_PATTERN
 from agentd.taskqueue import LATEST_RUN_AT, STATES
 
@@ -31,7 +32,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # The latest Unix time accepted for a task's run_at (the queue's own bound) or a memory's
 # expiry: further out is a mistake, a task that would never run.
 LATEST_TIME = LATEST_RUN_AT
-MAX_DELAY = 10 * 366 * 86_400.0  # ten years
+MAX_DELAY = MAX_DURATION  # ten years
 MAX_TIMEOUT = 7 * 86_400.0  # a week per attempt
 MAX_ATTEMPTS = 1_000
 MAX_BATCH = 10_000
@@ -280,7 +281,8 @@ class HistoryQuery(Struct):
 
 
 # Durations: seconds, or parts such as "30s", "30m", "1h30m", "2d", "500ms". Each part has at
-# most 4 digits and a text at most 6 parts, so no duration overflows the calendar.
+# most 4 digits and a text at most 6 parts, so no duration overflows the calendar; one past
+# ten years (MAX_DURATION) is a 422, as the numbers' bound cannot be a pattern.
 _PART = r"\d{1,4}(\.\d{1,3})?(ms|s|m|h|d|w)"
 Duration = (Annotated[float, Meta(ge=0, le=MAX_DELAY)]
             | Annotated[str, _text(f"^({_PART}){{1,6}}$", "a duration such as '30s', '1h30m' or '2d'")])
