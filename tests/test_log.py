@@ -99,6 +99,24 @@ def test_exceptions_are_structured(stream: io.StringIO) -> None:
     assert record["exception"][0]["exc_value"] == "bad value"
 
 
+def test_a_traceback_shows_no_local_values(stream: io.StringIO) -> None:
+    """Frames' locals hold what must not reach a journal: a request's bearer token (the
+    auth middleware's `given` and `expected` were in every 500's line), a task's args."""
+    configure_logging("info", "json", stream)
+
+    def check(given: bytes, expected: bytes) -> None:
+        raise ValueError("refused")
+
+    try:
+        check(b"Bearer s3cret-token", b"Bearer s3cret-token")
+    except ValueError:
+        get_logger("http").exception("http.handler_failed")
+    line = stream.getvalue()
+    assert "s3cret-token" not in line
+    (record,) = records(stream)
+    assert record["exception"][0]["frames"][-1]["name"] == "check"
+
+
 @pytest.mark.parametrize("level", ["info", "debug"])
 def test_access_log_only_at_debug(stream: io.StringIO, level: str) -> None:
     configure_logging(level, "json", stream)

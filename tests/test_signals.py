@@ -263,6 +263,48 @@ async def test_a_stop_whose_loop_is_blocked_still_ends_within_its_bound(
     assert "MainThread" in overran["threads"]
 
 
+BOOT_FREEZER = '''
+import time
+
+from agentd import Plugin
+
+plugin = Plugin("bootfreezer")
+
+
+@plugin.startup
+def freeze(ctx):
+    """Blocks the event loop during the start: the signal cannot reach the loop."""
+    ctx.log.info("bootfreezer.freezing")
+    time.sleep(600)
+'''
+
+
+async def test_a_signal_during_a_start_whose_loop_is_blocked_still_ends_within_the_bound(
+    agentd_process: Callable[..., Any], config_file: Callable[..., Path],
+    plugin_dir: Callable[..., Path],
+) -> None:
+    """A SIGTERM during the start waits for the start to finish; a plugin's sync startup
+    hook blocking the loop for ten minutes held the process that long, and SIGINTs did not
+    help: the exit deadline was only armed once the start was over. Now it is armed by the
+    signal itself, so the process ends EXIT_MARGIN s past the stop's bound, saying so."""
+    plugins = plugin_dir({"bootfreezer.py": BOOT_FREEZER})
+    config = config_file()
+    config.write_text(config.read_text().replace("stop_timeout = 5.0", "stop_timeout = 0.1")
+                      .replace("paths = []", f"paths = [{str(plugins)!r}]"))
+    bound = stop_bound(load_config(config).daemon)
+    child = await agentd_process("run", "--config", str(config))
+    await child.wait_for_log("bootfreezer.freezing")
+    signalled = time.monotonic()
+    child.proc.send_signal(signal.SIGTERM)
+    code = await child.finish(timeout=bound + EXIT_MARGIN + 10)
+    took = time.monotonic() - signalled
+    assert code == 1, child.stderr
+    assert bound + EXIT_MARGIN <= took < bound + EXIT_MARGIN + 5
+    overran = child.records()[-1]
+    assert overran["event"] == "daemon.stop_overran"
+    assert "daemon.started" not in [r["event"] for r in child.records()]
+
+
 STUCK_PROCESS = '''
 import threading, time
 from agentd.log import configure_logging

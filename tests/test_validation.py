@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from agentd.errors import InvalidTaskError
+from agentd.errors import InvalidScheduleError, InvalidTaskError
+from agentd.schedule import ScheduleSpec
 from agentd.web.errors import ApiError
 from agentd.web.schemas import MAX_DEPTH
 from agentd.web.tasks_api import task_request
@@ -134,6 +135,34 @@ async def test_a_plugin_cannot_enqueue_a_task_that_would_never_run(edge: tuple[A
     assert await daemon.queue.counts() == {}
 
 
+async def test_a_plugin_cannot_enqueue_a_timeout_that_is_no_number_of_seconds(
+        edge: tuple[Any, Any]) -> None:
+    """An infinite timeout was stored, and GET /v1/tasks/{id} then answered `"timeout":
+    Infinity`, which is not JSON; NaN was stored as none."""
+    daemon, _ = edge
+    for timeout in (float("inf"), float("nan"), -1.0, 0):
+        with pytest.raises(InvalidTaskError, match="timeout must be"):
+            await daemon.queue.enqueue("edge.echo", timeout=timeout)
+    assert await daemon.queue.counts() == {}
+
+
+async def test_a_schedule_whose_every_fire_would_fail_is_refused(edge: tuple[Any, Any]) -> None:
+    """A jitter of 6 x 9999 weeks (the form allows it; numbers stop at ten years) was taken,
+    and every fire then failed: its task would be due past the queue's last run_at."""
+    daemon, client = edge
+    for field in ("jitter", "grace", "every"):
+        payload = {"id": "far", "cron": "* * * * *", "task": "edge.echo", field: "9999w" * 6}
+        if field == "every":
+            del payload["cron"]
+        status, body = await send(client, "POST", "/v1/schedules", json.dumps(payload))
+        assert status == 422, body
+        assert error_of(body, "invalid_schedule").startswith(f"{field}: must be at most ten years")
+    assert "far" not in daemon.scheduler.schedules
+    with pytest.raises(InvalidScheduleError, match="jitter: must be at most ten years"):
+        ScheduleSpec.from_mapping({"id": "far", "every": "1h", "task": "edge.echo",
+                                   "jitter": 11 * 366 * 86_400})
+
+
 async def test_query_parameters_out_of_range_are_400(edge: tuple[Any, Any]) -> None:
     _, client = edge
     for query, needle in [("before=1e30", "before: expected `int`"),
@@ -190,6 +219,27 @@ async def test_a_whole_float_is_taken_for_an_integer_field(edge: tuple[Any, Any]
     assert type(task["priority"]) is int
     async with client.post("/v1/tasks", json={"name": "edge.echo", "priority": 5.5}) as response:
         assert response.status == 400
+
+
+async def test_a_whole_float_past_int64_is_a_400_on_every_integer_field(edge: tuple[Any, Any]) -> None:
+    """9.223372036854775807e18 is INT64_MAX written as a float: it decodes to 2**63, one
+    past it, which SQLite cannot store (POST /v1/memory answered 500) and a schedule kept."""
+    daemon, client = edge
+    past = "9.223372036854775807e18"
+    cases = [
+        ("/v1/tasks", '{"name": "edge.echo", "priority": %s}', "priority"),
+        ("/v1/memory", '{"text": "a fact", "supersedes": %s}', "supersedes"),
+        ("/v1/schedules", '{"id": "s", "every": "1h", "event": "e.x", "catch_up_limit": %s}',
+         "catch_up_limit"),
+        ("/v1/schedules", '{"id": "s", "every": "1h", "event": "e.x", "pause_after_failures": %s}',
+         "pause_after_failures"),
+    ]
+    for path, template, field in cases:
+        status, body = await send(client, "POST", path, template % past)
+        assert status == 400, (path, field, body)
+        assert error_of(body, "bad_request").startswith(f"{field}: "), body
+    assert await daemon.queue.counts() == {}
+    assert "s" not in daemon.scheduler.schedules
 
 
 def test_the_websocket_submit_validation_refuses_what_json_loads_lets_through() -> None:

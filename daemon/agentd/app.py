@@ -349,11 +349,17 @@ async def serve(config: Config) -> None:
     """Run a daemon until SIGTERM or SIGINT, then stop it in stages; log and ignore SIGHUP.
     A second SIGTERM or SIGINT hurries the stop (`Daemon.hurry`).
 
-    For the process's main thread: once the stop begins, the process ends within
-    `stop_bound` + `EXIT_MARGIN` s, by `os._exit` if anything still holds it then.
+    For the process's main thread: from the first SIGTERM or SIGINT (during the start
+    too, which finishes first) the process ends within `stop_bound` + `EXIT_MARGIN` s, by
+    `os._exit` if anything still holds it then (a sync startup hook blocking the loop).
     """
     daemon = Daemon(config)
     log = get_logger("daemon")
+    deadline = ExitDeadline(stop_bound(config.daemon) + EXIT_MARGIN, EXIT_STOP_OVERRAN)
+
+    def on_arrival(signum: signal.Signals) -> None:
+        if signum is not signal.SIGHUP:
+            deadline.arm()
 
     def on_signal(signum: signal.Signals) -> None:
         if signum is signal.SIGHUP:
@@ -365,8 +371,8 @@ async def serve(config: Config) -> None:
             daemon.request_stop(signum.name)
 
     # Relayed from before the start: READY=1 and "daemon.started" may be acted on at once.
-    with SignalRelay(on_signal):
+    with SignalRelay(on_signal, on_arrival):
         async with daemon:
             await daemon.wait_stopped()
-            ExitDeadline(stop_bound(config.daemon) + EXIT_MARGIN, EXIT_STOP_OVERRAN).arm()
+            deadline.arm()
 

@@ -59,7 +59,10 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     renderer: Processor
     if as_json:
         renderer = structlog.processors.JSONRenderer()
-        shared.append(structlog.processors.dict_tracebacks)
+        # Without frames' locals: they hold secrets (a request's bearer token, a task's
+        # args, a plugin's settings) that have no place in a journal.
+        shared.append(structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
     else:
         renderer = structlog.dev.ConsoleRenderer()
     structlog.configure(

@@ -28,6 +28,9 @@ OVERLAP = ("allow", "skip", "queue_one", "cancel_previous")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+# The longest duration: ten years, what the HTTP API's numbers allow. A longer jitter made
+# every fire's task due past the queue's last run_at, so every fire failed.
+MAX_DURATION = 10 * 366 * 86_400.0
 
 
 def parse_duration(value: object, field_name: str) -> float:
@@ -45,6 +48,8 @@ def parse_duration(value: object, field_name: str) -> float:
         raise InvalidScheduleError(f"{field_name}: expected a duration such as '30m', got {value!r}")
     if not math.isfinite(seconds) or seconds < 0:
         raise InvalidScheduleError(f"{field_name}: must be a positive duration, got {value!r}")
+    if seconds > MAX_DURATION:
+        raise InvalidScheduleError(f"{field_name}: must be at most ten years, got {value!r}")
     return seconds
 
 

@@ -52,6 +52,8 @@ def stop_bound(config: DaemonConfig) -> float:
 class SignalRelay:
     """While entered, calls `handler(signal)` on the event loop for every SIGTERM, SIGINT
     and SIGHUP, none lost however busy the loop is. Enter it in the main thread.
+    `on_arrival(signal)`, if given, is called at once in the signal handler, even while
+    synchronous code blocks the loop: it must only do what a signal handler may.
 
     Not `loop.add_signal_handler`: asyncio learns which signal came from a byte that the C
     signal handler writes to the loop's self-pipe, a non-blocking socket which every
@@ -67,8 +69,10 @@ class SignalRelay:
     another thread than the main one.
     """
 
-    def __init__(self, handler: Callable[[signal.Signals], None]) -> None:
+    def __init__(self, handler: Callable[[signal.Signals], None],
+                 on_arrival: Callable[[signal.Signals], None] | None = None) -> None:
         self._handler = handler
+        self._on_arrival = on_arrival
         self._loop: asyncio.AbstractEventLoop | None = None
         self._previous: dict[signal.Signals, Callable[[int, FrameType | None], object] | int | None] = {}
         self._previous_wakeup_fd = -1
@@ -101,6 +105,8 @@ class SignalRelay:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self._loop is None:
             return  # a signal already pending as the relay closed: the stop has run
+        if self._on_arrival is not None:
+            self._on_arrival(signal.Signals(signum))
         with contextlib.suppress(RuntimeError):  # the loop closed: the process is exiting anyway
             self._loop.call_soon_threadsafe(self._handler, signal.Signals(signum))
 
@@ -117,20 +123,31 @@ class ExitDeadline:
     whatever holds it then (a thread stuck in a library call, a loop blocked by a plugin's
     synchronous code), the staged stop that should have ended it is over.
 
-    A daemon thread, so it never holds the process itself. It logs what still runs and
-    flushes the standard streams first; `os._exit` skips atexit hooks, which is the point:
-    `concurrent.futures` joins its threads in one.
+    Its thread, started at once, waits to be armed: `arm()` only sets a flag and an event,
+    so a signal handler may call it (starting a thread there could deadlock on the lock of
+    a thread start it interrupted). A daemon thread, so it never holds the process itself.
+    It logs what still runs and flushes the standard streams first; `os._exit` skips
+    atexit hooks, which is the point: `concurrent.futures` joins its threads in one.
     """
 
     def __init__(self, seconds: float, code: int) -> None:
         self.seconds = seconds
         self._code = code
         self._log = get_logger("daemon")
-
-    def arm(self) -> None:
+        self._armed = False
+        self._arming = threading.Event()
         threading.Thread(target=self._wait_then_exit, name="agentd-exit-deadline", daemon=True).start()
 
+    def arm(self) -> None:
+        """Start the count (again: a no-op). Safe in a signal handler."""
+        # The flag first: a second signal handled inside the first one's `set()` (handlers
+        # nest) must not take the event's lock again.
+        if not self._armed:
+            self._armed = True
+            self._arming.set()
+
     def _wait_then_exit(self) -> None:
+        self._arming.wait()
         time.sleep(self.seconds)
         alive = sorted(t.name for t in threading.enumerate()
                        if t is not threading.current_thread() and t.is_alive())

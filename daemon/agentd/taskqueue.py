@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -301,8 +302,8 @@ class TaskQueue:
             raise InvalidTaskError(f"max_attempts must be at least 1, got {max_attempts}")
         if timeout is None:
             timeout = definition.timeout
-        if timeout is not None and timeout <= 0:
-            raise InvalidTaskError(f"timeout must be positive, got {timeout}")
+        if timeout is not None and not 0.0 < timeout < math.inf:  # NaN too: never a timeout
+            raise InvalidTaskError(f"timeout must be a positive number of seconds, got {timeout}")
         queue = queue or definition.queue
         if queue not in self.config.queues:
             raise InvalidTaskError(

@@ -20,6 +20,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from agentd.events import MAX_TOPIC_LENGTH, RESERVED_PREFIXES, TOPIC_PATTERN
 from agentd.memory import NAME_PATTERN
+from agentd.schedule import MAX_DURATION
 from agentd.taskdef import TASK_NAME_PATTERN
 from agentd.taskqueue import LATEST_RUN_AT, STATES
 
@@ -31,21 +32,24 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # The latest Unix time accepted for a task's run_at (the queue's own bound) or a memory's
 # expiry: further out is a mistake, a task that would never run.
 LATEST_TIME = LATEST_RUN_AT
-MAX_DELAY = 10 * 366 * 86_400.0  # ten years
+MAX_DELAY = MAX_DURATION  # ten years
 MAX_TIMEOUT = 7 * 86_400.0  # a week per attempt
 MAX_ATTEMPTS = 1_000
 MAX_BATCH = 10_000
 MAX_KEY = 255  # an idempotency key or a name of anything
 MAX_WAIT = 300.0  # seconds GET /v1/tasks/{id}?wait= may hold a request
 
+# The largest float an INT64 holds: INT64_MAX is no float, and a float bounded by it (as
+# `le=INT64_MAX`) lets 2**63 in, which 9.223372036854775807e18 decodes to.
+WHOLE_FLOAT_MAX = 2.0**63 - 1024
 # Integers. JSON Schema counts 5.0 as the integer 5, so each integer field also takes a
 # whole float (the `...Whole` half of its union), which `whole` turns back into an int.
 Int64 = Annotated[int, Meta(ge=INT64_MIN, le=INT64_MAX)]
-Int64Whole = Annotated[float, Meta(ge=INT64_MIN, le=INT64_MAX, multiple_of=1)]
+Int64Whole = Annotated[float, Meta(ge=INT64_MIN, le=WHOLE_FLOAT_MAX, multiple_of=1)]
 Id = Annotated[int, Meta(ge=1, le=INT64_MAX)]
-IdWhole = Annotated[float, Meta(ge=1, le=INT64_MAX, multiple_of=1)]
+IdWhole = Annotated[float, Meta(ge=1, le=WHOLE_FLOAT_MAX, multiple_of=1)]
 Count = Annotated[int, Meta(ge=0, le=INT64_MAX)]
-CountWhole = Annotated[float, Meta(ge=0, le=INT64_MAX, multiple_of=1)]
+CountWhole = Annotated[float, Meta(ge=0, le=WHOLE_FLOAT_MAX, multiple_of=1)]
 Attempts = Annotated[int, Meta(ge=1, le=MAX_ATTEMPTS)]
 AttemptsWhole = Annotated[float, Meta(ge=1, le=MAX_ATTEMPTS, multiple_of=1)]
 # What each pattern below means, in words: error messages show it instead of the regex.
@@ -277,7 +281,8 @@ class HistoryQuery(Struct):
 
 
 # Durations: seconds, or parts such as "30s", "30m", "1h30m", "2d", "500ms". Each part has at
-# most 4 digits and a text at most 6 parts, so no duration overflows the calendar.
+# most 4 digits and a text at most 6 parts, so no duration overflows the calendar; one past
+# ten years (MAX_DURATION) is a 422, as the numbers' bound cannot be a pattern.
 _PART = r"\d{1,4}(\.\d{1,3})?(ms|s|m|h|d|w)"
 Duration = (Annotated[float, Meta(ge=0, le=MAX_DELAY)]
             | Annotated[str, _text(f"^({_PART}){{1,6}}$", "a duration such as '30s', '1h30m' or '2d'")])
