@@ -199,6 +199,35 @@ def test_callbacks_receive_in_publish_order() -> None:
     assert got == [0, 1, 2, 3, 4]
 
 
+def test_events_made_after_a_reserved_one_are_delivered_after_it() -> None:
+    bus = Bus()
+    seen: list[str] = []
+    bus.subscribe("**", lambda e: seen.append(e.topic))
+    first = bus.reserve_event("a.first")
+    second = bus.reserve_event("a.second")
+    bus.publish("a.live")
+    assert seen == []  # a client that resumed after a.live would never get a.first
+    bus.dispatch(second)
+    assert seen == []
+    bus.dispatch(first)
+    assert seen == ["a.first", "a.second", "a.live"]
+    bus.publish("a.after")
+    assert seen[-1] == "a.after"
+
+
+def test_a_released_reservation_lets_what_it_held_go() -> None:
+    bus = Bus()
+    seen: list[int] = []
+    bus.subscribe("**", lambda e: seen.append(e.id))
+    failed = bus.reserve_event("a.failed")
+    kept = bus.reserve_event("a.kept")
+    live = bus.publish("a.live")
+    bus.dispatch(kept)
+    assert seen == []
+    bus.release(failed)
+    assert seen == [kept.id, live.id]
+
+
 async def test_async_iteration() -> None:
     bus = Bus()
     sub = bus.subscribe("job.*", name="reader")

@@ -219,8 +219,12 @@ class Daemon:
         handlers it triggers (one transaction while the store takes both): what the caller
         is told was published cannot be lost by a crash, and a write the store refuses
         (StoreWriteError) refuses the publish before anyone sees the event."""
-        event = self.bus.make_event(topic, data)
-        await asyncio.gather(self.eventlog.append(event), self.plugins.enqueue_triggers(event))
+        event = self.bus.reserve_event(topic, data)
+        try:
+            await asyncio.gather(self.eventlog.append(event), self.plugins.enqueue_triggers(event))
+        except BaseException:
+            self.bus.release(event)
+            raise
         self.bus.dispatch(event)
         return event
 

@@ -9,11 +9,18 @@ and counted; the consumer then receives one `bus.lagged` event, before the event
 are still buffered, whose data says how many were dropped and the id of the last one
 (`resume_after`), so it can re-read them from the event log. The publisher is never
 blocked and the buffer never grows past `maxsize`.
+
+Events are delivered in the order of their ids, which resuming streams rely on (a client
+that saw id N asks the event log for what came after N). An event made ahead of its
+delivery (`reserve_event`: a durable publish commits first) holds back the events made
+after it until it is delivered or `release`d: delivering them first would let a client
+resume past it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -148,6 +155,10 @@ class Bus:
         self._log = get_logger("bus")
         self.published = 0
         self._dropped_by_gone = 0
+        # Ids of reserved events not yet delivered, and the events held back behind them
+        # (a heap by id).
+        self._reserved: set[int] = set()
+        self._held: list[tuple[int, Event]] = []
 
     @property
     def last_id(self) -> int:
@@ -225,6 +236,23 @@ class Bus:
         return Event(self._next_id(now), topic, data if data is not None else {}, now,
                      correlation_id, causation_id)
 
+    def reserve_event(
+        self,
+        topic: str,
+        data: Mapping[str, Any] | None = None,
+    ) -> Event:
+        """An event to deliver later (`dispatch`), once what it needs has committed. Until it
+        is delivered or `release`d, events made after it are held back: the caller must do
+        one or the other, whatever happens (a `try`/`except BaseException`)."""
+        event = self.make_event(topic, data)
+        self._reserved.add(event.id)
+        return event
+
+    def release(self, event: Event) -> None:
+        """Give up a reserved event that will not be delivered (its commit failed)."""
+        self._reserved.discard(event.id)
+        self._deliver_held()
+
     def advance_to(self, last_id: int) -> None:
         """Never hand out an id at or below `last_id` (the newest id stored before a restart)."""
         self._last_id = max(self._last_id, last_id)
@@ -235,7 +263,24 @@ class Bus:
         return bool(self._subscribers(topic))
 
     def dispatch(self, event: Event) -> None:
-        """Deliver an already-built event (used by `publish` and by replaying components)."""
+        """Deliver an already-built event, or hold it back while an event reserved before it
+        is still to be delivered."""
+        if self._reserved:
+            self._reserved.discard(event.id)
+            if self._reserved and min(self._reserved) < event.id:
+                heapq.heappush(self._held, (event.id, event))
+                return
+            self._deliver(event)
+            self._deliver_held()
+            return
+        self._deliver(event)
+
+    def _deliver_held(self) -> None:
+        """Deliver the held events that no reserved event precedes any longer, in id order."""
+        while self._held and (not self._reserved or self._held[0][0] < min(self._reserved)):
+            self._deliver(heapq.heappop(self._held)[1])
+
+    def _deliver(self, event: Event) -> None:
         self.published += 1
         for sub in self._subscribers(event.topic):
             try:

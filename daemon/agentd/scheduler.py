@@ -350,13 +350,17 @@ class Scheduler:
                           following: float | None) -> None:
         """Commit the triggered tasks, then the state, then deliver (see the module docstring)."""
         spec = state.spec
-        event = self.bus.make_event(spec.event or "", {**spec.data, "schedule_id": spec.id,
-                                                       "fire_time": fire_time})
-        await self._commit_triggers(event, None if manual else f"schedule:{spec.id}:{fire_time:.6f}")
-        state.last_fire, state.fires = fire_time, state.fires + 1
-        if not manual:
-            state.next_fire = following
-        await self._save(state)
+        event = self.bus.reserve_event(spec.event or "", {**spec.data, "schedule_id": spec.id,
+                                                          "fire_time": fire_time})
+        try:
+            await self._commit_triggers(event, None if manual else f"schedule:{spec.id}:{fire_time:.6f}")
+            state.last_fire, state.fires = fire_time, state.fires + 1
+            if not manual:
+                state.next_fire = following
+            await self._save(state)
+        except BaseException:
+            self.bus.release(event)
+            raise
         self.bus.dispatch(event)
         self.bus.publish("schedule.fired", {"schedule_id": spec.id, "fire_time": fire_time,
                                             "event_id": event.id, "manual": manual})
