@@ -132,6 +132,9 @@ class SseClient:
             self.head = None
             data = head[end + 4:]
         buf = self.tail + data if self.tail else data
+        if not self.ready.done() and b": connected\n" in buf:
+            self.open_set.add(self)
+            self.ready.set_result(None)
         cut = buf.rfind(b"\n\n")
         if cut < 0:
             self.tail = buf
@@ -139,9 +142,6 @@ class SseClient:
                 self._ended()
             return
         done, self.tail = buf[:cut], buf[cut + 2:]
-        if not self.ready.done() and b": connected" in done:
-            self.open_set.add(self)
-            self.ready.set_result(None)
         counters = self.counters
         n = done.count(b'"sent":')
         if n:

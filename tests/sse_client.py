@@ -35,7 +35,11 @@ class Sse:
         self.response = response
 
     async def frame(self, timeout: float = FRAME_TIMEOUT) -> Frame | None:
-        """The next frame (a blank line ends it); None at the end of the stream."""
+        """The next frame: an event (a blank line ends it) or a comment line, with the
+        fields read before it (the opening `retry`); None at the end of the stream.
+
+        A blank line must end a block with `data`: EventSource ignores one without, but
+        clients such as httpx-sse report it as an empty `message` event."""
 
         async def read() -> Frame | None:
             frame = Frame()
@@ -43,18 +47,18 @@ class Sse:
             while True:
                 raw = await self.response.content.readline()
                 if not raw:
-                    assert frame.empty and not data, f"the stream ended inside a frame: {frame}"
+                    assert frame.retry is None and frame.id is None and frame.event is None \
+                        and not data, f"the stream ended inside a frame: {frame}"
                     return None
                 line = raw.decode().rstrip("\r\n")
                 if line == "":
-                    if data:
-                        frame.data = json.loads("\n".join(data))
-                    if not frame.empty:
-                        return frame
-                    continue
+                    assert data, f"a blank line ends a block without data: {frame}"
+                    frame.data = json.loads("\n".join(data))
+                    return frame
                 if line.startswith(":"):
+                    assert not data and frame.event is None, f"a comment inside an event: {line!r}"
                     frame.comments.append(line[1:].strip())
-                    continue
+                    return frame
                 name, _, value = line.partition(":")
                 value = value.removeprefix(" ")
                 if name == "data":

@@ -44,6 +44,7 @@ class ServerConfig:
     max_body_bytes: int = 1_048_576
     max_loop_lag: float = 0.5
     allowed_origins: tuple[str, ...] = ()
+    header_timeout: float = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +104,8 @@ class StreamsConfig:
     client_buffer: int = 1000
     send_timeout: float = 10.0
     token_ttl: float = 300.0
+    ws_max_requests: int = 256
+    ws_max_subscriptions: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,9 +421,19 @@ def _check_rules(config: Config) -> None:
     if config.tasks.lease <= 0:  # the heartbeat renews every lease / 3 seconds
         raise ConfigError(f"{config.origin('tasks', 'lease')}: [tasks] lease: expected a positive "
                           "number of seconds")
+    _check_connection_limits(config)
+
+
+def _check_connection_limits(config: Config) -> None:
     if config.streams.client_buffer < 2:
         raise ConfigError(f"{config.origin('streams', 'client_buffer')}: [streams] client_buffer: "
                           "expected at least 2")
+    for key in ("ws_max_requests", "ws_max_subscriptions"):
+        if getattr(config.streams, key) < 1:
+            raise ConfigError(f"{config.origin('streams', key)}: [streams] {key}: expected at least 1")
+    if config.server.header_timeout <= 0:  # 0 would let a half-sent request hold its connection
+        raise ConfigError(f"{config.origin('server', 'header_timeout')}: [server] header_timeout: "
+                          "expected a positive number of seconds")
 
 
 _NAMED_TABLES = (PluginsConfig, HooksConfig, DigestsConfig)

@@ -251,8 +251,12 @@ class SseStream:
 
     async def open(self) -> None:
         await self.response.prepare(self.request)
-        # The first bytes go out at once: proxies and browsers see the stream is live.
-        await self._write(f"retry: {self.config.retry_ms}\n: connected\n\n".encode())
+        # The first bytes go out at once: proxies and browsers see the stream is live. No
+        # blank line ends them, nor a keepalive: a blank line after lines without `data`
+        # is no event to EventSource, but httpx-sse and others report an empty `message`
+        # event for it (once an `id` was seen, for a lone comment too). Comment lines need
+        # no terminator, and `retry` takes effect as its line is read.
+        await self._write(f"retry: {self.config.retry_ms}\n: connected\n".encode())
 
     async def send_all(self, events: Iterable[Event]) -> None:
         """Send events read back from the log, several per write."""
@@ -278,7 +282,7 @@ class SseStream:
         await self._write(self._control_frame(name, data))
 
     async def keepalive(self) -> None:
-        await self._write(b": keepalive\n\n")
+        await self._write(b": keepalive\n")
 
     @staticmethod
     def _control_frame(name: str, data: dict[str, Any]) -> bytes:
