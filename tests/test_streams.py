@@ -740,3 +740,29 @@ async def test_connections_that_never_finish_a_request_head_are_closed(start_dae
     async with asyncio.timeout(FRAME_TIMEOUT):
         while server.connections:  # noqa: ASYNC110
             await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
+
+
+@pytest.mark.parametrize("task_stream", [False, True])
+async def test_a_stream_its_client_closes_is_released_at_once(st: Any, http: Any, task_stream: bool) -> None:
+    """Not at the next keepalive (15 s by default): the moment the connection is lost."""
+    daemon, _, _ = await st()
+    client = http(daemon)
+    if task_stream:
+        async with client.post("/v1/tasks", json={"name": "st.echo", "delay": 60}) as r:
+            path = f"/v1/tasks/{(await r.json())['id']}/stream"
+    else:
+        path = "/v1/stream?topics=demo.*"
+    subscriptions = daemon.bus.stats()["subscriptions"]
+    response = await client.get(path)
+    sse = Sse(response)
+    await sse.opened()
+    assert len(stream_subscriptions(daemon)) == 1
+    assert daemon.bus.stats()["subscriptions"] == subscriptions + 1
+    response.close()
+    async with asyncio.timeout(FRAME_TIMEOUT):
+        while stream_subscriptions(daemon):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
+    assert daemon.bus.stats()["subscriptions"] == subscriptions
+    async with asyncio.timeout(FRAME_TIMEOUT):
+        while daemon.server._runner.server.connections:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release

@@ -162,6 +162,56 @@ def drop_connection(request: web.Request) -> None:
         request.transport.abort()
 
 
+class _LossWatch(asyncio.Protocol):
+    """Stands between a connection's transport and aiohttp's protocol while a stream runs,
+    passing everything through, to call `on_lost` the moment the connection is lost.
+
+    aiohttp tells a handler only when its next write fails: an idle stream whose client
+    left stayed subscribed until its next keepalive, up to `keepalive` seconds later."""
+
+    def __init__(self, protocol: asyncio.Protocol, on_lost: Callable[[], None]) -> None:
+        self.protocol = protocol
+        self.on_lost = on_lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.protocol.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self.protocol.connection_lost(exc)
+        finally:
+            self.on_lost()
+
+    def pause_writing(self) -> None:
+        self.protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.protocol.resume_writing()
+
+    def data_received(self, data: bytes) -> None:
+        self.protocol.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.protocol.eof_received()
+
+
+def on_connection_lost(request: web.Request, callback: Callable[[], None]) -> None:
+    """Call `callback` as soon as the request's connection is lost, until
+    `forget_connection_lost(request)`."""
+    transport = request.transport
+    protocol = transport.get_protocol() if transport is not None else None
+    if transport is not None and isinstance(protocol, asyncio.Protocol):
+        transport.set_protocol(_LossWatch(protocol, callback))
+
+
+def forget_connection_lost(request: web.Request) -> None:
+    """Undo `on_connection_lost`: the connection may serve further requests."""
+    transport = request.transport
+    watch = transport.get_protocol() if transport is not None else None
+    if transport is not None and isinstance(watch, _LossWatch):
+        transport.set_protocol(watch.protocol)
+
+
 def writes_at_once(transport: asyncio.Transport | None, size: int) -> bool:
     """Whether `size` more bytes can be handed to `transport` without aiohttp waiting for the
     client: its writing is not paused, and these bytes cannot take its buffer past the
@@ -369,10 +419,14 @@ def _subscribe(request: web.Request, patterns: TopicFilter | str, name: str) -> 
         patterns.text if isinstance(patterns, TopicFilter) else patterns,
         name=name, maxsize=daemon.config.streams.client_buffer, merge=coalesce_tokens)
     request.app[STREAMS].add(sub)
+    # A client that leaves ends its stream at once: the subscription closes, and the wait
+    # for its next event ends with it.
+    on_connection_lost(request, sub.unsubscribe)
     return sub
 
 
 def _release(request: web.Request, sub: Subscription) -> None:
+    forget_connection_lost(request)
     sub.unsubscribe()
     request.app[STREAMS].discard(sub)
 
@@ -402,7 +456,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
             await sse.send_all(await daemon.eventlog.replay(after, lambda e: patterns.matches(e.topic)))
             sse.last_sent = max(sse.last_sent, after)
         await sse.pump(sub)
-    except (ConnectionResetError, TimeoutError):
+    except (ConnectionError, TimeoutError):
         drop_connection(request)
     finally:
         _release(request, sub)
@@ -466,7 +520,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
         if ended:
             final = await daemon.queue.get(task_id)
             await sse.control("end", {"task": await with_children(daemon.queue, final)})
-    except (ConnectionResetError, TimeoutError):
+    except (ConnectionError, TimeoutError):
         drop_connection(request)
     finally:
         _release(request, sub)

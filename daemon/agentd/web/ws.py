@@ -92,7 +92,7 @@ class _Session:
         """Send a reply; a client that does not take it within `send_timeout` is dropped."""
         try:
             await self.send(answer)
-        except (TimeoutError, ConnectionResetError) as exc:
+        except (TimeoutError, ConnectionError) as exc:
             get_logger("ws").info("ws.dropped", reason=type(exc).__name__)
             drop_connection(self.request)
 
@@ -160,7 +160,7 @@ class _Session:
                     replay: bool) -> None:
         try:
             await self._forward(name, sub, patterns, after, replay)
-        except (TimeoutError, ConnectionResetError) as exc:
+        except (TimeoutError, ConnectionError) as exc:
             # A client that takes nothing for `send_timeout` is gone or stuck: drop the
             # connection (a close frame could not get through its full buffer either), so
             # it holds no subscription, task or buffer any longer.
