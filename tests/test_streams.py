@@ -766,3 +766,32 @@ async def test_a_stream_its_client_closes_is_released_at_once(st: Any, http: Any
     async with asyncio.timeout(FRAME_TIMEOUT):
         while daemon.server._runner.server.connections:  # noqa: ASYNC110
             await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
+
+
+async def test_a_client_that_reads_nothing_holds_a_bounded_kernel_buffer(start_daemon: Any) -> None:
+    """Left to itself the kernel keeps taking a non-reading client's data into a send buffer
+    it grows to megabytes (tcp_wmem), so the stream keeps writing, and 200 such clients cost
+    as much as readers and a gigabyte of TCP memory. `[streams] send_buffer` bounds it: the
+    stream's writes wait (and `send_timeout` can act) after a few hundred KiB."""
+    from agentd.web.streams import event_json, sse_frame
+
+    daemon, _ = await start_daemon(overrides={"streams": {"send_buffer": 32768, "send_timeout": 60}})
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    writer.write(b"GET /v1/stream?topics=bulk.* HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await asyncio.wait_for(reader.readuntil(b": connected\n"), FRAME_TIMEOUT)
+    writer.transport.pause_reading()  # from here on the client reads nothing
+    (connection,) = daemon.server._runner.server.connections
+    written = 0
+    try:
+        async with asyncio.timeout(10):
+            for n in range(4000):  # 16 MB at most
+                event = daemon.bus.publish("bulk.x", {"n": n, "pad": "x" * 4096})
+                written += len(sse_frame(event, event_json(event)))
+                await asyncio.sleep(0)  # let the stream write (a yield, not a wait)
+                if connection.writing_paused:
+                    break
+        assert connection.writing_paused
+        taken_by_the_kernel = written - connection.transport.get_write_buffer_size()
+        assert taken_by_the_kernel < 1_000_000, taken_by_the_kernel
+    finally:
+        writer.close()

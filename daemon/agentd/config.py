@@ -103,6 +103,7 @@ class StreamsConfig:
     retry_ms: int = 3000
     client_buffer: int = 1000
     send_timeout: float = 10.0
+    send_buffer: int = 262_144
     token_ttl: float = 300.0
     ws_max_requests: int = 256
     ws_max_subscriptions: int = 64
@@ -428,7 +429,7 @@ def _check_connection_limits(config: Config) -> None:
     if config.streams.client_buffer < 2:
         raise ConfigError(f"{config.origin('streams', 'client_buffer')}: [streams] client_buffer: "
                           "expected at least 2")
-    for key in ("ws_max_requests", "ws_max_subscriptions"):
+    for key in ("ws_max_requests", "ws_max_subscriptions", "send_buffer"):
         if getattr(config.streams, key) < 1:
             raise ConfigError(f"{config.origin('streams', key)}: [streams] {key}: expected at least 1")
     if config.server.header_timeout <= 0:  # 0 would let a half-sent request hold its connection

@@ -16,7 +16,9 @@ replay sent: at most what the log holds).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -152,6 +154,21 @@ class EncodedEvents:
 
 
 ENCODED = EncodedEvents()
+
+
+def bound_send_buffer(request: web.Request, size: int) -> None:
+    """Give the stream's socket a kernel send buffer of `size` bytes (`[streams]
+    send_buffer`). Left to itself Linux grows a send buffer up to `tcp_wmem`'s 4 MiB for a
+    client that reads nothing, and keeps taking writes meanwhile: 200 such clients cost as
+    much as 200 readers until each had swallowed megabytes, and held nearly a gigabyte of
+    the kernel's TCP memory, which once past `tcp_mem`'s pressure mark slows every socket
+    of the machine. Bounded, such a client stops taking writes after a few hundred KiB and
+    costs nothing more until `send_timeout` drops it."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 def drop_connection(request: web.Request) -> None:
@@ -300,6 +317,7 @@ class SseStream:
         })
 
     async def open(self) -> None:
+        bound_send_buffer(self.request, self.config.send_buffer)
         await self.response.prepare(self.request)
         # The first bytes go out at once: proxies and browsers see the stream is live. No
         # blank line ends them, nor a keepalive: a blank line after lines without `data`

@@ -41,7 +41,14 @@ from agentd.log import get_logger
 from agentd.web.errors import ApiError, bad_request, from_agentd_error
 from agentd.web.openapi import doc
 from agentd.web.server import DAEMON, SOCKETS, STREAMS
-from agentd.web.streams import ENCODED, coalesce_tokens, drop_connection, event_json, writes_at_once
+from agentd.web.streams import (
+    ENCODED,
+    bound_send_buffer,
+    coalesce_tokens,
+    drop_connection,
+    event_json,
+    writes_at_once,
+)
 from agentd.web.tasks_api import task_request
 
 routes = web.RouteTableDef()
@@ -322,6 +329,7 @@ def _task_id(message: dict[str, Any]) -> int:
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     max_size = request.app[DAEMON].config.server.max_body_bytes
     ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=max_size * OVERSIZE_READ_FACTOR)
+    bound_send_buffer(request, request.app[DAEMON].config.streams.send_buffer)
     await ws.prepare(request)
     session = _Session(request, ws)
     request.app[SOCKETS].add(ws)
