@@ -389,8 +389,7 @@ async def test_requests_in_flight_on_one_socket_are_bounded(st: Any, http: Any) 
         assert "ws_max_requests" in reply["error"]["message"]
     assert len(daemon.queue._waiters[task["id"]]) == 3
     module.gate("many").set()
-    for request_id in waiting:
-        assert (await ws.reply(request_id))["task"]["status"] == "succeeded"
+    assert [r["task"]["status"] for r in await ws.replies(waiting)] == ["succeeded"] * 3
     assert (await ws.request(type="ping"))["ok"] is True
     assert not daemon.queue._waiters
 
@@ -520,3 +519,33 @@ async def test_a_client_that_takes_nothing_is_dropped_after_send_timeout(st: Any
     assert not [s for s in app[STREAMS] if s.name.startswith("ws:")]
     writer.close()
     await writer.wait_closed()
+
+
+def _masked_text_frame(message: dict[str, Any]) -> bytes:
+    """One client WebSocket text frame (masked, as a client's must be) carrying `message`."""
+    payload = json.dumps(message).encode()
+    mask = os.urandom(4)
+    size = len(payload)
+    head = bytes([0x81, 0x80 | 127]) + size.to_bytes(8, "big") if size > 0xFFFF else (
+        bytes([0x81, 0x80 | 126]) + size.to_bytes(2, "big") if size > 125 else bytes([0x81, 0x80 | size]))
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_a_client_that_takes_no_replies_is_dropped(st: Any, http: Any) -> None:
+    """Its requests are answered, but it reads nothing: once a reply has waited
+    `send_timeout` the socket is dropped, and it holds no task, waiter or buffer."""
+    daemon, _, _ = await st({"streams": {"send_timeout": 0.2, "send_buffer": 4096}})
+    app = daemon.server._runner.app
+    async with http(daemon).post("/v1/tasks", json={"name": "st.echo",
+                                                    "args": {"value": "x" * 100_000}}) as response:
+        task_id = (await response.json())["id"]
+    await daemon.queue.wait(task_id, TIMEOUT)
+    _, writer = await _raw_ws_subscribe(daemon.port, "quiet.*")
+    for n in range(2, 102):  # 100 replies of 100 KB each: more than the socket's buffers hold
+        writer.write(_masked_text_frame({"id": n, "type": "result", "task_id": task_id}))
+    async with asyncio.timeout(5):
+        while app[SOCKETS]:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the drop
+    assert not [s for s in app[STREAMS] if s.name.startswith("ws:")]
+    assert not daemon.queue._waiters
+    writer.transport.abort()
