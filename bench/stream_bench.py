@@ -58,6 +58,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -132,6 +133,9 @@ class SseClient:
             self.head = None
             data = head[end + 4:]
         buf = self.tail + data if self.tail else data
+        if not self.ready.done() and b": connected\n" in buf:
+            self.open_set.add(self)
+            self.ready.set_result(None)
         cut = buf.rfind(b"\n\n")
         if cut < 0:
             self.tail = buf
@@ -139,9 +143,6 @@ class SseClient:
                 self._ended()
             return
         done, self.tail = buf[:cut], buf[cut + 2:]
-        if not self.ready.done() and b": connected" in done:
-            self.open_set.add(self)
-            self.ready.set_result(None)
         counters = self.counters
         n = done.count(b'"sent":')
         if n:
@@ -192,6 +193,31 @@ class ClientWorker:
     def __init__(self) -> None:
         self.counters = Counters()
         self.open: set[SseClient] = set()
+        self.stuck: list[socket.socket] = []
+
+    async def connect_stuck(self, host: str, port: int, path: str, count: int, rcvbuf: int,
+                            timeout: float) -> dict[str, Any]:
+        """Open `count` streams that send their request and then never read a byte: bare
+        sockets the event loop does not watch."""
+        loop = asyncio.get_running_loop()
+        request = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                   "Accept: text/event-stream\r\n\r\n").encode()
+        async with asyncio.timeout(timeout):
+            for _ in range(count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                if rcvbuf:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                self.stuck.append(sock)
+                await loop.sock_connect(sock, (host, port))
+                await loop.sock_sendall(sock, request)
+        return {"stuck": len(self.stuck)}
+
+    def close_stuck(self) -> dict[str, Any]:
+        for sock in self.stuck:
+            sock.close()
+        closed, self.stuck = len(self.stuck), []
+        return {"closed": closed}
 
     async def connect(self, host: str, port: int, path: str, count: int, batch: int,
                       timeout: float) -> dict[str, Any]:
@@ -260,6 +286,11 @@ class ClientWorker:
             return self.stats(cmd.get("latencies", False))
         if op == "close":
             return await self.close()
+        if op == "stuck":
+            return await self.connect_stuck(cmd["host"], cmd["port"], cmd["path"], cmd["count"],
+                                            cmd["rcvbuf"], cmd["timeout"])
+        if op == "close_stuck":
+            return self.close_stuck()
         raise ValueError(f"unknown op {op!r}")
 
 
@@ -276,6 +307,7 @@ async def worker_main() -> None:
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
     await worker.close()
+    worker.close_stuck()
 
 
 # -- the driver: processes ---------------------------------------------------------------------
@@ -367,7 +399,7 @@ class Server:
 
     @classmethod
     async def start(cls, kind: str, profile: Path | None, label: str,
-                    agentd_src: Path | None = None) -> Server:
+                    agentd_src: Path | None = None, send_timeout: float | None = None) -> Server:
         tmp: Path | None = None
         prefix = [sys.executable]
         if profile is not None:
@@ -377,7 +409,7 @@ class Server:
             (tmp / "plugins").mkdir()
             (tmp / "plugins" / "streambench.py").write_text(PLUGIN_SOURCE)
             config = tmp / "agentd.toml"
-            config.write_text(agentd_toml(tmp))
+            config.write_text(agentd_toml(tmp, send_timeout))
             args = [*prefix, "-m", "agentd", "run", "--config", str(config)]
         else:
             args = [*prefix, str(HERE / "sse_bare.py"), "--port", "0"]
@@ -455,11 +487,12 @@ def machine_busy_s() -> float:
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def agentd_toml(tmp: Path) -> str:
+def agentd_toml(tmp: Path, send_timeout: float | None = None) -> str:
     return "\n".join([
         "[daemon]", f'data_dir = "{tmp / "data"}"', "stop_timeout = 5.0",
         "[server]", 'host = "127.0.0.1"', "port = 0",
         "[streams]", "keepalive = 300.0",
+        *([f"send_timeout = {send_timeout}"] if send_timeout is not None else []),
         "[plugins]", f'paths = ["{tmp / "plugins"}"]', "entry_points = false",
         "[log]", 'level = "info"', 'format = "json"', "",
     ])
@@ -651,6 +684,121 @@ class Level:
         return max(0, n - open_now)
 
 
+class StuckLevel:
+    """A few normal clients' paced latency without, beside, and again without `--stuck`
+    clients that never read (one agentd process): what a stuck client costs the others."""
+
+    def __init__(self, args: argparse.Namespace, server: Server, workers: list[Worker],
+                 session: Any) -> None:
+        self.args = args
+        self.server = server
+        self.workers = workers
+        self.session = session
+        # The normal clients' phases, with events the size of --stuck-pad.
+        self.level = Level(argparse.Namespace(**{**vars(args), "pad": args.stuck_pad}), server,
+                           workers, session, args.stuck_normal)
+
+    async def subscriptions(self) -> int:
+        async with self.session.get(f"{self.server.base}/v1/status") as response:
+            response.raise_for_status()
+            return int((await response.json())["bus"]["subscriptions"])
+
+    async def until_subscriptions(self, count: int, timeout: float = 10.0) -> tuple[int, float]:
+        """Wait (up to `timeout` s) until the server has at most `count` bus subscriptions;
+        return how many it has and how long that took."""
+        started = time.monotonic()
+        while (now := await self.subscriptions()) > count and time.monotonic() - started < timeout:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        return now, round(time.monotonic() - started, 2)
+
+    async def measured(self) -> dict[str, Any]:
+        args = self.args
+        figures = await self.level.phase(args.stuck_rate, args.stuck_seconds, record=True)
+        latencies = figures.pop("latencies")
+        return {**latency_figures(latencies), "deliveries": len(latencies),
+                "missing": figures["missing"], "lagged": figures["lagged"], "lost": figures["lost"],
+                "server_cpu_pct": figures["server_cpu_pct"], "other_cpu_pct": figures["other_cpu_pct"]}
+
+    async def run(self) -> dict[str, Any]:
+        args, n = self.args, self.args.stuck
+        await asyncio.sleep(0.5)
+        baseline = await self.subscriptions()
+        if await self.level.connect(args.stuck_normal) < args.stuck_normal:
+            raise RuntimeError("the normal clients did not all stay open")
+        rss0 = self.server.rss()
+        before = await self.measured()
+        shares = [n // len(self.workers) + (i < n % len(self.workers)) for i in range(len(self.workers))]
+        await asyncio.gather(*(
+            w.call({"op": "stuck", "host": "127.0.0.1", "port": self.server.port,
+                    "path": self.server.stream_path, "count": share, "rcvbuf": args.stuck_rcvbuf,
+                    "timeout": args.connect_timeout}, args.connect_timeout + 10)
+            for w, share in zip(self.workers, shares, strict=True) if share))
+        deadline = time.monotonic() + args.connect_timeout
+        while await self.subscriptions() < baseline + args.stuck_normal + n:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the stuck clients' streams did not all open")
+            await asyncio.sleep(0.1)
+        # Enough to fill every stuck client's socket buffers: from here on a write to one waits.
+        fill = await self.level.phase(args.stuck_fill_rate, args.stuck_fill_seconds, record=False)
+        beside = await self.measured()
+        held = await self.subscriptions() - baseline - args.stuck_normal
+        rss_beside = self.server.rss()
+        await self.all(op="close_stuck")
+        # Closed by their clients, the stuck streams should be released at once.
+        left, release_s = await self.until_subscriptions(baseline + args.stuck_normal)
+        reopened = await self.level.reopen(args.stuck_normal)
+        after = await self.measured()
+        await self.all(op="close")
+        without = [x for x in (before["p99_ms"], after["p99_ms"]) if x is not None]
+        return {
+            "stuck": n, "normal": args.stuck_normal, "rate": args.stuck_rate,
+            "seconds": args.stuck_seconds, "pad": args.stuck_pad,
+            "p99_without_ms": round(statistics.mean(without), 2) if without else None,
+            "p99_beside_ms": beside["p99_ms"],
+            "p99_ratio": round(beside["p99_ms"] / statistics.mean(without), 2)
+            if without and beside["p99_ms"] is not None else None,
+            "stuck_held_after_beside": held,
+            "fill_normal_lagged": fill["lagged"], "fill_normal_lost": fill["lost"],
+            "normal_reopened": reopened,
+            "stuck_left_after_close": max(0, left - baseline - args.stuck_normal),
+            "stuck_release_s": release_s,
+            "rss_stuck_mb": round((rss_beside - rss0) / 2**20, 1),
+            "fill_events": fill["published"],
+            "before": before, "beside": beside, "after": after,
+            "other_cpu_pct": max(before["other_cpu_pct"], beside["other_cpu_pct"], after["other_cpu_pct"]),
+        }
+
+    async def all(self, **cmd: Any) -> list[dict[str, Any]]:
+        return await self.level.all(**cmd)
+
+
+async def run_stuck(args: argparse.Namespace, run: int, workers: list[Worker],
+                    servers: list[Server], session: Any) -> dict[str, Any]:
+    """The stuck-clients scenario on a fresh agentd, from its start to its stop."""
+    row: dict[str, Any] = {"bench": "stream-stuck", "server": "agentd"}
+    if args.repeat > 1:
+        row["run"] = run + 1
+    started = time.monotonic()
+    try:
+        row["other_cpu_before_pct"] = await wait_quiet(args.quiet_wait, workers)
+        server = await Server.start("agentd", args.profile, f"agentd-stuck-{run + 1}", args.agentd_src,
+                                    send_timeout=args.stuck_send_timeout)
+        servers.append(server)
+        try:
+            row.update(await asyncio.wait_for(StuckLevel(args, server, workers, session).run(),
+                                              args.level_timeout))
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*(w.call({"op": "close"}) for w in workers))
+                await asyncio.gather(*(w.call({"op": "close_stuck"}) for w in workers))
+            await server.stop()
+            servers.remove(server)
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    row["level_s"] = round(time.monotonic() - started, 1)
+    return row
+
+
 def timeout_of(seconds: float) -> Any:
     import aiohttp
 
@@ -682,7 +830,8 @@ async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         workers = [await Worker.start() for _ in range(args.workers)]
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
-            for n, run, kind in itertools.product(args.clients, range(args.repeat), args.only):
+            levels = [] if args.stuck_only else itertools.product(args.clients, range(args.repeat), args.only)
+            for n, run, kind in levels:
                 discarded: list[float] = []
                 while True:
                     row = await run_one(args, kind, n, run, limit, workers, servers, session)
@@ -692,6 +841,10 @@ async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                     discarded.append(other)  # another process took CPU: measure again
                 if discarded:
                     row["discarded_runs_other_cpu_pct"] = discarded
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            for run in range(args.repeat if args.stuck and "agentd" in args.only else 0):
+                row = await run_stuck(args, run, workers, servers, session)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:
@@ -771,6 +924,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, elapsed: float) -> str:
     import aiohttp
 
+    stuck_rows = [r for r in rows if r["bench"] == "stream-stuck"]
+    rows = [r for r in rows if r["bench"] == "stream"]
+    if not rows:
+        return stuck_table(stuck_rows, args)
     by = summarize(rows)
     lines = [
         f"stream_bench: {platform.python_implementation()} {platform.python_version()}, aiohttp "
@@ -821,6 +978,31 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, elapsed: floa
     errors = [r for r in rows if "error" in r]
     for row in errors:
         lines.append(f"\n{row['server']} at {row['clients']:,} clients: {row['error']}")
+    if stuck_rows:
+        lines += ["", stuck_table(stuck_rows, args)]
+    return "\n".join(lines)
+
+
+def stuck_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """The stuck-clients scenario, one line per run."""
+    lines = [
+        f"stuck clients: {args.stuck} that never read beside {args.stuck_normal} normal ones, "
+        f"{args.stuck_rate:g} events/s of {args.stuck_pad} B for {args.stuck_seconds:g} s per phase, "
+        f"send_timeout {args.stuck_send_timeout:g} s",
+        "",
+        "| run | p99 ms before / beside / after | beside / without (≤ 1.5) | p50 ms before / beside "
+        "/ after | stuck held | server RSS for them MB | other CPU % |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, row in enumerate(rows, 1):
+        if "error" in row:
+            lines.append(f"| {n} | error: {row['error']} | | | | | |")
+            continue
+        phases = [row[k] for k in ("before", "beside", "after")]
+        lines.append(
+            f"| {n} | {' / '.join(str(p['p99_ms']) for p in phases)} | {row['p99_ratio']} "
+            f"| {' / '.join(str(p['p50_ms']) for p in phases)} | {row['stuck_held_after_beside']} "
+            f"| {row['rss_stuck_mb']} | {' / '.join(str(p['other_cpu_pct']) for p in phases)} |")
     return "\n".join(lines)
 
 
@@ -897,6 +1079,28 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of each server at each client count, alternating servers; the "
                              "table shows medians (default 1)")
+    parser.add_argument("--stuck", type=int, default=200,
+                        help="stuck-clients scenario: streams that never read, opened beside "
+                             "--stuck-normal normal ones (default 200; 0: skip the scenario)")
+    parser.add_argument("--stuck-only", action="store_true",
+                        help="run only the stuck-clients scenario")
+    parser.add_argument("--stuck-normal", type=int, default=10,
+                        help="normal clients whose latency is measured (default 10)")
+    parser.add_argument("--stuck-rate", type=float, default=20.0,
+                        help="paced events/s in each measured phase (default 20)")
+    parser.add_argument("--stuck-seconds", type=float, default=10.0,
+                        help="seconds of each measured phase (default 10)")
+    parser.add_argument("--stuck-pad", type=int, default=1024,
+                        help="filler bytes per event in the scenario (default 1024)")
+    parser.add_argument("--stuck-fill-rate", type=float, default=500.0,
+                        help="events/s that fill the stuck clients' buffers first (default 500)")
+    parser.add_argument("--stuck-fill-seconds", type=float, default=2.0,
+                        help="seconds of that fill (default 2)")
+    parser.add_argument("--stuck-rcvbuf", type=int, default=0,
+                        help="SO_RCVBUF of the stuck clients' sockets (default 0: the system's)")
+    parser.add_argument("--stuck-send-timeout", type=float, default=60.0,
+                        help="agentd's [streams] send_timeout in the scenario, long enough that "
+                             "the stuck clients are held through the measured phase (default 60)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 50 clients, 1 s phases, unless given")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

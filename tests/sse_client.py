@@ -31,11 +31,18 @@ class Frame:
 class Sse:
     """Reads SSE frames from a streaming aiohttp response, each read bounded by a timeout."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, *, browser: bool = False) -> None:
+        """`browser`: the stream was opened as a browser's (Fetch Metadata headers or a
+        stream token), so it opens with an id and a blank line that ends no event."""
         self.response = response
+        self.browser = browser
 
     async def frame(self, timeout: float = FRAME_TIMEOUT) -> Frame | None:
-        """The next frame (a blank line ends it); None at the end of the stream."""
+        """The next frame: an event (a blank line ends it) or a comment line, with the
+        fields read before it (the opening `retry`); None at the end of the stream.
+
+        A blank line must end a block with `data` (but for a browser's): EventSource ignores
+        one without, but clients such as httpx-sse report it as an empty `message` event."""
 
         async def read() -> Frame | None:
             frame = Frame()
@@ -43,18 +50,20 @@ class Sse:
             while True:
                 raw = await self.response.content.readline()
                 if not raw:
-                    assert frame.empty and not data, f"the stream ended inside a frame: {frame}"
+                    assert frame.retry is None and frame.id is None and frame.event is None \
+                        and not data, f"the stream ended inside a frame: {frame}"
                     return None
                 line = raw.decode().rstrip("\r\n")
+                if line == "" and not data and self.browser and frame.empty:
+                    continue  # the end of a browser stream's opening block: no event
                 if line == "":
-                    if data:
-                        frame.data = json.loads("\n".join(data))
-                    if not frame.empty:
-                        return frame
-                    continue
+                    assert data, f"a blank line ends a block without data: {frame}"
+                    frame.data = json.loads("\n".join(data))
+                    return frame
                 if line.startswith(":"):
+                    assert not data and frame.event is None, f"a comment inside an event: {line!r}"
                     frame.comments.append(line[1:].strip())
-                    continue
+                    return frame
                 name, _, value = line.partition(":")
                 value = value.removeprefix(" ")
                 if name == "data":
@@ -80,11 +89,11 @@ class Sse:
         return [await self.next_event() for _ in range(count)]
 
     async def opened(self) -> Frame:
-        """The first frame, sent before any event: the resume point (an id with no event),
-        the reconnect delay and a comment."""
+        """The first frame, sent before any event: the reconnect delay and a comment, and for
+        a browser's stream the resume point (an id of no event)."""
         frame = await self.frame()
         assert frame is not None
-        assert frame.retry is not None and frame.id is not None
+        assert frame.retry is not None and (frame.id is not None) == self.browser
         assert frame.event is None and frame.data is None
         return frame
 

@@ -217,17 +217,32 @@ async def test_past_token_ttl_a_token_only_resumes_until_token_resume_ttl(
 
 
 async def test_a_quiet_stream_resumes_from_where_it_was_opened(start_daemon: Any, http: Any) -> None:
-    """The first frame carries an id (of no event), so a stream that saw no event yet still
-    reconnects with Last-Event-ID, and gets what was published while it was away."""
+    """A browser's stream (it sends Fetch Metadata) opens with an id (of no event), so a
+    stream that saw no event yet still reconnects with Last-Event-ID, and gets what was
+    published while it was away."""
     daemon, _ = await start_daemon()
     client = http(daemon)
-    async with client.get("/v1/stream", params={"topics": "away.*"}) as response:
-        resume_from = (await Sse(response).opened()).id
+    browser = {"Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty"}
+    async with client.get("/v1/stream", params={"topics": "away.*"}, headers=browser) as response:
+        resume_from = (await Sse(response, browser=True).opened()).id
     published = await daemon.publish_durably("away.news", {})
     async with client.get("/v1/stream", params={"topics": "away.*"},
-                          headers={"Last-Event-ID": str(resume_from)}) as response:
-        sse = Sse(response)
+                          headers={**browser, "Last-Event-ID": str(resume_from)}) as response:
+        sse = Sse(response, browser=True)
         assert (await sse.opened()).id == resume_from
+        assert (await sse.next_event()).id == published.id
+
+
+async def test_a_library_s_stream_opens_without_an_id_or_a_blank_line(
+    start_daemon: Any, http: Any,
+) -> None:
+    """Without Fetch Metadata or a stream token the stream is an HTTP library's: no blank
+    line that libraries such as httpx-sse would report as an empty event."""
+    daemon, _ = await start_daemon()
+    async with http(daemon).get("/v1/stream", params={"topics": "away.*"}) as response:
+        sse = Sse(response)
+        assert (await sse.opened()).id is None
+        published = await daemon.publish_durably("away.news", {})
         assert (await sse.next_event()).id == published.id
 
 

@@ -696,7 +696,7 @@ async def test_loopback_and_listed_origins_are_allowed(start_daemon: Any, http: 
         assert status == 202, (origin, body)
     async with client.get("/v1/stream", headers={"Origin": allowed}) as response:
         assert response.status == 200
-        assert (await first_line(response)).startswith(b"id: ")
+        assert (await first_line(response)).startswith(b"retry: ")
     ws = await client.ws_connect("/v1/ws", origin=allowed)
     await ws.send_json({"id": 1, "type": "ping"})
     assert (await ws.receive_json(timeout=TIMEOUT))["type"] == "pong"

@@ -838,7 +838,8 @@ async def test_pause_after_failures_pauses_the_schedule(sched: Start) -> None:
 
 
 async def next_frame(response: aiohttp.ClientResponse) -> dict[str, str]:
-    """The next SSE frame's fields (comments under "comment"), read within a timeout."""
+    """The next SSE frame's fields, or a comment line (under "comment") with the fields read
+    before it, read within a timeout."""
 
     async def read() -> dict[str, str]:
         frame: dict[str, str] = {}
@@ -852,6 +853,8 @@ async def next_frame(response: aiohttp.ClientResponse) -> dict[str, str]:
                 continue
             name, _, value = line.partition(":")
             frame[name or "comment"] = value.removeprefix(" ")
+            if not name:  # a comment line stands alone: no blank line follows it
+                return frame
 
     return await asyncio.wait_for(read(), 2.0)
 

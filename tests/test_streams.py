@@ -8,9 +8,12 @@ import asyncio
 import json
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import httpx_sse
 import pytest
 
 from agentd.errors import ConfigError
@@ -242,6 +245,76 @@ async def test_an_idle_stream_gets_keepalive_comments(start_daemon: Any, http: A
             assert frame == Frame(comments=["keepalive"])
         daemon.bus.publish("nothing.here", {"still": "live"})
         assert (await sse.next_event()).data["data"] == {"still": "live"}
+
+
+class _Tap(httpx.AsyncBaseTransport):
+    """An httpx transport that keeps a copy of the response bytes its client has read."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.seen = bytearray()
+        self.changed = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        inner, tap = response.stream, self
+        assert isinstance(inner, httpx.AsyncByteStream)
+
+        class Copied(httpx.AsyncByteStream):
+            async def __aiter__(self) -> AsyncIterator[bytes]:
+                async for chunk in inner:
+                    tap.seen += chunk
+                    tap.changed.set()
+                    yield chunk
+
+            async def aclose(self) -> None:
+                await inner.aclose()
+
+        return httpx.Response(response.status_code, headers=response.headers, stream=Copied(),
+                              extensions=response.extensions)
+
+    async def until(self, wanted: bytes, after: int = 0) -> int:
+        """Wait until the client read `wanted` past offset `after`; return where it ends."""
+        async with asyncio.timeout(FRAME_TIMEOUT):
+            while (at := self.seen.find(wanted, after)) < 0:
+                self.changed.clear()
+                await self.changed.wait()
+        return at + len(wanted)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_httpx_sse_sees_no_event_for_the_opening_or_keepalives(start_daemon: Any) -> None:
+    """httpx-sse reports a blank line after lines without `data` as an empty `message` event
+    (after an `id`, even a lone comment): the stream's opening and keepalives must be none."""
+    daemon, _ = await start_daemon(overrides={"streams": {"keepalive": 0.05}})
+    tap = _Tap()
+    events: list[httpx_sse.ServerSentEvent] = []
+    client = httpx.AsyncClient(transport=tap, base_url=f"http://127.0.0.1:{daemon.port}")
+    async with client, httpx_sse.aconnect_sse(client, "GET", "/v1/stream?topics=demo.*") as source:
+
+        async def read() -> None:
+            async for sse in source.aiter_sse():
+                events.append(sse)
+                if sse.event == "demo.b":
+                    return
+
+        reader = asyncio.ensure_future(read())
+        try:
+            end = await tap.until(b": connected\n")
+            await tap.until(b": keepalive\n", end)
+            first = daemon.bus.publish("demo.a", {"n": 1})
+            end = await tap.until(f"id: {first.id}\n".encode(), end)
+            end = await tap.until(b": keepalive\n", end)
+            end = await tap.until(b": keepalive\n", end)
+            second = daemon.bus.publish("demo.b", {"n": 2})
+            await asyncio.wait_for(reader, FRAME_TIMEOUT)
+        finally:
+            reader.cancel()
+    assert [(e.event, e.id) for e in events] == [("demo.a", str(first.id)), ("demo.b", str(second.id))]
+    assert [json.loads(e.data)["data"] for e in events] == [{"n": 1}, {"n": 2}]
+    assert events[0].retry == 3000  # the opening's reconnect delay, read with the first event
 
 
 async def test_resume_with_last_event_id_gets_exactly_the_missed_events_then_live_ones(
@@ -619,7 +692,7 @@ async def test_a_client_that_takes_nothing_is_dropped_after_send_timeout(st: Any
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
     writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     writer.write(b"GET /v1/stream?topics=bulk.* HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    await asyncio.wait_for(reader.readuntil(b": connected\n\n"), FRAME_TIMEOUT)  # never read again
+    await asyncio.wait_for(reader.readuntil(b": connected\n"), FRAME_TIMEOUT)  # never read again
     assert [s.name for s in streams] == ["sse:bulk.*"]
     big = "x" * 65536
     async with asyncio.timeout(10):
@@ -638,3 +711,87 @@ async def test_a_client_that_takes_nothing_is_dropped_after_send_timeout(st: Any
             await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
     writer.close()
     await writer.wait_closed()
+
+
+async def test_connections_that_never_finish_a_request_head_are_closed(start_daemon: Any) -> None:
+    """Half a request line, a request line with half its headers, an idle keep-alive
+    connection: each is closed `[server] header_timeout` after it opened (or after its last
+    response), and the server holds none of them."""
+    daemon, _ = await start_daemon(overrides={"server": {"header_timeout": 0.3}})
+    server = daemon.server._runner.server
+    partial = [b"", b"GET /heal", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "]
+    clients = [await asyncio.open_connection("127.0.0.1", daemon.port) for _ in range(30)]
+    for n, (_, writer) in enumerate(clients):
+        writer.write(partial[n % len(partial)])
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), FRAME_TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    clients.append((reader, writer))
+    assert len(server.connections) == 31
+    try:
+        async with asyncio.timeout(5):
+            for reader, _ in clients:
+                while await reader.read(65536):  # the rest of a response, then the server's EOF
+                    pass
+    finally:
+        for _, writer in clients:
+            writer.close()
+    async with asyncio.timeout(FRAME_TIMEOUT):
+        while server.connections:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
+
+
+@pytest.mark.parametrize("task_stream", [False, True])
+async def test_a_stream_its_client_closes_is_released_at_once(st: Any, http: Any, task_stream: bool) -> None:
+    """Not at the next keepalive (15 s by default): the moment the connection is lost."""
+    daemon, _, _ = await st()
+    client = http(daemon)
+    if task_stream:
+        async with client.post("/v1/tasks", json={"name": "st.echo", "delay": 60}) as r:
+            path = f"/v1/tasks/{(await r.json())['id']}/stream"
+    else:
+        path = "/v1/stream?topics=demo.*"
+    subscriptions = daemon.bus.stats()["subscriptions"]
+    response = await client.get(path)
+    sse = Sse(response)
+    await sse.opened()
+    assert len(stream_subscriptions(daemon)) == 1
+    assert daemon.bus.stats()["subscriptions"] == subscriptions + 1
+    response.close()
+    async with asyncio.timeout(FRAME_TIMEOUT):
+        while stream_subscriptions(daemon):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
+    assert daemon.bus.stats()["subscriptions"] == subscriptions
+    async with asyncio.timeout(FRAME_TIMEOUT):
+        while daemon.server._runner.server.connections:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
+
+
+async def test_a_client_that_reads_nothing_holds_a_bounded_kernel_buffer(start_daemon: Any) -> None:
+    """Left to itself the kernel keeps taking a non-reading client's data into a send buffer
+    it grows to megabytes (tcp_wmem), so the stream keeps writing, and 200 such clients cost
+    as much as readers and a gigabyte of TCP memory. `[streams] send_buffer` bounds it: the
+    stream's writes wait (and `send_timeout` can act) after a few hundred KiB."""
+    from agentd.web.streams import event_json, sse_frame
+
+    daemon, _ = await start_daemon(overrides={"streams": {"send_buffer": 32768, "send_timeout": 60}})
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    writer.write(b"GET /v1/stream?topics=bulk.* HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await asyncio.wait_for(reader.readuntil(b": connected\n"), FRAME_TIMEOUT)
+    writer.transport.pause_reading()  # from here on the client reads nothing
+    (connection,) = daemon.server._runner.server.connections
+    written = 0
+    try:
+        async with asyncio.timeout(10):
+            for n in range(4000):  # 16 MB at most
+                event = daemon.bus.publish("bulk.x", {"n": n, "pad": "x" * 4096})
+                written += len(sse_frame(event, event_json(event)))
+                await asyncio.sleep(0)  # let the stream write (a yield, not a wait)
+                if connection.writing_paused:
+                    break
+        assert connection.writing_paused
+        taken_by_the_kernel = written - connection.transport.get_write_buffer_size()
+        assert taken_by_the_kernel < 1_000_000, taken_by_the_kernel
+    finally:
+        writer.close()

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from agentd.web.server import SOCKETS, STREAMS
+from agentd.web.ws import OVERSIZE_READ_FACTOR
 
 TIMEOUT = 2.0
 
@@ -44,6 +45,19 @@ class Ws:
             message = await self.receive()
             if "ok" in message and message.get("id") == request_id:
                 return message
+
+    async def replies(self, request_ids: list[int]) -> list[dict[str, Any]]:
+        """The replies to `request_ids`, in that order, whatever order they come in."""
+        wanted = set(request_ids)
+        for message in self.received:
+            if "ok" in message:
+                wanted.discard(message.get("id"))
+        while wanted:
+            message = await self.receive()
+            if "ok" in message:
+                wanted.discard(message.get("id"))
+        by_id = {m.get("id"): m for m in self.received if "ok" in m}
+        return [by_id[request_id] for request_id in request_ids]
 
     async def request(self, **message: Any) -> dict[str, Any]:
         return await self.reply(await self.send(message))
@@ -281,20 +295,127 @@ async def test_a_bad_request_is_answered_with_an_error_and_the_socket_stays_usab
     assert await ws.request(type="ping") == {"id": 2, "ok": True, "type": "pong"}
 
 
-async def test_bad_json_and_non_objects_are_answered_and_the_socket_stays_usable(
+async def test_bad_json_non_objects_and_binary_messages_are_answered_and_the_socket_stays_usable(
     st: Any, http: Any,
 ) -> None:
     daemon, _, _ = await st()
     ws = await connect(daemon, http)
     await ws.ws.send_str("{not json")
-    assert await ws.receive() == {"id": None, "ok": False,
-                                  "error": {"code": "invalid_json", "message": "not valid JSON"}}
+    reply = await ws.receive()
+    assert (reply["id"], reply["ok"], reply["error"]["code"]) == (None, False, "invalid_json")
+    assert reply["error"]["message"].startswith("not valid JSON: ")
+    await ws.ws.send_str('{"id": "a-1", "type": "ping",}')  # the id it starts with is kept
+    reply = await ws.receive()
+    assert (reply["id"], reply["error"]["code"]) == ("a-1", "invalid_json")
     await ws.ws.send_str("[1, 2]")
     reply = await ws.receive()
     assert (reply["id"], reply["ok"], reply["error"]["code"]) == (None, False, "bad_request")
-    await ws.ws.send_bytes(b'{"id": 1, "type": "ping"}')  # binary frames are ignored
+    await ws.ws.send_bytes(b'{"id": 1, "type": "ping"}')
+    reply = await ws.receive()
+    assert (reply["id"], reply["ok"], reply["error"]["code"]) == (None, False, "bad_request")
+    assert "binary" in reply["error"]["message"]
     assert await ws.request(type="ping") == {"id": 1, "ok": True, "type": "pong"}
-    assert len(ws.received) == 3
+    assert len(ws.received) == 5
+
+
+async def test_a_lone_surrogate_is_answered_with_an_error(st: Any, http: Any) -> None:
+    """JSON's escapes can spell "\\ud800", which no UTF-8 text can hold: SQLite could not
+    store it (an idempotency key holding one got no reply at all)."""
+    daemon, _, _ = await st()
+    ws = await connect(daemon, http)
+    for n, fields in enumerate([
+        '"type": "submit", "name": "st.echo", "args": {"value": "\\ud800"}',
+        '"type": "submit", "name": "st.echo", "idempotency_key": "k\\udfff"',
+        '"type": "publish", "topic": "a.b", "data": {"\\ud800": 1}',
+    ]):
+        await ws.ws.send_str(f'{{"id": {n}, {fields}}}')
+        reply = await ws.reply(n)
+        assert (reply["ok"], reply["error"]["code"]) == (False, "bad_request"), reply
+        assert "surrogate" in reply["error"]["message"]
+    # A pair of escapes is one character, and fine.
+    pair = '"\\ud83d\\ude00"'
+    await ws.ws.send_str(f'{{"id": 9, "type": "submit", "name": "st.echo", "args": {{"value": {pair}}}}}')
+    reply = await ws.reply(9)
+    assert reply["ok"] is True and reply["task"]["args"] == {"value": "\U0001f600"}
+    assert len(await daemon.store.read("SELECT id FROM tasks")) == 1
+
+
+async def test_a_message_nested_too_deeply_fails_only_itself(st: Any, http: Any) -> None:
+    daemon, _, _ = await st()
+    ws = await connect(daemon, http)
+    deep = "[" * 100_000 + "]" * 100_000
+    await ws.ws.send_str(f'{{"id": 7, "type": "publish", "topic": "a.b", "data": {{"x": {deep}}}}}')
+    reply = await ws.reply(7)
+    assert (reply["ok"], reply["error"]["code"]) == (False, "bad_request")
+    assert "nested too deeply" in reply["error"]["message"]
+    assert await ws.request(type="ping") == {"id": 1, "ok": True, "type": "pong"}
+
+
+async def test_a_message_over_the_size_limit_fails_only_itself(st: Any, http: Any) -> None:
+    """Up to OVERSIZE_READ_FACTOR times `max_body_bytes`, a message is read and refused and
+    the socket stays open; past that aiohttp refuses it unread and closes the socket (1009)."""
+    daemon, _, _ = await st({"server": {"max_body_bytes": 1000}})
+    ws = await connect(daemon, http)
+    fits = '{"id": 1, "type": "publish", "topic": "a.b", "data": {"pad": "%s"}}'
+    await ws.ws.send_str(fits % ("x" * (1000 - len(fits) + 2)))
+    assert (await ws.reply(1))["ok"] is True
+    await ws.ws.send_str(fits.replace('"id": 1', '"id": 2') % ("é" * 600))  # 1,200 bytes
+    reply = await ws.reply(2)
+    assert (reply["ok"], reply["error"]["code"]) == (False, "message_too_large")
+    assert "1000" in reply["error"]["message"]
+    await ws.ws.send_str(fits.replace('"id": 1', '"id": 3') % ("x" * (OVERSIZE_READ_FACTOR * 1000 - 100)))
+    assert (await ws.reply(3))["error"]["code"] == "message_too_large"
+    assert await ws.request(type="ping") == {"id": 1, "ok": True, "type": "pong"}
+
+    await ws.ws.send_str("x" * (OVERSIZE_READ_FACTOR * 1000 + 1))
+    closing = await ws.ws.receive(timeout=TIMEOUT)
+    assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert ws.ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+
+
+async def test_requests_in_flight_on_one_socket_are_bounded(st: Any, http: Any) -> None:
+    """Past `ws_max_requests` waiting requests, each further one is refused at once (with a
+    reply) until some finish; none of them holds anything once answered."""
+    daemon, _, module = await st({"streams": {"ws_max_requests": 3}})
+    ws = await connect(daemon, http)
+    task = (await ws.request(type="submit", name="st.wait_gate", args={"name": "many"}))["task"]
+    waiting = [await ws.send({"type": "result", "task_id": task["id"], "timeout": TIMEOUT})
+               for _ in range(3)]
+    refused = [await ws.send({"type": "result", "task_id": task["id"]}) for _ in range(50)]
+    refused.append(await ws.send({"type": "ping"}))
+    for request_id in refused:
+        reply = await ws.reply(request_id)
+        assert (reply["ok"], reply["error"]["code"]) == (False, "too_many_requests"), reply
+        assert "ws_max_requests" in reply["error"]["message"]
+    assert len(daemon.queue._waiters[task["id"]]) == 3
+    module.gate("many").set()
+    assert [r["task"]["status"] for r in await ws.replies(waiting)] == ["succeeded"] * 3
+    assert (await ws.request(type="ping"))["ok"] is True
+    assert not daemon.queue._waiters
+
+
+async def test_result_waits_that_time_out_leave_no_waiter_behind(st: Any, http: Any) -> None:
+    daemon, _, module = await st()
+    ws = await connect(daemon, http)
+    task = (await ws.request(type="submit", name="st.wait_gate", args={"name": "w"}))["task"]
+    sent = [await ws.send({"type": "result", "task_id": task["id"], "timeout": 0.05 * (n % 2)})
+            for n in range(100)]
+    assert {r["error"]["code"] for r in await ws.replies(sent)} == {"timeout"}
+    assert not daemon.queue._waiters
+    module.gate("w").set()
+    assert (await ws.request(type="result", task_id=task["id"], timeout=TIMEOUT))["ok"] is True
+
+
+async def test_subscriptions_on_one_socket_are_bounded(st: Any, http: Any) -> None:
+    daemon, _, _ = await st({"streams": {"ws_max_subscriptions": 2}})
+    ws = await connect(daemon, http)
+    first = (await ws.request(type="subscribe", patterns=["a.*"]))["subscription"]
+    await ws.request(type="subscribe", patterns=["b.*"])
+    reply = await ws.request(type="subscribe", patterns=["c.*"])
+    assert (reply["ok"], reply["error"]["code"]) == (False, "too_many_subscriptions")
+    assert len([s for s in daemon.server._runner.app[STREAMS] if s.name.startswith("ws:")]) == 2
+    await ws.request(type="unsubscribe", subscription=first)
+    assert (await ws.request(type="subscribe", patterns=["c.*"]))["ok"] is True
 
 
 async def test_a_client_that_stops_reading_gets_lagged_then_close_4000(st: Any, http: Any) -> None:
@@ -398,3 +519,33 @@ async def test_a_client_that_takes_nothing_is_dropped_after_send_timeout(st: Any
     assert not [s for s in app[STREAMS] if s.name.startswith("ws:")]
     writer.close()
     await writer.wait_closed()
+
+
+def _masked_text_frame(message: dict[str, Any]) -> bytes:
+    """One client WebSocket text frame (masked, as a client's must be) carrying `message`."""
+    payload = json.dumps(message).encode()
+    mask = os.urandom(4)
+    size = len(payload)
+    head = bytes([0x81, 0x80 | 127]) + size.to_bytes(8, "big") if size > 0xFFFF else (
+        bytes([0x81, 0x80 | 126]) + size.to_bytes(2, "big") if size > 125 else bytes([0x81, 0x80 | size]))
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_a_client_that_takes_no_replies_is_dropped(st: Any, http: Any) -> None:
+    """Its requests are answered, but it reads nothing: once a reply has waited
+    `send_timeout` the socket is dropped, and it holds no task, waiter or buffer."""
+    daemon, _, _ = await st({"streams": {"send_timeout": 0.2, "send_buffer": 4096}})
+    app = daemon.server._runner.app
+    async with http(daemon).post("/v1/tasks", json={"name": "st.echo",
+                                                    "args": {"value": "x" * 100_000}}) as response:
+        task_id = (await response.json())["id"]
+    await daemon.queue.wait(task_id, TIMEOUT)
+    _, writer = await _raw_ws_subscribe(daemon.port, "quiet.*")
+    for n in range(2, 102):  # 100 replies of 100 KB each: more than the socket's buffers hold
+        writer.write(_masked_text_frame({"id": n, "type": "result", "task_id": task_id}))
+    async with asyncio.timeout(5):
+        while app[SOCKETS]:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the drop
+    assert not [s for s in app[STREAMS] if s.name.startswith("ws:")]
+    assert not daemon.queue._waiters
+    writer.transport.abort()

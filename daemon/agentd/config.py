@@ -54,6 +54,7 @@ class ServerConfig:
     max_loop_lag: float = 0.5
     allowed_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    header_timeout: float = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +113,11 @@ class StreamsConfig:
     retry_ms: int = 3000
     client_buffer: int = 1000
     send_timeout: float = 10.0
+    send_buffer: int = 262_144
     token_ttl: float = 300.0
     token_resume_ttl: float = 86400.0
+    ws_max_requests: int = 256
+    ws_max_subscriptions: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,9 +498,19 @@ def _check_rules(config: Config) -> None:
     if config.tasks.lease <= 0:  # the heartbeat renews every lease / 3 seconds
         raise ConfigError(f"{config.origin('tasks', 'lease')}: [tasks] lease: expected a positive "
                           "number of seconds")
+    _check_connection_limits(config)
+
+
+def _check_connection_limits(config: Config) -> None:
     if config.streams.client_buffer < 2:
         raise ConfigError(f"{config.origin('streams', 'client_buffer')}: [streams] client_buffer: "
                           "expected at least 2")
+    for key in ("ws_max_requests", "ws_max_subscriptions", "send_buffer"):
+        if getattr(config.streams, key) < 1:
+            raise ConfigError(f"{config.origin('streams', key)}: [streams] {key}: expected at least 1")
+    if config.server.header_timeout <= 0:  # 0 would let a half-sent request hold its connection
+        raise ConfigError(f"{config.origin('server', 'header_timeout')}: [server] header_timeout: "
+                          "expected a positive number of seconds")
 
 
 _NAMED_TABLES = (PluginsConfig, HooksConfig, DigestsConfig)

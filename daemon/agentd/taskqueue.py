@@ -210,7 +210,9 @@ class TaskQueue:
         self.bus = bus
         self.registry = registry
         self.config = config
-        self._waiters: dict[int, list[asyncio.Future[TaskRecord]]] = {}
+        # Per task, the futures of its `wait` calls: a set, so a waiter that gives up is
+        # removed in O(1) however many wait for the same task.
+        self._waiters: dict[int, set[asyncio.Future[TaskRecord]]] = {}
         self._single_inserts = BatchedWrite(store, _insert_many)
         self._work_listeners: list[Callable[[str], None]] = []
         self._cancel_listeners: list[Callable[[int], None]] = []
@@ -487,18 +489,18 @@ class TaskQueue:
         """
         _check_id(task_id)
         future: asyncio.Future[TaskRecord] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(task_id, []).append(future)
+        self._waiters.setdefault(task_id, set()).add(future)
         try:
             record = await self.get(task_id)
             if record.finished:
                 return record
             return await asyncio.wait_for(future, timeout)
         finally:
-            waiters = self._waiters.get(task_id, [])
-            if future in waiters:
-                waiters.remove(future)
-            if not waiters:
-                self._waiters.pop(task_id, None)
+            waiters = self._waiters.get(task_id)
+            if waiters is not None:
+                waiters.discard(future)
+                if not waiters:
+                    del self._waiters[task_id]
 
     async def result(self, task_id: int, timeout: float | None = None) -> Any:
         """The task's result once it succeeds.
@@ -517,7 +519,7 @@ class TaskQueue:
     def settle(self, record: TaskRecord, topic: str, **extra: Any) -> None:
         """Publish a final state and wake everyone waiting for this task."""
         self.publish(topic, record, **extra)
-        for future in self._waiters.pop(record.id, []):
+        for future in self._waiters.pop(record.id, ()):
             if not future.done():
                 future.set_result(record)
 

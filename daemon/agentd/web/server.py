@@ -123,7 +123,13 @@ class HttpServer:
     """Binds the application to host:port; `port` is the bound one (useful with port 0)."""
 
     def __init__(self, app: web.Application, host: str, port: int) -> None:
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
+        # aiohttp's keep-alive timer is armed when a connection opens and again after each
+        # response, and closes the connection if no whole request head came by then: with
+        # `header_timeout` it bounds how long a half-sent request line or header holds a
+        # socket (aiohttp's default is an hour), and how long an idle keep-alive lingers.
+        header_timeout = app[DAEMON].config.server.header_timeout
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0,
+                                     keepalive_timeout=header_timeout)
         self._host = host
         self._requested_port = port
         self.port = port

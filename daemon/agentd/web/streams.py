@@ -16,7 +16,9 @@ replay sent: at most what the log holds).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,7 @@ from agentd.config import StreamsConfig
 from agentd.events import Event, Lagged, TopicFilter
 from agentd.jsontext import lenient_encoder
 from agentd.taskqueue import FINAL_TOPIC
+from agentd.web.auth import READ_ONLY
 from agentd.web.errors import bad_request
 from agentd.web.openapi import doc
 from agentd.web.server import DAEMON, STREAMS
@@ -44,6 +47,13 @@ MAX_BATCH_BYTES = 64 * 1024
 # A keepalive timer firing this close to its deadline counts as on time (the loop runs
 # timers up to its clock resolution early).
 _TIMER_SLACK = 0.001
+
+
+def opened_by_browser(request: web.Request) -> bool:
+    """Whether a browser's EventSource opened this stream: browsers send Fetch Metadata
+    (`Sec-Fetch-Mode`) with every request, and only EventSource needs a stream token
+    (`?token=`: it cannot send an Authorization header). HTTP libraries send neither."""
+    return "Sec-Fetch-Mode" in request.headers or request.get(READ_ONLY, False)
 
 
 def coalesce_tokens(last: Event, new: Event) -> Event | None:
@@ -154,12 +164,77 @@ class EncodedEvents:
 ENCODED = EncodedEvents()
 
 
+def bound_send_buffer(request: web.Request, size: int) -> None:
+    """Give the stream's socket a kernel send buffer of `size` bytes (`[streams]
+    send_buffer`). Left to itself Linux grows a send buffer up to `tcp_wmem`'s 4 MiB for a
+    client that reads nothing, and keeps taking writes meanwhile: 200 such clients cost as
+    much as 200 readers until each had swallowed megabytes, and held nearly a gigabyte of
+    the kernel's TCP memory, which once past `tcp_mem`'s pressure mark slows every socket
+    of the machine. Bounded, such a client stops taking writes after a few hundred KiB and
+    costs nothing more until `send_timeout` drops it."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
 def drop_connection(request: web.Request) -> None:
     """End the connection of a client that went away or stopped reading. Aborted, not
     closed: a close waits until the write buffer drains, which a client that reads nothing
     never lets happen, so its socket and buffer would be held until the daemon stops."""
     if request.transport is not None:
         request.transport.abort()
+
+
+class _LossWatch(asyncio.Protocol):
+    """Stands between a connection's transport and aiohttp's protocol while a stream runs,
+    passing everything through, to call `on_lost` the moment the connection is lost.
+
+    aiohttp tells a handler only when its next write fails: an idle stream whose client
+    left stayed subscribed until its next keepalive, up to `keepalive` seconds later."""
+
+    def __init__(self, protocol: asyncio.Protocol, on_lost: Callable[[], None]) -> None:
+        self.protocol = protocol
+        self.on_lost = on_lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.protocol.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self.protocol.connection_lost(exc)
+        finally:
+            self.on_lost()
+
+    def pause_writing(self) -> None:
+        self.protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.protocol.resume_writing()
+
+    def data_received(self, data: bytes) -> None:
+        self.protocol.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.protocol.eof_received()
+
+
+def on_connection_lost(request: web.Request, callback: Callable[[], None]) -> None:
+    """Call `callback` as soon as the request's connection is lost, until
+    `forget_connection_lost(request)`."""
+    transport = request.transport
+    protocol = transport.get_protocol() if transport is not None else None
+    if transport is not None and isinstance(protocol, asyncio.Protocol):
+        transport.set_protocol(_LossWatch(protocol, callback))
+
+
+def forget_connection_lost(request: web.Request) -> None:
+    """Undo `on_connection_lost`: the connection may serve further requests."""
+    transport = request.transport
+    watch = transport.get_protocol() if transport is not None else None
+    if transport is not None and isinstance(watch, _LossWatch):
+        transport.set_protocol(watch.protocol)
 
 
 def writes_at_once(transport: asyncio.Transport | None, size: int) -> bool:
@@ -250,12 +325,22 @@ class SseStream:
         })
 
     async def open(self) -> None:
+        bound_send_buffer(self.request, self.config.send_buffer)
         await self.response.prepare(self.request)
-        # The first bytes go out at once: proxies and browsers see the stream is live. The id
-        # (of no event: nothing is dispatched) is where a reconnect resumes, so even a stream
-        # that saw no event yet reconnects with Last-Event-ID: nothing missed, and a stream
-        # token past its opening window still lets it back in.
-        await self._write(f"id: {self.last_sent}\nretry: {self.config.retry_ms}\n: connected\n\n".encode())
+        # The first bytes go out at once: proxies and browsers see the stream is live.
+        if opened_by_browser(self.request):
+            # EventSource remembers an `id` only as a blank line ends its block, and takes a
+            # block without `data` as no event: so an id of no event (nothing is dispatched)
+            # is where its reconnect resumes, even before the stream saw an event: nothing
+            # missed, and a stream token past its opening window still lets it back in.
+            await self._write(
+                f"id: {self.last_sent}\nretry: {self.config.retry_ms}\n: connected\n\n".encode())
+        else:
+            # No blank line, nor after a keepalive: httpx-sse and others report a blank line
+            # after lines without `data` as an empty `message` event (once an `id` was seen,
+            # for a lone comment too). Comment lines need no terminator, and `retry` takes
+            # effect as its line is read.
+            await self._write(f"retry: {self.config.retry_ms}\n: connected\n".encode())
 
     async def send_all(self, events: Iterable[Event]) -> None:
         """Send events read back from the log, several per write."""
@@ -281,7 +366,7 @@ class SseStream:
         await self._write(self._control_frame(name, data))
 
     async def keepalive(self) -> None:
-        await self._write(b": keepalive\n\n")
+        await self._write(b": keepalive\n")
 
     @staticmethod
     def _control_frame(name: str, data: dict[str, Any]) -> bytes:
@@ -368,10 +453,14 @@ def _subscribe(request: web.Request, patterns: TopicFilter | str, name: str) -> 
         patterns.text if isinstance(patterns, TopicFilter) else patterns,
         name=name, maxsize=daemon.config.streams.client_buffer, merge=coalesce_tokens)
     request.app[STREAMS].add(sub)
+    # A client that leaves ends its stream at once: the subscription closes, and the wait
+    # for its next event ends with it.
+    on_connection_lost(request, sub.unsubscribe)
     return sub
 
 
 def _release(request: web.Request, sub: Subscription) -> None:
+    forget_connection_lost(request)
     sub.unsubscribe()
     request.app[STREAMS].discard(sub)
 
@@ -400,7 +489,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                                           "kept_after": daemon.eventlog.horizon})
             await sse.send_all(await daemon.eventlog.replay(after, lambda e: patterns.matches(e.topic)))
         await sse.pump(sub)
-    except (ConnectionResetError, TimeoutError):
+    except (ConnectionError, TimeoutError):
         drop_connection(request)
     finally:
         _release(request, sub)
@@ -464,7 +553,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
         if ended:
             final = await daemon.queue.get(task_id)
             await sse.control("end", {"task": await with_children(daemon.queue, final)})
-    except (ConnectionResetError, TimeoutError):
+    except (ConnectionError, TimeoutError):
         drop_connection(request)
     finally:
         _release(request, sub)

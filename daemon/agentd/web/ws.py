@@ -13,9 +13,14 @@
         → {"id": 6, "ok": true, "task": {...}} once it is finished
     {"id": 7, "type": "ping"}  → {"id": 7, "ok": true, "type": "pong"}
 
-A failed request answers `{"id", "ok": false, "error": {"code", "message"}}`. Subscriptions
-follow the SSE policy: bounded buffers, tokens folded first, then `{"type": "lagged",
-"subscription", "resume_after"}` and the socket is closed (code 4000).
+A failed request answers `{"id", "ok": false, "error": {"code", "message"}}`: every message
+gets exactly one reply, whatever goes wrong (one that cannot be read is answered with the
+`id` it starts with, else null), and a bad message fails only itself, never the socket.
+What one socket holds is bounded: its messages (`[server] max_body_bytes` each), the
+requests in flight (`[streams] ws_max_requests`) and its subscriptions
+(`ws_max_subscriptions`). Subscriptions follow the SSE policy: bounded buffers, tokens
+folded first, then `{"type": "lagged", "subscription", "resume_after"}` and the socket is
+closed (code 4000).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
@@ -36,7 +42,14 @@ from agentd.web.auth import READ_ONLY
 from agentd.web.errors import ApiError, bad_request, from_agentd_error
 from agentd.web.openapi import doc
 from agentd.web.server import DAEMON, SOCKETS, STREAMS
-from agentd.web.streams import ENCODED, coalesce_tokens, drop_connection, event_json, writes_at_once
+from agentd.web.streams import (
+    ENCODED,
+    bound_send_buffer,
+    coalesce_tokens,
+    drop_connection,
+    event_json,
+    writes_at_once,
+)
 from agentd.web.tasks_api import task_request
 
 routes = web.RouteTableDef()
@@ -45,6 +58,12 @@ CLOSE_LAGGED = 4000
 MAX_RESULT_WAIT = 300.0
 REPLAY_YIELD_EVERY = 256
 _WRITES = frozenset({"publish", "submit", "cancel"})  # what a socket opened with a stream token cannot do
+# A message up to this many times `[server] max_body_bytes` is read in whole and refused with
+# the socket kept open. aiohttp refuses a larger one from its frame header, before reading
+# it, and closes the socket (1009): past an unread message the stream cannot be parsed.
+OVERSIZE_READ_FACTOR = 16
+# The `id` a message starts with, for the reply to a message that cannot be parsed.
+_LEADING_ID = re.compile(r'\s*\{\s*"id"\s*:\s*(-?\d{1,19}(?![\d.eE])|"(?:[^"\\]|\\.){0,256}")')
 
 
 class _Session:
@@ -53,10 +72,38 @@ class _Session:
     def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
         self.request = request
         self.daemon = request.app[DAEMON]
+        self.config = self.daemon.config.streams
         self.ws = ws
         self.subscriptions: dict[str, tuple[Subscription, asyncio.Task[None]]] = {}
         self.requests: set[asyncio.Task[None]] = set()
         self._counter = 0
+
+    async def take(self, text: str) -> None:
+        """Start answering one message on its own task (so a long `result` holds up no
+        other request), or answer it here when it cannot be read or the socket already has
+        `ws_max_requests` requests in flight."""
+        try:
+            message = parse_message(text, self.daemon.config.server.max_body_bytes)
+        except ApiError as exc:
+            await self.reply(_failure(leading_id(text), exc))
+            return
+        if len(self.requests) >= self.config.ws_max_requests:
+            await self.reply(_failure(message.get("id") if isinstance(message, dict) else None, ApiError(
+                429, "too_many_requests",
+                f"{len(self.requests)} requests are in flight on this socket, the most it takes "
+                "([streams] ws_max_requests): wait for their replies")))
+            return
+        task = asyncio.get_running_loop().create_task(self.handle(message))
+        self.requests.add(task)
+        task.add_done_callback(self.requests.discard)
+
+    async def reply(self, answer: dict[str, Any]) -> None:
+        """Send a reply; a client that does not take it within `send_timeout` is dropped."""
+        try:
+            await self.send(answer)
+        except (TimeoutError, ConnectionError) as exc:
+            get_logger("ws").info("ws.dropped", reason=type(exc).__name__)
+            drop_connection(self.request)
 
     async def send(self, message: dict[str, Any]) -> None:
         await self.send_text(json.dumps(message))
@@ -74,6 +121,8 @@ class _Session:
             await self.ws.send_frame(data, WSMsgType.TEXT)
 
     async def handle(self, message: Any) -> None:
+        """Answer one request with exactly one reply: its result, or the error, whatever
+        failed (a failure of the server's own is logged and answered `internal_error`)."""
         request_id = message.get("id") if isinstance(message, dict) else None
         try:
             if not isinstance(message, dict):
@@ -86,15 +135,20 @@ class _Session:
                 raise ApiError(403, "read_only", f"{kind!r} needs the bearer token: this socket "
                                "was opened with a stream token, which only reads")
             reply = await handler(self, message)
-            await self.send({"id": request_id, "ok": True, **reply})
-        except (ApiError, AgentdError) as exc:
-            error = exc if isinstance(exc, ApiError) else from_agentd_error(exc)
-            if error is None:
-                raise
-            await self.send({"id": request_id, "ok": False,
-                             "error": {"code": error.code, "message": error.message}})
+            answer = {"id": request_id, "ok": True, **reply}
+        except Exception as exc:
+            error = _api_error(exc)
+            if error.status >= 500:
+                get_logger("ws").exception("ws.request_failed", type=message.get("type"),
+                                           id=request_id)
+            answer = _failure(request_id, error)
+        await self.reply(answer)
 
     async def subscribe(self, message: dict[str, Any]) -> dict[str, Any]:
+        if len(self.subscriptions) >= self.config.ws_max_subscriptions:
+            raise ApiError(429, "too_many_subscriptions",
+                           f"this socket has {len(self.subscriptions)} subscriptions, the most it "
+                           "holds ([streams] ws_max_subscriptions): unsubscribe one first")
         patterns = TopicFilter.parse(message.get("patterns", "**"))
         since = message.get("since")
         if since is not None and (
@@ -104,7 +158,7 @@ class _Session:
         self._counter += 1
         name = f"s{self._counter}"
         sub = self.daemon.bus.subscribe(
-            patterns.text, name=f"ws:{name}", maxsize=self.daemon.config.streams.client_buffer,
+            patterns.text, name=f"ws:{name}", maxsize=self.config.client_buffer,
             merge=coalesce_tokens)
         self.request.app[STREAMS].add(sub)
         # Live-only, a lag resumes after what existed when it subscribed, not the whole log.
@@ -118,7 +172,7 @@ class _Session:
                     replay: bool) -> None:
         try:
             await self._forward(name, sub, patterns, after, replay)
-        except (TimeoutError, ConnectionResetError) as exc:
+        except (TimeoutError, ConnectionError) as exc:
             # A client that takes nothing for `send_timeout` is gone or stuck: drop the
             # connection (a close frame could not get through its full buffer either), so
             # it holds no subscription, task or buffer any longer.
@@ -212,6 +266,59 @@ class _Session:
         await asyncio.gather(*self.requests, return_exceptions=True)
 
 
+def parse_message(text: str, limit: int) -> Any:
+    """A message's JSON value.
+
+    Raises:
+        ApiError: the message is over `limit` bytes, is not JSON, is nested too deeply to
+            read, or holds a string that is not Unicode (a lone surrogate such as "\\ud800",
+            which JSON's escapes can spell but nothing downstream can store or encode).
+    """
+    size = len(text) if text.isascii() else len(text.encode())
+    if size > limit:
+        raise ApiError(413, "message_too_large",
+                       f"the message is {size} bytes, over the {limit} a message may have "
+                       "([server] max_body_bytes)")
+    try:
+        value = json.loads(text)
+        if "\\u" in text:  # only an escape can spell a lone surrogate
+            json.dumps(value, ensure_ascii=False).encode()
+    except RecursionError:
+        raise bad_request("the message is nested too deeply to be read") from None
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start:exc.end].encode("unicode_escape").decode()
+        raise bad_request(f"the message holds a lone surrogate ({bad}): strings must be "
+                          "valid Unicode") from None
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", f"not valid JSON: {exc}") from None
+    return value
+
+
+def leading_id(text: str) -> Any:
+    """The `id` a message's text starts with (a number or a string), else None."""
+    match = _LEADING_ID.match(text)
+    if match is None:
+        return None
+    with contextlib.suppress(ValueError, RecursionError):
+        return json.loads(match.group(1))
+    return None
+
+
+def _api_error(exc: Exception) -> ApiError:
+    """What a client is told of a failed request."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, AgentdError) and (error := from_agentd_error(exc)) is not None:
+        return error
+    if isinstance(exc, RecursionError):
+        return bad_request("the request is nested too deeply to be handled")
+    return ApiError(500, "internal_error", "the server failed to handle this request")
+
+
+def _failure(request_id: Any, error: ApiError) -> dict[str, Any]:
+    return {"id": request_id, "ok": False, "error": {"code": error.code, "message": error.message}}
+
+
 def _task_id(message: dict[str, Any]) -> int:
     task_id = message.get("task_id")
     if not isinstance(task_id, int) or isinstance(task_id, bool):
@@ -226,24 +333,18 @@ def _task_id(message: dict[str, Any]) -> int:
      responses={101: "Switching to the WebSocket protocol"})
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     max_size = request.app[DAEMON].config.server.max_body_bytes
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=max_size)
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=max_size * OVERSIZE_READ_FACTOR)
+    bound_send_buffer(request, request.app[DAEMON].config.streams.send_buffer)
     await ws.prepare(request)
     session = _Session(request, ws)
     request.app[SOCKETS].add(ws)
     try:
         async for msg in ws:
-            if msg.type != WSMsgType.TEXT:
-                continue
-            try:
-                message = msg.json()
-            except ValueError:
-                await session.send({"id": None, "ok": False,
-                                    "error": {"code": "invalid_json", "message": "not valid JSON"}})
-                continue
-            # Each request runs on its own, so a long `result` does not hold up the others.
-            task = asyncio.get_running_loop().create_task(session.handle(message))
-            session.requests.add(task)
-            task.add_done_callback(session.requests.discard)
+            if msg.type == WSMsgType.TEXT:
+                await session.take(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await session.reply(_failure(None, bad_request(
+                    "binary messages are not read: send each request as JSON text")))
     finally:
         request.app[SOCKETS].discard(ws)
         await session.close()
