@@ -2,9 +2,10 @@
 and its children), both resumable with `Last-Event-ID` (or `?since=`).
 
 A stream subscribes to the bus first, then replays what the client missed from the event
-log, then continues live, skipping the live events the replay sent (by id: ids are not
-dispatched in order, an event published durably gets its id before its handlers' tasks
-commit and announce themselves): no gap and no duplicate across the seam. If the client
+log, then continues live, skipping the live events the replay sent (by id, not "up to the
+last id replayed": the log may already hold an event published durably, written before it
+goes out, while events with lower ids that went out just before are still to be written):
+no gap and no duplicate across the seam. If the client
 asks for events older than the log keeps, the stream starts with a `gap` event. Each
 client has a bounded buffer: consecutive token events are folded together first; if it
 still overflows, the client receives a `lagged` event naming the id to resume after, and

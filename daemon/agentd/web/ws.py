@@ -182,9 +182,9 @@ class _Session:
     async def _forward(self, name: str, sub: Subscription, patterns: TopicFilter, after: int,
                        replay: bool) -> None:
         last = after
-        # Live events the replay also sent are skipped, by id. Not by "id <= last": ids are
-        # not dispatched in order (an event published durably gets its id before its
-        # handlers' tasks commit, and their task.queued goes out first).
+        # Live events the replay also sent are skipped, by id. Not by "id <= last": the log
+        # may hold an event published durably (written before it goes out) while events with
+        # lower ids, already out, are still to be written, and come only live.
         replayed: set[int] = set()
         # The message is built around the event's JSON, which the cache shares with every
         # other client (the same object as `{"type": "event", "subscription", "event"}`).
