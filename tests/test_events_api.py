@@ -481,6 +481,23 @@ async def test_a_hex_scheme_the_hook_lists_is_taken_once_per_delivery_id(
     assert signature in assert_error(body, "bad_signature")
 
 
+async def test_a_hook_taking_only_the_agentd_scheme_takes_what_agentd_sends_now(
+    start_daemon: Any, http: Any,
+) -> None:
+    """Found by review: agentd's own webhooks carry a Standard Webhooks signature and
+    X-Agentd-Signature; a hook listing only "agentd" (for a peer from before Standard
+    Webhooks) judged them by the first and refused them (401) once the peer was upgraded."""
+    daemon, events = await start_daemon(overrides=hooks(github={"secret": SECRET, "schemes": ["agentd"]}))
+    raw = b'{"n": 1}'
+    headers = {**signed(raw), "X-Agentd-Signature": hmac_hex(raw), "X-Agentd-Delivery": "41"}
+    status, body = await post(http(daemon), "/hooks/github", data=raw, headers=headers)
+    assert status == 202, body
+    assert (await events.wait_for("hook.github")).data["body"] == {"n": 1}
+    status, body = await post(http(daemon), "/hooks/github", data=raw, headers=signed(raw))
+    assert status == 401
+    assert "not Standard Webhooks" in assert_error(body, "bad_signature")
+
+
 async def test_delivery_ids_are_forgotten_past_the_replay_window(start_daemon: Any, http: Any) -> None:
     daemon, _ = await start_daemon(overrides={"hooks": {
         "replay_window": 0, "github": {"secret": SECRET, "schemes": ["github"]}}})
