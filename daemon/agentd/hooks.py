@@ -5,7 +5,8 @@ Standard Webhooks requests (`webhook-id`, `webhook-timestamp`, `webhook-signatur
 taken within `tolerance` seconds of their timestamp, each id once. The hex schemes sign
 no time and no id: a hook takes them only when its configuration lists them (`github`:
 `X-Hub-Signature-256` with `X-GitHub-Delivery`; `agentd`: `X-Agentd-Signature` with
-`X-Agentd-Delivery`), and refuses a repeat of the delivery id for `replay_window` seconds.
+`X-Agentd-Delivery`), and refuses a repeat of the delivery id with the same body (its
+signature) for `replay_window` seconds.
 """
 
 from __future__ import annotations
@@ -136,7 +137,11 @@ class InboundHook:
         if not _DELIVERY_ID.fullmatch(delivery_id):
             raise HookSignatureError("bad_signature", f"{scheme.delivery_header}: expected the "
                                      "delivery's id (1 to 256 printable ASCII characters)")
-        return Delivery(delivery_id, now + self.replay_window)
+        # Kept with the body's signature: a delivery id is unique per sender only (agentd's
+        # is its task id), so another sender's delivery, or one made after the sender's
+        # database was reset, may reuse it for another body; a replay repeats both.
+        signature = headers[scheme.signature_header].removeprefix("sha256=")[:16]
+        return Delivery(f"{delivery_id} ({signature})", now + self.replay_window)
 
 
 def _describe(schemes: tuple[str, ...]) -> str:
