@@ -118,12 +118,13 @@ def test_allowed_origins_entries_are_origins_and_star_needs_a_token() -> None:
     """Found by review: entries that can never equal a browser's Origin started silently,
     and `"*"` without a token let every web page drive the API."""
     for entry in ("app.example.com", "https://App.example.com", "https://app.example.com/app",
-                  "null", "ftp://app.example.com", ""):
+                  "null", "//app.example.com", ""):
         with pytest.raises(ConfigError, match=r"\[server\] allowed_origins: expected origins"):
             check_serving_rules(load_config(None, overrides={"server": {"allowed_origins": [entry]}}, env={}))
     with pytest.raises(ConfigError, match=r"allowed_origins = \[\"\*\"\] lets every web page"):
         check_serving_rules(load_config(None, overrides={"server": {"allowed_origins": ["*"]}}, env={}))
-    good = ["https://app.example.com", "http://localhost:3000/", "http://[::1]:8080", "http://10.0.0.7"]
+    good = ["https://app.example.com", "http://localhost:3000/", "http://[::1]:8080", "http://10.0.0.7",
+            "chrome-extension://abcdefghijklmnopabcdefghijklmnop"]
     check_serving_rules(load_config(None, overrides={"server": {"allowed_origins": good}}, env={}))
     check_serving_rules(load_config(None, overrides={"server": {"allowed_origins": ["*"], "token": TOKEN}},
                                     env={}))

@@ -482,6 +482,49 @@ async def test_a_hex_scheme_the_hook_lists_is_taken_once_per_delivery_id(
     assert signature in assert_error(body, "bad_signature")
 
 
+async def test_a_hex_delivery_id_reused_for_another_body_is_a_new_delivery(
+    start_daemon: Any, http: Any,
+) -> None:
+    """Found by review: X-Agentd-Delivery is the sender's task id, which a second agentd
+    (or the first after its database was reset) uses again; the hook refused (409, which
+    fails the sender's task) every such delivery for seven days. A replay repeats the body
+    too, and is still refused."""
+    daemon, events = await start_daemon(overrides=hooks(github={"secret": SECRET, "schemes": ["agentd"]}))
+    client = http(daemon)
+
+    def delivery(raw: bytes) -> dict[str, str]:
+        return {"X-Agentd-Signature": hmac_hex(raw), "X-Agentd-Delivery": "41"}
+
+    first, other = b'{"from": "daemon a"}', b'{"from": "daemon b"}'
+    for raw in (first, other):
+        status, body = await post(client, "/hooks/github", data=raw, headers=delivery(raw))
+        assert status == 202, body
+    status, body = await post(client, "/hooks/github", data=first, headers=delivery(first))
+    assert status == 409
+    assert "'41 (" in assert_error(body, "duplicate_delivery")
+    daemon.bus.publish("sentinel", {})
+    await events.wait_for("sentinel")
+    assert [e.data["body"]["from"] for e in events.events if e.topic == "hook.github"] == [
+        "daemon a", "daemon b"]
+
+
+async def test_a_hook_taking_only_the_agentd_scheme_takes_what_agentd_sends_now(
+    start_daemon: Any, http: Any,
+) -> None:
+    """Found by review: agentd's own webhooks carry a Standard Webhooks signature and
+    X-Agentd-Signature; a hook listing only "agentd" (for a peer from before Standard
+    Webhooks) judged them by the first and refused them (401) once the peer was upgraded."""
+    daemon, events = await start_daemon(overrides=hooks(github={"secret": SECRET, "schemes": ["agentd"]}))
+    raw = b'{"n": 1}'
+    headers = {**signed(raw), "X-Agentd-Signature": hmac_hex(raw), "X-Agentd-Delivery": "41"}
+    status, body = await post(http(daemon), "/hooks/github", data=raw, headers=headers)
+    assert status == 202, body
+    assert (await events.wait_for("hook.github")).data["body"] == {"n": 1}
+    status, body = await post(http(daemon), "/hooks/github", data=raw, headers=signed(raw))
+    assert status == 401
+    assert "not Standard Webhooks" in assert_error(body, "bad_signature")
+
+
 async def test_delivery_ids_are_forgotten_past_the_replay_window(start_daemon: Any, http: Any) -> None:
     daemon, _ = await start_daemon(overrides={"hooks": {
         "replay_window": 0, "github": {"secret": SECRET, "schemes": ["github"]}}})
@@ -492,7 +535,8 @@ async def test_delivery_ids_are_forgotten_past_the_replay_window(start_daemon: A
                                headers={"X-Hub-Signature-256": hmac_hex(raw), "X-GitHub-Delivery": delivery})
         assert status == 202, delivery
     rows = await daemon.store.read("SELECT delivery_id FROM hook_deliveries")
-    assert [row["delivery_id"] for row in rows] == ["a"]  # each taken delivery purges the expired
+    # Each taken delivery purges the expired; the id is kept with its body's signature.
+    assert [row["delivery_id"] for row in rows] == [f"a ({hmac_hex(raw)[7:23]})"]
 
 
 async def test_an_unknown_hook_is_a_404(start_daemon: Any, http: Any) -> None:

@@ -27,8 +27,9 @@ MIN_STALL_WARNING = 0.1  # seconds: [daemon] stall_warning, when on
 _TOKEN = re.compile(r"[!-~]+")  # what an Authorization header can carry as one word
 _HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _HOOK_NAME = re.compile(r"[^{}/]+")  # what aiohttp's {name} in /hooks/{name} matches
-# An origin as browsers send it in `Origin` (lower case, no path); a final "/" is tolerated.
-_ORIGIN = re.compile(r"https?://(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?/?")
+# An origin as browsers send it in `Origin` (lower case, no path; a browser extension's
+# scheme too, e.g. chrome-extension://<id>); a final "/" is tolerated.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?/?")
 
 
 @dataclass(frozen=True, slots=True)

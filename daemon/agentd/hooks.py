@@ -5,7 +5,8 @@ Standard Webhooks requests (`webhook-id`, `webhook-timestamp`, `webhook-signatur
 taken within `tolerance` seconds of their timestamp, each id once. The hex schemes sign
 no time and no id: a hook takes them only when its configuration lists them (`github`:
 `X-Hub-Signature-256` with `X-GitHub-Delivery`; `agentd`: `X-Agentd-Signature` with
-`X-Agentd-Delivery`), and refuses a repeat of the delivery id for `replay_window` seconds.
+`X-Agentd-Delivery`), and refuses a repeat of the delivery id with the same body (its
+signature) for `replay_window` seconds.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class _HexScheme:
 _HEX_SCHEMES = {"github": _HexScheme("X-Hub-Signature-256", "X-GitHub-Delivery"),
                 "agentd": _HexScheme(SIGNATURE_HEADER, DELIVERY_HEADER)}
 _STANDARD_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
+# Each scheme and the header its signature comes in, in the order they are preferred.
+_SIGNATURE_HEADERS = (("standard", "webhook-signature"),
+                      *((name, scheme.signature_header) for name, scheme in _HEX_SCHEMES.items()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,20 +89,18 @@ class InboundHook:
     replay_window: float
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> Delivery:
-        """Check the request's signature by the first scheme whose signature header it
-        carries; return its delivery.
+        """Check the request's signature by the first scheme (standard, github, agentd)
+        that this hook takes and whose signature header the request carries; return its
+        delivery. (agentd's own webhooks carry two: a hook taking only `agentd` checks that.)
 
         Raises:
-            HookSignatureError: no signature, one this hook does not take, a wrong one, a
-                missing delivery id, or a timestamp outside `tolerance`.
+            HookSignatureError: no signature, none this hook takes, a wrong one, a missing
+                delivery id, or a timestamp outside `tolerance`.
         """
-        if "webhook-signature" in headers:
-            scheme = "standard"
-        else:
-            scheme = next((name for name, hex_scheme in _HEX_SCHEMES.items()
-                           if hex_scheme.signature_header in headers), "")
-        if scheme not in self.schemes:
-            given = f"not {_describe((scheme,))}" if scheme else "and this request carries no signature"
+        carried = tuple(name for name, header in _SIGNATURE_HEADERS if header in headers)
+        scheme = next((name for name in carried if name in self.schemes), "")
+        if not scheme:
+            given = f"not {_describe(carried)}" if carried else "and this request carries no signature"
             raise HookSignatureError("bad_signature", f"hook {self.name!r} takes requests signed "
                                      f"by {_describe(self.schemes)}, {given}")
         if scheme == "standard":
@@ -135,7 +137,11 @@ class InboundHook:
         if not _DELIVERY_ID.fullmatch(delivery_id):
             raise HookSignatureError("bad_signature", f"{scheme.delivery_header}: expected the "
                                      "delivery's id (1 to 256 printable ASCII characters)")
-        return Delivery(delivery_id, now + self.replay_window)
+        # Kept with the body's signature: a delivery id is unique per sender only (agentd's
+        # is its task id), so another sender's delivery, or one made after the sender's
+        # database was reset, may reuse it for another body; a replay repeats both.
+        signature = headers[scheme.signature_header].removeprefix("sha256=")[:16]
+        return Delivery(f"{delivery_id} ({signature})", now + self.replay_window)
 
 
 def _describe(schemes: tuple[str, ...]) -> str:
