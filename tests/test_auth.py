@@ -69,6 +69,19 @@ async def test_header_bytes_that_do_not_decode_are_refused_not_a_500(start_daemo
         assert_error(body, "origin_not_allowed")
 
 
+async def test_the_auth_scheme_is_read_in_any_case_the_token_is_not(start_daemon: Any) -> None:
+    """Found by review: `Authorization: bearer <token>` was a 401 (schemes are
+    case-insensitive, RFC 9110 11.1)."""
+    daemon, _ = await start_daemon(overrides={"server": {"token": TOKEN}})
+    for scheme in (b"bearer", b"BEARER", b"Bearer"):
+        header = b"Authorization: " + scheme + b" " + TOKEN.encode()
+        status, _ = await raw_request(daemon.port, get("/v1/task-types", header))
+        assert status == 200, scheme
+    status, _ = await raw_request(daemon.port, get("/v1/task-types",
+                                                   b"Authorization: Bearer " + TOKEN.upper().encode()))
+    assert status == 401
+
+
 # --------------------------------------------------------------------------- Host
 
 

@@ -208,16 +208,23 @@ def _doc(handler: Any) -> object:
     return getattr(handler, "__openapi__", None)
 
 
+def _scheme_folded(authorization: bytes) -> bytes:
+    """The header with its scheme in lower case: schemes are case-insensitive (RFC 9110
+    11.1; `bearer` and `BEARER` are `Bearer`), the token after it is not."""
+    scheme, space, rest = authorization.partition(b" ")
+    return scheme.lower() + space + rest
+
+
 def make_auth_middleware(token: str, stream_tokens: StreamTokens) -> Middleware:
     """Require `Authorization: Bearer <token>` on every route not documented as public;
     stream routes also take `?token=<stream token>`, which only reads."""
-    expected = f"Bearer {token}".encode()
+    expected = f"bearer {token}".encode()
 
     @web.middleware
     async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         route_doc = _doc(request.match_info.route.handler)
         # aiohttp decodes header bytes with surrogateescape: encode them back the same way.
-        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        given = _scheme_folded(request.headers.get("Authorization", "").encode("utf-8", "surrogateescape"))
         if route_doc is not None and getattr(route_doc, "public", False):
             request[_TOKEN_GIVEN] = hmac.compare_digest(given, expected)
             return await handler(request)

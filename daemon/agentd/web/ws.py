@@ -57,7 +57,9 @@ routes = web.RouteTableDef()
 CLOSE_LAGGED = 4000
 MAX_RESULT_WAIT = 300.0
 REPLAY_YIELD_EVERY = 256
-_WRITES = frozenset({"publish", "submit", "cancel"})  # what a socket opened with a stream token cannot do
+# What a socket opened with a stream token may ask: a list of what reads, so a request type
+# added later is refused to such sockets until it is listed here.
+_READS = frozenset({"subscribe", "unsubscribe", "result", "ping"})
 # A message up to this many times `[server] max_body_bytes` is read in whole and refused with
 # the socket kept open. aiohttp refuses a larger one from its frame header, before reading
 # it, and closes the socket (1009): past an unread message the stream cannot be parsed.
@@ -131,7 +133,7 @@ class _Session:
             handler = self._HANDLERS.get(kind) if isinstance(kind, str) else None
             if handler is None:
                 raise bad_request(f"unknown type {kind!r}; known: {', '.join(self._HANDLERS)}")
-            if kind in _WRITES and self.request.get(READ_ONLY, False):
+            if kind not in _READS and self.request.get(READ_ONLY, False):
                 raise ApiError(403, "read_only", f"{kind!r} needs the bearer token: this socket "
                                "was opened with a stream token, which only reads")
             reply = await handler(self, message)
