@@ -19,13 +19,19 @@ TOKEN = "edge-token"
 JSON = {"Content-Type": "application/json"}
 
 PLUGIN = """
-    from agentd import Plugin
+    from agentd import Plugin, Retry
 
     plugin = Plugin("edge")
 
     @plugin.task()
     async def echo(ctx, **fields):
         return fields
+
+    @plugin.task()
+    async def again(ctx, delay):
+        if ctx.task.attempt == 1:
+            raise Retry(delay=float(delay))
+        return "second attempt"
 """
 
 # Every route that reads a JSON body, with a body it accepts.
@@ -161,6 +167,22 @@ async def test_a_schedule_whose_every_fire_would_fail_is_refused(edge: tuple[Any
     with pytest.raises(InvalidScheduleError, match="jitter: must be at most ten years"):
         ScheduleSpec.from_mapping({"id": "far", "every": "1h", "task": "edge.echo",
                                    "jitter": 11 * 366 * 86_400})
+
+
+async def test_a_retry_whose_delay_would_never_end_fails_the_task(edge: tuple[Any, Any]) -> None:
+    """`raise Retry(delay=...)` bypassed the queue's bounds: with inf the task was queued
+    for ever and GET answered `"run_at": Infinity` (not JSON), with 1e308 it never ran,
+    and with NaN the requeue's write failed, leaving the task running under its lease."""
+    daemon, client = edge
+    for delay in ("inf", "1e308", "nan"):
+        record = await daemon.queue.enqueue("edge.again", {"delay": delay})
+        async with client.get(f"/v1/tasks/{record.id}?wait=10") as response:
+            task = json.loads(await response.text(), parse_constant=_not_json)
+        assert task["status"] == "failed", task
+        assert "no number of seconds before 2100-01-01" in task["error"], task
+    record = await daemon.queue.enqueue("edge.again", {"delay": "-5"})  # due at once
+    async with client.get(f"/v1/tasks/{record.id}?wait=10") as response:
+        assert (await response.json())["result"] == "second attempt"
 
 
 async def test_query_parameters_out_of_range_are_400(edge: tuple[Any, Any]) -> None:
@@ -320,3 +342,7 @@ def _nested(depth: int) -> Any:
     for _ in range(depth):
         value = [value]
     return value
+
+
+def _not_json(constant: str) -> Any:
+    raise AssertionError(f"{constant} is not JSON")
