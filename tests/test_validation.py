@@ -4,6 +4,7 @@ tasks cannot be enqueued from outside; the OpenAPI document lists every error an
 
 from __future__ import annotations
 
+import gzip
 import json
 from typing import Any
 
@@ -96,6 +97,25 @@ async def test_a_body_that_is_not_json_in_utf8_is_a_415_on_every_route(
         status, body = await send(client, method, path, raw, {"Content-Type": content_type})
         assert status == 415, (content_type, body)
         assert needle in error_of(body, "unsupported_media_type")
+
+
+@pytest.mark.parametrize(("method", "path", "sample"), BODY_ROUTES)
+async def test_a_body_that_cannot_be_decoded_is_a_400_on_every_route(
+        edge: tuple[Any, Any], method: str, path: str, sample: dict[str, Any]) -> None:
+    """`Content-Encoding: gzip` on a body that is not gzip was a 500 (the read raised)."""
+    daemon, client = edge
+    raw = json.dumps(sample).encode()
+    status, body = await send(client, method, path, raw, {**JSON, "Content-Encoding": "gzip"})
+    assert status == 400, body
+    assert "content-encoding: gzip" in error_of(body, "invalid_body"), body
+    assert await daemon.queue.counts() == {}
+
+
+async def test_a_gzipped_body_is_read(edge: tuple[Any, Any]) -> None:
+    _, client = edge
+    raw = gzip.compress(b'{"topic": "edge.ping"}')
+    status, body = await send(client, "POST", "/v1/events", raw, {**JSON, "Content-Encoding": "gzip"})
+    assert status == 202, body
 
 
 async def test_json_media_types_and_curl_defaults_are_read_as_json(edge: tuple[Any, Any]) -> None:
