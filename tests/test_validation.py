@@ -220,6 +220,24 @@ async def test_query_parameters_out_of_range_are_400(edge: tuple[Any, Any]) -> N
         assert response.status == 400
 
 
+async def test_an_id_of_any_length_in_the_path_is_a_404(edge: tuple[Any, Any]) -> None:
+    """An id of more than 4,300 digits was a 500: int() refuses to read so long a number."""
+    _, client = edge
+    huge = "9" * 5_000
+    for method, path, code in [
+            ("GET", f"/v1/tasks/{huge}", "task_not_found"),
+            ("POST", f"/v1/tasks/{huge}/cancel", "task_not_found"),
+            ("POST", f"/v1/tasks/{huge}/requeue", "task_not_found"),
+            ("DELETE", f"/v1/tasks/{huge}", "task_not_found"),
+            ("GET", f"/v1/tasks/{huge}/stream", "task_not_found"),
+            ("GET", f"/v1/memory/{huge}", "memory_not_found"),
+            ("DELETE", f"/v1/memory/{huge}", "memory_not_found"),
+            ("GET", f"/v1/tasks/{'0' * 5_000}", "task_not_found")]:
+        async with client.request(method, path) as response:
+            assert response.status == 404, (method, path[:30], await response.text())
+            error_of(await response.json(), code)
+
+
 async def test_integers_past_64_bits_in_free_form_json_round_trip_exactly(edge: tuple[Any, Any]) -> None:
     daemon, client = edge
     big = {"big": 2**70, "small": -(2**100), "list": [10**30]}

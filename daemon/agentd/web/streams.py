@@ -28,7 +28,7 @@ from agentd.config import StreamsConfig
 from agentd.events import Event, Lagged, TopicFilter
 from agentd.jsontext import lenient_encoder
 from agentd.taskqueue import FINAL_TOPIC
-from agentd.web.errors import bad_request
+from agentd.web.errors import bad_request, path_id
 from agentd.web.openapi import doc
 from agentd.web.server import DAEMON, STREAMS
 from agentd.web.tasks_api import with_children
@@ -417,7 +417,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 404: "No such task"})
 async def task_stream(request: web.Request) -> web.StreamResponse:
     daemon = request.app[DAEMON]
-    task_id = int(request.match_info["id"])
+    task_id = path_id(request, "task_not_found", "task")
     record = await daemon.queue.get(task_id)  # TaskNotFoundError (404) for any unknown id
     after = resume_point(request) or 0
     tree = {task_id}
