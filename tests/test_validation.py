@@ -238,6 +238,18 @@ async def test_an_id_of_any_length_in_the_path_is_a_404(edge: tuple[Any, Any]) -
             error_of(await response.json(), code)
 
 
+async def test_a_resume_point_of_any_length_is_a_400(edge: tuple[Any, Any]) -> None:
+    """A `since` or Last-Event-ID of more than 4,300 digits was a 500 (int() refuses it)."""
+    _, client = edge
+    huge = "9" * 5_000
+    await client.post("/v1/tasks", json={"name": "edge.echo", "delay": 60})
+    for path, headers in [("/v1/stream?since=" + huge, {}), ("/v1/stream", {"Last-Event-ID": huge}),
+                          ("/v1/tasks/1/stream", {"Last-Event-ID": huge})]:
+        async with client.get(path, headers=headers) as response:
+            assert response.status == 400, (path[:30], await response.text())
+            assert "must be an event id" in error_of(await response.json(), "bad_request")
+
+
 async def test_integers_past_64_bits_in_free_form_json_round_trip_exactly(edge: tuple[Any, Any]) -> None:
     daemon, client = edge
     big = {"big": 2**70, "small": -(2**100), "list": [10**30]}
