@@ -205,6 +205,22 @@ async def test_a_retry_whose_delay_would_never_end_fails_the_task(edge: tuple[An
         assert (await response.json())["result"] == "second attempt"
 
 
+async def test_a_schedule_every_microsecond_is_refused(edge: tuple[Any, Any]) -> None:
+    """Every 1e-6 s was taken: every fire of the 60 s grace period was on time, so one pass
+    enqueued them one by one, tens of millions, and no other schedule fired meanwhile."""
+    daemon, client = edge
+    payload = {"id": "fast", "every": 1e-6, "task": "edge.echo"}
+    status, body = await send(client, "POST", "/v1/schedules", json.dumps(payload))
+    assert status == 400, body
+    assert error_of(body, "bad_request").startswith("every: "), body
+    assert "fast" not in daemon.scheduler.schedules
+    with pytest.raises(InvalidScheduleError, match="every: must be at least 1 ms"):
+        ScheduleSpec.from_mapping(payload)
+    status, body = await send(client, "POST", "/v1/schedules", json.dumps(
+        {**payload, "every": 0.001, "paused": True}))
+    assert status == 201, body
+
+
 async def test_query_parameters_out_of_range_are_400(edge: tuple[Any, Any]) -> None:
     _, client = edge
     for query, needle in [("before=1e30", "before: expected `int`"),
