@@ -552,6 +552,20 @@ async def test_metadata_that_is_not_an_object_is_a_400_naming_metadata(start: An
         "bad_request", "metadata: expected `object | null`, got `array`")
 
 
+async def test_a_plugin_cannot_store_an_expiry_that_is_no_time(start: Any) -> None:
+    """From a plugin, expires_at=inf was stored and GET /v1/memory/{id} then answered
+    `"expires_at": Infinity`, which is not JSON; NaN was stored as never expiring."""
+    daemon, _ = await start()
+    for expires_at in (math.inf, -math.inf, math.nan):
+        with pytest.raises(ValueError, match="expires_at must be a Unix time"):
+            await daemon.memory.remember("a fact", expires_at=expires_at)
+    assert (await daemon.memory.stats())["namespaces"] == {}
+    memory, _ = await daemon.memory.remember("a fact")
+    with pytest.raises(ValueError, match="expires_at must be a Unix time"):
+        await daemon.memory.update(memory.id, expires_at=math.inf)
+    assert (await daemon.memory.get(memory.id)).expires_at is None
+
+
 CITIES = ["Oslo", "Lisbon", "Nairobi", "Lima", "Hanoi", "Quebec", "Perth", "Tbilisi", "Dakar", "Bergen",
           "Cusco", "Kyoto", "Porto", "Accra"]
 WEATHER = ["heavy rain is expected", "a heatwave is forecast", "snow will fall overnight",

@@ -14,6 +14,7 @@ import contextlib
 import json
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -329,6 +330,31 @@ async def test_a_process_held_past_its_stop_bound_ends_itself(tmp_path: Path) ->
     assert record["event"] == "daemon.stop_overran"
     assert record["level"] == "critical"
     assert "stuck-in-a-call" in record["threads"]
+
+
+BLOCKED_STDOUT = '''
+from agentd.log import configure_logging, get_logger
+from agentd.shutdown import ExitDeadline
+
+configure_logging("info", "json")
+ExitDeadline(0.5, 1).arm()
+log = get_logger("flood")
+while True:
+    log.info("flood.line", filler="x" * 1000)
+'''
+
+
+def test_a_stdout_that_no_one_reads_does_not_hold_the_exit(tmp_path: Path) -> None:
+    """A write to a full stdout pipe (a stuck journal) blocks holding the logging lock:
+    the exit deadline, logging its last line first, waited for that lock for ever."""
+    # Not asyncio's subprocess: it reads the pipe, and would not report the exit before EOF.
+    with subprocess.Popen([sys.executable, "-c", BLOCKED_STDOUT], cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
+        try:
+            code = proc.wait(15)  # stdout never read: its pipe fills
+        finally:
+            proc.kill()
+    assert code == 1
 
 
 HANGER = '''

@@ -4,6 +4,7 @@ tasks cannot be enqueued from outside; the OpenAPI document lists every error an
 
 from __future__ import annotations
 
+import gzip
 import json
 from typing import Any
 
@@ -19,13 +20,19 @@ TOKEN = "edge-token"
 JSON = {"Content-Type": "application/json"}
 
 PLUGIN = """
-    from agentd import Plugin
+    from agentd import Plugin, Retry
 
     plugin = Plugin("edge")
 
     @plugin.task()
     async def echo(ctx, **fields):
         return fields
+
+    @plugin.task()
+    async def again(ctx, delay):
+        if ctx.task.attempt == 1:
+            raise Retry(delay=float(delay))
+        return "second attempt"
 """
 
 # Every route that reads a JSON body, with a body it accepts.
@@ -90,6 +97,25 @@ async def test_a_body_that_is_not_json_in_utf8_is_a_415_on_every_route(
         status, body = await send(client, method, path, raw, {"Content-Type": content_type})
         assert status == 415, (content_type, body)
         assert needle in error_of(body, "unsupported_media_type")
+
+
+@pytest.mark.parametrize(("method", "path", "sample"), BODY_ROUTES)
+async def test_a_body_that_cannot_be_decoded_is_a_400_on_every_route(
+        edge: tuple[Any, Any], method: str, path: str, sample: dict[str, Any]) -> None:
+    """`Content-Encoding: gzip` on a body that is not gzip was a 500 (the read raised)."""
+    daemon, client = edge
+    raw = json.dumps(sample).encode()
+    status, body = await send(client, method, path, raw, {**JSON, "Content-Encoding": "gzip"})
+    assert status == 400, body
+    assert "content-encoding: gzip" in error_of(body, "invalid_body"), body
+    assert await daemon.queue.counts() == {}
+
+
+async def test_a_gzipped_body_is_read(edge: tuple[Any, Any]) -> None:
+    _, client = edge
+    raw = gzip.compress(b'{"topic": "edge.ping"}')
+    status, body = await send(client, "POST", "/v1/events", raw, {**JSON, "Content-Encoding": "gzip"})
+    assert status == 202, body
 
 
 async def test_json_media_types_and_curl_defaults_are_read_as_json(edge: tuple[Any, Any]) -> None:
@@ -163,6 +189,38 @@ async def test_a_schedule_whose_every_fire_would_fail_is_refused(edge: tuple[Any
                                    "jitter": 11 * 366 * 86_400})
 
 
+async def test_a_retry_whose_delay_would_never_end_fails_the_task(edge: tuple[Any, Any]) -> None:
+    """`raise Retry(delay=...)` bypassed the queue's bounds: with inf the task was queued
+    for ever and GET answered `"run_at": Infinity` (not JSON), with 1e308 it never ran,
+    and with NaN the requeue's write failed, leaving the task running under its lease."""
+    daemon, client = edge
+    for delay in ("inf", "1e308", "nan"):
+        record = await daemon.queue.enqueue("edge.again", {"delay": delay})
+        async with client.get(f"/v1/tasks/{record.id}?wait=10") as response:
+            task = json.loads(await response.text(), parse_constant=_not_json)
+        assert task["status"] == "failed", task
+        assert "no number of seconds before 2100-01-01" in task["error"], task
+    record = await daemon.queue.enqueue("edge.again", {"delay": "-5"})  # due at once
+    async with client.get(f"/v1/tasks/{record.id}?wait=10") as response:
+        assert (await response.json())["result"] == "second attempt"
+
+
+async def test_a_schedule_every_microsecond_is_refused(edge: tuple[Any, Any]) -> None:
+    """Every 1e-6 s was taken: every fire of the 60 s grace period was on time, so one pass
+    enqueued them one by one, tens of millions, and no other schedule fired meanwhile."""
+    daemon, client = edge
+    payload = {"id": "fast", "every": 1e-6, "task": "edge.echo"}
+    status, body = await send(client, "POST", "/v1/schedules", json.dumps(payload))
+    assert status == 400, body
+    assert error_of(body, "bad_request").startswith("every: "), body
+    assert "fast" not in daemon.scheduler.schedules
+    with pytest.raises(InvalidScheduleError, match="every: must be at least 1 ms"):
+        ScheduleSpec.from_mapping(payload)
+    status, body = await send(client, "POST", "/v1/schedules", json.dumps(
+        {**payload, "every": 0.001, "paused": True}))
+    assert status == 201, body
+
+
 async def test_query_parameters_out_of_range_are_400(edge: tuple[Any, Any]) -> None:
     _, client = edge
     for query, needle in [("before=1e30", "before: expected `int`"),
@@ -176,6 +234,36 @@ async def test_query_parameters_out_of_range_are_400(edge: tuple[Any, Any]) -> N
         assert response.status == 400
     async with client.get("/v1/memory/search?q=x&k=") as response:
         assert response.status == 400
+
+
+async def test_an_id_of_any_length_in_the_path_is_a_404(edge: tuple[Any, Any]) -> None:
+    """An id of more than 4,300 digits was a 500: int() refuses to read so long a number."""
+    _, client = edge
+    huge = "9" * 5_000
+    for method, path, code in [
+            ("GET", f"/v1/tasks/{huge}", "task_not_found"),
+            ("POST", f"/v1/tasks/{huge}/cancel", "task_not_found"),
+            ("POST", f"/v1/tasks/{huge}/requeue", "task_not_found"),
+            ("DELETE", f"/v1/tasks/{huge}", "task_not_found"),
+            ("GET", f"/v1/tasks/{huge}/stream", "task_not_found"),
+            ("GET", f"/v1/memory/{huge}", "memory_not_found"),
+            ("DELETE", f"/v1/memory/{huge}", "memory_not_found"),
+            ("GET", f"/v1/tasks/{'0' * 5_000}", "task_not_found")]:
+        async with client.request(method, path) as response:
+            assert response.status == 404, (method, path[:30], await response.text())
+            error_of(await response.json(), code)
+
+
+async def test_a_resume_point_of_any_length_is_a_400(edge: tuple[Any, Any]) -> None:
+    """A `since` or Last-Event-ID of more than 4,300 digits was a 500 (int() refuses it)."""
+    _, client = edge
+    huge = "9" * 5_000
+    await client.post("/v1/tasks", json={"name": "edge.echo", "delay": 60})
+    for path, headers in [("/v1/stream?since=" + huge, {}), ("/v1/stream", {"Last-Event-ID": huge}),
+                          ("/v1/tasks/1/stream", {"Last-Event-ID": huge})]:
+        async with client.get(path, headers=headers) as response:
+            assert response.status == 400, (path[:30], await response.text())
+            assert "must be an event id" in error_of(await response.json(), "bad_request")
 
 
 async def test_integers_past_64_bits_in_free_form_json_round_trip_exactly(edge: tuple[Any, Any]) -> None:
@@ -320,3 +408,7 @@ def _nested(depth: int) -> Any:
     for _ in range(depth):
         value = [value]
     return value
+
+
+def _not_json(constant: str) -> Any:
+    raise AssertionError(f"{constant} is not JSON")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -201,6 +202,7 @@ class MemoryStore:
         """Store `text`; return the memory and whether it is new (False: a duplicate's)."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("text must be a non-empty string")
+        _check_expiry(expires_at)
         namespace = _check_name(namespace, "namespace")
         metadata_json = _json(metadata or {}, "metadata")
         metadata = dict(metadata or {})
@@ -283,6 +285,8 @@ class MemoryStore:
         """Change a memory in place (its namespace stays); a new text is embedded again.
         `expires_at`: a new expiry, None to keep the memory for good, or left out (`...`)
         to keep its expiry as it is."""
+        if expires_at is not ...:
+            _check_expiry(expires_at)
         current = await self.get(memory_id)
         new_text = current.text if text is None else text
         if not new_text.strip():
@@ -527,3 +531,10 @@ def _check_name(value: object, what: str) -> str:
     if not isinstance(value, str) or not _NAMESPACE.fullmatch(value):
         raise ValueError(f"{what} {value!r} must be 1-128 letters, digits or _ . : -")
     return value
+
+
+def _check_expiry(expires_at: float | None) -> None:
+    """ValueError unless `expires_at` is None or a finite Unix time: an infinite one was
+    stored and given back as `Infinity`, which is not JSON; NaN was stored as none."""
+    if expires_at is not None and not math.isfinite(expires_at):
+        raise ValueError(f"expires_at must be a Unix time in seconds, got {expires_at!r}")

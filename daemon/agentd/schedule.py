@@ -31,6 +31,10 @@ _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 # The longest duration: ten years, what the HTTP API's numbers allow. A longer jitter made
 # every fire's task due past the queue's last run_at, so every fire failed.
 MAX_DURATION = 10 * 366 * 86_400.0
+# The shortest interval, as the text form's "1ms": a schedule every microsecond had every
+# one of the fires in its grace period on time, tens of millions a pass, and the scheduler
+# never got past it (nor to any other schedule).
+MIN_INTERVAL = 0.001
 
 
 def parse_duration(value: object, field_name: str) -> float:
@@ -118,8 +122,8 @@ class ScheduleSpec:
         values["timezone"] = timezone
         if "every" in triggers:
             values["every"] = parse_duration(table["every"], "every")
-            if values["every"] <= 0:
-                raise InvalidScheduleError(f"every: must be more than zero, got {table['every']!r}")
+            if values["every"] < MIN_INTERVAL:
+                raise InvalidScheduleError(f"every: must be at least 1 ms, got {table['every']!r}")
         elif "cron" in triggers:
             values["cron"] = _check_cron(table["cron"], timezone)
         else:

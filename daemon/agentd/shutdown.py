@@ -35,6 +35,8 @@ MIN_STAGE_DEADLINE = 1.0
 # Seconds after the staged stop for the process to exit (the loop closing, the interpreter
 # ending) before `ExitDeadline` ends it.
 EXIT_MARGIN = 5.0
+# Seconds `ExitDeadline` waits for its last line to be written before it exits anyway.
+EXIT_LOG_WAIT = 1.0
 # The exit code of a process ended by `ExitDeadline`: the stop did not finish (cli.EXIT_FAILED).
 EXIT_STOP_OVERRAN = 1
 
@@ -149,11 +151,20 @@ class ExitDeadline:
     def _wait_then_exit(self) -> None:
         self._arming.wait()
         time.sleep(self.seconds)
+        # Said from a thread of its own, waited for a while only: a stdout that no one reads
+        # (a stuck journal) blocks a write, and the logging lock with it, which must not
+        # hold the exit.
         alive = sorted(t.name for t in threading.enumerate()
                        if t is not threading.current_thread() and t.is_alive())
+        farewell = threading.Thread(target=self._say_what_held, args=(alive,),
+                                    name="agentd-exit-log", daemon=True)
+        farewell.start()
+        farewell.join(EXIT_LOG_WAIT)
+        os._exit(self._code)
+
+    def _say_what_held(self, alive: list[str]) -> None:
         self._log.critical("daemon.stop_overran", bound=self.seconds, threads=alive,
                            exit_code=self._code)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        os._exit(self._code)

@@ -44,7 +44,7 @@ from agentd.errors import Fail, InvalidTaskError, Retry, StoreWriteError
 from agentd.log import get_logger
 from agentd.services import Services
 from agentd.taskdef import TaskDef, TaskRegistry, encode_json
-from agentd.taskqueue import CLAIMED_COLUMNS, FINAL_TOPIC, TaskQueue, TaskRecord
+from agentd.taskqueue import CLAIMED_COLUMNS, FINAL_TOPIC, LATEST_RUN_AT, TaskQueue, TaskRecord
 
 _LOG = get_logger("worker")
 
@@ -458,6 +458,11 @@ class WorkerPool:
         now = time.time()
         ttl_until = now + self.config.result_ttl
         status, delay = outcome.status, 0.0
+        if status == "retry" and outcome.delay is not None and not outcome.delay <= LATEST_RUN_AT - now:
+            # NaN, inf, 1e308: the row cannot hold it (NaN), or the task would never run.
+            status, outcome = "failed", outcome._replace(
+                status="failed", error=f"{outcome.error} (its delay {outcome.delay!r} is no number "
+                "of seconds before 2100-01-01: the task would never run)")
         if status == "retry":
             if record.attempts >= record.max_attempts:
                 status = "dead"

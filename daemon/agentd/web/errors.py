@@ -24,7 +24,7 @@ from agentd.errors import (
     TaskStateError,
     UnknownTaskError,
 )
-from agentd.web.schemas import PATTERN_MEANINGS
+from agentd.web.schemas import INT64_MAX, PATTERN_MEANINGS
 
 T = TypeVar("T")
 
@@ -80,6 +80,16 @@ def bad_request(message: str, **details: Any) -> ApiError:
 
 def not_found(message: str, **details: Any) -> ApiError:
     return ApiError(404, "not_found", message, **details)
+
+
+def path_id(request: web.Request, code: str, what: str) -> int:
+    """The path's `{id}` (digits, by its route's pattern) as an int, or a 404 `code` for an
+    id no row can have: past 64 bits, or longer than `int()` reads (4,300 digits)."""
+    digits = request.match_info["id"].lstrip("0") or "0"
+    if len(digits) > len(str(INT64_MAX)) or int(digits) > INT64_MAX:
+        shown = digits if len(digits) <= 40 else f"{digits[:37]}..."
+        raise ApiError(404, code, f"no {what} with id {shown}")
+    return int(digits)
 
 
 # Media types read as JSON. curl's `-d` sends a form type: its body is read as JSON all the same.

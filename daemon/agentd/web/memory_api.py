@@ -10,7 +10,7 @@ from aiohttp import web
 from msgspec import UNSET
 
 from agentd.memory import MemoryStore
-from agentd.web.errors import ApiError, bad_request, read_body, read_query
+from agentd.web.errors import ApiError, bad_request, path_id, read_body, read_query
 from agentd.web.openapi import doc
 from agentd.web.schemas import (
     HistoryQuery,
@@ -55,10 +55,7 @@ async def _checked(call: Awaitable[T]) -> T:
 
 
 def _memory_id(request: web.Request) -> int:
-    memory_id = int(request.match_info["id"])
-    if memory_id >= 2**63:
-        raise ApiError(404, "memory_not_found", f"no memory with id {memory_id}")
-    return memory_id
+    return path_id(request, "memory_not_found", "memory")
 
 
 @routes.post("/v1/memory")

@@ -20,7 +20,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from agentd.events import MAX_TOPIC_LENGTH, RESERVED_PREFIXES, TOPIC_PATTERN
 from agentd.memory import NAME_PATTERN
-from agentd.schedule import MAX_DURATION
+from agentd.schedule import MAX_DURATION, MIN_INTERVAL
 from agentd.taskdef import TASK_NAME_PATTERN
 from agentd.taskqueue import LATEST_RUN_AT, STATES
 
@@ -286,11 +286,11 @@ class HistoryQuery(Struct):
 _PART = r"\d{1,4}(\.\d{1,3})?(ms|s|m|h|d|w)"
 Duration = (Annotated[float, Meta(ge=0, le=MAX_DELAY)]
             | Annotated[str, _text(f"^({_PART}){{1,6}}$", "a duration such as '30s', '1h30m' or '2d'")])
-# An interval must be more than zero: at least one part starts with a digit from 1 to 9.
-Interval = (Annotated[float, Meta(gt=0, le=MAX_DELAY)]
+# An interval is at least 1 ms: at least one part starts with a digit from 1 to 9.
+Interval = (Annotated[float, Meta(ge=MIN_INTERVAL, le=MAX_DELAY)]
             | Annotated[str, _text(f"^({_PART}){{0,5}}[1-9]\\d{{0,3}}(\\.\\d{{1,3}})?(ms|s|m|h|d|w)"
                                    f"({_PART}){{0,5}}$",
-                                   "a duration more than zero such as '30s', '1h30m' or '2d'")])
+                                   "a duration of at least 1 ms such as '30s', '1h30m' or '2d'")])
 ScheduleId = Annotated[str, _text(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$",
                                   "1-128 letters, digits or _ . - (not starting with . or -)")]
 _CRON_FIELD = r"[0-9A-Za-z*/,?#-]+"

@@ -47,6 +47,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if api_error is None:
             raise
         return error_response(api_error.status, api_error.code, api_error.message)
+    except web.RequestPayloadError as exc:  # the body could not be read: bad gzip, a broken chunk
+        reason = getattr(exc.__cause__, "message", None) or str(exc)
+        return error_response(400, "invalid_body", f"the request body cannot be read: {reason}")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

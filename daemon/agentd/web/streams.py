@@ -32,7 +32,7 @@ from agentd.events import Event, Lagged, TopicFilter
 from agentd.jsontext import lenient_encoder
 from agentd.taskqueue import FINAL_TOPIC
 from agentd.web.auth import READ_ONLY
-from agentd.web.errors import bad_request
+from agentd.web.errors import bad_request, path_id
 from agentd.web.openapi import doc
 from agentd.web.server import DAEMON, STREAMS
 from agentd.web.tasks_api import with_children
@@ -78,7 +78,8 @@ def resume_point(request: web.Request) -> int | None:
     raw = request.headers.get("Last-Event-ID") or request.query.get("since")
     if raw is None or raw == "":
         return None
-    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_ID:  # "²".isdigit() is True
+    # "²".isdigit() is True; int() refuses more than 4,300 digits.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(MAX_ID)) or int(raw) > MAX_ID:
         raise bad_request(f"Last-Event-ID / since must be an event id (digits), got {raw!r}")
     return int(raw)
 
@@ -507,7 +508,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 404: "No such task"})
 async def task_stream(request: web.Request) -> web.StreamResponse:
     daemon = request.app[DAEMON]
-    task_id = int(request.match_info["id"])
+    task_id = path_id(request, "task_not_found", "task")
     record = await daemon.queue.get(task_id)  # TaskNotFoundError (404) for any unknown id
     after = resume_point(request) or 0
     tree = {task_id}

@@ -10,7 +10,7 @@ from msgspec import UNSET, UnsetType
 
 from agentd.taskdef import INTERNAL_PREFIX
 from agentd.taskqueue import FINAL_STATES, TaskQueue, TaskRecord, TaskRequest
-from agentd.web.errors import ApiError, invalid, read_body, read_query
+from agentd.web.errors import ApiError, invalid, path_id, read_body, read_query
 from agentd.web.openapi import doc
 from agentd.web.schemas import TaskBatch, TaskBody, TaskItem, TaskListQuery, TaskWaitQuery, whole
 from agentd.web.server import DAEMON
@@ -45,7 +45,7 @@ def _given(value: T | UnsetType) -> T | None:
 
 
 def _task_id(request: web.Request) -> int:
-    return int(request.match_info["id"])
+    return path_id(request, "task_not_found", "task")
 
 
 async def with_children(queue: TaskQueue, record: TaskRecord) -> dict[str, Any]:
