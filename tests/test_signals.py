@@ -35,9 +35,9 @@ FLOOD_DEPTH = 100
 # Answers to wait for before signalling: the flood is at full strength by then.
 FLOOD_WARM = 4 * FLOOD_DEPTH
 # Daemons flooded, each sent SIGHUPS_EACH SIGHUPs, one after the other, then a SIGTERM:
-# fifty signals, and ten stops. (Ten processes rather than fifty keep the test short.)
-FLOODED_DAEMONS = 10
-SIGHUPS_EACH = 4
+# fifty SIGTERMs, and fifty stops.
+FLOODED_DAEMONS = 50
+SIGHUPS_EACH = 1
 SIGNAL_SEEN = 10.0  # seconds a flooded daemon may take to log a signal
 # Each stop stage may take 2 s: the whole bound is 24 s, far above a stop's real length.
 STOP_TIMEOUT = 2.0
