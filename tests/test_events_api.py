@@ -11,6 +11,7 @@ import hmac
 import json
 import os
 import re
+import sqlite3
 import time
 import tomllib
 import uuid
@@ -199,6 +200,23 @@ async def test_a_durably_published_event_reaches_live_streams(st: Any, http: Any
         event = (await ws.event())["event"]
         got.append((event["topic"], event["id"]))
     assert ("order.created", body["id"]) in got
+
+
+async def test_a_publish_whose_trigger_cannot_be_stored_stores_no_event_either(
+    st: Any, http: Any,
+) -> None:
+    """Found by review: the event's row and its handlers' tasks were two writes of one batch;
+    a failed batch is run again write by write, so the row could commit while the tasks did
+    not, and a refused publish was replayed to resuming streams. Now one write: neither."""
+    daemon, _, _ = await st()
+    with sqlite3.connect(daemon.store.path) as db:  # a refusal inside the transaction
+        db.execute("CREATE TRIGGER refuse_on_order BEFORE INSERT ON tasks "
+                   "WHEN NEW.name = 'st.on_order' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    with capture_logs():  # the refusal's 500 is logged
+        status, _ = await post(http(daemon), "/v1/events", json={"topic": "order.placed", "data": {}})
+    assert status == 500
+    assert await daemon.store.read("SELECT id FROM events WHERE topic = 'order.placed'") == []
+    assert await trigger_rows(daemon, "st.on_order") == []
 
 
 async def test_an_in_process_publish_also_enqueues_the_trigger_once(st: Any) -> None:

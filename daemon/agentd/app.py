@@ -216,12 +216,12 @@ class Daemon:
 
     async def publish_durably(self, topic: str, data: Mapping[str, Any]) -> Event:
         """Publish, after committing the event to the log and the tasks of the durable
-        handlers it triggers (one transaction while the store takes both): what the caller
-        is told was published cannot be lost by a crash, and a write the store refuses
-        (StoreWriteError) refuses the publish before anyone sees the event."""
+        handlers it triggers, in one transaction: what the caller is told was published
+        cannot be lost by a crash, and a write the store refuses (StoreWriteError) refuses
+        the publish, leaving neither, before anyone sees the event."""
         event = self.bus.reserve_event(topic, data)
         try:
-            await asyncio.gather(self.eventlog.append(event), self.plugins.enqueue_triggers(event))
+            await self.plugins.enqueue_triggers(event, alongside=self.eventlog.row_writer(event))
         except BaseException:
             self.bus.release(event)
             raise

@@ -99,17 +99,15 @@ class EventLog:
             self._submit(self.store.write)
         await self._drained.wait()
 
-    async def append(self, event: Event) -> None:
-        """Store `event` (unless its topic is ephemeral) before it is dispatched; return once
-        committed. Its row written again when it is dispatched changes nothing (an event's
-        id is its key: INSERT OR IGNORE).
-
-        Raises:
-            StoreWriteError: the storage refused the write; the event is not stored.
-        """
-        if self.persistence(event.topic) != "ephemeral":
-            row = self._row(event)
-            await self.store.write(lambda conn: execute_rows(conn, INSERT_EVENTS, _ROW, [row]))
+    def row_writer(self, event: Event) -> Callable[[Connection], None] | None:
+        """The write that stores `event` ahead of its dispatch (None for an ephemeral topic),
+        for a caller that commits it with writes of its own (a durable publish, with the
+        tasks of the handlers it triggers). Its row written again when it is dispatched
+        changes nothing (an event's id is its key: INSERT OR IGNORE)."""
+        if self.persistence(event.topic) == "ephemeral":
+            return None
+        row = self._row(event)
+        return lambda conn: execute_rows(conn, INSERT_EVENTS, _ROW, [row])
 
     def persistence(self, topic: str) -> str:
         """The class of `topic`: ephemeral, ring or durable (ring when no rule matches)."""

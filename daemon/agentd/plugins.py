@@ -32,6 +32,7 @@ import structlog
 
 from agentd.bus import Bus
 from agentd.config import Config
+from agentd.db import Connection
 from agentd.errors import PluginError
 from agentd.events import Event, TopicPattern
 from agentd.log import get_logger
@@ -339,14 +340,19 @@ class PluginManager:
 
         return on_event
 
-    async def enqueue_triggers(self, event: Event, key: str | None = None) -> None:
+    async def enqueue_triggers(self, event: Event, key: str | None = None, *,
+                               alongside: Callable[[Connection], object] | None = None) -> None:
         """Commit the tasks of every durable handler `event` matches (before it is published).
         With `key`, each task's idempotency key is `<key>:<task name>`, kept for good: the
-        same key finds the tasks already committed instead of making more."""
+        same key finds the tasks already committed instead of making more. `alongside` (the
+        event's own row) commits in the same transaction, even when no handler matches."""
         names = [name for pattern, name in self._triggers if pattern.matches(event.topic)]
         if names:
-            await self._queue.enqueue_many([_trigger_request(name, event, key) for name in names])
+            await self._queue.enqueue_many([_trigger_request(name, event, key) for name in names],
+                                           alongside=alongside)
             self._enqueued.update((event.id, name) for name in names)
+        elif alongside is not None:
+            await self._queue.store.write(alongside)
 
     def _handler_callback(self, ctx: PluginContext, spec: HandlerSpec) -> Callable[[Event], None]:
         handler_name = f"{ctx.plugin.name}.{spec.name}"

@@ -241,8 +241,11 @@ class TaskQueue:
         (outcome,) = await self.enqueue_many([TaskRequest(name, args or {}, **options)])
         return outcome.task
 
-    async def enqueue_many(self, requests: Sequence[TaskRequest]) -> list[Enqueued]:
-        """Enqueue several tasks in one transaction: all are validated first, then all commit."""
+    async def enqueue_many(self, requests: Sequence[TaskRequest], *,
+                           alongside: Callable[[Connection], object] | None = None) -> list[Enqueued]:
+        """Enqueue several tasks in one transaction: all are validated first, then all commit.
+        `alongside`, when given, writes in the same transaction, before the tasks: both
+        commit or neither does."""
         now = time.time()
         prepared: list[tuple[Any, ...]] = []
         try:
@@ -252,7 +255,7 @@ class TaskQueue:
             if len(requests) == 1:
                 raise
             raise type(exc)(f"tasks[{len(prepared)}]: {exc}") from exc  # which one of the batch
-        if len(prepared) == 1 and prepared[0][8] is None and prepared[0][9] is None:
+        if alongside is None and len(prepared) == 1 and prepared[0][8] is None and prepared[0][9] is None:
             # One task without an idempotency key or parent (an HTTP POST, a handler's or a
             # plugin's enqueue): the single enqueues of a tick become one multi-row INSERT.
             inserted = [await self._single_inserts.submit(prepared[0])]
@@ -262,8 +265,12 @@ class TaskQueue:
                 for r in requests
             ]
             ttl = self.config.result_ttl
-            inserted = await self.store.write(
-                lambda conn: _insert_tasks(conn, prepared, windows, now, ttl))
+            def op(conn: Connection) -> list[Any]:
+                if alongside is not None:
+                    alongside(conn)
+                return _insert_tasks(conn, prepared, windows, now, ttl)
+
+            inserted = await self.store.write(op)
         outcomes = [
             Enqueued(TaskRecord.queued(found, values, dict(request.args) if request.args else {}), True)
             if isinstance(found, int) else Enqueued(TaskRecord.from_row(found), False)
