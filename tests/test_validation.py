@@ -236,6 +236,18 @@ async def test_query_parameters_out_of_range_are_400(edge: tuple[Any, Any]) -> N
         assert response.status == 400
 
 
+async def test_a_query_parameter_given_twice_is_a_400(edge: tuple[Any, Any]) -> None:
+    """Found by review: `?limit=1&limit=500` was read as its first value, silently."""
+    _, client = edge
+    for path, name in [("/v1/tasks?limit=1&limit=500", "limit"),
+                       ("/v1/memory/search?q=a&q=b", "q")]:
+        async with client.get(path) as response:
+            assert response.status == 400, path
+            assert f"'{name}' is given 2 times" in error_of(await response.json(), "bad_request")
+    async with client.get("/v1/tasks?limit=2&unknown=1&unknown=2") as response:
+        assert response.status == 200  # parameters the route does not read are not its business
+
+
 async def test_an_id_of_any_length_in_the_path_is_a_404(edge: tuple[Any, Any]) -> None:
     """An id of more than 4,300 digits was a 500: int() refuses to read so long a number."""
     _, client = edge

@@ -27,6 +27,7 @@ from agentd.errors import (
 from agentd.web.schemas import INT64_MAX, PATTERN_MEANINGS
 
 T = TypeVar("T")
+QueryT = TypeVar("QueryT", bound=msgspec.Struct)
 
 # How the daemon's own errors reach HTTP clients: (status, code).
 _STATUS_OF: list[tuple[type[AgentdError], int, str]] = [
@@ -189,13 +190,19 @@ def _decoded(raw: bytes) -> Any:
         return _NOTHING
 
 
-def read_query(request: web.Request, kind: type[T]) -> T:
+def read_query(request: web.Request, kind: type[QueryT]) -> QueryT:
     """The query string validated as `kind` (a Struct whose fields are the parameters; text is
-    converted to the fields' types). Unknown parameters are ignored.
+    converted to the fields' types). Unknown parameters are ignored; a known one given twice
+    is refused (which of the values was meant cannot be known).
 
     Raises:
         ApiError: 400 naming the parameter that is wrong.
     """
+    for name in msgspec.structs.fields(kind):
+        count = len(request.query.getall(name.encode_name, ()))
+        if count > 1:
+            raise bad_request(f"query parameter {name.encode_name!r} is given {count} times; "
+                              "give it once")
     given = dict(request.query)
     try:
         return msgspec.convert(given, kind, strict=False)
