@@ -154,6 +154,10 @@ def connect(path: Path, config: StoreConfig, extensions: bool = True) -> Connect
         sqlite_vec.load(conn)
         conn.enable_load_extension(False)
     conn.execute(f"PRAGMA busy_timeout = {int(config.busy_timeout_ms)}")
+    if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+        # Only a new, empty file can take this, and only before WAL mode writes its first
+        # page (after, it is silently ignored): it lets maintenance hand free pages back.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {config.synchronous.upper()}")
     conn.execute("PRAGMA foreign_keys = ON")
@@ -183,9 +187,6 @@ def migrate(conn: Connection, path: Path, migrations: list[tuple[int, str, str]]
     Raises:
         StoreError: the database was written by a newer agentd.
     """
-    if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
-        # Only a new, empty file can take this: it lets maintenance hand free pages back.
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_version ("
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
