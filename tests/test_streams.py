@@ -742,6 +742,27 @@ async def test_connections_that_never_finish_a_request_head_are_closed(start_dae
             await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
 
 
+@pytest.mark.parametrize("path", ["/v1/events", "/v1/tasks", "/hooks/gh"])
+async def test_a_body_that_never_arrives_whole_is_answered_408(start_daemon: Any, path: str) -> None:
+    """A head whose Content-Length the body never reaches: `[server] header_timeout` after the
+    head the request is answered 408 (aiohttp would wait for the rest as long as the client
+    liked, holding the connection and its handler)."""
+    daemon, _ = await start_daemon(overrides={"server": {"header_timeout": 0.3},
+                                              "hooks": {"gh": {"secret": "s" * 32}}})
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    try:
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     "Content-Length: 100\r\n\r\n{\"topic\":".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), FRAME_TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = json.loads(await asyncio.wait_for(reader.readexactly(length), FRAME_TIMEOUT))
+        assert body["error"]["code"] == "body_timeout"
+        assert "header_timeout" in body["error"]["message"]
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize("task_stream", [False, True])
 async def test_a_stream_its_client_closes_is_released_at_once(st: Any, http: Any, task_stream: bool) -> None:
     """Not at the next keepalive (15 s by default): the moment the connection is lost."""
