@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import httpx_sse
 import pytest
+from structlog.testing import capture_logs
 
 from agentd.errors import ConfigError
 from agentd.testing import make_config
@@ -761,6 +762,28 @@ async def test_a_body_that_never_arrives_whole_is_answered_408(start_daemon: Any
         assert "header_timeout" in body["error"]["message"]
     finally:
         writer.close()
+
+
+async def test_a_client_gone_before_its_body_arrived_is_no_server_failure(start_daemon: Any) -> None:
+    """A client that closes its connection halfway through a body: the read fails with
+    ConnectionResetError, which was logged as http.handler_failed with its traceback (at
+    error level, once for each such client) and answered 500."""
+    daemon, _ = await start_daemon()
+    with capture_logs() as logs:
+        _, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        writer.write(b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"topic\":")
+        await writer.drain()
+        server = daemon.server._runner.server
+        async with asyncio.timeout(FRAME_TIMEOUT):
+            while not server.connections:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the accept
+        writer.close()
+        await writer.wait_closed()
+        async with asyncio.timeout(FRAME_TIMEOUT):
+            while server.connections:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
+    assert [log for log in logs if log["log_level"] == "error"] == []
 
 
 @pytest.mark.parametrize("task_stream", [False, True])

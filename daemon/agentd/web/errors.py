@@ -170,7 +170,9 @@ async def read_whole_body(request: web.Request) -> bytes:
     Content-Length the client never sends) held its connection and handler for good.
 
     Raises:
-        ApiError: 408 for a body still incomplete after the timeout.
+        ApiError: 408 for a body still incomplete after the timeout; 400 for one whose client
+            closed the connection before sending it whole (no one reads that answer, but it
+            is the client's doing: not a server failure logged with its traceback).
     """
     timeout = request.app[BODY_TIMEOUT]
     try:
@@ -179,6 +181,9 @@ async def read_whole_body(request: web.Request) -> bytes:
     except TimeoutError:
         raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout:g} s "
                        "of its head ([server] header_timeout)") from None
+    except ConnectionResetError:
+        raise ApiError(400, "body_incomplete", "the connection was closed before the whole "
+                       "request body arrived") from None
 
 
 async def read_body(request: web.Request, kind: type[T], optional: bool = False) -> T:
