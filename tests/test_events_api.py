@@ -799,6 +799,34 @@ async def test_the_live_routes_are_documented(start_daemon: Any, http: Any) -> N
     assert document["components"]["schemas"][body_schema["$ref"].rsplit("/", 1)[1]]["required"] == ["topic"]
 
 
+async def test_a_stream_opened_while_a_durable_publish_commits_resumes_before_it(
+    start_daemon: Any, http: Any,
+) -> None:
+    """Found by review: a browser's stream opens with the id its reconnect resumes from, which
+    was the newest id made: while a durable publish was in its log write, its event's id. A
+    stream that opened then and reconnected before the event went out resumed after it, and
+    never got it (nor could a WebSocket subscription's or a lagged stream's resume point)."""
+    daemon, _ = await start_daemon(overrides={"store": {"synchronous": "full"}})
+    client = http(daemon)
+    browser = {"Sec-Fetch-Mode": "cors"}
+    async with writer_held(daemon):  # the POST's log write waits: its id is taken
+        posting = asyncio.ensure_future(post(client, "/v1/events", json={"topic": "probe.durable"}))
+        for _ in range(50):  # yields, no time: the POST reaches its write
+            await asyncio.sleep(0)
+        async with client.get("/v1/stream", params={"topics": "probe.*"}, headers=browser) as response:
+            opening = await Sse(response, browser=True).frame()
+            assert opening is not None and opening.comments == ["connected"]
+    status, durable = await posting
+    assert status == 202
+    assert opening.id is not None
+    headers = {**browser, "Last-Event-ID": str(opening.id)}
+    async with client.get("/v1/stream", params={"topics": "probe.*"}, headers=headers) as response:
+        sse = Sse(response, browser=True)
+        await sse.frame()  # the opening block
+        replayed = await sse.frame(timeout=TIMEOUT)
+        assert replayed is not None and replayed.id == durable["id"]
+
+
 async def test_a_durable_publish_goes_out_before_the_events_made_while_it_commits(
     start_daemon: Any, http: Any,
 ) -> None:

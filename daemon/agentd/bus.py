@@ -168,6 +168,13 @@ class Bus:
     def last_id(self) -> int:
         return self._last_id
 
+    @property
+    def delivered_id(self) -> int:
+        """The id up to which every event has gone out (or was released): where a stream
+        subscribing now resumes from. Below `last_id` while a reserved event is still to go
+        out, which a stream resuming after `last_id` would never get."""
+        return min(self._reserved) - 1 if self._reserved else self._last_id
+
     def _next_id(self, now: float) -> int:
         """A new event id: strictly increasing, and close to the wall clock (`now`) in
         microseconds, so ids stay monotonic across restarts without storing a counter."""

@@ -482,7 +482,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     sub = _subscribe(request, patterns, f"sse:{patterns.text}")
     sse = SseStream(request, daemon.config.streams)
     # Live-only, a lag resumes after what existed when it subscribed, not the whole log.
-    sse.last_sent = daemon.bus.last_id if after is None else after
+    sse.last_sent = daemon.bus.delivered_id if after is None else after
     try:
         await sse.open()
         if after is not None:

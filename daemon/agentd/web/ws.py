@@ -164,7 +164,7 @@ class _Session:
             merge=coalesce_tokens)
         self.request.app[STREAMS].add(sub)
         # Live-only, a lag resumes after what existed when it subscribed, not the whole log.
-        after = self.daemon.bus.last_id if since is None else since
+        after = self.daemon.bus.delivered_id if since is None else since
         pump = asyncio.get_running_loop().create_task(
             self._pump(name, sub, patterns, after, replay=since is not None))
         self.subscriptions[name] = (sub, pump)
