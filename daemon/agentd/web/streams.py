@@ -489,7 +489,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
             if after < daemon.eventlog.horizon:
                 await sse.control("gap", {"requested_after": after,
                                           "kept_after": daemon.eventlog.horizon})
-            await sse.send_all(await daemon.eventlog.replay(after, lambda e: patterns.matches(e.topic)))
+            async for page in daemon.eventlog.replay_pages(after, lambda e: patterns.matches(e.topic)):
+                await sse.send_all(page)
         await sse.pump(sub)
     except (ConnectionError, TimeoutError):
         drop_connection(request)

@@ -196,14 +196,17 @@ class _Session:
             if after < log.horizon:
                 await self.send({"type": "gap", "subscription": name, "requested_after": after,
                                  "kept_after": log.horizon})
-            for n, event in enumerate(await log.replay(after, lambda e: patterns.matches(e.topic)), 1):
-                # The log's copies, one per client: encoded here, not through the cache.
-                await self.send_text(f"{prefix}{event_json(event)}}}")
-                replayed.add(event.id)
-                last = max(last, event.id)
-                if n % REPLAY_YIELD_EVERY == 0:
-                    # Sends that do not wait never yield: a long replay must not hold the loop.
-                    await asyncio.sleep(0)
+            n = 0
+            async for page in log.replay_pages(after, lambda e: patterns.matches(e.topic)):
+                for event in page:
+                    # The log's copies, one per client: encoded here, not through the cache.
+                    await self.send_text(f"{prefix}{event_json(event)}}}")
+                    replayed.add(event.id)
+                    last = max(last, event.id)
+                    n += 1
+                    if n % REPLAY_YIELD_EVERY == 0:
+                        # Sends that do not wait never yield: a long replay must not hold the loop.
+                        await asyncio.sleep(0)
         async for event in sub:
             if isinstance(event, Lagged):
                 await self.send({"type": "lagged", "subscription": name, "resume_after": last})
