@@ -25,6 +25,7 @@ import pytest
 from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
+from agentd.web.server import SOCKETS
 from sse_client import Sse
 from test_queue import writer_held
 from test_ws import connect
@@ -797,6 +798,37 @@ async def test_the_live_routes_are_documented(start_daemon: Any, http: Any) -> N
     assert task_params["id"] == "path"
     body_schema = paths["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert document["components"]["schemas"][body_schema["$ref"].rsplit("/", 1)[1]]["required"] == ["topic"]
+
+
+async def test_a_durable_publish_whose_socket_closes_during_its_write_still_goes_out(
+    start_daemon: Any, http: Any,
+) -> None:
+    """Found by review: a WebSocket's requests are cancelled when it closes, and a durable
+    publish cancelled in its write gave its event up, though the store's thread went on to
+    commit the row and the handlers' tasks: live subscribers (streams, plugin handlers)
+    never got an event that was in the log and whose durable handlers ran."""
+    daemon, _ = await start_daemon(overrides={"store": {"synchronous": "full"}})
+    client = http(daemon)
+    async with client.get("/v1/stream", params={"topics": "probe.*"}) as response:
+        sse = Sse(response)
+        await sse.opened()
+        ws = await connect(daemon, http)
+        async with writer_held(daemon):
+            await ws.send({"type": "publish", "topic": "probe.durable"})
+            async with asyncio.timeout(TIMEOUT):
+                while daemon.bus.delivered_id == daemon.bus.last_id:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)  # noqa: sleep - a bounded poll: the publish reserves its id
+            await ws.ws.close()
+            sockets = daemon.server._runner.app[SOCKETS]
+            async with asyncio.timeout(TIMEOUT):
+                while sockets:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)  # noqa: sleep - a bounded poll: the socket's requests end
+        await daemon.store.write(lambda conn: None)  # writes commit in order: the publish's is in
+        after = daemon.bus.publish("probe.after", {})
+        stored = await daemon.eventlog.replay(0, lambda e: e.topic == "probe.durable")
+        assert len(stored) == 1
+        first, second = await sse.next_event(timeout=TIMEOUT), await sse.next_event(timeout=TIMEOUT)
+        assert [first.id, second.id] == [stored[0].id, after.id]
 
 
 async def test_a_stream_opened_while_a_durable_publish_commits_resumes_before_it(
