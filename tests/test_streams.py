@@ -386,6 +386,24 @@ async def test_a_replay_from_far_back_is_read_a_page_at_a_time(start_daemon: Any
     assert [e.id for page in pages for e in page] == [e.id for e in committed + unflushed]
 
 
+async def test_a_sweep_between_two_pages_of_a_replay_is_a_gap(start_daemon: Any) -> None:
+    """A replay read a page at a time spans the sweeps of a slow client's time: the events
+    one of them deleted before their page was read are announced as a gap, not skipped."""
+    from agentd.eventlog import ReplayGap
+
+    daemon, _ = await start_daemon(overrides={"events": {"ring_size": 100}})
+    marker = daemon.bus.publish("bulk.mark", {})
+    published = [daemon.bus.publish("bulk.n", {"n": n}) for n in range(2500)]
+    await daemon.eventlog.flush()
+    pages = daemon.eventlog.replay_pages(marker.id, lambda e: e.topic == "bulk.n")
+    first = await anext(pages)
+    assert isinstance(first, list) and [e.id for e in first] == [e.id for e in published[:1000]]
+    await daemon.eventlog.sweep()  # keeps the last 100
+    rest = [page async for page in pages]
+    assert rest[0] == ReplayGap(published[999].id, published[2399].id)
+    assert [e.id for page in rest[1:] for e in page] == [e.id for e in published[2400:]]
+
+
 async def test_resume_has_no_gap_and_no_duplicate_while_events_keep_coming(
     start_daemon: Any, http: Any,
 ) -> None:

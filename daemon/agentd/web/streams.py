@@ -28,6 +28,7 @@ from aiohttp import web
 
 from agentd.bus import Subscription
 from agentd.config import StreamsConfig
+from agentd.eventlog import ReplayGap
 from agentd.events import Event, Lagged, TopicFilter
 from agentd.jsontext import lenient_encoder
 from agentd.taskqueue import FINAL_TOPIC
@@ -490,7 +491,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 await sse.control("gap", {"requested_after": after,
                                           "kept_after": daemon.eventlog.horizon})
             async for page in daemon.eventlog.replay_pages(after, lambda e: patterns.matches(e.topic)):
-                await sse.send_all(page)
+                if isinstance(page, ReplayGap):
+                    await sse.control("gap", {"requested_after": page.after, "kept_after": page.kept_after})
+                else:
+                    await sse.send_all(page)
         await sse.pump(sub)
     except (ConnectionError, TimeoutError):
         drop_connection(request)

@@ -36,6 +36,7 @@ from aiohttp import WSMsgType, web
 
 from agentd.bus import Subscription
 from agentd.errors import AgentdError
+from agentd.eventlog import ReplayGap
 from agentd.events import Lagged, TopicFilter, check_publishable
 from agentd.log import get_logger
 from agentd.web.auth import READ_ONLY
@@ -198,6 +199,10 @@ class _Session:
                                  "kept_after": log.horizon})
             n = 0
             async for page in log.replay_pages(after, lambda e: patterns.matches(e.topic)):
+                if isinstance(page, ReplayGap):
+                    await self.send({"type": "gap", "subscription": name, "requested_after": page.after,
+                                     "kept_after": page.kept_after})
+                    continue
                 for event in page:
                     # The log's copies, one per client: encoded here, not through the cache.
                     await self.send_text(f"{prefix}{event_json(event)}}}")
