@@ -404,6 +404,28 @@ async def test_a_sweep_between_two_pages_of_a_replay_is_a_gap(start_daemon: Any)
     assert [e.id for page in rest[1:] for e in page] == [e.id for e in published[2400:]]
 
 
+async def test_a_pattern_of_many_double_stars_costs_its_length_not_more(
+    start_daemon: Any, http: Any,
+) -> None:
+    """Found by review: a pattern was matched by backtracking, one recursion per segment and
+    a branch per way `**` could split the topic. A stream of ~1,100 `**` segments (3 KB of
+    query, a read-only stream token is enough) made every publish of a topic the bus had not
+    cached yet raise RecursionError, for every publisher of the daemon; a dozen took seconds
+    of the event loop per topic, growing combinatorially with more."""
+    daemon, _ = await start_daemon()
+    client = http(daemon)
+    deep = ".".join(["**"] * 1100) + ",**." + ".".join(["**", "*"] * 20) + ".never"
+    async with client.get("/v1/stream", params={"topics": deep}) as response:
+        sse = Sse(response)
+        await sse.opened()
+        async with client.post("/v1/events", json={"topic": "probe.after"}) as posted:
+            assert posted.status == 202, await posted.text()
+        assert (await sse.next_event()).event == "probe.after"
+        topic = ".".join(["a"] * 100)
+        daemon.bus.publish(topic, {})
+        assert (await sse.next_event()).event == topic
+
+
 async def test_resume_has_no_gap_and_no_duplicate_while_events_keep_coming(
     start_daemon: Any, http: Any,
 ) -> None:
