@@ -42,6 +42,7 @@ from agentd.log import get_logger
 from agentd.web.auth import READ_ONLY
 from agentd.web.errors import ApiError, bad_request, from_agentd_error
 from agentd.web.openapi import doc
+from agentd.web.schemas import JsonValueError, check_json
 from agentd.web.server import DAEMON, SOCKETS, STREAMS
 from agentd.web.streams import (
     ENCODED,
@@ -233,6 +234,13 @@ class _Session:
         data = message.get("data", {})
         if not isinstance(data, dict):
             raise bad_request("'data' must be a JSON object")
+        # As POST /v1/events checks it: data nested past MAX_DEPTH (or holding NaN) was
+        # published as it came, and one near the recursion limit failed every stream it went
+        # to as it was encoded (a 500 ending each).
+        try:
+            check_json(data, "data")
+        except JsonValueError as exc:
+            raise bad_request(str(exc)) from None
         event = await self.daemon.publish_durably(check_publishable(message.get("topic")), data)
         return {"event_id": event.id}
 
