@@ -831,6 +831,19 @@ async def test_a_durable_publish_whose_socket_closes_during_its_write_still_goes
         assert [first.id, second.id] == [stored[0].id, after.id]
 
 
+async def test_a_durable_publish_whose_row_cannot_be_made_holds_nothing_back(start_daemon: Any) -> None:
+    """An event whose data cannot be encoded (a value that contains itself) fails its publish
+    before the write; its reserved id must be given up, or every event after it is held back
+    for good, and every stream with them."""
+    daemon, events = await start_daemon()
+    data: dict[str, Any] = {}
+    data["self"] = data
+    with pytest.raises(RecursionError):
+        await daemon.publish_durably("probe.loop", data)
+    after = daemon.bus.publish("probe.after", {})
+    assert (await events.wait_for("probe.after", timeout=TIMEOUT)).id == after.id
+
+
 async def test_a_stream_opened_while_a_durable_publish_commits_resumes_before_it(
     start_daemon: Any, http: Any,
 ) -> None:

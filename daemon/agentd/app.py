@@ -220,8 +220,12 @@ class Daemon:
         cannot be lost by a crash, and a write the store refuses (StoreWriteError) refuses
         the publish, leaving neither, before anyone sees the event."""
         event = self.bus.reserve_event(topic, data)
-        commit = asyncio.ensure_future(
-            self.plugins.enqueue_triggers(event, alongside=self.eventlog.row_writer(event)))
+        try:
+            commit = asyncio.ensure_future(
+                self.plugins.enqueue_triggers(event, alongside=self.eventlog.row_writer(event)))
+        except BaseException:  # the row could not be made (data that cannot be encoded)
+            self.bus.release(event)
+            raise
         commit.add_done_callback(lambda done: self._publish_committed(event, done))
         # Shielded: a caller cancelled (a WebSocket that closed) cannot stop the store's
         # thread from committing its write, and what committed must go out.
