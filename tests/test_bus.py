@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from agentd.bus import Bus
 from agentd.errors import PatternError
 from agentd.events import LAGGED_TOPIC, Event, TopicPattern, validate_topic
+from agentd.spawn import Spawner
 
 # --------------------------------------------------------------------------- grammar
 
@@ -226,6 +227,32 @@ def test_a_released_reservation_lets_what_it_held_go() -> None:
     assert seen == []
     bus.release(failed)
     assert seen == [kept.id, live.id]
+
+
+async def test_an_event_published_while_held_events_go_out_waits_its_turn() -> None:
+    """A callback may publish as it receives an event: a plugin handler refused by a full
+    spawner publishes handler.dropped from inside the delivery. Published while the events a
+    reservation held were going out, it went out before the rest of them, though its id is
+    higher; a client that resumed from it never got those."""
+    bus = Bus()
+    spawner = Spawner(bus, max_running=1, max_waiting=0)
+    gate = asyncio.Event()
+    assert spawner.spawn(gate.wait(), name="busy") is not None
+
+    async def handler() -> None:
+        await gate.wait()
+
+    bus.subscribe("a.*", lambda e: spawner.spawn(handler(), name="h"))
+    seen: list[int] = []
+    bus.subscribe("**", lambda e: seen.append(e.id))
+    durable = bus.reserve_event("a.durable")
+    bus.publish("a.one")
+    bus.publish("a.two")
+    bus.dispatch(durable)
+    assert len(seen) == 6  # three events, each with its handler.dropped
+    assert seen == sorted(seen)
+    gate.set()
+    await asyncio.wait_for(spawner.idle(), 5)
 
 
 async def test_async_iteration() -> None:

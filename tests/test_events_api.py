@@ -25,6 +25,7 @@ import pytest
 from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
+from agentd.web.server import SOCKETS
 from sse_client import Sse
 from test_queue import writer_held
 from test_ws import connect
@@ -797,6 +798,78 @@ async def test_the_live_routes_are_documented(start_daemon: Any, http: Any) -> N
     assert task_params["id"] == "path"
     body_schema = paths["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert document["components"]["schemas"][body_schema["$ref"].rsplit("/", 1)[1]]["required"] == ["topic"]
+
+
+async def test_a_durable_publish_whose_socket_closes_during_its_write_still_goes_out(
+    start_daemon: Any, http: Any,
+) -> None:
+    """Found by review: a WebSocket's requests are cancelled when it closes, and a durable
+    publish cancelled in its write gave its event up, though the store's thread went on to
+    commit the row and the handlers' tasks: live subscribers (streams, plugin handlers)
+    never got an event that was in the log and whose durable handlers ran."""
+    daemon, _ = await start_daemon(overrides={"store": {"synchronous": "full"}})
+    client = http(daemon)
+    async with client.get("/v1/stream", params={"topics": "probe.*"}) as response:
+        sse = Sse(response)
+        await sse.opened()
+        ws = await connect(daemon, http)
+        async with writer_held(daemon):
+            await ws.send({"type": "publish", "topic": "probe.durable"})
+            async with asyncio.timeout(TIMEOUT):
+                while daemon.bus.delivered_id == daemon.bus.last_id:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)  # noqa: sleep - a bounded poll: the publish reserves its id
+            await ws.ws.close()
+            sockets = daemon.server._runner.app[SOCKETS]
+            async with asyncio.timeout(TIMEOUT):
+                while sockets:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)  # noqa: sleep - a bounded poll: the socket's requests end
+        await daemon.store.write(lambda conn: None)  # writes commit in order: the publish's is in
+        after = daemon.bus.publish("probe.after", {})
+        stored = await daemon.eventlog.replay(0, lambda e: e.topic == "probe.durable")
+        assert len(stored) == 1
+        first, second = await sse.next_event(timeout=TIMEOUT), await sse.next_event(timeout=TIMEOUT)
+        assert [first.id, second.id] == [stored[0].id, after.id]
+
+
+async def test_a_durable_publish_whose_row_cannot_be_made_holds_nothing_back(start_daemon: Any) -> None:
+    """An event whose data cannot be encoded (a value that contains itself) fails its publish
+    before the write; its reserved id must be given up, or every event after it is held back
+    for good, and every stream with them."""
+    daemon, events = await start_daemon()
+    data: dict[str, Any] = {}
+    data["self"] = data
+    with pytest.raises(RecursionError):
+        await daemon.publish_durably("probe.loop", data)
+    after = daemon.bus.publish("probe.after", {})
+    assert (await events.wait_for("probe.after", timeout=TIMEOUT)).id == after.id
+
+
+async def test_a_stream_opened_while_a_durable_publish_commits_resumes_before_it(
+    start_daemon: Any, http: Any,
+) -> None:
+    """Found by review: a browser's stream opens with the id its reconnect resumes from, which
+    was the newest id made: while a durable publish was in its log write, its event's id. A
+    stream that opened then and reconnected before the event went out resumed after it, and
+    never got it (nor could a WebSocket subscription's or a lagged stream's resume point)."""
+    daemon, _ = await start_daemon(overrides={"store": {"synchronous": "full"}})
+    client = http(daemon)
+    browser = {"Sec-Fetch-Mode": "cors"}
+    async with writer_held(daemon):  # the POST's log write waits: its id is taken
+        posting = asyncio.ensure_future(post(client, "/v1/events", json={"topic": "probe.durable"}))
+        for _ in range(50):  # yields, no time: the POST reaches its write
+            await asyncio.sleep(0)
+        async with client.get("/v1/stream", params={"topics": "probe.*"}, headers=browser) as response:
+            opening = await Sse(response, browser=True).frame()
+            assert opening is not None and opening.comments == ["connected"]
+    status, durable = await posting
+    assert status == 202
+    assert opening.id is not None
+    headers = {**browser, "Last-Event-ID": str(opening.id)}
+    async with client.get("/v1/stream", params={"topics": "probe.*"}, headers=headers) as response:
+        sse = Sse(response, browser=True)
+        await sse.frame()  # the opening block
+        replayed = await sse.frame(timeout=TIMEOUT)
+        assert replayed is not None and replayed.id == durable["id"]
 
 
 async def test_a_durable_publish_goes_out_before_the_events_made_while_it_commits(

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import httpx_sse
 import pytest
+from structlog.testing import capture_logs
 
 from agentd.errors import ConfigError
 from agentd.testing import make_config
@@ -367,6 +368,62 @@ async def test_the_log_keeps_every_event_of_a_large_batch_in_order(start_daemon:
     await daemon.eventlog.flush()
     stored = await daemon.eventlog.replay(marker.id, lambda event: event.topic == "bulk.n")
     assert [(e.id, e.data) for e in stored] == [(e.id, e.data) for e in published]
+
+
+async def test_a_replay_from_far_back_is_read_a_page_at_a_time(start_daemon: Any) -> None:
+    """Found by review: a stream resuming from far back read the whole log into memory
+    before sending any of it, one copy per stream, however slowly its client read (64
+    WebSocket subscriptions from 0 on a 50,000-event log held 600 MB). Streams read it a
+    page at a time; the events not yet committed go out among the page their ids fall in,
+    once, in order."""
+    daemon, _ = await start_daemon()
+    marker = daemon.bus.publish("bulk.mark", {})
+    committed = [daemon.bus.publish("bulk.n", {"n": n}) for n in range(2500)]
+    await daemon.eventlog.flush()
+    unflushed = [daemon.bus.publish("bulk.n", {"n": n}) for n in range(2500, 2510)]
+    pages = [page async for page in daemon.eventlog.replay_pages(marker.id, lambda e: e.topic == "bulk.n")]
+    assert [len(page) for page in pages] == [1000, 1000, 510]
+    assert [e.id for page in pages for e in page] == [e.id for e in committed + unflushed]
+
+
+async def test_a_sweep_between_two_pages_of_a_replay_is_a_gap(start_daemon: Any) -> None:
+    """A replay read a page at a time spans the sweeps of a slow client's time: the events
+    one of them deleted before their page was read are announced as a gap, not skipped."""
+    from agentd.eventlog import ReplayGap
+
+    daemon, _ = await start_daemon(overrides={"events": {"ring_size": 100}})
+    marker = daemon.bus.publish("bulk.mark", {})
+    published = [daemon.bus.publish("bulk.n", {"n": n}) for n in range(2500)]
+    await daemon.eventlog.flush()
+    pages = daemon.eventlog.replay_pages(marker.id, lambda e: e.topic == "bulk.n")
+    first = await anext(pages)
+    assert isinstance(first, list) and [e.id for e in first] == [e.id for e in published[:1000]]
+    await daemon.eventlog.sweep()  # keeps the last 100
+    rest = [page async for page in pages]
+    assert rest[0] == ReplayGap(published[999].id, published[2399].id)
+    assert [e.id for page in rest[1:] for e in page] == [e.id for e in published[2400:]]
+
+
+async def test_a_pattern_of_many_double_stars_costs_its_length_not_more(
+    start_daemon: Any, http: Any,
+) -> None:
+    """Found by review: a pattern was matched by backtracking, one recursion per segment and
+    a branch per way `**` could split the topic. A stream of ~1,100 `**` segments (3 KB of
+    query, a read-only stream token is enough) made every publish of a topic the bus had not
+    cached yet raise RecursionError, for every publisher of the daemon; a dozen took seconds
+    of the event loop per topic, growing combinatorially with more."""
+    daemon, _ = await start_daemon()
+    client = http(daemon)
+    deep = ".".join(["**"] * 1100) + ",**." + ".".join(["**", "*"] * 20) + ".never"
+    async with client.get("/v1/stream", params={"topics": deep}) as response:
+        sse = Sse(response)
+        await sse.opened()
+        async with client.post("/v1/events", json={"topic": "probe.after"}) as posted:
+            assert posted.status == 202, await posted.text()
+        assert (await sse.next_event()).event == "probe.after"
+        topic = ".".join(["a"] * 100)
+        daemon.bus.publish(topic, {})
+        assert (await sse.next_event()).event == topic
 
 
 async def test_resume_has_no_gap_and_no_duplicate_while_events_keep_coming(
@@ -740,6 +797,49 @@ async def test_connections_that_never_finish_a_request_head_are_closed(start_dae
     async with asyncio.timeout(FRAME_TIMEOUT):
         while server.connections:  # noqa: ASYNC110
             await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
+
+
+@pytest.mark.parametrize("path", ["/v1/events", "/v1/tasks", "/hooks/gh"])
+async def test_a_body_that_never_arrives_whole_is_answered_408(start_daemon: Any, path: str) -> None:
+    """A head whose Content-Length the body never reaches: `[server] header_timeout` after the
+    head the request is answered 408 (aiohttp would wait for the rest as long as the client
+    liked, holding the connection and its handler)."""
+    daemon, _ = await start_daemon(overrides={"server": {"header_timeout": 0.3},
+                                              "hooks": {"gh": {"secret": "s" * 32}}})
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    try:
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     "Content-Length: 100\r\n\r\n{\"topic\":".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), FRAME_TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = json.loads(await asyncio.wait_for(reader.readexactly(length), FRAME_TIMEOUT))
+        assert body["error"]["code"] == "body_timeout"
+        assert "header_timeout" in body["error"]["message"]
+    finally:
+        writer.close()
+
+
+async def test_a_client_gone_before_its_body_arrived_is_no_server_failure(start_daemon: Any) -> None:
+    """A client that closes its connection halfway through a body: the read fails with
+    ConnectionResetError, which was logged as http.handler_failed with its traceback (at
+    error level, once for each such client) and answered 500."""
+    daemon, _ = await start_daemon()
+    with capture_logs() as logs:
+        _, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        writer.write(b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"topic\":")
+        await writer.drain()
+        server = daemon.server._runner.server
+        async with asyncio.timeout(FRAME_TIMEOUT):
+            while not server.connections:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the accept
+        writer.close()
+        await writer.wait_closed()
+        async with asyncio.timeout(FRAME_TIMEOUT):
+            while server.connections:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
+    assert [log for log in logs if log["log_level"] == "error"] == []
 
 
 @pytest.mark.parametrize("task_stream", [False, True])

@@ -201,6 +201,27 @@ async def test_publish_reaches_the_bus_and_other_clients(st: Any, http: Any) -> 
     assert [e.topic for e in events.events].count("ws.said") == 1
 
 
+async def test_publish_checks_its_data_as_post_v1_events_does(start_daemon: Any, http: Any) -> None:
+    """Found by review: `publish` took any object as its data, nested as deep as the message
+    could be read (~930) or holding NaN, where POST /v1/events refuses what nests past 32;
+    data near the recursion limit then failed each SSE stream it went to as it was encoded,
+    a 500 ending the stream."""
+    from sse_client import Sse
+
+    daemon, _ = await start_daemon()
+    client = http(daemon)
+    async with client.get("/v1/stream", params={"topics": "ws.*"}) as response:
+        sse = Sse(response)
+        await sse.opened()
+        ws = await connect(daemon, http)
+        for data in ('{"a":' * 900 + "1" + "}" * 900, '{"a":' * 40 + "1" + "}" * 40, '{"x": NaN}'):
+            await ws.ws.send_str(f'{{"id": 1, "type": "publish", "topic": "ws.deep", "data": {data}}}')
+            reply = await ws.reply(1)
+            assert (reply["ok"], reply["error"]["code"]) == (False, "bad_request"), reply
+        said = await ws.request(type="publish", topic="ws.said", data={"text": "hi"})
+        assert (await sse.next_event()).id == said["event_id"]
+
+
 async def test_a_durable_trigger_is_committed_before_a_ws_publish_is_answered(st: Any, http: Any) -> None:
     daemon, events, module = await st()
     ws = await connect(daemon, http)

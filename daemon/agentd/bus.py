@@ -159,10 +159,21 @@ class Bus:
         # (a heap by id).
         self._reserved: set[int] = set()
         self._held: list[tuple[int, Event]] = []
+        # Whether an event is going out now: one a callback publishes meanwhile (a handler
+        # refused by a full spawner publishes handler.dropped) waits in _held for its turn,
+        # or it would reach the subscribers after this one before the event it answers.
+        self._delivering = False
 
     @property
     def last_id(self) -> int:
         return self._last_id
+
+    @property
+    def delivered_id(self) -> int:
+        """The id up to which every event has gone out (or was released): where a stream
+        subscribing now resumes from. Below `last_id` while a reserved event is still to go
+        out, which a stream resuming after `last_id` would never get."""
+        return min(self._reserved) - 1 if self._reserved else self._last_id
 
     def _next_id(self, now: float) -> int:
         """A new event id: strictly increasing, and close to the wall clock (`now`) in
@@ -264,21 +275,30 @@ class Bus:
 
     def dispatch(self, event: Event) -> None:
         """Deliver an already-built event, or hold it back while an event reserved before it
-        is still to be delivered."""
-        if self._reserved:
-            self._reserved.discard(event.id)
-            if self._reserved and min(self._reserved) < event.id:
-                heapq.heappush(self._held, (event.id, event))
-                return
-            self._deliver(event)
+        is still to be delivered or another event is going out."""
+        self._reserved.discard(event.id)
+        if self._delivering or self._held or (self._reserved and min(self._reserved) < event.id):
+            heapq.heappush(self._held, (event.id, event))
             self._deliver_held()
             return
-        self._deliver(event)
+        self._delivering = True
+        try:
+            self._deliver(event)
+        finally:
+            self._delivering = False
+        self._deliver_held()
 
     def _deliver_held(self) -> None:
-        """Deliver the held events that no reserved event precedes any longer, in id order."""
-        while self._held and (not self._reserved or self._held[0][0] < min(self._reserved)):
-            self._deliver(heapq.heappop(self._held)[1])
+        """Deliver the held events that no reserved event precedes any longer, in id order
+        (unless an event is going out already: its delivery delivers them next)."""
+        if self._delivering:
+            return
+        self._delivering = True
+        try:
+            while self._held and (not self._reserved or self._held[0][0] < min(self._reserved)):
+                self._deliver(heapq.heappop(self._held)[1])
+        finally:
+            self._delivering = False
 
     def _deliver(self, event: Event) -> None:
         self.published += 1

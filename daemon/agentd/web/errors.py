@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any, TypeVar
 
@@ -157,15 +158,44 @@ def _decoder(kind: type[T]) -> msgspec.json.Decoder[T]:
     return decoder
 
 
+# How long a request's body may take to arrive once its head has ([server] header_timeout),
+# set on the application by server.build_app.
+BODY_TIMEOUT: web.AppKey[float] = web.AppKey("body_timeout", float)
+
+
+async def read_whole_body(request: web.Request) -> bytes:
+    """The request's body, which must arrive within `[server] header_timeout` of its head.
+
+    aiohttp waits for a body as long as the client likes: one that never finishes (a
+    Content-Length the client never sends) held its connection and handler for good.
+
+    Raises:
+        ApiError: 408 for a body still incomplete after the timeout; 400 for one whose client
+            closed the connection before sending it whole (no one reads that answer, but it
+            is the client's doing: not a server failure logged with its traceback).
+    """
+    timeout = request.app[BODY_TIMEOUT]
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout:g} s "
+                       "of its head ([server] header_timeout)") from None
+    except ConnectionResetError:
+        raise ApiError(400, "body_incomplete", "the connection was closed before the whole "
+                       "request body arrived") from None
+
+
 async def read_body(request: web.Request, kind: type[T], optional: bool = False) -> T:
     """The request body decoded and validated as `kind` (a Struct of web/schemas.py); with
     `optional`, no body at all is `kind()`, the Struct's defaults.
 
     Raises:
         ApiError: 415 for a body that is not declared JSON in UTF-8; 400 for an empty body,
-            text that is not JSON in UTF-8, or a value `kind` refuses (the field is named).
+            text that is not JSON in UTF-8, or a value `kind` refuses (the field is named);
+            408 for a body that does not arrive in time (`read_whole_body`).
     """
-    raw = await request.read()
+    raw = await read_whole_body(request)
     if optional and not raw:
         return kind()
     _check_media_type(request)

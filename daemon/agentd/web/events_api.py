@@ -11,7 +11,7 @@ from aiohttp import web
 from agentd.events import check_publishable
 from agentd.hooks import HookSignatureError, ReplayedDeliveryError
 from agentd.web.auth import STREAM_TOKENS, stream_scope
-from agentd.web.errors import ApiError, read_body
+from agentd.web.errors import ApiError, read_body, read_whole_body
 from agentd.web.openapi import doc
 from agentd.web.schemas import MAX_DEPTH, EventBody, StreamTokenBody, StreamTokenItem
 from agentd.web.server import DAEMON
@@ -64,6 +64,7 @@ async def revoke_stream_tokens(request: web.Request) -> web.Response:
      "only where the hook lists them. Published as `hook.<name>`", tag="events", public=True,
      responses={202: "Published", 401: "Missing, bad or stale signature: nothing published",
                 404: "No hook of that name is configured",
+                408: "The body did not arrive within [server] header_timeout of the head",
                 409: "A delivery id this hook has taken already: nothing published"})
 async def inbound_hook(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
@@ -71,7 +72,7 @@ async def inbound_hook(request: web.Request) -> web.Response:
     hook = daemon.hooks.get(name)
     if hook is None:
         raise ApiError(404, "unknown_hook", f"no hook named {name!r}; configure [hooks.{name}]")
-    raw = await request.read()
+    raw = await read_whole_body(request)
     try:
         delivery = hook.verify(request.headers, raw, time.time())
     except HookSignatureError as exc:

@@ -162,6 +162,7 @@ def _errors(route_doc: RouteDoc, params: list[dict[str, Any]], method: str,
     if route_doc.body is not None:
         errors[413] = "The body is larger than [server] max_body_bytes"
         errors[415] = "The body is not JSON in UTF-8"
+        errors[408] = "The body did not arrive within [server] header_timeout of the head"
     if method != "get":
         errors[503] = "The daemon takes no new work: it is stopping, or its store cannot write"
     return errors

@@ -18,7 +18,7 @@ from agentd.web.auth import (
     make_host_middleware,
     make_origin_middleware,
 )
-from agentd.web.errors import ApiError, error_response, from_agentd_error
+from agentd.web.errors import BODY_TIMEOUT, ApiError, error_response, from_agentd_error
 
 if TYPE_CHECKING:
     from agentd.app import Daemon
@@ -96,6 +96,7 @@ def build_app(daemon: Daemon, *route_tables: web.RouteTableDef) -> web.Applicati
     app = web.Application(middlewares=middlewares, client_max_size=config.server.max_body_bytes)
     app[DAEMON] = daemon
     app[STREAM_TOKENS] = stream_tokens
+    app[BODY_TIMEOUT] = config.server.header_timeout
     app[STREAMS] = set()
     app[SOCKETS] = set()
     app.on_startup.append(load_stream_key)

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from agentd.bus import Subscription
 from agentd.config import StreamsConfig
+from agentd.eventlog import ReplayGap
 from agentd.events import Event, Lagged, TopicFilter
 from agentd.jsontext import lenient_encoder
 from agentd.taskqueue import FINAL_TOPIC
@@ -482,14 +483,18 @@ async def stream(request: web.Request) -> web.StreamResponse:
     sub = _subscribe(request, patterns, f"sse:{patterns.text}")
     sse = SseStream(request, daemon.config.streams)
     # Live-only, a lag resumes after what existed when it subscribed, not the whole log.
-    sse.last_sent = daemon.bus.last_id if after is None else after
+    sse.last_sent = daemon.bus.delivered_id if after is None else after
     try:
         await sse.open()
         if after is not None:
             if after < daemon.eventlog.horizon:
                 await sse.control("gap", {"requested_after": after,
                                           "kept_after": daemon.eventlog.horizon})
-            await sse.send_all(await daemon.eventlog.replay(after, lambda e: patterns.matches(e.topic)))
+            async for page in daemon.eventlog.replay_pages(after, lambda e: patterns.matches(e.topic)):
+                if isinstance(page, ReplayGap):
+                    await sse.control("gap", {"requested_after": page.after, "kept_after": page.kept_after})
+                else:
+                    await sse.send_all(page)
         await sse.pump(sub)
     except (ConnectionError, TimeoutError):
         drop_connection(request)

@@ -36,11 +36,13 @@ from aiohttp import WSMsgType, web
 
 from agentd.bus import Subscription
 from agentd.errors import AgentdError
+from agentd.eventlog import ReplayGap
 from agentd.events import Lagged, TopicFilter, check_publishable
 from agentd.log import get_logger
 from agentd.web.auth import READ_ONLY
 from agentd.web.errors import ApiError, bad_request, from_agentd_error
 from agentd.web.openapi import doc
+from agentd.web.schemas import JsonValueError, check_json
 from agentd.web.server import DAEMON, SOCKETS, STREAMS
 from agentd.web.streams import (
     ENCODED,
@@ -164,7 +166,7 @@ class _Session:
             merge=coalesce_tokens)
         self.request.app[STREAMS].add(sub)
         # Live-only, a lag resumes after what existed when it subscribed, not the whole log.
-        after = self.daemon.bus.last_id if since is None else since
+        after = self.daemon.bus.delivered_id if since is None else since
         pump = asyncio.get_running_loop().create_task(
             self._pump(name, sub, patterns, after, replay=since is not None))
         self.subscriptions[name] = (sub, pump)
@@ -196,14 +198,21 @@ class _Session:
             if after < log.horizon:
                 await self.send({"type": "gap", "subscription": name, "requested_after": after,
                                  "kept_after": log.horizon})
-            for n, event in enumerate(await log.replay(after, lambda e: patterns.matches(e.topic)), 1):
-                # The log's copies, one per client: encoded here, not through the cache.
-                await self.send_text(f"{prefix}{event_json(event)}}}")
-                replayed.add(event.id)
-                last = max(last, event.id)
-                if n % REPLAY_YIELD_EVERY == 0:
-                    # Sends that do not wait never yield: a long replay must not hold the loop.
-                    await asyncio.sleep(0)
+            n = 0
+            async for page in log.replay_pages(after, lambda e: patterns.matches(e.topic)):
+                if isinstance(page, ReplayGap):
+                    await self.send({"type": "gap", "subscription": name, "requested_after": page.after,
+                                     "kept_after": page.kept_after})
+                    continue
+                for event in page:
+                    # The log's copies, one per client: encoded here, not through the cache.
+                    await self.send_text(f"{prefix}{event_json(event)}}}")
+                    replayed.add(event.id)
+                    last = max(last, event.id)
+                    n += 1
+                    if n % REPLAY_YIELD_EVERY == 0:
+                        # Sends that do not wait never yield: a long replay must not hold the loop.
+                        await asyncio.sleep(0)
         async for event in sub:
             if isinstance(event, Lagged):
                 await self.send({"type": "lagged", "subscription": name, "resume_after": last})
@@ -225,6 +234,13 @@ class _Session:
         data = message.get("data", {})
         if not isinstance(data, dict):
             raise bad_request("'data' must be a JSON object")
+        # As POST /v1/events checks it: data nested past MAX_DEPTH (or holding NaN) was
+        # published as it came, and one near the recursion limit failed every stream it went
+        # to as it was encoded (a 500 ending each).
+        try:
+            check_json(data, "data")
+        except JsonValueError as exc:
+            raise bad_request(str(exc)) from None
         event = await self.daemon.publish_durably(check_publishable(message.get("topic")), data)
         return {"event_id": event.id}
 
