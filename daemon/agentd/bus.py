@@ -276,8 +276,10 @@ class Bus:
     def dispatch(self, event: Event) -> None:
         """Deliver an already-built event, or hold it back while an event reserved before it
         is still to be delivered or another event is going out."""
-        self._reserved.discard(event.id)
-        if self._delivering or self._held or (self._reserved and min(self._reserved) < event.id):
+        reserved = self._reserved
+        if reserved:
+            reserved.discard(event.id)
+        if self._delivering or self._held or (reserved and min(reserved) < event.id):
             heapq.heappush(self._held, (event.id, event))
             self._deliver_held()
             return
@@ -286,7 +288,8 @@ class Bus:
             self._deliver(event)
         finally:
             self._delivering = False
-        self._deliver_held()
+        if self._held:  # published by a subscriber as it received this one
+            self._deliver_held()
 
     def _deliver_held(self) -> None:
         """Deliver the held events that no reserved event precedes any longer, in id order
