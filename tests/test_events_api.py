@@ -68,6 +68,16 @@ async def trigger_rows(daemon: Any, name: str) -> list[Any]:
         "SELECT id, args, idempotency_key, status FROM tasks WHERE name = ? ORDER BY id", (name,))
 
 
+async def reserved(daemon: Any) -> None:
+    """Wait until a durable publish has taken its event's id and waits in its write."""
+
+    async def poll() -> None:
+        while daemon.bus.delivered_id == daemon.bus.last_id:  # noqa: ASYNC110 - no event marks it
+            await asyncio.sleep(0)  # noqa: sleep - a yield: taking an id publishes nothing
+
+    await asyncio.wait_for(poll(), TIMEOUT)
+
+
 # --------------------------------------------------------------------------- POST /v1/events
 
 
@@ -856,8 +866,7 @@ async def test_a_stream_opened_while_a_durable_publish_commits_resumes_before_it
     browser = {"Sec-Fetch-Mode": "cors"}
     async with writer_held(daemon):  # the POST's log write waits: its id is taken
         posting = asyncio.ensure_future(post(client, "/v1/events", json={"topic": "probe.durable"}))
-        for _ in range(50):  # yields, no time: the POST reaches its write
-            await asyncio.sleep(0)
+        await reserved(daemon)
         async with client.get("/v1/stream", params={"topics": "probe.*"}, headers=browser) as response:
             opening = await Sse(response, browser=True).frame()
             assert opening is not None and opening.comments == ["connected"]
@@ -885,8 +894,7 @@ async def test_a_durable_publish_goes_out_before_the_events_made_while_it_commit
         assert (await sse.frame()).comments == ["connected"]
         async with writer_held(daemon):  # the POST's log write waits: its id is taken
             posting = asyncio.ensure_future(post(client, "/v1/events", json={"topic": "probe.durable"}))
-            for _ in range(50):  # yields, no time: the POST reaches its write
-                await asyncio.sleep(0)
+            await reserved(daemon)
             live = daemon.bus.publish("probe.live", {})
         status, durable = await posting
         assert status == 202 and durable["id"] < live.id

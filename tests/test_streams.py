@@ -887,7 +887,7 @@ async def test_a_client_that_reads_nothing_holds_a_bounded_kernel_buffer(start_d
             for n in range(4000):  # 16 MB at most
                 event = daemon.bus.publish("bulk.x", {"n": n, "pad": "x" * 4096})
                 written += len(sse_frame(event, event_json(event)))
-                await asyncio.sleep(0)  # let the stream write (a yield, not a wait)
+                await asyncio.sleep(0)  # noqa: sleep - let the stream write (a yield, not a wait)
                 if connection.writing_paused:
                     break
         assert connection.writing_paused
