@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -88,6 +89,18 @@ class Flood:
                             waiter[1].set_result(None)
 
 
+def config_with_plugin(config: Path, plugin_dir: Callable[..., Path], source: str,
+                       stop_timeout: float) -> Path:
+    """`config` (the config_file fixture's) loading the plugin `source` (named as its
+    Plugin(...)), with this stop_timeout."""
+    name = re.search(r'Plugin\("(\w+)"\)', source)
+    assert name is not None
+    plugins = plugin_dir({f"{name[1]}.py": source})
+    config.write_text(config.read_text().replace("stop_timeout = 5.0", f"stop_timeout = {stop_timeout}")
+                      .replace("paths = []", f"paths = [{str(plugins)!r}]"))
+    return config
+
+
 def staged_stop_events(records: list[dict[str, Any]]) -> list[str]:
     """The stop's lines in order: stopping, each stage's, stopped."""
     return [r["event"] if r["event"] != "daemon.stop_stage" else r["stage"] for r in records
@@ -154,10 +167,7 @@ async def test_a_sync_task_stuck_in_its_thread_neither_holds_the_stop_nor_is_los
     """A sync task blocked far longer than the stop's deadline held the process 27-37 s
     after `daemon.stopped`. Now the process exits within the stop's bound, the task goes
     back to the queue with its attempt unspent, and it runs at the next start."""
-    plugins = plugin_dir({"blocker.py": BLOCKER})
-    config = config_file()
-    config.write_text(config.read_text().replace("stop_timeout = 5.0", "stop_timeout = 0.5")
-                      .replace("paths = []", f"paths = [{str(plugins)!r}]"))
+    config = config_with_plugin(config_file(), plugin_dir, BLOCKER, 0.5)
     bound = stop_bound(load_config(config).daemon)
     child = await agentd_process("run", "--config", str(config))
     port = await child.started()
@@ -199,10 +209,7 @@ async def test_a_second_sigterm_hurries_the_stop(
 ) -> None:
     """With a long stop_timeout the stop would wait a minute for the running task; the
     second SIGTERM ends that wait at once, and the task is put back all the same."""
-    plugins = plugin_dir({"blocker.py": BLOCKER})
-    config = config_file()
-    config.write_text(config.read_text().replace("stop_timeout = 5.0", "stop_timeout = 60.0")
-                      .replace("paths = []", f"paths = [{str(plugins)!r}]"))
+    config = config_with_plugin(config_file(), plugin_dir, BLOCKER, 60.0)
     child = await agentd_process("run", "--config", str(config))
     port = await child.started()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, http.post(
@@ -221,7 +228,10 @@ async def test_a_second_sigterm_hurries_the_stop(
     assert by_event["daemon.stopped"]["took"] < 10
 
 
-FREEZER = '''
+def freezer(hook: str) -> str:
+    """A plugin whose sync `hook` (startup or shutdown) blocks the event loop itself for ten
+    minutes: no stage deadline can fire any more, no signal reach the loop."""
+    return f'''
 import time
 
 from agentd import Plugin
@@ -229,12 +239,23 @@ from agentd import Plugin
 plugin = Plugin("freezer")
 
 
-@plugin.shutdown
+@plugin.{hook}
 def freeze(ctx):
-    """Blocks the event loop itself: no stage deadline can fire any more."""
     ctx.log.info("freezer.freezing")
     time.sleep(600)  # noqa: sleep - the stuck thread under test
 '''
+
+
+async def ended_overrun(child: Any, bound: float, signalled: float) -> dict[str, Any]:
+    """Wait for a process whose stop overran its bound: it ends EXIT_MARGIN s past the bound
+    (counted from `signalled`) with exit code 1, its last record saying so; that record."""
+    code = await child.finish(timeout=bound + EXIT_MARGIN + 10)
+    took = time.monotonic() - signalled
+    assert code == 1, child.stderr
+    assert bound + EXIT_MARGIN <= took < bound + EXIT_MARGIN + 5
+    overran: dict[str, Any] = child.records()[-1]
+    assert overran["event"] == "daemon.stop_overran"
+    return overran
 
 
 async def test_a_stop_whose_loop_is_blocked_still_ends_within_its_bound(
@@ -244,40 +265,16 @@ async def test_a_stop_whose_loop_is_blocked_still_ends_within_its_bound(
     """A plugin's sync shutdown hook blocks the loop for ten minutes: the stop cannot go
     on, but the process still ends EXIT_MARGIN s past the stop's bound, saying so, with
     exit code 1. (The test's longest wait: 15 s.)"""
-    plugins = plugin_dir({"freezer.py": FREEZER})
-    config = config_file()
-    config.write_text(config.read_text().replace("stop_timeout = 5.0", "stop_timeout = 0.1")
-                      .replace("paths = []", f"paths = [{str(plugins)!r}]"))
+    config = config_with_plugin(config_file(), plugin_dir, freezer("shutdown"), 0.1)
     bound = stop_bound(load_config(config).daemon)
     child = await agentd_process("run", "--config", str(config))
     await child.started()
     signalled = time.monotonic()
     child.proc.send_signal(signal.SIGTERM)
     await child.wait_for_log("freezer.freezing")
-    code = await child.finish(timeout=bound + EXIT_MARGIN + 10)
-    took = time.monotonic() - signalled
-    assert code == 1, child.stderr
-    assert bound + EXIT_MARGIN <= took < bound + EXIT_MARGIN + 5
-    overran = child.records()[-1]
-    assert overran["event"] == "daemon.stop_overran"
+    overran = await ended_overrun(child, bound, signalled)
     assert overran["bound"] == bound + EXIT_MARGIN
     assert "MainThread" in overran["threads"]
-
-
-BOOT_FREEZER = '''
-import time
-
-from agentd import Plugin
-
-plugin = Plugin("bootfreezer")
-
-
-@plugin.startup
-def freeze(ctx):
-    """Blocks the event loop during the start: the signal cannot reach the loop."""
-    ctx.log.info("bootfreezer.freezing")
-    time.sleep(600)  # noqa: sleep - the stuck thread under test
-'''
 
 
 async def test_a_signal_during_a_start_whose_loop_is_blocked_still_ends_within_the_bound(
@@ -288,21 +285,13 @@ async def test_a_signal_during_a_start_whose_loop_is_blocked_still_ends_within_t
     hook blocking the loop for ten minutes held the process that long, and SIGINTs did not
     help: the exit deadline was only armed once the start was over. Now it is armed by the
     signal itself, so the process ends EXIT_MARGIN s past the stop's bound, saying so."""
-    plugins = plugin_dir({"bootfreezer.py": BOOT_FREEZER})
-    config = config_file()
-    config.write_text(config.read_text().replace("stop_timeout = 5.0", "stop_timeout = 0.1")
-                      .replace("paths = []", f"paths = [{str(plugins)!r}]"))
+    config = config_with_plugin(config_file(), plugin_dir, freezer("startup"), 0.1)
     bound = stop_bound(load_config(config).daemon)
     child = await agentd_process("run", "--config", str(config))
-    await child.wait_for_log("bootfreezer.freezing")
+    await child.wait_for_log("freezer.freezing")
     signalled = time.monotonic()
     child.proc.send_signal(signal.SIGTERM)
-    code = await child.finish(timeout=bound + EXIT_MARGIN + 10)
-    took = time.monotonic() - signalled
-    assert code == 1, child.stderr
-    assert bound + EXIT_MARGIN <= took < bound + EXIT_MARGIN + 5
-    overran = child.records()[-1]
-    assert overran["event"] == "daemon.stop_overran"
+    await ended_overrun(child, bound, signalled)
     assert "daemon.started" not in [r["event"] for r in child.records()]
 
 
