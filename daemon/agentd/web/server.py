@@ -29,6 +29,8 @@ DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 # ended at shutdown so closing the server does not wait for them.
 STREAMS: web.AppKey[set[Subscription]] = web.AppKey("streams")
 SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
+# Whether routes not documented as public need the bearer token (one is configured).
+TOKEN_REQUIRED: web.AppKey[bool] = web.AppKey("token_required", bool)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -95,6 +97,7 @@ def build_app(daemon: Daemon, *route_tables: web.RouteTableDef) -> web.Applicati
     middlewares.append(intake)
     app = web.Application(middlewares=middlewares, client_max_size=config.server.max_body_bytes)
     app[DAEMON] = daemon
+    app[TOKEN_REQUIRED] = bool(token)
     app[STREAM_TOKENS] = stream_tokens
     app[BODY_TIMEOUT] = config.server.header_timeout
     app[STREAMS] = set()

@@ -11,7 +11,7 @@ from aiohttp import web
 from agentd import __version__
 from agentd.web.auth import may_see_details
 from agentd.web.openapi import build_document, doc
-from agentd.web.server import DAEMON
+from agentd.web.server import DAEMON, TOKEN_REQUIRED
 
 routes = web.RouteTableDef()
 
@@ -88,5 +88,4 @@ async def status(request: web.Request) -> web.Response:
 @routes.get("/v1/openapi.json")
 @doc("This OpenAPI 3 document", tag="system", public=True)
 async def openapi(request: web.Request) -> web.Response:
-    token_required = bool(request.app[DAEMON].config.api_token())
-    return web.json_response(build_document(request.app, __version__, token_required))
+    return web.json_response(build_document(request.app, __version__, request.app[TOKEN_REQUIRED]))
