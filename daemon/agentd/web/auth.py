@@ -296,7 +296,7 @@ _CORS_METHODS = "GET, POST, PATCH, DELETE"
 _CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID"
 
 
-def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+def origin_allowed(origin: str, allowed: frozenset[str]) -> bool:
     """True for an origin in `allowed` (exact, or "*") or one whose host is loopback."""
     if cors_granted(origin, allowed):
         return True
@@ -307,14 +307,21 @@ def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
     return host is not None and host in LOOPBACK_HOSTS
 
 
-def cors_granted(origin: str, allowed: tuple[str, ...]) -> bool:
-    """True for an origin listed in `[server] allowed_origins` (or when "*" is listed)."""
-    return "*" in allowed or origin.rstrip("/") in {a.rstrip("/") for a in allowed}
+def cors_granted(origin: str, allowed: frozenset[str]) -> bool:
+    """True for an origin listed in `[server] allowed_origins` (`allowed`: as
+    `listed_origins` gives them) or when "*" is listed."""
+    return "*" in allowed or origin.rstrip("/") in allowed
 
 
-def make_origin_middleware(allowed: tuple[str, ...]) -> Middleware:
+def listed_origins(allowed_origins: tuple[str, ...]) -> frozenset[str]:
+    """`[server] allowed_origins` as `cors_granted` compares them, made once."""
+    return frozenset(origin.rstrip("/") for origin in allowed_origins)
+
+
+def make_origin_middleware(allowed_origins: tuple[str, ...]) -> Middleware:
     """Refuse a browser request (it has an Origin header) from an origin not allowed, and
     answer the CORS preflights of listed origins (before auth: preflights carry no token)."""
+    allowed = listed_origins(allowed_origins)
 
     @web.middleware
     async def check_origin(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -339,10 +346,11 @@ def make_origin_middleware(allowed: tuple[str, ...]) -> Middleware:
 ResponseSignal = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
 
 
-def make_cors_signal(allowed: tuple[str, ...]) -> ResponseSignal:
+def make_cors_signal(allowed_origins: tuple[str, ...]) -> ResponseSignal:
     """An `on_response_prepare` handler naming a listed origin in every response to it,
     errors and streams included (a page must be able to read a 401 too). The origin is
     echoed, never `*`, and no credentials (cookies) are allowed: the API has none."""
+    allowed = listed_origins(allowed_origins)
 
     async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
         origin = request.headers.get("Origin")
