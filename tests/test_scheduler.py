@@ -31,6 +31,7 @@ from agentd.errors import ConfigError, TaskNotFoundError
 from agentd.events import Event
 from agentd.testing import EventCapture, ManualClock, daemon_url, make_config
 from test_disk_full import BIG, fill, make_room, until
+from test_events_api import reserved
 from test_queue import writer_held
 
 PLUGIN_SOURCE = Path(__file__).with_name("sched_plugin.py")
@@ -578,6 +579,24 @@ async def test_a_crash_between_an_event_fire_s_triggers_and_its_record_triggers_
     assert [t.id for t in await again.daemon.queue.list(name="sched.on_tick")] == [trigger.id]
     after = await record(again, "ticker")
     assert (after["fires"], after["last_fire"], after["next_fire"]) == (1, START, START + MINUTE)
+
+
+async def test_an_event_fire_whose_caller_is_cancelled_mid_write_still_goes_out(
+    sched: Start, tmp_path: Path,
+) -> None:
+    """Found by review: a fire cancelled while its writes were with the store (a stop) gave
+    its event up, though the store's thread went on to commit the trigger's task: the
+    durable handler ran for an event nobody live ever got. The writes are shielded now."""
+    plugins = copy_plugin(tmp_path / "trigger_plugins", TRIGGERED_PLUGIN)
+    r = await sched(plugin_dirs=[plugins], overrides={"store": {"synchronous": "full"}})
+    await create(r, id="hourly-tick", every="1h", event="ev.tick")
+    async with writer_held(r.daemon):
+        firing = asyncio.ensure_future(r.daemon.scheduler.run_now("hourly-tick"))
+        await reserved(r.daemon)
+        firing.cancel()
+    delivered = await r.events.wait_for("ev.tick", WAIT)
+    assert delivered.data["schedule_id"] == "hourly-tick"
+    assert len(await r.daemon.queue.list(name="sched.on_tick")) == 1
 
 
 # --------------------------------------------------------------------------- missed fires

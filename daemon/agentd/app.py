@@ -221,23 +221,12 @@ class Daemon:
         the publish, leaving neither, before anyone sees the event."""
         event = self.bus.reserve_event(topic, data)
         try:
-            commit = asyncio.ensure_future(
-                self.plugins.enqueue_triggers(event, alongside=self.eventlog.row_writer(event)))
+            commit = self.plugins.enqueue_triggers(event, alongside=self.eventlog.row_writer(event))
         except BaseException:  # the row could not be made (data that cannot be encoded)
             self.bus.release(event)
             raise
-        commit.add_done_callback(lambda done: self._publish_committed(event, done))
-        # Shielded: a caller cancelled (a WebSocket that closed) cannot stop the store's
-        # thread from committing its write, and what committed must go out.
-        await asyncio.shield(commit)
+        await self.bus.dispatch_once_committed(event, commit)
         return event
-
-    def _publish_committed(self, event: Event, commit: asyncio.Future[None]) -> None:
-        """Deliver a durably published event once its write committed; give it up if not."""
-        if commit.cancelled() or commit.exception() is not None:
-            self.bus.release(event)
-        else:
-            self.bus.dispatch(event)
 
     def request_stop(self, reason: str = "requested") -> None:
         """Ask the daemon to stop (signal handlers call this; it only sets a flag)."""

@@ -23,13 +23,14 @@ import asyncio
 import heapq
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from agentd.events import LAGGED_TOPIC, Event, Lagged, TopicFilter, validate_topic
 from agentd.log import get_logger
 
 Callback = Callable[[Event], None]
+T = TypeVar("T")
 # Given the newest buffered event and a new one, the one event standing for both, or None.
 Merge = Callable[[Event, Event], Event | None]
 
@@ -263,6 +264,22 @@ class Bus:
         """Give up a reserved event that will not be delivered (its commit failed)."""
         self._reserved.discard(event.id)
         self._deliver_held()
+
+    async def dispatch_once_committed(self, event: Event, commit: Awaitable[T]) -> T:
+        """Run `commit` (what must be stored before the reserved `event` goes out), then
+        deliver `event`, or release it if `commit` fails; return what `commit` returns.
+        Shielded: a caller cancelled meanwhile (a WebSocket that closed, a stop) cannot
+        stop a write the store's thread may commit anyway, and what committed goes out."""
+        committing = asyncio.ensure_future(commit)
+
+        def settle(done: asyncio.Future[T]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                self.release(event)
+            else:
+                self.dispatch(event)
+
+        committing.add_done_callback(settle)
+        return await asyncio.shield(committing)
 
     def advance_to(self, last_id: int) -> None:
         """Never hand out an id at or below `last_id` (the newest id stored before a restart)."""

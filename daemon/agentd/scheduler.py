@@ -352,16 +352,15 @@ class Scheduler:
         spec = state.spec
         event = self.bus.reserve_event(spec.event or "", {**spec.data, "schedule_id": spec.id,
                                                           "fire_time": fire_time})
-        try:
+
+        async def commit() -> None:
             await self._commit_triggers(event, None if manual else f"schedule:{spec.id}:{fire_time:.6f}")
             state.last_fire, state.fires = fire_time, state.fires + 1
             if not manual:
                 state.next_fire = following
             await self._save(state)
-        except BaseException:
-            self.bus.release(event)
-            raise
-        self.bus.dispatch(event)
+
+        await self.bus.dispatch_once_committed(event, commit())
         self.bus.publish("schedule.fired", {"schedule_id": spec.id, "fire_time": fire_time,
                                             "event_id": event.id, "manual": manual})
 
