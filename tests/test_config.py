@@ -14,9 +14,10 @@ from agentd.config import Config, check_serving_rules, load_config
 from agentd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
-# [[schedules]] is a list of tables, not a section with keys: tests of its own cover it.
+# [[schedules]] is a list of tables, not a section with keys: tests of its own cover it;
+# `secrets` holds what the sections' secret keys name, read at load.
 SECTIONS = [f.name for f in dataclasses.fields(Config)
-            if f.name not in ("source", "base_dir", "schedules", "from_env")]
+            if f.name not in ("source", "base_dir", "schedules", "secrets", "from_env")]
 
 
 def write(tmp_path: Path, text: str, name: str = "agentd.toml") -> Path:
@@ -253,7 +254,7 @@ def test_port_out_of_range_is_refused() -> None:
 def test_unreadable_token_file_names_the_key(tmp_path: Path) -> None:
     path = write(tmp_path, '[server]\ntoken_file = "missing-token"\n')
     with pytest.raises(ConfigError) as caught:
-        load_config(path, env={}).api_token()
+        load_config(path, env={})
     assert str(path) in str(caught.value)
     assert "[server] token_file" in str(caught.value)
     assert str(tmp_path / "missing-token") in str(caught.value)
