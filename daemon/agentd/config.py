@@ -61,7 +61,7 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8470
-    token: str = ""
+    token: str = field(default="", repr=False)  # like every secret, kept out of the repr
     token_file: str = ""
     max_body_bytes: int = 1_048_576
     max_loop_lag: float = 0.5
@@ -289,7 +289,7 @@ class WebhooksConfig:
     """[webhooks]: outgoing webhooks (`ctx.webhook.post`), signed with this secret, sent
     only to public addresses and those in `allow_networks`."""
 
-    secret: str = ""
+    secret: str = field(default="", repr=False)
     secret_file: str = ""
     timeout: float = 10.0
     allow_networks: tuple[str, ...] = ()
