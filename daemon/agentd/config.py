@@ -329,7 +329,9 @@ class Secrets:
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """The whole configuration. Relative paths resolve against `base_dir`."""
+    """The whole configuration, checked and parsed: `schedules`, `hooks.settings` and
+    `digests.settings` hold specs, `secrets` what the secret keys name. Relative paths
+    resolve against `base_dir`."""
 
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
