@@ -195,6 +195,8 @@ class MailConfig:
 
 
 _DIGEST_KEYS = {"pattern", "to", "subject", "every", "count", "limit"}
+# A digest's `to` and `subject` are checked at load by the rules a mail task's are: they
+# are here, below mail.py (which is built on the configuration), and mail.py uses them.
 
 
 def mail_recipients(to: str | Sequence[str]) -> list[str]:
@@ -672,7 +674,7 @@ def _build_section(name: str, cls: type[Any], table: dict[str, Any],
     named: dict[str, Any] = {}
     for key, value in table.items():
         if cls in _NAMED_TABLES and key not in known and isinstance(value, dict):
-            named[key] = value  # a [plugins.<name>] table
+            named[key] = value  # a [plugins.<name>], [hooks.<name>] or [digests.<name>] table
             continue
         if key not in known or key == "settings":
             raise ConfigError(
