@@ -332,36 +332,39 @@ async def test_the_data_directory_and_its_files_are_private(start_daemon: Any, t
 def test_a_token_file_open_to_others_or_empty_is_refused(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    config = load_config(None, overrides={"server": {"token_file": str(token_file)}}, env={})
+
+    def token() -> str:  # the token file is read, and checked, when the configuration loads
+        config = load_config(None, overrides={"server": {"token_file": str(token_file)}}, env={})
+        return config.secrets.api_token
+
     for mode in (0o644, 0o640, 0o604):
         token_file.chmod(mode)
         with pytest.raises(ConfigError, match=rf"\[server\] token_file: .* \(mode 0{mode:o}\); chmod 600"):
-            config.api_token()
+            token()
     token_file.chmod(0o600)
-    assert config.api_token() == TOKEN
+    assert token() == TOKEN
     if os.geteuid() == 0:
         # Handed over by another user through the group, as systemd/README.md installs
         # secrets: group-readable is fine, world-readable is not.
         os.chown(token_file, 65534, os.getegid())
         token_file.chmod(0o640)
-        assert config.api_token() == TOKEN
+        assert token() == TOKEN
         token_file.chmod(0o644)
         with pytest.raises(ConfigError, match=r"\(mode 0644\)"):
-            config.api_token()
+            token()
         token_file.chmod(0o600)
     token_file.write_text("\n" + TOKEN)
     with pytest.raises(ConfigError, match=r"\[server\] token_file: the first line .* is empty"):
-        config.api_token()
+        token()
     # Found by review: a token file's unsendable token was blamed on [server] token.
     token_file.write_text("two words\n")
     with pytest.raises(ConfigError, match=r"\[server\] token_file: expected visible ASCII characters "
                        r"without spaces in the first line of .*token \("):
-        config.api_token()
+        token()
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])
 @pytest.mark.parametrize("token", [" ", "\t", "two words", "tökén"])
 def test_a_blank_or_unsendable_token_is_refused(token: str, host: str) -> None:
-    config = load_config(None, env={"AGENTD_SERVER_TOKEN": token, "AGENTD_SERVER_HOST": host})
     with pytest.raises(ConfigError, match=r"environment AGENTD_SERVER_TOKEN: \[server\] token: expected"):
-        check_serving_rules(config)
+        load_config(None, env={"AGENTD_SERVER_TOKEN": token, "AGENTD_SERVER_HOST": host})

@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 
 from agentd.cli import main
-from agentd.config import Config, check_serving_rules, load_config
+from agentd.config import Config, DigestSpec, HookSpec, check_serving_rules, load_config
 from agentd.errors import ConfigError
+from agentd.schedule import ScheduleSpec
 
 REPO = Path(__file__).resolve().parent.parent
-# [[schedules]] is a list of tables, not a section with keys: tests of its own cover it.
+# [[schedules]] is a list of tables, not a section with keys: tests of its own cover it;
+# `secrets` holds what the sections' secret keys name, read at load.
 SECTIONS = [f.name for f in dataclasses.fields(Config)
-            if f.name not in ("source", "base_dir", "schedules", "from_env")]
+            if f.name not in ("source", "base_dir", "schedules", "secrets", "from_env")]
 
 
 def write(tmp_path: Path, text: str, name: str = "agentd.toml") -> Path:
@@ -227,6 +229,62 @@ def test_plugins_settings_key_cannot_be_set_directly(tmp_path: Path) -> None:
         load_config(write(tmp_path, "[plugins]\nsettings = 1\n"), env={})
 
 
+# --------------------------------------------------------------------------- parsed once
+
+
+PARSED = """
+[mail]
+host = "127.0.0.1"
+[hooks]
+tolerance = 60
+[hooks.ci]
+secret = "s"
+schemes = ["github", "standard"]
+[hooks.deploy]
+secret = "d"
+tolerance = 5
+[digests.news]
+pattern = "news.*"
+to = "me@example.com"
+every = "1h"
+[[schedules]]
+id = "tick"
+every = "30m"
+event = "clock.tick"
+"""
+
+
+def test_schedules_digests_and_hooks_are_loaded_as_their_specs(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, PARSED), env={"AGENTD_HOOKS_TOLERANCE": "90"})
+    assert config.schedules == (ScheduleSpec(id="tick", every=1800.0, event="clock.tick"),)
+    assert config.digests.settings == {"news": DigestSpec(
+        name="news", pattern="news.*", to=("me@example.com",), subject="agentd digest: news",
+        every=3600.0, count=None)}
+    # A hook without a tolerance of its own takes [hooks] tolerance as overridden.
+    assert config.hooks.settings == {
+        "ci": HookSpec(name="ci", secret="s", schemes=("github", "standard"), tolerance=90.0),
+        "deploy": HookSpec(name="deploy", secret="d", schemes=("standard",), tolerance=5.0)}
+
+
+async def test_the_daemon_runs_the_specs_the_configuration_holds(tmp_path: Path) -> None:
+    """Parsed once: the daemon's digests and scheduler hold the very objects `load_config`
+    made, not specs parsed again from the tables."""
+    from agentd.app import Daemon
+
+    config = load_config(write(tmp_path, PARSED + textwrap.dedent("""
+        [daemon]
+        data_dir = "data"
+        [server]
+        port = 0
+        [plugins]
+        paths = []
+        entry_points = false
+        """)), env={})
+    async with Daemon(config) as daemon:
+        assert daemon.digests.specs["news"] is config.digests.settings["news"]
+        assert daemon.scheduler.schedules["tick"].spec is config.schedules[0]
+
+
 # --------------------------------------------------------------------------- serving rules
 
 
@@ -253,7 +311,7 @@ def test_port_out_of_range_is_refused() -> None:
 def test_unreadable_token_file_names_the_key(tmp_path: Path) -> None:
     path = write(tmp_path, '[server]\ntoken_file = "missing-token"\n')
     with pytest.raises(ConfigError) as caught:
-        load_config(path, env={}).api_token()
+        load_config(path, env={})
     assert str(path) in str(caught.value)
     assert "[server] token_file" in str(caught.value)
     assert str(tmp_path / "missing-token") in str(caught.value)
@@ -300,6 +358,8 @@ def test_check_config_accepts_config_before_the_command(
          'count = 500\nlimit = 200\n', "[digests.news] count: 500 is more than limit (200)"),
         ('[mail]\nsecurity = "ssl"\n', "[mail] security: expected one of 'starttls', 'tls', 'none'"),
         ('[mail]\npassword_file = "nope.txt"\n', "[mail] password_file: cannot read"),
+        ('[memory]\nhttp_key_file = "nope.txt"\n', "[memory] http_key_file: cannot read"),
+        ('[llm]\nkey_file = "nope.txt"\n', "[llm] key_file: cannot read"),
         ('[webhooks]\nsecret_file = "nope.txt"\n', "[webhooks] secret_file: cannot read"),
         ('[webhooks]\nsecret = "whsec_not base64"\n', "[webhooks] secret: a secret starting whsec_"),
         ('[webhooks]\nallow_networks = ["intranet"]\n',

@@ -15,7 +15,7 @@ from agentd import __version__, maintenance
 from agentd.bus import Bus
 from agentd.config import Config, check_serving_rules
 from agentd.db import Store
-from agentd.digests import Digests, DigestSpec
+from agentd.digests import Digests
 from agentd.embed import build_embedder
 from agentd.errors import ConfigError, InvalidScheduleError
 from agentd.eventlog import EventLog
@@ -83,9 +83,8 @@ class Daemon:
         self.services.mailer.register(self.registry, builtin_queue)
         self.services.webhooks.register(self.registry, builtin_queue)
         self.digests = Digests(
-            {name: DigestSpec.from_mapping(name, table) for name, table in config.digests.settings.items()},
-            store=self.store, bus=self.bus, queue=self.queue, eventlog=self.eventlog,
-            mailer=self.services.mailer, spawner=self.spawner)
+            config.digests.settings, store=self.store, bus=self.bus, queue=self.queue,
+            eventlog=self.eventlog, mailer=self.services.mailer, spawner=self.spawner)
         try:
             self.digests.check_persistence()
         except ValueError as exc:
@@ -192,8 +191,7 @@ class Daemon:
                 self.plugins.fail(record.name, exc)
                 continue
             declared += [(spec, "plugin") for spec in specs]
-        for table in self.config.schedules:
-            spec = ScheduleSpec.from_mapping(table)
+        for spec in self.config.schedules:
             try:
                 self.scheduler.check(spec, "config")
             except InvalidScheduleError as exc:

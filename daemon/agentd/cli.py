@@ -186,7 +186,6 @@ async def _check_config(config: Config) -> int:
     from agentd.app import Daemon
 
     daemon = Daemon(config)
-    config.api_token()
     # Warnings and errors (a plugin's import traceback) go to stderr; stdout keeps the verdict.
     configure_logging("warning", config.log.format, sys.stderr)
     await daemon.check()
@@ -233,7 +232,7 @@ class _Api:
     def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
         host = config.server.host if config.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
         self.base = f"http://{f'[{host}]' if ':' in host else host}:{config.server.port}"
-        token = config.api_token()
+        token = config.secrets.api_token
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.session = session
 

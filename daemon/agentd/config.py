@@ -3,22 +3,34 @@
 Configuration flows one way: `load_config()` → `Config` → each component gets its own
 section. Every error names where the bad value came from (the file or the environment
 variable), the key, what was expected and what was found.
+
+Everything is parsed here, once: `[[schedules]]` become `ScheduleSpec`s, `[digests.<name>]`
+`DigestSpec`s, `[hooks.<name>]` `HookSpec`s, and every secret (`*_file`, `*_env`) is read
+into `Config.secrets` or its hook's spec, so an unreadable one stops the load, naming the
+file and the key, and nothing reads the file system for them afterwards.
+
+This module is the bottom of agentd's layering: it imports only `agentd.errors` and the
+value modules `agentd.events` (topics and patterns) and `agentd.schedule` (`ScheduleSpec`),
+which import nothing of agentd above them (tests/test_layers.py checks it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import ipaddress
 import os
 import re
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agentd.errors import ConfigError
+from agentd.errors import ConfigError, InvalidTaskError
+from agentd.events import TopicFilter, TopicPattern
+from agentd.schedule import ScheduleSpec, parse_duration
 
 CONFIG_ENV = "AGENTD_CONFIG"
 DEFAULT_CONFIG_NAME = "agentd.toml"
@@ -49,7 +61,7 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8470
-    token: str = ""
+    token: str = field(default="", repr=False)  # like every secret, kept out of the repr
     token_file: str = ""
     max_body_bytes: int = 1_048_576
     max_loop_lag: float = 0.5
@@ -139,13 +151,25 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HookSpec:
+    """One `[hooks.<name>]`: its secret (read when the configuration was loaded), the
+    signature schemes it takes, and how far its signed timestamps may be off (its own
+    `tolerance`, else `[hooks] tolerance`)."""
+
+    name: str
+    secret: str = field(repr=False)
+    schemes: tuple[str, ...]
+    tolerance: float
+
+
+@dataclass(frozen=True, slots=True)
 class HooksConfig:
     """[hooks]: how far a signed timestamp may be off and how long delivery ids are kept;
     [hooks.<name>]: one inbound webhook each, with its secret and the schemes it takes."""
 
     tolerance: float = 300.0
     replay_window: float = 604800.0
-    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    settings: Mapping[str, HookSpec] = field(default_factory=dict)
 
 
 # The signature schemes a hook may take (see hooks.py); "standard" is the default.
@@ -170,11 +194,83 @@ class MailConfig:
     timeout: float = 30.0
 
 
+_DIGEST_KEYS = {"pattern", "to", "subject", "every", "count", "limit"}
+# A digest's `to` and `subject` are checked at load by the rules a mail task's are: they
+# are here, below mail.py (which is built on the configuration), and mail.py uses them.
+
+
+def mail_recipients(to: str | Sequence[str]) -> list[str]:
+    """The addresses of `to` (one, or a list), each checked to be a mail address that can
+    go into a header.
+
+    Raises:
+        InvalidTaskError: (a ValueError) naming `to` and the address that is not one.
+    """
+    recipients = [to] if isinstance(to, str) else list(to)
+    if not recipients:
+        raise InvalidTaskError("to: give at least one address")
+    for address in recipients:
+        if (not isinstance(address, str) or "@" not in email.utils.parseaddr(address)[1]
+                or any(c in address for c in "\r\n")):
+            raise InvalidTaskError(f"to: {address!r} is not a mail address")
+    return recipients
+
+
+def check_mail_subject(subject: object) -> str:
+    """Return `subject` if it is one line of text.
+
+    Raises:
+        InvalidTaskError: (a ValueError) it is not.
+    """
+    if not isinstance(subject, str) or any(c in subject for c in "\r\n"):
+        raise InvalidTaskError("subject must be one line of text")
+    return subject
+
+
+@dataclass(frozen=True, slots=True)
+class DigestSpec:
+    """One `[digests.<name>]` table: which events, to whom, and when."""
+
+    name: str
+    pattern: str
+    to: tuple[str, ...]
+    subject: str
+    every: float | None
+    count: int | None
+    limit: int = 200
+
+    @classmethod
+    def from_mapping(cls, name: str, table: Mapping[str, Any]) -> DigestSpec:
+        """Raises ValueError naming the key that is wrong."""
+        unknown = set(table) - _DIGEST_KEYS
+        if unknown:
+            raise ValueError(f"unknown key {sorted(unknown)[0]!r}; known: {', '.join(sorted(_DIGEST_KEYS))}")
+        pattern = table.get("pattern")
+        if not isinstance(pattern, str):
+            raise ValueError("pattern: expected a topic pattern such as 'news.*'")
+        TopicFilter.parse(pattern)
+        to = table.get("to")
+        recipients = mail_recipients(to if isinstance(to, str | list) else [])
+        subject = check_mail_subject(table.get("subject", f"agentd digest: {name}"))
+        every = parse_duration(table["every"], "every") if "every" in table else None
+        count = table.get("count")
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
+            raise ValueError(f"count: expected a whole number >= 1, got {count!r}")
+        if every is None and count is None:
+            raise ValueError("give every (a duration) or count (a number of events), or both")
+        limit = table.get("limit", 200)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"limit: expected a whole number >= 1, got {limit!r}")
+        if count is not None and count > limit:
+            raise ValueError(f"count: {count} is more than limit ({limit}), the events one mail holds")
+        return cls(name, pattern, tuple(recipients), subject, every, count, limit)
+
+
 @dataclass(frozen=True, slots=True)
 class DigestsConfig:
     """[digests.<name>]: events matching a pattern, collected and mailed together."""
 
-    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    settings: Mapping[str, DigestSpec] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +291,7 @@ class WebhooksConfig:
     """[webhooks]: outgoing webhooks (`ctx.webhook.post`), signed with this secret, sent
     only to public addresses and those in `allow_networks`."""
 
-    secret: str = ""
+    secret: str = field(default="", repr=False)
     secret_file: str = ""
     timeout: float = 10.0
     allow_networks: tuple[str, ...] = ()
@@ -221,8 +317,23 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Secrets:
+    """The secrets the sections name, read when the configuration was loaded: each given
+    inline, as the first line of its `*_file`, or in the environment variable its `*_env`
+    names; '' where none is set. Not in the repr, so a logged configuration shows none."""
+
+    api_token: str = field(default="", repr=False)  # [server] token / token_file
+    mail_password: str = field(default="", repr=False)  # [mail] password_file / password_env
+    llm_key: str = field(default="", repr=False)  # [llm] key_file / key_env
+    webhooks_secret: str = field(default="", repr=False)  # [webhooks] secret / secret_file
+    memory_http_key: str = field(default="", repr=False)  # [memory] http_key_file / http_key_env
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
-    """The whole configuration. Relative paths resolve against `base_dir`."""
+    """The whole configuration, checked and parsed: `schedules`, `hooks.settings` and
+    `digests.settings` hold specs, `secrets` what the secret keys name. Relative paths
+    resolve against `base_dir`."""
 
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -238,7 +349,8 @@ class Config:
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    schedules: tuple[Mapping[str, Any], ...] = ()
+    schedules: tuple[ScheduleSpec, ...] = ()
+    secrets: Secrets = field(default_factory=Secrets)
     source: str = "<defaults>"
     base_dir: Path = field(default_factory=Path.cwd)
     from_env: frozenset[tuple[str, str]] = frozenset()  # (section, key) set by AGENTD_* variables
@@ -273,69 +385,11 @@ class Config:
     def plugin_dirs(self) -> tuple[Path, ...]:
         return tuple(self.resolve(p) for p in self.plugins.paths)
 
-    def secret(self, section: str, table: Mapping[str, Any] | Any, key: str) -> str:
-        """The secret `key` of a section: given inline (`<key>`), as the first line of the
-        file `<key>_file`, or in the environment variable named by `<key>_env`, in that
-        order; '' when none is set. `table` is a section's dataclass or a mapping.
-
-        Raises:
-            ConfigError: naming the section and key, when the file cannot be read or the
-                variable is not set.
-        """
-        values = table if isinstance(table, Mapping) else dataclasses.asdict(table)
-        if values.get(key):
-            return str(values[key])
-        if values.get(f"{key}_file"):
-            path = self.resolve(str(values[f"{key}_file"]))
-            try:
-                return next(iter(path.read_text().splitlines()), "").strip()
-            except OSError as exc:
-                raise ConfigError(f"{self.source}: [{section}] {key}_file: cannot read {path}: "
-                                  f"{exc.strerror}") from exc
-        if values.get(f"{key}_env"):
-            name = str(values[f"{key}_env"])
-            if not os.environ.get(name):
-                raise ConfigError(f"{self.source}: [{section}] {key}_env: the environment variable "
-                                  f"{name} is not set")
-            return os.environ[name]
-        return ""
-
-    def api_token(self) -> str:
-        """The bearer token in force: `token`, else the first line of `token_file`, else ''.
-
-        Raises:
-            ConfigError: the token is blank or not one word of visible ASCII (it could not
-                be sent, or would look set while protecting nothing), or `token_file` is
-                empty or open to other users.
-        """
-        token = self.secret("server", self.server, "token")
-        if self.server.token_file and not self.server.token:
-            where = f"{self.origin('server', 'token_file')}: [server] token_file"
-            path = self.resolve(self.server.token_file)
-            info = path.stat()
-            mode = info.st_mode & 0o777
-            # A file of our own is ours alone; one another user (root) hands us through our
-            # group, as systemd/README.md installs secrets (0640, group agentd), may be
-            # group-readable.
-            shared = info.st_uid != os.geteuid()
-            if mode & (0o027 if shared else 0o077):
-                raise ConfigError(f"{where}: {path} is open to other users (mode {mode:04o}); "
-                                  f"chmod 600 {path} (or 640, owned by root, group of the daemon's user)")
-            if not token:
-                raise ConfigError(f"{where}: the first line of {path} is empty; write the token there")
-        if token and not _TOKEN.fullmatch(token):
-            key = "token" if self.server.token else "token_file"
-            given = ("" if self.server.token
-                     else f" in the first line of {self.resolve(self.server.token_file)}")
-            raise ConfigError(f"{self.origin('server', key)}: [server] {key}: expected visible ASCII "
-                              f"characters without spaces{given} (the token goes into an HTTP header)")
-        return token
-
 
 _SECTIONS: dict[str, type[Any]] = {
     f.name: typing.get_type_hints(Config)[f.name]
     for f in dataclasses.fields(Config)
-    if f.name not in ("source", "base_dir", "schedules", "from_env")
+    if f.name not in ("source", "base_dir", "schedules", "secrets", "from_env")
 }
 
 
@@ -354,15 +408,19 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Config:
-    """Read the file at `path` (or the defaults when None), then apply environment overrides.
+    """Read the file at `path` (or the defaults when None), then apply environment overrides,
+    check every value, parse the schedules, digests and hooks, and read the secrets.
 
     Args:
         path: the TOML file; None means built-in defaults with paths relative to the cwd.
-        env: the environment to read `AGENTD_*` overrides from (default `os.environ`).
+        env: the environment to read `AGENTD_*` overrides from (default `os.environ`); a
+            secret's `*_env` variable is always read from `os.environ`.
         overrides: extra tables merged over the file, as if written in it (for tests).
 
     Raises:
-        ConfigError: the file is missing or unparsable, or a key is unknown or ill-typed.
+        ConfigError: the file is missing or unparsable, a key is unknown or ill-typed, or
+            a secret's file cannot be read or its variable is not set (naming the file or
+            variable and the key).
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -381,6 +439,7 @@ def load_config(
         raw.setdefault(section, {}).update(table)
 
     sections: dict[str, Any] = {}
+    named: dict[str, dict[str, Any]] = {}  # the [<section>.<name>] tables of each section
     schedules = raw.pop("schedules", [])
     if not isinstance(schedules, list) or not all(isinstance(t, dict) for t in schedules):
         raise ConfigError(f"{source}: schedules must be written as [[schedules]] tables")
@@ -389,13 +448,92 @@ def load_config(
             raise ConfigError(f"{source}: unknown section [{name}]; known: {', '.join(_SECTIONS)}")
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
-        sections[name] = _build_section(name, _SECTIONS[name], value, source)
-    config = _apply_env(
-        Config(source=source, base_dir=base_dir, schedules=tuple(schedules), **sections),
-        os.environ if env is None else env,
-    )
+        sections[name], named[name] = _build_section(name, _SECTIONS[name], value, source)
+    if named.get("plugins"):  # a plugin's own table, kept as written: the plugin reads it
+        sections["plugins"] = dataclasses.replace(sections["plugins"], settings=named["plugins"])
+    config = _apply_env(Config(source=source, base_dir=base_dir, **sections),
+                        os.environ if env is None else env)
     _check_rules(config)
-    return config
+    # The named tables are parsed once [hooks] and [digests] have their final values.
+    return dataclasses.replace(
+        config,
+        schedules=_parse_schedules(config, schedules),
+        hooks=dataclasses.replace(config.hooks, settings=_parse_hooks(config, named.get("hooks", {}))),
+        digests=DigestsConfig(_parse_digests(config, named.get("digests", {}))),
+        secrets=_read_secrets(config),
+    )
+
+
+def _read_secret(config: Config, section: str, values: Mapping[str, Any], key: str) -> str:
+    """The secret `key` of a section: given inline (`<key>`), as the first line of the
+    file `<key>_file`, or in the environment variable named by `<key>_env`, in that
+    order; '' when none is set.
+
+    Raises:
+        ConfigError: naming the section, the key and the file, when the file cannot be
+            read, or the variable, when it is not set.
+    """
+    if values.get(key):
+        return str(values[key])
+    if values.get(f"{key}_file"):
+        path = config.resolve(str(values[f"{key}_file"]))
+        try:
+            return next(iter(path.read_text().splitlines()), "").strip()
+        except OSError as exc:
+            raise ConfigError(f"{config.origin(section, f'{key}_file')}: [{section}] {key}_file: "
+                              f"cannot read {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{config.origin(section, f'{key}_file')}: [{section}] {key}_file: "
+                              f"cannot read {path}: not text ({exc.reason})") from exc
+    if values.get(f"{key}_env"):
+        name = str(values[f"{key}_env"])
+        if not os.environ.get(name):
+            raise ConfigError(f"{config.origin(section, f'{key}_env')}: [{section}] {key}_env: the "
+                              f"environment variable {name} is not set")
+        return os.environ[name]
+    return ""
+
+
+def _read_secrets(config: Config) -> Secrets:
+    return Secrets(
+        api_token=_api_token(config),
+        mail_password=_read_secret(config, "mail", dataclasses.asdict(config.mail), "password"),
+        llm_key=_read_secret(config, "llm", dataclasses.asdict(config.llm), "key"),
+        webhooks_secret=_read_secret(config, "webhooks", dataclasses.asdict(config.webhooks), "secret"),
+        memory_http_key=_read_secret(config, "memory", dataclasses.asdict(config.memory), "http_key"),
+    )
+
+
+def _api_token(config: Config) -> str:
+    """The bearer token in force: `token`, else the first line of `token_file`, else ''.
+
+    Raises:
+        ConfigError: the token is blank or not one word of visible ASCII (it could not
+            be sent, or would look set while protecting nothing), or `token_file` cannot
+            be read, is empty or is open to other users.
+    """
+    server = config.server
+    token = _read_secret(config, "server", dataclasses.asdict(server), "token")
+    if server.token_file and not server.token:
+        where = f"{config.origin('server', 'token_file')}: [server] token_file"
+        path = config.resolve(server.token_file)
+        info = path.stat()
+        mode = info.st_mode & 0o777
+        # A file of our own is ours alone; one another user (root) hands us through our
+        # group, as systemd/README.md installs secrets (0640, group agentd), may be
+        # group-readable.
+        shared = info.st_uid != os.geteuid()
+        if mode & (0o027 if shared else 0o077):
+            raise ConfigError(f"{where}: {path} is open to other users (mode {mode:04o}); "
+                              f"chmod 600 {path} (or 640, owned by root, group of the daemon's user)")
+        if not token:
+            raise ConfigError(f"{where}: the first line of {path} is empty; write the token there")
+    if token and not _TOKEN.fullmatch(token):
+        key = "token" if server.token else "token_file"
+        given = "" if server.token else f" in the first line of {config.resolve(server.token_file)}"
+        raise ConfigError(f"{config.origin('server', key)}: [server] {key}: expected visible ASCII "
+                          f"characters without spaces{given} (the token goes into an HTTP header)")
+    return token
 
 
 def _check_memory(config: Config) -> None:
@@ -408,8 +546,9 @@ def _check_memory(config: Config) -> None:
                           "expected 0 < x <= 1")
 
 
-def _check_hooks(config: Config) -> None:
-    for name, table in config.hooks.settings.items():
+def _parse_hooks(config: Config, tables: Mapping[str, dict[str, Any]]) -> dict[str, HookSpec]:
+    hooks = {}
+    for name, table in tables.items():
         where = f"{config.source}: [hooks.{name}]"
         if not _HOOK_NAME.fullmatch(name):  # the route's {name} takes no other
             raise ConfigError(f"{where} the name goes into the URL /hooks/<name>: expected at least "
@@ -428,14 +567,37 @@ def _check_hooks(config: Config) -> None:
                               f"got {schemes!r}")
         if table.get("tolerance", 1) <= 0:
             raise ConfigError(f"{where} tolerance: expected a positive number of seconds")
-    if config.hooks.tolerance <= 0:
-        raise ConfigError(f"{config.origin('hooks', 'tolerance')}: [hooks] tolerance: expected a "
-                          "positive number of seconds")
+        hooks[name] = HookSpec(name=name, secret=_read_secret(config, f"hooks.{name}", table, "secret"),
+                               schemes=tuple(schemes),
+                               tolerance=float(table.get("tolerance", config.hooks.tolerance)))
+    return hooks
+
+
+def _parse_digests(config: Config, tables: Mapping[str, dict[str, Any]]) -> dict[str, DigestSpec]:
+    digests = {}
+    for name, table in tables.items():
+        try:
+            digests[name] = DigestSpec.from_mapping(name, table)
+        except ValueError as exc:
+            raise ConfigError(f"{config.source}: [digests.{name}] {exc}") from None
+    if digests and not config.mail.host:
+        first = next(iter(digests))
+        raise ConfigError(f"{config.source}: [digests.{first}] mails its events: set [mail] host")
+    return digests
+
+
+def _parse_schedules(config: Config, tables: list[dict[str, Any]]) -> tuple[ScheduleSpec, ...]:
+    specs = []
+    for number, table in enumerate(tables, start=1):
+        try:
+            specs.append(ScheduleSpec.from_mapping(table))
+        except ValueError as exc:
+            label = f" ({table['id']})" if isinstance(table.get("id"), str) else ""
+            raise ConfigError(f"{config.source}: [[schedules]] #{number}{label}: {exc}") from None
+    return tuple(specs)
 
 
 def _check_outbound(config: Config) -> None:
-    from agentd.digests import DigestSpec
-
     where = config.origin
     if config.mail.port > 65535:
         raise ConfigError(f"{where('mail', 'port')}: [mail] port: expected 0..65535, got {config.mail.port}")
@@ -457,20 +619,9 @@ def _check_outbound(config: Config) -> None:
     if config.llm.base_url and not config.llm.model:
         raise ConfigError(f"{where('llm', 'model')}: [llm] model: name the model to ask (e.g. \"llama3.2\"); "
                           "[llm] base_url is set")
-    for name, table in config.digests.settings.items():
-        try:
-            DigestSpec.from_mapping(name, table)
-        except ValueError as exc:
-            raise ConfigError(f"{config.source}: [digests.{name}] {exc}") from None
-    if config.digests.settings and not config.mail.host:
-        first = next(iter(config.digests.settings))
-        raise ConfigError(f"{config.source}: [digests.{first}] mails its events: set [mail] host")
 
 
 def _check_rules(config: Config) -> None:
-    from agentd.events import TopicPattern
-    from agentd.schedule import ScheduleSpec
-
     for rule in config.events.persistence:
         pattern, _, kind = rule.partition("=")
         where = f"{config.origin('events', 'persistence')}: [events] persistence: rule {rule!r}"
@@ -481,13 +632,9 @@ def _check_rules(config: Config) -> None:
             TopicPattern.parse(pattern)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
-    _check_hooks(config)
-    for number, table in enumerate(config.schedules, start=1):
-        try:
-            ScheduleSpec.from_mapping(table)
-        except ValueError as exc:
-            label = f" ({table['id']})" if isinstance(table.get("id"), str) else ""
-            raise ConfigError(f"{config.source}: [[schedules]] #{number}{label}: {exc}") from None
+    if config.hooks.tolerance <= 0:
+        raise ConfigError(f"{config.origin('hooks', 'tolerance')}: [hooks] tolerance: expected a "
+                          "positive number of seconds")
     _check_memory(config)
     _check_outbound(config)
     if 0 < config.daemon.stall_warning < MIN_STALL_WARNING:
@@ -517,23 +664,24 @@ def _check_connection_limits(config: Config) -> None:
 _NAMED_TABLES = (PluginsConfig, HooksConfig, DigestsConfig)
 
 
-def _build_section(name: str, cls: type[Any], table: dict[str, Any], source: str) -> Any:
+def _build_section(name: str, cls: type[Any], table: dict[str, Any],
+                   source: str) -> tuple[Any, dict[str, Any]]:
+    """The section `cls` of `table`'s keys, and its named tables (`[hooks.<name>]`, ...)
+    apart, for the caller to parse."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
+    named: dict[str, Any] = {}
     for key, value in table.items():
         if cls in _NAMED_TABLES and key not in known and isinstance(value, dict):
-            extra[key] = value  # a [plugins.<name>] table
+            named[key] = value  # a [plugins.<name>], [hooks.<name>] or [digests.<name>] table
             continue
         if key not in known or key == "settings":
             raise ConfigError(
                 f"{source}: [{name}] unknown key {key!r}; known: {', '.join(sorted(known - {'settings'}))}"
             )
         values[key] = _coerce(value, hints[key], f"{source}: [{name}] {key}")
-    if extra:
-        values["settings"] = extra
-    return cls(**values)
+    return cls(**values), named
 
 
 def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
@@ -611,8 +759,9 @@ def _is_host_entry(entry: str) -> bool:
 
 def check_serving_rules(config: Config) -> None:
     """Refuse a configuration that would expose the API beyond loopback without a token, a
-    bad token, port, `allowed_hosts` or `allowed_origins` entry."""
-    token = config.api_token()  # checked wherever it listens
+    bad port, `allowed_hosts` or `allowed_origins` entry (a bad token is refused by
+    `load_config`)."""
+    token = config.secrets.api_token
     if config.server.host not in LOOPBACK_HOSTS and not token:
         raise ConfigError(
             f"{config.origin('server', 'host')}: [server] host = {config.server.host!r} is not a "

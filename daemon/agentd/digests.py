@@ -1,6 +1,6 @@
 """Mail digests: the events of a topic pattern, collected and mailed together, on a
 schedule (`every = "1h"`) or as soon as `count` have gathered, as configured in
-`[digests.<name>]` tables.
+`[digests.<name>]` tables (parsed into `DigestSpec`s by `load_config`).
 
 A digest reads the event log, not a buffer of its own: what it mails survives restarts,
 and its cursor (the last event id mailed) advances only after the mail went out. Its
@@ -18,16 +18,16 @@ import functools
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agentd.bus import Bus, Subscription
+from agentd.config import DigestSpec
 from agentd.db import Connection, Store
 from agentd.errors import Fail
 from agentd.eventlog import EventLog
 from agentd.events import Event, TopicFilter
 from agentd.mail import SEND_MAIL_TASK, Mailer, message_args
-from agentd.schedule import ScheduleSpec, parse_duration
+from agentd.schedule import ScheduleSpec
 from agentd.spawn import Spawner
 from agentd.taskdef import TaskDef, TaskRegistry
 from agentd.taskqueue import TaskQueue
@@ -36,47 +36,6 @@ if TYPE_CHECKING:
     from agentd.context import Context
 
 SEND_DIGEST_TASK = "agentd.send_digest"
-_KEYS = {"pattern", "to", "subject", "every", "count", "limit"}
-
-
-@dataclass(frozen=True, slots=True)
-class DigestSpec:
-    """One `[digests.<name>]` table: which events, to whom, and when."""
-
-    name: str
-    pattern: str
-    to: tuple[str, ...]
-    subject: str
-    every: float | None
-    count: int | None
-    limit: int = 200
-
-    @classmethod
-    def from_mapping(cls, name: str, table: Mapping[str, Any]) -> DigestSpec:
-        """Raises ValueError naming the key that is wrong."""
-        unknown = set(table) - _KEYS
-        if unknown:
-            raise ValueError(f"unknown key {sorted(unknown)[0]!r}; known: {', '.join(sorted(_KEYS))}")
-        pattern = table.get("pattern")
-        if not isinstance(pattern, str):
-            raise ValueError("pattern: expected a topic pattern such as 'news.*'")
-        TopicFilter.parse(pattern)
-        to = table.get("to")
-        recipients = tuple([to] if isinstance(to, str) else to) if isinstance(to, str | list) else ()
-        subject = table.get("subject", f"agentd digest: {name}")
-        message_args(list(recipients), subject, "", None)  # ValueError names to or subject
-        every = parse_duration(table["every"], "every") if "every" in table else None
-        count = table.get("count")
-        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
-            raise ValueError(f"count: expected a whole number >= 1, got {count!r}")
-        if every is None and count is None:
-            raise ValueError("give every (a duration) or count (a number of events), or both")
-        limit = table.get("limit", 200)
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ValueError(f"limit: expected a whole number >= 1, got {limit!r}")
-        if count is not None and count > limit:
-            raise ValueError(f"count: {count} is more than limit ({limit}), the events one mail holds")
-        return cls(name, pattern, recipients, subject, every, count, limit)
 
 
 class Digests:

@@ -168,7 +168,7 @@ def build_embedder(config: Config, plugin_embedders: dict[str, EmbedderFactory])
             raise ConfigError(f"{config.source}: [memory] embedder = \"http\" needs http_url, "
                               "http_model and http_dimension")
         return HttpEmbedder(memory.http_url, memory.http_model, memory.http_dimension,
-                            api_key=config.secret("memory", memory, "http_key"))
+                            api_key=config.secrets.memory_http_key)
     factory = plugin_embedders.get(name)
     if factory is None:
         known = ", ".join(["minilm", "http", *sorted(plugin_embedders)])

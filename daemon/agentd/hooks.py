@@ -152,8 +152,8 @@ def _describe(schemes: tuple[str, ...]) -> str:
 
 
 class InboundHooks:
-    """The configured inbound hooks, their secrets read once, and the delivery ids each has
-    taken: kept in the database (table `hook_deliveries`), so a restart forgets none."""
+    """The configured inbound hooks, with their keys, and the delivery ids each has taken:
+    kept in the database (table `hook_deliveries`), so a restart forgets none."""
 
     def __init__(self, hooks: Mapping[str, InboundHook], store: Store) -> None:
         self._hooks = dict(hooks)
@@ -162,23 +162,20 @@ class InboundHooks:
 
     @classmethod
     def from_config(cls, config: Config, store: Store) -> InboundHooks:
-        """Build the hooks, reading their secrets now.
+        """Build the hooks of `[hooks.<name>]`, with the secrets `load_config` read.
 
         Raises:
-            ConfigError: a secret file or variable cannot be read, or a `whsec_` secret is
-                not base64, naming the hook.
+            ConfigError: a `whsec_` secret is not base64, naming the hook.
         """
         hooks = {}
-        for name, table in config.hooks.settings.items():
-            secret = config.secret(f"hooks.{name}", table, "secret")
+        for name, spec in config.hooks.settings.items():
             try:
-                standard_key = signing_key(secret)
+                standard_key = signing_key(spec.secret)
             except ValueError as exc:
                 raise ConfigError(f"{config.source}: [hooks.{name}] secret: {exc}") from None
             hooks[name] = InboundHook(
-                name=name, standard_key=standard_key, hex_key=secret.encode(),
-                schemes=tuple(table.get("schemes", ("standard",))),
-                tolerance=float(table.get("tolerance", config.hooks.tolerance)),
+                name=name, standard_key=standard_key, hex_key=spec.secret.encode(),
+                schemes=spec.schemes, tolerance=spec.tolerance,
                 replay_window=config.hooks.replay_window)
         return cls(hooks, store)
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosmtplib
 
-from agentd.config import MailConfig
+from agentd.config import MailConfig, check_mail_subject, mail_recipients
 from agentd.errors import Fail, InvalidTaskError
 from agentd.taskdef import TaskDef, TaskRegistry
 from agentd.taskqueue import Enqueue, TaskRecord
@@ -140,15 +140,8 @@ def message_args(to: str | Sequence[str], subject: str, text: str, html: str | N
         InvalidTaskError: (a ValueError) naming the field that is wrong; raised in a task it
             fails the task at once, since no retry can fix it.
     """
-    recipients = [to] if isinstance(to, str) else list(to)
-    if not recipients:
-        raise InvalidTaskError("to: give at least one address")
-    for address in recipients:
-        if (not isinstance(address, str) or "@" not in email.utils.parseaddr(address)[1]
-                or any(c in address for c in "\r\n")):
-            raise InvalidTaskError(f"to: {address!r} is not a mail address")
-    if not isinstance(subject, str) or any(c in subject for c in "\r\n"):
-        raise InvalidTaskError("subject must be one line of text")
+    recipients = mail_recipients(to)
+    check_mail_subject(subject)
     if not isinstance(text, str):
         raise InvalidTaskError("text must be a string")
     if html is not None and not isinstance(html, str):

@@ -24,15 +24,15 @@ class Services:
 
     @classmethod
     def from_config(cls, config: Config) -> Services:
-        """Build them, reading their secrets now.
+        """Build them with the secrets `load_config` read.
 
         Raises:
-            ConfigError: a password, key or secret file cannot be read, naming the key.
+            ConfigError: the `[webhooks]` secret is a `whsec_` secret that is not base64.
         """
         return cls(
-            mailer=Mailer(config.mail, config.secret("mail", config.mail, "password")),
+            mailer=Mailer(config.mail, config.secrets.mail_password),
             webhooks=WebhookPoster.from_config(config),
-            llm=LlmClient(config.llm, config.secret("llm", config.llm, "key")),
+            llm=LlmClient(config.llm, config.secrets.llm_key),
         )
 
     async def close(self) -> None:

@@ -208,14 +208,13 @@ class WebhookPoster:
 
     @classmethod
     def from_config(cls, config: Config) -> WebhookPoster:
-        """The poster of `[webhooks]`, its secret read now.
+        """The poster of `[webhooks]`, with the secret `load_config` read.
 
         Raises:
-            ConfigError: the secret file cannot be read, or a `whsec_` secret is not base64.
+            ConfigError: a `whsec_` secret is not base64.
         """
-        secret = config.secret("webhooks", config.webhooks, "secret")
         try:
-            return cls(config.webhooks, secret)
+            return cls(config.webhooks, config.secrets.webhooks_secret)
         except ValueError as exc:
             raise ConfigError(f"{config.origin('webhooks', 'secret')}: [webhooks] secret: {exc}") from None
 

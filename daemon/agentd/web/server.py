@@ -91,7 +91,7 @@ def build_app(daemon: Daemon, *route_tables: web.RouteTableDef) -> web.Applicati
         make_host_middleware(config.server.host, config.server.allowed_hosts),
         make_origin_middleware(config.server.allowed_origins),
     ]
-    token = config.api_token()
+    token = config.secrets.api_token
     if token:
         middlewares.append(make_auth_middleware(token, stream_tokens))
     middlewares.append(intake)
