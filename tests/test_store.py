@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from agentd.config import StoreConfig
 from agentd.errors import StoreError, StoreLockedError
 from agentd.store import BatchedWrite, Connection, Error, IntegrityError, Store
 from agentd.store.driver import WAL_SIZE_LIMIT, connect, driver
 from agentd.store.migrations import MIGRATIONS, SCHEMA_VERSION
+from agentd.store import writer
 from agentd.store.sqlite import SqliteStore
 
 
@@ -369,3 +371,75 @@ async def test_with_two_readers_a_quick_read_does_not_wait_for_a_slow_one(tmp_pa
 
     assert await first_done(2) == "quick"
     assert await first_done(1) == "slow"
+
+
+# --------------------------------------------------------------------------- the writer's own tasks
+
+
+@pytest.mark.parametrize("synchronous", ["normal", "full"])
+async def test_a_flush_that_breaks_fails_its_writes_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synchronous: str
+) -> None:
+    """A flush that raises by itself (a bug in the writer or a rider, not the storage) fails
+    the writes it held with a StoreError and logs once: none is left waiting for a commit
+    that will not come, inline (`normal`) or from the writer thread's task (`full`). The
+    store keeps running: the next flush that works commits."""
+    store = SqliteStore(tmp_path / "x.db", StoreConfig(synchronous=synchronous))  # type: ignore[arg-type]
+    await store.open()
+    try:
+        await create_table(store)
+
+        def broken(ops: list[Any]) -> list[tuple[bool, Any]]:
+            raise RuntimeError("writer bug")
+
+        monkeypatch.setattr(store, "_run_batch", broken)
+        with capture_logs() as logs:
+            writes = [store.write(lambda c: c.execute("INSERT INTO t (v) VALUES ('x')"))
+                      for _ in range(3)]
+            outcomes = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 10)
+        assert all(isinstance(o, StoreError) and "writer bug" in str(o) for o in outcomes), outcomes
+        failed = [entry for entry in logs if entry["event"] == "store.flush_failed"]
+        assert len(failed) == 1
+        assert failed[0]["writes"] == 3 and "writer bug" in failed[0]["error"]
+
+        monkeypatch.undo()
+        await asyncio.wait_for(store.write(lambda c: c.execute("INSERT INTO t (v) VALUES ('y')")), 10)
+        assert await count(store) == 1
+    finally:
+        await store.close()
+
+
+async def test_a_write_check_that_breaks_is_logged_and_close_ends_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's own write check (run while writes fail) that raises otherwise than on
+    the storage is logged once and tried again, not lost with its task; close() ends it."""
+    monkeypatch.setattr(writer, "_PROBE_INTERVAL", 0.01)
+    store = SqliteStore(tmp_path / "x.db", StoreConfig())
+    await store.open()
+    checks = 0
+    checked_twice = asyncio.Event()
+
+    async def broken_check() -> None:
+        nonlocal checks
+        checks += 1
+        if checks == 2:
+            checked_twice.set()
+        raise RuntimeError("check bug")
+
+    def full(conn: Connection) -> None:
+        raise driver.OperationalError("database or disk is full")
+
+    try:
+        monkeypatch.setattr(store, "check_writable", broken_check)
+        with capture_logs() as logs:
+            with pytest.raises(StoreError, match="is full"):
+                await store.write(full)
+            await asyncio.wait_for(checked_twice.wait(), 10)
+        assert [e["event"] for e in logs if e["event"].startswith("store.")] == [
+            "store.writes_failing", "store.write_check_failed"]
+        prober = store._prober
+        assert prober is not None
+    finally:
+        await store.close()
+    assert prober.done() and store._prober is None
