@@ -36,6 +36,7 @@ from agentd.shutdown import (
     stop_bound,
 )
 from agentd.spawn import Spawner
+from agentd.store import Store
 from agentd.store.sqlite import SqliteStore
 from agentd.systemd import Notifier
 from agentd.taskdef import TaskRegistry
@@ -60,7 +61,7 @@ class Daemon:
         check_serving_rules(config)
         self.config = config
         self.notifier = notifier or Notifier()
-        self.store = SqliteStore(config.database_path, config.store, extensions=False)
+        self.store: Store = SqliteStore(config.database_path, config.store, extensions=False)
         self.bus = Bus()
         self.spawner = Spawner(
             self.bus, config.daemon.handler_concurrency, config.daemon.handler_backlog
