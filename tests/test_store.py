@@ -1,4 +1,5 @@
-"""The SQLite store: pragmas, sqlite-vec, migrations, the lock, and grouped writes."""
+"""The SQLite store (agentd.store): pragmas, sqlite-vec, migrations, the lock, grouped writes
+and the writer's own tasks."""
 
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ from structlog.testing import capture_logs
 
 from agentd.config import StoreConfig
 from agentd.errors import StoreError, StoreLockedError
-from agentd.store import BatchedWrite, Connection, Error, IntegrityError, Store
+from agentd.store import BatchedWrite, Connection, Error, IntegrityError, Store, writer
 from agentd.store.driver import WAL_SIZE_LIMIT, connect, driver
 from agentd.store.migrations import MIGRATIONS, SCHEMA_VERSION
-from agentd.store import writer
 from agentd.store.sqlite import SqliteStore
 
 
