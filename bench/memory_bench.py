@@ -770,7 +770,7 @@ async def dispatch_run(daemon: Any, args: argparse.Namespace, emit: Callable[[di
 def versions() -> str:
     import sqlite_vec
 
-    from agentd.db import driver
+    from agentd.store.driver import driver
 
     return (f"SQLite {driver.sqlite_version} ({driver.__name__}), sqlite-vec {sqlite_vec.__version__}, "
             f"numpy {np.__version__}")

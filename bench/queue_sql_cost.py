@@ -24,9 +24,10 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from agentd.db import execute_rows, plain_driver
 from agentd.eventlog import INSERT_EVENTS
 from agentd.jsontext import lenient_encoder
+from agentd.store.driver import plain_driver
+from agentd.store.writer import execute_rows
 from agentd.taskqueue import CLAIMED_COLUMNS
 from agentd.worker import ACK_ROW, ACK_STATEMENT
 

@@ -30,8 +30,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from agentd.config import StoreConfig
-from agentd.db import Connection, Store
 from agentd.errors import StoreBusyError, StoreFullError, StoreIOError, StoreReadOnlyError
+from agentd.store import Connection, Store
+from agentd.store.sqlite import SqliteStore
 
 BIG = 20_000  # characters: more than four pages, so never stored without new pages
 
@@ -436,7 +437,7 @@ async def test_a_commit_the_disk_fails_is_store_io_error_and_the_ack_waits_it_ou
 async def test_checkpoints_go_on_after_one_fails(tmp_path: Path) -> None:
     """A checkpoint that cannot write the database file (it must grow) used to end the
     checkpoint loop for good: the WAL then grew until the next maintenance."""
-    store = Store(tmp_path / "x.db", StoreConfig())
+    store = SqliteStore(tmp_path / "x.db", StoreConfig())
     await store.open()
     checkpoints: asyncio.Task[None] | None = None
     try:
@@ -466,7 +467,7 @@ async def test_checkpoints_go_on_after_one_fails(tmp_path: Path) -> None:
 
 
 async def test_a_store_closed_as_its_writes_start_failing_leaves_no_check_running(tmp_path: Path) -> None:
-    store = Store(tmp_path / "x.db", StoreConfig())
+    store = SqliteStore(tmp_path / "x.db", StoreConfig())
     await store.open()
     await fill(store)
     refused_last = store.write(lambda conn: conn.execute(
@@ -487,7 +488,7 @@ async def test_a_store_closed_as_its_writes_start_failing_leaves_no_check_runnin
 async def test_storage_errors_are_named_by_their_cause(
     tmp_path: Path, code: int | None, message: str, kind: type[Exception]
 ) -> None:
-    store = Store(tmp_path / "x.db", StoreConfig())
+    store = SqliteStore(tmp_path / "x.db", StoreConfig())
     await store.open()
     try:
         def fail(conn: Connection) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agentd import __version__
-from agentd.db import SCHEMA_VERSION
+from agentd.store.migrations import SCHEMA_VERSION
 
 TOKEN = "s3cret-token"
 

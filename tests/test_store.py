@@ -1,4 +1,5 @@
-"""The SQLite store: pragmas, sqlite-vec, migrations, the lock, and grouped writes."""
+"""The SQLite store (agentd.store): pragmas, sqlite-vec, migrations, the lock, grouped writes
+and the writer's own tasks."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
-from agentd import db
 from agentd.config import StoreConfig
-from agentd.db import MIGRATIONS, SCHEMA_VERSION, WAL_SIZE_LIMIT, Store
 from agentd.errors import StoreError, StoreLockedError
+from agentd.store import BatchedWrite, Connection, Error, IntegrityError, Store, writer
+from agentd.store.driver import WAL_SIZE_LIMIT, connect, driver
+from agentd.store.migrations import MIGRATIONS, SCHEMA_VERSION
+from agentd.store.sqlite import SqliteStore
 
 
 # (synchronous, extensions): agentd.db is opened without extensions (the stdlib driver
@@ -22,7 +26,7 @@ from agentd.errors import StoreError, StoreLockedError
                 ids=["normal-plain", "full-plain", "normal-extensions"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     synchronous, extensions = request.param
-    opened = Store(tmp_path / "data" / "agentd.db", StoreConfig(synchronous=synchronous),
+    opened = SqliteStore(tmp_path / "data" / "agentd.db", StoreConfig(synchronous=synchronous),
                    extensions=extensions)
     await opened.open()
     yield opened
@@ -31,7 +35,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 def raw_connection(path: Path) -> Any:
     """A plain driver connection with none of agentd's pragmas: sees only committed data."""
-    return db.driver.connect(str(path), isolation_level=None, check_same_thread=False)
+    return driver.connect(str(path), isolation_level=None, check_same_thread=False)
 
 
 async def create_table(store: Store) -> None:
@@ -59,7 +63,7 @@ async def test_file_is_in_wal_mode(store: Store) -> None:
 async def test_reader_and_writer_pragmas(store: Store) -> None:
     expected_sync = {"normal": 1, "full": 2}[store.config.synchronous]
 
-    def writer_pragmas(conn: db.Connection) -> tuple[int, int, int]:
+    def writer_pragmas(conn: Connection) -> tuple[int, int, int]:
         return tuple(  # type: ignore[return-value]
             conn.execute(f"PRAGMA {name}").fetchone()[0]
             for name in ("foreign_keys", "synchronous", "busy_timeout")
@@ -85,7 +89,7 @@ async def test_maintenance_hands_free_pages_back(store: Store) -> None:
 
 
 async def test_connect_applies_the_configured_settings(tmp_path: Path) -> None:
-    conn = db.connect(tmp_path / "x.db", StoreConfig(synchronous="full", busy_timeout_ms=1234))
+    conn = connect(tmp_path / "x.db", StoreConfig(synchronous="full", busy_timeout_ms=1234))
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
@@ -97,18 +101,18 @@ async def test_connect_applies_the_configured_settings(tmp_path: Path) -> None:
 
 
 async def test_foreign_keys_are_enforced(store: Store) -> None:
-    def schema(conn: db.Connection) -> None:
+    def schema(conn: Connection) -> None:
         conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
         conn.execute("CREATE TABLE child (id INTEGER PRIMARY KEY, parent INTEGER REFERENCES parent(id))")
 
     await store.write(schema)
-    with pytest.raises(db.IntegrityError, match="FOREIGN KEY"):
+    with pytest.raises(IntegrityError, match="FOREIGN KEY"):
         await store.write(lambda c: c.execute("INSERT INTO child VALUES (1, 42)"))
 
 
 async def test_sqlite_vec_is_loaded_on_both_connections(store: Store) -> None:
     if not store.extensions:
-        with pytest.raises(db.Error, match="vec_version"):
+        with pytest.raises(Error, match="vec_version"):
             await store.read_one("SELECT vec_version()")
         return
     row = await store.read_one("SELECT vec_version() AS v, vec_length('[1, 2, 3]') AS n")
@@ -131,11 +135,11 @@ async def test_migrations_are_recorded(store: Store) -> None:
 
 async def test_reopening_applies_nothing_twice(tmp_path: Path) -> None:
     path = tmp_path / "agentd.db"
-    first = Store(path, StoreConfig())
+    first = SqliteStore(path, StoreConfig())
     await first.open()
     before = [tuple(r) for r in await first.read("SELECT * FROM schema_version ORDER BY version")]
     await first.close()
-    second = Store(path, StoreConfig())
+    second = SqliteStore(path, StoreConfig())
     await second.open()
     try:
         after = [tuple(r) for r in await second.read("SELECT * FROM schema_version ORDER BY version")]
@@ -147,7 +151,7 @@ async def test_reopening_applies_nothing_twice(tmp_path: Path) -> None:
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "agentd.db"
-    first = Store(path, StoreConfig())
+    first = SqliteStore(path, StoreConfig())
     await first.open()
     await first.write(lambda c: c.execute(
         "INSERT INTO schema_version VALUES (?, 'from-the-future.sql', 0)", (SCHEMA_VERSION + 1,)
@@ -155,7 +159,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     await first.close()
 
     for _ in range(2):  # the failed open released the lock: the second attempt is not "locked"
-        newer = Store(path, StoreConfig())
+        newer = SqliteStore(path, StoreConfig())
         with pytest.raises(StoreError) as caught:
             await newer.open()
         assert not isinstance(caught.value, StoreLockedError)
@@ -168,7 +172,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
 async def test_uncreatable_data_dir_is_a_store_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(StoreError, match="cannot create the data directory"):
-        await Store(tmp_path / "file" / "sub" / "agentd.db", StoreConfig()).open()
+        await SqliteStore(tmp_path / "file" / "sub" / "agentd.db", StoreConfig()).open()
 
 
 # --------------------------------------------------------------------------- the lock
@@ -176,9 +180,9 @@ async def test_uncreatable_data_dir_is_a_store_error(tmp_path: Path) -> None:
 
 async def test_second_store_on_the_same_file_is_locked_out(tmp_path: Path) -> None:
     path = tmp_path / "agentd.db"
-    first = Store(path, StoreConfig())
+    first = SqliteStore(path, StoreConfig())
     await first.open()
-    second = Store(path, StoreConfig())
+    second = SqliteStore(path, StoreConfig())
     try:
         with pytest.raises(StoreLockedError) as caught:
             await second.open()
@@ -198,7 +202,7 @@ async def test_writes_of_one_tick_share_one_transaction(store: Store) -> None:
     observer = raw_connection(store.path)  # sees committed rows only
 
     def insert(i: int) -> Any:
-        def op(conn: db.Connection) -> tuple[int, int]:
+        def op(conn: Connection) -> tuple[int, int]:
             conn.execute("INSERT INTO t (id, v) VALUES (?, ?)", (i, f"v{i}"))
             return i, observer.execute("SELECT count(*) FROM t").fetchone()[0]
         return op
@@ -218,12 +222,12 @@ async def test_batched_values_are_written_by_one_op_per_transaction(store: Store
     await create_table(store)
     calls: list[list[int]] = []
 
-    def write_values(conn: db.Connection, values: list[int]) -> list[int]:
+    def write_values(conn: Connection, values: list[int]) -> list[int]:
         calls.append(list(values))
         conn.executemany("INSERT INTO t (id) VALUES (?)", [(v,) for v in values])
         return [v * 10 for v in values]
 
-    batched: db.BatchedWrite[int, int] = db.BatchedWrite(store, write_values)
+    batched: BatchedWrite[int, int] = BatchedWrite(store, write_values)
     first = [batched.add(i) for i in range(5)]
     assert len(set(map(id, first))) == 1  # one future for the batch
     assert await first[0] == [0, 10, 20, 30, 40]
@@ -238,7 +242,7 @@ async def test_batched_values_are_written_by_one_op_per_transaction(store: Store
     assert await count(store) == 8
     # A batch that fails fails every value's future, and nothing of it is written.
     doomed = [batched.add(7), batched.add(7)]
-    with pytest.raises(db.IntegrityError):
+    with pytest.raises(IntegrityError):
         await doomed[0]
     assert await count(store) == 8
     # Values held when the store closes are written before it does.
@@ -251,7 +255,7 @@ async def test_a_failing_op_fails_alone(store: Store) -> None:
     await create_table(store)
 
     def insert(i: int) -> Any:
-        def op(conn: db.Connection) -> int:
+        def op(conn: Connection) -> int:
             conn.execute("INSERT INTO t (id) VALUES (?)", (i,))
             if i == 5:
                 raise ValueError("op 5 refuses")
@@ -265,7 +269,7 @@ async def test_a_failing_op_fails_alone(store: Store) -> None:
     assert isinstance(outcomes[5], ValueError)
     assert str(outcomes[5]) == "op 5 refuses"
     assert outcomes[6:10] == [6, 7, 8, 9]
-    assert isinstance(outcomes[10], db.IntegrityError)
+    assert isinstance(outcomes[10], IntegrityError)
     rows = await store.read("SELECT id FROM t ORDER BY id")
     # The failed batch was rolled back before the ops were re-run alone: no duplicates, no 5.
     assert [r["id"] for r in rows] == [0, 1, 2, 3, 4, 6, 7, 8, 9]
@@ -294,7 +298,7 @@ async def test_writes_submitted_during_a_flush_are_not_lost(store: Store) -> Non
 async def test_close_finishes_pending_writes(tmp_path: Path) -> None:
     for mode in ("normal", "full"):
         path = tmp_path / mode / "agentd.db"
-        opened = Store(path, StoreConfig(synchronous=mode))  # type: ignore[arg-type]
+        opened = SqliteStore(path, StoreConfig(synchronous=mode))  # type: ignore[arg-type]
         await opened.open()
         await create_table(opened)
         pending = [opened.write(lambda c, i=i: c.execute("INSERT INTO t (id) VALUES (?)", (i,)))
@@ -309,7 +313,7 @@ async def test_close_finishes_pending_writes(tmp_path: Path) -> None:
 
 
 async def test_closed_store_refuses_reads_and_writes(tmp_path: Path) -> None:
-    closed = Store(tmp_path / "agentd.db", StoreConfig())
+    closed = SqliteStore(tmp_path / "agentd.db", StoreConfig())
     await closed.open()
     await closed.close()
     with pytest.raises(StoreError, match="the store is closed"):
@@ -328,7 +332,7 @@ async def test_check_writable_records_the_check(store: Store) -> None:
 async def test_the_wal_file_is_cut_back_once_a_checkpoint_resets_it(tmp_path: Path) -> None:
     """A write burst grows the WAL file; checkpoints reuse it from the start but would never
     shrink it. journal_size_limit cuts it back to WAL_SIZE_LIMIT when it is next reset."""
-    store = Store(tmp_path / "burst.db", StoreConfig())
+    store = SqliteStore(tmp_path / "burst.db", StoreConfig())
     await store.open()
     try:
         await store.write(lambda conn: conn.execute("CREATE TABLE blob (b BLOB)"))
@@ -351,7 +355,7 @@ async def test_with_two_readers_a_quick_read_does_not_wait_for_a_slow_one(tmp_pa
                 "SELECT count(*) FROM n")
 
     async def first_done(readers: int) -> str:
-        store = Store(tmp_path / f"r{readers}.db", StoreConfig(), readers=readers)
+        store = SqliteStore(tmp_path / f"r{readers}.db", StoreConfig(), readers=readers)
         await store.open()
         try:
             finished: list[str] = []
@@ -367,3 +371,75 @@ async def test_with_two_readers_a_quick_read_does_not_wait_for_a_slow_one(tmp_pa
 
     assert await first_done(2) == "quick"
     assert await first_done(1) == "slow"
+
+
+# --------------------------------------------------------------------------- the writer's own tasks
+
+
+@pytest.mark.parametrize("synchronous", ["normal", "full"])
+async def test_a_flush_that_breaks_fails_its_writes_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synchronous: str
+) -> None:
+    """A flush that raises by itself (a bug in the writer or a rider, not the storage) fails
+    the writes it held with a StoreError and logs once: none is left waiting for a commit
+    that will not come, inline (`normal`) or from the writer thread's task (`full`). The
+    store keeps running: the next flush that works commits."""
+    store = SqliteStore(tmp_path / "x.db", StoreConfig(synchronous=synchronous))  # type: ignore[arg-type]
+    await store.open()
+    try:
+        await create_table(store)
+
+        def broken(ops: list[Any]) -> list[tuple[bool, Any]]:
+            raise RuntimeError("writer bug")
+
+        monkeypatch.setattr(store, "_run_batch", broken)
+        with capture_logs() as logs:
+            writes = [store.write(lambda c: c.execute("INSERT INTO t (v) VALUES ('x')"))
+                      for _ in range(3)]
+            outcomes = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 10)
+        assert all(isinstance(o, StoreError) and "writer bug" in str(o) for o in outcomes), outcomes
+        failed = [entry for entry in logs if entry["event"] == "store.flush_failed"]
+        assert len(failed) == 1
+        assert failed[0]["writes"] == 3 and "writer bug" in failed[0]["error"]
+
+        monkeypatch.undo()
+        await asyncio.wait_for(store.write(lambda c: c.execute("INSERT INTO t (v) VALUES ('y')")), 10)
+        assert await count(store) == 1
+    finally:
+        await store.close()
+
+
+async def test_a_write_check_that_breaks_is_logged_and_close_ends_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's own write check (run while writes fail) that raises otherwise than on
+    the storage is logged once and tried again, not lost with its task; close() ends it."""
+    monkeypatch.setattr(writer, "_PROBE_INTERVAL", 0.01)
+    store = SqliteStore(tmp_path / "x.db", StoreConfig())
+    await store.open()
+    checks = 0
+    checked_twice = asyncio.Event()
+
+    async def broken_check() -> None:
+        nonlocal checks
+        checks += 1
+        if checks == 2:
+            checked_twice.set()
+        raise RuntimeError("check bug")
+
+    def full(conn: Connection) -> None:
+        raise driver.OperationalError("database or disk is full")
+
+    try:
+        monkeypatch.setattr(store, "check_writable", broken_check)
+        with capture_logs() as logs:
+            with pytest.raises(StoreError, match="is full"):
+                await store.write(full)
+            await asyncio.wait_for(checked_twice.wait(), 10)
+        assert [e["event"] for e in logs if e["event"].startswith("store.")] == [
+            "store.writes_failing", "store.write_check_failed"]
+        prober = store._prober
+        assert prober is not None
+    finally:
+        await store.close()
+    assert prober.done() and store._prober is None

@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 from agentd import __version__, maintenance
 from agentd.bus import Bus
 from agentd.config import Config, check_serving_rules
-from agentd.db import Store
 from agentd.digests import Digests
 from agentd.embed import build_embedder
 from agentd.errors import ConfigError, InvalidScheduleError
@@ -37,6 +36,8 @@ from agentd.shutdown import (
     stop_bound,
 )
 from agentd.spawn import Spawner
+from agentd.store import Store
+from agentd.store.sqlite import SqliteStore
 from agentd.systemd import Notifier
 from agentd.taskdef import TaskRegistry
 from agentd.taskqueue import TaskQueue
@@ -60,7 +61,7 @@ class Daemon:
         check_serving_rules(config)
         self.config = config
         self.notifier = notifier or Notifier()
-        self.store = Store(config.database_path, config.store, extensions=False)
+        self.store: Store = SqliteStore(config.database_path, config.store, extensions=False)
         self.bus = Bus()
         self.spawner = Spawner(
             self.bus, config.daemon.handler_concurrency, config.daemon.handler_backlog

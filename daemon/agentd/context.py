@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
 
+from agentd import steps
 from agentd.errors import TaskFailedError
 from agentd.events import Event, check_publishable
 from agentd.llm import TaskLlm
@@ -207,18 +208,14 @@ class Context:
     async def step(self, key: str, fn: Callable[[], Any]) -> Any:
         """Run `fn()` (sync or async) once for this task: its JSON result is stored, and a
         retried attempt gets the stored result back instead of running `fn` again."""
-        row = await self._queue.store.read_one(
-            "SELECT result FROM task_steps WHERE task_id = ? AND key = ?", (self.task.id, key))
-        if row is not None:
-            return json.loads(row["result"])
+        stored = await steps.recorded(self._queue.store, self.task.id, key)
+        if stored is not None:
+            return json.loads(stored)
         value = fn()
         if inspect.isawaitable(value):
             value = await value
         encoded = encode_json(value, f"the result of step {key!r}")
-        await self._queue.store.write(lambda conn: conn.execute(
-            "INSERT INTO task_steps (task_id, key, result) VALUES (?, ?, ?) "
-            "ON CONFLICT (task_id, key) DO UPDATE SET result = excluded.result",
-            (self.task.id, key, encoded)))
+        await steps.record(self._queue.store, self.task.id, key, encoded)
         # What a retry will read back: the JSON round trip (a tuple becomes a list, int keys
         # strings), so that every attempt sees the same value.
         return value if isinstance(value, str | int | bool | None) else json.loads(encoded)

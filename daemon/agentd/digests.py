@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from agentd.bus import Bus, Subscription
 from agentd.config import DigestSpec
-from agentd.db import Connection, Store
 from agentd.errors import Fail
 from agentd.eventlog import EventLog
 from agentd.events import Event, TopicFilter
 from agentd.mail import SEND_MAIL_TASK, Mailer, message_args
 from agentd.schedule import ScheduleSpec
 from agentd.spawn import Spawner
+from agentd.store import Connection, Store
 from agentd.taskdef import TaskDef, TaskRegistry
 from agentd.taskqueue import TaskQueue
 

@@ -25,11 +25,11 @@ from typing import Any
 
 from agentd.bus import Bus, Subscription
 from agentd.config import EventsConfig
-from agentd.db import Connection, Row, Store, WriteOp, execute_rows
 from agentd.errors import StoreWriteError
 from agentd.events import Event, TopicPattern
 from agentd.jsontext import lenient_encoder
 from agentd.log import get_logger
+from agentd.store import Connection, Row, Store, WriteOp, execute_rows
 
 _ROW = "(?,?,?,?,?,?,?)"
 INSERT_EVENTS = (

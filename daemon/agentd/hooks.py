@@ -25,7 +25,7 @@ from agentd.log import get_logger
 from agentd.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, sign, signing_key, standard_signature
 
 if TYPE_CHECKING:
-    from agentd.db import Connection, Store
+    from agentd.store import Connection, Store
 
 # A delivery id is kept as text and signed as ASCII: printable, no spaces, bounded.
 _DELIVERY_ID = re.compile(r"[\x21-\x7e]{1,256}")

@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 from agentd.config import Config
 from agentd.context import Context
-from agentd.db import Store
 from agentd.eventlog import EventLog
 from agentd.memory import MemoryStore
 from agentd.schedule import ScheduleSpec
+from agentd.store import Store
 from agentd.taskdef import TaskDef, TaskRegistry
 from agentd.taskqueue import TaskQueue
 

@@ -25,10 +25,11 @@ from typing import Any
 from sqlite_vec import serialize_float32
 
 from agentd.config import MemoryConfig, StoreConfig
-from agentd.db import Connection, Row, Store
 from agentd.embed import Embedder
 from agentd.errors import EmbedderMismatchError, MemoryBusyError, MemoryNotFoundError
 from agentd.log import get_logger
+from agentd.store import Connection, Row
+from agentd.store.sqlite import SqliteStore
 
 DEFAULT_NAMESPACE = "default"
 _RRF_K = 60
@@ -145,7 +146,7 @@ class MemoryStore:
         self.embedder = embedder
         # Two readers: recalls are vector searches that SQLite runs without the GIL, so two
         # agents recalling at once use two cores instead of queueing on one connection.
-        self.store = Store(path, store_config, migrations="sql/memory", writes_in_thread=True,
+        self.store = SqliteStore(path, store_config, migrations="sql/memory", writes_in_thread=True,
                            readers=_READERS, setting="[memory] path")
         self._fields = tuple(config.filter_fields)
         self._log = get_logger("memory")

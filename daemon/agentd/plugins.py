@@ -32,7 +32,6 @@ import structlog
 
 from agentd.bus import Bus
 from agentd.config import Config
-from agentd.db import Connection
 from agentd.errors import PluginError
 from agentd.events import Event, TopicPattern
 from agentd.log import get_logger
@@ -41,6 +40,7 @@ from agentd.memory import MemoryStore
 from agentd.plugin import HandlerSpec, Hook, Plugin
 from agentd.services import Services
 from agentd.spawn import Spawner
+from agentd.store import Connection
 from agentd.taskdef import TaskDef
 from agentd.taskqueue import TaskQueue, TaskRecord, TaskRequest
 from agentd.webhooks import WebhookSender

@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agentd.bus import Bus
-from agentd.db import Connection, Row, Store
 from agentd.errors import InvalidScheduleError, ScheduleNotFoundError, StoreWriteError, TaskStateError
 from agentd.events import Event
 from agentd.log import get_logger
 from agentd.schedule import ScheduleSpec
+from agentd.store import Connection, Row, Store
 from agentd.taskdef import TaskRegistry
 from agentd.taskqueue import FINAL_TOPIC, TaskQueue, TaskRequest
 

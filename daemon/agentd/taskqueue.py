@@ -30,7 +30,6 @@ from typing import Any, NamedTuple, NoReturn
 
 from agentd.bus import Bus
 from agentd.config import TasksConfig
-from agentd.db import BatchedWrite, Connection, Row, Store
 from agentd.errors import (
     InvalidTaskError,
     TaskFailedError,
@@ -38,6 +37,7 @@ from agentd.errors import (
     TaskStateError,
     UnknownTaskError,
 )
+from agentd.store import BatchedWrite, Connection, Row, Store
 from agentd.taskdef import TaskRegistry, encode_json
 
 FINAL_STATES = frozenset({"succeeded", "failed", "dead", "cancelled"})

@@ -39,10 +39,10 @@ from typing import Any, NamedTuple
 
 from agentd.config import TasksConfig
 from agentd.context import Context
-from agentd.db import BatchedWrite, Connection, Row, Store, execute_rows
 from agentd.errors import Fail, InvalidTaskError, Retry, StoreWriteError
 from agentd.log import get_logger
 from agentd.services import Services
+from agentd.store import BatchedWrite, Connection, Row, Store, execute_rows
 from agentd.taskdef import TaskDef, TaskRegistry, encode_json
 from agentd.taskqueue import CLAIMED_COLUMNS, FINAL_TOPIC, LATEST_RUN_AT, TaskQueue, TaskRecord
 

@@ -45,7 +45,7 @@ from agentd.events import TopicFilter
 from agentd.web.errors import ApiError
 
 if TYPE_CHECKING:
-    from agentd.db import Connection, Store
+    from agentd.store import Connection, Store
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -1,0 +1,97 @@
+"""Where everything agentd keeps is stored, and the one interface the rest of agentd uses.
+
+Modules, by job:
+
+- `__init__.py`: `Store`, the interface the parts that store (queue, workers, event log,
+  scheduler, digests, hooks, stream tokens, memory) use, and the names they import.
+- `sqlite.py`: `SqliteStore`, the SQLite engine: lock, connections, schema, writer,
+  readers and checkpoints put together.
+- `driver.py`: the SQLite driver (sqlean or the stdlib), value adapters, `connect` and its
+  pragmas, what an SQLite error means.
+- `migrations.py`: the numbered `agentd/sql/NNNN_*.sql` scripts, applied once each.
+- `lock.py`: one daemon per database file (`flock` on `<file>.lock`).
+- `writer.py`: the one writer: writes grouped into transactions, riders, `BatchedWrite`,
+  failed writes and the write checks.
+- `checkpoints.py`: WAL checkpoints and the incremental vacuum.
+
+The seam. A part is handed a `Store` and calls only what it declares: `write` (an op run on
+the write connection inside a grouped transaction), `join_batch`/`add_rider`/
+`request_flush` (writes sized when a batch is taken), `read`/`read_one` (queries off the
+loop) and the lifecycle and maintenance calls the daemon makes. Each part keeps its SQL in
+its own module, grouped as module-level statements, so an engine with another dialect adds
+its own set of statements beside them rather than a branch in every query. `app.py` picks
+the engine (today only `SqliteStore`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from agentd.config import StoreConfig
+from agentd.errors import StoreWriteError
+from agentd.store.driver import Connection, Error, IntegrityError, Row
+from agentd.store.writer import BatchedWrite, WriteOp, execute_rows
+
+T = TypeVar("T")
+
+__all__ = ["BatchedWrite", "Connection", "Error", "IntegrityError", "Row", "Store", "WriteOp",
+           "execute_rows"]
+
+
+class Store(Protocol):
+    """A database with one writer and grouped write transactions, as the parts see it.
+
+    Writes are synchronous ops of the write connection: ops submitted in the same loop
+    tick share one transaction, and each op's future resolves once it commits. A write the
+    storage refuses fails with a `StoreWriteError` naming the cause (`failure` holds the
+    last until a write check commits); a closed store refuses writes and reads with a
+    StoreError."""
+
+    path: Path
+    config: StoreConfig
+    schema_version: int
+    transactions: int
+    failure: StoreWriteError | None
+
+    @property
+    def closed(self) -> bool:
+        """Whether the store is closed (or not yet open)."""
+
+    async def open(self) -> None:
+        """Take the database for this process, connect and migrate. Raises StoreError."""
+
+    async def close(self) -> None:
+        """Commit what is pending, then close the connections and give the database up."""
+
+    def write(self, op: WriteOp[T]) -> asyncio.Future[T]:
+        """Run `op(connection)` in the next grouped transaction; resolve to its result."""
+
+    def join_batch(self, op: WriteOp[T], future: asyncio.Future[T] | None = None) -> asyncio.Future[T]:
+        """Add `op` to the next batch without starting one (for riders)."""
+
+    def add_rider(self, rider: Callable[[], None]) -> None:
+        """Call `rider()` just before each batch is taken, to `join_batch` writes of its own."""
+
+    def request_flush(self) -> None:
+        """Make sure a batch is taken soon (a rider has writes to add)."""
+
+    async def read(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
+        """Rows of a read-only query, run off the event loop."""
+
+    async def read_one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Row | None:
+        """The first row of `read(sql, params)`, or None."""
+
+    async def check_writable(self) -> None:
+        """Raise StoreWriteError unless a write that needs room commits now."""
+
+    async def run_checkpoints(self, interval: float = 1.0, wal_limit: int = 4 << 20) -> None:
+        """Forever: keep the engine's write-ahead log bounded (a service the daemon runs)."""
+
+    async def maintain(self) -> dict[str, int]:
+        """Compact the storage; return what was done (for the maintenance schedule)."""
+
+    async def stats(self, tables: tuple[str, ...]) -> dict[str, int | str | None]:
+        """Size on disk, row counts of `tables`, and the current write failure's code."""
