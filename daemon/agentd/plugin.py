@@ -49,7 +49,8 @@ class HandlerSpec:
 
 
 class Plugin:
-    """A plugin's declarations. Create one at module level, named like the module.
+    """A plugin's declarations. Create one at module level, named like the module. What it
+    declared is kept in underscored attributes, for the loader alone.
 
     Args:
         name: lower-case letters, digits and `_`; it prefixes the plugin's task names and
