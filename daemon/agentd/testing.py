@@ -91,7 +91,8 @@ class Harness:
         """The daemon's memory, as a task's `ctx.memory`: to seed it, or to check what a
         plugin remembered."""
         memory = self._daemon.services.memory
-        assert memory is not None, "memory opens at the start"
+        if memory is None:
+            raise RuntimeError("the daemon's memory is not open")
         return memory
 
     def plugin_states(self) -> dict[str, str]:
