@@ -158,6 +158,21 @@ def test_the_walk_finds_an_internal_type() -> None:
     assert faults == ["Leaky.memory (return): agentd.memory.MemoryStore"]
 
 
+def test_the_contexts_offer_what_the_readme_lists() -> None:
+    """Nothing of the daemon's (bus, queue, spawner, manager, slot bookkeeping, a plugin's
+    declarations) is public; `publish` is on both contexts, `progress` on a task's alone."""
+    def public(obj: object) -> set[str]:
+        return {name for name in dir(obj) if not name.startswith("_")}
+
+    assert public(agentd.PluginContext) == {"config", "log", "memory", "mail", "webhook", "publish",
+                                            "submit"}
+    assert public(agentd.Context) == {"task", "config", "log", "memory", "mail", "webhook", "llm",
+                                      "progress", "publish", "token", "call", "gather", "submit",
+                                      "step"}
+    assert public(agentd.Plugin("demo")) == {"name", "description", "config", "on", "task",
+                                             "schedule", "embedder", "startup", "shutdown"}
+
+
 # --------------------------------------------------------------------------- (c) the real objects
 
 PROBE = """
