@@ -196,7 +196,9 @@ def build_agentd_plugin() -> Any:
 
     @plugin.startup
     def keep_context(ctx: Any) -> None:
-        kept["bus"] = ctx.bus
+        # Raw publishes and buffer lengths: the bench reaches into the daemon on purpose
+        # (agentd before the public plugin API handed the bus out as `ctx.bus`).
+        kept["bus"] = ctx._manager._bus if hasattr(ctx, "_manager") else ctx.bus
 
     @plugin.task()
     async def burst(ctx: Any, **body: Any) -> dict[str, Any]:

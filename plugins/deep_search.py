@@ -20,7 +20,6 @@ import re
 from typing import Any
 
 from agentd import Context, Plugin
-from agentd.mail import message_args
 
 plugin = Plugin("deep_search", description="orchestrates a search agent and a sentiment agent")
 
@@ -39,18 +38,18 @@ _NEGATIVE = frozenset({
 async def run(ctx: Context, topic: str, email: str | None = None) -> dict[str, Any]:
     """Agent A: delegate, merge, remember, mail."""
     if email:
-        message_args(email, "deep_search", "", None)  # a bad address fails now, not after the work
-    ctx.emit("delegating", {"topic": topic, "to": ["deep_search.search", "deep_search.sentiment"]})
+        ctx.mail.check(email)  # a bad address fails now, not after the work
+    ctx.progress("delegating", {"topic": topic, "to": ["deep_search.search", "deep_search.sentiment"]})
     found, mood = await ctx.gather(ctx.call("deep_search.search", query=topic),
                                    ctx.call("deep_search.sentiment", topic=topic))
-    ctx.emit("merging", {"results": len(found["results"]), "sentiment": mood["label"]})
+    ctx.progress("merging", {"results": len(found["results"]), "sentiment": mood["label"]})
     summary = await _summarise(ctx, topic, found["results"], mood)
     memory, _ = await ctx.memory.remember(
         summary, namespace=SUMMARIES, metadata={"kind": "summary", "agent": "deep_search", "topic": topic})
     mailed = None
     if email and ctx.mail.enabled:
         mailed = (await ctx.mail.send(email, f"deep_search: {topic}", summary)).id
-    ctx.emit("done", {"memory_id": memory.id, "mail_task_id": mailed})
+    ctx.progress("done", {"memory_id": memory.id, "mail_task_id": mailed})
     return {"topic": topic, "summary": summary, "sources": found["results"], "sentiment": mood,
             "memory_id": memory.id, "mail_task_id": mailed}
 
@@ -64,7 +63,7 @@ async def search(ctx: Context, query: str, k: int = 5) -> dict[str, Any]:
             results.append({"id": hit.memory.id, "namespace": namespace, "text": hit.memory.text,
                             "score": hit.score})
     results.sort(key=lambda r: r["score"], reverse=True)
-    ctx.emit("found", {"results": len(results[:k])})
+    ctx.progress("found", {"results": len(results[:k])})
     return {"query": query, "results": results[:k]}
 
 

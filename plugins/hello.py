@@ -14,7 +14,7 @@ plugin = Plugin("hello", description="greets people; an example of a task and a 
 @plugin.task(max_attempts=3, timeout=30)
 async def greet(ctx: Context, name: str) -> str:
     """Return a greeting, reporting progress on the way."""
-    ctx.emit("greeting", {"to": name})
+    ctx.progress("greeting", {"to": name})
     return f"{ctx.config.get('greeting', 'hello')}, {name}"
 
 

@@ -72,7 +72,7 @@ async def fetch(ctx: Context) -> dict[str, Any]:
                     ctx.publish("news.new", {"memory_id": memory.id, "title": item.title,
                                              "link": item.link, "source": url})
                     new.append(memory.id)
-            ctx.emit("feed", {"url": url, "items": len(items)})
+            ctx.progress("feed", {"url": url, "items": len(items)})
     return {"feeds": len(feeds), "new": len(new), "failed": failed}
 
 

@@ -8,8 +8,7 @@ import asyncio
 import contextvars
 import threading
 
-from agentd import Plugin
-from agentd.errors import Fail, Retry, TaskFailedError
+from agentd import Fail, Plugin, Retry, TaskFailedError
 
 plugin = Plugin("qt")
 
@@ -47,7 +46,7 @@ async def any_keywords(ctx, **kwargs):
 
 @plugin.task()
 async def info(ctx):
-    ctx.emit("looked", {"at": "myself"})
+    ctx.progress("looked", {"at": "myself"})
     return {"id": ctx.task.id, "name": ctx.task.name, "attempt": ctx.task.attempt,
             "parent": ctx.task.parent_id, "config": dict(ctx.config)}
 
@@ -255,5 +254,5 @@ async def report(ctx):
 @plugin.task()
 def blocking(ctx, x: int):
     THREADS.append(threading.get_ident())
-    ctx.emit("from-thread", {"x": x})
+    ctx.progress("from-thread", {"x": x})
     return x * 2

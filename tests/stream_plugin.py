@@ -36,14 +36,14 @@ async def wait_gate(ctx, name: str, result=None):
 
 @plugin.task()
 async def parent(ctx, name: str):
-    ctx.emit("parent.before", {"name": name})
+    ctx.progress("parent.before", {"name": name})
     child_result = await ctx.call("st.child", name=name)
     return {"child": child_result}
 
 
 @plugin.task()
 async def child(ctx, name: str):
-    ctx.emit("child.working", {"name": name})
+    ctx.progress("child.working", {"name": name})
     gate(f"started:{name}").set()
     await gate(name).wait()
     return f"child {name} done"

@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from agentd import TaskFailedError
 from agentd.app import Daemon
-from agentd.testing import EventCapture
+from agentd.testing import EventCapture, harness
 from fake_openai import FakeOpenAI
 from sse_client import Sse
 
@@ -428,6 +430,18 @@ async def test_deep_search_delegates_merges_streams_remembers_and_mails(start_da
         assert body.get_content().replace("\r\n", "\n").strip() == result["summary"]
 
 
+async def test_deep_search_refuses_a_bad_address_before_any_work(tmp_path: Path) -> None:
+    """`ctx.mail.check` (mail need not be configured): the run fails at once, naming the
+    address, and no agent B or C is started."""
+    async with harness(tmp_path, [REPO_PLUGINS]) as agentd:
+        with pytest.raises(TaskFailedError) as failed:
+            await agentd.run("deep_search.run", {"topic": "rover", "email": "not an address"})
+        assert failed.value.status == "failed"
+        assert "to: 'not an address' is not a mail address" in (failed.value.error or "")
+        started = {e.data["name"] for e in agentd.events.events if e.topic == "task.queued"}
+        assert started == {"deep_search.run"}
+
+
 # --------------------------------------------------------------------------- event_log
 
 
@@ -582,3 +596,18 @@ async def test_the_readme_one_file_plugin_loads_and_runs(
     assert (schedule["cron"], schedule["timezone"]) == ("0 9 * * 1-5", "Europe/Paris")
     fired = await call(client, "POST", "/v1/schedules/standup.remind/run")
     assert await daemon.queue.result(fired["last_task_id"], timeout=WAIT) == "nothing noted"
+
+
+async def test_the_readme_hello_plugin_loads_and_runs(tmp_path: Path) -> None:
+    """The README's plugins/hello.py (the Plugins section) works as printed."""
+    readme = (REPO_PLUGINS.parent / "README.md").read_text()
+    found = re.search(r"```python\n# plugins/hello\.py\n(.*?)```", readme, re.S)
+    assert found, "the README no longer shows plugins/hello.py"
+    directory = tmp_path / "readme_plugins"
+    directory.mkdir()
+    (directory / "hello.py").write_text(found.group(1))
+    async with harness(tmp_path / "state", [directory]) as agentd:
+        assert agentd.plugin_states() == {"hello": "started"}
+        assert await agentd.run("hello.greet", {"name": "Ada"}) == "hello, Ada"
+        progress = await agentd.events.wait_for("task.progress", name="hello.greet")
+        assert (progress.data["kind"], progress.data["data"]) == ("greeting", {"to": "Ada"})

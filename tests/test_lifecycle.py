@@ -347,7 +347,7 @@ async def test_daemon_start_is_all_or_nothing(
 
         @plugin.shutdown
         def stop(ctx):
-            ctx.emit("test.hooks.stopped")
+            ctx.publish("test.hooks.stopped")
     """})
     failing = Daemon(make_config(tmp_path, [plugins], {"server": {"port": taken_port}}))
     events = EventCapture(failing.bus)

@@ -21,14 +21,14 @@ HELLO = """
 
     @plugin.startup
     async def start(ctx):
-        ctx.emit("test.hello.started", {"config": dict(ctx.config)})
+        ctx.publish("test.hello.started", {"config": dict(ctx.config)})
 
     @plugin.on("greet.*")
     async def on_greet(ctx, event):
         gate = event.data.get("gate")
         if gate is not None:
             await gate.wait()
-        ctx.emit("test.hello.greeted", {"topic": event.topic, "cause": event.id})
+        ctx.publish("test.hello.greeted", {"topic": event.topic, "cause": event.id})
 
     @plugin.on("boom")
     async def explode(ctx, event):
@@ -36,11 +36,11 @@ HELLO = """
 
     @plugin.shutdown
     def first_declared(ctx):
-        ctx.emit("test.hello.shutdown", {"hook": "first_declared"})
+        ctx.publish("test.hello.shutdown", {"hook": "first_declared"})
 
     @plugin.shutdown
     async def second_declared(ctx):
-        ctx.emit("test.hello.shutdown", {"hook": "second_declared"})
+        ctx.publish("test.hello.shutdown", {"hook": "second_declared"})
 """
 
 PACKAGE_INIT = """
@@ -52,7 +52,7 @@ PACKAGE_INIT = """
 
     @plugin.startup
     def start(ctx):
-        ctx.emit("test.pkgplug.started", {"value": VALUE})
+        ctx.publish("test.pkgplug.started", {"value": VALUE})
 """
 
 STARTUP_FAILS = """
@@ -62,7 +62,7 @@ STARTUP_FAILS = """
 
     @plugin.on("greet.*")
     async def on_greet(ctx, event):
-        ctx.emit("test.startup_fails.greeted")
+        ctx.publish("test.startup_fails.greeted")
 
     @plugin.startup
     async def start(ctx):
@@ -70,7 +70,7 @@ STARTUP_FAILS = """
 
     @plugin.shutdown
     def stop(ctx):
-        ctx.emit("test.startup_fails.shutdown")
+        ctx.publish("test.startup_fails.shutdown")
 """
 
 BROKEN = {
@@ -455,7 +455,7 @@ CATCH_ALL = """
 
     @plugin.shutdown
     def stop(ctx):
-        ctx.emit("test.catch_all.bye")
+        ctx.publish("test.catch_all.bye")
 """
 
 
@@ -553,7 +553,7 @@ async def test_a_failing_shutdown_hook_does_not_stop_the_others(
 
             @plugin.shutdown
             def stop(ctx):
-                ctx.emit("test.a_first.stopped")
+                ctx.publish("test.a_first.stopped")
         """,
         "b_second.py": """
             from agentd import Plugin
@@ -582,7 +582,7 @@ def test_plugin_declarations() -> None:
     async def handler(ctx: Any, event: Any) -> None:
         return None
 
-    assert [(h.pattern, h.name) for h in plugin.handlers] == [("a.*", "handler")]
+    assert [(h.pattern, h.name) for h in plugin._handlers] == [("a.*", "handler")]
     assert dict(plugin.config) == {}
     with pytest.raises(PluginError, match="must match"):
         Plugin("Demo")

@@ -1,24 +1,61 @@
 """agentd: one asyncio process and one SQLite file that run AI agents and their background work.
 
-The names here are the plugin-facing API.
+The names here, and `agentd.testing`, are the plugin API: what a plugin imports and
+annotates with, kept stable. Every other module (`agentd.mail`, `agentd.plugins`,
+`agentd.taskqueue`, ...) is internal to the daemon and may change in any release, as may
+any name with a leading underscore. Where the object a plugin is handed is internal
+(`ctx.memory`, `ctx.mail`, `ctx.webhook`, `ctx.llm`, the task records returned by
+`submit`, `send` and `post`), its type here is a `typing.Protocol` listing what a plugin
+may use of it.
 """
 
 # Defined before the imports below: submodules (web.system) read it while agentd loads.
 __version__ = "0.1.0"
 
-from agentd.context import Context
-from agentd.errors import Fail, Retry, TaskFailedError
+from agentd.context import Context, TaskInfo
+from agentd.errors import (
+    AgentdError,
+    Fail,
+    InvalidTaskError,
+    MemoryNotFoundError,
+    PatternError,
+    Retry,
+    TaskFailedError,
+    UnknownTaskError,
+)
 from agentd.events import Event
+from agentd.llm import ChatResult, LlmUnavailableError, TokenBudgetExceededError
+from agentd.mail import MailUnavailableError
+from agentd.memory import Memory, Recalled
 from agentd.plugin import Plugin
 from agentd.plugins import PluginContext
+from agentd.protocols import Llm, Mail, MemoryStore, Session, TaskRecord, Webhook
 
 __all__ = [
+    "AgentdError",
+    "ChatResult",
     "Context",
     "Event",
     "Fail",
+    "InvalidTaskError",
+    "Llm",
+    "LlmUnavailableError",
+    "Mail",
+    "MailUnavailableError",
+    "Memory",
+    "MemoryNotFoundError",
+    "MemoryStore",
+    "PatternError",
     "Plugin",
     "PluginContext",
+    "Recalled",
     "Retry",
+    "Session",
     "TaskFailedError",
+    "TaskInfo",
+    "TaskRecord",
+    "TokenBudgetExceededError",
+    "UnknownTaskError",
+    "Webhook",
     "__version__",
 ]

@@ -185,7 +185,7 @@ class Daemon:
             if record.state not in ("loaded", "started") or record.plugin is None:
                 continue
             try:
-                specs = record.plugin.configured_schedules()
+                specs = record.plugin._configured_schedules()
                 for spec in specs:
                     self.scheduler.check(spec, "plugin")
             except InvalidScheduleError as exc:
@@ -280,7 +280,7 @@ class Daemon:
                           "the schedule outcomes being recorded")
         hooked = [name for name, record in self.plugins.plugins.items()
                   if record.state == "started" and record.plugin is not None
-                  and record.plugin.shutdown_hooks]
+                  and record.plugin._shutdown_hooks]
         await self._stage("stop plugins", self.plugins.stop_all(timeout), timed_out,
                           f"shutdown hooks of {', '.join(hooked) or 'no plugin'}")
         await self._stage("close HTTP clients", self.services.close(), timed_out,

@@ -1,6 +1,7 @@
 """`Context`: what a running task receives as `ctx`: who it is, a logger, its plugin's
-configuration, progress events, durable children (`call`, `gather`, `submit`), memoized
-steps, and the daemon's services: memory, mail, outgoing webhooks and the LLM."""
+configuration, progress and other events (`progress`, `publish`, `token`), durable children
+(`call`, `gather`, `submit`), memoized steps, and the daemon's services: memory, mail,
+outgoing webhooks and the LLM (typed by the Protocols of protocols.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
 
+from agentd import protocols as api
 from agentd import steps
 from agentd.errors import TaskFailedError
 from agentd.events import Event, check_publishable
@@ -25,7 +27,6 @@ from agentd.taskqueue import TaskQueue, TaskRecord
 from agentd.webhooks import WebhookSender
 
 if TYPE_CHECKING:
-    from agentd.memory import MemoryStore
     from agentd.services import Services
     from agentd.worker import Slots
 
@@ -45,12 +46,15 @@ class TaskInfo(NamedTuple):
 
 
 class Context:
-    """The running task's handle on the daemon. Created by the worker for each attempt."""
+    """The running task's handle on the daemon. Created by the worker for each attempt.
+
+    What is public here is what tasks use; the underscored rest is the worker's.
+    """
 
     def __init__(self, record: TaskRecord, queue: TaskQueue, slots: Slots,
                  config: Mapping[str, Any], services: Services, *, token_budget: int = 0) -> None:
         self._task: TaskInfo | None = None
-        self.config = config
+        self._config = config
         self._services = services
         self._token_budget = token_budget
         self._llm: TaskLlm | None = None
@@ -62,7 +66,7 @@ class Context:
         self._calls = 0
         self._waiting = 0
         self._closed = False
-        self.holds_slot = True
+        self._holds_slot = True
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
 
@@ -85,7 +89,12 @@ class Context:
         return self._log
 
     @property
-    def memory(self) -> MemoryStore:
+    def config(self) -> Mapping[str, Any]:
+        """The `[plugins.<name>]` table of the task's plugin (read-only; empty for none)."""
+        return self._config
+
+    @property
+    def memory(self) -> api.MemoryStore:
         """Short-term sessions (`ctx.memory.session(id)`) and long-term memory
         (`remember`, `recall`, `get`, `update`, `forget`)."""
         if self._services.memory is None:
@@ -93,19 +102,19 @@ class Context:
         return self._services.memory
 
     @property
-    def mail(self) -> MailSender:
+    def mail(self) -> api.Mail:
         """`await ctx.mail.send(to, subject, text, html=None)`: a durable child task per
         mail, keyed so that a retried task does not send it again."""
         return MailSender(self._services.mailer, self._submit_keyed)
 
     @property
-    def webhook(self) -> WebhookSender:
+    def webhook(self) -> api.Webhook:
         """`await ctx.webhook.post(url, json)`: a signed POST as a durable child task,
         keyed so that a retried task does not post it again."""
         return WebhookSender(self._submit_keyed)
 
     @property
-    def llm(self) -> TaskLlm:
+    def llm(self) -> api.Llm:
         """`await ctx.llm.chat(messages, model=, tools=, stream=True)`: tokens stream to the
         task's SSE/WebSocket clients, usage is counted, the token budget enforced."""
         if self._llm is None:
@@ -113,8 +122,9 @@ class Context:
                                 self.token)
         return self._llm
 
-    def emit(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
-        """Publish `task.progress` with this kind and data. Safe from a sync task's thread."""
+    def progress(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
+        """Publish `task.progress` with this kind and data, for the task's stream clients.
+        Safe from a sync task's thread."""
         self._publish_task_event("task.progress", kind=kind, data=dict(data or {}),
                                  attempt=self.task.attempt)
 
@@ -122,7 +132,7 @@ class Context:
         """Publish an event of this task's correlation (not a daemon topic: `task.*`...).
 
         Raises:
-            PatternError: the topic is malformed or reserved.
+            PatternError: (a ValueError) the topic is malformed or reserved.
         """
         return self._queue.bus.publish(check_publishable(topic), data,
                                        correlation_id=self.task.correlation_id,
@@ -164,7 +174,7 @@ class Context:
         return final.result
 
     async def submit(self, name: str, args: Mapping[str, Any] | None = None, *,
-                     idempotency_key: str | None = None) -> TaskRecord:
+                     idempotency_key: str | None = None) -> api.TaskRecord:
         """Enqueue task `name` as a durable child and return it without waiting.
 
         Its idempotency key is `<this task's id>:<name>:<n>`, numbered per name in the
@@ -198,11 +208,11 @@ class Context:
             for future in futures:
                 future.cancel()
             await asyncio.gather(*futures, return_exceptions=True)
-            if not isinstance(exc, asyncio.CancelledError) and not self.holds_slot and not self._closed:
+            if not isinstance(exc, asyncio.CancelledError) and not self._holds_slot and not self._closed:
                 # The calls cancelled here took no slot back (they leave as cancelled waits
                 # do); the parent goes on, with its slot.
                 await self._slots.retake()
-                self.holds_slot = True
+                self._holds_slot = True
             raise
 
     async def step(self, key: str, fn: Callable[[], Any]) -> Any:
@@ -220,15 +230,15 @@ class Context:
         # strings), so that every attempt sees the same value.
         return value if isinstance(value, str | int | bool | None) else json.loads(encoded)
 
-    def close(self) -> None:
+    def _close(self) -> None:
         """Called by the worker when the attempt is over: orphaned waits take no slot back."""
         self._closed = True
 
     @asynccontextmanager
     async def _slot_given_back(self) -> AsyncIterator[None]:
         self._waiting += 1
-        if self._waiting == 1 and self.holds_slot:
-            self.holds_slot = False
+        if self._waiting == 1 and self._holds_slot:
+            self._holds_slot = False
             self._slots.release()
         cancelled = False
         try:
@@ -238,12 +248,12 @@ class Context:
             raise
         finally:
             self._waiting -= 1
-            if self._waiting == 0 and not self.holds_slot and not self._closed:
+            if self._waiting == 0 and not self._holds_slot and not self._closed:
                 if cancelled:
                     # The task is being cancelled or timed out: waiting for a slot here
                     # would hold that up until some other task ends. A task that catches
                     # it and goes on runs without one until its next call.
-                    self.holds_slot = self._slots.take_if_free()
+                    self._holds_slot = self._slots.take_if_free()
                 else:
                     await self._slots.retake()
-                    self.holds_slot = True
+                    self._holds_slot = True

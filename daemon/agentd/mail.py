@@ -132,6 +132,12 @@ class MailSender:
             raise MailUnavailableError("mail is off: set [mail] host in agentd.toml")
         return await self._enqueue(SEND_MAIL_TASK, message_args(to, subject, text, html), idempotency_key)
 
+    def check(self, to: str | Sequence[str], subject: str = "", text: str = "",
+              html: str | None = None) -> None:
+        """Raise InvalidTaskError (a ValueError) for what `send` would refuse, sending
+        nothing: a task finds a bad address before the work whose result it would mail."""
+        message_args(to, subject, text, html)
+
 
 def message_args(to: str | Sequence[str], subject: str, text: str, html: str | None) -> dict[str, Any]:
     """The `agentd.send_mail` arguments, checked.

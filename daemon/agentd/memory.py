@@ -58,7 +58,7 @@ class Memory:
     superseded_by: int | None
 
     @classmethod
-    def from_row(cls, row: Row) -> Memory:
+    def _from_row(cls, row: Row) -> Memory:
         return cls(id=row["id"], namespace=row["namespace"], text=row["text"],
                    metadata=json.loads(row["metadata"]), created_at=row["created_at"],
                    updated_at=row["updated_at"], expires_at=row["expires_at"],
@@ -213,7 +213,7 @@ class MemoryStore:
                 "SELECT * FROM memories WHERE namespace = ? AND hash = ? AND superseded_by IS NULL "
                 "AND (expires_at IS NULL OR expires_at > ?)", (namespace, digest, time.time()))
             if existing is not None:
-                return Memory.from_row(existing), False
+                return Memory._from_row(existing), False
         (vector,) = await self.embedder.embed([text])
         if supersedes is None:
             near = await self._nearest(vector, namespace)
@@ -238,7 +238,7 @@ class MemoryStore:
                 self._unindex(conn, supersedes)
             return row
 
-        return Memory.from_row(await self.store.write(op)), True
+        return Memory._from_row(await self.store.write(op)), True
 
     async def recall(self, query: str, namespace: str = DEFAULT_NAMESPACE, k: int = 10,
                      where: Mapping[str, Any] | None = None, hybrid: bool = False) -> list[Recalled]:
@@ -278,7 +278,7 @@ class MemoryStore:
         row = await self.store.read_one("SELECT * FROM memories WHERE id = ?", (memory_id,))
         if row is None:
             raise MemoryNotFoundError(f"no memory with id {memory_id}")
-        return Memory.from_row(row)
+        return Memory._from_row(row)
 
     async def update(self, memory_id: int, text: str | None = None,
                      metadata: Mapping[str, Any] | None = None,
@@ -314,7 +314,7 @@ class MemoryStore:
                                  (*filters, memory_id))
             return row
 
-        return Memory.from_row(await self.store.write(op))
+        return Memory._from_row(await self.store.write(op))
 
     async def forget(self, memory_id: int | None = None, namespace: str | None = None,
                      where: Mapping[str, Any] | None = None) -> int:
@@ -381,7 +381,7 @@ class MemoryStore:
                 revive.add(original)
             else:
                 relinks[original] = successor
-        revived = [Memory.from_row(r) for r in await self.store.read(
+        revived = [Memory._from_row(r) for r in await self.store.read(
             f"SELECT * FROM memories WHERE id IN ({','.join('?' * len(revive))})", tuple(revive))]
         vectors = await self.embedder.embed([m.text for m in revived]) if revived else []
 
@@ -419,7 +419,7 @@ class MemoryStore:
     async def reembed(self, batch: int = 64) -> int:
         """Rebuild every vector with the current embedder (after `[memory] embedder` changed)."""
         rows = await self.store.read("SELECT * FROM memories WHERE superseded_by IS NULL ORDER BY id")
-        memories = [Memory.from_row(r) for r in rows]
+        memories = [Memory._from_row(r) for r in rows]
         vectors: list[list[float]] = []
         for start in range(0, len(memories), batch):
             vectors.extend(await self.embedder.embed([m.text for m in memories[start:start + batch]]))
@@ -474,7 +474,7 @@ class MemoryStore:
         rows = await self.store.read(
             f"SELECT * FROM memories WHERE id IN ({','.join('?' * len(ids))}) "
             "AND superseded_by IS NULL AND (expires_at IS NULL OR expires_at > ?)", (*ids, time.time()))
-        by_id = {r["id"]: Memory.from_row(r) for r in rows}
+        by_id = {r["id"]: Memory._from_row(r) for r in rows}
         return [by_id[i] for i in ids if i in by_id and _matches(by_id[i].metadata, after)]
 
     async def _nearest(self, vector: list[float], namespace: str) -> Memory | None:
@@ -497,7 +497,7 @@ class MemoryStore:
             "SELECT m.* FROM memories_fts f JOIN memories m ON m.id = f.rowid WHERE memories_fts MATCH ? "
             "AND m.namespace = ? AND m.superseded_by IS NULL AND (m.expires_at IS NULL OR m.expires_at > ?) "
             "ORDER BY bm25(memories_fts, 1.0, 0.0) LIMIT ?", (match, namespace, time.time(), limit))
-        memories = [Memory.from_row(r) for r in rows]
+        memories = [Memory._from_row(r) for r in rows]
         wanted = {**after, **{name: values for name, values in inside}}
         return [m for m in memories if _matches(m.metadata, wanted)]
 

@@ -49,7 +49,8 @@ class HandlerSpec:
 
 
 class Plugin:
-    """A plugin's declarations. Create one at module level, named like the module.
+    """A plugin's declarations. Create one at module level, named like the module. What it
+    declared is kept in underscored attributes, for the loader alone.
 
     Args:
         name: lower-case letters, digits and `_`; it prefixes the plugin's task names and
@@ -61,12 +62,13 @@ class Plugin:
             raise PluginError(f"plugin name {name!r} must match [a-z][a-z0-9_]*")
         self.name = name
         self.description = description
-        self.handlers: list[HandlerSpec] = []
-        self.tasks: list[TaskDef] = []
-        self.schedules: list[ScheduleSpec] = []
-        self.embedders: dict[str, Callable[[Any], Any]] = {}
-        self.startup_hooks: list[Hook] = []
-        self.shutdown_hooks: list[Hook] = []
+        # What the plugin declared, read by the loader (plugins.py) when it wires it in.
+        self._handlers: list[HandlerSpec] = []
+        self._tasks: list[TaskDef] = []
+        self._schedules: list[ScheduleSpec] = []
+        self._embedders: dict[str, Callable[[Any], Any]] = {}
+        self._startup_hooks: list[Hook] = []
+        self._shutdown_hooks: list[Hook] = []
         self._config: Mapping[str, Any] = MappingProxyType({})
 
     def __repr__(self) -> str:
@@ -77,14 +79,15 @@ class Plugin:
         """The `[plugins.<name>]` table (read-only); empty until the plugin is loaded."""
         return self._config
 
-    def bind_config(self, table: Mapping[str, Any]) -> None:
-        """Called by the loader when the plugin is loaded."""
+    def _bind_config(self, table: Mapping[str, Any]) -> None:
+        """Called by the loader (plugins.py) when the plugin is loaded."""
         self._config = MappingProxyType(dict(table))
 
-    def configured_schedules(self) -> list[ScheduleSpec]:
-        """The plugin's schedules as `[plugins.<name>.schedules.<schedule name>]` tables in
-        agentd.toml retime them: their keys replace the declared ones (a new trigger, e.g.
-        `every`, replaces the declared `every`/`cron`/`at`).
+    def _configured_schedules(self) -> list[ScheduleSpec]:
+        """For the daemon (app.py): the plugin's schedules as
+        `[plugins.<name>.schedules.<schedule name>]` tables in agentd.toml retime them: their
+        keys replace the declared ones (a new trigger, e.g. `every`, replaces the declared
+        `every`/`cron`/`at`).
 
         Raises:
             InvalidScheduleError: an override is malformed or names no schedule.
@@ -92,7 +95,7 @@ class Plugin:
         overrides = self.config.get("schedules", {})
         if not isinstance(overrides, Mapping):
             raise InvalidScheduleError(f"[plugins.{self.name}] schedules must be a table of tables")
-        by_name = {spec.id.removeprefix(f"{self.name}."): spec for spec in self.schedules}
+        by_name = {spec.id.removeprefix(f"{self.name}."): spec for spec in self._schedules}
         unknown = sorted(set(overrides) - set(by_name))
         if unknown:
             raise InvalidScheduleError(f"[plugins.{self.name}.schedules.{unknown[0]}]: plugin {self.name} "
@@ -134,7 +137,7 @@ class Plugin:
         def register(fn: EventHandler) -> EventHandler:
             if not inspect.iscoroutinefunction(fn):
                 raise PluginError(f"plugin {self.name}: @on handler {fn.__name__} must be async def")
-            self.handlers.append(HandlerSpec(pattern, fn, durable, max_attempts))
+            self._handlers.append(HandlerSpec(pattern, fn, durable, max_attempts))
             return fn
 
         return register
@@ -169,7 +172,7 @@ class Plugin:
         """
 
         def register(fn: F) -> F:
-            self.tasks.append(TaskDef(
+            self._tasks.append(TaskDef(
                 name=name or f"{self.name}.{fn.__name__}", fn=fn, queue=queue,
                 max_attempts=max_attempts, timeout=timeout, priority=priority,
                 concurrency=concurrency, rate=TokenBucket.parse(rate) if rate else None,
@@ -193,10 +196,10 @@ class Plugin:
         def declare(table: dict[str, Any], default: str) -> None:
             schedule_id = f"{self.name}.{name or default.removeprefix(self.name + '.')}"
             spec = ScheduleSpec.from_mapping({**table, "id": schedule_id})
-            if any(s.id == spec.id for s in self.schedules):
+            if any(s.id == spec.id for s in self._schedules):
                 raise PluginError(f"plugin {self.name}: two schedules are named {spec.id!r}; "
                                   "give each a distinct name=")
-            self.schedules.append(spec)
+            self._schedules.append(spec)
 
         if definition.get("task") is not None or definition.get("event") is not None:
             declare(definition, str(definition.get("task") or definition.get("event")))
@@ -214,17 +217,17 @@ class Plugin:
         An embedder has `id`, `dimension` and `async embed(texts) -> list[list[float]]`."""
 
         def register(fn: F) -> F:
-            self.embedders[name] = fn
+            self._embedders[name] = fn
             return fn
 
         return register
 
     def startup(self, fn: F) -> F:
         """Run `fn(ctx)` when the plugin starts; if it raises, the plugin is failed and unloaded."""
-        self.startup_hooks.append(fn)
+        self._startup_hooks.append(fn)
         return fn
 
     def shutdown(self, fn: F) -> F:
         """Run `fn(ctx)` when the plugin stops (in reverse order of declaration)."""
-        self.shutdown_hooks.append(fn)
+        self._shutdown_hooks.append(fn)
         return fn

@@ -30,13 +30,13 @@ from typing import Any, Literal
 
 import structlog
 
+from agentd import protocols as api
 from agentd.bus import Bus
 from agentd.config import Config
 from agentd.errors import PluginError
-from agentd.events import Event, TopicPattern
+from agentd.events import Event, TopicPattern, check_publishable
 from agentd.log import get_logger
 from agentd.mail import MailSender
-from agentd.memory import MemoryStore
 from agentd.plugin import HandlerSpec, Hook, Plugin
 from agentd.services import Services
 from agentd.spawn import Spawner
@@ -51,46 +51,79 @@ _MODULE_PREFIX = "agentd_plugins"
 State = Literal["loaded", "started", "failed", "stopped"]
 
 
-@dataclass(slots=True)
 class PluginContext:
-    """What a plugin's handlers and hooks receive as `ctx`."""
+    """What a plugin's fire-and-forget handlers and its startup and shutdown hooks receive
+    as `ctx`: the plugin's configuration, a logger, the daemon's memory, mail and outgoing
+    webhooks, and the verbs `publish` (an event) and `submit` (a task). A durable handler
+    runs as a task and gets the task's `Context` instead.
 
-    plugin: Plugin
-    bus: Bus
-    spawner: Spawner
-    queue: TaskQueue
-    log: structlog.stdlib.BoundLogger
-    manager: PluginManager
+    Made by the plugin manager, one per plugin; what it reaches is private to it.
+    """
+
+    __slots__ = ("_log", "_manager", "_plugin")
+
+    def __init__(self, plugin: Plugin, manager: PluginManager) -> None:
+        self._plugin = plugin
+        self._manager = manager
+        self._log: structlog.stdlib.BoundLogger = get_logger("plugin", plugin=plugin.name)
 
     @property
-    def memory(self) -> MemoryStore:
-        """The daemon's memory (available once plugins have started)."""
-        memory = self.manager.services.memory
+    def config(self) -> Mapping[str, Any]:
+        """The `[plugins.<name>]` table of agentd.toml (read-only)."""
+        return self._plugin.config
+
+    @property
+    def log(self) -> structlog.stdlib.BoundLogger:
+        """A logger bound to the plugin's name."""
+        return self._log
+
+    @property
+    def memory(self) -> api.MemoryStore:
+        """The daemon's memory: sessions and long-term memory, as in a task's `ctx.memory`.
+
+        Raises:
+            RuntimeError: asked for in a startup hook (memory opens after them).
+        """
+        memory = self._manager.services.memory
         if memory is None:
             raise RuntimeError("memory is not open yet (it opens after plugin startup hooks)")
         return memory
 
     @property
-    def mail(self) -> MailSender:
+    def mail(self) -> api.Mail:
         """`await ctx.mail.send(to, subject, text, html=None, idempotency_key=None)`, as a
         durable task (give a key, e.g. from the event id, to send once per event)."""
-        return MailSender(self.manager.services.mailer, self._enqueue)
+        return MailSender(self._manager.services.mailer, self._enqueue)
 
     @property
-    def webhook(self) -> WebhookSender:
+    def webhook(self) -> api.Webhook:
         """`await ctx.webhook.post(url, json, idempotency_key=None)`, as a durable task."""
         return WebhookSender(self._enqueue)
 
+    def publish(self, topic: str, data: Mapping[str, Any] | None = None) -> Event:
+        """Publish an event on the bus (not a daemon topic: `task.*`, `plugin.*`...), as a
+        task's `ctx.publish` does.
+
+        Raises:
+            PatternError: (a ValueError) the topic is malformed or reserved.
+        """
+        return self._manager._bus.publish(check_publishable(topic), data)
+
+    async def submit(self, name: str, args: Mapping[str, Any] | None = None, *,
+                     idempotency_key: str | None = None) -> api.TaskRecord:
+        """Enqueue task `name` and return it once committed, without waiting for it to run.
+        With an `idempotency_key`, the same key within `[tasks] idempotency_window` returns
+        the task it made instead of a new one (a handler that may see an event twice keys
+        by its id).
+
+        Raises:
+            UnknownTaskError: no task is registered under `name`.
+            InvalidTaskError: (a ValueError) the arguments are not JSON.
+        """
+        return await self._enqueue(name, args or {}, idempotency_key)
+
     async def _enqueue(self, name: str, args: Mapping[str, Any], key: str | None) -> TaskRecord:
-        return await self.queue.enqueue(name, args, idempotency_key=key)
-
-    @property
-    def config(self) -> Mapping[str, Any]:
-        return self.plugin.config
-
-    def emit(self, topic: str, data: Mapping[str, Any] | None = None) -> Event:
-        """Publish an event on the bus."""
-        return self.bus.publish(topic, data)
+        return await self._manager._queue.enqueue(name, args, idempotency_key=key)
 
 
 @dataclass(slots=True)
@@ -167,7 +200,7 @@ class PluginManager:
         for record in reversed(list(self.plugins.values())):
             if record.state == "started" and record.plugin is not None:
                 ctx = self.context(record.plugin)
-                for hook in reversed(record.plugin.shutdown_hooks):
+                for hook in reversed(record.plugin._shutdown_hooks):
                     try:
                         await asyncio.wait_for(_call_hook(hook, ctx), deadline)
                     except (Exception, SystemExit) as exc:
@@ -181,7 +214,7 @@ class PluginManager:
         found: dict[str, Callable[[Config], Any]] = {}
         for record in self.plugins.values():
             if record.state in ("loaded", "started") and record.plugin is not None:
-                found.update(record.plugin.embedders)
+                found.update(record.plugin._embedders)
         return found
 
     def owner_of(self, module: str) -> str | None:
@@ -200,10 +233,7 @@ class PluginManager:
             record.state = "stopped"
 
     def context(self, plugin: Plugin) -> PluginContext:
-        return PluginContext(
-            plugin, self._bus, self._spawner, self._queue, get_logger("plugin", plugin=plugin.name),
-            self,
-        )
+        return PluginContext(plugin, self)
 
     def _discover(self) -> Iterator[_Candidate]:
         for directory in self._config.plugin_dirs:
@@ -251,7 +281,7 @@ class PluginManager:
                             f"{self.plugins[plugin.name].source}"),
                 register_as=f"{plugin.name}@{candidate.source}",
             )
-        plugin.bind_config(self._config.plugins.settings.get(plugin.name, {}))
+        plugin._bind_config(self._config.plugins.settings.get(plugin.name, {}))
         record = LoadedPlugin(plugin.name, candidate.source, "loaded", plugin=plugin,
                               module=candidate.module)
         self.plugins[plugin.name] = record
@@ -274,13 +304,13 @@ class PluginManager:
         if plugin is None:
             return
         try:
-            for definition in plugin.tasks:
+            for definition in plugin._tasks:
                 record.registrations.callback(self._queue.registry.add(definition))
                 if definition.queue not in self._config.tasks.queues:
                     self._log.warning(
                         "plugin.task_queue_unconfigured", plugin=plugin.name, task=definition.name,
                         queue=definition.queue, hint=f"add {definition.queue} to [tasks] queues")
-            for spec in plugin.handlers:
+            for spec in plugin._handlers:
                 if spec.durable:
                     record.registrations.callback(
                         self._queue.registry.add(_trigger_task(record.name, spec)))
@@ -293,7 +323,7 @@ class PluginManager:
             return
         ctx = self.context(plugin)
         try:
-            for spec in plugin.handlers:
+            for spec in plugin._handlers:
                 callback = (self._trigger(record, spec) if spec.durable
                             else self._handler_callback(ctx, spec))
                 sub = self._bus.subscribe(spec.pattern, callback, name=f"{plugin.name}.{spec.name}")
@@ -302,7 +332,7 @@ class PluginManager:
             self._fail_started(record, exc)
             return
         try:
-            for hook in plugin.startup_hooks:
+            for hook in plugin._startup_hooks:
                 await asyncio.wait_for(_call_hook(hook, ctx), deadline)
         except (Exception, SystemExit) as exc:
             self._fail_started(record, exc)
@@ -355,7 +385,8 @@ class PluginManager:
             await self._queue.store.write(alongside)
 
     def _handler_callback(self, ctx: PluginContext, spec: HandlerSpec) -> Callable[[Event], None]:
-        handler_name = f"{ctx.plugin.name}.{spec.name}"
+        plugin_name = ctx._plugin.name
+        handler_name = f"{plugin_name}.{spec.name}"
 
         def on_event(event: Event) -> None:
             # A handler reacting to its own failure or drop would loop forever.
@@ -366,7 +397,7 @@ class PluginManager:
             self._spawner.spawn(
                 spec.fn(ctx, event),
                 name=handler_name,
-                context={"plugin": ctx.plugin.name, "topic": event.topic, "event_id": event.id},
+                context={"plugin": plugin_name, "topic": event.topic, "event_id": event.id},
             )
 
         return on_event

@@ -1,7 +1,21 @@
-"""Helpers for tests of agentd and of plugins: a real daemon on a temp dir, captured events.
+"""Testing plugins against a real daemon: `harness` starts agentd on a temporary directory
+with your plugin directories loaded, and hands back a `Harness` to drive it with.
 
-    async with running_daemon(tmp_path, plugin_dirs=[my_plugins]) as daemon:
-        async with aiohttp.ClientSession(daemon_url(daemon)) as http: ...
+    from agentd.testing import harness
+
+    async def test_greet(tmp_path):
+        async with harness(tmp_path, plugin_dirs=[PLUGINS]) as agentd:
+            assert await agentd.run("hello.greet", {"name": "Ada"}) == "hello, Ada"
+
+Everything is real: the SQLite files under `tmp_path`, the task queue and its workers, the
+bus, the scheduler, memory, and HTTP on 127.0.0.1 (an OS-chosen port, `agentd.url`). The
+tests are async (pytest-asyncio, or any asyncio runner). Nothing needs sleeping: `run` and
+`wait` wake when the task ends, `agentd.events.wait_for` when an event comes, and a
+`ManualClock` fires schedules when the test moves it.
+
+The plugin-facing names are `harness`, `Harness`, `EventCapture` and `ManualClock`, with the
+types of `agentd`. `running_daemon`, `make_config` and `daemon_url` serve agentd's own test
+suite: they hand out the daemon's internal `Daemon` and may change.
 """
 
 from __future__ import annotations
@@ -13,10 +27,118 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from agentd import protocols as api
 from agentd.app import Daemon
 from agentd.bus import Bus
 from agentd.config import Config, load_config
-from agentd.events import Event, TopicPattern
+from agentd.errors import TaskFailedError
+from agentd.events import Event, TopicPattern, check_publishable
+
+__all__ = ["EventCapture", "Harness", "ManualClock", "harness"]
+
+WAIT = 10.0  # seconds `run` and `wait` give a task unless told otherwise
+
+
+@asynccontextmanager
+async def harness(
+    tmp_path: Path,
+    plugin_dirs: Sequence[Path] = (),
+    config: Mapping[str, Mapping[str, Any]] | None = None,
+    clock: ManualClock | None = None,
+) -> AsyncIterator[Harness]:
+    """Run a daemon for the block's length, loading the plugins in `plugin_dirs`.
+
+    Args:
+        tmp_path: where its databases go (pytest's `tmp_path` fixture).
+        plugin_dirs: directories of plugin modules or packages, as `[plugins] paths`.
+        config: agentd.toml tables over the defaults, e.g.
+            `{"plugins": {"hello": {"greeting": "hi"}}, "tasks": {"queues": {"default": 1}}}`.
+        clock: a `ManualClock` to run the scheduler on instead of the system's.
+
+    A plugin that fails to load does not stop the start (as in production): check
+    `agentd.plugin_states()`. Events are captured from before the start, so those of
+    startup hooks are in `agentd.events`.
+    """
+    daemon = Daemon(make_config(tmp_path, plugin_dirs, config), clock=clock)
+    events = EventCapture(daemon.bus)
+    try:
+        async with daemon:
+            yield Harness(daemon, events)
+    finally:
+        events.close()
+
+
+class Harness:
+    """A daemon under test, driven the way its clients and plugins drive it. Made by
+    `harness`."""
+
+    def __init__(self, daemon: Daemon, events: EventCapture) -> None:
+        self._daemon = daemon
+        self._events = events
+
+    @property
+    def url(self) -> str:
+        """The HTTP API's base URL, e.g. `http://127.0.0.1:41234` (no token is set)."""
+        return daemon_url(self._daemon)
+
+    @property
+    def events(self) -> EventCapture:
+        """Every event published on the bus since before the start."""
+        return self._events
+
+    @property
+    def memory(self) -> api.MemoryStore:
+        """The daemon's memory, as a task's `ctx.memory`: to seed it, or to check what a
+        plugin remembered."""
+        memory = self._daemon.services.memory
+        if memory is None:
+            raise RuntimeError("the daemon's memory is not open")
+        return memory
+
+    def plugin_states(self) -> dict[str, str]:
+        """Each plugin's state by name: `started`, or `failed: <the error>`."""
+        return {p["name"]: p["state"] if p["error"] is None else f"{p['state']}: {p['error']}"
+                for p in self._daemon.plugins.states()}
+
+    async def submit(self, name: str, args: Mapping[str, Any] | None = None, *,
+                     idempotency_key: str | None = None) -> api.TaskRecord:
+        """Enqueue task `name`, as `POST /v1/tasks` does; return it, queued.
+
+        Raises:
+            UnknownTaskError: no task is registered under `name`.
+            InvalidTaskError: (a ValueError) the arguments are not JSON.
+        """
+        return await self._daemon.queue.enqueue(name, args or {}, idempotency_key=idempotency_key)
+
+    async def wait(self, task_id: int, timeout: float = WAIT) -> api.TaskRecord:
+        """Task `task_id` once it has finished, however it ended.
+
+        Raises:
+            TimeoutError: it did not finish within `timeout` seconds.
+        """
+        return await self._daemon.queue.wait(task_id, timeout)
+
+    async def run(self, name: str, args: Mapping[str, Any] | None = None, *,
+                  timeout: float = WAIT) -> Any:
+        """Enqueue task `name`, wait for it, and return its result.
+
+        Raises:
+            TaskFailedError: it ended failed, dead or cancelled (`error` says why).
+            TimeoutError: it did not finish within `timeout` seconds.
+        """
+        record = await self.wait((await self.submit(name, args)).id, timeout)
+        if record.status != "succeeded":
+            raise TaskFailedError(record.id, record.name, record.status, record.error)
+        return record.result
+
+    def publish(self, topic: str, data: Mapping[str, Any] | None = None) -> Event:
+        """Publish an event, as a client's `POST /v1/events` does: the plugins' handlers
+        react to it (a durable handler's task is enqueued).
+
+        Raises:
+            PatternError: (a ValueError) the topic is malformed or reserved.
+        """
+        return self._daemon.bus.publish(check_publishable(topic), data)
 
 
 def make_config(
@@ -24,7 +146,8 @@ def make_config(
     plugin_dirs: Sequence[Path] = (),
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Config:
-    """A configuration with state under `tmp_path`, an OS-chosen port and no entry points."""
+    """A configuration with state under `tmp_path`, an OS-chosen port and no entry points
+    (agentd's own tests)."""
     tables: dict[str, dict[str, Any]] = {
         "daemon": {"data_dir": str(tmp_path / "data"), "stop_timeout": 5.0},
         "server": {"port": 0},
@@ -43,16 +166,19 @@ async def running_daemon(
     clock: ManualClock | None = None,
 ) -> AsyncIterator[Daemon]:
     """Start a real daemon (store, bus, plugins, HTTP on 127.0.0.1) and stop it afterwards.
-    With `clock`, the scheduler runs on that clock instead of the system's."""
+    With `clock`, the scheduler runs on that clock instead of the system's. For agentd's own
+    tests, which reach into the `Daemon`; a plugin's tests use `harness`."""
     async with Daemon(make_config(tmp_path, plugin_dirs, overrides), clock=clock) as daemon:
         yield daemon
 
 
 class ManualClock:
     """A scheduler clock that moves only when told: `advance(seconds)` or `set(timestamp)`.
+    Pass it to `harness(clock=)`.
 
     Schedules then fire as if that much time had passed, at once, so tests of intervals,
-    cron and missed fires need not wait.
+    cron and missed fires need not wait. A schedule's fire is a task: wait for it with
+    `agentd.events.wait_for("task.succeeded", name=...)`.
     """
 
     def __init__(self, start: float | None = None) -> None:
@@ -60,16 +186,20 @@ class ManualClock:
         self._moved = asyncio.Event()
 
     def now(self) -> float:
+        """The clock's time, in Unix seconds (it starts at `start`, or the real time)."""
         return self._now
 
     def advance(self, seconds: float) -> None:
+        """Move the clock forward: the schedules due by then fire."""
         self.set(self._now + seconds)
 
     def set(self, timestamp: float) -> None:
+        """Move the clock to `timestamp` (Unix seconds)."""
         self._now = timestamp
         self._moved.set()
 
     async def sleep_until(self, deadline: float | None, wake: asyncio.Event) -> None:
+        """For the scheduler: return once the clock reaches `deadline` or `wake` is set."""
         while (deadline is None or self._now < deadline) and not wake.is_set():
             self._moved.clear()
             moved = asyncio.ensure_future(self._moved.wait())
@@ -82,11 +212,14 @@ class ManualClock:
 
 
 def daemon_url(daemon: Daemon) -> str:
+    """The daemon's HTTP base URL (agentd's own tests)."""
     return f"http://127.0.0.1:{daemon.port}"
 
 
 class EventCapture:
-    """Collects the bus events matching a pattern; `wait_for` waits for one with a timeout."""
+    """Collects the bus events matching a pattern, every one, in order (it is called inside
+    each publish); `wait_for` waits for one with a timeout. A `Harness` has one for every
+    event (`agentd.events`)."""
 
     def __init__(self, bus: Bus, pattern: str = "**") -> None:
         self.events: list[Event] = []
@@ -99,10 +232,16 @@ class EventCapture:
         self._changed.set()
 
     def topics(self) -> list[str]:
+        """The topics captured so far, in order."""
         return [e.topic for e in self.events]
 
     async def wait_for(self, topic_pattern: str, timeout: float = 5.0, **data: Any) -> Event:
-        """The first captured event matching `topic_pattern` whose data has these items."""
+        """The first captured event (already captured, or to come) matching `topic_pattern`
+        whose data has these items: `wait_for("task.succeeded", name="hello.greet")`.
+
+        Raises:
+            TimeoutError: none came within `timeout` seconds.
+        """
         wanted = TopicPattern.parse(topic_pattern)
 
         async def first_match() -> Event:
@@ -118,4 +257,5 @@ class EventCapture:
         return await asyncio.wait_for(first_match(), timeout)
 
     def close(self) -> None:
+        """Stop capturing (`harness` does it at the end)."""
         self._subscription.unsubscribe()

@@ -405,16 +405,16 @@ class WorkerPool:
             # Free the slot before the acknowledgement commits, so the next claim shares
             # its transaction. The row stays `running` until then: nothing can be lost, and
             # the task's waiters and final event follow the commit (`_announce_acks`).
-            ctx.close()
-            if ctx.holds_slot:
-                ctx.holds_slot = False
+            ctx._close()
+            if ctx._holds_slot:
+                ctx._holds_slot = False
                 slots.release()
             putting_back = self._settle(record, outcome)
             if putting_back is not None:
                 await putting_back
         finally:
-            ctx.close()
-            if ctx.holds_slot:
+            ctx._close()
+            if ctx._holds_slot:
                 slots.release()
             self.running.pop(record.id, None)
             self._cancelling.discard(record.id)

@@ -1,0 +1,283 @@
+"""The plugin API is what `agentd` and `agentd.testing` export, and only that.
+
+The shipped plugins import nothing else; every type a public method or property of an
+exported class names is exported itself (the Protocols stand in for internal classes);
+the real objects a plugin is handed satisfy those Protocols; both contexts refuse the
+daemon's own topics alike; and README's "Testing your plugin" example runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+import sys
+import typing
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+import pytest
+
+import agentd
+import agentd.testing
+from agentd.testing import harness
+
+REPO = Path(__file__).resolve().parent.parent
+PUBLIC_MODULES = {"agentd", "agentd.testing"}
+PLUGIN_FILES = sorted([*(REPO / "plugins").glob("*.py"), *(REPO / "bench" / "plugins").glob("*.py"),
+                       *(REPO / "tests").glob("*_plugin.py")])
+
+
+# --------------------------------------------------------------------------- (a) imports
+
+
+@pytest.mark.parametrize("path", PLUGIN_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_plugins_use_only_the_public_api(path: Path) -> None:
+    """A plugin imports agentd's public modules only, public names only, and reaches into
+    no object through an underscored attribute."""
+    tree = ast.parse(path.read_text(), str(path))
+    exported = {"agentd": set(agentd.__all__), "agentd.testing": set(agentd.testing.__all__)}
+    faults = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            faults += [alias.name for alias in node.names
+                       if alias.name.split(".")[0] == "agentd" and alias.name not in PUBLIC_MODULES]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "agentd":
+            if node.module not in PUBLIC_MODULES:
+                faults.append(node.module)
+            else:
+                faults += [f"{node.module}.{alias.name}" for alias in node.names
+                           if alias.name not in exported[node.module or ""]]
+        elif (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+              and not node.attr.startswith("__")):
+            faults.append(f"line {node.lineno}: .{node.attr}")
+    assert faults == []
+
+
+def test_the_check_sees_internal_imports() -> None:
+    """The check above would catch what deep_search did before (`agentd.mail`)."""
+    tree = ast.parse("from agentd.mail import message_args\n")
+    (node,) = tree.body
+    assert isinstance(node, ast.ImportFrom) and node.module not in PUBLIC_MODULES
+
+
+# --------------------------------------------------------------------------- (b) annotations
+
+
+def _exported(module: ModuleType) -> dict[str, Any]:
+    return {name: getattr(module, name) for name in module.__all__}
+
+
+def _members(cls: type) -> Iterator[tuple[str, Callable[..., Any]]]:
+    """The public methods and property getters of `cls`, its own and inherited from agentd."""
+    for name in dir(cls):
+        if name.startswith("_"):
+            continue
+        for owner in cls.__mro__:
+            if name in vars(owner):
+                member = vars(owner)[name]
+                break
+        else:
+            continue
+        if not owner.__module__.startswith("agentd"):
+            continue  # what Exception, NamedTuple or Protocol bring
+        if isinstance(member, property) and member.fget is not None:
+            yield name, member.fget
+        elif isinstance(member, staticmethod | classmethod):
+            yield name, member.__func__
+        elif inspect.isfunction(member):
+            yield name, member
+
+
+def _agentd_types(hint: Any) -> Iterator[type]:
+    """Every agentd class named anywhere inside a resolved annotation."""
+    if isinstance(hint, list | tuple):
+        for item in hint:
+            yield from _agentd_types(item)
+    elif isinstance(hint, TypeVar):
+        yield from _agentd_types([hint.__bound__, *hint.__constraints__])
+    elif isinstance(hint, type) and hint.__module__.split(".")[0] == "agentd":
+        yield hint
+    for arg in typing.get_args(hint):
+        yield from _agentd_types(arg)
+
+
+def _unexported_types(public: dict[str, Any]) -> list[str]:
+    exported_ids = {id(obj) for obj in public.values()}
+    namespace = {name: obj for name, obj in public.items() if isinstance(obj, type)}
+    faults = []
+
+    def check(where: str, annotated: Any, module_globals: dict[str, Any]) -> None:
+        try:
+            # What the module imports comes first; the exported names resolve only what it
+            # imports for type checking alone.
+            hints = typing.get_type_hints(annotated, globalns={**namespace, **module_globals})
+        except NameError as exc:  # a name imported only for type checking, and not exported
+            faults.append(f"{where}: {exc}")
+            return
+        for key, hint in hints.items():
+            faults.extend(f"{where} ({key}): {t.__module__}.{t.__qualname__}"
+                          for t in _agentd_types(hint) if id(t) not in exported_ids)
+
+    for name, obj in public.items():
+        if inspect.isclass(obj):
+            if obj.__module__.startswith("agentd") and not issubclass(obj, BaseException):
+                check(name, obj, vars(sys.modules[obj.__module__]))  # dataclass, named tuple fields
+            for member_name, fn in _members(obj):
+                check(f"{name}.{member_name}", fn, fn.__globals__)
+        elif callable(obj):
+            fn = getattr(obj, "__wrapped__", obj)
+            check(name, fn, fn.__globals__)
+    return faults
+
+
+def test_every_exported_name_exists() -> None:
+    for module in (agentd, agentd.testing):
+        missing = [name for name in module.__all__ if not hasattr(module, name)]
+        assert missing == [], module.__name__
+
+
+def test_public_annotations_name_only_exported_types() -> None:
+    public = {**_exported(agentd), **_exported(agentd.testing)}
+    assert _unexported_types(public) == []
+
+
+def test_the_walk_finds_an_internal_type() -> None:
+    """Without the Protocols, `Context.memory` named the internal MemoryStore: the walk
+    reports such an annotation."""
+    from agentd.memory import MemoryStore as Internal
+
+    def memory(self: Any) -> Any:
+        raise NotImplementedError
+
+    memory.__annotations__ = {"return": Internal}
+    leaky = type("Leaky", (), {"memory": property(memory), "__module__": "agentd.context"})
+    faults = _unexported_types({**_exported(agentd), "Leaky": leaky})
+    assert faults == ["Leaky.memory (return): agentd.memory.MemoryStore"]
+
+
+def test_the_contexts_offer_what_the_readme_lists() -> None:
+    """Nothing of the daemon's (bus, queue, spawner, manager, slot bookkeeping, a plugin's
+    declarations) is public; `publish` is on both contexts, `progress` on a task's alone."""
+    def public(obj: object) -> set[str]:
+        return {name for name in dir(obj) if not name.startswith("_")}
+
+    assert public(agentd.PluginContext) == {"config", "log", "memory", "mail", "webhook", "publish",
+                                            "submit"}
+    assert public(agentd.Context) == {"task", "config", "log", "memory", "mail", "webhook", "llm",
+                                      "progress", "publish", "token", "call", "gather", "submit",
+                                      "step"}
+    assert public(agentd.Plugin("demo")) == {"name", "description", "config", "on", "task",
+                                             "schedule", "embedder", "startup", "shutdown"}
+
+
+# --------------------------------------------------------------------------- (c) the real objects
+
+PROBE = """
+    import agentd
+    from agentd import Context, Event, PatternError, Plugin, PluginContext
+
+    plugin = Plugin("probe")
+    SEEN = {}
+
+
+    def kinds(ctx, record) -> dict:
+        return {
+            "memory": isinstance(ctx.memory, agentd.MemoryStore),
+            "session": isinstance(ctx.memory.session("probe"), agentd.Session),
+            "mail": isinstance(ctx.mail, agentd.Mail),
+            "webhook": isinstance(ctx.webhook, agentd.Webhook),
+            "record": isinstance(record, agentd.TaskRecord),
+        }
+
+
+    @plugin.task()
+    async def noop(ctx: Context) -> None:
+        return None
+
+
+    @plugin.task()
+    async def in_task(ctx: Context) -> dict:
+        found = kinds(ctx, await ctx.submit("probe.noop"))
+        found["llm"] = isinstance(ctx.llm, agentd.Llm)
+        found["task"] = isinstance(ctx.task, agentd.TaskInfo)
+        return found
+
+
+    @plugin.on("probe.handler")
+    async def in_handler(ctx: PluginContext, event: Event) -> None:
+        ctx.publish("probe.kinds", kinds(ctx, await ctx.submit("probe.noop")))
+
+
+    def fake_success(ctx) -> str:
+        try:
+            ctx.publish("task.succeeded", {"task_id": 1, "name": "probe.noop", "forged": True})
+        except PatternError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "published"
+
+
+    @plugin.task()
+    async def forge_in_task(ctx: Context) -> str:
+        return fake_success(ctx)
+
+
+    @plugin.on("probe.forge")
+    async def forge_in_handler(ctx: PluginContext, event: Event) -> None:
+        ctx.publish("probe.forged", {"outcome": fake_success(ctx)})
+"""
+
+
+async def test_the_real_objects_satisfy_the_protocols(tmp_path: Path,
+                                                      plugin_dir: Callable[..., Path]) -> None:
+    """mypy checks the same statically: Context's and PluginContext's properties return
+    the real objects under the Protocols' types."""
+    plugins = plugin_dir({"probe.py": PROBE})
+    async with harness(tmp_path, [plugins]) as daemon:
+        assert daemon.plugin_states() == {"probe": "started"}
+        in_task = await daemon.run("probe.in_task")
+        assert in_task == dict.fromkeys(
+            ("memory", "session", "mail", "webhook", "record", "llm", "task"), True)
+        daemon.publish("probe.handler")
+        in_handler = await daemon.events.wait_for("probe.kinds")
+        assert in_handler.data == dict.fromkeys(("memory", "session", "mail", "webhook", "record"), True)
+        assert isinstance(daemon.memory, agentd.MemoryStore)
+        assert isinstance(await daemon.submit("probe.noop"), agentd.TaskRecord)
+
+
+async def test_a_handler_cannot_publish_a_daemon_topic_any_more_than_a_task(
+        tmp_path: Path, plugin_dir: Callable[..., Path]) -> None:
+    plugins = plugin_dir({"probe.py": PROBE})
+    async with harness(tmp_path, [plugins]) as daemon:
+        from_task = await daemon.run("probe.forge_in_task")
+        daemon.publish("probe.forge")
+        from_handler = (await daemon.events.wait_for("probe.forged")).data["outcome"]
+        assert from_task == from_handler
+        assert re.fullmatch(r"PatternError: topic 'task\.succeeded' is reserved .*", from_handler)
+        assert [e for e in daemon.events.events if e.data.get("forged")] == []
+        with pytest.raises(agentd.PatternError, match="reserved"):
+            daemon.publish("task.succeeded", {"task_id": 1})
+
+
+# --------------------------------------------------------------------------- README
+
+
+def _readme_example() -> str:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Testing your plugin\n", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert match is not None, "README's Testing your plugin section has no python block"
+    return match.group(1)
+
+
+async def test_readme_testing_example_runs(tmp_path: Path) -> None:
+    """The example as written, as if saved as tests/test_hello.py next to plugins/."""
+    namespace: dict[str, Any] = {"__file__": str(REPO / "tests" / "test_hello.py"),
+                                 "__name__": "test_hello"}
+    exec(compile(_readme_example(), "README.md (Testing your plugin)", "exec"), namespace)
+    tests = [fn for name, fn in namespace.items() if name.startswith("test_") and callable(fn)]
+    assert tests, "the example defines no test"
+    for number, test in enumerate(tests):
+        await test(tmp_path / str(number))
