@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from agentd.config import TasksConfig
 from agentd.context import Context
@@ -44,7 +44,15 @@ from agentd.errors import Fail, InvalidTaskError, Retry, StoreWriteError
 from agentd.log import get_logger
 from agentd.services import Services
 from agentd.taskdef import TaskDef, TaskRegistry, encode_json
-from agentd.taskqueue import CLAIMED_COLUMNS, FINAL_TOPIC, LATEST_RUN_AT, TaskQueue, TaskRecord
+from agentd.taskqueue import (
+    CLAIMED_COLUMNS,
+    FINAL_TOPIC,
+    LATEST_RUN_AT,
+    FinalStatus,
+    TaskQueue,
+    TaskRecord,
+    TaskStatus,
+)
 
 _LOG = get_logger("worker")
 
@@ -63,12 +71,14 @@ WRITE_RETRY_MAX = 1.0
 class Slots:
     """A queue's worker slots; waiters to re-take a slot go before new claims."""
 
-    def __init__(self, capacity: int, wake: asyncio.Event, hand_on: Callable[[Slots], bool]) -> None:
+    def __init__(self, capacity: int, wake: asyncio.Event,
+                 reuse_freed_slot: Callable[[Slots], bool]) -> None:
         self.capacity = capacity
         self.used = 0
         self._retakers: deque[asyncio.Future[None]] = deque()
         self._wake = wake
-        self._hand_on = hand_on  # starts a task claimed ahead in a freed slot; False if none
+        # Starts a task claimed ahead in a freed slot, which stays used; False if none.
+        self._reuse_freed_slot = reuse_freed_slot
 
     @property
     def free(self) -> int:
@@ -80,7 +90,7 @@ class Slots:
             if not retaker.done():
                 retaker.set_result(None)  # the slot passes straight to a waiting parent
                 return
-        if self._hand_on(self):
+        if self._reuse_freed_slot(self):
             return  # a task claimed ahead took the slot over
         self.used -= 1
         self._wake.set()
@@ -116,7 +126,7 @@ class WorkerPool:
         self.config = config
         self._plugin_configs = plugin_configs
         self._wakes = {name: asyncio.Event() for name in config.queues}
-        self._slots = {name: Slots(n, self._wakes[name], partial(self._hand_on, name))
+        self._slots = {name: Slots(n, self._wakes[name], partial(self._reuse_freed_slot, name))
                        for name, n in config.queues.items()}
         self._ahead: dict[str, deque[TaskRecord]] = {name: deque() for name in config.queues}
         self._mean_run = dict.fromkeys(config.queues, SHORT_TASK * 2)  # unproven: not short
@@ -256,7 +266,7 @@ class WorkerPool:
             record = next((r for r in ahead if r.id == task_id), None)
             if record is not None:
                 ahead.remove(record)
-                self._release_name(record)
+                self._release_concurrency(record)
                 self.wake(record.queue)  # it leaves room ahead: claim again
                 self._cancel_unstarted(record)
                 return
@@ -288,13 +298,13 @@ class WorkerPool:
                         # had claimed ahead): a stored cancel is never run.
                         self._cancel_unstarted(record)
                         continue
-                    self._take_name(record)
+                    self._charge_limits(record)
                     _wait_ahead(ahead, record)
                 if self._stopping:
                     return  # what this claim took goes back to the queue with the rest of `ahead`
                 while slots.free and ahead:  # in claim order, after any claimed earlier
                     slots.used += 1
-                    self._hand_on_one(queue, slots)
+                    self._start_next_ahead(queue, slots)
                 if records and slots.free:
                     continue  # there may be more claimable work right now
             timeout = None if next_at is None else max(0.0, next_at - time.time())
@@ -359,14 +369,17 @@ class WorkerPool:
 
     # -- running ---------------------------------------------------------------------------
 
-    def _take_name(self, record: TaskRecord) -> None:
-        """Count a claimed task against its name's concurrency and rate limits."""
+    def _charge_limits(self, record: TaskRecord) -> None:
+        """Charge a claimed task to its name's limits: spend one of the rate's tokens, and
+        count it running against the concurrency until `_release_concurrency`."""
         definition = self.registry.find(record.name)
         if definition is not None and definition.rate is not None:
             definition.rate.take()
         self._running_by_name[record.name] = self._running_by_name.get(record.name, 0) + 1
 
-    def _release_name(self, record: TaskRecord) -> None:
+    def _release_concurrency(self, record: TaskRecord) -> None:
+        """A charged task no longer runs (it ended, or was cancelled before it started):
+        count it off its name, and wake the claim loops if that frees a concurrency place."""
         self._running_by_name[record.name] -= 1
         definition = self.registry.find(record.name)
         if definition is not None and definition.concurrency is not None:
@@ -374,15 +387,17 @@ class WorkerPool:
             for wake in self._wakes.values():
                 wake.set()
 
-    def _hand_on(self, queue: str, slots: Slots) -> bool:
-        """Slots.release hook: start the next task claimed ahead in the slot being freed."""
+    def _reuse_freed_slot(self, queue: str, slots: Slots) -> bool:
+        """`Slots.release` hook: start the next task claimed ahead in the slot being freed,
+        which then stays used; False, the slot to be freed, when none waits (or the pool
+        is stopping)."""
         if self._stopping or not self._ahead[queue]:
             return False
-        self._hand_on_one(queue, slots)
+        self._start_next_ahead(queue, slots)
         return True
 
-    def _hand_on_one(self, queue: str, slots: Slots) -> None:
-        """Run the next claimed task in a slot already counted as used."""
+    def _start_next_ahead(self, queue: str, slots: Slots) -> None:
+        """Start the first task waiting ahead of `queue` in a slot already counted as used."""
         record = self._ahead[queue].popleft()
         self.running[record.id] = asyncio.get_running_loop().create_task(
             self._run(record, self.registry.find(record.name), slots),
@@ -419,7 +434,7 @@ class WorkerPool:
             self.running.pop(record.id, None)
             self._cancelling.discard(record.id)
             self._ended.discard(record.id)
-            self._release_name(record)
+            self._release_concurrency(record)
 
     async def _execute(self, record: TaskRecord, definition: TaskDef | None, ctx: Context) -> _Outcome:
         try:
@@ -457,21 +472,24 @@ class WorkerPool:
         the coroutine returned writes it, and the caller awaits it."""
         now = time.time()
         ttl_until = now + self.config.result_ttl
-        status, delay = outcome.status, 0.0
-        if status == "retry" and outcome.delay is not None and not outcome.delay <= LATEST_RUN_AT - now:
-            # NaN, inf, 1e308: the row cannot hold it (NaN), or the task would never run.
-            status, outcome = "failed", outcome._replace(
-                status="failed", error=f"{outcome.error} (its delay {outcome.delay!r} is no number "
-                "of seconds before 2100-01-01: the task would never run)")
-        if status == "retry":
-            if record.attempts >= record.max_attempts:
-                status = "dead"
-            else:
-                status = "queued"
+        status: FinalStatus
+        if outcome.status == "retry":
+            if outcome.delay is not None and not outcome.delay <= LATEST_RUN_AT - now:
+                # NaN, inf, 1e308: the row cannot hold it (NaN), or the task would never run.
+                status, outcome = "failed", outcome._replace(
+                    status="failed", error=f"{outcome.error} (its delay {outcome.delay!r} is no "
+                    "number of seconds before 2100-01-01: the task would never run)")
+            elif record.attempts < record.max_attempts:
                 delay = outcome.delay if outcome.delay is not None else self._backoff(record.attempts)
-        if status in ("queued", "interrupted"):
-            return self._put_back(record, outcome.error, interrupted=status == "interrupted",
-                                  delay=delay, now=now, ttl_until=ttl_until)
+                return self._put_back(record, outcome.error, interrupted=False, delay=delay,
+                                      now=now, ttl_until=ttl_until)
+            else:
+                status = "dead"
+        elif outcome.status == "interrupted":
+            return self._put_back(record, outcome.error, interrupted=True, delay=0.0, now=now,
+                                  ttl_until=ttl_until)
+        else:
+            status = outcome.status
         batch = self._acks.add((status, outcome.result, outcome.error, now, ttl_until, record.id))
         if batch is not self._acks_batch:
             self._gather_acks(batch)
@@ -720,10 +738,15 @@ def _failure(exc: Exception, record: TaskRecord, ctx: Context) -> _Outcome:
     return _Outcome("retry", error=f"{type(exc).__name__}: {exc}")
 
 
-class _Outcome(NamedTuple):
-    """How an attempt ended: succeeded, failed, retry, cancelled or interrupted (by a stop)."""
+# How an attempt ended: a final state of the task, or one that queues it again: `retry`
+# (with attempts left; none left, it is dead) or `interrupted` by a stop.
+AttemptOutcome = Literal["succeeded", "failed", "cancelled", "retry", "interrupted"]
 
-    status: str
+
+class _Outcome(NamedTuple):
+    """How an attempt ended, and what it leaves: a result, an error, a retry's delay."""
+
+    status: AttemptOutcome
     result: str | None = None
     error: str | None = None
     delay: float | None = None
@@ -806,11 +829,11 @@ def _claim_order(record: TaskRecord) -> tuple[int, float, int]:
 
 
 def _requeue(conn: Connection, *, task_id: int, run_at: float, error: str | None,
-             undo_attempt: int, finished_at: float, expires_at: float) -> str:
+             undo_attempt: int, finished_at: float, expires_at: float) -> Literal["queued", "cancelled"]:
     """Queue a task again after an attempt that did not end it (a retry, or a stop that
     interrupted it, `undo_attempt` 1); return its status. A cancel stored on it meanwhile
     ends it `cancelled` instead: a cancel is never undone by a retry."""
-    status: str = conn.execute(
+    status: Literal["queued", "cancelled"] = conn.execute(
         "UPDATE tasks SET status = iif(cancel_requested, 'cancelled', 'queued'), run_at = ?, "
         "error = iif(cancel_requested, 'cancelled', ?), "
         "finished_at = iif(cancel_requested, ?, NULL), expires_at = iif(cancel_requested, ?, NULL), "
@@ -846,6 +869,7 @@ def _renew(conn: Connection, *, running: list[int], lease_until: float, ttl: flo
     orphans = conn.execute(
         f"SELECT * FROM tasks WHERE status = 'running' {others} {expired}", params).fetchall()
     changed: list[Row] = []
+    status: TaskStatus
     for row in orphans:
         if row["cancel_requested"]:
             status, error = "cancelled", "cancelled"
