@@ -471,7 +471,7 @@ class TaskQueue:
 
         ended, running = await self.store.write(op)
         for row in ended:
-            self.settle(TaskRecord.from_row(row), "task.cancelled")
+            self.announce_final(TaskRecord.from_row(row))
         for running_id in running:
             for listener in self._cancel_listeners:
                 listener(running_id)
@@ -562,9 +562,10 @@ class TaskQueue:
 
     # -- used by workers -------------------------------------------------------------------
 
-    def settle(self, record: TaskRecord, topic: str, **extra: Any) -> None:
-        """Publish a final state and wake everyone waiting for this task."""
-        self.publish(topic, record, **extra)
+    def announce_final(self, record: TaskRecord, **extra: Any) -> None:
+        """Publish the final state of a task whose row holds it (committed), as its event
+        (`task.<status>`, with `extra` in its data), and wake everyone waiting for it."""
+        self.publish(FINAL_TOPIC[record.status], record, **extra)
         for future in self._waiters.pop(record.id, ()):
             if not future.done():
                 future.set_result(record)

@@ -46,7 +46,6 @@ from agentd.services import Services
 from agentd.taskdef import TaskDef, TaskRegistry, encode_json
 from agentd.taskqueue import (
     CLAIMED_COLUMNS,
-    FINAL_TOPIC,
     LATEST_RUN_AT,
     FinalStatus,
     TaskQueue,
@@ -146,7 +145,7 @@ class WorkerPool:
         # the context of the task whose slot it takes over (its `structlog` bindings...).
         self._task_context = contextvars.copy_context()
         self._acks = BatchedWrite(store, _write_acks)
-        # The acks of the transaction being gathered (`_settle`), announced when it commits.
+        # The acks of the transaction being gathered (`_end_attempt`), announced when it commits.
         self._acks_batch: asyncio.Future[list[None]] | None = None
         self._acked: list[TaskRecord] = []
         self._acks_in_flight: dict[asyncio.Future[list[None]], list[TaskRecord]] = {}
@@ -157,7 +156,7 @@ class WorkerPool:
         self._ack_timer: asyncio.TimerHandle | None = None
         self._ack_retry = WRITE_RETRY_FIRST
         self._claims: dict[str, asyncio.Future[tuple[list[TaskRecord], float | None]]] = {}
-        store.add_rider(self._ride_claims)
+        store.add_rider(self._add_claims_to_batch)
         queue.on_work(self.wake)
         queue.on_cancel(self._cancel_running)
 
@@ -274,7 +273,7 @@ class WorkerPool:
     def _cancel_unstarted(self, record: TaskRecord) -> None:
         """End a claimed task that never started as cancelled; its ack joins the next
         transaction."""
-        putting_back = self._settle(record, _CANCELLED)
+        putting_back = self._end_attempt(record, _CANCELLED)
         assert putting_back is None  # a final state: nothing to await
 
     # -- claiming --------------------------------------------------------------------------
@@ -284,7 +283,7 @@ class WorkerPool:
         while not self._stopping:
             wake.clear()
             next_at: float | None = None
-            if self._wanted(queue):
+            if self._claim_size(queue):
                 try:
                     records, next_at = await self._claim_in_next_batch(queue)
                 except Exception as exc:  # the loop must outlive any failed write
@@ -299,7 +298,7 @@ class WorkerPool:
                         self._cancel_unstarted(record)
                         continue
                     self._charge_limits(record)
-                    _wait_ahead(ahead, record)
+                    _insert_by_priority(ahead, record)
                 if self._stopping:
                     return  # what this claim took goes back to the queue with the rest of `ahead`
                 while slots.free and ahead:  # in claim order, after any claimed earlier
@@ -314,7 +313,7 @@ class WorkerPool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout)
 
-    def _wanted(self, queue: str) -> int:
+    def _claim_size(self, queue: str) -> int:
         """How many tasks a claim for `queue` would take now: its free slots, and the room
         left ahead of them while its tasks are short."""
         slots, room = self._slots[queue], 0
@@ -324,26 +323,26 @@ class WorkerPool:
 
     def _claim_in_next_batch(self, queue: str) -> asyncio.Future[tuple[list[TaskRecord], float | None]]:
         """A claim for `queue` in the next write transaction, sized when that batch is taken
-        (`_ride_claims`): tasks handed freed slots meanwhile leave room that it then fills."""
+        (`_add_claims_to_batch`): tasks handed freed slots meanwhile leave room that it then fills."""
         future: asyncio.Future[tuple[list[TaskRecord], float | None]] = (
             asyncio.get_running_loop().create_future())
         self._claims[queue] = future
         self.store.request_flush()
         return future
 
-    def _ride_claims(self) -> None:
+    def _add_claims_to_batch(self) -> None:
         """Store rider: put the claims asked for into the batch being taken."""
         if not self._claims:
             return
         # One budget for the batch's claims: they run in order and spend it together.
-        blocked, budgets = self._limits()
+        blocked, budgets = self._name_budgets()
         for queue, future in self._claims.items():
             self.store.join_batch(partial(
-                _claim, queue=queue, wanted=self._wanted(queue), blocked=blocked, budgets=budgets,
+                _claim, queue=queue, wanted=self._claim_size(queue), blocked=blocked, budgets=budgets,
                 lease=self.config.lease), future)
         self._claims.clear()
 
-    def _limits(self) -> tuple[set[str], dict[str, int]]:
+    def _name_budgets(self) -> tuple[set[str], dict[str, int]]:
         """Names that may not start now, and how many more of each limited name may."""
         blocked: set[str] = set()
         budgets: dict[str, int] = {}
@@ -424,7 +423,7 @@ class WorkerPool:
             if ctx.holds_slot:
                 ctx.holds_slot = False
                 slots.release()
-            putting_back = self._settle(record, outcome)
+            putting_back = self._end_attempt(record, outcome)
             if putting_back is not None:
                 await putting_back
         finally:
@@ -466,7 +465,7 @@ class WorkerPool:
         except Exception as exc:
             return _failure(exc, record, ctx)
 
-    def _settle(self, record: TaskRecord, outcome: _Outcome) -> Coroutine[Any, Any, None] | None:
+    def _end_attempt(self, record: TaskRecord, outcome: _Outcome) -> Coroutine[Any, Any, None] | None:
         """Record how the attempt ended. A final state joins the next transaction's acks and
         is announced when that commits. A retry or an interruption is to be written first:
         the coroutine returned writes it, and the caller awaits it."""
@@ -525,7 +524,7 @@ class WorkerPool:
         if stored == "cancelled":  # a cancel came in as the attempt ended
             record.status, record.error = "cancelled", "cancelled"
             record.finished_at, record.expires_at = now, ttl_until
-            self.queue.settle(record, "task.cancelled", attempt=record.attempts, error="cancelled")
+            self.queue.announce_final(record, attempt=record.attempts, error="cancelled")
             return
         if not interrupted:
             record.status, record.run_at, record.error = "queued", run_at, error
@@ -541,7 +540,7 @@ class WorkerPool:
         if batch.cancelled() or batch.exception() is not None:
             self._ack_failed(records, batch)
             return
-        self._announce(records)
+        self._announce_committed(records)
 
     def _ack_failed(self, records: list[TaskRecord], batch: asyncio.Future[list[None]]) -> None:
         """Acks whose transaction failed: owed when the storage refused it, else (the store
@@ -552,7 +551,7 @@ class WorkerPool:
             return
         _LOG.error("tasks.ack_failed", tasks=len(records),
                    error="cancelled" if error is None else f"{type(error).__name__}: {error}")
-        self._paid({record.id for record in records})
+        self._take_off_owed({record.id for record in records})
 
     def _owe(self, records: list[TaskRecord], error: StoreWriteError) -> None:
         """Write these acks again after a wait (see the module docstring). They stay among
@@ -586,9 +585,9 @@ class WorkerPool:
         _LOG.warning("tasks.acks_committed", tasks=len(records))
         # Announced once: an ack retried twice (its first retry's commit on its way as the
         # timer fired again) is announced by the commit that finds it still owed.
-        self._announce(self._paid({record.id for record in records}))
+        self._announce_committed(self._take_off_owed({record.id for record in records}))
 
-    def _paid(self, ids: set[int]) -> list[TaskRecord]:
+    def _take_off_owed(self, ids: set[int]) -> list[TaskRecord]:
         """Take these tasks out of the owed acks; return the ones that were owed."""
         paid = [record for record in self._owed if record.id in ids]
         self._owed[:] = [record for record in self._owed if record.id not in ids]
@@ -598,14 +597,14 @@ class WorkerPool:
             self._owed_done = None
         return paid
 
-    def _announce(self, records: list[TaskRecord]) -> None:
+    def _announce_committed(self, records: list[TaskRecord]) -> None:
         """Publish each task's final state and wake its waiters: its ack has committed."""
-        settle = self.queue.settle
+        announce = self.queue.announce_final
         for record in records:
             if record.error:
-                settle(record, FINAL_TOPIC[record.status], attempt=record.attempts, error=record.error)
+                announce(record, attempt=record.attempts, error=record.error)
             else:
-                settle(record, FINAL_TOPIC[record.status], attempt=record.attempts)
+                announce(record, attempt=record.attempts)
 
     async def _remember(self, definition: TaskDef, record: TaskRecord, value: Any) -> None:
         """`@plugin.task(remember=...)`: keep the result in long-term memory."""
@@ -633,7 +632,7 @@ class WorkerPool:
             await asyncio.sleep(interval)
             try:
                 recovered = await self.store.write(partial(
-                    _renew, running=self.leased, lease_until=time.time() + self.config.lease,
+                    _renew_and_reclaim, running=self.leased, lease_until=time.time() + self.config.lease,
                     ttl=self.config.result_ttl, expired_only=True))
             except Exception as exc:  # as a claim's: renew at the next beat
                 _LOG.error("tasks.renew_failed", error=f"{type(exc).__name__}: {exc}")
@@ -642,7 +641,7 @@ class WorkerPool:
 
     async def _recover(self) -> None:
         recovered = await self.store.write(partial(
-            _renew, running=[], lease_until=0.0, ttl=self.config.result_ttl, expired_only=False))
+            _renew_and_reclaim, running=[], lease_until=0.0, ttl=self.config.result_ttl, expired_only=False))
         self._publish_recovered(recovered)
         if recovered:
             _LOG.warning("tasks.recovered", count=len(recovered))
@@ -651,13 +650,13 @@ class WorkerPool:
         for row in rows:
             record = TaskRecord.from_row(row)
             if record.finished:
-                self.queue.settle(record, f"task.{record.status}", error=record.error)
+                self.queue.announce_final(record, error=record.error)
             else:
                 self.queue.publish("task.queued", record, recovered=True)
                 self.wake(record.queue)
 
 
-def _wait_ahead(ahead: deque[TaskRecord], record: TaskRecord) -> None:
+def _insert_by_priority(ahead: deque[TaskRecord], record: TaskRecord) -> None:
     """Queue a claimed task to start: after those waiting of its priority or higher, before
     any of lower. A claim's rows come in priority order; a later claim may hold a more
     urgent task than the ones an earlier claim left waiting."""
@@ -757,7 +756,7 @@ _CANCELLED = _Outcome("cancelled", error="cancelled")
 
 
 def _ack_row(record: TaskRecord) -> tuple[Any, ...]:
-    """The ack of a settled record, as `_settle` first wrote it."""
+    """The ack of a settled record, as `_end_attempt` first wrote it."""
     result = None
     if record.status == "succeeded":
         result = "null" if record.result is None else encode_json(record.result, "the result")
@@ -851,9 +850,11 @@ def _unclaim(conn: Connection, *, task_ids: list[int]) -> None:
         task_ids)
 
 
-def _renew(conn: Connection, *, running: list[int], lease_until: float, ttl: float,
-           expired_only: bool) -> list[Row]:
-    """Extend our leases; requeue (or end) the `running` rows nobody runs any more.
+def _renew_and_reclaim(conn: Connection, *, running: list[int], lease_until: float, ttl: float,
+                       expired_only: bool) -> list[Row]:
+    """Extend the leases of the tasks listed in `running`; reclaim the rows left in state
+    running that nobody runs any more (orphans): requeue them, or end them (cancelled, or
+    dead with no attempt left). Return the reclaimed rows.
 
     At start (`expired_only=False`) every running row was left by a dead process: we hold
     the database lock. Later only rows whose lease has expired are taken back; a row
