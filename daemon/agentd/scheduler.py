@@ -481,9 +481,9 @@ class Scheduler:
 
 @dataclass(slots=True)
 class _DueFires:
-    """The fires from a schedule's `next_fire` up to now, sorted into on time and late: the
-    on-time ones all, the late ones counted with only the latest kept, and the fire after
-    them (the schedule's next `next_fire`)."""
+    """The fires from a schedule's `next_fire` up to now, sorted into on time and late: every
+    on-time one; the late ones counted, and the latest of them kept; and the first fire
+    after now (the schedule's next `next_fire`)."""
 
     on_time: list[float] = field(default_factory=list)
     late_tail: list[float] = field(default_factory=list)  # the latest late ones, in order

@@ -56,14 +56,14 @@ UNSUCCESSFUL: frozenset[TaskStatus] = frozenset(get_args(UnsuccessfulStatus))
 FINAL_TOPIC: dict[TaskStatus, str] = {state: f"task.{state}" for state in get_args(FinalStatus)}
 
 
-def sql_list(states: tuple[TaskStatus, ...]) -> str:
+def _sql_list(states: tuple[TaskStatus, ...]) -> str:
     """`states` as an SQL list for `status IN ...`: statements name sets of states through
     this, from the one definition above."""
     return "(" + ", ".join(f"'{state}'" for state in states) + ")"
 
 
-_FINAL_SQL = sql_list(get_args(FinalStatus))
-_UNSUCCESSFUL_SQL = sql_list(get_args(UnsuccessfulStatus))
+_FINAL_SQL = _sql_list(get_args(FinalStatus))
+_UNSUCCESSFUL_SQL = _sql_list(get_args(UnsuccessfulStatus))
 
 # The latest time a task may be due (2100-01-01 UTC): a later run_at, or a delay that reaches
 # past it (1e308), is a mistake, and would leave a task that never runs. The HTTP API's
