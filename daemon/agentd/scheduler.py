@@ -34,7 +34,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from agentd.bus import Bus
 from agentd.errors import InvalidScheduleError, ScheduleNotFoundError, StoreWriteError, TaskStateError
@@ -43,13 +43,14 @@ from agentd.log import get_logger
 from agentd.schedule import ScheduleSpec
 from agentd.store import Connection, Row, Store
 from agentd.taskdef import TaskRegistry
-from agentd.taskqueue import FINAL_TOPIC, TaskQueue, TaskRequest
+from agentd.taskqueue import FINAL_TOPIC, TaskQueue, TaskRequest, TaskStatus
 
 # Fires walked one by one before a long outage is crossed by estimate (cron only; interval
 # schedules are crossed exactly by arithmetic), and missed fires reported one event each.
 _MAX_WALKED = 2000
 _MAX_MISSED_EVENTS = 100
 _FINAL_TOPICS = ",".join(sorted(FINAL_TOPIC.values()))
+_STATUS_OF_TOPIC: dict[str, TaskStatus] = {topic: status for status, topic in FINAL_TOPIC.items()}
 # Seconds before a schedule whose processing failed (not a fire: its state) is tried again.
 _RETRY_FAILED = 60.0
 # Seconds before a fire the store refused (a full disk) is tried again.
@@ -62,6 +63,12 @@ class Clock(Protocol):
     def now(self) -> float: ...
 
     async def sleep_until(self, deadline: float | None, wake: asyncio.Event) -> None: ...
+
+
+# Why a fire was not fired (`schedule.missed`'s `reason`): it was more than `grace` late and
+# `catch_up` passed it over; the last run was unfinished (`overlap`); it could not be
+# enqueued; or the schedule was paused (by failures) before a fire it owed ran.
+MissReason = Literal["late", "overlap", "error", "paused"]
 
 
 # Commit the tasks of the durable handlers an event triggers, before it is delivered; with a
@@ -90,7 +97,7 @@ class ScheduleState:
     next_fire: float | None = None
     last_fire: float | None = None
     last_task_id: int | None = None
-    last_outcome: str | None = None
+    last_outcome: TaskStatus | None = None  # the final status of the last fire's task
     fires: int = 0
     misses: int = 0
     failures_in_row: int = 0
@@ -194,7 +201,7 @@ class Scheduler:
                 if (not state.paused and state.next_fire is not None and state.next_fire <= now
                         and self._refused_until.get(state.spec.id, now) <= now):
                     try:
-                        await self._process(state, now)
+                        await self._fire_due(state, now)
                         self._refused_until.pop(state.spec.id, None)
                     except StoreWriteError as exc:
                         self._log.error("schedule.fire_refused", schedule=state.spec.id,
@@ -284,10 +291,14 @@ class Scheduler:
 
     # -- firing ------------------------------------------------------------------------------
 
-    async def _process(self, state: ScheduleState, now: float) -> None:
+    async def _fire_due(self, state: ScheduleState, now: float) -> None:
+        """Fire the schedule's fires that have come due (from `next_fire` up to `now`) as
+        its `catch_up` policy says, report each late one passed over (`schedule.missed`),
+        and save it with `next_fire` after `now`. A fire the store refuses raises
+        StoreWriteError, with `next_fire` left at that fire, to be tried again."""
         spec = state.spec
         keep = {"skip": 0, "once": 1, "all": spec.catch_up_limit}[spec.catch_up]
-        due = _due(spec, state.next_fire, now, max(keep, _MAX_MISSED_EVENTS))
+        due = _due_fires(spec, state.next_fire, now, max(keep, _MAX_MISSED_EVENTS))
         to_fire = list(due.on_time)
         if keep and (spec.catch_up == "all" or not due.on_time):
             to_fire = due.late_tail[-keep:] + to_fire
@@ -385,7 +396,7 @@ class Scheduler:
         self._missed(state, fire_time, "overlap")
         return False
 
-    def _missed(self, state: ScheduleState, fire_time: float, reason: str, **extra: Any) -> None:
+    def _missed(self, state: ScheduleState, fire_time: float, reason: MissReason, **extra: Any) -> None:
         state.misses += 1
         self.bus.publish("schedule.missed", {"schedule_id": state.spec.id, "fire_time": fire_time,
                                               "reason": reason, **extra})
@@ -396,12 +407,12 @@ class Scheduler:
         if state is None or state.last_task_id != event.data.get("task_id"):
             return
         task = asyncio.get_running_loop().create_task(
-            self._record_outcome(state, event.topic.removeprefix("task.")),
+            self._record_outcome(state, _STATUS_OF_TOPIC[event.topic]),
             name=f"schedule-outcome:{state.spec.id}")
         self._outcomes.add(task)
         task.add_done_callback(self._outcomes.discard)
 
-    async def _record_outcome(self, state: ScheduleState, outcome: str) -> None:
+    async def _record_outcome(self, state: ScheduleState, outcome: TaskStatus) -> None:
         state.last_outcome = outcome
         limit = state.spec.pause_after_failures
         if outcome == "succeeded":
@@ -418,7 +429,7 @@ class Scheduler:
         elif owed is not None:
             try:
                 await self._fire(state, owed)
-            except Exception as exc:  # as in `_process`: reported, and the state still saved
+            except Exception as exc:  # as in `_fire_due`: reported, and the state still saved
                 self._log.error("schedule.fire_failed", schedule=state.spec.id, error=str(exc))
                 self._missed(state, owed, "error", error=f"{type(exc).__name__}: {exc}")
         await self._save(state)
@@ -469,8 +480,10 @@ class Scheduler:
 
 
 @dataclass(slots=True)
-class _Due:
-    """The fires from a schedule's `next_fire` up to now, sorted into on time and late."""
+class _DueFires:
+    """The fires from a schedule's `next_fire` up to now, sorted into on time and late: every
+    on-time one; the late ones counted, and the latest of them kept; and the first fire
+    after now (the schedule's next `next_fire`)."""
 
     on_time: list[float] = field(default_factory=list)
     late_tail: list[float] = field(default_factory=list)  # the latest late ones, in order
@@ -479,14 +492,14 @@ class _Due:
     approximate: bool = False
 
 
-def _due(spec: ScheduleSpec, start: float | None, now: float, keep: int) -> _Due:
+def _due_fires(spec: ScheduleSpec, start: float | None, now: float, keep: int) -> _DueFires:
     """Sort the fires in [start, now] by lateness, keeping the latest `keep` (>= 1) late ones.
 
     A late fire is one more than `grace` seconds old. Long stretches of late fires are
     crossed without listing them: exactly for interval schedules, by estimate for cron
     ones (then `approximate`)."""
     trigger, cutoff = spec.trigger(), now - spec.grace
-    due, tail = _Due(), deque[float](maxlen=keep)
+    due, tail = _DueFires(), deque[float](maxlen=keep)
     cursor = start
     if spec.every and cursor is not None and cursor < cutoff:
         jump = int((cutoff - cursor) // spec.every) - keep - 1

@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from agentd.config import TasksConfig
 from agentd.context import Context
@@ -44,7 +44,14 @@ from agentd.log import get_logger
 from agentd.services import Services
 from agentd.store import BatchedWrite, Connection, Row, Store, execute_rows
 from agentd.taskdef import TaskDef, TaskRegistry, encode_json
-from agentd.taskqueue import CLAIMED_COLUMNS, FINAL_TOPIC, LATEST_RUN_AT, TaskQueue, TaskRecord
+from agentd.taskqueue import (
+    CLAIMED_COLUMNS,
+    LATEST_RUN_AT,
+    FinalStatus,
+    TaskQueue,
+    TaskRecord,
+    TaskStatus,
+)
 
 _LOG = get_logger("worker")
 
@@ -63,12 +70,14 @@ WRITE_RETRY_MAX = 1.0
 class Slots:
     """A queue's worker slots; waiters to re-take a slot go before new claims."""
 
-    def __init__(self, capacity: int, wake: asyncio.Event, hand_on: Callable[[Slots], bool]) -> None:
+    def __init__(self, capacity: int, wake: asyncio.Event,
+                 reuse_freed_slot: Callable[[Slots], bool]) -> None:
         self.capacity = capacity
         self.used = 0
         self._retakers: deque[asyncio.Future[None]] = deque()
         self._wake = wake
-        self._hand_on = hand_on  # starts a task claimed ahead in a freed slot; False if none
+        # Starts a task claimed ahead in a freed slot, which stays used; False if none.
+        self._reuse_freed_slot = reuse_freed_slot
 
     @property
     def free(self) -> int:
@@ -80,7 +89,7 @@ class Slots:
             if not retaker.done():
                 retaker.set_result(None)  # the slot passes straight to a waiting parent
                 return
-        if self._hand_on(self):
+        if self._reuse_freed_slot(self):
             return  # a task claimed ahead took the slot over
         self.used -= 1
         self._wake.set()
@@ -116,7 +125,7 @@ class WorkerPool:
         self.config = config
         self._plugin_configs = plugin_configs
         self._wakes = {name: asyncio.Event() for name in config.queues}
-        self._slots = {name: Slots(n, self._wakes[name], partial(self._hand_on, name))
+        self._slots = {name: Slots(n, self._wakes[name], partial(self._reuse_freed_slot, name))
                        for name, n in config.queues.items()}
         self._ahead: dict[str, deque[TaskRecord]] = {name: deque() for name in config.queues}
         self._mean_run = dict.fromkeys(config.queues, SHORT_TASK * 2)  # unproven: not short
@@ -136,7 +145,7 @@ class WorkerPool:
         # the context of the task whose slot it takes over (its `structlog` bindings...).
         self._task_context = contextvars.copy_context()
         self._acks = BatchedWrite(store, _write_acks)
-        # The acks of the transaction being gathered (`_settle`), announced when it commits.
+        # The acks of the transaction being gathered (`_end_attempt`), announced when it commits.
         self._acks_batch: asyncio.Future[list[None]] | None = None
         self._acked: list[TaskRecord] = []
         self._acks_in_flight: dict[asyncio.Future[list[None]], list[TaskRecord]] = {}
@@ -147,7 +156,7 @@ class WorkerPool:
         self._ack_timer: asyncio.TimerHandle | None = None
         self._ack_retry = WRITE_RETRY_FIRST
         self._claims: dict[str, asyncio.Future[tuple[list[TaskRecord], float | None]]] = {}
-        store.add_rider(self._ride_claims)
+        store.add_rider(self._add_claims_to_batch)
         queue.on_work(self.wake)
         queue.on_cancel(self._cancel_running)
 
@@ -256,7 +265,7 @@ class WorkerPool:
             record = next((r for r in ahead if r.id == task_id), None)
             if record is not None:
                 ahead.remove(record)
-                self._release_name(record)
+                self._release_concurrency(record)
                 self.wake(record.queue)  # it leaves room ahead: claim again
                 self._cancel_unstarted(record)
                 return
@@ -264,7 +273,7 @@ class WorkerPool:
     def _cancel_unstarted(self, record: TaskRecord) -> None:
         """End a claimed task that never started as cancelled; its ack joins the next
         transaction."""
-        putting_back = self._settle(record, _CANCELLED)
+        putting_back = self._end_attempt(record, _CANCELLED)
         assert putting_back is None  # a final state: nothing to await
 
     # -- claiming --------------------------------------------------------------------------
@@ -274,7 +283,7 @@ class WorkerPool:
         while not self._stopping:
             wake.clear()
             next_at: float | None = None
-            if self._wanted(queue):
+            if self._claim_size(queue):
                 try:
                     records, next_at = await self._claim_in_next_batch(queue)
                 except Exception as exc:  # the loop must outlive any failed write
@@ -288,13 +297,13 @@ class WorkerPool:
                         # had claimed ahead): a stored cancel is never run.
                         self._cancel_unstarted(record)
                         continue
-                    self._take_name(record)
-                    _wait_ahead(ahead, record)
+                    self._charge_limits(record)
+                    _insert_by_priority(ahead, record)
                 if self._stopping:
                     return  # what this claim took goes back to the queue with the rest of `ahead`
                 while slots.free and ahead:  # in claim order, after any claimed earlier
                     slots.used += 1
-                    self._hand_on_one(queue, slots)
+                    self._start_next_ahead(queue, slots)
                 if records and slots.free:
                     continue  # there may be more claimable work right now
             timeout = None if next_at is None else max(0.0, next_at - time.time())
@@ -304,7 +313,7 @@ class WorkerPool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout)
 
-    def _wanted(self, queue: str) -> int:
+    def _claim_size(self, queue: str) -> int:
         """How many tasks a claim for `queue` would take now: its free slots, and the room
         left ahead of them while its tasks are short."""
         slots, room = self._slots[queue], 0
@@ -314,26 +323,26 @@ class WorkerPool:
 
     def _claim_in_next_batch(self, queue: str) -> asyncio.Future[tuple[list[TaskRecord], float | None]]:
         """A claim for `queue` in the next write transaction, sized when that batch is taken
-        (`_ride_claims`): tasks handed freed slots meanwhile leave room that it then fills."""
+        (`_add_claims_to_batch`): tasks handed freed slots meanwhile leave room that it then fills."""
         future: asyncio.Future[tuple[list[TaskRecord], float | None]] = (
             asyncio.get_running_loop().create_future())
         self._claims[queue] = future
         self.store.request_flush()
         return future
 
-    def _ride_claims(self) -> None:
+    def _add_claims_to_batch(self) -> None:
         """Store rider: put the claims asked for into the batch being taken."""
         if not self._claims:
             return
         # One budget for the batch's claims: they run in order and spend it together.
-        blocked, budgets = self._limits()
+        blocked, budgets = self._name_budgets()
         for queue, future in self._claims.items():
             self.store.join_batch(partial(
-                _claim, queue=queue, wanted=self._wanted(queue), blocked=blocked, budgets=budgets,
+                _claim, queue=queue, wanted=self._claim_size(queue), blocked=blocked, budgets=budgets,
                 lease=self.config.lease), future)
         self._claims.clear()
 
-    def _limits(self) -> tuple[set[str], dict[str, int]]:
+    def _name_budgets(self) -> tuple[set[str], dict[str, int]]:
         """Names that may not start now, and how many more of each limited name may."""
         blocked: set[str] = set()
         budgets: dict[str, int] = {}
@@ -359,14 +368,17 @@ class WorkerPool:
 
     # -- running ---------------------------------------------------------------------------
 
-    def _take_name(self, record: TaskRecord) -> None:
-        """Count a claimed task against its name's concurrency and rate limits."""
+    def _charge_limits(self, record: TaskRecord) -> None:
+        """Charge a claimed task to its name's limits: spend one of the rate's tokens, and
+        count it running against the concurrency until `_release_concurrency`."""
         definition = self.registry.find(record.name)
         if definition is not None and definition.rate is not None:
             definition.rate.take()
         self._running_by_name[record.name] = self._running_by_name.get(record.name, 0) + 1
 
-    def _release_name(self, record: TaskRecord) -> None:
+    def _release_concurrency(self, record: TaskRecord) -> None:
+        """A charged task no longer runs (it ended, or was cancelled before it started):
+        count it off its name, and wake the claim loops if that frees a concurrency place."""
         self._running_by_name[record.name] -= 1
         definition = self.registry.find(record.name)
         if definition is not None and definition.concurrency is not None:
@@ -374,15 +386,17 @@ class WorkerPool:
             for wake in self._wakes.values():
                 wake.set()
 
-    def _hand_on(self, queue: str, slots: Slots) -> bool:
-        """Slots.release hook: start the next task claimed ahead in the slot being freed."""
+    def _reuse_freed_slot(self, queue: str, slots: Slots) -> bool:
+        """`Slots.release` hook: start the next task claimed ahead in the slot being freed,
+        which then stays used; False, the slot to be freed, when none waits (or the pool
+        is stopping)."""
         if self._stopping or not self._ahead[queue]:
             return False
-        self._hand_on_one(queue, slots)
+        self._start_next_ahead(queue, slots)
         return True
 
-    def _hand_on_one(self, queue: str, slots: Slots) -> None:
-        """Run the next claimed task in a slot already counted as used."""
+    def _start_next_ahead(self, queue: str, slots: Slots) -> None:
+        """Start the first task waiting ahead of `queue` in a slot already counted as used."""
         record = self._ahead[queue].popleft()
         self.running[record.id] = asyncio.get_running_loop().create_task(
             self._run(record, self.registry.find(record.name), slots),
@@ -409,7 +423,7 @@ class WorkerPool:
             if ctx._holds_slot:
                 ctx._holds_slot = False
                 slots.release()
-            putting_back = self._settle(record, outcome)
+            putting_back = self._end_attempt(record, outcome)
             if putting_back is not None:
                 await putting_back
         finally:
@@ -419,7 +433,7 @@ class WorkerPool:
             self.running.pop(record.id, None)
             self._cancelling.discard(record.id)
             self._ended.discard(record.id)
-            self._release_name(record)
+            self._release_concurrency(record)
 
     async def _execute(self, record: TaskRecord, definition: TaskDef | None, ctx: Context) -> _Outcome:
         try:
@@ -451,27 +465,30 @@ class WorkerPool:
         except Exception as exc:
             return _failure(exc, record, ctx)
 
-    def _settle(self, record: TaskRecord, outcome: _Outcome) -> Coroutine[Any, Any, None] | None:
+    def _end_attempt(self, record: TaskRecord, outcome: _Outcome) -> Coroutine[Any, Any, None] | None:
         """Record how the attempt ended. A final state joins the next transaction's acks and
         is announced when that commits. A retry or an interruption is to be written first:
         the coroutine returned writes it, and the caller awaits it."""
         now = time.time()
         ttl_until = now + self.config.result_ttl
-        status, delay = outcome.status, 0.0
-        if status == "retry" and outcome.delay is not None and not outcome.delay <= LATEST_RUN_AT - now:
-            # NaN, inf, 1e308: the row cannot hold it (NaN), or the task would never run.
-            status, outcome = "failed", outcome._replace(
-                status="failed", error=f"{outcome.error} (its delay {outcome.delay!r} is no number "
-                "of seconds before 2100-01-01: the task would never run)")
-        if status == "retry":
-            if record.attempts >= record.max_attempts:
-                status = "dead"
-            else:
-                status = "queued"
+        status: FinalStatus
+        if outcome.status == "retry":
+            if outcome.delay is not None and not outcome.delay <= LATEST_RUN_AT - now:
+                # NaN, inf, 1e308: the row cannot hold it (NaN), or the task would never run.
+                status, outcome = "failed", outcome._replace(
+                    status="failed", error=f"{outcome.error} (its delay {outcome.delay!r} is no "
+                    "number of seconds before 2100-01-01: the task would never run)")
+            elif record.attempts < record.max_attempts:
                 delay = outcome.delay if outcome.delay is not None else self._backoff(record.attempts)
-        if status in ("queued", "interrupted"):
-            return self._put_back(record, outcome.error, interrupted=status == "interrupted",
-                                  delay=delay, now=now, ttl_until=ttl_until)
+                return self._put_back(record, outcome.error, interrupted=False, delay=delay,
+                                      now=now, ttl_until=ttl_until)
+            else:
+                status = "dead"
+        elif outcome.status == "interrupted":
+            return self._put_back(record, outcome.error, interrupted=True, delay=0.0, now=now,
+                                  ttl_until=ttl_until)
+        else:
+            status = outcome.status
         batch = self._acks.add((status, outcome.result, outcome.error, now, ttl_until, record.id))
         if batch is not self._acks_batch:
             self._gather_acks(batch)
@@ -507,7 +524,7 @@ class WorkerPool:
         if stored == "cancelled":  # a cancel came in as the attempt ended
             record.status, record.error = "cancelled", "cancelled"
             record.finished_at, record.expires_at = now, ttl_until
-            self.queue.settle(record, "task.cancelled", attempt=record.attempts, error="cancelled")
+            self.queue.announce_final(record, attempt=record.attempts, error="cancelled")
             return
         if not interrupted:
             record.status, record.run_at, record.error = "queued", run_at, error
@@ -523,7 +540,7 @@ class WorkerPool:
         if batch.cancelled() or batch.exception() is not None:
             self._ack_failed(records, batch)
             return
-        self._announce(records)
+        self._announce_committed(records)
 
     def _ack_failed(self, records: list[TaskRecord], batch: asyncio.Future[list[None]]) -> None:
         """Acks whose transaction failed: owed when the storage refused it, else (the store
@@ -534,7 +551,7 @@ class WorkerPool:
             return
         _LOG.error("tasks.ack_failed", tasks=len(records),
                    error="cancelled" if error is None else f"{type(error).__name__}: {error}")
-        self._paid({record.id for record in records})
+        self._take_off_owed({record.id for record in records})
 
     def _owe(self, records: list[TaskRecord], error: StoreWriteError) -> None:
         """Write these acks again after a wait (see the module docstring). They stay among
@@ -568,9 +585,9 @@ class WorkerPool:
         _LOG.warning("tasks.acks_committed", tasks=len(records))
         # Announced once: an ack retried twice (its first retry's commit on its way as the
         # timer fired again) is announced by the commit that finds it still owed.
-        self._announce(self._paid({record.id for record in records}))
+        self._announce_committed(self._take_off_owed({record.id for record in records}))
 
-    def _paid(self, ids: set[int]) -> list[TaskRecord]:
+    def _take_off_owed(self, ids: set[int]) -> list[TaskRecord]:
         """Take these tasks out of the owed acks; return the ones that were owed."""
         paid = [record for record in self._owed if record.id in ids]
         self._owed[:] = [record for record in self._owed if record.id not in ids]
@@ -580,14 +597,14 @@ class WorkerPool:
             self._owed_done = None
         return paid
 
-    def _announce(self, records: list[TaskRecord]) -> None:
+    def _announce_committed(self, records: list[TaskRecord]) -> None:
         """Publish each task's final state and wake its waiters: its ack has committed."""
-        settle = self.queue.settle
+        announce = self.queue.announce_final
         for record in records:
             if record.error:
-                settle(record, FINAL_TOPIC[record.status], attempt=record.attempts, error=record.error)
+                announce(record, attempt=record.attempts, error=record.error)
             else:
-                settle(record, FINAL_TOPIC[record.status], attempt=record.attempts)
+                announce(record, attempt=record.attempts)
 
     async def _remember(self, definition: TaskDef, record: TaskRecord, value: Any) -> None:
         """`@plugin.task(remember=...)`: keep the result in long-term memory."""
@@ -615,7 +632,7 @@ class WorkerPool:
             await asyncio.sleep(interval)
             try:
                 recovered = await self.store.write(partial(
-                    _renew, running=self.leased, lease_until=time.time() + self.config.lease,
+                    _renew_and_reclaim, running=self.leased, lease_until=time.time() + self.config.lease,
                     ttl=self.config.result_ttl, expired_only=True))
             except Exception as exc:  # as a claim's: renew at the next beat
                 _LOG.error("tasks.renew_failed", error=f"{type(exc).__name__}: {exc}")
@@ -624,7 +641,7 @@ class WorkerPool:
 
     async def _recover(self) -> None:
         recovered = await self.store.write(partial(
-            _renew, running=[], lease_until=0.0, ttl=self.config.result_ttl, expired_only=False))
+            _renew_and_reclaim, running=[], lease_until=0.0, ttl=self.config.result_ttl, expired_only=False))
         self._publish_recovered(recovered)
         if recovered:
             _LOG.warning("tasks.recovered", count=len(recovered))
@@ -633,13 +650,13 @@ class WorkerPool:
         for row in rows:
             record = TaskRecord.from_row(row)
             if record.finished:
-                self.queue.settle(record, f"task.{record.status}", error=record.error)
+                self.queue.announce_final(record, error=record.error)
             else:
                 self.queue.publish("task.queued", record, recovered=True)
                 self.wake(record.queue)
 
 
-def _wait_ahead(ahead: deque[TaskRecord], record: TaskRecord) -> None:
+def _insert_by_priority(ahead: deque[TaskRecord], record: TaskRecord) -> None:
     """Queue a claimed task to start: after those waiting of its priority or higher, before
     any of lower. A claim's rows come in priority order; a later claim may hold a more
     urgent task than the ones an earlier claim left waiting."""
@@ -720,10 +737,15 @@ def _failure(exc: Exception, record: TaskRecord, ctx: Context) -> _Outcome:
     return _Outcome("retry", error=f"{type(exc).__name__}: {exc}")
 
 
-class _Outcome(NamedTuple):
-    """How an attempt ended: succeeded, failed, retry, cancelled or interrupted (by a stop)."""
+# How an attempt ended: a final state of the task, or one that queues it again: `retry`
+# (with attempts left; none left, it is dead) or `interrupted` by a stop.
+AttemptOutcome = Literal["succeeded", "failed", "cancelled", "retry", "interrupted"]
 
-    status: str
+
+class _Outcome(NamedTuple):
+    """How an attempt ended, and what it leaves: a result, an error, a retry's delay."""
+
+    status: AttemptOutcome
     result: str | None = None
     error: str | None = None
     delay: float | None = None
@@ -734,7 +756,7 @@ _CANCELLED = _Outcome("cancelled", error="cancelled")
 
 
 def _ack_row(record: TaskRecord) -> tuple[Any, ...]:
-    """The ack of a settled record, as `_settle` first wrote it."""
+    """The ack of a settled record, as `_end_attempt` first wrote it."""
     result = None
     if record.status == "succeeded":
         result = "null" if record.result is None else encode_json(record.result, "the result")
@@ -806,11 +828,11 @@ def _claim_order(record: TaskRecord) -> tuple[int, float, int]:
 
 
 def _requeue(conn: Connection, *, task_id: int, run_at: float, error: str | None,
-             undo_attempt: int, finished_at: float, expires_at: float) -> str:
+             undo_attempt: int, finished_at: float, expires_at: float) -> Literal["queued", "cancelled"]:
     """Queue a task again after an attempt that did not end it (a retry, or a stop that
     interrupted it, `undo_attempt` 1); return its status. A cancel stored on it meanwhile
     ends it `cancelled` instead: a cancel is never undone by a retry."""
-    status: str = conn.execute(
+    status: Literal["queued", "cancelled"] = conn.execute(
         "UPDATE tasks SET status = iif(cancel_requested, 'cancelled', 'queued'), run_at = ?, "
         "error = iif(cancel_requested, 'cancelled', ?), "
         "finished_at = iif(cancel_requested, ?, NULL), expires_at = iif(cancel_requested, ?, NULL), "
@@ -828,9 +850,11 @@ def _unclaim(conn: Connection, *, task_ids: list[int]) -> None:
         task_ids)
 
 
-def _renew(conn: Connection, *, running: list[int], lease_until: float, ttl: float,
-           expired_only: bool) -> list[Row]:
-    """Extend our leases; requeue (or end) the `running` rows nobody runs any more.
+def _renew_and_reclaim(conn: Connection, *, running: list[int], lease_until: float, ttl: float,
+                       expired_only: bool) -> list[Row]:
+    """Extend the leases of the tasks listed in `running`; reclaim the rows left in state
+    running that nobody runs any more (orphans): requeue them, or end them (cancelled, or
+    dead with no attempt left). Return the reclaimed rows.
 
     At start (`expired_only=False`) every running row was left by a dead process: we hold
     the database lock. Later only rows whose lease has expired are taken back; a row
@@ -846,6 +870,7 @@ def _renew(conn: Connection, *, running: list[int], lease_until: float, ttl: flo
     orphans = conn.execute(
         f"SELECT * FROM tasks WHERE status = 'running' {others} {expired}", params).fetchall()
     changed: list[Row] = []
+    status: TaskStatus
     for row in orphans:
         if row["cancel_requested"]:
             status, error = "cancelled", "cancelled"

@@ -20,9 +20,9 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from agentd.events import MAX_TOPIC_LENGTH, RESERVED_PREFIXES, TOPIC_PATTERN
 from agentd.memory import NAME_PATTERN
-from agentd.schedule import MAX_DURATION, MIN_INTERVAL
+from agentd.schedule import MAX_DURATION, MIN_INTERVAL, CatchUp, Overlap
 from agentd.taskdef import TASK_NAME_PATTERN
-from agentd.taskqueue import LATEST_RUN_AT, STATES
+from agentd.taskqueue import LATEST_RUN_AT, TaskStatus
 
 # How deep objects and arrays may nest inside a free-form JSON value: deep enough for any
 # real payload, shallow enough that no encoder or decoder of the daemon recurses too far.
@@ -170,7 +170,7 @@ class TaskBatch(Struct, forbid_unknown_fields=True):
 
 # Query parameters: a parameter left out is UNSET (a `None` default would let `?x=null` in).
 class TaskListQuery(Struct):
-    status: Literal[tuple(sorted(STATES))] | UnsetType = UNSET  # type: ignore[valid-type]
+    status: TaskStatus | UnsetType = UNSET
     name: Annotated[str, Meta(max_length=MAX_KEY, description="task name")] | UnsetType = UNSET
     queue: Annotated[str, Meta(max_length=MAX_KEY, description="queue name")] | UnsetType = UNSET
     limit: Annotated[int, Meta(ge=1, le=500, description="page size")] = 50
@@ -317,10 +317,10 @@ class _ScheduleFields(Struct, forbid_unknown_fields=True, omit_defaults=True):
     queue: QueueName | UnsetType = UNSET
     event: Topic | UnsetType = UNSET
     data: JsonObject | UnsetType = UNSET
-    catch_up: Literal["skip", "once", "all"] | UnsetType = UNSET
+    catch_up: CatchUp | UnsetType = UNSET
     catch_up_limit: Id | IdWhole | UnsetType = UNSET
     grace: Duration | UnsetType = UNSET
-    overlap: Literal["allow", "skip", "queue_one", "cancel_previous"] | UnsetType = UNSET
+    overlap: Overlap | UnsetType = UNSET
     jitter: Duration | UnsetType = UNSET
     pause_after_failures: Count | CountWhole | UnsetType = UNSET
     paused: bool | UnsetType = UNSET
