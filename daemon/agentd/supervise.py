@@ -4,7 +4,8 @@ A loop (the lag monitor, the WAL checkpoints, the scheduler, the systemd watchdo
 workers' claim loops and heartbeat) is to run until its owner stops it. One that ends by
 itself — it raises, returns, or is cancelled by someone else — is logged (`loop.failed`,
 with the traceback) and published (`daemon.loop_failed`: `loop`, `error`,
-`failures_in_row`, `restart_in`), then started again from its factory after a backoff:
+`failures_in_row`, `restart_in`), then started again from its factory after a backoff
+(`loop.restarted`, `daemon.loop_restarted`: `loop`, `restarts`):
 `first_backoff` s, doubled at each crash in a row up to `max_backoff` s, so a loop that
 crashes at once costs one start per `max_backoff` s, not the CPU. A run that lasted
 `max_backoff` s or more ends the row: its crash is backed off `first_backoff` s again.
@@ -126,15 +127,18 @@ class Loop:
 
     def _restarted(self) -> None:
         self.restarts += 1
-        _LOG.warning("loop.restarted", loop=self.name, restarts=self.restarts)
         self._start()
+        if self.task is not None:  # else its factory failed, and that was reported
+            _LOG.warning("loop.restarted", loop=self.name, restarts=self.restarts)
+            self._supervisor.bus.publish("daemon.loop_restarted", {"loop": self.name,
+                                                                   "restarts": self.restarts})
 
 
 class Supervisor:
     """Owner of the daemon's long-lived loops; see the module docstring.
 
     Args:
-        bus: where `daemon.loop_failed` is published.
+        bus: where `daemon.loop_failed` and `daemon.loop_restarted` are published.
         first_backoff: seconds before a loop that failed is started again, the first time.
         max_backoff: the most it waits, however often the loop failed in a row.
     """

@@ -413,11 +413,12 @@ class WorkerPool:
             putting_back = self._settle(record, outcome)
             if putting_back is not None:
                 await putting_back
-        except Exception:
+        except Exception as exc:
             # Not the task's failure (that is an outcome, `_execute`) but one of recording it
             # (the store closed under a requeue, a bug): this task is its only observer. The
             # row stays `running`, and the heartbeat takes it back once its lease runs out.
-            _LOG.exception("tasks.run_failed", task_id=record.id, task=record.name)
+            _LOG.exception("tasks.run_failed", task_id=record.id, task=record.name,
+                           error=f"{type(exc).__name__}: {exc}")
         finally:
             ctx.close()
             if ctx.holds_slot:
