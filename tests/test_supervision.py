@@ -453,3 +453,19 @@ async def test_a_schedule_outcome_that_cannot_be_recorded_is_logged(
             clock.advance(61)
             line = await logs.wait_for("schedule.outcome_failed", task="schedule-outcome:once")
     assert line["error"] == "RuntimeError: outcome broke"
+
+
+async def test_the_backoff_stays_bounded_after_very_many_failures_in_row() -> None:
+    bus = Bus()
+    events = EventCapture(bus, "daemon.loop_failed")
+    supervisor = Supervisor(bus, first_backoff=0.01, max_backoff=0.02)
+
+    async def broken() -> None:
+        raise OSError("no")
+
+    loop = supervisor.start("broken", broken)
+    await failures(events, 1)
+    loop.failures_in_row = 5000  # as after a day and more of failing every max_backoff s
+    again = await events.wait_for("daemon.loop_failed", failures_in_row=5001)
+    await loop.stop()
+    assert again.data["restart_in"] == 0.02

@@ -6,7 +6,7 @@ it as a `handler.failed` event, and at shutdown drains with a deadline, then can
 
 Which owner a task has. No task of the daemon is left without one, to fail unseen:
 
-- a coroutine that runs once in the background (an event handler, a digest's send):
+- a coroutine that runs once in the background (an event handler, a digest's enqueue):
   `Spawner.spawn` here;
 - a loop that runs for the daemon's life (the lag monitor, the WAL checkpoints, the
   scheduler, the watchdog, the claim loops and the lease heartbeat):

@@ -30,6 +30,7 @@ from agentd.log import get_logger
 LoopFactory = Callable[[], Coroutine[Any, Any, None]]
 
 _LOG = get_logger("loop")
+_MAX_DOUBLINGS = 30
 
 
 class Loop:
@@ -88,13 +89,12 @@ class Loop:
         self._restart = None
         if self._stopping:
             return
+        self._started_at = asyncio.get_running_loop().time()
         try:
             coro = self._factory()
         except Exception as exc:
-            self._started_at = asyncio.get_running_loop().time()
             self._failed(exc, _describe(exc))
             return
-        self._started_at = asyncio.get_running_loop().time()
         self.task = asyncio.get_running_loop().create_task(coro, name=self.name)
         self.task.add_done_callback(self._ended)
 
@@ -115,7 +115,9 @@ class Loop:
         loop = asyncio.get_running_loop()
         if loop.time() - self._started_at >= supervisor.max_backoff:
             self.failures_in_row = 0
-        delay = min(supervisor.first_backoff * 2 ** self.failures_in_row, supervisor.max_backoff)
+        # The exponent is capped: 2 ** 1100 is no float, and a loop failing every 30 s gets there.
+        doubled = supervisor.first_backoff * 2 ** min(self.failures_in_row, _MAX_DOUBLINGS)
+        delay = min(doubled, supervisor.max_backoff)
         self.failures_in_row += 1
         self.last_error = error
         _LOG.error("loop.failed", loop=self.name, error=error, failures_in_row=self.failures_in_row,
