@@ -46,13 +46,14 @@ async def echo(ctx, value=None):
 @asynccontextmanager
 async def supervised_daemon(tmp_path: Path, *, first_backoff: float = FAST["first_backoff"],
                             max_backoff: float = FAST["max_backoff"],
-                            patch: Any = None, **kwargs: Any) -> AsyncIterator[tuple[Daemon, EventCapture]]:
+                            patch: Any = None, overrides: dict[str, Any] | None = None,
+                            **kwargs: Any) -> AsyncIterator[tuple[Daemon, EventCapture]]:
     """A real daemon whose supervisor restarts after `first_backoff` s (doubling up to
     `max_backoff`); `patch(daemon)` runs before it starts."""
     plugins = tmp_path / "plugins"
     plugins.mkdir(exist_ok=True)
     (plugins / "sv.py").write_text(PLUGIN)
-    daemon = Daemon(make_config(tmp_path, [plugins]), **kwargs)
+    daemon = Daemon(make_config(tmp_path, [plugins], overrides), **kwargs)
     daemon.supervisor.first_backoff, daemon.supervisor.max_backoff = first_backoff, max_backoff
     if patch is not None:
         patch(daemon)
@@ -248,6 +249,22 @@ async def test_a_loop_waiting_to_restart_makes_the_daemon_not_ready(tmp_path: Pa
     # The stop cancelled the restart it was waiting for: nothing runs on.
     assert daemon.supervisor.loops["lag-monitor"].task is None
     assert daemon.supervisor.loops["lag-monitor"].state == "stopped"
+
+
+async def test_healthz_tells_an_anonymous_caller_no_loop_error(tmp_path: Path) -> None:
+    token = "s3cret-token"
+    async with supervised_daemon(tmp_path, first_backoff=60.0, max_backoff=60.0,
+                                 overrides={"server": {"token": token}}) as (daemon, events):
+        cancel_from_outside(daemon, "lag-monitor")
+        await events.wait_for("daemon.loop_failed", loop="lag-monitor")
+        seen = {}
+        for caller, headers in (("anonymous", {}), ("token", {"Authorization": f"Bearer {token}"})):
+            async with aiohttp.ClientSession(daemon_url(daemon), headers=headers) as http, \
+                    http.get("/healthz") as response:
+                health = await response.json()
+            seen[caller] = next(loop for loop in health["loops"] if loop["name"] == "lag-monitor")
+    assert seen["anonymous"] == {"name": "lag-monitor", "state": "restarting", "restarts": 0}
+    assert seen["token"]["last_error"] == "cancelled by something other than its owner"
 
 
 async def test_ready_again_once_the_loop_restarted(tmp_path: Path) -> None:
