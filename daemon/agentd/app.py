@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Awaitable, Mapping
 from contextlib import AsyncExitStack
+from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -38,6 +39,7 @@ from agentd.shutdown import (
 from agentd.spawn import Spawner
 from agentd.store import Store
 from agentd.store.sqlite import SqliteStore
+from agentd.supervise import Loop, LoopFactory, Supervisor
 from agentd.systemd import Notifier
 from agentd.taskdef import TaskRegistry
 from agentd.taskqueue import TaskQueue
@@ -66,6 +68,7 @@ class Daemon:
         self.spawner = Spawner(
             self.bus, config.daemon.handler_concurrency, config.daemon.handler_backlog
         )
+        self.supervisor = Supervisor(self.bus)
         self.registry = TaskRegistry()
         self.queue = TaskQueue(self.store, self.bus, self.registry, config.tasks)
         self.services = Services.from_config(config)
@@ -100,7 +103,7 @@ class Daemon:
         self._stop_requested = asyncio.Event()
         self._stop_reason: str | None = None
         self._hurried = asyncio.Event()
-        self._service_tasks: list[asyncio.Task[None]] = []
+        self._services: list[Loop] = []
         self._log = get_logger("daemon")
 
     @property
@@ -125,8 +128,8 @@ class Daemon:
         async with AsyncExitStack() as rollback:
             await self.store.open()
             rollback.push_async_callback(self.store.close)
-            self._start_service(self.lag.run(), "lag-monitor")
-            self._start_service(self.store.run_checkpoints(), "wal-checkpoints")
+            self._start_service(self.lag.run, "lag-monitor")
+            self._start_service(self.store.run_checkpoints, "wal-checkpoints")
             await self.eventlog.start()
             rollback.push_async_callback(self.eventlog.stop)
             rollback.push_async_callback(self.services.close)
@@ -144,14 +147,14 @@ class Daemon:
             self.services.memory = memory
             # memory.db's WAL grows like the main file's (to hundreds of MB under bulk
             # remember(), with recall three times slower) unless it is checkpointed too.
-            self._start_service(memory.store.run_checkpoints(), "memory-wal-checkpoints")
+            self._start_service(memory.store.run_checkpoints, "memory-wal-checkpoints")
             # Undone first on a failed start: the checkpoint loop must stop before memory closes.
             rollback.push_async_callback(self._stop_services)
-            await self.workers.start()
+            await self.workers.start(self.supervisor)
             rollback.push_async_callback(self.workers.stop, self.config.daemon.stop_timeout)
             await self._start_scheduler()
             rollback.push_async_callback(self.scheduler.stop)
-            self._start_service(self.scheduler.run(), "scheduler")
+            self._start_service(self.scheduler.run, "scheduler")
             server = HttpServer(
                 build_app(self, system.routes, tasks_api.routes, events_api.routes, streams.routes,
                           ws.routes, schedules_api.routes, memory_api.routes),
@@ -161,7 +164,7 @@ class Daemon:
             self.server = server
             rollback.pop_all()
         if self.notifier.watchdog_interval:
-            self._start_service(self._watchdog(self.notifier.watchdog_interval), "watchdog")
+            self._start_service(partial(self._watchdog, self.notifier.watchdog_interval), "watchdog")
         self.bus.publish("daemon.started", {"version": __version__, "port": self.port})
         self._log.info("daemon.started", version=__version__, host=self.config.server.host,
                        port=self.port, database=str(self.store.path))
@@ -272,7 +275,7 @@ class Daemon:
                           f"{len(self.spawner)} handlers running or waiting")
         # The scheduler fires nothing more.
         await self._stage("stop background loops", self._stop_services(), timed_out,
-                          ", ".join(task.get_name() for task in self._service_tasks))
+                          ", ".join(loop.name for loop in self._services))
         put_back = await self._stage(
             "stop workers", self.workers.stop(timeout, self._hurried), timed_out,
             self.workers.describe_running())
@@ -309,8 +312,10 @@ class Daemon:
             hurried.cancel()
             draining.cancel()  # a no-op once drained; else hurried, or the stage ran out of time
         if draining not in done:  # hurried: cancel the handlers now
-            await asyncio.gather(draining, return_exceptions=True)
+            await asyncio.wait({draining})
             await self.spawner.drain(0)
+        if not draining.cancelled():
+            draining.result()  # a failure of the drain itself fails the stage, which logs it
 
     @property
     def memory(self) -> MemoryStore | None:
@@ -332,17 +337,18 @@ class Daemon:
             self._log.exception("daemon.stop_stage_failed", stage=name)
         return None
 
-    def _start_service(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._service_tasks.append(task)
+    def _start_service(self, factory: LoopFactory, name: str) -> None:
+        """Run one of the daemon's own loops under the supervisor (restarted if it fails)."""
+        self._services.append(self.supervisor.start(name, factory))
 
     async def _stop_services(self) -> None:
-        for task in self._service_tasks:
-            task.cancel()
-        await asyncio.gather(*self._service_tasks, return_exceptions=True)
-        self._service_tasks.clear()
+        """Cancel the daemon's own loops; one that ends with an exception is logged."""
+        stopping = [loop.stop() for loop in self._services]
+        self._services.clear()
+        await asyncio.gather(*stopping)
 
     async def _watchdog(self, interval: float) -> None:
+        """Tell systemd every `interval` s that the loop runs (WATCHDOG=1)."""
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(interval)

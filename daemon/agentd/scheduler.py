@@ -410,7 +410,15 @@ class Scheduler:
             self._record_outcome(state, _STATUS_OF_TOPIC[event.topic]),
             name=f"schedule-outcome:{state.spec.id}")
         self._outcomes.add(task)
-        task.add_done_callback(self._outcomes.discard)
+        task.add_done_callback(self._outcome_recorded)
+
+    def _outcome_recorded(self, task: asyncio.Task[None]) -> None:
+        """The scheduler owns the tasks recording outcomes: a failure of one (its state could
+        not be saved) is logged here, not left to asyncio as an exception never retrieved."""
+        self._outcomes.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._log.error("schedule.outcome_failed", task=task.get_name(),
+                            error=f"{type(exc).__name__}: {exc}", exc_info=exc)
 
     async def _record_outcome(self, state: ScheduleState, outcome: TaskStatus) -> None:
         state.last_outcome = outcome

@@ -1,8 +1,22 @@
-"""Fire-and-forget, tracked: every background coroutine of the daemon starts here.
+"""Fire-and-forget, tracked: every short-lived background coroutine of the daemon starts here.
 
 `Spawner.spawn()` keeps a strong reference to each task (the loop keeps only weak ones),
 names it, bounds how many run at once and how many may wait, logs a failure and publishes
 it as a `handler.failed` event, and at shutdown drains with a deadline, then cancels.
+
+Which owner a task has. No task of the daemon is left without one, to fail unseen:
+
+- a coroutine that runs once in the background (an event handler, a digest's enqueue):
+  `Spawner.spawn` here;
+- a loop that runs for the daemon's life (the lag monitor, the WAL checkpoints, the
+  scheduler, the watchdog, the claim loops and the lease heartbeat):
+  `agentd.supervise.Supervisor.start`, which reports a failure and restarts the loop;
+- a task that lives within one object or one call (a WebSocket's requests and pumps, a
+  running task attempt of the worker pool, a scheduler recording an outcome, a helper
+  future raced in one `asyncio.wait`): that object or call owns it. It keeps the task,
+  cancels and awaits it when it is done with it, and sees its failure: it awaits its
+  result or logs its exception in a done-callback (never "Task exception was never
+  retrieved", never an exception dropped by `gather(..., return_exceptions=True)`).
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ from agentd.errors import Fail, InvalidTaskError, Retry, StoreWriteError
 from agentd.log import get_logger
 from agentd.services import Services
 from agentd.store import BatchedWrite, Connection, Row, Store, execute_rows
+from agentd.supervise import Loop, Supervisor
 from agentd.taskdef import TaskDef, TaskRegistry, encode_json
 from agentd.taskqueue import (
     CLAIMED_COLUMNS,
@@ -136,8 +137,8 @@ class WorkerPool:
         # Attempts that have ended, their outcome being written: a cancel no longer
         # interrupts them (the retry's write turns into the cancel itself, `_requeue`).
         self._ended: set[int] = set()
-        self._loops: list[asyncio.Task[None]] = []
-        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._claim_loops: list[Loop] = []
+        self._heartbeat_loop: Loop | None = None
         self._stopping = False
         self._interrupted = 0  # attempts a stop interrupted, their tasks put back
         self._threads: set[threading.Thread] = set()  # running sync tasks' threads
@@ -160,14 +161,13 @@ class WorkerPool:
         queue.on_work(self.wake)
         queue.on_cancel(self._cancel_running)
 
-    async def start(self) -> None:
-        """Recover what a dead process left running, then start claiming."""
+    async def start(self, supervisor: Supervisor) -> None:
+        """Recover what a dead process left running, then start claiming: a claim loop per
+        queue and the lease heartbeat, under `supervisor` (restarted if one fails)."""
         await self._recover()
-        loop = asyncio.get_running_loop()
         for name in self.config.queues:
-            self._loops.append(loop.create_task(self._claim_loop(name), name=f"claim:{name}"))
-        self._heartbeat_task = loop.create_task(self._heartbeat(), name="task-heartbeat")
-        self._loops.append(self._heartbeat_task)
+            self._claim_loops.append(supervisor.start(f"claim:{name}", partial(self._claim_loop, name)))
+        self._heartbeat_loop = supervisor.start("task-heartbeat", self._heartbeat)
 
     async def stop(self, deadline: float, hurry: asyncio.Event | None = None) -> int:
         """Stop claiming; let running tasks finish for `deadline` s (less once `hurry` is
@@ -183,10 +183,11 @@ class WorkerPool:
         # commits whatever happens to its caller, and its rows must not be left running.
         for wake in self._wakes.values():
             wake.set()
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
-        self._loops.clear()
+        ending = [loop.stop(cancel=False) for loop in self._claim_loops]
+        if self._heartbeat_loop is not None:
+            ending.append(self._heartbeat_loop.stop())
+        self._claim_loops.clear()
+        await asyncio.gather(*ending)
         interrupted_before = self._interrupted
         if self.running:
             pending = await self._let_running_finish(deadline, hurry)
@@ -426,6 +427,12 @@ class WorkerPool:
             putting_back = self._end_attempt(record, outcome)
             if putting_back is not None:
                 await putting_back
+        except Exception as exc:
+            # Not the task's failure (that is an outcome, `_execute`) but one of recording it
+            # (the store closed under a requeue, a bug): this task is its only observer. The
+            # row stays `running`, and the heartbeat takes it back once its lease runs out.
+            _LOG.exception("tasks.run_failed", task_id=record.id, task=record.name,
+                           error=f"{type(exc).__name__}: {exc}")
         finally:
             ctx._close()
             if ctx._holds_slot:

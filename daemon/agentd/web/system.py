@@ -17,15 +17,18 @@ routes = web.RouteTableDef()
 
 
 @routes.get("/healthz")
-@doc("Liveness, with the state of every plugin and any warning (plugin files and errors "
-     "only for a caller with the token, when one is configured)", tag="system", public=True,
-     responses={200: "The process is alive; `status` is degraded when a plugin failed"})
+@doc("Liveness, with the state of every plugin and background loop and any warning (plugin "
+     "files and errors only for a caller with the token, when one is configured)", tag="system",
+     public=True,
+     responses={200: "The process is alive; `status` is degraded when a plugin failed or a "
+                     "loop is down"})
 async def healthz(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     plugins = daemon.plugins.states()
     warnings = daemon.plugins.warnings
-    degraded = any(p["state"] == "failed" for p in plugins)
-    if not may_see_details(request):
+    details = may_see_details(request)
+    degraded = any(p["state"] == "failed" for p in plugins) or bool(daemon.supervisor.down)
+    if not details:
         # Paths and error texts tell an outsider how the host is laid out.
         plugins = [{"name": p["name"], "state": p["state"]} for p in plugins]
         warnings = [{"warning": w["warning"]} for w in warnings]
@@ -34,12 +37,14 @@ async def healthz(request: web.Request) -> web.Response:
         "version": __version__,
         "uptime": round(time.monotonic() - daemon.started_monotonic, 3),
         "plugins": plugins,
+        "loops": daemon.supervisor.describe(details),
         "warnings": warnings,
     })
 
 
 @routes.get("/readyz")
-@doc("Readiness: store writable, plugins started and none failed, event-loop lag bounded",
+@doc("Readiness: store writable, plugins started and none failed, background loops running, "
+     "event-loop lag bounded",
      tag="system",
      responses={200: "Ready", 503: "Not ready; `checks` says which check failed"})
 async def readyz(request: web.Request) -> web.Response:
@@ -53,6 +58,8 @@ async def readyz(request: web.Request) -> web.Response:
                            "error": f"{type(exc).__name__}: {exc}"}
     failed = daemon.plugins.failed
     checks["plugins"] = {"ok": daemon.plugins_started and not failed, "failed": failed}
+    down = daemon.supervisor.down
+    checks["loops"] = {"ok": not down, "down": down}
     lag, bound = daemon.lag.lag, daemon.config.server.max_loop_lag
     checks["loop_lag"] = {"ok": lag <= bound, "seconds": round(lag, 4), "bound": bound}
     checks["intake"] = {"ok": not daemon.stopping}
@@ -61,7 +68,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/status")
-@doc("What the running daemon is doing: process, store, bus, handlers, tasks and plugins",
+@doc("What the running daemon is doing: process, store, bus, handlers, tasks, loops and plugins",
      tag="system")
 async def status(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
@@ -81,6 +88,7 @@ async def status(request: web.Request) -> web.Response:
         "tasks": {"by_status": await daemon.queue.counts(), "running_here": len(daemon.workers.running),
                   "registered": daemon.registry.names()},
         "loop_lag": round(daemon.lag.lag, 4),
+        "loops": daemon.supervisor.describe(),
         "plugins": daemon.plugins.states(),
     })
 

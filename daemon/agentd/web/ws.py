@@ -71,7 +71,13 @@ _LEADING_ID = re.compile(r'\s*\{\s*"id"\s*:\s*(-?\d{1,19}(?![\d.eE])|"(?:[^"\\]|
 
 
 class _Session:
-    """One connection: its subscriptions and its pending requests."""
+    """One connection: its subscriptions and its pending requests.
+
+    The session owns the tasks it starts (one per request being answered, one pump per
+    subscription): `close` cancels and awaits them all. A request task that ends with an
+    exception is logged as it ends (`ws.reply_failed`), a pump that fails is logged
+    (`ws.pump_failed`) and drops the connection: no failure is left to asyncio.
+    """
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
         self.request = request
@@ -97,9 +103,16 @@ class _Session:
                 f"{len(self.requests)} requests are in flight on this socket, the most it takes "
                 "([streams] ws_max_requests): wait for their replies")))
             return
-        task = asyncio.get_running_loop().create_task(self.handle(message))
+        task = asyncio.get_running_loop().create_task(self.handle(message), name="ws:request")
         self.requests.add(task)
-        task.add_done_callback(self.requests.discard)
+        task.add_done_callback(self._request_ended)
+
+    def _request_ended(self, task: asyncio.Task[None]) -> None:
+        self.requests.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # `handle` answers every failure of a request; this is one of answering it.
+            get_logger("ws").error("ws.reply_failed", error=f"{type(exc).__name__}: {exc}",
+                                   exc_info=exc)
 
     async def reply(self, answer: dict[str, Any]) -> None:
         """Send a reply; a client that does not take it within `send_timeout` is dropped."""
@@ -168,7 +181,7 @@ class _Session:
         # Live-only, a lag resumes after what existed when it subscribed, not the whole log.
         after = self.daemon.bus.delivered_id if since is None else since
         pump = asyncio.get_running_loop().create_task(
-            self._pump(name, sub, patterns, after, replay=since is not None))
+            self._pump(name, sub, patterns, after, replay=since is not None), name=f"ws:pump:{name}")
         self.subscriptions[name] = (sub, pump)
         return {"subscription": name}
 
@@ -181,6 +194,11 @@ class _Session:
             # connection (a close frame could not get through its full buffer either), so
             # it holds no subscription, task or buffer any longer.
             get_logger("ws").info("ws.dropped", subscription=name, reason=type(exc).__name__)
+            drop_connection(self.request)
+        except Exception:
+            # A subscription that stopped forwarding would leave its client waiting for events
+            # that never come: the connection is dropped, and the client resumes (`since`).
+            get_logger("ws").exception("ws.pump_failed", subscription=name)
             drop_connection(self.request)
 
     async def _forward(self, name: str, sub: Subscription, patterns: TopicFilter, after: int,
@@ -270,18 +288,22 @@ class _Session:
         "cancel": cancel, "result": result, "ping": ping,
     }
 
-    def _drop(self, name: str) -> None:
+    def _drop(self, name: str) -> asyncio.Task[None]:
+        """End a subscription; return its pump, cancelled."""
         sub, pump = self.subscriptions.pop(name)
         sub.unsubscribe()
         self.request.app[STREAMS].discard(sub)
         pump.cancel()
+        return pump
 
     async def close(self) -> None:
-        for name in list(self.subscriptions):
-            self._drop(name)
-        for task in self.requests:
+        """Cancel the pumps and the requests in flight, and wait for them to end (their
+        failures are logged as they end)."""
+        tasks = {self._drop(name) for name in list(self.subscriptions)} | self.requests
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.requests, return_exceptions=True)
+        if tasks:
+            await asyncio.wait(tasks)
 
 
 def parse_message(text: str, limit: int) -> Any:
