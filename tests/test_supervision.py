@@ -446,7 +446,7 @@ async def test_a_task_run_whose_outcome_cannot_be_recorded_is_logged(
             def settle(record: Any, outcome: Any) -> None:
                 raise RuntimeError("settle broke")
 
-            monkeypatch.setattr(daemon.workers, "_settle", settle)
+            monkeypatch.setattr(daemon.workers, "_end_attempt", settle)
             task = await daemon.queue.enqueue("sv.echo", {"value": 1})
             line = await logs.wait_for("tasks.run_failed")
             monkeypatch.undo()

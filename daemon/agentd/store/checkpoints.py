@@ -57,7 +57,7 @@ async def run_checkpoints(store: SqliteStore, interval: float, wal_limit: int) -
         else:
             continue
         try:
-            await checkpoint(store, mode)
+            await store.checkpoint(mode)
         except Error as exc:
             if not failing:
                 log.error("store.checkpoint_failed", path=str(store.path), error=str(exc))
@@ -71,7 +71,7 @@ async def run_checkpoints(store: SqliteStore, interval: float, wal_limit: int) -
 async def maintain(store: SqliteStore) -> dict[str, int]:
     """Fold the WAL into the database and truncate it, and give free pages back to the
     file system; return what it did."""
-    busy, wal_pages, copied = await checkpoint(store, "TRUNCATE")
+    busy, wal_pages, copied = await store.checkpoint("TRUNCATE")
     freed = await store.write(_incremental_vacuum)
     return {"checkpoint_busy": busy, "wal_pages": wal_pages, "pages_copied": copied,
             "pages_freed": freed}
