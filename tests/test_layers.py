@@ -79,3 +79,47 @@ def test_the_bottom_modules_import_nothing_above_them(module: str) -> None:
     assert imported <= BOTTOM[module], (
         f"agentd/{module}.py imports {sorted(imported - BOTTOM[module])}: it may import only "
         f"{sorted(BOTTOM[module]) or 'nothing'} of agentd")
+
+
+# The whole package, in groups from the bottom up (README's "Layout" lists them): a module
+# may import at run time only from its own group and those above it. Imports under
+# TYPE_CHECKING are exempt: annotations may name a type of a higher layer.
+LAYERS = [
+    {"errors", "events", "schedule", "config", "jsontext", "log"},
+    {"store"},
+    {"bus", "spawn", "supervise", "eventlog", "taskdef", "taskqueue", "steps"},
+    {"memory", "embed", "llm", "mail", "webhooks", "hooks", "services"},
+    {"context", "protocols", "worker", "scheduler", "digests", "maintenance"},
+    {"plugin", "plugins"},
+    {"web", "health", "systemd", "shutdown", "app", "cli", "__main__", "testing", "agentd"},
+]
+
+
+def _layer(module: str) -> int:
+    return next(index for index, group in enumerate(LAYERS) if module in group)
+
+
+def runtime_imports(source: str) -> set[str]:
+    """`agentd_imports` of `source` without those under `if TYPE_CHECKING:`."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = [ast.Pass()]
+    return agentd_imports(ast.unparse(tree))
+
+
+def test_every_module_has_a_layer() -> None:
+    tops = {path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+            for path in PACKAGE.rglob("*.py")} - {"__init__"}
+    assert not [top for top in tops if not any(top in group for group in LAYERS)]
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda path: str(
+    path.relative_to(PACKAGE)))
+def test_no_module_imports_a_layer_below_its_own(path: Path) -> None:
+    parts = path.relative_to(PACKAGE).parts
+    module = "agentd" if parts == ("__init__.py",) else parts[0].removesuffix(".py")
+    below = {imported for imported in runtime_imports(path.read_text())
+             if imported.isidentifier() and any(imported in group for group in LAYERS)
+             and _layer(imported) > _layer(module)}
+    assert not below, f"agentd/{'/'.join(parts)} imports {sorted(below)}, from layers below its own"
