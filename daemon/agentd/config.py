@@ -21,6 +21,7 @@ import email.utils
 import ipaddress
 import os
 import re
+import stat
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
@@ -471,20 +472,17 @@ def _read_secret(config: Config, section: str, values: Mapping[str, Any], key: s
 
     Raises:
         ConfigError: naming the section, the key and the file, when the file cannot be
-            read, or the variable, when it is not set.
+            read (see `_secret_file_line`), or the variable, when it is not set.
     """
     if values.get(key):
         return str(values[key])
     if values.get(f"{key}_file"):
         path = config.resolve(str(values[f"{key}_file"]))
         try:
-            return next(iter(path.read_text().splitlines()), "").strip()
-        except OSError as exc:
+            return _secret_file_line(path)
+        except _UnusableSecretError as exc:
             raise ConfigError(f"{config.origin(section, f'{key}_file')}: [{section}] {key}_file: "
-                              f"cannot read {path}: {exc.strerror}") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{config.origin(section, f'{key}_file')}: [{section}] {key}_file: "
-                              f"cannot read {path}: not text ({exc.reason})") from exc
+                              f"{exc}") from None
     if values.get(f"{key}_env"):
         name = str(values[f"{key}_env"])
         if not os.environ.get(name):
@@ -492,6 +490,66 @@ def _read_secret(config: Config, section: str, values: Mapping[str, Any], key: s
                               f"environment variable {name} is not set")
         return os.environ[name]
     return ""
+
+
+class _UnusableSecretError(Exception):
+    """Why a secret's file cannot be used, for the message naming its key."""
+
+
+# A secret file holds one secret on its first line, perhaps with a comment after it:
+# anything bigger is not one, and is not read into memory to find out.
+SECRET_FILE_LIMIT = 65_536
+
+
+def _secret_file_line(path: Path) -> str:
+    """The first line of the secret file `path`, stripped.
+
+    Raises:
+        _UnusableSecretError: the file cannot be opened, is no regular file (a FIFO would block the
+            load until a writer came, a device could be endless), is open to other users,
+            is larger than SECRET_FILE_LIMIT, is not UTF-8 text, or its first line is empty.
+    """
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _UnusableSecretError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _UnusableSecretError(f"cannot read {path}: not a regular file ({_file_kind(info.st_mode)})")
+        mode = stat.S_IMODE(info.st_mode)
+        # A file of our own is ours alone; one another user (root) hands us through our
+        # group, as systemd/README.md installs secrets (0640, group agentd), may be
+        # group-readable.
+        shared = info.st_uid != os.geteuid()
+        if mode & (0o027 if shared else 0o077):
+            raise _UnusableSecretError(f"{path} is open to other users (mode {mode:04o}); chmod 600 {path} "
+                            "(or 640, owned by root, group of the daemon's user)")
+        data = b""
+        while len(data) <= SECRET_FILE_LIMIT and (chunk := os.read(fd, SECRET_FILE_LIMIT + 1 - len(data))):
+            data += chunk
+    except OSError as exc:
+        raise _UnusableSecretError(f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > SECRET_FILE_LIMIT:
+        raise _UnusableSecretError(f"{path} is larger than {SECRET_FILE_LIMIT} bytes: not a secret file "
+                        "(it holds the secret on its first line)")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        raise _UnusableSecretError(f"cannot read {path}: not text ({exc.reason})") from None
+    line = next(iter(text.splitlines()), "").strip()
+    if not line:
+        raise _UnusableSecretError(f"the first line of {path} is empty; write the secret there")
+    return line
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "of another kind")
 
 
 def _read_secrets(config: Config) -> Secrets:
@@ -514,20 +572,6 @@ def _api_token(config: Config) -> str:
     """
     server = config.server
     token = _read_secret(config, "server", dataclasses.asdict(server), "token")
-    if server.token_file and not server.token:
-        where = f"{config.origin('server', 'token_file')}: [server] token_file"
-        path = config.resolve(server.token_file)
-        info = path.stat()
-        mode = info.st_mode & 0o777
-        # A file of our own is ours alone; one another user (root) hands us through our
-        # group, as systemd/README.md installs secrets (0640, group agentd), may be
-        # group-readable.
-        shared = info.st_uid != os.geteuid()
-        if mode & (0o027 if shared else 0o077):
-            raise ConfigError(f"{where}: {path} is open to other users (mode {mode:04o}); "
-                              f"chmod 600 {path} (or 640, owned by root, group of the daemon's user)")
-        if not token:
-            raise ConfigError(f"{where}: the first line of {path} is empty; write the token there")
     if token and not _TOKEN.fullmatch(token):
         key = "token" if server.token else "token_file"
         given = "" if server.token else f" in the first line of {config.resolve(server.token_file)}"
