@@ -423,6 +423,47 @@ def load_config(
             a secret's file cannot be read or its variable is not set (naming the file or
             variable and the key).
     """
+    config, schedules, named = _load_sections(path, env, overrides)
+    # The named tables are parsed once [hooks] and [digests] have their final values.
+    return dataclasses.replace(
+        config,
+        schedules=_parse_schedules(config, schedules),
+        hooks=dataclasses.replace(config.hooks, settings=_parse_hooks(config, named.get("hooks", {}))),
+        digests=DigestsConfig(_parse_digests(config, named.get("digests", {}))),
+        secrets=_read_secrets(config),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """What a client of the running daemon (`agentd status`, `agentd tasks`, ...) needs of
+    the configuration: where the daemon listens and the API token."""
+
+    host: str
+    port: int
+    token: str = field(repr=False)
+    source: str
+
+
+def load_client_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> ClientConfig:
+    """The configuration as `load_config` reads and checks its sections, but of the secrets
+    only the API token: a client needs no other, and a user allowed to list tasks need not
+    be able to read the SMTP password or a hook's secret. The daemon's own tables
+    (`[[schedules]]`, `[hooks.<name>]`, `[digests.<name>]`) are left to `load_config`.
+
+    Raises:
+        ConfigError: as `load_config`, for the sections and the API token.
+    """
+    config, _, _ = _load_sections(path, env, None)
+    return ClientConfig(host=config.server.host, port=config.server.port, token=_api_token(config),
+                        source=config.source)
+
+
+def _load_sections(
+    path: str | Path | None, env: Mapping[str, str] | None, overrides: Mapping[str, Mapping[str, Any]] | None,
+) -> tuple[Config, list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The sections of the file with the environment's overrides, checked; with the
+    `[[schedules]]` tables and each section's named tables, still to be parsed."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path).resolve()
@@ -455,14 +496,7 @@ def load_config(
     config = _apply_env(Config(source=source, base_dir=base_dir, **sections),
                         os.environ if env is None else env)
     _check_rules(config)
-    # The named tables are parsed once [hooks] and [digests] have their final values.
-    return dataclasses.replace(
-        config,
-        schedules=_parse_schedules(config, schedules),
-        hooks=dataclasses.replace(config.hooks, settings=_parse_hooks(config, named.get("hooks", {}))),
-        digests=DigestsConfig(_parse_digests(config, named.get("digests", {}))),
-        secrets=_read_secrets(config),
-    )
+    return config, schedules, named
 
 
 def _read_secret(config: Config, section: str, values: Mapping[str, Any], key: str) -> str:
