@@ -212,3 +212,15 @@ async def test_requests_are_checked_against_the_secrets_read_at_start_not_the_fi
     assert (await events.wait_for("hook.ci")).data["body"] == {"build": 7}
     async with http(daemon).post("/hooks/ci", data=raw, headers=signed(raw, "other")) as response:
         assert response.status == 401
+
+
+@pytest.mark.parametrize("table", ["[server]\ntoken = {value}\n", "[webhooks]\nsecret = {value}\n",
+                                   "[hooks.ci]\nsecret = {value}\n"])
+def test_an_inline_secret_of_the_wrong_type_is_refused_without_showing_it(tmp_path: Path, table: str) -> None:
+    """Found by review: `secret = 98765432` (a number, without quotes) was refused with
+    "expected a string, got 98765432", printing the secret to the terminal and the log."""
+    for value in ("98765432", '["98765432"]', "98765432.5"):
+        with pytest.raises(ConfigError, match="expected a string") as caught:
+            load_config(write(tmp_path, table.format(value=value)), env={})
+        assert "98765432" not in str(caught.value)
+        assert "not shown: it is a secret" in str(caught.value)

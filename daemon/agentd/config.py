@@ -636,7 +636,7 @@ def _parse_hooks(config: Config, tables: Mapping[str, dict[str, Any]]) -> dict[s
                 raise ConfigError(f"{where} unknown key {key!r}; known: {', '.join(_HOOK_KEYS)}")
             kind, expected = _HOOK_KEYS[key]
             if not isinstance(value, kind) or isinstance(value, bool):
-                raise ConfigError(f"{where} {key}: expected {expected}, got {value!r}")
+                raise ConfigError(f"{where} {key}: expected {expected}, got {_described(key, value)}")
         if not any(table.get(key) for key in ("secret", "secret_file", "secret_env")):
             raise ConfigError(f"{where} needs a secret, secret_file or secret_env")
         schemes = table.get("schemes", ["standard"])
@@ -758,8 +758,22 @@ def _build_section(name: str, cls: type[Any], table: dict[str, Any],
             raise ConfigError(
                 f"{source}: [{name}] unknown key {key!r}; known: {', '.join(sorted(known - {'settings'}))}"
             )
+        if key in _INLINE_SECRETS and not isinstance(value, str):
+            raise ConfigError(f"{source}: [{name}] {key}: expected a string, got {_described(key, value)}")
         values[key] = _coerce(value, hints[key], f"{source}: [{name}] {key}")
     return cls(**values), named
+
+
+# The keys whose value is itself a secret: an error about one does not show it (a number
+# written without quotes is still the secret, and the message goes to logs and terminals).
+_INLINE_SECRETS = frozenset({"token", "secret"})
+
+
+def _described(key: str, value: object) -> str:
+    """`value` as an error message shows it: its repr, or only its type for a secret."""
+    if key in _INLINE_SECRETS:
+        return f"a value of type {type(value).__name__} (not shown: it is a secret)"
+    return repr(value)
 
 
 def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
