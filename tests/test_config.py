@@ -12,6 +12,7 @@ import pytest
 from agentd.cli import main
 from agentd.config import Config, DigestSpec, HookSpec, check_serving_rules, load_config
 from agentd.errors import ConfigError
+from agentd.events import TopicFilter
 from agentd.schedule import ScheduleSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -258,8 +259,8 @@ def test_schedules_digests_and_hooks_are_loaded_as_their_specs(tmp_path: Path) -
     config = load_config(write(tmp_path, PARSED), env={"AGENTD_HOOKS_TOLERANCE": "90"})
     assert config.schedules == (ScheduleSpec(id="tick", every=1800.0, event="clock.tick"),)
     assert config.digests.settings == {"news": DigestSpec(
-        name="news", pattern="news.*", to=("me@example.com",), subject="agentd digest: news",
-        every=3600.0, count=None)}
+        name="news", topics=TopicFilter.parse("news.*"), to=("me@example.com",),
+        subject="agentd digest: news", every=3600.0, count=None)}
     # A hook without a tolerance of its own takes [hooks] tolerance as overridden.
     assert config.hooks.settings == {
         "ci": HookSpec(name="ci", secret="s", schemes=("github", "standard"), tolerance=90.0),

@@ -230,15 +230,20 @@ def check_mail_subject(subject: object) -> str:
 
 @dataclass(frozen=True, slots=True)
 class DigestSpec:
-    """One `[digests.<name>]` table: which events, to whom, and when."""
+    """One `[digests.<name>]` table: which events (its `pattern`, parsed), to whom, and when."""
 
     name: str
-    pattern: str
+    topics: TopicFilter
     to: tuple[str, ...]
     subject: str
     every: float | None
     count: int | None
     limit: int = 200
+
+    @property
+    def pattern(self) -> str:
+        """The pattern as text, for messages and subscribing."""
+        return self.topics.text
 
     @classmethod
     def from_mapping(cls, name: str, table: Mapping[str, Any]) -> DigestSpec:
@@ -249,7 +254,7 @@ class DigestSpec:
         pattern = table.get("pattern")
         if not isinstance(pattern, str):
             raise ValueError("pattern: expected a topic pattern such as 'news.*'")
-        TopicFilter.parse(pattern)
+        topics = TopicFilter.parse(pattern)
         to = table.get("to")
         recipients = mail_recipients(to if isinstance(to, str | list) else [])
         subject = check_mail_subject(table.get("subject", f"agentd digest: {name}"))
@@ -264,7 +269,7 @@ class DigestSpec:
             raise ValueError(f"limit: expected a whole number >= 1, got {limit!r}")
         if count is not None and count > limit:
             raise ValueError(f"count: {count} is more than limit ({limit}), the events one mail holds")
-        return cls(name, pattern, tuple(recipients), subject, every, count, limit)
+        return cls(name, topics, tuple(recipients), subject, every, count, limit)
 
 
 @dataclass(frozen=True, slots=True)
