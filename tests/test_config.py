@@ -373,6 +373,10 @@ def test_check_config_accepts_config_before_the_command(
         ('[hooks.ci]\nsecret_file = "nope.txt"\n', "[hooks.ci] secret_file: cannot read"),
         ('[hooks.ci]\nsecret = "whsec_!!"\n', "[hooks.ci] secret: a secret starting whsec_"),
         ('[hooks]\ntolerance = 0\n', "[hooks] tolerance: expected a positive number"),
+        # Found by review: the second schedule silently replaced the first.
+        ('[[schedules]]\nid = "x"\nevery = "1h"\nevent = "a.b"\n'
+         '[[schedules]]\nid = "x"\nevery = "2h"\nevent = "a.c"\n',
+         "[[schedules]] #2 (x): id 'x' is already schedule #1's"),
         ('[mail]\nhost = "127.0.0.1"\n[digests.news]\npattern = "news.*"\nto = "me@example.com"\n',
          "[digests.news] give every (a duration) or count"),
         ('[mail]\nhost = "127.0.0.1"\n[digests.tokens]\npattern = "chat.token"\nto = "me@example.com"\n'

@@ -670,14 +670,19 @@ def _parse_digests(config: Config, tables: Mapping[str, dict[str, Any]]) -> dict
 
 
 def _parse_schedules(config: Config, tables: list[dict[str, Any]]) -> tuple[ScheduleSpec, ...]:
-    specs = []
+    specs: dict[str, ScheduleSpec] = {}
+    numbers: dict[str, int] = {}
     for number, table in enumerate(tables, start=1):
+        label = f" ({table['id']})" if isinstance(table.get("id"), str) else ""
         try:
-            specs.append(ScheduleSpec.from_mapping(table))
+            spec = ScheduleSpec.from_mapping(table)
         except ValueError as exc:
-            label = f" ({table['id']})" if isinstance(table.get("id"), str) else ""
             raise ConfigError(f"{config.source}: [[schedules]] #{number}{label}: {exc}") from None
-    return tuple(specs)
+        if spec.id in specs:  # the scheduler keeps one schedule per id: the first would be lost
+            raise ConfigError(f"{config.source}: [[schedules]] #{number}{label}: id {spec.id!r} is "
+                              f"already schedule #{numbers[spec.id]}'s; give each its own")
+        specs[spec.id], numbers[spec.id] = spec, number
+    return tuple(specs.values())
 
 
 def _check_outbound(config: Config) -> None:
