@@ -377,6 +377,13 @@ def test_check_config_accepts_config_before_the_command(
         ('[[schedules]]\nid = "x"\nevery = "1h"\nevent = "a.b"\n'
          '[[schedules]]\nid = "x"\nevery = "2h"\nevent = "a.c"\n',
          "[[schedules]] #2 (x): id 'x' is already schedule #1's"),
+        # Found by review: a `to` of the wrong type was "give at least one address".
+        ('[mail]\nhost = "127.0.0.1"\n[digests.news]\npattern = "news.*"\nto = 5\nevery = "1h"\n',
+         "[digests.news] to: expected an address or a list of them, got 5"),
+        # Found by review: "known: " listed nothing.
+        ('[digests]\nnews = "news.*"\n', "[digests] unknown key 'news'; known: [digests.<name>] tables"),
+        ('[hooks]\nci = "s"\n',
+         "[hooks] unknown key 'ci'; known: replay_window, tolerance, [hooks.<name>] tables"),
         ('[mail]\nhost = "127.0.0.1"\n[digests.news]\npattern = "news.*"\nto = "me@example.com"\n',
          "[digests.news] give every (a duration) or count"),
         ('[mail]\nhost = "127.0.0.1"\n[digests.tokens]\npattern = "chat.token"\nto = "me@example.com"\n'

@@ -255,8 +255,10 @@ class DigestSpec:
         if not isinstance(pattern, str):
             raise ValueError("pattern: expected a topic pattern such as 'news.*'")
         topics = TopicFilter.parse(pattern)
-        to = table.get("to")
-        recipients = mail_recipients(to if isinstance(to, str | list) else [])
+        to = table.get("to", [])
+        if not isinstance(to, str | list):
+            raise ValueError(f"to: expected an address or a list of them, got {to!r}")
+        recipients = mail_recipients(to)
         subject = check_mail_subject(table.get("subject", f"agentd digest: {name}"))
         every = parse_duration(table["every"], "every") if "every" in table else None
         count = table.get("count")
@@ -765,9 +767,10 @@ def _build_section(name: str, cls: type[Any], table: dict[str, Any],
             named[key] = value  # a [plugins.<name>], [hooks.<name>] or [digests.<name>] table
             continue
         if key not in known or key == "settings":
-            raise ConfigError(
-                f"{source}: [{name}] unknown key {key!r}; known: {', '.join(sorted(known - {'settings'}))}"
-            )
+            keys = sorted(known - {"settings"})
+            if cls in _NAMED_TABLES:
+                keys.append(f"[{name}.<name>] tables")
+            raise ConfigError(f"{source}: [{name}] unknown key {key!r}; known: {', '.join(keys)}")
         if key in _INLINE_SECRETS and not isinstance(value, str):
             raise ConfigError(f"{source}: [{name}] {key}: expected a string, got {_described(key, value)}")
         values[key] = _coerce(value, hints[key], f"{source}: [{name}] {key}")
