@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from agentd.cli import main
-from agentd.config import Config, DigestSpec, HookSpec, check_serving_rules, load_config
+from agentd.config import Config, check_serving_rules, load_config
 from agentd.errors import ConfigError
 from agentd.events import TopicFilter
 from agentd.schedule import ScheduleSpec
+from agentd.specs import DigestSpec, HookSpec
 
 REPO = Path(__file__).resolve().parent.parent
 # [[schedules]] is a list of tables, not a section with keys: tests of its own cover it;

@@ -10,28 +10,29 @@ into `Config.secrets` or its hook's spec, so an unreadable one stops the load, n
 file and the key, and nothing reads the file system for them afterwards.
 
 This module is the bottom of agentd's layering: it imports only `agentd.errors` and the
-value modules `agentd.events` (topics and patterns) and `agentd.schedule` (`ScheduleSpec`),
-which import nothing of agentd above them (tests/test_layers.py checks it).
+value modules `agentd.events` (topics and patterns), `agentd.schedule` (`ScheduleSpec`) and
+`agentd.specs` (`HookSpec`, `DigestSpec`), which import nothing of agentd above them
+(tests/test_layers.py checks it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import email.utils
 import ipaddress
 import os
 import re
 import stat
 import tomllib
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agentd.errors import ConfigError, InvalidTaskError
-from agentd.events import TopicFilter, TopicPattern
-from agentd.schedule import ScheduleSpec, parse_duration
+from agentd.errors import ConfigError
+from agentd.events import TopicPattern
+from agentd.schedule import ScheduleSpec
+from agentd.specs import HOOK_SCHEMES, DigestSpec, HookSpec
 
 CONFIG_ENV = "AGENTD_CONFIG"
 DEFAULT_CONFIG_NAME = "agentd.toml"
@@ -152,18 +153,6 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class HookSpec:
-    """One `[hooks.<name>]`: its secret (read when the configuration was loaded), the
-    signature schemes it takes, and how far its signed timestamps may be off (its own
-    `tolerance`, else `[hooks] tolerance`)."""
-
-    name: str
-    secret: str = field(repr=False)
-    schemes: tuple[str, ...]
-    tolerance: float
-
-
-@dataclass(frozen=True, slots=True)
 class HooksConfig:
     """[hooks]: how far a signed timestamp may be off and how long delivery ids are kept;
     [hooks.<name>]: one inbound webhook each, with its secret and the schemes it takes."""
@@ -173,8 +162,6 @@ class HooksConfig:
     settings: Mapping[str, HookSpec] = field(default_factory=dict)
 
 
-# The signature schemes a hook may take (see hooks.py); "standard" is the default.
-HOOK_SCHEMES = ("standard", "github", "agentd")
 _HOOK_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "secret": (str, "a string"), "secret_file": (str, "a string"), "secret_env": (str, "a string"),
     "schemes": (list, "a list"), "tolerance": ((int, float), "a number of seconds"),
@@ -193,85 +180,6 @@ class MailConfig:
     password_env: str = ""
     sender: str = "agentd@localhost"
     timeout: float = 30.0
-
-
-_DIGEST_KEYS = {"pattern", "to", "subject", "every", "count", "limit"}
-# A digest's `to` and `subject` are checked at load by the rules a mail task's are: they
-# are here, below mail.py (which is built on the configuration), and mail.py uses them.
-
-
-def mail_recipients(to: str | Sequence[str]) -> list[str]:
-    """The addresses of `to` (one, or a list), each checked to be a mail address that can
-    go into a header.
-
-    Raises:
-        InvalidTaskError: (a ValueError) naming `to` and the address that is not one.
-    """
-    recipients = [to] if isinstance(to, str) else list(to)
-    if not recipients:
-        raise InvalidTaskError("to: give at least one address")
-    for address in recipients:
-        if (not isinstance(address, str) or "@" not in email.utils.parseaddr(address)[1]
-                or any(c in address for c in "\r\n")):
-            raise InvalidTaskError(f"to: {address!r} is not a mail address")
-    return recipients
-
-
-def check_mail_subject(subject: object) -> str:
-    """Return `subject` if it is one line of text.
-
-    Raises:
-        InvalidTaskError: (a ValueError) it is not.
-    """
-    if not isinstance(subject, str) or any(c in subject for c in "\r\n"):
-        raise InvalidTaskError("subject must be one line of text")
-    return subject
-
-
-@dataclass(frozen=True, slots=True)
-class DigestSpec:
-    """One `[digests.<name>]` table: which events (its `pattern`, parsed), to whom, and when."""
-
-    name: str
-    topics: TopicFilter
-    to: tuple[str, ...]
-    subject: str
-    every: float | None
-    count: int | None
-    limit: int = 200
-
-    @property
-    def pattern(self) -> str:
-        """The pattern as text, for messages and subscribing."""
-        return self.topics.text
-
-    @classmethod
-    def from_mapping(cls, name: str, table: Mapping[str, Any]) -> DigestSpec:
-        """Raises ValueError naming the key that is wrong."""
-        unknown = set(table) - _DIGEST_KEYS
-        if unknown:
-            raise ValueError(f"unknown key {sorted(unknown)[0]!r}; known: {', '.join(sorted(_DIGEST_KEYS))}")
-        pattern = table.get("pattern")
-        if not isinstance(pattern, str):
-            raise ValueError("pattern: expected a topic pattern such as 'news.*'")
-        topics = TopicFilter.parse(pattern)
-        to = table.get("to", [])
-        if not isinstance(to, str | list):
-            raise ValueError(f"to: expected an address or a list of them, got {to!r}")
-        recipients = mail_recipients(to)
-        subject = check_mail_subject(table.get("subject", f"agentd digest: {name}"))
-        every = parse_duration(table["every"], "every") if "every" in table else None
-        count = table.get("count")
-        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
-            raise ValueError(f"count: expected a whole number >= 1, got {count!r}")
-        if every is None and count is None:
-            raise ValueError("give every (a duration) or count (a number of events), or both")
-        limit = table.get("limit", 200)
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ValueError(f"limit: expected a whole number >= 1, got {limit!r}")
-        if count is not None and count > limit:
-            raise ValueError(f"count: {count} is more than limit ({limit}), the events one mail holds")
-        return cls(name, topics, tuple(recipients), subject, every, count, limit)
 
 
 @dataclass(frozen=True, slots=True)

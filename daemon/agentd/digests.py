@@ -21,13 +21,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from agentd.bus import Bus, Subscription
-from agentd.config import DigestSpec
 from agentd.errors import Fail
 from agentd.eventlog import EventLog
 from agentd.events import Event
 from agentd.mail import SEND_MAIL_TASK, Mailer, message_args
 from agentd.schedule import ScheduleSpec
 from agentd.spawn import Spawner
+from agentd.specs import DigestSpec
 from agentd.store import Connection, Store
 from agentd.taskdef import TaskDef, TaskRegistry
 from agentd.taskqueue import TaskQueue
