@@ -224,3 +224,25 @@ def test_an_inline_secret_of_the_wrong_type_is_refused_without_showing_it(tmp_pa
             load_config(write(tmp_path, table.format(value=value)), env={})
         assert "98765432" not in str(caught.value)
         assert "not shown: it is a secret" in str(caught.value)
+
+
+@pytest.mark.parametrize(("table", "key"), [
+    ('[hooks.ci]\nsecret_file = "s"\n', "[hooks.ci] secret_file (the first line of {file})"),
+    ('[webhooks]\nsecret_file = "s"\n', "[webhooks] secret_file (the first line of {file})"),
+    ('[hooks.ci]\nsecret_env = "SECRETS_TEST_WHSEC"\n',
+     "[hooks.ci] secret_env (the environment variable SECRETS_TEST_WHSEC)"),
+])
+def test_a_whsec_secret_that_is_not_base64_fails_the_load_naming_where_it_was_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table: str, key: str
+) -> None:
+    """Found by review: a `whsec_` secret that is no key was refused only when the daemon
+    was built, as "[hooks.ci] secret", though it came from a file or a variable; load_config
+    returned it as checked."""
+    (tmp_path / "s").write_text("whsec_not-base64!\n")
+    (tmp_path / "s").chmod(0o600)
+    monkeypatch.setenv("SECRETS_TEST_WHSEC", "whsec_not-base64!")
+    path = write(tmp_path, table)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert str(caught.value) == (f"{path}: {key.format(file=tmp_path / 's')}: "
+                                 "a secret starting whsec_ must go on with its key in base64")

@@ -32,7 +32,7 @@ from typing import Any, Literal
 from agentd.errors import ConfigError
 from agentd.events import TopicPattern
 from agentd.schedule import ScheduleSpec
-from agentd.specs import HOOK_SCHEMES, DigestSpec, HookSpec
+from agentd.specs import HOOK_SCHEMES, DigestSpec, HookSpec, signing_key
 
 CONFIG_ENV = "AGENTD_CONFIG"
 DEFAULT_CONFIG_NAME = "agentd.toml"
@@ -441,6 +441,25 @@ def _read_secret(config: Config, section: str, values: Mapping[str, Any], key: s
     return ""
 
 
+def _read_signing_secret(config: Config, section: str, values: Mapping[str, Any]) -> str:
+    """The webhook secret `secret` of a section (see `_read_secret`), checked to stand for
+    a signing key.
+
+    Raises:
+        ConfigError: as `_read_secret`; or a `whsec_` secret is not base64, naming the key
+            it was given by (and its file or variable).
+    """
+    secret = _read_secret(config, section, values, "secret")
+    try:
+        signing_key(secret)
+    except ValueError as exc:
+        key = next(k for k in ("secret", "secret_file", "secret_env") if values.get(k))
+        given = (f" (the first line of {config.resolve(str(values[key]))})" if key == "secret_file"
+                 else f" (the environment variable {values[key]})" if key == "secret_env" else "")
+        raise ConfigError(f"{config.origin(section, key)}: [{section}] {key}{given}: {exc}") from None
+    return secret
+
+
 class _UnusableSecretError(Exception):
     """Why a secret's file cannot be used, for the message naming its key."""
 
@@ -506,7 +525,7 @@ def _read_secrets(config: Config) -> Secrets:
         api_token=_api_token(config),
         mail_password=_read_secret(config, "mail", dataclasses.asdict(config.mail), "password"),
         llm_key=_read_secret(config, "llm", dataclasses.asdict(config.llm), "key"),
-        webhooks_secret=_read_secret(config, "webhooks", dataclasses.asdict(config.webhooks), "secret"),
+        webhooks_secret=_read_signing_secret(config, "webhooks", dataclasses.asdict(config.webhooks)),
         memory_http_key=_read_secret(config, "memory", dataclasses.asdict(config.memory), "http_key"),
     )
 
@@ -560,7 +579,7 @@ def _parse_hooks(config: Config, tables: Mapping[str, dict[str, Any]]) -> dict[s
                               f"got {schemes!r}")
         if table.get("tolerance", 1) <= 0:
             raise ConfigError(f"{where} tolerance: expected a positive number of seconds")
-        hooks[name] = HookSpec(name=name, secret=_read_secret(config, f"hooks.{name}", table, "secret"),
+        hooks[name] = HookSpec(name=name, secret=_read_signing_secret(config, f"hooks.{name}", table),
                                schemes=tuple(schemes),
                                tolerance=float(table.get("tolerance", config.hooks.tolerance)))
     return hooks

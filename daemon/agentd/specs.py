@@ -1,6 +1,7 @@
 """The values `load_config` parses the named tables into: `HookSpec` (`[hooks.<name>]`),
-`DigestSpec` (`[digests.<name>]`), and the mail-address rules a digest's `to` and
-`subject` are checked by, which mail.py checks a mail task's by too.
+`DigestSpec` (`[digests.<name>]`); the mail-address rules a digest's `to` and `subject`
+are checked by, which mail.py checks a mail task's by too; and `signing_key`, the HMAC key
+a webhook secret stands for, which webhooks.py and hooks.py sign and check with.
 
 Like `agentd.schedule` (`ScheduleSpec`, `[[schedules]]`), a value module below the
 configuration: it imports only `agentd.errors`, `agentd.events` and `agentd.schedule`
@@ -9,6 +10,8 @@ configuration: it imports only `agentd.errors`, `agentd.events` and `agentd.sche
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.utils
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +23,25 @@ from agentd.schedule import parse_duration
 
 # The signature schemes a hook may take (see hooks.py); "standard" is the default.
 HOOK_SCHEMES = ("standard", "github", "agentd")
+_SECRET_PREFIX = "whsec_"
+
+
+def signing_key(secret: str) -> bytes:
+    """The Standard Webhooks HMAC key of `secret`: the decoded bytes of `whsec_<base64>`,
+    else the secret's UTF-8 bytes (see webhooks.py).
+
+    Raises:
+        ValueError: a `whsec_` secret whose rest is not base64.
+    """
+    if not secret.startswith(_SECRET_PREFIX):
+        return secret.encode()
+    try:
+        key = base64.b64decode(secret.removeprefix(_SECRET_PREFIX), validate=True)
+    except binascii.Error:
+        key = b""
+    if not key:
+        raise ValueError("a secret starting whsec_ must go on with its key in base64")
+    return key
 
 
 @dataclass(frozen=True, slots=True)
