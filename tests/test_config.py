@@ -378,6 +378,9 @@ def test_check_config_accepts_config_before_the_command(
         ('[[schedules]]\nid = "x"\nevery = "1h"\nevent = "a.b"\n'
          '[[schedules]]\nid = "x"\nevery = "2h"\nevent = "a.c"\n',
          "[[schedules]] #2 (x): id 'x' is already schedule #1's"),
+        # Found by review: it replaced the built-in purge of finished tasks without a word.
+        ('[[schedules]]\nid = "agentd.purge_tasks"\nevery = "1h"\nevent = "a.b"\n',
+         "[[schedules]] #1 (agentd.purge_tasks): id: ids starting 'agentd.' are the daemon's own"),
         # Found by review: a `to` of the wrong type was "give at least one address".
         ('[mail]\nhost = "127.0.0.1"\n[digests.news]\npattern = "news.*"\nto = 5\nevery = "1h"\n',
          "[digests.news] to: expected an address or a list of them, got 5"),

@@ -38,6 +38,7 @@ CONFIG_ENV = "AGENTD_CONFIG"
 DEFAULT_CONFIG_NAME = "agentd.toml"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 MIN_STALL_WARNING = 0.1  # seconds: [daemon] stall_warning, when on
+BUILTIN_SCHEDULE_PREFIX = "agentd."  # the ids of the daemon's own schedules (maintenance.py, digests.py)
 _TOKEN = re.compile(r"[!-~]+")  # what an Authorization header can carry as one word
 _HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _HOOK_NAME = re.compile(r"[^{}/]+")  # what aiohttp's {name} in /hooks/{name} matches
@@ -607,6 +608,10 @@ def _parse_schedules(config: Config, tables: list[dict[str, Any]]) -> tuple[Sche
             spec = ScheduleSpec.from_mapping(table)
         except ValueError as exc:
             raise ConfigError(f"{config.source}: [[schedules]] #{number}{label}: {exc}") from None
+        if spec.id.startswith(BUILTIN_SCHEDULE_PREFIX):  # it would replace one of them unnoticed
+            raise ConfigError(f"{config.source}: [[schedules]] #{number}{label}: id: ids starting "
+                              f"{BUILTIN_SCHEDULE_PREFIX!r} are the daemon's own schedules (maintenance, "
+                              "digests); choose another")
         if spec.id in specs:  # the scheduler keeps one schedule per id: the first would be lost
             raise ConfigError(f"{config.source}: [[schedules]] #{number}{label}: id {spec.id!r} is "
                               f"already schedule #{numbers[spec.id]}'s; give each its own")
