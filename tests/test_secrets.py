@@ -246,3 +246,17 @@ def test_a_whsec_secret_that_is_not_base64_fails_the_load_naming_where_it_was_gi
         load_config(path, env={})
     assert str(caught.value) == (f"{path}: {key.format(file=tmp_path / 's')}: "
                                  "a secret starting whsec_ must go on with its key in base64")
+
+
+def test_a_secret_variable_set_but_empty_is_called_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: an empty variable was reported as "not set", sending the operator
+    looking for a variable that is there."""
+    monkeypatch.setenv("SECRETS_TEST_EMPTY", "")
+    with pytest.raises(ConfigError, match=r"\[hooks\.ci\] secret_env: the environment variable "
+                       r"SECRETS_TEST_EMPTY is empty$"):
+        load_config(write(tmp_path, '[hooks.ci]\nsecret_env = "SECRETS_TEST_EMPTY"\n'), env={})
+    monkeypatch.delenv("SECRETS_TEST_EMPTY")
+    with pytest.raises(ConfigError, match=r"SECRETS_TEST_EMPTY is not set$"):
+        load_config(write(tmp_path, '[hooks.ci]\nsecret_env = "SECRETS_TEST_EMPTY"\n'), env={})

@@ -436,8 +436,9 @@ def _read_secret(config: Config, section: str, values: Mapping[str, Any], key: s
     if values.get(f"{key}_env"):
         name = str(values[f"{key}_env"])
         if not os.environ.get(name):
+            state = "is empty" if name in os.environ else "is not set"
             raise ConfigError(f"{config.origin(section, f'{key}_env')}: [{section}] {key}_env: the "
-                              f"environment variable {name} is not set")
+                              f"environment variable {name} {state}")
         return os.environ[name]
     return ""
 
