@@ -422,7 +422,7 @@ def _read_secret(config: Config, section: str, values: Mapping[str, Any], key: s
 
     Raises:
         ConfigError: naming the section, the key and the file, when the file cannot be
-            read (see `_secret_file_line`), or the variable, when it is not set.
+            read (see `_secret_file_line`), or the variable, when it is not set or empty.
     """
     if values.get(key):
         return str(values[key])
@@ -475,9 +475,10 @@ def _secret_file_line(path: Path) -> str:
     """The first line of the secret file `path`, stripped.
 
     Raises:
-        _UnusableSecretError: the file cannot be opened, is no regular file (a FIFO would block the
-            load until a writer came, a device could be endless), is open to other users,
-            is larger than SECRET_FILE_LIMIT, is not UTF-8 text, or its first line is empty.
+        _UnusableSecretError: the file cannot be opened, is no regular file (a FIFO would
+            block the load until a writer came, a device could be endless), is open to other
+            users, is larger than SECRET_FILE_LIMIT, is not UTF-8 text, or its first line is
+            empty.
     """
     try:
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
@@ -494,8 +495,8 @@ def _secret_file_line(path: Path) -> str:
         # group-readable.
         shared = info.st_uid != os.geteuid()
         if mode & (0o027 if shared else 0o077):
-            raise _UnusableSecretError(f"{path} is open to other users (mode {mode:04o}); chmod 600 {path} "
-                            "(or 640, owned by root, group of the daemon's user)")
+            raise _UnusableSecretError(f"{path} is open to other users (mode {mode:04o}); chmod 600 "
+                                       f"{path} (or 640, owned by root, group of the daemon's user)")
         data = b""
         while len(data) <= SECRET_FILE_LIMIT and (chunk := os.read(fd, SECRET_FILE_LIMIT + 1 - len(data))):
             data += chunk
@@ -504,8 +505,8 @@ def _secret_file_line(path: Path) -> str:
     finally:
         os.close(fd)
     if len(data) > SECRET_FILE_LIMIT:
-        raise _UnusableSecretError(f"{path} is larger than {SECRET_FILE_LIMIT} bytes: not a secret file "
-                        "(it holds the secret on its first line)")
+        raise _UnusableSecretError(f"{path} is larger than {SECRET_FILE_LIMIT} bytes: not a secret "
+                                   "file (it holds the secret on its first line)")
     try:
         text = data.decode()
     except UnicodeDecodeError as exc:
