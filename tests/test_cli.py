@@ -4,6 +4,7 @@ whose reader has gone away."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agentd.cli import EXIT_BROKEN_PIPE, main
+from agentd.cli import EXIT_BROKEN_PIPE, EXIT_USAGE, main
 
 TIMEOUT = 30.0
 
@@ -74,3 +75,45 @@ async def test_a_report_into_a_closed_pipe_exits_quietly(
     code, err = await _run_into_closed_pipe("check-config", "--config", str(config_file()),
                                             env=process_env(), cwd=tmp_path)
     assert (code, err) == (EXIT_BROKEN_PIPE, "")
+
+
+async def test_client_commands_read_the_api_token_and_no_other_secret(
+    start_daemon: Any, config_file: Callable[..., Path], process_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    """Found by review: every command read every secret, so an operator who may ask the
+    daemon (with the API token) but cannot read the SMTP password or a hook's secret (the
+    daemon's files) could not even run `agentd status`. A client command reads the token
+    alone; `check-config`, which builds the daemon, still reads and checks them all."""
+    token = "t0ken-for-the-cli"
+    daemon, _ = await start_daemon(overrides={"server": {"token": token}})
+    token_file = tmp_path / "api-token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    path = config_file(f"""
+        [server]
+        token_file = "{token_file}"
+        [mail]
+        host = "smtp.example.com"
+        password_file = "not-readable-by-this-user"
+        [hooks.ci]
+        secret_file = "nor-this"
+        """)
+    env = process_env(AGENTD_SERVER_PORT=str(daemon.port))
+
+    async def agentd(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentd", *args, "--config", str(path), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=tmp_path)
+        out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    code, out, err = await agentd("status")
+    assert (code, err) == (0, "")
+    assert json.loads(out)["version"]
+    code, out, err = await agentd("tasks", "list")
+    assert (code, err) == (0, "")
+    code, _, err = await agentd("check-config")
+    assert code == EXIT_USAGE
+    assert f"{path}: [hooks.ci] secret_file: cannot read {tmp_path / 'nor-this'}" in err

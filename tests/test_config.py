@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from agentd.cli import main
-from agentd.config import Config, DigestSpec, HookSpec, check_serving_rules, load_config
+from agentd.config import Config, check_serving_rules, load_config
 from agentd.errors import ConfigError
+from agentd.events import TopicFilter
 from agentd.schedule import ScheduleSpec
+from agentd.specs import DigestSpec, HookSpec
 
 REPO = Path(__file__).resolve().parent.parent
 # [[schedules]] is a list of tables, not a section with keys: tests of its own cover it;
@@ -258,8 +260,8 @@ def test_schedules_digests_and_hooks_are_loaded_as_their_specs(tmp_path: Path) -
     config = load_config(write(tmp_path, PARSED), env={"AGENTD_HOOKS_TOLERANCE": "90"})
     assert config.schedules == (ScheduleSpec(id="tick", every=1800.0, event="clock.tick"),)
     assert config.digests.settings == {"news": DigestSpec(
-        name="news", pattern="news.*", to=("me@example.com",), subject="agentd digest: news",
-        every=3600.0, count=None)}
+        name="news", topics=TopicFilter.parse("news.*"), to=("me@example.com",),
+        subject="agentd digest: news", every=3600.0, count=None)}
     # A hook without a tolerance of its own takes [hooks] tolerance as overridden.
     assert config.hooks.settings == {
         "ci": HookSpec(name="ci", secret="s", schemes=("github", "standard"), tolerance=90.0),
@@ -372,6 +374,20 @@ def test_check_config_accepts_config_before_the_command(
         ('[hooks.ci]\nsecret_file = "nope.txt"\n', "[hooks.ci] secret_file: cannot read"),
         ('[hooks.ci]\nsecret = "whsec_!!"\n', "[hooks.ci] secret: a secret starting whsec_"),
         ('[hooks]\ntolerance = 0\n', "[hooks] tolerance: expected a positive number"),
+        # Found by review: the second schedule silently replaced the first.
+        ('[[schedules]]\nid = "x"\nevery = "1h"\nevent = "a.b"\n'
+         '[[schedules]]\nid = "x"\nevery = "2h"\nevent = "a.c"\n',
+         "[[schedules]] #2 (x): id 'x' is already schedule #1's"),
+        # Found by review: it replaced the built-in purge of finished tasks without a word.
+        ('[[schedules]]\nid = "agentd.purge_tasks"\nevery = "1h"\nevent = "a.b"\n',
+         "[[schedules]] #1 (agentd.purge_tasks): id: ids starting 'agentd.' are the daemon's own"),
+        # Found by review: a `to` of the wrong type was "give at least one address".
+        ('[mail]\nhost = "127.0.0.1"\n[digests.news]\npattern = "news.*"\nto = 5\nevery = "1h"\n',
+         "[digests.news] to: expected an address or a list of them, got 5"),
+        # Found by review: "known: " listed nothing.
+        ('[digests]\nnews = "news.*"\n', "[digests] unknown key 'news'; known: [digests.<name>] tables"),
+        ('[hooks]\nci = "s"\n',
+         "[hooks] unknown key 'ci'; known: replay_window, tolerance, [hooks.<name>] tables"),
         ('[mail]\nhost = "127.0.0.1"\n[digests.news]\npattern = "news.*"\nto = "me@example.com"\n',
          "[digests.news] give every (a duration) or count"),
         ('[mail]\nhost = "127.0.0.1"\n[digests.tokens]\npattern = "chat.token"\nto = "me@example.com"\n'

@@ -581,6 +581,7 @@ async def test_hooks_need_no_bearer_token_and_take_a_secret_file_or_variable(
 ) -> None:
     secret_file = tmp_path / "ci-secret"
     secret_file.write_text("from-a-file\nignored second line\n")
+    secret_file.chmod(0o600)
     monkeypatch.setenv("DEPLOY_HOOK_SECRET", "from-the-environment")
     daemon, events = await start_daemon(overrides={
         "server": {"token": TOKEN},

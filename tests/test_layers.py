@@ -20,7 +20,8 @@ BOTTOM = {
     "errors": set(),
     "events": {"errors"},
     "schedule": {"errors", "events"},
-    "config": {"errors", "events", "schedule"},
+    "specs": {"errors", "events", "schedule"},
+    "config": {"errors", "events", "schedule", "specs"},
 }
 
 

@@ -786,6 +786,7 @@ async def test_http_embedder_batches_retries_and_sends_the_key(
     # The key can come from a file (first line); a wrong dimension is an EmbedderError.
     key_file = tmp_path / "embed.key"
     key_file.write_text("sk-from-file\nignored\n")
+    key_file.chmod(0o600)
     config = make_config(tmp_path / "other", overrides={
         "memory": http_embedder_table(server, http_key_file=str(key_file))})
     server.requests.clear()

@@ -38,6 +38,7 @@ from structlog.testing import capture_logs
 
 from agentd.config import load_config
 from agentd.errors import ConfigError
+from agentd.events import TopicFilter
 from agentd.llm import ToolCallAssembler
 from agentd.webhooks import refusal_reason
 from fake_openai import FakeOpenAI
@@ -402,6 +403,26 @@ async def test_a_count_digest_mails_what_gathered_after_it_started(
     for task in sends:
         await finished(daemon, task.id)
     assert len(smtp.messages) == 2
+
+
+async def test_a_digest_send_matches_with_the_pattern_parsed_at_load(
+        start_daemon: Any, smtp: SmtpServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: each send parsed the digest's pattern again; the spec carries it
+    parsed (a parse now fails, and the send does not notice)."""
+    daemon, _ = await start_daemon(overrides=merged(
+        {"tasks": FAST_RETRIES}, smtp.overrides(), digest(every="1h", pattern="news.new, alerts.*")))
+
+    def no_parsing(*_: Any) -> Any:
+        raise AssertionError("a pattern parsed after the configuration was loaded")
+
+    monkeypatch.setattr(TopicFilter, "parse", no_parsing)
+    daemon.bus.publish("news.new", {"n": 1})
+    daemon.bus.publish("other.new", {"n": 99})
+    spec = daemon.digests.specs["news"]
+    assert spec.pattern == "news.new,alerts.*"
+    assert (await daemon.digests.send(spec))["sent"] == 1
+    [delivered] = await smtp.wait_messages(1)
+    assert digest_lines(delivered) == [{"n": 1}]
 
 
 async def test_a_digest_cut_short_by_a_crash_mails_the_same_range_again(

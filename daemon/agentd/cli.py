@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from agentd import __version__
-from agentd.config import Config, find_config_path, load_config
+from agentd.config import ClientConfig, Config, find_config_path, load_client_config, load_config
 from agentd.errors import AgentdError, ConfigError
 from agentd.log import configure_logging
 
@@ -165,15 +165,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    path = find_config_path(args.config)
     try:
-        config = load_config(find_config_path(args.config))
         if args.command == "check-config":
-            return asyncio.run(_check_config(config))
+            return asyncio.run(_check_config(load_config(path)))
         if args.command == "run":
-            return _run(config)
+            return _run(load_config(path))
         if args.command == "memory" and args.action == "reembed":
-            return asyncio.run(_reembed(config))
-        return asyncio.run(_remote(config, args))
+            return asyncio.run(_reembed(load_config(path)))
+        # A client of the daemon reads the API token and no other secret.
+        return asyncio.run(_remote(load_client_config(path), args))
     except ConfigError as exc:
         print(f"agentd: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -229,11 +230,10 @@ class _ApiError(Exception):
 class _Api:
     """A small client of the running daemon's HTTP API."""
 
-    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
-        host = config.server.host if config.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
-        self.base = f"http://{f'[{host}]' if ':' in host else host}:{config.server.port}"
-        token = config.secrets.api_token
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+    def __init__(self, config: ClientConfig, session: aiohttp.ClientSession) -> None:
+        host = config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        self.base = f"http://{f'[{host}]' if ':' in host else host}:{config.port}"
+        self.headers = {"Authorization": f"Bearer {config.token}"} if config.token else {}
         self.session = session
 
     async def call(self, method: str, path: str, body: Any = None) -> Any:
@@ -256,7 +256,7 @@ class _Api:
         return payload
 
 
-async def _remote(config: Config, args: argparse.Namespace) -> int:
+async def _remote(config: ClientConfig, args: argparse.Namespace) -> int:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         api = _Api(config, session)

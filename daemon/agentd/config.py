@@ -10,32 +10,35 @@ into `Config.secrets` or its hook's spec, so an unreadable one stops the load, n
 file and the key, and nothing reads the file system for them afterwards.
 
 This module is the bottom of agentd's layering: it imports only `agentd.errors` and the
-value modules `agentd.events` (topics and patterns) and `agentd.schedule` (`ScheduleSpec`),
-which import nothing of agentd above them (tests/test_layers.py checks it).
+value modules `agentd.events` (topics and patterns), `agentd.schedule` (`ScheduleSpec`) and
+`agentd.specs` (`HookSpec`, `DigestSpec`), which import nothing of agentd above them
+(tests/test_layers.py checks it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import email.utils
 import ipaddress
 import os
 import re
+import stat
 import tomllib
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agentd.errors import ConfigError, InvalidTaskError
-from agentd.events import TopicFilter, TopicPattern
-from agentd.schedule import ScheduleSpec, parse_duration
+from agentd.errors import ConfigError
+from agentd.events import TopicPattern
+from agentd.schedule import ScheduleSpec
+from agentd.specs import HOOK_SCHEMES, DigestSpec, HookSpec, signing_key
 
 CONFIG_ENV = "AGENTD_CONFIG"
 DEFAULT_CONFIG_NAME = "agentd.toml"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 MIN_STALL_WARNING = 0.1  # seconds: [daemon] stall_warning, when on
+BUILTIN_SCHEDULE_PREFIX = "agentd."  # the ids of the daemon's own schedules (maintenance.py, digests.py)
 _TOKEN = re.compile(r"[!-~]+")  # what an Authorization header can carry as one word
 _HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _HOOK_NAME = re.compile(r"[^{}/]+")  # what aiohttp's {name} in /hooks/{name} matches
@@ -151,18 +154,6 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class HookSpec:
-    """One `[hooks.<name>]`: its secret (read when the configuration was loaded), the
-    signature schemes it takes, and how far its signed timestamps may be off (its own
-    `tolerance`, else `[hooks] tolerance`)."""
-
-    name: str
-    secret: str = field(repr=False)
-    schemes: tuple[str, ...]
-    tolerance: float
-
-
-@dataclass(frozen=True, slots=True)
 class HooksConfig:
     """[hooks]: how far a signed timestamp may be off and how long delivery ids are kept;
     [hooks.<name>]: one inbound webhook each, with its secret and the schemes it takes."""
@@ -172,8 +163,6 @@ class HooksConfig:
     settings: Mapping[str, HookSpec] = field(default_factory=dict)
 
 
-# The signature schemes a hook may take (see hooks.py); "standard" is the default.
-HOOK_SCHEMES = ("standard", "github", "agentd")
 _HOOK_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "secret": (str, "a string"), "secret_file": (str, "a string"), "secret_env": (str, "a string"),
     "schemes": (list, "a list"), "tolerance": ((int, float), "a number of seconds"),
@@ -192,78 +181,6 @@ class MailConfig:
     password_env: str = ""
     sender: str = "agentd@localhost"
     timeout: float = 30.0
-
-
-_DIGEST_KEYS = {"pattern", "to", "subject", "every", "count", "limit"}
-# A digest's `to` and `subject` are checked at load by the rules a mail task's are: they
-# are here, below mail.py (which is built on the configuration), and mail.py uses them.
-
-
-def mail_recipients(to: str | Sequence[str]) -> list[str]:
-    """The addresses of `to` (one, or a list), each checked to be a mail address that can
-    go into a header.
-
-    Raises:
-        InvalidTaskError: (a ValueError) naming `to` and the address that is not one.
-    """
-    recipients = [to] if isinstance(to, str) else list(to)
-    if not recipients:
-        raise InvalidTaskError("to: give at least one address")
-    for address in recipients:
-        if (not isinstance(address, str) or "@" not in email.utils.parseaddr(address)[1]
-                or any(c in address for c in "\r\n")):
-            raise InvalidTaskError(f"to: {address!r} is not a mail address")
-    return recipients
-
-
-def check_mail_subject(subject: object) -> str:
-    """Return `subject` if it is one line of text.
-
-    Raises:
-        InvalidTaskError: (a ValueError) it is not.
-    """
-    if not isinstance(subject, str) or any(c in subject for c in "\r\n"):
-        raise InvalidTaskError("subject must be one line of text")
-    return subject
-
-
-@dataclass(frozen=True, slots=True)
-class DigestSpec:
-    """One `[digests.<name>]` table: which events, to whom, and when."""
-
-    name: str
-    pattern: str
-    to: tuple[str, ...]
-    subject: str
-    every: float | None
-    count: int | None
-    limit: int = 200
-
-    @classmethod
-    def from_mapping(cls, name: str, table: Mapping[str, Any]) -> DigestSpec:
-        """Raises ValueError naming the key that is wrong."""
-        unknown = set(table) - _DIGEST_KEYS
-        if unknown:
-            raise ValueError(f"unknown key {sorted(unknown)[0]!r}; known: {', '.join(sorted(_DIGEST_KEYS))}")
-        pattern = table.get("pattern")
-        if not isinstance(pattern, str):
-            raise ValueError("pattern: expected a topic pattern such as 'news.*'")
-        TopicFilter.parse(pattern)
-        to = table.get("to")
-        recipients = mail_recipients(to if isinstance(to, str | list) else [])
-        subject = check_mail_subject(table.get("subject", f"agentd digest: {name}"))
-        every = parse_duration(table["every"], "every") if "every" in table else None
-        count = table.get("count")
-        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
-            raise ValueError(f"count: expected a whole number >= 1, got {count!r}")
-        if every is None and count is None:
-            raise ValueError("give every (a duration) or count (a number of events), or both")
-        limit = table.get("limit", 200)
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ValueError(f"limit: expected a whole number >= 1, got {limit!r}")
-        if count is not None and count > limit:
-            raise ValueError(f"count: {count} is more than limit ({limit}), the events one mail holds")
-        return cls(name, pattern, tuple(recipients), subject, every, count, limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,6 +339,47 @@ def load_config(
             a secret's file cannot be read or its variable is not set (naming the file or
             variable and the key).
     """
+    config, schedules, named = _load_sections(path, env, overrides)
+    # The named tables are parsed once [hooks] and [digests] have their final values.
+    return dataclasses.replace(
+        config,
+        schedules=_parse_schedules(config, schedules),
+        hooks=dataclasses.replace(config.hooks, settings=_parse_hooks(config, named.get("hooks", {}))),
+        digests=DigestsConfig(_parse_digests(config, named.get("digests", {}))),
+        secrets=_read_secrets(config),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """What a client of the running daemon (`agentd status`, `agentd tasks`, ...) needs of
+    the configuration: where the daemon listens and the API token."""
+
+    host: str
+    port: int
+    token: str = field(repr=False)
+    source: str
+
+
+def load_client_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> ClientConfig:
+    """The configuration as `load_config` reads and checks its sections, but of the secrets
+    only the API token: a client needs no other, and a user allowed to list tasks need not
+    be able to read the SMTP password or a hook's secret. The daemon's own tables
+    (`[[schedules]]`, `[hooks.<name>]`, `[digests.<name>]`) are left to `load_config`.
+
+    Raises:
+        ConfigError: as `load_config`, for the sections and the API token.
+    """
+    config, _, _ = _load_sections(path, env, None)
+    return ClientConfig(host=config.server.host, port=config.server.port, token=_api_token(config),
+                        source=config.source)
+
+
+def _load_sections(
+    path: str | Path | None, env: Mapping[str, str] | None, overrides: Mapping[str, Mapping[str, Any]] | None,
+) -> tuple[Config, list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The sections of the file with the environment's overrides, checked; with the
+    `[[schedules]]` tables and each section's named tables, still to be parsed."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path).resolve()
@@ -454,14 +412,7 @@ def load_config(
     config = _apply_env(Config(source=source, base_dir=base_dir, **sections),
                         os.environ if env is None else env)
     _check_rules(config)
-    # The named tables are parsed once [hooks] and [digests] have their final values.
-    return dataclasses.replace(
-        config,
-        schedules=_parse_schedules(config, schedules),
-        hooks=dataclasses.replace(config.hooks, settings=_parse_hooks(config, named.get("hooks", {}))),
-        digests=DigestsConfig(_parse_digests(config, named.get("digests", {}))),
-        secrets=_read_secrets(config),
-    )
+    return config, schedules, named
 
 
 def _read_secret(config: Config, section: str, values: Mapping[str, Any], key: str) -> str:
@@ -471,27 +422,105 @@ def _read_secret(config: Config, section: str, values: Mapping[str, Any], key: s
 
     Raises:
         ConfigError: naming the section, the key and the file, when the file cannot be
-            read, or the variable, when it is not set.
+            read (see `_secret_file_line`), or the variable, when it is not set or empty.
     """
     if values.get(key):
         return str(values[key])
     if values.get(f"{key}_file"):
         path = config.resolve(str(values[f"{key}_file"]))
         try:
-            return next(iter(path.read_text().splitlines()), "").strip()
-        except OSError as exc:
+            return _secret_file_line(path)
+        except _UnusableSecretError as exc:
             raise ConfigError(f"{config.origin(section, f'{key}_file')}: [{section}] {key}_file: "
-                              f"cannot read {path}: {exc.strerror}") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{config.origin(section, f'{key}_file')}: [{section}] {key}_file: "
-                              f"cannot read {path}: not text ({exc.reason})") from exc
+                              f"{exc}") from None
     if values.get(f"{key}_env"):
         name = str(values[f"{key}_env"])
         if not os.environ.get(name):
+            state = "is empty" if name in os.environ else "is not set"
             raise ConfigError(f"{config.origin(section, f'{key}_env')}: [{section}] {key}_env: the "
-                              f"environment variable {name} is not set")
+                              f"environment variable {name} {state}")
         return os.environ[name]
     return ""
+
+
+def _read_signing_secret(config: Config, section: str, values: Mapping[str, Any]) -> str:
+    """The webhook secret `secret` of a section (see `_read_secret`), checked to stand for
+    a signing key.
+
+    Raises:
+        ConfigError: as `_read_secret`; or a `whsec_` secret is not base64, naming the key
+            it was given by (and its file or variable).
+    """
+    secret = _read_secret(config, section, values, "secret")
+    try:
+        signing_key(secret)
+    except ValueError as exc:
+        key = next(k for k in ("secret", "secret_file", "secret_env") if values.get(k))
+        given = (f" (the first line of {config.resolve(str(values[key]))})" if key == "secret_file"
+                 else f" (the environment variable {values[key]})" if key == "secret_env" else "")
+        raise ConfigError(f"{config.origin(section, key)}: [{section}] {key}{given}: {exc}") from None
+    return secret
+
+
+class _UnusableSecretError(Exception):
+    """Why a secret's file cannot be used, for the message naming its key."""
+
+
+# A secret file holds one secret on its first line, perhaps with a comment after it:
+# anything bigger is not one, and is not read into memory to find out.
+SECRET_FILE_LIMIT = 65_536
+
+
+def _secret_file_line(path: Path) -> str:
+    """The first line of the secret file `path`, stripped.
+
+    Raises:
+        _UnusableSecretError: the file cannot be opened, is no regular file (a FIFO would
+            block the load until a writer came, a device could be endless), is open to other
+            users, is larger than SECRET_FILE_LIMIT, is not UTF-8 text, or its first line is
+            empty.
+    """
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _UnusableSecretError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _UnusableSecretError(f"cannot read {path}: not a regular file ({_file_kind(info.st_mode)})")
+        mode = stat.S_IMODE(info.st_mode)
+        # A file of our own is ours alone; one another user (root) hands us through our
+        # group, as systemd/README.md installs secrets (0640, group agentd), may be
+        # group-readable.
+        shared = info.st_uid != os.geteuid()
+        if mode & (0o027 if shared else 0o077):
+            raise _UnusableSecretError(f"{path} is open to other users (mode {mode:04o}); chmod 600 "
+                                       f"{path} (or 640, owned by root, group of the daemon's user)")
+        data = b""
+        while len(data) <= SECRET_FILE_LIMIT and (chunk := os.read(fd, SECRET_FILE_LIMIT + 1 - len(data))):
+            data += chunk
+    except OSError as exc:
+        raise _UnusableSecretError(f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > SECRET_FILE_LIMIT:
+        raise _UnusableSecretError(f"{path} is larger than {SECRET_FILE_LIMIT} bytes: not a secret "
+                                   "file (it holds the secret on its first line)")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        raise _UnusableSecretError(f"cannot read {path}: not text ({exc.reason})") from None
+    line = next(iter(text.splitlines()), "").strip()
+    if not line:
+        raise _UnusableSecretError(f"the first line of {path} is empty; write the secret there")
+    return line
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "of another kind")
 
 
 def _read_secrets(config: Config) -> Secrets:
@@ -499,7 +528,7 @@ def _read_secrets(config: Config) -> Secrets:
         api_token=_api_token(config),
         mail_password=_read_secret(config, "mail", dataclasses.asdict(config.mail), "password"),
         llm_key=_read_secret(config, "llm", dataclasses.asdict(config.llm), "key"),
-        webhooks_secret=_read_secret(config, "webhooks", dataclasses.asdict(config.webhooks), "secret"),
+        webhooks_secret=_read_signing_secret(config, "webhooks", dataclasses.asdict(config.webhooks)),
         memory_http_key=_read_secret(config, "memory", dataclasses.asdict(config.memory), "http_key"),
     )
 
@@ -514,20 +543,6 @@ def _api_token(config: Config) -> str:
     """
     server = config.server
     token = _read_secret(config, "server", dataclasses.asdict(server), "token")
-    if server.token_file and not server.token:
-        where = f"{config.origin('server', 'token_file')}: [server] token_file"
-        path = config.resolve(server.token_file)
-        info = path.stat()
-        mode = info.st_mode & 0o777
-        # A file of our own is ours alone; one another user (root) hands us through our
-        # group, as systemd/README.md installs secrets (0640, group agentd), may be
-        # group-readable.
-        shared = info.st_uid != os.geteuid()
-        if mode & (0o027 if shared else 0o077):
-            raise ConfigError(f"{where}: {path} is open to other users (mode {mode:04o}); "
-                              f"chmod 600 {path} (or 640, owned by root, group of the daemon's user)")
-        if not token:
-            raise ConfigError(f"{where}: the first line of {path} is empty; write the token there")
     if token and not _TOKEN.fullmatch(token):
         key = "token" if server.token else "token_file"
         given = "" if server.token else f" in the first line of {config.resolve(server.token_file)}"
@@ -558,7 +573,7 @@ def _parse_hooks(config: Config, tables: Mapping[str, dict[str, Any]]) -> dict[s
                 raise ConfigError(f"{where} unknown key {key!r}; known: {', '.join(_HOOK_KEYS)}")
             kind, expected = _HOOK_KEYS[key]
             if not isinstance(value, kind) or isinstance(value, bool):
-                raise ConfigError(f"{where} {key}: expected {expected}, got {value!r}")
+                raise ConfigError(f"{where} {key}: expected {expected}, got {_described(key, value)}")
         if not any(table.get(key) for key in ("secret", "secret_file", "secret_env")):
             raise ConfigError(f"{where} needs a secret, secret_file or secret_env")
         schemes = table.get("schemes", ["standard"])
@@ -567,7 +582,7 @@ def _parse_hooks(config: Config, tables: Mapping[str, dict[str, Any]]) -> dict[s
                               f"got {schemes!r}")
         if table.get("tolerance", 1) <= 0:
             raise ConfigError(f"{where} tolerance: expected a positive number of seconds")
-        hooks[name] = HookSpec(name=name, secret=_read_secret(config, f"hooks.{name}", table, "secret"),
+        hooks[name] = HookSpec(name=name, secret=_read_signing_secret(config, f"hooks.{name}", table),
                                schemes=tuple(schemes),
                                tolerance=float(table.get("tolerance", config.hooks.tolerance)))
     return hooks
@@ -587,14 +602,23 @@ def _parse_digests(config: Config, tables: Mapping[str, dict[str, Any]]) -> dict
 
 
 def _parse_schedules(config: Config, tables: list[dict[str, Any]]) -> tuple[ScheduleSpec, ...]:
-    specs = []
+    specs: dict[str, ScheduleSpec] = {}
+    numbers: dict[str, int] = {}
     for number, table in enumerate(tables, start=1):
+        label = f" ({table['id']})" if isinstance(table.get("id"), str) else ""
         try:
-            specs.append(ScheduleSpec.from_mapping(table))
+            spec = ScheduleSpec.from_mapping(table)
         except ValueError as exc:
-            label = f" ({table['id']})" if isinstance(table.get("id"), str) else ""
             raise ConfigError(f"{config.source}: [[schedules]] #{number}{label}: {exc}") from None
-    return tuple(specs)
+        if spec.id.startswith(BUILTIN_SCHEDULE_PREFIX):  # it would replace one of them unnoticed
+            raise ConfigError(f"{config.source}: [[schedules]] #{number}{label}: id: ids starting "
+                              f"{BUILTIN_SCHEDULE_PREFIX!r} are the daemon's own schedules (maintenance, "
+                              "digests); choose another")
+        if spec.id in specs:  # the scheduler keeps one schedule per id: the first would be lost
+            raise ConfigError(f"{config.source}: [[schedules]] #{number}{label}: id {spec.id!r} is "
+                              f"already schedule #{numbers[spec.id]}'s; give each its own")
+        specs[spec.id], numbers[spec.id] = spec, number
+    return tuple(specs.values())
 
 
 def _check_outbound(config: Config) -> None:
@@ -677,11 +701,26 @@ def _build_section(name: str, cls: type[Any], table: dict[str, Any],
             named[key] = value  # a [plugins.<name>], [hooks.<name>] or [digests.<name>] table
             continue
         if key not in known or key == "settings":
-            raise ConfigError(
-                f"{source}: [{name}] unknown key {key!r}; known: {', '.join(sorted(known - {'settings'}))}"
-            )
+            keys = sorted(known - {"settings"})
+            if cls in _NAMED_TABLES:
+                keys.append(f"[{name}.<name>] tables")
+            raise ConfigError(f"{source}: [{name}] unknown key {key!r}; known: {', '.join(keys)}")
+        if key in _INLINE_SECRETS and not isinstance(value, str):
+            raise ConfigError(f"{source}: [{name}] {key}: expected a string, got {_described(key, value)}")
         values[key] = _coerce(value, hints[key], f"{source}: [{name}] {key}")
     return cls(**values), named
+
+
+# The keys whose value is itself a secret: an error about one does not show it (a number
+# written without quotes is still the secret, and the message goes to logs and terminals).
+_INLINE_SECRETS = frozenset({"token", "secret"})
+
+
+def _described(key: str, value: object) -> str:
+    """`value` as an error message shows it: its repr, or only its type for a secret."""
+    if key in _INLINE_SECRETS:
+        return f"a value of type {type(value).__name__} (not shown: it is a secret)"
+    return repr(value)
 
 
 def _apply_env(config: Config, env: Mapping[str, str]) -> Config:

@@ -21,13 +21,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from agentd.bus import Bus, Subscription
-from agentd.config import DigestSpec
 from agentd.errors import Fail
 from agentd.eventlog import EventLog
-from agentd.events import Event, TopicFilter
+from agentd.events import Event
 from agentd.mail import SEND_MAIL_TASK, Mailer, message_args
 from agentd.schedule import ScheduleSpec
 from agentd.spawn import Spawner
+from agentd.specs import DigestSpec
 from agentd.store import Connection, Store
 from agentd.taskdef import TaskDef, TaskRegistry
 from agentd.taskqueue import TaskQueue
@@ -65,9 +65,9 @@ class Digests:
     def check_persistence(self) -> None:
         """Raise ValueError for a digest whose events the event log would not keep."""
         for spec in self.specs.values():
-            for part in spec.pattern.split(","):
+            for part in spec.topics.patterns:
                 # A topic the pattern matches stands for it: the rules are patterns too.
-                topic = ".".join("x" if s in ("*", "**") else s for s in part.strip().split("."))
+                topic = ".".join("x" if s in ("*", "**") else s for s in part.segments)
                 if self._eventlog.persistence(topic) == "ephemeral":
                     raise ValueError(f"[digests.{spec.name}] pattern {spec.pattern!r}: its events are "
                                      "ephemeral in [events] persistence; a digest reads them from the log")
@@ -122,7 +122,7 @@ class Digests:
             "SELECT last_event_id, pending_last_id FROM digest_cursors WHERE name = ?", (spec.name,))
         cursor = row["last_event_id"] if row is not None else 0
         pending: int | None = row["pending_last_id"] if row is not None else None
-        matches = TopicFilter.parse(spec.pattern).matches
+        matches = spec.topics.matches
         if pending is not None:
             # A send that may have gone out before a crash: the same range again, so the
             # repeat has the same Message-ID and content.

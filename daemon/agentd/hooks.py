@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agentd.config import Config
-from agentd.errors import AgentdError, ConfigError, StoreWriteError
+from agentd.errors import AgentdError, StoreWriteError
 from agentd.log import get_logger
-from agentd.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, sign, signing_key, standard_signature
+from agentd.specs import signing_key
+from agentd.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, sign, standard_signature
 
 if TYPE_CHECKING:
     from agentd.store import Connection, Store
@@ -162,19 +163,11 @@ class InboundHooks:
 
     @classmethod
     def from_config(cls, config: Config, store: Store) -> InboundHooks:
-        """Build the hooks of `[hooks.<name>]`, with the secrets `load_config` read.
-
-        Raises:
-            ConfigError: a `whsec_` secret is not base64, naming the hook.
-        """
+        """Build the hooks of `[hooks.<name>]`, with the secrets `load_config` read (and checked)."""
         hooks = {}
         for name, spec in config.hooks.settings.items():
-            try:
-                standard_key = signing_key(spec.secret)
-            except ValueError as exc:
-                raise ConfigError(f"{config.source}: [hooks.{name}] secret: {exc}") from None
             hooks[name] = InboundHook(
-                name=name, standard_key=standard_key, hex_key=spec.secret.encode(),
+                name=name, standard_key=signing_key(spec.secret), hex_key=spec.secret.encode(),
                 schemes=spec.schemes, tolerance=spec.tolerance,
                 replay_window=config.hooks.replay_window)
         return cls(hooks, store)

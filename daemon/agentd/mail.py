@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import aiosmtplib
 
-from agentd.config import MailConfig, check_mail_subject, mail_recipients
+from agentd.config import MailConfig
 from agentd.errors import Fail, InvalidTaskError
+from agentd.specs import check_mail_subject, mail_recipients
 from agentd.taskdef import TaskDef, TaskRegistry
 from agentd.taskqueue import Enqueue, TaskRecord
 

@@ -4,7 +4,8 @@ Signatures. The scheme is Standard Webhooks (standardwebhooks.com): the headers
 `webhook-id`, `webhook-timestamp` (Unix seconds) and `webhook-signature: v1,<base64>`, the
 HMAC-SHA256 of `{id}.{timestamp}.{body}`. A secret written `whsec_<base64>` (as Standard
 Webhooks libraries make them) signs with its decoded bytes; any other secret with its
-UTF-8 bytes, so `openssl dgst -hmac "$SECRET"` makes the same signature. The hex schemes
+UTF-8 bytes, so `openssl dgst -hmac "$SECRET"` makes the same signature (`signing_key`, in
+agentd.specs, with which load_config checks every webhook secret). The hex schemes
 sign the body alone with the secret's text: `sha256=<hex>` (GitHub's, and agentd's own
 before Standard Webhooks). hooks.py checks them on the way in.
 
@@ -22,7 +23,6 @@ connection goes to the checked address only, and redirects are not followed.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import ipaddress
@@ -37,8 +37,9 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from agentd.config import Config, WebhooksConfig
-from agentd.errors import ConfigError, Fail, InvalidTaskError, Retry
+from agentd.errors import Fail, InvalidTaskError, Retry
 from agentd.log import get_logger
+from agentd.specs import signing_key
 from agentd.taskdef import TaskDef, TaskRegistry
 from agentd.taskqueue import Enqueue, TaskRecord
 
@@ -51,31 +52,12 @@ POST_WEBHOOK_TASK = "agentd.post_webhook"
 SIGNATURE_HEADER = "X-Agentd-Signature"
 DELIVERY_HEADER = "X-Agentd-Delivery"
 _RETRY_STATUSES = frozenset({408, 425, 429})
-_SECRET_PREFIX = "whsec_"
 _DETAIL_BYTES = 300  # of a refusing receiver's answer, kept in the task's error
 
 _log = get_logger("webhooks")
 
 
 # --------------------------------------------------------------------------- signatures
-
-
-def signing_key(secret: str) -> bytes:
-    """The Standard Webhooks HMAC key of `secret`: the decoded bytes of `whsec_<base64>`,
-    else the secret's UTF-8 bytes.
-
-    Raises:
-        ValueError: a `whsec_` secret whose rest is not base64.
-    """
-    if not secret.startswith(_SECRET_PREFIX):
-        return secret.encode()
-    try:
-        key = base64.b64decode(secret.removeprefix(_SECRET_PREFIX), validate=True)
-    except binascii.Error:
-        key = b""
-    if not key:
-        raise ValueError("a secret starting whsec_ must go on with its key in base64")
-    return key
 
 
 def standard_signature(key: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
@@ -208,15 +190,8 @@ class WebhookPoster:
 
     @classmethod
     def from_config(cls, config: Config) -> WebhookPoster:
-        """The poster of `[webhooks]`, with the secret `load_config` read.
-
-        Raises:
-            ConfigError: a `whsec_` secret is not base64.
-        """
-        try:
-            return cls(config.webhooks, config.secrets.webhooks_secret)
-        except ValueError as exc:
-            raise ConfigError(f"{config.origin('webhooks', 'secret')}: [webhooks] secret: {exc}") from None
+        """The poster of `[webhooks]`, with the secret `load_config` read (and checked)."""
+        return cls(config.webhooks, config.secrets.webhooks_secret)
 
     def register(self, registry: TaskRegistry, queue: str) -> None:
         registry.add(TaskDef(name=POST_WEBHOOK_TASK, fn=self._deliver_task, queue=queue, max_attempts=8))
