@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
@@ -486,3 +487,30 @@ async def test_the_backoff_stays_bounded_after_very_many_failures_in_row() -> No
     again = await events.wait_for("daemon.loop_failed", failures_in_row=5001)
     await loop.stop()
     assert again.data["restart_in"] == 0.02
+
+
+# --------------------------------------------------------------------------- found by review
+
+
+@pytest.mark.parametrize("part", ["eventlog", "digests"])
+async def test_a_start_failing_early_stops_the_loops_it_had_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, part: str
+) -> None:
+    """The lag monitor and the WAL checkpoints start right after the store opens; a start
+    failing before the plugins (the event log's first read, the digests' first write on a
+    full disk) closed the store under them and left them running: the stall-watch thread
+    on, the checkpoint loop failing every 30 s for the process's life."""
+    (tmp_path / "plugins").mkdir()
+    daemon = Daemon(make_config(tmp_path, [tmp_path / "plugins"]))
+
+    async def start() -> None:
+        raise RuntimeError(f"{part} broke")
+
+    monkeypatch.setattr(getattr(daemon, part), "start", start)
+    with pytest.raises(RuntimeError, match=f"{part} broke"):
+        await daemon.start()
+    loops = daemon.supervisor.loops
+    assert {"lag-monitor", "wal-checkpoints"} <= set(loops)
+    assert {name: loop.state for name, loop in loops.items()} == dict.fromkeys(loops, "stopped")
+    assert all(loop.task is None or loop.task.done() for loop in loops.values())
+    assert not [t for t in threading.enumerate() if t.name == "agentd-stall-watch"]
