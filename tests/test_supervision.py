@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 from agentd.app import Daemon
 from agentd.bus import Bus
 from agentd.schedule import ScheduleSpec
+from agentd.shutdown import stop_bound
 from agentd.scheduler import Scheduler
 from agentd.supervise import Supervisor
 from agentd.systemd import Notifier
@@ -514,3 +515,67 @@ async def test_a_start_failing_early_stops_the_loops_it_had_started(
     assert {name: loop.state for name, loop in loops.items()} == dict.fromkeys(loops, "stopped")
     assert all(loop.task is None or loop.task.done() for loop in loops.values())
     assert not [t for t in threading.enumerate() if t.name == "agentd-stall-watch"]
+
+
+async def test_a_loop_that_will_not_stop_holds_the_stop_only_its_stage_deadline_and_is_named(
+    tmp_path: Path
+) -> None:
+    """A loop that catches its cancellation and goes on (plugin-like code in the scheduler's
+    clock, a bug) cannot hold the stop past `stop background loops`' deadline; the log says
+    which loop did not end, not only the stage's list of every loop."""
+    released = asyncio.Event()
+    started = asyncio.Event()
+
+    async def stubborn() -> None:
+        started.set()
+        while not released.is_set():
+            try:
+                await released.wait()
+            except asyncio.CancelledError:
+                pass
+
+    def patch(daemon: Daemon) -> None:
+        daemon.lag.run = stubborn  # type: ignore[method-assign]
+
+    with watching_logs() as logs:
+        async with supervised_daemon(tmp_path, patch=patch,
+                                     overrides={"daemon": {"stop_timeout": 0.1}}) as (daemon, _):
+            await asyncio.wait_for(started.wait(), 5)
+            task = daemon.supervisor.loops["lag-monitor"].task
+            assert task is not None
+            began = asyncio.get_running_loop().time()
+        took = asyncio.get_running_loop().time() - began
+    released.set()
+    await asyncio.wait_for(task, 5)
+    # The stage's deadline (MIN_STAGE_DEADLINE), not the loop, ended the wait.
+    assert took < stop_bound(daemon.config.daemon)
+    (timed_out,) = logs.named("daemon.stop_stage_timed_out")
+    assert timed_out["stage"] == "stop background loops"
+    (line,) = logs.named("loop.not_stopped")
+    assert line["loop"] == "lag-monitor"
+    assert not logs.named("loop.failed")
+
+
+async def test_a_loop_whose_factory_raises_is_reported_and_started_again() -> None:
+    bus = Bus()
+    events = EventCapture(bus, "daemon.*")
+    supervisor = Supervisor(bus, **FAST)
+    forever = asyncio.Event()
+    calls = 0
+
+    def factory() -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise LookupError("no such thing")
+        return forever.wait()
+
+    loop = supervisor.start("made", factory)
+    assert loop.state == "restarting"
+    assert supervisor.down == ["made"]
+    restarted_event = await events.wait_for("daemon.loop_restarted", loop="made")
+    assert loop.state == "running" and supervisor.down == []
+    await loop.stop()
+    assert events.events[0].data == {"loop": "made", "error": "LookupError: no such thing",
+                                     "failures_in_row": 1, "restart_in": 0.01}
+    assert restarted_event.data == {"loop": "made", "restarts": 1}
