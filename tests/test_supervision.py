@@ -7,6 +7,7 @@ not lose their failures either."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
 import threading
@@ -23,8 +24,8 @@ from structlog.testing import capture_logs
 from agentd.app import Daemon
 from agentd.bus import Bus
 from agentd.schedule import ScheduleSpec
-from agentd.shutdown import stop_bound
 from agentd.scheduler import Scheduler
+from agentd.shutdown import stop_bound
 from agentd.supervise import Supervisor
 from agentd.systemd import Notifier
 from agentd.testing import EventCapture, ManualClock, daemon_url, make_config
@@ -529,10 +530,8 @@ async def test_a_loop_that_will_not_stop_holds_the_stop_only_its_stage_deadline_
     async def stubborn() -> None:
         started.set()
         while not released.is_set():
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await released.wait()
-            except asyncio.CancelledError:
-                pass
 
     def patch(daemon: Daemon) -> None:
         daemon.lag.run = stubborn  # type: ignore[method-assign]
@@ -579,3 +578,31 @@ async def test_a_loop_whose_factory_raises_is_reported_and_started_again() -> No
     assert events.events[0].data == {"loop": "made", "error": "LookupError: no such thing",
                                      "failures_in_row": 1, "restart_in": 0.01}
     assert restarted_event.data == {"loop": "made", "restarts": 1}
+
+
+async def test_a_task_run_failing_before_its_code_starts_is_logged_and_frees_its_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building the task's context and publishing `task.started` came before `_run`'s
+    `try`: a failure there left its slot taken for good (a one-worker queue then ran
+    nothing more), the task counted running, and the failure unlogged."""
+    with watching_logs() as logs:
+        async with supervised_daemon(tmp_path, overrides={"tasks": {"queues": {"default": 1}}}) \
+                as (daemon, _):
+            EventCapture(daemon.bus, "task.started")  # so that task.started is published
+            publish = daemon.queue.publish
+
+            def publish_failing_once(topic: str, record: Any, **extra: Any) -> None:
+                if topic == "task.started" and not logs.named("tasks.run_failed"):
+                    raise RuntimeError("publish broke")
+                publish(topic, record, **extra)
+
+            monkeypatch.setattr(daemon.queue, "publish", publish_failing_once)
+            first = await daemon.queue.enqueue("sv.echo", {"value": 1})
+            line = await logs.wait_for("tasks.run_failed")
+            second = await daemon.queue.enqueue("sv.echo", {"value": 2})
+            assert await daemon.queue.result(second.id, timeout=5) == 2
+            assert first.id not in daemon.workers.running
+            monkeypatch.undo()
+    assert line["task_id"] == first.id
+    assert line["error"] == "RuntimeError: publish broke"
