@@ -35,6 +35,8 @@ from agentd.web import ws as ws_module
 FAST = {"first_backoff": 0.01, "max_backoff": 0.04}
 
 PLUGIN = """
+import asyncio
+
 from agentd import Plugin
 
 plugin = Plugin("sv")
@@ -43,6 +45,28 @@ plugin = Plugin("sv")
 @plugin.task()
 async def echo(ctx, value=None):
     return value
+
+
+@plugin.task(max_attempts=1)
+async def two_fail_at_once(ctx):
+    loop = asyncio.get_running_loop()
+    first, second = loop.create_future(), loop.create_future()
+    loop.call_soon(first.set_exception, ValueError("first"))
+    loop.call_soon(second.set_exception, ValueError("second"))
+    await ctx.gather(first, second)
+
+
+@plugin.task()
+async def gather_a_non_awaitable(ctx):
+    async def waiting():
+        await asyncio.Event().wait()
+
+    try:
+        await ctx.gather(waiting(), 42)
+    except TypeError:
+        pass
+    return [t.get_name() for t in asyncio.all_tasks()
+            if not t.done() and "waiting" in t.get_coro().__qualname__]
 """
 
 
@@ -606,3 +630,25 @@ async def test_a_task_run_failing_before_its_code_starts_is_logged_and_frees_its
             monkeypatch.undo()
     assert line["task_id"] == first.id
     assert line["error"] == "RuntimeError: publish broke"
+
+
+async def test_gather_logs_the_failures_it_does_not_raise(tmp_path: Path) -> None:
+    """`ctx.gather` raises the first failure, as `asyncio.gather` does; another call that
+    failed meanwhile was dropped with the calls it cancelled (`return_exceptions=True`)."""
+    with watching_logs() as logs:
+        async with supervised_daemon(tmp_path) as (daemon, _):
+            task = await daemon.queue.enqueue("sv.two_fail_at_once", {})
+            finished = await daemon.queue.wait(task.id, timeout=5)
+    assert finished.status == "dead"
+    assert "first" in (finished.error or "")
+    (line,) = logs.named("task.gather_failed_too")
+    assert line["error"] == "ValueError: second"
+    assert line["task_id"] == task.id
+
+
+async def test_gather_given_a_non_awaitable_leaves_no_call_running(tmp_path: Path) -> None:
+    """The calls before one `ensure_future` refuses were wrapped in tasks that nobody
+    cancelled or awaited: they ran on, unowned, past the gather that raised."""
+    async with supervised_daemon(tmp_path) as (daemon, _):
+        task = await daemon.queue.enqueue("sv.gather_a_non_awaitable", {})
+        assert await daemon.queue.result(task.id, timeout=5) == []

@@ -199,15 +199,25 @@ class Context:
             correlation_id=self.task.correlation_id, dedupe_window=_INFINITE)
 
     async def gather(self, *calls: Awaitable[Any]) -> list[Any]:
-        """Await several `call()`s at once; results in order. If one fails, the others are
-        no longer awaited (the children themselves keep their own lifecycle)."""
-        futures = [asyncio.ensure_future(call) for call in calls]
+        """Await several `call()`s at once; results in order. If one fails, its failure is
+        raised, as `asyncio.gather` raises the first, and the others are no longer awaited
+        (the children themselves keep their own lifecycle); another that had failed too is
+        logged (`task.gather_failed_too`), not dropped."""
+        futures: list[asyncio.Future[Any]] = []
         try:
+            for call in calls:
+                futures.append(asyncio.ensure_future(call))
             return list(await asyncio.gather(*futures))
         except BaseException as exc:
+            for call in calls[len(futures):]:  # after one that is no awaitable: never started
+                if inspect.iscoroutine(call):
+                    call.close()
             for future in futures:
                 future.cancel()
-            await asyncio.gather(*futures, return_exceptions=True)
+            for outcome in await asyncio.gather(*futures, return_exceptions=True):
+                if isinstance(outcome, Exception) and outcome is not exc:
+                    self.log.warning("task.gather_failed_too",
+                                     error=f"{type(outcome).__name__}: {outcome}")
             if not isinstance(exc, asyncio.CancelledError) and not self._holds_slot and not self._closed:
                 # The calls cancelled here took no slot back (they leave as cancelled waits
                 # do); the parent goes on, with its slot.
