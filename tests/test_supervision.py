@@ -652,3 +652,29 @@ async def test_gather_given_a_non_awaitable_leaves_no_call_running(tmp_path: Pat
     async with supervised_daemon(tmp_path) as (daemon, _):
         task = await daemon.queue.enqueue("sv.gather_a_non_awaitable", {})
         assert await daemon.queue.result(task.id, timeout=5) == []
+
+
+async def test_a_durable_publish_failing_after_its_caller_left_is_logged() -> None:
+    """`dispatch_once_committed` shields the commit from a caller that is cancelled (a
+    WebSocket that closed); when the commit then failed, its failure went nowhere: the
+    event was released unpublished and not a line said so."""
+    bus = Bus()
+    gate = asyncio.Event()
+
+    async def commit() -> None:
+        await gate.wait()
+        raise RuntimeError("commit broke")
+
+    event = bus.reserve_event("sv.durable", {})
+    with watching_logs() as logs:
+        caller = asyncio.create_task(bus.dispatch_once_committed(event, commit()))
+        await asyncio.sleep(0)  # noqa: sleep - the caller awaits the commit
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        gate.set()
+        line = await logs.wait_for("bus.publish_failed")
+    assert line["topic"] == "sv.durable"
+    assert line["event_id"] == event.id
+    assert line["error"] == "RuntimeError: commit broke"
+    assert isinstance(line["exc_info"], RuntimeError)
