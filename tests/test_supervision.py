@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -678,3 +679,17 @@ async def test_a_durable_publish_failing_after_its_caller_left_is_logged() -> No
     assert line["event_id"] == event.id
     assert line["error"] == "RuntimeError: commit broke"
     assert isinstance(line["exc_info"], RuntimeError)
+
+
+async def test_loop_failures_are_kept_in_the_event_log_like_other_daemon_events(
+    tmp_path: Path
+) -> None:
+    """A stream client that resumes (`since`) learns of a loop that failed while it was away."""
+    async with supervised_daemon(tmp_path) as (daemon, events):
+        cancel_from_outside(daemon, "lag-monitor")
+        await restarted(daemon, events, "lag-monitor")
+        await daemon.eventlog.flush()
+        rows = await daemon.store.read(
+            "SELECT topic, data FROM events WHERE topic LIKE 'daemon.loop_%' ORDER BY id")
+    assert [row["topic"] for row in rows] == ["daemon.loop_failed", "daemon.loop_restarted"]
+    assert json.loads(rows[0]["data"])["loop"] == "lag-monitor"
