@@ -693,3 +693,22 @@ async def test_loop_failures_are_kept_in_the_event_log_like_other_daemon_events(
             "SELECT topic, data FROM events WHERE topic LIKE 'daemon.loop_%' ORDER BY id")
     assert [row["topic"] for row in rows] == ["daemon.loop_failed", "daemon.loop_restarted"]
     assert json.loads(rows[0]["data"])["loop"] == "lag-monitor"
+
+
+async def test_a_stop_while_every_loop_waits_to_restart_leaves_none_to_start_later(
+    tmp_path: Path
+) -> None:
+    """Every loop down at once, its restart due after the stop: the stop cancels each
+    restart, so no loop starts once the store is closed."""
+    async with supervised_daemon(tmp_path, first_backoff=0.3, max_backoff=0.3) as (daemon, events):
+        names = [name for name, loop in daemon.supervisor.loops.items() if loop.task is not None]
+        for name in names:
+            cancel_from_outside(daemon, name)
+        for name in names:
+            await events.wait_for("daemon.loop_failed", loop=name)
+        assert daemon.supervisor.down == sorted(names)
+    restarts = EventCapture(daemon.bus, "daemon.loop_restarted")
+    await asyncio.sleep(0.5)  # noqa: sleep - past the restarts the stop cancelled
+    assert restarts.events == []
+    assert {loop.state for loop in daemon.supervisor.loops.values()} == {"stopped"}
+    assert all(loop.task is None for loop in daemon.supervisor.loops.values())
