@@ -661,16 +661,17 @@ async def test_a_durable_publish_failing_after_its_caller_left_is_logged() -> No
     WebSocket that closed); when the commit then failed, its failure went nowhere: the
     event was released unpublished and not a line said so."""
     bus = Bus()
-    gate = asyncio.Event()
+    committing, gate = asyncio.Event(), asyncio.Event()
 
     async def commit() -> None:
+        committing.set()  # its caller awaits it now
         await gate.wait()
         raise RuntimeError("commit broke")
 
     event = bus.reserve_event("sv.durable", {})
     with watching_logs() as logs:
         caller = asyncio.create_task(bus.dispatch_once_committed(event, commit()))
-        await asyncio.sleep(0)  # noqa: sleep - the caller awaits the commit
+        await asyncio.wait_for(committing.wait(), 5)
         caller.cancel()
         with pytest.raises(asyncio.CancelledError):
             await caller
