@@ -7,8 +7,11 @@ not lose their failures either."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import json
 import socket
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
@@ -23,6 +26,7 @@ from agentd.app import Daemon
 from agentd.bus import Bus
 from agentd.schedule import ScheduleSpec
 from agentd.scheduler import Scheduler
+from agentd.shutdown import stop_bound
 from agentd.supervise import Supervisor
 from agentd.systemd import Notifier
 from agentd.testing import EventCapture, ManualClock, daemon_url, make_config
@@ -32,6 +36,8 @@ from agentd.web import ws as ws_module
 FAST = {"first_backoff": 0.01, "max_backoff": 0.04}
 
 PLUGIN = """
+import asyncio
+
 from agentd import Plugin
 
 plugin = Plugin("sv")
@@ -40,6 +46,28 @@ plugin = Plugin("sv")
 @plugin.task()
 async def echo(ctx, value=None):
     return value
+
+
+@plugin.task(max_attempts=1)
+async def two_fail_at_once(ctx):
+    loop = asyncio.get_running_loop()
+    first, second = loop.create_future(), loop.create_future()
+    loop.call_soon(first.set_exception, ValueError("first"))
+    loop.call_soon(second.set_exception, ValueError("second"))
+    await ctx.gather(first, second)
+
+
+@plugin.task()
+async def gather_a_non_awaitable(ctx):
+    async def waiting():
+        await asyncio.Event().wait()
+
+    try:
+        await ctx.gather(waiting(), 42)
+    except TypeError:
+        pass
+    return [t.get_name() for t in asyncio.all_tasks()
+            if not t.done() and "waiting" in t.get_coro().__qualname__]
 """
 
 
@@ -486,3 +514,203 @@ async def test_the_backoff_stays_bounded_after_very_many_failures_in_row() -> No
     again = await events.wait_for("daemon.loop_failed", failures_in_row=5001)
     await loop.stop()
     assert again.data["restart_in"] == 0.02
+
+
+# --------------------------------------------------------------------------- found by review
+
+
+@pytest.mark.parametrize("part", ["eventlog", "digests"])
+async def test_a_start_failing_early_stops_the_loops_it_had_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, part: str
+) -> None:
+    """The lag monitor and the WAL checkpoints start right after the store opens; a start
+    failing before the plugins (the event log's first read, the digests' first write on a
+    full disk) closed the store under them and left them running: the stall-watch thread
+    on, the checkpoint loop failing every 30 s for the process's life."""
+    (tmp_path / "plugins").mkdir()
+    daemon = Daemon(make_config(tmp_path, [tmp_path / "plugins"]))
+
+    async def start() -> None:
+        raise RuntimeError(f"{part} broke")
+
+    monkeypatch.setattr(getattr(daemon, part), "start", start)
+    with pytest.raises(RuntimeError, match=f"{part} broke"):
+        await daemon.start()
+    loops = daemon.supervisor.loops
+    assert {"lag-monitor", "wal-checkpoints"} <= set(loops)
+    assert {name: loop.state for name, loop in loops.items()} == dict.fromkeys(loops, "stopped")
+    assert all(loop.task is None or loop.task.done() for loop in loops.values())
+    assert not [t for t in threading.enumerate() if t.name == "agentd-stall-watch"]
+
+
+async def test_a_loop_that_will_not_stop_holds_the_stop_only_its_stage_deadline_and_is_named(
+    tmp_path: Path
+) -> None:
+    """A loop that catches its cancellation and goes on (plugin-like code in the scheduler's
+    clock, a bug) cannot hold the stop past `stop background loops`' deadline; the log says
+    which loop did not end, not only the stage's list of every loop."""
+    released = asyncio.Event()
+    started = asyncio.Event()
+
+    async def stubborn() -> None:
+        started.set()
+        while not released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await released.wait()
+
+    def patch(daemon: Daemon) -> None:
+        daemon.lag.run = stubborn  # type: ignore[method-assign]
+
+    with watching_logs() as logs:
+        async with supervised_daemon(tmp_path, patch=patch,
+                                     overrides={"daemon": {"stop_timeout": 0.1}}) as (daemon, _):
+            await asyncio.wait_for(started.wait(), 5)
+            task = daemon.supervisor.loops["lag-monitor"].task
+            assert task is not None
+            began = asyncio.get_running_loop().time()
+        took = asyncio.get_running_loop().time() - began
+    released.set()
+    await asyncio.wait_for(task, 5)
+    # The stage's deadline (MIN_STAGE_DEADLINE), not the loop, ended the wait.
+    assert took < stop_bound(daemon.config.daemon)
+    (timed_out,) = logs.named("daemon.stop_stage_timed_out")
+    assert timed_out["stage"] == "stop background loops"
+    (line,) = logs.named("loop.not_stopped")
+    assert line["loop"] == "lag-monitor"
+    assert not logs.named("loop.failed")
+
+
+async def test_a_loop_whose_factory_raises_is_reported_and_started_again() -> None:
+    bus = Bus()
+    events = EventCapture(bus, "daemon.*")
+    supervisor = Supervisor(bus, **FAST)
+    forever = asyncio.Event()
+    calls = 0
+
+    def factory() -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise LookupError("no such thing")
+        return forever.wait()
+
+    loop = supervisor.start("made", factory)
+    assert loop.state == "restarting"
+    assert supervisor.down == ["made"]
+    restarted_event = await events.wait_for("daemon.loop_restarted", loop="made")
+    assert loop.state == "running" and supervisor.down == []
+    await loop.stop()
+    assert events.events[0].data == {"loop": "made", "error": "LookupError: no such thing",
+                                     "failures_in_row": 1, "restart_in": 0.01}
+    assert restarted_event.data == {"loop": "made", "restarts": 1}
+
+
+async def test_a_task_run_failing_before_its_code_starts_is_logged_and_frees_its_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building the task's context and publishing `task.started` came before `_run`'s
+    `try`: a failure there left its slot taken for good (a one-worker queue then ran
+    nothing more), the task counted running, and the failure unlogged."""
+    with watching_logs() as logs:
+        async with supervised_daemon(tmp_path, overrides={"tasks": {"queues": {"default": 1}}}) \
+                as (daemon, _):
+            EventCapture(daemon.bus, "task.started")  # so that task.started is published
+            publish = daemon.queue.publish
+
+            def publish_failing_once(topic: str, record: Any, **extra: Any) -> None:
+                if topic == "task.started" and not logs.named("tasks.run_failed"):
+                    raise RuntimeError("publish broke")
+                publish(topic, record, **extra)
+
+            monkeypatch.setattr(daemon.queue, "publish", publish_failing_once)
+            first = await daemon.queue.enqueue("sv.echo", {"value": 1})
+            line = await logs.wait_for("tasks.run_failed")
+            second = await daemon.queue.enqueue("sv.echo", {"value": 2})
+            assert await daemon.queue.result(second.id, timeout=5) == 2
+            assert first.id not in daemon.workers.running
+            monkeypatch.undo()
+    assert line["task_id"] == first.id
+    assert line["error"] == "RuntimeError: publish broke"
+
+
+async def test_gather_logs_the_failures_it_does_not_raise(tmp_path: Path) -> None:
+    """`ctx.gather` raises the first failure, as `asyncio.gather` does; another call that
+    failed meanwhile was dropped with the calls it cancelled (`return_exceptions=True`)."""
+    with watching_logs() as logs:
+        async with supervised_daemon(tmp_path) as (daemon, _):
+            task = await daemon.queue.enqueue("sv.two_fail_at_once", {})
+            finished = await daemon.queue.wait(task.id, timeout=5)
+    assert finished.status == "dead"
+    assert "first" in (finished.error or "")
+    (line,) = logs.named("task.gather_failed_too")
+    assert line["count"] == 1
+    assert line["errors"] == ["ValueError: second"]
+    assert line["task_id"] == task.id
+
+
+async def test_gather_given_a_non_awaitable_leaves_no_call_running(tmp_path: Path) -> None:
+    """The calls before one `ensure_future` refuses were wrapped in tasks that nobody
+    cancelled or awaited: they ran on, unowned, past the gather that raised."""
+    async with supervised_daemon(tmp_path) as (daemon, _):
+        task = await daemon.queue.enqueue("sv.gather_a_non_awaitable", {})
+        assert await daemon.queue.result(task.id, timeout=5) == []
+
+
+async def test_a_durable_publish_failing_after_its_caller_left_is_logged() -> None:
+    """`dispatch_once_committed` shields the commit from a caller that is cancelled (a
+    WebSocket that closed); when the commit then failed, its failure went nowhere: the
+    event was released unpublished and not a line said so."""
+    bus = Bus()
+    committing, gate = asyncio.Event(), asyncio.Event()
+
+    async def commit() -> None:
+        committing.set()  # its caller awaits it now
+        await gate.wait()
+        raise RuntimeError("commit broke")
+
+    event = bus.reserve_event("sv.durable", {})
+    with watching_logs() as logs:
+        caller = asyncio.create_task(bus.dispatch_once_committed(event, commit()))
+        await asyncio.wait_for(committing.wait(), 5)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        gate.set()
+        line = await logs.wait_for("bus.publish_failed")
+    assert line["topic"] == "sv.durable"
+    assert line["event_id"] == event.id
+    assert line["error"] == "RuntimeError: commit broke"
+    assert isinstance(line["exc_info"], RuntimeError)
+
+
+async def test_loop_failures_are_kept_in_the_event_log_like_other_daemon_events(
+    tmp_path: Path
+) -> None:
+    """A stream client that resumes (`since`) learns of a loop that failed while it was away."""
+    async with supervised_daemon(tmp_path) as (daemon, events):
+        cancel_from_outside(daemon, "lag-monitor")
+        await restarted(daemon, events, "lag-monitor")
+        await daemon.eventlog.flush()
+        rows = await daemon.store.read(
+            "SELECT topic, data FROM events WHERE topic LIKE 'daemon.loop_%' ORDER BY id")
+    assert [row["topic"] for row in rows] == ["daemon.loop_failed", "daemon.loop_restarted"]
+    assert json.loads(rows[0]["data"])["loop"] == "lag-monitor"
+
+
+async def test_a_stop_while_every_loop_waits_to_restart_leaves_none_to_start_later(
+    tmp_path: Path
+) -> None:
+    """Every loop down at once, its restart due after the stop: the stop cancels each
+    restart, so no loop starts once the store is closed."""
+    async with supervised_daemon(tmp_path, first_backoff=0.3, max_backoff=0.3) as (daemon, events):
+        names = [name for name, loop in daemon.supervisor.loops.items() if loop.task is not None]
+        for name in names:
+            cancel_from_outside(daemon, name)
+        for name in names:
+            await events.wait_for("daemon.loop_failed", loop=name)
+        assert daemon.supervisor.down == sorted(names)
+    restarts = EventCapture(daemon.bus, "daemon.loop_restarted")
+    await asyncio.sleep(0.5)  # noqa: sleep - past the restarts the stop cancelled
+    assert restarts.events == []
+    assert {loop.state for loop in daemon.supervisor.loops.values()} == {"stopped"}
+    assert all(loop.task is None for loop in daemon.supervisor.loops.values())

@@ -130,12 +130,13 @@ class Daemon:
             rollback.push_async_callback(self.store.close)
             self._start_service(self.lag.run, "lag-monitor")
             self._start_service(self.store.run_checkpoints, "wal-checkpoints")
+            # Undone before the store closes: every later step may fail (a full disk).
+            rollback.push_async_callback(self._stop_services)
             await self.eventlog.start()
             rollback.push_async_callback(self.eventlog.stop)
             rollback.push_async_callback(self.services.close)
             await self.digests.start()
             rollback.callback(self.digests.stop)
-            rollback.push_async_callback(self._stop_services)
             await self.plugins.start_all(self.config.daemon.stop_timeout)
             rollback.push_async_callback(self.plugins.stop_all, self.config.daemon.stop_timeout)
             self.plugins_started = True

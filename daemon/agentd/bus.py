@@ -24,6 +24,7 @@ import heapq
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from agentd.events import LAGGED_TOPIC, Event, Lagged, TopicFilter, validate_topic
@@ -269,7 +270,8 @@ class Bus:
         """Run `commit` (what must be stored before the reserved `event` goes out), then
         deliver `event`, or release it if `commit` fails; return what `commit` returns.
         Shielded: a caller cancelled meanwhile (a WebSocket that closed, a stop) cannot
-        stop a write the store's thread may commit anyway, and what committed goes out."""
+        stop a write the store's thread may commit anyway, and what committed goes out; a
+        commit that fails once its caller has left is logged (`bus.publish_failed`)."""
         committing = asyncio.ensure_future(commit)
 
         def settle(done: asyncio.Future[T]) -> None:
@@ -279,7 +281,17 @@ class Bus:
                 self.dispatch(event)
 
         committing.add_done_callback(settle)
-        return await asyncio.shield(committing)
+        try:
+            return await asyncio.shield(committing)
+        except asyncio.CancelledError:
+            if not committing.done():  # nobody is left to hear how it ends
+                committing.add_done_callback(partial(self._log_unheard_failure, event))
+            raise
+
+    def _log_unheard_failure(self, event: Event, done: asyncio.Future[Any]) -> None:
+        if not done.cancelled() and (exc := done.exception()) is not None:
+            self._log.error("bus.publish_failed", topic=event.topic, event_id=event.id,
+                            error=f"{type(exc).__name__}: {exc}", exc_info=exc)
 
     def advance_to(self, last_id: int) -> None:
         """Never hand out an id at or below `last_id` (the newest id stored before a restart)."""

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from agentd.worker import Slots
 
 _INFINITE = float("inf")
+# The most failures `gather` names besides the one it raises (it counts them all).
+_OTHERS_LOGGED = 10
 
 
 class TaskInfo(NamedTuple):
@@ -199,15 +201,28 @@ class Context:
             correlation_id=self.task.correlation_id, dedupe_window=_INFINITE)
 
     async def gather(self, *calls: Awaitable[Any]) -> list[Any]:
-        """Await several `call()`s at once; results in order. If one fails, the others are
-        no longer awaited (the children themselves keep their own lifecycle)."""
-        futures = [asyncio.ensure_future(call) for call in calls]
+        """Await several `call()`s at once; results in order. If one fails, its failure is
+        raised, as `asyncio.gather` raises the first, and the others are no longer awaited
+        (the children themselves keep their own lifecycle); the others that had failed too
+        are logged, not dropped: one `task.gather_failed_too` line, their `count` and the
+        first ten `errors`."""
+        futures: list[asyncio.Future[Any]] = []
         try:
+            for call in calls:
+                futures.append(asyncio.ensure_future(call))
             return list(await asyncio.gather(*futures))
         except BaseException as exc:
+            for call in calls[len(futures):]:  # after one that is no awaitable: never started
+                if inspect.iscoroutine(call):
+                    call.close()
             for future in futures:
                 future.cancel()
-            await asyncio.gather(*futures, return_exceptions=True)
+            others = [f"{type(outcome).__name__}: {outcome}"
+                      for outcome in await asyncio.gather(*futures, return_exceptions=True)
+                      if isinstance(outcome, Exception) and outcome is not exc]
+            if others:  # one line per gather, however many of its calls failed together
+                self.log.warning("task.gather_failed_too", count=len(others),
+                                 errors=others[:_OTHERS_LOGGED])
             if not isinstance(exc, asyncio.CancelledError) and not self._holds_slot and not self._closed:
                 # The calls cancelled here took no slot back (they leave as cancelled waits
                 # do); the parent goes on, with its slot.

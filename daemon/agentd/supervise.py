@@ -13,7 +13,8 @@ crashes at once costs one start per `max_backoff` s, not the CPU. A run that las
 While a loop waits to be started again it is down: `Supervisor.down` names it, and
 `/readyz` answers 503 with those names. Stopping a loop (`Loop.stop`) cancels it, or lets
 it end by itself when its owner has told it to, and logs an exception it ends with
-(`loop.failed_at_stop`) rather than dropping it.
+(`loop.failed_at_stop`) rather than dropping it; a loop still running when the wait for
+it is cancelled (the stop stage's deadline passed) is named (`loop.not_stopped`).
 
 Supervising costs one task per loop and a done-callback; nothing runs per iteration.
 """
@@ -81,7 +82,13 @@ class Loop:
     async def _end_of(self, task: asyncio.Task[None] | None) -> None:
         if task is None:
             return
-        await asyncio.wait({task})
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            # The stop's deadline passed: say which loop holds it (it caught its cancellation).
+            if not task.done():
+                _LOG.warning("loop.not_stopped", loop=self.name)
+            raise
         if not task.cancelled() and (exc := task.exception()) is not None:
             _LOG.error("loop.failed_at_stop", loop=self.name, error=_describe(exc), exc_info=exc)
 

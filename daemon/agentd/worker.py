@@ -405,14 +405,16 @@ class WorkerPool:
         self._wakes[queue].set()  # claim again: what was ahead is shrinking
 
     async def _run(self, record: TaskRecord, definition: TaskDef | None, slots: Slots) -> None:
-        plugin_config = self._plugin_configs.get(definition.plugin or "", {}) if definition else {}
-        budget = (definition.token_budget if definition is not None and definition.token_budget is not None
-                  else self.services.llm.config.token_budget)
-        ctx = Context(record, self.queue, slots, plugin_config, self.services, token_budget=budget)
-        if record.id not in self._cancelling:
-            self.queue.publish("task.started", record, attempt=record.attempts)
-        began = time.monotonic()
+        ctx: Context | None = None
         try:
+            plugin_config = self._plugin_configs.get(definition.plugin or "", {}) if definition else {}
+            budget = (definition.token_budget
+                      if definition is not None and definition.token_budget is not None
+                      else self.services.llm.config.token_budget)
+            ctx = Context(record, self.queue, slots, plugin_config, self.services, token_budget=budget)
+            if record.id not in self._cancelling:
+                self.queue.publish("task.started", record, attempt=record.attempts)
+            began = time.monotonic()
             outcome = await self._execute(record, definition, ctx)
             self._ended.add(record.id)
             mean = self._mean_run[record.queue]
@@ -428,15 +430,19 @@ class WorkerPool:
             if putting_back is not None:
                 await putting_back
         except Exception as exc:
-            # Not the task's failure (that is an outcome, `_execute`) but one of recording it
-            # (the store closed under a requeue, a bug): this task is its only observer. The
-            # row stays `running`, and the heartbeat takes it back once its lease runs out.
+            # Not the task's failure (that is an outcome, `_execute`) but one of starting it or
+            # recording it (the store closed under a requeue, a bug): this task is its only
+            # observer. The row stays `running`, and the heartbeat takes it back once its
+            # lease runs out.
             _LOG.exception("tasks.run_failed", task_id=record.id, task=record.name,
                            error=f"{type(exc).__name__}: {exc}")
         finally:
-            ctx._close()
-            if ctx._holds_slot:
-                slots.release()
+            if ctx is None:
+                slots.release()  # the slot it was started in
+            else:
+                ctx._close()
+                if ctx._holds_slot:
+                    slots.release()
             self.running.pop(record.id, None)
             self._cancelling.discard(record.id)
             self._ended.discard(record.id)
