@@ -12,6 +12,7 @@ import ast
 import inspect
 import re
 import sys
+import threading
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -176,6 +177,8 @@ def test_the_contexts_offer_what_the_readme_lists() -> None:
 # --------------------------------------------------------------------------- (c) the real objects
 
 PROBE = """
+    import threading
+
     import agentd
     from agentd import Context, Event, PatternError, Plugin, PluginContext
 
@@ -227,6 +230,17 @@ PROBE = """
     @plugin.on("probe.forge")
     async def forge_in_handler(ctx: PluginContext, event: Event) -> None:
         ctx.publish("probe.forged", {"outcome": fake_success(ctx)})
+
+
+    @plugin.task()
+    def publish_from_thread(ctx: Context) -> str:
+        ctx.publish("probe.threaded", {"thread": threading.get_ident()})
+        return fake_success(ctx)
+
+
+    @plugin.on("probe.threaded")
+    async def heard(ctx: PluginContext, event: Event) -> None:
+        ctx.publish("probe.heard", {"thread": event.data["thread"]})
 """
 
 
@@ -259,6 +273,20 @@ async def test_a_handler_cannot_publish_a_daemon_topic_any_more_than_a_task(
         assert [e for e in daemon.events.events if e.data.get("forged")] == []
         with pytest.raises(agentd.PatternError, match="reserved"):
             daemon.publish("task.succeeded", {"task_id": 1})
+
+
+async def test_a_sync_task_publishes_on_the_loop_with_the_same_check(
+        tmp_path: Path, plugin_dir: Callable[..., Path]) -> None:
+    """A sync task runs in a thread of its own: its `ctx.publish` refuses a daemon topic as
+    an async task's does, and what it publishes reaches the subscribers (a handler here) as
+    any event does. Published from the thread itself, the event log's and the handler's
+    callbacks failed there (no running loop) and the handler never ran."""
+    plugins = plugin_dir({"probe.py": PROBE})
+    async with harness(tmp_path, [plugins]) as daemon:
+        outcome = await daemon.run("probe.publish_from_thread")
+        assert re.fullmatch(r"PatternError: topic 'task\.succeeded' is reserved .*", outcome)
+        heard = await daemon.events.wait_for("probe.heard")
+        assert heard.data["thread"] != threading.get_ident()
 
 
 # --------------------------------------------------------------------------- README

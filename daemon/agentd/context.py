@@ -130,12 +130,24 @@ class Context:
 
     def publish(self, topic: str, data: Mapping[str, Any] | None = None) -> Event:
         """Publish an event of this task's correlation (not a daemon topic: `task.*`...).
+        From a sync task's thread it is published on the loop, and this returns once it is.
 
         Raises:
             PatternError: (a ValueError) the topic is malformed or reserved.
         """
-        return self._queue.bus.publish(check_publishable(topic), data,
-                                       correlation_id=self.task.correlation_id,
+        topic = check_publishable(topic)
+        if threading.get_ident() == self._loop_thread:
+            return self._publish(topic, data)
+
+        # The bus and its subscribers (the event log, handlers, streams) belong to the loop:
+        # called from the thread, each failed or ran there unguarded.
+        async def on_loop() -> Event:
+            return self._publish(topic, data)
+
+        return asyncio.run_coroutine_threadsafe(on_loop(), self._loop).result()
+
+    def _publish(self, topic: str, data: Mapping[str, Any] | None) -> Event:
+        return self._queue.bus.publish(topic, data, correlation_id=self.task.correlation_id,
                                        causation_id=str(self.task.id))
 
     def token(self, text: str) -> None:
