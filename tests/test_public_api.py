@@ -241,6 +241,41 @@ PROBE = """
     @plugin.on("probe.threaded")
     async def heard(ctx: PluginContext, event: Event) -> None:
         ctx.publish("probe.heard", {"thread": event.data["thread"]})
+
+
+    def data(kind):
+        nested = {}
+        for _ in range(32 if kind == "too deep" else 31):
+            nested = {"d": [nested]} if kind == "too deep" else {"d": nested}
+        if kind == "itself":
+            nested["me"] = nested
+        return [1, 2] if kind == "a list" else nested
+
+
+    def outcomes(ctx, kind) -> list:
+        found = []
+        for publish in (ctx.publish, lambda topic, value: ctx.progress(topic, value)):
+            try:
+                publish("probe.data", data(kind))
+                found.append("published")
+            except Exception as exc:
+                found.append(f"{type(exc).__name__}: {exc}")
+        return found
+
+
+    @plugin.task()
+    async def data_in_task(ctx: Context, kind: str) -> list:
+        return outcomes(ctx, kind)
+
+
+    @plugin.task()
+    def data_in_thread(ctx: Context, kind: str) -> list:
+        return outcomes(ctx, kind)
+
+
+    @plugin.on("probe.data_in_handler")
+    async def data_in_handler(ctx: PluginContext, event: Event) -> None:
+        ctx.publish("probe.data_outcome", {"outcome": outcomes(ctx, event.data["kind"])[0]})
 """
 
 
@@ -287,6 +322,27 @@ async def test_a_sync_task_publishes_on_the_loop_with_the_same_check(
         assert re.fullmatch(r"PatternError: topic 'task\.succeeded' is reserved .*", outcome)
         heard = await daemon.events.wait_for("probe.heard")
         assert heard.data["thread"] != threading.get_ident()
+
+
+@pytest.mark.parametrize(("kind", "outcome"), [
+    ("deepest allowed", "published"),
+    ("too deep", "ValueError: event data nests more than 32 deep (or contains itself)"),
+    ("itself", "ValueError: event data nests more than 32 deep (or contains itself)"),
+    ("a list", "TypeError: event data must be a mapping, got list"),
+])
+async def test_event_data_is_checked_alike_wherever_a_plugin_publishes(
+        tmp_path: Path, plugin_dir: Callable[..., Path], kind: str, outcome: str) -> None:
+    """Data that contains itself or nests past the HTTP API's bound cannot be encoded: it
+    was published unchecked, and the event log's write of it failed in the store's writer
+    with every write of its batch (the task's own ack among them, so the task never ended).
+    Data that is no mapping became an event whose `data` had no `.get`."""
+    plugins = plugin_dir({"probe.py": PROBE})
+    async with harness(tmp_path, [plugins]) as daemon:
+        assert await daemon.run("probe.data_in_task", {"kind": kind}) == [outcome, outcome]
+        assert await daemon.run("probe.data_in_thread", {"kind": kind}) == [outcome, outcome]
+        daemon.publish("probe.data_in_handler", {"kind": kind})
+        assert (await daemon.events.wait_for("probe.data_outcome")).data["outcome"] == outcome
+        assert await daemon.run("probe.noop") is None
 
 
 # --------------------------------------------------------------------------- README

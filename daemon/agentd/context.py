@@ -18,7 +18,7 @@ import structlog
 from agentd import protocols as api
 from agentd import steps
 from agentd.errors import TaskFailedError
-from agentd.events import Event, check_publishable
+from agentd.events import Event, check_event_data, check_publishable
 from agentd.llm import TaskLlm
 from agentd.log import get_logger
 from agentd.mail import MailSender
@@ -124,8 +124,12 @@ class Context:
 
     def progress(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
         """Publish `task.progress` with this kind and data, for the task's stream clients.
-        Safe from a sync task's thread."""
-        self._publish_task_event("task.progress", kind=kind, data=dict(data or {}),
+        Safe from a sync task's thread.
+
+        Raises:
+            TypeError, ValueError: `data` is not a mapping, or nests too deep (as `publish`).
+        """
+        self._publish_task_event("task.progress", kind=kind, data=check_event_data(data),
                                  attempt=self.task.attempt)
 
     def publish(self, topic: str, data: Mapping[str, Any] | None = None) -> Event:
@@ -134,19 +138,21 @@ class Context:
 
         Raises:
             PatternError: (a ValueError) the topic is malformed or reserved.
+            TypeError: `data` is not a mapping.
+            ValueError: `data` nests more than 32 deep, or contains itself.
         """
-        topic = check_publishable(topic)
+        topic, checked = check_publishable(topic), check_event_data(data)
         if threading.get_ident() == self._loop_thread:
-            return self._publish(topic, data)
+            return self._publish(topic, checked)
 
         # The bus and its subscribers (the event log, handlers, streams) belong to the loop:
         # called from the thread, each failed or ran there unguarded.
         async def on_loop() -> Event:
-            return self._publish(topic, data)
+            return self._publish(topic, checked)
 
         return asyncio.run_coroutine_threadsafe(on_loop(), self._loop).result()
 
-    def _publish(self, topic: str, data: Mapping[str, Any] | None) -> Event:
+    def _publish(self, topic: str, data: Mapping[str, Any]) -> Event:
         return self._queue.bus.publish(topic, data, correlation_id=self.task.correlation_id,
                                        causation_id=str(self.task.id))
 

@@ -34,7 +34,7 @@ from agentd import protocols as api
 from agentd.bus import Bus
 from agentd.config import Config
 from agentd.errors import PluginError
-from agentd.events import Event, TopicPattern, check_publishable
+from agentd.events import Event, TopicPattern, check_event_data, check_publishable
 from agentd.log import get_logger
 from agentd.mail import MailSender
 from agentd.plugin import HandlerSpec, Hook, Plugin
@@ -106,8 +106,10 @@ class PluginContext:
 
         Raises:
             PatternError: (a ValueError) the topic is malformed or reserved.
+            TypeError: `data` is not a mapping.
+            ValueError: `data` nests more than 32 deep, or contains itself.
         """
-        return self._manager._bus.publish(check_publishable(topic), data)
+        return self._manager._bus.publish(check_publishable(topic), check_event_data(data))
 
     async def submit(self, name: str, args: Mapping[str, Any] | None = None, *,
                      idempotency_key: str | None = None) -> api.TaskRecord:

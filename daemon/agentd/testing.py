@@ -32,7 +32,7 @@ from agentd.app import Daemon
 from agentd.bus import Bus
 from agentd.config import Config, load_config
 from agentd.errors import TaskFailedError
-from agentd.events import Event, TopicPattern, check_publishable
+from agentd.events import Event, TopicPattern, check_event_data, check_publishable
 
 __all__ = ["EventCapture", "Harness", "ManualClock", "harness"]
 
@@ -137,8 +137,9 @@ class Harness:
 
         Raises:
             PatternError: (a ValueError) the topic is malformed or reserved.
+            TypeError, ValueError: `data` is not a mapping, or nests too deep (as a plugin's).
         """
-        return self._daemon.bus.publish(check_publishable(topic), data)
+        return self._daemon.bus.publish(check_publishable(topic), check_event_data(data))
 
 
 def make_config(
