@@ -12,6 +12,7 @@ import ast
 import inspect
 import re
 import sys
+import textwrap
 import threading
 import typing
 from collections.abc import Callable, Iterator
@@ -365,3 +366,51 @@ async def test_readme_testing_example_runs(tmp_path: Path) -> None:
     assert tests, "the example defines no test"
     for number, test in enumerate(tests):
         await test(tmp_path / str(number))
+
+
+# --------------------------------------------------------------------------- typing
+
+
+def _mypy_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str) -> dict[int, str]:
+    """mypy's errors (by line) on `source`, a plugin checked as agentd's own code is (strict);
+    the tests are not type-checked, so this is how one shows what mypy says of a plugin."""
+    mypy_api = pytest.importorskip("mypy.api")
+    snippet = tmp_path / "typed_plugin.py"
+    snippet.write_text(textwrap.dedent(source), encoding="utf-8")
+    monkeypatch.chdir(REPO)  # the config's mypy_path is relative to it
+    out, err, _ = mypy_api.run(["--config-file", str(REPO / "pyproject.toml"),
+                                "--cache-dir", str(tmp_path / "cache"), "--python-executable",
+                                sys.executable, str(snippet)])
+    assert "error:" in out or "Success" in out, out + err
+    return {int(line.split(":")[1]): line for line in out.splitlines() if ": error:" in line}
+
+
+def test_mypy_takes_handlers_annotated_with_the_context_they_get(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A durable handler runs as a task and gets a `Context`, as README says; `on` typed
+    every handler as taking a `PluginContext`, so mypy refused one annotated as documented.
+    Now each kind is checked against the context it is given."""
+    errors = _mypy_errors(tmp_path, monkeypatch, """\
+        from agentd import Context, Event, Plugin, PluginContext
+
+        plugin = Plugin("typed")
+
+        @plugin.on("typed.a")
+        async def fire_and_forget(ctx: PluginContext, event: Event) -> None: ...
+
+        @plugin.on("typed.b", durable=True, max_attempts=3)
+        async def durable(ctx: Context, event: Event) -> None:
+            ctx.progress("reacting", {"event": event.id})
+
+        @plugin.on("typed.c", durable=True)
+        async def durable_given_the_wrong_context(ctx: PluginContext, event: Event) -> None: ...
+
+        @plugin.on("typed.d")
+        async def handler_given_a_task_context(ctx: Context, event: Event) -> None: ...
+
+        @plugin.on("typed.e", durable=bool(plugin.config.get("durable")))
+        async def either(ctx: Context | PluginContext, event: Event) -> None:
+            ctx.publish("typed.seen")
+        """)
+    assert sorted(errors) == [12, 15], errors
+    assert all("[type-var]" in line for line in errors.values()), errors

@@ -17,7 +17,7 @@ import re
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from agentd.errors import InvalidScheduleError, PluginError
 from agentd.events import Event, TopicPattern
@@ -25,11 +25,19 @@ from agentd.schedule import ScheduleSpec
 from agentd.taskdef import TaskDef, TokenBucket
 
 if TYPE_CHECKING:
+    from agentd.context import Context
     from agentd.plugins import PluginContext
 
+# What `@plugin.on` decorates: `ctx` is the plugin's context for a fire-and-forget handler,
+# the task's for a durable one (it runs as a task), either when `durable` is not a literal.
 EventHandler = Callable[["PluginContext", Event], Coroutine[Any, Any, None]]
+DurableHandler = Callable[["Context", Event], Coroutine[Any, Any, None]]
+AnyHandler = Callable[["Context | PluginContext", Event], Coroutine[Any, Any, None]]
 Hook = Callable[["PluginContext"], Awaitable[None] | None]
 F = TypeVar("F", bound=Callable[..., Any])
+H = TypeVar("H", bound=EventHandler)
+D = TypeVar("D", bound=DurableHandler)
+A = TypeVar("A", bound=AnyHandler)
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -118,9 +126,19 @@ class Plugin:
                 raise InvalidScheduleError(f"[plugins.{self.name}.schedules.{name}] {exc}") from None
         return specs
 
+    @overload
+    def on(self, pattern: str, *, durable: Literal[False] = False,
+           max_attempts: int | None = None) -> Callable[[H], H]: ...
+    @overload
+    def on(self, pattern: str, *, durable: Literal[True],
+           max_attempts: int | None = None) -> Callable[[D], D]: ...
+    @overload
+    def on(self, pattern: str, *, durable: bool,
+           max_attempts: int | None = None) -> Callable[[A], A]: ...
+
     def on(
         self, pattern: str, *, durable: bool = False, max_attempts: int | None = None
-    ) -> Callable[[EventHandler], EventHandler]:
+    ) -> Callable[[F], F]:
         """Run the decorated `async def fn(ctx, event)` for each event matching `pattern`.
 
         By default each run is fire-and-forget (tracked by the daemon's spawner): the
@@ -134,7 +152,7 @@ class Plugin:
         """
         TopicPattern.parse(pattern)
 
-        def register(fn: EventHandler) -> EventHandler:
+        def register(fn: F) -> F:
             if not inspect.iscoroutinefunction(fn):
                 raise PluginError(f"plugin {self.name}: @on handler {fn.__name__} must be async def")
             self._handlers.append(HandlerSpec(pattern, fn, durable, max_attempts))
