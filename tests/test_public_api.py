@@ -129,8 +129,7 @@ def _unexported_types(public: dict[str, Any]) -> list[str]:
                 check(name, obj, vars(sys.modules[obj.__module__]))  # dataclass, named tuple fields
             for member_name, fn in _members(obj):
                 check(f"{name}.{member_name}", fn, fn.__globals__)
-        elif callable(obj):
-            fn = getattr(obj, "__wrapped__", obj)
+        elif inspect.isfunction(fn := getattr(obj, "__wrapped__", obj)):
             check(name, fn, fn.__globals__)
     return faults
 
@@ -371,7 +370,14 @@ async def test_readme_testing_example_runs(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- typing
 
 
-def _mypy_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str) -> dict[int, str]:
+@pytest.fixture(scope="module")
+def mypy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the module's mypy runs: each would check all of agentd again."""
+    return tmp_path_factory.mktemp("mypy_cache")
+
+
+def _mypy_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path,
+                 source: str) -> dict[int, str]:
     """mypy's errors (by line) on `source`, a plugin checked as agentd's own code is (strict);
     the tests are not type-checked, so this is how one shows what mypy says of a plugin."""
     mypy_api = pytest.importorskip("mypy.api")
@@ -379,18 +385,18 @@ def _mypy_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str) -
     snippet.write_text(textwrap.dedent(source), encoding="utf-8")
     monkeypatch.chdir(REPO)  # the config's mypy_path is relative to it
     out, err, _ = mypy_api.run(["--config-file", str(REPO / "pyproject.toml"),
-                                "--cache-dir", str(tmp_path / "cache"), "--python-executable",
+                                "--cache-dir", str(cache), "--python-executable",
                                 sys.executable, str(snippet)])
     assert "error:" in out or "Success" in out, out + err
     return {int(line.split(":")[1]): line for line in out.splitlines() if ": error:" in line}
 
 
 def test_mypy_takes_handlers_annotated_with_the_context_they_get(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mypy_cache: Path) -> None:
     """A durable handler runs as a task and gets a `Context`, as README says; `on` typed
     every handler as taking a `PluginContext`, so mypy refused one annotated as documented.
     Now each kind is checked against the context it is given."""
-    errors = _mypy_errors(tmp_path, monkeypatch, """\
+    errors = _mypy_errors(tmp_path, monkeypatch, mypy_cache, """\
         from agentd import Context, Event, Plugin, PluginContext
 
         plugin = Plugin("typed")
@@ -414,3 +420,22 @@ def test_mypy_takes_handlers_annotated_with_the_context_they_get(
         """)
     assert sorted(errors) == [12, 15], errors
     assert all("[type-var]" in line for line in errors.values()), errors
+
+
+def test_mypy_refuses_a_misspelt_state_of_a_plugins_task_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mypy_cache: Path) -> None:
+    """The records `submit`, `send` and `post` return had `status: str` in their Protocol,
+    and TaskStatus was not exported: a plugin's `record.status == "succeded"` passed mypy."""
+    errors = _mypy_errors(tmp_path, monkeypatch, mypy_cache, """\
+        from agentd import Context, Plugin, TaskStatus
+
+        plugin = Plugin("typed")
+
+        @plugin.task()
+        async def parent(ctx: Context) -> bool:
+            child = await ctx.submit("typed.child")
+            wanted: TaskStatus = "succeeded"
+            return child.status == wanted or child.status == "succeded"
+        """)
+    assert sorted(errors) == [9], errors
+    assert "[comparison-overlap]" in errors[9], errors

@@ -30,6 +30,7 @@ from agentd.memory import Memory, Recalled
 from agentd.plugin import Plugin
 from agentd.plugins import PluginContext
 from agentd.protocols import Llm, Mail, MemoryStore, Session, TaskRecord, Webhook
+from agentd.taskqueue import TaskStatus
 
 __all__ = [
     "AgentdError",
@@ -54,6 +55,7 @@ __all__ = [
     "TaskFailedError",
     "TaskInfo",
     "TaskRecord",
+    "TaskStatus",
     "TokenBudgetExceededError",
     "UnknownTaskError",
     "Webhook",

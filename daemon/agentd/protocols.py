@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from agentd.llm import ChatResult
 from agentd.memory import DEFAULT_NAMESPACE, Memory, Recalled
+from agentd.taskqueue import TaskStatus
 
 
 @runtime_checkable
@@ -30,7 +31,7 @@ class TaskRecord(Protocol):
     @property
     def queue(self) -> str: ...
     @property
-    def status(self) -> str:
+    def status(self) -> TaskStatus:
         """queued, running, succeeded, failed, dead or cancelled."""
     @property
     def args(self) -> dict[str, Any]: ...
