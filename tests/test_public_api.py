@@ -273,6 +273,25 @@ PROBE = """
         return outcomes(ctx, kind)
 
 
+    OPTIONS = {"priority": 7, "delay": 3600.0, "max_attempts": 2, "timeout": 5.0}
+
+
+    def fields(record) -> dict:
+        return {"priority": record.priority, "delay": round(record.run_at - record.created_at),
+                "max_attempts": record.max_attempts, "timeout": record.timeout,
+                "status": record.status}
+
+
+    @plugin.task()
+    async def submit_in_task(ctx: Context) -> dict:
+        return fields(await ctx.submit("probe.noop", **OPTIONS))
+
+
+    @plugin.on("probe.submit_in_handler")
+    async def submit_in_handler(ctx: PluginContext, event: Event) -> None:
+        ctx.publish("probe.submitted", fields(await ctx.submit("probe.noop", **OPTIONS)))
+
+
     @plugin.on("probe.data_in_handler")
     async def data_in_handler(ctx: PluginContext, event: Event) -> None:
         ctx.publish("probe.data_outcome", {"outcome": outcomes(ctx, event.data["kind"])[0]})
@@ -343,6 +362,50 @@ async def test_event_data_is_checked_alike_wherever_a_plugin_publishes(
         daemon.publish("probe.data_in_handler", {"kind": kind})
         assert (await daemon.events.wait_for("probe.data_outcome")).data["outcome"] == outcome
         assert await daemon.run("probe.noop") is None
+
+
+def _keyword_options(fn: Callable[..., Any]) -> dict[str, tuple[Any, Any]]:
+    hints = typing.get_type_hints(fn)
+    return {name: (parameter.default, hints[name])
+            for name, parameter in inspect.signature(fn).parameters.items()
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def test_submit_takes_the_same_options_wherever_a_plugin_submits() -> None:
+    """The contexts' `submit` (and the harness's) took only `idempotency_key`: a handler
+    could no longer enqueue a delayed or prioritised task, as it did through `ctx.queue`
+    and as `POST /v1/tasks` does. The options are enqueue's own, by name, default and type,
+    less those the daemon sets (a child's parent and correlation, a key's window)."""
+    from agentd.taskqueue import TaskQueue
+
+    task_options = {"queue", "priority", "delay", "run_at", "idempotency_key", "max_attempts",
+                    "timeout"}
+    enqueue = _keyword_options(TaskQueue.enqueue)
+    for submit in (agentd.Context.submit, agentd.PluginContext.submit, agentd.testing.Harness.submit):
+        options = _keyword_options(submit)
+        assert set(options) == task_options, submit.__qualname__
+        assert options == {name: enqueue[name] for name in task_options}, submit.__qualname__
+        assert all(f"{name}  " in (submit.__doc__ or "") for name in task_options
+                   if submit is not agentd.testing.Harness.submit), submit.__qualname__
+
+
+async def test_a_task_and_a_handler_submit_with_options(tmp_path: Path,
+                                                        plugin_dir: Callable[..., Path]) -> None:
+    plugins = plugin_dir({"probe.py": PROBE})
+    async with harness(tmp_path, [plugins]) as daemon:
+        expected = {"priority": 7, "delay": 3600, "max_attempts": 2, "timeout": 5.0,
+                    "status": "queued"}
+        assert await daemon.run("probe.submit_in_task") == expected
+        daemon.publish("probe.submit_in_handler")
+        assert (await daemon.events.wait_for("probe.submitted")).data == expected
+        assert fields_of(await daemon.submit("probe.noop", priority=7, delay=3600,
+                                             max_attempts=2, timeout=5.0)) == expected
+
+
+def fields_of(record: agentd.TaskRecord) -> dict[str, Any]:
+    return {"priority": record.priority, "delay": round(record.run_at - record.created_at),
+            "max_attempts": record.max_attempts, "timeout": record.timeout,
+            "status": record.status}
 
 
 # --------------------------------------------------------------------------- README

@@ -112,17 +112,34 @@ class PluginContext:
         return self._manager._bus.publish(check_publishable(topic), check_event_data(data))
 
     async def submit(self, name: str, args: Mapping[str, Any] | None = None, *,
-                     idempotency_key: str | None = None) -> api.TaskRecord:
+                     queue: str | None = None, priority: int | None = None,
+                     delay: float | None = None, run_at: float | None = None,
+                     idempotency_key: str | None = None, max_attempts: int | None = None,
+                     timeout: float | None = None) -> api.TaskRecord:
         """Enqueue task `name` and return it once committed, without waiting for it to run.
         With an `idempotency_key`, the same key within `[tasks] idempotency_window` returns
         the task it made instead of a new one (a handler that may see an event twice keys
         by its id).
 
+        The options are a task's `Context.submit`'s, keyword-only; None takes the task's
+        declaration, then the `[tasks]` default:
+
+            queue            the queue that runs it (a configured one)
+            priority         higher runs first
+            delay            seconds from now before it is due (not with run_at)
+            run_at           the Unix time it is due (not with delay; default: now)
+            idempotency_key  enqueueing the same key returns the same task
+            max_attempts     attempts before it is dead
+            timeout          seconds an attempt may run
+
         Raises:
             UnknownTaskError: no task is registered under `name`.
-            InvalidTaskError: (a ValueError) the arguments are not JSON.
+            InvalidTaskError: (a ValueError) an argument or option is wrong; the message
+                names it.
         """
-        return await self._enqueue(name, args or {}, idempotency_key)
+        return await self._manager._queue.enqueue(
+            name, args or {}, queue=queue, priority=priority, delay=delay, run_at=run_at,
+            idempotency_key=idempotency_key, max_attempts=max_attempts, timeout=timeout)
 
     async def _enqueue(self, name: str, args: Mapping[str, Any], key: str | None) -> TaskRecord:
         return await self._manager._queue.enqueue(name, args, idempotency_key=key)

@@ -36,9 +36,17 @@ class TaskRecord(Protocol):
     @property
     def args(self) -> dict[str, Any]: ...
     @property
+    def priority(self) -> int: ...
+    @property
+    def run_at(self) -> float:
+        """The Unix time it is due."""
+    @property
     def attempts(self) -> int: ...
     @property
     def max_attempts(self) -> int: ...
+    @property
+    def timeout(self) -> float | None:
+        """Seconds an attempt may run (None: no limit)."""
     @property
     def parent_id(self) -> int | None: ...
     @property
