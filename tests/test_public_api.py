@@ -9,6 +9,7 @@ daemon's own topics alike; and README's "Testing your plugin" example runs.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import inspect
 import re
 import sys
@@ -106,16 +107,30 @@ def _agentd_types(hint: Any) -> Iterator[type]:
         yield from _agentd_types(arg)
 
 
+def _type_checking_imports(module_globals: dict[str, Any]) -> dict[str, Any]:
+    """What a module imports under `if TYPE_CHECKING:`, imported: its annotations name it."""
+    module = sys.modules[module_globals["__name__"]]
+    if module.__file__ is None:
+        return {}
+    found: dict[str, Any] = {}
+    for node in ast.walk(ast.parse(Path(module.__file__).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            exec(compile(ast.Module(body=node.body, type_ignores=[]), module.__file__, "exec"),
+                 {"__name__": module.__name__, "__package__": module.__package__}, found)
+    return found
+
+
 def _unexported_types(public: dict[str, Any]) -> list[str]:
     exported_ids = {id(obj) for obj in public.values()}
-    namespace = {name: obj for name, obj in public.items() if isinstance(obj, type)}
     faults = []
 
     def check(where: str, annotated: Any, module_globals: dict[str, Any]) -> None:
         try:
-            # What the module imports comes first; the exported names resolve only what it
-            # imports for type checking alone.
-            hints = typing.get_type_hints(annotated, globalns={**namespace, **module_globals})
+            # A name resolves as mypy sees it: to what the module imports, for type checking
+            # alone too (resolved by the exported name instead, an internal class imported
+            # under TYPE_CHECKING passed as the Protocol of the same name).
+            hints = typing.get_type_hints(
+                annotated, globalns={**_type_checking_imports(module_globals), **module_globals})
         except NameError as exc:  # a name imported only for type checking, and not exported
             faults.append(f"{where}: {exc}")
             return
@@ -172,6 +187,37 @@ def test_the_contexts_offer_what_the_readme_lists() -> None:
                                       "step"}
     assert public(agentd.Plugin("demo")) == {"name", "description", "config", "on", "task",
                                              "schedule", "embedder", "startup", "shutdown"}
+
+
+def test_the_walk_resolves_names_as_mypy_does(tmp_path: Path) -> None:
+    """An internal class imported for type checking alone, under the name of an exported
+    Protocol (`MemoryStore`), is found: the walk resolved such a name by the exported one,
+    and passed `Context.memory` annotated with the internal MemoryStore that way."""
+    source = tmp_path / "agentd_leaky_probe.py"
+    source.write_text(textwrap.dedent("""\
+        from __future__ import annotations
+
+        from typing import TYPE_CHECKING
+
+        if TYPE_CHECKING:
+            from agentd.memory import MemoryStore
+
+
+        class Leaky:
+            @property
+            def memory(self) -> MemoryStore:
+                raise NotImplementedError
+        """), encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("agentd_leaky_probe", source)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        faults = _unexported_types({**_exported(agentd), "Leaky": module.Leaky})
+    finally:
+        del sys.modules[spec.name]
+    assert faults == ["Leaky.memory (return): agentd.memory.MemoryStore"]
 
 
 # --------------------------------------------------------------------------- (c) the real objects
