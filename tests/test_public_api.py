@@ -40,13 +40,25 @@ PLUGIN_FILES = sorted([*(REPO / "plugins").glob("*.py"), *(REPO / "bench" / "plu
 def test_plugins_use_only_the_public_api(path: Path) -> None:
     """A plugin imports agentd's public modules only, public names only, and reaches into
     no object through an underscored attribute."""
-    tree = ast.parse(path.read_text(), str(path))
+    assert _private_uses(path.read_text(), str(path)) == []
+
+
+def _private_uses(source: str, filename: str = "<plugin>") -> list[str]:
+    tree = ast.parse(source, filename)
     exported = {"agentd": set(agentd.__all__), "agentd.testing": set(agentd.testing.__all__)}
+    # The names `import agentd` (or `import agentd.testing`, `import agentd as a`) binds to
+    # the package: `agentd.mail.message_args` reaches an internal module through one.
+    packages = {alias.asname or "agentd" for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names if alias.name.split(".")[0] == "agentd"
+                and (alias.asname is None or alias.name == "agentd")}
     faults = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             faults += [alias.name for alias in node.names
                        if alias.name.split(".")[0] == "agentd" and alias.name not in PUBLIC_MODULES]
+        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+              and node.value.id in packages and node.attr not in exported["agentd"] | {"testing"}):
+            faults.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "agentd":
             if node.module not in PUBLIC_MODULES:
                 faults.append(node.module)
@@ -56,14 +68,21 @@ def test_plugins_use_only_the_public_api(path: Path) -> None:
         elif (isinstance(node, ast.Attribute) and node.attr.startswith("_")
               and not node.attr.startswith("__")):
             faults.append(f"line {node.lineno}: .{node.attr}")
-    assert faults == []
+    return faults
 
 
 def test_the_check_sees_internal_imports() -> None:
-    """The check above would catch what deep_search did before (`agentd.mail`)."""
-    tree = ast.parse("from agentd.mail import message_args\n")
-    (node,) = tree.body
-    assert isinstance(node, ast.ImportFrom) and node.module not in PUBLIC_MODULES
+    """The check above would catch what deep_search did before (`agentd.mail`), however
+    it reached it: it let `import agentd` then `agentd.mail.message_args` through."""
+    assert _private_uses("from agentd.mail import message_args\n") == ["agentd.mail"]
+    assert _private_uses("from agentd import Plugin, message_args\n") == ["agentd.message_args"]
+    assert _private_uses("import agentd\nagentd.mail.message_args([], '', '', None)\n") == [
+        "line 2: agentd.mail"]
+    assert _private_uses("import agentd.testing\nagentd.plugins.PluginManager\n") == [
+        "line 2: agentd.plugins"]
+    assert _private_uses("import agentd as a\na.taskqueue\n") == ["line 2: a.taskqueue"]
+    assert _private_uses("import agentd\nagentd.Plugin('x')\nagentd.testing.harness\n") == []
+    assert _private_uses("from agentd import Plugin\nPlugin('x')._tasks\n") == ["line 2: ._tasks"]
 
 
 # --------------------------------------------------------------------------- (b) annotations
