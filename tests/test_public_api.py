@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
+import aiohttp
 import pytest
 
 import agentd
@@ -471,6 +472,49 @@ def fields_of(record: agentd.TaskRecord) -> dict[str, Any]:
     return {"priority": record.priority, "delay": round(record.run_at - record.created_at),
             "max_attempts": record.max_attempts, "timeout": record.timeout,
             "status": record.status}
+
+
+EMBEDDER = """
+    from collections.abc import Mapping, Sequence
+    from typing import Any
+
+    from agentd import Embedder, Plugin
+
+    plugin = Plugin("toy_embedder")
+
+
+    class Toy:
+        def __init__(self, dimension: int) -> None:
+            self.id = f"toy-{dimension}"
+            self.dimension = dimension
+
+        async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+            return [[1.0] + [0.0] * (self.dimension - 1) for _ in texts]
+
+
+    @plugin.embedder("toy")
+    def make(config: Mapping[str, Any]) -> Embedder:
+        return Toy(config["dimension"])
+"""
+
+
+async def test_an_embedder_plugin_is_given_its_own_table(tmp_path: Path,
+                                                        plugin_dir: Callable[..., Path]) -> None:
+    """An embedder factory was called with the daemon's whole internal `Config` (every
+    section, the secrets read for mail, webhooks and hooks among them), and the `Embedder`
+    type it returns was not exported. It gets its plugin's `[plugins.<name>]` table, as
+    everything else of a plugin does."""
+    plugins = plugin_dir({"toy_embedder.py": EMBEDDER})
+    config = {"memory": {"embedder": "toy"}, "plugins": {"toy_embedder": {"dimension": 4}}}
+    async with harness(tmp_path, [plugins], config) as daemon:
+        assert daemon.plugin_states() == {"toy_embedder": "started"}
+        memory, created = await daemon.memory.remember("embedded by a plugin")
+        assert created
+        assert [r.memory.id for r in await daemon.memory.recall("anything")] == [memory.id]
+        async with aiohttp.ClientSession() as client, \
+                client.get(f"{daemon.url}/v1/memory/stats") as response:
+            stats = await response.json()
+        assert (stats["embedder"], stats["dimension"]) == ("toy-4", 4)
 
 
 # --------------------------------------------------------------------------- README

@@ -13,6 +13,7 @@ may use of it.
 __version__ = "0.1.0"
 
 from agentd.context import Context, TaskInfo
+from agentd.embed import Embedder
 from agentd.errors import (
     AgentdError,
     Fail,
@@ -36,6 +37,7 @@ __all__ = [
     "AgentdError",
     "ChatResult",
     "Context",
+    "Embedder",
     "Event",
     "Fail",
     "InvalidTaskError",

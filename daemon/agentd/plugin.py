@@ -26,6 +26,7 @@ from agentd.taskdef import TaskDef, TokenBucket
 
 if TYPE_CHECKING:
     from agentd.context import Context
+    from agentd.embed import Embedder
     from agentd.plugins import PluginContext
 
 # What `@plugin.on` decorates: `ctx` is the plugin's context for a fire-and-forget handler,
@@ -34,10 +35,13 @@ EventHandler = Callable[["PluginContext", Event], Coroutine[Any, Any, None]]
 DurableHandler = Callable[["Context", Event], Coroutine[Any, Any, None]]
 AnyHandler = Callable[["Context | PluginContext", Event], Coroutine[Any, Any, None]]
 Hook = Callable[["PluginContext"], Awaitable[None] | None]
+# What `@plugin.embedder` decorates: given the plugin's `[plugins.<name>]` table, an embedder.
+EmbedderFactory = Callable[[Mapping[str, Any]], "Embedder"]
 F = TypeVar("F", bound=Callable[..., Any])
 H = TypeVar("H", bound=EventHandler)
 D = TypeVar("D", bound=DurableHandler)
 A = TypeVar("A", bound=AnyHandler)
+E = TypeVar("E", bound=EmbedderFactory)
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -74,7 +78,7 @@ class Plugin:
         self._handlers: list[HandlerSpec] = []
         self._tasks: list[TaskDef] = []
         self._schedules: list[ScheduleSpec] = []
-        self._embedders: dict[str, Callable[[Any], Any]] = {}
+        self._embedders: dict[str, EmbedderFactory] = {}
         self._startup_hooks: list[Hook] = []
         self._shutdown_hooks: list[Hook] = []
         self._config: Mapping[str, Any] = MappingProxyType({})
@@ -230,11 +234,12 @@ class Plugin:
 
         return decorate
 
-    def embedder(self, name: str) -> Callable[[F], F]:
-        """Register `fn(config) -> Embedder` under `name`, for `[memory] embedder = "<name>"`.
-        An embedder has `id`, `dimension` and `async embed(texts) -> list[list[float]]`."""
+    def embedder(self, name: str) -> Callable[[E], E]:
+        """Register `fn(config) -> Embedder` under `name`, for `[memory] embedder = "<name>"`;
+        `config` is the plugin's `[plugins.<name>]` table, as `plugin.config`. An `Embedder`
+        has `id`, `dimension` and `async embed(texts) -> list[list[float]]`."""
 
-        def register(fn: F) -> F:
+        def register(fn: E) -> E:
             self._embedders[name] = fn
             return fn
 

@@ -16,6 +16,7 @@ warning (in `warnings`, shown by `/healthz`), not an error.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.metadata
 import importlib.util
 import inspect
@@ -33,6 +34,7 @@ import structlog
 from agentd import protocols as api
 from agentd.bus import Bus
 from agentd.config import Config
+from agentd.embed import Embedder
 from agentd.errors import PluginError
 from agentd.events import Event, TopicPattern, check_event_data, check_publishable
 from agentd.log import get_logger
@@ -228,12 +230,15 @@ class PluginManager:
                 record.state = "stopped"
             record.registrations.close()
 
-    def embedders(self) -> dict[str, Callable[[Config], Any]]:
-        """The embedder factories registered by loaded or started plugins, by name."""
-        found: dict[str, Callable[[Config], Any]] = {}
+    def embedders(self) -> dict[str, Callable[[], Embedder]]:
+        """The embedders registered by loaded or started plugins, by name, each to be made
+        by calling it (with its plugin's configuration table, not the daemon's)."""
+        found: dict[str, Callable[[], Embedder]] = {}
         for record in self.plugins.values():
             if record.state in ("loaded", "started") and record.plugin is not None:
-                found.update(record.plugin._embedders)
+                table = record.plugin.config
+                found.update({name: functools.partial(make, table)
+                              for name, make in record.plugin._embedders.items()})
         return found
 
     def owner_of(self, module: str) -> str | None:
