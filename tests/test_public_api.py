@@ -560,7 +560,12 @@ def _mypy_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path,
                                 "--cache-dir", str(cache), "--python-executable",
                                 sys.executable, str(snippet)])
     assert "error:" in out or "Success" in out, out + err
-    return {int(line.split(":")[1]): line for line in out.splitlines() if ": error:" in line}
+    errors: dict[int, str] = {}
+    for line in out.splitlines():
+        if ": error:" in line:
+            number = int(line.split(":")[1])
+            errors[number] = f"{errors[number]}\n{line}" if number in errors else line
+    return errors
 
 
 def test_mypy_takes_handlers_annotated_with_the_context_they_get(
@@ -589,9 +594,13 @@ def test_mypy_takes_handlers_annotated_with_the_context_they_get(
         @plugin.on("typed.e", durable=bool(plugin.config.get("durable")))
         async def either(ctx: Context | PluginContext, event: Event) -> None:
             ctx.publish("typed.seen")
+
+        @plugin.on("typed.f", max_attempts=3)
+        async def retried_though_run_at_most_once(ctx: PluginContext, event: Event) -> None: ...
         """)
-    assert sorted(errors) == [12, 15], errors
-    assert all("[type-var]" in line for line in errors.values()), errors
+    assert sorted(errors) == [12, 15, 22], errors
+    assert "[type-var]" in errors[12] and "[type-var]" in errors[15], errors
+    assert "[call-overload]" in errors[22], errors
 
 
 def test_mypy_refuses_a_misspelt_state_of_a_plugins_task_record(

@@ -132,7 +132,7 @@ class Plugin:
 
     @overload
     def on(self, pattern: str, *, durable: Literal[False] = False,
-           max_attempts: int | None = None) -> Callable[[H], H]: ...
+           max_attempts: None = None) -> Callable[[H], H]: ...
     @overload
     def on(self, pattern: str, *, durable: Literal[True],
            max_attempts: int | None = None) -> Callable[[D], D]: ...
@@ -153,8 +153,15 @@ class Plugin:
         trigger): at least once, retried up to `max_attempts`, surviving restarts; `ctx` is
         the task's context. Events published over HTTP have their trigger tasks committed
         before the request is answered.
+
+        Raises:
+            PluginError: `max_attempts` without `durable=True` (a handler run at most once
+                has no attempts to count).
         """
         TopicPattern.parse(pattern)
+        if max_attempts is not None and not durable:
+            raise PluginError(f"plugin {self.name}: @on({pattern!r}) max_attempts needs durable=True: "
+                              "a fire-and-forget handler runs at most once")
 
         def register(fn: F) -> F:
             if not inspect.iscoroutinefunction(fn):
