@@ -358,6 +358,29 @@ PROBE = """
         ctx.publish("probe.submitted", fields(await ctx.submit("probe.noop", **OPTIONS)))
 
 
+    def topic_outcome(ctx, topic) -> str:
+        try:
+            ctx.publish(topic, {})
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "published"
+
+
+    @plugin.task()
+    async def topic_in_task(ctx: Context, topic: str) -> str:
+        return topic_outcome(ctx, topic)
+
+
+    @plugin.task()
+    def topic_in_thread(ctx: Context, topic: str) -> str:
+        return topic_outcome(ctx, topic)
+
+
+    @plugin.on("probe.topic_in_handler")
+    async def topic_in_handler(ctx: PluginContext, event: Event) -> None:
+        ctx.publish("probe.topic_outcome", {"outcome": topic_outcome(ctx, event.data["topic"])})
+
+
     @plugin.on("probe.data_in_handler")
     async def data_in_handler(ctx: PluginContext, event: Event) -> None:
         ctx.publish("probe.data_outcome", {"outcome": outcomes(ctx, event.data["kind"])[0]})
@@ -407,6 +430,27 @@ async def test_a_sync_task_publishes_on_the_loop_with_the_same_check(
         assert re.fullmatch(r"PatternError: topic 'task\.succeeded' is reserved .*", outcome)
         heard = await daemon.events.wait_for("probe.heard")
         assert heard.data["thread"] != threading.get_ident()
+
+
+@pytest.mark.parametrize(("topic", "outcome"), [
+    ("probe.fine", "published"),
+    ("task.succeeded", "PatternError: topic 'task.succeeded' is reserved for the daemon's own "
+                       "events (bus.*, task.*, schedule.*, daemon.*, plugin.*, handler.*)"),
+    ("plugin", "PatternError: topic 'plugin' is reserved for the daemon's own events (bus.*, "
+               "task.*, schedule.*, daemon.*, plugin.*, handler.*)"),
+    ("probe..twice", "PatternError: topic 'probe..twice': segment '' must be letters, digits, "
+                     "'_' or '-'"),
+    ("probe.*", "PatternError: topic 'probe.*': segment '*' must be letters, digits, '_' or '-'"),
+    ("p." + "x" * 300, "PatternError: topic is 302 characters long; at most 255"),
+])
+async def test_topics_are_checked_alike_wherever_a_plugin_publishes(
+        tmp_path: Path, plugin_dir: Callable[..., Path], topic: str, outcome: str) -> None:
+    plugins = plugin_dir({"probe.py": PROBE})
+    async with harness(tmp_path, [plugins]) as daemon:
+        assert await daemon.run("probe.topic_in_task", {"topic": topic}) == outcome
+        assert await daemon.run("probe.topic_in_thread", {"topic": topic}) == outcome
+        daemon.publish("probe.topic_in_handler", {"topic": topic})
+        assert (await daemon.events.wait_for("probe.topic_outcome")).data["outcome"] == outcome
 
 
 @pytest.mark.parametrize(("kind", "outcome"), [
