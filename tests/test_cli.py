@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,30 @@ def test_the_top_level_help_speaks_to_users(capsys: pytest.CaptureFixture[str]) 
     assert "examples:\n  agentd check-config" in out
     assert "agentd submit hello.greet --args '{\"name\": \"Ada\"}' --wait" in out
     assert "configuration: --config PATH, else $AGENTD_CONFIG, else ./agentd.toml" in out
+
+
+def test_an_unknown_task_status_is_refused_before_asking_the_daemon(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--status` took any text: a misspelt state went to the daemon (and, none running,
+    the command failed with exit 1 for not reaching it). It is one of TaskStatus's, or a
+    usage error (exit 2) that lists them."""
+    config = tmp_path / "agentd.toml"
+    config.write_text(f'[server]\nport = {_closed_port()}\n[daemon]\ndata_dir = "{tmp_path}"\n')
+    with pytest.raises(SystemExit) as exited:
+        main(["tasks", "list", "--status", "succeded", "--config", str(config)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --status: invalid choice: 'succeded' (choose from 'queued', 'running', " \
+           "'succeeded', 'failed', 'dead', 'cancelled')" in err, err
+    with pytest.raises(SystemExit):
+        main(["tasks", "list", "--help"])
+    assert "{queued,running,succeeded,failed,dead,cancelled}" in capsys.readouterr().out
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 async def _run_into_closed_pipe(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:

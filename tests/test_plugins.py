@@ -129,6 +129,15 @@ async def test_plugin_config_is_its_table(start_daemon: Any, good_plugins: Path)
     assert dict(daemon.plugins.plugins["pkgplug"].plugin.config) == {}
 
 
+def test_max_attempts_on_a_fire_and_forget_handler_is_refused() -> None:
+    """It was taken and ignored: the handler still ran at most once, never retried."""
+    plugin = Plugin("retries")
+    with pytest.raises(PluginError, match=r"plugin retries: @on\('x\.y'\) max_attempts needs "
+                                          r"durable=True"):
+        plugin.on("x.y", max_attempts=3)
+    plugin.on("x.y", durable=True, max_attempts=3)
+
+
 async def test_broken_plugins_are_failed_and_the_daemon_runs_on(
     start_daemon: Any, plugin_dir: Callable[..., Path], good_plugins: Path, http: Any
 ) -> None:

@@ -507,7 +507,7 @@ async def test_context_identity_config_and_progress_events(qt: Any) -> None:
     assert progress.correlation_id == str(record.id)
 
 
-async def test_sync_tasks_run_in_a_thread_and_can_emit(qt: Any) -> None:
+async def test_sync_tasks_run_in_a_thread_and_report_progress(qt: Any) -> None:
     daemon, events, module = await qt()
     record = await daemon.queue.enqueue("qt.blocking", {"x": 21})
     assert await daemon.queue.result(record.id, timeout=5) == 42

@@ -13,6 +13,7 @@ may use of it.
 __version__ = "0.1.0"
 
 from agentd.context import Context, TaskInfo
+from agentd.embed import Embedder
 from agentd.errors import (
     AgentdError,
     Fail,
@@ -30,11 +31,13 @@ from agentd.memory import Memory, Recalled
 from agentd.plugin import Plugin
 from agentd.plugins import PluginContext
 from agentd.protocols import Llm, Mail, MemoryStore, Session, TaskRecord, Webhook
+from agentd.taskqueue import TaskStatus
 
 __all__ = [
     "AgentdError",
     "ChatResult",
     "Context",
+    "Embedder",
     "Event",
     "Fail",
     "InvalidTaskError",
@@ -54,6 +57,7 @@ __all__ = [
     "TaskFailedError",
     "TaskInfo",
     "TaskRecord",
+    "TaskStatus",
     "TokenBudgetExceededError",
     "UnknownTaskError",
     "Webhook",

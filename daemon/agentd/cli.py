@@ -15,7 +15,7 @@ import os
 import sys
 import urllib.parse
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 import aiohttp
 
@@ -23,6 +23,7 @@ from agentd import __version__
 from agentd.config import ClientConfig, Config, find_config_path, load_client_config, load_config
 from agentd.errors import AgentdError, ConfigError
 from agentd.log import configure_logging
+from agentd.taskqueue import FINAL_STATES, TaskStatus
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -88,7 +89,8 @@ def _task_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     tasks = sub.add_parser("tasks", parents=[common], help="inspect and manage tasks")
     actions = tasks.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", parents=[common], help="newest first")
-    listing.add_argument("--status")
+    listing.add_argument("--status", choices=get_args(TaskStatus),
+                         help="only tasks in this state (refused before asking the daemon)")
     listing.add_argument("--name")
     listing.add_argument("--queue")
     listing.add_argument("--limit", type=int, default=20)
@@ -289,7 +291,7 @@ async def _submit(api: _Api, args: argparse.Namespace) -> int:
     if not args.wait:
         _print(task)
         return 0
-    while task["status"] not in ("succeeded", "failed", "dead", "cancelled"):
+    while task["status"] not in FINAL_STATES:
         task = await api.call("GET", f"/v1/tasks/{task['id']}?wait=60")
     _print(task)
     return 0 if task["status"] == "succeeded" else EXIT_FAILED

@@ -18,7 +18,7 @@ import structlog
 from agentd import protocols as api
 from agentd import steps
 from agentd.errors import TaskFailedError
-from agentd.events import Event, check_publishable
+from agentd.events import Event, check_event_data, check_publishable
 from agentd.llm import TaskLlm
 from agentd.log import get_logger
 from agentd.mail import MailSender
@@ -126,18 +126,36 @@ class Context:
 
     def progress(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
         """Publish `task.progress` with this kind and data, for the task's stream clients.
-        Safe from a sync task's thread."""
-        self._publish_task_event("task.progress", kind=kind, data=dict(data or {}),
+        Safe from a sync task's thread.
+
+        Raises:
+            TypeError, ValueError: `data` is not a mapping, or nests too deep (as `publish`).
+        """
+        self._publish_task_event("task.progress", kind=kind, data=check_event_data(data),
                                  attempt=self.task.attempt)
 
     def publish(self, topic: str, data: Mapping[str, Any] | None = None) -> Event:
         """Publish an event of this task's correlation (not a daemon topic: `task.*`...).
+        From a sync task's thread it is published on the loop, and this returns once it is.
 
         Raises:
             PatternError: (a ValueError) the topic is malformed or reserved.
+            TypeError: `data` is not a mapping.
+            ValueError: `data` nests more than 32 deep, or contains itself.
         """
-        return self._queue.bus.publish(check_publishable(topic), data,
-                                       correlation_id=self.task.correlation_id,
+        topic, checked = check_publishable(topic), check_event_data(data)
+        if threading.get_ident() == self._loop_thread:
+            return self._publish(topic, checked)
+
+        # The bus and its subscribers (the event log, handlers, streams) belong to the loop:
+        # called from the thread, each failed or ran there unguarded.
+        async def on_loop() -> Event:
+            return self._publish(topic, checked)
+
+        return asyncio.run_coroutine_threadsafe(on_loop(), self._loop).result()
+
+    def _publish(self, topic: str, data: Mapping[str, Any]) -> Event:
+        return self._queue.bus.publish(topic, data, correlation_id=self.task.correlation_id,
                                        causation_id=str(self.task.id))
 
     def token(self, text: str) -> None:
@@ -176,28 +194,52 @@ class Context:
         return final.result
 
     async def submit(self, name: str, args: Mapping[str, Any] | None = None, *,
-                     idempotency_key: str | None = None) -> api.TaskRecord:
+                     queue: str | None = None, priority: int | None = None,
+                     delay: float | None = None, run_at: float | None = None,
+                     idempotency_key: str | None = None, max_attempts: int | None = None,
+                     timeout: float | None = None) -> api.TaskRecord:
         """Enqueue task `name` as a durable child and return it without waiting.
 
         Its idempotency key is `<this task's id>:<name>:<n>`, numbered per name in the
         order of `submit()`s and kept for good, so a retried parent gets its earlier
         children back instead of enqueueing them again. An `idempotency_key` of the
         caller's own is kept like any other: `[tasks] idempotency_window`.
+
+        The options are a plugin's `PluginContext.submit`'s, keyword-only; None takes the
+        task's declaration, then the `[tasks]` default:
+
+            queue            the queue that runs it (a configured one)
+            priority         higher runs first
+            delay            seconds from now before it is due (not with run_at)
+            run_at           the Unix time it is due (not with delay; default: now)
+            idempotency_key  enqueueing the same key returns the same task
+            max_attempts     attempts before it is dead
+            timeout          seconds an attempt may run
+
+        Raises:
+            UnknownTaskError: no task is registered under `name`.
+            InvalidTaskError: (a ValueError) an argument or option is wrong; the message
+                names it.
         """
-        if idempotency_key is not None:  # the caller's key: it lasts `[tasks] idempotency_window`
-            return await self._queue.enqueue(
-                name, args or {}, idempotency_key=idempotency_key, parent_id=self.task.id,
-                correlation_id=self.task.correlation_id)
-        return await self._submit_keyed(name, args or {}, None)
+        window: float | None = None  # the caller's key: it lasts `[tasks] idempotency_window`
+        if idempotency_key is None:
+            idempotency_key, window = self._next_submit_key(name), _INFINITE
+        return await self._queue.enqueue(
+            name, args or {}, queue=queue, priority=priority, delay=delay, run_at=run_at,
+            idempotency_key=idempotency_key, max_attempts=max_attempts, timeout=timeout,
+            parent_id=self.task.id, correlation_id=self.task.correlation_id, dedupe_window=window)
+
+    def _next_submit_key(self, name: str) -> str:
+        """The key of this task's next submit of `name`: `<task id>:<name>:<n>`."""
+        self._submits[name] = self._submits.get(name, 0) + 1
+        return f"{self.task.id}:{name}:{self._submits[name]}"
 
     async def _submit_keyed(self, name: str, args: Mapping[str, Any], key: str | None) -> TaskRecord:
         """Enqueue a child under a key made from this task's id (by this task's `n`th
         submit of `name` when `key` is None), kept for good: a retry finds its children."""
-        if key is None:
-            self._submits[name] = self._submits.get(name, 0) + 1
-            key = f"{self.task.id}:{name}:{self._submits[name]}"
         return await self._queue.enqueue(
-            name, args, idempotency_key=key, parent_id=self.task.id,
+            name, args, idempotency_key=self._next_submit_key(name) if key is None else key,
+            parent_id=self.task.id,
             correlation_id=self.task.correlation_id, dedupe_window=_INFINITE)
 
     async def gather(self, *calls: Awaitable[Any]) -> list[Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,7 +37,6 @@ class Embedder(Protocol):
     async def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
 
 
-EmbedderFactory = Callable[[Config], Embedder]
 
 
 class MiniLMEmbedder:
@@ -157,8 +156,9 @@ def _retry_after(header: str | None, attempt: int) -> float:
     return min(60.0, asked) if asked is not None else min(10.0, 0.25 * 2.0 ** (attempt - 1))
 
 
-def build_embedder(config: Config, plugin_embedders: dict[str, EmbedderFactory]) -> Embedder:
-    """The embedder `[memory] embedder` names: minilm, http, or one a plugin registered."""
+def build_embedder(config: Config, plugin_embedders: Mapping[str, Callable[[], Embedder]]) -> Embedder:
+    """The embedder `[memory] embedder` names: minilm, http, or one a plugin registered
+    (made by calling what `plugin_embedders` holds under that name)."""
     memory: MemoryConfig = config.memory
     name = memory.embedder
     if name == "minilm":
@@ -173,4 +173,4 @@ def build_embedder(config: Config, plugin_embedders: dict[str, EmbedderFactory])
     if factory is None:
         known = ", ".join(["minilm", "http", *sorted(plugin_embedders)])
         raise ConfigError(f"{config.source}: [memory] embedder: no embedder {name!r}; known: {known}")
-    return factory(config)
+    return factory()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import operator
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from time import time as _clock
@@ -88,6 +88,44 @@ class Lagged(Event):
 
 
 RESERVED_PREFIXES = ("bus.", "task.", "schedule.", "daemon.", "plugin.", "handler.")
+
+
+# How deep a plugin's event data may nest, as the HTTP API's JSON values (`MAX_DEPTH`).
+MAX_DATA_DEPTH = 32
+
+
+def check_event_data(data: object) -> dict[str, Any]:
+    """The data of an event a plugin publishes, as a dict of its own (None: empty): a
+    mapping whose dicts, lists and tuples nest at most MAX_DATA_DEPTH deep. Values JSON
+    cannot hold are written as their `str()` (NaN as null), as for every event.
+
+    Deeper data, or data that contains itself, cannot be encoded: the event log's write
+    failed in the store's writer, with every write of its batch (tasks' acks and claims).
+
+    Raises:
+        TypeError: `data` is not a mapping.
+        ValueError: it nests deeper, or contains itself.
+    """
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise TypeError(f"event data must be a mapping, got {type(data).__name__}")
+    copy = dict(data)
+    _check_nesting(copy, 1)
+    return copy
+
+
+def _check_nesting(value: object, depth: int) -> None:
+    if isinstance(value, dict):
+        items: Iterable[object] = value.values()
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        return
+    if depth > MAX_DATA_DEPTH:
+        raise ValueError(f"event data nests more than {MAX_DATA_DEPTH} deep (or contains itself)")
+    for item in items:
+        _check_nesting(item, depth + 1)
 
 
 def check_publishable(topic: object) -> str:

@@ -17,7 +17,7 @@ import re
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from agentd.errors import InvalidScheduleError, PluginError
 from agentd.events import Event, TopicPattern
@@ -25,11 +25,23 @@ from agentd.schedule import ScheduleSpec
 from agentd.taskdef import TaskDef, TokenBucket
 
 if TYPE_CHECKING:
+    from agentd.context import Context
+    from agentd.embed import Embedder
     from agentd.plugins import PluginContext
 
+# What `@plugin.on` decorates: `ctx` is the plugin's context for a fire-and-forget handler,
+# the task's for a durable one (it runs as a task), either when `durable` is not a literal.
 EventHandler = Callable[["PluginContext", Event], Coroutine[Any, Any, None]]
+DurableHandler = Callable[["Context", Event], Coroutine[Any, Any, None]]
+AnyHandler = Callable[["Context | PluginContext", Event], Coroutine[Any, Any, None]]
 Hook = Callable[["PluginContext"], Awaitable[None] | None]
+# What `@plugin.embedder` decorates: given the plugin's `[plugins.<name>]` table, an embedder.
+EmbedderFactory = Callable[[Mapping[str, Any]], "Embedder"]
 F = TypeVar("F", bound=Callable[..., Any])
+H = TypeVar("H", bound=EventHandler)
+D = TypeVar("D", bound=DurableHandler)
+A = TypeVar("A", bound=AnyHandler)
+E = TypeVar("E", bound=EmbedderFactory)
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -66,7 +78,7 @@ class Plugin:
         self._handlers: list[HandlerSpec] = []
         self._tasks: list[TaskDef] = []
         self._schedules: list[ScheduleSpec] = []
-        self._embedders: dict[str, Callable[[Any], Any]] = {}
+        self._embedders: dict[str, EmbedderFactory] = {}
         self._startup_hooks: list[Hook] = []
         self._shutdown_hooks: list[Hook] = []
         self._config: Mapping[str, Any] = MappingProxyType({})
@@ -118,9 +130,19 @@ class Plugin:
                 raise InvalidScheduleError(f"[plugins.{self.name}.schedules.{name}] {exc}") from None
         return specs
 
+    @overload
+    def on(self, pattern: str, *, durable: Literal[False] = False,
+           max_attempts: None = None) -> Callable[[H], H]: ...
+    @overload
+    def on(self, pattern: str, *, durable: Literal[True],
+           max_attempts: int | None = None) -> Callable[[D], D]: ...
+    @overload
+    def on(self, pattern: str, *, durable: bool,
+           max_attempts: int | None = None) -> Callable[[A], A]: ...
+
     def on(
         self, pattern: str, *, durable: bool = False, max_attempts: int | None = None
-    ) -> Callable[[EventHandler], EventHandler]:
+    ) -> Callable[[F], F]:
         """Run the decorated `async def fn(ctx, event)` for each event matching `pattern`.
 
         By default each run is fire-and-forget (tracked by the daemon's spawner): the
@@ -131,10 +153,17 @@ class Plugin:
         trigger): at least once, retried up to `max_attempts`, surviving restarts; `ctx` is
         the task's context. Events published over HTTP have their trigger tasks committed
         before the request is answered.
+
+        Raises:
+            PluginError: `max_attempts` without `durable=True` (a handler run at most once
+                has no attempts to count).
         """
         TopicPattern.parse(pattern)
+        if max_attempts is not None and not durable:
+            raise PluginError(f"plugin {self.name}: @on({pattern!r}) max_attempts needs durable=True: "
+                              "a fire-and-forget handler runs at most once")
 
-        def register(fn: EventHandler) -> EventHandler:
+        def register(fn: F) -> F:
             if not inspect.iscoroutinefunction(fn):
                 raise PluginError(f"plugin {self.name}: @on handler {fn.__name__} must be async def")
             self._handlers.append(HandlerSpec(pattern, fn, durable, max_attempts))
@@ -212,11 +241,12 @@ class Plugin:
 
         return decorate
 
-    def embedder(self, name: str) -> Callable[[F], F]:
-        """Register `fn(config) -> Embedder` under `name`, for `[memory] embedder = "<name>"`.
-        An embedder has `id`, `dimension` and `async embed(texts) -> list[list[float]]`."""
+    def embedder(self, name: str) -> Callable[[E], E]:
+        """Register `fn(config) -> Embedder` under `name`, for `[memory] embedder = "<name>"`;
+        `config` is the plugin's `[plugins.<name>]` table, as `plugin.config`. An `Embedder`
+        has `id`, `dimension` and `async embed(texts) -> list[list[float]]`."""
 
-        def register(fn: F) -> F:
+        def register(fn: E) -> E:
             self._embedders[name] = fn
             return fn
 

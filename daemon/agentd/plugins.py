@@ -16,6 +16,7 @@ warning (in `warnings`, shown by `/healthz`), not an error.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.metadata
 import importlib.util
 import inspect
@@ -33,8 +34,9 @@ import structlog
 from agentd import protocols as api
 from agentd.bus import Bus
 from agentd.config import Config
+from agentd.embed import Embedder
 from agentd.errors import PluginError
-from agentd.events import Event, TopicPattern, check_publishable
+from agentd.events import Event, TopicPattern, check_event_data, check_publishable
 from agentd.log import get_logger
 from agentd.mail import MailSender
 from agentd.plugin import HandlerSpec, Hook, Plugin
@@ -106,21 +108,40 @@ class PluginContext:
 
         Raises:
             PatternError: (a ValueError) the topic is malformed or reserved.
+            TypeError: `data` is not a mapping.
+            ValueError: `data` nests more than 32 deep, or contains itself.
         """
-        return self._manager._bus.publish(check_publishable(topic), data)
+        return self._manager._bus.publish(check_publishable(topic), check_event_data(data))
 
     async def submit(self, name: str, args: Mapping[str, Any] | None = None, *,
-                     idempotency_key: str | None = None) -> api.TaskRecord:
+                     queue: str | None = None, priority: int | None = None,
+                     delay: float | None = None, run_at: float | None = None,
+                     idempotency_key: str | None = None, max_attempts: int | None = None,
+                     timeout: float | None = None) -> api.TaskRecord:
         """Enqueue task `name` and return it once committed, without waiting for it to run.
         With an `idempotency_key`, the same key within `[tasks] idempotency_window` returns
         the task it made instead of a new one (a handler that may see an event twice keys
         by its id).
 
+        The options are a task's `Context.submit`'s, keyword-only; None takes the task's
+        declaration, then the `[tasks]` default:
+
+            queue            the queue that runs it (a configured one)
+            priority         higher runs first
+            delay            seconds from now before it is due (not with run_at)
+            run_at           the Unix time it is due (not with delay; default: now)
+            idempotency_key  enqueueing the same key returns the same task
+            max_attempts     attempts before it is dead
+            timeout          seconds an attempt may run
+
         Raises:
             UnknownTaskError: no task is registered under `name`.
-            InvalidTaskError: (a ValueError) the arguments are not JSON.
+            InvalidTaskError: (a ValueError) an argument or option is wrong; the message
+                names it.
         """
-        return await self._enqueue(name, args or {}, idempotency_key)
+        return await self._manager._queue.enqueue(
+            name, args or {}, queue=queue, priority=priority, delay=delay, run_at=run_at,
+            idempotency_key=idempotency_key, max_attempts=max_attempts, timeout=timeout)
 
     async def _enqueue(self, name: str, args: Mapping[str, Any], key: str | None) -> TaskRecord:
         return await self._manager._queue.enqueue(name, args, idempotency_key=key)
@@ -209,12 +230,15 @@ class PluginManager:
                 record.state = "stopped"
             record.registrations.close()
 
-    def embedders(self) -> dict[str, Callable[[Config], Any]]:
-        """The embedder factories registered by loaded or started plugins, by name."""
-        found: dict[str, Callable[[Config], Any]] = {}
+    def embedders(self) -> dict[str, Callable[[], Embedder]]:
+        """The embedders registered by loaded or started plugins, by name, each to be made
+        by calling it (with its plugin's configuration table, not the daemon's)."""
+        found: dict[str, Callable[[], Embedder]] = {}
         for record in self.plugins.values():
             if record.state in ("loaded", "started") and record.plugin is not None:
-                found.update(record.plugin._embedders)
+                table = record.plugin.config
+                found.update({name: functools.partial(make, table)
+                              for name, make in record.plugin._embedders.items()})
         return found
 
     def owner_of(self, module: str) -> str | None:

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from agentd.llm import ChatResult
 from agentd.memory import DEFAULT_NAMESPACE, Memory, Recalled
+from agentd.taskqueue import TaskStatus
 
 
 @runtime_checkable
@@ -30,14 +31,22 @@ class TaskRecord(Protocol):
     @property
     def queue(self) -> str: ...
     @property
-    def status(self) -> str:
+    def status(self) -> TaskStatus:
         """queued, running, succeeded, failed, dead or cancelled."""
     @property
     def args(self) -> dict[str, Any]: ...
     @property
+    def priority(self) -> int: ...
+    @property
+    def run_at(self) -> float:
+        """The Unix time it is due."""
+    @property
     def attempts(self) -> int: ...
     @property
     def max_attempts(self) -> int: ...
+    @property
+    def timeout(self) -> float | None:
+        """Seconds an attempt may run (None: no limit)."""
     @property
     def parent_id(self) -> int | None: ...
     @property

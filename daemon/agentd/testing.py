@@ -32,7 +32,7 @@ from agentd.app import Daemon
 from agentd.bus import Bus
 from agentd.config import Config, load_config
 from agentd.errors import TaskFailedError
-from agentd.events import Event, TopicPattern, check_publishable
+from agentd.events import Event, TopicPattern, check_event_data, check_publishable
 
 __all__ = ["EventCapture", "Harness", "ManualClock", "harness"]
 
@@ -101,14 +101,20 @@ class Harness:
                 for p in self._daemon.plugins.states()}
 
     async def submit(self, name: str, args: Mapping[str, Any] | None = None, *,
-                     idempotency_key: str | None = None) -> api.TaskRecord:
-        """Enqueue task `name`, as `POST /v1/tasks` does; return it, queued.
+                     queue: str | None = None, priority: int | None = None,
+                     delay: float | None = None, run_at: float | None = None,
+                     idempotency_key: str | None = None, max_attempts: int | None = None,
+                     timeout: float | None = None) -> api.TaskRecord:
+        """Enqueue task `name`, as `POST /v1/tasks` does; return it, queued. The options
+        are `PluginContext.submit`'s.
 
         Raises:
             UnknownTaskError: no task is registered under `name`.
-            InvalidTaskError: (a ValueError) the arguments are not JSON.
+            InvalidTaskError: (a ValueError) an argument or option is wrong.
         """
-        return await self._daemon.queue.enqueue(name, args or {}, idempotency_key=idempotency_key)
+        return await self._daemon.queue.enqueue(
+            name, args or {}, queue=queue, priority=priority, delay=delay, run_at=run_at,
+            idempotency_key=idempotency_key, max_attempts=max_attempts, timeout=timeout)
 
     async def wait(self, task_id: int, timeout: float = WAIT) -> api.TaskRecord:
         """Task `task_id` once it has finished, however it ended.
@@ -137,8 +143,9 @@ class Harness:
 
         Raises:
             PatternError: (a ValueError) the topic is malformed or reserved.
+            TypeError, ValueError: `data` is not a mapping, or nests too deep (as a plugin's).
         """
-        return self._daemon.bus.publish(check_publishable(topic), data)
+        return self._daemon.bus.publish(check_publishable(topic), check_event_data(data))
 
 
 def make_config(
