@@ -453,11 +453,12 @@ async def test_checkpoints_go_on_after_one_fails(tmp_path: Path) -> None:
 
                 await until(failed)
 
-            async def copied() -> bool:  # the pages are in the database file at last
-                return store.path.stat().st_size > size
+            async def recovered() -> bool:  # logged once the checkpoint has returned
+                return any(log["event"] == "store.checkpoint_recovered" for log in logs)
 
-            await until(copied)
+            await until(recovered)
         assert [log["event"] for log in logs] == ["store.checkpoint_failed", "store.checkpoint_recovered"]
+        assert store.path.stat().st_size > size  # the pages are in the database file at last
     finally:
         if checkpoints is not None:
             checkpoints.cancel()
