@@ -1045,6 +1045,41 @@ async def test_a_config_schedule_naming_an_unknown_task_exits_2(
     assert "no task named 'ghost.haunt'" in err
 
 
+@pytest.mark.parametrize("command", ["run", "check-config"])
+async def test_a_config_schedule_with_a_plugin_schedule_id_exits_2_naming_both(
+    run_cli: Any, tmp_path: Path, command: str
+) -> None:
+    """The scheduler keeps one schedule per id: the [[schedules]] entry replaced the plugin's
+    without a word. The operator's file is refused (not the plugin), naming the entry, the
+    plugin and how to retime the plugin's schedule instead."""
+    copy_plugin(tmp_path / "plugins")
+    path = tmp_path / "agentd.toml"
+    path.write_text(textwrap.dedent("""
+        [daemon]
+        data_dir = "data"
+        stop_timeout = 5.0
+
+        [plugins]
+        paths = ["plugins"]
+        entry_points = false
+
+        [[schedules]]
+        id = "mine"
+        every = "1h"
+        event = "a.b"
+
+        [[schedules]]
+        id = "sched.tick"
+        every = "1h"
+        event = "a.b"
+    """))
+    code, _, err = await run_cli(command, "--config", str(path))
+    assert code == 2, err
+    assert (f"configuration error: {path.resolve()}: [[schedules]] #2 (sched.tick): id "
+            "'sched.tick' is plugin sched's schedule; choose another id, or retime the plugin's "
+            "in [plugins.sched.schedules.tick]") in err
+
+
 async def test_a_plugin_schedule_naming_an_unknown_task_fails_only_that_plugin(
     sched: Start, tmp_path: Path, plugin_dir: Any
 ) -> None:
