@@ -581,15 +581,21 @@ async def test_chat_sessions_expire_and_the_purge_removes_them(
     assert (stats["sessions"], stats["messages"]) == (0, 0)
 
 
+def readme_plugin(tmp_path: Path, module: str) -> Path:
+    """A plugin directory holding the README's `# plugins/<module>.py` example as printed."""
+    readme = (REPO_PLUGINS.parent / "README.md").read_text()
+    found = re.search(rf"```python\n# plugins/{re.escape(module)}\.py\n(.*?)```", readme, re.S)
+    assert found, f"the README no longer shows plugins/{module}.py"
+    directory = tmp_path / "readme_plugins"
+    directory.mkdir()
+    (directory / f"{module}.py").write_text(found.group(1))
+    return directory
+
+
 async def test_the_readme_one_file_plugin_loads_and_runs(
         start_daemon: Any, http: Any, tmp_path: Path) -> None:
     """The README's "your own plugin, in one file" works as printed."""
-    readme = (REPO_PLUGINS.parent / "README.md").read_text()
-    found = re.search(r"```python\n# plugins/standup\.py\n(.*?)```", readme, re.S)
-    assert found, "the README no longer shows plugins/standup.py"
-    directory = tmp_path / "readme_plugins"
-    directory.mkdir()
-    (directory / "standup.py").write_text(found.group(1))
+    directory = readme_plugin(tmp_path, "standup")
     daemon, _ = await start_daemon(plugin_dirs=[directory])
     client = http(daemon)
     schedule = await call(client, "GET", "/v1/schedules/standup.remind")
@@ -600,12 +606,7 @@ async def test_the_readme_one_file_plugin_loads_and_runs(
 
 async def test_the_readme_hello_plugin_loads_and_runs(tmp_path: Path) -> None:
     """The README's plugins/hello.py (the Plugins section) works as printed."""
-    readme = (REPO_PLUGINS.parent / "README.md").read_text()
-    found = re.search(r"```python\n# plugins/hello\.py\n(.*?)```", readme, re.S)
-    assert found, "the README no longer shows plugins/hello.py"
-    directory = tmp_path / "readme_plugins"
-    directory.mkdir()
-    (directory / "hello.py").write_text(found.group(1))
+    directory = readme_plugin(tmp_path, "hello")
     async with harness(tmp_path / "state", [directory]) as agentd:
         assert agentd.plugin_states() == {"hello": "started"}
         assert await agentd.run("hello.greet", {"name": "Ada"}) == "hello, Ada"

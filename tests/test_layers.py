@@ -60,7 +60,7 @@ from agentd.errors import ConfigError
 from . import plugin
 from .web.server import build_app
 if TYPE_CHECKING:
-    from agentd.db import Store
+    from agentd.store import Store
 
 def later() -> None:
     from agentd.digests import DigestSpec
@@ -70,7 +70,7 @@ class Late:
     def method(self) -> None:
         from agentd import taskqueue, worker
 """
-    assert agentd_imports(source) == {"bus", "errors", "plugin", "web", "db", "digests", "agentd",
+    assert agentd_imports(source) == {"bus", "errors", "plugin", "web", "store", "digests", "agentd",
                                       "taskqueue", "worker"}
 
 

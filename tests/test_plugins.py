@@ -138,6 +138,14 @@ def test_max_attempts_on_a_fire_and_forget_handler_is_refused() -> None:
     plugin.on("x.y", durable=True, max_attempts=3)
 
 
+def test_the_plugin_name_agentd_is_refused() -> None:
+    """A plugin named agentd could declare the schedule agentd.purge_tasks and replace the
+    daemon's own without a word (finished tasks were then never purged)."""
+    with pytest.raises(PluginError, match=r"plugin name 'agentd' is the daemon's own: its tasks "
+                                          r"and schedules are named agentd\.\*; choose another"):
+        Plugin("agentd")
+
+
 async def test_broken_plugins_are_failed_and_the_daemon_runs_on(
     start_daemon: Any, plugin_dir: Callable[..., Path], good_plugins: Path, http: Any
 ) -> None:

@@ -85,6 +85,38 @@ def copy_plugin(directory: Path, source: str | None = None) -> Path:
     return directory
 
 
+def config_with_plugin(directory: Path, schedules: str) -> Path:
+    """Write `directory`/agentd.toml loading the scheduler plugin (copied into
+    `directory`/plugins), with the built-in schedules quiet, then `schedules` (TOML)."""
+    copy_plugin(directory / "plugins")
+    path = directory / "agentd.toml"
+    path.write_text(textwrap.dedent("""
+        [daemon]
+        data_dir = "data"
+        stop_timeout = 5.0
+
+        [server]
+        port = 0
+
+        [plugins]
+        paths = ["plugins"]
+        entry_points = false
+
+        [tasks]
+        purge_interval = 100000000.0
+
+        [events]
+        sweep_interval = 100000000.0
+
+        [store]
+        maintenance_interval = 100000000.0
+
+        [memory]
+        purge_interval = 100000000.0
+    """) + textwrap.dedent(schedules))
+    return path
+
+
 @pytest.fixture
 async def sched(tmp_path: Path) -> AsyncIterator[Start]:
     """`r = await sched(clock=None, plugin=True, plugin_dirs=None, overrides=None,
@@ -188,32 +220,7 @@ async def test_a_plugin_declares_schedules_by_decorator_by_call_and_for_events(s
 
 
 async def test_config_schedules_come_from_agentd_toml(sched: Start, tmp_path: Path) -> None:
-    copy_plugin(tmp_path / "plugins")
-    path = tmp_path / "agentd.toml"
-    path.write_text(textwrap.dedent("""
-        [daemon]
-        data_dir = "data"
-        stop_timeout = 5.0
-
-        [server]
-        port = 0
-
-        [plugins]
-        paths = ["plugins"]
-        entry_points = false
-
-        [tasks]
-        purge_interval = 100000000.0
-
-        [events]
-        sweep_interval = 100000000.0
-
-        [store]
-        maintenance_interval = 100000000.0
-
-        [memory]
-        purge_interval = 100000000.0
-
+    path = config_with_plugin(tmp_path, """
         [[schedules]]
         id = "morning"
         cron = "0 9 * * *"
@@ -227,7 +234,7 @@ async def test_config_schedules_come_from_agentd_toml(sched: Start, tmp_path: Pa
         every = "10m"
         event = "cfg.ping"
         data = { from = "config" }
-    """))
+    """)
     r = await sched(config=load_config(path, env={}))
     morning, ping = await record(r, "morning"), await record(r, "cfg-ping")
     assert (morning["source"], morning["cron"], morning["timezone"]) == (
@@ -1043,6 +1050,31 @@ async def test_a_config_schedule_naming_an_unknown_task_exits_2(
     assert code == 2
     assert f"configuration error: {path.resolve()}: config schedule 'ghostly': " in err
     assert "no task named 'ghost.haunt'" in err
+
+
+@pytest.mark.parametrize("command", ["run", "check-config"])
+async def test_a_config_schedule_with_a_plugin_schedule_id_exits_2_naming_both(
+    run_cli: Any, tmp_path: Path, command: str
+) -> None:
+    """The scheduler keeps one schedule per id: the [[schedules]] entry replaced the plugin's
+    without a word. The operator's file is refused (not the plugin), naming the entry, the
+    plugin and how to retime the plugin's schedule instead."""
+    path = config_with_plugin(tmp_path, """
+        [[schedules]]
+        id = "mine"
+        every = "1h"
+        event = "a.b"
+
+        [[schedules]]
+        id = "sched.tick"
+        every = "1h"
+        event = "a.b"
+    """)
+    code, _, err = await run_cli(command, "--config", str(path))
+    assert code == 2, err
+    assert (f"configuration error: {path.resolve()}: [[schedules]] #2 (sched.tick): id "
+            "'sched.tick' is plugin sched's schedule; choose another id, or retime the plugin's "
+            "in [plugins.sched.schedules.tick]") in err
 
 
 async def test_a_plugin_schedule_naming_an_unknown_task_fails_only_that_plugin(

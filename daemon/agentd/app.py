@@ -182,9 +182,12 @@ class Daemon:
 
         Raises:
             ConfigError: an agentd.toml schedule would fail at every fire (checked after the
-                plugins, so a task of a plugin that failed counts as missing).
+                plugins, so a task of a plugin that failed counts as missing), or has the id
+                of a loaded plugin's schedule (the scheduler keeps one schedule per id: one of
+                the two would be lost without a word).
         """
         declared = [(spec, maintenance.SOURCE) for spec in self._maintenance]
+        by_plugin: dict[str, str] = {}  # a plugin schedule's id → its plugin
         for record in list(self.plugins.plugins.values()):
             if record.state not in ("loaded", "started") or record.plugin is None:
                 continue
@@ -196,7 +199,14 @@ class Daemon:
                 self.plugins.fail(record.name, exc)
                 continue
             declared += [(spec, "plugin") for spec in specs]
-        for spec in self.config.schedules:
+            by_plugin.update((spec.id, record.name) for spec in specs)
+        for number, spec in enumerate(self.config.schedules, start=1):
+            if spec.id in by_plugin:
+                name = by_plugin[spec.id]
+                raise ConfigError(f"{self.config.source}: [[schedules]] #{number} ({spec.id}): id "
+                                  f"{spec.id!r} is plugin {name}'s schedule; choose another id, or "
+                                  f"retime the plugin's in [plugins.{name}.schedules."
+                                  f"{spec.id.removeprefix(name + '.')}]")
             try:
                 self.scheduler.check(spec, "config")
             except InvalidScheduleError as exc:

@@ -1,4 +1,4 @@
-"""The exceptions agentd raises, and `Retry`, the one a task raises on purpose."""
+"""The exceptions agentd raises, and `Retry` and `Fail`, the ones a task raises on purpose."""
 
 from __future__ import annotations
 

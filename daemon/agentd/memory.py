@@ -147,7 +147,7 @@ class MemoryStore:
         # Two readers: recalls are vector searches that SQLite runs without the GIL, so two
         # agents recalling at once use two cores instead of queueing on one connection.
         self.store = SqliteStore(path, store_config, migrations="sql/memory", writes_in_thread=True,
-                           readers=_READERS, setting="[memory] path")
+                                 readers=_READERS, setting="[memory] path")
         self._fields = tuple(config.filter_fields)
         self._log = get_logger("memory")
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 from agentd.errors import InvalidScheduleError, PluginError
 from agentd.events import Event, TopicPattern
 from agentd.schedule import ScheduleSpec
-from agentd.taskdef import TaskDef, TokenBucket
+from agentd.taskdef import INTERNAL_PREFIX, TaskDef, TokenBucket
 
 if TYPE_CHECKING:
     from agentd.context import Context
@@ -66,12 +66,16 @@ class Plugin:
 
     Args:
         name: lower-case letters, digits and `_`; it prefixes the plugin's task names and
-            names its `[plugins.<name>]` table.
+            names its `[plugins.<name>]` table. Not `agentd`: `agentd.` names the daemon's
+            own tasks and schedules, which a plugin's would replace.
     """
 
     def __init__(self, name: str, *, description: str = "") -> None:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise PluginError(f"plugin name {name!r} must match [a-z][a-z0-9_]*")
+        if f"{name}." == INTERNAL_PREFIX:
+            raise PluginError(f"plugin name {name!r} is the daemon's own: its tasks and schedules "
+                              f"are named {INTERNAL_PREFIX}*; choose another")
         self.name = name
         self.description = description
         # What the plugin declared, read by the loader (plugins.py) when it wires it in.

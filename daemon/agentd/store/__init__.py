@@ -20,7 +20,7 @@ the write connection inside a grouped transaction), `join_batch`/`add_rider`/
 loop) and the lifecycle and maintenance calls the daemon makes. Each part keeps its SQL in
 its own module, grouped as module-level statements, so an engine with another dialect adds
 its own set of statements beside them rather than a branch in every query. `app.py` picks
-the engine (today only `SqliteStore`).
+the engine of agentd.db, and memory.py that of memory.db (today only `SqliteStore`).
 """
 
 from __future__ import annotations
