@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,32 @@ async def test_close_finishes_pending_writes(tmp_path: Path) -> None:
             assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 20, mode
         finally:
             conn.close()
+
+
+async def test_a_close_cut_short_leaves_no_write_of_the_writer_thread_waiting(tmp_path: Path) -> None:
+    """A close cancelled while the writer thread runs a batch (the daemon's stop stage
+    timed out on a slow write) leaves that batch to commit and its writes resolved: the
+    close cancelled the task feeding the thread, and the batch's futures hung for ever."""
+    store = SqliteStore(tmp_path / "x.db", StoreConfig(synchronous="full"))
+    await store.open()
+    in_thread, release = threading.Event(), threading.Event()
+
+    def slow(conn: Connection) -> str:
+        in_thread.set()
+        release.wait(10)
+        return "committed"
+
+    try:
+        written = store.write(slow)
+        await asyncio.to_thread(in_thread.wait, 10)
+        # The op holds the thread until `release`: close cannot finish before the timeout.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(store.close(), 0.05)
+        release.set()
+        assert await asyncio.wait_for(written, 10) == "committed"
+    finally:
+        release.set()
+        await store.close()
 
 
 async def test_closed_store_refuses_reads_and_writes(tmp_path: Path) -> None:
