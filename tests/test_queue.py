@@ -61,6 +61,19 @@ async def test_enqueue_returns_after_the_row_is_committed(qt: Any) -> None:
     assert row == ("qt.echo", "queued", '{"value":1}')
 
 
+async def test_a_cancelled_enqueue_does_not_fail_the_others_of_its_tick(qt: Any) -> None:
+    """Single enqueues of a tick share one INSERT and one future: a caller cancelled while
+    it waited (its HTTP client gone) made the others raise CancelledError, their tasks
+    stored all the same. Now the others get their tasks."""
+    daemon, _, _ = await qt()
+    gone = asyncio.ensure_future(daemon.queue.enqueue("qt.echo", {"value": 1}, delay=60))
+    kept = asyncio.ensure_future(daemon.queue.enqueue("qt.echo", {"value": 2}, delay=60))
+    await asyncio.sleep(0)  # both wait on their tick's INSERT
+    gone.cancel()
+    record = await asyncio.wait_for(kept, 10)
+    assert record.args == {"value": 2} and record.status == "queued"
+
+
 async def test_bad_enqueues_are_refused_with_the_reason(qt: Any) -> None:
     daemon, _, _ = await qt()
     with pytest.raises(UnknownTaskError, match=r"qt\.missing"):

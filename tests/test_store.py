@@ -252,6 +252,27 @@ async def test_batched_values_are_written_by_one_op_per_transaction(store: Store
     assert pending.done() and pending.exception() is None
 
 
+async def test_a_cancelled_value_does_not_cancel_the_rest_of_its_batch(store: Store) -> None:
+    """Values of one batch share a future: a caller cancelled while it waits (an HTTP client
+    gone) cancelled that future, and every other value of the batch failed with
+    CancelledError though it was stored. Now only the cancelled caller sees its cancel."""
+    await create_table(store)
+
+    def write_values(conn: Connection, values: list[str]) -> list[str]:
+        conn.executemany("INSERT INTO t (v) VALUES (?)", [(v,) for v in values])
+        return [f"stored {v}" for v in values]
+
+    batched = BatchedWrite(store, write_values)
+    gone = asyncio.ensure_future(batched.submit("a"))
+    kept = asyncio.ensure_future(batched.submit("b"))
+    await asyncio.sleep(0)  # both wait on the batch's future
+    gone.cancel()
+    assert await asyncio.wait_for(kept, 10) == "stored b"
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert await count(store) == 2
+
+
 async def test_a_failing_op_fails_alone(store: Store) -> None:
     await create_table(store)
 

@@ -300,6 +300,16 @@ class Writer:
                 self._prober = None
 
 
+class _SharedFuture(asyncio.Future[T]):
+    """The future of a whole batch of values, which no waiter can cancel. A task cancelled
+    while it awaits a future cancels that future: a shared one would then fail every other
+    value's wait with CancelledError (their enqueues stored, yet reported as not), where
+    only the cancelled task should see its cancellation (once the batch has committed)."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
 class BatchedWrite(Generic[V, R]):
     """Values added between two transactions, written by one op in the next one.
 
@@ -321,7 +331,7 @@ class BatchedWrite(Generic[V, R]):
 
     def add(self, value: V) -> asyncio.Future[list[R]]:
         if self._future is None:
-            self._future = asyncio.get_running_loop().create_future()
+            self._future = _SharedFuture(loop=asyncio.get_running_loop())
         self._store.request_flush()
         self._values.append(value)
         return self._future
