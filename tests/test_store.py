@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -491,3 +492,29 @@ async def test_a_write_check_that_breaks_is_logged_and_close_ends_it(
     finally:
         await store.close()
     assert prober.done() and store._prober is None
+
+
+# --------------------------------------------------------------------------- the seam
+
+
+# Each table's statements in the one module that owns it, so an engine of another dialect
+# replaces them there. `meta` is the store's key-value table, shared by design.
+TABLE_OWNERS = {
+    "tasks": "taskqueue.py", "task_steps": "steps.py", "events": "eventlog.py",
+    "schedules": "scheduler.py", "digest_cursors": "digests.py", "hook_deliveries": "hooks.py",
+    "memories": "memory.py", "memories_fts": "memory.py", "memory_vectors": "memory.py",
+    "messages": "memory.py", "sessions": "memory.py", "schema_version": "migrations.py",
+}
+
+
+def test_each_table_is_written_and_read_only_by_its_owner() -> None:
+    package = Path(__file__).resolve().parent.parent / "daemon" / "agentd"
+    statement = re.compile(r"\b(?:FROM|UPDATE|INTO|JOIN)\s+(\w+)")
+    found: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        for table in statement.findall(path.read_text(encoding="utf-8")):
+            if table in TABLE_OWNERS:
+                found.setdefault(table, set()).add(path.name)
+    assert found["tasks"] and found["task_steps"]  # the scan sees the statements it is for
+    assert {table: owners for table, owners in found.items()
+            if owners != {TABLE_OWNERS[table]}} == {}

@@ -1,5 +1,7 @@
 """The durable queue's records and operations: enqueue, read, list, cancel, requeue, delete,
-and waiting for a result. Workers (worker.py) claim and settle tasks through it.
+and waiting for a result. Workers (worker.py) claim and settle tasks through it, with the
+ops at the end of this module (claim, acks, requeue, lease renewal): every statement on the
+`tasks` table is here (and `task_steps`' in steps.py), none in the parts that call them.
 
 Every operation is one grouped write (see `Store.write`), so it returns only once committed,
 and every state change is published on the bus after its commit:
@@ -37,7 +39,7 @@ from agentd.errors import (
     TaskStateError,
     UnknownTaskError,
 )
-from agentd.store import BatchedWrite, Connection, Row, Store
+from agentd.store import BatchedWrite, Connection, Row, Store, execute_rows
 from agentd.taskdef import TaskRegistry, encode_json
 
 # A task's status: the one definition of what the `status` column holds (its CHECK
@@ -677,3 +679,133 @@ def _raise_state(conn: Connection, task_id: int, action: str, allowed: str) -> N
     if row is None:
         raise TaskNotFoundError(f"no task with id {task_id}")
     raise TaskStateError(f"cannot {action} task {task_id}: it is {row[0]}, not {allowed}")
+
+# -- the workers' statements -----------------------------------------------------------------
+# A worker's claims, acks, requeues and lease renewals, each an op of the write connection
+# (run by `WorkerPool` through the store): the SQL on `tasks` stays in this module.
+
+# One row per ack: (status, result, error, finished_at, expires_at, id).
+ACK_STATEMENT = ("UPDATE tasks SET status = v.column1, result = v.column2, error = v.column3, "
+                 "finished_at = v.column4, expires_at = v.column5, lease_until = NULL "
+                 "FROM (VALUES {rows}) AS v WHERE tasks.id = v.column6")
+ACK_ROW = "(?,?,?,?,?,?)"
+
+
+def write_acks(conn: Connection, acks: list[tuple[Any, ...]]) -> list[None]:
+    """The final states of the attempts that ended since the last transaction, many per
+    statement."""
+    execute_rows(conn, ACK_STATEMENT, ACK_ROW, acks)
+    return []
+
+
+def claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budgets: dict[str, int],
+          lease: float) -> tuple[list[TaskRecord], float | None]:
+    """Mark up to `wanted` due tasks of `queue` running; return their records in claim
+    order, and when the next queued task comes due if not every slot was filled."""
+    now = time.time()
+    exclude = f"AND name NOT IN ({','.join('?' * len(blocked))})" if blocked else ""
+    # INDEXED BY: without ANALYZE statistics SQLite prefers tasks_due and sorts every row.
+    due = (f"FROM tasks INDEXED BY tasks_claim WHERE status = 'queued' AND queue = ? "
+           f"AND run_at <= ? {exclude} ORDER BY priority DESC, run_at, id LIMIT ?")
+    claim = ("UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?, "
+             "lease_until = ? WHERE id IN ({}) RETURNING " + CLAIMED_COLUMNS)
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    if budgets:
+        # Some names may start only so many more: pick in Python, then claim what was picked.
+        candidates = cursor.execute(
+            f"SELECT id, name {due}", (queue, now, *blocked, wanted + len(budgets) * wanted)).fetchall()
+        picked: list[int] = []
+        for task_id, name in candidates:
+            if len(picked) == wanted:
+                break
+            if name in budgets:
+                if budgets[name] <= 0:
+                    continue
+                budgets[name] -= 1
+            picked.append(task_id)
+        rows = cursor.execute(claim.format(",".join("?" * len(picked))),
+                              (now, now + lease, *picked)).fetchall() if picked else []
+    else:
+        # One statement: the usual case costs one execute and one fetch less.
+        rows = cursor.execute(claim.format(f"SELECT id {due}"),
+                              (now, now + lease, queue, now, *blocked, wanted)).fetchall()
+    records = [TaskRecord.claimed(values, now) for values in rows]
+    records.sort(key=_claim_order)  # RETURNING gives no particular order
+    if len(records) == wanted:
+        return records, None  # every free slot was filled; the loop claims again when one frees
+    exhausted = blocked | {name for name, left in budgets.items() if left <= 0}
+    exclude = f"AND name NOT IN ({','.join('?' * len(exhausted))})" if exhausted else ""
+    next_at = conn.execute(
+        f"SELECT min(run_at) FROM tasks INDEXED BY tasks_due WHERE status = 'queued' AND queue = ? "
+        f"{exclude}",
+        (queue, *exhausted)).fetchone()[0]
+    return records, next_at
+
+
+def _claim_order(record: TaskRecord) -> tuple[int, float, int]:
+    """The order tasks are claimed and started in: priority (highest first), due time, id."""
+    return -record.priority, record.run_at, record.id
+
+
+def requeue_attempt(
+    conn: Connection, *, task_id: int, run_at: float, error: str | None, undo_attempt: int,
+    finished_at: float, expires_at: float,
+) -> Literal["queued", "cancelled"]:
+    """Queue a task again after an attempt that did not end it (a retry, or a stop that
+    interrupted it, `undo_attempt` 1); return its status. A cancel stored on it meanwhile
+    ends it `cancelled` instead: a cancel is never undone by a retry."""
+    status: Literal["queued", "cancelled"] = conn.execute(
+        "UPDATE tasks SET status = iif(cancel_requested, 'cancelled', 'queued'), run_at = ?, "
+        "error = iif(cancel_requested, 'cancelled', ?), "
+        "finished_at = iif(cancel_requested, ?, NULL), expires_at = iif(cancel_requested, ?, NULL), "
+        "lease_until = NULL, attempts = attempts - iif(cancel_requested, 0, ?) WHERE id = ? "
+        "RETURNING status",
+        (run_at, error, finished_at, expires_at, undo_attempt, task_id)).fetchone()[0]
+    return status
+
+
+def unclaim(conn: Connection, *, task_ids: list[int]) -> None:
+    """Put tasks claimed ahead but never started back in the queue, their attempt unspent."""
+    conn.execute(
+        f"UPDATE tasks SET status = 'queued', attempts = attempts - 1, started_at = NULL, "
+        f"lease_until = NULL WHERE status = 'running' AND id IN ({','.join('?' * len(task_ids))})",
+        task_ids)
+
+
+def renew_and_reclaim(conn: Connection, *, running: list[int], lease_until: float, ttl: float,
+                      expired_only: bool) -> list[Row]:
+    """Extend the leases of the tasks listed in `running`; reclaim the rows left in state
+    running that nobody runs any more (orphans): requeue them, or end them (cancelled, or
+    dead with no attempt left). Return the reclaimed rows.
+
+    At start (`expired_only=False`) every running row was left by a dead process: we hold
+    the database lock. Later only rows whose lease has expired are taken back; a row
+    claimed after `running` was listed has a fresh lease and is left alone.
+    """
+    now = time.time()
+    marks = ",".join("?" * len(running))
+    if running:
+        conn.execute(f"UPDATE tasks SET lease_until = ? WHERE id IN ({marks})", (lease_until, *running))
+    others = f"AND id NOT IN ({marks})" if running else ""
+    expired = "AND lease_until < ?" if expired_only else ""
+    params = (*running, now) if expired_only else tuple(running)
+    orphans = conn.execute(
+        f"SELECT * FROM tasks WHERE status = 'running' {others} {expired}", params).fetchall()
+    changed: list[Row] = []
+    status: TaskStatus
+    for row in orphans:
+        if row["cancel_requested"]:
+            status, error = "cancelled", "cancelled"
+        elif row["attempts"] >= row["max_attempts"]:
+            status = "dead"
+            error = f"the process died during attempt {row['attempts']} of {row['max_attempts']}"
+        else:
+            status, error = "queued", f"the process died during attempt {row['attempts']}"
+        final = status != "queued"
+        changed.append(conn.execute(
+            "UPDATE tasks SET status = ?, error = ?, lease_until = NULL, run_at = ?, "
+            "finished_at = ?, expires_at = ? WHERE id = ? RETURNING *",
+            (status, error, now, now if final else None, now + ttl if final else None,
+             row["id"])).fetchone())
+    return changed
