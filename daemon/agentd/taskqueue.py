@@ -699,9 +699,15 @@ def write_acks(conn: Connection, acks: list[tuple[Any, ...]]) -> list[None]:
 
 
 def claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budgets: dict[str, int],
-          lease: float) -> tuple[list[TaskRecord], float | None]:
+          spent: dict[str, int], lease: float) -> tuple[list[TaskRecord], float | None]:
     """Mark up to `wanted` due tasks of `queue` running; return their records in claim
-    order, and when the next queued task comes due if not every slot was filled."""
+    order, and when the next queued task comes due if not every slot was filled.
+
+    `budgets` (how many more of each limited name may start) is shared by the claims of
+    one transaction, which spend it in turn; `spent`, this claim's own empty dict, records
+    what it took. A batch rolled back by another op's failure runs each op again alone:
+    the claim first gives back what its first run spent, or it would find the budget gone
+    and claim nothing, and, the name counted exhausted, not even wait for the task."""
     now = time.time()
     exclude = f"AND name NOT IN ({','.join('?' * len(blocked))})" if blocked else ""
     # INDEXED BY: without ANALYZE statistics SQLite prefers tasks_due and sorts every row.
@@ -712,6 +718,9 @@ def claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budge
     cursor = conn.cursor()
     cursor.row_factory = None
     if budgets:
+        for name, count in spent.items():
+            budgets[name] += count
+        spent.clear()
         # Some names may start only so many more: pick in Python, then claim what was picked.
         candidates = cursor.execute(
             f"SELECT id, name {due}", (queue, now, *blocked, wanted + len(budgets) * wanted)).fetchall()
@@ -723,6 +732,7 @@ def claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budge
                 if budgets[name] <= 0:
                     continue
                 budgets[name] -= 1
+                spent[name] = spent.get(name, 0) + 1
             picked.append(task_id)
         rows = cursor.execute(claim.format(",".join("?" * len(picked))),
                               (now, now + lease, *picked)).fetchall() if picked else []

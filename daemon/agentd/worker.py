@@ -342,7 +342,7 @@ class WorkerPool:
         for queue, future in self._claims.items():
             self.store.join_batch(partial(
                 claim, queue=queue, wanted=self._claim_size(queue), blocked=blocked, budgets=budgets,
-                lease=self.config.lease), future)
+                spent={}, lease=self.config.lease), future)
         self._claims.clear()
 
     def _name_budgets(self) -> tuple[set[str], dict[str, int]]:
