@@ -372,7 +372,7 @@ class TaskQueue:
 
     async def get(self, task_id: int) -> TaskRecord:
         _check_id(task_id)
-        row = await self.store.read_one("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        row = await self.store.read_one(_TASK, (task_id,))
         if row is None:
             raise TaskNotFoundError(f"no task with id {task_id}")
         return TaskRecord.from_row(row)
@@ -381,20 +381,20 @@ class TaskQueue:
         """Add one LLM call's token counts to the task's usage; return the new totals."""
 
         def op(conn: Connection) -> dict[str, int]:
-            row = conn.execute("SELECT usage FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            row = conn.execute(_USAGE, (task_id,)).fetchone()
             if row is None:
                 raise TaskNotFoundError(f"no task with id {task_id}")
             totals: dict[str, int] = {} if row[0] is None else json.loads(row[0])
             for key, count in usage.items():
                 totals[key] = totals.get(key, 0) + int(count)
-            conn.execute("UPDATE tasks SET usage = ? WHERE id = ?", (json.dumps(totals), task_id))
+            conn.execute(_SET_USAGE, (json.dumps(totals), task_id))
             return totals
 
         return await self.store.write(op)
 
     async def children(self, task_id: int) -> list[int]:
         _check_id(task_id)
-        rows = await self.store.read("SELECT id FROM tasks WHERE parent_id = ? ORDER BY id", (task_id,))
+        rows = await self.store.read(_CHILDREN, (task_id,))
         return [row["id"] for row in rows]
 
     async def descendants(self, task_id: int) -> list[int]:
@@ -458,7 +458,7 @@ class TaskQueue:
         ttl = self.config.result_ttl
 
         def op(conn: Connection) -> tuple[list[Row], list[int]]:
-            if conn.execute("SELECT 1 FROM tasks WHERE id = ?", (task_id,)).fetchone() is None:
+            if conn.execute(_EXISTS, (task_id,)).fetchone() is None:
                 raise TaskNotFoundError(f"no task with id {task_id}")
             tree = [row[0] for row in conn.execute(_DESCENDANTS, (task_id,))]
             marks = ",".join("?" * len(tree))
@@ -489,17 +489,10 @@ class TaskQueue:
         now = time.time()
 
         def op(conn: Connection) -> Row:
-            row: Row | None = conn.execute(
-                "UPDATE tasks SET status = 'queued', attempts = 0, run_at = ?, error = NULL, "
-                "result = NULL, cancel_requested = 0, finished_at = NULL, expires_at = NULL, "
-                f"lease_until = NULL WHERE id = ? AND status IN {_UNSUCCESSFUL_SQL} "
-                "RETURNING *", (now, task_id)).fetchone()
+            row: Row | None = conn.execute(_REQUEUE, (now, task_id)).fetchone()
             if row is None:
                 _raise_state(conn, task_id, "requeue", "dead, failed or cancelled")
-            conn.execute(
-                "UPDATE tasks SET idempotency_key = NULL WHERE parent_id = ? "
-                f"AND (status IN {_UNSUCCESSFUL_SQL} OR cancel_requested) "
-                "AND idempotency_key IS NOT NULL", (task_id,))
+            conn.execute(_FREE_UNSUCCESSFUL_CHILDREN_KEYS, (task_id,))
             return row
 
         record = TaskRecord.from_row(await self.store.write(op))
@@ -512,9 +505,7 @@ class TaskQueue:
         _check_id(task_id)
 
         def op(conn: Connection) -> None:
-            deleted = conn.execute(
-                f"DELETE FROM tasks WHERE id = ? AND status IN {_FINAL_SQL} RETURNING id",
-                (task_id,)).fetchone()
+            deleted = conn.execute(_DELETE, (task_id,)).fetchone()
             if deleted is None:
                 _raise_state(conn, task_id, "delete", "finished")
 
@@ -523,8 +514,7 @@ class TaskQueue:
     async def purge_expired(self) -> int:
         """Delete finished tasks whose result TTL has passed; return how many."""
         now = time.time()
-        return await self.store.write(lambda conn: conn.execute(
-            f"DELETE FROM tasks WHERE expires_at < ? AND status IN {_FINAL_SQL}", (now,)).rowcount)
+        return await self.store.write(lambda conn: conn.execute(_PURGE_EXPIRED, (now,)).rowcount)
 
     # -- results ---------------------------------------------------------------------------
 
@@ -587,6 +577,32 @@ class TaskQueue:
         )
 
 
+# The queue's statements on `tasks` (those built per call, for a list's filters or a
+# number of rows, are spelt where they are built; the workers' are at the end).
+_TASK = "SELECT * FROM tasks WHERE id = ?"
+_EXISTS = "SELECT 1 FROM tasks WHERE id = ?"
+_STATUS = "SELECT status FROM tasks WHERE id = ?"
+_CHILDREN = "SELECT id FROM tasks WHERE parent_id = ? ORDER BY id"
+_USAGE = "SELECT usage FROM tasks WHERE id = ?"
+_SET_USAGE = "UPDATE tasks SET usage = ? WHERE id = ?"
+_INSERT = f"INSERT INTO tasks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+# A child asked for as its parent's cancel committed: stored cancelled.
+_INSERT_CANCELLED = (
+    f"INSERT INTO tasks ({_COLUMNS}, cancel_requested, error, finished_at, expires_at) "
+    "VALUES (?,?,?,'cancelled',?,?,?,?,?,?,?,?, 1, 'cancelled', ?, ?) RETURNING *")
+_BY_KEY = "SELECT * FROM tasks WHERE idempotency_key = ?"
+_FREE_KEY = "UPDATE tasks SET idempotency_key = NULL WHERE id = ?"
+_BEING_CANCELLED = "SELECT 1 FROM tasks WHERE id = ? AND cancel_requested"
+_REQUEUE = (
+    "UPDATE tasks SET status = 'queued', attempts = 0, run_at = ?, error = NULL, "
+    "result = NULL, cancel_requested = 0, finished_at = NULL, expires_at = NULL, "
+    f"lease_until = NULL WHERE id = ? AND status IN {_UNSUCCESSFUL_SQL} RETURNING *")
+_FREE_UNSUCCESSFUL_CHILDREN_KEYS = (
+    "UPDATE tasks SET idempotency_key = NULL WHERE parent_id = ? "
+    f"AND (status IN {_UNSUCCESSFUL_SQL} OR cancel_requested) AND idempotency_key IS NOT NULL")
+_DELETE = f"DELETE FROM tasks WHERE id = ? AND status IN {_FINAL_SQL} RETURNING id"
+_PURGE_EXPIRED = f"DELETE FROM tasks WHERE expires_at < ? AND status IN {_FINAL_SQL}"
+
 _COUNTS = f"""
 SELECT 'queued', count(*) FROM tasks INDEXED BY tasks_claim WHERE status = 'queued'
 UNION ALL SELECT 'running', count(*) FROM tasks INDEXED BY tasks_running WHERE status = 'running'
@@ -612,25 +628,21 @@ def _insert_tasks(
     if len(prepared) > 1 and all(values[8] is None and values[9] is None for values in prepared):
         return _insert_many(conn, prepared)
     out: list[int | Row] = []
-    insert = f"INSERT INTO tasks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
     for values, window in zip(prepared, windows, strict=True):
         key, parent_id = values[8], values[9]
         if key is not None:
-            existing = conn.execute("SELECT * FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
+            existing = conn.execute(_BY_KEY, (key,)).fetchone()
             if existing is not None:
                 if existing["created_at"] >= now - window:
                     out.append(existing)
                     continue
                 # Past its window the key is free again; the old task keeps its history.
-                conn.execute("UPDATE tasks SET idempotency_key = NULL WHERE id = ?", (existing["id"],))
-        if parent_id is not None and conn.execute(
-                "SELECT 1 FROM tasks WHERE id = ? AND cancel_requested", (parent_id,)).fetchone():
+                conn.execute(_FREE_KEY, (existing["id"],))
+        if parent_id is not None and conn.execute(_BEING_CANCELLED, (parent_id,)).fetchone():
             out.append(conn.execute(
-                f"INSERT INTO tasks ({_COLUMNS}, cancel_requested, error, finished_at, expires_at) "
-                "VALUES (?,?,?,'cancelled',?,?,?,?,?,?,?,?, 1, 'cancelled', ?, ?) RETURNING *",
-                (*values[:3], *values[4:], now, now + ttl)).fetchone())
+                _INSERT_CANCELLED, (*values[:3], *values[4:], now, now + ttl)).fetchone())
             continue
-        task_id = conn.execute(insert, values).lastrowid
+        task_id = conn.execute(_INSERT, values).lastrowid
         if task_id is None:
             raise RuntimeError("SQLite returned no id for an inserted task")
         out.append(task_id)
@@ -675,7 +687,7 @@ def _check_id(task_id: int) -> None:
 
 
 def _raise_state(conn: Connection, task_id: int, action: str, allowed: str) -> NoReturn:
-    row = conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    row = conn.execute(_STATUS, (task_id,)).fetchone()
     if row is None:
         raise TaskNotFoundError(f"no task with id {task_id}")
     raise TaskStateError(f"cannot {action} task {task_id}: it is {row[0]}, not {allowed}")

@@ -18,9 +18,11 @@ The seam. A part is handed a `Store` and calls only what it declares: `write` (a
 the write connection inside a grouped transaction), `join_batch`/`add_rider`/
 `request_flush` (writes sized when a batch is taken), `read`/`read_one` (queries off the
 loop) and the lifecycle and maintenance calls the daemon makes. Each part keeps its SQL in
-its own module, grouped as module-level statements, so an engine with another dialect adds
-its own set of statements beside them rather than a branch in every query. `app.py` picks
-the engine (today only `SqliteStore`).
+its own module, grouped as module-level statements (every statement on `tasks` in
+taskqueue.py, on `task_steps` in steps.py, on `events` in eventlog.py...), so an engine with
+another dialect adds its own set of statements beside them rather than a branch in every
+query. `app.py` picks the engine of agentd.db and memory.py that of memory.db (today only
+`SqliteStore`).
 """
 
 from __future__ import annotations
