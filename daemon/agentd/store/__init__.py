@@ -80,10 +80,11 @@ class Store(Protocol):
     def request_flush(self) -> None:
         """Make sure a batch is taken soon (a rider has writes to add)."""
 
-    async def read(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
-        """Rows of a read-only query, run off the event loop."""
+    async def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Row]:
+        """Rows of a read-only query, run off the event loop. Parameters are positional
+        only: asyncpg, the PostgreSQL driver to come, binds no named ones."""
 
-    async def read_one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Row | None:
+    async def read_one(self, sql: str, params: tuple[Any, ...] = ()) -> Row | None:
         """The first row of `read(sql, params)`, or None."""
 
     async def check_writable(self) -> None:
