@@ -28,8 +28,7 @@ from agentd.eventlog import INSERT_EVENTS
 from agentd.jsontext import lenient_encoder
 from agentd.store.driver import plain_driver
 from agentd.store.writer import execute_rows
-from agentd.taskqueue import CLAIMED_COLUMNS
-from agentd.worker import ACK_ROW, ACK_STATEMENT
+from agentd.taskqueue import ACK_ROW, ACK_STATEMENT, CLAIMED_COLUMNS
 
 
 def main() -> None:

@@ -10,12 +10,14 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
+from agentd.config import StoreConfig
 from agentd.errors import (
     InvalidTaskError,
     StoreBusyError,
@@ -23,7 +25,9 @@ from agentd.errors import (
     TaskNotFoundError,
     UnknownTaskError,
 )
-from agentd.taskqueue import TaskRecord, TaskRequest
+from agentd.store import Connection
+from agentd.store.sqlite import SqliteStore
+from agentd.taskqueue import TaskRecord, TaskRequest, claim
 
 FAST_RETRIES = {"retry_base": 0.01, "retry_max": 0.02}
 
@@ -59,6 +63,45 @@ async def test_enqueue_returns_after_the_row_is_committed(qt: Any) -> None:
     with sqlite3.connect(daemon.store.path) as other:
         row = other.execute("SELECT name, status, args FROM tasks WHERE id = ?", (record.id,)).fetchone()
     assert row == ("qt.echo", "queued", '{"value":1}')
+
+
+async def test_a_cancelled_enqueue_does_not_fail_the_others_of_its_tick(qt: Any) -> None:
+    """Single enqueues of a tick share one INSERT and one future: a caller cancelled while
+    it waited (its HTTP client gone) made the others raise CancelledError, their tasks
+    stored all the same. Now the others get their tasks."""
+    daemon, _, _ = await qt()
+    gone = asyncio.ensure_future(daemon.queue.enqueue("qt.echo", {"value": 1}, delay=60))
+    kept = asyncio.ensure_future(daemon.queue.enqueue("qt.echo", {"value": 2}, delay=60))
+    await asyncio.sleep(0)  # both wait on their tick's INSERT
+    gone.cancel()
+    record = await asyncio.wait_for(kept, 10)
+    assert record.args == {"value": 2} and record.status == "queued"
+
+
+async def test_a_limited_claim_rolled_back_with_its_batch_claims_again(tmp_path: Path) -> None:
+    """A claim shares its transaction with other writes; when one of them fails, every op
+    is run again alone. The claim of a concurrency-limited task had spent the name's budget
+    on its first run: run again it claimed nothing and, the name counted exhausted, its
+    queue would not even wait for the task's due time (a stall until something woke it)."""
+    store = SqliteStore(tmp_path / "agentd.db", StoreConfig(), extensions=False)
+    await store.open()
+    try:
+        now = time.time()
+        await store.write(lambda conn: conn.execute(
+            "INSERT INTO tasks (queue, name, args, status, priority, run_at, max_attempts, "
+            "created_at) VALUES ('default', 'qt.limited', '{}', 'queued', 0, ?, 3, ?)", (now, now)))
+        claimed = store.join_batch(partial(claim, queue="default", wanted=1, blocked=set(),
+                                           budgets={"qt.limited": 1}, spent={}, lease=30.0))
+
+        def refused(conn: Connection) -> None:
+            raise TaskNotFoundError("no task with id 99")  # a cancel of an unknown task
+
+        with pytest.raises(TaskNotFoundError):
+            await store.write(refused)  # joins the claim's batch, and fails it
+        records, _ = await asyncio.wait_for(claimed, 10)
+        assert [record.name for record in records] == ["qt.limited"]
+    finally:
+        await store.close()
 
 
 async def test_bad_enqueues_are_refused_with_the_reason(qt: Any) -> None:

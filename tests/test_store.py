@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -251,6 +253,27 @@ async def test_batched_values_are_written_by_one_op_per_transaction(store: Store
     assert pending.done() and pending.exception() is None
 
 
+async def test_a_cancelled_value_does_not_cancel_the_rest_of_its_batch(store: Store) -> None:
+    """Values of one batch share a future: a caller cancelled while it waits (an HTTP client
+    gone) cancelled that future, and every other value of the batch failed with
+    CancelledError though it was stored. Now only the cancelled caller sees its cancel."""
+    await create_table(store)
+
+    def write_values(conn: Connection, values: list[str]) -> list[str]:
+        conn.executemany("INSERT INTO t (v) VALUES (?)", [(v,) for v in values])
+        return [f"stored {v}" for v in values]
+
+    batched = BatchedWrite(store, write_values)
+    gone = asyncio.ensure_future(batched.submit("a"))
+    kept = asyncio.ensure_future(batched.submit("b"))
+    await asyncio.sleep(0)  # both wait on the batch's future
+    gone.cancel()
+    assert await asyncio.wait_for(kept, 10) == "stored b"
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert await count(store) == 2
+
+
 async def test_a_failing_op_fails_alone(store: Store) -> None:
     await create_table(store)
 
@@ -310,6 +333,32 @@ async def test_close_finishes_pending_writes(tmp_path: Path) -> None:
             assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 20, mode
         finally:
             conn.close()
+
+
+async def test_a_close_cut_short_leaves_no_write_of_the_writer_thread_waiting(tmp_path: Path) -> None:
+    """A close cancelled while the writer thread runs a batch (the daemon's stop stage
+    timed out on a slow write) leaves that batch to commit and its writes resolved: the
+    close cancelled the task feeding the thread, and the batch's futures hung for ever."""
+    store = SqliteStore(tmp_path / "x.db", StoreConfig(synchronous="full"))
+    await store.open()
+    in_thread, release = threading.Event(), threading.Event()
+
+    def slow(conn: Connection) -> str:
+        in_thread.set()
+        release.wait(10)
+        return "committed"
+
+    try:
+        written = store.write(slow)
+        await asyncio.to_thread(in_thread.wait, 10)
+        # The op holds the thread until `release`: close cannot finish before the timeout.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(store.close(), 0.05)
+        release.set()
+        assert await asyncio.wait_for(written, 10) == "committed"
+    finally:
+        release.set()
+        await store.close()
 
 
 async def test_closed_store_refuses_reads_and_writes(tmp_path: Path) -> None:
@@ -443,3 +492,29 @@ async def test_a_write_check_that_breaks_is_logged_and_close_ends_it(
     finally:
         await store.close()
     assert prober.done() and store._prober is None
+
+
+# --------------------------------------------------------------------------- the seam
+
+
+# Each table's statements in the one module that owns it, so an engine of another dialect
+# replaces them there. `meta` is the store's key-value table, shared by design.
+TABLE_OWNERS = {
+    "tasks": "taskqueue.py", "task_steps": "steps.py", "events": "eventlog.py",
+    "schedules": "scheduler.py", "digest_cursors": "digests.py", "hook_deliveries": "hooks.py",
+    "memories": "memory.py", "memories_fts": "memory.py", "memory_vectors": "memory.py",
+    "messages": "memory.py", "sessions": "memory.py", "schema_version": "migrations.py",
+}
+
+
+def test_each_table_is_written_and_read_only_by_its_owner() -> None:
+    package = Path(__file__).resolve().parent.parent / "daemon" / "agentd"
+    statement = re.compile(r"\b(?:FROM|UPDATE|INTO|JOIN)\s+(\w+)")
+    found: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        for table in statement.findall(path.read_text(encoding="utf-8")):
+            if table in TABLE_OWNERS:
+                found.setdefault(table, set()).add(path.name)
+    assert found["tasks"] and found["task_steps"]  # the scan sees the statements it is for
+    assert {table: owners for table, owners in found.items()
+            if owners != {TABLE_OWNERS[table]}} == {}

@@ -37,6 +37,15 @@ if TYPE_CHECKING:
 
 SEND_DIGEST_TASK = "agentd.send_digest"
 
+# The statements on `digest_cursors`, all of them: per digest, the last event mailed and the
+# last of a send under way (`pending_last_id`, set before the mail goes out).
+_START_CURSOR = ("INSERT INTO digest_cursors (name, last_event_id, sent_at) VALUES (?, ?, ?) "
+                 "ON CONFLICT (name) DO NOTHING")
+_CURSOR = "SELECT last_event_id, pending_last_id FROM digest_cursors WHERE name = ?"
+_MARK_PENDING = "UPDATE digest_cursors SET pending_last_id = ? WHERE name = ?"
+_MARK_SENT = ("UPDATE digest_cursors SET last_event_id = ?, pending_last_id = NULL, sent_at = ? "
+              "WHERE name = ?")
+
 
 class Digests:
     """The configured digests: their task, their schedules and their counters."""
@@ -78,9 +87,7 @@ class Digests:
         now, last = time.time(), self._bus.last_id
 
         def op(conn: Connection) -> None:
-            conn.executemany(
-                "INSERT INTO digest_cursors (name, last_event_id, sent_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (name) DO NOTHING", [(name, last, now) for name in self.specs])
+            conn.executemany(_START_CURSOR, [(name, last, now) for name in self.specs])
 
         await self._store.write(op)
         for spec in self.specs.values():
@@ -118,8 +125,7 @@ class Digests:
             return await self._send(spec, at_least)
 
     async def _send(self, spec: DigestSpec, at_least: int) -> dict[str, Any]:
-        row = await self._store.read_one(
-            "SELECT last_event_id, pending_last_id FROM digest_cursors WHERE name = ?", (spec.name,))
+        row = await self._store.read_one(_CURSOR, (spec.name,))
         cursor = row["last_event_id"] if row is not None else 0
         pending: int | None = row["pending_last_id"] if row is not None else None
         matches = spec.topics.matches
@@ -133,8 +139,7 @@ class Digests:
             if len(events) < at_least:
                 return {"sent": 0, "pending": len(events)}
             pending = events[-1].id
-            await self._store.write(lambda conn: conn.execute(
-                "UPDATE digest_cursors SET pending_last_id = ? WHERE name = ?", (pending, spec.name)))
+            await self._store.write(lambda conn: conn.execute(_MARK_PENDING, (pending, spec.name)))
         if events:
             text = "\n".join(_line(e) for e in events)
             args = message_args(list(spec.to), f"{spec.subject} ({len(events)} events)", text, None)
@@ -143,8 +148,7 @@ class Digests:
                 await self._queue.enqueue(SEND_MAIL_TASK, {**args, "to": sent["try_later"]},
                                           idempotency_key=f"digest:{spec.name}:{pending}:try-later")
         await self._store.write(lambda conn: conn.execute(
-            "UPDATE digest_cursors SET last_event_id = ?, pending_last_id = NULL, sent_at = ? "
-            "WHERE name = ?", (pending, time.time(), spec.name)))
+            _MARK_SENT, (pending, time.time(), spec.name)))
         first = events[0].id if events else None
         return {"sent": len(events), "first_event_id": first, "last_event_id": pending}
 

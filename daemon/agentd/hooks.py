@@ -34,6 +34,12 @@ _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 
 _log = get_logger("hooks")
 
+# The statements on `hook_deliveries`, all of them: the delivery ids taken, each refused
+# again until its `refuse_until`.
+_TAKEN = "SELECT 1 FROM hook_deliveries WHERE hook = ? AND delivery_id = ? AND refuse_until >= ?"
+_FORGET_EXPIRED = "DELETE FROM hook_deliveries WHERE refuse_until < ?"
+_TAKE = "INSERT OR REPLACE INTO hook_deliveries (hook, delivery_id, refuse_until) VALUES (?, ?, ?)"
+
 
 def _header_bytes(value: str) -> bytes:
     # aiohttp decodes header bytes with surrogateescape: a plain encode() raises on them.
@@ -198,17 +204,14 @@ class InboundHooks:
         self._in_flight.add(key)
         held_for_good = False
         try:
-            if await self._store.read_one(
-                    "SELECT 1 FROM hook_deliveries WHERE hook = ? AND delivery_id = ? AND refuse_until >= ?",
-                    (*key, time.time())) is not None:
+            if await self._store.read_one(_TAKEN, (*key, time.time())) is not None:
                 raise refused
             yield
             now = time.time()
 
             def record(conn: Connection) -> None:
-                conn.execute("DELETE FROM hook_deliveries WHERE refuse_until < ?", (now,))
-                conn.execute("INSERT OR REPLACE INTO hook_deliveries (hook, delivery_id, refuse_until) "
-                             "VALUES (?, ?, ?)", (*key, delivery.refuse_repeats_until))
+                conn.execute(_FORGET_EXPIRED, (now,))
+                conn.execute(_TAKE, (*key, delivery.refuse_repeats_until))
 
             try:
                 await self._store.write(record)

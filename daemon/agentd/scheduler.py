@@ -56,6 +56,20 @@ _RETRY_FAILED = 60.0
 # Seconds before a fire the store refused (a full disk) is tried again.
 _RETRY_REFUSED = 5.0
 
+# The statements on `schedules`, all of them (a fire's tasks are the queue's to write).
+_SCHEDULES = "SELECT * FROM schedules"
+_SAVE = (
+    "INSERT INTO schedules (id, source, spec, paused, next_fire, last_fire, last_task_id, "
+    "last_outcome, fires, misses, failures_in_row, owed_fire, created_at, updated_at) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
+    "source = excluded.source, spec = excluded.spec, paused = excluded.paused, "
+    "next_fire = excluded.next_fire, last_fire = excluded.last_fire, "
+    "last_task_id = excluded.last_task_id, last_outcome = excluded.last_outcome, "
+    "fires = excluded.fires, misses = excluded.misses, "
+    "failures_in_row = excluded.failures_in_row, owed_fire = excluded.owed_fire, "
+    "updated_at = excluded.updated_at")
+_DELETE = "DELETE FROM schedules WHERE id = ?"
+
 
 class Clock(Protocol):
     """Time for the scheduler; tests swap in a clock they move by hand."""
@@ -155,7 +169,7 @@ class Scheduler:
         for spec, source in declared:
             self._check_action(spec, f"{source} schedule {spec.id!r}: ")
         now = self.clock.now()
-        rows = await self.store.read("SELECT * FROM schedules")
+        rows = await self.store.read(_SCHEDULES)
         stored = {row["id"]: ScheduleState.from_row(row) for row in rows}
         wanted = {spec.id: (spec, source) for spec, source in declared}
         for schedule_id, state in stored.items():
@@ -475,16 +489,7 @@ class Scheduler:
                   state.next_fire, state.last_fire, state.last_task_id, state.last_outcome,
                   state.fires, state.misses, state.failures_in_row, state.owed_fire,
                   state.created_at or now, now)
-        await self.store.write(lambda conn: conn.execute(
-            "INSERT INTO schedules (id, source, spec, paused, next_fire, last_fire, last_task_id, "
-            "last_outcome, fires, misses, failures_in_row, owed_fire, created_at, updated_at) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
-            "source = excluded.source, spec = excluded.spec, paused = excluded.paused, "
-            "next_fire = excluded.next_fire, last_fire = excluded.last_fire, "
-            "last_task_id = excluded.last_task_id, last_outcome = excluded.last_outcome, "
-            "fires = excluded.fires, misses = excluded.misses, "
-            "failures_in_row = excluded.failures_in_row, owed_fire = excluded.owed_fire, "
-            "updated_at = excluded.updated_at", values))
+        await self.store.write(lambda conn: conn.execute(_SAVE, values))
 
 
 @dataclass(slots=True)
@@ -540,7 +545,7 @@ def _first_at_or_after(trigger: Any, moment: float) -> float | None:
 
 
 def _delete(schedule_id: str) -> Callable[[Connection], Any]:
-    return lambda conn: conn.execute("DELETE FROM schedules WHERE id = ?", (schedule_id,))
+    return lambda conn: conn.execute(_DELETE, (schedule_id,))
 
 
 def _first_fire(spec: ScheduleSpec, now: float, fired_at: float | None = None) -> float | None:

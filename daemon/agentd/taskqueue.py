@@ -1,5 +1,7 @@
 """The durable queue's records and operations: enqueue, read, list, cancel, requeue, delete,
-and waiting for a result. Workers (worker.py) claim and settle tasks through it.
+and waiting for a result. Workers (worker.py) claim and settle tasks through it, with the
+ops at the end of this module (claim, acks, requeue, lease renewal): every statement on the
+`tasks` table is here (and `task_steps`' in steps.py), none in the parts that call them.
 
 Every operation is one grouped write (see `Store.write`), so it returns only once committed,
 and every state change is published on the bus after its commit:
@@ -37,7 +39,7 @@ from agentd.errors import (
     TaskStateError,
     UnknownTaskError,
 )
-from agentd.store import BatchedWrite, Connection, Row, Store
+from agentd.store import BatchedWrite, Connection, Row, Store, execute_rows
 from agentd.taskdef import TaskRegistry, encode_json
 
 # A task's status: the one definition of what the `status` column holds (its CHECK
@@ -370,7 +372,7 @@ class TaskQueue:
 
     async def get(self, task_id: int) -> TaskRecord:
         _check_id(task_id)
-        row = await self.store.read_one("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        row = await self.store.read_one(_TASK, (task_id,))
         if row is None:
             raise TaskNotFoundError(f"no task with id {task_id}")
         return TaskRecord.from_row(row)
@@ -379,20 +381,20 @@ class TaskQueue:
         """Add one LLM call's token counts to the task's usage; return the new totals."""
 
         def op(conn: Connection) -> dict[str, int]:
-            row = conn.execute("SELECT usage FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            row = conn.execute(_USAGE, (task_id,)).fetchone()
             if row is None:
                 raise TaskNotFoundError(f"no task with id {task_id}")
             totals: dict[str, int] = {} if row[0] is None else json.loads(row[0])
             for key, count in usage.items():
                 totals[key] = totals.get(key, 0) + int(count)
-            conn.execute("UPDATE tasks SET usage = ? WHERE id = ?", (json.dumps(totals), task_id))
+            conn.execute(_SET_USAGE, (json.dumps(totals), task_id))
             return totals
 
         return await self.store.write(op)
 
     async def children(self, task_id: int) -> list[int]:
         _check_id(task_id)
-        rows = await self.store.read("SELECT id FROM tasks WHERE parent_id = ? ORDER BY id", (task_id,))
+        rows = await self.store.read(_CHILDREN, (task_id,))
         return [row["id"] for row in rows]
 
     async def descendants(self, task_id: int) -> list[int]:
@@ -456,7 +458,7 @@ class TaskQueue:
         ttl = self.config.result_ttl
 
         def op(conn: Connection) -> tuple[list[Row], list[int]]:
-            if conn.execute("SELECT 1 FROM tasks WHERE id = ?", (task_id,)).fetchone() is None:
+            if conn.execute(_EXISTS, (task_id,)).fetchone() is None:
                 raise TaskNotFoundError(f"no task with id {task_id}")
             tree = [row[0] for row in conn.execute(_DESCENDANTS, (task_id,))]
             marks = ",".join("?" * len(tree))
@@ -487,17 +489,10 @@ class TaskQueue:
         now = time.time()
 
         def op(conn: Connection) -> Row:
-            row: Row | None = conn.execute(
-                "UPDATE tasks SET status = 'queued', attempts = 0, run_at = ?, error = NULL, "
-                "result = NULL, cancel_requested = 0, finished_at = NULL, expires_at = NULL, "
-                f"lease_until = NULL WHERE id = ? AND status IN {_UNSUCCESSFUL_SQL} "
-                "RETURNING *", (now, task_id)).fetchone()
+            row: Row | None = conn.execute(_REQUEUE, (now, task_id)).fetchone()
             if row is None:
                 _raise_state(conn, task_id, "requeue", "dead, failed or cancelled")
-            conn.execute(
-                "UPDATE tasks SET idempotency_key = NULL WHERE parent_id = ? "
-                f"AND (status IN {_UNSUCCESSFUL_SQL} OR cancel_requested) "
-                "AND idempotency_key IS NOT NULL", (task_id,))
+            conn.execute(_FREE_UNSUCCESSFUL_CHILDREN_KEYS, (task_id,))
             return row
 
         record = TaskRecord.from_row(await self.store.write(op))
@@ -510,9 +505,7 @@ class TaskQueue:
         _check_id(task_id)
 
         def op(conn: Connection) -> None:
-            deleted = conn.execute(
-                f"DELETE FROM tasks WHERE id = ? AND status IN {_FINAL_SQL} RETURNING id",
-                (task_id,)).fetchone()
+            deleted = conn.execute(_DELETE, (task_id,)).fetchone()
             if deleted is None:
                 _raise_state(conn, task_id, "delete", "finished")
 
@@ -521,8 +514,7 @@ class TaskQueue:
     async def purge_expired(self) -> int:
         """Delete finished tasks whose result TTL has passed; return how many."""
         now = time.time()
-        return await self.store.write(lambda conn: conn.execute(
-            f"DELETE FROM tasks WHERE expires_at < ? AND status IN {_FINAL_SQL}", (now,)).rowcount)
+        return await self.store.write(lambda conn: conn.execute(_PURGE_EXPIRED, (now,)).rowcount)
 
     # -- results ---------------------------------------------------------------------------
 
@@ -585,6 +577,32 @@ class TaskQueue:
         )
 
 
+# The queue's statements on `tasks` (those built per call, for a list's filters or a
+# number of rows, are spelt where they are built; the workers' are at the end).
+_TASK = "SELECT * FROM tasks WHERE id = ?"
+_EXISTS = "SELECT 1 FROM tasks WHERE id = ?"
+_STATUS = "SELECT status FROM tasks WHERE id = ?"
+_CHILDREN = "SELECT id FROM tasks WHERE parent_id = ? ORDER BY id"
+_USAGE = "SELECT usage FROM tasks WHERE id = ?"
+_SET_USAGE = "UPDATE tasks SET usage = ? WHERE id = ?"
+_INSERT = f"INSERT INTO tasks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+# A child asked for as its parent's cancel committed: stored cancelled.
+_INSERT_CANCELLED = (
+    f"INSERT INTO tasks ({_COLUMNS}, cancel_requested, error, finished_at, expires_at) "
+    "VALUES (?,?,?,'cancelled',?,?,?,?,?,?,?,?, 1, 'cancelled', ?, ?) RETURNING *")
+_BY_KEY = "SELECT * FROM tasks WHERE idempotency_key = ?"
+_FREE_KEY = "UPDATE tasks SET idempotency_key = NULL WHERE id = ?"
+_BEING_CANCELLED = "SELECT 1 FROM tasks WHERE id = ? AND cancel_requested"
+_REQUEUE = (
+    "UPDATE tasks SET status = 'queued', attempts = 0, run_at = ?, error = NULL, "
+    "result = NULL, cancel_requested = 0, finished_at = NULL, expires_at = NULL, "
+    f"lease_until = NULL WHERE id = ? AND status IN {_UNSUCCESSFUL_SQL} RETURNING *")
+_FREE_UNSUCCESSFUL_CHILDREN_KEYS = (
+    "UPDATE tasks SET idempotency_key = NULL WHERE parent_id = ? "
+    f"AND (status IN {_UNSUCCESSFUL_SQL} OR cancel_requested) AND idempotency_key IS NOT NULL")
+_DELETE = f"DELETE FROM tasks WHERE id = ? AND status IN {_FINAL_SQL} RETURNING id"
+_PURGE_EXPIRED = f"DELETE FROM tasks WHERE expires_at < ? AND status IN {_FINAL_SQL}"
+
 _COUNTS = f"""
 SELECT 'queued', count(*) FROM tasks INDEXED BY tasks_claim WHERE status = 'queued'
 UNION ALL SELECT 'running', count(*) FROM tasks INDEXED BY tasks_running WHERE status = 'running'
@@ -610,25 +628,21 @@ def _insert_tasks(
     if len(prepared) > 1 and all(values[8] is None and values[9] is None for values in prepared):
         return _insert_many(conn, prepared)
     out: list[int | Row] = []
-    insert = f"INSERT INTO tasks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
     for values, window in zip(prepared, windows, strict=True):
         key, parent_id = values[8], values[9]
         if key is not None:
-            existing = conn.execute("SELECT * FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
+            existing = conn.execute(_BY_KEY, (key,)).fetchone()
             if existing is not None:
                 if existing["created_at"] >= now - window:
                     out.append(existing)
                     continue
                 # Past its window the key is free again; the old task keeps its history.
-                conn.execute("UPDATE tasks SET idempotency_key = NULL WHERE id = ?", (existing["id"],))
-        if parent_id is not None and conn.execute(
-                "SELECT 1 FROM tasks WHERE id = ? AND cancel_requested", (parent_id,)).fetchone():
+                conn.execute(_FREE_KEY, (existing["id"],))
+        if parent_id is not None and conn.execute(_BEING_CANCELLED, (parent_id,)).fetchone():
             out.append(conn.execute(
-                f"INSERT INTO tasks ({_COLUMNS}, cancel_requested, error, finished_at, expires_at) "
-                "VALUES (?,?,?,'cancelled',?,?,?,?,?,?,?,?, 1, 'cancelled', ?, ?) RETURNING *",
-                (*values[:3], *values[4:], now, now + ttl)).fetchone())
+                _INSERT_CANCELLED, (*values[:3], *values[4:], now, now + ttl)).fetchone())
             continue
-        task_id = conn.execute(insert, values).lastrowid
+        task_id = conn.execute(_INSERT, values).lastrowid
         if task_id is None:
             raise RuntimeError("SQLite returned no id for an inserted task")
         out.append(task_id)
@@ -673,7 +687,147 @@ def _check_id(task_id: int) -> None:
 
 
 def _raise_state(conn: Connection, task_id: int, action: str, allowed: str) -> NoReturn:
-    row = conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    row = conn.execute(_STATUS, (task_id,)).fetchone()
     if row is None:
         raise TaskNotFoundError(f"no task with id {task_id}")
     raise TaskStateError(f"cannot {action} task {task_id}: it is {row[0]}, not {allowed}")
+
+# -- the workers' statements -----------------------------------------------------------------
+# A worker's claims, acks, requeues and lease renewals, each an op of the write connection
+# (run by `WorkerPool` through the store): the SQL on `tasks` stays in this module.
+
+# One row per ack: (status, result, error, finished_at, expires_at, id).
+ACK_STATEMENT = ("UPDATE tasks SET status = v.column1, result = v.column2, error = v.column3, "
+                 "finished_at = v.column4, expires_at = v.column5, lease_until = NULL "
+                 "FROM (VALUES {rows}) AS v WHERE tasks.id = v.column6")
+ACK_ROW = "(?,?,?,?,?,?)"
+
+
+def write_acks(conn: Connection, acks: list[tuple[Any, ...]]) -> list[None]:
+    """The final states of the attempts that ended since the last transaction, many per
+    statement."""
+    execute_rows(conn, ACK_STATEMENT, ACK_ROW, acks)
+    return []
+
+
+def claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budgets: dict[str, int],
+          spent: dict[str, int], lease: float) -> tuple[list[TaskRecord], float | None]:
+    """Mark up to `wanted` due tasks of `queue` running; return their records in claim
+    order, and when the next queued task comes due if not every slot was filled.
+
+    `budgets` (how many more of each limited name may start) is shared by the claims of
+    one transaction, which spend it in turn; `spent`, this claim's own empty dict, records
+    what it took. A batch rolled back by another op's failure runs each op again alone:
+    the claim first gives back what its first run spent, or it would find the budget gone
+    and claim nothing, and, the name counted exhausted, not even wait for the task."""
+    now = time.time()
+    exclude = f"AND name NOT IN ({','.join('?' * len(blocked))})" if blocked else ""
+    # INDEXED BY: without ANALYZE statistics SQLite prefers tasks_due and sorts every row.
+    due = (f"FROM tasks INDEXED BY tasks_claim WHERE status = 'queued' AND queue = ? "
+           f"AND run_at <= ? {exclude} ORDER BY priority DESC, run_at, id LIMIT ?")
+    claim = ("UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?, "
+             "lease_until = ? WHERE id IN ({}) RETURNING " + CLAIMED_COLUMNS)
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    if budgets:
+        for name, count in spent.items():
+            budgets[name] += count
+        spent.clear()
+        # Some names may start only so many more: pick in Python, then claim what was picked.
+        candidates = cursor.execute(
+            f"SELECT id, name {due}", (queue, now, *blocked, wanted + len(budgets) * wanted)).fetchall()
+        picked: list[int] = []
+        for task_id, name in candidates:
+            if len(picked) == wanted:
+                break
+            if name in budgets:
+                if budgets[name] <= 0:
+                    continue
+                budgets[name] -= 1
+                spent[name] = spent.get(name, 0) + 1
+            picked.append(task_id)
+        rows = cursor.execute(claim.format(",".join("?" * len(picked))),
+                              (now, now + lease, *picked)).fetchall() if picked else []
+    else:
+        # One statement: the usual case costs one execute and one fetch less.
+        rows = cursor.execute(claim.format(f"SELECT id {due}"),
+                              (now, now + lease, queue, now, *blocked, wanted)).fetchall()
+    records = [TaskRecord.claimed(values, now) for values in rows]
+    records.sort(key=_claim_order)  # RETURNING gives no particular order
+    if len(records) == wanted:
+        return records, None  # every free slot was filled; the loop claims again when one frees
+    exhausted = blocked | {name for name, left in budgets.items() if left <= 0}
+    exclude = f"AND name NOT IN ({','.join('?' * len(exhausted))})" if exhausted else ""
+    next_at = conn.execute(
+        f"SELECT min(run_at) FROM tasks INDEXED BY tasks_due WHERE status = 'queued' AND queue = ? "
+        f"{exclude}",
+        (queue, *exhausted)).fetchone()[0]
+    return records, next_at
+
+
+def _claim_order(record: TaskRecord) -> tuple[int, float, int]:
+    """The order tasks are claimed and started in: priority (highest first), due time, id."""
+    return -record.priority, record.run_at, record.id
+
+
+def requeue_attempt(
+    conn: Connection, *, task_id: int, run_at: float, error: str | None, undo_attempt: int,
+    finished_at: float, expires_at: float,
+) -> Literal["queued", "cancelled"]:
+    """Queue a task again after an attempt that did not end it (a retry, or a stop that
+    interrupted it, `undo_attempt` 1); return its status. A cancel stored on it meanwhile
+    ends it `cancelled` instead: a cancel is never undone by a retry."""
+    status: Literal["queued", "cancelled"] = conn.execute(
+        "UPDATE tasks SET status = iif(cancel_requested, 'cancelled', 'queued'), run_at = ?, "
+        "error = iif(cancel_requested, 'cancelled', ?), "
+        "finished_at = iif(cancel_requested, ?, NULL), expires_at = iif(cancel_requested, ?, NULL), "
+        "lease_until = NULL, attempts = attempts - iif(cancel_requested, 0, ?) WHERE id = ? "
+        "RETURNING status",
+        (run_at, error, finished_at, expires_at, undo_attempt, task_id)).fetchone()[0]
+    return status
+
+
+def unclaim(conn: Connection, *, task_ids: list[int]) -> None:
+    """Put tasks claimed ahead but never started back in the queue, their attempt unspent."""
+    conn.execute(
+        f"UPDATE tasks SET status = 'queued', attempts = attempts - 1, started_at = NULL, "
+        f"lease_until = NULL WHERE status = 'running' AND id IN ({','.join('?' * len(task_ids))})",
+        task_ids)
+
+
+def renew_and_reclaim(conn: Connection, *, running: list[int], lease_until: float, ttl: float,
+                      expired_only: bool) -> list[Row]:
+    """Extend the leases of the tasks listed in `running`; reclaim the rows left in state
+    running that nobody runs any more (orphans): requeue them, or end them (cancelled, or
+    dead with no attempt left). Return the reclaimed rows.
+
+    At start (`expired_only=False`) every running row was left by a dead process: we hold
+    the database lock. Later only rows whose lease has expired are taken back; a row
+    claimed after `running` was listed has a fresh lease and is left alone.
+    """
+    now = time.time()
+    marks = ",".join("?" * len(running))
+    if running:
+        conn.execute(f"UPDATE tasks SET lease_until = ? WHERE id IN ({marks})", (lease_until, *running))
+    others = f"AND id NOT IN ({marks})" if running else ""
+    expired = "AND lease_until < ?" if expired_only else ""
+    params = (*running, now) if expired_only else tuple(running)
+    orphans = conn.execute(
+        f"SELECT * FROM tasks WHERE status = 'running' {others} {expired}", params).fetchall()
+    changed: list[Row] = []
+    status: TaskStatus
+    for row in orphans:
+        if row["cancel_requested"]:
+            status, error = "cancelled", "cancelled"
+        elif row["attempts"] >= row["max_attempts"]:
+            status = "dead"
+            error = f"the process died during attempt {row['attempts']} of {row['max_attempts']}"
+        else:
+            status, error = "queued", f"the process died during attempt {row['attempts']}"
+        final = status != "queued"
+        changed.append(conn.execute(
+            "UPDATE tasks SET status = ?, error = ?, lease_until = NULL, run_at = ?, "
+            "finished_at = ?, expires_at = ? WHERE id = ? RETURNING *",
+            (status, error, now, now if final else None, now + ttl if final else None,
+             row["id"])).fetchone())
+    return changed

@@ -42,16 +42,19 @@ from agentd.context import Context
 from agentd.errors import Fail, InvalidTaskError, Retry, StoreWriteError
 from agentd.log import get_logger
 from agentd.services import Services
-from agentd.store import BatchedWrite, Connection, Row, Store, execute_rows
+from agentd.store import BatchedWrite, Row, Store
 from agentd.supervise import Loop, Supervisor
 from agentd.taskdef import TaskDef, TaskRegistry, encode_json
 from agentd.taskqueue import (
-    CLAIMED_COLUMNS,
     LATEST_RUN_AT,
     FinalStatus,
     TaskQueue,
     TaskRecord,
-    TaskStatus,
+    claim,
+    renew_and_reclaim,
+    requeue_attempt,
+    unclaim,
+    write_acks,
 )
 
 _LOG = get_logger("worker")
@@ -135,7 +138,7 @@ class WorkerPool:
         self._running_by_name: dict[str, int] = {}
         self._cancelling: set[int] = set()
         # Attempts that have ended, their outcome being written: a cancel no longer
-        # interrupts them (the retry's write turns into the cancel itself, `_requeue`).
+        # interrupts them (the retry's write turns into the cancel itself, `requeue_attempt`).
         self._ended: set[int] = set()
         self._claim_loops: list[Loop] = []
         self._heartbeat_loop: Loop | None = None
@@ -145,7 +148,7 @@ class WorkerPool:
         # What each task's context variables start as: the daemon's, as it was built. Not
         # the context of the task whose slot it takes over (its `structlog` bindings...).
         self._task_context = contextvars.copy_context()
-        self._acks = BatchedWrite(store, _write_acks)
+        self._acks = BatchedWrite(store, write_acks)
         # The acks of the transaction being gathered (`_end_attempt`), announced when it commits.
         self._acks_batch: asyncio.Future[list[None]] | None = None
         self._acked: list[TaskRecord] = []
@@ -202,7 +205,7 @@ class WorkerPool:
         for ahead in self._ahead.values():
             ahead.clear()
         if unstarted:
-            await self.store.write(partial(_unclaim, task_ids=unstarted))
+            await self.store.write(partial(unclaim, task_ids=unstarted))
         interrupted = self._interrupted - interrupted_before
         left = sorted(thread.name for thread in self._threads if thread.is_alive())
         (_LOG.warning if left else _LOG.info)(
@@ -339,8 +342,8 @@ class WorkerPool:
         blocked, budgets = self._name_budgets()
         for queue, future in self._claims.items():
             self.store.join_batch(partial(
-                _claim, queue=queue, wanted=self._claim_size(queue), blocked=blocked, budgets=budgets,
-                lease=self.config.lease), future)
+                claim, queue=queue, wanted=self._claim_size(queue), blocked=blocked, budgets=budgets,
+                spent={}, lease=self.config.lease), future)
         self._claims.clear()
 
     def _name_budgets(self) -> tuple[set[str], dict[str, int]]:
@@ -523,7 +526,7 @@ class WorkerPool:
         it commits while the storage refuses it (a stop's deadline cancels that wait: the
         row stays `running` and the next start requeues it)."""
         run_at = now + delay
-        requeue = partial(_requeue, task_id=record.id, run_at=run_at, error=error,
+        requeue = partial(requeue_attempt, task_id=record.id, run_at=run_at, error=error,
                           undo_attempt=1 if interrupted else 0, finished_at=now, expires_at=ttl_until)
         wait = WRITE_RETRY_FIRST
         while True:
@@ -645,7 +648,7 @@ class WorkerPool:
             await asyncio.sleep(interval)
             try:
                 recovered = await self.store.write(partial(
-                    _renew_and_reclaim, running=self.leased, lease_until=time.time() + self.config.lease,
+                    renew_and_reclaim, running=self.leased, lease_until=time.time() + self.config.lease,
                     ttl=self.config.result_ttl, expired_only=True))
             except Exception as exc:  # as a claim's: renew at the next beat
                 _LOG.error("tasks.renew_failed", error=f"{type(exc).__name__}: {exc}")
@@ -654,7 +657,7 @@ class WorkerPool:
 
     async def _recover(self) -> None:
         recovered = await self.store.write(partial(
-            _renew_and_reclaim, running=[], lease_until=0.0, ttl=self.config.result_ttl, expired_only=False))
+            renew_and_reclaim, running=[], lease_until=0.0, ttl=self.config.result_ttl, expired_only=False))
         self._publish_recovered(recovered)
         if recovered:
             _LOG.warning("tasks.recovered", count=len(recovered))
@@ -774,128 +777,3 @@ def _ack_row(record: TaskRecord) -> tuple[Any, ...]:
     if record.status == "succeeded":
         result = "null" if record.result is None else encode_json(record.result, "the result")
     return record.status, result, record.error, record.finished_at, record.expires_at, record.id
-
-
-# One row per ack: (status, result, error, finished_at, expires_at, id).
-ACK_STATEMENT = ("UPDATE tasks SET status = v.column1, result = v.column2, error = v.column3, "
-                 "finished_at = v.column4, expires_at = v.column5, lease_until = NULL "
-                 "FROM (VALUES {rows}) AS v WHERE tasks.id = v.column6")
-ACK_ROW = "(?,?,?,?,?,?)"
-
-
-def _write_acks(conn: Connection, acks: list[tuple[Any, ...]]) -> list[None]:
-    """The final states of the attempts that ended since the last transaction, many per
-    statement."""
-    execute_rows(conn, ACK_STATEMENT, ACK_ROW, acks)
-    return []
-
-
-def _claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budgets: dict[str, int],
-           lease: float) -> tuple[list[TaskRecord], float | None]:
-    """Mark up to `wanted` due tasks of `queue` running; return their records in claim
-    order, and when the next queued task comes due if not every slot was filled."""
-    now = time.time()
-    exclude = f"AND name NOT IN ({','.join('?' * len(blocked))})" if blocked else ""
-    # INDEXED BY: without ANALYZE statistics SQLite prefers tasks_due and sorts every row.
-    due = (f"FROM tasks INDEXED BY tasks_claim WHERE status = 'queued' AND queue = ? "
-           f"AND run_at <= ? {exclude} ORDER BY priority DESC, run_at, id LIMIT ?")
-    claim = ("UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?, "
-             "lease_until = ? WHERE id IN ({}) RETURNING " + CLAIMED_COLUMNS)
-    cursor = conn.cursor()
-    cursor.row_factory = None
-    if budgets:
-        # Some names may start only so many more: pick in Python, then claim what was picked.
-        candidates = cursor.execute(
-            f"SELECT id, name {due}", (queue, now, *blocked, wanted + len(budgets) * wanted)).fetchall()
-        picked: list[int] = []
-        for task_id, name in candidates:
-            if len(picked) == wanted:
-                break
-            if name in budgets:
-                if budgets[name] <= 0:
-                    continue
-                budgets[name] -= 1
-            picked.append(task_id)
-        rows = cursor.execute(claim.format(",".join("?" * len(picked))),
-                              (now, now + lease, *picked)).fetchall() if picked else []
-    else:
-        # One statement: the usual case costs one execute and one fetch less.
-        rows = cursor.execute(claim.format(f"SELECT id {due}"),
-                              (now, now + lease, queue, now, *blocked, wanted)).fetchall()
-    records = [TaskRecord.claimed(values, now) for values in rows]
-    records.sort(key=_claim_order)  # RETURNING gives no particular order
-    if len(records) == wanted:
-        return records, None  # every free slot was filled; the loop claims again when one frees
-    exhausted = blocked | {name for name, left in budgets.items() if left <= 0}
-    exclude = f"AND name NOT IN ({','.join('?' * len(exhausted))})" if exhausted else ""
-    next_at = conn.execute(
-        f"SELECT min(run_at) FROM tasks INDEXED BY tasks_due WHERE status = 'queued' AND queue = ? "
-        f"{exclude}",
-        (queue, *exhausted)).fetchone()[0]
-    return records, next_at
-
-
-def _claim_order(record: TaskRecord) -> tuple[int, float, int]:
-    """The order tasks are claimed and started in: priority (highest first), due time, id."""
-    return -record.priority, record.run_at, record.id
-
-
-def _requeue(conn: Connection, *, task_id: int, run_at: float, error: str | None,
-             undo_attempt: int, finished_at: float, expires_at: float) -> Literal["queued", "cancelled"]:
-    """Queue a task again after an attempt that did not end it (a retry, or a stop that
-    interrupted it, `undo_attempt` 1); return its status. A cancel stored on it meanwhile
-    ends it `cancelled` instead: a cancel is never undone by a retry."""
-    status: Literal["queued", "cancelled"] = conn.execute(
-        "UPDATE tasks SET status = iif(cancel_requested, 'cancelled', 'queued'), run_at = ?, "
-        "error = iif(cancel_requested, 'cancelled', ?), "
-        "finished_at = iif(cancel_requested, ?, NULL), expires_at = iif(cancel_requested, ?, NULL), "
-        "lease_until = NULL, attempts = attempts - iif(cancel_requested, 0, ?) WHERE id = ? "
-        "RETURNING status",
-        (run_at, error, finished_at, expires_at, undo_attempt, task_id)).fetchone()[0]
-    return status
-
-
-def _unclaim(conn: Connection, *, task_ids: list[int]) -> None:
-    """Put tasks claimed ahead but never started back in the queue, their attempt unspent."""
-    conn.execute(
-        f"UPDATE tasks SET status = 'queued', attempts = attempts - 1, started_at = NULL, "
-        f"lease_until = NULL WHERE status = 'running' AND id IN ({','.join('?' * len(task_ids))})",
-        task_ids)
-
-
-def _renew_and_reclaim(conn: Connection, *, running: list[int], lease_until: float, ttl: float,
-                       expired_only: bool) -> list[Row]:
-    """Extend the leases of the tasks listed in `running`; reclaim the rows left in state
-    running that nobody runs any more (orphans): requeue them, or end them (cancelled, or
-    dead with no attempt left). Return the reclaimed rows.
-
-    At start (`expired_only=False`) every running row was left by a dead process: we hold
-    the database lock. Later only rows whose lease has expired are taken back; a row
-    claimed after `running` was listed has a fresh lease and is left alone.
-    """
-    now = time.time()
-    marks = ",".join("?" * len(running))
-    if running:
-        conn.execute(f"UPDATE tasks SET lease_until = ? WHERE id IN ({marks})", (lease_until, *running))
-    others = f"AND id NOT IN ({marks})" if running else ""
-    expired = "AND lease_until < ?" if expired_only else ""
-    params = (*running, now) if expired_only else tuple(running)
-    orphans = conn.execute(
-        f"SELECT * FROM tasks WHERE status = 'running' {others} {expired}", params).fetchall()
-    changed: list[Row] = []
-    status: TaskStatus
-    for row in orphans:
-        if row["cancel_requested"]:
-            status, error = "cancelled", "cancelled"
-        elif row["attempts"] >= row["max_attempts"]:
-            status = "dead"
-            error = f"the process died during attempt {row['attempts']} of {row['max_attempts']}"
-        else:
-            status, error = "queued", f"the process died during attempt {row['attempts']}"
-        final = status != "queued"
-        changed.append(conn.execute(
-            "UPDATE tasks SET status = ?, error = ?, lease_until = NULL, run_at = ?, "
-            "finished_at = ?, expires_at = ? WHERE id = ? RETURNING *",
-            (status, error, now, now if final else None, now + ttl if final else None,
-             row["id"])).fetchone())
-    return changed

@@ -18,9 +18,11 @@ The seam. A part is handed a `Store` and calls only what it declares: `write` (a
 the write connection inside a grouped transaction), `join_batch`/`add_rider`/
 `request_flush` (writes sized when a batch is taken), `read`/`read_one` (queries off the
 loop) and the lifecycle and maintenance calls the daemon makes. Each part keeps its SQL in
-its own module, grouped as module-level statements, so an engine with another dialect adds
-its own set of statements beside them rather than a branch in every query. `app.py` picks
-the engine of agentd.db, and memory.py that of memory.db (today only `SqliteStore`).
+its own module, grouped as module-level statements (every statement on `tasks` in
+taskqueue.py, on `task_steps` in steps.py, on `events` in eventlog.py...), so an engine with
+another dialect adds its own set of statements beside them rather than a branch in every
+query. `app.py` picks the engine of agentd.db and memory.py that of memory.db (today only
+`SqliteStore`).
 """
 
 from __future__ import annotations
@@ -78,10 +80,11 @@ class Store(Protocol):
     def request_flush(self) -> None:
         """Make sure a batch is taken soon (a rider has writes to add)."""
 
-    async def read(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
-        """Rows of a read-only query, run off the event loop."""
+    async def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Row]:
+        """Rows of a read-only query, run off the event loop. Parameters are positional
+        only: asyncpg, the PostgreSQL driver to come, binds no named ones."""
 
-    async def read_one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Row | None:
+    async def read_one(self, sql: str, params: tuple[Any, ...] = ()) -> Row | None:
         """The first row of `read(sql, params)`, or None."""
 
     async def check_writable(self) -> None:

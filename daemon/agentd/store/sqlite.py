@@ -90,7 +90,7 @@ class SqliteStore(Writer):
             self._conn = None
         self._lock.release()
 
-    async def read(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
+    async def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Row]:
         """Rows of a read-only query, run off the event loop on the least busy reader."""
         if not self._readers:
             raise StoreError(f"{self.path}: the store is closed")
@@ -103,7 +103,7 @@ class SqliteStore(Writer):
             if index < len(self._reads_in_flight) and self._readers[index] is reader:
                 self._reads_in_flight[index] -= 1
 
-    async def read_one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Row | None:
+    async def read_one(self, sql: str, params: tuple[Any, ...] = ()) -> Row | None:
         """The first row of `read(sql, params)`, or None."""
         rows = await self.read(sql, params)
         return rows[0] if rows else None

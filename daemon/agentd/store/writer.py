@@ -111,8 +111,7 @@ class Writer:
                 loop.call_soon(loop.call_soon, self._flush_when_quiet, _MAX_DEFERRED_TICKS,
                                self._submitted)
             elif self._flushing is None:
-                self._flushing = asyncio.get_running_loop().create_task(
-                    self._flush_threaded(), name=f"store-writer:{self.path.name}")
+                self._start_flushing()
 
     def add_rider(self, rider: Callable[[], None]) -> None:
         """Call `rider()` just before each batch is taken, so it can add writes of its own
@@ -139,19 +138,30 @@ class Writer:
     async def finish(self) -> None:
         """Write what is pending (riders' values included) and stop the write checks: the
         last step before the connection closes."""
-        if self._flushing is not None:
-            await self._flushing
-        for rider in self._riders:  # values riders hold join the last batch
-            rider()
         if self._executor is not None:
-            await self._flush_threaded()
-        while self._pending and self._executor is None:
-            self._flush_inline()
+            # The writer thread's task takes every batch (riders' values included) until
+            # none is left. Shielded: a close cancelled at its deadline must not cancel the
+            # task while a batch is in the thread, or that batch's writes would wait for
+            # ever; and one task only, so a write made meanwhile starts no second one.
+            if self._flushing is None:
+                self._start_flushing()
+            while self._flushing is not None:
+                await asyncio.shield(self._flushing)
+        else:
+            for rider in self._riders:  # values riders hold join the last batch
+                rider()
+            while self._pending:
+                self._flush_inline()
         prober, self._prober = self._prober, None  # after the last writes: their failure may start one
         if prober is not None:
             prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await prober
+
+    def _start_flushing(self) -> None:
+        """Start the task that feeds the writer thread its batches until none is left."""
+        self._flushing = asyncio.get_running_loop().create_task(
+            self._flush_threaded(), name=f"store-writer:{self.path.name}")
 
     def _take_batch(self) -> _Batch:
         for rider in self._riders:
@@ -290,6 +300,16 @@ class Writer:
                 self._prober = None
 
 
+class _SharedFuture(asyncio.Future[T]):
+    """The future of a whole batch of values, which no waiter can cancel. A task cancelled
+    while it awaits a future cancels that future: a shared one would then fail every other
+    value's wait with CancelledError (their enqueues stored, yet reported as not), where
+    only the cancelled task should see its cancellation (once the batch has committed)."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
 class BatchedWrite(Generic[V, R]):
     """Values added between two transactions, written by one op in the next one.
 
@@ -311,7 +331,7 @@ class BatchedWrite(Generic[V, R]):
 
     def add(self, value: V) -> asyncio.Future[list[R]]:
         if self._future is None:
-            self._future = asyncio.get_running_loop().create_future()
+            self._future = _SharedFuture(loop=asyncio.get_running_loop())
         self._store.request_flush()
         self._values.append(value)
         return self._future

@@ -53,6 +53,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 READ_ONLY: web.RequestKey[bool] = web.RequestKey("read_only", bool)
 
 _KEY_NAME = "stream_token_key"  # the row of the meta table holding the signing key (hex)
+# The statements on that row, all of them.
+_CREATE_KEY = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"
+_READ_KEY = "SELECT value FROM meta WHERE key = ?"
+_REPLACE_KEY = ("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+                "SET value = excluded.value")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,18 +96,15 @@ class StreamTokens:
         fresh = os.urandom(32).hex()
 
         def read_or_create(conn: Connection) -> str:
-            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
-                         (_KEY_NAME, fresh))
-            return str(conn.execute("SELECT value FROM meta WHERE key = ?", (_KEY_NAME,)).fetchone()[0])
+            conn.execute(_CREATE_KEY, (_KEY_NAME, fresh))
+            return str(conn.execute(_READ_KEY, (_KEY_NAME,)).fetchone()[0])
 
         self._key = bytes.fromhex(await store.write(read_or_create))
 
     async def rotate(self, store: Store) -> None:
         """Replace the signing key: every token issued so far stops working."""
         fresh = os.urandom(32).hex()
-        await store.write(lambda conn: conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
-            "SET value = excluded.value", (_KEY_NAME, fresh)))
+        await store.write(lambda conn: conn.execute(_REPLACE_KEY, (_KEY_NAME, fresh)))
         self._key = bytes.fromhex(fresh)
 
     def _sign(self, payload: str) -> bytes:
