@@ -432,6 +432,10 @@ RELAY = """
         if gate is not None:
             await gate.wait()
         ctx.publish("test.relay.after", {"cause": event.id})
+
+    @plugin.shutdown
+    def stop(ctx):
+        ctx.publish("test.relay.stopped")
 """
 
 
@@ -440,8 +444,8 @@ async def test_a_handlers_events_are_caused_by_the_event_it_handles(
 ) -> None:
     """What a handler publishes, before or after an await, names the event it reacts to as
     its cause and carries that event's correlation; two runs in flight at once each keep
-    their own (the event is not shared by the plugin's one context); a startup hook's
-    event has no cause."""
+    their own (the event is not shared by the plugin's one context); a startup or
+    shutdown hook's event has no cause."""
     daemon, events = await start_daemon([plugin_dir({"relay.py": RELAY})])
     started = await events.wait_for("test.relay.started")
     assert (started.causation_id, started.correlation_id) == (None, None)
@@ -469,6 +473,9 @@ async def test_a_handlers_events_are_caused_by_the_event_it_handles(
         ("test.relay.before", second.id): (str(second.id), None),
         ("test.relay.after", second.id): (str(second.id), None),
     }
+    await daemon.stop()
+    stopped = await events.wait_for("test.relay.stopped")
+    assert (stopped.causation_id, stopped.correlation_id) == (None, None)
 
 
 async def test_failing_handler_is_reported_with_its_name(
