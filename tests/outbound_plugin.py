@@ -92,6 +92,20 @@ async def chat(ctx: Context, prompt: str = "hi", calls: int = 1, wait=None) -> d
     return {**result.to_dict(), "contents": contents}
 
 
+@plugin.task(max_attempts=1)
+async def chat_cut_short(ctx: Context, cut: str) -> str:
+    """Chats in an inner task and cancels it once gate `cut` opens; returns the name of the
+    exception the cancelled chat raised."""
+    chatting = asyncio.create_task(ctx.llm.chat([{"role": "user", "content": "hi"}]))
+    await gate(cut).wait()
+    chatting.cancel()
+    try:
+        await chatting
+    except BaseException as exc:  # what the chat raised, a CancelledError too, is the answer
+        return type(exc).__name__
+    return "finished"
+
+
 @plugin.task(max_attempts=3)
 async def use_tools(ctx: Context) -> dict:
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]

@@ -37,7 +37,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from structlog.testing import capture_logs
 
 from agentd.config import load_config
-from agentd.errors import ConfigError
+from agentd.errors import ConfigError, StoreFullError
 from agentd.events import TopicFilter
 from agentd.llm import ToolCallAssembler
 from agentd.webhooks import refusal_reason
@@ -999,6 +999,75 @@ async def test_a_task_past_its_token_budget_is_stopped_mid_stream(ob: Any) -> No
         assert reply.startswith("".join(e.data["text"] for e in tokens))
         assert final.usage is not None and final.usage["total_tokens"] == exceeded.data["used"]
         assert len(llm.requests) == 1
+
+
+async def test_a_cancel_mid_stream_stays_a_cancel_when_counting_its_tokens_fails(
+        ob: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tokens a cancelled chat streamed are counted as it unwinds; a store that fails
+    that count is logged, and the chat's caller still sees its CancelledError (it saw the
+    store's error in its place)."""
+    async with FakeOpenAI() as llm:
+        daemon, events, module = await ob(llm_config(llm))
+
+        async def store_full(task_id: int, usage: dict[str, int]) -> dict[str, int]:
+            raise StoreFullError("database or disk is full")
+
+        monkeypatch.setattr(daemon.queue, "add_usage", store_full)
+        hold = asyncio.Event()
+        llm.reply("one two three", hold=hold)
+        try:
+            record = await daemon.queue.enqueue("ob.chat_cut_short", {"cut": "cut"})
+            await events.wait_for("task.token", task_id=record.id)
+            with capture_logs() as logs:
+                module.gate("cut").set()
+                seen = await daemon.queue.result(record.id, timeout=WAIT)
+        finally:
+            hold.set()
+    assert seen == "CancelledError"
+    [lost] = [entry for entry in logs if entry["event"] == "llm.usage_not_counted"]
+    assert lost["task_id"] == record.id
+    assert lost["error"] == "StoreFullError: database or disk is full"
+    assert lost["usage"]["completion_tokens"] >= 1
+
+
+async def test_a_count_failing_after_a_second_cancel_is_logged_not_dropped(
+        ob: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled again while its streamed tokens are being counted, the task ends cancelled
+    at once and the count runs on; when that count fails, nobody awaits it any more, and
+    its failure is logged (a shielded task's exception was dropped without a word)."""
+    async with FakeOpenAI() as llm:
+        daemon, events, _ = await ob(llm_config(llm))
+        counting: list[asyncio.Task[Any]] = []
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def slow_then_full(task_id: int, usage: dict[str, int]) -> dict[str, int]:
+            task = asyncio.current_task()
+            assert task is not None
+            counting.append(task)
+            started.set()
+            await release.wait()
+            raise StoreFullError("database or disk is full")
+
+        monkeypatch.setattr(daemon.queue, "add_usage", slow_then_full)
+        hold = asyncio.Event()
+        llm.reply("one two three", hold=hold)
+        try:
+            record = await daemon.queue.enqueue("ob.chat")
+            await events.wait_for("task.token", task_id=record.id)
+            with capture_logs() as logs:
+                await daemon.queue.cancel(record.id)
+                await asyncio.wait_for(started.wait(), WAIT)
+                await daemon.queue.cancel(record.id)  # again, while the count waits
+                final = await finished(daemon, record.id)
+                assert (final.status, final.error) == ("cancelled", "cancelled")
+                assert not [entry for entry in logs if entry["event"] == "llm.usage_not_counted"]
+                release.set()
+                # Its done-callbacks, the logging one among them, run before wait's.
+                await asyncio.wait(counting, timeout=WAIT)
+        finally:
+            hold.set()
+    [lost] = [entry for entry in logs if entry["event"] == "llm.usage_not_counted"]
+    assert (lost["task_id"], lost["error"]) == (record.id, "StoreFullError: database or disk is full")
 
 
 async def test_key_env_puts_the_key_from_the_environment_in_the_authorization_header(

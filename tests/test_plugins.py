@@ -417,6 +417,67 @@ async def test_handler_runs_fire_and_forget(start_daemon: Any, good_plugins: Pat
     await asyncio.wait_for(daemon.spawner.idle(), 5)
 
 
+RELAY = """
+    from agentd import Plugin
+    plugin = Plugin("relay")
+
+    @plugin.startup
+    async def start(ctx):
+        ctx.publish("test.relay.started")
+
+    @plugin.on("relay.*")
+    async def relay(ctx, event):
+        ctx.publish("test.relay.before", {"cause": event.id})
+        gate = event.data.get("gate")
+        if gate is not None:
+            await gate.wait()
+        ctx.publish("test.relay.after", {"cause": event.id})
+
+    @plugin.shutdown
+    def stop(ctx):
+        ctx.publish("test.relay.stopped")
+"""
+
+
+async def test_a_handlers_events_are_caused_by_the_event_it_handles(
+    start_daemon: Any, plugin_dir: Callable[..., Path]
+) -> None:
+    """What a handler publishes, before or after an await, names the event it reacts to as
+    its cause and carries that event's correlation; two runs in flight at once each keep
+    their own (the event is not shared by the plugin's one context); a startup or
+    shutdown hook's event has no cause."""
+    daemon, events = await start_daemon([plugin_dir({"relay.py": RELAY})])
+    started = await events.wait_for("test.relay.started")
+    assert (started.causation_id, started.correlation_id) == (None, None)
+
+    first_gate, second_gate = asyncio.Event(), asyncio.Event()
+    first = daemon.bus.publish("relay.first", {"gate": first_gate}, correlation_id="41",
+                               causation_id="40")
+    second = daemon.bus.publish("relay.second", {"gate": second_gate})
+    await events.wait_for("test.relay.before", cause=first.id)
+    await events.wait_for("test.relay.before", cause=second.id)
+    # Both runs are now waiting; let them resume in the other order than they started.
+    second_gate.set()
+    await events.wait_for("test.relay.after", cause=second.id)
+    first_gate.set()
+    await events.wait_for("test.relay.after", cause=first.id)
+    await asyncio.wait_for(daemon.spawner.idle(), 5)
+
+    relayed = {(e.topic, e.data["cause"]): (e.causation_id, e.correlation_id)
+               for e in events.events if e.topic.startswith("test.relay.") and "cause" in e.data}
+    assert relayed == {
+        ("test.relay.before", first.id): (str(first.id), "41"),
+        ("test.relay.after", first.id): (str(first.id), "41"),
+        # An event without a correlation (a client's) passes none on: a correlation is a
+        # root task's id, and an event id in its place could name a task's tree.
+        ("test.relay.before", second.id): (str(second.id), None),
+        ("test.relay.after", second.id): (str(second.id), None),
+    }
+    await daemon.stop()
+    stopped = await events.wait_for("test.relay.stopped")
+    assert (stopped.causation_id, stopped.correlation_id) == (None, None)
+
+
 async def test_failing_handler_is_reported_with_its_name(
     start_daemon: Any, good_plugins: Path, http: Any
 ) -> None:

@@ -11,6 +11,8 @@ it joins the call of its `id`, or the last call when it has none.
 Errors map onto the queue's semantics: 429 and 503 become `Retry` (after `Retry-After`
 seconds when the server says), other 4xx a `Fail` (retrying the same request cannot
 help), 5xx and connection errors an `LlmError`, which the worker retries with backoff.
+A call cut short (a cancel, a timeout, the budget) still counts the tokens it streamed;
+what cut it is what its caller sees, never a failure of that count, which is logged.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ import asyncio
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aiohttp
 
 from agentd.config import LlmConfig
 from agentd.errors import AgentdError, Fail, InvalidTaskError, Retry
+from agentd.log import get_logger
 from agentd.taskqueue import TaskQueue, TaskRecord
 
+_LOG = get_logger("llm")
 _RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
@@ -233,13 +238,39 @@ class TaskLlm:
             # broken stream, a timeout, a cancel): count them, estimated, so the usage and the
             # budget hold across attempts. A call that produced nothing is not counted.
             if streamed:
-                await asyncio.shield(self._count({
-                    "prompt_tokens": prompt, "completion_tokens": streamed,
-                    "total_tokens": prompt + streamed}))
+                await self._count_spent({"prompt_tokens": prompt, "completion_tokens": streamed,
+                                         "total_tokens": prompt + streamed})
             raise
         await self._count(result.usage)
         self._check_budget(0)
         return result
+
+    async def _count_spent(self, usage: Mapping[str, int]) -> None:
+        """Count the tokens of a call cut short, while the exception that cut it propagates.
+
+        The count is shielded: a cancel cannot stop a write the store's thread may commit
+        anyway. A count that fails is logged (`llm.usage_not_counted`) and returns, so the
+        caller's exception (a cancel, a timeout, the budget) stays the one raised. Cancelled
+        again while counting, it raises that CancelledError and the count runs on, logged
+        should it fail with nobody left to hear.
+        """
+        counting = asyncio.ensure_future(self._count(usage))
+        try:
+            await asyncio.shield(counting)
+        except asyncio.CancelledError:
+            if not counting.done():
+                counting.add_done_callback(partial(self._log_unheard_failure, usage))
+            raise
+        except Exception as exc:
+            self._log_not_counted(usage, exc)
+
+    def _log_unheard_failure(self, usage: Mapping[str, int], done: asyncio.Future[None]) -> None:
+        if not done.cancelled() and (exc := done.exception()) is not None:
+            self._log_not_counted(usage, exc)
+
+    def _log_not_counted(self, usage: Mapping[str, int], exc: BaseException) -> None:
+        _LOG.error("llm.usage_not_counted", task_id=self._record.id, task=self._record.name,
+                   usage=dict(usage), error=f"{type(exc).__name__}: {exc}", exc_info=exc)
 
     async def _count(self, usage: Mapping[str, int]) -> None:
         totals = await self._queue.add_usage(self._record.id, {**usage, "calls": 1})

@@ -24,6 +24,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -51,6 +52,11 @@ ENTRY_POINT_GROUP = "agentd.plugins"
 _MODULE_PREFIX = "agentd_plugins"
 
 State = Literal["loaded", "started", "failed", "stopped"]
+
+# The event a fire-and-forget handler is running for: set around its spawn, so its task
+# (and any task it starts) copies it, and each run sees its own event even across awaits
+# and among runs handled concurrently. None in startup and shutdown hooks.
+_HANDLING: ContextVar[Event | None] = ContextVar("agentd_handling", default=None)
 
 
 class PluginContext:
@@ -104,14 +110,22 @@ class PluginContext:
 
     def publish(self, topic: str, data: Mapping[str, Any] | None = None) -> Event:
         """Publish an event on the bus (not a daemon topic: `task.*`, `plugin.*`...), as a
-        task's `ctx.publish` does.
+        task's `ctx.publish` does. Published by a handler while it handles event E, its
+        `causation_id` is E's id and its `correlation_id` E's (None when E has none: a
+        correlation is a root task's id, never an event's); from a startup or shutdown
+        hook it has neither.
 
         Raises:
             PatternError: (a ValueError) the topic is malformed or reserved.
             TypeError: `data` is not a mapping.
             ValueError: `data` nests more than 32 deep, or contains itself.
         """
-        return self._manager._bus.publish(check_publishable(topic), check_event_data(data))
+        topic, data = check_publishable(topic), check_event_data(data)
+        cause = _HANDLING.get()
+        if cause is None:
+            return self._manager._bus.publish(topic, data)
+        return self._manager._bus.publish(topic, data, correlation_id=cause.correlation_id,
+                                          causation_id=str(cause.id))
 
     async def submit(self, name: str, args: Mapping[str, Any] | None = None, *,
                      queue: str | None = None, priority: int | None = None,
@@ -418,11 +432,15 @@ class PluginManager:
                 event.data.get("handler") == handler_name
             ):
                 return
-            self._spawner.spawn(
-                spec.fn(ctx, event),
-                name=handler_name,
-                context={"plugin": plugin_name, "topic": event.topic, "event_id": event.id},
-            )
+            handling = _HANDLING.set(event)  # the spawned task copies it; this caller's is restored
+            try:
+                self._spawner.spawn(
+                    spec.fn(ctx, event),
+                    name=handler_name,
+                    context={"plugin": plugin_name, "topic": event.topic, "event_id": event.id},
+                )
+            finally:
+                _HANDLING.reset(handling)
 
         return on_event
 
