@@ -12,12 +12,12 @@ from agentd.context import Context
 from agentd.eventlog import EventLog
 from agentd.memory import MemoryStore
 from agentd.schedule import ScheduleSpec
-from agentd.scheduler import ScheduleSource
+from agentd.scheduler import DeclaredSource
 from agentd.store import Store
 from agentd.taskdef import TaskDef, TaskRegistry
 from agentd.taskqueue import TaskQueue
 
-SOURCE: Final[ScheduleSource] = "builtin"  # the source of the schedules `register` returns
+SOURCE: Final[DeclaredSource] = "builtin"  # the source of the schedules `register` returns
 
 
 def register(registry: TaskRegistry, config: Config, *, store: Store, queue: TaskQueue,

@@ -86,10 +86,11 @@ class Clock(Protocol):
     async def sleep_until(self, deadline: float | None, wake: asyncio.Event) -> None: ...
 
 
-# Where a schedule comes from: the API (kept until deleted), or declared by a plugin,
-# agentd.toml or agentd itself (re-synced at every start). The `schedules` table's CHECK
+# Where a schedule comes from: declared by a plugin, agentd.toml or agentd itself (re-synced
+# at every start), or made over the API (kept until deleted). The `schedules` table's CHECK
 # lists the same.
-ScheduleSource = Literal["api", "plugin", "config", "builtin"]
+DeclaredSource = Literal["plugin", "config", "builtin"]
+ScheduleSource = Literal["api", DeclaredSource]
 SOURCES: frozenset[ScheduleSource] = frozenset(get_args(ScheduleSource))
 
 
@@ -173,7 +174,7 @@ class Scheduler:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, declared: list[tuple[ScheduleSpec, ScheduleSource]]) -> None:
+    async def start(self, declared: list[tuple[ScheduleSpec, DeclaredSource]]) -> None:
         """Load the stored schedules and re-sync the declared ones (plugin, config, built-in):
         new ones are added, changed ones replaced (keeping their record), missing ones removed.
         A declared one with the id of a schedule made over the API replaces it, with a
@@ -212,7 +213,7 @@ class Scheduler:
             if state.last_task_id is not None:
                 self._by_task[state.last_task_id] = schedule_id
 
-    def _replaced(self, replaced: ScheduleState, source: ScheduleSource) -> None:
+    def _replaced(self, replaced: ScheduleState, source: DeclaredSource) -> None:
         """Report a schedule of the API that a declared one (from `source`) replaces: its
         definition, so it can be made again under another id."""
         schedule_id, definition = replaced.spec.id, replaced.spec.to_dict()
@@ -223,7 +224,7 @@ class Scheduler:
             "schedule_id": schedule_id, "source": source, "owner": _owner(schedule_id, source),
             "replaced_source": replaced.source, "replaced": definition})
 
-    def check(self, spec: ScheduleSpec, source: ScheduleSource) -> None:
+    def check(self, spec: ScheduleSpec, source: DeclaredSource) -> None:
         """Refuse, as `start` would, a declared schedule that would fail at every fire.
 
         Raises:
@@ -272,9 +273,9 @@ class Scheduler:
 
     async def create(self, spec: ScheduleSpec, paused: bool = False) -> ScheduleState:
         existing = self.schedules.get(spec.id)
-        if existing is not None and existing.source == "api":
-            raise TaskStateError(f"a schedule with id {spec.id!r} already exists")
         if existing is not None:
+            if existing.source == "api":
+                raise TaskStateError(f"a schedule with id {spec.id!r} already exists")
             raise TaskStateError(f"schedule id {spec.id!r} is taken: "
                                  f"{_owner(spec.id, existing.source)} declares it")
         self._check_action(spec, "")
@@ -580,11 +581,11 @@ def _first_at_or_after(trigger: Any, moment: float) -> float | None:
     return None if found is None else found.timestamp()
 
 
-def _owner(schedule_id: str, source: ScheduleSource) -> str:
+def _owner(schedule_id: str, source: DeclaredSource) -> str:
     """Who declares a schedule, for messages: a plugin's schedule ids are `<plugin>.<name>`."""
     if source == "plugin":
         return f"plugin {schedule_id.partition('.')[0]}"
-    return {"api": "the API", "config": "agentd.toml", "builtin": "agentd itself"}[source]
+    return {"config": "agentd.toml", "builtin": "agentd itself"}[source]
 
 
 def _delete(schedule_id: str) -> Callable[[Connection], Any]:
