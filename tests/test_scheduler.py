@@ -9,6 +9,7 @@ import asyncio
 import datetime as dt
 import json
 import math
+import re
 import shutil
 import sqlite3
 import sys
@@ -25,10 +26,13 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+import agentd
+from agentd import maintenance
 from agentd.app import Daemon
 from agentd.config import Config, load_config
 from agentd.errors import ConfigError, TaskNotFoundError
 from agentd.events import Event
+from agentd.scheduler import SOURCES
 from agentd.testing import EventCapture, ManualClock, daemon_url, make_config
 from test_disk_full import BIG, fill, make_room, until
 from test_events_api import reserved
@@ -397,6 +401,86 @@ async def test_every_start_resyncs_declared_schedules_and_keeps_api_ones(
     assert "sched.hourly" not in stored and "kept" in stored
 
 
+@pytest.mark.parametrize("declared_by", ["plugin", "config"])
+async def test_a_declared_schedule_replaces_an_api_one_of_its_id_and_says_so(
+    sched: Start, tmp_path: Path, declared_by: str
+) -> None:
+    """A schedule made over the API, then declared under the same id by a plugin installed
+    later (or an agentd.toml entry added later): the declaration wins at the next start, with
+    a record of its own (the API's paused state and counts were its definition's), and the
+    replaced definition is logged and published, not lost without a word. Once replaced,
+    later starts say nothing more, and the API can no longer take the id."""
+    schedule_id = {"plugin": "sched.tick", "config": "night"}[declared_by]
+    declaration = f"""
+        [[schedules]]
+        id = "{schedule_id}"
+        every = "30m"
+        event = "cfg.night"
+    """ if declared_by == "config" else ""
+
+    async def start(clock: ManualClock, declared: bool) -> Running:
+        if declared_by == "plugin":
+            return await sched(clock, plugin=declared)
+        return await sched(clock, config=load_config(
+            config_with_plugin(tmp_path, declaration if declared else ""), env={}))
+
+    r = await start(ManualClock(START), declared=False)
+    mine = {"id": schedule_id, "every": "10m", "event": "mine.ping", "data": {"n": 7}}
+    await create(r, **mine)
+    await fired(r, schedule_id, START)
+    await call(r, "POST", f"/v1/schedules/{schedule_id}/pause")
+    await r.daemon.stop()
+
+    with capture_logs() as logs:
+        second = await start(ManualClock(START + MINUTE), declared=True)
+    now = await record(second, schedule_id)
+    source = "plugin" if declared_by == "plugin" else "config"
+    assert (now["source"], now["every"], now["fires"], now["last_fire"], now["paused"]) == (
+        source, 1800.0, 0, None, False)
+    assert now["next_fire"] == BASE + 1800
+    replaced = {"id": schedule_id, "every": 600.0, "event": "mine.ping", "data": {"n": 7}}
+    (warning,) = [log for log in logs if log["event"] == "schedule.replaced"]
+    assert warning["log_level"] == "warning"
+    assert (warning["schedule"], warning["source"], warning["replaced_source"]) == (
+        schedule_id, source, "api")
+    assert warning["replaced"].items() >= replaced.items()
+    (event,) = seen(second, "schedule.replaced", schedule_id)
+    owner = "plugin sched" if declared_by == "plugin" else "agentd.toml"
+    assert (event.data["source"], event.data["owner"], event.data["replaced_source"]) == (
+        source, owner, "api")
+    assert event.data["replaced"].items() >= replaced.items()
+    refused = await call(second, "POST", "/v1/schedules", mine, status=409)
+    assert f"schedule id {schedule_id!r} is taken: {owner} declares it" in json.dumps(refused)
+    await second.daemon.stop()
+
+    third = await start(ManualClock(START + 2 * MINUTE), declared=True)
+    assert not seen(third, "schedule.replaced", schedule_id)
+    assert (await record(third, schedule_id))["source"] == source
+
+
+@pytest.mark.parametrize("schedule_id", ["agentd.purge_tasks", "agentd.not_yet"])
+async def test_the_api_cannot_take_an_id_of_agentd_s_own(sched: Start, schedule_id: str) -> None:
+    """Not one agentd declares now (409 would say so), nor one a later version may declare
+    (it would replace this one at that version's first start)."""
+    r = await sched(plugin=False)
+    refused = await call(r, "POST", "/v1/schedules",
+                         {"id": schedule_id, "every": "1h", "event": "a.b"}, status=403)
+    assert refused["error"]["code"] == "internal_schedule"
+    assert f"schedule id {schedule_id!r} is agentd's own (agentd.*)" in refused["error"]["message"]
+    assert (await call(r, "DELETE", "/v1/schedules/agentd.purge_tasks", status=409))["error"][
+        "message"].startswith("cannot delete schedule 'agentd.purge_tasks': agentd itself declares it")
+
+
+def test_the_schedule_sources_are_those_the_table_accepts() -> None:
+    """ScheduleSource (what the code may write) and the `schedules` table's CHECK (what the
+    store accepts) name the same sources."""
+    sql = (Path(agentd.__file__).parent / "sql" / "0004_schedules.sql").read_text()
+    check = re.search(r"source\s+TEXT\s+NOT NULL CHECK \(source IN \(([^)]*)\)\)", sql)
+    assert check is not None
+    assert {part.strip().strip("'") for part in check.group(1).split(",")} == SOURCES
+    assert maintenance.SOURCE in SOURCES
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
@@ -466,7 +550,7 @@ async def test_cli_removes_an_api_schedule(cli_daemon: Any) -> None:
 async def test_cli_rm_of_a_plugin_schedule_exits_2(cli_daemon: Any) -> None:
     r, run = cli_daemon
     code, _, err = await run("rm", "sched.tick")
-    assert code == 2 and "defined by its plugin" in err and "HTTP 409" in err
+    assert code == 2 and "plugin sched declares it" in err and "HTTP 409" in err
     await record(r, "sched.tick")
 
 
@@ -955,7 +1039,8 @@ async def test_builtin_maintenance_schedules_run_on_demand_and_cannot_be_deleted
 
     for name in BUILTINS:
         refused = await call(r, "DELETE", f"/v1/schedules/{name}", status=409)
-        assert "builtin" in refused["error"]["message"]
+        assert f"{name}': agentd itself declares it; retime it by its key in agentd.toml" in \
+            refused["error"]["message"]
     status = await call(r, "GET", "/v1/status")
     store = status["store"]
     assert store["bytes"] > 0 and store["schedules_rows"] == 7

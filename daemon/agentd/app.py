@@ -26,7 +26,7 @@ from agentd.log import get_logger
 from agentd.memory import MemoryStore
 from agentd.plugins import PluginManager
 from agentd.schedule import ScheduleSpec
-from agentd.scheduler import Clock, Scheduler
+from agentd.scheduler import Clock, DeclaredSource, Scheduler
 from agentd.services import Services
 from agentd.shutdown import (
     EXIT_MARGIN,
@@ -176,7 +176,7 @@ class Daemon:
         at every start)."""
         await self.scheduler.start(self._declared_schedules())
 
-    def _declared_schedules(self) -> list[tuple[ScheduleSpec, str]]:
+    def _declared_schedules(self) -> list[tuple[ScheduleSpec, DeclaredSource]]:
         """The built-in, plugin and agentd.toml schedules, each checked against the registered
         tasks. A bad plugin schedule fails its plugin alone, and the daemon runs on.
 
@@ -186,7 +186,8 @@ class Daemon:
                 of a loaded plugin's schedule (the scheduler keeps one schedule per id: one of
                 the two would be lost without a word).
         """
-        declared = [(spec, maintenance.SOURCE) for spec in self._maintenance]
+        declared: list[tuple[ScheduleSpec, DeclaredSource]] = [
+            (spec, maintenance.SOURCE) for spec in self._maintenance]
         by_plugin: dict[str, str] = {}  # a plugin schedule's id → its plugin
         for record in list(self.plugins.plugins.values()):
             if record.state not in ("loaded", "started") or record.plugin is None:

@@ -5,17 +5,19 @@ log, checkpoint and vacuum the database, purge expired sessions and memories."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from agentd.config import Config
 from agentd.context import Context
 from agentd.eventlog import EventLog
 from agentd.memory import MemoryStore
 from agentd.schedule import ScheduleSpec
+from agentd.scheduler import DeclaredSource
 from agentd.store import Store
 from agentd.taskdef import TaskDef, TaskRegistry
 from agentd.taskqueue import TaskQueue
 
-SOURCE = "builtin"
+SOURCE: Final[DeclaredSource] = "builtin"  # the source of the schedules `register` returns
 
 
 def register(registry: TaskRegistry, config: Config, *, store: Store, queue: TaskQueue,

@@ -20,6 +20,13 @@ the loop stalled, or the store refused the fire's writes and it was tried again)
 Overlap, when the last run is still unfinished: `allow` runs anyway; `skip` misses this
 fire; `queue_one` keeps one owed fire and runs it as soon as the last run ends; and
 `cancel_previous` cancels the last run, then fires.
+
+Sources. A schedule is declared (by agentd itself, a plugin or agentd.toml: re-synced at
+every start) or made over the API (kept until deleted). One id is one schedule: when a
+declaration takes the id of a schedule made over the API, the declaration wins (it is the
+operator's current code and configuration) with a record of its own, and the API's
+definition it replaces is logged and published (`schedule.replaced`), never dropped in
+silence. The API cannot take an id that is declared (TaskStateError naming its owner).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 from agentd.bus import Bus
 from agentd.errors import InvalidScheduleError, ScheduleNotFoundError, StoreWriteError, TaskStateError
@@ -79,6 +86,14 @@ class Clock(Protocol):
     async def sleep_until(self, deadline: float | None, wake: asyncio.Event) -> None: ...
 
 
+# Where a schedule comes from: declared by a plugin, agentd.toml or agentd itself (re-synced
+# at every start), or made over the API (kept until deleted). The `schedules` table's CHECK
+# lists the same.
+DeclaredSource = Literal["plugin", "config", "builtin"]
+ScheduleSource = Literal["api", DeclaredSource]
+SOURCES: frozenset[ScheduleSource] = frozenset(get_args(ScheduleSource))
+
+
 # Why a fire was not fired (`schedule.missed`'s `reason`): it was more than `grace` late and
 # `catch_up` passed it over; the last run was unfinished (`overlap`); it could not be
 # enqueued; or the schedule was paused (by failures) before a fire it owed ran.
@@ -106,7 +121,7 @@ class ScheduleState:
     """A schedule and its record, as kept in the `schedules` table."""
 
     spec: ScheduleSpec
-    source: str
+    source: ScheduleSource
     paused: bool = False
     next_fire: float | None = None
     last_fire: float | None = None
@@ -159,9 +174,11 @@ class Scheduler:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, declared: list[tuple[ScheduleSpec, str]]) -> None:
+    async def start(self, declared: list[tuple[ScheduleSpec, DeclaredSource]]) -> None:
         """Load the stored schedules and re-sync the declared ones (plugin, config, built-in):
         new ones are added, changed ones replaced (keeping their record), missing ones removed.
+        A declared one with the id of a schedule made over the API replaces it, with a
+        record of its own, and says so (`schedule.replaced`: see the module docstring).
 
         Raises:
             InvalidScheduleError: a declared schedule names an unknown task.
@@ -179,6 +196,9 @@ class Scheduler:
             self.schedules[schedule_id] = state
         for schedule_id, (spec, source) in wanted.items():
             known = self.schedules.get(schedule_id)
+            if known is not None and known.source == "api":
+                self._replaced(known, source)
+                known = None
             if known is None:
                 known = ScheduleState(spec, source, next_fire=_first_fire(spec, now), created_at=now)
             elif known.spec != spec or known.source != source:
@@ -193,7 +213,18 @@ class Scheduler:
             if state.last_task_id is not None:
                 self._by_task[state.last_task_id] = schedule_id
 
-    def check(self, spec: ScheduleSpec, source: str) -> None:
+    def _replaced(self, replaced: ScheduleState, source: DeclaredSource) -> None:
+        """Report a schedule of the API that a declared one (from `source`) replaces: its
+        definition, so it can be made again under another id."""
+        schedule_id, definition = replaced.spec.id, replaced.spec.to_dict()
+        self._log.warning("schedule.replaced", schedule=schedule_id, source=source,
+                          replaced_source=replaced.source, replaced=definition,
+                          fires=replaced.fires, paused=replaced.paused)
+        self.bus.publish("schedule.replaced", {
+            "schedule_id": schedule_id, "source": source, "owner": _owner(schedule_id, source),
+            "replaced_source": replaced.source, "replaced": definition})
+
+    def check(self, spec: ScheduleSpec, source: DeclaredSource) -> None:
         """Refuse, as `start` would, a declared schedule that would fail at every fire.
 
         Raises:
@@ -241,8 +272,12 @@ class Scheduler:
             raise ScheduleNotFoundError(f"no schedule with id {schedule_id!r}") from None
 
     async def create(self, spec: ScheduleSpec, paused: bool = False) -> ScheduleState:
-        if spec.id in self.schedules:
-            raise TaskStateError(f"a schedule with id {spec.id!r} already exists")
+        existing = self.schedules.get(spec.id)
+        if existing is not None:
+            if existing.source == "api":
+                raise TaskStateError(f"a schedule with id {spec.id!r} already exists")
+            raise TaskStateError(f"schedule id {spec.id!r} is taken: "
+                                 f"{_owner(spec.id, existing.source)} declares it")
         self._check_action(spec, "")
         now = self.clock.now()
         state = ScheduleState(spec, "api", paused=paused, next_fire=_first_fire(spec, now),
@@ -476,9 +511,11 @@ class Scheduler:
     def _editable(self, schedule_id: str, action: str) -> ScheduleState:
         state = self.get(schedule_id)
         if state.source != "api":
+            where = ("retime it by its key in agentd.toml" if state.source == "builtin"
+                     else "change it there")
             raise TaskStateError(
-                f"cannot {action} schedule {schedule_id!r}: it is defined by its {state.source}; "
-                "change it there (pause and resume work on every schedule)")
+                f"cannot {action} schedule {schedule_id!r}: {_owner(schedule_id, state.source)} "
+                f"declares it; {where} (pause and resume work on every schedule)")
         return state
 
     async def _save(self, state: ScheduleState) -> None:
@@ -542,6 +579,13 @@ def _due_fires(spec: ScheduleSpec, start: float | None, now: float, keep: int) -
 def _first_at_or_after(trigger: Any, moment: float) -> float | None:
     found = trigger.get_next_fire_time(None, dt.datetime.fromtimestamp(moment, dt.UTC))
     return None if found is None else found.timestamp()
+
+
+def _owner(schedule_id: str, source: DeclaredSource) -> str:
+    """Who declares a schedule, for messages: a plugin's schedule ids are `<plugin>.<name>`."""
+    if source == "plugin":
+        return f"plugin {schedule_id.partition('.')[0]}"
+    return {"config": "agentd.toml", "builtin": "agentd itself"}[source]
 
 
 def _delete(schedule_id: str) -> Callable[[Connection], Any]:

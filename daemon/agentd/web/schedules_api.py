@@ -36,6 +36,14 @@ def _check_task(request: web.Request, fields: dict[str, Any]) -> None:
     request.app[DAEMON].registry.get(task)
 
 
+def _check_id(schedule_id: str) -> None:
+    """403 for an id of agentd's own schedules (`agentd.*`): a later version of agentd may
+    declare it, and a declared schedule replaces one of the API with its id."""
+    if schedule_id.startswith(INTERNAL_PREFIX):
+        raise ApiError(403, "internal_schedule", f"schedule id {schedule_id!r} is agentd's own "
+                       f"({INTERNAL_PREFIX}*); choose another")
+
+
 @routes.get("/v1/schedules")
 @doc("Every schedule with its record: last fire and outcome, next fire, counts", tag="schedules")
 async def list_schedules(request: web.Request) -> web.Response:
@@ -46,12 +54,15 @@ async def list_schedules(request: web.Request) -> web.Response:
 
 @routes.post("/v1/schedules")
 @doc("Create a schedule (kept across restarts)", tag="schedules", body=ScheduleItem,
-     responses={201: "The schedule", 403: "The task is one of agentd's own (agentd.*)",
-                404: "No task of that name is registered", 409: "The id is taken",
+     responses={201: "The schedule",
+                403: "The task, or the id, is one of agentd's own (agentd.*)",
+                404: "No task of that name is registered",
+                409: "The id is taken (by a plugin or agentd.toml: the message names it)",
                 422: _UNUSABLE})
 async def create_schedule(request: web.Request) -> web.Response:
     body = await read_body(request, ScheduleBody)
     fields = body.fields()
+    _check_id(body.id)
     _check_task(request, fields)
     state = await request.app[DAEMON].scheduler.create(ScheduleSpec.from_mapping(fields),
                                                        body.paused is True)
