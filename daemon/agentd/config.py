@@ -7,7 +7,9 @@ variable), the key, what was expected and what was found.
 Everything is parsed here, once: `[[schedules]]` become `ScheduleSpec`s, `[digests.<name>]`
 `DigestSpec`s, `[hooks.<name>]` `HookSpec`s, and every secret (`*_file`, `*_env`) is read
 into `Config.secrets` or its hook's spec, so an unreadable one stops the load, naming the
-file and the key, and nothing reads the file system for them afterwards.
+file and the key, and nothing reads the file system for them afterwards. A secret is given
+one way only, never begins or ends with whitespace, and one given inline makes the file
+holding it obey a secret file's mode.
 
 This module is the bottom of agentd's layering: it imports only `agentd.errors` and the
 value modules `agentd.events` (topics and patterns), `agentd.schedule` (`ScheduleSpec`) and
@@ -236,8 +238,8 @@ class LogConfig:
 @dataclass(frozen=True, slots=True)
 class Secrets:
     """The secrets the sections name, read when the configuration was loaded: each given
-    inline, as the first line of its `*_file`, or in the environment variable its `*_env`
-    names; '' where none is set. Not in the repr, so a logged configuration shows none."""
+    one way, inline, as the first line of its `*_file`, or in the environment variable its
+    `*_env` names; '' where none is set. Not in the repr, so a logged configuration shows none."""
 
     api_token: str = field(default="", repr=False)  # [server] token / token_file
     mail_password: str = field(default="", repr=False)  # [mail] password_file / password_env
@@ -584,12 +586,11 @@ def _read_secrets(config: Config) -> Secrets:
 
 
 def _api_token(config: Config) -> str:
-    """The bearer token in force: `token`, else the first line of `token_file`, else ''.
+    """The bearer token in force: `token` or the first line of `token_file`, else ''.
 
     Raises:
-        ConfigError: the token is blank or not one word of visible ASCII (it could not
-            be sent, or would look set while protecting nothing), or `token_file` cannot
-            be read, is empty or is open to other users.
+        ConfigError: as `_read_secret`; or the token is blank or not one word of visible
+            ASCII (it could not be sent, or would look set while protecting nothing).
     """
     server = config.server
     token = _read_secret(config, "server", dataclasses.asdict(server), "token")
