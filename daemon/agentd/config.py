@@ -470,7 +470,8 @@ def _unpadded(secret: str, where: str, what: str) -> str:
     A file's line end is no part of its first line (`_secret_file_line`) and is not seen here.
 
     Raises:
-        ConfigError: `where`, then `what` holds the secret, never the secret itself.
+        ConfigError: naming `where` the secret was given and `what` held it; the secret
+            itself is not shown.
     """
     if secret != secret.strip():
         raise ConfigError(f"{where}: expected a secret without whitespace at either end, but {what} "
