@@ -26,6 +26,7 @@ SECTIONS = [f.name for f in dataclasses.fields(Config)
 def write(tmp_path: Path, text: str, name: str = "agentd.toml") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
+    path.chmod(0o600)  # as a file giving a secret inline must be (test_secrets.py)
     return path
 
 

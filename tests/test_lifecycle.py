@@ -314,6 +314,7 @@ async def test_status_sends_the_token(
     process_env: Callable[..., Any],
 ) -> None:
     config = config_file('\n[server]\ntoken = "tok"\n')
+    config.chmod(0o600)  # a file giving a secret inline must not be open to others
     child = await agentd_process("run", "--config", str(config))
     port = await child.started()
     assert (await get_json(port, "/v1/status"))[0] == 401

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agentd.config import SECRET_FILE_LIMIT, load_config
+from agentd.config import SECRET_FILE_LIMIT, load_client_config, load_config
 from agentd.errors import ConfigError
 
 TOKEN = "t0ken-for-secrets"
@@ -24,6 +24,7 @@ TOKEN = "t0ken-for-secrets"
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "agentd.toml"
     path.write_text(text)
+    path.chmod(0o600)  # as a file giving a secret inline must be
     return path
 
 
@@ -260,3 +261,172 @@ def test_a_secret_variable_set_but_empty_is_called_empty(
     monkeypatch.delenv("SECRETS_TEST_EMPTY")
     with pytest.raises(ConfigError, match=r"SECRETS_TEST_EMPTY is not set$"):
         load_config(write(tmp_path, '[hooks.ci]\nsecret_env = "SECRETS_TEST_EMPTY"\n'), env={})
+
+
+# Every secret given two ways (or three): its table, and the keys as the error names them.
+TWO_WAYS = [
+    ('[server]\ntoken = "inline-token"\ntoken_file = "s"\n', "[server] token and token_file are both set"),
+    ('[mail]\npassword_file = "s"\npassword_env = "SECRETS_TEST_SET"\n',
+     "[mail] password_file and password_env are both set"),
+    ('[llm]\nkey_file = "s"\nkey_env = "SECRETS_TEST_SET"\n', "[llm] key_file and key_env are both set"),
+    ('[webhooks]\nsecret = "inline"\nsecret_file = "s"\n', "[webhooks] secret and secret_file are both set"),
+    ('[memory]\nhttp_key_file = "s"\nhttp_key_env = "SECRETS_TEST_SET"\n',
+     "[memory] http_key_file and http_key_env are both set"),
+    ('[hooks.ci]\nsecret = "inline"\nsecret_file = "s"\n', "[hooks.ci] secret and secret_file are both set"),
+    ('[hooks.ci]\nsecret = "inline"\nsecret_env = "SECRETS_TEST_SET"\n',
+     "[hooks.ci] secret and secret_env are both set"),
+    ('[hooks.ci]\nsecret_file = "s"\nsecret_env = "SECRETS_TEST_SET"\n',
+     "[hooks.ci] secret_file and secret_env are both set"),
+    ('[hooks.ci]\nsecret = "inline"\nsecret_file = "s"\nsecret_env = "SECRETS_TEST_SET"\n',
+     "[hooks.ci] secret and secret_file and secret_env are all set"),
+]
+
+
+@pytest.mark.parametrize(("table", "keys"), TWO_WAYS)
+def test_a_secret_given_two_ways_is_refused_naming_the_file_and_the_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table: str, keys: str
+) -> None:
+    """Found by review: the inline secret won (then the file, then the variable) without a
+    word, and the others were not even checked, so an operator who moved a token into a
+    file kept the old one in force. Which one was meant cannot be told: refused."""
+    (tmp_path / "s").write_text("from-the-file\n")
+    (tmp_path / "s").chmod(0o600)
+    monkeypatch.setenv("SECRETS_TEST_SET", "from-the-variable")
+    path = write(tmp_path, table)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert str(caught.value) == f"{path}: {keys}; give one of them"
+
+
+def test_a_secret_given_by_an_override_and_in_the_file_names_both_origins(tmp_path: Path) -> None:
+    """An AGENTD_* variable giving the inline token next to the file's token_file is refused
+    too, blaming both; the client commands, which read only the token, refuse it alike."""
+    (tmp_path / "s").write_text("from-the-file\n")
+    (tmp_path / "s").chmod(0o600)
+    path = write(tmp_path, '[server]\ntoken_file = "s"\n')
+    expected = (f"environment AGENTD_SERVER_TOKEN and {path}: [server] token and token_file are both set; "
+                "give one of them")
+    for load in (load_config, load_client_config):
+        with pytest.raises(ConfigError) as caught:
+            load(path, env={"AGENTD_SERVER_TOKEN": "from-the-environment"})
+        assert str(caught.value) == expected
+    # Emptied by a variable, the file's key is no longer given: the override is the token.
+    config = load_config(path, env={"AGENTD_SERVER_TOKEN": "from-env", "AGENTD_SERVER_TOKEN_FILE": ""})
+    assert config.secrets.api_token == "from-env"
+
+
+# Every key naming a secret's environment variable: its table, and the key as the error names it.
+SECRET_ENVS = [
+    ('[mail]\npassword_env = "SECRETS_TEST_PADDED"\n', "[mail] password_env"),
+    ('[llm]\nkey_env = "SECRETS_TEST_PADDED"\n', "[llm] key_env"),
+    ('[memory]\nhttp_key_env = "SECRETS_TEST_PADDED"\n', "[memory] http_key_env"),
+    ('[hooks.ci]\nsecret_env = "SECRETS_TEST_PADDED"\n', "[hooks.ci] secret_env"),
+]
+PADDED = " s3cret", "s3cret ", "s3cret\n", "\ts3cret", "s3cret\r\n"
+REFUSED = ("expected a secret without whitespace at either end, but {what} begins or ends with a space, "
+           "tab or line break")
+
+
+@pytest.mark.parametrize(("table", "key"), SECRET_ENVS)
+def test_a_secret_variable_with_whitespace_at_either_end_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table: str, key: str
+) -> None:
+    """Found by review: a variable's secret kept its whitespace (a file's was stripped), so
+    the newline `kubectl create secret --from-file` leaves in a variable became part of the
+    secret, and every signature then failed as a 401 nobody could explain."""
+    path = write(tmp_path, table)
+    for value in PADDED:
+        monkeypatch.setenv("SECRETS_TEST_PADDED", value)
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, env={})
+        assert str(caught.value) == (f"{path}: {key}: "
+                                     + REFUSED.format(what="the environment variable SECRETS_TEST_PADDED")
+                                     + "; remove it")
+    monkeypatch.setenv("SECRETS_TEST_PADDED", "s3 cr\tet")  # inside a secret, whitespace is kept
+    config = load_config(path, env={})
+    read = {config.secrets.mail_password, config.secrets.llm_key, config.secrets.memory_http_key,
+            *(hook.secret for hook in config.hooks.settings.values())}
+    assert "s3 cr\tet" in read
+
+
+@pytest.mark.parametrize(("table", "key"), SECRET_FILES)
+def test_a_secret_file_whose_first_line_has_whitespace_at_either_end_is_refused(
+    tmp_path: Path, table: str, key: str
+) -> None:
+    """Found by review: the first line was stripped of all whitespace, where the variable's
+    secret kept it. Its line end (LF or CRLF) is still no part of it; any other whitespace
+    at the ends is refused, as in a variable."""
+    secret = tmp_path / "secret"
+    path = write(tmp_path, table.format(file=secret.name))
+    for text in ("  s3cret\n", "s3cret \n", "s3cret\t\r\nsecond line\n"):
+        secret.write_text(text)
+        secret.chmod(0o600)
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, env={})
+        assert str(caught.value) == (f"{path}: {key}: " + REFUSED.format(what=f"the first line of {secret}")
+                                     + "; remove it")
+
+
+@pytest.mark.parametrize(("table", "key"), [('[server]\ntoken = "{value}"\n', "[server] token"),
+                                            ('[webhooks]\nsecret = "{value}"\n', "[webhooks] secret"),
+                                            ('[hooks.ci]\nsecret = "{value}"\n', "[hooks.ci] secret")])
+def test_an_inline_secret_with_whitespace_at_either_end_is_refused_without_showing_it(
+    tmp_path: Path, table: str, key: str
+) -> None:
+    for value in (" s3cret", "s3cret\\n", "s3cret\\t"):
+        path = write(tmp_path, table.format(value=value))
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, env={})
+        assert str(caught.value) == f"{path}: {key}: " + REFUSED.format(what="its value") + "; remove it"
+
+
+INLINE = [('[server]\ntoken = "inline-token"\n', "[server] token"),
+          ('[webhooks]\nsecret = "inline"\n', "[webhooks] secret"),
+          ('[hooks.ci]\nsecret = "inline"\n', "[hooks.ci] secret")]
+
+
+@pytest.mark.parametrize(("table", "key"), INLINE)
+def test_a_file_giving_a_secret_inline_must_not_be_open_to_others(
+    tmp_path: Path, table: str, key: str
+) -> None:
+    """Found by review: a secret file open to others was refused, but the same secret
+    written inline in an agentd.toml anyone could read was taken. The file giving it is
+    held to a secret file's rules: 0600, or 0640 when another user (root) hands it to the
+    daemon's group, as systemd/README.md installs it."""
+    path = write(tmp_path, table)
+    for mode in (0o644, 0o640, 0o604, 0o620):
+        path.chmod(mode)
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, env={})
+        assert str(caught.value) == (
+            f"{path}: {key} given in a file open to other users (mode 0{mode:o}); chmod 600 {path} (or "
+            "640, owned by root, group of the daemon's user), or give the secret by its *_file or *_env key "
+            "instead")
+        if key == "[server] token":  # a client reads the token from the same file
+            with pytest.raises(ConfigError, match="given in a file open to other users"):
+                load_client_config(path, env={})
+    path.chmod(0o600)
+    load_config(path, env={})
+    if os.geteuid() == 0:
+        os.chown(path, 65534, os.getegid())
+        path.chmod(0o640)
+        load_config(path, env={})
+        path.chmod(0o644)
+        with pytest.raises(ConfigError, match=r"\(mode 0644\)"):
+            load_config(path, env={})
+
+
+def test_a_file_open_to_others_is_fine_without_inline_secrets(tmp_path: Path) -> None:
+    """The shipped agentd.toml (0644 after a clone) gives no secret inline (its `token` and
+    `secret` are empty) and loads as it is; so does a file whose secrets come from files,
+    variables or AGENTD_* overrides, which are not written in it."""
+    shipped = tmp_path / "agentd.toml"
+    shipped.write_text((Path(__file__).parent.parent / "agentd.toml").read_text())
+    shipped.chmod(0o644)
+    load_config(shipped, env={})
+    config = load_config(shipped, env={"AGENTD_SERVER_TOKEN": TOKEN})
+    assert config.secrets.api_token == TOKEN
+    (tmp_path / "s").write_text("from-the-file\n")
+    (tmp_path / "s").chmod(0o600)
+    shipped.write_text('[server]\ntoken_file = "s"\n[hooks.ci]\nsecret_file = "s"\n')
+    assert load_config(shipped, env={}).secrets.api_token == "from-the-file"

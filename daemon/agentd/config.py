@@ -7,7 +7,9 @@ variable), the key, what was expected and what was found.
 Everything is parsed here, once: `[[schedules]]` become `ScheduleSpec`s, `[digests.<name>]`
 `DigestSpec`s, `[hooks.<name>]` `HookSpec`s, and every secret (`*_file`, `*_env`) is read
 into `Config.secrets` or its hook's spec, so an unreadable one stops the load, naming the
-file and the key, and nothing reads the file system for them afterwards.
+file and the key, and nothing reads the file system for them afterwards. A secret is given
+one way only, never begins or ends with whitespace, and one given inline makes the file
+holding it obey a secret file's mode.
 
 This module is the bottom of agentd's layering: it imports only `agentd.errors` and the
 value modules `agentd.events` (topics and patterns), `agentd.schedule` (`ScheduleSpec`) and
@@ -236,8 +238,8 @@ class LogConfig:
 @dataclass(frozen=True, slots=True)
 class Secrets:
     """The secrets the sections name, read when the configuration was loaded: each given
-    inline, as the first line of its `*_file`, or in the environment variable its `*_env`
-    names; '' where none is set. Not in the repr, so a logged configuration shows none."""
+    one way, inline, as the first line of its `*_file`, or in the environment variable its
+    `*_env` names; '' where none is set. Not in the repr, so a logged configuration shows none."""
 
     api_token: str = field(default="", repr=False)  # [server] token / token_file
     mail_password: str = field(default="", repr=False)  # [mail] password_file / password_env
@@ -385,14 +387,17 @@ def _load_sections(
         path = Path(path).resolve()
         source = str(path)
         try:
-            raw = tomllib.loads(path.read_text())
+            with path.open("rb") as file:
+                raw = tomllib.load(file)
+                info: os.stat_result | None = os.fstat(file.fileno())
         except FileNotFoundError as exc:
             raise ConfigError(f"{path}: configuration file not found") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
         base_dir = path.parent
     else:
-        source, base_dir = "<defaults>", Path.cwd()
+        source, base_dir, info = "<defaults>", Path.cwd(), None
+    inline = _inline_secrets(raw)  # of the file itself: overrides are not written in it
     for section, table in (overrides or {}).items():
         raw.setdefault(section, {}).update(table)
 
@@ -407,6 +412,10 @@ def _load_sections(
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
         sections[name], named[name] = _build_section(name, _SECTIONS[name], value, source)
+    if inline and info is not None and (mode := _open_mode(info)) is not None:
+        raise ConfigError(f"{source}: {' and '.join(inline)} given in a file open to other users (mode "
+                          f"{mode:04o}); chmod 600 {source} (or 640, owned by root, group of the daemon's "
+                          f"user), or give the secret by its *_file or *_env key instead")
     if named.get("plugins"):  # a plugin's own table, kept as written: the plugin reads it
         sections["plugins"] = dataclasses.replace(sections["plugins"], settings=named["plugins"])
     config = _apply_env(Config(source=source, base_dir=base_dir, **sections),
@@ -417,30 +426,57 @@ def _load_sections(
 
 def _read_secret(config: Config, section: str, values: Mapping[str, Any], key: str) -> str:
     """The secret `key` of a section: given inline (`<key>`), as the first line of the
-    file `<key>_file`, or in the environment variable named by `<key>_env`, in that
-    order; '' when none is set.
+    file `<key>_file` (without its line end), or in the environment variable named by
+    `<key>_env` (as it is); '' when none is set.
 
     Raises:
-        ConfigError: naming the section, the key and the file, when the file cannot be
-            read (see `_secret_file_line`), or the variable, when it is not set or empty.
+        ConfigError: naming the section and the keys, when more than one of them is set
+            (which one was meant cannot be told, and the others would go unchecked); or
+            naming the key and the file or variable, when the file cannot be read (see
+            `_secret_file_line`), the variable is not set or empty, or the secret begins
+            or ends with whitespace (see `_unpadded`).
     """
-    if values.get(key):
-        return str(values[key])
-    if values.get(f"{key}_file"):
-        path = config.resolve(str(values[f"{key}_file"]))
+    given = [way for way in (key, f"{key}_file", f"{key}_env") if values.get(way)]
+    if len(given) > 1:
+        origins = " and ".join(dict.fromkeys(config.origin(section, way) for way in given))
+        raise ConfigError(f"{origins}: [{section}] {' and '.join(given)} are "
+                          f"{'both' if len(given) == 2 else 'all'} set; give one of them")
+    if not given:
+        return ""
+    way = given[0]
+    where = f"{config.origin(section, way)}: [{section}] {way}"
+    if way == key:
+        return _unpadded(str(values[key]), where, "its value")
+    if way.endswith("_file"):
+        path = config.resolve(str(values[way]))
         try:
-            return _secret_file_line(path)
+            line = _secret_file_line(path)
         except _UnusableSecretError as exc:
-            raise ConfigError(f"{config.origin(section, f'{key}_file')}: [{section}] {key}_file: "
-                              f"{exc}") from None
-    if values.get(f"{key}_env"):
-        name = str(values[f"{key}_env"])
-        if not os.environ.get(name):
-            state = "is empty" if name in os.environ else "is not set"
-            raise ConfigError(f"{config.origin(section, f'{key}_env')}: [{section}] {key}_env: the "
-                              f"environment variable {name} {state}")
-        return os.environ[name]
-    return ""
+            raise ConfigError(f"{where}: {exc}") from None
+        return _unpadded(line, where, f"the first line of {path}")
+    name = str(values[way])
+    if not os.environ.get(name):
+        state = "is empty" if name in os.environ else "is not set"
+        raise ConfigError(f"{where}: the environment variable {name} {state}")
+    return _unpadded(os.environ[name], where, f"the environment variable {name}")
+
+
+def _unpadded(secret: str, where: str, what: str) -> str:
+    """`secret`, refused when it begins or ends with whitespace. Such a secret is almost
+    always a slip (a pasted space, the newline `kubectl create secret --from-file` keeps in
+    a variable), and the other side of it (an HTTP client, GitHub, the SMTP server) most
+    likely has none, so keeping it fails later as a mysterious 401 and stripping it fails
+    the few who meant it: refused, the slip is found at the start, naming where it is.
+    A file's line end is no part of its first line (`_secret_file_line`) and is not seen here.
+
+    Raises:
+        ConfigError: naming `where` the secret was given and `what` held it; the secret
+            itself is not shown.
+    """
+    if secret != secret.strip():
+        raise ConfigError(f"{where}: expected a secret without whitespace at either end, but {what} "
+                          "begins or ends with a space, tab or line break; remove it")
+    return secret
 
 
 def _read_signing_secret(config: Config, section: str, values: Mapping[str, Any]) -> str:
@@ -472,7 +508,8 @@ SECRET_FILE_LIMIT = 65_536
 
 
 def _secret_file_line(path: Path) -> str:
-    """The first line of the secret file `path`, stripped.
+    """The first line of the secret file `path`, without its line end (LF or CRLF: `echo
+    x > file` writes one, and Windows editors the other), and nothing else taken off.
 
     Raises:
         _UnusableSecretError: the file cannot be opened, is no regular file (a FIFO would
@@ -489,12 +526,7 @@ def _secret_file_line(path: Path) -> str:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise _UnusableSecretError(f"cannot read {path}: not a regular file ({_file_kind(info.st_mode)})")
-        mode = stat.S_IMODE(info.st_mode)
-        # A file of our own is ours alone; one another user (root) hands us through our
-        # group, as systemd/README.md installs secrets (0640, group agentd), may be
-        # group-readable.
-        shared = info.st_uid != os.geteuid()
-        if mode & (0o027 if shared else 0o077):
+        if (mode := _open_mode(info)) is not None:
             raise _UnusableSecretError(f"{path} is open to other users (mode {mode:04o}); chmod 600 "
                                        f"{path} (or 640, owned by root, group of the daemon's user)")
         data = b""
@@ -511,10 +543,31 @@ def _secret_file_line(path: Path) -> str:
         text = data.decode()
     except UnicodeDecodeError as exc:
         raise _UnusableSecretError(f"cannot read {path}: not text ({exc.reason})") from None
-    line = next(iter(text.splitlines()), "").strip()
-    if not line:
+    line = next(iter(text.splitlines()), "")
+    if not line.strip():
         raise _UnusableSecretError(f"the first line of {path} is empty; write the secret there")
     return line
+
+
+def _open_mode(info: os.stat_result) -> int | None:
+    """The permission bits of a file holding a secret (`info`), when they open it to
+    users other than the daemon's; else None. A file of our own is ours alone; one another
+    user (root) hands us through our group, as systemd/README.md installs secrets and
+    agentd.toml (0640, group agentd), may be group-readable."""
+    mode = stat.S_IMODE(info.st_mode)
+    shared = info.st_uid != os.geteuid()
+    return mode if mode & (0o027 if shared else 0o077) else None
+
+
+def _inline_secrets(raw: Mapping[str, Any]) -> list[str]:
+    """The secrets a configuration file's tables (`raw`) give inline, as '[section] key'."""
+    tables: list[tuple[str, str, object]] = [("server", "token", raw.get("server")),
+                                             ("webhooks", "secret", raw.get("webhooks"))]
+    hooks = raw.get("hooks")
+    if isinstance(hooks, dict):
+        tables += [(f"hooks.{name}", "secret", table) for name, table in hooks.items()]
+    return [f"[{name}] {key}" for name, key, table in tables
+            if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]]
 
 
 def _file_kind(mode: int) -> str:
@@ -534,12 +587,11 @@ def _read_secrets(config: Config) -> Secrets:
 
 
 def _api_token(config: Config) -> str:
-    """The bearer token in force: `token`, else the first line of `token_file`, else ''.
+    """The bearer token in force: `token` or the first line of `token_file`, else ''.
 
     Raises:
-        ConfigError: the token is blank or not one word of visible ASCII (it could not
-            be sent, or would look set while protecting nothing), or `token_file` cannot
-            be read, is empty or is open to other users.
+        ConfigError: as `_read_secret`; or the token is blank or not one word of visible
+            ASCII (it could not be sent, or would look set while protecting nothing).
     """
     server = config.server
     token = _read_secret(config, "server", dataclasses.asdict(server), "token")
