@@ -2,20 +2,34 @@
 unit that does not move with the machine's speed.
 
     python3 bench/queue_instructions.py [--against REV ...] [--tasks 1000,3000]
-                                        [--enqueue batch|single]
+                                        [--enqueue batch|single] [--repeat 3]
+                                        [--parallel 2] [--keep DIR]
 
 Wall-clock and CPU-time figures on a shared VM drift by +-20 % within minutes (and by 2x
-between days); an instruction count repeats to within a fraction of a percent. Each
-agentd measured (the working tree's, and each `--against` git revision, exported with
-`git archive`) runs the no-op workload of queue_bench.py (the daemon on its defaults, the
-tasks enqueued while the workers run) twice under callgrind, with the two `--tasks` sizes;
-the difference of the two totals divided by the difference of the sizes is what one more
-task costs, start-up and shutdown cancelled out. Prints one JSON line per agentd; each
-`--against` line also says how the working tree's count compares with it.
+between days); an instruction count repeats far better. Each agentd measured (the working
+tree's, and each `--against` git revision, exported with `git archive`) runs the no-op
+workload of queue_bench.py (the daemon on its defaults, the tasks enqueued while the
+workers run) under callgrind with the two `--tasks` sizes; the difference of the two
+totals divided by the difference of the sizes is what one more task costs, start-up and
+shutdown cancelled out. That is done `--repeat` times, the agentds taking turns, and the
+figure is the median, printed with each round's figure and their spread; a change smaller
+than the spread is not shown by this run. Prints one JSON line per agentd; each `--against`
+line also says how the working tree's count compares with it.
+
+Start-up (the interpreter, the imports, the daemon's start) is about 2.8 billion
+instructions, four times what the 2,000 tasks between the default sizes cost: whatever in
+it changes from run to run moves the per-task figure four times as much. So the measured
+processes run with `MEASURED_ENV`, which takes out what depended on thread scheduling.
+What is left depends on how long a run lasts (timers, the loop's wake-ups; about 0.1 million
+instructions per second of a run under valgrind): a run slowed down by a loaded machine
+counts a little more, which the median of the rounds absorbs. `transactions` lists each
+run's write transactions, small size then large: the loop groups the writes of a tick into
+one, so they show whether a difference came from how writes grouped.
 
 `memset_per_task` is reported apart: valgrind counts a `rep stosb` (how glibc zeroes SQLite's
 4 KiB pages) as one instruction per byte, so it stands for far less time than its count.
-Needs valgrind (`apt-get install valgrind`). Takes about 2.5 minutes per agentd on 2 cores.
+Needs valgrind (`apt-get install valgrind`). Takes about 3 minutes per agentd on 2 cores with
+the defaults, more on a loaded machine.
 """
 
 from __future__ import annotations
@@ -58,7 +72,8 @@ print(json.dumps({{"transactions": run["transactions"]}}))
 #   on scheduling: 15 to 56 million instructions a run (`blas_thread_server`), which moved
 #   the per-task figure by +-4 %.
 # - PYTHONHASHSEED=0: string hashes, and with them dict and set probe sequences and set
-#   iteration order, the same in every run.
+#   iteration order, the same in every run (a random seed moved `unicodekeys_lookup_unicode`
+#   by 3 million instructions between two runs).
 MEASURED_ENV = {"OPENBLAS_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
