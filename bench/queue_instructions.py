@@ -76,6 +76,8 @@ print(json.dumps({{"transactions": run["transactions"]}}))
 #   by 3 million instructions between two runs).
 MEASURED_ENV = {"OPENBLAS_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
+Run = tuple[int, int, int]  # (all instructions, memset's, write transactions) of one run
+
 
 def main() -> int:
     args = parse_args()
@@ -113,9 +115,6 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     return 1 if any("error" in row for row in rows) else 0
-
-
-Run = tuple[int, int, int]  # (all instructions, memset's, write transactions) of one run
 
 
 def summarise(label: str, args: argparse.Namespace, pairs: list[tuple[Run, Run]]) -> dict[str, Any]:
