@@ -2,20 +2,34 @@
 unit that does not move with the machine's speed.
 
     python3 bench/queue_instructions.py [--against REV ...] [--tasks 1000,3000]
-                                        [--enqueue batch|single]
+                                        [--enqueue batch|single] [--repeat 3]
+                                        [--parallel 2] [--keep DIR]
 
 Wall-clock and CPU-time figures on a shared VM drift by +-20 % within minutes (and by 2x
-between days); an instruction count repeats to within a fraction of a percent. Each
-agentd measured (the working tree's, and each `--against` git revision, exported with
-`git archive`) runs the no-op workload of queue_bench.py (the daemon on its defaults, the
-tasks enqueued while the workers run) twice under callgrind, with the two `--tasks` sizes;
-the difference of the two totals divided by the difference of the sizes is what one more
-task costs, start-up and shutdown cancelled out. Prints one JSON line per agentd; each
-`--against` line also says how the working tree's count compares with it.
+between days); an instruction count repeats far better. Each agentd measured (the working
+tree's, and each `--against` git revision, exported with `git archive`) runs the no-op
+workload of queue_bench.py (the daemon on its defaults, the tasks enqueued while the
+workers run) under callgrind with the two `--tasks` sizes; the difference of the two
+totals divided by the difference of the sizes is what one more task costs, start-up and
+shutdown cancelled out. That is done `--repeat` times, the agentds taking turns, and the
+figure is the median, printed with each round's figure and their spread; a change smaller
+than the spread is not shown by this run. Prints one JSON line per agentd; each `--against`
+line also says how the working tree's count compares with it.
+
+Start-up (the interpreter, the imports, the daemon's start) is about 2.8 billion
+instructions, four times what the 2,000 tasks between the default sizes cost: whatever in
+it changes from run to run moves the per-task figure four times as much. So the measured
+processes run with `MEASURED_ENV`, which takes out what depended on thread scheduling.
+What is left depends on how long a run lasts (timers, the loop's wake-ups; about 0.1 million
+instructions per second of a run under valgrind): a run slowed down by a loaded machine
+counts a little more, which the median of the rounds absorbs. `transactions` lists each
+run's write transactions, small size then large: the loop groups the writes of a tick into
+one, so they show whether a difference came from how writes grouped.
 
 `memset_per_task` is reported apart: valgrind counts a `rep stosb` (how glibc zeroes SQLite's
 4 KiB pages) as one instruction per byte, so it stands for far less time than its count.
-Needs valgrind (`apt-get install valgrind`). Takes about 2.5 minutes per agentd on 2 cores.
+Needs valgrind (`apt-get install valgrind`). Takes about 3 minutes per agentd on 2 cores with
+the defaults, more on a loaded machine.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,15 +52,31 @@ from machine import source_trees
 HERE = Path(__file__).resolve().parent
 
 # The workload, run as `python -c DRIVER N ENQUEUE` with the measured agentd first on the path.
+# Its last line on stdout is the run's figures as JSON (write transactions committed).
 DRIVER = """
+import json
 import sys
 sys.path.insert(0, {bench!r})
 import queue_bench
 from agentd.log import configure_logging
 configure_logging("warning", "json", stream=sys.stderr)
-queue_bench.agentd_run(queue_bench.agentd_noop(int(sys.argv[1]), sys.argv[2], hold=False),
-                       "normal", 8, 600)
+run = queue_bench.agentd_run(queue_bench.agentd_noop(int(sys.argv[1]), sys.argv[2], hold=False),
+                             "normal", 8, 600)
+print(json.dumps({{"transactions": run["transactions"]}}))
 """
+
+# The environment of every measured process, beyond PYTHONPATH. Both take out instructions
+# that depend on how the OS schedules threads, not on agentd:
+# - OPENBLAS_NUM_THREADS=1: sqlite_vec imports numpy, whose OpenBLAS starts a thread per core
+#   that spins while it waits for work (it never gets any here). How long they spin depends
+#   on scheduling: 15 to 56 million instructions a run (`blas_thread_server`), which moved
+#   the per-task figure by +-4 %.
+# - PYTHONHASHSEED=0: string hashes, and with them dict and set probe sequences and set
+#   iteration order, the same in every run (a random seed moved `unicodekeys_lookup_unicode`
+#   by 3 million instructions between two runs).
+MEASURED_ENV = {"OPENBLAS_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+Run = tuple[int, int, int]  # (all instructions, memset's, write transactions) of one run
 
 
 def main() -> int:
@@ -57,28 +88,51 @@ def main() -> int:
     small, large = args.tasks
     with tempfile.TemporaryDirectory(prefix="agentd-instr-") as tmp:
         sources = source_trees(Path(tmp), args.against)
+        # Round by round, each agentd's two sizes in turn: a change in the machine's load
+        # during the bench falls on every agentd alike. `--parallel` runs at once, as
+        # callgrind runs a program on one core.
+        jobs = [(index, round_, tasks) for round_ in range(args.repeat)
+                for index in range(len(sources)) for tasks in (small, large)]
+
+        def run(job: tuple[int, int, int]) -> Run | None:
+            index, round_, tasks = job
+            return count(tasks, args.enqueue, sources[index][1], Path(tmp),
+                         f"{index}-{round_}", args.keep)
+
+        with ThreadPoolExecutor(args.parallel) as pool:
+            runs = dict(zip(jobs, pool.map(run, jobs), strict=True))
         rows: list[dict[str, Any]] = []
-        for label, source in sources:
-            # The two sizes at once, one per core: callgrind runs a program on one.
-            with ThreadPoolExecutor(2) as pool:
-                small_run, large_run = pool.map(
-                    lambda n, src=source: count(n, args.enqueue, src, Path(tmp)), (small, large))
-            row: dict[str, Any] = {"bench": "queue_instructions", "agentd": label,
-                                   "enqueue": args.enqueue, "tasks": [small, large]}
-            if small_run is None or large_run is None:
+        for index, (label, _) in enumerate(sources):
+            pairs = [(runs[index, r, small], runs[index, r, large]) for r in range(args.repeat)]
+            row = summarise(label, args, [(a, b) for a, b in pairs if a and b])
+            if len(row.get("per_task", ())) < args.repeat:
                 row["error"] = "a callgrind run failed (see stderr)"
-            else:
-                span = large - small
-                row["instructions_per_task"] = round((large_run[0] - small_run[0]) / span)
-                row["memset_per_task"] = round((large_run[1] - small_run[1]) / span)
-                first = rows[0].get("instructions_per_task") if rows else None
-                if first is not None:
-                    # How the working tree's count compares with this revision's.
-                    this = row["instructions_per_task"]
-                    row["working_tree_vs_this"] = f"{(first - this) / this:+.1%}"
+            first = rows[0].get("instructions_per_task") if rows else None
+            if first is not None and "instructions_per_task" in row:
+                # How the working tree's count compares with this revision's (medians).
+                this = row["instructions_per_task"]
+                row["working_tree_vs_this"] = f"{(first - this) / this:+.1%}"
             rows.append(row)
             print(json.dumps(row), flush=True)
     return 1 if any("error" in row for row in rows) else 0
+
+
+def summarise(label: str, args: argparse.Namespace, pairs: list[tuple[Run, Run]]) -> dict[str, Any]:
+    """One agentd's JSON line: the median of its per-task figures (one per round), the
+    figures themselves, and each run's write transactions (how its writes grouped)."""
+    small, large = args.tasks
+    row: dict[str, Any] = {"bench": "queue_instructions", "agentd": label,
+                           "enqueue": args.enqueue, "tasks": [small, large]}
+    if not pairs:
+        return row
+    span = large - small
+    per_task = [round((b[0] - a[0]) / span) for a, b in pairs]
+    row["instructions_per_task"] = round(statistics.median(per_task))
+    row["memset_per_task"] = round(statistics.median((b[1] - a[1]) / span for a, b in pairs))
+    row["per_task"] = per_task
+    row["spread"] = f"{(max(per_task) - min(per_task)) / row['instructions_per_task']:.1%}"
+    row["transactions"] = [[a[2] for a, _ in pairs], [b[2] for _, b in pairs]]
+    return row
 
 
 def parse_args() -> argparse.Namespace:
@@ -89,19 +143,28 @@ def parse_args() -> argparse.Namespace:
                         help="the two workload sizes whose difference is counted (default 1000,3000)")
     parser.add_argument("--enqueue", choices=("batch", "single"), default="batch",
                         help="enqueue_many x 1000 (default) or one task per call from 100 callers")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds: each agentd's figure is the median of this many (default 3)")
+    parser.add_argument("--parallel", type=int, default=2,
+                        help="callgrind runs at once (default 2: one per core of the reference machine)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="keep the callgrind files in DIR (compare two with callgrind_annotate)")
     args = parser.parse_args()
     sizes = sorted(int(n) for n in args.tasks.split(","))
     if len(sizes) != 2 or sizes[0] == sizes[1] or sizes[0] < 1:
         parser.error("--tasks takes two different positive sizes, e.g. 1000,3000")
+    if args.repeat < 1 or args.parallel < 1:
+        parser.error("--repeat and --parallel take a positive number")
     args.tasks = sizes
     return args
 
 
-def count(tasks: int, enqueue: str, source: Path, tmp: Path) -> tuple[int, int] | None:
-    """(all instructions, memset's) of one run under callgrind with the agentd in `source`
-    first on the path, or None if it failed."""
-    out = tmp / f"callgrind-{os.getpid()}-{tasks}-{abs(hash(source))}.out"
-    env = dict(os.environ)
+def count(tasks: int, enqueue: str, source: Path, tmp: Path, tag: str, keep: Path | None) -> Run | None:
+    """(all instructions, memset's, write transactions) of one run under callgrind with the
+    agentd in `source` first on the path, or None if it failed. `tag` names its file."""
+    out = (keep or tmp) / f"callgrind-{tag}-{tasks}.out"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, **MEASURED_ENV)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
     run = subprocess.run(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-c",
@@ -118,7 +181,8 @@ def count(tasks: int, enqueue: str, source: Path, tmp: Path) -> tuple[int, int] 
         return None
     memset = sum(int(m.group(1).replace(",", "")) for m in re.finditer(
         r"^\s*([\d,]+) \([\s\d.]+%\)\s+\S*memset\S*", annotated, re.MULTILINE))
-    return int(total.group(1).replace(",", "")), memset
+    transactions = json.loads(run.stdout.strip().splitlines()[-1])["transactions"]
+    return int(total.group(1).replace(",", "")), memset, transactions
 
 
 if __name__ == "__main__":
