@@ -760,12 +760,12 @@ async def test_a_client_that_takes_nothing_is_dropped_after_send_timeout(st: Any
                 break
         # No event marks the drop: poll the condition itself, bounded by the timeout above.
         while streams:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # deliberate sleep: a bounded poll: no event marks the drop
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the drop
         # The server lets go of the connection too, though the client still reads nothing
         # (a close would wait for its full buffer to drain: the socket would stay open).
         server = daemon.server._runner.server
         while server.connections:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # deliberate sleep: a bounded poll: no event marks the release
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
     writer.close()
     await writer.wait_closed()
 
@@ -796,7 +796,7 @@ async def test_connections_that_never_finish_a_request_head_are_closed(start_dae
             writer.close()
     async with asyncio.timeout(FRAME_TIMEOUT):
         while server.connections:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # deliberate sleep: a bounded poll: no event marks the release
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
 
 
 @pytest.mark.parametrize("path", ["/v1/events", "/v1/tasks", "/hooks/gh"])
@@ -833,12 +833,12 @@ async def test_a_client_gone_before_its_body_arrived_is_no_server_failure(start_
         server = daemon.server._runner.server
         async with asyncio.timeout(FRAME_TIMEOUT):
             while not server.connections:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)  # deliberate sleep: a bounded poll: no event marks the accept
+                await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the accept
         writer.close()
         await writer.wait_closed()
         async with asyncio.timeout(FRAME_TIMEOUT):
             while server.connections:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)  # deliberate sleep: a bounded poll: no event marks the release
+                await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
     assert [log for log in logs if log["log_level"] == "error"] == []
 
 
@@ -861,11 +861,11 @@ async def test_a_stream_its_client_closes_is_released_at_once(st: Any, http: Any
     response.close()
     async with asyncio.timeout(FRAME_TIMEOUT):
         while stream_subscriptions(daemon):  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # deliberate sleep: a bounded poll: no event marks the release
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
     assert daemon.bus.stats()["subscriptions"] == subscriptions
     async with asyncio.timeout(FRAME_TIMEOUT):
         while daemon.server._runner.server.connections:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # deliberate sleep: a bounded poll: no event marks the release
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
 
 
 async def test_a_client_that_reads_nothing_holds_a_bounded_kernel_buffer(start_daemon: Any) -> None:
@@ -887,7 +887,7 @@ async def test_a_client_that_reads_nothing_holds_a_bounded_kernel_buffer(start_d
             for n in range(4000):  # 16 MB at most
                 event = daemon.bus.publish("bulk.x", {"n": n, "pad": "x" * 4096})
                 written += len(sse_frame(event, event_json(event)))
-                await asyncio.sleep(0)  # deliberate sleep: let the stream write (a yield, not a wait)
+                await asyncio.sleep(0)  # noqa: sleep - let the stream write (a yield, not a wait)
                 if connection.writing_paused:
                     break
         assert connection.writing_paused

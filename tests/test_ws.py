@@ -536,7 +536,7 @@ async def test_a_client_that_takes_nothing_is_dropped_after_send_timeout(st: Any
                 break
         # No event marks the drop: poll the condition itself, bounded by the timeout above.
         while app[SOCKETS]:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # deliberate sleep: a bounded poll: no event marks the drop
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the drop
     assert not [s for s in app[STREAMS] if s.name.startswith("ws:")]
     writer.close()
     await writer.wait_closed()
@@ -566,7 +566,7 @@ async def test_a_client_that_takes_no_replies_is_dropped(st: Any, http: Any) -> 
         writer.write(_masked_text_frame({"id": n, "type": "result", "task_id": task_id}))
     async with asyncio.timeout(5):
         while app[SOCKETS]:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # deliberate sleep: a bounded poll: no event marks the drop
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the drop
     assert not [s for s in app[STREAMS] if s.name.startswith("ws:")]
     assert not daemon.queue._waiters
     writer.transport.abort()
