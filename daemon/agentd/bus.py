@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from functools import partial
 from typing import Any, TypeVar
 
+from agentd.errors import describe
 from agentd.events import LAGGED_TOPIC, Event, Lagged, TopicFilter, validate_topic
 from agentd.log import get_logger
 
@@ -291,7 +292,7 @@ class Bus:
     def _log_unheard_failure(self, event: Event, done: asyncio.Future[Any]) -> None:
         if not done.cancelled() and (exc := done.exception()) is not None:
             self._log.error("bus.publish_failed", topic=event.topic, event_id=event.id,
-                            error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+                            error=describe(exc), exc_info=exc)
 
     def advance_to(self, last_id: int) -> None:
         """Never hand out an id at or below `last_id` (the newest id stored before a restart)."""

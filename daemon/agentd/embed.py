@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from agentd.config import Config, MemoryConfig
-from agentd.errors import ConfigError, EmbedderError, Retry
+from agentd.errors import ConfigError, EmbedderError, Retry, describe
 
 MINILM_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
 
@@ -129,7 +129,7 @@ class HttpEmbedder:
                         break  # the request itself is wrong: retrying will not help
                     delay = _retry_after(response.headers.get("Retry-After"), attempt)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                problem, delay = f"{type(exc).__name__}: {exc}", _retry_after(None, attempt)
+                problem, delay = describe(exc), _retry_after(None, attempt)
             if attempt < self._attempts:
                 await asyncio.sleep(delay)
         raise EmbedderError(f"{self._url}: embedding failed: {problem}")

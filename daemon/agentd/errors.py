@@ -5,6 +5,11 @@ from __future__ import annotations
 import math
 
 
+def describe(exc: BaseException) -> str:
+    """How agentd names an exception in its logs, events and task records: `Type: message`."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 class AgentdError(Exception):
     """Base of every error agentd raises for a reason it can name."""
 

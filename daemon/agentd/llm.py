@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 
 from agentd.config import LlmConfig
-from agentd.errors import AgentdError, Fail, InvalidTaskError, Retry
+from agentd.errors import AgentdError, Fail, InvalidTaskError, Retry, describe
 from agentd.log import get_logger
 from agentd.taskqueue import TaskQueue, TaskRecord
 
@@ -170,7 +170,7 @@ class LlmClient:
                     return _from_message(await response.json(), body["model"], messages)
                 return await _read_stream(response, body["model"], messages, on_token)
         except aiohttp.ClientError as exc:
-            raise LlmError(f"the LLM endpoint {url} failed: {type(exc).__name__}: {exc}") from exc
+            raise LlmError(f"the LLM endpoint {url} failed: {describe(exc)}") from exc
         except TimeoutError as exc:
             raise LlmError(f"the LLM endpoint {url} sent nothing for {self.config.read_timeout} s") from exc
 
@@ -270,7 +270,7 @@ class TaskLlm:
 
     def _log_not_counted(self, usage: Mapping[str, int], exc: BaseException) -> None:
         _LOG.error("llm.usage_not_counted", task_id=self._record.id, task=self._record.name,
-                   usage=dict(usage), error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+                   usage=dict(usage), error=describe(exc), exc_info=exc)
 
     async def _count(self, usage: Mapping[str, int]) -> None:
         totals = await self._queue.add_usage(self._record.id, {**usage, "calls": 1})

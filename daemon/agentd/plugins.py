@@ -36,7 +36,7 @@ from agentd import protocols as api
 from agentd.bus import Bus
 from agentd.config import Config
 from agentd.embed import Embedder
-from agentd.errors import PluginError
+from agentd.errors import PluginError, describe
 from agentd.events import Event, TopicPattern, check_event_data, check_publishable
 from agentd.log import get_logger
 from agentd.mail import MailSender
@@ -494,4 +494,4 @@ async def _call_hook(hook: Hook, ctx: PluginContext) -> None:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "TimeoutError: did not finish in time"
-    return f"{type(exc).__name__}: {exc}"
+    return describe(exc)

@@ -44,7 +44,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, get_args
 
 from agentd.bus import Bus
-from agentd.errors import InvalidScheduleError, ScheduleNotFoundError, StoreWriteError, TaskStateError
+from agentd.errors import (
+    InvalidScheduleError,
+    ScheduleNotFoundError,
+    StoreWriteError,
+    TaskStateError,
+    describe,
+)
 from agentd.events import Event
 from agentd.log import get_logger
 from agentd.schedule import ScheduleSpec
@@ -378,7 +384,7 @@ class Scheduler:
                 # A fire that cannot be enqueued (its task is gone, its arguments no longer
                 # fit) is reported and passed over, never retried in a loop.
                 self._log.error("schedule.fire_failed", schedule=spec.id, error=str(exc))
-                self._missed(state, fire_time, "error", error=f"{type(exc).__name__}: {exc}")
+                self._missed(state, fire_time, "error", error=describe(exc))
         state.next_fire = due.next_fire
         await self._save(state)
 
@@ -467,7 +473,7 @@ class Scheduler:
         self._outcomes.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._log.error("schedule.outcome_failed", task=task.get_name(),
-                            error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+                            error=describe(exc), exc_info=exc)
 
     async def _record_outcome(self, state: ScheduleState, outcome: TaskStatus) -> None:
         state.last_outcome = outcome
@@ -488,7 +494,7 @@ class Scheduler:
                 await self._fire(state, owed)
             except Exception as exc:  # as in `_fire_due`: reported, and the state still saved
                 self._log.error("schedule.fire_failed", schedule=state.spec.id, error=str(exc))
-                self._missed(state, owed, "error", error=f"{type(exc).__name__}: {exc}")
+                self._missed(state, owed, "error", error=describe(exc))
         await self._save(state)
 
     def _check_action(self, spec: ScheduleSpec, where: str) -> None:

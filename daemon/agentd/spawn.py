@@ -26,6 +26,7 @@ from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from agentd.bus import Bus
+from agentd.errors import describe
 from agentd.log import get_logger
 
 
@@ -110,7 +111,7 @@ class Spawner:
             self._log.exception("handler.failed", handler=name, **context)
             self._bus.publish(
                 "handler.failed",
-                {"handler": name, "error": f"{type(exc).__name__}: {exc}", **context},
+                {"handler": name, "error": describe(exc), **context},
             )
         finally:
             if not started:

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from agentd.bus import Bus
+from agentd.errors import describe
 from agentd.log import get_logger
 
 LoopFactory = Callable[[], Coroutine[Any, Any, None]]
@@ -90,7 +91,7 @@ class Loop:
                 _LOG.warning("loop.not_stopped", loop=self.name)
             raise
         if not task.cancelled() and (exc := task.exception()) is not None:
-            _LOG.error("loop.failed_at_stop", loop=self.name, error=_describe(exc), exc_info=exc)
+            _LOG.error("loop.failed_at_stop", loop=self.name, error=describe(exc), exc_info=exc)
 
     def _start(self) -> None:
         self._restart = None
@@ -100,7 +101,7 @@ class Loop:
         try:
             coro = self._factory()
         except Exception as exc:
-            self._failed(exc, _describe(exc))
+            self._failed(exc, describe(exc))
             return
         self.task = asyncio.get_running_loop().create_task(coro, name=self.name)
         self.task.add_done_callback(self._ended)
@@ -115,7 +116,7 @@ class Loop:
             self._failed(None, "cancelled by something other than its owner")
             return
         exc = task.exception()
-        self._failed(exc, "ended without being stopped" if exc is None else _describe(exc))
+        self._failed(exc, "ended without being stopped" if exc is None else describe(exc))
 
     def _failed(self, exc: BaseException | None, error: str) -> None:
         supervisor = self._supervisor
@@ -181,7 +182,3 @@ class Supervisor:
     def describe(self, details: bool = True) -> list[dict[str, Any]]:
         """Every loop's name, state and restarts (and last error, with `details`)."""
         return [loop.describe(details) for loop in self.loops.values()]
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"

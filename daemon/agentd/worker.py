@@ -39,7 +39,7 @@ from typing import Any, Literal, NamedTuple
 
 from agentd.config import TasksConfig
 from agentd.context import Context
-from agentd.errors import Fail, InvalidTaskError, Retry, StoreWriteError
+from agentd.errors import Fail, InvalidTaskError, Retry, StoreWriteError, describe
 from agentd.log import get_logger
 from agentd.services import Services
 from agentd.store import BatchedWrite, Row, Store
@@ -293,7 +293,7 @@ class WorkerPool:
                 except Exception as exc:  # the loop must outlive any failed write
                     # Its transaction failed (the file locked by another program past
                     # busy_timeout, a full disk): nothing was claimed. Try again later.
-                    _LOG.error("tasks.claim_failed", queue=queue, error=f"{type(exc).__name__}: {exc}")
+                    _LOG.error("tasks.claim_failed", queue=queue, error=describe(exc))
                     records, next_at = [], time.time() + CLAIM_RETRY
                 for record in records:
                     if record.cancel_requested:
@@ -438,7 +438,7 @@ class WorkerPool:
             # observer. The row stays `running`, and the heartbeat takes it back once its
             # lease runs out.
             _LOG.exception("tasks.run_failed", task_id=record.id, task=record.name,
-                           error=f"{type(exc).__name__}: {exc}")
+                           error=describe(exc))
         finally:
             if ctx is None:
                 slots.release()  # the slot it was started in
@@ -651,7 +651,7 @@ class WorkerPool:
                     renew_and_reclaim, running=self.leased, lease_until=time.time() + self.config.lease,
                     ttl=self.config.result_ttl, expired_only=True))
             except Exception as exc:  # as a claim's: renew at the next beat
-                _LOG.error("tasks.renew_failed", error=f"{type(exc).__name__}: {exc}")
+                _LOG.error("tasks.renew_failed", error=describe(exc))
                 continue
             self._publish_recovered(recovered)
 
@@ -746,11 +746,11 @@ def _failure(exc: Exception, record: TaskRecord, ctx: Context) -> _Outcome:
     if isinstance(exc, Retry):
         return _Outcome("retry", error=f"Retry: {exc}", delay=exc.delay)
     if isinstance(exc, Fail | InvalidTaskError):
-        return _Outcome("failed", error=f"{type(exc).__name__}: {exc}")
+        return _Outcome("failed", error=describe(exc))
     if isinstance(exc, TimeoutError) and record.timeout is not None and not str(exc):
         return _Outcome("retry", error=f"TimeoutError: no result after {record.timeout} s")
-    ctx.log.warning("task.attempt_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
-    return _Outcome("retry", error=f"{type(exc).__name__}: {exc}")
+    ctx.log.warning("task.attempt_failed", error=describe(exc), exc_info=exc)
+    return _Outcome("retry", error=describe(exc))
 
 
 # How an attempt ended: a final state of the task, or one that queues it again: `retry`

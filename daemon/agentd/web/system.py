@@ -9,6 +9,7 @@ import time
 from aiohttp import web
 
 from agentd import __version__
+from agentd.errors import describe
 from agentd.web.auth import may_see_details
 from agentd.web.openapi import build_document, doc
 from agentd.web.server import DAEMON, TOKEN_REQUIRED
@@ -55,7 +56,7 @@ async def readyz(request: web.Request) -> web.Response:
         checks["store"] = {"ok": True}
     except Exception as exc:  # a StoreWriteError names its cause: store_full, store_busy...
         checks["store"] = {"ok": False, "code": getattr(exc, "code", "store_unavailable"),
-                           "error": f"{type(exc).__name__}: {exc}"}
+                           "error": describe(exc)}
     failed = daemon.plugins.failed
     checks["plugins"] = {"ok": daemon.plugins_started and not failed, "failed": failed}
     down = daemon.supervisor.down

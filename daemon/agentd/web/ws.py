@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 from aiohttp import WSMsgType, web
 
 from agentd.bus import Subscription
-from agentd.errors import AgentdError
+from agentd.errors import AgentdError, describe
 from agentd.eventlog import ReplayGap
 from agentd.events import Lagged, TopicFilter, check_publishable
 from agentd.log import get_logger
@@ -111,7 +111,7 @@ class _Session:
         self.requests.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             # `handle` answers every failure of a request; this is one of answering it.
-            get_logger("ws").error("ws.reply_failed", error=f"{type(exc).__name__}: {exc}",
+            get_logger("ws").error("ws.reply_failed", error=describe(exc),
                                    exc_info=exc)
 
     async def reply(self, answer: dict[str, Any]) -> None:
