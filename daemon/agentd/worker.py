@@ -553,20 +553,19 @@ class WorkerPool:
         waiters. A callback rather than each task awaiting the commit: no task wakes up
         only to publish, and no cancelled task can cancel the future its batch shares."""
         del self._acks_in_flight[batch]
-        if batch.cancelled() or batch.exception() is not None:
-            self._ack_failed(records, batch)
+        # A batch's future is never cancelled (BatchedWrite.add): it has results or an error.
+        if (error := batch.exception()) is not None:
+            self._ack_failed(records, error)
             return
         self._announce_committed(records)
 
-    def _ack_failed(self, records: list[TaskRecord], batch: asyncio.Future[list[None]]) -> None:
+    def _ack_failed(self, records: list[TaskRecord], error: BaseException) -> None:
         """Acks whose transaction failed: owed when the storage refused it, else (the store
         closed, a bug) given up: the rows stay `running` until the next start requeues them."""
-        error = None if batch.cancelled() else batch.exception()
         if isinstance(error, StoreWriteError) and not self.store.closed:
             self._owe(records, error)
             return
-        _LOG.error("tasks.ack_failed", tasks=len(records),
-                   error="cancelled" if error is None else f"{type(error).__name__}: {error}")
+        _LOG.error("tasks.ack_failed", tasks=len(records), error=describe(error))
         self._take_off_owed({record.id for record in records})
 
     def _owe(self, records: list[TaskRecord], error: StoreWriteError) -> None:
@@ -594,8 +593,8 @@ class WorkerPool:
 
     def _acked_again(self, records: list[TaskRecord], batch: asyncio.Future[list[None]]) -> None:
         """Done callback of a transaction carrying owed acks."""
-        if batch.cancelled() or batch.exception() is not None:
-            self._ack_failed(records, batch)
+        if (error := batch.exception()) is not None:
+            self._ack_failed(records, error)
             return
         self._ack_retry = WRITE_RETRY_FIRST
         _LOG.warning("tasks.acks_committed", tasks=len(records))

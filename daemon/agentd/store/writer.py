@@ -330,6 +330,8 @@ class BatchedWrite(Generic[V, R]):
         store.add_rider(self._ride)
 
     def add(self, value: V) -> asyncio.Future[list[R]]:
+        """Add `value` to the next transaction; return the batch's future, which no waiter
+        can cancel (`_SharedFuture`): it ends with the batch's results or its error."""
         if self._future is None:
             self._future = _SharedFuture(loop=asyncio.get_running_loop())
         self._store.request_flush()
