@@ -17,7 +17,7 @@ import structlog
 
 from agentd import protocols as api
 from agentd import steps
-from agentd.errors import TaskFailedError
+from agentd.errors import TaskFailedError, describe
 from agentd.events import Event, check_event_data, check_publishable
 from agentd.llm import TaskLlm
 from agentd.log import get_logger
@@ -259,7 +259,7 @@ class Context:
                     call.close()
             for future in futures:
                 future.cancel()
-            others = [f"{type(outcome).__name__}: {outcome}"
+            others = [describe(outcome)
                       for outcome in await asyncio.gather(*futures, return_exceptions=True)
                       if isinstance(outcome, Exception) and outcome is not exc]
             if others:  # one line per gather, however many of its calls failed together
