@@ -66,11 +66,54 @@ def plugin_dir(tmp_path: Path) -> PluginDirFactory:
 # --------------------------------------------------------------------------- daemons & HTTP
 
 
+# --------------------------------------------------------------------------- both stores
+
+STORES = ("sqlite", "postgres")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked `both_stores` (or in a module so marked) that uses `store_url` (through
+    `start_daemon`, say) runs twice: on SQLite and on a fresh PostgreSQL database. One
+    marked `sqlite_only` too runs on SQLite alone: it looks at what only SQLite has."""
+    if ("store_url" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_stores")
+            and not metafunc.definition.get_closest_marker("sqlite_only")):
+        metafunc.parametrize("store_url", STORES, indirect=True)
+
+
 @pytest.fixture
-async def start_daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+async def store_url(request: pytest.FixtureRequest) -> str | None:
+    """None (SQLite, the default), or the URL of a fresh, migrated PostgreSQL database of
+    this test's own on the session's throwaway server (tests/pg.py)."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return None
+    from pg import fresh_database
+
+    return await fresh_database()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from pg import stop_server
+
+    stop_server()
+
+
+def with_store(overrides: Mapping[str, Mapping[str, Any]] | None,
+               store_url: str | None) -> Mapping[str, Mapping[str, Any]] | None:
+    """`overrides` with `[store] url` set to `store_url` (unless they set it), for daemons
+    started on the test's store."""
+    if store_url is None or (overrides and "url" in overrides.get("store", {})):
+        return overrides
+    merged = {section: dict(table) for section, table in (overrides or {}).items()}
+    merged.setdefault("store", {})["url"] = store_url
+    return merged
+
+
+@pytest.fixture
+async def start_daemon(tmp_path: Path, store_url: str | None) -> AsyncIterator[Callable[..., Any]]:
     """`daemon, events = await start_daemon(plugin_dirs=[...], overrides={...})`: a real daemon
     on 127.0.0.1 with an OS-chosen port, its bus captured from before the start (so plugin
-    startup events are seen), stopped at teardown unless the test stopped it."""
+    startup events are seen), stopped at teardown unless the test stopped it. On the test's
+    store: SQLite, or PostgreSQL in a `both_stores` test's second run."""
     from agentd.app import Daemon
     from agentd.testing import EventCapture, make_config
 
@@ -81,7 +124,8 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             overrides: Mapping[str, Mapping[str, Any]] | None = None,
             state_dir: Path | None = None,
         ) -> tuple[Daemon, EventCapture]:
-            daemon = Daemon(make_config(state_dir or tmp_path, plugin_dirs, overrides))
+            daemon = Daemon(make_config(state_dir or tmp_path, plugin_dirs,
+                                        with_store(overrides, store_url)))
             events = EventCapture(daemon.bus)
             await stack.enter_async_context(daemon)
             return daemon, events

@@ -90,7 +90,7 @@ LAYERS = [
     {"store"},
     {"bus", "spawn", "supervise", "eventlog", "taskdef", "taskqueue", "steps"},
     {"memory", "embed", "llm", "mail", "webhooks", "hooks", "services"},
-    {"context", "protocols", "worker", "scheduler", "digests", "maintenance"},
+    {"context", "protocols", "worker", "scheduler", "digests", "maintenance", "postgres", "storage"},
     {"plugin", "plugins"},
     {"web", "health", "systemd", "shutdown", "app", "cli", "__main__", "testing", "agentd"},
 ]

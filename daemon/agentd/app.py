@@ -37,8 +37,8 @@ from agentd.shutdown import (
     stop_bound,
 )
 from agentd.spawn import Spawner
-from agentd.store import Store
-from agentd.store.sqlite import SqliteStore
+from agentd.storage import Storage, open_storage
+from agentd.store import Database, Store
 from agentd.supervise import Loop, LoopFactory, Supervisor
 from agentd.systemd import Notifier
 from agentd.taskdef import TaskRegistry
@@ -63,31 +63,36 @@ class Daemon:
         check_serving_rules(config)
         self.config = config
         self.notifier = notifier or Notifier()
-        self.store: Store = SqliteStore(config.database_path, config.store, extensions=False)
+        self.storage = open_storage(config)
+        self.store: Database = self.storage.database
+        # The parts not yet on the storage seam still take the SQLite engine.
+        # TODO(issue 16): each part takes its storage from self.storage; then this goes.
+        store = self.sqlite_store = _sqlite_for_now(self.storage)
         self.bus = Bus()
         self.spawner = Spawner(
             self.bus, config.daemon.handler_concurrency, config.daemon.handler_backlog
         )
         self.supervisor = Supervisor(self.bus)
         self.registry = TaskRegistry()
-        self.queue = TaskQueue(self.store, self.bus, self.registry, config.tasks)
+        self.queue = TaskQueue(store, self.bus, self.registry, config.tasks,
+                               steps=self.storage.steps)
         self.services = Services.from_config(config)
-        self.hooks = InboundHooks.from_config(config, self.store)
+        self.hooks = InboundHooks.from_config(config, store)
         self.workers = WorkerPool(
-            self.store, self.queue, self.registry, config.tasks, config.plugins.settings,
+            store, self.queue, self.registry, config.tasks, config.plugins.settings,
             services=self.services)
         self.plugins = PluginManager(config, self.bus, self.spawner, self.queue, self.services)
-        self.eventlog = EventLog(self.store, self.bus, config.events)
-        self.scheduler = Scheduler(self.store, self.queue, self.bus, self.registry,
+        self.eventlog = EventLog(store, self.bus, config.events)
+        self.scheduler = Scheduler(store, self.queue, self.bus, self.registry,
                                    self.plugins.enqueue_triggers, clock=clock)
         builtin_queue = maintenance.builtin_queue(config)
         self._maintenance = maintenance.register(
-            self.registry, config, store=self.store, queue=self.queue, eventlog=self.eventlog,
+            self.registry, config, store=store, queue=self.queue, eventlog=self.eventlog,
             memory=lambda: self.services.memory)
         self.services.mailer.register(self.registry, builtin_queue)
         self.services.webhooks.register(self.registry, builtin_queue)
         self.digests = Digests(
-            config.digests.settings, store=self.store, bus=self.bus, queue=self.queue,
+            config.digests.settings, store=store, bus=self.bus, queue=self.queue,
             eventlog=self.eventlog, mailer=self.services.mailer, spawner=self.spawner)
         try:
             self.digests.check_persistence()
@@ -129,7 +134,10 @@ class Daemon:
             await self.store.open()
             rollback.push_async_callback(self.store.close)
             self._start_service(self.lag.run, "lag-monitor")
-            self._start_service(self.store.run_checkpoints, "wal-checkpoints")
+            if self.storage.sqlite is not None:
+                self._start_service(self.storage.sqlite.run_checkpoints, "wal-checkpoints")
+            if self.storage.postgres is not None:
+                self._start_service(self.storage.postgres.run_listener, "pg-listener")
             # Undone before the store closes: every later step may fail (a full disk).
             rollback.push_async_callback(self._stop_services)
             await self.eventlog.start()
@@ -168,7 +176,7 @@ class Daemon:
             self._start_service(partial(self._watchdog, self.notifier.watchdog_interval), "watchdog")
         self.bus.publish("daemon.started", {"version": __version__, "port": self.port})
         self._log.info("daemon.started", version=__version__, host=self.config.server.host,
-                       port=self.port, database=str(self.store.path))
+                       port=self.port, database=self.store.location)
         self.notifier.ready(f"serving on {self.config.server.host}:{self.port}")
 
     async def _start_scheduler(self) -> None:
@@ -397,3 +405,8 @@ async def serve(config: Config) -> None:
             await daemon.wait_stopped()
             deadline.arm()
 
+
+def _sqlite_for_now(storage: Storage) -> Store:
+    if storage.sqlite is None:
+        raise ConfigError("[store] url: PostgreSQL is not yet supported by every part")
+    return storage.sqlite

@@ -77,12 +77,16 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
-    """[store]: the one SQLite file."""
+    """[store]: where agentd.db's data lives: one SQLite file (`path`, the default), or a
+    PostgreSQL database (`url`) that several daemons share. `pool_size` bounds the
+    connections one daemon opens to PostgreSQL (plus one that listens for notifications)."""
 
     path: str = "agentd.db"
     synchronous: Literal["full", "normal"] = "normal"
     busy_timeout_ms: int = 5000
     maintenance_interval: float = 3600.0
+    url: str = ""
+    pool_size: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -673,6 +677,26 @@ def _parse_schedules(config: Config, tables: list[dict[str, Any]]) -> tuple[Sche
     return tuple(specs.values())
 
 
+def _check_store(config: Config) -> None:
+    where = config.origin
+    url = config.store.url
+    if url and not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{where('store', 'url')}: [store] url: expected a postgresql:// URL, "
+                          f"got {redact_url(url)!r}")
+    if not 2 <= config.store.pool_size <= 1000:
+        raise ConfigError(f"{where('store', 'pool_size')}: [store] pool_size: expected 2..1000 "
+                          f"connections, got {config.store.pool_size}")
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its user part replaced by `***`, for logs and errors."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+
+
 def _check_outbound(config: Config) -> None:
     where = config.origin
     if config.mail.port > 65535:
@@ -712,6 +736,7 @@ def _check_rules(config: Config) -> None:
         raise ConfigError(f"{config.origin('hooks', 'tolerance')}: [hooks] tolerance: expected a "
                           "positive number of seconds")
     _check_memory(config)
+    _check_store(config)
     _check_outbound(config)
     if 0 < config.daemon.stall_warning < MIN_STALL_WARNING:
         # The watch thread wakes four times per stall_warning: far below the loop's own

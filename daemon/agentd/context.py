@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import structlog
 
 from agentd import protocols as api
-from agentd import steps
 from agentd.errors import TaskFailedError, describe
 from agentd.events import Event, check_event_data, check_publishable
 from agentd.llm import TaskLlm
@@ -275,14 +274,14 @@ class Context:
     async def step(self, key: str, fn: Callable[[], Any]) -> Any:
         """Run `fn()` (sync or async) once for this task: its JSON result is stored, and a
         retried attempt gets the stored result back instead of running `fn` again."""
-        stored = await steps.recorded(self._queue.store, self.task.id, key)
+        stored = await self._queue.steps.recorded(self.task.id, key)
         if stored is not None:
             return json.loads(stored)
         value = fn()
         if inspect.isawaitable(value):
             value = await value
         encoded = encode_json(value, f"the result of step {key!r}")
-        await steps.record(self._queue.store, self.task.id, key, encoded)
+        await self._queue.steps.record(self.task.id, key, encoded)
         # What a retry will read back: the JSON round trip (a tuple becomes a list, int keys
         # strings), so that every attempt sees the same value.
         return value if isinstance(value, str | int | bool | None) else json.loads(encoded)

@@ -58,6 +58,13 @@ class StoreReadOnlyError(StoreWriteError):
     code = "store_read_only"
 
 
+class StoreUnavailableError(StoreWriteError):
+    """The database server cannot be reached, or did not answer in time (PostgreSQL down,
+    frozen or restarting): nothing of the write was stored; it can succeed once it is back."""
+
+    code = "store_unavailable"
+
+
 class PluginError(AgentdError):
     """A plugin could not be imported, declared itself wrongly, or failed to start."""
 

@@ -39,6 +39,7 @@ from agentd.errors import (
     TaskStateError,
     UnknownTaskError,
 )
+from agentd.steps import StepStore
 from agentd.store import BatchedWrite, Connection, Row, Store, execute_rows
 from agentd.taskdef import TaskRegistry, encode_json
 
@@ -225,8 +226,10 @@ class Enqueued(NamedTuple):
 class TaskQueue:
     """The queue's API for everything that is not a worker: HTTP, CLI, plugins, `ctx.call`."""
 
-    def __init__(self, store: Store, bus: Bus, registry: TaskRegistry, config: TasksConfig) -> None:
+    def __init__(self, store: Store, bus: Bus, registry: TaskRegistry, config: TasksConfig,
+                 steps: StepStore) -> None:
         self.store = store
+        self.steps = steps  # memoized steps (`ctx.step`), in the same database as the tasks
         self.bus = bus
         self.registry = registry
         self.config = config

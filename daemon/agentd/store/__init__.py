@@ -39,8 +39,46 @@ from agentd.store.writer import BatchedWrite, WriteOp, execute_rows
 
 T = TypeVar("T")
 
-__all__ = ["BatchedWrite", "Connection", "Error", "IntegrityError", "Row", "Store", "WriteOp",
-           "execute_rows"]
+__all__ = ["BatchedWrite", "Connection", "Database", "Error", "IntegrityError", "Row", "Store",
+           "WriteOp", "execute_rows"]
+
+
+class Database(Protocol):
+    """What the daemon itself needs of agentd.db's engine, SQLite (`SqliteStore`) or
+    PostgreSQL (`store.postgres.PgStore`): its lifecycle, its health and its figures. The
+    parts that store use an engine's own interface (`Store` on SQLite) through their
+    storage classes; see `agentd/storage.py`."""
+
+    config: StoreConfig
+    schema_version: int
+    transactions: int
+    failure: StoreWriteError | None
+
+    @property
+    def closed(self) -> bool:
+        """Whether the store is closed (or not yet open)."""
+
+    @property
+    def location(self) -> str:
+        """Where the data is, for logs: the file's path, or the URL without its password."""
+
+    async def open(self) -> None:
+        """Connect and migrate. Raises StoreError."""
+
+    async def close(self) -> None:
+        """Commit what is pending, then close the connections."""
+
+    async def check_writable(self) -> None:
+        """Raise StoreWriteError unless a write commits now."""
+
+    async def maintain(self) -> dict[str, int]:
+        """Compact the storage; return what was done (for the maintenance schedule)."""
+
+    async def stats(self, tables: tuple[str, ...]) -> dict[str, int | str | None]:
+        """Size, row counts of `tables`, and the current write failure's code."""
+
+    def describe(self) -> dict[str, Any]:
+        """What `/v1/status` shows of the store: its engine, where it is, its settings."""
 
 
 class Store(Protocol):
@@ -98,3 +136,6 @@ class Store(Protocol):
 
     async def stats(self, tables: tuple[str, ...]) -> dict[str, int | str | None]:
         """Size on disk, row counts of `tables`, and the current write failure's code."""
+
+    def describe(self) -> dict[str, Any]:
+        """What `/v1/status` shows of the store: its engine, where it is, its settings."""

@@ -120,6 +120,15 @@ class SqliteStore(Writer):
         """Truncate the WAL and give free pages back; see `checkpoints.maintain`."""
         return await checkpoints.maintain(self)
 
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    def describe(self) -> dict[str, Any]:
+        """What `/v1/status` shows of the store."""
+        return {"engine": "sqlite", "path": str(self.path), "schema_version": self.schema_version,
+                "synchronous": self.config.synchronous}
+
     async def stats(self, tables: tuple[str, ...]) -> dict[str, int | str | None]:
         """The database's size on disk, the row count of each table in `tables`, and the
         code of the storage failure writes meet now (None while they commit)."""

@@ -21,6 +21,7 @@ from agentd.errors import (
     StoreFullError,
     StoreIOError,
     StoreReadOnlyError,
+    StoreUnavailableError,
     TaskNotFoundError,
     TaskStateError,
     UnknownTaskError,
@@ -47,6 +48,7 @@ _STATUS_OF: list[tuple[type[AgentdError], int, str]] = [
     (StoreBusyError, 503, "store_busy"),
     (StoreIOError, 503, "store_io_error"),
     (StoreReadOnlyError, 503, "store_read_only"),
+    (StoreUnavailableError, 503, "store_unavailable"),
 ]
 
 

@@ -1,0 +1,44 @@
+"""Which engine holds agentd.db's data, chosen once: `open_storage(config)` builds the
+engine (SQLite by default, PostgreSQL with `[store] url`) and, for each part that stores,
+its storage on that engine. The parts receive their storage from `app.py` and never ask
+which engine it is; each engine's statements live beside the part (`steps.py`) or in
+`agentd/postgres/` (`postgres/steps.py`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agentd.config import Config
+from agentd.postgres.steps import PgSteps
+from agentd.steps import SqliteSteps, StepStore
+from agentd.store import Database, Store
+from agentd.store.postgres import PgStore
+from agentd.store.sqlite import SqliteStore
+
+
+@dataclass(frozen=True, slots=True)
+class Storage:
+    """agentd.db's engine and each part's storage on it. `sqlite` is the engine when it is
+    SQLite (None on PostgreSQL), `postgres` when it is PostgreSQL: the daemon runs the
+    engine's own loops (WAL checkpoints; the notification listener)."""
+
+    database: Database
+    sqlite: SqliteStore | None
+    postgres: PgStore | None
+    steps: StepStore
+
+
+def open_storage(config: Config) -> Storage:
+    """The storage `config` asks for (not yet opened: `database.open()` does that)."""
+    if config.store.url:
+        return _postgres(PgStore(config.store))
+    return _sqlite(SqliteStore(config.database_path, config.store, extensions=False))
+
+
+def _sqlite(store: SqliteStore) -> Storage:
+    sqlite: Store = store
+    return Storage(database=store, sqlite=store, postgres=None, steps=SqliteSteps(sqlite))
+
+
+def _postgres(store: PgStore) -> Storage:
+    return Storage(database=store, sqlite=None, postgres=store, steps=PgSteps(store))

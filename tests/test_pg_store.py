@@ -1,0 +1,109 @@
+"""`PgStore`, the PostgreSQL engine, against a real throwaway server (tests/pg.py): grouped
+writes, a failing op failing alone, reads, notifications, migrations run once by daemons
+that start together, and a server that is away answering with StoreUnavailableError."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+from pg import fresh_database
+
+from agentd.config import StoreConfig
+from agentd.errors import StoreError
+from agentd.store.postgres import PgConnection, PgStore
+
+
+@pytest.fixture
+async def pg_store() -> Any:
+    store = PgStore(StoreConfig(url=await fresh_database(), pool_size=4))
+    await store.open()
+    yield store
+    await store.close()
+
+
+def put(key: str, value: str) -> Any:
+    async def op(conn: PgConnection) -> str:
+        await conn.execute("INSERT INTO meta (key, value) VALUES ($1, $2)", key, value)
+        return key
+
+    return op
+
+
+async def test_the_writes_of_a_tick_share_one_transaction(pg_store: PgStore) -> None:
+    before = pg_store.transactions
+    keys = await asyncio.gather(*(pg_store.write(put(f"k{i}", "v")) for i in range(50)))
+    assert keys == [f"k{i}" for i in range(50)]
+    assert pg_store.transactions == before + 1
+    rows = await pg_store.read("SELECT count(*) AS n FROM meta WHERE key LIKE 'k%'")
+    assert rows[0]["n"] == 50
+
+
+async def test_a_failing_op_fails_alone(pg_store: PgStore) -> None:
+    await pg_store.write(put("taken", "v"))
+    results = await asyncio.gather(pg_store.write(put("a", "v")), pg_store.write(put("taken", "w")),
+                                   pg_store.write(put("b", "v")), return_exceptions=True)
+    assert results[0] == "a" and results[2] == "b"
+    assert isinstance(results[1], asyncpg.UniqueViolationError)
+    row = await pg_store.read_one("SELECT value FROM meta WHERE key = $1", ("taken",))
+    assert row is not None and row["value"] == "v"
+
+
+async def test_notifications_reach_listeners_and_reconnects_are_announced(pg_store: PgStore) -> None:
+    got: asyncio.Queue[str] = asyncio.Queue()
+    reconnected = asyncio.Event()
+    pg_store.listen("agentd_test", got.put_nowait)
+    pg_store.on_reconnect(reconnected.set)
+    listener = asyncio.create_task(pg_store.run_listener())
+    try:
+        await asyncio.wait_for(reconnected.wait(), 10)
+
+        async def notify(conn: PgConnection) -> None:
+            await conn.execute("SELECT pg_notify('agentd_test', 'hello')")
+
+        await pg_store.write(notify)
+        assert await asyncio.wait_for(got.get(), 10) == "hello"
+    finally:
+        listener.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await listener
+
+
+async def test_daemons_that_start_together_migrate_once() -> None:
+    url = await fresh_database()
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    finally:
+        await conn.close()
+    stores = [PgStore(StoreConfig(url=url, pool_size=2)) for _ in range(4)]
+    await asyncio.gather(*(store.open() for store in stores))
+    try:
+        assert {store.schema_version for store in stores} == {stores[0].schema_version}
+        rows = await stores[0].read("SELECT version, count(*) AS n FROM schema_version GROUP BY version")
+        assert rows and all(row["n"] == 1 for row in rows)
+    finally:
+        await asyncio.gather(*(store.close() for store in stores))
+
+
+async def test_an_unreachable_server_is_a_clear_error() -> None:
+    store = PgStore(StoreConfig(url="postgresql://agentd:secret@127.0.0.1:1/nowhere"))
+    with pytest.raises(StoreError, match=r"cannot connect to PostgreSQL") as caught:
+        await store.open()
+    assert "secret" not in str(caught.value) and "agentd:***@127.0.0.1:1" in str(caught.value)
+
+
+async def test_writes_and_reads_fail_with_store_unavailable_while_the_server_is_away(
+        pg_store: PgStore) -> None:
+    # Every connection of the pool is closed by the server, as when it restarts.
+    other = await asyncpg.connect(pg_store.config.url)
+    try:
+        await other.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    finally:
+        await other.close()
+    # The pool replaces broken connections: the next write and read go through.
+    assert await pg_store.write(put("after", "v")) == "after"
+    assert (await pg_store.read_one("SELECT value FROM meta WHERE key = 'after'")) is not None
