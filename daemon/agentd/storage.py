@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agentd.config import Config
+from agentd.digests import DigestStore, SqliteDigests
+from agentd.eventlog import EventStore, SqliteEvents
+from agentd.postgres.digests import PgDigests
+from agentd.postgres.events import PgEvents
 from agentd.postgres.steps import PgSteps
 from agentd.steps import SqliteSteps, StepStore
 from agentd.store import Database, Store
@@ -26,6 +30,8 @@ class Storage:
     sqlite: SqliteStore | None
     postgres: PgStore | None
     steps: StepStore
+    events: EventStore
+    digests: DigestStore
 
 
 def open_storage(config: Config) -> Storage:
@@ -37,8 +43,10 @@ def open_storage(config: Config) -> Storage:
 
 def _sqlite(store: SqliteStore) -> Storage:
     sqlite: Store = store
-    return Storage(database=store, sqlite=store, postgres=None, steps=SqliteSteps(sqlite))
+    return Storage(database=store, sqlite=store, postgres=None, steps=SqliteSteps(sqlite),
+                   events=SqliteEvents(sqlite), digests=SqliteDigests(sqlite))
 
 
 def _postgres(store: PgStore) -> Storage:
-    return Storage(database=store, sqlite=None, postgres=store, steps=PgSteps(store))
+    return Storage(database=store, sqlite=None, postgres=store, steps=PgSteps(store),
+                   events=PgEvents(store), digests=PgDigests(store))
