@@ -171,3 +171,17 @@ async def test_concurrent_publishers_on_every_daemon_no_reader_skips_or_repeats(
         assert polled == stored
         for reader in readers:
             assert [e.id for e in await take(reader, total)] == stored
+
+
+async def test_every_daemons_streams_see_a_daemons_events_in_the_order_it_published_them() -> None:
+    """A token published after a stored event waits for it: the stored one reaches the
+    stream bus only once committed, the token would otherwise overtake it."""
+    async with nodes(2) as (a, b):
+        on_a = a.streams.subscribe("**", maxsize=100)
+        on_b = b.streams.subscribe("**", maxsize=100)
+        for n in range(3):
+            a.bus.publish("user.said", {"n": n})
+            a.bus.publish("llm.token", {"text": str(n)})
+        expected = ["user.said", "llm.token"] * 3
+        assert [e.topic for e in await take(on_a, 6)] == expected
+        assert [e.topic for e in await take(on_b, 6)] == expected

@@ -207,6 +207,11 @@ class EventLog:
         event before it)."""
         return self.persistence(event.topic) != "ephemeral"
 
+    @property
+    def unwritten(self) -> bool:
+        """Whether events recorded are still to be committed."""
+        return bool(self._pending or self._in_flight)
+
     async def current_horizon(self) -> int:
         """`horizon` as the storage has it now (another daemon may have swept since)."""
         self.horizon = max(self.horizon, await self.storage.horizon())

@@ -29,6 +29,13 @@ together); a feed skips its own. An ephemeral event bears the id of the last sto
 its daemon's stream bus carried before it: resuming after it misses nothing. A sweep that
 deleted events notifies `h <id>`, the new horizon.
 
+Order. Each row keeps its publishing daemon (`origin`) and the id its bus gave it
+(`origin_id`), and each ephemeral event travels with the bus id of the newest stored event
+its daemon published before it: every stream bus, the publishing daemon's too, sends an
+ephemeral event only once that stored event is on it, so streams see each daemon's events
+in the order it published them (as on one daemon), though a stored event reaches them only
+once committed. Events of different daemons are ordered by the log (by commit).
+
 Losses, as on one daemon: when the listening connection is re-opened (`on_reconnect`) the
 feed reads the stored events it missed from the table; ephemeral events sent meanwhile are
 gone, as they are for a stream client that was disconnected.
@@ -42,6 +49,7 @@ import itertools
 import json
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from agentd.bus import Bus, Subscription
@@ -59,20 +67,25 @@ _NOTIFY = f"SELECT pg_notify('{CHANNEL}', $1)"
 # header under PostgreSQL's 8,000-byte payload limit.
 _PART_CHARS = 7800
 _PAGE = 1000
+# This daemon's ephemeral events held behind its stored ones at most (see `_forward`).
+_HOLD_MOST = 10_000
 
 # The ids of a transaction's events: from the counter, or from the clock when it is ahead.
 _INSERT = (
     "WITH c AS (UPDATE event_counter SET last_id = greatest(last_id + 1, "
     "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint) + $1 - 1 RETURNING last_id) "
-    "INSERT INTO events (id, topic, time, data, correlation_id, causation_id, durable) "
-    "SELECT c.last_id - $1 + r.n, r.topic, r.time, r.data, r.correlation_id, r.causation_id, r.durable "
-    "FROM c, unnest($2::text[], $3::float8[], $4::text[], $5::text[], $6::text[], $7::int[]) "
-    "WITH ORDINALITY AS r(topic, time, data, correlation_id, causation_id, durable, n)")
+    "INSERT INTO events (id, topic, time, data, correlation_id, causation_id, durable, origin, origin_id) "
+    "SELECT c.last_id - $1 + r.n, r.topic, r.time, r.data, r.correlation_id, r.causation_id, r.durable, "
+    "$8, r.origin_id FROM c, unnest($2::text[], $3::float8[], $4::text[], $5::text[], $6::text[], "
+    "$7::int[], $9::bigint[]) WITH ORDINALITY AS r(topic, time, data, correlation_id, causation_id, "
+    "durable, origin_id, n)")
 _NEWEST = "SELECT last_id FROM event_counter"
 _CATCH_UP_COUNTER = ("UPDATE event_counter SET last_id = greatest(last_id, "
                      "(SELECT coalesce(max(id), 0) FROM events))")
 _HORIZON = "SELECT value FROM meta WHERE key = 'events_horizon'"
 _PAGE_SQL = "SELECT * FROM events WHERE id > $1 ORDER BY id LIMIT $2"
+_FEED_SQL = ("SELECT id, topic, time, data, correlation_id, causation_id, origin, origin_id "
+             "FROM events WHERE id > $1 ORDER BY id LIMIT $2")
 _CORRELATION_SQL = "SELECT * FROM events WHERE correlation_id = $1 AND id > $2 ORDER BY id"
 _RING_OFFSET = "SELECT id FROM events WHERE durable = 0 ORDER BY id DESC LIMIT 1 OFFSET $1"
 _SWEEP = ("WITH d AS (DELETE FROM events WHERE (durable = 0 AND id <= $1) OR (durable = 1 AND id <= $2) "
@@ -87,18 +100,20 @@ def _event(row: Any) -> Event:
                  correlation_id=row["correlation_id"], causation_id=row["causation_id"])
 
 
-async def insert_rows(conn: PgConnection, rows: list[EventRow]) -> None:
-    """Store `rows` with ids from the counter (their own ids, the bus's, are not kept), and
-    notify the feeds once the transaction commits."""
+async def insert_rows(conn: PgConnection, rows: list[EventRow], origin: str) -> None:
+    """Store `rows` with ids from the counter (their own ids, the bus's of daemon `origin`,
+    kept as `origin_id`), and notify the feeds once the transaction commits."""
     await conn.execute(_INSERT, len(rows), [r[1] for r in rows], [r[2] for r in rows],
                        [r[3] for r in rows], [r[4] for r in rows], [r[5] for r in rows],
-                       [r[6] for r in rows])
+                       [r[6] for r in rows], origin, [r[0] for r in rows])
     await conn.execute(_NOTIFY_STORED)
 
 
-def notification_parts(origin: str, seq: int, events: list[Event]) -> list[str]:
-    """The payloads carrying `events` (ephemeral) to the other daemons."""
-    body = json.dumps([[e.topic, e.data, e.time, e.correlation_id, e.causation_id] for e in events],
+def notification_parts(origin: str, seq: int, events: list[tuple[int, Event]]) -> list[str]:
+    """The payloads carrying `events` (ephemeral, each after the id its daemon gave its
+    stored predecessor) to the other daemons."""
+    body = json.dumps([[after, e.topic, e.data, e.time, e.correlation_id, e.causation_id]
+                       for after, e in events],
                       ensure_ascii=True, separators=(",", ":"), default=str)
     chunks = [body[i:i + _PART_CHARS] for i in range(0, len(body), _PART_CHARS)] or [""]
     return [f"e {origin} {seq} {n} {len(chunks)} {chunk}" for n, chunk in enumerate(chunks)]
@@ -117,12 +132,27 @@ class PgEvents:
         self.sent_parts = 0
         self._log_ref: EventLog | None = None
         self._forwarder: Subscription | None = None
-        self._outgoing: list[Event] = []
+        self._outgoing: list[tuple[int, Event]] = []
+        # This daemon's ephemeral events for the others, by where their stored predecessor
+        # is: pending (they ride with its insert), in flight (sent once it committed).
+        self._riding: list[tuple[int, Event]] = []
+        self._after_flight: list[tuple[int, Event]] = []
+        self._inserting_upto = 0
+        self._committed_upto = 0
+        self._stored_ahead: set[int] = set()
+        self._pass = 0  # read passes begun
         self._seq = itertools.count()
         self._parts: dict[tuple[str, str], list[str]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._dirty = False
-        self._behind_read: list[Event] = []  # remote ephemeral events waiting for a read
+        # Per daemon (origin), the newest of its own ids among the rows the feed carried.
+        self._seen: dict[str, int] = {}
+        # This daemon's newest stored event published, and its ephemeral events waiting for
+        # their stored predecessor (its bus id) to be on the stream bus.
+        self._own_published = 0
+        self._held: list[tuple[int, Event]] = []
+        # The other daemons' ephemeral events waiting likewise: (origin, predecessor, event).
+        self._waiting: list[tuple[str, int, int, Event]] = []
         self._following = False
         self._log = get_logger("eventlog")
 
@@ -134,15 +164,37 @@ class PgEvents:
         self.store.add_rider(rider)
 
     def insert(self, rows: list[EventRow], *, alone: bool) -> asyncio.Future[Any]:
-        async def op(conn: PgConnection) -> None:
-            await insert_rows(conn, rows)
+        upto = max(row[0] for row in rows)
+        self._inserting_upto = max(self._inserting_upto, upto)
+        # This daemon's ephemeral events published after these rows go to the others in
+        # the same transaction: a feed reading the rows has them, and puts each in place.
+        riding, self._riding = self._riding, []
+        parts = notification_parts(self.origin, next(self._seq), riding) if riding else []
 
-        return self.store.write(op) if alone else self.store.join_batch(op)
+        async def op(conn: PgConnection) -> None:
+            await insert_rows(conn, rows, self.origin)
+            if parts:
+                await conn.executemany(_NOTIFY, [(part,) for part in parts])
+
+        written = self.store.write(op) if alone else self.store.join_batch(op)
+        written.add_done_callback(partial(self._insert_done, upto))
+        return written
+
+    def _insert_done(self, upto: int, _done: asyncio.Future[Any]) -> None:
+        self._committed_upto = max(self._committed_upto, upto)
+        after_flight = [entry for entry in self._after_flight if entry[0] <= upto]
+        if after_flight:
+            self._after_flight = self._after_flight[len(after_flight):]
+            self._queue_out(after_flight)
+        if self._following:
+            self._wake()  # sooner than our own notification
 
     def row_writer(self, row: EventRow) -> Callable[[Any], object]:
         async def op(conn: PgConnection) -> None:
-            await insert_rows(conn, [row])
+            await insert_rows(conn, [row], self.origin)
 
+        # Dispatched on the bus only once committed (a durable publish): see `_forward`.
+        self._stored_ahead.add(row[0])
         return op
 
     async def newest_id(self) -> int:
@@ -192,8 +244,7 @@ class PgEvents:
         self.store.on_reconnect(self._reconnected)
         self.cursor = await self.newest_id()
         self.streams.advance_to(self.cursor)
-        self._forwarder = bus.subscribe("**", self._forward, name="event-feed",
-                                        accepts=lambda topic: log.persistence(topic) == "ephemeral")
+        self._forwarder = bus.subscribe("**", self._forward, name="event-feed")
         self._following = True
         return self.streams
 
@@ -208,13 +259,52 @@ class PgEvents:
                 await reader
         self.streams.close()
 
+    # This daemon's ephemeral events: each waits for the stored events this daemon published
+    # before it to be on the stream bus (their rows commit a tick or more later), so every
+    # stream sees a daemon's events in the order it published them.
+
     def _forward(self, event: Event) -> None:
-        """Main bus callback for ephemeral events: on the stream bus now, to the others soon."""
+        """Main bus callback: remember the newest stored event; send an ephemeral one on the
+        stream bus and to the others, after that one."""
+        log = self._log_ref
+        if log is None or log.persistence(event.topic) != "ephemeral":
+            self._own_published = event.id
+            if self._stored_ahead and event.id in self._stored_ahead:
+                self._stored_ahead.discard(event.id)
+                self._committed_upto = max(self._committed_upto, event.id)
+            return
+        after = self._own_published
+        if after <= self._committed_upto:
+            self._queue_out([(after, event)])
+        elif after <= self._inserting_upto:
+            self._after_flight.append((after, event))
+        else:
+            self._riding.append((after, event))
+        if self._held or after > self._seen.get(self.origin, 0):
+            self._held.append((after, event))
+            if len(self._held) > _HOLD_MOST:  # the store refuses writes: order gives way
+                self._release_held(everything=True)
+            return
+        self._dispatch_here(event)
+
+    def _dispatch_here(self, event: Event) -> None:
         self.streams.dispatch(Event(self.cursor, event.topic, event.data, event.time,
                                     event.correlation_id, event.causation_id))
+
+    def _queue_out(self, events: list[tuple[int, Event]]) -> None:
         if not self._outgoing:
             asyncio.get_running_loop().call_soon(self._send)
-        self._outgoing.append(event)
+        self._outgoing += events
+
+    def _release_held(self, *, everything: bool = False) -> None:
+        """Send the held events whose stored predecessor is on the stream bus; `everything`
+        when none can be waited for any longer."""
+        seen = self._seen.get(self.origin, 0)
+        n = 0
+        while n < len(self._held) and (everything or self._held[n][0] <= seen):
+            self._dispatch_here(self._held[n][1])
+            n += 1
+        del self._held[:n]
 
     def _send(self) -> None:
         events, self._outgoing = self._outgoing, []
@@ -232,6 +322,8 @@ class PgEvents:
         if not done.cancelled() and (exc := done.exception()) is not None:
             # Ephemeral: the other daemons' clients miss them, as a disconnected client would.
             self._log.warning("eventlog.ephemeral_not_sent", error=describe(exc))
+
+    # The notifications, and the other daemons' events.
 
     def _notified(self, payload: str) -> None:
         if not self._following:
@@ -255,18 +347,29 @@ class PgEvents:
                 return
             del self._parts[(origin, seq)]
             chunk = "".join(chunks)
-        events = [Event(0, topic, data, time, correlation_id, causation_id)
-                  for topic, data, time, correlation_id, causation_id in json.loads(chunk)]
-        if self._reader is not None:
-            # Stored events of a notification before this one are being read: these go after.
-            self._behind_read += events
-        else:
-            self._dispatch_ephemeral(events)
+        for after, topic, data, time, correlation_id, causation_id in json.loads(chunk):
+            self._waiting.append((origin, after, self._pass, Event(0, topic, data, time,
+                                                                   correlation_id, causation_id)))
+        self._release_waiting()
+        if self._waiting:
+            # Their stored predecessors committed at the latest with them: a read begun
+            # from now sees them.
+            self._wake()
 
-    def _dispatch_ephemeral(self, events: list[Event]) -> None:
-        for e in events:
-            self.streams.dispatch(Event(self.cursor, e.topic, e.data, e.time, e.correlation_id,
-                                        e.causation_id))
+    def _release_waiting(self, *, before_pass: int = 0) -> None:
+        """Dispatch the other daemons' ephemeral events whose stored predecessor (the
+        newest event their daemon stored before them) is on the stream bus, in the order
+        each daemon sent them; and those that came before read pass `before_pass` began
+        (that pass would have seen their predecessor: swept, or never stored)."""
+        blocked: set[str] = set()
+        kept: list[tuple[str, int, int, Event]] = []
+        for origin, after, came, event in self._waiting:
+            if origin not in blocked and (after <= self._seen.get(origin, 0) or came < before_pass):
+                self._dispatch_here(event)
+            else:
+                blocked.add(origin)
+                kept.append((origin, after, came, event))
+        self._waiting = kept
 
     def _reconnected(self) -> None:
         """Notifications were lost while the listener was away: catch up from the table."""
@@ -280,25 +383,42 @@ class PgEvents:
             self._reader = asyncio.get_running_loop().create_task(self._read(), name="agentd-event-feed")
 
     async def _read(self) -> None:
-        """Dispatch the stored events past `cursor`, in id order, until none is left."""
+        """Dispatch the stored events past `cursor`, in id order, until none is left; each
+        daemon's ephemeral events waiting for one go out right after it."""
+        caught_up = False
         try:
             while self._dirty:
                 self._dirty = False
+                self._pass += 1
                 while True:
                     try:
-                        events = await self.page(self.cursor, _PAGE)
+                        rows = await self.store.read(_FEED_SQL, (self.cursor, _PAGE))
                     except Exception as exc:
                         # The next notification, or the listener's reconnection, tries again.
                         self._log.warning("eventlog.feed_read_failed", error=describe(exc))
                         return
-                    for event in events:
-                        if event.id > self.cursor:
-                            self.cursor = event.id
-                            self.streams.advance_to(event.id)
-                            self.streams.dispatch(event)
-                    if len(events) < _PAGE:
+                    for row in rows:
+                        if row["id"] <= self.cursor:
+                            continue
+                        self.cursor = row["id"]
+                        self.streams.advance_to(self.cursor)
+                        self.streams.dispatch(_event(row))
+                        origin = row["origin"]
+                        if origin is not None:
+                            self._seen[origin] = max(self._seen.get(origin, 0), row["origin_id"])
+                            if origin == self.origin:
+                                self._release_held()
+                            elif self._waiting:
+                                self._release_waiting()
+                    if len(rows) < _PAGE:
                         break
+            caught_up = True
         finally:
             self._reader = None
-            behind, self._behind_read = self._behind_read, []
-            self._dispatch_ephemeral(behind)
+            if caught_up:
+                # What still waits, waits for a row this read, begun after it was sent, would
+                # have seen: swept, or never stored (a write that failed).
+                self._release_waiting(before_pass=self._pass)
+                log = self._log_ref
+                if self._held and log is not None and not log.unwritten:
+                    self._release_held(everything=True)

@@ -9,3 +9,7 @@ INSERT INTO event_counter (one, last_id) SELECT true, coalesce(max(id), 0) FROM 
 
 -- The ring sweep's "the ring_size-th newest ring event".
 CREATE INDEX events_ring ON events (id) WHERE durable = 0;
+
+-- The daemon that published each event and the id its bus gave it: each daemon's
+-- ephemeral events are sent after the stored events it published before them.
+ALTER TABLE events ADD COLUMN origin text, ADD COLUMN origin_id bigint;
