@@ -74,12 +74,12 @@ class Daemon:
         )
         self.supervisor = Supervisor(self.bus)
         self.registry = TaskRegistry()
-        self.queue = TaskQueue(store, self.bus, self.registry, config.tasks,
+        self.queue = TaskQueue(self.storage.tasks, self.bus, self.registry, config.tasks,
                                steps=self.storage.steps)
         self.services = Services.from_config(config)
         self.hooks = InboundHooks.from_config(config, store)
         self.workers = WorkerPool(
-            store, self.queue, self.registry, config.tasks, config.plugins.settings,
+            self.storage.tasks, self.queue, self.registry, config.tasks, config.plugins.settings,
             services=self.services)
         self.plugins = PluginManager(config, self.bus, self.spawner, self.queue, self.services)
         self.eventlog = EventLog(store, self.bus, config.events)

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 
 from agentd.config import Config
 from agentd.postgres.steps import PgSteps
+from agentd.postgres.tasks import PgTasks
 from agentd.steps import SqliteSteps, StepStore
 from agentd.store import Database, Store
 from agentd.store.postgres import PgStore
 from agentd.store.sqlite import SqliteStore
+from agentd.taskqueue import SqliteTasks, TaskStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +28,7 @@ class Storage:
     sqlite: SqliteStore | None
     postgres: PgStore | None
     steps: StepStore
+    tasks: TaskStore
 
 
 def open_storage(config: Config) -> Storage:
@@ -37,8 +40,10 @@ def open_storage(config: Config) -> Storage:
 
 def _sqlite(store: SqliteStore) -> Storage:
     sqlite: Store = store
-    return Storage(database=store, sqlite=store, postgres=None, steps=SqliteSteps(sqlite))
+    return Storage(database=store, sqlite=store, postgres=None, steps=SqliteSteps(sqlite),
+                   tasks=SqliteTasks(sqlite))
 
 
 def _postgres(store: PgStore) -> Storage:
-    return Storage(database=store, sqlite=None, postgres=store, steps=PgSteps(store))
+    return Storage(database=store, sqlite=None, postgres=store, steps=PgSteps(store),
+                   tasks=PgTasks(store))
