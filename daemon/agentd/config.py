@@ -574,8 +574,8 @@ def _inline_secrets(raw: Mapping[str, Any]) -> list[str]:
         tables += [(f"hooks.{name}", "secret", table) for name, table in hooks.items()]
     found = [f"[{name}] {key}" for name, key, table in tables
              if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]]
-    store = raw.get("store")
-    if isinstance(store, dict) and isinstance(store.get("url"), str) and redact_url(store["url"]) != store["url"]:
+    url = raw["store"].get("url") if isinstance(raw.get("store"), dict) else None
+    if isinstance(url, str) and redact_url(url) != url:
         found.append("[store] url's password")
     return found
 
