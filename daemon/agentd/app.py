@@ -82,7 +82,7 @@ class Daemon:
             self.storage.tasks, self.queue, self.registry, config.tasks, config.plugins.settings,
             services=self.services)
         self.plugins = PluginManager(config, self.bus, self.spawner, self.queue, self.services)
-        self.eventlog = EventLog(store, self.bus, config.events)
+        self.eventlog = EventLog(self.storage.events, self.bus, config.events)
         self.scheduler = Scheduler(store, self.queue, self.bus, self.registry,
                                    self.plugins.enqueue_triggers, clock=clock)
         builtin_queue = maintenance.builtin_queue(config)
@@ -92,7 +92,7 @@ class Daemon:
         self.services.mailer.register(self.registry, builtin_queue)
         self.services.webhooks.register(self.registry, builtin_queue)
         self.digests = Digests(
-            config.digests.settings, store=store, bus=self.bus, queue=self.queue,
+            config.digests.settings, store=self.storage.digests, bus=self.bus, queue=self.queue,
             eventlog=self.eventlog, mailer=self.services.mailer, spawner=self.spawner)
         try:
             self.digests.check_persistence()

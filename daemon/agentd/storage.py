@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agentd.config import Config
+from agentd.digests import DigestStore, SqliteDigests
+from agentd.eventlog import EventStore, SqliteEvents
+from agentd.postgres.digests import PgDigests
+from agentd.postgres.events import PgEvents
 from agentd.postgres.steps import PgSteps
 from agentd.postgres.tasks import PgTasks
 from agentd.steps import SqliteSteps, StepStore
@@ -29,6 +33,8 @@ class Storage:
     postgres: PgStore | None
     steps: StepStore
     tasks: TaskStore
+    events: EventStore
+    digests: DigestStore
 
 
 def open_storage(config: Config) -> Storage:
@@ -41,9 +47,10 @@ def open_storage(config: Config) -> Storage:
 def _sqlite(store: SqliteStore) -> Storage:
     sqlite: Store = store
     return Storage(database=store, sqlite=store, postgres=None, steps=SqliteSteps(sqlite),
-                   tasks=SqliteTasks(sqlite))
+                   tasks=SqliteTasks(sqlite), events=SqliteEvents(sqlite),
+                   digests=SqliteDigests(sqlite))
 
 
 def _postgres(store: PgStore) -> Storage:
     return Storage(database=store, sqlite=None, postgres=store, steps=PgSteps(store),
-                   tasks=PgTasks(store))
+                   tasks=PgTasks(store), events=PgEvents(store), digests=PgDigests(store))
