@@ -77,13 +77,13 @@ class Daemon:
         self.queue = TaskQueue(store, self.bus, self.registry, config.tasks,
                                steps=self.storage.steps)
         self.services = Services.from_config(config)
-        self.hooks = InboundHooks.from_config(config, store)
+        self.hooks = InboundHooks.from_config(config, self.storage.hook_deliveries)
         self.workers = WorkerPool(
             store, self.queue, self.registry, config.tasks, config.plugins.settings,
             services=self.services)
         self.plugins = PluginManager(config, self.bus, self.spawner, self.queue, self.services)
         self.eventlog = EventLog(store, self.bus, config.events)
-        self.scheduler = Scheduler(store, self.queue, self.bus, self.registry,
+        self.scheduler = Scheduler(self.storage.schedules, self.queue, self.bus, self.registry,
                                    self.plugins.enqueue_triggers, clock=clock)
         builtin_queue = maintenance.builtin_queue(config)
         self._maintenance = maintenance.register(

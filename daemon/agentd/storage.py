@@ -9,11 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agentd.config import Config
+from agentd.hooks import DeliveryStore, SqliteDeliveries
+from agentd.postgres.auth import PgStreamKey
+from agentd.postgres.hooks import PgDeliveries
+from agentd.postgres.schedules import PgSchedules
 from agentd.postgres.steps import PgSteps
+from agentd.scheduler import ScheduleStore, SqliteSchedules
 from agentd.steps import SqliteSteps, StepStore
 from agentd.store import Database, Store
 from agentd.store.postgres import PgStore
 from agentd.store.sqlite import SqliteStore
+from agentd.web.auth import SqliteStreamKey, StreamKeyStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +32,9 @@ class Storage:
     sqlite: SqliteStore | None
     postgres: PgStore | None
     steps: StepStore
+    schedules: ScheduleStore
+    hook_deliveries: DeliveryStore
+    stream_key: StreamKeyStore
 
 
 def open_storage(config: Config) -> Storage:
@@ -37,8 +46,12 @@ def open_storage(config: Config) -> Storage:
 
 def _sqlite(store: SqliteStore) -> Storage:
     sqlite: Store = store
-    return Storage(database=store, sqlite=store, postgres=None, steps=SqliteSteps(sqlite))
+    return Storage(database=store, sqlite=store, postgres=None, steps=SqliteSteps(sqlite),
+                   schedules=SqliteSchedules(sqlite), hook_deliveries=SqliteDeliveries(sqlite),
+                   stream_key=SqliteStreamKey(sqlite))
 
 
 def _postgres(store: PgStore) -> Storage:
-    return Storage(database=store, sqlite=None, postgres=store, steps=PgSteps(store))
+    return Storage(database=store, sqlite=None, postgres=store, steps=PgSteps(store),
+                   schedules=PgSchedules(store), hook_deliveries=PgDeliveries(store),
+                   stream_key=PgStreamKey(store))
