@@ -15,7 +15,6 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
-from pg import fresh_database
 
 from agentd.config import StoreConfig
 from agentd.postgres.auth import PgStreamKey
@@ -24,6 +23,7 @@ from agentd.postgres.schedules import _LEAD_RETRY, PgSchedules
 from agentd.schedule import ScheduleSpec
 from agentd.scheduler import ScheduleState
 from agentd.store.postgres import PgStore
+from pg import fresh_database
 
 WAIT = 10.0
 
