@@ -131,7 +131,7 @@ async def test_the_stream_key_is_shared_and_its_replacement_is_announced(
     a, b = PgStreamKey(two_stores[0]), PgStreamKey(two_stores[1])
     replaced: list[None] = []
     b.watch(lambda: replaced.append(None))
-    await until(lambda: two_stores[1].listening.is_set())
+    await until(two_stores[1].listening.is_set)
     replaced.clear()
     key = await a.load("aa" * 32)
     assert key == "aa" * 32 and await b.load("bb" * 32) == key
