@@ -9,11 +9,11 @@ from typing import Any
 
 import asyncpg
 import pytest
-from pg import fresh_database
 
 from agentd.config import StoreConfig
 from agentd.errors import StoreError
 from agentd.store.postgres import PgConnection, PgStore
+from pg import fresh_database
 
 
 @pytest.fixture
