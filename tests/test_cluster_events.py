@@ -1,15 +1,22 @@
 """One event log and one stream bus across daemons on one PostgreSQL database.
 
 The first tests drive the event log itself: each "node" is what a daemon builds of it (a
-PgStore with its listener, a bus, an EventLog on PgEvents) on one fresh database."""
+PgStore with its listener, a bus, an EventLog on PgEvents) on one fresh database. The
+others run real daemons on one database, with real SSE and WebSocket clients."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import random
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
 
 from agentd.bus import Bus, Subscription
 from agentd.config import EventsConfig, StoreConfig
@@ -17,7 +24,10 @@ from agentd.eventlog import EventLog
 from agentd.events import Event
 from agentd.postgres.events import PgEvents
 from agentd.store.postgres import PgStore
+from agentd.testing import daemon_url
 from pg import fresh_database
+from sse_client import Sse
+from test_ws import Ws
 
 WAIT = 20.0
 
@@ -185,3 +195,167 @@ async def test_every_daemons_streams_see_a_daemons_events_in_the_order_it_publis
         expected = ["user.said", "llm.token"] * 3
         assert [e.topic for e in await take(on_a, 6)] == expected
         assert [e.topic for e in await take(on_b, 6)] == expected
+
+
+# --------------------------------------------------------------------------- real daemons
+
+PLUGIN = '''
+from agentd import Plugin
+
+plugin = Plugin("cl")
+SEEN = []
+
+
+@plugin.on("x.*")
+async def seen(ctx, event):
+    SEEN.append(event.topic)
+'''
+
+
+@pytest.fixture
+async def daemons(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """`a, b, c = await daemons(3)`: real daemons on one fresh PostgreSQL database; `plugins`
+    names those (by index) that load the test plugin `cl`."""
+    from agentd.app import Daemon
+    from agentd.testing import make_config
+
+    url = await fresh_database()
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    (plugin_dir / "cl.py").write_text(PLUGIN)
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(count: int, plugins: tuple[int, ...] = ()) -> list[Daemon]:
+            made = []
+            for n in range(count):
+                config = make_config(tmp_path / f"d{n}", [plugin_dir] if n in plugins else [],
+                                     {"store": {"url": url}})
+                made.append(await stack.enter_async_context(Daemon(config)))
+            return made
+
+        yield start
+
+
+@contextlib.asynccontextmanager
+async def sse(daemon: Any, last_event_id: int | None = None) -> AsyncIterator[Sse]:
+    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+    async with aiohttp.ClientSession(daemon_url(daemon), timeout=aiohttp.ClientTimeout(total=60)) as http, \
+            http.get("/v1/stream", params={"topics": "x.**,load.**,llm.**"}, headers=headers) as response:
+        assert response.status == 200
+        stream = Sse(response)
+        await stream.opened()
+        yield stream
+
+
+@contextlib.asynccontextmanager
+async def ws(daemon: Any) -> AsyncIterator[Ws]:
+    async with aiohttp.ClientSession(daemon_url(daemon)) as http:
+        socket = Ws(await http.ws_connect("/v1/ws"))
+        assert (await socket.request(type="subscribe", patterns=["x.**", "load.**", "llm.**"]))["ok"]
+        yield socket
+        await socket.ws.close()
+
+
+async def post(daemon: Any, topic: str, data: dict[str, Any]) -> int:
+    async with aiohttp.ClientSession(daemon_url(daemon)) as http, \
+            http.post("/v1/events", json={"topic": topic, "data": data}) as response:
+        assert response.status == 202
+        return int((await response.json())["id"])
+
+
+async def test_an_event_posted_on_one_daemon_reaches_sse_and_websocket_clients_of_another(
+    daemons: Any,
+) -> None:
+    a, b = await daemons(2)
+    async with sse(b) as stream, ws(b) as socket:
+        posted = await post(a, "x.posted", {"n": 1})
+        frame = await stream.next_event()
+        assert (frame.id, frame.event, frame.data["data"]) == (posted, "x.posted", {"n": 1})
+        message = await socket.event()
+        assert message["event"]["id"] == posted and message["event"]["topic"] == "x.posted"
+        # Tokens are ephemeral: through NOTIFY, never stored, with the id of the last stored
+        # event before them (a resume point that misses nothing).
+        a.bus.publish("llm.token", {"task_id": 1, "text": "Hel"})
+        a.bus.publish("llm.token", {"task_id": 1, "text": "lo"})
+        frames = [await stream.next_event(), await stream.next_event()]
+        assert [(f.id, f.event, f.data["data"]["text"]) for f in frames] == [
+            (posted, "llm.token", "Hel"), (posted, "llm.token", "lo")]
+        tokens = [await socket.event(), await socket.event()]
+        assert [m["event"]["data"]["text"] for m in tokens] == ["Hel", "lo"]
+    rows = await b.store.read("SELECT topic FROM events WHERE topic LIKE 'llm.%'")
+    assert rows == []
+
+
+async def test_a_client_resumes_on_another_daemon_and_gets_every_missed_event_once_in_order(
+    daemons: Any,
+) -> None:
+    a, b = await daemons(2)
+    async with sse(a) as stream:
+        for n in range(3):
+            await post(a, "x.n", {"n": n})
+        seen = await stream.events(3)
+    last = seen[-1].id
+    assert last is not None
+    # Missed while away: events published on both daemons, some still being written.
+    for n in range(3, 9):
+        await post(b if n % 2 else a, "x.n", {"n": n})
+    a.bus.publish("x.n", {"n": 9})
+    b.bus.publish("x.n", {"n": 10})
+    async with sse(b, last_event_id=last) as resumed:
+        frames = await resumed.events(8)
+        assert [f.data["data"]["n"] for f in seen + frames] == [*range(9), *[9, 10]] or \
+            [f.data["data"]["n"] for f in seen + frames] == [*range(9), *[10, 9]]
+        ids = [f.id for f in seen + frames]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+        await post(a, "x.after", {})
+        after = await resumed.next_event()
+        assert after.event == "x.after" and after.id is not None and after.id > ids[-1]
+
+
+async def test_concurrent_publishers_on_three_daemons_no_stream_skips_or_repeats_an_event(
+    daemons: Any,
+) -> None:
+    """Many small transactions on every daemon (each POST commits its own; in-process
+    publishes are grouped), read by an SSE and a WebSocket client on every daemon: each
+    sees the ids only rising, and in the end every stored event, none twice."""
+    cluster = await daemons(3)
+    per_daemon = 60
+    async with contextlib.AsyncExitStack() as stack:
+        streams = [await stack.enter_async_context(sse(d)) for d in cluster]
+        sockets = [await stack.enter_async_context(ws(d)) for d in cluster]
+
+        async def publish(index: int) -> None:
+            daemon = cluster[index]
+            for n in range(per_daemon):
+                if n % 3:
+                    await post(daemon, f"load.{index}", {"n": n})
+                else:
+                    daemon.bus.publish(f"load.{index}", {"n": n})
+
+        await asyncio.gather(*(publish(i) for i in range(3)))
+        total = 3 * per_daemon
+        for daemon in cluster:
+            await daemon.eventlog.flush()
+        rows = await cluster[0].store.read("SELECT id FROM events WHERE topic LIKE 'load.%' ORDER BY id")
+        stored = [row["id"] for row in rows]
+        assert len(stored) == total
+        for stream in streams:
+            assert [f.id for f in await stream.events(total)] == stored
+        for socket in sockets:
+            assert [(await socket.event())["event"]["id"] for _ in range(total)] == stored
+
+
+async def test_a_plugin_handler_runs_only_for_events_published_on_its_own_daemon(
+    daemons: Any,
+) -> None:
+    """Remote events reach streams, never handlers: a webhook handler on every daemon
+    would otherwise be sent once per daemon."""
+    a, b = await daemons(2, plugins=(1,))
+    seen = sys.modules["agentd_plugins.cl"].SEEN
+    async with sse(b) as stream:
+        a.bus.publish("x.remote", {})
+        assert (await stream.next_event()).event == "x.remote"  # it did reach daemon B
+        b.bus.publish("x.local", {})
+        assert (await stream.next_event()).event == "x.local"
+        await b.spawner.drain(WAIT)  # the handlers spawned so far have run
+    assert seen == ["x.local"]

@@ -92,6 +92,16 @@ class EventStore(Protocol):
     async def counts(self) -> tuple[int, int]:
         """How many events are stored, and how many of them are durable."""
 
+    def stream_id(self, event_id: int) -> int:
+        """The id streams show for the event of bus id `event_id` that `row_writer` stored
+        (it committed): the same on SQLite."""
+
+    async def stored(self, events: list[Event]) -> list[Event]:
+        """`events` (of this daemon's bus, committed) as the log and streams have them."""
+
+    async def caught_up(self) -> None:
+        """Return once the stream bus carries every event committed when called."""
+
     async def follow(self, bus: Bus, log: EventLog) -> Bus:
         """Start feeding the bus stream clients subscribe to, and return it (see the module
         docstring); `bus` is the daemon's own."""
@@ -192,6 +202,22 @@ class EventLog:
         writer = self.storage.row_writer(self._row(event))
         self._stored_ahead.add(event.id)
         return writer
+
+    def stream_id(self, event: Event) -> int:
+        """The id streams show for `event`, published durably (`row_writer`) and committed:
+        what POST /v1/events answers. Its bus id on SQLite; on PostgreSQL the log's."""
+        return self.storage.stream_id(event.id)
+
+    async def stored(self, events: list[Event]) -> list[Event]:
+        """`events`, published on this daemon's bus, as the log and streams have them (on
+        PostgreSQL with the log's ids), once committed; ephemeral ones as they are."""
+        await self.flush()
+        return await self.storage.stored(events)
+
+    async def settle(self) -> None:
+        """Return once everything recorded so far is committed and on the stream bus."""
+        await self.flush()
+        await self.storage.caught_up()
 
     def persistence(self, topic: str) -> str:
         """The class of `topic`: ephemeral, ring or durable (ring when no rule matches)."""
@@ -429,6 +455,15 @@ class SqliteEvents:
         row = await self.store.read_one(
             "SELECT count(*) AS n, coalesce(sum(durable), 0) AS durable FROM events")
         return (row["n"], row["durable"]) if row is not None else (0, 0)
+
+    def stream_id(self, event_id: int) -> int:
+        return event_id
+
+    async def stored(self, events: list[Event]) -> list[Event]:
+        return events
+
+    async def caught_up(self) -> None:
+        pass
 
     async def follow(self, bus: Bus, log: EventLog) -> Bus:
         return bus  # one daemon: its bus is the whole stream

@@ -67,6 +67,8 @@ _NOTIFY = f"SELECT pg_notify('{CHANNEL}', $1)"
 # header under PostgreSQL's 8,000-byte payload limit.
 _PART_CHARS = 7800
 _PAGE = 1000
+# Log ids of durably published events kept for `stream_id` at most.
+_GIVEN_MOST = 4096
 # This daemon's ephemeral events held behind its stored ones at most (see `_forward`).
 _HOLD_MOST = 10_000
 
@@ -78,7 +80,7 @@ _INSERT = (
     "SELECT c.last_id - $1 + r.n, r.topic, r.time, r.data, r.correlation_id, r.causation_id, r.durable, "
     "$8, r.origin_id FROM c, unnest($2::text[], $3::float8[], $4::text[], $5::text[], $6::text[], "
     "$7::int[], $9::bigint[]) WITH ORDINALITY AS r(topic, time, data, correlation_id, causation_id, "
-    "durable, origin_id, n)")
+    "durable, origin_id, n) RETURNING id")
 _NEWEST = "SELECT last_id FROM event_counter"
 _CATCH_UP_COUNTER = ("UPDATE event_counter SET last_id = greatest(last_id, "
                      "(SELECT coalesce(max(id), 0) FROM events))")
@@ -92,6 +94,8 @@ _SWEEP = ("WITH d AS (DELETE FROM events WHERE (durable = 0 AND id <= $1) OR (du
           "RETURNING id) SELECT count(*) AS n, coalesce(max(id), 0) AS newest FROM d")
 _SET_HORIZON = ("INSERT INTO meta (key, value) VALUES ('events_horizon', $1) ON CONFLICT (key) "
                 "DO UPDATE SET value = greatest(meta.value::bigint, excluded.value::bigint)::text")
+_BY_ORIGIN = ("SELECT id, topic, time, data, correlation_id, causation_id, origin_id FROM events "
+              "WHERE origin = $1 AND origin_id = ANY($2::bigint[])")
 _COUNTS = "SELECT count(*) AS n, coalesce(sum(durable), 0) AS durable FROM events"
 
 
@@ -100,13 +104,15 @@ def _event(row: Any) -> Event:
                  correlation_id=row["correlation_id"], causation_id=row["causation_id"])
 
 
-async def insert_rows(conn: PgConnection, rows: list[EventRow], origin: str) -> None:
+async def insert_rows(conn: PgConnection, rows: list[EventRow], origin: str) -> int:
     """Store `rows` with ids from the counter (their own ids, the bus's of daemon `origin`,
-    kept as `origin_id`), and notify the feeds once the transaction commits."""
-    await conn.execute(_INSERT, len(rows), [r[1] for r in rows], [r[2] for r in rows],
+    kept as `origin_id`), and notify the feeds once the transaction commits; return the id
+    given to the first row (`row_writer` stores one)."""
+    last: int = await conn.fetchval(_INSERT, len(rows), [r[1] for r in rows], [r[2] for r in rows],
                        [r[3] for r in rows], [r[4] for r in rows], [r[5] for r in rows],
                        [r[6] for r in rows], origin, [r[0] for r in rows])
     await conn.execute(_NOTIFY_STORED)
+    return last
 
 
 def notification_parts(origin: str, seq: int, events: list[tuple[int, Event]]) -> list[str]:
@@ -141,6 +147,8 @@ class PgEvents:
         self._committed_upto = 0
         self._stored_ahead: set[int] = set()
         self._pass = 0  # read passes begun
+        self._given: dict[int, int] = {}  # bus id -> log id, of rows `row_writer` stored
+        self._moved = asyncio.Event()  # set as a read pass ends
         self._seq = itertools.count()
         self._parts: dict[tuple[str, str], list[str]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -191,11 +199,28 @@ class PgEvents:
 
     def row_writer(self, row: EventRow) -> Callable[[Any], object]:
         async def op(conn: PgConnection) -> None:
-            await insert_rows(conn, [row], self.origin)
+            self._given[row[0]] = await insert_rows(conn, [row], self.origin)
+            if len(self._given) > _GIVEN_MOST:  # stored ahead, never asked for
+                del self._given[next(iter(self._given))]
 
         # Dispatched on the bus only once committed (a durable publish): see `_forward`.
         self._stored_ahead.add(row[0])
         return op
+
+    def stream_id(self, event_id: int) -> int:
+        return self._given.pop(event_id, event_id)
+
+    async def stored(self, events: list[Event]) -> list[Event]:
+        rows = await self.store.read(_BY_ORIGIN, (self.origin, [e.id for e in events]))
+        by_origin_id = {row["origin_id"]: _event(row) for row in rows}
+        return [by_origin_id.get(e.id, e) for e in events]
+
+    async def caught_up(self) -> None:
+        newest = await self.newest_id()
+        while self.cursor < newest:
+            self._wake()
+            self._moved.clear()
+            await self._moved.wait()
 
     async def newest_id(self) -> int:
         row = await self.store.read_one(_NEWEST)
@@ -415,6 +440,7 @@ class PgEvents:
             caught_up = True
         finally:
             self._reader = None
+            self._moved.set()
             if caught_up:
                 # What still waits, waits for a row this read, begun after it was sent, would
                 # have seen: swept, or never stored (a write that failed).

@@ -27,8 +27,10 @@ _FORWARDED_HEADERS = ("Content-Type", "User-Agent", "X-GitHub-Event", "X-GitHub-
      body=EventBody, responses={202: "Published: `id` and `topic`"})
 async def publish(request: web.Request) -> web.Response:
     body = await read_body(request, EventBody)
-    event = await request.app[DAEMON].publish_durably(check_publishable(body.topic), body.data)
-    return web.json_response({"id": event.id, "topic": event.topic}, status=202)
+    daemon = request.app[DAEMON]
+    event = await daemon.publish_durably(check_publishable(body.topic), body.data)
+    # The id streams show it with (on PostgreSQL the log's, given at commit).
+    return web.json_response({"id": daemon.eventlog.stream_id(event), "topic": event.topic}, status=202)
 
 
 @routes.post("/v1/stream-tokens")
@@ -84,7 +86,7 @@ async def inbound_hook(request: web.Request) -> web.Response:
             event = await daemon.publish_durably(f"hook.{name}", {"body": payload, "headers": headers})
     except ReplayedDeliveryError as exc:
         raise ApiError(409, "duplicate_delivery", str(exc)) from None
-    return web.json_response({"id": event.id, "topic": event.topic}, status=202)
+    return web.json_response({"id": daemon.eventlog.stream_id(event), "topic": event.topic}, status=202)
 
 
 def _hook_body(raw: bytes) -> Any:

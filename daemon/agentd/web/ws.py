@@ -260,7 +260,7 @@ class _Session:
         except JsonValueError as exc:
             raise bad_request(str(exc)) from None
         event = await self.daemon.publish_durably(check_publishable(message.get("topic")), data)
-        return {"event_id": event.id}
+        return {"event_id": self.daemon.eventlog.stream_id(event)}
 
     async def submit(self, message: dict[str, Any]) -> dict[str, Any]:
         fields = {k: v for k, v in message.items() if k not in ("id", "type")}
