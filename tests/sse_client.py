@@ -103,3 +103,21 @@ class Sse:
         while frames[-1].event != name:
             frames.append(await self.next_event())
         return frames
+
+
+async def logged(daemon: Any, events: Any) -> list[Any]:
+    """`events`, published on `daemon`'s bus, as the log and streams have them: themselves on
+    SQLite; on PostgreSQL with the log's ids, given at commit (see agentd/eventlog.py)."""
+    return list(await daemon.eventlog.stored(list(events)))
+
+
+async def logged_ids(daemon: Any, events: Any) -> list[int]:
+    return [e.id for e in await logged(daemon, events)]
+
+
+def sql(daemon: Any, statement: str) -> str:
+    """`statement` with `?` placeholders as the daemon's engine takes them."""
+    if daemon.storage.postgres is None:
+        return statement
+    parts = statement.split("?")
+    return parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], start=1))

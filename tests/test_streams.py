@@ -20,9 +20,26 @@ from structlog.testing import capture_logs
 from agentd.errors import ConfigError
 from agentd.testing import make_config
 from agentd.web.server import STREAMS
-from sse_client import FRAME_TIMEOUT, Frame, Sse
+from sse_client import FRAME_TIMEOUT, Frame, Sse, logged, logged_ids, sql
+
+pytestmark = pytest.mark.both_stores
 
 # --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def start_daemon(start_daemon: Any) -> Any:
+    """conftest's, returning once the daemon's own start events are on its stream bus: on
+    PostgreSQL they reach it once committed, and would otherwise come to a stream opened
+    just after the start."""
+
+    async def start(*args: Any, **kwargs: Any) -> Any:
+        daemon, events = await start_daemon(*args, **kwargs)
+        await daemon.eventlog.settle()
+        return daemon, events
+
+    return start
+
 
 
 async def stored_events(daemon: Any) -> dict[int, tuple[str, int]]:
@@ -61,7 +78,7 @@ async def test_default_rules_keep_tokens_out_and_task_events_durable(start_daemo
     assert seen == ["task.queued", "task.started", "task.succeeded"]
     await daemon.eventlog.flush()
     kept = await daemon.store.read(
-        "SELECT topic FROM events WHERE correlation_id = ? ORDER BY id", (str(record.id),))
+        sql(daemon, "SELECT topic FROM events WHERE correlation_id = ? ORDER BY id"), (str(record.id),))
     assert [row["topic"] for row in kept] == ["task.succeeded"]
     token = bus.publish("x.token", {"task_id": 1, "text": "a"})
     llm_token = bus.publish("llm.token", {"task_id": 1, "text": "b"})
@@ -69,6 +86,7 @@ async def test_default_rules_keep_tokens_out_and_task_events_durable(start_daemo
     finished = bus.publish("task.succeeded", {"task_id": 1})
     nested = bus.publish("task.child.queued", {"task_id": 2})
     other = bus.publish("news.new", {"title": "t"})
+    progress, finished, nested, other = await logged(daemon, [progress, finished, nested, other])
     stored = await stored_events(daemon)
     assert token.id not in stored
     assert llm_token.id not in stored
@@ -79,7 +97,7 @@ async def test_default_rules_keep_tokens_out_and_task_events_durable(start_daemo
     assert [daemon.eventlog.persistence(t) for t in (
         "a.token", "task.queued", "task.started", "task.progress", "task.x", "zzz")] == [
         "ephemeral", "ephemeral", "ephemeral", "ring", "durable", "ring"]
-    row = await daemon.store.read_one("SELECT * FROM events WHERE id = ?", (finished.id,))
+    row = await daemon.store.read_one(sql(daemon, "SELECT * FROM events WHERE id = ?"), (finished.id,))
     assert row is not None
     assert json.loads(row["data"]) == {"task_id": 1}
     assert row["time"] == finished.time
@@ -93,6 +111,7 @@ async def test_custom_persistence_rules_replace_the_defaults(start_daemon: Any) 
     noise = bus.publish("noise.tick")
     task_event = bus.publish("task.succeeded", {"task_id": 1})
     token = bus.publish("llm.token", {"text": "x"})
+    audit, task_event, token = await logged(daemon, [audit, task_event, token])
     stored = await stored_events(daemon)
     assert stored[audit.id] == ("audit.login.ok", 1)
     assert noise.id not in stored
@@ -116,7 +135,7 @@ async def test_sweep_keeps_the_newest_ring_size_ring_events_and_raises_the_horiz
     ring = [daemon.bus.publish("demo.ring", {"n": n}) for n in range(6)]
     durable = [daemon.bus.publish("task.demo", {"n": n}) for n in range(2)]
     assert daemon.eventlog.horizon == 0
-    await daemon.eventlog.flush()
+    ring, durable = await logged(daemon, ring), await logged(daemon, durable)
 
     deleted = await daemon.eventlog.sweep()
 
@@ -138,7 +157,7 @@ async def test_sweep_drops_ring_events_older_than_ring_seconds(start_daemon: Any
     daemon, _ = await start_daemon(overrides={"events": {"ring_seconds": 0}})
     ring = [daemon.bus.publish("demo.ring", {"n": n}) for n in range(3)]
     durable = daemon.bus.publish("task.demo", {})
-    await daemon.eventlog.flush()
+    ring, (durable,) = await logged(daemon, ring), await logged(daemon, [durable])
     assert await daemon.eventlog.sweep() >= 3
     stored = await stored_events(daemon)
     assert list(stored) == [durable.id]
@@ -149,7 +168,7 @@ async def test_sweep_drops_durable_events_past_retention(start_daemon: Any) -> N
     daemon, _ = await start_daemon(overrides={"events": {"retention": 0}})
     durable = [daemon.bus.publish("task.demo", {"n": n}) for n in range(2)]
     ring = daemon.bus.publish("demo.ring", {})
-    await daemon.eventlog.flush()
+    durable, (ring,) = await logged(daemon, durable), await logged(daemon, [ring])
     assert await daemon.eventlog.sweep() == 2
     stored = await stored_events(daemon)
     assert ring.id in stored
@@ -163,7 +182,7 @@ async def test_ids_and_the_horizon_continue_after_a_restart(start_daemon: Any) -
     daemon.bus.advance_to((time.time_ns() // 1000) + 10**10)
     first = daemon.bus.publish("demo.before", {})
     last = daemon.bus.publish("demo.before", {})
-    await daemon.eventlog.flush()
+    first, last = await logged(daemon, [first, last])
     await daemon.eventlog.sweep()
     assert daemon.eventlog.horizon == first.id
     await daemon.stop()
@@ -171,8 +190,9 @@ async def test_ids_and_the_horizon_continue_after_a_restart(start_daemon: Any) -
     daemon, events = await start_daemon(overrides={"events": {"ring_size": 1}})
     assert daemon.eventlog.horizon == first.id
     assert events.events, "the restarted daemon published nothing"
-    assert events.events[0].id > last.id
+    assert (await logged(daemon, events.events[:1]))[0].id > last.id
     after = daemon.bus.publish("demo.after", {})
+    (after,) = await logged(daemon, [after])
     assert after.id > last.id
     stored = await stored_events(daemon)
     assert last.id in stored and after.id in stored
@@ -214,6 +234,7 @@ async def test_events_carry_id_topic_and_json_data_filtered_by_topics(
         bus.publish("demo", {"n": 5})
         wanted.append(bus.publish("demo.a", {"n": 6}, correlation_id="c1", causation_id="7"))
         frames = await sse.events(3)
+    wanted = await logged(daemon, wanted)
     assert [f.event for f in frames] == ["demo.a", "other.x", "demo.a"]
     assert [f.id for f in frames] == [wanted[0].id, via_http, wanted[1].id]
     for frame in frames:
@@ -305,7 +326,7 @@ async def test_httpx_sse_sees_no_event_for_the_opening_or_keepalives(start_daemo
         try:
             end = await tap.until(b": connected\n")
             await tap.until(b": keepalive\n", end)
-            first = daemon.bus.publish("demo.a", {"n": 1})
+            (first,) = await logged(daemon, [daemon.bus.publish("demo.a", {"n": 1})])
             end = await tap.until(f"id: {first.id}\n".encode(), end)
             end = await tap.until(b": keepalive\n", end)
             end = await tap.until(b": keepalive\n", end)
@@ -313,6 +334,7 @@ async def test_httpx_sse_sees_no_event_for_the_opening_or_keepalives(start_daemo
             await asyncio.wait_for(reader, FRAME_TIMEOUT)
         finally:
             reader.cancel()
+    (second,) = await logged(daemon, [second])
     assert [(e.event, e.id) for e in events] == [("demo.a", str(first.id)), ("demo.b", str(second.id))]
     assert [json.loads(e.data)["data"] for e in events] == [{"n": 1}, {"n": 2}]
     assert events[0].retry == 3000  # the opening's reconnect delay, read with the first event
@@ -329,7 +351,7 @@ async def test_resume_with_last_event_id_gets_exactly_the_missed_events_then_liv
         await sse.opened()
         seen = [bus.publish("demo.n", {"n": n}) for n in range(3)]
         received = await sse.events(3)
-    assert [f.id for f in received] == [e.id for e in seen]
+    assert [f.id for f in received] == await logged_ids(daemon, seen)
 
     bus.publish("unrelated.topic", {})
     missed = [bus.publish("demo.n", {"n": n}) for n in range(3, 6)]
@@ -340,23 +362,23 @@ async def test_resume_with_last_event_id_gets_exactly_the_missed_events_then_liv
         replayed = await sse.events(3)
         live = [bus.publish("demo.n", {"n": 6}), bus.publish("demo.deep.n", {"n": 7})]
         after = await sse.events(2)
-    assert [f.id for f in replayed] == [e.id for e in missed]
+    assert [f.id for f in replayed] == await logged_ids(daemon, missed)
     assert [f.data["data"]["n"] for f in replayed] == [3, 4, 5]
-    assert [f.id for f in after] == [e.id for e in live]
+    assert [f.id for f in after] == await logged_ids(daemon, live)
 
 
 async def test_resume_with_since_reads_from_the_committed_log(start_daemon: Any, http: Any) -> None:
     daemon, _ = await start_daemon()
     marker = daemon.bus.publish("demo.mark", {})
     missed = [daemon.bus.publish("demo.n", {"n": n}) for n in range(4)]
-    await daemon.eventlog.flush()  # replayed from SQLite, not from the unflushed batch
+    marker, *missed = await logged(daemon, [marker, *missed])  # committed: replayed from the log
     params = {"topics": "demo.n", "since": str(marker.id)}
     async with http(daemon).get("/v1/stream", params=params) as response:
         sse = Sse(response)
         await sse.opened()
         replayed = await sse.events(4)
         live = daemon.bus.publish("demo.n", {"n": 4})
-        assert (await sse.next_event()).id == live.id
+        assert (await sse.next_event()).id == (await logged(daemon, [live]))[0].id
     assert [f.id for f in replayed] == [e.id for e in missed]
 
 
@@ -365,7 +387,7 @@ async def test_the_log_keeps_every_event_of_a_large_batch_in_order(start_daemon:
     daemon, _ = await start_daemon()
     marker = daemon.bus.publish("bulk.mark", {})
     published = [daemon.bus.publish("bulk.n", {"n": n, "text": f"é {n}"}) for n in range(300)]
-    await daemon.eventlog.flush()
+    marker, *published = await logged(daemon, [marker, *published])
     stored = await daemon.eventlog.replay(marker.id, lambda event: event.topic == "bulk.n")
     assert [(e.id, e.data) for e in stored] == [(e.id, e.data) for e in published]
 
@@ -379,10 +401,12 @@ async def test_a_replay_from_far_back_is_read_a_page_at_a_time(start_daemon: Any
     daemon, _ = await start_daemon()
     marker = daemon.bus.publish("bulk.mark", {})
     committed = [daemon.bus.publish("bulk.n", {"n": n}) for n in range(2500)]
-    await daemon.eventlog.flush()
+    marker, *committed = await logged(daemon, [marker, *committed])
     unflushed = [daemon.bus.publish("bulk.n", {"n": n}) for n in range(2500, 2510)]
     pages = [page async for page in daemon.eventlog.replay_pages(marker.id, lambda e: e.topic == "bulk.n")]
-    assert [len(page) for page in pages] == [1000, 1000, 510]
+    if daemon.storage.postgres is not None:
+        unflushed = []  # on PostgreSQL an event has its log id once committed: in no replay before
+    assert [len(page) for page in pages] == [1000, 1000, 500 + len(unflushed)]
     assert [e.id for page in pages for e in page] == [e.id for e in committed + unflushed]
 
 
@@ -394,7 +418,7 @@ async def test_a_sweep_between_two_pages_of_a_replay_is_a_gap(start_daemon: Any)
     daemon, _ = await start_daemon(overrides={"events": {"ring_size": 100}})
     marker = daemon.bus.publish("bulk.mark", {})
     published = [daemon.bus.publish("bulk.n", {"n": n}) for n in range(2500)]
-    await daemon.eventlog.flush()
+    marker, *published = await logged(daemon, [marker, *published])
     pages = daemon.eventlog.replay_pages(marker.id, lambda e: e.topic == "bulk.n")
     first = await anext(pages)
     assert isinstance(first, list) and [e.id for e in first] == [e.id for e in published[:1000]]
@@ -436,7 +460,9 @@ async def test_resume_has_no_gap_and_no_duplicate_while_events_keep_coming(
     bus = daemon.bus
     start = bus.publish("seam.start", {})
     published = [bus.publish("seam.n", {"n": n}) for n in range(5)]
-    baseline = bus.stats()["subscriptions"]
+    (start,) = await logged(daemon, [start])
+    streams = daemon.eventlog.streams  # what streams subscribe to: the bus itself on SQLite
+    baseline = streams.stats()["subscriptions"]
 
     async def connect() -> list[Frame]:
         headers = {"Last-Event-ID": str(start.id)}
@@ -453,20 +479,19 @@ async def test_resume_has_no_gap_and_no_duplicate_while_events_keep_coming(
     for n in range(5, 2000):
         published.append(bus.publish("seam.n", {"n": n}))
         await asyncio.sleep(0)
-        if bus.stats()["subscriptions"] > baseline:
+        if streams.stats()["subscriptions"] > baseline:
             after_subscribe += 1
             if after_subscribe == 50:
                 break
     assert after_subscribe == 50, "the stream never subscribed"
     published.append(bus.publish("seam.n", {"n": "last"}))
     frames = await asyncio.wait_for(reader, FRAME_TIMEOUT)
-    assert [f.id for f in frames] == [e.id for e in published]
+    assert [f.id for f in frames] == await logged_ids(daemon, published)
 
 
 async def test_resuming_from_before_the_horizon_starts_with_a_gap(start_daemon: Any, http: Any) -> None:
     daemon, _ = await start_daemon(overrides={"events": {"ring_size": 2}})
-    events = [daemon.bus.publish("demo.n", {"n": n}) for n in range(5)]
-    await daemon.eventlog.flush()
+    events = await logged(daemon, [daemon.bus.publish("demo.n", {"n": n}) for n in range(5)])
     await daemon.eventlog.sweep()
     assert daemon.eventlog.horizon == events[2].id
     client = http(daemon)
@@ -518,14 +543,17 @@ async def test_a_client_that_stops_reading_gets_lagged_and_its_stream_ends(
     async with client.get("/v1/stream", params={"topics": "flood.*"}) as response:
         sse = Sse(response)
         await sse.opened()
-        first = daemon.bus.publish("flood.x", {"n": -1})
+        (first,) = await logged(daemon, [daemon.bus.publish("flood.x", {"n": -1})])
         assert (await sse.next_event()).id == first.id
         (sub,) = stream_subscriptions(daemon)
-        # Published on the daemon's loop without yielding: the stream cannot send any of them.
+        # Published on the daemon's loop without yielding: the stream cannot send any of them
+        # (on PostgreSQL they reach the stream bus together too, as the feed reads them).
         flood = [daemon.bus.publish("flood.x", {"n": n, "pad": "x" * 1000}) for n in range(200)]
+        flood = await logged(daemon, flood)
+        await daemon.eventlog.settle()
         assert len(sub) == 8
         assert sub.dropped == 192
-        assert daemon.bus.stats()["dropped"] == 192
+        assert daemon.eventlog.streams.stats()["dropped"] == 192
         lagged = await sse.next_event()
         assert lagged.event == "lagged"
         assert lagged.id is None
@@ -551,8 +579,9 @@ async def test_a_slow_client_gets_token_events_folded_before_anything_is_dropped
         texts = [chr(ord("a") + n % 26) for n in range(100)]
         tokens = [daemon.bus.publish("llm.token", {"task_id": 1, "text": t}) for t in texts]
         done = daemon.bus.publish("done", {})
-        assert daemon.bus.stats()["dropped"] == 0
+        assert daemon.eventlog.streams.stats()["dropped"] == 0
         frames = await sse.until("done")
+        (done,) = await logged(daemon, [done])
     token_frames = frames[:-1]
     assert all(f.event == "llm.token" for f in token_frames)
     assert len(token_frames) < 8
@@ -560,7 +589,10 @@ async def test_a_slow_client_gets_token_events_folded_before_anything_is_dropped
     merged = [f.data["data"].get("merged", 1) for f in token_frames]
     assert sum(merged) == 100
     assert max(merged) > 1
-    assert token_frames[-1].id == tokens[-1].id
+    if daemon.storage.postgres is None:
+        assert token_frames[-1].id == tokens[-1].id
+    else:  # a token bears the id of the stored event before it
+        assert token_frames[-1].id < done.id
     assert frames[-1].id == done.id
 
 
@@ -738,7 +770,7 @@ async def test_a_published_bus_lagged_event_does_not_end_other_streams(start_dae
                 names.append(frame.event)
                 last = frame
     assert names == (["bus.lagged", "after.it"] if accepted else ["after.it"])
-    assert last.id == after.id
+    assert last.id == (await logged(daemon, [after]))[0].id
 
 
 async def test_a_client_that_takes_nothing_is_dropped_after_send_timeout(st: Any) -> None:
@@ -852,17 +884,18 @@ async def test_a_stream_its_client_closes_is_released_at_once(st: Any, http: Any
             path = f"/v1/tasks/{(await r.json())['id']}/stream"
     else:
         path = "/v1/stream?topics=demo.*"
-    subscriptions = daemon.bus.stats()["subscriptions"]
+    streams = daemon.eventlog.streams  # what streams subscribe to: the bus itself on SQLite
+    subscriptions = streams.stats()["subscriptions"]
     response = await client.get(path)
     sse = Sse(response)
     await sse.opened()
     assert len(stream_subscriptions(daemon)) == 1
-    assert daemon.bus.stats()["subscriptions"] == subscriptions + 1
+    assert streams.stats()["subscriptions"] == subscriptions + 1
     response.close()
     async with asyncio.timeout(FRAME_TIMEOUT):
         while stream_subscriptions(daemon):  # noqa: ASYNC110
             await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
-    assert daemon.bus.stats()["subscriptions"] == subscriptions
+    assert streams.stats()["subscriptions"] == subscriptions
     async with asyncio.timeout(FRAME_TIMEOUT):
         while daemon.server._runner.server.connections:  # noqa: ASYNC110
             await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
@@ -887,7 +920,10 @@ async def test_a_client_that_reads_nothing_holds_a_bounded_kernel_buffer(start_d
             for n in range(4000):  # 16 MB at most
                 event = daemon.bus.publish("bulk.x", {"n": n, "pad": "x" * 4096})
                 written += len(sse_frame(event, event_json(event)))
-                await asyncio.sleep(0)  # noqa: sleep - let the stream write (a yield, not a wait)
+                if daemon.storage.postgres is not None:
+                    await daemon.eventlog.settle()  # on the stream bus once committed
+                else:
+                    await asyncio.sleep(0)  # noqa: sleep - let the stream write (a yield, not a wait)
                 if connection.writing_paused:
                     break
         assert connection.writing_paused

@@ -238,6 +238,7 @@ class Daemon:
         handlers it triggers, in one transaction: what the caller is told was published
         cannot be lost by a crash, and a write the store refuses (StoreWriteError) refuses
         the publish, leaving neither, before anyone sees the event."""
+        await self.eventlog.ahead_of_durable()
         event = self.bus.reserve_event(topic, data)
         try:
             commit = self.plugins.enqueue_triggers(event, alongside=self.eventlog.row_writer(event))

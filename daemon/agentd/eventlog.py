@@ -214,6 +214,13 @@ class EventLog:
         await self.flush()
         return await self.storage.stored(events)
 
+    async def ahead_of_durable(self) -> None:
+        """Before a durable publish, which commits its row at once: where the log gives ids
+        at commit, commit the events recorded so far first, so that the log (and every
+        stream) has them before it, in the order they were published, as on SQLite."""
+        if self.storage.assigns_ids and self.unwritten:
+            await self.flush()
+
     async def settle(self) -> None:
         """Return once everything recorded so far is committed and on the stream bus."""
         await self.flush()

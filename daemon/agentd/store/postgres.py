@@ -409,8 +409,13 @@ class PgStore:
             lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             conn.add_termination_listener(partial(_mark_lost, lost))
             try:
-                for channel in self._channels:
-                    await conn.add_listener(channel, self._dispatch)
+                # A part may ask for a channel meanwhile (`listen` while the listener opens):
+                # until `_listener` is set, it is this loop's to add.
+                added: set[str] = set()
+                while new := [channel for channel in self._channels if channel not in added]:
+                    for channel in new:
+                        await conn.add_listener(channel, self._dispatch)
+                        added.add(channel)
                 self._listener = conn
                 self.listening.set()
                 delay = _LISTEN_BACKOFF[0]

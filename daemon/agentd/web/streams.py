@@ -563,6 +563,10 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
             # Already finished: its last events are buffered (published after we subscribed)
             # or were in the replay; send what is buffered and end either way.
             finished = (await daemon.queue.get(task_id)).finished
+            if finished:
+                # Its final event is on the stream bus (buffered) once committed and read
+                # back there (on PostgreSQL), not as it is published.
+                await daemon.eventlog.settle()
             ended = await sse.pump(sub, accept=in_tree, stop=is_end, until_empty=finished)
             ended = ended or finished
         if ended:
