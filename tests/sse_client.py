@@ -121,3 +121,13 @@ def sql(daemon: Any, statement: str) -> str:
         return statement
     parts = statement.split("?")
     return parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], start=1))
+
+
+async def bus_id(daemon: Any, stream_id: int) -> int:
+    """The id `daemon`'s bus (its handlers, its triggers' tasks) gave the event that streams
+    show as `stream_id`: the same on SQLite; on PostgreSQL the log keeps it (`origin_id`)."""
+    if daemon.storage.postgres is None:
+        return stream_id
+    row = await daemon.store.read_one("SELECT origin_id FROM events WHERE id = $1", (stream_id,))
+    assert row is not None, f"no event {stream_id} in the log"
+    return int(row["origin_id"])

@@ -26,9 +26,25 @@ from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
 from agentd.web.server import SOCKETS
-from sse_client import Sse
+from sse_client import Sse, bus_id, logged, sql
 from test_queue import writer_held
 from test_ws import connect
+
+pytestmark = pytest.mark.both_stores
+
+
+@pytest.fixture
+def start_daemon(start_daemon: Any) -> Any:
+    """conftest's, returning once the daemon's own start events are on its stream bus: on
+    PostgreSQL they reach it once committed, and would otherwise come to a stream opened
+    just after the start."""
+
+    async def start(*args: Any, **kwargs: Any) -> Any:
+        daemon, events = await start_daemon(*args, **kwargs)
+        await daemon.eventlog.settle()
+        return daemon, events
+
+    return start
 
 TIMEOUT = 2.0
 TOKEN = "t0ken-for-tests"
@@ -65,7 +81,8 @@ async def first_line(response: aiohttp.ClientResponse) -> bytes:
 
 async def trigger_rows(daemon: Any, name: str) -> list[Any]:
     return await daemon.store.read(
-        "SELECT id, args, idempotency_key, status FROM tasks WHERE name = ? ORDER BY id", (name,))
+        sql(daemon, "SELECT id, args, idempotency_key, status FROM tasks WHERE name = ? ORDER BY id"),
+        (name,))
 
 
 async def reserved(daemon: Any) -> None:
@@ -88,7 +105,7 @@ async def test_post_event_is_published_and_answered_202_with_its_id(start_daemon
     assert status == 202
     assert set(body) == {"id", "topic"}
     assert body["topic"] == "user.clicked"
-    event = await events.wait_for("user.clicked")
+    (event,) = await logged(daemon, [await events.wait_for("user.clicked")])
     assert (event.id, dict(event.data)) == (body["id"], {"x": [1, 2]})
 
     status, body = await post(client, "/v1/events", json={"topic": "user.no_data"})
@@ -107,7 +124,7 @@ async def test_fire_and_forget_handlers_do_not_delay_the_answer(st: Any, http: A
     assert handled == []
     module.gate("slow.release").set()
     await asyncio.wait_for(daemon.spawner.idle(), TIMEOUT)
-    assert handled == [body["id"]]
+    assert handled == [await bus_id(daemon, body["id"])]
 
 
 @pytest.mark.parametrize(("body", "code", "mentions"), [
@@ -170,16 +187,18 @@ async def test_a_durable_trigger_is_committed_before_the_202(st: Any, http: Any)
     assert len(rows) == 1
     args = json.loads(rows[0]["args"])
     assert set(args) == {"event"}
+    # Handlers see the id the daemon's bus gave it (on PostgreSQL not the one streams show).
+    published = await bus_id(daemon, body["id"])
     assert (args["event"]["id"], args["event"]["topic"], args["event"]["data"]) == (
-        body["id"], "order.placed", {"sku": "a1"})
-    assert rows[0]["idempotency_key"] == f"event:{body['id']}:st.on_order"
+        published, "order.placed", {"sku": "a1"})
+    assert rows[0]["idempotency_key"] == f"event:{published}:st.on_order"
 
     done = await events.wait_for("task.succeeded", name="st.on_order")
     assert done.data["task_id"] == rows[0]["id"]
     triggered = module.TRIGGERED
     assert triggered == [{
         "task_id": rows[0]["id"], "task_name": "st.on_order", "attempt": 1, "event_type": "Event",
-        "event_id": body["id"], "topic": "order.placed", "data": {"sku": "a1"},
+        "event_id": published, "topic": "order.placed", "data": {"sku": "a1"},
     }]
     module.gate("slow.release").set()
     await asyncio.wait_for(daemon.spawner.idle(), TIMEOUT)
@@ -213,6 +232,9 @@ async def test_a_durably_published_event_reaches_live_streams(st: Any, http: Any
     assert ("order.created", body["id"]) in got
 
 
+# An SQLite trigger refuses the write; tests/test_cluster_events.py and the queue's own
+# tests cover PostgreSQL.
+@pytest.mark.sqlite_only
 async def test_a_publish_whose_trigger_cannot_be_stored_stores_no_event_either(
     st: Any, http: Any,
 ) -> None:
@@ -261,7 +283,7 @@ async def test_a_failing_durable_handler_is_retried_like_a_task(st: Any, http: A
     assert attempts == [(task_id, 1), (task_id, 2)]
     final = await daemon.queue.get(task_id)
     assert (final.status, final.attempts, final.max_attempts) == ("succeeded", 2, 3)
-    assert final.args["event"]["id"] == body["id"]
+    assert final.args["event"]["id"] == await bus_id(daemon, body["id"])
 
 
 # --------------------------------------------------------------------------- inbound webhooks
@@ -313,7 +335,7 @@ async def test_a_signed_hook_is_published(start_daemon: Any, http: Any) -> None:
     assert status == 202
     assert body["topic"] == "hook.github"
     event = await events.wait_for("hook.github")
-    assert event.id == body["id"]
+    assert event.id == await bus_id(daemon, body["id"])
     assert event.data["body"] == payload
     assert event.data["headers"]["X-GitHub-Event"] == "pull_request"
     assert event.data["headers"]["webhook-id"] == "msg_1"
@@ -417,7 +439,7 @@ async def test_a_repeated_delivery_is_a_409_even_after_a_restart(
     assert headers["webhook-id"] in assert_error(body, "duplicate_delivery")
     daemon.bus.publish("sentinel", {})
     await events.wait_for("sentinel")
-    assert [e.id for e in events.events if e.topic == "hook.github"] == [first["id"]]
+    assert [e.id for e in events.events if e.topic == "hook.github"] == [await bus_id(daemon, first["id"])]
     await daemon.stop()
 
     daemon, events = await start_daemon(overrides=hooks())
@@ -458,6 +480,8 @@ async def test_a_signed_body_nested_too_deep_is_published_as_text_not_a_500(
     assert [e.data["body"] for e in events.events if e.topic == "hook.github"][-1] == {"a": [[1]]}
 
 
+# An SQLite temporary trigger refuses the write.
+@pytest.mark.sqlite_only
 async def test_a_delivery_published_but_not_recorded_is_answered_202_and_still_refused_as_a_repeat(
     start_daemon: Any, http: Any,
 ) -> None:
@@ -482,7 +506,7 @@ async def test_a_delivery_published_but_not_recorded_is_answered_202_and_still_r
     assert_error(body, "duplicate_delivery")
     daemon.bus.publish("sentinel", {})
     await events.wait_for("sentinel")
-    assert [e.id for e in events.events if e.topic == "hook.github"] == [first["id"]]
+    assert [e.id for e in events.events if e.topic == "hook.github"] == [await bus_id(daemon, first["id"])]
     assert await daemon.store.read("SELECT * FROM hook_deliveries") == []
 
 
@@ -715,6 +739,8 @@ async def test_an_expired_stream_token_is_a_401(start_daemon: Any, http: Any) ->
         assert_error(await response.json(), "unauthorized")
 
 
+# Daemons on one PostgreSQL share their stream key, so that a client may be sent to any.
+@pytest.mark.sqlite_only
 async def test_a_stream_token_of_another_daemon_is_refused(
     start_daemon: Any, http: Any, tmp_path: Path,
 ) -> None:
@@ -811,6 +837,9 @@ async def test_the_live_routes_are_documented(start_daemon: Any, http: Any) -> N
     assert document["components"]["schemas"][body_schema["$ref"].rsplit("/", 1)[1]]["required"] == ["topic"]
 
 
+# These hold SQLite's one writer (`writer_held`) while a durable publish waits in its write;
+# on PostgreSQL the log is in commit order (tests/test_cluster_events.py).
+@pytest.mark.sqlite_only
 async def test_a_durable_publish_whose_socket_closes_during_its_write_still_goes_out(
     start_daemon: Any, http: Any,
 ) -> None:
@@ -855,6 +884,7 @@ async def test_a_durable_publish_whose_row_cannot_be_made_holds_nothing_back(sta
     assert (await events.wait_for("probe.after", timeout=TIMEOUT)).id == after.id
 
 
+@pytest.mark.sqlite_only
 async def test_a_stream_opened_while_a_durable_publish_commits_resumes_before_it(
     start_daemon: Any, http: Any,
 ) -> None:
@@ -882,6 +912,7 @@ async def test_a_stream_opened_while_a_durable_publish_commits_resumes_before_it
         assert replayed is not None and replayed.id == durable["id"]
 
 
+@pytest.mark.sqlite_only
 async def test_a_durable_publish_goes_out_before_the_events_made_while_it_commits(
     start_daemon: Any, http: Any,
 ) -> None:
