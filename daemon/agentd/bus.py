@@ -15,6 +15,15 @@ that saw id N asks the event log for what came after N). An event made ahead of 
 delivery (`reserve_event`: a durable publish commits first) holds back the events made
 after it until it is delivered or `release`d: delivering them first would let a client
 resume past it.
+
+Several daemons (PostgreSQL). A daemon's bus carries only the events published on that
+daemon: its subscribers (plugin handlers, durable triggers, digests' counters, the
+scheduler, the event log's recorder) never see another daemon's events, or a handler
+running on every daemon would act once per daemon (a webhook sent N times). What another
+daemon published reaches this one on a second `Bus`, `EventLog.streams`, which the event
+log's feed fills in commit order with the log's ids (see agentd/eventlog.py and
+agentd/postgres/events.py); SSE and WebSocket clients subscribe to that one. On SQLite
+`EventLog.streams` is the daemon's bus itself.
 """
 
 from __future__ import annotations
