@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from agentd.bus import Bus, Subscription
 from agentd.config import EventsConfig, StoreConfig
 from agentd.eventlog import EventLog
 from agentd.events import Event
+from agentd.postgres import events as events_module
 from agentd.postgres.events import PgEvents
 from agentd.store.postgres import PgStore
 from agentd.testing import daemon_url
@@ -195,6 +197,30 @@ async def test_every_daemons_streams_see_a_daemons_events_in_the_order_it_publis
         expected = ["user.said", "llm.token"] * 3
         assert [e.topic for e in await take(on_a, 6)] == expected
         assert [e.topic for e in await take(on_b, 6)] == expected
+
+
+
+async def test_after_its_listener_reconnects_a_daemon_catches_up_from_the_log() -> None:
+    """Notifications sent while a daemon's listening connection is away are lost: the
+    stored events committed meanwhile reach its streams from the table once it is back
+    (the ephemeral ones are lost, as for a client that was disconnected). Here the row is
+    written with no notification at all: only the catch-up can bring it."""
+    async with nodes(1) as (b,):
+        on_b = b.streams.subscribe("user.**", maxsize=100)
+        reconnected = asyncio.Event()
+        b.store.on_reconnect(reconnected.set)
+        conn = await asyncpg.connect(b.store.config.url)
+        try:
+            async with conn.transaction():
+                await conn.fetchval(events_module._INSERT, 1, ["user.unannounced"], [0.0], ["{}"],
+                                    [None], [None], [0], "elsewhere", [1])
+            listener = b.store._listener
+            assert listener is not None
+            await conn.execute("SELECT pg_terminate_backend($1)", listener.get_server_pid())
+        finally:
+            await conn.close()
+        await asyncio.wait_for(reconnected.wait(), WAIT)
+        assert [e.topic for e in await take(on_b, 1)] == ["user.unannounced"]
 
 
 # --------------------------------------------------------------------------- real daemons
