@@ -12,7 +12,10 @@ from the larger of the counter and the server's clock in microseconds, as SQLite
 from the daemon's clock (so the sweep reads an event's age from its id on both engines).
 The cost: from that statement to its commit, a transaction holds the row, so event-writing
 transactions of all daemons commit one at a time (each daemon groups its writes of a tick
-into one transaction, so that is one commit per daemon per tick). The other way (store
+into one transaction, so that is one commit per daemon per tick). Measured on the tests'
+PostgreSQL 18 (2 shared cores, busy), transactions of 5 events each: one writer ~300/s
+either way; three writers ~300/s with the counter against ~560/s without it (ids from the
+identity: no horizon) or with `pg_current_xact_id()` computed per row. The other way (store
 `pg_current_xact_id()` with each event and deliver below the snapshot's xmin) writes in
 parallel, but its order is the transactions' ids rather than the events' ids, so a
 Last-Event-ID could no longer be a plain event id; and it holds a reader back while any
