@@ -223,6 +223,23 @@ async def test_after_its_listener_reconnects_a_daemon_catches_up_from_the_log() 
         assert [e.topic for e in await take(on_b, 1)] == ["user.unannounced"]
 
 
+async def test_digest_cursors_on_postgresql_are_shared_by_every_daemon() -> None:
+    """`PgDigests`: one cursor per digest for all daemons; a daemon starting later keeps it."""
+    from agentd.postgres.digests import PgDigests
+
+    async with nodes(2) as (a, b):
+        on_a, on_b = PgDigests(a.store), PgDigests(b.store)
+        await on_a.start(["daily"], 10, 1.0)
+        assert await on_b.cursor("daily") == (10, None)
+        await on_b.mark_pending("daily", 25)
+        assert await on_a.cursor("daily") == (10, 25)
+        await on_a.start(["daily", "hourly"], 99, 2.0)  # a later start moves no cursor
+        await on_a.mark_sent("daily", 25, 3.0)
+        assert await on_b.cursor("daily") == (25, None)
+        assert await on_b.cursor("hourly") == (99, None)
+        assert await on_b.cursor("none") == (0, None)
+
+
 # --------------------------------------------------------------------------- real daemons
 
 PLUGIN = '''
