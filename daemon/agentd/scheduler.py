@@ -35,6 +35,9 @@ daemon leads: only it fires and records outcomes, the others keep a copy that fo
 table (each write notifies; a daemon re-reads what another changed), so their API shows and
 changes the same schedules, and they take the lead when the leader goes (see PgSchedules
 for the bound). Whatever leads, the fire time's idempotency key keeps each fire once.
+Declared schedules are re-synced by each daemon at its start, as by a lone daemon: daemons
+of different versions (a rolling upgrade) agree on the declarations of the one that started
+last. They change only when a daemon starts, never back and forth in between.
 """
 
 from __future__ import annotations
@@ -187,6 +190,10 @@ class ScheduleStore(Protocol):
         """Store the schedule, definition and record (insert or replace); resolves once
         committed."""
 
+    def insert(self, state: ScheduleState, now: float) -> Awaitable[bool]:
+        """Store a new schedule; resolves to False, storing nothing, if its id is taken
+        (by another daemon's API, say, a moment ago)."""
+
     def save_record(self, state: ScheduleState, now: float) -> Awaitable[object]:
         """Store what firing changes (the timing, the record), not the definition nor
         `paused`, which other daemons' API may change meanwhile; resolves once committed."""
@@ -228,6 +235,10 @@ class SqliteSchedules:
         return self.store.write(lambda conn: conn.execute(_SAVE, values))
 
     save_record = save  # one daemon writes the table: the whole row is its own
+
+    async def insert(self, state: ScheduleState, now: float) -> bool:
+        await self.save(state, now)  # the one daemon's schedules are all it knows of
+        return True
 
     def delete(self, schedule_id: str) -> Awaitable[object]:
         return self.store.write(_delete(schedule_id))
@@ -448,7 +459,16 @@ class Scheduler:
         state = ScheduleState(spec, "api", paused=paused, next_fire=_first_fire(spec, now),
                               created_at=now)
         self.schedules[spec.id] = state
-        await self._save(state)
+        try:
+            created = await self.store.insert(state, now)
+        except BaseException:
+            if self.schedules.get(spec.id) is state:
+                del self.schedules[spec.id]
+            raise
+        if not created:  # made through another daemon a moment ago
+            if self.schedules.get(spec.id) is state:
+                del self.schedules[spec.id]
+            raise TaskStateError(f"a schedule with id {spec.id!r} already exists")
         self.wake()
         return state
 
