@@ -19,7 +19,7 @@ for one route and one set of topics. It opens a stream within `[streams] token_t
 of its issue and resumes one (a request with `Last-Event-ID`, as EventSource sends when it
 reconnects) within `token_resume_ttl`. Its signing key is kept in the database, so tokens
 outlive a restart; rotating the key revokes every token. The key is kept through a
-`StreamKeyStore`: `SqliteStreamKey` below, or `agentd.postgres.auth.PgStreamKey`, where
+`StreamKeyStore` (agentd/streamkey.py: `SqliteStreamKey`, or `agentd.postgres.streamkey.PgStreamKey`), where
 the daemons sharing the database share the key, so a token from one opens a stream on any,
 and a rotation on one is told to the others (they re-read the key).
 """
@@ -39,7 +39,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -48,57 +48,17 @@ from aiohttp.typedefs import Middleware
 from agentd.config import LOOPBACK_HOSTS, StreamsConfig
 from agentd.events import TopicFilter
 from agentd.log import get_logger
+from agentd.streamkey import StreamKeyStore
 from agentd.web.errors import ApiError
 
 if TYPE_CHECKING:
-    from agentd.store import Connection, Store
+    pass
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _log = get_logger("auth")
 
 # Set on a request the auth middleware let in with a stream token: it may only read.
 READ_ONLY: web.RequestKey[bool] = web.RequestKey("read_only", bool)
-
-_KEY_NAME = "stream_token_key"  # the row of the meta table holding the signing key (hex)
-# The statements on that row, all of them.
-_CREATE_KEY = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"
-_READ_KEY = "SELECT value FROM meta WHERE key = ?"
-_REPLACE_KEY = ("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
-                "SET value = excluded.value")
-
-
-class StreamKeyStore(Protocol):
-    """Where the stream tokens' signing key (hex) is kept."""
-
-    async def load(self, fresh: str) -> str:
-        """The stored key, storing `fresh` first if there is none."""
-
-    async def replace(self, fresh: str) -> None:
-        """Store `fresh` as the key (once committed, every daemon's tokens must stop)."""
-
-    def watch(self, replaced: Callable[[], None]) -> None:
-        """Call `replaced()` when another daemon may have replaced the key."""
-
-
-class SqliteStreamKey:
-    """`StreamKeyStore` in agentd.db's SQLite `meta` table."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    async def load(self, fresh: str) -> str:
-        def read_or_create(conn: Connection) -> str:
-            conn.execute(_CREATE_KEY, (_KEY_NAME, fresh))
-            return str(conn.execute(_READ_KEY, (_KEY_NAME,)).fetchone()[0])
-
-        return await self.store.write(read_or_create)
-
-    async def replace(self, fresh: str) -> None:
-        await self.store.write(lambda conn: conn.execute(_REPLACE_KEY, (_KEY_NAME, fresh)))
-
-    def watch(self, replaced: Callable[[], None]) -> None:
-        pass  # one daemon uses the file: only it replaces the key
-
 
 @dataclass(frozen=True, slots=True)
 class StreamGrant:

@@ -1,4 +1,4 @@
-"""`StreamKeyStore` (agentd/web/auth.py) on PostgreSQL: the stream tokens' signing key in
+"""`StreamKeyStore` (agentd/streamkey.py) on PostgreSQL: the stream tokens' signing key in
 the shared `meta` table, so a token issued by one daemon opens a stream on any.
 
 A rotation notifies `agentd_stream_key` at commit, and every daemon re-reads the key when
