@@ -50,7 +50,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol, get_args
 
@@ -282,6 +282,11 @@ class Scheduler:
         self._outcomes: set[asyncio.Task[None]] = set()
         self._refused_until: dict[str, float] = {}  # schedule id -> when to try its fire again
         self._stale: set[str | None] = set()  # changed by another daemon (None: any)
+        # Schedule id -> this daemon's writes of it: made, and under way; and the ids to read
+        # again once their writes under way are done.
+        self._writes: dict[str, int] = {}
+        self._writing: dict[str, int] = {}
+        self._recheck: set[str] = set()
         self._reloading: asyncio.Task[None] | None = None
         self._log = get_logger("scheduler")
         self._subscription = bus.subscribe(_FINAL_TOPICS, self._on_task_final, name="scheduler")
@@ -419,16 +424,26 @@ class Scheduler:
 
     async def _reload(self, schedule_id: str | None) -> None:
         """Take the stored state of one schedule (or of all) as this daemon's: the same
-        objects, updated in place, so work under way on them goes on with the new state."""
+        objects, updated in place, so work under way on them goes on with the new state.
+        A schedule this daemon wrote while the read was under way, or is writing, keeps its
+        own state (the read may predate that write) and is read again once written."""
+        written = dict(self._writes)
         if schedule_id is None:
             found = {state.spec.id: state for state in await self.store.load()}
-            for gone in set(self.schedules) - set(found):
-                del self.schedules[gone]
+            looked_at = set(self.schedules) | set(found)
         else:
             one = await self.store.load_one(schedule_id)
             found = {} if one is None else {schedule_id: one}
-            if one is None:
-                self.schedules.pop(schedule_id, None)
+            looked_at = {schedule_id}
+        for key in looked_at:
+            if self._writing.get(key):
+                self._recheck.add(key)
+                found.pop(key, None)
+            elif self._writes.get(key, 0) != written.get(key, 0):
+                self._changed_elsewhere(key)
+                found.pop(key, None)
+            elif key not in found:
+                self.schedules.pop(key, None)
         for key, state in found.items():
             known = self.schedules.get(key)
             if known is None:
@@ -460,7 +475,8 @@ class Scheduler:
                               created_at=now)
         self.schedules[spec.id] = state
         try:
-            created = await self.store.insert(state, now)
+            with self._writing_to(spec.id):
+                created = await self.store.insert(state, now)
         except BaseException:
             if self.schedules.get(spec.id) is state:
                 del self.schedules[spec.id]
@@ -498,7 +514,9 @@ class Scheduler:
     async def delete(self, schedule_id: str) -> None:
         self._editable(schedule_id, "delete")
         del self.schedules[schedule_id]
-        await self.store.delete(schedule_id)
+        with self._writing_to(schedule_id):
+            await self.store.delete(schedule_id)
+        self._writes.pop(schedule_id, None)  # (a reload under way then reads it again)
         self.wake()
 
     async def set_paused(self, schedule_id: str, paused: bool) -> ScheduleState:
@@ -706,15 +724,31 @@ class Scheduler:
                 f"declares it; {where} (pause and resume work on every schedule)")
         return state
 
+    @contextlib.contextmanager
+    def _writing_to(self, schedule_id: str) -> Iterator[None]:
+        """Count a write of the schedule (see `_reload`)."""
+        self._writes[schedule_id] = self._writes.get(schedule_id, 0) + 1
+        self._writing[schedule_id] = self._writing.get(schedule_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._writing[schedule_id] -= 1
+            if not self._writing[schedule_id]:
+                del self._writing[schedule_id]
+                if schedule_id in self._recheck:
+                    self._recheck.discard(schedule_id)
+                    self._changed_elsewhere(schedule_id)
+
     async def _save(self, state: ScheduleState, record: bool = False) -> None:
         """Store the schedule; with `record`, only what firing changes (its definition and
         `paused` may have been changed meanwhile through another daemon's API)."""
         if self.schedules.get(state.spec.id) is not state:
             return  # deleted (or replaced) while this was being worked out: not written back
-        if record:
-            await self.store.save_record(state, time.time())
-        else:
-            await self.store.save(state, time.time())
+        with self._writing_to(state.spec.id):
+            if record:
+                await self.store.save_record(state, time.time())
+            else:
+                await self.store.save(state, time.time())
 
 
 @dataclass(slots=True)
