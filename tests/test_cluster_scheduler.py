@@ -364,7 +364,7 @@ async def test_a_schedule_made_paused_and_deleted_through_another_daemon_acts_on
     await until_async(lambda: _has_key(url, "d", START))  # the leader fires B's schedule
 
     await b.call("POST", "/v1/schedules/d/pause")
-    await until(lambda: shown(leader, "d", "paused"))
+    await until(lambda: all(shown(node, "d", "paused") for node in nodes))
     assert (await c.call("GET", "/v1/schedules/d"))["paused"] is True
     for minutes in (1, 2):  # the second minute's fire of ctl: the first minute's pass is over
         clock.set(START + minutes * MINUTE)
@@ -378,7 +378,7 @@ async def test_a_schedule_made_paused_and_deleted_through_another_daemon_acts_on
     await until_async(lambda: _has_key(url, "d", START + 3 * MINUTE))
 
     await b.call("DELETE", "/v1/schedules/d", status=204)
-    await until(lambda: "d" not in leader.daemon.scheduler.schedules)
+    await until(lambda: all("d" not in node.daemon.scheduler.schedules for node in nodes))
     await leader.call("GET", "/v1/schedules/d", status=404)
     await c.call("GET", "/v1/schedules/d", status=404)
     for minutes in (4, 5):
