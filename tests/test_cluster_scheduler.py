@@ -166,6 +166,11 @@ CLUSTER_PLUGIN = textwrap.dedent("""
     @plugin.task()
     async def work(ctx, label="work"):
         return label
+
+
+    @plugin.task(max_attempts=1)
+    async def fail(ctx):
+        raise RuntimeError("failing on purpose")
 """)
 SECRET = "cluster-hook-secret"
 TOKEN = "cluster-t0ken"
@@ -385,6 +390,27 @@ async def test_a_schedule_made_paused_and_deleted_through_another_daemon_acts_on
         clock.set(START + minutes * MINUTE)
         await until_async(lambda m=minutes: _has_key(url, "ctl", START + m * MINUTE))
     assert await keys(url, "d") == [key("d", START + m * MINUTE) for m in (0, 2, 3)]
+
+
+async def test_the_leader_records_the_outcome_of_a_fire_another_daemon_ran(
+        cluster: tuple[str, Cluster]) -> None:
+    """pause_after_failures across daemons: the task fails on another daemon than the
+    leader (whose workers are stopped), and the leader still hears of it and pauses."""
+    url, start = cluster
+    clock = ManualClock(START)
+    nodes = await start(clock)
+    leader = await one_leader(nodes)
+    await leader.daemon.workers.stop(0.0)  # its tasks run on the others
+    b = next(node for node in nodes if node is not leader)
+    await b.call("POST", "/v1/schedules", {"id": "flaky", "every": "1m", "task": "cl.fail",
+                                           "pause_after_failures": 1}, status=201)
+    await until_async(lambda: _has_key(url, "flaky", START))
+    await until(lambda: all(shown(node, "flaky", "paused") for node in nodes))
+    view = await b.call("GET", "/v1/schedules/flaky")
+    assert (view["paused"], view["failures_in_row"], view["fires"]) == (True, 1, 1)
+    assert view["last_outcome"] in ("failed", "dead")
+    # The leader's own bus never told of it: the task ran elsewhere.
+    assert not [e for e in leader.events.events if e.topic in ("task.failed", "task.dead")]
 
 
 def signed(body: bytes, webhook_id: str) -> dict[str, str]:

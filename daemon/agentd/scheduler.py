@@ -54,7 +54,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol, get_args
 
-from agentd.bus import Bus
+from agentd.bus import Bus, Subscription
 from agentd.errors import (
     InvalidScheduleError,
     ScheduleNotFoundError,
@@ -290,14 +290,19 @@ class Scheduler:
         self._reloading: asyncio.Task[None] | None = None
         self._log = get_logger("scheduler")
         self._subscription = bus.subscribe(_FINAL_TOPICS, self._on_task_final, name="scheduler")
+        self._remote: Subscription | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, declared: list[tuple[ScheduleSpec, DeclaredSource]]) -> None:
+    async def start(self, declared: list[tuple[ScheduleSpec, DeclaredSource]],
+                    outcomes: Bus | None = None) -> None:
         """Load the stored schedules and re-sync the declared ones (plugin, config, built-in):
         new ones are added, changed ones replaced (keeping their record), missing ones removed.
         A declared one with the id of a schedule made over the API replaces it, with a
         record of its own, and says so (`schedule.replaced`: see the module docstring).
+        `outcomes`, a bus that carries the final events of tasks other daemons ran (the event
+        log's streams on a shared store), is followed too: the leader records the outcome of a
+        fire wherever its task ran (each once: whichever bus tells first).
 
         Raises:
             InvalidScheduleError: a declared schedule names an unknown task.
@@ -331,6 +336,9 @@ class Scheduler:
             if state.last_task_id is not None:
                 self._by_task[state.last_task_id] = schedule_id
         self.store.watch(self._changed_elsewhere)
+        if outcomes is not None and outcomes is not self.bus:
+            self._remote = outcomes.subscribe(_FINAL_TOPICS, self._on_task_final,
+                                              name="scheduler-remote")
 
     def _replaced(self, replaced: ScheduleState, source: DeclaredSource) -> None:
         """Report a schedule of the API that a declared one (from `source`) replaces: its
@@ -354,6 +362,8 @@ class Scheduler:
     async def stop(self) -> None:
         """Stop following task outcomes; finish recording the ones already seen."""
         self._subscription.unsubscribe()
+        if self._remote is not None:
+            self._remote.unsubscribe()
         self.store.resign()
         await asyncio.gather(*self._outcomes, return_exceptions=True)
         if self._reloading is not None:
