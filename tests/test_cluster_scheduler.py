@@ -25,12 +25,13 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from agentd.app import Daemon
 from agentd.config import StoreConfig
 from agentd.events import Event
 from agentd.postgres.hooks import PgDeliveries
-from agentd.postgres.schedules import _LEAD_RETRY, PgSchedules
+from agentd.postgres.schedules import _LEAD_CHECK, _LEAD_LOCK, _LEAD_RETRY, PgSchedules
 from agentd.postgres.streamkey import PgStreamKey
 from agentd.schedule import ScheduleSpec
 from agentd.scheduler import ScheduleState
@@ -352,6 +353,41 @@ async def test_when_the_leader_stops_another_leads_within_the_bound_and_no_fire_
     later = [e for e in fired(rest, "tick") if e.data["fire_time"] > START + MINUTE]
     assert sorted(e.data["fire_time"] for e in later) == [START + 2 * MINUTE, START + 3 * MINUTE]
     assert all(e.data["created"] for e in later)
+
+
+async def test_when_the_leader_s_session_dies_one_daemon_leads_within_the_bound(
+        cluster: tuple[str, Cluster]) -> None:
+    """As PostgreSQL sees a leader whose process died: its lock session ends (here by
+    pg_terminate_backend). The leader stops firing once it finds its session gone, one
+    daemon leads again within the bound (the old one may win the retry too), and each fire
+    time is still enqueued once."""
+    url, start = cluster
+    clock = ManualClock(START)
+    nodes = await start(clock)
+    leader = await one_leader(nodes)
+    await leader.call("POST", "/v1/schedules", {"id": "tick", "every": "1m", "task": "cl.work"},
+                      status=201)
+    await until_async(lambda: _has_key(url, "tick", START))
+    conn = await asyncpg.connect(url)
+    with capture_logs() as logs:
+        try:
+            ended = await conn.fetch(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND objid = $1::bigint % 4294967296 AND granted", _LEAD_LOCK)
+        finally:
+            await conn.close()
+        assert [row[0] for row in ended] == [True]
+        began = time.monotonic()
+        # The old leader may lead again at once (it retries too): its log says it lost.
+        await until(lambda: any(log["event"] == "scheduler.lead_lost" for log in logs))
+    await one_leader(nodes)
+    took = time.monotonic() - began
+    assert took < _LEAD_RETRY + _LEAD_CHECK + 1.0, took
+    for minutes in (1, 2, 3):
+        clock.set(START + minutes * MINUTE)
+        await until_async(lambda m=minutes: _has_key(url, "tick", START + m * MINUTE))
+    assert await keys(url, "tick") == [key("tick", START + m * MINUTE) for m in range(4)]
+    assert all(e.data["created"] for e in fired(nodes, "tick"))
 
 
 async def test_a_schedule_made_paused_and_deleted_through_another_daemon_acts_on_the_leader(
