@@ -401,12 +401,17 @@ async def test_a_schedule_made_paused_and_deleted_through_another_daemon_acts_on
     await leader.call("POST", "/v1/schedules", {"id": "ctl", "every": "1m", "task": "cl.work"},
                       status=201)
     await b.call("POST", "/v1/schedules", {"id": "d", "every": "1m", "task": "cl.work"}, status=201)
+    # Read your writes on any daemon, at once: the others' API reads the table first.
+    assert (await c.call("GET", "/v1/schedules/d"))["every"] == 60.0
+    assert (await leader.call("GET", "/v1/schedules/d"))["every"] == 60.0
+    await c.call("POST", "/v1/schedules", {"id": "d", "every": "1h", "task": "cl.work"}, status=409)
     await until(lambda: "d" in leader.daemon.scheduler.schedules)
     await until_async(lambda: _has_key(url, "d", START))  # the leader fires B's schedule
 
     await b.call("POST", "/v1/schedules/d/pause")
-    await until(lambda: all(shown(node, "d", "paused") for node in nodes))
     assert (await c.call("GET", "/v1/schedules/d"))["paused"] is True
+    assert any(s["id"] == "d" and s["paused"] for s in (await c.call("GET", "/v1/schedules"))["schedules"])
+    await until(lambda: shown(leader, "d", "paused"))
     for minutes in (1, 2):  # the second minute's fire of ctl: the first minute's pass is over
         clock.set(START + minutes * MINUTE)
         await until_async(lambda m=minutes: _has_key(url, "ctl", START + m * MINUTE))
@@ -419,9 +424,9 @@ async def test_a_schedule_made_paused_and_deleted_through_another_daemon_acts_on
     await until_async(lambda: _has_key(url, "d", START + 3 * MINUTE))
 
     await b.call("DELETE", "/v1/schedules/d", status=204)
-    await until(lambda: all("d" not in node.daemon.scheduler.schedules for node in nodes))
-    await leader.call("GET", "/v1/schedules/d", status=404)
     await c.call("GET", "/v1/schedules/d", status=404)
+    await until(lambda: "d" not in leader.daemon.scheduler.schedules)
+    await leader.call("GET", "/v1/schedules/d", status=404)
     for minutes in (4, 5):
         clock.set(START + minutes * MINUTE)
         await until_async(lambda m=minutes: _has_key(url, "ctl", START + m * MINUTE))

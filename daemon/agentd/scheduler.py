@@ -75,6 +75,8 @@ _MAX_WALKED = 2000
 _MAX_MISSED_EVENTS = 100
 _FINAL_TOPICS = ",".join(sorted(FINAL_TOPIC.values()))
 _STATUS_OF_TOPIC: dict[str, TaskStatus] = {topic: status for status, topic in FINAL_TOPIC.items()}
+# Task ids whose outcome the scheduler remembers having recorded.
+_OUTCOMES_REMEMBERED = 4096
 # Seconds before a schedule whose processing failed (not a fire: its state) is tried again.
 _RETRY_FAILED = 60.0
 # Seconds before a fire the store refused (a full disk) is tried again.
@@ -291,6 +293,7 @@ class Scheduler:
         self._log = get_logger("scheduler")
         self._subscription = bus.subscribe(_FINAL_TOPICS, self._on_task_final, name="scheduler")
         self._remote: Subscription | None = None
+        self._outcomes_taken: dict[int, None] = {}  # the latest task ids whose outcome was taken
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -445,6 +448,7 @@ class Scheduler:
             one = await self.store.load_one(schedule_id)
             found = {} if one is None else {schedule_id: one}
             looked_at = {schedule_id}
+        changed = bool(found)
         for key in looked_at:
             if self._writing.get(key):
                 self._recheck.add(key)
@@ -453,7 +457,7 @@ class Scheduler:
                 self._changed_elsewhere(key)
                 found.pop(key, None)
             elif key not in found:
-                self.schedules.pop(key, None)
+                changed = self.schedules.pop(key, None) is not None or changed
         for key, state in found.items():
             known = self.schedules.get(key)
             if known is None:
@@ -462,9 +466,20 @@ class Scheduler:
                 known.adopt(state)
             if state.last_task_id is not None:
                 self._by_task[state.last_task_id] = key
-        self.wake()
+        if changed:
+            self.wake()
 
     # -- the API -----------------------------------------------------------------------------
+
+    async def refresh(self, schedule_id: str | None = None) -> None:
+        """Before the API reads or changes `schedule_id` (None: every schedule): on a daemon
+        that does not lead, whose copy follows the table a notification behind, read it
+        now, so what was made or changed through another daemon a moment ago is seen. The
+        leader's copy is the freshest there is (it is the one firing), but for a schedule it
+        does not know yet; with one daemon, the copy is the table."""
+        if self.store.leading and (schedule_id is None or schedule_id in self.schedules):
+            return
+        await self._reload(schedule_id)
 
     def get(self, schedule_id: str) -> ScheduleState:
         try:
@@ -666,10 +681,15 @@ class Scheduler:
     def _on_task_final(self, event: Event) -> None:
         if not self.store.leading:
             return  # the leading daemon records outcomes: once, whichever daemon ran the task
-        schedule_id = self._by_task.pop(event.data.get("task_id", -1), None)
+        task_id = event.data.get("task_id", -1)
+        schedule_id = self._by_task.pop(task_id, None)
         state = self.schedules.get(schedule_id) if schedule_id else None
-        if state is None or state.last_task_id != event.data.get("task_id"):
+        if state is None or state.last_task_id != task_id or task_id in self._outcomes_taken:
             return
+        # Once each, though two buses may tell (a re-read of the table maps the task again).
+        self._outcomes_taken[task_id] = None
+        if len(self._outcomes_taken) > _OUTCOMES_REMEMBERED:
+            del self._outcomes_taken[next(iter(self._outcomes_taken))]
         task = asyncio.get_running_loop().create_task(
             self._record_outcome(state, _STATUS_OF_TOPIC[event.topic]),
             name=f"schedule-outcome:{state.spec.id}")
