@@ -196,6 +196,7 @@ async def stream_status(daemon: Any, http: Any, path: str, token: str, **headers
         return response.status, assert_error(await response.json(), "unauthorized")
 
 
+@pytest.mark.both_stores  # the key is in the store's meta table
 async def test_a_stream_token_survives_a_restart_until_revoked(
     start_daemon: Any, http: Any, tmp_path: Path,
 ) -> None:
@@ -212,6 +213,7 @@ async def test_a_stream_token_survives_a_restart_until_revoked(
     assert (await stream_status(second, http, "/v1/stream", (await issue(second, http))["token"]))[0] == 200
 
 
+@pytest.mark.both_stores  # the key is in the store's meta table
 async def test_past_token_ttl_a_token_only_resumes_until_token_resume_ttl(
     start_daemon: Any, http: Any,
 ) -> None:
@@ -260,6 +262,7 @@ async def test_a_library_s_stream_opens_without_an_id_or_a_blank_line(
         assert (await sse.next_event()).id == published.id
 
 
+@pytest.mark.both_stores  # the key is in the store's meta table
 async def test_a_stream_token_is_bound_to_the_route_and_topics_it_was_issued_for(
     start_daemon: Any, http: Any,
 ) -> None:
@@ -282,6 +285,7 @@ async def test_a_stream_token_is_bound_to_the_route_and_topics_it_was_issued_for
         assert_error(body, "bad_request")
 
 
+@pytest.mark.both_stores  # the key is in the store's meta table
 async def test_a_stream_token_on_the_websocket_only_reads(start_daemon: Any, http: Any) -> None:
     daemon, events = await start_daemon(overrides={"server": {"token": TOKEN}})
     token = (await issue(daemon, http, path="/v1/ws"))["token"]

@@ -179,7 +179,7 @@ class Daemon:
     async def _start_scheduler(self) -> None:
         """Start the scheduler with the built-in, agentd.toml and plugin schedules (re-synced
         at every start)."""
-        await self.scheduler.start(self._declared_schedules())
+        await self.scheduler.start(self._declared_schedules(), outcomes=self.eventlog.streams)
 
     def _declared_schedules(self) -> list[tuple[ScheduleSpec, DeclaredSource]]:
         """The built-in, plugin and agentd.toml schedules, each checked against the registered

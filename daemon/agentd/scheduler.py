@@ -35,6 +35,9 @@ daemon leads: only it fires and records outcomes, the others keep a copy that fo
 table (each write notifies; a daemon re-reads what another changed), so their API shows and
 changes the same schedules, and they take the lead when the leader goes (see PgSchedules
 for the bound). Whatever leads, the fire time's idempotency key keeps each fire once.
+Declared schedules are re-synced by each daemon at its start, as by a lone daemon: daemons
+of different versions (a rolling upgrade) agree on the declarations of the one that started
+last. They change only when a daemon starts, never back and forth in between.
 """
 
 from __future__ import annotations
@@ -47,11 +50,11 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol, get_args
 
-from agentd.bus import Bus
+from agentd.bus import Bus, Subscription
 from agentd.errors import (
     InvalidScheduleError,
     ScheduleNotFoundError,
@@ -72,6 +75,8 @@ _MAX_WALKED = 2000
 _MAX_MISSED_EVENTS = 100
 _FINAL_TOPICS = ",".join(sorted(FINAL_TOPIC.values()))
 _STATUS_OF_TOPIC: dict[str, TaskStatus] = {topic: status for status, topic in FINAL_TOPIC.items()}
+# Task ids whose outcome the scheduler remembers having recorded.
+_OUTCOMES_REMEMBERED = 4096
 # Seconds before a schedule whose processing failed (not a fire: its state) is tried again.
 _RETRY_FAILED = 60.0
 # Seconds before a fire the store refused (a full disk) is tried again.
@@ -187,6 +192,10 @@ class ScheduleStore(Protocol):
         """Store the schedule, definition and record (insert or replace); resolves once
         committed."""
 
+    def insert(self, state: ScheduleState, now: float) -> Awaitable[bool]:
+        """Store a new schedule; resolves to False, storing nothing, if its id is taken
+        (by another daemon's API, say, a moment ago)."""
+
     def save_record(self, state: ScheduleState, now: float) -> Awaitable[object]:
         """Store what firing changes (the timing, the record), not the definition nor
         `paused`, which other daemons' API may change meanwhile; resolves once committed."""
@@ -228,6 +237,10 @@ class SqliteSchedules:
         return self.store.write(lambda conn: conn.execute(_SAVE, values))
 
     save_record = save  # one daemon writes the table: the whole row is its own
+
+    async def insert(self, state: ScheduleState, now: float) -> bool:
+        await self.save(state, now)  # the one daemon's schedules are all it knows of
+        return True
 
     def delete(self, schedule_id: str) -> Awaitable[object]:
         return self.store.write(_delete(schedule_id))
@@ -271,17 +284,28 @@ class Scheduler:
         self._outcomes: set[asyncio.Task[None]] = set()
         self._refused_until: dict[str, float] = {}  # schedule id -> when to try its fire again
         self._stale: set[str | None] = set()  # changed by another daemon (None: any)
+        # Schedule id -> this daemon's writes of it: made, and under way; and the ids to read
+        # again once their writes under way are done.
+        self._writes: dict[str, int] = {}
+        self._writing: dict[str, int] = {}
+        self._recheck: set[str] = set()
         self._reloading: asyncio.Task[None] | None = None
         self._log = get_logger("scheduler")
         self._subscription = bus.subscribe(_FINAL_TOPICS, self._on_task_final, name="scheduler")
+        self._remote: Subscription | None = None
+        self._outcomes_taken: dict[int, None] = {}  # the latest task ids whose outcome was taken
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, declared: list[tuple[ScheduleSpec, DeclaredSource]]) -> None:
+    async def start(self, declared: list[tuple[ScheduleSpec, DeclaredSource]],
+                    outcomes: Bus | None = None) -> None:
         """Load the stored schedules and re-sync the declared ones (plugin, config, built-in):
         new ones are added, changed ones replaced (keeping their record), missing ones removed.
         A declared one with the id of a schedule made over the API replaces it, with a
         record of its own, and says so (`schedule.replaced`: see the module docstring).
+        `outcomes`, a bus that carries the final events of tasks other daemons ran (the event
+        log's streams on a shared store), is followed too: the leader records the outcome of a
+        fire wherever its task ran (each once: whichever bus tells first).
 
         Raises:
             InvalidScheduleError: a declared schedule names an unknown task.
@@ -315,6 +339,9 @@ class Scheduler:
             if state.last_task_id is not None:
                 self._by_task[state.last_task_id] = schedule_id
         self.store.watch(self._changed_elsewhere)
+        if outcomes is not None and outcomes is not self.bus:
+            self._remote = outcomes.subscribe(_FINAL_TOPICS, self._on_task_final,
+                                              name="scheduler-remote")
 
     def _replaced(self, replaced: ScheduleState, source: DeclaredSource) -> None:
         """Report a schedule of the API that a declared one (from `source`) replaces: its
@@ -338,6 +365,8 @@ class Scheduler:
     async def stop(self) -> None:
         """Stop following task outcomes; finish recording the ones already seen."""
         self._subscription.unsubscribe()
+        if self._remote is not None:
+            self._remote.unsubscribe()
         self.store.resign()
         await asyncio.gather(*self._outcomes, return_exceptions=True)
         if self._reloading is not None:
@@ -408,16 +437,27 @@ class Scheduler:
 
     async def _reload(self, schedule_id: str | None) -> None:
         """Take the stored state of one schedule (or of all) as this daemon's: the same
-        objects, updated in place, so work under way on them goes on with the new state."""
+        objects, updated in place, so work under way on them goes on with the new state.
+        A schedule this daemon wrote while the read was under way, or is writing, keeps its
+        own state (the read may predate that write) and is read again once written."""
+        written = dict(self._writes)
         if schedule_id is None:
             found = {state.spec.id: state for state in await self.store.load()}
-            for gone in set(self.schedules) - set(found):
-                del self.schedules[gone]
+            looked_at = set(self.schedules) | set(found)
         else:
             one = await self.store.load_one(schedule_id)
             found = {} if one is None else {schedule_id: one}
-            if one is None:
-                self.schedules.pop(schedule_id, None)
+            looked_at = {schedule_id}
+        changed = bool(found)
+        for key in looked_at:
+            if self._writing.get(key):
+                self._recheck.add(key)
+                found.pop(key, None)
+            elif self._writes.get(key, 0) != written.get(key, 0):
+                self._changed_elsewhere(key)
+                found.pop(key, None)
+            elif key not in found:
+                changed = self.schedules.pop(key, None) is not None or changed
         for key, state in found.items():
             known = self.schedules.get(key)
             if known is None:
@@ -426,9 +466,20 @@ class Scheduler:
                 known.adopt(state)
             if state.last_task_id is not None:
                 self._by_task[state.last_task_id] = key
-        self.wake()
+        if changed:
+            self.wake()
 
     # -- the API -----------------------------------------------------------------------------
+
+    async def refresh(self, schedule_id: str | None = None) -> None:
+        """Before the API reads or changes `schedule_id` (None: every schedule): on a daemon
+        that does not lead, whose copy follows the table a notification behind, read it
+        now, so what was made or changed through another daemon a moment ago is seen. The
+        leader's copy is the freshest there is (it is the one firing), but for a schedule it
+        does not know yet; with one daemon, the copy is the table."""
+        if self.store.leading and (schedule_id is None or schedule_id in self.schedules):
+            return
+        await self._reload(schedule_id)
 
     def get(self, schedule_id: str) -> ScheduleState:
         try:
@@ -448,7 +499,17 @@ class Scheduler:
         state = ScheduleState(spec, "api", paused=paused, next_fire=_first_fire(spec, now),
                               created_at=now)
         self.schedules[spec.id] = state
-        await self._save(state)
+        try:
+            with self._writing_to(spec.id):
+                created = await self.store.insert(state, now)
+        except BaseException:
+            if self.schedules.get(spec.id) is state:
+                del self.schedules[spec.id]
+            raise
+        if not created:  # made through another daemon a moment ago
+            if self.schedules.get(spec.id) is state:
+                del self.schedules[spec.id]
+            raise TaskStateError(f"a schedule with id {spec.id!r} already exists")
         self.wake()
         return state
 
@@ -478,7 +539,9 @@ class Scheduler:
     async def delete(self, schedule_id: str) -> None:
         self._editable(schedule_id, "delete")
         del self.schedules[schedule_id]
-        await self.store.delete(schedule_id)
+        with self._writing_to(schedule_id):
+            await self.store.delete(schedule_id)
+        self._writes.pop(schedule_id, None)  # (a reload under way then reads it again)
         self.wake()
 
     async def set_paused(self, schedule_id: str, paused: bool) -> ScheduleState:
@@ -618,10 +681,15 @@ class Scheduler:
     def _on_task_final(self, event: Event) -> None:
         if not self.store.leading:
             return  # the leading daemon records outcomes: once, whichever daemon ran the task
-        schedule_id = self._by_task.pop(event.data.get("task_id", -1), None)
+        task_id = event.data.get("task_id", -1)
+        schedule_id = self._by_task.pop(task_id, None)
         state = self.schedules.get(schedule_id) if schedule_id else None
-        if state is None or state.last_task_id != event.data.get("task_id"):
+        if state is None or state.last_task_id != task_id or task_id in self._outcomes_taken:
             return
+        # Once each, though two buses may tell (a re-read of the table maps the task again).
+        self._outcomes_taken[task_id] = None
+        if len(self._outcomes_taken) > _OUTCOMES_REMEMBERED:
+            del self._outcomes_taken[next(iter(self._outcomes_taken))]
         task = asyncio.get_running_loop().create_task(
             self._record_outcome(state, _STATUS_OF_TOPIC[event.topic]),
             name=f"schedule-outcome:{state.spec.id}")
@@ -686,15 +754,31 @@ class Scheduler:
                 f"declares it; {where} (pause and resume work on every schedule)")
         return state
 
+    @contextlib.contextmanager
+    def _writing_to(self, schedule_id: str) -> Iterator[None]:
+        """Count a write of the schedule (see `_reload`)."""
+        self._writes[schedule_id] = self._writes.get(schedule_id, 0) + 1
+        self._writing[schedule_id] = self._writing.get(schedule_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._writing[schedule_id] -= 1
+            if not self._writing[schedule_id]:
+                del self._writing[schedule_id]
+                if schedule_id in self._recheck:
+                    self._recheck.discard(schedule_id)
+                    self._changed_elsewhere(schedule_id)
+
     async def _save(self, state: ScheduleState, record: bool = False) -> None:
         """Store the schedule; with `record`, only what firing changes (its definition and
         `paused` may have been changed meanwhile through another daemon's API)."""
         if self.schedules.get(state.spec.id) is not state:
             return  # deleted (or replaced) while this was being worked out: not written back
-        if record:
-            await self.store.save_record(state, time.time())
-        else:
-            await self.store.save(state, time.time())
+        with self._writing_to(state.spec.id):
+            if record:
+                await self.store.save_record(state, time.time())
+            else:
+                await self.store.save(state, time.time())
 
 
 @dataclass(slots=True)

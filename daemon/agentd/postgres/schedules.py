@@ -60,6 +60,7 @@ _SAVE = (
     "fires = excluded.fires, misses = excluded.misses, "
     "failures_in_row = excluded.failures_in_row, owed_fire = excluded.owed_fire, "
     "updated_at = excluded.updated_at")
+_INSERT = _SAVE.partition(" ON CONFLICT")[0] + " ON CONFLICT (id) DO NOTHING RETURNING id"
 _SAVE_RECORD = (
     "UPDATE schedules SET next_fire = $2, last_fire = $3, last_task_id = $4, last_outcome = $5, "
     "fires = $6, misses = $7, failures_in_row = $8, owed_fire = $9, updated_at = $10 "
@@ -89,6 +90,17 @@ class PgSchedules:
     def save(self, state: ScheduleState, now: float) -> Awaitable[object]:
         values = row_values(state, now)
         return self._write(state.spec.id, lambda conn: conn.execute(_SAVE, *values))
+
+    def insert(self, state: ScheduleState, now: float) -> Awaitable[bool]:
+        values = row_values(state, now)
+
+        async def op(conn: PgConnection) -> bool:
+            if await conn.fetchval(_INSERT, *values) is None:
+                return False
+            await conn.execute(_NOTIFY, CHANNEL, f"{self.node}:{state.spec.id}")
+            return True
+
+        return self.store.write(op)
 
     def save_record(self, state: ScheduleState, now: float) -> Awaitable[object]:
         values = (state.spec.id, state.next_fire, state.last_fire, state.last_task_id,

@@ -8,6 +8,7 @@ from aiohttp import web
 from msgspec import UNSET
 
 from agentd.schedule import ScheduleSpec
+from agentd.scheduler import Scheduler
 from agentd.taskdef import INTERNAL_PREFIX
 from agentd.web.errors import ApiError, read_body
 from agentd.web.openapi import doc
@@ -47,7 +48,7 @@ def _check_id(schedule_id: str) -> None:
 @routes.get("/v1/schedules")
 @doc("Every schedule with its record: last fire and outcome, next fire, counts", tag="schedules")
 async def list_schedules(request: web.Request) -> web.Response:
-    scheduler = request.app[DAEMON].scheduler
+    scheduler = await _scheduler(request, None)
     return web.json_response(
         {"schedules": [s.to_dict() for _, s in sorted(scheduler.schedules.items())]})
 
@@ -64,15 +65,15 @@ async def create_schedule(request: web.Request) -> web.Response:
     fields = body.fields()
     _check_id(body.id)
     _check_task(request, fields)
-    state = await request.app[DAEMON].scheduler.create(ScheduleSpec.from_mapping(fields),
-                                                       body.paused is True)
+    scheduler = await _scheduler(request, body.id)
+    state = await scheduler.create(ScheduleSpec.from_mapping(fields), body.paused is True)
     return web.json_response(state.to_dict(), status=201)
 
 
 @routes.get("/v1/schedules/{id}")
 @doc("One schedule", tag="schedules", responses={200: "The schedule", 404: "No such schedule"})
 async def get_schedule(request: web.Request) -> web.Response:
-    return web.json_response(request.app[DAEMON].scheduler.get(_id(request)).to_dict())
+    return web.json_response((await _scheduler(request, _id(request))).get(_id(request)).to_dict())
 
 
 @routes.patch("/v1/schedules/{id}")
@@ -82,7 +83,7 @@ async def get_schedule(request: web.Request) -> web.Response:
                 409: "Defined by a plugin or agentd.toml: change it there", 422: _UNUSABLE})
 async def update_schedule(request: web.Request) -> web.Response:
     body = await read_body(request, SchedulePatch)
-    scheduler = request.app[DAEMON].scheduler
+    scheduler = await _scheduler(request, _id(request))
     changes = body.fields()
     _check_task(request, changes)
     state = await scheduler.update(_id(request), changes) if changes else scheduler.get(_id(request))
@@ -95,7 +96,7 @@ async def update_schedule(request: web.Request) -> web.Response:
 @doc("Delete a schedule created over the API", tag="schedules",
      responses={204: "Deleted", 404: "No such schedule", 409: "Defined by a plugin or agentd.toml"})
 async def delete_schedule(request: web.Request) -> web.Response:
-    await request.app[DAEMON].scheduler.delete(_id(request))
+    await (await _scheduler(request, _id(request))).delete(_id(request))
     return web.Response(status=204)
 
 
@@ -103,7 +104,7 @@ async def delete_schedule(request: web.Request) -> web.Response:
 @doc("Pause a schedule: it fires nothing until resumed", tag="schedules",
      responses={200: "The schedule", 404: "No such schedule"})
 async def pause_schedule(request: web.Request) -> web.Response:
-    state = await request.app[DAEMON].scheduler.set_paused(_id(request), True)
+    state = await (await _scheduler(request, _id(request))).set_paused(_id(request), True)
     return web.json_response(state.to_dict())
 
 
@@ -111,7 +112,7 @@ async def pause_schedule(request: web.Request) -> web.Response:
 @doc("Resume a paused schedule from now on", tag="schedules",
      responses={200: "The schedule", 404: "No such schedule"})
 async def resume_schedule(request: web.Request) -> web.Response:
-    state = await request.app[DAEMON].scheduler.set_paused(_id(request), False)
+    state = await (await _scheduler(request, _id(request))).set_paused(_id(request), False)
     return web.json_response(state.to_dict())
 
 
@@ -119,5 +120,14 @@ async def resume_schedule(request: web.Request) -> web.Response:
 @doc("Fire a schedule once now, outside its timetable (its overlap policy applies)",
      tag="schedules", responses={200: "The schedule, with the new last_task_id", 404: "No such schedule"})
 async def run_schedule(request: web.Request) -> web.Response:
-    state = await request.app[DAEMON].scheduler.run_now(_id(request))
+    state = await (await _scheduler(request, _id(request))).run_now(_id(request))
     return web.json_response(state.to_dict())
+
+
+async def _scheduler(request: web.Request, schedule_id: str | None) -> Scheduler:
+    """The daemon's scheduler, its copy of `schedule_id` (None: of every schedule) made
+    current first: one made or changed through another daemon a moment ago is seen (see
+    `Scheduler.refresh`)."""
+    scheduler = request.app[DAEMON].scheduler
+    await scheduler.refresh(schedule_id)
+    return scheduler
