@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from importlib import resources
 from typing import Any, TypeAlias, TypeVar
@@ -65,6 +65,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
     asyncpg.InsufficientResourcesError, asyncpg.OperatorInterventionError,
     asyncpg.ReadOnlySQLTransactionError,
+    # A pooled connection the server ended (a fast shutdown's message arriving while it was
+    # idle) can be left mid-protocol: asyncpg refuses the next statement with this.
+    asyncpg.InternalClientError,
 )
 
 Migration = tuple[int, str, str]
@@ -79,14 +82,17 @@ def load_migrations() -> list[Migration]:
     return sorted(found)
 
 
-def unavailable(where: str, exc: BaseException) -> StoreUnavailableError | None:
+def unavailable(where: str, exc: BaseException, *, committing: bool = False) -> StoreUnavailableError | None:
     """The `StoreUnavailableError` `exc` stands for, or None if it is not the server being
-    away (a constraint, a bug in a statement)."""
+    away (a constraint, a bug in a statement). `committing`: `exc` came while the COMMIT was
+    in flight, so whether the write was stored is not known."""
     if not isinstance(exc, _UNAVAILABLE):
         return None
     cause = "did not answer in time" if isinstance(exc, TimeoutError) else "cannot be reached"
-    error = StoreUnavailableError(f"{where}: the PostgreSQL server {cause}; nothing of this "
-                                  f"write was stored ({type(exc).__name__}: {exc})")
+    stored = ("the COMMIT got no answer: the write may have been stored" if committing
+              else "nothing of this write was stored")
+    error = StoreUnavailableError(f"{where}: the PostgreSQL server {cause}; {stored} "
+                                  f"({type(exc).__name__}: {exc})")
     error.__cause__ = exc
     return error
 
@@ -126,11 +132,16 @@ class PgStore:
         """Open the pool and migrate. Raises StoreError (naming the URL, not its password)."""
         try:
             self._pool = await asyncpg.create_pool(
-                self.config.url, min_size=1, max_size=self.config.pool_size,
+                # min_size 0: no background reconnects (and their warnings) while the server is away.
+                self.config.url, min_size=0, max_size=self.config.pool_size,
                 command_timeout=_COMMAND_TIMEOUT, timeout=_CONNECT_TIMEOUT, init=_prepare_connection,
                 # Statements are few and fixed; asyncpg caches each one's plan per connection.
                 max_inactive_connection_lifetime=300.0)
+            await self._pool.release(await self._pool.acquire())  # min_size 0 connects nothing
         except Exception as exc:
+            if self._pool is not None:
+                self._pool.terminate()
+                self._pool = None
             raise StoreError(f"[store] url {self.location}: cannot connect to PostgreSQL: "
                              f"{type(exc).__name__}: {exc}") from None
         try:
@@ -274,21 +285,22 @@ class PgStore:
             results = await self._transaction([op for op, _ in live])
         except _OpFailedError:
             # One op raised: run each in its own transaction, so only the failing ones fail.
-            for op, future in live:
+            for index, (op, future) in enumerate(live):
                 try:
                     (result,) = await self._transaction([op])
                 except _OpFailedError as failed:
                     _settle(future, failed.error, None)
                 except StoreWriteError as exc:
-                    self._failed(exc)
                     _settle(future, exc, None)
+                    self._server_away(exc, live[index + 1:])
+                    return
                 else:
                     _settle(future, None, result)
             return
         except StoreWriteError as exc:
-            self._failed(exc)
             for _, future in live:
                 _settle(future, exc, None)
+            self._server_away(exc, [])
             return
         for (_, future), result in zip(live, results, strict=True):
             _settle(future, None, result)
@@ -296,26 +308,65 @@ class PgStore:
     async def _transaction(self, ops: list[PgOp[Any]]) -> list[Any]:
         """Run `ops` in one transaction; raise `_OpFailedError` if one raised (nothing stored) or
         the StoreWriteError of the server being away."""
-        assert self._pool is not None
         results: list[Any] = []
+        committing = False
         try:
-            async with self._pool.acquire(timeout=_CONNECT_TIMEOUT) as conn, conn.transaction():
-                for op in ops:
-                    try:
-                        results.append(await op(conn))
-                    except BaseException as exc:
-                        if unavailable(self.location, exc) is not None or not isinstance(exc, Exception):
-                            raise
-                        raise _OpFailedError(exc) from exc
+            async with self._checkout() as conn:
+                transaction = conn.transaction()
+                await transaction.start()
+                try:
+                    for op in ops:
+                        try:
+                            results.append(await op(conn))
+                        except Exception as exc:
+                            if unavailable(self.location, exc) is not None:
+                                raise
+                            raise _OpFailedError(exc) from exc
+                except _OpFailedError:
+                    await transaction.rollback()
+                    raise
+                committing = True
+                await transaction.commit()
         except _OpFailedError:
             raise
         except Exception as exc:
-            error = unavailable(self.location, exc)
+            error = unavailable(self.location, exc, committing=committing)
             if error is None:
                 raise
             raise error from exc
         self.transactions += 1
         return results
+
+    @contextlib.asynccontextmanager
+    async def _checkout(self) -> AsyncIterator[PgConnection]:
+        """A pooled connection for one read or one write transaction: the checkout and all
+        that is done with it within `_COMMAND_TIMEOUT`, or TimeoutError. A connection that
+        met the server away (or the deadline) is closed, not given back: its state is
+        unknown, and giving it back would wait on the server (a reset, a cancel request)."""
+        if self._pool is None:
+            raise StoreError(f"{self.location}: the store is closed")
+        pool = self._pool
+        async with asyncio.timeout(_COMMAND_TIMEOUT):
+            conn = await pool.acquire()
+            try:
+                yield conn
+            except BaseException as exc:
+                if isinstance(exc, (*_UNAVAILABLE, asyncio.CancelledError)):
+                    conn.terminate()
+                raise
+            finally:
+                await pool.release(conn)
+
+    def _server_away(self, error: StoreWriteError, unsent: _Batch) -> None:
+        """A transaction failed for the server: record it, and fail `unsent` and the writes
+        waiting for the next batch at once (nothing of them was sent) rather than let each
+        wait out another deadline, so a request answers within one `_COMMAND_TIMEOUT` while
+        the server is away."""
+        self._failed(error)
+        waiting, self._pending = self._pending, []
+        fresh = unavailable(self.location, error.__cause__) if error.__cause__ is not None else None
+        for _, future in unsent + waiting:
+            _settle(future, fresh or error, None)
 
     def _failed(self, error: StoreWriteError) -> None:
         self.failure = error
@@ -347,10 +398,8 @@ class PgStore:
 
     async def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[asyncpg.Record]:
         """Rows of a query (`$1`-style placeholders) on a pooled connection."""
-        if self._pool is None:
-            raise StoreError(f"{self.location}: the store is closed")
         try:
-            async with self._pool.acquire(timeout=_CONNECT_TIMEOUT) as conn:
+            async with self._checkout() as conn:
                 rows: list[asyncpg.Record] = await conn.fetch(sql, *params)
                 return rows
         except Exception as exc:
