@@ -144,6 +144,10 @@ def test_env_errors_name_the_variable(var: str, value: str, fragments: list[str]
         ({"AGENTD_MAIL_SENDER": "agentd"}, "[mail] sender: expected a mail address"),
         ({"AGENTD_MAIL_TIMEOUT": "0"}, "[mail] timeout: expected a positive number"),
         ({"AGENTD_TASKS_LEASE": "0"}, "[tasks] lease: expected a positive number of seconds"),
+        # The URL's password is not shown.
+        ({"AGENTD_STORE_URL": "mysql://root:hunter2@db/agentd"},
+         "[store] url: expected a postgresql:// URL, got 'mysql://root:***@db/agentd'"),
+        ({"AGENTD_STORE_POOL_SIZE": "1"}, "[store] pool_size: expected 2..1000 connections, got 1"),
     ],
 )
 def test_a_bad_value_from_the_environment_names_the_variable_not_the_file(
@@ -193,6 +197,14 @@ def test_file_errors_name_the_file_and_the_key(tmp_path: Path, text: str, fragme
     assert message.startswith(f"{path}:")
     for fragment in fragments:
         assert fragment in message
+
+
+def test_the_store_url_and_its_override_choose_postgresql(tmp_path: Path) -> None:
+    path = write(tmp_path, '[store]\nurl = "postgresql://agentd@db1/agentd"\npool_size = 4\n')
+    assert load_config(path, env={}).store.url == "postgresql://agentd@db1/agentd"
+    overridden = load_config(path, env={"AGENTD_STORE_URL": "postgres://agentd@db2/agentd"})
+    assert (overridden.store.url, overridden.store.pool_size) == ("postgres://agentd@db2/agentd", 4)
+    assert load_config(None, env={}).store.url == ""  # the default: SQLite
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:

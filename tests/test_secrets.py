@@ -382,7 +382,8 @@ def test_an_inline_secret_with_whitespace_at_either_end_is_refused_without_showi
 
 INLINE = [('[server]\ntoken = "inline-token"\n', "[server] token"),
           ('[webhooks]\nsecret = "inline"\n', "[webhooks] secret"),
-          ('[hooks.ci]\nsecret = "inline"\n', "[hooks.ci] secret")]
+          ('[hooks.ci]\nsecret = "inline"\n', "[hooks.ci] secret"),
+          ('[store]\nurl = "postgresql://agentd:pw@db.internal/agentd"\n', "[store] url's password")]
 
 
 @pytest.mark.parametrize(("table", "key"), INLINE)
@@ -401,7 +402,8 @@ def test_a_file_giving_a_secret_inline_must_not_be_open_to_others(
         assert str(caught.value) == (
             f"{path}: {key} given in a file open to other users (mode 0{mode:o}); chmod 600 {path} (or "
             "640, owned by root, group of the daemon's user), or give the secret by its *_file or *_env key "
-            "instead")
+            "instead" + ("; a PostgreSQL password by PGPASSWORD or ~/.pgpass, or the whole URL by "
+                         "AGENTD_STORE_URL" if key.startswith("[store]") else ""))
         if key == "[server] token":  # a client reads the token from the same file
             with pytest.raises(ConfigError, match="given in a file open to other users"):
                 load_client_config(path, env={})
@@ -425,6 +427,11 @@ def test_a_file_open_to_others_is_fine_without_inline_secrets(tmp_path: Path) ->
     shipped.chmod(0o644)
     load_config(shipped, env={})
     config = load_config(shipped, env={"AGENTD_SERVER_TOKEN": TOKEN})
+    # A store URL without a password (PGPASSWORD, ~/.pgpass or peer authentication) is no secret.
+    without = tmp_path / "url.toml"
+    without.write_text('[store]\nurl = "postgresql://agentd@db.internal:5432/agentd"\n')
+    without.chmod(0o644)
+    assert load_config(without, env={}).store.url == "postgresql://agentd@db.internal:5432/agentd"
     assert config.secrets.api_token == TOKEN
     (tmp_path / "s").write_text("from-the-file\n")
     (tmp_path / "s").chmod(0o600)

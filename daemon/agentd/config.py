@@ -419,7 +419,9 @@ def _load_sections(
     if inline and info is not None and (mode := _open_mode(info)) is not None:
         raise ConfigError(f"{source}: {' and '.join(inline)} given in a file open to other users (mode "
                           f"{mode:04o}); chmod 600 {source} (or 640, owned by root, group of the daemon's "
-                          f"user), or give the secret by its *_file or *_env key instead")
+                          f"user), or give the secret by its *_file or *_env key instead"
+                          + ("; a PostgreSQL password by PGPASSWORD or ~/.pgpass, or the whole URL by "
+                             "AGENTD_STORE_URL" if inline[-1].startswith("[store]") else ""))
     if named.get("plugins"):  # a plugin's own table, kept as written: the plugin reads it
         sections["plugins"] = dataclasses.replace(sections["plugins"], settings=named["plugins"])
     config = _apply_env(Config(source=source, base_dir=base_dir, **sections),
@@ -570,8 +572,12 @@ def _inline_secrets(raw: Mapping[str, Any]) -> list[str]:
     hooks = raw.get("hooks")
     if isinstance(hooks, dict):
         tables += [(f"hooks.{name}", "secret", table) for name, table in hooks.items()]
-    return [f"[{name}] {key}" for name, key, table in tables
-            if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]]
+    found = [f"[{name}] {key}" for name, key, table in tables
+             if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]]
+    url = raw["store"].get("url") if isinstance(raw.get("store"), dict) else None
+    if isinstance(url, str) and redact_url(url) != url:
+        found.append("[store] url's password")
+    return found
 
 
 def _file_kind(mode: int) -> str:

@@ -24,11 +24,15 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import MappingProxyType
-from typing import Any, Literal, NamedTuple, NoReturn, get_args
+from typing import Any, Literal, NamedTuple, NoReturn, Protocol, cast, get_args
 
 from agentd.bus import Bus
 from agentd.config import TasksConfig
@@ -186,6 +190,117 @@ CLAIMED_COLUMNS = (
 )
 
 
+class AckWriter(Protocol):
+    """Acknowledgements gathered into the next transaction (`BatchedWrite` on SQLite)."""
+
+    def add(self, value: tuple[Any, ...]) -> asyncio.Future[list[None]]:
+        """Add one ack (status, result, error, finished_at, expires_at, id); return the future
+        of its batch, resolved once it commits."""
+
+
+# `TaskStore.join_claims`: the claims of one transaction, each a queue and its future.
+ClaimFuture = asyncio.Future[tuple[list[TaskRecord], float | None]]
+# A limited name's limits: (concurrency or None, rate per second or None, rate burst).
+NameLimits = dict[str, tuple[int | None, float | None, float]]
+
+
+class TaskStore(Protocol):
+    """The `tasks` table as the queue and the workers use it, on one engine: `SqliteTasks`
+    (below, with today's statements) or `agentd.postgres.tasks.PgTasks`. Writes resolve
+    once committed. Every daemon sharing the store sees the others' work through `listen`."""
+
+    @property
+    def engine(self) -> Any:
+        """The engine (`Store` or `PgStore`): writes that commit alongside an enqueue use it."""
+
+    @property
+    def closed(self) -> bool:
+        """Whether the engine is closed."""
+
+    node_id: str
+
+    def add_rider(self, rider: Callable[[], None]) -> None:
+        """Call `rider()` as each write batch is taken (see `Store.add_rider`)."""
+
+    def request_flush(self) -> None:
+        """Make sure a write batch is taken soon."""
+
+    def listen(self, *, work: Callable[[str | None], None], done: Callable[[Sequence[int]], None],
+               cancel: Callable[[Sequence[int]], None], reconnect: Callable[[], None]) -> None:
+        """Tell the queue what any daemon committed: `work(queue)` (None: every queue) may
+        have claimable tasks, `done(ids)` reached final states, `cancel(ids)` running tasks
+        must be cancelled, and `reconnect()` when such news may have been lost."""
+
+    # -- the queue's --------------------------------------------------------------------------
+
+    def insert_one(self, values: tuple[Any, ...]) -> Awaitable[int]:
+        """Insert a row without key or parent (`_COLUMNS` order), batched; its id."""
+
+    def insert(self, prepared: list[tuple[Any, ...]], windows: list[float], now: float,
+               ttl: float, alongside: Callable[[Any], object] | None) -> Awaitable[list[Any]]:
+        """Insert rows in one transaction (see `_insert_tasks`): per row, its new id or the
+        row already stored (a mapping of the columns)."""
+
+    async def get(self, task_id: int) -> TaskRecord | None: ...
+
+    async def add_usage(self, task_id: int, usage: Mapping[str, int]) -> dict[str, int]: ...
+
+    async def children(self, task_id: int) -> list[int]: ...
+
+    async def descendants(self, task_id: int) -> list[int]: ...
+
+    async def list_tasks(self, status: TaskStatus | None, name: str | None, queue: str | None,
+                   before_id: int | None, limit: int) -> list[TaskRecord]: ...
+
+    async def counts(self) -> dict[TaskStatus, int]: ...
+
+    async def cancel(self, task_id: int, now: float, ttl: float) -> tuple[list[TaskRecord], list[int]]:
+        """Cancel the task and its unfinished descendants: the records ended, and the ids of
+        the running ones marked (other daemons are told to cancel those they run)."""
+
+    async def requeue(self, task_id: int, now: float) -> TaskRecord: ...
+
+    async def delete(self, task_id: int) -> None: ...
+
+    async def purge_expired(self, now: float) -> int: ...
+
+    async def cancels_among(self, task_ids: list[int]) -> list[int]:
+        """Which of these tasks have a cancel stored."""
+
+    # -- the workers' -------------------------------------------------------------------------
+
+    def acks(self) -> AckWriter:
+        """A new writer of acknowledgements."""
+
+    def join_claims(self, claims: dict[str, ClaimFuture], size: Callable[[str], int],
+                    budgets: Callable[[], tuple[set[str], dict[str, int]]],
+                    limits: Callable[[], NameLimits], lease: float) -> None:
+        """Store rider: put a claim per queue of `claims` (`claim`) into the batch being
+        taken, of `size(queue)` tasks. Names' limits are either this daemon's own
+        (`budgets()`: names blocked, and how many more of others may start) or, with
+        daemons sharing the store, counted in the store from `limits()`."""
+
+    def requeue_attempt(self, *, task_id: int, run_at: float, error: str | None,
+                        undo_attempt: int, finished_at: float,
+                        expires_at: float) -> Awaitable[Literal["queued", "cancelled"]]: ...
+
+    def unclaim(self, task_ids: list[int]) -> Awaitable[None]: ...
+
+    def renew_and_reclaim(self, running: list[int], lease_until: float, ttl: float,
+                          expired_only: bool) -> Awaitable[list[TaskRecord]]:
+        """Renew this daemon's leases (and its node's heartbeat); requeue or end the tasks
+        whose lease lapsed (`expired_only=False`, at start on SQLite: every running one)."""
+
+    async def start_node(self, version: str) -> None:
+        """Register this daemon as a node."""
+
+    async def stop_node(self) -> None:
+        """Take this daemon's node off the list."""
+
+    async def live_nodes(self, within: float) -> list[dict[str, Any]]:
+        """The daemons whose heartbeat is at most `within` s old (SQLite: this one)."""
+
+
 _NO_ARGS: Mapping[str, Any] = MappingProxyType({})  # read-only: shared by every request
 
 # Enqueue task `name` with these args under this idempotency key (None: no key): what
@@ -226,9 +341,10 @@ class Enqueued(NamedTuple):
 class TaskQueue:
     """The queue's API for everything that is not a worker: HTTP, CLI, plugins, `ctx.call`."""
 
-    def __init__(self, store: Store, bus: Bus, registry: TaskRegistry, config: TasksConfig,
+    def __init__(self, tasks: TaskStore, bus: Bus, registry: TaskRegistry, config: TasksConfig,
                  steps: StepStore) -> None:
-        self.store = store
+        self.tasks = tasks  # the `tasks` table on the daemon's engine
+        self.store = tasks.engine  # for writes that must commit with an enqueue (`alongside`)
         self.steps = steps  # memoized steps (`ctx.step`), in the same database as the tasks
         self.bus = bus
         self.registry = registry
@@ -236,9 +352,13 @@ class TaskQueue:
         # Per task, the futures of its `wait` calls: a set, so a waiter that gives up is
         # removed in O(1) however many wait for the same task.
         self._waiters: dict[int, set[asyncio.Future[TaskRecord]]] = {}
-        self._single_inserts = BatchedWrite(store, _insert_many)
         self._work_listeners: list[Callable[[str], None]] = []
         self._cancel_listeners: list[Callable[[int], None]] = []
+        self._reconnect_listeners: list[Callable[[], None]] = []
+        self._rechecks: set[asyncio.Task[None]] = set()
+        # What other daemons sharing the store do (on SQLite, nothing: there are none).
+        tasks.listen(work=self._work_elsewhere, done=self._finished_elsewhere,
+                     cancel=self._cancel_elsewhere, reconnect=self._reconnected)
 
     def on_work(self, listener: Callable[[str], None]) -> None:
         """Call `listener(queue)` whenever a queue may have new claimable work."""
@@ -248,9 +368,56 @@ class TaskQueue:
         """Call `listener(task_id)` when a running task must be cancelled."""
         self._cancel_listeners.append(listener)
 
+    def on_reconnect(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` when notifications from other daemons may have been lost."""
+        self._reconnect_listeners.append(listener)
+
     def notify_work(self, queue: str) -> None:
         for listener in self._work_listeners:
             listener(queue)
+
+    # -- what other daemons did (notifications; see `TaskStore.listen`) ---------------------
+
+    def _work_elsewhere(self, queue: str | None) -> None:
+        """A queue (None: every queue) may have claimable work committed by any daemon."""
+        for name in self.config.queues if queue is None else (queue,):
+            self.notify_work(name)
+
+    def _finished_elsewhere(self, task_ids: Sequence[int]) -> None:
+        """Tasks reached a final state, maybe on another daemon: wake their waiters here from
+        the row (the local ones were woken by `announce_final` already)."""
+        for task_id in task_ids:
+            if task_id in self._waiters:
+                self._recheck(task_id)
+
+    def _recheck(self, task_id: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._resolve_from_row(task_id))
+        self._rechecks.add(task)
+        task.add_done_callback(self._rechecks.discard)
+
+    async def _resolve_from_row(self, task_id: int) -> None:
+        try:
+            record = await self.tasks.get(task_id)
+        except Exception:  # the store away: the reconnect (or the waiter's timeout) follows
+            return
+        if record is None or not record.finished:
+            return
+        for future in self._waiters.pop(task_id, ()):
+            if not future.done():
+                future.set_result(record)
+
+    def _cancel_elsewhere(self, task_ids: Sequence[int]) -> None:
+        for task_id in task_ids:
+            for listener in self._cancel_listeners:
+                listener(task_id)
+
+    def _reconnected(self) -> None:
+        """Notifications may have been lost: look at every queue, waited task and cancel."""
+        self._work_elsewhere(None)
+        for task_id in list(self._waiters):
+            self._recheck(task_id)
+        for listener in self._reconnect_listeners:
+            listener()
 
     # -- enqueue ---------------------------------------------------------------------------
 
@@ -287,10 +454,11 @@ class TaskQueue:
         return outcome.task
 
     async def enqueue_many(self, requests: Sequence[TaskRequest], *,
-                           alongside: Callable[[Connection], object] | None = None) -> list[Enqueued]:
+                           alongside: Callable[[Any], object] | None = None) -> list[Enqueued]:
         """Enqueue several tasks in one transaction: all are validated first, then all commit.
         `alongside`, when given, writes in the same transaction, before the tasks: both
-        commit or neither does."""
+        commit or neither does. It is an op of the engine's connection (`self.store`): on
+        PostgreSQL a coroutine function, awaited."""
         now = time.time()
         prepared: list[tuple[Any, ...]] = []
         try:
@@ -303,19 +471,14 @@ class TaskQueue:
         if alongside is None and len(prepared) == 1 and prepared[0][8] is None and prepared[0][9] is None:
             # One task without an idempotency key or parent (an HTTP POST, a handler's or a
             # plugin's enqueue): the single enqueues of a tick become one multi-row INSERT.
-            inserted = [await self._single_inserts.submit(prepared[0])]
+            inserted = [await self.tasks.insert_one(prepared[0])]
         else:
             windows = [
                 self.config.idempotency_window if r.dedupe_window is None else r.dedupe_window
                 for r in requests
             ]
-            ttl = self.config.result_ttl
-            def op(conn: Connection) -> list[Any]:
-                if alongside is not None:
-                    alongside(conn)
-                return _insert_tasks(conn, prepared, windows, now, ttl)
-
-            inserted = await self.store.write(op)
+            inserted = await self.tasks.insert(prepared, windows, now, self.config.result_ttl,
+                                               alongside)
         outcomes = [
             Enqueued(TaskRecord.queued(found, values, dict(request.args) if request.args else {}), True)
             if isinstance(found, int) else Enqueued(TaskRecord.from_row(found), False)
@@ -375,36 +538,23 @@ class TaskQueue:
 
     async def get(self, task_id: int) -> TaskRecord:
         _check_id(task_id)
-        row = await self.store.read_one(_TASK, (task_id,))
-        if row is None:
+        record = await self.tasks.get(task_id)
+        if record is None:
             raise TaskNotFoundError(f"no task with id {task_id}")
-        return TaskRecord.from_row(row)
+        return record
 
     async def add_usage(self, task_id: int, usage: Mapping[str, int]) -> dict[str, int]:
         """Add one LLM call's token counts to the task's usage; return the new totals."""
-
-        def op(conn: Connection) -> dict[str, int]:
-            row = conn.execute(_USAGE, (task_id,)).fetchone()
-            if row is None:
-                raise TaskNotFoundError(f"no task with id {task_id}")
-            totals: dict[str, int] = {} if row[0] is None else json.loads(row[0])
-            for key, count in usage.items():
-                totals[key] = totals.get(key, 0) + int(count)
-            conn.execute(_SET_USAGE, (json.dumps(totals), task_id))
-            return totals
-
-        return await self.store.write(op)
+        return await self.tasks.add_usage(task_id, usage)
 
     async def children(self, task_id: int) -> list[int]:
         _check_id(task_id)
-        rows = await self.store.read(_CHILDREN, (task_id,))
-        return [row["id"] for row in rows]
+        return await self.tasks.children(task_id)
 
     async def descendants(self, task_id: int) -> list[int]:
         """Ids of the task's children, their children, and so on."""
         _check_id(task_id)
-        rows = await self.store.read(_DESCENDANTS, (task_id,))
-        return [row[0] for row in rows if row[0] != task_id]
+        return await self.tasks.descendants(task_id)
 
     async def list(
         self,
@@ -418,65 +568,22 @@ class TaskQueue:
         """Newest first; page with `before_id` = the last id of the previous page."""
         if status is not None and status not in STATES:
             raise InvalidTaskError(f"status must be one of {', '.join(sorted(STATES))}, got {status!r}")
-        # Each status is found through what it has (migration 0008); the guard terms repeat
-        # a partial index's WHERE, which is how SQLite knows it may use that index.
-        indexed_by = ""
-        clauses: list[str] = []
-        params: list[Any] = []
-        if status in UNSUCCESSFUL:
-            clauses.append("error IS NOT NULL")
-        elif status == "running":
-            indexed_by = "INDEXED BY tasks_running"
-            clauses.append("status = 'running'")
-        for column, value in (("status", status), ("name", name), ("queue", queue)):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        if before_id is not None:
-            clauses.append("id < ?")
-            params.append(before_id)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = await self.store.read(
-            f"SELECT * FROM tasks {indexed_by} {where} ORDER BY id DESC LIMIT ?", (*params, limit)
-        )
-        return [TaskRecord.from_row(row) for row in rows]
+        return await self.tasks.list_tasks(status, name, queue, before_id, limit)
 
     async def counts(self) -> dict[TaskStatus, int]:
-        """Tasks per status (statuses with none left out). Succeeded, nearly every row and
-        not indexed by status, is what the whole table holds beyond the others."""
-        rows = await self.store.read(_COUNTS)
-        counts = {row[0]: row[1] for row in rows if row[1]}
-        succeeded = counts.pop("all", 0) - sum(counts.values())
-        if succeeded:
-            counts["succeeded"] = succeeded
-        return counts
+        """Tasks per status (statuses with none left out)."""
+        return await self.tasks.counts()
 
     # -- changing --------------------------------------------------------------------------
 
     async def cancel(self, task_id: int) -> TaskRecord:
         """Cancel a task and its unfinished descendants. Queued ones end now; running ones are
-        marked (so a restart never runs them) and their coroutines cancelled."""
+        marked (so a restart never runs them) and their coroutines cancelled, on whichever
+        daemon runs them."""
         _check_id(task_id)
-        now = time.time()
-        ttl = self.config.result_ttl
-
-        def op(conn: Connection) -> tuple[list[Row], list[int]]:
-            if conn.execute(_EXISTS, (task_id,)).fetchone() is None:
-                raise TaskNotFoundError(f"no task with id {task_id}")
-            tree = [row[0] for row in conn.execute(_DESCENDANTS, (task_id,))]
-            marks = ",".join("?" * len(tree))
-            ended = conn.execute(
-                f"UPDATE tasks SET status = 'cancelled', cancel_requested = 1, finished_at = ?, "
-                f"expires_at = ?, error = 'cancelled' WHERE id IN ({marks}) AND status = 'queued' "
-                "RETURNING *", (now, now + ttl, *tree)).fetchall()
-            running = conn.execute(
-                f"UPDATE tasks SET cancel_requested = 1 WHERE id IN ({marks}) AND status = 'running' "
-                "RETURNING id", tree).fetchall()
-            return ended, [row[0] for row in running]
-
-        ended, running = await self.store.write(op)
-        for row in ended:
-            self.announce_final(TaskRecord.from_row(row))
+        ended, running = await self.tasks.cancel(task_id, time.time(), self.config.result_ttl)
+        for record in ended:
+            self.announce_final(record)
         for running_id in running:
             for listener in self._cancel_listeners:
                 listener(running_id)
@@ -489,16 +596,7 @@ class TaskQueue:
         succeeded come back to it as on a retry. Its children that did not succeed give up
         their keys, so its calls run them again instead of getting their failure back."""
         _check_id(task_id)
-        now = time.time()
-
-        def op(conn: Connection) -> Row:
-            row: Row | None = conn.execute(_REQUEUE, (now, task_id)).fetchone()
-            if row is None:
-                _raise_state(conn, task_id, "requeue", "dead, failed or cancelled")
-            conn.execute(_FREE_UNSUCCESSFUL_CHILDREN_KEYS, (task_id,))
-            return row
-
-        record = TaskRecord.from_row(await self.store.write(op))
+        record = await self.tasks.requeue(task_id, time.time())
         self.publish("task.queued", record, requeued=True)
         self.notify_work(record.queue)
         return record
@@ -506,18 +604,11 @@ class TaskQueue:
     async def delete(self, task_id: int) -> None:
         """Delete a finished task (and its steps)."""
         _check_id(task_id)
-
-        def op(conn: Connection) -> None:
-            deleted = conn.execute(_DELETE, (task_id,)).fetchone()
-            if deleted is None:
-                _raise_state(conn, task_id, "delete", "finished")
-
-        await self.store.write(op)
+        await self.tasks.delete(task_id)
 
     async def purge_expired(self) -> int:
         """Delete finished tasks whose result TTL has passed; return how many."""
-        now = time.time()
-        return await self.store.write(lambda conn: conn.execute(_PURGE_EXPIRED, (now,)).rowcount)
+        return await self.tasks.purge_expired(time.time())
 
     # -- results ---------------------------------------------------------------------------
 
@@ -834,3 +925,198 @@ def renew_and_reclaim(conn: Connection, *, running: list[int], lease_until: floa
             (status, error, now, now if final else None, now + ttl if final else None,
              row["id"])).fetchone())
     return changed
+
+
+# -- the SQLite engine ------------------------------------------------------------------------
+
+
+class SqliteTasks:
+    """`TaskStore` on agentd.db's SQLite file: the statements above, each op run by the one
+    writer. One daemon per file, so no other daemon's news to listen for."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.node_id = node_id()
+        self._started_at = time.time()
+        self._version = ""
+        # The single enqueues of a tick: one multi-row INSERT (`BatchedWrite.submit` itself,
+        # not a method around it: this is the hot path).
+        self.insert_one = cast("Callable[[tuple[Any, ...]], Awaitable[int]]",
+                               BatchedWrite(store, _insert_many).submit)
+        self.add_rider = store.add_rider
+        self.request_flush = store.request_flush
+
+    @property
+    def engine(self) -> Store:
+        return self.store
+
+    @property
+    def closed(self) -> bool:
+        return self.store.closed
+
+    def listen(self, *, work: Callable[[str | None], None], done: Callable[[Sequence[int]], None],
+               cancel: Callable[[Sequence[int]], None], reconnect: Callable[[], None]) -> None:
+        """Nothing to hear: the file has one daemon."""
+
+    def insert(self, prepared: list[tuple[Any, ...]], windows: list[float], now: float,
+               ttl: float, alongside: Callable[[Any], object] | None) -> Awaitable[list[Any]]:
+        def op(conn: Connection) -> list[Any]:
+            if alongside is not None:
+                alongside(conn)
+            return _insert_tasks(conn, prepared, windows, now, ttl)
+
+        return self.store.write(op)
+
+    async def get(self, task_id: int) -> TaskRecord | None:
+        row = await self.store.read_one(_TASK, (task_id,))
+        return None if row is None else TaskRecord.from_row(row)
+
+    async def add_usage(self, task_id: int, usage: Mapping[str, int]) -> dict[str, int]:
+        def op(conn: Connection) -> dict[str, int]:
+            row = conn.execute(_USAGE, (task_id,)).fetchone()
+            if row is None:
+                raise TaskNotFoundError(f"no task with id {task_id}")
+            totals: dict[str, int] = {} if row[0] is None else json.loads(row[0])
+            for key, count in usage.items():
+                totals[key] = totals.get(key, 0) + int(count)
+            conn.execute(_SET_USAGE, (json.dumps(totals), task_id))
+            return totals
+
+        return await self.store.write(op)
+
+    async def children(self, task_id: int) -> list[int]:
+        rows = await self.store.read(_CHILDREN, (task_id,))
+        return [row["id"] for row in rows]
+
+    async def descendants(self, task_id: int) -> list[int]:
+        rows = await self.store.read(_DESCENDANTS, (task_id,))
+        return [row[0] for row in rows if row[0] != task_id]
+
+    async def list_tasks(self, status: TaskStatus | None, name: str | None, queue: str | None,
+                   before_id: int | None, limit: int) -> list[TaskRecord]:
+        # Each status is found through what it has (migration 0008); the guard terms repeat
+        # a partial index's WHERE, which is how SQLite knows it may use that index.
+        indexed_by = ""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if status in UNSUCCESSFUL:
+            clauses.append("error IS NOT NULL")
+        elif status == "running":
+            indexed_by = "INDEXED BY tasks_running"
+            clauses.append("status = 'running'")
+        for column, value in (("status", status), ("name", name), ("queue", queue)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if before_id is not None:
+            clauses.append("id < ?")
+            params.append(before_id)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = await self.store.read(
+            f"SELECT * FROM tasks {indexed_by} {where} ORDER BY id DESC LIMIT ?", (*params, limit)
+        )
+        return [TaskRecord.from_row(row) for row in rows]
+
+    async def counts(self) -> dict[TaskStatus, int]:
+        """Succeeded, nearly every row and not indexed by status, is what the whole table
+        holds beyond the others."""
+        rows = await self.store.read(_COUNTS)
+        counts = {row[0]: row[1] for row in rows if row[1]}
+        succeeded = counts.pop("all", 0) - sum(counts.values())
+        if succeeded:
+            counts["succeeded"] = succeeded
+        return counts
+
+    async def cancel(self, task_id: int, now: float, ttl: float) -> tuple[list[TaskRecord], list[int]]:
+        def op(conn: Connection) -> tuple[list[Row], list[int]]:
+            if conn.execute(_EXISTS, (task_id,)).fetchone() is None:
+                raise TaskNotFoundError(f"no task with id {task_id}")
+            tree = [row[0] for row in conn.execute(_DESCENDANTS, (task_id,))]
+            marks = ",".join("?" * len(tree))
+            ended = conn.execute(
+                f"UPDATE tasks SET status = 'cancelled', cancel_requested = 1, finished_at = ?, "
+                f"expires_at = ?, error = 'cancelled' WHERE id IN ({marks}) AND status = 'queued' "
+                "RETURNING *", (now, now + ttl, *tree)).fetchall()
+            running = conn.execute(
+                f"UPDATE tasks SET cancel_requested = 1 WHERE id IN ({marks}) AND status = 'running' "
+                "RETURNING id", tree).fetchall()
+            return ended, [row[0] for row in running]
+
+        ended, running = await self.store.write(op)
+        return [TaskRecord.from_row(row) for row in ended], running
+
+    async def requeue(self, task_id: int, now: float) -> TaskRecord:
+        def op(conn: Connection) -> Row:
+            row: Row | None = conn.execute(_REQUEUE, (now, task_id)).fetchone()
+            if row is None:
+                _raise_state(conn, task_id, "requeue", "dead, failed or cancelled")
+            conn.execute(_FREE_UNSUCCESSFUL_CHILDREN_KEYS, (task_id,))
+            return row
+
+        return TaskRecord.from_row(await self.store.write(op))
+
+    async def delete(self, task_id: int) -> None:
+        def op(conn: Connection) -> None:
+            deleted = conn.execute(_DELETE, (task_id,)).fetchone()
+            if deleted is None:
+                _raise_state(conn, task_id, "delete", "finished")
+
+        await self.store.write(op)
+
+    async def purge_expired(self, now: float) -> int:
+        count: int = await self.store.write(lambda conn: conn.execute(_PURGE_EXPIRED, (now,)).rowcount)
+        return count
+
+    async def cancels_among(self, task_ids: list[int]) -> list[int]:
+        if not task_ids:
+            return []
+        rows = await self.store.read(
+            f"SELECT id FROM tasks WHERE cancel_requested AND id IN ({','.join('?' * len(task_ids))})",
+            tuple(task_ids))
+        return [row[0] for row in rows]
+
+    def acks(self) -> AckWriter:
+        return BatchedWrite(self.store, write_acks)
+
+    def join_claims(self, claims: dict[str, ClaimFuture], size: Callable[[str], int],
+                    budgets: Callable[[], tuple[set[str], dict[str, int]]],
+                    limits: Callable[[], NameLimits], lease: float) -> None:
+        # One budget for the batch's claims: they run in order and spend it together.
+        blocked, shared = budgets()
+        for queue, future in claims.items():
+            self.store.join_batch(partial(
+                claim, queue=queue, wanted=size(queue), blocked=blocked, budgets=shared,
+                spent={}, lease=lease), future)
+
+    def requeue_attempt(self, *, task_id: int, run_at: float, error: str | None,
+                        undo_attempt: int, finished_at: float,
+                        expires_at: float) -> Awaitable[Literal["queued", "cancelled"]]:
+        return self.store.write(partial(
+            requeue_attempt, task_id=task_id, run_at=run_at, error=error,
+            undo_attempt=undo_attempt, finished_at=finished_at, expires_at=expires_at))
+
+    def unclaim(self, task_ids: list[int]) -> Awaitable[None]:
+        return self.store.write(partial(unclaim, task_ids=task_ids))
+
+    async def renew_and_reclaim(self, running: list[int], lease_until: float, ttl: float,
+                                expired_only: bool) -> list[TaskRecord]:
+        rows = await self.store.write(partial(
+            renew_and_reclaim, running=running, lease_until=lease_until, ttl=ttl,
+            expired_only=expired_only))
+        return [TaskRecord.from_row(row) for row in rows]
+
+    async def start_node(self, version: str) -> None:
+        self._started_at, self._version = time.time(), version
+
+    async def stop_node(self) -> None:
+        """Nothing stored: the file's one daemon is the node."""
+
+    async def live_nodes(self, within: float) -> list[dict[str, Any]]:
+        now = time.time()
+        return [{"id": self.node_id, "started_at": self._started_at, "heartbeat_at": now,
+                 "version": self._version, "this": True}]
+
+
+def node_id() -> str:
+    """A new daemon's node id: host, process id and a random part (a pid is reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"

@@ -37,24 +37,22 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from functools import partial
 from typing import Any, Literal, NamedTuple
 
+from agentd import __version__
 from agentd.config import TasksConfig
 from agentd.context import Context
 from agentd.errors import Fail, InvalidTaskError, Retry, StoreWriteError, describe
 from agentd.log import get_logger
 from agentd.services import Services
-from agentd.store import BatchedWrite, Row, Store
 from agentd.supervise import Loop, Supervisor
 from agentd.taskdef import TaskDef, TaskRegistry, encode_json
 from agentd.taskqueue import (
     LATEST_RUN_AT,
+    ClaimFuture,
     FinalStatus,
+    NameLimits,
     TaskQueue,
     TaskRecord,
-    claim,
-    renew_and_reclaim,
-    requeue_attempt,
-    unclaim,
-    write_acks,
+    TaskStore,
 )
 
 _LOG = get_logger("worker")
@@ -121,9 +119,9 @@ class Slots:
 class WorkerPool:
     """Claims and runs tasks for every configured queue; see the module docstring."""
 
-    def __init__(self, store: Store, queue: TaskQueue, registry: TaskRegistry, config: TasksConfig,
+    def __init__(self, tasks: TaskStore, queue: TaskQueue, registry: TaskRegistry, config: TasksConfig,
                  plugin_configs: Mapping[str, Mapping[str, Any]], *, services: Services) -> None:
-        self.store = store
+        self.tasks = tasks
         self.queue = queue
         self.registry = registry
         self.config = config
@@ -148,7 +146,7 @@ class WorkerPool:
         # What each task's context variables start as: the daemon's, as it was built. Not
         # the context of the task whose slot it takes over (its `structlog` bindings...).
         self._task_context = contextvars.copy_context()
-        self._acks = BatchedWrite(store, write_acks)
+        self._acks = tasks.acks()
         # The acks of the transaction being gathered (`_end_attempt`), announced when it commits.
         self._acks_batch: asyncio.Future[list[None]] | None = None
         self._acked: list[TaskRecord] = []
@@ -159,14 +157,17 @@ class WorkerPool:
         self._owed_done: asyncio.Future[list[None]] | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
         self._ack_retry = WRITE_RETRY_FIRST
-        self._claims: dict[str, asyncio.Future[tuple[list[TaskRecord], float | None]]] = {}
-        store.add_rider(self._add_claims_to_batch)
+        self._claims: dict[str, ClaimFuture] = {}
+        self._checking_cancels: asyncio.Task[None] | None = None
+        tasks.add_rider(self._add_claims_to_batch)
         queue.on_work(self.wake)
         queue.on_cancel(self._cancel_running)
+        queue.on_reconnect(self._check_cancels)
 
     async def start(self, supervisor: Supervisor) -> None:
         """Recover what a dead process left running, then start claiming: a claim loop per
         queue and the lease heartbeat, under `supervisor` (restarted if one fails)."""
+        await self.tasks.start_node(__version__)
         await self._recover()
         for name in self.config.queues:
             self._claim_loops.append(supervisor.start(f"claim:{name}", partial(self._claim_loop, name)))
@@ -205,7 +206,9 @@ class WorkerPool:
         for ahead in self._ahead.values():
             ahead.clear()
         if unstarted:
-            await self.store.write(partial(unclaim, task_ids=unstarted))
+            await self.tasks.unclaim(unstarted)
+        with contextlib.suppress(Exception):  # a node left listed shows as dead soon anyway
+            await self.tasks.stop_node()
         interrupted = self._interrupted - interrupted_before
         left = sorted(thread.name for thread in self._threads if thread.is_alive())
         (_LOG.warning if left else _LOG.info)(
@@ -325,25 +328,20 @@ class WorkerPool:
             room = max(0, self.config.claim_ahead * slots.capacity - len(self._ahead[queue]))
         return slots.free + room
 
-    def _claim_in_next_batch(self, queue: str) -> asyncio.Future[tuple[list[TaskRecord], float | None]]:
+    def _claim_in_next_batch(self, queue: str) -> ClaimFuture:
         """A claim for `queue` in the next write transaction, sized when that batch is taken
         (`_add_claims_to_batch`): tasks handed freed slots meanwhile leave room that it then fills."""
-        future: asyncio.Future[tuple[list[TaskRecord], float | None]] = (
-            asyncio.get_running_loop().create_future())
+        future: ClaimFuture = asyncio.get_running_loop().create_future()
         self._claims[queue] = future
-        self.store.request_flush()
+        self.tasks.request_flush()
         return future
 
     def _add_claims_to_batch(self) -> None:
         """Store rider: put the claims asked for into the batch being taken."""
         if not self._claims:
             return
-        # One budget for the batch's claims: they run in order and spend it together.
-        blocked, budgets = self._name_budgets()
-        for queue, future in self._claims.items():
-            self.store.join_batch(partial(
-                claim, queue=queue, wanted=self._claim_size(queue), blocked=blocked, budgets=budgets,
-                spent={}, lease=self.config.lease), future)
+        self.tasks.join_claims(self._claims, self._claim_size, self._name_budgets, self._limits,
+                               self.config.lease)
         self._claims.clear()
 
     def _name_budgets(self) -> tuple[set[str], dict[str, int]]:
@@ -364,6 +362,17 @@ class WorkerPool:
                 else:
                     budgets[name] = budget
         return blocked, budgets
+
+    def _limits(self) -> NameLimits:
+        """Every registered name's limits, for claims counted in a store that daemons share."""
+        limits: NameLimits = {}
+        for name in self.registry.names():
+            definition = self.registry.get(name)
+            rate = definition.rate
+            if definition.concurrency is not None or rate is not None:
+                limits[name] = (definition.concurrency, None if rate is None else rate.per_second,
+                                1.0 if rate is None else rate.capacity)
+        return limits
 
     def _rate_wait(self) -> float | None:
         waits = [d.rate.seconds_until_token() for d in map(self.registry.get, self.registry.names())
@@ -526,12 +535,12 @@ class WorkerPool:
         it commits while the storage refuses it (a stop's deadline cancels that wait: the
         row stays `running` and the next start requeues it)."""
         run_at = now + delay
-        requeue = partial(requeue_attempt, task_id=record.id, run_at=run_at, error=error,
+        requeue = partial(self.tasks.requeue_attempt, task_id=record.id, run_at=run_at, error=error,
                           undo_attempt=1 if interrupted else 0, finished_at=now, expires_at=ttl_until)
         wait = WRITE_RETRY_FIRST
         while True:
             try:
-                stored = await self.store.write(requeue)
+                stored = await requeue()
                 break
             except StoreWriteError as exc:
                 _LOG.error("tasks.requeue_failed", task_id=record.id, error=str(exc), retry_in=wait)
@@ -562,7 +571,7 @@ class WorkerPool:
     def _ack_failed(self, records: list[TaskRecord], error: BaseException) -> None:
         """Acks whose transaction failed: owed when the storage refused it, else (the store
         closed, a bug) given up: the rows stay `running` until the next start requeues them."""
-        if isinstance(error, StoreWriteError) and not self.store.closed:
+        if isinstance(error, StoreWriteError) and not self.tasks.closed:
             self._owe(records, error)
             return
         _LOG.error("tasks.ack_failed", tasks=len(records), error=describe(error))
@@ -646,24 +655,36 @@ class WorkerPool:
         while True:
             await asyncio.sleep(interval)
             try:
-                recovered = await self.store.write(partial(
-                    renew_and_reclaim, running=self.leased, lease_until=time.time() + self.config.lease,
-                    ttl=self.config.result_ttl, expired_only=True))
+                recovered = await self.tasks.renew_and_reclaim(
+                    self.leased, time.time() + self.config.lease, self.config.result_ttl, True)
             except Exception as exc:  # as a claim's: renew at the next beat
                 _LOG.error("tasks.renew_failed", error=describe(exc))
                 continue
             self._publish_recovered(recovered)
 
+    def _check_cancels(self) -> None:
+        """News from other daemons may have been lost: cancel the tasks here whose cancel was
+        stored meanwhile."""
+        if self._checking_cancels is None and self.leased:
+            self._checking_cancels = asyncio.get_running_loop().create_task(self._cancel_stored())
+
+    async def _cancel_stored(self) -> None:
+        try:
+            for task_id in await self.tasks.cancels_among(self.leased):
+                self._cancel_running(task_id)
+        except Exception as exc:  # the store away again: the next reconnect checks again
+            _LOG.warning("tasks.cancel_check_failed", error=describe(exc))
+        finally:
+            self._checking_cancels = None
+
     async def _recover(self) -> None:
-        recovered = await self.store.write(partial(
-            renew_and_reclaim, running=[], lease_until=0.0, ttl=self.config.result_ttl, expired_only=False))
+        recovered = await self.tasks.renew_and_reclaim([], 0.0, self.config.result_ttl, False)
         self._publish_recovered(recovered)
         if recovered:
             _LOG.warning("tasks.recovered", count=len(recovered))
 
-    def _publish_recovered(self, rows: list[Row]) -> None:
-        for row in rows:
-            record = TaskRecord.from_row(row)
+    def _publish_recovered(self, records: list[TaskRecord]) -> None:
+        for record in records:
             if record.finished:
                 self.queue.announce_final(record, error=record.error)
             else:

@@ -126,6 +126,10 @@ class PgStore:
     def closed(self) -> bool:
         return self._pool is None
 
+    @property
+    def name(self) -> str:
+        return "postgresql"
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:

@@ -69,7 +69,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/status")
-@doc("What the running daemon is doing: process, store, bus, handlers, tasks, loops and plugins",
+@doc("What the running daemon is doing: process, store, bus, handlers, tasks, loops and plugins; "
+     "its node id and the daemons alive that share its store",
      tag="system")
 async def status(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
@@ -87,6 +88,9 @@ async def status(request: web.Request) -> web.Response:
                      "dropped": daemon.spawner.dropped},
         "tasks": {"by_status": await daemon.queue.counts(), "running_here": len(daemon.workers.running),
                   "registered": daemon.registry.names()},
+        # The daemons sharing the store whose heartbeat is at most a lease old (SQLite: this one).
+        "node": daemon.queue.tasks.node_id,
+        "daemons": await daemon.queue.tasks.live_nodes(daemon.config.tasks.lease),
         "loop_lag": round(daemon.lag.lag, 4),
         "loops": daemon.supervisor.describe(),
         "plugins": daemon.plugins.states(),

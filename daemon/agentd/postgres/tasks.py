@@ -1,0 +1,594 @@
+"""`TaskStore` (agentd/taskqueue.py) on PostgreSQL: the queue shared by several daemons.
+
+What differs from one daemon on one SQLite file:
+
+- Claims skip the rows other daemons are claiming (`FOR UPDATE SKIP LOCKED`), so no task
+  is claimed twice. A name's concurrency and rate limits hold across daemons: with limited
+  names registered, a claim first takes a transaction-level advisory lock per limited name,
+  then counts the name's running rows and refills and spends its token bucket (the
+  `task_rates` table) under it.
+- Nodes. Each daemon is a row of `nodes` (registered at start, its heartbeat renewed with
+  its leases, removed at a clean stop); a lease carries its node (`lease_node`). Every
+  daemon's heartbeat takes back the tasks whose lease lapsed, whoever held it.
+- News between daemons, as notifications sent at commit (PostgreSQL sends a notification
+  repeated within a transaction once): `agentd_work` (a queue name; empty: every queue)
+  after a commit that makes work claimable or frees a limited name's place, `agentd_done`
+  (task ids) at final states, for `TaskQueue.wait` on any daemon, and `agentd_cancel`
+  (task ids) for a running task's cancel, which the daemon running it acts on. After the
+  listening connection is re-opened the queue re-reads what it waits for (`listen`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Generic, Literal, NoReturn, TypeVar
+
+from agentd.errors import TaskNotFoundError, TaskStateError
+from agentd.store.postgres import PgConnection, PgStore
+from agentd.taskqueue import (
+    _COLUMNS,
+    _FINAL_SQL,
+    _UNSUCCESSFUL_SQL,
+    CLAIMED_COLUMNS,
+    UNSUCCESSFUL,
+    AckWriter,
+    ClaimFuture,
+    NameLimits,
+    TaskRecord,
+    TaskStatus,
+    node_id,
+)
+
+V = TypeVar("V")
+R = TypeVar("R")
+
+WORK, DONE, CANCEL = "agentd_work", "agentd_done", "agentd_cancel"
+_PAYLOAD_MAX = 7000  # bytes of ids per notification (PostgreSQL's limit is 8,000)
+# Seconds after its last heartbeat that a dead node's row is removed.
+_FORGET_NODE_AFTER = 600.0
+# Lock keys of limited names: a namespace for hashtextextended.
+_LIMIT_LOCK_SEED = 0x6167656E74
+
+_TASK = "SELECT * FROM tasks WHERE id = $1"
+_EXISTS = "SELECT 1 FROM tasks WHERE id = $1"
+_STATUS = "SELECT status FROM tasks WHERE id = $1"
+_CHILDREN = "SELECT id FROM tasks WHERE parent_id = $1 ORDER BY id"
+_USAGE = "SELECT usage FROM tasks WHERE id = $1 FOR UPDATE"
+_SET_USAGE = "UPDATE tasks SET usage = $1 WHERE id = $2"
+_UNNEST = ("unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[], "
+           "$7::bigint[], $8::float8[], $9::text[], $10::bigint[], $11::text[], $12::float8[])")
+_INSERT_MANY = f"INSERT INTO tasks ({_COLUMNS}) SELECT * FROM {_UNNEST} RETURNING id"
+_INSERT_KEYED = (f"INSERT INTO tasks ({_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) "
+                 "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id")
+_INSERT_CANCELLED = (
+    f"INSERT INTO tasks ({_COLUMNS}, cancel_requested, error, finished_at, expires_at) "
+    "VALUES ($1,$2,$3,'cancelled',$4,$5,$6,$7,$8,$9,$10,$11, 1, 'cancelled', $12, $13) "
+    "ON CONFLICT (idempotency_key) DO NOTHING RETURNING *")
+_BY_KEY = "SELECT * FROM tasks WHERE idempotency_key = $1 FOR UPDATE"
+_FREE_KEY = "UPDATE tasks SET idempotency_key = NULL WHERE id = $1"
+_BEING_CANCELLED = "SELECT 1 FROM tasks WHERE id = $1 AND cancel_requested <> 0"
+_REQUEUE = (
+    "UPDATE tasks SET status = 'queued', attempts = 0, run_at = $1, error = NULL, "
+    "result = NULL, cancel_requested = 0, finished_at = NULL, expires_at = NULL, "
+    f"lease_until = NULL, lease_node = NULL WHERE id = $2 AND status IN {_UNSUCCESSFUL_SQL} "
+    "RETURNING *")
+_FREE_UNSUCCESSFUL_CHILDREN_KEYS = (
+    "UPDATE tasks SET idempotency_key = NULL WHERE parent_id = $1 "
+    f"AND (status IN {_UNSUCCESSFUL_SQL} OR cancel_requested <> 0) AND idempotency_key IS NOT NULL")
+_DELETE = f"DELETE FROM tasks WHERE id = $1 AND status IN {_FINAL_SQL} RETURNING id"
+_PURGE_EXPIRED = f"DELETE FROM tasks WHERE expires_at < $1 AND status IN {_FINAL_SQL}"
+_COUNTS = "SELECT status, count(*) FROM tasks GROUP BY status"
+_DESCENDANTS = """
+WITH RECURSIVE tree(id) AS (
+    SELECT $1::bigint UNION SELECT tasks.id FROM tasks JOIN tree ON tasks.parent_id = tree.id
+) SELECT id FROM tree
+"""
+_CANCEL_QUEUED = (
+    "UPDATE tasks SET status = 'cancelled', cancel_requested = 1, finished_at = $1, "
+    "expires_at = $2, error = 'cancelled' WHERE id = ANY($3::bigint[]) AND status = 'queued' "
+    "RETURNING *")
+_CANCEL_RUNNING = ("UPDATE tasks SET cancel_requested = 1 WHERE id = ANY($1::bigint[]) "
+                   "AND status = 'running' RETURNING id")
+_CANCELS_AMONG = "SELECT id FROM tasks WHERE cancel_requested <> 0 AND id = ANY($1::bigint[])"
+_NOTIFY = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
+
+# -- the workers' statements
+_ACK = ("UPDATE tasks SET status = v.status, result = v.result, error = v.error, "
+        "finished_at = v.finished_at, expires_at = v.expires_at, lease_until = NULL, "
+        "lease_node = NULL FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], "
+        "$5::float8[], $6::bigint[]) AS v(status, result, error, finished_at, expires_at, id) "
+        "WHERE tasks.id = v.id RETURNING tasks.id, tasks.name")
+_DUE = ("FROM tasks WHERE status = 'queued' AND queue = $1 AND run_at <= $2 "
+        "AND NOT (name = ANY($3::text[])) ORDER BY priority DESC, run_at, id "
+        "FOR UPDATE SKIP LOCKED LIMIT $4")
+_CLAIM_SET = ("UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = $5, "
+              "lease_until = $6, lease_node = $7")
+_CLAIM = f"{_CLAIM_SET} WHERE id IN (SELECT id {_DUE}) RETURNING {CLAIMED_COLUMNS}"
+_CANDIDATES = f"SELECT id, name {_DUE}"
+_CLAIM_PICKED = (f"{_CLAIM_SET.replace('$5', '$1').replace('$6', '$2').replace('$7', '$3')} "
+                 f"WHERE id = ANY($4::bigint[]) AND status = 'queued' RETURNING {CLAIMED_COLUMNS}")
+_NEXT_DUE = ("SELECT min(run_at) FROM tasks WHERE status = 'queued' AND queue = $1 "
+             "AND NOT (name = ANY($2::text[]))")
+_LOCK_NAMES = ("SELECT pg_advisory_xact_lock(hashtextextended('agentd.limit:' || name, $2)) "
+               "FROM unnest($1::text[]) AS name")
+_RUNNING_BY_NAME = ("SELECT name, count(*) FROM tasks WHERE status = 'running' "
+                    "AND name = ANY($1::text[]) GROUP BY name")
+_ADD_BUCKETS = ("INSERT INTO task_rates (name, tokens, updated_at) "
+                "SELECT name, tokens, $3 FROM unnest($1::text[], $2::float8[]) AS b(name, tokens) "
+                "ON CONFLICT (name) DO NOTHING")
+_BUCKETS = "SELECT name, tokens, updated_at FROM task_rates WHERE name = ANY($1::text[])"
+_SET_BUCKETS = ("UPDATE task_rates SET tokens = b.tokens, updated_at = $3 "
+                "FROM unnest($1::text[], $2::float8[]) AS b(name, tokens) WHERE task_rates.name = b.name")
+_REQUEUE_ATTEMPT = (
+    "UPDATE tasks SET status = CASE WHEN cancel_requested <> 0 THEN 'cancelled' ELSE 'queued' END, "
+    "run_at = $1, error = CASE WHEN cancel_requested <> 0 THEN 'cancelled' ELSE $2::text END, "
+    "finished_at = CASE WHEN cancel_requested <> 0 THEN $3::float8 END, "
+    "expires_at = CASE WHEN cancel_requested <> 0 THEN $4::float8 END, "
+    "lease_until = NULL, lease_node = NULL, "
+    "attempts = attempts - CASE WHEN cancel_requested <> 0 THEN 0 ELSE $5::bigint END "
+    "WHERE id = $6 RETURNING status, queue, name")
+_UNCLAIM = ("UPDATE tasks SET status = 'queued', attempts = attempts - 1, started_at = NULL, "
+            "lease_until = NULL, lease_node = NULL WHERE status = 'running' "
+            "AND id = ANY($1::bigint[]) RETURNING queue")
+_RENEW = ("UPDATE tasks SET lease_until = $1, lease_node = $2 WHERE id = ANY($3::bigint[]) "
+          "AND status = 'running' AND (lease_node = $2 OR lease_node IS NULL)")
+_LAPSED = ("SELECT id, attempts, max_attempts, cancel_requested FROM tasks "
+           "WHERE status = 'running' AND lease_until < $1 AND NOT (id = ANY($2::bigint[])) "
+           "FOR UPDATE SKIP LOCKED")
+_RECLAIM = ("UPDATE tasks SET status = $1, error = $2, lease_until = NULL, lease_node = NULL, "
+            "run_at = $3, finished_at = $4, expires_at = $5 WHERE id = $6 RETURNING *")
+_NODE = ("INSERT INTO nodes (id, started_at, heartbeat_at, version) VALUES ($1, $2, $3, $4) "
+         "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at")
+_FORGET_DEAD_NODES = "DELETE FROM nodes WHERE heartbeat_at < $1"
+_FORGET_NODE = "DELETE FROM nodes WHERE id = $1"
+_LIVE_NODES = ("SELECT id, started_at, heartbeat_at, version FROM nodes WHERE heartbeat_at >= $1 "
+               "ORDER BY started_at, id")
+
+
+class _SharedFuture(asyncio.Future[R]):
+    """A batch's future, which no single waiter can cancel (as the SQLite writer's)."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
+class _Batched(Generic[V, R]):
+    """Values added between two transactions, written by one op in the next one (as
+    `BatchedWrite` on SQLite): the single enqueues, the acks."""
+
+    def __init__(self, store: PgStore,
+                 write_values: Callable[[PgConnection, list[V]], Awaitable[list[R]]]) -> None:
+        self._store = store
+        self._write_values = write_values
+        self._values: list[V] = []
+        self._future: asyncio.Future[list[R]] | None = None
+        store.add_rider(self._ride)
+
+    def add(self, value: V) -> asyncio.Future[list[R]]:
+        if self._future is None:
+            self._future = _SharedFuture(loop=asyncio.get_running_loop())
+        self._store.request_flush()
+        self._values.append(value)
+        return self._future
+
+    async def submit(self, value: V) -> R:
+        position = len(self._values)
+        return (await self.add(value))[position]
+
+    def _ride(self) -> None:
+        if self._future is None:
+            return
+        values, self._values = self._values, []
+        future, self._future = self._future, None
+        write_values = self._write_values
+
+        async def op(conn: PgConnection) -> list[R]:
+            return await write_values(conn, values)
+
+        self._store.join_batch(op, future)
+
+
+class PgTasks:
+    """`TaskStore` on a `PgStore`; see the module docstring."""
+
+    def __init__(self, store: PgStore) -> None:
+        self.store = store
+        self.node_id = node_id()
+        self._started_at = time.time()
+        self._version = ""
+        self._single_inserts: _Batched[tuple[Any, ...], int] = _Batched(store, _insert_many)
+        self.insert_one = self._single_inserts.submit
+        self.add_rider = store.add_rider
+        self.request_flush = store.request_flush
+        # The limited names as of the last claim: an ack of one wakes every daemon's claims.
+        self._limited: frozenset[str] = frozenset()
+
+    @property
+    def engine(self) -> PgStore:
+        return self.store
+
+    @property
+    def closed(self) -> bool:
+        return self.store.closed
+
+    def listen(self, *, work: Callable[[str | None], None], done: Callable[[Sequence[int]], None],
+               cancel: Callable[[Sequence[int]], None], reconnect: Callable[[], None]) -> None:
+        self.store.listen(WORK, lambda payload: work(payload or None))
+        self.store.listen(DONE, lambda payload: done(_ids(payload)))
+        self.store.listen(CANCEL, lambda payload: cancel(_ids(payload)))
+        self.store.on_reconnect(reconnect)
+
+    # -- the queue's --------------------------------------------------------------------------
+
+    def insert(self, prepared: list[tuple[Any, ...]], windows: list[float], now: float,
+               ttl: float, alongside: Callable[[Any], object] | None) -> Awaitable[list[Any]]:
+        async def op(conn: PgConnection) -> list[Any]:
+            if alongside is not None:
+                written = alongside(conn)
+                if inspect.isawaitable(written):
+                    await written
+            return await _insert_tasks(conn, prepared, windows, now, ttl)
+
+        return self.store.write(op)
+
+    async def get(self, task_id: int) -> TaskRecord | None:
+        row = await self.store.read_one(_TASK, (task_id,))
+        return None if row is None else TaskRecord.from_row(row)
+
+    async def add_usage(self, task_id: int, usage: Mapping[str, int]) -> dict[str, int]:
+        import json
+
+        async def op(conn: PgConnection) -> dict[str, int]:
+            row = await conn.fetchrow(_USAGE, task_id)
+            if row is None:
+                raise TaskNotFoundError(f"no task with id {task_id}")
+            totals: dict[str, int] = {} if row[0] is None else json.loads(row[0])
+            for key, count in usage.items():
+                totals[key] = totals.get(key, 0) + int(count)
+            await conn.execute(_SET_USAGE, json.dumps(totals), task_id)
+            return totals
+
+        return await self.store.write(op)
+
+    async def children(self, task_id: int) -> list[int]:
+        return [row[0] for row in await self.store.read(_CHILDREN, (task_id,))]
+
+    async def descendants(self, task_id: int) -> list[int]:
+        rows = await self.store.read(_DESCENDANTS, (task_id,))
+        return [row[0] for row in rows if row[0] != task_id]
+
+    async def list_tasks(self, status: TaskStatus | None, name: str | None, queue: str | None,
+                   before_id: int | None, limit: int) -> list[TaskRecord]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if status in UNSUCCESSFUL:
+            clauses.append("error IS NOT NULL")  # the tasks_unsuccessful index's condition
+        for column, value in (("status", status), ("name", name), ("queue", queue),
+                              ("id <", before_id)):
+            if value is not None:
+                params.append(value)
+                clauses.append(f"{column} {'' if '<' in column else '='} ${len(params)}")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        params.append(limit)
+        rows = await self.store.read(
+            f"SELECT * FROM tasks {where} ORDER BY id DESC LIMIT ${len(params)}", tuple(params))
+        return [TaskRecord.from_row(row) for row in rows]
+
+    async def counts(self) -> dict[TaskStatus, int]:
+        return {row[0]: row[1] for row in await self.store.read(_COUNTS) if row[1]}
+
+    async def cancel(self, task_id: int, now: float, ttl: float) -> tuple[list[TaskRecord], list[int]]:
+        async def op(conn: PgConnection) -> tuple[list[Any], list[int]]:
+            if await conn.fetchval(_EXISTS, task_id) is None:
+                raise TaskNotFoundError(f"no task with id {task_id}")
+            tree = [row[0] for row in await conn.fetch(_DESCENDANTS, task_id)]
+            ended = await conn.fetch(_CANCEL_QUEUED, now, now + ttl, tree)
+            running = [row[0] for row in await conn.fetch(_CANCEL_RUNNING, tree)]
+            await _notify_ids(conn, DONE, [row["id"] for row in ended])
+            await _notify_ids(conn, CANCEL, running)
+            return ended, running
+
+        ended, running = await self.store.write(op)
+        return [TaskRecord.from_row(row) for row in ended], running
+
+    async def requeue(self, task_id: int, now: float) -> TaskRecord:
+        async def op(conn: PgConnection) -> Any:
+            row = await conn.fetchrow(_REQUEUE, now, task_id)
+            if row is None:
+                await _raise_state(conn, task_id, "requeue", "dead, failed or cancelled")
+            await conn.execute(_FREE_UNSUCCESSFUL_CHILDREN_KEYS, task_id)
+            await _notify(conn, WORK, [row["queue"]])
+            return row
+
+        return TaskRecord.from_row(await self.store.write(op))
+
+    async def delete(self, task_id: int) -> None:
+        async def op(conn: PgConnection) -> None:
+            if await conn.fetchval(_DELETE, task_id) is None:
+                await _raise_state(conn, task_id, "delete", "finished")
+
+        await self.store.write(op)
+
+    async def purge_expired(self, now: float) -> int:
+        async def op(conn: PgConnection) -> int:
+            status: str = await conn.execute(_PURGE_EXPIRED, now)
+            return int(status.rpartition(" ")[2])
+
+        return await self.store.write(op)
+
+    async def cancels_among(self, task_ids: list[int]) -> list[int]:
+        return [row[0] for row in await self.store.read(_CANCELS_AMONG, (task_ids,))]
+
+    # -- the workers' -------------------------------------------------------------------------
+
+    def acks(self) -> AckWriter:
+        limited = self._limited_names
+
+        async def write_acks(conn: PgConnection, acks: list[tuple[Any, ...]]) -> list[None]:
+            columns = list(zip(*acks, strict=True))
+            errors = [None if error is None else error.replace("\x00", "\\x00") for error in columns[2]]
+            rows = await conn.fetch(_ACK, columns[0], columns[1], errors, columns[3], columns[4],
+                                    columns[5])
+            await _notify_ids(conn, DONE, [row[0] for row in rows])
+            if not limited().isdisjoint(row[1] for row in rows):
+                await _notify(conn, WORK, [""])  # a limited name's place is free
+            return []
+
+        return _Batched(self.store, write_acks)
+
+    def _limited_names(self) -> frozenset[str]:
+        return self._limited
+
+    def join_claims(self, claims: dict[str, ClaimFuture], size: Callable[[str], int],
+                    budgets: Callable[[], tuple[set[str], dict[str, int]]],
+                    limits: Callable[[], NameLimits], lease: float) -> None:
+        named = limits()
+        self._limited = frozenset(named)
+        node = self.node_id
+        for queue, future in claims.items():
+            wanted = size(queue)
+
+            async def op(conn: PgConnection, queue: str = queue,
+                         wanted: int = wanted) -> tuple[list[TaskRecord], float | None]:
+                return await _claim(conn, queue=queue, wanted=wanted, limits=named, lease=lease,
+                                    node=node)
+
+            self.store.join_batch(op, future)
+
+    def requeue_attempt(self, *, task_id: int, run_at: float, error: str | None,
+                        undo_attempt: int, finished_at: float,
+                        expires_at: float) -> Awaitable[Literal["queued", "cancelled"]]:
+        if error is not None:
+            error = error.replace("\x00", "\\x00")
+
+        async def op(conn: PgConnection) -> Literal["queued", "cancelled"]:
+            row = await conn.fetchrow(_REQUEUE_ATTEMPT, run_at, error, finished_at, expires_at,
+                                      undo_attempt, task_id)
+            status: Literal["queued", "cancelled"] = row["status"]
+            if status == "cancelled":
+                await _notify_ids(conn, DONE, [task_id])
+            await _notify(conn, WORK, ["" if row["name"] in self._limited else row["queue"]])
+            return status
+
+        return self.store.write(op)
+
+    def unclaim(self, task_ids: list[int]) -> Awaitable[None]:
+        async def op(conn: PgConnection) -> None:
+            rows = await conn.fetch(_UNCLAIM, task_ids)
+            await _notify(conn, WORK, {row[0] for row in rows})
+
+        return self.store.write(op)
+
+    async def renew_and_reclaim(self, running: list[int], lease_until: float, ttl: float,
+                                expired_only: bool) -> list[TaskRecord]:
+        """Other daemons run the rows this one does not hold: only those whose lease lapsed
+        are orphans, at start too (`expired_only` is ignored)."""
+        node, started_at, version = self.node_id, self._started_at, self._version
+
+        async def op(conn: PgConnection) -> list[Any]:
+            now = time.time()
+            await conn.execute(_NODE, node, started_at, now, version)
+            await conn.execute(_FORGET_DEAD_NODES, now - _FORGET_NODE_AFTER)
+            if running:
+                await conn.execute(_RENEW, lease_until, node, running)
+            changed = []
+            for row in await conn.fetch(_LAPSED, now, running):
+                if row["cancel_requested"]:
+                    status, error = "cancelled", "cancelled"
+                elif row["attempts"] >= row["max_attempts"]:
+                    status = "dead"
+                    error = (f"the process died during attempt {row['attempts']} of "
+                             f"{row['max_attempts']}")
+                else:
+                    status, error = "queued", f"the process died during attempt {row['attempts']}"
+                final = status != "queued"
+                changed.append(await conn.fetchrow(
+                    _RECLAIM, status, error, now, now if final else None,
+                    now + ttl if final else None, row["id"]))
+            if changed:
+                await _notify_ids(conn, DONE, [row["id"] for row in changed if row["status"] != "queued"])
+                await _notify(conn, WORK, [""])  # requeued, or a limited name's place freed
+            return changed
+
+        return [TaskRecord.from_row(row) for row in await self.store.write(op)]
+
+    async def start_node(self, version: str) -> None:
+        self._started_at, self._version = time.time(), version
+        node, started_at = self.node_id, self._started_at
+
+        async def op(conn: PgConnection) -> None:
+            await conn.execute(_NODE, node, started_at, started_at, version)
+
+        await self.store.write(op)
+
+    async def stop_node(self) -> None:
+        node = self.node_id
+
+        async def op(conn: PgConnection) -> None:
+            await conn.execute(_FORGET_NODE, node)
+
+        await self.store.write(op)
+
+    async def live_nodes(self, within: float) -> list[dict[str, Any]]:
+        rows = await self.store.read(_LIVE_NODES, (time.time() - within,))
+        return [{"id": row["id"], "started_at": row["started_at"], "heartbeat_at": row["heartbeat_at"],
+                 "version": row["version"], "this": row["id"] == self.node_id} for row in rows]
+
+
+# -- ops ---------------------------------------------------------------------------------------
+
+
+async def _insert_many(conn: PgConnection, prepared: list[tuple[Any, ...]]) -> list[int]:
+    """Rows without idempotency keys, in one statement; their ids in order (an identity
+    hands out increasing ids in the order the rows are inserted)."""
+    rows = await conn.fetch(_INSERT_MANY, *(list(column) for column in zip(*prepared, strict=True)))
+    await _notify(conn, WORK, {values[0] for values in prepared})
+    return sorted(row[0] for row in rows)
+
+
+async def _insert_tasks(conn: PgConnection, prepared: list[tuple[Any, ...]], windows: list[float],
+                        now: float, ttl: float) -> list[Any]:
+    """As `taskqueue._insert_tasks`: per row, its new id, or the row as stored when it is not
+    a new queued task (a key's existing task, or a child of a parent being cancelled, stored
+    cancelled). A key is taken through its UNIQUE index (`ON CONFLICT DO NOTHING`), so two
+    daemons enqueueing one key at once make one task: the second waits for the first's
+    commit and then finds its row."""
+    if len(prepared) > 1 and all(values[8] is None and values[9] is None for values in prepared):
+        return await _insert_many(conn, prepared)
+    out: list[Any] = []
+    queues: set[str] = set()
+    for values, window in zip(prepared, windows, strict=True):
+        key, parent_id = values[8], values[9]
+        cancelled = (parent_id is not None
+                     and await conn.fetchval(_BEING_CANCELLED, parent_id) is not None)
+        while True:
+            if cancelled:
+                stored = await conn.fetchrow(_INSERT_CANCELLED, *values[:3], *values[4:], now, now + ttl)
+                if stored is not None:
+                    await _notify_ids(conn, DONE, [stored["id"]])
+                    out.append(stored)
+                    break
+            else:
+                task_id = await conn.fetchval(_INSERT_KEYED, *values)
+                if task_id is not None:
+                    queues.add(values[0])
+                    out.append(task_id)
+                    break
+            existing = await conn.fetchrow(_BY_KEY, key)
+            if existing is None:
+                continue  # deleted since the conflict: insert again
+            if existing["created_at"] >= now - window:
+                out.append(existing)
+                break
+            # Past its window the key is free again; the old task keeps its history.
+            await conn.execute(_FREE_KEY, existing["id"])
+    await _notify(conn, WORK, queues)
+    return out
+
+
+async def _claim(conn: PgConnection, *, queue: str, wanted: int, limits: NameLimits, lease: float,
+                 node: str) -> tuple[list[TaskRecord], float | None]:
+    """As `taskqueue.claim`, across daemons: rows being claimed elsewhere are skipped, and
+    limited names are counted in the database under a lock per name (see the module
+    docstring). Idempotent: a batch's failure runs it again from the database's state."""
+    now = time.time()
+    exhausted: list[str] = []
+    rate_wait: float | None = None
+    if not limits:
+        rows = await conn.fetch(_CLAIM, queue, now, [], wanted, now, now + lease, node)
+    else:
+        budgets, tokens = await _name_budgets(conn, limits, now)
+        blocked = [name for name, budget in budgets.items() if budget <= 0]
+        candidates = await conn.fetch(_CANDIDATES, queue, now, blocked, wanted + len(budgets) * wanted)
+        picked: list[int] = []
+        for task_id, name in candidates:
+            if len(picked) == wanted:
+                break
+            if name in budgets:
+                if budgets[name] <= 0:
+                    continue
+                budgets[name] -= 1
+                if name in tokens:
+                    tokens[name] -= 1
+            picked.append(task_id)
+        rows = await conn.fetch(_CLAIM_PICKED, now, now + lease, node, picked) if picked else []
+        if tokens:
+            await conn.execute(_SET_BUCKETS, list(tokens), list(tokens.values()), now)
+        exhausted = [name for name, budget in budgets.items() if budget <= 0]
+        waits = [(1 - left) / per_second for name, left in tokens.items()
+                 if left < 1 and (per_second := limits[name][1])]
+        rate_wait = min(waits) if waits else None
+    records = [TaskRecord.claimed(values, now) for values in rows]
+    records.sort(key=_claim_order)
+    if len(records) == wanted:
+        return records, None
+    next_at: float | None = await conn.fetchval(_NEXT_DUE, queue, exhausted)
+    if rate_wait is not None:
+        next_at = min(now + rate_wait, next_at if next_at is not None else now + rate_wait)
+    return records, next_at
+
+
+async def _name_budgets(conn: PgConnection, limits: NameLimits,
+                        now: float) -> tuple[dict[str, int], dict[str, float]]:
+    """Lock the limited names (in one order, so claims never deadlock on them); return how
+    many more of each may start, and the tokens of the rate-limited ones, refilled to now."""
+    names = sorted(limits)
+    await conn.execute(_LOCK_NAMES, names, _LIMIT_LOCK_SEED)
+    running = {row[0]: row[1] for row in await conn.fetch(_RUNNING_BY_NAME, names)}
+    rated = [name for name in names if limits[name][1] is not None]
+    tokens: dict[str, float] = {}
+    if rated:
+        await conn.execute(_ADD_BUCKETS, rated, [limits[name][2] for name in rated], now)
+        for name, left, updated in await conn.fetch(_BUCKETS, rated):
+            _, per_second, capacity = limits[name]
+            tokens[name] = min(capacity, left + max(0.0, now - updated) * (per_second or 0.0))
+    budgets: dict[str, int] = {}
+    for name in names:
+        concurrency, per_second, _ = limits[name]
+        budget = concurrency - running.get(name, 0) if concurrency is not None else None
+        if per_second is not None:
+            budget = int(tokens[name]) if budget is None else min(budget, int(tokens[name]))
+        budgets[name] = 0 if budget is None else budget
+    return budgets, tokens
+
+
+def _claim_order(record: TaskRecord) -> tuple[int, float, int]:
+    return -record.priority, record.run_at, record.id
+
+
+async def _raise_state(conn: PgConnection, task_id: int, action: str, allowed: str) -> NoReturn:
+    status = await conn.fetchval(_STATUS, task_id)
+    if status is None:
+        raise TaskNotFoundError(f"no task with id {task_id}")
+    raise TaskStateError(f"cannot {action} task {task_id}: it is {status}, not {allowed}")
+
+
+async def _notify(conn: PgConnection, channel: str, payloads: Iterable[str]) -> None:
+    """Notify `channel` once per payload at commit (a repeated one is sent once)."""
+    listed = list(payloads)
+    if listed:
+        await conn.execute(_NOTIFY, channel, listed)
+
+
+async def _notify_ids(conn: PgConnection, channel: str, ids: list[int]) -> None:
+    """Notify task ids, comma-separated, as few notifications as fit."""
+    payloads: list[str] = []
+    current: list[str] = []
+    size = 0
+    for task_id in ids:
+        text = str(task_id)
+        if size + len(text) + 1 > _PAYLOAD_MAX:
+            payloads.append(",".join(current))
+            current, size = [], 0
+        current.append(text)
+        size += len(text) + 1
+    if current:
+        payloads.append(",".join(current))
+    await _notify(conn, channel, payloads)
+
+
+def _ids(payload: str) -> list[int]:
+    return [int(part) for part in payload.split(",") if part]
