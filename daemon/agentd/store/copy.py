@@ -137,6 +137,10 @@ async def _copy(sqlite: sqlite3.Connection, source: Path, url: str, force: bool,
                 report.rows[table] = await _copy_table(sqlite, conn, table, order, batch_rows)
             for table in IDENTITIES:
                 await _move_identity(sqlite, conn, table)
+            if await conn.fetchval("SELECT to_regclass('event_counter') IS NOT NULL"):
+                # Event ids come from this counter on PostgreSQL (postgres/events.py).
+                await conn.execute("UPDATE event_counter SET last_id = greatest(last_id, "
+                                   "(SELECT coalesce(max(id), 0) FROM events))")
     except StoreError:
         raise
     except Exception as exc:

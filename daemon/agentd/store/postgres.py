@@ -285,6 +285,17 @@ class PgStore:
         live = [(op, future) for op, future in batch if not future.cancelled()]
         if not live:
             return
+        if isinstance(self.failure, StoreUnavailableError) and all(op is not _write_check for op, _ in live):
+            # The server was away at the last write and no write check has passed since:
+            # fail at once rather than wait out the deadline again (a request answers 503
+            # within one deadline, writes queued by riders included). The checks (the
+            # prober's each second, /readyz's) go through and end this once one commits.
+            away = StoreUnavailableError(f"{self.location}: the PostgreSQL server is away (a write "
+                                         "failed and no write check has passed since); nothing "
+                                         "of this write was stored")
+            for _, future in live:
+                _settle(future, away, None)
+            return
         try:
             results = await self._transaction([op for op, _ in live])
         except _OpFailedError:
