@@ -54,6 +54,9 @@ _Batch = list[tuple[PgOp[Any], asyncio.Future[Any]]]
 _COMMAND_TIMEOUT = 5.0
 _CONNECT_TIMEOUT = 5.0
 _PROBE_INTERVAL = 1.0
+# A connection that fails this soon after its checkout was dead in the pool: the statement
+# is tried once more on a fresh one (nothing was committed on the dead one).
+_STALE_WITHIN = 1.0
 # Seconds between attempts to re-open the listening connection, doubling up to the last.
 _LISTEN_BACKOFF = (0.1, 5.0)
 _MAX_OPS_PER_TRANSACTION = 512
@@ -323,34 +326,39 @@ class PgStore:
     async def _transaction(self, ops: list[PgOp[Any]]) -> list[Any]:
         """Run `ops` in one transaction; raise `_OpFailedError` if one raised (nothing stored) or
         the StoreWriteError of the server being away."""
-        results: list[Any] = []
-        committing = False
-        try:
-            async with self._checkout() as conn:
-                transaction = conn.transaction()
-                await transaction.start()
-                try:
-                    for op in ops:
-                        try:
-                            results.append(await op(conn))
-                        except Exception as exc:
-                            if unavailable(self.location, exc) is not None:
-                                raise
-                            raise _OpFailedError(exc) from exc
-                except _OpFailedError:
-                    await transaction.rollback()
-                    raise
-                committing = True
-                await transaction.commit()
-        except _OpFailedError:
-            raise
-        except Exception as exc:
-            error = unavailable(self.location, exc, committing=committing)
-            if error is None:
+        for attempt in (1, 2):
+            started = time.monotonic()
+            results: list[Any] = []
+            committing = False
+            try:
+                async with self._checkout() as conn:
+                    transaction = conn.transaction()
+                    await transaction.start()
+                    try:
+                        for op in ops:
+                            try:
+                                results.append(await op(conn))
+                            except Exception as exc:
+                                if unavailable(self.location, exc) is not None:
+                                    raise
+                                raise _OpFailedError(exc) from exc
+                    except _OpFailedError:
+                        await transaction.rollback()
+                        raise
+                    committing = True
+                    await transaction.commit()
+            except _OpFailedError:
                 raise
-            raise error from exc
-        self.transactions += 1
-        return results
+            except Exception as exc:
+                if attempt == 1 and not committing and _stale(exc, started):
+                    continue  # nothing was committed on it: once more, on a fresh connection
+                error = unavailable(self.location, exc, committing=committing)
+                if error is None:
+                    raise
+                raise error from exc
+            self.transactions += 1
+            return results
+        raise AssertionError("not reached")
 
     @contextlib.asynccontextmanager
     async def _checkout(self) -> AsyncIterator[PgConnection]:
@@ -367,7 +375,9 @@ class PgStore:
                 yield conn
             except BaseException as exc:
                 if isinstance(exc, (*_UNAVAILABLE, asyncio.CancelledError)):
-                    conn.terminate()
+                    # (A connection the server closed asyncpg has already given back.)
+                    with contextlib.suppress(asyncpg.InterfaceError):
+                        conn.terminate()
                 raise
             finally:
                 await pool.release(conn)
@@ -413,9 +423,17 @@ class PgStore:
 
     async def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[asyncpg.Record]:
         """Rows of a query (`$1`-style placeholders) on a pooled connection."""
+        started = time.monotonic()
         try:
-            async with self._checkout() as conn:
-                rows: list[asyncpg.Record] = await conn.fetch(sql, *params)
+            try:
+                async with self._checkout() as conn:
+                    rows: list[asyncpg.Record] = await conn.fetch(sql, *params)
+                    return rows
+            except Exception as exc:
+                if not _stale(exc, started):
+                    raise
+            async with self._checkout() as conn:  # once more, on a fresh connection
+                rows = await conn.fetch(sql, *params)
                 return rows
         except Exception as exc:
             error = unavailable(self.location, exc)
@@ -522,6 +540,13 @@ class _OpFailedError(Exception):
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _stale(exc: BaseException, started: float) -> bool:
+    """Whether `exc` is a pooled connection found dead at once (the server restarted or ended
+    its session while it sat in the pool), worth one more try on a fresh connection."""
+    return (isinstance(exc, (asyncpg.ConnectionDoesNotExistError, asyncpg.InternalClientError))
+            and time.monotonic() - started < _STALE_WITHIN)
 
 
 def _mark_lost(lost: asyncio.Future[None], _conn: object) -> None:
