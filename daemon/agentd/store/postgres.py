@@ -288,16 +288,8 @@ class PgStore:
         live = [(op, future) for op, future in batch if not future.cancelled()]
         if not live:
             return
-        if isinstance(self.failure, StoreUnavailableError) and all(op is not _write_check for op, _ in live):
-            # The server was away at the last write and no write check has passed since:
-            # fail at once rather than wait out the deadline again (a request answers 503
-            # within one deadline, writes queued by riders included). The checks (the
-            # prober's each second, /readyz's) go through and end this once one commits.
-            away = StoreUnavailableError(f"{self.location}: the PostgreSQL server is away (a write "
-                                         "failed and no write check has passed since); nothing "
-                                         "of this write was stored")
-            for _, future in live:
-                _settle(future, away, None)
+        live = self._checks_only_while_away(live)
+        if not live:
             return
         try:
             results = await self._transaction([op for op, _ in live])
@@ -322,6 +314,22 @@ class PgStore:
             return
         for (_, future), result in zip(live, results, strict=True):
             _settle(future, None, result)
+
+    def _checks_only_while_away(self, live: _Batch) -> _Batch:
+        """While the server is known away (a write failed and no write check has passed
+        since), fail the writes at once rather than wait out the deadline again, so a
+        request answers 503 within one deadline, writes queued by riders included; return
+        what is still to be sent: the write checks (the prober's each second, /readyz's),
+        which try the server and end this once one commits."""
+        if not isinstance(self.failure, StoreUnavailableError):
+            return live
+        away = StoreUnavailableError(f"{self.location}: the PostgreSQL server is away (a write "
+                                     "failed and no write check has passed since); nothing of "
+                                     "this write was stored")
+        for op, future in live:
+            if op is not _write_check:
+                _settle(future, away, None)
+        return [(op, future) for op, future in live if op is _write_check]
 
     async def _transaction(self, ops: list[PgOp[Any]]) -> list[Any]:
         """Run `ops` in one transaction; raise `_OpFailedError` if one raised (nothing stored) or
@@ -487,8 +495,12 @@ class PgStore:
             lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             conn.add_termination_listener(partial(_mark_lost, lost))
             try:
-                for channel in self._channels:
-                    await conn.add_listener(channel, self._dispatch)
+                added: set[str] = set()
+                # Parts may ask for channels while this awaits: until none is left to add.
+                while missing := [channel for channel in self._channels if channel not in added]:
+                    for channel in missing:
+                        await conn.add_listener(channel, self._dispatch)
+                        added.add(channel)
                 self._listener = conn
                 self.listening.set()
                 delay = _LISTEN_BACKOFF[0]
