@@ -10,7 +10,6 @@ the session's (tests/pg.py), which other tests use at the same time."""
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import itertools
 import os
@@ -43,16 +42,32 @@ RECOVERY_TIMEOUT = 30.0
 
 
 class ThrowawayServer:
-    """A PostgreSQL server of its own (pgserver's, in `root`) that tests may freeze, stop
-    and start again on the same data directory and socket."""
+    """A PostgreSQL server of its own (pgserver's binaries, data in `root`) that tests may
+    freeze, stop and start again on the same data directory and socket. Made with initdb and
+    pg_ctl directly: pgserver's `get_server` and cleanup wait for a lock that every pgserver
+    of the machine shares, which another test session holds for as long as its own
+    server's stop takes."""
 
     def __init__(self, root: Path) -> None:
-        import pgserver
+        from pgserver._commands import POSTGRES_BIN_PATH, initdb
 
         self.root = root
-        self.server = pgserver.get_server(root, cleanup_mode="stop")
-        self.url: str = self.server.get_uri()
-        self.socket_dir = self.server.get_postmaster_info().socket_dir
+        self.user: str | None = None
+        root.mkdir(parents=True)
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root: as pgserver's user
+            from pgserver.utils import ensure_prefix_permissions, ensure_user_exists
+
+            self.user = "pgserver"
+            entry = ensure_user_exists(self.user)
+            assert entry is not None
+            ensure_prefix_permissions(root)
+            ensure_prefix_permissions(POSTGRES_BIN_PATH)
+            os.chown(root, entry.pw_uid, entry.pw_gid)
+        initdb(["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"],
+               pgdata=root, user=self.user)
+        self.socket_dir = root
+        self.start()
+        self.url = f"postgresql://postgres:@/postgres?host={root}"
         self._names = itertools.count(1)
         self._frozen: list[Any] = []
 
@@ -91,14 +106,14 @@ class ThrowawayServer:
         is ended, the socket goes away."""
         from pgserver._commands import pg_ctl
 
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.root, user=self.server.system_user, timeout=30)
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.root, user=self.user, timeout=30)
 
     def start(self) -> None:
         """Start it again on the same data directory and socket directory."""
         from pgserver._commands import pg_ctl
 
         pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.root / "log"),
-                "start"], pgdata=self.root, user=self.server.system_user, timeout=30)
+                "start"], pgdata=self.root, user=self.user, timeout=30)
 
     async def database(self) -> str:
         """The URL of a new, empty database on this server."""
@@ -111,16 +126,12 @@ class ThrowawayServer:
         return database_url(self.url, name)
 
     def cleanup(self) -> None:
-        """Stop the server for good (its data is thrown away), without pgserver's own
-        cleanup: that waits for a lock every pgserver of the machine shares, which another
-        test session may hold for a while (its own server's stop)."""
+        """Stop the server for good (its data is thrown away)."""
         from pgserver._commands import pg_ctl
 
         self.thaw()
-        atexit.unregister(self.server._cleanup)
         with contextlib.suppress(Exception):
-            pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=self.root, user=self.server.system_user,
-                   timeout=30)
+            pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=self.root, user=self.user, timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -116,6 +116,7 @@ class PgStore:
         self._pending: _Batch = []
         self._riders: list[Callable[[], None]] = []
         self._flush_scheduled = False
+        self._riders_called = False
         self._flushing: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
         self._reported: StoreWriteError | None = None
@@ -221,6 +222,8 @@ class PgStore:
         if self._pool is None:
             raise StoreError(f"{self.location}: the store is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        if self._refuses(op, future):
+            return future
         self._pending.append((op, future))
         self.request_flush()
         return future
@@ -229,6 +232,8 @@ class PgStore:
         """Like `write`, but only joins the next batch: it never starts one by itself."""
         if future is None:
             future = asyncio.get_running_loop().create_future()
+        if self._refuses(op, future):
+            return future
         self._pending.append((op, future))
         return future
 
@@ -243,6 +248,18 @@ class PgStore:
             self._flush_scheduled = True
             loop = asyncio.get_running_loop()
             loop.call_soon(loop.call_soon, self._flush_soon)
+        if isinstance(self.failure, StoreUnavailableError) and not self._riders_called:
+            # Known away: the riders' writes are refused now (see `_refuses`), not when the
+            # batch in flight (a write check waiting out the deadline) has ended. Called
+            # soon, not here: a caller may add its write to its rider after asking.
+            self._riders_called = True
+            asyncio.get_running_loop().call_soon(self._call_riders)
+
+    def _call_riders(self) -> None:
+        self._riders_called = False
+        if isinstance(self.failure, StoreUnavailableError):
+            for rider in self._riders:
+                rider()
 
     def _flush_soon(self) -> None:
         if self._flushing is None:
@@ -315,17 +332,27 @@ class PgStore:
         for (_, future), result in zip(live, results, strict=True):
             _settle(future, None, result)
 
-    def _checks_only_while_away(self, live: _Batch) -> _Batch:
+    def _refuses(self, op: PgOp[Any], future: asyncio.Future[Any]) -> bool:
         """While the server is known away (a write failed and no write check has passed
-        since), fail the writes at once rather than wait out the deadline again, so a
-        request answers 503 within one deadline, writes queued by riders included; return
-        what is still to be sent: the write checks (the prober's each second, /readyz's),
-        which try the server and end this once one commits."""
-        if not isinstance(self.failure, StoreUnavailableError):
-            return live
-        away = StoreUnavailableError(f"{self.location}: the PostgreSQL server is away (a write "
+        since), fail a write at once, not after the batch in flight (a write check waiting
+        out the deadline, most of the time): a request answers 503 at once. Only the write
+        checks (the prober's each second, /readyz's) try the server, and end this once one
+        commits."""
+        if op is _write_check or not isinstance(self.failure, StoreUnavailableError):
+            return False
+        future.set_exception(self._away())
+        return True
+
+    def _away(self) -> StoreUnavailableError:
+        return StoreUnavailableError(f"{self.location}: the PostgreSQL server is away (a write "
                                      "failed and no write check has passed since); nothing of "
                                      "this write was stored")
+
+    def _checks_only_while_away(self, live: _Batch) -> _Batch:
+        """`live` without the writes `_refuses` would refuse now (they are failed)."""
+        if not isinstance(self.failure, StoreUnavailableError):
+            return live
+        away = self._away()
         for op, future in live:
             if op is not _write_check:
                 _settle(future, away, None)
