@@ -17,11 +17,19 @@ What it gives the parts that store, as `SqliteStore` does on one file:
   `on_reconnect` callbacks run after each re-open, since notifications sent meanwhile are
   lost and whoever relies on them must catch up from the tables.
 
-Failures. A server that cannot be reached, refuses connections or does not answer within
-`_COMMAND_TIMEOUT` fails the write or read with `StoreUnavailableError` (HTTP 503) instead
-of hanging; `failure` holds it until a write check commits, and the writer checks once a
-second meanwhile, so the daemon reports not ready while the database is away and recovers
-by itself. Connections are re-made by the pool as needed.
+Failures. A server that cannot be reached, refuses connections or does not answer fails
+the write or read with `StoreUnavailableError` (HTTP 503) within `_COMMAND_TIMEOUT`, one
+deadline for a checkout and all that is done with it, instead of hanging (a frozen server
+keeps its sockets open: only the deadline tells). A connection that met the server away is
+closed, not given back to the pool (giving it back would wait on the server); one found
+dead at once (the server restarted while it sat in the pool) is replaced and the statement
+tried once more, since nothing was committed on it. A COMMIT that got no answer is
+reported as such: the write may have been stored. Once a write failed so, `failure` holds
+the error and the server counts as away: writes fail at once (the writes waiting behind the
+failed batch, and the riders' too) rather than each waiting out the deadline, while only
+the write checks try the server (the writer's once a second, `/readyz`'s); the first that
+commits clears `failure`. So the daemon reports not ready while the database is away,
+answers 503 at once, and recovers by itself.
 
 The schema is `agentd/sql/pg/NNNN_*.sql`, applied once each under a transaction-level
 advisory lock, so daemons started together migrate once.
