@@ -95,7 +95,7 @@ async def test_an_unreachable_server_is_a_clear_error() -> None:
     assert "secret" not in str(caught.value) and "agentd:***@127.0.0.1:1" in str(caught.value)
 
 
-async def test_writes_and_reads_fail_with_store_unavailable_while_the_server_is_away(
+async def test_connections_the_server_ended_are_replaced_without_a_failure(
         pg_store: PgStore) -> None:
     # Every connection of the pool is closed by the server, as when it restarts.
     other = await asyncpg.connect(pg_store.config.url)

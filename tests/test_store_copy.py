@@ -89,6 +89,48 @@ async def _deployment(tmp_path: Path, plugin_dir: Callable[..., Path]) -> Path:
     return config
 
 
+async def _views(daemon: Any, ids: list[int]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """What the API shows of the tasks `ids` and of the schedule "nightly"."""
+    async with aiohttp.ClientSession(daemon_url(daemon), timeout=aiohttp.ClientTimeout(total=30)) as http:
+        tasks = []
+        for task in ids:
+            async with http.get(f"/v1/tasks/{task}") as response:
+                assert response.status == 200, await response.text()
+                tasks.append(await response.json())
+        async with http.get("/v1/schedules/nightly") as response:
+            assert response.status == 200, await response.text()
+            schedule = await response.json()
+    return tasks, schedule
+
+
+async def test_a_daemon_on_postgresql_serves_the_copied_deployment_as_it_was(
+        tmp_path: Path, plugin_dir: Callable[..., Path], run_cli: Callable[..., Any]) -> None:
+    """What a user sees through the API, before the move on SQLite and after it on
+    PostgreSQL: the same tasks (statuses, results, errors), the same schedule; new tasks
+    get new ids and run."""
+    config = await _deployment(tmp_path, plugin_dir)
+    ids = [row["id"] for row in _sqlite_rows(tmp_path / "data" / "agentd.db", "tasks")]
+    plugins = tmp_path / "plugins"
+    async with running_daemon(tmp_path, [plugins]) as daemon:
+        before = await _views(daemon, ids)
+    url = await fresh_database()
+    code, _, err = await run_cli("store", "copy", "--config", str(config), "--to", url)
+    assert code == 0, err
+
+    async with running_daemon(tmp_path / "moved", [plugins], {"store": {"url": url}}) as daemon:
+        assert daemon.store.describe()["engine"] == "postgresql"
+        after = await _views(daemon, ids)
+        assert after == before
+        async with aiohttp.ClientSession(daemon_url(daemon), timeout=aiohttp.ClientTimeout(total=30)) as http:
+            async with http.post("/v1/tasks", json={"name": "cp.stepped", "args": {"value": 5}}) as response:
+                assert response.status == 201, await response.text()
+                task = await response.json()
+            assert task["id"] == max(ids) + 1
+            async with http.get(f"/v1/tasks/{task['id']}?wait=20") as response:
+                done = await response.json()
+            assert done["status"] == "succeeded" and done["result"] == {"doubled": 10}
+
+
 def _sqlite_rows(path: Path, table: str) -> list[dict[str, Any]]:
     conn = sqlite3.connect(path)
     conn.row_factory = sqlite3.Row

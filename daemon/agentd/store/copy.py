@@ -7,7 +7,9 @@ target is migrated first (`PgStore.open`), then every row of agentd.db's tables 
 in one transaction, in batches of binary `COPY`: a failure anywhere leaves the target as
 it was. Columns are matched by name, the SQLite table's columns into the same-named
 PostgreSQL ones, so columns only PostgreSQL has take their defaults. Ids are kept, and
-each identity is moved past the largest id copied, so new rows never reuse one.
+each identity is moved past the largest id copied, so new rows never reuse one (event ids
+come from a counter row on PostgreSQL, which each daemon moves past the stored events as
+it starts: postgres/events.py).
 
 memory.db (sessions, long-term memory) is not copied.
 """

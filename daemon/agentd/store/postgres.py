@@ -17,11 +17,19 @@ What it gives the parts that store, as `SqliteStore` does on one file:
   `on_reconnect` callbacks run after each re-open, since notifications sent meanwhile are
   lost and whoever relies on them must catch up from the tables.
 
-Failures. A server that cannot be reached, refuses connections or does not answer within
-`_COMMAND_TIMEOUT` fails the write or read with `StoreUnavailableError` (HTTP 503) instead
-of hanging; `failure` holds it until a write check commits, and the writer checks once a
-second meanwhile, so the daemon reports not ready while the database is away and recovers
-by itself. Connections are re-made by the pool as needed.
+Failures. A server that cannot be reached, refuses connections or does not answer fails
+the write or read with `StoreUnavailableError` (HTTP 503) within `_COMMAND_TIMEOUT`, one
+deadline for a checkout and all that is done with it, instead of hanging (a frozen server
+keeps its sockets open: only the deadline tells). A connection that met the server away is
+closed, not given back to the pool (giving it back would wait on the server); one found
+dead at once (the server restarted while it sat in the pool) is replaced and the statement
+tried once more, since nothing was committed on it. A COMMIT that got no answer is
+reported as such: the write may have been stored. Once a write failed so, `failure` holds
+the error and the server counts as away: writes fail at once (the writes waiting behind the
+failed batch, and the riders' too) rather than each waiting out the deadline, while only
+the write checks try the server (the writer's once a second, `/readyz`'s); the first that
+commits clears `failure`. So the daemon reports not ready while the database is away,
+answers 503 at once, and recovers by itself.
 
 The schema is `agentd/sql/pg/NNNN_*.sql`, applied once each under a transaction-level
 advisory lock, so daemons started together migrate once.
@@ -33,7 +41,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from importlib import resources
 from typing import Any, TypeAlias, TypeVar
@@ -54,6 +62,9 @@ _Batch = list[tuple[PgOp[Any], asyncio.Future[Any]]]
 _COMMAND_TIMEOUT = 5.0
 _CONNECT_TIMEOUT = 5.0
 _PROBE_INTERVAL = 1.0
+# A connection that fails this soon after its checkout was dead in the pool: the statement
+# is tried once more on a fresh one (nothing was committed on the dead one).
+_STALE_WITHIN = 1.0
 # Seconds between attempts to re-open the listening connection, doubling up to the last.
 _LISTEN_BACKOFF = (0.1, 5.0)
 _MAX_OPS_PER_TRANSACTION = 512
@@ -65,6 +76,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
     asyncpg.InsufficientResourcesError, asyncpg.OperatorInterventionError,
     asyncpg.ReadOnlySQLTransactionError,
+    # A pooled connection the server ended (a fast shutdown's message arriving while it was
+    # idle) can be left mid-protocol: asyncpg refuses the next statement with this.
+    asyncpg.InternalClientError,
 )
 
 Migration = tuple[int, str, str]
@@ -79,14 +93,17 @@ def load_migrations() -> list[Migration]:
     return sorted(found)
 
 
-def unavailable(where: str, exc: BaseException) -> StoreUnavailableError | None:
+def unavailable(where: str, exc: BaseException, *, committing: bool = False) -> StoreUnavailableError | None:
     """The `StoreUnavailableError` `exc` stands for, or None if it is not the server being
-    away (a constraint, a bug in a statement)."""
+    away (a constraint, a bug in a statement). `committing`: `exc` came while the COMMIT was
+    in flight, so whether the write was stored is not known."""
     if not isinstance(exc, _UNAVAILABLE):
         return None
     cause = "did not answer in time" if isinstance(exc, TimeoutError) else "cannot be reached"
-    error = StoreUnavailableError(f"{where}: the PostgreSQL server {cause}; nothing of this "
-                                  f"write was stored ({type(exc).__name__}: {exc})")
+    stored = ("the COMMIT got no answer: the write may have been stored" if committing
+              else "nothing of this write was stored")
+    error = StoreUnavailableError(f"{where}: the PostgreSQL server {cause}; {stored} "
+                                  f"({type(exc).__name__}: {exc})")
     error.__cause__ = exc
     return error
 
@@ -107,6 +124,7 @@ class PgStore:
         self._pending: _Batch = []
         self._riders: list[Callable[[], None]] = []
         self._flush_scheduled = False
+        self._riders_called = False
         self._flushing: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
         self._reported: StoreWriteError | None = None
@@ -131,11 +149,16 @@ class PgStore:
         """Open the pool and migrate. Raises StoreError (naming the URL, not its password)."""
         try:
             self._pool = await asyncpg.create_pool(
-                self.config.url, min_size=1, max_size=self.config.pool_size,
+                # min_size 0: no background reconnects (and their warnings) while the server is away.
+                self.config.url, min_size=0, max_size=self.config.pool_size,
                 command_timeout=_COMMAND_TIMEOUT, timeout=_CONNECT_TIMEOUT, init=_prepare_connection,
                 # Statements are few and fixed; asyncpg caches each one's plan per connection.
                 max_inactive_connection_lifetime=300.0)
+            await self._pool.release(await self._pool.acquire())  # min_size 0 connects nothing
         except Exception as exc:
+            if self._pool is not None:
+                self._pool.terminate()
+                self._pool = None
             raise StoreError(f"[store] url {self.location}: cannot connect to PostgreSQL: "
                              f"{type(exc).__name__}: {exc}") from None
         try:
@@ -208,6 +231,8 @@ class PgStore:
         if self._pool is None:
             raise StoreError(f"{self.location}: the store is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        if self._refuses(op, future):
+            return future
         self._pending.append((op, future))
         self.request_flush()
         return future
@@ -216,6 +241,8 @@ class PgStore:
         """Like `write`, but only joins the next batch: it never starts one by itself."""
         if future is None:
             future = asyncio.get_running_loop().create_future()
+        if self._refuses(op, future):
+            return future
         self._pending.append((op, future))
         return future
 
@@ -230,6 +257,18 @@ class PgStore:
             self._flush_scheduled = True
             loop = asyncio.get_running_loop()
             loop.call_soon(loop.call_soon, self._flush_soon)
+        if isinstance(self.failure, StoreUnavailableError) and not self._riders_called:
+            # Known away: the riders' writes are refused now (see `_refuses`), not when the
+            # batch in flight (a write check waiting out the deadline) has ended. Called
+            # soon, not here: a caller may add its write to its rider after asking.
+            self._riders_called = True
+            asyncio.get_running_loop().call_soon(self._call_riders)
+
+    def _call_riders(self) -> None:
+        self._riders_called = False
+        if isinstance(self.failure, StoreUnavailableError):
+            for rider in self._riders:
+                rider()
 
     def _flush_soon(self) -> None:
         if self._flushing is None:
@@ -275,52 +314,128 @@ class PgStore:
         live = [(op, future) for op, future in batch if not future.cancelled()]
         if not live:
             return
+        live = self._checks_only_while_away(live)
+        if not live:
+            return
         try:
             results = await self._transaction([op for op, _ in live])
         except _OpFailedError:
             # One op raised: run each in its own transaction, so only the failing ones fail.
-            for op, future in live:
+            for index, (op, future) in enumerate(live):
                 try:
                     (result,) = await self._transaction([op])
                 except _OpFailedError as failed:
                     _settle(future, failed.error, None)
                 except StoreWriteError as exc:
-                    self._failed(exc)
                     _settle(future, exc, None)
+                    self._server_away(exc, live[index + 1:])
+                    return
                 else:
                     _settle(future, None, result)
             return
         except StoreWriteError as exc:
-            self._failed(exc)
             for _, future in live:
                 _settle(future, exc, None)
+            self._server_away(exc, [])
             return
         for (_, future), result in zip(live, results, strict=True):
             _settle(future, None, result)
 
+    def _refuses(self, op: PgOp[Any], future: asyncio.Future[Any]) -> bool:
+        """While the server is known away (a write failed and no write check has passed
+        since), fail a write at once, not after the batch in flight (a write check waiting
+        out the deadline, most of the time): a request answers 503 at once. Only the write
+        checks (the prober's each second, /readyz's) try the server, and end this once one
+        commits."""
+        if op is _write_check or not isinstance(self.failure, StoreUnavailableError):
+            return False
+        future.set_exception(self._away())
+        return True
+
+    def _away(self) -> StoreUnavailableError:
+        return StoreUnavailableError(f"{self.location}: the PostgreSQL server is away (a write "
+                                     "failed and no write check has passed since); nothing of "
+                                     "this write was stored")
+
+    def _checks_only_while_away(self, live: _Batch) -> _Batch:
+        """`live` without the writes `_refuses` would refuse now (they are failed)."""
+        if not isinstance(self.failure, StoreUnavailableError):
+            return live
+        away = self._away()
+        for op, future in live:
+            if op is not _write_check:
+                _settle(future, away, None)
+        return [(op, future) for op, future in live if op is _write_check]
+
     async def _transaction(self, ops: list[PgOp[Any]]) -> list[Any]:
         """Run `ops` in one transaction; raise `_OpFailedError` if one raised (nothing stored) or
         the StoreWriteError of the server being away."""
-        assert self._pool is not None
-        results: list[Any] = []
-        try:
-            async with self._pool.acquire(timeout=_CONNECT_TIMEOUT) as conn, conn.transaction():
-                for op in ops:
+        for attempt in (1, 2):
+            started = time.monotonic()
+            results: list[Any] = []
+            committing = False
+            try:
+                async with self._checkout() as conn:
+                    transaction = conn.transaction()
+                    await transaction.start()
                     try:
-                        results.append(await op(conn))
-                    except BaseException as exc:
-                        if unavailable(self.location, exc) is not None or not isinstance(exc, Exception):
-                            raise
-                        raise _OpFailedError(exc) from exc
-        except _OpFailedError:
-            raise
-        except Exception as exc:
-            error = unavailable(self.location, exc)
-            if error is None:
+                        for op in ops:
+                            try:
+                                results.append(await op(conn))
+                            except Exception as exc:
+                                if unavailable(self.location, exc) is not None:
+                                    raise
+                                raise _OpFailedError(exc) from exc
+                    except _OpFailedError:
+                        await transaction.rollback()
+                        raise
+                    committing = True
+                    await transaction.commit()
+            except _OpFailedError:
                 raise
-            raise error from exc
-        self.transactions += 1
-        return results
+            except Exception as exc:
+                if attempt == 1 and not committing and _stale(exc, started):
+                    continue  # nothing was committed on it: once more, on a fresh connection
+                error = unavailable(self.location, exc, committing=committing)
+                if error is None:
+                    raise
+                raise error from exc
+            self.transactions += 1
+            return results
+        raise AssertionError("not reached")
+
+    @contextlib.asynccontextmanager
+    async def _checkout(self) -> AsyncIterator[PgConnection]:
+        """A pooled connection for one read or one write transaction: the checkout and all
+        that is done with it within `_COMMAND_TIMEOUT`, or TimeoutError. A connection that
+        met the server away (or the deadline) is closed, not given back: its state is
+        unknown, and giving it back would wait on the server (a reset, a cancel request)."""
+        if self._pool is None:
+            raise StoreError(f"{self.location}: the store is closed")
+        pool = self._pool
+        async with asyncio.timeout(_COMMAND_TIMEOUT):
+            conn = await pool.acquire()
+            try:
+                yield conn
+            except BaseException as exc:
+                if isinstance(exc, (*_UNAVAILABLE, asyncio.CancelledError)):
+                    # (A connection the server closed asyncpg has already given back.)
+                    with contextlib.suppress(asyncpg.InterfaceError):
+                        conn.terminate()
+                raise
+            finally:
+                await pool.release(conn)
+
+    def _server_away(self, error: StoreWriteError, unsent: _Batch) -> None:
+        """A transaction failed for the server: record it, and fail `unsent` and the writes
+        waiting for the next batch at once (nothing of them was sent) rather than let each
+        wait out another deadline, so a request answers within one `_COMMAND_TIMEOUT` while
+        the server is away."""
+        self._failed(error)
+        waiting, self._pending = self._pending, []
+        fresh = unavailable(self.location, error.__cause__) if error.__cause__ is not None else None
+        for _, future in unsent + waiting:
+            _settle(future, fresh or error, None)
 
     def _failed(self, error: StoreWriteError) -> None:
         self.failure = error
@@ -352,11 +467,17 @@ class PgStore:
 
     async def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[asyncpg.Record]:
         """Rows of a query (`$1`-style placeholders) on a pooled connection."""
-        if self._pool is None:
-            raise StoreError(f"{self.location}: the store is closed")
+        started = time.monotonic()
         try:
-            async with self._pool.acquire(timeout=_CONNECT_TIMEOUT) as conn:
-                rows: list[asyncpg.Record] = await conn.fetch(sql, *params)
+            try:
+                async with self._checkout() as conn:
+                    rows: list[asyncpg.Record] = await conn.fetch(sql, *params)
+                    return rows
+            except Exception as exc:
+                if not _stale(exc, started):
+                    raise
+            async with self._checkout() as conn:  # once more, on a fresh connection
+                rows = await conn.fetch(sql, *params)
                 return rows
         except Exception as exc:
             error = unavailable(self.location, exc)
@@ -477,6 +598,13 @@ class _OpFailedError(Exception):
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _stale(exc: BaseException, started: float) -> bool:
+    """Whether `exc` is a pooled connection found dead at once (the server restarted or ended
+    its session while it sat in the pool), worth one more try on a fresh connection."""
+    return (isinstance(exc, (asyncpg.ConnectionDoesNotExistError, asyncpg.InternalClientError))
+            and time.monotonic() - started < _STALE_WITHIN)
 
 
 def _mark_lost(lost: asyncio.Future[None], _conn: object) -> None:
