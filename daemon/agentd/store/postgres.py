@@ -151,8 +151,8 @@ class PgStore:
             self._pool = await asyncpg.create_pool(
                 # min_size 0: no background reconnects (and their warnings) while the server is away.
                 self.config.url, min_size=0, max_size=self.config.pool_size,
-                command_timeout=_COMMAND_TIMEOUT, timeout=_CONNECT_TIMEOUT, init=_prepare_connection,
-                # Statements are few and fixed; asyncpg caches each one's plan per connection.
+                command_timeout=_COMMAND_TIMEOUT, timeout=_CONNECT_TIMEOUT,
+                server_settings=_SESSION_SETTINGS, reset=_keep_session,
                 max_inactive_connection_lifetime=300.0)
             await self._pool.release(await self._pool.acquire())  # min_size 0 connects nothing
         except Exception as exc:
@@ -626,6 +626,16 @@ async def _write_check(conn: PgConnection) -> None:
                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value", str(time.time()))
 
 
-async def _prepare_connection(conn: PgConnection) -> None:
-    # Short statements only: JIT compiling one costs more than running it.
-    await conn.execute(f"SET jit = off; SET application_name = 'agentd-{os.getpid()}'")
+# Set when a connection opens (no round trip of its own). JIT compiling one of agentd's
+# short statements costs more than running it. A generic plan is made for a prepared
+# statement after five runs, and asyncpg keeps statements prepared per connection: one made
+# while `tasks` was nearly empty seq-scanned it for good (pg_bench's auto_explain saw each
+# ack read 20,000-40,000 rows); a custom plan per run costs tens of microseconds.
+_SESSION_SETTINGS = {"jit": "off", "plan_cache_mode": "force_custom_plan",
+                     "application_name": f"agentd-{os.getpid()}"}
+
+
+async def _keep_session(conn: PgConnection) -> None:
+    """A pooled connection needs no reset when it goes back: agentd leaves no session state
+    on one (its locks are transaction-level; LISTEN and the scheduler's session lock have
+    connections of their own). asyncpg's default reset was a round trip per transaction."""
