@@ -1,11 +1,15 @@
 """The scheduler against the real daemon, on a clock the tests move by hand: one schedule
 model from three sources (plugins, agentd.toml, the API and CLI), the triggers, re-sync at
 start, exactly-once fires across restarts and crashes, missed fires and overlap policies,
-each schedule's record and events, the built-in maintenance schedules, and bad input."""
+each schedule's record and events, the built-in maintenance schedules, and bad input.
+
+On SQLite and on PostgreSQL (`both_stores`), but for what only SQLite has (its writer held,
+a full disk, a read of the file from inside a bus callback)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -23,6 +27,7 @@ from types import ModuleType
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
@@ -34,9 +39,12 @@ from agentd.errors import ConfigError, TaskNotFoundError
 from agentd.events import Event
 from agentd.scheduler import SOURCES
 from agentd.testing import EventCapture, ManualClock, daemon_url, make_config
+from conftest import with_store
 from test_disk_full import BIG, fill, make_room, until
 from test_events_api import reserved
 from test_queue import writer_held
+
+pytestmark = pytest.mark.both_stores
 
 PLUGIN_SOURCE = Path(__file__).with_name("sched_plugin.py")
 # 2027-01-25 08:00:00 UTC (winter in Paris), a multiple of 3600 and 7200.
@@ -122,7 +130,7 @@ def config_with_plugin(directory: Path, schedules: str) -> Path:
 
 
 @pytest.fixture
-async def sched(tmp_path: Path) -> AsyncIterator[Start]:
+async def sched(tmp_path: Path, store_url: str | None) -> AsyncIterator[Start]:
     """`r = await sched(clock=None, plugin=True, plugin_dirs=None, overrides=None,
     state_dir=None, config=None, system_clock=False)`: a real daemon whose scheduler runs on
     a ManualClock (default: at START; the system's with system_clock), with the sched plugin
@@ -141,7 +149,10 @@ async def sched(tmp_path: Path) -> AsyncIterator[Start]:
             if config is None:
                 if plugin_dirs is None:
                     plugin_dirs = [copy_plugin(tmp_path / "plugins")] if plugin else []
-                config = make_config(state_dir or tmp_path, plugin_dirs, _merge(QUIET, overrides))
+                config = make_config(state_dir or tmp_path, plugin_dirs,
+                                     with_store(_merge(QUIET, overrides), store_url))
+            elif store_url is not None:
+                config = dataclasses.replace(config, store=dataclasses.replace(config.store, url=store_url))
             sys.modules.pop("agentd_plugins.sched", None)
             daemon = Daemon(config, clock=clock)
             events = EventCapture(daemon.bus)
@@ -152,6 +163,22 @@ async def sched(tmp_path: Path) -> AsyncIterator[Start]:
             return Running(daemon, clock, events, session, module)  # type: ignore[arg-type]
 
         yield start
+
+
+async def execute(daemon: Daemon, statement: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run `statement` (`?` placeholders) straight on the daemon's database, SQLite or
+    PostgreSQL, as a crash or another program would leave it; its rows."""
+    url = daemon.config.store.url
+    if not url:
+        with sqlite3.connect(daemon.config.database_path) as db:
+            return db.execute(statement, params).fetchall()
+    parts = statement.split("?")
+    numbered = parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], start=1))
+    conn = await asyncpg.connect(url)
+    try:
+        return [tuple(row) for row in await conn.fetch(numbered, *params)]
+    finally:
+        await conn.close()
 
 
 async def call(r: Running, method: str, path: str, body: Any = None, status: int = 200) -> Any:
@@ -323,6 +350,7 @@ async def test_the_api_creates_inspects_changes_pauses_runs_and_deletes(sched: S
     assert "api-work" not in {s["id"] for s in (await call(r, "GET", "/v1/schedules"))["schedules"]}
 
 
+@pytest.mark.sqlite_only  # fills the disk under SQLite's file
 async def test_a_fire_the_store_refuses_is_fired_once_there_is_room(sched: Start) -> None:
     """Found by review: a fire whose task the store refused (a full disk) was reported
     missed with reason "error" and passed over for good, where a daemon down as long would
@@ -348,6 +376,7 @@ async def test_a_fire_the_store_refuses_is_fired_once_there_is_room(sched: Start
     assert (state["fires"], state["misses"], state["next_fire"]) == (2, 0, START + 20 * MINUTE)
 
 
+@pytest.mark.sqlite_only  # holds SQLite's writer
 async def test_a_schedule_deleted_while_it_fires_stays_deleted(sched: Start) -> None:
     """The fire's last write stored the schedule's state again, after the delete: gone from
     the API, it came back at the next start."""
@@ -396,8 +425,7 @@ async def test_every_start_resyncs_declared_schedules_and_keeps_api_ones(
     kept = schedules["kept"]
     assert (kept["source"], kept["fires"], kept["last_fire"], kept["next_fire"]) == (
         "api", 2, BASE + 1800, BASE + 2400)
-    with sqlite3.connect(second.daemon.store.path) as db:
-        stored = {row[0] for row in db.execute("SELECT id FROM schedules")}
+    stored = {row[0] for row in await execute(second.daemon, "SELECT id FROM schedules")}
     assert "sched.hourly" not in stored and "kept" in stored
 
 
@@ -608,9 +636,8 @@ async def test_a_crash_between_enqueue_and_record_does_not_duplicate_the_task(sc
     await outcomes_recorded(r)
     await r.daemon.stop()
     # As if the process died after the enqueue committed, before the schedule's record did.
-    with sqlite3.connect(r.daemon.store.path) as db:
-        db.execute("UPDATE schedules SET next_fire = ?, last_fire = NULL, last_task_id = NULL, "
-                   "last_outcome = NULL, fires = 0 WHERE id = 'crashy'", (START,))
+    await execute(r.daemon, "UPDATE schedules SET next_fire = ?, last_fire = NULL, last_task_id = NULL, "
+                  "last_outcome = NULL, fires = 0 WHERE id = 'crashy'", START)
 
     again = await sched(ManualClock(START))
     refire = await fired(again, "crashy", START)
@@ -634,6 +661,7 @@ TRIGGERED_PLUGIN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.sqlite_only  # reads the file from inside the bus's (synchronous) delivery
 async def test_an_event_fire_is_recorded_before_its_event_goes_out(sched: Start) -> None:
     r = await sched(plugin=False)
     seen_at_delivery: list[tuple[Any, ...]] = []
@@ -661,9 +689,8 @@ async def test_a_crash_between_an_event_fire_s_triggers_and_its_record_triggers_
     assert (await r.daemon.queue.wait(trigger.id, timeout=WAIT)).status == "succeeded"
     await r.daemon.stop()
     # As if the process died once the trigger's task committed, before the record did.
-    with sqlite3.connect(r.daemon.store.path) as db:
-        db.execute("UPDATE schedules SET next_fire = ?, last_fire = NULL, fires = 0 "
-                   "WHERE id = 'ticker'", (START,))
+    await execute(r.daemon, "UPDATE schedules SET next_fire = ?, last_fire = NULL, fires = 0 "
+                  "WHERE id = 'ticker'", START)
 
     again = await sched(ManualClock(START), plugin_dirs=[plugins])
     await fired(again, "ticker", START)
@@ -672,6 +699,7 @@ async def test_a_crash_between_an_event_fire_s_triggers_and_its_record_triggers_
     assert (after["fires"], after["last_fire"], after["next_fire"]) == (1, START, START + MINUTE)
 
 
+@pytest.mark.sqlite_only  # holds SQLite's writer
 async def test_an_event_fire_whose_caller_is_cancelled_mid_write_still_goes_out(
     sched: Start, tmp_path: Path,
 ) -> None:

@@ -37,8 +37,8 @@ from agentd.shutdown import (
     stop_bound,
 )
 from agentd.spawn import Spawner
-from agentd.storage import Storage, open_storage
-from agentd.store import Database, Store
+from agentd.storage import open_storage
+from agentd.store import Database
 from agentd.supervise import Loop, LoopFactory, Supervisor
 from agentd.systemd import Notifier
 from agentd.taskdef import TaskRegistry
@@ -65,9 +65,6 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.storage = open_storage(config)
         self.store: Database = self.storage.database
-        # The parts not yet on the storage seam still take the SQLite engine.
-        # TODO(issue 16): each part takes its storage from self.storage; then this goes.
-        store = self.sqlite_store = _sqlite_for_now(self.storage)
         self.bus = Bus()
         self.spawner = Spawner(
             self.bus, config.daemon.handler_concurrency, config.daemon.handler_backlog
@@ -77,22 +74,22 @@ class Daemon:
         self.queue = TaskQueue(self.storage.tasks, self.bus, self.registry, config.tasks,
                                steps=self.storage.steps)
         self.services = Services.from_config(config)
-        self.hooks = InboundHooks.from_config(config, store)
+        self.hooks = InboundHooks.from_config(config, self.storage.hook_deliveries)
         self.workers = WorkerPool(
             self.storage.tasks, self.queue, self.registry, config.tasks, config.plugins.settings,
             services=self.services)
         self.plugins = PluginManager(config, self.bus, self.spawner, self.queue, self.services)
-        self.eventlog = EventLog(store, self.bus, config.events)
-        self.scheduler = Scheduler(store, self.queue, self.bus, self.registry,
+        self.eventlog = EventLog(self.storage.events, self.bus, config.events)
+        self.scheduler = Scheduler(self.storage.schedules, self.queue, self.bus, self.registry,
                                    self.plugins.enqueue_triggers, clock=clock)
         builtin_queue = maintenance.builtin_queue(config)
         self._maintenance = maintenance.register(
-            self.registry, config, store=store, queue=self.queue, eventlog=self.eventlog,
+            self.registry, config, store=self.store, queue=self.queue, eventlog=self.eventlog,
             memory=lambda: self.services.memory)
         self.services.mailer.register(self.registry, builtin_queue)
         self.services.webhooks.register(self.registry, builtin_queue)
         self.digests = Digests(
-            config.digests.settings, store=store, bus=self.bus, queue=self.queue,
+            config.digests.settings, store=self.storage.digests, bus=self.bus, queue=self.queue,
             eventlog=self.eventlog, mailer=self.services.mailer, spawner=self.spawner)
         try:
             self.digests.check_persistence()
@@ -405,8 +402,3 @@ async def serve(config: Config) -> None:
             await daemon.wait_stopped()
             deadline.arm()
 
-
-def _sqlite_for_now(storage: Storage) -> Store:
-    if storage.sqlite is None:
-        raise ConfigError("[store] url: PostgreSQL is not yet supported by every part")
-    return storage.sqlite

@@ -42,6 +42,7 @@ examples:
   agentd submit hello.greet --args '{"name": "Ada"}' --wait
   agentd tasks list --status failed | head
   agentd schedules add nightly --cron '0 3 * * *' --task reports.build
+  agentd store copy --to postgresql://agentd@db.example/agentd   (daemon stopped)
 
 configuration: --config PATH, else $AGENTD_CONFIG, else ./agentd.toml, else the built-in
 defaults; any key can be overridden as AGENTD_<SECTION>_<KEY> (e.g. AGENTD_SERVER_PORT=9000).
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     _task_commands(sub, common)
     _schedule_commands(sub, common)
     _memory_commands(sub, common)
+    _store_commands(sub, common)
     return parser
 
 
@@ -148,6 +150,33 @@ def _memory_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                             help="rebuild every vector with the configured embedder (daemon stopped)")
 
 
+_COPY_DESCRIPTION = """\
+Copy this configuration's agentd.db ([store] path) into a PostgreSQL database, so that
+one or more daemons can run on it: tasks (ids, statuses, results, steps), schedules,
+digest cursors, hook deliveries, the stream token key and the event log. Stop the daemon
+first: the copy reads the file at rest and refuses while a daemon holds it. The target
+database must exist; it is migrated, then filled in one transaction (a failure leaves it
+as it was). A target that already holds agentd data is refused unless --force, which
+deletes that data first. The SQLite file is only read.
+
+memory.db (sessions, long-term memory) is not copied: it stays where [memory] path says.
+
+exit codes: 0 copied, 1 the copy failed or was refused (daemon running, target not
+empty, PostgreSQL unreachable), 2 a bad --to URL or configuration."""
+
+
+def _store_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`agentd store ...`."""
+    store = sub.add_parser("store", parents=[common], help="move agentd.db to PostgreSQL")
+    verbs = store.add_subparsers(dest="action", required=True)
+    copy = verbs.add_parser("copy", parents=[common], description=_COPY_DESCRIPTION,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            help="copy agentd.db into a PostgreSQL database (daemon stopped)")
+    copy.add_argument("--to", required=True, metavar="URL",
+                      help="the target database, postgresql://user:password@host:port/dbname")
+    copy.add_argument("--force", action="store_true",
+                      help="replace the agentd data the target holds instead of refusing")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `agentd` command; returns the exit code."""
@@ -175,6 +204,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _run(load_config(path))
         if args.command == "memory" and args.action == "reembed":
             return asyncio.run(_reembed(load_config(path)))
+        if args.command == "store":
+            return asyncio.run(_store_copy(load_config(path), args.to, args.force))
         # A client of the daemon reads the API token and no other secret.
         return asyncio.run(_remote(load_client_config(path), args))
     except ConfigError as exc:
@@ -400,6 +431,32 @@ async def _reembed(config: Config) -> int:
     finally:
         await memory.store.close()
     print(f"re-embedded {count} memories with {embedder.id} ({embedder.dimension} dimensions)")
+    return 0
+
+
+async def _store_copy(config: Config, url: str, force: bool) -> int:
+    """`agentd store copy`: see `agentd.store.copy`."""
+    from agentd.store.copy import copy_to_postgres
+
+    configure_logging("warning", config.log.format, sys.stderr)
+    try:
+        report = await copy_to_postgres(config.database_path, url, force=force)
+    except ConfigError:
+        raise
+    except AgentdError as exc:
+        print(f"agentd: store copy: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"copied {report.source} to {report.target} in {report.seconds:.1f} s; rows per table:")
+    for table, count in report.rows.items():
+        print(f"  {table:<16} {count:>10}")
+    if report.replaced:
+        print("replaced (--force) what the target held: " +
+              ", ".join(f"{count} {table}" for table, count in report.replaced.items()))
+    print(f"not copied: memory.db (sessions, long-term memory) stays at {config.memory_path}")
+    where = config.source if config.source != "<defaults>" else "agentd.toml"
+    password = " with its password" if report.target != url else ""
+    print(f"next: set [store] url = \"{report.target}\"{password} in {where} (or AGENTD_STORE_URL), "
+          "then start the daemon(s). The SQLite file was left as it was.")
     return 0
 
 

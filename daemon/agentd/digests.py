@@ -9,6 +9,14 @@ least `every`); a pattern whose events are `ephemeral` is refused at start. A re
 digest mail carries the same Message-ID and the same events: the range is recorded before
 the mail goes out, so a repeat after a crash can be dropped by the receiving mail system. Sends of one digest
 never overlap (a lock per digest), so no event is mailed twice by two sends at once.
+
+Several daemons on PostgreSQL share the cursors and the log: a digest mails every daemon's
+events (its send task runs on whichever daemon claims it), while the counters of digests
+sent by count hear only their own daemon's bus; each daemon's counter may enqueue a send,
+which mails once there are `count` events in the log after the cursor.
+
+`DigestStore` is the `digest_cursors` table; `SqliteDigests` below, and
+`agentd.postgres.digests.PgDigests` on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -17,8 +25,8 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agentd.bus import Bus, Subscription
 from agentd.errors import Fail
@@ -47,10 +55,49 @@ _MARK_SENT = ("UPDATE digest_cursors SET last_event_id = ?, pending_last_id = NU
               "WHERE name = ?")
 
 
+class DigestStore(Protocol):
+    """The `digest_cursors` table, as digests use it."""
+
+    def start(self, names: list[str], last_id: int, now: float) -> Awaitable[object]:
+        """Give each digest of `names` without a cursor one at `last_id`; resolves once committed."""
+
+    async def cursor(self, name: str) -> tuple[int, int | None]:
+        """The digest's last event mailed (0 for none) and the last of a send under way."""
+
+    def mark_pending(self, name: str, last_id: int) -> Awaitable[object]:
+        """Record that a send of the events up to `last_id` is under way."""
+
+    def mark_sent(self, name: str, last_id: int, now: float) -> Awaitable[object]:
+        """Move the cursor to `last_id`: the send under way went out."""
+
+
+class SqliteDigests:
+    """`DigestStore` on agentd.db's SQLite file."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def start(self, names: list[str], last_id: int, now: float) -> Awaitable[object]:
+        def op(conn: Connection) -> None:
+            conn.executemany(_START_CURSOR, [(name, last_id, now) for name in names])
+
+        return self.store.write(op)
+
+    async def cursor(self, name: str) -> tuple[int, int | None]:
+        row = await self.store.read_one(_CURSOR, (name,))
+        return (row["last_event_id"], row["pending_last_id"]) if row is not None else (0, None)
+
+    def mark_pending(self, name: str, last_id: int) -> Awaitable[object]:
+        return self.store.write(lambda conn: conn.execute(_MARK_PENDING, (last_id, name)))
+
+    def mark_sent(self, name: str, last_id: int, now: float) -> Awaitable[object]:
+        return self.store.write(lambda conn: conn.execute(_MARK_SENT, (last_id, now, name)))
+
+
 class Digests:
     """The configured digests: their task, their schedules and their counters."""
 
-    def __init__(self, specs: Mapping[str, DigestSpec], *, store: Store, bus: Bus, queue: TaskQueue,
+    def __init__(self, specs: Mapping[str, DigestSpec], *, store: DigestStore, bus: Bus, queue: TaskQueue,
                  eventlog: EventLog, mailer: Mailer, spawner: Spawner) -> None:
         self.specs = dict(specs)
         self._store = store
@@ -84,12 +131,7 @@ class Digests:
     async def start(self) -> None:
         """Start each digest's cursor at the present (a new digest mails only what comes
         after it) and count events for the digests sent by count."""
-        now, last = time.time(), self._bus.last_id
-
-        def op(conn: Connection) -> None:
-            conn.executemany(_START_CURSOR, [(name, last, now) for name in self.specs])
-
-        await self._store.write(op)
+        await self._store.start(list(self.specs), await self._eventlog.newest_id(), time.time())
         for spec in self.specs.values():
             if spec.count is not None:
                 self._subscriptions.append(self._bus.subscribe(
@@ -125,9 +167,7 @@ class Digests:
             return await self._send(spec, at_least)
 
     async def _send(self, spec: DigestSpec, at_least: int) -> dict[str, Any]:
-        row = await self._store.read_one(_CURSOR, (spec.name,))
-        cursor = row["last_event_id"] if row is not None else 0
-        pending: int | None = row["pending_last_id"] if row is not None else None
+        cursor, pending = await self._store.cursor(spec.name)
         matches = spec.topics.matches
         if pending is not None:
             # A send that may have gone out before a crash: the same range again, so the
@@ -139,7 +179,7 @@ class Digests:
             if len(events) < at_least:
                 return {"sent": 0, "pending": len(events)}
             pending = events[-1].id
-            await self._store.write(lambda conn: conn.execute(_MARK_PENDING, (pending, spec.name)))
+            await self._store.mark_pending(spec.name, pending)
         if events:
             text = "\n".join(_line(e) for e in events)
             args = message_args(list(spec.to), f"{spec.subject} ({len(events)} events)", text, None)
@@ -147,8 +187,7 @@ class Digests:
             if sent["try_later"]:  # refused for now while others took it: a mail task for them
                 await self._queue.enqueue(SEND_MAIL_TASK, {**args, "to": sent["try_later"]},
                                           idempotency_key=f"digest:{spec.name}:{pending}:try-later")
-        await self._store.write(lambda conn: conn.execute(
-            _MARK_SENT, (pending, time.time(), spec.name)))
+        await self._store.mark_sent(spec.name, pending, time.time())
         first = events[0].id if events else None
         return {"sent": len(events), "first_event_id": first, "last_event_id": pending}
 

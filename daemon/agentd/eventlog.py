@@ -1,4 +1,4 @@
-"""The event log: bus events kept in SQLite so a stream client can resume where it left off.
+"""The event log: bus events kept in agentd.db so a stream client can resume where it left off.
 
 Each topic has a persistence class, given by the first matching `[events] persistence`
 rule: `ephemeral` events (LLM tokens) are never stored, `ring` events are kept while they
@@ -12,6 +12,22 @@ after `_RETRY_FIRST` s doubling up to `_RETRY_MAX`, until it commits; meanwhile 
 stay in memory (replays see them), at most `_KEPT_WHILE_REFUSED` of them (the oldest beyond
 are dropped and counted in `lost`). `append` stores an event before it is dispatched, for
 publishers that must hear of a refusal.
+
+Storage. `EventStore` is what the log needs of its engine; `SqliteEvents` (below) stores on
+one SQLite file, where the bus's ids are the log's ids and one daemon is the whole world;
+`agentd.postgres.events.PgEvents` stores on PostgreSQL, shared by several daemons, where the
+log's ids are given at commit (see that module on the commit horizon). Who hears what:
+
+- the daemon's own bus (`bus`): every event published on this daemon, at once, to every
+  subscriber: plugin handlers, digests' counters, the scheduler, this log's recorder. It
+  never carries another daemon's events (a handler on every daemon would act N times).
+- `streams`, the bus that stream clients (SSE, WebSocket) subscribe to. On SQLite it is the
+  daemon's bus itself. On PostgreSQL it is a bus of its own that carries the log in commit
+  order, every daemon's events alike, with the log's ids (so a client may resume on any
+  daemon), and the ephemeral events of every daemon as they come (this daemon's at once,
+  the others' through NOTIFY), each with the id of the last stored event before it.
+- the log (`replay`, `replay_pages`, `replay_correlation`): what committed, from every
+  daemon; on SQLite also what this daemon has not yet committed.
 """
 
 from __future__ import annotations
@@ -19,9 +35,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from agentd.bus import Bus, Subscription
 from agentd.config import EventsConfig
@@ -29,7 +45,60 @@ from agentd.errors import StoreWriteError
 from agentd.events import Event, TopicPattern
 from agentd.jsontext import lenient_encoder
 from agentd.log import get_logger
-from agentd.store import Connection, Row, Store, WriteOp, execute_rows
+from agentd.store import Connection, Row, Store, execute_rows
+
+# An event's row: id, topic, time, data (JSON text), correlation_id, causation_id, durable (0/1).
+EventRow = tuple[int, str, float, str, str | None, str | None, int]
+
+
+class EventStore(Protocol):
+    """The `events` table and meta 'events_horizon', as the event log uses them, on one
+    engine, with the engine's grouped writes."""
+
+    @property
+    def assigns_ids(self) -> bool:
+        """True when the log gives events their ids as they commit (the bus's ids are then
+        the publishing daemon's own, and an event not yet committed is in no replay)."""
+
+    @property
+    def closed(self) -> bool:
+        """Whether the engine is closed."""
+
+    def add_rider(self, rider: Callable[[], None]) -> None:
+        """Call `rider()` just before each write batch is taken."""
+
+    def insert(self, rows: list[EventRow], *, alone: bool) -> asyncio.Future[Any]:
+        """Store `rows`: in a batch of their own (`alone`) or joining the batch being
+        taken (from a rider); resolves once committed."""
+
+    def row_writer(self, row: EventRow) -> Callable[[Any], object]:
+        """The engine's write op storing `row`, to commit with the writes of a caller."""
+
+    async def newest_id(self) -> int:
+        """The newest stored id (0 for none)."""
+
+    async def horizon(self) -> int:
+        """The newest id the sweeper deleted (0 for none)."""
+
+    async def page(self, after: int, limit: int) -> list[Event]:
+        """Up to `limit` stored events with id > `after`, in id order."""
+
+    async def correlation(self, correlation_id: str, after: int) -> list[Event]:
+        """The stored events of one correlation with id > `after`, in id order."""
+
+    def sweep(self, now: float, config: EventsConfig) -> Awaitable[tuple[int, int]]:
+        """Delete what the retention rules let go; resolves to (how many, newest id deleted)."""
+
+    async def counts(self) -> tuple[int, int]:
+        """How many events are stored, and how many of them are durable."""
+
+    async def follow(self, bus: Bus, log: EventLog) -> Bus:
+        """Start feeding the bus stream clients subscribe to, and return it (see the module
+        docstring); `bus` is the daemon's own."""
+
+    async def unfollow(self) -> None:
+        """Stop what `follow` started."""
+
 
 _ROW = "(?,?,?,?,?,?,?)"
 INSERT_EVENTS = (
@@ -65,9 +134,10 @@ class ReplayGap:
 class EventLog:
     """Appends matching bus events to the `events` table; replays them; sweeps old ones."""
 
-    def __init__(self, store: Store, bus: Bus, config: EventsConfig) -> None:
-        self.store = store
+    def __init__(self, storage: EventStore, bus: Bus, config: EventsConfig) -> None:
+        self.storage = storage
         self.bus = bus
+        self.streams = bus  # what stream clients subscribe to; see the module docstring
         self.config = config
         self.horizon = 0
         self.lost = 0
@@ -83,41 +153,45 @@ class EventLog:
         self._drained = asyncio.Event()
         self._drained.set()
         self._subscription: Subscription | None = None
+        # Ids of events `row_writer` stored ahead of their dispatch: not recorded again.
+        self._stored_ahead: set[int] = set()
         self._log = get_logger("eventlog")
 
     async def start(self) -> None:
         """Continue the id sequence after the newest stored event, then start recording."""
-        row = await self.store.read_one("SELECT max(id) AS id FROM events")
-        if row is not None and row["id"] is not None:
-            self.bus.advance_to(row["id"])
-        horizon = await self.store.read_one("SELECT value FROM meta WHERE key = 'events_horizon'")
-        self.horizon = int(horizon["value"]) if horizon is not None else 0
+        self.bus.advance_to(await self.storage.newest_id())
+        self.horizon = await self.storage.horizon()
         self._subscription = self.bus.subscribe(
             "**", self._record, name="event-log",
             accepts=lambda topic: self.persistence(topic) != "ephemeral")
-        self.store.add_rider(self._ride)
+        self.storage.add_rider(self._ride)
+        self.streams = await self.storage.follow(self.bus, self)
 
     async def stop(self) -> None:
         """Stop recording and wait until everything recorded is committed."""
         if self._subscription is not None:
             self._subscription.unsubscribe()
         await self.flush()
+        await self.storage.unfollow()
 
     async def flush(self) -> None:
         """Return once every event recorded so far is committed."""
         if self._pending and not self._writing:
-            self._submit(self.store.write)
+            self._submit(alone=True)
         await self._drained.wait()
 
-    def row_writer(self, event: Event) -> Callable[[Connection], None] | None:
+    def row_writer(self, event: Event) -> Callable[[Any], object] | None:
         """The write that stores `event` ahead of its dispatch (None for an ephemeral topic),
         for a caller that commits it with writes of its own (a durable publish, with the
         tasks of the handlers it triggers). Its row written again when it is dispatched
-        changes nothing (an event's id is its key: INSERT OR IGNORE)."""
+        changes nothing: the recorder skips it (and on SQLite an event's id is its key:
+        INSERT OR IGNORE). A reserved event whose commit failed is never dispatched: its id
+        stays in `_stored_ahead`, a few bytes per refused publish."""
         if self.persistence(event.topic) == "ephemeral":
             return None
-        row = self._row(event)
-        return lambda conn: execute_rows(conn, INSERT_EVENTS, _ROW, [row])
+        writer = self.storage.row_writer(self._row(event))
+        self._stored_ahead.add(event.id)
+        return writer
 
     def persistence(self, topic: str) -> str:
         """The class of `topic`: ephemeral, ring or durable (ring when no rule matches)."""
@@ -127,8 +201,27 @@ class EventLog:
             self._class_of[topic] = kind
         return kind
 
+    def replayable(self, event: Event) -> bool:
+        """Whether a replay may hold `event` (a stream skips a live event whose id its
+        replay sent only if so: on PostgreSQL an ephemeral event bears the id of the stored
+        event before it)."""
+        return self.persistence(event.topic) != "ephemeral"
+
+    async def current_horizon(self) -> int:
+        """`horizon` as the storage has it now (another daemon may have swept since)."""
+        self.horizon = max(self.horizon, await self.storage.horizon())
+        return self.horizon
+
+    async def newest_id(self) -> int:
+        """Where a reader starting now begins: the newest id handed out (SQLite) or
+        committed to the log (PostgreSQL)."""
+        return await self.storage.newest_id() if self.storage.assigns_ids else self.bus.last_id
+
     def _record(self, event: Event) -> None:
         """Bus callback, for topics that are not ephemeral (see `start`)."""
+        if self._stored_ahead and event.id in self._stored_ahead:
+            self._stored_ahead.discard(event.id)
+            return
         self._pending.append(event)
         if not self._writing and self._timer is None and self._refused_wait is None:
             self._drained.clear()
@@ -139,39 +232,38 @@ class EventLog:
     def _ride(self) -> None:
         """Store rider: put the pending events into the batch about to be written."""
         if self._pending and not self._writing and self._refused_wait is None:
-            self._submit(self.store.join_batch)
+            self._submit(alone=False)
 
     def _submit_alone(self) -> None:
         self._timer = None
         if self._pending and not self._writing:
-            if self.store.closed:  # refused until the daemon stopped: never stored
+            if self.storage.closed:  # refused until the daemon stopped: never stored
                 self.lost += len(self._pending)
                 self._log.error("eventlog.write_failed", events=len(self._pending),
                                 error="the store closed before they could be written")
                 self._pending = []
                 self._drained.set()
                 return
-            self._submit(self.store.write)
+            self._submit(alone=True)
 
-    def _submit(self, write: Callable[[WriteOp[Any]], asyncio.Future[Any]]) -> None:
+    def _submit(self, *, alone: bool) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         batch, self._pending = self._pending, []
         self._in_flight = batch
         self._writing = True
-        rows = [self._row(e) for e in batch]
-        written = write(lambda conn: execute_rows(conn, INSERT_EVENTS, _ROW, rows))
+        written = self.storage.insert([self._row(e) for e in batch], alone=alone)
         written.add_done_callback(self._written)
 
-    def _row(self, e: Event) -> tuple[Any, ...]:
+    def _row(self, e: Event) -> EventRow:
         return (e.id, e.topic, e.time, _ENCODE(e.data), e.correlation_id, e.causation_id,
                 int(self.persistence(e.topic) == "durable"))
 
     def _written(self, future: asyncio.Future[Any]) -> None:
         error = None if future.cancelled() else future.exception()
         wait = _ALONE_AFTER
-        if isinstance(error, StoreWriteError) and not self.store.closed:
+        if isinstance(error, StoreWriteError) and not self.storage.closed:
             wait = self._keep_refused(error)
         elif error is not None:
             self.lost += len(self._in_flight)
@@ -199,10 +291,17 @@ class EventLog:
                         dropped=max(0, dropped), retry_in=wait)
         return wait
 
+    def _unflushed(self, keep: Callable[[Event], bool]) -> list[Event]:
+        """The recorded events not yet committed that `keep` takes, when a replay holds them
+        (not where the log gives ids at commit: they have none yet)."""
+        if self.storage.assigns_ids:
+            return []
+        return [e for e in (*self._in_flight, *self._pending) if keep(e)]
+
     async def replay(self, after: int, accept: Callable[[Event], bool]) -> list[Event]:
         """Every kept event with id > `after` that `accept`s, in id order, the ones not yet
-        committed included. Subscribe before calling it, then skip live events with an id
-        at or below the last replayed one: together they miss nothing and repeat nothing."""
+        committed included (on SQLite). Subscribe before calling it, then skip live events
+        with an id the replay sent: together they miss nothing and repeat nothing."""
         return [event async for page in self.replay_pages(after, accept)
                 if not isinstance(page, ReplayGap) for event in page]
 
@@ -212,75 +311,122 @@ class EventLog:
         client resuming from far back holds one page in memory, not the whole log (64
         WebSocket subscriptions from 0 held 600 MB of a 50,000-event log). A sweep between
         two pages is a `ReplayGap` before the next."""
-        unflushed = sorted((e for e in (*self._in_flight, *self._pending) if e.id > after and accept(e)),
-                           key=lambda e: e.id)
+        unflushed = sorted(self._unflushed(lambda e: e.id > after and accept(e)), key=lambda e: e.id)
         cursor = after
         while True:
             if cursor != after and self.horizon > cursor:
                 yield ReplayGap(cursor, self.horizon)
                 cursor = self.horizon
-            rows = await self.store.read(
-                "SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (cursor, _PAGE))
-            last_page = len(rows) < _PAGE
+            events = await self.storage.page(cursor, _PAGE)
+            last_page = len(events) < _PAGE
             # The events not yet committed when the replay began go out with the page whose
             # ids they fall among (one committed since is in both: the row wins, as one id).
             taken = len(unflushed) if last_page else \
-                next((n for n, e in enumerate(unflushed) if e.id > rows[-1]["id"]), len(unflushed))
+                next((n for n, e in enumerate(unflushed) if e.id > events[-1].id), len(unflushed))
             found: dict[int, Event] = {e.id: e for e in unflushed[:taken]}
             del unflushed[:taken]
-            for row in rows:
-                event = event_from_row(row)
+            for event in events:
                 if accept(event):
                     found[event.id] = event
             if found:
                 yield [found[i] for i in sorted(found)]
             if last_page:
                 return
-            cursor = rows[-1]["id"]
+            cursor = events[-1].id
 
     async def replay_correlation(self, correlation_id: str, after: int = 0) -> list[Event]:
         """The kept events of one correlation (a root task and its descendants), in id order."""
-        unflushed = [e for e in (*self._in_flight, *self._pending)
-                     if e.id > after and e.correlation_id == correlation_id]
-        rows = await self.store.read(
-            "SELECT * FROM events WHERE correlation_id = ? AND id > ? ORDER BY id",
-            (correlation_id, after))
-        found = {e.id: e for e in map(event_from_row, rows)}
+        unflushed = self._unflushed(lambda e: e.id > after and e.correlation_id == correlation_id)
+        found = {e.id: e for e in await self.storage.correlation(correlation_id, after)}
         found.update({e.id: e for e in unflushed})
         return [found[i] for i in sorted(found)]
 
     async def sweep(self) -> int:
         """Apply the retention rules; return how many events were deleted."""
-        now = time.time()
-        config = self.config
-
-        def op(conn: Connection) -> tuple[int, int]:
-            # Ids are at least the wall clock in microseconds, so an id below a time's
-            # microseconds belongs to an event older than that time.
-            ring_by_age = int((now - config.ring_seconds) * 1_000_000)
-            row = conn.execute(
-                "SELECT id FROM events WHERE durable = 0 ORDER BY id DESC LIMIT 1 OFFSET ?",
-                (config.ring_size,)).fetchone()
-            ring_cutoff = max(ring_by_age, row[0] if row is not None else 0)
-            durable_cutoff = int((now - config.retention) * 1_000_000)
-            deleted = conn.execute(
-                "DELETE FROM events WHERE (durable = 0 AND id <= ?) OR (durable = 1 AND id <= ?) "
-                "RETURNING id", (ring_cutoff, durable_cutoff)).fetchall()
-            newest = max((r[0] for r in deleted), default=0)
-            if newest:
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('events_horizon', ?) "
-                    "ON CONFLICT (key) DO UPDATE SET value = max(CAST(value AS INTEGER), excluded.value)",
-                    (str(newest),))
-            return len(deleted), newest
-
-        count, newest = await self.store.write(op)
+        count, newest = await self.storage.sweep(time.time(), self.config)
         self.horizon = max(self.horizon, newest)
         return count
 
     async def stats(self) -> dict[str, int]:
-        row = await self.store.read_one(
-            "SELECT count(*) AS n, coalesce(sum(durable), 0) AS durable FROM events")
-        total, durable = (row["n"], row["durable"]) if row is not None else (0, 0)
+        total, durable = await self.storage.counts()
         return {"stored": total, "durable": durable, "ring": total - durable,
                 "horizon": self.horizon, "lost": self.lost}
+
+
+_PAGE_SQL = "SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?"
+_CORRELATION_SQL = "SELECT * FROM events WHERE correlation_id = ? AND id > ? ORDER BY id"
+_RING_OFFSET = "SELECT id FROM events WHERE durable = 0 ORDER BY id DESC LIMIT 1 OFFSET ?"
+_SWEEP = ("DELETE FROM events WHERE (durable = 0 AND id <= ?) OR (durable = 1 AND id <= ?) "
+          "RETURNING id")
+_SET_HORIZON = ("INSERT INTO meta (key, value) VALUES ('events_horizon', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = max(CAST(value AS INTEGER), excluded.value)")
+
+
+def sweep_cutoffs(now: float, config: EventsConfig) -> tuple[int, int]:
+    """The ids at or below which ring and durable events are old enough to go, by age.
+    Ids are at least the wall clock in microseconds (on both engines), so an id below a
+    time's microseconds belongs to an event older than that time."""
+    return int((now - config.ring_seconds) * 1_000_000), int((now - config.retention) * 1_000_000)
+
+
+class SqliteEvents:
+    """`EventStore` on agentd.db's SQLite file: the bus's ids are the log's ids."""
+
+    assigns_ids = False
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @property
+    def closed(self) -> bool:
+        return self.store.closed
+
+    def add_rider(self, rider: Callable[[], None]) -> None:
+        self.store.add_rider(rider)
+
+    def insert(self, rows: list[EventRow], *, alone: bool) -> asyncio.Future[Any]:
+        write = self.store.write if alone else self.store.join_batch
+        return write(lambda conn: execute_rows(conn, INSERT_EVENTS, _ROW, rows))
+
+    def row_writer(self, row: EventRow) -> Callable[[Any], object]:
+        return lambda conn: execute_rows(conn, INSERT_EVENTS, _ROW, [row])
+
+    async def newest_id(self) -> int:
+        row = await self.store.read_one("SELECT max(id) AS id FROM events")
+        return int(row["id"]) if row is not None and row["id"] is not None else 0
+
+    async def horizon(self) -> int:
+        row = await self.store.read_one("SELECT value FROM meta WHERE key = 'events_horizon'")
+        return int(row["value"]) if row is not None else 0
+
+    async def page(self, after: int, limit: int) -> list[Event]:
+        return [event_from_row(row) for row in await self.store.read(_PAGE_SQL, (after, limit))]
+
+    async def correlation(self, correlation_id: str, after: int) -> list[Event]:
+        return [event_from_row(row)
+                for row in await self.store.read(_CORRELATION_SQL, (correlation_id, after))]
+
+    def sweep(self, now: float, config: EventsConfig) -> Awaitable[tuple[int, int]]:
+        ring_by_age, durable_cutoff = sweep_cutoffs(now, config)
+
+        def op(conn: Connection) -> tuple[int, int]:
+            row = conn.execute(_RING_OFFSET, (config.ring_size,)).fetchone()
+            ring_cutoff = max(ring_by_age, row[0] if row is not None else 0)
+            deleted = conn.execute(_SWEEP, (ring_cutoff, durable_cutoff)).fetchall()
+            newest = max((r[0] for r in deleted), default=0)
+            if newest:
+                conn.execute(_SET_HORIZON, (str(newest),))
+            return len(deleted), newest
+
+        return self.store.write(op)
+
+    async def counts(self) -> tuple[int, int]:
+        row = await self.store.read_one(
+            "SELECT count(*) AS n, coalesce(sum(durable), 0) AS durable FROM events")
+        return (row["n"], row["durable"]) if row is not None else (0, 0)
+
+    async def follow(self, bus: Bus, log: EventLog) -> Bus:
+        return bus  # one daemon: its bus is the whole stream
+
+    async def unfollow(self) -> None:
+        pass

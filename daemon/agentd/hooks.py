@@ -7,6 +7,10 @@ no time and no id: a hook takes them only when its configuration lists them (`gi
 `X-Hub-Signature-256` with `X-GitHub-Delivery`; `agentd`: `X-Agentd-Signature` with
 `X-Agentd-Delivery`), and refuses a repeat of the delivery id with the same body (its
 signature) for `replay_window` seconds.
+
+The ids taken are kept through a `DeliveryStore`: `SqliteDeliveries` below, or
+`agentd.postgres.hooks.PgDeliveries`, where every daemon sharing the database refuses an id
+any of them has taken.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ from __future__ import annotations
 import hmac
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from agentd.config import Config
 from agentd.errors import AgentdError, StoreWriteError
@@ -39,6 +43,34 @@ _log = get_logger("hooks")
 _TAKEN = "SELECT 1 FROM hook_deliveries WHERE hook = ? AND delivery_id = ? AND refuse_until >= ?"
 _FORGET_EXPIRED = "DELETE FROM hook_deliveries WHERE refuse_until < ?"
 _TAKE = "INSERT OR REPLACE INTO hook_deliveries (hook, delivery_id, refuse_until) VALUES (?, ?, ?)"
+
+
+class DeliveryStore(Protocol):
+    """The `hook_deliveries` table: the delivery ids each hook has taken."""
+
+    async def taken(self, hook: str, delivery_id: str, now: float) -> bool:
+        """Whether `hook` took `delivery_id` and refuses it still at `now`."""
+
+    def take(self, hook: str, delivery_id: str, refuse_until: float, now: float) -> Awaitable[object]:
+        """Record the id as taken until `refuse_until`, forgetting the ids expired by `now`;
+        resolves once committed."""
+
+
+class SqliteDeliveries:
+    """`DeliveryStore` on agentd.db's SQLite file."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def taken(self, hook: str, delivery_id: str, now: float) -> bool:
+        return await self.store.read_one(_TAKEN, (hook, delivery_id, now)) is not None
+
+    def take(self, hook: str, delivery_id: str, refuse_until: float, now: float) -> Awaitable[object]:
+        def record(conn: Connection) -> None:
+            conn.execute(_FORGET_EXPIRED, (now,))
+            conn.execute(_TAKE, (hook, delivery_id, refuse_until))
+
+        return self.store.write(record)
 
 
 def _header_bytes(value: str) -> bytes:
@@ -162,13 +194,13 @@ class InboundHooks:
     """The configured inbound hooks, with their keys, and the delivery ids each has taken:
     kept in the database (table `hook_deliveries`), so a restart forgets none."""
 
-    def __init__(self, hooks: Mapping[str, InboundHook], store: Store) -> None:
+    def __init__(self, hooks: Mapping[str, InboundHook], store: DeliveryStore) -> None:
         self._hooks = dict(hooks)
         self._store = store
         self._in_flight: set[tuple[str, str]] = set()
 
     @classmethod
-    def from_config(cls, config: Config, store: Store) -> InboundHooks:
+    def from_config(cls, config: Config, store: DeliveryStore) -> InboundHooks:
         """Build the hooks of `[hooks.<name>]`, with the secrets `load_config` read (and checked)."""
         hooks = {}
         for name, spec in config.hooks.settings.items():
@@ -204,17 +236,11 @@ class InboundHooks:
         self._in_flight.add(key)
         held_for_good = False
         try:
-            if await self._store.read_one(_TAKEN, (*key, time.time())) is not None:
+            if await self._store.taken(*key, time.time()):
                 raise refused
             yield
-            now = time.time()
-
-            def record(conn: Connection) -> None:
-                conn.execute(_FORGET_EXPIRED, (now,))
-                conn.execute(_TAKE, (*key, delivery.refuse_repeats_until))
-
             try:
-                await self._store.write(record)
+                await self._store.take(*key, delivery.refuse_repeats_until, time.time())
             except StoreWriteError as exc:
                 held_for_good = True
                 _log.error("hooks.record_failed", hook=hook, delivery_id=delivery.id, error=str(exc))

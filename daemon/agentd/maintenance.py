@@ -13,14 +13,14 @@ from agentd.eventlog import EventLog
 from agentd.memory import MemoryStore
 from agentd.schedule import ScheduleSpec
 from agentd.scheduler import DeclaredSource
-from agentd.store import Store
+from agentd.store import Database
 from agentd.taskdef import TaskDef, TaskRegistry
 from agentd.taskqueue import TaskQueue
 
 SOURCE: Final[DeclaredSource] = "builtin"  # the source of the schedules `register` returns
 
 
-def register(registry: TaskRegistry, config: Config, *, store: Store, queue: TaskQueue,
+def register(registry: TaskRegistry, config: Config, *, store: Database, queue: TaskQueue,
              eventlog: EventLog, memory: Callable[[], MemoryStore | None]) -> list[ScheduleSpec]:
     """Register the maintenance tasks; return their schedules (intervals from agentd.toml)."""
 
@@ -31,7 +31,7 @@ def register(registry: TaskRegistry, config: Config, *, store: Store, queue: Tas
         return {"deleted": await eventlog.sweep()}
 
     async def maintain_store(ctx: Context) -> dict[str, dict[str, int]]:
-        done = {store.path.name: await store.maintain()}
+        done = {store.name: await store.maintain()}
         current = memory()
         if current is not None:
             done[current.store.path.name] = await current.store.maintain()

@@ -27,6 +27,14 @@ declaration takes the id of a schedule made over the API, the declaration wins (
 operator's current code and configuration) with a record of its own, and the API's
 definition it replaces is logged and published (`schedule.replaced`), never dropped in
 silence. The API cannot take an id that is declared (TaskStateError naming its owner).
+
+Storage and leadership. The scheduler keeps its schedules through a `ScheduleStore`:
+`SqliteSchedules` below (one daemon, which always leads) or
+`agentd.postgres.schedules.PgSchedules`, where several daemons share the table. There one
+daemon leads: only it fires and records outcomes, the others keep a copy that follows the
+table (each write notifies; a daemon re-reads what another changed), so their API shows and
+changes the same schedules, and they take the lead when the leader goes (see PgSchedules
+for the bound). Whatever leads, the fire time's idempotency key keeps each fire once.
 """
 
 from __future__ import annotations
@@ -39,8 +47,8 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol, get_args
 
 from agentd.bus import Bus
@@ -82,6 +90,7 @@ _SAVE = (
     "failures_in_row = excluded.failures_in_row, owed_fire = excluded.owed_fire, "
     "updated_at = excluded.updated_at")
 _DELETE = "DELETE FROM schedules WHERE id = ?"
+_ONE = "SELECT * FROM schedules WHERE id = ?"
 
 
 class Clock(Protocol):
@@ -148,8 +157,13 @@ class ScheduleState:
             "owed_fire": self.owed_fire,
         }
 
+    def adopt(self, other: ScheduleState) -> None:
+        """Take every field of `other` (the same schedule, as stored by another daemon)."""
+        for column in fields(self):
+            setattr(self, column.name, getattr(other, column.name))
+
     @classmethod
-    def from_row(cls, row: Row) -> ScheduleState:
+    def from_row(cls, row: Row | Mapping[str, Any]) -> ScheduleState:
         return cls(
             spec=ScheduleSpec(**json.loads(row["spec"])), source=row["source"],
             paused=bool(row["paused"]), next_fire=row["next_fire"], last_fire=row["last_fire"],
@@ -159,10 +173,91 @@ class ScheduleState:
         )
 
 
+class ScheduleStore(Protocol):
+    """The `schedules` table as the scheduler uses it, and which daemon fires: the one that
+    leads (on an engine only one daemon uses, that one, always)."""
+
+    async def load(self) -> list[ScheduleState]:
+        """Every stored schedule."""
+
+    async def load_one(self, schedule_id: str) -> ScheduleState | None:
+        """One stored schedule, or None if there is none of that id."""
+
+    def save(self, state: ScheduleState, now: float) -> Awaitable[object]:
+        """Store the schedule, definition and record (insert or replace); resolves once
+        committed."""
+
+    def save_record(self, state: ScheduleState, now: float) -> Awaitable[object]:
+        """Store what firing changes (the timing, the record), not the definition nor
+        `paused`, which other daemons' API may change meanwhile; resolves once committed."""
+
+    def delete(self, schedule_id: str) -> Awaitable[object]:
+        """Remove the schedule; resolves once committed."""
+
+    def watch(self, changed: Callable[[str | None], None]) -> None:
+        """Call `changed(schedule_id)` when another daemon changed that schedule, or
+        `changed(None)` when any may have changed (notifications were lost)."""
+
+    async def lead(self, lost: Callable[[], None]) -> bool:
+        """Return once this daemon leads the firing; call `lost()` if it stops leading
+        later. True when other daemons may have changed the table meanwhile (re-read it)."""
+
+    @property
+    def leading(self) -> bool:
+        """Whether this daemon leads the firing now."""
+
+    def resign(self) -> None:
+        """Stop leading (at once: another daemon may lead)."""
+
+
+class SqliteSchedules:
+    """`ScheduleStore` on agentd.db's SQLite file: one daemon uses it, and it always leads."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def load(self) -> list[ScheduleState]:
+        return [ScheduleState.from_row(row) for row in await self.store.read(_SCHEDULES)]
+
+    async def load_one(self, schedule_id: str) -> ScheduleState | None:
+        row = await self.store.read_one(_ONE, (schedule_id,))
+        return None if row is None else ScheduleState.from_row(row)
+
+    def save(self, state: ScheduleState, now: float) -> Awaitable[object]:
+        values = row_values(state, now)
+        return self.store.write(lambda conn: conn.execute(_SAVE, values))
+
+    save_record = save  # one daemon writes the table: the whole row is its own
+
+    def delete(self, schedule_id: str) -> Awaitable[object]:
+        return self.store.write(_delete(schedule_id))
+
+    def watch(self, changed: Callable[[str | None], None]) -> None:
+        pass  # no other daemon changes the table
+
+    async def lead(self, lost: Callable[[], None]) -> bool:
+        return False
+
+    @property
+    def leading(self) -> bool:
+        return True
+
+    def resign(self) -> None:
+        pass
+
+
+def row_values(state: ScheduleState, now: float) -> tuple[Any, ...]:
+    """The row of `state`, in `_SAVE`'s column order."""
+    return (state.spec.id, state.source, json.dumps(state.spec.to_dict()), int(state.paused),
+            state.next_fire, state.last_fire, state.last_task_id, state.last_outcome,
+            state.fires, state.misses, state.failures_in_row, state.owed_fire,
+            state.created_at or now, now)
+
+
 class Scheduler:
     """Owns every schedule; see the module docstring for its guarantees."""
 
-    def __init__(self, store: Store, queue: TaskQueue, bus: Bus, registry: TaskRegistry,
+    def __init__(self, store: ScheduleStore, queue: TaskQueue, bus: Bus, registry: TaskRegistry,
                  commit_triggers: CommitTriggers, *, clock: Clock | None = None) -> None:
         self.store = store
         self.queue = queue
@@ -175,6 +270,8 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._outcomes: set[asyncio.Task[None]] = set()
         self._refused_until: dict[str, float] = {}  # schedule id -> when to try its fire again
+        self._stale: set[str | None] = set()  # changed by another daemon (None: any)
+        self._reloading: asyncio.Task[None] | None = None
         self._log = get_logger("scheduler")
         self._subscription = bus.subscribe(_FINAL_TOPICS, self._on_task_final, name="scheduler")
 
@@ -192,12 +289,11 @@ class Scheduler:
         for spec, source in declared:
             self._check_action(spec, f"{source} schedule {spec.id!r}: ")
         now = self.clock.now()
-        rows = await self.store.read(_SCHEDULES)
-        stored = {row["id"]: ScheduleState.from_row(row) for row in rows}
+        stored = {state.spec.id: state for state in await self.store.load()}
         wanted = {spec.id: (spec, source) for spec, source in declared}
         for schedule_id, state in stored.items():
             if state.source != "api" and schedule_id not in wanted:
-                await self.store.write(_delete(schedule_id))
+                await self.store.delete(schedule_id)
                 continue
             self.schedules[schedule_id] = state
         for schedule_id, (spec, source) in wanted.items():
@@ -218,6 +314,7 @@ class Scheduler:
         for schedule_id, state in self.schedules.items():
             if state.last_task_id is not None:
                 self._by_task[state.last_task_id] = schedule_id
+        self.store.watch(self._changed_elsewhere)
 
     def _replaced(self, replaced: ScheduleState, source: DeclaredSource) -> None:
         """Report a schedule of the API that a declared one (from `source`) replaces: its
@@ -241,14 +338,33 @@ class Scheduler:
     async def stop(self) -> None:
         """Stop following task outcomes; finish recording the ones already seen."""
         self._subscription.unsubscribe()
+        self.store.resign()
         await asyncio.gather(*self._outcomes, return_exceptions=True)
+        if self._reloading is not None:
+            self._reloading.cancel()
+            await asyncio.gather(self._reloading, return_exceptions=True)
 
     async def run(self) -> None:
-        """Forever: handle due schedules, then sleep until the next one (or a change)."""
-        while True:
+        """Forever: wait to lead the firing (at once with one daemon), then fire while
+        leading. Leaving (cancelled, or failing) gives the lead up at once."""
+        try:
+            while True:
+                if await self.store.lead(self.wake):
+                    self._log.info("scheduler.leading")
+                    await self._reload(None)
+                await self._fire_while_leading()
+                self._log.warning("scheduler.lead_lost")
+        finally:
+            self.store.resign()
+
+    async def _fire_while_leading(self) -> None:
+        """Handle due schedules, then sleep until the next one (or a change), while leading."""
+        while self.store.leading:
             self._wake.clear()
             now = self.clock.now()
             for state in list(self.schedules.values()):
+                if not self.store.leading:
+                    return
                 if (not state.paused and state.next_fire is not None and state.next_fire <= now
                         and self._refused_until.get(state.spec.id, now) <= now):
                     try:
@@ -264,10 +380,53 @@ class Scheduler:
                         state.next_fire = now + _RETRY_FAILED
             pending = [max(s.next_fire, self._refused_until.get(s.spec.id, s.next_fire))
                        for s in self.schedules.values() if not s.paused and s.next_fire is not None]
-            await self.clock.sleep_until(min(pending) if pending else None, self._wake)
+            if self.store.leading:
+                await self.clock.sleep_until(min(pending) if pending else None, self._wake)
 
     def wake(self) -> None:
         self._wake.set()
+
+    # -- other daemons' changes --------------------------------------------------------------
+
+    def _changed_elsewhere(self, schedule_id: str | None) -> None:
+        """Another daemon changed `schedule_id` (None: maybe any): re-read it, one reload
+        at a time, so an older read never lands after a newer one."""
+        self._stale.add(schedule_id)
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.get_running_loop().create_task(
+                self._reload_stale(), name="schedule-reload")
+
+    async def _reload_stale(self) -> None:
+        while self._stale:
+            stale = None if None in self._stale else self._stale.pop()
+            if stale is None:
+                self._stale.clear()
+            try:
+                await self._reload(stale)
+            except Exception as exc:  # the store is away: the reconnect reloads everything
+                self._log.error("schedule.reload_failed", schedule=stale, error=describe(exc))
+
+    async def _reload(self, schedule_id: str | None) -> None:
+        """Take the stored state of one schedule (or of all) as this daemon's: the same
+        objects, updated in place, so work under way on them goes on with the new state."""
+        if schedule_id is None:
+            found = {state.spec.id: state for state in await self.store.load()}
+            for gone in set(self.schedules) - set(found):
+                del self.schedules[gone]
+        else:
+            one = await self.store.load_one(schedule_id)
+            found = {} if one is None else {schedule_id: one}
+            if one is None:
+                self.schedules.pop(schedule_id, None)
+        for key, state in found.items():
+            known = self.schedules.get(key)
+            if known is None:
+                self.schedules[key] = state
+            else:
+                known.adopt(state)
+            if state.last_task_id is not None:
+                self._by_task[state.last_task_id] = key
+        self.wake()
 
     # -- the API -----------------------------------------------------------------------------
 
@@ -319,7 +478,7 @@ class Scheduler:
     async def delete(self, schedule_id: str) -> None:
         self._editable(schedule_id, "delete")
         del self.schedules[schedule_id]
-        await self.store.write(_delete(schedule_id))
+        await self.store.delete(schedule_id)
         self.wake()
 
     async def set_paused(self, schedule_id: str, paused: bool) -> ScheduleState:
@@ -341,7 +500,7 @@ class Scheduler:
         """Fire once now, outside the timetable (overlap policy applies)."""
         state = self.get(schedule_id)
         await self._fire(state, self.clock.now(), manual=True)
-        await self._save(state)
+        await self._save(state, record=True)
         return state
 
     # -- firing ------------------------------------------------------------------------------
@@ -386,7 +545,7 @@ class Scheduler:
                 self._log.error("schedule.fire_failed", schedule=spec.id, error=str(exc))
                 self._missed(state, fire_time, "error", error=describe(exc))
         state.next_fire = due.next_fire
-        await self._save(state)
+        await self._save(state, record=True)
 
     async def _fire(self, state: ScheduleState, fire_time: float, manual: bool = False,
                     following: float | None = None) -> None:
@@ -424,7 +583,7 @@ class Scheduler:
             state.last_fire, state.fires = fire_time, state.fires + 1
             if not manual:
                 state.next_fire = following
-            await self._save(state)
+            await self._save(state, record=True)
 
         await self.bus.dispatch_once_committed(event, commit())
         self.bus.publish("schedule.fired", {"schedule_id": spec.id, "fire_time": fire_time,
@@ -457,6 +616,8 @@ class Scheduler:
                                               "reason": reason, **extra})
 
     def _on_task_final(self, event: Event) -> None:
+        if not self.store.leading:
+            return  # the leading daemon records outcomes: once, whichever daemon ran the task
         schedule_id = self._by_task.pop(event.data.get("task_id", -1), None)
         state = self.schedules.get(schedule_id) if schedule_id else None
         if state is None or state.last_task_id != event.data.get("task_id"):
@@ -478,12 +639,13 @@ class Scheduler:
     async def _record_outcome(self, state: ScheduleState, outcome: TaskStatus) -> None:
         state.last_outcome = outcome
         limit = state.spec.pause_after_failures
+        paused_now = False
         if outcome == "succeeded":
             state.failures_in_row = 0
         else:
             state.failures_in_row += 1
             if limit and state.failures_in_row >= limit and not state.paused:
-                state.paused = True
+                state.paused = paused_now = True
                 self.bus.publish("schedule.paused", {"schedule_id": state.spec.id,
                                                      "reason": f"{limit} failures in a row"})
         owed, state.owed_fire = state.owed_fire, None
@@ -495,7 +657,7 @@ class Scheduler:
             except Exception as exc:  # as in `_fire_due`: reported, and the state still saved
                 self._log.error("schedule.fire_failed", schedule=state.spec.id, error=str(exc))
                 self._missed(state, owed, "error", error=describe(exc))
-        await self._save(state)
+        await self._save(state, record=not paused_now)
 
     def _check_action(self, spec: ScheduleSpec, where: str) -> None:
         """Refuse now what would fail at every fire: an unknown task, args that do not fit
@@ -524,15 +686,15 @@ class Scheduler:
                 f"declares it; {where} (pause and resume work on every schedule)")
         return state
 
-    async def _save(self, state: ScheduleState) -> None:
+    async def _save(self, state: ScheduleState, record: bool = False) -> None:
+        """Store the schedule; with `record`, only what firing changes (its definition and
+        `paused` may have been changed meanwhile through another daemon's API)."""
         if self.schedules.get(state.spec.id) is not state:
             return  # deleted (or replaced) while this was being worked out: not written back
-        now = time.time()
-        values = (state.spec.id, state.source, json.dumps(state.spec.to_dict()), int(state.paused),
-                  state.next_fire, state.last_fire, state.last_task_id, state.last_outcome,
-                  state.fires, state.misses, state.failures_in_row, state.owed_fire,
-                  state.created_at or now, now)
-        await self.store.write(lambda conn: conn.execute(_SAVE, values))
+        if record:
+            await self.store.save_record(state, time.time())
+        else:
+            await self.store.save(state, time.time())
 
 
 @dataclass(slots=True)

@@ -9,12 +9,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agentd.config import Config
+from agentd.digests import DigestStore, SqliteDigests
+from agentd.eventlog import EventStore, SqliteEvents
+from agentd.hooks import DeliveryStore, SqliteDeliveries
+from agentd.postgres.digests import PgDigests
+from agentd.postgres.events import PgEvents
+from agentd.postgres.hooks import PgDeliveries
+from agentd.postgres.schedules import PgSchedules
 from agentd.postgres.steps import PgSteps
+from agentd.postgres.streamkey import PgStreamKey
 from agentd.postgres.tasks import PgTasks
+from agentd.scheduler import ScheduleStore, SqliteSchedules
 from agentd.steps import SqliteSteps, StepStore
 from agentd.store import Database, Store
 from agentd.store.postgres import PgStore
 from agentd.store.sqlite import SqliteStore
+from agentd.streamkey import SqliteStreamKey, StreamKeyStore
 from agentd.taskqueue import SqliteTasks, TaskStore
 
 
@@ -29,6 +39,11 @@ class Storage:
     postgres: PgStore | None
     steps: StepStore
     tasks: TaskStore
+    events: EventStore
+    digests: DigestStore
+    schedules: ScheduleStore
+    hook_deliveries: DeliveryStore
+    stream_key: StreamKeyStore
 
 
 def open_storage(config: Config) -> Storage:
@@ -41,9 +56,14 @@ def open_storage(config: Config) -> Storage:
 def _sqlite(store: SqliteStore) -> Storage:
     sqlite: Store = store
     return Storage(database=store, sqlite=store, postgres=None, steps=SqliteSteps(sqlite),
-                   tasks=SqliteTasks(sqlite))
+                   tasks=SqliteTasks(sqlite), events=SqliteEvents(sqlite),
+                   digests=SqliteDigests(sqlite),
+                   schedules=SqliteSchedules(sqlite), hook_deliveries=SqliteDeliveries(sqlite),
+                   stream_key=SqliteStreamKey(sqlite))
 
 
 def _postgres(store: PgStore) -> Storage:
     return Storage(database=store, sqlite=None, postgres=store, steps=PgSteps(store),
-                   tasks=PgTasks(store))
+                   tasks=PgTasks(store), events=PgEvents(store), digests=PgDigests(store),
+                   schedules=PgSchedules(store), hook_deliveries=PgDeliveries(store),
+                   stream_key=PgStreamKey(store))

@@ -62,6 +62,10 @@ class Database(Protocol):
     def location(self) -> str:
         """Where the data is, for logs: the file's path, or the URL without its password."""
 
+    @property
+    def name(self) -> str:
+        """A short name for it in results: the file's name, or "postgresql"."""
+
     async def open(self) -> None:
         """Connect and migrate. Raises StoreError."""
 

@@ -41,7 +41,7 @@ from typing import Any, TypeAlias, TypeVar
 import asyncpg
 
 from agentd.config import StoreConfig, redact_url
-from agentd.errors import StoreError, StoreUnavailableError, StoreWriteError
+from agentd.errors import StoreError, StoreUnavailableError, StoreWriteError, describe
 from agentd.log import get_logger
 
 T = TypeVar("T")
@@ -113,12 +113,17 @@ class PgStore:
         self._channels: dict[str, list[Callable[[str], None]]] = {}
         self._reconnect_callbacks: list[Callable[[], None]] = []
         self._listener: PgConnection | None = None
+        self._adding: set[asyncio.Task[None]] = set()  # LISTENs added to the open connection
         self.listening = asyncio.Event()  # set while the listening connection is open
         self._log = get_logger("store")
 
     @property
     def closed(self) -> bool:
         return self._pool is None
+
+    @property
+    def name(self) -> str:
+        return "postgresql"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -371,7 +376,17 @@ class PgStore:
         this one included), once `run_listener` has the connection open."""
         self._channels.setdefault(channel, []).append(callback)
         if self._listener is not None and len(self._channels[channel]) == 1:
-            asyncio.get_running_loop().create_task(self._listener.add_listener(channel, self._dispatch))
+            adding = asyncio.get_running_loop().create_task(
+                self._listener.add_listener(channel, self._dispatch))
+            self._adding.add(adding)
+            adding.add_done_callback(self._added)
+
+    def _added(self, adding: asyncio.Task[None]) -> None:
+        self._adding.discard(adding)
+        error = None if adding.cancelled() else adding.exception()
+        if error is not None:
+            # The connection broke: its replacement listens to every channel asked for.
+            self._log.warning("store.listen_failed", url=self.location, error=describe(error))
 
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         """Call `callback()` each time the listening connection is (re-)opened: notifications
@@ -405,8 +420,12 @@ class PgStore:
             lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             conn.add_termination_listener(partial(_mark_lost, lost))
             try:
-                for channel in self._channels:
-                    await conn.add_listener(channel, self._dispatch)
+                # Channels asked for while these awaits run are listened to as well.
+                listened: set[str] = set()
+                while unheard := self._channels.keys() - listened:
+                    for channel in unheard:
+                        await conn.add_listener(channel, self._dispatch)
+                        listened.add(channel)
                 self._listener = conn
                 self.listening.set()
                 delay = _LISTEN_BACKOFF[0]

@@ -124,6 +124,10 @@ class SqliteStore(Writer):
     def location(self) -> str:
         return str(self.path)
 
+    @property
+    def name(self) -> str:
+        return self.path.name
+
     def describe(self) -> dict[str, Any]:
         """What `/v1/status` shows of the store."""
         return {"engine": "sqlite", "path": str(self.path), "schema_version": self.schema_version,

@@ -18,11 +18,15 @@ stream route; on `/v1/ws` it subscribes but cannot publish, submit or cancel), o
 for one route and one set of topics. It opens a stream within `[streams] token_ttl` seconds
 of its issue and resumes one (a request with `Last-Event-ID`, as EventSource sends when it
 reconnects) within `token_resume_ttl`. Its signing key is kept in the database, so tokens
-outlive a restart; rotating the key revokes every token.
+outlive a restart; rotating the key revokes every token. The key is kept through a
+`StreamKeyStore` (agentd/streamkey.py: `SqliteStreamKey`, or `agentd.postgres.streamkey.PgStreamKey`), where
+the daemons sharing the database share the key, so a token from one opens a stream on any,
+and a rotation on one is told to the others (they re-read the key).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -34,6 +38,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -42,23 +47,18 @@ from aiohttp.typedefs import Middleware
 
 from agentd.config import LOOPBACK_HOSTS, StreamsConfig
 from agentd.events import TopicFilter
+from agentd.log import get_logger
+from agentd.streamkey import StreamKeyStore
 from agentd.web.errors import ApiError
 
 if TYPE_CHECKING:
-    from agentd.store import Connection, Store
+    pass
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_log = get_logger("auth")
 
 # Set on a request the auth middleware let in with a stream token: it may only read.
 READ_ONLY: web.RequestKey[bool] = web.RequestKey("read_only", bool)
-
-_KEY_NAME = "stream_token_key"  # the row of the meta table holding the signing key (hex)
-# The statements on that row, all of them.
-_CREATE_KEY = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"
-_READ_KEY = "SELECT value FROM meta WHERE key = ?"
-_REPLACE_KEY = ("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
-                "SET value = excluded.value")
-
 
 @dataclass(frozen=True, slots=True)
 class StreamGrant:
@@ -90,22 +90,38 @@ class StreamTokens:
     def __init__(self, config: StreamsConfig) -> None:
         self.config = config
         self._key = b""
+        self._rereading: asyncio.Task[None] | None = None
+        self._reread_again = False
 
-    async def load(self, store: Store) -> None:
-        """Read the signing key, creating it on the database's first start."""
-        fresh = os.urandom(32).hex()
+    async def load(self, store: StreamKeyStore) -> None:
+        """Read the signing key, creating it on the database's first start; follow its
+        replacements by other daemons from then on."""
+        self._key = bytes.fromhex(await store.load(os.urandom(32).hex()))
+        store.watch(partial(self._replaced_elsewhere, store))
 
-        def read_or_create(conn: Connection) -> str:
-            conn.execute(_CREATE_KEY, (_KEY_NAME, fresh))
-            return str(conn.execute(_READ_KEY, (_KEY_NAME,)).fetchone()[0])
-
-        self._key = bytes.fromhex(await store.write(read_or_create))
-
-    async def rotate(self, store: Store) -> None:
+    async def rotate(self, store: StreamKeyStore) -> None:
         """Replace the signing key: every token issued so far stops working."""
         fresh = os.urandom(32).hex()
-        await store.write(lambda conn: conn.execute(_REPLACE_KEY, (_KEY_NAME, fresh)))
+        await store.replace(fresh)
         self._key = bytes.fromhex(fresh)
+
+    def _replaced_elsewhere(self, store: StreamKeyStore) -> None:
+        """Re-read the key, one read at a time (a replacement during a read reads again)."""
+        if self._rereading is not None and not self._rereading.done():
+            self._reread_again = True
+            return
+        self._rereading = asyncio.get_running_loop().create_task(self._reread(store),
+                                                                 name="stream-key-reread")
+
+    async def _reread(self, store: StreamKeyStore) -> None:
+        while True:
+            self._reread_again = False
+            try:
+                self._key = bytes.fromhex(await store.load(os.urandom(32).hex()))
+            except Exception as exc:  # the store is away: its reconnect calls again
+                _log.error("stream_tokens.reload_failed", error=f"{type(exc).__name__}: {exc}")
+            if not self._reread_again:
+                return
 
     def _sign(self, payload: str) -> bytes:
         if not self._key:

@@ -53,7 +53,7 @@ async def stream_token(request: web.Request) -> web.Response:
      "until they end; none opens or resumes with an older token", tag="streams",
      responses={204: "Revoked"})
 async def revoke_stream_tokens(request: web.Request) -> web.Response:
-    await request.app[STREAM_TOKENS].rotate(request.app[DAEMON].sqlite_store)
+    await request.app[STREAM_TOKENS].rotate(request.app[DAEMON].storage.stream_key)
     return web.Response(status=204)
 
 

@@ -113,7 +113,7 @@ def build_app(daemon: Daemon, *route_tables: web.RouteTableDef) -> web.Applicati
 
 async def load_stream_key(app: web.Application) -> None:
     """At startup: the stream tokens' signing key, from the database (made there once)."""
-    await app[STREAM_TOKENS].load(app[DAEMON].sqlite_store)
+    await app[STREAM_TOKENS].load(app[DAEMON].storage.stream_key)
 
 
 async def close_streams(app: web.Application) -> None:

@@ -12,6 +12,11 @@ still overflows, the client receives a `lagged` event naming the id to resume af
 the stream ends. A write that the client does not take within `[streams] send_timeout`
 ends the stream too. Memory per client is bounded (a resumed stream also keeps the ids its
 replay sent: at most what the log holds).
+
+Streams subscribe to `eventlog.streams`: the daemon's bus on SQLite; on PostgreSQL a bus
+that carries every daemon's events with the log's ids, so a client resumes on any daemon
+(see eventlog.py). There an ephemeral event bears the id of the stored event before it:
+its `id` is a resume point like any other, but never one the replay skips.
 """
 
 from __future__ import annotations
@@ -314,9 +319,11 @@ class IdleWait:
 class SseStream:
     """One SSE response: frames events, comments and control events; bounds each write."""
 
-    def __init__(self, request: web.Request, config: StreamsConfig) -> None:
+    def __init__(self, request: web.Request, config: StreamsConfig,
+                 replayable: Callable[[Event], bool]) -> None:
         self.request = request
         self.config = config
+        self.replayable = replayable
         self.last_sent = 0  # the highest id sent: where a lagged client resumes
         self.replayed: set[int] = set()  # ids the replay sent, skipped when they come live
         self.idle = IdleWait(config.keepalive)
@@ -433,7 +440,8 @@ class SseStream:
                                                             "dropped": event.data.get("dropped")}))
                 outcome = False
                 break
-            if event.id not in self.replayed and (accept is None or accept(event)):
+            if (event.id not in self.replayed or not self.replayable(event)) and (
+                    accept is None or accept(event)):
                 frame = ENCODED.sse_frame(event)
                 batch.append(frame)
                 size += len(frame)
@@ -452,7 +460,7 @@ class SseStream:
 
 def _subscribe(request: web.Request, patterns: TopicFilter | str, name: str) -> Subscription:
     daemon = request.app[DAEMON]
-    sub = daemon.bus.subscribe(
+    sub = daemon.eventlog.streams.subscribe(
         patterns.text if isinstance(patterns, TopicFilter) else patterns,
         name=name, maxsize=daemon.config.streams.client_buffer, merge=coalesce_tokens)
     request.app[STREAMS].add(sub)
@@ -481,13 +489,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
     patterns = TopicFilter.parse(request.query.get("topics") or "**")
     after = resume_point(request)
     sub = _subscribe(request, patterns, f"sse:{patterns.text}")
-    sse = SseStream(request, daemon.config.streams)
+    sse = SseStream(request, daemon.config.streams, daemon.eventlog.replayable)
     # Live-only, a lag resumes after what existed when it subscribed, not the whole log.
-    sse.last_sent = daemon.bus.delivered_id if after is None else after
+    sse.last_sent = daemon.eventlog.streams.delivered_id if after is None else after
     try:
         await sse.open()
         if after is not None:
-            if after < daemon.eventlog.horizon:
+            if after < await daemon.eventlog.current_horizon():
                 await sse.control("gap", {"requested_after": after,
                                           "kept_after": daemon.eventlog.horizon})
             async for page in daemon.eventlog.replay_pages(after, lambda e: patterns.matches(e.topic)):
@@ -536,7 +544,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     # (read first, its task.queued could go out in between, and its events be taken as
     # another tree's).
     sub = _subscribe(request, "task.**", f"sse:task:{task_id}")
-    sse = SseStream(request, daemon.config.streams)
+    sse = SseStream(request, daemon.config.streams, daemon.eventlog.replayable)
     sse.last_sent = after
     try:
         # Where the task stands when the client joins: the event log keeps no task.queued or
@@ -545,7 +553,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
         tree.update(await daemon.queue.descendants(task_id))
         await sse.open()
         await sse.control("task", {"task": snapshot})
-        if after and after < daemon.eventlog.horizon:
+        if after and after < await daemon.eventlog.current_horizon():
             await sse.control("gap", {"requested_after": after, "kept_after": daemon.eventlog.horizon})
         replayed = [event for event in await daemon.eventlog.replay_correlation(record.correlation_id, after)
                     if in_tree(event)]

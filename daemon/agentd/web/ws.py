@@ -174,12 +174,12 @@ class _Session:
             raise bad_request(f"'since' must be an event id (an integer), got {since!r}")
         self._counter += 1
         name = f"s{self._counter}"
-        sub = self.daemon.bus.subscribe(
+        sub = self.daemon.eventlog.streams.subscribe(
             patterns.text, name=f"ws:{name}", maxsize=self.config.client_buffer,
             merge=coalesce_tokens)
         self.request.app[STREAMS].add(sub)
         # Live-only, a lag resumes after what existed when it subscribed, not the whole log.
-        after = self.daemon.bus.delivered_id if since is None else since
+        after = self.daemon.eventlog.streams.delivered_id if since is None else since
         pump = asyncio.get_running_loop().create_task(
             self._pump(name, sub, patterns, after, replay=since is not None), name=f"ws:pump:{name}")
         self.subscriptions[name] = (sub, pump)
@@ -213,7 +213,7 @@ class _Session:
         prefix = f'{{"type":"event","subscription":{json.dumps(name)},"event":'
         if replay:
             log = self.daemon.eventlog
-            if after < log.horizon:
+            if after < await log.current_horizon():
                 await self.send({"type": "gap", "subscription": name, "requested_after": after,
                                  "kept_after": log.horizon})
             n = 0
@@ -236,7 +236,7 @@ class _Session:
                 await self.send({"type": "lagged", "subscription": name, "resume_after": last})
                 await self.ws.close(code=CLOSE_LAGGED, message=b"lagged")
                 return
-            if event.id in replayed:
+            if event.id in replayed and self.daemon.eventlog.replayable(event):
                 continue
             await self.send_text(f"{prefix}{ENCODED.body(event)}}}")
             last = max(last, event.id)
