@@ -181,6 +181,22 @@ async def test_a_lapsed_lease_is_taken_over_by_another_store(cluster: Any) -> No
     assert {node["id"] for node in nodes} == {a.node_id, b.node_id}
 
 
+
+async def test_the_rows_of_nodes_dead_for_long_are_removed(cluster: Any) -> None:
+    (a,) = await cluster(1)
+
+    async def add_nodes(conn: Any) -> None:
+        now = time.time()
+        await conn.execute("INSERT INTO nodes VALUES ('gone:1:x', $1, $2, 'old'), "
+                           "('quiet:2:y', $1, $3, 'old')", now - 7200, now - 3600, now - 30)
+
+    await a.store.write(add_nodes)
+    await a.renew_and_reclaim([], 0.0, 60.0, True)  # a heartbeat
+    rows = await a.store.read("SELECT id FROM nodes ORDER BY id")
+    # An hour without a heartbeat: removed. Half a minute: kept, though not listed as alive.
+    assert [row["id"] for row in rows] == sorted([a.node_id, "quiet:2:y"])
+    assert [node["id"] for node in await a.live_nodes(10.0)] == [a.node_id]
+
 # -- real daemons ------------------------------------------------------------------------------
 
 NO_MAINTENANCE = {"events": {"sweep_interval": 3e9}, "store": {"maintenance_interval": 3e9},
