@@ -2,21 +2,30 @@
 
 The first tests drive `PgTasks` directly, one per `PgStore` as each daemon has its own
 pool: claims that skip each other's rows, limits counted in the database, keys taken
-through the UNIQUE index, leases that lapse, and the notifications that carry the news."""
+through the UNIQUE index, leases that lapse, and the notifications that carry the news.
+The others run real daemons on one fresh database (several in this process; one killed
+with SIGKILL is a child process), with tests/cluster_plugin.py as the plugin `ct`."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import sys
+import textwrap
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from agentd.config import StoreConfig
 from agentd.postgres.tasks import PgTasks
 from agentd.store.postgres import PgStore
-from agentd.taskqueue import ClaimFuture, NameLimits, TaskRecord
+from agentd.taskqueue import ClaimFuture, NameLimits, TaskRecord, TaskRequest
 from pg import fresh_database
 
 
@@ -170,3 +179,235 @@ async def test_a_lapsed_lease_is_taken_over_by_another_store(cluster: Any) -> No
     assert again[0].attempts == 2
     nodes = await b.live_nodes(10.0)
     assert {node["id"] for node in nodes} == {a.node_id, b.node_id}
+
+
+
+async def test_the_rows_of_nodes_dead_for_long_are_removed(cluster: Any) -> None:
+    (a,) = await cluster(1)
+
+    async def add_nodes(conn: Any) -> None:
+        now = time.time()
+        await conn.execute("INSERT INTO nodes VALUES ('gone:1:x', $1, $2, 'old'), "
+                           "('quiet:2:y', $1, $3, 'old')", now - 7200, now - 3600, now - 30)
+
+    await a.store.write(add_nodes)
+    await a.renew_and_reclaim([], 0.0, 60.0, True)  # a heartbeat
+    rows = await a.store.read("SELECT id FROM nodes ORDER BY id")
+    # An hour without a heartbeat: removed. Half a minute: kept, though not listed as alive.
+    assert [row["id"] for row in rows] == sorted([a.node_id, "quiet:2:y"])
+    assert [node["id"] for node in await a.live_nodes(10.0)] == [a.node_id]
+
+# -- real daemons ------------------------------------------------------------------------------
+
+NO_MAINTENANCE = {"events": {"sweep_interval": 3e9}, "store": {"maintenance_interval": 3e9},
+                  "memory": {"purge_interval": 3e9}}
+
+
+@pytest.fixture
+async def pg_daemons(tmp_path: Path, copied_plugin: Any) -> AsyncIterator[Any]:
+    """`daemon = await pg_daemons.start("a", workers={...}, tasks={...}, **ct_table)`: a real
+    daemon on the test's database, with the plugin `ct` (its `node` = the name given);
+    `pg_daemons.url` is the database's URL, `pg_daemons.plugin_dir` the plugin's directory.
+    Every daemon is stopped at teardown."""
+    from agentd.app import Daemon
+    from agentd.testing import make_config
+
+    url = await fresh_database()
+    plugin_dir = copied_plugin("cluster_plugin.py", "ct")
+    shared = sys.modules.pop("agentd_cluster_shared", None)  # a fresh record per test
+    del shared
+    async with AsyncExitStack() as stack:
+
+        class Cluster:
+            def __init__(self) -> None:
+                self.url = url
+                self.plugin_dir = plugin_dir
+
+            async def start(self, node: str, workers: dict[str, int] | None = None,
+                            tasks: dict[str, Any] | None = None, **ct: Any) -> Daemon:
+                overrides: dict[str, dict[str, Any]] = {
+                    **NO_MAINTENANCE,
+                    "tasks": {"queues": workers or {"default": 4}, "retry_base": 0.01,
+                              "retry_max": 0.02, **(tasks or {})},
+                    "plugins": {"ct": {"node": node, **ct}},
+                    "store": {"url": url, "maintenance_interval": 3e9},
+                }
+                daemon = Daemon(make_config(tmp_path / node, [plugin_dir], overrides))
+                await stack.enter_async_context(daemon)
+                return daemon
+
+        yield Cluster()
+
+
+def shared() -> Any:
+    return sys.modules["agentd_cluster_shared"]
+
+
+async def test_three_daemons_share_300_tasks_and_run_each_once(pg_daemons: Any) -> None:
+    daemons = [await pg_daemons.start(node) for node in ("a", "b", "c")]
+    # Each daemon enqueues a third, all at once: each one's claims race the others'.
+    batches = await asyncio.gather(*(
+        daemon.queue.enqueue_many([TaskRequest("ct.work", {"n": i}) for i in range(100)])
+        for daemon in daemons))
+    ids = [outcome.task.id for batch in batches for outcome in batch]
+    # Waited for on one daemon: most finish on the others (their final states are told
+    # through agentd_done).
+    records = await asyncio.wait_for(
+        asyncio.gather(*(daemons[0].queue.wait(task_id) for task_id in ids)), 60)
+    assert {record.status for record in records} == {"succeeded"}
+    assert {record.attempts for record in records} == {1}
+    runs = shared().runs
+    assert sorted(task_id for task_id, _ in runs) == sorted(ids)  # every task ran once
+    by_node = {node: sum(1 for _, ran_on in runs if ran_on == node) for node in ("a", "b", "c")}
+    assert all(count > 0 for count in by_node.values()), by_node
+
+
+async def test_a_concurrency_limit_holds_across_three_daemons(pg_daemons: Any) -> None:
+    daemons = [await pg_daemons.start(node) for node in ("a", "b", "c")]
+    batches = await asyncio.gather(*(
+        daemon.queue.enqueue_many([TaskRequest("ct.limited") for _ in range(10)])
+        for daemon in daemons))
+    ids = [outcome.task.id for batch in batches for outcome in batch]
+    records = await asyncio.wait_for(
+        asyncio.gather(*(daemons[1].queue.wait(task_id) for task_id in ids)), 60)
+    assert {record.status for record in records} == {"succeeded"}
+    counts = shared().limited
+    assert counts["done"] == 30
+    # Reached, never passed, whichever daemons ran them. (Counted per daemon, the limit let
+    # the three run up to 12 at once here: each claims 2 and claims ahead.) Which daemons
+    # ran them is not asserted: the one whose task ends claims the freed place first.
+    assert counts["max"] == 2
+
+
+async def test_one_key_enqueued_on_two_daemons_at_once_gives_one_task(pg_daemons: Any) -> None:
+    a = await pg_daemons.start("a")
+    b = await pg_daemons.start("b")
+    for round_ in range(5):
+        key = f"once-{round_}"
+        records = await asyncio.gather(
+            a.queue.enqueue("ct.work", idempotency_key=key, delay=60),
+            b.queue.enqueue("ct.work", idempotency_key=key, delay=60))
+        assert records[0].id == records[1].id
+        stored = [r for r in await a.queue.list(name="ct.work") if r.idempotency_key == key]
+        assert len(stored) == 1
+
+
+async def test_work_enqueued_on_a_busy_daemon_is_started_by_another_at_once(pg_daemons: Any) -> None:
+    """Daemon a's one worker is busy: the task it enqueues is b's to run, and b hears of it
+    by notification; b's claim loop is idle (nothing due: it waits without a timeout)."""
+    a = await pg_daemons.start("a", workers={"default": 1})
+    holding = await a.queue.enqueue("ct.block", {"name": "hold"})
+    await asyncio.wait_for(shared_started(holding.id).wait(), 10)
+    b = await pg_daemons.start("b", workers={"default": 2})
+    await asyncio.wait_for(b.storage.postgres.listening.wait(), 10)
+    for _ in range(3):
+        began = time.monotonic()
+        record = await a.queue.enqueue("ct.work")
+        await asyncio.wait_for(shared_started(record.id).wait(), 10)
+        latency = time.monotonic() - began
+        assert latency < 0.5, latency
+        assert (record.id, "b") in shared().runs
+        # Waited for on a, finished on b.
+        done = await asyncio.wait_for(a.queue.wait(record.id), 10)
+        assert done.status == "succeeded"
+    shared().gates["hold"].set()
+    assert (await asyncio.wait_for(b.queue.wait(holding.id), 10)).status == "succeeded"
+
+
+async def test_a_task_running_on_another_daemon_is_cancelled_there(pg_daemons: Any) -> None:
+    a = await pg_daemons.start("a", workers={"default": 1})
+    b = await pg_daemons.start("b", workers={"default": 1})
+    record = await b.queue.enqueue("ct.block", {"name": "never"})
+    await asyncio.wait_for(shared_started(record.id).wait(), 10)
+    runner = a if (record.id, "a") in shared().runs else b
+    other = b if runner is a else a
+    await other.queue.cancel(record.id)
+    done = await asyncio.wait_for(other.queue.wait(record.id), 10)
+    assert done.status == "cancelled"
+    assert record.id not in runner.workers.running
+
+
+async def test_status_lists_the_daemons_alive(pg_daemons: Any, http: Any) -> None:
+    a = await pg_daemons.start("a")
+    b = await pg_daemons.start("b")
+    async with http(a) as client:
+        status = await (await client.get("/v1/status")).json()
+        assert {node["id"] for node in status["daemons"]} == {a.queue.tasks.node_id,
+                                                               b.queue.tasks.node_id}
+        assert status["node"] == a.queue.tasks.node_id
+        await b.stop()
+        status = await (await client.get("/v1/status")).json()
+        assert [node["id"] for node in status["daemons"]] == [a.queue.tasks.node_id]
+
+
+def shared_started(task_id: int) -> asyncio.Event:
+    started: dict[int, asyncio.Event] = shared().started
+    return started.setdefault(task_id, asyncio.Event())
+
+
+async def test_a_killed_daemon_s_task_is_taken_over_once_its_lease_lapses(
+        pg_daemons: Any, tmp_path: Path, agentd_process: Any, process_env: Any, http: Any) -> None:
+    """A daemon killed with SIGKILL in the middle of a task: another, running all along,
+    takes the task over once its lease lapses, and its memoized step is not run again; the
+    dead daemon drops off /v1/status."""
+    runs_file = tmp_path / "runs.txt"
+    runs_file.touch()
+    config = tmp_path / "child.toml"
+    config.write_text(textwrap.dedent(f"""
+        [daemon]
+        data_dir = "child-data"
+        stop_timeout = 5.0
+
+        [plugins]
+        paths = [{json.dumps(str(pg_daemons.plugin_dir))}]
+        entry_points = false
+
+        [plugins.ct]
+        node = "child"
+        hang = true
+        runs_file = {json.dumps(str(runs_file))}
+
+        [tasks]
+        lease = 1.0
+        queues = {{ default = 4 }}
+
+        [events]
+        sweep_interval = 3e9
+
+        [store]
+        maintenance_interval = 3e9
+
+        [memory]
+        purge_interval = 3e9
+        """))
+    child = await agentd_process("run", "--config", str(config),
+                                 env=process_env(AGENTD_STORE_URL=pg_daemons.url))
+    port = await child.started()
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
+        response = await client.post("/v1/tasks", json={"name": "ct.takeover"})
+        assert response.status in (200, 201, 202), await response.text()
+        task_id = (await response.json())["id"]
+        others = []
+        for n in range(5):
+            response = await client.post("/v1/tasks", json={"name": "ct.work", "args": {"n": n},
+                                                             "delay": 0.5})
+            others.append((await response.json())["id"])
+    hanging = await child.wait_for_log("ct.hanging")
+    assert hanging["task_id"] == task_id
+    survivor = await pg_daemons.start("survivor", tasks={"lease": 1.0}, hang=False,
+                                      runs_file=str(runs_file))
+    async with http(survivor) as client:
+        status = await (await client.get("/v1/status")).json()
+        assert len(status["daemons"]) == 2
+        child.proc.kill()  # SIGKILL: no stop, no unclaim, the lease left to lapse
+        assert await child.finish() == -signal.SIGKILL
+        record = await asyncio.wait_for(survivor.queue.wait(task_id), 30)
+        assert record.status == "succeeded" and record.result == "done"
+        assert record.attempts == 2
+        assert runs_file.read_text().split("\n")[:2] == [f"one {task_id} child",
+                                                         f"two {task_id} survivor"]
+        for other in others:  # every committed task ends
+            assert (await asyncio.wait_for(survivor.queue.wait(other), 30)).finished
+        # The child's heartbeat stopped more than a lease ago: not listed any more.
+        status = await (await client.get("/v1/status")).json()
+        assert [node["id"] for node in status["daemons"]] == [survivor.queue.tasks.node_id]

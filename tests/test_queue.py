@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import re
 import sqlite3
 import sys
 import threading
@@ -29,12 +31,75 @@ from agentd.store import Connection
 from agentd.store.sqlite import SqliteStore
 from agentd.taskqueue import TaskRecord, TaskRequest, claim
 
+pytestmark = pytest.mark.both_stores
+
 FAST_RETRIES = {"retry_base": 0.01, "retry_max": 0.02}
 # The daemon's own maintenance tasks fire on epoch-anchored intervals (a minute for the event
 # sweep), so now and then inside a test; this pushes their next fire past 2060 for the tests
 # that count every task in the table.
 NO_MAINTENANCE = {"events": {"sweep_interval": 3e9}, "store": {"maintenance_interval": 3e9},
                   "memory": {"purge_interval": 3e9}}
+
+
+# -- the daemon's store, on either engine: statements written with `?` placeholders --------
+
+
+def _dialect(daemon: Any, sql: str) -> str:
+    """`sql` for the daemon's engine: `?` placeholders become `$1`, `$2`... on PostgreSQL."""
+    if daemon.storage.postgres is None:
+        return sql
+    numbers = itertools.count(1)
+    return re.sub(r"\?", lambda _: f"${next(numbers)}", sql)
+
+
+async def execute(daemon: Any, sql: str, *params: Any) -> None:
+    """Run one statement in a write transaction of the daemon's store."""
+    statement = _dialect(daemon, sql)
+    if daemon.storage.postgres is None:
+        await daemon.store.write(lambda conn: conn.execute(statement, params))
+        return
+
+    async def op(conn: Any) -> None:
+        await conn.execute(statement, *params)
+
+    await daemon.store.write(op)
+
+
+async def rows(daemon: Any, sql: str, *params: Any) -> list[dict[str, Any]]:
+    """The rows of a query on the daemon's store (not its write connection), as dicts."""
+    return [dict(zip(row.keys(), row, strict=True)) if hasattr(row, "keys") and not hasattr(row, "items")
+            else dict(row) for row in await daemon.store.read(_dialect(daemon, sql), params)]
+
+
+async def outside(daemon: Any, sql: str, *params: Any) -> list[dict[str, Any]]:
+    """Run one statement on a connection of its own, outside the daemon (which may be
+    stopped), committed; its rows as dicts."""
+    statement = _dialect(daemon, sql)
+    if daemon.storage.postgres is None:
+        with sqlite3.connect(daemon.store.path) as conn:
+            cursor = conn.execute(statement, params)
+            names = [d[0] for d in cursor.description or ()]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    import asyncpg
+
+    conn = await asyncpg.connect(daemon.config.store.url)
+    try:
+        return [dict(row) for row in await conn.fetch(statement, *params)]
+    finally:
+        await conn.close()
+
+
+async def committed(daemon: Any) -> None:
+    """A write transaction through the daemon's store: the writes asked for before it,
+    and what their commits woke, are done (writes commit in order)."""
+    if daemon.storage.postgres is None:
+        await daemon.store.write(lambda conn: None)
+        return
+
+    async def op(conn: Any) -> None:
+        return None
+
+    await daemon.store.write(op)
 
 
 @pytest.fixture
@@ -59,6 +124,12 @@ async def qt(start_daemon: Any, qt_dir: Path) -> Any:
             overrides["plugins"] = {"qt": plugin_table}
         daemon, events = await start_daemon(plugin_dirs=[qt_dir], overrides=overrides,
                                             state_dir=state_dir)
+        if daemon.storage.postgres is not None:
+            # Started: the first LISTEN wakes every claim loop (news may have been missed);
+            # tests that count transactions begin once those claims are in.
+            await asyncio.wait_for(daemon.storage.postgres.listening.wait(), 10)
+            await committed(daemon)
+            await committed(daemon)
         return daemon, events, sys.modules["agentd_plugins.qt"]
 
     return start
@@ -67,10 +138,9 @@ async def qt(start_daemon: Any, qt_dir: Path) -> Any:
 async def test_enqueue_returns_after_the_row_is_committed(qt: Any) -> None:
     daemon, _, _ = await qt()
     record = await daemon.queue.enqueue("qt.echo", {"value": 1}, delay=60)
-    # A separate connection sees the row as soon as enqueue returns: it was committed.
-    with sqlite3.connect(daemon.store.path) as other:
-        row = other.execute("SELECT name, status, args FROM tasks WHERE id = ?", (record.id,)).fetchone()
-    assert row == ("qt.echo", "queued", '{"value":1}')
+    # A reading connection sees the row as soon as enqueue returns: it was committed.
+    (row,) = await rows(daemon, "SELECT name, status, args FROM tasks WHERE id = ?", record.id)
+    assert row == {"name": "qt.echo", "status": "queued", "args": '{"value":1}'}
 
 
 async def test_a_cancelled_enqueue_does_not_fail_the_others_of_its_tick(qt: Any) -> None:
@@ -157,6 +227,7 @@ async def test_a_task_runs_and_its_result_wakes_the_waiter(qt: Any) -> None:
             assert event.data["name"] and event.data["task_id"]
 
 
+@pytest.mark.sqlite_only  # on PostgreSQL the event log's relay to other daemons takes task.queued
 async def test_task_events_nobody_takes_are_not_built(qt: Any) -> None:
     daemon, events, _ = await qt()
     events.close()  # the test's own capture takes every topic
@@ -182,13 +253,11 @@ async def test_every_record_field_holds_its_own_column(qt: Any) -> None:
     await daemon.queue.result(queued.id, timeout=5)
     await daemon.queue.add_usage(queued.id, {"total_tokens": 11})
     finished = await daemon.queue.get(queued.id)
-    with sqlite3.connect(daemon.store.path) as other:
-        cursor = other.execute("SELECT * FROM tasks WHERE id = ?", (queued.id,))
-        row = dict(zip([d[0] for d in cursor.description], cursor.fetchone(), strict=True))
+    (row,) = await rows(daemon, "SELECT * FROM tasks WHERE id = ?", queued.id)
     decoded = {"args": {"value": [7]}, "result": [7], "usage": {"total_tokens": 11},
                "cancel_requested": False}
     for column, value in row.items():
-        if column != "lease_until":  # not a record field: the worker's business
+        if column not in ("lease_until", "lease_node"):  # not record fields: the worker's business
             assert getattr(finished, column) == decoded.get(column, value), column
     assert len({row["created_at"], row["started_at"], row["finished_at"], row["expires_at"]}) == 4
     # The record enqueue returns is built from the inserted values, not read back.
@@ -214,12 +283,10 @@ async def test_the_record_a_worker_builds_from_its_claim_holds_each_column(qt: A
     assert (await daemon.queue.get(record.id)).status == "running"
     module.gate("columns").set()
     settled = await waiting
-    with sqlite3.connect(daemon.store.path) as other:
-        cursor = other.execute("SELECT * FROM tasks WHERE id = ?", (record.id,))
-        row = dict(zip([d[0] for d in cursor.description], cursor.fetchone(), strict=True))
+    (row,) = await rows(daemon, "SELECT * FROM tasks WHERE id = ?", record.id)
     decoded = {"args": {"name": "columns", "result": [7]}, "result": [7], "cancel_requested": False}
     for column, value in row.items():
-        if column != "lease_until":  # not a record field: the worker's business
+        if column not in ("lease_until", "lease_node"):  # not record fields: the worker's business
             assert getattr(settled, column) == decoded.get(column, value), column
     assert len({row["created_at"], row["started_at"], row["finished_at"], row["expires_at"]}) == 4
 
@@ -264,7 +331,8 @@ async def test_every_status_is_listed_and_counted_through_an_index(qt: Any) -> N
         assert await daemon.queue.list(status=status, before_id=record.id) == []
     assert await daemon.queue.counts() == dict.fromkeys(expected, 1)
     # The rare statuses are found through an index, not by reading every task.
-    for sql in ("SELECT id FROM tasks WHERE error IS NOT NULL AND status = ? ORDER BY id DESC",
+    for sql in () if daemon.storage.sqlite is None else (  # SQLite's plans
+                "SELECT id FROM tasks WHERE error IS NOT NULL AND status = ? ORDER BY id DESC",
                 "SELECT id FROM tasks INDEXED BY tasks_running "
                 "WHERE status = 'running' AND status = ? ORDER BY id DESC"):
         plan = " ".join(row[3] for row in await daemon.store.read(f"EXPLAIN QUERY PLAN {sql}", ("dead",)))
@@ -355,8 +423,8 @@ async def test_a_limited_name_waiting_on_another_queue_starts_when_one_ends(qt: 
     await asyncio.wait_for(module.gate("running:2").wait(), 5)
     waiting = await daemon.queue.enqueue("qt.limited", {"name": "third"}, queue="reports")
     # A barrier: the reports queue has tried its claim by the time two more commits are done.
-    await daemon.store.write(lambda conn: None)
-    await daemon.store.write(lambda conn: None)
+    await committed(daemon)
+    await committed(daemon)
     assert (await daemon.queue.get(waiting.id)).status == "queued"
     module.gate("first").set()
     await events.wait_for("task.started", task_id=waiting.id)
@@ -408,8 +476,8 @@ async def test_a_parent_that_goes_on_after_a_failed_gather_waits_for_its_slot(qt
     parent = await daemon.queue.enqueue("qt.gather_with_a_failure")
     await asyncio.wait_for(module.gate("started:sibling").wait(), 5)
     # A barrier: the parent, told its first child failed, has gone as far as it can.
-    await daemon.store.write(lambda conn: None)
-    await daemon.store.write(lambda conn: None)
+    await committed(daemon)
+    await committed(daemon)
     # One worker, held by the sibling: the parent used to go on without a slot.
     assert not module.gate("after the gather").is_set()
     module.gate("sibling").set()
@@ -514,12 +582,13 @@ async def test_a_restart_requeues_what_a_dead_process_left_running(qt: Any, tmp_
     doomed = await daemon.queue.enqueue("qt.echo", {"value": "y"}, delay=3600)
     await daemon.stop()
     # What a process killed mid-attempt leaves behind: rows still `running`.
-    with sqlite3.connect(daemon.store.path) as conn:
-        conn.execute("UPDATE tasks SET status = 'running', attempts = 1, run_at = 0 WHERE id = ?",
-                     (fresh.id,))
-        conn.execute("UPDATE tasks SET status = 'running', attempts = 2 WHERE id = ?", (last_try.id,))
-        conn.execute("UPDATE tasks SET status = 'running', attempts = 1, cancel_requested = 1 "
-                     "WHERE id = ?", (doomed.id,))
+    # (Leases long lapsed: on PostgreSQL, rows leased by others are theirs until they lapse.)
+    await outside(daemon, "UPDATE tasks SET status = 'running', attempts = 1, run_at = 0, "
+                  "lease_until = 1 WHERE id = ?", fresh.id)
+    await outside(daemon, "UPDATE tasks SET status = 'running', attempts = 2, lease_until = 1 "
+                  "WHERE id = ?", last_try.id)
+    await outside(daemon, "UPDATE tasks SET status = 'running', attempts = 1, cancel_requested = 1, "
+                  "lease_until = 1 WHERE id = ?", doomed.id)
     daemon, _, _ = await qt(state_dir=tmp_path / "s")
     assert await daemon.queue.result(fresh.id, timeout=5) == "again"
     assert (await daemon.queue.get(fresh.id)).attempts == 2  # the interrupted attempt counts
@@ -616,10 +685,8 @@ async def test_stopping_requeues_running_tasks_without_spending_an_attempt(qt: A
     record = await daemon.queue.enqueue("qt.wait_gate", {"name": "forever"})
     await asyncio.wait_for(module.gate("started:forever").wait(), 5)
     await daemon.stop()
-    with sqlite3.connect(daemon.store.path) as conn:
-        status, attempts = conn.execute(
-            "SELECT status, attempts FROM tasks WHERE id = ?", (record.id,)).fetchone()
-    assert (status, attempts) == ("queued", 0)
+    assert await outside(daemon, "SELECT status, attempts FROM tasks WHERE id = ?", record.id) == [
+        {"status": "queued", "attempts": 0}]
 
 
 async def test_a_running_task_s_lease_is_renewed_by_the_heartbeat(qt: Any) -> None:
@@ -631,8 +698,8 @@ async def test_a_running_task_s_lease_is_renewed_by_the_heartbeat(qt: Any) -> No
 
     async def renewed_past(limit: float) -> None:
         while True:
-            row = await daemon.store.read_one("SELECT lease_until FROM tasks WHERE id = ?", (record.id,))
-            if row is not None and row["lease_until"] > limit:
+            (row,) = await rows(daemon, "SELECT lease_until FROM tasks WHERE id = ?", record.id)
+            if row["lease_until"] > limit:
                 return
             await asyncio.sleep(0)  # yield; the heartbeat (every lease/3) advances it
 
@@ -646,9 +713,8 @@ async def test_an_expired_lease_nobody_renews_is_taken_back(qt: Any) -> None:
     daemon, events, _ = await qt(lease=0.3)
     record = await daemon.queue.enqueue("qt.echo", {"value": "orphan"}, delay=3600)
     # A row claimed by nobody in this process, its lease long gone (as after a stalled worker).
-    await daemon.store.write(lambda conn: conn.execute(
-        "UPDATE tasks SET status = 'running', attempts = 1, lease_until = 1, run_at = 0 WHERE id = ?",
-        (record.id,)))
+    await execute(daemon, "UPDATE tasks SET status = 'running', attempts = 1, lease_until = 1, "
+                  "run_at = 0 WHERE id = ?", record.id)
     recovered = await events.wait_for("task.queued", task_id=record.id, recovered=True)
     assert recovered.data["status"] == "queued"
     assert await daemon.queue.result(record.id, timeout=5) == "orphan"
@@ -688,6 +754,10 @@ async def hold_one_worker_with_quick_tasks_waiting(
     return daemon, events, module, [outcome.task.id for outcome in quick]
 
 
+async def all_true(condition: Any, also: bool) -> bool:
+    return await condition and also
+
+
 async def running_ids(daemon: Any, ids: list[int]) -> set[int]:
     return {t.id for t in await daemon.queue.list(status="running", limit=100) if t.id in ids}
 
@@ -696,11 +766,11 @@ async def test_short_tasks_are_claimed_ahead_of_free_slots_and_run_in_order(qt: 
     daemon, events, module, quick = await hold_one_worker_with_quick_tasks_waiting(qt, claim_ahead=3)
 
     async def three_claimed() -> bool:
-        return await running_ids(daemon, quick) == set(quick[:3])
+        # The rows are seen committed maybe before the claim loop has them in hand.
+        return await running_ids(daemon, quick) == set(quick[:3]) and daemon.workers.claimed_ahead == 3
 
     # One worker, claim_ahead 3: three more are claimed (leased, running) though none started.
     await until(three_claimed)
-    assert daemon.workers.claimed_ahead == 3
     assert not [e for e in events.events if e.topic == "task.started" and e.data["task_id"] in quick]
     module.gate("hold").set()
     for task_id in quick:
@@ -739,8 +809,8 @@ async def test_long_tasks_are_never_claimed_ahead(qt: Any) -> None:
     async def nothing_claimed_ahead(ids: list[int]) -> None:
         # A barrier: the claim loop, woken by the enqueue, has claimed by the time two more
         # transactions have committed; the tasks must still be queued.
-        await daemon.store.write(lambda conn: None)
-        await daemon.store.write(lambda conn: None)
+        await committed(daemon)
+        await committed(daemon)
         assert await running_ids(daemon, ids) == set()
         assert daemon.workers.claimed_ahead == 0
 
@@ -776,11 +846,12 @@ async def test_a_more_urgent_task_claimed_later_starts_before_those_waiting_ahea
         return await running_ids(daemon, ids) == set(ids)
 
     await asyncio.wait_for(module.gate("started:first").wait(), 5)
-    await until(lambda: claimed(low))  # one running, three waiting ahead: no room left
+    # One running, three waiting ahead (the claim loop has them): no room left.
+    await until(lambda: all_true(claimed(low), daemon.workers.claimed_ahead == 3))
     urgent = await daemon.queue.enqueue("qt.echo", {"value": "urgent"}, priority=9)
     # Cancelling one that waits ahead leaves room: the next claim takes the urgent task.
     await daemon.queue.cancel(low[-1])
-    await until(lambda: claimed([urgent.id]))
+    await until(lambda: all_true(claimed([urgent.id]), daemon.workers.claimed_ahead == 3))
     module.gate("first").set()
     for task_id in (urgent.id, *low[:-1]):
         await daemon.queue.wait(task_id, timeout=5)
@@ -830,11 +901,10 @@ async def test_stopping_puts_tasks_claimed_ahead_back_with_their_attempt_unspent
 
     await until(three_claimed)
     await daemon.stop()
-    with sqlite3.connect(daemon.store.path) as conn:
-        rows = conn.execute(
-            f"SELECT status, attempts, lease_until FROM tasks WHERE id IN ({','.join('?' * len(quick))})",
-            quick).fetchall()
-    assert rows == [("queued", 0, None)] * len(quick)
+    found = await outside(
+        daemon, f"SELECT status, attempts, lease_until FROM tasks WHERE id IN ({','.join('?' * len(quick))})",
+        *quick)
+    assert found == [{"status": "queued", "attempts": 0, "lease_until": None}] * len(quick)
 
 
 async def test_the_heartbeat_renews_the_leases_of_tasks_claimed_ahead(qt: Any) -> None:
@@ -848,8 +918,8 @@ async def test_the_heartbeat_renews_the_leases_of_tasks_claimed_ahead(qt: Any) -
     assert first is not None
 
     async def renewed() -> bool:
-        row = await daemon.store.read_one("SELECT lease_until FROM tasks WHERE id = ?", (quick[0],))
-        return row is not None and row["lease_until"] > first + 0.35
+        (row,) = await rows(daemon, "SELECT lease_until FROM tasks WHERE id = ?", quick[0])
+        return bool(row["lease_until"] > first + 0.35)
 
     # Renewed, not taken back as an orphan: it runs once, in its first attempt.
     await until(renewed)
@@ -873,7 +943,23 @@ async def held_writer_daemon(start_daemon: Any, qt_dir: Path) -> Any:
 @contextlib.asynccontextmanager
 async def writer_held(daemon: Any) -> AsyncIterator[None]:
     """Hold the store's writer thread until the block ends: writes submitted meanwhile
-    (claims, acks, cancels) queue behind it and commit together once it lets go."""
+    (claims, acks, cancels) queue behind it and commit together once it lets go. (On
+    PostgreSQL: a transaction in flight, which the next batch waits for.)"""
+    if daemon.storage.postgres is not None:
+        held_pg, release_pg = asyncio.Event(), asyncio.Event()
+
+        async def hold(conn: Any) -> None:
+            held_pg.set()
+            await asyncio.wait_for(release_pg.wait(), 5)
+
+        holding_pg = daemon.store.write(hold)
+        await asyncio.wait_for(held_pg.wait(), 5)
+        try:
+            yield
+        finally:
+            release_pg.set()
+            await holding_pg
+        return
     held, release = threading.Event(), threading.Event()
 
     def hold_the_writer(conn: Any) -> None:
@@ -902,6 +988,7 @@ async def cancel_as_the_attempt_ends(daemon: Any, module: Any, task_id: int, nam
     await cancelling
 
 
+@pytest.mark.sqlite_only  # a trigger records the row's states
 async def test_a_claim_committing_as_the_workers_stop_is_put_back(held_writer_daemon: Any) -> None:
     """Stop used to cancel a claim loop waiting for its claim to commit: the claim committed
     anyway and its rows stayed `running`, with an attempt spent, until the next start."""
@@ -966,8 +1053,7 @@ async def test_a_queued_task_with_a_stored_cancel_is_ended_not_run(qt: Any) -> N
     ahead back in the queue, the cancel marked one of them): the claim ends it cancelled."""
     daemon, events, module = await qt(workers={"default": 1})
     record = await daemon.queue.enqueue("qt.echo", {"value": 1}, delay=3600)
-    await daemon.store.write(lambda conn: conn.execute(
-        "UPDATE tasks SET cancel_requested = 1, run_at = 0 WHERE id = ?", (record.id,)))
+    await execute(daemon, "UPDATE tasks SET cancel_requested = 1, run_at = 0 WHERE id = ?", record.id)
     daemon.queue.notify_work("default")
     final = await daemon.queue.wait(record.id, timeout=5)
     assert (final.status, final.error) == ("cancelled", "cancelled")
@@ -1009,6 +1095,7 @@ async def test_a_task_cancelled_as_it_is_handed_a_slot_ends_and_the_queue_goes_o
     assert await daemon.queue.result(later.id, timeout=5) == "later"
 
 
+@pytest.mark.sqlite_only  # the file's write lock
 async def test_a_claim_whose_transaction_fails_is_tried_again(start_daemon: Any, qt_dir: Path) -> None:
     """Another program holding the file's write lock past busy_timeout (a backup, the sqlite3
     shell) fails a claim's transaction: the queue's claim loop used to die of it, and nothing
@@ -1053,6 +1140,7 @@ async def test_a_child_asked_for_as_its_parent_is_cancelled_is_cancelled_too(
     assert ("echo", child_id) not in module.STARTED
 
 
+@pytest.mark.sqlite_only  # the writer thread; on PostgreSQL the claim counts in the database
 async def test_claims_of_two_queues_in_successive_transactions_keep_a_name_s_limit(
     held_writer_daemon: Any
 ) -> None:
@@ -1084,8 +1172,8 @@ async def test_claims_of_two_queues_in_successive_transactions_keep_a_name_s_lim
     done, _ = await asyncio.wait(started.values(), timeout=5, return_when=asyncio.FIRST_COMPLETED)
     (running,) = [name for name, waiter in started.items() if waiter in done]
     # A barrier: both queues have claimed (and committed) by the time two more writes have.
-    await daemon.store.write(lambda conn: None)
-    await daemon.store.write(lambda conn: None)
+    await committed(daemon)
+    await committed(daemon)
     assert module.SOLO["now"] == 1
     module.gate(running).set()
     waiting = "second" if running == "first" else "first"
@@ -1148,15 +1236,16 @@ async def test_short_tasks_share_write_transactions_by_the_dozen(qt: Any) -> Non
 
     with daemon.bus.subscribe("task.succeeded", count, name="test.count"):
         before = daemon.store.transactions
-        await daemon.store.write(lambda conn: conn.execute(
-            "UPDATE tasks SET run_at = 0 WHERE status = 'queued'"))
+        await execute(daemon, "UPDATE tasks SET run_at = 0 WHERE status = 'queued'")
         daemon.queue.notify_work("default")
         await asyncio.wait_for(done.wait(), 30)
     spent = daemon.store.transactions - before
     # 8 slots and 24 claimed ahead: a claim sized when its transaction is taken fills all
     # 32, and the acks of the tasks run meanwhile share it (a claim sized when asked for
-    # filled only what was free then: 16 tasks per transaction).
-    assert spent <= len(ids) / 24, f"{spent} transactions for {len(ids)} tasks"
+    # filled only what was free then: 16 tasks per transaction). On PostgreSQL a batch
+    # waits for the round trips of the one in flight: fewer tasks share each, still many.
+    per_transaction = 24 if daemon.storage.postgres is None else 12
+    assert spent <= len(ids) / per_transaction, f"{spent} transactions for {len(ids)} tasks"
 
 
 async def test_single_enqueues_of_one_tick_share_a_transaction_and_keep_their_rows(qt: Any) -> None:

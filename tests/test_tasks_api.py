@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+pytestmark = pytest.mark.both_stores
 
 @pytest.fixture
 async def served(start_daemon: Any, http: Any, copied_plugin: Any) -> Any:

@@ -259,7 +259,9 @@ class WorkerPool:
     def _cancel_running(self, task_id: int) -> None:
         task = self.running.get(task_id)
         if task is not None:
-            if task_id in self._ended:
+            if task_id in self._ended or task_id in self._cancelling:
+                # Ended, or cancelled already: a second cancel (the notification of the one
+                # just made here) must not interrupt the cleanup the first one started.
                 return
             self._cancelling.add(task_id)
             # One handed a slot this very tick has not taken its first step: cancelled now,
