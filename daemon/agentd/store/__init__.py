@@ -2,8 +2,8 @@
 
 Modules, by job:
 
-- `__init__.py`: `Store`, the interface the parts that store (queue, workers, event log,
-  scheduler, digests, hooks, stream tokens, memory) use, and the names they import.
+- `__init__.py`: `Database`, what the daemon needs of either engine; `Store`, the SQLite
+  engine as the parts' SQLite storage uses it; and the names they import.
 - `sqlite.py`: `SqliteStore`, the SQLite engine: lock, connections, schema, writer,
   readers and checkpoints put together.
 - `driver.py`: the SQLite driver (sqlean or the stdlib), value adapters, `connect` and its
@@ -13,16 +13,19 @@ Modules, by job:
 - `writer.py`: the one writer: writes grouped into transactions, riders, `BatchedWrite`,
   failed writes and the write checks.
 - `checkpoints.py`: WAL checkpoints and the incremental vacuum.
+- `postgres.py`: `PgStore`, the PostgreSQL engine (`[store] url`): a pool, grouped write
+  transactions, reads, notifications, its migrations (`agentd/sql/pg/`).
+- `copy.py`: `agentd store copy`, agentd.db's SQLite tables copied into PostgreSQL.
 
-The seam. A part is handed a `Store` and calls only what it declares: `write` (an op run on
-the write connection inside a grouped transaction), `join_batch`/`add_rider`/
-`request_flush` (writes sized when a batch is taken), `read`/`read_one` (queries off the
-loop) and the lifecycle and maintenance calls the daemon makes. Each part keeps its SQL in
-its own module, grouped as module-level statements (every statement on `tasks` in
-taskqueue.py, on `task_steps` in steps.py, on `events` in eventlog.py...), so an engine with
-another dialect adds its own set of statements beside them rather than a branch in every
-query. `app.py` picks the engine of agentd.db and memory.py that of memory.db (today only
-`SqliteStore`).
+The seam. Each part that stores (queue, steps, event log, scheduler, digests, hook
+deliveries, the stream key) declares what it needs of its tables as a Protocol, with its
+SQLite implementation beside it (on a `Store`: `write` runs an op on the write connection
+inside a grouped transaction; `join_batch`/`add_rider`/`request_flush` add writes sized
+when a batch is taken; `read`/`read_one` query off the loop) and its PostgreSQL one in
+`agentd/postgres/` (on a `PgStore`, the same calls with coroutine ops). Each keeps its
+statements as module-level constants, so neither engine's SQL has a branch for the other.
+`agentd/storage.py` builds one set for the configured engine, once; memory.db stays on
+SQLite (`memory.py` opens its own `SqliteStore`).
 """
 
 from __future__ import annotations
