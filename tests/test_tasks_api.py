@@ -117,7 +117,8 @@ async def test_batch_enqueue_is_all_or_nothing(served: Any) -> None:
         async with client.post("/v1/tasks/batch", json={"tasks": [*tasks[:2], item]}) as r:
             assert r.status == status
             assert message in (await _json(r))["error"]["message"]
-    assert sum((await daemon.queue.counts()).values()) == 50
+    # Its own tasks only: the daemon's maintenance may have fired one meanwhile.
+    assert len(await daemon.queue.list(name="qt.echo", limit=100)) == 50
 
 
 async def test_list_filters_and_pages(served: Any) -> None:

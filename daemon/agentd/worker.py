@@ -259,9 +259,7 @@ class WorkerPool:
     def _cancel_running(self, task_id: int) -> None:
         task = self.running.get(task_id)
         if task is not None:
-            if task_id in self._ended or task_id in self._cancelling:
-                # Ended, or cancelled already: a second cancel (the notification of the one
-                # just made here) must not interrupt the cleanup the first one started.
+            if task_id in self._ended:
                 return
             self._cancelling.add(task_id)
             # One handed a slot this very tick has not taken its first step: cancelled now,
