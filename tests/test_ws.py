@@ -584,9 +584,6 @@ async def test_a_client_that_takes_no_replies_is_dropped(st: Any, http: Any) -> 
     """Its requests are answered, but it reads nothing: once a reply has waited
     `send_timeout` the socket is dropped, and it holds no task, waiter or buffer."""
     daemon, _, _ = await st({"streams": {"send_timeout": 0.2, "send_buffer": 4096}})
-    if daemon.storage.postgres is not None:
-        pytest.xfail("on PostgreSQL the dropped socket's `result` waiters stay in queue._waiters: "
-                     "not yet understood")
     app = daemon.server._runner.app
     async with http(daemon).post("/v1/tasks", json={"name": "st.echo",
                                                     "args": {"value": "x" * 100_000}}) as response:

@@ -403,8 +403,12 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 await session.reply(_failure(None, bad_request(
                     "binary messages are not read: send each request as JSON text")))
     finally:
-        request.app[SOCKETS].discard(ws)
-        await session.close()
-        with contextlib.suppress(Exception):
-            await ws.close()
+        try:
+            await session.close()
+            with contextlib.suppress(Exception):
+                await ws.close()
+        finally:
+            # Only once its requests have ended (their `result` waiters with them): a socket
+            # gone from SOCKETS holds nothing any more.
+            request.app[SOCKETS].discard(ws)
     return ws
