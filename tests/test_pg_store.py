@@ -51,6 +51,62 @@ async def test_a_failing_op_fails_alone(pg_store: PgStore) -> None:
     assert row is not None and row["value"] == "v"
 
 
+async def test_last_parts_run_at_the_end_of_the_transaction_and_alone(pg_store: PgStore) -> None:
+    ran: list[str] = []
+
+    def step(name: str, fail: bool = False) -> Any:
+        async def op(conn: PgConnection) -> str:
+            ran.append(name)
+            if fail:
+                raise ValueError(name)
+            return name
+
+        return op
+
+    before = pg_store.transactions
+    results = await asyncio.gather(pg_store.write(step("a"), last=step("a-last")),
+                                   pg_store.write(step("b")),
+                                   pg_store.write(step("c"), last=step("c-last")),
+                                   pg_store.write(step("d")))
+    assert results == ["a", "b", "c", "d"]  # the ops' results, not the last parts'
+    assert ran == ["a", "b", "c", "d", "a-last", "c-last"]
+    assert pg_store.transactions == before + 1
+    ran.clear()
+    outcome = await asyncio.gather(pg_store.write(step("e"), last=step("e-last")),
+                                   pg_store.write(step("f"), last=step("f-last", fail=True)),
+                                   return_exceptions=True)
+    assert outcome[0] == "e" and isinstance(outcome[1], ValueError)
+    # The batch, then each write alone: its op, then its last part.
+    assert ran == ["e", "f", "e-last", "f-last", "e", "e-last", "f", "f-last"]
+
+
+async def test_the_event_counter_is_taken_at_the_end_of_its_transaction(pg_store: PgStore) -> None:
+    """The event counter's row lock orders every daemon's event-writing commits: a write
+    batched after an event insert runs before the counter is taken, so it is held only
+    until the commit and never before another row lock (no deadlock between daemons)."""
+    from agentd.postgres.events import PgEvents
+
+    events = PgEvents(pg_store)
+    other = await asyncpg.connect(pg_store.config.url)
+    try:
+        async def probe(conn: PgConnection) -> bool:
+            async with other.transaction():
+                try:
+                    await other.execute("SELECT last_id FROM event_counter FOR UPDATE NOWAIT")
+                except asyncpg.LockNotAvailableError:
+                    return False  # this transaction took the counter already
+                return True
+
+        inserted = events.insert([(1, "job.done", 1.0, "{}", None, None, 1)], alone=True)
+        free = await pg_store.write(probe)
+        await inserted
+        assert free, "the counter was taken before a later write of the same transaction"
+    finally:
+        await other.close()
+    rows = await pg_store.read("SELECT topic FROM events")
+    assert [row["topic"] for row in rows] == ["job.done"]
+
+
 async def test_notifications_reach_listeners_and_reconnects_are_announced(pg_store: PgStore) -> None:
     got: asyncio.Queue[str] = asyncio.Queue()
     reconnected = asyncio.Event()

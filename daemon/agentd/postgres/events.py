@@ -5,8 +5,11 @@ The commit horizon. A reader that follows the log (a stream resuming, the feed b
 forward by id: it must never pass an id whose transaction has not committed yet, or it
 skips that event when it commits. Of the two known ways (DESIGN.md, "Beyond one machine")
 this takes the counter row: an event-writing transaction takes its events' ids from the
-one row of `event_counter`, updated as its last event statement, so the row's lock orders
-event-writing transactions by commit and ids commit in id order: what a reader sees of the
+one row of `event_counter`, updated at the end of the transaction (PgStore's `last` parts:
+after every other write of the batch, acks and task inserts included, so the row is held
+only until the commit and taken after every other row lock: no deadlock between two
+daemons' transactions), so the row's lock orders event-writing transactions by commit and
+ids commit in id order: what a reader sees of the
 log is always every event up to some id, never one with a hole below it. The ids go on
 from the larger of the counter and the server's clock in microseconds, as SQLite's ids do
 from the daemon's clock (so the sweep reads an event's age from its id on both engines).
@@ -118,6 +121,10 @@ async def insert_rows(conn: PgConnection, rows: list[EventRow], origin: str) -> 
     return last
 
 
+async def _nothing(_conn: PgConnection) -> None:
+    """The op of a write that is all `last` part."""
+
+
 def notification_parts(origin: str, seq: int, events: list[tuple[int, Event]]) -> list[str]:
     """The payloads carrying `events` (ephemeral, each after the id its daemon gave its
     stored predecessor) to the other daemons."""
@@ -187,7 +194,8 @@ class PgEvents:
             if parts:
                 await conn.executemany(_NOTIFY, [(part,) for part in parts])
 
-        written = self.store.write(op) if alone else self.store.join_batch(op)
+        # The counter's UPDATE ends its transaction (`last`): see the module docstring.
+        written = self.store.write(_nothing, last=op) if alone else self.store.join_batch(_nothing, last=op)
         written.add_done_callback(partial(self._insert_done, upto))
         return written
 
@@ -201,6 +209,7 @@ class PgEvents:
             self._wake()  # sooner than our own notification
 
     def row_writer(self, row: EventRow) -> Callable[[Any], object]:
+        # The caller runs it as the last part of its write (PgTasks.insert's `alongside`).
         async def op(conn: PgConnection) -> None:
             self._given[row[0]] = await insert_rows(conn, [row], self.origin)
             if len(self._given) > _GIVEN_MOST:  # stored ahead, never asked for
@@ -267,7 +276,7 @@ class PgEvents:
         async def catch_up_counter(conn: PgConnection) -> None:
             await conn.execute(_CATCH_UP_COUNTER)  # after `store copy`, rows the counter missed
 
-        await self.store.write(catch_up_counter)
+        await self.store.write(_nothing, last=catch_up_counter)
         self.store.listen(CHANNEL, self._notified)
         self.store.on_reconnect(self._reconnected)
         self.cursor = await self.newest_id()

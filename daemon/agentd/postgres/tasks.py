@@ -226,13 +226,17 @@ class PgTasks:
     def insert(self, prepared: list[tuple[Any, ...]], windows: list[float], now: float,
                ttl: float, alongside: Callable[[Any], object] | None) -> Awaitable[list[Any]]:
         async def op(conn: PgConnection) -> list[Any]:
-            if alongside is not None:
-                written = alongside(conn)
-                if inspect.isawaitable(written):
-                    await written
             return await _insert_tasks(conn, prepared, windows, now, ttl)
 
-        return self.store.write(op)
+        async def last(conn: PgConnection) -> None:
+            assert alongside is not None
+            written = alongside(conn)
+            if inspect.isawaitable(written):
+                await written
+
+        # `alongside` (an event's row: it takes the event counter) runs at the end of the
+        # transaction, after every write's op: see agentd/postgres/events.py.
+        return self.store.write(op, last=None if alongside is None else last)
 
     async def get(self, task_id: int) -> TaskRecord | None:
         row = await self.store.read_one(_TASK, (task_id,))

@@ -10,6 +10,13 @@ What it gives the parts that store, as `SqliteStore` does on one file:
   failing one fails: ops must act only on the connection (no side effect outside it).
 - `join_batch`/`add_rider`/`request_flush`: writes sized when a batch is taken (acks,
   claims, the event log), as on SQLite.
+- `last=`: a part of a write that runs at the end of its transaction, after every write's
+  op (the `last` parts in their writes' order). For a statement that takes a row lock all
+  daemons' transactions contend for (the event counter, agentd/postgres/events.py): it is
+  then held only from that statement to the commit, and taken after every other lock of
+  the transaction, so two transactions never take it and another row lock in opposite
+  orders (a deadlock PostgreSQL breaks after `deadlock_timeout`, 1 s, and the batch then
+  runs again one write at a time).
 - `read(sql, params)`: a query on a pooled connection. Statements use asyncpg's `$1`
   placeholders; each part keeps its PostgreSQL statements beside its SQLite ones.
 - `listen(channel, callback)`: notifications, on one connection outside the pool that is
@@ -55,7 +62,8 @@ from agentd.log import get_logger
 T = TypeVar("T")
 PgConnection: TypeAlias = asyncpg.Connection
 PgOp = Callable[[PgConnection], Awaitable[T]]
-_Batch = list[tuple[PgOp[Any], asyncio.Future[Any]]]
+# A write: its op, its future, and its part run last in its transaction (or None).
+_Batch = list[tuple[PgOp[Any], asyncio.Future[Any], PgOp[Any] | None]]
 
 # Seconds a statement, a connection or a pool checkout may take before the server counts
 # as away: HTTP requests answer 503 within it rather than hang while PostgreSQL is frozen.
@@ -224,26 +232,28 @@ class PgStore:
 
     # -- writes ------------------------------------------------------------------------------
 
-    def write(self, op: PgOp[T]) -> asyncio.Future[T]:
-        """Run `await op(connection)` in the next grouped transaction; resolve to its result
-        once committed. A write the server refuses or cannot take fails with a
-        `StoreWriteError`; see the module docstring for the rest of the contract."""
+    def write(self, op: PgOp[T], *, last: PgOp[Any] | None = None) -> asyncio.Future[T]:
+        """Run `await op(connection)` in the next grouped transaction, and `await
+        last(connection)` (if given) at the end of that transaction, after every write's op;
+        resolve to op's result once committed. A write the server refuses or cannot take
+        fails with a `StoreWriteError`; see the module docstring for the rest of the contract."""
         if self._pool is None:
             raise StoreError(f"{self.location}: the store is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         if self._refuses(op, future):
             return future
-        self._pending.append((op, future))
+        self._pending.append((op, future, last))
         self.request_flush()
         return future
 
-    def join_batch(self, op: PgOp[T], future: asyncio.Future[T] | None = None) -> asyncio.Future[T]:
+    def join_batch(self, op: PgOp[T], future: asyncio.Future[T] | None = None, *,
+                   last: PgOp[Any] | None = None) -> asyncio.Future[T]:
         """Like `write`, but only joins the next batch: it never starts one by itself."""
         if future is None:
             future = asyncio.get_running_loop().create_future()
         if self._refuses(op, future):
             return future
-        self._pending.append((op, future))
+        self._pending.append((op, future, last))
         return future
 
     def add_rider(self, rider: Callable[[], None]) -> None:
@@ -299,7 +309,7 @@ class PgStore:
                 except BaseException as exc:
                     error = exc if isinstance(exc, StoreError) else StoreError(
                         f"{self.location}: the write failed: {type(exc).__name__}: {exc}")
-                    for _, future in batch:
+                    for _, future, _ in batch:
                         if not future.done():
                             future.set_exception(error)
                     if not isinstance(exc, Exception):
@@ -311,19 +321,19 @@ class PgStore:
                 self.request_flush()
 
     async def _run_batch(self, batch: _Batch) -> None:
-        live = [(op, future) for op, future in batch if not future.cancelled()]
+        live = [write for write in batch if not write[1].cancelled()]
         if not live:
             return
         live = self._checks_only_while_away(live)
         if not live:
             return
         try:
-            results = await self._transaction([op for op, _ in live])
+            results = await self._transaction([(op, last) for op, _, last in live])
         except _OpFailedError:
             # One op raised: run each in its own transaction, so only the failing ones fail.
-            for index, (op, future) in enumerate(live):
+            for index, (op, future, last) in enumerate(live):
                 try:
-                    (result,) = await self._transaction([op])
+                    (result,) = await self._transaction([(op, last)])
                 except _OpFailedError as failed:
                     _settle(future, failed.error, None)
                 except StoreWriteError as exc:
@@ -334,11 +344,11 @@ class PgStore:
                     _settle(future, None, result)
             return
         except StoreWriteError as exc:
-            for _, future in live:
+            for _, future, _ in live:
                 _settle(future, exc, None)
             self._server_away(exc, [])
             return
-        for (_, future), result in zip(live, results, strict=True):
+        for (_, future, _), result in zip(live, results, strict=True):
             _settle(future, None, result)
 
     def _refuses(self, op: PgOp[Any], future: asyncio.Future[Any]) -> bool:
@@ -362,14 +372,16 @@ class PgStore:
         if not isinstance(self.failure, StoreUnavailableError):
             return live
         away = self._away()
-        for op, future in live:
+        for op, future, _ in live:
             if op is not _write_check:
                 _settle(future, away, None)
-        return [(op, future) for op, future in live if op is _write_check]
+        return [write for write in live if write[0] is _write_check]
 
-    async def _transaction(self, ops: list[PgOp[Any]]) -> list[Any]:
-        """Run `ops` in one transaction; raise `_OpFailedError` if one raised (nothing stored) or
-        the StoreWriteError of the server being away."""
+    async def _transaction(self, ops: list[tuple[PgOp[Any], PgOp[Any] | None]]) -> list[Any]:
+        """Run `ops` in one transaction, each write's op and then, at the end, their `last`
+        parts; return the ops' results. Raise `_OpFailedError` if one raised (nothing stored)
+        or the StoreWriteError of the server being away."""
+        steps = [op for op, _ in ops] + [last for _, last in ops if last is not None]
         for attempt in (1, 2):
             started = time.monotonic()
             results: list[Any] = []
@@ -379,9 +391,9 @@ class PgStore:
                     transaction = conn.transaction()
                     await transaction.start()
                     try:
-                        for op in ops:
+                        for step in steps:
                             try:
-                                results.append(await op(conn))
+                                results.append(await step(conn))
                             except Exception as exc:
                                 if unavailable(self.location, exc) is not None:
                                     raise
@@ -401,7 +413,7 @@ class PgStore:
                     raise
                 raise error from exc
             self.transactions += 1
-            return results
+            return results[:len(ops)]
         raise AssertionError("not reached")
 
     @contextlib.asynccontextmanager
@@ -434,7 +446,7 @@ class PgStore:
         self._failed(error)
         waiting, self._pending = self._pending, []
         fresh = unavailable(self.location, error.__cause__) if error.__cause__ is not None else None
-        for _, future in unsent + waiting:
+        for _, future, _ in unsent + waiting:
             _settle(future, fresh or error, None)
 
     def _failed(self, error: StoreWriteError) -> None:

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import re
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
@@ -57,6 +58,7 @@ from agentd.web.tasks_api import task_request
 routes = web.RouteTableDef()
 
 CLOSE_LAGGED = 4000
+_CLOSE_LAGGED_FRAME = struct.pack("!H", CLOSE_LAGGED) + b"lagged"
 MAX_RESULT_WAIT = 300.0
 REPLAY_YIELD_EVERY = 256
 # What a socket opened with a stream token may ask: a list of what reads, so a request type
@@ -128,14 +130,16 @@ class _Session:
     async def send_text(self, text: str) -> None:
         """Send one JSON message; a client that does not take it within `send_timeout` is
         a TimeoutError."""
-        data = text.encode()
+        await self.send_frame(text.encode(), WSMsgType.TEXT)
+
+    async def send_frame(self, data: bytes, kind: WSMsgType) -> None:
         if writes_at_once(self.request.transport, len(data)):
             # The send cannot wait on the client, so it needs no timer (`wait_for` around every
             # message cost a task and a timer each).
-            await self.ws.send_frame(data, WSMsgType.TEXT)
+            await self.ws.send_frame(data, kind)
             return
         async with asyncio.timeout(self.daemon.config.streams.send_timeout):
-            await self.ws.send_frame(data, WSMsgType.TEXT)
+            await self.ws.send_frame(data, kind)
 
     async def handle(self, message: Any) -> None:
         """Answer one request with exactly one reply: its result, or the error, whatever
@@ -234,12 +238,25 @@ class _Session:
         async for event in sub:
             if isinstance(event, Lagged):
                 await self.send({"type": "lagged", "subscription": name, "resume_after": last})
-                await self.ws.close(code=CLOSE_LAGGED, message=b"lagged")
+                await self._close_lagged()
                 return
             if event.id in replayed and self.daemon.eventlog.replayable(event):
                 continue
             await self.send_text(f"{prefix}{ENCODED.body(event)}}}")
             last = max(last, event.id)
+
+    async def _close_lagged(self) -> None:
+        """Send the close frame (4000); the client's reply ends the handler's reading loop,
+        which closes the connection (and cancels this pump). Not `ws.close()`: called beside
+        the reading loop, aiohttp's close ends the connection right after sending its frame,
+        without waiting for the client's, whose reply then met a closed connection: the
+        client saw 1006, not 4000 (on PostgreSQL most of the time, where the events come
+        from the feed's task). A client that does not answer within `send_timeout` is
+        dropped."""
+        await self.send_frame(_CLOSE_LAGGED_FRAME, WSMsgType.CLOSE)
+        await asyncio.sleep(self.config.send_timeout)  # noqa: sleep - the wait for the reply, cancelled by it
+        get_logger("ws").info("ws.dropped", reason="no close reply")
+        drop_connection(self.request)
 
     async def unsubscribe(self, message: dict[str, Any]) -> dict[str, Any]:
         name = message.get("subscription")
@@ -386,8 +403,12 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 await session.reply(_failure(None, bad_request(
                     "binary messages are not read: send each request as JSON text")))
     finally:
-        request.app[SOCKETS].discard(ws)
-        await session.close()
-        with contextlib.suppress(Exception):
-            await ws.close()
+        try:
+            await session.close()
+            with contextlib.suppress(Exception):
+                await ws.close()
+        finally:
+            # Only once its requests have ended (their `result` waiters with them): a socket
+            # gone from SOCKETS holds nothing any more.
+            request.app[SOCKETS].discard(ws)
     return ws
