@@ -182,6 +182,36 @@ async def test_a_lapsed_lease_is_taken_over_by_another_store(cluster: Any) -> No
 
 
 
+async def test_a_late_ack_after_a_takeover_is_dropped(cluster: Any) -> None:
+    """a's lease lapses (a stalled) and b takes the task over: a's late ack, retry or
+    interruption writes nothing once b holds the lease, and is reported as dropped."""
+    a, b = await cluster(2)
+    await a.insert([row(), row()], [0.0, 0.0], time.time(), 60.0, None)
+    records, _ = await claim(a, 2, lease=0.2)
+    await asyncio.sleep(0.25)  # noqa: sleep - let a's leases lapse
+    assert len(await b.renew_and_reclaim([], 0.0, 60.0, True)) == 2
+    taken, _ = await claim(b, 2)
+    assert sorted(record.id for record in taken) == sorted(record.id for record in records)
+    first, second = records
+    now = time.time()
+    # b still runs `first`: a's late ack and retry are both dropped.
+    late = await a.acks().add(("failed", None, "late", now, now + 60, first.id))
+    assert late == [first.id]
+    assert await a.requeue_attempt(task_id=first.id, run_at=now, error="late", undo_attempt=0,
+                                   finished_at=now, expires_at=now + 60) == "lost"
+    stored = await b.get(first.id)
+    assert stored is not None and stored.status == "running" and stored.error != "late"
+    # b ends `second`; a's late ack must not flip its outcome.
+    assert await b.acks().add(("succeeded", "1", None, now, now + 60, second.id)) == []
+    assert await a.acks().add(("failed", None, "late", now, now + 60, second.id)) == [second.id]
+    stored = await b.get(second.id)
+    assert stored is not None and (stored.status, stored.result) == ("succeeded", 1)
+    # b's own ack of `first` applies.
+    assert await b.acks().add(("succeeded", "2", None, now, now + 60, first.id)) == []
+    stored = await a.get(first.id)
+    assert stored is not None and stored.status == "succeeded"
+
+
 async def test_the_rows_of_nodes_dead_for_long_are_removed(cluster: Any) -> None:
     (a,) = await cluster(1)
 

@@ -100,7 +100,8 @@ _ACK = ("UPDATE tasks SET status = v.status, result = v.result, error = v.error,
         "finished_at = v.finished_at, expires_at = v.expires_at, lease_until = NULL, "
         "lease_node = NULL FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], "
         "$5::float8[], $6::bigint[]) AS v(status, result, error, finished_at, expires_at, id) "
-        "WHERE tasks.id = v.id RETURNING tasks.id, tasks.name")
+        "WHERE tasks.id = v.id AND tasks.status = 'running' AND tasks.lease_node = $7 "
+        "RETURNING tasks.id, tasks.name")
 _DUE = ("FROM tasks WHERE status = 'queued' AND queue = $1 AND run_at <= $2 "
         "AND NOT (name = ANY($3::text[])) ORDER BY priority DESC, run_at, id "
         "FOR UPDATE SKIP LOCKED LIMIT $4")
@@ -129,7 +130,7 @@ _REQUEUE_ATTEMPT = (
     "expires_at = CASE WHEN cancel_requested <> 0 THEN $4::float8 END, "
     "lease_until = NULL, lease_node = NULL, "
     "attempts = attempts - CASE WHEN cancel_requested <> 0 THEN 0 ELSE $5::bigint END "
-    "WHERE id = $6 RETURNING status, queue, name")
+    "WHERE id = $6 AND status = 'running' AND lease_node = $7 RETURNING status, queue, name")
 _UNCLAIM = ("UPDATE tasks SET status = 'queued', attempts = attempts - 1, started_at = NULL, "
             "lease_until = NULL, lease_node = NULL WHERE status = 'running' "
             "AND id = ANY($1::bigint[]) RETURNING queue")
@@ -325,17 +326,22 @@ class PgTasks:
     # -- the workers' -------------------------------------------------------------------------
 
     def acks(self) -> AckWriter:
-        limited = self._limited_names
+        """An ack applies only while this node holds the task's lease: once it lapsed and
+        another daemon took the task over, the late ack is dropped (its id returned)."""
+        limited, node = self._limited_names, self.node_id
 
-        async def write_acks(conn: PgConnection, acks: list[tuple[Any, ...]]) -> list[None]:
+        async def write_acks(conn: PgConnection, acks: list[tuple[Any, ...]]) -> list[int]:
             columns = list(zip(*acks, strict=True))
             errors = [None if error is None else error.replace("\x00", "\\x00") for error in columns[2]]
             rows = await conn.fetch(_ACK, columns[0], columns[1], errors, columns[3], columns[4],
-                                    columns[5])
+                                    columns[5], node)
             await _notify_ids(conn, DONE, [row[0] for row in rows])
             if not limited().isdisjoint(row[1] for row in rows):
                 await _notify(conn, WORK, [""])  # a limited name's place is free
-            return []
+            if len(rows) == len(acks):
+                return []
+            written = {row[0] for row in rows}
+            return [task_id for task_id in columns[5] if task_id not in written]
 
         return _Batched(self.store, write_acks)
 
@@ -360,13 +366,16 @@ class PgTasks:
 
     def requeue_attempt(self, *, task_id: int, run_at: float, error: str | None,
                         undo_attempt: int, finished_at: float,
-                        expires_at: float) -> Awaitable[Literal["queued", "cancelled"]]:
+                        expires_at: float) -> Awaitable[Literal["queued", "cancelled", "lost"]]:
         if error is not None:
             error = error.replace("\x00", "\\x00")
+        node = self.node_id
 
-        async def op(conn: PgConnection) -> Literal["queued", "cancelled"]:
+        async def op(conn: PgConnection) -> Literal["queued", "cancelled", "lost"]:
             row = await conn.fetchrow(_REQUEUE_ATTEMPT, run_at, error, finished_at, expires_at,
-                                      undo_attempt, task_id)
+                                      undo_attempt, task_id, node)
+            if row is None:  # the lease lapsed and another daemon took the task over
+                return "lost"
             status: Literal["queued", "cancelled"] = row["status"]
             if status == "cancelled":
                 await _notify_ids(conn, DONE, [task_id])
