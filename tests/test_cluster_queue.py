@@ -201,6 +201,9 @@ async def test_a_late_ack_after_a_takeover_is_dropped(cluster: Any) -> None:
                                    finished_at=now, expires_at=now + 60) == "lost"
     stored = await b.get(first.id)
     assert stored is not None and stored.status == "running" and stored.error != "late"
+    # Usage counted by a's stalled run is not added to b's run; b's is.
+    assert await a.add_usage(first.id, {"calls": 1}) == {}
+    assert await b.add_usage(first.id, {"calls": 1}) == {"calls": 1}
     # b ends `second`; a's late ack must not flip its outcome.
     assert await b.acks().add(("succeeded", "1", None, now, now + 60, second.id)) == []
     assert await a.acks().add(("failed", None, "late", now, now + 60, second.id)) == [second.id]

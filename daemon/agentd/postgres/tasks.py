@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, Literal, NoReturn, TypeVar
 
 from agentd.errors import TaskNotFoundError, TaskStateError
+from agentd.log import get_logger
 from agentd.store.postgres import PgConnection, PgStore
 from agentd.taskqueue import (
     _COLUMNS,
@@ -42,6 +43,8 @@ from agentd.taskqueue import (
     node_id,
 )
 
+_LOG = get_logger("tasks")
+
 V = TypeVar("V")
 R = TypeVar("R")
 
@@ -56,7 +59,7 @@ _TASK = "SELECT * FROM tasks WHERE id = $1"
 _EXISTS = "SELECT 1 FROM tasks WHERE id = $1"
 _STATUS = "SELECT status FROM tasks WHERE id = $1"
 _CHILDREN = "SELECT id FROM tasks WHERE parent_id = $1 ORDER BY id"
-_USAGE = "SELECT usage FROM tasks WHERE id = $1 FOR UPDATE"
+_USAGE = "SELECT usage, status = 'running' AND lease_node = $2 FROM tasks WHERE id = $1 FOR UPDATE"
 _SET_USAGE = "UPDATE tasks SET usage = $1 WHERE id = $2"
 _UNNEST = ("unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[], "
            "$7::bigint[], $8::float8[], $9::text[], $10::bigint[], $11::text[], $12::float8[])")
@@ -242,11 +245,16 @@ class PgTasks:
     async def add_usage(self, task_id: int, usage: Mapping[str, int]) -> dict[str, int]:
         import json
 
+        node = self.node_id
+
         async def op(conn: PgConnection) -> dict[str, int]:
-            row = await conn.fetchrow(_USAGE, task_id)
+            row = await conn.fetchrow(_USAGE, task_id, node)
             if row is None:
                 raise TaskNotFoundError(f"no task with id {task_id}")
             totals: dict[str, int] = {} if row[0] is None else json.loads(row[0])
+            if not row[1]:  # its lease lapsed and passed to another daemon: not counted
+                _LOG.warning("task.lease_lost", task_id=task_id, write="usage")
+                return totals
             for key, count in usage.items():
                 totals[key] = totals.get(key, 0) + int(count)
             await conn.execute(_SET_USAGE, json.dumps(totals), task_id)
