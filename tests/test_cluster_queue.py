@@ -215,6 +215,23 @@ async def test_a_late_ack_after_a_takeover_is_dropped(cluster: Any) -> None:
     assert stored is not None and stored.status == "succeeded"
 
 
+async def test_a_late_unclaim_after_a_takeover_leaves_the_task_to_its_new_holder(
+        cluster: Any) -> None:
+    """a claimed ahead, stalled past its lease, and stops: its unclaim must not put back in
+    the queue the task b took over and runs (it would run twice)."""
+    a, b = await cluster(2)
+    await a.insert([row()], [0.0], time.time(), 60.0, None)
+    records, _ = await claim(a, 1, lease=0.2)
+    await asyncio.sleep(0.25)  # noqa: sleep - let a's lease lapse
+    assert len(await b.renew_and_reclaim([], 0.0, 60.0, True)) == 1
+    taken, _ = await claim(b, 1)
+    assert [record.id for record in taken] == [records[0].id]
+    await a.unclaim([records[0].id])
+    stored = await b.get(records[0].id)
+    assert stored is not None and (stored.status, stored.attempts) == ("running", 2)
+    assert (await claim(a, 1))[0] == []
+
+
 async def test_the_rows_of_nodes_dead_for_long_are_removed(cluster: Any) -> None:
     (a,) = await cluster(1)
 

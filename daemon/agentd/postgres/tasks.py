@@ -136,7 +136,7 @@ _REQUEUE_ATTEMPT = (
     "WHERE id = $6 AND status = 'running' AND lease_node = $7 RETURNING status, queue, name")
 _UNCLAIM = ("UPDATE tasks SET status = 'queued', attempts = attempts - 1, started_at = NULL, "
             "lease_until = NULL, lease_node = NULL WHERE status = 'running' "
-            "AND id = ANY($1::bigint[]) RETURNING queue")
+            "AND id = ANY($1::bigint[]) AND lease_node = $2 RETURNING queue")
 _RENEW = ("UPDATE tasks SET lease_until = $1, lease_node = $2 WHERE id = ANY($3::bigint[]) "
           "AND status = 'running' AND (lease_node = $2 OR lease_node IS NULL)")
 _LAPSED = ("SELECT id, attempts, max_attempts, cancel_requested FROM tasks "
@@ -393,8 +393,12 @@ class PgTasks:
         return self.store.write(op)
 
     def unclaim(self, task_ids: list[int]) -> Awaitable[None]:
+        """Only the rows whose lease this node still holds: one taken over by another daemon
+        meanwhile is that daemon's to run."""
+        node = self.node_id
+
         async def op(conn: PgConnection) -> None:
-            rows = await conn.fetch(_UNCLAIM, task_ids)
+            rows = await conn.fetch(_UNCLAIM, task_ids, node)
             await _notify(conn, WORK, {row[0] for row in rows})
 
         return self.store.write(op)
