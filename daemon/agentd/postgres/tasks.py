@@ -59,7 +59,9 @@ _TASK = "SELECT * FROM tasks WHERE id = $1"
 _EXISTS = "SELECT 1 FROM tasks WHERE id = $1"
 _STATUS = "SELECT status FROM tasks WHERE id = $1"
 _CHILDREN = "SELECT id FROM tasks WHERE parent_id = $1 ORDER BY id"
-_USAGE = "SELECT usage, status = 'running' AND lease_node = $2 FROM tasks WHERE id = $1 FOR UPDATE"
+# Its usage, and whether another daemon runs it (this one's lease lapsed and was taken over).
+_USAGE = ("SELECT usage, status = 'running' AND lease_node <> $2 FROM tasks WHERE id = $1 "
+          "FOR UPDATE")
 _SET_USAGE = "UPDATE tasks SET usage = $1 WHERE id = $2"
 _UNNEST = ("unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[], "
            "$7::bigint[], $8::float8[], $9::text[], $10::bigint[], $11::text[], $12::float8[])")
@@ -252,7 +254,7 @@ class PgTasks:
             if row is None:
                 raise TaskNotFoundError(f"no task with id {task_id}")
             totals: dict[str, int] = {} if row[0] is None else json.loads(row[0])
-            if not row[1]:  # its lease lapsed and passed to another daemon: not counted
+            if row[1]:  # its lease lapsed and passed to another daemon: not counted
                 _LOG.warning("task.lease_lost", task_id=task_id, write="usage")
                 return totals
             for key, count in usage.items():
