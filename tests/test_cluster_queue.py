@@ -226,6 +226,9 @@ async def test_a_late_unclaim_after_a_takeover_leaves_the_task_to_its_new_holder
     assert len(await b.renew_and_reclaim([], 0.0, 60.0, True)) == 1
     taken, _ = await claim(b, 1)
     assert [record.id for record in taken] == [records[0].id]
+    # a's next heartbeat learns that b holds it now (and stops running it).
+    assert await a.taken_over([records[0].id]) == [records[0].id]
+    assert await b.taken_over([records[0].id]) == []
     await a.unclaim([records[0].id])
     stored = await b.get(records[0].id)
     assert stored is not None and (stored.status, stored.attempts) == ("running", 2)

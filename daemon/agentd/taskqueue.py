@@ -296,6 +296,10 @@ class TaskStore(Protocol):
         """Renew this daemon's leases (and its node's heartbeat); requeue or end the tasks
         whose lease lapsed (`expired_only=False`, at start on SQLite: every running one)."""
 
+    async def taken_over(self, task_ids: list[int]) -> list[int]:
+        """Which of these tasks another daemon runs now: their lease lapsed here (this daemon
+        stalled) and was taken over. None on SQLite: its one daemon keeps its leases."""
+
     async def start_node(self, version: str) -> None:
         """Register this daemon as a node."""
 
@@ -1109,6 +1113,9 @@ class SqliteTasks:
             renew_and_reclaim, running=running, lease_until=lease_until, ttl=ttl,
             expired_only=expired_only))
         return [TaskRecord.from_row(row) for row in rows]
+
+    async def taken_over(self, task_ids: list[int]) -> list[int]:
+        return []
 
     async def start_node(self, version: str) -> None:
         self._started_at, self._version = time.time(), version

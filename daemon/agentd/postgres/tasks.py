@@ -141,6 +141,8 @@ _UNCLAIM = ("UPDATE tasks SET status = 'queued', attempts = attempts - 1, starte
             "AND id = ANY($1::bigint[]) AND lease_node = $2 RETURNING queue")
 _RENEW = ("UPDATE tasks SET lease_until = $1, lease_node = $2 WHERE id = ANY($3::bigint[]) "
           "AND status = 'running' AND (lease_node = $2 OR lease_node IS NULL)")
+_TAKEN_OVER = ("SELECT id FROM tasks WHERE id = ANY($1::bigint[]) AND status = 'running' "
+               "AND lease_node <> $2")
 _LAPSED = ("SELECT id, attempts, max_attempts, cancel_requested FROM tasks "
            "WHERE status = 'running' AND lease_until < $1 AND NOT (id = ANY($2::bigint[])) "
            "FOR UPDATE SKIP LOCKED")
@@ -437,6 +439,11 @@ class PgTasks:
             return changed
 
         return [TaskRecord.from_row(row) for row in await self.store.write(op)]
+
+    async def taken_over(self, task_ids: list[int]) -> list[int]:
+        if not task_ids:
+            return []
+        return [row[0] for row in await self.store.read(_TAKEN_OVER, (task_ids, self.node_id))]
 
     async def start_node(self, version: str) -> None:
         self._started_at, self._version = time.time(), version
