@@ -663,13 +663,17 @@ class WorkerPool:
             try:
                 recovered = await self.tasks.renew_and_reclaim(
                     self.leased, time.time() + self.config.lease, self.config.result_ttl, True)
-                # This daemon stalled past a lease and another took the task over: stop
-                # running it here (its late ack is dropped, `_held`).
-                lost = await self.tasks.taken_over(self.leased)
             except Exception as exc:  # as a claim's: renew at the next beat
                 _LOG.error("tasks.renew_failed", error=describe(exc))
                 continue
             self._publish_recovered(recovered)
+            try:
+                # This daemon stalled past a lease and another took the task over: stop
+                # running it here (its late ack is dropped, `_held`).
+                lost = await self.tasks.taken_over(self.leased)
+            except Exception as exc:  # asked again at the next beat
+                _LOG.error("tasks.renew_failed", error=describe(exc))
+                continue
             for task_id in lost:
                 _LOG.warning("task.lease_lost", task_id=task_id, taken_over=True)
                 self._cancel_running(task_id)
