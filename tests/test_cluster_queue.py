@@ -380,6 +380,38 @@ async def test_a_task_running_on_another_daemon_is_cancelled_there(pg_daemons: A
     assert record.id not in runner.workers.running
 
 
+async def test_a_stalled_daemon_s_late_ack_is_dropped_and_not_announced(pg_daemons: Any) -> None:
+    """A task's lease lapses on daemon a (as if a stalled; set in the row) and another
+    store takes the task over: when a's run ends, its ack is dropped, the row stays the
+    other's, and a publishes no final event for it."""
+    a = await pg_daemons.start("a", workers={"default": 1})
+    seen: list[Any] = []
+    a.bus.subscribe("task.*", seen.append, name="test.seen")
+    record = await a.queue.enqueue("ct.block", {"name": "late"})
+    await asyncio.wait_for(shared_started(record.id).wait(), 10)
+    store = PgStore(StoreConfig(url=pg_daemons.url, pool_size=2))
+    await store.open()
+    try:
+        thief = PgTasks(store)
+        await thief.start_node("test")
+
+        async def lapse(conn: Any) -> None:
+            await conn.execute("UPDATE tasks SET lease_until = 0 WHERE id = $1", record.id)
+
+        await store.write(lapse)
+        assert [r.id for r in await thief.renew_and_reclaim([], 0.0, 60.0, True)] == [record.id]
+        assert [r.id for r in (await claim(thief, 1))[0]] == [record.id]
+        shared_gate("late").set()
+        await a.stop()  # waits for the acks in flight
+        stored = await thief.get(record.id)
+        assert stored is not None and stored.status == "running"
+        final = [e.topic for e in seen if e.data.get("task_id") == record.id
+                 and e.topic in ("task.succeeded", "task.failed", "task.cancelled", "task.dead")]
+        assert final == []
+    finally:
+        await store.close()
+
+
 async def test_status_lists_the_daemons_alive(pg_daemons: Any, http: Any) -> None:
     a = await pg_daemons.start("a")
     b = await pg_daemons.start("b")
@@ -396,6 +428,11 @@ async def test_status_lists_the_daemons_alive(pg_daemons: Any, http: Any) -> Non
 def shared_started(task_id: int) -> asyncio.Event:
     started: dict[int, asyncio.Event] = shared().started
     return started.setdefault(task_id, asyncio.Event())
+
+
+def shared_gate(name: str) -> asyncio.Event:
+    gates: dict[str, asyncio.Event] = shared().gates
+    return gates.setdefault(name, asyncio.Event())
 
 
 async def test_a_killed_daemon_s_task_is_taken_over_once_its_lease_lapses(
