@@ -412,6 +412,35 @@ async def test_a_stalled_daemon_s_late_ack_is_dropped_and_not_announced(pg_daemo
         await store.close()
 
 
+async def test_a_daemon_s_heartbeat_stops_its_run_of_a_task_taken_over(pg_daemons: Any) -> None:
+    """Another daemon holds the lease of a task daemon a runs (a stalled past it and the
+    task was taken over; set in the row): a's next heartbeat cancels a's run, and a
+    publishes no final event for it."""
+    a = await pg_daemons.start("a", workers={"default": 1}, tasks={"lease": 0.6})
+    seen: list[Any] = []
+    a.bus.subscribe("task.*", seen.append, name="test.seen")
+    record = await a.queue.enqueue("ct.block", {"name": "never"})
+    await asyncio.wait_for(shared_started(record.id).wait(), 10)
+    store = PgStore(StoreConfig(url=pg_daemons.url, pool_size=2))
+    await store.open()
+    try:
+        async def take_over(conn: Any) -> None:
+            await conn.execute("UPDATE tasks SET lease_node = 'other:1:x', lease_until = $2, "
+                               "attempts = attempts + 1 WHERE id = $1", record.id, time.time() + 60)
+
+        await store.write(take_over)
+        await asyncio.wait_for(shared_gate(f"cancelled:{record.id}").wait(), 10)
+        await a.stop()
+        row = await store.read_one("SELECT status, lease_node FROM tasks WHERE id = $1",
+                                   (record.id,))
+        assert row is not None and (row["status"], row["lease_node"]) == ("running", "other:1:x")
+        final = [e.topic for e in seen if e.data.get("task_id") == record.id
+                 and e.topic in ("task.succeeded", "task.failed", "task.cancelled", "task.dead")]
+        assert final == []
+    finally:
+        await store.close()
+
+
 async def test_status_lists_the_daemons_alive(pg_daemons: Any, http: Any) -> None:
     a = await pg_daemons.start("a")
     b = await pg_daemons.start("b")
