@@ -53,7 +53,11 @@ async def limited(ctx):
 async def block(ctx, name):
     SHARED.runs.append((ctx.task.id, ctx.config.get("node")))
     started(ctx.task.id).set()
-    await gate(name).wait()
+    try:
+        await gate(name).wait()
+    except asyncio.CancelledError:
+        gate(f"cancelled:{ctx.task.id}").set()
+        raise
 
 
 @plugin.task()

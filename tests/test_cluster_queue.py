@@ -182,6 +182,59 @@ async def test_a_lapsed_lease_is_taken_over_by_another_store(cluster: Any) -> No
 
 
 
+async def test_a_late_ack_after_a_takeover_is_dropped(cluster: Any) -> None:
+    """a's lease lapses (a stalled) and b takes the task over: a's late ack, retry or
+    interruption writes nothing once b holds the lease, and is reported as dropped."""
+    a, b = await cluster(2)
+    await a.insert([row(), row()], [0.0, 0.0], time.time(), 60.0, None)
+    records, _ = await claim(a, 2, lease=0.2)
+    await asyncio.sleep(0.25)  # noqa: sleep - let a's leases lapse
+    assert len(await b.renew_and_reclaim([], 0.0, 60.0, True)) == 2
+    taken, _ = await claim(b, 2)
+    assert sorted(record.id for record in taken) == sorted(record.id for record in records)
+    first, second = records
+    now = time.time()
+    # b still runs `first`: a's late ack and retry are both dropped.
+    late = await a.acks().add(("failed", None, "late", now, now + 60, first.id))
+    assert late == [first.id]
+    assert await a.requeue_attempt(task_id=first.id, run_at=now, error="late", undo_attempt=0,
+                                   finished_at=now, expires_at=now + 60) == "lost"
+    stored = await b.get(first.id)
+    assert stored is not None and stored.status == "running" and stored.error != "late"
+    # Usage counted by a's stalled run is not added to b's run; b's is.
+    assert await a.add_usage(first.id, {"calls": 1}) == {}
+    assert await b.add_usage(first.id, {"calls": 1}) == {"calls": 1}
+    # b ends `second`; a's late ack must not flip its outcome.
+    assert await b.acks().add(("succeeded", "1", None, now, now + 60, second.id)) == []
+    assert await a.acks().add(("failed", None, "late", now, now + 60, second.id)) == [second.id]
+    stored = await b.get(second.id)
+    assert stored is not None and (stored.status, stored.result) == ("succeeded", 1)
+    # b's own ack of `first` applies.
+    assert await b.acks().add(("succeeded", "2", None, now, now + 60, first.id)) == []
+    stored = await a.get(first.id)
+    assert stored is not None and stored.status == "succeeded"
+
+
+async def test_a_late_unclaim_after_a_takeover_leaves_the_task_to_its_new_holder(
+        cluster: Any) -> None:
+    """a claimed ahead, stalled past its lease, and stops: its unclaim must not put back in
+    the queue the task b took over and runs (it would run twice)."""
+    a, b = await cluster(2)
+    await a.insert([row()], [0.0], time.time(), 60.0, None)
+    records, _ = await claim(a, 1, lease=0.2)
+    await asyncio.sleep(0.25)  # noqa: sleep - let a's lease lapse
+    assert len(await b.renew_and_reclaim([], 0.0, 60.0, True)) == 1
+    taken, _ = await claim(b, 1)
+    assert [record.id for record in taken] == [records[0].id]
+    # a's next heartbeat learns that b holds it now (and stops running it).
+    assert await a.taken_over([records[0].id]) == [records[0].id]
+    assert await b.taken_over([records[0].id]) == []
+    await a.unclaim([records[0].id])
+    stored = await b.get(records[0].id)
+    assert stored is not None and (stored.status, stored.attempts) == ("running", 2)
+    assert (await claim(a, 1))[0] == []
+
+
 async def test_the_rows_of_nodes_dead_for_long_are_removed(cluster: Any) -> None:
     (a,) = await cluster(1)
 
@@ -327,6 +380,67 @@ async def test_a_task_running_on_another_daemon_is_cancelled_there(pg_daemons: A
     assert record.id not in runner.workers.running
 
 
+async def test_a_stalled_daemon_s_late_ack_is_dropped_and_not_announced(pg_daemons: Any) -> None:
+    """A task's lease lapses on daemon a (as if a stalled; set in the row) and another
+    store takes the task over: when a's run ends, its ack is dropped, the row stays the
+    other's, and a publishes no final event for it."""
+    a = await pg_daemons.start("a", workers={"default": 1})
+    seen: list[Any] = []
+    a.bus.subscribe("task.*", seen.append, name="test.seen")
+    record = await a.queue.enqueue("ct.block", {"name": "late"})
+    await asyncio.wait_for(shared_started(record.id).wait(), 10)
+    store = PgStore(StoreConfig(url=pg_daemons.url, pool_size=2))
+    await store.open()
+    try:
+        thief = PgTasks(store)
+        await thief.start_node("test")
+
+        async def lapse(conn: Any) -> None:
+            await conn.execute("UPDATE tasks SET lease_until = 0 WHERE id = $1", record.id)
+
+        await store.write(lapse)
+        assert [r.id for r in await thief.renew_and_reclaim([], 0.0, 60.0, True)] == [record.id]
+        assert [r.id for r in (await claim(thief, 1))[0]] == [record.id]
+        shared_gate("late").set()
+        await a.stop()  # waits for the acks in flight
+        stored = await thief.get(record.id)
+        assert stored is not None and stored.status == "running"
+        final = [e.topic for e in seen if e.data.get("task_id") == record.id
+                 and e.topic in ("task.succeeded", "task.failed", "task.cancelled", "task.dead")]
+        assert final == []
+    finally:
+        await store.close()
+
+
+async def test_a_daemon_s_heartbeat_stops_its_run_of_a_task_taken_over(pg_daemons: Any) -> None:
+    """Another daemon holds the lease of a task daemon a runs (a stalled past it and the
+    task was taken over; set in the row): a's next heartbeat cancels a's run, and a
+    publishes no final event for it."""
+    a = await pg_daemons.start("a", workers={"default": 1}, tasks={"lease": 0.6})
+    seen: list[Any] = []
+    a.bus.subscribe("task.*", seen.append, name="test.seen")
+    record = await a.queue.enqueue("ct.block", {"name": "never"})
+    await asyncio.wait_for(shared_started(record.id).wait(), 10)
+    store = PgStore(StoreConfig(url=pg_daemons.url, pool_size=2))
+    await store.open()
+    try:
+        async def take_over(conn: Any) -> None:
+            await conn.execute("UPDATE tasks SET lease_node = 'other:1:x', lease_until = $2, "
+                               "attempts = attempts + 1 WHERE id = $1", record.id, time.time() + 60)
+
+        await store.write(take_over)
+        await asyncio.wait_for(shared_gate(f"cancelled:{record.id}").wait(), 10)
+        await a.stop()
+        row = await store.read_one("SELECT status, lease_node FROM tasks WHERE id = $1",
+                                   (record.id,))
+        assert row is not None and (row["status"], row["lease_node"]) == ("running", "other:1:x")
+        final = [e.topic for e in seen if e.data.get("task_id") == record.id
+                 and e.topic in ("task.succeeded", "task.failed", "task.cancelled", "task.dead")]
+        assert final == []
+    finally:
+        await store.close()
+
+
 async def test_status_lists_the_daemons_alive(pg_daemons: Any, http: Any) -> None:
     a = await pg_daemons.start("a")
     b = await pg_daemons.start("b")
@@ -343,6 +457,11 @@ async def test_status_lists_the_daemons_alive(pg_daemons: Any, http: Any) -> Non
 def shared_started(task_id: int) -> asyncio.Event:
     started: dict[int, asyncio.Event] = shared().started
     return started.setdefault(task_id, asyncio.Event())
+
+
+def shared_gate(name: str) -> asyncio.Event:
+    gates: dict[str, asyncio.Event] = shared().gates
+    return gates.setdefault(name, asyncio.Event())
 
 
 async def test_a_killed_daemon_s_task_is_taken_over_once_its_lease_lapses(

@@ -679,9 +679,10 @@ class Scheduler:
                                               "reason": reason, **extra})
 
     def _on_task_final(self, event: Event) -> None:
-        if not self.store.leading:
-            return  # the leading daemon records outcomes: once, whichever daemon ran the task
         task_id = event.data.get("task_id", -1)
+        # Every task's final event comes here: most are no schedule's (not in `_by_task`).
+        if task_id not in self._by_task or not self.store.leading:
+            return  # the leading daemon records outcomes: once, whichever daemon ran the task
         schedule_id = self._by_task.pop(task_id, None)
         state = self.schedules.get(schedule_id) if schedule_id else None
         if state is None or state.last_task_id != task_id or task_id in self._outcomes_taken:

@@ -194,9 +194,12 @@ CLAIMED_COLUMNS = (
 class AckWriter(Protocol):
     """Acknowledgements gathered into the next transaction (`BatchedWrite` on SQLite)."""
 
-    def add(self, value: tuple[Any, ...]) -> asyncio.Future[list[None]]:
+    def add(self, value: tuple[Any, ...]) -> asyncio.Future[list[int]]:
         """Add one ack (status, result, error, finished_at, expires_at, id); return the future
-        of its batch, resolved once it commits."""
+        of its batch, resolved once it commits with the ids of the batch's acks dropped: an
+        ack applies only while this daemon holds the task's lease (never lost on SQLite, where
+        the one daemon's heartbeat never takes back its own tasks; on PostgreSQL a lease that
+        lapsed may have been taken over by another daemon)."""
 
 
 # `TaskStore.join_claims`: the claims of one transaction, each a queue and its future.
@@ -283,7 +286,9 @@ class TaskStore(Protocol):
 
     def requeue_attempt(self, *, task_id: int, run_at: float, error: str | None,
                         undo_attempt: int, finished_at: float,
-                        expires_at: float) -> Awaitable[Literal["queued", "cancelled"]]: ...
+                        expires_at: float) -> Awaitable[Literal["queued", "cancelled", "lost"]]:
+        """Queue the task again (see `requeue_attempt`); "lost" when this daemon no longer
+        holds its lease (another daemon took it over): nothing written."""
 
     def unclaim(self, task_ids: list[int]) -> Awaitable[None]: ...
 
@@ -291,6 +296,10 @@ class TaskStore(Protocol):
                           expired_only: bool) -> Awaitable[list[TaskRecord]]:
         """Renew this daemon's leases (and its node's heartbeat); requeue or end the tasks
         whose lease lapsed (`expired_only=False`, at start on SQLite: every running one)."""
+
+    async def taken_over(self, task_ids: list[int]) -> list[int]:
+        """Which of these tasks another daemon runs now: their lease lapsed here (this daemon
+        stalled) and was taken over. None on SQLite: its one daemon keeps its leases."""
 
     async def start_node(self, version: str) -> None:
         """Register this daemon as a node."""
@@ -810,7 +819,7 @@ ACK_STATEMENT = ("UPDATE tasks SET status = v.column1, result = v.column2, error
 ACK_ROW = "(?,?,?,?,?,?)"
 
 
-def write_acks(conn: Connection, acks: list[tuple[Any, ...]]) -> list[None]:
+def write_acks(conn: Connection, acks: list[tuple[Any, ...]]) -> list[int]:
     """The final states of the attempts that ended since the last transaction, many per
     statement."""
     execute_rows(conn, ACK_STATEMENT, ACK_ROW, acks)
@@ -1103,7 +1112,7 @@ class SqliteTasks:
 
     def requeue_attempt(self, *, task_id: int, run_at: float, error: str | None,
                         undo_attempt: int, finished_at: float,
-                        expires_at: float) -> Awaitable[Literal["queued", "cancelled"]]:
+                        expires_at: float) -> Awaitable[Literal["queued", "cancelled", "lost"]]:
         return self.store.write(partial(
             requeue_attempt, task_id=task_id, run_at=run_at, error=error,
             undo_attempt=undo_attempt, finished_at=finished_at, expires_at=expires_at))
@@ -1117,6 +1126,9 @@ class SqliteTasks:
             renew_and_reclaim, running=running, lease_until=lease_until, ttl=ttl,
             expired_only=expired_only))
         return [TaskRecord.from_row(row) for row in rows]
+
+    async def taken_over(self, task_ids: list[int]) -> list[int]:
+        return []
 
     async def start_node(self, version: str) -> None:
         self._started_at, self._version = time.time(), version

@@ -148,13 +148,13 @@ class WorkerPool:
         self._task_context = contextvars.copy_context()
         self._acks = tasks.acks()
         # The acks of the transaction being gathered (`_end_attempt`), announced when it commits.
-        self._acks_batch: asyncio.Future[list[None]] | None = None
+        self._acks_batch: asyncio.Future[list[int]] | None = None
         self._acked: list[TaskRecord] = []
-        self._acks_in_flight: dict[asyncio.Future[list[None]], list[TaskRecord]] = {}
+        self._acks_in_flight: dict[asyncio.Future[list[int]], list[TaskRecord]] = {}
         # Acks whose transaction the storage refused, to be written again (`_owe`); while
         # there are some, `_owed_done` stands for them among the acks in flight.
         self._owed: list[TaskRecord] = []
-        self._owed_done: asyncio.Future[list[None]] | None = None
+        self._owed_done: asyncio.Future[list[int]] | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
         self._ack_retry = WRITE_RETRY_FIRST
         self._claims: dict[str, ClaimFuture] = {}
@@ -522,7 +522,7 @@ class WorkerPool:
         self._acked.append(record)
         return None
 
-    def _gather_acks(self, batch: asyncio.Future[list[None]]) -> None:
+    def _gather_acks(self, batch: asyncio.Future[list[int]]) -> None:
         """Start gathering the acks of a new transaction: its commit announces them all."""
         self._acks_batch, self._acked = batch, []
         self._acks_in_flight[batch] = self._acked
@@ -546,6 +546,9 @@ class WorkerPool:
                 _LOG.error("tasks.requeue_failed", task_id=record.id, error=str(exc), retry_in=wait)
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, WRITE_RETRY_MAX)
+        if stored == "lost":  # the lease lapsed: another daemon took the task over
+            _LOG.warning("task.lease_lost", task_id=record.id, attempt=record.attempts)
+            return
         if stored == "cancelled":  # a cancel came in as the attempt ended
             record.status, record.error = "cancelled", "cancelled"
             record.finished_at, record.expires_at = now, ttl_until
@@ -557,7 +560,7 @@ class WorkerPool:
                                error=error, delay=round(delay, 3))
         self.wake(record.queue)
 
-    def _announce_acks(self, records: list[TaskRecord], batch: asyncio.Future[list[None]]) -> None:
+    def _announce_acks(self, records: list[TaskRecord], batch: asyncio.Future[list[int]]) -> None:
         """Once a transaction's acks commit, publish each task's final state and wake its
         waiters. A callback rather than each task awaiting the commit: no task wakes up
         only to publish, and no cancelled task can cancel the future its batch shares."""
@@ -566,7 +569,7 @@ class WorkerPool:
         if (error := batch.exception()) is not None:
             self._ack_failed(records, error)
             return
-        self._announce_committed(records)
+        self._announce_committed(_held(records, batch.result()))
 
     def _ack_failed(self, records: list[TaskRecord], error: BaseException) -> None:
         """Acks whose transaction failed: owed when the storage refused it, else (the store
@@ -600,7 +603,7 @@ class WorkerPool:
             batch = self._acks.add(_ack_row(record))
         batch.add_done_callback(partial(self._acked_again, retrying))
 
-    def _acked_again(self, records: list[TaskRecord], batch: asyncio.Future[list[None]]) -> None:
+    def _acked_again(self, records: list[TaskRecord], batch: asyncio.Future[list[int]]) -> None:
         """Done callback of a transaction carrying owed acks."""
         if (error := batch.exception()) is not None:
             self._ack_failed(records, error)
@@ -609,7 +612,8 @@ class WorkerPool:
         _LOG.warning("tasks.acks_committed", tasks=len(records))
         # Announced once: an ack retried twice (its first retry's commit on its way as the
         # timer fired again) is announced by the commit that finds it still owed.
-        self._announce_committed(self._take_off_owed({record.id for record in records}))
+        self._announce_committed(
+            _held(self._take_off_owed({record.id for record in records}), batch.result()))
 
     def _take_off_owed(self, ids: set[int]) -> list[TaskRecord]:
         """Take these tasks out of the owed acks; return the ones that were owed."""
@@ -661,6 +665,16 @@ class WorkerPool:
                 _LOG.error("tasks.renew_failed", error=describe(exc))
                 continue
             self._publish_recovered(recovered)
+            try:
+                # This daemon stalled past a lease and another took the task over: stop
+                # running it here (its late ack is dropped, `_held`).
+                lost = await self.tasks.taken_over(self.leased)
+            except Exception as exc:  # asked again at the next beat
+                _LOG.error("tasks.renew_failed", error=describe(exc))
+                continue
+            for task_id in lost:
+                _LOG.warning("task.lease_lost", task_id=task_id, taken_over=True)
+                self._cancel_running(task_id)
 
     def _check_cancels(self) -> None:
         """News from other daemons may have been lost: cancel the tasks here whose cancel was
@@ -690,6 +704,19 @@ class WorkerPool:
             else:
                 self.queue.publish("task.queued", record, recovered=True)
                 self.wake(record.queue)
+
+
+def _held(records: list[TaskRecord], lost: list[int]) -> list[TaskRecord]:
+    """The records of a committed batch of acks whose ack was written: those in `lost` were
+    dropped, their lease having lapsed and passed to another daemon, which runs the task and
+    announces its end (logged here; nothing published)."""
+    if not lost:
+        return records
+    dropped = set(lost)
+    for record in records:
+        if record.id in dropped:
+            _LOG.warning("task.lease_lost", task_id=record.id, attempt=record.attempts)
+    return [record for record in records if record.id not in dropped]
 
 
 def _insert_by_priority(ahead: deque[TaskRecord], record: TaskRecord) -> None:

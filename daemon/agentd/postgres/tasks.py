@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, Literal, NoReturn, TypeVar
 
 from agentd.errors import TaskNotFoundError, TaskStateError
+from agentd.log import get_logger
 from agentd.store.postgres import PgConnection, PgStore
 from agentd.taskqueue import (
     _COLUMNS,
@@ -42,6 +43,8 @@ from agentd.taskqueue import (
     node_id,
 )
 
+_LOG = get_logger("tasks")
+
 V = TypeVar("V")
 R = TypeVar("R")
 
@@ -56,7 +59,9 @@ _TASK = "SELECT * FROM tasks WHERE id = $1"
 _EXISTS = "SELECT 1 FROM tasks WHERE id = $1"
 _STATUS = "SELECT status FROM tasks WHERE id = $1"
 _CHILDREN = "SELECT id FROM tasks WHERE parent_id = $1 ORDER BY id"
-_USAGE = "SELECT usage FROM tasks WHERE id = $1 FOR UPDATE"
+# Its usage, and whether another daemon runs it (this one's lease lapsed and was taken over).
+_USAGE = ("SELECT usage, status = 'running' AND lease_node <> $2 FROM tasks WHERE id = $1 "
+          "FOR UPDATE")
 _SET_USAGE = "UPDATE tasks SET usage = $1 WHERE id = $2"
 _UNNEST = ("unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[], "
            "$7::bigint[], $8::float8[], $9::text[], $10::bigint[], $11::text[], $12::float8[])")
@@ -100,7 +105,8 @@ _ACK = ("UPDATE tasks SET status = v.status, result = v.result, error = v.error,
         "finished_at = v.finished_at, expires_at = v.expires_at, lease_until = NULL, "
         "lease_node = NULL FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], "
         "$5::float8[], $6::bigint[]) AS v(status, result, error, finished_at, expires_at, id) "
-        "WHERE tasks.id = v.id RETURNING tasks.id, tasks.name")
+        "WHERE tasks.id = v.id AND tasks.status = 'running' AND tasks.lease_node = $7 "
+        "RETURNING tasks.id, tasks.name")
 _DUE = ("FROM tasks WHERE status = 'queued' AND queue = $1 AND run_at <= $2 "
         "AND NOT (name = ANY($3::text[])) ORDER BY priority DESC, run_at, id "
         "FOR UPDATE SKIP LOCKED LIMIT $4")
@@ -129,12 +135,14 @@ _REQUEUE_ATTEMPT = (
     "expires_at = CASE WHEN cancel_requested <> 0 THEN $4::float8 END, "
     "lease_until = NULL, lease_node = NULL, "
     "attempts = attempts - CASE WHEN cancel_requested <> 0 THEN 0 ELSE $5::bigint END "
-    "WHERE id = $6 RETURNING status, queue, name")
+    "WHERE id = $6 AND status = 'running' AND lease_node = $7 RETURNING status, queue, name")
 _UNCLAIM = ("UPDATE tasks SET status = 'queued', attempts = attempts - 1, started_at = NULL, "
             "lease_until = NULL, lease_node = NULL WHERE status = 'running' "
-            "AND id = ANY($1::bigint[]) RETURNING queue")
+            "AND id = ANY($1::bigint[]) AND lease_node = $2 RETURNING queue")
 _RENEW = ("UPDATE tasks SET lease_until = $1, lease_node = $2 WHERE id = ANY($3::bigint[]) "
           "AND status = 'running' AND (lease_node = $2 OR lease_node IS NULL)")
+_TAKEN_OVER = ("SELECT id FROM tasks WHERE id = ANY($1::bigint[]) AND status = 'running' "
+               "AND lease_node <> $2")
 _LAPSED = ("SELECT id, attempts, max_attempts, cancel_requested FROM tasks "
            "WHERE status = 'running' AND lease_until < $1 AND NOT (id = ANY($2::bigint[])) "
            "FOR UPDATE SKIP LOCKED")
@@ -245,11 +253,16 @@ class PgTasks:
     async def add_usage(self, task_id: int, usage: Mapping[str, int]) -> dict[str, int]:
         import json
 
+        node = self.node_id
+
         async def op(conn: PgConnection) -> dict[str, int]:
-            row = await conn.fetchrow(_USAGE, task_id)
+            row = await conn.fetchrow(_USAGE, task_id, node)
             if row is None:
                 raise TaskNotFoundError(f"no task with id {task_id}")
             totals: dict[str, int] = {} if row[0] is None else json.loads(row[0])
+            if row[1]:  # its lease lapsed and passed to another daemon: not counted
+                _LOG.warning("task.lease_lost", task_id=task_id, write="usage")
+                return totals
             for key, count in usage.items():
                 totals[key] = totals.get(key, 0) + int(count)
             await conn.execute(_SET_USAGE, json.dumps(totals), task_id)
@@ -329,17 +342,22 @@ class PgTasks:
     # -- the workers' -------------------------------------------------------------------------
 
     def acks(self) -> AckWriter:
-        limited = self._limited_names
+        """An ack applies only while this node holds the task's lease: once it lapsed and
+        another daemon took the task over, the late ack is dropped (its id returned)."""
+        limited, node = self._limited_names, self.node_id
 
-        async def write_acks(conn: PgConnection, acks: list[tuple[Any, ...]]) -> list[None]:
+        async def write_acks(conn: PgConnection, acks: list[tuple[Any, ...]]) -> list[int]:
             columns = list(zip(*acks, strict=True))
             errors = [None if error is None else error.replace("\x00", "\\x00") for error in columns[2]]
             rows = await conn.fetch(_ACK, columns[0], columns[1], errors, columns[3], columns[4],
-                                    columns[5])
+                                    columns[5], node)
             await _notify_ids(conn, DONE, [row[0] for row in rows])
             if not limited().isdisjoint(row[1] for row in rows):
                 await _notify(conn, WORK, [""])  # a limited name's place is free
-            return []
+            if len(rows) == len(acks):
+                return []
+            written = {row[0] for row in rows}
+            return [task_id for task_id in columns[5] if task_id not in written]
 
         return _Batched(self.store, write_acks)
 
@@ -364,13 +382,16 @@ class PgTasks:
 
     def requeue_attempt(self, *, task_id: int, run_at: float, error: str | None,
                         undo_attempt: int, finished_at: float,
-                        expires_at: float) -> Awaitable[Literal["queued", "cancelled"]]:
+                        expires_at: float) -> Awaitable[Literal["queued", "cancelled", "lost"]]:
         if error is not None:
             error = error.replace("\x00", "\\x00")
+        node = self.node_id
 
-        async def op(conn: PgConnection) -> Literal["queued", "cancelled"]:
+        async def op(conn: PgConnection) -> Literal["queued", "cancelled", "lost"]:
             row = await conn.fetchrow(_REQUEUE_ATTEMPT, run_at, error, finished_at, expires_at,
-                                      undo_attempt, task_id)
+                                      undo_attempt, task_id, node)
+            if row is None:  # the lease lapsed and another daemon took the task over
+                return "lost"
             status: Literal["queued", "cancelled"] = row["status"]
             if status == "cancelled":
                 await _notify_ids(conn, DONE, [task_id])
@@ -380,8 +401,12 @@ class PgTasks:
         return self.store.write(op)
 
     def unclaim(self, task_ids: list[int]) -> Awaitable[None]:
+        """Only the rows whose lease this node still holds: one taken over by another daemon
+        meanwhile is that daemon's to run."""
+        node = self.node_id
+
         async def op(conn: PgConnection) -> None:
-            rows = await conn.fetch(_UNCLAIM, task_ids)
+            rows = await conn.fetch(_UNCLAIM, task_ids, node)
             await _notify(conn, WORK, {row[0] for row in rows})
 
         return self.store.write(op)
@@ -418,6 +443,11 @@ class PgTasks:
             return changed
 
         return [TaskRecord.from_row(row) for row in await self.store.write(op)]
+
+    async def taken_over(self, task_ids: list[int]) -> list[int]:
+        if not task_ids:
+            return []
+        return [row[0] for row in await self.store.read(_TAKEN_OVER, (task_ids, self.node_id))]
 
     async def start_node(self, version: str) -> None:
         self._started_at, self._version = time.time(), version
