@@ -28,7 +28,6 @@ import os
 import secrets
 import socket
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -364,9 +363,6 @@ class TaskQueue:
         self._waiters: dict[int, set[asyncio.Future[TaskRecord]]] = {}
         self._work_listeners: list[Callable[[str], None]] = []
         self._cancel_listeners: list[Callable[[int], None]] = []
-        # Per running task, cancels made through this daemon whose notification is still
-        # to come back (PostgreSQL: every daemon hears of a cancel, this one too).
-        self._cancels_made_here: Counter[int] = Counter()
         self._reconnect_listeners: list[Callable[[], None]] = []
         self._rechecks: set[asyncio.Task[None]] = set()
         # What other daemons sharing the store do (on SQLite, nothing: there are none).
@@ -421,13 +417,6 @@ class TaskQueue:
 
     def _cancel_elsewhere(self, task_ids: Sequence[int]) -> None:
         for task_id in task_ids:
-            if self._cancels_made_here[task_id]:
-                # The notification of a cancel made here, acted on already: cancelling the
-                # task again would interrupt the cleanup the first cancel began.
-                self._cancels_made_here[task_id] -= 1
-                if not self._cancels_made_here[task_id]:
-                    del self._cancels_made_here[task_id]
-                continue
             for listener in self._cancel_listeners:
                 listener(task_id)
 
@@ -605,8 +594,6 @@ class TaskQueue:
         for record in ended:
             self.announce_final(record)
         for running_id in running:
-            # Its notification comes back to this daemon too: that one is not a second cancel.
-            self._cancels_made_here[running_id] += 1
             for listener in self._cancel_listeners:
                 listener(running_id)
         return await self.get(task_id)

@@ -24,6 +24,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any, Generic, Literal, NoReturn, TypeVar
 
 from agentd.errors import TaskNotFoundError, TaskStateError
@@ -225,9 +226,16 @@ class PgTasks:
     def listen(self, *, work: Callable[[str | None], None], done: Callable[[Sequence[int]], None],
                cancel: Callable[[Sequence[int]], None], reconnect: Callable[[], None]) -> None:
         self.store.listen(WORK, lambda payload: work(payload or None))
-        self.store.listen(DONE, lambda payload: done(_ids(payload)))
-        self.store.listen(CANCEL, lambda payload: cancel(_ids(payload)))
+        # A daemon's own final states and cancels were acted on where it made them (its
+        # waiters woken after the task's final event, its running task cancelled once).
+        self.store.listen(DONE, partial(self._heard, done))
+        self.store.listen(CANCEL, partial(self._heard, cancel))
         self.store.on_reconnect(reconnect)
+
+    def _heard(self, act: Callable[[Sequence[int]], None], payload: str) -> None:
+        origin, _, ids = payload.partition(" ")
+        if origin != self.node_id:
+            act([int(part) for part in ids.split(",") if part])
 
     # -- the queue's --------------------------------------------------------------------------
 
@@ -304,8 +312,8 @@ class PgTasks:
             tree = [row[0] for row in await conn.fetch(_DESCENDANTS, task_id)]
             ended = await conn.fetch(_CANCEL_QUEUED, now, now + ttl, tree)
             running = [row[0] for row in await conn.fetch(_CANCEL_RUNNING, tree)]
-            await _notify_ids(conn, DONE, [row["id"] for row in ended])
-            await _notify_ids(conn, CANCEL, running)
+            await _notify_ids(conn, DONE, [row["id"] for row in ended], self.node_id)
+            await _notify_ids(conn, CANCEL, running, self.node_id)
             return ended, running
 
         ended, running = await self.store.write(op)
@@ -351,7 +359,7 @@ class PgTasks:
             errors = [None if error is None else error.replace("\x00", "\\x00") for error in columns[2]]
             rows = await conn.fetch(_ACK, columns[0], columns[1], errors, columns[3], columns[4],
                                     columns[5], node)
-            await _notify_ids(conn, DONE, [row[0] for row in rows])
+            await _notify_ids(conn, DONE, [row[0] for row in rows], self.node_id)
             if not limited().isdisjoint(row[1] for row in rows):
                 await _notify(conn, WORK, [""])  # a limited name's place is free
             if len(rows) == len(acks):
@@ -394,7 +402,7 @@ class PgTasks:
                 return "lost"
             status: Literal["queued", "cancelled"] = row["status"]
             if status == "cancelled":
-                await _notify_ids(conn, DONE, [task_id])
+                await _notify_ids(conn, DONE, [task_id], self.node_id)
             await _notify(conn, WORK, ["" if row["name"] in self._limited else row["queue"]])
             return status
 
@@ -438,7 +446,8 @@ class PgTasks:
                     _RECLAIM, status, error, now, now if final else None,
                     now + ttl if final else None, row["id"]))
             if changed:
-                await _notify_ids(conn, DONE, [row["id"] for row in changed if row["status"] != "queued"])
+                ended = [row["id"] for row in changed if row["status"] != "queued"]
+                await _notify_ids(conn, DONE, ended, self.node_id)
                 await _notify(conn, WORK, [""])  # requeued, or a limited name's place freed
             return changed
 
@@ -501,8 +510,7 @@ async def _insert_tasks(conn: PgConnection, prepared: list[tuple[Any, ...]], win
         while True:
             if cancelled:
                 stored = await conn.fetchrow(_INSERT_CANCELLED, *values[:3], *values[4:], now, now + ttl)
-                if stored is not None:
-                    await _notify_ids(conn, DONE, [stored["id"]])
+                if stored is not None:  # no daemon waits on an id not yet handed out
                     out.append(stored)
                     break
             else:
@@ -607,8 +615,9 @@ async def _notify(conn: PgConnection, channel: str, payloads: Iterable[str]) -> 
         await conn.execute(_NOTIFY, channel, listed)
 
 
-async def _notify_ids(conn: PgConnection, channel: str, ids: list[int]) -> None:
-    """Notify task ids, comma-separated, as few notifications as fit."""
+async def _notify_ids(conn: PgConnection, channel: str, ids: list[int], origin: str) -> None:
+    """Notify task ids, comma-separated after the node that sends them (`origin ids`), as
+    few notifications as fit."""
     payloads: list[str] = []
     current: list[str] = []
     size = 0
@@ -621,8 +630,4 @@ async def _notify_ids(conn: PgConnection, channel: str, ids: list[int]) -> None:
         size += len(text) + 1
     if current:
         payloads.append(",".join(current))
-    await _notify(conn, channel, payloads)
-
-
-def _ids(payload: str) -> list[int]:
-    return [int(part) for part in payload.split(",") if part]
+    await _notify(conn, channel, [f"{origin} {ids}" for ids in payloads])
