@@ -316,7 +316,7 @@ class Daemon:
             await self._stage("close memory", self.memory.close(), timed_out,
                               "memory.db's last writes and connections")
         await self._stage("close store", self.store.close(), timed_out,
-                          "agentd.db's last writes and connections")
+                          f"{self.store.name}'s last writes and connections")
         self._log.info("daemon.stopped", took=round(time.monotonic() - began, 3),
                        put_back=put_back, timed_out=timed_out)
 
