@@ -345,6 +345,16 @@ def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert str(tmp_path / "data" / "agentd.db") in out
 
 
+def test_check_config_names_the_postgresql_store_without_connecting_or_its_password(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "[server]\nport = 9125\n")
+    # Nothing listens on port 1: check-config does not open the database.
+    monkeypatch.setenv("AGENTD_STORE_URL", "postgresql://agentd:hunter2@127.0.0.1:1/agentd")
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "ok (database postgresql://agentd:***@127.0.0.1:1/agentd, listening on 127.0.0.1:9125)" in out
+
+
 @pytest.mark.usefixtures("logging_restored")
 def test_check_config_accepts_config_before_the_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -20,7 +20,14 @@ from typing import Any, get_args
 import aiohttp
 
 from agentd import __version__
-from agentd.config import ClientConfig, Config, find_config_path, load_client_config, load_config
+from agentd.config import (
+    ClientConfig,
+    Config,
+    find_config_path,
+    load_client_config,
+    load_config,
+    redact_url,
+)
 from agentd.errors import AgentdError, ConfigError
 from agentd.log import configure_logging
 from agentd.taskqueue import FINAL_STATES, TaskStatus
@@ -233,7 +240,8 @@ async def _check_config(config: Config) -> int:
         print(f"{config.source}: {len(failed)} plugin(s) would fail; the daemon would run "
               "without them", file=sys.stderr)
         return EXIT_FAILED
-    print(f"{config.source}: ok (database {config.database_path}, "
+    database = redact_url(config.store.url) if config.store.url else config.database_path
+    print(f"{config.source}: ok (database {database}, "
           f"listening on {config.server.host}:{config.server.port})")
     return 0
 
