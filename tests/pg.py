@@ -42,6 +42,12 @@ def server_url() -> str:
                 root = Path(tempfile.mkdtemp(prefix="agentd-pg-"))
                 _Session.server = pgserver.get_server(root, cleanup_mode="delete")
                 _Session.base_url = _Session.server.get_uri()
+                # A throwaway server: its data need not survive a crash of the machine, and
+                # each test's CREATE DATABASE and commits skip the fsyncs.
+                _Session.server.psql("ALTER SYSTEM SET fsync = off; "
+                                     "ALTER SYSTEM SET synchronous_commit = off; "
+                                     "ALTER SYSTEM SET full_page_writes = off;")
+                _Session.server.psql("SELECT pg_reload_conf();")
         return _Session.base_url
 
 
@@ -82,7 +88,7 @@ async def fresh_database() -> str:
     name = f"agentd_test_{os.getpid()}_{next(_Session.counter)}"
     conn = await asyncpg.connect(base)
     try:
-        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE} STRATEGY FILE_COPY")
     finally:
         await conn.close()
     return database_url(base, name)
