@@ -169,7 +169,7 @@ async def test_concurrent_publishers_on_every_daemon_no_reader_skips_or_repeats(
                 if rng.random() < 0.5:
                     await node.log.flush()  # a transaction of a few events
                 else:
-                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)  # noqa: sleep -- a yield, so the publishers interleave
 
         poller = asyncio.get_running_loop().create_task(poll(cluster[0]))
         await asyncio.gather(*(publish(node, i) for i, node in enumerate(cluster)))
