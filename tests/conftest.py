@@ -128,6 +128,9 @@ async def start_daemon(tmp_path: Path, store_url: str | None) -> AsyncIterator[C
                                         with_store(overrides, store_url)))
             events = EventCapture(daemon.bus)
             await stack.enter_async_context(daemon)
+            # Its own start events reach the stream bus only once committed on PostgreSQL:
+            # a stream opened just after the start would otherwise see them come in.
+            await daemon.eventlog.settle()
             return daemon, events
 
         yield start

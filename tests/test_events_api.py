@@ -33,19 +33,6 @@ from test_ws import connect
 pytestmark = pytest.mark.both_stores
 
 
-@pytest.fixture
-def start_daemon(start_daemon: Any) -> Any:
-    """conftest's, returning once the daemon's own start events are on its stream bus: on
-    PostgreSQL they reach it once committed, and would otherwise come to a stream opened
-    just after the start."""
-
-    async def start(*args: Any, **kwargs: Any) -> Any:
-        daemon, events = await start_daemon(*args, **kwargs)
-        await daemon.eventlog.settle()
-        return daemon, events
-
-    return start
-
 TIMEOUT = 2.0
 TOKEN = "t0ken-for-tests"
 SECRET = "s3cret"

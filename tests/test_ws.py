@@ -21,19 +21,6 @@ from sse_client import logged, logged_ids
 pytestmark = pytest.mark.both_stores
 
 
-@pytest.fixture
-def start_daemon(start_daemon: Any) -> Any:
-    """conftest's, returning once the daemon's own start events are on its stream bus: on
-    PostgreSQL they reach it once committed, and would otherwise come to a stream opened
-    just after the start."""
-
-    async def start(*args: Any, **kwargs: Any) -> Any:
-        daemon, events = await start_daemon(*args, **kwargs)
-        await daemon.eventlog.settle()
-        return daemon, events
-
-    return start
-
 TIMEOUT = 2.0
 
 
