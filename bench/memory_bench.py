@@ -268,7 +268,7 @@ def insert_op(memory: Any, items: list[Item]) -> Callable[[Any], list[int]]:
     """A write op storing `items` (text, namespace, metadata, vector) the way remember()'s op
     does: a `memories` row, then MemoryStore._index (the vec0 row and the FTS5 row). Runs on
     whatever connection its store hands it: memory.db's, or agentd.db's scratch copy."""
-    from agentd.memory import _digest
+    from agentd.memory import digest
 
     def op(conn: Any) -> list[int]:
         now = time.time()
@@ -277,7 +277,7 @@ def insert_op(memory: Any, items: list[Item]) -> Callable[[Any], list[int]]:
             memory_id = conn.execute(
                 "INSERT INTO memories (namespace, text, metadata, hash, created_at, updated_at, "
                 "expires_at, supersedes) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL) RETURNING id",
-                (namespace, text, json.dumps(metadata, separators=(",", ":")), _digest(text), now,
+                (namespace, text, json.dumps(metadata, separators=(",", ":")), digest(text), now,
                  now)).fetchone()[0]
             memory._index(conn, memory_id, namespace, text, vector=vector.tolist(),
                           filters=memory._filter_values(metadata))

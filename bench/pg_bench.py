@@ -3,6 +3,7 @@ asyncpg queue cycle (the ceiling), procrastinate and agentd on SQLite, same run,
 
     PYTHONPATH=daemon python3 bench/pg_bench.py [--tasks 20000] [--latency-tasks 1000]
         [--only bare,procrastinate,sqlite,pg] [--daemons 1,2,3] [--pg-url URL] [--quick]
+        [--profile DIR] [--auto-explain MS] [--db-set NAME=VALUE ...]
 
 Prints one JSON line per figure set on stdout, then a markdown table on stderr.
 
@@ -37,6 +38,21 @@ Workloads (N no-op tasks, M dispatch samples after WARMUP unmeasured ones):
 
 CPU per task: each process's utime + stime (/proc/<pid>/stat) over the run, divided by N;
 the server's is its postmaster's own and reaped children's plus its live backends'.
+
+Where the time goes (each labels the rows it affects, as the probes cost time themselves):
+  --profile DIR        for every `agentd run` workload phase (dispatch, noop): py-spy records
+                       daemon 1 at 200 Hz into DIR/<system>-<K>d-<phase>-daemon1.txt (raw,
+                       collapsed stacks per thread), and on PostgreSQL this process samples
+                       the workload database's pg_stat_activity every 10 ms into
+                       DIR/<...>-pg_activity.json with the share of samples per state and
+                       wait event. After the table: the main thread's top functions by self
+                       and by inclusive samples, and the wait-event shares. Rows: "profiled".
+  --auto-explain MS    the agentd-pg databases load auto_explain in every session and log
+                       the plan (EXPLAIN ANALYZE) of each statement over MS ms to the server
+                       log, whose path is printed at the end. Rows: "auto_explain_ms".
+  --db-set NAME=VALUE  ALTER DATABASE ... SET NAME = VALUE on every workload database (the
+                       option repeats): a what-if such as synchronous_commit=off, named in
+                       the header and in every row ("db_set").
 """
 
 from __future__ import annotations
@@ -49,6 +65,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -58,7 +75,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +97,11 @@ CHANNEL = "pgbench_stamp"
 FINAL = ("succeeded", "failed", "dead", "cancelled", "aborted")  # agentd's and procrastinate's
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 TARGETS = {"e2e_rate": 10_000, "p50_ms": 2.0, "p99_ms": 10.0}  # issue 16, one daemon on PostgreSQL
+SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
+SPY_RATE = 200  # py-spy's samples a second
+ACTIVITY_EVERY = 0.01  # seconds between pg_stat_activity samples
+TOP = 25  # functions listed per profile summary
+BENCH_SESSION = {"application_name": "pg_bench"}  # the bench's own backends, told apart by --profile
 
 
 def main() -> int:
@@ -87,12 +110,27 @@ def main() -> int:
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on kill too
     try:
         server = find_server(args, resources)
+        if args.db_set:
+            asyncio.run(check_db_settings(server.url, args.db_set))
+            server.db_set = args.db_set
+        log = asyncio.run(find_server_log(server)) if args.auto_explain is not None else None
         run = BenchRun("pg_bench", ours=lambda: server_cpu(server.postmaster))
         print(f"pg_bench: {server.describe()}", file=sys.stderr)
+        if log is not None:
+            print(f"pg_bench: auto_explain plans go to {log.path}", file=sys.stderr)
+
+        def emit(r: dict[str, Any]) -> None:
+            # agentd on SQLite uses no database of the server's: no what-if applies to it.
+            run.emit({**r, "db_set": args.db_set} if args.db_set and r.get("store") != "sqlite" else r)
+
         for system in args.only:
             {"bare": run_bare, "procrastinate": run_procrastinate, "sqlite": run_sqlite,
-             "pg": run_agentd_pg}[system](args, server, resources, run.emit)
+             "pg": run_agentd_pg}[system](args, server, resources, emit)
         print(markdown(run.rows, args, server, run), file=sys.stderr)
+        for summary in args.summaries:
+            print(summary, file=sys.stderr)
+        if log is not None:
+            print(f"pg_bench: {log.report(args.auto_explain)}", file=sys.stderr)
         return run.exit_code
     except KeyboardInterrupt:
         print("pg_bench: interrupted; cleaning up", file=sys.stderr)
@@ -116,6 +154,15 @@ def parse_args() -> argparse.Namespace:
                         help="smoke run: 2000 tasks and 100 dispatch samples unless given")
     parser.add_argument("--timeout", type=float, default=240.0,
                         help="seconds one workload may take before it is abandoned (default 240)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="py-spy on daemon 1 and pg_stat_activity samples of each agentd "
+                             "workload into DIR, summarised after the table")
+    parser.add_argument("--auto-explain", type=float, metavar="MS",
+                        help="log the plans of the agentd-pg databases' statements slower than MS "
+                             "ms to the server log (auto_explain, log_analyze on)")
+    parser.add_argument("--db-set", action="append", default=[], metavar="NAME=VALUE",
+                        help="ALTER DATABASE ... SET NAME = VALUE on every workload database "
+                             "(repeatable): a labelled what-if, e.g. synchronous_commit=off")
     args = parser.parse_args()
     args.tasks = args.tasks or (2000 if args.quick else 20000)
     args.latency_tasks = args.latency_tasks or (100 if args.quick else 1000)
@@ -133,6 +180,24 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--tasks must be at least {CHUNK} and --latency-tasks positive")
     if args.pg_url and url_host(args.pg_url) not in (*LOOPBACK, ""):
         parser.error("--pg-url must point to a loopback address or a local socket")
+    settings = [item.partition("=") for item in args.db_set]
+    if any(not SETTING_NAME.fullmatch(name) or not eq for name, eq, _ in settings):
+        parser.error("--db-set takes NAME=VALUE, NAME a configuration parameter, e.g. "
+                     "synchronous_commit=off")
+    args.db_set = {name.lower(): value for name, _, value in settings}
+    if args.auto_explain is not None:
+        if args.auto_explain < 0:
+            parser.error("--auto-explain takes a duration in ms, 0 or more")
+        clash = set(args.db_set) & set(auto_explain_settings(args.auto_explain))
+        if clash:
+            parser.error(f"--auto-explain sets {', '.join(sorted(clash))} itself; drop it from --db-set")
+    if args.profile is not None:
+        args.py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}"
+                                   f"{os.environ.get('PATH', '')}")
+        if args.py_spy is None:
+            parser.error("--profile needs py-spy: pip install py-spy (pyproject's bench extra)")
+        args.profile.mkdir(parents=True, exist_ok=True)
+    args.summaries = []  # the profiles' summaries, printed after the table
     return args
 
 
@@ -162,6 +227,7 @@ class Resources:
 
     def __init__(self) -> None:
         self.groups: set[int] = set()
+        self.interruptible: list[subprocess.Popen[bytes]] = []  # py-spy: SIGINT, else no output
         self.databases: list[tuple[str, str]] = []  # (server URL, name)
         self.dirs: list[Path] = []
         self.pgserver: Any = None
@@ -172,6 +238,13 @@ class Resources:
         return path
 
     def release(self) -> None:
+        for proc in self.interruptible:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+        for proc in self.interruptible:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(30)
+        self.interruptible.clear()
         for pgid in list(self.groups):
             kill_group(pgid)
         self.groups.clear()
@@ -207,19 +280,29 @@ async def drop_databases(databases: list[tuple[str, str]]) -> None:
 
 
 _db_counter = iter(range(1, 1_000_000))
+DB_PREFIX = f"pgbench_{os.getpid()}_"  # every database the run makes
 
 
-async def create_database(server: Server, resources: Resources, tag: str) -> str:
+async def create_database(server: Server, resources: Resources, tag: str,
+                          settings: dict[str, str] | None = None) -> str:
+    """A new database's URL; it gets `server.db_set` (--db-set) and `settings` as its own
+    defaults, so every session the workload opens starts with them."""
     import asyncpg
 
-    name = f"pgbench_{os.getpid()}_{next(_db_counter)}_{tag}"
+    name = f"{DB_PREFIX}{next(_db_counter)}_{tag}"
     conn = await asyncpg.connect(server.url, timeout=10)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
+        resources.databases.append((server.url, name))
+        for setting, value in {**server.db_set, **(settings or {})}.items():
+            await conn.execute(f'ALTER DATABASE "{name}" SET {setting} = {sql_literal(value)}')
     finally:
         await conn.close()
-    resources.databases.append((server.url, name))
     return database_url(server.url, name)
+
+
+def sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
 
 
 # -- the server --------------------------------------------------------------------------------
@@ -232,10 +315,14 @@ class Server:
     version: str
     settings: dict[str, str]
     postmaster: int | None
+    data_dir: str
+    db_set: dict[str, str] = field(default_factory=dict)  # --db-set: on every workload database
 
     def describe(self) -> str:
         shown = ", ".join(f"{k} {v}" for k, v in self.settings.items())
-        return f"{self.origin}: {self.version} ({shown})"
+        what_if = ", ".join(f"{k} = {v}" for k, v in self.db_set.items())
+        return f"{self.origin}: {self.version} ({shown})" + (
+            f"; what-if: every workload database SET {what_if} (--db-set)" if what_if else "")
 
 
 def find_server(args: argparse.Namespace, resources: Resources) -> Server:
@@ -271,7 +358,7 @@ async def probe_server(url: str, origin: str) -> Server:
     postmaster = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         postmaster = int((Path(data_dir) / "postmaster.pid").read_text().split()[0])
-    return Server(url, origin, version, settings, postmaster)
+    return Server(url, origin, version, settings, postmaster, data_dir)
 
 
 # -- CPU ---------------------------------------------------------------------------------------
@@ -733,9 +820,10 @@ def agentd_subprocess_rows(args: argparse.Namespace, server: Server, resources: 
     system = f"agentd-{'pg' if store == 'postgresql' else 'sqlite'}"
     where = "enqueued on daemon 1, started on another" if daemons > 1 else "one daemon"
     dispatch = row(system, "dispatch", m, daemons=daemons, process="python -m agentd run",
-                   store=store, where=where, enqueue="POST /v1/tasks")
+                   store=store, where=where, enqueue="POST /v1/tasks", **probe_labels(args, store))
     noop = row(system, "noop", n, daemons=daemons, process="python -m agentd run", store=store,
-               workers_per_daemon=WORKERS, enqueue=f"POST /v1/tasks/batch x {CHUNK}, round robin")
+               workers_per_daemon=WORKERS, enqueue=f"POST /v1/tasks/batch x {CHUNK}, round robin",
+               **probe_labels(args, store))
     results: dict[str, Any] = {}
 
     def go() -> dict[str, Any]:
@@ -842,7 +930,7 @@ class TaskRows:
         if self.store_url:
             import asyncpg
 
-            self.conn = await asyncpg.connect(self.store_url)
+            self.conn = await asyncpg.connect(self.store_url, server_settings=BENCH_SESSION)
         else:
             self.conn = sqlite3.connect(f"file:{self.sqlite_path}?mode=ro", uri=True)
 
@@ -879,7 +967,9 @@ async def agentd_daemons(args: argparse.Namespace, server: Server, resources: Re
 
     n, m = args.tasks, args.latency_tasks
     tmp = resources.tempdir(f"agentd{k}")
-    url = await create_database(server, resources, f"agentd{k}") if store == "postgresql" else None
+    url = (await create_database(server, resources, f"agentd{k}", auto_explain_settings(args.auto_explain))
+           if store == "postgresql" else None)
+    label = f"agentd-{'pg' if url else 'sqlite'}-{k}d"
     daemons: list[DaemonProc] = []
     async with aiohttp.ClientSession() as http:
         try:
@@ -898,8 +988,12 @@ async def agentd_daemons(args: argparse.Namespace, server: Server, resources: Re
                     daemons.append(start_daemon(i, tmp, url, resources))
                 for daemon in daemons[1:]:
                     await wait_ready(http, daemon)
-                dispatch = await agentd_dispatch(http, daemons, rows, url, m)
-                noop = await agentd_noop(http, server, daemons, rows, n, args.timeout)
+                async with profiled(args, server, resources, f"{label}-dispatch", daemons[0], url) as p:
+                    dispatch = await agentd_dispatch(http, daemons, rows, url, m)
+                dispatch.update(p)
+                async with profiled(args, server, resources, f"{label}-noop", daemons[0], url) as p:
+                    noop = await agentd_noop(http, server, daemons, rows, n, args.timeout)
+                noop.update(p)
             finally:
                 await rows.close()
         finally:
@@ -918,7 +1012,7 @@ async def agentd_dispatch(http: Any, daemons: list[DaemonProc], rows: TaskRows, 
     if url:
         import asyncpg
 
-        listener = await asyncpg.connect(url)
+        listener = await asyncpg.connect(url, server_settings=BENCH_SESSION)
         try:
             latencies, pids = await notified_latencies(listener, enqueue, rows.status, m, 10.0)
         finally:
@@ -965,6 +1059,296 @@ async def agentd_noop(http: Any, server: Server, daemons: list[DaemonProc], rows
     return {**throughput_figures(n, first, all_enqueued, last), **cpu_figures(used, n)}
 
 
+# -- where the time goes: --db-set, --auto-explain, --profile -----------------------------------
+
+
+def auto_explain_settings(ms: float | None) -> dict[str, str]:
+    """The agentd-pg databases' own settings for --auto-explain MS (none without it)."""
+    if ms is None:
+        return {}
+    return {"session_preload_libraries": "auto_explain", "auto_explain.log_min_duration": f"{ms:g}",
+            "auto_explain.log_analyze": "on"}
+
+
+async def check_db_settings(url: str, settings: dict[str, str]) -> None:
+    """Refuse --db-set values ALTER DATABASE cannot apply, before any workload runs: a
+    server-wide parameter, an unknown one, or (for those a session may set) a bad value. A
+    dotted name unknown to the server is an extension's placeholder and passes."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        for name, value in settings.items():
+            context = await conn.fetchval("SELECT context FROM pg_settings WHERE name = $1", name)
+            if context is None and "." not in name:
+                raise SystemExit(f"pg_bench: --db-set {name}: no such configuration parameter")
+            if context in ("internal", "postmaster", "sighup"):
+                raise SystemExit(f"pg_bench: --db-set {name}: a server-wide parameter ({context}); "
+                                 "a database cannot set it")
+            if context in ("user", "superuser"):
+                try:
+                    async with conn.transaction():
+                        await conn.execute("SELECT set_config($1, $2, true)", name, value)
+                except asyncpg.PostgresError as exc:
+                    raise SystemExit(f"pg_bench: --db-set {name}={value}: {exc}") from None
+    finally:
+        await conn.close()
+
+
+@dataclass
+class ServerLog:
+    """Where the server writes its log (auto_explain's plans), and its size when the run began."""
+
+    path: str
+    start: int | None  # bytes; None when this process cannot read it
+    throwaway: bool
+
+    def report(self, ms: float) -> str:
+        text = f"auto_explain plans of the agentd-pg statements over {ms:g} ms are in {self.path}"
+        if self.start is not None:
+            with contextlib.suppress(OSError), open(self.path, "rb") as log:
+                size = log.seek(0, os.SEEK_END)
+                start = self.start if size >= self.start else 0  # rotated meanwhile
+                log.seek(start)
+                plans = [line for line in log.read().splitlines() if b"  plan:" in line]
+                # The line prefix names the database unless log_line_prefix lacks %d.
+                ours = sum(1 for line in plans if DB_PREFIX.encode() in line)
+                text += (f" from byte {start} on: {ours} plans of this run's databases ({DB_PREFIX}*), "
+                         f"{len(plans)} in all")
+        if self.throwaway:
+            text += "; the throwaway server's log is deleted with it when this run exits"
+        return text
+
+
+async def find_server_log(server: Server) -> ServerLog:
+    """The server's current log file: pg_current_logfile() when its logging collector runs,
+    else the file its postmaster's stderr goes to (Debian's pg_ctlcluster, pg_ctl -l)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(server.url, timeout=10)
+    try:
+        current = await conn.fetchval("SELECT pg_current_logfile()")
+        destination = await conn.fetchval("SHOW log_destination")
+    finally:
+        await conn.close()
+    path = str(Path(server.data_dir) / current) if current else None
+    if path is None and server.postmaster is not None:
+        with contextlib.suppress(OSError):
+            path = os.readlink(f"/proc/{server.postmaster}/fd/2")
+    if path is None or not path.startswith("/"):
+        return ServerLog(f"the server's {destination} (logging_collector off; data directory "
+                         f"{server.data_dir})", None, False)
+    return ServerLog(path, readable_size(path), "THROWAWAY" in server.origin)
+
+
+def readable_size(path: str) -> int | None:
+    """The file's size, or None when this process cannot read it."""
+    with contextlib.suppress(OSError):
+        return os.stat(path).st_size if os.access(path, os.R_OK) else None
+    return None
+
+
+def probe_labels(args: argparse.Namespace, store: str) -> dict[str, Any]:
+    """What an agentd daemon row must say about the probes that slowed it."""
+    labels: dict[str, Any] = {}
+    if args.profile is not None:
+        labels["profiled"] = f"py-spy {SPY_RATE} Hz on daemon 1" + (
+            f", pg_stat_activity every {ACTIVITY_EVERY * 1e3:g} ms" if store == "postgresql" else "")
+    if args.auto_explain is not None and store == "postgresql":
+        labels["auto_explain_ms"] = args.auto_explain
+    return labels
+
+
+@contextlib.asynccontextmanager
+async def profiled(args: argparse.Namespace, server: Server, resources: Resources, label: str,
+                   daemon: DaemonProc, url: str | None) -> AsyncIterator[dict[str, Any]]:
+    """With --profile, py-spy on `daemon` and (for a PostgreSQL `url`) pg_stat_activity samples
+    of its database while the body runs; yields a dict that then names the files written
+    (`profile_files`, for the row), and adds their summary to `args.summaries`. Without
+    --profile, nothing."""
+    labels: dict[str, Any] = {}
+    if args.profile is None:
+        yield labels
+        return
+    files: dict[str, str] = {}
+    labels["profile_files"] = files
+    out = args.profile / f"{label}-daemon1.txt"
+    out.unlink(missing_ok=True)
+    spy_log = resources.tempdir("py-spy") / "py-spy.log"
+    spy = await start_py_spy(args.py_spy, daemon, out, spy_log, args.timeout * 2, resources)
+    stop = asyncio.Event()
+    database = url.rpartition("/")[2].partition("?")[0] if url else None
+    sweeps: list[Any] = []
+    sampler = asyncio.create_task(sample_activity(server.url, database, stop, sweeps)) if database else None
+    try:
+        yield labels
+    finally:
+        interrupt(spy)  # first: however the rest of this goes, py-spy writes its file
+        lines = [f"\n---- profile: {label} ----"]
+        if sampler is not None:
+            stop.set()
+            try:
+                await sampler
+            except asyncio.CancelledError:  # the run was cancelled: keep what was sampled
+                pass
+            except Exception as exc:
+                lines.append(f"pg_stat_activity sampling stopped early: {type(exc).__name__}: {exc}")
+            activity = {"database": database, "interval_s": ACTIVITY_EVERY, "sweeps": len(sweeps),
+                        "summary": activity_summary(sweeps),
+                        "columns": ["pid", "application_name", "backend_type", "state",
+                                    "wait_event_type", "wait_event", "query"],
+                        "samples": sweeps}
+            path = args.profile / f"{label}-pg_activity.json"
+            path.write_text(json.dumps(activity))
+            files["pg_activity"] = str(path)
+            lines.append(activity_text(activity))
+        lines.append(await stop_py_spy(spy, out, spy_log, resources))
+        if out.exists() and out.stat().st_size:
+            files["py_spy"] = str(out)
+        args.summaries.append("\n".join(lines))
+
+
+async def start_py_spy(py_spy: str, daemon: DaemonProc, out: Path, log: Path, duration: float,
+                       resources: Resources) -> subprocess.Popen[bytes]:
+    """`py-spy record` on `daemon` (threads told apart, idle stacks left out), once it samples."""
+    spy = spawn_py_spy([py_spy, "record", "--pid", str(daemon.proc.pid), "--format", "raw", "--rate",
+                        str(SPY_RATE), "--duration", str(math.ceil(duration)), "--threads",
+                        "--output", str(out)], log, resources)
+    deadline = time.monotonic() + 15
+    while "Sampling process" not in tail(log):
+        if spy.poll() is not None or time.monotonic() > deadline:
+            await stop_process(spy, resources, grace=1.0)
+            resources.interruptible.remove(spy)
+            raise RuntimeError(f"py-spy did not start sampling daemon {daemon.index}: {tail(log)}")
+        await asyncio.sleep(0.05)  # a bounded wait for py-spy to attach: only its log tells
+    return spy
+
+
+def spawn_py_spy(command: list[str], log: Path, resources: Resources) -> subprocess.Popen[bytes]:
+    with log.open("wb") as sink:
+        spy = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink,
+                               start_new_session=True)
+    resources.groups.add(spy.pid)
+    resources.interruptible.append(spy)
+    return spy
+
+
+def interrupt(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT: py-spy's clean stop, which writes its file (a SIGKILL loses it)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+
+
+async def stop_py_spy(spy: subprocess.Popen[bytes], out: Path, log: Path, resources: Resources) -> str:
+    """Wait for an interrupted py-spy to write its file; the profile's summary."""
+    interrupt(spy)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        await asyncio.to_thread(spy.wait, 30)
+    await stop_process(spy, resources, grace=0)
+    resources.interruptible.remove(spy)
+    return py_spy_text(out, spy.returncode, tail(log, 2000))
+
+
+def py_spy_text(path: Path, returncode: int | None, log: str) -> str:
+    """The main thread's top TOP functions by self and by inclusive samples of a raw py-spy
+    profile recorded with --threads (each stack's root is `thread (tid): name`), or why
+    there is none. The other threads (the SQLite writer's, the stall watch's) mostly wait
+    in Condition.wait, which py-spy does not always tell from work, and so does the event
+    loop in its selector: those samples are counted, not listed."""
+    if not path.exists() or not path.stat().st_size:
+        return f"py-spy wrote no profile (exit {returncode}): {log[-800:]}"
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    main = others = selecting = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        thread, *frames = stack.split(";")
+        if not thread.endswith(": MainThread"):
+            others += int(count)
+            continue
+        # A function's samples add up over its lines: drop the line from "name (file:line)".
+        functions = [re.sub(r":\d+\)$", ")", frame) for frame in frames]
+        if functions and functions[-1].endswith("Selector.select (selectors.py)"):
+            selecting += int(count)
+            continue
+        main += int(count)
+        if functions:
+            own[functions[-1]] += int(count)
+            inclusive.update(dict.fromkeys(functions, int(count)))
+    written = next((entry for entry in log.splitlines() if "Samples:" in entry), "")
+    lines = [f"py-spy on daemon 1 -> {path} ({written.partition('. ')[2] or 'written'}): "
+             f"{main} samples of the main thread at work; left out: {selecting} in the event "
+             f"loop's select, {others} of other threads"]
+    for title, counter in (("self", own), ("inclusive", inclusive)):
+        lines.append(f"  top {TOP} by {title} samples (% of the main thread's):")
+        lines += [f"    {n / max(main, 1):6.1%} {n:7d}  {name}" for name, n in counter.most_common(TOP)]
+    return "\n".join(lines)
+
+
+_ACTIVITY = ("SELECT pid, application_name, backend_type, state, wait_event_type, wait_event, "
+             "left(query, 120) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+
+
+async def sample_activity(server_url: str, database: str, stop: asyncio.Event, sweeps: list[Any]) -> None:
+    """Append [seconds since the start, [[pid, application_name, backend_type, state, wait
+    type, wait event, query prefix], ...]] of `database`'s backends to `sweeps` every
+    ACTIVITY_EVERY s until `stop` is set (from a connection to the server's own database,
+    so the sampler is not among them)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(server_url, timeout=10)
+    t0 = time.monotonic()
+    try:
+        while not stop.is_set():
+            found = await conn.fetch(_ACTIVITY, database)
+            sweeps.append([round(time.monotonic() - t0, 4), [list(r) for r in found]])
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), ACTIVITY_EVERY)
+    finally:
+        await conn.close()
+
+
+def activity_summary(sweeps: list[Any]) -> dict[str, Any]:
+    """Shares of the samples of the daemons' backends (the bench's own connections, named
+    by BENCH_SESSION, and background workers such as autovacuum are only counted): per
+    state, per state and wait event ("CPU" for an active backend without one: running, or
+    waiting on something not instrumented), and the active ones' statements."""
+    states: Counter[str] = Counter()
+    waits: Counter[str] = Counter()
+    queries: Counter[str] = Counter()
+    others = 0
+    for _, backends in sweeps:
+        for _pid, application, backend_type, state, wait_type, wait_event, query in backends:
+            if application == BENCH_SESSION["application_name"] or backend_type != "client backend":
+                others += 1
+                continue
+            states[state] += 1
+            waits[f"{state}: {f'{wait_type}:{wait_event}' if wait_type else 'CPU'}"] += 1
+            if state == "active":
+                queries[" ".join((query or "").split())[:100]] += 1
+
+    def shares(counter: Counter[str], top: int | None = None) -> dict[str, float]:
+        total = max(1, sum(counter.values()))
+        return {key: round(n / total, 4) for key, n in counter.most_common(top)}
+
+    return {"backend_samples": sum(states.values()), "other_backend_samples": others,
+            "by_state": shares(states), "by_wait_event": shares(waits),
+            "active_queries": shares(queries, 15)}
+
+
+def activity_text(activity: dict[str, Any]) -> str:
+    summary = activity["summary"]
+    lines = [f"pg_stat_activity of {activity['database']}: {activity['sweeps']} samples, "
+             f"{summary['backend_samples']} of the daemons' backends ({summary['other_backend_samples']} "
+             "of others left out); share per state and wait event:"]
+    lines += [f"    {share:6.1%}  {key}" for key, share in list(summary["by_wait_event"].items())[:TOP]
+              if share >= 0.001]
+    lines.append("  active statements (% of active samples):")
+    lines += [f"    {share:6.1%}  {key}" for key, share in summary["active_queries"].items()]
+    return "\n".join(lines)
+
+
 # -- the table ---------------------------------------------------------------------------------
 
 
@@ -976,7 +1360,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, server: Serve
         f"Measured {today} on {os.cpu_count()} cores shared by the server and the clients, Python "
         f"{platform.python_version()}, {server.describe()}; {args.tasks:,} no-op tasks, "
         f"{args.latency_tasks} dispatch samples ({run.elapsed:.0f} s in all); agentd: {run.revision}. "
-        f"{run.load.report()}",
+        f"{run.load.report()}{probes_text(args)}",
         "",
         "| system | processes | end-to-end/s | enqueue/s | CPU µs/task (per process) | dispatch p50 "
         "| dispatch p99 | issue 16 target |",
@@ -1007,6 +1391,18 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, server: Serve
         lines.append(f"\nerror in {r['system']} {r['workload']}: {r['error']}")
     lines.append("---- end ----")
     return "\n".join(lines)
+
+
+def probes_text(args: argparse.Namespace) -> str:
+    """The probes that slowed the agentd daemon rows, for the header."""
+    probes = []
+    if args.profile is not None:
+        probes.append(f"py-spy ({SPY_RATE} Hz) on daemon 1 and pg_stat_activity samples every "
+                      f"{ACTIVITY_EVERY * 1e3:g} ms (--profile)")
+    if args.auto_explain is not None:
+        probes.append(f"auto_explain of statements over {args.auto_explain:g} ms with log_analyze on "
+                      "the agentd-pg databases (--auto-explain)")
+    return f" The agentd daemons ran under {' and '.join(probes)}: slower than unobserved." if probes else ""
 
 
 def system_text(r: dict[str, Any]) -> str:

@@ -32,6 +32,35 @@ def _is_ours(name: str) -> bool:
     return name.startswith("AGENTD_") or name in _OUR_ENV
 
 
+# xdist workers the whole suite runs on unless the command line says how many (`-n 0` runs it
+# in this process, as does `-p no:xdist`). Half of a serial run's time goes to waiting:
+# subprocesses starting, daemons stopping, deadlines running out; a second worker fills it.
+WORKERS = 2
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Run on WORKERS xdist workers unless `-n` says otherwise, scheduled by `xdist_group`
+    (see HEAVY), when xdist is installed and no distribution mode was chosen. Set here, not
+    in pyproject's addopts, so that `-p no:xdist` still runs the suite (with `-n` in addopts
+    it is a usage error), and `--pdb` too (which needs the tests in this process)."""
+    if (not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput")
+            or config.option.collectonly or config.option.usepdb
+            or config.option.dist != "no" or config.option.distload):
+        return
+    if config.option.numprocesses is None:
+        config.option.numprocesses = WORKERS
+    if config.option.numprocesses:  # not -n 0
+        config.option.dist = "loadgroup"
+
+
+# The tests that load both cores by themselves (floods, load under faults, the fuzzer): one
+# xdist group, so they run one after another on one worker while the other runs the rest.
+# Two at once, their timing bounds would be measured on half a machine. The group is
+# scheduled first (xdist hands out the largest group first), so it cannot be the run's tail.
+HEAVY = pytest.mark.xdist_group("heavy")
+
+
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No AGENTD_* override or systemd variable of the caller's shell leaks into a test."""
@@ -159,16 +188,21 @@ async def http() -> AsyncIterator[Callable[..., aiohttp.ClientSession]]:
 @pytest.fixture
 def logging_restored() -> Iterator[None]:
     """For a test whose code calls `configure_logging` (the CLI run in process): its global
-    changes are undone afterwards, so later tests do not log into a closed capture."""
+    changes are undone afterwards, so later tests do not log into a closed capture.
+
+    structlog's configuration is put back in place, not reset: a daemon module's logger
+    first used during the test is cached with the configured processors list, and must
+    stay on the one list that later tests' capture_logs changes."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    access = logging.getLogger("aiohttp.access")
-    access_level = access.level
+    config = structlog.get_config()
+    processors = list(config["processors"])
     yield
-    structlog.reset_defaults()
+    configured = structlog.get_config()["processors"]
+    configured[:] = processors
+    structlog.configure(**{**config, "processors": configured})
     root.handlers[:] = handlers
     root.setLevel(level)
-    access.setLevel(access_level)
 
 
 # --------------------------------------------------------------------------- subprocesses

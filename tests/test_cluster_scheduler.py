@@ -30,6 +30,7 @@ from structlog.testing import capture_logs
 from agentd.app import Daemon
 from agentd.config import StoreConfig
 from agentd.events import Event
+from agentd.hooks import ReplayedDeliveryError
 from agentd.postgres.hooks import PgDeliveries
 from agentd.postgres.schedules import _LEAD_CHECK, _LEAD_LOCK, _LEAD_RETRY, PgSchedules
 from agentd.postgres.streamkey import PgStreamKey
@@ -102,6 +103,37 @@ async def test_pg_schedules_store_load_and_notify_the_other_daemons(
     assert seen_by_b == ["tick", "tick"]
 
 
+async def test_writes_from_an_older_copy_undo_nothing_another_daemon_changed(
+        two_stores: tuple[PgStore, PgStore]) -> None:
+    """The race a cluster test once lost: the leader, its copy still paused, recorded a
+    fire's outcome just after a resume through another daemon committed, and wrote its old
+    `next_fire` back, so the times passed while paused were fired after all."""
+    a, b = PgSchedules(two_stores[0]), PgSchedules(two_stores[1])  # neither leads
+    assert await a.insert(state(paused=True, next_fire=60.0, last_fire=0.0, fires=1), 1.0)
+    await b.save(state(next_fire=180.0, last_fire=0.0, fires=1), 2.0)  # resumed at 180
+    await a.save_record(state(paused=True, next_fire=60.0, last_fire=0.0, fires=1,
+                              last_outcome="failed", failures_in_row=1), 3.0)
+    stored = await b.load_one("tick")
+    assert stored is not None
+    assert (stored.paused, stored.next_fire, stored.failures_in_row, stored.last_outcome) == \
+        (False, 180.0, 0, "failed")
+    # A retime through B, then A's record of a fire by the old timing.
+    retimed = ScheduleSpec.from_mapping({"id": "tick", "every": "5m", "task": "t"})
+    await b.save(ScheduleState(retimed, "api", next_fire=300.0, last_fire=0.0, fires=1,
+                               created_at=1.0), 4.0)
+    await a.save_record(state(next_fire=240.0, last_fire=180.0, fires=2, last_task_id=9), 5.0)
+    stored = await b.load_one("tick")
+    assert stored is not None
+    assert (stored.next_fire, stored.last_fire, stored.fires, stored.last_task_id) == \
+        (300.0, 180.0, 2, 9)
+    # B pauses from its copy, which predates that fire: the record of the fire stays.
+    await b.save(ScheduleState(retimed, "api", paused=True, next_fire=300.0, last_fire=0.0,
+                               fires=1, created_at=1.0), 6.0)
+    stored = await b.load_one("tick")
+    assert stored is not None
+    assert (stored.paused, stored.last_fire, stored.fires, stored.last_task_id) == (True, 180.0, 2, 9)
+
+
 async def test_one_daemon_leads_and_another_takes_over_when_its_connection_dies(
         two_stores: tuple[PgStore, PgStore]) -> None:
     a, b = PgSchedules(two_stores[0]), PgSchedules(two_stores[1])
@@ -133,13 +165,40 @@ async def test_one_daemon_leads_and_another_takes_over_when_its_connection_dies(
 async def test_a_delivery_taken_on_one_daemon_is_refused_on_another(
         two_stores: tuple[PgStore, PgStore]) -> None:
     a, b = PgDeliveries(two_stores[0]), PgDeliveries(two_stores[1])
+
+    def op(deliveries: PgDeliveries, delivery_id: str, refuse_until: float,
+           now: float) -> Callable[[Any], Any]:
+        within = deliveries.take("gh", delivery_id, refuse_until, now).within
+        assert within is not None  # taken in the transaction of what the delivery does
+        return within
+
     now = time.time()
     assert not await b.taken("gh", "d1", now)
-    await a.take("gh", "d1", now + 60, now)
+    await a.store.write(op(a, "d1", now + 60, now))
     assert await b.taken("gh", "d1", now)
+    with pytest.raises(ReplayedDeliveryError):  # its write refuses it too
+        await b.store.write(op(b, "d1", now + 60, now))
     assert not await b.taken("gh", "d1", now + 61)  # past its window
-    await b.take("gh", "d2", now + 60, now + 61)  # forgets the expired d1
+    await b.store.write(op(b, "d2", now + 60, now + 61))  # forgets the expired d1
     assert not await a.taken("gh", "d1", now)
+    # A copy being taken in a transaction not yet committed is refused, without waiting.
+    took, release = asyncio.Event(), asyncio.Event()
+    taking = op(a, "d3", now + 60, now)
+
+    async def take_and_hold(conn: Any) -> None:
+        await taking(conn)
+        took.set()
+        await release.wait()
+
+    held = a.store.write(take_and_hold)
+    try:
+        await asyncio.wait_for(took.wait(), WAIT)
+        with pytest.raises(ReplayedDeliveryError):
+            await asyncio.wait_for(b.store.write(op(b, "d3", now + 60, now)), WAIT)
+    finally:
+        release.set()
+        await held
+    assert await b.taken("gh", "d3", now)
 
 
 async def test_the_stream_key_is_shared_and_its_replacement_is_announced(

@@ -43,14 +43,20 @@ def test_repo_agentd_toml_equals_the_dataclass_defaults() -> None:
 
 
 def test_repo_agentd_toml_shows_every_key() -> None:
-    """The file promises 'every key is shown with its default value'."""
-    raw = tomllib.loads((REPO / "agentd.toml").read_text())
+    """The file promises 'every key is shown with its default value'. A key unset by
+    default (None, which TOML cannot write) is shown commented out in its section."""
+    text = (REPO / "agentd.toml").read_text()
+    raw = tomllib.loads(text)
     for section in SECTIONS:
-        cls = type(getattr(Config(), section))
-        keys = {f.name for f in dataclasses.fields(cls)} - {"settings"}
+        defaults = getattr(Config(), section)
+        keys = {f.name for f in dataclasses.fields(defaults)} - {"settings"}
+        unset = {key for key in keys if getattr(defaults, key) is None}
         assert section in raw, f"[{section}] is missing from agentd.toml"
-        missing = keys - set(raw[section])
+        missing = keys - unset - set(raw[section])
         assert not missing, f"[{section}] keys missing from agentd.toml: {sorted(missing)}"
+        body = text.split(f"\n[{section}]\n", 1)[1].split("\n[", 1)[0]
+        for key in unset:
+            assert f"\n# {key} = " in body, f"[{section}] {key} (unset) is not shown commented out"
 
 
 def test_defaults_without_a_file_resolve_paths_against_cwd() -> None:
@@ -148,6 +154,14 @@ def test_env_errors_name_the_variable(var: str, value: str, fragments: list[str]
         ({"AGENTD_STORE_URL": "mysql://root:hunter2@db/agentd"},
          "[store] url: expected a postgresql:// URL, got 'mysql://root:***@db/agentd'"),
         ({"AGENTD_STORE_POOL_SIZE": "1"}, "[store] pool_size: expected 2..1000 connections, got 1"),
+        ({"AGENTD_MEMORY_URL": "sqlite:///memory.db"},
+         "[memory] url: expected a postgresql:// URL, got 'sqlite:///memory.db'"),
+        ({"AGENTD_MEMORY_HNSW_M": "1"}, "[memory] hnsw_m: expected 2..100, got 1"),
+        ({"AGENTD_MEMORY_HNSW_EF_SEARCH": "0"}, "[memory] hnsw_ef_search: expected 1..1000, got 0"),
+        ({"AGENTD_MEMORY_HNSW_EF_CONSTRUCTION": "20"},
+         "[memory] hnsw_ef_construction: pgvector needs at least twice hnsw_m (32), got 20"),
+        ({"AGENTD_MEMORY_HNSW_BUILD_MEMORY_MB": "16"},
+         "[memory] hnsw_build_memory_mb: expected 64..1048576 MB, got 16"),
     ],
 )
 def test_a_bad_value_from_the_environment_names_the_variable_not_the_file(
@@ -345,6 +359,7 @@ def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert str(tmp_path / "data" / "agentd.db") in out
 
 
+@pytest.mark.usefixtures("logging_restored")
 def test_check_config_names_the_postgresql_store_without_connecting_or_its_password(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, "[server]\nport = 9125\n")

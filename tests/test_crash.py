@@ -27,14 +27,15 @@ from typing import Any
 
 import aiohttp
 
-from agentd.config import TasksConfig
+from agentd.taskqueue import SqliteTasks
+from conftest import HEAVY
 
 TASKS = 3000
 BATCH = 100  # tasks per POST /v1/tasks/batch
 WORKERS = 8  # [tasks] queues = { default = 8 }
-# Short tasks are claimed ahead of the free slots ([tasks] claim_ahead, default 3): a kill
-# finds up to this many running rows, of which at most WORKERS had started.
-CLAIMED = WORKERS * (1 + TasksConfig().claim_ahead)
+# Short tasks are claimed ahead of the free slots ([tasks] claim_ahead, SQLite's default 3):
+# a kill finds up to this many running rows, of which at most WORKERS had started.
+CLAIMED = WORKERS * (1 + SqliteTasks.default_claim_ahead)
 MAX_ATTEMPTS = 5  # more than MAX_KILLS + 1: a killed task is never dead for lack of attempts
 MAX_KILLS = 3  # kill again (at most this often) until a kill interrupted running tasks
 # The enqueuer keeps at most this many batches ahead of the workers: the queue is never
@@ -281,6 +282,7 @@ def session_for(run: AgentdRun) -> aiohttp.ClientSession:
         f"http://127.0.0.1:{run.port}", timeout=aiohttp.ClientTimeout(total=WAIT + 30))
 
 
+@HEAVY
 async def test_sigkill_loses_no_task_and_reruns_no_committed_step(
     tmp_path: Path, process_env: Callable[..., dict[str, str]]
 ) -> None:
@@ -368,7 +370,8 @@ async def test_sigkill_loses_no_task_and_reruns_no_committed_step(
     by_id = {task["id"]: task for task in finished}
     assert len(by_id) == TASKS, f"two tasks share an id {where}"
     assert sorted(t["id"] for t in listed) == sorted(by_id), (
-        f"the daemon holds other tasks than those it acknowledged {where}")
+        f"the daemon holds other tasks than those it acknowledged {where}: "
+        f"{[t for t in listed if t['id'] not in by_id]}")
     assert status["tasks"]["by_status"] == {"succeeded": TASKS}, where
     ran = read_effects(effects)
     executions: dict[tuple[int, str], list[int]] = defaultdict(list)  # attempts, in order

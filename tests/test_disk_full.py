@@ -26,6 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import jsonschema_rs
 import pytest
 from structlog.testing import capture_logs
 
@@ -355,6 +356,10 @@ async def test_readyz_and_status_say_the_store_is_full_until_there_is_room(df: A
         ready = await call(client, "GET", "/readyz", status=503)
         assert ready["checks"]["store"]["ok"] is False
         assert ready["checks"]["store"]["code"] == "store_full"
+        # What the OpenAPI document says a 503 of /readyz holds (no error envelope).
+        document = await call(client, "GET", "/v1/openapi.json")
+        not_ready = document["paths"]["/readyz"]["get"]["responses"]["503"]
+        jsonschema_rs.validate(not_ready["content"]["application/json"]["schema"], ready)
         status = await call(client, "GET", "/v1/status")
         assert status["store"]["write_failure"] == "store_full"
 

@@ -617,19 +617,20 @@ async def test_hooks_need_no_bearer_token_and_take_a_secret_file_or_variable(
     assert status == 401
 
 
-def readme_hook_example() -> tuple[str, str]:
-    """The README's inbound-hook example: its agentd.toml table and its shell script."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("**Inbound webhooks.**"):]
+def documented_hook_example() -> tuple[str, str]:
+    """docs/streams.md's inbound-hook example: its agentd.toml table and its shell script."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "streams.md").read_text()
+    section = page.split("\n## Inbound webhooks\n", 1)[1].split("\n## ", 1)[0]
     table = re.search(r"```toml\n(.*?)```", section, re.S)
     script = re.search(r"```sh\n(.*?)```", section, re.S)
-    assert table and script, "the README no longer shows the hook's table and its curl"
+    assert table and script, "docs/streams.md no longer shows the hook's table and its curl"
     return table.group(1), script.group(1)
 
 
-async def test_the_readme_hook_example_runs_as_written(start_daemon: Any) -> None:
-    """README "Inbound webhooks": its agentd.toml table, its secret and its curl, run by sh."""
-    table, script = readme_hook_example()
+async def test_the_documented_hook_example_runs_as_written(start_daemon: Any) -> None:
+    """docs/streams.md "Inbound webhooks": its agentd.toml table, its secret and its curl,
+    run by sh."""
+    table, script = documented_hook_example()
     secret = "0123456789abcdef0123456789abcdef"
     hooks_table = tomllib.loads(table)["hooks"]
     env_name = hooks_table["deploy"]["secret_env"]

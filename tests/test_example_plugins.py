@@ -581,12 +581,13 @@ async def test_chat_sessions_expire_and_the_purge_removes_them(
     assert (stats["sessions"], stats["messages"]) == (0, 0)
 
 
-def readme_plugin(tmp_path: Path, module: str) -> Path:
-    """A plugin directory holding the README's `# plugins/<module>.py` example as printed."""
-    readme = (REPO_PLUGINS.parent / "README.md").read_text()
-    found = re.search(rf"```python\n# plugins/{re.escape(module)}\.py\n(.*?)```", readme, re.S)
-    assert found, f"the README no longer shows plugins/{module}.py"
-    directory = tmp_path / "readme_plugins"
+def documented_plugin(tmp_path: Path, page: str, module: str) -> Path:
+    """A plugin directory holding the `# plugins/<module>.py` example of `page` (README.md,
+    docs/plugins.md) as printed."""
+    text = (REPO_PLUGINS.parent / page).read_text()
+    found = re.search(rf"```python\n# plugins/{re.escape(module)}\.py\n(.*?)```", text, re.S)
+    assert found, f"{page} no longer shows plugins/{module}.py"
+    directory = tmp_path / "documented_plugins"
     directory.mkdir()
     (directory / f"{module}.py").write_text(found.group(1))
     return directory
@@ -595,7 +596,7 @@ def readme_plugin(tmp_path: Path, module: str) -> Path:
 async def test_the_readme_one_file_plugin_loads_and_runs(
         start_daemon: Any, http: Any, tmp_path: Path) -> None:
     """The README's "your own plugin, in one file" works as printed."""
-    directory = readme_plugin(tmp_path, "standup")
+    directory = documented_plugin(tmp_path, "README.md", "standup")
     daemon, _ = await start_daemon(plugin_dirs=[directory])
     client = http(daemon)
     schedule = await call(client, "GET", "/v1/schedules/standup.remind")
@@ -604,9 +605,9 @@ async def test_the_readme_one_file_plugin_loads_and_runs(
     assert await daemon.queue.result(fired["last_task_id"], timeout=WAIT) == "nothing noted"
 
 
-async def test_the_readme_hello_plugin_loads_and_runs(tmp_path: Path) -> None:
-    """The README's plugins/hello.py (the Plugins section) works as printed."""
-    directory = readme_plugin(tmp_path, "hello")
+async def test_the_documented_hello_plugin_loads_and_runs(tmp_path: Path) -> None:
+    """docs/plugins.md's plugins/hello.py works as printed."""
+    directory = documented_plugin(tmp_path, "docs/plugins.md", "hello")
     async with harness(tmp_path / "state", [directory]) as agentd:
         assert agentd.plugin_states() == {"hello": "started"}
         assert await agentd.run("hello.greet", {"name": "Ada"}) == "hello, Ada"

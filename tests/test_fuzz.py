@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from agentd.testing import daemon_url
+from conftest import HEAVY
 
 TOKEN = "fuzz-token"
 # Examples per operation and phase: enough to walk every field's edges, quick on two cores.
@@ -35,6 +36,7 @@ PLUGIN = """
 """
 
 
+@HEAVY
 @pytest.mark.timeout(600)
 async def test_the_api_keeps_every_promise_of_its_document(
         start_daemon: Any, plugin_dir: Any, tmp_path: Path) -> None:

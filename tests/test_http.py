@@ -199,9 +199,12 @@ async def test_openapi_lists_the_system_routes(start_daemon: Any, http: Any) -> 
         assert paths[path]["get"]["summary"], path
     assert paths["/healthz"]["get"]["security"] == []  # public
     assert "security" not in paths["/v1/status"]["get"]  # inherits the bearer requirement
-    assert paths["/readyz"]["get"]["responses"]["503"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/Error"
-    }
+    # Not ready is no error envelope: the same body as ready (the fuzzer found it, when a
+    # loaded machine's loop lag made /readyz answer 503).
+    readiness = paths["/readyz"]["get"]["responses"]
+    assert readiness["503"]["content"] == readiness["200"]["content"]
+    assert readiness["503"]["content"]["application/json"]["schema"]["required"] == ["ready", "checks"]
+    assert paths["/v1/status"]["get"]["responses"]["200"] == {"description": "OK"}
 
 
 async def test_openapi_documents_every_route(start_daemon: Any, http: Any) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import warnings
@@ -119,7 +120,7 @@ async def test_every_stdout_line_is_json_with_a_component(
     config.write_text(config.read_text().replace("paths = []", f"paths = [{str(plugins)!r}]"))
     child = await agentd_process("run", "--config", str(config))
     port = await child.started()
-    await get_json(port, "/healthz")  # an access log line at debug level
+    await get_json(port, "/v1/status")  # an access log line
     await child.wait_for_log("handler.failed")
     assert await child.finish(signal.SIGTERM) == 0
     records = child.records()  # json.loads of every line: raises on a non-JSON line
@@ -133,7 +134,7 @@ async def test_every_stdout_line_is_json_with_a_component(
     assert by_event["stdlib says hi"]["component"] == "some.library"
     assert by_event["handler.failed"]["handler"] == "chatty.fail"
     assert by_event["handler.failed"]["exception"][0]["exc_type"] == "RuntimeError"
-    assert any(r["component"] == "aiohttp.access" for r in records)
+    assert any(r["event"] == "http.request" and r["component"] == "http" for r in records)
 
 
 async def test_sd_notify_ready_and_stopping(
@@ -149,6 +150,8 @@ async def test_sd_notify_ready_and_stopping(
     assert ready.splitlines() == ["READY=1", f"STATUS=serving on 127.0.0.1:{port}"]
     # READY means serving: the API answers now.
     assert (await get_json(port, "/readyz"))[0] == 200
+    # What it is doing, every few seconds; the first line at once.
+    assert re.fullmatch(r"STATUS=0 running, 0 queued, 0 streams, lag \d+ ms", await receive(sock))
     child.proc.send_signal(signal.SIGTERM)
     # stop_timeout = 5: 12 stages of 5 s at most, 5 s more before agentd ends itself.
     assert (await receive(sock)).splitlines() == [

@@ -30,8 +30,10 @@ import pytest
 from agentd.config import StoreConfig
 from agentd.errors import StoreUnavailableError
 from agentd.store.postgres import PgConnection, PgStore, load_migrations
-from conftest import AgentdProcess
+from conftest import HEAVY, AgentdProcess
 from pg import database_url
+
+pytestmark = HEAVY
 
 # A request must be answered within this many seconds while the server is away: the
 # store's deadline (5 s) and a margin for a loaded machine.
@@ -592,14 +594,20 @@ async def test_daemons_started_together_on_an_empty_database_migrate_it_once(
         try:
             rows = await conn.fetch("SELECT version, count(*) AS n FROM schema_version GROUP BY version "
                                     "ORDER BY version")
+            memory_rows = await conn.fetch("SELECT version, count(*) AS n FROM memory_schema_version "
+                                           "GROUP BY version ORDER BY version")
         finally:
             await conn.close()
         assert [(row["version"], row["n"]) for row in rows] == [
             (version, 1) for version, _, _ in load_migrations()]
-        opened = [record for node in nodes for record in node.process.records()
-                  if record.get("event") == "store.opened" and "url" in record]
-        assert len(opened) == 3
-        assert {record["schema"] for record in opened} == {load_migrations()[-1][0]}
+        assert [(row["version"], row["n"]) for row in memory_rows] == [
+            (version, 1) for version, _, _ in load_migrations("sql/pg_memory")]
+        for component, migrations in (("store", load_migrations()),
+                                      ("memory", load_migrations("sql/pg_memory"))):
+            opened = [record for node in nodes for record in node.process.records()
+                      if record.get("event") == "store.opened" and record.get("component") == component]
+            assert len(opened) == 3, component
+            assert {record["schema"] for record in opened} == {migrations[-1][0]}
         await wait_ready(nodes, RECOVERY_TIMEOUT)
     finally:
         for node in nodes:

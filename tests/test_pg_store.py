@@ -86,7 +86,7 @@ async def test_the_event_counter_is_taken_at_the_end_of_its_transaction(pg_store
     until the commit and never before another row lock (no deadlock between daemons)."""
     from agentd.postgres.events import PgEvents
 
-    events = PgEvents(pg_store)
+    events = PgEvents(pg_store, lambda: True)
     other = await asyncpg.connect(pg_store.config.url)
     try:
         async def probe(conn: PgConnection) -> bool:
@@ -121,6 +121,36 @@ async def test_notifications_reach_listeners_and_reconnects_are_announced(pg_sto
 
         await pg_store.write(notify)
         assert await asyncio.wait_for(got.get(), 10) == "hello"
+    finally:
+        listener.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await listener
+
+
+async def test_channels_asked_for_together_on_the_open_connection_are_all_heard(
+        pg_store: PgStore) -> None:
+    """Several `listen()` at once once the connection is open (parts of a daemon starting):
+    their LISTENs went to the connection together, and all but one were refused ("another
+    operation is in progress"), leaving those channels unheard until a reconnect."""
+    reconnected = asyncio.Event()
+    pg_store.on_reconnect(reconnected.set)
+    listener = asyncio.create_task(pg_store.run_listener())
+    try:
+        await asyncio.wait_for(reconnected.wait(), 10)
+        heard: dict[str, asyncio.Future[str]] = {}
+        for n in range(5):
+            heard[f"agentd_test_{n}"] = asyncio.get_running_loop().create_future()
+            pg_store.listen(f"agentd_test_{n}", heard[f"agentd_test_{n}"].set_result)
+        while pg_store._adding:
+            await asyncio.wait(set(pg_store._adding), timeout=10)
+
+        async def notify(conn: PgConnection) -> None:
+            for channel in heard:
+                await conn.execute("SELECT pg_notify($1, $1)", channel)
+
+        await pg_store.write(notify)
+        for channel, future in heard.items():
+            assert await asyncio.wait_for(future, 10) == channel
     finally:
         listener.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -3,7 +3,7 @@
 The shipped plugins import nothing else; every type a public method or property of an
 exported class names is exported itself (the Protocols stand in for internal classes);
 the real objects a plugin is handed satisfy those Protocols; both contexts refuse the
-daemon's own topics alike; and README's "Testing your plugin" example runs.
+daemon's own topics alike; and docs/plugins.md's "Testing your plugin" example runs.
 """
 
 from __future__ import annotations
@@ -561,22 +561,22 @@ async def test_an_embedder_plugin_is_given_its_own_table(tmp_path: Path,
         assert (stats["embedder"], stats["dimension"]) == ("toy-4", 4)
 
 
-# --------------------------------------------------------------------------- README
+# --------------------------------------------------------------------------- docs/plugins.md
 
 
-def _readme_example() -> str:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("\n## Testing your plugin\n", 1)[1].split("\n## ", 1)[0]
+def _documented_example() -> str:
+    page = (REPO / "docs" / "plugins.md").read_text()
+    section = page.split("\n## Testing your plugin\n", 1)[1].split("\n## ", 1)[0]
     match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert match is not None, "README's Testing your plugin section has no python block"
+    assert match is not None, "docs/plugins.md's Testing your plugin section has no python block"
     return match.group(1)
 
 
-async def test_readme_testing_example_runs(tmp_path: Path) -> None:
+async def test_documented_testing_example_runs(tmp_path: Path) -> None:
     """The example as written, as if saved as tests/test_hello.py next to plugins/."""
     namespace: dict[str, Any] = {"__file__": str(REPO / "tests" / "test_hello.py"),
                                  "__name__": "test_hello"}
-    exec(compile(_readme_example(), "README.md (Testing your plugin)", "exec"), namespace)
+    exec(compile(_documented_example(), "docs/plugins.md (Testing your plugin)", "exec"), namespace)
     tests = [fn for name, fn in namespace.items() if name.startswith("test_") and callable(fn)]
     assert tests, "the example defines no test"
     for number, test in enumerate(tests):
@@ -614,7 +614,7 @@ def _mypy_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path,
 
 def test_mypy_takes_handlers_annotated_with_the_context_they_get(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mypy_cache: Path) -> None:
-    """A durable handler runs as a task and gets a `Context`, as README says; `on` typed
+    """A durable handler runs as a task and gets a `Context`, as docs/plugins.md says; `on` typed
     every handler as taking a `PluginContext`, so mypy refused one annotated as documented.
     Now each kind is checked against the context it is given."""
     errors = _mypy_errors(tmp_path, monkeypatch, mypy_cache, """\

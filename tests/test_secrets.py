@@ -383,7 +383,8 @@ def test_an_inline_secret_with_whitespace_at_either_end_is_refused_without_showi
 INLINE = [('[server]\ntoken = "inline-token"\n', "[server] token"),
           ('[webhooks]\nsecret = "inline"\n', "[webhooks] secret"),
           ('[hooks.ci]\nsecret = "inline"\n', "[hooks.ci] secret"),
-          ('[store]\nurl = "postgresql://agentd:pw@db.internal/agentd"\n', "[store] url's password")]
+          ('[store]\nurl = "postgresql://agentd:pw@db.internal/agentd"\n', "[store] url's password"),
+          ('[memory]\nurl = "postgresql://agentd:pw@db.internal/memory"\n', "[memory] url's password")]
 
 
 @pytest.mark.parametrize(("table", "key"), INLINE)
@@ -403,7 +404,8 @@ def test_a_file_giving_a_secret_inline_must_not_be_open_to_others(
             f"{path}: {key} given in a file open to other users (mode 0{mode:o}); chmod 600 {path} (or "
             "640, owned by root, group of the daemon's user), or give the secret by its *_file or *_env key "
             "instead" + ("; a PostgreSQL password by PGPASSWORD or ~/.pgpass, or the whole URL by "
-                         "AGENTD_STORE_URL" if key.startswith("[store]") else ""))
+                         f"AGENTD_{key[1:].split(']', maxsplit=1)[0].upper()}_URL"
+                         if key.endswith("url's password") else ""))
         if key == "[server] token":  # a client reads the token from the same file
             with pytest.raises(ConfigError, match="given in a file open to other users"):
                 load_client_config(path, env={})

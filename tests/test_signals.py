@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from agentd.config import load_config
 from agentd.shutdown import EXIT_MARGIN, STOP_STAGES, stop_bound
+from conftest import HEAVY
 
 # The flood: this many WebSockets, each keeping this many `result` requests in flight.
 # Each request is a read in an aiosqlite thread, whose answer reaches the loop through its
@@ -107,6 +109,10 @@ def staged_stop_events(records: list[dict[str, Any]]) -> list[str]:
             if r["event"] in ("daemon.stopping", "daemon.stop_stage", "daemon.stopped")]
 
 
+# Fifty processes started, flooded and stopped take 70 s of both cores on their own: the
+# suite's 120 s per test is too tight for them beside the other xdist worker's tests.
+@HEAVY
+@pytest.mark.timeout(300)
 async def test_no_signal_is_lost_under_a_flood(
     agentd_process: Callable[..., Any], config_file: Callable[..., Path]
 ) -> None:

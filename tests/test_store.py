@@ -508,8 +508,12 @@ TABLE_OWNERS = {
     "schedules": {"scheduler.py", "postgres/schedules.py"},
     "digest_cursors": {"digests.py", "postgres/digests.py"},
     "hook_deliveries": {"hooks.py", "postgres/hooks.py"},
-    "memories": {"memory.py"}, "memories_fts": {"memory.py"}, "memory_vectors": {"memory.py"},
-    "messages": {"memory.py"}, "sessions": {"memory.py"},
+    # `agentd store copy` reads memory.db's memories with their vectors in one statement
+    # (no re-embedding) and builds PgMemory's index after the bulk load: the one reader and
+    # writer of memory tables besides the two stores.
+    "memories": {"memory.py", "postgres/memory.py", "store/copy.py"}, "memories_fts": {"memory.py"},
+    "memory_vectors": {"memory.py", "store/copy.py"}, "messages": {"memory.py"}, "sessions": {"memory.py"},
+    "memory_sessions": {"postgres/memory.py"}, "memory_messages": {"postgres/memory.py"},
     "schema_version": {"store/migrations.py", "store/postgres.py", "store/copy.py"},
 }
 

@@ -1,14 +1,17 @@
 """`agentd store copy --to postgresql://...`: a stopped SQLite deployment moved into
-PostgreSQL with every row and id, and the copy refused where it would do harm (a daemon
-running on the file, a target that holds agentd data, a URL that is not PostgreSQL's), a
-failure midway leaving the target as it was."""
+PostgreSQL with every row and id, its memory.db too (sessions, memories with their vectors,
+history), and the copy refused where it would do harm (a daemon running on the file, a
+target that holds agentd data, a URL that is not PostgreSQL's), a failure midway leaving
+the target as it was."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sqlite3
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +20,13 @@ import asyncpg
 import pytest
 
 from agentd.cli import main
-from agentd.config import redact_url
-from agentd.store.copy import TABLES
+from agentd.config import MemoryConfig, StoreConfig, redact_url
+from agentd.memory import MemoryStore, SqliteMemory
+from agentd.postgres.memory import PgMemory
+from agentd.store.copy import MEMORY_TABLES, TABLES
+from agentd.store.sqlite import SqliteStore
 from agentd.testing import daemon_url, running_daemon
+from fake_openai import word_vector
 from pg import fresh_database
 
 PLUGIN = '''
@@ -125,7 +132,9 @@ async def test_a_daemon_on_postgresql_serves_the_copied_deployment_as_it_was(
             async with http.post("/v1/tasks", json={"name": "cp.stepped", "args": {"value": 5}}) as response:
                 assert response.status == 201, await response.text()
                 task = await response.json()
-            assert task["id"] == max(ids) + 1
+            # Past every copied id (the identity was moved on), not necessarily next to
+            # them: the daemon's own schedules may enqueue first once it serves.
+            assert task["id"] > max(ids)
             async with http.get(f"/v1/tasks/{task['id']}?wait=20") as response:
                 done = await response.json()
             assert done["status"] == "succeeded" and done["result"] == {"doubled": 10}
@@ -177,7 +186,9 @@ async def test_a_stopped_sqlite_deployment_moves_to_postgresql_with_every_row_an
     assert any(row["id"] == "nightly" for row in _sqlite_rows(database, "schedules"))
     assert any(row["key"] == "stream_token_key" for row in _sqlite_rows(database, "meta"))
     assert len([row for row in _sqlite_rows(database, "events") if row["topic"] == "copy.test"]) == 3
-    assert "not copied: memory.db (sessions, long-term memory) stays at " in out
+    assert "not copied" not in out
+    # The daemon's memory.db, empty but for its embedder's record, goes too.
+    assert "with its vectors (minilm-l6-v2-int8, 384 dimensions); rows per table:" in out, out
     assert f'next: set [store] url = "{redact_url(url)}" with its password in {config}' in out
 
     conn = await asyncpg.connect(url)
@@ -311,7 +322,7 @@ def test_the_help_says_what_is_copied_and_what_is_not(capsys: pytest.CaptureFixt
     assert exited.value.code == 0
     out = capsys.readouterr().out
     assert "Stop the daemon" in out and "refuses while a daemon holds it" in out
-    assert "memory.db (sessions, long-term memory) is not copied" in out
+    assert "memory.db" in out and "[memory] url" in out and "not embedded again" in out
     assert "--force" in out and "--to URL" in out
 
 
@@ -319,3 +330,267 @@ def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- memory.db
+
+
+class WordEmbedder:
+    """A deterministic embedder (bag of words, 64 dimensions): texts sharing words are near."""
+
+    id = "test-words"
+    dimension = 64
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        vectors = [word_vector(text, self.dimension) for text in texts]
+        return [[x / math.sqrt(sum(y * y for y in vector)) for x in vector] for vector in vectors]
+
+
+QUERIES = [("default", "sky colour"), ("default", "what do cats do all day"),
+           ("default", "deploy key rotation"), ("ops", "disk alert on the database host")]
+
+
+async def _memory_deployment(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """A stopped deployment whose memory.db (made by SqliteMemory with `WordEmbedder`) holds
+    two sessions, memories in two namespaces with a correction chain, an updated memory,
+    and two live memories sharing a text each (an expired one the purge has not reached,
+    and an update to another memory's text). Returns its agentd.toml and what SQLite shows:
+    every memory, each one's history, the sessions' messages and the recalls of QUERIES."""
+    data = tmp_path / "data"
+    store = SqliteStore(data / "agentd.db", StoreConfig())
+    await store.open()
+    await store.close()
+    memory = SqliteMemory(MemoryConfig(), StoreConfig(), data / "memory.db", WordEmbedder())
+    await memory.open()
+    try:
+        await memory.session("chat-1").append("user", "hello", {"lang": "en"})
+        await memory.session("chat-1").append("assistant", "hi there")
+        await memory.session("chat-2").append("user", "second conversation")
+        sky, _ = await memory.remember("the sky is blue", metadata={"kind": "fact"})
+        green, _ = await memory.remember("the sky is green today", supersedes=sky.id)
+        await memory.remember("the sky is grey over the harbour", supersedes=green.id)
+        await memory.remember("cats sleep most of the day", metadata={"kind": "fact", "agent": "a1"})
+        dogs, _ = await memory.remember("dogs bark at the postman")
+        await memory.update(dogs.id, text="dogs bark at the mail carrier", metadata={"kind": "pets"})
+        await memory.remember("the deploy key rotates monthly", expires_at=time.time() - 60)
+        await memory.remember("the deploy key rotates monthly")
+        await memory.remember("rotate the deploy key before friday")
+        await memory.remember("the database host alerts on full disks", "ops")
+        two, _ = await memory.remember("backups run nightly at two", "ops")
+        await memory.update(two.id, text="the database host alerts on full disks")
+        await memory.remember("page the on-call engineer for a full disk", "ops",
+                              expires_at=time.time() + 86400)
+        ids = [row["id"] for row in await memory.store.read("SELECT id FROM memories ORDER BY id")]
+        seen = await _what_memory_shows(memory, ids, ["chat-1", "chat-2"])
+    finally:
+        await memory.close()
+    config = tmp_path / "agentd.toml"
+    config.write_text(f'[daemon]\ndata_dir = "{data}"\n')
+    return config, seen
+
+
+async def _what_memory_shows(memory: MemoryStore, ids: list[int], sessions: list[str]) -> dict[str, Any]:
+    """Every memory, its history, the sessions' messages, and the vector recall of QUERIES
+    as (similarity, ids) from the nearest down: memories as near as each other are a set,
+    in whatever order an engine gives them. (Hybrid recall is left out: the keyword
+    rankings differ by design, FTS5's bm25 and PostgreSQL's ts_rank_cd.)"""
+    recalls: dict[tuple[str, str], list[tuple[float, set[int]]]] = {}
+    for namespace, query in QUERIES:
+        ranking = recalls[namespace, query] = []
+        for found in await memory.recall(query, namespace, k=5):
+            score = round(found.score, 4)
+            if ranking and ranking[-1][0] == score:
+                ranking[-1][1].add(found.memory.id)
+            else:
+                ranking.append((score, {found.memory.id}))
+    return {"memories": [await memory.get(i) for i in ids],
+            "history": {i: await memory.history(i) for i in ids},
+            "sessions": {s: await memory.session(s).history() for s in sessions},
+            "recalls": recalls}
+
+
+async def _pg_memory(url: str) -> PgMemory:
+    memory = PgMemory(MemoryConfig(), url, WordEmbedder())
+    await memory.open()
+    return memory
+
+
+async def test_memory_moves_with_its_vectors_and_is_recalled_on_postgresql_as_on_sqlite(
+        tmp_path: Path, run_cli: Callable[..., Any]) -> None:
+    """Sessions, memories (ids, chains, metadata, times), history and vectors come over; a
+    PgMemory with the same embedder ranks as SQLite did, finds the texts it holds, and
+    hands out ids past the copied ones."""
+    config, before = await _memory_deployment(tmp_path)
+    url = await fresh_database()
+
+    code, out, err = await run_cli("store", "copy", "--config", str(config), "--to", url)
+
+    assert code == 0, err
+    memory_db = tmp_path / "data" / "memory.db"
+    assert (f"copied {memory_db} to {redact_url(url)} with its vectors (test-words, 64 "
+            "dimensions); rows per table:") in out, out
+    counts = {"memory_sessions": 2, "memory_messages": 3, "memories": 11, "memory_history": 15}
+    for table, count in counts.items():
+        assert f"\n  {table:<16} {count:>10}\n" in out + "\n", out
+    assert "no memory.db" not in out
+    assert all(recalled for recalled in before["recalls"].values())
+    chain = [m for m in before["memories"] if m.text.startswith("the sky")]
+    assert [(m.supersedes, m.superseded_by) for m in chain] == [
+        (None, chain[1].id), (chain[0].id, chain[2].id), (chain[1].id, None)]
+
+    memory = await _pg_memory(url)
+    try:
+        ids = [m.id for m in before["memories"]]
+        after = await _what_memory_shows(memory, ids, ["chat-1", "chat-2"])
+        assert after["memories"] == before["memories"]
+        assert after["history"] == before["history"]
+        assert after["sessions"] == before["sessions"]
+        assert after["recalls"] == before["recalls"]
+        # A text two live memories shared on SQLite is the oldest unexpired one's here.
+        monthly = [m for m in before["memories"] if m.text == "the deploy key rotates monthly"]
+        again, created = await memory.remember("the deploy key rotates monthly")
+        assert (again.id, created) == (monthly[1].id, False)
+        disks = [m for m in before["memories"] if m.text == "the database host alerts on full disks"]
+        again, created = await memory.remember("the database host alerts on full disks", "ops")
+        assert (again.id, created) == (disks[0].id, False)
+
+        # Superseded memories had left SQLite's vector index: they come without a vector.
+        superseded = {m.id for m in before["memories"] if m.superseded_by is not None}
+        bare = await memory.store.read("SELECT id FROM memories WHERE embedding IS NULL")
+        assert {row["id"] for row in bare} == superseded == {chain[0].id, chain[1].id}
+
+        new, created = await memory.remember("an entirely new memory about owls")
+        assert created and new.id == max(ids) + 1
+        corrected, _ = await memory.remember("cats sleep most of the night",
+                                             supersedes=before["memories"][3].id)
+        assert corrected.supersedes == before["memories"][3].id
+        history_ids = [c.id for changes in before["history"].values() for c in changes]
+        assert min(c.id for c in await memory.history(new.id)) > max(history_ids)
+        message = await memory.session("chat-1").append("user", "still here")
+        assert message["id"] == 4
+        assert [m["content"] for m in await memory.session("chat-1").history()] == [
+            "hello", "hi there", "still here"]
+    finally:
+        await memory.close()
+
+
+async def test_memory_goes_to_memory_url_and_a_target_holding_memories_is_refused_unless_forced(
+        tmp_path: Path, run_cli: Callable[..., Any]) -> None:
+    config, before = await _memory_deployment(tmp_path)
+    store_url, memory_url = await fresh_database(), await fresh_database()
+    config.write_text(config.read_text() + f'[memory]\nurl = "{memory_url}"\n')
+    config.chmod(0o600)  # the URL holds a password
+
+    code, out, err = await run_cli("store", "copy", "--config", str(config), "--to", store_url)
+
+    assert code == 0, err
+    assert "with its vectors (test-words, 64 dimensions)" in out
+    assert f" to {redact_url(memory_url)} with its vectors" in out, out
+    assert not await _has_memory_tables(store_url)
+    once = await _memory_counts(memory_url)
+    assert once == {"memory_sessions": 2, "memory_messages": 3, "memories": 11, "memory_history": 15}
+
+    # Only the memory target holds data now (agentd.db's target is emptied by hand).
+    conn = await asyncpg.connect(store_url)
+    try:
+        await conn.execute(f"TRUNCATE {', '.join(t for t in TABLES if t != 'meta')}")
+    finally:
+        await conn.close()
+    code, out, err = await run_cli("store", "copy", "--config", str(config), "--to", store_url)
+
+    assert code == 1
+    assert (f"{redact_url(memory_url)} already holds agentd data (2 memory_sessions, "
+            "3 memory_messages, 11 memories, 15 memory_history): refusing to mix") in err, err
+    assert await _memory_counts(memory_url) == once
+    assert set((await _counts(store_url)).values()) == {0}
+
+    code, out, err = await run_cli("store", "copy", "--config", str(config), "--to", store_url,
+                                   "--force")
+
+    assert code == 0, err
+    assert ("replaced (--force) what the target held: 2 memory_sessions, 3 memory_messages, "
+            "11 memories, 15 memory_history") in out, out
+    assert await _memory_counts(memory_url) == once
+    memory = await _pg_memory(memory_url)
+    try:
+        after = await _what_memory_shows(memory, [m.id for m in before["memories"]], [])
+        assert after["recalls"] == before["recalls"]
+    finally:
+        await memory.close()
+
+
+async def test_a_deployment_without_memory_db_says_there_was_no_memory(
+        tmp_path: Path, run_cli: Callable[..., Any]) -> None:
+    config, _ = await _memory_deployment(tmp_path)
+    for path in (tmp_path / "data").glob("memory.db*"):
+        path.unlink()
+    url = await fresh_database()
+
+    code, out, err = await run_cli("store", "copy", "--config", str(config), "--to", url)
+
+    assert code == 0, err
+    assert f"no memory.db at {tmp_path / 'data' / 'memory.db'}: there was no memory to copy" in out
+    assert not await _has_memory_tables(url)  # left for a daemon to make, should memory go there
+
+
+async def _memory_counts(url: str) -> dict[str, int]:
+    conn = await asyncpg.connect(url)
+    try:
+        return {table: await conn.fetchval(f"SELECT count(*) FROM {table}") for table in MEMORY_TABLES}
+    finally:
+        await conn.close()
+
+
+async def _has_memory_tables(url: str) -> bool:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval("SELECT to_regclass('memories')") is not None
+    finally:
+        await conn.close()
+
+
+async def test_a_memory_row_postgresql_refuses_rolls_back_agentd_db_too(
+        tmp_path: Path, run_cli: Callable[..., Any]) -> None:
+    """Memory goes in the same transaction as agentd.db when both share a database: a
+    message PostgreSQL refuses (text with a NUL, which SQLite keeps) leaves nothing."""
+    config, _ = await _memory_deployment(tmp_path)
+    conn = sqlite3.connect(tmp_path / "data" / "memory.db")
+    with conn:
+        conn.execute("INSERT INTO messages (session_id, role, content, created_at) "
+                     "VALUES ('chat-2', 'user', ?, 0)", ("a\x00b",))
+    conn.close()
+    url = await fresh_database()
+
+    code, out, err = await run_cli("store", "copy", "--config", str(config), "--to", url)
+
+    assert code == 1
+    assert "the copy failed in table memory_messages (" in err, err
+    assert f"it was rolled back: the target {redact_url(url)} holds nothing of it" in err
+    assert out == ""
+    assert await _memory_counts(url) == dict.fromkeys(MEMORY_TABLES, 0)
+    assert set((await _counts(url)).values()) == {0}
+    conn = await asyncpg.connect(url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM memory_meta") == 0
+    finally:
+        await conn.close()
+
+
+async def test_forgetting_a_copied_correction_brings_its_original_back_into_recall(
+        tmp_path: Path, run_cli: Callable[..., Any]) -> None:
+    """A superseded memory has no vector on SQLite (it left the index), so it comes over
+    without one: forgetting its correction embeds it before it is live again (PgMemory keeps
+    the vectors of the memories it supersedes itself)."""
+    config, before = await _memory_deployment(tmp_path)
+    url = await fresh_database()
+    assert (await run_cli("store", "copy", "--config", str(config), "--to", url))[0] == 0
+    chain = [m for m in before["memories"] if m.text.startswith("the sky")]
+
+    memory = await _pg_memory(url)
+    try:
+        assert await memory.forget(chain[2].id) == 1
+        assert (await memory.get(chain[1].id)).superseded_by is None
+        found = await memory.recall("the sky is green today", k=1)
+        assert [r.memory.id for r in found] == [chain[1].id]
+    finally:
+        await memory.close()

@@ -240,10 +240,11 @@ async def test_a_failed_watchdog_pings_again(tmp_path: Path) -> None:
         notifier = Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "120000000"})
         async with supervised_daemon(tmp_path, notifier=notifier) as (daemon, events):
             assert (await receive()).startswith(b"READY=1")
-            assert await receive() == b"WATCHDOG=1"
+            # Each ping carries the daemon's status line after it (see agentd.watchdog).
+            assert (await receive()).split(b"\n")[0] == b"WATCHDOG=1"
             cancel_from_outside(daemon, "watchdog")
             await events.wait_for("daemon.loop_failed", loop="watchdog")
-            assert await receive() == b"WATCHDOG=1"
+            assert (await receive()).split(b"\n")[0] == b"WATCHDOG=1"
             assert daemon.supervisor.loops["watchdog"].restarts == 1
 
 

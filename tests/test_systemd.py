@@ -8,11 +8,13 @@ import asyncio
 import os
 import re
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from agentd.app import Daemon
 from agentd.config import DaemonConfig, load_config
@@ -101,7 +103,9 @@ async def test_daemon_notifies_ready_watchdog_and_stopping(
     notifier = Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "60000000"})
     async with Daemon(make_config(tmp_path), notifier=notifier) as daemon:
         assert await receive() == f"READY=1\nSTATUS=serving on 127.0.0.1:{daemon.port}".encode()
-        assert await receive() == b"WATCHDOG=1"  # the first ping goes out at once
+        # The first ping goes out at once, with what the daemon is doing.
+        assert re.fullmatch(rb"WATCHDOG=1\nSTATUS=0 running, 0 queued, 0 streams, lag \d+ ms",
+                            await receive())
     # 12 stages of 5 s at most, 5 s more before agentd ends itself: systemd is told so.
     assert await receive() == b"STOPPING=1\nSTATUS=stopping (within 60 s)\nEXTEND_TIMEOUT_USEC=65000000"
 
@@ -111,15 +115,66 @@ async def test_daemon_without_watchdog_sends_no_pings(
 ) -> None:
     sock, path = path_socket
     sock.setblocking(False)
+    loop = asyncio.get_running_loop()
     async with Daemon(make_config(tmp_path), notifier=Notifier(env={"NOTIFY_SOCKET": path})):
-        pass
+        assert (await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)).startswith(b"READY=1")
+        # The status line goes out without a watchdog too (systemctl status shows it).
+        assert re.fullmatch(rb"STATUS=0 running, 0 queued, 0 streams, lag \d+ ms",
+                            await asyncio.wait_for(loop.sock_recv(sock, 4096), 5))
     received = []
     while True:
         try:
             received.append(sock.recv(4096))
         except BlockingIOError:
             break
-    assert [r.split(b"\n")[0] for r in received] == [b"READY=1", b"STOPPING=1"]
+    # Nothing after STOPPING=1 says the daemon is serving (status lines end with the stop).
+    assert [r.split(b"\n")[0] for r in received if not r.startswith(b"STATUS=")][-1:] == [b"STOPPING=1"]
+    assert received[-1].startswith(b"STOPPING=1")
+    assert not any(b"WATCHDOG" in r for r in received)
+
+
+def hold_the_loop(seconds: float) -> None:
+    """The stall under test: called from a coroutine, it holds the event loop."""
+    time.sleep(seconds)  # noqa: sleep - the blocking call under test
+
+
+async def test_the_watchdog_pings_only_while_the_loop_keeps_its_lag_within_max_loop_lag(
+    tmp_path: Path, path_socket: tuple[socket.socket, str]
+) -> None:
+    """A loop that runs, but too late to serve anyone, must let systemd restart the daemon:
+    the ping is held back while the lag is over [server] max_loop_lag, and comes back once
+    the lag has passed. Every datagram says the lag it judged by."""
+    sock, path = path_socket
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    line = re.compile(rb"(WATCHDOG=1\n)?STATUS=(\d+) running, (\d+|\?) queued, (\d+) streams, "
+                      rb"lag (\d+) ms(; watchdog withheld: lag over 0.1 s)?")
+
+    async def receive() -> re.Match[bytes]:
+        datagram = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+        found = line.fullmatch(datagram)
+        assert found is not None, datagram
+        return found
+
+    # Ticks every 0.1 s (a quarter of the timeout).
+    notifier = Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+    config = make_config(tmp_path, overrides={"server": {"max_loop_lag": 0.1}})
+    with capture_logs() as logs:
+        async with Daemon(config, notifier=notifier):
+            assert (await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)).startswith(b"READY=1")
+            assert (await receive())[1]  # pinged while healthy
+            hold_the_loop(0.4)
+            seen = []
+            while not (seen and seen[-1][1] and any(not s[1] for s in seen)):
+                seen.append(await receive())  # until a ping came back after one was withheld
+    withheld = [found for found in seen if not found[1]]
+    assert withheld, "no tick held the ping back"
+    for found in seen:  # a ping only with the lag within the bound; withheld only past it
+        pinged, lag_ms = bool(found[1]), int(found[5])
+        assert pinged == (found[6] is None)
+        assert (lag_ms <= 100) if pinged else (lag_ms >= 100), found[0]
+    assert [e["event"] for e in logs if e["event"].startswith("watchdog.")] == [
+        "watchdog.withheld", "watchdog.resumed"]
 
 
 # --------------------------------------------------------------------------- the unit file

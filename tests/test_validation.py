@@ -386,6 +386,11 @@ async def test_the_daemons_own_tasks_cannot_be_enqueued_over_the_api(
     assert record.name == "agentd.purge_tasks"
 
 
+# The error answers whose body is the route's own, not the envelope: /readyz says which
+# check failed in the same body as when it is ready.
+OWN_ERROR_BODIES = {("/readyz", "503")}
+
+
 async def test_the_document_lists_every_error_answer(start_daemon: Any, http: Any, tmp_path: Any) -> None:
     daemon, _ = await start_daemon(overrides={"server": {"token": TOKEN}})
     async with http(daemon).get("/v1/openapi.json") as response:
@@ -403,7 +408,7 @@ async def test_the_document_lists_every_error_answer(start_daemon: Any, http: An
             if "{" in path:
                 assert "404" in answers, where
             for status, answer in operation["responses"].items():
-                if int(status) >= 400:
+                if int(status) >= 400 and (path, status) not in OWN_ERROR_BODIES:
                     assert answer["content"]["application/json"]["schema"] == {
                         "$ref": "#/components/schemas/Error"}, where
     async with http(daemon, token=TOKEN).get("/v1/openapi.json") as response:

@@ -27,7 +27,7 @@ from agentd.errors import (
 from agentd.events import Event
 from agentd.llm import ChatResult, LlmUnavailableError, TokenBudgetExceededError
 from agentd.mail import MailUnavailableError
-from agentd.memory import Memory, Recalled
+from agentd.memory import Memory, MemoryChange, Recalled
 from agentd.plugin import Plugin
 from agentd.plugins import PluginContext
 from agentd.protocols import Llm, Mail, MemoryStore, Session, TaskRecord, Webhook
@@ -46,6 +46,7 @@ __all__ = [
     "Mail",
     "MailUnavailableError",
     "Memory",
+    "MemoryChange",
     "MemoryNotFoundError",
     "MemoryStore",
     "PatternError",

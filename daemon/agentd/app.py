@@ -4,13 +4,15 @@ all-or-nothing and stops them in stages, each with a deadline."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import signal
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
-from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
+
+from aiohttp import web
 
 from agentd import __version__, maintenance
 from agentd.bus import Bus
@@ -23,7 +25,7 @@ from agentd.events import Event
 from agentd.health import LagMonitor
 from agentd.hooks import InboundHooks
 from agentd.log import get_logger
-from agentd.memory import MemoryStore
+from agentd.memory import MemoryStore, SqliteMemory
 from agentd.plugins import PluginManager
 from agentd.schedule import ScheduleSpec
 from agentd.scheduler import Clock, DeclaredSource, Scheduler
@@ -37,14 +39,16 @@ from agentd.shutdown import (
     stop_bound,
 )
 from agentd.spawn import Spawner
-from agentd.storage import open_storage
+from agentd.storage import open_memory, open_storage
 from agentd.store import Database
 from agentd.supervise import Loop, LoopFactory, Supervisor
 from agentd.systemd import Notifier
+from agentd.task_warnings import warn_on_bad_ends
 from agentd.taskdef import TaskRegistry
 from agentd.taskqueue import TaskQueue
+from agentd.watchdog import ServiceWatchdog
 from agentd.web import events_api, memory_api, schedules_api, streams, system, tasks_api, ws
-from agentd.web.server import HttpServer, build_app
+from agentd.web.server import STREAMS, HttpServer, build_app
 from agentd.worker import WorkerPool
 
 T = TypeVar("T")
@@ -96,6 +100,7 @@ class Daemon:
         except ValueError as exc:
             raise ConfigError(f"{config.source}: {exc}") from None
         self._maintenance += self.digests.register(self.registry, builtin_queue)
+        warn_on_bad_ends(self.bus)
         self.lag = LagMonitor(stall_warning=config.daemon.stall_warning,
                               owner_of=self.plugins.owner_of)
         self.server: HttpServer | None = None
@@ -146,14 +151,14 @@ class Daemon:
             rollback.push_async_callback(self.plugins.stop_all, self.config.daemon.stop_timeout)
             self.plugins_started = True
             embedder = build_embedder(self.config, self.plugins.embedders())
-            memory = MemoryStore(self.config.memory, self.config.store, self.config.memory_path,
-                                 embedder)
+            memory = open_memory(self.config, embedder)
             await memory.open()
             rollback.push_async_callback(memory.close)
             self.services.memory = memory
-            # memory.db's WAL grows like the main file's (to hundreds of MB under bulk
-            # remember(), with recall three times slower) unless it is checkpointed too.
-            self._start_service(memory.store.run_checkpoints, "memory-wal-checkpoints")
+            if isinstance(memory, SqliteMemory):
+                # memory.db's WAL grows like the main file's (to hundreds of MB under bulk
+                # remember(), with recall three times slower) unless it is checkpointed too.
+                self._start_service(memory.store.run_checkpoints, "memory-wal-checkpoints")
             # Undone first on a failed start: the checkpoint loop must stop before memory closes.
             rollback.push_async_callback(self._stop_services)
             await self.workers.start(self.supervisor)
@@ -161,16 +166,14 @@ class Daemon:
             await self._start_scheduler()
             rollback.push_async_callback(self.scheduler.stop)
             self._start_service(self.scheduler.run, "scheduler")
-            server = HttpServer(
-                build_app(self, system.routes, tasks_api.routes, events_api.routes, streams.routes,
-                          ws.routes, schedules_api.routes, memory_api.routes),
-                self.config.server.host, self.config.server.port,
-            )
+            web_app = build_app(self, system.routes, tasks_api.routes, events_api.routes,
+                                streams.routes, ws.routes, schedules_api.routes, memory_api.routes)
+            server = HttpServer(web_app, self.config.server.host, self.config.server.port)
             await server.start()
             self.server = server
             rollback.pop_all()
-        if self.notifier.watchdog_interval:
-            self._start_service(partial(self._watchdog, self.notifier.watchdog_interval), "watchdog")
+        if self.notifier.enabled:
+            self._start_service(self._service_watchdog(web_app).run, "watchdog")
         self.bus.publish("daemon.started", {"version": __version__, "port": self.port})
         self._log.info("daemon.started", version=__version__, host=self.config.server.host,
                        port=self.port, database=self.store.location)
@@ -233,15 +236,19 @@ class Daemon:
         self._declared_schedules()
         build_embedder(self.config, self.plugins.embedders())
 
-    async def publish_durably(self, topic: str, data: Mapping[str, Any]) -> Event:
+    async def publish_durably(self, topic: str, data: Mapping[str, Any], *,
+                              alongside: Callable[[Any], object] | None = None) -> Event:
         """Publish, after committing the event to the log and the tasks of the durable
         handlers it triggers, in one transaction: what the caller is told was published
         cannot be lost by a crash, and a write the store refuses (StoreWriteError) refuses
-        the publish, leaving neither, before anyone sees the event."""
+        the publish, leaving neither, before anyone sees the event. `alongside`, a write op
+        of the caller's (of the store's engine), commits in that transaction too, before
+        the event's row; an exception it raises refuses the publish likewise."""
         await self.eventlog.ahead_of_durable()
         event = self.bus.reserve_event(topic, data)
         try:
-            commit = self.plugins.enqueue_triggers(event, alongside=self.eventlog.row_writer(event))
+            commit = self.plugins.enqueue_triggers(
+                event, alongside=_in_turn(alongside, self.eventlog.row_writer(event)))
         except BaseException:  # the row could not be made (data that cannot be encoded)
             self.bus.release(event)
             raise
@@ -314,7 +321,7 @@ class Daemon:
         self.bus.close()
         if self.memory is not None:
             await self._stage("close memory", self.memory.close(), timed_out,
-                              "memory.db's last writes and connections")
+                              f"{self.memory.location}'s last writes and connections")
         await self._stage("close store", self.store.close(), timed_out,
                           f"{self.store.name}'s last writes and connections")
         self._log.info("daemon.stopped", took=round(time.monotonic() - began, 3),
@@ -365,11 +372,16 @@ class Daemon:
         self._services.clear()
         await asyncio.gather(*stopping)
 
-    async def _watchdog(self, interval: float) -> None:
-        """Tell systemd every `interval` s that the loop runs (WATCHDOG=1)."""
-        while True:
-            self.notifier.watchdog()
-            await asyncio.sleep(interval)
+    def _service_watchdog(self, web_app: web.Application) -> ServiceWatchdog:
+        """What systemd hears while the daemon serves (see agentd/watchdog.py)."""
+
+        async def queued() -> int:
+            return (await self.queue.counts()).get("queued", 0)
+
+        return ServiceWatchdog(
+            self.notifier, lag=lambda: self.lag.lag, max_lag=self.config.server.max_loop_lag,
+            running=lambda: len(self.workers.running), queued=queued,
+            streams=lambda: len(web_app[STREAMS]), stopping=lambda: self.stopping)
 
 
 async def serve(config: Config) -> None:
@@ -403,3 +415,25 @@ async def serve(config: Config) -> None:
             await daemon.wait_stopped()
             deadline.arm()
 
+
+def _in_turn(first: Callable[[Any], object] | None,
+             then: Callable[[Any], object] | None) -> Callable[[Any], object] | None:
+    """Two write ops (None: none) as one, run in turn on one connection: awaited where they
+    are coroutine functions (PostgreSQL's), called where they are plain ones (SQLite's)."""
+    if first is None or then is None:
+        return then if first is None else first
+
+    def both(conn: Any) -> object:
+        done = first(conn)
+        if not inspect.isawaitable(done):
+            return then(conn)
+
+        async def rest() -> None:
+            await done
+            after = then(conn)
+            if inspect.isawaitable(after):
+                await after
+
+        return rest()
+
+    return both

@@ -164,9 +164,12 @@ digest cursors, hook deliveries, the stream token key and the event log. Stop th
 first: the copy reads the file at rest and refuses while a daemon holds it. The target
 database must exist; it is migrated, then filled in one transaction (a failure leaves it
 as it was). A target that already holds agentd data is refused unless --force, which
-deletes that data first. The SQLite file is only read.
+deletes that data first. The SQLite files are only read.
 
-memory.db (sessions, long-term memory) is not copied: it stays where [memory] path says.
+memory.db ([memory] path: sessions, their messages, long-term memories with their
+history and vectors) goes to the database of [memory] url if set, else to --to's. The
+vectors are moved, not embedded again: daemons with the same embedder recall the copied
+memories as they were (another embedder needs `agentd memory reembed`).
 
 exit codes: 0 copied, 1 the copy failed or was refused (daemon running, target not
 empty, PostgreSQL unreachable), 2 a bad --to URL or configuration."""
@@ -174,11 +177,11 @@ empty, PostgreSQL unreachable), 2 a bad --to URL or configuration."""
 
 def _store_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """`agentd store ...`."""
-    store = sub.add_parser("store", parents=[common], help="move agentd.db to PostgreSQL")
+    store = sub.add_parser("store", parents=[common], help="move agentd.db and memory.db to PostgreSQL")
     verbs = store.add_subparsers(dest="action", required=True)
     copy = verbs.add_parser("copy", parents=[common], description=_COPY_DESCRIPTION,
                             formatter_class=argparse.RawDescriptionHelpFormatter,
-                            help="copy agentd.db into a PostgreSQL database (daemon stopped)")
+                            help="copy agentd.db and memory.db into PostgreSQL (daemon stopped)")
     copy.add_argument("--to", required=True, metavar="URL",
                       help="the target database, postgresql://user:password@host:port/dbname")
     copy.add_argument("--force", action="store_true",
@@ -423,32 +426,34 @@ async def _reembed(config: Config) -> int:
     """Rebuild memory.db's vectors in this process: the daemon must be stopped (it holds
     the file), which is also when a changed embedder stops it from starting."""
     from agentd.embed import build_embedder
-    from agentd.memory import MemoryStore
+    from agentd.storage import open_memory
 
     configure_logging(config.log.level, config.log.format, sys.stderr)
     # Built-in embedders only: a plugin's embedder exists once its plugin is loaded.
     embedder = build_embedder(config, {})
-    memory = MemoryStore(config.memory, config.store, config.memory_path, embedder)
+    memory = open_memory(config, embedder)
     try:
-        await memory.store.open()
+        await memory.open(check_embedder=False)
     except AgentdError as exc:
         print(f"agentd: {exc}", file=sys.stderr)
         return EXIT_FAILED
     try:
         count = await memory.reembed()
     finally:
-        await memory.store.close()
+        await memory.close()
     print(f"re-embedded {count} memories with {embedder.id} ({embedder.dimension} dimensions)")
     return 0
 
 
 async def _store_copy(config: Config, url: str, force: bool) -> int:
     """`agentd store copy`: see `agentd.store.copy`."""
-    from agentd.store.copy import copy_to_postgres
+    from agentd.postgres.memory import PgMemory
+    from agentd.store.copy import MemorySource, copy_to_postgres
 
     configure_logging("warning", config.log.format, sys.stderr)
+    memory = MemorySource(config.memory_path, config.memory, PgMemory)
     try:
-        report = await copy_to_postgres(config.database_path, url, force=force)
+        report = await copy_to_postgres(config.database_path, url, memory=memory, force=force)
     except ConfigError:
         raise
     except AgentdError as exc:
@@ -457,14 +462,21 @@ async def _store_copy(config: Config, url: str, force: bool) -> int:
     print(f"copied {report.source} to {report.target} in {report.seconds:.1f} s; rows per table:")
     for table, count in report.rows.items():
         print(f"  {table:<16} {count:>10}")
+    if report.memory is None:
+        print(f"no memory.db at {config.memory_path}: there was no memory to copy")
+    else:
+        moved = report.memory
+        print(f"copied {moved.source} to {moved.target} with its vectors ({moved.embedder}, "
+              f"{moved.dimension} dimensions); rows per table:")
+        for table, count in moved.rows.items():
+            print(f"  {table:<16} {count:>10}")
     if report.replaced:
         print("replaced (--force) what the target held: " +
               ", ".join(f"{count} {table}" for table, count in report.replaced.items()))
-    print(f"not copied: memory.db (sessions, long-term memory) stays at {config.memory_path}")
     where = config.source if config.source != "<defaults>" else "agentd.toml"
     password = " with its password" if report.target != url else ""
     print(f"next: set [store] url = \"{report.target}\"{password} in {where} (or AGENTD_STORE_URL), "
-          "then start the daemon(s). The SQLite file was left as it was.")
+          "then start the daemon(s). The SQLite files were left as they were.")
     return 0
 
 

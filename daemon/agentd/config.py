@@ -25,6 +25,7 @@ import os
 import re
 import stat
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -98,7 +99,8 @@ class TasksConfig:
     retry_base: float = 2.0
     retry_max: float = 600.0
     lease: float = 60.0
-    claim_ahead: int = 3
+    # None: the store's own (`TaskStore.default_claim_ahead`): 3 on SQLite, more on PostgreSQL.
+    claim_ahead: int | None = None
     result_ttl: float = 604800.0
     idempotency_window: float = 86400.0
     purge_interval: float = 300.0
@@ -157,6 +159,14 @@ class MemoryConfig:
     http_key_env: str = ""
     dedupe_threshold: float = 0.95
     filter_fields: tuple[str, ...] = ("kind", "source", "agent")
+    # PostgreSQL with pgvector: the store's database when [store] url is one, unless `url`
+    # names another; `pool_size` connections of its own; the HNSW index's parameters.
+    url: str = ""
+    pool_size: int = 4
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 64
+    hnsw_ef_search: int = 100
+    hnsw_build_memory_mb: int = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,10 +243,12 @@ class PluginsConfig:
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
-    """[log]: level and format (auto = JSON off a TTY, console on one)."""
+    """[log]: level and format (auto = JSON off a TTY, console on one); `access`: a line per
+    HTTP request (agentd/web/access.py)."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
+    access: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +310,12 @@ class Config:
     def database_path(self) -> Path:
         candidate = Path(self.store.path).expanduser()
         return candidate if candidate.is_absolute() else self.data_dir / candidate
+
+    @property
+    def memory_url(self) -> str:
+        """The PostgreSQL database of memory: `[memory] url`, else the store's (empty: memory
+        stays in memory.db)."""
+        return self.memory.url or self.store.url
 
     @property
     def memory_path(self) -> Path:
@@ -420,14 +438,22 @@ def _load_sections(
         raise ConfigError(f"{source}: {' and '.join(inline)} given in a file open to other users (mode "
                           f"{mode:04o}); chmod 600 {source} (or 640, owned by root, group of the daemon's "
                           f"user), or give the secret by its *_file or *_env key instead"
-                          + ("; a PostgreSQL password by PGPASSWORD or ~/.pgpass, or the whole URL by "
-                             "AGENTD_STORE_URL" if inline[-1].startswith("[store]") else ""))
+                          + _url_password_advice(inline))
     if named.get("plugins"):  # a plugin's own table, kept as written: the plugin reads it
         sections["plugins"] = dataclasses.replace(sections["plugins"], settings=named["plugins"])
     config = _apply_env(Config(source=source, base_dir=base_dir, **sections),
                         os.environ if env is None else env)
     _check_rules(config)
     return config, schedules, named
+
+
+def _url_password_advice(inline: list[str]) -> str:
+    """How to give the PostgreSQL passwords among the inline secrets `inline` without the file."""
+    sections = [name.split("]")[0].removeprefix("[") for name in inline if name.endswith("url's password")]
+    if not sections:
+        return ""
+    return ("; a PostgreSQL password by PGPASSWORD or ~/.pgpass, or the whole URL by "
+            + " and ".join(f"AGENTD_{section.upper()}_URL" for section in sections))
 
 
 def _read_secret(config: Config, section: str, values: Mapping[str, Any], key: str) -> str:
@@ -574,9 +600,10 @@ def _inline_secrets(raw: Mapping[str, Any]) -> list[str]:
         tables += [(f"hooks.{name}", "secret", table) for name, table in hooks.items()]
     found = [f"[{name}] {key}" for name, key, table in tables
              if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]]
-    url = raw["store"].get("url") if isinstance(raw.get("store"), dict) else None
-    if isinstance(url, str) and redact_url(url) != url:
-        found.append("[store] url's password")
+    for section in ("store", "memory"):
+        url = raw[section].get("url") if isinstance(raw.get(section), dict) else None
+        if isinstance(url, str) and redact_url(url) != url:
+            found.append(f"[{section}] url's password")
     return found
 
 
@@ -692,6 +719,22 @@ def _check_store(config: Config) -> None:
     if not 2 <= config.store.pool_size <= 1000:
         raise ConfigError(f"{where('store', 'pool_size')}: [store] pool_size: expected 2..1000 "
                           f"connections, got {config.store.pool_size}")
+    memory = config.memory
+    if memory.url and not memory.url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{where('memory', 'url')}: [memory] url: expected a postgresql:// URL, "
+                          f"got {redact_url(memory.url)!r}")
+    limits = (("pool_size", 2, 1000, "connections"), ("hnsw_m", 2, 100, ""),
+              ("hnsw_ef_construction", 4, 1000, ""), ("hnsw_ef_search", 1, 1000, ""),
+              ("hnsw_build_memory_mb", 64, 1_048_576, "MB"))
+    for key, low, high, unit in limits:
+        value = getattr(memory, key)
+        if not low <= value <= high:
+            raise ConfigError(f"{where('memory', key)}: [memory] {key}: expected {low}..{high}"
+                              f"{' ' + unit if unit else ''}, got {value}")
+    if memory.hnsw_ef_construction < 2 * memory.hnsw_m:
+        raise ConfigError(f"{where('memory', 'hnsw_ef_construction')}: [memory] "
+                          f"hnsw_ef_construction: pgvector needs at least twice hnsw_m "
+                          f"({2 * memory.hnsw_m}), got {memory.hnsw_ef_construction}")
 
 
 def redact_url(url: str) -> str:
@@ -842,6 +885,9 @@ def _parse_env(text: str, hint: Any) -> Any:
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is types.UnionType:  # `T | None`: None is only ever a default (TOML has no null)
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:

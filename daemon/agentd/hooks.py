@@ -10,7 +10,10 @@ signature) for `replay_window` seconds.
 
 The ids taken are kept through a `DeliveryStore`: `SqliteDeliveries` below, or
 `agentd.postgres.hooks.PgDeliveries`, where every daemon sharing the database refuses an id
-any of them has taken.
+any of them has taken. One daemon on SQLite holds an id in memory while it publishes the
+delivery, and records it after. Daemons sharing PostgreSQL take it in the transaction that
+publishes the delivery: of two sent to two daemons at once, one commits and the other is
+refused, and a crash leaves both the event and the id, or neither.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from __future__ import annotations
 import hmac
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agentd.config import Config
 from agentd.errors import AgentdError, StoreWriteError
@@ -45,19 +49,31 @@ _FORGET_EXPIRED = "DELETE FROM hook_deliveries WHERE refuse_until < ?"
 _TAKE = "INSERT OR REPLACE INTO hook_deliveries (hook, delivery_id, refuse_until) VALUES (?, ?, ?)"
 
 
+@dataclass(frozen=True, slots=True)
+class Take:
+    """How a store records a delivery id as taken: `within`, a write op that the caller
+    runs in the transaction of what the delivery does, which raises ReplayedDeliveryError
+    if the id is taken, or being taken, already; or `after`, to call once that has
+    committed: it writes the record, resolving once committed."""
+
+    within: Callable[[Any], object] | None = None
+    after: Callable[[], Awaitable[object]] | None = None
+
+
 class DeliveryStore(Protocol):
     """The `hook_deliveries` table: the delivery ids each hook has taken."""
 
     async def taken(self, hook: str, delivery_id: str, now: float) -> bool:
         """Whether `hook` took `delivery_id` and refuses it still at `now`."""
 
-    def take(self, hook: str, delivery_id: str, refuse_until: float, now: float) -> Awaitable[object]:
-        """Record the id as taken until `refuse_until`, forgetting the ids expired by `now`;
-        resolves once committed."""
+    def take(self, hook: str, delivery_id: str, refuse_until: float, now: float) -> Take:
+        """How to record the id as taken until `refuse_until` (forgetting the ids expired
+        by `now`)."""
 
 
 class SqliteDeliveries:
-    """`DeliveryStore` on agentd.db's SQLite file."""
+    """`DeliveryStore` on agentd.db's SQLite file: the id is recorded after (one daemon's
+    process holds it meanwhile, `InboundHooks.taking`)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -65,12 +81,12 @@ class SqliteDeliveries:
     async def taken(self, hook: str, delivery_id: str, now: float) -> bool:
         return await self.store.read_one(_TAKEN, (hook, delivery_id, now)) is not None
 
-    def take(self, hook: str, delivery_id: str, refuse_until: float, now: float) -> Awaitable[object]:
+    def take(self, hook: str, delivery_id: str, refuse_until: float, now: float) -> Take:
         def record(conn: Connection) -> None:
             conn.execute(_FORGET_EXPIRED, (now,))
             conn.execute(_TAKE, (hook, delivery_id, refuse_until))
 
-        return self.store.write(record)
+        return Take(after=partial(self.store.write, record))
 
 
 def _header_bytes(value: str) -> bytes:
@@ -90,6 +106,9 @@ class HookSignatureError(AgentdError):
 
 class ReplayedDeliveryError(AgentdError):
     """An inbound hook request repeats a delivery id the hook has already taken (409)."""
+
+    def __init__(self, hook: str, delivery_id: str) -> None:
+        super().__init__(f"hook {hook!r} has already taken delivery {delivery_id!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,36 +233,43 @@ class InboundHooks:
         return self._hooks.get(name)
 
     @asynccontextmanager
-    async def taking(self, hook: str, delivery: Delivery) -> AsyncIterator[None]:
-        """Hold `delivery` of `hook` while the block publishes it; record it once the block
-        is done. A delivery recorded before, or held by a request in flight, is refused.
+    async def taking(self, hook: str, delivery: Delivery) -> AsyncIterator[Callable[[Any], object] | None]:
+        """Hold `delivery` of `hook` while the block publishes it, and take it: a delivery
+        taken before, or held by a request in flight, is refused. The block is given the
+        write op that takes it where the store has one (`Take.within`), to run in the
+        transaction of its publish (raising ReplayedDeliveryError there when another
+        daemon took the id meanwhile, or is taking it); otherwise (None) the id is recorded
+        once the block is done.
 
-        The id is recorded after the block, not before: a crash between the two lets the
-        sender's retry through again (a repeat), where the other order would refuse it
-        and lose the event. A record the storage refuses (a full disk) is logged, not
-        raised: the event is out, and a refusal would make the sender send it again. The
-        id then stays held, so this process refuses repeats until it stops.
+        Recorded after the block (`Take.after`), not before: a crash between the two lets
+        the sender's retry through again (a repeat), where the other order would refuse it
+        and lose the event. A record the storage refuses (a full disk) is logged, not raised: the
+        event is out, and a refusal would make the sender send it again. The id then
+        stays held, so this process refuses repeats until it stops.
 
         Raises:
             ReplayedDeliveryError: the id was taken (or is being taken) already.
         """
         key = (hook, delivery.id)
-        refused = ReplayedDeliveryError(f"hook {hook!r} has already taken delivery {delivery.id!r}")
         # Held from before the read until the record has committed: a copy is refused as
         # held, or its read starts after the commit and finds the record; never neither.
         if key in self._in_flight:
-            raise refused
+            raise ReplayedDeliveryError(*key)
         self._in_flight.add(key)
         held_for_good = False
         try:
+            # A copy taken before is refused here, without a write.
             if await self._store.taken(*key, time.time()):
-                raise refused
-            yield
-            try:
-                await self._store.take(*key, delivery.refuse_repeats_until, time.time())
-            except StoreWriteError as exc:
-                held_for_good = True
-                _log.error("hooks.record_failed", hook=hook, delivery_id=delivery.id, error=str(exc))
+                raise ReplayedDeliveryError(*key)
+            take = self._store.take(*key, delivery.refuse_repeats_until, time.time())
+            yield take.within
+            if take.after is not None:
+                try:
+                    await take.after()
+                except StoreWriteError as exc:
+                    held_for_good = True
+                    _log.error("hooks.record_failed", hook=hook, delivery_id=delivery.id,
+                               error=str(exc))
         finally:
             if not held_for_good:
                 self._in_flight.discard(key)

@@ -65,12 +65,17 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
     else:
         renderer = structlog.dev.ConsoleRenderer()
+    # The list in place, not a new one: a logger cached on its first use keeps the list it
+    # was made with, so a new list would leave it on the old configuration (and out of
+    # structlog's capture_logs, which changes the configured list in place too).
+    processors = structlog.get_config()["processors"]
+    processors[:] = [
+        structlog.stdlib.filter_by_level,
+        *shared,
+        structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+    ]
     structlog.configure(
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
+        processors=processors,
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
@@ -89,7 +94,3 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Access logs are per request: useful when debugging, noise at info.
-    logging.getLogger("aiohttp.access").setLevel(
-        logging.DEBUG if level == "debug" else logging.WARNING
-    )

@@ -10,7 +10,7 @@ from typing import Final
 from agentd.config import Config
 from agentd.context import Context
 from agentd.eventlog import EventLog
-from agentd.memory import MemoryStore
+from agentd.memory import MemoryStore, SqliteMemory
 from agentd.schedule import ScheduleSpec
 from agentd.scheduler import DeclaredSource
 from agentd.store import Database
@@ -33,7 +33,7 @@ def register(registry: TaskRegistry, config: Config, *, store: Database, queue: 
     async def maintain_store(ctx: Context) -> dict[str, dict[str, int]]:
         done = {store.name: await store.maintain()}
         current = memory()
-        if current is not None:
+        if isinstance(current, SqliteMemory):  # PostgreSQL's autovacuum keeps its own
             done[current.store.path.name] = await current.store.maintain()
         return done
 

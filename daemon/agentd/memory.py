@@ -1,13 +1,20 @@
 """Agent memory: short-term sessions (messages with a TTL) and long-term semantic memory
-(texts with vectors in sqlite-vec and keywords in FTS5), in their own SQLite file.
+(texts with vectors, searched by meaning and, for hybrid recall, by keywords).
 
-Long-term memories live in a namespace (the vec0 partition key, so a search within one
-costs a fraction of a full scan). `[memory] filter_fields` are vec0 metadata columns:
-filters on them apply inside the KNN, so k results come back even when most rows are
-filtered out; filters on other metadata keys apply after it, on an over-fetched set.
-Writing an exact duplicate (same text) or a near duplicate (cosine similarity at least
-`dedupe_threshold`) in the same namespace returns the existing memory. `supersedes=` links
-a correction to what it replaces; the replaced one leaves the search index.
+Two engines keep it, behind one contract (`MemoryStore`): memory.db beside the daemon
+(`SqliteMemory`: sqlite-vec and FTS5, the default), or a PostgreSQL database with pgvector
+that every daemon on it shares (`agentd.postgres.memory.PgMemory`: with `[store] url`, or
+`[memory] url`). `agentd.storage.open_memory` picks the one the configuration names.
+
+Long-term memories live in a namespace. On SQLite it is the vec0 partition key, so a
+search within one costs a fraction of a full scan, and `[memory] filter_fields` are vec0
+metadata columns: filters on them apply inside the KNN, so k results come back even when
+most rows are filtered out; filters on other metadata keys apply after it, on an
+over-fetched set. Writing an exact duplicate (same text) or a near duplicate (cosine
+similarity at least `dedupe_threshold`) in the same namespace returns the existing memory.
+`supersedes=` links a correction to what it replaces; the replaced one leaves the search.
+Every change is kept in the memory's history (mem0's `history(memory_id)`), which goes
+with the memory when it is forgotten or purged.
 """
 
 from __future__ import annotations
@@ -16,13 +23,12 @@ import hashlib
 import json
 import math
 import re
+import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
-from typing import Any
-
-from sqlite_vec import serialize_float32
+from typing import Any, Protocol
 
 from agentd.config import MemoryConfig, StoreConfig
 from agentd.embed import Embedder
@@ -32,13 +38,20 @@ from agentd.store import Connection, Row
 from agentd.store.sqlite import SqliteStore
 
 DEFAULT_NAMESPACE = "default"
+# A memory's history (`memory_history`), in the column order of both engines' tables.
+_RECORD_CHANGE = ("INSERT INTO memory_history (memory_id, event, text, old_text, metadata, "
+                  "old_metadata, superseded_by, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_RECORD_SUPERSEDED = ("INSERT INTO memory_history (memory_id, event, text, metadata, superseded_by, at) "
+                      "SELECT id, 'superseded', text, metadata, ?, ? FROM memories WHERE id = ?")
 _RRF_K = 60
 _READERS = 2
 _REPLANS = 5  # times a delete re-plans when correction chains change under it
 
 
-class _ChainChangedError(Exception):
+class ChainChangedError(Exception):
     """Raised inside a delete's write when its chains changed since it planned."""
+
+
 NAME_PATTERN = r"[A-Za-z0-9_.:-]{1,128}"  # a namespace or a session id
 _NAMESPACE = re.compile(NAME_PATTERN)
 
@@ -85,60 +98,142 @@ class Recalled:
         return {**self.memory.to_dict(), "score": self.score, "distance": self.distance}
 
 
+@dataclass(frozen=True, slots=True)
+class MemoryChange:
+    """One entry of a memory's history: `created`, `updated` (with the text and metadata
+    before), or `superseded` (by the correction `superseded_by`)."""
+
+    id: int
+    memory_id: int
+    event: str
+    text: str
+    old_text: str | None
+    metadata: dict[str, Any]
+    old_metadata: dict[str, Any] | None
+    superseded_by: int | None
+    at: float
+
+    @classmethod
+    def _from_row(cls, row: Row | Mapping[str, Any]) -> MemoryChange:
+        old = row["old_metadata"]
+        return cls(id=row["id"], memory_id=row["memory_id"], event=row["event"], text=row["text"],
+                   old_text=row["old_text"], metadata=json.loads(row["metadata"]),
+                   old_metadata=None if old is None else json.loads(old),
+                   superseded_by=row["superseded_by"], at=row["at"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "memory_id": self.memory_id, "event": self.event,
+                "text": self.text, "old_text": self.old_text, "metadata": self.metadata,
+                "old_metadata": self.old_metadata, "superseded_by": self.superseded_by,
+                "at": self.at}
+
+
 class Session:
     """The messages of one conversation; the session expires `ttl` seconds after its last
     message and is purged by the built-in `agentd.purge_memory` schedule."""
 
     def __init__(self, memory: MemoryStore, session_id: str) -> None:
         self._memory = memory
-        self.id = _check_name(session_id, "session id")
+        self.id = check_name(session_id, "session id")
 
     async def append(self, role: str, content: str, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
         if not isinstance(role, str) or not role or not isinstance(content, str):
             raise ValueError("role must be a non-empty string and content a string")
         now = time.time()
         expires = now + self._memory.config.session_ttl
-        meta_json = _json(meta or {}, "meta")
-
-        def op(conn: Connection) -> int:
-            # An expired session the purge has not reached yet is gone all the same: the new
-            # message starts a fresh conversation instead of reviving the old one.
-            conn.execute("DELETE FROM sessions WHERE id = ? AND expires_at <= ?", (self.id, now))
-            conn.execute(
-                "INSERT INTO sessions (id, expires_at, updated_at) VALUES (?, ?, ?) ON CONFLICT (id) "
-                "DO UPDATE SET expires_at = excluded.expires_at, updated_at = excluded.updated_at",
-                (self.id, expires, now))
-            return int(conn.execute(
-                "INSERT INTO messages (session_id, role, content, meta, created_at) "
-                "VALUES (?, ?, ?, ?, ?)", (self.id, role, content, meta_json, now)).lastrowid or 0)
-
-        message_id = await self._memory.store.write(op)
+        meta_json = as_json(meta or {}, "meta")
+        message_id = await self._memory.append_message(self.id, role, content, meta_json,
+                                                        now=now, expires_at=expires)
         return {"id": message_id, "session_id": self.id, "role": role, "content": content,
                 "meta": dict(meta or {}), "created_at": now}
 
     async def history(self, limit: int = 50) -> list[dict[str, Any]]:
         """The last `limit` messages, oldest first (none once the session has expired)."""
-        rows = await self._memory.store.read(
-            "SELECT m.* FROM messages m JOIN sessions s ON s.id = m.session_id "
-            "WHERE m.session_id = ? AND s.expires_at > ? ORDER BY m.id DESC LIMIT ?",
-            (self.id, time.time(), limit))
+        rows = await self._memory.session_messages(self.id, time.time(), limit)
         return [{"id": r["id"], "session_id": r["session_id"], "role": r["role"],
                  "content": r["content"], "meta": json.loads(r["meta"]), "created_at": r["created_at"]}
                 for r in reversed(rows)]
 
     async def clear(self) -> int:
         """Delete the session and its messages; return how many messages there were."""
-        def op(conn: Connection) -> int:
-            count = conn.execute(
-                "SELECT count(*) FROM messages WHERE session_id = ?", (self.id,)).fetchone()[0]
-            conn.execute("DELETE FROM sessions WHERE id = ?", (self.id,))
-            return int(count)
-
-        return await self._memory.store.write(op)
+        return await self._memory.clear_session(self.id)
 
 
-class MemoryStore:
-    """Both kinds of memory, over `memory.db` and an embedder."""
+class MemoryStore(Protocol):
+    """Both kinds of memory on one engine (see the module docstring): what the daemon, its
+    HTTP API and `ctx.memory` use. Every method raises ValueError for a malformed argument
+    and MemoryNotFoundError for an id that names no memory."""
+
+    config: MemoryConfig
+    embedder: Embedder
+
+    @property
+    def location(self) -> str:
+        """Where memory lives, for logs and errors (a path, or a URL without its password)."""
+
+    async def open(self, *, check_embedder: bool = True) -> None:
+        """Open it and (unless `reembed` is to follow) check it holds vectors of this
+        embedder.
+
+        Raises:
+            EmbedderMismatchError: the stored vectors were made by another embedder.
+            StoreError: it cannot be opened (naming the file or URL).
+        """
+
+    async def close(self) -> None: ...
+
+    def session(self, session_id: str) -> Session: ...
+
+    async def append_message(self, session_id: str, role: str, content: str, meta_json: str, *,
+                             now: float, expires_at: float) -> int:
+        """Add a message, keeping the session alive until `expires_at`; its id. An expired
+        session the purge has not reached yet is gone all the same: the message starts a
+        fresh conversation."""
+
+    async def session_messages(self, session_id: str, now: float, limit: int) -> Sequence[Row]:
+        """The last `limit` messages of a session alive at `now`, newest first."""
+
+    async def clear_session(self, session_id: str) -> int:
+        """Delete a session and its messages; how many messages there were."""
+
+    async def remember(self, text: str, namespace: str = DEFAULT_NAMESPACE,
+                       metadata: Mapping[str, Any] | None = None, expires_at: float | None = None,
+                       supersedes: int | None = None) -> tuple[Memory, bool]:
+        """Store `text`; return the memory and whether it is new (False: a duplicate's)."""
+
+    async def recall(self, query: str, namespace: str = DEFAULT_NAMESPACE, k: int = 10,
+                     where: Mapping[str, Any] | None = None, hybrid: bool = False) -> list[Recalled]:
+        """The `k` memories nearest `query` in meaning within `namespace`, newest corrections
+        only; `hybrid` fuses the vector ranking with a keyword ranking (reciprocal rank
+        fusion). `where`: {field: value or [values]}."""
+
+    async def get(self, memory_id: int) -> Memory: ...
+
+    async def history(self, memory_id: int) -> list[MemoryChange]:
+        """The memory's changes, oldest first."""
+
+    async def update(self, memory_id: int, text: str | None = None,
+                     metadata: Mapping[str, Any] | None = None,
+                     expires_at: float | EllipsisType | None = ...) -> Memory:
+        """Change a memory in place (its namespace stays); a new text is embedded again.
+        `expires_at`: a new expiry, None to keep the memory for good, or left out (`...`)
+        to keep its expiry as it is."""
+
+    async def forget(self, memory_id: int | None = None, namespace: str | None = None,
+                     where: Mapping[str, Any] | None = None) -> int:
+        """Delete one memory by id, or every memory of a namespace matching `where`."""
+
+    async def purge_expired(self) -> dict[str, int]:
+        """Delete expired memories and expired sessions (with their messages)."""
+
+    async def stats(self) -> dict[str, Any]: ...
+
+    async def reembed(self, batch: int = 64) -> int:
+        """Rebuild every vector with the current embedder (after `[memory] embedder` changed)."""
+
+
+class SqliteMemory:
+    """`MemoryStore` in memory.db, with sqlite-vec and FTS5."""
 
     def __init__(self, config: MemoryConfig, store_config: StoreConfig, path: Any,
                  embedder: Embedder) -> None:
@@ -151,13 +246,10 @@ class MemoryStore:
         self._fields = tuple(config.filter_fields)
         self._log = get_logger("memory")
 
-    async def open(self) -> None:
-        """Open the file and check it holds vectors of this embedder.
-
-        Raises:
-            EmbedderMismatchError: the stored vectors were made by another embedder.
-        """
+    async def open(self, *, check_embedder: bool = True) -> None:
         await self.store.open()
+        if not check_embedder:
+            return
         try:
             await self._check_embedder()
         except BaseException:
@@ -192,8 +284,41 @@ class MemoryStore:
         conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
                          "SET value = excluded.value", list(meta.items()))
 
+    @property
+    def location(self) -> str:
+        return str(self.store.path)
+
     def session(self, session_id: str) -> Session:
         return Session(self, session_id)
+
+    async def append_message(self, session_id: str, role: str, content: str, meta_json: str, *,
+                             now: float, expires_at: float) -> int:
+        def op(conn: Connection) -> int:
+            conn.execute("DELETE FROM sessions WHERE id = ? AND expires_at <= ?", (session_id, now))
+            conn.execute(
+                "INSERT INTO sessions (id, expires_at, updated_at) VALUES (?, ?, ?) ON CONFLICT (id) "
+                "DO UPDATE SET expires_at = excluded.expires_at, updated_at = excluded.updated_at",
+                (session_id, expires_at, now))
+            return int(conn.execute(
+                "INSERT INTO messages (session_id, role, content, meta, created_at) "
+                "VALUES (?, ?, ?, ?, ?)", (session_id, role, content, meta_json, now)).lastrowid or 0)
+
+        return await self.store.write(op)
+
+    async def session_messages(self, session_id: str, now: float, limit: int) -> Sequence[Row]:
+        return await self.store.read(
+            "SELECT m.* FROM messages m JOIN sessions s ON s.id = m.session_id "
+            "WHERE m.session_id = ? AND s.expires_at > ? ORDER BY m.id DESC LIMIT ?",
+            (session_id, now, limit))
+
+    async def clear_session(self, session_id: str) -> int:
+        def op(conn: Connection) -> int:
+            count = conn.execute(
+                "SELECT count(*) FROM messages WHERE session_id = ?", (session_id,)).fetchone()[0]
+            conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            return int(count)
+
+        return await self.store.write(op)
 
     # -- long-term ---------------------------------------------------------------------------
 
@@ -201,13 +326,8 @@ class MemoryStore:
                        metadata: Mapping[str, Any] | None = None, expires_at: float | None = None,
                        supersedes: int | None = None) -> tuple[Memory, bool]:
         """Store `text`; return the memory and whether it is new (False: a duplicate's)."""
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("text must be a non-empty string")
-        _check_expiry(expires_at)
-        namespace = _check_name(namespace, "namespace")
-        metadata_json = _json(metadata or {}, "metadata")
+        namespace, metadata_json, digest = check_memory(text, namespace, metadata, expires_at)
         metadata = dict(metadata or {})
-        digest = _digest(text)
         if supersedes is None:
             existing = await self.store.read_one(
                 "SELECT * FROM memories WHERE namespace = ? AND hash = ? AND superseded_by IS NULL "
@@ -233,8 +353,10 @@ class MemoryStore:
                 "expires_at, supersedes) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
                 (namespace, text, metadata_json, digest, now, now, expires_at, supersedes)).fetchone()
             self._index(conn, row["id"], namespace, text, vector=vector, filters=filters)
+            conn.execute(_RECORD_CHANGE, (row["id"], "created", text, None, metadata_json, None, None, now))
             if supersedes is not None:
                 conn.execute("UPDATE memories SET superseded_by = ? WHERE id = ?", (row["id"], supersedes))
+                conn.execute(_RECORD_SUPERSEDED, (row["id"], now, supersedes))
                 self._unindex(conn, supersedes)
             return row
 
@@ -245,16 +367,12 @@ class MemoryStore:
         """The `k` memories nearest `query` in meaning within `namespace`, newest corrections
         only; `hybrid` fuses the vector ranking with FTS5 keyword ranking (reciprocal rank
         fusion). `where`: {field: value or [values]}."""
-        if not isinstance(query, str) or not query.strip():
-            raise ValueError("query must be a non-empty string")
-        if not 1 <= k <= 1000:
-            raise ValueError(f"k must be between 1 and 1000, got {k}")
-        namespace = _check_name(namespace, "namespace")
+        namespace = check_recall(query, namespace, k)
         inside, after = self._split_filters(where or {})
         (vector,) = await self.embedder.embed([query])
         fetch = k if not after else k * 4
         clauses = "".join(f" AND {name} IN ({','.join('?' * len(values))})" for name, values in inside)
-        params: list[Any] = [serialize_float32(vector), fetch + 8, namespace]
+        params: list[Any] = [float32_blob(vector), fetch + 8, namespace]
         for _, values in inside:
             params.extend(values)
         knn = await self.store.read(
@@ -262,23 +380,20 @@ class MemoryStore:
             f"AND namespace = ?{clauses} ORDER BY distance", tuple(params))
         distances = {r["id"]: r["distance"] for r in knn}
         vector_ranked = await self._live(list(distances), after)
-        ranked: dict[int, float] = {m.id: 1.0 / (_RRF_K + i + 1) for i, m in enumerate(vector_ranked)}
-        found = {m.id: m for m in vector_ranked}
-        if hybrid:
-            for i, memory in enumerate(await self._keyword(query, namespace, fetch + 8, inside, after)):
-                found.setdefault(memory.id, memory)
-                ranked[memory.id] = ranked.get(memory.id, 0.0) + 1.0 / (_RRF_K + i + 1)
-        order = sorted(ranked, key=lambda i: ranked[i], reverse=True)[:k]
-        if hybrid:
-            return [Recalled(found[i], round(ranked[i], 6), distances.get(i)) for i in order]
-        # Vector only: the cosine similarity says how good a match is, not just its place.
-        return [Recalled(found[i], round(1.0 - distances[i], 6), distances[i]) for i in order]
+        keyword_ranked = await self._keyword(query, namespace, fetch + 8, inside, after) if hybrid else None
+        return fuse(vector_ranked, distances, keyword_ranked, k)
 
     async def get(self, memory_id: int) -> Memory:
         row = await self.store.read_one("SELECT * FROM memories WHERE id = ?", (memory_id,))
         if row is None:
             raise MemoryNotFoundError(f"no memory with id {memory_id}")
         return Memory._from_row(row)
+
+    async def history(self, memory_id: int) -> list[MemoryChange]:
+        await self.get(memory_id)
+        rows = await self.store.read(
+            "SELECT * FROM memory_history WHERE memory_id = ? ORDER BY id", (memory_id,))
+        return [MemoryChange._from_row(row) for row in rows]
 
     async def update(self, memory_id: int, text: str | None = None,
                      metadata: Mapping[str, Any] | None = None,
@@ -287,23 +402,30 @@ class MemoryStore:
         `expires_at`: a new expiry, None to keep the memory for good, or left out (`...`)
         to keep its expiry as it is."""
         if expires_at is not ...:
-            _check_expiry(expires_at)
+            check_expiry(expires_at)
         current = await self.get(memory_id)
         new_text = current.text if text is None else text
         if not new_text.strip():
             raise ValueError("text must be a non-empty string")
-        new_meta_json = _json(current.metadata if metadata is None else metadata, "metadata")
+        new_meta_json = as_json(current.metadata if metadata is None else metadata, "metadata")
         new_meta = json.loads(new_meta_json)
         vector = (await self.embedder.embed([new_text]))[0] if text is not None else None
         filters = self._filter_values(new_meta)
         now = time.time()
 
         def op(conn: Connection) -> Row:
+            before = conn.execute("SELECT text, metadata FROM memories WHERE id = ?",
+                                  (memory_id,)).fetchone()
+            if before is None:
+                raise MemoryNotFoundError(f"no memory with id {memory_id}")
             row: Row = conn.execute(
                 "UPDATE memories SET text = ?, metadata = ?, hash = ?, updated_at = ?, "
                 "expires_at = CASE WHEN ? THEN expires_at ELSE ? END WHERE id = ? RETURNING *",
-                (new_text, new_meta_json, _digest(new_text), now, expires_at is ...,
+                (new_text, new_meta_json, digest(new_text), now, expires_at is ...,
                  None if expires_at is ... else expires_at, memory_id)).fetchone()
+            if changed(before["text"], before["metadata"], new_text, new_meta_json):
+                conn.execute(_RECORD_CHANGE, (memory_id, "updated", new_text, before["text"],
+                                              new_meta_json, before["metadata"], None, now))
             if row["superseded_by"] is None:
                 if vector is not None:
                     self._unindex(conn, memory_id)
@@ -326,8 +448,8 @@ class MemoryStore:
             await self.get(memory_id)
         else:
             rows = await self.store.read("SELECT * FROM memories WHERE namespace = ?",
-                                         (_check_name(namespace or "", "namespace"),))
-            ids = [r["id"] for r in rows if _matches(json.loads(r["metadata"]), where or {})]
+                                         (check_name(namespace or "", "namespace"),))
+            ids = [r["id"] for r in rows if matches(json.loads(r["metadata"]), where or {})]
 
         return await self._delete(ids)
 
@@ -349,45 +471,21 @@ class MemoryStore:
         The plan is made from a read and the revived memories embedded before the write;
         should a chain change in between (a correction landing meanwhile), the write notices
         and the plan is made again."""
-        if not ids:
-            return 0
-        doomed = set(ids)
-        for _ in range(_REPLANS):
-            try:
-                return await self._delete_once(doomed)
-            except _ChainChangedError:
-                continue
-        raise MemoryBusyError(f"the correction chains of {sorted(doomed)} kept changing; try again")
+        return await delete_replanning(self._delete_once, ids)
 
     async def _delete_once(self, doomed: set[int]) -> int:
         marks = ",".join("?" * len(doomed))
         chain_sql = f"SELECT id, supersedes, superseded_by FROM memories WHERE id IN ({marks}) ORDER BY id"
         rows = {r["id"]: r for r in await self.store.read(chain_sql, tuple(doomed))}
         seen = [tuple(r) for r in rows.values()]
-
-        def outside(start: int | None, link: str) -> int | None:
-            while start is not None and start in doomed:
-                start = rows[start][link] if start in rows else None
-            return start
-
-        relinks: dict[int, int] = {}  # surviving original -> surviving correction
-        revive: set[int] = set()
-        for row in rows.values():
-            original = outside(row["supersedes"], "supersedes")
-            if original is None:
-                continue
-            successor = outside(row["superseded_by"], "superseded_by")
-            if successor is None:
-                revive.add(original)
-            else:
-                relinks[original] = successor
+        relinks, revive = plan_delete(rows, doomed)
         revived = [Memory._from_row(r) for r in await self.store.read(
             f"SELECT * FROM memories WHERE id IN ({','.join('?' * len(revive))})", tuple(revive))]
         vectors = await self.embedder.embed([m.text for m in revived]) if revived else []
 
         def op(conn: Connection) -> int:
             if [tuple(r) for r in conn.execute(chain_sql, tuple(doomed))] != seen:
-                raise _ChainChangedError
+                raise ChainChangedError
             deleted = 0
             for one in doomed:
                 self._unindex(conn, one)
@@ -447,7 +545,7 @@ class MemoryStore:
         conn.execute(
             f"INSERT INTO memory_vectors (id, embedding, namespace{names}) "
             f"VALUES (?, ?, ?{', ?' * len(self._fields)})",
-            (memory_id, serialize_float32(list(vector)), namespace, *filters))
+            (memory_id, float32_blob(list(vector)), namespace, *filters))
         conn.execute("INSERT INTO memories_fts (rowid, text, namespace) VALUES (?, ?, ?)",
                      (memory_id, text, _namespace_token(namespace)))
 
@@ -475,12 +573,12 @@ class MemoryStore:
             f"SELECT * FROM memories WHERE id IN ({','.join('?' * len(ids))}) "
             "AND superseded_by IS NULL AND (expires_at IS NULL OR expires_at > ?)", (*ids, time.time()))
         by_id = {r["id"]: Memory._from_row(r) for r in rows}
-        return [by_id[i] for i in ids if i in by_id and _matches(by_id[i].metadata, after)]
+        return [by_id[i] for i in ids if i in by_id and matches(by_id[i].metadata, after)]
 
     async def _nearest(self, vector: list[float], namespace: str) -> Memory | None:
         rows = await self.store.read(
             "SELECT id, distance FROM memory_vectors WHERE embedding MATCH ? AND k = 1 AND namespace = ?",
-            (serialize_float32(vector), namespace))
+            (float32_blob(vector), namespace))
         if not rows or 1.0 - rows[0]["distance"] < self.config.dedupe_threshold:
             return None
         live = await self._live([rows[0]["id"]], {})
@@ -499,10 +597,87 @@ class MemoryStore:
             "ORDER BY bm25(memories_fts, 1.0, 0.0) LIMIT ?", (match, namespace, time.time(), limit))
         memories = [Memory._from_row(r) for r in rows]
         wanted = {**after, **{name: values for name, values in inside}}
-        return [m for m in memories if _matches(m.metadata, wanted)]
+        return [m for m in memories if matches(m.metadata, wanted)]
 
 
-def _matches(metadata: Mapping[str, Any], where: Mapping[str, Any]) -> bool:
+def check_memory(text: str, namespace: str, metadata: Mapping[str, Any] | None,
+                 expires_at: float | None) -> tuple[str, str, str]:
+    """Check what `remember` is given: the namespace, the metadata as JSON and the text's
+    digest (the duplicate key)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("text must be a non-empty string")
+    check_expiry(expires_at)
+    return check_name(namespace, "namespace"), as_json(metadata or {}, "metadata"), digest(text)
+
+
+def check_recall(query: str, namespace: str, k: int) -> str:
+    """Check what `recall` is given; the namespace."""
+    if not isinstance(query, str) or not query.strip():
+        raise ValueError("query must be a non-empty string")
+    if not 1 <= k <= 1000:
+        raise ValueError(f"k must be between 1 and 1000, got {k}")
+    return check_name(namespace, "namespace")
+
+
+def fuse(vector_ranked: Sequence[Memory], distances: Mapping[int, float],
+         keyword_ranked: Sequence[Memory] | None, k: int) -> list[Recalled]:
+    """The best `k`: by cosine similarity for a vector recall; for a hybrid one (with
+    `keyword_ranked`), by reciprocal rank fusion of the two rankings."""
+    ranked: dict[int, float] = {m.id: 1.0 / (_RRF_K + i + 1) for i, m in enumerate(vector_ranked)}
+    found = {m.id: m for m in vector_ranked}
+    for i, memory in enumerate(keyword_ranked or ()):
+        found.setdefault(memory.id, memory)
+        ranked[memory.id] = ranked.get(memory.id, 0.0) + 1.0 / (_RRF_K + i + 1)
+    order = sorted(ranked, key=lambda i: ranked[i], reverse=True)[:k]
+    if keyword_ranked is not None:
+        return [Recalled(found[i], round(ranked[i], 6), distances.get(i)) for i in order]
+    # Vector only: the cosine similarity says how good a match is, not just its place.
+    return [Recalled(found[i], round(1.0 - distances[i], 6), distances[i]) for i in order]
+
+
+async def delete_replanning(delete_once: Callable[[set[int]], Awaitable[int]], ids: Sequence[int]) -> int:
+    """Run a planned delete of `ids`, planning again (up to `_REPLANS` times) when a chain
+    changed between its read and its write (`ChainChangedError`)."""
+    if not ids:
+        return 0
+    doomed = set(ids)
+    for _ in range(_REPLANS):
+        try:
+            return await delete_once(doomed)
+        except ChainChangedError:
+            continue
+    raise MemoryBusyError(f"the correction chains of {sorted(doomed)} kept changing; try again")
+
+
+def plan_delete(rows: Mapping[int, Any], doomed: set[int]) -> tuple[dict[int, int], set[int]]:
+    """How deleting `doomed` keeps the correction chains whole, from their rows (id,
+    supersedes, superseded_by): the surviving originals to link to a surviving correction,
+    and those that become the newest again."""
+    def outside(start: int | None, link: str) -> int | None:
+        while start is not None and start in doomed:
+            start = rows[start][link] if start in rows else None
+        return start
+
+    relinks: dict[int, int] = {}  # surviving original -> surviving correction
+    revive: set[int] = set()
+    for row in rows.values():
+        original = outside(row["supersedes"], "supersedes")
+        if original is None:
+            continue
+        successor = outside(row["superseded_by"], "superseded_by")
+        if successor is None:
+            revive.add(original)
+        else:
+            relinks[original] = successor
+    return relinks, revive
+
+
+def changed(old_text: str, old_metadata: str, text: str, metadata: str) -> bool:
+    """Whether an update changes what a memory's history keeps (its text or metadata)."""
+    return old_text != text or json.loads(old_metadata) != json.loads(metadata)
+
+
+def matches(metadata: Mapping[str, Any], where: Mapping[str, Any]) -> bool:
     for name, value in where.items():
         allowed = value if isinstance(value, list) else [value]
         if metadata.get(name) not in allowed and str(metadata.get(name)) not in map(str, allowed):
@@ -515,11 +690,11 @@ def _namespace_token(namespace: str) -> str:
     return "n" + namespace.encode().hex().upper()
 
 
-def _digest(text: str) -> str:
+def digest(text: str) -> str:
     return hashlib.sha256(" ".join(text.split()).encode()).hexdigest()
 
 
-def _json(value: Any, what: str) -> str:
+def as_json(value: Any, what: str) -> str:
     if not isinstance(value, Mapping):
         raise ValueError(f"{what} must be an object")
     try:
@@ -528,14 +703,19 @@ def _json(value: Any, what: str) -> str:
         raise ValueError(f"{what} must be JSON: {exc}") from exc
 
 
-def _check_name(value: object, what: str) -> str:
+def check_name(value: object, what: str) -> str:
     if not isinstance(value, str) or not _NAMESPACE.fullmatch(value):
         raise ValueError(f"{what} {value!r} must be 1-128 letters, digits or _ . : -")
     return value
 
 
-def _check_expiry(expires_at: float | None) -> None:
+def check_expiry(expires_at: float | None) -> None:
     """ValueError unless `expires_at` is None or a finite Unix time: an infinite one was
     stored and given back as `Infinity`, which is not JSON; NaN was stored as none."""
     if expires_at is not None and not math.isfinite(expires_at):
         raise ValueError(f"expires_at must be a Unix time in seconds, got {expires_at!r}")
+
+
+def float32_blob(vector: Sequence[float]) -> bytes:
+    """A vector as vec0 stores it: float32s in the machine's byte order."""
+    return struct.pack(f"{len(vector)}f", *vector)

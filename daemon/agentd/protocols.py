@@ -16,7 +16,7 @@ from types import EllipsisType
 from typing import Any, Protocol, runtime_checkable
 
 from agentd.llm import ChatResult
-from agentd.memory import DEFAULT_NAMESPACE, Memory, Recalled
+from agentd.memory import DEFAULT_NAMESPACE, Memory, MemoryChange, Recalled
 from agentd.taskqueue import TaskStatus
 
 
@@ -113,6 +113,10 @@ class MemoryStore(Protocol):
 
     async def get(self, memory_id: int) -> Memory:
         """One memory by id."""
+
+    async def history(self, memory_id: int) -> list[MemoryChange]:
+        """The memory's changes, oldest first: `created`, each `updated` (with the text and
+        metadata before), `superseded` (by a correction)."""
 
     async def update(self, memory_id: int, text: str | None = None,
                      metadata: Mapping[str, Any] | None = None,

@@ -9,10 +9,11 @@ parent and its children.
 Claiming ahead. A claim, an acknowledgement and a commit cost per transaction, and a
 transaction holds what is in flight: with 8 slots, 8 tasks. While a queue's tasks run
 shorter than `SHORT_TASK` on average, a claim also takes up to `claim_ahead` x workers
-tasks beyond its free slots; they wait in memory (leased, `running` in the table, no
-`task.started` yet), in priority order, and start as slots free, without waiting for a
-claim. Long tasks are never claimed ahead: a claimed task would show as running while it
-waits behind them, and would wait long (Celery's prefetch problem).
+tasks beyond its free slots (unset: the store's default, by what its transactions cost);
+they wait in memory (leased, `running` in the table, no `task.started` yet), in priority
+order, and start as slots free, without waiting for a claim. Long tasks are never claimed
+ahead: a claimed task would show as running while it waits behind them, and would wait
+long (Celery's prefetch problem).
 
 Writes the storage refuses. A task's outcome is not lost to a full disk: an acknowledgement
 or a retry that fails with a `StoreWriteError` is written again, after `WRITE_RETRY_FIRST`
@@ -125,6 +126,7 @@ class WorkerPool:
         self.queue = queue
         self.registry = registry
         self.config = config
+        self._claim_ahead = tasks.default_claim_ahead if config.claim_ahead is None else config.claim_ahead
         self._plugin_configs = plugin_configs
         self._wakes = {name: asyncio.Event() for name in config.queues}
         self._slots = {name: Slots(n, self._wakes[name], partial(self._reuse_freed_slot, name))
@@ -158,8 +160,11 @@ class WorkerPool:
         self._ack_timer: asyncio.TimerHandle | None = None
         self._ack_retry = WRITE_RETRY_FIRST
         self._claims: dict[str, ClaimFuture] = {}
+        # Per queue whose claim is in flight, the tasks whose cancel was heard meanwhile
+        # though they were neither running nor claimed ahead here (`_cancel_running`).
+        self._cancels_heard: dict[str, set[int]] = {}
         self._checking_cancels: asyncio.Task[None] | None = None
-        tasks.add_rider(self._add_claims_to_batch)
+        tasks.add_claim_rider(self._add_claims_to_batch)
         queue.on_work(self.wake)
         queue.on_cancel(self._cancel_running)
         queue.on_reconnect(self._check_cancels)
@@ -276,6 +281,9 @@ class WorkerPool:
                 self.wake(record.queue)  # it leaves room ahead: claim again
                 self._cancel_unstarted(record)
                 return
+        # Maybe claimed by a claim that has committed but not come back yet: it checks.
+        for heard in self._cancels_heard.values():
+            heard.add(task_id)
 
     def _cancel_unstarted(self, record: TaskRecord) -> None:
         """End a claimed task that never started as cancelled; its ack joins the next
@@ -291,17 +299,19 @@ class WorkerPool:
             wake.clear()
             next_at: float | None = None
             if self._claim_size(queue):
+                heard = self._cancels_heard[queue] = set()
                 try:
-                    records, next_at = await self._claim_in_next_batch(queue)
-                except Exception as exc:  # the loop must outlive any failed write
-                    # Its transaction failed (the file locked by another program past
-                    # busy_timeout, a full disk): nothing was claimed. Try again later.
-                    _LOG.error("tasks.claim_failed", queue=queue, error=describe(exc))
-                    records, next_at = [], time.time() + CLAIM_RETRY
+                    records, next_at = await self._claim(queue)
+                    cancelled = await self._cancelled_meanwhile(records, heard)
+                finally:
+                    del self._cancels_heard[queue]
+                # No await from here until the records are ahead or running: a cancel
+                # heard after this finds them there.
                 for record in records:
-                    if record.cancel_requested:
+                    if record.cancel_requested or record.id in cancelled:
                         # Cancelled as it went back to the queue (a stop putting back what it
-                        # had claimed ahead): a stored cancel is never run.
+                        # had claimed ahead), or as this claim committed: a stored cancel is
+                        # never run.
                         self._cancel_unstarted(record)
                         continue
                     self._charge_limits(record)
@@ -320,24 +330,51 @@ class WorkerPool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout)
 
+    async def _claim(self, queue: str) -> tuple[list[TaskRecord], float | None]:
+        """What a claim for `queue` took, and when to claim again at the latest."""
+        try:
+            return await self._claim_in_next_batch(queue)
+        except Exception as exc:  # the loop must outlive any failed write
+            # Its transaction failed (the file locked by another program past busy_timeout,
+            # a full disk): nothing was claimed. Try again later.
+            _LOG.error("tasks.claim_failed", queue=queue, error=describe(exc))
+            return [], time.time() + CLAIM_RETRY
+
+    async def _cancelled_meanwhile(self, records: list[TaskRecord], heard: set[int]) -> set[int]:
+        """Which of the tasks a claim took had their cancel stored after the claim read their
+        rows: those of the cancels `heard` while it was in flight (a cancel of a running
+        task is told to every daemon, and the claim's commit and the news race), as the
+        store has them now. (A cancel heard may also be an earlier one's, of a task ended
+        and requeued since: the row tells.) While the store is away, the news stands."""
+        cancelled: set[int] = set()
+        while doubtful := [record.id for record in records if record.id in heard]:
+            heard.difference_update(doubtful)  # heard again during the read: read again
+            try:
+                cancelled.update(await self.tasks.cancels_among(doubtful))
+            except Exception as exc:
+                _LOG.warning("tasks.cancel_check_failed", error=describe(exc))
+                cancelled.update(doubtful)
+        return cancelled
+
     def _claim_size(self, queue: str) -> int:
         """How many tasks a claim for `queue` would take now: its free slots, and the room
         left ahead of them while its tasks are short."""
         slots, room = self._slots[queue], 0
         if self._mean_run[queue] < SHORT_TASK:
-            room = max(0, self.config.claim_ahead * slots.capacity - len(self._ahead[queue]))
+            room = max(0, self._claim_ahead * slots.capacity - len(self._ahead[queue]))
         return slots.free + room
 
     def _claim_in_next_batch(self, queue: str) -> ClaimFuture:
-        """A claim for `queue` in the next write transaction, sized when that batch is taken
-        (`_add_claims_to_batch`): tasks handed freed slots meanwhile leave room that it then fills."""
+        """A claim for `queue` in the next claim round (on SQLite the next write batch),
+        sized when that round is taken (`_add_claims_to_batch`): tasks handed freed slots
+        meanwhile leave room that it then fills."""
         future: ClaimFuture = asyncio.get_running_loop().create_future()
         self._claims[queue] = future
-        self.tasks.request_flush()
+        self.tasks.request_claims()
         return future
 
     def _add_claims_to_batch(self) -> None:
-        """Store rider: put the claims asked for into the batch being taken."""
+        """Claim rider: put the claims asked for into the round being taken."""
         if not self._claims:
             return
         self.tasks.join_claims(self._claims, self._claim_size, self._name_budgets, self._limits,

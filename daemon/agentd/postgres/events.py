@@ -64,11 +64,9 @@ from agentd.errors import describe
 from agentd.eventlog import EventLog, EventRow, sweep_cutoffs
 from agentd.events import Event
 from agentd.log import get_logger
-from agentd.store.postgres import PgConnection, PgStore
+from agentd.store.postgres import PgConnection, PgStore, notify, notify_sql
 
 CHANNEL = "agentd_events"
-_NOTIFY_STORED = f"NOTIFY {CHANNEL}, 's'"
-_NOTIFY = f"SELECT pg_notify('{CHANNEL}', $1)"
 # Characters of JSON per notification part (ASCII JSON: one byte each), with room for the
 # header under PostgreSQL's 8,000-byte payload limit.
 _PART_CHARS = 7800
@@ -110,14 +108,16 @@ def _event(row: Any) -> Event:
                  correlation_id=row["correlation_id"], causation_id=row["causation_id"])
 
 
-async def insert_rows(conn: PgConnection, rows: list[EventRow], origin: str) -> int:
+async def insert_rows(conn: PgConnection, rows: list[EventRow], origin: str, *,
+                      announce: bool = True) -> int:
     """Store `rows` with ids from the counter (their own ids, the bus's of daemon `origin`,
-    kept as `origin_id`), and notify the feeds once the transaction commits; return the id
-    given to the first row (`row_writer` stores one)."""
+    kept as `origin_id`), and (if `announce`) notify the feeds once the transaction commits;
+    return the id given to the first row (`row_writer` stores one)."""
     last: int = await conn.fetchval(_INSERT, len(rows), [r[1] for r in rows], [r[2] for r in rows],
                        [r[3] for r in rows], [r[4] for r in rows], [r[5] for r in rows],
                        [r[6] for r in rows], origin, [r[0] for r in rows])
-    await conn.execute(_NOTIFY_STORED)
+    if announce:
+        notify(CHANNEL, "s")
     return last
 
 
@@ -140,8 +140,11 @@ class PgEvents:
 
     assigns_ids = True
 
-    def __init__(self, store: PgStore) -> None:
+    def __init__(self, store: PgStore, peers_alive: Callable[[], bool]) -> None:
         self.store = store
+        # Whether another daemon may share the database: alone, a daemon announces nothing
+        # (its own feed is woken directly) and sends its ephemeral events to no one.
+        self._peers_alive = peers_alive
         self.origin = uuid.uuid4().hex[:12]  # this daemon, in its notifications
         self.streams = Bus()
         self.cursor = 0  # the newest stored id the stream bus carried
@@ -190,9 +193,9 @@ class PgEvents:
         parts = notification_parts(self.origin, next(self._seq), riding) if riding else []
 
         async def op(conn: PgConnection) -> None:
-            await insert_rows(conn, rows, self.origin)
+            await insert_rows(conn, rows, self.origin, announce=self._peers_alive())
             if parts:
-                await conn.executemany(_NOTIFY, [(part,) for part in parts])
+                notify(CHANNEL, *parts)
 
         # The counter's UPDATE ends its transaction (`last`): see the module docstring.
         written = self.store.write(_nothing, last=op) if alone else self.store.join_batch(_nothing, last=op)
@@ -211,7 +214,8 @@ class PgEvents:
     def row_writer(self, row: EventRow) -> Callable[[Any], object]:
         # The caller runs it as the last part of its write (PgTasks.insert's `alongside`).
         async def op(conn: PgConnection) -> None:
-            self._given[row[0]] = await insert_rows(conn, [row], self.origin)
+            self._given[row[0]] = await insert_rows(conn, [row], self.origin,
+                                                    announce=self._peers_alive())
             if len(self._given) > _GIVEN_MOST:  # stored ahead, never asked for
                 del self._given[next(iter(self._given))]
 
@@ -257,7 +261,7 @@ class PgEvents:
             count, newest = (int(row["n"]), int(row["newest"])) if row is not None else (0, 0)
             if newest:
                 await conn.execute(_SET_HORIZON, str(newest))
-                await conn.execute(_NOTIFY, f"h {newest}")
+                notify(CHANNEL, f"h {newest}")
             return count, newest
 
         return self.store.write(op)
@@ -307,22 +311,30 @@ class PgEvents:
         if log is None or log.persistence(event.topic) != "ephemeral":
             self._own_published = event.id
             if self._stored_ahead and event.id in self._stored_ahead:
+                # Stored by `row_writer` and committed: dispatched only now.
                 self._stored_ahead.discard(event.id)
                 self._committed_upto = max(self._committed_upto, event.id)
+                self._wake()  # sooner than the notification, which a daemon alone skips
             return
         after = self._own_published
-        if after <= self._committed_upto:
-            self._queue_out([(after, event)])
-        elif after <= self._inserting_upto:
-            self._after_flight.append((after, event))
-        else:
-            self._riding.append((after, event))
+        if self._peers_alive():
+            self._send_to_peers(after, event)
         if self._held or after > self._seen.get(self.origin, 0):
             self._held.append((after, event))
             if len(self._held) > _HOLD_MOST:  # the store refuses writes: order gives way
                 self._release_held(everything=True)
             return
         self._dispatch_here(event)
+
+    def _send_to_peers(self, after: int, event: Event) -> None:
+        """Send an ephemeral event to the other daemons once the stored event it follows
+        (`after`) is committed: with that event's insert if it is still to be written."""
+        if after <= self._committed_upto:
+            self._queue_out([(after, event)])
+        elif after <= self._inserting_upto:
+            self._after_flight.append((after, event))
+        else:
+            self._riding.append((after, event))
 
     def _dispatch_here(self, event: Event) -> None:
         self.streams.dispatch(Event(self.cursor, event.topic, event.data, event.time,
@@ -350,10 +362,13 @@ class PgEvents:
         parts = notification_parts(self.origin, next(self._seq), events)
         self.sent_parts += len(parts)
 
-        async def op(conn: PgConnection) -> None:
-            await conn.executemany(_NOTIFY, [(part,) for part in parts])
+        async def op(_conn: PgConnection) -> None:
+            notify(CHANNEL, *parts)
 
-        self.store.write(op).add_done_callback(self._sent)
+        async def lone(conn: PgConnection) -> None:
+            await conn.execute(notify_sql([(CHANNEL, part) for part in parts]))
+
+        self.store.write(op, lone=lone).add_done_callback(self._sent)
 
     def _sent(self, done: asyncio.Future[None]) -> None:
         if not done.cancelled() and (exc := done.exception()) is not None:

@@ -5,9 +5,11 @@ Changes. Every write notifies `agentd_schedules` (payload `<node>:<schedule id>`
 commit) and every daemon re-reads a schedule another daemon changed, so a schedule made,
 changed, paused or deleted through any daemon's API acts on the leader and shows on every
 daemon. Notifications lost while the listening connection was away are made up for by
-re-reading every schedule when it re-opens. A fire's record (`save_record`) writes only the
-timing and the counts, never the definition nor `paused`: a pause through another daemon
-that commits while the leader fires is not undone by the fire's write.
+re-reading every schedule when it re-opens. Writes made from a copy another daemon has
+changed meanwhile undo nothing of that change: a fire's record (`save_record`) never writes
+the definition nor `paused`, nor its timing over a resume or retime it has not heard of yet
+(which would fire again the times passed while paused); a daemon that does not lead writes
+the definition and its timing, never the leader's record of fires.
 
 The lead. One daemon fires: the one holding the session-level advisory lock
 `_LEAD_LOCK`, taken with `pg_try_advisory_lock` on a connection of its own, outside the
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -35,7 +38,7 @@ import asyncpg
 
 from agentd.log import get_logger
 from agentd.scheduler import ScheduleState, row_values
-from agentd.store.postgres import PgConnection, PgStore, unavailable
+from agentd.store.postgres import PgConnection, PgStore, notify, unavailable
 
 CHANNEL = "agentd_schedules"
 # The scheduler's session-level advisory lock key: "agentds" in ASCII (the migrations take
@@ -50,23 +53,37 @@ _KEEPALIVE = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "1",
 
 _SCHEDULES = "SELECT * FROM schedules"
 _ONE = "SELECT * FROM schedules WHERE id = $1"
-_SAVE = (
+# A schedule's columns have two kinds of writers. Any daemon's API writes its definition and
+# the timing that a pause, resume or retime sets (`_DEFINITION`); only the leader writes the
+# record of its fires (`_RECORD_COLUMNS`), so another daemon's write from its copy, which may
+# predate the leader's last fire, never undoes that record. The one exception: a schedule of
+# another source under the same id (a declared one replacing one made over the API) is a new
+# schedule, with a record of its own.
+_DEFINITION = ("source = excluded.source, spec = excluded.spec, paused = excluded.paused, "
+               "next_fire = excluded.next_fire, failures_in_row = excluded.failures_in_row, "
+               "updated_at = excluded.updated_at")
+_RECORD_COLUMNS = ("last_fire", "last_task_id", "last_outcome", "fires", "misses", "owed_fire")
+_RECORD = ", ".join(f"{c} = excluded.{c}" for c in _RECORD_COLUMNS)
+_RECORD_IF_REPLACED = ", ".join(
+    f"{c} = CASE WHEN schedules.source = excluded.source THEN schedules.{c} ELSE excluded.{c} END"
+    for c in _RECORD_COLUMNS)
+_INSERT_ROW = (
     "INSERT INTO schedules (id, source, spec, paused, next_fire, last_fire, last_task_id, "
     "last_outcome, fires, misses, failures_in_row, owed_fire, created_at, updated_at) "
-    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14) ON CONFLICT (id) DO UPDATE SET "
-    "source = excluded.source, spec = excluded.spec, paused = excluded.paused, "
-    "next_fire = excluded.next_fire, last_fire = excluded.last_fire, "
-    "last_task_id = excluded.last_task_id, last_outcome = excluded.last_outcome, "
-    "fires = excluded.fires, misses = excluded.misses, "
-    "failures_in_row = excluded.failures_in_row, owed_fire = excluded.owed_fire, "
-    "updated_at = excluded.updated_at")
-_INSERT = _SAVE.partition(" ON CONFLICT")[0] + " ON CONFLICT (id) DO NOTHING RETURNING id"
+    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)")
+_SAVE = f"{_INSERT_ROW} ON CONFLICT (id) DO UPDATE SET {_DEFINITION}, {_RECORD}"
+_SAVE_DEFINITION = f"{_INSERT_ROW} ON CONFLICT (id) DO UPDATE SET {_DEFINITION}, {_RECORD_IF_REPLACED}"
+_INSERT = f"{_INSERT_ROW} ON CONFLICT (id) DO NOTHING RETURNING id"
+# The leader's timing ($2, $8) is written unless the row was resumed or retimed since the
+# leader's copy ($11 paused, $12 spec): that change set the timing from its own moment, and
+# the leader takes it when the change's notification comes.
+_UNCHANGED_SINCE_COPY = "spec = $12 AND (paused = $11 OR paused = 1)"
 _SAVE_RECORD = (
-    "UPDATE schedules SET next_fire = $2, last_fire = $3, last_task_id = $4, last_outcome = $5, "
-    "fires = $6, misses = $7, failures_in_row = $8, owed_fire = $9, updated_at = $10 "
-    "WHERE id = $1")
+    f"UPDATE schedules SET next_fire = CASE WHEN {_UNCHANGED_SINCE_COPY} THEN $2 ELSE next_fire END, "
+    "last_fire = $3, last_task_id = $4, last_outcome = $5, fires = $6, misses = $7, "
+    f"failures_in_row = CASE WHEN {_UNCHANGED_SINCE_COPY} THEN $8 ELSE failures_in_row END, "
+    "owed_fire = $9, updated_at = $10 WHERE id = $1")
 _DELETE = "DELETE FROM schedules WHERE id = $1"
-_NOTIFY = "SELECT pg_notify($1, $2)"
 _TRY_LEAD = "SELECT pg_try_advisory_lock($1)"
 
 
@@ -88,8 +105,12 @@ class PgSchedules:
         return None if row is None else ScheduleState.from_row(dict(row))
 
     def save(self, state: ScheduleState, now: float) -> Awaitable[object]:
+        """The whole row from the leader (its copy of the record is the record); from any
+        other daemon, the definition and its timing, and the record only of a schedule that
+        replaces one of another source."""
         values = row_values(state, now)
-        return self._write(state.spec.id, lambda conn: conn.execute(_SAVE, *values))
+        statement = _SAVE if self.leading else _SAVE_DEFINITION
+        return self._write(state.spec.id, lambda conn: conn.execute(statement, *values))
 
     def insert(self, state: ScheduleState, now: float) -> Awaitable[bool]:
         values = row_values(state, now)
@@ -97,7 +118,7 @@ class PgSchedules:
         async def op(conn: PgConnection) -> bool:
             if await conn.fetchval(_INSERT, *values) is None:
                 return False
-            await conn.execute(_NOTIFY, CHANNEL, f"{self.node}:{state.spec.id}")
+            notify(CHANNEL, f"{self.node}:{state.spec.id}")
             return True
 
         return self.store.write(op)
@@ -105,7 +126,7 @@ class PgSchedules:
     def save_record(self, state: ScheduleState, now: float) -> Awaitable[object]:
         values = (state.spec.id, state.next_fire, state.last_fire, state.last_task_id,
                   state.last_outcome, state.fires, state.misses, state.failures_in_row,
-                  state.owed_fire, now)
+                  state.owed_fire, now, int(state.paused), json.dumps(state.spec.to_dict()))
         return self._write(state.spec.id, lambda conn: conn.execute(_SAVE_RECORD, *values))
 
     def delete(self, schedule_id: str) -> Awaitable[object]:
@@ -115,7 +136,7 @@ class PgSchedules:
                ) -> Awaitable[object]:
         async def op(conn: PgConnection) -> None:
             await statement(conn)
-            await conn.execute(_NOTIFY, CHANNEL, f"{self.node}:{schedule_id}")
+            notify(CHANNEL, f"{self.node}:{schedule_id}")
 
         return self.store.write(op)
 

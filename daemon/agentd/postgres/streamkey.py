@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from agentd.store.postgres import PgConnection, PgStore
+from agentd.store.postgres import PgConnection, PgStore, notify
 
 CHANNEL = "agentd_stream_key"
 _KEY_NAME = "stream_token_key"
@@ -18,7 +18,6 @@ _CREATE_KEY = "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) D
 _READ_KEY = "SELECT value FROM meta WHERE key = $1"
 _REPLACE_KEY = ("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE "
                 "SET value = excluded.value")
-_NOTIFY = "SELECT pg_notify($1, '')"
 
 
 class PgStreamKey:
@@ -41,7 +40,7 @@ class PgStreamKey:
     async def replace(self, fresh: str) -> None:
         async def op(conn: PgConnection) -> None:
             await conn.execute(_REPLACE_KEY, _KEY_NAME, fresh)
-            await conn.execute(_NOTIFY, CHANNEL)
+            notify(CHANNEL, "")
 
         await self.store.write(op)
 

@@ -16,6 +16,10 @@ What differs from one daemon on one SQLite file:
   (task ids) at final states, for `TaskQueue.wait` on any daemon, and `agentd_cancel`
   (task ids) for a running task's cancel, which the daemon running it acts on. After the
   listening connection is re-opened the queue re-reads what it waits for (`listen`).
+- Peers. `agentd_nodes` ("up <node>" when a daemon registers, "down <node>" when it stops
+  cleanly) and each heartbeat's read of `nodes` keep `peers_alive()`: whether any other
+  daemon shares the database, so that a daemon alone sends nothing meant for others (the
+  event log's ephemeral events). A dead daemon's row counts until it is forgotten.
 """
 
 from __future__ import annotations
@@ -27,21 +31,22 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, Generic, Literal, NoReturn, TypeVar
 
-from agentd.errors import TaskNotFoundError, TaskStateError
+from agentd.errors import TaskNotFoundError, TaskStateError, describe
 from agentd.log import get_logger
-from agentd.store.postgres import PgConnection, PgStore
+from agentd.store.postgres import PgConnection, PgStore, notify
 from agentd.taskqueue import (
-    _COLUMNS,
-    _FINAL_SQL,
-    _UNSUCCESSFUL_SQL,
     CLAIMED_COLUMNS,
+    FINAL_SQL,
+    INSERT_COLUMNS,
     UNSUCCESSFUL,
+    UNSUCCESSFUL_SQL,
     AckWriter,
     ClaimFuture,
     NameLimits,
     TaskRecord,
     TaskStatus,
     node_id,
+    pick_within_budgets,
 )
 
 _LOG = get_logger("tasks")
@@ -49,7 +54,7 @@ _LOG = get_logger("tasks")
 V = TypeVar("V")
 R = TypeVar("R")
 
-WORK, DONE, CANCEL = "agentd_work", "agentd_done", "agentd_cancel"
+WORK, DONE, CANCEL, NODES = "agentd_work", "agentd_done", "agentd_cancel", "agentd_nodes"
 _PAYLOAD_MAX = 7000  # bytes of ids per notification (PostgreSQL's limit is 8,000)
 # Seconds after its last heartbeat that a dead node's row is removed.
 _FORGET_NODE_AFTER = 600.0
@@ -66,11 +71,16 @@ _USAGE = ("SELECT usage, status = 'running' AND lease_node <> $2 FROM tasks WHER
 _SET_USAGE = "UPDATE tasks SET usage = $1 WHERE id = $2"
 _UNNEST = ("unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[], "
            "$7::bigint[], $8::float8[], $9::text[], $10::bigint[], $11::text[], $12::float8[])")
-_INSERT_MANY = f"INSERT INTO tasks ({_COLUMNS}) SELECT * FROM {_UNNEST} RETURNING id"
-_INSERT_KEYED = (f"INSERT INTO tasks ({_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) "
+_INSERT_MANY = f"INSERT INTO tasks ({INSERT_COLUMNS}) SELECT * FROM {_UNNEST} RETURNING id"
+# The same, notifying its queues, as one statement (`_Batched`'s lone form).
+_INSERT_MANY_NOTIFYING = (
+    f"WITH inserted AS (INSERT INTO tasks ({INSERT_COLUMNS}) SELECT * FROM {_UNNEST} RETURNING id, queue), "
+    f"notified AS (SELECT count(pg_notify('{WORK}', queue)) FROM (SELECT DISTINCT queue FROM inserted) q) "
+    "SELECT id FROM inserted, notified")
+_INSERT_KEYED = (f"INSERT INTO tasks ({INSERT_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) "
                  "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id")
 _INSERT_CANCELLED = (
-    f"INSERT INTO tasks ({_COLUMNS}, cancel_requested, error, finished_at, expires_at) "
+    f"INSERT INTO tasks ({INSERT_COLUMNS}, cancel_requested, error, finished_at, expires_at) "
     "VALUES ($1,$2,$3,'cancelled',$4,$5,$6,$7,$8,$9,$10,$11, 1, 'cancelled', $12, $13) "
     "ON CONFLICT (idempotency_key) DO NOTHING RETURNING *")
 _BY_KEY = "SELECT * FROM tasks WHERE idempotency_key = $1 FOR UPDATE"
@@ -79,13 +89,13 @@ _BEING_CANCELLED = "SELECT 1 FROM tasks WHERE id = $1 AND cancel_requested <> 0"
 _REQUEUE = (
     "UPDATE tasks SET status = 'queued', attempts = 0, run_at = $1, error = NULL, "
     "result = NULL, cancel_requested = 0, finished_at = NULL, expires_at = NULL, "
-    f"lease_until = NULL, lease_node = NULL WHERE id = $2 AND status IN {_UNSUCCESSFUL_SQL} "
+    f"lease_until = NULL, lease_node = NULL WHERE id = $2 AND status IN {UNSUCCESSFUL_SQL} "
     "RETURNING *")
 _FREE_UNSUCCESSFUL_CHILDREN_KEYS = (
     "UPDATE tasks SET idempotency_key = NULL WHERE parent_id = $1 "
-    f"AND (status IN {_UNSUCCESSFUL_SQL} OR cancel_requested <> 0) AND idempotency_key IS NOT NULL")
-_DELETE = f"DELETE FROM tasks WHERE id = $1 AND status IN {_FINAL_SQL} RETURNING id"
-_PURGE_EXPIRED = f"DELETE FROM tasks WHERE expires_at < $1 AND status IN {_FINAL_SQL}"
+    f"AND (status IN {UNSUCCESSFUL_SQL} OR cancel_requested <> 0) AND idempotency_key IS NOT NULL")
+_DELETE = f"DELETE FROM tasks WHERE id = $1 AND status IN {FINAL_SQL} RETURNING id"
+_PURGE_EXPIRED = f"DELETE FROM tasks WHERE expires_at < $1 AND status IN {FINAL_SQL}"
 _COUNTS = "SELECT status, count(*) FROM tasks GROUP BY status"
 _DESCENDANTS = """
 WITH RECURSIVE tree(id) AS (
@@ -99,7 +109,6 @@ _CANCEL_QUEUED = (
 _CANCEL_RUNNING = ("UPDATE tasks SET cancel_requested = 1 WHERE id = ANY($1::bigint[]) "
                    "AND status = 'running' RETURNING id")
 _CANCELS_AMONG = "SELECT id FROM tasks WHERE cancel_requested <> 0 AND id = ANY($1::bigint[])"
-_NOTIFY = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
 
 # -- the workers' statements
 _ACK = ("UPDATE tasks SET status = v.status, result = v.result, error = v.error, "
@@ -113,7 +122,15 @@ _DUE = ("FROM tasks WHERE status = 'queued' AND queue = $1 AND run_at <= $2 "
         "FOR UPDATE SKIP LOCKED LIMIT $4")
 _CLAIM_SET = ("UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = $5, "
               "lease_until = $6, lease_node = $7")
-_CLAIM = f"{_CLAIM_SET} WHERE id IN (SELECT id {_DUE}) RETURNING {CLAIMED_COLUMNS}"
+# A claim and, when it took fewer than asked, the next run_at among the rows left (one
+# statement, one round trip): every row carries it, and a claim that took none is one row
+# of NULLs but for it. Its CTEs share one snapshot, where the claimed rows are still queued.
+_CLAIM = (
+    f"WITH claimed AS ({_CLAIM_SET} WHERE id IN (SELECT id {_DUE}) RETURNING {CLAIMED_COLUMNS}), "
+    "next AS (SELECT CASE WHEN (SELECT count(*) FROM claimed) < $4 THEN (SELECT min(run_at) "
+    "FROM tasks WHERE status = 'queued' AND queue = $1 AND NOT (name = ANY($3::text[])) "
+    "AND id NOT IN (SELECT id FROM claimed)) END AS next_at) "
+    "SELECT claimed.*, next.next_at FROM next LEFT JOIN claimed ON true")
 _CANDIDATES = f"SELECT id, name {_DUE}"
 _CLAIM_PICKED = (f"{_CLAIM_SET.replace('$5', '$1').replace('$6', '$2').replace('$7', '$3')} "
                  f"WHERE id = ANY($4::bigint[]) AND status = 'queued' RETURNING {CLAIMED_COLUMNS}")
@@ -153,6 +170,7 @@ _NODE = ("INSERT INTO nodes (id, started_at, heartbeat_at, version) VALUES ($1, 
          "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at")
 _FORGET_DEAD_NODES = "DELETE FROM nodes WHERE heartbeat_at < $1"
 _FORGET_NODE = "DELETE FROM nodes WHERE id = $1"
+_PEERS = "SELECT id FROM nodes WHERE id <> $1"
 _LIVE_NODES = ("SELECT id, started_at, heartbeat_at, version FROM nodes WHERE heartbeat_at >= $1 "
                "ORDER BY started_at, id")
 
@@ -169,9 +187,12 @@ class _Batched(Generic[V, R]):
     `BatchedWrite` on SQLite): the single enqueues, the acks."""
 
     def __init__(self, store: PgStore,
-                 write_values: Callable[[PgConnection, list[V]], Awaitable[list[R]]]) -> None:
+                 write_values: Callable[[PgConnection, list[V]], Awaitable[list[R]]],
+                 lone_values: Callable[[PgConnection, list[V]], Awaitable[list[R]]] | None = None
+                 ) -> None:
         self._store = store
         self._write_values = write_values
+        self._lone_values = lone_values  # the same as one statement (see `PgStore.write`)
         self._values: list[V] = []
         self._future: asyncio.Future[list[R]] | None = None
         store.add_rider(self._ride)
@@ -192,32 +213,66 @@ class _Batched(Generic[V, R]):
             return
         values, self._values = self._values, []
         future, self._future = self._future, None
-        write_values = self._write_values
+        write_values, lone_values = self._write_values, self._lone_values
 
         async def op(conn: PgConnection) -> list[R]:
             return await write_values(conn, values)
 
-        self._store.join_batch(op, future)
+        async def lone(conn: PgConnection) -> list[R]:
+            assert lone_values is not None
+            return await lone_values(conn, values)
+
+        self._store.join_batch(op, future, lone=None if lone_values is None else lone)
 
 
 class PgTasks:
     """`TaskStore` on a `PgStore`; see the module docstring."""
+
+    # A transaction costs round trips, planning and a WAL flush, a millisecond or more:
+    # claims of short tasks take up to 16 times the workers ahead (pg_bench, bench/README.md).
+    default_claim_ahead = 16
 
     def __init__(self, store: PgStore) -> None:
         self.store = store
         self.node_id = node_id()
         self._started_at = time.time()
         self._version = ""
-        self._single_inserts: _Batched[tuple[Any, ...], int] = _Batched(store, _insert_many)
+        self._single_inserts: _Batched[tuple[Any, ...], int] = _Batched(
+            store, _insert_many, _insert_many_notifying)
         self.insert_one = self._single_inserts.submit
-        self.add_rider = store.add_rider
-        self.request_flush = store.request_flush
+        # Claims are taken in rounds of their own, beside the batch in flight (see
+        # `join_claims`): a claim waited for the acks and events before it to commit.
+        self._claim_riders: list[Callable[[], None]] = []
+        self._claim_round_due = False
         # The limited names as of the last claim: an ack of one wakes every daemon's claims.
         self._limited: frozenset[str] = frozenset()
+        # The other daemons' nodes; None while unknown (not read yet, or news lost while the
+        # listening connection was away): then they are assumed alive.
+        self._peers: set[str] | None = None
+        self._node_news_heard = 0
+        self._peers_reread: asyncio.Task[None] | None = None
 
     @property
     def engine(self) -> PgStore:
         return self.store
+
+    def add_claim_rider(self, rider: Callable[[], None]) -> None:
+        """Call `rider()` at each claim round (the workers' claims join it), not at each
+        write batch: see `join_claims`."""
+        self._claim_riders.append(rider)
+
+    def request_claims(self) -> None:
+        """Take a claim round soon: two loop turns later, so that the claims asked for
+        meanwhile share it (as a write batch does)."""
+        if not self._claim_round_due:
+            self._claim_round_due = True
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self._claim_round)
+
+    def _claim_round(self) -> None:
+        self._claim_round_due = False
+        for rider in self._claim_riders:
+            rider()
 
     @property
     def closed(self) -> bool:
@@ -230,7 +285,52 @@ class PgTasks:
         # waiters woken after the task's final event, its running task cancelled once).
         self.store.listen(DONE, partial(self._heard, done))
         self.store.listen(CANCEL, partial(self._heard, cancel))
+        self.store.listen(NODES, self._node_news)
+        self.store.on_reconnect(self._forget_peers)
         self.store.on_reconnect(reconnect)
+
+    def peers_alive(self) -> bool:
+        """Whether another daemon may share the database (see the module docstring)."""
+        return self._peers is None or bool(self._peers)
+
+    def _node_news(self, payload: str) -> None:
+        self._node_news_heard += 1
+        change, _, node = payload.partition(" ")
+        if self._peers is None or node == self.node_id:
+            return
+        if change == "up":
+            self._peers.add(node)
+        else:
+            self._peers.discard(node)
+
+    def _forget_peers(self) -> None:
+        """News of nodes was lost while the listening connection was away (or it opened after
+        the start's read): unknown, so taken as alive, until read again, at once."""
+        self._peers = None
+        if self._peers_reread is None or self._peers_reread.done():
+            self._peers_reread = asyncio.get_running_loop().create_task(
+                self._reread_peers(), name="read-peers")
+
+    async def _reread_peers(self) -> None:
+        heard = self._node_news_heard
+        try:
+            rows = await self.store.read(_PEERS, (self.node_id,))
+        except Exception as exc:  # the store is away again: the next heartbeat reads them
+            _LOG.warning("tasks.peers_unread", error=describe(exc))
+            return
+        self._set_peers({row[0] for row in rows}, heard)
+
+    async def _read_peers(self, conn: PgConnection) -> None:
+        heard = self._node_news_heard
+        self._set_peers({row[0] for row in await conn.fetch(_PEERS, self.node_id)}, heard)
+
+    def _set_peers(self, found: set[str], heard: int) -> None:
+        """Set the peers from the table as read when `heard` news had come; a daemon heard
+        of during the read is kept (the read may not see its row), one heard gone is
+        forgotten at the next read."""
+        if self._node_news_heard != heard and self._peers is not None:
+            found |= self._peers
+        self._peers = found
 
     def _heard(self, act: Callable[[Sequence[int]], None], payload: str) -> None:
         origin, _, ids = payload.partition(" ")
@@ -312,8 +412,8 @@ class PgTasks:
             tree = [row[0] for row in await conn.fetch(_DESCENDANTS, task_id)]
             ended = await conn.fetch(_CANCEL_QUEUED, now, now + ttl, tree)
             running = [row[0] for row in await conn.fetch(_CANCEL_RUNNING, tree)]
-            await _notify_ids(conn, DONE, [row["id"] for row in ended], self.node_id)
-            await _notify_ids(conn, CANCEL, running, self.node_id)
+            _notify_ids(DONE, [row["id"] for row in ended], self.node_id)
+            _notify_ids(CANCEL, running, self.node_id)
             return ended, running
 
         ended, running = await self.store.write(op)
@@ -325,7 +425,7 @@ class PgTasks:
             if row is None:
                 await _raise_state(conn, task_id, "requeue", "dead, failed or cancelled")
             await conn.execute(_FREE_UNSUCCESSFUL_CHILDREN_KEYS, task_id)
-            await _notify(conn, WORK, [row["queue"]])
+            _notify(WORK, [row["queue"]])
             return row
 
         return TaskRecord.from_row(await self.store.write(op))
@@ -359,9 +459,9 @@ class PgTasks:
             errors = [None if error is None else error.replace("\x00", "\\x00") for error in columns[2]]
             rows = await conn.fetch(_ACK, columns[0], columns[1], errors, columns[3], columns[4],
                                     columns[5], node)
-            await _notify_ids(conn, DONE, [row[0] for row in rows], self.node_id)
+            _notify_ids(DONE, [row[0] for row in rows], self.node_id)
             if not limited().isdisjoint(row[1] for row in rows):
-                await _notify(conn, WORK, [""])  # a limited name's place is free
+                _notify(WORK, [""])  # a limited name's place is free
             if len(rows) == len(acks):
                 return []
             written = {row[0] for row in rows}
@@ -386,7 +486,11 @@ class PgTasks:
                 return await _claim(conn, queue=queue, wanted=wanted, limits=named, lease=lease,
                                     node=node)
 
-            self.store.join_batch(op, future)
+            # Run at once, beside the acks and events in flight rather than after them:
+            # nothing of this daemon's must precede it (it takes committed rows), and
+            # whatever acts on its rows waits for it. Without limited names it is one
+            # statement; limited names are counted and charged in a transaction of several.
+            self.store.write_alone(op, future, one_statement=not named)
 
     def requeue_attempt(self, *, task_id: int, run_at: float, error: str | None,
                         undo_attempt: int, finished_at: float,
@@ -402,8 +506,8 @@ class PgTasks:
                 return "lost"
             status: Literal["queued", "cancelled"] = row["status"]
             if status == "cancelled":
-                await _notify_ids(conn, DONE, [task_id], self.node_id)
-            await _notify(conn, WORK, ["" if row["name"] in self._limited else row["queue"]])
+                _notify_ids(DONE, [task_id], self.node_id)
+            _notify(WORK, ["" if row["name"] in self._limited else row["queue"]])
             return status
 
         return self.store.write(op)
@@ -415,7 +519,7 @@ class PgTasks:
 
         async def op(conn: PgConnection) -> None:
             rows = await conn.fetch(_UNCLAIM, task_ids, node)
-            await _notify(conn, WORK, {row[0] for row in rows})
+            _notify(WORK, {row[0] for row in rows})
 
         return self.store.write(op)
 
@@ -429,6 +533,7 @@ class PgTasks:
             now = time.time()
             await conn.execute(_NODE, node, started_at, now, version)
             await conn.execute(_FORGET_DEAD_NODES, now - _FORGET_NODE_AFTER)
+            await self._read_peers(conn)
             if running:
                 await conn.execute(_RENEW, lease_until, node, running)
             changed = []
@@ -447,8 +552,8 @@ class PgTasks:
                     now + ttl if final else None, row["id"]))
             if changed:
                 ended = [row["id"] for row in changed if row["status"] != "queued"]
-                await _notify_ids(conn, DONE, ended, self.node_id)
-                await _notify(conn, WORK, [""])  # requeued, or a limited name's place freed
+                _notify_ids(DONE, ended, self.node_id)
+                _notify(WORK, [""])  # requeued, or a limited name's place freed
             return changed
 
         return [TaskRecord.from_row(row) for row in await self.store.write(op)]
@@ -464,14 +569,19 @@ class PgTasks:
 
         async def op(conn: PgConnection) -> None:
             await conn.execute(_NODE, node, started_at, started_at, version)
+            notify(NODES, f"up {node}")
+            await self._read_peers(conn)
 
         await self.store.write(op)
 
     async def stop_node(self) -> None:
         node = self.node_id
+        if self._peers_reread is not None:
+            self._peers_reread.cancel()
 
         async def op(conn: PgConnection) -> None:
             await conn.execute(_FORGET_NODE, node)
+            notify(NODES, f"down {node}")
 
         await self.store.write(op)
 
@@ -488,7 +598,14 @@ async def _insert_many(conn: PgConnection, prepared: list[tuple[Any, ...]]) -> l
     """Rows without idempotency keys, in one statement; their ids in order (an identity
     hands out increasing ids in the order the rows are inserted)."""
     rows = await conn.fetch(_INSERT_MANY, *(list(column) for column in zip(*prepared, strict=True)))
-    await _notify(conn, WORK, {values[0] for values in prepared})
+    _notify(WORK, {values[0] for values in prepared})
+    return sorted(row[0] for row in rows)
+
+
+async def _insert_many_notifying(conn: PgConnection, prepared: list[tuple[Any, ...]]) -> list[int]:
+    """`_insert_many` as one statement."""
+    rows = await conn.fetch(_INSERT_MANY_NOTIFYING,
+                            *(list(column) for column in zip(*prepared, strict=True)))
     return sorted(row[0] for row in rows)
 
 
@@ -527,7 +644,7 @@ async def _insert_tasks(conn: PgConnection, prepared: list[tuple[Any, ...]], win
                 break
             # Past its window the key is free again; the old task keeps its history.
             await conn.execute(_FREE_KEY, existing["id"])
-    await _notify(conn, WORK, queues)
+    _notify(WORK, queues)
     return out
 
 
@@ -537,39 +654,32 @@ async def _claim(conn: PgConnection, *, queue: str, wanted: int, limits: NameLim
     limited names are counted in the database under a lock per name (see the module
     docstring). Idempotent: a batch's failure runs it again from the database's state."""
     now = time.time()
-    exhausted: list[str] = []
-    rate_wait: float | None = None
     if not limits:
         rows = await conn.fetch(_CLAIM, queue, now, [], wanted, now, now + lease, node)
-    else:
-        budgets, tokens = await _name_budgets(conn, limits, now)
-        blocked = [name for name, budget in budgets.items() if budget <= 0]
-        candidates = await conn.fetch(_CANDIDATES, queue, now, blocked, wanted + len(budgets) * wanted)
-        picked: list[int] = []
-        for task_id, name in candidates:
-            if len(picked) == wanted:
-                break
-            if name in budgets:
-                if budgets[name] <= 0:
-                    continue
-                budgets[name] -= 1
-                if name in tokens:
-                    tokens[name] -= 1
-            picked.append(task_id)
-        rows = await conn.fetch(_CLAIM_PICKED, now, now + lease, node, picked) if picked else []
-        if tokens:
-            await conn.execute(_SET_BUCKETS, list(tokens), list(tokens.values()), now)
-        exhausted = [name for name, budget in budgets.items() if budget <= 0]
-        waits = [(1 - left) / per_second for name, left in tokens.items()
-                 if left < 1 and (per_second := limits[name][1])]
-        rate_wait = min(waits) if waits else None
+        records = [TaskRecord.claimed(values[:-1], now) for values in rows if values[0] is not None]
+        records.sort(key=_claim_order)
+        return records, rows[0][-1]
+    budgets, tokens = await _name_budgets(conn, limits, now)
+    blocked = [name for name, budget in budgets.items() if budget <= 0]
+    candidates = await conn.fetch(_CANDIDATES, queue, now, blocked, wanted + len(budgets) * wanted)
+    spent: dict[str, int] = {}
+    picked = pick_within_budgets(candidates, wanted, budgets, spent)
+    for name in spent.keys() & tokens.keys():
+        tokens[name] -= spent[name]
+    rows = await conn.fetch(_CLAIM_PICKED, now, now + lease, node, picked) if picked else []
+    if tokens:
+        await conn.execute(_SET_BUCKETS, list(tokens), list(tokens.values()), now)
+    exhausted = [name for name, budget in budgets.items() if budget <= 0]
+    waits = [(1 - left) / per_second for name, left in tokens.items()
+             if left < 1 and (per_second := limits[name][1])]
     records = [TaskRecord.claimed(values, now) for values in rows]
     records.sort(key=_claim_order)
     if len(records) == wanted:
         return records, None
     next_at: float | None = await conn.fetchval(_NEXT_DUE, queue, exhausted)
-    if rate_wait is not None:
-        next_at = min(now + rate_wait, next_at if next_at is not None else now + rate_wait)
+    if waits:
+        rate_at = now + min(waits)
+        next_at = rate_at if next_at is None else min(rate_at, next_at)
     return records, next_at
 
 
@@ -608,14 +718,12 @@ async def _raise_state(conn: PgConnection, task_id: int, action: str, allowed: s
     raise TaskStateError(f"cannot {action} task {task_id}: it is {status}, not {allowed}")
 
 
-async def _notify(conn: PgConnection, channel: str, payloads: Iterable[str]) -> None:
+def _notify(channel: str, payloads: Iterable[str]) -> None:
     """Notify `channel` once per payload at commit (a repeated one is sent once)."""
-    listed = list(payloads)
-    if listed:
-        await conn.execute(_NOTIFY, channel, listed)
+    notify(channel, *payloads)
 
 
-async def _notify_ids(conn: PgConnection, channel: str, ids: list[int], origin: str) -> None:
+def _notify_ids(channel: str, ids: list[int], origin: str) -> None:
     """Notify task ids, comma-separated after the node that sends them (`origin ids`), as
     few notifications as fit."""
     payloads: list[str] = []
@@ -630,4 +738,4 @@ async def _notify_ids(conn: PgConnection, channel: str, ids: list[int], origin: 
         size += len(text) + 1
     if current:
         payloads.append(",".join(current))
-    await _notify(conn, channel, [f"{origin} {ids}" for ids in payloads])
+    _notify(channel, [f"{origin} {ids}" for ids in payloads])

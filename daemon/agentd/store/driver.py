@@ -16,12 +16,11 @@ keys, durability); `write_error` names the storage failure an SQLite error stand
 
 from __future__ import annotations
 
+import importlib.util
 import sqlite3
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
-
-import sqlite_vec
 
 from agentd.config import StoreConfig
 from agentd.errors import (
@@ -85,6 +84,16 @@ IntegrityError: tuple[type[Exception], ...] = (driver.IntegrityError, sqlite3.In
 WAL_SIZE_LIMIT = 64 << 20  # bytes of WAL file kept after a checkpoint resets it
 
 
+def _vec0_path() -> str:
+    """The sqlite-vec extension the `sqlite_vec` package ships, found without importing the
+    package: its `__init__` imports numpy (0.1 s of a daemon's start) for a helper agentd
+    does not use."""
+    spec = importlib.util.find_spec("sqlite_vec")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the sqlite-vec package is not installed")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "vec0")
+
+
 def connect(path: Path, config: StoreConfig, extensions: bool = True) -> Connection:
     """Open `path` with WAL, busy_timeout, foreign keys and the configured durability, and
     sqlite-vec unless `extensions` is False (then on `plain_driver`).
@@ -96,7 +105,7 @@ def connect(path: Path, config: StoreConfig, extensions: bool = True) -> Connect
     conn.row_factory = module.Row
     if extensions:
         conn.enable_load_extension(True)
-        sqlite_vec.load(conn)
+        conn.load_extension(_vec0_path())
         conn.enable_load_extension(False)
     conn.execute(f"PRAGMA busy_timeout = {int(config.busy_timeout_ms)}")
     if conn.execute("PRAGMA page_count").fetchone()[0] == 0:

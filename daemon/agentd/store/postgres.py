@@ -9,7 +9,12 @@ What it gives the parts that store, as `SqliteStore` does on one file:
   batch is rolled back and each op runs again in a transaction of its own, so only the
   failing one fails: ops must act only on the connection (no side effect outside it).
 - `join_batch`/`add_rider`/`request_flush`: writes sized when a batch is taken (acks,
-  claims, the event log), as on SQLite.
+  the event log), as on SQLite.
+- `write_alone(op)`: a write run at once, in a transaction of its own, beside the batch in
+  flight: for a write that no other write of the daemon needs before or after it (a claim
+  takes committed rows; what depends on it waits for its result). One statement
+  (`one_statement=True`) runs on a connection of its own that keeps PostgreSQL's generic
+  plans and does not wait for the WAL flush (see `_ALONE_SETTINGS`).
 - `last=`: a part of a write that runs at the end of its transaction, after every write's
   op (the `last` parts in their writes' order). For a statement that takes a row lock all
   daemons' transactions contend for (the event counter, agentd/postgres/events.py): it is
@@ -17,6 +22,9 @@ What it gives the parts that store, as `SqliteStore` does on one file:
   the transaction, so two transactions never take it and another row lock in opposite
   orders (a deadlock PostgreSQL breaks after `deadlock_timeout`, 1 s, and the batch then
   runs again one write at a time).
+- `notify(channel, *payloads)`: within an op, notifications sent when its transaction
+  commits, in the order given (PostgreSQL sends a repeated one once). They travel with the
+  COMMIT in one round trip, so an op that notifies costs no round trip of its own.
 - `read(sql, params)`: a query on a pooled connection. Statements use asyncpg's `$1`
   placeholders; each part keeps its PostgreSQL statements beside its SQLite ones.
 - `listen(channel, callback)`: notifications, on one connection outside the pool that is
@@ -49,21 +57,33 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from functools import partial
-from importlib import resources
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 import asyncpg
 
 from agentd.config import StoreConfig, redact_url
 from agentd.errors import StoreError, StoreUnavailableError, StoreWriteError, describe
 from agentd.log import get_logger
+from agentd.store.migrations import Migration, load
 
 T = TypeVar("T")
 PgConnection: TypeAlias = asyncpg.Connection
 PgOp = Callable[[PgConnection], Awaitable[T]]
-# A write: its op, its future, and its part run last in its transaction (or None).
-_Batch = list[tuple[PgOp[Any], asyncio.Future[Any], PgOp[Any] | None]]
+
+
+class _Write(NamedTuple):
+    """A write waiting for its batch: its op, its future, its part run last in its
+    transaction (or None), and its one-statement form (or None; see `PgStore.write`)."""
+
+    op: PgOp[Any]
+    future: asyncio.Future[Any]
+    last: PgOp[Any] | None
+    lone: PgOp[Any] | None
+
+
+_Batch = list[_Write]
 
 # Seconds a statement, a connection or a pool checkout may take before the server counts
 # as away: HTTP requests answer 503 within it rather than hang while PostgreSQL is frozen.
@@ -89,16 +109,40 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.InternalClientError,
 )
 
-Migration = tuple[int, str, str]
+
+# The notifications (channel, payload) of the write transaction the current task is running.
+_notices: ContextVar[list[tuple[str, str]] | None] = ContextVar("agentd_pg_notices", default=None)
 
 
-def load_migrations() -> list[Migration]:
-    """agentd.db's PostgreSQL migrations (`agentd/sql/pg/NNNN_*.sql`), by version."""
-    found = []
-    for entry in resources.files("agentd").joinpath("sql/pg").iterdir():
-        if entry.name.endswith(".sql") and entry.name[:4].isdigit():
-            found.append((int(entry.name[:4]), entry.name, entry.read_text()))
-    return sorted(found)
+def notify(channel: str, *payloads: str) -> None:
+    """Send `payloads` on `channel` when the write transaction this op runs in commits
+    (nothing if it rolls back). Only for ops run by `PgStore.write`/`join_batch`; `channel`
+    is one of agentd's own names (a plain identifier), a payload any text without NUL
+    under PostgreSQL's 8,000-byte limit."""
+    pending = _notices.get()
+    if pending is None:
+        raise RuntimeError("notify() outside a PgStore write transaction")
+    pending.extend((channel, payload) for payload in payloads)
+
+
+def notify_sql(notices: list[tuple[str, str]]) -> str:
+    """NOTIFY statements for `notices`, for one simple query (one round trip; alone, one
+    transaction). A payload is a string literal; with `standard_conforming_strings` on (set
+    for every session, see `_SESSION_SETTINGS`) doubling its quotes is all the quoting it
+    needs."""
+    return "; ".join(f"NOTIFY {channel}, '{payload.replace(chr(39), chr(39) * 2)}'"
+                     for channel, payload in notices)
+
+
+def _commit_sql(notices: list[tuple[str, str]]) -> str:
+    """The transaction's notifications and its COMMIT, in one round trip."""
+    return f"{notify_sql(notices)}; COMMIT" if notices else "COMMIT"
+
+
+def load_migrations(folder: str = "sql/pg") -> list[Migration]:
+    """PostgreSQL migrations (`agentd/<folder>/NNNN_*.sql`), by version: agentd.db's by
+    default, memory's in `sql/pg_memory`."""
+    return load(folder)
 
 
 def unavailable(where: str, exc: BaseException, *, committing: bool = False) -> StoreUnavailableError | None:
@@ -121,27 +165,39 @@ class PgStore:
     and one listening connection. `location` (the URL without its password) names it in
     logs and errors."""
 
-    def __init__(self, config: StoreConfig, *, migrations: list[Migration] | None = None) -> None:
+    def __init__(self, config: StoreConfig, *, migrations: list[Migration] | None = None,
+                 version_table: str = "schema_version", setting: str = "[store] url",
+                 settings: dict[str, str] | None = None, component: str = "store") -> None:
+        """`migrations` are recorded in `version_table`, so two sets (the store's, memory's)
+        may share a database; `setting` names the URL's configuration key in errors;
+        `settings` are session settings of every connection, beside agentd's own;
+        `component` tags its log lines, so memory's store is told from the task store."""
         self.config = config
         self.location = redact_url(config.url)
         self.schema_version = 0
+        self._version_table = version_table
+        self._setting = setting
+        self._settings = {**_SESSION_SETTINGS, **(settings or {})}
         self.transactions = 0  # write transactions committed since open
         self.failure: StoreWriteError | None = None
         self._migrations = load_migrations() if migrations is None else migrations
         self._pool: asyncpg.Pool | None = None
+        self._alone_pool: asyncpg.Pool | None = None  # one of `pool_size`, for `write_alone`
         self._pending: _Batch = []
         self._riders: list[Callable[[], None]] = []
         self._flush_scheduled = False
         self._riders_called = False
         self._flushing: asyncio.Task[None] | None = None
+        self._alone: set[asyncio.Task[None]] = set()  # `write_alone`s in flight
         self._prober: asyncio.Task[None] | None = None
         self._reported: StoreWriteError | None = None
         self._channels: dict[str, list[Callable[[str], None]]] = {}
         self._reconnect_callbacks: list[Callable[[], None]] = []
         self._listener: PgConnection | None = None
         self._adding: set[asyncio.Task[None]] = set()  # LISTENs added to the open connection
+        self._listener_busy = asyncio.Lock()  # held by each statement on that connection
         self.listening = asyncio.Event()  # set while the listening connection is open
-        self._log = get_logger("store")
+        self._log = get_logger(component)
 
     @property
     def closed(self) -> bool:
@@ -156,18 +212,15 @@ class PgStore:
     async def open(self) -> None:
         """Open the pool and migrate. Raises StoreError (naming the URL, not its password)."""
         try:
-            self._pool = await asyncpg.create_pool(
-                # min_size 0: no background reconnects (and their warnings) while the server is away.
-                self.config.url, min_size=0, max_size=self.config.pool_size,
-                command_timeout=_COMMAND_TIMEOUT, timeout=_CONNECT_TIMEOUT,
-                server_settings=_SESSION_SETTINGS, reset=_keep_session,
-                max_inactive_connection_lifetime=300.0)
+            self._pool = await self._create_pool(self.config.pool_size - 1, self._settings)
             await self._pool.release(await self._pool.acquire())  # min_size 0 connects nothing
+            self._alone_pool = await self._create_pool(1, {**self._settings, **_ALONE_SETTINGS})
         except Exception as exc:
-            if self._pool is not None:
-                self._pool.terminate()
-                self._pool = None
-            raise StoreError(f"[store] url {self.location}: cannot connect to PostgreSQL: "
+            for pool in (self._pool, self._alone_pool):
+                if pool is not None:
+                    pool.terminate()
+            self._pool = self._alone_pool = None
+            raise StoreError(f"{self._setting} {self.location}: cannot connect to PostgreSQL: "
                              f"{type(exc).__name__}: {exc}") from None
         try:
             self.schema_version = await self._migrate()
@@ -177,8 +230,15 @@ class PgStore:
         self._log.info("store.opened", url=self.location, schema=self.schema_version,
                        driver="asyncpg", pool_size=self.config.pool_size)
 
+    async def _create_pool(self, size: int, settings: dict[str, str]) -> asyncpg.Pool:
+        return await asyncpg.create_pool(
+            # min_size 0: no background reconnects (and their warnings) while the server is away.
+            self.config.url, min_size=0, max_size=size,
+            command_timeout=_COMMAND_TIMEOUT, timeout=_CONNECT_TIMEOUT,
+            server_settings=settings, reset=_keep_session, max_inactive_connection_lifetime=300.0)
+
     async def close(self) -> None:
-        """Commit what is pending, then close the listener and the pool."""
+        """Commit what is pending, then close the listener and the pools."""
         if self._pool is None:
             return
         await self.finish()
@@ -186,14 +246,20 @@ class PgStore:
         if listener is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(listener.close(), _COMMAND_TIMEOUT)
-        pool, self._pool = self._pool, None
-        try:
-            await asyncio.wait_for(pool.close(), _COMMAND_TIMEOUT)
-        except _UNAVAILABLE:
-            pool.terminate()
+        pools = (self._pool, self._alone_pool)
+        self._pool = self._alone_pool = None
+        for pool in pools:
+            if pool is None:
+                continue
+            try:
+                await asyncio.wait_for(pool.close(), _COMMAND_TIMEOUT)
+            except _UNAVAILABLE:
+                pool.terminate()
 
     async def finish(self) -> None:
         """Write what is pending (riders' values included) and stop the write checks."""
+        while self._alone:
+            await asyncio.shield(asyncio.gather(*self._alone))
         while self._flushing is not None or self._pending or self._flush_scheduled:
             if self._flushing is None:
                 self._flush_scheduled = False
@@ -211,12 +277,13 @@ class PgStore:
         latest = self._migrations[-1][0] if self._migrations else 0
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            table = self._version_table
             await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version ("
+                f"CREATE TABLE IF NOT EXISTS {table} ("
                 " version integer PRIMARY KEY, name text NOT NULL, applied_at double precision NOT NULL)")
-            current: int = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+            current: int = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {table}")
             if current > latest:
-                raise StoreError(f"[store] url {self.location}: database schema version {current} is "
+                raise StoreError(f"{self._setting} {self.location}: database schema version {current} is "
                                  f"newer than this agentd knows ({latest}); run a newer agentd")
             for version, name, script in self._migrations:
                 if version <= current:
@@ -224,36 +291,64 @@ class PgStore:
                 try:
                     await conn.execute(script)
                 except asyncpg.PostgresError as exc:
-                    raise StoreError(f"[store] url {self.location}: migration {name} failed: "
+                    raise StoreError(f"{self._setting} {self.location}: migration {name} failed: "
                                      f"{exc}") from exc
-                await conn.execute("INSERT INTO schema_version VALUES ($1, $2, $3)",
+                await conn.execute(f"INSERT INTO {table} VALUES ($1, $2, $3)",
                                    version, name, time.time())
         return max(current, latest)
 
     # -- writes ------------------------------------------------------------------------------
 
-    def write(self, op: PgOp[T], *, last: PgOp[Any] | None = None) -> asyncio.Future[T]:
+    def write(self, op: PgOp[T], *, last: PgOp[Any] | None = None,
+              lone: PgOp[T] | None = None) -> asyncio.Future[T]:
         """Run `await op(connection)` in the next grouped transaction, and `await
         last(connection)` (if given) at the end of that transaction, after every write's op;
         resolve to op's result once committed. A write the server refuses or cannot take
-        fails with a `StoreWriteError`; see the module docstring for the rest of the contract."""
+        fails with a `StoreWriteError`; see the module docstring for the rest of the contract.
+
+        `lone`: the same write as one statement (its notifications in it too), run instead
+        of `op` when the write is alone in its batch, as a transaction of its own without
+        BEGIN and COMMIT: one round trip where `op` in a transaction costs three. That is
+        the path of a lone enqueue or claim on an idle daemon: its dispatch latency."""
         if self._pool is None:
             raise StoreError(f"{self.location}: the store is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         if self._refuses(op, future):
             return future
-        self._pending.append((op, future, last))
+        self._pending.append(_Write(op, future, last, lone))
         self.request_flush()
         return future
 
     def join_batch(self, op: PgOp[T], future: asyncio.Future[T] | None = None, *,
-                   last: PgOp[Any] | None = None) -> asyncio.Future[T]:
+                   last: PgOp[Any] | None = None, lone: PgOp[T] | None = None) -> asyncio.Future[T]:
         """Like `write`, but only joins the next batch: it never starts one by itself."""
         if future is None:
             future = asyncio.get_running_loop().create_future()
         if self._refuses(op, future):
             return future
-        self._pending.append((op, future, last))
+        self._pending.append(_Write(op, future, last, lone))
+        return future
+
+    def write_alone(self, op: PgOp[T], future: asyncio.Future[T] | None = None, *,
+                    one_statement: bool) -> asyncio.Future[T]:
+        """Run `op` now in a transaction of its own, beside the batch in flight rather than
+        after it; resolve to its result. Only for a write whose effect no other write of this
+        daemon must precede or follow (see the module docstring). `one_statement`: `op` runs
+        one statement, which is then its own transaction, on the connection kept for those
+        (generic plans, no wait for the WAL flush); else a pooled connection takes BEGIN,
+        `op` and COMMIT. Failures as `write`'s."""
+        if self._pool is None:
+            raise StoreError(f"{self.location}: the store is closed")
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+        if self._refuses(op, future):
+            return future
+        write = _Write(op, future, None, op)
+        running = asyncio.get_running_loop().create_task(
+            self._run_lone(write, alone=True) if one_statement else self._run_in_own_transaction(write),
+            name="agentd-pg-alone")
+        self._alone.add(running)
+        running.add_done_callback(self._alone.discard)
         return future
 
     def add_rider(self, rider: Callable[[], None]) -> None:
@@ -309,9 +404,9 @@ class PgStore:
                 except BaseException as exc:
                     error = exc if isinstance(exc, StoreError) else StoreError(
                         f"{self.location}: the write failed: {type(exc).__name__}: {exc}")
-                    for _, future, _ in batch:
-                        if not future.done():
-                            future.set_exception(error)
+                    for write in batch:
+                        if not write.future.done():
+                            write.future.set_exception(error)
                     if not isinstance(exc, Exception):
                         raise
                     self._log.error("store.flush_failed", error=f"{type(exc).__name__}: {exc}")
@@ -321,17 +416,20 @@ class PgStore:
                 self.request_flush()
 
     async def _run_batch(self, batch: _Batch) -> None:
-        live = [write for write in batch if not write[1].cancelled()]
+        live = [write for write in batch if not write.future.cancelled()]
         if not live:
             return
         live = self._checks_only_while_away(live)
         if not live:
             return
+        if len(live) == 1 and live[0].lone is not None and live[0].last is None:
+            await self._run_lone(live[0])
+            return
         try:
-            results = await self._transaction([(op, last) for op, _, last in live])
+            results = await self._transaction([(write.op, write.last) for write in live])
         except _OpFailedError:
             # One op raised: run each in its own transaction, so only the failing ones fail.
-            for index, (op, future, last) in enumerate(live):
+            for index, (op, future, last, _) in enumerate(live):
                 try:
                     (result,) = await self._transaction([(op, last)])
                 except _OpFailedError as failed:
@@ -344,12 +442,47 @@ class PgStore:
                     _settle(future, None, result)
             return
         except StoreWriteError as exc:
-            for _, future, _ in live:
-                _settle(future, exc, None)
+            for write in live:
+                _settle(write.future, exc, None)
             self._server_away(exc, [])
             return
-        for (_, future, _), result in zip(live, results, strict=True):
-            _settle(future, None, result)
+        for write, result in zip(live, results, strict=True):
+            _settle(write.future, None, result)
+
+    async def _run_in_own_transaction(self, write: _Write) -> None:
+        try:
+            (result,) = await self._transaction([(write.op, None)])
+        except _OpFailedError as failed:
+            _settle(write.future, failed.error, None)
+        except StoreWriteError as exc:
+            _settle(write.future, exc, None)
+            self._server_away(exc, [])
+        else:
+            _settle(write.future, None, result)
+
+    async def _run_lone(self, write: _Write, *, alone: bool = False) -> None:
+        """Run a write's one-statement form on its own (see `write`): the statement is its
+        own transaction (on the `write_alone` connection if `alone`). An error on the way
+        back may follow its commit."""
+        assert write.lone is not None
+        for attempt in (1, 2):
+            started = time.monotonic()
+            try:
+                async with self._checkout(alone=alone) as conn:
+                    result = await write.lone(conn)
+            except Exception as exc:
+                if attempt == 1 and _stale(exc, started):
+                    continue  # refused before it ran: once more, on a fresh connection
+                error = unavailable(self.location, exc, committing=True)
+                if error is None:
+                    _settle(write.future, exc, None)
+                    return
+                _settle(write.future, error, None)
+                self._server_away(error, [])
+                return
+            self.transactions += 1
+            _settle(write.future, None, result)
+            return
 
     def _refuses(self, op: PgOp[Any], future: asyncio.Future[Any]) -> bool:
         """While the server is known away (a write failed and no write check has passed
@@ -372,10 +505,10 @@ class PgStore:
         if not isinstance(self.failure, StoreUnavailableError):
             return live
         away = self._away()
-        for op, future, _ in live:
-            if op is not _write_check:
-                _settle(future, away, None)
-        return [write for write in live if write[0] is _write_check]
+        for write in live:
+            if write.op is not _write_check:
+                _settle(write.future, away, None)
+        return [write for write in live if write.op is _write_check]
 
     async def _transaction(self, ops: list[tuple[PgOp[Any], PgOp[Any] | None]]) -> list[Any]:
         """Run `ops` in one transaction, each write's op and then, at the end, their `last`
@@ -385,11 +518,12 @@ class PgStore:
         for attempt in (1, 2):
             started = time.monotonic()
             results: list[Any] = []
+            notices: list[tuple[str, str]] = []
             committing = False
             try:
                 async with self._checkout() as conn:
-                    transaction = conn.transaction()
-                    await transaction.start()
+                    await conn.execute("BEGIN")
+                    token = _notices.set(notices)
                     try:
                         for step in steps:
                             try:
@@ -399,10 +533,18 @@ class PgStore:
                                     raise
                                 raise _OpFailedError(exc) from exc
                     except _OpFailedError:
-                        await transaction.rollback()
+                        await conn.execute("ROLLBACK")
                         raise
+                    finally:
+                        _notices.reset(token)
                     committing = True
-                    await transaction.commit()
+                    try:
+                        await conn.execute(_commit_sql(notices))
+                    except asyncpg.PostgresError:
+                        # A statement of the COMMIT's query was refused: the rest did not
+                        # run, and the transaction is left open and aborted.
+                        await conn.execute("ROLLBACK")
+                        raise
             except _OpFailedError:
                 raise
             except Exception as exc:
@@ -417,14 +559,15 @@ class PgStore:
         raise AssertionError("not reached")
 
     @contextlib.asynccontextmanager
-    async def _checkout(self) -> AsyncIterator[PgConnection]:
-        """A pooled connection for one read or one write transaction: the checkout and all
-        that is done with it within `_COMMAND_TIMEOUT`, or TimeoutError. A connection that
-        met the server away (or the deadline) is closed, not given back: its state is
-        unknown, and giving it back would wait on the server (a reset, a cancel request)."""
-        if self._pool is None:
+    async def _checkout(self, *, alone: bool = False) -> AsyncIterator[PgConnection]:
+        """A pooled connection for one read or one write transaction (`write_alone`'s if
+        `alone`): the checkout and all that is done with it within `_COMMAND_TIMEOUT`, or
+        TimeoutError. A connection that met the server away (or the deadline) is closed, not
+        given back: its state is unknown, and giving it back would wait on the server (a
+        reset, a cancel request)."""
+        pool = self._alone_pool if alone else self._pool
+        if pool is None:
             raise StoreError(f"{self.location}: the store is closed")
-        pool = self._pool
         async with asyncio.timeout(_COMMAND_TIMEOUT):
             conn = await pool.acquire()
             try:
@@ -446,8 +589,8 @@ class PgStore:
         self._failed(error)
         waiting, self._pending = self._pending, []
         fresh = unavailable(self.location, error.__cause__) if error.__cause__ is not None else None
-        for _, future, _ in unsent + waiting:
-            _settle(future, fresh or error, None)
+        for write in unsent + waiting:
+            _settle(write.future, fresh or error, None)
 
     def _failed(self, error: StoreWriteError) -> None:
         self.failure = error
@@ -509,10 +652,16 @@ class PgStore:
         this one included), once `run_listener` has the connection open."""
         self._channels.setdefault(channel, []).append(callback)
         if self._listener is not None and len(self._channels[channel]) == 1:
-            adding = asyncio.get_running_loop().create_task(
-                self._listener.add_listener(channel, self._dispatch))
+            adding = asyncio.get_running_loop().create_task(self._add_listener(self._listener, channel))
             self._adding.add(adding)
             adding.add_done_callback(self._added)
+
+    async def _add_listener(self, conn: PgConnection, channel: str) -> None:
+        # One statement at a time on the listening connection: a LISTEN sent while another
+        # (or the liveness check) is in flight is refused ("another operation is in
+        # progress"), and the channel would go unheard until the next reconnect.
+        async with self._listener_busy:
+            await conn.add_listener(channel, self._dispatch)
 
     def _added(self, adding: asyncio.Task[None]) -> None:
         self._adding.discard(adding)
@@ -568,7 +717,8 @@ class PgStore:
                 while not lost.done():
                     await asyncio.wait([lost], timeout=_COMMAND_TIMEOUT)
                     if not lost.done():
-                        await conn.fetchval("SELECT 1", timeout=_COMMAND_TIMEOUT)
+                        async with self._listener_busy:
+                            await conn.fetchval("SELECT 1", timeout=_COMMAND_TIMEOUT)
             except Exception as exc:
                 if unavailable(self.location, exc) is None:
                     raise
@@ -639,12 +789,24 @@ async def _write_check(conn: PgConnection) -> None:
 
 
 # Set when a connection opens (no round trip of its own). JIT compiling one of agentd's
-# short statements costs more than running it. A generic plan is made for a prepared
-# statement after five runs, and asyncpg keeps statements prepared per connection: one made
-# while `tasks` was nearly empty seq-scanned it for good (pg_bench's auto_explain saw each
-# ack read 20,000-40,000 rows); a custom plan per run costs tens of microseconds.
+# short statements costs more than running it. A plan per run (`force_custom_plan`): a
+# prepared statement's generic plan (PostgreSQL's after five runs; asyncpg keeps statements
+# prepared per connection) made while `tasks` was nearly empty seq-scanned it for good
+# (pg_bench's auto_explain saw each ack read 20,000-40,000 rows).
 _SESSION_SETTINGS = {"jit": "off", "plan_cache_mode": "force_custom_plan",
+                     "standard_conforming_strings": "on",
                      "application_name": f"agentd-{os.getpid()}"}
+# `write_alone`'s connection keeps generic plans: the claim's is right whatever the table
+# held when it was made (its index matches its order and limit), and planning it each time
+# is what is costly: its `run_at <= $2` made the planner probe the queue index's end through
+# every entry the last claims left dead. On a queue of 60,000 a claim took 37 ms planned per
+# run against 1 ms with its generic plan, and pg_bench's server CPU per task grew with the
+# table (228 us at 40,000 tasks, 81 us with generic plans).
+# Its commits do not wait for the WAL to reach the disk: a claim lost with the server's
+# crash leaves its tasks queued, to run again (at least once, as after a daemon's crash; the
+# late acknowledgement of a run is then dropped), and a claim is no write anyone was told
+# had been stored. Waiting for the flush was the claims' largest wait in pg_bench.
+_ALONE_SETTINGS = {**_SESSION_SETTINGS, "plan_cache_mode": "auto", "synchronous_commit": "off"}
 
 
 async def _keep_session(conn: PgConnection) -> None:

@@ -82,8 +82,9 @@ async def inbound_hook(request: web.Request) -> web.Response:
     payload = _hook_body(raw)
     headers = {h: _text(request.headers[h]) for h in _FORWARDED_HEADERS if h in request.headers}
     try:
-        async with daemon.hooks.taking(name, delivery):
-            event = await daemon.publish_durably(f"hook.{name}", {"body": payload, "headers": headers})
+        async with daemon.hooks.taking(name, delivery) as take:
+            event = await daemon.publish_durably(f"hook.{name}", {"body": payload, "headers": headers},
+                                                 alongside=take)
     except ReplayedDeliveryError as exc:
         raise ApiError(409, "duplicate_delivery", str(exc)) from None
     return web.json_response({"id": daemon.eventlog.stream_id(event), "topic": event.topic}, status=202)

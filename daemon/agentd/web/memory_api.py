@@ -107,6 +107,16 @@ async def get_memory(request: web.Request) -> web.Response:
     return web.json_response((await _memory(request).get(_memory_id(request))).to_dict())
 
 
+@routes.get(r"/v1/memory/{id:\d+}/history")
+@doc("A memory's history, oldest first: `created`, each `updated` (with the text and metadata "
+     "before), `superseded` (by a correction)", tag="memory",
+     responses={**_UNAVAILABLE, 200: "`history`", 404: "No such memory"})
+async def memory_history(request: web.Request) -> web.Response:
+    changes = await _memory(request).history(_memory_id(request))
+    return web.json_response({"memory_id": _memory_id(request),
+                              "history": [change.to_dict() for change in changes]})
+
+
 @routes.patch(r"/v1/memory/{id:\d+}")
 @doc("Change a memory's text (embedded again), metadata or expiry (null: never expires)",
      tag="memory",

@@ -45,6 +45,7 @@ class RouteDoc:
     extra_query: tuple[dict[str, Any], ...] = ()
     public: bool = False
     stream: bool = False
+    schemas: dict[int, dict[str, Any]] | None = None
 
 
 def doc(
@@ -59,6 +60,7 @@ def doc(
     extra_query: tuple[dict[str, Any], ...] = (),
     public: bool = False,
     stream: bool = False,
+    schemas: dict[int, dict[str, Any]] | None = None,
 ) -> Callable[[H], H]:
     """Attach OpenAPI documentation to a handler.
 
@@ -75,13 +77,15 @@ def doc(
         extra_query: OpenAPI parameter objects no Struct can state (a JSON-valued parameter).
         public: True when the route needs no bearer token.
         stream: True when the route also accepts a stream token as `?token=`.
+        schemas: status → the JSON schema of that answer's body, for an answer of the
+            route's own that is not the error envelope (an error status's default).
     """
 
     def attach(handler: H) -> H:
         handler.__openapi__ = RouteDoc(  # type: ignore[attr-defined]
             summary=summary, tag=tag, responses=responses or {200: "OK"}, body=body,
             optional_body=optional_body, query=query, path=path, extra_query=extra_query,
-            public=public, stream=stream)
+            public=public, stream=stream, schemas=schemas)
         return handler
 
     return attach
@@ -129,12 +133,7 @@ def _operation(path: str, method: str, route_doc: RouteDoc, schema_of: dict[Any,
         "tags": [route_doc.tag],
         "parameters": params,
         "responses": {
-            str(status): (
-                {"description": text,
-                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-                if status >= 400
-                else {"description": text}
-            )
+            str(status): _response(status, text, (route_doc.schemas or {}).get(status))
             for status, text in sorted(responses.items())
         },
     }
@@ -146,6 +145,16 @@ def _operation(path: str, method: str, route_doc: RouteDoc, schema_of: dict[Any,
     if route_doc.public:
         operation["security"] = []
     return operation
+
+
+def _response(status: int, text: str, schema: dict[str, Any] | None) -> dict[str, Any]:
+    """A response object: its own schema if the route gives one, the error envelope for an
+    error status, else no body schema."""
+    if schema is None and status >= 400:
+        schema = {"$ref": "#/components/schemas/Error"}
+    if schema is None:
+        return {"description": text}
+    return {"description": text, "content": {"application/json": {"schema": schema}}}
 
 
 def _errors(route_doc: RouteDoc, params: list[dict[str, Any]], method: str,

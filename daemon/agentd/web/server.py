@@ -1,4 +1,5 @@
-"""The aiohttp application: its middlewares (JSON errors, Host, origin, auth, intake) and the listener."""
+"""The aiohttp application: its middlewares (access log, JSON errors, Host, origin, auth,
+intake) and the listener."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from aiohttp.typedefs import Middleware
 
 from agentd.errors import AgentdError
 from agentd.log import get_logger
+from agentd.web.access import add_request_id, make_access_middleware
 from agentd.web.auth import (
     STREAM_TOKENS,
     StreamTokens,
@@ -81,12 +83,14 @@ async def intake(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def build_app(daemon: Daemon, *route_tables: web.RouteTableDef) -> web.Application:
-    """The application with its middlewares: JSON errors, then the Host check, the origin
+    """The application with its middlewares: the access log around everything, JSON
+    errors, then the Host check, the origin
     check (which answers CORS preflights), auth and intake, each only for what passed the
     ones before it; responses to listed origins carry CORS headers."""
     config = daemon.config
     stream_tokens = StreamTokens(config.streams)
     middlewares: list[Middleware] = [
+        make_access_middleware(config.log.access),
         json_errors,
         make_host_middleware(config.server.host, config.server.allowed_hosts),
         make_origin_middleware(config.server.allowed_origins),
@@ -103,6 +107,7 @@ def build_app(daemon: Daemon, *route_tables: web.RouteTableDef) -> web.Applicati
     app[STREAMS] = set()
     app[SOCKETS] = set()
     app.on_startup.append(load_stream_key)
+    app.on_response_prepare.append(add_request_id)
     if config.server.allowed_origins:
         app.on_response_prepare.append(make_cors_signal(config.server.allowed_origins))
     app.on_shutdown.append(close_streams)
@@ -135,8 +140,10 @@ class HttpServer:
         # `header_timeout` it bounds how long a half-sent request line or header holds a
         # socket (aiohttp's default is an hour), and how long an idle keep-alive lingers.
         header_timeout = app[DAEMON].config.server.header_timeout
+        # access_log=None: agentd's own (agentd/web/access.py) replaces aiohttp's, which
+        # logged the query string, stream tokens included.
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0,
-                                     keepalive_timeout=header_timeout)
+                                     keepalive_timeout=header_timeout, access_log=None)
         self._host = host
         self._requested_port = port
         self.port = port

@@ -43,11 +43,25 @@ async def healthz(request: web.Request) -> web.Response:
     })
 
 
+# /readyz's answer, ready or not: a probe reads `ready`, a person `checks`.
+_READINESS = {
+    "type": "object", "required": ["ready", "checks"],
+    "properties": {
+        "ready": {"type": "boolean"},
+        "checks": {"type": "object", "description": "Each check by name (store, plugins, loops, "
+                   "loop_lag, intake): `ok` and what it found",
+                   "additionalProperties": {"type": "object", "required": ["ok"],
+                                            "properties": {"ok": {"type": "boolean"}}}},
+    },
+}
+
+
 @routes.get("/readyz")
 @doc("Readiness: store writable, plugins started and none failed, background loops running, "
      "event-loop lag bounded",
      tag="system",
-     responses={200: "Ready", 503: "Not ready; `checks` says which check failed"})
+     responses={200: "Ready", 503: "Not ready; `checks` says which check failed"},
+     schemas={200: _READINESS, 503: _READINESS})
 async def readyz(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     checks: dict[str, dict[str, object]] = {}

@@ -8,6 +8,7 @@ import msgspec
 from aiohttp import web
 from msgspec import UNSET, UnsetType
 
+from agentd.jsontext import lenient_encoder
 from agentd.taskdef import INTERNAL_PREFIX
 from agentd.taskqueue import FINAL_STATES, TaskQueue, TaskRecord, TaskRequest
 from agentd.web.errors import ApiError, invalid, path_id, read_body, read_query
@@ -16,6 +17,10 @@ from agentd.web.schemas import TaskBatch, TaskBody, TaskItem, TaskListQuery, Tas
 from agentd.web.server import DAEMON
 
 routes = web.RouteTableDef()
+# A batch's answer holds up to thousands of records, already JSON (arguments and results are
+# checked when stored): orjson writes it several times as fast as the stdlib, which took a
+# fifth of a daemon's time in pg_bench's enqueue of 1,000 tasks a request.
+_encode_many = lenient_encoder()
 T = TypeVar("T")
 
 
@@ -74,7 +79,8 @@ async def enqueue_batch(request: web.Request) -> web.Response:
     requests = [_request(item, where=f"tasks[{index}]: ") for index, item in enumerate(batch.tasks)]
     outcomes = await request.app[DAEMON].queue.enqueue_many(requests)
     return web.json_response(
-        {"tasks": [{**o.task.to_dict(), "created": o.created} for o in outcomes]}, status=201)
+        {"tasks": [{**o.task.to_dict(), "created": o.created} for o in outcomes]}, status=201,
+        dumps=_encode_many)
 
 
 @routes.get("/v1/tasks")

@@ -385,7 +385,7 @@ def _task_id(message: dict[str, Any]) -> int:
 
 @routes.get("/v1/ws")
 @doc("WebSocket: subscribe (with resume), publish, submit, cancel, result, ping; the "
-     "protocol is in the README", tag="streams", stream=True,
+     "protocol is in docs/streams.md", tag="streams", stream=True,
      query={"token": "a stream token from POST /v1/stream-tokens (for browsers)"},
      responses={101: "Switching to the WebSocket protocol"})
 async def websocket(request: web.Request) -> web.WebSocketResponse:

@@ -1,0 +1,523 @@
+"""`MemoryStore` (agentd/memory.py) on PostgreSQL with pgvector, shared by every daemon on
+the database: what an agent learned through one daemon is recalled through all, at once.
+
+The tables are `agentd/sql/pg_memory/`'s, with migrations of their own (recorded in
+`memory_schema_version`), so memory lives in the store's database or in another one
+(`[memory] url`). Its own pool (`[memory] pool_size` connections): a slow embedding-heavy
+write never holds the queue's connections.
+
+Vectors. `memories.embedding` is typed `vector(<dimension>)` at the first open, with the
+embedder recorded in `memory_meta` (a daemon with another embedder refuses to start, as on
+SQLite), and indexed by HNSW (`[memory] hnsw_m`, `hnsw_ef_construction`) over the live
+memories only (a partial index: superseded ones keep their vector, so a forgotten
+correction's original comes back without embedding it again, but leave the search; one
+copied from memory.db, where superseded memories have none, is embedded then). Every
+connection searches with `hnsw.ef_search = [memory] hnsw_ef_search` and pgvector 0.8's
+iterative scans (`hnsw.iterative_scan = relaxed_order`): a filter (a namespace, metadata)
+that drops most of the nearest rows makes the scan go on until `k` pass, instead of
+returning fewer. Relaxed order may return the nearest slightly out of order: they are
+sorted again here. A namespace small enough is searched exactly, through its b-tree
+index, when the planner finds that cheaper.
+
+Filters. Every metadata filter applies inside the search, in SQL (`metadata -> key`), on
+any key: `[memory] filter_fields` is SQLite's notion only. A value matches as JSON or as
+its text (`{"n": 5}` matches 5 and "5", as on SQLite).
+
+Keywords. Hybrid recall fuses the vector ranking with PostgreSQL full-text search on
+`keywords` (a generated `tsvector`, 'simple' configuration: no stemming, like FTS5's
+default tokenizer), ranked by `ts_rank_cd`, any of the query's words matching: the
+memories with every word first. Ranking reads each match, so a query of common words would
+rank most of a namespace: at most 1,000 matches with every word, and 1,000 with some, found
+in the index's order, are ranked (SQLite's FTS5 ranks every match).
+
+Duplicates. One live memory per text and namespace (a unique partial index): two daemons
+remembering the same text at once store it once, and both get that memory. A near
+duplicate (cosine similarity at least `dedupe_threshold`) is found by a search before the
+write, as on SQLite; two daemons writing near duplicates in the same instant may both
+store theirs. Unlike SQLite, an update that would give a memory the text of another live
+memory of its namespace is refused (ValueError). An expired memory the purge has not
+reached yet gives up its text's place to a new memory of the same text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from types import EllipsisType
+from typing import Any
+
+import asyncpg
+
+from agentd.config import MemoryConfig, StoreConfig
+from agentd.embed import Embedder
+from agentd.errors import EmbedderMismatchError, MemoryNotFoundError, StoreError
+from agentd.log import get_logger
+from agentd.memory import (
+    DEFAULT_NAMESPACE,
+    ChainChangedError,
+    Memory,
+    MemoryChange,
+    Recalled,
+    Session,
+    as_json,
+    changed,
+    check_expiry,
+    check_memory,
+    check_name,
+    check_recall,
+    delete_replanning,
+    digest,
+    fuse,
+    matches,
+    plan_delete,
+)
+from agentd.store.postgres import PgConnection, PgStore, load_migrations
+
+# The advisory lock under which the first daemon types the vector column and builds the
+# index: "agentdm" in ASCII (the store's migrations take "agentd", the scheduler "agentds").
+_VECTORS_LOCK = 0x6167656E74646D
+# Rows fetched per search beyond `k`, for the live-row checks after it (a row expiring
+# between the search and the read) to leave `k`.
+_SPARE = 8
+# Keyword matches ranked per hybrid recall at most, of those with every word of the query
+# and again of those with some.
+_KEYWORD_CANDIDATES = 1000
+_COLUMNS = ("id, namespace, text, metadata, created_at, updated_at, expires_at, supersedes, "
+            "superseded_by")
+_LIVE = "superseded_by IS NULL AND (expires_at IS NULL OR expires_at > $2)"
+_RECORD_CHANGE = ("INSERT INTO memory_history (memory_id, event, text, old_text, metadata, "
+                  "old_metadata, superseded_by, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+_RECORD_SUPERSEDED = ("INSERT INTO memory_history (memory_id, event, text, metadata, superseded_by, at) "
+                      "SELECT id, 'superseded', text, metadata::text, $2, $3 FROM memories WHERE id = $1")
+
+
+class PgMemory:
+    """`MemoryStore` on a PostgreSQL database with pgvector; see the module docstring."""
+
+    def __init__(self, config: MemoryConfig, url: str, embedder: Embedder, *,
+                 setting: str = "[memory] url") -> None:
+        self.config = config
+        self.embedder = embedder
+        self.store = PgStore(StoreConfig(url=url, pool_size=config.pool_size),
+                             migrations=load_migrations("sql/pg_memory"),
+                             version_table="memory_schema_version", setting=setting,
+                             settings=_search_settings(config), component="memory")
+        self._setting = setting
+        self._log = get_logger("memory")
+
+    @property
+    def location(self) -> str:
+        return self.store.location
+
+    async def open(self, *, check_embedder: bool = True) -> None:
+        try:
+            await self.store.open()
+        except StoreError as exc:
+            if "vector" in str(exc) and "extension" in str(exc):
+                raise StoreError(
+                    f"{exc}; memory on PostgreSQL needs the pgvector extension on the server "
+                    f"(Debian: postgresql-<version>-pgvector), or {self._setting} naming a "
+                    "database that has it") from None
+            raise
+        if not check_embedder:
+            return
+        try:
+            await self._check_embedder()
+        except BaseException:
+            await self.store.close()
+            raise
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    def _wanted(self) -> dict[str, str]:
+        return {"embedder": self.embedder.id, "dimension": str(self.embedder.dimension)}
+
+    async def _check_embedder(self) -> None:
+        wanted = self._wanted()
+
+        async def op(conn: PgConnection) -> dict[str, str]:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _VECTORS_LOCK)
+            rows = await conn.fetch("SELECT key, value FROM memory_meta")
+            meta = {row["key"]: row["value"] for row in rows}
+            if not meta:
+                await self._create_vectors(conn, wanted)
+                return wanted
+            return meta
+
+        meta = await self.store.write(op)
+        different = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
+        if different:
+            held = ", ".join(f"{k} {a!r} (configured: {b!r})" for k, (a, b) in different.items())
+            raise EmbedderMismatchError(
+                f"{self.location} holds vectors made with {held}; stop the daemons and run "
+                "`agentd memory reembed` to rebuild them with the configured embedder")
+
+    async def _create_vectors(self, conn: PgConnection, meta: Mapping[str, str]) -> None:
+        """Type the vector column with the embedder's dimension (vectors of another go) and
+        build the index; record what made the vectors."""
+        await conn.execute("DROP INDEX IF EXISTS memories_embedding")
+        await conn.execute(f"ALTER TABLE memories ALTER COLUMN embedding TYPE "
+                           f"vector({int(self.embedder.dimension)}) USING NULL")
+        await self._build_index(conn)
+        await conn.executemany(
+            "INSERT INTO memory_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE "
+            "SET value = excluded.value", list(meta.items()))
+
+    async def _build_index(self, conn: PgConnection) -> None:
+        """Build the HNSW index, in the caller's transaction, with `hnsw_build_memory_mb`."""
+        await conn.execute(f"SET LOCAL maintenance_work_mem = '{int(self.config.hnsw_build_memory_mb)}MB'")
+        await conn.execute(
+            "CREATE INDEX memories_embedding ON memories USING hnsw (embedding vector_cosine_ops) "
+            f"WITH (m = {int(self.config.hnsw_m)}, "
+            f"ef_construction = {int(self.config.hnsw_ef_construction)}) "
+            "WHERE superseded_by IS NULL")
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def session(self, session_id: str) -> Session:
+        return Session(self, session_id)
+
+    async def append_message(self, session_id: str, role: str, content: str, meta_json: str, *,
+                             now: float, expires_at: float) -> int:
+        async def op(conn: PgConnection) -> int:
+            await conn.execute("DELETE FROM memory_sessions WHERE id = $1 AND expires_at <= $2",
+                               session_id, now)
+            await conn.execute(
+                "INSERT INTO memory_sessions (id, expires_at, updated_at) VALUES ($1, $2, $3) "
+                "ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at, "
+                "updated_at = excluded.updated_at", session_id, expires_at, now)
+            message_id: int = await conn.fetchval(
+                "INSERT INTO memory_messages (session_id, role, content, meta, created_at) "
+                "VALUES ($1, $2, $3, $4, $5) RETURNING id", session_id, role, content, meta_json, now)
+            return message_id
+
+        return await self.store.write(op)
+
+    async def session_messages(self, session_id: str, now: float, limit: int) -> Sequence[Any]:
+        return await self.store.read(
+            "SELECT m.* FROM memory_messages m JOIN memory_sessions s ON s.id = m.session_id "
+            "WHERE m.session_id = $1 AND s.expires_at > $2 ORDER BY m.id DESC LIMIT $3",
+            (session_id, now, limit))
+
+    async def clear_session(self, session_id: str) -> int:
+        async def op(conn: PgConnection) -> int:
+            count: int = await conn.fetchval(
+                "SELECT count(*) FROM memory_messages WHERE session_id = $1", session_id)
+            await conn.execute("DELETE FROM memory_sessions WHERE id = $1", session_id)
+            return count
+
+        return await self.store.write(op)
+
+    # -- long-term ---------------------------------------------------------------------------
+
+    async def remember(self, text: str, namespace: str = DEFAULT_NAMESPACE,
+                       metadata: Mapping[str, Any] | None = None, expires_at: float | None = None,
+                       supersedes: int | None = None) -> tuple[Memory, bool]:
+        namespace, metadata_json, text_digest = check_memory(text, namespace, metadata, expires_at)
+        if supersedes is None:
+            existing = await self.store.read_one(
+                f"SELECT {_COLUMNS} FROM memories WHERE namespace = $1 AND hash = $3 AND {_LIVE}",
+                (namespace, time.time(), text_digest))
+            if existing is not None:
+                return _memory(existing), False
+        (vector,) = await self.embedder.embed([text])
+        self._check_dimension(vector)
+        if supersedes is None:
+            near = await self._nearest(vector, namespace)
+            if near is not None:
+                return near, False
+        now = time.time()
+        embedding = _vector_text(vector)
+
+        async def op(conn: PgConnection) -> tuple[Any, bool]:
+            if supersedes is not None:
+                old = await conn.fetchval(
+                    "SELECT namespace FROM memories WHERE id = $1 FOR UPDATE", supersedes)
+                if old != namespace:
+                    raise MemoryNotFoundError(
+                        f"supersedes: no memory {supersedes} in namespace {namespace!r}")
+                # Out of the live texts first: a correction may repeat the text it corrects.
+                await conn.execute("UPDATE memories SET hash = hash || ':superseded' WHERE id = $1",
+                                   supersedes)
+            else:
+                await conn.execute(
+                    "UPDATE memories SET hash = hash || ':expired:' || id WHERE namespace = $1 "
+                    "AND hash = $2 AND superseded_by IS NULL AND expires_at <= $3",
+                    namespace, text_digest, now)
+            row = await conn.fetchrow(
+                "INSERT INTO memories (namespace, text, metadata, hash, created_at, updated_at, "
+                "expires_at, supersedes, embedding) VALUES ($1, $2, $3::jsonb, $4, $5, $5, $6, $7, "
+                "$8::text::vector) ON CONFLICT (namespace, hash) WHERE superseded_by IS NULL "
+                f"DO NOTHING RETURNING {_COLUMNS}",
+                namespace, text, metadata_json, text_digest, now, expires_at, supersedes, embedding)
+            if row is None:  # the same text, remembered through another daemon a moment ago
+                return await conn.fetchrow(
+                    f"SELECT {_COLUMNS} FROM memories WHERE namespace = $1 AND hash = $2 "
+                    "AND superseded_by IS NULL", namespace, text_digest), False
+            await conn.execute(_RECORD_CHANGE, row["id"], "created", text, None, metadata_json,
+                               None, None, now)
+            if supersedes is not None:
+                await conn.execute(
+                    "UPDATE memories SET superseded_by = $1, hash = left(hash, 64) WHERE id = $2",
+                    row["id"], supersedes)
+                await conn.execute(_RECORD_SUPERSEDED, supersedes, row["id"], now)
+            return row, True
+
+        row, created = await self.store.write(op)
+        return _memory(row), created
+
+    async def recall(self, query: str, namespace: str = DEFAULT_NAMESPACE, k: int = 10,
+                     where: Mapping[str, Any] | None = None, hybrid: bool = False) -> list[Recalled]:
+        namespace = check_recall(query, namespace, k)
+        filters, params = _filters(where or {}, first=5)
+        (vector,) = await self.embedder.embed([query])
+        self._check_dimension(vector)
+        rows = await self.store.read(
+            f"SELECT {_COLUMNS}, embedding <=> $3::text::vector AS distance FROM memories "
+            f"WHERE namespace = $1 AND {_LIVE} AND embedding IS NOT NULL{filters} "
+            "ORDER BY embedding <=> $3::text::vector LIMIT $4",
+            (namespace, time.time(), _vector_text(vector), k + _SPARE, *params))
+        rows = sorted(rows, key=lambda row: row["distance"])  # relaxed order: see the docstring
+        distances = {row["id"]: float(row["distance"]) for row in rows}
+        keyword_ranked = await self._keyword(query, namespace, k + _SPARE, where or {}) if hybrid else None
+        return fuse([_memory(row) for row in rows], distances, keyword_ranked, k)
+
+    async def get(self, memory_id: int) -> Memory:
+        row = await self.store.read_one(f"SELECT {_COLUMNS} FROM memories WHERE id = $1", (memory_id,))
+        if row is None:
+            raise MemoryNotFoundError(f"no memory with id {memory_id}")
+        return _memory(row)
+
+    async def history(self, memory_id: int) -> list[MemoryChange]:
+        await self.get(memory_id)
+        rows = await self.store.read(
+            "SELECT * FROM memory_history WHERE memory_id = $1 ORDER BY id", (memory_id,))
+        return [MemoryChange._from_row(row) for row in rows]
+
+    async def update(self, memory_id: int, text: str | None = None,
+                     metadata: Mapping[str, Any] | None = None,
+                     expires_at: float | EllipsisType | None = ...) -> Memory:
+        if expires_at is not ...:
+            check_expiry(expires_at)
+        current = await self.get(memory_id)
+        new_text = current.text if text is None else text
+        if not isinstance(new_text, str) or not new_text.strip():
+            raise ValueError("text must be a non-empty string")
+        new_meta_json = as_json(current.metadata if metadata is None else metadata, "metadata")
+        vector = None
+        if text is not None:
+            (vector,) = await self.embedder.embed([new_text])
+            self._check_dimension(vector)
+        now = time.time()
+
+        async def op(conn: PgConnection) -> Any:
+            before = await conn.fetchrow(
+                "SELECT text, metadata::text AS metadata FROM memories "
+                "WHERE id = $1 FOR UPDATE", memory_id)
+            if before is None:
+                raise MemoryNotFoundError(f"no memory with id {memory_id}")
+            row = await conn.fetchrow(
+                "UPDATE memories SET text = $1, metadata = $2::jsonb, hash = $3, updated_at = $4, "
+                "expires_at = CASE WHEN $5 THEN expires_at ELSE $6 END, "
+                "embedding = coalesce($7::text::vector, embedding) "
+                f"WHERE id = $8 RETURNING {_COLUMNS}",
+                new_text, new_meta_json, digest(new_text), now, expires_at is ...,
+                None if expires_at is ... else expires_at,
+                None if vector is None else _vector_text(vector), memory_id)
+            if changed(before["text"], before["metadata"], new_text, new_meta_json):
+                await conn.execute(_RECORD_CHANGE, memory_id, "updated", new_text, before["text"],
+                                   new_meta_json, before["metadata"], None, now)
+            return row
+
+        try:
+            row = await self.store.write(op)
+        except asyncpg.UniqueViolationError:
+            raise ValueError(f"text: namespace {current.namespace!r} already holds a memory of "
+                             "this text") from None
+        return _memory(row)
+
+    async def forget(self, memory_id: int | None = None, namespace: str | None = None,
+                     where: Mapping[str, Any] | None = None) -> int:
+        if memory_id is None and namespace is None:
+            raise ValueError("give a memory id, or a namespace (with an optional where)")
+        if memory_id is not None:
+            await self.get(memory_id)
+            ids = [memory_id]
+        else:
+            rows = await self.store.read(
+                "SELECT id, metadata FROM memories WHERE namespace = $1",
+                (check_name(namespace or "", "namespace"),))
+            ids = [row["id"] for row in rows if matches(json.loads(row["metadata"]), where or {})]
+        return await delete_replanning(self._delete_once, ids)
+
+    async def purge_expired(self) -> dict[str, int]:
+        now = time.time()
+        expired = [row["id"] for row in await self.store.read(
+            "SELECT id FROM memories WHERE expires_at IS NOT NULL AND expires_at <= $1", (now,))]
+        memories = await delete_replanning(self._delete_once, expired)
+
+        async def op(conn: PgConnection) -> int:
+            return len(await conn.fetch(
+                "DELETE FROM memory_sessions WHERE expires_at <= $1 RETURNING id", now))
+
+        return {"memories": memories, "sessions": await self.store.write(op)}
+
+    async def _delete_once(self, doomed: set[int]) -> int:
+        """Delete `doomed`, keeping the correction chains whole (see `plan_delete`): an
+        original that becomes the newest again is live at once, its vector kept."""
+        chain_sql = ("SELECT id, supersedes, superseded_by FROM memories WHERE id = ANY($1) "
+                     "ORDER BY id")
+        rows = {row["id"]: row for row in await self.store.read(chain_sql, (list(doomed),))}
+        seen = [tuple(row) for row in rows.values()]
+        relinks, revive = plan_delete(rows, doomed)
+        # An original without a vector (copied from memory.db, where a superseded memory
+        # leaves the index: agentd store copy) is embedded before it comes back.
+        bare = await self.store.read(
+            "SELECT id, text FROM memories WHERE id = ANY($1) AND embedding IS NULL",
+            (list(revive),)) if revive else []
+        vectors = await self.embedder.embed([row["text"] for row in bare]) if bare else []
+        for vector in vectors:
+            self._check_dimension(vector)
+
+        async def op(conn: PgConnection) -> int:
+            if [tuple(row) for row in await conn.fetch(chain_sql + " FOR UPDATE", list(doomed))] != seen:
+                raise ChainChangedError
+            if bare:
+                await conn.executemany(
+                    "UPDATE memories SET embedding = $2::text::vector WHERE id = $1 AND embedding IS NULL",
+                    [(row["id"], _vector_text(vector)) for row, vector in zip(bare, vectors, strict=True)])
+            # Relinked first, so no original is left pointing at a deleted correction (which
+            # would make it live, beside the correction that stays). The originals that come
+            # back (the delete's foreign key clears their `superseded_by`) enter the live
+            # texts under a key of their own, then take their text's if no live memory took
+            # it meanwhile (else they are live beside it, a duplicate the search shows).
+            for original, successor in relinks.items():
+                await conn.execute("UPDATE memories SET superseded_by = $1 WHERE id = $2",
+                                   successor, original)
+                await conn.execute("UPDATE memories SET supersedes = $1 WHERE id = $2",
+                                   original, successor)
+            if revive:
+                await conn.execute("UPDATE memories SET hash = left(hash, 64) || ':revived:' || id "
+                                   "WHERE id = ANY($1)", list(revive))
+            deleted = len(await conn.fetch(
+                "DELETE FROM memories WHERE id = ANY($1) RETURNING id", list(doomed)))
+            if revive:
+                await conn.execute(
+                    "UPDATE memories m SET hash = left(m.hash, 64) WHERE m.id = ANY($1) "
+                    "AND m.superseded_by IS NULL AND NOT EXISTS (SELECT 1 FROM memories o "
+                    "WHERE o.namespace = m.namespace AND o.hash = left(m.hash, 64) "
+                    "AND o.superseded_by IS NULL AND o.id <> m.id)", list(revive))
+            return deleted
+
+        return await self.store.write(op)
+
+    async def stats(self) -> dict[str, Any]:
+        rows = await self.store.read(
+            "SELECT namespace, count(*) AS n FROM memories WHERE superseded_by IS NULL GROUP BY namespace")
+        counts = await self.store.read_one(
+            "SELECT (SELECT count(*) FROM memory_sessions) AS sessions, "
+            "(SELECT count(*) FROM memory_messages) AS messages")
+        return {"embedder": self.embedder.id, "dimension": self.embedder.dimension,
+                "namespaces": {row["namespace"]: row["n"] for row in rows},
+                "sessions": counts["sessions"] if counts else 0,
+                "messages": counts["messages"] if counts else 0}
+
+    async def reembed(self, batch: int = 64) -> int:
+        """Every memory's vector (superseded ones too: they may come back) made again with
+        the configured embedder, and the index built once, after them."""
+        rows = await self.store.read("SELECT id, text FROM memories ORDER BY id")
+        vectors: list[list[float]] = []
+        for start in range(0, len(rows), batch):
+            vectors.extend(await self.embedder.embed([row["text"] for row in rows[start:start + batch]]))
+        for vector in vectors:
+            self._check_dimension(vector)
+        wanted = self._wanted()
+
+        async def op(conn: PgConnection) -> int:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _VECTORS_LOCK)
+            await conn.execute("DROP INDEX IF EXISTS memories_embedding")
+            await conn.execute(f"ALTER TABLE memories ALTER COLUMN embedding TYPE "
+                               f"vector({int(self.embedder.dimension)}) USING NULL")
+            await conn.executemany(
+                "UPDATE memories SET embedding = $2::text::vector WHERE id = $1",
+                [(row["id"], _vector_text(vector)) for row, vector in zip(rows, vectors, strict=True)])
+            await self._build_index(conn)
+            await conn.executemany(
+                "INSERT INTO memory_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE "
+                "SET value = excluded.value", list(wanted.items()))
+            return len(rows)
+
+        return await self.store.write(op)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _check_dimension(self, vector: Sequence[float]) -> None:
+        if len(vector) != self.embedder.dimension:
+            raise EmbedderMismatchError(
+                f"the embedder returned {len(vector)} dimensions, not {self.embedder.dimension}")
+
+    async def _nearest(self, vector: list[float], namespace: str) -> Memory | None:
+        row = await self.store.read_one(
+            f"SELECT {_COLUMNS}, embedding <=> $3::text::vector AS distance FROM memories "
+            f"WHERE namespace = $1 AND {_LIVE} AND embedding IS NOT NULL "
+            "ORDER BY embedding <=> $3::text::vector LIMIT 1",
+            (namespace, time.time(), _vector_text(vector)))
+        if row is None or 1.0 - float(row["distance"]) < self.config.dedupe_threshold:
+            return None
+        return _memory(row)
+
+    async def _keyword(self, query: str, namespace: str, limit: int,
+                       where: Mapping[str, Any]) -> list[Memory]:
+        words = re.findall(r"\w+", query)
+        if not words:
+            return []
+        filters, params = _filters(where, first=7)
+        candidates = (f"SELECT {_COLUMNS}, keywords, {{every}} AS every_word FROM memories "
+                      f"WHERE namespace = $1 AND {_LIVE}{filters} AND {{match}} LIMIT $6")
+        every_word = candidates.format(every=1, match="keywords @@ to_tsquery('simple', $3)")
+        some_word = candidates.format(every=0, match="keywords @@ to_tsquery('simple', $5) "
+                                                     "AND NOT keywords @@ to_tsquery('simple', $3)")
+        rows = await self.store.read(
+            # Ranking reads each match's tsvector: see the module docstring for the bound.
+            f"SELECT {_COLUMNS} FROM (({every_word}) UNION ALL ({some_word})) AS candidates "
+            "ORDER BY every_word DESC, ts_rank_cd(keywords, to_tsquery('simple', $5)) DESC, id LIMIT $4",
+            (namespace, time.time(), " & ".join(f"'{word}'" for word in words), limit,
+             " | ".join(f"'{word}'" for word in words), _KEYWORD_CANDIDATES, *params))
+        return [_memory(row) for row in rows]
+
+
+def _search_settings(config: MemoryConfig) -> dict[str, str]:
+    """The session settings of memory's connections (see the module docstring)."""
+    return {"hnsw.ef_search": str(config.hnsw_ef_search), "hnsw.iterative_scan": "relaxed_order"}
+
+
+def _filters(where: Mapping[str, Any], *, first: int) -> tuple[str, list[Any]]:
+    """`where` ({key: value or [values]}) as SQL conditions on `metadata`, with their
+    parameters numbered from `first`. A value matches as JSON, or by its text as SQLite's
+    filters match (5 and "5" match each other); None matches an absent key too."""
+    if not isinstance(where, Mapping):
+        raise ValueError("where must be an object of field: value")
+    clauses: list[str] = []
+    params: list[Any] = []
+    for key, value in where.items():
+        allowed = value if isinstance(value, list) else [value]
+        key_at, json_at, text_at = (first + len(params) + i for i in range(3))
+        absent = f" OR NOT metadata ? ${key_at}" if None in allowed else ""
+        clauses.append(f" AND (metadata -> ${key_at} = ANY(${json_at}::jsonb[]) "
+                       f"OR metadata ->> ${key_at} = ANY(${text_at}::text[]){absent})")
+        params += [str(key), sorted({json.dumps(v) for v in allowed} | {json.dumps(str(v)) for v in allowed}),
+                   sorted({str(v) for v in allowed if v is not None})]
+    return "".join(clauses), params
+
+
+def _vector_text(vector: Sequence[float]) -> str:
+    """A vector in pgvector's text form (asyncpg has no codec for the type)."""
+    return "[" + ",".join(repr(float(x)) for x in vector) + "]"
+
+
+def _memory(row: Any) -> Memory:
+    """A memory from its row (metadata comes as JSON text: asyncpg decodes no jsonb)."""
+    return Memory._from_row(row)
