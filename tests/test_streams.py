@@ -90,6 +90,34 @@ async def test_default_rules_keep_tokens_out_and_task_events_durable(start_daemo
     assert row["time"] == finished.time
 
 
+async def test_a_task_claimed_before_its_enqueue_returns_is_still_queued_before_started(
+        start_daemon: Any) -> None:
+    """A task's row is claimable once it commits, before the enqueue that committed it
+    resumes to publish `task.queued`. Here every enqueue is held after its commit until a
+    worker has claimed its task: the worker must still publish `task.started` second."""
+    daemon, _ = await start_daemon()
+    live = daemon.bus.subscribe("task.**", name="test.live")
+    tasks = daemon.queue.tasks
+    insert_one = tasks.insert_one
+
+    async def insert_then_wait_for_the_claim(values: tuple[Any, ...]) -> int:
+        task_id = await insert_one(values)
+        for queue in daemon.config.tasks.queues:
+            daemon.workers.wake(queue)
+        deadline = time.monotonic() + FRAME_TIMEOUT
+        while (await daemon.queue.get(task_id)).status == "queued":
+            assert time.monotonic() < deadline, "no worker claimed the task"
+            await asyncio.sleep(0.005)  # noqa: sleep - polls the row, bounded by the deadline
+        return task_id
+
+    tasks.insert_one = insert_then_wait_for_the_claim
+    record = await daemon.queue.enqueue("agentd.purge_tasks")
+    final = await daemon.queue.wait(record.id, timeout=10)
+    assert final.status == "succeeded"
+    seen = [(await live.get()).topic for _ in range(3)]
+    assert seen == ["task.queued", "task.started", "task.succeeded"]
+
+
 async def test_custom_persistence_rules_replace_the_defaults(start_daemon: Any) -> None:
     daemon, _ = await start_daemon(overrides={"events": {"persistence": [
         "audit.**=durable", "noise.*=ephemeral", "**=ring"]}})
