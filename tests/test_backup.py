@@ -28,9 +28,9 @@ from agentd import __version__
 from agentd.backup import MANIFEST, PREFIX, BackupFile
 from agentd.config import load_config
 from agentd.errors import ConfigError
+from agentd.events import Event
 from agentd.store.lock import BackupLock
 from agentd.store.migrations import SCHEMA_VERSION
-from agentd.events import Event
 from agentd.testing import ManualClock, daemon_url, running_daemon
 from conftest import HEAVY
 from pg import fresh_database
