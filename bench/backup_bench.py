@@ -6,10 +6,11 @@ takes, at how many MB/s, and how much the writers' latency grows meanwhile.
 A real `agentd run` on a temp dir (loopback, a free port) with a plugin task that does
 nothing; `--writers` HTTP clients POST tasks with 16 KB of arguments until agentd.db holds
 about `--mb` MB (the maintenance schedule, run over the API between batches, folds the WAL
-into it; the database figure printed adds the WAL left at the backup). Then the same writers post `--sample` tasks with no backup running (the
-baseline latency), and again while `agentd backup` runs as a subprocess (they stop when it
-ends, or at `--sample` tasks if it ends first). Every loop is bounded in count. Prints a
-JSON line on stdout and a markdown table on stderr.
+into it; the database figure printed adds the WAL left at the backup). Then the same
+writers post `--sample` tasks with no backup running (the baseline latency), and again
+while `agentd backup` runs as a subprocess, until it ends (at most 100 times `--sample`
+tasks). Every loop is bounded in count. Prints a JSON line on stdout and a markdown table
+on stderr.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 import aiohttp
 
 PAD = "x" * 16_000
+DAEMON = Path(__file__).resolve().parent.parent / "daemon"
 PLUGIN = """
 from agentd import Plugin
 
@@ -92,7 +94,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         level = "warning"
         access = false
     """))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "daemon")}
+    env = {**os.environ, "PYTHONPATH": str(DAEMON)}
     daemon = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agentd", "run", "--config", str(config), env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
@@ -129,7 +131,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         backup = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agentd", "backup", "--config", str(config), str(root / "backups"),
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await backup.communicate()
+        _, err = await backup.communicate()
         wall = time.perf_counter() - started
         done.set()
         during = await during_task
@@ -153,14 +155,16 @@ def _wal(database: Path) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=int, default=100, help="agentd.db's size to reach, MB")
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--sample", type=int, default=400, help="tasks per latency sample")
     result = asyncio.run(main(parser.parse_args()))
     print(json.dumps(result))
     base, during = result["writes_baseline"], result["writes_during"]
-    print(f"| database + WAL | backup | copy | command | MB/s | write p50 / p99 / max, no backup | during the backup |\n"
+    print("| database + WAL | backup | copy | command | MB/s | write p50 / p99 / max, no backup "
+          "| during the backup |\n"
           f"|---|---|---|---|---|---|---|\n"
           f"| {result['database_mb']} MB | {result['backup_mb']} MB | {result['copy_s']} s | "
           f"{result['command_s']} s | {result['mb_per_s']} | {base['p50_ms']:.1f} / {base['p99_ms']:.1f} / "

@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from agentd import __version__
 from agentd.config import Config
 from agentd.errors import BackupError, StoreLockedError
 from agentd.store.driver import Connection, Error, driver, plain_driver
@@ -174,11 +173,11 @@ def sources(config: Config) -> list[Source]:
     return found
 
 
-def make_backup(files: Sequence[Source], directory: Path, *, made_by: MadeBy,
+def make_backup(files: Sequence[Source], directory: Path, *, made_by: MadeBy, version: str,
                 cancel: threading.Event | None = None) -> Backup:
-    """Copy `files` into a new backup in `directory` (created if missing); blocking (see
-    `take` for the daemon's loop). With `cancel` set meanwhile, the copy stops at its next
-    step and nothing of it is left.
+    """Copy `files` into a new backup in `directory` (created if missing), its manifest
+    naming agentd `version`; blocking (see `take` for the daemon's loop). With `cancel`
+    set meanwhile, the copy stops at its next step and nothing of it is left.
 
     Raises:
         BackupError: a file cannot be read or copied, the copy is damaged, the directory
@@ -196,7 +195,7 @@ def make_backup(files: Sequence[Source], directory: Path, *, made_by: MadeBy,
         raise BackupError(f"cannot write the backup directory {directory}: {exc}") from None
     try:
         copied = [_copy(source, partial / FILE_NAMES[source.role], cancel) for source in files]
-        manifest = Manifest(agentd_version=__version__, created_at=_iso(began),
+        manifest = Manifest(agentd_version=version, created_at=_iso(began),
                             seconds=round(time.monotonic() - started, 3), made_by=made_by,
                             files=tuple(copied))
         with (partial / MANIFEST).open("w") as out:
@@ -216,12 +215,13 @@ def make_backup(files: Sequence[Source], directory: Path, *, made_by: MadeBy,
     return Backup(final, manifest)
 
 
-async def take(files: Sequence[Source], directory: Path, *, made_by: MadeBy) -> Backup:
+async def take(files: Sequence[Source], directory: Path, *, made_by: MadeBy,
+               version: str) -> Backup:
     """`make_backup` in a thread, off the loop; cancelled, it stops the copy at its next
     step and waits for that (a thread cannot be interrupted), then re-raises."""
     cancel = threading.Event()
     work = asyncio.ensure_future(asyncio.to_thread(
-        make_backup, files, directory, made_by=made_by, cancel=cancel))
+        make_backup, files, directory, made_by=made_by, version=version, cancel=cancel))
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:

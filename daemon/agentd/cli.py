@@ -540,7 +540,8 @@ def _backup(config: Config, directory: str | None) -> int:
     target = config.backup_dir if directory is None else Path(directory).absolute()
     assert target is not None
     try:
-        made = backup.make_backup(backup.sources(config), target, made_by="command")
+        made = backup.make_backup(backup.sources(config), target, made_by="command",
+                                  version=__version__)
     except AgentdError as exc:
         print(f"agentd: backup: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -26,8 +26,10 @@ SOURCE: Final[DeclaredSource] = "builtin"  # the source of the schedules `regist
 
 
 def register(registry: TaskRegistry, config: Config, *, store: Database, queue: TaskQueue,
-             eventlog: EventLog, memory: Callable[[], MemoryStore | None]) -> list[ScheduleSpec]:
-    """Register the maintenance tasks; return their schedules (intervals from agentd.toml)."""
+             eventlog: EventLog, memory: Callable[[], MemoryStore | None],
+             version: str) -> list[ScheduleSpec]:
+    """Register the maintenance tasks; return their schedules (intervals from agentd.toml).
+    `version` is agentd's, for the backups' manifests."""
 
     async def purge_tasks(ctx: Context) -> dict[str, int]:
         return {"deleted": await queue.purge_expired()}
@@ -53,7 +55,7 @@ def register(registry: TaskRegistry, config: Config, *, store: Database, queue: 
         ("agentd.purge_memory", purge_memory, config.memory.purge_interval),
     ]
     if config.backup_dir is not None:
-        jobs.append(("agentd.backup", _back_up(config, config.backup_dir, queue),
+        jobs.append(("agentd.backup", _back_up(config, config.backup_dir, queue, version),
                      config.backup.every))
     specs = []
     for name, fn, interval in jobs:
@@ -63,15 +65,16 @@ def register(registry: TaskRegistry, config: Config, *, store: Database, queue: 
     return specs
 
 
-def _back_up(config: Config, directory: Path,
-              queue: TaskQueue) -> Callable[[Context], Any]:
+def _back_up(config: Config, directory: Path, queue: TaskQueue,
+             version: str) -> Callable[[Context], Any]:
     """The scheduled backup's task: a backup into `directory`, then the scheduled ones but
     the newest `[backup] keep` deleted; logged (`backup.created`) and published
     (`daemon.backed_up`) with the backup's path, size and time and the backups deleted."""
     log = get_logger("backup")
 
     async def back_up(ctx: Context) -> dict[str, Any]:
-        made = await backup.take(backup.sources(config), directory, made_by="schedule")
+        made = await backup.take(backup.sources(config), directory, made_by="schedule",
+                                 version=version)
         pruned = await asyncio.to_thread(backup.prune, directory, config.backup.keep)
         summary = {"path": str(made.path), "bytes": made.bytes,
                    "seconds": made.manifest.seconds,
