@@ -25,7 +25,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agentd import __version__
-from agentd.backup import MANIFEST, PREFIX, BackupFile
+from agentd.backup import MANIFEST, PREFIX, BackupFile, sources, take
 from agentd.config import load_config
 from agentd.errors import ConfigError
 from agentd.events import Event
@@ -34,6 +34,7 @@ from agentd.store.migrations import SCHEMA_VERSION
 from agentd.testing import ManualClock, daemon_url, running_daemon
 from conftest import HEAVY
 from pg import fresh_database
+from test_disk_full import until
 
 PLUGIN = {"bk.py": '''
 from agentd import Plugin
@@ -326,3 +327,26 @@ async def test_a_backup_under_way_turns_the_truncate_checkpoint_passive(tmp_path
         assert done["checkpoint_busy"] == 0
         # Once no backup runs, the TRUNCATE runs as before and empties the WAL.
         assert (await daemon.store.maintain())["wal_pages"] == 0
+
+
+async def test_a_cancelled_backup_stops_and_leaves_nothing(tmp_path: Path) -> None:
+    """A scheduled backup runs in a thread; cancelled (the daemon stopping), it stops at its
+    next step and removes what it wrote. The file's backup lock is held here, as a
+    checkpoint holds it, so the copy cannot finish before the cancellation."""
+    async with running_daemon(tmp_path, overrides=QUIET) as daemon:
+        config = daemon.config
+    backups = tmp_path / "b"
+    with BackupLock(config.database_path).exclusive_unless_busy() as free:
+        assert free
+        taking = asyncio.create_task(take(sources(config), backups, made_by="schedule",
+                                          version=__version__))
+
+        async def started() -> bool:
+            return backups.is_dir() and any(backups.iterdir())
+
+        await until(started)
+        taking.cancel()
+        await asyncio.sleep(0)  # noqa: sleep - one loop turn: take's cancellation handler runs first
+    with pytest.raises(asyncio.CancelledError):
+        await taking
+    assert list(backups.iterdir()) == []
