@@ -359,7 +359,12 @@ def prune(directory: Path, keep: int) -> list[Path]:
 def _copy(source: Source, target: Path, cancel: threading.Event | None) -> BackupFile:
     """Copy `source` to `target` in one snapshot, check the copy, and describe it."""
     module = plain_driver if source.role == "store" else driver
-    with BackupLock(source.path).shared():
+    with ExitStack() as held:
+        try:
+            held.enter_context(BackupLock(source.path).shared())
+        except OSError as exc:
+            raise BackupError(f"{source.path}: cannot take its backup lock: {exc} (run the "
+                              "backup as the daemon's user)") from None
         try:
             src: Connection = module.connect(str(source.path), isolation_level=None,
                                              check_same_thread=False)
