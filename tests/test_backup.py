@@ -107,6 +107,8 @@ async def test_a_backup_under_write_load_restores_every_task_committed_before_it
     backups = tmp_path / "backups"
     async with aiohttp.ClientSession(f"http://127.0.0.1:{port}",
                                      timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with session.post("/v1/memory", json={"text": "the backup keeps this"}) as reply:
+            assert reply.status == 201, await reply.text()
         writers = [asyncio.create_task(load(session)) for _ in range(4)]
         async with asyncio.timeout(WAIT):
             while len(acked) < PREFILL:
@@ -141,6 +143,8 @@ async def test_a_backup_under_write_load_restores_every_task_committed_before_it
     assert not after & restored
     assert _integrity(database) == ["ok"]
     assert _integrity(tmp_path / "data" / "memory.db") == ["ok"]
+    with sqlite3.connect(tmp_path / "data" / "memory.db") as memory:
+        assert memory.execute("SELECT text FROM memories").fetchall() == [("the backup keeps this",)]
     # The replaced files were set aside, whole: the live database had every task.
     (aside,) = (tmp_path / "data").glob("replaced-*")
     assert f"the files it replaced are in {aside}" in out
