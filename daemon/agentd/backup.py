@@ -34,7 +34,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -226,7 +226,8 @@ async def take(files: Sequence[Source], directory: Path, *, made_by: MadeBy,
         return await asyncio.shield(work)
     except asyncio.CancelledError:
         cancel.set()
-        await asyncio.wait({work})
+        with suppress(BackupError):  # "cancelled": the caller hears the cancellation
+            await work
         raise
 
 
