@@ -40,8 +40,9 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool killed 
 _DESCRIPTION = """\
 agentd runs AI agents and their background work (schedules, a durable task queue, event
 handlers, long-term memory) in one process with one SQLite file. `agentd run` starts the
-daemon; the other commands ask a running daemon over its HTTP API, at the address and
-with the token of the same configuration."""
+daemon; most other commands ask a running daemon over its HTTP API, at the address and
+with the token of the same configuration. `check-config`, `store copy`, `memory reembed`,
+`backup` and `restore` work on the configuration and the files themselves."""
 
 _EPILOG = """\
 examples:
