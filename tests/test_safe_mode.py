@@ -1,0 +1,244 @@
+"""Safe mode: a real `agentd run`, whose plugin kills it as it starts, serves its third start
+without plugins, workers or scheduler, says why in its log, /healthz, /readyz, /v1/status and
+`agentd status`, and stays so until an operator clears it. Stops asked for and starts that
+lasted never count. Every wait is on the daemon's output or its HTTP answers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agentd.config import load_config
+from agentd.errors import ConfigError
+from agentd.safemode import JOURNAL_NAME
+from conftest import PROCESS_TIMEOUT, AgentdProcess
+
+# Killed at import, as a plugin with a fatal bug (a crashing C extension, os._exit) would be.
+KILLER = """
+import os
+import signal
+
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+# The killer, fixed.
+FIXED = """
+from agentd import Plugin
+
+plugin = Plugin("boom")
+
+
+@plugin.task()
+async def ping(ctx):
+    return "pong"
+"""
+
+# Kills the daemon at import only while the file `kill` is next to agentd.toml.
+KILL_WHILE_FILE = """
+import os
+import signal
+from pathlib import Path
+
+from agentd import Plugin
+
+if (Path.cwd() / "kill").exists():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+plugin = Plugin("boom")
+"""
+
+
+def write_setup(root: Path, plugin: str, safe_mode_after: float = 30.0) -> Path:
+    """agentd.toml with all state under `root` and the plugin `boom` in root/plugins."""
+    (root / "plugins").mkdir(exist_ok=True)
+    (root / "plugins" / "boom.py").write_text(textwrap.dedent(plugin).lstrip())
+    config = root / "agentd.toml"
+    config.write_text(textwrap.dedent(f"""
+        [daemon]
+        data_dir = "data"
+        stop_timeout = 5.0
+        safe_mode_after = {safe_mode_after}
+
+        [plugins]
+        paths = ["plugins"]
+        entry_points = false
+        """))
+    return config
+
+
+async def get(port: int, path: str) -> tuple[int, Any]:
+    timeout = aiohttp.ClientTimeout(total=PROCESS_TIMEOUT)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(
+            f"http://127.0.0.1:{port}{path}") as response:
+        return response.status, await response.json()
+
+
+async def post(port: int, path: str) -> tuple[int, Any]:
+    timeout = aiohttp.ClientTimeout(total=PROCESS_TIMEOUT)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
+            f"http://127.0.0.1:{port}{path}") as response:
+        return response.status, await response.json()
+
+
+async def crash(agentd_process: Callable[..., Any], config: Path) -> None:
+    """One start that the plugin kills."""
+    child: AgentdProcess = await agentd_process("run", "--config", str(config))
+    assert await child.finish() == -signal.SIGKILL, child.stderr
+    assert not any(record["event"] == "daemon.started" for record in child.records())
+
+
+async def serve(agentd_process: Callable[..., Any], config: Path,
+                *args: str) -> tuple[AgentdProcess, int]:
+    child: AgentdProcess = await agentd_process("run", "--config", str(config), *args)
+    return child, await child.started()
+
+
+def plugin_names(health: dict[str, Any]) -> list[str]:
+    return [plugin["name"] for plugin in health["plugins"]]
+
+
+async def test_the_third_start_after_two_crashes_serves_in_safe_mode_until_cleared_by_the_api(
+    tmp_path: Path, agentd_process: Callable[..., Any], run_cli: Callable[..., Any],
+    process_env: Callable[..., Any],
+) -> None:
+    config = write_setup(tmp_path, KILLER)
+    await crash(agentd_process, config)
+    await crash(agentd_process, config)
+
+    child, port = await serve(agentd_process, config)
+    logged = next(r for r in child.records() if r["event"] == "daemon.safe_mode")
+    assert logged["level"] == "warning"
+    assert "the last 2 starts ended" in logged["reason"]
+    assert len(logged["crashes"]) == 2
+    assert "--no-safe-mode" in logged["clear"]
+    assert not any(r["event"] == "plugin.loaded" for r in child.records())
+    assert next(r for r in child.records() if r["event"] == "daemon.started")["safe_mode"] is True
+
+    status, health = await get(port, "/healthz")
+    assert (status, health["status"], plugin_names(health)) == (200, "degraded", [])
+    assert health["safe_mode"]["reason"] == logged["reason"]
+    assert health["safe_mode"]["cleared"] is False
+    assert [crash["pid"] for crash in health["safe_mode"]["crashes"]] == [
+        crash["pid"] for crash in logged["crashes"]]
+    status, ready = await get(port, "/readyz")
+    assert (status, ready["checks"]["safe_mode"]["ok"]) == (503, False)
+    _, daemon_status = await get(port, "/v1/status")
+    assert daemon_status["safe_mode"]["reason"] == logged["reason"]
+    loops = {loop["name"] for loop in daemon_status["loops"]}
+    assert "scheduler" not in loops and not any(name.startswith("claim:") for name in loops)
+
+    code, out, err = await run_cli("status", "--config", str(config),
+                                   env=process_env(AGENTD_SERVER_PORT=str(port)))
+    assert code == 0
+    assert json.loads(out)["safe_mode"]["reason"] == logged["reason"]
+    assert "serves in safe mode" in err and "--no-safe-mode" in err
+
+    status, cleared = await post(port, "/v1/safe-mode/clear")
+    assert (status, cleared) == (200, {"was_recorded": True, "safe_mode": True,
+                                       "next_start": "normal"})
+    # This process stays in safe mode: its plugins were never loaded.
+    _, health = await get(port, "/healthz")
+    assert health["safe_mode"]["cleared"] is True and plugin_names(health) == []
+    assert await child.finish(signal.SIGTERM) == 0
+
+    (tmp_path / "plugins" / "boom.py").write_text(FIXED)  # the operator's fix
+    child, port = await serve(agentd_process, config)
+    _, health = await get(port, "/healthz")
+    assert (health["status"], health["safe_mode"], plugin_names(health)) == ("ok", None, ["boom"])
+    assert (await get(port, "/readyz"))[0] == 200
+    assert await child.finish(signal.SIGTERM) == 0
+
+
+async def test_safe_mode_outlasts_clean_restarts_until_run_with_no_safe_mode(
+    tmp_path: Path, agentd_process: Callable[..., Any],
+) -> None:
+    config = write_setup(tmp_path, KILLER)
+    await crash(agentd_process, config)
+    await crash(agentd_process, config)
+    child, port = await serve(agentd_process, config)
+    assert (await get(port, "/v1/status"))[1]["safe_mode"] is not None
+    assert await child.finish(signal.SIGTERM) == 0
+
+    (tmp_path / "plugins" / "boom.py").write_text(FIXED)
+    child, port = await serve(agentd_process, config)  # fixed, but not cleared
+    _, health = await get(port, "/healthz")
+    assert health["safe_mode"] is not None and plugin_names(health) == []
+    assert await child.finish(signal.SIGTERM) == 0
+
+    child, port = await serve(agentd_process, config, "--no-safe-mode")
+    cleared = next(r for r in child.records() if r["event"] == "daemon.safe_mode_cleared")
+    assert cleared["by"] == "agentd run --no-safe-mode"
+    _, health = await get(port, "/healthz")
+    assert (health["safe_mode"], plugin_names(health)) == (None, ["boom"])
+    assert await child.finish(signal.SIGTERM) == 0
+
+    child, port = await serve(agentd_process, config)  # the record was reset for good
+    assert (await get(port, "/healthz"))[1]["safe_mode"] is None
+    assert await child.finish(signal.SIGTERM) == 0
+
+
+async def test_starts_stopped_at_once_by_sigterm_never_count_as_crashes(
+    tmp_path: Path, agentd_process: Callable[..., Any],
+) -> None:
+    config = write_setup(tmp_path, FIXED)
+    for _ in range(3):
+        child, port = await serve(agentd_process, config)
+        assert (await get(port, "/healthz"))[1]["safe_mode"] is None
+        assert await child.finish(signal.SIGTERM) == 0
+    record = json.loads((tmp_path / "data" / JOURNAL_NAME).read_text())
+    assert [start["outcome"] for start in record["starts"]] == ["stopped"] * 3
+
+
+async def test_a_start_that_served_safe_mode_after_seconds_ends_the_run_of_crashes(
+    tmp_path: Path, agentd_process: Callable[..., Any],
+) -> None:
+    config = write_setup(tmp_path, KILL_WHILE_FILE, safe_mode_after=0.5)
+    kill = tmp_path / "kill"
+    kill.touch()
+    await crash(agentd_process, config)
+    kill.unlink()
+    child, _ = await serve(agentd_process, config)
+    await child.wait_for_log("daemon.start_survived")
+    child.proc.kill()  # killed after it lasted: not a start that crashed
+    await child.finish()
+    kill.touch()
+    await crash(agentd_process, config)
+    kill.unlink()
+    # Two kills in a row, but the first ended after the start had lasted: one crash only.
+    child, port = await serve(agentd_process, config)
+    _, health = await get(port, "/healthz")
+    assert (health["safe_mode"], plugin_names(health)) == (None, ["boom"])
+    assert await child.finish(signal.SIGTERM) == 0
+
+
+async def test_clear_without_safe_mode_forgets_the_crashes_and_says_nothing_was_recorded(
+    tmp_path: Path, agentd_process: Callable[..., Any],
+) -> None:
+    config = write_setup(tmp_path, KILL_WHILE_FILE)
+    kill = tmp_path / "kill"
+    kill.touch()
+    await crash(agentd_process, config)
+    kill.unlink()
+    child, port = await serve(agentd_process, config)  # one crash so far: a normal start
+    status, cleared = await post(port, "/v1/safe-mode/clear")
+    assert (status, cleared) == (200, {"was_recorded": False, "safe_mode": False,
+                                       "next_start": "normal"})
+    child.proc.kill()  # a second crash, but the first was forgotten
+    await child.finish()
+    child, port = await serve(agentd_process, config)
+    assert (await get(port, "/healthz"))[1]["safe_mode"] is None
+    assert await child.finish(signal.SIGTERM) == 0
+
+
+def test_safe_mode_after_must_be_positive(tmp_path: Path) -> None:
+    path = tmp_path / "agentd.toml"
+    path.write_text("[daemon]\nsafe_mode_after = 0\n")
+    with pytest.raises(ConfigError, match=r"agentd.toml: \[daemon\] safe_mode_after: expected a positive"):
+        load_config(path)
