@@ -5,10 +5,13 @@ lasted never count. Every wait is on the daemon's output or its HTTP answers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import signal
+import socket
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +97,28 @@ async def crash(agentd_process: Callable[..., Any], config: Path) -> None:
     assert not any(record["event"] == "daemon.started" for record in child.records())
 
 
-async def serve(agentd_process: Callable[..., Any], config: Path,
-                *args: str) -> tuple[AgentdProcess, int]:
-    child: AgentdProcess = await agentd_process("run", "--config", str(config), *args)
+async def serve(agentd_process: Callable[..., Any], config: Path, *args: str,
+                env: dict[str, str] | None = None) -> tuple[AgentdProcess, int]:
+    child: AgentdProcess = await agentd_process("run", "--config", str(config), *args, env=env)
     return child, await child.started()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET: (socket, path)."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    try:
+        yield sock, path
+    finally:
+        sock.close()
+
+
+async def receive(sock: socket.socket) -> str:
+    data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 4096), PROCESS_TIMEOUT)
+    return data.decode()
 
 
 def plugin_names(health: dict[str, Any]) -> list[str]:
@@ -157,13 +178,20 @@ async def test_the_third_start_after_two_crashes_serves_in_safe_mode_until_clear
 
 
 async def test_safe_mode_outlasts_clean_restarts_until_run_with_no_safe_mode(
-    tmp_path: Path, agentd_process: Callable[..., Any],
+    tmp_path: Path, agentd_process: Callable[..., Any], process_env: Callable[..., Any],
+    notify_socket: tuple[socket.socket, str],
 ) -> None:
     config = write_setup(tmp_path, KILLER)
     await crash(agentd_process, config)
     await crash(agentd_process, config)
-    child, port = await serve(agentd_process, config)
+    sock, path = notify_socket
+    child, port = await serve(agentd_process, config, env=process_env(NOTIFY_SOCKET=path))
     assert (await get(port, "/v1/status"))[1]["safe_mode"] is not None
+    # What `systemctl status agentd` shows: at READY=1, then in every status line.
+    assert (await receive(sock)).splitlines() == [
+        "READY=1", f"STATUS=serving on 127.0.0.1:{port} in safe mode"]
+    assert re.fullmatch(r"STATUS=safe mode: 0 running, 0 queued, 0 streams, lag \d+ ms",
+                        await receive(sock))
     assert await child.finish(signal.SIGTERM) == 0
 
     (tmp_path / "plugins" / "boom.py").write_text(FIXED)

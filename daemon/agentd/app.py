@@ -409,7 +409,8 @@ class Daemon:
         return ServiceWatchdog(
             self.notifier, lag=lambda: self.lag.lag, max_lag=self.config.server.max_loop_lag,
             running=lambda: len(self.workers.running), queued=queued,
-            streams=lambda: len(web_app[STREAMS]), stopping=lambda: self.stopping)
+            streams=lambda: len(web_app[STREAMS]), stopping=lambda: self.stopping,
+            safe_mode=lambda: self.safe_mode is not None)
 
 
 async def serve(config: Config, leave_safe_mode: bool = False) -> None:
