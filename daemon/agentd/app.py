@@ -63,10 +63,11 @@ class Daemon:
     starts everything or, if any part fails, stops what had started and re-raises.
     Leaving runs the staged stop.
 
-    With `safe_mode` (what `StartJournal.begin` decided), it starts without plugins,
-    workers and scheduler: the API, streams, memory and status serve, so an operator can
-    look and fix, but nothing that may have crashed the previous starts runs. `starts` is
-    the start record that `clear_safe_mode` clears (by default, the one of `config`).
+    With `safe_mode` (what `StartJournal.begin` decided; may be set until `start`), it
+    starts without plugins, workers and scheduler: the API, streams, memory and status
+    serve, so an operator can look and fix, but nothing that may have crashed the previous
+    starts runs. `starts` is the start record that `clear_safe_mode` clears (by default,
+    the one of `config`).
     """
 
     def __init__(self, config: Config, notifier: Notifier | None = None,
@@ -417,11 +418,11 @@ async def serve(config: Config, leave_safe_mode: bool = False) -> None:
     """Run a daemon until SIGTERM or SIGINT, then stop it in stages; log and ignore SIGHUP.
     A second SIGTERM or SIGINT hurries the stop (`Daemon.hurry`).
 
-    The start is recorded first of all (`StartJournal`), and decides whether the daemon
-    serves in safe mode; `leave_safe_mode` (`agentd run --no-safe-mode`) clears the record
-    first. The start is marked survived once the daemon has served `[daemon]
-    safe_mode_after` seconds, stopped when a stop is asked for, failed when the start
-    fails with an error it reports.
+    The start is recorded first of all once the configuration is accepted (`StartJournal`),
+    and decides whether the daemon serves in safe mode; `leave_safe_mode` (`agentd run
+    --no-safe-mode`) clears the record first. The start is marked survived once the
+    daemon has served `[daemon] safe_mode_after` seconds, stopped when a stop is asked
+    for, failed when the start fails with an error it reports.
 
     For the process's main thread: from the first SIGTERM or SIGINT (during the start
     too, which finishes first) the process ends within `stop_bound` + `EXIT_MARGIN` s, by
@@ -429,13 +430,14 @@ async def serve(config: Config, leave_safe_mode: bool = False) -> None:
     """
     log = get_logger("daemon")
     starts = StartJournal(config)
-    safe_mode = starts.begin(leave_safe_mode=leave_safe_mode)
+    daemon = Daemon(config, starts=starts)  # a configuration it refuses touches no state
+    daemon.safe_mode = safe_mode = starts.begin(leave_safe_mode=leave_safe_mode)
     if safe_mode is not None:
         log.warning("daemon.safe_mode", **safe_mode.to_dict(),
                     clear="fix the cause, then `agentd run --no-safe-mode`, or POST "
                           "/v1/safe-mode/clear and restart")
     try:
-        await _serve(Daemon(config, safe_mode=safe_mode, starts=starts), starts)
+        await _serve(daemon, starts)
     except (AgentdError, OSError):  # reported by the caller: an orderly end, not a crash
         await asyncio.to_thread(starts.ended, "failed")
         raise
