@@ -6,10 +6,12 @@ lasted never count. Every wait is on the daemon's output or its HTTP answers."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import signal
 import socket
+import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,11 +19,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 
+from agentd.app import Daemon
 from agentd.config import load_config
 from agentd.errors import ConfigError
-from agentd.safemode import JOURNAL_NAME
-from conftest import PROCESS_TIMEOUT, AgentdProcess
+from agentd.safemode import JOURNAL_NAME, SafeMode, StartJournal, StartRecord
+from agentd.testing import make_config
+from conftest import PROCESS_TIMEOUT, AgentdProcess, with_store
 
 # Killed at import, as a plugin with a fatal bug (a crashing C extension, os._exit) would be.
 KILLER = """
@@ -270,3 +275,73 @@ def test_safe_mode_after_must_be_positive(tmp_path: Path) -> None:
     path.write_text("[daemon]\nsafe_mode_after = 0\n")
     with pytest.raises(ConfigError, match=r"agentd.toml: \[daemon\] safe_mode_after: expected a positive"):
         load_config(path)
+
+
+@pytest.mark.both_stores
+async def test_in_safe_mode_no_plugin_worker_or_scheduler_starts_and_the_stop_is_clean(
+    tmp_path: Path, plugin_dir: Callable[..., Path], store_url: str | None,
+) -> None:
+    plugins = plugin_dir({"boom.py": FIXED})
+    config = make_config(tmp_path, [plugins], with_store(None, store_url))
+    safe_mode = SafeMode("the last 2 starts ended ...", 1.0, (StartRecord(7, 1.0),))
+    daemon = Daemon(config, safe_mode=safe_mode)
+    async with daemon:
+        assert daemon.plugins.states() == []
+        assert "boom.ping" not in daemon.registry.names()
+        loops = {loop["name"] for loop in daemon.supervisor.describe()}
+        assert "scheduler" not in loops and "task-heartbeat" not in loops
+        assert not any(name.startswith("claim:") for name in loops)
+        assert daemon.scheduler.schedules == {}
+        assert await daemon.clear_safe_mode() is None  # nothing recorded in this data_dir
+        assert daemon.safe_mode == dataclasses.replace(safe_mode, cleared=True)
+    assert daemon.store.closed
+
+
+# --------------------------------------------------------------------------- the record itself
+# Each `StartJournal(config).begin()` below stands for one process's start; one that is not
+# marked afterwards is a process that vanished (this test's own pid never counts as alive).
+
+
+def begin(config: Any) -> SafeMode | None:
+    return StartJournal(config).begin()
+
+
+def test_two_unmarked_starts_put_the_third_in_safe_mode_and_zero_starts_turns_it_off(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path)
+    assert begin(config) is None
+    assert begin(config) is None
+    safe_mode = begin(config)
+    assert safe_mode is not None and len(safe_mode.crashes) == 2
+    assert begin(config) == safe_mode  # kept as it was entered, until cleared
+    off = make_config(tmp_path, overrides={"daemon": {"safe_mode_starts": 0}})
+    assert begin(off) is None  # a recorded safe mode included
+
+
+async def test_a_start_whose_process_still_runs_is_not_a_crash(tmp_path: Path) -> None:
+    config = make_config(tmp_path, overrides={"daemon": {"safe_mode_starts": 1}})
+    other = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys; sys.stdin.read()", stdin=asyncio.subprocess.PIPE)
+    try:
+        journal = StartJournal(config)
+        assert journal.begin() is None
+        record = json.loads(journal.path.read_text())
+        record["starts"][0]["pid"] = other.pid  # another daemon, started moments ago
+        journal.path.write_text(json.dumps(record))
+        assert begin(config) is None
+    finally:
+        assert other.stdin is not None
+        other.stdin.close()
+        await other.wait()
+
+
+def test_an_unreadable_record_is_started_afresh(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    journal = StartJournal(config)
+    journal.path.parent.mkdir(parents=True)
+    journal.path.write_text("{not json")
+    with structlog.testing.capture_logs() as logs:
+        assert journal.begin() is None
+    assert [log["event"] for log in logs] == ["daemon.start_record_unreadable"]
+    assert len(json.loads(journal.path.read_text())["starts"]) == 1

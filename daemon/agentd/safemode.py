@@ -125,7 +125,8 @@ class StartJournal:
             if self._threshold == 0:
                 journal.safe_mode = None
             elif journal.safe_mode is None and len(crashes) >= self._threshold:
-                journal.safe_mode = SafeMode(self._reason(crashes), time.time(), tuple(crashes))
+                journal.safe_mode = SafeMode(self._reason(crashes), time.time(), tuple(
+                    StartRecord(crash.pid, crash.started_at) for crash in crashes))
             self._mine = StartRecord(os.getpid(), time.time(), boot=_boot_id())
             journal.starts = [*journal.starts, self._mine][-KEPT_STARTS:]
             self._write(journal)
