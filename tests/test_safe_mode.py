@@ -283,6 +283,8 @@ async def test_in_safe_mode_no_plugin_worker_or_scheduler_starts_and_the_stop_is
 ) -> None:
     plugins = plugin_dir({"boom.py": FIXED})
     config = make_config(tmp_path, [plugins], with_store(None, store_url))
+    async with Daemon(config):  # a normal start stores the declared schedules
+        pass
     safe_mode = SafeMode("the last 2 starts ended ...", 1.0, (StartRecord(7, 1.0),))
     daemon = Daemon(config, safe_mode=safe_mode)
     async with daemon:
@@ -291,10 +293,14 @@ async def test_in_safe_mode_no_plugin_worker_or_scheduler_starts_and_the_stop_is
         loops = {loop["name"] for loop in daemon.supervisor.describe()}
         assert "scheduler" not in loops and "task-heartbeat" not in loops
         assert not any(name.startswith("claim:") for name in loops)
-        assert daemon.scheduler.schedules == {}
+        # The schedules are shown and can be paused, but none fires.
+        assert "agentd.purge_tasks" in daemon.scheduler.schedules
+        await daemon.scheduler.set_paused("agentd.purge_tasks", True)
         assert await daemon.clear_safe_mode() is None  # nothing recorded in this data_dir
         assert daemon.safe_mode == dataclasses.replace(safe_mode, cleared=True)
     assert daemon.store.closed
+    async with Daemon(config) as daemon:  # the pause outlasts safe mode
+        assert daemon.scheduler.schedules["agentd.purge_tasks"].paused
 
 
 # --------------------------------------------------------------------------- the record itself

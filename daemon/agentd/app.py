@@ -179,6 +179,9 @@ class Daemon:
                 await self._start_scheduler()
                 rollback.push_async_callback(self.scheduler.stop)
                 self._start_service(self.scheduler.run, "scheduler")
+            else:  # shown, and pausable, for the operator to stop one that crashes it
+                await self.scheduler.load_stored()
+                rollback.push_async_callback(self.scheduler.stop)
             web_app = build_app(self, system.routes, tasks_api.routes, events_api.routes,
                                 streams.routes, ws.routes, schedules_api.routes, memory_api.routes)
             server = HttpServer(web_app, self.config.server.host, self.config.server.port)
