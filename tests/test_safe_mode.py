@@ -351,3 +351,33 @@ def test_an_unreadable_record_is_started_afresh(tmp_path: Path) -> None:
         assert journal.begin() is None
     assert [log["event"] for log in logs] == ["daemon.start_record_unreadable"]
     assert len(json.loads(journal.path.read_text())["starts"]) == 1
+
+
+async def test_memory_with_a_plugins_embedder_stays_closed_in_safe_mode_and_the_rest_serves(
+    tmp_path: Path, plugin_dir: Callable[..., Path],
+) -> None:
+    plugins = plugin_dir({"vec.py": """
+        from agentd import Plugin
+
+        plugin = Plugin("vec")
+
+
+        class Embedder:
+            id, dimension = "vec-2", 2
+
+            async def embed(self, texts):
+                return [[1.0, 0.0] for _ in texts]
+
+
+        @plugin.embedder("vec")
+        def make(config):
+            return Embedder()
+        """})
+    config = make_config(tmp_path, [plugins], {"memory": {"embedder": "vec"}})
+    safe_mode = SafeMode("the last 2 starts ended ...", 1.0, ())
+    async with Daemon(config, safe_mode=safe_mode) as daemon:
+        assert daemon.memory is None
+        async with aiohttp.ClientSession() as session, session.get(
+                f"http://127.0.0.1:{daemon.port}/v1/memory/stats") as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "memory_unavailable"

@@ -19,7 +19,7 @@ from agentd import __version__, maintenance
 from agentd.bus import Bus
 from agentd.config import Config, check_serving_rules
 from agentd.digests import Digests
-from agentd.embed import build_embedder
+from agentd.embed import BUILT_IN_EMBEDDERS, build_embedder
 from agentd.errors import AgentdError, ConfigError, InvalidScheduleError
 from agentd.eventlog import EventLog
 from agentd.events import Event
@@ -162,15 +162,11 @@ class Daemon:
                 await self.plugins.start_all(self.config.daemon.stop_timeout)
                 rollback.push_async_callback(self.plugins.stop_all, self.config.daemon.stop_timeout)
             self.plugins_started = True
-            embedder = build_embedder(self.config, self.plugins.embedders())
-            memory = open_memory(self.config, embedder)
-            await memory.open()
-            rollback.push_async_callback(memory.close)
-            self.services.memory = memory
-            if isinstance(memory, SqliteMemory):
-                # memory.db's WAL grows like the main file's (to hundreds of MB under bulk
-                # remember(), with recall three times slower) unless it is checkpointed too.
-                self._start_service(memory.store.run_checkpoints, "memory-wal-checkpoints")
+            if self.safe_mode is None or self.config.memory.embedder in BUILT_IN_EMBEDDERS:
+                await self._open_memory(rollback)
+            else:  # memory answers 503 rather than safe mode not starting at all
+                self._log.warning("memory.closed_in_safe_mode", embedder=self.config.memory.embedder,
+                                  reason="the embedder is a plugin's, and plugins are off")
             # Undone first on a failed start: the checkpoint loop must stop before memory closes.
             rollback.push_async_callback(self._stop_services)
             if self.safe_mode is None:  # a task, or what a schedule fires, may be the crash
@@ -197,6 +193,18 @@ class Daemon:
                        port=self.port, database=self.store.location, safe_mode=safe)
         self.notifier.ready(f"serving on {self.config.server.host}:{self.port}"
                             + (" in safe mode" if safe else ""))
+
+    async def _open_memory(self, rollback: AsyncExitStack) -> None:
+        """Open memory with the configured embedder (closed by `rollback` on a failed start)."""
+        embedder = build_embedder(self.config, self.plugins.embedders())
+        memory = open_memory(self.config, embedder)
+        await memory.open()
+        rollback.push_async_callback(memory.close)
+        self.services.memory = memory
+        if isinstance(memory, SqliteMemory):
+            # memory.db's WAL grows like the main file's (to hundreds of MB under bulk
+            # remember(), with recall three times slower) unless it is checkpointed too.
+            self._start_service(memory.store.run_checkpoints, "memory-wal-checkpoints")
 
     async def _start_scheduler(self) -> None:
         """Start the scheduler with the built-in, agentd.toml and plugin schedules (re-synced
