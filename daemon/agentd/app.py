@@ -432,8 +432,8 @@ async def serve(config: Config, leave_safe_mode: bool = False) -> None:
     The start is recorded first of all once the configuration is accepted (`StartJournal`),
     and decides whether the daemon serves in safe mode; `leave_safe_mode` (`agentd run
     --no-safe-mode`) clears the record first. The start is marked survived once the
-    daemon has served `[daemon] safe_mode_after` seconds, stopped when a stop is asked
-    for, failed when the start fails with an error it reports.
+    daemon has served `[daemon] safe_mode_after` seconds, stopped when SIGTERM or SIGINT
+    asks for a stop, failed when the start fails with an error it reports.
 
     For the process's main thread: from the first SIGTERM or SIGINT (during the start
     too, which finishes first) the process ends within `stop_bound` + `EXIT_MARGIN` s, by
@@ -472,6 +472,9 @@ async def _serve(daemon: Daemon, starts: StartJournal) -> None:
             daemon.hurry(signum.name)
         else:
             daemon.request_stop(signum.name)
+            # At once, on the loop (one small write): a kill during a slow start or stop
+            # that follows is no crash of the start.
+            starts.ended("stopped")
 
     async def survive() -> None:
         await asyncio.sleep(config.daemon.safe_mode_after)
@@ -487,7 +490,6 @@ async def _serve(daemon: Daemon, starts: StartJournal) -> None:
             finally:
                 surviving.cancel()
             deadline.arm()
-            await asyncio.to_thread(starts.ended, "stopped")
 
 
 def _in_turn(first: Callable[[Any], object] | None,
