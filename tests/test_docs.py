@@ -1,7 +1,8 @@
 """The documentation holds together: every relative link in README.md, docs/*.md and the
 READMEs of systemd/ and bench/ (which link into docs/) points to a file that exists and,
 with a `#fragment`, to a heading that page has (GitHub's anchors); every docs page links
-back to the README, and the README links to every docs page.
+back to the README, and the README links to every docs page; every commit a figure says
+it was measured at is in the history.
 
 Links inside code (fenced blocks, `inline code`) are text, not links, and are not checked;
 links with a scheme (https:, mailto:) leave the repository and are not followed.
@@ -10,6 +11,7 @@ links with a scheme (https:, mailto:) leave the repository and are not followed.
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,34 @@ def test_a_broken_link_or_anchor_is_found(tmp_path: Path) -> None:
         "page.md:10: other.md#nothing: other.md has no heading #nothing",
         "page.md:10: #there: page.md has no heading #there",
     ]
+
+
+# A figure names the commit it was measured at ("at commit 1d536b8", "at 2cc2343"); a
+# commit that is not in the history (lost with an unlanded session, or mistyped) leaves
+# the figure unreproducible.
+_MEASURED_AT = re.compile(r"\b(?:commit|at|as)\s+`?([0-9a-f]{7,40})\b")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              timeout=30, check=False)
+    except FileNotFoundError:
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def test_every_commit_a_figure_names_is_in_the_history() -> None:
+    if _git("rev-parse", "--is-shallow-repository") != "false":
+        pytest.skip("not a full git checkout: old commits cannot be looked up")
+    named = {
+        (page.relative_to(REPO).as_posix(), commit)
+        for page in LINKING
+        for _, line in prose_lines(page.read_text())
+        for commit in _MEASURED_AT.findall(line)
+        if re.search(r"[a-f]", commit)  # not a plain number such as "at 1000000"
+    }
+    assert named, "the benchmark pages name no commit: has the pattern stopped matching?"
+    missing = sorted((page, commit) for page, commit in named
+                     if _git("cat-file", "-e", f"{commit}^{{commit}}") is None)
+    assert missing == []

@@ -90,6 +90,34 @@ async def test_default_rules_keep_tokens_out_and_task_events_durable(start_daemo
     assert row["time"] == finished.time
 
 
+async def test_a_task_claimed_before_its_enqueue_returns_is_still_queued_before_started(
+        start_daemon: Any) -> None:
+    """A task's row is claimable once it commits, before the enqueue that committed it
+    resumes to publish `task.queued`. Here every enqueue is held after its commit until a
+    worker has claimed its task: the worker must still publish `task.started` second."""
+    daemon, _ = await start_daemon()
+    live = daemon.bus.subscribe("task.**", name="test.live")
+    tasks = daemon.queue.tasks
+    insert_one = tasks.insert_one
+
+    async def insert_then_wait_for_the_claim(values: tuple[Any, ...]) -> int:
+        task_id = await insert_one(values)
+        for queue in daemon.config.tasks.queues:
+            daemon.workers.wake(queue)
+        deadline = time.monotonic() + FRAME_TIMEOUT
+        while (await daemon.queue.get(task_id)).status == "queued":
+            assert time.monotonic() < deadline, "no worker claimed the task"
+            await asyncio.sleep(0.005)  # noqa: sleep - polls the row, bounded by the deadline
+        return task_id
+
+    tasks.insert_one = insert_then_wait_for_the_claim
+    record = await daemon.queue.enqueue("agentd.purge_tasks")
+    final = await daemon.queue.wait(record.id, timeout=10)
+    assert final.status == "succeeded"
+    seen = [(await live.get()).topic for _ in range(3)]
+    assert seen == ["task.queued", "task.started", "task.succeeded"]
+
+
 async def test_custom_persistence_rules_replace_the_defaults(start_daemon: Any) -> None:
     daemon, _ = await start_daemon(overrides={"events": {"persistence": [
         "audit.**=durable", "noise.*=ephemeral", "**=ring"]}})
@@ -106,11 +134,64 @@ async def test_custom_persistence_rules_replace_the_defaults(start_daemon: Any) 
     assert stored[token.id] == ("llm.token", 0)  # nor *.token: kept as ring
 
 
-@pytest.mark.parametrize("rules", [["task.*"], ["task.*=forever"], ["task..x=ring"], ["=ring"]])
-def test_a_bad_persistence_rule_is_a_config_error(tmp_path: Path, rules: list[str]) -> None:
+@pytest.mark.parametrize(("rules", "says"), [
+    (["task.*"], "pattern=class"), (["task.*=forever"], "pattern=class"), (["task..x=ring"], "segment ''"),
+    (["=ring"], "non-empty"), (["news.*=ring retention=5"], "ring_size=N, ring_seconds=N"),
+    (["news.*=durable ring_size=5"], "retention=N"), (["x=ephemeral ring_size=3"], "none"),
+    (["x=ring ring_size=0"], "positive"), (["x=ring ring_size=2.5"], "whole number"),
+    (["x=durable retention=inf"], "finite"), (["x=ring ring_size"], "ring_size=N"),
+    (["x=ring ring_size=2 ring_size=3"], "twice"),
+])
+def test_a_bad_persistence_rule_is_a_config_error(tmp_path: Path, rules: list[str], says: str) -> None:
     with pytest.raises(ConfigError, match=r"\[events\] persistence") as caught:
         make_config(tmp_path, overrides={"events": {"persistence": rules}})
     assert repr(rules[0]) in str(caught.value)
+    assert says in str(caught.value)
+
+
+async def test_a_rule_with_its_own_ring_size_is_not_pushed_out_by_busier_topics(
+        start_daemon: Any) -> None:
+    """A daily digest's news must outlive a burst of progress events: a rule with limits of
+    its own keeps its events counted apart from the default ring, both ways."""
+    daemon, _ = await start_daemon(overrides={"events": {
+        "persistence": ["news.new=ring ring_size=2", "task.**=durable", "**=ring"], "ring_size": 3}})
+    news = [daemon.bus.publish("news.new", {"n": n}) for n in range(3)]
+    busy = [daemon.bus.publish("task.progress.x", {"n": n}) for n in range(3)]
+    busy += [daemon.bus.publish("demo.ring", {"n": n}) for n in range(5)]
+    news, busy = await logged(daemon, news), await logged(daemon, busy)
+    await daemon.eventlog.sweep()
+    stored = await stored_events(daemon)
+    assert [i for i, (topic, _) in stored.items() if topic == "news.new"] == [e.id for e in news[1:]]
+    ring = sorted(i for i, (topic, kind) in stored.items() if kind == 0)
+    assert ring == [e.id for e in busy[-3:]]
+    assert daemon.eventlog.horizon == max(busy[-4].id, news[0].id)
+    stats = await daemon.eventlog.stats()
+    assert (stats["ring"], stats["durable"]) == (5, len(stored) - 5)  # own ring buckets count as ring
+
+
+async def test_a_rule_with_its_own_retention_outlives_the_default(start_daemon: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"events": {
+        "persistence": ["audit.**=durable retention=86400", "**=durable"], "retention": 0}})
+    audit = daemon.bus.publish("audit.login", {"user": "ann"})
+    other = daemon.bus.publish("task.demo", {})
+    (audit,), (other,) = await logged(daemon, [audit]), await logged(daemon, [other])
+    await daemon.eventlog.sweep()
+    stored = await stored_events(daemon)
+    assert audit.id in stored and other.id not in stored
+    assert stored[audit.id][1] % 2 == 1  # a durable bucket of its own
+    assert (await daemon.eventlog.stats())["durable"] == len(stored)
+
+
+async def test_events_of_a_rule_that_is_gone_follow_their_class_limits(start_daemon: Any) -> None:
+    daemon, _ = await start_daemon(overrides={"events": {
+        "persistence": ["news.new=ring ring_size=100 ring_seconds=86400", "**=ring"]}})
+    (news,) = await logged(daemon, [daemon.bus.publish("news.new", {})])
+    assert (await stored_events(daemon))[news.id][1] >= 2
+    await daemon.stop()
+    # The rule is gone: its events are aged by the [events] ring limits, here at once.
+    daemon, _ = await start_daemon(overrides={"events": {"persistence": ["**=ring"], "ring_seconds": 0}})
+    await daemon.eventlog.sweep()
+    assert news.id not in await stored_events(daemon)
 
 
 async def test_sweep_keeps_the_newest_ring_size_ring_events_and_raises_the_horizon(

@@ -100,7 +100,7 @@ class Daemon:
         builtin_queue = maintenance.builtin_queue(config)
         self._maintenance = maintenance.register(
             self.registry, config, store=self.store, queue=self.queue, eventlog=self.eventlog,
-            memory=lambda: self.services.memory)
+            memory=lambda: self.services.memory, version=__version__)
         self.services.mailer.register(self.registry, builtin_queue)
         self.services.webhooks.register(self.registry, builtin_queue)
         self.digests = Digests(

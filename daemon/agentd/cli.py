@@ -15,6 +15,7 @@ import os
 import sys
 import urllib.parse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, get_args
 
 import aiohttp
@@ -50,6 +51,8 @@ examples:
   agentd tasks list --status failed | head
   agentd schedules add nightly --cron '0 3 * * *' --task reports.build
   agentd store copy --to postgresql://agentd@db.example/agentd   (daemon stopped)
+  agentd backup /var/backups/agentd     a consistent copy, the daemon running or not
+  agentd restore /var/backups/agentd/agentd-backup-20270125T080000.000000Z   (daemon stopped)
 
 configuration: --config PATH, else $AGENTD_CONFIG, else ./agentd.toml, else the built-in
 defaults; any key can be overridden as AGENTD_<SECTION>_<KEY> (e.g. AGENTD_SERVER_PORT=9000).
@@ -81,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     _schedule_commands(sub, common)
     _memory_commands(sub, common)
     _store_commands(sub, common)
+    _backup_commands(sub, common)
     return parser
 
 
@@ -191,6 +195,47 @@ def _store_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                       help="replace the agentd data the target holds instead of refusing")
 
 
+_BACKUP_DESCRIPTION = """\
+Back up agentd.db ([store] path) and memory.db ([memory] path) into a new directory
+agentd-backup-<UTC time> in DIR (default: [backup] dir), with a manifest.json (agentd
+version, time, each file's schema version, size and sha256). Each file is copied in one
+snapshot while the daemon goes on serving and writing: the backup holds every task
+committed before it began. It works with the daemon stopped too. A backup that fails or
+is interrupted leaves only a hidden .agentd-backup-*.partial directory, never one that
+looks complete.
+
+On PostgreSQL ([store] url) use pg_dump or pg_basebackup instead: see docs/operations.md.
+
+exit codes: 0 backed up, 1 the backup failed (PostgreSQL store, unreadable database,
+unwritable DIR), 2 no DIR and no [backup] dir, or a bad configuration."""
+
+_RESTORE_DESCRIPTION = """\
+Put a backup made by `agentd backup` (or [backup]'s schedule) in place of this
+configuration's agentd.db and memory.db. Stop the daemon first: the restore refuses while
+one holds the files. The backup is checked before anything is replaced: every file's size
+and sha256 against its manifest, PRAGMA integrity_check, and a schema this agentd knows.
+The files replaced (with their -wal and -shm) are moved into replaced-<UTC time>/ beside
+them, not deleted. --check stops after the checks.
+
+exit codes: 0 restored (or checked), 1 refused or failed (daemon running, damaged or
+incomplete backup, PostgreSQL store), 2 a bad configuration."""
+
+
+def _backup_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`agentd backup` and `agentd restore`."""
+    backup = sub.add_parser("backup", parents=[common], description=_BACKUP_DESCRIPTION,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            help="back up agentd.db and memory.db (daemon running or not)")
+    backup.add_argument("dir", nargs="?", metavar="DIR",
+                        help="where the backup directory is made (default: [backup] dir)")
+    restore = sub.add_parser("restore", parents=[common], description=_RESTORE_DESCRIPTION,
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             help="put a backup back (daemon stopped)")
+    restore.add_argument("backup", metavar="BACKUP", help="a backup directory (agentd-backup-...)")
+    restore.add_argument("--check", action="store_true",
+                         help="only check the backup; replace nothing")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The `agentd` command; returns the exit code."""
     try:
@@ -219,6 +264,10 @@ def _main(argv: Sequence[str] | None) -> int:
             return asyncio.run(_reembed(load_config(path)))
         if args.command == "store":
             return asyncio.run(_store_copy(load_config(path), args.to, args.force))
+        if args.command == "backup":
+            return _backup(load_config(path), args.dir)
+        if args.command == "restore":
+            return _restore(load_config(path), args.backup, args.check)
         # A client of the daemon reads the API token and no other secret.
         return asyncio.run(_remote(load_client_config(path), args))
     except ConfigError as exc:
@@ -484,6 +533,61 @@ async def _store_copy(config: Config, url: str, force: bool) -> int:
     print(f"next: set [store] url = \"{report.target}\"{password} in {where} (or AGENTD_STORE_URL), "
           "then start the daemon(s). The SQLite files were left as they were.")
     return 0
+
+
+def _backup(config: Config, directory: str | None) -> int:
+    """`agentd backup`: see `agentd.backup`."""
+    from agentd import backup
+
+    if directory is None and config.backup_dir is None:
+        print("agentd: backup: name the directory to back up into (agentd backup DIR), or set "
+              f"[backup] dir in {config.source}", file=sys.stderr)
+        return EXIT_USAGE
+    target = config.backup_dir if directory is None else Path(directory).absolute()
+    assert target is not None
+    try:
+        made = backup.make_backup(backup.sources(config), target, made_by="command",
+                                  version=__version__)
+    except AgentdError as exc:
+        print(f"agentd: backup: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    files = ", ".join(f"{file.name} ({_size(file.bytes)})" for file in made.manifest.files)
+    print(f"backed up {files} to {made.path} in {made.manifest.seconds:.1f} s")
+    if config.memory_url:
+        print("memory is in PostgreSQL ([memory] url): back it up with pg_dump")
+    elif not any(file.role == "memory" for file in made.manifest.files):
+        print(f"no memory.db at {config.memory_path}: there was no memory to back up")
+    return 0
+
+
+def _restore(config: Config, path: str, check_only: bool) -> int:
+    """`agentd restore`: see `agentd.backup`."""
+    from agentd import backup
+
+    try:
+        if check_only:
+            checked = backup.verify(Path(path))
+            print(f"{checked.path}: ok, made {checked.manifest.created_at} by agentd "
+                  f"{checked.manifest.agentd_version}: " +
+                  ", ".join(f"{file.name} (schema {file.schema_version}, {_size(file.bytes)})"
+                            for file in checked.manifest.files))
+            return 0
+        done = backup.restore(Path(path), config)
+    except AgentdError as exc:
+        print(f"agentd: restore: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"restored {done.backup.path} (made {done.backup.manifest.created_at}): " +
+          ", ".join(str(target) for target in done.restored))
+    if done.aside is not None:
+        print(f"the files it replaced are in {done.aside}: " +
+              ", ".join(moved.name for moved in done.set_aside))
+    for note in done.notes:
+        print(note)
+    return 0
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e6:.1f} MB" if count >= 100_000 else f"{count} bytes"
 
 
 def _safe_mode_notice(safe_mode: dict[str, Any]) -> str:

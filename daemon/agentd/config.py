@@ -27,6 +27,7 @@ import stat
 import tomllib
 import types
 import typing
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,16 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BackupConfig:
+    """[backup]: backups on a schedule (off while `dir` is empty): every `every` seconds a
+    backup of agentd.db and memory.db into `dir`, the newest `keep` of them kept."""
+
+    dir: str = ""
+    every: float = 86400.0
+    keep: int = 7
+
+
+@dataclass(frozen=True, slots=True)
 class TasksConfig:
     """[tasks]: the durable queue: queues and their workers, retries, leases, results."""
 
@@ -110,6 +121,69 @@ class TasksConfig:
 
 
 PERSISTENCE_CLASSES = ("ephemeral", "ring", "durable")
+# The limits a rule may take as its own, by class: those of [events] for that class.
+RULE_LIMITS: Mapping[str, tuple[str, ...]] = {
+    "ephemeral": (), "ring": ("ring_size", "ring_seconds"), "durable": ("retention",)}
+# Own buckets are 2 * k + (1 if durable) with 1 <= k <= _BUCKET_KEYS: under 2**31, an
+# integer on both engines.
+_BUCKET_KEYS = 2**29
+
+
+class PersistenceRule(typing.NamedTuple):
+    """One `[events] persistence` rule: `pattern=class`, optionally followed by limits of
+    its own (`news.new=ring ring_size=500 ring_seconds=2592000`, `audit.**=durable
+    retention=7776000`). A rule with limits of its own keeps its events apart: a busy topic
+    of the default ring cannot push them out, nor they it.
+
+    `bucket` is what the event log stores with each event (the `durable` column): 0 the
+    default ring, 1 the default durable class, and for a rule with limits of its own a
+    number derived from its pattern (even: ring, odd: durable), the same across restarts
+    and daemons while the pattern stays."""
+
+    pattern: str
+    kind: str
+    ring_size: int | None = None
+    ring_seconds: float | None = None
+    retention: float | None = None
+
+    @property
+    def own_limits(self) -> bool:
+        return (self.ring_size, self.ring_seconds, self.retention) != (None, None, None)
+
+    @property
+    def bucket(self) -> int:
+        durable = int(self.kind == "durable")
+        if not self.own_limits:
+            return durable
+        return 2 * (zlib.crc32(self.pattern.encode()) % _BUCKET_KEYS + 1) + durable
+
+    @classmethod
+    def parse(cls, rule: str) -> PersistenceRule:
+        """The rule `rule` spells. Raises ValueError naming what is wrong."""
+        head, *options = rule.split()
+        pattern, equals, kind = head.partition("=")
+        if not equals or kind not in PERSISTENCE_CLASSES:
+            raise ValueError("expected 'pattern=class' with class one of "
+                             f"{', '.join(PERSISTENCE_CLASSES)}, then optional limits of its own")
+        TopicPattern.parse(pattern)
+        limits: dict[str, float] = {}
+        for option in options:
+            key, equals, text = option.partition("=")
+            if key not in RULE_LIMITS[kind] or not equals:
+                allowed = ", ".join(f"{k}=N" for k in RULE_LIMITS[kind]) or "none"
+                raise ValueError(f"{option!r}: a {kind} rule's own limits are {allowed}")
+            if key in limits:
+                raise ValueError(f"{key} is given twice")
+            try:
+                value = int(text) if key == "ring_size" else float(text)
+            except ValueError:
+                what = "a whole number" if key == "ring_size" else "a number"
+                raise ValueError(f"{key}: expected {what}, got {text!r}") from None
+            if not value > 0 or value == float("inf"):
+                raise ValueError(f"{key}: expected a positive finite number, got {text!r}")
+            limits[key] = value
+        return cls(pattern, kind, ring_size=int(limits["ring_size"]) if "ring_size" in limits else None,
+                   ring_seconds=limits.get("ring_seconds"), retention=limits.get("retention"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,9 +201,9 @@ class EventsConfig:
     retention: float = 604800.0
     sweep_interval: float = 60.0
 
-    def rules(self) -> list[tuple[str, str]]:
-        """(pattern, class) pairs in order; validated when the configuration is loaded."""
-        return [(rule.partition("=")[0], rule.partition("=")[2]) for rule in self.persistence]
+    def rules(self) -> list[PersistenceRule]:
+        """The rules in order; validated when the configuration is loaded."""
+        return [PersistenceRule.parse(rule) for rule in self.persistence]
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +350,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     streams: StreamsConfig = field(default_factory=StreamsConfig)
@@ -313,6 +388,11 @@ class Config:
     def database_path(self) -> Path:
         candidate = Path(self.store.path).expanduser()
         return candidate if candidate.is_absolute() else self.data_dir / candidate
+
+    @property
+    def backup_dir(self) -> Path | None:
+        """Where scheduled backups go (None: none are taken)."""
+        return self.resolve(self.backup.dir) if self.backup.dir else None
 
     @property
     def memory_url(self) -> str:
@@ -740,6 +820,23 @@ def _check_store(config: Config) -> None:
                           f"({2 * memory.hnsw_m}), got {memory.hnsw_ef_construction}")
 
 
+def _check_backup(config: Config) -> None:
+    backup, where = config.backup, config.origin
+    if backup.dir and config.store.url:
+        # Everything agentd stores is then in PostgreSQL (memory too, unless [memory] url
+        # names another PostgreSQL database): nothing local is left for agentd to copy.
+        raise ConfigError(f"{where('backup', 'dir')}: [backup] dir: the store is on PostgreSQL "
+                          "([store] url), which agentd does not back up: use pg_dump or "
+                          "pg_basebackup (docs/operations.md, Backups and restore), and remove "
+                          "[backup] dir")
+    if backup.every < 1:
+        raise ConfigError(f"{where('backup', 'every')}: [backup] every: expected at least 1 "
+                          f"second, got {backup.every:g}")
+    if backup.keep < 1:
+        raise ConfigError(f"{where('backup', 'keep')}: [backup] keep: expected at least 1 "
+                          f"backup, got {backup.keep}")
+
+
 def redact_url(url: str) -> str:
     """`url` with the password of its user part replaced by `***`, for logs and errors."""
     scheme, sep, rest = url.partition("://")
@@ -774,21 +871,24 @@ def _check_outbound(config: Config) -> None:
 
 
 def _check_rules(config: Config) -> None:
-    for rule in config.events.persistence:
-        pattern, _, kind = rule.partition("=")
-        where = f"{config.origin('events', 'persistence')}: [events] persistence: rule {rule!r}"
-        if kind not in PERSISTENCE_CLASSES:
-            raise ConfigError(f"{where}: expected 'pattern=class' with class one of "
-                              f"{', '.join(PERSISTENCE_CLASSES)}")
+    buckets: dict[int, str] = {}
+    for text in config.events.persistence:
+        where = f"{config.origin('events', 'persistence')}: [events] persistence: rule {text!r}"
         try:
-            TopicPattern.parse(pattern)
+            rule = PersistenceRule.parse(text)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
+        if rule.own_limits:
+            other = buckets.setdefault(rule.bucket, rule.pattern)
+            if other != rule.pattern:  # two patterns hashing alike: about 1 in 500 million
+                raise ConfigError(f"{where}: its events would be kept with those of {other!r}; "
+                                  "write its pattern another way (e.g. add a rule before it)")
     if config.hooks.tolerance <= 0:
         raise ConfigError(f"{config.origin('hooks', 'tolerance')}: [hooks] tolerance: expected a "
                           "positive number of seconds")
     _check_memory(config)
     _check_store(config)
+    _check_backup(config)
     _check_outbound(config)
     if 0 < config.daemon.stall_warning < MIN_STALL_WARNING:
         # The watch thread wakes four times per stall_warning: far below the loop's own

@@ -161,3 +161,7 @@ class MemoryBusyError(AgentdError):
 
 class EmbedderMismatchError(AgentdError):
     """The database's vectors were made by another embedder (id or dimension differ)."""
+
+
+class BackupError(AgentdError):
+    """A backup could not be made, checked or restored; the message says which file and why."""

@@ -3,7 +3,11 @@
 Each topic has a persistence class, given by the first matching `[events] persistence`
 rule: `ephemeral` events (LLM tokens) are never stored, `ring` events are kept while they
 are among the last `ring_size` and younger than `ring_seconds`, `durable` events for
-`retention` seconds. Events are appended in batches through the store's grouped writes.
+`retention` seconds. A rule with limits of its own (`news.new=ring ring_size=500`) keeps
+its events in a bucket of their own, counted and aged apart from the rest (the `durable`
+column holds the bucket: `config.PersistenceRule.bucket`); the events of a bucket whose
+rule is gone are aged by their class's section limits. Events are appended in batches
+through the store's grouped writes.
 `horizon` is the newest id the sweeper has deleted: a client asking for events after an
 older id may have missed some, and is told so with a gap.
 
@@ -37,7 +41,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from agentd.bus import Bus, Subscription
 from agentd.config import EventsConfig
@@ -47,7 +51,8 @@ from agentd.jsontext import lenient_encoder
 from agentd.log import get_logger
 from agentd.store import Connection, Row, Store, execute_rows
 
-# An event's row: id, topic, time, data (JSON text), correlation_id, causation_id, durable (0/1).
+# An event's row: id, topic, time, data (JSON text), correlation_id, causation_id, and its
+# bucket in the `durable` column (0 ring, 1 durable, 2 or more a rule's own: odd durable).
 EventRow = tuple[int, str, float, str, str | None, str | None, int]
 
 
@@ -86,8 +91,8 @@ class EventStore(Protocol):
     async def correlation(self, correlation_id: str, after: int) -> list[Event]:
         """The stored events of one correlation with id > `after`, in id order."""
 
-    def sweep(self, now: float, config: EventsConfig) -> Awaitable[tuple[int, int]]:
-        """Delete what the retention rules let go; resolves to (how many, newest id deleted)."""
+    def sweep(self, plan: SweepPlan) -> Awaitable[tuple[int, int]]:
+        """Delete what `plan` lets go; resolves to (how many, newest id deleted)."""
 
     async def counts(self) -> tuple[int, int]:
         """How many events are stored, and how many of them are durable."""
@@ -151,8 +156,9 @@ class EventLog:
         self.config = config
         self.horizon = 0
         self.lost = 0
-        self._rules = [(TopicPattern.parse(pattern), kind) for pattern, kind in config.rules()]
-        self._class_of: dict[str, str] = {}
+        self._rules = [(TopicPattern.parse(rule.pattern), rule.kind, rule.bucket)
+                       for rule in config.rules()]
+        self._rule_of: dict[str, tuple[str, int]] = {}  # topic -> (class, bucket)
         self._pending: list[Event] = []
         self._in_flight: list[Event] = []
         self._writing = False
@@ -228,11 +234,16 @@ class EventLog:
 
     def persistence(self, topic: str) -> str:
         """The class of `topic`: ephemeral, ring or durable (ring when no rule matches)."""
-        kind = self._class_of.get(topic)
-        if kind is None:
-            kind = next((k for pattern, k in self._rules if pattern.matches(topic)), "ring")
-            self._class_of[topic] = kind
-        return kind
+        return self._rule(topic)[0]
+
+    def _rule(self, topic: str) -> tuple[str, int]:
+        """(class, bucket) of `topic`'s first matching rule; the default ring's if none."""
+        found = self._rule_of.get(topic)
+        if found is None:
+            found = next(((kind, bucket) for pattern, kind, bucket in self._rules
+                          if pattern.matches(topic)), ("ring", 0))
+            self._rule_of[topic] = found
+        return found
 
     def replayable(self, event: Event) -> bool:
         """Whether a replay may hold `event` (a stream skips a live event whose id its
@@ -296,7 +307,7 @@ class EventLog:
 
     def _row(self, e: Event) -> EventRow:
         return (e.id, e.topic, e.time, _ENCODE(e.data), e.correlation_id, e.causation_id,
-                int(self.persistence(e.topic) == "durable"))
+                self._rule(e.topic)[1])
 
     def _written(self, future: asyncio.Future[Any]) -> None:
         error = None if future.cancelled() else future.exception()
@@ -381,7 +392,7 @@ class EventLog:
 
     async def sweep(self) -> int:
         """Apply the retention rules; return how many events were deleted."""
-        count, newest = await self.storage.sweep(time.time(), self.config)
+        count, newest = await self.storage.sweep(SweepPlan.at(time.time(), self.config))
         self.horizon = max(self.horizon, newest)
         return count
 
@@ -396,15 +407,47 @@ _CORRELATION_SQL = "SELECT * FROM events WHERE correlation_id = ? AND id > ? ORD
 _RING_OFFSET = "SELECT id FROM events WHERE durable = 0 ORDER BY id DESC LIMIT 1 OFFSET ?"
 _SWEEP = ("DELETE FROM events WHERE (durable = 0 AND id <= ?) OR (durable = 1 AND id <= ?) "
           "RETURNING id")
+# A rule's own bucket (events_kept indexes them); and the buckets no rule has any more,
+# aged by their class's limits (even: ring, odd: durable).
+_BUCKET_OFFSET = "SELECT id FROM events WHERE durable = ? ORDER BY id DESC LIMIT 1 OFFSET ?"
+_SWEEP_BUCKET = "DELETE FROM events WHERE durable = ? AND id <= ? RETURNING id"
+_SWEEP_LEFT = ("DELETE FROM events WHERE durable >= 2 AND durable NOT IN (SELECT value FROM json_each(?)) "
+               "AND id <= CASE durable % 2 WHEN 0 THEN ? ELSE ? END RETURNING id")
 _SET_HORIZON = ("INSERT INTO meta (key, value) VALUES ('events_horizon', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = max(CAST(value AS INTEGER), excluded.value)")
 
 
-def sweep_cutoffs(now: float, config: EventsConfig) -> tuple[int, int]:
-    """The ids at or below which ring and durable events are old enough to go, by age.
-    Ids are at least the wall clock in microseconds (on both engines), so an id below a
-    time's microseconds belongs to an event older than that time."""
-    return int((now - config.ring_seconds) * 1_000_000), int((now - config.retention) * 1_000_000)
+class SweepPlan(NamedTuple):
+    """What a sweep deletes, as id cutoffs: ids are at least the wall clock in microseconds
+    (on both engines), so an id below a time's microseconds is an older event's."""
+
+    ring_by_age: int  # the default ring: ids at or below go
+    ring_size: int  # the default ring: the newest this many stay however young
+    durable: int  # the default durable class: ids at or below go
+    # Each rule with limits of its own: (bucket, how many newest stay or None, age cutoff id).
+    own: list[tuple[int, int | None, int]]
+
+    @classmethod
+    def at(cls, now: float, config: EventsConfig) -> SweepPlan:
+        own: list[tuple[int, int | None, int]] = []
+        for rule in config.rules():
+            if rule.own_limits:
+                if rule.kind == "ring":
+                    seconds = config.ring_seconds if rule.ring_seconds is None else rule.ring_seconds
+                    own.append((rule.bucket, rule.ring_size or config.ring_size, _id_at(now - seconds)))
+                else:
+                    seconds = config.retention if rule.retention is None else rule.retention
+                    own.append((rule.bucket, None, _id_at(now - seconds)))
+        return cls(_id_at(now - config.ring_seconds), config.ring_size,
+                   _id_at(now - config.retention), own)
+
+    @property
+    def own_buckets(self) -> list[int]:
+        return [bucket for bucket, _, _ in self.own]
+
+
+def _id_at(when: float) -> int:
+    return int(when * 1_000_000)
 
 
 class SqliteEvents:
@@ -444,13 +487,19 @@ class SqliteEvents:
         return [event_from_row(row)
                 for row in await self.store.read(_CORRELATION_SQL, (correlation_id, after))]
 
-    def sweep(self, now: float, config: EventsConfig) -> Awaitable[tuple[int, int]]:
-        ring_by_age, durable_cutoff = sweep_cutoffs(now, config)
-
+    def sweep(self, plan: SweepPlan) -> Awaitable[tuple[int, int]]:
         def op(conn: Connection) -> tuple[int, int]:
-            row = conn.execute(_RING_OFFSET, (config.ring_size,)).fetchone()
-            ring_cutoff = max(ring_by_age, row[0] if row is not None else 0)
-            deleted = conn.execute(_SWEEP, (ring_cutoff, durable_cutoff)).fetchall()
+            row = conn.execute(_RING_OFFSET, (plan.ring_size,)).fetchone()
+            ring_cutoff = max(plan.ring_by_age, row[0] if row is not None else 0)
+            deleted = conn.execute(_SWEEP, (ring_cutoff, plan.durable)).fetchall()
+            for bucket, size, by_age in plan.own:
+                cutoff = by_age
+                if size is not None:
+                    row = conn.execute(_BUCKET_OFFSET, (bucket, size)).fetchone()
+                    cutoff = max(cutoff, row[0] if row is not None else 0)
+                deleted += conn.execute(_SWEEP_BUCKET, (bucket, cutoff)).fetchall()
+            deleted += conn.execute(_SWEEP_LEFT, (json.dumps(plan.own_buckets), plan.ring_by_age,
+                                                  plan.durable)).fetchall()
             newest = max((r[0] for r in deleted), default=0)
             if newest:
                 conn.execute(_SET_HORIZON, (str(newest),))
@@ -460,7 +509,7 @@ class SqliteEvents:
 
     async def counts(self) -> tuple[int, int]:
         row = await self.store.read_one(
-            "SELECT count(*) AS n, coalesce(sum(durable), 0) AS durable FROM events")
+            "SELECT count(*) AS n, coalesce(sum(durable % 2), 0) AS durable FROM events")
         return (row["n"], row["durable"]) if row is not None else (0, 0)
 
     def stream_id(self, event_id: int) -> int:

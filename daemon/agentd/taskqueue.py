@@ -22,13 +22,14 @@ root task's id and its `causation_id` the parent task's id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
@@ -372,6 +373,9 @@ class TaskQueue:
         self._cancel_listeners: list[Callable[[int], None]] = []
         self._reconnect_listeners: list[Callable[[], None]] = []
         self._rechecks: set[asyncio.Task[None]] = set()
+        # Enqueues and requeues whose rows may be committed but whose `task.queued` is not
+        # published yet, each a future done once it is (see `queued_published`).
+        self._unpublished: set[asyncio.Future[None]] = set()
         # What other daemons sharing the store do (on SQLite, nothing: there are none).
         tasks.listen(work=self._work_elsewhere, done=self._finished_elsewhere,
                      cancel=self._cancel_elsewhere, reconnect=self._reconnected)
@@ -484,6 +488,12 @@ class TaskQueue:
             if len(requests) == 1:
                 raise
             raise type(exc)(f"tasks[{len(prepared)}]: {exc}") from exc  # which one of the batch
+        with self._publishing_queued():
+            return await self._insert(requests, prepared, now, alongside)
+
+    async def _insert(self, requests: Sequence[TaskRequest], prepared: list[tuple[Any, ...]],
+                      now: float, alongside: Callable[[Any], object] | None) -> list[Enqueued]:
+        """Insert prepared rows, then publish `task.queued` for those created and wake workers."""
         if alongside is None and len(prepared) == 1 and prepared[0][8] is None and prepared[0][9] is None:
             # One task without an idempotency key or parent (an HTTP POST, a handler's or a
             # plugin's enqueue): the single enqueues of a tick become one multi-row INSERT.
@@ -612,8 +622,9 @@ class TaskQueue:
         succeeded come back to it as on a retry. Its children that did not succeed give up
         their keys, so its calls run them again instead of getting their failure back."""
         _check_id(task_id)
-        record = await self.tasks.requeue(task_id, time.time())
-        self.publish("task.queued", record, requeued=True)
+        with self._publishing_queued():
+            record = await self.tasks.requeue(task_id, time.time())
+            self.publish("task.queued", record, requeued=True)
         self.notify_work(record.queue)
         return record
 
@@ -671,6 +682,32 @@ class TaskQueue:
         for future in self._waiters.pop(record.id, ()):
             if not future.done():
                 future.set_result(record)
+
+    @contextlib.contextmanager
+    def _publishing_queued(self) -> Iterator[None]:
+        """Mark an enqueue in flight from before its rows commit until its `task.queued`
+        events are out; `queued_published` waits for it. Skipped while nobody hears
+        `task.queued`: then there is no order to keep."""
+        if not self.bus.has_subscribers("task.queued"):
+            yield
+            return
+        published = asyncio.get_running_loop().create_future()
+        self._unpublished.add(published)
+        try:
+            yield
+        finally:
+            self._unpublished.discard(published)
+            published.set_result(None)
+
+    async def queued_published(self) -> None:
+        """Return once every enqueue and requeue in flight now has published its
+        `task.queued`. A worker calls it before `task.started`: a task's row is claimable
+        as soon as it commits, and the claim can run before the enqueue that committed it
+        resumes to publish, which would put `task.started` ahead of `task.queued` on
+        every stream (seen on PostgreSQL, where the commit's reply and the worker's wake-up
+        arrive together)."""
+        if self._unpublished:
+            await asyncio.wait(list(self._unpublished))
 
     def publish(self, topic: str, record: TaskRecord, **extra: Any) -> None:
         """Publish a task event; not built at all when nobody would receive it (by default

@@ -462,6 +462,7 @@ class WorkerPool:
                       else self.services.llm.config.token_budget)
             ctx = Context(record, self.queue, slots, plugin_config, self.services, token_budget=budget)
             if record.id not in self._cancelling:
+                await self.queue.queued_published()
                 self.queue.publish("task.started", record, attempt=record.attempts)
             began = time.monotonic()
             outcome = await self._execute(record, definition, ctx)

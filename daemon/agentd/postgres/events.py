@@ -59,9 +59,8 @@ from functools import partial
 from typing import Any
 
 from agentd.bus import Bus, Subscription
-from agentd.config import EventsConfig
 from agentd.errors import describe
-from agentd.eventlog import EventLog, EventRow, sweep_cutoffs
+from agentd.eventlog import EventLog, EventRow, SweepPlan
 from agentd.events import Event
 from agentd.log import get_logger
 from agentd.store.postgres import PgConnection, PgStore, notify, notify_sql
@@ -96,11 +95,18 @@ _CORRELATION_SQL = "SELECT * FROM events WHERE correlation_id = $1 AND id > $2 O
 _RING_OFFSET = "SELECT id FROM events WHERE durable = 0 ORDER BY id DESC LIMIT 1 OFFSET $1"
 _SWEEP = ("WITH d AS (DELETE FROM events WHERE (durable = 0 AND id <= $1) OR (durable = 1 AND id <= $2) "
           "RETURNING id) SELECT count(*) AS n, coalesce(max(id), 0) AS newest FROM d")
+# A rule's own bucket, and the buckets no rule has any more (see agentd.eventlog).
+_BUCKET_OFFSET = "SELECT id FROM events WHERE durable = $1 ORDER BY id DESC LIMIT 1 OFFSET $2"
+_SWEEP_BUCKET = ("WITH d AS (DELETE FROM events WHERE durable = $1 AND id <= $2 RETURNING id) "
+                 "SELECT count(*) AS n, coalesce(max(id), 0) AS newest FROM d")
+_SWEEP_LEFT = ("WITH d AS (DELETE FROM events WHERE durable >= 2 AND durable <> ALL($1::integer[]) "
+               "AND id <= CASE durable % 2 WHEN 0 THEN $2::bigint ELSE $3::bigint END RETURNING id) "
+               "SELECT count(*) AS n, coalesce(max(id), 0) AS newest FROM d")
 _SET_HORIZON = ("INSERT INTO meta (key, value) VALUES ('events_horizon', $1) ON CONFLICT (key) "
                 "DO UPDATE SET value = greatest(meta.value::bigint, excluded.value::bigint)::text")
 _BY_ORIGIN = ("SELECT id, topic, time, data, correlation_id, causation_id, origin_id FROM events "
               "WHERE origin = $1 AND origin_id = ANY($2::bigint[])")
-_COUNTS = "SELECT count(*) AS n, coalesce(sum(durable), 0) AS durable FROM events"
+_COUNTS = "SELECT count(*) AS n, coalesce(sum(durable % 2), 0) AS durable FROM events"
 
 
 def _event(row: Any) -> Event:
@@ -252,13 +258,19 @@ class PgEvents:
     async def correlation(self, correlation_id: str, after: int) -> list[Event]:
         return [_event(row) for row in await self.store.read(_CORRELATION_SQL, (correlation_id, after))]
 
-    def sweep(self, now: float, config: EventsConfig) -> Awaitable[tuple[int, int]]:
-        ring_by_age, durable_cutoff = sweep_cutoffs(now, config)
-
+    def sweep(self, plan: SweepPlan) -> Awaitable[tuple[int, int]]:
         async def op(conn: PgConnection) -> tuple[int, int]:
-            kept = await conn.fetchval(_RING_OFFSET, config.ring_size)
-            row = await conn.fetchrow(_SWEEP, max(ring_by_age, kept or 0), durable_cutoff)
-            count, newest = (int(row["n"]), int(row["newest"])) if row is not None else (0, 0)
+            kept = await conn.fetchval(_RING_OFFSET, plan.ring_size)
+            swept = [await conn.fetchrow(_SWEEP, max(plan.ring_by_age, kept or 0), plan.durable)]
+            for bucket, size, by_age in plan.own:
+                cutoff = by_age
+                if size is not None:
+                    cutoff = max(cutoff, await conn.fetchval(_BUCKET_OFFSET, bucket, size) or 0)
+                swept.append(await conn.fetchrow(_SWEEP_BUCKET, bucket, cutoff))
+            swept.append(await conn.fetchrow(_SWEEP_LEFT, plan.own_buckets, plan.ring_by_age,
+                                             plan.durable))
+            count = sum(int(row["n"]) for row in swept if row is not None)
+            newest = max((int(row["newest"]) for row in swept if row is not None), default=0)
             if newest:
                 await conn.execute(_SET_HORIZON, str(newest))
                 notify(CHANNEL, f"h {newest}")
