@@ -97,7 +97,8 @@ LAYERS = [
     {"context", "protocols", "worker", "scheduler", "digests", "maintenance", "backup", "postgres",
      "storage"},
     {"plugin", "plugins"},
-    {"web", "health", "systemd", "watchdog", "shutdown", "app", "cli", "__main__", "testing", "agentd"},
+    {"web", "health", "systemd", "watchdog", "shutdown", "safemode", "app", "cli", "__main__", "testing",
+     "agentd"},
 ]
 
 

@@ -73,7 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     # SUPPRESS keeps a --config given before the command when none is given after it.
     common.add_argument("--config", metavar="PATH", help=config_help, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
-    sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    run = sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    run.add_argument("--no-safe-mode", action="store_true",
+                     help="start normally even if the last starts crashed, forgetting them "
+                          "(leaves safe mode: docs/operations.md, Safe mode)")
     sub.add_parser("check-config", parents=[common],
                    help="build what `run` would (plugins, schedules), without serving")
     sub.add_parser("status", parents=[common], help="ask the running daemon how it is")
@@ -257,7 +260,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "check-config":
             return asyncio.run(_check_config(load_config(path)))
         if args.command == "run":
-            return _run(load_config(path))
+            return _run(load_config(path), leave_safe_mode=args.no_safe_mode)
         if args.command == "memory" and args.action == "reembed":
             return asyncio.run(_reembed(load_config(path)))
         if args.command == "store":
@@ -299,12 +302,12 @@ async def _check_config(config: Config) -> int:
     return 0
 
 
-def _run(config: Config) -> int:
+def _run(config: Config, leave_safe_mode: bool) -> int:
     from agentd.app import serve
 
     configure_logging(config.log.level, config.log.format)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, leave_safe_mode))
     except ConfigError:
         raise
     except (AgentdError, OSError) as exc:
@@ -356,7 +359,10 @@ async def _remote(config: ClientConfig, args: argparse.Namespace) -> int:
         api = _Api(config, session)
         try:
             if args.command == "status":
-                _print(await api.call("GET", "/v1/status"))
+                status = await api.call("GET", "/v1/status")
+                _print(status)
+                if status.get("safe_mode"):
+                    print(_safe_mode_notice(status["safe_mode"]), file=sys.stderr)
                 return 0
             if args.command == "submit":
                 return await _submit(api, args)
@@ -583,6 +589,16 @@ def _restore(config: Config, path: str, check_only: bool) -> int:
 
 def _size(count: int) -> str:
     return f"{count / 1e6:.1f} MB" if count >= 100_000 else f"{count} bytes"
+
+
+def _safe_mode_notice(safe_mode: dict[str, Any]) -> str:
+    """What `agentd status` says, besides the JSON, of a daemon serving in safe mode."""
+    if safe_mode.get("cleared"):
+        return ("agentd: the daemon serves in safe mode, cleared: it starts normally once "
+                "restarted")
+    return (f"agentd: the daemon serves in safe mode since {_when(safe_mode['since'])}: "
+            f"{safe_mode['reason']}. Fix the cause, then restart it with `agentd run "
+            "--no-safe-mode` (or POST /v1/safe-mode/clear and restart it).")
 
 
 def _when(timestamp: float | None) -> str:

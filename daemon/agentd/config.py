@@ -53,13 +53,16 @@ _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::[
 
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
-    """[daemon]: where state lives, how long stopping may take, fire-and-forget bounds."""
+    """[daemon]: where state lives, how long stopping may take, fire-and-forget bounds,
+    when a crashing daemon starts in safe mode (agentd/safemode.py)."""
 
     data_dir: str = "data"
     stop_timeout: float = 10.0
     handler_concurrency: int = 100
     handler_backlog: int = 1000
     stall_warning: float = 1.0
+    safe_mode_after: float = 30.0
+    safe_mode_starts: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -893,6 +896,9 @@ def _check_rules(config: Config) -> None:
         raise ConfigError(f"{config.origin('daemon', 'stall_warning')}: [daemon] stall_warning: "
                           f"expected 0 (off) or at least {MIN_STALL_WARNING} seconds, "
                           f"got {config.daemon.stall_warning}")
+    if config.daemon.safe_mode_after <= 0:  # 0 would mark each start survived as it serves
+        raise ConfigError(f"{config.origin('daemon', 'safe_mode_after')}: [daemon] safe_mode_after: "
+                          "expected a positive number of seconds")
     if config.tasks.lease <= 0:  # the heartbeat renews every lease / 3 seconds
         raise ConfigError(f"{config.origin('tasks', 'lease')}: [tasks] lease: expected a positive "
                           "number of seconds")

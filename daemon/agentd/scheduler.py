@@ -343,6 +343,12 @@ class Scheduler:
             self._remote = outcomes.subscribe(_FINAL_TOPICS, self._on_task_final,
                                               name="scheduler-remote")
 
+    async def load_stored(self) -> None:
+        """Take the stored schedules as they are, declaring none and firing none: what a
+        daemon in safe mode runs instead of `start` (without `run`), so that the API still
+        lists, pauses and resumes them. The declared ones are re-synced at the next start."""
+        await self._reload(None)
+
     def _replaced(self, replaced: ScheduleState, source: DeclaredSource) -> None:
         """Report a schedule of the API that a declared one (from `source`) replaces: its
         definition, so it can be made again under another id."""
