@@ -1,6 +1,7 @@
 """Stopping `agentd run` as systemd does: a SIGTERM is never lost, however busy the daemon
-is; a SIGHUP (a reload) is not lost either and stops nothing; a stop is bounded as a whole, even by a sync task stuck in
-its thread, whose task goes back to the queue and runs at the next start.
+is; a SIGHUP (a reload) is not lost either, and stops nothing; a stop is bounded as a
+whole, even by a sync task stuck in its thread, whose task goes back to the queue and runs
+at the next start.
 
 The daemons signalled are real `agentd run` processes; the load is real WebSocket requests
 from the test, answered by the daemon out of its SQLite file. Only hurrying a stop is
