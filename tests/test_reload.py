@@ -289,6 +289,45 @@ async def test_live_keys_apply_and_restart_only_keys_are_named(
     assert again["restart_required"] == ["server.max_body_bytes", "tasks.queues.extra"]
 
 
+async def test_digests_added_and_removed_by_a_reload_bring_their_schedules(
+    tmp_path: Path, daemon_on_file: Callable[..., Any], client: Callable[..., Any],
+) -> None:
+    config = write_config(tmp_path / "agentd.toml", rest="""
+        [mail]
+        host = "127.0.0.1"
+        [digests.old]
+        pattern = "news.*"
+        to = "ops@example.com"
+        every = "1d"
+    """)
+    daemon = await daemon_on_file(config)
+    queued = EventCapture(daemon.bus, "task.queued")
+    session = client(daemon)
+    write_config(config, rest="""
+        [mail]
+        host = "127.0.0.1"
+        [digests.fresh]
+        pattern = "alerts.*"
+        to = "ops@example.com"
+        every = "1h"
+        count = 3
+    """)
+    outcome = await reload(session)
+    assert outcome["applied"] == ["digests.fresh", "digests.old"]
+    assert outcome["schedules_changed"] == ["agentd.digest.fresh", "agentd.digest.old"]
+    assert set(daemon.digests.specs) == {"fresh"}
+    assert "agentd.digest.old" not in daemon.scheduler.schedules
+    assert daemon.scheduler.schedules["agentd.digest.fresh"].spec.every == 3600.0
+    # The new digest counts events from now on: three of them ask for a send (the reload
+    # asked for one already, to check what the log holds).
+    first = await queued.wait_for("task.queued", name="agentd.send_digest")
+    for n in range(3):
+        daemon.bus.publish("alerts.disk", {"n": n})
+    counted = EventCapture(daemon.bus, "task.queued")
+    if not any(e.data["name"] == "agentd.send_digest" and e.id != first.id for e in queued.events):
+        await counted.wait_for("task.queued", name="agentd.send_digest")
+
+
 async def test_a_stream_open_across_a_reload_keeps_receiving(
     tmp_path: Path, daemon_on_file: Callable[..., Any], client: Callable[..., Any],
 ) -> None:
