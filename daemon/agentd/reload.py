@@ -56,8 +56,8 @@ class ReloadOutcome:
     restart_required: list[str] = field(default_factory=list)  # changed keys waiting for a restart
     plugins_reloaded: list[str] = field(default_factory=list)
     schedules_changed: list[str] = field(default_factory=list)
-    # What failed once the file was accepted: "plugin <name>" (its reload), "schedules"
-    # (their re-sync). The rest of the reload stands.
+    # What failed once the file was accepted: "plugin <name>" (its reload), "digests"
+    # (their cursors' write), "schedules" (their re-sync). The rest of the reload stands.
     errors: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,13 +219,16 @@ class Reloader:
             raise ConfigError(f"{running.source}: {exc}") from None
         daemon.check_config_schedules(target)
         self._apply(target, hooks)
+        outcome.ok = True  # from here on the file is in effect, whatever fails
         if running.digests != target.digests:
-            await daemon.digests.reconfigure(target.digests.settings)
+            try:
+                await daemon.digests.reconfigure(target.digests.settings)
+            except AgentdError as exc:  # their cursors could not be written (a full disk)
+                outcome.errors["digests"] = str(exc)
         for name in sorted(set(running.plugins.settings) | set(target.plugins.settings)):
             if (running.plugins.settings.get(name) != target.plugins.settings.get(name)
                     and name in daemon.plugins.plugins):
                 await self._reload_plugin(name, outcome)
-        outcome.ok = True  # from here on the file is in effect, whatever fails
         try:
             outcome.schedules_changed = await daemon.redeclare_schedules()
         except (AgentdError, ValueError) as exc:

@@ -35,7 +35,7 @@ _OUTCOME = {
         "schedules_changed": {**_KEYS, "description": "schedule ids added, changed or removed"},
         "errors": {"type": "object", "additionalProperties": {"type": "string"},
                    "description": "what failed once the file was accepted (`plugin <name>`, "
-                                  "`schedules`); the rest of the reload stands"},
+                                  "`digests`, `schedules`); the rest of the reload stands"},
     },
 }
 _LAST = {"type": "object", "required": ["last"],
