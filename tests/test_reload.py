@@ -83,9 +83,13 @@ def write_config(path: Path, *, server: str = "", rest: str = "", plugins: Path 
 
 
 @pytest.fixture
-async def daemon_on_file(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+async def daemon_on_file(store_url: str | None,
+                         monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[..., Any]]:
     """`daemon = await daemon_on_file(path)`: a real daemon on that agentd.toml, as
-    `agentd run` reads it; stopped at teardown."""
+    `agentd run` reads it; stopped at teardown. In a `both_stores` test's second run its
+    store is PostgreSQL, given as `AGENTD_STORE_URL` (which a reload reads again too)."""
+    if store_url is not None:
+        monkeypatch.setenv("AGENTD_STORE_URL", store_url)
     async with AsyncExitStack() as stack:
 
         async def start(path: Path) -> Daemon:
@@ -289,6 +293,7 @@ async def test_live_keys_apply_and_restart_only_keys_are_named(
     assert again["restart_required"] == ["server.max_body_bytes", "tasks.queues.extra"]
 
 
+@pytest.mark.both_stores
 async def test_digests_added_and_removed_by_a_reload_bring_their_schedules(
     tmp_path: Path, daemon_on_file: Callable[..., Any], client: Callable[..., Any],
 ) -> None:
@@ -357,6 +362,7 @@ async def test_a_stream_open_across_a_reload_keeps_receiving(
         assert after.event == "demo.after" and after.data["data"] == {"n": 2}
 
 
+@pytest.mark.both_stores
 async def test_schedules_are_added_and_removed_by_a_reload(
     tmp_path: Path, daemon_on_file: Callable[..., Any], client: Callable[..., Any],
 ) -> None:
@@ -447,6 +453,7 @@ async def result(session: aiohttp.ClientSession, task_id: int) -> Any:
     return task["result"]
 
 
+@pytest.mark.both_stores
 async def test_a_running_task_finishes_on_the_old_code_and_new_tasks_run_the_new(
     tmp_path: Path, plugin_dir: Callable[..., Path], daemon_on_file: Callable[..., Any],
     client: Callable[..., Any],
