@@ -96,7 +96,8 @@ LAYERS = [
     {"memory", "embed", "llm", "mail", "webhooks", "hooks", "services"},
     {"context", "protocols", "worker", "scheduler", "digests", "maintenance", "postgres", "storage"},
     {"plugin", "plugins"},
-    {"web", "health", "systemd", "watchdog", "shutdown", "app", "cli", "__main__", "testing", "agentd"},
+    {"web", "health", "systemd", "watchdog", "shutdown", "reload", "app", "cli", "__main__", "testing",
+     "agentd"},
 ]
 
 
