@@ -21,9 +21,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from agentd.app import Daemon
 from agentd.config import load_config
+from agentd.errors import Fail
 from agentd.testing import EventCapture, daemon_url
 from sse_client import Sse
 
@@ -331,6 +333,45 @@ async def test_digests_added_and_removed_by_a_reload_bring_their_schedules(
     counted = EventCapture(daemon.bus, "task.queued")
     if not any(e.data["name"] == "agentd.send_digest" and e.id != first.id for e in queued.events):
         await counted.wait_for("task.queued", name="agentd.send_digest")
+
+
+async def test_webhooks_take_new_allow_networks_without_reusing_a_connection(
+    tmp_path: Path, daemon_on_file: Callable[..., Any], client: Callable[..., Any],
+) -> None:
+    """Narrowed `[webhooks] allow_networks` apply to the next delivery, even to a receiver
+    whose connection the last one kept alive (checked when it was opened, under the old
+    networks)."""
+    received: list[Any] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(status=204)
+
+    receiver = web.Application()
+    receiver.router.add_post("/hook", receive)
+    runner = web.AppRunner(receiver)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+        config = write_config(tmp_path / "agentd.toml", rest="""
+            [webhooks]
+            allow_networks = ["127.0.0.0/8"]
+        """)
+        daemon = await daemon_on_file(config)
+        poster = daemon.services.webhooks
+        assert (await poster.deliver(url, {"n": 1}, 1, "msg_1"))["status"] == 204
+        write_config(config, rest="""
+            [webhooks]
+            allow_networks = []
+        """)
+        assert (await reload(client(daemon)))["applied"] == ["webhooks.allow_networks"]
+        with pytest.raises(Fail, match="loopback"):
+            await poster.deliver(url, {"n": 2}, 2, "msg_2")
+        assert received == [{"n": 1}]
+    finally:
+        await runner.cleanup()
 
 
 async def test_a_stream_open_across_a_reload_keeps_receiving(

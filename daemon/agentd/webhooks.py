@@ -191,17 +191,25 @@ class WebhookPoster:
         self._key = signing_key(secret)
         self._guard = _AddressGuard(_allowed_networks(config))
         self._session: aiohttp.ClientSession | None = None
+        self._retired: list[aiohttp.ClientSession] = []  # sessions a reload replaced
 
     def reconfigure(self, config: WebhooksConfig, secret: str) -> None:
-        """Use `config` and `secret` from the next delivery on (a reload): the session stays,
-        its address guard takes the new `allow_networks` for the next connection.
+        """Use `config` and `secret` from the next delivery on (a reload); deliveries under
+        way finish as they began. A changed `allow_networks` also takes a new session, so
+        no connection opened under the old networks is reused.
 
         Raises:
             ValueError: the secret is a `whsec_` secret that is not base64 (nothing changed).
         """
         key = signing_key(secret)
+        allowed = _allowed_networks(config)
+        if allowed != self._guard.allowed and self._session is not None:
+            # Its pooled connections were checked against the old networks: none is reused.
+            # It is closed with the poster, once deliveries under way on it are long over.
+            self._retired.append(self._session)
+            self._session = None
         self.config, self._secret, self._key = config, secret, key
-        self._guard.allowed = _allowed_networks(config)
+        self._guard.allowed = allowed
 
     @classmethod
     def from_config(cls, config: Config) -> WebhookPoster:
@@ -212,6 +220,9 @@ class WebhookPoster:
         registry.add(TaskDef(name=POST_WEBHOOK_TASK, fn=self._deliver_task, queue=queue, max_attempts=8))
 
     async def close(self) -> None:
+        for session in self._retired:
+            await session.close()
+        self._retired.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None
