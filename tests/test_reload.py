@@ -9,6 +9,7 @@ socket, as systemd runs it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import signal
 import socket
@@ -256,6 +257,7 @@ async def test_agentd_reload_exits_non_zero_with_the_daemons_error(
 
 async def test_live_keys_apply_and_restart_only_keys_are_named(
     tmp_path: Path, daemon_on_file: Callable[..., Any], client: Callable[..., Any],
+    logging_restored: None,
 ) -> None:
     config = write_config(tmp_path / "agentd.toml", server="max_body_bytes = 100000", rest="""
         [tasks]
@@ -266,6 +268,7 @@ async def test_live_keys_apply_and_restart_only_keys_are_named(
     session = client(daemon)
     async with session.post("/hooks/github", data=b"{}") as response:
         assert response.status == 404
+    logging.getLogger().setLevel(logging.INFO)  # as `agentd run` set it from the file
     write_config(config, server="max_body_bytes = 200000", rest="""
         [tasks]
         queues = { default = 5, extra = 1 }
@@ -273,10 +276,14 @@ async def test_live_keys_apply_and_restart_only_keys_are_named(
         secret = "hook-secret-0123456789"
         [streams]
         retry_ms = 4321
+        [log]
+        level = "debug"
     """)
     outcome = await reload(session)
     assert outcome["ok"] is True
-    assert outcome["applied"] == ["hooks.github", "streams.retry_ms", "tasks.queues.default"]
+    assert outcome["applied"] == ["hooks.github", "log.level", "streams.retry_ms",
+                                  "tasks.queues.default"]
+    assert logging.getLogger().getEffectiveLevel() == logging.DEBUG
     assert outcome["restart_required"] == ["server.max_body_bytes", "tasks.queues.extra"]
     # Restart-only keys keep their running value; live ones are in force.
     assert daemon.config.server.max_body_bytes == 100000
