@@ -178,6 +178,18 @@ async def test_sighup_reloads_a_running_agentd_and_tells_systemd(
         for token, status in (("old-token-0123456789", 401), ("new-token-0123456789", 200)):
             async with session.get(url, headers={"Authorization": f"Bearer {token}"}) as response:
                 assert response.status == status
+        # A file with an error: refused, said in the log and to systemd; the daemon serves on.
+        config.write_text(config.read_text() + "\n[server\n")
+        child.proc.send_signal(signal.SIGHUP)
+        await datagram(notify_socket, b"RELOADING=1")
+        refused = await datagram(notify_socket, b"READY=1")
+        assert refused.startswith(b"READY=1\nSTATUS=reload refused: ")
+        assert b"not valid TOML" in refused
+        record = await child.wait_for_log("daemon.reload_refused")
+        assert record["level"] == "error" and str(config) in record["error"]
+        headers = {"Authorization": "Bearer new-token-0123456789"}
+        async with session.get(url, headers=headers) as response:
+            assert response.status == 200
     assert await child.finish(signal.SIGTERM) == 0
 
 

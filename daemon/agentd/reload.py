@@ -178,7 +178,7 @@ class Reloader:
             finally:
                 outcome.took = round(time.monotonic() - began, 3)
                 self.last = outcome
-                daemon.notifier.ready(_status(outcome))
+                self._ready(_status(outcome))
         if outcome.ok:
             self._log.info("daemon.reloaded", trigger=trigger, source=outcome.source,
                            applied=outcome.applied, restart_required=outcome.restart_required,
@@ -247,6 +247,12 @@ class Reloader:
         daemon.workers.reconfigure(target.tasks.queues, target.plugins.settings)
         daemon.plugins.reconfigure(target)
 
+    def _ready(self, status: str) -> None:
+        """Tell systemd the reload is over, unless a stop began meanwhile (it cancels a
+        reload under way): STOPPING=1 was said then, and READY=1 must not follow it."""
+        if not self._daemon.stopping:
+            self._daemon.notifier.ready(status)
+
     async def reload_plugin(self, name: str) -> dict[str, Any]:
         """Reload plugin `name` from its file (see `PluginManager.reload`), then re-sync the
         schedules; returns its record (`state` started or failed, with `error`) and the
@@ -270,7 +276,7 @@ class Reloader:
                 except (AgentdError, ValueError) as exc:
                     answer["schedules_error"] = str(exc)
             finally:
-                daemon.notifier.ready(f"reloaded plugin {name}")
+                self._ready(f"reloaded plugin {name}")
         daemon.bus.publish("plugin.reloaded", {"plugin": name, "state": record.state,
                                                "error": record.error})
         return {**record.to_dict(), **answer}
