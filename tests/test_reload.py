@@ -249,6 +249,11 @@ async def test_agentd_reload_exits_non_zero_with_the_daemons_error(
         every = "1h"
         event = "rl.ping"
     """)
+    # An admin action: without the token nothing is reloaded.
+    async with aiohttp.ClientSession(daemon_url(daemon)) as anonymous, \
+            anonymous.post("/v1/reload") as response:
+        assert response.status == 401
+    assert "ping" not in daemon.scheduler.schedules
     code, out, err = await run_cli("reload", "--config", str(config), env=env)
     assert code == 0, err
     assert '"schedules.ping"' in out and '"ok": true' in out
@@ -280,8 +285,14 @@ async def test_live_keys_apply_and_restart_only_keys_are_named(
     session = client(daemon)
     async with session.post("/hooks/github", data=b"{}") as response:
         assert response.status == 404
+    browser = {"Origin": "https://app.example.com"}
+    async with session.get("/v1/status", headers=browser) as response:
+        assert response.status == 403
     logging.getLogger().setLevel(logging.INFO)  # as `agentd run` set it from the file
-    write_config(config, server="max_body_bytes = 200000", rest="""
+    write_config(config, server="""
+        max_body_bytes = 200000
+        allowed_origins = ["https://app.example.com"]
+    """, rest="""
         [tasks]
         queues = { default = 5, extra = 1 }
         [hooks.github]
@@ -293,8 +304,8 @@ async def test_live_keys_apply_and_restart_only_keys_are_named(
     """)
     outcome = await reload(session)
     assert outcome["ok"] is True
-    assert outcome["applied"] == ["hooks.github", "log.level", "streams.retry_ms",
-                                  "tasks.queues.default"]
+    assert outcome["applied"] == ["hooks.github", "log.level", "server.allowed_origins",
+                                  "streams.retry_ms", "tasks.queues.default"]
     assert logging.getLogger().getEffectiveLevel() == logging.DEBUG
     assert outcome["restart_required"] == ["server.max_body_bytes", "tasks.queues.extra"]
     # Restart-only keys keep their running value; live ones are in force.
@@ -303,6 +314,9 @@ async def test_live_keys_apply_and_restart_only_keys_are_named(
     assert daemon.workers._slots["default"].capacity == 5
     async with session.post("/hooks/github", data=b"{}") as response:
         assert response.status == 401  # the hook exists now: the unsigned delivery is refused
+    async with session.get("/v1/status", headers=browser) as response:
+        assert response.status == 200
+        assert response.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
     async with session.get("/v1/stream") as response:
         assert (await Sse(response).opened()).retry == 4321
     event = await events.wait_for("daemon.reloaded")
