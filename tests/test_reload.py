@@ -13,6 +13,7 @@ import logging
 import re
 import signal
 import socket
+import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -62,6 +63,16 @@ async def work(ctx, port: int = 0) -> dict:
         await reader.readline()
         writer.close()
     return {{"version": {version}, "greeting": ctx.config.get("greeting")}}
+
+
+@plugin.on("rl.ping")
+async def pong(ctx, event):
+    ctx.publish("rl.pong", {{"version": {version}}})
+
+
+@plugin.on("rl.ping", durable=True)
+async def durable_pong(ctx, event):
+    await ctx.submit("rl.work", {{}}, idempotency_key=f"durable-pong-{version}")
 
 
 @plugin.startup
@@ -552,6 +563,55 @@ async def test_a_running_task_finishes_on_the_old_code_and_new_tasks_run_the_new
     # The old code's shutdown hook ran before the new code's startup hook.
     assert [(e.topic, e.data["version"]) for e in events.events] == [
         ("rl.stopped", 1), ("rl.started", 2)]
+    # Its handlers are the new code's alone: one pong, and one durable trigger task.
+    triggers = EventCapture(daemon.bus, "task.succeeded")
+    daemon.bus.publish("rl.ping", {})
+    assert (await events.wait_for("rl.pong")).data == {"version": 2}
+    await triggers.wait_for("task.succeeded", name="rl.durable_pong")
+    async with session.get("/v1/tasks", params={"name": "rl.work"}) as response:
+        names = [task["idempotency_key"] for task in (await response.json())["tasks"]]
+    assert "durable-pong-2" in names and "durable-pong-1" not in names
+    assert [e.topic for e in events.events].count("rl.pong") == 1
+
+
+async def test_a_package_plugin_is_reloaded_with_its_submodules(
+    tmp_path: Path, plugin_dir: Callable[..., Path], daemon_on_file: Callable[..., Any],
+    client: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each edit is the same length as what it replaces, at once: what Python's bytecode
+    cache cannot tell from the file it cached (written here, as a deployment writes it,
+    whatever PYTHONDONTWRITEBYTECODE the test run has)."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    plugins = plugin_dir({
+        "pk/__init__.py": """
+            from agentd import Plugin
+
+            from .helper import VERSION
+
+            plugin = Plugin("pk")
+
+
+            @plugin.task()
+            async def version(ctx) -> int:
+                return VERSION
+        """,
+        "pk/helper.py": "VERSION = 1\n",
+    })
+    config = write_config(tmp_path / "agentd.toml", plugins=plugins)
+    daemon = await daemon_on_file(config)
+    session = client(daemon)
+
+    async def version() -> Any:
+        async with session.post("/v1/tasks", json={"name": "pk.version"}) as response:
+            task_id = (await response.json())["id"]
+        return await result(session, task_id)
+
+    assert await version() == 1
+    for new in (2, 3):
+        (plugins / "pk" / "helper.py").write_text(f"VERSION = {new}\n")
+        async with session.post("/v1/plugins/pk/reload") as response:
+            assert response.status == 200
+        assert await version() == new
 
 
 async def test_a_plugin_file_that_fails_to_import_is_refused_and_the_old_code_runs_on(

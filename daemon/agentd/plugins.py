@@ -21,6 +21,7 @@ run. A task already running keeps the function it started with; new tasks get th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
@@ -315,6 +316,7 @@ class PluginManager:
                               "agentd to load a new version of its package")
         else:
             raise PluginError(f"plugin {record.name!r}: its file {record.source} is gone")
+        _forget_bytecode(path)
         module = f"{_MODULE_PREFIX}.{stem}"
         kept = {key: value for key, value in sys.modules.items()
                 if key == module or key.startswith(module + ".")}
@@ -567,6 +569,18 @@ def _path_loader(module_name: str, path: Path, package_dir: Path | None) -> Call
         return module
 
     return load
+
+
+def _forget_bytecode(path: Path) -> None:
+    """Delete the cached bytecode of the plugin's files (`path`, or every module of the
+    package at `path`): Python trusts a `.pyc` whose recorded source mtime, in whole
+    seconds, and size match, so a file rewritten within the second of its last import,
+    at the same length, would be imported as its old code. Where the cache cannot be
+    deleted (a read-only install), that narrow case stays."""
+    sources = path.rglob("*.py") if path.is_dir() else [path]
+    for source in sources:
+        with contextlib.suppress(OSError, ValueError):
+            Path(importlib.util.cache_from_source(str(source))).unlink(missing_ok=True)
 
 
 async def _call_hook(hook: Hook, ctx: PluginContext) -> None:
