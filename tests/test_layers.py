@@ -97,7 +97,8 @@ LAYERS = [
     {"context", "protocols", "worker", "scheduler", "digests", "maintenance", "backup", "postgres",
      "storage"},
     {"plugin", "plugins"},
-    {"web", "health", "systemd", "watchdog", "shutdown", "safemode", "app", "cli", "__main__", "testing",
+    {"web", "health", "systemd", "watchdog", "shutdown", "safemode", "reload", "app", "cli", "__main__",
+     "testing",
      "agentd"},
 ]
 
