@@ -82,12 +82,18 @@ async def last_reload(request: web.Request) -> web.Response:
      "the old; its shutdown and startup hooks run", tag="system", schemas={200: _PLUGIN},
      responses={200: "The plugin as reloaded (started, or failed with its error)",
                 404: "No plugin of that name",
+                409: "The daemon serves in safe mode: its plugins are off until it is cleared "
+                     "and restarted",
                 422: "Its new code was refused (import error, another plugin name, an entry "
                      "point's plugin): the old code runs on"})
 async def reload_plugin(request: web.Request) -> web.Response:
     name = request.match_info["name"]
+    daemon = request.app[DAEMON]
+    if daemon.safe_mode is not None:  # loading its code now would undo what safe mode is for
+        raise ApiError(409, "safe_mode", "the daemon serves in safe mode: plugins are off until "
+                       "it is cleared (POST /v1/safe-mode/clear) and restarted")
     try:
-        answer: dict[str, Any] = await request.app[DAEMON].reloader.reload_plugin(name)
+        answer: dict[str, Any] = await daemon.reloader.reload_plugin(name)
     except PluginNotFoundError as exc:
         raise ApiError(404, "plugin_not_found", str(exc)) from None
     except PluginError as exc:
