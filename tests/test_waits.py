@@ -71,3 +71,71 @@ async def test_cancel_ends_a_waiting_task_at_once(wt: Any, http: Any) -> None:
         assert (await response.json())["status"] == "cancelled"
     await events.wait_for("task.cancelled", task_id=record.id)
     assert await daemon.storage.waits.next_due() is None  # its timer is gone with it
+
+
+async def test_wait_for_returns_the_first_event_matching_topic_and_fields(wt: Any, http: Any) -> None:
+    daemon, events = wt
+    record = await daemon.queue.enqueue("wt.await_event", {"pattern": "build.*.done",
+                                                           "match": {"ok": True, "branch": "main"}})
+    await events.wait_for("task.waiting", task_id=record.id, kind="event", pattern="build.*.done")
+    client = http(daemon)
+    for topic, data in (("build.web.done", {"ok": False, "branch": "main"}),
+                        ("build.web.started", {"ok": True, "branch": "main"}),
+                        ("build.web.done", {"ok": True}),
+                        ("build.web.done", {"ok": True, "branch": "main", "n": 1}),
+                        ("build.api.done", {"ok": True, "branch": "main", "n": 2})):
+        async with client.post("/v1/events", json={"topic": topic, "data": data}) as response:
+            assert response.status in (200, 201, 202), await response.text()
+    result = await daemon.queue.result(record.id, timeout=5)
+    assert result["topic"] == "build.web.done" and result["data"]["n"] == 1
+    resumed = await events.wait_for("task.resumed", task_id=record.id)
+    assert resumed.data == {**resumed.data, "wait": 1, "timed_out": False}
+
+
+async def test_wait_for_times_out_with_wait_timeout_error(wt: Any) -> None:
+    daemon, events = wt
+    record = await daemon.queue.enqueue("wt.await_event", {"pattern": "never.comes", "timeout": 0.3})
+    waiting = await events.wait_for("task.waiting", task_id=record.id)
+    assert waiting.data["wake_at"] is not None
+    result = await daemon.queue.result(record.id, timeout=5)
+    assert result == {"timed_out": "wait 1 timed out: no event matching 'never.comes' came"}
+    await events.wait_for("task.resumed", task_id=record.id, timed_out=True)
+
+
+async def test_an_event_published_after_the_wait_was_asked_but_before_it_was_written_is_caught(
+    wt: Any,
+) -> None:
+    """The task publishes the event on the loop's next turn after asking: before its
+    `waiting` row can commit. The event is caught and the task queued again without ever
+    waiting."""
+    daemon, events = wt
+    record = await daemon.queue.enqueue("wt.await_event", {
+        "pattern": "reply.*", "publish_first": {"topic": "reply.fast", "data": {"n": 7}}})
+    result = await daemon.queue.result(record.id, timeout=5)
+    assert result["topic"] == "reply.fast" and result["data"] == {"n": 7}
+    published = await events.wait_for("reply.fast")
+    assert result["id"] == published.id
+    assert "task.waiting" not in events.topics()  # caught before its waiting state was written
+    await events.wait_for("task.resumed", task_id=record.id)
+
+
+async def test_an_event_wait_survives_a_restart(start_daemon: Any, wt_dir: Path, http: Any) -> None:
+    first, events = await start_daemon(plugin_dirs=[wt_dir])
+    record = await first.queue.enqueue("wt.await_event", {"pattern": "deploy.finished",
+                                                          "match": {"id": "d1"}})
+    await events.wait_for("task.waiting", task_id=record.id)
+    await first.stop()
+    second, _ = await start_daemon(plugin_dirs=[wt_dir])
+    async with http(second).post("/v1/events", json={"topic": "deploy.finished",
+                                                     "data": {"id": "d1"}}) as response:
+        assert response.status < 300
+    result = await second.queue.result(record.id, timeout=5)
+    assert result["data"] == {"id": "d1"}
+
+
+async def test_a_wait_with_a_bad_pattern_or_match_fails_the_attempt(wt: Any) -> None:
+    daemon, _ = wt
+    record = await daemon.queue.enqueue("wt.await_event", {"pattern": "bad..pattern"},
+                                        max_attempts=1)
+    final = await daemon.queue.wait(record.id, timeout=5)
+    assert final.status == "dead" and "bad..pattern" in (final.error or "")

@@ -21,8 +21,8 @@ What wakes a task:
   is written as the task suspends.
 - an answer (`ctx.ask`, `POST /v1/tasks/{id}/answer`).
 
-Events published: `task.waiting` (data: `wait`, the wait's number, `kind`, and its
-`topic`, `prompt` or `wake_at`) once a task's `waiting` row commits, and `task.resumed`
+Events published: `task.waiting` (data: `wait`, the wait's number, `kind`, `wake_at`,
+and an event wait's `pattern` and `match`, or a question's `prompt` and `data`) once a task's `waiting` row commits, and `task.resumed`
 (data: `wait`, `timed_out`) once it is queued again.
 
 `WaitStore` is what this needs of the table; `SqliteWaits` is it on SQLite, with the
@@ -75,7 +75,7 @@ class WaitRequest:
         """As the API shows it (`waiting_for`, `GET /v1/approvals`)."""
         shown: dict[str, Any] = {"wait": self.seq, "kind": self.kind, "wake_at": self.wake_at}
         if self.kind == "event":
-            shown.update(topic=self.topic, match=dict(self.match or {}))
+            shown.update(pattern=self.topic, match=dict(self.match or {}))
         elif self.kind == "ask":
             shown.update(prompt=self.prompt, data=dict(self.data or {}))
         return shown
