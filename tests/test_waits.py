@@ -4,6 +4,7 @@ survives a restart, and resumes by replay (its steps return their recorded resul
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,102 @@ async def test_a_wait_with_a_bad_pattern_or_match_fails_the_attempt(wt: Any) -> 
                                         max_attempts=1)
     final = await daemon.queue.wait(record.id, timeout=5)
     assert final.status == "dead" and "bad..pattern" in (final.error or "")
+
+
+# ------------------------------------------------------------------------ human approval
+
+
+async def test_a_question_is_listed_answered_once_and_returned_by_ask(wt: Any, http: Any) -> None:
+    daemon, events = wt
+    client = http(daemon)
+    record = await daemon.queue.enqueue("wt.approve", {"draft": "Hello Bob"})
+    waiting = await events.wait_for("task.waiting", task_id=record.id, kind="ask")
+    assert waiting.data["prompt"] == "Send this draft?" and waiting.data["data"] == {"draft": "Hello Bob"}
+    async with client.get("/v1/approvals") as response:
+        listed = await response.json()
+    assert listed == {"approvals": [{
+        "task_id": record.id, "name": "wt.approve", "queue": "default",
+        "correlation_id": str(record.id), "wait": 1, "kind": "ask", "wake_at": None,
+        "prompt": "Send this draft?", "data": {"draft": "Hello Bob"}}], "next": None}
+    async with client.get(f"/v1/tasks/{record.id}") as response:
+        shown = await response.json()
+    assert shown["status"] == "waiting" and shown["waiting_for"]["prompt"] == "Send this draft?"
+    async with client.get("/v1/tasks", params={"status": "waiting"}) as response:
+        (listed_task,) = (await response.json())["tasks"]
+    assert listed_task["id"] == record.id and listed_task["waiting_for"]["kind"] == "ask"
+    async with client.post(f"/v1/tasks/{record.id}/answer", json={"answer": {"ok": True}}) as response:
+        assert response.status == 200
+        assert (await response.json())["status"] == "queued"
+    async with client.post(f"/v1/tasks/{record.id}/answer", json={"answer": False}) as response:
+        assert response.status == 409  # answered once: the first answer stands
+        assert "asks no question" in (await response.json())["error"]["message"]
+    assert await daemon.queue.result(record.id, timeout=5) == {"answer": {"ok": True}}
+    assert events.topics().count("wt.top") == 2
+    async with client.get("/v1/approvals") as response:
+        assert (await response.json())["approvals"] == []
+    async with client.get(f"/v1/tasks/{record.id}") as response:
+        assert (await response.json())["waiting_for"] is None
+
+
+async def test_answers_that_do_not_apply_are_refused(wt: Any, http: Any) -> None:
+    daemon, events = wt
+    client = http(daemon)
+    async with client.post("/v1/tasks/424242/answer", json={"answer": 1}) as response:
+        assert response.status == 404
+    sleeper = await daemon.queue.enqueue("wt.nap", {"seconds": 3600})
+    await events.wait_for("task.waiting", task_id=sleeper.id)
+    async with client.post(f"/v1/tasks/{sleeper.id}/answer", json={"answer": 1}) as response:
+        assert response.status == 409  # it waits, but asks nothing
+    for body in ({}, {"answer": 1, "extra": 2}):
+        async with client.post(f"/v1/tasks/{sleeper.id}/answer", json=body) as response:
+            assert response.status == 400, body
+    assert (await daemon.queue.get(sleeper.id)).status == "waiting"
+
+
+async def test_an_unanswered_question_times_out(wt: Any) -> None:
+    daemon, _ = wt
+    record = await daemon.queue.enqueue("wt.approve", {"draft": "x", "timeout": 0.3})
+    assert await daemon.queue.result(record.id, timeout=5) == {"answer": None, "timed_out": True}
+
+
+async def test_a_question_survives_a_restart_and_cancel_ends_it(
+    start_daemon: Any, wt_dir: Path, http: Any,
+) -> None:
+    first, events = await start_daemon(plugin_dirs=[wt_dir])
+    asked = await first.queue.enqueue("wt.approve", {"draft": "a"})
+    dropped = await first.queue.enqueue("wt.approve", {"draft": "b"})
+    for record in (asked, dropped):
+        await events.wait_for("task.waiting", task_id=record.id)
+    await first.stop()
+    second, _ = await start_daemon(plugin_dirs=[wt_dir])
+    client = http(second)
+    async with client.get("/v1/approvals", params={"limit": 1}) as response:
+        page = await response.json()
+    assert [item["task_id"] for item in page["approvals"]] == [dropped.id] and page["next"] == dropped.id
+    async with client.post(f"/v1/tasks/{dropped.id}/cancel") as response:
+        assert (await response.json())["status"] == "cancelled"
+    async with client.get("/v1/approvals") as response:
+        assert [item["task_id"] for item in (await response.json())["approvals"]] == [asked.id]
+    async with client.post(f"/v1/tasks/{asked.id}/answer", json={"answer": "yes"}) as response:
+        assert response.status == 200
+    assert await second.queue.result(asked.id, timeout=5) == {"answer": "yes"}
+    assert (await second.queue.get(dropped.id)).status == "cancelled"
+
+
+@pytest.mark.sqlite_only  # the CLI speaks HTTP: the store is the daemon's business
+async def test_the_cli_answers_a_question(
+    wt: Any, run_cli: Any, config_file: Any, process_env: Any,
+) -> None:
+    daemon, events = wt
+    env = process_env(AGENTD_SERVER_PORT=str(daemon.port))
+    config = str(config_file())
+    record = await daemon.queue.enqueue("wt.approve", {"draft": "c"})
+    await events.wait_for("task.waiting", task_id=record.id)
+    code, out, err = await run_cli("tasks", "answer", "--config", config, str(record.id), "yes",
+                                   env=env)
+    assert code == 0, err
+    assert json.loads(out)["status"] == "queued"
+    assert await daemon.queue.result(record.id, timeout=5) == {"answer": "yes"}  # text, not JSON
+    code, _, err = await run_cli("tasks", "answer", "--config", config, str(record.id), "true",
+                                 env=env)
+    assert code != 0 and "asks no question" in err

@@ -21,9 +21,10 @@ What wakes a task:
   is written as the task suspends.
 - an answer (`ctx.ask`, `POST /v1/tasks/{id}/answer`).
 
-Events published: `task.waiting` (data: `wait`, the wait's number, `kind`, `wake_at`,
-and an event wait's `pattern` and `match`, or a question's `prompt` and `data`) once a task's `waiting` row commits, and `task.resumed`
-(data: `wait`, `timed_out`) once it is queued again.
+Events published: `task.waiting` once a task's `waiting` row commits (data: `wait`, the
+wait's number, `kind`, `wake_at`, and an event wait's `pattern` and `match`, or a
+question's `prompt` and `data`), and `task.resumed` once it is queued again (data: `wait`,
+`timed_out`).
 
 `WaitStore` is what this needs of the table; `SqliteWaits` is it on SQLite, with the
 statements beside it, and `agentd.postgres.waits.PgWaits` on PostgreSQL.
