@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sse_client import Sse
 
 pytestmark = pytest.mark.both_stores
 
@@ -239,3 +240,35 @@ async def test_the_cli_answers_a_question(
     code, _, err = await run_cli("tasks", "answer", "--config", config, str(record.id), "true",
                                  env=env)
     assert code != 0 and "asks no question" in err
+
+
+# ------------------------------------------------------------------- states and events
+
+
+async def test_waiting_shows_in_status_the_task_stream_and_the_websocket(wt: Any, http: Any) -> None:
+    daemon, events = wt
+    client = http(daemon)
+    ws = await client.ws_connect("/v1/ws")
+    await ws.send_json({"id": 1, "type": "subscribe", "patterns": ["task.waiting", "task.resumed"]})
+    assert (await ws.receive_json(timeout=5))["ok"] is True
+    record = await daemon.queue.enqueue("wt.approve", {"draft": "d"})
+    async with client.get(f"/v1/tasks/{record.id}/stream") as response:
+        sse = Sse(response)
+        await sse.opened()
+        frames = await sse.until("task.waiting")
+        assert frames[-1].data["data"]["prompt"] == "Send this draft?"
+        async with client.get("/v1/status") as status:
+            assert (await status.json())["tasks"]["by_status"]["waiting"] == 1
+        async with client.get("/v1/tasks", params={"status": "waiting"}) as listed:
+            assert [task["id"] for task in (await listed.json())["tasks"]] == [record.id]
+        await daemon.waits.answer(record.id, "ok")
+        frames = await sse.until("end")
+        assert [f.event for f in frames if f.event != "task.started"] == [
+            "task.resumed", "task.succeeded", "end"]
+    pushed = [(await ws.receive_json(timeout=5))["event"] for _ in range(2)]
+    assert [(e["topic"], e["data"]["task_id"]) for e in pushed] == [
+        ("task.waiting", record.id), ("task.resumed", record.id)]
+    assert pushed[0]["data"]["kind"] == "ask" and pushed[1]["data"]["timed_out"] is False
+    await ws.close()
+    async with client.get("/v1/status") as status:
+        assert "waiting" not in (await status.json())["tasks"]["by_status"]
