@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from sse_client import Sse
 
 pytestmark = pytest.mark.both_stores
