@@ -440,7 +440,8 @@ async def test_deep_search_with_approve_asks_before_mailing(start_daemon: Any, h
         client = http(daemon)
         for text in ROVER_MEMORIES:
             await call(client, "POST", "/v1/memory", {"text": text, "namespace": "news"}, status=201)
-        approved = await submit(client, "deep_search.run", {"topic": "Mars rover", "email": "ada@example.com"})
+        approved = await submit(client, "deep_search.run",
+                                {"topic": "Mars rover", "email": "ada@example.com"})
         declined = await submit(client, "deep_search.run", {"topic": "harvest", "email": "bo@example.com"})
         for run in (approved, declined):
             await events.wait_for("task.waiting", timeout=WAIT, task_id=run["id"], kind="ask")

@@ -247,7 +247,7 @@ async def test_the_cli_answers_a_question(
 
 
 async def test_waiting_shows_in_status_the_task_stream_and_the_websocket(wt: Any, http: Any) -> None:
-    daemon, events = wt
+    daemon, _ = wt
     client = http(daemon)
     ws = await client.ws_connect("/v1/ws")
     await ws.send_json({"id": 1, "type": "subscribe", "patterns": ["task.waiting", "task.resumed"]})
