@@ -4,6 +4,7 @@ survives a restart, and resumes by replay (its steps return their recorded resul
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -85,6 +86,7 @@ async def test_wait_for_returns_the_first_event_matching_topic_and_fields(wt: An
     for topic, data in (("build.web.done", {"ok": False, "branch": "main"}),
                         ("build.web.started", {"ok": True, "branch": "main"}),
                         ("build.web.done", {"ok": True}),
+                        ("build.web.done", {"ok": 1, "branch": "main"}),  # 1 is not true
                         ("build.web.done", {"ok": True, "branch": "main", "n": 1}),
                         ("build.api.done", {"ok": True, "branch": "main", "n": 2})):
         async with client.post("/v1/events", json={"topic": topic, "data": data}) as response:
@@ -273,3 +275,33 @@ async def test_waiting_shows_in_status_the_task_stream_and_the_websocket(wt: Any
     await ws.close()
     async with client.get("/v1/status") as status:
         assert "waiting" not in (await status.json())["tasks"]["by_status"]
+
+
+async def test_an_event_published_on_another_daemon_ends_the_wait(
+    start_daemon: Any, wt_dir: Path, http: Any, store_url: str | None, tmp_path: Path,
+) -> None:
+    """Two daemons share PostgreSQL: the one that did not write the wait hears of it (a
+    notification) and matches the events published on it."""
+    if store_url is None:
+        pytest.skip("daemons share a store on PostgreSQL only")
+    a, a_events = await start_daemon(plugin_dirs=[wt_dir], state_dir=tmp_path / "a")
+    b, b_events = await start_daemon(plugin_dirs=[wt_dir], state_dir=tmp_path / "b")
+    record = await a.queue.enqueue("wt.await_event", {"pattern": "approval.*", "match": {"n": 1}})
+    heard = [asyncio.ensure_future(capture.wait_for("task.waiting", task_id=record.id))
+             for capture in (a_events, b_events)]
+    done, pending = await asyncio.wait(heard, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    for future in pending:
+        future.cancel()
+    assert done
+    other = b if heard[0] in done else a  # the daemon that did not run the task
+
+    async def indexed() -> None:
+        while other.waits.indexed == 0:  # noqa: ASYNC110 - the notification publishes no event
+            await asyncio.sleep(0.01)  # noqa: sleep - polled: nothing to wait on
+
+    await asyncio.wait_for(indexed(), 5)
+    async with http(other).post("/v1/events", json={"topic": "approval.given",
+                                                    "data": {"n": 1}}) as response:
+        assert response.status < 300
+    result = await a.queue.result(record.id, timeout=5)
+    assert result["topic"] == "approval.given"

@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -58,6 +58,10 @@ Suspended = Literal["waiting", "queued", "cancelled", "lost"]
 _FIRE_BATCH = 500
 # Seconds after a failed timer round before the next.
 _TIMER_RETRY = 1.0
+# Seconds before an event's outcome the storage refused is written again: the first wait,
+# doubled after each failure up to the last (as the worker's acks).
+WRITE_RETRY_FIRST = 0.05
+WRITE_RETRY_MAX = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,12 +315,19 @@ class SqliteWaits:
 
 
 _MISSING = object()
+WaitKey = tuple[int, int]  # (task id, seq)
+
+
+def _same(wanted: Any, given: Any) -> bool:
+    """Whether an event's field `given` has the value `match` asks for, as JSON compares
+    them: `true` is not `1` (Python's `True == 1` is)."""
+    return wanted == given and isinstance(wanted, bool) == isinstance(given, bool)
 
 
 @dataclass(slots=True, eq=False)
 class _EventWait:
-    """An open event wait in the index: pending from when it is asked until the task's
-    `waiting` row commits, then open until an event matches it."""
+    """An event wait in the index: pending from when it is asked until the task's `waiting`
+    row commits, then open until an event matches it."""
 
     task_id: int
     request: WaitRequest
@@ -325,9 +336,18 @@ class _EventWait:
     caught: Event | None = None  # matched while pending: written as the task suspends
     fields: tuple[tuple[str, Any], ...] = field(default=())
 
+    @classmethod
+    def of(cls, task_id: int, request: WaitRequest, *, committed: bool) -> _EventWait:
+        return cls(task_id, request, TopicPattern.parse(request.topic), committed,
+                   fields=tuple((request.match or {}).items()))
+
+    @property
+    def key(self) -> WaitKey:
+        return self.task_id, self.request.seq
+
     def accepts(self, event: Event) -> bool:
         data = event.data
-        return all(data.get(key, _MISSING) == value for key, value in self.fields)
+        return all(_same(value, data.get(key, _MISSING)) for key, value in self.fields)
 
 
 def event_outcome(event: Event) -> str:
@@ -343,7 +363,11 @@ class Waits:
         self.store = store
         self.queue = queue
         self.bus = bus
-        self._by_pattern: dict[str, dict[tuple[int, int], _EventWait]] = {}
+        # The index: every event wait, and the same by topic pattern (what the bus is asked
+        # for), and per task the keys of its pending ones (what its attempt's end drops).
+        self._waits: dict[WaitKey, _EventWait] = {}
+        self._by_pattern: dict[str, dict[WaitKey, _EventWait]] = {}
+        self._pending: dict[int, set[WaitKey]] = {}
         self._subscription: Subscription | None = None
         self._timer_wake = asyncio.Event()
         self._resolving: set[asyncio.Task[None]] = set()
@@ -354,28 +378,30 @@ class Waits:
         """Build the index of open event waits from the table."""
         await self._rebuild()
 
+    @property
+    def indexed(self) -> int:
+        """How many event waits the index holds (pending and open)."""
+        return len(self._waits)
+
     # -- asked by ctx ----------------------------------------------------------------------------
 
     def expect(self, task_id: int, request: WaitRequest) -> None:
         """Put an event wait into the index, pending, before the task suspends: an event
         published from now on is caught. Again for the same wait: its request is replaced,
         what it caught kept."""
-        if (known := self._find(task_id, request.seq)) is not None:
+        known = self._waits.get((task_id, request.seq))
+        if known is not None:
             known.request = request
             return
-        self._index(_EventWait(task_id, request, TopicPattern.parse(request.topic),
-                               fields=tuple((request.match or {}).items())))
+        wait = _EventWait.of(task_id, request, committed=False)
+        self._index(wait)
+        self._pending.setdefault(task_id, set()).add(wait.key)
 
     def attempt_over(self, task_id: int) -> None:
         """The attempt of `task_id` ended: what it left pending in the index (a wait whose
         suspend was not written: the task was cancelled, or caught `Suspend`) goes."""
-        for pattern, waits in list(self._by_pattern.items()):
-            for key, wait in list(waits.items()):
-                if wait.task_id == task_id and not wait.committed:
-                    del waits[key]
-            if not waits:
-                del self._by_pattern[pattern]
-                self._resubscribe()
+        for key in self._pending.pop(task_id, ()):
+            self.forget(*key)
 
     # -- the worker's ------------------------------------------------------------------------
 
@@ -383,15 +409,16 @@ class Waits:
                       expires_at: float) -> Suspended:
         """Write the task waiting on `request` (see `WaitStore.suspend`), then publish
         `task.waiting` (or `task.resumed`, when its event came meanwhile)."""
-        pending = self._find(record.id, request.seq)
+        pending = self._waits.get((record.id, request.seq))
         caught = None if pending is None or pending.caught is None else event_outcome(pending.caught)
         status, stored = await self.store.suspend(record, request, caught, now, expires_at)
         if status == "waiting" and stored is not None:
             if pending is not None:
                 pending.committed = True
+                self._pending.get(record.id, set()).discard(pending.key)
                 if pending.caught is not None:  # caught as the write committed
                     self._resolve_soon(pending, pending.caught)
-            self.queue.publish("task.waiting", stored, attempt=stored.attempts, **request.to_dict())
+            self.queue.publish("task.waiting", stored, attempt=record.attempts, **request.to_dict())
             if request.wake_at is not None:
                 self._timer_wake.set()
         elif status == "queued" and stored is not None:
@@ -416,6 +443,7 @@ class Waits:
                 due = await self.store.next_due()
                 if due is not None and due <= time.time():
                     for record, seq, timed_out in await self.store.fire_due(time.time()):
+                        self.forget(record.id, seq)
                         self._resumed(record, seq, timed_out=timed_out)
                     continue
             except Exception as exc:  # the store away, a full disk: try again shortly
@@ -432,26 +460,24 @@ class Waits:
     # -- the index -----------------------------------------------------------------------------
 
     def _index(self, wait: _EventWait) -> None:
-        waits = self._by_pattern.get(wait.pattern.text)
-        if waits is None:
-            waits = self._by_pattern[wait.pattern.text] = {}
-            waits[wait.task_id, wait.request.seq] = wait
+        self._waits[wait.key] = wait
+        same = self._by_pattern.get(wait.pattern.text)
+        if same is None:
+            self._by_pattern[wait.pattern.text] = {wait.key: wait}
             self._resubscribe()
         else:
-            waits[wait.task_id, wait.request.seq] = wait
-
-    def _find(self, task_id: int, seq: int) -> _EventWait | None:
-        for waits in self._by_pattern.values():
-            if (wait := waits.get((task_id, seq))) is not None:
-                return wait
-        return None
+            same[wait.key] = wait
 
     def forget(self, task_id: int, seq: int) -> None:
         """Take the task's wait `seq` out of the index (it ended, or needs no index)."""
-        for pattern, waits in list(self._by_pattern.items()):
-            if waits.pop((task_id, seq), None) is not None and not waits:
-                del self._by_pattern[pattern]
-                self._resubscribe()
+        wait = self._waits.pop((task_id, seq), None)
+        if wait is None:
+            return
+        same = self._by_pattern[wait.pattern.text]
+        del same[wait.key]
+        if not same:
+            del self._by_pattern[wait.pattern.text]
+            self._resubscribe()
 
     def _resubscribe(self) -> None:
         """Hear exactly the topics some open wait's pattern matches: a subscription to every
@@ -465,10 +491,10 @@ class Waits:
 
     def _on_event(self, event: Event) -> None:
         """Bus callback: resolve the open waits `event` satisfies."""
-        for waits in list(self._by_pattern.values()):
-            for wait in list(waits.values()):
-                if not wait.pattern.matches(event.topic) or not wait.accepts(event):
-                    continue
+        for same in list(self._by_pattern.values()):
+            if not next(iter(same.values())).pattern.matches(event.topic):
+                continue
+            for wait in [wait for wait in same.values() if wait.accepts(event)]:
                 if not wait.committed:
                     if wait.caught is None:
                         wait.caught = event  # written as the task suspends
@@ -476,14 +502,17 @@ class Waits:
                 self._resolve_soon(wait, event)
 
     def _resolve_soon(self, wait: _EventWait, event: Event) -> None:
-        self.forget(wait.task_id, wait.request.seq)
-        task = asyncio.get_running_loop().create_task(self._resolve(wait, event))
+        self.forget(*wait.key)
+        self._spawn(self._resolve(wait, event))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._resolving.add(task)
         task.add_done_callback(self._resolving.discard)
 
     async def _resolve(self, wait: _EventWait, event: Event) -> None:
         outcome = event_outcome(event)
-        delay = 0.05
+        delay = WRITE_RETRY_FIRST
         while True:
             try:
                 record = await self.store.resolve(wait.task_id, wait.request.seq, outcome, False,
@@ -493,7 +522,7 @@ class Waits:
                 _LOG.error("waits.resolve_failed", task_id=wait.task_id, error=str(exc),
                            retry_in=delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                delay = min(delay * 2, WRITE_RETRY_MAX)
             except Exception as exc:  # the store closed: the wait stays open in the table
                 _LOG.error("waits.resolve_failed", task_id=wait.task_id, error=describe(exc))
                 return
@@ -501,23 +530,21 @@ class Waits:
             self._resumed(record, wait.request.seq, timed_out=False)
 
     async def _rebuild(self) -> None:
-        pending = [wait for waits in self._by_pattern.values() for wait in waits.values()
-                   if not wait.committed]
-        self._by_pattern.clear()
+        """The index from the table, keeping the pending waits (not in the table yet)."""
+        pending = [wait for wait in self._waits.values() if not wait.committed]
+        for key in list(self._waits):
+            self.forget(*key)
         for task_id, request in await self.store.open_event_waits():
-            self._index(_EventWait(task_id, request, TopicPattern.parse(request.topic),
-                                   committed=True, fields=tuple((request.match or {}).items())))
+            self._index(_EventWait.of(task_id, request, committed=True))
         for wait in pending:
-            self._index(wait)
-        self._resubscribe()
+            if wait.key not in self._waits:
+                self._index(wait)
 
     def _added_elsewhere(self, task_id: int, seq: int) -> None:
         """Another daemon wrote a wait: index it if it is an event wait, and look at the
         timers again."""
         self._timer_wake.set()
-        task = asyncio.get_running_loop().create_task(self._index_stored(task_id, seq))
-        self._resolving.add(task)
-        task.add_done_callback(self._resolving.discard)
+        self._spawn(self._index_stored(task_id, seq))
 
     async def _index_stored(self, task_id: int, seq: int) -> None:
         try:
@@ -526,9 +553,7 @@ class Waits:
             _LOG.warning("waits.index_failed", task_id=task_id, error=describe(exc))
             return
         if stored is not None and not stored.resolved and stored.request.kind == "event":
-            request = stored.request
-            self._index(_EventWait(task_id, request, TopicPattern.parse(request.topic),
-                                   committed=True, fields=tuple((request.match or {}).items())))
+            self._index(_EventWait.of(task_id, stored.request, committed=True))
 
     def _reconnected(self) -> None:
         """News of other daemons' waits may have been lost: rebuild the index."""
@@ -541,4 +566,3 @@ class Waits:
             await self._rebuild()
         except Exception as exc:  # the store away again: the next reconnect rebuilds
             _LOG.warning("waits.index_failed", error=describe(exc))
-
