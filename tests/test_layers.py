@@ -94,9 +94,12 @@ LAYERS = [
     {"bus", "spawn", "supervise", "eventlog", "taskdef", "taskqueue", "steps", "streamkey",
      "task_warnings"},
     {"memory", "embed", "llm", "mail", "webhooks", "hooks", "services"},
-    {"context", "protocols", "worker", "scheduler", "digests", "maintenance", "postgres", "storage"},
+    {"context", "protocols", "worker", "scheduler", "digests", "maintenance", "backup", "postgres",
+     "storage"},
     {"plugin", "plugins"},
-    {"web", "health", "systemd", "watchdog", "shutdown", "app", "cli", "__main__", "testing", "agentd"},
+    {"web", "health", "systemd", "watchdog", "shutdown", "safemode", "reload", "app", "cli", "__main__",
+     "testing",
+     "agentd"},
 ]
 
 

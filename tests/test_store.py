@@ -500,8 +500,9 @@ async def test_a_write_check_that_breaks_is_logged_and_close_ends_it(
 # Each table's statements in the one module that owns it on each engine: the part's module
 # holds its SQLite statements, `postgres/<part>.py` its PostgreSQL ones. `meta` is the
 # store's key-value table, shared by design; memory.db is SQLite only (for now). The
-# engines' migrations read `schema_version`, and `store/copy.py` reads its version to
-# refuse a file from another agentd (it copies tables by name, never by statement).
+# engines' migrations read `schema_version`, and `store/copy.py` and `backup.py` read its
+# version to refuse a file from another agentd (they copy tables by name, or pages, never
+# by statement).
 TABLE_OWNERS = {
     "tasks": {"taskqueue.py", "postgres/tasks.py", "waits.py", "postgres/waits.py"},
     "task_steps": {"steps.py", "postgres/steps.py"},
@@ -518,7 +519,7 @@ TABLE_OWNERS = {
     "memories": {"memory.py", "postgres/memory.py", "store/copy.py"}, "memories_fts": {"memory.py"},
     "memory_vectors": {"memory.py", "store/copy.py"}, "messages": {"memory.py"}, "sessions": {"memory.py"},
     "memory_sessions": {"postgres/memory.py"}, "memory_messages": {"postgres/memory.py"},
-    "schema_version": {"store/migrations.py", "store/postgres.py", "store/copy.py"},
+    "schema_version": {"store/migrations.py", "store/postgres.py", "store/copy.py", "backup.py"},
 }
 
 

@@ -4,6 +4,7 @@ all-or-nothing and stops them in stages, each with a deadline."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import signal
 import time
@@ -17,9 +18,10 @@ from aiohttp import web
 from agentd import __version__, maintenance
 from agentd.bus import Bus
 from agentd.config import Config, check_serving_rules
+from agentd.digests import SCHEDULE_PREFIX as DIGEST_SCHEDULE_PREFIX
 from agentd.digests import Digests
-from agentd.embed import build_embedder
-from agentd.errors import ConfigError, InvalidScheduleError
+from agentd.embed import BUILT_IN_EMBEDDERS, build_embedder
+from agentd.errors import AgentdError, ConfigError, InvalidScheduleError
 from agentd.eventlog import EventLog
 from agentd.events import Event
 from agentd.health import LagMonitor
@@ -27,6 +29,8 @@ from agentd.hooks import InboundHooks
 from agentd.log import get_logger
 from agentd.memory import MemoryStore, SqliteMemory
 from agentd.plugins import PluginManager
+from agentd.reload import Reloader
+from agentd.safemode import SafeMode, StartJournal
 from agentd.schedule import ScheduleSpec
 from agentd.scheduler import Clock, DeclaredSource, Scheduler
 from agentd.services import Services
@@ -48,7 +52,16 @@ from agentd.taskdef import TaskRegistry
 from agentd.taskqueue import TaskQueue
 from agentd.waits import Waits
 from agentd.watchdog import ServiceWatchdog
-from agentd.web import events_api, memory_api, schedules_api, streams, system, tasks_api, ws
+from agentd.web import (
+    events_api,
+    memory_api,
+    reload_api,
+    schedules_api,
+    streams,
+    system,
+    tasks_api,
+    ws,
+)
 from agentd.web.server import STREAMS, HttpServer, build_app
 from agentd.worker import WorkerPool
 
@@ -61,12 +74,21 @@ class Daemon:
     Use as `async with Daemon(config) as daemon: await daemon.wait_stopped()`. Entering
     starts everything or, if any part fails, stops what had started and re-raises.
     Leaving runs the staged stop.
+
+    With `safe_mode` (what `StartJournal.begin` decided; may be set until `start`), it
+    starts without plugins, workers and scheduler: the API, streams, memory and status
+    serve, so an operator can look and fix, but nothing that may have crashed the previous
+    starts runs. `starts` is the start record that `clear_safe_mode` clears (by default,
+    the one of `config`).
     """
 
     def __init__(self, config: Config, notifier: Notifier | None = None,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, safe_mode: SafeMode | None = None,
+                 starts: StartJournal | None = None) -> None:
         check_serving_rules(config)
         self.config = config
+        self.safe_mode = safe_mode
+        self.starts = starts or StartJournal(config)
         self.notifier = notifier or Notifier()
         self.storage = open_storage(config)
         self.store: Database = self.storage.database
@@ -91,7 +113,7 @@ class Daemon:
         builtin_queue = maintenance.builtin_queue(config)
         self._maintenance = maintenance.register(
             self.registry, config, store=self.store, queue=self.queue, eventlog=self.eventlog,
-            memory=lambda: self.services.memory)
+            memory=lambda: self.services.memory, version=__version__)
         self.services.mailer.register(self.registry, builtin_queue)
         self.services.webhooks.register(self.registry, builtin_queue)
         self.digests = Digests(
@@ -106,6 +128,9 @@ class Daemon:
         self.lag = LagMonitor(stall_warning=config.daemon.stall_warning,
                               owner_of=self.plugins.owner_of)
         self.server: HttpServer | None = None
+        self.web_app: web.Application | None = None
+        self.reloader = Reloader(self)
+        self.serving = asyncio.Event()  # set once the start is over
         self.stopping = False
         self.plugins_started = False
         self.started_monotonic = time.monotonic()
@@ -149,48 +174,89 @@ class Daemon:
             rollback.push_async_callback(self.services.close)
             await self.digests.start()
             rollback.callback(self.digests.stop)
-            await self.plugins.start_all(self.config.daemon.stop_timeout)
-            rollback.push_async_callback(self.plugins.stop_all, self.config.daemon.stop_timeout)
+            if self.safe_mode is None:  # in safe mode, plugins are the first suspects
+                await self.plugins.start_all(self.config.daemon.stop_timeout)
+                rollback.push_async_callback(self.plugins.stop_all, self.config.daemon.stop_timeout)
             self.plugins_started = True
-            embedder = build_embedder(self.config, self.plugins.embedders())
-            memory = open_memory(self.config, embedder)
-            await memory.open()
-            rollback.push_async_callback(memory.close)
-            self.services.memory = memory
-            if isinstance(memory, SqliteMemory):
-                # memory.db's WAL grows like the main file's (to hundreds of MB under bulk
-                # remember(), with recall three times slower) unless it is checkpointed too.
-                self._start_service(memory.store.run_checkpoints, "memory-wal-checkpoints")
+            if self.safe_mode is None or self.config.memory.embedder in BUILT_IN_EMBEDDERS:
+                await self._open_memory(rollback)
+            else:  # memory answers 503 rather than safe mode not starting at all
+                self._log.warning("memory.closed_in_safe_mode", embedder=self.config.memory.embedder,
+                                  reason="the embedder is a plugin's, and plugins are off")
             # Undone first on a failed start: the checkpoint loop must stop before memory closes.
             rollback.push_async_callback(self._stop_services)
             await self.waits.start()
-            self._start_service(self.waits.run_timers, "wait-timers")
-            await self.workers.start(self.supervisor)
-            rollback.push_async_callback(self.workers.stop, self.config.daemon.stop_timeout)
-            await self._start_scheduler()
-            rollback.push_async_callback(self.scheduler.stop)
-            self._start_service(self.scheduler.run, "scheduler")
+            if self.safe_mode is None:  # a task, or what a schedule fires, may be the crash
+                self._start_service(self.waits.run_timers, "wait-timers")
+                await self.workers.start(self.supervisor)
+                rollback.push_async_callback(self.workers.stop, self.config.daemon.stop_timeout)
+                await self._start_scheduler()
+                rollback.push_async_callback(self.scheduler.stop)
+                self._start_service(self.scheduler.run, "scheduler")
+            else:  # shown, and pausable, for the operator to stop one that crashes it
+                await self.scheduler.load_stored()
+                rollback.push_async_callback(self.scheduler.stop)
             web_app = build_app(self, system.routes, tasks_api.routes, events_api.routes,
-                                streams.routes, ws.routes, schedules_api.routes, memory_api.routes)
+                                streams.routes, ws.routes, schedules_api.routes, memory_api.routes,
+                                reload_api.routes)
             server = HttpServer(web_app, self.config.server.host, self.config.server.port)
             await server.start()
-            self.server = server
+            self.server, self.web_app = server, web_app
             rollback.pop_all()
         if self.notifier.enabled:
             self._start_service(self._service_watchdog(web_app).run, "watchdog")
-        self.bus.publish("daemon.started", {"version": __version__, "port": self.port})
+        safe = self.safe_mode is not None
+        self.bus.publish("daemon.started", {"version": __version__, "port": self.port,
+                                            "safe_mode": safe})
         self._log.info("daemon.started", version=__version__, host=self.config.server.host,
-                       port=self.port, database=self.store.location)
-        self.notifier.ready(f"serving on {self.config.server.host}:{self.port}")
+                       port=self.port, database=self.store.location, safe_mode=safe)
+        self.notifier.ready(f"serving on {self.config.server.host}:{self.port}"
+                            + (" in safe mode" if safe else ""))
+        self.serving.set()
+
+    async def _open_memory(self, rollback: AsyncExitStack) -> None:
+        """Open memory with the configured embedder (closed by `rollback` on a failed start)."""
+        embedder = build_embedder(self.config, self.plugins.embedders())
+        memory = open_memory(self.config, embedder)
+        await memory.open()
+        rollback.push_async_callback(memory.close)
+        self.services.memory = memory
+        if isinstance(memory, SqliteMemory):
+            # memory.db's WAL grows like the main file's (to hundreds of MB under bulk
+            # remember(), with recall three times slower) unless it is checkpointed too.
+            self._start_service(memory.store.run_checkpoints, "memory-wal-checkpoints")
 
     async def _start_scheduler(self) -> None:
         """Start the scheduler with the built-in, agentd.toml and plugin schedules (re-synced
         at every start)."""
         await self.scheduler.start(self._declared_schedules(), outcomes=self.eventlog.streams)
 
-    def _declared_schedules(self) -> list[tuple[ScheduleSpec, DeclaredSource]]:
-        """The built-in, plugin and agentd.toml schedules, each checked against the registered
-        tasks. A bad plugin schedule fails its plugin alone, and the daemon runs on.
+    def check_config_schedules(self, config: Config) -> None:
+        """Check `config`'s `[[schedules]]` as a start would, against the tasks registered
+        now (a reload's check, before anything changes).
+
+        Raises:
+            ConfigError: as `_declared_schedules`.
+        """
+        self._declared_schedules(config)
+
+    async def redeclare_schedules(self) -> list[str]:
+        """Re-sync the declared schedules with the configuration and the plugins as they
+        are now (after a reload); the ids added, changed or removed.
+
+        Raises:
+            ConfigError: as `_declared_schedules` (then the schedules stay as they were).
+            InvalidScheduleError: likewise.
+        """
+        self._maintenance = [spec for spec in self._maintenance
+                             if not spec.id.startswith(DIGEST_SCHEDULE_PREFIX)]
+        self._maintenance += self.digests.schedules()
+        return await self.scheduler.redeclare(self._declared_schedules())
+
+    def _declared_schedules(self, config: Config | None = None) -> list[tuple[ScheduleSpec, DeclaredSource]]:
+        """The built-in, plugin and agentd.toml schedules (of `config`, by default the
+        daemon's), each checked against the registered tasks. A bad plugin schedule fails
+        its plugin alone, and the daemon runs on.
 
         Raises:
             ConfigError: an agentd.toml schedule would fail at every fire (checked after the
@@ -213,17 +279,18 @@ class Daemon:
                 continue
             declared += [(spec, "plugin") for spec in specs]
             by_plugin.update((spec.id, record.name) for spec in specs)
-        for number, spec in enumerate(self.config.schedules, start=1):
+        config = config or self.config
+        for number, spec in enumerate(config.schedules, start=1):
             if spec.id in by_plugin:
                 name = by_plugin[spec.id]
-                raise ConfigError(f"{self.config.source}: [[schedules]] #{number} ({spec.id}): id "
+                raise ConfigError(f"{config.source}: [[schedules]] #{number} ({spec.id}): id "
                                   f"{spec.id!r} is plugin {name}'s schedule; choose another id, or "
                                   f"retime the plugin's in [plugins.{name}.schedules."
                                   f"{spec.id.removeprefix(name + '.')}]")
             try:
                 self.scheduler.check(spec, "config")
             except InvalidScheduleError as exc:
-                raise ConfigError(f"{self.config.source}: {exc}") from None
+                raise ConfigError(f"{config.source}: {exc}") from None
             declared.append((spec, "config"))
         return declared
 
@@ -259,6 +326,19 @@ class Daemon:
         await self.bus.dispatch_once_committed(event, commit)
         return event
 
+    async def clear_safe_mode(self) -> SafeMode | None:
+        """Forget the recorded safe mode and crashes: the next start is a normal one. A
+        daemon serving in safe mode stays in it until restarted (its plugins, workers and
+        scheduler were never started; its routes are fixed): its `safe_mode` is marked
+        cleared. Return the safe mode that was recorded (None: none was)."""
+        previous = await asyncio.to_thread(self.starts.clear)
+        if self.safe_mode is not None:
+            self.safe_mode = dataclasses.replace(self.safe_mode, cleared=True)
+        if previous is not None or self.safe_mode is not None:
+            self._log.warning("daemon.safe_mode_cleared", by="POST /v1/safe-mode/clear",
+                              restart_needed=self.safe_mode is not None)
+        return previous
+
     def request_stop(self, reason: str = "requested") -> None:
         """Ask the daemon to stop (signal handlers call this; it only sets a flag)."""
         if self._stop_reason is None:
@@ -291,6 +371,7 @@ class Daemon:
             return
         self.stopping = True  # stage 1: intake closed (HTTP refuses new work)
         self._stop_requested.set()
+        self.reloader.cancel()
         began = time.monotonic()
         timeout = self.config.daemon.stop_timeout
         bound = stop_bound(self.config.daemon)
@@ -385,18 +466,42 @@ class Daemon:
         return ServiceWatchdog(
             self.notifier, lag=lambda: self.lag.lag, max_lag=self.config.server.max_loop_lag,
             running=lambda: len(self.workers.running), queued=queued,
-            streams=lambda: len(web_app[STREAMS]), stopping=lambda: self.stopping)
+            streams=lambda: len(web_app[STREAMS]), stopping=lambda: self.stopping,
+            safe_mode=lambda: self.safe_mode is not None, reloading=lambda: self.reloader.busy)
 
 
-async def serve(config: Config) -> None:
-    """Run a daemon until SIGTERM or SIGINT, then stop it in stages; log and ignore SIGHUP.
-    A second SIGTERM or SIGINT hurries the stop (`Daemon.hurry`).
+async def serve(config: Config, leave_safe_mode: bool = False) -> None:
+    """Run a daemon until SIGTERM or SIGINT, then stop it in stages; reload agentd.toml at
+    each SIGHUP (`Reloader`). A second SIGTERM or SIGINT hurries the stop (`Daemon.hurry`).
+
+    The start is recorded first of all once the configuration is accepted (`StartJournal`),
+    and decides whether the daemon serves in safe mode; `leave_safe_mode` (`agentd run
+    --no-safe-mode`) clears the record first. The start is marked survived once the
+    daemon has served `[daemon] safe_mode_after` seconds, stopped when SIGTERM or SIGINT
+    asks for a stop, failed when the start fails with an error it reports.
 
     For the process's main thread: from the first SIGTERM or SIGINT (during the start
     too, which finishes first) the process ends within `stop_bound` + `EXIT_MARGIN` s, by
     `os._exit` if anything still holds it then (a sync startup hook blocking the loop).
     """
-    daemon = Daemon(config)
+    log = get_logger("daemon")
+    starts = StartJournal(config)
+    daemon = Daemon(config, starts=starts)  # a configuration it refuses touches no state
+    daemon.safe_mode = safe_mode = starts.begin(leave_safe_mode=leave_safe_mode)
+    if safe_mode is not None:
+        log.warning("daemon.safe_mode", **safe_mode.to_dict(),
+                    clear="fix the cause, then `agentd run --no-safe-mode`, or POST "
+                          "/v1/safe-mode/clear and restart")
+    try:
+        await _serve(daemon, starts)
+    except (AgentdError, OSError):  # reported by the caller: an orderly end, not a crash
+        await asyncio.to_thread(starts.ended, "failed")
+        raise
+
+
+async def _serve(daemon: Daemon, starts: StartJournal) -> None:
+    """`serve`'s daemon, started, served until a stop is asked for, and stopped."""
+    config = daemon.config
     log = get_logger("daemon")
     deadline = ExitDeadline(stop_bound(config.daemon) + EXIT_MARGIN, EXIT_STOP_OVERRAN)
 
@@ -406,17 +511,29 @@ async def serve(config: Config) -> None:
 
     def on_signal(signum: signal.Signals) -> None:
         if signum is signal.SIGHUP:
-            log.warning("daemon.sighup_ignored",
-                        reason="agentd cannot reload its configuration: restart it to apply changes")
+            log.info("daemon.reload_requested", trigger=signum.name)
+            daemon.reloader.request(signum.name)
         elif daemon.stop_requested:
             daemon.hurry(signum.name)
         else:
             daemon.request_stop(signum.name)
+            # At once, on the loop (one small write): a kill during a slow start or stop
+            # that follows is no crash of the start.
+            starts.ended("stopped")
+
+    async def survive() -> None:
+        await asyncio.sleep(config.daemon.safe_mode_after)
+        if await asyncio.to_thread(starts.survived):
+            log.info("daemon.start_survived", after=config.daemon.safe_mode_after)
 
     # Relayed from before the start: READY=1 and "daemon.started" may be acted on at once.
     with SignalRelay(on_signal, on_arrival):
         async with daemon:
-            await daemon.wait_stopped()
+            surviving = asyncio.create_task(survive(), name="start-survival")
+            try:
+                await daemon.wait_stopped()
+            finally:
+                surviving.cancel()
             deadline.arm()
 
 

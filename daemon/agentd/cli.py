@@ -15,6 +15,7 @@ import os
 import sys
 import urllib.parse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, get_args
 
 import aiohttp
@@ -39,8 +40,9 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool killed 
 _DESCRIPTION = """\
 agentd runs AI agents and their background work (schedules, a durable task queue, event
 handlers, long-term memory) in one process with one SQLite file. `agentd run` starts the
-daemon; the other commands ask a running daemon over its HTTP API, at the address and
-with the token of the same configuration."""
+daemon; most other commands ask a running daemon over its HTTP API, at the address and
+with the token of the same configuration. `check-config`, `store copy`, `memory reembed`,
+`backup` and `restore` work on the configuration and the files themselves."""
 
 _EPILOG = """\
 examples:
@@ -49,7 +51,10 @@ examples:
   agentd submit hello.greet --args '{"name": "Ada"}' --wait
   agentd tasks list --status failed | head
   agentd schedules add nightly --cron '0 3 * * *' --task reports.build
+  agentd reload                         apply an edited agentd.toml without a restart
   agentd store copy --to postgresql://agentd@db.example/agentd   (daemon stopped)
+  agentd backup /var/backups/agentd     a consistent copy, the daemon running or not
+  agentd restore /var/backups/agentd/agentd-backup-20270125T080000.000000Z   (daemon stopped)
 
 configuration: --config PATH, else $AGENTD_CONFIG, else ./agentd.toml, else the built-in
 defaults; any key can be overridden as AGENTD_<SECTION>_<KEY> (e.g. AGENTD_SERVER_PORT=9000).
@@ -69,15 +74,27 @@ def _parser() -> argparse.ArgumentParser:
     # SUPPRESS keeps a --config given before the command when none is given after it.
     common.add_argument("--config", metavar="PATH", help=config_help, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
-    sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    run = sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    run.add_argument("--no-safe-mode", action="store_true",
+                     help="start normally even if the last starts crashed, forgetting them "
+                          "(leaves safe mode: docs/operations.md, Safe mode)")
     sub.add_parser("check-config", parents=[common],
                    help="build what `run` would (plugins, schedules), without serving")
     sub.add_parser("status", parents=[common], help="ask the running daemon how it is")
+    sub.add_parser("reload", parents=[common], description=_RELOAD_DESCRIPTION,
+                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                   help="make the running daemon re-read agentd.toml")
+    plugins = sub.add_parser("plugins", parents=[common], help="manage the running daemon's plugins")
+    plugin_verbs = plugins.add_subparsers(dest="action", required=True)
+    plugin_verbs.add_parser(
+        "reload", parents=[common],
+        help="reload one plugin from its file (new tasks run the new code)").add_argument("name")
 
     _task_commands(sub, common)
     _schedule_commands(sub, common)
     _memory_commands(sub, common)
     _store_commands(sub, common)
+    _backup_commands(sub, common)
     return parser
 
 
@@ -161,6 +178,14 @@ def _memory_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                             help="rebuild every vector with the configured embedder (daemon stopped)")
 
 
+_RELOAD_DESCRIPTION = """\
+Ask the running daemon to read its agentd.toml again, as `systemctl reload agentd` (SIGHUP)
+does, and print what it did: the changed keys applied live and those that need a restart.
+A file with an error is refused whole: the daemon runs on as it was.
+
+exit codes: 0 reloaded, 1 reloaded but a plugin or the schedules failed to follow (named in
+`errors`), or no daemon answers, 2 the file was refused (its error is printed)."""
+
 _COPY_DESCRIPTION = """\
 Copy this configuration's agentd.db ([store] path) into a PostgreSQL database, so that
 one or more daemons can run on it: tasks (ids, statuses, results, steps), schedules,
@@ -192,6 +217,47 @@ def _store_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                       help="replace the agentd data the target holds instead of refusing")
 
 
+_BACKUP_DESCRIPTION = """\
+Back up agentd.db ([store] path) and memory.db ([memory] path) into a new directory
+agentd-backup-<UTC time> in DIR (default: [backup] dir), with a manifest.json (agentd
+version, time, each file's schema version, size and sha256). Each file is copied in one
+snapshot while the daemon goes on serving and writing: the backup holds every task
+committed before it began. It works with the daemon stopped too. A backup that fails or
+is interrupted leaves only a hidden .agentd-backup-*.partial directory, never one that
+looks complete.
+
+On PostgreSQL ([store] url) use pg_dump or pg_basebackup instead: see docs/operations.md.
+
+exit codes: 0 backed up, 1 the backup failed (PostgreSQL store, unreadable database,
+unwritable DIR), 2 no DIR and no [backup] dir, or a bad configuration."""
+
+_RESTORE_DESCRIPTION = """\
+Put a backup made by `agentd backup` (or [backup]'s schedule) in place of this
+configuration's agentd.db and memory.db. Stop the daemon first: the restore refuses while
+one holds the files. The backup is checked before anything is replaced: every file's size
+and sha256 against its manifest, PRAGMA integrity_check, and a schema this agentd knows.
+The files replaced (with their -wal and -shm) are moved into replaced-<UTC time>/ beside
+them, not deleted. --check stops after the checks.
+
+exit codes: 0 restored (or checked), 1 refused or failed (daemon running, damaged or
+incomplete backup, PostgreSQL store), 2 a bad configuration."""
+
+
+def _backup_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`agentd backup` and `agentd restore`."""
+    backup = sub.add_parser("backup", parents=[common], description=_BACKUP_DESCRIPTION,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            help="back up agentd.db and memory.db (daemon running or not)")
+    backup.add_argument("dir", nargs="?", metavar="DIR",
+                        help="where the backup directory is made (default: [backup] dir)")
+    restore = sub.add_parser("restore", parents=[common], description=_RESTORE_DESCRIPTION,
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             help="put a backup back (daemon stopped)")
+    restore.add_argument("backup", metavar="BACKUP", help="a backup directory (agentd-backup-...)")
+    restore.add_argument("--check", action="store_true",
+                         help="only check the backup; replace nothing")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The `agentd` command; returns the exit code."""
     try:
@@ -215,11 +281,15 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "check-config":
             return asyncio.run(_check_config(load_config(path)))
         if args.command == "run":
-            return _run(load_config(path))
+            return _run(load_config(path), leave_safe_mode=args.no_safe_mode)
         if args.command == "memory" and args.action == "reembed":
             return asyncio.run(_reembed(load_config(path)))
         if args.command == "store":
             return asyncio.run(_store_copy(load_config(path), args.to, args.force))
+        if args.command == "backup":
+            return _backup(load_config(path), args.dir)
+        if args.command == "restore":
+            return _restore(load_config(path), args.backup, args.check)
         # A client of the daemon reads the API token and no other secret.
         return asyncio.run(_remote(load_client_config(path), args))
     except ConfigError as exc:
@@ -253,12 +323,12 @@ async def _check_config(config: Config) -> int:
     return 0
 
 
-def _run(config: Config) -> int:
+def _run(config: Config, leave_safe_mode: bool) -> int:
     from agentd.app import serve
 
     configure_logging(config.log.level, config.log.format)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, leave_safe_mode))
     except ConfigError:
         raise
     except (AgentdError, OSError) as exc:
@@ -270,9 +340,10 @@ def _run(config: Config) -> int:
 class _ApiError(Exception):
     """The daemon answered with an error (its message is printed) or did not answer."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
+    def __init__(self, message: str, exit_code: int, status: int | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.status = status  # the daemon's HTTP status, None when it did not answer
 
 
 class _Api:
@@ -300,7 +371,8 @@ class _Api:
         if response.status >= 400:
             error = (payload or {}).get("error", {})
             code = EXIT_USAGE if response.status in (400, 404, 409) else EXIT_FAILED
-            raise _ApiError(f"{error.get('message', response.reason)} (HTTP {response.status})", code)
+            raise _ApiError(f"{error.get('message', response.reason)} (HTTP {response.status})", code,
+                            response.status)
         return payload
 
 
@@ -310,7 +382,10 @@ async def _remote(config: ClientConfig, args: argparse.Namespace) -> int:
         api = _Api(config, session)
         try:
             if args.command == "status":
-                _print(await api.call("GET", "/v1/status"))
+                status = await api.call("GET", "/v1/status")
+                _print(status)
+                if status.get("safe_mode"):
+                    print(_safe_mode_notice(status["safe_mode"]), file=sys.stderr)
                 return 0
             if args.command == "submit":
                 return await _submit(api, args)
@@ -318,10 +393,37 @@ async def _remote(config: ClientConfig, args: argparse.Namespace) -> int:
                 return await _schedules(api, args)
             if args.command == "memory":
                 return await _memory(api, args)
+            if args.command in ("reload", "plugins"):
+                return await _reload(api, args)
             return await _tasks(api, args)
         except _ApiError as exc:
             print(f"agentd: {exc}", file=sys.stderr)
             return exc.exit_code
+
+
+async def _reload(api: _Api, args: argparse.Namespace) -> int:
+    """`agentd reload` and `agentd plugins reload NAME`."""
+    if args.command == "plugins":
+        result = await api.call("POST", f"/v1/plugins/{urllib.parse.quote(args.name, safe='')}/reload")
+        _print(result)
+        return 0 if result["state"] == "started" and result["schedules_error"] is None else EXIT_FAILED
+    try:
+        outcome = await api.call("POST", "/v1/reload")
+    except _ApiError as exc:
+        if exc.status == 422:
+            raise _ApiError(f"reload refused, the daemon runs on as it was: {exc}", EXIT_USAGE,
+                            exc.status) from None
+        if exc.status == 401:
+            raise _ApiError(f"{exc}; if the new agentd.toml changes the token, reload with "
+                            "`systemctl reload agentd` (SIGHUP) instead", EXIT_FAILED, exc.status) from None
+        raise
+    _print(outcome)
+    if outcome["restart_required"]:
+        print(f"agentd: restart agentd to apply: {', '.join(outcome['restart_required'])}",
+              file=sys.stderr)
+    for what, error in outcome["errors"].items():
+        print(f"agentd: {what}: {error}", file=sys.stderr)
+    return EXIT_FAILED if outcome["errors"] else 0
 
 
 async def _submit(api: _Api, args: argparse.Namespace) -> int:
@@ -489,6 +591,71 @@ async def _store_copy(config: Config, url: str, force: bool) -> int:
     print(f"next: set [store] url = \"{report.target}\"{password} in {where} (or AGENTD_STORE_URL), "
           "then start the daemon(s). The SQLite files were left as they were.")
     return 0
+
+
+def _backup(config: Config, directory: str | None) -> int:
+    """`agentd backup`: see `agentd.backup`."""
+    from agentd import backup
+
+    if directory is None and config.backup_dir is None:
+        print("agentd: backup: name the directory to back up into (agentd backup DIR), or set "
+              f"[backup] dir in {config.source}", file=sys.stderr)
+        return EXIT_USAGE
+    target = config.backup_dir if directory is None else Path(directory).absolute()
+    assert target is not None
+    try:
+        made = backup.make_backup(backup.sources(config), target, made_by="command",
+                                  version=__version__)
+    except AgentdError as exc:
+        print(f"agentd: backup: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    files = ", ".join(f"{file.name} ({_size(file.bytes)})" for file in made.manifest.files)
+    print(f"backed up {files} to {made.path} in {made.manifest.seconds:.1f} s")
+    if config.memory_url:
+        print("memory is in PostgreSQL ([memory] url): back it up with pg_dump")
+    elif not any(file.role == "memory" for file in made.manifest.files):
+        print(f"no memory.db at {config.memory_path}: there was no memory to back up")
+    return 0
+
+
+def _restore(config: Config, path: str, check_only: bool) -> int:
+    """`agentd restore`: see `agentd.backup`."""
+    from agentd import backup
+
+    try:
+        if check_only:
+            checked = backup.verify(Path(path))
+            print(f"{checked.path}: ok, made {checked.manifest.created_at} by agentd "
+                  f"{checked.manifest.agentd_version}: " +
+                  ", ".join(f"{file.name} (schema {file.schema_version}, {_size(file.bytes)})"
+                            for file in checked.manifest.files))
+            return 0
+        done = backup.restore(Path(path), config)
+    except AgentdError as exc:
+        print(f"agentd: restore: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"restored {done.backup.path} (made {done.backup.manifest.created_at}): " +
+          ", ".join(str(target) for target in done.restored))
+    if done.aside is not None:
+        print(f"the files it replaced are in {done.aside}: " +
+              ", ".join(moved.name for moved in done.set_aside))
+    for note in done.notes:
+        print(note)
+    return 0
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e6:.1f} MB" if count >= 100_000 else f"{count} bytes"
+
+
+def _safe_mode_notice(safe_mode: dict[str, Any]) -> str:
+    """What `agentd status` says, besides the JSON, of a daemon serving in safe mode."""
+    if safe_mode.get("cleared"):
+        return ("agentd: the daemon serves in safe mode, cleared: it starts normally once "
+                "restarted")
+    return (f"agentd: the daemon serves in safe mode since {_when(safe_mode['since'])}: "
+            f"{safe_mode['reason']}. Fix the cause, then restart it with `agentd run "
+            "--no-safe-mode` (or POST /v1/safe-mode/clear and restart it).")
 
 
 def _when(timestamp: float | None) -> str:

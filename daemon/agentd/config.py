@@ -53,13 +53,16 @@ _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::[
 
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
-    """[daemon]: where state lives, how long stopping may take, fire-and-forget bounds."""
+    """[daemon]: where state lives, how long stopping may take, fire-and-forget bounds,
+    when a crashing daemon starts in safe mode (agentd/safemode.py)."""
 
     data_dir: str = "data"
     stop_timeout: float = 10.0
     handler_concurrency: int = 100
     handler_backlog: int = 1000
     stall_warning: float = 1.0
+    safe_mode_after: float = 30.0
+    safe_mode_starts: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,16 @@ class StoreConfig:
     maintenance_interval: float = 3600.0
     url: str = ""
     pool_size: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class BackupConfig:
+    """[backup]: backups on a schedule (off while `dir` is empty): every `every` seconds a
+    backup of agentd.db and memory.db into `dir`, the newest `keep` of them kept."""
+
+    dir: str = ""
+    every: float = 86400.0
+    keep: int = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +350,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     streams: StreamsConfig = field(default_factory=StreamsConfig)
@@ -374,6 +388,11 @@ class Config:
     def database_path(self) -> Path:
         candidate = Path(self.store.path).expanduser()
         return candidate if candidate.is_absolute() else self.data_dir / candidate
+
+    @property
+    def backup_dir(self) -> Path | None:
+        """Where scheduled backups go (None: none are taken)."""
+        return self.resolve(self.backup.dir) if self.backup.dir else None
 
     @property
     def memory_url(self) -> str:
@@ -801,6 +820,23 @@ def _check_store(config: Config) -> None:
                           f"({2 * memory.hnsw_m}), got {memory.hnsw_ef_construction}")
 
 
+def _check_backup(config: Config) -> None:
+    backup, where = config.backup, config.origin
+    if backup.dir and config.store.url:
+        # Everything agentd stores is then in PostgreSQL (memory too, unless [memory] url
+        # names another PostgreSQL database): nothing local is left for agentd to copy.
+        raise ConfigError(f"{where('backup', 'dir')}: [backup] dir: the store is on PostgreSQL "
+                          "([store] url), which agentd does not back up: use pg_dump or "
+                          "pg_basebackup (docs/operations.md, Backups and restore), and remove "
+                          "[backup] dir")
+    if backup.every < 1:
+        raise ConfigError(f"{where('backup', 'every')}: [backup] every: expected at least 1 "
+                          f"second, got {backup.every:g}")
+    if backup.keep < 1:
+        raise ConfigError(f"{where('backup', 'keep')}: [backup] keep: expected at least 1 "
+                          f"backup, got {backup.keep}")
+
+
 def redact_url(url: str) -> str:
     """`url` with the password of its user part replaced by `***`, for logs and errors."""
     scheme, sep, rest = url.partition("://")
@@ -852,6 +888,7 @@ def _check_rules(config: Config) -> None:
                           "positive number of seconds")
     _check_memory(config)
     _check_store(config)
+    _check_backup(config)
     _check_outbound(config)
     if 0 < config.daemon.stall_warning < MIN_STALL_WARNING:
         # The watch thread wakes four times per stall_warning: far below the loop's own
@@ -859,6 +896,9 @@ def _check_rules(config: Config) -> None:
         raise ConfigError(f"{config.origin('daemon', 'stall_warning')}: [daemon] stall_warning: "
                           f"expected 0 (off) or at least {MIN_STALL_WARNING} seconds, "
                           f"got {config.daemon.stall_warning}")
+    if config.daemon.safe_mode_after <= 0:  # 0 would mark each start survived as it serves
+        raise ConfigError(f"{config.origin('daemon', 'safe_mode_after')}: [daemon] safe_mode_after: "
+                          "expected a positive number of seconds")
     if config.tasks.lease <= 0:  # the heartbeat renews every lease / 3 seconds
         raise ConfigError(f"{config.origin('tasks', 'lease')}: [tasks] lease: expected a positive "
                           "number of seconds")

@@ -156,6 +156,9 @@ def _retry_after(header: str | None, attempt: int) -> float:
     return min(60.0, asked) if asked is not None else min(10.0, 0.25 * 2.0 ** (attempt - 1))
 
 
+BUILT_IN_EMBEDDERS = frozenset({"minilm", "http"})  # the [memory] embedder names not a plugin's
+
+
 def build_embedder(config: Config, plugin_embedders: Mapping[str, Callable[[], Embedder]]) -> Embedder:
     """The embedder `[memory] embedder` names: minilm, http, or one a plugin registered
     (made by calling what `plugin_embedders` holds under that name)."""
@@ -171,6 +174,6 @@ def build_embedder(config: Config, plugin_embedders: Mapping[str, Callable[[], E
                             api_key=config.secrets.memory_http_key)
     factory = plugin_embedders.get(name)
     if factory is None:
-        known = ", ".join(["minilm", "http", *sorted(plugin_embedders)])
+        known = ", ".join([*sorted(BUILT_IN_EMBEDDERS), *sorted(plugin_embedders)])
         raise ConfigError(f"{config.source}: [memory] embedder: no embedder {name!r}; known: {known}")
     return factory()

@@ -69,6 +69,10 @@ class PluginError(AgentdError):
     """A plugin could not be imported, declared itself wrongly, or failed to start."""
 
 
+class PluginNotFoundError(PluginError, LookupError):
+    """No plugin of that name was found (loaded, started, failed or stopped)."""
+
+
 class PatternError(AgentdError, ValueError):
     """A topic or topic pattern does not follow the bus grammar."""
 
@@ -170,3 +174,7 @@ class MemoryBusyError(AgentdError):
 
 class EmbedderMismatchError(AgentdError):
     """The database's vectors were made by another embedder (id or dimension differ)."""
+
+
+class BackupError(AgentdError):
+    """A backup could not be made, checked or restored; the message says which file and why."""

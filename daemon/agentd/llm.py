@@ -124,6 +124,11 @@ class LlmClient:
         self._api_key = api_key
         self._session: aiohttp.ClientSession | None = None
 
+    def reconfigure(self, config: LlmConfig, api_key: str) -> None:
+        """Use `config` and `api_key` from the next request on (a reload); a request under
+        way finishes with what it started with."""
+        self.config, self._api_key = config, api_key
+
     @property
     def enabled(self) -> bool:
         return bool(self.config.base_url)
@@ -162,8 +167,12 @@ class LlmClient:
         if stream:
             body.setdefault("stream_options", {"include_usage": True})
         url = self.config.base_url.rstrip("/") + "/chat/completions"
+        # Per request, not the session's: a reload changes them for the next request.
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout,
+                                        sock_read=self.config.read_timeout)
         try:
-            async with self._client().post(url, json=body, headers=self._headers()) as response:
+            async with self._client().post(url, json=body, headers=self._headers(),
+                                           timeout=timeout) as response:
                 await _raise_for_status(response)
                 # Some servers answer a streamed request with one JSON completion.
                 if not stream or response.content_type == "application/json":
@@ -176,8 +185,7 @@ class LlmClient:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
-                total=None, connect=self.config.connect_timeout, sock_read=self.config.read_timeout))
+            self._session = aiohttp.ClientSession()
         return self._session
 
     def _headers(self) -> dict[str, str]:

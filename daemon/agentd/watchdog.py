@@ -40,11 +40,15 @@ class ServiceWatchdog:
         streams: the open SSE and WebSocket streams.
         stopping: whether the daemon is stopping: the status line (systemd shows the stop's
             own) ends, the ping goes on.
+        safe_mode: whether the daemon serves in safe mode: the status line begins by saying so.
+        reloading: whether a reload is under way: its own status line stands until it is
+            over, the ping goes on.
     """
 
     def __init__(self, notifier: Notifier, *, lag: Callable[[], float], max_lag: float,
                  running: Callable[[], int], queued: Callable[[], Awaitable[int]],
-                 streams: Callable[[], int], stopping: Callable[[], bool]) -> None:
+                 streams: Callable[[], int], stopping: Callable[[], bool],
+                 safe_mode: Callable[[], bool], reloading: Callable[[], bool] = lambda: False) -> None:
         self._notifier = notifier
         self._lag = lag
         self._max_lag = max_lag
@@ -52,6 +56,8 @@ class ServiceWatchdog:
         self._queued = queued
         self._streams = streams
         self._stopping = stopping
+        self._safe_mode = safe_mode
+        self._reloading = reloading
         self.withheld = False  # whether the last tick held the ping back
         self._log = get_logger("watchdog")
 
@@ -72,7 +78,7 @@ class ServiceWatchdog:
         """One tick: the ping if the loop is healthy, and the status line."""
         lag = self._lag()
         healthy = lag <= self._max_lag
-        if self._stopping():
+        if self._stopping() or self._reloading():
             if healthy and self._notifier.watchdog_interval:
                 self._notifier.notify(WATCHDOG="1")
             return
@@ -94,10 +100,11 @@ class ServiceWatchdog:
                 self._log.info("watchdog.resumed", lag=round(lag, 3))
 
     async def status_line(self, lag: float) -> str:
-        """`12 running, 340 queued, 3 streams, lag 2 ms`."""
+        """`12 running, 340 queued, 3 streams, lag 2 ms`, after `safe mode: ` in safe mode."""
         try:
             queued = str(await asyncio.wait_for(self._queued(), _COUNT_TIMEOUT))
         except Exception:  # the store away or slow: the line goes out anyway
             queued = "?"
-        return (f"{self._running()} running, {queued} queued, {self._streams()} streams, "
+        return (("safe mode: " if self._safe_mode() else "")
+                + f"{self._running()} running, {queued} queued, {self._streams()} streams, "
                 f"lag {lag * 1000:.0f} ms")

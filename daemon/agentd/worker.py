@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import inspect
 import json
 import random
@@ -180,6 +181,25 @@ class WorkerPool:
         for name in self.config.queues:
             self._claim_loops.append(supervisor.start(f"claim:{name}", partial(self._claim_loop, name)))
         self._heartbeat_loop = supervisor.start("task-heartbeat", self._heartbeat)
+
+    def reconfigure(self, queues: Mapping[str, int], plugin_configs: Mapping[str, Mapping[str, Any]]) -> None:
+        """Take new worker counts for the configured queues and new `[plugins.<name>]`
+        tables (a reload). A queue given more workers claims at once; one given fewer lets
+        its running tasks finish and claims again once fewer run than it now has. Tasks
+        started from now on get the new tables.
+
+        Raises:
+            ValueError: `queues` names other queues than the running ones (that needs a
+                restart: each queue has its claim loop).
+        """
+        if set(queues) != set(self._slots):
+            raise ValueError(f"the queues are {sorted(self._slots)}; adding or removing one "
+                             "needs a restart")
+        for name, count in queues.items():
+            self._slots[name].capacity = count
+            self._wakes[name].set()
+        self.config = dataclasses.replace(self.config, queues=dict(queues))
+        self._plugin_configs = plugin_configs
 
     async def stop(self, deadline: float, hurry: asyncio.Event | None = None) -> int:
         """Stop claiming; let running tasks finish for `deadline` s (less once `hurry` is

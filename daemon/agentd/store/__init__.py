@@ -9,7 +9,8 @@ Modules, by job:
 - `driver.py`: the SQLite driver (sqlean or the stdlib), value adapters, `connect` and its
   pragmas, what an SQLite error means.
 - `migrations.py`: the numbered `agentd/sql/NNNN_*.sql` scripts, applied once each.
-- `lock.py`: one daemon per database file (`flock` on `<file>.lock`).
+- `lock.py`: one daemon per database file (`flock` on `<file>.lock`); a backup under way
+  (`<file>.backup-lock`, which the checkpoints respect).
 - `writer.py`: the one writer: writes grouped into transactions, riders, `BatchedWrite`,
   failed writes and the write checks.
 - `checkpoints.py`: WAL checkpoints and the incremental vacuum.

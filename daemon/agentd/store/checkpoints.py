@@ -3,7 +3,8 @@
 The writer never checkpoints (`wal_autocheckpoint = 0`): a checkpoint fsyncs and would
 stall the loop for milliseconds. `run_checkpoints` copies the WAL back into the database
 from a reader connection, in its thread, once the WAL has grown; `maintain` (the
-maintenance schedule) truncates it and runs an incremental vacuum.
+maintenance schedule) truncates it and runs an incremental vacuum. Neither waits for a
+backup under way (`BackupLock`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from agentd.log import get_logger
 from agentd.store.driver import WAL_SIZE_LIMIT, Connection, Error
+from agentd.store.lock import BackupLock
 
 if TYPE_CHECKING:
     from agentd.store.sqlite import SqliteStore
@@ -21,9 +23,24 @@ MODES = ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
 
 
 async def checkpoint(store: SqliteStore, mode: str = "PASSIVE") -> tuple[int, int, int]:
-    """Run `PRAGMA wal_checkpoint(mode)` off the loop: (busy, WAL pages, pages copied)."""
+    """Run `PRAGMA wal_checkpoint(mode)` off the loop: (busy, WAL pages, pages copied).
+
+    A mode that waits for readers (all but PASSIVE) runs PASSIVE while a backup reads the
+    file (see `BackupLock`): it would hold the writer until the backup ended or busy_timeout
+    ran out. The lock is held through the checkpoint, so no backup starts in its middle."""
     if mode not in MODES:
         raise ValueError(f"unknown checkpoint mode {mode!r}")
+    if mode == "PASSIVE":
+        return await _checkpoint(store, mode)
+    with BackupLock(store.path).exclusive_unless_busy() as free:
+        if not free:
+            get_logger("store").info("store.checkpoint_deferred", path=str(store.path), mode=mode,
+                                     reason="a backup is reading the database")
+            mode = "PASSIVE"
+        return await _checkpoint(store, mode)
+
+
+async def _checkpoint(store: SqliteStore, mode: str) -> tuple[int, int, int]:
     row = await store.read_one(f"PRAGMA wal_checkpoint({mode})")
     return (row[0], row[1], row[2]) if row is not None else (0, 0, 0)
 
