@@ -492,7 +492,7 @@ class TaskQueue:
             if len(requests) == 1:
                 raise
             raise type(exc)(f"tasks[{len(prepared)}]: {exc}") from exc  # which one of the batch
-        with self._publishing_queued():
+        with self.publishing_queued():
             return await self._insert(requests, prepared, now, alongside)
 
     async def _insert(self, requests: Sequence[TaskRequest], prepared: list[tuple[Any, ...]],
@@ -627,7 +627,7 @@ class TaskQueue:
         succeeded come back to it as on a retry. Its children that did not succeed give up
         their keys, so its calls run them again instead of getting their failure back."""
         _check_id(task_id)
-        with self._publishing_queued():
+        with self.publishing_queued():
             record = await self.tasks.requeue(task_id, time.time())
             self.publish("task.queued", record, requeued=True)
         self.notify_work(record.queue)
@@ -689,9 +689,10 @@ class TaskQueue:
                 future.set_result(record)
 
     @contextlib.contextmanager
-    def _publishing_queued(self) -> Iterator[None]:
+    def publishing_queued(self) -> Iterator[None]:
         """Mark an enqueue in flight from before its rows commit until its `task.queued`
-        events are out; `queued_published` waits for it. Skipped while nobody hears
+        events are out (or a wait's wake, agentd/waits.py, until its `task.resumed` is);
+        `queued_published` waits for it. Skipped while nobody hears
         `task.queued`: then there is no order to keep."""
         if not self.bus.has_subscribers("task.queued"):
             yield

@@ -411,7 +411,14 @@ class Waits:
         `task.waiting` (or `task.resumed`, when its event came meanwhile)."""
         pending = self._waits.get((record.id, request.seq))
         caught = None if pending is None or pending.caught is None else event_outcome(pending.caught)
-        status, stored = await self.store.suspend(record, request, caught, now, expires_at)
+        with self.queue.publishing_queued():  # queued at once if its event came meanwhile
+            status, stored = await self.store.suspend(record, request, caught, now, expires_at)
+            self._suspended(record, request, pending, status, stored)
+        return status
+
+    def _suspended(self, record: TaskRecord, request: WaitRequest, pending: _EventWait | None,
+                   status: Suspended, stored: TaskRecord | None) -> None:
+        """Publish what a suspend wrote, and put its event wait in the index as open."""
         if status == "waiting" and stored is not None:
             if pending is not None:
                 pending.committed = True
@@ -424,15 +431,15 @@ class Waits:
         elif status == "queued" and stored is not None:
             self.forget(record.id, request.seq)
             self._resumed(stored, request.seq, timed_out=False)
-        return status
 
     # -- waking ------------------------------------------------------------------------------
 
     async def answer(self, task_id: int, answer: Any) -> TaskRecord:
         """Answer the task's open question; the task, queued again."""
-        record, seq = await self.store.answer(task_id, json.dumps(answer, ensure_ascii=False),
-                                              time.time())
-        self._resumed(record, seq, timed_out=False)
+        with self.queue.publishing_queued():
+            record, seq = await self.store.answer(task_id, json.dumps(answer, ensure_ascii=False),
+                                                  time.time())
+            self._resumed(record, seq, timed_out=False)
         return record
 
     async def run_timers(self) -> None:
@@ -442,9 +449,10 @@ class Waits:
             try:
                 due = await self.store.next_due()
                 if due is not None and due <= time.time():
-                    for record, seq, timed_out in await self.store.fire_due(time.time()):
-                        self.forget(record.id, seq)
-                        self._resumed(record, seq, timed_out=timed_out)
+                    with self.queue.publishing_queued():
+                        for record, seq, timed_out in await self.store.fire_due(time.time()):
+                            self.forget(record.id, seq)
+                            self._resumed(record, seq, timed_out=timed_out)
                     continue
             except Exception as exc:  # the store away, a full disk: try again shortly
                 _LOG.error("waits.timers_failed", error=describe(exc))
@@ -454,6 +462,8 @@ class Waits:
                 await asyncio.wait_for(self._timer_wake.wait(), timeout)
 
     def _resumed(self, record: TaskRecord, seq: int, *, timed_out: bool) -> None:
+        """Publish `task.resumed` for a task queued again, and wake its queue's workers.
+        Called inside `publishing_queued`: a worker that claims it first waits for this."""
         self.queue.publish("task.resumed", record, wait=seq, timed_out=timed_out)
         self.queue.notify_work(record.queue)
 
@@ -515,9 +525,12 @@ class Waits:
         delay = WRITE_RETRY_FIRST
         while True:
             try:
-                record = await self.store.resolve(wait.task_id, wait.request.seq, outcome, False,
-                                                  time.time())
-                break
+                with self.queue.publishing_queued():
+                    record = await self.store.resolve(wait.task_id, wait.request.seq, outcome,
+                                                      False, time.time())
+                    if record is not None:
+                        self._resumed(record, wait.request.seq, timed_out=False)
+                return
             except StoreWriteError as exc:  # the event would be lost: write it again
                 _LOG.error("waits.resolve_failed", task_id=wait.task_id, error=str(exc),
                            retry_in=delay)
@@ -526,8 +539,6 @@ class Waits:
             except Exception as exc:  # the store closed: the wait stays open in the table
                 _LOG.error("waits.resolve_failed", task_id=wait.task_id, error=describe(exc))
                 return
-        if record is not None:
-            self._resumed(record, wait.request.seq, timed_out=False)
 
     async def _rebuild(self) -> None:
         """The index from the table, keeping the pending waits (not in the table yet)."""
