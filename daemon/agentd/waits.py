@@ -324,6 +324,61 @@ def _same(wanted: Any, given: Any) -> bool:
     return wanted == given and isinstance(wanted, bool) == isinstance(given, bool)
 
 
+# A scalar field of an event's data, as an index key: its name, whether it is a bool (JSON's
+# `true` is not `1`) and its value.
+Anchor = tuple[str, bool, Any]
+_SCALARS = (str, int, float, type(None))  # bool is an int
+
+
+def _anchor(name: str, value: Any) -> Anchor | None:
+    """The index key of field `name` holding `value`, or None when it is no scalar."""
+    return (name, isinstance(value, bool), value) if isinstance(value, _SCALARS) else None
+
+
+class _PatternWaits:
+    """The waits of one topic pattern, found by an event's data: each wait whose `match`
+    has a scalar field is filed under its first such field and value (its anchor), so an
+    event is checked against the waits anchored on one of its own fields and the few with
+    no anchor, not against every wait of the pattern (100,000 waits for one topic, each for
+    its own id, would make every event cost 100,000 checks)."""
+
+    __slots__ = ("anchored", "loose", "pattern", "size")
+
+    def __init__(self, pattern: TopicPattern) -> None:
+        self.pattern = pattern
+        self.anchored: dict[Anchor, dict[WaitKey, _EventWait]] = {}
+        self.loose: dict[WaitKey, _EventWait] = {}
+        self.size = 0
+
+    def add(self, wait: _EventWait) -> None:
+        bucket = self.loose if wait.anchor is None else self.anchored.setdefault(wait.anchor, {})
+        if wait.key not in bucket:
+            self.size += 1
+        bucket[wait.key] = wait
+
+    def remove(self, wait: _EventWait) -> None:
+        if wait.anchor is None:
+            bucket = self.loose
+        elif (found := self.anchored.get(wait.anchor)) is not None:
+            bucket = found
+        else:
+            return
+        if bucket.pop(wait.key, None) is not None:
+            self.size -= 1
+            if wait.anchor is not None and not bucket:
+                del self.anchored[wait.anchor]
+
+    def candidates(self, event: Event) -> list[_EventWait]:
+        """The waits `event` may satisfy (its topic matches the pattern): to be checked."""
+        found = list(self.loose.values())
+        if self.anchored:
+            for name, value in event.data.items():
+                anchor = _anchor(name, value)
+                if anchor is not None and (bucket := self.anchored.get(anchor)) is not None:
+                    found.extend(bucket.values())
+        return found
+
+
 @dataclass(slots=True, eq=False)
 class _EventWait:
     """An event wait in the index: pending from when it is asked until the task's `waiting`
@@ -335,11 +390,14 @@ class _EventWait:
     committed: bool = False
     caught: Event | None = None  # matched while pending: written as the task suspends
     fields: tuple[tuple[str, Any], ...] = field(default=())
+    anchor: Anchor | None = None  # where `_PatternWaits` files it
 
     @classmethod
     def of(cls, task_id: int, request: WaitRequest, *, committed: bool) -> _EventWait:
+        fields = tuple((request.match or {}).items())
+        anchor = next((found for name, value in fields if (found := _anchor(name, value))), None)
         return cls(task_id, request, TopicPattern.parse(request.topic), committed,
-                   fields=tuple((request.match or {}).items()))
+                   fields=fields, anchor=anchor)
 
     @property
     def key(self) -> WaitKey:
@@ -366,7 +424,7 @@ class Waits:
         # The index: every event wait, and the same by topic pattern (what the bus is asked
         # for), and per task the keys of its pending ones (what its attempt's end drops).
         self._waits: dict[WaitKey, _EventWait] = {}
-        self._by_pattern: dict[str, dict[WaitKey, _EventWait]] = {}
+        self._by_pattern: dict[str, _PatternWaits] = {}
         self._pending: dict[int, set[WaitKey]] = {}
         self._subscription: Subscription | None = None
         self._timer_wake = asyncio.Event()
@@ -473,10 +531,11 @@ class Waits:
         self._waits[wait.key] = wait
         same = self._by_pattern.get(wait.pattern.text)
         if same is None:
-            self._by_pattern[wait.pattern.text] = {wait.key: wait}
+            same = self._by_pattern[wait.pattern.text] = _PatternWaits(wait.pattern)
+            same.add(wait)
             self._resubscribe()
         else:
-            same[wait.key] = wait
+            same.add(wait)
 
     def forget(self, task_id: int, seq: int) -> None:
         """Take the task's wait `seq` out of the index (it ended, or needs no index)."""
@@ -484,8 +543,8 @@ class Waits:
         if wait is None:
             return
         same = self._by_pattern[wait.pattern.text]
-        del same[wait.key]
-        if not same:
+        same.remove(wait)
+        if not same.size:
             del self._by_pattern[wait.pattern.text]
             self._resubscribe()
 
@@ -502,9 +561,9 @@ class Waits:
     def _on_event(self, event: Event) -> None:
         """Bus callback: resolve the open waits `event` satisfies."""
         for same in list(self._by_pattern.values()):
-            if not next(iter(same.values())).pattern.matches(event.topic):
+            if not same.pattern.matches(event.topic):
                 continue
-            for wait in [wait for wait in same.values() if wait.accepts(event)]:
+            for wait in [wait for wait in same.candidates(event) if wait.accepts(event)]:
                 if not wait.committed:
                     if wait.caught is None:
                         wait.caught = event  # written as the task suspends
