@@ -305,3 +305,25 @@ async def test_an_event_published_on_another_daemon_ends_the_wait(
         assert response.status < 300
     result = await a.queue.result(record.id, timeout=5)
     assert result["topic"] == "approval.given"
+
+
+async def test_waits_on_one_topic_each_get_the_event_for_them(wt: Any) -> None:
+    """Many waits of one topic, each matching its own id (the index files them by it)."""
+    daemon, events = wt
+    records = [await daemon.queue.enqueue("wt.await_event", {"pattern": "order.paid",
+                                                             "match": {"order": n}})
+               for n in range(5)]
+    loose = await daemon.queue.enqueue("wt.await_event", {"pattern": "order.paid"})
+    for record in (*records, loose):
+        await events.wait_for("task.waiting", task_id=record.id)
+    daemon.bus.publish("order.paid", {"order": 3, "by": "card"})
+    assert (await daemon.queue.result(records[3].id, timeout=5))["data"] == {"order": 3, "by": "card"}
+    assert (await daemon.queue.result(loose.id, timeout=5))["data"]["order"] == 3
+    assert [(await daemon.queue.get(r.id)).status for r in records] == [
+        "waiting", "waiting", "waiting", "succeeded", "waiting"]
+    daemon.bus.publish("order.paid", {"order": True})  # true is no order number
+    for n in (0, 1, 2, 4):
+        daemon.bus.publish("order.paid", {"order": n})
+    for n in (0, 1, 2, 4):
+        assert (await daemon.queue.result(records[n].id, timeout=5))["data"] == {"order": n}
+    assert daemon.waits.indexed == 0
