@@ -168,6 +168,7 @@ def request_values(request: WaitRequest) -> tuple[Any, ...]:
 
 
 def decode_stored(row: Row | Any) -> StoredWait:
+    """A `StoredWait` from a row of `task_waits` (`SELECT *`)."""
     return StoredWait(decode_request(row), row["resolved_at"] is not None, row["outcome"],
                       bool(row["timed_out"]))
 
@@ -437,7 +438,7 @@ class Waits:
         self._pending: dict[int, set[WaitKey]] = {}
         self._subscription: Subscription | None = None
         self._timer_wake = asyncio.Event()
-        self._resolving: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()  # resolves, index reads: kept referenced
         self._rebuilding: asyncio.Task[None] | None = None
         store.listen(added=self._added_elsewhere, reconnect=self._reconnected)
 
@@ -585,8 +586,8 @@ class Waits:
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
-        self._resolving.add(task)
-        task.add_done_callback(self._resolving.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _resolve(self, wait: _EventWait, event: Event) -> None:
         outcome = event_outcome(event)
