@@ -45,6 +45,16 @@ async def test_a_sleeping_task_waits_without_slot_or_lease_and_resumes_by_replay
     assert events.topics().count("wt.top") == 2 and events.topics().count("wt.step") == 1
 
 
+async def test_a_child_called_before_a_sleep_is_not_run_again(wt: Any) -> None:
+    daemon, events = wt
+    record = await daemon.queue.enqueue("wt.call_then_nap", {"seconds": 0.2})
+    result = await daemon.queue.result(record.id, timeout=5)
+    assert result["child"] != result["again"]  # two calls, two children
+    await events.wait_for("task.resumed", task_id=record.id)
+    assert events.topics().count("wt.child_ran") == 2  # the first ran once, not once per run
+    assert len(await daemon.queue.children(record.id)) == 2
+
+
 async def test_a_sleep_survives_a_restart(start_daemon: Any, wt_dir: Path, tmp_path: Path) -> None:
     first, events = await start_daemon(plugin_dirs=[wt_dir])
     record = await first.queue.enqueue("wt.nap", {"seconds": 1.5})

@@ -55,3 +55,17 @@ async def approve(ctx, draft: str, timeout: float | None = None):
     except WaitTimeoutError:
         return {"answer": None, "timed_out": True}
     return {"answer": answer}
+
+
+@plugin.task()
+async def child(ctx):
+    ctx.publish("wt.child_ran", {"task": ctx.task.id})
+    return ctx.task.id
+
+
+@plugin.task()
+async def call_then_nap(ctx, seconds: float):
+    """A durable child, then a sleep: the run after the sleep gets the same child back."""
+    first = await ctx.call("wt.child")
+    await ctx.sleep(seconds)
+    return {"child": first, "again": await ctx.call("wt.child")}
