@@ -91,7 +91,7 @@ def test_the_bottom_modules_import_nothing_above_them(module: str) -> None:
 LAYERS = [
     {"errors", "events", "schedule", "specs", "config", "jsontext", "log"},
     {"store"},
-    {"bus", "spawn", "supervise", "eventlog", "taskdef", "taskqueue", "steps", "streamkey",
+    {"bus", "spawn", "supervise", "eventlog", "taskdef", "taskqueue", "steps", "waits", "streamkey",
      "task_warnings"},
     {"memory", "embed", "llm", "mail", "webhooks", "hooks", "services"},
     {"context", "protocols", "worker", "scheduler", "digests", "maintenance", "backup", "postgres",

@@ -50,6 +50,7 @@ from agentd.systemd import Notifier
 from agentd.task_warnings import warn_on_bad_ends
 from agentd.taskdef import TaskRegistry
 from agentd.taskqueue import TaskQueue
+from agentd.waits import Waits
 from agentd.watchdog import ServiceWatchdog
 from agentd.web import (
     events_api,
@@ -100,10 +101,11 @@ class Daemon:
         self.queue = TaskQueue(self.storage.tasks, self.bus, self.registry, config.tasks,
                                steps=self.storage.steps)
         self.services = Services.from_config(config)
+        self.waits = Waits(self.storage.waits, self.queue, self.bus)
         self.hooks = InboundHooks.from_config(config, self.storage.hook_deliveries)
         self.workers = WorkerPool(
             self.storage.tasks, self.queue, self.registry, config.tasks, config.plugins.settings,
-            services=self.services)
+            services=self.services, waits=self.waits)
         self.plugins = PluginManager(config, self.bus, self.spawner, self.queue, self.services)
         self.eventlog = EventLog(self.storage.events, self.bus, config.events)
         self.scheduler = Scheduler(self.storage.schedules, self.queue, self.bus, self.registry,
@@ -183,7 +185,9 @@ class Daemon:
                                   reason="the embedder is a plugin's, and plugins are off")
             # Undone first on a failed start: the checkpoint loop must stop before memory closes.
             rollback.push_async_callback(self._stop_services)
+            await self.waits.start()
             if self.safe_mode is None:  # a task, or what a schedule fires, may be the crash
+                self._start_service(self.waits.run_timers, "wait-timers")
                 await self.workers.start(self.supervisor)
                 rollback.push_async_callback(self.workers.stop, self.config.daemon.stop_timeout)
                 await self._start_scheduler()

@@ -124,6 +124,10 @@ def _task_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                          ("requeue", "run a dead, failed or cancelled task again"),
                          ("delete", "delete a finished task")):
         actions.add_parser(action, parents=[common], help=text).add_argument("id", type=int)
+    answer = actions.add_parser("answer", parents=[common],
+                                help="answer the question a waiting task asks (ctx.ask)")
+    answer.add_argument("id", type=int)
+    answer.add_argument("answer", help="the answer: JSON (true, 3, {...}), else taken as text")
 
 
 def _schedule_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -449,6 +453,13 @@ async def _tasks(api: _Api, args: argparse.Namespace) -> int:
         for task in page["tasks"]:
             print(f"{task['id']:>8}  {task['status']:<10} {task['name']:<30} "
                   f"attempts {task['attempts']}/{task['max_attempts']}")
+        return 0
+    if args.action == "answer":
+        try:
+            given = json.loads(args.answer)
+        except json.JSONDecodeError:
+            given = args.answer  # plain text: `agentd tasks answer 12 yes`
+        _print(await api.call("POST", f"/v1/tasks/{args.id}/answer", {"answer": given}))
         return 0
     method, path = {
         "show": ("GET", "/v1/tasks/{}"), "cancel": ("POST", "/v1/tasks/{}/cancel"),

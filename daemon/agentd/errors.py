@@ -139,6 +139,15 @@ class Retry(Exception):  # noqa: N818 - a control-flow signal, named as the verb
                    reason=reason)
 
 
+class WaitTimeoutError(TimeoutError):
+    """Raised by `ctx.wait_for` or `ctx.ask` when its `timeout` passed first: no event
+    matched, or nobody answered. `wait` is the wait's number among the task's waits."""
+
+    def __init__(self, wait: int, what: str) -> None:
+        super().__init__(f"wait {wait} timed out: {what}")
+        self.wait = wait
+
+
 class Fail(Exception):  # noqa: N818 - a control-flow signal
     """Raise inside a task to fail it now, without retrying (status `failed`)."""
 

@@ -13,7 +13,10 @@ and every state change is published on the bus after its commit:
     task.succeeded   finished with a result
     task.failed      finished with an error, no retry      (Fail raised, unknown task, bad result)
     task.dead        an attempt failed and none is left    (the dead-letter state)
-    task.cancelled   cancelled while queued or running
+    task.cancelled   cancelled while queued, running or waiting
+
+and, by agentd/waits.py, `task.waiting` (the task's wait was written) and `task.resumed`
+(queued again: the wait ended).
 
 Each event's data has `task_id`, `name`, `queue` and `status`; its `correlation_id` is the
 root task's id and its `causation_id` the parent task's id.
@@ -55,7 +58,8 @@ from agentd.taskdef import TaskRegistry, encode_json
 # lookup per row decoded, 0.33 µs, and 0.45 µs more to bind to a statement than a str.)
 UnsuccessfulStatus = Literal["failed", "dead", "cancelled"]  # final, and always with an error
 FinalStatus = Literal["succeeded", UnsuccessfulStatus]
-TaskStatus = Literal["queued", "running", FinalStatus]  # in the order a task goes through them
+# In the order a task goes through them; `waiting`: on a durable wait (agentd/waits.py).
+TaskStatus = Literal["queued", "running", "waiting", FinalStatus]
 STATES: frozenset[TaskStatus] = frozenset(get_args(TaskStatus))
 FINAL_STATES: frozenset[TaskStatus] = frozenset(get_args(FinalStatus))
 # Listed through the tasks_unsuccessful index.
@@ -488,7 +492,7 @@ class TaskQueue:
             if len(requests) == 1:
                 raise
             raise type(exc)(f"tasks[{len(prepared)}]: {exc}") from exc  # which one of the batch
-        with self._publishing_queued():
+        with self.publishing_queued():
             return await self._insert(requests, prepared, now, alongside)
 
     async def _insert(self, requests: Sequence[TaskRequest], prepared: list[tuple[Any, ...]],
@@ -603,7 +607,8 @@ class TaskQueue:
     # -- changing --------------------------------------------------------------------------
 
     async def cancel(self, task_id: int) -> TaskRecord:
-        """Cancel a task and its unfinished descendants. Queued ones end now; running ones are
+        """Cancel a task and its unfinished descendants. Queued and waiting ones end now
+        (a waiting one's open wait with it); running ones are
         marked (so a restart never runs them) and their coroutines cancelled, on whichever
         daemon runs them."""
         _check_id(task_id)
@@ -622,7 +627,7 @@ class TaskQueue:
         succeeded come back to it as on a retry. Its children that did not succeed give up
         their keys, so its calls run them again instead of getting their failure back."""
         _check_id(task_id)
-        with self._publishing_queued():
+        with self.publishing_queued():
             record = await self.tasks.requeue(task_id, time.time())
             self.publish("task.queued", record, requeued=True)
         self.notify_work(record.queue)
@@ -684,9 +689,10 @@ class TaskQueue:
                 future.set_result(record)
 
     @contextlib.contextmanager
-    def _publishing_queued(self) -> Iterator[None]:
+    def publishing_queued(self) -> Iterator[None]:
         """Mark an enqueue in flight from before its rows commit until its `task.queued`
-        events are out; `queued_published` waits for it. Skipped while nobody hears
+        events are out (or a wait's wake, agentd/waits.py, until its `task.resumed` is);
+        `queued_published` waits for it. Skipped while nobody hears
         `task.queued`: then there is no order to keep."""
         if not self.bus.has_subscribers("task.queued"):
             yield
@@ -753,6 +759,7 @@ _PURGE_EXPIRED = f"DELETE FROM tasks WHERE expires_at < ? AND status IN {FINAL_S
 _COUNTS = f"""
 SELECT 'queued', count(*) FROM tasks INDEXED BY tasks_claim WHERE status = 'queued'
 UNION ALL SELECT 'running', count(*) FROM tasks INDEXED BY tasks_running WHERE status = 'running'
+UNION ALL SELECT 'waiting', count(*) FROM tasks INDEXED BY tasks_waiting WHERE status = 'waiting'
 UNION ALL SELECT status, count(*) FROM tasks INDEXED BY tasks_unsuccessful
     WHERE error IS NOT NULL AND status IN {UNSUCCESSFUL_SQL} GROUP BY status
 UNION ALL SELECT 'all', count(*) FROM tasks
@@ -1071,6 +1078,9 @@ class SqliteTasks:
         elif status == "running":
             indexed_by = "INDEXED BY tasks_running"
             clauses.append("status = 'running'")
+        elif status == "waiting":
+            indexed_by = "INDEXED BY tasks_waiting"
+            clauses.append("status = 'waiting'")
         for column, value in (("status", status), ("name", name), ("queue", queue)):
             if value is not None:
                 clauses.append(f"{column} = ?")
@@ -1102,8 +1112,11 @@ class SqliteTasks:
             marks = ",".join("?" * len(tree))
             ended = conn.execute(
                 f"UPDATE tasks SET status = 'cancelled', cancel_requested = 1, finished_at = ?, "
-                f"expires_at = ?, error = 'cancelled' WHERE id IN ({marks}) AND status = 'queued' "
-                "RETURNING *", (now, now + ttl, *tree)).fetchall()
+                f"expires_at = ?, error = 'cancelled' WHERE id IN ({marks}) "
+                "AND status IN ('queued', 'waiting') RETURNING *", (now, now + ttl, *tree)).fetchall()
+            if ended:  # a waiting task's wait ends with it: no timer or event wakes it
+                conn.execute(f"DELETE FROM task_waits WHERE resolved_at IS NULL AND task_id IN "
+                             f"({','.join('?' * len(ended))})", [row['id'] for row in ended])
             running = conn.execute(
                 f"UPDATE tasks SET cancel_requested = 1 WHERE id IN ({marks}) AND status = 'running' "
                 "RETURNING id", tree).fetchall()

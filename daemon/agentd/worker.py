@@ -56,6 +56,7 @@ from agentd.taskqueue import (
     TaskRecord,
     TaskStore,
 )
+from agentd.waits import Suspend, WaitRequest, Waits
 
 _LOG = get_logger("worker")
 
@@ -122,9 +123,11 @@ class WorkerPool:
     """Claims and runs tasks for every configured queue; see the module docstring."""
 
     def __init__(self, tasks: TaskStore, queue: TaskQueue, registry: TaskRegistry, config: TasksConfig,
-                 plugin_configs: Mapping[str, Mapping[str, Any]], *, services: Services) -> None:
+                 plugin_configs: Mapping[str, Mapping[str, Any]], *, services: Services,
+                 waits: Waits) -> None:
         self.tasks = tasks
         self.queue = queue
+        self.waits = waits
         self.registry = registry
         self.config = config
         self._claim_ahead = tasks.default_claim_ahead if config.claim_ahead is None else config.claim_ahead
@@ -480,7 +483,8 @@ class WorkerPool:
             budget = (definition.token_budget
                       if definition is not None and definition.token_budget is not None
                       else self.services.llm.config.token_budget)
-            ctx = Context(record, self.queue, slots, plugin_config, self.services, token_budget=budget)
+            ctx = Context(record, self.queue, slots, plugin_config, self.services,
+                          waits=self.waits, token_budget=budget)
             if record.id not in self._cancelling:
                 await self.queue.queued_published()
                 self.queue.publish("task.started", record, attempt=record.attempts)
@@ -517,6 +521,7 @@ class WorkerPool:
             self._cancelling.discard(record.id)
             self._ended.discard(record.id)
             self._release_concurrency(record)
+            self.waits.attempt_over(record.id)
 
     async def _execute(self, record: TaskRecord, definition: TaskDef | None, ctx: Context) -> _Outcome:
         try:
@@ -538,6 +543,8 @@ class WorkerPool:
             if not isinstance(value, str | int | bool | None):
                 value = json.loads(encoded)
             return _Outcome("succeeded", result=encoded, value=value)
+        except Suspend as suspend:  # a durable wait: the task waits, its attempt unspent
+            return _Outcome("waiting", wait=suspend.request)
         except asyncio.CancelledError:
             if record.id in self._cancelling:
                 return _CANCELLED
@@ -567,6 +574,9 @@ class WorkerPool:
                                       now=now, ttl_until=ttl_until)
             else:
                 status = "dead"
+        elif outcome.status == "waiting":
+            assert outcome.wait is not None
+            return self._suspend(record, outcome.wait, now=now, ttl_until=ttl_until)
         elif outcome.status == "interrupted":
             return self._put_back(record, outcome.error, interrupted=True, delay=0.0, now=now,
                                   ttl_until=ttl_until)
@@ -617,6 +627,26 @@ class WorkerPool:
             self.queue.publish("task.retrying", record, attempt=record.attempts,
                                error=error, delay=round(delay, 3))
         self.wake(record.queue)
+
+    async def _suspend(self, record: TaskRecord, request: WaitRequest, *, now: float,
+                       ttl_until: float) -> None:
+        """Write the task waiting on `request` (see agentd/waits.py); written again until it
+        commits while the storage refuses it, as a retry is."""
+        wait = WRITE_RETRY_FIRST
+        while True:
+            try:
+                stored = await self.waits.suspend(record, request, now, ttl_until)
+                break
+            except StoreWriteError as exc:
+                _LOG.error("tasks.suspend_failed", task_id=record.id, error=str(exc), retry_in=wait)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, WRITE_RETRY_MAX)
+        if stored == "lost":  # the lease lapsed: another daemon took the task over
+            _LOG.warning("task.lease_lost", task_id=record.id, attempt=record.attempts)
+        elif stored == "cancelled":  # a cancel came in as the attempt ended
+            record.status, record.error = "cancelled", "cancelled"
+            record.finished_at, record.expires_at = now, ttl_until
+            self.queue.announce_final(record, attempt=record.attempts, error="cancelled")
 
     def _announce_acks(self, records: list[TaskRecord], batch: asyncio.Future[list[int]]) -> None:
         """Once a transaction's acks commit, publish each task's final state and wake its
@@ -859,8 +889,9 @@ def _failure(exc: Exception, record: TaskRecord, ctx: Context) -> _Outcome:
 
 
 # How an attempt ended: a final state of the task, or one that queues it again: `retry`
-# (with attempts left; none left, it is dead) or `interrupted` by a stop.
-AttemptOutcome = Literal["succeeded", "failed", "cancelled", "retry", "interrupted"]
+# (with attempts left; none left, it is dead) or `interrupted` by a stop; or `waiting` on a
+# durable wait.
+AttemptOutcome = Literal["succeeded", "failed", "cancelled", "retry", "interrupted", "waiting"]
 
 
 class _Outcome(NamedTuple):
@@ -871,6 +902,7 @@ class _Outcome(NamedTuple):
     error: str | None = None
     delay: float | None = None
     value: Any = None
+    wait: WaitRequest | None = None  # what a `waiting` attempt waits on
 
 
 _CANCELLED = _Outcome("cancelled", error="cancelled")

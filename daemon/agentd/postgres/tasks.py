@@ -104,8 +104,11 @@ WITH RECURSIVE tree(id) AS (
 """
 _CANCEL_QUEUED = (
     "UPDATE tasks SET status = 'cancelled', cancel_requested = 1, finished_at = $1, "
-    "expires_at = $2, error = 'cancelled' WHERE id = ANY($3::bigint[]) AND status = 'queued' "
-    "RETURNING *")
+    "expires_at = $2, error = 'cancelled' WHERE id = ANY($3::bigint[]) "
+    "AND status IN ('queued', 'waiting') RETURNING *")
+# A waiting task's wait ends with it: no timer or event wakes it.
+_CLOSE_CANCELLED_WAITS = ("DELETE FROM task_waits WHERE resolved_at IS NULL "
+                          "AND task_id = ANY($1::bigint[])")
 _CANCEL_RUNNING = ("UPDATE tasks SET cancel_requested = 1 WHERE id = ANY($1::bigint[]) "
                    "AND status = 'running' RETURNING id")
 _CANCELS_AMONG = "SELECT id FROM tasks WHERE cancel_requested <> 0 AND id = ANY($1::bigint[])"
@@ -411,6 +414,8 @@ class PgTasks:
                 raise TaskNotFoundError(f"no task with id {task_id}")
             tree = [row[0] for row in await conn.fetch(_DESCENDANTS, task_id)]
             ended = await conn.fetch(_CANCEL_QUEUED, now, now + ttl, tree)
+            if ended:
+                await conn.execute(_CLOSE_CANCELLED_WAITS, [row["id"] for row in ended])
             running = [row[0] for row in await conn.fetch(_CANCEL_RUNNING, tree)]
             _notify_ids(DONE, [row["id"] for row in ended], self.node_id)
             _notify_ids(CANCEL, running, self.node_id)
