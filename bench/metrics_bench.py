@@ -61,7 +61,8 @@ def own(series: int) -> dict[str, float]:
 
 
 def client(series: int) -> dict[str, float]:
-    from prometheus_client import CollectorRegistry, Counter as PCounter, Histogram, generate_latest
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+    from prometheus_client import Counter as PCounter
 
     registry = CollectorRegistry()
     succeeded = PCounter("agentd_tasks_succeeded", "Tasks that succeeded.", ["task"], registry=registry)

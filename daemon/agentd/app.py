@@ -27,6 +27,7 @@ from agentd.health import LagMonitor
 from agentd.hooks import InboundHooks
 from agentd.log import get_logger
 from agentd.memory import MemoryStore, SqliteMemory
+from agentd.metrics import ScheduleOutcomes
 from agentd.plugins import PluginManager
 from agentd.safemode import SafeMode, StartJournal
 from agentd.schedule import ScheduleSpec
@@ -49,7 +50,16 @@ from agentd.task_warnings import warn_on_bad_ends
 from agentd.taskdef import TaskRegistry
 from agentd.taskqueue import TaskQueue
 from agentd.watchdog import ServiceWatchdog
-from agentd.web import events_api, memory_api, schedules_api, streams, system, tasks_api, ws
+from agentd.web import (
+    events_api,
+    memory_api,
+    metrics_api,
+    schedules_api,
+    streams,
+    system,
+    tasks_api,
+    ws,
+)
 from agentd.web.server import STREAMS, HttpServer, build_app
 from agentd.worker import WorkerPool
 
@@ -97,6 +107,7 @@ class Daemon:
         self.eventlog = EventLog(self.storage.events, self.bus, config.events)
         self.scheduler = Scheduler(self.storage.schedules, self.queue, self.bus, self.registry,
                                    self.plugins.enqueue_triggers, clock=clock)
+        self.schedule_outcomes = ScheduleOutcomes(self.bus)  # for /metrics
         builtin_queue = maintenance.builtin_queue(config)
         self._maintenance = maintenance.register(
             self.registry, config, store=self.store, queue=self.queue, eventlog=self.eventlog,
@@ -179,7 +190,8 @@ class Daemon:
                 await self.scheduler.load_stored()
                 rollback.push_async_callback(self.scheduler.stop)
             web_app = build_app(self, system.routes, tasks_api.routes, events_api.routes,
-                                streams.routes, ws.routes, schedules_api.routes, memory_api.routes)
+                                streams.routes, ws.routes, schedules_api.routes, memory_api.routes,
+                                metrics_api.routes)
             server = HttpServer(web_app, self.config.server.host, self.config.server.port)
             await server.start()
             self.server = server

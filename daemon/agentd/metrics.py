@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from agentd.bus import Bus
+    from agentd.events import Event
 
 Kind = Literal["counter", "gauge", "histogram"]
 Labels = tuple[str, ...]
 Number = int | float
+# Label values, as a family's counters key them: any tuple of str (a mapping's key type is exact).
+L = TypeVar("L", bound=tuple[str, ...])
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -67,6 +74,25 @@ class Histograms:
         histogram.observe(value)
 
 
+class ScheduleOutcomes:
+    """Each schedule's fires and misses, by schedule id, counted from the scheduler's
+    `schedule.fired` and `schedule.missed` events on `bus` from the daemon's start on (a
+    miss event that stands for several, after a long outage, counts for its `count`)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.fires: Counter[Labels] = Counter()
+        self.misses: Counter[Labels] = Counter()
+        bus.subscribe("schedule.fired,schedule.missed", self._count, name="metrics.schedules")
+
+    def _count(self, event: Event) -> None:
+        schedule = (str(event.data.get("schedule_id", "")),)
+        if event.topic == "schedule.fired":
+            self.fires[schedule] += 1
+        else:
+            count = event.data.get("count", 1)
+            self.misses[schedule] += count if isinstance(count, int) else 1
+
+
 class Exposition:
     """A scrape's text, family by family: `# HELP` and `# TYPE` lines, then the samples.
 
@@ -79,13 +105,13 @@ class Exposition:
         self.names: list[str] = []
 
     def counter(self, name: str, help_text: str, label_names: Labels,
-                values: Mapping[Labels, Number]) -> None:
+                values: Mapping[L, Number]) -> None:
         """A counter family; `name` ends in `_total`, `values` maps label values to counts."""
         self._family(name, "counter", help_text, ((name, label_names, labels, value)
                                                   for labels, value in sorted(values.items())))
 
     def gauge(self, name: str, help_text: str, label_names: Labels,
-              values: Mapping[Labels, Number]) -> None:
+              values: Mapping[L, Number]) -> None:
         self._family(name, "gauge", help_text, ((name, label_names, labels, value)
                                                 for labels, value in sorted(values.items())))
 

@@ -233,10 +233,13 @@ def _scheme_folded(authorization: bytes) -> bytes:
     return scheme.lower() + space + rest
 
 
-def make_auth_middleware(token: str, stream_tokens: StreamTokens) -> Middleware:
+def make_auth_middleware(token: str, stream_tokens: StreamTokens, scrape_token: str = "") -> Middleware:
     """Require `Authorization: Bearer <token>` on every route not documented as public;
-    stream routes also take `?token=<stream token>`, which only reads."""
-    expected = f"bearer {token}".encode()
+    stream routes also take `?token=<stream token>`, which only reads, and the scrape route
+    (`/metrics`) also takes `[metrics] token` (`scrape_token`) as its bearer token. Without
+    a bearer token (`token` ''), only the scrape route is guarded, by `scrape_token`."""
+    expected = f"bearer {token}".encode() if token else None
+    scrape_expected = f"bearer {scrape_token}".encode() if scrape_token else None
 
     @web.middleware
     async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -244,13 +247,21 @@ def make_auth_middleware(token: str, stream_tokens: StreamTokens) -> Middleware:
         # aiohttp decodes header bytes with surrogateescape: encode them back the same way.
         given = _scheme_folded(request.headers.get("Authorization", "").encode("utf-8", "surrogateescape"))
         if route_doc is not None and getattr(route_doc, "public", False):
-            request[_TOKEN_GIVEN] = hmac.compare_digest(given, expected)
+            if expected is not None:
+                request[_TOKEN_GIVEN] = hmac.compare_digest(given, expected)
             return await handler(request)
-        if hmac.compare_digest(given, expected):
+        if expected is not None and hmac.compare_digest(given, expected):
+            return await handler(request)
+        scrape = bool(getattr(route_doc, "scrape", False))
+        if scrape and scrape_expected is not None and hmac.compare_digest(given, scrape_expected):
+            return await handler(request)
+        if expected is None and not scrape:
             return await handler(request)
         stream = bool(getattr(route_doc, "stream", False))
         query_token = request.query.get("token")
         why = "a valid 'Authorization: Bearer <token>' is required"
+        if scrape and scrape_expected is not None:
+            why += " (the [metrics] token" + (" or the API token)" if expected is not None else ")")
         if stream:
             why += " (or ?token= from POST /v1/stream-tokens)"
             if query_token:

@@ -11,7 +11,7 @@ from aiohttp.typedefs import Middleware
 
 from agentd.errors import AgentdError
 from agentd.log import get_logger
-from agentd.web.access import add_request_id, make_access_middleware
+from agentd.web.access import HttpMetrics, add_request_id, make_access_middleware
 from agentd.web.auth import (
     STREAM_TOKENS,
     StreamTokens,
@@ -33,6 +33,10 @@ STREAMS: web.AppKey[set[Subscription]] = web.AppKey("streams")
 SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
 # Whether routes not documented as public need the bearer token (one is configured).
 TOKEN_REQUIRED: web.AppKey[bool] = web.AppKey("token_required", bool)
+# Whether the scrape route needs a token: the bearer token's or `[metrics] token`.
+SCRAPE_TOKEN_REQUIRED: web.AppKey[bool] = web.AppKey("scrape_token_required", bool)
+# Requests counted and timed by the access middleware, for /metrics.
+HTTP_METRICS: web.AppKey[HttpMetrics] = web.AppKey("http_metrics", HttpMetrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -89,19 +93,22 @@ def build_app(daemon: Daemon, *route_tables: web.RouteTableDef) -> web.Applicati
     ones before it; responses to listed origins carry CORS headers."""
     config = daemon.config
     stream_tokens = StreamTokens(config.streams)
+    http_metrics = HttpMetrics()
     middlewares: list[Middleware] = [
-        make_access_middleware(config.log.access),
+        make_access_middleware(config.log.access, http_metrics),
         json_errors,
         make_host_middleware(config.server.host, config.server.allowed_hosts),
         make_origin_middleware(config.server.allowed_origins),
     ]
-    token = config.secrets.api_token
-    if token:
-        middlewares.append(make_auth_middleware(token, stream_tokens))
+    token, scrape_token = config.secrets.api_token, config.secrets.metrics_token
+    if token or scrape_token:
+        middlewares.append(make_auth_middleware(token, stream_tokens, scrape_token))
     middlewares.append(intake)
     app = web.Application(middlewares=middlewares, client_max_size=config.server.max_body_bytes)
     app[DAEMON] = daemon
     app[TOKEN_REQUIRED] = bool(token)
+    app[SCRAPE_TOKEN_REQUIRED] = bool(token or scrape_token)
+    app[HTTP_METRICS] = http_metrics
     app[STREAM_TOKENS] = stream_tokens
     app[BODY_TIMEOUT] = config.server.header_timeout
     app[STREAMS] = set()

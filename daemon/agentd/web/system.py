@@ -13,7 +13,7 @@ from agentd import __version__
 from agentd.errors import describe
 from agentd.web.auth import may_see_details
 from agentd.web.openapi import build_document, doc
-from agentd.web.server import DAEMON, TOKEN_REQUIRED
+from agentd.web.server import DAEMON, SCRAPE_TOKEN_REQUIRED, TOKEN_REQUIRED
 
 if TYPE_CHECKING:
     from agentd.app import Daemon
@@ -153,4 +153,5 @@ async def clear_safe_mode(request: web.Request) -> web.Response:
 @routes.get("/v1/openapi.json")
 @doc("This OpenAPI 3 document", tag="system", public=True)
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(build_document(request.app, __version__, request.app[TOKEN_REQUIRED]))
+    return web.json_response(build_document(request.app, __version__, request.app[TOKEN_REQUIRED],
+                                            request.app[SCRAPE_TOKEN_REQUIRED]))
