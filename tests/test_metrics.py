@@ -147,7 +147,8 @@ async def test_a_daemon_that_worked_shows_it_in_a_scrape_promtool_accepts(
             assert stream.status == 200
             open_now = parse(await scrape(client))
         # A schedule fired by hand, and memory remembered and recalled.
-        async with client.post("/v1/schedules", json={"id": "mt.tick", "every": 3600, "task": "mt.ok"}) as made:
+        tick = {"id": "mt.tick", "every": 3600, "task": "mt.ok"}
+        async with client.post("/v1/schedules", json=tick) as made:
             assert made.status == 201, await made.text()
         async with client.post("/v1/schedules/mt.tick/run") as fired:
             assert fired.status == 200, await fired.text()
@@ -185,8 +186,8 @@ async def test_a_daemon_that_worked_shows_it_in_a_scrape_promtool_accepts(
     assert value(after, "agentd_http_requests_total", method="POST", route="/v1/tasks", status="201") == 7
     assert value(after, "agentd_http_requests_total", method="GET", route="unmatched", status="404") == 1
     assert value(after, "agentd_http_request_duration_seconds_count", method="POST", route="/v1/tasks") == 7
-    assert value(after, "agentd_bus_published_total", bus="daemon") > value(before, "agentd_bus_published_total",
-                                                                            bus="daemon")
+    published = "agentd_bus_published_total"
+    assert value(after, published, bus="daemon") > value(before, published, bus="daemon")
     assert value(after, "agentd_database_bytes", database=daemon.store.name) > 0
     assert value(after, "process_resident_memory_bytes") > 0
     assert value(after, "agentd_scrape_failed", part="tasks") == 0
@@ -255,7 +256,8 @@ def test_a_metrics_token_that_cannot_be_sent_names_the_key(tmp_path: Path) -> No
     secret = tmp_path / "metrics-token"
     secret.write_text("from-a-file\n")
     secret.chmod(0o600)
-    assert load_config(overrides={"metrics": {"token_file": str(secret)}}).secrets.metrics_token == "from-a-file"
+    config = load_config(overrides={"metrics": {"token_file": str(secret)}})
+    assert config.secrets.metrics_token == "from-a-file"
     with pytest.raises(ConfigError, match=r"\[metrics\] token and token_file are both set"):
         load_config(overrides={"metrics": {"token": "x", "token_file": str(secret)}})
 
