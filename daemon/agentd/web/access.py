@@ -49,7 +49,7 @@ def request_id(given: str | None) -> str:
 
 
 class HttpMetrics:
-    """Every request answered, by method, route (its template, `/v1/tasks/{task_id}`; a
+    """Every request answered, by method, route (its template, `/v1/tasks/{id}`; a
     path no route matched as `unmatched`) and status, and how long each took by method and
     route (a stream's or a WebSocket's whole life), for `/metrics`."""
 
