@@ -18,6 +18,7 @@ import pytest
 
 from agentd.config import load_config
 from agentd.errors import ConfigError
+from agentd.metrics import Exposition, Histogram
 from fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.both_stores
@@ -260,6 +261,26 @@ def test_a_metrics_token_that_cannot_be_sent_names_the_key(tmp_path: Path) -> No
     assert config.secrets.metrics_token == "from-a-file"
     with pytest.raises(ConfigError, match=r"\[metrics\] token and token_file are both set"):
         load_config(overrides={"metrics": {"token": "x", "token_file": str(secret)}})
+
+
+@pytest.mark.sqlite_only
+def test_label_values_and_help_are_escaped_and_buckets_cumulative() -> None:
+    """A label value is whatever a plugin named (a model, a namespace): quotes, backslashes
+    and line breaks must not break the format."""
+    odd = 'a "quoted"\\ model\nname'
+    out = Exposition()
+    out.counter("agentd_test_total", "Help with a \\ and a\nline break.", ("model",), {(odd,): 2})
+    latency = Histogram((0.1, 1.0))
+    for seconds in (0.05, 0.1, 0.5, 7.0):
+        latency.observe(seconds)
+    out.histogram("agentd_test_seconds", "A histogram.", (), {(): latency})
+    text = out.text()
+    promtool_check(text)
+    samples = parse(text)
+    assert value(samples, "agentd_test_total", model='a \\"quoted\\"\\\\ model\\nname') == 2
+    assert [value(samples, "agentd_test_seconds_bucket", le=le) for le in ("0.1", "1.0", "+Inf")] == [2, 3, 4]
+    assert value(samples, "agentd_test_seconds_sum") == pytest.approx(7.65)
+    assert value(samples, "agentd_test_seconds_count") == 4
 
 
 @pytest.mark.sqlite_only

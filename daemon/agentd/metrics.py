@@ -2,11 +2,11 @@
 format (version 0.0.4) a scrape of `/metrics` is written in.
 
 Counters need no type of their own: the parts that count keep a `collections.Counter` keyed
-by their label values and add to it where the event already happens (a dict increment,
-~60 ns); histograms bin a value into fixed buckets (~0.3 µs). Everything else (queue
-depths, file sizes, the loop's lag) is read when a scrape asks. No locks: everything runs
-on the daemon's one event loop. bench/metrics_bench.py measured this against
-prometheus_client (see docs/operations.md).
+by their label values and add to it where the event already happens; histograms bin a
+value into fixed buckets. Everything else (queue depths, file sizes, the loop's lag) is read
+when a scrape asks. No locks: everything runs on the daemon's one event loop.
+bench/metrics_bench.py measured a labelled increment and an observation here at 0.24 µs
+each, against prometheus_client's 2 and 3 µs, and writing 330 series at 2.3 ms against 10.
 """
 
 from __future__ import annotations
@@ -53,10 +53,6 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
 
 class Histograms:
     """One `Histogram` per combination of label values, made at its first observation."""
@@ -102,7 +98,6 @@ class Exposition:
 
     def __init__(self) -> None:
         self._lines: list[str] = []
-        self.names: list[str] = []
 
     def counter(self, name: str, help_text: str, label_names: Labels,
                 values: Mapping[L, Number]) -> None:
@@ -126,7 +121,6 @@ class Exposition:
 
     def _family(self, name: str, kind: Kind, help_text: str,
                 samples: Iterable[tuple[str, Labels, Labels, Number]]) -> None:
-        self.names.append(name)
         self._lines.append(f"# HELP {name} {_escape_help(help_text)}")
         self._lines.append(f"# TYPE {name} {kind}")
         for sample, label_names, labels, value in samples:
