@@ -16,9 +16,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from agentd.app import Daemon
 from agentd.config import load_config
 from agentd.errors import ConfigError
 from agentd.metrics import Exposition, Histogram
+from agentd.safemode import SafeMode
+from agentd.testing import daemon_url, make_config
 from fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.both_stores
@@ -211,6 +214,32 @@ async def test_queue_depth_and_the_oldest_due_tasks_age(start_daemon: Any, http:
     samples = parse(await scrape(client))
     assert value(samples, "agentd_queue_depth", queue="default") == 0
     assert value(samples, "agentd_queue_oldest_age_seconds", queue="default") == 0
+
+
+@pytest.mark.sqlite_only
+async def test_a_daemon_in_safe_mode_without_memory_still_scrapes(tmp_path: Path, plugin_dir: Any) -> None:
+    """Safe mode starts no plugin, worker or scheduler, and memory with a plugin's embedder
+    stays closed: the scrape leaves memory's figures out and shows the rest."""
+    plugins = plugin_dir({"vec.py": (
+        "from agentd import Plugin\n"
+        "plugin = Plugin('vec')\n"
+        "class Embedder:\n"
+        "    id, dimension = 'vec-2', 2\n"
+        "    async def embed(self, texts):\n"
+        "        return [[1.0, 0.0] for _ in texts]\n"
+        "@plugin.embedder('vec')\n"
+        "def make(config):\n"
+        "    return Embedder()\n")})
+    config = make_config(tmp_path, [plugins], {"memory": {"embedder": "vec"}})
+    async with Daemon(config, safe_mode=SafeMode("two starts crashed", 1.0, ())) as daemon:
+        assert daemon.memory is None
+        async with aiohttp.ClientSession(daemon_url(daemon)) as client:
+            text = await scrape(client)
+    promtool_check(text)
+    samples = parse(text)
+    assert not any(name == "agentd_memories" for name, _ in samples)
+    assert value(samples, "agentd_tasks", queue="default", state="queued") == 0
+    assert not any(name == "agentd_scrape_failed" for name, _ in samples)
 
 
 @pytest.mark.sqlite_only
