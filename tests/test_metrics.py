@@ -104,17 +104,22 @@ async def scrape(client: aiohttp.ClientSession) -> str:
         return await response.text()
 
 
-def promtool_check(text: str) -> None:
-    """`promtool check metrics` on `text`: skipped without promtool, except in CI (.ci/run
-    installs it), where its absence fails."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
+def promtool(*args: str, text: str = "") -> None:
+    """Run `promtool <args>` (given `text` on its input) and require it to pass: skipped
+    without promtool, except in CI (.ci/run installs it), where its absence fails."""
+    found = shutil.which("promtool")
+    if found is None:
         if os.environ.get("CI"):
             pytest.fail("promtool is not installed; .ci/run installs Debian's prometheus package")
         pytest.skip("promtool is not installed (apt-get install --no-install-recommends prometheus)")
-    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
-                             text=True, timeout=30, check=False)
+    checked = subprocess.run([found, *args], input=text, capture_output=True, text=True, timeout=30,
+                             check=False)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def promtool_check(text: str) -> None:
+    """`promtool check metrics` on a scrape's `text`: the format and Prometheus' naming rules."""
+    promtool("check", "metrics", text=text)
 
 
 @pytest.fixture
@@ -313,7 +318,8 @@ def test_label_values_and_help_are_escaped_and_buckets_cumulative() -> None:
 
 
 @pytest.mark.sqlite_only
-async def test_every_metric_the_dashboard_queries_is_exported(start_daemon: Any, http: Any) -> None:
+async def test_every_metric_the_dashboard_queries_is_exported_in_promql_that_parses(
+        start_daemon: Any, http: Any, tmp_path: Path) -> None:
     daemon, _ = await start_daemon()
     exported = families(await scrape(http(daemon)))
     series = exported | {f"{name}_{suffix}" for name in exported for suffix in ("bucket", "sum", "count")}
@@ -325,6 +331,16 @@ async def test_every_metric_the_dashboard_queries_is_exported(start_daemon: Any,
     datasources = {json.dumps(panel.get("datasource")) for panel in _panels(dashboard)}
     assert datasources == {json.dumps({"type": "prometheus", "uid": "${datasource}"})}
     assert [v["type"] for v in dashboard["templating"]["list"] if v["name"] == "datasource"] == ["datasource"]
+    # Every query is PromQL Prometheus parses: promtool checks them as recording rules, with
+    # Grafana's variables given values.
+    grafana = {"$__rate_interval": "5m", "$__range": "1h", "$instance": ".*"}
+    rules = ["groups:", "  - name: dashboard", "    rules:"]
+    for number, query in enumerate(_expressions(dashboard)):
+        expr = re.sub(r"\$\w+", lambda variable: grafana[variable[0]], query)
+        rules += [f"      - record: dashboard:query{number}", f"        expr: {json.dumps(expr)}"]
+    rules_file = tmp_path / "dashboard_rules.yml"
+    rules_file.write_text("\n".join(rules) + "\n")
+    promtool("check", "rules", str(rules_file))
 
 
 def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
@@ -335,9 +351,14 @@ def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
     return panels
 
 
+def _expressions(dashboard: dict[str, Any]) -> list[str]:
+    """The PromQL of the dashboard's panels."""
+    return [target["expr"] for panel in _panels(dashboard) for target in panel.get("targets", [])]
+
+
 def _queried_names(dashboard: dict[str, Any]) -> set[str]:
     """The metric names the dashboard's panels and variables query."""
-    expressions = [target["expr"] for panel in _panels(dashboard) for target in panel.get("targets", [])]
+    expressions = _expressions(dashboard)
     expressions += [str(v.get("query", "")) for v in dashboard["templating"]["list"] if v["type"] == "query"]
     names = set()
     for expr in expressions:
