@@ -67,7 +67,9 @@ class Histograms:
         histogram = self.by_labels.get(labels)
         if histogram is None:
             histogram = self.by_labels[labels] = Histogram(self.bounds)
-        histogram.observe(value)
+        # `Histogram.observe` inlined: a call fewer on every task's path.
+        histogram.counts[bisect_left(self.bounds, value)] += 1
+        histogram.sum += value
 
 
 class ScheduleOutcomes:
