@@ -49,7 +49,7 @@ from agentd.task_warnings import warn_on_bad_ends
 from agentd.taskdef import TaskRegistry
 from agentd.taskqueue import TaskQueue
 from agentd.watchdog import ServiceWatchdog
-from agentd.web import events_api, memory_api, schedules_api, streams, system, tasks_api, ws
+from agentd.web import dashboard, events_api, memory_api, schedules_api, streams, system, tasks_api, ws
 from agentd.web.server import STREAMS, HttpServer, build_app
 from agentd.worker import WorkerPool
 
@@ -179,7 +179,8 @@ class Daemon:
                 await self.scheduler.load_stored()
                 rollback.push_async_callback(self.scheduler.stop)
             web_app = build_app(self, system.routes, tasks_api.routes, events_api.routes,
-                                streams.routes, ws.routes, schedules_api.routes, memory_api.routes)
+                                streams.routes, ws.routes, schedules_api.routes, memory_api.routes,
+                                dashboard.routes)
             server = HttpServer(web_app, self.config.server.host, self.config.server.port)
             await server.start()
             self.server = server

@@ -46,6 +46,7 @@ class RouteDoc:
     public: bool = False
     stream: bool = False
     schemas: dict[int, dict[str, Any]] | None = None
+    media_type: str = "application/json"
 
 
 def doc(
@@ -61,6 +62,7 @@ def doc(
     public: bool = False,
     stream: bool = False,
     schemas: dict[int, dict[str, Any]] | None = None,
+    media_type: str = "application/json",
 ) -> Callable[[H], H]:
     """Attach OpenAPI documentation to a handler.
 
@@ -79,13 +81,14 @@ def doc(
         stream: True when the route also accepts a stream token as `?token=`.
         schemas: status → the JSON schema of that answer's body, for an answer of the
             route's own that is not the error envelope (an error status's default).
+        media_type: the content type of the route's own answers below 400 (errors are JSON).
     """
 
     def attach(handler: H) -> H:
         handler.__openapi__ = RouteDoc(  # type: ignore[attr-defined]
             summary=summary, tag=tag, responses=responses or {200: "OK"}, body=body,
             optional_body=optional_body, query=query, path=path, extra_query=extra_query,
-            public=public, stream=stream, schemas=schemas)
+            public=public, stream=stream, schemas=schemas, media_type=media_type)
         return handler
 
     return attach
@@ -133,7 +136,8 @@ def _operation(path: str, method: str, route_doc: RouteDoc, schema_of: dict[Any,
         "tags": [route_doc.tag],
         "parameters": params,
         "responses": {
-            str(status): _response(status, text, (route_doc.schemas or {}).get(status))
+            str(status): _response(status, text, (route_doc.schemas or {}).get(status),
+                                   route_doc.media_type)
             for status, text in sorted(responses.items())
         },
     }
@@ -147,14 +151,17 @@ def _operation(path: str, method: str, route_doc: RouteDoc, schema_of: dict[Any,
     return operation
 
 
-def _response(status: int, text: str, schema: dict[str, Any] | None) -> dict[str, Any]:
-    """A response object: its own schema if the route gives one, the error envelope for an
-    error status, else no body schema."""
-    if schema is None and status >= 400:
-        schema = {"$ref": "#/components/schemas/Error"}
+def _response(status: int, text: str, schema: dict[str, Any] | None,
+              media_type: str) -> dict[str, Any]:
+    """A response object: its own schema if the route gives one (in the route's media type
+    below 400), the error envelope for an error status, else no body schema."""
+    if status >= 400:
+        media_type = "application/json"
+        if schema is None:
+            schema = {"$ref": "#/components/schemas/Error"}
     if schema is None:
         return {"description": text}
-    return {"description": text, "content": {"application/json": {"schema": schema}}}
+    return {"description": text, "content": {media_type: {"schema": schema}}}
 
 
 def _errors(route_doc: RouteDoc, params: list[dict[str, Any]], method: str,

@@ -1,0 +1,505 @@
+"""The dashboard at `/`, in a real browser: Debian's Chromium driven by Playwright loads it
+from a real daemon on loopback (which runs real tasks of a small plugin written to
+tmp_path) and is used as an operator would: sign in, watch events, open and steer tasks,
+read the system's state. With AGENTD_SCREENSHOTS=1 the tests also save the screenshots the
+README shows (docs/img/)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from playwright.async_api import async_playwright
+
+from agentd.app import Daemon
+from agentd.taskqueue import TaskRequest
+from agentd.testing import daemon_url, make_config
+from agentd.web.dashboard import CSP, assets
+
+CHROMIUM = "/usr/bin/chromium"
+TOKEN = "t0ken-for-the-dashboard"
+WAIT_MS = 20_000  # the longest a page condition may take to hold (2 shared cores)
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"
+
+pytestmark = [
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason=f"no Chromium at {CHROMIUM}"),
+]
+
+PLUGIN = """
+    import asyncio
+
+    from agentd import Plugin
+
+    plugin = Plugin("dash")
+    GATES: dict[str, asyncio.Event] = {}
+
+
+    def gate(name):
+        return GATES.setdefault(name, asyncio.Event())
+
+
+    @plugin.task()
+    async def ok(ctx, n: int = 0):
+        return {"doubled": n * 2}
+
+
+    @plugin.task(max_attempts=1)
+    async def bad(ctx, why: str = "broken"):
+        raise RuntimeError(why)
+
+
+    @plugin.task()
+    async def parent(ctx):
+        first = await ctx.submit("dash.ok", {"n": 1})
+        await ctx.submit("dash.ok", {"n": 2})
+        return {"first": first.id}
+
+
+    @plugin.task()
+    async def talk(ctx, name: str):
+        ctx.progress("thinking", {"step": 1})
+        for word in ("Hello", " from", " the", " agent"):
+            ctx.token(word)
+        gate(f"started:{name}").set()
+        await gate(name).wait()
+        return "said"
+"""
+
+
+def plugin_module() -> Any:
+    return sys.modules["agentd_plugins.dash"]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser() -> AsyncIterator[Any]:
+    """One headless Chromium for the module."""
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield chromium
+        await chromium.close()
+
+
+class Tab:
+    """A browser page on the dashboard, recording what a test checks afterwards: console
+    errors, page errors and Content-Security-Policy violations (none is allowed), and the
+    URLs it requested."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.on("request", lambda r: self.requests.append(r.url))
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def tabs(browser: Any) -> AsyncIterator[Callable[..., Awaitable[Tab]]]:
+    """`tab = await tabs(url, dark=False)`: a fresh browser context (its own sessionStorage)
+    with the dashboard open at `url`; at the end, no tab may have logged an error."""
+    opened: list[tuple[Any, Tab]] = []
+
+    async def open_tab(url: str, dark: bool = False) -> Tab:
+        context = await browser.new_context(color_scheme="dark" if dark else "light",
+                                            viewport={"width": 1280, "height": 800})
+        page = await context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        tab = Tab(page)
+        opened.append((context, tab))
+        await page.goto(url)
+        return tab
+
+    yield open_tab
+    for context, _ in opened:
+        await context.close()
+    errors = [error for _, tab in opened for error in tab.errors]
+    # Chromium logs every refused request: the page's probe for whether a token is needed
+    # (401), and its stream's reconnects while a test has stopped the daemon. Nothing else
+    # may be logged.
+    expected = ("ERR_CONNECTION_REFUSED", "status of 401 (Unauthorized)")
+    assert [e for e in errors if not any(text in e for text in expected)] == []
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, token: str | None = TOKEN,
+                  **overrides: dict[str, Any]) -> AsyncIterator[Daemon]:
+    """A real daemon (with `token`, if not None) running the `dash` plugin, its state in
+    tmp_path/data."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir(exist_ok=True)
+    (plugins / "dash.py").write_text(textwrap.dedent(PLUGIN))
+    tables: dict[str, dict[str, Any]] = {"server": {"token": token} if token else {}}
+    for section, table in overrides.items():
+        tables[section] = {**tables.get(section, {}), **table}
+    async with Daemon(make_config(tmp_path, [plugins], overrides=tables)) as daemon:
+        yield daemon
+
+
+async def sign_in(tab: Tab, token: str = TOKEN) -> None:
+    await tab.page.get_by_label("API token").fill(token)
+    await tab.page.get_by_role("button", name="Sign in").click()
+
+
+async def enqueue(daemon: Daemon, name: str, **args: Any) -> int:
+    (outcome,) = await daemon.queue.enqueue_many([TaskRequest(name=name, args=args)])
+    return outcome.task.id
+
+
+async def finished(daemon: Daemon, task_id: int) -> str:
+    return (await daemon.queue.wait(task_id, 10.0)).status
+
+
+async def screenshot(tab: Tab, name: str) -> None:
+    """Save the README's picture of this view, when asked to (AGENTD_SCREENSHOTS=1)."""
+    if os.environ.get("AGENTD_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        await tab.page.screenshot(path=str(SCREENSHOTS / f"dashboard-{name}.png"))
+
+
+def counter(tab: Tab, state: str) -> Any:
+    return tab.page.locator(f'#counters dd[data-state="{state}"]')
+
+
+# --------------------------------------------------------------------------- 1. served, offline
+
+
+async def test_the_daemon_serves_the_page_and_its_files_under_a_strict_policy(tmp_path: Path) -> None:
+    files = assets()
+    async with running(tmp_path) as daemon, aiohttp.ClientSession(daemon_url(daemon)) as client:
+        # No token needed for the page itself: it asks for one.
+        async with client.get("/") as response:
+            assert response.status == 200
+            assert response.content_type == "text/html"
+            assert response.headers["Content-Security-Policy"] == CSP
+            assert response.headers["Cache-Control"] == "no-cache"
+            page = await response.text()
+        named = re.findall(r'(?:src|href)="(/dashboard/[^"]+)"', page)
+        assert named and all(path.startswith(f"/dashboard/{files.version}/") for path in named)
+        async with client.get(f"/dashboard/{files.version}/app.js") as response:
+            assert response.status == 200
+            assert response.content_type == "text/javascript"
+            assert "immutable" in response.headers["Cache-Control"]
+            assert response.headers["Content-Security-Policy"] == CSP
+        # Another version's file (a page from before an upgrade) or no such file: 404.
+        for path in ("/dashboard/0123456789ab/app.js", f"/dashboard/{files.version}/nope.js"):
+            async with client.get(path) as response:
+                assert response.status == 404
+                assert (await response.json())["error"]["code"] == "not_found"
+    # Nothing refers outside the daemon: no CDN, no font service (SVG's namespace is a name).
+    for name, body in files.files.items():
+        assert not re.search(rb"https?://", body.replace(b"http://www.w3.org/2000/svg", b"")), name
+    assert b"<script>" not in files.index and b"style=" not in files.index
+
+
+async def test_a_token_is_asked_for_kept_for_the_tab_and_streams_use_stream_tokens(
+    tabs: Any, tmp_path: Path,
+) -> None:
+    async with running(tmp_path) as daemon:
+        tab = await tabs(f"{daemon_url(daemon)}/")
+        page = tab.page
+        await sign_in(tab, "not-the-token")
+        await page.get_by_text("That token is not this daemon's.").wait_for()
+        await sign_in(tab)
+        await page.locator('.stream-state[data-state="open"]').wait_for()
+        await counter(tab, "succeeded").wait_for()
+        # Kept for the tab: a reload does not ask again; another tab (context) does.
+        await page.reload()
+        await page.locator('.stream-state[data-state="open"]').wait_for()
+        other = await tabs(f"{daemon_url(daemon)}/")
+        await other.page.get_by_label("API token").wait_for()
+        # The stream was opened with a stream token, never with the API token in a URL.
+        streams = [url for url in tab.requests if "/v1/stream" in url and "stream-tokens" not in url]
+        assert streams and all("token=" in url for url in streams)
+        assert not any(TOKEN in url for url in tab.requests)
+        # Everything came from the daemon: nothing fetched from elsewhere.
+        assert all(url.startswith(daemon_url(daemon)) or url.startswith("data:") for url in tab.requests)
+        # The first view is small: under 300 KB transferred, page and files together.
+        transferred = await page.evaluate("""() => performance.getEntriesByType("navigation")
+            .concat(performance.getEntriesByType("resource"))
+            .reduce((sum, entry) => sum + entry.encodedBodySize, 0)""")
+        assert 0 < transferred < 300_000
+
+
+async def test_a_daemon_without_a_token_on_loopback_needs_no_sign_in(tabs: Any, tmp_path: Path) -> None:
+    async with running(tmp_path, token=None) as daemon:
+        tab = await tabs(f"{daemon_url(daemon)}/")
+        await tab.page.locator('.stream-state[data-state="open"]').wait_for()
+        assert await tab.page.get_by_label("API token").count() == 0
+        assert await tab.page.locator("#sign-out").is_hidden()
+
+
+# --------------------------------------------------------------------------- 2. live
+
+
+async def test_the_event_view_filters_pauses_follows_a_run_and_survives_a_restart(
+    tabs: Any, tmp_path: Path,
+) -> None:
+    async with AsyncExitStack() as stack:
+        first = await stack.enter_async_context(running(tmp_path))
+        tab = await tabs(f"{daemon_url(first)}/#/live")
+        page = tab.page
+        await sign_in(tab)
+        await page.locator('.stream-state[data-state="open"]').wait_for()
+        events = page.locator("ol.events > li")
+
+        # Topic patterns choose the stream.
+        await page.get_by_label("Topics").fill("demo.*")
+        await page.get_by_role("button", name="Apply").click()
+        await page.locator('.stream-state[data-state="open"]').wait_for()
+        await first.publish_durably("other.news", {"n": 0})
+        await first.publish_durably("demo.news", {"n": 1})
+        await page.locator('ol.events > li[data-topic="demo.news"]').wait_for()
+        assert await page.locator('ol.events > li[data-topic="other.news"]').count() == 0
+
+        # Paused, the list holds still while events keep counting; resumed, they show.
+        await page.get_by_role("button", name="Pause").click()
+        await first.publish_durably("demo.news", {"n": 2})
+        await page.get_by_text("1 new while paused").wait_for()
+        assert await events.count() == 1
+        await page.get_by_role("button", name="Resume").click()
+        await page.wait_for_function("document.querySelectorAll('ol.events > li').length === 2")
+
+        # Follow one run: a parent task and its children share a correlation id.
+        await page.get_by_label("Topics").fill("task.**")
+        await page.get_by_role("button", name="Apply").click()
+        await page.locator('.stream-state[data-state="open"]').wait_for()
+        other = await enqueue(first, "dash.ok", n=5)
+        assert await finished(first, other) == "succeeded"
+        parent = await enqueue(first, "dash.parent")
+        assert await finished(first, parent) == "succeeded"
+        record = await first.queue.get(parent)
+        await page.locator(f'ol.events > li[data-task="{parent}"][data-topic="task.succeeded"] button').click()
+        assert await page.get_by_label("Correlation id").input_value() == record.correlation_id
+        await enqueue(first, "dash.ok", n=6)  # another run: not shown
+        for child in await first.queue.children(parent):
+            assert await finished(first, child) == "succeeded"
+        again = await enqueue(first, "dash.parent")  # a new run: a new correlation id
+        assert await finished(first, again) == "succeeded"
+        await page.locator('ol.events > li[data-topic="task.succeeded"]').first.wait_for()
+        shown = await page.eval_on_selector_all("ol.events > li", "rows => rows.map(r => r.dataset.task)")
+        assert str(other) not in shown and str(again) not in shown
+
+        # The daemon restarts on the same port: the page's stream comes back by itself.
+        await page.get_by_label("Correlation id").fill("")
+        await page.get_by_label("Topics").fill("demo.*")
+        await page.get_by_role("button", name="Apply").click()
+        await page.locator('.stream-state[data-state="open"]').wait_for()
+        await page.evaluate("window.sameDocument = true")
+        port = first.port
+        await first.stop()
+        await page.locator('.stream-state[data-state="reconnecting"]').wait_for()
+        second = await stack.enter_async_context(running(tmp_path, server={"port": port}))
+        await page.locator('.stream-state[data-state="open"]').wait_for()
+        await second.publish_durably("demo.news", {"n": 3, "after": "restart"})
+        await page.get_by_text('"after":"restart"').wait_for()
+        assert await page.evaluate("window.sameDocument") is True
+
+
+async def test_the_counters_move_as_tasks_finish(tabs: Any, tmp_path: Path) -> None:
+    async with running(tmp_path, token=None) as daemon:
+        tab = await tabs(f"{daemon_url(daemon)}/")
+        await counter(tab, "succeeded").wait_for()
+        assert await counter(tab, "succeeded").text_content() == "0"
+        for n in range(3):
+            assert await finished(daemon, await enqueue(daemon, "dash.ok", n=n)) == "succeeded"
+        await tab.page.wait_for_function(
+            "document.querySelector('#counters dd[data-state=succeeded]').textContent === '3'")
+
+
+# --------------------------------------------------------------------------- 3. tasks
+
+
+async def test_tasks_are_filtered_and_a_task_page_shows_its_run_and_children(
+    tabs: Any, tmp_path: Path,
+) -> None:
+    async with running(tmp_path, token=None) as daemon:
+        ok = await enqueue(daemon, "dash.ok", n=21)
+        bad = await enqueue(daemon, "dash.bad", why="the model said no")
+        parent = await enqueue(daemon, "dash.parent")
+        for task_id in (ok, bad, parent):
+            await finished(daemon, task_id)
+        children = await daemon.queue.children(parent)
+        for child in children:
+            assert await finished(daemon, child) == "succeeded"
+        tab = await tabs(f"{daemon_url(daemon)}/#/tasks")
+        page = tab.page
+        rows = page.locator("table.tasks tbody tr")
+        await page.locator(f'tr[data-id="{bad}"]').wait_for()
+        assert await rows.count() == 5
+        await screenshot(tab, "tasks")
+
+        await page.get_by_label("State").select_option("dead")
+        await page.get_by_role("button", name="Filter").click()
+        await page.wait_for_function("document.querySelectorAll('table.tasks tbody tr').length === 1")
+        assert await page.locator(f'tr[data-id="{bad}"]').is_visible()
+        await page.get_by_label("State").select_option("")
+        await page.get_by_label("Name").fill("dash.ok")
+        await page.get_by_role("button", name="Filter").click()
+        await page.wait_for_function("document.querySelectorAll('table.tasks tbody tr').length === 3")
+        await page.get_by_label("Name").fill("")
+        await page.get_by_label("Queue").fill("elsewhere")
+        await page.get_by_role("button", name="Filter").click()
+        await page.get_by_text("0 tasks").wait_for()
+
+        # A failed task's page: its error and attempts.
+        await page.goto(f"{daemon_url(daemon)}/#/tasks/{bad}")
+        await page.locator('[data-field="error"]').get_by_text("the model said no").wait_for()
+        assert await page.locator('[data-field="attempts"]').text_content() == "1 of 1"
+        # A parent's page: result, arguments, its children as a tree.
+        await page.goto(f"{daemon_url(daemon)}/#/tasks/{parent}")
+        await page.locator('[data-field="result"]').get_by_text(f'"first": {children[0]}').wait_for()
+        tree = page.locator(".tree li")
+        await tree.first.wait_for()
+        assert await tree.count() == 2
+        assert await tree.first.locator("a").text_content() == f"{children[0]} dash.ok"
+        await tree.first.locator("a").click()
+        await page.locator('[data-field="result"]').get_by_text('"doubled": 2').wait_for()
+        await screenshot(tab, "task")
+
+
+async def test_a_running_task_streams_its_progress_and_tokens_and_is_cancelled_from_its_page(
+    tabs: Any, tmp_path: Path,
+) -> None:
+    async with running(tmp_path) as daemon:
+        tab = await tabs(f"{daemon_url(daemon)}/")
+        await sign_in(tab)
+        await counter(tab, "queued").wait_for()
+        task_id = await enqueue(daemon, "dash.talk", name="cancelled")
+        await tab.page.goto(f"{daemon_url(daemon)}/#/tasks/{task_id}")
+        # Its progress and tokens arrive live, though they came before the page opened (the
+        # task stream replays) or after: the tokens are folded into one text.
+        await tab.page.locator("pre.tokens").get_by_text("Hello from the agent").wait_for()
+        await tab.page.locator("ol.progress").get_by_text("thinking").wait_for()
+        await asyncio.wait_for(plugin_module().gate("started:cancelled").wait(), 10)
+        tab.page.once("dialog", lambda dialog: dialog.accept())
+        await tab.page.get_by_role("button", name="Cancel").click()
+        await tab.page.locator(".badge.s-cancelled").wait_for()
+        assert (await daemon.queue.get(task_id)).status == "cancelled"
+
+        # Cancelled, it can be requeued, and (finished) deleted.
+        await tab.page.get_by_role("button", name="Requeue").click()
+        await tab.page.locator("pre.tokens").get_by_text("Hello from the agent").wait_for()
+        plugin_module().gate("cancelled").set()
+        assert await finished(daemon, task_id) == "succeeded"
+        await tab.page.locator(".badge.s-succeeded").wait_for()
+        tab.page.once("dialog", lambda dialog: dialog.accept())
+        await tab.page.get_by_role("button", name="Delete").click()
+        await tab.page.wait_for_url(re.compile(r"#/tasks$"))
+        assert await daemon.queue.list(name="dash.talk", limit=10) == []
+
+
+async def test_dead_letters_are_listed_and_requeued_together(tabs: Any, tmp_path: Path) -> None:
+    async with running(tmp_path, token=None) as daemon:
+        dead = [await enqueue(daemon, "dash.bad", why=f"no {n}") for n in range(3)]
+        for task_id in dead:
+            assert await finished(daemon, task_id) == "dead"
+        tab = await tabs(f"{daemon_url(daemon)}/#/dead")
+        page = tab.page
+        await page.get_by_role("heading", name="Dead letters").wait_for()
+        await page.locator("table.tasks tbody tr").nth(2).wait_for()
+        await page.get_by_label(f"Select task {dead[0]}").check()
+        await page.get_by_label(f"Select task {dead[2]}").check()
+        await page.get_by_role("button", name="Requeue selected").click()
+        await page.get_by_text("Requeued 2 of 2 tasks").wait_for()
+        # Requeued, they run (and fail) again: the two have had a second attempt count.
+        for task_id in (dead[0], dead[2]):
+            record = await daemon.queue.wait(task_id, 10.0)
+            assert record.status == "dead" and record.attempts == 1
+        events = [e for e in await daemon.eventlog.replay_correlation(
+            (await daemon.queue.get(dead[0])).correlation_id, 0) if e.topic == "task.dead"]
+        assert len(events) == 2
+        untouched = [e for e in await daemon.eventlog.replay_correlation(
+            (await daemon.queue.get(dead[1])).correlation_id, 0) if e.topic == "task.dead"]
+        assert len(untouched) == 1
+
+
+# --------------------------------------------------------------------------- 6. system
+
+
+async def test_the_system_view_shows_plugins_loops_lag_throughput_store_and_errors(
+    tabs: Any, tmp_path: Path,
+) -> None:
+    async with running(tmp_path, token=None) as daemon:
+        bad = await enqueue(daemon, "dash.bad", why="out of credit")
+        assert await finished(daemon, bad) == "dead"
+        tab = await tabs(f"{daemon_url(daemon)}/#/system")
+        page = tab.page
+        plugins = page.locator("table", has=page.locator("caption", has_text="Plugins"))
+        await plugins.get_by_role("cell", name="dash", exact=True).wait_for()
+        await plugins.locator(".badge").get_by_text("started").wait_for()
+        loops = page.locator("table", has=page.locator("caption", has_text="Background loops"))
+        assert await loops.locator("tbody tr").count() == len(daemon.supervisor.describe())
+        await page.locator('[data-field="loop-lag"]').get_by_text(" ms").wait_for()
+        store = page.locator("table", has=page.locator("caption", has_text="Store"))
+        await store.get_by_role("cell", name="sqlite", exact=True).wait_for()
+        daemons = page.locator("table", has=page.locator("caption", has_text="Daemons on this store"))
+        await daemons.get_by_text(f"{daemon.queue.tasks.node_id} (this one)").wait_for()
+        await page.locator("ul.errors").get_by_text("out of credit").wait_for()
+        # Throughput: tasks finished between the header's samples draw a line.
+        for n in range(5):
+            await finished(daemon, await enqueue(daemon, "dash.ok", n=n))
+        await page.locator("svg.chart polyline").wait_for()
+        label = await page.locator("svg.chart").get_attribute("aria-label")
+        assert label is not None and label.startswith("Tasks finished per second")
+        await screenshot(tab, "system")
+
+
+# --------------------------------------------------------------------------- 7. volume
+
+
+async def test_the_first_view_is_fast_with_100000_tasks_and_the_event_view_keeps_up(
+    tabs: Any, tmp_path: Path,
+) -> None:
+    async with running(tmp_path, token=None) as daemon:
+        # 100,000 tasks due in an hour (so none runs), in batches of 5,000.
+        for _ in range(20):
+            await daemon.queue.enqueue_many(
+                [TaskRequest(name="dash.ok", args={"n": n}, delay=3600) for n in range(5000)])
+        tab = await tabs("about:blank")
+        page = tab.page
+        started = time.perf_counter()
+        await page.goto(f"{daemon_url(daemon)}/#/tasks")
+        await page.locator("table.tasks tbody tr").nth(49).wait_for()
+        await page.wait_for_function(
+            "document.querySelector('#counters dd[data-state=queued]')?.textContent === '100000'")
+        took = time.perf_counter() - started
+        assert took < 0.5, f"the first view took {took:.3f} s"
+
+        # 1,000 events a second for 3 s: the tab stays responsive, the list stays bounded.
+        await page.goto(f"{daemon_url(daemon)}/#/live")
+        await page.locator('.stream-state[data-state="open"]').wait_for()
+        await page.evaluate("""() => {
+            window.longest = 0;
+            new PerformanceObserver((list) => {
+                for (const entry of list.getEntries()) window.longest = Math.max(window.longest, entry.duration);
+            }).observe({type: "longtask", buffered: false});
+        }""")
+        for second in range(3):
+            tick = time.perf_counter()
+            for chunk in range(10):
+                for n in range(100):
+                    daemon.bus.publish("load.tick", {"n": second * 1000 + chunk * 100 + n})
+                await asyncio.sleep(max(0.0, tick + (chunk + 1) / 10 - time.perf_counter()))  # noqa: sleep - pacing the load at 1,000/s
+        await page.wait_for_function(
+            "document.querySelector('output[aria-label=\"Events received\"]').textContent === '3000'",
+            timeout=WAIT_MS)
+        rows = await page.locator("ol.events > li").count()
+        assert rows == 500
+        longest = await page.evaluate("window.longest")
+        assert longest < 250, f"the tab froze for {longest:.0f} ms"
