@@ -7,6 +7,11 @@ const TOKEN_KEY = "agentd.token";
 
 export const session = { token: sessionStorage.getItem(TOKEN_KEY) };
 
+// Settled once a call went through with the tab's token (or none): streams wait for it, so
+// none is opened, without a stream token, on a daemon that turns out to want the token.
+let admitted;
+const admission = new Promise((resolve) => { admitted = resolve; });
+
 export function signIn(token) {
   session.token = token;
   sessionStorage.setItem(TOKEN_KEY, token);
@@ -38,6 +43,7 @@ export async function api(path, { method = "GET", body, signal } = {}) {
   const response = await fetch(path, init);
   if (response.status === 204) return null;
   const data = await response.json().catch(() => null);
+  if (response.ok) admitted();
   if (!response.ok) {
     const error = data && data.error ? data.error : { code: "error", message: response.statusText };
     throw new ApiError(response.status, error.code, error.message);
@@ -88,6 +94,7 @@ export class EventStream {
     while (!this.ended) {
       try {
         const finished = await this.connect();
+        if (this.ended) return;
         if (finished) {
           this.ended = true;
           this.onEnd();
@@ -111,6 +118,8 @@ export class EventStream {
 
   /** One connection: resolves true when the server ended a task stream with `end`. */
   async connect() {
+    await admission;
+    if (this.ended) return false;
     this.controller = new AbortController();
     const params = { ...this.params };
     const headers = { Accept: "text/event-stream" };

@@ -56,15 +56,17 @@ export function table(caption, columns, rows) {
     h("tbody", {}, rows.map((row) => h("tr", {}, columns.map(([, cell]) => h("td", {}, cell(row)))))));
 }
 
-/** A labelled input: `field("Name", {name: "name"})`. */
+/** A labelled input: `field("Name", {name: "name"})` (its id is made from its name). */
 export function field(label, attributes) {
-  return h("label", {}, h("span", {}, label), h("input", attributes));
+  const id = attributes.id || `field-${attributes.name}`;
+  return h("span", { className: "field" }, h("label", { for: id }, label), h("input", { ...attributes, id }));
 }
 
 /** A labelled select of `options` ([value, text] pairs). */
 export function choice(label, name, options, selected) {
-  return h("label", {}, h("span", {}, label),
-    h("select", { name }, options.map(([value, text]) =>
+  const id = `field-${name}`;
+  return h("span", { className: "field" }, h("label", { for: id }, label),
+    h("select", { id, name }, options.map(([value, text]) =>
       h("option", { value, selected: value === selected }, text))));
 }
 

@@ -82,6 +82,7 @@ export async function taskView(id) {
   const tree = h("div", { className: "tree" });
   const details = h("div");
   let stream = null;
+  let resumeAfter = null; // the last event id a closed stream saw: a new one starts there
 
   function show() {
     details.replaceChildren(summary(task, () => refresh()));
@@ -99,6 +100,25 @@ export async function taskView(id) {
     }
     show();
     tree.replaceChildren(await childTree(task));
+    follow();
+  }
+
+  /** While the task is unfinished (again, after a requeue), follow its stream. */
+  function follow() {
+    if (FINAL.has(task.status) || (stream && !stream.ended)) return;
+    if (stream) resumeAfter = stream.lastId;
+    stream = new EventStream(`/v1/tasks/${id}/stream`, resumeAfter ? { since: resumeAfter } : {}, {
+      onEvent: (name, data) => {
+        if (name === "task.progress") {
+          progress.append(h("li", {}, h("strong", {}, data.data.kind), " ", JSON.stringify(data.data.data ?? {})));
+        } else if (name === "task.token" && data.data.task_id === id) {
+          tokens.textContent += data.data.text;
+        } else if (name !== "task" && name !== "task.token") {
+          refresh();
+        }
+      },
+      onEnd: () => refresh(),
+    });
   }
 
   show();
@@ -108,21 +128,7 @@ export async function taskView(id) {
     h("h3", {}, "Progress"), progress,
     h("h3", {}, "Tokens"), tokens,
     h("h3", {}, "Children"), tree);
-
-  if (!FINAL.has(task.status)) {
-    stream = new EventStream(`/v1/tasks/${id}/stream`, {}, {
-      onEvent: (name, data) => {
-        if (name === "task.progress") {
-          progress.append(h("li", {}, h("strong", {}, data.data.kind), " ", JSON.stringify(data.data.data ?? {})));
-        } else if (name === "task.token" && data.data.task_id === id) {
-          tokens.textContent += data.data.text;
-        } else if (name === "end" || (name.startsWith("task.") && name !== "task.token")) {
-          refresh();
-        }
-      },
-      onEnd: () => refresh(),
-    });
-  }
+  follow();
   return { element, leave: () => stream && stream.close() };
 }
 
