@@ -95,6 +95,14 @@ async def list_tasks(request: web.Request) -> web.Response:
     return web.json_response({"tasks": [r.to_dict() for r in records], "next": next_page})
 
 
+@routes.get("/v1/tasks/counts")
+@doc("Tasks per status (statuses with none left out): what /v1/status gives as tasks.by_status, "
+     "without the rest of its work; the dashboard polls it", tag="tasks",
+     responses={200: "`by_status`"})
+async def task_counts(request: web.Request) -> web.Response:
+    return web.json_response({"by_status": await request.app[DAEMON].queue.counts()})
+
+
 @routes.get(r"/v1/tasks/{id:\d+}")
 @doc("A task with its children; `?wait=SECONDS` long-polls until it is finished", tag="tasks",
      query=TaskWaitQuery,

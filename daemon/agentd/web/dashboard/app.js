@@ -61,9 +61,8 @@ async function route() {
 
 async function refreshCounters() {
   try {
-    const status = await api("/v1/status");
-    const byStatus = status.tasks.by_status;
-    sample(status);
+    const { by_status: byStatus } = await api("/v1/tasks/counts");
+    sample(byStatus);
     counters.replaceChildren(...STATES.flatMap((state) => [
       h("dt", {}, h("a", { href: `#/tasks?status=${state}` }, state)),
       h("dd", { className: `s-${state}`, "data-state": state }, String(byStatus[state] || 0)),

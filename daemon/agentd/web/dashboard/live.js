@@ -68,7 +68,7 @@ export function liveView() {
   function fold(event) {
     const row = state.lastRow;
     if (!row || !event.topic.endsWith(".token") || row.dataset.topic !== event.topic
-        || row.dataset.task !== String(event.data.task_id) || !row.isConnected) return false;
+        || row.dataset.task !== String(event.data.task_id)) return false;
     const count = Number(row.dataset.count) + 1;
     row.dataset.count = String(count);
     row.querySelector(".text").textContent += event.data.text ?? "";
@@ -82,17 +82,15 @@ export function liveView() {
     const row = h("li", { "data-topic": event.topic, "data-task": String(event.data.task_id ?? ""),
                           "data-count": "1" },
       h("time", {}, time),
-      h("span", { className: "topic" }, event.topic),
-      token ? h("span", { className: "count" }, "") : null,
+      h("span", { className: "topic" }, event.topic, token ? h("span", { className: "count" }, "") : null),
       event.correlation_id
         ? h("button", { type: "button", className: "link", title: "Follow this correlation id",
                         onclick: () => followId(event.correlation_id) }, event.correlation_id.slice(0, 12))
         : h("span", { className: "muted" }, "—"),
       token ? h("span", { className: "text" }, event.data.text ?? "")
         : h("code", { className: "text" }, summary(event.data)));
-    if (event.data.task_id !== undefined) {
-      row.append(h("a", { href: `#/tasks/${event.data.task_id}` }, `task ${event.data.task_id}`));
-    }
+    row.append(event.data.task_id !== undefined
+      ? h("a", { href: `#/tasks/${event.data.task_id}` }, `task ${event.data.task_id}`) : h("span"));
     return row;
   }
 

@@ -1,5 +1,5 @@
-// What the page remembers of the daemon's status between views: finished tasks counted
-// every few seconds (the header refreshes the status), for the throughput chart.
+// What the page remembers of the daemon's state between views: finished tasks counted
+// every few seconds (as the header refreshes its counters), for the throughput chart.
 
 const KEEP_MS = 10 * 60 * 1000;
 const FINISHED = ["succeeded", "failed", "dead", "cancelled"];
@@ -7,9 +7,10 @@ const FINISHED = ["succeeded", "failed", "dead", "cancelled"];
 /** [time in ms, tasks finished so far] samples, oldest first, of the last 10 minutes. */
 export const samples = [];
 
-export function sample(status) {
+/** Record tasks per status (as `/v1/tasks/counts` gives them) now. */
+export function sample(byStatus) {
   const now = Date.now();
-  const finished = FINISHED.reduce((sum, state) => sum + (status.tasks.by_status[state] || 0), 0);
+  const finished = FINISHED.reduce((sum, state) => sum + (byStatus[state] || 0), 0);
   samples.push([now, finished]);
   while (samples.length && now - samples[0][0] > KEEP_MS) samples.shift();
 }

@@ -19,7 +19,7 @@ export async function systemView() {
       api("/v1/tasks?status=failed&limit=5"), api("/v1/tasks?status=dead&limit=5")]);
     element.replaceChildren(
       h("h2", { id: "system-title" }, "System"),
-      safeMode(status.safe_mode),
+      safeMode(status.safe_mode) ?? "",
       h("dl", { className: "facts" },
         h("dt", {}, "Health"), h("dd", {}, badge(health.status)),
         h("dt", {}, "Version"), h("dd", {}, status.version),
@@ -69,8 +69,10 @@ function lastErrors(health, tasks) {
 
 /** Tasks finished per second as a line, the newest at the right. */
 function chart(rates) {
+  const span = rates.length ? (rates.at(-1)[0] - rates[0][0]) / 1000 : 0;
+  const over = span < 120 ? `${Math.round(span)} s` : `${Math.round(span / 60)} min`;
   const label = rates.length
-    ? `Tasks finished per second over the last ${Math.max(1, Math.round((rates.at(-1)[0] - rates[0][0]) / 60000))} min; now ${rates.at(-1)[1].toFixed(1)}`
+    ? `Tasks finished per second over the last ${over}; now ${rates.at(-1)[1].toFixed(1)}`
     : "Tasks finished per second: measuring";
   const figure = svg("svg", { viewBox: `0 0 ${CHART.width} ${CHART.height}`, role: "img",
                               "aria-label": label, class: "chart" });
