@@ -109,6 +109,10 @@ class Tab:
         self.page = page
         self.errors: list[str] = []
         self.requests: list[str] = []
+        # Chromium logs every refused request: the page's first calls on a daemon that wants
+        # a token (401) and its stream's reconnects while a test has stopped the daemon; a
+        # test adds the refusals it provokes.
+        self.expected = ["ERR_CONNECTION_REFUSED", "status of 401 (Unauthorized)"]
         page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: self.errors.append(str(e)))
         page.on("request", lambda r: self.requests.append(r.url))
@@ -133,12 +137,9 @@ async def tabs(browser: Any) -> AsyncIterator[Callable[..., Awaitable[Tab]]]:
     yield open_tab
     for context, _ in opened:
         await context.close()
-    errors = [error for _, tab in opened for error in tab.errors]
-    # Chromium logs every refused request: the page's probe for whether a token is needed
-    # (401), and its stream's reconnects while a test has stopped the daemon. Nothing else
-    # may be logged.
-    expected = ("ERR_CONNECTION_REFUSED", "status of 401 (Unauthorized)")
-    assert [e for e in errors if not any(text in e for text in expected)] == []
+    unexpected = [error for _, tab in opened for error in tab.errors
+                  if not any(text in error for text in tab.expected)]
+    assert unexpected == []
 
 
 @asynccontextmanager
@@ -434,6 +435,97 @@ async def test_dead_letters_are_listed_and_requeued_together(tabs: Any, tmp_path
         untouched = [e for e in await daemon.eventlog.replay_correlation(
             (await daemon.queue.get(dead[1])).correlation_id, 0) if e.topic == "task.dead"]
         assert len(untouched) == 1
+
+
+# --------------------------------------------------------------------------- 4. schedules
+
+
+async def test_a_schedule_is_created_run_now_paused_and_resumed_from_the_page(
+    tabs: Any, tmp_path: Path,
+) -> None:
+    async with running(tmp_path, token=None) as daemon:
+        tab = await tabs(f"{daemon_url(daemon)}/#/schedules")
+        page = tab.page
+        # agentd's own schedules (maintenance) are listed too.
+        await page.locator("table.schedules tbody tr").first.wait_for()
+        await page.get_by_label("Id", exact=True).fill("hourly")
+        await page.get_by_label("Trigger").select_option("every")
+        await page.get_by_label("Value").fill("3600")
+        await page.get_by_label("Task", exact=True).fill("dash.ok")
+        await page.get_by_label("Arguments (JSON)").fill('{"n": 21}')
+        await page.get_by_role("button", name="Create").click()
+        row = page.locator('table.schedules tr[data-id="hourly"]')
+        await row.get_by_text("every 3600 s").wait_for()
+        state = daemon.scheduler.schedules["hourly"]
+        assert state.spec.args == {"n": 21} and state.next_fire is not None
+
+        # Run now: it fires once, and the row shows the fire and its outcome.
+        await row.get_by_role("button", name="Run now").click()
+        await expect(row.locator('[data-field="fires"]')).to_have_text("1")
+        await row.locator(".badge").get_by_text("succeeded").wait_for()
+        assert await finished(daemon, daemon.scheduler.schedules["hourly"].last_task_id or 0) == "succeeded"
+
+        await row.get_by_role("button", name="Pause").click()
+        await row.locator(".badge").get_by_text("paused").wait_for()
+        assert daemon.scheduler.schedules["hourly"].paused
+        await row.get_by_role("button", name="Resume").click()
+        await row.get_by_role("button", name="Pause").wait_for()
+        assert not daemon.scheduler.schedules["hourly"].paused
+
+        # A schedule the daemon refuses: the form says why.
+        tab.expected.append("status of 404 (Not Found)")
+        await page.get_by_label("Id", exact=True).fill("broken")
+        await page.get_by_label("Value").fill("3600")
+        await page.get_by_label("Task", exact=True).fill("dash.nothing")
+        await page.get_by_role("button", name="Create").click()
+        await page.locator("form.create .error").get_by_text("dash.nothing").wait_for()
+        await screenshot(tab, "schedules")
+
+
+# --------------------------------------------------------------------------- 5. memory
+
+
+async def test_memory_is_searched_by_meaning_edited_with_its_history_and_forgotten(
+    tabs: Any, tmp_path: Path,
+) -> None:
+    async with running(tmp_path, token=None) as daemon:
+        memory = daemon.memory
+        assert memory is not None
+        cat, _ = await memory.remember("The cat sleeps on the warm windowsill", namespace="notes")
+        await memory.remember("Quarterly revenue grew by twelve percent", namespace="notes")
+        session = memory.session("chat-1")
+        await session.append("user", "What is on the windowsill?")
+        await session.append("assistant", "A sleeping cat.")
+        tab = await tabs(f"{daemon_url(daemon)}/#/memory")
+        page = tab.page
+        await page.get_by_label("Namespace").select_option("notes")
+        await page.get_by_label("Meaning").fill("a pet taking a nap")
+        await page.get_by_role("button", name="Search").click()
+        results = page.locator("ol.results > li")
+        await expect(results).to_have_count(2)
+        # Best first, with its score.
+        await expect(results.first.locator("a")).to_have_text("The cat sleeps on the warm windowsill")
+        scores = [float(text) for text in await page.locator("ol.results .score").all_text_contents()]
+        assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1
+
+        await results.first.locator("a").click()
+        await page.get_by_label("Text", exact=True).fill("The cat sleeps on the sofa")
+        await page.get_by_role("button", name="Save").click()
+        history = page.locator("ol.history > li")
+        await expect(history).to_have_count(2)
+        await history.nth(1).get_by_text("The cat sleeps on the warm windowsill").wait_for()
+        assert (await memory.get(cat.id)).text == "The cat sleeps on the sofa"
+        await screenshot(tab, "memory")
+        page.once("dialog", lambda dialog: dialog.accept())
+        await page.get_by_role("button", name="Forget").click()
+        await page.get_by_text(f"Forgot memory {cat.id}").wait_for()
+        await expect(results).to_have_count(1)
+
+        await page.get_by_label("Session id").fill("chat-1")
+        await page.get_by_role("button", name="Open").click()
+        messages = page.locator("ol.messages > li")
+        await expect(messages).to_have_count(2)
+        await messages.nth(1).get_by_text("A sleeping cat.").wait_for()
 
 
 # --------------------------------------------------------------------------- 6. system

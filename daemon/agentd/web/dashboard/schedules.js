@@ -1,9 +1,12 @@
-// Schedules: each with its next fire, last fire and outcome, counts and missed fires;
-// pause, resume and run now; a form to create one (kept across restarts).
+// Schedules: each with its next fire, last fire and outcome, counts and missed fires
+// (refreshed every few seconds); pause, resume and run now; a form to create one (kept
+// across restarts).
 
 import { api } from "./api.js";
 import { badge, choice, field, h, when } from "./dom.js";
 import { act } from "./notice.js";
+
+const REFRESH_MS = 2000;
 
 export async function schedulesView() {
   const element = h("section", { "aria-labelledby": "schedules-title" });
@@ -15,7 +18,8 @@ export async function schedulesView() {
   }
   await draw();
   element.append(h("h2", { id: "schedules-title" }, "Schedules"), body, createForm(draw));
-  return { element };
+  const timer = setInterval(() => draw().catch(() => {}), REFRESH_MS);
+  return { element, leave: () => clearInterval(timer) };
 }
 
 function trigger(s) {
