@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import shutil
+import subprocess
 import sys
 import textwrap
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from _pytest.fixtures import FixtureRequest
 from playwright.async_api import async_playwright, expect
 
 from agentd.app import Daemon
@@ -120,13 +122,15 @@ class Tab:
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def tabs(browser: Any) -> AsyncIterator[Callable[..., Awaitable[Tab]]]:
-    """`tab = await tabs(url, dark=False)`: a fresh browser context (its own sessionStorage)
-    with the dashboard open at `url`; at the end, no tab may have logged an error."""
+    """`tab = await tabs(url, dark=False, bypass_csp=False)`: a fresh browser context (its
+    own sessionStorage) with the dashboard open at `url`; at the end, no tab may have logged
+    an error. `bypass_csp` lets a test inject a script (axe-core) the page's CSP refuses."""
     opened: list[tuple[Any, Tab]] = []
 
-    async def open_tab(url: str, dark: bool = False) -> Tab:
+    async def open_tab(url: str, dark: bool = False, bypass_csp: bool = False) -> Tab:
         context = await browser.new_context(color_scheme="dark" if dark else "light",
-                                            viewport={"width": 1280, "height": 800})
+                                            viewport={"width": 1280, "height": 800},
+                                            bypass_csp=bypass_csp)
         page = await context.new_page()
         page.set_default_timeout(WAIT_MS)
         tab = Tab(page)
@@ -301,7 +305,7 @@ async def test_the_event_view_filters_pauses_follows_a_run_and_survives_a_restar
         tokens = page.locator('ol.events > li[data-topic="task.token"]')
         await expect(tokens).to_have_count(1)
         await expect(tokens.locator(".text")).to_have_text("Hello from the agent")
-        await expect(tokens.locator(".count")).to_have_text("×4")
+        await expect(tokens.locator(".count")).to_have_text("\N{MULTIPLICATION SIGN}4")
         await screenshot(tab, "live")
 
         # The daemon restarts on the same port: the page's stream comes back by itself.
@@ -603,3 +607,75 @@ async def test_the_first_view_is_fast_with_100000_tasks_and_the_event_view_keeps
         assert rows == 500
         longest = await page.evaluate("window.longest")
         assert longest < 250, f"the tab froze for {longest:.0f} ms"
+
+
+# --------------------------------------------------------------------------- 8. accessible
+
+
+@pytest.fixture(scope="module")
+def axe_source(request: FixtureRequest) -> str:
+    """axe-core's script, installed from npm once into pytest's cache directory."""
+    folder = request.config.cache.mkdir("axe-core")
+    script = folder / "node_modules" / "axe-core" / "axe.min.js"
+    if not script.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.skip("npm is needed to install axe-core")
+        subprocess.run([npm, "install", "--no-save", "--silent", "--prefix", str(folder), "axe-core@4"],
+                       check=True, timeout=300)
+    return script.read_text()
+
+
+AXE = """async () => {
+    const results = await axe.run(document, {resultTypes: ["violations"]});
+    return results.violations
+        .filter((v) => v.impact === "serious" || v.impact === "critical")
+        .map((v) => `${v.id}: ${v.help} (${v.nodes.map((n) => n.target.join(" ")).join(", ")})`);
+}"""
+
+
+async def test_every_view_passes_axe_in_light_and_dark_mode_and_works_from_the_keyboard(
+    tabs: Any, tmp_path: Path, axe_source: str,
+) -> None:
+    async with running(tmp_path) as daemon:
+        bad = await enqueue(daemon, "dash.bad")
+        parent = await enqueue(daemon, "dash.parent")
+        for task_id in (bad, parent):
+            await finished(daemon, task_id)
+        assert daemon.memory is not None
+        await daemon.memory.remember("An example memory", namespace="default")
+        views = {"#/live": "ol.events", "#/tasks": "table.tasks", f"#/tasks/{parent}": ".tree",
+                 "#/dead": "table.tasks", "#/schedules": "table.schedules",
+                 "#/memory?q=example": "ol.results", "#/system": "svg.chart"}
+        for dark in (False, True):
+            tab = await tabs(f"{daemon_url(daemon)}/", dark=dark, bypass_csp=True)
+            page = tab.page
+            await page.get_by_label("API token").wait_for()
+            await page.add_script_tag(content=axe_source)
+            assert await page.evaluate(AXE) == [], "sign-in"
+            await sign_in(tab)
+            for view, ready in views.items():
+                await page.evaluate(f"location.hash = {view!r}")
+                await page.locator(ready).first.wait_for(state="attached")
+                assert await page.evaluate(AXE) == [], view
+            if dark:
+                await screenshot(tab, "system-dark")
+
+        # From the keyboard: Tab reaches the navigation, Enter opens a view, and its controls.
+        tab = await tabs(f"{daemon_url(daemon)}/")
+        page = tab.page
+        await sign_in(tab)
+        await page.locator('.stream-state[data-state="open"]').wait_for()
+        for _ in range(20):
+            await page.keyboard.press("Tab")
+            if await page.evaluate("document.activeElement.textContent") == "Dead letters":
+                break
+        await page.keyboard.press("Enter")
+        await page.get_by_role("heading", name="Dead letters").wait_for()
+        for _ in range(20):
+            await page.keyboard.press("Tab")
+            label = await page.evaluate("document.activeElement.getAttribute('aria-label')")
+            if label == f"Select task {bad}":
+                break
+        await page.keyboard.press("Space")
+        assert await page.get_by_label(f"Select task {bad}").is_checked()

@@ -78,7 +78,7 @@ export async function taskView(id) {
   let task = await api(`/v1/tasks/${id}`);
   const element = h("section", { "aria-labelledby": "task-title" });
   const progress = h("ol", { className: "progress", "aria-label": "Progress" });
-  const tokens = h("pre", { className: "tokens", "aria-label": "Tokens", "aria-live": "off" });
+  const tokens = h("pre", { className: "tokens" });
   const tree = h("div", { className: "tree" });
   const details = h("div");
   let stream = null;
