@@ -84,5 +84,6 @@ function chart(rates) {
       `${((t - start) / span * CHART.width).toFixed(1)},${(CHART.height - rate / top * (CHART.height - 10)).toFixed(1)}`);
     figure.append(svg("polyline", { points: points.join(" "), class: "line" }));
   }
-  return h("figure", {}, figure, h("figcaption", {}, `${label} (peak ${top.toFixed(1)}/s)`));
+  return h("figure", {}, figure,
+    h("figcaption", {}, rates.length ? `${label} (peak ${top.toFixed(1)}/s)` : label));
 }
