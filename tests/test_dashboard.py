@@ -211,6 +211,8 @@ async def test_the_daemon_serves_the_page_and_its_files_under_a_strict_policy(tm
             async with client.get(path) as response:
                 assert response.status == 404
                 assert (await response.json())["error"]["code"] == "not_found"
+    # Scripts and the stylesheet only, each served with its type.
+    assert {Path(name).suffix for name in files.files} == {".js", ".css"}
     # Nothing refers outside the daemon: no CDN, no font service (SVG's namespace is a name).
     for name, body in files.files.items():
         assert not re.search(rb"https?://", body.replace(b"http://www.w3.org/2000/svg", b"")), name

@@ -46,7 +46,7 @@ class RouteDoc:
     public: bool = False
     stream: bool = False
     schemas: dict[int, dict[str, Any]] | None = None
-    media_type: str = "application/json"
+    media_types: tuple[str, ...] = ("application/json",)
 
 
 def doc(
@@ -62,7 +62,7 @@ def doc(
     public: bool = False,
     stream: bool = False,
     schemas: dict[int, dict[str, Any]] | None = None,
-    media_type: str = "application/json",
+    media_types: tuple[str, ...] = ("application/json",),
 ) -> Callable[[H], H]:
     """Attach OpenAPI documentation to a handler.
 
@@ -81,14 +81,15 @@ def doc(
         stream: True when the route also accepts a stream token as `?token=`.
         schemas: status → the JSON schema of that answer's body, for an answer of the
             route's own that is not the error envelope (an error status's default).
-        media_type: the content type of the route's own answers below 400 (errors are JSON).
+        media_types: the content types of the route's own answers below 400 (errors are
+            JSON).
     """
 
     def attach(handler: H) -> H:
         handler.__openapi__ = RouteDoc(  # type: ignore[attr-defined]
             summary=summary, tag=tag, responses=responses or {200: "OK"}, body=body,
             optional_body=optional_body, query=query, path=path, extra_query=extra_query,
-            public=public, stream=stream, schemas=schemas, media_type=media_type)
+            public=public, stream=stream, schemas=schemas, media_types=media_types)
         return handler
 
     return attach
@@ -137,7 +138,7 @@ def _operation(path: str, method: str, route_doc: RouteDoc, schema_of: dict[Any,
         "parameters": params,
         "responses": {
             str(status): _response(status, text, (route_doc.schemas or {}).get(status),
-                                   route_doc.media_type)
+                                   route_doc.media_types)
             for status, text in sorted(responses.items())
         },
     }
@@ -152,16 +153,16 @@ def _operation(path: str, method: str, route_doc: RouteDoc, schema_of: dict[Any,
 
 
 def _response(status: int, text: str, schema: dict[str, Any] | None,
-              media_type: str) -> dict[str, Any]:
-    """A response object: its own schema if the route gives one (in the route's media type
-    below 400), the error envelope for an error status, else no body schema."""
+              media_types: tuple[str, ...]) -> dict[str, Any]:
+    """A response object: its own schema if the route gives one (in the route's media
+    types below 400), the error envelope for an error status, else no body schema."""
     if status >= 400:
-        media_type = "application/json"
+        media_types = ("application/json",)
         if schema is None:
             schema = {"$ref": "#/components/schemas/Error"}
     if schema is None:
         return {"description": text}
-    return {"description": text, "content": {media_type: {"schema": schema}}}
+    return {"description": text, "content": {media: {"schema": schema} for media in media_types}}
 
 
 def _errors(route_doc: RouteDoc, params: list[dict[str, Any]], method: str,
