@@ -206,6 +206,13 @@ async def test_the_daemon_serves_the_page_and_its_files_under_a_strict_policy(tm
             assert response.content_type == "text/javascript"
             assert "immutable" in response.headers["Cache-Control"]
             assert response.headers["Content-Security-Policy"] == CSP
+        # The OpenAPI document says what they answer.
+        async with client.get("/v1/openapi.json") as response:
+            paths = (await response.json())["paths"]
+        assert list(paths["/"]["get"]["responses"]["200"]["content"]) == ["text/html"]
+        assets_route = paths["/dashboard/{version}/{name}"]["get"]["responses"]
+        assert set(assets_route["200"]["content"]) == {"text/javascript", "text/css"}
+        assert assets_route["404"]["content"]["application/json"]
         # Another version's file (a page from before an upgrade) or no such file: 404.
         for path in ("/dashboard/0123456789ab/app.js", f"/dashboard/{files.version}/nope.js"):
             async with client.get(path) as response:
@@ -543,8 +550,16 @@ async def test_the_system_view_shows_plugins_loops_lag_throughput_store_and_erro
     async with running(tmp_path, token=None) as daemon:
         bad = await enqueue(daemon, "dash.bad", why="out of credit")
         assert await finished(daemon, bad) == "dead"
+        later = await daemon.queue.enqueue_many(
+            [TaskRequest(name="dash.ok", delay=3600) for _ in range(3)])
         tab = await tabs(f"{daemon_url(daemon)}/#/system")
         page = tab.page
+        queues = page.locator("table", has=page.locator("caption", has_text="Queues"))
+        default = queues.locator("tr", has=page.locator('[data-queue="default"]'))
+        await expect(default.locator("td")).to_have_text(["default", "8", "3"])
+        for outcome in later:
+            await daemon.queue.cancel(outcome.task.id)
+        await expect(default.locator("td")).to_have_text(["default", "8", "0"])
         plugins = page.locator("table", has=page.locator("caption", has_text="Plugins"))
         await plugins.get_by_role("cell", name="dash", exact=True).wait_for()
         await plugins.locator(".badge").get_by_text("started").wait_for()

@@ -265,6 +265,9 @@ class TaskStore(Protocol):
 
     async def counts(self) -> dict[TaskStatus, int]: ...
 
+    async def queued_by_queue(self) -> dict[str, int]:
+        """Queued tasks per queue (queues with none left out)."""
+
     async def cancel(self, task_id: int, now: float, ttl: float) -> tuple[list[TaskRecord], list[int]]:
         """Cancel the task and its unfinished descendants: the records ended, and the ids of
         the running ones marked (other daemons are told to cancel those they run)."""
@@ -600,6 +603,10 @@ class TaskQueue:
         """Tasks per status (statuses with none left out)."""
         return await self.tasks.counts()
 
+    async def queued_by_queue(self) -> dict[str, int]:
+        """Queued tasks per queue (queues with none left out)."""
+        return await self.tasks.queued_by_queue()
+
     # -- changing --------------------------------------------------------------------------
 
     async def cancel(self, task_id: int) -> TaskRecord:
@@ -750,6 +757,8 @@ _FREE_UNSUCCESSFUL_CHILDREN_KEYS = (
 _DELETE = f"DELETE FROM tasks WHERE id = ? AND status IN {FINAL_SQL} RETURNING id"
 _PURGE_EXPIRED = f"DELETE FROM tasks WHERE expires_at < ? AND status IN {FINAL_SQL}"
 
+_QUEUED_BY_QUEUE = (
+    "SELECT queue, count(*) FROM tasks INDEXED BY tasks_claim WHERE status = 'queued' GROUP BY queue")
 _COUNTS = f"""
 SELECT 'queued', count(*) FROM tasks INDEXED BY tasks_claim WHERE status = 'queued'
 UNION ALL SELECT 'running', count(*) FROM tasks INDEXED BY tasks_running WHERE status = 'running'
@@ -1093,6 +1102,9 @@ class SqliteTasks:
         if succeeded:
             counts["succeeded"] = succeeded
         return counts
+
+    async def queued_by_queue(self) -> dict[str, int]:
+        return {row[0]: row[1] for row in await self.store.read(_QUEUED_BY_QUEUE)}
 
     async def cancel(self, task_id: int, now: float, ttl: float) -> tuple[list[TaskRecord], list[int]]:
         def op(conn: Connection) -> tuple[list[Row], list[int]]:

@@ -97,6 +97,7 @@ _FREE_UNSUCCESSFUL_CHILDREN_KEYS = (
 _DELETE = f"DELETE FROM tasks WHERE id = $1 AND status IN {FINAL_SQL} RETURNING id"
 _PURGE_EXPIRED = f"DELETE FROM tasks WHERE expires_at < $1 AND status IN {FINAL_SQL}"
 _COUNTS = "SELECT status, count(*) FROM tasks GROUP BY status"
+_QUEUED_BY_QUEUE = "SELECT queue, count(*) FROM tasks WHERE status = 'queued' GROUP BY queue"
 _DESCENDANTS = """
 WITH RECURSIVE tree(id) AS (
     SELECT $1::bigint UNION SELECT tasks.id FROM tasks JOIN tree ON tasks.parent_id = tree.id
@@ -404,6 +405,9 @@ class PgTasks:
 
     async def counts(self) -> dict[TaskStatus, int]:
         return {row[0]: row[1] for row in await self.store.read(_COUNTS) if row[1]}
+
+    async def queued_by_queue(self) -> dict[str, int]:
+        return {row[0]: row[1] for row in await self.store.read(_QUEUED_BY_QUEUE)}
 
     async def cancel(self, task_id: int, now: float, ttl: float) -> tuple[list[TaskRecord], list[int]]:
         async def op(conn: PgConnection) -> tuple[list[Any], list[int]]:

@@ -1,4 +1,5 @@
-"""`/v1/tasks`: enqueue (one or a batch), inspect, list, wait, cancel, requeue, delete."""
+"""`/v1/tasks`: enqueue (one or a batch), inspect, list, wait, cancel, requeue, delete; tasks
+per status and per queue."""
 
 from __future__ import annotations
 
@@ -101,6 +102,19 @@ async def list_tasks(request: web.Request) -> web.Response:
      responses={200: "`by_status`"})
 async def task_counts(request: web.Request) -> web.Response:
     return web.json_response({"by_status": await request.app[DAEMON].queue.counts()})
+
+
+@routes.get("/v1/queues")
+@doc("Each queue: the workers this daemon runs for it ([tasks] queues) and its tasks waiting "
+     "to run (queued, due or not)", tag="tasks",
+     responses={200: "`queues`: `name`, `workers`, `queued`, by name"})
+async def queues(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    waiting = await daemon.queue.queued_by_queue()
+    workers = daemon.config.tasks.queues
+    return web.json_response({"queues": [
+        {"name": name, "workers": workers.get(name, 0), "queued": waiting.get(name, 0)}
+        for name in sorted({*workers, *waiting})]})
 
 
 @routes.get(r"/v1/tasks/{id:\d+}")

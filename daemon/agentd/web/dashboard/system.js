@@ -1,5 +1,5 @@
 // The system view: the daemon's state from `/v1/status` and `/healthz`, refreshed every
-// few seconds: plugins, background loops, loop lag, throughput (tasks finished per second,
+// few seconds: queues (depth and workers), plugins, background loops, loop lag, throughput (tasks finished per second,
 // sampled since the page opened), the store's sizes, the daemons sharing a PostgreSQL
 // store, safe mode, and the last errors (of plugins, loops and tasks).
 
@@ -14,8 +14,8 @@ const CHART = { width: 600, height: 120 };
 export async function systemView() {
   const element = h("section", { "aria-labelledby": "system-title" });
   async function draw() {
-    const [status, health, failed, dead] = await Promise.all([
-      api("/v1/status"), api("/healthz"),
+    const [status, health, { queues }, failed, dead] = await Promise.all([
+      api("/v1/status"), api("/healthz"), api("/v1/queues"),
       api("/v1/tasks?status=failed&limit=5"), api("/v1/tasks?status=dead&limit=5")]);
     element.replaceChildren(
       h("h2", { id: "system-title" }, "System"),
@@ -29,6 +29,8 @@ export async function systemView() {
         h("dt", {}, "Handlers"), h("dd", {}, `${status.handlers.running} running, ${status.handlers.failed} failed, ${status.handlers.dropped} dropped`),
         h("dt", {}, "Node"), h("dd", {}, status.node)),
       h("h3", {}, "Throughput"), chart(throughput()),
+      table("Queues", [["Name", (q) => q.name], ["Workers here", (q) => String(q.workers)],
+                       ["Queued", (q) => h("span", { "data-queue": q.name }, String(q.queued))]], queues),
       table("Plugins", [["Name", (p) => p.name], ["State", (p) => badge(p.state)],
                         ["Error", (p) => p.error ?? ""]], status.plugins),
       table("Background loops", [["Name", (l) => l.name], ["State", (l) => badge(l.state)],
