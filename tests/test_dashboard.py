@@ -30,6 +30,7 @@ from agentd.taskqueue import TaskRequest
 from agentd.testing import daemon_url, make_config
 from agentd.web.dashboard import CSP, assets
 from conftest import HEAVY
+from fake_openai import FakeOpenAI
 
 CHROMIUM = "/usr/bin/chromium"
 TOKEN = "t0ken-for-the-dashboard"
@@ -69,6 +70,13 @@ PLUGIN = """
         first = await ctx.submit("dash.ok", {"n": 1})
         await ctx.submit("dash.ok", {"n": 2})
         return {"first": first.id}
+
+
+    @plugin.task()
+    async def chat(ctx):
+        await gate("chat").wait()
+        reply = await ctx.llm.chat([{"role": "user", "content": "Say hello"}])
+        return reply.content
 
 
     @plugin.task()
@@ -423,6 +431,20 @@ async def test_a_running_task_streams_its_progress_and_tokens_and_is_cancelled_f
         await tab.page.get_by_role("button", name="Delete").click()
         await tab.page.wait_for_url(re.compile(r"#/tasks$"))
         assert await daemon.queue.list(name="dash.talk", limit=10) == []
+
+
+async def test_a_task_page_streams_an_llm_reply_and_shows_its_usage(tabs: Any, tmp_path: Path) -> None:
+    async with FakeOpenAI() as llm, running(
+            tmp_path, token=None, llm={"base_url": llm.url, "model": "test-model"}) as daemon:
+        llm.reply("Hello there, operator")
+        task_id = await enqueue(daemon, "dash.chat")
+        tab = await tabs(f"{daemon_url(daemon)}/#/tasks/{task_id}")
+        await expect(tab.page.locator('[data-field="usage"]')).to_have_text("none")
+        plugin_module().gate("chat").set()
+        await tab.page.locator("pre.tokens").get_by_text("Hello there, operator").wait_for()
+        await expect(tab.page.locator('[data-field="usage"]')).to_have_text(
+            "prompt_tokens 10, completion_tokens 3, total_tokens 13, calls 1")
+        await tab.page.locator('[data-field="result"]').get_by_text("Hello there, operator").wait_for()
 
 
 async def test_dead_letters_are_listed_and_requeued_together(tabs: Any, tmp_path: Path) -> None:
