@@ -26,6 +26,7 @@ from _pytest.fixtures import FixtureRequest
 from playwright.async_api import async_playwright, expect
 
 from agentd.app import Daemon
+from agentd.safemode import SafeMode
 from agentd.taskqueue import TaskRequest
 from agentd.testing import daemon_url, make_config
 from agentd.web.dashboard import CSP, assets
@@ -155,17 +156,17 @@ async def tabs(browser: Any) -> AsyncIterator[Callable[..., Awaitable[Tab]]]:
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, token: str | None = TOKEN,
+async def running(tmp_path: Path, token: str | None = TOKEN, safe_mode: SafeMode | None = None,
                   **overrides: dict[str, Any]) -> AsyncIterator[Daemon]:
     """A real daemon (with `token`, if not None) running the `dash` plugin, its state in
-    tmp_path/data."""
+    tmp_path/data; serving in `safe_mode`, if given."""
     plugins = tmp_path / "plugins"
     plugins.mkdir(exist_ok=True)
     (plugins / "dash.py").write_text(textwrap.dedent(PLUGIN))
     tables: dict[str, dict[str, Any]] = {"server": {"token": token} if token else {}}
     for section, table in overrides.items():
         tables[section] = {**tables.get(section, {}), **table}
-    async with Daemon(make_config(tmp_path, [plugins], overrides=tables)) as daemon:
+    async with Daemon(make_config(tmp_path, [plugins], overrides=tables), safe_mode=safe_mode) as daemon:
         yield daemon
 
 
@@ -600,6 +601,20 @@ async def test_the_system_view_shows_plugins_loops_lag_throughput_store_and_erro
         label = await page.locator("svg.chart").get_attribute("aria-label")
         assert label is not None and label.startswith("Tasks finished per second")
         await screenshot(tab, "system")
+
+
+async def test_the_system_view_says_the_daemon_serves_in_safe_mode_and_clears_it(
+    tabs: Any, tmp_path: Path,
+) -> None:
+    crashed = SafeMode("2 starts in a row ended without a word", time.time(), ())
+    async with running(tmp_path, token=None, safe_mode=crashed) as daemon:
+        tab = await tabs(f"{daemon_url(daemon)}/#/system")
+        alert = tab.page.get_by_role("alert")
+        await alert.get_by_text("2 starts in a row ended without a word").wait_for()
+        await alert.get_by_role("button", name="Clear for the next start").click()
+        await tab.page.get_by_text("Safe mode cleared for the next start").wait_for()
+        assert daemon.safe_mode is not None and daemon.safe_mode.cleared
+        await alert.get_by_text("restart the daemon to leave it").wait_for()
 
 
 # --------------------------------------------------------------------------- 7. volume

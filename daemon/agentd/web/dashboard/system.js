@@ -52,9 +52,10 @@ export async function systemView() {
 function safeMode(mode) {
   if (!mode) return null;
   return h("div", { className: "alert", role: "alert" },
-    h("strong", {}, "Safe mode: "), mode.reason ?? "", " (no task runs). ",
-    h("button", { type: "button", onclick: () => act("Safe mode cleared for the next start",
-      () => api("/v1/safe-mode/clear", { method: "POST" })) }, "Clear for the next start"));
+    h("strong", {}, "Safe mode: "), mode.reason ?? "", " (no plugin, no task runs). ",
+    mode.cleared ? "Cleared: the next start is a normal one; restart the daemon to leave it."
+      : h("button", { type: "button", onclick: () => act("Safe mode cleared for the next start",
+        () => api("/v1/safe-mode/clear", { method: "POST" })) }, "Clear for the next start"));
 }
 
 function lastErrors(health, tasks) {
