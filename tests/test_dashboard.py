@@ -161,7 +161,7 @@ async def running(tmp_path: Path, token: str | None = TOKEN, safe_mode: SafeMode
     """A real daemon (with `token`, if not None) running the `dash` plugin, its state in
     tmp_path/data; serving in `safe_mode`, if given."""
     plugins = tmp_path / "plugins"
-    plugins.mkdir(exist_ok=True)
+    plugins.mkdir(parents=True, exist_ok=True)
     (plugins / "dash.py").write_text(textwrap.dedent(PLUGIN))
     tables: dict[str, dict[str, Any]] = {"server": {"token": token} if token else {}}
     for section, table in overrides.items():
@@ -601,6 +601,21 @@ async def test_the_system_view_shows_plugins_loops_lag_throughput_store_and_erro
         label = await page.locator("svg.chart").get_attribute("aria-label")
         assert label is not None and label.startswith("Tasks finished per second")
         await screenshot(tab, "system")
+
+
+@pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
+async def test_the_system_view_lists_the_daemons_sharing_a_postgresql_store(
+    tabs: Any, tmp_path: Path, store_url: str,
+) -> None:
+    async with running(tmp_path / "a", token=None, store={"url": store_url}) as first, \
+            running(tmp_path / "b", token=None, store={"url": store_url}) as second:
+        tab = await tabs(f"{daemon_url(first)}/#/system")
+        daemons = tab.page.locator("table", has=tab.page.locator("caption", has_text="Daemons on this store"))
+        await expect(daemons.locator("tbody tr")).to_have_count(2)
+        await daemons.get_by_text(f"{first.queue.tasks.node_id} (this one)").wait_for()
+        await daemons.get_by_role("cell", name=second.queue.tasks.node_id, exact=True).wait_for()
+        store = tab.page.locator("table", has=tab.page.locator("caption", has_text="Store"))
+        await store.get_by_role("cell", name="postgresql", exact=True).wait_for()
 
 
 async def test_the_system_view_says_the_daemon_serves_in_safe_mode_and_clears_it(
