@@ -1,8 +1,8 @@
 """The dashboard at `/`, in a real browser: Debian's Chromium driven by Playwright loads it
 from a real daemon on loopback (which runs real tasks of a small plugin written to
 tmp_path) and is used as an operator would: sign in, watch events, open and steer tasks,
-read the system's state. With DASHBOARD_SCREENSHOTS=1 the tests also save the screenshots the
-README shows (docs/img/)."""
+read the system's state. With DASHBOARD_SCREENSHOTS=1 (not AGENTD_*: conftest clears those
+for every test) the tests also save the screenshots the README shows (docs/img/)."""
 
 from __future__ import annotations
 
