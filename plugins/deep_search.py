@@ -2,7 +2,11 @@
 "search" to `deep_search.search` (agent B) and "analyze sentiment" to
 `deep_search.sentiment` (agent C) as durable children running in parallel, merges their
 results, streams its progress, stores the summary in long-term memory (namespace
-`deep_search`) and mails it when `[mail]` is set and an address is given.
+`deep_search`) and mails it when `[mail]` is set and an address is given. With
+`[plugins.deep_search] approve = true` it first asks a person (`ctx.ask`): the run waits,
+listed in `GET /v1/approvals`, until `POST /v1/tasks/{id}/answer` says `true` or "yes"
+(anything else: no mail). The summary and the memory are steps, so the run that resumes
+after the answer does not write them again.
 
 The children are durable: if the daemon dies mid-run, the retried orchestrator gets the
 children it already started back instead of starting them again. Without an LLM, B ranks
@@ -19,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from agentd import Context, Plugin
+from agentd import Context, Fail, Plugin
 
 plugin = Plugin("deep_search", description="orchestrates a search agent and a sentiment agent")
 
@@ -43,15 +47,39 @@ async def run(ctx: Context, topic: str, email: str | None = None) -> dict[str, A
     found, mood = await ctx.gather(ctx.call("deep_search.search", query=topic),
                                    ctx.call("deep_search.sentiment", topic=topic))
     ctx.progress("merging", {"results": len(found["results"]), "sentiment": mood["label"]})
-    summary = await _summarise(ctx, topic, found["results"], mood)
+    # Steps: a run resumed after its approval (or retried) does not write them again.
+    summary = await ctx.step("summary", lambda: _summarise(ctx, topic, found["results"], mood))
+    memory_id = await ctx.step("remember", lambda: _remember(ctx, topic, summary))
+    mailed = approved = None
+    if email and ctx.mail.enabled:
+        approved = await _approved(ctx, topic, email, summary)
+        if approved is not False:
+            mailed = (await ctx.mail.send(email, f"deep_search: {topic}", summary)).id
+    ctx.progress("done", {"memory_id": memory_id, "mail_task_id": mailed})
+    return {"topic": topic, "summary": summary, "sources": found["results"], "sentiment": mood,
+            "memory_id": memory_id, "mail_task_id": mailed, "approved": approved}
+
+
+async def _remember(ctx: Context, topic: str, summary: str) -> int:
     memory, _ = await ctx.memory.remember(
         summary, namespace=SUMMARIES, metadata={"kind": "summary", "agent": "deep_search", "topic": topic})
-    mailed = None
-    if email and ctx.mail.enabled:
-        mailed = (await ctx.mail.send(email, f"deep_search: {topic}", summary)).id
-    ctx.progress("done", {"memory_id": memory.id, "mail_task_id": mailed})
-    return {"topic": topic, "summary": summary, "sources": found["results"], "sentiment": mood,
-            "memory_id": memory.id, "mail_task_id": mailed}
+    return memory.id
+
+
+_YES = frozenset({"yes", "y", "ok", "approve", "approved", "send"})
+
+
+async def _approved(ctx: Context, topic: str, email: str, summary: str) -> bool | None:
+    """With `approve = true`, whether a person approves the mail (None: nobody is asked)."""
+    approve = ctx.config.get("approve", False)
+    if not isinstance(approve, bool):
+        raise Fail(f"[plugins.deep_search] approve must be true or false, got {approve!r}")
+    if not approve:
+        return None
+    ctx.progress("asking", {"to": email})
+    answer = await ctx.ask(f"Mail the summary on {topic!r} to {email}?",
+                           {"topic": topic, "to": email, "summary": summary})
+    return answer is True or (isinstance(answer, str) and answer.strip().lower() in _YES)
 
 
 @plugin.task(max_attempts=3, timeout=120)

@@ -340,9 +340,10 @@ async def agentd_process(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 def run_cli(agentd_process: Callable[..., Any]) -> Callable[..., Any]:
     """`code, out, err = await run_cli("check-config", "--config", p)` for short commands."""
 
-    async def run(*args: str, env: Mapping[str, str] | None = None) -> tuple[int, str, str]:
+    async def run(*args: str, env: Mapping[str, str] | None = None,
+                  timeout: float = PROCESS_TIMEOUT) -> tuple[int, str, str]:
         child: AgentdProcess = await agentd_process(*args, env=env)
-        code = await child.finish()
+        code = await child.finish(timeout=timeout)
         return code, "\n".join(child.lines), child.stderr
 
     return run

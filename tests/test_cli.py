@@ -51,10 +51,10 @@ def test_an_unknown_task_status_is_refused_before_asking_the_daemon(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "argument --status: invalid choice: 'succeded' (choose from 'queued', 'running', " \
-           "'succeeded', 'failed', 'dead', 'cancelled')" in err, err
+           "'waiting', 'succeeded', 'failed', 'dead', 'cancelled')" in err, err
     with pytest.raises(SystemExit):
         main(["tasks", "list", "--help"])
-    assert "{queued,running,succeeded,failed,dead,cancelled}" in capsys.readouterr().out
+    assert "{queued,running,waiting,succeeded,failed,dead,cancelled}" in capsys.readouterr().out
 
 
 def _closed_port() -> int:

@@ -430,6 +430,36 @@ async def test_deep_search_delegates_merges_streams_remembers_and_mails(start_da
         assert body.get_content().replace("\r\n", "\n").strip() == result["summary"]
 
 
+async def test_deep_search_with_approve_asks_before_mailing(start_daemon: Any, http: Any) -> None:
+    """`[plugins.deep_search] approve = true`: the run waits for a person's answer before it
+    mails; a "no" mails nothing. Resumed, it writes its summary and memory once."""
+    async with smtp_server() as (inbox, port):
+        daemon, events = await start_daemon(plugin_dirs=[REPO_PLUGINS], overrides={
+            "mail": {"host": "127.0.0.1", "port": port, "security": "none", "sender": "agentd@test.org"},
+            "plugins": {"deep_search": {"approve": True}}})
+        client = http(daemon)
+        for text in ROVER_MEMORIES:
+            await call(client, "POST", "/v1/memory", {"text": text, "namespace": "news"}, status=201)
+        approved = await submit(client, "deep_search.run",
+                                {"topic": "Mars rover", "email": "ada@example.com"})
+        declined = await submit(client, "deep_search.run", {"topic": "harvest", "email": "bo@example.com"})
+        for run in (approved, declined):
+            await events.wait_for("task.waiting", timeout=WAIT, task_id=run["id"], kind="ask")
+        asked = {item["task_id"]: item for item in (await call(client, "GET", "/v1/approvals"))["approvals"]}
+        assert asked[approved["id"]]["prompt"] == "Mail the summary on 'Mars rover' to ada@example.com?"
+        assert asked[approved["id"]]["data"]["to"] == "ada@example.com"
+        assert not inbox.messages  # nothing mailed while it waits
+        await call(client, "POST", f"/v1/tasks/{approved['id']}/answer", {"answer": "yes"})
+        await call(client, "POST", f"/v1/tasks/{declined['id']}/answer", {"answer": "no"})
+        yes = (await succeeded(client, approved["id"]))["result"]
+        no = (await succeeded(client, declined["id"]))["result"]
+        assert (yes["approved"], no["approved"], no["mail_task_id"]) == (True, False, None)
+        await succeeded(client, yes["mail_task_id"])
+        assert [recipients for recipients, _ in inbox.messages] == [["ada@example.com"]]
+        assert asked[approved["id"]]["data"]["summary"] == yes["summary"]  # written once
+        assert (await call(client, "GET", "/v1/memory/stats"))["namespaces"]["deep_search"] == 2
+
+
 async def test_deep_search_refuses_a_bad_address_before_any_work(tmp_path: Path) -> None:
     """`ctx.mail.check` (mail need not be configured): the run fails at once, naming the
     address, and no agent B or C is started."""

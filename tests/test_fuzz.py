@@ -41,7 +41,9 @@ PLUGIN = """
 async def test_the_api_keeps_every_promise_of_its_document(
         start_daemon: Any, plugin_dir: Any, tmp_path: Path) -> None:
     daemon, _ = await start_daemon(plugin_dirs=[plugin_dir({"fz.py": PLUGIN})],
-                                   overrides={"server": {"token": TOKEN}})
+                                   overrides={"server": {"token": TOKEN, "max_loop_lag": 60.0}})
+    # /readyz answers 503 while the loop lags past max_loop_lag: documented and right, but on a
+    # busy CI machine the fuzzer's own load lags the loop 0.6 s, and readiness is not its subject.
     # 422 is the documented answer to a well-formed schedule whose meaning the trigger refuses
     # (the 30th of February): a JSON Schema cannot state calendars, so such a request is valid
     # by the document and still refused, with the status the document gives for it.

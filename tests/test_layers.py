@@ -89,15 +89,16 @@ def test_the_bottom_modules_import_nothing_above_them(module: str) -> None:
 # may import at run time only from its own group and those above it. Imports under
 # TYPE_CHECKING are exempt: annotations may name a type of a higher layer.
 LAYERS = [
-    {"errors", "events", "schedule", "specs", "config", "jsontext", "log"},
+    {"errors", "events", "schedule", "specs", "config", "jsontext", "log", "metrics"},
     {"store"},
-    {"bus", "spawn", "supervise", "eventlog", "taskdef", "taskqueue", "steps", "streamkey",
+    {"bus", "spawn", "supervise", "eventlog", "taskdef", "taskqueue", "steps", "waits", "streamkey",
      "task_warnings"},
     {"memory", "embed", "llm", "mail", "webhooks", "hooks", "services"},
     {"context", "protocols", "worker", "scheduler", "digests", "maintenance", "backup", "postgres",
      "storage"},
     {"plugin", "plugins"},
-    {"web", "health", "systemd", "watchdog", "shutdown", "safemode", "app", "cli", "__main__", "testing",
+    {"web", "health", "systemd", "watchdog", "shutdown", "safemode", "reload", "app", "cli", "__main__",
+     "testing",
      "agentd"},
 ]
 

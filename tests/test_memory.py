@@ -1094,7 +1094,9 @@ async def test_cli_memory_commands_against_a_running_daemon(
     env = process_env(AGENTD_SERVER_PORT=str(daemon.port), **on_the_store)
 
     async def cli(action: str, *args: str) -> tuple[int, str, str]:
-        return await run_cli("memory", action, "--config", str(path), *args, env=env)
+        # Four at once, one loading the embedding model to re-embed: on two busy cores that
+        # has taken longer than a short command's usual bound.
+        return await run_cli("memory", action, "--config", str(path), *args, env=env, timeout=60.0)
 
     (code, out, err), (reembed_code, _, reembed_err), (bad_code, _, bad_err), (gone_code, _, gone_err) = (
         await asyncio.gather(

@@ -204,7 +204,7 @@ def test_the_contexts_offer_what_the_readme_lists() -> None:
                                             "submit"}
     assert public(agentd.Context) == {"task", "config", "log", "memory", "mail", "webhook", "llm",
                                       "progress", "publish", "token", "call", "gather", "submit",
-                                      "step"}
+                                      "step", "sleep", "sleep_until", "wait_for", "ask"}
     assert public(agentd.Plugin("demo")) == {"name", "description", "config", "on", "task",
                                              "schedule", "embedder", "startup", "shutdown"}
 

@@ -25,7 +25,7 @@ from agentd.app import Daemon
 from agentd.config import load_config
 from agentd.errors import ConfigError
 from agentd.safemode import JOURNAL_NAME, SafeMode, StartJournal, StartRecord
-from agentd.testing import make_config
+from agentd.testing import daemon_url, make_config
 from conftest import PROCESS_TIMEOUT, AgentdProcess, with_store
 
 # Killed at import, as a plugin with a fatal bug (a crashing C extension, os._exit) would be.
@@ -381,3 +381,30 @@ async def test_memory_with_a_plugins_embedder_stays_closed_in_safe_mode_and_the_
                 f"http://127.0.0.1:{daemon.port}/v1/memory/stats") as response:
             assert response.status == 503
             assert (await response.json())["error"]["code"] == "memory_unavailable"
+
+
+async def test_a_reload_in_safe_mode_leaves_plugins_workers_and_scheduler_off(
+    tmp_path: Path, plugin_dir: Callable[..., Path],
+) -> None:
+    """A reload applies the file's live keys but starts nothing safe mode keeps off: a
+    changed plugin table, a queue's workers, a new schedule; a plugin reload is refused."""
+    plugins = plugin_dir({"boom.py": FIXED})
+    path = tmp_path / "agentd.toml"
+    path.touch(mode=0o600)
+    path.write_text(f'[server]\nport = 0\n[daemon]\ndata_dir = "data"\n'
+                    f'[plugins]\npaths = [{str(plugins)!r}]\n')
+    daemon = Daemon(load_config(path), safe_mode=SafeMode("crashed", 1.0, (StartRecord(7, 1.0),)))
+    async with daemon, aiohttp.ClientSession(daemon_url(daemon)) as http:
+        path.write_text(path.read_text() + '[plugins.boom]\nanswer = 2\n[tasks]\nqueues = { default = 4 }\n'
+                        '[[schedules]]\nid = "often"\nevery = 1\ntask = "agentd.purge_tasks"\n')
+        async with http.post("/v1/reload") as response:
+            assert response.status == 200
+            outcome = await response.json()
+        assert set(outcome["applied"]) == {"plugins.boom", "tasks.queues.default", "schedules.often"}
+        assert outcome["plugins_reloaded"] == []
+        async with http.post("/v1/plugins/boom/reload") as response:
+            assert response.status == 409
+            assert (await response.json())["error"]["code"] == "safe_mode"
+        assert daemon.plugins.states() == []
+        loops = {loop["name"] for loop in daemon.supervisor.describe()}
+        assert "scheduler" not in loops and not any(name.startswith("claim:") for name in loops)

@@ -30,9 +30,10 @@ async def qt(start_daemon: Any, http: Any, copied_plugin: Any) -> Any:
 
 
 def test_the_status_sets_are_parts_of_the_one_definition() -> None:
-    assert get_args(TaskStatus) == ("queued", "running", "succeeded", "failed", "dead", "cancelled")
+    assert get_args(TaskStatus) == ("queued", "running", "waiting", "succeeded", "failed", "dead",
+                                    "cancelled")
     assert set(get_args(TaskStatus)) == STATES
-    assert FINAL_STATES == set(get_args(FinalStatus)) == STATES - {"queued", "running"}
+    assert FINAL_STATES == set(get_args(FinalStatus)) == STATES - {"queued", "running", "waiting"}
     assert FINAL_STATES - {"succeeded"} == UNSUCCESSFUL
 
 
@@ -77,7 +78,7 @@ async def test_the_api_accepts_and_documents_exactly_the_task_statuses(qt: Any) 
     async with client.get("/v1/tasks", params={"status": "succeded"}) as response:
         assert response.status == 400
     with pytest.raises(InvalidTaskError, match="status must be one of cancelled, dead, failed, "
-                                               "queued, running, succeeded, got 'succeded'"):
+                                               "queued, running, succeeded, waiting, got 'succeded'"):
         await daemon.queue.list(status="succeded")
 
 

@@ -504,7 +504,11 @@ async def test_a_write_check_that_breaks_is_logged_and_close_ends_it(
 # version to refuse a file from another agentd (they copy tables by name, or pages, never
 # by statement).
 TABLE_OWNERS = {
-    "tasks": {"taskqueue.py", "postgres/tasks.py"}, "task_steps": {"steps.py", "postgres/steps.py"},
+    "tasks": {"taskqueue.py", "postgres/tasks.py", "waits.py", "postgres/waits.py"},
+    "task_steps": {"steps.py", "postgres/steps.py"},
+    # A wait and its task's state change in one transaction: suspending writes the wait and
+    # the task `waiting`, waking the outcome and the task queued, a cancel ends both.
+    "task_waits": {"waits.py", "postgres/waits.py", "taskqueue.py", "postgres/tasks.py"},
     "events": {"eventlog.py", "postgres/events.py"},
     "schedules": {"scheduler.py", "postgres/schedules.py"},
     "digest_cursors": {"digests.py", "postgres/digests.py"},

@@ -196,6 +196,6 @@ def test_timeout_stop_sec_exceeds_the_longest_stop_of_the_default_config() -> No
     assert timeout_stop > longest, f"TimeoutStopSec={timeout_stop:g} but a stop may take {longest:g} s"
 
 
-def test_the_unit_has_no_reload() -> None:
-    """SIGHUP reloads nothing (it is logged and ignored), so the unit offers no reload."""
-    assert "ExecReload" not in (REPO / "systemd" / "agentd.service").read_text()
+def test_the_unit_reloads_with_sighup() -> None:
+    """`systemctl reload agentd` sends the SIGHUP that reloads agentd.toml (tests/test_reload.py)."""
+    assert _unit_setting("ExecReload") == "/bin/kill -HUP $MAINPID"

@@ -297,7 +297,7 @@ async def test_tasks_are_counted_per_status_and_per_queue(served: Any) -> None:
         assert (await _json(r)) == {"by_status": {"queued": 3, "running": 1}}
     async with client.get("/v1/queues") as r:
         assert (await _json(r))["queues"] == [
-            {"name": "a+b&c", "workers": 1, "queued": 0},
-            {"name": "default", "workers": 4, "queued": 1},
-            {"name": "reports", "workers": 1, "queued": 2}]
+            {"name": "a+b&c", "workers": 1, "queued": 0, "due": 0, "running": 0},
+            {"name": "default", "workers": 4, "queued": 1, "due": 0, "running": 1},
+            {"name": "reports", "workers": 1, "queued": 2, "due": 0, "running": 0}]
     module.gate("counted").set()

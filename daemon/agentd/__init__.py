@@ -23,6 +23,7 @@ from agentd.errors import (
     Retry,
     TaskFailedError,
     UnknownTaskError,
+    WaitTimeoutError,
 )
 from agentd.events import Event
 from agentd.llm import ChatResult, LlmUnavailableError, TokenBudgetExceededError
@@ -61,6 +62,7 @@ __all__ = [
     "TaskStatus",
     "TokenBudgetExceededError",
     "UnknownTaskError",
+    "WaitTimeoutError",
     "Webhook",
     "__version__",
 ]

@@ -18,6 +18,7 @@ from aiohttp import web
 from agentd import __version__, maintenance
 from agentd.bus import Bus
 from agentd.config import Config, check_serving_rules
+from agentd.digests import SCHEDULE_PREFIX as DIGEST_SCHEDULE_PREFIX
 from agentd.digests import Digests
 from agentd.embed import BUILT_IN_EMBEDDERS, build_embedder
 from agentd.errors import AgentdError, ConfigError, InvalidScheduleError
@@ -27,7 +28,9 @@ from agentd.health import LagMonitor
 from agentd.hooks import InboundHooks
 from agentd.log import get_logger
 from agentd.memory import MemoryStore, SqliteMemory
+from agentd.metrics import ScheduleOutcomes
 from agentd.plugins import PluginManager
+from agentd.reload import Reloader
 from agentd.safemode import SafeMode, StartJournal
 from agentd.schedule import ScheduleSpec
 from agentd.scheduler import Clock, DeclaredSource, Scheduler
@@ -48,8 +51,20 @@ from agentd.systemd import Notifier
 from agentd.task_warnings import warn_on_bad_ends
 from agentd.taskdef import TaskRegistry
 from agentd.taskqueue import TaskQueue
+from agentd.waits import Waits
 from agentd.watchdog import ServiceWatchdog
-from agentd.web import dashboard, events_api, memory_api, schedules_api, streams, system, tasks_api, ws
+from agentd.web import (
+    dashboard,
+    events_api,
+    memory_api,
+    metrics_api,
+    reload_api,
+    schedules_api,
+    streams,
+    system,
+    tasks_api,
+    ws,
+)
 from agentd.web.server import STREAMS, HttpServer, build_app
 from agentd.worker import WorkerPool
 
@@ -89,14 +104,16 @@ class Daemon:
         self.queue = TaskQueue(self.storage.tasks, self.bus, self.registry, config.tasks,
                                steps=self.storage.steps)
         self.services = Services.from_config(config)
+        self.waits = Waits(self.storage.waits, self.queue, self.bus)
         self.hooks = InboundHooks.from_config(config, self.storage.hook_deliveries)
         self.workers = WorkerPool(
             self.storage.tasks, self.queue, self.registry, config.tasks, config.plugins.settings,
-            services=self.services)
+            services=self.services, waits=self.waits)
         self.plugins = PluginManager(config, self.bus, self.spawner, self.queue, self.services)
         self.eventlog = EventLog(self.storage.events, self.bus, config.events)
         self.scheduler = Scheduler(self.storage.schedules, self.queue, self.bus, self.registry,
                                    self.plugins.enqueue_triggers, clock=clock)
+        self.schedule_outcomes = ScheduleOutcomes(self.bus)  # for /metrics
         builtin_queue = maintenance.builtin_queue(config)
         self._maintenance = maintenance.register(
             self.registry, config, store=self.store, queue=self.queue, eventlog=self.eventlog,
@@ -115,6 +132,9 @@ class Daemon:
         self.lag = LagMonitor(stall_warning=config.daemon.stall_warning,
                               owner_of=self.plugins.owner_of)
         self.server: HttpServer | None = None
+        self.web_app: web.Application | None = None
+        self.reloader = Reloader(self)
+        self.serving = asyncio.Event()  # set once the start is over
         self.stopping = False
         self.plugins_started = False
         self.started_monotonic = time.monotonic()
@@ -169,7 +189,9 @@ class Daemon:
                                   reason="the embedder is a plugin's, and plugins are off")
             # Undone first on a failed start: the checkpoint loop must stop before memory closes.
             rollback.push_async_callback(self._stop_services)
+            await self.waits.start()
             if self.safe_mode is None:  # a task, or what a schedule fires, may be the crash
+                self._start_service(self.waits.run_timers, "wait-timers")
                 await self.workers.start(self.supervisor)
                 rollback.push_async_callback(self.workers.stop, self.config.daemon.stop_timeout)
                 await self._start_scheduler()
@@ -180,10 +202,10 @@ class Daemon:
                 rollback.push_async_callback(self.scheduler.stop)
             web_app = build_app(self, system.routes, tasks_api.routes, events_api.routes,
                                 streams.routes, ws.routes, schedules_api.routes, memory_api.routes,
-                                dashboard.routes)
+                                reload_api.routes, metrics_api.routes, dashboard.routes)
             server = HttpServer(web_app, self.config.server.host, self.config.server.port)
             await server.start()
-            self.server = server
+            self.server, self.web_app = server, web_app
             rollback.pop_all()
         if self.notifier.enabled:
             self._start_service(self._service_watchdog(web_app).run, "watchdog")
@@ -194,6 +216,7 @@ class Daemon:
                        port=self.port, database=self.store.location, safe_mode=safe)
         self.notifier.ready(f"serving on {self.config.server.host}:{self.port}"
                             + (" in safe mode" if safe else ""))
+        self.serving.set()
 
     async def _open_memory(self, rollback: AsyncExitStack) -> None:
         """Open memory with the configured embedder (closed by `rollback` on a failed start)."""
@@ -212,9 +235,32 @@ class Daemon:
         at every start)."""
         await self.scheduler.start(self._declared_schedules(), outcomes=self.eventlog.streams)
 
-    def _declared_schedules(self) -> list[tuple[ScheduleSpec, DeclaredSource]]:
-        """The built-in, plugin and agentd.toml schedules, each checked against the registered
-        tasks. A bad plugin schedule fails its plugin alone, and the daemon runs on.
+    def check_config_schedules(self, config: Config) -> None:
+        """Check `config`'s `[[schedules]]` as a start would, against the tasks registered
+        now (a reload's check, before anything changes).
+
+        Raises:
+            ConfigError: as `_declared_schedules`.
+        """
+        self._declared_schedules(config)
+
+    async def redeclare_schedules(self) -> list[str]:
+        """Re-sync the declared schedules with the configuration and the plugins as they
+        are now (after a reload); the ids added, changed or removed.
+
+        Raises:
+            ConfigError: as `_declared_schedules` (then the schedules stay as they were).
+            InvalidScheduleError: likewise.
+        """
+        self._maintenance = [spec for spec in self._maintenance
+                             if not spec.id.startswith(DIGEST_SCHEDULE_PREFIX)]
+        self._maintenance += self.digests.schedules()
+        return await self.scheduler.redeclare(self._declared_schedules())
+
+    def _declared_schedules(self, config: Config | None = None) -> list[tuple[ScheduleSpec, DeclaredSource]]:
+        """The built-in, plugin and agentd.toml schedules (of `config`, by default the
+        daemon's), each checked against the registered tasks. A bad plugin schedule fails
+        its plugin alone, and the daemon runs on.
 
         Raises:
             ConfigError: an agentd.toml schedule would fail at every fire (checked after the
@@ -237,17 +283,18 @@ class Daemon:
                 continue
             declared += [(spec, "plugin") for spec in specs]
             by_plugin.update((spec.id, record.name) for spec in specs)
-        for number, spec in enumerate(self.config.schedules, start=1):
+        config = config or self.config
+        for number, spec in enumerate(config.schedules, start=1):
             if spec.id in by_plugin:
                 name = by_plugin[spec.id]
-                raise ConfigError(f"{self.config.source}: [[schedules]] #{number} ({spec.id}): id "
+                raise ConfigError(f"{config.source}: [[schedules]] #{number} ({spec.id}): id "
                                   f"{spec.id!r} is plugin {name}'s schedule; choose another id, or "
                                   f"retime the plugin's in [plugins.{name}.schedules."
                                   f"{spec.id.removeprefix(name + '.')}]")
             try:
                 self.scheduler.check(spec, "config")
             except InvalidScheduleError as exc:
-                raise ConfigError(f"{self.config.source}: {exc}") from None
+                raise ConfigError(f"{config.source}: {exc}") from None
             declared.append((spec, "config"))
         return declared
 
@@ -328,6 +375,7 @@ class Daemon:
             return
         self.stopping = True  # stage 1: intake closed (HTTP refuses new work)
         self._stop_requested.set()
+        self.reloader.cancel()
         began = time.monotonic()
         timeout = self.config.daemon.stop_timeout
         bound = stop_bound(self.config.daemon)
@@ -423,12 +471,12 @@ class Daemon:
             self.notifier, lag=lambda: self.lag.lag, max_lag=self.config.server.max_loop_lag,
             running=lambda: len(self.workers.running), queued=queued,
             streams=lambda: len(web_app[STREAMS]), stopping=lambda: self.stopping,
-            safe_mode=lambda: self.safe_mode is not None)
+            safe_mode=lambda: self.safe_mode is not None, reloading=lambda: self.reloader.busy)
 
 
 async def serve(config: Config, leave_safe_mode: bool = False) -> None:
-    """Run a daemon until SIGTERM or SIGINT, then stop it in stages; log and ignore SIGHUP.
-    A second SIGTERM or SIGINT hurries the stop (`Daemon.hurry`).
+    """Run a daemon until SIGTERM or SIGINT, then stop it in stages; reload agentd.toml at
+    each SIGHUP (`Reloader`). A second SIGTERM or SIGINT hurries the stop (`Daemon.hurry`).
 
     The start is recorded first of all once the configuration is accepted (`StartJournal`),
     and decides whether the daemon serves in safe mode; `leave_safe_mode` (`agentd run
@@ -467,8 +515,8 @@ async def _serve(daemon: Daemon, starts: StartJournal) -> None:
 
     def on_signal(signum: signal.Signals) -> None:
         if signum is signal.SIGHUP:
-            log.warning("daemon.sighup_ignored",
-                        reason="agentd cannot reload its configuration: restart it to apply changes")
+            log.info("daemon.reload_requested", trigger=signum.name)
+            daemon.reloader.request(signum.name)
         elif daemon.stop_requested:
             daemon.hurry(signum.name)
         else:

@@ -51,6 +51,7 @@ examples:
   agentd submit hello.greet --args '{"name": "Ada"}' --wait
   agentd tasks list --status failed | head
   agentd schedules add nightly --cron '0 3 * * *' --task reports.build
+  agentd reload                         apply an edited agentd.toml without a restart
   agentd store copy --to postgresql://agentd@db.example/agentd   (daemon stopped)
   agentd backup /var/backups/agentd     a consistent copy, the daemon running or not
   agentd restore /var/backups/agentd/agentd-backup-20270125T080000.000000Z   (daemon stopped)
@@ -80,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", parents=[common],
                    help="build what `run` would (plugins, schedules), without serving")
     sub.add_parser("status", parents=[common], help="ask the running daemon how it is")
+    sub.add_parser("reload", parents=[common], description=_RELOAD_DESCRIPTION,
+                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                   help="make the running daemon re-read agentd.toml")
+    plugins = sub.add_parser("plugins", parents=[common], help="manage the running daemon's plugins")
+    plugin_verbs = plugins.add_subparsers(dest="action", required=True)
+    plugin_verbs.add_parser(
+        "reload", parents=[common],
+        help="reload one plugin from its file (new tasks run the new code)").add_argument("name")
 
     _task_commands(sub, common)
     _schedule_commands(sub, common)
@@ -115,6 +124,10 @@ def _task_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                          ("requeue", "run a dead, failed or cancelled task again"),
                          ("delete", "delete a finished task")):
         actions.add_parser(action, parents=[common], help=text).add_argument("id", type=int)
+    answer = actions.add_parser("answer", parents=[common],
+                                help="answer the question a waiting task asks (ctx.ask)")
+    answer.add_argument("id", type=int)
+    answer.add_argument("answer", help="the answer: JSON (true, 3, {...}), else taken as text")
 
 
 def _schedule_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -164,6 +177,14 @@ def _memory_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     memory_verbs.add_parser("reembed", parents=[common],
                             help="rebuild every vector with the configured embedder (daemon stopped)")
 
+
+_RELOAD_DESCRIPTION = """\
+Ask the running daemon to read its agentd.toml again, as `systemctl reload agentd` (SIGHUP)
+does, and print what it did: the changed keys applied live and those that need a restart.
+A file with an error is refused whole: the daemon runs on as it was.
+
+exit codes: 0 reloaded, 1 reloaded but a plugin or the schedules failed to follow (named in
+`errors`), or no daemon answers, 2 the file was refused (its error is printed)."""
 
 _COPY_DESCRIPTION = """\
 Copy this configuration's agentd.db ([store] path) into a PostgreSQL database, so that
@@ -319,9 +340,10 @@ def _run(config: Config, leave_safe_mode: bool) -> int:
 class _ApiError(Exception):
     """The daemon answered with an error (its message is printed) or did not answer."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
+    def __init__(self, message: str, exit_code: int, status: int | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.status = status  # the daemon's HTTP status, None when it did not answer
 
 
 class _Api:
@@ -349,7 +371,8 @@ class _Api:
         if response.status >= 400:
             error = (payload or {}).get("error", {})
             code = EXIT_USAGE if response.status in (400, 404, 409) else EXIT_FAILED
-            raise _ApiError(f"{error.get('message', response.reason)} (HTTP {response.status})", code)
+            raise _ApiError(f"{error.get('message', response.reason)} (HTTP {response.status})", code,
+                            response.status)
         return payload
 
 
@@ -370,10 +393,37 @@ async def _remote(config: ClientConfig, args: argparse.Namespace) -> int:
                 return await _schedules(api, args)
             if args.command == "memory":
                 return await _memory(api, args)
+            if args.command in ("reload", "plugins"):
+                return await _reload(api, args)
             return await _tasks(api, args)
         except _ApiError as exc:
             print(f"agentd: {exc}", file=sys.stderr)
             return exc.exit_code
+
+
+async def _reload(api: _Api, args: argparse.Namespace) -> int:
+    """`agentd reload` and `agentd plugins reload NAME`."""
+    if args.command == "plugins":
+        result = await api.call("POST", f"/v1/plugins/{urllib.parse.quote(args.name, safe='')}/reload")
+        _print(result)
+        return 0 if result["state"] == "started" and result["schedules_error"] is None else EXIT_FAILED
+    try:
+        outcome = await api.call("POST", "/v1/reload")
+    except _ApiError as exc:
+        if exc.status == 422:
+            raise _ApiError(f"reload refused, the daemon runs on as it was: {exc}", EXIT_USAGE,
+                            exc.status) from None
+        if exc.status == 401:
+            raise _ApiError(f"{exc}; if the new agentd.toml changes the token, reload with "
+                            "`systemctl reload agentd` (SIGHUP) instead", EXIT_FAILED, exc.status) from None
+        raise
+    _print(outcome)
+    if outcome["restart_required"]:
+        print(f"agentd: restart agentd to apply: {', '.join(outcome['restart_required'])}",
+              file=sys.stderr)
+    for what, error in outcome["errors"].items():
+        print(f"agentd: {what}: {error}", file=sys.stderr)
+    return EXIT_FAILED if outcome["errors"] else 0
 
 
 async def _submit(api: _Api, args: argparse.Namespace) -> int:
@@ -403,6 +453,13 @@ async def _tasks(api: _Api, args: argparse.Namespace) -> int:
         for task in page["tasks"]:
             print(f"{task['id']:>8}  {task['status']:<10} {task['name']:<30} "
                   f"attempts {task['attempts']}/{task['max_attempts']}")
+        return 0
+    if args.action == "answer":
+        try:
+            given = json.loads(args.answer)
+        except json.JSONDecodeError:
+            given = args.answer  # plain text: `agentd tasks answer 12 yes`
+        _print(await api.call("POST", f"/v1/tasks/{args.id}/answer", {"answer": given}))
         return 0
     method, path = {
         "show": ("GET", "/v1/tasks/{}"), "cancel": ("POST", "/v1/tasks/{}/cancel"),

@@ -1,14 +1,17 @@
 """`Context`: what a running task receives as `ctx`: who it is, a logger, its plugin's
 configuration, progress and other events (`progress`, `publish`, `token`), durable children
-(`call`, `gather`, `submit`), memoized steps, and the daemon's services: memory, mail,
-outgoing webhooks and the LLM (typed by the Protocols of protocols.py)."""
+(`call`, `gather`, `submit`), memoized steps, durable waits (`sleep`, `sleep_until`,
+`wait_for`, `ask`: see waits.py), and the daemon's services: memory, mail, outgoing
+webhooks and the LLM (typed by the Protocols of protocols.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 import json
+import math
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -16,13 +19,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import structlog
 
 from agentd import protocols as api
-from agentd.errors import TaskFailedError, describe
-from agentd.events import Event, check_event_data, check_publishable
+from agentd.errors import TaskFailedError, WaitTimeoutError, describe
+from agentd.events import Event, TopicPattern, check_event_data, check_publishable
 from agentd.llm import TaskLlm
 from agentd.log import get_logger
 from agentd.mail import MailSender
 from agentd.taskdef import encode_json
-from agentd.taskqueue import TaskQueue, TaskRecord
+from agentd.taskqueue import LATEST_RUN_AT, TaskQueue, TaskRecord
+from agentd.waits import Suspend, WaitRequest, Waits
 from agentd.webhooks import WebhookSender
 
 if TYPE_CHECKING:
@@ -53,7 +57,8 @@ class Context:
     """
 
     def __init__(self, record: TaskRecord, queue: TaskQueue, slots: Slots,
-                 config: Mapping[str, Any], services: Services, *, token_budget: int = 0) -> None:
+                 config: Mapping[str, Any], services: Services, *, waits: Waits,
+                 token_budget: int = 0) -> None:
         self._task: TaskInfo | None = None
         self._config = config
         self._services = services
@@ -65,6 +70,8 @@ class Context:
         self._queue = queue
         self._slots = slots
         self._calls = 0
+        self._waits = waits
+        self._waits_made = 0  # numbers this attempt's durable waits, in call order
         self._waiting = 0
         self._closed = False
         self._holds_slot = True
@@ -286,6 +293,105 @@ class Context:
         # strings), so that every attempt sees the same value.
         return value if isinstance(value, str | int | bool | None) else json.loads(encoded)
 
+    # -- durable waits (waits.py) -----------------------------------------------------------
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` durably: the attempt ends, and the task waits (state `waiting`, no
+        worker slot, lease or coroutine) until the time comes; then it runs again from the
+        top, and this returns at once. A restart in between changes nothing.
+
+        Raises:
+            ValueError: `seconds` is no finite number.
+        """
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
+            raise ValueError(f"seconds must be a finite number, got {seconds!r}")
+        await self.sleep_until(time.time() + max(0.0, seconds))
+
+    async def sleep_until(self, when: float) -> None:
+        """Wait durably until the Unix time `when` (as `sleep`); a time past returns at once
+        the first time too.
+
+        Raises:
+            ValueError: `when` is no Unix time before 2100-01-01.
+        """
+        wake_at = _unix_time("when", when)
+        seq = self._next_wait()
+        stored = await self._waits.store.recorded(self.task.id, seq)
+        if stored is not None and stored.resolved:
+            return
+        if stored is None and wake_at <= time.time():
+            return  # nothing to wait for: not written, and every replay comes here too
+        raise Suspend(stored.request if stored is not None else WaitRequest(seq, "sleep", wake_at))
+
+    async def wait_for(self, pattern: str, match: Mapping[str, Any] | None = None, *,
+                       timeout: float | None = None) -> Event:
+        """Wait durably (as `sleep`) for an event whose topic matches `pattern` (`*` one
+        segment, `**` any number) and whose data has every field of `match` with its value,
+        published from anywhere: the API, a plugin, an inbound webhook, another task. An
+        event published after this is called is not missed, even before the task's
+        `waiting` state is written. Returns the event.
+
+        Raises:
+            WaitTimeoutError: (a TimeoutError) no such event came within `timeout` s.
+            PatternError: `pattern` is malformed.
+            ValueError: `match` or `timeout` is wrong; the message names it.
+        """
+        topic = TopicPattern.parse(pattern).text
+        fields = dict(check_event_data(match))
+        encode_json(fields, "match")
+        seq = self._next_wait()
+        request = WaitRequest(seq, "event", self._timeout_at(timeout), topic, fields or None)
+        # Indexed before anything is awaited: an event published from now on is caught.
+        self._waits.expect(self.task.id, request)
+        stored = await self._waits.store.recorded(self.task.id, seq)
+        if stored is not None and stored.resolved:
+            self._waits.forget(self.task.id, seq)
+            if stored.timed_out or stored.outcome is None:
+                raise WaitTimeoutError(seq, f"no event matching {stored.request.topic!r} came")
+            return Event(**json.loads(stored.outcome))
+        if stored is not None:  # asked before (its task requeued by hand): as it was asked
+            request = stored.request
+            self._waits.expect(self.task.id, request)
+        raise Suspend(request)
+
+    async def ask(self, prompt: str, data: Mapping[str, Any] | None = None, *,
+                  timeout: float | None = None) -> Any:
+        """Ask a person and wait durably (as `sleep`) for the answer: the question is listed
+        (`GET /v1/approvals`, the task's `waiting_for`), published as `task.waiting`, and
+        answered with `POST /v1/tasks/{id}/answer` (or `agentd tasks answer ID ANSWER`).
+        Returns the answer (any JSON value); each question is answered once.
+
+        Raises:
+            WaitTimeoutError: (a TimeoutError) nobody answered within `timeout` s.
+            ValueError: `prompt`, `data` or `timeout` is wrong; the message names it.
+        """
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+        shown = dict(check_event_data(data))
+        encode_json(shown, "the data of a question")
+        wake_at = self._timeout_at(timeout)
+        seq = self._next_wait()
+        stored = await self._waits.store.recorded(self.task.id, seq)
+        if stored is not None and stored.resolved:
+            if stored.timed_out or stored.outcome is None:
+                raise WaitTimeoutError(seq, f"nobody answered {stored.request.prompt!r}")
+            return json.loads(stored.outcome)
+        raise Suspend(stored.request if stored is not None else WaitRequest(
+            seq, "ask", wake_at, prompt=prompt, data=shown))
+
+    def _next_wait(self) -> int:
+        self._waits_made += 1
+        return self._waits_made
+
+    @staticmethod
+    def _timeout_at(timeout: float | None) -> float | None:
+        """When a wait of `timeout` s asked now times out (None: never)."""
+        if timeout is None:
+            return None
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        return _unix_time("timeout", time.time() + timeout)
+
     def _close(self) -> None:
         """Called by the worker when the attempt is over: orphaned waits take no slot back."""
         self._closed = True
@@ -313,3 +419,10 @@ class Context:
                 else:
                     await self._slots.retake()
                     self._holds_slot = True
+
+
+def _unix_time(name: str, when: object) -> float:
+    """`when` as a wake time, or ValueError naming `name`."""
+    if isinstance(when, bool) or not isinstance(when, int | float) or not 0 <= when <= LATEST_RUN_AT:
+        raise ValueError(f"{name} must be a Unix time before 2100-01-01, got {when!r}")
+    return float(when)

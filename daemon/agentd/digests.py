@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from agentd.context import Context
 
 SEND_DIGEST_TASK = "agentd.send_digest"
+SCHEDULE_PREFIX = "agentd.digest."  # + the digest's name: a timed digest's schedule id
 
 # The statements on `digest_cursors`, all of them: per digest, the last event mailed and the
 # last of a send under way (`pending_last_id`, set before the mail goes out).
@@ -108,19 +109,37 @@ class Digests:
         self._spawner = spawner
         self._subscriptions: list[Subscription] = []
         self._gathered: dict[str, int] = {}
+        self._queue_name = ""  # the queue of its task and schedules (`register`)
         # One send of a digest at a time: two would read the same cursor and mail twice.
         self._sending = {name: asyncio.Lock() for name in self.specs}
 
     def register(self, registry: TaskRegistry, queue: str) -> list[ScheduleSpec]:
         """Add the `agentd.send_digest` task; return the schedules of the timed digests."""
         registry.add(TaskDef(name=SEND_DIGEST_TASK, fn=self._send_task, queue=queue, max_attempts=5))
-        return [ScheduleSpec(id=f"agentd.digest.{spec.name}", every=spec.every, task=SEND_DIGEST_TASK,
-                             args={"digest": spec.name}, catch_up="once", overlap="skip", queue=queue)
+        self._queue_name = queue
+        return self.schedules()
+
+    def schedules(self) -> list[ScheduleSpec]:
+        """The schedules of the timed digests (ids `agentd.digest.<name>`), once registered."""
+        return [ScheduleSpec(id=f"{SCHEDULE_PREFIX}{spec.name}", every=spec.every,
+                             task=SEND_DIGEST_TASK, args={"digest": spec.name}, catch_up="once",
+                             overlap="skip", queue=self._queue_name)
                 for spec in self.specs.values() if spec.every is not None]
 
-    def check_persistence(self) -> None:
-        """Raise ValueError for a digest whose events the event log would not keep."""
-        for spec in self.specs.values():
+    async def reconfigure(self, specs: Mapping[str, DigestSpec]) -> None:
+        """Serve `specs` from now on (a reload): the counts start again, a new digest's
+        cursor starts at the present, a kept one's stays where it is. The caller re-syncs
+        the schedules (`schedules()`)."""
+        self.stop()
+        self.specs = dict(specs)
+        self._gathered = {name: n for name, n in self._gathered.items() if name in self.specs}
+        self._sending = {name: self._sending.get(name) or asyncio.Lock() for name in self.specs}
+        await self.start()
+
+    def check_persistence(self, specs: Mapping[str, DigestSpec] | None = None) -> None:
+        """Raise ValueError for a digest (of `specs`, by default the running ones) whose
+        events the event log would not keep."""
+        for spec in (self.specs if specs is None else specs).values():
             for part in spec.topics.patterns:
                 # A topic the pattern matches stands for it: the rules are patterns too.
                 topic = ".".join("x" if s in ("*", "**") else s for s in part.segments)

@@ -69,6 +69,10 @@ class PluginError(AgentdError):
     """A plugin could not be imported, declared itself wrongly, or failed to start."""
 
 
+class PluginNotFoundError(PluginError, LookupError):
+    """No plugin of that name was found (loaded, started, failed or stopped)."""
+
+
 class PatternError(AgentdError, ValueError):
     """A topic or topic pattern does not follow the bus grammar."""
 
@@ -133,6 +137,15 @@ class Retry(Exception):  # noqa: N818 - a control-flow signal, named as the verb
             delay = None
         return cls(delay=None if delay is None else min(max(0.0, delay), cls.MAX_RETRY_AFTER),
                    reason=reason)
+
+
+class WaitTimeoutError(TimeoutError):
+    """Raised by `ctx.wait_for` or `ctx.ask` when its `timeout` passed first: no event
+    matched, or nobody answered. `wait` is the wait's number among the task's waits."""
+
+    def __init__(self, wait: int, what: str) -> None:
+        super().__init__(f"wait {wait} timed out: {what}")
+        self.wait = wait
 
 
 class Fail(Exception):  # noqa: N818 - a control-flow signal

@@ -209,6 +209,15 @@ def _describe(schemes: tuple[str, ...]) -> str:
     return " or ".join(names[scheme] for scheme in schemes)
 
 
+def configured_hooks(config: Config) -> dict[str, InboundHook]:
+    """The hooks of `[hooks.<name>]`, with the secrets `load_config` read (and checked)."""
+    return {name: InboundHook(
+                name=name, standard_key=signing_key(spec.secret), hex_key=spec.secret.encode(),
+                schemes=spec.schemes, tolerance=spec.tolerance,
+                replay_window=config.hooks.replay_window)
+            for name, spec in config.hooks.settings.items()}
+
+
 class InboundHooks:
     """The configured inbound hooks, with their keys, and the delivery ids each has taken:
     kept in the database (table `hook_deliveries`), so a restart forgets none."""
@@ -221,13 +230,11 @@ class InboundHooks:
     @classmethod
     def from_config(cls, config: Config, store: DeliveryStore) -> InboundHooks:
         """Build the hooks of `[hooks.<name>]`, with the secrets `load_config` read (and checked)."""
-        hooks = {}
-        for name, spec in config.hooks.settings.items():
-            hooks[name] = InboundHook(
-                name=name, standard_key=signing_key(spec.secret), hex_key=spec.secret.encode(),
-                schemes=spec.schemes, tolerance=spec.tolerance,
-                replay_window=config.hooks.replay_window)
-        return cls(hooks, store)
+        return cls(configured_hooks(config), store)
+
+    def replace(self, hooks: Mapping[str, InboundHook]) -> None:
+        """Serve `hooks` from the next delivery on (a reload); the delivery ids taken stay."""
+        self._hooks = dict(hooks)
 
     def get(self, name: str) -> InboundHook | None:
         return self._hooks.get(name)

@@ -39,6 +39,10 @@ class Mailer:
         self.config = config
         self._password = password
 
+    def reconfigure(self, config: MailConfig, password: str) -> None:
+        """Use `config` and `password` from the next delivery on (a reload)."""
+        self.config, self._password = config, password
+
     @property
     def enabled(self) -> bool:
         return bool(self.config.host)

@@ -11,11 +11,17 @@ A plugin that fails to import or to start is recorded as `failed` with its error
 registrations are removed, and the daemon runs on. Everything a plugin registers is
 undone when it is unloaded. A configured plugin directory that does not exist is a
 warning (in `warnings`, shown by `/healthz`), not an error.
+
+Reloading one plugin (`reload`) imports its file again as a new module, and only once that
+worked swaps it in: the old code's shutdown hooks run, its registrations are undone and the
+new code's made in one step (no moment without the plugin's tasks), then its startup hooks
+run. A task already running keeps the function it started with; new tasks get the new code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
@@ -36,7 +42,7 @@ from agentd import protocols as api
 from agentd.bus import Bus
 from agentd.config import Config
 from agentd.embed import Embedder
-from agentd.errors import PluginError, describe
+from agentd.errors import PluginError, PluginNotFoundError, describe
 from agentd.events import Event, TopicPattern, check_event_data, check_publishable
 from agentd.log import get_logger
 from agentd.mail import MailSender
@@ -234,13 +240,7 @@ class PluginManager:
         """Run shutdown hooks of started plugins, last started first, then unload them all."""
         for record in reversed(list(self.plugins.values())):
             if record.state == "started" and record.plugin is not None:
-                ctx = self.context(record.plugin)
-                for hook in reversed(record.plugin._shutdown_hooks):
-                    try:
-                        await asyncio.wait_for(_call_hook(hook, ctx), deadline)
-                    except (Exception, SystemExit) as exc:
-                        self._log.error("plugin.shutdown_failed", plugin=record.name,
-                                        error=_describe(exc))
+                await self._run_shutdown_hooks(record, deadline)
                 record.state = "stopped"
             record.registrations.close()
 
@@ -262,6 +262,92 @@ class PluginManager:
             if record.module and (module == record.module or module.startswith(record.module + ".")):
                 return record.name
         return None
+
+    def reconfigure(self, config: Config) -> None:
+        """Take `config` (a reload) for the `[plugins.<name>]` tables of plugins loaded or
+        reloaded from now on; what plugins are found (paths, enabled, disabled) stays."""
+        self._config = config
+
+    async def reload(self, name: str, deadline: float) -> LoadedPlugin:
+        """Import plugin `name` again from its file, with its `[plugins.<name>]` table as the
+        configuration holds it now, and put the new code in the old one's place (see the
+        module docstring). A plugin that had failed is loaded afresh the same way. Each
+        hook gets `deadline` s. Returns the new record: `started`, or `failed` when its
+        tasks clash or a startup hook failed (then it is unloaded, as at the daemon's start).
+
+        Raises:
+            PluginNotFoundError: no plugin of that name was found.
+            PluginError: it comes from an entry point (its package is not reloaded), or its
+                file fails to import or declares another plugin: the old code runs on.
+        """
+        old = self.plugins.get(name)
+        if old is None:
+            known = ", ".join(sorted(self.plugins)) or "none"
+            raise PluginNotFoundError(f"no plugin named {name!r} (plugins found: {known})")
+        plugin, module = self._import_again(old)
+        if old.state == "started" and old.plugin is not None:
+            await self._run_shutdown_hooks(old, deadline)
+        old.registrations.close()
+        old.state = "stopped"
+        plugin._bind_config(self._config.plugins.settings.get(name, {}))
+        record = LoadedPlugin(name, old.source, "loaded", plugin=plugin, module=module)
+        self.plugins[name] = record
+        self._register_tasks(record)
+        if record.state == "loaded":
+            await self._start(record, deadline)
+        self._log.info("plugin.reloaded", plugin=name, source=record.source, state=record.state)
+        return record
+
+    def _import_again(self, record: LoadedPlugin) -> tuple[Plugin, str]:
+        """Execute the plugin's file as a new module (a package's submodules afresh too);
+        its `Plugin` and module name. On failure the modules of the old code stay in
+        `sys.modules` (its imports made later still find them).
+
+        Raises:
+            PluginError: as `reload` says.
+        """
+        path = Path(record.source)
+        if path.suffix == ".py" and path.is_file():
+            stem, package_dir, init = path.stem, None, path
+        elif path.is_dir() and (path / "__init__.py").is_file():
+            stem, package_dir, init = path.name, path, path / "__init__.py"
+        elif record.source.startswith("entry point "):
+            raise PluginError(f"plugin {record.name!r} comes from an {record.source}: restart "
+                              "agentd to load a new version of its package")
+        else:
+            raise PluginError(f"plugin {record.name!r}: its file {record.source} is gone")
+        _forget_bytecode(path)
+        module = f"{_MODULE_PREFIX}.{stem}"
+        kept = {key: value for key, value in sys.modules.items()
+                if key == module or key.startswith(module + ".")}
+        for key in kept:
+            del sys.modules[key]
+        try:
+            loaded = _path_loader(stem, init, package_dir)()
+            plugin = getattr(loaded, "plugin", None)
+            if not isinstance(plugin, Plugin):
+                raise PluginError(f"{record.source} defines no `plugin = Plugin(...)`")
+            if plugin.name != record.name:
+                raise PluginError(f"{record.source} now declares plugin {plugin.name!r}, not "
+                                  f"{record.name!r}: restart agentd to rename a plugin")
+        except (Exception, SystemExit) as exc:
+            for key in [key for key in sys.modules if key == module or key.startswith(module + ".")]:
+                del sys.modules[key]
+            sys.modules.update(kept)
+            if isinstance(exc, PluginError):
+                raise
+            raise PluginError(f"{record.source} failed to import: {_describe(exc)}") from exc
+        return plugin, module
+
+    async def _run_shutdown_hooks(self, record: LoadedPlugin, deadline: float) -> None:
+        """Run a started plugin's shutdown hooks, last declared first; a failure is logged."""
+        assert record.plugin is not None
+        ctx = self.context(record.plugin)
+        for hook in reversed(record.plugin._shutdown_hooks):
+            try:
+                await asyncio.wait_for(_call_hook(hook, ctx), deadline)
+            except (Exception, SystemExit) as exc:
+                self._log.error("plugin.shutdown_failed", plugin=record.name, error=_describe(exc))
 
     def unload(self, name: str) -> None:
         """Remove everything `name` registered; its record stays, marked stopped."""
@@ -483,6 +569,18 @@ def _path_loader(module_name: str, path: Path, package_dir: Path | None) -> Call
         return module
 
     return load
+
+
+def _forget_bytecode(path: Path) -> None:
+    """Delete the cached bytecode of the plugin's files (`path`, or every module of the
+    package at `path`): Python trusts a `.pyc` whose recorded source mtime, in whole
+    seconds, and size match, so a file rewritten within the second of its last import,
+    at the same length, would be imported as its old code. Where the cache cannot be
+    deleted (a read-only install), that narrow case stays."""
+    sources = path.rglob("*.py") if path.is_dir() else [path]
+    for source in sources:
+        with contextlib.suppress(OSError, ValueError):
+            Path(importlib.util.cache_from_source(str(source))).unlink(missing_ok=True)
 
 
 async def _call_hook(hook: Hook, ctx: PluginContext) -> None:

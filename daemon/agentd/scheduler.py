@@ -312,7 +312,6 @@ class Scheduler:
         """
         for spec, source in declared:
             self._check_action(spec, f"{source} schedule {spec.id!r}: ")
-        now = self.clock.now()
         stored = {state.spec.id: state for state in await self.store.load()}
         wanted = {spec.id: (spec, source) for spec, source in declared}
         for schedule_id, state in stored.items():
@@ -320,6 +319,43 @@ class Scheduler:
                 await self.store.delete(schedule_id)
                 continue
             self.schedules[schedule_id] = state
+        await self._declare(wanted)
+        for schedule_id, state in self.schedules.items():
+            if state.last_task_id is not None:
+                self._by_task[state.last_task_id] = schedule_id
+        self.store.watch(self._changed_elsewhere)
+        if outcomes is not None and outcomes is not self.bus:
+            self._remote = outcomes.subscribe(_FINAL_TOPICS, self._on_task_final,
+                                              name="scheduler-remote")
+
+    async def redeclare(self, declared: list[tuple[ScheduleSpec, DeclaredSource]]) -> list[str]:
+        """Re-sync the declared schedules while running (a reload): as `start` does, those
+        no longer declared are deleted, new ones added, changed ones replaced (keeping their
+        record, timed from now); unchanged ones and the API's are left as they are. Returns
+        the ids added, changed or removed.
+
+        Raises:
+            InvalidScheduleError: a declared schedule names an unknown task (nothing changed).
+        """
+        for spec, source in declared:
+            self._check_action(spec, f"{source} schedule {spec.id!r}: ")
+        wanted = {spec.id: (spec, source) for spec, source in declared}
+        removed = [schedule_id for schedule_id, state in self.schedules.items()
+                   if state.source != "api" and schedule_id not in wanted]
+        for schedule_id in removed:
+            del self.schedules[schedule_id]
+            with self._writing_to(schedule_id):
+                await self.store.delete(schedule_id)
+            self._writes.pop(schedule_id, None)
+        touched = await self._declare(wanted)
+        self.wake()
+        return sorted([*removed, *touched])
+
+    async def _declare(self, wanted: dict[str, tuple[ScheduleSpec, DeclaredSource]]) -> list[str]:
+        """Add the declared schedules `wanted` that are new, replace those changed (their
+        record kept, their timing from now); return the ids of both."""
+        now = self.clock.now()
+        touched: list[str] = []
         for schedule_id, (spec, source) in wanted.items():
             known = self.schedules.get(schedule_id)
             if known is not None and known.source == "api":
@@ -334,14 +370,9 @@ class Scheduler:
             else:
                 continue
             self.schedules[schedule_id] = known
+            touched.append(schedule_id)
             await self._save(known)
-        for schedule_id, state in self.schedules.items():
-            if state.last_task_id is not None:
-                self._by_task[state.last_task_id] = schedule_id
-        self.store.watch(self._changed_elsewhere)
-        if outcomes is not None and outcomes is not self.bus:
-            self._remote = outcomes.subscribe(_FINAL_TOPICS, self._on_task_final,
-                                              name="scheduler-remote")
+        return touched
 
     async def load_stored(self) -> None:
         """Take the stored schedules as they are, declaring none and firing none: what a

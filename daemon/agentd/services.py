@@ -35,6 +35,18 @@ class Services:
             llm=LlmClient(config.llm, config.secrets.llm_key),
         )
 
+    def reconfigure(self, config: Config) -> None:
+        """Take `[mail]`, `[webhooks]` and `[llm]`, with their secrets, from `config` (a
+        reload): the next delivery or request uses them, one under way finishes as it began.
+
+        Raises:
+            ValueError: the `[webhooks]` secret is a `whsec_` secret that is not base64
+                (checked first: then nothing changed).
+        """
+        self.webhooks.reconfigure(config.webhooks, config.secrets.webhooks_secret)
+        self.mailer.reconfigure(config.mail, config.secrets.mail_password)
+        self.llm.reconfigure(config.llm, config.secrets.llm_key)
+
     async def close(self) -> None:
         """Close the HTTP sessions of the LLM and webhook clients."""
         await self.llm.close()

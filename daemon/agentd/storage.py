@@ -24,6 +24,7 @@ from agentd.store import Database, Store
 from agentd.store.sqlite import SqliteStore
 from agentd.streamkey import SqliteStreamKey, StreamKeyStore
 from agentd.taskqueue import SqliteTasks, TaskStore
+from agentd.waits import SqliteWaits, WaitStore
 
 if TYPE_CHECKING:
     from agentd.store.postgres import PgStore
@@ -40,6 +41,7 @@ class Storage:
     postgres: PgStore | None
     steps: StepStore
     tasks: TaskStore
+    waits: WaitStore
     events: EventStore
     digests: DigestStore
     schedules: ScheduleStore
@@ -59,7 +61,7 @@ def open_storage(config: Config) -> Storage:
 def _sqlite(store: SqliteStore) -> Storage:
     sqlite: Store = store
     return Storage(database=store, sqlite=store, postgres=None, steps=SqliteSteps(sqlite),
-                   tasks=SqliteTasks(sqlite), events=SqliteEvents(sqlite),
+                   tasks=SqliteTasks(sqlite), waits=SqliteWaits(sqlite), events=SqliteEvents(sqlite),
                    digests=SqliteDigests(sqlite),
                    schedules=SqliteSchedules(sqlite), hook_deliveries=SqliteDeliveries(sqlite),
                    stream_key=SqliteStreamKey(sqlite))
@@ -73,10 +75,12 @@ def _postgres(store: PgStore) -> Storage:
     from agentd.postgres.steps import PgSteps
     from agentd.postgres.streamkey import PgStreamKey
     from agentd.postgres.tasks import PgTasks
+    from agentd.postgres.waits import PgWaits
 
     tasks = PgTasks(store)
     return Storage(database=store, sqlite=None, postgres=store, steps=PgSteps(store),
-                   tasks=tasks, events=PgEvents(store, tasks.peers_alive), digests=PgDigests(store),
+                   tasks=tasks, waits=PgWaits(store, tasks),
+                   events=PgEvents(store, tasks.peers_alive), digests=PgDigests(store),
                    schedules=PgSchedules(store), hook_deliveries=PgDeliveries(store),
                    stream_key=PgStreamKey(store))
 

@@ -1,4 +1,4 @@
-"""sd_notify without a dependency: READY, STATUS, WATCHDOG and STOPPING datagrams.
+"""sd_notify without a dependency: READY, RELOADING, STATUS, WATCHDOG and STOPPING datagrams.
 
 Everything here is a no-op when the process was not started by systemd with
 `NotifyAccess`/`Type=notify` (no `$NOTIFY_SOCKET`).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 
@@ -40,6 +41,11 @@ class Notifier:
 
     def ready(self, status: str) -> None:
         self.notify(READY="1", STATUS=status)
+
+    def reloading(self, status: str) -> None:
+        """RELOADING=1, with the CLOCK_MONOTONIC time systemd (253+) needs to tell this
+        reload from an earlier one; `ready` ends it."""
+        self.notify(RELOADING="1", STATUS=status, MONOTONIC_USEC=str(time.monotonic_ns() // 1000))
 
     def stopping(self, status: str, within: float | None = None) -> None:
         """STOPPING=1; with `within`, ask systemd to wait that many seconds for the stop

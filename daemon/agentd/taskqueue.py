@@ -13,7 +13,10 @@ and every state change is published on the bus after its commit:
     task.succeeded   finished with a result
     task.failed      finished with an error, no retry      (Fail raised, unknown task, bad result)
     task.dead        an attempt failed and none is left    (the dead-letter state)
-    task.cancelled   cancelled while queued or running
+    task.cancelled   cancelled while queued, running or waiting
+
+and, by agentd/waits.py, `task.waiting` (the task's wait was written) and `task.resumed`
+(queued again: the wait ended).
 
 Each event's data has `task_id`, `name`, `queue` and `status`; its `correlation_id` is the
 root task's id and its `causation_id` the parent task's id.
@@ -29,6 +32,7 @@ import os
 import secrets
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -55,7 +59,8 @@ from agentd.taskdef import TaskRegistry, encode_json
 # lookup per row decoded, 0.33 µs, and 0.45 µs more to bind to a statement than a str.)
 UnsuccessfulStatus = Literal["failed", "dead", "cancelled"]  # final, and always with an error
 FinalStatus = Literal["succeeded", UnsuccessfulStatus]
-TaskStatus = Literal["queued", "running", FinalStatus]  # in the order a task goes through them
+# In the order a task goes through them; `waiting`: on a durable wait (agentd/waits.py).
+TaskStatus = Literal["queued", "running", "waiting", FinalStatus]
 STATES: frozenset[TaskStatus] = frozenset(get_args(TaskStatus))
 FINAL_STATES: frozenset[TaskStatus] = frozenset(get_args(FinalStatus))
 # Listed through the tasks_unsuccessful index.
@@ -265,8 +270,11 @@ class TaskStore(Protocol):
 
     async def counts(self) -> dict[TaskStatus, int]: ...
 
-    async def queued_by_queue(self) -> dict[str, int]:
-        """Queued tasks per queue (queues with none left out)."""
+    async def by_queue(self, now: float) -> list[QueueFigures]:
+        """Per queue, its queued (with those due at `now`), running, failed, dead and
+        cancelled tasks, states with none left out: in one query, through the indexes of
+        those states. Succeeded tasks, nearly every row and not indexed by state, are not
+        counted."""
 
     async def cancel(self, task_id: int, now: float, ttl: float) -> tuple[list[TaskRecord], list[int]]:
         """Cancel the task and its unfinished descendants: the records ended, and the ids of
@@ -358,6 +366,16 @@ class Enqueued(NamedTuple):
     created: bool
 
 
+class QueueFigures(NamedTuple):
+    """One queue's tasks in one state, as `/metrics` shows them (`TaskStore.by_queue`)."""
+
+    queue: str
+    status: TaskStatus
+    tasks: int
+    due: int  # of queued ones, those whose run_at has come (0 in other states)
+    oldest_due: float | None  # the earliest run_at among those due (None: none is)
+
+
 class TaskQueue:
     """The queue's API for everything that is not a worker: HTTP, CLI, plugins, `ctx.call`."""
 
@@ -379,6 +397,9 @@ class TaskQueue:
         # Enqueues and requeues whose rows may be committed but whose `task.queued` is not
         # published yet, each a future done once it is (see `queued_published`).
         self._unpublished: set[asyncio.Future[None]] = set()
+        # (topic, task name) → the task events published here, heard or not: the counters
+        # /metrics shows (agentd_tasks_enqueued_total, ..._succeeded_total, ...).
+        self.published: Counter[tuple[str, str]] = Counter()
         # What other daemons sharing the store do (on SQLite, nothing: there are none).
         tasks.listen(work=self._work_elsewhere, done=self._finished_elsewhere,
                      cancel=self._cancel_elsewhere, reconnect=self._reconnected)
@@ -491,7 +512,7 @@ class TaskQueue:
             if len(requests) == 1:
                 raise
             raise type(exc)(f"tasks[{len(prepared)}]: {exc}") from exc  # which one of the batch
-        with self._publishing_queued():
+        with self.publishing_queued():
             return await self._insert(requests, prepared, now, alongside)
 
     async def _insert(self, requests: Sequence[TaskRequest], prepared: list[tuple[Any, ...]],
@@ -603,14 +624,11 @@ class TaskQueue:
         """Tasks per status (statuses with none left out)."""
         return await self.tasks.counts()
 
-    async def queued_by_queue(self) -> dict[str, int]:
-        """Queued tasks per queue (queues with none left out)."""
-        return await self.tasks.queued_by_queue()
-
     # -- changing --------------------------------------------------------------------------
 
     async def cancel(self, task_id: int) -> TaskRecord:
-        """Cancel a task and its unfinished descendants. Queued ones end now; running ones are
+        """Cancel a task and its unfinished descendants. Queued and waiting ones end now
+        (a waiting one's open wait with it); running ones are
         marked (so a restart never runs them) and their coroutines cancelled, on whichever
         daemon runs them."""
         _check_id(task_id)
@@ -629,7 +647,7 @@ class TaskQueue:
         succeeded come back to it as on a retry. Its children that did not succeed give up
         their keys, so its calls run them again instead of getting their failure back."""
         _check_id(task_id)
-        with self._publishing_queued():
+        with self.publishing_queued():
             record = await self.tasks.requeue(task_id, time.time())
             self.publish("task.queued", record, requeued=True)
         self.notify_work(record.queue)
@@ -691,9 +709,10 @@ class TaskQueue:
                 future.set_result(record)
 
     @contextlib.contextmanager
-    def _publishing_queued(self) -> Iterator[None]:
+    def publishing_queued(self) -> Iterator[None]:
         """Mark an enqueue in flight from before its rows commit until its `task.queued`
-        events are out; `queued_published` waits for it. Skipped while nobody hears
+        events are out (or a wait's wake, agentd/waits.py, until its `task.resumed` is);
+        `queued_published` waits for it. Skipped while nobody hears
         `task.queued`: then there is no order to keep."""
         if not self.bus.has_subscribers("task.queued"):
             yield
@@ -719,7 +738,8 @@ class TaskQueue:
     def publish(self, topic: str, record: TaskRecord, **extra: Any) -> None:
         """Publish a task event; not built at all when nobody would receive it (by default
         the event log keeps no `task.queued` or `task.started`; building and delivering an
-        unheard `task.queued` was 2.6 % of a no-op task's instructions)."""
+        unheard `task.queued` was 2.6 % of a no-op task's instructions); counted either way."""
+        self.published[topic, record.name] += 1
         if not self.bus.has_subscribers(topic):
             return
         self.bus.publish(
@@ -757,14 +777,21 @@ _FREE_UNSUCCESSFUL_CHILDREN_KEYS = (
 _DELETE = f"DELETE FROM tasks WHERE id = ? AND status IN {FINAL_SQL} RETURNING id"
 _PURGE_EXPIRED = f"DELETE FROM tasks WHERE expires_at < ? AND status IN {FINAL_SQL}"
 
-_QUEUED_BY_QUEUE = (
-    "SELECT queue, count(*) FROM tasks INDEXED BY tasks_claim WHERE status = 'queued' GROUP BY queue")
 _COUNTS = f"""
 SELECT 'queued', count(*) FROM tasks INDEXED BY tasks_claim WHERE status = 'queued'
 UNION ALL SELECT 'running', count(*) FROM tasks INDEXED BY tasks_running WHERE status = 'running'
+UNION ALL SELECT 'waiting', count(*) FROM tasks INDEXED BY tasks_waiting WHERE status = 'waiting'
 UNION ALL SELECT status, count(*) FROM tasks INDEXED BY tasks_unsuccessful
     WHERE error IS NOT NULL AND status IN {UNSUCCESSFUL_SQL} GROUP BY status
 UNION ALL SELECT 'all', count(*) FROM tasks
+"""
+_BY_QUEUE = f"""
+SELECT queue, 'queued', count(*), sum(run_at <= ?), min(iif(run_at <= ?, run_at, NULL))
+    FROM tasks INDEXED BY tasks_due WHERE status = 'queued' GROUP BY queue
+UNION ALL SELECT queue, 'running', count(*), 0, NULL FROM tasks INDEXED BY tasks_running
+    WHERE status = 'running' GROUP BY queue
+UNION ALL SELECT queue, status, count(*), 0, NULL FROM tasks INDEXED BY tasks_unsuccessful
+    WHERE error IS NOT NULL AND status IN {UNSUCCESSFUL_SQL} GROUP BY queue, status
 """
 
 _DESCENDANTS = """
@@ -1080,6 +1107,9 @@ class SqliteTasks:
         elif status == "running":
             indexed_by = "INDEXED BY tasks_running"
             clauses.append("status = 'running'")
+        elif status == "waiting":
+            indexed_by = "INDEXED BY tasks_waiting"
+            clauses.append("status = 'waiting'")
         for column, value in (("status", status), ("name", name), ("queue", queue)):
             if value is not None:
                 clauses.append(f"{column} = ?")
@@ -1103,8 +1133,8 @@ class SqliteTasks:
             counts["succeeded"] = succeeded
         return counts
 
-    async def queued_by_queue(self) -> dict[str, int]:
-        return {row[0]: row[1] for row in await self.store.read(_QUEUED_BY_QUEUE)}
+    async def by_queue(self, now: float) -> list[QueueFigures]:
+        return [QueueFigures(*row) for row in await self.store.read(_BY_QUEUE, (now, now))]
 
     async def cancel(self, task_id: int, now: float, ttl: float) -> tuple[list[TaskRecord], list[int]]:
         def op(conn: Connection) -> tuple[list[Row], list[int]]:
@@ -1114,8 +1144,11 @@ class SqliteTasks:
             marks = ",".join("?" * len(tree))
             ended = conn.execute(
                 f"UPDATE tasks SET status = 'cancelled', cancel_requested = 1, finished_at = ?, "
-                f"expires_at = ?, error = 'cancelled' WHERE id IN ({marks}) AND status = 'queued' "
-                "RETURNING *", (now, now + ttl, *tree)).fetchall()
+                f"expires_at = ?, error = 'cancelled' WHERE id IN ({marks}) "
+                "AND status IN ('queued', 'waiting') RETURNING *", (now, now + ttl, *tree)).fetchall()
+            if ended:  # a waiting task's wait ends with it: no timer or event wakes it
+                conn.execute(f"DELETE FROM task_waits WHERE resolved_at IS NULL AND task_id IN "
+                             f"({','.join('?' * len(ended))})", [row['id'] for row in ended])
             running = conn.execute(
                 f"UPDATE tasks SET cancel_requested = 1 WHERE id IN ({marks}) AND status = 'running' "
                 "RETURNING id", tree).fetchall()

@@ -41,12 +41,14 @@ class ServiceWatchdog:
         stopping: whether the daemon is stopping: the status line (systemd shows the stop's
             own) ends, the ping goes on.
         safe_mode: whether the daemon serves in safe mode: the status line begins by saying so.
+        reloading: whether a reload is under way: its own status line stands until it is
+            over, the ping goes on.
     """
 
     def __init__(self, notifier: Notifier, *, lag: Callable[[], float], max_lag: float,
                  running: Callable[[], int], queued: Callable[[], Awaitable[int]],
                  streams: Callable[[], int], stopping: Callable[[], bool],
-                 safe_mode: Callable[[], bool]) -> None:
+                 safe_mode: Callable[[], bool], reloading: Callable[[], bool] = lambda: False) -> None:
         self._notifier = notifier
         self._lag = lag
         self._max_lag = max_lag
@@ -55,6 +57,7 @@ class ServiceWatchdog:
         self._streams = streams
         self._stopping = stopping
         self._safe_mode = safe_mode
+        self._reloading = reloading
         self.withheld = False  # whether the last tick held the ping back
         self._log = get_logger("watchdog")
 
@@ -75,7 +78,7 @@ class ServiceWatchdog:
         """One tick: the ping if the loop is healthy, and the status line."""
         lag = self._lag()
         healthy = lag <= self._max_lag
-        if self._stopping():
+        if self._stopping() or self._reloading():
             if healthy and self._notifier.watchdog_interval:
                 self._notifier.notify(WATCHDOG="1")
             return

@@ -129,6 +129,10 @@ def refusal_reason(address: Address, allowed: tuple[Network, ...] = ()) -> str |
     return reason
 
 
+def _allowed_networks(config: WebhooksConfig) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in config.allow_networks)
+
+
 class AddressRefusedError(OSError):
     """A webhook's host is (or resolves to) an address it may not reach.
 
@@ -143,14 +147,14 @@ class _AddressGuard(AbstractResolver):
     connected to, which covers URLs that name an IP address (never resolved)."""
 
     def __init__(self, allowed: tuple[Network, ...]) -> None:
-        self._allowed = allowed
+        self.allowed = allowed  # `[webhooks] allow_networks`; a reload replaces it
         self._resolver = aiohttp.ThreadedResolver()
 
     def check(self, host: str, name: str | None = None) -> None:
         """Raise AddressRefusedError if `host` (an IP address, which `name` resolved to
         when given) is refused."""
         address = ipaddress.ip_address(host.partition("%")[0])  # a link-local scope is not part of it
-        reason = refusal_reason(address, self._allowed)
+        reason = refusal_reason(address, self.allowed)
         if reason is not None:
             embedded = _embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else None
             shown = f"{address} (that is {embedded})" if embedded else str(address)
@@ -185,8 +189,27 @@ class WebhookPoster:
         self.config = config
         self._secret = secret
         self._key = signing_key(secret)
-        self._allowed = tuple(ipaddress.ip_network(n, strict=False) for n in config.allow_networks)
+        self._guard = _AddressGuard(_allowed_networks(config))
         self._session: aiohttp.ClientSession | None = None
+        self._retired: list[aiohttp.ClientSession] = []  # sessions a reload replaced
+
+    def reconfigure(self, config: WebhooksConfig, secret: str) -> None:
+        """Use `config` and `secret` from the next delivery on (a reload); deliveries under
+        way finish as they began. A changed `allow_networks` also takes a new session, so
+        no connection opened under the old networks is reused.
+
+        Raises:
+            ValueError: the secret is a `whsec_` secret that is not base64 (nothing changed).
+        """
+        key = signing_key(secret)
+        allowed = _allowed_networks(config)
+        if allowed != self._guard.allowed and self._session is not None:
+            # Its pooled connections were checked against the old networks: none is reused.
+            # It is closed with the poster, once deliveries under way on it are long over.
+            self._retired.append(self._session)
+            self._session = None
+        self.config, self._secret, self._key = config, secret, key
+        self._guard.allowed = allowed
 
     @classmethod
     def from_config(cls, config: Config) -> WebhookPoster:
@@ -197,6 +220,9 @@ class WebhookPoster:
         registry.add(TaskDef(name=POST_WEBHOOK_TASK, fn=self._deliver_task, queue=queue, max_attempts=8))
 
     async def close(self) -> None:
+        for session in self._retired:
+            await session.close()
+        self._retired.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -227,8 +253,10 @@ class WebhookPoster:
             headers["webhook-signature"] = standard_signature(self._key, webhook_id, timestamp, payload)
             headers[SIGNATURE_HEADER] = sign(self._secret.encode(), payload)
         try:
-            async with self._client().post(url, data=payload, headers=headers,
-                                           allow_redirects=False) as response:
+            # The timeout per request, not the session's: a reload changes it for the next.
+            async with self._client().post(url, data=payload, headers=headers, allow_redirects=False,
+                                           timeout=aiohttp.ClientTimeout(total=self.config.timeout),
+                                           ) as response:
                 status = response.status
                 if 200 <= status < 300:
                     return {"status": status, "url": url}
@@ -253,10 +281,9 @@ class WebhookPoster:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            guard = _AddressGuard(self._allowed)
+            guard = self._guard
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(resolver=guard, socket_factory=guard.socket),
-                timeout=aiohttp.ClientTimeout(total=self.config.timeout))
+                connector=aiohttp.TCPConnector(resolver=guard, socket_factory=guard.socket))
         return self._session
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import inspect
 import json
 import random
@@ -43,6 +44,7 @@ from agentd.config import TasksConfig
 from agentd.context import Context
 from agentd.errors import Fail, InvalidTaskError, Retry, StoreWriteError, describe
 from agentd.log import get_logger
+from agentd.metrics import DISPATCH_BUCKETS, RUN_BUCKETS, Histograms
 from agentd.services import Services
 from agentd.supervise import Loop, Supervisor
 from agentd.taskdef import TaskDef, TaskRegistry, encode_json
@@ -55,6 +57,7 @@ from agentd.taskqueue import (
     TaskRecord,
     TaskStore,
 )
+from agentd.waits import Suspend, WaitRequest, Waits
 
 _LOG = get_logger("worker")
 
@@ -121,9 +124,11 @@ class WorkerPool:
     """Claims and runs tasks for every configured queue; see the module docstring."""
 
     def __init__(self, tasks: TaskStore, queue: TaskQueue, registry: TaskRegistry, config: TasksConfig,
-                 plugin_configs: Mapping[str, Mapping[str, Any]], *, services: Services) -> None:
+                 plugin_configs: Mapping[str, Mapping[str, Any]], *, services: Services,
+                 waits: Waits) -> None:
         self.tasks = tasks
         self.queue = queue
+        self.waits = waits
         self.registry = registry
         self.config = config
         self._claim_ahead = tasks.default_claim_ahead if config.claim_ahead is None else config.claim_ahead
@@ -133,6 +138,10 @@ class WorkerPool:
                        for name, n in config.queues.items()}
         self._ahead: dict[str, deque[TaskRecord]] = {name: deque() for name in config.queues}
         self._mean_run = dict.fromkeys(config.queues, SHORT_TASK * 2)  # unproven: not short
+        # By task name, for /metrics: how long a due task waited for its attempt to start
+        # (claim and slot), and how long its attempts' code ran.
+        self.dispatch_seconds = Histograms(DISPATCH_BUCKETS)
+        self.run_seconds = Histograms(RUN_BUCKETS)
         self.services = services
         self.running: dict[int, asyncio.Task[None]] = {}  # attempts whose code has not ended
         self._running_by_name: dict[str, int] = {}
@@ -177,6 +186,25 @@ class WorkerPool:
         for name in self.config.queues:
             self._claim_loops.append(supervisor.start(f"claim:{name}", partial(self._claim_loop, name)))
         self._heartbeat_loop = supervisor.start("task-heartbeat", self._heartbeat)
+
+    def reconfigure(self, queues: Mapping[str, int], plugin_configs: Mapping[str, Mapping[str, Any]]) -> None:
+        """Take new worker counts for the configured queues and new `[plugins.<name>]`
+        tables (a reload). A queue given more workers claims at once; one given fewer lets
+        its running tasks finish and claims again once fewer run than it now has. Tasks
+        started from now on get the new tables.
+
+        Raises:
+            ValueError: `queues` names other queues than the running ones (that needs a
+                restart: each queue has its claim loop).
+        """
+        if set(queues) != set(self._slots):
+            raise ValueError(f"the queues are {sorted(self._slots)}; adding or removing one "
+                             "needs a restart")
+        for name, count in queues.items():
+            self._slots[name].capacity = count
+            self._wakes[name].set()
+        self.config = dataclasses.replace(self.config, queues=dict(queues))
+        self._plugin_configs = plugin_configs
 
     async def stop(self, deadline: float, hurry: asyncio.Event | None = None) -> int:
         """Stop claiming; let running tasks finish for `deadline` s (less once `hurry` is
@@ -460,15 +488,19 @@ class WorkerPool:
             budget = (definition.token_budget
                       if definition is not None and definition.token_budget is not None
                       else self.services.llm.config.token_budget)
-            ctx = Context(record, self.queue, slots, plugin_config, self.services, token_budget=budget)
+            ctx = Context(record, self.queue, slots, plugin_config, self.services,
+                          waits=self.waits, token_budget=budget)
             if record.id not in self._cancelling:
                 await self.queue.queued_published()
                 self.queue.publish("task.started", record, attempt=record.attempts)
             began = time.monotonic()
+            self.dispatch_seconds.observe((record.name,), max(0.0, time.time() - record.run_at))
             outcome = await self._execute(record, definition, ctx)
             self._ended.add(record.id)
+            ran = time.monotonic() - began
+            self.run_seconds.observe((record.name,), ran)
             mean = self._mean_run[record.queue]
-            self._mean_run[record.queue] = mean + _RUN_WEIGHT * (time.monotonic() - began - mean)
+            self._mean_run[record.queue] = mean + _RUN_WEIGHT * (ran - mean)
             # Free the slot before the acknowledgement commits, so the next claim shares
             # its transaction. The row stays `running` until then: nothing can be lost, and
             # the task's waiters and final event follow the commit (`_announce_acks`).
@@ -497,6 +529,7 @@ class WorkerPool:
             self._cancelling.discard(record.id)
             self._ended.discard(record.id)
             self._release_concurrency(record)
+            self.waits.attempt_over(record.id)
 
     async def _execute(self, record: TaskRecord, definition: TaskDef | None, ctx: Context) -> _Outcome:
         try:
@@ -518,6 +551,8 @@ class WorkerPool:
             if not isinstance(value, str | int | bool | None):
                 value = json.loads(encoded)
             return _Outcome("succeeded", result=encoded, value=value)
+        except Suspend as suspend:  # a durable wait: the task waits, its attempt unspent
+            return _Outcome("waiting", wait=suspend.request)
         except asyncio.CancelledError:
             if record.id in self._cancelling:
                 return _CANCELLED
@@ -547,6 +582,9 @@ class WorkerPool:
                                       now=now, ttl_until=ttl_until)
             else:
                 status = "dead"
+        elif outcome.status == "waiting":
+            assert outcome.wait is not None
+            return self._suspend(record, outcome.wait, now=now, ttl_until=ttl_until)
         elif outcome.status == "interrupted":
             return self._put_back(record, outcome.error, interrupted=True, delay=0.0, now=now,
                                   ttl_until=ttl_until)
@@ -597,6 +635,26 @@ class WorkerPool:
             self.queue.publish("task.retrying", record, attempt=record.attempts,
                                error=error, delay=round(delay, 3))
         self.wake(record.queue)
+
+    async def _suspend(self, record: TaskRecord, request: WaitRequest, *, now: float,
+                       ttl_until: float) -> None:
+        """Write the task waiting on `request` (see agentd/waits.py); written again until it
+        commits while the storage refuses it, as a retry is."""
+        wait = WRITE_RETRY_FIRST
+        while True:
+            try:
+                stored = await self.waits.suspend(record, request, now, ttl_until)
+                break
+            except StoreWriteError as exc:
+                _LOG.error("tasks.suspend_failed", task_id=record.id, error=str(exc), retry_in=wait)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, WRITE_RETRY_MAX)
+        if stored == "lost":  # the lease lapsed: another daemon took the task over
+            _LOG.warning("task.lease_lost", task_id=record.id, attempt=record.attempts)
+        elif stored == "cancelled":  # a cancel came in as the attempt ended
+            record.status, record.error = "cancelled", "cancelled"
+            record.finished_at, record.expires_at = now, ttl_until
+            self.queue.announce_final(record, attempt=record.attempts, error="cancelled")
 
     def _announce_acks(self, records: list[TaskRecord], batch: asyncio.Future[list[int]]) -> None:
         """Once a transaction's acks commit, publish each task's final state and wake its
@@ -839,8 +897,9 @@ def _failure(exc: Exception, record: TaskRecord, ctx: Context) -> _Outcome:
 
 
 # How an attempt ended: a final state of the task, or one that queues it again: `retry`
-# (with attempts left; none left, it is dead) or `interrupted` by a stop.
-AttemptOutcome = Literal["succeeded", "failed", "cancelled", "retry", "interrupted"]
+# (with attempts left; none left, it is dead) or `interrupted` by a stop; or `waiting` on a
+# durable wait.
+AttemptOutcome = Literal["succeeded", "failed", "cancelled", "retry", "interrupted", "waiting"]
 
 
 class _Outcome(NamedTuple):
@@ -851,6 +910,7 @@ class _Outcome(NamedTuple):
     error: str | None = None
     delay: float | None = None
     value: Any = None
+    wait: WaitRequest | None = None  # what a `waiting` attempt waits on
 
 
 _CANCELLED = _Outcome("cancelled", error="cancelled")

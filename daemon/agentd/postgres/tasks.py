@@ -43,6 +43,7 @@ from agentd.taskqueue import (
     AckWriter,
     ClaimFuture,
     NameLimits,
+    QueueFigures,
     TaskRecord,
     TaskStatus,
     node_id,
@@ -97,7 +98,13 @@ _FREE_UNSUCCESSFUL_CHILDREN_KEYS = (
 _DELETE = f"DELETE FROM tasks WHERE id = $1 AND status IN {FINAL_SQL} RETURNING id"
 _PURGE_EXPIRED = f"DELETE FROM tasks WHERE expires_at < $1 AND status IN {FINAL_SQL}"
 _COUNTS = "SELECT status, count(*) FROM tasks GROUP BY status"
-_QUEUED_BY_QUEUE = "SELECT queue, count(*) FROM tasks WHERE status = 'queued' GROUP BY queue"
+_BY_QUEUE = f"""
+SELECT queue, 'queued', count(*), count(*) FILTER (WHERE run_at <= $1),
+    min(run_at) FILTER (WHERE run_at <= $1) FROM tasks WHERE status = 'queued' GROUP BY queue
+UNION ALL SELECT queue, 'running', count(*), 0, NULL FROM tasks WHERE status = 'running' GROUP BY queue
+UNION ALL SELECT queue, status, count(*), 0, NULL FROM tasks
+    WHERE error IS NOT NULL AND status IN {UNSUCCESSFUL_SQL} GROUP BY queue, status
+"""
 _DESCENDANTS = """
 WITH RECURSIVE tree(id) AS (
     SELECT $1::bigint UNION SELECT tasks.id FROM tasks JOIN tree ON tasks.parent_id = tree.id
@@ -105,8 +112,11 @@ WITH RECURSIVE tree(id) AS (
 """
 _CANCEL_QUEUED = (
     "UPDATE tasks SET status = 'cancelled', cancel_requested = 1, finished_at = $1, "
-    "expires_at = $2, error = 'cancelled' WHERE id = ANY($3::bigint[]) AND status = 'queued' "
-    "RETURNING *")
+    "expires_at = $2, error = 'cancelled' WHERE id = ANY($3::bigint[]) "
+    "AND status IN ('queued', 'waiting') RETURNING *")
+# A waiting task's wait ends with it: no timer or event wakes it.
+_CLOSE_CANCELLED_WAITS = ("DELETE FROM task_waits WHERE resolved_at IS NULL "
+                          "AND task_id = ANY($1::bigint[])")
 _CANCEL_RUNNING = ("UPDATE tasks SET cancel_requested = 1 WHERE id = ANY($1::bigint[]) "
                    "AND status = 'running' RETURNING id")
 _CANCELS_AMONG = "SELECT id FROM tasks WHERE cancel_requested <> 0 AND id = ANY($1::bigint[])"
@@ -406,8 +416,8 @@ class PgTasks:
     async def counts(self) -> dict[TaskStatus, int]:
         return {row[0]: row[1] for row in await self.store.read(_COUNTS) if row[1]}
 
-    async def queued_by_queue(self) -> dict[str, int]:
-        return {row[0]: row[1] for row in await self.store.read(_QUEUED_BY_QUEUE)}
+    async def by_queue(self, now: float) -> list[QueueFigures]:
+        return [QueueFigures(*row) for row in await self.store.read(_BY_QUEUE, (now,))]
 
     async def cancel(self, task_id: int, now: float, ttl: float) -> tuple[list[TaskRecord], list[int]]:
         async def op(conn: PgConnection) -> tuple[list[Any], list[int]]:
@@ -415,6 +425,8 @@ class PgTasks:
                 raise TaskNotFoundError(f"no task with id {task_id}")
             tree = [row[0] for row in await conn.fetch(_DESCENDANTS, task_id)]
             ended = await conn.fetch(_CANCEL_QUEUED, now, now + ttl, tree)
+            if ended:
+                await conn.execute(_CLOSE_CANCELLED_WAITS, [row["id"] for row in ended])
             running = [row[0] for row in await conn.fetch(_CANCEL_RUNNING, tree)]
             _notify_ids(DONE, [row["id"] for row in ended], self.node_id)
             _notify_ids(CANCEL, running, self.node_id)

@@ -63,7 +63,8 @@ if TYPE_CHECKING:
 
 # agentd.db's tables in copy order (a task before its steps), with the order rows are read.
 TABLES: dict[str, str] = {
-    "meta": "key", "tasks": "id", "task_steps": "task_id, key", "schedules": "id",
+    "meta": "key", "tasks": "id", "task_steps": "task_id, key",
+    "task_waits": "task_id, seq", "schedules": "id",
     "digest_cursors": "name", "hook_deliveries": "hook, delivery_id", "events": "id",
 }
 # The tables whose ids are identities on PostgreSQL.

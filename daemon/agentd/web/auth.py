@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from agentd.config import LOOPBACK_HOSTS, StreamsConfig
+from agentd.config import LOOPBACK_HOSTS, Config, StreamsConfig
 from agentd.events import TopicFilter
 from agentd.log import get_logger
 from agentd.streamkey import StreamKeyStore
@@ -233,24 +233,69 @@ def _scheme_folded(authorization: bytes) -> bytes:
     return scheme.lower() + space + rest
 
 
-def make_auth_middleware(token: str, stream_tokens: StreamTokens) -> Middleware:
-    """Require `Authorization: Bearer <token>` on every route not documented as public;
-    stream routes also take `?token=<stream token>`, which only reads."""
-    expected = f"bearer {token}".encode()
+class AccessRules:
+    """Who may call, as `[server]` says now: the API token, the Host names and the origins
+    allowed. The middlewares read it at each request, so a reload (`update`) applies to
+    the next request; one under way keeps the rules it was let in by."""
+
+    def __init__(self, config: Config) -> None:
+        self.token = ""
+        self.scrape_token = ""
+        self.hosts: frozenset[str] = frozenset()
+        self.origins: frozenset[str] = frozenset()
+        self.update(config)
+
+    def update(self, config: Config) -> None:
+        """Take `[server] token`/`token_file` and `[metrics] token`/`token_file` (as read
+        into the secrets), `host`, `allowed_hosts` and `allowed_origins` from `config`."""
+        server = config.server
+        self.token = config.secrets.api_token
+        self.scrape_token = config.secrets.metrics_token
+        self.hosts = frozenset(name.strip("[]").rstrip(".").lower()
+                               for name in (server.host, *server.allowed_hosts))
+        self.origins = listed_origins(server.allowed_origins)
+
+    @property
+    def expected(self) -> bytes:
+        """The Authorization header that carries the token, its scheme folded."""
+        return f"bearer {self.token}".encode()
+
+
+ACCESS: web.AppKey[AccessRules] = web.AppKey("access", AccessRules)
+
+
+def make_auth_middleware(rules: AccessRules, stream_tokens: StreamTokens) -> Middleware:
+    """While a token is configured, require `Authorization: Bearer <token>` on every route
+    not documented as public; stream routes also take `?token=<stream token>`, which only
+    reads, and the scrape route (`/metrics`) also takes `[metrics] token` as its bearer
+    token. With neither, let everything through (the Host and Origin checks stand); with
+    only the metrics token, only the scrape route is guarded, by it."""
 
     @web.middleware
     async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not rules.token and not rules.scrape_token:
+            return await handler(request)
+        expected = rules.expected if rules.token else None
+        scrape_expected = f"bearer {rules.scrape_token}".encode() if rules.scrape_token else None
         route_doc = _doc(request.match_info.route.handler)
         # aiohttp decodes header bytes with surrogateescape: encode them back the same way.
         given = _scheme_folded(request.headers.get("Authorization", "").encode("utf-8", "surrogateescape"))
         if route_doc is not None and getattr(route_doc, "public", False):
-            request[_TOKEN_GIVEN] = hmac.compare_digest(given, expected)
+            if expected is not None:
+                request[_TOKEN_GIVEN] = hmac.compare_digest(given, expected)
             return await handler(request)
-        if hmac.compare_digest(given, expected):
+        if expected is not None and hmac.compare_digest(given, expected):
+            return await handler(request)
+        scrape = bool(getattr(route_doc, "scrape", False))
+        if scrape and scrape_expected is not None and hmac.compare_digest(given, scrape_expected):
+            return await handler(request)
+        if expected is None and not scrape:
             return await handler(request)
         stream = bool(getattr(route_doc, "stream", False))
         query_token = request.query.get("token")
         why = "a valid 'Authorization: Bearer <token>' is required"
+        if scrape and scrape_expected is not None:
+            why += " (the [metrics] token" + (" or the API token)" if expected is not None else ")")
         if stream:
             why += " (or ?token= from POST /v1/stream-tokens)"
             if query_token:
@@ -288,9 +333,8 @@ def host_allowed(name: str, allowed: frozenset[str]) -> bool:
         return False
 
 
-def make_host_middleware(host: str, allowed_hosts: tuple[str, ...]) -> Middleware:
+def make_host_middleware(rules: AccessRules) -> Middleware:
     """Refuse (421) a request whose Host header is not a name this daemon answers to."""
-    allowed = frozenset(name.strip("[]").rstrip(".").lower() for name in (host, *allowed_hosts))
 
     @web.middleware
     async def check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -298,7 +342,7 @@ def make_host_middleware(host: str, allowed_hosts: tuple[str, ...]) -> Middlewar
         header = request.headers.get("Host")
         if header is not None:
             name = host_name(header)
-            if name is None or not host_allowed(name, allowed):
+            if name is None or not host_allowed(name, rules.hosts):
                 raise ApiError(421, "host_not_allowed",
                                f"this daemon does not answer to Host {header!r}; add the name to "
                                "[server] allowed_hosts if it should")
@@ -336,16 +380,16 @@ def listed_origins(allowed_origins: tuple[str, ...]) -> frozenset[str]:
     return frozenset(origin.rstrip("/") for origin in allowed_origins)
 
 
-def make_origin_middleware(allowed_origins: tuple[str, ...]) -> Middleware:
+def make_origin_middleware(rules: AccessRules) -> Middleware:
     """Refuse a browser request (it has an Origin header) from an origin not allowed, and
     answer the CORS preflights of listed origins (before auth: preflights carry no token)."""
-    allowed = listed_origins(allowed_origins)
 
     @web.middleware
     async def check_origin(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
         if origin is None:
             return await handler(request)
+        allowed = rules.origins
         if not origin_allowed(origin, allowed):
             raise ApiError(403, "origin_not_allowed",
                            f"origin {origin!r} is not allowed; add it to [server] allowed_origins")
@@ -364,13 +408,16 @@ def make_origin_middleware(allowed_origins: tuple[str, ...]) -> Middleware:
 ResponseSignal = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
 
 
-def make_cors_signal(allowed_origins: tuple[str, ...]) -> ResponseSignal:
+def make_cors_signal(rules: AccessRules) -> ResponseSignal:
     """An `on_response_prepare` handler naming a listed origin in every response to it,
     errors and streams included (a page must be able to read a 401 too). The origin is
-    echoed, never `*`, and no credentials (cookies) are allowed: the API has none."""
-    allowed = listed_origins(allowed_origins)
+    echoed, never `*`, and no credentials (cookies) are allowed: the API has none. While
+    no origin is listed it adds nothing."""
 
     async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+        allowed = rules.origins
+        if not allowed:
+            return
         origin = request.headers.get("Origin")
         response.headers.add("Vary", "Origin")
         if origin is not None and cors_granted(origin, allowed):

@@ -66,7 +66,7 @@ _TYPES = {".js": "text/javascript", ".css": "text/css"}
 @routes.get("/")
 @doc("The dashboard: a page to watch and steer the daemon from a browser (it asks for the "
      "token when one is configured)", tag="dashboard", public=True,
-     responses={200: "The dashboard page"}, media_types=("text/html",), schemas=_HTML)
+     responses={200: "The dashboard page"}, media_type="text/html", schemas=_HTML)
 async def page(request: web.Request) -> web.Response:
     # Not cached: it names the current version of the files.
     return web.Response(body=assets().index, content_type="text/html", charset="utf-8",
@@ -75,7 +75,7 @@ async def page(request: web.Request) -> web.Response:
 
 @routes.get("/dashboard/{version}/{name}")
 @doc("A static file of the dashboard (scripts, styles), under the version the page names",
-     tag="dashboard", public=True, media_types=tuple(_TYPES.values()),
+     tag="dashboard", public=True, media_type=tuple(_TYPES.values()),
      responses={200: "The file (a JavaScript module or the stylesheet), cacheable for a year",
                 404: "No such file, or another version than this daemon's"},
      schemas={200: {"type": "string", "description": "the file's bytes"}})

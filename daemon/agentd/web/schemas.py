@@ -177,6 +177,20 @@ class TaskListQuery(Struct):
     before: Annotated[Id, Meta(description="the `next` value of the previous page")] | UnsetType = UNSET
 
 
+class ApprovalsQuery(Struct):
+    limit: Annotated[int, Meta(ge=1, le=500, description="page size")] = 50
+    before: Annotated[Id, Meta(description="the `next` value of the previous page")] | UnsetType = UNSET
+
+
+class AnswerBody(Struct, forbid_unknown_fields=True):
+    """POST /v1/tasks/{id}/answer: what `ctx.ask` returns to the task."""
+
+    answer: Annotated[Any, Meta(description="any JSON value")]
+
+    def __post_init__(self) -> None:
+        check_json(self.answer, "answer")
+
+
 class TaskWaitQuery(Struct):
     wait: Annotated[float, Meta(ge=0, le=MAX_WAIT,
                                 description="seconds to wait for a final state")] | UnsetType = UNSET

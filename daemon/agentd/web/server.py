@@ -11,9 +11,11 @@ from aiohttp.typedefs import Middleware
 
 from agentd.errors import AgentdError
 from agentd.log import get_logger
-from agentd.web.access import add_request_id, make_access_middleware
+from agentd.web.access import HttpMetrics, add_request_id, make_access_middleware
 from agentd.web.auth import (
+    ACCESS,
     STREAM_TOKENS,
+    AccessRules,
     StreamTokens,
     make_auth_middleware,
     make_cors_signal,
@@ -31,8 +33,8 @@ DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 # ended at shutdown so closing the server does not wait for them.
 STREAMS: web.AppKey[set[Subscription]] = web.AppKey("streams")
 SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
-# Whether routes not documented as public need the bearer token (one is configured).
-TOKEN_REQUIRED: web.AppKey[bool] = web.AppKey("token_required", bool)
+# Requests counted and timed by the access middleware, for /metrics.
+HTTP_METRICS: web.AppKey[HttpMetrics] = web.AppKey("http_metrics", HttpMetrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -89,27 +91,27 @@ def build_app(daemon: Daemon, *route_tables: web.RouteTableDef) -> web.Applicati
     ones before it; responses to listed origins carry CORS headers."""
     config = daemon.config
     stream_tokens = StreamTokens(config.streams)
+    rules = AccessRules(config)  # what a reload changes (agentd/reload.py)
+    http_metrics = HttpMetrics()
     middlewares: list[Middleware] = [
-        make_access_middleware(config.log.access),
+        make_access_middleware(config.log.access, http_metrics),
         json_errors,
-        make_host_middleware(config.server.host, config.server.allowed_hosts),
-        make_origin_middleware(config.server.allowed_origins),
+        make_host_middleware(rules),
+        make_origin_middleware(rules),
+        make_auth_middleware(rules, stream_tokens),
+        intake,
     ]
-    token = config.secrets.api_token
-    if token:
-        middlewares.append(make_auth_middleware(token, stream_tokens))
-    middlewares.append(intake)
     app = web.Application(middlewares=middlewares, client_max_size=config.server.max_body_bytes)
     app[DAEMON] = daemon
-    app[TOKEN_REQUIRED] = bool(token)
+    app[ACCESS] = rules
+    app[HTTP_METRICS] = http_metrics
     app[STREAM_TOKENS] = stream_tokens
     app[BODY_TIMEOUT] = config.server.header_timeout
     app[STREAMS] = set()
     app[SOCKETS] = set()
     app.on_startup.append(load_stream_key)
     app.on_response_prepare.append(add_request_id)
-    if config.server.allowed_origins:
-        app.on_response_prepare.append(make_cors_signal(config.server.allowed_origins))
+    app.on_response_prepare.append(make_cors_signal(rules))
     app.on_shutdown.append(close_streams)
     for table in route_tables:
         app.add_routes(table)

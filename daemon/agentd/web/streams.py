@@ -549,7 +549,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     try:
         # Where the task stands when the client joins: the event log keeps no task.queued or
         # task.started by default, so a late or resumed stream would not replay them.
-        snapshot = await with_children(daemon.queue, record)
+        snapshot = await with_children(request, record)
         tree.update(await daemon.queue.descendants(task_id))
         await sse.open()
         await sse.control("task", {"task": snapshot})
@@ -571,7 +571,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
             ended = ended or finished
         if ended:
             final = await daemon.queue.get(task_id)
-            await sse.control("end", {"task": await with_children(daemon.queue, final)})
+            await sse.control("end", {"task": await with_children(request, final)})
     except (ConnectionError, TimeoutError):
         drop_connection(request)
     finally:

@@ -11,9 +11,9 @@ from aiohttp import web
 
 from agentd import __version__
 from agentd.errors import describe
-from agentd.web.auth import may_see_details
+from agentd.web.auth import ACCESS, may_see_details
 from agentd.web.openapi import build_document, doc
-from agentd.web.server import DAEMON, TOKEN_REQUIRED
+from agentd.web.server import DAEMON
 
 if TYPE_CHECKING:
     from agentd.app import Daemon
@@ -153,4 +153,6 @@ async def clear_safe_mode(request: web.Request) -> web.Response:
 @routes.get("/v1/openapi.json")
 @doc("This OpenAPI 3 document", tag="system", public=True)
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(build_document(request.app, __version__, request.app[TOKEN_REQUIRED]))
+    rules = request.app[ACCESS]
+    return web.json_response(build_document(request.app, __version__, bool(rules.token),
+                                            bool(rules.token or rules.scrape_token)))

@@ -1,8 +1,10 @@
 """`/v1/tasks`: enqueue (one or a batch), inspect, list, wait, cancel, requeue, delete; tasks
-per status and per queue."""
+per status and per queue; and the questions of waiting tasks (`ctx.ask`): `/v1/approvals`,
+`/v1/tasks/{id}/answer`."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, TypeVar
 
 import msgspec
@@ -11,10 +13,19 @@ from msgspec import UNSET, UnsetType
 
 from agentd.jsontext import lenient_encoder
 from agentd.taskdef import INTERNAL_PREFIX
-from agentd.taskqueue import FINAL_STATES, TaskQueue, TaskRecord, TaskRequest
+from agentd.taskqueue import FINAL_STATES, TaskRecord, TaskRequest
 from agentd.web.errors import ApiError, invalid, path_id, read_body, read_query
 from agentd.web.openapi import doc
-from agentd.web.schemas import TaskBatch, TaskBody, TaskItem, TaskListQuery, TaskWaitQuery, whole
+from agentd.web.schemas import (
+    AnswerBody,
+    ApprovalsQuery,
+    TaskBatch,
+    TaskBody,
+    TaskItem,
+    TaskListQuery,
+    TaskWaitQuery,
+    whole,
+)
 from agentd.web.server import DAEMON
 
 routes = web.RouteTableDef()
@@ -54,9 +65,22 @@ def _task_id(request: web.Request) -> int:
     return path_id(request, "task_not_found", "task")
 
 
-async def with_children(queue: TaskQueue, record: TaskRecord) -> dict[str, Any]:
-    """The task as GET /v1/tasks/{id} shows it: its record and its children's ids."""
-    return {**record.to_dict(), "children": await queue.children(record.id)}
+async def with_children(request: web.Request, record: TaskRecord) -> dict[str, Any]:
+    """The task as GET /v1/tasks/{id} shows it: its record, its children's ids, and what it
+    waits for (`waiting_for`, null unless it is waiting)."""
+    daemon = request.app[DAEMON]
+    shown = {**record.to_dict(), "children": await daemon.queue.children(record.id)}
+    return (await with_waits(request, [shown]))[0]
+
+
+async def with_waits(request: web.Request, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each task (as shown) with `waiting_for`: its open wait, read for the waiting ones."""
+    waiting = [task["id"] for task in tasks if task["status"] == "waiting"]
+    waits = await request.app[DAEMON].waits.store.open_waits(waiting) if waiting else {}
+    for task in tasks:
+        wait = waits.get(task["id"])
+        task["waiting_for"] = None if wait is None else wait.to_dict()
+    return tasks
 
 
 @routes.post("/v1/tasks")
@@ -93,7 +117,8 @@ async def list_tasks(request: web.Request) -> web.Response:
         status=_given(query.status), name=_given(query.name), queue=_given(query.queue),
         before_id=_given(query.before), limit=query.limit)
     next_page = records[-1].id if len(records) == query.limit else None
-    return web.json_response({"tasks": [r.to_dict() for r in records], "next": next_page})
+    tasks = await with_waits(request, [record.to_dict() for record in records])
+    return web.json_response({"tasks": tasks, "next": next_page})
 
 
 @routes.get("/v1/tasks/counts")
@@ -105,16 +130,21 @@ async def task_counts(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/queues")
-@doc("Each queue: the workers this daemon runs for it ([tasks] queues) and its tasks waiting "
-     "to run (queued, due or not)", tag="tasks",
-     responses={200: "`queues`: `name`, `workers`, `queued`, by name"})
+@doc("Each queue: the workers this daemon runs for it ([tasks] queues), its tasks queued (and "
+     "of those, due now) and running", tag="tasks",
+     responses={200: "`queues`: `name`, `workers`, `queued`, `due`, `running`, by name"})
 async def queues(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
-    waiting = await daemon.queue.queued_by_queue()
+    figures = await daemon.queue.tasks.by_queue(time.time())
     workers = daemon.config.tasks.queues
-    return web.json_response({"queues": [
-        {"name": name, "workers": workers.get(name, 0), "queued": waiting.get(name, 0)}
-        for name in sorted({*workers, *waiting})]})
+    queues = {name: {"name": name, "workers": workers.get(name, 0), "queued": 0, "due": 0,
+                     "running": 0} for name in sorted({*workers, *(f.queue for f in figures)})}
+    for figure in figures:
+        if figure.status in ("queued", "running"):
+            queues[figure.queue][figure.status] = figure.tasks
+        if figure.status == "queued":
+            queues[figure.queue]["due"] = figure.due
+    return web.json_response({"queues": list(queues.values())})
 
 
 @routes.get(r"/v1/tasks/{id:\d+}")
@@ -132,11 +162,11 @@ async def get_task(request: web.Request) -> web.Response:
             record = await queue.wait(task_id, wait)
         except TimeoutError:
             record = await queue.get(task_id)
-    return web.json_response(await with_children(queue, record))
+    return web.json_response(await with_children(request, record))
 
 
 @routes.post(r"/v1/tasks/{id:\d+}/cancel")
-@doc("Cancel a queued or running task and its unfinished children", tag="tasks",
+@doc("Cancel a queued, running or waiting task and its unfinished children", tag="tasks",
      responses={200: "The task (cancelled, or running with cancel_requested until it stops)",
                 404: "No such task"})
 async def cancel_task(request: web.Request) -> web.Response:
@@ -148,7 +178,34 @@ async def cancel_task(request: web.Request) -> web.Response:
             record = await queue.wait(record.id, 1.0)
         except TimeoutError:
             record = await queue.get(record.id)
-    return web.json_response(await with_children(queue, record))
+    return web.json_response(await with_children(request, record))
+
+
+@routes.post(r"/v1/tasks/{id:\d+}/answer")
+@doc("Answer the question a waiting task asks (`ctx.ask`): the answer is what `ask` returns, "
+     "and the task is queued again", tag="tasks", body=AnswerBody,
+     responses={200: "The task, queued", 404: "No such task",
+                409: "The task asks no question (not waiting on one, or answered already)"})
+async def answer_task(request: web.Request) -> web.Response:
+    body = await read_body(request, AnswerBody)
+    record = await request.app[DAEMON].waits.answer(_task_id(request), body.answer)
+    return web.json_response((await with_waits(request, [record.to_dict()]))[0])
+
+
+@routes.get("/v1/approvals")
+@doc("The questions waiting tasks ask (`ctx.ask`), newest task first", tag="tasks",
+     query=ApprovalsQuery,
+     responses={200: "`approvals` (each the task's `task_id`, `name`, `queue`, "
+                "`correlation_id`, and its question: `wait`, `prompt`, `data`, `wake_at`, the "
+                "time it times out or null) and `next` (null on the last page)"})
+async def approvals(request: web.Request) -> web.Response:
+    query = read_query(request, ApprovalsQuery)
+    asked = await request.app[DAEMON].waits.store.questions(_given(query.before), query.limit)
+    next_page = asked[-1][0].id if len(asked) == query.limit else None
+    return web.json_response({"approvals": [
+        {"task_id": record.id, "name": record.name, "queue": record.queue,
+         "correlation_id": record.correlation_id, **question.to_dict()}
+        for record, question in asked], "next": next_page})
 
 
 @routes.post(r"/v1/tasks/{id:\d+}/requeue")

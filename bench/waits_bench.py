@@ -1,0 +1,164 @@
+"""Durable waits at scale: what many waiting tasks cost the daemon that holds them.
+
+    PYTHONPATH=daemon python3 bench/waits_bench.py [--tasks 100000] [--noop 2000]
+
+A real daemon in this process (SQLite in a temp dir, loopback HTTP, 8 workers) with a
+plugin whose `park(n)` task waits for the event `bench.wake` with `{"n": n}`:
+
+1. `--noop` no-op tasks run to the end, timed: the baseline.
+2. `--tasks` parks are enqueued (batches of 1,000) and run until every one is `waiting`.
+3. The same no-op tasks again, with the parks waiting; the process's resident memory;
+   `GET /v1/status` and a page of `GET /v1/tasks?status=waiting`.
+4. The daemon is stopped and started again: the start (which rebuilds the index of open
+   event waits from the table) is timed.
+5. One event per park is published; timed until every park has succeeded.
+
+Every wait is bounded. Prints a JSON line on stdout and a markdown table on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from agentd.app import Daemon
+from agentd.events import Event
+from agentd.taskqueue import TaskRequest
+from agentd.testing import daemon_url, make_config
+
+PLUGIN = """
+from agentd import Plugin
+
+plugin = Plugin("wb")
+
+
+@plugin.task()
+async def park(ctx, n: int):
+    return (await ctx.wait_for("bench.wake", {"n": n})).data["n"]
+
+
+@plugin.task()
+async def noop(ctx):
+    return None
+"""
+BATCH = 1000
+LIMIT = 1800.0  # seconds any phase may take
+
+
+def rss_mb() -> float:
+    """The process's resident memory now (Linux: /proc/self/statm), in MB."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 1e6
+
+
+class Counter:
+    """Counts a topic's events on a daemon's bus; `reached(n)` waits for the count."""
+
+    def __init__(self, daemon: Daemon, topic: str) -> None:
+        self.count = 0
+        self._changed = asyncio.Event()
+        daemon.bus.subscribe(topic, self._seen)
+
+    def _seen(self, _event: Event) -> None:
+        self.count += 1
+        self._changed.set()
+
+    async def reached(self, wanted: int) -> None:
+        async def wait() -> None:
+            while self.count < wanted:
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(wait(), LIMIT)
+
+
+async def enqueue(daemon: Daemon, name: str, args: list[dict[str, Any]]) -> None:
+    for start in range(0, len(args), BATCH):
+        await daemon.queue.enqueue_many([TaskRequest(name, item) for item in args[start:start + BATCH]])
+
+
+async def run_noops(daemon: Daemon, count: int) -> float:
+    """Seconds for `count` no-op tasks, enqueued at once, to succeed."""
+    done = Counter(daemon, "task.succeeded")
+    began = time.perf_counter()
+    await enqueue(daemon, "wb.noop", [{}] * count)
+    await done.reached(count)
+    return time.perf_counter() - began
+
+
+async def bench(tasks: int, noop: int, state: Path, plugins: Path) -> dict[str, Any]:
+    config = make_config(state, [plugins], {"tasks": {"queues": {"default": 8}}})
+    figures: dict[str, Any] = {"tasks": tasks, "noop": noop}
+    daemon = Daemon(config)
+    await daemon.start()
+    try:
+        figures["rss_start_mb"] = round(rss_mb(), 1)
+        figures["noop_s_baseline"] = round(await run_noops(daemon, noop), 3)
+        waiting = Counter(daemon, "task.waiting")
+        began = time.perf_counter()
+        await enqueue(daemon, "wb.park", [{"n": n} for n in range(tasks)])
+        await waiting.reached(tasks)
+        figures["park_s"] = round(time.perf_counter() - began, 2)
+        figures["parks_per_s"] = round(tasks / figures["park_s"])
+        figures["rss_waiting_mb"] = round(rss_mb(), 1)
+        figures["indexed"] = daemon.waits.indexed
+        figures["noop_s_while_waiting"] = round(await run_noops(daemon, noop), 3)
+        async with aiohttp.ClientSession(daemon_url(daemon)) as client:
+            for label, path in (("status_ms", "/v1/status"),
+                                ("waiting_page_ms", "/v1/tasks?status=waiting&limit=50")):
+                began = time.perf_counter()
+                async with client.get(path) as response:
+                    body = await response.json()
+                figures[label] = round((time.perf_counter() - began) * 1000, 1)
+                if label == "status_ms":
+                    figures["status_waiting"] = body["tasks"]["by_status"].get("waiting")
+    finally:
+        await daemon.stop()
+    daemon = Daemon(config)
+    began = time.perf_counter()
+    await daemon.start()
+    try:
+        figures["restart_s"] = round(time.perf_counter() - began, 2)
+        figures["indexed_after_restart"] = daemon.waits.indexed
+        succeeded = Counter(daemon, "task.succeeded")
+        began = time.perf_counter()
+        for n in range(tasks):
+            daemon.bus.publish("bench.wake", {"n": n})
+            if n % BATCH == BATCH - 1:
+                await asyncio.sleep(0)  # let the wakes' writes and the workers in
+        await succeeded.reached(tasks)
+        figures["wake_s"] = round(time.perf_counter() - began, 2)
+        figures["wakes_per_s"] = round(tasks / figures["wake_s"])
+    finally:
+        await daemon.stop()
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=100_000)
+    parser.add_argument("--noop", type=int, default=2000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="waits-bench-") as tmp:
+        plugins = Path(tmp) / "plugins"
+        plugins.mkdir()
+        (plugins / "wb.py").write_text(PLUGIN)
+        figures = asyncio.run(bench(args.tasks, args.noop, Path(tmp) / "state", plugins))
+    print(json.dumps(figures))
+    print("| figure | value |\n|---|---|", file=sys.stderr)
+    for key, value in figures.items():
+        print(f"| {key} | {value} |", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
