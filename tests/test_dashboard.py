@@ -28,7 +28,7 @@ from playwright.async_api import async_playwright, expect
 from agentd.app import Daemon
 from agentd.safemode import SafeMode
 from agentd.taskqueue import TaskRequest
-from agentd.testing import daemon_url, make_config
+from agentd.testing import EventCapture, daemon_url, make_config
 from agentd.web.dashboard import CSP, assets
 from conftest import HEAVY
 from fake_openai import FakeOpenAI
@@ -71,6 +71,12 @@ PLUGIN = """
         first = await ctx.submit("dash.ok", {"n": 1})
         await ctx.submit("dash.ok", {"n": 2})
         return {"first": first.id}
+
+
+    @plugin.task()
+    async def ship(ctx, change: str):
+        answer = await ctx.ask("Ship it?", {"change": change})
+        return {"answer": answer}
 
 
     @plugin.task()
@@ -448,6 +454,35 @@ async def test_a_task_page_streams_an_llm_reply_and_shows_its_usage(tabs: Any, t
         await tab.page.locator('[data-field="result"]').get_by_text("Hello there, operator").wait_for()
 
 
+async def test_waiting_tasks_show_their_question_and_are_answered_from_the_page(
+    tabs: Any, tmp_path: Path,
+) -> None:
+    async with running(tmp_path, token=None) as daemon:
+        waiting = EventCapture(daemon.bus, "task.waiting")
+        first = await enqueue(daemon, "dash.ship", change="+1 line")
+        second = await enqueue(daemon, "dash.ship", change="-3 lines")
+        for task_id in (first, second):
+            await waiting.wait_for("task.waiting", timeout=10, task_id=task_id)
+        tab = await tabs(f"{daemon_url(daemon)}/#/approvals")
+        page = tab.page
+        asked = page.locator(f'ol.approvals > li[data-id="{first}"]')
+        await asked.get_by_text("Ship it?").wait_for()
+        await asked.get_by_text('"change": "+1 line"').wait_for()
+        await expect(counter(tab, "waiting")).to_have_text("2")
+        await screenshot(tab, "waiting")
+        # A JSON answer is sent as JSON.
+        await asked.get_by_label("Answer").fill('{"approved": true, "by": "ops"}')
+        await asked.get_by_role("button", name="Send").click()
+        assert (await daemon.queue.wait(first, 10.0)).result == {"answer": {"approved": True, "by": "ops"}}
+        await expect(page.locator("ol.approvals > li")).to_have_count(1)
+        # From the task's own page: rejected.
+        await page.goto(f"{daemon_url(daemon)}/#/tasks/{second}")
+        await page.get_by_text("Ship it?").wait_for()
+        await page.get_by_role("button", name="Reject").click()
+        assert (await daemon.queue.wait(second, 10.0)).result == {"answer": False}
+        await page.locator(".badge.s-succeeded").wait_for()
+
+
 async def test_dead_letters_are_listed_and_requeued_together(tabs: Any, tmp_path: Path) -> None:
     async with running(tmp_path, token=None) as daemon:
         dead = [await enqueue(daemon, "dash.bad", why=f"no {n}") for n in range(3)]
@@ -579,10 +614,13 @@ async def test_the_system_view_shows_plugins_loops_lag_throughput_store_and_erro
         page = tab.page
         queues = page.locator("table", has=page.locator("caption", has_text="Queues"))
         default = queues.locator("tr", has=page.locator('[data-queue="default"]'))
-        await expect(default.locator("td")).to_have_text(["default", "8", "3"])
+        await expect(default.locator("td")).to_have_text(["default", "8", "3", "0", "0"])
         for outcome in later:
             await daemon.queue.cancel(outcome.task.id)
-        await expect(default.locator("td")).to_have_text(["default", "8", "0"])
+        await expect(default.locator("td")).to_have_text(["default", "8", "0", "0", "0"])
+        # A plugin is reloaded from its file.
+        await page.get_by_role("button", name="Reload plugin dash").click()
+        await page.get_by_text("Reloaded plugin dash").wait_for()
         plugins = page.locator("table", has=page.locator("caption", has_text="Plugins"))
         await plugins.get_by_role("cell", name="dash", exact=True).wait_for()
         await plugins.locator(".badge").get_by_text("started").wait_for()

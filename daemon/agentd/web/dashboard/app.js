@@ -3,6 +3,7 @@
 // task counters in the header and the notices at the bottom.
 
 import { api, ApiError, session, signIn, signOut } from "./api.js";
+import { approvalsView } from "./approvals.js";
 import { h } from "./dom.js";
 import { sample } from "./metrics.js";
 import { liveView } from "./live.js";
@@ -14,7 +15,7 @@ import { taskListView, taskView } from "./tasks.js";
 const main = document.getElementById("main");
 const counters = document.getElementById("counters");
 const signOutButton = document.getElementById("sign-out");
-const STATES = ["queued", "running", "succeeded", "failed", "dead", "cancelled"];
+const STATES = ["queued", "running", "waiting", "succeeded", "failed", "dead", "cancelled"];
 const COUNTER_MS = 2000;
 
 let leave = null; // the current view's cleanup (it closes its streams and timers)
@@ -25,6 +26,7 @@ const ROUTES = [
   [/^#\/tasks\/(\d+)$/, (m) => taskView(Number(m[1]))],
   [/^#\/tasks(?:\?(.*))?$/, (m) => taskListView(new URLSearchParams(m[1] || ""))],
   [/^#\/dead$/, () => taskListView(new URLSearchParams("status=dead"))],
+  [/^#\/approvals(?:\?(.*))?$/, (m) => approvalsView(new URLSearchParams(m[1] || ""))],
   [/^#\/schedules$/, () => schedulesView()],
   [/^#\/memory(?:\?(.*))?$/, (m) => memoryView(new URLSearchParams(m[1] || ""))],
   [/^#\/system$/, () => systemView()],

@@ -1,5 +1,5 @@
 // The system view: the daemon's state from `/v1/status` and `/healthz`, refreshed every
-// few seconds: queues (depth and workers), plugins, background loops, loop lag, throughput (tasks finished per second,
+// few seconds: queues (depth and workers), plugins (reload one), background loops, loop lag, throughput (tasks finished per second,
 // sampled since the page opened), the store's sizes, the daemons sharing a PostgreSQL
 // store, safe mode, and the last errors (of plugins, loops and tasks).
 
@@ -29,10 +29,16 @@ export async function systemView() {
         h("dt", {}, "Handlers"), h("dd", {}, `${status.handlers.running} running, ${status.handlers.failed} failed, ${status.handlers.dropped} dropped`),
         h("dt", {}, "Node"), h("dd", {}, status.node)),
       h("h3", {}, "Throughput"), chart(throughput()),
-      table("Queues", [["Name", (q) => q.name], ["Workers here", (q) => String(q.workers)],
-                       ["Queued", (q) => h("span", { "data-queue": q.name }, String(q.queued))]], queues),
+      table("Queues", [["Name", (q) => h("span", { "data-queue": q.name }, q.name)],
+                       ["Workers here", (q) => String(q.workers)], ["Queued", (q) => String(q.queued)],
+                       ["Due", (q) => String(q.due)], ["Running", (q) => String(q.running)]], queues),
       table("Plugins", [["Name", (p) => p.name], ["State", (p) => badge(p.state)],
-                        ["Error", (p) => p.error ?? ""]], status.plugins),
+                        ["Error", (p) => p.error ?? ""],
+                        ["", (p) => status.safe_mode ? "" : h("button", { type: "button",
+                          "aria-label": `Reload plugin ${p.name}`,
+                          onclick: () => act(`Reloaded plugin ${p.name}`,
+                            () => api(`/v1/plugins/${encodeURIComponent(p.name)}/reload`, { method: "POST" })) },
+                          "Reload")]], status.plugins),
       table("Background loops", [["Name", (l) => l.name], ["State", (l) => badge(l.state)],
                                  ["Restarts", (l) => String(l.restarts)],
                                  ["Last error", (l) => l.last_error ?? ""]], status.loops),

@@ -4,10 +4,11 @@
 // live from `/v1/tasks/{id}/stream`; cancel, requeue and delete.
 
 import { api, EventStream, query } from "./api.js";
+import { question } from "./approvals.js";
 import { badge, choice, duration, field, h, pretty, when } from "./dom.js";
 import { act, tell } from "./notice.js";
 
-const STATES = ["", "queued", "running", "succeeded", "failed", "dead", "cancelled"];
+const STATES = ["", "queued", "running", "waiting", "succeeded", "failed", "dead", "cancelled"];
 const FINAL = new Set(["succeeded", "failed", "dead", "cancelled"]);
 const REQUEUEABLE = new Set(["failed", "dead", "cancelled"]);
 const PAGE = 50;
@@ -166,10 +167,18 @@ function summary(task, changed) {
       h("dt", {}, "Parent"), h("dd", {}, task.parent_id ? h("a", { href: `#/tasks/${task.parent_id}` }, String(task.parent_id)) : "—"),
       h("dt", {}, "Correlation"), h("dd", {}, task.correlation_id ?? "—"),
       h("dt", {}, "LLM usage"), h("dd", { "data-field": "usage" }, usage(task.usage))),
+    task.waiting_for ? [h("h3", {}, "Waiting for"), waitingFor(task, changed)] : null,
     h("h3", {}, "Arguments"), pretty(task.args),
     task.error ? [h("h3", {}, "Error"), h("pre", { className: "error-text", "data-field": "error" }, String(task.error))] : null,
     task.result !== null && task.result !== undefined
       ? [h("h3", {}, "Result"), h("div", { "data-field": "result" }, pretty(task.result))] : null);
+}
+
+function waitingFor(task, changed) {
+  const wait = task.waiting_for;
+  if (wait.kind === "ask") return question(task.id, wait, changed);
+  if (wait.kind === "event") return h("p", {}, `an event on ${wait.pattern} `, h("code", {}, JSON.stringify(wait.match)));
+  return h("p", {}, `its time: ${when(wait.wake_at)}`);
 }
 
 function usage(value) {
