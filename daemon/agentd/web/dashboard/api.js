@@ -141,11 +141,11 @@ export class EventStream {
     for (;;) {
       const { value, done } = await reader.read();
       if (done) return sawEnd;
-      buffer += value;
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const frame = buffer.slice(0, cut);
-        buffer = buffer.slice(cut + 2);
+      // One split per chunk (a chunk can hold hundreds of events): the rest is kept for the
+      // next chunk, never copied once per event.
+      const frames = (buffer + value).split("\n\n");
+      buffer = frames.pop();
+      for (const frame of frames) {
         if (this.dispatch(frame) === "end") sawEnd = true;
       }
     }

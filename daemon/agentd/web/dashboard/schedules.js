@@ -4,7 +4,7 @@
 
 import { api } from "./api.js";
 import { badge, choice, field, h, when } from "./dom.js";
-import { act } from "./notice.js";
+import { act, tell } from "./notice.js";
 
 const REFRESH_MS = 2000;
 
@@ -13,12 +13,14 @@ export async function schedulesView() {
   const body = h("div");
   async function draw() {
     const { schedules } = await api("/v1/schedules");
-    body.replaceChildren(schedules.length ? scheduleTable(schedules, draw)
+    body.replaceChildren(schedules.length ? scheduleTable(schedules, redraw)
       : h("p", { className: "muted" }, "No schedule yet."));
   }
+  // After an action, or on the timer: a failure (the daemon away) is told, not thrown.
+  const redraw = () => draw().catch((error) => tell(`Schedules could not be read: ${error.message}`));
   await draw();
   element.append(h("h2", { id: "schedules-title" }, "Schedules"), body, createForm(draw));
-  const timer = setInterval(() => draw().catch(() => {}), REFRESH_MS);
+  const timer = setInterval(redraw, REFRESH_MS);
   return { element, leave: () => clearInterval(timer) };
 }
 

@@ -86,7 +86,12 @@ export async function taskView(id) {
   let resumeAfter = null; // the last event id a closed stream saw: a new one starts there
 
   function show() {
-    details.replaceChildren(summary(task, () => refresh()));
+    details.replaceChildren(summary(task, update));
+  }
+
+  /** Read the task again and show it; a failure (the daemon away) is told, not thrown. */
+  function update() {
+    refresh().catch((error) => tell(`Task ${id} could not be read again: ${error.message}`));
   }
 
   async function refresh() {
@@ -115,10 +120,10 @@ export async function taskView(id) {
         } else if (name === "task.token" && data.data.task_id === id) {
           tokens.textContent += data.data.text;
         } else if (name !== "task" && name !== "task.token") {
-          refresh();
+          update();
         }
       },
-      onEnd: () => refresh(),
+      onEnd: update,
     });
   }
 
