@@ -760,7 +760,8 @@ async def test_every_view_passes_axe_in_light_and_dark_mode_and_works_from_the_k
         assert daemon.memory is not None
         await daemon.memory.remember("An example memory", namespace="default")
         views = {"#/live": "ol.events", "#/tasks": "table.tasks", f"#/tasks/{parent}": ".tree",
-                 "#/dead": "table.tasks", "#/schedules": "table.schedules",
+                 "#/dead": "table.tasks", "#/approvals": "#approvals-title",
+                 "#/schedules": "table.schedules",
                  "#/memory?q=example": "ol.results", "#/system": "svg.chart"}
         for dark in (False, True):
             tab = await tabs(f"{daemon_url(daemon)}/", dark=dark, bypass_csp=True)
