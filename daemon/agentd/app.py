@@ -54,6 +54,7 @@ from agentd.taskqueue import TaskQueue
 from agentd.waits import Waits
 from agentd.watchdog import ServiceWatchdog
 from agentd.web import (
+    dashboard,
     events_api,
     memory_api,
     metrics_api,
@@ -201,7 +202,7 @@ class Daemon:
                 rollback.push_async_callback(self.scheduler.stop)
             web_app = build_app(self, system.routes, tasks_api.routes, events_api.routes,
                                 streams.routes, ws.routes, schedules_api.routes, memory_api.routes,
-                                reload_api.routes, metrics_api.routes)
+                                reload_api.routes, metrics_api.routes, dashboard.routes)
             server = HttpServer(web_app, self.config.server.host, self.config.server.port)
             await server.start()
             self.server, self.web_app = server, web_app

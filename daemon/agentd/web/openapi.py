@@ -47,7 +47,7 @@ class RouteDoc:
     stream: bool = False
     scrape: bool = False
     schemas: dict[int, dict[str, Any]] | None = None
-    media_type: str = "application/json"
+    media_type: str | tuple[str, ...] = "application/json"
 
 
 def doc(
@@ -64,7 +64,7 @@ def doc(
     stream: bool = False,
     scrape: bool = False,
     schemas: dict[int, dict[str, Any]] | None = None,
-    media_type: str = "application/json",
+    media_type: str | tuple[str, ...] = "application/json",
 ) -> Callable[[H], H]:
     """Attach OpenAPI documentation to a handler.
 
@@ -86,7 +86,8 @@ def doc(
         schemas: status → the JSON schema of that answer's body, for an answer of the
             route's own that is not the error envelope (an error status's default).
         media_type: the content type of the route's own successful answers, when not JSON
-            (their schema, from `schemas`, is then that of the text).
+            (their schema, from `schemas`, is then that of the text); several when it
+            answers in one of them (a static file's).
     """
 
     def attach(handler: H) -> H:
@@ -162,15 +163,17 @@ def _operation(path: str, method: str, route_doc: RouteDoc, schema_of: dict[Any,
 
 
 def _response(status: int, text: str, schema: dict[str, Any] | None,
-              media_type: str = "application/json") -> dict[str, Any]:
+              media_type: str | tuple[str, ...] = "application/json") -> dict[str, Any]:
     """A response object: its own schema if the route gives one (in `media_type` for a
     success), the error envelope for an error status, else no body schema."""
     if schema is None and status >= 400:
         schema = {"$ref": "#/components/schemas/Error"}
     if schema is None:
         return {"description": text}
-    return {"description": text,
-            "content": {media_type if status < 400 else "application/json": {"schema": schema}}}
+    types = (media_type,) if isinstance(media_type, str) else media_type
+    if status >= 400:
+        types = ("application/json",)
+    return {"description": text, "content": {kind: {"schema": schema} for kind in types}}
 
 
 def _errors(route_doc: RouteDoc, params: list[dict[str, Any]], method: str,
