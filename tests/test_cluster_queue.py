@@ -56,13 +56,13 @@ def row(name: str = "noop", queue: str = "default", key: str | None = None,
         run_at: float | None = None, priority: int = 0) -> tuple[Any, ...]:
     now = time.time()
     return (queue, name, "{}", "queued", priority, now if run_at is None else run_at, 3, None, key,
-            None, None, now)
+            None, None, now, "", "")
 
 
 async def claim(tasks: PgTasks, wanted: int, limits: NameLimits | None = None,
                 lease: float = 30.0, queue: str = "default") -> tuple[list[TaskRecord], float | None]:
     future: ClaimFuture = asyncio.get_running_loop().create_future()
-    tasks.join_claims({queue: future}, lambda _: wanted, lambda: (set(), {}),
+    tasks.join_claims({queue: future}, lambda _: wanted, dict,
                       lambda: limits or {}, lease)
     return await future
 
