@@ -555,8 +555,9 @@ class WorkerPool:
                 status, outcome = "failed", outcome._replace(
                     status="failed", error=f"{outcome.error} (its delay {outcome.delay!r} is no "
                     "number of seconds before 2100-01-01: the task would never run)")
-            elif outcome.hold and outcome.delay is not None:
-                # Refused for its rate with the time to come back: not the task's failure.
+            elif outcome.hold and outcome.delay:
+                # Refused for its rate with a time to come back: not the task's failure. (A
+                # Retry-After of 0 is an ordinary retry: a hold then would loop unspent.)
                 definition = self.registry.find(record.name)
                 key = _limit_keys(definition, record)[1] if definition is not None else ""
                 return self._put_back(record, outcome.error, interrupted=False, delay=outcome.delay,
