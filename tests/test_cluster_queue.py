@@ -123,6 +123,43 @@ async def test_a_concurrency_limit_holds_across_stores(cluster: Any) -> None:
     assert most == 2
 
 
+async def test_a_concurrency_per_key_holds_across_stores(cluster: Any) -> None:
+    """`concurrency_key`: two at once per user on three daemons, six at once in all."""
+    stores = await cluster(3)
+    rows = [(*row("keyed")[:-2], f"user{n % 3}", "") for n in range(30)]
+    await stores[0].insert(rows, [0.0] * 30, time.time(), 60.0, None)
+    limits: NameLimits = {"keyed": (2, None, 1.0)}
+    running: dict[int, str] = {}
+    most: dict[str, int] = {}
+    most_in_all = 0
+    finished = 0
+
+    async def work(tasks: PgTasks) -> None:
+        nonlocal most_in_all, finished
+        while finished < 30:
+            records, _ = await claim(tasks, 5, limits)
+            found = await tasks.engine.read(
+                "SELECT id, concurrency_key FROM tasks WHERE id = ANY($1::bigint[])",
+                ([record.id for record in records],)) if records else []
+            running.update({task_id: key for task_id, key in found})
+            for key in set(running.values()):
+                most[key] = max(most.get(key, 0), list(running.values()).count(key))
+            most_in_all = max(most_in_all, len(running))
+            if records:
+                await asyncio.sleep(0.01)  # noqa: sleep - hold the places a moment
+                for record in records:
+                    running.pop(record.id, None)
+                await ack(tasks, records)
+                finished += len(records)
+            else:
+                await asyncio.sleep(0.005)  # noqa: sleep - poll: this test has no claim loop
+
+    await asyncio.wait_for(asyncio.gather(*(work(tasks) for tasks in stores)), 60)
+    assert finished == 30
+    assert most == {"user0": 2, "user1": 2, "user2": 2}
+    assert most_in_all > 2  # the users' places are their own
+
+
 async def test_a_rate_limit_is_shared_by_the_stores(cluster: Any) -> None:
     a, b = await cluster(2)
     await a.insert([row("rated") for _ in range(10)], [0.0] * 10, time.time(), 60.0, None)

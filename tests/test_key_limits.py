@@ -55,7 +55,7 @@ async def test_a_concurrency_per_user_holds_with_three_users_in_flight(
     assert module.PEAK == {"ann": 2, "bob": 2, "cy": 2}
 
 
-async def test_a_rate_per_model_holds_per_model(start_daemon: Any, kl_dir: Path) -> None:
+async def test_a_rate_per_model_holds_per_model_across_a_restart(start_daemon: Any, kl_dir: Path) -> None:
     daemon, _, _ = await start(start_daemon, kl_dir)
     # One an hour per model: the first of each model runs, the second waits its token. A
     # third model enqueued after them runs: the claims passed the waiting ones over.
@@ -66,6 +66,13 @@ async def test_a_rate_per_model_holds_per_model(start_daemon: Any, kl_dir: Path)
         assert await daemon.queue.result(record.id, timeout=WAIT) == record.args["model"]
     for record in second:
         assert (await daemon.queue.get(record.id)).status == "queued"
+    # The buckets are stored: a restart does not refill them.
+    await daemon.stop()
+    again, _, _ = await start(start_daemon, kl_dir)
+    fourth = await again.queue.enqueue("kl.per_model", {"model": "d"})
+    assert await again.queue.result(fourth.id, timeout=WAIT) == "d"
+    for record in second:
+        assert (await again.queue.get(record.id)).status == "queued"
 
 
 async def test_a_429_holds_back_its_model_not_another_and_across_a_restart(
