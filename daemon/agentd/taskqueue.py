@@ -947,13 +947,11 @@ def spend_tokens(limits: NameLimits, tokens: dict[str, float], rate_spent: Mappi
     return min(refills) if refills else None
 
 
-# A claim leaves out the tasks of the limit groups it was told are blocked (the list given
-# twice, once for each kind of group: a group's kind is in its string), and those of the
-# rate groups a 429 holds back.
+# A claim leaves out the tasks of the limit groups blocked (the list given twice, once for
+# each kind of group: a group's kind is in its string), a 429's holds among them.
 _NOT_BLOCKED = ("AND name || ':c:' || concurrency_key NOT IN ({0}) "
                 "AND name || ':r:' || rate_key NOT IN ({0}) ")
-_NOT_HELD = "AND name || ':r:' || rate_key NOT IN (SELECT name FROM task_rates WHERE held_until > ?) "
-_HELD_UNTIL = "SELECT min(held_until) FROM task_rates WHERE held_until > ?"
+_HELD = "SELECT name, held_until FROM task_rates WHERE held_until > ?"
 _BUCKETS = ("SELECT name, tokens, updated_at, held_until FROM task_rates "
             "WHERE substr(name, 1, instr(name, ':') - 1) IN ({})")
 _SET_BUCKETS = ("INSERT INTO task_rates (name, tokens, updated_at) VALUES (?, ?, ?) "
@@ -980,18 +978,23 @@ def claim(conn: Connection, *, queue: str, wanted: int, limits: NameLimits, runn
     spent.clear()
     cursor = conn.cursor()
     cursor.row_factory = None
-    blocked: set[str] = set()
     budgets: dict[str, int] = {}
     tokens: dict[str, float] = {}
-    frees_at: float | None = None
+    # Usually none: one look in the index of holds, and no exclusion at all.
+    held = cursor.execute(_HELD, (now,)).fetchall()
+    blocked = {group for group, _ in held}
+    frees_at = min((until for _, until in held), default=None)
     if limits:
         rated = [name for name, (_, per_second, _) in limits.items() if per_second is not None]
         buckets = (cursor.execute(_BUCKETS.format(",".join("?" * len(rated))), rated).fetchall()
                    if rated else [])
-        blocked, budgets, tokens, frees_at = limit_budgets(limits, running, buckets, now)
+        blocked_by_limits, budgets, tokens, limit_frees_at = limit_budgets(limits, running, buckets, now)
+        blocked |= blocked_by_limits
+        if limit_frees_at is not None:
+            frees_at = limit_frees_at if frees_at is None else min(frees_at, limit_frees_at)
     marks = ",".join("?" * len(blocked))
-    exclude = (_NOT_BLOCKED.format(marks) if blocked else "") + _NOT_HELD
-    excluded = (*blocked, *blocked, now)
+    exclude = _NOT_BLOCKED.format(marks) if blocked else ""
+    excluded = (*blocked, *blocked)
     # INDEXED BY: without ANALYZE statistics SQLite prefers tasks_due and sorts every row.
     due = (f"FROM tasks INDEXED BY tasks_claim WHERE status = 'queued' AND queue = ? "
            f"AND run_at <= ? {exclude} ORDER BY priority DESC, run_at, id LIMIT ?")
@@ -1024,14 +1027,12 @@ def claim(conn: Connection, *, queue: str, wanted: int, limits: NameLimits, runn
         return records, None  # every free slot was filled; the loop claims again when one frees
     exhausted = blocked | {group for group, left in budgets.items() if left <= 0}
     marks = ",".join("?" * len(exhausted))
-    exclude = (_NOT_BLOCKED.format(marks) if exhausted else "") + _NOT_HELD
+    exclude = _NOT_BLOCKED.format(marks) if exhausted else ""
     next_at = conn.execute(
         f"SELECT min(run_at) FROM tasks INDEXED BY tasks_due WHERE status = 'queued' AND queue = ? "
-        f"{exclude}", (queue, *exhausted, *exhausted, now)).fetchone()[0]
-    held_until = conn.execute(_HELD_UNTIL, (now,)).fetchone()[0]
-    for free_at in (frees_at, held_until):
-        if free_at is not None:
-            next_at = free_at if next_at is None else min(next_at, free_at)
+        f"{exclude}", (queue, *exhausted, *exhausted)).fetchone()[0]
+    if frees_at is not None:
+        next_at = frees_at if next_at is None else min(next_at, frees_at)
     return records, next_at
 
 
