@@ -660,3 +660,16 @@ async def test_a_changed_plugin_table_reloads_that_plugin(
     outcome = await reload(session)
     assert outcome["applied"] == ["plugins.rl"] and outcome["plugins_reloaded"] == ["rl"]
     assert await result(session, await submit(session)) == {"version": 1, "greeting": "bonjour"}
+
+
+async def test_the_metrics_token_changes_live(
+    tmp_path: Path, daemon_on_file: Callable[..., Any], client: Callable[..., Any],
+) -> None:
+    config = write_config(tmp_path / "agentd.toml", rest='[metrics]\ntoken = "scrape-old-0123456789"\n')
+    daemon = await daemon_on_file(config)
+    write_config(config, rest='[metrics]\ntoken = "scrape-new-0123456789"\n')
+    outcome = await reload(client(daemon))
+    assert (outcome["applied"], outcome["restart_required"]) == (["metrics.token"], [])
+    for token, status in (("scrape-old-0123456789", 401), ("scrape-new-0123456789", 200)):
+        async with client(daemon, token).get("/metrics") as response:
+            assert response.status == status

@@ -881,20 +881,23 @@ async def test_connections_that_never_finish_a_request_head_are_closed(start_dae
     """Half a request line, a request line with half its headers, an idle keep-alive
     connection: each is closed `[server] header_timeout` after it opened (or after its last
     response), and the server holds none of them."""
-    daemon, _ = await start_daemon(overrides={"server": {"header_timeout": 0.3}})
+    # Long enough that all 31 are still open when counted, on a loaded machine too (at 0.3 s
+    # a busy CI machine had closed ten of them before the count).
+    header_timeout = 2.0
+    daemon, _ = await start_daemon(overrides={"server": {"header_timeout": header_timeout}})
     server = daemon.server._runner.server
     partial = [b"", b"GET /heal", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "]
     clients = [await asyncio.open_connection("127.0.0.1", daemon.port) for _ in range(30)]
-    for n, (_, writer) in enumerate(clients):
-        writer.write(partial[n % len(partial)])
-    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), FRAME_TIMEOUT)
-    assert head.startswith(b"HTTP/1.1 200"), head
-    clients.append((reader, writer))
-    assert len(server.connections) == 31
     try:
-        async with asyncio.timeout(5):
+        for n, (_, writer) in enumerate(clients):
+            writer.write(partial[n % len(partial)])
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        clients.append((reader, writer))
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), FRAME_TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert len(server.connections) == 31
+        async with asyncio.timeout(header_timeout + 5):
             for reader, _ in clients:
                 while await reader.read(65536):  # the rest of a response, then the server's EOF
                     pass

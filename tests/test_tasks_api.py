@@ -283,3 +283,21 @@ async def test_cli_without_a_daemon_exits_1(run_cli: Any, config_file: Any, proc
     code, _, err = await run_cli("submit", "qt.echo", "--config", str(config_file()),
                                  env=process_env(AGENTD_SERVER_PORT="9"))
     assert code == 1 and "no daemon answers" in err
+
+
+async def test_tasks_are_counted_per_status_and_per_queue(served: Any) -> None:
+    _, _, client, module = served
+    async with client.post("/v1/tasks/batch", json={"tasks": [
+        {"name": "qt.echo", "delay": 3600}, {"name": "qt.echo", "delay": 3600, "queue": "reports"},
+        {"name": "qt.echo", "delay": 3600, "queue": "reports"},
+        {"name": "qt.wait_gate", "args": {"name": "counted"}}]}) as r:
+        assert r.status == 201
+    await asyncio.wait_for(module.gate("started:counted").wait(), 10)
+    async with client.get("/v1/tasks/counts") as r:
+        assert (await _json(r)) == {"by_status": {"queued": 3, "running": 1}}
+    async with client.get("/v1/queues") as r:
+        assert (await _json(r))["queues"] == [
+            {"name": "a+b&c", "workers": 1, "queued": 0, "due": 0, "running": 0},
+            {"name": "default", "workers": 4, "queued": 1, "due": 0, "running": 1},
+            {"name": "reports", "workers": 1, "queued": 2, "due": 0, "running": 0}]
+    module.gate("counted").set()

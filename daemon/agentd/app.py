@@ -28,6 +28,7 @@ from agentd.health import LagMonitor
 from agentd.hooks import InboundHooks
 from agentd.log import get_logger
 from agentd.memory import MemoryStore, SqliteMemory
+from agentd.metrics import ScheduleOutcomes
 from agentd.plugins import PluginManager
 from agentd.reload import Reloader
 from agentd.safemode import SafeMode, StartJournal
@@ -53,8 +54,10 @@ from agentd.taskqueue import TaskQueue
 from agentd.waits import Waits
 from agentd.watchdog import ServiceWatchdog
 from agentd.web import (
+    dashboard,
     events_api,
     memory_api,
+    metrics_api,
     reload_api,
     schedules_api,
     streams,
@@ -110,6 +113,7 @@ class Daemon:
         self.eventlog = EventLog(self.storage.events, self.bus, config.events)
         self.scheduler = Scheduler(self.storage.schedules, self.queue, self.bus, self.registry,
                                    self.plugins.enqueue_triggers, clock=clock)
+        self.schedule_outcomes = ScheduleOutcomes(self.bus)  # for /metrics
         builtin_queue = maintenance.builtin_queue(config)
         self._maintenance = maintenance.register(
             self.registry, config, store=self.store, queue=self.queue, eventlog=self.eventlog,
@@ -198,7 +202,7 @@ class Daemon:
                 rollback.push_async_callback(self.scheduler.stop)
             web_app = build_app(self, system.routes, tasks_api.routes, events_api.routes,
                                 streams.routes, ws.routes, schedules_api.routes, memory_api.routes,
-                                reload_api.routes)
+                                reload_api.routes, metrics_api.routes, dashboard.routes)
             server = HttpServer(web_app, self.config.server.host, self.config.server.port)
             await server.start()
             self.server, self.web_app = server, web_app

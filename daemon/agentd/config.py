@@ -329,6 +329,15 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """[metrics]: `GET /metrics` (agentd/web/metrics_api.py). `token` (or the first line of
+    `token_file`): a bearer token that scrapes it, and nothing else, besides the API token."""
+
+    token: str = field(default="", repr=False)
+    token_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Secrets:
     """The secrets the sections name, read when the configuration was loaded: each given
     one way, inline, as the first line of its `*_file`, or in the environment variable its
@@ -339,6 +348,7 @@ class Secrets:
     llm_key: str = field(default="", repr=False)  # [llm] key_file / key_env
     webhooks_secret: str = field(default="", repr=False)  # [webhooks] secret / secret_file
     memory_http_key: str = field(default="", repr=False)  # [memory] http_key_file / http_key_env
+    metrics_token: str = field(default="", repr=False)  # [metrics] token / token_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +372,7 @@ class Config:
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     schedules: tuple[ScheduleSpec, ...] = ()
     secrets: Secrets = field(default_factory=Secrets)
     source: str = "<defaults>"
@@ -677,6 +688,7 @@ def _open_mode(info: os.stat_result) -> int | None:
 def _inline_secrets(raw: Mapping[str, Any]) -> list[str]:
     """The secrets a configuration file's tables (`raw`) give inline, as '[section] key'."""
     tables: list[tuple[str, str, object]] = [("server", "token", raw.get("server")),
+                                             ("metrics", "token", raw.get("metrics")),
                                              ("webhooks", "secret", raw.get("webhooks"))]
     hooks = raw.get("hooks")
     if isinstance(hooks, dict):
@@ -703,6 +715,7 @@ def _read_secrets(config: Config) -> Secrets:
         llm_key=_read_secret(config, "llm", dataclasses.asdict(config.llm), "key"),
         webhooks_secret=_read_signing_secret(config, "webhooks", dataclasses.asdict(config.webhooks)),
         memory_http_key=_read_secret(config, "memory", dataclasses.asdict(config.memory), "http_key"),
+        metrics_token=_bearer_token(config, "metrics", config.metrics.token, config.metrics.token_file),
     )
 
 
@@ -710,17 +723,25 @@ def _api_token(config: Config) -> str:
     """The bearer token in force: `token` or the first line of `token_file`, else ''.
 
     Raises:
+        ConfigError: as `_bearer_token`.
+    """
+    return _bearer_token(config, "server", config.server.token, config.server.token_file)
+
+
+def _bearer_token(config: Config, section: str, token: str, token_file: str) -> str:
+    """A section's bearer token: its `token`, or the first line of its `token_file`, else ''.
+
+    Raises:
         ConfigError: as `_read_secret`; or the token is blank or not one word of visible
             ASCII (it could not be sent, or would look set while protecting nothing).
     """
-    server = config.server
-    token = _read_secret(config, "server", dataclasses.asdict(server), "token")
-    if token and not _TOKEN.fullmatch(token):
-        key = "token" if server.token else "token_file"
-        given = "" if server.token else f" in the first line of {config.resolve(server.token_file)}"
-        raise ConfigError(f"{config.origin('server', key)}: [server] {key}: expected visible ASCII "
+    found = _read_secret(config, section, {"token": token, "token_file": token_file}, "token")
+    if found and not _TOKEN.fullmatch(found):
+        key = "token" if token else "token_file"
+        given = "" if token else f" in the first line of {config.resolve(token_file)}"
+        raise ConfigError(f"{config.origin(section, key)}: [{section}] {key}: expected visible ASCII "
                           f"characters without spaces{given} (the token goes into an HTTP header)")
-    return token
+    return found
 
 
 def _check_memory(config: Config) -> None:

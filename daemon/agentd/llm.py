@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -124,6 +125,10 @@ class LlmClient:
         self.config = config
         self._api_key = api_key
         self._session: aiohttp.ClientSession | None = None
+        # (model, task name, "prompt" | "completion") → tokens the daemon's tasks spent, and
+        # (model, task name) → their calls: what /metrics shows.
+        self.tokens: Counter[tuple[str, str, str]] = Counter()
+        self.calls: Counter[tuple[str, str]] = Counter()
 
     def reconfigure(self, config: LlmConfig, api_key: str) -> None:
         """Use `config` and `api_key` from the next request on (a reload); a request under
@@ -233,6 +238,7 @@ class TaskLlm:
         self._check_budget(0)
         prompt = estimate_usage(messages, "", 0)["prompt_tokens"]
         streamed = 0
+        model = model or self.client.config.model
 
         def on_token(text: str) -> None:
             nonlocal streamed
@@ -249,13 +255,13 @@ class TaskLlm:
             # budget hold across attempts. A call that produced nothing is not counted.
             if streamed:
                 await self._count_spent({"prompt_tokens": prompt, "completion_tokens": streamed,
-                                         "total_tokens": prompt + streamed})
+                                         "total_tokens": prompt + streamed}, model)
             raise
-        await self._count(result.usage)
+        await self._count(result.usage, model)
         self._check_budget(0)
         return result
 
-    async def _count_spent(self, usage: Mapping[str, int]) -> None:
+    async def _count_spent(self, usage: Mapping[str, int], model: str) -> None:
         """Count the tokens of a call cut short, while the exception that cut it propagates.
 
         The count is shielded: a cancel cannot stop a write the store's thread may commit
@@ -264,7 +270,7 @@ class TaskLlm:
         again while counting, it raises that CancelledError and the count runs on, logged
         should it fail with nobody left to hear.
         """
-        counting = asyncio.ensure_future(self._count(usage))
+        counting = asyncio.ensure_future(self._count(usage, model))
         try:
             await asyncio.shield(counting)
         except asyncio.CancelledError:
@@ -282,7 +288,11 @@ class TaskLlm:
         _LOG.error("llm.usage_not_counted", task_id=self._record.id, task=self._record.name,
                    usage=dict(usage), error=describe(exc), exc_info=exc)
 
-    async def _count(self, usage: Mapping[str, int]) -> None:
+    async def _count(self, usage: Mapping[str, int], model: str) -> None:
+        name = self._record.name
+        self.client.tokens[model, name, "prompt"] += usage.get("prompt_tokens", 0)
+        self.client.tokens[model, name, "completion"] += usage.get("completion_tokens", 0)
+        self.client.calls[model, name] += 1
         totals = await self._queue.add_usage(self._record.id, {**usage, "calls": 1})
         self._used = totals.get("total_tokens", 0)
         self._record.usage = totals

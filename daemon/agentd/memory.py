@@ -34,6 +34,7 @@ from agentd.config import MemoryConfig, StoreConfig
 from agentd.embed import Embedder
 from agentd.errors import EmbedderMismatchError, MemoryBusyError, MemoryNotFoundError
 from agentd.log import get_logger
+from agentd.metrics import RECALL_BUCKETS, Histogram
 from agentd.store import Connection, Row
 from agentd.store.sqlite import SqliteStore
 
@@ -166,6 +167,7 @@ class MemoryStore(Protocol):
 
     config: MemoryConfig
     embedder: Embedder
+    recall_seconds: Histogram  # how long each recall took, for /metrics
 
     @property
     def location(self) -> str:
@@ -239,6 +241,7 @@ class SqliteMemory:
                  embedder: Embedder) -> None:
         self.config = config
         self.embedder = embedder
+        self.recall_seconds = Histogram(RECALL_BUCKETS)  # for /metrics
         # Two readers: recalls are vector searches that SQLite runs without the GIL, so two
         # agents recalling at once use two cores instead of queueing on one connection.
         self.store = SqliteStore(path, store_config, migrations="sql/memory", writes_in_thread=True,
@@ -364,6 +367,14 @@ class SqliteMemory:
 
     async def recall(self, query: str, namespace: str = DEFAULT_NAMESPACE, k: int = 10,
                      where: Mapping[str, Any] | None = None, hybrid: bool = False) -> list[Recalled]:
+        """`MemoryStore.recall`, its time observed in `recall_seconds`."""
+        began = time.perf_counter()
+        found = await self._recall(query, namespace, k, where, hybrid)
+        self.recall_seconds.observe(time.perf_counter() - began)
+        return found
+
+    async def _recall(self, query: str, namespace: str, k: int, where: Mapping[str, Any] | None,
+                      hybrid: bool) -> list[Recalled]:
         """The `k` memories nearest `query` in meaning within `namespace`, newest corrections
         only; `hybrid` fuses the vector ranking with FTS5 keyword ranking (reciprocal rank
         fusion). `where`: {field: value or [values]}."""

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from agentd.app import Daemon
 
 # Sections whose every key applies live.
-LIVE_SECTIONS = frozenset({"llm", "mail", "webhooks", "hooks", "digests", "streams"})
+LIVE_SECTIONS = frozenset({"llm", "mail", "webhooks", "hooks", "digests", "streams", "metrics"})
 # Keys of the other sections that apply live; `plugins.<name>` (a plugin's table), the
 # worker count of a running queue (`tasks.queues.<name>`) and `schedules.<id>` do too.
 LIVE_KEYS = frozenset({"log.level", "server.token", "server.token_file", "server.allowed_origins",
@@ -39,7 +39,8 @@ LIVE_KEYS = frozenset({"log.level", "server.token", "server.token_file", "server
 _PLUGIN_KEYS = frozenset({"paths", "enabled", "disabled", "entry_points"})  # not a plugin's table
 # Where each secret is set, as a reload reports it (never its value).
 _SECRET_KEYS = {"api_token": "server.token", "mail_password": "mail.password", "llm_key": "llm.key",
-                "webhooks_secret": "webhooks.secret", "memory_http_key": "memory.http_key"}
+                "webhooks_secret": "webhooks.secret", "memory_http_key": "memory.http_key",
+                "metrics_token": "metrics.token"}
 
 
 @dataclass(slots=True)

@@ -32,6 +32,7 @@ import os
 import secrets
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -269,6 +270,12 @@ class TaskStore(Protocol):
 
     async def counts(self) -> dict[TaskStatus, int]: ...
 
+    async def by_queue(self, now: float) -> list[QueueFigures]:
+        """Per queue, its queued (with those due at `now`), running, failed, dead and
+        cancelled tasks, states with none left out: in one query, through the indexes of
+        those states. Succeeded tasks, nearly every row and not indexed by state, are not
+        counted."""
+
     async def cancel(self, task_id: int, now: float, ttl: float) -> tuple[list[TaskRecord], list[int]]:
         """Cancel the task and its unfinished descendants: the records ended, and the ids of
         the running ones marked (other daemons are told to cancel those they run)."""
@@ -360,6 +367,16 @@ class Enqueued(NamedTuple):
     created: bool
 
 
+class QueueFigures(NamedTuple):
+    """One queue's tasks in one state, as `/metrics` shows them (`TaskStore.by_queue`)."""
+
+    queue: str
+    status: TaskStatus
+    tasks: int
+    due: int  # of queued ones, those whose run_at has come (0 in other states)
+    oldest_due: float | None  # the earliest run_at among those due (None: none is)
+
+
 class TaskQueue:
     """The queue's API for everything that is not a worker: HTTP, CLI, plugins, `ctx.call`."""
 
@@ -381,6 +398,9 @@ class TaskQueue:
         # Enqueues and requeues whose rows may be committed but whose `task.queued` is not
         # published yet, each a future done once it is (see `queued_published`).
         self._unpublished: set[asyncio.Future[None]] = set()
+        # (topic, task name) → the task events published here, heard or not: the counters
+        # /metrics shows (agentd_tasks_enqueued_total, ..._succeeded_total, ...).
+        self.published: Counter[tuple[str, str]] = Counter()
         # What other daemons sharing the store do (on SQLite, nothing: there are none).
         tasks.listen(work=self._work_elsewhere, done=self._finished_elsewhere,
                      cancel=self._cancel_elsewhere, reconnect=self._reconnected)
@@ -721,7 +741,8 @@ class TaskQueue:
     def publish(self, topic: str, record: TaskRecord, **extra: Any) -> None:
         """Publish a task event; not built at all when nobody would receive it (by default
         the event log keeps no `task.queued` or `task.started`; building and delivering an
-        unheard `task.queued` was 2.6 % of a no-op task's instructions)."""
+        unheard `task.queued` was 2.6 % of a no-op task's instructions); counted either way."""
+        self.published[topic, record.name] += 1
         if not self.bus.has_subscribers(topic):
             return
         self.bus.publish(
@@ -766,6 +787,14 @@ UNION ALL SELECT 'waiting', count(*) FROM tasks INDEXED BY tasks_waiting WHERE s
 UNION ALL SELECT status, count(*) FROM tasks INDEXED BY tasks_unsuccessful
     WHERE error IS NOT NULL AND status IN {UNSUCCESSFUL_SQL} GROUP BY status
 UNION ALL SELECT 'all', count(*) FROM tasks
+"""
+_BY_QUEUE = f"""
+SELECT queue, 'queued', count(*), sum(run_at <= ?), min(iif(run_at <= ?, run_at, NULL))
+    FROM tasks INDEXED BY tasks_due WHERE status = 'queued' GROUP BY queue
+UNION ALL SELECT queue, 'running', count(*), 0, NULL FROM tasks INDEXED BY tasks_running
+    WHERE status = 'running' GROUP BY queue
+UNION ALL SELECT queue, status, count(*), 0, NULL FROM tasks INDEXED BY tasks_unsuccessful
+    WHERE error IS NOT NULL AND status IN {UNSUCCESSFUL_SQL} GROUP BY queue, status
 """
 
 _DESCENDANTS = """
@@ -1215,6 +1244,9 @@ class SqliteTasks:
         if succeeded:
             counts["succeeded"] = succeeded
         return counts
+
+    async def by_queue(self, now: float) -> list[QueueFigures]:
+        return [QueueFigures(*row) for row in await self.store.read(_BY_QUEUE, (now, now))]
 
     async def cancel(self, task_id: int, now: float, ttl: float) -> tuple[list[TaskRecord], list[int]]:
         def op(conn: Connection) -> tuple[list[Row], list[int]]:

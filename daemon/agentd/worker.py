@@ -44,6 +44,7 @@ from agentd.config import TasksConfig
 from agentd.context import Context
 from agentd.errors import Fail, InvalidTaskError, RateLimited, Retry, StoreWriteError, describe
 from agentd.log import get_logger
+from agentd.metrics import DISPATCH_BUCKETS, RUN_BUCKETS, Histograms
 from agentd.services import Services
 from agentd.supervise import Loop, Supervisor
 from agentd.taskdef import TaskDef, TaskRegistry, concurrency_group, encode_json, rate_group
@@ -137,6 +138,10 @@ class WorkerPool:
                        for name, n in config.queues.items()}
         self._ahead: dict[str, deque[TaskRecord]] = {name: deque() for name in config.queues}
         self._mean_run = dict.fromkeys(config.queues, SHORT_TASK * 2)  # unproven: not short
+        # By task name, for /metrics: how long a due task waited for its attempt to start
+        # (claim and slot), and how long its attempts' code ran.
+        self.dispatch_seconds = Histograms(DISPATCH_BUCKETS)
+        self.run_seconds = Histograms(RUN_BUCKETS)
         self.services = services
         self.running: dict[int, asyncio.Task[None]] = {}  # attempts whose code has not ended
         # How many of each concurrency group run here (`agentd.taskdef.concurrency_group`),
@@ -476,10 +481,13 @@ class WorkerPool:
                 await self.queue.queued_published()
                 self.queue.publish("task.started", record, attempt=record.attempts)
             began = time.monotonic()
+            self.dispatch_seconds.observe((record.name,), max(0.0, time.time() - record.run_at))
             outcome = await self._execute(record, definition, ctx)
             self._ended.add(record.id)
+            ran = time.monotonic() - began
+            self.run_seconds.observe((record.name,), ran)
             mean = self._mean_run[record.queue]
-            self._mean_run[record.queue] = mean + _RUN_WEIGHT * (time.monotonic() - began - mean)
+            self._mean_run[record.queue] = mean + _RUN_WEIGHT * (ran - mean)
             # Free the slot before the acknowledgement commits, so the next claim shares
             # its transaction. The row stays `running` until then: nothing can be lost, and
             # the task's waiters and final event follow the commit (`_announce_acks`).

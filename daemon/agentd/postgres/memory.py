@@ -73,6 +73,7 @@ from agentd.memory import (
     matches,
     plan_delete,
 )
+from agentd.metrics import RECALL_BUCKETS, Histogram
 from agentd.store.postgres import PgConnection, PgStore, load_migrations
 
 # The advisory lock under which the first daemon types the vector column and builds the
@@ -100,6 +101,7 @@ class PgMemory:
                  setting: str = "[memory] url") -> None:
         self.config = config
         self.embedder = embedder
+        self.recall_seconds = Histogram(RECALL_BUCKETS)  # for /metrics
         self.store = PgStore(StoreConfig(url=url, pool_size=config.pool_size),
                              migrations=load_migrations("sql/pg_memory"),
                              version_table="memory_schema_version", setting=setting,
@@ -271,6 +273,14 @@ class PgMemory:
 
     async def recall(self, query: str, namespace: str = DEFAULT_NAMESPACE, k: int = 10,
                      where: Mapping[str, Any] | None = None, hybrid: bool = False) -> list[Recalled]:
+        """`MemoryStore.recall`, its time observed in `recall_seconds`."""
+        began = time.perf_counter()
+        found = await self._recall(query, namespace, k, where, hybrid)
+        self.recall_seconds.observe(time.perf_counter() - began)
+        return found
+
+    async def _recall(self, query: str, namespace: str, k: int, where: Mapping[str, Any] | None,
+                      hybrid: bool) -> list[Recalled]:
         namespace = check_recall(query, namespace, k)
         filters, params = _filters(where or {}, first=5)
         (vector,) = await self.embedder.embed([query])

@@ -44,6 +44,7 @@ from agentd.taskqueue import (
     AckWriter,
     ClaimFuture,
     NameLimits,
+    QueueFigures,
     TaskRecord,
     TaskStatus,
     limit_budgets,
@@ -102,6 +103,13 @@ _FREE_UNSUCCESSFUL_CHILDREN_KEYS = (
 _DELETE = f"DELETE FROM tasks WHERE id = $1 AND status IN {FINAL_SQL} RETURNING id"
 _PURGE_EXPIRED = f"DELETE FROM tasks WHERE expires_at < $1 AND status IN {FINAL_SQL}"
 _COUNTS = "SELECT status, count(*) FROM tasks GROUP BY status"
+_BY_QUEUE = f"""
+SELECT queue, 'queued', count(*), count(*) FILTER (WHERE run_at <= $1),
+    min(run_at) FILTER (WHERE run_at <= $1) FROM tasks WHERE status = 'queued' GROUP BY queue
+UNION ALL SELECT queue, 'running', count(*), 0, NULL FROM tasks WHERE status = 'running' GROUP BY queue
+UNION ALL SELECT queue, status, count(*), 0, NULL FROM tasks
+    WHERE error IS NOT NULL AND status IN {UNSUCCESSFUL_SQL} GROUP BY queue, status
+"""
 _DESCENDANTS = """
 WITH RECURSIVE tree(id) AS (
     SELECT $1::bigint UNION SELECT tasks.id FROM tasks JOIN tree ON tasks.parent_id = tree.id
@@ -418,6 +426,9 @@ class PgTasks:
 
     async def counts(self) -> dict[TaskStatus, int]:
         return {row[0]: row[1] for row in await self.store.read(_COUNTS) if row[1]}
+
+    async def by_queue(self, now: float) -> list[QueueFigures]:
+        return [QueueFigures(*row) for row in await self.store.read(_BY_QUEUE, (now,))]
 
     async def cancel(self, task_id: int, now: float, ttl: float) -> tuple[list[TaskRecord], list[int]]:
         async def op(conn: PgConnection) -> tuple[list[Any], list[int]]:

@@ -7,6 +7,8 @@ logs): it is kept when it is 1 to 64 letters, digits, `.`, `_` or `-`, else repl
 of agentd's. The query string is never logged: it may carry a stream token. Probes
 (`/healthz`, `/readyz`) and scrapes (`/metrics`), polled every few seconds, are logged at
 debug level; `[log] access = false` turns the log off (the header stays).
+
+The same middleware counts every request for `/metrics` (`HttpMetrics`), logged or not.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import asyncio
 import re
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from agentd.log import get_logger
+from agentd.metrics import HTTP_BUCKETS, Histograms
 
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 HEADER = "X-Request-Id"
@@ -29,6 +33,8 @@ QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # A client that went away before its answer was sent (nginx's code for it).
 CLIENT_CLOSED = 499
 _GIVEN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# The methods counted by name; any other is counted as "other" (a client may send any word).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -42,8 +48,26 @@ def request_id(given: str | None) -> str:
     return secrets.token_hex(8)
 
 
-def make_access_middleware(enabled: bool) -> Middleware:
-    """The outermost middleware: it sees every request's final status, errors included."""
+class HttpMetrics:
+    """Every request answered, by method, route (its template, `/v1/tasks/{id}`; a
+    path no route matched as `unmatched`) and status, and how long each took by method and
+    route (a stream's or a WebSocket's whole life), for `/metrics`."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str, str]] = Counter()
+        self.seconds = Histograms(HTTP_BUCKETS)
+
+    def count(self, request: web.Request, status: int, seconds: float) -> None:
+        method = request.method if request.method in _METHODS else "other"
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        self.requests[method, route, str(status)] += 1
+        self.seconds.observe((method, route), seconds)
+
+
+def make_access_middleware(enabled: bool, metrics: HttpMetrics) -> Middleware:
+    """The outermost middleware: it sees every request's final status, errors included;
+    `enabled`: it logs them too."""
 
     @web.middleware
     async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -61,8 +85,10 @@ def make_access_middleware(enabled: bool) -> Middleware:
             status = CLIENT_CLOSED
             raise
         finally:
+            seconds = time.monotonic() - started
+            metrics.count(request, status, seconds)
             if enabled:
-                _log_request(request, status, time.monotonic() - started)
+                _log_request(request, status, seconds)
 
     return access
 

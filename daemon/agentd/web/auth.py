@@ -240,15 +240,17 @@ class AccessRules:
 
     def __init__(self, config: Config) -> None:
         self.token = ""
+        self.scrape_token = ""
         self.hosts: frozenset[str] = frozenset()
         self.origins: frozenset[str] = frozenset()
         self.update(config)
 
     def update(self, config: Config) -> None:
-        """Take `[server] token`/`token_file` (as read into the secrets), `host`,
-        `allowed_hosts` and `allowed_origins` from `config`."""
+        """Take `[server] token`/`token_file` and `[metrics] token`/`token_file` (as read
+        into the secrets), `host`, `allowed_hosts` and `allowed_origins` from `config`."""
         server = config.server
         self.token = config.secrets.api_token
+        self.scrape_token = config.secrets.metrics_token
         self.hosts = frozenset(name.strip("[]").rstrip(".").lower()
                                for name in (server.host, *server.allowed_hosts))
         self.origins = listed_origins(server.allowed_origins)
@@ -265,24 +267,35 @@ ACCESS: web.AppKey[AccessRules] = web.AppKey("access", AccessRules)
 def make_auth_middleware(rules: AccessRules, stream_tokens: StreamTokens) -> Middleware:
     """While a token is configured, require `Authorization: Bearer <token>` on every route
     not documented as public; stream routes also take `?token=<stream token>`, which only
-    reads. With none, let everything through (the Host and Origin checks stand)."""
+    reads, and the scrape route (`/metrics`) also takes `[metrics] token` as its bearer
+    token. With neither, let everything through (the Host and Origin checks stand); with
+    only the metrics token, only the scrape route is guarded, by it."""
 
     @web.middleware
     async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not rules.token:
+        if not rules.token and not rules.scrape_token:
             return await handler(request)
-        expected = rules.expected
+        expected = rules.expected if rules.token else None
+        scrape_expected = f"bearer {rules.scrape_token}".encode() if rules.scrape_token else None
         route_doc = _doc(request.match_info.route.handler)
         # aiohttp decodes header bytes with surrogateescape: encode them back the same way.
         given = _scheme_folded(request.headers.get("Authorization", "").encode("utf-8", "surrogateescape"))
         if route_doc is not None and getattr(route_doc, "public", False):
-            request[_TOKEN_GIVEN] = hmac.compare_digest(given, expected)
+            if expected is not None:
+                request[_TOKEN_GIVEN] = hmac.compare_digest(given, expected)
             return await handler(request)
-        if hmac.compare_digest(given, expected):
+        if expected is not None and hmac.compare_digest(given, expected):
+            return await handler(request)
+        scrape = bool(getattr(route_doc, "scrape", False))
+        if scrape and scrape_expected is not None and hmac.compare_digest(given, scrape_expected):
+            return await handler(request)
+        if expected is None and not scrape:
             return await handler(request)
         stream = bool(getattr(route_doc, "stream", False))
         query_token = request.query.get("token")
         why = "a valid 'Authorization: Bearer <token>' is required"
+        if scrape and scrape_expected is not None:
+            why += " (the [metrics] token" + (" or the API token)" if expected is not None else ")")
         if stream:
             why += " (or ?token= from POST /v1/stream-tokens)"
             if query_token:

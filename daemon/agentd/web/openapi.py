@@ -45,7 +45,9 @@ class RouteDoc:
     extra_query: tuple[dict[str, Any], ...] = ()
     public: bool = False
     stream: bool = False
+    scrape: bool = False
     schemas: dict[int, dict[str, Any]] | None = None
+    media_type: str | tuple[str, ...] = "application/json"
 
 
 def doc(
@@ -60,7 +62,9 @@ def doc(
     extra_query: tuple[dict[str, Any], ...] = (),
     public: bool = False,
     stream: bool = False,
+    scrape: bool = False,
     schemas: dict[int, dict[str, Any]] | None = None,
+    media_type: str | tuple[str, ...] = "application/json",
 ) -> Callable[[H], H]:
     """Attach OpenAPI documentation to a handler.
 
@@ -77,23 +81,30 @@ def doc(
         extra_query: OpenAPI parameter objects no Struct can state (a JSON-valued parameter).
         public: True when the route needs no bearer token.
         stream: True when the route also accepts a stream token as `?token=`.
+        scrape: True when the route also accepts `[metrics] token` as its bearer token
+            (and needs it when that alone is configured).
         schemas: status → the JSON schema of that answer's body, for an answer of the
             route's own that is not the error envelope (an error status's default).
+        media_type: the content type of the route's own successful answers, when not JSON
+            (their schema, from `schemas`, is then that of the text); several when it
+            answers in one of them (a static file's).
     """
 
     def attach(handler: H) -> H:
         handler.__openapi__ = RouteDoc(  # type: ignore[attr-defined]
             summary=summary, tag=tag, responses=responses or {200: "OK"}, body=body,
             optional_body=optional_body, query=query, path=path, extra_query=extra_query,
-            public=public, stream=stream, schemas=schemas)
+            public=public, stream=stream, scrape=scrape, schemas=schemas, media_type=media_type)
         return handler
 
     return attach
 
 
-def build_document(app: web.Application, version: str, token_required: bool) -> dict[str, Any]:
+def build_document(app: web.Application, version: str, token_required: bool,
+                   scrape_token_required: bool = False) -> dict[str, Any]:
     """The OpenAPI document for every method and path routed by `app`. `token_required`:
-    a bearer token is configured, so every non-public route may answer 401."""
+    a bearer token is configured, so every non-public route may answer 401;
+    `scrape_token_required`: the scrape route may (a bearer or `[metrics]` token is set)."""
     routes: list[tuple[str, str, RouteDoc | None]] = []
     for route in app.router.routes():
         method = route.method.lower()
@@ -105,7 +116,8 @@ def build_document(app: web.Application, version: str, token_required: bool) -> 
     schema_of = dict(zip(bodies, body_schemas, strict=True))
     paths: dict[str, dict[str, Any]] = {}
     for path, method, route_doc in routes:
-        operation = (_operation(path, method, route_doc, schema_of, token_required) if route_doc
+        guarded = token_required or (route_doc is not None and route_doc.scrape and scrape_token_required)
+        operation = (_operation(path, method, route_doc, schema_of, guarded) if route_doc
                      else {"summary": "", "responses": {"default": {"description": "undocumented"}}})
         paths.setdefault(path, {})[method] = operation
     return {
@@ -133,7 +145,8 @@ def _operation(path: str, method: str, route_doc: RouteDoc, schema_of: dict[Any,
         "tags": [route_doc.tag],
         "parameters": params,
         "responses": {
-            str(status): _response(status, text, (route_doc.schemas or {}).get(status))
+            str(status): _response(status, text, (route_doc.schemas or {}).get(status),
+                                   route_doc.media_type)
             for status, text in sorted(responses.items())
         },
     }
@@ -144,17 +157,23 @@ def _operation(path: str, method: str, route_doc: RouteDoc, schema_of: dict[Any,
         }
     if route_doc.public:
         operation["security"] = []
+    elif route_doc.scrape and token_required:
+        operation["security"] = [{"bearer": []}]
     return operation
 
 
-def _response(status: int, text: str, schema: dict[str, Any] | None) -> dict[str, Any]:
-    """A response object: its own schema if the route gives one, the error envelope for an
-    error status, else no body schema."""
+def _response(status: int, text: str, schema: dict[str, Any] | None,
+              media_type: str | tuple[str, ...] = "application/json") -> dict[str, Any]:
+    """A response object: its own schema if the route gives one (in `media_type` for a
+    success), the error envelope for an error status, else no body schema."""
     if schema is None and status >= 400:
         schema = {"$ref": "#/components/schemas/Error"}
     if schema is None:
         return {"description": text}
-    return {"description": text, "content": {"application/json": {"schema": schema}}}
+    types = (media_type,) if isinstance(media_type, str) else media_type
+    if status >= 400:
+        types = ("application/json",)
+    return {"description": text, "content": {kind: {"schema": schema} for kind in types}}
 
 
 def _errors(route_doc: RouteDoc, params: list[dict[str, Any]], method: str,

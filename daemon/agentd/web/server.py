@@ -11,7 +11,7 @@ from aiohttp.typedefs import Middleware
 
 from agentd.errors import AgentdError
 from agentd.log import get_logger
-from agentd.web.access import add_request_id, make_access_middleware
+from agentd.web.access import HttpMetrics, add_request_id, make_access_middleware
 from agentd.web.auth import (
     ACCESS,
     STREAM_TOKENS,
@@ -33,6 +33,8 @@ DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 # ended at shutdown so closing the server does not wait for them.
 STREAMS: web.AppKey[set[Subscription]] = web.AppKey("streams")
 SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
+# Requests counted and timed by the access middleware, for /metrics.
+HTTP_METRICS: web.AppKey[HttpMetrics] = web.AppKey("http_metrics", HttpMetrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -90,8 +92,9 @@ def build_app(daemon: Daemon, *route_tables: web.RouteTableDef) -> web.Applicati
     config = daemon.config
     stream_tokens = StreamTokens(config.streams)
     rules = AccessRules(config)  # what a reload changes (agentd/reload.py)
+    http_metrics = HttpMetrics()
     middlewares: list[Middleware] = [
-        make_access_middleware(config.log.access),
+        make_access_middleware(config.log.access, http_metrics),
         json_errors,
         make_host_middleware(rules),
         make_origin_middleware(rules),
@@ -101,6 +104,7 @@ def build_app(daemon: Daemon, *route_tables: web.RouteTableDef) -> web.Applicati
     app = web.Application(middlewares=middlewares, client_max_size=config.server.max_body_bytes)
     app[DAEMON] = daemon
     app[ACCESS] = rules
+    app[HTTP_METRICS] = http_metrics
     app[STREAM_TOKENS] = stream_tokens
     app[BODY_TIMEOUT] = config.server.header_timeout
     app[STREAMS] = set()

@@ -153,4 +153,6 @@ async def clear_safe_mode(request: web.Request) -> web.Response:
 @routes.get("/v1/openapi.json")
 @doc("This OpenAPI 3 document", tag="system", public=True)
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(build_document(request.app, __version__, bool(request.app[ACCESS].token)))
+    rules = request.app[ACCESS]
+    return web.json_response(build_document(request.app, __version__, bool(rules.token),
+                                            bool(rules.token or rules.scrape_token)))

@@ -1,8 +1,10 @@
-"""`/v1/tasks`: enqueue (one or a batch), inspect, list, wait, cancel, requeue, delete; and
-the questions of waiting tasks (`ctx.ask`): `/v1/approvals`, `/v1/tasks/{id}/answer`."""
+"""`/v1/tasks`: enqueue (one or a batch), inspect, list, wait, cancel, requeue, delete; tasks
+per status and per queue; and the questions of waiting tasks (`ctx.ask`): `/v1/approvals`,
+`/v1/tasks/{id}/answer`."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, TypeVar
 
 import msgspec
@@ -117,6 +119,32 @@ async def list_tasks(request: web.Request) -> web.Response:
     next_page = records[-1].id if len(records) == query.limit else None
     tasks = await with_waits(request, [record.to_dict() for record in records])
     return web.json_response({"tasks": tasks, "next": next_page})
+
+
+@routes.get("/v1/tasks/counts")
+@doc("Tasks per status (statuses with none left out): what /v1/status gives as tasks.by_status, "
+     "without the rest of its work; the dashboard polls it", tag="tasks",
+     responses={200: "`by_status`"})
+async def task_counts(request: web.Request) -> web.Response:
+    return web.json_response({"by_status": await request.app[DAEMON].queue.counts()})
+
+
+@routes.get("/v1/queues")
+@doc("Each queue: the workers this daemon runs for it ([tasks] queues), its tasks queued (and "
+     "of those, due now) and running", tag="tasks",
+     responses={200: "`queues`: `name`, `workers`, `queued`, `due`, `running`, by name"})
+async def queues(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    figures = await daemon.queue.tasks.by_queue(time.time())
+    workers = daemon.config.tasks.queues
+    queues = {name: {"name": name, "workers": workers.get(name, 0), "queued": 0, "due": 0,
+                     "running": 0} for name in sorted({*workers, *(f.queue for f in figures)})}
+    for figure in figures:
+        if figure.status in ("queued", "running"):
+            queues[figure.queue][figure.status] = figure.tasks
+        if figure.status == "queued":
+            queues[figure.queue]["due"] = figure.due
+    return web.json_response({"queues": list(queues.values())})
 
 
 @routes.get(r"/v1/tasks/{id:\d+}")
