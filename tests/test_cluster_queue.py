@@ -160,6 +160,27 @@ async def test_a_concurrency_per_key_holds_across_stores(cluster: Any) -> None:
     assert most_in_all > 2  # the users' places are their own
 
 
+async def test_a_429_hold_keeps_every_store_off_its_rate_key(cluster: Any) -> None:
+    """A hold written with one daemon's retry keeps the other's claims off the tasks of
+    that name and rate key (not another key's), limited names registered or not."""
+    a, b = await cluster(2)
+    rows = [(*row("asked")[:-2], "", model) for model in ("m1", "m1", "m2")]
+    await a.insert(rows, [0.0] * 3, time.time(), 60.0, None)
+    first, _ = await claim(a, 1)
+    assert first[0].run_at <= time.time()
+    hold_until = time.time() + 30
+    assert await a.requeue_attempt(task_id=first[0].id, run_at=hold_until, error="429",
+                                   undo_attempt=1, finished_at=time.time(),
+                                   expires_at=time.time() + 60, hold="asked:r:m1") == "queued"
+    for limits in (None, {"asked": (5, None, 1.0)}):
+        records, next_at = await claim(b, 5, limits)
+        keys = await b.engine.read("SELECT rate_key FROM tasks WHERE id = ANY($1::bigint[])",
+                                   ([record.id for record in records],))
+        assert [key for (key,) in keys] == ["m2"]
+        assert next_at == pytest.approx(hold_until)  # the claim loop wakes as the hold ends
+        await b.unclaim([record.id for record in records])
+
+
 async def test_a_rate_limit_is_shared_by_the_stores(cluster: Any) -> None:
     a, b = await cluster(2)
     await a.insert([row("rated") for _ in range(10)], [0.0] * 10, time.time(), 60.0, None)
