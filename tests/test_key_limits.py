@@ -116,3 +116,7 @@ async def test_a_key_the_arguments_cannot_fill_is_refused_at_enqueue(
     assert await daemon.queue.list(name="kl.tenanted") == []
     async with client.post("/v1/tasks", json={"name": "kl.tenanted", "args": {"tenant": "t"}}) as reply:
         assert reply.status in (200, 201, 202)
+    async with client.get("/v1/task-types") as reply:
+        types = {item["name"]: item for item in (await reply.json())["task_types"]}
+    assert (types["kl.per_user"]["concurrency_key"], types["kl.per_user"]["rate_key"]) == ("{user}", None)
+    assert types["kl.per_model"]["rate_key"] == "function <lambda>"
