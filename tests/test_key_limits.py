@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from fake_openai import FakeOpenAI
+from test_queue import execute, rows
 
 pytestmark = pytest.mark.both_stores
 
@@ -120,3 +122,17 @@ async def test_a_key_the_arguments_cannot_fill_is_refused_at_enqueue(
         types = {item["name"]: item for item in (await reply.json())["task_types"]}
     assert (types["kl.per_user"]["concurrency_key"], types["kl.per_user"]["rate_key"]) == ("{user}", None)
     assert types["kl.per_model"]["rate_key"] == "function <lambda>"
+
+
+async def test_unused_rate_buckets_are_purged_and_holds_kept(start_daemon: Any, kl_dir: Path) -> None:
+    daemon, _, _ = await start(start_daemon, kl_dir)
+    now = time.time()
+    for group, updated_at, held_until in (("kl.per_model:r:old", now - 2 * 86400, 0.0),
+                                          ("kl.per_model:r:recent", now - 60, 0.0),
+                                          ("kl.ask:r:held", now - 2 * 86400, now + 600)):
+        await execute(daemon, "INSERT INTO task_rates (name, tokens, updated_at, held_until) "
+                      "VALUES (?, 0, ?, ?)", group, updated_at, held_until)
+    await daemon.queue.purge_expired()
+    left = await rows(daemon, "SELECT name FROM task_rates ORDER BY name")
+    assert [row["name"] for row in left] == ["kl.ask:r:held", "kl.per_model:r:recent"]
+

@@ -284,7 +284,9 @@ class TaskStore(Protocol):
 
     async def delete(self, task_id: int) -> None: ...
 
-    async def purge_expired(self, now: float) -> int: ...
+    async def purge_expired(self, now: float, idle_before: float) -> int:
+        """Delete the finished tasks whose result TTL has passed (return how many), and the
+        rate buckets unheld and untouched since `idle_before` (full by then: as if absent)."""
 
     async def cancels_among(self, task_ids: list[int]) -> list[int]:
         """Which of these tasks have a cancel stored."""
@@ -662,8 +664,14 @@ class TaskQueue:
         await self.tasks.delete(task_id)
 
     async def purge_expired(self) -> int:
-        """Delete finished tasks whose result TTL has passed; return how many."""
-        return await self.tasks.purge_expired(time.time())
+        """Delete finished tasks whose result TTL has passed; return how many. Rate buckets
+        of keys no longer used go too: one untouched for longer than the slowest registered
+        rate takes to refill (a day at least) is full, as good as none."""
+        now = time.time()
+        refills = [definition.rate.capacity / definition.rate.per_second
+                   for definition in map(self.registry.get, self.registry.names())
+                   if definition.rate is not None]
+        return await self.tasks.purge_expired(now, now - max([_BUCKETS_KEPT, *refills]))
 
     # -- results ---------------------------------------------------------------------------
 
@@ -779,6 +787,9 @@ _FREE_UNSUCCESSFUL_CHILDREN_KEYS = (
     f"AND (status IN {UNSUCCESSFUL_SQL} OR cancel_requested) AND idempotency_key IS NOT NULL")
 _DELETE = f"DELETE FROM tasks WHERE id = ? AND status IN {FINAL_SQL} RETURNING id"
 _PURGE_EXPIRED = f"DELETE FROM tasks WHERE expires_at < ? AND status IN {FINAL_SQL}"
+_PURGE_BUCKETS = "DELETE FROM task_rates WHERE held_until < ? AND updated_at < ?"
+# Seconds an unused rate bucket is kept at least (`TaskQueue.purge_expired`).
+_BUCKETS_KEPT = 86400.0
 
 _COUNTS = f"""
 SELECT 'queued', count(*) FROM tasks INDEXED BY tasks_claim WHERE status = 'queued'
@@ -1287,9 +1298,13 @@ class SqliteTasks:
 
         await self.store.write(op)
 
-    async def purge_expired(self, now: float) -> int:
-        count: int = await self.store.write(lambda conn: conn.execute(_PURGE_EXPIRED, (now,)).rowcount)
-        return count
+    async def purge_expired(self, now: float, idle_before: float) -> int:
+        def op(conn: Connection) -> int:
+            conn.execute(_PURGE_BUCKETS, (now, idle_before))
+            count: int = conn.execute(_PURGE_EXPIRED, (now,)).rowcount
+            return count
+
+        return await self.store.write(op)
 
     async def cancels_among(self, task_ids: list[int]) -> list[int]:
         if not task_ids:

@@ -102,6 +102,7 @@ _FREE_UNSUCCESSFUL_CHILDREN_KEYS = (
     f"AND (status IN {UNSUCCESSFUL_SQL} OR cancel_requested <> 0) AND idempotency_key IS NOT NULL")
 _DELETE = f"DELETE FROM tasks WHERE id = $1 AND status IN {FINAL_SQL} RETURNING id"
 _PURGE_EXPIRED = f"DELETE FROM tasks WHERE expires_at < $1 AND status IN {FINAL_SQL}"
+_PURGE_BUCKETS = "DELETE FROM task_rates WHERE held_until < $1 AND updated_at < $2"
 _COUNTS = "SELECT status, count(*) FROM tasks GROUP BY status"
 _BY_QUEUE = f"""
 SELECT queue, 'queued', count(*), count(*) FILTER (WHERE run_at <= $1),
@@ -464,8 +465,9 @@ class PgTasks:
 
         await self.store.write(op)
 
-    async def purge_expired(self, now: float) -> int:
+    async def purge_expired(self, now: float, idle_before: float) -> int:
         async def op(conn: PgConnection) -> int:
+            await conn.execute(_PURGE_BUCKETS, now, idle_before)
             status: str = await conn.execute(_PURGE_EXPIRED, now)
             return int(status.rpartition(" ")[2])
 
