@@ -56,13 +56,13 @@ def row(name: str = "noop", queue: str = "default", key: str | None = None,
         run_at: float | None = None, priority: int = 0) -> tuple[Any, ...]:
     now = time.time()
     return (queue, name, "{}", "queued", priority, now if run_at is None else run_at, 3, None, key,
-            None, None, now)
+            None, None, now, "", "")
 
 
 async def claim(tasks: PgTasks, wanted: int, limits: NameLimits | None = None,
                 lease: float = 30.0, queue: str = "default") -> tuple[list[TaskRecord], float | None]:
     future: ClaimFuture = asyncio.get_running_loop().create_future()
-    tasks.join_claims({queue: future}, lambda _: wanted, lambda: (set(), {}),
+    tasks.join_claims({queue: future}, lambda _: wanted, dict,
                       lambda: limits or {}, lease)
     return await future
 
@@ -121,6 +121,64 @@ async def test_a_concurrency_limit_holds_across_stores(cluster: Any) -> None:
     await asyncio.wait_for(asyncio.gather(*(work(tasks) for tasks in stores)), 60)
     assert finished == 30
     assert most == 2
+
+
+async def test_a_concurrency_per_key_holds_across_stores(cluster: Any) -> None:
+    """`concurrency_key`: two at once per user on three daemons, six at once in all."""
+    stores = await cluster(3)
+    rows = [(*row("keyed")[:-2], f"user{n % 3}", "") for n in range(30)]
+    await stores[0].insert(rows, [0.0] * 30, time.time(), 60.0, None)
+    limits: NameLimits = {"keyed": (2, None, 1.0)}
+    running: dict[int, str] = {}
+    most: dict[str, int] = {}
+    most_in_all = 0
+    finished = 0
+
+    async def work(tasks: PgTasks) -> None:
+        nonlocal most_in_all, finished
+        while finished < 30:
+            records, _ = await claim(tasks, 5, limits)
+            found = await tasks.engine.read(
+                "SELECT id, concurrency_key FROM tasks WHERE id = ANY($1::bigint[])",
+                ([record.id for record in records],)) if records else []
+            running.update({task_id: key for task_id, key in found})
+            for key in set(running.values()):
+                most[key] = max(most.get(key, 0), list(running.values()).count(key))
+            most_in_all = max(most_in_all, len(running))
+            if records:
+                await asyncio.sleep(0.01)  # noqa: sleep - hold the places a moment
+                for record in records:
+                    running.pop(record.id, None)
+                await ack(tasks, records)
+                finished += len(records)
+            else:
+                await asyncio.sleep(0.005)  # noqa: sleep - poll: this test has no claim loop
+
+    await asyncio.wait_for(asyncio.gather(*(work(tasks) for tasks in stores)), 60)
+    assert finished == 30
+    assert most == {"user0": 2, "user1": 2, "user2": 2}
+    assert most_in_all > 2  # the users' places are their own
+
+
+async def test_a_429_hold_keeps_every_store_off_its_rate_key(cluster: Any) -> None:
+    """A hold written with one daemon's retry keeps the other's claims off the tasks of
+    that name and rate key (not another key's), limited names registered or not."""
+    a, b = await cluster(2)
+    rows = [(*row("asked")[:-2], "", model) for model in ("m1", "m1", "m2")]
+    await a.insert(rows, [0.0] * 3, time.time(), 60.0, None)
+    first, _ = await claim(a, 1)
+    assert first[0].run_at <= time.time()
+    hold_until = time.time() + 30
+    assert await a.requeue_attempt(task_id=first[0].id, run_at=hold_until, error="429",
+                                   undo_attempt=1, finished_at=time.time(),
+                                   expires_at=time.time() + 60, hold="asked:r:m1") == "queued"
+    for limits in (None, {"asked": (5, None, 1.0)}):
+        records, next_at = await claim(b, 5, limits)
+        keys = await b.engine.read("SELECT rate_key FROM tasks WHERE id = ANY($1::bigint[])",
+                                   ([record.id for record in records],))
+        assert [key for (key,) in keys] == ["m2"]
+        assert next_at == pytest.approx(hold_until)  # the claim loop wakes as the hold ends
+        await b.unclaim([record.id for record in records])
 
 
 async def test_a_rate_limit_is_shared_by_the_stores(cluster: Any) -> None:

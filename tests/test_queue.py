@@ -158,8 +158,8 @@ async def test_a_cancelled_enqueue_does_not_fail_the_others_of_its_tick(qt: Any)
 
 async def test_a_limited_claim_rolled_back_with_its_batch_claims_again(tmp_path: Path) -> None:
     """A claim shares its transaction with other writes; when one of them fails, every op
-    is run again alone. The claim of a concurrency-limited task had spent the name's budget
-    on its first run: run again it claimed nothing and, the name counted exhausted, its
+    is run again alone. The claim of a concurrency-limited task had counted the task running
+    on its first run: run again it claimed nothing and, the group counted full, its
     queue would not even wait for the task's due time (a stall until something woke it)."""
     store = SqliteStore(tmp_path / "agentd.db", StoreConfig(), extensions=False)
     await store.open()
@@ -168,8 +168,9 @@ async def test_a_limited_claim_rolled_back_with_its_batch_claims_again(tmp_path:
         await store.write(lambda conn: conn.execute(
             "INSERT INTO tasks (queue, name, args, status, priority, run_at, max_attempts, "
             "created_at) VALUES ('default', 'qt.limited', '{}', 'queued', 0, ?, 3, ?)", (now, now)))
-        claimed = store.join_batch(partial(claim, queue="default", wanted=1, blocked=set(),
-                                           budgets={"qt.limited": 1}, spent={}, lease=30.0))
+        claimed = store.join_batch(partial(claim, queue="default", wanted=1,
+                                           limits={"qt.limited": (1, None, 1.0)}, running={},
+                                           spent={}, lease=30.0))
 
         def refused(conn: Connection) -> None:
             raise TaskNotFoundError("no task with id 99")  # a cancel of an unknown task
@@ -257,7 +258,8 @@ async def test_every_record_field_holds_its_own_column(qt: Any) -> None:
     decoded = {"args": {"value": [7]}, "result": [7], "usage": {"total_tokens": 11},
                "cancel_requested": False}
     for column, value in row.items():
-        if column not in ("lease_until", "lease_node"):  # not record fields: the worker's business
+        # Not record fields: the worker's business, and the claims' (the limit keys).
+        if column not in ("lease_until", "lease_node", "concurrency_key", "rate_key"):
             assert getattr(finished, column) == decoded.get(column, value), column
     assert len({row["created_at"], row["started_at"], row["finished_at"], row["expires_at"]}) == 4
     # The record enqueue returns is built from the inserted values, not read back.
@@ -286,7 +288,8 @@ async def test_the_record_a_worker_builds_from_its_claim_holds_each_column(qt: A
     (row,) = await rows(daemon, "SELECT * FROM tasks WHERE id = ?", record.id)
     decoded = {"args": {"name": "columns", "result": [7]}, "result": [7], "cancel_requested": False}
     for column, value in row.items():
-        if column not in ("lease_until", "lease_node"):  # not record fields: the worker's business
+        # Not record fields: the worker's business, and the claims' (the limit keys).
+        if column not in ("lease_until", "lease_node", "concurrency_key", "rate_key"):
             assert getattr(settled, column) == decoded.get(column, value), column
     assert len({row["created_at"], row["started_at"], row["finished_at"], row["expires_at"]}) == 4
 

@@ -139,6 +139,13 @@ class Retry(Exception):  # noqa: N818 - a control-flow signal, named as the verb
                    reason=reason)
 
 
+class RateLimited(Retry):
+    """An endpoint refused for its rate (an LLM endpoint's HTTP 429). With the server's
+    `delay` (Retry-After), every task of the attempt's rate group (its name and `rate_key`)
+    is held back until then, across restarts, and the attempt is not spent; without one it
+    is an ordinary `Retry`."""
+
+
 class WaitTimeoutError(TimeoutError):
     """Raised by `ctx.wait_for` or `ctx.ask` when its `timeout` passed first: no event
     matched, or nobody answered. `wait` is the wait's number among the task's waits."""

@@ -8,8 +8,9 @@ delta and the `id` and name only on the first; Ollama sends each call whole with
 names unless it carries a different `id` (then it starts a new call); without an `index`
 it joins the call of its `id`, or the last call when it has none.
 
-Errors map onto the queue's semantics: 429 and 503 become `Retry` (after `Retry-After`
-seconds when the server says), other 4xx a `Fail` (retrying the same request cannot
+Errors map onto the queue's semantics: 503 becomes `Retry` (after `Retry-After` seconds
+when the server says), 429 `RateLimited` (with a Retry-After it holds back every task of
+the task's rate group until then, its attempt unspent), other 4xx a `Fail` (retrying the same request cannot
 help), 5xx and connection errors an `LlmError`, which the worker retries with backoff.
 A call cut short (a cancel, a timeout, the budget) still counts the tokens it streamed;
 what cut it is what its caller sees, never a failure of that count, which is logged.
@@ -28,7 +29,7 @@ from typing import Any
 import aiohttp
 
 from agentd.config import LlmConfig
-from agentd.errors import AgentdError, Fail, InvalidTaskError, Retry, describe
+from agentd.errors import AgentdError, Fail, InvalidTaskError, RateLimited, Retry, describe
 from agentd.log import get_logger
 from agentd.taskqueue import TaskQueue, TaskRecord
 
@@ -157,7 +158,8 @@ class LlmClient:
 
         Raises:
             LlmUnavailableError: no LLM is configured.
-            Retry: 429/503 (with the server's Retry-After as the delay when it gave one).
+            RateLimited: 429; Retry: 503 (with the server's Retry-After as the delay when it
+                gave one).
             Fail: any other 4xx: the request itself is wrong.
             LlmError: 5xx, a broken stream, or the connection failed.
             InvalidTaskError: `messages` is not a list of {role, content} objects.
@@ -318,7 +320,9 @@ async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
         return
     detail = (await response.text())[:500]
     where = f"the LLM endpoint answered {response.status}: {detail}"
-    if response.status in (429, 503):
+    if response.status == 429:
+        raise RateLimited.after(response.headers.get("Retry-After"), where)
+    if response.status == 503:
         raise Retry.after(response.headers.get("Retry-After"), where)
     if response.status in _RETRY_STATUSES:
         raise LlmError(where)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 from agentd.errors import InvalidScheduleError, PluginError
 from agentd.events import Event, TopicPattern
 from agentd.schedule import ScheduleSpec
-from agentd.taskdef import INTERNAL_PREFIX, TaskDef, TokenBucket
+from agentd.taskdef import INTERNAL_PREFIX, LimitKey, TaskDef, TokenBucket
 
 if TYPE_CHECKING:
     from agentd.context import Context
@@ -185,6 +185,8 @@ class Plugin:
         priority: int = 0,
         concurrency: int | None = None,
         rate: str | None = None,
+        concurrency_key: LimitKey | None = None,
+        rate_key: LimitKey | None = None,
         remember: bool | str = False,
         token_budget: int | None = None,
     ) -> Callable[[F], F]:
@@ -198,6 +200,10 @@ class Plugin:
             priority: higher runs first within its queue.
             concurrency: at most this many of it run at once.
             rate: a token bucket, e.g. "10/s", "100/m", "5/10s".
+            concurrency_key: count `concurrency` per key rather than per name: a format over
+                the task's arguments ("{user}") or a function of them returning a string.
+            rate_key: one `rate` bucket per key ("{model}"); also what an LLM endpoint's
+                429 holds back (every task of the name and key) until its Retry-After.
             remember: keep each result in long-term memory (True: in the plugin's
                 namespace; a string: in that namespace), with the task's name and id.
             token_budget: LLM tokens (`ctx.llm`) the task may use over all its attempts;
@@ -209,6 +215,7 @@ class Plugin:
                 name=name or f"{self.name}.{fn.__name__}", fn=fn, queue=queue,
                 max_attempts=max_attempts, timeout=timeout, priority=priority,
                 concurrency=concurrency, rate=TokenBucket.parse(rate) if rate else None,
+                concurrency_key=concurrency_key, rate_key=rate_key,
                 plugin=self.name, remember=remember, token_budget=token_budget,
             ))
             return fn

@@ -1,11 +1,12 @@
 """What a task is before it runs: its definition, the registry of definitions, and the
-per-name limits (concurrency cap, token-bucket rate) the workers enforce."""
+limits (concurrency cap, token-bucket rate) the workers enforce per name, or per name and
+key (`concurrency_key`, `rate_key`: a format over the task's arguments, or a function)."""
 
 from __future__ import annotations
 
 import inspect
 import re
-import time
+import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,17 +25,18 @@ _NAME = re.compile(TASK_NAME_PATTERN)
 INTERNAL_PREFIX = "agentd."
 
 
-@dataclass(slots=True)
+# A limit's key: a format over the task's arguments ("{user}"), or a function of them.
+LimitKey = str | Callable[[dict[str, Any]], str]
+
+
+@dataclass(frozen=True, slots=True)
 class TokenBucket:
-    """`capacity` tokens refilled at `per_second`; a claim takes one. Burst = capacity."""
+    """A rate: `capacity` tokens refilled at `per_second`; a claim takes one. Burst =
+    capacity. The buckets themselves (tokens left, a 429's hold) live in the store, one
+    per limit group (`rate_group`), so they hold across daemons and restarts."""
 
     per_second: float
     capacity: float
-    tokens: float = field(init=False)
-    updated: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        self.tokens = self.capacity
 
     @classmethod
     def parse(cls, text: str) -> TokenBucket:
@@ -46,20 +48,6 @@ class TokenBucket:
         seconds = (float(span) if span else 1.0) * _UNIT_SECONDS[unit]
         return cls(per_second=count / seconds, capacity=max(1.0, count))
 
-    def _refill(self, now: float) -> None:
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.per_second)
-        self.updated = now
-
-    def available(self, now: float | None = None) -> int:
-        self._refill(time.monotonic() if now is None else now)
-        return int(self.tokens)
-
-    def take(self, count: int = 1) -> None:
-        self.tokens -= count
-
-    def seconds_until_token(self) -> float:
-        self._refill(time.monotonic())
-        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.per_second
 
 
 @dataclass(slots=True)
@@ -74,6 +62,8 @@ class TaskDef:
     priority: int = 0
     concurrency: int | None = None
     rate: TokenBucket | None = None
+    concurrency_key: LimitKey | None = None
+    rate_key: LimitKey | None = None
     plugin: str | None = None
     remember: bool | str = False
     token_budget: int | None = None
@@ -103,6 +93,17 @@ class TaskDef:
             raise InvalidTaskError(f"task name {self.name!r} must be letters, digits, '_', '.', '-'")
         if self.concurrency is not None and self.concurrency < 1:
             raise InvalidTaskError(f"task {self.name}: concurrency must be at least 1")
+        if self.concurrency_key is not None and self.concurrency is None:
+            raise InvalidTaskError(f"task {self.name}: concurrency_key needs a concurrency")
+        for what, key in (("concurrency_key", self.concurrency_key), ("rate_key", self.rate_key)):
+            if isinstance(key, str):
+                try:
+                    list(string.Formatter().parse(key))
+                except ValueError as exc:
+                    raise InvalidTaskError(f"task {self.name}: {what} {key!r}: {exc}") from None
+            elif key is not None and not callable(key):
+                raise InvalidTaskError(f"task {self.name}: {what} must be a format string or a "
+                                       f"function of the arguments, got {type(key).__name__}")
         if self.max_attempts is not None and self.max_attempts < 1:
             raise InvalidTaskError(f"task {self.name}: max_attempts must be at least 1")
         if self.token_budget is not None and self.token_budget < 0:
@@ -119,6 +120,45 @@ class TaskDef:
         except TypeError as exc:
             raise InvalidTaskError(
                 f"args do not fit task {self.name}{self.signature}: {exc}", ) from exc
+
+
+    def limit_keys(self, args: Mapping[str, Any]) -> tuple[str, str]:
+        """The task's concurrency and rate keys for `args` ("" without one), or
+        InvalidTaskError naming what the key needs and the arguments lack."""
+        return (self._key("concurrency_key", self.concurrency_key, args),
+                self._key("rate_key", self.rate_key, args))
+
+    def _key(self, what: str, key: LimitKey | None, args: Mapping[str, Any]) -> str:
+        if key is None:
+            return ""
+        try:
+            value = key.format_map(args) if isinstance(key, str) else key(dict(args))
+        except KeyError as exc:
+            raise InvalidTaskError(f"task {self.name}: {what} {key!r} needs the argument "
+                                   f"{exc.args[0]!r}, which the task was not given") from None
+        except Exception as exc:  # a positional field, a bad attribute, the function's own
+            raise InvalidTaskError(f"task {self.name}: {what} failed on these arguments: "
+                                   f"{type(exc).__name__}: {exc}") from None
+        if not isinstance(value, str):
+            raise InvalidTaskError(f"task {self.name}: {what} must give a string, "
+                                   f"got {type(value).__name__}")
+        return value
+
+
+def concurrency_group(name: str, key: str) -> str:
+    """What a concurrency limit counts: a task name and its concurrency key. Task names
+    hold no ':', so the name is the part before the first one."""
+    return f"{name}:c:{key}"
+
+
+def rate_group(name: str, key: str) -> str:
+    """What a token bucket and a 429's hold belong to: a task name and its rate key."""
+    return f"{name}:r:{key}"
+
+
+def group_name(group: str) -> str:
+    """The task name of a `concurrency_group` or `rate_group`."""
+    return group.partition(":")[0]
 
 
 _ENCODE = compact_encoder(allow_nan=False)

@@ -50,7 +50,7 @@ from agentd.errors import (
 )
 from agentd.steps import StepStore
 from agentd.store import BatchedWrite, Connection, Row, Store, execute_rows
-from agentd.taskdef import TaskRegistry, encode_json
+from agentd.taskdef import TaskRegistry, concurrency_group, encode_json, group_name, rate_group
 
 # A task's status: the one definition of what the `status` column holds (its CHECK
 # constraint, migration 0002, lists the same, as a test checks), what `?status=` accepts
@@ -87,7 +87,7 @@ LATEST_RUN_AT = 4_102_444_800.0
 # The columns an enqueue writes, in the order of a prepared row (`TaskQueue._prepare`).
 INSERT_COLUMNS = (
     "queue, name, args, status, priority, run_at, max_attempts, timeout, "
-    "idempotency_key, parent_id, correlation_id, created_at"
+    "idempotency_key, parent_id, correlation_id, created_at, concurrency_key, rate_key"
 )
 
 
@@ -160,7 +160,7 @@ class TaskRecord:
     def queued(cls, task_id: int, values: tuple[Any, ...], args: dict[str, Any]) -> TaskRecord:
         """The record of a row just inserted from `values` (in `INSERT_COLUMNS` order)."""
         (queue, name, _, status, priority, run_at, max_attempts, timeout, key, parent_id,
-         correlation_id, created_at) = values
+         correlation_id, created_at, _, _) = values
         return cls(
             task_id, queue, name, args, status, priority, run_at, 0, max_attempts, timeout, key,
             parent_id, correlation_id or str(task_id), False, None, None, created_at, None, None,
@@ -284,7 +284,9 @@ class TaskStore(Protocol):
 
     async def delete(self, task_id: int) -> None: ...
 
-    async def purge_expired(self, now: float) -> int: ...
+    async def purge_expired(self, now: float, idle_before: float) -> int:
+        """Delete the finished tasks whose result TTL has passed (return how many), and the
+        rate buckets unheld and untouched since `idle_before` (full by then: as if absent)."""
 
     async def cancels_among(self, task_ids: list[int]) -> list[int]:
         """Which of these tasks have a cancel stored."""
@@ -295,18 +297,19 @@ class TaskStore(Protocol):
         """A new writer of acknowledgements."""
 
     def join_claims(self, claims: dict[str, ClaimFuture], size: Callable[[str], int],
-                    budgets: Callable[[], tuple[set[str], dict[str, int]]],
+                    running: Callable[[], dict[str, int]],
                     limits: Callable[[], NameLimits], lease: float) -> None:
         """Store rider: put a claim per queue of `claims` (`claim`) into the batch being
-        taken, of `size(queue)` tasks. Names' limits are either this daemon's own
-        (`budgets()`: names blocked, and how many more of others may start) or, with
-        daemons sharing the store, counted in the store from `limits()`."""
+        taken, of `size(queue)` tasks, within `limits()` (per limited name; a name's
+        limits count per limit group, `agentd.taskdef.concurrency_group`). The rate
+        buckets are in the store; what runs is either this daemon's own count (`running()`,
+        per concurrency group) or, with daemons sharing the store, counted in the store."""
 
     def requeue_attempt(self, *, task_id: int, run_at: float, error: str | None,
-                        undo_attempt: int, finished_at: float,
-                        expires_at: float) -> Awaitable[Literal["queued", "cancelled", "lost"]]:
-        """Queue the task again (see `requeue_attempt`); "lost" when this daemon no longer
-        holds its lease (another daemon took it over): nothing written."""
+                        undo_attempt: int, finished_at: float, expires_at: float,
+                        hold: str | None = None) -> Awaitable[Literal["queued", "cancelled", "lost"]]:
+        """Queue the task again (see `requeue_attempt`, and `hold`); "lost" when this daemon
+        no longer holds its lease (another daemon took it over): nothing written."""
 
     def unclaim(self, task_ids: list[int]) -> Awaitable[None]: ...
 
@@ -554,6 +557,7 @@ class TaskQueue:
         if type(args) is not dict and args is not _NO_ARGS and not isinstance(args, Mapping):
             raise InvalidTaskError(f"args must be a JSON object, got {type(args).__name__}")
         definition.check_args(args)
+        concurrency_key, rate_key = definition.limit_keys(args)
         if delay is not None and run_at is not None:
             raise InvalidTaskError("give either delay or run_at, not both")
         if run_at is None:
@@ -581,7 +585,8 @@ class TaskQueue:
         _check_integer("priority", priority)
         return (
             queue, name, encode_json(dict(args), "args") if args else "{}", "queued", priority,
-            run_at, max_attempts, timeout, key, parent_id, correlation_id, now,
+            run_at, max_attempts, timeout, key, parent_id, correlation_id, now, concurrency_key,
+            rate_key,
         )
 
     # -- reading ---------------------------------------------------------------------------
@@ -659,8 +664,14 @@ class TaskQueue:
         await self.tasks.delete(task_id)
 
     async def purge_expired(self) -> int:
-        """Delete finished tasks whose result TTL has passed; return how many."""
-        return await self.tasks.purge_expired(time.time())
+        """Delete finished tasks whose result TTL has passed; return how many. Rate buckets
+        of keys no longer used go too: one untouched for longer than the slowest registered
+        rate takes to refill (a day at least) is full, as good as none."""
+        now = time.time()
+        refills = [definition.rate.capacity / definition.rate.per_second
+                   for definition in map(self.registry.get, self.registry.names())
+                   if definition.rate is not None]
+        return await self.tasks.purge_expired(now, now - max([_BUCKETS_KEPT, *refills]))
 
     # -- results ---------------------------------------------------------------------------
 
@@ -759,11 +770,11 @@ _STATUS = "SELECT status FROM tasks WHERE id = ?"
 _CHILDREN = "SELECT id FROM tasks WHERE parent_id = ? ORDER BY id"
 _USAGE = "SELECT usage FROM tasks WHERE id = ?"
 _SET_USAGE = "UPDATE tasks SET usage = ? WHERE id = ?"
-_INSERT = f"INSERT INTO tasks ({INSERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT = f"INSERT INTO tasks ({INSERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 # A child asked for as its parent's cancel committed: stored cancelled.
 _INSERT_CANCELLED = (
     f"INSERT INTO tasks ({INSERT_COLUMNS}, cancel_requested, error, finished_at, expires_at) "
-    "VALUES (?,?,?,'cancelled',?,?,?,?,?,?,?,?, 1, 'cancelled', ?, ?) RETURNING *")
+    "VALUES (?,?,?,'cancelled',?,?,?,?,?,?,?,?,?,?, 1, 'cancelled', ?, ?) RETURNING *")
 _BY_KEY = "SELECT * FROM tasks WHERE idempotency_key = ?"
 _FREE_KEY = "UPDATE tasks SET idempotency_key = NULL WHERE id = ?"
 _BEING_CANCELLED = "SELECT 1 FROM tasks WHERE id = ? AND cancel_requested"
@@ -776,6 +787,9 @@ _FREE_UNSUCCESSFUL_CHILDREN_KEYS = (
     f"AND (status IN {UNSUCCESSFUL_SQL} OR cancel_requested) AND idempotency_key IS NOT NULL")
 _DELETE = f"DELETE FROM tasks WHERE id = ? AND status IN {FINAL_SQL} RETURNING id"
 _PURGE_EXPIRED = f"DELETE FROM tasks WHERE expires_at < ? AND status IN {FINAL_SQL}"
+_PURGE_BUCKETS = "DELETE FROM task_rates WHERE held_until < ? AND updated_at < ?"
+# Seconds an unused rate bucket is kept at least (`TaskQueue.purge_expired`).
+_BUCKETS_KEPT = 86400.0
 
 _COUNTS = f"""
 SELECT 'queued', count(*) FROM tasks INDEXED BY tasks_claim WHERE status = 'queued'
@@ -832,8 +846,8 @@ def _insert_tasks(
     return out
 
 
-_ROW = "(?,?,?,?,?,?,?,?,?,?,?,?)"
-_ROWS_PER_INSERT = 500  # 6,000 parameters, well under SQLite's limit of 32,766
+_ROW = "(?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+_ROWS_PER_INSERT = 500  # 7,000 parameters, well under SQLite's limit of 32,766
 
 
 def _insert_many(conn: Connection, prepared: list[tuple[Any, ...]]) -> list[int | Row]:
@@ -893,67 +907,172 @@ def write_acks(conn: Connection, acks: list[tuple[Any, ...]]) -> list[int]:
     return []
 
 
-def pick_within_budgets(candidates: Iterable[Sequence[Any]], wanted: int, budgets: dict[str, int],
-                        spent: dict[str, int]) -> list[int]:
-    """The ids of up to `wanted` of `candidates` (id, name rows, in claim order), skipping
-    those whose limited name has no budget left; spends the budgets, and counts what it
-    took per name into `spent`. Both engines' claims with limited names pick so."""
+def limit_budgets(limits: NameLimits, running: Mapping[str, int], buckets: Iterable[Sequence[Any]],
+                  now: float) -> tuple[set[str], dict[str, int], dict[str, float], float | None]:
+    """What the limits let start now, from the running count of each concurrency group and
+    the stored buckets of the rate groups (group, tokens, updated_at, held_until rows): the
+    groups that may start nothing (full, out of tokens, held by a 429), how many more of
+    each other group counted may start (a group not counted may start its whole limit), the
+    buckets' tokens refilled to now, and when the first blocked bucket frees by itself."""
+    blocked: set[str] = set()
+    budgets: dict[str, int] = {}
+    tokens: dict[str, float] = {}
+    frees: list[float] = []
+    for group, count in running.items():
+        concurrency = limits.get(group_name(group), _UNLIMITED)[0]
+        if concurrency is not None and count:
+            if count >= concurrency:
+                blocked.add(group)
+            else:
+                budgets[group] = concurrency - count
+    for group, stored, updated, held_until in buckets:
+        _, per_second, capacity = limits.get(group_name(group), _UNLIMITED)
+        if held_until > now:
+            blocked.add(group)
+            frees.append(held_until)
+        elif per_second is not None:
+            left = tokens[group] = min(capacity, stored + max(0.0, now - updated) * per_second)
+            if left < 1:
+                blocked.add(group)
+                frees.append(now + (1 - left) / per_second)
+            else:
+                budgets[group] = int(left)
+    return blocked, budgets, tokens, min(frees) if frees else None
+
+
+_UNLIMITED: tuple[int | None, float | None, float] = (None, None, 1.0)
+
+
+def pick_within_budgets(candidates: Iterable[Sequence[Any]], wanted: int, limits: NameLimits,
+                        budgets: dict[str, int], *, spent: dict[str, int],
+                        rate_spent: dict[str, int]) -> list[int]:
+    """The ids of up to `wanted` of `candidates` (id, name, concurrency key, rate key rows,
+    in claim order), skipping those one of whose limit groups has no budget left (a group
+    not in `budgets` starts with its whole limit: none running, a full bucket); spends the
+    budgets, and counts what it took per concurrency group into `spent`, per rate group
+    into `rate_spent`. Both engines' claims with limited names pick so."""
     picked: list[int] = []
-    for task_id, name in candidates:
+    for task_id, name, concurrency_key, rate_key in candidates:
         if len(picked) == wanted:
             break
-        if name in budgets:
-            if budgets[name] <= 0:
+        limit = limits.get(name)
+        if limit is not None:
+            concurrency, per_second, capacity = limit
+            counted = concurrency_group(name, concurrency_key) if concurrency is not None else None
+            rated = rate_group(name, rate_key) if per_second is not None else None
+            if counted is not None and budgets.setdefault(counted, concurrency or 0) <= 0:
                 continue
-            budgets[name] -= 1
-            spent[name] = spent.get(name, 0) + 1
+            if rated is not None and budgets.setdefault(rated, int(capacity)) <= 0:
+                continue
+            if counted is not None:
+                budgets[counted] -= 1
+                spent[counted] = spent.get(counted, 0) + 1
+            if rated is not None:
+                budgets[rated] -= 1
+                rate_spent[rated] = rate_spent.get(rated, 0) + 1
         picked.append(task_id)
     return picked
 
 
-def claim(conn: Connection, *, queue: str, wanted: int, blocked: set[str], budgets: dict[str, int],
+def spend_tokens(limits: NameLimits, tokens: dict[str, float], rate_spent: Mapping[str, int],
+                 now: float) -> float | None:
+    """Take what a claim spent from the buckets' `tokens` (a bucket not stored yet was
+    full); when the first one left without a whole token refills one."""
+    refills: list[float] = []
+    for group, count in rate_spent.items():
+        _, per_second, capacity = limits[group_name(group)]
+        left = tokens[group] = tokens.get(group, capacity) - count
+        if left < 1 and per_second:
+            refills.append(now + (1 - left) / per_second)
+    return min(refills) if refills else None
+
+
+# A claim leaves out the tasks of the limit groups blocked (the list given twice, once for
+# each kind of group: a group's kind is in its string), a 429's holds among them.
+_NOT_BLOCKED = ("AND name || ':c:' || concurrency_key NOT IN ({0}) "
+                "AND name || ':r:' || rate_key NOT IN ({0}) ")
+_HELD = "SELECT name, held_until FROM task_rates WHERE held_until > ?"
+_BUCKETS = ("SELECT name, tokens, updated_at, held_until FROM task_rates "
+            "WHERE substr(name, 1, instr(name, ':') - 1) IN ({})")
+_SET_BUCKETS = ("INSERT INTO task_rates (name, tokens, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at")
+_HOLD = ("INSERT INTO task_rates (name, tokens, updated_at, held_until) VALUES (?, 0, ?, ?) "
+         "ON CONFLICT (name) DO UPDATE SET held_until = max(held_until, excluded.held_until)")
+
+
+def claim(conn: Connection, *, queue: str, wanted: int, limits: NameLimits, running: dict[str, int],
           spent: dict[str, int], lease: float) -> tuple[list[TaskRecord], float | None]:
     """Mark up to `wanted` due tasks of `queue` running; return their records in claim
-    order, and when the next queued task comes due if not every slot was filled.
+    order, and when the next queued task comes due (or a limit frees by itself) if not
+    every slot was filled.
 
-    `budgets` (how many more of each limited name may start) is shared by the claims of
-    one transaction, which spend it in turn; `spent`, this claim's own empty dict, records
-    what it took. A batch rolled back by another op's failure runs each op again alone:
-    the claim first gives back what its first run spent, or it would find the budget gone
-    and claim nothing, and, the name counted exhausted, not even wait for the task."""
+    `running` (how many of each concurrency group run) is shared by the claims of one
+    transaction, which add what they took; the rate buckets are read and spent in the
+    transaction (`task_rates`). `spent`, this claim's own empty dict, records what it
+    added. A batch rolled back by another op's failure runs each op again alone: the claim
+    first takes back what its first run added, or it would find the group full and claim
+    nothing, and, the group counted exhausted, not even wait for the task."""
     now = time.time()
-    exclude = f"AND name NOT IN ({','.join('?' * len(blocked))})" if blocked else ""
+    for group, count in spent.items():
+        running[group] -= count
+    spent.clear()
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    budgets: dict[str, int] = {}
+    tokens: dict[str, float] = {}
+    # Usually none: one look in the index of holds, and no exclusion at all.
+    held = cursor.execute(_HELD, (now,)).fetchall()
+    blocked = {group for group, _ in held}
+    frees_at = min((until for _, until in held), default=None)
+    if limits:
+        rated = [name for name, (_, per_second, _) in limits.items() if per_second is not None]
+        buckets = (cursor.execute(_BUCKETS.format(",".join("?" * len(rated))), rated).fetchall()
+                   if rated else [])
+        blocked_by_limits, budgets, tokens, limit_frees_at = limit_budgets(limits, running, buckets, now)
+        blocked |= blocked_by_limits
+        if limit_frees_at is not None:
+            frees_at = limit_frees_at if frees_at is None else min(frees_at, limit_frees_at)
+    marks = ",".join("?" * len(blocked))
+    exclude = _NOT_BLOCKED.format(marks) if blocked else ""
+    excluded = (*blocked, *blocked)
     # INDEXED BY: without ANALYZE statistics SQLite prefers tasks_due and sorts every row.
     due = (f"FROM tasks INDEXED BY tasks_claim WHERE status = 'queued' AND queue = ? "
            f"AND run_at <= ? {exclude} ORDER BY priority DESC, run_at, id LIMIT ?")
     claim = ("UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?, "
              "lease_until = ? WHERE id IN ({}) RETURNING " + CLAIMED_COLUMNS)
-    cursor = conn.cursor()
-    cursor.row_factory = None
-    if budgets:
-        for name, count in spent.items():
-            budgets[name] += count
-        spent.clear()
-        # Some names may start only so many more: pick in Python, then claim what was picked.
+    if limits:
+        # Some groups may start only so many more: pick in Python, then claim what was picked.
         candidates = cursor.execute(
-            f"SELECT id, name {due}", (queue, now, *blocked, wanted + len(budgets) * wanted)).fetchall()
-        picked = pick_within_budgets(candidates, wanted, budgets, spent)
+            f"SELECT id, name, concurrency_key, rate_key {due}",
+            (queue, now, *excluded, wanted + (len(budgets) + 1) * wanted)).fetchall()
+        rate_spent: dict[str, int] = {}
+        picked = pick_within_budgets(candidates, wanted, limits, budgets, spent=spent,
+                                     rate_spent=rate_spent)
+        for group, count in spent.items():
+            running[group] = running.get(group, 0) + count
+        refill_at = spend_tokens(limits, tokens, rate_spent, now)
+        if refill_at is not None:
+            frees_at = refill_at if frees_at is None else min(frees_at, refill_at)
+        if rate_spent:
+            cursor.executemany(_SET_BUCKETS, [(group, tokens[group], now) for group in rate_spent])
         rows = cursor.execute(claim.format(",".join("?" * len(picked))),
                               (now, now + lease, *picked)).fetchall() if picked else []
     else:
         # One statement: the usual case costs one execute and one fetch less.
         rows = cursor.execute(claim.format(f"SELECT id {due}"),
-                              (now, now + lease, queue, now, *blocked, wanted)).fetchall()
+                              (now, now + lease, queue, now, *excluded, wanted)).fetchall()
     records = [TaskRecord.claimed(values, now) for values in rows]
     records.sort(key=_claim_order)  # RETURNING gives no particular order
     if len(records) == wanted:
         return records, None  # every free slot was filled; the loop claims again when one frees
-    exhausted = blocked | {name for name, left in budgets.items() if left <= 0}
-    exclude = f"AND name NOT IN ({','.join('?' * len(exhausted))})" if exhausted else ""
+    exhausted = blocked | {group for group, left in budgets.items() if left <= 0}
+    marks = ",".join("?" * len(exhausted))
+    exclude = _NOT_BLOCKED.format(marks) if exhausted else ""
     next_at = conn.execute(
         f"SELECT min(run_at) FROM tasks INDEXED BY tasks_due WHERE status = 'queued' AND queue = ? "
-        f"{exclude}",
-        (queue, *exhausted)).fetchone()[0]
+        f"{exclude}", (queue, *exhausted, *exhausted)).fetchone()[0]
+    if frees_at is not None:
+        next_at = frees_at if next_at is None else min(next_at, frees_at)
     return records, next_at
 
 
@@ -964,11 +1083,15 @@ def _claim_order(record: TaskRecord) -> tuple[int, float, int]:
 
 def requeue_attempt(
     conn: Connection, *, task_id: int, run_at: float, error: str | None, undo_attempt: int,
-    finished_at: float, expires_at: float,
+    finished_at: float, expires_at: float, hold: str | None = None,
 ) -> Literal["queued", "cancelled"]:
     """Queue a task again after an attempt that did not end it (a retry, or a stop that
     interrupted it, `undo_attempt` 1); return its status. A cancel stored on it meanwhile
-    ends it `cancelled` instead: a cancel is never undone by a retry."""
+    ends it `cancelled` instead: a cancel is never undone by a retry. With `hold` (a rate
+    group an LLM endpoint's 429 refused) every task of that group is held back until
+    `run_at`."""
+    if hold is not None:
+        conn.execute(_HOLD, (hold, run_at, run_at))
     status: Literal["queued", "cancelled"] = conn.execute(
         "UPDATE tasks SET status = iif(cancel_requested, 'cancelled', 'queued'), run_at = ?, "
         "error = iif(cancel_requested, 'cancelled', ?), "
@@ -1175,9 +1298,13 @@ class SqliteTasks:
 
         await self.store.write(op)
 
-    async def purge_expired(self, now: float) -> int:
-        count: int = await self.store.write(lambda conn: conn.execute(_PURGE_EXPIRED, (now,)).rowcount)
-        return count
+    async def purge_expired(self, now: float, idle_before: float) -> int:
+        def op(conn: Connection) -> int:
+            conn.execute(_PURGE_BUCKETS, (now, idle_before))
+            count: int = conn.execute(_PURGE_EXPIRED, (now,)).rowcount
+            return count
+
+        return await self.store.write(op)
 
     async def cancels_among(self, task_ids: list[int]) -> list[int]:
         if not task_ids:
@@ -1191,21 +1318,21 @@ class SqliteTasks:
         return BatchedWrite(self.store, write_acks)
 
     def join_claims(self, claims: dict[str, ClaimFuture], size: Callable[[str], int],
-                    budgets: Callable[[], tuple[set[str], dict[str, int]]],
+                    running: Callable[[], dict[str, int]],
                     limits: Callable[[], NameLimits], lease: float) -> None:
-        # One budget for the batch's claims: they run in order and spend it together.
-        blocked, shared = budgets()
+        # One count for the batch's claims: they run in order and add to it together.
+        shared, named = running(), limits()
         for queue, future in claims.items():
             self.store.join_batch(partial(
-                claim, queue=queue, wanted=size(queue), blocked=blocked, budgets=shared,
+                claim, queue=queue, wanted=size(queue), limits=named, running=shared,
                 spent={}, lease=lease), future)
 
     def requeue_attempt(self, *, task_id: int, run_at: float, error: str | None,
-                        undo_attempt: int, finished_at: float,
-                        expires_at: float) -> Awaitable[Literal["queued", "cancelled", "lost"]]:
+                        undo_attempt: int, finished_at: float, expires_at: float,
+                        hold: str | None = None) -> Awaitable[Literal["queued", "cancelled", "lost"]]:
         return self.store.write(partial(
             requeue_attempt, task_id=task_id, run_at=run_at, error=error,
-            undo_attempt=undo_attempt, finished_at=finished_at, expires_at=expires_at))
+            undo_attempt=undo_attempt, finished_at=finished_at, expires_at=expires_at, hold=hold))
 
     def unclaim(self, task_ids: list[int]) -> Awaitable[None]:
         return self.store.write(partial(unclaim, task_ids=task_ids))

@@ -42,12 +42,12 @@ from typing import Any, Literal, NamedTuple
 from agentd import __version__
 from agentd.config import TasksConfig
 from agentd.context import Context
-from agentd.errors import Fail, InvalidTaskError, Retry, StoreWriteError, describe
+from agentd.errors import Fail, InvalidTaskError, RateLimited, Retry, StoreWriteError, describe
 from agentd.log import get_logger
 from agentd.metrics import DISPATCH_BUCKETS, RUN_BUCKETS, Histograms
 from agentd.services import Services
 from agentd.supervise import Loop, Supervisor
-from agentd.taskdef import TaskDef, TaskRegistry, encode_json
+from agentd.taskdef import TaskDef, TaskRegistry, concurrency_group, encode_json, rate_group
 from agentd.taskqueue import (
     LATEST_RUN_AT,
     ClaimFuture,
@@ -144,7 +144,10 @@ class WorkerPool:
         self.run_seconds = Histograms(RUN_BUCKETS)
         self.services = services
         self.running: dict[int, asyncio.Task[None]] = {}  # attempts whose code has not ended
-        self._running_by_name: dict[str, int] = {}
+        # How many of each concurrency group run here (`agentd.taskdef.concurrency_group`),
+        # and the group each attempt counts in, to count it off the same one.
+        self._running_by_group: dict[str, int] = {}
+        self._counted_in: dict[int, str] = {}
         self._cancelling: set[int] = set()
         # Attempts that have ended, their outcome being written: a cancel no longer
         # interrupts them (the retry's write turns into the cancel itself, `requeue_attempt`).
@@ -352,9 +355,6 @@ class WorkerPool:
                 if records and slots.free:
                     continue  # there may be more claimable work right now
             timeout = None if next_at is None else max(0.0, next_at - time.time())
-            rate_wait = self._rate_wait()
-            if rate_wait is not None:
-                timeout = rate_wait if timeout is None else min(timeout, rate_wait)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout)
 
@@ -405,28 +405,13 @@ class WorkerPool:
         """Claim rider: put the claims asked for into the round being taken."""
         if not self._claims:
             return
-        self.tasks.join_claims(self._claims, self._claim_size, self._name_budgets, self._limits,
+        self.tasks.join_claims(self._claims, self._claim_size, self._running, self._limits,
                                self.config.lease)
         self._claims.clear()
 
-    def _name_budgets(self) -> tuple[set[str], dict[str, int]]:
-        """Names that may not start now, and how many more of each limited name may."""
-        blocked: set[str] = set()
-        budgets: dict[str, int] = {}
-        for name in self.registry.names():
-            definition = self.registry.get(name)
-            budget: int | None = None
-            if definition.concurrency is not None:
-                budget = definition.concurrency - self._running_by_name.get(name, 0)
-            if definition.rate is not None:
-                tokens = definition.rate.available()
-                budget = tokens if budget is None else min(budget, tokens)
-            if budget is not None:
-                if budget <= 0:
-                    blocked.add(name)
-                else:
-                    budgets[name] = budget
-        return blocked, budgets
+    def _running(self) -> dict[str, int]:
+        """How many of each concurrency group run here now (a copy the claims add to)."""
+        return dict(self._running_by_group)
 
     def _limits(self) -> NameLimits:
         """Every registered name's limits, for claims counted in a store that daemons share."""
@@ -439,30 +424,32 @@ class WorkerPool:
                                 1.0 if rate is None else rate.capacity)
         return limits
 
-    def _rate_wait(self) -> float | None:
-        waits = [d.rate.seconds_until_token() for d in map(self.registry.get, self.registry.names())
-                 if d.rate is not None and d.rate.available() < 1]
-        return min(waits) if waits else None
-
     # -- running ---------------------------------------------------------------------------
 
     def _charge_limits(self, record: TaskRecord) -> None:
-        """Charge a claimed task to its name's limits: spend one of the rate's tokens, and
-        count it running against the concurrency until `_release_concurrency`."""
+        """Count a claimed task of a concurrency-limited name running in its concurrency
+        group until `_release_concurrency` (its rate token the claim spent in the store)."""
         definition = self.registry.find(record.name)
-        if definition is not None and definition.rate is not None:
-            definition.rate.take()
-        self._running_by_name[record.name] = self._running_by_name.get(record.name, 0) + 1
+        if definition is None or definition.concurrency is None:
+            return
+        group = concurrency_group(record.name, _limit_keys(definition, record)[0])
+        self._counted_in[record.id] = group
+        self._running_by_group[group] = self._running_by_group.get(group, 0) + 1
 
     def _release_concurrency(self, record: TaskRecord) -> None:
         """A charged task no longer runs (it ended, or was cancelled before it started):
-        count it off its name, and wake the claim loops if that frees a concurrency place."""
-        self._running_by_name[record.name] -= 1
-        definition = self.registry.find(record.name)
-        if definition is not None and definition.concurrency is not None:
-            # Every queue: one of the name may wait on another queue than this task's.
-            for wake in self._wakes.values():
-                wake.set()
+        count it off its group, and wake the claim loops: that frees a concurrency place."""
+        group = self._counted_in.pop(record.id, None)
+        if group is None:
+            return
+        left = self._running_by_group[group] - 1
+        if left:
+            self._running_by_group[group] = left
+        else:
+            del self._running_by_group[group]
+        # Every queue: one of the group may wait on another queue than this task's.
+        for wake in self._wakes.values():
+            wake.set()
 
     def _reuse_freed_slot(self, queue: str, slots: Slots) -> bool:
         """`Slots.release` hook: start the next task claimed ahead in the slot being freed,
@@ -576,6 +563,13 @@ class WorkerPool:
                 status, outcome = "failed", outcome._replace(
                     status="failed", error=f"{outcome.error} (its delay {outcome.delay!r} is no "
                     "number of seconds before 2100-01-01: the task would never run)")
+            elif outcome.hold and outcome.delay:
+                # Refused for its rate with a time to come back: not the task's failure. (A
+                # Retry-After of 0 is an ordinary retry: a hold then would loop unspent.)
+                definition = self.registry.find(record.name)
+                key = _limit_keys(definition, record)[1] if definition is not None else ""
+                return self._put_back(record, outcome.error, interrupted=False, delay=outcome.delay,
+                                      now=now, ttl_until=ttl_until, hold=rate_group(record.name, key))
             elif record.attempts < record.max_attempts:
                 delay = outcome.delay if outcome.delay is not None else self._backoff(record.attempts)
                 return self._put_back(record, outcome.error, interrupted=False, delay=delay,
@@ -605,14 +599,17 @@ class WorkerPool:
         batch.add_done_callback(partial(self._announce_acks, self._acked))
 
     async def _put_back(self, record: TaskRecord, error: str | None, *, interrupted: bool,
-                        delay: float, now: float, ttl_until: float) -> None:
+                        delay: float, now: float, ttl_until: float, hold: str | None = None) -> None:
         """Queue the task again after an attempt that did not end it: a retry in `delay` s,
-        or, `interrupted` by a stop, at once with its attempt unspent. Written again until
-        it commits while the storage refuses it (a stop's deadline cancels that wait: the
-        row stays `running` and the next start requeues it)."""
+        or, `interrupted` by a stop, at once with its attempt unspent; with `hold` (a rate
+        group a 429 refused) after `delay` with its attempt unspent, the whole group held
+        back as long. Written again until it commits while the storage refuses it (a
+        stop's deadline cancels that wait: the row stays `running` and the next start
+        requeues it)."""
         run_at = now + delay
         requeue = partial(self.tasks.requeue_attempt, task_id=record.id, run_at=run_at, error=error,
-                          undo_attempt=1 if interrupted else 0, finished_at=now, expires_at=ttl_until)
+                          undo_attempt=1 if interrupted or hold is not None else 0, finished_at=now,
+                          expires_at=ttl_until, hold=hold)
         wait = WRITE_RETRY_FIRST
         while True:
             try:
@@ -886,6 +883,8 @@ def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
 def _failure(exc: Exception, record: TaskRecord, ctx: Context) -> _Outcome:
     """How an attempt that raised `exc` ended: `Retry` and any other exception retry (a
     timeout too), `Fail` and refused arguments or results fail the task at once."""
+    if isinstance(exc, RateLimited):
+        return _Outcome("retry", error=f"RateLimited: {exc}", delay=exc.delay, hold=True)
     if isinstance(exc, Retry):
         return _Outcome("retry", error=f"Retry: {exc}", delay=exc.delay)
     if isinstance(exc, Fail | InvalidTaskError):
@@ -911,9 +910,19 @@ class _Outcome(NamedTuple):
     delay: float | None = None
     value: Any = None
     wait: WaitRequest | None = None  # what a `waiting` attempt waits on
+    hold: bool = False  # a `retry` refused for its rate: its rate group waits out `delay`
 
 
 _CANCELLED = _Outcome("cancelled", error="cancelled")
+
+
+def _limit_keys(definition: TaskDef, record: TaskRecord) -> tuple[str, str]:
+    """The task's concurrency and rate keys, as its enqueue stored them; when the arguments
+    no longer fit the key (a plugin reloaded with another key), its name's keyless group."""
+    try:
+        return definition.limit_keys(record.args)
+    except InvalidTaskError:
+        return "", ""
 
 
 def _ack_row(record: TaskRecord) -> tuple[Any, ...]:

@@ -5,8 +5,9 @@ What differs from one daemon on one SQLite file:
 - Claims skip the rows other daemons are claiming (`FOR UPDATE SKIP LOCKED`), so no task
   is claimed twice. A name's concurrency and rate limits hold across daemons: with limited
   names registered, a claim first takes a transaction-level advisory lock per limited name,
-  then counts the name's running rows and refills and spends its token bucket (the
-  `task_rates` table) under it.
+  then counts the running rows of its concurrency groups (name and key) and refills and
+  spends the token buckets of its rate groups (the `task_rates` table) under it. A 429's
+  hold (`task_rates.held_until`) keeps every claim off its rate group's tasks.
 - Nodes. Each daemon is a row of `nodes` (registered at start, its heartbeat renewed with
   its leases, removed at a clean stop); a lease carries its node (`lease_node`). Every
   daemon's heartbeat takes back the tasks whose lease lapsed, whoever held it.
@@ -46,8 +47,10 @@ from agentd.taskqueue import (
     QueueFigures,
     TaskRecord,
     TaskStatus,
+    limit_budgets,
     node_id,
     pick_within_budgets,
+    spend_tokens,
 )
 
 _LOG = get_logger("tasks")
@@ -71,18 +74,20 @@ _USAGE = ("SELECT usage, status = 'running' AND lease_node <> $2 FROM tasks WHER
           "FOR UPDATE")
 _SET_USAGE = "UPDATE tasks SET usage = $1 WHERE id = $2"
 _UNNEST = ("unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[], "
-           "$7::bigint[], $8::float8[], $9::text[], $10::bigint[], $11::text[], $12::float8[])")
+           "$7::bigint[], $8::float8[], $9::text[], $10::bigint[], $11::text[], $12::float8[], "
+           "$13::text[], $14::text[])")
 _INSERT_MANY = f"INSERT INTO tasks ({INSERT_COLUMNS}) SELECT * FROM {_UNNEST} RETURNING id"
 # The same, notifying its queues, as one statement (`_Batched`'s lone form).
 _INSERT_MANY_NOTIFYING = (
     f"WITH inserted AS (INSERT INTO tasks ({INSERT_COLUMNS}) SELECT * FROM {_UNNEST} RETURNING id, queue), "
     f"notified AS (SELECT count(pg_notify('{WORK}', queue)) FROM (SELECT DISTINCT queue FROM inserted) q) "
     "SELECT id FROM inserted, notified")
-_INSERT_KEYED = (f"INSERT INTO tasks ({INSERT_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) "
+_INSERT_KEYED = (f"INSERT INTO tasks ({INSERT_COLUMNS}) "
+                 "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14) "
                  "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id")
 _INSERT_CANCELLED = (
     f"INSERT INTO tasks ({INSERT_COLUMNS}, cancel_requested, error, finished_at, expires_at) "
-    "VALUES ($1,$2,$3,'cancelled',$4,$5,$6,$7,$8,$9,$10,$11, 1, 'cancelled', $12, $13) "
+    "VALUES ($1,$2,$3,'cancelled',$4,$5,$6,$7,$8,$9,$10,$11,$12,$13, 1, 'cancelled', $14, $15) "
     "ON CONFLICT (idempotency_key) DO NOTHING RETURNING *")
 _BY_KEY = "SELECT * FROM tasks WHERE idempotency_key = $1 FOR UPDATE"
 _FREE_KEY = "UPDATE tasks SET idempotency_key = NULL WHERE id = $1"
@@ -97,6 +102,7 @@ _FREE_UNSUCCESSFUL_CHILDREN_KEYS = (
     f"AND (status IN {UNSUCCESSFUL_SQL} OR cancel_requested <> 0) AND idempotency_key IS NOT NULL")
 _DELETE = f"DELETE FROM tasks WHERE id = $1 AND status IN {FINAL_SQL} RETURNING id"
 _PURGE_EXPIRED = f"DELETE FROM tasks WHERE expires_at < $1 AND status IN {FINAL_SQL}"
+_PURGE_BUCKETS = "DELETE FROM task_rates WHERE held_until < $1 AND updated_at < $2"
 _COUNTS = "SELECT status, count(*) FROM tasks GROUP BY status"
 _BY_QUEUE = f"""
 SELECT queue, 'queued', count(*), count(*) FILTER (WHERE run_at <= $1),
@@ -128,9 +134,14 @@ _ACK = ("UPDATE tasks SET status = v.status, result = v.result, error = v.error,
         "$5::float8[], $6::bigint[]) AS v(status, result, error, finished_at, expires_at, id) "
         "WHERE tasks.id = v.id AND tasks.status = 'running' AND tasks.lease_node = $7 "
         "RETURNING tasks.id, tasks.name")
-_DUE = ("FROM tasks WHERE status = 'queued' AND queue = $1 AND run_at <= $2 "
-        "AND NOT (name = ANY($3::text[])) ORDER BY priority DESC, run_at, id "
-        "FOR UPDATE SKIP LOCKED LIMIT $4")
+# A claim leaves out the tasks of the limit groups blocked ($3: a group's kind is in its
+# string, agentd/taskdef.py) and of the rate groups a 429 holds back.
+_NOT_BLOCKED = ("AND NOT (name || ':c:' || concurrency_key = ANY($3::text[])) "
+                "AND NOT (name || ':r:' || rate_key = ANY($3::text[])) "
+                "AND name || ':r:' || rate_key NOT IN (SELECT name FROM task_rates WHERE held_until > $2)")
+_DUE = (f"FROM tasks WHERE status = 'queued' AND queue = $1 AND run_at <= $2 {_NOT_BLOCKED} "
+        "ORDER BY priority DESC, run_at, id FOR UPDATE SKIP LOCKED LIMIT $4")
+_HELD_UNTIL = "(SELECT min(held_until) FROM task_rates WHERE held_until > $2)"
 _CLAIM_SET = ("UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = $5, "
               "lease_until = $6, lease_node = $7")
 # A claim and, when it took fewer than asked, the next run_at among the rows left (one
@@ -138,25 +149,26 @@ _CLAIM_SET = ("UPDATE tasks SET status = 'running', attempts = attempts + 1, sta
 # of NULLs but for it. Its CTEs share one snapshot, where the claimed rows are still queued.
 _CLAIM = (
     f"WITH claimed AS ({_CLAIM_SET} WHERE id IN (SELECT id {_DUE}) RETURNING {CLAIMED_COLUMNS}), "
-    "next AS (SELECT CASE WHEN (SELECT count(*) FROM claimed) < $4 THEN (SELECT min(run_at) "
-    "FROM tasks WHERE status = 'queued' AND queue = $1 AND NOT (name = ANY($3::text[])) "
-    "AND id NOT IN (SELECT id FROM claimed)) END AS next_at) "
+    "next AS (SELECT CASE WHEN (SELECT count(*) FROM claimed) < $4 THEN least((SELECT min(run_at) "
+    f"FROM tasks WHERE status = 'queued' AND queue = $1 {_NOT_BLOCKED} "
+    f"AND id NOT IN (SELECT id FROM claimed)), {_HELD_UNTIL}) END AS next_at) "
     "SELECT claimed.*, next.next_at FROM next LEFT JOIN claimed ON true")
-_CANDIDATES = f"SELECT id, name {_DUE}"
+_CANDIDATES = f"SELECT id, name, concurrency_key, rate_key {_DUE}"
 _CLAIM_PICKED = (f"{_CLAIM_SET.replace('$5', '$1').replace('$6', '$2').replace('$7', '$3')} "
                  f"WHERE id = ANY($4::bigint[]) AND status = 'queued' RETURNING {CLAIMED_COLUMNS}")
-_NEXT_DUE = ("SELECT min(run_at) FROM tasks WHERE status = 'queued' AND queue = $1 "
-             "AND NOT (name = ANY($2::text[]))")
+_NEXT_DUE = (f"SELECT least((SELECT min(run_at) FROM tasks WHERE status = 'queued' AND queue = $1 "
+             f"{_NOT_BLOCKED}), {_HELD_UNTIL})")
 _LOCK_NAMES = ("SELECT pg_advisory_xact_lock(hashtextextended('agentd.limit:' || name, $2)) "
                "FROM unnest($1::text[]) AS name")
-_RUNNING_BY_NAME = ("SELECT name, count(*) FROM tasks WHERE status = 'running' "
-                    "AND name = ANY($1::text[]) GROUP BY name")
-_ADD_BUCKETS = ("INSERT INTO task_rates (name, tokens, updated_at) "
-                "SELECT name, tokens, $3 FROM unnest($1::text[], $2::float8[]) AS b(name, tokens) "
-                "ON CONFLICT (name) DO NOTHING")
-_BUCKETS = "SELECT name, tokens, updated_at FROM task_rates WHERE name = ANY($1::text[])"
-_SET_BUCKETS = ("UPDATE task_rates SET tokens = b.tokens, updated_at = $3 "
-                "FROM unnest($1::text[], $2::float8[]) AS b(name, tokens) WHERE task_rates.name = b.name")
+_RUNNING_BY_GROUP = ("SELECT name || ':c:' || concurrency_key, count(*) FROM tasks "
+                     "WHERE status = 'running' AND name = ANY($1::text[]) GROUP BY 1")
+_BUCKETS = ("SELECT name, tokens, updated_at, held_until FROM task_rates "
+            "WHERE split_part(name, ':', 1) = ANY($1::text[])")
+_SET_BUCKETS = ("INSERT INTO task_rates (name, tokens, updated_at) SELECT b.name, b.tokens, $3 "
+                "FROM unnest($1::text[], $2::float8[]) AS b(name, tokens) ON CONFLICT (name) "
+                "DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at")
+_HOLD = ("INSERT INTO task_rates (name, tokens, updated_at, held_until) VALUES ($1, 0, $2, $2) "
+         "ON CONFLICT (name) DO UPDATE SET held_until = GREATEST(task_rates.held_until, excluded.held_until)")
 _REQUEUE_ATTEMPT = (
     "UPDATE tasks SET status = CASE WHEN cancel_requested <> 0 THEN 'cancelled' ELSE 'queued' END, "
     "run_at = $1, error = CASE WHEN cancel_requested <> 0 THEN 'cancelled' ELSE $2::text END, "
@@ -453,8 +465,9 @@ class PgTasks:
 
         await self.store.write(op)
 
-    async def purge_expired(self, now: float) -> int:
+    async def purge_expired(self, now: float, idle_before: float) -> int:
         async def op(conn: PgConnection) -> int:
+            await conn.execute(_PURGE_BUCKETS, now, idle_before)
             status: str = await conn.execute(_PURGE_EXPIRED, now)
             return int(status.rpartition(" ")[2])
 
@@ -489,7 +502,7 @@ class PgTasks:
         return self._limited
 
     def join_claims(self, claims: dict[str, ClaimFuture], size: Callable[[str], int],
-                    budgets: Callable[[], tuple[set[str], dict[str, int]]],
+                    running: Callable[[], dict[str, int]],
                     limits: Callable[[], NameLimits], lease: float) -> None:
         named = limits()
         self._limited = frozenset(named)
@@ -509,8 +522,8 @@ class PgTasks:
             self.store.write_alone(op, future, one_statement=not named)
 
     def requeue_attempt(self, *, task_id: int, run_at: float, error: str | None,
-                        undo_attempt: int, finished_at: float,
-                        expires_at: float) -> Awaitable[Literal["queued", "cancelled", "lost"]]:
+                        undo_attempt: int, finished_at: float, expires_at: float,
+                        hold: str | None = None) -> Awaitable[Literal["queued", "cancelled", "lost"]]:
         if error is not None:
             error = error.replace("\x00", "\\x00")
         node = self.node_id
@@ -520,6 +533,8 @@ class PgTasks:
                                       undo_attempt, task_id, node)
             if row is None:  # the lease lapsed and another daemon took the task over
                 return "lost"
+            if hold is not None:
+                await conn.execute(_HOLD, hold, run_at)
             status: Literal["queued", "cancelled"] = row["status"]
             if status == "cancelled":
                 _notify_ids(DONE, [task_id], self.node_id)
@@ -675,52 +690,40 @@ async def _claim(conn: PgConnection, *, queue: str, wanted: int, limits: NameLim
         records = [TaskRecord.claimed(values[:-1], now) for values in rows if values[0] is not None]
         records.sort(key=_claim_order)
         return records, rows[0][-1]
-    budgets, tokens = await _name_budgets(conn, limits, now)
-    blocked = [name for name, budget in budgets.items() if budget <= 0]
-    candidates = await conn.fetch(_CANDIDATES, queue, now, blocked, wanted + len(budgets) * wanted)
+    blocked, budgets, tokens, frees_at = await _limit_budgets(conn, limits, now)
+    candidates = await conn.fetch(_CANDIDATES, queue, now, list(blocked),
+                                  wanted + (len(budgets) + 1) * wanted)
     spent: dict[str, int] = {}
-    picked = pick_within_budgets(candidates, wanted, budgets, spent)
-    for name in spent.keys() & tokens.keys():
-        tokens[name] -= spent[name]
+    rate_spent: dict[str, int] = {}
+    picked = pick_within_budgets(candidates, wanted, limits, budgets, spent=spent,
+                                 rate_spent=rate_spent)
+    refill_at = spend_tokens(limits, tokens, rate_spent, now)
+    if refill_at is not None:
+        frees_at = refill_at if frees_at is None else min(frees_at, refill_at)
     rows = await conn.fetch(_CLAIM_PICKED, now, now + lease, node, picked) if picked else []
-    if tokens:
-        await conn.execute(_SET_BUCKETS, list(tokens), list(tokens.values()), now)
-    exhausted = [name for name, budget in budgets.items() if budget <= 0]
-    waits = [(1 - left) / per_second for name, left in tokens.items()
-             if left < 1 and (per_second := limits[name][1])]
+    if rate_spent:
+        await conn.execute(_SET_BUCKETS, list(rate_spent), [tokens[group] for group in rate_spent], now)
     records = [TaskRecord.claimed(values, now) for values in rows]
     records.sort(key=_claim_order)
     if len(records) == wanted:
         return records, None
-    next_at: float | None = await conn.fetchval(_NEXT_DUE, queue, exhausted)
-    if waits:
-        rate_at = now + min(waits)
-        next_at = rate_at if next_at is None else min(rate_at, next_at)
+    exhausted = blocked | {group for group, left in budgets.items() if left <= 0}
+    next_at: float | None = await conn.fetchval(_NEXT_DUE, queue, now, list(exhausted))
+    if frees_at is not None:
+        next_at = frees_at if next_at is None else min(frees_at, next_at)
     return records, next_at
 
 
-async def _name_budgets(conn: PgConnection, limits: NameLimits,
-                        now: float) -> tuple[dict[str, int], dict[str, float]]:
-    """Lock the limited names (in one order, so claims never deadlock on them); return how
-    many more of each may start, and the tokens of the rate-limited ones, refilled to now."""
+async def _limit_budgets(conn: PgConnection, limits: NameLimits,
+                         now: float) -> tuple[set[str], dict[str, int], dict[str, float], float | None]:
+    """Lock the limited names (in one order, so claims never deadlock on them); then, as
+    `limit_budgets`, from the running rows of their concurrency groups and their buckets."""
     names = sorted(limits)
     await conn.execute(_LOCK_NAMES, names, _LIMIT_LOCK_SEED)
-    running = {row[0]: row[1] for row in await conn.fetch(_RUNNING_BY_NAME, names)}
+    running = {row[0]: row[1] for row in await conn.fetch(_RUNNING_BY_GROUP, names)}
     rated = [name for name in names if limits[name][1] is not None]
-    tokens: dict[str, float] = {}
-    if rated:
-        await conn.execute(_ADD_BUCKETS, rated, [limits[name][2] for name in rated], now)
-        for name, left, updated in await conn.fetch(_BUCKETS, rated):
-            _, per_second, capacity = limits[name]
-            tokens[name] = min(capacity, left + max(0.0, now - updated) * (per_second or 0.0))
-    budgets: dict[str, int] = {}
-    for name in names:
-        concurrency, per_second, _ = limits[name]
-        budget = concurrency - running.get(name, 0) if concurrency is not None else None
-        if per_second is not None:
-            budget = int(tokens[name]) if budget is None else min(budget, int(tokens[name]))
-        budgets[name] = 0 if budget is None else budget
-    return budgets, tokens
+    buckets = await conn.fetch(_BUCKETS, rated) if rated else []
+    return limit_budgets(limits, running, buckets, now)
 
 
 def _claim_order(record: TaskRecord) -> tuple[int, float, int]:

@@ -66,6 +66,7 @@ TABLES: dict[str, str] = {
     "meta": "key", "tasks": "id", "task_steps": "task_id, key",
     "task_waits": "task_id, seq", "schedules": "id",
     "digest_cursors": "name", "hook_deliveries": "hook, delivery_id", "events": "id",
+    "task_rates": "name",
 }
 # The tables whose ids are identities on PostgreSQL.
 IDENTITIES = ("tasks", "events")

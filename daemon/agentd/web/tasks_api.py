@@ -12,7 +12,7 @@ from aiohttp import web
 from msgspec import UNSET, UnsetType
 
 from agentd.jsontext import lenient_encoder
-from agentd.taskdef import INTERNAL_PREFIX
+from agentd.taskdef import INTERNAL_PREFIX, LimitKey
 from agentd.taskqueue import FINAL_STATES, TaskRecord, TaskRequest
 from agentd.web.errors import ApiError, invalid, path_id, read_body, read_query
 from agentd.web.openapi import doc
@@ -225,6 +225,13 @@ async def delete_task(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+def _key_text(key: LimitKey | None) -> str | None:
+    """A limit key as listed: its format, or the function's name."""
+    if key is None or isinstance(key, str):
+        return key
+    return f"function {getattr(key, '__qualname__', type(key).__name__)}"
+
+
 @routes.get("/v1/task-types")
 @doc("The registered task names with their defaults", tag="tasks")
 async def task_types(request: web.Request) -> web.Response:
@@ -236,6 +243,8 @@ async def task_types(request: web.Request) -> web.Response:
             "name": name, "plugin": definition.plugin, "queue": definition.queue,
             "max_attempts": definition.max_attempts, "timeout": definition.timeout,
             "priority": definition.priority, "concurrency": definition.concurrency,
+            "concurrency_key": _key_text(definition.concurrency_key),
+            "rate_key": _key_text(definition.rate_key),
             "signature": str(definition.signature),
         })
     return web.json_response({"task_types": types})
