@@ -875,6 +875,9 @@ def start_daemon(index: int, tmp: Path, store_url: str | None, resources: Resour
         "entry_points = false\n"
         "[tasks]\n"
         f"queues = {{ default = {WORKERS}, lat = 1 }}\n"
+        # Memory is not measured here, and the machine's PostgreSQL has no pgvector.
+        "[memory]\n"
+        'url = "sqlite"\n'
         "[log]\n"
         'level = "warning"\n'
         'format = "json"\n')

@@ -155,7 +155,8 @@ def test_env_errors_name_the_variable(var: str, value: str, fragments: list[str]
          "[store] url: expected a postgresql:// URL, got 'mysql://root:***@db/agentd'"),
         ({"AGENTD_STORE_POOL_SIZE": "1"}, "[store] pool_size: expected 2..1000 connections, got 1"),
         ({"AGENTD_MEMORY_URL": "sqlite:///memory.db"},
-         "[memory] url: expected a postgresql:// URL, got 'sqlite:///memory.db'"),
+         "[memory] url: expected a postgresql:// URL or 'sqlite' (memory.db beside this daemon), "
+         "got 'sqlite:///memory.db'"),
         ({"AGENTD_MEMORY_HNSW_M": "1"}, "[memory] hnsw_m: expected 2..100, got 1"),
         ({"AGENTD_MEMORY_HNSW_EF_SEARCH": "0"}, "[memory] hnsw_ef_search: expected 1..1000, got 0"),
         ({"AGENTD_MEMORY_HNSW_EF_CONSTRUCTION": "20"},

@@ -82,7 +82,7 @@ async def test_a_429_holds_back_its_model_not_another_and_across_a_restart(
     async with FakeOpenAI() as llm:
         llm_config = {"base_url": llm.url, "model": "test-model"}
         daemon, events, _ = await start(start_daemon, kl_dir, llm=llm_config)
-        llm.fail(429, retry_after="4")
+        llm.fail(429, retry_after="8")  # long enough for a stop and a start on a busy machine
         refused = await daemon.queue.enqueue("kl.ask", {"model": "m1"})
         retrying = await events.wait_for("task.retrying", task_id=refused.id, timeout=WAIT)
         assert "429" in retrying.data["error"]

@@ -21,6 +21,7 @@ import pytest
 from agentd.app import Daemon
 from agentd.config import MemoryConfig
 from agentd.errors import StoreError
+from agentd.memory import SqliteMemory
 from agentd.postgres import memory as postgres_memory
 from agentd.postgres.memory import PgMemory
 from agentd.testing import daemon_url, make_config
@@ -262,3 +263,18 @@ async def test_an_update_to_the_text_of_another_live_memory_is_refused(daemons: 
     assert "text" in error["message"] and "already holds a memory of this text" in error["message"]
     assert (await daemon.memory.get(second["id"])).text == "Parking is free after six."
     assert [c.event for c in await daemon.memory.history(second["id"])] == ["created"]
+
+
+async def test_memory_url_sqlite_keeps_memory_in_each_daemons_own_file(
+        daemons: Callable[..., Any]) -> None:
+    """`[memory] url = "sqlite"`: the store is shared, memory is not (a server without
+    pgvector); each daemon keeps its memory.db and needs nothing of PostgreSQL for it."""
+    (a, client_a), (b, client_b) = await daemons(2, memory_url="sqlite")
+    assert isinstance(a.memory, SqliteMemory) and isinstance(b.memory, SqliteMemory)
+    assert a.config.memory_path != b.config.memory_path
+    async with client_a.post("/v1/memory", json={"text": "Only daemon A knows this."}) as response:
+        assert response.status == 201
+    async with client_b.get("/v1/memory/search", params={"q": "Only daemon A knows this."}) as response:
+        assert (await response.json())["results"] == []
+    async with client_a.get("/v1/memory/search", params={"q": "Only daemon A knows this."}) as response:
+        assert [r["text"] for r in (await response.json())["results"]] == ["Only daemon A knows this."]

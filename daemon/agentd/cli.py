@@ -22,6 +22,7 @@ import aiohttp
 
 from agentd import __version__
 from agentd.config import (
+    LOCAL_MEMORY,
     ClientConfig,
     Config,
     find_config_path,
@@ -564,7 +565,9 @@ async def _store_copy(config: Config, url: str, force: bool) -> int:
     from agentd.store.copy import MemorySource, copy_to_postgres
 
     configure_logging("warning", config.log.format, sys.stderr)
-    memory = MemorySource(config.memory_path, config.memory, PgMemory)
+    # Memory kept local (`[memory] url = "sqlite"`) stays where it is.
+    memory = (None if config.memory.url == LOCAL_MEMORY
+              else MemorySource(config.memory_path, config.memory, PgMemory))
     try:
         report = await copy_to_postgres(config.database_path, url, memory=memory, force=force)
     except ConfigError:

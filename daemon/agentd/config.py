@@ -120,6 +120,10 @@ class TasksConfig:
     purge_interval: float = 300.0
 
 
+# `[memory] url` keeping memory in this daemon's memory.db though the store is on
+# PostgreSQL (a server without pgvector; memory then is not shared between daemons).
+LOCAL_MEMORY = "sqlite"
+
 PERSISTENCE_CLASSES = ("ephemeral", "ring", "durable")
 # The limits a rule may take as its own, by class: those of [events] for that class.
 RULE_LIMITS: Mapping[str, tuple[str, ...]] = {
@@ -237,7 +241,8 @@ class MemoryConfig:
     dedupe_threshold: float = 0.95
     filter_fields: tuple[str, ...] = ("kind", "source", "agent")
     # PostgreSQL with pgvector: the store's database when [store] url is one, unless `url`
-    # names another; `pool_size` connections of its own; the HNSW index's parameters.
+    # names another, or is LOCAL_MEMORY (memory.db beside this daemon whatever the store);
+    # `pool_size` connections of its own; the HNSW index's parameters.
     url: str = ""
     pool_size: int = 4
     hnsw_m: int = 16
@@ -408,7 +413,9 @@ class Config:
     @property
     def memory_url(self) -> str:
         """The PostgreSQL database of memory: `[memory] url`, else the store's (empty: memory
-        stays in memory.db)."""
+        stays in memory.db, as `[memory] url = "sqlite"` asks whatever the store)."""
+        if self.memory.url == LOCAL_MEMORY:
+            return ""
         return self.memory.url or self.store.url
 
     @property
@@ -824,8 +831,10 @@ def _check_store(config: Config) -> None:
         raise ConfigError(f"{where('store', 'pool_size')}: [store] pool_size: expected 2..1000 "
                           f"connections, got {config.store.pool_size}")
     memory = config.memory
-    if memory.url and not memory.url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(f"{where('memory', 'url')}: [memory] url: expected a postgresql:// URL, "
+    if memory.url and memory.url != LOCAL_MEMORY and not memory.url.startswith(
+            ("postgresql://", "postgres://")):
+        raise ConfigError(f"{where('memory', 'url')}: [memory] url: expected a postgresql:// URL "
+                          f"or {LOCAL_MEMORY!r} (memory.db beside this daemon), "
                           f"got {redact_url(memory.url)!r}")
     limits = (("pool_size", 2, 1000, "connections"), ("hnsw_m", 2, 100, ""),
               ("hnsw_ef_construction", 4, 1000, ""), ("hnsw_ef_search", 1, 1000, ""),
