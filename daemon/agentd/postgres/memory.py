@@ -121,7 +121,8 @@ class PgMemory:
                 raise StoreError(
                     f"{exc}; memory on PostgreSQL needs the pgvector extension on the server "
                     f"(Debian: postgresql-<version>-pgvector), or {self._setting} naming a "
-                    "database that has it") from None
+                    "database that has it, or [memory] url = \"sqlite\" to keep memory in "
+                    "each daemon's memory.db") from None
             raise
         if not check_embedder:
             return
