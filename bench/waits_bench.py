@@ -11,7 +11,11 @@ plugin whose `park(n)` task waits for the event `bench.wake` with `{"n": n}`:
    `GET /v1/status` and a page of `GET /v1/tasks?status=waiting`.
 4. The daemon is stopped and started again: the start (which rebuilds the index of open
    event waits from the table) is timed.
-5. One event per park is published; timed until every park has succeeded.
+5. Resume latency, the daemon otherwise idle: `--resume-samples` parks woken one at a time,
+   each from the publish of its event to its task's `task.resumed` (queued again) and to its
+   `task.started` (its replay running), each waited to its end before the next. Issue 19's
+   target: the task resumes within 10 ms p99.
+6. One event per remaining park is published; timed until every park has succeeded.
 
 Every wait is bounded. Prints a JSON line on stdout and a markdown table on stderr.
 """
@@ -95,7 +99,43 @@ async def run_noops(daemon: Daemon, count: int) -> float:
     return time.perf_counter() - began
 
 
-async def bench(tasks: int, noop: int, state: Path, plugins: Path) -> dict[str, Any]:
+async def resume_latencies(daemon: Daemon, samples: int) -> dict[str, float]:
+    """Wake parks 0..samples-1 one at a time; p50/p99 ms from the publish to `task.resumed`
+    and to `task.started` of the woken park (the only one running: the daemon is idle)."""
+    marks: dict[str, asyncio.Future[float]] = {}
+
+    def seen(event: Event) -> None:
+        future = marks.get(event.topic)
+        if future is not None and not future.done() and event.data.get("name") == "wb.park":
+            future.set_result(time.perf_counter())
+
+    subscriptions = [daemon.bus.subscribe(topic, seen) for topic in ("task.resumed", "task.started")]
+    succeeded = Counter(daemon, "task.succeeded")
+    resumed: list[float] = []
+    started: list[float] = []
+    try:
+        for n in range(samples):
+            loop = asyncio.get_running_loop()
+            marks = {"task.resumed": loop.create_future(), "task.started": loop.create_future()}
+            began = time.perf_counter()
+            daemon.bus.publish("bench.wake", {"n": n})
+            resumed.append(await asyncio.wait_for(marks["task.resumed"], LIMIT) - began)
+            started.append(await asyncio.wait_for(marks["task.started"], LIMIT) - began)
+            await succeeded.reached(n + 1)
+    finally:
+        for subscription in subscriptions:
+            subscription.unsubscribe()
+
+    def ms(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
+
+    return {"resume_samples": samples,
+            "resumed_p50_ms": ms(resumed, 0.5), "resumed_p99_ms": ms(resumed, 0.99),
+            "started_p50_ms": ms(started, 0.5), "started_p99_ms": ms(started, 0.99)}
+
+
+async def bench(tasks: int, noop: int, samples: int, state: Path, plugins: Path) -> dict[str, Any]:
     config = make_config(state, [plugins], {"tasks": {"queues": {"default": 8}}})
     figures: dict[str, Any] = {"tasks": tasks, "noop": noop}
     daemon = Daemon(config)
@@ -129,15 +169,16 @@ async def bench(tasks: int, noop: int, state: Path, plugins: Path) -> dict[str, 
     try:
         figures["restart_s"] = round(time.perf_counter() - began, 2)
         figures["indexed_after_restart"] = daemon.waits.indexed
+        figures.update(await resume_latencies(daemon, samples))
         succeeded = Counter(daemon, "task.succeeded")
         began = time.perf_counter()
-        for n in range(tasks):
+        for n in range(samples, tasks):
             daemon.bus.publish("bench.wake", {"n": n})
             if n % BATCH == BATCH - 1:
                 await asyncio.sleep(0)  # let the wakes' writes and the workers in
-        await succeeded.reached(tasks)
+        await succeeded.reached(tasks - samples)
         figures["wake_s"] = round(time.perf_counter() - began, 2)
-        figures["wakes_per_s"] = round(tasks / figures["wake_s"])
+        figures["wakes_per_s"] = round((tasks - samples) / figures["wake_s"])
     finally:
         await daemon.stop()
     return figures
@@ -147,12 +188,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--noop", type=int, default=2000)
+    parser.add_argument("--resume-samples", type=int, default=200)
     args = parser.parse_args()
+    if not 1 <= args.resume_samples < args.tasks:
+        parser.error("--resume-samples must be at least 1 and fewer than --tasks")
     with tempfile.TemporaryDirectory(prefix="waits-bench-") as tmp:
         plugins = Path(tmp) / "plugins"
         plugins.mkdir()
         (plugins / "wb.py").write_text(PLUGIN)
-        figures = asyncio.run(bench(args.tasks, args.noop, Path(tmp) / "state", plugins))
+        figures = asyncio.run(bench(args.tasks, args.noop, args.resume_samples, Path(tmp) / "state", plugins))
     print(json.dumps(figures))
     print("| figure | value |\n|---|---|", file=sys.stderr)
     for key, value in figures.items():
