@@ -270,12 +270,7 @@ class SqliteMemory:
         if not meta:
             await self.store.write(lambda conn: self._create_vectors(conn, wanted))
             return
-        different = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
-        if different:
-            held = ", ".join(f"{k} {a!r} (configured: {b!r})" for k, (a, b) in different.items())
-            raise EmbedderMismatchError(
-                f"{self.store.path} holds vectors made with {held}; stop the daemon and run "
-                "`agentd memory reembed` to rebuild them with the configured embedder")
+        check_recorded(meta, wanted, str(self.store.path), "the daemon")
 
     def _create_vectors(self, conn: Connection, meta: Mapping[str, str]) -> None:
         columns = "".join(f", {name} TEXT" for name in self._fields)
@@ -609,6 +604,23 @@ class SqliteMemory:
         memories = [Memory._from_row(r) for r in rows]
         wanted = {**after, **{name: values for name, values in inside}}
         return [m for m in memories if matches(m.metadata, wanted)]
+
+
+def check_recorded(recorded: Mapping[str, str], wanted: Mapping[str, str], location: str,
+                   stop: str) -> None:
+    """Refuse memory whose stored vectors `recorded` says were made otherwise than `wanted`
+    (the configured embedder, its dimension...), at `location`; `stop` names what must be
+    stopped for `agentd memory reembed`.
+
+    Raises:
+        EmbedderMismatchError: naming each setting that differs, as stored and as configured.
+    """
+    different = {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
+    if different:
+        held = ", ".join(f"{k} {a!r} (configured: {b!r})" for k, (a, b) in different.items())
+        raise EmbedderMismatchError(
+            f"{location} holds vectors made with {held}; stop {stop} and run "
+            "`agentd memory reembed` to rebuild them with the configured embedder")
 
 
 def check_memory(text: str, namespace: str, metadata: Mapping[str, Any] | None,

@@ -67,6 +67,7 @@ from agentd.memory import (
     check_memory,
     check_name,
     check_recall,
+    check_recorded,
     delete_replanning,
     digest,
     fuse,
@@ -150,13 +151,7 @@ class PgMemory:
                 return wanted
             return meta
 
-        meta = await self.store.write(op)
-        different = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
-        if different:
-            held = ", ".join(f"{k} {a!r} (configured: {b!r})" for k, (a, b) in different.items())
-            raise EmbedderMismatchError(
-                f"{self.location} holds vectors made with {held}; stop the daemons and run "
-                "`agentd memory reembed` to rebuild them with the configured embedder")
+        check_recorded(await self.store.write(op), wanted, self.location, "the daemons")
 
     async def _create_vectors(self, conn: PgConnection, meta: Mapping[str, str]) -> None:
         """Type the vector column with the embedder's dimension (vectors of another go) and
