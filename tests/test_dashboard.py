@@ -422,6 +422,7 @@ async def test_a_running_task_streams_its_progress_and_tokens_and_is_cancelled_f
         # tokens as they come (they are not kept: only a page already open sees them).
         await tab.page.locator("ol.progress").get_by_text("thinking").wait_for()
         await asyncio.wait_for(plugin_module().gate("started:cancelled").wait(), 10)
+        await tab.page.locator('.stream-state[data-state="open"]').wait_for()
         plugin_module().gate("speak:cancelled").set()
         await tab.page.locator("pre.tokens").get_by_text("Hello from the agent").wait_for()
         await tab.page.get_by_role("button", name="Cancel").click()
@@ -447,11 +448,14 @@ async def test_a_task_page_streams_an_llm_reply_and_shows_its_usage(tabs: Any, t
         task_id = await enqueue(daemon, "dash.chat")
         tab = await tabs(f"{daemon_url(daemon)}/#/tasks/{task_id}")
         await expect(tab.page.locator('[data-field="usage"]')).to_have_text("none")
+        # Tokens are not kept: the page must be following the stream before they come.
+        await tab.page.locator('.stream-state[data-state="open"]').wait_for()
         plugin_module().gate("chat").set()
         await tab.page.locator("pre.tokens").get_by_text("Hello there, operator").wait_for()
         await expect(tab.page.locator('[data-field="usage"]')).to_have_text(
             "prompt_tokens 10, completion_tokens 3, total_tokens 13, calls 1")
         await tab.page.locator('[data-field="result"]').get_by_text("Hello there, operator").wait_for()
+        await expect(tab.page.locator(".stream-state")).to_have_text("ended")
 
 
 async def test_waiting_tasks_show_their_question_and_are_answered_from_the_page(

@@ -82,6 +82,9 @@ export async function taskView(id) {
   const tokens = h("pre", { className: "tokens" });
   const tree = h("div", { className: "tree" });
   const details = h("div");
+  // Tokens are not kept: only what arrives while the stream is open is shown, so the page
+  // says whether it is.
+  const live = h("span", { className: "stream-state", "data-state": "idle", "aria-label": "Stream" }, "not followed");
   let stream = null;
   let resumeAfter = null; // the last event id a closed stream saw: a new one starts there
 
@@ -123,7 +126,15 @@ export async function taskView(id) {
           update();
         }
       },
-      onEnd: update,
+      onState: (value, why) => {
+        live.textContent = why ? `${value}: ${why}` : value;
+        live.dataset.state = value;
+      },
+      onEnd: () => {
+        live.textContent = "ended";
+        live.dataset.state = "ended";
+        update();
+      },
     });
   }
 
@@ -132,7 +143,7 @@ export async function taskView(id) {
   element.append(h("h2", { id: "task-title" }, `Task ${id}: `, task.name),
     details,
     h("h3", {}, "Progress"), progress,
-    h("h3", {}, "Tokens"), tokens,
+    h("h3", {}, "Tokens ", live), tokens,
     h("h3", {}, "Children"), tree);
   follow();
   return { element, leave: () => stream && stream.close() };
