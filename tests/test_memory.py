@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -29,6 +30,7 @@ from aiohttp import web
 from agentd.embed import MiniLMEmbedder, build_embedder
 from agentd.errors import EmbedderError, EmbedderMismatchError, MemoryNotFoundError
 from agentd.memory import SqliteMemory
+from agentd.memory_import import Progress
 from agentd.testing import make_config
 from fake_openai import word_vector
 
@@ -258,8 +260,10 @@ class EmbeddingServer:
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = await request.json()
+        peer = request.transport.get_extra_info("peername") if request.transport else None
         self.requests.append({"authorization": request.headers.get("Authorization"),
-                              "model": body.get("model"), "input": body.get("input")})
+                              "model": body.get("model"), "input": body.get("input"),
+                              "client_port": peer[1] if peer else None})
         if self.failures:
             status, headers = self.failures.pop(0)
             return web.json_response({"error": {"message": f"answering {status}"}}, status=status,
@@ -875,6 +879,9 @@ async def test_http_embedder_batches_retries_and_sends_the_key(
     assert [r["input"] for r in server.requests] == [texts[:64], texts[64:]]
     for got, source in zip(vectors, texts, strict=True):
         assert got == pytest.approx(unit(word_vector(source, 64)), abs=1e-6)
+    # One client session, its connection kept alive from one call to the next.
+    await daemon.memory.embedder.embed(["one more call"])
+    assert len({r["client_port"] for r in server.requests}) == 1
 
     # A request the server refuses (400) is not retried: the API answers 503.
     server.requests.clear()
@@ -895,13 +902,17 @@ async def test_http_embedder_batches_retries_and_sends_the_key(
     config = make_config(tmp_path / "other", overrides={
         "memory": http_embedder_table(server, http_key_file=str(key_file))})
     server.requests.clear()
-    await build_embedder(config, {}).embed(["one", "two"])
+    from_file = build_embedder(config, {})
+    await from_file.embed(["one", "two"])
+    await from_file.close()  # type: ignore[attr-defined]
     assert [(r["authorization"], r["input"]) for r in server.requests] == [
         ("Bearer sk-from-file", ["one", "two"])]
     wrong = make_config(tmp_path / "other", overrides={"memory": {**http_embedder_table(server),
                                                                    "http_dimension": 32}})
+    wrong_dimension = build_embedder(wrong, {})
     with pytest.raises(EmbedderError, match="expected 1 vectors of 32 dimensions, got 1 of 64"):
-        await build_embedder(wrong, {}).embed(["one"])
+        await wrong_dimension.embed(["one"])
+    await wrong_dimension.close()  # type: ignore[attr-defined]
 
 
 async def test_plugin_embedder_mismatch_refuses_to_start_until_reembed(
@@ -1127,3 +1138,186 @@ async def test_cli_memory_commands_against_a_running_daemon(
     code, out, err = await cli("forget", str(added["id"]))
     assert (code, out) == (0, ""), err
     assert (await daemon.memory.stats())["namespaces"] == {}
+
+
+# --------------------------------------------------------------------------- many at once
+
+
+async def test_a_batch_is_remembered_in_order_its_repeats_sharing_one_memory(
+    start: Any, http: Any, plugin_dir: Any
+) -> None:
+    toy_dir = plugin_dir({"toy.py": TOY_PLUGIN}, name="toy_plugins")
+    daemon, _ = await start(plugin_dirs=[toy_dir], overrides={"memory": {"embedder": "toy"}})
+    toy = sys.modules["agentd_plugins.toy"]
+    client = http(daemon)
+    stored = await call(client, "POST", "/v1/memory", {"text": "the archive is in bucket nine",
+                                                      "namespace": "a"}, status=201)
+    items = [
+        {"text": "alpha beta gamma", "namespace": "a"},
+        {"text": "delta epsilon", "namespace": "a", "metadata": {"kind": "fact"}},
+        {"text": "alpha beta gamma", "namespace": "a"},               # the same text as [0]
+        {"text": "the archive is in bucket nine", "namespace": "a"},  # stored before
+        {"text": "Gamma, alpha; BETA!", "namespace": "a"},            # the same words as [0]
+        {"text": "alpha beta gamma", "namespace": "b"},               # another namespace
+        {"text": "zeta eta theta", "namespace": "a", "ttl": 3600},
+    ]
+    toy.CALLS.clear()
+    answer = await call(client, "POST", "/v1/memory/batch", {"memories": items})
+    ids = [result["id"] for result in answer["results"]]
+    created = [result["created"] for result in answer["results"]]
+    assert created == [True, True, False, False, False, True, True]
+    assert (answer["created"], answer["duplicates"]) == (4, 3)
+    assert ids[2] == ids[0] and ids[3] == stored["id"] and ids[4] == ids[0]
+    assert len({ids[0], ids[1], ids[5], ids[6]}) == 4
+    # One model call for the texts not already known by their digest: near repeats included.
+    assert toy.CALLS == [["alpha beta gamma", "delta epsilon", "Gamma, alpha; BETA!", "alpha beta gamma",
+                          "zeta eta theta"]]
+    kept = await call(client, "GET", f"/v1/memory/{ids[1]}")
+    assert (kept["text"], kept["metadata"]) == ("delta epsilon", {"kind": "fact"})
+    assert (await call(client, "GET", f"/v1/memory/{ids[6]}"))["expires_at"] > time.time()
+    history = await call(client, "GET", f"/v1/memory/{ids[0]}/history")
+    assert [change["event"] for change in history["history"]] == ["created"]
+    assert (await daemon.memory.stats())["namespaces"] == {"a": 4, "b": 1}
+    found = await search(client, "alpha beta gamma", namespace="a", k=1)
+    assert found[0]["id"] == ids[0]
+
+    # The same batch again: every item a duplicate, nothing embedded but the near repeat's text.
+    toy.CALLS.clear()
+    again = await call(client, "POST", "/v1/memory/batch", {"memories": items})
+    assert [result["id"] for result in again["results"]] == ids
+    assert (again["created"], again["duplicates"]) == (0, 7)
+    assert toy.CALLS == [["Gamma, alpha; BETA!"]]
+
+
+async def test_a_batch_with_one_bad_item_stores_nothing_and_names_it(start: Any, http: Any) -> None:
+    daemon, _ = await start()
+    client = http(daemon)
+    items = [{"text": "a fine memory"}, {"text": "another one", "namespace": "no spaces allowed"}]
+    refused = await call(client, "POST", "/v1/memory/batch", {"memories": items}, status=400)
+    bad(refused, "bad_request", "memories[1].namespace: expected 1-128 letters")
+    blank = await call(client, "POST", "/v1/memory/batch",
+                       {"memories": [{"text": "fine"}, {"text": "   "}]}, status=400)
+    bad(blank, "bad_request", "memories[1]")
+    for memories in ([], [{"text": f"m{i}"} for i in range(1001)]):
+        too_many = await call(client, "POST", "/v1/memory/batch", {"memories": memories}, status=400)
+        bad(too_many, "bad_request", "memories")
+    unknown = await call(client, "POST", "/v1/memory/batch",
+                         {"memories": [{"text": "x", "supersedes": 1}]}, status=400)
+    bad(unknown, "bad_request", "supersedes")
+    assert (await daemon.memory.stats())["namespaces"] == {}
+
+
+BATCHED_PLUGIN = GATED_PLUGIN.replace("        dimension = 8\n",
+                                      "        dimension = 8\n        parallel_calls = 1\n")
+
+
+async def until_true(condition: Any, timeout: float = 10.0) -> None:
+    """Wait for `condition()`: texts queued for the embedder publish nothing to wait on."""
+
+    async def poll() -> None:
+        while not condition():  # noqa: ASYNC110 - nothing to wait on but the condition
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_concurrent_remembers_share_a_model_call_and_a_recall_goes_first(
+    start: Any, plugin_dir: Any
+) -> None:
+    toy_dir = plugin_dir({"toy.py": BATCHED_PLUGIN}, name="batched_plugins")
+    daemon, _ = await start(plugin_dirs=[toy_dir], overrides={"memory": {"embedder": "toy"}})
+    toy = sys.modules["agentd_plugins.toy"]
+    memory = daemon.memory
+    await memory.remember("the office opens at eight", namespace="office")
+    toy.ARMED.append(True)
+    held = asyncio.ensure_future(memory.remember("HOLD the model is busy", namespace="office"))
+    await asyncio.wait_for(toy.HELD.wait(), 5)
+    texts = [f"note {i} about {word}" for i, word in enumerate(
+        ["ants", "bees", "cats", "dogs", "eels", "frogs", "geese", "hens", "ibis", "jays"])]
+    remembering = [asyncio.ensure_future(memory.remember(text, namespace="office")) for text in texts]
+    await until_true(lambda: memory.batcher.queued == len(texts))
+    recalling = asyncio.ensure_future(memory.recall("when does the office open", namespace="office"))
+    await until_true(lambda: memory.batcher.queued == len(texts) + 1)
+    toy.GATE.set()
+    await held
+    results = await asyncio.gather(*remembering)
+    assert all(created for _, created in results) and len({m.id for m, _ in results}) == len(texts)
+    assert (await recalling)[0].memory.text == "the office opens at eight"
+    # The held call, then one call for the rest: the query at its head, though it came last
+    # (the ten in the order their duplicate checks ended).
+    held_call, next_call = toy.CALLS[-2:]
+    assert held_call == ["HOLD the model is busy"]
+    assert next_call[0] == "when does the office open" and sorted(next_call[1:]) == texts
+
+
+async def test_cli_imports_json_lines_in_batches_and_again_as_duplicates(
+    start: Any, run_cli: Any, config_file: Any, process_env: Any, store_url: str | None, tmp_path: Path
+) -> None:
+    daemon, _ = await start()
+    path = config_file()
+    on_the_store = {"AGENTD_STORE_URL": store_url} if store_url else {}
+    env = process_env(AGENTD_SERVER_PORT=str(daemon.port), **on_the_store)
+
+    async def cli(*args: str) -> tuple[int, str, str]:
+        return await run_cli("memory", "import", "--config", str(path), *args, env=env, timeout=60.0)
+
+    knowledge = tmp_path / "knowledge.jsonl"
+    knowledge.write_text("\n".join([
+        json.dumps("The staging server is called orion."),
+        json.dumps({"text": "Backups run nightly at two.", "metadata": {"kind": "fact"}}),
+        "",
+        json.dumps({"text": "The on-call rota changes on Mondays.", "namespace": "people"}),
+        json.dumps("The staging server is called orion."),
+        json.dumps({"text": "Deploys freeze on Fridays.", "ttl": 86400}),
+    ]) + "\n")
+    code, out, err = await cli(str(knowledge), "--namespace", "ops", "--batch", "2")
+    assert code == 0, err
+    assert out.strip() == f"imported {knowledge}: 5 lines, 4 new memories, 1 duplicates"
+    # Not a terminal: a plain progress line at each tenth reached, the last at 100 %.
+    assert err.strip().splitlines()[-1].startswith("[" + "#" * 30 + "]  5/5 lines  100%")
+    assert (await daemon.memory.stats())["namespaces"] == {"ops": 3, "people": 1}
+    found = await daemon.memory.recall("when are backups made", namespace="ops", k=1)
+    assert (found[0].memory.text, found[0].memory.metadata) == (
+        "Backups run nightly at two.", {"kind": "fact"})
+
+    code, out, err = await cli(str(knowledge), "--namespace", "ops", "--quiet")
+    assert (code, err) == (0, "")
+    assert out.strip() == f"imported {knowledge}: 5 lines, 0 new memories, 5 duplicates"
+
+    # A malformed line stops the import before anything is sent.
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('"first, fine"\n{"text": "second, fine"}\n{"text": oops}\n')
+    code, out, err = await cli(str(broken))
+    assert (code, out) == (2, "")
+    assert f"{broken}:3: not JSON" in err and "nothing was imported" in err
+    refused = tmp_path / "refused.jsonl"
+    refused.write_text('"stored before the bad line"\n{"text": "bad", "namespace": "has space"}\n')
+    code, out, err = await cli(str(refused), "--batch", "1", "--quiet")
+    assert (code, out) == (2, "")
+    assert f"{refused}:2: " in err and "1 lines before it were stored" in err
+    missing = await cli(str(tmp_path / "nowhere.jsonl"))
+    assert missing[0] == 2 and "nowhere.jsonl: cannot be read: No such file or directory" in missing[2]
+    namespaces = (await daemon.memory.stats())["namespaces"]
+    assert namespaces == {"ops": 3, "people": 1, "default": 1}
+
+
+def test_the_import_progress_bar_redraws_on_a_terminal_and_tells_tenths_elsewhere() -> None:
+    ticks = iter([0.0, 4.0, 8.0, 10.0])
+    screen = io.StringIO()
+    bar = Progress(10_000, screen, tty=True, clock=lambda: next(ticks))
+    bar.update(1_000)
+    bar.update(2_000)
+    bar.update(10_000)
+    bar.finish()
+    assert screen.getvalue() == (
+        "\r[###...........................]  1,000/10,000 lines  10%  250/s  eta 36s"
+        "\r[######........................]  2,000/10,000 lines  20%  250/s  eta 32s"
+        "\r[##############################]  10,000/10,000 lines  100%  1,000/s  done\n")
+    log = io.StringIO()
+    ticks = iter([0.0] + [1.0] * 10)
+    plain = Progress(100, log, tty=False, clock=lambda: next(ticks))
+    for done in (5, 9, 10, 11, 35, 100):
+        plain.update(done)
+    plain.finish()
+    assert [line.split("  ")[1] for line in log.getvalue().splitlines()] == [
+        "10/100 lines", "35/100 lines", "100/100 lines"]

@@ -177,6 +177,25 @@ def _memory_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     memory_verbs.add_parser("stats", parents=[common], help="memories per namespace, sessions")
     memory_verbs.add_parser("reembed", parents=[common],
                             help="rebuild every vector with the configured embedder (daemon stopped)")
+    load = memory_verbs.add_parser(
+        "import", parents=[common], help="remember every line of a JSON-lines file",
+        description=_IMPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    load.add_argument("file", help="JSON lines ('-': standard input)")
+    load.add_argument("--namespace", help="for lines that name none (default: 'default')")
+    load.add_argument("--batch", type=int, default=256, metavar="N",
+                      help="memories per request (default 256)")
+    load.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+_IMPORT_DESCRIPTION = """\
+Remember every line of FILE through the running daemon (POST /v1/memory/batch), in order,
+in batches, with a progress bar on a terminal. Each line is a JSON object with "text" and
+optionally "namespace", "metadata", "expires_at" or "ttl", or a bare JSON string. The file
+is checked whole first: a malformed line stores nothing. Importing again is safe: lines
+already stored come back as duplicates (exact, or within [memory] dedupe_threshold).
+
+exit codes: 0 imported, 1 the daemon failed or stopped answering part way (the message
+says how many lines were stored), 2 a line of the file (or the daemon, about one) is wrong."""
 
 
 _RELOAD_DESCRIPTION = """\
@@ -522,10 +541,38 @@ async def _memory(api: _Api, args: argparse.Namespace) -> int:
         found = await api.call("GET", "/v1/memory/search?" + urllib.parse.urlencode(query))
         for item in found["results"]:
             print(f"{item['id']:>6}  {item['score']:.4f}  {item['text']}")
+    elif args.action == "import":
+        return await _import_memories(api, args)
     elif args.action == "forget":
         await api.call("DELETE", f"/v1/memory/{args.id}")
     else:
         _print(await api.call("GET", "/v1/memory/stats"))
+    return 0
+
+
+async def _import_memories(api: _Api, args: argparse.Namespace) -> int:
+    """`agentd memory import FILE`: see `agentd.memory_import`."""
+    from agentd.memory_import import ImportFileError, ImportStoppedError, Progress, import_lines, read_file
+
+    if args.batch < 1:
+        raise _ApiError(f"--batch: expected at least 1 memory per request, got {args.batch}", EXIT_USAGE)
+    try:
+        name, lines = await asyncio.to_thread(read_file, args.file, args.namespace)
+    except ImportFileError as exc:
+        raise _ApiError(f"{exc}; nothing was imported", EXIT_USAGE) from None
+
+    async def send(items: list[dict[str, Any]]) -> dict[str, Any]:
+        answer: dict[str, Any] = await api.call("POST", "/v1/memory/batch", {"memories": items})
+        return answer
+
+    progress = None if args.quiet or not lines else Progress(len(lines))
+    try:
+        outcome = await import_lines(lines, send, name, size=args.batch, progress=progress)
+    except ImportStoppedError as exc:
+        cause = exc.__cause__
+        raise _ApiError(str(exc), cause.exit_code if isinstance(cause, _ApiError) else EXIT_FAILED) from None
+    print(f"imported {name}: {outcome.lines:,} lines, {outcome.created:,} new memories, "
+          f"{outcome.duplicates:,} duplicates")
     return 0
 
 

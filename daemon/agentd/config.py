@@ -120,6 +120,9 @@ class TasksConfig:
     purge_interval: float = 300.0
 
 
+# OpenAI's embeddings endpoint takes at most 2,048 inputs per request.
+MAX_EMBED_BATCH = 2048
+
 # `[memory] url` keeping memory in this daemon's memory.db though the store is on
 # PostgreSQL (a server without pgvector; memory then is not shared between daemons).
 LOCAL_MEMORY = "sqlite"
@@ -238,6 +241,9 @@ class MemoryConfig:
     http_dimension: int = 0
     http_key_file: str = ""
     http_key_env: str = ""
+    # At most this many texts per embedding call: concurrent remember() and recall() calls
+    # share one (agentd.embed_batch); 1 embeds each text alone.
+    embed_batch: int = 64
     dedupe_threshold: float = 0.95
     filter_fields: tuple[str, ...] = ("kind", "source", "agent")
     # PostgreSQL with pgvector: the store's database when [store] url is one, unless `url`
@@ -759,6 +765,9 @@ def _check_memory(config: Config) -> None:
     if not 0 < config.memory.dedupe_threshold <= 1:
         raise ConfigError(f"{config.origin('memory', 'dedupe_threshold')}: [memory] dedupe_threshold: "
                           "expected 0 < x <= 1")
+    if not 1 <= config.memory.embed_batch <= MAX_EMBED_BATCH:
+        raise ConfigError(f"{config.origin('memory', 'embed_batch')}: [memory] embed_batch: expected "
+                          f"1..{MAX_EMBED_BATCH} texts per embedding call, got {config.memory.embed_batch}")
 
 
 def _parse_hooks(config: Config, tables: Mapping[str, dict[str, Any]]) -> dict[str, HookSpec]:

@@ -4,10 +4,12 @@
   package, run by onnxruntime with the tokenizer shipped in agentd. Works offline, nothing
   is downloaded at run time; 384 dimensions.
 - `http`: an OpenAI-compatible `POST {base_url}/v1/embeddings` (OpenAI, Ollama, vLLM),
-  batched and retried.
+  batched and retried, over one kept-alive client session.
 - any embedder a plugin registers with `@plugin.embedder("name")`.
 
-Embedding never runs on the event loop: the local model runs in a thread.
+Embedding never runs on the event loop: the local model runs in a thread. Memory does not
+call an embedder directly but through `agentd.embed_batch.EmbeddingBatcher`, which gathers
+the texts of concurrent callers into one call.
 """
 
 from __future__ import annotations
@@ -23,13 +25,18 @@ from typing import Any, Protocol
 import aiohttp
 
 from agentd.config import Config, MemoryConfig
-from agentd.errors import ConfigError, EmbedderError, Retry, describe
+from agentd.errors import ConfigError, EmbedderError, EmbedderInputError, Retry, describe
 
 MINILM_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
 
 
 class Embedder(Protocol):
-    """Turns texts into vectors of `dimension` floats, each of unit length."""
+    """Turns texts into vectors of `dimension` floats, each of unit length, one per text in
+    order. Raises `EmbedderError` (`EmbedderInputError` when the texts themselves are refused).
+
+    Optional, read with getattr: `parallel_calls` (int, default 4), how many `embed` calls
+    memory makes at once (a remote endpoint gains from a few; a local model that already
+    uses every core says 1); `async close()`, called when memory closes."""
 
     id: str
     dimension: int
@@ -37,13 +44,12 @@ class Embedder(Protocol):
     async def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
 
 
-
-
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2, int8 ONNX, on onnxruntime; loaded on first use (~0.4 s)."""
 
     id = "minilm-l6-v2-int8"
     dimension = 384
+    parallel_calls = 1  # one inference already uses every thread: more would only queue
 
     def __init__(self, threads: int = 2, batch_size: int = 32, max_tokens: int = 256) -> None:
         self._threads = threads
@@ -78,16 +84,22 @@ class MiniLMEmbedder:
 
         if self._session is None:
             self._load()
-        vectors: list[list[float]] = []
-        for start in range(0, len(texts), self._batch_size):
-            encoded = self._tokenizer.encode_batch(list(texts[start:start + self._batch_size]))
-            ids = np.array([e.ids for e in encoded], dtype=np.int64)
-            mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
+        encoded = self._tokenizer.encode_batch(list(texts))
+        # Each model batch is padded to its longest text: batching texts of like length
+        # (shortest first) wastes less of the model's work on padding.
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+        vectors: list[list[float]] = [[] for _ in encoded]
+        for start in range(0, len(order), self._batch_size):
+            chosen = order[start:start + self._batch_size]
+            longest = max(sum(encoded[i].attention_mask) for i in chosen)
+            ids = np.array([encoded[i].ids[:longest] for i in chosen], dtype=np.int64)
+            mask = np.array([encoded[i].attention_mask[:longest] for i in chosen], dtype=np.int64)
             hidden = self._session.run(None, {"input_ids": ids, "attention_mask": mask,
                                               "token_type_ids": np.zeros_like(ids)})[0]
             pooled = (hidden * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
             pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
-            vectors.extend(pooled.astype(np.float32).tolist())
+            for i, vector in zip(chosen, pooled.astype(np.float32).tolist(), strict=True):
+                vectors[i] = vector
         return vectors
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
@@ -96,7 +108,8 @@ class MiniLMEmbedder:
 
 
 class HttpEmbedder:
-    """An OpenAI-compatible `/v1/embeddings` endpoint, batched and retried."""
+    """An OpenAI-compatible `/v1/embeddings` endpoint, batched and retried, over one client
+    session opened on first use (its connections kept alive between calls) until `close`."""
 
     def __init__(self, base_url: str, model: str, dimension: int, *, api_key: str = "",
                  batch_size: int = 64, attempts: int = 4, timeout: float = 30.0) -> None:
@@ -108,17 +121,26 @@ class HttpEmbedder:
         self._batch_size = batch_size
         self._attempts = attempts
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         vectors: list[list[float]] = []
-        async with aiohttp.ClientSession(timeout=self._timeout, headers=self._headers) as session:
-            for start in range(0, len(texts), self._batch_size):
-                vectors.extend(await self._batch(session, list(texts[start:start + self._batch_size])))
+        for start in range(0, len(texts), self._batch_size):
+            vectors.extend(await self._batch(self._session, list(texts[start:start + self._batch_size])))
         return vectors
+
+    async def close(self) -> None:
+        """Close the client session (a later `embed` opens a new one)."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def _batch(self, session: aiohttp.ClientSession, texts: list[str]) -> list[list[float]]:
         body = {"model": self._model, "input": texts, "encoding_format": "float"}
         problem = ""
+        refused = False
         for attempt in range(1, self._attempts + 1):
             try:
                 async with session.post(self._url, json=body) as response:
@@ -126,13 +148,18 @@ class HttpEmbedder:
                         return self._vectors(await response.json(), len(texts))
                     problem = f"HTTP {response.status}: {(await response.text())[:200]}"
                     if response.status not in (408, 429) and response.status < 500:
-                        break  # the request itself is wrong: retrying will not help
+                        # The request itself is wrong: retrying will not help. A 400, 413 or
+                        # 422 refuses what was sent (without one of the texts it may pass);
+                        # 401, 403 or 404 refuse any request.
+                        refused = response.status in (400, 413, 422)
+                        break
                     delay = _retry_after(response.headers.get("Retry-After"), attempt)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 problem, delay = describe(exc), _retry_after(None, attempt)
             if attempt < self._attempts:
                 await asyncio.sleep(delay)
-        raise EmbedderError(f"{self._url}: embedding failed: {problem}")
+        error = EmbedderInputError if refused else EmbedderError
+        raise error(f"{self._url}: embedding failed: {problem}")
 
     def _vectors(self, payload: Any, expected: int) -> list[list[float]]:
         try:

@@ -171,6 +171,11 @@ class EmbedderError(AgentdError):
     """An embedder could not produce vectors (model missing, endpoint failing)."""
 
 
+class EmbedderInputError(EmbedderError):
+    """The embedder refused the texts themselves (an endpoint's 4xx, e.g. a text too long):
+    sending them again cannot help, sending the others without them may."""
+
+
 class MemoryNotFoundError(AgentdError, LookupError):
     """No memory has that id."""
 

@@ -19,6 +19,7 @@ with the memory when it is forgotten or purged.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -32,6 +33,7 @@ from typing import Any, Protocol
 
 from agentd.config import MemoryConfig, StoreConfig
 from agentd.embed import Embedder
+from agentd.embed_batch import EmbeddingBatcher
 from agentd.errors import EmbedderMismatchError, MemoryBusyError, MemoryNotFoundError
 from agentd.log import get_logger
 from agentd.metrics import RECALL_BUCKETS, Histogram
@@ -47,6 +49,7 @@ _RECORD_SUPERSEDED = ("INSERT INTO memory_history (memory_id, event, text, metad
 _RRF_K = 60
 _READERS = 2
 _REPLANS = 5  # times a delete re-plans when correction chains change under it
+MAX_MEMORY_BATCH = 1000  # memories per `remember_many` call (and per POST /v1/memory/batch)
 
 
 class ChainChangedError(Exception):
@@ -83,6 +86,30 @@ class Memory:
                 "metadata": self.metadata, "created_at": self.created_at,
                 "updated_at": self.updated_at, "expires_at": self.expires_at,
                 "supersedes": self.supersedes, "superseded_by": self.superseded_by}
+
+
+@dataclass(frozen=True, slots=True)
+class NewMemory:
+    """One text for `remember_many`, with what `remember` takes beside it (a correction,
+    `supersedes=`, is made one at a time with `remember`)."""
+
+    text: str
+    namespace: str = DEFAULT_NAMESPACE
+    metadata: Mapping[str, Any] | None = None
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedMemory:
+    """A memory to store that passed `check_memory`: its metadata also as JSON, and the
+    digest of its text (the exact-duplicate key within a namespace)."""
+
+    text: str
+    namespace: str
+    metadata: dict[str, Any]
+    metadata_json: str
+    digest: str
+    expires_at: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +194,7 @@ class MemoryStore(Protocol):
 
     config: MemoryConfig
     embedder: Embedder
+    batcher: EmbeddingBatcher  # the embedder, shared by concurrent callers' texts
     recall_seconds: Histogram  # how long each recall took, for /metrics
 
     @property
@@ -202,6 +230,13 @@ class MemoryStore(Protocol):
                        metadata: Mapping[str, Any] | None = None, expires_at: float | None = None,
                        supersedes: int | None = None) -> tuple[Memory, bool]:
         """Store `text`; return the memory and whether it is new (False: a duplicate's)."""
+
+    async def remember_many(self, items: Sequence[NewMemory]) -> list[tuple[Memory, bool]]:
+        """Store up to `MAX_MEMORY_BATCH` memories at once, as `remember` would one by one in that
+        order (an item repeating an earlier one, exactly or nearly, gets that one's memory),
+        with their texts embedded in batches and the new ones written in one transaction.
+        Every item is checked before anything is stored: a ValueError names the first bad
+        one (`memories[3]: ...`)."""
 
     async def recall(self, query: str, namespace: str = DEFAULT_NAMESPACE, k: int = 10,
                      where: Mapping[str, Any] | None = None, hybrid: bool = False) -> list[Recalled]:
@@ -241,6 +276,7 @@ class SqliteMemory:
                  embedder: Embedder) -> None:
         self.config = config
         self.embedder = embedder
+        self.batcher = EmbeddingBatcher(embedder, config.embed_batch)
         self.recall_seconds = Histogram(RECALL_BUCKETS)  # for /metrics
         # Two readers: recalls are vector searches that SQLite runs without the GIL, so two
         # agents recalling at once use two cores instead of queueing on one connection.
@@ -260,6 +296,7 @@ class SqliteMemory:
             raise
 
     async def close(self) -> None:
+        await self.batcher.close()
         await self.store.close()
 
     async def _check_embedder(self) -> None:
@@ -324,41 +361,73 @@ class SqliteMemory:
                        metadata: Mapping[str, Any] | None = None, expires_at: float | None = None,
                        supersedes: int | None = None) -> tuple[Memory, bool]:
         """Store `text`; return the memory and whether it is new (False: a duplicate's)."""
-        namespace, metadata_json, digest = check_memory(text, namespace, metadata, expires_at)
-        metadata = dict(metadata or {})
+        item = check_memory(text, namespace, metadata, expires_at)
         if supersedes is None:
-            existing = await self.store.read_one(
-                "SELECT * FROM memories WHERE namespace = ? AND hash = ? AND superseded_by IS NULL "
-                "AND (expires_at IS NULL OR expires_at > ?)", (namespace, digest, time.time()))
-            if existing is not None:
-                return Memory._from_row(existing), False
-        (vector,) = await self.embedder.embed([text])
-        if supersedes is None:
-            near = await self._nearest(vector, namespace)
-            if near is not None:
-                return near, False
+            (result,) = await remember_checked(self, [item])
+            return result
+        (vector,) = await self.batcher.embed([item.text])
+        ((memory, _),) = await self._insert([(item, vector)], supersedes=supersedes)
+        return memory, True
+
+    async def remember_many(self, items: Sequence[NewMemory]) -> list[tuple[Memory, bool]]:
+        return await remember_checked(self, check_batch(items))
+
+    async def _live_by_digest(self, namespace: str, digests: Sequence[str]) -> dict[str, Memory]:
+        """The live memories of `namespace` whose texts have these digests, by digest."""
+        found: dict[str, Memory] = {}
+        for start in range(0, len(digests), 500):  # under SQLite's bound-parameter limit
+            chunk = digests[start:start + 500]
+            rows = await self.store.read(
+                f"SELECT * FROM memories WHERE namespace = ? AND hash IN ({','.join('?' * len(chunk))}) "
+                "AND superseded_by IS NULL AND (expires_at IS NULL OR expires_at > ?)",
+                (namespace, *chunk, time.time()))
+            found.update((row["hash"], Memory._from_row(row)) for row in rows)
+        return found
+
+    async def _insert(self, pairs: Sequence[tuple[CheckedMemory, list[float]]],
+                      supersedes: int | None = None) -> list[tuple[Memory, bool]]:
+        """Write new memories with their vectors in one transaction; each with whether it
+        was written (False: the same text got in first, through another caller, and that
+        memory is returned)."""
         now = time.time()
-        filters = self._filter_values(metadata)
+        filters = [self._filter_values(item.metadata) for item, _ in pairs]
 
-        def op(conn: Connection) -> Row:
-            if supersedes is not None:
-                old = conn.execute("SELECT namespace FROM memories WHERE id = ?", (supersedes,)).fetchone()
-                if old is None or old[0] != namespace:
-                    raise MemoryNotFoundError(
-                        f"supersedes: no memory {supersedes} in namespace {namespace!r}")
-            row: Row = conn.execute(
-                "INSERT INTO memories (namespace, text, metadata, hash, created_at, updated_at, "
-                "expires_at, supersedes) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
-                (namespace, text, metadata_json, digest, now, now, expires_at, supersedes)).fetchone()
-            self._index(conn, row["id"], namespace, text, vector=vector, filters=filters)
-            conn.execute(_RECORD_CHANGE, (row["id"], "created", text, None, metadata_json, None, None, now))
-            if supersedes is not None:
-                conn.execute("UPDATE memories SET superseded_by = ? WHERE id = ?", (row["id"], supersedes))
-                conn.execute(_RECORD_SUPERSEDED, (row["id"], now, supersedes))
-                self._unindex(conn, supersedes)
-            return row
+        def op(conn: Connection) -> list[tuple[Row, bool]]:
+            written: list[tuple[Row, bool]] = []
+            for (item, vector), filter_values in zip(pairs, filters, strict=True):
+                if supersedes is not None:
+                    old = conn.execute("SELECT namespace FROM memories WHERE id = ?",
+                                       (supersedes,)).fetchone()
+                    if old is None or old[0] != item.namespace:
+                        raise MemoryNotFoundError(
+                            f"supersedes: no memory {supersedes} in namespace {item.namespace!r}")
+                else:
+                    # Checked before embedding, outside this transaction: another caller may
+                    # have stored the same text since. Here, writes are serialised.
+                    twin = conn.execute(
+                        "SELECT * FROM memories WHERE namespace = ? AND hash = ? AND superseded_by IS NULL "
+                        "AND (expires_at IS NULL OR expires_at > ?)",
+                        (item.namespace, item.digest, now)).fetchone()
+                    if twin is not None:
+                        written.append((twin, False))
+                        continue
+                row: Row = conn.execute(
+                    "INSERT INTO memories (namespace, text, metadata, hash, created_at, updated_at, "
+                    "expires_at, supersedes) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                    (item.namespace, item.text, item.metadata_json, item.digest, now, now,
+                     item.expires_at, supersedes)).fetchone()
+                self._index(conn, row["id"], item.namespace, item.text, vector=vector, filters=filter_values)
+                conn.execute(_RECORD_CHANGE, (row["id"], "created", item.text, None, item.metadata_json,
+                                              None, None, now))
+                if supersedes is not None:
+                    conn.execute("UPDATE memories SET superseded_by = ? WHERE id = ?",
+                                 (row["id"], supersedes))
+                    conn.execute(_RECORD_SUPERSEDED, (row["id"], now, supersedes))
+                    self._unindex(conn, supersedes)
+                written.append((row, True))
+            return written
 
-        return Memory._from_row(await self.store.write(op)), True
+        return [(Memory._from_row(row), created) for row, created in await self.store.write(op)]
 
     async def recall(self, query: str, namespace: str = DEFAULT_NAMESPACE, k: int = 10,
                      where: Mapping[str, Any] | None = None, hybrid: bool = False) -> list[Recalled]:
@@ -375,7 +444,7 @@ class SqliteMemory:
         fusion). `where`: {field: value or [values]}."""
         namespace = check_recall(query, namespace, k)
         inside, after = self._split_filters(where or {})
-        (vector,) = await self.embedder.embed([query])
+        (vector,) = await self.batcher.embed([query], first=True)
         fetch = k if not after else k * 4
         clauses = "".join(f" AND {name} IN ({','.join('?' * len(values))})" for name, values in inside)
         params: list[Any] = [float32_blob(vector), fetch + 8, namespace]
@@ -415,7 +484,7 @@ class SqliteMemory:
             raise ValueError("text must be a non-empty string")
         new_meta_json = as_json(current.metadata if metadata is None else metadata, "metadata")
         new_meta = json.loads(new_meta_json)
-        vector = (await self.embedder.embed([new_text]))[0] if text is not None else None
+        vector = (await self.batcher.embed([new_text]))[0] if text is not None else None
         filters = self._filter_values(new_meta)
         now = time.time()
 
@@ -487,7 +556,7 @@ class SqliteMemory:
         relinks, revive = plan_delete(rows, doomed)
         revived = [Memory._from_row(r) for r in await self.store.read(
             f"SELECT * FROM memories WHERE id IN ({','.join('?' * len(revive))})", tuple(revive))]
-        vectors = await self.embedder.embed([m.text for m in revived]) if revived else []
+        vectors = await self.batcher.embed([m.text for m in revived]) if revived else []
 
         def op(conn: Connection) -> int:
             if [tuple(r) for r in conn.execute(chain_sql, tuple(doomed))] != seen:
@@ -624,13 +693,116 @@ def check_recorded(recorded: Mapping[str, str], wanted: Mapping[str, str], locat
 
 
 def check_memory(text: str, namespace: str, metadata: Mapping[str, Any] | None,
-                 expires_at: float | None) -> tuple[str, str, str]:
-    """Check what `remember` is given: the namespace, the metadata as JSON and the text's
-    digest (the duplicate key)."""
+                 expires_at: float | None) -> CheckedMemory:
+    """Check what `remember` is given. Raises ValueError naming what is wrong."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("text must be a non-empty string")
     check_expiry(expires_at)
-    return check_name(namespace, "namespace"), as_json(metadata or {}, "metadata"), digest(text)
+    metadata_json = as_json(metadata or {}, "metadata")
+    return CheckedMemory(text, check_name(namespace, "namespace"), dict(metadata or {}),
+                         metadata_json, digest(text), expires_at)
+
+
+def check_batch(items: Sequence[NewMemory]) -> list[CheckedMemory]:
+    """Check what `remember_many` is given, every item before any is stored. Raises
+    ValueError naming the first bad item by its index."""
+    if not 1 <= len(items) <= MAX_MEMORY_BATCH:
+        raise ValueError(f"memories: expected 1..{MAX_MEMORY_BATCH} items, got {len(items)}")
+    checked = []
+    for index, item in enumerate(items):
+        try:
+            checked.append(check_memory(item.text, item.namespace, item.metadata, item.expires_at))
+        except ValueError as exc:
+            raise ValueError(f"memories[{index}]: {exc}") from None
+    return checked
+
+
+class BatchEngine(Protocol):
+    """What `remember_checked` needs of a memory engine."""
+
+    config: MemoryConfig
+    batcher: EmbeddingBatcher
+
+    async def _live_by_digest(self, namespace: str, digests: Sequence[str]) -> dict[str, Memory]: ...
+
+    async def _nearest(self, vector: list[float], namespace: str) -> Memory | None: ...
+
+    async def _insert(self, pairs: Sequence[tuple[CheckedMemory, list[float]]],
+                      supersedes: int | None = None) -> list[tuple[Memory, bool]]: ...
+
+
+async def remember_checked(engine: BatchEngine, items: Sequence[CheckedMemory]) -> list[tuple[Memory, bool]]:
+    """`remember_many` on either engine: each item's memory and whether it is new.
+
+    In order: an item repeating an earlier item's text shares its result; one whose text a
+    live memory of its namespace has gets that memory; the rest are embedded (in batches
+    of `[memory] embed_batch`, queued behind recalls); one within `dedupe_threshold` of an
+    earlier item of the batch or of a stored memory gets that one; what is left is written
+    in one transaction."""
+    results: dict[int, tuple[Memory, bool]] = {}
+    shares = _repeats(items)  # an item -> the earlier item whose result it takes
+    firsts = [index for index in range(len(items)) if index not in shares]
+    by_namespace: dict[str, list[int]] = {}
+    for index in firsts:
+        by_namespace.setdefault(items[index].namespace, []).append(index)
+    for namespace, indexes in by_namespace.items():
+        stored = await engine._live_by_digest(namespace, [items[i].digest for i in indexes])
+        results.update((i, (stored[items[i].digest], False)) for i in indexes if items[i].digest in stored)
+    fresh = [index for index in firsts if index not in results]
+    vectors = await _embed_all(engine.batcher, items, fresh)
+    shares.update(_near_in_batch(items, fresh, vectors, engine.config.dedupe_threshold))
+    kept = [index for index in fresh if index not in shares]
+    near = await asyncio.gather(*(engine._nearest(vectors[i], items[i].namespace) for i in kept))
+    results.update((index, (memory, False)) for index, memory in zip(kept, near, strict=True)
+                   if memory is not None)
+    new = [index for index in kept if index not in results]
+    if new:
+        written = await engine._insert([(items[i], vectors[i]) for i in new])
+        results.update(zip(new, written, strict=True))
+    for index in sorted(shares):  # after the item each shares with, which comes first
+        results[index] = (results[shares[index]][0], False)
+    return [results[index] for index in range(len(items))]
+
+
+def _repeats(items: Sequence[CheckedMemory]) -> dict[int, int]:
+    """The items repeating an earlier item's text in its namespace, each with the first."""
+    first_of: dict[tuple[str, str], int] = {}
+    return {index: first for index, item in enumerate(items)
+            if (first := first_of.setdefault((item.namespace, item.digest), index)) != index}
+
+
+async def _embed_all(batcher: EmbeddingBatcher, items: Sequence[CheckedMemory],
+                     indexes: Sequence[int]) -> dict[int, list[float]]:
+    """The vectors of these items' texts, asked for in batches of the batcher's size (a
+    recall may go between them)."""
+    size = batcher.max_texts
+    chunks = [indexes[start:start + size] for start in range(0, len(indexes), size)]
+    embedded = await asyncio.gather(*(batcher.embed([items[i].text for i in chunk]) for chunk in chunks))
+    return {index: vector for chunk, vectors in zip(chunks, embedded, strict=True)
+            for index, vector in zip(chunk, vectors, strict=True)}
+
+
+def _near_in_batch(items: Sequence[CheckedMemory], fresh: Sequence[int],
+                   vectors: Mapping[int, list[float]], threshold: float) -> dict[int, int]:
+    """The items of `fresh` within `threshold` (cosine similarity) of an earlier kept item of
+    the same namespace, each with the first such item."""
+    if len(fresh) < 2:
+        return {}
+    import numpy as np  # here, not at import: a daemon that never batches never loads it
+
+    matrix = np.asarray([vectors[i] for i in fresh], dtype=np.float32)
+    similar = matrix @ matrix.T >= threshold
+    spaces: dict[str, int] = {}
+    space = np.asarray([spaces.setdefault(items[i].namespace, len(spaces)) for i in fresh])
+    kept = np.zeros(len(fresh), dtype=bool)
+    near: dict[int, int] = {}
+    for position, index in enumerate(fresh):
+        earlier = np.flatnonzero(similar[position] & kept & (space == space[position]))
+        if len(earlier):
+            near[index] = fresh[int(earlier[0])]
+        else:
+            kept[position] = True
+    return near
 
 
 def check_recall(query: str, namespace: str, k: int) -> str:

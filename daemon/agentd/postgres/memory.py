@@ -52,17 +52,21 @@ import asyncpg
 
 from agentd.config import MemoryConfig, StoreConfig
 from agentd.embed import Embedder
+from agentd.embed_batch import EmbeddingBatcher
 from agentd.errors import EmbedderMismatchError, MemoryNotFoundError, StoreError
 from agentd.log import get_logger
 from agentd.memory import (
     DEFAULT_NAMESPACE,
     ChainChangedError,
+    CheckedMemory,
     Memory,
     MemoryChange,
+    NewMemory,
     Recalled,
     Session,
     as_json,
     changed,
+    check_batch,
     check_expiry,
     check_memory,
     check_name,
@@ -73,6 +77,7 @@ from agentd.memory import (
     fuse,
     matches,
     plan_delete,
+    remember_checked,
 )
 from agentd.metrics import RECALL_BUCKETS, Histogram
 from agentd.store.postgres import PgConnection, PgStore, load_migrations
@@ -102,6 +107,7 @@ class PgMemory:
                  setting: str = "[memory] url") -> None:
         self.config = config
         self.embedder = embedder
+        self.batcher = EmbeddingBatcher(embedder, config.embed_batch)
         self.recall_seconds = Histogram(RECALL_BUCKETS)  # for /metrics
         self.store = PgStore(StoreConfig(url=url, pool_size=config.pool_size),
                              migrations=load_migrations("sql/pg_memory"),
@@ -134,6 +140,7 @@ class PgMemory:
             raise
 
     async def close(self) -> None:
+        await self.batcher.close()
         await self.store.close()
 
     def _wanted(self) -> dict[str, str]:
@@ -214,58 +221,74 @@ class PgMemory:
     async def remember(self, text: str, namespace: str = DEFAULT_NAMESPACE,
                        metadata: Mapping[str, Any] | None = None, expires_at: float | None = None,
                        supersedes: int | None = None) -> tuple[Memory, bool]:
-        namespace, metadata_json, text_digest = check_memory(text, namespace, metadata, expires_at)
+        item = check_memory(text, namespace, metadata, expires_at)
         if supersedes is None:
-            existing = await self.store.read_one(
-                f"SELECT {_COLUMNS} FROM memories WHERE namespace = $1 AND hash = $3 AND {_LIVE}",
-                (namespace, time.time(), text_digest))
-            if existing is not None:
-                return _memory(existing), False
-        (vector,) = await self.embedder.embed([text])
-        self._check_dimension(vector)
-        if supersedes is None:
-            near = await self._nearest(vector, namespace)
-            if near is not None:
-                return near, False
+            (result,) = await remember_checked(self, [item])
+            return result
+        (vector,) = await self.batcher.embed([item.text])
+        ((memory, _),) = await self._insert([(item, vector)], supersedes=supersedes)
+        return memory, True
+
+    async def remember_many(self, items: Sequence[NewMemory]) -> list[tuple[Memory, bool]]:
+        return await remember_checked(self, check_batch(items))
+
+    async def _live_by_digest(self, namespace: str, digests: Sequence[str]) -> dict[str, Memory]:
+        """The live memories of `namespace` whose texts have these digests, by digest."""
+        rows = await self.store.read(
+            f"SELECT {_COLUMNS}, hash FROM memories WHERE namespace = $1 AND hash = ANY($3::text[]) "
+            f"AND {_LIVE}", (namespace, time.time(), list(digests)))
+        return {row["hash"]: _memory(row) for row in rows}
+
+    async def _insert(self, pairs: Sequence[tuple[CheckedMemory, list[float]]],
+                      supersedes: int | None = None) -> list[tuple[Memory, bool]]:
+        """Write new memories with their vectors in one transaction; each with whether it
+        was written (False: the same text got in first, through another caller or daemon,
+        and that memory is returned)."""
+        for _, vector in pairs:
+            self._check_dimension(vector)
         now = time.time()
-        embedding = _vector_text(vector)
 
-        async def op(conn: PgConnection) -> tuple[Any, bool]:
-            if supersedes is not None:
-                old = await conn.fetchval(
-                    "SELECT namespace FROM memories WHERE id = $1 FOR UPDATE", supersedes)
-                if old != namespace:
-                    raise MemoryNotFoundError(
-                        f"supersedes: no memory {supersedes} in namespace {namespace!r}")
-                # Out of the live texts first: a correction may repeat the text it corrects.
-                await conn.execute("UPDATE memories SET hash = hash || ':superseded' WHERE id = $1",
-                                   supersedes)
-            else:
-                await conn.execute(
-                    "UPDATE memories SET hash = hash || ':expired:' || id WHERE namespace = $1 "
-                    "AND hash = $2 AND superseded_by IS NULL AND expires_at <= $3",
-                    namespace, text_digest, now)
-            row = await conn.fetchrow(
-                "INSERT INTO memories (namespace, text, metadata, hash, created_at, updated_at, "
-                "expires_at, supersedes, embedding) VALUES ($1, $2, $3::jsonb, $4, $5, $5, $6, $7, "
-                "$8::text::vector) ON CONFLICT (namespace, hash) WHERE superseded_by IS NULL "
-                f"DO NOTHING RETURNING {_COLUMNS}",
-                namespace, text, metadata_json, text_digest, now, expires_at, supersedes, embedding)
-            if row is None:  # the same text, remembered through another daemon a moment ago
-                return await conn.fetchrow(
-                    f"SELECT {_COLUMNS} FROM memories WHERE namespace = $1 AND hash = $2 "
-                    "AND superseded_by IS NULL", namespace, text_digest), False
-            await conn.execute(_RECORD_CHANGE, row["id"], "created", text, None, metadata_json,
-                               None, None, now)
-            if supersedes is not None:
-                await conn.execute(
-                    "UPDATE memories SET superseded_by = $1, hash = left(hash, 64) WHERE id = $2",
-                    row["id"], supersedes)
-                await conn.execute(_RECORD_SUPERSEDED, supersedes, row["id"], now)
-            return row, True
+        async def op(conn: PgConnection) -> list[tuple[Any, bool]]:
+            return [await self._insert_one(conn, item, _vector_text(vector), supersedes, now)
+                    for item, vector in pairs]
 
-        row, created = await self.store.write(op)
-        return _memory(row), created
+        return [(_memory(row), created) for row, created in await self.store.write(op)]
+
+    async def _insert_one(self, conn: PgConnection, item: CheckedMemory, embedding: str,
+                          supersedes: int | None, now: float) -> tuple[Any, bool]:
+        if supersedes is not None:
+            old = await conn.fetchval(
+                "SELECT namespace FROM memories WHERE id = $1 FOR UPDATE", supersedes)
+            if old != item.namespace:
+                raise MemoryNotFoundError(
+                    f"supersedes: no memory {supersedes} in namespace {item.namespace!r}")
+            # Out of the live texts first: a correction may repeat the text it corrects.
+            await conn.execute("UPDATE memories SET hash = hash || ':superseded' WHERE id = $1",
+                               supersedes)
+        else:
+            await conn.execute(
+                "UPDATE memories SET hash = hash || ':expired:' || id WHERE namespace = $1 "
+                "AND hash = $2 AND superseded_by IS NULL AND expires_at <= $3",
+                item.namespace, item.digest, now)
+        row = await conn.fetchrow(
+            "INSERT INTO memories (namespace, text, metadata, hash, created_at, updated_at, "
+            "expires_at, supersedes, embedding) VALUES ($1, $2, $3::jsonb, $4, $5, $5, $6, $7, "
+            "$8::text::vector) ON CONFLICT (namespace, hash) WHERE superseded_by IS NULL "
+            f"DO NOTHING RETURNING {_COLUMNS}",
+            item.namespace, item.text, item.metadata_json, item.digest, now, item.expires_at,
+            supersedes, embedding)
+        if row is None:  # the same text, remembered through another caller a moment ago
+            return await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM memories WHERE namespace = $1 AND hash = $2 "
+                "AND superseded_by IS NULL", item.namespace, item.digest), False
+        await conn.execute(_RECORD_CHANGE, row["id"], "created", item.text, None, item.metadata_json,
+                           None, None, now)
+        if supersedes is not None:
+            await conn.execute(
+                "UPDATE memories SET superseded_by = $1, hash = left(hash, 64) WHERE id = $2",
+                row["id"], supersedes)
+            await conn.execute(_RECORD_SUPERSEDED, supersedes, row["id"], now)
+        return row, True
 
     async def recall(self, query: str, namespace: str = DEFAULT_NAMESPACE, k: int = 10,
                      where: Mapping[str, Any] | None = None, hybrid: bool = False) -> list[Recalled]:
@@ -279,7 +302,7 @@ class PgMemory:
                       hybrid: bool) -> list[Recalled]:
         namespace = check_recall(query, namespace, k)
         filters, params = _filters(where or {}, first=5)
-        (vector,) = await self.embedder.embed([query])
+        (vector,) = await self.batcher.embed([query], first=True)
         self._check_dimension(vector)
         rows = await self.store.read(
             f"SELECT {_COLUMNS}, embedding <=> $3::text::vector AS distance FROM memories "
@@ -315,7 +338,7 @@ class PgMemory:
         new_meta_json = as_json(current.metadata if metadata is None else metadata, "metadata")
         vector = None
         if text is not None:
-            (vector,) = await self.embedder.embed([new_text])
+            (vector,) = await self.batcher.embed([new_text])
             self._check_dimension(vector)
         now = time.time()
 
@@ -384,7 +407,7 @@ class PgMemory:
         bare = await self.store.read(
             "SELECT id, text FROM memories WHERE id = ANY($1) AND embedding IS NULL",
             (list(revive),)) if revive else []
-        vectors = await self.embedder.embed([row["text"] for row in bare]) if bare else []
+        vectors = await self.batcher.embed([row["text"] for row in bare]) if bare else []
         for vector in vectors:
             self._check_dimension(vector)
 

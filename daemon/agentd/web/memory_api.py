@@ -9,12 +9,13 @@ import msgspec
 from aiohttp import web
 from msgspec import UNSET
 
-from agentd.memory import MemoryStore
+from agentd.memory import MAX_MEMORY_BATCH, MemoryStore, NewMemory
 from agentd.web.errors import ApiError, bad_request, path_id, read_body, read_query
 from agentd.web.openapi import doc
 from agentd.web.schemas import (
     HistoryQuery,
     JsonObject,
+    MemoryBatchBody,
     MemoryBody,
     MemoryItem,
     MemoryPatch,
@@ -69,6 +70,23 @@ async def remember(request: web.Request) -> web.Response:
         body.text, namespace=body.namespace, metadata=body.metadata, expires_at=body.expiry(),
         supersedes=whole(body.supersedes)))
     return web.json_response({**memory.to_dict(), "created": created}, status=201 if created else 200)
+
+
+@routes.post("/v1/memory/batch")
+@doc(f"Remember up to {MAX_MEMORY_BATCH} texts at once, as POST /v1/memory would one by one in that "
+     "order (an item repeating an earlier one, exactly or nearly, gets its memory); embedded in "
+     "batches, written in one transaction. Every item is checked first: a bad one (named by its "
+     "index) stores nothing", tag="memory", body=MemoryBatchBody,
+     responses={**_UNAVAILABLE, 200: "`results` in the items' order, each `id` and `created` "
+                "(false: a duplicate's), and the counts `created` and `duplicates`"})
+async def remember_batch(request: web.Request) -> web.Response:
+    body = await read_body(request, MemoryBatchBody)
+    items = [NewMemory(item.text, item.namespace, item.metadata, item.expiry()) for item in body.memories]
+    results = await _checked(_memory(request).remember_many(items))
+    created = sum(1 for _, new in results if new)
+    return web.json_response({
+        "results": [{"id": memory.id, "created": new} for memory, new in results],
+        "created": created, "duplicates": len(results) - created})
 
 
 @routes.get("/v1/memory/search")

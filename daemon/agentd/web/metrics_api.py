@@ -199,6 +199,14 @@ def _memory(out: Exposition, daemon: Daemon, stats: Mapping[str, Any] | None) ->
     memory = daemon.memory
     out.histogram("agentd_memory_recall_duration_seconds", "How long recalls took (embedding the "
                   "query and searching).", (), {(): memory.recall_seconds} if memory is not None else {})
+    batcher = memory.batcher if memory is not None else None
+    out.counter("agentd_memory_embed_calls_total", "Calls to the embedding model (each embeds the "
+                "texts of every caller waiting at the time).", (),
+                {(): batcher.model_calls} if batcher else {})
+    out.counter("agentd_memory_embedded_texts_total", "Texts embedded (divided by the calls: the "
+                "mean batch).", (), {(): batcher.texts_embedded} if batcher else {})
+    out.gauge("agentd_memory_embed_queued", "Texts waiting for the embedding model.", (),
+              {(): batcher.queued} if batcher else {})
 
 
 def _llm(out: Exposition, daemon: Daemon) -> None:

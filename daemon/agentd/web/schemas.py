@@ -19,7 +19,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from agentd.events import MAX_TOPIC_LENGTH, RESERVED_PREFIXES, TOPIC_PATTERN
-from agentd.memory import NAME_PATTERN
+from agentd.memory import MAX_MEMORY_BATCH, NAME_PATTERN
 from agentd.schedule import MAX_DURATION, MIN_INTERVAL, CatchUp, Overlap
 from agentd.taskdef import TASK_NAME_PATTERN
 from agentd.taskqueue import LATEST_RUN_AT, TaskStatus
@@ -206,15 +206,14 @@ class EventBody(Struct, forbid_unknown_fields=True):
         check_json(self.data, "data")
 
 
-class MemoryBody(Struct, forbid_unknown_fields=True):
-    """POST /v1/memory."""
+class NewMemoryBody(Struct, forbid_unknown_fields=True):
+    """One memory of POST /v1/memory/batch (and POST /v1/memory, which adds `supersedes`)."""
 
     text: NonBlank
     namespace: Namespace = "default"
     metadata: JsonObject | None = None
     expires_at: UnixTime | None = None
     ttl: Ttl | None = None
-    supersedes: Annotated[Id, Meta(description="the id of the memory this corrects")] | IdWhole | None = None
 
     def __post_init__(self) -> None:
         if self.expires_at is not None and self.ttl is not None:
@@ -227,7 +226,22 @@ class MemoryBody(Struct, forbid_unknown_fields=True):
         return time.time() + self.ttl if self.ttl is not None else self.expires_at
 
 
-MemoryItem = Annotated[MemoryBody, Meta(extra_json_schema={"not": {"required": ["expires_at", "ttl"]}})]
+class MemoryBody(NewMemoryBody, forbid_unknown_fields=True):
+    """POST /v1/memory."""
+
+    supersedes: Annotated[Id, Meta(description="the id of the memory this corrects")] | IdWhole | None = None
+
+
+_EITHER_EXPIRY = Meta(extra_json_schema={"not": {"required": ["expires_at", "ttl"]}})
+MemoryItem = Annotated[MemoryBody, _EITHER_EXPIRY]
+
+
+class MemoryBatchBody(Struct, forbid_unknown_fields=True):
+    """POST /v1/memory/batch."""
+
+    memories: Annotated[list[Annotated[NewMemoryBody, _EITHER_EXPIRY]],
+                        Meta(min_length=1, max_length=MAX_MEMORY_BATCH,
+                             description="remembered in this order, as POST /v1/memory would one by one")]
 
 
 class MemoryPatch(Struct, forbid_unknown_fields=True):
