@@ -91,17 +91,21 @@ async def test_a_call_holds_at_most_max_texts_and_never_splits_a_caller() -> Non
     assert model.calls == [["first"], ["a0", "b0", "a1", "b1"], ["a2", "b2"], [f"c{i}" for i in range(6)]]
 
 
-async def test_a_query_goes_ahead_of_queued_texts() -> None:
+async def test_queries_do_not_wait_for_the_texts_call_under_way_and_share_a_call() -> None:
     model = HeldModel()
     batcher = EmbeddingBatcher(model, max_texts=2)
     first = await hold_first_call(batcher, model)
     bulk = asyncio.ensure_future(batcher.embed(["m1", "m2", "m3", "m4"]))
     await queued(batcher, 4)
-    query = asyncio.ensure_future(batcher.embed(["what is it?"], first=True))
-    await queued(batcher, 5)
+    query = asyncio.ensure_future(batcher.embed(["what is it?"], query=True))
+    # Its own lane: called while the texts' call is held, the bulk still queued behind it.
+    await until(lambda: len(model.calls) == 2)
+    assert model.calls == [["first"], ["what is it?"]] and batcher.queued == 4
+    more = [asyncio.ensure_future(batcher.embed([f"q{i}"], query=True)) for i in range(3)]
+    await queued(batcher, 7)
     model.release.set()
-    await asyncio.gather(first, bulk, query)
-    assert model.calls == [["first"], ["what is it?"], ["m1", "m2", "m3", "m4"]]
+    await asyncio.gather(first, bulk, query, *more)
+    assert sorted(map(tuple, model.calls[2:])) == [("m1", "m2", "m3", "m4"), ("q0", "q1"), ("q2",)]
 
 
 async def test_a_refused_text_fails_only_its_own_caller() -> None:

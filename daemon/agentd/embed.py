@@ -49,7 +49,7 @@ class MiniLMEmbedder:
 
     id = "minilm-l6-v2-int8"
     dimension = 384
-    parallel_calls = 1  # one inference already uses every thread: more would only queue
+    parallel_calls = 1  # one inference of texts to store uses every thread: more would only queue
 
     def __init__(self, threads: int = 2, batch_size: int = 32, max_tokens: int = 256) -> None:
         self._threads = threads
@@ -82,8 +82,6 @@ class MiniLMEmbedder:
     def _run(self, texts: Sequence[str]) -> list[list[float]]:
         import numpy as np
 
-        if self._session is None:
-            self._load()
         encoded = self._tokenizer.encode_batch(list(texts))
         # Each model batch is padded to its longest text: batching texts of like length
         # (shortest first) wastes less of the model's work on padding.
@@ -103,8 +101,14 @@ class MiniLMEmbedder:
         return vectors
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        async with self._lock:  # one inference at a time: it already uses every thread
-            return await asyncio.to_thread(self._run, list(texts))
+        if self._session is None:
+            async with self._lock:  # load once, however many calls come first
+                if self._session is None:
+                    await asyncio.to_thread(self._load)
+        # Calls may overlap (onnxruntime runs them side by side): memory's batcher makes one
+        # for texts to store at a time (parallel_calls) and one for recall queries, so a
+        # query does not wait for a batch of 64.
+        return await asyncio.to_thread(self._run, list(texts))
 
 
 class HttpEmbedder:

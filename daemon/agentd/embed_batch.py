@@ -8,8 +8,9 @@ every call queues its texts and waits; while the model works on one batch, the n
 fills with whatever arrived meanwhile. An idle daemon's lone call goes straight to the
 model (no timer waits for company), and the busier memory is, the larger the batches.
 
-Recall's query goes ahead of queued memories (`first=True`): an agent waiting on recall
-waits for at most the batch the model is on, not for a bulk import's backlog.
+Recall's queries (`query=True`) have a lane of their own, batched among themselves: an
+agent waiting on recall waits neither for the call the model is on (up to `embed_batch`
+texts: hundreds of milliseconds on two cores) nor for a bulk import's backlog.
 """
 
 from __future__ import annotations
@@ -32,13 +33,36 @@ class _Request:
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+class _Lane:
+    """Requests waiting for the model, and the tasks calling it for them (at most `limit`)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.waiting: deque[_Request] = deque()
+        self.runners: set[asyncio.Task[None]] = set()
+
+    def take(self, max_texts: int) -> list[_Request]:
+        """The next batch: whole requests, in order, until it holds `max_texts` texts (a
+        larger request alone)."""
+        batch: list[_Request] = []
+        size = 0
+        while self.waiting and (not batch or size + len(self.waiting[0].texts) <= max_texts):
+            request = self.waiting.popleft()
+            if request.future.done():  # its caller was cancelled
+                continue
+            batch.append(request)
+            size += len(request.texts)
+        return batch
+
+
 class EmbeddingBatcher:
     """Embeds through `embedder`, the texts of concurrent calls together.
 
     A model call takes whole requests from the queue until it holds `max_texts` texts (a
     request larger than that goes alone; the embedder splits it as it must). At most
-    `embedder.parallel_calls` model calls run at once (`DEFAULT_PARALLEL_CALLS` when the
-    embedder does not say: one slow call, e.g. to a remote model, then holds up no other).
+    `embedder.parallel_calls` model calls for texts to store run at once
+    (`DEFAULT_PARALLEL_CALLS` when the embedder does not say: one slow call, e.g. to a
+    remote model, then holds up no other), and beside them one for queries.
     A failed call fails every request in it, except that a batch refused for its input
     (`EmbedderInputError`, e.g. one text too long for an endpoint) is retried request by
     request, so one bad text fails only its own caller. A caller that is cancelled while
@@ -50,9 +74,9 @@ class EmbeddingBatcher:
             raise ValueError(f"max_texts: expected at least 1, got {max_texts}")
         self.embedder = embedder
         self.max_texts = max_texts
-        self._parallel = max(1, int(getattr(embedder, "parallel_calls", DEFAULT_PARALLEL_CALLS)))
-        self._queue: deque[_Request] = deque()
-        self._runners: set[asyncio.Task[None]] = set()
+        parallel = max(1, int(getattr(embedder, "parallel_calls", DEFAULT_PARALLEL_CALLS)))
+        self._texts = _Lane(parallel)
+        self._queries = _Lane(1)
         self._closed = False
         # What the batches held, for /metrics and the bench: calls made, texts embedded.
         self.model_calls = 0
@@ -69,10 +93,11 @@ class EmbeddingBatcher:
     @property
     def queued(self) -> int:
         """Texts waiting for a model call (those of calls already under way not counted)."""
-        return sum(len(request.texts) for request in self._queue if not request.future.done())
+        return sum(len(request.texts) for lane in (self._texts, self._queries)
+                   for request in lane.waiting if not request.future.done())
 
-    async def embed(self, texts: Sequence[str], *, first: bool = False) -> list[list[float]]:
-        """The vectors of `texts`, in order; `first` puts them ahead of queued requests.
+    async def embed(self, texts: Sequence[str], *, query: bool = False) -> list[list[float]]:
+        """The vectors of `texts`, in order; `query`: a recall's, in the lane of queries.
 
         Raises:
             EmbedderError: the embedder failed, or the batcher is closed.
@@ -81,47 +106,36 @@ class EmbeddingBatcher:
             return []
         if self._closed:
             raise EmbedderError("memory is closing: nothing more is embedded")
+        lane = self._queries if query else self._texts
         request = _Request(list(texts))
-        if first:
-            self._queue.appendleft(request)
-        else:
-            self._queue.append(request)
-        if len(self._runners) < self._parallel:
-            runner = asyncio.create_task(self._run(), name="agentd-embedding-batcher")
-            self._runners.add(runner)
-            runner.add_done_callback(self._runners.discard)
+        lane.waiting.append(request)
+        if len(lane.runners) < lane.limit:
+            runner = asyncio.create_task(self._run(lane), name="agentd-embedding-batcher")
+            lane.runners.add(runner)
+            runner.add_done_callback(lane.runners.discard)
         return await request.future
 
     async def close(self) -> None:
         """Fail what is queued, stop the model calls under way, close the embedder if it
         holds anything (an HTTP session)."""
         self._closed = True
-        for runner in list(self._runners):
+        runners = [*self._texts.runners, *self._queries.runners]
+        for runner in runners:
             runner.cancel()
-        await asyncio.gather(*self._runners, return_exceptions=True)
+        await asyncio.gather(*runners, return_exceptions=True)
         closing = EmbedderError("memory closed before this text was embedded")
-        while self._queue:
-            _fail(self._queue.popleft(), closing)
+        for lane in (self._texts, self._queries):
+            while lane.waiting:
+                _fail(lane.waiting.popleft(), closing)
         close = getattr(self.embedder, "close", None)
         if close is not None:
             await close()
 
-    async def _run(self) -> None:
-        while self._queue:
-            batch = self._take()
+    async def _run(self, lane: _Lane) -> None:
+        while lane.waiting:
+            batch = lane.take(self.max_texts)
             if batch:
                 await self._embed_batch(batch)
-
-    def _take(self) -> list[_Request]:
-        batch: list[_Request] = []
-        size = 0
-        while self._queue and (not batch or size + len(self._queue[0].texts) <= self.max_texts):
-            request = self._queue.popleft()
-            if request.future.done():  # its caller was cancelled
-                continue
-            batch.append(request)
-            size += len(request.texts)
-        return batch
 
     async def _embed_batch(self, batch: list[_Request]) -> None:
         texts = [text for request in batch for text in request.texts]

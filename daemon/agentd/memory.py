@@ -444,7 +444,7 @@ class SqliteMemory:
         fusion). `where`: {field: value or [values]}."""
         namespace = check_recall(query, namespace, k)
         inside, after = self._split_filters(where or {})
-        (vector,) = await self.batcher.embed([query], first=True)
+        (vector,) = await self.batcher.embed([query], query=True)
         fetch = k if not after else k * 4
         clauses = "".join(f" AND {name} IN ({','.join('?' * len(values))})" for name, values in inside)
         params: list[Any] = [float32_blob(vector), fetch + 8, namespace]

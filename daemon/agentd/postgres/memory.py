@@ -302,7 +302,7 @@ class PgMemory:
                       hybrid: bool) -> list[Recalled]:
         namespace = check_recall(query, namespace, k)
         filters, params = _filters(where or {}, first=5)
-        (vector,) = await self.batcher.embed([query], first=True)
+        (vector,) = await self.batcher.embed([query], query=True)
         self._check_dimension(vector)
         rows = await self.store.read(
             f"SELECT {_COLUMNS}, embedding <=> $3::text::vector AS distance FROM memories "
