@@ -571,6 +571,7 @@ async def test_memory_is_searched_by_meaning_edited_with_its_history_and_forgott
         session = memory.session("chat-1")
         await session.append("user", "What is on the windowsill?")
         await session.append("assistant", "A sleeping cat.")
+        await memory.session("chat-2").append("user", "Anyone there?")
         tab = await tabs(f"{daemon_url(daemon)}/#/memory")
         page = tab.page
         await page.get_by_label("Namespace").select_option("notes")
@@ -596,11 +597,22 @@ async def test_memory_is_searched_by_meaning_edited_with_its_history_and_forgott
         await page.get_by_text(f"Forgot memory {cat.id}").wait_for()
         await expect(results).to_have_count(1)
 
-        await page.get_by_label("Session id").fill("chat-1")
-        await page.get_by_role("button", name="Open").click()
+        # Sessions: listed, the most recently active first, found by the start of their ids.
+        sessions = page.locator("table", has=page.locator("caption", has_text="Sessions alive"))
+        listed = sessions.locator("tbody tr")
+        await expect(listed).to_have_count(2)
+        await expect(listed.first.locator("td").first).to_have_text("chat-2")
+        await expect(listed.nth(1).locator("td").nth(1)).to_have_text("2")
+        await page.get_by_label("Session id starts with").fill("chat-1")
+        await page.get_by_role("button", name="Find").click()
+        await expect(listed).to_have_count(1)
+        await listed.get_by_role("link", name="chat-1").click()
         messages = page.locator("ol.messages > li")
         await expect(messages).to_have_count(2)
         await messages.nth(1).get_by_text("A sleeping cat.").wait_for()
+        await page.get_by_label("Session id starts with").fill("nobody")
+        await page.get_by_role("button", name="Find").click()
+        await page.get_by_text("No session starts with nobody.").wait_for()
 
 
 # --------------------------------------------------------------------------- 6. system

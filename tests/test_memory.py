@@ -334,6 +334,14 @@ async def test_sessions_over_http_and_inside_a_task(start: Any, http: Any, mem_d
     assert [m["content"] for m in await session.history()][-2:] == ["from a task", "noted"]
     stats = await call(client, "GET", "/v1/memory/stats")
     assert (stats["sessions"], stats["messages"]) == (2, 5)
+    # Listed, the most recently active first; found by the start of their ids.
+    listing = (await call(client, "GET", "/v1/sessions"))["sessions"]
+    assert [(s["id"], s["messages"]) for s in listing] == [("chat-1", 4), ("other", 1)]
+    assert listing[0]["expires_at"] > listing[0]["updated_at"] >= listing[1]["updated_at"]
+    assert [s["id"] for s in (await call(client, "GET", "/v1/sessions", params={"prefix": "oth"}))[
+        "sessions"]] == ["other"]
+    assert [s["id"] for s in (await call(client, "GET", "/v1/sessions", params={"limit": "1"}))[
+        "sessions"]] == ["chat-1"]
 
     # The session lives for session_ttl after its last message (the default: a day).
     (expires_at,) = (await rows(daemon, "SELECT expires_at FROM sessions WHERE id = 'chat-1'"))[0]
@@ -368,6 +376,10 @@ async def test_bad_session_requests_are_400_naming_the_problem(start: Any, http:
                    status=400), "bad_request", "session id 'not ok'")
     with pytest.raises(ValueError, match="session id"):
         daemon.memory.session("")
+    bad(await call(client, "GET", "/v1/sessions", params={"prefix": "no spaces"}, status=400),
+        "bad_request", "query parameter prefix")
+    bad(await call(client, "GET", "/v1/sessions", params={"limit": "1001"}, status=400),
+        "bad_request", "query parameter limit")
     assert await rows(daemon, "SELECT count(*) FROM messages") == [(0,)]
 
 
@@ -380,6 +392,7 @@ async def test_expired_sessions_and_memories_are_hidden_then_purged_by_the_built
     await call(client, "POST", "/v1/sessions/brief/messages", {"role": "user", "content": "gone soon"},
                status=201)
     assert (await call(client, "GET", "/v1/sessions/brief/messages"))["messages"] == []
+    assert (await call(client, "GET", "/v1/sessions"))["sessions"] == []
     assert await daemon.memory.session("brief").history() == []
     assert await rows(daemon, "SELECT count(*) FROM messages WHERE session_id = 'brief'") == [(1,)]
 

@@ -226,6 +226,10 @@ class MemoryStore(Protocol):
     async def clear_session(self, session_id: str) -> int:
         """Delete a session and its messages; how many messages there were."""
 
+    async def list_sessions(self, now: float, limit: int, prefix: str = "") -> list[dict[str, Any]]:
+        """The sessions alive at `now` whose ids start with `prefix`, the most recently
+        active first, at most `limit`: each `id`, `updated_at`, `expires_at`, `messages`."""
+
     async def remember(self, text: str, namespace: str = DEFAULT_NAMESPACE,
                        metadata: Mapping[str, Any] | None = None, expires_at: float | None = None,
                        supersedes: int | None = None) -> tuple[Memory, bool]:
@@ -345,6 +349,14 @@ class SqliteMemory:
             "SELECT m.* FROM messages m JOIN sessions s ON s.id = m.session_id "
             "WHERE m.session_id = ? AND s.expires_at > ? ORDER BY m.id DESC LIMIT ?",
             (session_id, now, limit))
+
+    async def list_sessions(self, now: float, limit: int, prefix: str = "") -> list[dict[str, Any]]:
+        rows = await self.store.read(
+            "SELECT s.id, s.updated_at, s.expires_at, (SELECT count(*) FROM messages m "
+            "WHERE m.session_id = s.id) AS messages FROM sessions s WHERE s.expires_at > ? "
+            "AND substr(s.id, 1, ?) = ? ORDER BY s.updated_at DESC, s.id LIMIT ?",
+            (now, len(prefix), prefix, limit))
+        return [dict(row) for row in rows]
 
     async def clear_session(self, session_id: str) -> int:
         def op(conn: Connection) -> int:

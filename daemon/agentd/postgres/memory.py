@@ -207,6 +207,14 @@ class PgMemory:
             "WHERE m.session_id = $1 AND s.expires_at > $2 ORDER BY m.id DESC LIMIT $3",
             (session_id, now, limit))
 
+    async def list_sessions(self, now: float, limit: int, prefix: str = "") -> list[dict[str, Any]]:
+        rows = await self.store.read(
+            "SELECT s.id, s.updated_at, s.expires_at, (SELECT count(*) FROM memory_messages m "
+            "WHERE m.session_id = s.id) AS messages FROM memory_sessions s WHERE s.expires_at > $1 "
+            "AND left(s.id, $2) = $3 ORDER BY s.updated_at DESC, s.id LIMIT $4",
+            (now, len(prefix), prefix, limit))
+        return [dict(row) for row in rows]
+
     async def clear_session(self, session_id: str) -> int:
         async def op(conn: PgConnection) -> int:
             count: int = await conn.fetchval(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ from agentd.web.schemas import (
     MessageBody,
     SearchQuery,
     SessionPath,
+    SessionsQuery,
     check_json,
     whole,
 )
@@ -154,6 +156,16 @@ async def update_memory(request: web.Request) -> web.Response:
 async def forget(request: web.Request) -> web.Response:
     await _memory(request).forget(_memory_id(request))
     return web.Response(status=204)
+
+
+@routes.get("/v1/sessions")
+@doc("Conversations alive, the most recently active first: each `id`, `updated_at`, "
+     "`expires_at` and its number of `messages`", tag="memory", query=SessionsQuery,
+     responses={**_UNAVAILABLE, 200: "`sessions`"})
+async def sessions(request: web.Request) -> web.Response:
+    query = read_query(request, SessionsQuery)
+    found = await _memory(request).list_sessions(time.time(), query.limit, query.prefix)
+    return web.json_response({"sessions": found})
 
 
 @routes.get("/v1/sessions/{id}/messages")

@@ -304,6 +304,12 @@ StreamTokenItem = Annotated[StreamTokenBody, Meta(extra_json_schema={"dependentS
     "topics": {"required": ["path"], "properties": {"path": {"const": "/v1/stream"}}}}})]
 
 
+class SessionsQuery(Struct):
+    limit: Annotated[int, Meta(ge=1, le=1000, description="at most this many")] = 50
+    prefix: Annotated[str, _text(r"^[A-Za-z0-9_.:-]{0,128}$",
+                                 "the start of session ids: letters, digits or _ . : -")] = ""
+
+
 class HistoryQuery(Struct):
     limit: Annotated[int, Meta(ge=1, le=1000, description="the last N messages")] = 50
 

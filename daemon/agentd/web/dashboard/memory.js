@@ -1,8 +1,9 @@
 // Memory: search a namespace by meaning (each result with its score), open a memory to
-// edit it (with its history) or forget it; read a session's messages by its id.
+// edit it (with its history) or forget it; the sessions alive, most recently active first
+// (found by the start of their ids), and a session's messages.
 
 import { api, query } from "./api.js";
-import { choice, field, h, pretty, when } from "./dom.js";
+import { choice, field, h, pretty, table, when } from "./dom.js";
 import { act } from "./notice.js";
 
 export async function memoryView(params) {
@@ -13,6 +14,7 @@ export async function memoryView(params) {
   const q = params.get("q") || "";
   const open = params.get("id");
   const session = params.get("session") || "";
+  const sessions = params.get("sessions") || "";
   const element = h("section", { "aria-labelledby": "memory-title" },
     h("h2", { id: "memory-title" }, "Memory"),
     h("p", { className: "muted" }, `Embedder ${stats.embedder} · `,
@@ -29,7 +31,7 @@ export async function memoryView(params) {
   element.append(search);
   if (q) element.append(await results(namespace, q));
   if (open) element.append(await memoryDetail(Number(open), namespace, q));
-  element.append(await sessionPanel(session));
+  element.append(await sessionPanel(session, sessions));
   return { element };
 }
 
@@ -68,17 +70,29 @@ async function memoryDetail(id, namespace, q) {
       change.old_text !== null ? [": was ", h("q", {}, change.old_text)] : null))));
 }
 
-async function sessionPanel(id) {
-  const form = h("form", { className: "toolbar", onsubmit: (event) => {
+async function sessionPanel(id, prefix) {
+  const form = h("form", { className: "toolbar", role: "search", onsubmit: (event) => {
     event.preventDefault();
-    location.hash = `#/memory${query({ session: new FormData(form).get("session").trim() })}`;
-  } }, field("Session id", { name: "session", value: id, required: true }), h("button", { type: "submit" }, "Open"));
+    location.hash = `#/memory${query({ sessions: new FormData(form).get("sessions").trim() })}`;
+  } }, field("Session id starts with", { name: "sessions", value: prefix, type: "search" }),
+  h("button", { type: "submit" }, "Find"));
   const panel = h("article", { className: "panel", "aria-labelledby": "sessions-title" },
     h("h3", { id: "sessions-title" }, "Sessions"), form);
+  const { sessions } = await api(`/v1/sessions${query({ prefix, limit: 50 })}`);
+  panel.append(sessions.length
+    ? table("Sessions alive, the most recently active first", [
+      ["Session", (s) => h("a", { href: `#/memory${query({ session: s.id, sessions: prefix })}`,
+        "aria-current": s.id === id ? "true" : null }, s.id)],
+      ["Messages", (s) => String(s.messages)],
+      ["Last active", (s) => when(s.updated_at)],
+      ["Expires", (s) => when(s.expires_at)],
+    ], sessions)
+    : h("p", { className: "muted" }, prefix ? `No session starts with ${prefix}.` : "No sessions."));
   if (id) {
     const { messages } = await api(`/v1/sessions/${encodeURIComponent(id)}/messages`);
-    panel.append(messages.length
-      ? h("ol", { className: "messages" }, messages.map((m) => h("li", {}, h("strong", {}, m.role), " ", m.content)))
+    panel.append(h("h4", {}, `Session ${id}`), messages.length
+      ? h("ol", { className: "messages", "aria-label": `Messages of ${id}` },
+        messages.map((m) => h("li", {}, h("strong", {}, m.role), " ", m.content)))
       : h("p", { className: "muted" }, "No messages."));
   }
   return panel;
