@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import statistics
@@ -60,7 +61,8 @@ def main() -> int:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=int, default=2000, help="texts per phase and run (default 2000)")
     parser.add_argument("--callers", type=int, default=64, help="concurrent remember() callers (default 64)")
     parser.add_argument("--runs", type=int, default=3, help="runs of each phase; the median is shown")
@@ -113,7 +115,8 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="agentd-embed-") as tmp:
         for embed_batch in (64, 1):
             texts = args.texts if embed_batch > 1 else args.texts // 4
-            remember = Remember(Path(tmp) / f"batch{embed_batch}", model, embed_batch, args.callers, sentences)
+            remember = Remember(Path(tmp) / f"batch{embed_batch}", model, embed_batch, args.callers,
+                                sentences)
             rows.append(await phase(f"remember(), {args.callers} callers, embed_batch {embed_batch}",
                                     remember.run, sentences, texts, args.runs, setup=remember.open,
                                     teardown=remember.close))
@@ -130,7 +133,8 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
 class Remember:
     """A SqliteMemory in `folder` on `model`, written by `callers` concurrent callers."""
 
-    def __init__(self, folder: Path, model: Any, embed_batch: int, callers: int, sentences: Sentences) -> None:
+    def __init__(self, folder: Path, model: Any, embed_batch: int, callers: int,
+                 sentences: Sentences) -> None:
         self.folder = folder
         self.model = model
         self.embed_batch = embed_batch
@@ -189,10 +193,8 @@ class Remember:
     async def _recall_until(self, done: asyncio.Event, seconds: list[float]) -> None:
         while not done.is_set() and len(seconds) < 10_000:
             seconds.append(await self._timed_recall())
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), RECALL_EVERY)
-            except TimeoutError:
-                pass
 
 
 def _new(text: str) -> Any:
@@ -245,8 +247,8 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace, run: Bench
         recall = (f"{row['recall_loaded_p50_ms']} / {row['recall_loaded_p99_ms']} ms (idle "
                   f"{row['recall_idle_p50_ms']} ms)" if "recall_loaded_p50_ms" in row else "")
         batch = row.get("mean_model_batch", "")
-        print(f"| {row['phase']} | {row['texts_per_s']:,.0f} | {row['of_model_batched']:.0%} | {batch} | {recall} |",
-              file=out)
+        print(f"| {row['phase']} | {row['texts_per_s']:,.0f} | {row['of_model_batched']:.0%} | {batch} "
+              f"| {recall} |", file=out)
 
 
 if __name__ == "__main__":
