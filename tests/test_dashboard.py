@@ -557,6 +557,26 @@ async def test_a_schedule_is_created_run_now_paused_and_resumed_from_the_page(
         await screenshot(tab, "schedules")
 
 
+async def test_a_fire_the_overlap_policy_refuses_is_counted_as_missed(tabs: Any, tmp_path: Path) -> None:
+    async with running(tmp_path, token=None) as daemon, aiohttp.ClientSession(daemon_url(daemon)) as client:
+        async with client.post("/v1/schedules", json={
+                "id": "digest", "every": 3600, "task": "dash.talk", "args": {"name": "digest"},
+                "overlap": "skip"}) as response:
+            assert response.status == 201, await response.text()
+        tab = await tabs(f"{daemon_url(daemon)}/#/schedules")
+        row = tab.page.locator('table.schedules tr[data-id="digest"]')
+        await row.get_by_role("button", name="Run now").click()
+        await asyncio.wait_for(plugin_module().gate("started:digest").wait(), 10)
+        # Its run has not finished: the next fire is refused, and the page counts it.
+        await row.get_by_role("button", name="Run now").click()
+        await expect(row.locator('[data-field="misses"]')).to_have_text("1")
+        await expect(row.locator('[data-field="fires"]')).to_have_text("1")
+        plugin_module().gate("speak:digest").set()
+        plugin_module().gate("digest").set()
+        assert await finished(daemon, daemon.scheduler.schedules["digest"].last_task_id or 0) == "succeeded"
+        await row.locator(".badge").get_by_text("succeeded").wait_for()
+
+
 # --------------------------------------------------------------------------- 5. memory
 
 
@@ -655,6 +675,26 @@ async def test_the_system_view_shows_plugins_loops_lag_throughput_store_and_erro
         label = await page.locator("svg.chart").get_attribute("aria-label")
         assert label is not None and label.startswith("Tasks finished per second")
         await screenshot(tab, "system")
+
+
+async def test_the_throughput_chart_starts_with_the_daemons_own_samples(tabs: Any, tmp_path: Path) -> None:
+    async with running(tmp_path, token=None) as daemon, aiohttp.ClientSession(daemon_url(daemon)) as client:
+        for n in range(3):
+            await finished(daemon, await enqueue(daemon, "dash.ok", n=n))
+        await daemon.throughput.sample()
+        async with client.get("/v1/tasks/throughput") as response:
+            history = await response.json()
+        assert history["every"] == 10.0
+        assert [finished_so_far for _, finished_so_far in history["samples"]][-1] == 3
+        # A quarter of an hour of the daemon's samples (a page could not have taken them):
+        # the chart covers them the moment it opens.
+        now = time.time()
+        daemon.throughput.samples.extendleft([(now - 60, 2), (now - 600, 1), (now - 900, 0)])
+        tab = await tabs(f"{daemon_url(daemon)}/#/system")
+        chart = tab.page.locator("svg.chart")
+        await tab.page.locator("svg.chart polyline").wait_for()
+        label = await chart.get_attribute("aria-label")
+        assert label is not None and label.startswith("Tasks finished per second over the last 10 min")
 
 
 @pytest.mark.parametrize("store_url", ["postgres"], indirect=True)

@@ -92,7 +92,7 @@ LAYERS = [
     {"errors", "events", "schedule", "specs", "config", "jsontext", "log", "metrics"},
     {"store"},
     {"bus", "spawn", "supervise", "eventlog", "taskdef", "taskqueue", "steps", "waits", "streamkey",
-     "task_warnings"},
+     "task_warnings", "throughput"},
     {"memory", "embed", "embed_batch", "llm", "mail", "webhooks", "hooks", "services"},
     {"context", "protocols", "worker", "scheduler", "digests", "maintenance", "backup", "postgres",
      "storage"},

@@ -51,6 +51,7 @@ from agentd.systemd import Notifier
 from agentd.task_warnings import warn_on_bad_ends
 from agentd.taskdef import TaskRegistry
 from agentd.taskqueue import TaskQueue
+from agentd.throughput import ThroughputHistory
 from agentd.waits import Waits
 from agentd.watchdog import ServiceWatchdog
 from agentd.web import (
@@ -131,6 +132,7 @@ class Daemon:
         warn_on_bad_ends(self.bus)
         self.lag = LagMonitor(stall_warning=config.daemon.stall_warning,
                               owner_of=self.plugins.owner_of)
+        self.throughput = ThroughputHistory(self.queue.counts)
         self.server: HttpServer | None = None
         self.web_app: web.Application | None = None
         self.reloader = Reloader(self)
@@ -171,6 +173,7 @@ class Daemon:
                 self._start_service(self.storage.sqlite.run_checkpoints, "wal-checkpoints")
             if self.storage.postgres is not None:
                 self._start_service(self.storage.postgres.run_listener, "pg-listener")
+            self._start_service(self.throughput.run, "throughput")
             # Undone before the store closes: every later step may fail (a full disk).
             rollback.push_async_callback(self._stop_services)
             await self.eventlog.start()

@@ -102,7 +102,10 @@ class ServiceWatchdog:
     async def status_line(self, lag: float) -> str:
         """`12 running, 340 queued, 3 streams, lag 2 ms`, after `safe mode: ` in safe mode."""
         try:
-            queued = str(await asyncio.wait_for(self._queued(), _COUNT_TIMEOUT))
+            # Not wait_for: on 3.11 it can swallow a cancellation that lands as the count
+            # completes, and the daemon's stop would then wait on this loop.
+            async with asyncio.timeout(_COUNT_TIMEOUT):
+                queued = str(await self._queued())
         except Exception:  # the store away or slow: the line goes out anyway
             queued = "?"
         return (("safe mode: " if self._safe_mode() else "")

@@ -129,6 +129,16 @@ async def task_counts(request: web.Request) -> web.Response:
     return web.json_response({"by_status": await request.app[DAEMON].queue.counts()})
 
 
+@routes.get("/v1/tasks/throughput")
+@doc("The store's count of finished tasks (succeeded, failed, dead, cancelled), sampled by "
+     "this daemon every `every` seconds over the last hour, oldest first (kept in memory: since "
+     "its start at most); the dashboard's throughput chart", tag="tasks",
+     responses={200: "`every` (seconds) and `samples`: [Unix time, tasks finished] pairs"})
+async def task_throughput(request: web.Request) -> web.Response:
+    history = request.app[DAEMON].throughput
+    return web.json_response({"every": history.every, "samples": [list(s) for s in history.samples]})
+
+
 @routes.get("/v1/queues")
 @doc("Each queue: the workers this daemon runs for it ([tasks] queues), its tasks queued (and "
      "of those, due now) and running", tag="tasks",

@@ -1,11 +1,20 @@
 // What the page remembers of the daemon's state between views: finished tasks counted
-// every few seconds (as the header refreshes its counters), for the throughput chart.
+// every few seconds (as the header refreshes its counters), after the daemon's own samples
+// of the hour before (`/v1/tasks/throughput`), for the throughput chart.
 
-const KEEP_MS = 10 * 60 * 1000;
+const KEEP_MS = 60 * 60 * 1000;
 const FINISHED = ["succeeded", "failed", "dead", "cancelled"];
 
-/** [time in ms, tasks finished so far] samples, oldest first, of the last 10 minutes. */
+/** [time in ms, tasks finished so far] samples, oldest first, of the last hour. */
 export const samples = [];
+
+/** Put the daemon's samples (`/v1/tasks/throughput`) from before this page's first in front. */
+export function seed(history) {
+  const first = samples.length ? samples[0][0] : Infinity;
+  const older = history.samples.map(([seconds, finished]) => [seconds * 1000, finished])
+    .filter(([time]) => time < first && Date.now() - time <= KEEP_MS);
+  samples.unshift(...older);
+}
 
 /** Record tasks per status (as `/v1/tasks/counts` gives them) now. */
 export function sample(byStatus) {

@@ -48,7 +48,7 @@ function scheduleTable(schedules, changed) {
       h("td", {}, s.last_outcome ? badge(s.last_outcome) : "—",
         s.last_task_id ? [" ", h("a", { href: `#/tasks/${s.last_task_id}` }, `task ${s.last_task_id}`)] : null),
       h("td", { className: "num", "data-field": "fires" }, String(s.fires)),
-      h("td", { className: "num" }, String(s.misses)),
+      h("td", { className: "num", "data-field": "misses" }, String(s.misses)),
       h("td", { className: "num" }, String(s.failures_in_row)),
       h("td", {},
         s.paused

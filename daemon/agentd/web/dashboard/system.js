@@ -1,11 +1,12 @@
 // The system view: the daemon's state from `/v1/status` and `/healthz`, refreshed every
-// few seconds: queues (depth and workers), plugins (reload one), background loops, loop lag, throughput (tasks finished per second,
-// sampled since the page opened), the store's sizes, the daemons sharing a PostgreSQL
-// store, safe mode, and the last errors (of plugins, loops and tasks).
+// few seconds: queues (depth and workers), plugins (reload one), background loops, loop
+// lag, throughput (tasks finished per second over the last hour: the daemon's samples,
+// then the page's), the store's sizes, the daemons sharing a PostgreSQL store, safe mode,
+// and the last errors (of plugins, loops and tasks).
 
 import { api } from "./api.js";
 import { badge, h, svg, table, when } from "./dom.js";
-import { throughput } from "./metrics.js";
+import { seed, throughput } from "./metrics.js";
 import { act } from "./notice.js";
 
 const REFRESH_MS = 2000;
@@ -13,6 +14,7 @@ const CHART = { width: 600, height: 120 };
 
 export async function systemView() {
   const element = h("section", { "aria-labelledby": "system-title" });
+  seed(await api("/v1/tasks/throughput"));
   async function draw() {
     const [status, health, { queues }, failed, dead] = await Promise.all([
       api("/v1/status"), api("/healthz"), api("/v1/queues"),
