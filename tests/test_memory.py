@@ -140,9 +140,12 @@ async def keyworded(daemon: Any) -> list[int]:
 
 
 def recorded(daemon: Any, dimension: str, embedder: str) -> list[tuple[str, str]]:
-    """What memory records of its embedder (and, on SQLite, of its vec0 filter columns)."""
+    """What memory records of its embedder (and, on SQLite, of its vec0 filter columns and
+    the layout of its vectors)."""
     found = [("dimension", dimension), ("embedder", embedder)]
-    return [*found, ("filter_fields", "kind,source,agent")] if on_sqlite(daemon) else found
+    if not on_sqlite(daemon):
+        return found
+    return [*found, ("filter_fields", "kind,source,agent"), ("quantization", "binary")]
 
 
 async def run_purge_schedule(daemon: Any, client: Any) -> Any:
