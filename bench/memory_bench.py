@@ -96,11 +96,12 @@ SQLITE_LAYOUTS = {"sqlite": "binary", "sqlite-float": "none"}
 # hnswlib (the HNSW library Chroma uses) with Chroma's defaults: M 16, ef_construction 100,
 # ef_search 100; cosine space.
 HNSW = {"M": 16, "ef_construction": 100, "ef": 100}
-VECTORS = ("random", "clustered")
+VECTORS = ("random", "clustered", "minilm")
 SPARE = 8  # rows each engine's recall fetches beyond k (both: k + 8), and its keyword half ranks
 CENTROIDS = 300  # --vectors clustered: clusters of the mixture
 SUBSPACE = 24  # --vectors clustered: dimensions each cluster spreads in
 ISOTROPIC = 0.15  # --vectors clustered: norm of the noise off the subspace
+HELD_OUT = 1000  # --vectors minilm: sentences kept back for queries
 COPY_ROWS = 10000  # rows per COPY when loading PostgreSQL
 # Issue 17's targets at 1,000,000 memories: (what, path, scope, p50 limit in ms); recall@10 >= 0.95.
 TARGET_SIZE = 1_000_000
@@ -344,8 +345,70 @@ class Mixture:
 
 
 def make_vectors(kind: str, n: int, seed: int) -> np.ndarray:
-    """n vectors of `kind` (--vectors), the same for the same seed."""
+    """n vectors of `kind` (--vectors random or clustered), the same for the same seed."""
     return Mixture().sample(n, seed) if kind == "clustered" else unit_vectors(n, seed)
+
+
+class RealTexts:
+    """--vectors minilm: real sentences embedded by agentd's own offline model (MiniLM,
+    the default embedder). The sentences are those of the docstrings of Python's standard
+    library, its tests left out (40-300 characters, deduplicated, in a seeded order; about
+    15,000 with Python 3.11): the memories are the first N, the queries come from the last
+    HELD_OUT (never stored). Embeddings are kept by text."""
+
+    _sentences: list[str] | None = None
+    _vectors: dict[str, np.ndarray] = {}  # noqa: RUF012 - one cache for the process
+
+    @classmethod
+    def sentences(cls) -> list[str]:
+        if cls._sentences is None:
+            import ast
+            import sysconfig
+
+            found: set[str] = set()
+            for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+                if "test" in path.parts or "site-packages" in path.parts:
+                    continue
+                try:
+                    tree = ast.parse(path.read_text(encoding="utf-8"))
+                except (SyntaxError, UnicodeDecodeError, OSError):
+                    continue
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                        doc = ast.get_docstring(node) or ""
+                        found.update(part for part in re.split(r"(?<=[.!?])\s+", " ".join(doc.split()))
+                                     if 40 <= len(part) <= 300)
+            ordered = sorted(found)
+            np.random.default_rng(SEED).shuffle(ordered)  # type: ignore[arg-type]
+            cls._sentences = ordered
+        return cls._sentences
+
+    @classmethod
+    def embed(cls, texts: Sequence[str]) -> np.ndarray:
+        """MiniLM's unit vectors of `texts` (embedded once each, in batches of 64)."""
+        from agentd.embed import MiniLMEmbedder
+
+        todo = [t for t in dict.fromkeys(texts) if t not in cls._vectors]
+        if todo:
+            embedder = MiniLMEmbedder()
+
+            async def run() -> list[list[float]]:
+                out: list[list[float]] = []
+                for start in range(0, len(todo), 64):
+                    out.extend(await embedder.embed(todo[start:start + 64]))
+                return out
+
+            for text, vector in zip(todo, asyncio.run(run()), strict=True):
+                cls._vectors[text] = np.asarray(vector, dtype=np.float32)
+        return np.stack([cls._vectors[t] for t in texts])
+
+    @classmethod
+    def queries(cls, count: int, which: int) -> list[str]:
+        """`count` held-out sentences; `which` (0, 1) picks one of two disjoint sets."""
+        if 2 * count > HELD_OUT:
+            raise ValueError(f"--vectors minilm: at most {HELD_OUT // 2 - WARMUP} queries")
+        held = cls.sentences()[::-1]
+        return held[which * count:(which + 1) * count]
 
 
 class DataSet:
@@ -354,12 +417,20 @@ class DataSet:
     def __init__(self, n: int, seed: int = SEED, vectors: str = "random") -> None:
         self.n = n
         self.vector_kind = vectors
-        self.vectors = make_vectors(vectors, n, seed)
+        self._texts: list[str] | None = None
+        if vectors == "minilm":
+            sentences = RealTexts.sentences()
+            if n > len(sentences) - HELD_OUT:
+                raise ValueError(f"--vectors minilm: at most {len(sentences) - HELD_OUT:,} memories "
+                                 f"({len(sentences):,} sentences, {HELD_OUT:,} kept for queries)")
+            self._texts = sentences[:n]
+            self.vectors = RealTexts.embed(self._texts)
+        else:
+            self.vectors = make_vectors(vectors, n, seed)
         rng = np.random.default_rng(seed + 1)
         self.namespace = rng.integers(0, len(NAMESPACES), n).astype(np.int8)
         self.kind = rng.choice(len(KINDS), n, p=KIND_SHARE).astype(np.int8)
         self.ids = np.zeros(n, dtype=np.int64)  # memories.id of each row once stored
-        self._texts: list[str] | None = None
 
     @property
     def texts(self) -> list[str]:
@@ -791,7 +862,12 @@ class Query:
 
 
 def make_queries(data: DataSet, count: int, words: Callable[[int], str], seed: int) -> list[Query]:
-    """`count` queries: texts from `words`, vectors made as the data set's were."""
+    """`count` queries: texts from `words`, vectors made as the data set's were (minilm:
+    held-out sentences, each with its embedding; the keyword queries another set)."""
+    if data.vector_kind == "minilm":
+        texts = RealTexts.queries(count, 0 if words is question else 1)
+        vectors = RealTexts.embed(texts)
+        return [Query(texts[i], vectors[i], i % len(NAMESPACES)) for i in range(count)]
     vectors = make_vectors(data.vector_kind, count, seed)
     return [Query(words(i), vectors[i], i % len(NAMESPACES)) for i in range(count)]
 
@@ -1245,8 +1321,11 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, elapsed: floa
              f"{versions()}; {DIM} dimensions, k = {K}, {args.queries} queries per recall row "
              f"({elapsed:.0f} s in all); agentd: {revision}. {load}"]
     if "sizes" in args.only:
-        made = ("seeded random unit vectors" if args.vectors == "random" else
-                f"a seeded gaussian mixture, {CENTROIDS} centroids, {SUBSPACE}-dimensional clusters")
+        made = {"random": "seeded random unit vectors",
+                "clustered": f"a seeded gaussian mixture, {CENTROIDS} centroids, "
+                             f"{SUBSPACE}-dimensional clusters",
+                "minilm": "MiniLM embeddings of sentences from the docstrings of Python's standard "
+                          "library; queries are held-out sentences"}[args.vectors]
         lines.append(f"Sizes phase: engines {', '.join(ENGINES[e] for e in args.engines)}; vectors "
                      f"{args.vectors} ({made}).")
     for row in rows:
