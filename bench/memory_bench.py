@@ -508,6 +508,9 @@ async def size_phase(n: int, args: argparse.Namespace, emit: Callable[[dict[str,
     (each bounded by --timeout), then numpy brute force on the same vectors."""
     # Made in a thread: at 1,000,000 it takes a minute, which the loop need not spend stalled.
     data = await asyncio.to_thread(DataSet, n, vectors=args.vectors)
+    if args.vectors == "minilm":  # the queries' embeddings, made here off the loop, then kept
+        count = WARMUP + args.queries
+        await asyncio.to_thread(RealTexts.embed, RealTexts.queries(count, 0) + RealTexts.queries(count, 1))
     ref = await asyncio.to_thread(Reference, data)
     limit = size_limit(n, args)
     for engine in args.engines:
