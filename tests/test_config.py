@@ -400,6 +400,7 @@ def test_check_config_accepts_config_before_the_command(
         ('[mail]\nsecurity = "ssl"\n', "[mail] security: expected one of 'starttls', 'tls', 'none'"),
         ('[mail]\npassword_file = "nope.txt"\n', "[mail] password_file: cannot read"),
         ('[memory]\nhttp_key_file = "nope.txt"\n', "[memory] http_key_file: cannot read"),
+        ('[memory]\nquantization = "int8"\n', "[memory] quantization: expected one of 'binary', 'none'"),
         ('[llm]\nkey_file = "nope.txt"\n', "[llm] key_file: cannot read"),
         ('[webhooks]\nsecret_file = "nope.txt"\n', "[webhooks] secret_file: cannot read"),
         ('[webhooks]\nsecret = "whsec_not base64"\n', "[webhooks] secret: a secret starting whsec_"),

@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import re
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -142,9 +143,12 @@ async def keyworded(daemon: Any) -> list[int]:
 
 
 def recorded(daemon: Any, dimension: str, embedder: str) -> list[tuple[str, str]]:
-    """What memory records of its embedder (and, on SQLite, of its vec0 filter columns)."""
+    """What memory records of its embedder (and, on SQLite, of its vec0 filter columns and
+    the layout of its vectors)."""
     found = [("dimension", dimension), ("embedder", embedder)]
-    return [*found, ("filter_fields", "kind,source,agent")] if on_sqlite(daemon) else found
+    if not on_sqlite(daemon):
+        return found
+    return [*found, ("filter_fields", "kind,source,agent"), ("quantization", "binary")]
 
 
 async def run_purge_schedule(daemon: Any, client: Any) -> Any:
@@ -826,6 +830,80 @@ async def test_a_memory_file_from_before_namespaced_keywords_is_migrated(start: 
     # sql/memory/0003: the memories from before history start with theirs.
     (change,) = (await call(client, "GET", f"/v1/memory/{code['id']}/history"))["history"]
     assert (change["event"], change["text"]) == ("created", code["text"])
+
+
+# --------------------------------------------------------------------------- quantization
+
+NOTES = ["The staging server is called orion.", "Backups run nightly at two.",
+         "The billing job failed because of an expired certificate.", "Ada prefers tea to coffee.",
+         "The deploy pipeline timed out during the release.", "Our office is in Lisbon.",
+         "The search index is rebuilt every Sunday.", "Bob is allergic to peanuts.",
+         "The mail relay lost its lock after the upgrade.", "Invoices go out on the first of the month.",
+         "The cache warmer ran out of memory.", "Customer imports are limited to 10,000 rows.",
+         "The auth proxy was restarted at midnight.", "The weekly report goes to the board.",
+         "Eve manages the payments team.", "The image resizer skipped a run on Friday.",
+         "The metrics exporter reported stale data.", "Passwords rotate every ninety days.",
+         "The build farm has eight machines.", "The payment service had a DNS outage."]
+QUESTIONS = ["what broke in billing?", "who leads payments?", "where do we work?",
+             "which machine is staging?", "what ran out of memory?", "when are backups?"]
+
+
+async def recalls(memory: Any) -> list[list[tuple[int, float | None]]]:
+    """(id, distance) of what memory recalls for QUESTIONS: in a namespace, with a filter
+    field, with a metadata key that is not one (filtered after the search), hybrid."""
+    found = []
+    for q in QUESTIONS:
+        for kwargs in ({}, {"where": {"kind": "ops"}}, {"where": {"team": "b"}}, {"hybrid": True}):
+            result = await memory.recall(q, namespace="notes", k=5, **kwargs)
+            found.append([(r.memory.id, None if r.distance is None else round(r.distance, 5))
+                          for r in result])
+    return found
+
+
+@pytest.mark.sqlite_only  # [memory] quantization is memory.db's
+async def test_binary_recall_returns_the_exact_nearest_and_an_old_float_file_is_rebuilt_alike(
+    start: Any, tmp_path: Path
+) -> None:
+    """With quantization "binary" (the default) recall ranks its Hamming candidates by exact
+    cosine: on real MiniLM vectors it returns the exact nearest (checked against a scan of
+    every float vector), with namespaces, filters and hybrid alike. A memory.db of the float
+    layout (as agentd wrote it before quantization: no `quantization` in `meta`) is rebuilt
+    in the binary layout on open from its stored vectors, and recalls the same; and back."""
+    state = tmp_path / "state"
+    daemon, _ = await start(state_dir=state, overrides={"memory": {"quantization": "none"}})
+    memory = daemon.memory
+    for i, text in enumerate(NOTES):
+        await memory.remember(text, namespace="notes" if i % 4 else "other",
+                              metadata={"kind": "ops" if i % 2 else "people", "team": "ab"[i % 3 % 2]})
+    # As agentd left a memory.db before quantization: the float layout, not recorded.
+    await execute(daemon, "DELETE FROM meta WHERE key = 'quantization'")
+    exact = await recalls(memory)
+    await daemon.stop()
+
+    daemon, _ = await start(state_dir=state)
+    memory = daemon.memory
+    assert ("quantization", "binary") in await rows(daemon, "SELECT key, value FROM meta")
+    assert await searchable(daemon) == sorted(row[0] for row in await rows(
+        daemon, "SELECT id FROM memory_embeddings"))
+    assert len(await searchable(daemon)) == len(NOTES)
+    assert await recalls(memory) == exact
+    for q in QUESTIONS:  # the exact ranking, from every float vector of the namespace
+        vector = (await memory.embedder.embed([q]))[0]
+        scan = await rows(daemon, "SELECT e.id, round(vec_distance_cosine(e.embedding, ?), 5) AS d "
+                                  "FROM memory_embeddings e JOIN memories m ON m.id = e.id "
+                                  "WHERE m.namespace = 'notes' ORDER BY d, e.id LIMIT 5",
+                          (struct.pack("384f", *vector),))
+        found = await memory.recall(q, namespace="notes", k=5)
+        assert [(r.memory.id, round(r.distance or 0.0, 5)) for r in found] == scan
+    # A near duplicate is still found through the quantized search.
+    twin, new = await memory.remember("BACKUPS run nightly at two.", namespace="notes")  # model: uncased
+    assert (twin.text, new) == (NOTES[1], False)
+    await daemon.stop()
+
+    daemon, _ = await start(state_dir=state, overrides={"memory": {"quantization": "none"}})
+    assert ("quantization", "none") in await rows(daemon, "SELECT key, value FROM meta")
+    assert await rows(daemon, "SELECT name FROM sqlite_master WHERE name = 'memory_embeddings'") == []
+    assert await recalls(daemon.memory) == exact
 
 
 # --------------------------------------------------------------------------- embedders

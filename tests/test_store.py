@@ -517,7 +517,8 @@ TABLE_OWNERS = {
     # (no re-embedding) and builds PgMemory's index after the bulk load: the one reader and
     # writer of memory tables besides the two stores.
     "memories": {"memory.py", "postgres/memory.py", "store/copy.py"}, "memories_fts": {"memory.py"},
-    "memory_vectors": {"memory.py", "store/copy.py"}, "messages": {"memory.py"}, "sessions": {"memory.py"},
+    "memory_vectors": {"memory.py", "store/copy.py"}, "memory_embeddings": {"memory.py", "store/copy.py"},
+    "messages": {"memory.py"}, "sessions": {"memory.py"},
     "memory_sessions": {"postgres/memory.py"}, "memory_messages": {"postgres/memory.py"},
     "schema_version": {"store/migrations.py", "store/postgres.py", "store/copy.py", "backup.py"},
 }

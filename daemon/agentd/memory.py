@@ -10,8 +10,11 @@ Long-term memories live in a namespace. On SQLite it is the vec0 partition key, 
 search within one costs a fraction of a full scan, and `[memory] filter_fields` are vec0
 metadata columns: filters on them apply inside the KNN, so k results come back even when
 most rows are filtered out; filters on other metadata keys apply after it, on an
-over-fetched set. Writing an exact duplicate (same text) or a near duplicate (cosine
-similarity at least `dedupe_threshold`) in the same namespace returns the existing memory.
+over-fetched set. With `[memory] quantization = "binary"` (the default) the vector search
+scans one bit per dimension (Hamming distance) and ranks the nearest candidates by exact
+cosine from the float32 vectors kept beside them. Writing an exact duplicate (same text)
+or a near duplicate (cosine similarity at least `dedupe_threshold`) in the same namespace
+returns the existing memory.
 `supersedes=` links a correction to what it replaces; the replaced one leaves the search.
 Every change is kept in the memory's history (mem0's `history(memory_id)`), which goes
 with the memory when it is forgotten or purged.
@@ -47,6 +50,13 @@ _RECORD_CHANGE = ("INSERT INTO memory_history (memory_id, event, text, old_text,
 _RECORD_SUPERSEDED = ("INSERT INTO memory_history (memory_id, event, text, metadata, superseded_by, at) "
                       "SELECT id, 'superseded', text, metadata, ?, ? FROM memories WHERE id = ?")
 _RRF_K = 60
+# `[memory] quantization = "binary"`: recall takes the candidates whose Hamming distance is
+# within a sixteenth of the bits (24 at 384 dimensions) of its k-th nearest by Hamming, at
+# most _CANDIDATES_PER_RESULT per result wanted (and sqlite-vec's limit, 4096), and ranks
+# them by exact cosine. Measured with bench/memory_bench.py (docs/benchmarks.md).
+_BINARY_MARGIN = 16
+_CANDIDATES_PER_RESULT = 40
+_VEC0_K_MAX = 4096
 _READERS = 2
 _REPLANS = 5  # times a delete re-plans when correction chains change under it
 MAX_MEMORY_BATCH = 1000  # memories per `remember_many` call (and per POST /v1/memory/batch)
@@ -287,6 +297,7 @@ class SqliteMemory:
         self.store = SqliteStore(path, store_config, migrations="sql/memory", writes_in_thread=True,
                                  readers=_READERS, setting="[memory] path")
         self._fields = tuple(config.filter_fields)
+        self._layout = config.quantization  # the vector tables' layout once open
         self._log = get_logger("memory")
 
     async def open(self, *, check_embedder: bool = True) -> None:
@@ -312,16 +323,60 @@ class SqliteMemory:
             await self.store.write(lambda conn: self._create_vectors(conn, wanted))
             return
         check_recorded(meta, wanted, str(self.store.path), "the daemon")
+        held = meta.get("quantization", "none")
+        if held != self._layout:
+            self._log.info("memory.relayout", path=str(self.store.path), held=held, configured=self._layout)
+            began = time.perf_counter()
+            count = await self.store.write(lambda conn: self._relayout(conn, held))
+            self._log.info("memory.relayout.done", vectors=count,
+                           seconds=round(time.perf_counter() - began, 2))
 
     def _create_vectors(self, conn: Connection, meta: Mapping[str, str]) -> None:
+        """(Re)make the vector tables, empty, in the configured layout (`[memory]
+        quantization`), and record `meta` with the layout in the `meta` table."""
         columns = "".join(f", {name} TEXT" for name in self._fields)
+        dimension = self.embedder.dimension
         conn.execute("DROP TABLE IF EXISTS memory_vectors")
-        conn.execute(
-            f"CREATE VIRTUAL TABLE memory_vectors USING vec0(id INTEGER PRIMARY KEY, "
-            f"embedding float[{self.embedder.dimension}] distance_metric=cosine, "
-            f"namespace TEXT PARTITION KEY{columns})")
+        conn.execute("DROP TABLE IF EXISTS memory_embeddings")
+        if self._layout == "binary":
+            if dimension % 8:
+                raise EmbedderMismatchError(
+                    f"[memory] quantization = \"binary\" needs a dimension divisible by 8; the "
+                    f"embedder {self.embedder.id!r} gives {dimension}: set quantization = \"none\"")
+            conn.execute(
+                f"CREATE VIRTUAL TABLE memory_vectors USING vec0(id INTEGER PRIMARY KEY, "
+                f"bits bit[{dimension}], namespace TEXT PARTITION KEY{columns})")
+            conn.execute("CREATE TABLE memory_embeddings (id INTEGER PRIMARY KEY, embedding BLOB NOT NULL)")
+        else:
+            conn.execute(
+                f"CREATE VIRTUAL TABLE memory_vectors USING vec0(id INTEGER PRIMARY KEY, "
+                f"embedding float[{dimension}] distance_metric=cosine, "
+                f"namespace TEXT PARTITION KEY{columns})")
         conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
-                         "SET value = excluded.value", list(meta.items()))
+                         "SET value = excluded.value", [*meta.items(), ("quantization", self._layout)])
+
+    def _relayout(self, conn: Connection, held: str) -> int:
+        """Rebuild the vector tables of layout `held` in the configured one from the float32
+        vectors they keep (nothing is embedded again); the number of vectors."""
+        fields = "".join(f", v.{name}" for name in self._fields)
+        source = ("SELECT v.id, v.embedding, v.namespace{} FROM memory_vectors v" if held == "none" else
+                  "SELECT v.id, e.embedding, v.namespace{} FROM memory_vectors v "
+                  "JOIN memory_embeddings e ON e.id = v.id").format(fields)
+        conn.execute("DROP TABLE IF EXISTS temp.memory_relayout")
+        conn.execute(f"CREATE TEMP TABLE memory_relayout AS {source}")
+        self._create_vectors(conn, {})
+        names = "".join(f", {name}" for name in self._fields)
+        if self._layout == "binary":
+            conn.execute(f"INSERT INTO memory_vectors (id, bits, namespace{names}) "
+                         f"SELECT id, vec_quantize_binary(embedding), namespace{names} FROM memory_relayout")
+            conn.execute("INSERT INTO memory_embeddings (id, embedding) "
+                         "SELECT id, embedding FROM memory_relayout")
+        else:
+            conn.execute(f"INSERT INTO memory_vectors (id, embedding, namespace{names}) "
+                         f"SELECT id, embedding, namespace{names} FROM memory_relayout")
+        count = int(conn.execute("SELECT count(*) FROM memory_relayout").fetchone()[0])
+        conn.execute("DROP TABLE temp.memory_relayout")
+        return count
 
     @property
     def location(self) -> str:
@@ -458,14 +513,8 @@ class SqliteMemory:
         inside, after = self._split_filters(where or {})
         (vector,) = await self.batcher.embed([query], query=True)
         fetch = k if not after else k * 4
-        clauses = "".join(f" AND {name} IN ({','.join('?' * len(values))})" for name, values in inside)
-        params: list[Any] = [float32_blob(vector), fetch + 8, namespace]
-        for _, values in inside:
-            params.extend(values)
-        knn = await self.store.read(
-            f"SELECT id, distance FROM memory_vectors WHERE embedding MATCH ? AND k = ? "
-            f"AND namespace = ?{clauses} ORDER BY distance", tuple(params))
-        distances = {r["id"]: r["distance"] for r in knn}
+        knn = await self._knn(vector, fetch + 8, namespace, inside)
+        distances = dict(knn)
         vector_ranked = await self._live(list(distances), after)
         keyword_ranked = await self._keyword(query, namespace, fetch + 8, inside, after) if hybrid else None
         return fuse(vector_ranked, distances, keyword_ranked, k)
@@ -629,16 +678,25 @@ class SqliteMemory:
             raise EmbedderMismatchError(
                 f"the embedder returned {len(vector)} dimensions, not {self.embedder.dimension}")
         names = "".join(f", {name}" for name in self._fields)
-        conn.execute(
-            f"INSERT INTO memory_vectors (id, embedding, namespace{names}) "
-            f"VALUES (?, ?, ?{', ?' * len(self._fields)})",
-            (memory_id, float32_blob(list(vector)), namespace, *filters))
+        blob = float32_blob(vector)
+        if self._layout == "binary":
+            conn.execute(
+                f"INSERT INTO memory_vectors (id, bits, namespace{names}) "
+                f"VALUES (?, vec_quantize_binary(?), ?{', ?' * len(self._fields)})",
+                (memory_id, blob, namespace, *filters))
+            conn.execute("INSERT INTO memory_embeddings (id, embedding) VALUES (?, ?)", (memory_id, blob))
+        else:
+            conn.execute(
+                f"INSERT INTO memory_vectors (id, embedding, namespace{names}) "
+                f"VALUES (?, ?, ?{', ?' * len(self._fields)})",
+                (memory_id, blob, namespace, *filters))
         conn.execute("INSERT INTO memories_fts (rowid, text, namespace) VALUES (?, ?, ?)",
                      (memory_id, text, _namespace_token(namespace)))
 
-    @staticmethod
-    def _unindex(conn: Connection, memory_id: int) -> None:
+    def _unindex(self, conn: Connection, memory_id: int) -> None:
         conn.execute("DELETE FROM memory_vectors WHERE id = ?", (memory_id,))
+        if self._layout == "binary":
+            conn.execute("DELETE FROM memory_embeddings WHERE id = ?", (memory_id,))
         conn.execute("DELETE FROM memories_fts WHERE rowid = ?", (memory_id,))
 
     def _filter_values(self, metadata: Mapping[str, Any]) -> tuple[str, ...]:
@@ -662,13 +720,47 @@ class SqliteMemory:
         by_id = {r["id"]: Memory._from_row(r) for r in rows}
         return [by_id[i] for i in ids if i in by_id and matches(by_id[i].metadata, after)]
 
-    async def _nearest(self, vector: list[float], namespace: str) -> Memory | None:
+    async def _knn(self, vector: Sequence[float], k: int, namespace: str | None,
+                   inside: Sequence[tuple[str, list[str]]] = ()) -> list[tuple[int, float]]:
+        """The `k` vectors nearest `vector` by cosine distance, nearest first, as (id,
+        distance): within `namespace` (None: every namespace), whose filter fields hold one
+        of the values `inside` names. Exact with quantization "none"; with "binary", the
+        exact ranking of the Hamming candidates (see _BINARY_MARGIN)."""
+        scope = " AND namespace = ?" if namespace is not None else ""
+        scope += "".join(f" AND {name} IN ({','.join('?' * len(values))})" for name, values in inside)
+        scoped: list[Any] = [namespace] if namespace is not None else []
+        for _, values in inside:
+            scoped.extend(values)
+        blob = float32_blob(vector)
+        if self._layout == "none":
+            rows = await self.store.read(
+                f"SELECT id, distance FROM memory_vectors WHERE embedding MATCH ? AND k = ?{scope} "
+                "ORDER BY distance", (blob, k, *scoped))
+            return [(r["id"], r["distance"]) for r in rows]
+        # Two scans of the bits: the k-th nearest's Hamming distance sets how far the
+        # candidates may lie, so that their number follows the query's neighbourhood; the
+        # second scan is cheap, as sqlite-vec's cost grows with the rows it keeps per chunk.
+        nearest = await self.store.read(
+            f"SELECT distance FROM memory_vectors WHERE bits MATCH vec_quantize_binary(?) AND k = ?{scope}",
+            (blob, k, *scoped))
+        if not nearest:
+            return []
+        reach = max(r["distance"] for r in nearest) + self.embedder.dimension // _BINARY_MARGIN
+        candidates = await self.store.read(
+            f"SELECT id FROM memory_vectors WHERE bits MATCH vec_quantize_binary(?) AND k = ? "
+            f"AND distance <= ?{scope}",
+            (blob, min(_VEC0_K_MAX, max(k, 10) * _CANDIDATES_PER_RESULT), reach, *scoped))
+        ids = [r["id"] for r in candidates]
         rows = await self.store.read(
-            "SELECT id, distance FROM memory_vectors WHERE embedding MATCH ? AND k = 1 AND namespace = ?",
-            (float32_blob(vector), namespace))
-        if not rows or 1.0 - rows[0]["distance"] < self.config.dedupe_threshold:
+            f"SELECT id, vec_distance_cosine(embedding, ?) AS distance FROM memory_embeddings "
+            f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY distance, id LIMIT ?", (blob, *ids, k))
+        return [(r["id"], r["distance"]) for r in rows]
+
+    async def _nearest(self, vector: list[float], namespace: str) -> Memory | None:
+        rows = await self._knn(vector, 1, namespace)
+        if not rows or 1.0 - rows[0][1] < self.config.dedupe_threshold:
             return None
-        live = await self._live([rows[0]["id"]], {})
+        live = await self._live([rows[0][0]], {})
         return live[0] if live else None
 
     async def _keyword(self, query: str, namespace: str, limit: int,

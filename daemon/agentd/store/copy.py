@@ -84,14 +84,15 @@ _BATCH_TIMEOUT = 120.0
 _MEMORY_COLUMNS = ["id", "namespace", "text", "metadata", "hash", "created_at", "updated_at",
                    "expires_at", "supersedes", "superseded_by", "embedding"]
 # memory.db's memories with the text key PgMemory's unique index takes (see the module
-# docstring) and each live memory's vector (a float32 blob from the vec0 table), by id.
+# docstring) and each live memory's vector (a float32 blob from {vectors}: memory_embeddings
+# in a quantized layout, `[memory] quantization`, else the vec0 table), by id.
 _MEMORIES_SQL = """
 SELECT id, namespace, text, metadata,
        CASE WHEN superseded_by IS NULL AND row_number() OVER live > 1
             THEN hash || CASE WHEN expires_at <= :now THEN ':expired:' ELSE ':duplicate:' END || id
             ELSE hash END AS hash,
        created_at, updated_at, expires_at, supersedes, superseded_by,
-       (SELECT embedding FROM memory_vectors v WHERE v.id = m.id) AS embedding
+       (SELECT embedding FROM {vectors} v WHERE v.id = m.id) AS embedding
 FROM memories m
 WINDOW live AS (PARTITION BY namespace, hash, superseded_by IS NULL
                 ORDER BY expires_at IS NOT NULL AND expires_at <= :now, id)
@@ -424,7 +425,9 @@ async def _copy_memories(sqlite: sqlite3.Connection, conn: asyncpg.Connection,
     references at the end of each statement."""
     count: int = sqlite.execute("SELECT count(*) FROM memories").fetchone()[0]
     coerce = await _coercions(conn, "memories", _MEMORY_COLUMNS)
-    cursor = sqlite.execute(_MEMORIES_SQL, {"now": time.time()})
+    quantized = sqlite.execute("SELECT 1 FROM sqlite_master WHERE name = 'memory_embeddings'").fetchone()
+    vectors = "memory_embeddings" if quantized else "memory_vectors"
+    cursor = sqlite.execute(_MEMORIES_SQL.format(vectors=vectors), {"now": time.time()})
 
     def records() -> Iterator[tuple[Any, ...]]:
         while rows := cursor.fetchmany(batch_rows):
