@@ -1,5 +1,6 @@
 """Durable waits: `ctx.sleep`, `ctx.sleep_until`, `ctx.wait_for` and `ctx.ask`, the
-`task_waits` table (migration 0011), the index of open event waits and the timers.
+`task_waits` table (migrations 0011, 0013), matching events against its open waits, and
+the timers.
 
 Replay. A wait that is not yet satisfied raises `Suspend`: the attempt ends, and the task is
 written `waiting` (no lease, no worker slot, no coroutine) with a row of `task_waits`, its
@@ -13,12 +14,14 @@ What wakes a task:
 
 - a timer (`Waits.run_timers`): a sleep's end, or a wait's or question's timeout. The next
   due time is read from the table, so timers survive restarts.
-- an event (`ctx.wait_for`): the bus of the daemon where it is published is matched against
-  an index of the open event waits by topic pattern, rebuilt from the table at start (and,
-  on PostgreSQL, told of other daemons' new waits by a notification). An event published
-  after the task asked but before its `waiting` row committed is not missed: the wait is in
-  the index, pending, from the moment it is asked (`expect`), and what it caught meanwhile
-  is written as the task suspends.
+- an event (`ctx.wait_for`): an event on the bus of the daemon where it is published is
+  looked up in the table among the open event waits of its topic's patterns, by the
+  anchors of its data fields (`wait_anchor`). In memory is only a count of open waits per
+  pattern (which topics to hear), counted from the table at start and, on PostgreSQL, told
+  of other daemons' new waits by a notification. An event published after the task asked
+  but before its `waiting` row committed is not missed: the wait is matched in memory,
+  pending, from the moment it is asked (`expect`), and what it caught meanwhile is
+  written as the task suspends.
 - an answer (`ctx.ask`, `POST /v1/tasks/{id}/answer`).
 
 Events published: `task.waiting` once a task's `waiting` row commits (data: `wait`, the
@@ -706,7 +709,7 @@ class Waits:
         for pattern in {pattern for heard in batch for pattern in heard.patterns} - by_pattern.keys():
             # Nothing of it found: its count may run over (its waits cancelled, resolved
             # elsewhere). Asked of the table now and then, not for every such event.
-            if now - self._checked_at.get(pattern, 0.0) >= _RECHECK:
+            if now - self._checked_at.get(pattern, -_RECHECK) >= _RECHECK:
                 self._spawn(self._recheck(pattern))
         for heard in batch:
             for pattern in heard.patterns:
