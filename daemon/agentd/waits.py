@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -438,6 +439,17 @@ class _PendingWait:
                 and _accepts(self.request.match, event.data))
 
 
+@dataclass(slots=True, eq=False)
+class _Pattern:
+    """A topic pattern some open event wait has: what `Waits` keeps of its waits."""
+
+    compiled: TopicPattern
+    count: int  # its open waits, as far as this daemon knows (see `Waits._patterns`)
+    added: int = 0  # waits counted in since it was: a check finding none meanwhile is void
+    checked_at: float = -math.inf  # when the table was last asked whether it has waits
+    checking: bool = False
+
+
 class _Heard(NamedTuple):
     """An event that some open wait's pattern matches, waiting for its lookup."""
 
@@ -474,11 +486,7 @@ class Waits:
         # truth (a waiting task cancelled or deleted, a wait another daemon resolved) only
         # costs lookups that find nothing, and is checked then (`_recheck`); a pattern is
         # dropped only once the table says it has no open wait.
-        self._patterns: dict[str, int] = {}
-        self._added: dict[str, int] = {}  # waits counted in per pattern since the start
-        self._checked_at: dict[str, float] = {}
-        self._checking: set[str] = set()
-        self._counted = 0  # rebuilds of `_patterns` so far: a check across one is void
+        self._patterns: dict[str, _Pattern] = {}
         self._subscribed: frozenset[str] = frozenset()
         self._subscription: Subscription | None = None
         self._heard = 0  # events heard so far
@@ -498,7 +506,7 @@ class Waits:
     @property
     def indexed(self) -> int:
         """How many event waits the daemon counts open (see `_patterns`) or pending."""
-        return sum(self._patterns.values()) + len(self._pending)
+        return sum(pattern.count for pattern in self._patterns.values()) + len(self._pending)
 
     # -- asked by ctx ----------------------------------------------------------------------------
 
@@ -598,42 +606,42 @@ class Waits:
         """An event wait of `pattern` was written (here, or by another daemon)."""
         if self._unmatched or self._looking():  # events heard before it may be looked up yet
             self._written_at[key] = self._heard
-        self._added[pattern] = self._added.get(pattern, 0) + 1
-        known = pattern in self._patterns
-        self._patterns[pattern] = self._patterns.get(pattern, 0) + 1
-        if not known:
+        known = self._patterns.get(pattern)
+        if known is None:
+            self._patterns[pattern] = _Pattern(_parsed(pattern), 1, added=1)
             self._resubscribe()
+        else:
+            known.count += 1
+            known.added += 1
 
     def _closed(self, pattern: str) -> None:
         """This daemon resolved an event wait of `pattern`."""
-        left = self._patterns.get(pattern, 0) - 1
-        if pattern in self._patterns:
-            self._patterns[pattern] = max(0, left)
-        if left <= 0:
-            self._spawn(self._recheck(pattern))
+        known = self._patterns.get(pattern)
+        if known is not None:
+            known.count = max(0, known.count - 1)
+            if not known.count:
+                self._spawn(self._recheck(pattern))
 
-    async def _recheck(self, pattern: str) -> None:
-        """Ask the table whether `pattern` still has open waits: drop it if not (and none
-        was written meanwhile); count it open if so."""
-        if pattern in self._checking:
+    async def _recheck(self, text: str) -> None:
+        """Ask the table whether pattern `text` still has open waits: drop it if not (and
+        none was written meanwhile); count it open if so."""
+        pattern = self._patterns.get(text)
+        if pattern is None or pattern.checking:
             return
-        self._checking.add(pattern)
-        counted, added = self._counted, self._added.get(pattern, 0)
-        self._checked_at[pattern] = time.monotonic()
+        pattern.checking, pattern.checked_at, added = True, time.monotonic(), pattern.added
         try:
-            found = await self.store.has_event_waits(pattern)
+            found = await self.store.has_event_waits(text)
         except Exception as exc:  # the store away: the pattern stays, costing lookups only
-            _LOG.warning("waits.check_failed", pattern=pattern, error=describe(exc))
+            _LOG.warning("waits.check_failed", pattern=text, error=describe(exc))
             return
         finally:
-            self._checking.discard(pattern)
-        if counted != self._counted or pattern not in self._patterns:
+            pattern.checking = False
+        if self._patterns.get(text) is not pattern:  # counted again from the table meanwhile
             return
         if found:
-            self._patterns[pattern] = max(1, self._patterns[pattern])
-        elif self._added.get(pattern, 0) == added:
-            del self._patterns[pattern]
-            self._checked_at.pop(pattern, None)
+            pattern.count = max(1, pattern.count)
+        elif pattern.added == added:
+            del self._patterns[text]
             self._resubscribe()
 
     def _resubscribe(self) -> None:
@@ -660,7 +668,8 @@ class Waits:
         for wait in self._pending.values():
             if wait.catches(event):
                 wait.caught = event  # written as the task suspends
-        patterns = [pattern for pattern in self._patterns if _parsed(pattern).matches(event.topic)]
+        patterns = [text for text, pattern in self._patterns.items()
+                    if pattern.compiled.matches(event.topic)]
         if not patterns:
             return
         self._unmatched.append(_Heard(self._heard, event, patterns))
@@ -706,11 +715,12 @@ class Waits:
             by_pattern.setdefault(pattern, []).append(
                 ((task_id, seq), None if match is None else json.loads(match)))
         now = time.monotonic()
-        for pattern in {pattern for heard in batch for pattern in heard.patterns} - by_pattern.keys():
+        for text in {text for heard in batch for text in heard.patterns} - by_pattern.keys():
             # Nothing of it found: its count may run over (its waits cancelled, resolved
             # elsewhere). Asked of the table now and then, not for every such event.
-            if now - self._checked_at.get(pattern, -_RECHECK) >= _RECHECK:
-                self._spawn(self._recheck(pattern))
+            known = self._patterns.get(text)
+            if known is not None and now - known.checked_at >= _RECHECK:
+                self._spawn(self._recheck(text))
         for heard in batch:
             for pattern in heard.patterns:
                 for key, wanted in by_pattern.get(pattern, ()):
@@ -756,8 +766,7 @@ class Waits:
     async def _rebuild(self) -> None:
         """Count the open event waits by pattern from the table."""
         counts = await self.store.event_patterns()
-        self._counted += 1
-        self._patterns = counts
+        self._patterns = {text: _Pattern(_parsed(text), count) for text, count in counts.items()}
         self._resubscribe()
 
     def _added_elsewhere(self, task_id: int, seq: int) -> None:
