@@ -10,7 +10,10 @@ plugin whose `park(n)` task waits for the event `bench.wake` with `{"n": n}`:
 2. `--tasks` parks are enqueued (batches of 1,000) and run until every one is `waiting`.
 3. The process's resident memory and the objects Python's collector tracks; the same no-op
    rounds again, with the parks waiting; `GET /v1/status` and a page of
-   `GET /v1/tasks?status=waiting`.
+   `GET /v1/tasks?status=waiting`. Then the WAL file's size, and the no-op rounds once
+   more after the maintenance schedule's checkpoint (`store.checkpoints.maintain`: TRUNCATE)
+   has folded it into the database: parking wrote every task several times, and the
+   queue's WAL is cut back only by that checkpoint.
 4. The daemon is stopped and started again: the start (which counts the open event waits
    by topic pattern from the table) is timed.
 5. Resume latency, the daemon otherwise idle: `--resume-samples` parks woken one at a time,
@@ -40,6 +43,7 @@ import aiohttp
 
 from agentd.app import Daemon
 from agentd.events import Event
+from agentd.store.checkpoints import maintain
 from agentd.taskqueue import TaskRequest
 from agentd.testing import daemon_url, make_config
 
@@ -177,6 +181,13 @@ async def bench(tasks: int, noop: int, rounds: int, samples: int, state: Path,
                 figures[label] = round((time.perf_counter() - began) * 1000, 1)
                 if label == "status_ms":
                     figures["status_waiting"] = body["tasks"]["by_status"].get("waiting")
+        assert daemon.storage.sqlite is not None
+        wal = daemon.storage.sqlite.path.with_name(daemon.storage.sqlite.path.name + "-wal")
+        figures["wal_mb_waiting"] = round(wal.stat().st_size / 1e6) if wal.exists() else 0
+        await maintain(daemon.storage.sqlite)
+        checkpointed = await noop_rounds(daemon, noop, rounds)
+        figures["noop_s_after_checkpoint"] = statistics.median(checkpointed)
+        figures["noop_s_after_checkpoint_rounds"] = checkpointed
     finally:
         await daemon.stop()
     daemon = Daemon(config)

@@ -111,8 +111,8 @@ class StoredWait(NamedTuple):
     timed_out: bool
 
 
-# An open event wait a lookup found: task id, seq, topic pattern, match (JSON).
-Candidate = tuple[int, int, str, str | None]
+# An open event wait a lookup found: task id, seq, topic pattern, anchor, match (JSON).
+Candidate = tuple[int, int, str, str, str | None]
 
 
 class Woken(NamedTuple):
@@ -262,7 +262,7 @@ _EVENT_PATTERNS = ("SELECT topic, count(*) FROM task_waits INDEXED BY task_waits
                    "WHERE resolved_at IS NULL AND kind = 'event' GROUP BY topic")
 _HAS_EVENT_WAITS = ("SELECT 1 FROM task_waits INDEXED BY task_waits_events "
                     "WHERE resolved_at IS NULL AND kind = 'event' AND topic = ? LIMIT 1")
-_MATCHING = ("SELECT w.task_id, w.seq, w.topic, w.match FROM task_waits w "
+_MATCHING = ("SELECT w.task_id, w.seq, w.topic, w.anchor, w.match FROM task_waits w "
              "INDEXED BY task_waits_events JOIN tasks t ON t.id = w.task_id "
              "WHERE w.resolved_at IS NULL AND w.kind = 'event' AND w.topic IN ({}) "
              "AND w.anchor IN ({}) AND t.status = 'waiting'")
@@ -455,7 +455,8 @@ class _Heard(NamedTuple):
 
     number: int  # in the order the daemon heard them (`Waits._heard`)
     event: Event
-    patterns: list[str]
+    patterns: list[str]  # those of open waits that its topic matches
+    anchors: list[str]  # `event_anchors` of its data
 
 
 def event_outcome(event: Event) -> str:
@@ -672,7 +673,7 @@ class Waits:
                     if pattern.compiled.matches(event.topic)]
         if not patterns:
             return
-        self._unmatched.append(_Heard(self._heard, event, patterns))
+        self._unmatched.append(_Heard(self._heard, event, patterns, event_anchors(event.data)))
         if not self._looking():
             self._matcher = asyncio.get_running_loop().create_task(self._match())
 
@@ -694,7 +695,7 @@ class Waits:
     async def _lookup(self, batch: list[_Heard]) -> list[Candidate] | None:
         """The open waits the batch's events may satisfy; None if the store refused."""
         patterns = sorted({pattern for heard in batch for pattern in heard.patterns})
-        anchors = sorted({anchor for heard in batch for anchor in event_anchors(heard.event.data)})
+        anchors = sorted({anchor for heard in batch for anchor in heard.anchors})
         delay = WRITE_RETRY_FIRST
         for attempt in range(1, _MATCH_TRIES + 1):
             try:
@@ -710,12 +711,15 @@ class Waits:
 
     def _give(self, batch: list[_Heard], rows: list[Candidate]) -> None:
         """Resolve each wait found with the first event of the batch it accepts."""
-        by_pattern: dict[str, list[tuple[WaitKey, Mapping[str, Any] | None]]] = {}
-        for task_id, seq, pattern, match in rows:
-            by_pattern.setdefault(pattern, []).append(
+        # By pattern and anchor: an event is checked against the waits anchored on its own
+        # fields, not against every wait the batch's other events found.
+        found: dict[tuple[str, str], list[tuple[WaitKey, Mapping[str, Any] | None]]] = {}
+        for task_id, seq, pattern, anchor, match in rows:
+            found.setdefault((pattern, anchor), []).append(
                 ((task_id, seq), None if match is None else json.loads(match)))
         now = time.monotonic()
-        for text in {text for heard in batch for text in heard.patterns} - by_pattern.keys():
+        seen = {pattern for pattern, _ in found}
+        for text in {text for heard in batch for text in heard.patterns} - seen:
             # Nothing of it found: its count may run over (its waits cancelled, resolved
             # elsewhere). Asked of the table now and then, not for every such event.
             known = self._patterns.get(text)
@@ -723,12 +727,13 @@ class Waits:
                 self._spawn(self._recheck(text))
         for heard in batch:
             for pattern in heard.patterns:
-                for key, wanted in by_pattern.get(pattern, ()):
-                    if (key in self._resolving or key in self._pending
-                            or heard.number <= self._written_at.get(key, 0)
-                            or not _accepts(wanted, heard.event.data)):
-                        continue
-                    self._resolve_soon(key, pattern, heard.event)
+                for anchor in heard.anchors:
+                    for key, wanted in found.get((pattern, anchor), ()):
+                        if (key in self._resolving or key in self._pending
+                                or heard.number <= self._written_at.get(key, 0)
+                                or not _accepts(wanted, heard.event.data)):
+                            continue
+                        self._resolve_soon(key, pattern, heard.event)
 
     def _resolve_soon(self, key: WaitKey, pattern: str, event: Event) -> None:
         self._resolving.add(key)

@@ -67,7 +67,7 @@ _EVENT_PATTERNS = ("SELECT topic, count(*) FROM task_waits WHERE resolved_at IS 
                    "AND kind = 'event' GROUP BY topic")
 _HAS_EVENT_WAITS = ("SELECT 1 FROM task_waits WHERE resolved_at IS NULL AND kind = 'event' "
                     "AND topic = $1 LIMIT 1")
-_MATCHING = ("SELECT w.task_id, w.seq, w.topic, w.match FROM task_waits w "
+_MATCHING = ("SELECT w.task_id, w.seq, w.topic, w.anchor, w.match FROM task_waits w "
              "JOIN tasks t ON t.id = w.task_id WHERE w.resolved_at IS NULL AND w.kind = 'event' "
              "AND w.topic = ANY($1::text[]) AND w.anchor = ANY($2::text[]) AND t.status = 'waiting'")
 _OPEN_WAITS = "SELECT * FROM task_waits WHERE resolved_at IS NULL AND task_id = ANY($1::bigint[])"
@@ -159,7 +159,7 @@ class PgWaits:
 
     async def matching(self, patterns: Sequence[str], anchors: Sequence[str]) -> list[Candidate]:
         rows = await self.store.read(_MATCHING, (list(patterns), list(anchors)))
-        return [(row[0], row[1], row[2], row[3]) for row in rows]
+        return [(row[0], row[1], row[2], row[3], row[4]) for row in rows]
 
     async def open_waits(self, task_ids: Sequence[int]) -> dict[int, WaitRequest]:
         if not task_ids:
