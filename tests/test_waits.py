@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,17 @@ import pytest
 from sse_client import Sse
 
 pytestmark = pytest.mark.both_stores
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (at most 5 s) for `condition`, on state that publishes no event when it changes:
+    what the daemon counts of its open waits."""
+
+    async def polled() -> None:
+        while not condition():  # noqa: ASYNC110 - no event to wait on
+            await asyncio.sleep(0.01)  # noqa: sleep - polled: nothing to wait on
+
+    await asyncio.wait_for(polled(), 5)
 
 
 @pytest.fixture
@@ -115,6 +128,7 @@ async def test_wait_for_times_out_with_wait_timeout_error(wt: Any) -> None:
     result = await daemon.queue.result(record.id, timeout=5)
     assert result == {"timed_out": "wait 1 timed out: no event matching 'never.comes' came"}
     await events.wait_for("task.resumed", task_id=record.id, timed_out=True)
+    await until(lambda: daemon.waits.indexed == 0)  # its pattern no longer heard
 
 
 async def test_an_event_published_after_the_wait_was_asked_but_before_it_was_written_is_caught(
@@ -305,11 +319,7 @@ async def test_an_event_published_on_another_daemon_ends_the_wait(
     assert done
     other = b if heard[0] in done else a  # the daemon that did not run the task
 
-    async def indexed() -> None:
-        while other.waits.indexed == 0:  # noqa: ASYNC110 - the notification publishes no event
-            await asyncio.sleep(0.01)  # noqa: sleep - polled: nothing to wait on
-
-    await asyncio.wait_for(indexed(), 5)
+    await until(lambda: other.waits.indexed > 0)  # the notification publishes no event
     async with http(other).post("/v1/events", json={"topic": "approval.given",
                                                     "data": {"n": 1}}) as response:
         assert response.status < 300
@@ -337,3 +347,60 @@ async def test_waits_on_one_topic_each_get_the_event_for_them(wt: Any) -> None:
     for n in (0, 1, 2, 4):
         assert (await daemon.queue.result(records[n].id, timeout=5))["data"] == {"order": n}
     assert daemon.waits.indexed == 0
+
+
+async def test_a_burst_of_events_gives_each_wait_the_first_it_accepts(wt: Any) -> None:
+    """Events heard while a lookup is under way are looked up together, in order: each of
+    many waits on one topic gets the first event for it, not a later copy; a whole float
+    matches the int it equals (`true` still matches no number)."""
+    daemon, events = wt
+    records = [await daemon.queue.enqueue("wt.await_event", {"pattern": "order.paid",
+                                                             "match": {"order": n}})
+               for n in range(40)]
+    for record in records:
+        await events.wait_for("task.waiting", task_id=record.id)
+    for copy in (1, 2):  # one turn of the loop: every event is heard before any lookup ends
+        for n in range(40):
+            daemon.bus.publish("order.paid", {"order": True} if n == 7 and copy == 1 else
+                               {"order": float(n) if n % 2 else n, "copy": copy})
+    results = [await daemon.queue.result(record.id, timeout=10) for record in records]
+    assert [result["data"]["copy"] for result in results] == [1] * 7 + [2] + [1] * 32
+    assert [result["data"]["order"] for result in results] == list(range(40))
+    await until(lambda: daemon.waits.indexed == 0)
+
+
+async def test_the_topic_of_a_cancelled_wait_is_no_longer_heard(wt: Any, http: Any) -> None:
+    """Cancelling a waiting task deletes its wait without the matcher hearing: the first
+    event of its topic finds nothing, and the table, asked, says no wait is left."""
+    daemon, events = wt
+    record = await daemon.queue.enqueue("wt.await_event", {"pattern": "parcel.*", "match": {"id": 1}})
+    await events.wait_for("task.waiting", task_id=record.id)
+    assert daemon.waits.indexed == 1
+    async with http(daemon).post(f"/v1/tasks/{record.id}/cancel") as response:
+        assert response.status == 200
+    assert daemon.waits.indexed == 1  # the count runs over
+    daemon.bus.publish("parcel.sent", {"id": 1})
+    await until(lambda: daemon.waits.indexed == 0)
+    assert (await daemon.queue.get(record.id)).status == "cancelled"
+
+
+@pytest.mark.sqlite_only
+async def test_an_event_wait_written_before_migration_0013_is_still_matched(
+    start_daemon: Any, wt_dir: Path, tmp_path: Path,
+) -> None:
+    """A file whose open event wait was written without an anchor (schema 12): the migration
+    files it with those checked against every event of its pattern."""
+    first, events = await start_daemon(plugin_dirs=[wt_dir])
+    record = await first.queue.enqueue("wt.await_event", {"pattern": "deploy.finished",
+                                                          "match": {"id": "d1"}})
+    await events.wait_for("task.waiting", task_id=record.id)
+    await first.stop()
+    with sqlite3.connect(tmp_path / "data" / "agentd.db", isolation_level=None) as conn:
+        conn.executescript("BEGIN; DROP INDEX task_waits_events; "
+                           "ALTER TABLE task_waits DROP COLUMN anchor; "
+                           "DELETE FROM schema_version WHERE version >= 13; COMMIT;")
+    second, _ = await start_daemon(plugin_dirs=[wt_dir])
+    assert second.waits.indexed == 1
+    second.bus.publish("deploy.finished", {"id": "d2"})
+    second.bus.publish("deploy.finished", {"id": "d1", "n": 2})
+    assert (await second.queue.result(record.id, timeout=5))["data"] == {"id": "d1", "n": 2}

@@ -1,5 +1,6 @@
 """Durable waits: `ctx.sleep`, `ctx.sleep_until`, `ctx.wait_for` and `ctx.ask`, the
-`task_waits` table (migration 0011), the index of open event waits and the timers.
+`task_waits` table (migrations 0011, 0013), matching events against its open waits, and
+the timers.
 
 Replay. A wait that is not yet satisfied raises `Suspend`: the attempt ends, and the task is
 written `waiting` (no lease, no worker slot, no coroutine) with a row of `task_waits`, its
@@ -13,12 +14,14 @@ What wakes a task:
 
 - a timer (`Waits.run_timers`): a sleep's end, or a wait's or question's timeout. The next
   due time is read from the table, so timers survive restarts.
-- an event (`ctx.wait_for`): the bus of the daemon where it is published is matched against
-  an index of the open event waits by topic pattern, rebuilt from the table at start (and,
-  on PostgreSQL, told of other daemons' new waits by a notification). An event published
-  after the task asked but before its `waiting` row committed is not missed: the wait is in
-  the index, pending, from the moment it is asked (`expect`), and what it caught meanwhile
-  is written as the task suspends.
+- an event (`ctx.wait_for`): an event on the bus of the daemon where it is published is
+  looked up in the table among the open event waits of its topic's patterns, by the
+  anchors of its data fields (`wait_anchor`). In memory is only a count of open waits per
+  pattern (which topics to hear), counted from the table at start and, on PostgreSQL, told
+  of other daemons' new waits by a notification. An event published after the task asked
+  but before its `waiting` row committed is not missed: the wait is matched in memory,
+  pending, from the moment it is asked (`expect`), and what it caught meanwhile is
+  written as the task suspends.
 - an answer (`ctx.ask`, `POST /v1/tasks/{id}/answer`).
 
 Events published: `task.waiting` once a task's `waiting` row commits (data: `wait`, the
@@ -36,9 +39,11 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
 
 from agentd.bus import Bus, Subscription
@@ -106,6 +111,19 @@ class StoredWait(NamedTuple):
     timed_out: bool
 
 
+# An open event wait a lookup found: task id, seq, topic pattern, anchor, match (JSON).
+Candidate = tuple[int, int, str, str, str | None]
+
+
+class Woken(NamedTuple):
+    """A wait a timer ended (`WaitStore.fire_due`): its task, queued again."""
+
+    record: TaskRecord
+    seq: int
+    timed_out: bool  # a timeout, not a sleep's end
+    topic: str | None  # an event wait's topic pattern
+
+
 class WaitStore(Protocol):
     """The `task_waits` table (and the task rows its writes change), as `Waits` uses it."""
 
@@ -124,15 +142,23 @@ class WaitStore(Protocol):
         transaction; the task, or None when the wait is no longer open or the task no
         longer waiting (resolved already, cancelled, deleted)."""
 
-    def fire_due(self, now: float) -> Awaitable[list[tuple[TaskRecord, int, bool]]]:
+    def fire_due(self, now: float) -> Awaitable[list[Woken]]:
         """Resolve the open waits whose time has come (a timer's end, a timeout) and queue
-        their tasks; each task, its wait's number, and whether it timed out."""
+        their tasks."""
 
     async def next_due(self) -> float | None:
         """The soonest time an open wait comes due."""
 
-    async def open_event_waits(self) -> list[tuple[int, WaitRequest]]:
-        """Every open event wait of a waiting task: (task id, request)."""
+    async def event_patterns(self) -> dict[str, int]:
+        """How many open event waits each topic pattern has."""
+
+    async def has_event_waits(self, pattern: str) -> bool:
+        """Whether some event wait of the topic pattern `pattern` is open."""
+
+    async def matching(self, patterns: Sequence[str], anchors: Sequence[str]) -> list[Candidate]:
+        """The open event waits of waiting tasks whose topic pattern is one of `patterns`
+        and whose anchor (`wait_anchor`) is one of `anchors` or none: (task id, seq,
+        pattern, match as JSON)."""
 
     async def open_waits(self, task_ids: Sequence[int]) -> dict[int, WaitRequest]:
         """The open wait of each of these tasks that has one."""
@@ -167,6 +193,37 @@ def request_values(request: WaitRequest) -> tuple[Any, ...]:
             request.wake_at)
 
 
+_SCALARS = (str, int, float, type(None))  # bool is an int
+
+
+def anchor_of(name: str, value: Any) -> str | None:
+    """The anchor of data field `name` holding `value`: its name and value as JSON, or None
+    when the value is no scalar. JSON keeps `true` apart from `1`, as matching does; a
+    whole float is written as the int it equals (`1.0` matches `1`, as in Python)."""
+    if not isinstance(value, _SCALARS):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return json.dumps([name, value], ensure_ascii=False)
+
+
+def wait_anchor(request: WaitRequest) -> str | None:
+    """An event wait's anchor (column `task_waits.anchor`): that of its match's first scalar
+    field, or '' without one; None for other waits. An event is looked up by the anchors
+    of its own fields (`event_anchors`) and '', so 100,000 waits on one topic, each for its
+    own id, cost an event one index lookup, not 100,000 checks."""
+    if request.kind != "event":
+        return None
+    found = (anchor_of(name, value) for name, value in (request.match or {}).items())
+    return next((anchor for anchor in found if anchor is not None), "")
+
+
+def event_anchors(data: Mapping[str, Any]) -> list[str]:
+    """The anchors of an event's data fields, with '' (the waits with none)."""
+    return ["", *(anchor for name, value in data.items()
+                  if (anchor := anchor_of(name, value)) is not None)]
+
+
 def decode_stored(row: Row | Any) -> StoredWait:
     """A `StoredWait` from a row of `task_waits` (`SELECT *`)."""
     return StoredWait(decode_request(row), row["resolved_at"] is not None, row["outcome"],
@@ -186,8 +243,9 @@ _SUSPEND = (
 # A wait asked again (its task requeued by hand) starts over.
 _WRITE_WAIT = (
     "INSERT INTO task_waits (task_id, seq, kind, topic, match, prompt, data, wake_at, created_at, "
-    "resolved_at, outcome) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (task_id, seq) DO UPDATE SET "
-    "kind = excluded.kind, topic = excluded.topic, match = excluded.match, "
+    "resolved_at, outcome, anchor) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (task_id, seq) "
+    "DO UPDATE SET kind = excluded.kind, topic = excluded.topic, match = excluded.match, "
+    "anchor = excluded.anchor, "
     "prompt = excluded.prompt, data = excluded.data, wake_at = excluded.wake_at, "
     "created_at = excluded.created_at, resolved_at = excluded.resolved_at, "
     "outcome = excluded.outcome, timed_out = 0")
@@ -196,12 +254,20 @@ _CLOSE = (
     "WHERE task_id = ? AND seq = ? AND resolved_at IS NULL "
     "AND EXISTS (SELECT 1 FROM tasks WHERE id = task_id AND status = 'waiting') RETURNING seq")
 _WAKE = "UPDATE tasks SET status = 'queued', run_at = ? WHERE id = ? AND status = 'waiting' RETURNING *"
-_DUE = ("SELECT task_id, seq, kind FROM task_waits INDEXED BY task_waits_due "
+_DUE = ("SELECT task_id, seq, kind, topic FROM task_waits INDEXED BY task_waits_due "
         "WHERE resolved_at IS NULL AND wake_at IS NOT NULL AND wake_at <= ? ORDER BY wake_at LIMIT ?")
 _NEXT_DUE = ("SELECT min(wake_at) FROM task_waits INDEXED BY task_waits_due "
              "WHERE resolved_at IS NULL AND wake_at IS NOT NULL")
-_OPEN_EVENT_WAITS = ("SELECT w.* FROM task_waits w JOIN tasks t ON t.id = w.task_id "
-                     "WHERE w.resolved_at IS NULL AND w.kind = 'event' AND t.status = 'waiting'")
+_EVENT_PATTERNS = ("SELECT topic, count(*) FROM task_waits INDEXED BY task_waits_events "
+                   "WHERE resolved_at IS NULL AND kind = 'event' GROUP BY topic")
+_HAS_EVENT_WAITS = ("SELECT 1 FROM task_waits INDEXED BY task_waits_events "
+                    "WHERE resolved_at IS NULL AND kind = 'event' AND topic = ? LIMIT 1")
+_MATCHING = ("SELECT w.task_id, w.seq, w.topic, w.anchor, w.match FROM task_waits w "
+             "INDEXED BY task_waits_events JOIN tasks t ON t.id = w.task_id "
+             "WHERE w.resolved_at IS NULL AND w.kind = 'event' AND w.topic IN ({}) "
+             "AND w.anchor IN ({}) AND t.status = 'waiting'")
+# Anchors per lookup: SQLite's bound on a statement's parameters is 32,766.
+_ANCHORS_PER_LOOKUP = 500
 _OPEN_WAITS = "SELECT * FROM task_waits WHERE resolved_at IS NULL AND task_id IN ({})"
 _QUESTIONS = ("SELECT t.*, w.seq, w.kind, w.topic, w.match, w.prompt, w.data, w.wake_at "
               "FROM task_waits w JOIN tasks t ON t.id = w.task_id "
@@ -223,7 +289,7 @@ def _suspend(conn: Connection, record: TaskRecord, request: WaitRequest, *, caug
     if task.status == "cancelled":
         return "cancelled", task
     conn.execute(_WRITE_WAIT, (record.id, request.seq, *request_values(request), now,
-                               None if caught is None else now, caught))
+                               None if caught is None else now, caught, wait_anchor(request)))
     return ("waiting" if caught is None else "queued"), task
 
 
@@ -235,15 +301,15 @@ def _resolve(conn: Connection, task_id: int, seq: int, *, outcome: str | None, t
     return None if row is None else TaskRecord.from_row(row)
 
 
-def _fire_due(conn: Connection, now: float) -> list[tuple[TaskRecord, int, bool]]:
-    woken: list[tuple[TaskRecord, int, bool]] = []
-    for task_id, seq, kind in conn.execute(_DUE, (now, _FIRE_BATCH)).fetchall():
+def _fire_due(conn: Connection, now: float) -> list[Woken]:
+    woken: list[Woken] = []
+    for task_id, seq, kind, topic in conn.execute(_DUE, (now, _FIRE_BATCH)).fetchall():
         timed_out = kind != "sleep"  # a sleep that ends is no timeout: it is what it waited for
         record = _resolve(conn, task_id, seq, outcome=None, timed_out=timed_out, now=now)
         if record is None:  # the task no longer waits: its wait closes with nothing to wake
             conn.execute(_CLOSE_ORPHAN, (now, task_id, seq))
             continue
-        woken.append((record, seq, timed_out))
+        woken.append(Woken(record, seq, timed_out, topic))
     return woken
 
 
@@ -284,15 +350,26 @@ class SqliteWaits:
         return self.store.write(lambda conn: _resolve(
             conn, task_id, seq, outcome=outcome, timed_out=timed_out, now=now))
 
-    def fire_due(self, now: float) -> Awaitable[list[tuple[TaskRecord, int, bool]]]:
+    def fire_due(self, now: float) -> Awaitable[list[Woken]]:
         return self.store.write(lambda conn: _fire_due(conn, now))
 
     async def next_due(self) -> float | None:
         row = await self.store.read_one(_NEXT_DUE)
         return None if row is None else row[0]
 
-    async def open_event_waits(self) -> list[tuple[int, WaitRequest]]:
-        return [(row["task_id"], decode_request(row)) for row in await self.store.read(_OPEN_EVENT_WAITS)]
+    async def event_patterns(self) -> dict[str, int]:
+        return {row[0]: row[1] for row in await self.store.read(_EVENT_PATTERNS)}
+
+    async def has_event_waits(self, pattern: str) -> bool:
+        return await self.store.read_one(_HAS_EVENT_WAITS, (pattern,)) is not None
+
+    async def matching(self, patterns: Sequence[str], anchors: Sequence[str]) -> list[Candidate]:
+        found: list[Candidate] = []
+        for start in range(0, len(anchors), _ANCHORS_PER_LOOKUP):
+            some = anchors[start:start + _ANCHORS_PER_LOOKUP]
+            statement = _MATCHING.format(",".join("?" * len(patterns)), ",".join("?" * len(some)))
+            found.extend(tuple(row) for row in await self.store.read(statement, (*patterns, *some)))
+        return found
 
     async def open_waits(self, task_ids: Sequence[int]) -> dict[int, WaitRequest]:
         if not task_ids:
@@ -313,11 +390,18 @@ class SqliteWaits:
         """Nothing to hear: the file has one daemon."""
 
 
-# -- the index and the timers -------------------------------------------------------------------
+# -- matching events, and the timers ------------------------------------------------------------
 
 
 _MISSING = object()
 WaitKey = tuple[int, int]  # (task id, seq)
+# Events looked up in the table together.
+_MATCH_BATCH = 256
+# Times a lookup the store refused is tried again (after WRITE_RETRY_FIRST.. seconds) before
+# its events are given up.
+_MATCH_TRIES = 5
+# Seconds between two checks that a pattern whose lookups found nothing still has waits.
+_RECHECK = 10.0
 
 
 def _same(wanted: Any, given: Any) -> bool:
@@ -326,96 +410,53 @@ def _same(wanted: Any, given: Any) -> bool:
     return wanted == given and isinstance(wanted, bool) == isinstance(given, bool)
 
 
-# A scalar field of an event's data, as an index key: its name, whether it is a bool (JSON's
-# `true` is not `1`) and its value.
-Anchor = tuple[str, bool, Any]
-_SCALARS = (str, int, float, type(None))  # bool is an int
+def _accepts(match: Mapping[str, Any] | None, data: Mapping[str, Any]) -> bool:
+    """Whether event data has every field of a wait's `match`, with its value."""
+    return all(_same(value, data.get(key, _MISSING)) for key, value in (match or {}).items())
 
 
 @functools.lru_cache(maxsize=4096)
 def _parsed(pattern: str | None) -> TopicPattern:
-    """A wait's topic pattern, compiled once however many waits share it: parsing each
-    one's took 0.7 s of rebuilding the index of 100,000 waits at start (measured on the
-    reference machine, under load)."""
+    """A wait's topic pattern, compiled once however many waits and events use it."""
     return TopicPattern.parse(pattern)
 
 
-def _anchor(name: str, value: Any) -> Anchor | None:
-    """The index key of field `name` holding `value`, or None when it is no scalar."""
-    return (name, isinstance(value, bool), value) if isinstance(value, _SCALARS) else None
-
-
-class _PatternWaits:
-    """The waits of one topic pattern, found by an event's data: each wait whose `match`
-    has a scalar field is filed under its first such field and value (its anchor), so an
-    event is checked against the waits anchored on one of its own fields and the few with
-    no anchor, not against every wait of the pattern (100,000 waits for one topic, each for
-    its own id, would make every event cost 100,000 checks)."""
-
-    __slots__ = ("anchored", "loose", "pattern", "size")
-
-    def __init__(self, pattern: TopicPattern) -> None:
-        self.pattern = pattern
-        self.anchored: dict[Anchor, dict[WaitKey, _EventWait]] = {}
-        self.loose: dict[WaitKey, _EventWait] = {}
-        self.size = 0
-
-    def add(self, wait: _EventWait) -> None:
-        bucket = self.loose if wait.anchor is None else self.anchored.setdefault(wait.anchor, {})
-        if wait.key not in bucket:
-            self.size += 1
-        bucket[wait.key] = wait
-
-    def remove(self, wait: _EventWait) -> None:
-        if wait.anchor is None:
-            bucket = self.loose
-        elif (found := self.anchored.get(wait.anchor)) is not None:
-            bucket = found
-        else:
-            return
-        if bucket.pop(wait.key, None) is not None:
-            self.size -= 1
-            if wait.anchor is not None and not bucket:
-                del self.anchored[wait.anchor]
-
-    def candidates(self, event: Event) -> list[_EventWait]:
-        """The waits `event` may satisfy (its topic matches the pattern): to be checked."""
-        found = list(self.loose.values())
-        if self.anchored:
-            for name, value in event.data.items():
-                anchor = _anchor(name, value)
-                if anchor is not None and (bucket := self.anchored.get(anchor)) is not None:
-                    found.extend(bucket.values())
-        return found
-
-
 @dataclass(slots=True, eq=False)
-class _EventWait:
-    """An event wait in the index: pending from when it is asked until the task's `waiting`
-    row commits, then open until an event matches it."""
+class _PendingWait:
+    """An event wait its task asked whose `waiting` row has not committed yet: matched in
+    memory, so that an event published meanwhile is caught (and written as it suspends)."""
 
     task_id: int
     request: WaitRequest
-    pattern: TopicPattern
-    committed: bool = False
-    caught: Event | None = None  # matched while pending: written as the task suspends
-    fields: tuple[tuple[str, Any], ...] = field(default=())
-    anchor: Anchor | None = None  # where `_PatternWaits` files it
-
-    @classmethod
-    def of(cls, task_id: int, request: WaitRequest, *, committed: bool) -> _EventWait:
-        fields = tuple((request.match or {}).items())
-        anchor = next((found for name, value in fields if (found := _anchor(name, value))), None)
-        return cls(task_id, request, _parsed(request.topic), committed, fields=fields,
-                   anchor=anchor)
+    caught: Event | None = None
 
     @property
     def key(self) -> WaitKey:
         return self.task_id, self.request.seq
 
-    def accepts(self, event: Event) -> bool:
-        data = event.data
-        return all(_same(value, data.get(key, _MISSING)) for key, value in self.fields)
+    def catches(self, event: Event) -> bool:
+        return (self.caught is None and _parsed(self.request.topic).matches(event.topic)
+                and _accepts(self.request.match, event.data))
+
+
+@dataclass(slots=True, eq=False)
+class _Pattern:
+    """A topic pattern some open event wait has: what `Waits` keeps of its waits."""
+
+    compiled: TopicPattern
+    count: int  # its open waits, as far as this daemon knows (see `Waits._patterns`)
+    added: int = 0  # waits counted in since it was: a check finding none meanwhile is void
+    checked_at: float = -math.inf  # when the table was last asked whether it has waits
+    checking: bool = False
+
+
+class _Heard(NamedTuple):
+    """An event that some open wait's pattern matches, waiting for its lookup."""
+
+    number: int  # in the order the daemon heard them (`Waits._heard`)
+    event: Event
+    patterns: list[str]  # those of open waits that its topic matches
+    anchors: list[str]  # `event_anchors` of its data
 
 
 def event_outcome(event: Event) -> str:
@@ -424,51 +465,73 @@ def event_outcome(event: Event) -> str:
 
 
 class Waits:
-    """The daemon's waits: what `ctx` and the worker call to suspend a task, the index of
-    open event waits (matched against the bus), the timers, and answers."""
+    """The daemon's waits: what `ctx` and the worker call to suspend a task, matching events
+    against the open event waits, the timers, and answers.
+
+    A waiting task costs its rows, not memory: the open event waits are matched in the table
+    (`WaitStore.matching`, an index on topic pattern and anchor), and the timers are the
+    soonest `wake_at` read from it. In memory: per topic pattern, how many of its waits are
+    open (what the bus is asked for), and the waits of running attempts not yet written.
+
+    Events are looked up in the order the daemon heard them, one lookup for those heard
+    meanwhile, so the first of two events a wait accepts is the one it gets. An event is
+    not given to a wait written after it was heard: `_written_at` keeps, while lookups are
+    behind, when each wait was written."""
 
     def __init__(self, store: WaitStore, queue: TaskQueue, bus: Bus) -> None:
         self.store = store
         self.queue = queue
         self.bus = bus
-        # The index: every event wait, and the same by topic pattern (what the bus is asked
-        # for), and per task the keys of its pending ones (what its attempt's end drops).
-        self._waits: dict[WaitKey, _EventWait] = {}
-        self._by_pattern: dict[str, _PatternWaits] = {}
-        self._pending: dict[int, set[WaitKey]] = {}
+        self._pending: dict[WaitKey, _PendingWait] = {}
+        # Open event waits by topic pattern, as far as this daemon knows: a count above the
+        # truth (a waiting task cancelled or deleted, a wait another daemon resolved) only
+        # costs lookups that find nothing, and is checked then (`_recheck`); a pattern is
+        # dropped only once the table says it has no open wait.
+        self._patterns: dict[str, _Pattern] = {}
+        self._subscribed: frozenset[str] = frozenset()
         self._subscription: Subscription | None = None
+        self._heard = 0  # events heard so far
+        self._unmatched: deque[_Heard] = deque()
+        self._matcher: asyncio.Task[None] | None = None
+        self._written_at: dict[WaitKey, int] = {}
+        self._resolving: set[WaitKey] = set()
         self._timer_wake = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()  # resolves, index reads: kept referenced
         self._rebuilding: asyncio.Task[None] | None = None
         store.listen(added=self._added_elsewhere, reconnect=self._reconnected)
 
     async def start(self) -> None:
-        """Build the index of open event waits from the table."""
+        """Count the open event waits by pattern from the table."""
         await self._rebuild()
 
     @property
     def indexed(self) -> int:
-        """How many event waits the index holds (pending and open)."""
-        return len(self._waits)
+        """How many event waits the daemon counts open (see `_patterns`) or pending."""
+        return sum(pattern.count for pattern in self._patterns.values()) + len(self._pending)
 
     # -- asked by ctx ----------------------------------------------------------------------------
 
     def expect(self, task_id: int, request: WaitRequest) -> None:
-        """Put an event wait into the index, pending, before the task suspends: an event
+        """Match an event wait in memory, pending, before the task suspends: an event
         published from now on is caught. Again for the same wait: its request is replaced,
         what it caught kept."""
-        known = self._waits.get((task_id, request.seq))
+        known = self._pending.get((task_id, request.seq))
         if known is not None:
             known.request = request
             return
-        wait = _EventWait.of(task_id, request, committed=False)
-        self._index(wait)
-        self._pending.setdefault(task_id, set()).add(wait.key)
+        self._pending[task_id, request.seq] = _PendingWait(task_id, request)
+        self._resubscribe()
+
+    def forget(self, task_id: int, seq: int) -> None:
+        """Stop matching the task's pending wait `seq` in memory (it ended, or needs no
+        matching)."""
+        if self._pending.pop((task_id, seq), None) is not None:
+            self._resubscribe()
 
     def attempt_over(self, task_id: int) -> None:
-        """The attempt of `task_id` ended: what it left pending in the index (a wait whose
-        suspend was not written: the task was cancelled, or caught `Suspend`) goes."""
-        for key in self._pending.pop(task_id, ()):
+        """The attempt of `task_id` ended: what it left pending (a wait whose suspend was not
+        written: the task was cancelled, or caught `Suspend`) goes."""
+        for key in [key for key in self._pending if key[0] == task_id]:
             self.forget(*key)
 
     # -- the worker's ------------------------------------------------------------------------
@@ -477,22 +540,24 @@ class Waits:
                       expires_at: float) -> Suspended:
         """Write the task waiting on `request` (see `WaitStore.suspend`), then publish
         `task.waiting` (or `task.resumed`, when its event came meanwhile)."""
-        pending = self._waits.get((record.id, request.seq))
+        pending = self._pending.get((record.id, request.seq))
         caught = None if pending is None or pending.caught is None else event_outcome(pending.caught)
         with self.queue.publishing_queued():  # queued at once if its event came meanwhile
             status, stored = await self.store.suspend(record, request, caught, now, expires_at)
             self._suspended(record, request, pending, status, stored)
         return status
 
-    def _suspended(self, record: TaskRecord, request: WaitRequest, pending: _EventWait | None,
+    def _suspended(self, record: TaskRecord, request: WaitRequest, pending: _PendingWait | None,
                    status: Suspended, stored: TaskRecord | None) -> None:
-        """Publish what a suspend wrote, and put its event wait in the index as open."""
+        """Publish what a suspend wrote; a written event wait is matched in the table from
+        now on (an event caught as the write committed resolves it)."""
         if status == "waiting" and stored is not None:
-            if pending is not None:
-                pending.committed = True
-                self._pending.get(record.id, set()).discard(pending.key)
-                if pending.caught is not None:  # caught as the write committed
-                    self._resolve_soon(pending, pending.caught)
+            if request.kind == "event" and request.topic is not None:
+                self._written((record.id, request.seq), request.topic)
+                if pending is not None:
+                    self.forget(record.id, request.seq)
+                    if pending.caught is not None:  # caught as the write committed
+                        self._resolve_soon(pending.key, request.topic, pending.caught)
             self.queue.publish("task.waiting", stored, attempt=record.attempts, **request.to_dict())
             if request.wake_at is not None:
                 self._timer_wake.set()
@@ -518,9 +583,10 @@ class Waits:
                 due = await self.store.next_due()
                 if due is not None and due <= time.time():
                     with self.queue.publishing_queued():
-                        for record, seq, timed_out in await self.store.fire_due(time.time()):
-                            self.forget(record.id, seq)
-                            self._resumed(record, seq, timed_out=timed_out)
+                        for woken in await self.store.fire_due(time.time()):
+                            if woken.topic is not None:
+                                self._closed(woken.topic)
+                            self._resumed(woken.record, woken.seq, timed_out=woken.timed_out)
                     continue
             except Exception as exc:  # the store away, a full disk: try again shortly
                 _LOG.error("waits.timers_failed", error=describe(exc))
@@ -535,108 +601,197 @@ class Waits:
         self.queue.publish("task.resumed", record, wait=seq, timed_out=timed_out)
         self.queue.notify_work(record.queue)
 
-    # -- the index -----------------------------------------------------------------------------
+    # -- the patterns heard ------------------------------------------------------------------
 
-    def _index(self, wait: _EventWait) -> None:
-        self._waits[wait.key] = wait
-        same = self._by_pattern.get(wait.pattern.text)
-        if same is None:
-            same = self._by_pattern[wait.pattern.text] = _PatternWaits(wait.pattern)
-            same.add(wait)
+    def _written(self, key: WaitKey, pattern: str) -> None:
+        """An event wait of `pattern` was written (here, or by another daemon)."""
+        if self._unmatched or self._looking():  # events heard before it may be looked up yet
+            self._written_at[key] = self._heard
+        known = self._patterns.get(pattern)
+        if known is None:
+            self._patterns[pattern] = _Pattern(_parsed(pattern), 1, added=1)
             self._resubscribe()
         else:
-            same.add(wait)
+            known.count += 1
+            known.added += 1
 
-    def forget(self, task_id: int, seq: int) -> None:
-        """Take the task's wait `seq` out of the index (it ended, or needs no index)."""
-        wait = self._waits.pop((task_id, seq), None)
-        if wait is None:
+    def _closed(self, pattern: str) -> None:
+        """This daemon resolved an event wait of `pattern`."""
+        known = self._patterns.get(pattern)
+        if known is not None:
+            known.count = max(0, known.count - 1)
+            if not known.count:
+                self._spawn(self._recheck(pattern))
+
+    async def _recheck(self, text: str) -> None:
+        """Ask the table whether pattern `text` still has open waits: drop it if not (and
+        none was written meanwhile); count it open if so."""
+        pattern = self._patterns.get(text)
+        if pattern is None or pattern.checking:
             return
-        same = self._by_pattern[wait.pattern.text]
-        same.remove(wait)
-        if not same.size:
-            del self._by_pattern[wait.pattern.text]
+        pattern.checking, pattern.checked_at, added = True, time.monotonic(), pattern.added
+        try:
+            found = await self.store.has_event_waits(text)
+        except Exception as exc:  # the store away: the pattern stays, costing lookups only
+            _LOG.warning("waits.check_failed", pattern=text, error=describe(exc))
+            return
+        finally:
+            pattern.checking = False
+        if self._patterns.get(text) is not pattern:  # counted again from the table meanwhile
+            return
+        if found:
+            pattern.count = max(1, pattern.count)
+        elif pattern.added == added:
+            del self._patterns[text]
             self._resubscribe()
 
     def _resubscribe(self) -> None:
-        """Hear exactly the topics some open wait's pattern matches: a subscription to every
-        topic would have the queue build events nobody else hears (`TaskQueue.publish`)."""
+        """Hear exactly the topics some open or pending wait's pattern matches: a
+        subscription to every topic would have the queue build events nobody else hears
+        (`TaskQueue.publish`)."""
+        wanted = frozenset(self._patterns).union(
+            wait.request.topic for wait in self._pending.values() if wait.request.topic)
+        if wanted == self._subscribed:
+            return
         if self._subscription is not None:
             self._subscription.unsubscribe()
             self._subscription = None
-        if self._by_pattern:
-            self._subscription = self.bus.subscribe(list(self._by_pattern), self._on_event,
-                                                    name="task-waits")
+        self._subscribed = wanted
+        if wanted:
+            self._subscription = self.bus.subscribe(sorted(wanted), self._on_event, name="task-waits")
+
+    # -- matching ----------------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
-        """Bus callback: resolve the open waits `event` satisfies."""
-        for same in list(self._by_pattern.values()):
-            if not same.pattern.matches(event.topic):
-                continue
-            for wait in [wait for wait in same.candidates(event) if wait.accepts(event)]:
-                if not wait.committed:
-                    if wait.caught is None:
-                        wait.caught = event  # written as the task suspends
-                    continue
-                self._resolve_soon(wait, event)
+        """Bus callback: catch the pending waits `event` satisfies, and queue its lookup
+        among the open ones."""
+        self._heard += 1
+        for wait in self._pending.values():
+            if wait.catches(event):
+                wait.caught = event  # written as the task suspends
+        patterns = [text for text, pattern in self._patterns.items()
+                    if pattern.compiled.matches(event.topic)]
+        if not patterns:
+            return
+        self._unmatched.append(_Heard(self._heard, event, patterns, event_anchors(event.data)))
+        if not self._looking():
+            self._matcher = asyncio.get_running_loop().create_task(self._match())
 
-    def _resolve_soon(self, wait: _EventWait, event: Event) -> None:
-        self.forget(*wait.key)
-        self._spawn(self._resolve(wait, event))
+    def _looking(self) -> bool:
+        return self._matcher is not None and not self._matcher.done()
+
+    async def _match(self) -> None:
+        """Look up the heard events in the table, in order, those heard meanwhile together."""
+        while self._unmatched:
+            batch = [self._unmatched.popleft()
+                     for _ in range(min(len(self._unmatched), _MATCH_BATCH))]
+            rows = await self._lookup(batch)
+            if rows is not None:
+                self._give(batch, rows)
+            # A wait written before the events still to look up were heard may have them.
+            done = batch[-1].number
+            self._written_at = {key: at for key, at in self._written_at.items() if at > done}
+
+    async def _lookup(self, batch: list[_Heard]) -> list[Candidate] | None:
+        """The open waits the batch's events may satisfy; None if the store refused."""
+        patterns = sorted({pattern for heard in batch for pattern in heard.patterns})
+        anchors = sorted({anchor for heard in batch for anchor in heard.anchors})
+        delay = WRITE_RETRY_FIRST
+        for attempt in range(1, _MATCH_TRIES + 1):
+            try:
+                return await self.store.matching(patterns, anchors)
+            except Exception as exc:  # the store away: its events' waits are not resolved
+                _LOG.error("waits.match_failed", events=len(batch), error=describe(exc),
+                           retry_in=delay if attempt < _MATCH_TRIES else None)
+                if attempt == _MATCH_TRIES:
+                    return None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, WRITE_RETRY_MAX)
+        return None
+
+    def _give(self, batch: list[_Heard], rows: list[Candidate]) -> None:
+        """Resolve each wait found with the first event of the batch it accepts."""
+        # By pattern and anchor: an event is checked against the waits anchored on its own
+        # fields, not against every wait the batch's other events found.
+        found: dict[tuple[str, str], list[tuple[WaitKey, Mapping[str, Any] | None]]] = {}
+        for task_id, seq, pattern, anchor, match in rows:
+            found.setdefault((pattern, anchor), []).append(
+                ((task_id, seq), None if match is None else json.loads(match)))
+        now = time.monotonic()
+        seen = {pattern for pattern, _ in found}
+        for text in {text for heard in batch for text in heard.patterns} - seen:
+            # Nothing of it found: its count may run over (its waits cancelled, resolved
+            # elsewhere). Asked of the table now and then, not for every such event.
+            known = self._patterns.get(text)
+            if known is not None and now - known.checked_at >= _RECHECK:
+                self._spawn(self._recheck(text))
+        for heard in batch:
+            for pattern in heard.patterns:
+                for anchor in heard.anchors:
+                    for key, wanted in found.get((pattern, anchor), ()):
+                        if (key in self._resolving or key in self._pending
+                                or heard.number <= self._written_at.get(key, 0)
+                                or not _accepts(wanted, heard.event.data)):
+                            continue
+                        self._resolve_soon(key, pattern, heard.event)
+
+    def _resolve_soon(self, key: WaitKey, pattern: str, event: Event) -> None:
+        self._resolving.add(key)
+        self._spawn(self._resolve(key, pattern, event))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _resolve(self, wait: _EventWait, event: Event) -> None:
+    async def _resolve(self, key: WaitKey, pattern: str, event: Event) -> None:
+        task_id, seq = key
         outcome = event_outcome(event)
         delay = WRITE_RETRY_FIRST
-        while True:
-            try:
-                with self.queue.publishing_queued():
-                    record = await self.store.resolve(wait.task_id, wait.request.seq, outcome,
-                                                      False, time.time())
-                    if record is not None:
-                        self._resumed(record, wait.request.seq, timed_out=False)
-                return
-            except StoreWriteError as exc:  # the event would be lost: write it again
-                _LOG.error("waits.resolve_failed", task_id=wait.task_id, error=str(exc),
-                           retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, WRITE_RETRY_MAX)
-            except Exception as exc:  # the store closed: the wait stays open in the table
-                _LOG.error("waits.resolve_failed", task_id=wait.task_id, error=describe(exc))
-                return
+        try:
+            while True:
+                try:
+                    with self.queue.publishing_queued():
+                        record = await self.store.resolve(task_id, seq, outcome, False, time.time())
+                        if record is not None:
+                            self._closed(pattern)
+                            self._resumed(record, seq, timed_out=False)
+                    return
+                except StoreWriteError as exc:  # the event would be lost: write it again
+                    _LOG.error("waits.resolve_failed", task_id=task_id, error=str(exc),
+                               retry_in=delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, WRITE_RETRY_MAX)
+                except Exception as exc:  # the store closed: the wait stays open in the table
+                    _LOG.error("waits.resolve_failed", task_id=task_id, error=describe(exc))
+                    return
+        finally:
+            self._resolving.discard(key)
 
     async def _rebuild(self) -> None:
-        """The index from the table, keeping the pending waits (not in the table yet)."""
-        pending = [wait for wait in self._waits.values() if not wait.committed]
-        for key in list(self._waits):
-            self.forget(*key)
-        for task_id, request in await self.store.open_event_waits():
-            self._index(_EventWait.of(task_id, request, committed=True))
-        for wait in pending:
-            if wait.key not in self._waits:
-                self._index(wait)
+        """Count the open event waits by pattern from the table."""
+        counts = await self.store.event_patterns()
+        self._patterns = {text: _Pattern(_parsed(text), count) for text, count in counts.items()}
+        self._resubscribe()
 
     def _added_elsewhere(self, task_id: int, seq: int) -> None:
-        """Another daemon wrote a wait: index it if it is an event wait, and look at the
+        """Another daemon wrote a wait: count it if it is an event wait, and look at the
         timers again."""
         self._timer_wake.set()
-        self._spawn(self._index_stored(task_id, seq))
+        self._spawn(self._count_stored(task_id, seq))
 
-    async def _index_stored(self, task_id: int, seq: int) -> None:
+    async def _count_stored(self, task_id: int, seq: int) -> None:
         try:
             stored = await self.store.recorded(task_id, seq)
-        except Exception as exc:  # the store away: the reconnect rebuilds the index
+        except Exception as exc:  # the store away: the reconnect counts again
             _LOG.warning("waits.index_failed", task_id=task_id, error=describe(exc))
             return
-        if stored is not None and not stored.resolved and stored.request.kind == "event":
-            self._index(_EventWait.of(task_id, stored.request, committed=True))
+        request = None if stored is None or stored.resolved else stored.request
+        if request is not None and request.kind == "event" and request.topic is not None:
+            self._written((task_id, seq), request.topic)
 
     def _reconnected(self) -> None:
-        """News of other daemons' waits may have been lost: rebuild the index."""
+        """News of other daemons' waits may have been lost: count the waits again."""
         self._timer_wake.set()
         if self._rebuilding is None or self._rebuilding.done():
             self._rebuilding = asyncio.get_running_loop().create_task(self._rebuild_quietly())

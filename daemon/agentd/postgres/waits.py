@@ -18,13 +18,16 @@ from agentd.postgres.tasks import DONE, WORK, PgTasks
 from agentd.store.postgres import PgConnection, PgStore, notify
 from agentd.taskqueue import TaskRecord
 from agentd.waits import (
+    Candidate,
     StoredWait,
     Suspended,
     WaitRequest,
+    Woken,
     decode_request,
     decode_stored,
     question_of,
     request_values,
+    wait_anchor,
 )
 
 WAITS = "agentd_waits"
@@ -41,9 +44,10 @@ _SUSPEND = (
     "WHERE id = $4 AND status = 'running' AND lease_node = $5 RETURNING *")
 _WRITE_WAIT = (
     "INSERT INTO task_waits (task_id, seq, kind, topic, match, prompt, data, wake_at, created_at, "
-    "resolved_at, outcome) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) "
+    "resolved_at, outcome, anchor) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) "
     "ON CONFLICT (task_id, seq) DO UPDATE SET "
     "kind = excluded.kind, topic = excluded.topic, match = excluded.match, "
+    "anchor = excluded.anchor, "
     "prompt = excluded.prompt, data = excluded.data, wake_at = excluded.wake_at, "
     "created_at = excluded.created_at, resolved_at = excluded.resolved_at, "
     "outcome = excluded.outcome, timed_out = 0")
@@ -53,14 +57,19 @@ _CLOSE = (
     "AND EXISTS (SELECT 1 FROM tasks WHERE id = task_id AND status = 'waiting') RETURNING seq")
 _WAKE = ("UPDATE tasks SET status = 'queued', run_at = $1 WHERE id = $2 AND status = 'waiting' "
          "RETURNING *")
-_DUE = ("SELECT task_id, seq, kind FROM task_waits WHERE resolved_at IS NULL "
+_DUE = ("SELECT task_id, seq, kind, topic FROM task_waits WHERE resolved_at IS NULL "
         "AND wake_at IS NOT NULL AND wake_at <= $1 ORDER BY wake_at LIMIT $2 "
         "FOR UPDATE SKIP LOCKED")
 _CLOSE_ORPHAN = "UPDATE task_waits SET resolved_at = $1 WHERE task_id = $2 AND seq = $3"
 _NEXT_DUE = ("SELECT min(wake_at) FROM task_waits WHERE resolved_at IS NULL "
              "AND wake_at IS NOT NULL")
-_OPEN_EVENT_WAITS = ("SELECT w.* FROM task_waits w JOIN tasks t ON t.id = w.task_id "
-                     "WHERE w.resolved_at IS NULL AND w.kind = 'event' AND t.status = 'waiting'")
+_EVENT_PATTERNS = ("SELECT topic, count(*) FROM task_waits WHERE resolved_at IS NULL "
+                   "AND kind = 'event' GROUP BY topic")
+_HAS_EVENT_WAITS = ("SELECT 1 FROM task_waits WHERE resolved_at IS NULL AND kind = 'event' "
+                    "AND topic = $1 LIMIT 1")
+_MATCHING = ("SELECT w.task_id, w.seq, w.topic, w.anchor, w.match FROM task_waits w "
+             "JOIN tasks t ON t.id = w.task_id WHERE w.resolved_at IS NULL AND w.kind = 'event' "
+             "AND w.topic = ANY($1::text[]) AND w.anchor = ANY($2::text[]) AND t.status = 'waiting'")
 _OPEN_WAITS = "SELECT * FROM task_waits WHERE resolved_at IS NULL AND task_id = ANY($1::bigint[])"
 _QUESTIONS = ("SELECT t.*, w.seq, w.kind, w.topic, w.match, w.prompt, w.data, w.wake_at "
               "FROM task_waits w JOIN tasks t ON t.id = w.task_id "
@@ -108,7 +117,7 @@ class PgWaits:
                 notify(DONE, f"{node} {record.id}")
                 return "cancelled", task
             await conn.execute(_WRITE_WAIT, record.id, request.seq, *request_values(request), now,
-                               None if caught is None else now, caught)
+                               None if caught is None else now, caught, wait_anchor(request))
             if caught is not None:
                 notify(WORK, task.queue)
                 return "queued", task
@@ -124,16 +133,16 @@ class PgWaits:
 
         return self.store.write(op)
 
-    def fire_due(self, now: float) -> Awaitable[list[tuple[TaskRecord, int, bool]]]:
-        async def op(conn: PgConnection) -> list[tuple[TaskRecord, int, bool]]:
-            woken: list[tuple[TaskRecord, int, bool]] = []
-            for task_id, seq, kind in await conn.fetch(_DUE, now, _FIRE_BATCH):
+    def fire_due(self, now: float) -> Awaitable[list[Woken]]:
+        async def op(conn: PgConnection) -> list[Woken]:
+            woken: list[Woken] = []
+            for task_id, seq, kind, topic in await conn.fetch(_DUE, now, _FIRE_BATCH):
                 timed_out = kind != "sleep"
                 record = await _resolve(conn, task_id, seq, outcome=None, timed_out=timed_out, now=now)
                 if record is None:  # the task no longer waits: nothing to wake
                     await conn.execute(_CLOSE_ORPHAN, now, task_id, seq)
                     continue
-                woken.append((record, seq, timed_out))
+                woken.append(Woken(record, seq, timed_out, topic))
             return woken
 
         return self.store.write(op)
@@ -142,8 +151,15 @@ class PgWaits:
         row = await self.store.read_one(_NEXT_DUE)
         return None if row is None else row[0]
 
-    async def open_event_waits(self) -> list[tuple[int, WaitRequest]]:
-        return [(row["task_id"], decode_request(row)) for row in await self.store.read(_OPEN_EVENT_WAITS)]
+    async def event_patterns(self) -> dict[str, int]:
+        return {row[0]: row[1] for row in await self.store.read(_EVENT_PATTERNS)}
+
+    async def has_event_waits(self, pattern: str) -> bool:
+        return await self.store.read_one(_HAS_EVENT_WAITS, (pattern,)) is not None
+
+    async def matching(self, patterns: Sequence[str], anchors: Sequence[str]) -> list[Candidate]:
+        rows = await self.store.read(_MATCHING, (list(patterns), list(anchors)))
+        return [(row[0], row[1], row[2], row[3], row[4]) for row in rows]
 
     async def open_waits(self, task_ids: Sequence[int]) -> dict[int, WaitRequest]:
         if not task_ids:
