@@ -448,7 +448,8 @@ async def run_level(args: argparse.Namespace, system: str, n: int) -> dict[str, 
             if sum(o["opened"] for o in opened) < n:
                 raise RuntimeError(f"streams not all open: {opened}")
             cpu0 = process_cpu_s(server.proc.pid)
-            watch = CpuWatch()
+            pids = [proc.proc.pid for proc in started]
+            watch = CpuWatch(ours=lambda: sum(map(process_cpu_s, pids)))
             go = time.time()
             if system == "agentd":
                 async with session.post(f"{base}/v1/events", json={"topic": "agentbench.go"}) as response:
