@@ -458,6 +458,14 @@ async def run_level(args: argparse.Namespace, system: str, n: int) -> dict[str, 
             else:
                 async with session.post(f"{base}/go") as response:
                     response.raise_for_status()
+            spy = None
+            if args.profile is not None:
+                # Sampled from the go for as long as the replies would stream unhindered, and 5 s.
+                spy = await asyncio.create_subprocess_exec(
+                    str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "-f", "raw",
+                    "-d", str(math.ceil(args.tokens / args.rate) + 5), "-p", str(server.proc.pid),
+                    "-o", str(args.profile / f"{system}-{n}.txt"),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             rss_peak = 0
             waiting = asyncio.gather(*(w.call({"op": "wait", "timeout": args.timeout},
                                               args.timeout + 60) for w in workers))
@@ -466,6 +474,8 @@ async def run_level(args: argparse.Namespace, system: str, n: int) -> dict[str, 
                 await asyncio.wait({waiting}, timeout=0.25)
             results = waiting.result()
             cpu = process_cpu_s(server.proc.pid) - cpu0
+            if spy is not None:
+                await spy.wait()
         tokens = sum(r["tokens"] for r in results)
         latencies = sorted(x for r in results for x in r["latencies"])
         last = max(r["last"] for r in results)
@@ -565,6 +575,9 @@ def parse_args() -> argparse.Namespace:
                         help="seconds the replies may take after the go (default 300)")
     parser.add_argument("--level-timeout", type=float, default=600.0,
                         help="seconds one system at one agent count may take (default 600)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="sample the server measured with py-spy (the bench extra) from the go, "
+                             "writing collapsed stacks to DIR/<system>-<N>.txt (needs ptrace rights)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 50 agents, 20 tokens")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--llm-server", action="store_true", help=argparse.SUPPRESS)
@@ -601,6 +614,8 @@ def main() -> int:
         if args.relay_server:
             asyncio.run(serve_relay(args.llm_url))
             return 0
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     rows = asyncio.run(run_all(args))
     print(markdown(rows, args, time.monotonic() - started), file=sys.stderr)

@@ -83,6 +83,9 @@ class Subscription:
         self._lag = 0
         self._last_dropped_id = 0
         self._waiter: asyncio.Future[None] | None = None
+        # A keyed subscription's answers by topic: the bus asks it for each event of its
+        # correlation (a stream's every token), and a pattern match costs more than a lookup.
+        self._wanted: dict[str, bool] = {}
 
     def unsubscribe(self) -> None:
         """Stop receiving; a waiting iterator ends once its buffer is drained. Idempotent."""
@@ -94,6 +97,15 @@ class Subscription:
     def wants(self, topic: str) -> bool:
         """Whether events of `topic` are delivered to this subscription."""
         return self.pattern.matches(topic) and (self.accepts is None or self.accepts(topic))
+
+    def wants_remembered(self, topic: str) -> bool:
+        """`wants(topic)`, asked once per topic (the answers kept up to a bound)."""
+        wanted = self._wanted.get(topic)
+        if wanted is None:
+            if len(self._wanted) >= _TOPICS_CACHED:
+                self._wanted.clear()
+            wanted = self._wanted[topic] = self.wants(topic)
+        return wanted
 
     def __enter__(self) -> Subscription:
         return self
@@ -376,7 +388,7 @@ class Bus:
         subscribers = self._subscribers(event.topic)
         keyed = self._by_correlation.get(event.correlation_id) if event.correlation_id else None
         if keyed:
-            subscribers += tuple(sub for sub in keyed if sub.wants(event.topic))
+            subscribers += tuple(sub for sub in keyed if sub.wants_remembered(event.topic))
         for sub in subscribers:
             try:
                 sub.deliver(event)

@@ -27,6 +27,7 @@ from functools import partial
 from typing import Any
 
 import aiohttp
+import orjson
 
 from agentd.config import LlmConfig
 from agentd.errors import AgentdError, Fail, InvalidTaskError, RateLimited, Retry, describe
@@ -355,7 +356,7 @@ async def _read_stream(response: aiohttp.ClientResponse, model: str,
             done = True
             break
         try:
-            chunk = json.loads(payload)
+            chunk = orjson.loads(payload)  # per token: a third of the stdlib's time
         except ValueError as exc:
             raise LlmError(f"the LLM endpoint sent a chunk that is not JSON: {payload[:200]!r}") from exc
         _raise_for_error(chunk)

@@ -9,11 +9,11 @@ parent and its children.
 Claiming ahead. A claim, an acknowledgement and a commit cost per transaction, and a
 transaction holds what is in flight: with 8 slots, 8 tasks. While a queue's tasks run
 shorter than `SHORT_TASK` on average, a claim also takes up to `claim_ahead` x workers
-tasks beyond its free slots (unset: the store's default, by what its transactions cost);
-they wait in memory (leased, `running` in the table, no `task.started` yet), in priority
-order, and start as slots free, without waiting for a claim. Long tasks are never claimed
-ahead: a claimed task would show as running while it waits behind them, and would wait
-long (Celery's prefetch problem).
+(at most `AHEAD_WORKERS` of them) tasks beyond its free slots (unset: the store's default,
+by what its transactions cost); they wait in memory (leased, `running` in the table, no
+`task.started` yet), in priority order, and start as slots free, without waiting for a
+claim. Long tasks are never claimed ahead: a claimed task would show as running while it
+waits behind them, and would wait long (Celery's prefetch problem).
 
 Writes the storage refuses. A task's outcome is not lost to a full disk: an acknowledgement
 or a retry that fails with a `StoreWriteError` is written again, after `WRITE_RETRY_FIRST`
@@ -65,6 +65,10 @@ _LOG = get_logger("worker")
 # weight `_RUN_WEIGHT` on the newest) is below this many seconds.
 SHORT_TASK = 0.05
 _RUN_WEIGHT = 0.2
+# The most workers of a queue that claiming ahead counts: claim_ahead was tuned with 8, and
+# a queue of 1,000 slots (the default) claiming 3,000 or (PostgreSQL) 16,000 tasks ahead
+# would hold them from other daemons while its free slots fill each claim anyway.
+AHEAD_WORKERS = 8
 # Seconds before a queue claims again after a claim's transaction failed (unless woken).
 CLAIM_RETRY = 1.0
 # Seconds before an outcome the storage refused is written again: the first wait, doubled
@@ -392,7 +396,8 @@ class WorkerPool:
         left ahead of them while its tasks are short."""
         slots, room = self._slots[queue], 0
         if self._mean_run[queue] < SHORT_TASK:
-            room = max(0, self._claim_ahead * slots.capacity - len(self._ahead[queue]))
+            ahead = self._claim_ahead * min(slots.capacity, AHEAD_WORKERS)
+            room = max(0, ahead - len(self._ahead[queue]))
         return slots.free + room
 
     def _claim_in_next_batch(self, queue: str) -> ClaimFuture:
