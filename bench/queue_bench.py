@@ -85,10 +85,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2000 tasks and 100 dispatch tasks unless given")
     parser.add_argument("--workers", type=int, default=8,
-                        help="peers' worker threads (default 8, agentd's default slot count)")
+                        help="peers' worker threads (default 8, agentd's default slot count "
+                             "until it became 1,000)")
     parser.add_argument("--agentd-workers", type=int, default=None,
                         help="agentd's workers on the default queue (default: agentd's default "
-                             "configuration, 8); more workers put more tasks in each transaction")
+                             "configuration, 1000); more workers put more tasks in each transaction")
     parser.add_argument("--dramatiq-processes", type=int, default=os.cpu_count() or 1,
                         help="Dramatiq worker processes, each with --workers threads (default: "
                              "one per core, Dramatiq's own default)")

@@ -256,3 +256,12 @@ def blocking(ctx, x: int):
     THREADS.append(threading.get_ident())
     ctx.progress("from-thread", {"x": x})
     return x * 2
+
+
+THREAD_GATE = threading.Event()
+
+
+@plugin.task()
+def held_in_thread(ctx):
+    THREAD_GATE.wait(30)
+    return "held"

@@ -157,6 +157,39 @@ def test_the_per_topic_cache_stays_bounded_when_topics_are_made_per_item() -> No
     assert len(bus._by_topic) <= 4096  # one entry per topic ever published, without the bound
 
 
+def test_a_keyed_subscription_gets_only_its_correlations_events() -> None:
+    bus = Bus()
+    mine: list[tuple[str, str | None]] = []
+    everyone: list[str | None] = []
+    keyed = bus.subscribe("task.**", lambda e: mine.append((e.topic, e.correlation_id)),
+                          correlation_id="7")
+    bus.subscribe("task.**", lambda e: everyone.append(e.correlation_id))
+    bus.publish("task.token", {"text": "a"}, correlation_id="7")
+    bus.publish("task.token", {"text": "b"}, correlation_id="8")
+    bus.publish("task.token", {"text": "c"})
+    bus.publish("other.topic", correlation_id="7")  # its correlation, not its pattern
+    assert mine == [("task.token", "7")]
+    assert everyone == ["7", "8", None]
+    assert bus.stats()["subscriptions"] == 2
+    keyed.unsubscribe()
+    bus.publish("task.token", correlation_id="7")
+    assert mine == [("task.token", "7")]
+    assert bus.stats()["subscriptions"] == 1
+
+
+def test_a_keyed_subscription_counts_as_a_subscriber_of_its_topics() -> None:
+    bus = Bus()
+    assert not bus.has_subscribers("task.token")
+    sub = bus.subscribe("task.**", correlation_id="7")
+    other = bus.subscribe("task.**", correlation_id="8")
+    assert bus.has_subscribers("task.token")
+    assert not bus.has_subscribers("news.new")
+    sub.unsubscribe()
+    assert bus.has_subscribers("task.token")  # the other one still uses the pattern
+    other.unsubscribe()
+    assert not bus.has_subscribers("task.token")
+
+
 def test_accepts_narrows_a_pattern_and_is_asked_once_per_topic() -> None:
     bus = Bus()
     asked: list[str] = []

@@ -391,6 +391,8 @@ def test_check_config_accepts_config_before_the_command(
         ('[llm]\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "m"\nkey_env = "AGENTD_TEST_NO_SUCH_KEY"\n',
          "[llm] key_env: the environment variable AGENTD_TEST_NO_SUCH_KEY is not set"),
         ('[llm]\nbase_url = "http://127.0.0.1:9/v1"\n', "[llm] model: name the model to ask"),
+        ("[llm]\nmax_connections = -1\n", "[llm] max_connections: expected a non-negative number"),
+        ("[tasks]\nthreads = 0\n", "[tasks] threads: expected at least 1"),
         ('[mail]\nsender = "agentd"\n', "[mail] sender: expected a mail address, got 'agentd'"),
         ('[mail]\ntimeout = 0\n', "[mail] timeout: expected a positive number of seconds"),
         ('[digests.news]\npattern = "news.*"\nto = "me@example.com"\nevery = "1h"\n',

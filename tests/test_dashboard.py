@@ -650,10 +650,10 @@ async def test_the_system_view_shows_plugins_loops_lag_throughput_store_and_erro
         page = tab.page
         queues = page.locator("table", has=page.locator("caption", has_text="Queues"))
         default = queues.locator("tr", has=page.locator('[data-queue="default"]'))
-        await expect(default.locator("td")).to_have_text(["default", "8", "3", "0", "0"])
+        await expect(default.locator("td")).to_have_text(["default", "1000", "3", "0", "0"])
         for outcome in later:
             await daemon.queue.cancel(outcome.task.id)
-        await expect(default.locator("td")).to_have_text(["default", "8", "0", "0", "0"])
+        await expect(default.locator("td")).to_have_text(["default", "1000", "0", "0", "0"])
         # A plugin is reloaded from its file.
         await page.get_by_role("button", name="Reload plugin dash").click()
         await page.get_by_text("Reloaded plugin dash").wait_for()

@@ -40,6 +40,7 @@ from agentd.config import load_config
 from agentd.errors import ConfigError, StoreFullError
 from agentd.events import TopicFilter
 from agentd.llm import ToolCallAssembler
+from agentd.taskqueue import TaskRequest
 from agentd.webhooks import refusal_reason
 from fake_openai import FakeOpenAI
 from sse_client import Sse
@@ -918,6 +919,25 @@ def test_tool_call_deltas_are_assembled_however_the_server_numbers_them(shape: s
         {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
         for c in expected]
     assert all(isinstance(c["function"]["arguments"], str) for c in calls)
+
+
+async def test_agents_on_the_default_queue_stream_more_chats_at_once_than_a_connection_pool_holds(
+        ob: Any) -> None:
+    """150 agents, with agentd's default queues and [llm] connection limit: every chat is
+    open at the server before any of them ends (8 slots, or aiohttp's pool of 100, held
+    the rest back until one ended)."""
+    agents = 150
+    async with FakeOpenAI() as llm:
+        daemon, _, _ = await ob(llm_config(llm))
+        assert daemon.config.tasks.queues == {"default": 1000}  # the defaults, not the test's
+        release = asyncio.Event()
+        for _ in range(agents):
+            llm.reply("one two", hold=release)  # streams "one ", then holds until released
+        records = await daemon.queue.enqueue_many([TaskRequest("ob.chat")] * agents)
+        await llm.wait_requests(agents, timeout=WAIT)
+        release.set()
+        results = [await daemon.queue.result(r.task.id, timeout=WAIT) for r in records]
+    assert [r["content"] for r in results] == ["one two"] * agents
 
 
 async def test_tool_calls_stream_end_to_end_through_ctx_llm(ob: Any) -> None:

@@ -646,6 +646,20 @@ async def test_sync_tasks_run_in_a_thread_and_report_progress(qt: Any) -> None:
     assert progress.data["data"] == {"x": 21}
 
 
+async def test_sync_tasks_beyond_threads_wait_in_their_slots_for_a_thread(qt: Any) -> None:
+    daemon, events, module = await qt(workers={"default": 8}, threads=2)
+    records = [await daemon.queue.enqueue("qt.held_in_thread") for _ in range(5)]
+    try:
+        for record in records:
+            # A task's thread starts in the same step as its task.started goes out.
+            await events.wait_for("task.started", task_id=record.id)
+        assert daemon.workers.describe_running().startswith("5 running tasks")
+        assert ", 2 of them in threads;" in daemon.workers.describe_running()
+    finally:
+        module.THREAD_GATE.set()
+    assert [await daemon.queue.result(r.id, timeout=5) for r in records] == ["held"] * 5
+
+
 async def test_children_are_durable_linked_and_fan_in(qt: Any) -> None:
     daemon, events, _ = await qt()
     parent = await daemon.queue.enqueue("qt.parent", {"values": [1, 2, 3]})
@@ -806,6 +820,27 @@ async def test_unset_claim_ahead_is_the_stores_own(qt: Any) -> None:
     module.gate("hold").set()
     for outcome in quick:
         await daemon.queue.wait(outcome.task.id, timeout=5)
+
+
+async def test_a_queue_of_many_workers_claims_ahead_as_one_of_eight(qt: Any) -> None:
+    """claim_ahead counts at most 8 workers: the default queue's 1,000 would otherwise hold
+    3,000 short tasks (16,000 on PostgreSQL) away from other daemons."""
+    daemon, _, module = await qt(workers={"default": 10}, claim_ahead=2)
+    await run_short_tasks(daemon, 20)
+    held = await daemon.queue.enqueue_many([TaskRequest("qt.wait_gate", {"name": "hold"})] * 10)
+    held_ids = [outcome.task.id for outcome in held]
+
+    async def all_held() -> bool:
+        return await running_ids(daemon, held_ids) == set(held_ids)
+
+    await until(all_held)
+    quick = await daemon.queue.enqueue_many([TaskRequest("qt.echo", {"value": i}) for i in range(30)])
+    quick_ids = [outcome.task.id for outcome in quick]
+    await until(lambda: all_true(running_ids(daemon, quick_ids), daemon.workers.claimed_ahead == 16))
+    assert len(await running_ids(daemon, quick_ids)) == 16  # 2 x 8, not 2 x 10
+    module.gate("hold").set()
+    for task_id in held_ids + quick_ids:
+        await daemon.queue.wait(task_id, timeout=5)
 
 
 async def test_tasks_claimed_together_start_by_priority_then_due_time(qt: Any) -> None:

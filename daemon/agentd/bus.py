@@ -4,7 +4,11 @@ Delivery is in memory and at most once; anything that must not be lost is a dura
 
 A subscription is either a *callback* (called synchronously inside `publish`, so it must be
 quick; async work belongs in `Spawner.spawn`) or an *iterator* with its own buffer of
-`maxsize` events. When an iterator's buffer is full, the oldest buffered event is dropped
+`maxsize` events. A subscription may be keyed by a correlation id (`correlation_id=`):
+it receives only that correlation's events, found by one lookup per event however many
+keyed subscriptions there are (a task's stream is one: with thousands of agents streaming
+tokens, a stream that sees every task's events costs each token a delivery per stream).
+When an iterator's buffer is full, the oldest buffered event is dropped
 and counted; the consumer then receives one `bus.lagged` event, before the events that
 are still buffered, whose data says how many were dropped and the id of the last one
 (`resume_after`), so it can re-read them from the event log. The publisher is never
@@ -63,9 +67,11 @@ class Subscription:
         maxsize: int,
         merge: Merge | None = None,
         accepts: Callable[[str], bool] | None = None,
+        correlation_id: str | None = None,
     ) -> None:
         self.bus = bus
         self.pattern = pattern
+        self.correlation_id = correlation_id
         self.accepts = accepts
         self.merge = merge
         self.name = name
@@ -77,6 +83,9 @@ class Subscription:
         self._lag = 0
         self._last_dropped_id = 0
         self._waiter: asyncio.Future[None] | None = None
+        # A keyed subscription's answers by topic: the bus asks it for each event of its
+        # correlation (a stream's every token), and a pattern match costs more than a lookup.
+        self._wanted: dict[str, bool] = {}
 
     def unsubscribe(self) -> None:
         """Stop receiving; a waiting iterator ends once its buffer is drained. Idempotent."""
@@ -88,6 +97,15 @@ class Subscription:
     def wants(self, topic: str) -> bool:
         """Whether events of `topic` are delivered to this subscription."""
         return self.pattern.matches(topic) and (self.accepts is None or self.accepts(topic))
+
+    def wants_remembered(self, topic: str) -> bool:
+        """`wants(topic)`, asked once per topic (the answers kept up to a bound)."""
+        wanted = self._wanted.get(topic)
+        if wanted is None:
+            if len(self._wanted) >= _TOPICS_CACHED:
+                self._wanted.clear()
+            wanted = self._wanted[topic] = self.wants(topic)
+        return wanted
 
     def __enter__(self) -> Subscription:
         return self
@@ -164,6 +182,11 @@ class Bus:
         # A dict as an ordered set: O(1) removal with thousands of stream clients.
         self._subscriptions: dict[Subscription, None] = {}
         self._by_topic: dict[str, tuple[Subscription, ...]] = {}
+        # Keyed subscriptions by correlation id, and how many of them use each pattern:
+        # whether a topic has subscribers asks the few patterns, not every keyed one.
+        self._by_correlation: dict[str, list[Subscription]] = {}
+        self._keyed_patterns: dict[TopicFilter, int] = {}
+        self._keyed_topics: dict[str, bool] = {}  # topic -> whether a keyed pattern matches it
         self._log = get_logger("bus")
         self.published = 0
         self._dropped_by_gone = 0
@@ -203,6 +226,7 @@ class Bus:
         maxsize: int = DEFAULT_BUFFER,
         merge: Merge | None = None,
         accepts: Callable[[str], bool] | None = None,
+        correlation_id: str | None = None,
     ) -> Subscription:
         """Subscribe to topics matching `pattern`.
 
@@ -216,6 +240,8 @@ class Bus:
                 full (e.g. consecutive LLM tokens), before anything is dropped.
             accepts: a further test of a topic the pattern matches (asked once per topic,
                 its answer remembered), for what a pattern cannot say: "all but these".
+            correlation_id: receive only events of this correlation (keyed: a subscription
+                costs the events of other correlations nothing).
 
         Raises:
             PatternError: the pattern is malformed.
@@ -225,9 +251,15 @@ class Bus:
             raise ValueError(f"maxsize must be at least 1, got {maxsize}")
         label = name or getattr(callback, "__qualname__", None) or f"subscriber:{compiled.text}"
         sub = Subscription(self, compiled, name=label, callback=callback, maxsize=maxsize, merge=merge,
-                           accepts=accepts)
+                           accepts=accepts, correlation_id=correlation_id)
         self._subscriptions[sub] = None
-        self._by_topic.clear()
+        if correlation_id is None:
+            self._by_topic.clear()
+            return sub
+        self._by_correlation.setdefault(correlation_id, []).append(sub)
+        if compiled not in self._keyed_patterns:
+            self._keyed_topics.clear()
+        self._keyed_patterns[compiled] = self._keyed_patterns.get(compiled, 0) + 1
         return sub
 
     def publish(
@@ -308,9 +340,18 @@ class Bus:
         self._last_id = max(self._last_id, last_id)
 
     def has_subscribers(self, topic: str) -> bool:
-        """Whether an event of `topic` published now would reach anyone: a publisher may skip
-        building the events of a busy topic that nobody takes."""
-        return bool(self._subscribers(topic))
+        """Whether an event of `topic` published now might reach anyone: a publisher may skip
+        building the events of a busy topic that nobody takes. (A keyed subscription counts
+        whatever its correlation.)"""
+        if self._subscribers(topic):
+            return True
+        keyed = self._keyed_topics.get(topic)
+        if keyed is None:
+            keyed = any(pattern.matches(topic) for pattern in self._keyed_patterns)
+            if len(self._keyed_topics) >= _TOPICS_CACHED:
+                self._keyed_topics.clear()
+            self._keyed_topics[topic] = keyed
+        return keyed
 
     def dispatch(self, event: Event) -> None:
         """Deliver an already-built event, or hold it back while an event reserved before it
@@ -344,7 +385,11 @@ class Bus:
 
     def _deliver(self, event: Event) -> None:
         self.published += 1
-        for sub in self._subscribers(event.topic):
+        subscribers = self._subscribers(event.topic)
+        keyed = self._by_correlation.get(event.correlation_id) if event.correlation_id else None
+        if keyed:
+            subscribers += tuple(sub for sub in keyed if sub.wants_remembered(event.topic))
+        for sub in subscribers:
             try:
                 sub.deliver(event)
             except Exception:
@@ -355,7 +400,8 @@ class Bus:
     def _subscribers(self, topic: str) -> tuple[Subscription, ...]:
         subscribers = self._by_topic.get(topic)
         if subscribers is None:
-            subscribers = tuple(s for s in self._subscriptions if s.wants(topic))
+            subscribers = tuple(s for s in self._subscriptions
+                                if s.correlation_id is None and s.wants(topic))
             if len(self._by_topic) >= _TOPICS_CACHED:
                 self._by_topic.clear()  # topics made per item (`news.<id>`) must not pile up
             self._by_topic[topic] = subscribers
@@ -374,6 +420,19 @@ class Bus:
         }
 
     def _remove(self, sub: Subscription) -> None:
-        if self._subscriptions.pop(sub, 0) is None:
+        if self._subscriptions.pop(sub, 0) is not None:
+            return
+        self._dropped_by_gone += sub.dropped
+        if sub.correlation_id is None:
             self._by_topic.clear()
-            self._dropped_by_gone += sub.dropped
+            return
+        keyed = self._by_correlation[sub.correlation_id]
+        keyed.remove(sub)
+        if not keyed:
+            del self._by_correlation[sub.correlation_id]
+        left = self._keyed_patterns[sub.pattern] - 1
+        if left:
+            self._keyed_patterns[sub.pattern] = left
+        else:
+            del self._keyed_patterns[sub.pattern]
+            self._keyed_topics.clear()

@@ -108,7 +108,13 @@ class BackupConfig:
 class TasksConfig:
     """[tasks]: the durable queue: queues and their workers, retries, leases, results."""
 
-    queues: Mapping[str, int] = field(default_factory=lambda: {"default": 8})
+    # Slots are coroutines: an agent waiting on its LLM costs a few KB while it waits, so the
+    # default queue runs 1,000 at once (bench/agent_bench.py); CPU-bound sync tasks are
+    # bounded by `threads` instead, and a task by its `concurrency`.
+    queues: Mapping[str, int] = field(default_factory=lambda: {"default": 1000})
+    # Sync (`def`) tasks running at once, in threads, over all queues: past that many a
+    # sync task waits for a thread to end (in its slot, its timeout running).
+    threads: int = 8
     max_attempts: int = 3
     retry_base: float = 2.0
     retry_max: float = 600.0
@@ -310,6 +316,9 @@ class LlmConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 120.0
     token_budget: int = 0
+    # Requests to the endpoint open at once; 0: no limit but the queues' slots. (aiohttp's
+    # own default, 100, held the 101st streaming agent until another one's reply ended.)
+    max_connections: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -943,6 +952,9 @@ def _check_rules(config: Config) -> None:
     if config.daemon.safe_mode_after <= 0:  # 0 would mark each start survived as it serves
         raise ConfigError(f"{config.origin('daemon', 'safe_mode_after')}: [daemon] safe_mode_after: "
                           "expected a positive number of seconds")
+    if config.tasks.threads < 1:
+        raise ConfigError(f"{config.origin('tasks', 'threads')}: [tasks] threads: expected at "
+                          "least 1 (sync tasks would never run)")
     if config.tasks.lease <= 0:  # the heartbeat renews every lease / 3 seconds
         raise ConfigError(f"{config.origin('tasks', 'lease')}: [tasks] lease: expected a positive "
                           "number of seconds")
@@ -1047,7 +1059,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
         return tuple(value)
-    if origin is Mapping:  # name -> positive count, e.g. queues = { default = 8 }
+    if origin is Mapping:  # name -> positive count, e.g. queues = { default = 1000 }
         if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
             for k, v in value.items()

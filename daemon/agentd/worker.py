@@ -9,11 +9,11 @@ parent and its children.
 Claiming ahead. A claim, an acknowledgement and a commit cost per transaction, and a
 transaction holds what is in flight: with 8 slots, 8 tasks. While a queue's tasks run
 shorter than `SHORT_TASK` on average, a claim also takes up to `claim_ahead` x workers
-tasks beyond its free slots (unset: the store's default, by what its transactions cost);
-they wait in memory (leased, `running` in the table, no `task.started` yet), in priority
-order, and start as slots free, without waiting for a claim. Long tasks are never claimed
-ahead: a claimed task would show as running while it waits behind them, and would wait
-long (Celery's prefetch problem).
+(at most `AHEAD_WORKERS` of them) tasks beyond its free slots (unset: the store's default,
+by what its transactions cost); they wait in memory (leased, `running` in the table, no
+`task.started` yet), in priority order, and start as slots free, without waiting for a
+claim. Long tasks are never claimed ahead: a claimed task would show as running while it
+waits behind them, and would wait long (Celery's prefetch problem).
 
 Writes the storage refuses. A task's outcome is not lost to a full disk: an acknowledgement
 or a retry that fails with a `StoreWriteError` is written again, after `WRITE_RETRY_FIRST`
@@ -65,6 +65,10 @@ _LOG = get_logger("worker")
 # weight `_RUN_WEIGHT` on the newest) is below this many seconds.
 SHORT_TASK = 0.05
 _RUN_WEIGHT = 0.2
+# The most workers of a queue that claiming ahead counts: claim_ahead was tuned with 8, and
+# a queue of 1,000 slots (the default) claiming 3,000 or (PostgreSQL) 16,000 tasks ahead
+# would hold them from other daemons while its free slots fill each claim anyway.
+AHEAD_WORKERS = 8
 # Seconds before a queue claims again after a claim's transaction failed (unless woken).
 CLAIM_RETRY = 1.0
 # Seconds before an outcome the storage refused is written again: the first wait, doubled
@@ -157,6 +161,9 @@ class WorkerPool:
         self._stopping = False
         self._interrupted = 0  # attempts a stop interrupted, their tasks put back
         self._threads: set[threading.Thread] = set()  # running sync tasks' threads
+        # A thread each for at most `threads` sync tasks: with a thousand slots, a thousand
+        # CPU-bound threads would leave the event loop's thread a thousandth of the GIL.
+        self._thread_slots = asyncio.Semaphore(config.threads)
         # What each task's context variables start as: the daemon's, as it was built. Not
         # the context of the task whose slot it takes over (its `structlog` bindings...).
         self._task_context = contextvars.copy_context()
@@ -389,7 +396,8 @@ class WorkerPool:
         left ahead of them while its tasks are short."""
         slots, room = self._slots[queue], 0
         if self._mean_run[queue] < SHORT_TASK:
-            room = max(0, self._claim_ahead * slots.capacity - len(self._ahead[queue]))
+            ahead = self._claim_ahead * min(slots.capacity, AHEAD_WORKERS)
+            room = max(0, ahead - len(self._ahead[queue]))
         return slots.free + room
 
     def _claim_in_next_batch(self, queue: str) -> ClaimFuture:
@@ -524,7 +532,7 @@ class WorkerPool:
                 return _CANCELLED
             if definition is None:
                 raise Fail(f"no task named {record.name!r} is registered")
-            call = _task_call(definition, record, ctx, self._threads)
+            call = _task_call(definition, record, ctx, self._threads, self._thread_slots)
             if record.timeout is None:
                 value = await call
             else:
@@ -824,19 +832,22 @@ def _insert_by_priority(ahead: deque[TaskRecord], record: TaskRecord) -> None:
 
 
 def _task_call(definition: TaskDef, record: TaskRecord, ctx: Context,
-               threads: set[threading.Thread]) -> Awaitable[Any]:
+               threads: set[threading.Thread], thread_slots: asyncio.Semaphore) -> Awaitable[Any]:
     """The task's function called with its arguments; a sync one runs in a thread of its
-    own, added to `threads` while it runs."""
+    own once `thread_slots` has room, added to `threads` while it runs."""
     if definition.is_async:
         call: Awaitable[Any] = definition.fn(ctx, **record.args)
         return call
     return _in_thread(partial(definition.fn, ctx, **record.args), f"task:{record.name}:{record.id}",
-                      threads)
+                      threads, thread_slots)
 
 
-async def _in_thread(call: Callable[[], Any], name: str, threads: set[threading.Thread]) -> Any:
+async def _in_thread(call: Callable[[], Any], name: str, threads: set[threading.Thread],
+                     thread_slots: asyncio.Semaphore) -> Any:
     """`call()` in a new daemon thread, with the caller's context variables (as
-    `asyncio.to_thread`); cancelling the wait leaves the thread to end on its own.
+    `asyncio.to_thread`), once `thread_slots` lets one more thread run; the slot is given
+    back when the thread ends, not when the wait does: cancelling the wait leaves the
+    thread to end on its own, still counted.
 
     Not `to_thread`: the loop's default executor's threads are joined at exit (by
     `asyncio.run`, then by concurrent.futures' atexit hook), so one sync task stuck in a
@@ -846,6 +857,7 @@ async def _in_thread(call: Callable[[], Any], name: str, threads: set[threading.
     for; and stuck ones cannot starve the others, as they could the default executor's
     few threads (cores + 4), shared with the embedder.
     """
+    await thread_slots.acquire()
     loop = asyncio.get_running_loop()
     done: asyncio.Future[Any] = loop.create_future()
     context = contextvars.copy_context()
@@ -856,7 +868,7 @@ async def _in_thread(call: Callable[[], Any], name: str, threads: set[threading.
         except BaseException as exc:  # delivered to the awaiting task, like to_thread's
             outcome = partial(_set_exception, done, exc)
         with contextlib.suppress(RuntimeError):  # the loop has closed: the task was put back
-            loop.call_soon_threadsafe(_finish_thread, thread, threads, outcome)
+            loop.call_soon_threadsafe(_finish_thread, thread, threads, thread_slots, outcome)
 
     thread = threading.Thread(target=run, name=name, daemon=True)
     threads.add(thread)
@@ -865,8 +877,9 @@ async def _in_thread(call: Callable[[], Any], name: str, threads: set[threading.
 
 
 def _finish_thread(thread: threading.Thread, threads: set[threading.Thread],
-                   outcome: Callable[[], None]) -> None:
+                   thread_slots: asyncio.Semaphore, outcome: Callable[[], None]) -> None:
     threads.discard(thread)
+    thread_slots.release()
     outcome()
 
 

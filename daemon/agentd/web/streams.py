@@ -458,11 +458,13 @@ class SseStream:
         return outcome
 
 
-def _subscribe(request: web.Request, patterns: TopicFilter | str, name: str) -> Subscription:
+def _subscribe(request: web.Request, patterns: TopicFilter | str, name: str,
+               correlation_id: str | None = None) -> Subscription:
     daemon = request.app[DAEMON]
     sub = daemon.eventlog.streams.subscribe(
         patterns.text if isinstance(patterns, TopicFilter) else patterns,
-        name=name, maxsize=daemon.config.streams.client_buffer, merge=coalesce_tokens)
+        name=name, maxsize=daemon.config.streams.client_buffer, merge=coalesce_tokens,
+        correlation_id=correlation_id)
     request.app[STREAMS].add(sub)
     # A client that leaves ends its stream at once: the subscription closes, and the wait
     # for its next event ends with it.
@@ -542,8 +544,9 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
 
     # Subscribed before the tree is read: a child enqueued meanwhile is then seen queued live
     # (read first, its task.queued could go out in between, and its events be taken as
-    # another tree's).
-    sub = _subscribe(request, "task.**", f"sse:task:{task_id}")
+    # another tree's). Keyed by the tree's correlation id, which its every task carries:
+    # other tasks' events (a thousand agents' tokens) never reach this stream.
+    sub = _subscribe(request, "task.**", f"sse:task:{task_id}", record.correlation_id)
     sse = SseStream(request, daemon.config.streams, daemon.eventlog.replayable)
     sse.last_sent = after
     try:
