@@ -191,15 +191,15 @@ def compare(recorded: int, measured: int) -> tuple[bool, str]:
     """Whether `measured` instructions per no-op task passes the check against the
     `recorded` figure (at most TOLERANCE more), and the sentence that says so."""
     change = (measured - recorded) / recorded
+    file = RECORDED.relative_to(HERE.parent)
     figures = f"{measured:,} instructions per no-op task against {recorded:,} recorded ({change:+.1%})"
     if change > TOLERANCE:
         return False, (f"{figures}: more than {TOLERANCE:.0%} over the recorded figure. If the "
                        f"change is meant (it buys something worth the cost), record the figure "
-                       f"again with `{RECORD_COMMAND}` and commit {RECORDED.name}")
+                       f"again with `{RECORD_COMMAND}` and commit {file}")
     if change < -TOLERANCE:
         return True, (f"{figures}: more than {TOLERANCE:.0%} under it. Record the new figure "
-                      f"(`{RECORD_COMMAND}`, and commit {RECORDED.name}) so that the check "
-                      f"guards it")
+                      f"(`{RECORD_COMMAND}`, and commit {file}) so that the check guards it")
     return True, f"{figures}: within {TOLERANCE:.0%}"
 
 
@@ -247,10 +247,12 @@ def environment() -> dict[str, str]:
     """What, besides agentd's code, moves the count: the interpreter, SQLite, valgrind, the
     CPU (glibc picks its string functions by the CPU features valgrind reports) and the
     versions of agentd's dependencies installed."""
+    valgrind = "not installed"
+    if shutil.which("valgrind"):
+        valgrind = subprocess.run(["valgrind", "--version"], capture_output=True, text=True,
+                                  check=False, timeout=60).stdout.strip()
     found = {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
-             "valgrind": subprocess.run(["valgrind", "--version"], capture_output=True, text=True,
-                                        check=False, timeout=60).stdout.strip(),
-             "cpu": cpu_model()}
+             "valgrind": valgrind, "cpu": cpu_model()}
     try:
         requirements = metadata.requires("agentd") or []
     except metadata.PackageNotFoundError:  # measured from a checkout not installed
