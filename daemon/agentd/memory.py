@@ -297,7 +297,9 @@ class SqliteMemory:
         self.store = SqliteStore(path, store_config, migrations="sql/memory", writes_in_thread=True,
                                  readers=_READERS, setting="[memory] path")
         self._fields = tuple(config.filter_fields)
-        self._layout = config.quantization  # the vector tables' layout once open
+        # The vector tables' layout once open. Bits come in bytes: an embedder whose dimension
+        # is not a multiple of 8 (a toy or test model; real ones are) keeps the float layout.
+        self._layout = config.quantization if embedder.dimension % 8 == 0 else "none"
         self._log = get_logger("memory")
 
     async def open(self, *, check_embedder: bool = True) -> None:
@@ -339,10 +341,6 @@ class SqliteMemory:
         conn.execute("DROP TABLE IF EXISTS memory_vectors")
         conn.execute("DROP TABLE IF EXISTS memory_embeddings")
         if self._layout == "binary":
-            if dimension % 8:
-                raise EmbedderMismatchError(
-                    f"[memory] quantization = \"binary\" needs a dimension divisible by 8; the "
-                    f"embedder {self.embedder.id!r} gives {dimension}: set quantization = \"none\"")
             conn.execute(
                 f"CREATE VIRTUAL TABLE memory_vectors USING vec0(id INTEGER PRIMARY KEY, "
                 f"bits bit[{dimension}], namespace TEXT PARTITION KEY{columns})")
