@@ -426,13 +426,7 @@ class SqliteMemory:
                        metadata: Mapping[str, Any] | None = None, expires_at: float | None = None,
                        supersedes: int | None = None) -> tuple[Memory, bool]:
         """Store `text`; return the memory and whether it is new (False: a duplicate's)."""
-        item = check_memory(text, namespace, metadata, expires_at)
-        if supersedes is None:
-            (result,) = await remember_checked(self, [item])
-            return result
-        (vector,) = await self.batcher.embed([item.text])
-        ((memory, _),) = await self._insert([(item, vector)], supersedes=supersedes)
-        return memory, True
+        return await remember_one(self, check_memory(text, namespace, metadata, expires_at), supersedes)
 
     async def remember_many(self, items: Sequence[NewMemory]) -> list[tuple[Memory, bool]]:
         return await remember_checked(self, check_batch(items))
@@ -831,6 +825,18 @@ class BatchEngine(Protocol):
 
     async def _insert(self, pairs: Sequence[tuple[CheckedMemory, list[float]]],
                       supersedes: int | None = None) -> list[tuple[Memory, bool]]: ...
+
+
+async def remember_one(engine: BatchEngine, item: CheckedMemory,
+                       supersedes: int | None) -> tuple[Memory, bool]:
+    """`remember` on either engine: a new text as `remember_checked` stores it, or a
+    correction of `supersedes` (always written: it replaces what it corrects)."""
+    if supersedes is None:
+        (result,) = await remember_checked(engine, [item])
+        return result
+    (vector,) = await engine.batcher.embed([item.text])
+    ((memory, _),) = await engine._insert([(item, vector)], supersedes=supersedes)
+    return memory, True
 
 
 async def remember_checked(engine: BatchEngine, items: Sequence[CheckedMemory]) -> list[tuple[Memory, bool]]:

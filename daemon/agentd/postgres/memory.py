@@ -78,6 +78,7 @@ from agentd.memory import (
     matches,
     plan_delete,
     remember_checked,
+    remember_one,
 )
 from agentd.metrics import RECALL_BUCKETS, Histogram
 from agentd.store.postgres import PgConnection, PgStore, load_migrations
@@ -229,13 +230,7 @@ class PgMemory:
     async def remember(self, text: str, namespace: str = DEFAULT_NAMESPACE,
                        metadata: Mapping[str, Any] | None = None, expires_at: float | None = None,
                        supersedes: int | None = None) -> tuple[Memory, bool]:
-        item = check_memory(text, namespace, metadata, expires_at)
-        if supersedes is None:
-            (result,) = await remember_checked(self, [item])
-            return result
-        (vector,) = await self.batcher.embed([item.text])
-        ((memory, _),) = await self._insert([(item, vector)], supersedes=supersedes)
-        return memory, True
+        return await remember_one(self, check_memory(text, namespace, metadata, expires_at), supersedes)
 
     async def remember_many(self, items: Sequence[NewMemory]) -> list[tuple[Memory, bool]]:
         return await remember_checked(self, check_batch(items))
