@@ -879,6 +879,15 @@ async def test_an_owed_fire_is_reported_missed_when_the_run_s_failure_pauses(sch
     first = (await fired(r, "slow", START)).data["task_id"]
     await gate_opened(r.module, f"started:{first}")
     r.clock.advance(MINUTE)  # owed, for when the run ends
+    # Owed before the clock moves again: both advances handled in one pass would make the
+    # first fire late (caught up), not owed. A fire owed publishes nothing to wait on.
+    state = r.daemon.scheduler.schedules["slow"]
+
+    async def owed() -> None:
+        while state.owed_fire is None:  # noqa: ASYNC110 - nothing is published when a fire is owed
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(owed(), WAIT)
     r.clock.advance(MINUTE)  # one is owed already: missed, which tells the first is owed
     await r.events.wait_for("schedule.missed", WAIT, schedule_id="slow", reason="overlap")
     assert (await record(r, "slow"))["owed_fire"] == START + MINUTE
