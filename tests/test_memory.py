@@ -29,7 +29,7 @@ import sqlite_vec
 from aiohttp import web
 
 from agentd.embed import MiniLMEmbedder, build_embedder
-from agentd.errors import EmbedderError, EmbedderMismatchError, MemoryNotFoundError
+from agentd.errors import EmbedderError, EmbedderInputError, EmbedderMismatchError, MemoryNotFoundError
 from agentd.memory import SqliteMemory
 from agentd.memory_import import Progress
 from agentd.testing import make_config
@@ -1323,14 +1323,16 @@ async def test_concurrent_remembers_share_a_model_call_and_a_recall_does_not_wai
     toy.ARMED.append(True)
     held = asyncio.ensure_future(memory.remember("HOLD the model is busy", namespace="office"))
     await asyncio.wait_for(toy.HELD.wait(), 5)
+    # No two of these are near duplicates under the toy vectors (a group dedupes them).
     texts = [f"note {i} about {word}" for i, word in enumerate(
-        ["ants", "bees", "cats", "dogs", "eels", "frogs", "geese", "hens", "ibis", "jays"])]
+        ["ants", "bees", "cats", "dogs", "frogs", "geese", "jays", "kites", "lions", "mice"])]
     remembering = [asyncio.ensure_future(memory.remember(text, namespace="office")) for text in texts]
-    await until_true(lambda: memory.batcher.queued == len(texts))
+    # Taken as one group, which waits for the held call's group to leave the model.
+    await until_true(lambda: memory.grouped.unanswered == len(texts) + 1)
     # Recall's query has a lane of its own: answered while the model still holds a call.
     found = await asyncio.wait_for(memory.recall("when does the office open", namespace="office"), 10)
     assert found[0].memory.text == "the office opens at eight"
-    assert not held.done() and memory.batcher.queued == len(texts)
+    assert not held.done() and memory.grouped.unanswered == len(texts) + 1
     toy.GATE.set()
     await held
     results = await asyncio.gather(*remembering)
@@ -1340,6 +1342,60 @@ async def test_concurrent_remembers_share_a_model_call_and_a_recall_does_not_wai
     held_call, query_call, next_call = toy.CALLS[-3:]
     assert (held_call, query_call) == (["HOLD the model is busy"], ["when does the office open"])
     assert sorted(next_call) == texts
+
+
+async def test_concurrent_near_duplicates_are_stored_once(start: Any, plugin_dir: Any) -> None:
+    """Callers remembering at once are stored as one group: a near duplicate of another
+    caller's text gets that memory, as it would had it come a moment later (each caller's
+    nearest-neighbour search ran before the other's write, and both were stored)."""
+    toy_dir = plugin_dir({"toy.py": BATCHED_PLUGIN}, name="batched_plugins")
+    daemon, _ = await start(plugin_dirs=[toy_dir], overrides={"memory": {"embedder": "toy"}})
+    toy = sys.modules["agentd_plugins.toy"]
+    memory = daemon.memory
+    toy.ARMED.append(True)
+    held = asyncio.ensure_future(memory.remember("HOLD the model is busy", namespace="zoo"))
+    await asyncio.wait_for(toy.HELD.wait(), 5)
+    # The same vector under the toy embedder: near duplicates, not exact ones.
+    twins = ["note 3 about dogs", "note 4 about eels"]
+    remembering = [asyncio.ensure_future(memory.remember(text, namespace="zoo")) for text in twins]
+    await until_true(lambda: memory.grouped.unanswered == len(twins) + 1)
+    toy.GATE.set()
+    await held
+    (first, first_new), (second, second_new) = await asyncio.gather(*remembering)
+    assert (first_new, second_new, second.id) == (True, False, first.id)
+    assert first.text == "note 3 about dogs"
+    assert (await memory.stats())["namespaces"] == {"zoo": 2}
+
+
+REFUSING_PLUGIN = BATCHED_PLUGIN.replace(
+    "            CALLS.append(list(texts))", """            CALLS.append(list(texts))
+            if any("REFUSE" in t for t in texts):
+                from agentd.errors import EmbedderInputError
+                raise EmbedderInputError("the toy refuses REFUSE")""")
+
+
+async def test_a_text_the_embedder_refuses_fails_only_its_caller_in_a_group(
+    start: Any, plugin_dir: Any
+) -> None:
+    toy_dir = plugin_dir({"toy.py": REFUSING_PLUGIN}, name="refusing_plugins")
+    daemon, _ = await start(plugin_dirs=[toy_dir], overrides={"memory": {"embedder": "toy"}})
+    toy = sys.modules["agentd_plugins.toy"]
+    memory = daemon.memory
+    toy.ARMED.append(True)
+    held = asyncio.ensure_future(memory.remember("HOLD the model is busy", namespace="zoo"))
+    await asyncio.wait_for(toy.HELD.wait(), 5)
+    texts = ["note 0 about ants", "REFUSE this one", "note 1 about bees"]
+    remembering = [asyncio.ensure_future(memory.remember(text, namespace="zoo")) for text in texts]
+    await until_true(lambda: memory.grouped.unanswered == len(texts) + 1)
+    toy.GATE.set()
+    await held
+    ants, refused, bees = await asyncio.gather(*remembering, return_exceptions=True)
+    assert isinstance(refused, EmbedderInputError), refused
+    assert isinstance(ants, tuple) and isinstance(bees, tuple)
+    assert (ants[0].text, ants[1], bees[0].text, bees[1]) == ("note 0 about ants", True,
+                                                              "note 1 about bees", True)
+    assert sorted(toy.CALLS[-4:-3][0]) == sorted(texts)  # one call for the three, then each alone
+    assert (await memory.stats())["namespaces"] == {"zoo": 3}
 
 
 async def test_cli_imports_json_lines_in_batches_and_again_as_duplicates(

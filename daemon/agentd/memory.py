@@ -23,6 +23,7 @@ with the memory when it is forgotten or purged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -60,6 +61,7 @@ _VEC0_K_MAX = 4096
 _READERS = 2
 _REPLANS = 5  # times a delete re-plans when correction chains change under it
 MAX_MEMORY_BATCH = 1000  # memories per `remember_many` call (and per POST /v1/memory/batch)
+_MIN_GROUP = 8  # a group may always hold this many calls (with `embed_batch` 1 too)
 
 
 class ChainChangedError(Exception):
@@ -291,6 +293,7 @@ class SqliteMemory:
         self.config = config
         self.embedder = embedder
         self.batcher = EmbeddingBatcher(embedder, config.embed_batch)
+        self.grouped = RememberGroups(self)
         self.recall_seconds = Histogram(RECALL_BUCKETS)  # for /metrics
         # Two readers: recalls are vector searches that SQLite runs without the GIL, so two
         # agents recalling at once use two cores instead of queueing on one connection.
@@ -818,6 +821,7 @@ class BatchEngine(Protocol):
 
     config: MemoryConfig
     batcher: EmbeddingBatcher
+    grouped: RememberGroups
 
     async def _live_by_digest(self, namespace: str, digests: Sequence[str]) -> dict[str, Memory]: ...
 
@@ -829,25 +833,45 @@ class BatchEngine(Protocol):
 
 async def remember_one(engine: BatchEngine, item: CheckedMemory,
                        supersedes: int | None) -> tuple[Memory, bool]:
-    """`remember` on either engine: a new text as `remember_checked` stores it, or a
-    correction of `supersedes` (always written: it replaces what it corrects)."""
+    """`remember` on either engine: a new text as `remember_checked` stores it, grouped with
+    the other callers' of the moment (`RememberGroups`), or a correction of `supersedes`
+    (always written: it replaces what it corrects)."""
     if supersedes is None:
-        (result,) = await remember_checked(engine, [item])
-        return result
+        return await engine.grouped.remember(item)
     (vector,) = await engine.batcher.embed([item.text])
     ((memory, _),) = await engine._insert([(item, vector)], supersedes=supersedes)
     return memory, True
 
 
 async def remember_checked(engine: BatchEngine, items: Sequence[CheckedMemory]) -> list[tuple[Memory, bool]]:
-    """`remember_many` on either engine: each item's memory and whether it is new.
+    """`remember_many` on either engine: each item's memory and whether it is new; nothing
+    is stored if any item fails (the first failure is raised). See `_store_items`."""
+    outcomes = await _store_items(engine, items, each_alone=False)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
+
+
+Outcome = tuple[Memory, bool] | BaseException  # an item's memory and whether it is new, or its failure
+
+
+async def _store_items(engine: BatchEngine, items: Sequence[CheckedMemory], *,
+                       each_alone: bool, embedding: asyncio.Lock | None = None) -> list[Outcome]:
+    """Store `items`; each one's outcome, in order.
 
     In order: an item repeating an earlier item's text shares its result; one whose text a
     live memory of its namespace has gets that memory; the rest are embedded (in batches
     of `[memory] embed_batch`, queued behind recalls); one within `dedupe_threshold` of an
     earlier item of the batch or of a stored memory gets that one; what is left is written
-    in one transaction."""
-    results: dict[int, tuple[Memory, bool]] = {}
+    in one transaction.
+
+    `each_alone`: the items are different callers' (`RememberGroups`): each text is its own
+    request to the batcher, so a text the embedder refuses fails only its item, and the
+    others are still stored. Otherwise (one caller's batch) an embedding failure fails the
+    call before anything is written. A failed read or write fails every item.
+    `embedding`: held while the texts are embedded (see `RememberGroups`)."""
+    results: dict[int, Outcome] = {}
     shares = _repeats(items)  # an item -> the earlier item whose result it takes
     firsts = [index for index in range(len(items)) if index not in shares]
     by_namespace: dict[str, list[int]] = {}
@@ -857,7 +881,14 @@ async def remember_checked(engine: BatchEngine, items: Sequence[CheckedMemory]) 
         stored = await engine._live_by_digest(namespace, [items[i].digest for i in indexes])
         results.update((i, (stored[items[i].digest], False)) for i in indexes if items[i].digest in stored)
     fresh = [index for index in firsts if index not in results]
-    vectors = await _embed_all(engine.batcher, items, fresh)
+    async with embedding or contextlib.nullcontext():
+        if each_alone:
+            vectors, refused = await _embed_each(engine.batcher, items, fresh)
+            results.update(refused)
+        else:
+            vectors = await _embed_all(engine.batcher, items, fresh)
+    if each_alone:
+        fresh = [index for index in fresh if index in vectors]
     shares.update(_near_in_batch(items, fresh, vectors, engine.config.dedupe_threshold))
     kept = [index for index in fresh if index not in shares]
     near = await asyncio.gather(*(engine._nearest(vectors[i], items[i].namespace) for i in kept))
@@ -868,8 +899,83 @@ async def remember_checked(engine: BatchEngine, items: Sequence[CheckedMemory]) 
         written = await engine._insert([(items[i], vectors[i]) for i in new])
         results.update(zip(new, written, strict=True))
     for index in sorted(shares):  # after the item each shares with, which comes first
-        results[index] = (results[shares[index]][0], False)
+        first = results[shares[index]]
+        results[index] = first if isinstance(first, BaseException) else (first[0], False)
     return [results[index] for index in range(len(items))]
+
+
+class RememberGroups:
+    """Concurrent `remember()` calls of one engine, stored a group at a time.
+
+    Alone, each call takes a read (its exact duplicate), a model call, a nearest-neighbour
+    search and a write of its own, and callers that each search before the others write
+    can all store near duplicates of one another. Grouped, the calls waiting at the moment
+    share one read per namespace and one write transaction, their texts reach the batcher
+    together, and near duplicates within a group are stored once.
+
+    Two groups are under way at most, taking turns at the model: while one group's texts
+    are embedded, the other's are checked and written, so neither the model nor the writes
+    wait for the other (one group at a time left the model idle during every write). A
+    group holds at most half a model batch (`[memory] embed_batch`), so that the calls
+    waiting make two groups; at least `_MIN_GROUP`. A group is taken when its runner first
+    runs, so the calls of one loop turn share it, and an idle daemon's lone call is a group
+    of one at once.
+
+    A text the embedder refuses fails only its caller; a failed read or write fails its
+    group's callers. A caller cancelled before its group is taken is dropped; one cancelled
+    later does not stop the group (its text may be stored)."""
+
+    def __init__(self, engine: BatchEngine, *, in_flight: int = 2) -> None:
+        self._engine = engine
+        self._max_items = max(_MIN_GROUP, engine.batcher.max_texts // 2)
+        self._in_flight = in_flight
+        self._embedding = asyncio.Lock()  # held by the group whose texts the model has
+        self._waiting: list[tuple[CheckedMemory, asyncio.Future[tuple[Memory, bool]]]] = []
+        self._runners: set[asyncio.Task[None]] = set()
+        self.unanswered = 0  # calls made and not answered yet
+
+    async def remember(self, item: CheckedMemory) -> tuple[Memory, bool]:
+        future: asyncio.Future[tuple[Memory, bool]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        self._start()
+        self.unanswered += 1
+        try:
+            return await future
+        finally:
+            self.unanswered -= 1
+
+    def _start(self) -> None:
+        if self._waiting and len(self._runners) < self._in_flight:
+            runner = asyncio.get_running_loop().create_task(self._run(), name="agentd-remember-group")
+            self._runners.add(runner)
+            runner.add_done_callback(self._runner_done)
+
+    def _runner_done(self, runner: asyncio.Task[None]) -> None:
+        self._runners.discard(runner)
+        self._start()
+
+    async def _run(self) -> None:
+        group = [(item, future) for item, future in self._waiting[:self._max_items] if not future.done()]
+        del self._waiting[:self._max_items]
+        if not group:
+            return
+        try:
+            outcomes = await _store_items(self._engine, [item for item, _ in group], each_alone=True,
+                                          embedding=self._embedding)
+        except BaseException as exc:
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), outcome in zip(group, outcomes, strict=True):
+            if future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
 
 
 def _repeats(items: Sequence[CheckedMemory]) -> dict[int, int]:
@@ -888,6 +994,24 @@ async def _embed_all(batcher: EmbeddingBatcher, items: Sequence[CheckedMemory],
     embedded = await asyncio.gather(*(batcher.embed([items[i].text for i in chunk]) for chunk in chunks))
     return {index: vector for chunk, vectors in zip(chunks, embedded, strict=True)
             for index, vector in zip(chunk, vectors, strict=True)}
+
+
+async def _embed_each(batcher: EmbeddingBatcher, items: Sequence[CheckedMemory],
+                      indexes: Sequence[int]) -> tuple[dict[int, list[float]], dict[int, BaseException]]:
+    """The vectors of these items' texts, each asked for alone (the batcher still puts them
+    in one model call), and the failures of those it could not embed."""
+    embedded = await asyncio.gather(*(batcher.embed([items[i].text]) for i in indexes),
+                                    return_exceptions=True)
+    vectors: dict[int, list[float]] = {}
+    failed: dict[int, BaseException] = {}
+    for index, got in zip(indexes, embedded, strict=True):
+        if isinstance(got, asyncio.CancelledError):
+            raise got
+        if isinstance(got, BaseException):
+            failed[index] = got
+        else:
+            vectors[index] = got[0]
+    return vectors, failed
 
 
 def _near_in_batch(items: Sequence[CheckedMemory], fresh: Sequence[int],

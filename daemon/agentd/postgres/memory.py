@@ -63,6 +63,7 @@ from agentd.memory import (
     MemoryChange,
     NewMemory,
     Recalled,
+    RememberGroups,
     Session,
     as_json,
     changed,
@@ -109,6 +110,7 @@ class PgMemory:
         self.config = config
         self.embedder = embedder
         self.batcher = EmbeddingBatcher(embedder, config.embed_batch)
+        self.grouped = RememberGroups(self)
         self.recall_seconds = Histogram(RECALL_BUCKETS)  # for /metrics
         self.store = PgStore(StoreConfig(url=url, pool_size=config.pool_size),
                              migrations=load_migrations("sql/pg_memory"),
