@@ -240,6 +240,30 @@ async def test_a_lapsed_lease_is_taken_over_by_another_store(cluster: Any) -> No
 
 
 
+async def test_leases_hold_whatever_the_hosts_clocks_say(cluster: Any, monkeypatch: Any) -> None:
+    """Leases are written and compared on the database server's clock: a daemon whose clock
+    runs an hour ahead takes over no live lease, and one whose clock runs an hour behind
+    renews its leases for as long as on time (with the daemons' clocks, the first took
+    both tasks over and the second's renewals had lapsed already)."""
+    a, b = await cluster(2)
+    await a.insert([row(), row()], [0.0, 0.0], time.time(), 60.0, None)
+    records, _ = await claim(a, 2, lease=30.0)
+    real = time.time
+
+    def skewed(seconds: float) -> None:
+        monkeypatch.setattr(time, "time", lambda: real() + seconds)
+
+    skewed(-3600.0)  # a renews with a clock an hour slow
+    await a.renew_and_reclaim([r.id for r in records], time.time() + 30, 60.0, True)
+    skewed(3600.0)  # b looks for lapsed leases with a clock an hour fast
+    assert await b.renew_and_reclaim([], 0.0, 60.0, True) == []
+    monkeypatch.setattr(time, "time", real)
+    assert await a.taken_over([r.id for r in records]) == []  # a still holds both
+    for record in records:
+        stored = await b.get(record.id)
+        assert stored is not None and (stored.status, stored.attempts) == ("running", 1)
+
+
 async def test_a_late_ack_after_a_takeover_is_dropped(cluster: Any) -> None:
     """a's lease lapses (a stalled) and b takes the task over: a's late ack, retry or
     interruption writes nothing once b holds the lease, and is reported as dropped."""

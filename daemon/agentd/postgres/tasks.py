@@ -10,7 +10,8 @@ What differs from one daemon on one SQLite file:
   hold (`task_rates.held_until`) keeps every claim off its rate group's tasks.
 - Nodes. Each daemon is a row of `nodes` (registered at start, its heartbeat renewed with
   its leases, removed at a clean stop); a lease carries its node (`lease_node`). Every
-  daemon's heartbeat takes back the tasks whose lease lapsed, whoever held it.
+  daemon's heartbeat takes back the tasks whose lease lapsed, whoever held it. Leases run on
+  the database server's clock, so the hosts' clocks need not agree for them.
 - News between daemons, as notifications sent at commit (PostgreSQL sends a notification
   repeated within a transaction once): `agentd_work` (a queue name; empty: every queue)
   after a commit that makes work claimable or frees a limited name's place, `agentd_done`
@@ -142,8 +143,12 @@ _NOT_BLOCKED = ("AND NOT (name || ':c:' || concurrency_key = ANY($3::text[])) "
 _DUE = (f"FROM tasks WHERE status = 'queued' AND queue = $1 AND run_at <= $2 {_NOT_BLOCKED} "
         "ORDER BY priority DESC, run_at, id FOR UPDATE SKIP LOCKED LIMIT $4")
 _HELD_UNTIL = "(SELECT min(held_until) FROM task_rates WHERE held_until > $2)"
+# Leases are written and compared on the database server's clock, the one clock every daemon
+# shares: with each daemon's own, a host whose clock ran ahead by more than two thirds of a
+# lease took over live tasks, and one running behind renewed leases that others saw lapsed.
+_SERVER_NOW = "extract(epoch FROM clock_timestamp())"
 _CLAIM_SET = ("UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = $5, "
-              "lease_until = $6, lease_node = $7")
+              f"lease_until = {_SERVER_NOW} + $6::float8, lease_node = $7")
 # A claim and, when it took fewer than asked, the next run_at among the rows left (one
 # statement, one round trip): every row carries it, and a claim that took none is one row
 # of NULLs but for it. Its CTEs share one snapshot, where the claimed rows are still queued.
@@ -180,12 +185,13 @@ _REQUEUE_ATTEMPT = (
 _UNCLAIM = ("UPDATE tasks SET status = 'queued', attempts = attempts - 1, started_at = NULL, "
             "lease_until = NULL, lease_node = NULL WHERE status = 'running' "
             "AND id = ANY($1::bigint[]) AND lease_node = $2 RETURNING queue")
-_RENEW = ("UPDATE tasks SET lease_until = $1, lease_node = $2 WHERE id = ANY($3::bigint[]) "
+_RENEW = (f"UPDATE tasks SET lease_until = {_SERVER_NOW} + $1::float8, lease_node = $2 "
+          "WHERE id = ANY($3::bigint[]) "
           "AND status = 'running' AND (lease_node = $2 OR lease_node IS NULL)")
 _TAKEN_OVER = ("SELECT id FROM tasks WHERE id = ANY($1::bigint[]) AND status = 'running' "
                "AND lease_node <> $2")
 _LAPSED = ("SELECT id, attempts, max_attempts, cancel_requested FROM tasks "
-           "WHERE status = 'running' AND lease_until < $1 AND NOT (id = ANY($2::bigint[])) "
+           f"WHERE status = 'running' AND lease_until < {_SERVER_NOW} AND NOT (id = ANY($1::bigint[])) "
            "FOR UPDATE SKIP LOCKED")
 _RECLAIM = ("UPDATE tasks SET status = $1, error = $2, lease_until = NULL, lease_node = NULL, "
             "run_at = $3, finished_at = $4, expires_at = $5 WHERE id = $6 RETURNING *")
@@ -566,9 +572,9 @@ class PgTasks:
             await conn.execute(_FORGET_DEAD_NODES, now - _FORGET_NODE_AFTER)
             await self._read_peers(conn)
             if running:
-                await conn.execute(_RENEW, lease_until, node, running)
+                await conn.execute(_RENEW, lease_until - now, node, running)
             changed = []
-            for row in await conn.fetch(_LAPSED, now, running):
+            for row in await conn.fetch(_LAPSED, running):
                 if row["cancel_requested"]:
                     status, error = "cancelled", "cancelled"
                 elif row["attempts"] >= row["max_attempts"]:
@@ -686,7 +692,7 @@ async def _claim(conn: PgConnection, *, queue: str, wanted: int, limits: NameLim
     docstring). Idempotent: a batch's failure runs it again from the database's state."""
     now = time.time()
     if not limits:
-        rows = await conn.fetch(_CLAIM, queue, now, [], wanted, now, now + lease, node)
+        rows = await conn.fetch(_CLAIM, queue, now, [], wanted, now, lease, node)
         records = [TaskRecord.claimed(values[:-1], now) for values in rows if values[0] is not None]
         records.sort(key=_claim_order)
         return records, rows[0][-1]
@@ -700,7 +706,7 @@ async def _claim(conn: PgConnection, *, queue: str, wanted: int, limits: NameLim
     refill_at = spend_tokens(limits, tokens, rate_spent, now)
     if refill_at is not None:
         frees_at = refill_at if frees_at is None else min(frees_at, refill_at)
-    rows = await conn.fetch(_CLAIM_PICKED, now, now + lease, node, picked) if picked else []
+    rows = await conn.fetch(_CLAIM_PICKED, now, lease, node, picked) if picked else []
     if rate_spent:
         await conn.execute(_SET_BUCKETS, list(rate_spent), [tokens[group] for group in rate_spent], now)
     records = [TaskRecord.claimed(values, now) for values in rows]
