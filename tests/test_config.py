@@ -372,6 +372,26 @@ def test_check_config_names_the_postgresql_store_without_connecting_or_its_passw
 
 
 @pytest.mark.usefixtures("logging_restored")
+def test_check_config_warns_of_sqlite_settings_a_postgresql_store_leaves_unused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, '[store]\npath = "main.db"\nsynchronous = "full"\n')
+    assert main(["check-config", "--config", str(path)]) == 0
+    assert "not used" not in capsys.readouterr().err  # on SQLite both are used
+    monkeypatch.setenv("AGENTD_STORE_URL", "postgresql://agentd@127.0.0.1:1/agentd")
+    assert main(["check-config", "--config", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert (f"agentd: warning: {path}: [store] path is not used: [store] url puts the data on "
+            "PostgreSQL\n") in err
+    assert f"{path}: [store] synchronous is not used" in err
+    assert "busy_timeout_ms" not in err  # left at its default
+    # With memory kept in memory.db, synchronous still serves it.
+    monkeypatch.setenv("AGENTD_MEMORY_URL", "sqlite")
+    assert main(["check-config", "--config", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "[store] path is not used" in err and "synchronous" not in err
+
+
+@pytest.mark.usefixtures("logging_restored")
 def test_check_config_accepts_config_before_the_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from agentd import __version__, maintenance
 from agentd.bus import Bus
-from agentd.config import Config, check_serving_rules
+from agentd.config import Config, check_serving_rules, unused_settings
 from agentd.digests import SCHEDULE_PREFIX as DIGEST_SCHEDULE_PREFIX
 from agentd.digests import Digests
 from agentd.embed import BUILT_IN_EMBEDDERS, build_embedder
@@ -165,6 +165,8 @@ class Daemon:
 
     async def start(self) -> None:
         """Start every part in dependency order; on any failure undo what started and raise."""
+        for unused in unused_settings(self.config):
+            self._log.warning("config.unused", message=unused)
         async with AsyncExitStack() as rollback:
             await self.store.open()
             rollback.push_async_callback(self.store.close)

@@ -29,6 +29,7 @@ from agentd.config import (
     load_client_config,
     load_config,
     redact_url,
+    unused_settings,
 )
 from agentd.errors import AgentdError, ConfigError
 from agentd.log import configure_logging
@@ -327,6 +328,8 @@ async def _check_config(config: Config) -> int:
     # Warnings and errors (a plugin's import traceback) go to stderr; stdout keeps the verdict.
     configure_logging("warning", config.log.format, sys.stderr)
     await daemon.check()
+    for unused in unused_settings(config):
+        print(f"agentd: warning: {unused}", file=sys.stderr)
     for warning in daemon.plugins.warnings:
         print(f"agentd: warning: {warning['message']}", file=sys.stderr)
     failed = [p for p in daemon.plugins.plugins.values() if p.state == "failed"]

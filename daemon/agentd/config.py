@@ -873,6 +873,23 @@ def _check_store(config: Config) -> None:
                           f"({2 * memory.hnsw_m}), got {memory.hnsw_ef_construction}")
 
 
+def unused_settings(config: Config) -> list[str]:
+    """The settings `config` gives that this daemon will not use, each a sentence naming
+    the key and where it was set: the SQLite file's settings of `[store]` once `url` puts
+    the data on PostgreSQL (`synchronous` and `busy_timeout_ms` still serve memory.db when
+    memory stays there). Warnings, not errors: the same file may serve daemons on either
+    engine."""
+    store, default = config.store, StoreConfig()
+    if not store.url:
+        return []
+    unused = ["path"]
+    if config.memory_url:
+        unused += ["synchronous", "busy_timeout_ms"]
+    return [f"{config.origin('store', key)}: [store] {key} is not used: [store] url puts the "
+            "data on PostgreSQL" + ("" if key == "path" else " (memory too)")
+            for key in unused if getattr(store, key) != getattr(default, key)]
+
+
 def _check_backup(config: Config) -> None:
     backup, where = config.backup, config.origin
     if backup.dir and config.store.url:
