@@ -30,7 +30,7 @@ from aiohttp import web
 
 from agentd.embed import MiniLMEmbedder, build_embedder
 from agentd.errors import EmbedderError, EmbedderInputError, EmbedderMismatchError, MemoryNotFoundError
-from agentd.memory import SqliteMemory
+from agentd.memory import NewMemory, SqliteMemory
 from agentd.memory_import import Progress
 from agentd.testing import make_config
 from fake_openai import word_vector
@@ -774,6 +774,29 @@ SHIPPING = [
     "ZX-4471 is the catalogue code of the blue ceramic teapot.",
     "The warehouse inventory count is scheduled for Friday.",
 ]
+
+
+async def test_keyword_ranking_puts_memories_with_every_word_first(start: Any) -> None:
+    """Hybrid recall's keyword half ranks the memories holding every word of the query
+    before those holding some, each group by relevance: a short memory repeating one rare
+    word outscores, by bm25 alone, a long one holding both words (and SQLite ranked it
+    first). Both engines rank the same way, over a bounded set of matches."""
+    daemon, _ = await start()
+    memory = daemon.memory
+    fillers = ["apple", "river", "violin", "glacier", "pepper", "saddle", "comet", "lantern",
+               "orchid", "tunnel", "walrus", "pillow", "meadow", "anchor", "biscuit", "candle",
+               "dolphin", "feather", "granite", "harbour"]
+    long_both = ("The crane " + " ".join(f"{w}s" for w in fillers[:14]) + " and the invoice.")
+    stored = await memory.remember_many([
+        NewMemory(long_both, namespace="kw"), NewMemory("Crane, crane, crane.", namespace="kw"),
+        *(NewMemory(f"An invoice about the {word}.", namespace="kw") for word in fillers)])
+    both, crane_only = stored[0][0], stored[1][0]
+    assert all(created for _, created in stored)
+    if isinstance(memory, SqliteMemory):
+        ranked = await memory._keyword("crane invoice", "kw", 5, [], {})
+    else:
+        ranked = await memory._keyword("crane invoice", "kw", 5, {})
+    assert [m.id for m in ranked[:2]] == [both.id, crane_only.id]
 
 
 async def test_hybrid_recall_fuses_keyword_matches(start: Any, http: Any) -> None:

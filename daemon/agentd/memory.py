@@ -61,6 +61,8 @@ _VEC0_K_MAX = 4096
 _READERS = 2
 _REPLANS = 5  # times a delete re-plans when correction chains change under it
 MAX_MEMORY_BATCH = 1000  # memories per `remember_many` call (and per POST /v1/memory/batch)
+# Keyword matches hybrid recall ranks at most, of those with every word and of the rest.
+KEYWORD_CANDIDATES = 1000
 _MIN_GROUP = 8  # a group may always hold this many calls (with `embed_batch` 1 too)
 
 
@@ -760,15 +762,27 @@ class SqliteMemory:
 
     async def _keyword(self, query: str, namespace: str, limit: int,
                        inside: list[tuple[str, list[str]]], after: Mapping[str, Any]) -> list[Memory]:
+        """The namespace's memories matching the query's words, those with every word first,
+        each group by FTS5's bm25. Ranking reads each match, so a question of common words
+        would rank most of a namespace (706 ms over 100,000 of 1,000,000 memories): the
+        newest `KEYWORD_CANDIDATES` with every word and as many with some are ranked, as on
+        PostgreSQL."""
         terms = [t for t in re.findall(r"\w+", query) if t]
         if not terms:
             return []
-        words = " OR ".join(f'"{t}"' for t in terms)
-        match = f"namespace:{_namespace_token(namespace)} AND text:({words})"
+        quoted = [f'"{t}"' for t in terms]
+        scope = f"namespace:{_namespace_token(namespace)}"
+        all_words = f"text:({' AND '.join(quoted)})"
+        every = f"{scope} AND {all_words}"
+        some = f"({scope} AND text:({' OR '.join(quoted)})) NOT {all_words}"
+        candidates = ("SELECT * FROM (SELECT rowid, bm25(memories_fts, 1.0, 0.0) AS rank, "
+                      "{every} AS every_word FROM memories_fts WHERE memories_fts MATCH ? "
+                      "ORDER BY rowid DESC LIMIT ?)")
         rows = await self.store.read(
-            "SELECT m.* FROM memories_fts f JOIN memories m ON m.id = f.rowid WHERE memories_fts MATCH ? "
-            "AND m.namespace = ? AND m.superseded_by IS NULL AND (m.expires_at IS NULL OR m.expires_at > ?) "
-            "ORDER BY bm25(memories_fts, 1.0, 0.0) LIMIT ?", (match, namespace, time.time(), limit))
+            f"SELECT m.* FROM ({candidates.format(every=1)} UNION ALL {candidates.format(every=0)}) c "
+            "JOIN memories m ON m.id = c.rowid WHERE m.namespace = ? AND m.superseded_by IS NULL "
+            "AND (m.expires_at IS NULL OR m.expires_at > ?) ORDER BY c.every_word DESC, c.rank, m.id LIMIT ?",
+            (every, KEYWORD_CANDIDATES, some, KEYWORD_CANDIDATES, namespace, time.time(), limit))
         memories = [Memory._from_row(r) for r in rows]
         wanted = {**after, **{name: values for name, values in inside}}
         return [m for m in memories if matches(m.metadata, wanted)]

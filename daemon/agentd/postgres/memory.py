@@ -28,7 +28,7 @@ Keywords. Hybrid recall fuses the vector ranking with PostgreSQL full-text searc
 default tokenizer), ranked by `ts_rank_cd`, any of the query's words matching: the
 memories with every word first. Ranking reads each match, so a query of common words would
 rank most of a namespace: at most 1,000 matches with every word, and 1,000 with some, found
-in the index's order, are ranked (SQLite's FTS5 ranks every match).
+in the index's order, are ranked (on SQLite the newest 1,000 of each).
 
 Duplicates. One live memory per text and namespace (a unique partial index): two daemons
 remembering the same text at once store it once, and both get that memory. A near
@@ -57,6 +57,7 @@ from agentd.errors import EmbedderMismatchError, MemoryNotFoundError, StoreError
 from agentd.log import get_logger
 from agentd.memory import (
     DEFAULT_NAMESPACE,
+    KEYWORD_CANDIDATES,
     ChainChangedError,
     CheckedMemory,
     Memory,
@@ -90,9 +91,6 @@ _VECTORS_LOCK = 0x6167656E74646D
 # Rows fetched per search beyond `k`, for the live-row checks after it (a row expiring
 # between the search and the read) to leave `k`.
 _SPARE = 8
-# Keyword matches ranked per hybrid recall at most, of those with every word of the query
-# and again of those with some.
-_KEYWORD_CANDIDATES = 1000
 _COLUMNS = ("id, namespace, text, metadata, created_at, updated_at, expires_at, supersedes, "
             "superseded_by")
 _LIVE = "superseded_by IS NULL AND (expires_at IS NULL OR expires_at > $2)"
@@ -519,7 +517,7 @@ class PgMemory:
             f"SELECT {_COLUMNS} FROM (({every_word}) UNION ALL ({some_word})) AS candidates "
             "ORDER BY every_word DESC, ts_rank_cd(keywords, to_tsquery('simple', $5)) DESC, id LIMIT $4",
             (namespace, time.time(), " & ".join(f"'{word}'" for word in words), limit,
-             " | ".join(f"'{word}'" for word in words), _KEYWORD_CANDIDATES, *params))
+             " | ".join(f"'{word}'" for word in words), KEYWORD_CANDIDATES, *params))
         return [_memory(row) for row in rows]
 
 
