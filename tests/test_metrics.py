@@ -196,6 +196,7 @@ async def test_a_daemon_that_worked_shows_it_in_a_scrape_promtool_accepts(
     assert value(after, "agentd_memory_embed_calls_total") == 2
     assert value(after, "agentd_memory_embedded_texts_total") == 2
     assert value(after, "agentd_memory_embed_queued") == 0
+    assert value(after, "agentd_memory_remembers_in_flight") == 0
     assert value(after, "agentd_http_requests_total", method="POST", route="/v1/tasks", status="201") == 7
     assert value(after, "agentd_http_requests_total", method="GET", route="unmatched", status="404") == 1
     assert value(after, "agentd_http_request_duration_seconds_count", method="POST", route="/v1/tasks") == 7

@@ -209,6 +209,7 @@ class MemoryStore(Protocol):
     config: MemoryConfig
     embedder: Embedder
     batcher: EmbeddingBatcher  # the embedder, shared by concurrent callers' texts
+    grouped: RememberGroups  # concurrent remember() calls, stored a group at a time
     recall_seconds: Histogram  # how long each recall took, for /metrics
 
     @property

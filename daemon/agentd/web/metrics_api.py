@@ -207,6 +207,9 @@ def _memory(out: Exposition, daemon: Daemon, stats: Mapping[str, Any] | None) ->
                 "mean batch).", (), {(): batcher.texts_embedded} if batcher else {})
     out.gauge("agentd_memory_embed_queued", "Texts waiting for the embedding model.", (),
               {(): batcher.queued} if batcher else {})
+    out.gauge("agentd_memory_remembers_in_flight", "remember() calls not answered yet (waiting "
+              "for their group, being embedded or written).", (),
+              {(): memory.grouped.unanswered} if memory is not None else {})
 
 
 def _llm(out: Exposition, daemon: Daemon) -> None:
