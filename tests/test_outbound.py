@@ -991,6 +991,26 @@ async def test_a_streamed_reply_reads_the_same_however_its_body_is_cut(size: int
     assert (result.content, result.finish_reason, result.model) == ("Héllo ✓a\ufffd", "stop", "cut-model")
 
 
+async def test_a_stream_that_goes_silent_fails_after_read_timeout() -> None:
+    """`[llm] read_timeout` is the longest silence between two reads of a reply: what came
+    before it was streamed, then the call fails (an LlmError: retried)."""
+    from agentd.config import LlmConfig
+    from agentd.llm import LlmClient, LlmError
+
+    tokens: list[str] = []
+    release = asyncio.Event()
+    async with FakeOpenAI() as llm:
+        llm.reply("one two", hold=release)  # streams "one ", then holds until released
+        client = LlmClient(LlmConfig(base_url=llm.url, model="test-model", read_timeout=0.2), "")
+        try:
+            with pytest.raises(LlmError):
+                await client.chat([{"role": "user", "content": "hi"}], on_token=tokens.append)
+        finally:
+            release.set()
+            await client.close()
+    assert tokens == ["one "]
+
+
 async def test_a_json_answer_to_a_streamed_request_is_taken_whole(ob: Any) -> None:
     async with FakeOpenAI() as llm:
         daemon, _, _ = await ob(llm_config(llm))
