@@ -33,6 +33,7 @@ class Scripted:
     finish_reason: str = "stop"
     hold: asyncio.Event | None = None  # streaming pauses before the last delta until set
     raw: list[str] | None = None  # the `data:` payloads to stream instead, and nothing more
+    pieces: list[bytes] | None = None  # the body to stream instead, exactly, one write each
     whole: bool = False  # one JSON completion even when a stream was asked for
 
 
@@ -85,6 +86,10 @@ class FakeOpenAI:
         usage, no [DONE] unless given): for broken streams and error chunks."""
         self._script.append(Scripted(raw=payloads))
 
+    def pieces(self, pieces: list[bytes]) -> None:
+        """The next chat answer's body is exactly these bytes, written one piece at a time."""
+        self._script.append(Scripted(pieces=pieces))
+
     def whole(self, text: str) -> None:
         """The next chat answer is one JSON completion of `text`, even to a stream request."""
         self._script.append(Scripted(deltas=[{"content": text}], whole=True,
@@ -131,6 +136,11 @@ class FakeOpenAI:
         if scripted.raw is not None:
             for payload in scripted.raw:
                 await response.write(f"data: {payload}\n\n".encode())
+            await response.write_eof()
+            return response
+        if scripted.pieces is not None:
+            for piece in scripted.pieces:
+                await response.write(piece)
             await response.write_eof()
             return response
         for number, delta in enumerate(scripted.deltas):

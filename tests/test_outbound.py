@@ -953,6 +953,64 @@ async def test_tool_calls_stream_end_to_end_through_ctx_llm(ob: Any) -> None:
     assert (result["content"], result["finish_reason"]) == ("", "tool_calls")
 
 
+def chunk_line(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    chunk = {"id": "c", "model": "cut-model",
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return json.dumps(chunk, ensure_ascii=False).encode()
+
+
+# A body as servers send them: comments, an event name, CRLF and LF endings, `data:` with
+# and without its space, multi-byte UTF-8, a byte that is not UTF-8, and [DONE] as the
+# body's last line without a newline.
+CUT_BODY = b"".join([
+    b": keepalive\r\n", b"event: message\r\n",
+    b"data: ", chunk_line({"content": "Hé"}), b"\r\n\r\n",
+    b"data:", chunk_line({"content": "llo ✓"}), b"\n\n",
+    b"data: ", chunk_line({"content": "a"}).replace(b'"a"', b'"a\xff"'), b"\n\n",
+    b"data: ", chunk_line({}, "stop"), b"\n\n",
+    b"data: [DONE]",
+])
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 64, len(CUT_BODY)])
+async def test_a_streamed_reply_reads_the_same_however_its_body_is_cut(size: int) -> None:
+    """The body is split into lines as it comes: a line (or a character) cut across reads
+    of the socket is read whole, as one line."""
+    from agentd.config import LlmConfig
+    from agentd.llm import LlmClient
+
+    tokens: list[str] = []
+    async with FakeOpenAI() as llm:
+        llm.pieces([CUT_BODY[i:i + size] for i in range(0, len(CUT_BODY), size)])
+        client = LlmClient(LlmConfig(base_url=llm.url, model="test-model"), "")
+        try:
+            result = await client.chat([{"role": "user", "content": "hi"}], on_token=tokens.append)
+        finally:
+            await client.close()
+    assert tokens == ["Hé", "llo ✓", "a\ufffd"]
+    assert (result.content, result.finish_reason, result.model) == ("Héllo ✓a\ufffd", "stop", "cut-model")
+
+
+async def test_a_stream_that_goes_silent_fails_after_read_timeout() -> None:
+    """`[llm] read_timeout` is the longest silence between two reads of a reply: what came
+    before it was streamed, then the call fails (an LlmError: retried)."""
+    from agentd.config import LlmConfig
+    from agentd.llm import LlmClient, LlmError
+
+    tokens: list[str] = []
+    release = asyncio.Event()
+    async with FakeOpenAI() as llm:
+        llm.reply("one two", hold=release)  # streams "one ", then holds until released
+        client = LlmClient(LlmConfig(base_url=llm.url, model="test-model", read_timeout=0.2), "")
+        try:
+            with pytest.raises(LlmError):
+                await client.chat([{"role": "user", "content": "hi"}], on_token=tokens.append)
+        finally:
+            release.set()
+            await client.close()
+    assert tokens == ["one "]
+
+
 async def test_a_json_answer_to_a_streamed_request_is_taken_whole(ob: Any) -> None:
     async with FakeOpenAI() as llm:
         daemon, _, _ = await ob(llm_config(llm))

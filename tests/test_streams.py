@@ -1009,3 +1009,29 @@ async def test_a_client_that_reads_nothing_holds_a_bounded_kernel_buffer(start_d
         assert taken_by_the_kernel < 1_000_000, taken_by_the_kernel
     finally:
         writer.close()
+
+
+def test_the_shared_encodings_are_bounded_and_serve_only_their_own_event() -> None:
+    """The cache of encoded events (one encoding for every stream sending an event) keeps
+    at most `max_entries` and about `max_bytes`, oldest out first; an event with the id of
+    a cached one (a folded token event) gets its own encoding, never the other's."""
+    from agentd.events import Event
+    from agentd.web.streams import EncodedEvents, event_json, sse_frame
+
+    cache = EncodedEvents(max_entries=3, max_bytes=10_000)
+    events = [Event(n, "task.token", {"text": str(n)}) for n in range(1, 6)]
+    for event in events:
+        assert cache.sse_frame(event) == sse_frame(event, event_json(event))
+        assert cache.body(event) == event_json(event)
+    assert list(cache._entries) == [3, 4, 5]
+    assert cache.sse_frame(events[-1]) is cache.sse_frame(events[-1])  # built once
+
+    folded = Event(5, "task.token", {"text": "45", "merged": 2})
+    assert cache.body(folded) == event_json(folded)
+    assert cache.sse_frame(folded) == sse_frame(folded, event_json(folded))
+    assert cache.sse_frame(events[-1]) == sse_frame(events[-1], event_json(events[-1]))
+
+    big = Event(6, "bulk.x", {"pad": "x" * 20_000})
+    assert cache.sse_frame(big) == sse_frame(big, event_json(big))  # kept alone past the bound
+    assert list(cache._entries) == [6]
+    assert cache._bytes == len(event_json(big)) + len(cache.sse_frame(big))

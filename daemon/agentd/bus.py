@@ -385,17 +385,29 @@ class Bus:
 
     def _deliver(self, event: Event) -> None:
         self.published += 1
-        subscribers = self._subscribers(event.topic)
-        keyed = self._by_correlation.get(event.correlation_id) if event.correlation_id else None
-        if keyed:
-            subscribers += tuple(sub for sub in keyed if sub.wants_remembered(event.topic))
-        for sub in subscribers:
+        topic = event.topic
+        by_correlation = self._by_correlation.get(event.correlation_id) if event.correlation_id else None
+        # Who receives it is settled before anyone does: a callback that subscribes or
+        # unsubscribes changes the next event's subscribers, not this one's.
+        keyed = tuple(by_correlation) if by_correlation else ()
+        for sub in self._subscribers(topic):
             try:
                 sub.deliver(event)
             except Exception:
-                self._log.exception(
-                    "bus.callback_failed", subscriber=sub.name, topic=event.topic, event_id=event.id
-                )
+                self._callback_failed(sub, event)
+        # A loop, not a generator joined to the topic's tuple: every token of every streamed
+        # reply comes this way, to its one stream (the generator and the joined tuple were a
+        # tenth of a token's publishing).
+        for sub in keyed:
+            if sub.wants_remembered(topic):
+                try:
+                    sub.deliver(event)
+                except Exception:
+                    self._callback_failed(sub, event)
+
+    def _callback_failed(self, sub: Subscription, event: Event) -> None:
+        self._log.exception("bus.callback_failed", subscriber=sub.name, topic=event.topic,
+                            event_id=event.id)
 
     def _subscribers(self, topic: str) -> tuple[Subscription, ...]:
         subscribers = self._by_topic.get(topic)
