@@ -195,3 +195,18 @@ async def test_nothing_to_embed_calls_no_model_and_a_bad_size_is_refused() -> No
     assert model.calls == []
     with pytest.raises(ValueError, match="max_texts: expected at least 1, got 0"):
         EmbeddingBatcher(model, max_texts=0)
+
+
+async def test_a_caller_asking_again_as_soon_as_it_is_answered_is_embedded() -> None:
+    """The runner that answered a caller leaves its lane in the same step as it finds the
+    lane empty: the caller, woken before the runner's done callbacks ran, asked again at
+    once, found the one runner slot taken by a finished runner, and waited for ever."""
+    model = HeldModel(parallel_calls=1)
+    model.release.set()
+    batcher = EmbeddingBatcher(model)
+    async with asyncio.timeout(WAIT):
+        for text in ("one", "two", "three"):
+            assert await batcher.embed([text]) == [[float(len(text)), 1.0]]
+        assert await batcher.embed(["query"], query=True) == [[5.0, 1.0]]
+        assert await batcher.embed(["again"], query=True) == [[5.0, 1.0]]
+    assert model.calls == [["one"], ["two"], ["three"], ["query"], ["again"]]

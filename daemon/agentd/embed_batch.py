@@ -112,7 +112,6 @@ class EmbeddingBatcher:
         if len(lane.runners) < lane.limit:
             runner = asyncio.create_task(self._run(lane), name="agentd-embedding-batcher")
             lane.runners.add(runner)
-            runner.add_done_callback(lane.runners.discard)
         return await request.future
 
     async def close(self) -> None:
@@ -132,10 +131,17 @@ class EmbeddingBatcher:
             await close()
 
     async def _run(self, lane: _Lane) -> None:
-        while lane.waiting:
-            batch = lane.take(self.max_texts)
-            if batch:
-                await self._embed_batch(batch)
+        try:
+            while lane.waiting:
+                batch = lane.take(self.max_texts)
+                if batch:
+                    await self._embed_batch(batch)
+        finally:
+            # Leaves the lane in the step that found it empty: a done callback would leave it
+            # a loop turn later, and a caller woken by this runner's last batch that asked
+            # again at once found the lane full of runners and no runner coming (it waited
+            # for ever with a one-call embedder, MiniLM).
+            lane.runners.discard(asyncio.current_task())
 
     async def _embed_batch(self, batch: list[_Request]) -> None:
         texts = [text for request in batch for text in request.texts]
