@@ -1335,6 +1335,23 @@ async def until_true(condition: Any, timeout: float = 10.0) -> None:
     await asyncio.wait_for(poll(), timeout)
 
 
+async def grouped_behind_a_held_call(start: Any, plugin_dir: Any, plugin: str, name: str,
+                                     texts: list[str]) -> tuple[Any, Any, Any, list[Any]]:
+    """A daemon on the toy embedder `plugin`, a remember() whose embedding the toy holds,
+    and `texts` remembered at once behind it (one group, waiting for the model): the
+    daemon's memory, the toy module, the held call and the callers. Set `toy.GATE` to go."""
+    toy_dir = plugin_dir({"toy.py": plugin}, name=name)
+    daemon, _ = await start(plugin_dirs=[toy_dir], overrides={"memory": {"embedder": "toy"}})
+    toy = sys.modules["agentd_plugins.toy"]
+    memory = daemon.memory
+    toy.ARMED.append(True)
+    held = asyncio.ensure_future(memory.remember("HOLD the model is busy", namespace="zoo"))
+    await asyncio.wait_for(toy.HELD.wait(), 5)
+    remembering = [asyncio.ensure_future(memory.remember(text, namespace="zoo")) for text in texts]
+    await until_true(lambda: memory.grouped.unanswered == len(texts) + 1)
+    return memory, toy, held, remembering
+
+
 async def test_concurrent_remembers_share_a_model_call_and_a_recall_does_not_wait_for_it(
     start: Any, plugin_dir: Any
 ) -> None:
@@ -1371,17 +1388,10 @@ async def test_concurrent_near_duplicates_are_stored_once(start: Any, plugin_dir
     """Callers remembering at once are stored as one group: a near duplicate of another
     caller's text gets that memory, as it would had it come a moment later (each caller's
     nearest-neighbour search ran before the other's write, and both were stored)."""
-    toy_dir = plugin_dir({"toy.py": BATCHED_PLUGIN}, name="batched_plugins")
-    daemon, _ = await start(plugin_dirs=[toy_dir], overrides={"memory": {"embedder": "toy"}})
-    toy = sys.modules["agentd_plugins.toy"]
-    memory = daemon.memory
-    toy.ARMED.append(True)
-    held = asyncio.ensure_future(memory.remember("HOLD the model is busy", namespace="zoo"))
-    await asyncio.wait_for(toy.HELD.wait(), 5)
     # The same vector under the toy embedder: near duplicates, not exact ones.
     twins = ["note 3 about dogs", "note 4 about eels"]
-    remembering = [asyncio.ensure_future(memory.remember(text, namespace="zoo")) for text in twins]
-    await until_true(lambda: memory.grouped.unanswered == len(twins) + 1)
+    memory, toy, held, remembering = await grouped_behind_a_held_call(
+        start, plugin_dir, BATCHED_PLUGIN, "batched_plugins", twins)
     toy.GATE.set()
     await held
     (first, first_new), (second, second_new) = await asyncio.gather(*remembering)
@@ -1400,16 +1410,9 @@ REFUSING_PLUGIN = BATCHED_PLUGIN.replace(
 async def test_a_text_the_embedder_refuses_fails_only_its_caller_in_a_group(
     start: Any, plugin_dir: Any
 ) -> None:
-    toy_dir = plugin_dir({"toy.py": REFUSING_PLUGIN}, name="refusing_plugins")
-    daemon, _ = await start(plugin_dirs=[toy_dir], overrides={"memory": {"embedder": "toy"}})
-    toy = sys.modules["agentd_plugins.toy"]
-    memory = daemon.memory
-    toy.ARMED.append(True)
-    held = asyncio.ensure_future(memory.remember("HOLD the model is busy", namespace="zoo"))
-    await asyncio.wait_for(toy.HELD.wait(), 5)
     texts = ["note 0 about ants", "REFUSE this one", "note 1 about bees"]
-    remembering = [asyncio.ensure_future(memory.remember(text, namespace="zoo")) for text in texts]
-    await until_true(lambda: memory.grouped.unanswered == len(texts) + 1)
+    memory, toy, held, remembering = await grouped_behind_a_held_call(
+        start, plugin_dir, REFUSING_PLUGIN, "refusing_plugins", texts)
     toy.GATE.set()
     await held
     ants, refused, bees = await asyncio.gather(*remembering, return_exceptions=True)
