@@ -48,7 +48,6 @@ import os
 import platform
 import re
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -58,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from machine import CpuWatch, repo_revision
-from stream_bench import child_env, child_setup, json_object, process_cpu_s, raise_fd_limit
+from stream_bench import child_env, child_setup, json_object, process_cpu_s, raise_fd_limit, stop_child
 
 SCRIPT = Path(__file__).resolve()
 HERE = SCRIPT.parent
@@ -376,22 +375,9 @@ class Proc:
         return 0
 
     async def stop(self) -> None:
-        if self.proc.returncode is None:
-            if self.proc.stdin is not None and self.tmp is None and self.port == 0:
-                self.proc.stdin.close()  # a client worker ends with its input
-            else:
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 30)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        if self._drain is not None:
-            self._drain.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drain
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        # A client worker (no temp dir, no port) ends with its input.
+        await stop_child(self.proc, self._drain, self.tmp,
+                         close_stdin=self.tmp is None and self.port == 0)
 
 
 def agentd_toml(tmp: Path, llm_port: int) -> str:

@@ -457,19 +457,30 @@ class Server:
         return process_cpu_s(self.pid)
 
     async def stop(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 30)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        if self._drain is not None:
-            self._drain.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drain
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        await stop_child(self.proc, self._drain, self.tmp)
+
+
+async def stop_child(proc: asyncio.subprocess.Process, drain: asyncio.Task[None] | None,
+                     tmp: Path | None, *, close_stdin: bool = False) -> None:
+    """End a child of the run: close its input (`close_stdin`: a client worker ends with
+    it) or send SIGTERM, kill it past 30 s; stop the task reading its output (`drain`);
+    remove its temp dir."""
+    if proc.returncode is None:
+        if close_stdin and proc.stdin is not None:
+            proc.stdin.close()
+        else:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+    if drain is not None:
+        drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def process_cpu_s(pid: int) -> float:
