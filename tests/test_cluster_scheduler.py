@@ -98,9 +98,12 @@ async def test_pg_schedules_store_load_and_notify_the_other_daemons(
     await b.delete("tick")
     await until(lambda: seen_by_a[-1:] == ["tick"])
     assert await a.load_one("tick") is None
-    # A's save and record, not B's own save and delete: a daemon's writes are not
-    # announced back to itself.
-    assert seen_by_b == ["tick", "tick"]
+    # A's insert and record, not B's own save and delete: a daemon's writes are not
+    # announced back to itself. PostgreSQL delivers notifications in commit order, so once
+    # B has heard of a marker A wrote last, B has heard everything it ever will of the rest.
+    assert await a.insert(state("marker", next_fire=60.0), 5.0) is True
+    await until(lambda: seen_by_b[-1:] == ["marker"])
+    assert seen_by_b == ["tick", "tick", "marker"]
 
 
 async def test_writes_from_an_older_copy_undo_nothing_another_daemon_changed(
