@@ -496,18 +496,22 @@ async def test_a_task_running_on_another_daemon_is_cancelled_there(pg_daemons: A
 def hold_claims_once_committed(daemon: Any, monkeypatch: pytest.MonkeyPatch,
                                ) -> tuple[asyncio.Event, asyncio.Event]:
     """Hold the daemon's claim loop once a claim that took tasks has committed, before it
-    has them in hand: the first event is set then, and the loop goes on once the second is."""
-    committed, go_on = asyncio.Event(), asyncio.Event()
-    claim = daemon.workers._claim_in_next_batch
+    has them in hand: the first event is set then, and the loop goes on once the second is.
 
-    async def held_once_committed(queue: str) -> tuple[list[TaskRecord], float | None]:
-        records, next_at = await claim(queue)
+    The hold is in the loop's check of the cancels heard during the claim, which the loop
+    looks up after each claim: a claim already in flight when the test patches (the loop's
+    first, at the daemon's start, may take the test's task) passes through it too."""
+    committed, go_on = asyncio.Event(), asyncio.Event()
+    check = daemon.workers._cancelled_meanwhile
+
+    async def held_once_committed(records: list[TaskRecord], heard: set[int]) -> set[int]:
         if records:
             committed.set()
             await go_on.wait()
-        return records, next_at
+        cancelled: set[int] = await check(records, heard)
+        return cancelled
 
-    monkeypatch.setattr(daemon.workers, "_claim_in_next_batch", held_once_committed)
+    monkeypatch.setattr(daemon.workers, "_cancelled_meanwhile", held_once_committed)
     return committed, go_on
 
 
