@@ -159,7 +159,7 @@ def test_candidates_follow_the_rule_with_filters_dead_rows_ties_and_a_cap() -> N
         wanted = [(0, np.array([1, 2], dtype=np.int32))] if trial % 2 else []
         # Two blocks, as two namespaces searched together.
         split = rows // 2
-        views = [(codes[:split], ids[:split], tags[:split]), (codes[split:], ids[split:], tags[split:])]
+        views = [(codes[:split].T, ids[:split], tags[:split]), (codes[split:].T, ids[split:], tags[split:])]
         found = candidates(views, query, k, dimension=DIMENSION, margin=margin, cap=cap, wanted=wanted)
         xor = np.bitwise_xor(codes, query).ravel()
         distances = np.array([bin(int(x)).count("1") for x in xor]).reshape(rows, words).sum(1)
@@ -174,8 +174,8 @@ def test_candidates_follow_the_rule_with_filters_dead_rows_ties_and_a_cap() -> N
 
 def test_candidates_none_when_the_nearest_is_past_bits_within() -> None:
     words = words_for(DIMENSION)
-    codes = np.zeros((3, words), dtype=np.uint64)
-    codes[:, 0] = [0b1111, 0b111111, 0b1]  # 4, 6 and 1 bits from a zero query
+    codes = np.zeros((words, 3), dtype=np.uint64)  # a word per row, a code per column
+    codes[0] = [0b1111, 0b111111, 0b1]  # 4, 6 and 1 bits from a zero query
     view = (codes, np.array([10, 11, 12]), np.zeros((3, 0), dtype=np.int32))
     query = np.zeros(words, dtype=np.uint64)
     assert candidates([view], query, 1, dimension=DIMENSION, margin=0, cap=10, bits_within=0) == []

