@@ -557,7 +557,8 @@ class SqliteMemory:
         inside, after = self._split_filters(where or {})
         (vector,) = await self.batcher.embed([query], query=True)
         fetch = k if not after else k * 4
-        knn = await self._knn(vector, fetch + 8, namespace, inside)
+        # Hybrid fuses the spare rows' ranks too: their candidates must be chosen as well.
+        knn = await self._knn(vector, fetch + 8, namespace, inside, near=None if hybrid else fetch)
         distances = dict(knn)
         vector_ranked = await self._live(list(distances), after)
         keyword_ranked = await self._keyword(query, namespace, fetch + 8, inside, after) if hybrid else None
@@ -781,13 +782,15 @@ class SqliteMemory:
         return [by_id[i] for i in ids if i in by_id and matches(by_id[i].metadata, after)]
 
     async def _knn(self, vector: Sequence[float], k: int, namespace: str | None,
-                   inside: Sequence[tuple[str, list[str]]] = (), *,
+                   inside: Sequence[tuple[str, list[str]]] = (), *, near: int | None = None,
                    bits_within: int | None = None) -> list[tuple[int, float]]:
         """The `k` vectors nearest `vector` by cosine distance, nearest first, as (id,
         distance): within `namespace` (None: every namespace), whose filter fields hold one
         of the values `inside` names. Exact with quantization "none"; with "binary", the
-        exact ranking of the Hamming candidates (see _BINARY_MARGIN), or none at all when
-        the nearest code differs in more than `bits_within` bits."""
+        exact ranking of the Hamming candidates (see _BINARY_MARGIN) chosen for the `near`
+        nearest (default `k`: a vector recall asks for a few spare rows beyond the ones it
+        returns, and choosing candidates for those too nearly doubled the rows re-ranked), or none at all
+        when the nearest code differs in more than `bits_within` bits."""
         scope = " AND namespace = ?" if namespace is not None else ""
         scope += "".join(f" AND {name} IN ({','.join('?' * len(values))})" for name, values in inside)
         scoped: list[Any] = [namespace] if namespace is not None else []
@@ -799,14 +802,15 @@ class SqliteMemory:
                 f"SELECT id, distance FROM memory_vectors WHERE embedding MATCH ? AND k = ?{scope} "
                 "ORDER BY distance", (blob, k, *scoped))
             return [(r["id"], r["distance"]) for r in rows]
-        cap = min(_VEC0_K_MAX, max(k, 10) * _CANDIDATES_PER_RESULT)
+        near = k if near is None else near
+        cap = min(_VEC0_K_MAX, max(near, 10) * _CANDIDATES_PER_RESULT)
         margin = self.embedder.dimension // _BINARY_MARGIN
         found = None if self._bits is None else await self._bits.search(
-            vector, k, namespace, inside, margin=margin, cap=cap, bits_within=bits_within)
+            vector, near, namespace, inside, margin=margin, cap=cap, bits_within=bits_within)
         if found is not None:
             ids = found
         else:
-            ids = await self._sql_candidates(blob, k, scope, scoped, margin=margin, cap=cap,
+            ids = await self._sql_candidates(blob, near, scope, scoped, margin=margin, cap=cap,
                                              bits_within=bits_within)
         if not ids:
             return []
