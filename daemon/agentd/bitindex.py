@@ -19,6 +19,8 @@ This module imports numpy; `agentd.ramindex` imports it only once an index is wa
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from itertools import groupby
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -39,18 +41,19 @@ def pack_bits(vectors: np.ndarray, words: int) -> np.ndarray:
     bit i is set when component i is above 0, the bits of each byte in little-endian order.
     That is how sqlite-vec's `vec_quantize_binary` packs them, so codes read from
     memory_vectors and codes made here compare (a test holds the two to it)."""
-    packed = np.packbits(vectors > 0, axis=1, bitorder="little")
-    padded = np.zeros((len(vectors), words * 8), dtype=np.uint8)
-    padded[:, :packed.shape[1]] = packed
-    return padded.view(np.uint64)
+    return _in_words(np.packbits(vectors > 0, axis=1, bitorder="little"), words)
 
 
 def codes_of(bits: Sequence[bytes], words: int) -> np.ndarray:
     """Codes as memory_vectors stores them (`bit[D]`: D/8 bytes each), as rows of words."""
     size = len(bits[0]) if bits else 0
-    packed = np.frombuffer(b"".join(bits), dtype=np.uint8).reshape(len(bits), size)
-    padded = np.zeros((len(bits), words * 8), dtype=np.uint8)
-    padded[:, :size] = packed
+    return _in_words(np.frombuffer(b"".join(bits), dtype=np.uint8).reshape(len(bits), size), words)
+
+
+def _in_words(packed: np.ndarray, words: int) -> np.ndarray:
+    """Rows of packed bytes as rows of `words` uint64 words, padded with zero bits."""
+    padded = np.zeros((len(packed), words * 8), dtype=np.uint8)
+    padded[:, :packed.shape[1]] = packed
     return padded.view(np.uint64)
 
 
@@ -61,8 +64,9 @@ class _Block:
     six words (measured, 0.7 against 2.9 ms).
 
     Rows are appended past `count` and only then counted, and growing or compacting makes
-    new arrays, so a scan in a thread holding views of [0, count) sees whole rows of one
-    generation whatever the loop does meanwhile."""
+    new arrays, so a scan in a thread holding views of [0, count) sees whole rows whatever
+    the loop does meanwhile. Only a removal writes in place (an id to -1): the scan may then
+    still return that id, which the caller's re-rank of live memories drops."""
 
     __slots__ = ("codes", "count", "dead", "ids", "tags")
 
@@ -185,18 +189,15 @@ class BitIndex:
     def apply(self, changes: IndexChanges) -> None:
         """One committed write's changes, in order; a run of adds or of removes goes in at
         once (a purge's thousands of removes cost one pass over the blocks)."""
-        run: list[Any] = []
-        for step, (kind, value) in enumerate(changes.steps):
-            run.append(value)
-            if step + 1 < len(changes.steps) and changes.steps[step + 1][0] == kind and kind != "retag":
-                continue
+        for kind, steps in groupby(changes.steps, key=itemgetter(0)):
+            values: list[Any] = [value for _, value in steps]
             if kind == "add":
-                self.add(run)
+                self.add(values)
             elif kind == "remove":
-                self.remove(run)
+                self.remove(values)
             else:
-                self.retag(*value)
-            run = []
+                for memory_id, filters in values:
+                    self.retag(memory_id, filters)
 
     def views(self, namespace: str | None) -> list[BlockView]:
         """The rows a search in `namespace` (None: all of them) scans, as they are now."""

@@ -45,6 +45,8 @@ from agentd.ramindex import IndexChanges, Indexed, RamBitIndex
 from agentd.store import Connection, Row
 from agentd.store.sqlite import SqliteStore
 
+T = TypeVar("T")
+
 DEFAULT_NAMESPACE = "default"
 # A memory's history (`memory_history`), in the column order of both engines' tables.
 _RECORD_CHANGE = ("INSERT INTO memory_history (memory_id, event, text, old_text, metadata, "
@@ -70,7 +72,6 @@ _VEC0_K_MAX = 4096
 # would cost a daemon's start 0.1 s and 15 MB for nothing.
 RAM_INDEX_FROM = 10_000
 _LOAD_ROWS = 10_000  # rows per fetch of the RAM index's load
-T = TypeVar("T")
 _READERS = 2
 _REPLANS = 5  # times a delete re-plans when correction chains change under it
 MAX_MEMORY_BATCH = 1000  # memories per `remember_many` call (and per POST /v1/memory/batch)
@@ -337,7 +338,11 @@ class SqliteMemory:
             await self.store.close()
             raise
         if self._bits is not None:
-            counted = await self.store.read_one("SELECT count(*) AS n FROM memory_embeddings")
+            # Counted up to the threshold only: a count of a million rows of 1.5 kB vectors
+            # would read the whole table at every start.
+            counted = await self.store.read_one(
+                "SELECT count(*) AS n FROM (SELECT 1 FROM memory_embeddings LIMIT ?)",
+                (self._bits.start_from,))
             self._bits.open(counted["n"] if counted is not None else 0)
 
     async def close(self) -> None:
@@ -789,8 +794,8 @@ class SqliteMemory:
         of the values `inside` names. Exact with quantization "none"; with "binary", the
         exact ranking of the Hamming candidates (see _BINARY_MARGIN) chosen for the `near`
         nearest (default `k`: a vector recall asks for a few spare rows beyond the ones it
-        returns, and choosing candidates for those too nearly doubled the rows re-ranked), or none at all
-        when the nearest code differs in more than `bits_within` bits."""
+        returns, and choosing candidates for those too nearly doubled the rows re-ranked),
+        or none at all when the nearest code differs in more than `bits_within` bits."""
         scope = " AND namespace = ?" if namespace is not None else ""
         scope += "".join(f" AND {name} IN ({','.join('?' * len(values))})" for name, values in inside)
         scoped: list[Any] = [namespace] if namespace is not None else []

@@ -98,7 +98,8 @@ class RamBitIndex:
         self._log = get_logger("memory")
 
     def open(self, vectors: int) -> None:
-        """memory.db holds `vectors` memories now: load if they are enough."""
+        """memory.db holds `vectors` memories now (or at least `start_from`, counted no
+        further): load if they are enough."""
         self._count = vectors
         if vectors >= self.start_from:
             self.start()
