@@ -213,7 +213,7 @@ async def test_a_filter_that_keeps_few_rows_still_gets_k_through_the_hnsw_index(
     monkeypatch.setattr(postgres_memory, "_search_settings", lambda config: {
         **searching(config), "enable_seqscan": "off", "enable_bitmapscan": "off", "enable_sort": "off"})
     url = await fresh_database()
-    memory = PgMemory(MemoryConfig(hnsw_ef_search=40), url, WordHash())
+    memory = PgMemory(MemoryConfig(hnsw_ef_search=40, ram_index=False), url, WordHash())
     await memory.open()
     try:
         texts = [f"note {n} about topic {n % 37} and item {n % 101}" for n in range(2000)]

@@ -50,6 +50,19 @@ def codes_of(bits: Sequence[bytes], words: int) -> np.ndarray:
     return _in_words(np.frombuffer(b"".join(bits), dtype=np.uint8).reshape(len(bits), size), words)
 
 
+# Each byte with its bits in reverse order: PostgreSQL's bit strings put a vector's first
+# component in a byte's high bit, sqlite-vec (and `pack_bits`) in its low bit.
+_REVERSED_BITS = np.array([int(f"{b:08b}"[::-1], 2) for b in range(256)], dtype=np.uint8)
+
+
+def codes_of_bit_strings(bits: Sequence[bytes], words: int) -> np.ndarray:
+    """Codes as PostgreSQL's `bit` type sends them (pgvector's `binary_quantize`, without
+    `bit_send`'s 4-byte length), as rows of words packed as `pack_bits` packs them."""
+    size = len(bits[0]) if bits else 0
+    packed = np.frombuffer(b"".join(bits), dtype=np.uint8).reshape(len(bits), size)
+    return _in_words(_REVERSED_BITS[packed], words)
+
+
 def _in_words(packed: np.ndarray, words: int) -> np.ndarray:
     """Rows of packed bytes as rows of `words` uint64 words, padded with zero bits."""
     padded = np.zeros((len(packed), words * 8), dtype=np.uint8)
@@ -145,11 +158,16 @@ class BitIndex:
         """Index `entries`; an id the index holds already is replaced."""
         if not entries:
             return
-        # Ids above any held cannot be held: a new memory's id costs no search.
-        self.remove([e.memory_id for e in entries if e.memory_id <= self._max_id])
         vectors = np.frombuffer(b"".join(e.vector for e in entries), dtype=np.float32)
-        self.append([e.memory_id for e in entries], [e.namespace for e in entries],
-                    [e.filters for e in entries], pack_bits(vectors.reshape(len(entries), -1), self.words))
+        self.put([e.memory_id for e in entries], [e.namespace for e in entries],
+                 [e.filters for e in entries], pack_bits(vectors.reshape(len(entries), -1), self.words))
+
+    def put(self, ids: Sequence[int], namespaces: Sequence[str], filters: Sequence[tuple[str, ...]],
+            codes: np.ndarray) -> None:
+        """`append`, an id the index holds already replaced."""
+        # Ids above any held cannot be held: a new memory's id costs no search.
+        self.remove([memory_id for memory_id in ids if memory_id <= self._max_id])
+        self.append(ids, namespaces, filters, codes)
 
     def append(self, ids: Sequence[int], namespaces: Sequence[str], filters: Sequence[tuple[str, ...]],
                codes: np.ndarray) -> None:
@@ -204,6 +222,10 @@ class BitIndex:
         blocks = list(self._blocks.values()) if namespace is None else \
             [self._blocks[namespace]] if namespace in self._blocks else []
         return [(b.codes[:, :b.count], b.ids[:b.count], b.tags[:b.count]) for b in blocks if b.live]
+
+    def values(self, field: str) -> Collection[str]:
+        """The values of filter field `field` the index has seen."""
+        return self._vocabulary[self.fields.index(field)].keys()
 
     def wanted(self, inside: Sequence[tuple[str, Sequence[str]]]) -> list[tuple[int, np.ndarray]] | None:
         """`inside` ({field: values} on filter fields) as (column, codes); None when a field

@@ -324,8 +324,7 @@ class SqliteMemory:
         self._bits = RamBitIndex(self.store.path, store_config, embedder.dimension, self._fields,
                                  self._codes, start_from=RAM_INDEX_FROM) \
             if self._layout == "binary" and config.ram_index else None
-        angle_share = math.acos(min(1.0, config.dedupe_threshold)) / math.pi
-        self._duplicate_bits = int(embedder.dimension * min(0.5, _DUPLICATE_BITS_FACTOR * angle_share))
+        self._duplicate_bits = duplicate_bits(embedder.dimension, config.dedupe_threshold)
         self._log = get_logger("memory")
 
     async def open(self, *, check_embedder: bool = True) -> None:
@@ -808,8 +807,7 @@ class SqliteMemory:
                 "ORDER BY distance", (blob, k, *scoped))
             return [(r["id"], r["distance"]) for r in rows]
         near = k if near is None else near
-        cap = min(_VEC0_K_MAX, max(near, 10) * _CANDIDATES_PER_RESULT)
-        margin = self.embedder.dimension // _BINARY_MARGIN
+        margin, cap = candidate_reach(self.embedder.dimension, near)
         found = None if self._bits is None else await self._bits.search(
             vector, near, namespace, inside, margin=margin, cap=cap, bits_within=bits_within)
         if found is not None:
@@ -877,6 +875,19 @@ class SqliteMemory:
         memories = [Memory._from_row(r) for r in rows]
         wanted = {**after, **{name: values for name, values in inside}}
         return [m for m in memories if matches(m.metadata, wanted)]
+
+
+def candidate_reach(dimension: int, near: int) -> tuple[int, int]:
+    """(margin, cap) of the Hamming candidates re-ranked for the `near` nearest: every code
+    within `margin` bits of the near-th's, at most `cap` (see _BINARY_MARGIN)."""
+    return dimension // _BINARY_MARGIN, min(_VEC0_K_MAX, max(near, 10) * _CANDIDATES_PER_RESULT)
+
+
+def duplicate_bits(dimension: int, dedupe_threshold: float) -> int:
+    """The most bits a code may differ from a new text's for a near duplicate's vector to be
+    worth re-ranking (see _DUPLICATE_BITS_FACTOR)."""
+    angle_share = math.acos(min(1.0, dedupe_threshold)) / math.pi
+    return int(dimension * min(0.5, _DUPLICATE_BITS_FACTOR * angle_share))
 
 
 def check_recorded(recorded: Mapping[str, str], wanted: Mapping[str, str], location: str,

@@ -183,20 +183,10 @@ class RamBitIndex:
                      bits_within: int | None) -> list[int] | None:
         """`agentd.bitindex.candidates` for `vector`, computed in a thread; None while the
         index is not loaded (search with sqlite-vec)."""
-        index = self.index
-        if index is None:
+        if self.index is None:
             return None
-        import numpy as np
-
-        from agentd.bitindex import candidates, pack_bits
-
-        wanted = index.wanted(inside)
-        if wanted is None:
-            return []
-        views = index.views(namespace)
-        query = pack_bits(np.asarray([vector], dtype=np.float32), index.words)[0]
-        return await asyncio.to_thread(candidates, views, query, k, dimension=self.dimension,
-                                       margin=margin, cap=cap, wanted=wanted, bits_within=bits_within)
+        return await search_bits(self.index, vector, k, namespace, inside, margin=margin, cap=cap,
+                                 bits_within=bits_within)
 
     def describe(self) -> dict[str, Any]:
         """What memory's stats show of the index."""
@@ -209,3 +199,21 @@ class RamBitIndex:
             return {"engine": "sqlite-vec", "state": "failed"}
         return {"engine": "sqlite-vec", "state": "waiting", "vectors": self._count,
                 "ram_from": self.start_from}
+
+
+async def search_bits(index: BitIndex, vector: Sequence[float], k: int, namespace: str | None,
+                      inside: Sequence[tuple[str, Sequence[str]]], *, margin: int, cap: int,
+                      bits_within: int | None) -> list[int]:
+    """`agentd.bitindex.candidates` in `index` for `vector`, computed in a thread (numpy
+    releases the GIL: the loop goes on, and two searches use two cores)."""
+    import numpy as np
+
+    from agentd.bitindex import candidates, pack_bits
+
+    wanted = index.wanted(inside)
+    if wanted is None:
+        return []
+    views = index.views(namespace)
+    query = pack_bits(np.asarray([vector], dtype=np.float32), index.words)[0]
+    return await asyncio.to_thread(candidates, views, query, k, dimension=index.dimension,
+                                   margin=margin, cap=cap, wanted=wanted, bits_within=bits_within)

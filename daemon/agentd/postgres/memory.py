@@ -50,6 +50,7 @@ from typing import Any
 
 import asyncpg
 
+from agentd import memory as memory_module
 from agentd.config import MemoryConfig, StoreConfig
 from agentd.embed import Embedder
 from agentd.embed_batch import EmbeddingBatcher
@@ -67,6 +68,7 @@ from agentd.memory import (
     RememberGroups,
     Session,
     as_json,
+    candidate_reach,
     changed,
     check_batch,
     check_expiry,
@@ -76,6 +78,7 @@ from agentd.memory import (
     check_recorded,
     delete_replanning,
     digest,
+    duplicate_bits,
     fuse,
     matches,
     plan_delete,
@@ -83,6 +86,7 @@ from agentd.memory import (
     remember_one,
 )
 from agentd.metrics import RECALL_BUCKETS, Histogram
+from agentd.postgres.memory_index import PAST_HORIZON, PgBitIndex
 from agentd.store.postgres import PgConnection, PgStore, load_migrations
 
 # The advisory lock under which the first daemon types the vector column and builds the
@@ -115,6 +119,10 @@ class PgMemory:
                              version_table="memory_schema_version", setting=setting,
                              settings=_search_settings(config), component="memory")
         self._setting = setting
+        # [memory] ram_index: the binary codes scanned in RAM once loaded (memory_index).
+        self._bits = PgBitIndex(self.store, embedder.dimension, config.filter_fields,
+                                start_from=memory_module.RAM_INDEX_FROM) if config.ram_index else None
+        self._duplicate_bits = duplicate_bits(embedder.dimension, config.dedupe_threshold)
         self._log = get_logger("memory")
 
     @property
@@ -139,9 +147,17 @@ class PgMemory:
         except BaseException:
             await self.store.close()
             raise
+        if self._bits is not None:
+            # Counted up to the threshold only: the HNSW index's rows, not the whole table.
+            counted = await self.store.read_one(
+                "SELECT count(*) AS n FROM (SELECT 1 FROM memories WHERE superseded_by IS NULL "
+                "AND embedding IS NOT NULL LIMIT $1) AS held", (self._bits.start_from,))
+            self._bits.open(counted["n"] if counted is not None else 0)
 
     async def close(self) -> None:
         await self.batcher.close()
+        if self._bits is not None:
+            await self._bits.close()
         await self.store.close()
 
     def _wanted(self) -> dict[str, str]:
@@ -304,15 +320,11 @@ class PgMemory:
     async def _recall(self, query: str, namespace: str, k: int, where: Mapping[str, Any] | None,
                       hybrid: bool) -> list[Recalled]:
         namespace = check_recall(query, namespace, k)
-        filters, params = _filters(where or {}, first=5)
+        _filters(where or {}, first=1)  # a bad `where` is refused before the embedding
         (vector,) = await self.batcher.embed([query], query=True)
         self._check_dimension(vector)
-        rows = await self.store.read(
-            f"SELECT {_COLUMNS}, embedding <=> $3::text::vector AS distance FROM memories "
-            f"WHERE namespace = $1 AND {_LIVE} AND embedding IS NOT NULL{filters} "
-            "ORDER BY embedding <=> $3::text::vector LIMIT $4",
-            (namespace, time.time(), _vector_text(vector), k + _SPARE, *params))
-        rows = sorted(rows, key=lambda row: row["distance"])  # relaxed order: see the docstring
+        # Hybrid fuses the spare rows' ranks too: their candidates must be chosen as well.
+        rows = await self._knn(vector, k + _SPARE, namespace, where or {}, near=None if hybrid else k)
         distances = {row["id"]: float(row["distance"]) for row in rows}
         keyword_ranked = await self._keyword(query, namespace, k + _SPARE, where or {}) if hybrid else None
         return fuse([_memory(row) for row in rows], distances, keyword_ranked, k)
@@ -455,7 +467,8 @@ class PgMemory:
         return {"embedder": self.embedder.id, "dimension": self.embedder.dimension,
                 "namespaces": {row["namespace"]: row["n"] for row in rows},
                 "sessions": counts["sessions"] if counts else 0,
-                "messages": counts["messages"] if counts else 0}
+                "messages": counts["messages"] if counts else 0,
+                "vector_index": self._bits.describe() if self._bits is not None else {"engine": "pgvector"}}
 
     async def reembed(self, batch: int = 64) -> int:
         """Every memory's vector (superseded ones too: they may come back) made again with
@@ -492,14 +505,48 @@ class PgMemory:
                 f"the embedder returned {len(vector)} dimensions, not {self.embedder.dimension}")
 
     async def _nearest(self, vector: list[float], namespace: str) -> Memory | None:
-        row = await self.store.read_one(
-            f"SELECT {_COLUMNS}, embedding <=> $3::text::vector AS distance FROM memories "
-            f"WHERE namespace = $1 AND {_LIVE} AND embedding IS NOT NULL "
-            "ORDER BY embedding <=> $3::text::vector LIMIT 1",
-            (namespace, time.time(), _vector_text(vector)))
-        if row is None or 1.0 - float(row["distance"]) < self.config.dedupe_threshold:
+        rows = await self._knn(vector, 1, namespace, {}, bits_within=self._duplicate_bits)
+        if not rows or 1.0 - float(rows[0]["distance"]) < self.config.dedupe_threshold:
             return None
-        return _memory(row)
+        return _memory(rows[0])
+
+    async def _knn(self, vector: Sequence[float], k: int, namespace: str | None,
+                   where: Mapping[str, Any], *, near: int | None = None,
+                   bits_within: int | None = None) -> list[asyncpg.Record]:
+        """The `k` live memories nearest `vector` by cosine distance, nearest first, as rows
+        of `_COLUMNS` and `distance`: within `namespace` (None: every namespace), matching
+        `where`. With the RAM index, the exact ranking of its Hamming candidates chosen for
+        the `near` nearest (default `k`; none past `bits_within` bits) and of the rows
+        written past its horizon (see agentd.postgres.memory_index); else pgvector's search."""
+        params: list[Any] = [_vector_text(vector), time.time()]
+        scope = ""
+        if namespace is not None:
+            params.append(namespace)
+            scope = f" AND namespace = ${len(params)}"
+        near = k if near is None else near
+        margin, cap = candidate_reach(self.embedder.dimension, near)
+        found = None if self._bits is None else await self._bits.search(
+            vector, near, namespace, dict(where), margin=margin, cap=cap, bits_within=bits_within)
+        if found is not None:
+            ids, horizon = found
+            params += [ids, horizon, k]
+            filters, filter_params = _filters(where, first=len(params) + 1)
+            n = len(params)
+            # OFFSET 0 keeps the ORDER BY outside, so the planner cannot choose to walk the
+            # HNSW index in distance order and filter it by the candidates.
+            return await self.store.read(
+                f"SELECT * FROM (SELECT {_COLUMNS}, embedding <=> $1::text::vector AS distance "
+                f"FROM memories WHERE (id = ANY(${n - 2}::bigint[]) OR "
+                f"{PAST_HORIZON.format(f'${n - 1}')}){scope} AND {_LIVE}"
+                f" AND embedding IS NOT NULL{filters} OFFSET 0) AS found "
+                f"ORDER BY distance, id LIMIT ${n}", (*params, *filter_params))
+        params.append(k)
+        filters, filter_params = _filters(where, first=len(params) + 1)
+        rows = await self.store.read(
+            f"SELECT {_COLUMNS}, embedding <=> $1::text::vector AS distance FROM memories "
+            f"WHERE {_LIVE}{scope} AND embedding IS NOT NULL{filters} "
+            f"ORDER BY embedding <=> $1::text::vector LIMIT ${len(params)}", (*params, *filter_params))
+        return sorted(rows, key=lambda row: row["distance"])  # relaxed order: see the docstring
 
     async def _keyword(self, query: str, namespace: str, limit: int,
                        where: Mapping[str, Any]) -> list[Memory]:
