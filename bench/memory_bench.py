@@ -238,7 +238,8 @@ def parse_args() -> argparse.Namespace:
     args.dispatch_seconds = args.dispatch_seconds or (8.0 if args.quick else 25.0)
     args.dispatch_min_seconds = args.dispatch_min_seconds or (2.0 if args.quick else 5.0)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
-    args.engines = ["sqlite", "pg", "pgvector"] if args.pg else [s.strip() for s in args.engines.split(",") if s.strip()]
+    args.engines = (["sqlite", "pg", "pgvector"] if args.pg
+                    else [s.strip() for s in args.engines.split(",") if s.strip()])
     if not args.engines or set(args.engines) - set(ENGINES):
         parser.error(f"--engines takes a subset of {','.join(ENGINES)}; got {','.join(args.engines)}")
     if args.pg_url and not args.pg_url.startswith(("postgresql://", "postgres://")):
@@ -996,8 +997,8 @@ def pg_sql(memory: Any, namespace: bool, kind: int | None) -> Runner:
     where = {"kind": KINDS[kind]} if kind is not None else {}
 
     async def run(q: Query) -> list[int]:
-        found = await memory._knn(q.vector.tolist(), K + SPARE, NAMESPACES[q.namespace] if namespace else None,
-                                  where, near=K)
+        found = await memory._knn(q.vector.tolist(), K + SPARE,
+                                  NAMESPACES[q.namespace] if namespace else None, where, near=K)
         return [row["id"] for row in found[:K]]
 
     return run

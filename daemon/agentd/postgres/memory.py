@@ -19,9 +19,15 @@ returning fewer. Relaxed order may return the nearest slightly out of order: the
 sorted again here. A namespace small enough is searched exactly, through its b-tree
 index, when the planner finds that cheaper.
 
+The RAM index (`[memory] ram_index`, agentd.postgres.memory_index). From 10,000 memories
+each daemon scans the binary codes in RAM for candidates instead, re-ranked here by exact
+cosine together with the rows written past its snapshot: HNSW's recall at a million fell
+short (docs/benchmarks.md). HNSW still answers while the codes load, and for a filter the
+codes cannot (a key outside `[memory] filter_fields`, an object or array value).
+
 Filters. Every metadata filter applies inside the search, in SQL (`metadata -> key`), on
-any key: `[memory] filter_fields` is SQLite's notion only. A value matches as JSON or as
-its text (`{"n": 5}` matches 5 and "5", as on SQLite).
+any key (the filter fields are also matched in RAM, the same way). A value matches as JSON
+or as its text (`{"n": 5}` matches 5 and "5", as on SQLite).
 
 Keywords. Hybrid recall fuses the vector ranking with PostgreSQL full-text search on
 `keywords` (a generated `tsvector`, 'simple' configuration: no stemming, like FTS5's

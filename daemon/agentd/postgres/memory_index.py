@@ -57,9 +57,7 @@ CHANNEL = "agentd_memory"
 _LOAD_ROWS = 10_000  # rows per fetch of a load
 _RECOUNT_SECONDS = 1.0  # while waiting for `start_from` memories, count at most this often
 _CONNECT_TIMEOUT = 5.0
-# A catch-up reads what changed since the horizon: a few rows, or a million after a
-# reembed. Past this, the index is loaded anew instead of waiting longer.
-_CATCH_UP_SECONDS = 60.0
+_RETRY_SECONDS = (1.0, 60.0)  # after a failed load or catch-up, the next load's wait, doubling
 # The searchable memories: the ones the HNSW index holds too.
 _INDEXED = "superseded_by IS NULL AND embedding IS NOT NULL"
 # Rows past the horizon: written by a transaction that `$1` (a pg_snapshot's text) does not see.
@@ -151,11 +149,13 @@ class PgBitIndex:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._give_up(exc)
+            self._log.error("memory.ram_index.not_following", url=self.store.location,
+                            error=describe(exc))
 
     # -- following ----------------------------------------------------------------------------
 
     async def _follow(self) -> None:
+        retry_in = _RETRY_SECONDS[0]
         while True:
             if not self._wake.is_set():
                 self._idle.set()
@@ -167,18 +167,20 @@ class PgBitIndex:
                 raise
             except Exception as exc:
                 self._drop_connection()
+                # Load anew later: whatever went wrong, a load reads everything again. The
+                # index, if any, answers meanwhile and stays right (see the module docstring).
+                self._reload = True
+                asyncio.get_running_loop().call_later(retry_in, self._wake.set)
                 if self.index is None:
-                    self._give_up(exc)
-                else:
-                    # The index stays right (see the module docstring): load it anew once
-                    # the server answers, the listener's reconnection says when.
-                    self._log.warning("memory.ram_index.behind", url=self.store.location,
-                                      error=describe(exc))
-
-    def _give_up(self, exc: BaseException) -> None:
-        self._failed = True
-        self._tried.set()
-        self._log.error("memory.ram_index.failed", url=self.store.location, error=describe(exc))
+                    self._failed = True
+                    self._tried.set()
+                report = self._log.error if self.index is None else self._log.warning
+                report("memory.ram_index.failed", url=self.store.location, error=describe(exc),
+                       retry_in=retry_in,
+                       answering="pgvector" if self.index is None else "the index as it was")
+                retry_in = min(retry_in * 2, _RETRY_SECONDS[1])
+            else:
+                retry_in = _RETRY_SECONDS[0]
 
     async def _step(self) -> None:
         if self._reload:
@@ -261,16 +263,14 @@ class PgBitIndex:
         they were read in."""
         assert self.horizon is not None
         conn = await self._connection()
-        async with asyncio.timeout(_CATCH_UP_SECONDS), \
-                conn.transaction(isolation="repeatable_read", readonly=True):
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
             horizon: str = await conn.fetchval("SELECT pg_current_snapshot()::text")
-            rows = await conn.fetch(
-                f"SELECT {_INDEXED} AS indexed, {self._columns()} FROM memories "
-                f"WHERE {PAST_HORIZON.format('$1')}", self.horizon)
-        if index is not self.index:
-            return  # loaded anew meanwhile
-        index.remove([row[1] for row in rows if not row[0]])
-        self._put(index, [row[1:] for row in rows if row[0]])
+            # A few rows, or every one after a reembed: read as a load reads.
+            cursor = await conn.cursor(f"SELECT {_INDEXED} AS indexed, {self._columns()} FROM memories "
+                                       f"WHERE {PAST_HORIZON.format('$1')}", self.horizon)
+            while rows := await cursor.fetch(_LOAD_ROWS):
+                index.remove([row[1] for row in rows if not row[0]])
+                self._put(index, [row[1:] for row in rows if row[0]])
         self.horizon = horizon
 
     def _put(self, index: BitIndex, rows: Sequence[Sequence[Any]]) -> None:
