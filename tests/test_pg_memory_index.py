@@ -332,3 +332,46 @@ async def test_the_index_loads_once_the_database_holds_enough_memories(
         assert (await memory.stats())["vector_index"]["state"] == "ready"
     late = await memories()  # a daemon starting on a database that holds enough loads at once
     assert len(await held_alike(late)) == 200
+
+
+async def test_an_index_whose_catch_up_failed_answers_meanwhile_and_loads_anew(
+        memories: Any, ram_from_start: None) -> None:
+    """B's catch-up fails (here: its query cancelled while it waits on a lock): recall
+    still answers through the index as it was, and a load anew after a backoff brings the
+    index level again; then the connection that reads the codes is cut, and the next
+    catch-up reconnects."""
+    a, b = await memories(), await memories()
+    await a.remember_many(corpus(200))
+    await held_alike(b)
+    assert b._bits is not None and b._bits._conn is not None
+    before = b._bits.index
+    written, _ = await a.remember("t2 written while B's index could not read", namespace="a")
+    blocker = await asyncpg.connect(a.store.config.url)
+    try:
+        index_pid = b._bits._conn.get_server_pid()
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE memories IN ACCESS EXCLUSIVE MODE")
+            b._bits._heard("c")  # as a notification of another write would
+
+            async def waiting() -> bool:
+                return bool(await blocker.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+                    index_pid))
+
+            await until(waiting)
+            assert await blocker.fetchval("SELECT pg_cancel_backend($1)", index_pid)
+        found = await b.recall("t2 written while B's index could not read", namespace="a", k=1)
+        assert [r.memory.id for r in found] == [written.id]
+
+        async def reloaded() -> bool:
+            return b._bits is not None and b._bits.index is not before
+
+        await until(reloaded)
+        assert written.id in await held_alike(b)
+        assert (await b.stats())["vector_index"]["state"] == "ready"
+        assert b._bits._conn is not None
+        assert await blocker.fetchval("SELECT pg_terminate_backend($1)", b._bits._conn.get_server_pid())
+    finally:
+        await blocker.close()
+    again, _ = await a.remember("t3 written after B's connection was cut", namespace="b")
+    assert again.id in await held_alike(b)

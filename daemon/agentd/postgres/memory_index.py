@@ -200,7 +200,7 @@ class PgBitIndex:
                 await self._catch_up(self.index)
             return
         self._removed.clear()
-        if self._changed and not self._failed:
+        if self._changed:
             wait = self._counted_at + _RECOUNT_SECONDS - time.monotonic()
             if wait > 0:
                 asyncio.get_running_loop().call_later(wait, self._wake.set)
@@ -208,6 +208,7 @@ class PgBitIndex:
             self._changed = False
             self._count = await self._count_indexed()
             self._counted_at = time.monotonic()
+            self._failed = False
             if self._count >= self.start_from:
                 self._reload = True
                 self._wake.set()
