@@ -221,9 +221,10 @@ async def test_a_frozen_server_fails_writes_and_reads_in_time_and_the_store_reco
                 assert store.failure is not None
                 if wave == 0:
                     assert "the PostgreSQL server did not answer in time" in str(outcomes[0][1])
-                else:  # known away: writes fail at once; the write check still tries
-                    assert all(seconds < 1.0 for seconds, _ in outcomes[:5]), outcomes[:5]
+                else:  # known away: writes and reads fail at once; the write check still tries
+                    assert all(seconds < 1.0 for seconds, _ in outcomes[:7]), outcomes[:7]
                     assert "the PostgreSQL server is away" in str(outcomes[0][1])
+                    assert "the PostgreSQL server is away" in str(outcomes[5][1])
                     assert outcomes[-1][0] > 4.0, "the write check did not try the server"
             assert time.monotonic() - frozen_at >= FAULT_SECONDS - 1
         # Thawed: the store finds out by itself (its write check) and the listener is back.

@@ -621,7 +621,12 @@ class PgStore:
     # -- reads -------------------------------------------------------------------------------
 
     async def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[asyncpg.Record]:
-        """Rows of a query (`$1`-style placeholders) on a pooled connection."""
+        """Rows of a query (`$1`-style placeholders) on a pooled connection. While the server
+        is known away (see `_refuses`), StoreUnavailableError at once: a request answers 503
+        at once rather than after the checkout's deadline."""
+        if isinstance(self.failure, StoreUnavailableError):
+            raise StoreUnavailableError(f"{self.location}: the PostgreSQL server is away (a write "
+                                        "failed and no write check has passed since)")
         started = time.monotonic()
         try:
             try:
@@ -683,6 +688,17 @@ class PgStore:
                 self._log.error("store.listener_failed", channel=channel,
                                 error=f"{type(exc).__name__}: {exc}")
 
+    async def _until_writable(self, lost: asyncio.Future[None]) -> None:
+        """Return once a write check passes (this one's or the prober's), at once if no
+        write failed; ConnectionResetError if the listening connection is `lost` first."""
+        while isinstance(self.failure, StoreUnavailableError) and not lost.done():
+            with contextlib.suppress(StoreError):
+                await self.check_writable()
+            if isinstance(self.failure, StoreUnavailableError):
+                await asyncio.wait([lost], timeout=_PROBE_INTERVAL)
+        if lost.done():
+            raise ConnectionResetError("the listening connection closed")
+
     async def run_listener(self) -> None:
         """Forever: keep one connection LISTENing on every channel asked for, re-opened with
         backoff whenever it breaks (a loop the daemon supervises)."""
@@ -708,6 +724,9 @@ class PgStore:
                     for channel in unheard:
                         await conn.add_listener(channel, self._dispatch)
                         listened.add(channel)
+                # The callbacks below read to catch up, and reads fail at once while the
+                # server is known away.
+                await self._until_writable(lost)
                 self._listener = conn
                 self.listening.set()
                 delay = _LISTEN_BACKOFF[0]
