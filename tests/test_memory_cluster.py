@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import random
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -201,6 +202,43 @@ class WordHash:
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         return [word_vector(text, self.dimension) for text in texts]
+
+
+async def test_a_hybrid_recall_gives_the_same_answer_each_time_on_a_server_that_plans_in_parallel() -> None:
+    """The keyword side ranks the first 1,000 matches a scan finds: parallel workers found
+    them in another order at each call (at a million memories), so memory's sessions plan
+    no parallel scans. The database here makes parallel plans cheap, as a big table does."""
+    url = await fresh_database()
+    conn = await asyncpg.connect(url)
+    try:
+        database = await conn.fetchval("SELECT current_database()")
+        for setting in ("parallel_setup_cost", "parallel_tuple_cost", "min_parallel_table_scan_size",
+                        "min_parallel_index_scan_size"):
+            await conn.execute(f"ALTER DATABASE {database} SET {setting} = 0")
+    finally:
+        await conn.close()
+    memory = PgMemory(MemoryConfig(ram_index=False), url, WordHash())
+    await memory.open()
+    try:
+        rng = random.Random(1)
+        words = ("backup billing deploy search index nightly job pipeline error warning disk "
+                 "full restart host alpha beta gamma delta").split()
+        texts = [" ".join(rng.choice(words) for _ in range(8)) + f" {n}" for n in range(20_000)]
+
+        async def load(conn: Any) -> None:
+            await conn.executemany(
+                "INSERT INTO memories (namespace, text, hash, created_at, updated_at) "
+                "VALUES ('kb', $1, $2, 0, 0)",
+                [(text, hashlib.sha256(text.encode()).hexdigest()) for text in texts])
+            await conn.execute("ANALYZE memories")
+
+        await memory.store.write(load)
+        answers = {tuple(m.id for m in await memory._keyword("which backup job failed on the nightly host",
+                                                              "kb", 18, {}))
+                   for _ in range(5)}
+        assert len(answers) == 1 and len(next(iter(answers))) == 18, answers
+    finally:
+        await memory.close()
 
 
 async def test_a_filter_that_keeps_few_rows_still_gets_k_through_the_hnsw_index(

@@ -575,8 +575,12 @@ class PgMemory:
 
 
 def _search_settings(config: MemoryConfig) -> dict[str, str]:
-    """The session settings of memory's connections (see the module docstring)."""
-    return {"hnsw.ef_search": str(config.hnsw_ef_search), "hnsw.iterative_scan": "relaxed_order"}
+    """The session settings of memory's connections (see the module docstring). No parallel
+    plans: the keyword side ranks the first matches a scan finds, and parallel workers find
+    them in a different order each time (at a million memories the same hybrid recall gave
+    other results from one call to the next)."""
+    return {"hnsw.ef_search": str(config.hnsw_ef_search), "hnsw.iterative_scan": "relaxed_order",
+            "max_parallel_workers_per_gather": "0"}
 
 
 def _filters(where: Mapping[str, Any], *, first: int) -> tuple[str, list[Any]]:
