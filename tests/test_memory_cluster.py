@@ -221,8 +221,8 @@ async def test_a_hybrid_recall_gives_the_same_answer_each_time_on_a_server_that_
     await memory.open()
     try:
         rng = random.Random(1)
-        words = ("backup billing deploy search index nightly job pipeline error warning disk "
-                 "full restart host alpha beta gamma delta").split()
+        words = ["backup", "billing", "deploy", "search", "index", "nightly", "job", "pipeline", "error",
+                 "warning", "disk", "full", "restart", "host", "alpha", "beta", "gamma", "delta"]
         texts = [" ".join(rng.choice(words) for _ in range(8)) + f" {n}" for n in range(20_000)]
 
         async def load(conn: Any) -> None:
