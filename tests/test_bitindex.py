@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agentd import bitindex
 from agentd import memory as memory_module
 from agentd.bitindex import BitIndex, candidates, pack_bits, words_for
 from agentd.config import StoreConfig
@@ -142,7 +143,13 @@ def reference(distances: np.ndarray, k: int, margin: int, cap: int) -> tuple[set
     return must, {i for i in within if distances[i] == edge}, cap
 
 
-def test_candidates_follow_the_rule_with_filters_dead_rows_ties_and_a_cap() -> None:
+@pytest.mark.parametrize("split_from", [None, 1], ids=["one thread", "two halves"])
+def test_candidates_follow_the_rule_with_filters_dead_rows_ties_and_a_cap(
+        split_from: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule, whether the scan runs in one thread or (a long scan: here every one) in
+    two halves cut anywhere across the blocks."""
+    if split_from is not None:
+        monkeypatch.setattr(bitindex, "_SPLIT_ROWS", split_from)
     rng = np.random.default_rng(2)
     words = words_for(DIMENSION)
     for trial in range(200):
