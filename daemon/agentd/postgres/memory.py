@@ -33,8 +33,10 @@ Keywords. Hybrid recall fuses the vector ranking with PostgreSQL full-text searc
 `keywords` (a generated `tsvector`, 'simple' configuration: no stemming, like FTS5's
 default tokenizer), ranked by `ts_rank_cd`, any of the query's words matching: the
 memories with every word first. Ranking reads each match, so a query of common words would
-rank most of a namespace: at most 1,000 matches with every word, and 1,000 with some, found
-in the index's order, are ranked (on SQLite the newest 1,000 of each).
+rank most of a namespace: the newest 1,000 matches with every word, and the newest 1,000
+with some, are ranked, as on SQLite. (Any 1,000, as a scan found them first, made the same
+recall give other results from one call to the next: each pooled connection may plan the
+scan its own way.)
 
 Duplicates. One live memory per text and namespace (a unique partial index): two daemons
 remembering the same text at once store it once, and both get that memory. A near
@@ -561,7 +563,7 @@ class PgMemory:
             return []
         filters, params = _filters(where, first=7)
         candidates = (f"SELECT {_COLUMNS}, keywords, {{every}} AS every_word FROM memories "
-                      f"WHERE namespace = $1 AND {_LIVE}{filters} AND {{match}} LIMIT $6")
+                      f"WHERE namespace = $1 AND {_LIVE}{filters} AND {{match}} ORDER BY id DESC LIMIT $6")
         every_word = candidates.format(every=1, match="keywords @@ to_tsquery('simple', $3)")
         some_word = candidates.format(every=0, match="keywords @@ to_tsquery('simple', $5) "
                                                      "AND NOT keywords @@ to_tsquery('simple', $3)")
@@ -575,12 +577,8 @@ class PgMemory:
 
 
 def _search_settings(config: MemoryConfig) -> dict[str, str]:
-    """The session settings of memory's connections (see the module docstring). No parallel
-    plans: the keyword side ranks the first matches a scan finds, and parallel workers find
-    them in a different order each time (at a million memories the same hybrid recall gave
-    other results from one call to the next)."""
-    return {"hnsw.ef_search": str(config.hnsw_ef_search), "hnsw.iterative_scan": "relaxed_order",
-            "max_parallel_workers_per_gather": "0"}
+    """The session settings of memory's connections (see the module docstring)."""
+    return {"hnsw.ef_search": str(config.hnsw_ef_search), "hnsw.iterative_scan": "relaxed_order"}
 
 
 def _filters(where: Mapping[str, Any], *, first: int) -> tuple[str, list[Any]]:
