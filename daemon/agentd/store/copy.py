@@ -280,7 +280,8 @@ def _open_memory(memory: MemorySource, store_url: str) -> _OpenMemory:
     url = config.url or store_url
     setting = "[memory] url" if config.url else "[store] url"  # as the store target's errors say
     # Two connections, as the copy's own target store: the copy writes on one of its own.
-    target = memory.engine(replace(config, pool_size=2), url, embedder, setting=setting)
+    # No RAM index: the copy writes, it does not recall.
+    target = memory.engine(replace(config, pool_size=2, ram_index=False), url, embedder, setting=setting)
     return _OpenMemory(path, conn, embedder, target, url)
 
 
