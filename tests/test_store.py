@@ -515,8 +515,11 @@ TABLE_OWNERS = {
     "hook_deliveries": {"hooks.py", "postgres/hooks.py"},
     # `agentd store copy` reads memory.db's memories with their vectors in one statement
     # (no re-embedding) and builds PgMemory's index after the bulk load: the one reader and
-    # writer of memory tables besides the two stores.
-    "memories": {"memory.py", "postgres/memory.py", "store/copy.py"}, "memories_fts": {"memory.py"},
+    # writer of memory tables besides the two stores. On PostgreSQL each daemon's RAM index
+    # of the codes (`postgres/memory_index.py`) reads `memories` to load and catch up; it
+    # writes nothing.
+    "memories": {"memory.py", "postgres/memory.py", "postgres/memory_index.py", "store/copy.py"},
+    "memories_fts": {"memory.py"},
     "memory_vectors": {"memory.py", "store/copy.py"}, "memory_embeddings": {"memory.py", "store/copy.py"},
     "messages": {"memory.py"}, "sessions": {"memory.py"},
     "memory_sessions": {"postgres/memory.py"}, "memory_messages": {"postgres/memory.py"},
