@@ -49,8 +49,7 @@ def pack_bits(vectors: np.ndarray, words: int) -> np.ndarray:
 
 def codes_of(bits: Sequence[bytes], words: int) -> np.ndarray:
     """Codes as memory_vectors stores them (`bit[D]`: D/8 bytes each), as rows of words."""
-    size = len(bits[0]) if bits else 0
-    return _in_words(np.frombuffer(b"".join(bits), dtype=np.uint8).reshape(len(bits), size), words)
+    return _in_words(_byte_rows(bits), words)
 
 
 # Each byte with its bits in reverse order: PostgreSQL's bit strings put a vector's first
@@ -61,9 +60,13 @@ _REVERSED_BITS = np.array([int(f"{b:08b}"[::-1], 2) for b in range(256)], dtype=
 def codes_of_bit_strings(bits: Sequence[bytes], words: int) -> np.ndarray:
     """Codes as PostgreSQL's `bit` type sends them (pgvector's `binary_quantize`, without
     `bit_send`'s 4-byte length), as rows of words packed as `pack_bits` packs them."""
+    return _in_words(_REVERSED_BITS[_byte_rows(bits)], words)
+
+
+def _byte_rows(bits: Sequence[bytes]) -> np.ndarray:
+    """Equal-length byte strings as the rows of a uint8 array."""
     size = len(bits[0]) if bits else 0
-    packed = np.frombuffer(b"".join(bits), dtype=np.uint8).reshape(len(bits), size)
-    return _in_words(_REVERSED_BITS[packed], words)
+    return np.frombuffer(b"".join(bits), dtype=np.uint8).reshape(len(bits), size)
 
 
 def _in_words(packed: np.ndarray, words: int) -> np.ndarray:

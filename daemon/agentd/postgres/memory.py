@@ -156,11 +156,7 @@ class PgMemory:
             await self.store.close()
             raise
         if self._bits is not None:
-            # Counted up to the threshold only: the HNSW index's rows, not the whole table.
-            counted = await self.store.read_one(
-                "SELECT count(*) AS n FROM (SELECT 1 FROM memories WHERE superseded_by IS NULL "
-                "AND embedding IS NOT NULL LIMIT $1) AS held", (self._bits.start_from,))
-            self._bits.open(counted["n"] if counted is not None else 0)
+            await self._bits.open()
 
     async def close(self) -> None:
         await self.batcher.close()

@@ -40,7 +40,7 @@ import decimal
 import json
 import math
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -92,10 +92,10 @@ class PgBitIndex:
         self._conn: asyncpg.Connection | None = None  # the loads' and catch-ups' own
         self._log = get_logger("memory")
 
-    def open(self, counted: int) -> None:
-        """Start following the database, which holds `counted` searchable memories (or at
-        least `start_from`): listen, and load once the listener is connected."""
-        self._count = counted
+    async def open(self) -> None:
+        """Start following the database: count its searchable memories (up to
+        `start_from`), listen, and load once the listener is connected, if they are enough."""
+        self._count = await self._count_indexed()
         self._counted_at = time.monotonic()
         self.store.listen(CHANNEL, self._heard)
         self.store.on_reconnect(self._reconnected)
@@ -224,11 +224,12 @@ class PgBitIndex:
             conn.terminate()
 
     async def _count_indexed(self) -> int:
-        conn = await self._connection()
-        count: int = await conn.fetchval(
-            f"SELECT count(*) FROM (SELECT 1 FROM memories WHERE {_INDEXED} LIMIT $1) AS held",
-            self.start_from)
-        return count
+        """The searchable memories, counted up to `start_from` only (the HNSW index's rows,
+        not the whole table)."""
+        row = await self.store.read_one(
+            f"SELECT count(*) AS n FROM (SELECT 1 FROM memories WHERE {_INDEXED} LIMIT $1) AS held",
+            (self.start_from,))
+        return int(row["n"]) if row is not None else 0
 
     def _columns(self) -> str:
         """The columns an index row is made of: id, code (pgvector's bits, without
@@ -243,14 +244,11 @@ class PgBitIndex:
 
         began = time.perf_counter()
         self._loading = True
+        index = BitIndex(self.dimension, self.fields)
         try:
-            conn = await self._connection()
-            index = BitIndex(self.dimension, self.fields)
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                horizon: str = await conn.fetchval("SELECT pg_current_snapshot()::text")
-                cursor = await conn.cursor(f"SELECT {self._columns()} FROM memories WHERE {_INDEXED}")
-                while rows := await cursor.fetch(_LOAD_ROWS):
-                    self._put(index, rows)
+            horizon = await self._read_in_snapshot(
+                f"SELECT {self._columns()} FROM memories WHERE {_INDEXED}", (),
+                lambda rows: self._put(index, rows))
         finally:
             self._loading = False
         self.index, self.horizon, self._failed = index, horizon, False
@@ -263,16 +261,27 @@ class PgBitIndex:
         """Apply the rows written past the horizon, and move the horizon to the snapshot
         they were read in."""
         assert self.horizon is not None
+
+        def apply(rows: Sequence[Sequence[Any]]) -> None:
+            index.remove([row[1] for row in rows if not row[0]])
+            self._put(index, [row[1:] for row in rows if row[0]])
+
+        # A few rows, or every one after a reembed: read as a load reads.
+        self.horizon = await self._read_in_snapshot(
+            f"SELECT {_INDEXED} AS indexed, {self._columns()} FROM memories "
+            f"WHERE {PAST_HORIZON.format('$1')}", (self.horizon,), apply)
+
+    async def _read_in_snapshot(self, sql: str, params: tuple[Any, ...],
+                                apply: Callable[[Sequence[Sequence[Any]]], None]) -> str:
+        """`apply` each batch of `sql`'s rows, all read in one snapshot, which it returns
+        (as text) to become the horizon."""
         conn = await self._connection()
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             horizon: str = await conn.fetchval("SELECT pg_current_snapshot()::text")
-            # A few rows, or every one after a reembed: read as a load reads.
-            cursor = await conn.cursor(f"SELECT {_INDEXED} AS indexed, {self._columns()} FROM memories "
-                                       f"WHERE {PAST_HORIZON.format('$1')}", self.horizon)
+            cursor = await conn.cursor(sql, *params)
             while rows := await cursor.fetch(_LOAD_ROWS):
-                index.remove([row[1] for row in rows if not row[0]])
-                self._put(index, [row[1:] for row in rows if row[0]])
-        self.horizon = horizon
+                apply(rows)
+        return horizon
 
     def _put(self, index: BitIndex, rows: Sequence[Sequence[Any]]) -> None:
         from agentd.bitindex import codes_of_bit_strings
