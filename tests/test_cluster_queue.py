@@ -716,3 +716,132 @@ async def test_a_killed_daemon_s_task_is_taken_over_once_its_lease_lapses(
         # The child's heartbeat stopped more than a lease ago: not listed any more.
         status = await (await client.get("/v1/status")).json()
         assert [node["id"] for node in status["daemons"]] == [survivor.queue.tasks.node_id]
+
+
+# -- assignment: an enqueue hands a due task to a daemon that told of a free slot --------------
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for `condition()` to hold, checking at each loop turn and every 10 ms."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)  # noqa: sleep (polling a condition with a deadline)
+
+
+async def busy_and_idle(pg_daemons: Any) -> tuple[Any, Any, Any]:
+    """Daemon a with its one worker held by a task, and daemon b with 2 free slots, which a
+    has heard of; and the holding task's record."""
+    a = await pg_daemons.start("a", workers={"default": 1})
+    holding = await a.queue.enqueue("ct.block", {"name": "hold"})
+    await asyncio.wait_for(shared_started(holding.id).wait(), 10)
+    b = await pg_daemons.start("b", workers={"default": 2})
+    await until(lambda: a.queue.tasks.peers_free("default") == {b.queue.tasks.node_id: 2})
+    return a, b, holding
+
+
+async def test_a_task_enqueued_where_no_slot_is_free_is_assigned_to_a_daemon_that_told_of_one(
+        pg_daemons: Any) -> None:
+    """b starts it from the notification, without a claim: its row was inserted running under
+    b's lease. A name with limits is never assigned (its place is counted by claims)."""
+    a, b, holding = await busy_and_idle(pg_daemons)
+    record = await a.queue.enqueue("ct.work", {"n": 7})
+    await asyncio.wait_for(shared_started(record.id).wait(), 10)
+    assert (record.id, "b") in shared().runs
+    assert (a.queue.tasks.assigned_out, b.queue.tasks.assigned_in) == (1, 1)
+    done = await asyncio.wait_for(a.queue.wait(record.id), 10)
+    assert (done.status, done.result, done.attempts) == ("succeeded", 7, 1)
+    # Told again once the task ended: both slots free.
+    await until(lambda: a.queue.tasks.peers_free("default") == {b.queue.tasks.node_id: 2})
+    limited = await a.queue.enqueue("ct.limited")
+    assert (await asyncio.wait_for(a.queue.wait(limited.id), 10)).status == "succeeded"
+    assert a.queue.tasks.assigned_out == 1  # claimed by b, not assigned
+    assert (limited.id, "b") in shared().runs
+    shared_gate("hold").set()
+    assert (await asyncio.wait_for(a.queue.wait(holding.id), 10)).status == "succeeded"
+
+
+async def test_tasks_too_big_for_a_notification_are_assigned_by_id_and_read(pg_daemons: Any) -> None:
+    a, b, holding = await busy_and_idle(pg_daemons)
+    name = "big-" + "x" * 9000  # the args alone pass PostgreSQL's 8,000-byte payload limit
+    record = await a.queue.enqueue("ct.block", {"name": name})
+    await asyncio.wait_for(shared_started(record.id).wait(), 10)
+    assert (record.id, "b") in shared().runs
+    assert b.queue.tasks.assigned_in == 1
+    shared_gate(name).set()
+    done = await asyncio.wait_for(a.queue.wait(record.id), 10)
+    assert (done.status, done.attempts) == ("succeeded", 1)
+    shared_gate("hold").set()
+    await asyncio.wait_for(a.queue.wait(holding.id), 10)
+
+
+async def test_a_daemon_assigned_a_task_after_its_slots_filled_puts_it_back(pg_daemons: Any) -> None:
+    """News of free slots can be stale: here b's slots are full when a hears (from a
+    notification sent by the test, as b would have sent it a moment before) that one is
+    free. b puts the task back in the queue, unstarted and its attempt unspent, and it runs
+    once a slot frees."""
+    a, b, holding = await busy_and_idle(pg_daemons)
+    blocking = [await b.queue.enqueue("ct.block", {"name": "b-busy"}) for _ in range(2)]
+    for record in blocking:
+        await asyncio.wait_for(shared_started(record.id).wait(), 10)
+    await until(lambda: not a.queue.tasks.peers_free("default"))  # b told it has none
+    conn = await asyncpg.connect(pg_daemons.url)
+    try:
+        await conn.execute("SELECT pg_notify('agentd_idle', $1)", f"{b.queue.tasks.node_id} default 1")
+    finally:
+        await conn.close()
+    await until(lambda: a.queue.tasks.peers_free("default") == {b.queue.tasks.node_id: 1})
+    record = await a.queue.enqueue("ct.work", {"n": 1})
+    await until(lambda: b.queue.tasks.assigned_in == 1)
+    deadline = time.monotonic() + 10
+    while (row := await a.queue.get(record.id)).status != "queued":  # put back by b
+        assert time.monotonic() < deadline, row
+        await asyncio.sleep(0.01)  # noqa: sleep (polling the row with a deadline)
+    assert row.attempts == 0
+    assert not shared_started(record.id).is_set()
+    shared_gate("b-busy").set()
+    done = await asyncio.wait_for(a.queue.wait(record.id), 10)
+    assert (done.status, done.attempts) == ("succeeded", 1)
+    shared_gate("hold").set()
+    await asyncio.wait_for(a.queue.wait(holding.id), 10)
+
+
+async def test_a_daemon_that_does_not_hear_notifications_is_assigned_nothing(pg_daemons: Any) -> None:
+    """A node that told of a free slot but holds no listening lock (dead, or its listening
+    connection lost) gets no task: the row is inserted queued instead, and the node is
+    forgotten."""
+    a = await pg_daemons.start("a", workers={"default": 1})
+    holding = await a.queue.enqueue("ct.block", {"name": "hold"})
+    await asyncio.wait_for(shared_started(holding.id).wait(), 10)
+    conn = await asyncpg.connect(pg_daemons.url)
+    try:
+        await conn.execute("SELECT pg_notify('agentd_idle', 'ghost default 3')")
+    finally:
+        await conn.close()
+    await until(lambda: a.queue.tasks.peers_free("default") == {"ghost": 3})
+    record = await a.queue.enqueue("ct.work", {"n": 2})
+    stored = await a.queue.get(record.id)
+    assert (stored.status, stored.attempts) == ("queued", 0)
+    assert a.queue.tasks.assigned_out == 0
+    assert a.queue.tasks.peers_free("default") == {}
+    shared_gate("hold").set()
+    done = await asyncio.wait_for(a.queue.wait(record.id), 10)
+    assert (done.status, done.attempts) == ("succeeded", 1)
+    assert (record.id, "a") in shared().runs
+
+
+async def test_a_daemon_with_a_free_slot_assigns_the_task_it_enqueues_to_itself(
+        pg_daemons: Any) -> None:
+    """Alone on the database too: the notification of the insert starts the task, with no
+    claim after the enqueue; the limited name is claimed."""
+    a = await pg_daemons.start("a", workers={"default": 2})
+    await asyncio.wait_for(a.storage.postgres.listening.wait(), 10)
+    for n in range(3):
+        record = await a.queue.enqueue("ct.work", {"n": n})
+        done = await asyncio.wait_for(a.queue.wait(record.id), 10)
+        assert (done.status, done.result, done.attempts) == ("succeeded", n, 1)
+    assert (a.queue.tasks.assigned_out, a.queue.tasks.assigned_in) == (3, 3)
+    limited = await a.queue.enqueue("ct.limited")
+    assert (await asyncio.wait_for(a.queue.wait(limited.id), 10)).status == "succeeded"
+    assert a.queue.tasks.assigned_out == 3

@@ -247,6 +247,14 @@ class TaskStore(Protocol):
         have claimable tasks, `done(ids)` reached final states, `cancel(ids)` running tasks
         must be cancelled, and `reconnect()` when such news may have been lost."""
 
+    def on_assigned(self, take: Callable[[list[TaskRecord]], None]) -> None:
+        """Call `take(records)` when another daemon assigns tasks to this one: they run under
+        this daemon's lease already (one's `cancel_requested` may be set)."""
+
+    def slots_free(self, queue: str, free: int) -> None:
+        """This daemon's free slots of `queue` as its claim loop goes to wait: other daemons
+        may assign it that many tasks."""
+
     # -- the queue's --------------------------------------------------------------------------
 
     def insert_one(self, values: tuple[Any, ...]) -> Awaitable[int]:
@@ -1183,6 +1191,12 @@ class SqliteTasks:
     def listen(self, *, work: Callable[[str | None], None], done: Callable[[Sequence[int]], None],
                cancel: Callable[[Sequence[int]], None], reconnect: Callable[[], None]) -> None:
         """Nothing to hear: the file has one daemon."""
+
+    def on_assigned(self, take: Callable[[list[TaskRecord]], None]) -> None:
+        """Nothing is assigned: the file has one daemon."""
+
+    def slots_free(self, queue: str, free: int) -> None:
+        """No other daemon to tell."""
 
     def insert(self, prepared: list[tuple[Any, ...]], windows: list[float], now: float,
                ttl: float, alongside: Callable[[Any], object] | None) -> Awaitable[list[Any]]:

@@ -183,7 +183,11 @@ class WorkerPool:
         # though they were neither running nor claimed ahead here (`_cancel_running`).
         self._cancels_heard: dict[str, set[int]] = {}
         self._checking_cancels: asyncio.Task[None] | None = None
+        # Tasks other daemons assigned here (PostgreSQL) that found no free slot, being put
+        # back in the queue.
+        self._assigned_back: set[asyncio.Task[None]] = set()
         tasks.add_claim_rider(self._add_claims_to_batch)
+        tasks.on_assigned(self._take_assigned)
         queue.on_work(self.wake)
         queue.on_cancel(self._cancel_running)
         queue.on_reconnect(self._check_cancels)
@@ -226,6 +230,8 @@ class WorkerPool:
         the next start.
         """
         self._stopping = True
+        for name in self._slots:
+            self.tasks.slots_free(name, 0)  # assign nothing more here
         # Claim loops are woken to end rather than cancelled: a claim already submitted
         # commits whatever happens to its caller, and its rows must not be left running.
         for wake in self._wakes.values():
@@ -234,7 +240,7 @@ class WorkerPool:
         if self._heartbeat_loop is not None:
             ending.append(self._heartbeat_loop.stop())
         self._claim_loops.clear()
-        await asyncio.gather(*ending)
+        await asyncio.gather(*ending, *self._assigned_back)
         interrupted_before = self._interrupted
         if self.running:
             pending = await self._let_running_finish(deadline, hurry)
@@ -361,6 +367,8 @@ class WorkerPool:
                     self._start_next_ahead(queue, slots)
                 if records and slots.free:
                     continue  # there may be more claimable work right now
+            if not self._stopping:
+                self.tasks.slots_free(queue, slots.free)
             timeout = None if next_at is None else max(0.0, next_at - time.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout)
@@ -470,11 +478,42 @@ class WorkerPool:
 
     def _start_next_ahead(self, queue: str, slots: Slots) -> None:
         """Start the first task waiting ahead of `queue` in a slot already counted as used."""
-        record = self._ahead[queue].popleft()
+        self._start(self._ahead[queue].popleft(), slots)
+        self._wakes[queue].set()  # claim again: what was ahead is shrinking
+
+    def _start(self, record: TaskRecord, slots: Slots) -> None:
+        """Start a claimed task in a slot already counted as used."""
         self.running[record.id] = asyncio.get_running_loop().create_task(
             self._run(record, self.registry.find(record.name), slots),
             name=f"task:{record.name}:{record.id}", context=self._task_context.copy())
-        self._wakes[queue].set()  # claim again: what was ahead is shrinking
+
+    def _take_assigned(self, records: list[TaskRecord]) -> None:
+        """`TaskStore.on_assigned` hook: start each task another daemon assigned here in a
+        free slot of its queue, and put back in the queue those that find none (the slots
+        filled since this daemon told of them, or it is stopping). One cancelled before it
+        started ends unstarted, as after a claim."""
+        back: list[int] = []
+        for record in records:
+            if record.cancel_requested:
+                self._cancel_unstarted(record)
+                continue
+            slots = self._slots.get(record.queue)
+            if self._stopping or slots is None or not slots.take_if_free():
+                back.append(record.id)
+                continue
+            self._charge_limits(record)
+            self._start(record, slots)
+            self.tasks.slots_free(record.queue, slots.free)
+        if back:
+            putting_back = asyncio.get_running_loop().create_task(self._put_back_assigned(back))
+            self._assigned_back.add(putting_back)
+            putting_back.add_done_callback(self._assigned_back.discard)
+
+    async def _put_back_assigned(self, task_ids: list[int]) -> None:
+        try:
+            await self.tasks.unclaim(task_ids)
+        except Exception as exc:  # their leases lapse, and another daemon takes them over
+            _LOG.warning("tasks.assigned_not_put_back", task_ids=task_ids, error=describe(exc))
 
     async def _run(self, record: TaskRecord, definition: TaskDef | None, slots: Slots) -> None:
         ctx: Context | None = None

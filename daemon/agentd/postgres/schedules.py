@@ -18,7 +18,7 @@ the recycling). The others try again every `_LEAD_RETRY` seconds. PostgreSQL rel
 lock when the leader's connection ends: at once when the leader stops or its process dies
 (the socket closes), so another daemon leads within `_LEAD_RETRY` (1 s) plus a round trip;
 when the leader's host vanishes without closing, the server's TCP keepalives (set on that
-connection to `_KEEPALIVE` = idle 5 s, then 5 probes 1 s apart) end the session within
+connection to `KEEPALIVE` = idle 5 s, then 5 probes 1 s apart) end the session within
 about 10 s, so another leads within about 11 s. The leader checks its connection every
 `_LEAD_CHECK` seconds and stops firing as soon as it finds it broken. In the moments when two
 daemons might both believe they lead, the fire time's idempotency key (the queue's unique
@@ -38,7 +38,7 @@ import asyncpg
 
 from agentd.log import get_logger
 from agentd.scheduler import ScheduleState, row_values
-from agentd.store.postgres import PgConnection, PgStore, notify, unavailable
+from agentd.store.postgres import KEEPALIVE, PgConnection, PgStore, notify, unavailable
 
 CHANNEL = "agentd_schedules"
 # The scheduler's session-level advisory lock key: "agentds" in ASCII (the migrations take
@@ -48,8 +48,6 @@ _LEAD_RETRY = 1.0
 _LEAD_CHECK = 1.0
 _CONNECT_TIMEOUT = 5.0
 _COMMAND_TIMEOUT = 5.0
-_KEEPALIVE = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "1",
-              "tcp_keepalives_count": "5"}
 
 _SCHEDULES = "SELECT * FROM schedules"
 _ONE = "SELECT * FROM schedules WHERE id = $1"
@@ -175,7 +173,7 @@ class PgSchedules:
         try:
             conn = await asyncpg.connect(self.store.config.url, timeout=_CONNECT_TIMEOUT,
                                          command_timeout=_COMMAND_TIMEOUT,
-                                         server_settings=_KEEPALIVE)
+                                         server_settings=KEEPALIVE)
         except Exception as exc:
             if unavailable(self.store.location, exc) is None and not isinstance(exc, asyncpg.PostgresError):
                 raise

@@ -18,6 +18,18 @@ What differs from one daemon on one SQLite file:
   (task ids) at final states, for `TaskQueue.wait` on any daemon, and `agentd_cancel`
   (task ids) for a running task's cancel, which the daemon running it acts on. After the
   listening connection is re-opened the queue re-reads what it waits for (`listen`).
+- Assignment (push), which saves a claim's round trip on the way from an enqueue to the
+  start. A daemon whose claim loop for a queue waits tells the others how many of its
+  slots are free (`agentd_idle`, "<node> <queue> <free>") whenever that number changes. A
+  daemon enqueueing a due task of an unlimited name inserts it already running under its
+  own lease if it has a free slot on that queue, else under the lease of a daemon that
+  told of one, and notifies `agentd_assign` ("<origin> <node> <queue> <count> <records>",
+  or their ids when the records do not fit): the daemon named starts it at once, or puts
+  it back in the queue if its slots filled meanwhile. Only a daemon that hears
+  notifications is assigned anything: it holds an advisory lock on its listening
+  connection while that is open, and the insert falls back to a queued row (and
+  `agentd_work`) when the lock is free. A daemon that dies holding assigned tasks loses
+  them to the others when their leases lapse, as with the tasks it claimed ahead.
 - Peers. `agentd_nodes` ("up <node>" when a daemon registers, "down <node>" when it stops
   cleanly) and each heartbeat's read of `nodes` keep `peers_alive()`: whether any other
   daemon shares the database, so that a daemon alone sends nothing meant for others (the
@@ -28,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from functools import partial
@@ -60,11 +73,17 @@ V = TypeVar("V")
 R = TypeVar("R")
 
 WORK, DONE, CANCEL, NODES = "agentd_work", "agentd_done", "agentd_cancel", "agentd_nodes"
+IDLE, ASSIGN = "agentd_idle", "agentd_assign"
 _PAYLOAD_MAX = 7000  # bytes of ids per notification (PostgreSQL's limit is 8,000)
 # Seconds after its last heartbeat that a dead node's row is removed.
 _FORGET_NODE_AFTER = 600.0
 # Lock keys of limited names: a namespace for hashtextextended.
 _LIMIT_LOCK_SEED = 0x6167656E74
+# The lock a daemon holds on its listening connection ('agentd.node:' || its node id):
+# assignable only while held.
+_NODE_LOCK_SEED = 0x6E6F6465
+# Rows one insert assigns at most: their ids must fit one notification.
+_ASSIGN_MAX = 300
 
 _TASK = "SELECT * FROM tasks WHERE id = $1"
 _EXISTS = "SELECT 1 FROM tasks WHERE id = $1"
@@ -149,6 +168,62 @@ _HELD_UNTIL = "(SELECT min(held_until) FROM task_rates WHERE held_until > $2)"
 _SERVER_NOW = "extract(epoch FROM clock_timestamp())"
 _CLAIM_SET = ("UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = $5, "
               f"lease_until = {_SERVER_NOW} + $6::float8, lease_node = $7")
+# What an assignment's notification carries of each task (`_assigned_record`): the daemon
+# named starts it from that, without reading it, unless they are too many or too big for
+# one notification (then only their ids, and it reads them).
+_ASSIGNED_FIELDS = ("id, queue, name, args, priority, run_at, max_attempts, timeout, correlation_id, "
+                    "created_at, started_at")
+_PAYLOAD_LIMIT = 7999  # PostgreSQL's limit is 8,000 bytes
+# `_INSERT_MANY_NOTIFYING` with some rows assigned ($15: the node per row, NULL for a queued
+# row; $16 their start, $17 the lease, $18 this node): a row whose node does not hold its
+# lock (not listening, or gone) is inserted queued instead. The CTE `targets` runs a
+# volatile function, so it is evaluated once per row, and its CASE tries the lock only for
+# the assigned rows.
+_INSERT_ASSIGNING = (
+    "WITH targets AS (SELECT u.*, CASE WHEN u.node IS NULL THEN NULL "
+    "WHEN pg_try_advisory_xact_lock_shared(hashtextextended('agentd.node:' || u.node, "
+    f"{_NODE_LOCK_SEED})) THEN NULL ELSE u.node END AS target FROM "
+    "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[], "
+    "$7::bigint[], $8::float8[], $9::text[], $10::bigint[], $11::text[], $12::float8[], "
+    "$13::text[], $14::text[], $15::text[]) AS u(queue, name, args, status, priority, run_at, "
+    "max_attempts, timeout, idempotency_key, parent_id, correlation_id, created_at, "
+    "concurrency_key, rate_key, node)), "
+    f"inserted AS (INSERT INTO tasks ({INSERT_COLUMNS}, attempts, started_at, lease_until, lease_node) "
+    "SELECT queue, name, args, CASE WHEN target IS NULL THEN status ELSE 'running' END, priority, "
+    "run_at, max_attempts, timeout, idempotency_key, parent_id, correlation_id, created_at, "
+    "concurrency_key, rate_key, CASE WHEN target IS NULL THEN 0 ELSE 1 END, "
+    "CASE WHEN target IS NOT NULL THEN $16::float8 END, "
+    f"CASE WHEN target IS NOT NULL THEN {_SERVER_NOW} + $17::float8 END, target FROM targets "
+    f"RETURNING {_ASSIGNED_FIELDS}, lease_node), "
+    f"notified AS (SELECT count(pg_notify('{WORK}', queue)) FROM "
+    "(SELECT DISTINCT queue FROM inserted WHERE lease_node IS NULL) q), "
+    f"assigned AS (SELECT count(pg_notify('{ASSIGN}', CASE WHEN octet_length(head || records) "
+    f"<= {_PAYLOAD_LIMIT} THEN head || records ELSE head || ids END)) FROM (SELECT "
+    "$18 || ' ' || lease_node || ' ' || queue || ' ' || count(*) || ' ' AS head, "
+    "string_agg(id::text, ',') AS ids, "
+    f"json_agg(json_build_array({_ASSIGNED_FIELDS}))::text AS records "
+    "FROM inserted WHERE lease_node IS NOT NULL GROUP BY lease_node, queue) a) "
+    "SELECT id, lease_node FROM inserted, notified, assigned")
+# `_INSERT_ASSIGNING` for one row, assigned ($15 its node): simpler to plan (sessions plan
+# each statement anew, `_SESSION_SETTINGS`), which saves a third of the enqueue's time.
+_INSERT_ASSIGNED_ONE = (
+    f"WITH inserted AS (INSERT INTO tasks ({INSERT_COLUMNS}, attempts, started_at, lease_until, "
+    "lease_node) SELECT $1, $2, $3, CASE WHEN t.target IS NULL THEN $4 ELSE 'running' END, $5, $6, "
+    "$7, $8, $9, $10, $11, $12, $13, $14, CASE WHEN t.target IS NULL THEN 0 ELSE 1 END, "
+    "CASE WHEN t.target IS NOT NULL THEN $16::float8 END, "
+    f"CASE WHEN t.target IS NOT NULL THEN {_SERVER_NOW} + $17::float8 END, t.target FROM "
+    "(SELECT CASE WHEN pg_try_advisory_xact_lock_shared(hashtextextended('agentd.node:' || "
+    f"$15::text, {_NODE_LOCK_SEED})) THEN NULL ELSE $15::text END AS target) t "
+    f"RETURNING {_ASSIGNED_FIELDS}, lease_node) "
+    f"SELECT id, lease_node, CASE WHEN lease_node IS NULL THEN pg_notify('{WORK}', queue) ELSE "
+    f"pg_notify('{ASSIGN}', CASE WHEN octet_length(head || record) <= {_PAYLOAD_LIMIT} "
+    "THEN head || record ELSE head || id END) END FROM (SELECT *, $18 || ' ' || lease_node || ' ' "
+    f"|| queue || ' 1 ' AS head, json_build_array(json_build_array({_ASSIGNED_FIELDS}))::text "
+    "AS record FROM inserted) i")
+_HOLD_NODE_LOCK = "SELECT pg_advisory_lock(hashtextextended($1, $2))"
+_ASSIGNED = (f"SELECT {CLAIMED_COLUMNS}, started_at FROM tasks WHERE id = ANY($1::bigint[]) "
+             "AND status = 'running' AND lease_node = $2")
+_SEND = "SELECT pg_notify($1, $2)"
 # A claim and, when it took fewer than asked, the next run_at among the rows left (one
 # statement, one round trip): every row carries it, and a claim that took none is one row
 # of NULLs but for it. Its CTEs share one snapshot, where the claimed rows are still queued.
@@ -267,7 +342,7 @@ class PgTasks:
         self._started_at = time.time()
         self._version = ""
         self._single_inserts: _Batched[tuple[Any, ...], int] = _Batched(
-            store, _insert_many, _insert_many_notifying)
+            store, self._insert_singles, partial(self._insert_singles, lone=True))
         self.insert_one = self._single_inserts.submit
         # Claims are taken in rounds of their own, beside the batch in flight (see
         # `join_claims`): a claim waited for the acks and events before it to commit.
@@ -280,6 +355,21 @@ class PgTasks:
         self._peers: set[str] | None = None
         self._node_news_heard = 0
         self._peers_reread: asyncio.Task[None] | None = None
+        # Assignment (see the module docstring). `[tasks] lease` as of the last claim round
+        # (None before the first: the limited names are not known yet, nothing is assigned).
+        self._lease: float | None = None
+        # Per queue, the other daemons' free slots as they told them, less what was
+        # assigned to them since; this daemon's own free slots, and what it last told.
+        self._idle: dict[str, dict[str, int]] = {}
+        self._own_free: dict[str, int] = {}
+        self._told: dict[str, int] = {}
+        self._take_assigned: Callable[[list[TaskRecord]], None] | None = None
+        # The assigned tasks being read (their notification had only ids), and the cancels
+        # of running tasks heard meanwhile, by read.
+        self._assigned_reads: dict[asyncio.Task[None], set[int]] = {}
+        self.assigned_out = 0  # tasks this daemon assigned to others
+        self.assigned_in = 0  # tasks others assigned to this daemon
+        store.on_listener_open(_HOLD_NODE_LOCK, f"agentd.node:{self.node_id}", _NODE_LOCK_SEED)
 
     @property
     def engine(self) -> PgStore:
@@ -314,8 +404,12 @@ class PgTasks:
         # waiters woken after the task's final event, its running task cancelled once).
         self.store.listen(DONE, partial(self._heard, done))
         self.store.listen(CANCEL, partial(self._heard, cancel))
+        self.store.listen(CANCEL, self._cancel_news)
         self.store.listen(NODES, self._node_news)
+        self.store.listen(IDLE, self._idle_news)
+        self.store.listen(ASSIGN, self._assign_news)
         self.store.on_reconnect(self._forget_peers)
+        self.store.on_reconnect(self._relearn_idle)
         self.store.on_reconnect(reconnect)
 
     def peers_alive(self) -> bool:
@@ -325,7 +419,14 @@ class PgTasks:
     def _node_news(self, payload: str) -> None:
         self._node_news_heard += 1
         change, _, node = payload.partition(" ")
-        if self._peers is None or node == self.node_id:
+        if node == self.node_id:
+            return
+        if change == "up":
+            self._tell_all()  # it has not heard of this daemon's free slots
+        else:
+            for free in self._idle.values():
+                free.pop(node, None)
+        if self._peers is None:
             return
         if change == "up":
             self._peers.add(node)
@@ -366,6 +467,185 @@ class PgTasks:
         if origin != self.node_id:
             act([int(part) for part in ids.split(",") if part])
 
+    # -- assignment (see the module docstring) ------------------------------------------------
+
+    def on_assigned(self, take: Callable[[list[TaskRecord]], None]) -> None:
+        """Call `take(records)` when another daemon assigns tasks to this one: they run under
+        this node's lease already (a record's `cancel_requested` may be set)."""
+        self._take_assigned = take
+
+    def peers_free(self, queue: str) -> dict[str, int]:
+        """The other daemons' free slots of `queue` as this one knows them (node → slots):
+        the daemons it may assign that queue's tasks to."""
+        return dict(self._idle.get(queue, {}))
+
+    def slots_free(self, queue: str, free: int) -> None:
+        """This daemon's free slots of `queue` now (its claim loop calls this each time it
+        waits): the other daemons are told when the number differs from what they were
+        told last, once this daemon hears notifications (before, nothing is assigned to it)."""
+        self._own_free[queue] = free
+        if free != self._told.get(queue, 0) and self.store.listening.is_set() and self.peers_alive():
+            self._tell(queue, free)
+
+    def _tell(self, queue: str, free: int) -> None:
+        if self.store.closed:
+            return
+        self._told[queue] = free
+        payload = f"{self.node_id} {queue} {free}"
+
+        async def op(conn: PgConnection) -> None:
+            await conn.execute(_SEND, IDLE, payload)
+
+        self.store.write_alone(op, one_statement=True).add_done_callback(
+            partial(self._told_or_not, queue))
+
+    def _told_or_not(self, queue: str, sent: asyncio.Future[None]) -> None:
+        """A notification of free slots that failed is logged, and sent again at the next
+        change: meanwhile the others may assign to this daemon what it then puts back."""
+        error = None if sent.cancelled() else sent.exception()
+        if error is not None:
+            self._told.pop(queue, None)
+            _LOG.warning("tasks.idle_untold", error=describe(error))
+
+    def _tell_all(self) -> None:
+        """Tell every free slot again: to a daemon that has just come up, or after this one's
+        listening connection was away (the others stopped assigning to it meanwhile)."""
+        if self.store.listening.is_set():
+            for queue, free in self._own_free.items():
+                if free:
+                    self._tell(queue, free)
+
+    def _relearn_idle(self) -> None:
+        """The listening connection (re-)opened: what others told meanwhile was not heard.
+        Forget it, tell this daemon's free slots, and ask the others for theirs (an "up"
+        makes each tell again)."""
+        self._idle.clear()
+        self._tell_all()
+        if self.store.closed:
+            return
+        node = self.node_id
+
+        async def op(conn: PgConnection) -> None:
+            await conn.execute(_SEND, NODES, f"up {node}")
+
+        self.store.write_alone(op, one_statement=True).add_done_callback(_asked_or_not)
+
+    def _idle_news(self, payload: str) -> None:
+        node, queue, free = payload.split(" ")
+        if node == self.node_id:
+            return
+        if int(free) > 0:
+            self._idle.setdefault(queue, {})[node] = int(free)
+        else:
+            self._idle.get(queue, {}).pop(node, None)
+
+    def _assign_news(self, payload: str) -> None:
+        origin, node, queue, count, body = payload.split(" ", 4)
+        if node != self.node_id:
+            if origin != self.node_id:  # this daemon counted its own as it made them
+                self._spend_slots(queue, node, int(count))
+            return
+        if body[0] == "[":
+            records = [_assigned_record(values) for values in json.loads(body)]
+        else:
+            reading = asyncio.get_running_loop().create_task(
+                self._read_assigned([int(part) for part in body.split(",")]), name="read-assigned")
+            self._assigned_reads[reading] = set()
+            reading.add_done_callback(self._assigned_reads.pop)
+            return
+        self._took(records)
+
+    def _took(self, records: list[TaskRecord]) -> None:
+        self.assigned_in += len(records)
+        if records:
+            queue = records[0].queue
+            self._told[queue] = max(0, self._told.get(queue, 0) - len(records))
+        if self._take_assigned is not None:
+            self._take_assigned(records)
+
+    async def _read_assigned(self, task_ids: list[int]) -> None:
+        """Read assigned tasks whose notification had only their ids, and take them, with the
+        cancels heard meanwhile (the row read may predate one). If the read fails their
+        leases lapse and other daemons take them over."""
+        try:
+            rows = await self.store.read(_ASSIGNED, (task_ids, self.node_id))
+        except Exception as exc:
+            _LOG.warning("tasks.assigned_unread", task_ids=task_ids, error=describe(exc))
+            return
+        reading = asyncio.current_task()
+        assert reading is not None
+        cancelled = self._assigned_reads.get(reading, set())
+        records = [TaskRecord.claimed(values[:-1], values[-1]) for values in rows]
+        for record in records:
+            record.cancel_requested = record.cancel_requested or record.id in cancelled
+        self._took(records)
+
+    def _cancel_news(self, payload: str) -> None:
+        """A running task's cancel (from any daemon, this one too): noted for the reads of
+        assigned tasks in flight."""
+        if self._assigned_reads:
+            ids = {int(part) for part in payload.partition(" ")[2].split(",") if part}
+            for heard in self._assigned_reads.values():
+                heard.update(ids)
+
+    def _spend_slots(self, queue: str, node: str, count: int) -> None:
+        free = self._idle.get(queue)
+        if free is not None and node in free:
+            left = free[node] - count
+            if left > 0:
+                free[node] = left
+            else:
+                del free[node]
+
+    def _assign(self, prepared: list[tuple[Any, ...]]) -> list[str | None] | None:
+        """The node each row is assigned to (None: queued), or None if no row is. Only a due
+        task of an unlimited name, to this daemon while it has a free slot of the queue
+        (the notification that starts it is quicker than a claim), else to the daemon that
+        told of the most."""
+        if self._lease is None:
+            return None
+        now = time.time()
+        targets: list[str | None] = []
+        assigned = 0
+        for values in prepared:
+            queue, name, run_at = values[0], values[1], values[5]
+            own, free = self._own_free.get(queue), self._idle.get(queue)
+            if not (own or free) or assigned == _ASSIGN_MAX or run_at > now or name in self._limited:
+                targets.append(None)
+                continue
+            if own:
+                node = self.node_id
+                self._own_free[queue] = own - 1
+            else:
+                assert free is not None
+                node = max(free, key=free.__getitem__)
+                self._spend_slots(queue, node, 1)
+            targets.append(node)
+            assigned += 1
+        return targets if assigned else None
+
+    async def _insert_singles(self, conn: PgConnection, prepared: list[tuple[Any, ...]], *,
+                              lone: bool = False) -> list[int]:
+        """The single enqueues of a tick (`insert_one`), some maybe assigned (`_assign`); as
+        one statement if `lone`."""
+        targets = self._assign(prepared)
+        if targets is None:
+            return await (_insert_many_notifying if lone else _insert_many)(conn, prepared)
+        if len(prepared) == 1:
+            rows = await conn.fetch(_INSERT_ASSIGNED_ONE, *prepared[0], targets[0], time.time(),
+                                    self._lease, self.node_id)
+        else:
+            columns = [list(column) for column in zip(*prepared, strict=True)]
+            rows = sorted(await conn.fetch(_INSERT_ASSIGNING, *columns, targets, time.time(),
+                                           self._lease, self.node_id), key=_first)
+        for target, row in zip(targets, rows, strict=True):
+            if row[1] is not None:
+                self.assigned_out += 1
+            elif target is not None and target != self.node_id:
+                for free in self._idle.values():  # it does not hear notifications now
+                    free.pop(target, None)
+        return [row[0] for row in rows]
+
     # -- the queue's --------------------------------------------------------------------------
 
     def insert(self, prepared: list[tuple[Any, ...]], windows: list[float], now: float,
@@ -388,8 +668,6 @@ class PgTasks:
         return None if row is None else TaskRecord.from_row(row)
 
     async def add_usage(self, task_id: int, usage: Mapping[str, int]) -> dict[str, int]:
-        import json
-
         node = self.node_id
 
         async def op(conn: PgConnection) -> dict[str, int]:
@@ -512,6 +790,7 @@ class PgTasks:
                     limits: Callable[[], NameLimits], lease: float) -> None:
         named = limits()
         self._limited = frozenset(named)
+        self._lease = lease
         node = self.node_id
         for queue, future in claims.items():
             wanted = size(queue)
@@ -741,6 +1020,28 @@ async def _raise_state(conn: PgConnection, task_id: int, action: str, allowed: s
     if status is None:
         raise TaskNotFoundError(f"no task with id {task_id}")
     raise TaskStateError(f"cannot {action} task {task_id}: it is {status}, not {allowed}")
+
+
+def _first(row: Sequence[Any]) -> Any:
+    return row[0]
+
+
+def _assigned_record(values: list[Any]) -> TaskRecord:
+    """The record of a task inserted assigned, from its `_ASSIGNED_FIELDS` in a notification:
+    the rest is what an inserted row holds (one attempt, no key, no parent, no cancel)."""
+    (task_id, queue, name, args, priority, run_at, max_attempts, timeout, correlation_id,
+     created_at, started_at) = values
+    return TaskRecord.claimed((task_id, queue, name, args, priority, run_at, 1, max_attempts,
+                               timeout, None, None, correlation_id, 0, None, created_at, None),
+                              started_at)
+
+
+def _asked_or_not(sent: asyncio.Future[None]) -> None:
+    """A request for the others' free slots that failed is only logged: until they tell
+    again, this daemon assigns them nothing."""
+    error = None if sent.cancelled() else sent.exception()
+    if error is not None:
+        _LOG.warning("tasks.idle_unasked", error=describe(error))
 
 
 def _notify(channel: str, payloads: Iterable[str]) -> None:

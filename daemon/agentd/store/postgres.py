@@ -193,6 +193,7 @@ class PgStore:
         self._reported: StoreWriteError | None = None
         self._channels: dict[str, list[Callable[[str], None]]] = {}
         self._reconnect_callbacks: list[Callable[[], None]] = []
+        self._listener_session: list[tuple[str, tuple[Any, ...]]] = []  # see `on_listener_open`
         self._listener: PgConnection | None = None
         self._adding: set[asyncio.Task[None]] = set()  # LISTENs added to the open connection
         self._listener_busy = asyncio.Lock()  # held by each statement on that connection
@@ -680,6 +681,12 @@ class PgStore:
         sent while it was away are lost, so the caller catches up from its table."""
         self._reconnect_callbacks.append(callback)
 
+    def on_listener_open(self, sql: str, *args: Any) -> None:
+        """Run `sql` on the listening connection each time it opens, before the reconnect
+        callbacks: session state that lives exactly as long as this daemon can hear
+        notifications (an advisory lock that tells the other daemons so)."""
+        self._listener_session.append((sql, args))
+
     def _dispatch(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
         for callback in self._channels.get(channel, ()):
             try:
@@ -706,7 +713,8 @@ class PgStore:
         while True:
             try:
                 conn = await asyncpg.connect(self.config.url, timeout=_CONNECT_TIMEOUT,
-                                             command_timeout=_COMMAND_TIMEOUT)
+                                             command_timeout=_COMMAND_TIMEOUT,
+                                             server_settings=KEEPALIVE)
             except Exception as exc:
                 if unavailable(self.location, exc) is None and not isinstance(exc, asyncpg.PostgresError):
                     raise
@@ -727,6 +735,8 @@ class PgStore:
                 # The callbacks below read to catch up, and reads fail at once while the
                 # server is known away.
                 await self._until_writable(lost)
+                for sql, args in self._listener_session:
+                    await conn.execute(sql, *args)
                 self._listener = conn
                 self.listening.set()
                 delay = _LISTEN_BACKOFF[0]
@@ -812,6 +822,10 @@ async def _write_check(conn: PgConnection) -> None:
 # prepared statement's generic plan (PostgreSQL's after five runs; asyncpg keeps statements
 # prepared per connection) made while `tasks` was nearly empty seq-scanned it for good
 # (pg_bench's auto_explain saw each ack read 20,000-40,000 rows).
+# The server's TCP keepalives on a connection whose session state tells the other daemons
+# this one lives (an advisory lock): a host that vanishes without closing its sockets loses
+# the session within about 10 s (idle 5 s, then 5 probes 1 s apart), not the kernel's 2 h.
+KEEPALIVE = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "1", "tcp_keepalives_count": "5"}
 _SESSION_SETTINGS = {"jit": "off", "plan_cache_mode": "force_custom_plan",
                      "standard_conforming_strings": "on",
                      "application_name": f"agentd-{os.getpid()}"}
