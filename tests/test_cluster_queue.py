@@ -531,7 +531,7 @@ async def test_a_cancel_heard_as_another_daemon_s_claim_of_the_task_commits_is_n
     a = await pg_daemons.start("a", workers={"other": 1})  # claims nothing of `default`
     b = await pg_daemons.start("b", workers={"default": 1})
     committed, go_on = hold_claims_once_committed(b, monkeypatch)
-    record = await b.queue.enqueue("ct.work")
+    record = await b.queue.enqueue("ct.work", idempotency_key="claimed")  # queued, not assigned
     await asyncio.wait_for(committed.wait(), 10)
     heard = cancel_heard(b, record.id)
     marked = await a.queue.cancel(record.id)
@@ -551,7 +551,7 @@ async def test_older_news_of_a_cancel_heard_as_a_claim_commits_leaves_the_task_t
     here as a daemon sends it, while b's claim loop is held once its claim has committed."""
     b = await pg_daemons.start("b", workers={"default": 1})
     committed, go_on = hold_claims_once_committed(b, monkeypatch)
-    record = await b.queue.enqueue("ct.work")
+    record = await b.queue.enqueue("ct.work", idempotency_key="claimed")  # queued, not assigned
     await asyncio.wait_for(committed.wait(), 10)
     heard = cancel_heard(b, record.id)
     conn = await asyncpg.connect(pg_daemons.url)
@@ -746,17 +746,18 @@ async def test_a_task_enqueued_where_no_slot_is_free_is_assigned_to_a_daemon_tha
     """b starts it from the notification, without a claim: its row was inserted running under
     b's lease. A name with limits is never assigned (its place is counted by claims)."""
     a, b, holding = await busy_and_idle(pg_daemons)
+    assigned_out = a.queue.tasks.assigned_out  # the hold itself may have been, to a
     record = await a.queue.enqueue("ct.work", {"n": 7})
     await asyncio.wait_for(shared_started(record.id).wait(), 10)
     assert (record.id, "b") in shared().runs
-    assert (a.queue.tasks.assigned_out, b.queue.tasks.assigned_in) == (1, 1)
+    assert (a.queue.tasks.assigned_out - assigned_out, b.queue.tasks.assigned_in) == (1, 1)
     done = await asyncio.wait_for(a.queue.wait(record.id), 10)
     assert (done.status, done.result, done.attempts) == ("succeeded", 7, 1)
     # Told again once the task ended: both slots free.
     await until(lambda: a.queue.tasks.peers_free("default") == {b.queue.tasks.node_id: 2})
     limited = await a.queue.enqueue("ct.limited")
     assert (await asyncio.wait_for(a.queue.wait(limited.id), 10)).status == "succeeded"
-    assert a.queue.tasks.assigned_out == 1  # claimed by b, not assigned
+    assert a.queue.tasks.assigned_out - assigned_out == 1  # claimed by b, not assigned
     assert (limited.id, "b") in shared().runs
     shared_gate("hold").set()
     assert (await asyncio.wait_for(a.queue.wait(holding.id), 10)).status == "succeeded"
@@ -792,8 +793,9 @@ async def test_a_daemon_assigned_a_task_after_its_slots_filled_puts_it_back(pg_d
     finally:
         await conn.close()
     await until(lambda: a.queue.tasks.peers_free("default") == {b.queue.tasks.node_id: 1})
+    assigned_in = b.queue.tasks.assigned_in  # its own blocking tasks were, to b
     record = await a.queue.enqueue("ct.work", {"n": 1})
-    await until(lambda: b.queue.tasks.assigned_in == 1)
+    await until(lambda: b.queue.tasks.assigned_in == assigned_in + 1)
     deadline = time.monotonic() + 10
     while (row := await a.queue.get(record.id)).status != "queued":  # put back by b
         assert time.monotonic() < deadline, row
@@ -820,10 +822,11 @@ async def test_a_daemon_that_does_not_hear_notifications_is_assigned_nothing(pg_
     finally:
         await conn.close()
     await until(lambda: a.queue.tasks.peers_free("default") == {"ghost": 3})
+    assigned_out = a.queue.tasks.assigned_out  # the hold itself may have been, to a
     record = await a.queue.enqueue("ct.work", {"n": 2})
     stored = await a.queue.get(record.id)
     assert (stored.status, stored.attempts) == ("queued", 0)
-    assert a.queue.tasks.assigned_out == 0
+    assert a.queue.tasks.assigned_out == assigned_out
     assert a.queue.tasks.peers_free("default") == {}
     shared_gate("hold").set()
     done = await asyncio.wait_for(a.queue.wait(record.id), 10)
@@ -842,6 +845,8 @@ async def test_a_daemon_with_a_free_slot_assigns_the_task_it_enqueues_to_itself(
         done = await asyncio.wait_for(a.queue.wait(record.id), 10)
         assert (done.status, done.result, done.attempts) == ("succeeded", n, 1)
     assert (a.queue.tasks.assigned_out, a.queue.tasks.assigned_in) == (3, 3)
+    # Started once each: by the insert's result or by its notification, whichever came first.
+    assert sorted(node for _, node in shared().runs) == ["a", "a", "a"]
     limited = await a.queue.enqueue("ct.limited")
     assert (await asyncio.wait_for(a.queue.wait(limited.id), 10)).status == "succeeded"
     assert a.queue.tasks.assigned_out == 3

@@ -248,8 +248,9 @@ class TaskStore(Protocol):
         must be cancelled, and `reconnect()` when such news may have been lost."""
 
     def on_assigned(self, take: Callable[[list[TaskRecord]], None]) -> None:
-        """Call `take(records)` when another daemon assigns tasks to this one: they run under
-        this daemon's lease already (one's `cancel_requested` may be set)."""
+        """Call `take(records)` when tasks are assigned to this daemon, by another or by
+        itself as it enqueued them: they run under its lease already (one's
+        `cancel_requested` may be set)."""
 
     def slots_free(self, queue: str, free: int) -> None:
         """This daemon's free slots of `queue` as its claim loop goes to wait: other daemons

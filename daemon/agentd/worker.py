@@ -488,10 +488,10 @@ class WorkerPool:
             name=f"task:{record.name}:{record.id}", context=self._task_context.copy())
 
     def _take_assigned(self, records: list[TaskRecord]) -> None:
-        """`TaskStore.on_assigned` hook: start each task another daemon assigned here in a
-        free slot of its queue, and put back in the queue those that find none (the slots
-        filled since this daemon told of them, or it is stopping). One cancelled before it
-        started ends unstarted, as after a claim."""
+        """`TaskStore.on_assigned` hook: start each task assigned here in a free slot of its
+        queue, and put back in the queue those that find none (the slots filled since they
+        were counted, or the pool is stopping). One cancelled before it started ends
+        unstarted, as after a claim."""
         back: list[int] = []
         for record in records:
             if record.cancel_requested:

@@ -84,6 +84,10 @@ _LIMIT_LOCK_SEED = 0x6167656E74
 _NODE_LOCK_SEED = 0x6E6F6465
 # Rows one insert assigns at most: their ids must fit one notification.
 _ASSIGN_MAX = 300
+# Marks the origin of an assignment whose insert was its own transaction: the daemon that
+# assigned the tasks to itself starts them as the statement returns (before or after the
+# notification comes back: the first of the two starts them).
+_STARTS_TOO = "!"
 
 _TASK = "SELECT * FROM tasks WHERE id = $1"
 _EXISTS = "SELECT 1 FROM tasks WHERE id = $1"
@@ -175,12 +179,15 @@ _ASSIGNED_FIELDS = ("id, queue, name, args, priority, run_at, max_attempts, time
                     "created_at, started_at")
 _PAYLOAD_LIMIT = 7999  # PostgreSQL's limit is 8,000 bytes
 # `_INSERT_MANY_NOTIFYING` with some rows assigned ($15: the node per row, NULL for a queued
-# row; $16 their start, $17 the lease, $18 this node): a row whose node does not hold its
-# lock (not listening, or gone) is inserted queued instead. The CTE `targets` runs a
+# row; $16 their start, $17 the lease, $18 this node): a row whose rate group a 429 holds
+# back (`_HOLD`), or whose node does not hold its lock (not listening, or gone), is
+# inserted queued instead. The CTE `targets` runs a
 # volatile function, so it is evaluated once per row, and its CASE tries the lock only for
 # the assigned rows.
 _INSERT_ASSIGNING = (
     "WITH targets AS (SELECT u.*, CASE WHEN u.node IS NULL THEN NULL "
+    "WHEN EXISTS (SELECT 1 FROM task_rates r WHERE r.name = u.name || ':r:' || u.rate_key "
+    "AND r.held_until > $16::float8) THEN NULL "
     "WHEN pg_try_advisory_xact_lock_shared(hashtextextended('agentd.node:' || u.node, "
     f"{_NODE_LOCK_SEED})) THEN NULL ELSE u.node END AS target FROM "
     "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[], "
@@ -212,8 +219,10 @@ _INSERT_ASSIGNED_ONE = (
     "$7, $8, $9, $10, $11, $12, $13, $14, CASE WHEN t.target IS NULL THEN 0 ELSE 1 END, "
     "CASE WHEN t.target IS NOT NULL THEN $16::float8 END, "
     f"CASE WHEN t.target IS NOT NULL THEN {_SERVER_NOW} + $17::float8 END, t.target FROM "
-    "(SELECT CASE WHEN pg_try_advisory_xact_lock_shared(hashtextextended('agentd.node:' || "
-    f"$15::text, {_NODE_LOCK_SEED})) THEN NULL ELSE $15::text END AS target) t "
+    "(SELECT CASE WHEN EXISTS (SELECT 1 FROM task_rates WHERE name = $2 || ':r:' || $14 "
+    "AND held_until > $16::float8) THEN NULL WHEN pg_try_advisory_xact_lock_shared("
+    f"hashtextextended('agentd.node:' || $15::text, {_NODE_LOCK_SEED})) THEN NULL "
+    "ELSE $15::text END AS target) t "
     f"RETURNING {_ASSIGNED_FIELDS}, lease_node) "
     f"SELECT id, lease_node, CASE WHEN lease_node IS NULL THEN pg_notify('{WORK}', queue) ELSE "
     f"pg_notify('{ASSIGN}', CASE WHEN octet_length(head || record) <= {_PAYLOAD_LIMIT} "
@@ -364,11 +373,14 @@ class PgTasks:
         self._own_free: dict[str, int] = {}
         self._told: dict[str, int] = {}
         self._take_assigned: Callable[[list[TaskRecord]], None] | None = None
+        # Tasks this daemon assigned itself, started on one of the two news of their insert
+        # (`_first_to_take`) and waiting for the other.
+        self._taken_here: set[int] = set()
         # The assigned tasks being read (their notification had only ids), and the cancels
         # of running tasks heard meanwhile, by read.
         self._assigned_reads: dict[asyncio.Task[None], set[int]] = {}
-        self.assigned_out = 0  # tasks this daemon assigned to others
-        self.assigned_in = 0  # tasks others assigned to this daemon
+        self.assigned_out = 0  # tasks this daemon assigned (itself included)
+        self.assigned_in = 0  # tasks assigned to this daemon (by itself included)
         store.on_listener_open(_HOLD_NODE_LOCK, f"agentd.node:{self.node_id}", _NODE_LOCK_SEED)
 
     @property
@@ -470,8 +482,9 @@ class PgTasks:
     # -- assignment (see the module docstring) ------------------------------------------------
 
     def on_assigned(self, take: Callable[[list[TaskRecord]], None]) -> None:
-        """Call `take(records)` when another daemon assigns tasks to this one: they run under
-        this node's lease already (a record's `cancel_requested` may be set)."""
+        """Call `take(records)` when tasks are assigned to this daemon (by another, or by
+        itself): they run under this node's lease already (a record's `cancel_requested`
+        may be set)."""
         self._take_assigned = take
 
     def peers_free(self, queue: str) -> dict[str, int]:
@@ -520,6 +533,7 @@ class PgTasks:
         Forget it, tell this daemon's free slots, and ask the others for theirs (an "up"
         makes each tell again)."""
         self._idle.clear()
+        self._taken_here.clear()  # their notifications were lost with the connection
         self._tell_all()
         if self.store.closed:
             return
@@ -542,18 +556,33 @@ class PgTasks:
     def _assign_news(self, payload: str) -> None:
         origin, node, queue, count, body = payload.split(" ", 4)
         if node != self.node_id:
-            if origin != self.node_id:  # this daemon counted its own as it made them
+            if origin.rstrip(_STARTS_TOO) != self.node_id:  # it counted its own as it made them
                 self._spend_slots(queue, node, int(count))
             return
+        # Its own insert, alone in its transaction, starts them too as it returns.
+        mine = origin == f"{self.node_id}{_STARTS_TOO}"
         if body[0] == "[":
-            records = [_assigned_record(values) for values in json.loads(body)]
-        else:
-            reading = asyncio.get_running_loop().create_task(
-                self._read_assigned([int(part) for part in body.split(",")]), name="read-assigned")
+            records = [record for record in map(_assigned_record, json.loads(body))
+                       if not mine or self._first_to_take(record.id)]
+            if records:
+                self._took(records)
+            return
+        task_ids = [task_id for task_id in map(int, body.split(","))
+                    if not mine or self._first_to_take(task_id)]
+        if task_ids:
+            reading = asyncio.get_running_loop().create_task(self._read_assigned(task_ids),
+                                                             name="read-assigned")
             self._assigned_reads[reading] = set()
             reading.add_done_callback(self._assigned_reads.pop)
-            return
-        self._took(records)
+
+    def _first_to_take(self, task_id: int) -> bool:
+        """A task this daemon assigned itself is started by whichever comes first: its
+        insert's result or its notification (either may); whether this is the first."""
+        if task_id in self._taken_here:
+            self._taken_here.discard(task_id)
+            return False
+        self._taken_here.add(task_id)
+        return True
 
     def _took(self, records: list[TaskRecord]) -> None:
         self.assigned_in += len(records)
@@ -599,9 +628,8 @@ class PgTasks:
 
     def _assign(self, prepared: list[tuple[Any, ...]]) -> list[str | None] | None:
         """The node each row is assigned to (None: queued), or None if no row is. Only a due
-        task of an unlimited name, to this daemon while it has a free slot of the queue
-        (the notification that starts it is quicker than a claim), else to the daemon that
-        told of the most."""
+        task of an unlimited name: to this daemon while it has a free slot of the queue,
+        else to the daemon that told of the most free slots."""
         if self._lease is None:
             return None
         now = time.time()
@@ -631,19 +659,27 @@ class PgTasks:
         targets = self._assign(prepared)
         if targets is None:
             return await (_insert_many_notifying if lone else _insert_many)(conn, prepared)
+        started_at = time.time()
+        origin = f"{self.node_id}{_STARTS_TOO}" if lone else self.node_id
         if len(prepared) == 1:
-            rows = await conn.fetch(_INSERT_ASSIGNED_ONE, *prepared[0], targets[0], time.time(),
-                                    self._lease, self.node_id)
+            rows = await conn.fetch(_INSERT_ASSIGNED_ONE, *prepared[0], targets[0], started_at,
+                                    self._lease, origin)
         else:
             columns = [list(column) for column in zip(*prepared, strict=True)]
-            rows = sorted(await conn.fetch(_INSERT_ASSIGNING, *columns, targets, time.time(),
-                                           self._lease, self.node_id), key=_first)
-        for target, row in zip(targets, rows, strict=True):
+            rows = sorted(await conn.fetch(_INSERT_ASSIGNING, *columns, targets, started_at,
+                                           self._lease, origin), key=_first)
+        mine: list[TaskRecord] = []
+        for target, values, row in zip(targets, prepared, rows, strict=True):
+            if row[1] == self.node_id and lone:
+                mine.append(_inserted_record(row[0], values, started_at))
             if row[1] is not None:
                 self.assigned_out += 1
             elif target is not None and target != self.node_id:
                 for free in self._idle.values():  # it does not hear notifications now
                     free.pop(target, None)
+        mine = [record for record in mine if self._first_to_take(record.id)]
+        if mine:  # committed: the statement was its own transaction
+            self._took(mine)
         return [row[0] for row in rows]
 
     # -- the queue's --------------------------------------------------------------------------
@@ -1024,6 +1060,15 @@ async def _raise_state(conn: PgConnection, task_id: int, action: str, allowed: s
 
 def _first(row: Sequence[Any]) -> Any:
     return row[0]
+
+
+def _inserted_record(task_id: int, values: tuple[Any, ...], started_at: float) -> TaskRecord:
+    """The record of a row inserted assigned, from its prepared `values` (`INSERT_COLUMNS`)."""
+    (queue, name, args, _, priority, run_at, max_attempts, timeout, _, _, correlation_id,
+     created_at, _, _) = values
+    return TaskRecord.claimed((task_id, queue, name, args, priority, run_at, 1, max_attempts,
+                               timeout, None, None, correlation_id, 0, None, created_at, None),
+                              started_at)
 
 
 def _assigned_record(values: list[Any]) -> TaskRecord:
