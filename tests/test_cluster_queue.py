@@ -850,3 +850,35 @@ async def test_a_daemon_with_a_free_slot_assigns_the_task_it_enqueues_to_itself(
     limited = await a.queue.enqueue("ct.limited")
     assert (await asyncio.wait_for(a.queue.wait(limited.id), 10)).status == "succeeded"
     assert a.queue.tasks.assigned_out == 3
+
+
+async def test_a_cancel_heard_while_an_assigned_task_is_read_ends_it_unstarted(
+        pg_daemons: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """b reads a task assigned to it by id (too big for the notification); a's cancel of it
+    commits after b's read and is heard before b has the task in hand: b must not run it.
+    The read is held here between its rows and their return."""
+    a, b, holding = await busy_and_idle(pg_daemons)
+    read, go_on = asyncio.Event(), asyncio.Event()
+    reading = b.queue.tasks.store.read
+
+    async def held_read(sql: str, params: tuple[Any, ...] = ()) -> Any:
+        rows = await reading(sql, params)
+        if "lease_node = $2" in sql and sql.startswith("SELECT id, queue"):
+            read.set()
+            await go_on.wait()
+        return rows
+
+    monkeypatch.setattr(b.queue.tasks.store, "read", held_read)
+    name = "big-" + "x" * 9000
+    record = await a.queue.enqueue("ct.block", {"name": name})
+    await asyncio.wait_for(read.wait(), 10)
+    heard = cancel_heard(b, record.id)
+    marked = await a.queue.cancel(record.id)
+    assert (marked.status, marked.cancel_requested) == ("running", True)
+    await asyncio.wait_for(heard.wait(), 10)
+    go_on.set()
+    done = await asyncio.wait_for(a.queue.wait(record.id), 10)
+    assert (done.status, done.error) == ("cancelled", "cancelled")
+    assert record.id not in [task_id for task_id, _ in shared().runs]  # its body never ran
+    shared_gate("hold").set()
+    await asyncio.wait_for(a.queue.wait(holding.id), 10)
