@@ -522,6 +522,18 @@ def cancel_heard(daemon: Any, task_id: int) -> asyncio.Event:
     return heard
 
 
+async def cancel_while_held(canceller: Any, holder: Any, task_id: int,
+                            go_on: asyncio.Event) -> TaskRecord:
+    """Cancel the running task through `canceller` while `holder` is held with it not yet
+    in hand; let `holder` go on once it has acted on the cancel; the task's final record."""
+    heard = cancel_heard(holder, task_id)
+    marked = await canceller.queue.cancel(task_id)
+    assert (marked.status, marked.cancel_requested) == ("running", True)
+    await asyncio.wait_for(heard.wait(), 10)
+    go_on.set()
+    return await asyncio.wait_for(canceller.queue.wait(task_id), 10)
+
+
 async def test_a_cancel_heard_as_another_daemon_s_claim_of_the_task_commits_is_not_lost(
         pg_daemons: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Daemon b's claim of a task has committed (the row is running, b's) but b has not yet
@@ -533,12 +545,7 @@ async def test_a_cancel_heard_as_another_daemon_s_claim_of_the_task_commits_is_n
     committed, go_on = hold_claims_once_committed(b, monkeypatch)
     record = await b.queue.enqueue("ct.work", idempotency_key="claimed")  # queued, not assigned
     await asyncio.wait_for(committed.wait(), 10)
-    heard = cancel_heard(b, record.id)
-    marked = await a.queue.cancel(record.id)
-    assert (marked.status, marked.cancel_requested) == ("running", True)
-    await asyncio.wait_for(heard.wait(), 10)
-    go_on.set()
-    done = await asyncio.wait_for(a.queue.wait(record.id), 10)
+    done = await cancel_while_held(a, b, record.id, go_on)
     assert (done.status, done.error) == ("cancelled", "cancelled")
     assert shared().runs == []  # its body never ran
     assert record.id not in b.workers.running
@@ -872,12 +879,7 @@ async def test_a_cancel_heard_while_an_assigned_task_is_read_ends_it_unstarted(
     name = "big-" + "x" * 9000
     record = await a.queue.enqueue("ct.block", {"name": name})
     await asyncio.wait_for(read.wait(), 10)
-    heard = cancel_heard(b, record.id)
-    marked = await a.queue.cancel(record.id)
-    assert (marked.status, marked.cancel_requested) == ("running", True)
-    await asyncio.wait_for(heard.wait(), 10)
-    go_on.set()
-    done = await asyncio.wait_for(a.queue.wait(record.id), 10)
+    done = await cancel_while_held(a, b, record.id, go_on)
     assert (done.status, done.error) == ("cancelled", "cancelled")
     assert record.id not in [task_id for task_id, _ in shared().runs]  # its body never ran
     shared_gate("hold").set()

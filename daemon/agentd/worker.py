@@ -183,8 +183,8 @@ class WorkerPool:
         # though they were neither running nor claimed ahead here (`_cancel_running`).
         self._cancels_heard: dict[str, set[int]] = {}
         self._checking_cancels: asyncio.Task[None] | None = None
-        # Tasks other daemons assigned here (PostgreSQL) that found no free slot, being put
-        # back in the queue.
+        # Tasks assigned here (PostgreSQL) that found no free slot, being put back in the
+        # queue.
         self._assigned_back: set[asyncio.Task[None]] = set()
         tasks.add_claim_rider(self._add_claims_to_batch)
         tasks.on_assigned(self._take_assigned)
@@ -493,6 +493,7 @@ class WorkerPool:
         were counted, or the pool is stopping). One cancelled before it started ends
         unstarted, as after a claim."""
         back: list[int] = []
+        started: set[str] = set()
         for record in records:
             if record.cancel_requested:
                 self._cancel_unstarted(record)
@@ -503,7 +504,9 @@ class WorkerPool:
                 continue
             self._charge_limits(record)
             self._start(record, slots)
-            self.tasks.slots_free(record.queue, slots.free)
+            started.add(record.queue)
+        for queue in started:  # told once, whatever the number started
+            self.tasks.slots_free(queue, self._slots[queue].free)
         if back:
             putting_back = asyncio.get_running_loop().create_task(self._put_back_assigned(back))
             self._assigned_back.add(putting_back)

@@ -504,13 +504,16 @@ class PgTasks:
         if self.store.closed:
             return
         self._told[queue] = free
-        payload = f"{self.node_id} {queue} {free}"
+        self._send(IDLE, f"{self.node_id} {queue} {free}").add_done_callback(
+            partial(self._told_or_not, queue))
+
+    def _send(self, channel: str, payload: str) -> asyncio.Future[None]:
+        """Notify `channel` now, in a statement of its own beside the writes in flight."""
 
         async def op(conn: PgConnection) -> None:
-            await conn.execute(_SEND, IDLE, payload)
+            await conn.execute(_SEND, channel, payload)
 
-        self.store.write_alone(op, one_statement=True).add_done_callback(
-            partial(self._told_or_not, queue))
+        return self.store.write_alone(op, one_statement=True)
 
     def _told_or_not(self, queue: str, sent: asyncio.Future[None]) -> None:
         """A notification of free slots that failed is logged, and sent again at the next
@@ -535,14 +538,8 @@ class PgTasks:
         self._idle.clear()
         self._taken_here.clear()  # their notifications were lost with the connection
         self._tell_all()
-        if self.store.closed:
-            return
-        node = self.node_id
-
-        async def op(conn: PgConnection) -> None:
-            await conn.execute(_SEND, NODES, f"up {node}")
-
-        self.store.write_alone(op, one_statement=True).add_done_callback(_asked_or_not)
+        if not self.store.closed:
+            self._send(NODES, f"up {self.node_id}").add_done_callback(_asked_or_not)
 
     def _idle_news(self, payload: str) -> None:
         node, queue, free = payload.split(" ")
@@ -1066,14 +1063,14 @@ def _inserted_record(task_id: int, values: tuple[Any, ...], started_at: float) -
     """The record of a row inserted assigned, from its prepared `values` (`INSERT_COLUMNS`)."""
     (queue, name, args, _, priority, run_at, max_attempts, timeout, _, _, correlation_id,
      created_at, _, _) = values
-    return TaskRecord.claimed((task_id, queue, name, args, priority, run_at, 1, max_attempts,
-                               timeout, None, None, correlation_id, 0, None, created_at, None),
-                              started_at)
+    return _assigned_record([task_id, queue, name, args, priority, run_at, max_attempts, timeout,
+                             correlation_id, created_at, started_at])
 
 
-def _assigned_record(values: list[Any]) -> TaskRecord:
-    """The record of a task inserted assigned, from its `_ASSIGNED_FIELDS` in a notification:
-    the rest is what an inserted row holds (one attempt, no key, no parent, no cancel)."""
+def _assigned_record(values: Sequence[Any]) -> TaskRecord:
+    """The record of a task inserted assigned, from its `_ASSIGNED_FIELDS` (as a notification
+    carries them): the rest is what an inserted row holds (one attempt, no key, no parent,
+    no cancel)."""
     (task_id, queue, name, args, priority, run_at, max_attempts, timeout, correlation_id,
      created_at, started_at) = values
     return TaskRecord.claimed((task_id, queue, name, args, priority, run_at, 1, max_attempts,

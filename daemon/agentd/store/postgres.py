@@ -817,15 +817,15 @@ async def _write_check(conn: PgConnection) -> None:
                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value", str(time.time()))
 
 
+# The server's TCP keepalives on a connection whose session state tells the other daemons
+# this one lives (an advisory lock): a host that vanishes without closing its sockets loses
+# the session within about 10 s (idle 5 s, then 5 probes 1 s apart), not the kernel's 2 h.
+KEEPALIVE = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "1", "tcp_keepalives_count": "5"}
 # Set when a connection opens (no round trip of its own). JIT compiling one of agentd's
 # short statements costs more than running it. A plan per run (`force_custom_plan`): a
 # prepared statement's generic plan (PostgreSQL's after five runs; asyncpg keeps statements
 # prepared per connection) made while `tasks` was nearly empty seq-scanned it for good
 # (pg_bench's auto_explain saw each ack read 20,000-40,000 rows).
-# The server's TCP keepalives on a connection whose session state tells the other daemons
-# this one lives (an advisory lock): a host that vanishes without closing its sockets loses
-# the session within about 10 s (idle 5 s, then 5 probes 1 s apart), not the kernel's 2 h.
-KEEPALIVE = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "1", "tcp_keepalives_count": "5"}
 _SESSION_SETTINGS = {"jit": "off", "plan_cache_mode": "force_custom_plan",
                      "standard_conforming_strings": "on",
                      "application_name": f"agentd-{os.getpid()}"}
