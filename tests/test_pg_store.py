@@ -14,6 +14,7 @@ from agentd.config import StoreConfig
 from agentd.errors import StoreError
 from agentd.store.postgres import PgConnection, PgStore
 from pg import fresh_database
+from test_cluster_scheduler import until_async
 
 
 @pytest.fixture
@@ -155,6 +156,38 @@ async def test_channels_asked_for_together_on_the_open_connection_are_all_heard(
         listener.cancel()
         with pytest.raises(asyncio.CancelledError):
             await listener
+
+
+async def test_a_channel_asked_for_while_the_listening_session_is_set_up_is_heard(
+        pg_store: PgStore) -> None:
+    """`listen()` called while the opening connection runs its session statements (a daemon's
+    event feed starting while the task queue's advisory lock is taken): that channel went
+    unLISTENed, and the daemon's streams missed the other daemons' events."""
+    holder = await asyncpg.connect(pg_store.config.url)
+    lock = ("SELECT pg_advisory_lock($1)", 4242)
+    await holder.execute(*lock)  # the listening session's statement waits on it
+    pg_store.on_listener_open(*lock)
+    reconnected = asyncio.Event()
+    pg_store.on_reconnect(reconnected.set)
+    listener = asyncio.create_task(pg_store.run_listener())
+    try:
+        await until_async(lambda: holder.fetchval(
+            "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"))
+        heard: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        pg_store.listen("agentd_test_late", heard.set_result)
+        await holder.execute("SELECT pg_advisory_unlock($1)", 4242)
+        await asyncio.wait_for(reconnected.wait(), 10)
+
+        async def notify(conn: PgConnection) -> None:
+            await conn.execute("SELECT pg_notify('agentd_test_late', 'late')")
+
+        await pg_store.write(notify)
+        assert await asyncio.wait_for(heard, 10) == "late"
+    finally:
+        listener.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await listener
+        await holder.close()
 
 
 async def test_daemons_that_start_together_migrate_once() -> None:

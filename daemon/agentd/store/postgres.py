@@ -706,6 +706,14 @@ class PgStore:
         if lost.done():
             raise ConnectionResetError("the listening connection closed")
 
+    async def _listen_to_all(self, conn: PgConnection, listened: set[str]) -> None:
+        """LISTEN on `conn` to every channel asked for and not in `listened` (which it
+        updates), those asked for while it awaits included."""
+        while unheard := self._channels.keys() - listened:
+            for channel in unheard:
+                await conn.add_listener(channel, self._dispatch)
+                listened.add(channel)
+
     async def run_listener(self) -> None:
         """Forever: keep one connection LISTENing on every channel asked for, re-opened with
         backoff whenever it breaks (a loop the daemon supervises)."""
@@ -726,17 +734,18 @@ class PgStore:
             lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             conn.add_termination_listener(partial(_mark_lost, lost))
             try:
-                # Channels asked for while these awaits run are listened to as well.
                 listened: set[str] = set()
-                while unheard := self._channels.keys() - listened:
-                    for channel in unheard:
-                        await conn.add_listener(channel, self._dispatch)
-                        listened.add(channel)
+                await self._listen_to_all(conn, listened)
                 # The callbacks below read to catch up, and reads fail at once while the
                 # server is known away.
                 await self._until_writable(lost)
+                # After the LISTENs: the session state says this daemon hears notifications.
                 for sql, args in self._listener_session:
                     await conn.execute(sql, *args)
+                # `listen` adds a channel itself only once `_listener` is set: the channels
+                # asked for during the awaits above are listened to here, with no await
+                # between the last check and setting it.
+                await self._listen_to_all(conn, listened)
                 self._listener = conn
                 self.listening.set()
                 delay = _LISTEN_BACKOFF[0]
