@@ -848,6 +848,9 @@ async def test_a_daemon_with_a_free_slot_assigns_the_task_it_enqueues_to_itself(
     a = await pg_daemons.start("a", workers={"default": 2})
     await asyncio.wait_for(a.storage.postgres.listening.wait(), 10)
     for n in range(3):
+        # Its claim loop has counted its free slots (at the start, or since the last task
+        # ended: the waiter may wake before the loop has).
+        await until(lambda: a.queue.tasks._own_free.get("default") == 2)
         record = await a.queue.enqueue("ct.work", {"n": n})
         done = await asyncio.wait_for(a.queue.wait(record.id), 10)
         assert (done.status, done.result, done.attempts) == ("succeeded", n, 1)
