@@ -259,6 +259,11 @@ async def seen(ctx, event):
 @plugin.on("hook.*", durable=True)
 async def hooked(ctx, event):
     pass
+
+
+@plugin.task()
+async def noop(ctx):
+    return None
 '''
 
 
@@ -449,16 +454,44 @@ async def test_a_daemon_alone_sends_its_tokens_to_no_one_until_another_daemon_st
     await a.store.finish()  # whatever that publish would send is sent by now
     assert feed.sent_parts == 0
     heard.unsubscribe()
+    # Asked while alone and unheard: no. The answer is remembered, until the peers change.
+    assert not a.bus.has_subscribers("llm.token")
 
     (b,) = await daemons(1)
     async with sse(b) as stream:
         await until(a.storage.tasks.peers_alive)
+        assert a.bus.has_subscribers("llm.token")
         a.bus.publish("llm.token", {"task_id": 1, "text": "Hel"})
         frame = await stream.next_event()
         assert (frame.event, frame.data["data"]["text"]) == ("llm.token", "Hel")
     assert feed.sent_parts >= 1
     await b.stop()
     await until(lambda: not a.storage.tasks.peers_alive())
+
+
+async def test_a_daemon_alone_builds_no_ephemeral_event_until_a_stream_may_hear_it(
+    daemons: Any,
+) -> None:
+    """Alone on the database, a daemon's ephemeral events (`task.started`, tokens) are heard
+    only by its own streams: with none, the event feed takes none, so publishers do not
+    build them at all, as on SQLite (each no-op task built, held and released a
+    `task.started` for nobody). A stream client coming, and going, changes that at once."""
+    (a,) = await daemons(1, plugins=(0,))
+    await until(lambda: a.store.listening.is_set() and not a.storage.tasks.peers_alive())
+    assert not a.bus.has_subscribers("task.started") and not a.bus.has_subscribers("llm.token")
+    assert a.bus.has_subscribers("task.succeeded")  # stored: the log takes it
+    async with aiohttp.ClientSession(daemon_url(a), timeout=aiohttp.ClientTimeout(total=60)) as http:
+        async with http.get("/v1/stream", params={"topics": "task.**"}) as response:
+            assert response.status == 200
+            stream = PatientSse(response)
+            await stream.opened()
+            assert a.bus.has_subscribers("task.started")
+            assert not a.bus.has_subscribers("llm.token")  # not what this client asked for
+            task = await a.queue.enqueue("cl.noop")
+            frames = await stream.events(3)
+            assert [(f.event, f.data["data"]["task_id"]) for f in frames] == [
+                ("task.queued", task.id), ("task.started", task.id), ("task.succeeded", task.id)]
+        await until(lambda: not a.bus.has_subscribers("task.started"))
 
 
 async def test_a_daemon_whose_listener_reconnects_reads_its_peers_again_at_once(

@@ -177,8 +177,12 @@ class Subscription:
 class Bus:
     """Topic pub/sub for one process. See the module docstring for the delivery policy."""
 
-    def __init__(self, last_id: int = 0) -> None:
+    def __init__(self, last_id: int = 0, *,
+                 on_subscriptions_changed: Callable[[], None] | None = None) -> None:
         self._last_id = last_id
+        # Told after every subscribe and unsubscribe: whoever asks `has_subscribers` of this
+        # bus to answer another bus's `accepts` (the event feed on PostgreSQL) re-asks then.
+        self._on_subscriptions_changed = on_subscriptions_changed
         # A dict as an ordered set: O(1) removal with thousands of stream clients.
         self._subscriptions: dict[Subscription, None] = {}
         self._by_topic: dict[str, tuple[Subscription, ...]] = {}
@@ -255,11 +259,13 @@ class Bus:
         self._subscriptions[sub] = None
         if correlation_id is None:
             self._by_topic.clear()
-            return sub
-        self._by_correlation.setdefault(correlation_id, []).append(sub)
-        if compiled not in self._keyed_patterns:
-            self._keyed_topics.clear()
-        self._keyed_patterns[compiled] = self._keyed_patterns.get(compiled, 0) + 1
+        else:
+            self._by_correlation.setdefault(correlation_id, []).append(sub)
+            if compiled not in self._keyed_patterns:
+                self._keyed_topics.clear()
+            self._keyed_patterns[compiled] = self._keyed_patterns.get(compiled, 0) + 1
+        if self._on_subscriptions_changed is not None:
+            self._on_subscriptions_changed()
         return sub
 
     def publish(
@@ -338,6 +344,11 @@ class Bus:
     def advance_to(self, last_id: int) -> None:
         """Never hand out an id at or below `last_id` (the newest id stored before a restart)."""
         self._last_id = max(self._last_id, last_id)
+
+    def reconsider_accepts(self) -> None:
+        """Ask the unkeyed subscriptions' `accepts` again for each topic from the next event
+        on: what it answers depends on something that changed."""
+        self._by_topic.clear()
 
     def has_subscribers(self, topic: str) -> bool:
         """Whether an event of `topic` published now might reach anyone: a publisher may skip
@@ -437,14 +448,16 @@ class Bus:
         self._dropped_by_gone += sub.dropped
         if sub.correlation_id is None:
             self._by_topic.clear()
-            return
-        keyed = self._by_correlation[sub.correlation_id]
-        keyed.remove(sub)
-        if not keyed:
-            del self._by_correlation[sub.correlation_id]
-        left = self._keyed_patterns[sub.pattern] - 1
-        if left:
-            self._keyed_patterns[sub.pattern] = left
         else:
-            del self._keyed_patterns[sub.pattern]
-            self._keyed_topics.clear()
+            keyed = self._by_correlation[sub.correlation_id]
+            keyed.remove(sub)
+            if not keyed:
+                del self._by_correlation[sub.correlation_id]
+            left = self._keyed_patterns[sub.pattern] - 1
+            if left:
+                self._keyed_patterns[sub.pattern] = left
+            else:
+                del self._keyed_patterns[sub.pattern]
+                self._keyed_topics.clear()
+        if self._on_subscriptions_changed is not None:
+            self._on_subscriptions_changed()

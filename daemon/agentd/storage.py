@@ -80,7 +80,8 @@ def _postgres(store: PgStore) -> Storage:
     tasks = PgTasks(store)
     return Storage(database=store, sqlite=None, postgres=store, steps=PgSteps(store),
                    tasks=tasks, waits=PgWaits(store, tasks),
-                   events=PgEvents(store, tasks.peers_alive), digests=PgDigests(store),
+                   events=PgEvents(store, tasks.peers_alive, tasks.on_peers_changed),
+                   digests=PgDigests(store),
                    schedules=PgSchedules(store), hook_deliveries=PgDeliveries(store),
                    stream_key=PgStreamKey(store))
 

@@ -27,13 +27,14 @@ long transaction, event-writing or not, is open.
 Across daemons. After a commit that stored events, `NOTIFY agentd_events, 's'` (the same
 payload from every statement, so PostgreSQL sends it once per transaction) wakes every
 daemon's feed (this one's too), which reads the rows past its cursor and dispatches them,
-with the log's ids, on the daemon's stream bus. Ephemeral events are never stored: the
-daemon sends them on its stream bus at once and to the others in notifications
-(`e <origin> <seq> <part> <parts> <json>`: a batch split into parts of at most
-`_PART_CHARS`, under PostgreSQL's 8,000-byte limit, sent in one transaction so they arrive
-together); a feed skips its own. An ephemeral event bears the id of the last stored event
-its daemon's stream bus carried before it: resuming after it misses nothing. A sweep that
-deleted events notifies `h <id>`, the new horizon.
+with the log's ids, on the daemon's stream bus. Ephemeral events are never stored: while
+anyone may hear them (a stream on this daemon, or another daemon), the daemon sends them on
+its stream bus at once and to the others in notifications (`e <origin> <seq> <part> <parts>
+<json>`: a batch split into parts of at most `_PART_CHARS`, under PostgreSQL's 8,000-byte
+limit, sent in one transaction so they arrive together); a feed skips its own. An
+ephemeral event bears the id of the last stored event its daemon's stream bus carried
+before it: resuming after it misses nothing. A sweep that deleted events notifies
+`h <id>`, the new horizon.
 
 Order. Each row keeps its publishing daemon (`origin`) and the id its bus gave it
 (`origin_id`), and each ephemeral event travels with the bus id of the newest stored event
@@ -146,13 +147,19 @@ class PgEvents:
 
     assigns_ids = True
 
-    def __init__(self, store: PgStore, peers_alive: Callable[[], bool]) -> None:
+    def __init__(self, store: PgStore, peers_alive: Callable[[], bool],
+                 on_peers_changed: Callable[[Callable[[], None]], None] | None = None) -> None:
+        """`peers_alive`: whether another daemon may share the database (alone, a daemon
+        announces nothing: its own feed is woken directly; and it sends its ephemeral
+        events to no one); `on_peers_changed` registers a callback for when that answer
+        changes (None: it never does)."""
         self.store = store
-        # Whether another daemon may share the database: alone, a daemon announces nothing
-        # (its own feed is woken directly) and sends its ephemeral events to no one.
         self._peers_alive = peers_alive
         self.origin = uuid.uuid4().hex[:12]  # this daemon, in its notifications
-        self.streams = Bus()
+        self.streams = Bus(on_subscriptions_changed=self._reconsider)
+        self._bus: Bus | None = None  # the daemon's bus, once followed
+        if on_peers_changed is not None:
+            on_peers_changed(self._reconsider)
         self.cursor = 0  # the newest stored id the stream bus carried
         self.sent_parts = 0
         self._log_ref: EventLog | None = None
@@ -297,9 +304,25 @@ class PgEvents:
         self.store.on_reconnect(self._reconnected)
         self.cursor = await self.newest_id()
         self.streams.advance_to(self.cursor)
-        self._forwarder = bus.subscribe("**", self._forward, name="event-feed")
+        self._bus = bus
+        self._forwarder = bus.subscribe("**", self._forward, name="event-feed", accepts=self._carries)
         self._following = True
         return self.streams
+
+    def _carries(self, topic: str) -> bool:
+        """The forwarder's `accepts`: every stored topic (this daemon's ephemeral events wait
+        for the stored ones published before them), and an ephemeral one only while it may
+        be heard: by a stream on this daemon, or by another daemon's. Unheard, an ephemeral
+        event is then not even built (`TaskQueue.publish`), as on SQLite when nobody streams:
+        a daemon alone and unwatched built, held and released a `task.started` per task."""
+        log = self._log_ref
+        return (log is None or log.persistence(topic) != "ephemeral" or self._peers_alive()
+                or self.streams.has_subscribers(topic))
+
+    def _reconsider(self) -> None:
+        """A stream came or went, or the peers did: `_carries` may answer otherwise now."""
+        if self._bus is not None:
+            self._bus.reconsider_accepts()
 
     async def unfollow(self) -> None:
         self._following = False

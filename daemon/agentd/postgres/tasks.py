@@ -362,6 +362,7 @@ class PgTasks:
         # The other daemons' nodes; None while unknown (not read yet, or news lost while the
         # listening connection was away): then they are assumed alive.
         self._peers: set[str] | None = None
+        self._peers_watchers: list[Callable[[], None]] = []
         self._node_news_heard = 0
         self._peers_reread: asyncio.Task[None] | None = None
         # Assignment (see the module docstring). `[tasks] lease` as of the last claim round
@@ -428,6 +429,17 @@ class PgTasks:
         """Whether another daemon may share the database (see the module docstring)."""
         return self._peers is None or bool(self._peers)
 
+    def on_peers_changed(self, callback: Callable[[], None]) -> None:
+        """Call `callback` each time `peers_alive()` changes its answer."""
+        self._peers_watchers.append(callback)
+
+    def _set_peers_to(self, peers: set[str] | None) -> None:
+        alive = self.peers_alive()
+        self._peers = peers
+        if self.peers_alive() != alive:
+            for callback in self._peers_watchers:
+                callback()
+
     def _node_news(self, payload: str) -> None:
         self._node_news_heard += 1
         change, _, node = payload.partition(" ")
@@ -438,17 +450,15 @@ class PgTasks:
         else:
             for free in self._idle.values():
                 free.pop(node, None)
-        if self._peers is None:
+        peers = self._peers
+        if peers is None:
             return
-        if change == "up":
-            self._peers.add(node)
-        else:
-            self._peers.discard(node)
+        self._set_peers_to(peers | {node} if change == "up" else peers - {node})
 
     def _forget_peers(self) -> None:
         """News of nodes was lost while the listening connection was away (or it opened after
         the start's read): unknown, so taken as alive, until read again, at once."""
-        self._peers = None
+        self._set_peers_to(None)
         if self._peers_reread is None or self._peers_reread.done():
             self._peers_reread = asyncio.get_running_loop().create_task(
                 self._reread_peers(), name="read-peers")
@@ -472,7 +482,7 @@ class PgTasks:
         forgotten at the next read."""
         if self._node_news_heard != heard and self._peers is not None:
             found |= self._peers
-        self._peers = found
+        self._set_peers_to(found)
 
     def _heard(self, act: Callable[[Sequence[int]], None], payload: str) -> None:
         origin, _, ids = payload.partition(" ")
