@@ -209,6 +209,26 @@ def test_accepts_narrows_a_pattern_and_is_asked_once_per_topic() -> None:
     assert not bus.has_subscribers("a.skip") and not bus.has_subscribers("b")
 
 
+def test_an_accepts_that_looks_at_another_bus_is_asked_again_when_that_bus_changes() -> None:
+    """How the event feed on PostgreSQL takes a topic only while a stream asks for it: the
+    second bus tells of each subscribe and unsubscribe, and the first asks again."""
+    bus = Bus()
+    streams = Bus(on_subscriptions_changed=bus.reconsider_accepts)
+    forwarded: list[str] = []
+    bus.subscribe("**", lambda e: forwarded.append(e.topic), accepts=streams.has_subscribers)
+    assert not bus.has_subscribers("llm.token")
+    bus.publish("llm.token")
+    keyed = streams.subscribe("llm.*", maxsize=10, correlation_id="7")
+    assert bus.has_subscribers("llm.token")
+    bus.publish("llm.token")
+    keyed.unsubscribe()
+    assert not bus.has_subscribers("llm.token")
+    with streams.subscribe("llm.**", maxsize=10):
+        assert bus.has_subscribers("llm.token")
+    assert not bus.has_subscribers("llm.token")
+    assert forwarded == ["llm.token"]
+
+
 def test_events_are_immutable() -> None:
     event = Bus().publish("a", {"n": 1})
     with pytest.raises(AttributeError):

@@ -243,7 +243,8 @@ class Bus:
             merge: folds a new event into the newest buffered one once the buffer is half
                 full (e.g. consecutive LLM tokens), before anything is dropped.
             accepts: a further test of a topic the pattern matches (asked once per topic,
-                its answer remembered), for what a pattern cannot say: "all but these".
+                its answer remembered until `reconsider_accepts`), for what a pattern
+                cannot say: "all but these", "while someone listens there".
             correlation_id: receive only events of this correlation (keyed: a subscription
                 costs the events of other correlations nothing).
 
