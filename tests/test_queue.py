@@ -398,6 +398,33 @@ async def test_higher_priority_runs_first(qt: Any) -> None:
     assert order == [high.id, low.id]
 
 
+async def test_a_task_enqueued_while_its_queue_claims_waits_behind_what_the_claim_takes(
+    qt: Any,
+) -> None:
+    """On PostgreSQL a task enqueued one at a time goes straight to a free slot of its own
+    daemon (assigned), but not while that queue's claim is in flight: the claim may take an
+    older task for the slot, which would then wait behind the newer one. (Seen: a task of
+    priority 0 ran before an older one, and so before one of priority 10 enqueued next.)"""
+    daemon, _, module = await qt(workers={"default": 1})
+    tasks = daemon.queue.tasks
+    assigned = getattr(tasks, "assigned_out", 0)
+    # A task with a key is queued, never assigned: the claim loop wakes and claims it.
+    hold = await daemon.queue.enqueue("qt.wait_gate", {"name": "hold"}, idempotency_key="hold")
+
+    async def claiming() -> bool:
+        return "default" in daemon.workers._claiming
+
+    await until(claiming)
+    low = await daemon.queue.enqueue("qt.echo", {"value": "low"})
+    assert getattr(tasks, "assigned_out", 0) == assigned  # queued, for the claims to take in order
+    high = await daemon.queue.enqueue("qt.echo", {"value": "high"}, priority=10)
+    await asyncio.wait_for(module.gate("started:hold").wait(), 5)
+    module.gate("hold").set()
+    await daemon.queue.wait(low.id, timeout=5)
+    order = [task_id for kind, task_id in module.STARTED if kind in ("echo", "hold")]
+    assert order == [hold.id, high.id, low.id]
+
+
 async def test_each_named_queue_has_its_own_workers(qt: Any) -> None:
     daemon, _, module = await qt(workers={"default": 1, "reports": 1})
     await daemon.queue.enqueue("qt.wait_gate", {"name": "busy"})

@@ -256,6 +256,12 @@ class TaskStore(Protocol):
         """This daemon's free slots of `queue` as its claim loop goes to wait: other daemons
         may assign it that many tasks."""
 
+    def claiming(self, queue: str) -> None:
+        """The claim loop of `queue` is claiming: until it says `slots_free` again, its free
+        slots are that claim's, and no task this daemon enqueues is assigned to one. Such a
+        task could start ahead of older ones the claim takes (of the same priority or
+        higher): they would wait behind it."""
+
     # -- the queue's --------------------------------------------------------------------------
 
     def insert_one(self, values: tuple[Any, ...]) -> Awaitable[int]:
@@ -1198,6 +1204,9 @@ class SqliteTasks:
 
     def slots_free(self, queue: str, free: int) -> None:
         """No other daemon to tell."""
+
+    def claiming(self, queue: str) -> None:
+        """Nothing is assigned: the file has one daemon."""
 
     def insert(self, prepared: list[tuple[Any, ...]], windows: list[float], now: float,
                ttl: float, alongside: Callable[[Any], object] | None) -> Awaitable[list[Any]]:

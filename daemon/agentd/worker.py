@@ -182,6 +182,8 @@ class WorkerPool:
         # Per queue whose claim is in flight, the tasks whose cancel was heard meanwhile
         # though they were neither running nor claimed ahead here (`_cancel_running`).
         self._cancels_heard: dict[str, set[int]] = {}
+        # Queues whose claim loop is claiming now: their free slots are that claim's.
+        self._claiming: set[str] = set()
         self._checking_cancels: asyncio.Task[None] | None = None
         # Tasks assigned here (PostgreSQL) that found no free slot, being put back in the
         # queue.
@@ -344,11 +346,14 @@ class WorkerPool:
             next_at: float | None = None
             if self._claim_size(queue):
                 heard = self._cancels_heard[queue] = set()
+                self._claiming.add(queue)
+                self.tasks.claiming(queue)
                 try:
                     records, next_at = await self._claim(queue)
                     cancelled = await self._cancelled_meanwhile(records, heard)
                 finally:
                     del self._cancels_heard[queue]
+                    self._claiming.discard(queue)
                 # No await from here until the records are ahead or running: a cancel
                 # heard after this finds them there.
                 for record in records:
@@ -367,7 +372,9 @@ class WorkerPool:
                     self._start_next_ahead(queue, slots)
                 if records and slots.free:
                     continue  # there may be more claimable work right now
-            if not self._stopping:
+            if not self._stopping and not wake.is_set():
+                # Woken meanwhile, it claims again at once: its free slots are for that
+                # claim (a task enqueued as it ran may be waiting in the queue).
                 self.tasks.slots_free(queue, slots.free)
             timeout = None if next_at is None else max(0.0, next_at - time.time())
             with contextlib.suppress(TimeoutError):
@@ -506,7 +513,8 @@ class WorkerPool:
             self._start(record, slots)
             started.add(record.queue)
         for queue in started:  # told once, whatever the number started
-            self.tasks.slots_free(queue, self._slots[queue].free)
+            if queue not in self._claiming:  # else its loop tells once the claim is in
+                self.tasks.slots_free(queue, self._slots[queue].free)
         if back:
             putting_back = asyncio.get_running_loop().create_task(self._put_back_assigned(back))
             self._assigned_back.add(putting_back)

@@ -510,6 +510,12 @@ class PgTasks:
         if free != self._told.get(queue, 0) and self.store.listening.is_set() and self.peers_alive():
             self._tell(queue, free)
 
+    def claiming(self, queue: str) -> None:
+        """Assign nothing to this daemon's own slots of `queue` until `slots_free` (the others
+        are not told: what they assign meanwhile is ordered by nothing anyway, and a slot
+        found full puts it back)."""
+        self._own_free[queue] = 0
+
     def _tell(self, queue: str, free: int) -> None:
         if self.store.closed:
             return
