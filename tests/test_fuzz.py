@@ -1,8 +1,9 @@
-"""The served OpenAPI document is the truth about the API: schemathesis fuzzes a real daemon
-(bearer token on, so auth is checked too) from `/v1/openapi.json` with every check, and finds
-no request the document allows that the server refuses, none it forbids that the server
-takes, no 5xx and no answer the document does not list. Streams and the WebSocket are left
-out: a fuzzer cannot drive a connection that stays open."""
+"""The served OpenAPI document is the truth about the API: schemathesis fuzzes a real daemon,
+on SQLite and on PostgreSQL (bearer token on, so auth is checked too), from
+`/v1/openapi.json` with every check, and finds no request the document allows that the
+server refuses, none it forbids that the server takes, no 5xx and no answer the document
+does not list. Streams and the WebSocket are left out: a fuzzer cannot drive a connection
+that stays open."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ PLUGIN = """
 
 
 @HEAVY
+@pytest.mark.both_stores
 @pytest.mark.timeout(600)
 async def test_the_api_keeps_every_promise_of_its_document(
         start_daemon: Any, plugin_dir: Any, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agentd.errors import InvalidTaskError
 from fake_openai import FakeOpenAI
 from test_queue import execute, rows
 
@@ -116,6 +117,20 @@ async def test_a_key_the_arguments_cannot_fill_is_refused_at_enqueue(
     assert reply.status == 400, body
     assert "concurrency_key '{tenant}' needs the argument 'tenant'" in body["error"]["message"]
     assert await daemon.queue.list(name="kl.tenanted") == []
+    # PostgreSQL's text holds no NUL (it was a 500 there): refused on both stores, naming the key.
+    for name, args, key in (("kl.tenanted", {"tenant": "t\u0000"}, "concurrency_key"),
+                            ("kl.per_model", {"model": "\u0000"}, "rate_key")):
+        async with client.post("/v1/tasks", json={"name": name, "args": args}) as reply:
+            body = await reply.json()
+        assert reply.status == 400, body
+        assert body["error"]["message"] == f"{key} holds U+0000 (NUL), which the queue cannot keep"
+    async with client.post("/v1/tasks", json={"name": "kl.tenanted", "args": {"tenant": "t"},
+                                              "idempotency_key": "k\u0000"}) as reply:
+        body = await reply.json()
+    assert reply.status == 400 and "idempotency_key: expected text without U+0000" in body["error"]["message"]
+    with pytest.raises(InvalidTaskError, match=r"^idempotency_key holds"):
+        await daemon.queue.enqueue("kl.tenanted", {"tenant": "t"}, idempotency_key="\u0000")
+    assert await daemon.queue.counts() == {}
     async with client.post("/v1/tasks", json={"name": "kl.tenanted", "args": {"tenant": "t"}}) as reply:
         assert reply.status in (200, 201, 202)
     async with client.get("/v1/task-types") as reply:

@@ -29,7 +29,13 @@ import sqlite_vec
 from aiohttp import web
 
 from agentd.embed import MiniLMEmbedder, build_embedder
-from agentd.errors import EmbedderError, EmbedderInputError, EmbedderMismatchError, MemoryNotFoundError
+from agentd.errors import (
+    EmbedderError,
+    EmbedderInputError,
+    EmbedderMismatchError,
+    MemoryNotFoundError,
+    UnstorableTextError,
+)
 from agentd.memory import NewMemory, SqliteMemory
 from agentd.memory_import import Progress
 from agentd.testing import make_config
@@ -670,6 +676,54 @@ async def test_metadata_that_is_not_an_object_is_a_400_naming_metadata(start: An
     saved = await call(client, "POST", "/v1/memory", {"text": "a fact"}, status=201)
     bad(await call(client, "PATCH", f"/v1/memory/{saved['id']}", {"metadata": [1]}, status=400),
         "bad_request", "metadata: expected `object | null`, got `array`")
+
+
+async def test_text_holding_a_nul_is_a_422_on_both_stores_and_a_nul_in_a_filter_matches_nothing(
+        start: Any, http: Any) -> None:
+    """PostgreSQL's text and jsonb hold no U+0000: a NUL in a memory's text or metadata, or
+    in a message, was a 500 there (and taken on SQLite, so `agentd store copy` would fail
+    on it). Both stores refuse it with a 422 naming where it is, keep nothing of the
+    request, and a NUL in a search's `where` matches nothing, as no stored key has one."""
+    daemon, _ = await start()
+    client = http(daemon)
+    kept = await call(client, "POST", "/v1/memory",
+                      {"text": "the moon is far", "metadata": {"kind": "fact", "raw": "\\u0000"}}, status=201)
+    refused = [
+        ("POST", "/v1/memory", {"text": "a\u0000b"}, "text holds U+0000"),
+        ("POST", "/v1/memory", {"text": "x", "metadata": {"k": ["ok", "a\u0000"]}},
+         "metadata.k[1] holds U+0000"),
+        ("POST", "/v1/memory", {"text": "x", "metadata": {"a\u0000": 1}},
+         "metadata key 'a\\x00' holds U+0000"),
+        ("POST", "/v1/memory/batch", {"memories": [{"text": "fine"}, {"text": "\u0000"}]},
+         "memories[1]: text holds U+0000"),
+        ("PATCH", f"/v1/memory/{kept['id']}", {"text": "moon\u0000"}, "text holds U+0000"),
+        ("PATCH", f"/v1/memory/{kept['id']}", {"metadata": {"kind": "\u0000"}}, "metadata.kind holds U+0000"),
+        ("POST", "/v1/sessions/s/messages", {"role": "user", "content": "hi\u0000"}, "content holds U+0000"),
+        ("POST", "/v1/sessions/s/messages", {"role": "\u0000", "content": "hi"}, "role holds U+0000"),
+    ]
+    for method, path, body, needle in refused:
+        bad(await call(client, method, path, body, status=422), "unstorable_text", needle)
+    stats = await daemon.memory.stats()
+    assert stats["namespaces"] == {"default": 1} and stats["sessions"] == 0
+    again = await call(client, "GET", f"/v1/memory/{kept['id']}")
+    assert (again["text"], again["metadata"]) == ("the moon is far", {"kind": "fact", "raw": "\\u0000"})
+
+    async def found(where: dict[str, Any]) -> list[int]:
+        answer = await call(client, "GET", "/v1/memory/search",
+                            params={"q": "moon", "hybrid": "true", "where": json.dumps(where)})
+        return [hit["id"] for hit in answer["results"]]
+
+    assert await found({"kind": "fact\u0000"}) == []
+    assert await found({"kind\u0000": "fact"}) == []
+    assert await found({"kind\u0000": None}) == [kept["id"]]  # an absent key is None
+    assert await found({"kind": ["\u0000", "fact"]}) == [kept["id"]]
+    assert await found({"raw": "\\u0000"}) == [kept["id"]]  # six characters, no NUL
+    assert await found({"raw": "\u0000"}) == []
+
+    with pytest.raises(UnstorableTextError, match=r"text holds U\+0000"):
+        await daemon.memory.remember("\u0000")
+    with pytest.raises(UnstorableTextError, match=r"content holds U\+0000"):
+        await daemon.memory.session("s").append("user", "\u0000")
 
 
 async def test_a_plugin_cannot_store_an_expiry_that_is_no_time(start: Any) -> None:

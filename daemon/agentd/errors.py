@@ -180,6 +180,11 @@ class MemoryNotFoundError(AgentdError, LookupError):
     """No memory has that id."""
 
 
+class UnstorableTextError(AgentdError, ValueError):
+    """Text to keep holds U+0000 (NUL), which PostgreSQL's text and jsonb cannot hold.
+    Neither store takes it, so that what one keeps the other can (`agentd store copy`)."""
+
+
 class MemoryBusyError(AgentdError):
     """Memories kept changing under an operation that needs them still; try it again."""
 

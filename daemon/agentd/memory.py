@@ -38,7 +38,7 @@ from typing import Any, Protocol, TypeVar
 from agentd.config import MemoryConfig, StoreConfig
 from agentd.embed import Embedder
 from agentd.embed_batch import EmbeddingBatcher
-from agentd.errors import EmbedderMismatchError, MemoryBusyError, MemoryNotFoundError
+from agentd.errors import EmbedderMismatchError, MemoryBusyError, MemoryNotFoundError, UnstorableTextError
 from agentd.log import get_logger
 from agentd.metrics import RECALL_BUCKETS, Histogram
 from agentd.ramindex import IndexChanges, Indexed, RamBitIndex
@@ -195,6 +195,8 @@ class Session:
     async def append(self, role: str, content: str, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
         if not isinstance(role, str) or not role or not isinstance(content, str):
             raise ValueError("role must be a non-empty string and content a string")
+        check_no_nul(role, "role")
+        check_no_nul(content, "content")
         now = time.time()
         expires = now + self._memory.config.session_ttl
         meta_json = as_json(meta or {}, "meta")
@@ -589,10 +591,8 @@ class SqliteMemory:
         if expires_at is not ...:
             check_expiry(expires_at)
         current = await self.get(memory_id)
-        new_text = current.text if text is None else text
-        if not new_text.strip():
-            raise ValueError("text must be a non-empty string")
-        new_meta_json = as_json(current.metadata if metadata is None else metadata, "metadata")
+        new_text = current.text if text is None else check_text(text)
+        new_meta_json = metadata_json(current.metadata if metadata is None else metadata)
         new_meta = json.loads(new_meta_json)
         vector = (await self.batcher.embed([new_text]))[0] if text is not None else None
         filters = self._filter_values(new_meta)
@@ -910,12 +910,55 @@ def check_recorded(recorded: Mapping[str, str], wanted: Mapping[str, str], locat
 def check_memory(text: str, namespace: str, metadata: Mapping[str, Any] | None,
                  expires_at: float | None) -> CheckedMemory:
     """Check what `remember` is given. Raises ValueError naming what is wrong."""
+    check_text(text)
+    check_expiry(expires_at)
+    return CheckedMemory(text, check_name(namespace, "namespace"), dict(metadata or {}),
+                         metadata_json(metadata or {}), digest(text), expires_at)
+
+
+def check_text(text: object) -> str:
+    """`text` if a memory can hold it: not empty or only spaces, and no NUL (see
+    `check_no_nul`). Raises ValueError naming what is wrong."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("text must be a non-empty string")
-    check_expiry(expires_at)
-    metadata_json = as_json(metadata or {}, "metadata")
-    return CheckedMemory(text, check_name(namespace, "namespace"), dict(metadata or {}),
-                         metadata_json, digest(text), expires_at)
+    check_no_nul(text, "text")
+    return text
+
+
+def check_no_nul(text: str, what: str) -> None:
+    """Raise UnstorableTextError if `text` holds U+0000 (NUL): PostgreSQL's text cannot, and
+    memory keeps the same on both stores."""
+    if "\x00" in text:
+        raise UnstorableTextError(f"{what} holds U+0000 (NUL), which memory cannot keep")
+
+
+def metadata_json(metadata: Mapping[str, Any]) -> str:
+    """A memory's metadata as JSON text, or ValueError: an object of JSON values whose
+    strings and keys hold no NUL (PostgreSQL keeps metadata as jsonb, which cannot)."""
+    text = as_json(metadata, "metadata")
+    # json.dumps writes a NUL as \u0000; a backslash then "u0000" shows the same six
+    # characters, so the walk decides.
+    if "\\u0000" in text and (at := nul_at(metadata, "metadata")) is not None:
+        raise UnstorableTextError(f"{at} holds U+0000 (NUL), which memory cannot keep")
+    return text
+
+
+def nul_at(value: Any, where: str = "") -> str | None:
+    """Where in `value` (a JSON value) a string or key holds U+0000, as `where.key[2]`, or
+    None if none does."""
+    if isinstance(value, str):
+        return where if "\x00" in value else None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if "\x00" in str(key):
+                return f"{where} key {str(key)!r}"
+            if (at := nul_at(item, f"{where}.{key}")) is not None:
+                return at
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            if (at := nul_at(item, f"{where}[{index}]")) is not None:
+                return at
+    return None
 
 
 def check_batch(items: Sequence[NewMemory]) -> list[CheckedMemory]:
@@ -928,7 +971,7 @@ def check_batch(items: Sequence[NewMemory]) -> list[CheckedMemory]:
         try:
             checked.append(check_memory(item.text, item.namespace, item.metadata, item.expires_at))
         except ValueError as exc:
-            raise ValueError(f"memories[{index}]: {exc}") from None
+            raise type(exc)(f"memories[{index}]: {exc}") from None
     return checked
 
 

@@ -573,6 +573,8 @@ class TaskQueue:
             raise InvalidTaskError(f"args must be a JSON object, got {type(args).__name__}")
         definition.check_args(args)
         concurrency_key, rate_key = definition.limit_keys(args)
+        if "\x00" in concurrency_key or "\x00" in rate_key or (type(key) is str and "\x00" in key):
+            raise InvalidTaskError(_nul_message(key, concurrency_key, rate_key))
         if delay is not None and run_at is not None:
             raise InvalidTaskError("give either delay or run_at, not both")
         if run_at is None:
@@ -638,6 +640,8 @@ class TaskQueue:
         """Newest first; page with `before_id` = the last id of the previous page."""
         if status is not None and status not in STATES:
             raise InvalidTaskError(f"status must be one of {', '.join(sorted(STATES))}, got {status!r}")
+        if "\x00" in (name or "") or "\x00" in (queue or ""):
+            return []  # no task has one (`_prepare`), and PostgreSQL takes no NUL to look for
         return await self.tasks.list_tasks(status, name, queue, before_id, limit)
 
     async def counts(self) -> dict[TaskStatus, int]:
@@ -880,6 +884,14 @@ def _insert_many(conn: Connection, prepared: list[tuple[Any, ...]]) -> list[int 
 
 
 _SMALLEST, _LARGEST = -(2**63), 2**63 - 1  # what an SQLite INTEGER holds
+
+
+def _nul_message(key: str | None, concurrency_key: str, rate_key: str) -> str:
+    """What InvalidTaskError says of keys that hold U+0000 (NUL): PostgreSQL's text cannot
+    hold one, and both stores take the same tasks."""
+    what = ("idempotency_key" if key and "\x00" in key
+            else "concurrency_key" if "\x00" in concurrency_key else "rate_key")
+    return f"{what} holds U+0000 (NUL), which the queue cannot keep"
 
 
 def _check_integer(field: str, value: Any) -> None:

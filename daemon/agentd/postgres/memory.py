@@ -75,7 +75,6 @@ from agentd.memory import (
     Recalled,
     RememberGroups,
     Session,
-    as_json,
     candidate_reach,
     changed,
     check_batch,
@@ -84,11 +83,14 @@ from agentd.memory import (
     check_name,
     check_recall,
     check_recorded,
+    check_text,
     delete_replanning,
     digest,
     duplicate_bits,
     fuse,
     matches,
+    metadata_json,
+    nul_at,
     plan_delete,
     remember_checked,
     remember_one,
@@ -351,10 +353,8 @@ class PgMemory:
         if expires_at is not ...:
             check_expiry(expires_at)
         current = await self.get(memory_id)
-        new_text = current.text if text is None else text
-        if not isinstance(new_text, str) or not new_text.strip():
-            raise ValueError("text must be a non-empty string")
-        new_meta_json = as_json(current.metadata if metadata is None else metadata, "metadata")
+        new_text = current.text if text is None else check_text(text)
+        new_meta_json = metadata_json(current.metadata if metadata is None else metadata)
         vector = None
         if text is not None:
             (vector,) = await self.batcher.embed([new_text])
@@ -586,7 +586,12 @@ def _filters(where: Mapping[str, Any], *, first: int) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     params: list[Any] = []
     for key, value in where.items():
-        allowed = value if isinstance(value, list) else [value]
+        # No stored key or value holds a NUL (`metadata_json`), and jsonb and text take none
+        # as a parameter: such a key is absent from every memory, such a value matches none.
+        allowed = [v for v in (value if isinstance(value, list) else [value]) if nul_at(v) is None]
+        if "\x00" in str(key) or not allowed:
+            clauses.append("" if None in allowed else " AND false")
+            continue
         key_at, json_at, text_at = (first + len(params) + i for i in range(3))
         absent = f" OR NOT metadata ? ${key_at}" if None in allowed else ""
         clauses.append(f" AND (metadata -> ${key_at} = ANY(${json_at}::jsonb[]) "

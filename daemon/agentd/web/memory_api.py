@@ -10,6 +10,7 @@ import msgspec
 from aiohttp import web
 from msgspec import UNSET
 
+from agentd.errors import UnstorableTextError
 from agentd.memory import MAX_MEMORY_BATCH, MemoryStore, NewMemory
 from agentd.web.errors import ApiError, bad_request, path_id, read_body, read_query
 from agentd.web.openapi import doc
@@ -32,6 +33,7 @@ from agentd.web.server import DAEMON
 routes = web.RouteTableDef()
 T = TypeVar("T")
 _UNAVAILABLE = {503: "Memory is not open or its embedder does not answer (or the daemon is stopping)"}
+_UNSTORABLE = {422: "A text, key or metadata string holds U+0000 (NUL), which memory cannot keep"}
 
 # `where`, a JSON object in a query parameter: no Struct field can state that, so it is
 # described here and decoded by `_where`, both from `JsonObject`.
@@ -50,9 +52,12 @@ def _memory(request: web.Request) -> MemoryStore:
 
 
 async def _checked(call: Awaitable[T]) -> T:
-    """Await a memory call; its ValueErrors are the client's: 400."""
+    """Await a memory call; its ValueErrors are the client's: 400, or 422 for text memory
+    cannot keep."""
     try:
         return await call
+    except UnstorableTextError as exc:
+        raise ApiError(422, "unstorable_text", str(exc)) from None
     except ValueError as exc:
         raise bad_request(str(exc)) from None
 
@@ -64,7 +69,7 @@ def _memory_id(request: web.Request) -> int:
 @routes.post("/v1/memory")
 @doc("Remember a text; an exact or near duplicate in the namespace returns the existing memory",
      tag="memory", body=MemoryItem,
-     responses={**_UNAVAILABLE, 201: "A new memory", 200: "A duplicate: the existing memory",
+     responses={**_UNAVAILABLE, **_UNSTORABLE, 201: "A new memory", 200: "A duplicate: the existing memory",
                 404: "`supersedes` names no memory"})
 async def remember(request: web.Request) -> web.Response:
     body = await read_body(request, MemoryBody)
@@ -79,7 +84,7 @@ async def remember(request: web.Request) -> web.Response:
      "order (an item repeating an earlier one, exactly or nearly, gets its memory); embedded in "
      "batches, written in one transaction. Every item is checked first: a bad one (named by its "
      "index) stores nothing", tag="memory", body=MemoryBatchBody,
-     responses={**_UNAVAILABLE, 200: "`results` in the items' order, each `id` and `created` "
+     responses={**_UNAVAILABLE, **_UNSTORABLE, 200: "`results` in the items' order, each `id` and `created` "
                 "(false: a duplicate's), and the counts `created` and `duplicates`"})
 async def remember_batch(request: web.Request) -> web.Response:
     body = await read_body(request, MemoryBatchBody)
@@ -140,7 +145,7 @@ async def memory_history(request: web.Request) -> web.Response:
 @routes.patch(r"/v1/memory/{id:\d+}")
 @doc("Change a memory's text (embedded again), metadata or expiry (null: never expires)",
      tag="memory",
-     body=MemoryPatch, responses={**_UNAVAILABLE, 200: "The memory", 404: "No such memory"})
+     body=MemoryPatch, responses={**_UNAVAILABLE, **_UNSTORABLE, 200: "The memory", 404: "No such memory"})
 async def update_memory(request: web.Request) -> web.Response:
     body = await read_body(request, MemoryPatch)
     memory = await _checked(_memory(request).update(
@@ -179,7 +184,8 @@ async def history(request: web.Request) -> web.Response:
 
 @routes.post("/v1/sessions/{id}/messages")
 @doc("Add a message to a conversation (it keeps the session alive for [memory] session_ttl)",
-     tag="memory", body=MessageBody, path=SessionPath, responses={**_UNAVAILABLE, 201: "The message"})
+     tag="memory", body=MessageBody, path=SessionPath,
+     responses={**_UNAVAILABLE, **_UNSTORABLE, 201: "The message"})
 async def append(request: web.Request) -> web.Response:
     body = await read_body(request, MessageBody)
     message = await _checked(_session(request).append(body.role, body.content, body.meta))

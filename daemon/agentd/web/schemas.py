@@ -65,7 +65,12 @@ def _text(pattern: str, meaning: str, **constraints: Any) -> Meta:
 TaskName = Annotated[str, _text(TASK_NAME_PATTERN, "a task name: letters, digits, '_', '.', '-'",
                                 max_length=MAX_KEY)]
 QueueName = Annotated[str, Meta(min_length=1, max_length=MAX_KEY, description="a configured queue")]
-Key = Annotated[str, Meta(min_length=1, max_length=MAX_KEY)]
+# PostgreSQL's text holds no U+0000 (NUL): what is kept as text may not hold one, on either
+# store. As a pattern where the field has none; where it has, as a `not` of the document's
+# (checked where the text is kept, as UnstorableTextError: 422).
+_NUL_FREE = r"^[^\x00]*$"
+NO_NUL = Meta(extra_json_schema={"not": {"pattern": r"\x00"}})
+Key = Annotated[str, _text(_NUL_FREE, "text without U+0000 (NUL)", min_length=1, max_length=MAX_KEY)]
 _TOPIC_MEANING = "a topic: dot-separated names of letters, digits, '_', '-'"
 Topic = Annotated[str, _text(TOPIC_PATTERN, _TOPIC_MEANING, max_length=MAX_TOPIC_LENGTH)]
 PublishableTopic = Annotated[str, _text(
@@ -206,12 +211,17 @@ class EventBody(Struct, forbid_unknown_fields=True):
         check_json(self.data, "data")
 
 
+MemoryText = Annotated[NonBlank, NO_NUL]
+Metadata = Annotated[JsonObject, Meta(description=f"any JSON object nested at most {MAX_DEPTH} deep, "
+                                                  "no key or string holding U+0000 (NUL)")]
+
+
 class NewMemoryBody(Struct, forbid_unknown_fields=True):
     """One memory of POST /v1/memory/batch (and POST /v1/memory, which adds `supersedes`)."""
 
-    text: NonBlank
+    text: MemoryText
     namespace: Namespace = "default"
-    metadata: JsonObject | None = None
+    metadata: Metadata | None = None
     expires_at: UnixTime | None = None
     ttl: Ttl | None = None
 
@@ -247,8 +257,8 @@ class MemoryBatchBody(Struct, forbid_unknown_fields=True):
 class MemoryPatch(Struct, forbid_unknown_fields=True):
     """PATCH /v1/memory/{id}: the fields given change; `expires_at: null` keeps it for good."""
 
-    text: NonBlank | UnsetType | None = UNSET  # None, as left out: unchanged
-    metadata: JsonObject | UnsetType | None = UNSET
+    text: MemoryText | UnsetType | None = UNSET  # None, as left out: unchanged
+    metadata: Metadata | UnsetType | None = UNSET
     expires_at: UnixTime | UnsetType | None = UNSET
 
     def __post_init__(self) -> None:
@@ -268,8 +278,8 @@ class SearchQuery(Struct):
 class MessageBody(Struct, forbid_unknown_fields=True):
     """POST /v1/sessions/{id}/messages."""
 
-    role: Annotated[str, Meta(min_length=1, max_length=MAX_KEY)]
-    content: str
+    role: Annotated[str, Meta(min_length=1, max_length=MAX_KEY), NO_NUL]
+    content: Annotated[str, NO_NUL]
     meta: JsonObject | None = None
 
     def __post_init__(self) -> None:
