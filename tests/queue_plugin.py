@@ -73,6 +73,11 @@ async def gate_then_step(ctx, name: str):
 
 
 @plugin.task()
+async def step_named(ctx, key: str):
+    return await ctx.step(key, lambda: key)
+
+
+@plugin.task()
 async def gate_then_call(ctx, name: str):
     STARTED.append((name, ctx.task.id))
     gate(f"started:{name}").set()

@@ -504,6 +504,18 @@ async def test_a_step_gives_every_attempt_the_same_value(qt: Any) -> None:
     assert [expected, expected] == module.STEP_VALUES
 
 
+async def test_a_step_key_holding_a_nul_fails_the_task_naming_it(qt: Any) -> None:
+    """PostgreSQL's text holds no U+0000: there the step's read failed with the driver's
+    error; now both stores fail the attempt with one that names the key."""
+    daemon, _, _ = await qt()
+    record = await daemon.queue.enqueue("qt.step_named", {"key": "a\u0000b"}, max_attempts=1)
+    final = await daemon.queue.wait(record.id, timeout=5)
+    assert (final.status, final.error) == (
+        "dead", "ValueError: step key 'a\\x00b' holds U+0000 (NUL), which the store cannot keep")
+    fine = await daemon.queue.enqueue("qt.step_named", {"key": "a b"})
+    assert await daemon.queue.result(fine.id, timeout=5) == "a b"
+
+
 async def test_a_parent_that_goes_on_after_a_failed_gather_waits_for_its_slot(qt: Any) -> None:
     daemon, _, module = await qt(workers={"default": 1})
     # Short tasks first: the two children are then claimed together, and the sibling takes

@@ -272,6 +272,17 @@ async def test_the_cli_answers_a_question(
 # ------------------------------------------------------------------- states and events
 
 
+async def test_a_question_holding_a_nul_fails_the_task_naming_it(wt: Any) -> None:
+    """PostgreSQL's text holds no U+0000: writing such a question there failed, and the task
+    stayed `running` with no coroutine. Both stores now fail the attempt, naming the prompt."""
+    daemon, _ = wt
+    record = await daemon.queue.enqueue("wt.approve", {"draft": "d", "prompt": "Send\u0000?"},
+                                        max_attempts=1)
+    final = await daemon.queue.wait(record.id, timeout=5)
+    assert (final.status, final.error) == (
+        "dead", "ValueError: prompt 'Send\\x00?' holds U+0000 (NUL), which the store cannot keep")
+
+
 async def test_waiting_shows_in_status_the_task_stream_and_the_websocket(wt: Any, http: Any) -> None:
     daemon, _ = wt
     client = http(daemon)

@@ -47,11 +47,11 @@ async def await_event(ctx, pattern: str, match: dict | None = None, timeout: flo
 
 
 @plugin.task()
-async def approve(ctx, draft: str, timeout: float | None = None):
+async def approve(ctx, draft: str, timeout: float | None = None, prompt: str = "Send this draft?"):
     """Ask before 'sending' the draft; the send is a step, run once."""
     ctx.publish("wt.top", {"task": ctx.task.id})
     try:
-        answer = await ctx.ask("Send this draft?", {"draft": draft}, timeout=timeout)
+        answer = await ctx.ask(prompt, {"draft": draft}, timeout=timeout)
     except WaitTimeoutError:
         return {"answer": None, "timed_out": True}
     return {"answer": answer}

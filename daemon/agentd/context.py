@@ -280,7 +280,14 @@ class Context:
 
     async def step(self, key: str, fn: Callable[[], Any]) -> Any:
         """Run `fn()` (sync or async) once for this task: its JSON result is stored, and a
-        retried attempt gets the stored result back instead of running `fn` again."""
+        retried attempt gets the stored result back instead of running `fn` again.
+
+        Raises:
+            ValueError: `key` holds U+0000 (NUL), which PostgreSQL's text cannot, so
+                neither store takes it.
+        """
+        if isinstance(key, str) and "\x00" in key:
+            raise ValueError(f"step key {key!r} holds U+0000 (NUL), which the store cannot keep")
         stored = await self._queue.steps.recorded(self.task.id, key)
         if stored is not None:
             return json.loads(stored)
@@ -367,6 +374,8 @@ class Context:
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+        if "\x00" in prompt:  # PostgreSQL's text cannot keep it: neither store takes it
+            raise ValueError(f"prompt {prompt!r} holds U+0000 (NUL), which the store cannot keep")
         shown = dict(check_event_data(data))
         encode_json(shown, "the data of a question")
         wake_at = self._timeout_at(timeout)
