@@ -69,7 +69,7 @@ QueueName = Annotated[str, Meta(min_length=1, max_length=MAX_KEY, description="a
 # store. As a pattern where the field has none; where it has, as a `not` of the document's
 # (checked where the text is kept, as UnstorableTextError: 422).
 _NUL_FREE = r"^[^\x00]*$"
-NO_NUL = Meta(extra_json_schema={"not": {"pattern": r"\x00"}})
+_NO_NUL = Meta(extra_json_schema={"not": {"pattern": r"\x00"}})
 Key = Annotated[str, _text(_NUL_FREE, "text without U+0000 (NUL)", min_length=1, max_length=MAX_KEY)]
 _TOPIC_MEANING = "a topic: dot-separated names of letters, digits, '_', '-'"
 Topic = Annotated[str, _text(TOPIC_PATTERN, _TOPIC_MEANING, max_length=MAX_TOPIC_LENGTH)]
@@ -211,7 +211,7 @@ class EventBody(Struct, forbid_unknown_fields=True):
         check_json(self.data, "data")
 
 
-MemoryText = Annotated[NonBlank, NO_NUL]
+MemoryText = Annotated[NonBlank, _NO_NUL]
 Metadata = Annotated[JsonObject, Meta(description=f"any JSON object nested at most {MAX_DEPTH} deep, "
                                                   "no key or string holding U+0000 (NUL)")]
 
@@ -278,8 +278,8 @@ class SearchQuery(Struct):
 class MessageBody(Struct, forbid_unknown_fields=True):
     """POST /v1/sessions/{id}/messages."""
 
-    role: Annotated[str, Meta(min_length=1, max_length=MAX_KEY), NO_NUL]
-    content: Annotated[str, NO_NUL]
+    role: Annotated[str, Meta(min_length=1, max_length=MAX_KEY), _NO_NUL]
+    content: Annotated[str, _NO_NUL]
     meta: JsonObject | None = None
 
     def __post_init__(self) -> None:
