@@ -726,6 +726,26 @@ async def test_text_holding_a_nul_is_a_422_on_both_stores_and_a_nul_in_a_filter_
         await daemon.memory.session("s").append("user", "\u0000")
 
 
+async def test_metadata_comes_back_as_it_was_given_and_the_same_again_is_no_change(
+        start: Any, http: Any) -> None:
+    """On PostgreSQL metadata came back as jsonb spells it: keys reordered, 1e300 as a
+    301-digit integer, -0.0 as 0.0; and an update with the same metadata was then recorded
+    in the history as a change."""
+    daemon, _ = await start()
+    client = http(daemon)
+    metadata = {"zeta": 1, "a": 1e300, "sign": -0.0, "big": 2**70, "nested": {"y": [1.5, None], "b": True}}
+    saved = await call(client, "POST", "/v1/memory", {"text": "the sky is blue", "metadata": metadata},
+                       status=201)
+    for shown in (saved, await call(client, "GET", f"/v1/memory/{saved['id']}"),
+                  (await call(client, "GET", "/v1/memory/search", params={"q": "sky"}))["results"][0],
+                  (await call(client, "GET", "/v1/memory/search",
+                              params={"q": "sky", "hybrid": "true"}))["results"][0]):
+        assert json.dumps(shown["metadata"]) == json.dumps(metadata)
+    await call(client, "PATCH", f"/v1/memory/{saved['id']}", {"metadata": metadata})
+    history = (await call(client, "GET", f"/v1/memory/{saved['id']}/history"))["history"]
+    assert [change["event"] for change in history] == ["created"]
+
+
 async def test_a_plugin_cannot_store_an_expiry_that_is_no_time(start: Any) -> None:
     """From a plugin, expires_at=inf was stored and GET /v1/memory/{id} then answered
     `"expires_at": Infinity`, which is not JSON; NaN was stored as never expiring."""

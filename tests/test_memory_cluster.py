@@ -157,6 +157,28 @@ async def test_the_same_text_remembered_through_two_daemons_at_once_is_stored_on
     assert (await a.memory.stats())["namespaces"] == {f"round-{n}": 1 for n in range(5)}
 
 
+async def test_metadata_written_by_an_agentd_from_before_its_text_column_reads_as_stored(
+        daemons: Any) -> None:
+    """During a rolling upgrade a daemon from before pg_memory 0003 writes `metadata` alone:
+    the rows it inserts have no given spelling, and its update must not leave the given
+    spelling of the metadata it replaced to be read."""
+    ((a, client),) = await daemons(1, toy=True)
+    status, saved = await post(client, {"text": "the kettle is blue",
+                                        "metadata": {"zeta": 1, "a": 2}})
+    assert status == 201 and list(saved["metadata"]) == ["zeta", "a"]
+    conn = await asyncpg.connect(daemons.url)
+    try:
+        await conn.execute("UPDATE memories SET metadata = '{\"kind\": \"old\"}'::jsonb WHERE id = $1",
+                           saved["id"])
+        old_id = await conn.fetchval(
+            "INSERT INTO memories (namespace, text, metadata, hash, created_at, updated_at) "
+            "VALUES ('default', 'written before', '{\"zeta\": 1, \"a\": 2}', 'h', 0, 0) RETURNING id")
+    finally:
+        await conn.close()
+    assert (await a.memory.get(saved["id"])).metadata == {"kind": "old"}
+    assert list((await a.memory.get(old_id)).metadata) == ["a", "zeta"]  # jsonb's order
+
+
 async def test_memory_url_puts_memory_in_a_database_of_its_own(daemons: Any) -> None:
     memory_url = await fresh_database()
     ((daemon, client),) = await daemons(1, memory_url=memory_url)

@@ -105,13 +105,17 @@ _VECTORS_LOCK = 0x6167656E74646D
 # Rows fetched per search beyond `k`, for the live-row checks after it (a row expiring
 # between the search and the read) to leave `k`.
 _SPARE = 8
-_COLUMNS = ("id, namespace, text, metadata, created_at, updated_at, expires_at, supersedes, "
-            "superseded_by")
+_FIELDS = ("id, namespace, text, metadata, created_at, updated_at, expires_at, supersedes, "
+           "superseded_by")
+# A memory's fields from its row: metadata as it was given where that is known (see
+# pg_memory 0003); `_FIELDS` names them in a subquery of these.
+_METADATA = "coalesce(metadata_text, metadata::text)"
+_COLUMNS = _FIELDS.replace("metadata", f"{_METADATA} AS metadata")
 _LIVE = "superseded_by IS NULL AND (expires_at IS NULL OR expires_at > $2)"
 _RECORD_CHANGE = ("INSERT INTO memory_history (memory_id, event, text, old_text, metadata, "
                   "old_metadata, superseded_by, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
 _RECORD_SUPERSEDED = ("INSERT INTO memory_history (memory_id, event, text, metadata, superseded_by, at) "
-                      "SELECT id, 'superseded', text, metadata::text, $2, $3 FROM memories WHERE id = $1")
+                      f"SELECT id, 'superseded', text, {_METADATA}, $2, $3 FROM memories WHERE id = $1")
 
 
 class PgMemory:
@@ -296,9 +300,10 @@ class PgMemory:
                 "AND hash = $2 AND superseded_by IS NULL AND expires_at <= $3",
                 item.namespace, item.digest, now)
         row = await conn.fetchrow(
-            "INSERT INTO memories (namespace, text, metadata, hash, created_at, updated_at, "
-            "expires_at, supersedes, embedding) VALUES ($1, $2, $3::jsonb, $4, $5, $5, $6, $7, "
-            "$8::text::vector) ON CONFLICT (namespace, hash) WHERE superseded_by IS NULL "
+            "INSERT INTO memories (namespace, text, metadata, metadata_text, hash, created_at, "
+            "updated_at, expires_at, supersedes, embedding) VALUES ($1, $2, $3::text::jsonb, "
+            "$3::text, $4, $5, $5, $6, $7, $8::text::vector) "
+            "ON CONFLICT (namespace, hash) WHERE superseded_by IS NULL "
             f"DO NOTHING RETURNING {_COLUMNS}",
             item.namespace, item.text, item.metadata_json, item.digest, now, item.expires_at,
             supersedes, embedding)
@@ -363,12 +368,13 @@ class PgMemory:
 
         async def op(conn: PgConnection) -> Any:
             before = await conn.fetchrow(
-                "SELECT text, metadata::text AS metadata FROM memories "
+                f"SELECT text, {_METADATA} AS metadata FROM memories "
                 "WHERE id = $1 FOR UPDATE", memory_id)
             if before is None:
                 raise MemoryNotFoundError(f"no memory with id {memory_id}")
             row = await conn.fetchrow(
-                "UPDATE memories SET text = $1, metadata = $2::jsonb, hash = $3, updated_at = $4, "
+                "UPDATE memories SET text = $1, metadata = $2::text::jsonb, metadata_text = $2::text, "
+                "hash = $3, updated_at = $4, "
                 "expires_at = CASE WHEN $5 THEN expires_at ELSE $6 END, "
                 "embedding = coalesce($7::text::vector, embedding) "
                 f"WHERE id = $8 RETURNING {_COLUMNS}",
@@ -396,7 +402,7 @@ class PgMemory:
             ids = [memory_id]
         else:
             rows = await self.store.read(
-                "SELECT id, metadata FROM memories WHERE namespace = $1",
+                f"SELECT id, {_METADATA} AS metadata FROM memories WHERE namespace = $1",
                 (check_name(namespace or "", "namespace"),))
             ids = [row["id"] for row in rows if matches(json.loads(row["metadata"]), where or {})]
         return await delete_replanning(self._delete_once, ids)
@@ -565,7 +571,7 @@ class PgMemory:
                                                      "AND NOT keywords @@ to_tsquery('simple', $3)")
         rows = await self.store.read(
             # Ranking reads each match's tsvector: see the module docstring for the bound.
-            f"SELECT {_COLUMNS} FROM (({every_word}) UNION ALL ({some_word})) AS candidates "
+            f"SELECT {_FIELDS} FROM (({every_word}) UNION ALL ({some_word})) AS candidates "
             "ORDER BY every_word DESC, ts_rank_cd(keywords, to_tsquery('simple', $5)) DESC, id LIMIT $4",
             (namespace, time.time(), " & ".join(f"'{word}'" for word in words), limit,
              " | ".join(f"'{word}'" for word in words), KEYWORD_CANDIDATES, *params))
@@ -607,5 +613,5 @@ def _vector_text(vector: Sequence[float]) -> str:
 
 
 def _memory(row: Any) -> Memory:
-    """A memory from its row (metadata comes as JSON text: asyncpg decodes no jsonb)."""
+    """A memory from its row (metadata as the JSON text it was given in, `_COLUMNS`)."""
     return Memory._from_row(row)

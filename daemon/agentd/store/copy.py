@@ -81,13 +81,13 @@ MEMORY_SCHEMA_VERSION = load("sql/memory")[-1][0]
 BATCH_ROWS = 5000
 # Seconds one batch's COPY may take (PgStore's statements get 5 s; a batch is bigger).
 _BATCH_TIMEOUT = 120.0
-_MEMORY_COLUMNS = ["id", "namespace", "text", "metadata", "hash", "created_at", "updated_at",
-                   "expires_at", "supersedes", "superseded_by", "embedding"]
+_MEMORY_COLUMNS = ["id", "namespace", "text", "metadata", "metadata_text", "hash", "created_at",
+                   "updated_at", "expires_at", "supersedes", "superseded_by", "embedding"]
 # memory.db's memories with the text key PgMemory's unique index takes (see the module
 # docstring) and each live memory's vector (a float32 blob from {vectors}: memory_embeddings
 # in a quantized layout, `[memory] quantization`, else the vec0 table), by id.
 _MEMORIES_SQL = """
-SELECT id, namespace, text, metadata,
+SELECT id, namespace, text, metadata, metadata AS metadata_text,
        CASE WHEN superseded_by IS NULL AND row_number() OVER live > 1
             THEN hash || CASE WHEN expires_at <= :now THEN ':expired:' ELSE ':duplicate:' END || id
             ELSE hash END AS hash,
