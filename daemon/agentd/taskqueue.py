@@ -889,7 +889,7 @@ _SMALLEST, _LARGEST = -(2**63), 2**63 - 1  # what an SQLite INTEGER holds
 def _nul_message(key: str | None, concurrency_key: str, rate_key: str) -> str:
     """What InvalidTaskError says of keys that hold U+0000 (NUL): PostgreSQL's text cannot
     hold one, and both stores take the same tasks."""
-    what = ("idempotency_key" if key and "\x00" in key
+    what = ("idempotency_key" if type(key) is str and "\x00" in key
             else "concurrency_key" if "\x00" in concurrency_key else "rate_key")
     return f"{what} holds U+0000 (NUL), which the queue cannot keep"
 
