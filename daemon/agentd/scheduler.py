@@ -794,12 +794,17 @@ class Scheduler:
 
     @contextlib.contextmanager
     def _writing_to(self, schedule_id: str) -> Iterator[None]:
-        """Count a write of the schedule (see `_reload`)."""
+        """Count a write of the schedule as it begins and as it ends (see `_reload`)."""
         self._writes[schedule_id] = self._writes.get(schedule_id, 0) + 1
         self._writing[schedule_id] = self._writing.get(schedule_id, 0) + 1
         try:
             yield
         finally:
+            # Counted again: a write under way as a read began, and over before the read's
+            # rows were looked at, may have committed after the read's snapshot. Unseen,
+            # it would have looked like a schedule deleted elsewhere (a new one was dropped,
+            # and never fired, when the lead was taken as it was created).
+            self._writes[schedule_id] = self._writes.get(schedule_id, 0) + 1
             self._writing[schedule_id] -= 1
             if not self._writing[schedule_id]:
                 del self._writing[schedule_id]
