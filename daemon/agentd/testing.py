@@ -148,18 +148,33 @@ class Harness:
         return self._daemon.bus.publish(check_publishable(topic), check_event_data(data))
 
 
+# agentd's own periodic tasks (purges, the event sweep, store maintenance) every 3e9 s:
+# their fires are anchored at the epoch, so the next is in 2065. At the defaults the event
+# sweep fires at every minute's turn, and a test that counted tasks across one saw a task
+# it never made. A test of maintenance sets its intervals, or runs a schedule now.
+_MAINTENANCE_AWAY: Mapping[str, Mapping[str, float]] = {
+    "tasks": {"purge_interval": 3e9},
+    "events": {"sweep_interval": 3e9},
+    "store": {"maintenance_interval": 3e9},
+    "memory": {"purge_interval": 3e9},
+}
+
+
 def make_config(
     tmp_path: Path,
     plugin_dirs: Sequence[Path] = (),
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Config:
-    """A configuration with state under `tmp_path`, an OS-chosen port and no entry points
-    (agentd's own tests)."""
+    """A configuration with state under `tmp_path`, an OS-chosen port, no entry points and
+    agentd's own periodic tasks out of the way (`harness`, and agentd's own tests); the
+    `overrides` tables go over it."""
     tables: dict[str, dict[str, Any]] = {
         "daemon": {"data_dir": str(tmp_path / "data"), "stop_timeout": 5.0},
         "server": {"port": 0},
         "plugins": {"paths": [str(p) for p in plugin_dirs], "entry_points": False},
     }
+    for section, table in _MAINTENANCE_AWAY.items():
+        tables.setdefault(section, {}).update(table)
     for section, table in (overrides or {}).items():
         tables.setdefault(section, {}).update(table)
     return load_config(None, env={}, overrides=tables)
