@@ -404,8 +404,10 @@ async def test_a_task_enqueued_while_its_queue_claims_waits_behind_what_the_clai
     """On PostgreSQL a task enqueued one at a time goes straight to a free slot of its own
     daemon (assigned), but not while that queue's claim is in flight: the claim may take an
     older task for the slot, which would then wait behind the newer one. (Seen: a task of
-    priority 0 ran before an older one, and so before one of priority 10 enqueued next.)"""
-    daemon, _, module = await qt(workers={"default": 1})
+    priority 0 ran before an older one, and so before one of priority 10 enqueued next.)
+    Nothing is claimed ahead: a claim in flight could otherwise take `low` ahead, and start
+    it as `hold` ends if the claim that takes `high` has not come back yet."""
+    daemon, _, module = await qt(workers={"default": 1}, claim_ahead=0)
     tasks = daemon.queue.tasks
     assigned = getattr(tasks, "assigned_out", 0)
     # A task with a key is queued, never assigned: the claim loop wakes and claims it.
