@@ -586,9 +586,9 @@ async def test_documented_testing_example_runs(tmp_path: Path) -> None:
 async def test_the_harness_keeps_agentds_own_periodic_tasks_away(tmp_path: Path) -> None:
     """At the defaults the event sweep fires at every minute's turn: a plugin's test that
     counted tasks across one saw a task it never made (agentd's own suite did, in CI)."""
-    async with harness(tmp_path) as daemon, aiohttp.ClientSession(daemon.url) as client:
-        async with client.get("/v1/schedules") as response:
-            schedules = (await response.json())["schedules"]
+    async with (harness(tmp_path) as daemon, aiohttp.ClientSession(daemon.url) as client,
+                client.get("/v1/schedules") as response):
+        schedules = (await response.json())["schedules"]
     own = {s["id"]: s["next_fire"] for s in schedules if s["source"] == "builtin"}
     assert "agentd.sweep_events" in own
     in_2065 = 3e9
