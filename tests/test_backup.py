@@ -268,15 +268,13 @@ def test_backup_settings_are_checked() -> None:
 
 
 BASE = 1_800_864_000.0  # 2027-01-25 08:00 UTC, a multiple of an hour
-QUIET = {"tasks": {"purge_interval": 1e8}, "events": {"sweep_interval": 1e8},
-         "store": {"maintenance_interval": 1e8}, "memory": {"purge_interval": 1e8}}
 
 
 async def test_scheduled_backups_keep_the_newest_and_leave_the_commands_backups(
         tmp_path: Path, run_cli: Callable[..., Any]) -> None:
     backups = tmp_path / "backups"
     clock = ManualClock(BASE + 600)
-    overrides = {**QUIET, "backup": {"dir": str(backups), "every": 3600, "keep": 2}}
+    overrides = {"backup": {"dir": str(backups), "every": 3600, "keep": 2}}
     async with running_daemon(tmp_path, overrides=overrides, clock=clock) as daemon:
         backed_up: asyncio.Queue[Event] = asyncio.Queue()
         daemon.bus.subscribe("daemon.backed_up", backed_up.put_nowait, name="test")
@@ -304,7 +302,7 @@ async def test_a_backup_under_way_turns_the_truncate_checkpoint_passive(tmp_path
     it up to busy_timeout (5 s), on the reader connection the daemon's reads share, holding
     the WAL's write lock: a write that came meanwhile failed "database is locked" (measured).
     With a backup under way it runs PASSIVE, at once, and the writes and reads go on."""
-    async with running_daemon(tmp_path, overrides=QUIET) as daemon:
+    async with running_daemon(tmp_path) as daemon:
         database = daemon.config.database_path
         await daemon.queue.enqueue("agentd.purge_tasks", {}, delay=3600)
         reader = sqlite3.connect(database, isolation_level=None)
@@ -337,7 +335,7 @@ async def test_a_cancelled_backup_stops_and_leaves_nothing(tmp_path: Path) -> No
     """A scheduled backup runs in a thread; cancelled (the daemon stopping), it stops at its
     next step and removes what it wrote. The file's backup lock is held here, as a
     checkpoint holds it, so the copy cannot finish before the cancellation."""
-    async with running_daemon(tmp_path, overrides=QUIET) as daemon:
+    async with running_daemon(tmp_path) as daemon:
         config = daemon.config
     backups = tmp_path / "b"
     with BackupLock(config.database_path).exclusive_unless_busy() as free:

@@ -334,8 +334,6 @@ async def test_the_rows_of_nodes_dead_for_long_are_removed(cluster: Any) -> None
 
 # -- real daemons ------------------------------------------------------------------------------
 
-NO_MAINTENANCE = {"events": {"sweep_interval": 3e9}, "store": {"maintenance_interval": 3e9},
-                  "memory": {"purge_interval": 3e9}}
 
 
 @pytest.fixture
@@ -361,11 +359,10 @@ async def pg_daemons(tmp_path: Path, copied_plugin: Any) -> AsyncIterator[Any]:
             async def start(self, node: str, workers: dict[str, int] | None = None,
                             tasks: dict[str, Any] | None = None, **ct: Any) -> Daemon:
                 overrides: dict[str, dict[str, Any]] = {
-                    **NO_MAINTENANCE,
                     "tasks": {"queues": workers or {"default": 4}, "retry_base": 0.01,
                               "retry_max": 0.02, **(tasks or {})},
                     "plugins": {"ct": {"node": node, **ct}},
-                    "store": {"url": url, "maintenance_interval": 3e9},
+                    "store": {"url": url},
                 }
                 daemon = Daemon(make_config(tmp_path / node, [plugin_dir], overrides))
                 await stack.enter_async_context(daemon)

@@ -240,10 +240,7 @@ TOKEN = "cluster-t0ken"
 START = 1_800_864_600.0  # 2027-01-25 08:10 UTC: a multiple of 10 minutes
 MINUTE = 60.0
 QUIET = {
-    "tasks": {"queues": {"default": 4}, "purge_interval": 1e8},
-    "events": {"sweep_interval": 1e8},
-    "store": {"maintenance_interval": 1e8},
-    "memory": {"purge_interval": 1e8},
+    "tasks": {"queues": {"default": 4}},
     "server": {"token": TOKEN},
     "hooks": {"gh": {"secret": SECRET}},
 }
@@ -289,7 +286,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[str, Cluster]]:
             for _ in range(n):
                 sys.modules.pop("agentd_plugins.cl", None)
                 config = make_config(tmp_path / f"node{next(started)}", [plugins],
-                                     {**QUIET, "store": {**QUIET["store"], "url": url}})
+                                     {**QUIET, "store": {"url": url}})
                 daemons.append(Daemon(config, clock=clock))
             captures = [EventCapture(daemon.bus) for daemon in daemons]
             await asyncio.gather(*(daemon.start() for daemon in daemons))

@@ -88,16 +88,14 @@ DF_PLUGIN = """
 @pytest.fixture
 async def df(start_daemon: Any, plugin_dir: Any) -> Any:
     """`daemon, events, module = await df(**overrides)` with the plugin above, a short lease
-    (a lease run out would show within a second), the plugin's embedder, and the built-in
-    schedules far away: a sweep due at a minute's turn made a task of its own in a test
-    that counts tasks (found by review: a run in a few dozen failed)."""
+    (a lease run out would show within a second) and the plugin's embedder. (The built-in
+    schedules are far away, `make_config`'s doing: a sweep due at a minute's turn made a
+    task of its own in a test that counts tasks.)"""
 
     async def start(**overrides: Any) -> tuple[Any, Any, ModuleType]:
         tables: dict[str, dict[str, Any]] = {
-            "tasks": {"lease": 0.6, "retry_base": 0.01, "retry_max": 0.02, "purge_interval": 1e8},
-            "memory": {"embedder": "df-toy", "purge_interval": 1e8},
-            "events": {"sweep_interval": 1e8},
-            "store": {"maintenance_interval": 1e8}}
+            "tasks": {"lease": 0.6, "retry_base": 0.01, "retry_max": 0.02},
+            "memory": {"embedder": "df-toy"}}
         for section, table in overrides.items():
             tables.setdefault(section, {}).update(table)
         daemon, events = await start_daemon(plugin_dirs=[plugin_dir({"df.py": DF_PLUGIN})],

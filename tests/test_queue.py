@@ -34,11 +34,6 @@ from agentd.taskqueue import TaskRecord, TaskRequest, claim
 pytestmark = pytest.mark.both_stores
 
 FAST_RETRIES = {"retry_base": 0.01, "retry_max": 0.02}
-# The daemon's own maintenance tasks fire on epoch-anchored intervals (a minute for the event
-# sweep), so now and then inside a test; this pushes their next fire past 2060 for the tests
-# that count every task in the table.
-NO_MAINTENANCE = {"events": {"sweep_interval": 3e9}, "store": {"maintenance_interval": 3e9},
-                  "memory": {"purge_interval": 3e9}}
 
 
 # -- the daemon's store, on either engine: statements written with `?` placeholders --------
@@ -184,7 +179,7 @@ async def test_a_limited_claim_rolled_back_with_its_batch_claims_again(tmp_path:
 
 
 async def test_bad_enqueues_are_refused_with_the_reason(qt: Any) -> None:
-    daemon, _, _ = await qt(sections=NO_MAINTENANCE, purge_interval=3e9)
+    daemon, _, _ = await qt()
     with pytest.raises(UnknownTaskError, match=r"qt\.missing"):
         await daemon.queue.enqueue("qt.missing")
     with pytest.raises(InvalidTaskError, match="args must be JSON-serialisable"):
@@ -315,7 +310,7 @@ async def test_failing_attempts_back_off_then_go_dead_and_can_be_requeued(qt: An
 
 
 async def test_every_status_is_listed_and_counted_through_an_index(qt: Any) -> None:
-    daemon, _, module = await qt(sections=NO_MAINTENANCE, purge_interval=3e9)
+    daemon, _, module = await qt()
     ok = await daemon.queue.enqueue("qt.echo", {"value": 1})
     failed = await daemon.queue.enqueue("qt.fail_now")
     dead = await daemon.queue.enqueue("qt.always_fails")
