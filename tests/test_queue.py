@@ -513,6 +513,20 @@ async def test_a_step_key_holding_a_nul_fails_the_task_naming_it(qt: Any) -> Non
     assert await daemon.queue.result(fine.id, timeout=5) == "a b"
 
 
+async def test_an_error_holding_a_nul_reads_the_same_in_the_event_and_the_row(qt: Any) -> None:
+    """An exception's message may hold U+0000, which PostgreSQL's text cannot: the error is
+    kept with `\\x00` in its place on both stores, and the task's event carries the same
+    text (on PostgreSQL the event and `wait` had the NUL the row could not keep)."""
+    daemon, events, module = await qt()
+    name = "a\x00b"
+    module.gate(name).set()
+    record = await daemon.queue.enqueue("qt.fail_after_gate", {"name": name}, max_attempts=1)
+    final = await daemon.queue.wait(record.id, timeout=5)
+    dead = await events.wait_for("task.dead", 5, task_id=record.id)
+    stored = await daemon.queue.get(record.id)
+    assert final.error == stored.error == dead.data["error"] == "RuntimeError: a\\x00b failed"
+
+
 async def test_a_parent_that_goes_on_after_a_failed_gather_waits_for_its_slot(qt: Any) -> None:
     daemon, _, module = await qt(workers={"default": 1})
     # Short tasks first: the two children are then claimed together, and the sibling takes

@@ -298,19 +298,21 @@ async def test_a_failure_midway_leaves_the_target_as_it_was(
         tmp_path: Path, plugin_dir: Callable[..., Path], run_cli: Callable[..., Any]) -> None:
     """The event log goes last, after the tasks and their steps went over in the same
     transaction: an event PostgreSQL refuses (text with a NUL, which SQLite keeps) rolls
-    all of it back."""
+    all of it back, and the failure names the row."""
     config = await _deployment(tmp_path, plugin_dir)
     conn = sqlite3.connect(tmp_path / "data" / "agentd.db")
     with conn:
+        bad = conn.execute("SELECT max(id) + 1 FROM events").fetchone()[0]
         conn.execute("INSERT INTO events (id, topic, time, data, durable) "
-                     "VALUES ((SELECT max(id) + 1 FROM events), 'bad', 0, ?, 1)", ("a\x00b",))
+                     "VALUES (?, 'bad', 0, ?, 1)", (bad, "a\x00b"))
     conn.close()
     url = await fresh_database()
 
     code, out, err = await run_cli("store", "copy", "--config", str(config), "--to", url)
 
     assert code == 1
-    assert "the copy failed in table events (" in err, err
+    assert (f"the copy failed in table events (events id {bad} (data) hold U+0000 (NUL), which "
+            "PostgreSQL cannot store: take it out of the SQLite file") in err, err
     assert "it was rolled back: the target" in err and "holds nothing of it" in err
     assert out == ""
     assert set((await _counts(url)).values()) == {0}
@@ -556,15 +558,15 @@ async def test_a_memory_row_postgresql_refuses_rolls_back_agentd_db_too(
     config, _ = await _memory_deployment(tmp_path)
     conn = sqlite3.connect(tmp_path / "data" / "memory.db")
     with conn:
-        conn.execute("INSERT INTO messages (session_id, role, content, created_at) "
-                     "VALUES ('chat-2', 'user', ?, 0)", ("a\x00b",))
+        bad = conn.execute("INSERT INTO messages (session_id, role, content, created_at) "
+                           "VALUES ('chat-2', 'user', ?, 0)", ("a\x00b",)).lastrowid
     conn.close()
     url = await fresh_database()
 
     code, out, err = await run_cli("store", "copy", "--config", str(config), "--to", url)
 
     assert code == 1
-    assert "the copy failed in table memory_messages (" in err, err
+    assert f"the copy failed in table memory_messages (messages id {bad} (content) hold U+0000" in err, err
     assert f"it was rolled back: the target {redact_url(url)} holds nothing of it" in err
     assert out == ""
     assert await _memory_counts(url) == dict.fromkeys(MEMORY_TABLES, 0)
@@ -574,6 +576,71 @@ async def test_a_memory_row_postgresql_refuses_rolls_back_agentd_db_too(
         assert await conn.fetchval("SELECT count(*) FROM memory_meta") == 0
     finally:
         await conn.close()
+
+
+async def test_memories_whose_metadata_jsonb_refuses_are_named_with_more_said(
+        tmp_path: Path, run_cli: Callable[..., Any]) -> None:
+    """Metadata goes to jsonb, which refuses a NUL in a string or key though JSON text holds
+    it escaped; a backslash before "u0000" is no NUL and goes over. Past three rows, the
+    failure says there are more."""
+    config, _ = await _memory_deployment(tmp_path)
+    conn = sqlite3.connect(tmp_path / "data" / "memory.db")
+    with conn:
+        ids = [row[0] for row in conn.execute("SELECT id FROM memories ORDER BY id")]
+        conn.execute("UPDATE memories SET metadata = ? WHERE id = ?", ('{"k": "\\\\u0000"}', ids[0]))
+        for bad in ids[1:5]:
+            conn.execute("UPDATE memories SET metadata = ? WHERE id = ?", ('{"k": "a\\u0000b"}', bad))
+    conn.close()
+    url = await fresh_database()
+
+    code, _, err = await run_cli("store", "copy", "--config", str(config), "--to", url)
+
+    assert code == 1
+    named = ", ".join(f"id {bad} (metadata)" for bad in ids[1:4])
+    assert f"the copy failed in table memories (memories {named} and more hold U+0000" in err, err
+    assert await _memory_counts(url) == dict.fromkeys(MEMORY_TABLES, 0)
+
+
+async def test_a_task_whose_error_holds_a_nul_is_copied_as_postgresql_keeps_one(
+        tmp_path: Path, plugin_dir: Callable[..., Path], run_cli: Callable[..., Any]) -> None:
+    """An exception's message may hold U+0000: an older agentd kept it as it was on SQLite;
+    the stores now write it as the four characters \\x00, and so does the copy, which
+    failed on it before."""
+    plugins = plugin_dir({"nul.py": NUL_PLUGIN})
+    async with running_daemon(tmp_path, [plugins]) as daemon:
+        record = await daemon.queue.enqueue("nul.fails")
+        assert (await daemon.queue.wait(record.id, 10.0)).status == "dead"
+    conn = sqlite3.connect(tmp_path / "data" / "agentd.db")
+    with conn:  # as an older agentd left it
+        conn.execute("UPDATE tasks SET error = replace(error, '\\x00', char(0)) WHERE id = ?",
+                     (record.id,))
+        assert "\x00" in conn.execute("SELECT error FROM tasks WHERE id = ?", (record.id,)).fetchone()[0]
+    conn.close()
+    config = tmp_path / "agentd.toml"
+    config.write_text(f'[daemon]\ndata_dir = "{tmp_path / "data"}"\n')
+    url = await fresh_database()
+
+    code, _, err = await run_cli("store", "copy", "--config", str(config), "--to", url)
+
+    assert code == 0, err
+    async with running_daemon(tmp_path / "pg", [plugins], {"store": {"url": url}}) as daemon:
+        copied = await daemon.queue.get(record.id)
+        again = await daemon.queue.enqueue("nul.fails")
+        on_postgresql = await daemon.queue.wait(again.id, 10.0)
+    assert "before\\x00after" in (copied.error or "")
+    assert copied.error == on_postgresql.error
+
+
+NUL_PLUGIN = """
+from agentd import Plugin
+
+plugin = Plugin("nul")
+
+
+@plugin.task(max_attempts=1)
+async def fails(ctx):
+    raise RuntimeError("before\\x00after")
+"""
 
 
 async def test_forgetting_a_copied_correction_brings_its_original_back_into_recall(

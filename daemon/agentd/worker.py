@@ -56,6 +56,7 @@ from agentd.taskqueue import (
     TaskQueue,
     TaskRecord,
     TaskStore,
+    storable_error,
 )
 from agentd.waits import Suspend, WaitRequest, Waits
 
@@ -945,17 +946,19 @@ def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
 
 def _failure(exc: Exception, record: TaskRecord, ctx: Context) -> _Outcome:
     """How an attempt that raised `exc` ended: `Retry` and any other exception retry (a
-    timeout too), `Fail` and refused arguments or results fail the task at once."""
+    timeout too), `Fail` and refused arguments or results fail the task at once. Its
+    error is the text the store keeps (`storable_error`), which its events carry too."""
     if isinstance(exc, RateLimited):
-        return _Outcome("retry", error=f"RateLimited: {exc}", delay=exc.delay, hold=True)
+        return _Outcome("retry", error=storable_error(f"RateLimited: {exc}"), delay=exc.delay,
+                        hold=True)
     if isinstance(exc, Retry):
-        return _Outcome("retry", error=f"Retry: {exc}", delay=exc.delay)
+        return _Outcome("retry", error=storable_error(f"Retry: {exc}"), delay=exc.delay)
     if isinstance(exc, Fail | InvalidTaskError):
-        return _Outcome("failed", error=describe(exc))
+        return _Outcome("failed", error=storable_error(describe(exc)))
     if isinstance(exc, TimeoutError) and record.timeout is not None and not str(exc):
         return _Outcome("retry", error=f"TimeoutError: no result after {record.timeout} s")
     ctx.log.warning("task.attempt_failed", error=describe(exc), exc_info=exc)
-    return _Outcome("retry", error=describe(exc))
+    return _Outcome("retry", error=storable_error(describe(exc)))
 
 
 # How an attempt ended: a final state of the task, or one that queues it again: `retry`

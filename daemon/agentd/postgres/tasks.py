@@ -65,6 +65,7 @@ from agentd.taskqueue import (
     node_id,
     pick_within_budgets,
     spend_tokens,
+    storable_error,
 )
 
 _LOG = get_logger("tasks")
@@ -818,7 +819,7 @@ class PgTasks:
 
         async def write_acks(conn: PgConnection, acks: list[tuple[Any, ...]]) -> list[int]:
             columns = list(zip(*acks, strict=True))
-            errors = [None if error is None else error.replace("\x00", "\\x00") for error in columns[2]]
+            errors = [None if error is None else storable_error(error) for error in columns[2]]
             rows = await conn.fetch(_ACK, columns[0], columns[1], errors, columns[3], columns[4],
                                     columns[5], node)
             _notify_ids(DONE, [row[0] for row in rows], self.node_id)
@@ -859,7 +860,7 @@ class PgTasks:
                         undo_attempt: int, finished_at: float, expires_at: float,
                         hold: str | None = None) -> Awaitable[Literal["queued", "cancelled", "lost"]]:
         if error is not None:
-            error = error.replace("\x00", "\\x00")
+            error = storable_error(error)
         node = self.node_id
 
         async def op(conn: PgConnection) -> Literal["queued", "cancelled", "lost"]:

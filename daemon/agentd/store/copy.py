@@ -38,6 +38,7 @@ its copy, and a copy made again needs --force.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sqlite3
 import struct
@@ -53,10 +54,12 @@ import asyncpg
 
 from agentd.config import MemoryConfig, StoreConfig, redact_url
 from agentd.errors import ConfigError, EmbedderError, StoreError, StoreLockedError
+from agentd.memory import nul_at
 from agentd.store import driver
 from agentd.store.lock import FileLock
 from agentd.store.migrations import SCHEMA_VERSION, load
 from agentd.store.postgres import PgStore, unavailable
+from agentd.taskqueue import storable_error
 
 if TYPE_CHECKING:
     from agentd.postgres.memory import PgMemory
@@ -330,7 +333,10 @@ async def _copy(sources: _Sources, url: str, *, force: bool, batch_rows: int) ->
             raise
         except Exception as exc:
             away = unavailable(report.target, exc)
-            cause = f"{type(exc).__name__}: {exc}" if away is None else str(away)
+            if isinstance(exc, _UnstorableRowsError):
+                cause = str(exc)
+            else:
+                cause = f"{type(exc).__name__}: {exc}" if away is None else str(away)
             where = report.target
             if report.memory is not None and report.memory.target != report.target:
                 where += f" and {report.memory.target}"
@@ -406,16 +412,20 @@ async def _copy_table(sqlite: sqlite3.Connection, conn: asyncpg.Connection, sour
     columns = [row[1] for row in sqlite.execute(f"PRAGMA table_info({source})")]
     if not columns:
         return 0  # an old file without this table
-    coerce = await _coercions(conn, table, columns)
-    cursor = sqlite.execute(f"SELECT {', '.join(columns)} FROM {source} ORDER BY {order}")
+    types = await _column_types(conn, table, columns)
+    coerce = _coercions(table, columns, types)
+    read = _Read(f"SELECT {', '.join(columns)} FROM {source} ORDER BY {order}", {}, columns,
+                 types, coerce)
+    cursor = sqlite.execute(read.select)
     copied = 0
-    while rows := cursor.fetchmany(batch_rows):
-        records = [_record(coerce, row) for row in rows]
-        if table == "meta":  # the source's keys (the stream key first) win
-            await conn.execute("DELETE FROM meta WHERE key = any($1::text[])", [r[0] for r in records])
-        await conn.copy_records_to_table(table, records=records, columns=columns,
-                                         timeout=_BATCH_TIMEOUT)
-        copied += len(records)
+    with _explained(sqlite, source, read):
+        while rows := cursor.fetchmany(batch_rows):
+            records = [_record(coerce, row) for row in rows]
+            if table == "meta":  # the source's keys (the stream key first) win
+                await conn.execute("DELETE FROM meta WHERE key = any($1::text[])", [r[0] for r in records])
+            await conn.copy_records_to_table(table, records=records, columns=columns,
+                                             timeout=_BATCH_TIMEOUT)
+            copied += len(records)
     return copied
 
 
@@ -425,19 +435,23 @@ async def _copy_memories(sqlite: sqlite3.Connection, conn: asyncpg.Connection,
     correction name each other (`supersedes`, `superseded_by`), and PostgreSQL checks such
     references at the end of each statement."""
     count: int = sqlite.execute("SELECT count(*) FROM memories").fetchone()[0]
-    coerce = await _coercions(conn, "memories", _MEMORY_COLUMNS)
+    types = await _column_types(conn, "memories", _MEMORY_COLUMNS)
+    coerce = _coercions("memories", _MEMORY_COLUMNS, types)
     quantized = sqlite.execute("SELECT 1 FROM sqlite_master WHERE name = 'memory_embeddings'").fetchone()
     vectors = "memory_embeddings" if quantized else "memory_vectors"
-    cursor = sqlite.execute(_MEMORIES_SQL.format(vectors=vectors), {"now": time.time()})
+    read = _Read(_MEMORIES_SQL.format(vectors=vectors), {"now": time.time()}, _MEMORY_COLUMNS,
+                 types, coerce)
+    cursor = sqlite.execute(read.select, read.params)
 
     def records() -> Iterator[tuple[Any, ...]]:
         while rows := cursor.fetchmany(batch_rows):
             for row in rows:
                 yield _record(coerce, row)
 
-    await conn.copy_records_to_table(
-        "memories", records=records(), columns=_MEMORY_COLUMNS,
-        timeout=_BATCH_TIMEOUT * max(1, math.ceil(count / batch_rows)))
+    with _explained(sqlite, "memories", read):
+        await conn.copy_records_to_table(
+            "memories", records=records(), columns=_MEMORY_COLUMNS,
+            timeout=_BATCH_TIMEOUT * max(1, math.ceil(count / batch_rows)))
     return count
 
 
@@ -467,9 +481,9 @@ def _pgvector_binary(blob: bytes) -> bytes:
     return struct.pack(">HH", len(values), 0) + values.tobytes()
 
 
-async def _coercions(conn: asyncpg.Connection, table: str,
-                     columns: list[str]) -> list[Callable[[Any], Any]]:
-    """How each of `columns` of SQLite's is made the type of its PostgreSQL column."""
+async def _column_types(conn: asyncpg.Connection, table: str, columns: list[str]) -> dict[str, str]:
+    """The PostgreSQL type of each of `columns` of `table`, or StoreError naming those the
+    target lacks."""
     types = {row["column_name"]: row["data_type"] for row in await conn.fetch(
         "SELECT column_name, data_type FROM information_schema.columns "
         "WHERE table_schema = current_schema() AND table_name = $1", table)}
@@ -477,7 +491,86 @@ async def _coercions(conn: asyncpg.Connection, table: str,
     if missing:
         raise StoreError(f"table {table}: the target has no column {', '.join(missing)}: its "
                          "schema does not match this agentd's")
-    return [_COERCE.get(types[column], _same) for column in columns]
+    return types
+
+
+def _coercions(table: str, columns: list[str], types: dict[str, str]) -> list[Callable[[Any], Any]]:
+    """How each of `columns` of SQLite's is made what its PostgreSQL column takes: its
+    type, and the text PostgreSQL's own store would have written there."""
+    coerce = []
+    for column in columns:
+        convert = _COERCE.get(types[column], _same)
+        if (table, column) == ("tasks", "error"):
+            convert = _stored_error
+        coerce.append(convert)
+    return coerce
+
+
+@dataclass(frozen=True)
+class _Read:
+    """How the copy reads a SQLite table: the query and its parameters, the columns it
+    gives (a row's key first), their PostgreSQL types, and how each value is converted."""
+
+    select: str
+    params: dict[str, Any]
+    columns: list[str]
+    types: dict[str, str]
+    coerce: list[Callable[[Any], Any]]
+
+
+class _UnstorableRowsError(Exception):
+    """Rows the target refused, named by where they are in the SQLite file."""
+
+
+@contextlib.contextmanager
+def _explained(sqlite: sqlite3.Connection, source: str, read: _Read) -> Iterator[None]:
+    """Turn a refused copy of `source` into an `_UnstorableRowsError` naming the rows that
+    hold U+0000, which PostgreSQL's text and jsonb cannot: agentd refuses such text now,
+    but an older one kept it on SQLite, and asyncpg's error names no row. A failure with
+    no such row is left as it is."""
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        found = _rows_holding_nul(sqlite, read)
+        if not found:
+            raise
+        more = " and more" if len(found) > _ROWS_NAMED else ""
+        raise _UnstorableRowsError(
+            f"{source} {', '.join(found[:_ROWS_NAMED])}{more} hold U+0000 (NUL), which "
+            "PostgreSQL cannot store: take it out of the SQLite file (with the daemon on it, "
+            "correct or forget such memories through the API; this agentd refuses NUL) and "
+            "copy again") from exc
+
+
+_ROWS_NAMED = 3
+
+
+def _rows_holding_nul(sqlite: sqlite3.Connection, read: _Read) -> list[str]:
+    """The rows `read` gives (as `id 12 (text)`, by its first column) with a value the
+    target refuses for U+0000: a NUL in text, or in a string or key of jsonb; the first
+    `_ROWS_NAMED` and one more, to say whether there are more."""
+    found: list[str] = []
+    for row in sqlite.execute(read.select, read.params):
+        record = _record(read.coerce, row)
+        holding = [column for column, value in zip(read.columns, record, strict=True)
+                   if isinstance(value, str) and _holds_nul(value, read.types[column] == "jsonb")]
+        if holding:
+            found.append(f"{read.columns[0]} {record[0]!r} ({', '.join(holding)})")
+            if len(found) > _ROWS_NAMED:
+                break
+    return found
+
+
+def _holds_nul(text: str, is_json: bool) -> bool:
+    if "\x00" in text:
+        return True
+    # JSON writes a NUL as \u0000; a backslash then "u0000" shows the same six characters.
+    if not is_json or "\\u0000" not in text:
+        return False
+    try:
+        return nul_at(json.loads(text)) is not None
+    except ValueError:
+        return False
 
 
 def _record(coerce: list[Callable[[Any], Any]], row: Sequence[Any]) -> tuple[Any, ...]:
@@ -501,6 +594,10 @@ async def _move_identity(sqlite: sqlite3.Connection, source: str, conn: asyncpg.
 
 def _same(value: Any) -> Any:
     return value
+
+
+def _stored_error(value: Any) -> str:
+    return storable_error(_text(value))
 
 
 def _text(value: Any) -> str:
