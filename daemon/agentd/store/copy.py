@@ -530,7 +530,7 @@ def _explained(sqlite: sqlite3.Connection, source: str, read: _Read) -> Iterator
     no such row is left as it is."""
     try:
         yield
-    except asyncpg.PostgresError as exc:
+    except asyncpg.DataError as exc:  # what PostgreSQL says of a value (class 22), no other
         found = _rows_holding_nul(sqlite, read)
         if not found:
             raise
