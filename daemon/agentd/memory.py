@@ -44,6 +44,7 @@ from agentd.metrics import RECALL_BUCKETS, Histogram
 from agentd.ramindex import IndexChanges, Indexed, RamBitIndex
 from agentd.store import Connection, Row
 from agentd.store.sqlite import SqliteStore
+from agentd.store.text import nul_at
 
 T = TypeVar("T")
 
@@ -941,24 +942,6 @@ def metadata_json(metadata: Mapping[str, Any]) -> str:
     if "\\u0000" in text and (at := nul_at(metadata, "metadata")) is not None:
         raise UnstorableTextError(f"{at} holds U+0000 (NUL), which memory cannot keep")
     return text
-
-
-def nul_at(value: Any, where: str = "") -> str | None:
-    """Where in `value` (a JSON value) a string or key holds U+0000, as `where.key[2]`, or
-    None if none does."""
-    if isinstance(value, str):
-        return where if "\x00" in value else None
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if "\x00" in str(key):
-                return f"{where} key {str(key)!r}"
-            if (at := nul_at(item, f"{where}.{key}")) is not None:
-                return at
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            if (at := nul_at(item, f"{where}[{index}]")) is not None:
-                return at
-    return None
 
 
 def check_batch(items: Sequence[NewMemory]) -> list[CheckedMemory]:

@@ -886,13 +886,6 @@ def _insert_many(conn: Connection, prepared: list[tuple[Any, ...]]) -> list[int 
 _SMALLEST, _LARGEST = -(2**63), 2**63 - 1  # what an SQLite INTEGER holds
 
 
-def storable_error(error: str) -> str:
-    """A task's error as the stores keep it: PostgreSQL's text cannot hold U+0000, and an
-    exception's message may, so a NUL is written as the four characters `\\x00`, on
-    SQLite too (a task reads the same on both, in its events as in its row)."""
-    return error.replace("\x00", "\\x00")
-
-
 def _nul_message(key: str | None, concurrency_key: str, rate_key: str) -> str:
     """What InvalidTaskError says of keys that hold U+0000 (NUL): PostgreSQL's text cannot
     hold one, and both stores take the same tasks."""

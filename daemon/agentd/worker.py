@@ -46,6 +46,7 @@ from agentd.errors import Fail, InvalidTaskError, RateLimited, Retry, StoreWrite
 from agentd.log import get_logger
 from agentd.metrics import DISPATCH_BUCKETS, RUN_BUCKETS, Histograms
 from agentd.services import Services
+from agentd.store.text import storable_error
 from agentd.supervise import Loop, Supervisor
 from agentd.taskdef import TaskDef, TaskRegistry, concurrency_group, encode_json, rate_group
 from agentd.taskqueue import (
@@ -56,7 +57,6 @@ from agentd.taskqueue import (
     TaskQueue,
     TaskRecord,
     TaskStore,
-    storable_error,
 )
 from agentd.waits import Suspend, WaitRequest, Waits
 

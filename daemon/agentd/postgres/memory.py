@@ -90,7 +90,6 @@ from agentd.memory import (
     fuse,
     matches,
     metadata_json,
-    nul_at,
     plan_delete,
     remember_checked,
     remember_one,
@@ -98,6 +97,7 @@ from agentd.memory import (
 from agentd.metrics import RECALL_BUCKETS, Histogram
 from agentd.postgres.memory_index import PAST_HORIZON, PgBitIndex
 from agentd.store.postgres import PgConnection, PgStore, load_migrations
+from agentd.store.text import nul_at
 
 # The advisory lock under which the first daemon types the vector column and builds the
 # index: "agentdm" in ASCII (the store's migrations take "agentd", the scheduler "agentds").

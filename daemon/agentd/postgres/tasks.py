@@ -49,6 +49,7 @@ from typing import Any, Generic, Literal, NoReturn, TypeVar
 from agentd.errors import TaskNotFoundError, TaskStateError, describe
 from agentd.log import get_logger
 from agentd.store.postgres import PgConnection, PgStore, notify
+from agentd.store.text import storable_error
 from agentd.taskqueue import (
     CLAIMED_COLUMNS,
     FINAL_SQL,
@@ -65,7 +66,6 @@ from agentd.taskqueue import (
     node_id,
     pick_within_budgets,
     spend_tokens,
-    storable_error,
 )
 
 _LOG = get_logger("tasks")

@@ -17,6 +17,7 @@ Modules, by job:
 - `postgres.py`: `PgStore`, the PostgreSQL engine (`[store] url`): a pool, grouped write
   transactions, reads, notifications, its migrations (`agentd/sql/pg/`).
 - `copy.py`: `agentd store copy`, agentd.db's SQLite tables copied into PostgreSQL.
+- `text.py`: what text the stores can keep (no U+0000, as PostgreSQL's text and jsonb).
 
 The seam. Each part that stores (queue, steps, event log, scheduler, digests, hook
 deliveries, the stream key) declares what it needs of its tables as a Protocol, with its

@@ -54,12 +54,11 @@ import asyncpg
 
 from agentd.config import MemoryConfig, StoreConfig, redact_url
 from agentd.errors import ConfigError, EmbedderError, StoreError, StoreLockedError
-from agentd.memory import nul_at
 from agentd.store import driver
 from agentd.store.lock import FileLock
 from agentd.store.migrations import SCHEMA_VERSION, load
 from agentd.store.postgres import PgStore, unavailable
-from agentd.taskqueue import storable_error
+from agentd.store.text import nul_at, storable_error
 
 if TYPE_CHECKING:
     from agentd.postgres.memory import PgMemory
