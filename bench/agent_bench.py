@@ -414,7 +414,7 @@ async def run_level(args: argparse.Namespace, system: str, n: int) -> dict[str, 
         workers = [await Proc.worker() for _ in range(args.workers)]
         started += workers
         base = f"http://127.0.0.1:{server.port}"
-        await asyncio.sleep(0.5)  # sleep: let the fresh server settle before its baseline RSS
+        await asyncio.sleep(0.5)  # noqa: sleep - let the fresh server settle before its baseline RSS
         rss0 = server.rss()
         async with aiohttp.ClientSession() as session:
             if system == "agentd":

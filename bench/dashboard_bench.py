@@ -78,8 +78,8 @@ async def live_view(browser: Any, daemon: Any, rate: int, seconds: int) -> dict[
         for chunk in range(10):
             for n in range(per_tenth):
                 daemon.bus.publish("load.tick", {"n": (second * 10 + chunk) * per_tenth + n})
-            # sleep: pacing the load at `rate` a second, a bench's deliberate wait.
-            await asyncio.sleep(max(0.0, tick + (chunk + 1) / 10 - time.perf_counter()))
+            # Pacing the load at `rate` a second: a bench's deliberate wait.
+            await asyncio.sleep(max(0.0, tick + (chunk + 1) / 10 - time.perf_counter()))  # noqa: sleep
     total = seconds * 10 * per_tenth
     await page.get_by_label("Events received").filter(has_text=str(total)).wait_for()
     rows = await page.locator("ol.events > li").count()

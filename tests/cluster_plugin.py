@@ -43,7 +43,7 @@ async def limited(ctx):
     SHARED.limited["now"] += 1
     SHARED.limited["max"] = max(SHARED.limited["max"], SHARED.limited["now"])
     try:
-        await asyncio.sleep(0.02)  # sleep: holds its place while others try to start
+        await asyncio.sleep(0.02)  # noqa: sleep - holds its place while others try to start
     finally:
         SHARED.limited["now"] -= 1
         SHARED.limited["done"] += 1

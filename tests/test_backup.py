@@ -348,7 +348,7 @@ async def test_a_cancelled_backup_stops_and_leaves_nothing(tmp_path: Path) -> No
 
         await until(started)
         taking.cancel()
-        await asyncio.sleep(0)  # sleep: one loop turn: take's cancellation handler runs first
+        await asyncio.sleep(0)  # noqa: sleep - one loop turn: take's cancellation handler runs first
     with pytest.raises(asyncio.CancelledError):
         await taking
     assert list(backups.iterdir()) == []

@@ -73,7 +73,7 @@ async def until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)  # sleep: polling a condition with a deadline
+        await asyncio.sleep(0.01)  # noqa: sleep - polling a condition with a deadline
 
 
 @pytest.fixture

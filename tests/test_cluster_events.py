@@ -171,7 +171,7 @@ async def test_concurrent_publishers_on_every_daemon_no_reader_skips_or_repeats(
                 if rng.random() < 0.5:
                     await node.log.flush()  # a transaction of a few events
                 else:
-                    await asyncio.sleep(0)  # sleep: a yield, so the publishers interleave
+                    await asyncio.sleep(0)  # noqa: sleep -- a yield, so the publishers interleave
 
         poller = asyncio.get_running_loop().create_task(poll(cluster[0]))
         await asyncio.gather(*(publish(node, i) for i, node in enumerate(cluster)))
@@ -546,7 +546,7 @@ async def test_one_delivery_sent_to_two_daemons_at_once_is_taken_once(
 
             async def both_waiting() -> None:
                 while await waiting() < 2:  # noqa: ASYNC110 - a lock wait signals nothing
-                    await asyncio.sleep(0.01)  # sleep: polling pg_locks
+                    await asyncio.sleep(0.01)  # noqa: sleep - polling pg_locks
 
             await asyncio.wait_for(both_waiting(), WAIT)
         statuses = await asyncio.wait_for(answers, WAIT)

@@ -110,13 +110,13 @@ async def test_a_concurrency_limit_holds_across_stores(cluster: Any) -> None:
             running.update(record.id for record in records)
             most = max(most, len(running))
             if records:
-                await asyncio.sleep(0.01)  # sleep: hold the places a moment
+                await asyncio.sleep(0.01)  # noqa: sleep - hold the places a moment
                 for record in records:
                     running.discard(record.id)
                 await ack(tasks, records)
                 finished += len(records)
             else:
-                await asyncio.sleep(0.005)  # sleep: poll: this test has no claim loop
+                await asyncio.sleep(0.005)  # noqa: sleep - poll: this test has no claim loop
 
     await asyncio.wait_for(asyncio.gather(*(work(tasks) for tasks in stores)), 60)
     assert finished == 30
@@ -146,13 +146,13 @@ async def test_a_concurrency_per_key_holds_across_stores(cluster: Any) -> None:
                 most[key] = max(most.get(key, 0), list(running.values()).count(key))
             most_in_all = max(most_in_all, len(running))
             if records:
-                await asyncio.sleep(0.01)  # sleep: hold the places a moment
+                await asyncio.sleep(0.01)  # noqa: sleep - hold the places a moment
                 for record in records:
                     running.pop(record.id, None)
                 await ack(tasks, records)
                 finished += len(records)
             else:
-                await asyncio.sleep(0.005)  # sleep: poll: this test has no claim loop
+                await asyncio.sleep(0.005)  # noqa: sleep - poll: this test has no claim loop
 
     await asyncio.wait_for(asyncio.gather(*(work(tasks) for tasks in stores)), 60)
     assert finished == 30
@@ -228,7 +228,7 @@ async def test_a_lapsed_lease_is_taken_over_by_another_store(cluster: Any) -> No
     # a keeps one lease alive; the other lapses (its node stopped renewing it).
     kept = records[0].id
     await a.renew_and_reclaim([kept], time.time() + 30, 60.0, True)
-    await asyncio.sleep(0.25)  # sleep: let the unrenewed lease lapse
+    await asyncio.sleep(0.25)  # noqa: sleep - let the unrenewed lease lapse
     reclaimed = await b.renew_and_reclaim([], 0.0, 60.0, False)
     assert [record.id for record in reclaimed] == [records[1].id]
     assert reclaimed[0].status == "queued"
@@ -270,7 +270,7 @@ async def test_a_late_ack_after_a_takeover_is_dropped(cluster: Any) -> None:
     a, b = await cluster(2)
     await a.insert([row(), row()], [0.0, 0.0], time.time(), 60.0, None)
     records, _ = await claim(a, 2, lease=0.2)
-    await asyncio.sleep(0.25)  # sleep: let a's leases lapse
+    await asyncio.sleep(0.25)  # noqa: sleep - let a's leases lapse
     assert len(await b.renew_and_reclaim([], 0.0, 60.0, True)) == 2
     taken, _ = await claim(b, 2)
     assert sorted(record.id for record in taken) == sorted(record.id for record in records)
@@ -304,7 +304,7 @@ async def test_a_late_unclaim_after_a_takeover_leaves_the_task_to_its_new_holder
     a, b = await cluster(2)
     await a.insert([row()], [0.0], time.time(), 60.0, None)
     records, _ = await claim(a, 1, lease=0.2)
-    await asyncio.sleep(0.25)  # sleep: let a's lease lapse
+    await asyncio.sleep(0.25)  # noqa: sleep - let a's lease lapse
     assert len(await b.renew_and_reclaim([], 0.0, 60.0, True)) == 1
     taken, _ = await claim(b, 1)
     assert [record.id for record in taken] == [records[0].id]
@@ -731,7 +731,7 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)  # sleep: polling a condition with a deadline
+        await asyncio.sleep(0.01)  # noqa: sleep (polling a condition with a deadline)
 
 
 async def busy_and_idle(pg_daemons: Any) -> tuple[Any, Any, Any]:
@@ -803,7 +803,7 @@ async def test_a_daemon_assigned_a_task_after_its_slots_filled_puts_it_back(pg_d
     deadline = time.monotonic() + 10
     while (row := await a.queue.get(record.id)).status != "queued":  # put back by b
         assert time.monotonic() < deadline, row
-        await asyncio.sleep(0.01)  # sleep: polling the row with a deadline
+        await asyncio.sleep(0.01)  # noqa: sleep (polling the row with a deadline)
     assert row.attempts == 0
     assert not shared_started(record.id).is_set()
     shared_gate("b-busy").set()

@@ -49,7 +49,7 @@ async def until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)  # sleep: polling a condition with a deadline
+        await asyncio.sleep(0.01)  # noqa: sleep (polling a condition with a deadline)
 
 
 @pytest.fixture
@@ -562,4 +562,4 @@ async def until_async(condition: Callable[[], Awaitable[bool]], timeout: float =
     while not await condition():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)  # sleep: polling a condition with a deadline
+        await asyncio.sleep(0.02)  # noqa: sleep (polling a condition with a deadline)

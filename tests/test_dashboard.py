@@ -760,8 +760,7 @@ async def test_the_first_view_shows_100000_tasks_and_the_event_view_stays_bounde
             for chunk in range(10):
                 for n in range(100):
                     daemon.bus.publish("load.tick", {"n": second * 1000 + chunk * 100 + n})
-                # sleep: pacing the load at 1,000/s
-                await asyncio.sleep(max(0.0, tick + (chunk + 1) / 10 - time.perf_counter()))
+                await asyncio.sleep(max(0.0, tick + (chunk + 1) / 10 - time.perf_counter()))  # noqa: sleep - pacing the load at 1,000/s
         await expect(page.get_by_label("Events received")).to_have_text("3000", timeout=WAIT_MS)
         assert await page.locator("ol.events > li").count() == 500
         assert '"n":2999' in (await page.locator("ol.events > li").first.text_content() or "")

@@ -164,7 +164,7 @@ async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 5.0) 
 
     async def poll() -> None:
         while not await condition():  # noqa: ASYNC110 - a heartbeat publishes no event
-            await asyncio.sleep(0.02)  # sleep: a bounded poll: a lease renewal publishes nothing
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: a lease renewal publishes nothing
 
     await asyncio.wait_for(poll(), timeout)
 

@@ -77,7 +77,7 @@ async def reserved(daemon: Any) -> None:
 
     async def poll() -> None:
         while daemon.bus.delivered_id == daemon.bus.last_id:  # noqa: ASYNC110 - no event marks it
-            await asyncio.sleep(0)  # sleep: a yield: taking an id publishes nothing
+            await asyncio.sleep(0)  # noqa: sleep - a yield: taking an id publishes nothing
 
     await asyncio.wait_for(poll(), TIMEOUT)
 
@@ -845,12 +845,12 @@ async def test_a_durable_publish_whose_socket_closes_during_its_write_still_goes
             await ws.send({"type": "publish", "topic": "probe.durable"})
             async with asyncio.timeout(TIMEOUT):
                 while daemon.bus.delivered_id == daemon.bus.last_id:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)  # sleep: a bounded poll: the publish reserves its id
+                    await asyncio.sleep(0.01)  # noqa: sleep - a bounded poll: the publish reserves its id
             await ws.ws.close()
             sockets = daemon.server._runner.app[SOCKETS]
             async with asyncio.timeout(TIMEOUT):
                 while sockets:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)  # sleep: a bounded poll: the socket's requests end
+                    await asyncio.sleep(0.01)  # noqa: sleep - a bounded poll: the socket's requests end
         await daemon.store.write(lambda conn: None)  # writes commit in order: the publish's is in
         after = daemon.bus.publish("probe.after", {})
         stored = await daemon.eventlog.replay(0, lambda e: e.topic == "probe.durable")

@@ -18,11 +18,11 @@ BLOCKER = """
 
     @plugin.task()
     async def block(ctx, seconds: float) -> None:
-        time.sleep(seconds)  # sleep: the blocking call under test: it holds the event loop
+        time.sleep(seconds)  # noqa: sleep - the blocking call under test: it holds the event loop
 
     @plugin.on("blocker.block")
     async def block_on_event(ctx, event) -> None:
-        time.sleep(event.data["seconds"])  # sleep: the blocking call under test
+        time.sleep(event.data["seconds"])  # noqa: sleep - the blocking call under test
 """
 
 BLOCK_SECONDS = 1.5

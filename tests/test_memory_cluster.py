@@ -304,7 +304,7 @@ async def test_a_filter_that_keeps_few_rows_still_gets_k_through_the_hnsw_index(
         deadline = asyncio.get_running_loop().time() + 10
         while not await counted():
             assert asyncio.get_running_loop().time() < deadline, "the recall did not use the index"
-            await asyncio.sleep(0.05)  # sleep: polling a server statistic with a deadline
+            await asyncio.sleep(0.05)  # noqa: sleep (polling a server statistic with a deadline)
     finally:
         await memory.close()
 

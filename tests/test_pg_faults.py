@@ -153,7 +153,7 @@ async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.05)  # sleep: polling a condition that has no event
+        await asyncio.sleep(0.05)  # noqa: sleep - polling a condition that has no event
 
 
 async def timed(call: Awaitable[Any]) -> tuple[float, BaseException | Any]:
@@ -258,7 +258,7 @@ async def test_a_stopped_server_fails_writes_at_once_and_a_restarted_one_is_used
                 assert seconds < 1.0
                 seconds, outcome = await timed(store.read("SELECT 1"))
                 assert isinstance(outcome, StoreUnavailableError) and seconds < 1.0, outcome
-                await asyncio.sleep(0.5)  # sleep: keep asking while the server is down
+                await asyncio.sleep(0.5)  # noqa: sleep - keep asking while the server is down
             await wait_until(lambda: not store.listening.is_set(), RECOVERY_TIMEOUT, "listener lost")
         finally:
             pg_server.start()
@@ -307,7 +307,7 @@ async def start(ctx):
             else:
                 with open(log, "a") as out:
                     out.write(f"{record.id}\\n")
-            await asyncio.sleep(0.05)  # sleep: the load's pace, not a wait for a condition
+            await asyncio.sleep(0.05)  # noqa: sleep -- the load's pace, not a wait for a condition
 
     _loops.append(asyncio.get_running_loop().create_task(enqueue_forever()))
 
@@ -434,7 +434,7 @@ async def submit_load(node: Node, stop: asyncio.Event, answers: list[Answer]) ->
             except (aiohttp.ClientError, TimeoutError) as exc:
                 answer = Answer(sent, time.monotonic() - sent, None, repr(exc))
             answers.append(answer)
-            await asyncio.sleep(0.05)  # sleep: the load's pace
+            await asyncio.sleep(0.05)  # noqa: sleep - the load's pace
 
 
 async def probe_ready(node: Node) -> Answer:
@@ -459,7 +459,7 @@ async def wait_ready(nodes: list[Node], timeout: float) -> float:
             raise AssertionError(f"not ready {timeout} s after the fault: "
                                  f"{[answer.body for answer in answers if answer.status != 200]}")
         if pending:
-            await asyncio.sleep(0.2)  # sleep: readiness has no event to wait on
+            await asyncio.sleep(0.2)  # noqa: sleep - readiness has no event to wait on
     return time.monotonic() - started
 
 
@@ -515,7 +515,7 @@ async def _ride_out(nodes: list[Node], url: str, tmp_path: Path,
             began = time.monotonic()
             while time.monotonic() - began < FAULT_SECONDS:
                 probes += await asyncio.gather(*(probe_ready(node) for node in nodes))
-                await asyncio.sleep(0.5)  # sleep: probing while the fault lasts
+                await asyncio.sleep(0.5)  # noqa: sleep - probing while the fault lasts
         ended = time.monotonic()
         recovered_in = await wait_ready(nodes, RECOVERY_TIMEOUT)
         # Work goes on: each daemon takes new tasks again.
@@ -544,7 +544,7 @@ async def _ride_out(nodes: list[Node], url: str, tmp_path: Path,
     deadline = time.monotonic() + 60
     while left := await unfinished(url, ids):
         assert time.monotonic() < deadline, f"{len(left)} acknowledged tasks never finished: {left}"
-        await asyncio.sleep(0.5)  # sleep: polling the table for the stragglers
+        await asyncio.sleep(0.5)  # noqa: sleep - polling the table for the stragglers
     conn = await asyncpg.connect(url)
     try:
         statuses = dict(await conn.fetch("SELECT status, count(*) FROM tasks WHERE id = any($1::bigint[]) "

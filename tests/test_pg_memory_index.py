@@ -59,7 +59,7 @@ async def until(condition: Callable[[], Any], timeout: float = WAIT) -> None:
     while not await condition():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)  # sleep: polling a condition with a deadline
+        await asyncio.sleep(0.02)  # noqa: sleep - polling a condition with a deadline
 
 
 @pytest.fixture

@@ -145,7 +145,7 @@ async def test_a_cancelled_enqueue_does_not_fail_the_others_of_its_tick(qt: Any)
     daemon, _, _ = await qt()
     gone = asyncio.ensure_future(daemon.queue.enqueue("qt.echo", {"value": 1}, delay=60))
     kept = asyncio.ensure_future(daemon.queue.enqueue("qt.echo", {"value": 2}, delay=60))
-    await asyncio.sleep(0)  # sleep: a yield: both start and wait on their tick's INSERT
+    await asyncio.sleep(0)  # noqa: sleep - a yield: both start and wait on their tick's INSERT
     gone.cancel()
     record = await asyncio.wait_for(kept, 10)
     assert record.args == {"value": 2} and record.status == "queued"

@@ -163,7 +163,7 @@ def hold(ctx, marker):
         return "done"
     Path(marker).touch()
     ctx.log.info("blocker.holding")
-    time.sleep(600)  # sleep: the stuck thread under test
+    time.sleep(600)  # noqa: sleep - the stuck thread under test
 '''
 
 
@@ -249,7 +249,7 @@ plugin = Plugin("freezer")
 @plugin.{hook}
 def freeze(ctx):
     ctx.log.info("freezer.freezing")
-    time.sleep(600)  # sleep: the stuck thread under test
+    time.sleep(600)  # noqa: sleep - the stuck thread under test
 '''
 
 

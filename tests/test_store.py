@@ -266,7 +266,7 @@ async def test_a_cancelled_value_does_not_cancel_the_rest_of_its_batch(store: St
     batched = BatchedWrite(store, write_values)
     gone = asyncio.ensure_future(batched.submit("a"))
     kept = asyncio.ensure_future(batched.submit("b"))
-    await asyncio.sleep(0)  # sleep: a yield: both start and wait on the batch's future
+    await asyncio.sleep(0)  # noqa: sleep - a yield: both start and wait on the batch's future
     gone.cancel()
     assert await asyncio.wait_for(kept, 10) == "stored b"
     with pytest.raises(asyncio.CancelledError):

@@ -107,7 +107,7 @@ async def test_a_task_claimed_before_its_enqueue_returns_is_still_queued_before_
         deadline = time.monotonic() + FRAME_TIMEOUT
         while (await daemon.queue.get(task_id)).status == "queued":
             assert time.monotonic() < deadline, "no worker claimed the task"
-            await asyncio.sleep(0.005)  # sleep: polls the row, bounded by the deadline
+            await asyncio.sleep(0.005)  # noqa: sleep - polls the row, bounded by the deadline
         return task_id
 
     tasks.insert_one = insert_then_wait_for_the_claim
@@ -862,17 +862,17 @@ async def test_a_client_that_takes_nothing_is_dropped_after_send_timeout(st: Any
             if daemon.storage.postgres is not None:
                 await daemon.eventlog.settle()
             else:
-                await asyncio.sleep(0)  # sleep: let the stream write (a yield, not a wait)
+                await asyncio.sleep(0)  # noqa: sleep - let the stream write (a yield, not a wait)
             if not streams:
                 break
         # No event marks the drop: poll the condition itself, bounded by the timeout above.
         while streams:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # sleep: a bounded poll: no event marks the drop
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the drop
         # The server lets go of the connection too, though the client still reads nothing
         # (a close would wait for its full buffer to drain: the socket would stay open).
         server = daemon.server._runner.server
         while server.connections:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # sleep: a bounded poll: no event marks the release
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
     writer.close()
     await writer.wait_closed()
 
@@ -906,7 +906,7 @@ async def test_connections_that_never_finish_a_request_head_are_closed(start_dae
             writer.close()
     async with asyncio.timeout(FRAME_TIMEOUT):
         while server.connections:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # sleep: a bounded poll: no event marks the release
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
 
 
 @pytest.mark.parametrize("path", ["/v1/events", "/v1/tasks", "/hooks/gh"])
@@ -943,12 +943,12 @@ async def test_a_client_gone_before_its_body_arrived_is_no_server_failure(start_
         server = daemon.server._runner.server
         async with asyncio.timeout(FRAME_TIMEOUT):
             while not server.connections:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)  # sleep: a bounded poll: no event marks the accept
+                await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the accept
         writer.close()
         await writer.wait_closed()
         async with asyncio.timeout(FRAME_TIMEOUT):
             while server.connections:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)  # sleep: a bounded poll: no event marks the release
+                await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
     assert [log for log in logs if log["log_level"] == "error"] == []
 
 
@@ -972,11 +972,11 @@ async def test_a_stream_its_client_closes_is_released_at_once(st: Any, http: Any
     response.close()
     async with asyncio.timeout(FRAME_TIMEOUT):
         while stream_subscriptions(daemon):  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # sleep: a bounded poll: no event marks the release
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
     assert streams.stats()["subscriptions"] == subscriptions
     async with asyncio.timeout(FRAME_TIMEOUT):
         while daemon.server._runner.server.connections:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # sleep: a bounded poll: no event marks the release
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the release
 
 
 async def test_a_client_that_reads_nothing_holds_a_bounded_kernel_buffer(start_daemon: Any) -> None:
@@ -1001,7 +1001,7 @@ async def test_a_client_that_reads_nothing_holds_a_bounded_kernel_buffer(start_d
                 if daemon.storage.postgres is not None:
                     await daemon.eventlog.settle()  # on the stream bus once committed
                 else:
-                    await asyncio.sleep(0)  # sleep: let the stream write (a yield, not a wait)
+                    await asyncio.sleep(0)  # noqa: sleep - let the stream write (a yield, not a wait)
                 if connection.writing_paused:
                     break
         assert connection.writing_paused

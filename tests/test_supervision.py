@@ -358,7 +358,7 @@ async def test_a_loop_that_returns_is_a_failure_and_a_long_run_resets_the_backof
 
     loop = supervisor.start("short", short_lived)
     await failures(events, 2)
-    await asyncio.sleep(0.05)  # sleep: the third run must last longer than max_backoff
+    await asyncio.sleep(0.05)  # noqa: sleep - the third run must last longer than max_backoff
     gate.set()
     third = (await failures(events, 3))[2]
     await loop.stop()
@@ -711,7 +711,7 @@ async def test_a_stop_while_every_loop_waits_to_restart_leaves_none_to_start_lat
             await events.wait_for("daemon.loop_failed", loop=name)
         assert daemon.supervisor.down == sorted(names)
     restarts = EventCapture(daemon.bus, "daemon.loop_restarted")
-    await asyncio.sleep(0.5)  # sleep: past the restarts the stop cancelled
+    await asyncio.sleep(0.5)  # noqa: sleep - past the restarts the stop cancelled
     assert restarts.events == []
     assert {loop.state for loop in daemon.supervisor.loops.values()} == {"stopped"}
     assert all(loop.task is None for loop in daemon.supervisor.loops.values())

@@ -135,7 +135,7 @@ async def test_daemon_without_watchdog_sends_no_pings(
 
 def hold_the_loop(seconds: float) -> None:
     """The stall under test: called from a coroutine, it holds the event loop."""
-    time.sleep(seconds)  # sleep: the blocking call under test
+    time.sleep(seconds)  # noqa: sleep - the blocking call under test
 
 
 async def test_the_watchdog_pings_only_while_the_loop_keeps_its_lag_within_max_loop_lag(

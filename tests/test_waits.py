@@ -25,7 +25,7 @@ async def until(condition: Callable[[], bool]) -> None:
 
     async def polled() -> None:
         while not condition():  # noqa: ASYNC110 - no event to wait on
-            await asyncio.sleep(0.01)  # sleep: polled: nothing to wait on
+            await asyncio.sleep(0.01)  # noqa: sleep - polled: nothing to wait on
 
     await asyncio.wait_for(polled(), 5)
 

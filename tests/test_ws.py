@@ -471,7 +471,7 @@ async def test_a_client_that_stops_reading_gets_lagged_then_close_4000(st: Any, 
     # The server ends its side once it has the client's close frame.
     async with asyncio.timeout(5):
         while daemon.server._runner.app[SOCKETS]:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # sleep: a bounded poll: no event marks the end
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the end
     assert not [s for s in daemon.server._runner.app[STREAMS] if s.name.startswith("ws:")]
 
 
@@ -551,12 +551,12 @@ async def test_a_client_that_takes_nothing_is_dropped_after_send_timeout(st: Any
             if daemon.storage.postgres is not None:
                 await daemon.eventlog.settle()
             else:
-                await asyncio.sleep(0)  # sleep: let the pump write (a yield, not a wait)
+                await asyncio.sleep(0)  # noqa: sleep - let the pump write (a yield, not a wait)
             if not app[SOCKETS]:
                 break
         # No event marks the drop: poll the condition itself, bounded by the timeout above.
         while app[SOCKETS]:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # sleep: a bounded poll: no event marks the drop
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the drop
     assert not [s for s in app[STREAMS] if s.name.startswith("ws:")]
     writer.close()
     await writer.wait_closed()
@@ -586,7 +586,7 @@ async def test_a_client_that_takes_no_replies_is_dropped(st: Any, http: Any) -> 
         writer.write(_masked_text_frame({"id": n, "type": "result", "task_id": task_id}))
     async with asyncio.timeout(5):
         while app[SOCKETS]:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)  # sleep: a bounded poll: no event marks the drop
+            await asyncio.sleep(0.02)  # noqa: sleep - a bounded poll: no event marks the drop
     assert not [s for s in app[STREAMS] if s.name.startswith("ws:")]
     assert not daemon.queue._waiters
     writer.transport.abort()

@@ -254,7 +254,7 @@ class _Session:
         from the feed's task). A client that does not answer within `send_timeout` is
         dropped."""
         await self.send_frame(_CLOSE_LAGGED_FRAME, WSMsgType.CLOSE)
-        await asyncio.sleep(self.config.send_timeout)  # sleep: the wait for the reply, cancelled by it
+        await asyncio.sleep(self.config.send_timeout)  # noqa: sleep - the wait for the reply, cancelled by it
         get_logger("ws").info("ws.dropped", reason="no close reply")
         drop_connection(self.request)
 
