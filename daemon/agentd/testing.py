@@ -173,9 +173,7 @@ def make_config(
         "server": {"port": 0},
         "plugins": {"paths": [str(p) for p in plugin_dirs], "entry_points": False},
     }
-    for section, table in _MAINTENANCE_AWAY.items():
-        tables.setdefault(section, {}).update(table)
-    for section, table in (overrides or {}).items():
+    for section, table in (*_MAINTENANCE_AWAY.items(), *(overrides or {}).items()):
         tables.setdefault(section, {}).update(table)
     return load_config(None, env={}, overrides=tables)
 

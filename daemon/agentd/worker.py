@@ -948,17 +948,20 @@ def _failure(exc: Exception, record: TaskRecord, ctx: Context) -> _Outcome:
     """How an attempt that raised `exc` ended: `Retry` and any other exception retry (a
     timeout too), `Fail` and refused arguments or results fail the task at once. Its
     error is the text the store keeps (`storable_error`), which its events carry too."""
+    status: AttemptOutcome
+    delay: float | None
     if isinstance(exc, RateLimited):
-        return _Outcome("retry", error=storable_error(f"RateLimited: {exc}"), delay=exc.delay,
-                        hold=True)
-    if isinstance(exc, Retry):
-        return _Outcome("retry", error=storable_error(f"Retry: {exc}"), delay=exc.delay)
-    if isinstance(exc, Fail | InvalidTaskError):
-        return _Outcome("failed", error=storable_error(describe(exc)))
-    if isinstance(exc, TimeoutError) and record.timeout is not None and not str(exc):
-        return _Outcome("retry", error=f"TimeoutError: no result after {record.timeout} s")
-    ctx.log.warning("task.attempt_failed", error=describe(exc), exc_info=exc)
-    return _Outcome("retry", error=storable_error(describe(exc)))
+        status, error, delay, hold = "retry", f"RateLimited: {exc}", exc.delay, True
+    elif isinstance(exc, Retry):
+        status, error, delay, hold = "retry", f"Retry: {exc}", exc.delay, False
+    elif isinstance(exc, Fail | InvalidTaskError):
+        status, error, delay, hold = "failed", describe(exc), None, False
+    elif isinstance(exc, TimeoutError) and record.timeout is not None and not str(exc):
+        status, error, delay, hold = "retry", f"TimeoutError: no result after {record.timeout} s", None, False
+    else:
+        ctx.log.warning("task.attempt_failed", error=describe(exc), exc_info=exc)
+        status, error, delay, hold = "retry", describe(exc), None, False
+    return _Outcome(status, error=storable_error(error), delay=delay, hold=hold)
 
 
 # How an attempt ended: a final state of the task, or one that queues it again: `retry`

@@ -331,11 +331,12 @@ async def _copy(sources: _Sources, url: str, *, force: bool, batch_rows: int) ->
         except StoreError:
             raise
         except Exception as exc:
-            away = unavailable(report.target, exc)
             if isinstance(exc, _UnstorableRowsError):
                 cause = str(exc)
+            elif (away := unavailable(report.target, exc)) is not None:
+                cause = str(away)
             else:
-                cause = f"{type(exc).__name__}: {exc}" if away is None else str(away)
+                cause = f"{type(exc).__name__}: {exc}"
             where = report.target
             if report.memory is not None and report.memory.target != report.target:
                 where += f" and {report.memory.target}"
